@@ -1,0 +1,126 @@
+//! PID 1 duties for minimal images.
+
+use nix::mount::{mount, MsFlags};
+use std::fs;
+use std::io;
+use std::path::Path;
+
+/// The kernel command line; smolvm passes its own settings as `smolvm.KEY=VALUE`.
+pub struct Cmdline(Vec<String>);
+
+impl Cmdline {
+    pub fn read() -> Cmdline {
+        let text = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        Cmdline(text.split_whitespace().map(str::to_string).collect())
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    }
+
+    pub fn flag(&self, key: &str) -> bool {
+        self.0.iter().any(|w| w == key) || matches!(self.get(key), Some("1"))
+    }
+}
+
+fn mount_fs(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> io::Result<()> {
+    fs::create_dir_all(target)?;
+    mount(Some(src), target, Some(fstype), flags, data).map_err(|e| io::Error::other(format!("mount {target}: {e}")))
+}
+
+pub fn setup() -> io::Result<Cmdline> {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_fs("proc", "/proc", "proc", nosuid, None)?;
+    let cmdline = Cmdline::read();
+    mount_fs("sysfs", "/sys", "sysfs", nosuid, None)?;
+    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    load_modules();
+    if let Some(root) = cmdline.get("smolvm.root") {
+        switch_root(root)?;
+    }
+    mount_fs("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("ptmxmode=0666,mode=0620"))?;
+    mount_fs("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    let _ = std::os::unix::fs::symlink("/proc/self/fd", "/dev/fd");
+    let hostname = cmdline.get("smolvm.hostname").unwrap_or("smolvm");
+    let _ = nix::unistd::sethostname(hostname);
+    let _ = fs::write("/etc/hostname", format!("{hostname}\n"));
+    loopback_up();
+    Ok(cmdline)
+}
+
+/// Images built for a kernel with modules (Debian's cloud kernel) list them, in load order, in
+/// /lib/modules/smolvm.order; our own kernel has everything built in and the file is absent.
+fn load_modules() {
+    let Ok(order) = fs::read_to_string("/lib/modules/smolvm.order") else {
+        return;
+    };
+    for name in order.lines().filter(|l| !l.trim().is_empty()) {
+        let path = format!("/lib/modules/{}", name.trim());
+        match fs::File::open(&path) {
+            Ok(f) => {
+                if let Err(e) = nix::kmod::finit_module(&f, c"", nix::kmod::ModuleInitFlags::empty()) {
+                    if e != nix::errno::Errno::EEXIST {
+                        crate::log(&format!("loading {name}: {e}"));
+                    }
+                }
+            }
+            Err(e) => crate::log(&format!("opening {path}: {e}")),
+        }
+    }
+}
+
+/// Mount the root disk and make it `/`, carrying the pseudo filesystems along, so that commands
+/// run in the user's root filesystem while the agent (already in memory) keeps serving.
+fn switch_root(device: &str) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !Path::new(device).exists() {
+        if std::time::Instant::now() > deadline {
+            return Err(io::Error::other(format!("root device {device} did not appear")));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    mount_fs(device, "/newroot", "ext4", MsFlags::empty(), None)?;
+    for dir in ["/proc", "/sys", "/dev", "/run"] {
+        let target = format!("/newroot{dir}");
+        fs::create_dir_all(&target)?;
+        mount(Some(dir), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+            .map_err(|e| io::Error::other(format!("move {dir}: {e}")))?;
+    }
+    std::env::set_current_dir("/newroot")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(|e| io::Error::other(format!("move root: {e}")))?;
+    nix::unistd::chroot(".").map_err(|e| io::Error::other(format!("chroot: {e}")))?;
+    std::env::set_current_dir("/")?;
+    Ok(())
+}
+
+fn loopback_up() {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsRawFd;
+    let Ok(sock) = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None) else {
+        return;
+    };
+    // SAFETY: ifreq is plain old data; zeroed is a valid value for it.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in b"lo".iter().enumerate() {
+        req.ifr_name[i] = *b as libc::c_char;
+    }
+    // SAFETY: the socket is open, `req` is a valid ifreq naming "lo" that outlives both calls,
+    // and SIOCGIFFLAGS/SIOCSIFFLAGS read and write only its flags field.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req);
+        }
+    }
+}
+
+/// Sync disks, then reset: with `reboot=t` on the kernel command line and QEMU's `-no-reboot`,
+/// a reset makes the VMM exit, which needs no ACPI (microvm runs without it).
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None::<&str>);
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    std::process::exit(0);
+}

@@ -1,0 +1,58 @@
+//! The smolvm guest agent.
+//!
+//! As `/init` of a minimal image it is PID 1: it mounts the pseudo filesystems, optionally
+//! switches into a root disk, reaps orphans and powers the VM off. In every image it serves the
+//! host over the agent channel (see `smolvm-proto`). It is a plain blocking program with a few
+//! threads: it must start in milliseconds and stay small, and a guest has no use for an async
+//! runtime's machinery.
+
+mod envfile;
+mod exec;
+mod init;
+mod reaper;
+mod server;
+
+use std::time::{Duration, Instant};
+
+fn main() {
+    let started = Instant::now();
+    let pid1 = std::process::id() == 1;
+    // Signals are taken synchronously by the reaper thread; block them before any thread
+    // exists so that every thread inherits the mask.
+    reaper::block_signals();
+    let cmdline = if pid1 {
+        // /proc is mounted first, so the command line is readable only after this.
+        init::setup().unwrap_or_else(|e| {
+            log(&format!("init failed: {e}"));
+            init::Cmdline::read()
+        })
+    } else {
+        init::Cmdline::read()
+    };
+    reaper::start(pid1);
+    let channel = match server::open_channel(Duration::from_secs(10)) {
+        Ok(c) => c,
+        Err(e) => {
+            log(&format!("no agent channel: {e}"));
+            if pid1 {
+                init::power_off();
+            }
+            std::process::exit(1);
+        }
+    };
+    if cmdline.flag("smolvm.debug") {
+        log(&format!("ready after {:?}", started.elapsed()));
+    }
+    server::serve(channel, pid1);
+}
+
+/// Messages go to the console (the host keeps it as the sandbox log). Never pass a value that
+/// came from the host's env requests: those may be secrets.
+pub fn log(msg: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open("/dev/console") {
+        let _ = writeln!(f, "smolvm-agent: {msg}");
+    } else {
+        eprintln!("smolvm-agent: {msg}");
+    }
+}

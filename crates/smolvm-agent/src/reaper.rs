@@ -1,0 +1,67 @@
+//! Child reaping and signals.
+//!
+//! As PID 1 the agent inherits every orphan, so it must reap with `waitpid(-1)`; that would steal
+//! the exit status of the commands it runs itself. So all waiting happens here: the exec code
+//! registers each child's pid and receives its status through a channel.
+
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use std::collections::HashMap;
+use std::sync::mpsc::Sender;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+/// Children of running execs: pid -> where to send the exit code.
+type Waiters = HashMap<i32, Sender<i32>>;
+
+fn waiters() -> &'static Mutex<Waiters> {
+    static W: OnceLock<Mutex<Waiters>> = OnceLock::new();
+    W.get_or_init(Default::default)
+}
+
+fn signals() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGCHLD);
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set
+}
+
+pub fn block_signals() {
+    let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&signals()), None);
+}
+
+/// Hold this while spawning and registering a child, so the reaper cannot see the child's exit
+/// before its waiter is in the map.
+pub fn lock() -> MutexGuard<'static, Waiters> {
+    waiters().lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn start(pid1: bool) {
+    std::thread::spawn(move || loop {
+        let Ok(sig) = signals().wait() else { continue };
+        match sig {
+            Signal::SIGCHLD => reap(),
+            Signal::SIGTERM | Signal::SIGINT if pid1 => crate::server::shutdown_now(),
+            Signal::SIGTERM | Signal::SIGINT => std::process::exit(0),
+            _ => {}
+        }
+    });
+}
+
+fn reap() {
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => deliver(pid, code),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => deliver(pid, 128 + sig as i32),
+            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+fn deliver(pid: Pid, code: i32) {
+    if let Some(tx) = lock().remove(&pid.as_raw()) {
+        let _ = tx.send(code);
+    }
+}

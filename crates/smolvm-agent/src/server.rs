@@ -1,0 +1,139 @@
+//! The agent channel: framing, dispatch, and the requests that need no process.
+
+use smolvm_proto::{self as proto, ErrorKind, Reply, Request};
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Frames from many threads go out through one writer; a frame is written whole under the lock.
+#[derive(Clone)]
+pub struct Writer(Arc<Mutex<File>>);
+
+impl Writer {
+    pub fn send(&self, stream: u32, reply: &Reply) {
+        let Ok(bytes) = proto::encode(stream, reply) else { return };
+        let mut f = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // A write fails only when the host has gone; the reader notices that and cleans up.
+        let _ = f.write_all(&bytes);
+    }
+}
+
+/// Find the virtio-serial port named `smolvm.agent`. The kernel registers it asynchronously, so
+/// poll for it within a bound.
+pub fn open_channel(timeout: Duration) -> io::Result<File> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(dev) = find_port() {
+            if let Ok(f) = fs::OpenOptions::new().read(true).write(true).open(&dev) {
+                return Ok(f);
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(io::Error::other(format!("virtio-serial port {} not found", proto::AGENT_PORT_NAME)));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn find_port() -> Option<PathBuf> {
+    for entry in fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
+        let name = fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+        if name.trim() == proto::AGENT_PORT_NAME {
+            return Some(PathBuf::from("/dev").join(entry.file_name()));
+        }
+    }
+    None
+}
+
+pub fn serve(channel: File, pid1: bool) -> ! {
+    let writer = Writer(Arc::new(Mutex::new(channel.try_clone().expect("dup channel"))));
+    let mut reader = BufReader::with_capacity(256 * 1024, channel);
+    let mut body = Vec::new();
+    loop {
+        let mut header = [0u8; 4];
+        if let Err(e) = reader.read_exact(&mut header) {
+            host_gone(&e);
+            continue;
+        }
+        let len = match proto::frame_len(header) {
+            Ok(len) => len,
+            Err(e) => {
+                host_gone(&io::Error::other(e));
+                continue;
+            }
+        };
+        body.resize(len, 0);
+        if let Err(e) = reader.read_exact(&mut body) {
+            host_gone(&e);
+            continue;
+        }
+        match proto::decode::<Request>(&body) {
+            Ok((stream, req)) => dispatch(stream, req, &writer, pid1),
+            Err(e) => crate::log(&format!("undecodable request: {e}")),
+        }
+    }
+}
+
+/// The host end closed (a virtio-serial read returns EOF at once while no host is attached):
+/// nobody is left to read the output of running commands, so stop them, then wait for a host.
+fn host_gone(e: &io::Error) {
+    if e.kind() != io::ErrorKind::UnexpectedEof {
+        crate::log(&format!("channel: {e}"));
+    }
+    crate::exec::cancel_all();
+    std::thread::sleep(Duration::from_millis(10));
+}
+
+fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
+    let reply = match req {
+        Request::Hello { version, unix_time_ns } => {
+            set_clock(unix_time_ns);
+            Reply::Hello {
+                version: proto::PROTOCOL_VERSION.min(version),
+                agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                capabilities: ["ping", "exec", "env", "shutdown"].map(String::from).to_vec(),
+            }
+        }
+        Request::Ping => Reply::Pong,
+        Request::Exec(req) => return crate::exec::start(stream, req, w.clone()),
+        Request::Stdin(data) => return crate::exec::stdin(stream, Some(data)),
+        Request::StdinClose => return crate::exec::stdin(stream, None),
+        Request::Cancel => return crate::exec::cancel(stream),
+        Request::EnvList => crate::envfile::list().map(Reply::Env).unwrap_or_else(io_reply),
+        Request::EnvSet { vars, merge } => crate::envfile::set(vars, merge).map(Reply::EnvNames).unwrap_or_else(io_reply),
+        Request::EnvUnset { keys } => crate::envfile::unset(keys).map(Reply::EnvRemoved).unwrap_or_else(io_reply),
+        Request::Shutdown => {
+            w.send(stream, &Reply::Ok);
+            if pid1 {
+                shutdown_now();
+            }
+            std::process::exit(0);
+        }
+        Request::Stop { .. } | Request::Info => Reply::error(ErrorKind::Unsupported, "served by the host supervisor, not the agent"),
+    };
+    w.send(stream, &reply);
+}
+
+fn io_reply(e: io::Error) -> Reply {
+    let kind = match e.kind() {
+        io::ErrorKind::InvalidInput => ErrorKind::Invalid,
+        io::ErrorKind::NotFound => ErrorKind::NotFound,
+        _ => ErrorKind::Failed,
+    };
+    Reply::error(kind, e.to_string())
+}
+
+fn set_clock(unix_time_ns: u128) {
+    let ts = nix::sys::time::TimeSpec::new((unix_time_ns / 1_000_000_000) as i64, (unix_time_ns % 1_000_000_000) as i64);
+    let _ = nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts);
+}
+
+/// Kill everything but ourselves, flush disks and power off.
+pub fn shutdown_now() -> ! {
+    crate::exec::cancel_all();
+    // SIGKILL to -1 reaches every process but PID 1 and the caller.
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), nix::sys::signal::Signal::SIGKILL);
+    crate::init::power_off()
+}

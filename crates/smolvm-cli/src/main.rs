@@ -1,0 +1,547 @@
+//! The `smolvm` command: argument parsing and printing only; behaviour lives in the library.
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use serde_json::{json, Value};
+use smolvm::sandbox::{self, Output, DEFAULT_BOOT_TIMEOUT, DEFAULT_STOP_TIMEOUT};
+use smolvm::{Dirs, Error, RunOptions, Sandbox, Shell, State, VmConfig};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "smolvm", version, about = "Sandboxes for AI agents: real microVMs with their own kernel")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a throwaway sandbox, run CMD in it, print its output, exit with its code.
+    Run {
+        #[command(flatten)]
+        vm: VmArgs,
+        #[command(flatten)]
+        exec: ExecArgs,
+        #[arg(required = true, num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Long-lived sandboxes.
+    #[command(subcommand)]
+    Sandbox(SandboxCmd),
+    /// Guest images.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// What works on this host, and what to do about what does not.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Install missing host packages (Debian/Ubuntu).
+    Setup {
+        /// Do not ask before installing.
+        #[arg(long, short)]
+        yes: bool,
+    },
+    /// Shell completion script.
+    Completion { shell: clap_complete::Shell },
+    #[command(name = "__supervise", hide = true)]
+    Supervise { id: String },
+}
+
+#[derive(Args, Clone)]
+struct VmArgs {
+    /// Memory in MiB (128..=16384).
+    #[arg(long, default_value_t = smolvm::config::DEFAULT_MEMORY_MIB)]
+    memory: u32,
+    /// Virtual CPUs (1..=32).
+    #[arg(long, default_value_t = smolvm::config::DEFAULT_VCPUS)]
+    cpus: u32,
+    /// firecracker | qemu | auto (default: SMOLVM_BACKEND, else auto).
+    #[arg(long)]
+    backend: Option<String>,
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// An ext4 image to use as the root filesystem.
+    #[arg(long)]
+    rootfs: Option<PathBuf>,
+    /// Extra kernel command-line arguments.
+    #[arg(long)]
+    boot_args: Option<String>,
+    /// KEY=VALUE, repeatable: variables for login shells in the sandbox.
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    /// Seconds to wait for the VM to boot.
+    #[arg(long, default_value_t = DEFAULT_BOOT_TIMEOUT.as_secs_f64())]
+    boot_timeout: f64,
+}
+
+#[derive(Args, Clone)]
+struct ExecArgs {
+    /// Seconds before the command's whole process group is killed.
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
+    /// login ($SHELL -lc, sources /etc/profile.d) or raw (/bin/sh -c).
+    #[arg(long, default_value = "login", value_parser = ["login", "raw"])]
+    shell: String,
+}
+
+#[derive(Subcommand)]
+enum SandboxCmd {
+    /// Create a sandbox and start it.
+    Create {
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        vm: VmArgs,
+        /// Only record it; start later with `smolvm sandbox start`.
+        #[arg(long)]
+        no_start: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    List {
+        /// Include stopped and failed sandboxes.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    Info {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    Start {
+        name: String,
+        #[arg(long, default_value_t = DEFAULT_BOOT_TIMEOUT.as_secs_f64())]
+        boot_timeout: f64,
+    },
+    Stop {
+        name: String,
+        /// Seconds to wait for a clean shutdown before the VM is killed.
+        #[arg(long, default_value_t = DEFAULT_STOP_TIMEOUT.as_secs_f64())]
+        timeout: f64,
+    },
+    Delete {
+        names: Vec<String>,
+        #[arg(long)]
+        all: bool,
+        /// Delete running sandboxes too.
+        #[arg(long, short)]
+        force: bool,
+    },
+    /// Remove stopped and failed sandboxes and anything crashed processes left behind.
+    Prune {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command in a running sandbox; exits with the command's code.
+    Exec {
+        name: String,
+        #[command(flatten)]
+        exec: ExecArgs,
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        #[arg(required = true, num_args = 1.., last = true)]
+        command: Vec<String>,
+    },
+    /// The sandbox's console log.
+    Logs {
+        name: String,
+        #[arg(long)]
+        tail: Option<usize>,
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Environment variables for login shells in the sandbox.
+    #[command(subcommand)]
+    Env(EnvCmd),
+}
+
+#[derive(Subcommand)]
+enum EnvCmd {
+    Set {
+        name: String,
+        #[arg(required = true)]
+        pairs: Vec<String>,
+        /// Replace all managed variables instead of merging.
+        #[arg(long)]
+        replace: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    Unset {
+        name: String,
+        #[arg(required = true)]
+        keys: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    List {
+        name: String,
+        /// Print values instead of ****.
+        #[arg(long)]
+        show_values: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Build (or find in the cache) the default kernel and initramfs.
+    Build {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cached image artifacts.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A command's outcome: printed as text, or as the `--json` envelope.
+struct Done {
+    exit_code: i32,
+    data: Value,
+    text: Option<String>,
+}
+
+impl Done {
+    fn text(s: impl Into<String>, data: Value) -> Done {
+        Done { exit_code: 0, data, text: Some(s.into()) }
+    }
+}
+
+fn secs(s: f64, field: &'static str) -> Result<Duration, Error> {
+    if !s.is_finite() || s <= 0.0 {
+        return Err(Error::validation(field, "must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+fn progress(line: &str) {
+    eprintln!("smolvm: {line}");
+}
+
+fn vm_config(vm: &VmArgs, name: Option<String>) -> Result<VmConfig, Error> {
+    Ok(VmConfig {
+        vm_id: name,
+        vcpu_count: vm.cpus,
+        memory: vm.memory,
+        kernel_path: vm.kernel.clone(),
+        initrd_path: vm.initrd.clone(),
+        rootfs_path: vm.rootfs.clone(),
+        boot_args: vm.boot_args.clone(),
+        env_vars: smolvm::env::parse_pairs(&vm.env)?,
+        backend: vm.backend.clone(),
+    })
+}
+
+fn run_options(exec: &ExecArgs, env: &[String]) -> Result<RunOptions, Error> {
+    Ok(RunOptions {
+        timeout: secs(exec.timeout, "timeout")?,
+        shell: if exec.shell == "raw" { Shell::Raw } else { Shell::Login },
+        env: smolvm::env::parse_pairs(env)?,
+        cwd: None,
+    })
+}
+
+/// Runs a command with its output going straight to ours, as it arrives.
+async fn run_streamed(sb: &Sandbox, command: &str, opts: &RunOptions) -> Result<Done, Error> {
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    let result = sb
+        .run_streaming(command, opts, |o| {
+            let _ = match o {
+                Output::Stdout(d) => out.write_all(d).and_then(|_| out.flush()),
+                Output::Stderr(d) => err.write_all(d).and_then(|_| err.flush()),
+            };
+        })
+        .await?;
+    Ok(Done { exit_code: result.exit_code, data: json!({ "exit_code": result.exit_code }), text: None })
+}
+
+fn state_rank(s: State) -> bool {
+    s.is_live() || s == State::Created
+}
+
+async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
+    match cmd {
+        Cmd::Run { vm, exec, command } => {
+            let opts = run_options(&exec, &[])?;
+            let boot_timeout = secs(vm.boot_timeout, "boot_timeout")?;
+            let mut sb = Sandbox::create_in(dirs, vm_config(&vm, None)?, true)?;
+            let result = async {
+                sb.start(boot_timeout, &progress).await?;
+                if smolvm::config::env_flag("SMOLVM_VERBOSE_BOOT", false) {
+                    eprint!("{}", std::fs::read_to_string(&sb.paths().console).unwrap_or_default());
+                }
+                run_streamed(&sb, &command.join(" "), &opts).await
+            }
+            .await;
+            let _ = sb.delete().await;
+            result
+        }
+        Cmd::Sandbox(s) => sandbox_cmd(s, dirs).await,
+        Cmd::Image(ImageCmd::Build { .. }) => {
+            let dirs2 = dirs.clone();
+            let img = tokio::task::spawn_blocking(move || smolvm::image::resolve(&VmConfig::default(), &dirs2, &progress))
+                .await
+                .map_err(|e| Error::Host(e.to_string()))??;
+            let data = serde_json::to_value(&img).unwrap_or_default();
+            Ok(Done::text(format!("kernel  {}\ninitrd  {}", img.kernel.display(), img.initrd.as_deref().unwrap_or(std::path::Path::new("-")).display()), data))
+        }
+        Cmd::Image(ImageCmd::List { .. }) => {
+            let mut rows = Vec::new();
+            if let Ok(entries) = std::fs::read_dir(&dirs.images) {
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name.starts_with('.') {
+                        continue;
+                    }
+                    let size: u64 = std::fs::read_dir(e.path()).map(|d| d.flatten().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0);
+                    rows.push(json!({ "name": name, "bytes": size, "path": e.path() }));
+                }
+            }
+            let text = rows.iter().map(|r| format!("{:<40} {:>10}", r["name"].as_str().unwrap_or(""), r["bytes"])).collect::<Vec<_>>().join("\n");
+            Ok(Done::text(text, Value::Array(rows)))
+        }
+        Cmd::Doctor { .. } => {
+            let checks = smolvm::doctor::run(&dirs);
+            let failed = checks.iter().any(|c| c.status == "fail");
+            let text = checks
+                .iter()
+                .map(|c| {
+                    let fix = c.fix.as_deref().map(|f| format!("\n      fix: {f}")).unwrap_or_default();
+                    format!("[{:^4}] {:<12} {}{fix}", c.status, c.name, c.detail)
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            Ok(Done { exit_code: i32::from(failed), data: serde_json::to_value(&checks).unwrap_or_default(), text: Some(text) })
+        }
+        Cmd::Setup { yes } => setup(yes),
+        Cmd::Completion { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "smolvm", &mut std::io::stdout());
+            Ok(Done { exit_code: 0, data: Value::Null, text: None })
+        }
+        Cmd::Supervise { .. } => unreachable!("handled before the runtime starts"),
+    }
+}
+
+fn setup(yes: bool) -> Result<Done, Error> {
+    let missing = smolvm::doctor::missing_packages();
+    if missing.is_empty() {
+        return Ok(Done::text("all host packages are installed", json!({ "installed": [] })));
+    }
+    eprintln!("smolvm: missing host packages: {}", missing.join(" "));
+    if !yes {
+        eprint!("install them with apt-get? [y/N] ");
+        let mut answer = String::new();
+        let _ = std::io::stdin().read_line(&mut answer);
+        if !answer.trim().eq_ignore_ascii_case("y") {
+            return Err(Error::Host("setup cancelled".into()));
+        }
+    }
+    let sudo: &[&str] = if nix::unistd::Uid::effective().is_root() { &[] } else { &["sudo"] };
+    let run = |args: &[&str]| -> Result<(), Error> {
+        let mut all: Vec<&str> = sudo.to_vec();
+        all.extend_from_slice(args);
+        let status = std::process::Command::new(all[0]).args(&all[1..]).env("DEBIAN_FRONTEND", "noninteractive").status().map_err(|e| Error::Host(format!("running {}: {e}", all[0])))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(Error::Host(format!("{} failed ({status})", all.join(" "))))
+        }
+    };
+    run(&["apt-get", "update", "-qq"])?;
+    let mut args = vec!["apt-get", "install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(missing.iter().copied());
+    run(&args)?;
+    Ok(Done::text(format!("installed: {}", missing.join(" ")), json!({ "installed": missing })))
+}
+
+async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
+    match cmd {
+        SandboxCmd::Create { name, vm, no_start, .. } => {
+            let boot_timeout = secs(vm.boot_timeout, "boot_timeout")?;
+            let mut sb = Sandbox::create_in(dirs, vm_config(&vm, name)?, false)?;
+            if !no_start {
+                if let Err(e) = sb.start(boot_timeout, &progress).await {
+                    // A sandbox that never started is not worth keeping around.
+                    let _ = sb.delete().await;
+                    return Err(e);
+                }
+            }
+            let info = sb.info().await?;
+            Ok(Done::text(sb.id().to_string(), info))
+        }
+        SandboxCmd::List { all, .. } => {
+            let recs = sandbox::list(&dirs)?;
+            let recs: Vec<_> = recs.into_iter().filter(|r| all || state_rank(r.state)).collect();
+            let data: Vec<Value> = recs.iter().map(|r| sandbox::record_json(r, &sandbox::SandboxPaths::new(&dirs, &r.id))).collect();
+            let mut text = format!("{:<24} {:<8} {:>5} {:>7}", "NAME", "STATE", "CPUS", "MEMORY");
+            for r in &recs {
+                text.push_str(&format!("\n{:<24} {:<8} {:>5} {:>6}M", r.id, r.state, r.config.vcpu_count, r.config.memory));
+            }
+            Ok(Done::text(text, Value::Array(data)))
+        }
+        SandboxCmd::Info { name, .. } => {
+            let sb = Sandbox::open_in(dirs, &name).await?;
+            let info = sb.info().await?;
+            Ok(Done::text(serde_json::to_string_pretty(&info).unwrap_or_default(), info))
+        }
+        SandboxCmd::Start { name, boot_timeout } => {
+            let mut sb = Sandbox::open_in(dirs, &name).await?;
+            sb.start(secs(boot_timeout, "boot_timeout")?, &progress).await?;
+            Ok(Done::text(name.clone(), json!({ "id": name, "state": "running" })))
+        }
+        SandboxCmd::Stop { name, timeout } => {
+            let mut sb = Sandbox::open_in(dirs, &name).await?;
+            sb.stop(secs(timeout, "timeout")?).await?;
+            Ok(Done::text(name.clone(), json!({ "id": name, "state": "stopped" })))
+        }
+        SandboxCmd::Delete { names, all, force } => {
+            let names = if all { sandbox::list(&dirs)?.into_iter().map(|r| r.id).collect() } else { names };
+            if names.is_empty() {
+                return Err(Error::validation("names", "name at least one sandbox, or pass --all"));
+            }
+            let mut deleted = Vec::new();
+            for name in names {
+                let sb = Sandbox::open_in(dirs.clone(), &name).await?;
+                let state = sb.state()?;
+                if state.is_live() && !force {
+                    return Err(Error::Host(format!("VM '{name}' is {state}; stop it first or pass --force")));
+                }
+                sb.delete().await?;
+                deleted.push(name);
+            }
+            Ok(Done::text(deleted.join("\n"), json!({ "deleted": deleted })))
+        }
+        SandboxCmd::Prune { .. } => {
+            let removed = sandbox::prune(&dirs)?;
+            Ok(Done::text(removed.join("\n"), json!({ "removed": removed })))
+        }
+        SandboxCmd::Exec { name, exec, env, command } => {
+            let opts = run_options(&exec, &env)?;
+            let sb = Sandbox::open_in(dirs, &name).await?;
+            run_streamed(&sb, &command.join(" "), &opts).await
+        }
+        SandboxCmd::Logs { name, tail, follow } => {
+            let sb = Sandbox::open_in(dirs, &name).await?;
+            let path = sb.paths().console.clone();
+            let text = match tail {
+                Some(n) => sandbox::console_tail(&path, n),
+                None => String::from_utf8_lossy(&std::fs::read(&path).unwrap_or_default()).into_owned(),
+            };
+            print!("{text}");
+            if !text.ends_with('\n') && !text.is_empty() {
+                println!();
+            }
+            if follow {
+                let mut pos = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                while sb.state()?.is_live() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let data = std::fs::read(&path).unwrap_or_default();
+                    if (data.len() as u64) > pos {
+                        let _ = std::io::stdout().write_all(&data[pos as usize..]);
+                        let _ = std::io::stdout().flush();
+                        pos = data.len() as u64;
+                    }
+                }
+            }
+            Ok(Done { exit_code: 0, data: Value::Null, text: None })
+        }
+        SandboxCmd::Env(e) => env_cmd(e, dirs).await,
+    }
+}
+
+async fn env_cmd(cmd: EnvCmd, dirs: Dirs) -> Result<Done, Error> {
+    match cmd {
+        EnvCmd::Set { name, pairs, replace, .. } => {
+            let vars = smolvm::env::parse_pairs(&pairs)?;
+            let sb = Sandbox::open_in(dirs, &name).await?;
+            let names = sb.set_env_vars(&vars, !replace).await?;
+            Ok(Done::text(names.join("\n"), json!({ "names": names })))
+        }
+        EnvCmd::Unset { name, keys, .. } => {
+            let sb = Sandbox::open_in(dirs, &name).await?;
+            let removed = sb.unset_env_vars(&keys).await?;
+            // Values are secrets: report which keys went, not what they held.
+            let keys: Vec<&String> = removed.keys().collect();
+            Ok(Done::text(keys.iter().map(|k| k.as_str()).collect::<Vec<_>>().join("\n"), json!({ "removed": keys })))
+        }
+        EnvCmd::List { name, show_values, .. } => {
+            let sb = Sandbox::open_in(dirs, &name).await?;
+            let vars = sb.list_env_vars().await?;
+            let shown: serde_json::Map<String, Value> =
+                vars.iter().map(|(k, v)| (k.clone(), Value::String(if show_values { v.clone() } else { "****".into() }))).collect();
+            let text = shown.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join("\n");
+            Ok(Done::text(text, Value::Object(shown)))
+        }
+    }
+}
+
+fn wants_json(cmd: &Cmd) -> bool {
+    match cmd {
+        Cmd::Doctor { json } => *json,
+        Cmd::Image(ImageCmd::Build { json } | ImageCmd::List { json }) => *json,
+        Cmd::Sandbox(s) => match s {
+            SandboxCmd::Create { json, .. } | SandboxCmd::List { json, .. } | SandboxCmd::Info { json, .. } | SandboxCmd::Prune { json } => *json,
+            SandboxCmd::Env(EnvCmd::Set { json, .. } | EnvCmd::Unset { json, .. } | EnvCmd::List { json, .. }) => *json,
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+fn command_name() -> String {
+    std::env::args().skip(1).take_while(|a| !a.starts_with('-')).take(3).collect::<Vec<_>>().join(" ")
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SMOLVM_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let json = wants_json(&cli.command);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let dirs = Dirs::from_env();
+    if let Cmd::Supervise { id } = &cli.command {
+        // The supervisor builds its own runtime on this (main) thread.
+        drop(rt);
+        std::process::exit(smolvm::supervisor::main(id));
+    }
+    let outcome = rt.block_on(dispatch(cli.command, dirs));
+    let code = match outcome {
+        Ok(done) => {
+            if json {
+                println!("{}", json!({ "ok": done.exit_code == 0, "command": command_name(), "exit_code": done.exit_code, "data": done.data, "error": null }));
+            } else if let Some(text) = done.text.filter(|t| !t.is_empty()) {
+                println!("{text}");
+            }
+            done.exit_code
+        }
+        Err(e) => {
+            let code = if matches!(e, Error::Timeout { .. }) { 124 } else { 1 };
+            if json {
+                let mut err = json!({ "code": e.code(), "message": e.full_message() });
+                if let Some(r) = e.recovery() {
+                    err["recovery"] = Value::String(r);
+                }
+                println!("{}", json!({ "ok": false, "command": command_name(), "exit_code": code, "data": null, "error": err }));
+            } else {
+                eprintln!("error: {}", e.full_message());
+                if let Some(r) = e.recovery() {
+                    eprintln!("hint: {r}");
+                }
+            }
+            code
+        }
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,281 @@
+//! The managed environment file: key validation, rendering and parsing.
+//!
+//! Both sides need these rules: the host validates keys before anything touches the guest, and
+//! the agent renders and parses `/etc/profile.d/smolvm_env.sh`. Keeping them here, as pure
+//! functions, means there is exactly one definition of the file format.
+
+use std::collections::BTreeMap;
+
+/// Where login shells pick the managed variables up.
+pub const ENV_FILE: &str = "/etc/profile.d/smolvm_env.sh";
+
+const HEADER: &str = "#!/bin/sh\n# SmolVM managed environment variables\n\n";
+const EMPTY: &str = "# SmolVM environment variables (empty)\n";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvError {
+    #[error("Environment variable key cannot be empty")]
+    EmptyKey,
+    #[error("Invalid environment variable key: '{0}'. Keys must match [A-Za-z_][A-Za-z0-9_]*")]
+    InvalidKey(String),
+    /// The value itself is never part of the message: it may be a secret.
+    #[error("value of environment variable '{0}' contains a NUL byte, which an environment cannot hold")]
+    NulInValue(String),
+    #[error("line {0} of the environment file is not `export KEY=VALUE`")]
+    Malformed(usize),
+}
+
+/// Keys must match `[A-Za-z_][A-Za-z0-9_]*`, the portable shell identifier.
+pub fn validate_key(key: &str) -> Result<(), EnvError> {
+    let mut chars = key.chars();
+    let Some(first) = chars.next() else {
+        return Err(EnvError::EmptyKey);
+    };
+    let ok_first = first.is_ascii_alphabetic() || first == '_';
+    if !ok_first || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(EnvError::InvalidKey(key.to_string()));
+    }
+    Ok(())
+}
+
+/// Validate a whole batch before any of it is used, so that one bad entry rejects all.
+pub fn validate_vars(vars: &BTreeMap<String, String>) -> Result<(), EnvError> {
+    for (k, v) in vars {
+        validate_key(k)?;
+        if v.contains('\0') {
+            return Err(EnvError::NulInValue(k.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Quote for POSIX sh: always single quotes, an embedded `'` becomes `'"'"'` (as Python's
+/// `shlex.quote` does). Inside single quotes the shell interprets nothing, so `$`, backticks,
+/// backslashes and newlines stay literal and nothing in a value can run.
+pub fn quote(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('\'');
+    for c in value.chars() {
+        if c == '\'' {
+            out.push_str("'\"'\"'");
+        } else {
+            out.push(c);
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// Render the file: header, then `export KEY='value'` lines sorted by key.
+pub fn render(vars: &BTreeMap<String, String>) -> String {
+    if vars.is_empty() {
+        return EMPTY.to_string();
+    }
+    let mut out = String::from(HEADER);
+    for (k, v) in vars {
+        out.push_str("export ");
+        out.push_str(k);
+        out.push('=');
+        out.push_str(&quote(v));
+        out.push('\n');
+    }
+    out
+}
+
+/// Parse a file written by [`render`] (and hand edits that stay within `export KEY=WORD` with
+/// POSIX quoting). Comments and blank lines are skipped.
+pub fn parse(text: &str) -> Result<BTreeMap<String, String>, EnvError> {
+    let mut vars = BTreeMap::new();
+    let chars: Vec<char> = text.chars().collect();
+    let mut i = 0;
+    let mut line = 1;
+    while i < chars.len() {
+        // Skip blank space and comment lines.
+        match chars[i] {
+            '\n' => {
+                line += 1;
+                i += 1;
+                continue;
+            }
+            ' ' | '\t' => {
+                i += 1;
+                continue;
+            }
+            '#' => {
+                while i < chars.len() && chars[i] != '\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            _ => {}
+        }
+        let start_line = line;
+        let rest: String = chars[i..chars.len().min(i + 7)].iter().collect();
+        if rest != "export " {
+            return Err(EnvError::Malformed(start_line));
+        }
+        i += 7;
+        let key_start = i;
+        while i < chars.len() && chars[i] != '=' && chars[i] != '\n' {
+            i += 1;
+        }
+        if i >= chars.len() || chars[i] != '=' {
+            return Err(EnvError::Malformed(start_line));
+        }
+        let key: String = chars[key_start..i].iter().collect();
+        validate_key(&key).map_err(|_| EnvError::Malformed(start_line))?;
+        i += 1;
+        let mut value = String::new();
+        // One shell word: concatenated quoted and unquoted pieces up to an unquoted newline.
+        while i < chars.len() && chars[i] != '\n' {
+            match chars[i] {
+                '\'' => {
+                    i += 1;
+                    while i < chars.len() && chars[i] != '\'' {
+                        if chars[i] == '\n' {
+                            line += 1;
+                        }
+                        value.push(chars[i]);
+                        i += 1;
+                    }
+                    if i >= chars.len() {
+                        return Err(EnvError::Malformed(start_line));
+                    }
+                    i += 1;
+                }
+                '"' => {
+                    i += 1;
+                    while i < chars.len() && chars[i] != '"' {
+                        let c = chars[i];
+                        if c == '\\'
+                            && i + 1 < chars.len()
+                            && matches!(chars[i + 1], '"' | '\\' | '$' | '`')
+                        {
+                            value.push(chars[i + 1]);
+                            i += 2;
+                            continue;
+                        }
+                        if c == '$' || c == '`' {
+                            // Expansions would need a shell; refuse rather than guess.
+                            return Err(EnvError::Malformed(start_line));
+                        }
+                        if c == '\n' {
+                            line += 1;
+                        }
+                        value.push(c);
+                        i += 1;
+                    }
+                    if i >= chars.len() {
+                        return Err(EnvError::Malformed(start_line));
+                    }
+                    i += 1;
+                }
+                '\\' if i + 1 < chars.len() => {
+                    if chars[i + 1] != '\n' {
+                        value.push(chars[i + 1]);
+                    } else {
+                        line += 1;
+                    }
+                    i += 2;
+                }
+                ' ' | '\t' => {
+                    // Trailing blanks end the word; anything after them is not ours.
+                    while i < chars.len() && matches!(chars[i], ' ' | '\t') {
+                        i += 1;
+                    }
+                    if i < chars.len() && chars[i] != '\n' {
+                        return Err(EnvError::Malformed(start_line));
+                    }
+                }
+                '$' | '`' | ';' | '&' | '|' | '<' | '>' | '(' | ')' => {
+                    return Err(EnvError::Malformed(start_line));
+                }
+                c => {
+                    value.push(c);
+                    i += 1;
+                }
+            }
+        }
+        vars.insert(key, value);
+    }
+    Ok(vars)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn keys_follow_the_documented_pattern() {
+        for ok in ["MY_VAR", "_PRIVATE", "VAR_123", "a", "_"] {
+            assert_eq!(validate_key(ok), Ok(()), "{ok}");
+        }
+        assert_eq!(
+            validate_key("").unwrap_err().to_string(),
+            "Environment variable key cannot be empty"
+        );
+        assert_eq!(
+            validate_key("MY-VAR").unwrap_err().to_string(),
+            "Invalid environment variable key: 'MY-VAR'. Keys must match [A-Za-z_][A-Za-z0-9_]*"
+        );
+        for bad in ["123VAR", "A B", "é", "A=B", "A\n"] {
+            assert!(matches!(validate_key(bad), Err(EnvError::InvalidKey(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_bad_key_anywhere_rejects_the_batch() {
+        let vars = map(&[("GOOD", "1"), ("BAD-KEY", "2")]);
+        assert!(validate_vars(&vars).is_err());
+        let err = validate_vars(&map(&[("K", "se\0cret")])).unwrap_err().to_string();
+        assert!(!err.contains("secret") && err.contains("'K'"), "{err}");
+    }
+
+    #[test]
+    fn renders_the_documented_format() {
+        let vars = map(&[
+            ("DATABASE_URL", "postgres://localhost:5432/mydb"),
+            ("APP_MODE", "production"),
+        ]);
+        assert_eq!(
+            render(&vars),
+            "#!/bin/sh\n# SmolVM managed environment variables\n\n\
+             export APP_MODE='production'\n\
+             export DATABASE_URL='postgres://localhost:5432/mydb'\n"
+        );
+        assert_eq!(render(&BTreeMap::new()), "# SmolVM environment variables (empty)\n");
+        assert_eq!(quote("it's"), "'it'\"'\"'s'");
+    }
+
+    #[test]
+    fn hard_values_round_trip() {
+        let long = "x'$\n".repeat(16 * 1024);
+        let vars = map(&[
+            ("QUOTES", "value with 'quotes' and \"double\" ones"),
+            ("DOLLAR", "$HOME ${PATH} $(touch /tmp/x) `id`"),
+            ("BACKSLASH", "a\\b\\\\c\\n"),
+            ("NEWLINES", "line1\nline2\n\nend\n"),
+            ("TABS", "\tx\t"),
+            ("UNICODE", "héllo wörld ✓ 日本"),
+            ("EMPTY", ""),
+            ("ONLY_QUOTE", "'"),
+            ("LONG", long.as_str()),
+        ]);
+        assert_eq!(parse(&render(&vars)).unwrap(), vars);
+        assert_eq!(parse(&render(&BTreeMap::new())).unwrap(), BTreeMap::new());
+    }
+
+    #[test]
+    fn parses_plain_posix_words_and_refuses_expansions() {
+        let text = "export A=plain\nexport B=\"dq \\\"x\\\"\"\nexport C=a\\ b\n";
+        assert_eq!(parse(text).unwrap(), map(&[("A", "plain"), ("B", "dq \"x\""), ("C", "a b")]));
+        assert_eq!(parse("export A=$HOME\n"), Err(EnvError::Malformed(1)));
+        assert_eq!(parse("\nexport A='x\n"), Err(EnvError::Malformed(2)));
+        assert_eq!(parse("A=1\n"), Err(EnvError::Malformed(1)));
+        assert_eq!(parse("export 1A=1\n"), Err(EnvError::Malformed(1)));
+    }
+}

@@ -1,0 +1,217 @@
+//! Wire types shared by the smolvm host and its guest agent.
+//!
+//! The channel between host and agent is one byte stream (a virtio-serial port here, vsock where
+//! the VMM offers it). Many requests share it at once, so every message travels in a frame that
+//! names its stream:
+//!
+//! ```text
+//! u32 LE  length of what follows (stream id + payload)
+//! u32 LE  stream id (chosen by the side that opens the stream)
+//! ...     payload: one postcard-encoded `Request` (host to guest) or `Reply` (guest to host)
+//! ```
+//!
+//! A stream starts with the host's first request on a fresh id and ends with the guest's
+//! terminal reply (see [`Reply::is_terminal`]). The crate does no I/O so that the blocking agent
+//! and the async host share exactly one codec.
+
+pub mod env;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Bumped whenever a message changes shape; the host refuses an agent of another version
+/// because postcard is not self-describing and a mismatch would decode as garbage.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Name of the virtio-serial port the agent listens on.
+pub const AGENT_PORT_NAME: &str = "smolvm.agent";
+
+/// vsock port the agent listens on where the VMM offers vsock (Firecracker).
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// Frames larger than this are a protocol error: it bounds what a confused or hostile guest can
+/// make the host allocate.
+pub const MAX_FRAME: usize = 4 * 1024 * 1024;
+
+/// Output is cut into chunks of at most this many bytes so that many streams interleave fairly.
+pub const CHUNK: usize = 64 * 1024;
+
+/// Stream id reserved for messages that belong to no stream (never used by requests).
+pub const NO_STREAM: u32 = 0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME}")]
+    FrameTooLarge(usize),
+    #[error("frame shorter than its header")]
+    Truncated,
+    #[error("undecodable message")]
+    Decode(#[from] postcard::Error),
+}
+
+/// Which shell runs an exec'd command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Shell {
+    /// `$SHELL -lc CMD`: a login shell, so /etc/profile and /etc/profile.d are sourced.
+    #[default]
+    Login,
+    /// `/bin/sh -c CMD`, no profile.
+    Raw,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub command: String,
+    pub shell: Shell,
+    /// Extra variables for this process only, on top of the agent's base environment.
+    pub env: BTreeMap<String, String>,
+    /// Kill the whole process group after this many milliseconds; 0 means no limit.
+    pub timeout_ms: u64,
+    /// When false stdin is /dev/null; when true the host sends `Stdin` frames and `StdinClose`.
+    pub stdin: bool,
+    pub cwd: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// First message on a connection: the host's clock (so a guest without an RTC, or one
+    /// restored from a snapshot, gets the right time) and the protocol version it speaks.
+    Hello { version: u32, unix_time_ns: u128 },
+    /// Round trip without a process, for health checks and benchmarks.
+    Ping,
+    Exec(ExecRequest),
+    Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
+    StdinClose,
+    /// Kill the stream's process group now (client gone, host-side deadline, Ctrl-C).
+    Cancel,
+    EnvList,
+    EnvSet { vars: BTreeMap<String, String>, merge: bool },
+    EnvUnset { keys: Vec<String> },
+    /// Kill every process, sync and unmount disks, then power the VM off.
+    Shutdown,
+    /// Supervisor-level: stop the sandbox (handled by the host supervisor, never the agent).
+    Stop { timeout_ms: u64 },
+    /// Supervisor-level: describe the sandbox.
+    Info,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The request was malformed or named something invalid.
+    Invalid,
+    /// A command or path does not exist.
+    NotFound,
+    /// The guest could not carry the request out (I/O error, spawn failure).
+    Failed,
+    /// The request is not served by this side of the channel.
+    Unsupported,
+    /// The sandbox is going away.
+    Closed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Hello { version: u32, agent_version: String, capabilities: Vec<String> },
+    Pong,
+    Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
+    Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Terminal reply of an exec. `code` follows the shell convention: 128+N for signal N.
+    Exit { code: i32, timed_out: bool },
+    Env(BTreeMap<String, String>),
+    /// Sorted names present after an `EnvSet`.
+    EnvNames(Vec<String>),
+    /// Removed keys with their old values.
+    EnvRemoved(BTreeMap<String, String>),
+    Info(String),
+    Ok,
+    Error { kind: ErrorKind, message: String },
+}
+
+impl Reply {
+    /// Whether this reply closes its stream. Output chunks are the only non-terminal replies.
+    pub fn is_terminal(&self) -> bool {
+        !matches!(self, Reply::Stdout(_) | Reply::Stderr(_))
+    }
+
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Reply {
+        Reply::Error { kind, message: message.into() }
+    }
+}
+
+/// Encode one frame: header plus postcard payload.
+pub fn encode<T: Serialize>(stream: u32, msg: &T) -> Result<Vec<u8>, ProtoError> {
+    let mut head = Vec::with_capacity(64);
+    head.extend_from_slice(&[0u8; 4]);
+    head.extend_from_slice(&stream.to_le_bytes());
+    let mut out = postcard::to_extend(msg, head)?;
+    let len = out.len() - 4;
+    if len > MAX_FRAME {
+        return Err(ProtoError::FrameTooLarge(len));
+    }
+    out[0..4].copy_from_slice(&(len as u32).to_le_bytes());
+    out[4..8].copy_from_slice(&stream.to_le_bytes());
+    Ok(out)
+}
+
+/// Reads the length prefix of a frame: how many more bytes to read after these four.
+pub fn frame_len(header: [u8; 4]) -> Result<usize, ProtoError> {
+    let len = u32::from_le_bytes(header) as usize;
+    if len > MAX_FRAME {
+        return Err(ProtoError::FrameTooLarge(len));
+    }
+    if len < 4 {
+        return Err(ProtoError::Truncated);
+    }
+    Ok(len)
+}
+
+/// Decode the body of a frame (everything after the length prefix).
+pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<(u32, T), ProtoError> {
+    if body.len() < 4 {
+        return Err(ProtoError::Truncated);
+    }
+    let stream = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
+    Ok((stream, postcard::from_bytes(&body[4..])?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_round_trip() {
+        let req = Request::Exec(ExecRequest {
+            command: "echo héllo".into(),
+            shell: Shell::Raw,
+            env: [("A".to_string(), "1".to_string())].into(),
+            timeout_ms: 5,
+            stdin: false,
+            cwd: None,
+        });
+        let bytes = encode(7, &req).unwrap();
+        let len = frame_len(bytes[0..4].try_into().unwrap()).unwrap();
+        assert_eq!(len, bytes.len() - 4);
+        let (stream, back): (u32, Request) = decode(&bytes[4..]).unwrap();
+        assert_eq!(stream, 7);
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn oversized_and_short_frames_are_refused() {
+        assert!(matches!(
+            frame_len(((MAX_FRAME + 1) as u32).to_le_bytes()),
+            Err(ProtoError::FrameTooLarge(_))
+        ));
+        assert!(matches!(frame_len(2u32.to_le_bytes()), Err(ProtoError::Truncated)));
+        assert!(decode::<Reply>(&[1, 0]).is_err());
+        assert!(decode::<Reply>(&[1, 0, 0, 0, 250, 250]).is_err());
+    }
+
+    #[test]
+    fn only_output_is_non_terminal() {
+        assert!(!Reply::Stdout(vec![]).is_terminal());
+        assert!(!Reply::Stderr(vec![]).is_terminal());
+        assert!(Reply::Exit { code: 0, timed_out: false }.is_terminal());
+        assert!(Reply::Pong.is_terminal());
+    }
+}

@@ -1,0 +1,242 @@
+//! What a sandbox is made of, and the host settings smolvm reads. The only place that says
+//! what is allowed.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_VCPUS: u32 = 2;
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+pub const VCPU_RANGE: (u32, u32) = (1, 32);
+pub const MEMORY_RANGE: (u32, u32) = (128, 16384);
+
+/// A sandbox's configuration. Serialized into the state database (which is 0600: env values
+/// are secrets and live nowhere else on the host).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmConfig {
+    pub vm_id: Option<String>,
+    pub vcpu_count: u32,
+    /// MiB.
+    pub memory: u32,
+    pub kernel_path: Option<PathBuf>,
+    pub initrd_path: Option<PathBuf>,
+    /// An ext4 image attached as a virtio disk and made `/` by the agent.
+    pub rootfs_path: Option<PathBuf>,
+    /// Appended to smolvm's kernel command line.
+    pub boot_args: Option<String>,
+    pub env_vars: BTreeMap<String, String>,
+    /// firecracker | qemu | auto; unset means `SMOLVM_BACKEND`, then auto.
+    pub backend: Option<String>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            vm_id: None,
+            vcpu_count: DEFAULT_VCPUS,
+            memory: DEFAULT_MEMORY_MIB,
+            kernel_path: None,
+            initrd_path: None,
+            rootfs_path: None,
+            boot_args: None,
+            env_vars: BTreeMap::new(),
+            backend: None,
+        }
+    }
+}
+
+/// Env values are secrets: Debug shows only the keys.
+impl std::fmt::Debug for VmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmConfig")
+            .field("vm_id", &self.vm_id)
+            .field("vcpu_count", &self.vcpu_count)
+            .field("memory", &self.memory)
+            .field("kernel_path", &self.kernel_path)
+            .field("initrd_path", &self.initrd_path)
+            .field("rootfs_path", &self.rootfs_path)
+            .field("boot_args", &self.boot_args)
+            .field("env_vars", &self.env_vars.keys().collect::<Vec<_>>())
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+/// `^[a-z0-9][a-z0-9_-]{0,62}[a-z0-9]$` or a single `[a-z0-9]`.
+pub fn validate_vm_id(id: &str) -> Result<()> {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let inner = |c: char| alnum(c) || c == '_' || c == '-';
+    let ok = match id.len() {
+        0 => false,
+        1 => id.chars().all(alnum),
+        2..=64 => {
+            let b: Vec<char> = id.chars().collect();
+            alnum(b[0]) && alnum(b[b.len() - 1]) && b.iter().all(|c| inner(*c))
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::validation(
+            "vm_id",
+            format!("{id:?} is not allowed: use 1-64 characters of a-z, 0-9, '_' and '-', starting and ending with a letter or digit"),
+        ))
+    }
+}
+
+fn check_file(field: &'static str, path: &Option<PathBuf>) -> Result<()> {
+    if let Some(p) = path {
+        if !p.is_file() {
+            return Err(Error::validation(field, format!("{} is not a readable file", p.display())));
+        }
+    }
+    Ok(())
+}
+
+impl VmConfig {
+    pub fn validate(&self) -> Result<()> {
+        if let Some(id) = &self.vm_id {
+            validate_vm_id(id)?;
+        }
+        let (lo, hi) = VCPU_RANGE;
+        if !(lo..=hi).contains(&self.vcpu_count) {
+            return Err(Error::validation("vcpu_count", format!("{} is out of range (allowed {lo}..={hi})", self.vcpu_count)));
+        }
+        let (lo, hi) = MEMORY_RANGE;
+        if !(lo..=hi).contains(&self.memory) {
+            return Err(Error::validation("memory", format!("{} MiB is out of range (allowed {lo}..={hi} MiB)", self.memory)));
+        }
+        check_file("kernel_path", &self.kernel_path)?;
+        check_file("initrd_path", &self.initrd_path)?;
+        check_file("rootfs_path", &self.rootfs_path)?;
+        if let Some(args) = &self.boot_args {
+            if args.contains('\n') || args.contains('\0') {
+                return Err(Error::validation("boot_args", "must be one line"));
+            }
+        }
+        if let Some(b) = &self.backend {
+            Backend::parse(b)?;
+        }
+        smolvm_proto::env::validate_vars(&self.env_vars)?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Qemu,
+    Firecracker,
+    Auto,
+}
+
+impl Backend {
+    pub fn parse(s: &str) -> Result<Backend> {
+        match s.to_ascii_lowercase().as_str() {
+            "qemu" => Ok(Backend::Qemu),
+            "firecracker" => Ok(Backend::Firecracker),
+            "auto" | "" => Ok(Backend::Auto),
+            other => Err(Error::validation("backend", format!("{other:?} is not a backend (allowed: firecracker, qemu, auto)"))),
+        }
+    }
+
+    /// Which backend actually runs: the config's choice, else `SMOLVM_BACKEND`, else auto.
+    /// Auto picks what can run here; only QEMU is built so far.
+    pub fn resolve(config: Option<&str>) -> Result<Backend> {
+        let env = std::env::var("SMOLVM_BACKEND").ok();
+        let chosen = match config.or(env.as_deref()) {
+            Some(s) => Backend::parse(s)?,
+            None => Backend::Auto,
+        };
+        match chosen {
+            Backend::Qemu | Backend::Auto => Ok(Backend::Qemu),
+            Backend::Firecracker => Err(Error::validation(
+                "backend",
+                "firecracker is not supported by this build yet (allowed now: qemu, auto)",
+            )),
+        }
+    }
+}
+
+/// `1/true/yes/on` (any case) are true, `0/false/no/off` false, anything else the default.
+pub fn env_flag(name: &str, default: bool) -> bool {
+    match std::env::var(name).map(|v| v.trim().to_ascii_lowercase()) {
+        Ok(v) if ["1", "true", "yes", "on"].contains(&v.as_str()) => true,
+        Ok(v) if ["0", "false", "no", "off"].contains(&v.as_str()) => false,
+        _ => default,
+    }
+}
+
+/// Where state and images live: `SMOLVM_DATA_DIR`, else `$XDG_STATE_HOME/smolvm`, else
+/// `~/.local/state/smolvm`; images in `SMOLVM_IMAGE_DIR`, else `<data dir>/images`.
+#[derive(Debug, Clone)]
+pub struct Dirs {
+    pub data: PathBuf,
+    pub images: PathBuf,
+}
+
+impl Dirs {
+    pub fn from_env() -> Dirs {
+        let data = std::env::var_os("SMOLVM_DATA_DIR")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()).map(|x| Path::new(&x).join("smolvm")))
+            .unwrap_or_else(|| {
+                let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+                home.join(".local/state/smolvm")
+            });
+        let images = std::env::var_os("SMOLVM_IMAGE_DIR")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| data.join("images"));
+        Dirs { data, images }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_ids() {
+        for ok in ["a", "7", "env-vm", "a_b-c9", &"x".repeat(64)] {
+            assert!(validate_vm_id(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Bad_ID!", "-a", "a-", "A", "a b", &"x".repeat(65), "é"] {
+            let err = validate_vm_id(bad).unwrap_err().to_string();
+            assert!(err.starts_with("invalid vm_id:"), "{err}");
+        }
+    }
+
+    #[test]
+    fn ranges_name_the_field_and_the_bounds() {
+        let c = VmConfig { memory: 64, ..Default::default() };
+        assert_eq!(c.validate().unwrap_err().to_string(), "invalid memory: 64 MiB is out of range (allowed 128..=16384 MiB)");
+        let c = VmConfig { vcpu_count: 0, ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("vcpu_count"));
+        let c = VmConfig { kernel_path: Some("/nonexistent/vmlinux".into()), ..Default::default() };
+        assert_eq!(c.validate().unwrap_err().to_string(), "invalid kernel_path: /nonexistent/vmlinux is not a readable file");
+        let c = VmConfig { backend: Some("xen".into()), ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("allowed: firecracker, qemu, auto"));
+        assert!(VmConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_and_debug_hides_values() {
+        assert!(serde_json::from_str::<VmConfig>(r#"{"memroy": 1}"#).is_err());
+        let c = VmConfig { env_vars: [("API_KEY".into(), "s3cret".into())].into(), ..Default::default() };
+        let dbg = format!("{c:?}");
+        assert!(dbg.contains("API_KEY") && !dbg.contains("s3cret"));
+    }
+
+    #[test]
+    fn env_keys_are_validated_with_the_config() {
+        let c = VmConfig { env_vars: [("MY-VAR".into(), "1".into())].into(), ..Default::default() };
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "Invalid environment variable key: 'MY-VAR'. Keys must match [A-Za-z_][A-Za-z0-9_]*"
+        );
+    }
+}

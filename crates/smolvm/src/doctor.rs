@@ -1,0 +1,92 @@
+//! What works on this host and, where something does not, what to do about it.
+
+use crate::config::Dirs;
+use serde::Serialize;
+use std::path::Path;
+use std::process::Command;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    /// ok | warn | fail: `fail` means sandboxes cannot start; `warn` means they start, slower or
+    /// with less (no KVM, no networking yet).
+    pub status: &'static str,
+    pub detail: String,
+    pub fix: Option<String>,
+}
+
+fn check(name: &'static str, status: &'static str, detail: impl Into<String>, fix: Option<&str>) -> Check {
+    Check { name, status, detail: detail.into(), fix: fix.map(String::from) }
+}
+
+fn version_of(bin: &str, arg: &str) -> Option<String> {
+    let out = Command::new(bin).arg(arg).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().next().map(str::to_string)
+}
+
+pub fn run(dirs: &Dirs) -> Vec<Check> {
+    let mut checks = Vec::new();
+    checks.push(match crate::vmm::choose_accel() {
+        Ok(crate::vmm::Accel::Kvm) => check("accelerator", "ok", "KVM", None),
+        Ok(crate::vmm::Accel::Tcg) => {
+            let why = crate::vmm::kvm_usable().err().unwrap_or_else(|| "SMOLVM_ACCEL=tcg".into());
+            check("accelerator", "warn", format!("TCG software emulation: {why}"), Some("sandboxes work, slower; on bare metal load kvm_intel or kvm_amd"))
+        }
+        Err(e) => check("accelerator", "fail", e, Some("set SMOLVM_ACCEL to kvm, tcg or auto")),
+    });
+    checks.push(match version_of(crate::vmm::qemu::QEMU_BINARY, "--version") {
+        Some(v) => check("qemu", "ok", v, None),
+        None => check("qemu", "fail", "qemu-system-x86_64 not found", Some("smolvm setup (apt install qemu-system-x86)")),
+    });
+    checks.push(match crate::image::kernel_source() {
+        Some(src) => {
+            let cached = crate::image::kernel_fingerprint(&src).ok().map(|fp| dirs.images.join(format!("kernel-{fp}/vmlinux"))).filter(|p| p.exists());
+            match cached {
+                Some(p) => check("kernel", "ok", format!("built: {}", p.display()), None),
+                None => check("kernel", "ok", format!("will be built once from {}", src.display()), None),
+            }
+        }
+        None => check("kernel", "fail", "no linux-source tarball to build the guest kernel from", Some("smolvm setup (apt install linux-source-6.1), or pass kernel_path")),
+    });
+    checks.push(match crate::image::busybox_binary() {
+        Ok(p) => check("busybox", "ok", p.display().to_string(), None),
+        Err(e) => check("busybox", "fail", e.to_string(), Some("smolvm setup (apt install busybox-static)")),
+    });
+    checks.push(match crate::image::agent_binary() {
+        Ok(p) => check("agent", "ok", p.display().to_string(), None),
+        Err(e) => check("agent", "fail", e.to_string(), Some("make agent")),
+    });
+    checks.push(if Path::new("/dev/net/tun").exists() {
+        check("tun", "ok", "/dev/net/tun present", None)
+    } else {
+        check("tun", "warn", "/dev/net/tun missing: no TAP networking", Some("modprobe tun"))
+    });
+    checks.push(match version_of("nft", "--version") {
+        Some(v) => check("nftables", "ok", v, None),
+        None => check("nftables", "warn", "nft not found: no NAT networking", Some("smolvm setup (apt install nftables)")),
+    });
+    checks.push(check("data_dir", "ok", dirs.data.display().to_string(), None));
+    checks
+}
+
+/// Debian packages the host needs, by the command that shows each is there.
+pub const PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
+    ("busybox-static", "/bin/busybox"),
+    ("linux-source-6.1", "/usr/src/linux-source-6.1.tar.xz"),
+    ("make", "/usr/bin/make"),
+    ("gcc", "/usr/bin/gcc"),
+    ("flex", "/usr/bin/flex"),
+    ("bison", "/usr/bin/bison"),
+    ("bc", "/usr/bin/bc"),
+    ("libelf-dev", "/usr/include/libelf.h"),
+    ("libssl-dev", "/usr/include/openssl/ssl.h"),
+    ("xz-utils", "/usr/bin/xz"),
+    ("cpio", "/usr/bin/cpio"),
+    ("nftables", "/usr/sbin/nft"),
+    ("e2fsprogs", "/usr/sbin/mkfs.ext4"),
+];
+
+pub fn missing_packages() -> Vec<&'static str> {
+    PACKAGES.iter().filter(|(_, path)| !Path::new(path).exists()).map(|(p, _)| *p).collect()
+}

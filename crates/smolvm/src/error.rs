@@ -1,0 +1,97 @@
+//! The host library's one error type. Messages say what was wrong and what is allowed; a
+//! source error is chained, not repeated. No message ever carries an environment value.
+
+use std::io;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad input: names the field and what is allowed.
+    #[error("invalid {field}: {message}")]
+    Validation { field: &'static str, message: String },
+    #[error(transparent)]
+    Env(#[from] smolvm_proto::env::EnvError),
+    #[error("VM '{0}' not found")]
+    NotFound(String),
+    #[error("VM '{0}' already exists")]
+    AlreadyExists(String),
+    #[error("VM '{id}' is {state}; start it first (smolvm sandbox start {id})")]
+    NotRunning { id: String, state: String },
+    #[error("Operation '{operation}' timed out after {seconds}s")]
+    Timeout { operation: String, seconds: f64 },
+    #[error("VM '{id}' did not boot: {reason}\n--- last console lines ---\n{console}")]
+    Boot { id: String, reason: String, console: String },
+    #[error("image: {0}")]
+    Image(String),
+    #[error("host: {0}")]
+    Host(String),
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("state database")]
+    Store(#[from] rusqlite::Error),
+    #[error("guest agent: {0}")]
+    Guest(String),
+    #[error("cannot run commands in VM '{0}': its image has no smolvm agent")]
+    CommandUnavailable(String),
+}
+
+impl Error {
+    pub fn validation(field: &'static str, message: impl Into<String>) -> Error {
+        Error::Validation { field, message: message.into() }
+    }
+
+    /// A short stable code for machine-readable output (`--json`) and the Python mapping.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Validation { .. } | Error::Env(_) => "validation",
+            Error::NotFound(_) => "not_found",
+            Error::AlreadyExists(_) => "already_exists",
+            Error::NotRunning { .. } => "not_running",
+            Error::Timeout { .. } => "timeout",
+            Error::Boot { .. } => "boot",
+            Error::Image(_) => "image",
+            Error::Host(_) | Error::Io { .. } | Error::Store(_) => "host",
+            Error::Guest(_) => "guest",
+            Error::CommandUnavailable(_) => "command_unavailable",
+        }
+    }
+
+    /// What the user can do about it, where there is something to say.
+    pub fn recovery(&self) -> Option<String> {
+        match self {
+            Error::NotFound(_) => Some("list sandboxes with `smolvm sandbox list --all`".into()),
+            Error::NotRunning { id, .. } => Some(format!("smolvm sandbox start {id}")),
+            Error::Boot { .. } => Some("retry with SMOLVM_VERBOSE_BOOT=1 to see the guest kernel log; `smolvm doctor` checks the host".into()),
+            Error::Image(_) => Some("`smolvm setup` installs what image building needs".into()),
+            _ => None,
+        }
+    }
+
+    /// The message with its chain of causes, for printing.
+    pub fn full_message(&self) -> String {
+        let mut out = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            out.push_str(": ");
+            out.push_str(&s.to_string());
+            source = s.source();
+        }
+        out
+    }
+}
+
+/// Attach what was being done to an I/O error.
+pub trait IoContext<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Io { context: context(), source })
+    }
+}

@@ -1,0 +1,396 @@
+//! Guest images: our own kernel (built once from Debian's linux-source, cached by fingerprint)
+//! and an initramfs with the agent as /init and busybox for the usual tools. Built without
+//! Docker, root or mounts. A cache entry is a directory or file named by the fingerprint of its
+//! inputs, so changing any input builds a new one and nothing is rebuilt needlessly.
+
+use crate::config::{env_flag, Dirs, VmConfig};
+use crate::cpio::Cpio;
+use crate::error::{Error, IoContext, Result};
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The kernel config fragment (applied on top of `allnoconfig`).
+pub const KERNEL_FRAGMENT: &str = include_str!("../../../images/kernel.fragment");
+/// Bump when the way an artifact is built changes without its inputs changing.
+const KERNEL_RECIPE: &str = "kernel-recipe-1";
+const INITRAMFS_RECIPE: &str = "initramfs-recipe-1";
+/// Marks a cache entry that came from a published source rather than a local build.
+const PUBLISHED_MARK: &str = ".published";
+
+/// Reports progress of long builds (one line at a time, for a human).
+pub type Progress<'a> = &'a (dyn Fn(&str) + Sync);
+
+/// What a VM boots.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct BootImage {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub rootfs: Option<PathBuf>,
+}
+
+pub fn fingerprint(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The image a config boots: its own kernel/initrd/rootfs where given, ours otherwise.
+pub fn resolve(config: &VmConfig, dirs: &Dirs, progress: Progress) -> Result<BootImage> {
+    let kernel = match &config.kernel_path {
+        Some(k) => k.clone(),
+        None => default_kernel(dirs, progress)?,
+    };
+    let initrd = match &config.initrd_path {
+        Some(i) => i.clone(),
+        None => default_initramfs(dirs, progress)?,
+    };
+    Ok(BootImage { kernel, initrd: Some(initrd), rootfs: config.rootfs_path.clone() })
+}
+
+/// Serialize builders across processes: two CLIs starting at once build once.
+fn lock_images(dirs: &Dirs) -> Result<nix::fcntl::Flock<fs::File>> {
+    fs::create_dir_all(&dirs.images).ctx(|| format!("creating {}", dirs.images.display()))?;
+    let f = fs::File::create(dirs.images.join(".lock")).ctx(|| "creating the image lock".into())?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| Error::Host(format!("locking the image cache: {e}")))
+}
+
+/// A cached entry is usable unless it came from a published source and the user asked for
+/// local builds (`SMOLVM_USE_PUBLISHED=0`).
+fn cached(entry: &Path, marker_dir: &Path) -> bool {
+    entry.exists() && (env_flag("SMOLVM_USE_PUBLISHED", true) || !marker_dir.join(PUBLISHED_MARK).exists())
+}
+
+/// A ready artifact from `SMOLVM_IMAGE_SOURCE` (a directory laid out like the cache).
+fn published(rel: &str) -> Option<PathBuf> {
+    if !env_flag("SMOLVM_USE_PUBLISHED", true) {
+        return None;
+    }
+    let p = PathBuf::from(std::env::var_os("SMOLVM_IMAGE_SOURCE")?).join(rel);
+    p.is_file().then_some(p)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel
+
+pub fn kernel_source() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SMOLVM_KERNEL_SOURCE") {
+        return Some(PathBuf::from(p));
+    }
+    let mut found: Vec<PathBuf> = fs::read_dir("/usr/src")
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("linux-source-") && n.ends_with(".tar.xz")))
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// The fingerprint of our kernel: recipe, config fragment and the source tarball's identity.
+pub fn kernel_fingerprint(source: &Path) -> Result<String> {
+    let meta = fs::metadata(source).ctx(|| format!("reading {}", source.display()))?;
+    let name = source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    Ok(fingerprint(&[KERNEL_RECIPE.as_bytes(), KERNEL_FRAGMENT.as_bytes(), name.as_bytes(), &meta.len().to_le_bytes()]))
+}
+
+pub fn default_kernel(dirs: &Dirs, progress: Progress) -> Result<PathBuf> {
+    let Some(source) = kernel_source() else {
+        return Err(Error::Image(
+            "cannot build the guest kernel: no /usr/src/linux-source-*.tar.xz (install linux-source-6.1 with `smolvm setup`, or set kernel_path)".into(),
+        ));
+    };
+    let fp = kernel_fingerprint(&source)?;
+    let rel = format!("kernel-{fp}");
+    let dir = dirs.images.join(&rel);
+    let vmlinux = dir.join("vmlinux");
+    if cached(&vmlinux, &dir) {
+        return Ok(vmlinux);
+    }
+    let _lock = lock_images(dirs)?;
+    if cached(&vmlinux, &dir) {
+        return Ok(vmlinux);
+    }
+    let _ = fs::remove_dir_all(&dir);
+    if let Some(ready) = published(&format!("{rel}/vmlinux")) {
+        progress(&format!("using the published kernel {}", ready.display()));
+        install_file(&ready, &vmlinux)?;
+        fs::write(dir.join(PUBLISHED_MARK), "").ctx(|| "marking a published kernel".into())?;
+        return Ok(vmlinux);
+    }
+    build_kernel(&source, &dir, dirs, progress)?;
+    Ok(vmlinux)
+}
+
+/// Copy into place atomically: a crash leaves no half-written cache entry.
+fn install_file(from: &Path, to: &Path) -> Result<()> {
+    let parent = to.parent().expect("cache entries have a parent");
+    fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+    let tmp = parent.join(format!(".tmp-{}", std::process::id()));
+    let r = fs::copy(from, &tmp).and_then(|_| fs::rename(&tmp, to));
+    if r.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    r.ctx(|| format!("installing {}", to.display()))
+}
+
+/// Removes a build directory on every exit path.
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd.stdin(Stdio::null()).output().ctx(|| format!("{what}: cannot run {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        let tail = String::from_utf8_lossy(&out.stderr).lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        return Err(Error::Image(format!("{what} failed ({}):\n{tail}", out.status)));
+    }
+    Ok(())
+}
+
+fn build_kernel(source: &Path, out_dir: &Path, dirs: &Dirs, progress: Progress) -> Result<()> {
+    for tool in ["make", "gcc", "flex", "bison", "bc", "tar", "xz"] {
+        if !on_path(tool) {
+            return Err(Error::Image(format!("building the guest kernel needs `{tool}` (install it with `smolvm setup`)")));
+        }
+    }
+    let tmp = TempDir(dirs.images.join(format!(".build-kernel-{}", std::process::id())));
+    let _ = fs::remove_dir_all(&tmp.0);
+    fs::create_dir_all(&tmp.0).ctx(|| format!("creating {}", tmp.0.display()))?;
+    progress(&format!("building the guest kernel from {} (once; a few minutes)", source.display()));
+    progress("  unpacking the source");
+    run_checked(Command::new("tar").arg("-xf").arg(source).arg("-C").arg(&tmp.0), "unpacking the kernel source")?;
+    let src = fs::read_dir(&tmp.0)
+        .ctx(|| "reading the unpacked source".into())?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("Makefile").is_file())
+        .ok_or_else(|| Error::Image("the kernel source archive holds no kernel tree".into()))?;
+    let fragment = tmp.0.join("smolvm.fragment");
+    fs::write(&fragment, KERNEL_FRAGMENT).ctx(|| "writing the config fragment".into())?;
+    run_checked(
+        Command::new("make").arg("-C").arg(&src).arg("allnoconfig").arg(format!("KCONFIG_ALLCONFIG={}", fragment.display())),
+        "configuring the kernel",
+    )?;
+    let config = fs::read_to_string(src.join(".config")).ctx(|| "reading .config".into())?;
+    let missing = missing_options(KERNEL_FRAGMENT, &config);
+    if !missing.is_empty() {
+        return Err(Error::Image(format!("the kernel config did not take: {}", missing.join(", "))));
+    }
+    let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut child = Command::new("make")
+        .arg("-C")
+        .arg(&src)
+        .arg(format!("-j{jobs}"))
+        .arg("vmlinux")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ctx(|| "running make".into())?;
+    // About 860 compile steps with our config; report every tenth of the way.
+    let estimate = 860;
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let err_tail = std::thread::spawn(move || BufReader::new(stderr).lines().map_while(|l| l.ok()).collect::<Vec<_>>());
+    let mut compiled = 0;
+    let mut reported = 0;
+    for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+        if line.trim_start().starts_with("CC ") {
+            compiled += 1;
+            let pct = (compiled * 100 / estimate).min(99);
+            if pct >= reported + 10 {
+                reported = pct;
+                progress(&format!("  compiling: {pct}%"));
+            }
+        }
+    }
+    let status = child.wait().ctx(|| "waiting for make".into())?;
+    let errs = err_tail.join().unwrap_or_default();
+    if !status.success() {
+        let tail = errs.iter().rev().take(15).rev().cloned().collect::<Vec<_>>().join("\n");
+        return Err(Error::Image(format!("building the kernel failed ({status}):\n{tail}")));
+    }
+    install_file(&src.join("vmlinux"), &out_dir.join("vmlinux"))?;
+    fs::write(out_dir.join("config"), &config).ctx(|| "saving the kernel config".into())?;
+    progress("  guest kernel ready");
+    Ok(())
+}
+
+/// Options of the fragment that the resolved config does not have as asked.
+pub fn missing_options(fragment: &str, config: &str) -> Vec<String> {
+    fragment
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("CONFIG_"))
+        .filter(|l| {
+            let (key, val) = l.split_once('=').unwrap_or((l, ""));
+            if val == "n" {
+                config.lines().any(|c| c.starts_with(&format!("{key}=")))
+            } else {
+                !config.lines().any(|c| c == *l)
+            }
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Initramfs
+
+/// The agent binary to put in images: `SMOLVM_AGENT_BIN`, else beside the running executable,
+/// else the musl build of this workspace (found from the executable's location).
+pub fn agent_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SMOLVM_AGENT_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ctx(|| "locating the running executable".into())?;
+    for dir in exe.ancestors().skip(1).take(4) {
+        for rel in ["x86_64-unknown-linux-musl/release/smolvm-agent", "target/x86_64-unknown-linux-musl/release/smolvm-agent", "smolvm-agent"] {
+            let p = dir.join(rel);
+            // A dynamically linked build (the workspace's host build) cannot run as /init.
+            if p.is_file() && fs::read(&p).is_ok_and(|b| is_static(&b)) {
+                return Ok(p);
+            }
+        }
+    }
+    Err(Error::Image("the static guest agent binary was not found: build it with `make agent` or set SMOLVM_AGENT_BIN".into()))
+}
+
+/// Whether an executable needs no dynamic loader (it has no ELF interpreter path).
+fn is_static(elf: &[u8]) -> bool {
+    !elf.windows(12).any(|w| w == b"/lib64/ld-li" || w == b"/lib/ld-musl")
+}
+
+pub fn busybox_binary() -> Result<PathBuf> {
+    let candidates = std::env::var_os("SMOLVM_BUSYBOX").map(PathBuf::from).into_iter().chain(["/bin/busybox", "/usr/bin/busybox"].map(PathBuf::from));
+    for p in candidates {
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(Error::Image("busybox was not found: install busybox-static (`smolvm setup`)".into()))
+}
+
+const PROFILE: &str = "\
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PS1='\\h:\\w\\$ '
+for f in /etc/profile.d/*.sh; do
+  [ -r \"$f\" ] && . \"$f\"
+done
+unset f
+";
+
+/// Files of the image besides the agent and busybox, as (path, mode, content).
+const FILES: &[(&str, u32, &str)] = &[
+    ("etc/profile", 0o644, PROFILE),
+    ("etc/passwd", 0o644, "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"),
+    ("etc/group", 0o644, "root:x:0:\nnogroup:x:65534:\n"),
+    ("etc/hosts", 0o644, "127.0.0.1 localhost\n"),
+    ("etc/os-release", 0o644, "NAME=smolvm\nID=smolvm\nPRETTY_NAME=\"smolvm minimal (busybox)\"\n"),
+];
+const DIRS: &[&str] = &[
+    "bin", "sbin", "usr", "usr/bin", "usr/sbin", "usr/local", "usr/local/bin", "etc", "etc/profile.d", "proc", "sys", "dev", "run", "tmp", "root",
+    "var", "var/tmp", "home", "newroot", "lib", "lib/modules", "mnt",
+];
+
+pub fn default_initramfs(dirs: &Dirs, _progress: Progress) -> Result<PathBuf> {
+    let agent_path = agent_binary()?;
+    let agent = fs::read(&agent_path).ctx(|| format!("reading {}", agent_path.display()))?;
+    let busybox_path = busybox_binary()?;
+    let busybox = fs::read(&busybox_path).ctx(|| format!("reading {}", busybox_path.display()))?;
+    if !is_static(&busybox) {
+        return Err(Error::Image(format!("{} is dynamically linked; install busybox-static", busybox_path.display())));
+    }
+    let files: Vec<u8> = FILES.iter().flat_map(|(p, m, c)| format!("{p}:{m}:{c}").into_bytes()).collect();
+    let fp = fingerprint(&[INITRAMFS_RECIPE.as_bytes(), &agent, &busybox, &files]);
+    let rel = format!("initramfs-{fp}/initramfs.cpio");
+    let dir = dirs.images.join(format!("initramfs-{fp}"));
+    let path = dirs.images.join(&rel);
+    if cached(&path, &dir) {
+        return Ok(path);
+    }
+    let _lock = lock_images(dirs)?;
+    if cached(&path, &dir) {
+        return Ok(path);
+    }
+    let _ = fs::remove_dir_all(&dir);
+    if let Some(ready) = published(&rel) {
+        install_file(&ready, &path)?;
+        fs::write(dir.join(PUBLISHED_MARK), "").ctx(|| "marking a published image".into())?;
+        return Ok(path);
+    }
+    let applets = Command::new(&busybox_path).arg("--list-full").output().ctx(|| "listing busybox applets".into())?;
+    let applets = String::from_utf8_lossy(&applets.stdout).into_owned();
+    let cpio = initramfs_archive(&agent, &busybox, &applets);
+    fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(".tmp-{}", std::process::id()));
+    let r = fs::write(&tmp, cpio).and_then(|_| fs::rename(&tmp, &path));
+    if r.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    r.ctx(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// The initramfs: agent as /init, busybox with a link per applet, a tiny /etc.
+pub fn initramfs_archive(agent: &[u8], busybox: &[u8], applets: &str) -> Vec<u8> {
+    let mut c = Cpio::default();
+    for d in DIRS {
+        c.dir(d, if *d == "tmp" || *d == "var/tmp" { 0o1777 } else if *d == "root" { 0o700 } else { 0o755 });
+    }
+    c.char_dev("dev/console", 0o600, 5, 1);
+    c.char_dev("dev/null", 0o666, 1, 3);
+    c.file("init", 0o755, agent);
+    c.file("bin/busybox", 0o755, busybox);
+    for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty() && *a != "bin/busybox") {
+        let depth = applet.matches('/').count();
+        c.symlink(applet, &format!("{}bin/busybox", "../".repeat(depth)));
+    }
+    for (path, mode, content) in FILES {
+        c.file(path, *mode, content.as_bytes());
+    }
+    c.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fragment_check_finds_options_that_did_not_take() {
+        let frag = "# c\nCONFIG_A=y\nCONFIG_B=n\nCONFIG_C=32\n";
+        assert!(missing_options(frag, "CONFIG_A=y\nCONFIG_C=32\n# CONFIG_B is not set\n").is_empty());
+        assert_eq!(missing_options(frag, "CONFIG_B=y\nCONFIG_C=32\n"), vec!["CONFIG_A=y", "CONFIG_B=n"]);
+    }
+
+    #[test]
+    fn fingerprints_change_with_any_input() {
+        let a = fingerprint(&[b"ab", b"c"]);
+        assert_eq!(a, fingerprint(&[b"ab", b"c"]));
+        assert_ne!(a, fingerprint(&[b"a", b"bc"]));
+        assert_eq!(a.len(), 16);
+    }
+
+    #[test]
+    fn archive_links_applets_relative_to_busybox() {
+        let bytes = initramfs_archive(b"AGENT", b"BUSYBOX", "bin/sh\nusr/bin/awk\n");
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(text.contains("usr/bin/awk\0"));
+        assert!(text.contains("../../bin/busybox"));
+        assert!(text.contains("AGENT"));
+        assert!(text.contains("TRAILER!!!"));
+    }
+}

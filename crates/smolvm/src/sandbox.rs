@@ -1,0 +1,577 @@
+//! The sandbox handle: create, start, run, env, stop, delete. The same calls work on a sandbox
+//! this process started and on one found by id: both talk to its supervisor's socket.
+
+use crate::config::{env_flag, Backend, Dirs, VmConfig};
+use crate::conn::Conn;
+use crate::error::{Error, IoContext, Result};
+use crate::image::{self, Progress};
+use crate::store::{Record, State, Store};
+use crate::supervisor::{BootSpec, StartStatus};
+use serde::Serialize;
+use smolvm_proto::{ErrorKind, ExecRequest, Reply, Request, Shell};
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_RUN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest Unix socket path the kernel accepts (sun_path is 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Files of one sandbox, in a directory named by a hash of its id so that socket paths stay
+/// short whatever the id and data directory.
+#[derive(Debug, Clone)]
+pub struct SandboxPaths {
+    pub dir: PathBuf,
+    pub ctl: PathBuf,
+    pub agent: PathBuf,
+    pub qmp: PathBuf,
+    pub console: PathBuf,
+    pub log: PathBuf,
+    pub lock: PathBuf,
+}
+
+impl SandboxPaths {
+    pub fn new(dirs: &Dirs, id: &str) -> SandboxPaths {
+        let dir = dirs.data.join("vms").join(image::fingerprint(&[id.as_bytes()]));
+        SandboxPaths {
+            ctl: dir.join("ctl.sock"),
+            agent: dir.join("agent.sock"),
+            qmp: dir.join("qmp.sock"),
+            console: dir.join("console.log"),
+            log: dir.join("supervisor.log"),
+            lock: dir.join("lock"),
+            dir,
+        }
+    }
+
+    pub fn remove_sockets(&self) {
+        for p in [&self.ctl, &self.agent, &self.qmp] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    pub fn remove_all(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The last `n` lines of a console log, for error messages.
+pub fn console_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CommandResult {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CommandResult {
+    pub fn ok(&self) -> bool {
+        self.exit_code == 0
+    }
+
+    /// stdout without surrounding whitespace.
+    pub fn output(&self) -> &str {
+        self.stdout.trim()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub timeout: Duration,
+    pub shell: Shell,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { timeout: DEFAULT_RUN_TIMEOUT, shell: Shell::Login, env: BTreeMap::new(), cwd: None }
+    }
+}
+
+/// Output as it arrives, for callers that stream it (the CLI).
+pub enum Output<'a> {
+    Stdout(&'a [u8]),
+    Stderr(&'a [u8]),
+}
+
+pub struct Sandbox {
+    id: String,
+    dirs: Dirs,
+    paths: SandboxPaths,
+    conn: Option<Arc<Conn>>,
+}
+
+fn random_id() -> String {
+    let mut bytes = [0u8; 4];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut bytes);
+    }
+    format!("sbx-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+/// The `smolvm` executable that runs supervisors: `SMOLVM_BIN`, the running program if it is
+/// `smolvm`, one beside (or above) the running program, else `smolvm` on PATH.
+pub fn smolvm_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SMOLVM_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ctx(|| "locating the running executable".into())?;
+    if exe.file_name().is_some_and(|n| n == "smolvm") {
+        return Ok(exe);
+    }
+    for dir in exe.ancestors().skip(1).take(3) {
+        let p = dir.join("smolvm");
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for d in std::env::split_paths(&path) {
+            if d.join("smolvm").is_file() {
+                return Ok(d.join("smolvm"));
+            }
+        }
+    }
+    Err(Error::Host("the `smolvm` executable (which supervises sandboxes) was not found: set SMOLVM_BIN".into()))
+}
+
+/// If a sandbox's supervisor died (killed, crashed), record that and remove what it left:
+/// a VMM still running, sockets, and for an ephemeral sandbox everything.
+fn reap(store: &Store, dirs: &Dirs, rec: Record) -> Result<Option<Record>> {
+    let supervisor_alive = rec.supervisor.is_some_and(|p| p.alive());
+    if !rec.state.is_live() || supervisor_alive {
+        return Ok(Some(rec));
+    }
+    if let Some(vmm) = rec.vmm.filter(|p| p.alive()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(vmm.pid), nix::sys::signal::Signal::SIGKILL);
+    }
+    let paths = SandboxPaths::new(dirs, &rec.id);
+    paths.remove_sockets();
+    if rec.ephemeral {
+        store.remove(&rec.id)?;
+        paths.remove_all();
+        return Ok(None);
+    }
+    store.set_state(&rec.id, State::Error, Some("the sandbox's supervisor exited unexpectedly"))?;
+    Ok(store.get(&rec.id)?)
+}
+
+/// All sandboxes, with dead ones detected.
+pub fn list(dirs: &Dirs) -> Result<Vec<Record>> {
+    let store = Store::open(&dirs.data)?;
+    let mut out = Vec::new();
+    for rec in store.all()? {
+        if let Some(r) = reap(&store, dirs, rec)? {
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// Remove stopped and failed sandboxes and anything a crashed process left behind.
+pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
+    let store = Store::open(&dirs.data)?;
+    let mut removed = Vec::new();
+    let mut keep = std::collections::HashSet::new();
+    for rec in list(dirs)? {
+        let paths = SandboxPaths::new(dirs, &rec.id);
+        if matches!(rec.state, State::Stopped | State::Error) {
+            store.remove(&rec.id)?;
+            paths.remove_all();
+            removed.push(rec.id);
+        } else {
+            keep.insert(paths.dir);
+        }
+    }
+    // Directories no record points at: a delete interrupted half way.
+    if let Ok(entries) = std::fs::read_dir(dirs.data.join("vms")) {
+        for e in entries.flatten() {
+            if !keep.contains(&e.path()) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    Ok(removed)
+}
+
+impl Sandbox {
+    /// Record a new sandbox (state `created`); nothing runs until `start`.
+    pub fn create(config: VmConfig) -> Result<Sandbox> {
+        Self::create_in(Dirs::from_env(), config, false)
+    }
+
+    /// A sandbox that lives only as long as the connection of the process that started it:
+    /// if that process dies, the supervisor tears the VM down and removes every trace.
+    pub fn create_ephemeral(config: VmConfig) -> Result<Sandbox> {
+        Self::create_in(Dirs::from_env(), config, true)
+    }
+
+    pub fn create_in(dirs: Dirs, config: VmConfig, ephemeral: bool) -> Result<Sandbox> {
+        config.validate()?;
+        Backend::resolve(config.backend.as_deref())?;
+        let store = Store::open(&dirs.data)?;
+        let id = config.vm_id.clone().unwrap_or_else(random_id);
+        let paths = SandboxPaths::new(&dirs, &id);
+        if paths.ctl.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(Error::validation(
+                "SMOLVM_DATA_DIR",
+                format!("{} is too long for Unix socket paths (keep it under {} bytes)", dirs.data.display(), MAX_SOCKET_PATH - 40),
+            ));
+        }
+        if let Some(old) = store.get(&id)? {
+            // A dead ephemeral sandbox of the same name is reaped, not an obstacle.
+            if reap(&store, &dirs, old)?.is_some() {
+                return Err(Error::AlreadyExists(id));
+            }
+        }
+        store.insert(&id, &config, ephemeral)?;
+        if let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&paths.dir) {
+            let _ = store.remove(&id);
+            return Err(Error::Io { context: format!("creating {}", paths.dir.display()), source: e });
+        }
+        Ok(Sandbox { id, dirs, paths, conn: None })
+    }
+
+    /// Find an existing sandbox (`from_id`).
+    pub async fn open(id: &str) -> Result<Sandbox> {
+        Self::open_in(Dirs::from_env(), id).await
+    }
+
+    pub async fn open_in(dirs: Dirs, id: &str) -> Result<Sandbox> {
+        let store = Store::open(&dirs.data)?;
+        let rec = store.get(id)?.ok_or_else(|| Error::NotFound(id.to_string()))?;
+        let rec = reap(&store, &dirs, rec)?.ok_or_else(|| Error::NotFound(id.to_string()))?;
+        let paths = SandboxPaths::new(&dirs, id);
+        let mut sb = Sandbox { id: rec.id, dirs, paths, conn: None };
+        if rec.state.is_live() {
+            sb.conn = Some(Conn::connect(&sb.paths.ctl).await?);
+        }
+        Ok(sb)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn paths(&self) -> &SandboxPaths {
+        &self.paths
+    }
+
+    pub fn record(&self) -> Result<Record> {
+        let store = Store::open(&self.dirs.data)?;
+        let rec = store.get(&self.id)?.ok_or_else(|| Error::NotFound(self.id.clone()))?;
+        reap(&store, &self.dirs, rec)?.ok_or_else(|| Error::NotFound(self.id.clone()))
+    }
+
+    pub fn state(&self) -> Result<State> {
+        Ok(self.record()?.state)
+    }
+
+    /// Boot the VM: build or find the image, start the supervisor, wait until the agent answers
+    /// and the configured env vars are in place. Bounded by `boot_timeout`.
+    pub async fn start(&mut self, boot_timeout: Duration, progress: Progress<'_>) -> Result<()> {
+        let lock = std::fs::File::create(&self.paths.lock).ctx(|| format!("creating {}", self.paths.lock.display()))?;
+        let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| Error::Host(format!("locking sandbox: {e}")))?;
+        let rec = self.record()?;
+        if rec.state.is_live() {
+            if self.conn.is_none() {
+                self.conn = Some(Conn::connect(&self.paths.ctl).await?);
+            }
+            return Ok(());
+        }
+        let image = {
+            let (config, dirs) = (rec.config.clone(), self.dirs.clone());
+            // Building may take minutes (the kernel, once); keep the runtime free meanwhile.
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+            let build = tokio::task::spawn_blocking(move || image::resolve(&config, &dirs, &move |line: &str| {
+                let _ = tx.send(line.to_string());
+            }));
+            while let Some(line) = rx.recv().await {
+                progress(&line);
+            }
+            build.await.map_err(|e| Error::Host(format!("image build task: {e}")))??
+        };
+        let accel = crate::vmm::choose_accel().map_err(Error::Host)?;
+        let spec = BootSpec { image, accel, boot_timeout_ms: boot_timeout.as_millis() as u64, verbose_boot: env_flag("SMOLVM_VERBOSE_BOOT", false) };
+        let status = self.spawn_supervisor(&spec, boot_timeout).await?;
+        if !status.ok {
+            let message = status.message.unwrap_or_default();
+            return Err(match status.code.as_deref() {
+                Some("timeout") | Some("boot") | Some("guest") | Some("host") if status.console.is_some() => {
+                    Error::Boot { id: self.id.clone(), reason: message, console: status.console.unwrap_or_default() }
+                }
+                _ => Error::Host(message),
+            });
+        }
+        self.conn = Some(Conn::connect(&self.paths.ctl).await?);
+        Ok(())
+    }
+
+    async fn spawn_supervisor(&self, spec: &BootSpec, boot_timeout: Duration) -> Result<StartStatus> {
+        let bin = smolvm_binary()?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.paths.log).ctx(|| format!("opening {}", self.paths.log.display()))?;
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.arg("__supervise")
+            .arg(&self.id)
+            .env("SMOLVM_DATA_DIR", &self.dirs.data)
+            .env("SMOLVM_IMAGE_DIR", &self.dirs.images)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            // Its own session: a Ctrl-C meant for the caller must not reach the supervisor,
+            // which cleans up when the caller's connection goes instead.
+            .process_group(0);
+        let mut child = cmd.spawn().ctx(|| format!("starting the supervisor {}", bin.display()))?;
+        let mut stdin = child.stdin.take().expect("piped");
+        stdin.write_all(serde_json::to_string(spec).expect("spec serializes").as_bytes()).ctx(|| "sending the boot spec".into())?;
+        drop(stdin);
+        let stdout = child.stdout.take().expect("piped");
+        let read = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufReader::new(stdout).read_line(&mut line).map(|_| line)
+        });
+        // The supervisor bounds the boot itself; this outer bound only catches a stuck one.
+        let outer = boot_timeout + Duration::from_secs(10);
+        let line = match tokio::time::timeout(outer, read).await {
+            Ok(Ok(Ok(line))) if !line.trim().is_empty() => line,
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                self.paths.remove_sockets();
+                let why = match other {
+                    Err(_) => return Err(Error::Timeout { operation: "start".into(), seconds: outer.as_secs_f64() }),
+                    _ => "the supervisor exited without a status".to_string(),
+                };
+                let log = console_tail(&self.paths.log, 10);
+                return Err(Error::Host(format!("{why}; its log ends:\n{log}")));
+            }
+        };
+        // Reap the supervisor's zombie once it exits; it is not our business otherwise.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        serde_json::from_str(&line).map_err(|e| Error::Host(format!("unreadable supervisor status: {e}")))
+    }
+
+    fn conn(&self) -> Result<&Arc<Conn>> {
+        match &self.conn {
+            Some(c) if !c.is_closed() => Ok(c),
+            _ => {
+                let state = self.state()?;
+                Err(Error::NotRunning { id: self.id.clone(), state: state.to_string() })
+            }
+        }
+    }
+
+    /// Run a command; output is collected.
+    pub async fn run(&self, command: &str, opts: &RunOptions) -> Result<CommandResult> {
+        self.run_streaming(command, opts, |_| {}).await
+    }
+
+    /// Run a command, handing each piece of output to `on_output` as it arrives.
+    pub async fn run_streaming(&self, command: &str, opts: &RunOptions, mut on_output: impl FnMut(Output<'_>)) -> Result<CommandResult> {
+        if command.trim().is_empty() {
+            return Err(Error::validation("command", "must not be empty"));
+        }
+        if opts.timeout < Duration::from_secs(1) {
+            return Err(Error::validation("timeout", "must be at least 1 second"));
+        }
+        smolvm_proto::env::validate_vars(&opts.env)?;
+        let conn = self.conn()?;
+        let req = ExecRequest {
+            command: command.to_string(),
+            shell: opts.shell,
+            env: opts.env.clone(),
+            timeout_ms: opts.timeout.as_millis() as u64,
+            stdin: false,
+            cwd: opts.cwd.clone(),
+        };
+        let mut stream = conn.open(&Request::Exec(req)).await?;
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let timeout_err = || Error::Timeout { operation: "run".into(), seconds: opts.timeout.as_secs_f64() };
+        // The agent enforces the timeout; this host-side bound catches a guest that cannot.
+        let deadline = tokio::time::Instant::now() + opts.timeout + Duration::from_secs(5);
+        loop {
+            let reply = match tokio::time::timeout_at(deadline, stream.recv()).await {
+                Ok(Some(r)) => r,
+                Ok(None) => return Err(Error::Guest("the sandbox went away while the command ran".into())),
+                Err(_) => {
+                    let _ = stream.send(&Request::Cancel).await;
+                    return Err(timeout_err());
+                }
+            };
+            match reply {
+                Reply::Stdout(d) => {
+                    on_output(Output::Stdout(&d));
+                    stdout.extend_from_slice(&d);
+                }
+                Reply::Stderr(d) => {
+                    on_output(Output::Stderr(&d));
+                    stderr.extend_from_slice(&d);
+                }
+                Reply::Exit { timed_out: true, .. } => return Err(timeout_err()),
+                Reply::Exit { code, .. } => {
+                    return Ok(CommandResult {
+                        exit_code: code,
+                        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+                        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+                    })
+                }
+                other => return Err(unexpected("exec", other)),
+            }
+        }
+    }
+
+    /// Agent round trip without a process (health check, benchmarks).
+    pub async fn ping(&self) -> Result<()> {
+        match self.conn()?.call(&Request::Ping).await? {
+            Reply::Pong => Ok(()),
+            other => Err(unexpected("ping", other)),
+        }
+    }
+
+    /// Whether commands can run now: the sandbox is running and its agent answers.
+    pub async fn can_run_commands(&self) -> bool {
+        self.ping().await.is_ok()
+    }
+
+    /// Set variables for new login shells. Returns the sorted names present afterwards.
+    pub async fn set_env_vars(&self, vars: &BTreeMap<String, String>, merge: bool) -> Result<Vec<String>> {
+        smolvm_proto::env::validate_vars(vars)?;
+        let names = match self.conn()?.call(&Request::EnvSet { vars: vars.clone(), merge }).await? {
+            Reply::EnvNames(n) => n,
+            other => return Err(unexpected("env set", other)),
+        };
+        self.remember_env().await?;
+        Ok(names)
+    }
+
+    /// Remove variables; returns the removed ones with their old values. Missing keys are
+    /// ignored and nothing is written when nothing changes.
+    pub async fn unset_env_vars(&self, keys: &[String]) -> Result<BTreeMap<String, String>> {
+        for k in keys {
+            smolvm_proto::env::validate_key(k)?;
+        }
+        let removed = match self.conn()?.call(&Request::EnvUnset { keys: keys.to_vec() }).await? {
+            Reply::EnvRemoved(r) => r,
+            other => return Err(unexpected("env unset", other)),
+        };
+        if !removed.is_empty() {
+            self.remember_env().await?;
+        }
+        Ok(removed)
+    }
+
+    /// The variables smolvm manages in this sandbox.
+    pub async fn list_env_vars(&self) -> Result<BTreeMap<String, String>> {
+        match self.conn()?.call(&Request::EnvList).await? {
+            Reply::Env(vars) => Ok(vars),
+            other => Err(unexpected("env list", other)),
+        }
+    }
+
+    /// Keep the stored config in step with the guest, so a stopped sandbox starts again with
+    /// the variables it had.
+    async fn remember_env(&self) -> Result<()> {
+        let vars = self.list_env_vars().await?;
+        let store = Store::open(&self.dirs.data)?;
+        if let Some(mut rec) = store.get(&self.id)? {
+            rec.config.env_vars = vars;
+            store.update_config(&self.id, &rec.config)?;
+        }
+        Ok(())
+    }
+
+    /// Power the VM off: the agent syncs and resets it; past `timeout` it is killed.
+    pub async fn stop(&mut self, timeout: Duration) -> Result<()> {
+        let rec = self.record()?;
+        if !rec.state.is_live() {
+            self.conn = None;
+            return Ok(());
+        }
+        let conn = match self.conn.take() {
+            Some(c) if !c.is_closed() => c,
+            _ => Conn::connect(&self.paths.ctl).await?,
+        };
+        let req = Request::Stop { timeout_ms: timeout.as_millis() as u64 };
+        let bound = timeout + Duration::from_secs(5);
+        let answered = tokio::time::timeout(bound, conn.call(&req)).await;
+        if !matches!(answered, Ok(Ok(Reply::Ok))) {
+            // The supervisor did not answer in time: kill it; QEMU dies with it (PDEATHSIG).
+            if let Some(sup) = rec.supervisor.filter(|p| p.alive()) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup.pid), nix::sys::signal::Signal::SIGKILL);
+            }
+            let store = Store::open(&self.dirs.data)?;
+            if let Some(rec) = store.get(&self.id)? {
+                if let Some(vmm) = rec.vmm.filter(|p| p.alive()) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(vmm.pid), nix::sys::signal::Signal::SIGKILL);
+                }
+                self.paths.remove_sockets();
+                if rec.ephemeral {
+                    store.remove(&self.id)?;
+                    self.paths.remove_all();
+                } else {
+                    store.set_state(&self.id, State::Stopped, None)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop if running, then forget the sandbox and remove its files.
+    pub async fn delete(mut self) -> Result<()> {
+        match self.stop(DEFAULT_STOP_TIMEOUT).await {
+            Ok(()) | Err(Error::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let store = Store::open(&self.dirs.data)?;
+        store.remove(&self.id)?;
+        self.paths.remove_all();
+        Ok(())
+    }
+
+    pub async fn info(&self) -> Result<serde_json::Value> {
+        let rec = self.record()?;
+        Ok(record_json(&rec, &self.paths))
+    }
+}
+
+/// A record as users see it (`info`, `list --json`): env keys, never values.
+pub fn record_json(rec: &Record, paths: &SandboxPaths) -> serde_json::Value {
+    serde_json::json!({
+        "id": rec.id,
+        "state": rec.state,
+        "ephemeral": rec.ephemeral,
+        "vcpu_count": rec.config.vcpu_count,
+        "memory_mib": rec.config.memory,
+        "kernel_path": rec.config.kernel_path,
+        "initrd_path": rec.config.initrd_path,
+        "rootfs_path": rec.config.rootfs_path,
+        "env_keys": rec.config.env_vars.keys().collect::<Vec<_>>(),
+        "supervisor_pid": rec.supervisor.map(|p| p.pid),
+        "vmm_pid": rec.vmm.map(|p| p.pid),
+        "created_at": rec.created_at,
+        "error": rec.error,
+        "console_log": paths.console,
+    })
+}
+
+fn unexpected(what: &str, reply: Reply) -> Error {
+    match reply {
+        Reply::Error { kind: ErrorKind::Invalid, message } => Error::Guest(format!("{what}: {message}")),
+        Reply::Error { message, .. } => Error::Guest(format!("{what}: {message}")),
+        other => Error::Guest(format!("{what}: unexpected reply {other:?}")),
+    }
+}

@@ -1,0 +1,249 @@
+//! State on disk: one SQLite database per data directory, shared safely by concurrent CLI
+//! processes (WAL, busy timeout, immediate transactions for read-modify-write).
+
+use crate::config::VmConfig;
+use crate::error::{Error, IoContext, Result};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+    Error,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Created => "created",
+            State::Running => "running",
+            State::Paused => "paused",
+            State::Stopped => "stopped",
+            State::Error => "error",
+        }
+    }
+
+    fn parse(s: &str) -> State {
+        match s {
+            "created" => State::Created,
+            "running" => State::Running,
+            "paused" => State::Paused,
+            "stopped" => State::Stopped,
+            _ => State::Error,
+        }
+    }
+
+    /// States in which a supervisor process must be alive.
+    pub fn is_live(self) -> bool {
+        matches!(self, State::Running | State::Paused)
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A process identified so that a recycled pid is not mistaken for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ProcId {
+    pub pid: i32,
+    /// Start time in clock ticks since boot, field 22 of /proc/PID/stat.
+    pub start: u64,
+}
+
+impl ProcId {
+    pub fn of(pid: i32) -> Option<ProcId> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name may contain spaces and parentheses; fields start after the last ')'.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // fields[0] is field 3 (state); start time is field 22.
+        if fields.first() == Some(&"Z") {
+            return None;
+        }
+        Some(ProcId { pid, start: fields.get(19)?.parse().ok()? })
+    }
+
+    pub fn alive(&self) -> bool {
+        ProcId::of(self.pid) == Some(*self)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub id: String,
+    pub state: State,
+    pub config: VmConfig,
+    pub ephemeral: bool,
+    pub supervisor: Option<ProcId>,
+    pub vmm: Option<ProcId>,
+    pub created_at: i64,
+    pub error: Option<String>,
+}
+
+pub struct Store {
+    conn: Connection,
+    data_dir: PathBuf,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS sandboxes (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    config TEXT NOT NULL,
+    ephemeral INTEGER NOT NULL DEFAULT 0,
+    supervisor_pid INTEGER, supervisor_start INTEGER,
+    vmm_pid INTEGER, vmm_start INTEGER,
+    created_at INTEGER NOT NULL,
+    error TEXT
+);";
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn proc_id(pid: Option<i32>, start: Option<i64>) -> Option<ProcId> {
+    Some(ProcId { pid: pid?, start: start? as u64 })
+}
+
+impl Store {
+    pub fn open(data_dir: &Path) -> Result<Store> {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(data_dir).ctx(|| format!("creating {}", data_dir.display()))?;
+        let path = data_dir.join("state.db");
+        let conn = Connection::open(&path)?;
+        // The database holds env values: readable by the owner only.
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store { conn, data_dir: data_dir.to_path_buf() })
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn insert(&self, id: &str, config: &VmConfig, ephemeral: bool) -> Result<()> {
+        let json = serde_json::to_string(config).expect("config serializes");
+        match self.conn.execute(
+            "INSERT INTO sandboxes (id, state, config, ephemeral, created_at) VALUES (?1, 'created', ?2, ?3, ?4)",
+            params![id, json, ephemeral, now()],
+        ) {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                Err(Error::AlreadyExists(id.to_string()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+        let config: String = r.get(2)?;
+        Ok(Record {
+            id: r.get(0)?,
+            state: State::parse(&r.get::<_, String>(1)?),
+            config: serde_json::from_str(&config).unwrap_or_default(),
+            ephemeral: r.get(3)?,
+            supervisor: proc_id(r.get(4)?, r.get(5)?),
+            vmm: proc_id(r.get(6)?, r.get(7)?),
+            created_at: r.get(8)?,
+            error: r.get(9)?,
+        })
+    }
+
+    const COLUMNS: &'static str =
+        "id, state, config, ephemeral, supervisor_pid, supervisor_start, vmm_pid, vmm_start, created_at, error";
+
+    pub fn get(&self, id: &str) -> Result<Option<Record>> {
+        let sql = format!("SELECT {} FROM sandboxes WHERE id = ?1", Self::COLUMNS);
+        Ok(self.conn.query_row(&sql, [id], Self::row).optional()?)
+    }
+
+    pub fn all(&self) -> Result<Vec<Record>> {
+        let sql = format!("SELECT {} FROM sandboxes ORDER BY created_at, id", Self::COLUMNS);
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map([], Self::row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    pub fn set_running(&self, id: &str, supervisor: ProcId, vmm: ProcId) -> Result<()> {
+        self.conn.execute(
+            "UPDATE sandboxes SET state='running', supervisor_pid=?2, supervisor_start=?3, vmm_pid=?4, vmm_start=?5, error=NULL WHERE id=?1",
+            params![id, supervisor.pid, supervisor.start as i64, vmm.pid, vmm.start as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_state(&self, id: &str, state: State, error: Option<&str>) -> Result<()> {
+        let clear_pids = !state.is_live();
+        self.conn.execute(
+            "UPDATE sandboxes SET state=?2, error=?3,
+               supervisor_pid = CASE WHEN ?4 THEN NULL ELSE supervisor_pid END,
+               supervisor_start = CASE WHEN ?4 THEN NULL ELSE supervisor_start END,
+               vmm_pid = CASE WHEN ?4 THEN NULL ELSE vmm_pid END,
+               vmm_start = CASE WHEN ?4 THEN NULL ELSE vmm_start END
+             WHERE id=?1",
+            params![id, state.as_str(), error, clear_pids],
+        )?;
+        Ok(())
+    }
+
+    pub fn update_config(&self, id: &str, config: &VmConfig) -> Result<()> {
+        let json = serde_json::to_string(config).expect("config serializes");
+        self.conn.execute("UPDATE sandboxes SET config=?2 WHERE id=?1", params![id, json])?;
+        Ok(())
+    }
+
+    pub fn remove(&self, id: &str) -> Result<()> {
+        self.conn.execute("DELETE FROM sandboxes WHERE id=?1", [id])?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_get_update_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cfg = VmConfig { memory: 256, ..Default::default() };
+        store.insert("a", &cfg, false).unwrap();
+        assert!(matches!(store.insert("a", &cfg, false), Err(Error::AlreadyExists(_))));
+        let me = ProcId::of(std::process::id() as i32).unwrap();
+        store.set_running("a", me, me).unwrap();
+        let r = store.get("a").unwrap().unwrap();
+        assert_eq!((r.state, r.config.memory, r.supervisor), (State::Running, 256, Some(me)));
+        store.set_state("a", State::Error, Some("boom")).unwrap();
+        let r = store.get("a").unwrap().unwrap();
+        assert_eq!((r.state, r.supervisor, r.error.as_deref()), (State::Error, None, Some("boom")));
+        // A second connection sees the same rows (as a second CLI process would).
+        assert_eq!(Store::open(dir.path()).unwrap().all().unwrap().len(), 1);
+        store.remove("a").unwrap();
+        assert!(store.get("a").unwrap().is_none());
+        let mode = std::fs::metadata(dir.path().join("state.db")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn proc_ids_detect_dead_processes() {
+        let me = ProcId::of(std::process::id() as i32).unwrap();
+        assert!(me.alive());
+        assert!(!ProcId { pid: me.pid, start: me.start + 1 }.alive());
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        child.wait().unwrap();
+        assert!(ProcId::of(pid).is_none());
+    }
+}

@@ -1,0 +1,189 @@
+//! The QEMU backend: `-M microvm` with the agent on virtio-serial and QMP for control.
+
+use super::Accel;
+use crate::error::{Error, IoContext, Result};
+use crate::image::BootImage;
+use smolvm_proto::AGENT_PORT_NAME;
+use std::path::{Path, PathBuf};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+
+/// Everything needed to start one VM.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    pub image: BootImage,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub accel: Accel,
+    pub hostname: String,
+    pub extra_boot_args: Option<String>,
+    pub verbose_boot: bool,
+    /// QEMU connects here (the supervisor listens first, so the guest never waits for a host).
+    pub agent_socket: PathBuf,
+    pub qmp_socket: PathBuf,
+    pub console_log: PathBuf,
+}
+
+/// The kernel command line. Only settings, never anything from the user's env values.
+pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
+    let mut args = vec!["console=ttyS0", "reboot=t", "panic=-1", "noreplace-smp", "pci=off", "cryptomgr.notests"];
+    if !spec.verbose_boot {
+        args.push("quiet");
+    }
+    let mut args: Vec<String> = args.into_iter().map(String::from).collect();
+    if spec.accel == Accel::Tcg {
+        // TCG has no TSC-deadline timer: skip the APIC timer calibration (lab.md: 0.23 s).
+        args.push("nolapic_timer".into());
+        if let Some(khz) = super::host_tsc_khz() {
+            args.push(format!("tsc_early_khz={khz}"));
+        }
+    }
+    args.push(format!("smolvm.hostname={}", spec.hostname));
+    if spec.image.rootfs.is_some() {
+        args.push("smolvm.root=/dev/vda".into());
+    }
+    if let Some(extra) = &spec.extra_boot_args {
+        args.push(extra.clone());
+    }
+    args.join(" ")
+}
+
+pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
+    push(&["-M", "microvm,acpi=off,x-option-roms=off"]);
+    match spec.accel {
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        // x86-64-v2 features so common binaries run; +arat avoids APIC timer stalls in idle.
+        Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "qemu64,+arat,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16"]),
+    }
+    let mem = spec.memory_mib.to_string();
+    let smp = spec.vcpus.to_string();
+    push(&["-m", &mem, "-smp", &smp, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    push(&["-kernel", &spec.image.kernel.to_string_lossy()]);
+    if let Some(initrd) = &spec.image.initrd {
+        push(&["-initrd", &initrd.to_string_lossy()]);
+    }
+    push(&["-append", &kernel_cmdline(spec)]);
+    push(&["-chardev", &format!("file,id=con,path={}", spec.console_log.display()), "-serial", "chardev:con"]);
+    push(&["-chardev", &format!("socket,id=agent,path={}", spec.agent_socket.display())]);
+    push(&["-device", "virtio-serial-device", "-device", &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}")]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", spec.qmp_socket.display())]);
+    if let Some(rootfs) = &spec.image.rootfs {
+        let file = rootfs.to_string_lossy().replace(',', ",,");
+        push(&["-drive", &format!("if=none,id=root,file={file},format=raw,cache=unsafe"), "-device", "virtio-blk-device,drive=root"]);
+    }
+    a
+}
+
+/// Start QEMU. It dies with the calling thread's process (PDEATHSIG), so a supervisor killed
+/// with SIGKILL leaves no VMM behind. The caller must spawn from a thread that lives as long as
+/// the VM (the supervisor's main thread): PDEATHSIG fires when the spawning *thread* exits.
+pub fn spawn(spec: &LaunchSpec, log: &Path) -> Result<tokio::process::Child> {
+    let stderr = std::fs::OpenOptions::new().create(true).append(true).open(log).ctx(|| format!("opening {}", log.display()))?;
+    let mut cmd = tokio::process::Command::new(QEMU_BINARY);
+    cmd.args(command_line(spec)).stdin(std::process::Stdio::null()).stdout(stderr.try_clone().ctx(|| "dup log".into())?).stderr(stderr).kill_on_drop(true);
+    // SAFETY: prctl(PR_SET_PDEATHSIG) only changes this child's own attributes and is
+    // async-signal-safe; no memory of the parent is touched between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::Host(format!("{QEMU_BINARY} is not installed (run `smolvm setup` or apt install qemu-system-x86)"))
+        } else {
+            Error::Io { context: format!("starting {QEMU_BINARY}"), source: e }
+        }
+    })
+}
+
+/// A minimal QMP client: greeting, capabilities negotiation, then one command at a time.
+pub struct Qmp {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Qmp {
+    pub async fn connect(path: &Path) -> Result<Qmp> {
+        let s = UnixStream::connect(path).await.ctx(|| format!("connecting to QMP at {}", path.display()))?;
+        let (r, w) = s.into_split();
+        let mut q = Qmp { reader: BufReader::new(r), writer: w };
+        q.read_json().await?; // greeting
+        q.execute("qmp_capabilities").await?;
+        Ok(q)
+    }
+
+    async fn read_json(&mut self) -> Result<serde_json::Value> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line).await.ctx(|| "reading from QMP".into())? == 0 {
+            return Err(Error::Host("QMP closed the connection".into()));
+        }
+        serde_json::from_str(&line).map_err(|e| Error::Host(format!("QMP sent invalid JSON: {e}")))
+    }
+
+    pub async fn execute(&mut self, command: &str) -> Result<serde_json::Value> {
+        let msg = serde_json::json!({ "execute": command }).to_string() + "\n";
+        self.writer.write_all(msg.as_bytes()).await.ctx(|| "writing to QMP".into())?;
+        loop {
+            let v = self.read_json().await?;
+            if v.get("event").is_some() {
+                continue;
+            }
+            if let Some(err) = v.get("error") {
+                return Err(Error::Host(format!("QMP {command}: {err}")));
+            }
+            return Ok(v.get("return").cloned().unwrap_or_default());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(accel: Accel, rootfs: bool) -> LaunchSpec {
+        LaunchSpec {
+            image: BootImage { kernel: "/k/vmlinux".into(), initrd: Some("/k/initrd".into()), rootfs: rootfs.then(|| "/d/root,1.ext4".into()) },
+            vcpus: 2,
+            memory_mib: 512,
+            accel,
+            hostname: "box".into(),
+            extra_boot_args: Some("foo=bar".into()),
+            verbose_boot: false,
+            agent_socket: "/r/agent.sock".into(),
+            qmp_socket: "/r/qmp.sock".into(),
+            console_log: "/r/console.log".into(),
+        }
+    }
+
+    #[test]
+    fn tcg_command_line() {
+        let a = command_line(&spec(Accel::Tcg, true)).join(" ");
+        assert!(a.contains("-M microvm,acpi=off"), "{a}");
+        assert!(a.contains("-accel tcg"), "{a}");
+        assert!(a.contains("-m 512 -smp 2"), "{a}");
+        assert!(a.contains("name=smolvm.agent"), "{a}");
+        assert!(a.contains("file=/d/root,,1.ext4"), "{a}");
+        let k = kernel_cmdline(&spec(Accel::Tcg, true));
+        assert!(k.contains(" quiet") && k.contains("nolapic_timer") && k.contains("smolvm.root=/dev/vda"), "{k}");
+        assert!(k.ends_with("foo=bar"), "{k}");
+    }
+
+    #[test]
+    fn kvm_and_verbose() {
+        let mut s = spec(Accel::Kvm, false);
+        s.verbose_boot = true;
+        let a = command_line(&s).join(" ");
+        assert!(a.contains("-accel kvm -cpu host"), "{a}");
+        assert!(!a.contains("virtio-blk"), "{a}");
+        let k = kernel_cmdline(&s);
+        assert!(!k.contains("quiet") && !k.contains("nolapic_timer") && !k.contains("smolvm.root"), "{k}");
+    }
+}
