@@ -5,7 +5,7 @@ use crate::config::{env_flag, Backend, Dirs, VmConfig};
 use crate::conn::Conn;
 use crate::error::{Error, IoContext, Result};
 use crate::image::{self, Progress};
-use crate::store::{Record, State, Store};
+use crate::store::{ProcId, Record, State, Store};
 use crate::supervisor::{BootSpec, StartStatus};
 use serde::Serialize;
 use smolvm_proto::{ErrorKind, ExecRequest, Reply, Request, Shell};
@@ -150,14 +150,25 @@ pub fn smolvm_binary() -> Result<PathBuf> {
 /// If a sandbox's supervisor died (killed, crashed), record that and remove what it left:
 /// a VMM still running, sockets, and for an ephemeral sandbox everything.
 fn reap(store: &Store, dirs: &Dirs, rec: Record) -> Result<Option<Record>> {
+    let kill = |p: Option<ProcId>| {
+        if let Some(p) = p.filter(|p| p.alive()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    };
+    let paths = SandboxPaths::new(dirs, &rec.id);
+    // An ephemeral sandbox whose owner died goes with it, whatever state it was in.
+    if rec.ephemeral && rec.owner.is_some_and(|o| !o.alive()) {
+        kill(rec.supervisor);
+        kill(rec.vmm);
+        store.remove(&rec.id)?;
+        paths.remove_all();
+        return Ok(None);
+    }
     let supervisor_alive = rec.supervisor.is_some_and(|p| p.alive());
     if !rec.state.is_live() || supervisor_alive {
         return Ok(Some(rec));
     }
-    if let Some(vmm) = rec.vmm.filter(|p| p.alive()) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(vmm.pid), nix::sys::signal::Signal::SIGKILL);
-    }
-    let paths = SandboxPaths::new(dirs, &rec.id);
+    kill(rec.vmm);
     paths.remove_sockets();
     if rec.ephemeral {
         store.remove(&rec.id)?;
@@ -236,7 +247,8 @@ impl Sandbox {
                 return Err(Error::AlreadyExists(id));
             }
         }
-        store.insert(&id, &config, ephemeral)?;
+        let owner = if ephemeral { ProcId::of(std::process::id() as i32) } else { None };
+        store.insert(&id, &config, owner)?;
         if let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&paths.dir) {
             let _ = store.remove(&id);
             return Err(Error::Io { context: format!("creating {}", paths.dir.display()), source: e });

@@ -88,6 +88,8 @@ pub struct Record {
     pub vmm: Option<ProcId>,
     pub created_at: i64,
     pub error: Option<String>,
+    /// For an ephemeral sandbox, the process it belongs to: once that is gone, so is the sandbox.
+    pub owner: Option<ProcId>,
 }
 
 pub struct Store {
@@ -104,7 +106,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     supervisor_pid INTEGER, supervisor_start INTEGER,
     vmm_pid INTEGER, vmm_start INTEGER,
     created_at INTEGER NOT NULL,
-    error TEXT
+    error TEXT,
+    owner_pid INTEGER, owner_start INTEGER
 );";
 
 fn now() -> i64 {
@@ -133,11 +136,11 @@ impl Store {
         &self.data_dir
     }
 
-    pub fn insert(&self, id: &str, config: &VmConfig, ephemeral: bool) -> Result<()> {
+    pub fn insert(&self, id: &str, config: &VmConfig, owner: Option<ProcId>) -> Result<()> {
         let json = serde_json::to_string(config).expect("config serializes");
         match self.conn.execute(
-            "INSERT INTO sandboxes (id, state, config, ephemeral, created_at) VALUES (?1, 'created', ?2, ?3, ?4)",
-            params![id, json, ephemeral, now()],
+            "INSERT INTO sandboxes (id, state, config, ephemeral, created_at, owner_pid, owner_start) VALUES (?1, 'created', ?2, ?3, ?4, ?5, ?6)",
+            params![id, json, owner.is_some(), now(), owner.map(|o| o.pid), owner.map(|o| o.start as i64)],
         ) {
             Ok(_) => Ok(()),
             Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
@@ -158,11 +161,12 @@ impl Store {
             vmm: proc_id(r.get(6)?, r.get(7)?),
             created_at: r.get(8)?,
             error: r.get(9)?,
+            owner: proc_id(r.get(10)?, r.get(11)?),
         })
     }
 
     const COLUMNS: &'static str =
-        "id, state, config, ephemeral, supervisor_pid, supervisor_start, vmm_pid, vmm_start, created_at, error";
+        "id, state, config, ephemeral, supervisor_pid, supervisor_start, vmm_pid, vmm_start, created_at, error, owner_pid, owner_start";
 
     pub fn get(&self, id: &str) -> Result<Option<Record>> {
         let sql = format!("SELECT {} FROM sandboxes WHERE id = ?1", Self::COLUMNS);
@@ -219,8 +223,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let cfg = VmConfig { memory: 256, ..Default::default() };
-        store.insert("a", &cfg, false).unwrap();
-        assert!(matches!(store.insert("a", &cfg, false), Err(Error::AlreadyExists(_))));
+        store.insert("a", &cfg, None).unwrap();
+        assert!(matches!(store.insert("a", &cfg, None), Err(Error::AlreadyExists(_))));
         let me = ProcId::of(std::process::id() as i32).unwrap();
         store.set_running("a", me, me).unwrap();
         let r = store.get("a").unwrap().unwrap();

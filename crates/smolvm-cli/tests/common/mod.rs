@@ -1,0 +1,88 @@
+//! Shared by the VM tests: each test gets its own short data directory (socket paths must stay
+//! short) and shares the image cache, so the kernel is built once per machine.
+#![allow(dead_code)]
+
+use smolvm::{Dirs, Sandbox, VmConfig};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+pub struct TestEnv {
+    pub tmp: tempfile::TempDir,
+    pub dirs: Dirs,
+}
+
+pub fn shared_images() -> PathBuf {
+    std::env::var_os("SMOLVM_IMAGE_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into());
+        home.join(".local/state/smolvm/images")
+    })
+}
+
+pub fn env() -> TestEnv {
+    let tmp = tempfile::Builder::new().prefix("svt").tempdir_in("/tmp").unwrap();
+    let dirs = Dirs { data: tmp.path().join("d"), images: shared_images() };
+    TestEnv { tmp, dirs }
+}
+
+impl TestEnv {
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_smolvm"));
+        c.env("SMOLVM_DATA_DIR", &self.dirs.data).env("SMOLVM_IMAGE_DIR", &self.dirs.images).env_remove("SMOLVM_BACKEND").env_remove("SMOLVM_VERBOSE_BOOT");
+        c
+    }
+
+    pub fn smolvm(&self, args: &[&str]) -> Output {
+        self.cli().args(args).output().unwrap()
+    }
+
+    pub async fn boot(&self, config: VmConfig) -> Sandbox {
+        let mut sb = Sandbox::create_in(self.dirs.clone(), config, false).unwrap();
+        sb.start(Duration::from_secs(60), &|l| eprintln!("{l}")).await.unwrap();
+        sb
+    }
+
+    /// QEMU processes of this test's sandboxes (their command lines name our data directory).
+    pub fn qemu_processes(&self) -> Vec<i32> {
+        processes_mentioning("qemu-system", &self.dirs.data.to_string_lossy())
+    }
+
+    /// Entries left under the per-sandbox directory.
+    pub fn leftover_files(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.dirs.data.join("vms")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+    }
+}
+
+/// Pids whose command line contains both strings.
+pub fn processes_mentioning(a: &str, b: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains(a) && cmd.contains(b) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Poll until `f` holds, within a bound.
+pub fn wait_until(bound: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + bound;
+    while std::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}

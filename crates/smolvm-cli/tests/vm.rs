@@ -1,0 +1,245 @@
+//! The foundation, on real VMs: boot, exec, streaming, timeouts, concurrency, bad input,
+//! crash recovery.
+
+mod common;
+
+use common::*;
+use smolvm::sandbox::console_tail;
+use smolvm::{Error, RunOptions, Sandbox, Shell, State, VmConfig};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn opts(timeout: u64) -> RunOptions {
+    RunOptions { timeout: Duration::from_secs(timeout), ..Default::default() }
+}
+
+#[test]
+fn cli_run_separates_streams_and_exits_with_the_guest_code() {
+    let env = env();
+    let out = env.smolvm(&["run", "echo out; echo err >&2; exit 3"]);
+    assert_eq!(stdout(&out), "out\n");
+    assert_eq!(stderr(&out), "err\n");
+    assert_eq!(out.status.code(), Some(3));
+    // `smolvm run` leaves nothing behind.
+    assert!(env.qemu_processes().is_empty());
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+    let list = env.smolvm(&["sandbox", "list", "--all", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(v["data"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn unicode_and_five_megabytes_of_output_arrive_intact() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    let r = sb.run("printf 'héllo wörld ✓ 日本\\n'", &opts(30)).await.unwrap();
+    assert_eq!(r.stdout, "héllo wörld ✓ 日本\n");
+    assert!(r.ok());
+    let r = sb.run("seq 1 800000", &opts(120)).await.unwrap();
+    let expected: String = (1..=800000).map(|i| format!("{i}\n")).collect();
+    assert!(expected.len() > 5_000_000);
+    assert_eq!(r.stdout.len(), expected.len());
+    assert!(r.stdout == expected, "5 MB of output differs");
+    assert_eq!(r.output(), expected.trim());
+    sb.delete().await.unwrap();
+    assert!(env.qemu_processes().is_empty());
+}
+
+#[tokio::test]
+async fn a_timed_out_command_is_killed_with_its_whole_group() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    let started = Instant::now();
+    // A child of the shell and a grandchild in the background: all in one process group.
+    let err = sb.run("sleep 1234 & sleep 1235; echo never", &opts(2)).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    assert_eq!(err.to_string(), "Operation 'run' timed out after 2s");
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(10), "{took:?}");
+    let r = sb.run("ps -o pid,args | grep 'sleep 123[45]' || true", &opts(10)).await.unwrap();
+    assert_eq!(r.stdout, "", "processes of the timed-out command remain:\n{}", r.stdout);
+    // The sandbox stays usable.
+    assert_eq!(sb.run("echo still here", &opts(10)).await.unwrap().output(), "still here");
+    sb.delete().await.unwrap();
+}
+
+#[tokio::test]
+async fn sixteen_concurrent_execs_each_get_their_own_output() {
+    let env = env();
+    let sb = Arc::new(env.boot(VmConfig::default()).await);
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let sb = sb.clone();
+        tasks.push(tokio::spawn(async move {
+            // Interleave: every command is alive while the others run.
+            let cmd = format!("for j in 1 2 3; do echo {i}-$j; sleep 0.2; done; echo err{i} >&2; exit {}", i % 7);
+            (i, sb.run(&cmd, &opts(60)).await.unwrap())
+        }));
+    }
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        assert_eq!(r.stdout, format!("{i}-1\n{i}-2\n{i}-3\n"));
+        assert_eq!(r.stderr, format!("err{i}\n"));
+        assert_eq!(r.exit_code, i % 7);
+    }
+    Arc::try_unwrap(sb).ok().unwrap().delete().await.unwrap();
+}
+
+#[tokio::test]
+async fn login_and_raw_shells_and_lifecycle_states() {
+    let env = env();
+    let mut sb = env.boot(VmConfig { vm_id: Some("life".into()), vcpu_count: 1, memory: 256, ..Default::default() }).await;
+    assert_eq!(sb.state().unwrap(), State::Running);
+    assert!(sb.can_run_commands().await);
+    // A login shell sources /etc/profile and with it /etc/profile.d; a raw one does not.
+    sb.run("echo 'export FROM_PROFILE=yes' > /etc/profile.d/t.sh", &opts(10)).await.unwrap();
+    let login = sb.run("echo \"[$FROM_PROFILE]\"", &opts(10)).await.unwrap();
+    assert_eq!(login.output(), "[yes]");
+    let raw = sb.run("echo \"[$FROM_PROFILE]\"", &RunOptions { shell: Shell::Raw, ..opts(10) }).await.unwrap();
+    assert_eq!(raw.output(), "[]");
+    let r = sb.run("hostname; nproc; grep MemTotal /proc/meminfo", &opts(10)).await.unwrap();
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines[0], "life");
+    assert_eq!(lines[1], "1");
+    // Another process (the CLI) reaches the same sandbox through its supervisor.
+    let out = env.smolvm(&["sandbox", "exec", "life", "--", "echo", "via", "cli"]);
+    assert_eq!(stdout(&out), "via cli\n");
+    sb.stop(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(sb.state().unwrap(), State::Stopped);
+    assert!(env.qemu_processes().is_empty());
+    let err = sb.run("true", &opts(10)).await.unwrap_err();
+    assert_eq!(err.to_string(), "VM 'life' is stopped; start it first (smolvm sandbox start life)");
+    sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+    assert_eq!(sb.run("echo again", &opts(10)).await.unwrap().output(), "again");
+    sb.delete().await.unwrap();
+    assert!(matches!(Sandbox::open_in(env.dirs.clone(), "life").await, Err(Error::NotFound(_))));
+    assert!(env.leftover_files().is_empty());
+}
+
+#[test]
+fn bad_input_names_the_field_and_leaves_nothing() {
+    let env = env();
+    let cases: Vec<(VmConfig, &str)> = vec![
+        (VmConfig { memory: 64, ..Default::default() }, "invalid memory: 64 MiB is out of range (allowed 128..=16384 MiB)"),
+        (VmConfig { vm_id: Some("Bad_ID!".into()), ..Default::default() }, "invalid vm_id:"),
+        (VmConfig { kernel_path: Some("/nonexistent/vmlinux".into()), ..Default::default() }, "invalid kernel_path: /nonexistent/vmlinux is not a readable file"),
+        (VmConfig { backend: Some("xen".into()), ..Default::default() }, "invalid backend: \"xen\" is not a backend (allowed: firecracker, qemu, auto)"),
+        (VmConfig { vcpu_count: 64, ..Default::default() }, "invalid vcpu_count: 64 is out of range (allowed 1..=32)"),
+    ];
+    for (config, message) in cases {
+        let err = Sandbox::create_in(env.dirs.clone(), config, false).err().expect("must fail");
+        assert!(err.to_string().starts_with(message), "{err}");
+        assert_eq!(err.code(), "validation");
+    }
+    for (args, field) in [
+        (vec!["run", "--memory", "64", "true"], "memory"),
+        (vec!["run", "--backend", "xen", "true"], "backend"),
+        (vec!["sandbox", "create", "--name", "Bad_ID!"], "vm_id"),
+        (vec!["run", "--kernel", "/nonexistent/vmlinux", "true"], "kernel_path"),
+    ] {
+        let out = env.smolvm(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(stderr(&out).contains(&format!("invalid {field}:")), "{args:?}: {}", stderr(&out));
+    }
+    let out = env.cli().args(["run", "true"]).env("SMOLVM_BACKEND", "firecracker").output().unwrap();
+    assert!(stderr(&out).contains("firecracker is not supported by this build yet"), "{}", stderr(&out));
+    assert!(env.qemu_processes().is_empty());
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+    let store = smolvm::store::Store::open(&env.dirs.data).unwrap();
+    assert!(store.all().unwrap().is_empty());
+}
+
+#[test]
+fn kill_9_of_smolvm_run_is_cleaned_up_by_the_next_command() {
+    let env = env();
+    let mut child = env.cli().args(["run", "sleep 300"]).spawn().unwrap();
+    // Wait until its VM runs the command.
+    let running = wait_until(Duration::from_secs(60), || {
+        let out = env.smolvm(&["sandbox", "list", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["data"].as_array().is_some_and(|a| a.iter().any(|s| s["state"] == "running"))
+    });
+    assert!(running);
+    assert!(!env.qemu_processes().is_empty());
+    std::thread::sleep(Duration::from_millis(500));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let out = env.smolvm(&["sandbox", "prune"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(wait_until(Duration::from_secs(2), || env.qemu_processes().is_empty()), "QEMU left running");
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+    assert!(processes_mentioning("__supervise", "").iter().all(|p| {
+        let environ = std::fs::read(format!("/proc/{p}/environ")).unwrap_or_default();
+        !String::from_utf8_lossy(&environ).contains(&*env.dirs.data.to_string_lossy())
+    }));
+}
+
+#[tokio::test]
+async fn a_killed_supervisor_shows_as_error_and_prune_removes_it() {
+    let env = env();
+    let sb = env.boot(VmConfig { vm_id: Some("crash".into()), ..Default::default() }).await;
+    let rec = sb.record().unwrap();
+    let sup = rec.supervisor.unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup.pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    // QEMU follows its supervisor (PDEATHSIG).
+    assert!(wait_until(Duration::from_secs(5), || env.qemu_processes().is_empty()));
+    let out = env.smolvm(&["sandbox", "list", "--all", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["data"][0]["state"], "error");
+    let out = env.smolvm(&["sandbox", "prune", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["data"]["removed"], serde_json::json!(["crash"]));
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+}
+
+#[tokio::test]
+async fn a_kernel_that_never_reaches_the_agent_fails_within_the_bound() {
+    let env = env();
+    // An initramfs whose /init prints a line and hangs, never starting an agent.
+    let mut c = smolvm::cpio::Cpio::default();
+    for d in ["bin", "dev", "proc"] {
+        c.dir(d, 0o755);
+    }
+    c.char_dev("dev/console", 0o600, 5, 1);
+    c.file("bin/busybox", 0o755, &std::fs::read(smolvm::image::busybox_binary().unwrap()).unwrap());
+    c.symlink("bin/sh", "busybox");
+    c.file("init", 0o755, b"#!/bin/sh\necho broken-init-was-here\nexec /bin/busybox sleep 1000\n");
+    let initrd = env.tmp.path().join("broken.cpio");
+    std::fs::write(&initrd, c.finish()).unwrap();
+    let mut sb = Sandbox::create_in(env.dirs.clone(), VmConfig { initrd_path: Some(initrd), ..Default::default() }, false).unwrap();
+    let started = Instant::now();
+    let err = sb.start(Duration::from_secs(5), &|_| {}).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    match &err {
+        Error::Boot { reason, console, .. } => {
+            assert!(reason.contains("timed out after 5s"), "{reason}");
+            assert!(console.contains("broken-init-was-here"), "{console}");
+        }
+        other => panic!("expected a boot error, got {other}"),
+    }
+    assert!(env.qemu_processes().is_empty(), "the VMM must be killed");
+    assert_eq!(sb.state().unwrap(), State::Error);
+    assert!(console_tail(&sb.paths().console, 5).contains("broken-init-was-here"));
+    sb.delete().await.unwrap();
+    assert!(env.leftover_files().is_empty());
+}
+
+#[tokio::test]
+async fn an_ext4_rootfs_becomes_the_root_filesystem() {
+    let env = env();
+    let root = env.tmp.path().join("rootfs");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy(smolvm::image::busybox_binary().unwrap(), root.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+    std::fs::write(root.join("etc/marker"), "from-the-disk\n").unwrap();
+    let image = env.tmp.path().join("root.ext4");
+    let st = std::process::Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&root).arg(&image).arg("32M").status().unwrap();
+    assert!(st.success());
+    let sb = env.boot(VmConfig { rootfs_path: Some(image), ..Default::default() }).await;
+    let r = sb.run("/bin/busybox cat /etc/marker; /bin/busybox mount | /bin/busybox grep ' / '", &RunOptions { shell: Shell::Raw, ..opts(10) }).await.unwrap();
+    assert!(r.stdout.starts_with("from-the-disk\n"), "{r:?}");
+    assert!(r.stdout.contains("/dev/vda on / type ext4"), "{r:?}");
+    sb.delete().await.unwrap();
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install what smolvm needs on a Debian/Ubuntu host, skipping what is already there.
+set -euo pipefail
+pkgs=(qemu-system-x86 busybox-static linux-source-6.1 make gcc flex bison bc libelf-dev libssl-dev
+      xz-utils cpio nftables e2fsprogs iproute2 procps python3-venv)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "prereqs: installing ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl; then
+  rustup target add x86_64-unknown-linux-musl
+fi
