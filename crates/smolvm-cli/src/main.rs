@@ -293,7 +293,14 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
                 .await
                 .map_err(|e| Error::Host(e.to_string()))??;
             let data = serde_json::to_value(&img).unwrap_or_default();
-            Ok(Done::text(format!("kernel  {}\ninitrd  {}", img.kernel.display(), img.initrd.as_deref().unwrap_or(std::path::Path::new("-")).display()), data))
+            Ok(Done::text(
+                format!(
+                    "kernel  {}\ninitrd  {}",
+                    img.kernel.display(),
+                    img.initrd.as_deref().unwrap_or(std::path::Path::new("-")).display()
+                ),
+                data,
+            ))
         }
         Cmd::Image(ImageCmd::List { .. }) => {
             let mut rows = Vec::new();
@@ -303,11 +310,14 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
                     if name.starts_with('.') {
                         continue;
                     }
-                    let size: u64 = std::fs::read_dir(e.path()).map(|d| d.flatten().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0);
+                    let size: u64 = std::fs::read_dir(e.path())
+                        .map(|d| d.flatten().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum())
+                        .unwrap_or(0);
                     rows.push(json!({ "name": name, "bytes": size, "path": e.path() }));
                 }
             }
-            let text = rows.iter().map(|r| format!("{:<40} {:>10}", r["name"].as_str().unwrap_or(""), r["bytes"])).collect::<Vec<_>>().join("\n");
+            let text =
+                rows.iter().map(|r| format!("{:<40} {:>10}", r["name"].as_str().unwrap_or(""), r["bytes"])).collect::<Vec<_>>().join("\n");
             Ok(Done::text(text, Value::Array(rows)))
         }
         Cmd::Doctor { .. } => {
@@ -350,7 +360,11 @@ fn setup(yes: bool) -> Result<Done, Error> {
     let run = |args: &[&str]| -> Result<(), Error> {
         let mut all: Vec<&str> = sudo.to_vec();
         all.extend_from_slice(args);
-        let status = std::process::Command::new(all[0]).args(&all[1..]).env("DEBIAN_FRONTEND", "noninteractive").status().map_err(|e| Error::Host(format!("running {}: {e}", all[0])))?;
+        let status = std::process::Command::new(all[0])
+            .args(&all[1..])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .map_err(|e| Error::Host(format!("running {}: {e}", all[0])))?;
         if status.success() {
             Ok(())
         } else {
@@ -490,7 +504,10 @@ fn wants_json(cmd: &Cmd) -> bool {
         Cmd::Doctor { json } => *json,
         Cmd::Image(ImageCmd::Build { json } | ImageCmd::List { json }) => *json,
         Cmd::Sandbox(s) => match s {
-            SandboxCmd::Create { json, .. } | SandboxCmd::List { json, .. } | SandboxCmd::Info { json, .. } | SandboxCmd::Prune { json } => *json,
+            SandboxCmd::Create { json, .. }
+            | SandboxCmd::List { json, .. }
+            | SandboxCmd::Info { json, .. }
+            | SandboxCmd::Prune { json } => *json,
             SandboxCmd::Env(EnvCmd::Set { json, .. } | EnvCmd::Unset { json, .. } | EnvCmd::List { json, .. }) => *json,
             _ => false,
         },
@@ -520,7 +537,10 @@ fn main() {
     let code = match outcome {
         Ok(done) => {
             if json {
-                println!("{}", json!({ "ok": done.exit_code == 0, "command": command_name(), "exit_code": done.exit_code, "data": done.data, "error": null }));
+                println!(
+                    "{}",
+                    json!({ "ok": done.exit_code == 0, "command": command_name(), "exit_code": done.exit_code, "data": done.data, "error": null })
+                );
             } else if let Some(text) = done.text.filter(|t| !t.is_empty()) {
                 println!("{text}");
             }

@@ -122,8 +122,14 @@ fn bad_input_names_the_field_and_leaves_nothing() {
     let cases: Vec<(VmConfig, &str)> = vec![
         (VmConfig { memory: 64, ..Default::default() }, "invalid memory: 64 MiB is out of range (allowed 128..=16384 MiB)"),
         (VmConfig { vm_id: Some("Bad_ID!".into()), ..Default::default() }, "invalid vm_id:"),
-        (VmConfig { kernel_path: Some("/nonexistent/vmlinux".into()), ..Default::default() }, "invalid kernel_path: /nonexistent/vmlinux is not a readable file"),
-        (VmConfig { backend: Some("xen".into()), ..Default::default() }, "invalid backend: \"xen\" is not a backend (allowed: firecracker, qemu, auto)"),
+        (
+            VmConfig { kernel_path: Some("/nonexistent/vmlinux".into()), ..Default::default() },
+            "invalid kernel_path: /nonexistent/vmlinux is not a readable file",
+        ),
+        (
+            VmConfig { backend: Some("xen".into()), ..Default::default() },
+            "invalid backend: \"xen\" is not a backend (allowed: firecracker, qemu, auto)",
+        ),
         (VmConfig { vcpu_count: 64, ..Default::default() }, "invalid vcpu_count: 64 is out of range (allowed 1..=32)"),
     ];
     for (config, message) in cases {
@@ -238,7 +244,10 @@ async fn an_ext4_rootfs_becomes_the_root_filesystem() {
     let st = std::process::Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&root).arg(&image).arg("32M").status().unwrap();
     assert!(st.success());
     let sb = env.boot(VmConfig { rootfs_path: Some(image), ..Default::default() }).await;
-    let r = sb.run("/bin/busybox cat /etc/marker; /bin/busybox mount | /bin/busybox grep ' / '", &RunOptions { shell: Shell::Raw, ..opts(10) }).await.unwrap();
+    let r = sb
+        .run("/bin/busybox cat /etc/marker; /bin/busybox mount | /bin/busybox grep ' / '", &RunOptions { shell: Shell::Raw, ..opts(10) })
+        .await
+        .unwrap();
     assert!(r.stdout.starts_with("from-the-disk\n"), "{r:?}");
     assert!(r.stdout.contains("/dev/vda on / type ext4"), "{r:?}");
     sb.delete().await.unwrap();

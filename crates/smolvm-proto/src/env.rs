@@ -147,10 +147,7 @@ pub fn parse(text: &str) -> Result<BTreeMap<String, String>, EnvError> {
                     i += 1;
                     while i < chars.len() && chars[i] != '"' {
                         let c = chars[i];
-                        if c == '\\'
-                            && i + 1 < chars.len()
-                            && matches!(chars[i + 1], '"' | '\\' | '$' | '`')
-                        {
+                        if c == '\\' && i + 1 < chars.len() && matches!(chars[i + 1], '"' | '\\' | '$' | '`') {
                             value.push(chars[i + 1]);
                             i += 2;
                             continue;
@@ -214,10 +211,7 @@ mod tests {
         for ok in ["MY_VAR", "_PRIVATE", "VAR_123", "a", "_"] {
             assert_eq!(validate_key(ok), Ok(()), "{ok}");
         }
-        assert_eq!(
-            validate_key("").unwrap_err().to_string(),
-            "Environment variable key cannot be empty"
-        );
+        assert_eq!(validate_key("").unwrap_err().to_string(), "Environment variable key cannot be empty");
         assert_eq!(
             validate_key("MY-VAR").unwrap_err().to_string(),
             "Invalid environment variable key: 'MY-VAR'. Keys must match [A-Za-z_][A-Za-z0-9_]*"
@@ -237,10 +231,7 @@ mod tests {
 
     #[test]
     fn renders_the_documented_format() {
-        let vars = map(&[
-            ("DATABASE_URL", "postgres://localhost:5432/mydb"),
-            ("APP_MODE", "production"),
-        ]);
+        let vars = map(&[("DATABASE_URL", "postgres://localhost:5432/mydb"), ("APP_MODE", "production")]);
         assert_eq!(
             render(&vars),
             "#!/bin/sh\n# SmolVM managed environment variables\n\n\

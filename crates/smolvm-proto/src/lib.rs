@@ -76,7 +76,10 @@ pub struct ExecRequest {
 pub enum Request {
     /// First message on a connection: the host's clock (so a guest without an RTC, or one
     /// restored from a snapshot, gets the right time) and the protocol version it speaks.
-    Hello { version: u32, unix_time_ns: u128 },
+    Hello {
+        version: u32,
+        unix_time_ns: u128,
+    },
     /// Round trip without a process, for health checks and benchmarks.
     Ping,
     Exec(ExecRequest),
@@ -85,12 +88,19 @@ pub enum Request {
     /// Kill the stream's process group now (client gone, host-side deadline, Ctrl-C).
     Cancel,
     EnvList,
-    EnvSet { vars: BTreeMap<String, String>, merge: bool },
-    EnvUnset { keys: Vec<String> },
+    EnvSet {
+        vars: BTreeMap<String, String>,
+        merge: bool,
+    },
+    EnvUnset {
+        keys: Vec<String>,
+    },
     /// Kill every process, sync and unmount disks, then power the VM off.
     Shutdown,
     /// Supervisor-level: stop the sandbox (handled by the host supervisor, never the agent).
-    Stop { timeout_ms: u64 },
+    Stop {
+        timeout_ms: u64,
+    },
     /// Supervisor-level: describe the sandbox.
     Info,
 }
@@ -111,12 +121,19 @@ pub enum ErrorKind {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
-    Hello { version: u32, agent_version: String, capabilities: Vec<String> },
+    Hello {
+        version: u32,
+        agent_version: String,
+        capabilities: Vec<String>,
+    },
     Pong,
     Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
     Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Terminal reply of an exec. `code` follows the shell convention: 128+N for signal N.
-    Exit { code: i32, timed_out: bool },
+    Exit {
+        code: i32,
+        timed_out: bool,
+    },
     Env(BTreeMap<String, String>),
     /// Sorted names present after an `EnvSet`.
     EnvNames(Vec<String>),
@@ -124,7 +141,10 @@ pub enum Reply {
     EnvRemoved(BTreeMap<String, String>),
     Info(String),
     Ok,
-    Error { kind: ErrorKind, message: String },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
 }
 
 impl Reply {
@@ -198,10 +218,7 @@ mod tests {
 
     #[test]
     fn oversized_and_short_frames_are_refused() {
-        assert!(matches!(
-            frame_len(((MAX_FRAME + 1) as u32).to_le_bytes()),
-            Err(ProtoError::FrameTooLarge(_))
-        ));
+        assert!(matches!(frame_len(((MAX_FRAME + 1) as u32).to_le_bytes()), Err(ProtoError::FrameTooLarge(_))));
         assert!(matches!(frame_len(2u32.to_le_bytes()), Err(ProtoError::Truncated)));
         assert!(decode::<Reply>(&[1, 0]).is_err());
         assert!(decode::<Reply>(&[1, 0, 0, 0, 250, 250]).is_err());

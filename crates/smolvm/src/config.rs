@@ -152,10 +152,9 @@ impl Backend {
         };
         match chosen {
             Backend::Qemu | Backend::Auto => Ok(Backend::Qemu),
-            Backend::Firecracker => Err(Error::validation(
-                "backend",
-                "firecracker is not supported by this build yet (allowed now: qemu, auto)",
-            )),
+            Backend::Firecracker => {
+                Err(Error::validation("backend", "firecracker is not supported by this build yet (allowed now: qemu, auto)"))
+            }
         }
     }
 }
@@ -187,10 +186,8 @@ impl Dirs {
                 let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
                 home.join(".local/state/smolvm")
             });
-        let images = std::env::var_os("SMOLVM_IMAGE_DIR")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| data.join("images"));
+        let images =
+            std::env::var_os("SMOLVM_IMAGE_DIR").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| data.join("images"));
         Dirs { data, images }
     }
 }

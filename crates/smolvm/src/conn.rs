@@ -47,7 +47,12 @@ impl Conn {
         let (read, write) = stream.into_split();
         let routes: Routes = Default::default();
         let closed = Arc::new(AtomicBool::new(false));
-        let conn = Arc::new(Conn { writer: tokio::sync::Mutex::new(write), routes: routes.clone(), next: AtomicU32::new(1), closed: closed.clone() });
+        let conn = Arc::new(Conn {
+            writer: tokio::sync::Mutex::new(write),
+            routes: routes.clone(),
+            next: AtomicU32::new(1),
+            closed: closed.clone(),
+        });
         tokio::spawn(async move {
             let mut reader = BufReader::with_capacity(256 * 1024, read);
             let mut body = Vec::new();
@@ -73,7 +78,8 @@ impl Conn {
     }
 
     pub async fn connect(path: &std::path::Path) -> Result<Arc<Conn>> {
-        let s = UnixStream::connect(path).await.map_err(|e| Error::Io { context: format!("connecting to {}", path.display()), source: e })?;
+        let s =
+            UnixStream::connect(path).await.map_err(|e| Error::Io { context: format!("connecting to {}", path.display()), source: e })?;
         Ok(Conn::new(s))
     }
 

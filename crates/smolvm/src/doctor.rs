@@ -30,7 +30,12 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
         Ok(crate::vmm::Accel::Kvm) => check("accelerator", "ok", "KVM", None),
         Ok(crate::vmm::Accel::Tcg) => {
             let why = crate::vmm::kvm_usable().err().unwrap_or_else(|| "SMOLVM_ACCEL=tcg".into());
-            check("accelerator", "warn", format!("TCG software emulation: {why}"), Some("sandboxes work, slower; on bare metal load kvm_intel or kvm_amd"))
+            check(
+                "accelerator",
+                "warn",
+                format!("TCG software emulation: {why}"),
+                Some("sandboxes work, slower; on bare metal load kvm_intel or kvm_amd"),
+            )
         }
         Err(e) => check("accelerator", "fail", e, Some("set SMOLVM_ACCEL to kvm, tcg or auto")),
     });
@@ -40,13 +45,21 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
     });
     checks.push(match crate::image::kernel_source() {
         Some(src) => {
-            let cached = crate::image::kernel_fingerprint(&src).ok().map(|fp| dirs.images.join(format!("kernel-{fp}/vmlinux"))).filter(|p| p.exists());
+            let cached = crate::image::kernel_fingerprint(&src)
+                .ok()
+                .map(|fp| dirs.images.join(format!("kernel-{fp}/vmlinux")))
+                .filter(|p| p.exists());
             match cached {
                 Some(p) => check("kernel", "ok", format!("built: {}", p.display()), None),
                 None => check("kernel", "ok", format!("will be built once from {}", src.display()), None),
             }
         }
-        None => check("kernel", "fail", "no linux-source tarball to build the guest kernel from", Some("smolvm setup (apt install linux-source-6.1), or pass kernel_path")),
+        None => check(
+            "kernel",
+            "fail",
+            "no linux-source tarball to build the guest kernel from",
+            Some("smolvm setup (apt install linux-source-6.1), or pass kernel_path"),
+        ),
     });
     checks.push(match crate::image::busybox_binary() {
         Ok(p) => check("busybox", "ok", p.display().to_string(), None),

@@ -66,7 +66,9 @@ impl Error {
         match self {
             Error::NotFound(_) => Some("list sandboxes with `smolvm sandbox list --all`".into()),
             Error::NotRunning { id, .. } => Some(format!("smolvm sandbox start {id}")),
-            Error::Boot { .. } => Some("retry with SMOLVM_VERBOSE_BOOT=1 to see the guest kernel log; `smolvm doctor` checks the host".into()),
+            Error::Boot { .. } => {
+                Some("retry with SMOLVM_VERBOSE_BOOT=1 to see the guest kernel log; `smolvm doctor` checks the host".into())
+            }
             Error::Image(_) => Some("`smolvm setup` installs what image building needs".into()),
             _ => None,
         }

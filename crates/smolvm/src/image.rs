@@ -150,7 +150,15 @@ impl Drop for TempDir {
 fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
     let out = cmd.stdin(Stdio::null()).output().ctx(|| format!("{what}: cannot run {:?}", cmd.get_program()))?;
     if !out.status.success() {
-        let tail = String::from_utf8_lossy(&out.stderr).lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        let tail = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n");
         return Err(Error::Image(format!("{what} failed ({}):\n{tail}", out.status)));
     }
     Ok(())
@@ -258,7 +266,9 @@ pub fn agent_binary() -> Result<PathBuf> {
     }
     let exe = std::env::current_exe().ctx(|| "locating the running executable".into())?;
     for dir in exe.ancestors().skip(1).take(4) {
-        for rel in ["x86_64-unknown-linux-musl/release/smolvm-agent", "target/x86_64-unknown-linux-musl/release/smolvm-agent", "smolvm-agent"] {
+        for rel in
+            ["x86_64-unknown-linux-musl/release/smolvm-agent", "target/x86_64-unknown-linux-musl/release/smolvm-agent", "smolvm-agent"]
+        {
             let p = dir.join(rel);
             // A dynamically linked build (the workspace's host build) cannot run as /init.
             if p.is_file() && fs::read(&p).is_ok_and(|b| is_static(&b)) {
@@ -275,7 +285,8 @@ fn is_static(elf: &[u8]) -> bool {
 }
 
 pub fn busybox_binary() -> Result<PathBuf> {
-    let candidates = std::env::var_os("SMOLVM_BUSYBOX").map(PathBuf::from).into_iter().chain(["/bin/busybox", "/usr/bin/busybox"].map(PathBuf::from));
+    let candidates =
+        std::env::var_os("SMOLVM_BUSYBOX").map(PathBuf::from).into_iter().chain(["/bin/busybox", "/usr/bin/busybox"].map(PathBuf::from));
     for p in candidates {
         if p.is_file() {
             return Ok(p);
@@ -302,8 +313,28 @@ const FILES: &[(&str, u32, &str)] = &[
     ("etc/os-release", 0o644, "NAME=smolvm\nID=smolvm\nPRETTY_NAME=\"smolvm minimal (busybox)\"\n"),
 ];
 const DIRS: &[&str] = &[
-    "bin", "sbin", "usr", "usr/bin", "usr/sbin", "usr/local", "usr/local/bin", "etc", "etc/profile.d", "proc", "sys", "dev", "run", "tmp", "root",
-    "var", "var/tmp", "home", "newroot", "lib", "lib/modules", "mnt",
+    "bin",
+    "sbin",
+    "usr",
+    "usr/bin",
+    "usr/sbin",
+    "usr/local",
+    "usr/local/bin",
+    "etc",
+    "etc/profile.d",
+    "proc",
+    "sys",
+    "dev",
+    "run",
+    "tmp",
+    "root",
+    "var",
+    "var/tmp",
+    "home",
+    "newroot",
+    "lib",
+    "lib/modules",
+    "mnt",
 ];
 
 pub fn default_initramfs(dirs: &Dirs, _progress: Progress) -> Result<PathBuf> {
@@ -349,7 +380,16 @@ pub fn default_initramfs(dirs: &Dirs, _progress: Progress) -> Result<PathBuf> {
 pub fn initramfs_archive(agent: &[u8], busybox: &[u8], applets: &str) -> Vec<u8> {
     let mut c = Cpio::default();
     for d in DIRS {
-        c.dir(d, if *d == "tmp" || *d == "var/tmp" { 0o1777 } else if *d == "root" { 0o700 } else { 0o755 });
+        c.dir(
+            d,
+            if *d == "tmp" || *d == "var/tmp" {
+                0o1777
+            } else if *d == "root" {
+                0o700
+            } else {
+                0o755
+            },
+        );
     }
     c.char_dev("dev/console", 0o600, 5, 1);
     c.char_dev("dev/null", 0o666, 1, 3);

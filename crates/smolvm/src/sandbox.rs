@@ -176,7 +176,7 @@ fn reap(store: &Store, dirs: &Dirs, rec: Record) -> Result<Option<Record>> {
         return Ok(None);
     }
     store.set_state(&rec.id, State::Error, Some("the sandbox's supervisor exited unexpectedly"))?;
-    Ok(store.get(&rec.id)?)
+    store.get(&rec.id)
 }
 
 /// All sandboxes, with dead ones detected.
@@ -295,7 +295,8 @@ impl Sandbox {
     /// and the configured env vars are in place. Bounded by `boot_timeout`.
     pub async fn start(&mut self, boot_timeout: Duration, progress: Progress<'_>) -> Result<()> {
         let lock = std::fs::File::create(&self.paths.lock).ctx(|| format!("creating {}", self.paths.lock.display()))?;
-        let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| Error::Host(format!("locking sandbox: {e}")))?;
+        let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| Error::Host(format!("locking sandbox: {e}")))?;
         let rec = self.record()?;
         if rec.state.is_live() {
             if self.conn.is_none() {
@@ -307,16 +308,23 @@ impl Sandbox {
             let (config, dirs) = (rec.config.clone(), self.dirs.clone());
             // Building may take minutes (the kernel, once); keep the runtime free meanwhile.
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-            let build = tokio::task::spawn_blocking(move || image::resolve(&config, &dirs, &move |line: &str| {
-                let _ = tx.send(line.to_string());
-            }));
+            let build = tokio::task::spawn_blocking(move || {
+                image::resolve(&config, &dirs, &move |line: &str| {
+                    let _ = tx.send(line.to_string());
+                })
+            });
             while let Some(line) = rx.recv().await {
                 progress(&line);
             }
             build.await.map_err(|e| Error::Host(format!("image build task: {e}")))??
         };
         let accel = crate::vmm::choose_accel().map_err(Error::Host)?;
-        let spec = BootSpec { image, accel, boot_timeout_ms: boot_timeout.as_millis() as u64, verbose_boot: env_flag("SMOLVM_VERBOSE_BOOT", false) };
+        let spec = BootSpec {
+            image,
+            accel,
+            boot_timeout_ms: boot_timeout.as_millis() as u64,
+            verbose_boot: env_flag("SMOLVM_VERBOSE_BOOT", false),
+        };
         let status = self.spawn_supervisor(&spec, boot_timeout).await?;
         if !status.ok {
             let message = status.message.unwrap_or_default();
@@ -333,7 +341,11 @@ impl Sandbox {
 
     async fn spawn_supervisor(&self, spec: &BootSpec, boot_timeout: Duration) -> Result<StartStatus> {
         let bin = smolvm_binary()?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.paths.log).ctx(|| format!("opening {}", self.paths.log.display()))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.paths.log)
+            .ctx(|| format!("opening {}", self.paths.log.display()))?;
         let mut cmd = std::process::Command::new(&bin);
         cmd.arg("__supervise")
             .arg(&self.id)

@@ -80,7 +80,12 @@ async fn supervise(id: &str) -> i32 {
     let spec: BootSpec = match serde_json::from_reader(std::io::stdin().lock()) {
         Ok(s) => s,
         Err(e) => {
-            report(&StartStatus { ok: false, code: Some("host".into()), message: Some(format!("supervisor got no boot spec: {e}")), console: None });
+            report(&StartStatus {
+                ok: false,
+                code: Some("host".into()),
+                message: Some(format!("supervisor got no boot spec: {e}")),
+                console: None,
+            });
             return 1;
         }
     };
@@ -94,7 +99,12 @@ async fn supervise(id: &str) -> i32 {
     let record = match store.get(id) {
         Ok(Some(r)) => r,
         _ => {
-            report(&StartStatus { ok: false, code: Some("not_found".into()), message: Some(format!("VM '{id}' not found")), console: None });
+            report(&StartStatus {
+                ok: false,
+                code: Some("not_found".into()),
+                message: Some(format!("VM '{id}' not found")),
+                console: None,
+            });
             return 1;
         }
     };
@@ -130,7 +140,12 @@ async fn supervise(id: &str) -> i32 {
             let _ = child.kill().await;
             paths.remove_sockets();
             let _ = store.set_state(id, State::Error, Some("cannot bind the control socket"));
-            report(&StartStatus { ok: false, code: Some("host".into()), message: Some(format!("binding {}: {e}", paths.ctl.display())), console: None });
+            report(&StartStatus {
+                ok: false,
+                code: Some("host".into()),
+                message: Some(format!("binding {}: {e}", paths.ctl.display())),
+                console: None,
+            });
             return 1;
         }
     };
@@ -222,7 +237,10 @@ async fn boot(
         match agent.call(&Request::Hello { version: proto::PROTOCOL_VERSION, unix_time_ns: now }).await? {
             Reply::Hello { version, .. } if version == proto::PROTOCOL_VERSION => {}
             Reply::Hello { version, agent_version, .. } => {
-                return Err(Error::Guest(format!("agent {agent_version} speaks protocol {version}, this host speaks {}", proto::PROTOCOL_VERSION)))
+                return Err(Error::Guest(format!(
+                    "agent {agent_version} speaks protocol {version}, this host speaks {}",
+                    proto::PROTOCOL_VERSION
+                )))
             }
             other => return Err(Error::Guest(format!("unexpected reply to hello: {other:?}"))),
         }
@@ -301,7 +319,16 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                 }
             }
             Request::Hello { .. } => {
-                send(write.clone(), cid, Reply::Hello { version: proto::PROTOCOL_VERSION, agent_version: env!("CARGO_PKG_VERSION").into(), capabilities: vec![] }).await;
+                send(
+                    write.clone(),
+                    cid,
+                    Reply::Hello {
+                        version: proto::PROTOCOL_VERSION,
+                        agent_version: env!("CARGO_PKG_VERSION").into(),
+                        capabilities: vec![],
+                    },
+                )
+                .await;
             }
             req => match agent.open(&req).await {
                 Ok(mut s) => {

@@ -28,7 +28,10 @@ pub fn env() -> TestEnv {
 impl TestEnv {
     pub fn cli(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_smolvm"));
-        c.env("SMOLVM_DATA_DIR", &self.dirs.data).env("SMOLVM_IMAGE_DIR", &self.dirs.images).env_remove("SMOLVM_BACKEND").env_remove("SMOLVM_VERBOSE_BOOT");
+        c.env("SMOLVM_DATA_DIR", &self.dirs.data)
+            .env("SMOLVM_IMAGE_DIR", &self.dirs.images)
+            .env_remove("SMOLVM_BACKEND")
+            .env_remove("SMOLVM_VERBOSE_BOOT");
         c
     }
 

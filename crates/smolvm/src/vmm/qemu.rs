@@ -84,7 +84,11 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
 pub fn spawn(spec: &LaunchSpec, log: &Path) -> Result<tokio::process::Child> {
     let stderr = std::fs::OpenOptions::new().create(true).append(true).open(log).ctx(|| format!("opening {}", log.display()))?;
     let mut cmd = tokio::process::Command::new(QEMU_BINARY);
-    cmd.args(command_line(spec)).stdin(std::process::Stdio::null()).stdout(stderr.try_clone().ctx(|| "dup log".into())?).stderr(stderr).kill_on_drop(true);
+    cmd.args(command_line(spec))
+        .stdin(std::process::Stdio::null())
+        .stdout(stderr.try_clone().ctx(|| "dup log".into())?)
+        .stderr(stderr)
+        .kill_on_drop(true);
     // SAFETY: prctl(PR_SET_PDEATHSIG) only changes this child's own attributes and is
     // async-signal-safe; no memory of the parent is touched between fork and exec.
     unsafe {
@@ -150,7 +154,11 @@ mod tests {
 
     fn spec(accel: Accel, rootfs: bool) -> LaunchSpec {
         LaunchSpec {
-            image: BootImage { kernel: "/k/vmlinux".into(), initrd: Some("/k/initrd".into()), rootfs: rootfs.then(|| "/d/root,1.ext4".into()) },
+            image: BootImage {
+                kernel: "/k/vmlinux".into(),
+                initrd: Some("/k/initrd".into()),
+                rootfs: rootfs.then(|| "/d/root,1.ext4".into()),
+            },
             vcpus: 2,
             memory_mib: 512,
             accel,

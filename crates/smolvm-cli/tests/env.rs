@@ -1,0 +1,268 @@
+//! The documented environment-variables page, example by example, on real VMs.
+
+mod common;
+
+use common::*;
+use smolvm::env::render;
+use smolvm::{RunOptions, Shell, VmConfig};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn opts() -> RunOptions {
+    RunOptions { timeout: Duration::from_secs(20), ..Default::default() }
+}
+
+/// "Setting variables at boot" and "Passing host environment into the sandbox".
+#[tokio::test]
+async fn variables_given_at_creation_are_there_before_the_first_command() {
+    let env = env();
+    let config = VmConfig {
+        vm_id: Some("env-vm".into()),
+        vcpu_count: 1,
+        memory: 512,
+        env_vars: vars(&[("APP_MODE", "production"), ("DATABASE_URL", "postgres://localhost:5432/mydb"), ("API_KEY", "secret-key-value")]),
+        ..Default::default()
+    };
+    let sb = env.boot(config).await;
+    assert_eq!(sb.run("echo $APP_MODE", &opts()).await.unwrap().output(), "production");
+    assert_eq!(sb.run("env | grep API_KEY", &opts()).await.unwrap().output(), "API_KEY=secret-key-value");
+    let file = sb.run("cat /etc/profile.d/smolvm_env.sh", &opts()).await.unwrap();
+    assert_eq!(
+        file.stdout,
+        "#!/bin/sh\n# SmolVM managed environment variables\n\n\
+         export API_KEY='secret-key-value'\n\
+         export APP_MODE='production'\n\
+         export DATABASE_URL='postgres://localhost:5432/mydb'\n"
+    );
+    sb.delete().await.unwrap();
+}
+
+/// "Setting variables at runtime" and the complete example.
+#[tokio::test]
+async fn runtime_set_list_unset_as_documented() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    let names = sb.set_env_vars(&vars(&[("APP_MODE", "dev"), ("DEBUG", "1")]), true).await.unwrap();
+    assert_eq!(names, ["APP_MODE", "DEBUG"]);
+    assert_eq!(sb.run("echo APP_MODE=$APP_MODE DEBUG=$DEBUG", &opts()).await.unwrap().output(), "APP_MODE=dev DEBUG=1");
+    assert_eq!(sb.list_env_vars().await.unwrap(), vars(&[("APP_MODE", "dev"), ("DEBUG", "1")]));
+    let removed = sb.unset_env_vars(&["DEBUG".into()]).await.unwrap();
+    assert_eq!(removed, vars(&[("DEBUG", "1")]));
+    assert_eq!(sb.run("echo DEBUG=$DEBUG", &opts()).await.unwrap().output(), "DEBUG=");
+    assert_eq!(sb.list_env_vars().await.unwrap(), vars(&[("APP_MODE", "dev")]));
+
+    // Merge (default) and replace.
+    assert_eq!(sb.set_env_vars(&vars(&[("NEW_VAR", "value")]), true).await.unwrap(), ["APP_MODE", "NEW_VAR"]);
+    assert_eq!(sb.set_env_vars(&vars(&[("ONLY_VAR", "value")]), false).await.unwrap(), ["ONLY_VAR"]);
+    assert_eq!(sb.list_env_vars().await.unwrap(), vars(&[("ONLY_VAR", "value")]));
+    // "Dynamic configuration updates": a change is visible to the next command.
+    sb.set_env_vars(&vars(&[("APP_MODE", "dev")]), true).await.unwrap();
+    assert_eq!(sb.run("echo $APP_MODE", &opts()).await.unwrap().output(), "dev");
+    sb.set_env_vars(&vars(&[("APP_MODE", "production")]), true).await.unwrap();
+    assert_eq!(sb.run("echo $APP_MODE", &opts()).await.unwrap().output(), "production");
+
+    // Missing keys are ignored and nothing is rewritten (same inode: no rename happened).
+    let inode = sb.run("stat -c %i /etc/profile.d/smolvm_env.sh", &opts()).await.unwrap().stdout;
+    assert_eq!(sb.unset_env_vars(&["NOT_THERE".into()]).await.unwrap(), BTreeMap::new());
+    assert_eq!(sb.run("stat -c %i /etc/profile.d/smolvm_env.sh", &opts()).await.unwrap().stdout, inode);
+
+    // Raw shells do not read the profile.
+    let raw = sb.run("echo \"[$APP_MODE]\"", &RunOptions { shell: Shell::Raw, ..opts() }).await.unwrap();
+    assert_eq!(raw.output(), "[]");
+
+    // Removing the last variable leaves the documented empty file.
+    sb.unset_env_vars(&["APP_MODE".into(), "ONLY_VAR".into()]).await.unwrap();
+    let file = sb.run("cat /etc/profile.d/smolvm_env.sh", &opts()).await.unwrap();
+    assert_eq!(file.stdout, "# SmolVM environment variables (empty)\n");
+    assert_eq!(sb.list_env_vars().await.unwrap(), BTreeMap::new());
+    sb.delete().await.unwrap();
+}
+
+#[tokio::test]
+async fn hard_values_round_trip_byte_for_byte_and_never_run() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    let long: String = (0..64 * 1024).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let hard = vars(&[
+        ("MESSAGE", "Hello, World!"),
+        ("PATH_VAR", "/usr/local/bin:/usr/bin"),
+        ("COMPLEX", "value with 'quotes' and spaces"),
+        ("DQ", "say \"hi\" \\ back\\slash"),
+        ("DOLLAR", "$HOME ${PATH} $(touch /tmp/x) `touch /tmp/y`"),
+        ("NEWLINES", "line1\nline2\n\n"),
+        ("TABS", "\ta\tb\t"),
+        ("UNICODE", "héllo ✓ 日本 🚀"),
+        ("EMPTY", ""),
+        ("LONG", &long),
+    ]);
+    sb.set_env_vars(&hard, true).await.unwrap();
+    assert_eq!(sb.list_env_vars().await.unwrap(), hard);
+    for (k, v) in &hard {
+        let r = sb.run(&format!("printf %s \"${k}\""), &opts()).await.unwrap();
+        assert!(r.stdout == *v, "{k}: got {:?}", r.stdout.chars().take(80).collect::<String>());
+    }
+    let r = sb.run("ls /tmp/x /tmp/y 2>&1; echo done", &opts()).await.unwrap();
+    assert!(r.stdout.contains("No such file") && !r.stdout.contains("\n/tmp/x"), "{}", r.stdout);
+
+    // The file: exact rendering, mode 0644, no temp file beside it.
+    let file = sb.run("cat /etc/profile.d/smolvm_env.sh", &opts()).await.unwrap();
+    assert!(file.stdout == render(&hard));
+    let r = sb.run("stat -c %a /etc/profile.d/smolvm_env.sh; ls -a /etc/profile.d", &opts()).await.unwrap();
+    assert_eq!(r.stdout, "644\n.\n..\nsmolvm_env.sh\n");
+    sb.delete().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_keys_are_refused_with_the_documented_messages_and_nothing_is_written() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    sb.set_env_vars(&vars(&[("KEEP", "1")]), true).await.unwrap();
+    let before = sb.run("cat /etc/profile.d/smolvm_env.sh; stat -c %i /etc/profile.d/smolvm_env.sh", &opts()).await.unwrap().stdout;
+    let err = sb.set_env_vars(&vars(&[("GOOD", "1"), ("MY-VAR", "2")]), true).await.unwrap_err();
+    assert_eq!(err.to_string(), "Invalid environment variable key: 'MY-VAR'. Keys must match [A-Za-z_][A-Za-z0-9_]*");
+    let err = sb.set_env_vars(&vars(&[("", "x")]), false).await.unwrap_err();
+    assert_eq!(err.to_string(), "Environment variable key cannot be empty");
+    let err = sb.set_env_vars(&vars(&[("123VAR", "x")]), true).await.unwrap_err();
+    assert!(err.to_string().starts_with("Invalid environment variable key: '123VAR'"));
+    let err = sb.unset_env_vars(&["KEEP".into(), "BAD KEY".into()]).await.unwrap_err();
+    assert!(err.to_string().starts_with("Invalid environment variable key: 'BAD KEY'"));
+    let err = sb.set_env_vars(&vars(&[("NUL", "a\0secret")]), true).await.unwrap_err();
+    assert!(!err.to_string().contains("secret"), "{err}");
+    let after = sb.run("cat /etc/profile.d/smolvm_env.sh; stat -c %i /etc/profile.d/smolvm_env.sh", &opts()).await.unwrap().stdout;
+    assert_eq!(before, after);
+    // Bad keys in a config are refused before anything boots.
+    let bad = VmConfig { env_vars: vars(&[("MY-VAR", "1")]), ..Default::default() };
+    assert!(smolvm::Sandbox::create_in(env.dirs.clone(), bad, false).is_err());
+    sb.delete().await.unwrap();
+}
+
+#[test]
+fn cli_env_commands_mask_values_and_reject_bad_pairs() {
+    let env = env();
+    let secret = "sk-live-0123456789abcdef";
+    let out = env.smolvm(&["sandbox", "create", "--name", "clienv", "--env", &format!("OPENAI_API_KEY={secret}"), "--env", "MODE=a=b"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The secret is nowhere on a host command line (QEMU's, the supervisor's, ours) ...
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            assert!(!String::from_utf8_lossy(&cmd).contains(secret), "secret on the command line of {:?}", e.path());
+        }
+    }
+    // ... nor in the sandbox's logs, nor in info/list output.
+    let vmdir = env.leftover_files().pop().unwrap();
+    for log in ["console.log", "supervisor.log"] {
+        let text = std::fs::read_to_string(vmdir.join(log)).unwrap_or_default();
+        assert!(!text.contains(secret), "secret in {log}");
+    }
+    for args in
+        [vec!["sandbox", "info", "clienv", "--json"], vec!["sandbox", "list", "--json"], vec!["sandbox", "env", "list", "clienv", "--json"]]
+    {
+        let out = env.smolvm(&args);
+        assert!(out.status.success());
+        assert!(!stdout(&out).contains(secret), "{args:?} shows the secret");
+    }
+    let out = env.smolvm(&["sandbox", "env", "list", "clienv"]);
+    assert_eq!(stdout(&out), "MODE=****\nOPENAI_API_KEY=****\n");
+    let out = env.smolvm(&["sandbox", "env", "list", "clienv", "--show-values"]);
+    assert_eq!(stdout(&out), format!("MODE=a=b\nOPENAI_API_KEY={secret}\n"));
+
+    let out = env.smolvm(&["sandbox", "env", "set", "clienv", "APP_MODE=dev", "DEBUG=1"]);
+    assert_eq!(stdout(&out), "APP_MODE\nDEBUG\nMODE\nOPENAI_API_KEY\n");
+    let out = env.smolvm(&["sandbox", "exec", "clienv", "--", "echo APP_MODE=$APP_MODE DEBUG=$DEBUG"]);
+    assert_eq!(stdout(&out), "APP_MODE=dev DEBUG=1\n");
+    let out = env.smolvm(&["sandbox", "env", "unset", "clienv", "DEBUG", "NOPE", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["data"]["removed"], serde_json::json!(["DEBUG"]));
+    assert_eq!(v["ok"], true);
+
+    for (pair, message) in [
+        ("NOEQUALS", "malformed pair (expected KEY=VALUE)"),
+        ("=v", "empty key in pair"),
+        ("MY-VAR=1", "Invalid environment variable key: 'MY-VAR'"),
+    ] {
+        let out = env.smolvm(&["sandbox", "env", "set", "clienv", pair]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(stderr(&out).contains(message), "{pair}: {}", stderr(&out));
+        let out = env.smolvm(&["sandbox", "env", "set", "clienv", pair, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["error"]["code"], "validation");
+    }
+    // A stopped sandbox starts again with the variables it had.
+    assert!(env.smolvm(&["sandbox", "stop", "clienv"]).status.success());
+    assert!(env.smolvm(&["sandbox", "start", "clienv"]).status.success());
+    let out = env.smolvm(&["sandbox", "exec", "clienv", "--", "echo $APP_MODE $MODE"]);
+    assert_eq!(stdout(&out), "dev a=b\n");
+    assert!(env.smolvm(&["sandbox", "delete", "--force", "clienv"]).status.success());
+
+    // `smolvm run --env`.
+    let out = env.smolvm(&["run", "--env", "GREETING=hello there", "echo $GREETING"]);
+    assert_eq!(stdout(&out), "hello there\n");
+}
+
+#[test]
+fn host_variables_backend_and_verbose_boot() {
+    let env = env();
+    let out = env.cli().args(["run", "echo ok"]).env("SMOLVM_BACKEND", "qemu").output().unwrap();
+    assert_eq!(stdout(&out), "ok\n");
+    let out = env.cli().args(["run", "echo ok"]).env("SMOLVM_BACKEND", "auto").output().unwrap();
+    assert_eq!(stdout(&out), "ok\n");
+    let out = env.cli().args(["run", "true"]).env("SMOLVM_BACKEND", "bogus").output().unwrap();
+    assert!(stderr(&out).contains("invalid backend: \"bogus\""), "{}", stderr(&out));
+    // Quiet by default: the kernel's log is not shown ...
+    let out = env.smolvm(&["run", "echo ok"]);
+    assert!(!stderr(&out).contains("Linux version"), "{}", stderr(&out));
+    // ... and with SMOLVM_VERBOSE_BOOT it is, on stderr, while stdout stays the command's.
+    for v in ["1", "true", "yes", "on"] {
+        let out = env.cli().args(["run", "echo ok"]).env("SMOLVM_VERBOSE_BOOT", v).output().unwrap();
+        assert_eq!(stdout(&out), "ok\n");
+        assert!(stderr(&out).contains("Linux version"), "{v}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn use_published_chooses_between_a_ready_image_and_a_local_build() {
+    let env = env();
+    // A fresh image cache that already has the kernel, and a "published" source that has the
+    // initramfs: with SMOLVM_USE_PUBLISHED on it is taken from there, with 0 it is built here.
+    let images = env.tmp.path().join("images");
+    let source = env.tmp.path().join("published");
+    std::fs::create_dir_all(&images).unwrap();
+    let shared = shared_images();
+    let built = env.cli().args(["image", "build", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&built.stdout).unwrap();
+    let kernel = std::path::PathBuf::from(v["data"]["kernel"].as_str().unwrap());
+    let initrd = std::path::PathBuf::from(v["data"]["initrd"].as_str().unwrap());
+    let kdir = kernel.parent().unwrap().strip_prefix(&shared).unwrap().to_path_buf();
+    let idir = initrd.parent().unwrap().strip_prefix(&shared).unwrap().to_path_buf();
+    std::fs::create_dir_all(images.join(&kdir)).unwrap();
+    std::fs::copy(&kernel, images.join(&kdir).join("vmlinux")).unwrap();
+    std::fs::create_dir_all(source.join(&idir)).unwrap();
+    std::fs::copy(&initrd, source.join(&idir).join("initramfs.cpio")).unwrap();
+    let build = |published: &str| {
+        let out = env
+            .cli()
+            .args(["image", "build"])
+            .env("SMOLVM_IMAGE_DIR", &images)
+            .env("SMOLVM_IMAGE_SOURCE", &source)
+            .env("SMOLVM_USE_PUBLISHED", published)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    build("1");
+    assert!(images.join(&idir).join(".published").exists(), "the published initramfs was not used");
+    for off in ["0", "false", "no"] {
+        build(off);
+        assert!(!images.join(&idir).join(".published").exists(), "SMOLVM_USE_PUBLISHED={off} still used the published image");
+        assert_eq!(std::fs::read(images.join(&idir).join("initramfs.cpio")).unwrap(), std::fs::read(&initrd).unwrap());
+        build("1");
+        // A local build stays in the cache; nothing is fetched over it.
+        assert!(!images.join(&idir).join(".published").exists());
+        std::fs::remove_dir_all(images.join(&idir)).unwrap();
+        build("1");
+    }
+}
