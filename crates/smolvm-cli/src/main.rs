@@ -43,6 +43,14 @@ enum Cmd {
         #[arg(long, short)]
         yes: bool,
     },
+    /// Measure cold boot, round trips and idle cost against references taken in the same run.
+    Bench {
+        #[arg(long, default_value_t = 7)]
+        rounds: usize,
+        /// Directory for latest.json and latest.md.
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
     /// Shell completion script.
     Completion { shell: clap_complete::Shell },
     #[command(name = "__supervise", hide = true)]
@@ -334,6 +342,23 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
             Ok(Done { exit_code: i32::from(failed), data: serde_json::to_value(&checks).unwrap_or_default(), text: Some(text) })
         }
         Cmd::Setup { yes } => setup(yes),
+        Cmd::Bench { rounds, out } => {
+            let (data, md) = smolvm::bench::run(&dirs, rounds.max(1), &progress).await?;
+            std::fs::create_dir_all(&out).map_err(|e| Error::Io { context: format!("creating {}", out.display()), source: e })?;
+            let stamp = std::process::Command::new("date")
+                .arg("-u")
+                .arg("+%Y-%m-%d %H:%M UTC")
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_default();
+            let md = format!("Measured {stamp} on this host.\n\n{md}");
+            let write = |name: &str, text: String| {
+                std::fs::write(out.join(name), text).map_err(|e| Error::Io { context: format!("writing {name}"), source: e })
+            };
+            write("latest.json", serde_json::to_string_pretty(&data).unwrap_or_default() + "\n")?;
+            write("latest.md", md.clone())?;
+            Ok(Done::text(md, data))
+        }
         Cmd::Completion { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "smolvm", &mut std::io::stdout());
             Ok(Done { exit_code: 0, data: Value::Null, text: None })

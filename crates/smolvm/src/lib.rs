@@ -1,6 +1,7 @@
 //! smolvm host library: sandboxes that are real microVMs. Behaviour lives here; the CLI and the
 //! Python package are thin layers over it.
 
+pub mod bench;
 pub mod config;
 pub mod conn;
 pub mod cpio;

@@ -205,7 +205,9 @@ async fn supervise(id: &str) -> i32 {
         }
         return 1;
     }
-    shutdown(&mut child, &agent, &paths, stop_timeout).await;
+    // Without a disk there is nothing to flush: the VM can go at once.
+    let graceful = spec.image.rootfs.is_some();
+    shutdown(&mut child, &agent, &paths, stop_timeout, graceful).await;
     paths.remove_sockets();
     if record.ephemeral {
         let _ = store.remove(id);
@@ -273,7 +275,11 @@ async fn boot(
 }
 
 /// Graceful first (the agent syncs disks and resets the VM), then QMP `quit`, then SIGKILL.
-async fn shutdown(child: &mut tokio::process::Child, agent: &Arc<Conn>, paths: &SandboxPaths, timeout: Duration) {
+async fn shutdown(child: &mut tokio::process::Child, agent: &Arc<Conn>, paths: &SandboxPaths, timeout: Duration, graceful: bool) {
+    if !graceful {
+        let _ = child.kill().await;
+        return;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(1), agent.call(&Request::Shutdown)).await;
     if tokio::time::timeout(timeout, child.wait()).await.is_ok() {
         return;

@@ -1,0 +1,195 @@
+//! `smolvm bench`: speed and memory as ratios against references measured in the same run.
+//! The host is noisy (lab.md: up to 2x between batches), so the cold-boot pair is interleaved
+//! round by round and reported as medians.
+
+use crate::config::{Dirs, VmConfig};
+use crate::cpio::Cpio;
+use crate::error::{Error, IoContext, Result};
+use crate::image::{self, BootImage};
+use crate::sandbox::{smolvm_binary, RunOptions, Sandbox};
+use crate::store::ProcId;
+use crate::vmm::{self, qemu};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+fn percentile(samples: &mut [f64], p: f64) -> f64 {
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let idx = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[idx.min(samples.len() - 1)]
+}
+
+/// An initramfs whose /init powers the VM off at once: the floor any sandbox boot stands on.
+fn poweroff_initrd(dir: &std::path::Path) -> Result<std::path::PathBuf> {
+    let mut c = Cpio::default();
+    for d in ["bin", "dev"] {
+        c.dir(d, 0o755);
+    }
+    c.char_dev("dev/console", 0o600, 5, 1);
+    let busybox = std::fs::read(image::busybox_binary()?).ctx(|| "reading busybox".into())?;
+    c.file("bin/busybox", 0o755, &busybox);
+    c.symlink("bin/sh", "busybox");
+    c.file("init", 0o755, b"#!/bin/sh\nexec /bin/busybox reboot -f\n");
+    let path = dir.join("poweroff.cpio");
+    std::fs::write(&path, c.finish()).ctx(|| "writing the reference initramfs".into())?;
+    Ok(path)
+}
+
+/// Bare QEMU: same kernel, same machine and devices, an init that powers off at once.
+async fn bare_boot(kernel: &std::path::Path, initrd: &std::path::Path, dir: &std::path::Path, accel: vmm::Accel) -> Result<f64> {
+    let agent = dir.join("a.sock");
+    let _ = std::fs::remove_file(&agent);
+    let listener = tokio::net::UnixListener::bind(&agent).ctx(|| "binding the reference socket".into())?;
+    let spec = qemu::LaunchSpec {
+        image: BootImage { kernel: kernel.into(), initrd: Some(initrd.into()), rootfs: None },
+        vcpus: crate::config::DEFAULT_VCPUS,
+        memory_mib: crate::config::DEFAULT_MEMORY_MIB,
+        accel,
+        hostname: "bare".into(),
+        extra_boot_args: None,
+        verbose_boot: false,
+        agent_socket: agent.clone(),
+        qmp_socket: dir.join("q.sock"),
+        console_log: dir.join("bare-console.log"),
+    };
+    let started = Instant::now();
+    let mut child = qemu::spawn(&spec, &dir.join("bare.log"))?;
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
+    let took = started.elapsed().as_secs_f64();
+    drop(listener);
+    match status {
+        Ok(Ok(_)) => Ok(took),
+        _ => {
+            let _ = child.kill().await;
+            Err(Error::Host("the reference VM did not power off within 60 s".into()))
+        }
+    }
+}
+
+fn cold_run(dirs: &Dirs) -> Result<f64> {
+    let bin = smolvm_binary()?;
+    let started = Instant::now();
+    let out = std::process::Command::new(bin)
+        .args(["run", "true"])
+        .env("SMOLVM_DATA_DIR", &dirs.data)
+        .env("SMOLVM_IMAGE_DIR", &dirs.images)
+        .output()
+        .ctx(|| "running smolvm run true".into())?;
+    let took = started.elapsed().as_secs_f64();
+    if !out.status.success() {
+        return Err(Error::Host(format!("smolvm run true failed: {}", String::from_utf8_lossy(&out.stderr))));
+    }
+    Ok(took)
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
+    let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    // utime and stime are fields 14 and 15; `rest` starts at field 3.
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> Result<(serde_json::Value, String)> {
+    let img = {
+        let d = dirs.clone();
+        tokio::task::spawn_blocking(move || image::resolve(&VmConfig::default(), &d, &|_| {}))
+            .await
+            .map_err(|e| Error::Host(e.to_string()))??
+    };
+    let accel = vmm::choose_accel().map_err(Error::Host)?;
+    let work = tempfile_dir(dirs)?;
+    let initrd = poweroff_initrd(&work)?;
+
+    progress(&format!("cold boot: {rounds} interleaved rounds of bare QEMU and `smolvm run true`"));
+    let (mut bare, mut cold) = (Vec::new(), Vec::new());
+    // One unmeasured round warms the page cache for both.
+    bare_boot(&img.kernel, &initrd, &work, accel).await?;
+    cold_run(dirs)?;
+    for _ in 0..rounds {
+        bare.push(bare_boot(&img.kernel, &initrd, &work, accel).await?);
+        cold.push(cold_run(dirs)?);
+    }
+    let bare_p50 = percentile(&mut bare, 0.5);
+    let cold_p50 = percentile(&mut cold, 0.5);
+
+    progress("warm sandbox: agent round trips and run(\"true\")");
+    let mut sb = Sandbox::create_in(dirs.clone(), VmConfig::default(), true)?;
+    let result = async {
+        sb.start(Duration::from_secs(60), &|_| {}).await?;
+        let mut ping = Vec::new();
+        for _ in 0..500 {
+            let t = Instant::now();
+            sb.ping().await?;
+            ping.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        let mut run_login = Vec::new();
+        let mut run_raw = Vec::new();
+        for _ in 0..100 {
+            let t = Instant::now();
+            sb.run("true", &RunOptions::default()).await?;
+            run_login.push(t.elapsed().as_secs_f64() * 1000.0);
+            let t = Instant::now();
+            sb.run("true", &RunOptions { shell: smolvm_proto::Shell::Raw, ..Default::default() }).await?;
+            run_raw.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        progress("idle sandbox: host RSS and CPU over 5 s");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rec = sb.record()?;
+        let pids: Vec<i32> = [rec.supervisor, rec.vmm].into_iter().flatten().map(|p: ProcId| p.pid).collect();
+        let rss_mib = pids.iter().map(|p| rss_kib(*p)).sum::<u64>() as f64 / 1024.0;
+        let vmm_rss_mib = rec.vmm.map(|p| rss_kib(p.pid)).unwrap_or(0) as f64 / 1024.0;
+        let before: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+        let window = 5.0;
+        tokio::time::sleep(Duration::from_secs_f64(window)).await;
+        let after: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+        // SAFETY: sysconf only reads a system constant.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let idle_cpu = (after - before) as f64 / hz / window * 100.0;
+        Ok::<_, Error>((ping, run_login, run_raw, rss_mib, vmm_rss_mib, idle_cpu))
+    }
+    .await;
+    let _ = sb.delete().await;
+    let _ = std::fs::remove_dir_all(&work);
+    let (mut ping, mut run_login, mut run_raw, rss_mib, vmm_rss_mib, idle_cpu) = result?;
+
+    let ratio = cold_p50 / bare_p50;
+    let data = json!({
+        "accel": accel,
+        "rounds": rounds,
+        "cold": { "bare_qemu_p50_s": bare_p50, "smolvm_run_true_p50_s": cold_p50, "ratio": ratio, "target_ratio": 1.15 },
+        "agent_ping_ms": { "p50": percentile(&mut ping, 0.5), "p99": percentile(&mut ping, 0.99), "target_p50": 1.0 },
+        "run_true_login_ms": { "p50": percentile(&mut run_login, 0.5), "p99": percentile(&mut run_login, 0.99), "target_p50": 10.0 },
+        "run_true_raw_ms": { "p50": percentile(&mut run_raw, 0.5), "p99": percentile(&mut run_raw, 0.99) },
+        "idle": { "host_rss_mib": rss_mib, "vmm_rss_mib": vmm_rss_mib, "cpu_percent_of_core": idle_cpu, "target_rss_mib": 110, "target_cpu_percent": 2 },
+    });
+    let md = format!(
+        "| measure ({accel:?}, {rounds} rounds) | result | reference / target |\n|---|---|---|\n\
+         | cold `smolvm run true`, p50 | {cold_p50:.3} s | bare QEMU boot to poweroff of the same kernel: {bare_p50:.3} s |\n\
+         | cold ratio smolvm / bare | **{ratio:.2}** | target <= 1.15 |\n\
+         | agent round trip (no process) | p50 {:.3} ms, p99 {:.3} ms | target p50 <= 1 ms |\n\
+         | warm `run(\"true\")`, login shell | p50 {:.2} ms, p99 {:.2} ms | target p50 <= 10 ms |\n\
+         | warm `run(\"true\")`, raw shell | p50 {:.2} ms, p99 {:.2} ms | |\n\
+         | idle sandbox host RSS (QEMU + supervisor) | {rss_mib:.1} MiB (QEMU {vmm_rss_mib:.1}) | target <= 110 MB |\n\
+         | idle sandbox CPU | {idle_cpu:.2} % of a core | target <= 2 % |\n",
+        data["agent_ping_ms"]["p50"].as_f64().unwrap_or(0.0),
+        data["agent_ping_ms"]["p99"].as_f64().unwrap_or(0.0),
+        data["run_true_login_ms"]["p50"].as_f64().unwrap_or(0.0),
+        data["run_true_login_ms"]["p99"].as_f64().unwrap_or(0.0),
+        data["run_true_raw_ms"]["p50"].as_f64().unwrap_or(0.0),
+        data["run_true_raw_ms"]["p99"].as_f64().unwrap_or(0.0),
+    );
+    Ok((data, md))
+}
+
+fn tempfile_dir(dirs: &Dirs) -> Result<std::path::PathBuf> {
+    let d = dirs.data.join(format!("bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d).ctx(|| format!("creating {}", d.display()))?;
+    Ok(d)
+}

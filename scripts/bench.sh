@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# `make bench`: run the benchmark and paste its table into the README between the markers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./target/release/smolvm bench --out bench/results
+python3 - <<'PY'
+import re
+md = open("bench/results/latest.md").read().strip()
+readme = open("README.md").read()
+start, end = "<!-- BENCH -->", "<!-- /BENCH -->"
+if start in readme:
+    if end in readme:
+        readme = re.sub(re.escape(start) + ".*?" + re.escape(end), start + "\n" + md + "\n" + end, readme, flags=re.S)
+    else:
+        readme = readme.replace(start, start + "\n" + md + "\n" + end)
+    open("README.md", "w").write(readme)
+PY
