@@ -202,6 +202,9 @@ enum EnvCmd {
 enum ImageCmd {
     /// Build (or find in the cache) the default kernel and initramfs.
     Build {
+        /// Also build the default ext4 root disk (for `--rootfs` and the Python ImageBuilder).
+        #[arg(long)]
+        rootfs: bool,
         #[arg(long)]
         json: bool,
     },
@@ -295,20 +298,27 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
             result
         }
         Cmd::Sandbox(s) => sandbox_cmd(s, dirs).await,
-        Cmd::Image(ImageCmd::Build { .. }) => {
+        Cmd::Image(ImageCmd::Build { rootfs, .. }) => {
             let dirs2 = dirs.clone();
-            let img = tokio::task::spawn_blocking(move || smolvm::image::resolve(&VmConfig::default(), &dirs2, &progress))
-                .await
-                .map_err(|e| Error::Host(e.to_string()))??;
+            let img = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+                let mut img = smolvm::image::resolve(&VmConfig::default(), &dirs2, &progress)?;
+                if rootfs {
+                    img.rootfs = Some(smolvm::image::default_rootfs(&dirs2)?);
+                }
+                Ok(img)
+            })
+            .await
+            .map_err(|e| Error::Host(e.to_string()))??;
             let data = serde_json::to_value(&img).unwrap_or_default();
-            Ok(Done::text(
-                format!(
-                    "kernel  {}\ninitrd  {}",
-                    img.kernel.display(),
-                    img.initrd.as_deref().unwrap_or(std::path::Path::new("-")).display()
-                ),
-                data,
-            ))
+            let mut text = format!(
+                "kernel  {}\ninitrd  {}",
+                img.kernel.display(),
+                img.initrd.as_deref().unwrap_or(std::path::Path::new("-")).display()
+            );
+            if let Some(r) = &img.rootfs {
+                text.push_str(&format!("\nrootfs  {}", r.display()));
+            }
+            Ok(Done::text(text, data))
         }
         Cmd::Image(ImageCmd::List { .. }) => {
             let mut rows = Vec::new();
@@ -527,7 +537,7 @@ async fn env_cmd(cmd: EnvCmd, dirs: Dirs) -> Result<Done, Error> {
 fn wants_json(cmd: &Cmd) -> bool {
     match cmd {
         Cmd::Doctor { json } => *json,
-        Cmd::Image(ImageCmd::Build { json } | ImageCmd::List { json }) => *json,
+        Cmd::Image(ImageCmd::Build { json, .. } | ImageCmd::List { json }) => *json,
         Cmd::Sandbox(s) => match s {
             SandboxCmd::Create { json, .. }
             | SandboxCmd::List { json, .. }

@@ -98,6 +98,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("cpio", "/usr/bin/cpio"),
     ("nftables", "/usr/sbin/nft"),
     ("e2fsprogs", "/usr/sbin/mkfs.ext4"),
+    ("qemu-utils", "/usr/bin/qemu-img"),
 ];
 
 pub fn missing_packages() -> Vec<&'static str> {

@@ -376,6 +376,81 @@ pub fn default_initramfs(dirs: &Dirs, _progress: Progress) -> Result<PathBuf> {
     Ok(path)
 }
 
+const ROOTFS_RECIPE: &str = "rootfs-recipe-1";
+/// Size of the default ext4 root disk; the file is sparse and each sandbox writes to its own
+/// copy-on-write overlay, so this costs only what is used.
+const ROOTFS_SIZE: &str = "1G";
+
+/// An ext4 root filesystem with the same busybox userland as the initramfs, for images that
+/// want a disk (`rootfs_path`). The agent stays in the initramfs and switches into it.
+pub fn default_rootfs(dirs: &Dirs) -> Result<PathBuf> {
+    let busybox_path = busybox_binary()?;
+    let busybox = fs::read(&busybox_path).ctx(|| format!("reading {}", busybox_path.display()))?;
+    let files: Vec<u8> = FILES.iter().flat_map(|(p, m, c)| format!("{p}:{m}:{c}").into_bytes()).collect();
+    let fp = fingerprint(&[ROOTFS_RECIPE.as_bytes(), &busybox, &files, ROOTFS_SIZE.as_bytes()]);
+    let dir = dirs.images.join(format!("rootfs-{fp}"));
+    let path = dir.join("rootfs.ext4");
+    if path.exists() {
+        return Ok(path);
+    }
+    let _lock = lock_images(dirs)?;
+    if path.exists() {
+        return Ok(path);
+    }
+    let tree = TempDir(dirs.images.join(format!(".build-rootfs-{}", std::process::id())));
+    let _ = fs::remove_dir_all(&tree.0);
+    let applets = Command::new(&busybox_path).arg("--list-full").output().ctx(|| "listing busybox applets".into())?;
+    let io = (|| -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        for d in DIRS {
+            fs::create_dir_all(tree.0.join(d))?;
+        }
+        fs::set_permissions(tree.0.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+        fs::write(tree.0.join("bin/busybox"), &busybox)?;
+        fs::set_permissions(tree.0.join("bin/busybox"), fs::Permissions::from_mode(0o755))?;
+        for applet in String::from_utf8_lossy(&applets.stdout).lines().map(str::trim).filter(|a| !a.is_empty() && *a != "bin/busybox") {
+            let depth = applet.matches('/').count();
+            std::os::unix::fs::symlink(format!("{}bin/busybox", "../".repeat(depth)), tree.0.join(applet))?;
+        }
+        for (p, m, c) in FILES {
+            fs::write(tree.0.join(p), c)?;
+            fs::set_permissions(tree.0.join(p), fs::Permissions::from_mode(*m))?;
+        }
+        fs::create_dir_all(&dir)
+    })();
+    io.ctx(|| "assembling the root filesystem tree".into())?;
+    let tmp = dir.join(format!(".tmp-{}.ext4", std::process::id()));
+    let made = run_checked(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "smolvm-root", "-E", "root_owner=0:0", "-d"])
+            .arg(&tree.0)
+            .arg(&tmp)
+            .arg(ROOTFS_SIZE),
+        "making the ext4 root filesystem (mkfs.ext4 from e2fsprogs)",
+    )
+    .and_then(|_| fs::rename(&tmp, &path).ctx(|| format!("installing {}", path.display())));
+    if made.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    made.map(|_| path)
+}
+
+/// A copy-on-write qcow2 overlay over `base` (created once; reused while it exists).
+pub fn overlay(base: &Path, overlay: &Path) -> Result<PathBuf> {
+    if overlay.exists() {
+        return Ok(overlay.to_path_buf());
+    }
+    let base = fs::canonicalize(base).ctx(|| format!("resolving {}", base.display()))?;
+    let mut magic = [0u8; 4];
+    let _ = std::io::Read::read_exact(&mut fs::File::open(&base).ctx(|| format!("opening {}", base.display()))?, &mut magic);
+    let format = if &magic == b"QFI\xfb" { "qcow2" } else { "raw" };
+    run_checked(
+        Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", format, "-b"]).arg(&base).arg(overlay),
+        "creating the root disk overlay (qemu-img from qemu-utils)",
+    )?;
+    Ok(overlay.to_path_buf())
+}
+
 /// The initramfs: agent as /init, busybox with a link per applet, a tiny /etc.
 pub fn initramfs_archive(agent: &[u8], busybox: &[u8], applets: &str) -> Vec<u8> {
     let mut c = Cpio::default();

@@ -110,8 +110,21 @@ async fn supervise(id: &str) -> i32 {
     };
     paths.remove_sockets();
     let _ = std::fs::write(&paths.console, b"");
+    let mut image = spec.image.clone();
+    if let Some(base) = &image.rootfs {
+        // The sandbox writes to its own overlay: the base image is shared and never changes,
+        // and the overlay keeps the sandbox's changes across stop and start.
+        match crate::image::overlay(base, &paths.dir.join("rootfs.qcow2")) {
+            Ok(overlay) => image.rootfs = Some(overlay),
+            Err(e) => {
+                let _ = store.set_state(id, State::Error, Some(&e.full_message()));
+                report(&StartStatus { ok: false, code: Some(e.code().into()), message: Some(e.full_message()), console: None });
+                return 1;
+            }
+        }
+    }
     let launch = qemu::LaunchSpec {
-        image: spec.image.clone(),
+        image,
         vcpus: record.config.vcpu_count,
         memory_mib: record.config.memory,
         accel: spec.accel,

@@ -73,7 +73,8 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     push(&["-qmp", &format!("unix:{},server=on,wait=off", spec.qmp_socket.display())]);
     if let Some(rootfs) = &spec.image.rootfs {
         let file = rootfs.to_string_lossy().replace(',', ",,");
-        push(&["-drive", &format!("if=none,id=root,file={file},format=raw,cache=unsafe"), "-device", "virtio-blk-device,drive=root"]);
+        let format = if rootfs.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
+        push(&["-drive", &format!("if=none,id=root,file={file},format={format},cache=unsafe"), "-device", "virtio-blk-device,drive=root"]);
     }
     a
 }
