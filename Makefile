@@ -3,7 +3,7 @@ CARGO ?= cargo
 MUSL  := x86_64-unknown-linux-musl
 AGENT := target/$(MUSL)/release/smolvm-agent
 
-.PHONY: run test prereqs agent build image lint bench clean
+.PHONY: run test test-rust test-python prereqs agent build image lint bench wheel venv clean
 
 prereqs:
 	./scripts/prereqs.sh
@@ -27,11 +27,31 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: prereqs agent
+test: prereqs agent test-rust test-python lint
+
+test-rust:
 	$(CARGO) build -p smolvm-cli
 	./target/debug/smolvm image build
 	$(CARGO) test --workspace
-	$(MAKE) lint
+
+# The Python package: a wheel with the native module, the smolvm CLI and the guest agent.
+PYBIN := crates/smolvm-py/python/smolvm/bin
+VENV  := .venv
+
+venv:
+	test -x $(VENV)/bin/pip || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check "maturin>=1.5,<2" pytest
+
+wheel: build venv
+	mkdir -p $(PYBIN)
+	cp target/release/smolvm $(AGENT) $(PYBIN)/
+	rm -rf dist && $(VENV)/bin/maturin build --release -q -m crates/smolvm-py/Cargo.toml -o dist
+
+# Installs the wheel into a fresh venv and runs the Python suite against it.
+test-python: wheel
+	rm -rf $(VENV)-test && python3 -m venv $(VENV)-test
+	$(VENV)-test/bin/pip install -q --disable-pip-version-check pytest dist/*.whl
+	cd crates/smolvm-py/tests && ../../../$(VENV)-test/bin/python -m pytest -q
 
 bench: build
 	./scripts/bench.sh

@@ -21,11 +21,13 @@ pub struct Conn {
     closed: Arc<AtomicBool>,
 }
 
-/// One request's replies. Dropping it forgets the stream (late replies are discarded).
+/// One request's replies. Dropping it before its terminal reply cancels the request (an exec's
+/// process group is killed): nobody is left to read what it produces. Late replies are dropped.
 pub struct Stream {
     pub id: u32,
     conn: Arc<Conn>,
     rx: mpsc::UnboundedReceiver<Reply>,
+    done: bool,
 }
 
 /// Read one frame body from an async reader; `Ok(None)` on a clean end of stream.
@@ -101,7 +103,7 @@ impl Conn {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         self.routes.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
-        let stream = Stream { id, conn: self.clone(), rx };
+        let stream = Stream { id, conn: self.clone(), rx, done: false };
         self.send_on(id, req).await?;
         Ok(stream)
     }
@@ -115,7 +117,9 @@ impl Conn {
 
 impl Stream {
     pub async fn recv(&mut self) -> Option<Reply> {
-        self.rx.recv().await
+        let reply = self.rx.recv().await;
+        self.done |= reply.as_ref().is_none_or(Reply::is_terminal);
+        reply
     }
 
     pub async fn send(&self, req: &Request) -> Result<()> {
@@ -126,5 +130,13 @@ impl Stream {
 impl Drop for Stream {
     fn drop(&mut self) {
         self.conn.routes.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+        if !self.done && !self.conn.is_closed() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let (conn, id) = (self.conn.clone(), self.id);
+                rt.spawn(async move {
+                    let _ = conn.send_on(id, &Request::Cancel).await;
+                });
+            }
+        }
     }
 }

@@ -1,0 +1,191 @@
+"""The SmolVM sandbox handle."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+from . import _native
+from ._errors import call
+from .config import VMConfig
+from .exceptions import CommandBlockedError, CommandExecutionUnavailableError, OperationTimeoutError, SmolVMError, ValidationError
+from .types import CommandResult, VMInfo, VMState
+
+_SHELLS = ("login", "raw")
+
+
+class SmolVM:
+    """A sandbox: a microVM with its own kernel.
+
+    ``with SmolVM(...) as vm:`` starts it on enter and, if this object created it, stops and
+    deletes it on exit (also when the block raises).
+    """
+
+    def __init__(
+        self,
+        config: Optional[VMConfig] = None,
+        *,
+        vm_id: Optional[str] = None,
+        backend: Optional[str] = None,
+        memory: Optional[int] = None,
+        disk_size: Optional[int] = None,
+        env_vars: Optional[Mapping[str, str]] = None,
+        mounts: Optional[Sequence[Any]] = None,
+        writable_mounts: bool = False,
+        internet_settings: Optional[Any] = None,
+        comm_channel: Optional[str] = None,
+        os: Optional[str] = None,
+        image: Optional[str] = None,
+        ssh_user: Optional[str] = None,
+        ssh_password: Optional[str] = None,
+        vcpu_count: Optional[int] = None,
+    ) -> None:
+        for name, value in (("mounts", mounts), ("writable_mounts", writable_mounts), ("internet_settings", internet_settings),
+                            ("image", image), ("ssh_user", ssh_user), ("ssh_password", ssh_password), ("disk_size", disk_size)):
+            if value:
+                raise ValidationError(f"invalid {name}: not supported by this build yet", {"field": name})
+        if comm_channel not in (None, "vsock", "agent"):
+            raise ValidationError(f"invalid comm_channel: {comm_channel!r} is not available (allowed now: 'vsock', which uses the guest agent)",
+                                  {"field": "comm_channel"})
+        if os not in (None, "linux", "alpine"):
+            raise ValidationError(f"invalid os: {os!r} is not supported by this build yet (allowed: 'linux')", {"field": "os"})
+        config = config or VMConfig()
+        changes: Dict[str, Any] = {}
+        if vm_id is not None:
+            changes["vm_id"] = vm_id
+        if backend is not None:
+            changes["backend"] = backend
+        if memory is not None:
+            changes["memory"] = memory
+        if vcpu_count is not None:
+            changes["vcpu_count"] = vcpu_count
+        if env_vars is not None:
+            changes["env_vars"] = {**config.env_vars, **dict(env_vars)}
+        self._config = config.replace(**changes) if changes else config
+        self._native: Optional[Any] = None
+        self._owned = True
+        self.on_pre_run: Optional[Callable[[str], None]] = None
+        self.on_post_run: Optional[Callable[[str, CommandResult], None]] = None
+        self.on_run_error: Optional[Callable[[str, BaseException], None]] = None
+
+    # -- identity and state ------------------------------------------------------------------
+
+    @classmethod
+    def from_id(cls, vm_id: str) -> "SmolVM":
+        """Reconnect to an existing sandbox. Raises VMNotFoundError if there is none."""
+        vm = cls.__new__(cls)
+        vm._native = call(_native.Vm.open, vm_id)
+        vm._config = VMConfig(vm_id=vm_id)
+        vm._owned = False
+        vm.on_pre_run = vm.on_post_run = vm.on_run_error = None
+        return vm
+
+    @property
+    def vm_id(self) -> Optional[str]:
+        return self._native.id if self._native is not None else self._config.vm_id
+
+    @property
+    def status(self) -> VMState:
+        if self._native is None:
+            return VMState.CREATED
+        return VMState(call(self._native.state))
+
+    @property
+    def info(self) -> VMInfo:
+        return VMInfo._from_json(json.loads(call(self._require().info)))
+
+    def _require(self) -> Any:
+        if self._native is None:
+            raise SmolVMError("the sandbox has not been started; call start() first", {"state": "created"})
+        return self._native
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, boot_timeout: float = 30) -> "SmolVM":
+        if self._native is None:
+            self._native = call(_native.Vm.create, self._config._to_json(), False)
+        call(self._native.start, float(boot_timeout))
+        return self
+
+    def stop(self, timeout: float = 3.0) -> None:
+        call(self._require().stop, float(timeout))
+
+    def delete(self) -> None:
+        if self._native is not None:
+            call(self._native.delete)
+
+    def close(self) -> None:
+        """Drop the connection; the sandbox keeps running (see ``from_id``)."""
+        if self._native is not None:
+            call(self._native.close)
+
+    def pause(self) -> None:
+        raise SmolVMError("pause is not supported by this build yet")
+
+    def resume(self) -> None:
+        raise SmolVMError("resume is not supported by this build yet")
+
+    def __enter__(self) -> "SmolVM":
+        if self._native is None or self.status != VMState.RUNNING:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._owned:
+            self.delete()
+        else:
+            self.close()
+
+    # -- commands ----------------------------------------------------------------------------
+
+    def run(self, command: str, timeout: float = 30, shell: str = "login") -> CommandResult:
+        """Run ``command`` in a fresh process: ``$SHELL -lc`` (login) or ``/bin/sh -c`` (raw)."""
+        if not isinstance(command, str) or not command.strip():
+            raise ValidationError("invalid command: must not be empty", {"field": "command"})
+        if timeout is None or timeout < 1:
+            raise ValidationError("invalid timeout: must be at least 1 second", {"field": "timeout"})
+        if shell not in _SHELLS:
+            raise ValidationError(f"invalid shell: {shell!r} (allowed: 'login', 'raw')", {"field": "shell"})
+        if self.on_pre_run is not None:
+            self.on_pre_run(command)  # may raise CommandBlockedError to veto
+        try:
+            code, out, err = call(self._require().run, command, float(timeout), shell)
+        except BaseException as e:
+            if self.on_run_error is not None and not isinstance(e, CommandBlockedError):
+                self.on_run_error(command, e)
+            raise
+        result = CommandResult(code, out, err)
+        if self.on_post_run is not None:
+            self.on_post_run(command, result)
+        return result
+
+    def can_run_commands(self) -> bool:
+        return self._native is not None and call(self._native.can_run_commands)
+
+    def wait_for_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.can_run_commands():
+            if time.monotonic() > deadline:
+                raise OperationTimeoutError("wait_for_ready", timeout)
+            time.sleep(0.05)
+
+    def wait_for_ssh(self, timeout: float = 60) -> None:
+        raise CommandExecutionUnavailableError("SSH is not available in this build yet; commands run through the guest agent (use wait_for_ready)")
+
+    # -- environment variables ---------------------------------------------------------------
+
+    def set_env_vars(self, env_vars: Mapping[str, str], *, merge: bool = True) -> List[str]:
+        """Set variables for new login shells; returns the sorted names present after."""
+        return call(self._require().set_env_vars, dict(env_vars), merge)
+
+    def unset_env_vars(self, keys: Sequence[str]) -> Dict[str, str]:
+        """Remove variables; returns the removed ones with their previous values."""
+        return call(self._require().unset_env_vars, list(keys))
+
+    def list_env_vars(self) -> Dict[str, str]:
+        """The variables smolvm manages in this sandbox."""
+        return call(self._require().list_env_vars)
+
+    def __repr__(self) -> str:
+        return f"SmolVM(vm_id={self.vm_id!r})"

@@ -1,0 +1,265 @@
+//! `smolvm._native`: the host library for Python. Thin by design: every behaviour is the Rust
+//! library's; this maps types, releases the GIL while blocking, and turns errors into one
+//! exception (`NativeError(code, message, details_json)`) that `smolvm.exceptions` maps onto the
+//! documented classes.
+
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use smolvm::sandbox::RunOptions;
+use smolvm::{Dirs, Error, Sandbox, Shell, VmConfig};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::sync::RwLock;
+
+create_exception!(_native, NativeError, PyException);
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime"))
+}
+
+fn to_py(e: Error) -> PyErr {
+    let details = match &e {
+        Error::Timeout { operation, seconds } => serde_json::json!({ "operation": operation, "timeout_seconds": seconds }),
+        Error::Validation { field, .. } => serde_json::json!({ "field": field }),
+        Error::Boot { console, .. } => serde_json::json!({ "console": console }),
+        Error::NotRunning { state, .. } => serde_json::json!({ "state": state }),
+        _ => serde_json::json!({}),
+    };
+    let message = match &e {
+        // The documented messages stand alone; others carry their chain of causes.
+        Error::Env(_) | Error::Timeout { .. } | Error::NotFound(_) => e.to_string(),
+        _ => e.full_message(),
+    };
+    NativeError::new_err((e.code(), message, details.to_string()))
+}
+
+/// Run a future on the shared runtime with the GIL released, checking for Ctrl-C between
+/// short waits so that KeyboardInterrupt arrives promptly. An interrupted future is dropped,
+/// which cancels its request in the guest.
+fn block<T: Send + 'static>(py: Python<'_>, fut: impl Future<Output = Result<T, Error>> + Send + 'static) -> PyResult<T> {
+    let rt = runtime();
+    let mut handle = rt.spawn(fut);
+    loop {
+        let waited = py.allow_threads(|| rt.block_on(async { tokio::time::timeout(Duration::from_millis(50), &mut handle).await }));
+        match waited {
+            Ok(Ok(result)) => return result.map_err(to_py),
+            Ok(Err(join)) => return Err(NativeError::new_err(("host", format!("internal task failed: {join}"), "{}"))),
+            Err(_) => {
+                if let Err(interrupt) = py.check_signals() {
+                    handle.abort();
+                    return Err(interrupt);
+                }
+            }
+        }
+    }
+}
+
+fn parse_config(json: &str) -> PyResult<VmConfig> {
+    serde_json::from_str(json).map_err(|e| NativeError::new_err(("validation", format!("invalid VMConfig: {e}"), "{}")))
+}
+
+#[pyfunction]
+fn validate_env_key(key: &str) -> PyResult<()> {
+    smolvm::validate_env_key(key).map_err(|e| to_py(e.into()))
+}
+
+#[pyfunction]
+fn validate_config(config_json: &str) -> PyResult<()> {
+    parse_config(config_json)?.validate().map_err(to_py)
+}
+
+/// Build (or find cached) the default kernel and initramfs, and the ext4 root disk if asked.
+#[pyfunction]
+#[pyo3(signature = (rootfs=false))]
+fn build_image(py: Python<'_>, rootfs: bool) -> PyResult<(String, Option<String>, Option<String>)> {
+    block(py, async move {
+        tokio::task::spawn_blocking(move || {
+            let dirs = Dirs::from_env();
+            let img = smolvm::image::resolve(&VmConfig::default(), &dirs, &|line: &str| eprintln!("smolvm: {line}"))?;
+            let disk = if rootfs { Some(smolvm::image::default_rootfs(&dirs)?) } else { None };
+            let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
+            Ok((s(&img.kernel), img.initrd.as_deref().map(s), disk.as_deref().map(s)))
+        })
+        .await
+        .map_err(|e| Error::Host(e.to_string()))?
+    })
+}
+
+/// Sandboxes as JSON (env keys only, never values).
+#[pyfunction]
+fn list_sandboxes() -> PyResult<String> {
+    let dirs = Dirs::from_env();
+    let recs = smolvm::sandbox::list(&dirs).map_err(to_py)?;
+    let v: Vec<_> = recs.iter().map(|r| smolvm::sandbox::record_json(r, &smolvm::sandbox::SandboxPaths::new(&dirs, &r.id))).collect();
+    Ok(serde_json::Value::Array(v).to_string())
+}
+
+/// One sandbox. Commands share it (read lock); lifecycle changes take it alone.
+#[pyclass(module = "smolvm._native")]
+struct Vm {
+    id: String,
+    inner: Arc<RwLock<Option<Sandbox>>>,
+}
+
+impl Vm {
+    fn wrap(sb: Sandbox) -> Vm {
+        Vm { id: sb.id().to_string(), inner: Arc::new(RwLock::new(Some(sb))) }
+    }
+}
+
+fn gone(id: &str) -> Error {
+    Error::NotFound(id.to_string())
+}
+
+#[pymethods]
+impl Vm {
+    /// Record a sandbox. `ephemeral`: it dies with this process.
+    #[staticmethod]
+    fn create(config_json: &str, ephemeral: bool) -> PyResult<Vm> {
+        let config = parse_config(config_json)?;
+        Sandbox::create_in(Dirs::from_env(), config, ephemeral).map(Vm::wrap).map_err(to_py)
+    }
+
+    #[staticmethod]
+    fn open(py: Python<'_>, id: String) -> PyResult<Vm> {
+        block(py, async move { Sandbox::open_in(Dirs::from_env(), &id).await }).map(Vm::wrap)
+    }
+
+    #[getter]
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn start(&self, py: Python<'_>, boot_timeout: f64) -> PyResult<()> {
+        let inner = self.inner.clone();
+        let id = self.id.clone();
+        block(py, async move {
+            let mut guard = inner.write().await;
+            let sb = guard.as_mut().ok_or_else(|| gone(&id))?;
+            sb.start(Duration::from_secs_f64(boot_timeout.max(0.001)), &|line: &str| eprintln!("smolvm: {line}")).await
+        })
+    }
+
+    fn run(&self, py: Python<'_>, command: String, timeout: f64, shell: &str) -> PyResult<(i32, String, String)> {
+        let shell = match shell {
+            "login" => Shell::Login,
+            "raw" => Shell::Raw,
+            other => return Err(to_py(Error::validation("shell", format!("{other:?} is not a shell (allowed: login, raw)")))),
+        };
+        // An invalid number becomes zero, which the library refuses with its own message.
+        let timeout = Duration::try_from_secs_f64(timeout).unwrap_or(Duration::ZERO);
+        let opts = RunOptions { timeout, shell, env: BTreeMap::new(), cwd: None };
+        let inner = self.inner.clone();
+        let id = self.id.clone();
+        block(py, async move {
+            let guard = inner.read().await;
+            let sb = guard.as_ref().ok_or_else(|| gone(&id))?;
+            let r = sb.run(&command, &opts).await?;
+            Ok((r.exit_code, r.stdout, r.stderr))
+        })
+    }
+
+    fn stop(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
+        let inner = self.inner.clone();
+        let id = self.id.clone();
+        block(py, async move {
+            let mut guard = inner.write().await;
+            let sb = guard.as_mut().ok_or_else(|| gone(&id))?;
+            sb.stop(Duration::from_secs_f64(timeout.max(0.1))).await
+        })
+    }
+
+    fn delete(&self, py: Python<'_>) -> PyResult<()> {
+        let inner = self.inner.clone();
+        block(py, async move {
+            let sb = inner.write().await.take();
+            match sb {
+                Some(sb) => sb.delete().await,
+                None => Ok(()),
+            }
+        })
+    }
+
+    /// Forget the connection without stopping the sandbox.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let inner = self.inner.clone();
+        block(py, async move {
+            inner.write().await.take();
+            Ok(())
+        })
+    }
+
+    fn state(&self, py: Python<'_>) -> PyResult<String> {
+        let inner = self.inner.clone();
+        let id = self.id.clone();
+        block(py, async move {
+            let guard = inner.read().await;
+            match guard.as_ref() {
+                Some(sb) => Ok(sb.state()?.to_string()),
+                None => Err(gone(&id)),
+            }
+        })
+    }
+
+    fn info(&self, py: Python<'_>) -> PyResult<String> {
+        let inner = self.inner.clone();
+        let id = self.id.clone();
+        block(py, async move {
+            let guard = inner.read().await;
+            Ok(guard.as_ref().ok_or_else(|| gone(&id))?.info().await?.to_string())
+        })
+    }
+
+    fn can_run_commands(&self, py: Python<'_>) -> PyResult<bool> {
+        let inner = self.inner.clone();
+        block(py, async move {
+            let guard = inner.read().await;
+            Ok(match guard.as_ref() {
+                Some(sb) => sb.can_run_commands().await,
+                None => false,
+            })
+        })
+    }
+
+    fn set_env_vars(&self, py: Python<'_>, vars: BTreeMap<String, String>, merge: bool) -> PyResult<Vec<String>> {
+        let inner = self.inner.clone();
+        let id = self.id.clone();
+        block(py, async move {
+            let guard = inner.read().await;
+            guard.as_ref().ok_or_else(|| gone(&id))?.set_env_vars(&vars, merge).await
+        })
+    }
+
+    fn unset_env_vars(&self, py: Python<'_>, keys: Vec<String>) -> PyResult<BTreeMap<String, String>> {
+        let inner = self.inner.clone();
+        let id = self.id.clone();
+        block(py, async move {
+            let guard = inner.read().await;
+            guard.as_ref().ok_or_else(|| gone(&id))?.unset_env_vars(&keys).await
+        })
+    }
+
+    fn list_env_vars(&self, py: Python<'_>) -> PyResult<BTreeMap<String, String>> {
+        let inner = self.inner.clone();
+        let id = self.id.clone();
+        block(py, async move {
+            let guard = inner.read().await;
+            guard.as_ref().ok_or_else(|| gone(&id))?.list_env_vars().await
+        })
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("NativeError", m.py().get_type::<NativeError>())?;
+    m.add_function(wrap_pyfunction!(validate_env_key, m)?)?;
+    m.add_function(wrap_pyfunction!(validate_config, m)?)?;
+    m.add_function(wrap_pyfunction!(build_image, m)?)?;
+    m.add_function(wrap_pyfunction!(list_sandboxes, m)?)?;
+    m.add_class::<Vm>()?;
+    Ok(())
+}

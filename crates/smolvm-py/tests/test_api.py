@@ -1,0 +1,179 @@
+"""The documented Python API beyond the seed page: errors, lifecycle, cleanup."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import smolvm
+from smolvm import SmolVM, VMConfig, VMState
+from smolvm.exceptions import (
+    CommandBlockedError,
+    OperationTimeoutError,
+    SmolVMError,
+    ValidationError,
+    VMNotFoundError,
+)
+
+from conftest import qemu_processes
+
+
+def test_module_paths_users_import():
+    import smolvm.build
+    import smolvm.env
+    import smolvm.exceptions
+    import smolvm.types
+
+    assert smolvm.types.VMState.RUNNING == "running"
+    assert issubclass(smolvm.exceptions.ValidationError, SmolVMError)
+    for name in smolvm.exceptions.__all__:
+        assert issubclass(getattr(smolvm.exceptions, name), SmolVMError)
+    assert isinstance(smolvm.build.SSH_BOOT_ARGS, str)
+
+
+def test_vmconfig_is_frozen_validated_and_rejects_unknown_fields():
+    c = VMConfig()
+    assert (c.vcpu_count, c.memory, c.env_vars) == (2, 512, {})
+    with pytest.raises(Exception):
+        c.memory = 1024
+    with pytest.raises(ValidationError, match="memory") as e:
+        VMConfig(memory=64)
+    assert str(e.value) == "invalid memory: 64 MiB is out of range (allowed 128..=16384 MiB)"
+    with pytest.raises(ValidationError, match="vm_id"):
+        VMConfig(vm_id="Bad_ID!")
+    with pytest.raises(ValidationError, match="memroy"):
+        VMConfig(memroy=1)
+    with pytest.raises(ValidationError, match="kernel_path"):
+        VMConfig(kernel_path="/nonexistent/vmlinux")
+    with pytest.raises(ValueError, match=r"^Invalid environment variable key: 'MY-VAR'"):
+        VMConfig(env_vars={"MY-VAR": "1"})
+    with pytest.raises(ValidationError, match="backend"):
+        SmolVM(backend="xen")
+
+
+def test_run_errors_state_and_timeout(no_leftovers):
+    vm = SmolVM(memory=256)
+    with pytest.raises(SmolVMError, match="start"):
+        vm.run("true")
+    with vm:
+        assert vm.status == VMState.RUNNING
+        assert vm.info.status == VMState.RUNNING and vm.info.memory == 256
+        r = vm.run("echo out; echo err >&2; exit 3")
+        assert (r.exit_code, r.stdout, r.stderr, r.ok) == (3, "out\n", "err\n", False)
+        assert vm.run("echo '  padded  '").output == "padded"
+        with pytest.raises(ValueError):
+            vm.run("")
+        with pytest.raises(ValueError):
+            vm.run("true", timeout=0)
+        with pytest.raises(ValueError):
+            vm.run("true", shell="zsh")
+        started = time.monotonic()
+        with pytest.raises(OperationTimeoutError) as e:
+            vm.run("sleep 100", timeout=2)
+        assert str(e.value) == "Operation 'run' timed out after 2s"
+        assert e.value.operation == "run" and e.value.timeout_seconds == 2
+        assert time.monotonic() - started < 10
+        with pytest.raises(ValueError, match="Environment variable key cannot be empty"):
+            vm.set_env_vars({"": "x"})
+        vm.stop()
+        assert vm.status == VMState.STOPPED
+        with pytest.raises(SmolVMError, match="stopped"):
+            vm.run("true")
+
+
+def test_from_id_and_deleted_sandboxes(no_leftovers):
+    owner = SmolVM(vm_id="pyfromid")
+    owner.start()
+    other = SmolVM.from_id("pyfromid")
+    assert other.run("hostname").output == "pyfromid"
+    other.close()
+    owner.delete()
+    with pytest.raises(VMNotFoundError, match="VM 'pyfromid' not found"):
+        SmolVM.from_id("pyfromid")
+
+
+def test_callbacks_can_veto(no_leftovers):
+    seen = []
+    with SmolVM() as vm:
+        def pre(cmd):
+            if "rm -rf" in cmd:
+                raise CommandBlockedError(f"blocked: {cmd}")
+            seen.append(("pre", cmd))
+
+        vm.on_pre_run = pre
+        vm.on_post_run = lambda cmd, r: seen.append(("post", r.exit_code))
+        vm.on_run_error = lambda cmd, e: seen.append(("error", type(e).__name__))
+        vm.run("true")
+        with pytest.raises(CommandBlockedError):
+            vm.run("rm -rf /")
+        with pytest.raises(OperationTimeoutError):
+            vm.run("sleep 10", timeout=1)
+    assert seen == [("pre", "true"), ("post", 0), ("pre", "sleep 10"), ("error", "OperationTimeoutError")]
+
+
+def test_leaving_the_with_block_by_an_exception_removes_the_sandbox(no_leftovers):
+    with pytest.raises(RuntimeError):
+        with SmolVM(vm_id="pyraise") as vm:
+            assert vm.run("true").ok
+            raise RuntimeError("boom")
+    with pytest.raises(VMNotFoundError):
+        SmolVM.from_id("pyraise")
+
+
+def test_ctrl_c_during_run_is_prompt_and_leaves_no_vmm(tmp_path):
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from smolvm import SmolVM
+        with SmolVM(vm_id="pyctrlc") as vm:
+            print("ready", flush=True)
+            try:
+                vm.run("sleep 300", timeout=600)
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+                raise
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(1)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=30)
+    assert "interrupted" in rest
+    assert time.monotonic() - sent < 10
+    assert proc.returncode != 0
+    assert qemu_processes() == []
+    with pytest.raises(VMNotFoundError):
+        SmolVM.from_id("pyctrlc")
+
+
+def test_gil_is_released_while_commands_run(no_leftovers):
+    import threading
+
+    with SmolVM() as vm:
+        ticks = []
+        stop = threading.Event()
+
+        def tick():
+            while not stop.is_set():
+                ticks.append(1)
+                time.sleep(0.01)
+
+        t = threading.Thread(target=tick)
+        t.start()
+        vm.run("sleep 1")
+        stop.set()
+        t.join()
+        assert len(ticks) > 20
+
+
+def test_cli_is_installed_with_the_package():
+    exe = os.path.join(os.path.dirname(sys.executable), "smolvm")
+    out = subprocess.run([exe, "run", "echo hello from a microVM"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "hello from a microVM\n"
