@@ -88,8 +88,13 @@ fn host_gone(e: &io::Error) {
 
 fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
     let reply = match req {
-        Request::Hello { version, unix_time_ns } => {
+        Request::Hello { version, unix_time_ns, hostname, entropy } => {
             set_clock(unix_time_ns);
+            if !hostname.is_empty() {
+                let _ = nix::unistd::sethostname(&hostname);
+                let _ = fs::write("/etc/hostname", format!("{hostname}\n"));
+            }
+            reseed(&entropy);
             Reply::Hello {
                 version: proto::PROTOCOL_VERSION.min(version),
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -111,7 +116,9 @@ fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
             }
             std::process::exit(0);
         }
-        Request::Stop { .. } | Request::Info => Reply::error(ErrorKind::Unsupported, "served by the host supervisor, not the agent"),
+        Request::Stop { .. } | Request::Info | Request::Pause | Request::Resume | Request::Snapshot { .. } => {
+            Reply::error(ErrorKind::Unsupported, "served by the host supervisor, not the agent")
+        }
     };
     w.send(stream, &reply);
 }
@@ -128,6 +135,29 @@ fn io_reply(e: io::Error) -> Reply {
 fn set_clock(unix_time_ns: u128) {
     let ts = nix::sys::time::TimeSpec::new((unix_time_ns / 1_000_000_000) as i64, (unix_time_ns % 1_000_000_000) as i64);
     let _ = nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts);
+}
+
+/// Mix the host's entropy into the kernel's pool, credit it, and force the CRNG to reseed, so
+/// that clones restored from one snapshot stop sharing random state before anything runs.
+fn reseed(entropy: &[u8]) {
+    use std::os::fd::AsRawFd;
+    if entropy.is_empty() {
+        return;
+    }
+    let Ok(f) = fs::OpenOptions::new().write(true).open("/dev/urandom") else { return };
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + entropy.len());
+    info.extend_from_slice(&((entropy.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(entropy.len() as i32).to_ne_bytes());
+    info.extend_from_slice(entropy);
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    // SAFETY: the fd is open; `info` is a valid rand_pool_info whose buf_size matches the bytes
+    // that follow it, and it outlives the call; RNDRESEEDCRNG takes no argument.
+    unsafe {
+        libc::ioctl(f.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr());
+        libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _);
+    }
 }
 
 /// Kill everything but ourselves, flush disks and power off.

@@ -167,6 +167,49 @@ enum SandboxCmd {
     /// Environment variables for login shells in the sandbox.
     #[command(subcommand)]
     Env(EnvCmd),
+    /// Freeze the sandbox's CPUs; its processes keep their state.
+    Pause { name: String },
+    /// Thaw a paused sandbox.
+    Resume { name: String },
+    /// Save sandboxes and start new ones from what was saved.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Save a running sandbox.
+    Create {
+        name: String,
+        #[arg(long)]
+        snapshot_id: Option<String>,
+        /// full (memory, devices, disk) | disk (root disk only) | diff (not offered by QEMU).
+        #[arg(long, default_value = "full")]
+        snapshot_type: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a new sandbox from a snapshot.
+    Restore {
+        snapshot_id: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Leave the new sandbox paused.
+        #[arg(long)]
+        no_resume: bool,
+        /// KEY=VALUE, repeatable: replaces the snapshot's variables.
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Delete {
+        snapshot_id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -505,6 +548,44 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             Ok(Done { exit_code: 0, data: Value::Null, text: None })
         }
         SandboxCmd::Env(e) => env_cmd(e, dirs).await,
+        SandboxCmd::Pause { name } => {
+            Sandbox::open_in(dirs, &name).await?.pause().await?;
+            Ok(Done::text(name.clone(), json!({ "id": name, "state": "paused" })))
+        }
+        SandboxCmd::Resume { name } => {
+            Sandbox::open_in(dirs, &name).await?.resume().await?;
+            Ok(Done::text(name.clone(), json!({ "id": name, "state": "running" })))
+        }
+        SandboxCmd::Snapshot(s) => snapshot_cmd(s, dirs).await,
+    }
+}
+
+async fn snapshot_cmd(cmd: SnapshotCmd, dirs: Dirs) -> Result<Done, Error> {
+    match cmd {
+        SnapshotCmd::Create { name, snapshot_id, snapshot_type, .. } => {
+            let sb = Sandbox::open_in(dirs, &name).await?;
+            let info = sb.snapshot(snapshot_id.as_deref(), &snapshot_type).await?;
+            Ok(Done::text(info.snapshot_id.clone(), serde_json::to_value(&info).unwrap_or_default()))
+        }
+        SnapshotCmd::Restore { snapshot_id, name, no_resume, env, .. } => {
+            let env_vars = if env.is_empty() { None } else { Some(smolvm::env::parse_pairs(&env)?) };
+            let opts = sandbox::RestoreOptions { name, env_vars, resume: !no_resume, ..Default::default() };
+            let sb = Sandbox::from_snapshot_in(dirs, &snapshot_id, opts).await?;
+            let info = sb.info().await?;
+            Ok(Done::text(sb.id().to_string(), info))
+        }
+        SnapshotCmd::List { .. } => {
+            let snaps = sandbox::list_snapshots(&dirs)?;
+            let mut text = format!("{:<24} {:<6} {:<24}", "SNAPSHOT", "TYPE", "FROM");
+            for s in &snaps {
+                text.push_str(&format!("\n{:<24} {:<6} {:<24}", s.id, s.kind, s.vm_id));
+            }
+            Ok(Done::text(text, serde_json::to_value(&snaps).unwrap_or_default()))
+        }
+        SnapshotCmd::Delete { snapshot_id } => {
+            sandbox::delete_snapshot(&dirs, &snapshot_id)?;
+            Ok(Done::text(snapshot_id.clone(), json!({ "deleted": snapshot_id })))
+        }
     }
 }
 
@@ -544,6 +625,9 @@ fn wants_json(cmd: &Cmd) -> bool {
             | SandboxCmd::Info { json, .. }
             | SandboxCmd::Prune { json } => *json,
             SandboxCmd::Env(EnvCmd::Set { json, .. } | EnvCmd::Unset { json, .. } | EnvCmd::List { json, .. }) => *json,
+            SandboxCmd::Snapshot(SnapshotCmd::Create { json, .. } | SnapshotCmd::Restore { json, .. } | SnapshotCmd::List { json }) => {
+                *json
+            }
             _ => false,
         },
         _ => false,

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 
 /// Bumped whenever a message changes shape; the host refuses an agent of another version
 /// because postcard is not self-describing and a mismatch would decode as garbage.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Name of the virtio-serial port the agent listens on.
 pub const AGENT_PORT_NAME: &str = "smolvm.agent";
@@ -74,11 +74,16 @@ pub struct ExecRequest {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// First message on a connection: the host's clock (so a guest without an RTC, or one
-    /// restored from a snapshot, gets the right time) and the protocol version it speaks.
+    /// First message after every boot or restore: the protocol version, the host's clock (a
+    /// guest has no RTC, and a restored one lags by the snapshot's age), the sandbox's hostname
+    /// (a clone must not keep its snapshot's), and fresh entropy that the agent mixes in and
+    /// reseeds the kernel's RNG with (clones of one snapshot must not share random state).
     Hello {
         version: u32,
         unix_time_ns: u128,
+        hostname: String,
+        #[serde(with = "serde_bytes")]
+        entropy: Vec<u8>,
     },
     /// Round trip without a process, for health checks and benchmarks.
     Ping,
@@ -103,6 +108,15 @@ pub enum Request {
     },
     /// Supervisor-level: describe the sandbox.
     Info,
+    /// Supervisor-level: freeze the VM's CPUs (processes keep their state).
+    Pause,
+    /// Supervisor-level: thaw it.
+    Resume,
+    /// Supervisor-level: save the VM into `dir` (`full`: memory, devices and disk; `disk`).
+    Snapshot {
+        dir: String,
+        kind: SnapshotKind,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +131,16 @@ pub enum ErrorKind {
     Unsupported,
     /// The sandbox is going away.
     Closed,
+    /// The VM is paused: nothing runs until it is resumed.
+    Paused,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotKind {
+    /// Memory, device state and disk: a clone continues where the sandbox was.
+    Full,
+    /// The root disk only: a clone boots fresh from it.
+    Disk,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

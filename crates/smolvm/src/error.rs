@@ -14,9 +14,11 @@ pub enum Error {
     Env(#[from] smolvm_proto::env::EnvError),
     #[error("VM '{0}' not found")]
     NotFound(String),
+    #[error("snapshot '{0}' not found")]
+    SnapshotNotFound(String),
     #[error("VM '{0}' already exists")]
     AlreadyExists(String),
-    #[error("VM '{id}' is {state}; start it first (smolvm sandbox start {id})")]
+    #[error("VM '{id}' is {state}; {} first (smolvm sandbox {} {id})", if state == "paused" { "resume it" } else { "start it" }, if state == "paused" { "resume" } else { "start" })]
     NotRunning { id: String, state: String },
     #[error("Operation '{operation}' timed out after {seconds}s")]
     Timeout { operation: String, seconds: f64 },
@@ -50,6 +52,7 @@ impl Error {
         match self {
             Error::Validation { .. } | Error::Env(_) => "validation",
             Error::NotFound(_) => "not_found",
+            Error::SnapshotNotFound(_) => "snapshot_not_found",
             Error::AlreadyExists(_) => "already_exists",
             Error::NotRunning { .. } => "not_running",
             Error::Timeout { .. } => "timeout",
@@ -65,6 +68,7 @@ impl Error {
     pub fn recovery(&self) -> Option<String> {
         match self {
             Error::NotFound(_) => Some("list sandboxes with `smolvm sandbox list --all`".into()),
+            Error::NotRunning { id, state } if state == "paused" => Some(format!("smolvm sandbox resume {id}")),
             Error::NotRunning { id, .. } => Some(format!("smolvm sandbox start {id}")),
             Error::Boot { .. } => {
                 Some("retry with SMOLVM_VERBOSE_BOOT=1 to see the guest kernel log; `smolvm doctor` checks the host".into())

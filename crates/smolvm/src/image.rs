@@ -54,7 +54,7 @@ pub fn resolve(config: &VmConfig, dirs: &Dirs, progress: Progress) -> Result<Boo
 }
 
 /// Serialize builders across processes: two CLIs starting at once build once.
-fn lock_images(dirs: &Dirs) -> Result<nix::fcntl::Flock<fs::File>> {
+pub(crate) fn lock_images(dirs: &Dirs) -> Result<nix::fcntl::Flock<fs::File>> {
     fs::create_dir_all(&dirs.images).ctx(|| format!("creating {}", dirs.images.display()))?;
     let f = fs::File::create(dirs.images.join(".lock")).ctx(|| "creating the image lock".into())?;
     nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| Error::Host(format!("locking the image cache: {e}")))

@@ -13,6 +13,7 @@ pub mod sandbox;
 pub mod store;
 pub mod supervisor;
 pub mod vmm;
+pub mod warm;
 
 pub use config::{Dirs, VmConfig};
 pub use error::{Error, Result};

@@ -6,9 +6,9 @@ use crate::conn::Conn;
 use crate::error::{Error, IoContext, Result};
 use crate::image::{self, Progress};
 use crate::store::{ProcId, Record, State, Store};
-use crate::supervisor::{BootSpec, StartStatus};
+use crate::supervisor::{BootSpec, RestoreSpec, StartStatus};
 use serde::Serialize;
-use smolvm_proto::{ErrorKind, ExecRequest, Reply, Request, Shell};
+use smolvm_proto::{ErrorKind, ExecRequest, Reply, Request, Shell, SnapshotKind};
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::os::unix::fs::DirBuilderExt;
@@ -113,12 +113,77 @@ pub struct Sandbox {
     conn: Option<Arc<Conn>>,
 }
 
-fn random_id() -> String {
+fn random_id(prefix: &str) -> String {
     let mut bytes = [0u8; 4];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         let _ = std::io::Read::read_exact(&mut f, &mut bytes);
     }
-    format!("sbx-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    format!("{prefix}-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+/// Resolve (building if needed) what a config boots, off the async runtime.
+pub(crate) async fn resolve_image(config: &VmConfig, dirs: &Dirs, progress: Progress<'_>) -> Result<crate::image::BootImage> {
+    let (config, dirs) = (config.clone(), dirs.clone());
+    // Building may take minutes (the kernel, once); keep the runtime free meanwhile.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let build = tokio::task::spawn_blocking(move || {
+        image::resolve(&config, &dirs, &move |line: &str| {
+            let _ = tx.send(line.to_string());
+        })
+    });
+    while let Some(line) = rx.recv().await {
+        progress(&line);
+    }
+    build.await.map_err(|e| Error::Host(format!("image build task: {e}")))?
+}
+
+/// Where a snapshot's files live.
+pub fn snapshot_dir(dirs: &Dirs, id: &str) -> PathBuf {
+    dirs.data.join("snapshots").join(image::fingerprint(&[id.as_bytes()]))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotInfo {
+    pub snapshot_id: String,
+    pub vm_id: String,
+    pub snapshot_type: String,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub name: Option<String>,
+    pub env_vars: Option<BTreeMap<String, String>>,
+    pub resume: bool,
+    pub boot_timeout: Duration,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        RestoreOptions { name: None, env_vars: None, resume: true, boot_timeout: DEFAULT_BOOT_TIMEOUT }
+    }
+}
+
+pub fn list_snapshots(dirs: &Dirs) -> Result<Vec<crate::store::SnapshotRecord>> {
+    Store::open(&dirs.data)?.snapshots()
+}
+
+/// Delete a snapshot, unless sandboxes started from it still stand on its disk.
+pub fn delete_snapshot(dirs: &Dirs, id: &str) -> Result<()> {
+    let store = Store::open(&dirs.data)?;
+    if store.get_snapshot(id)?.is_none() {
+        return Err(Error::SnapshotNotFound(id.to_string()));
+    }
+    let users: Vec<String> = list(dirs)?.into_iter().filter(|r| r.snapshot.as_deref() == Some(id)).map(|r| r.id).collect();
+    if !users.is_empty() {
+        return Err(Error::validation(
+            "snapshot_id",
+            format!("snapshot '{id}' is in use by sandbox(es) {}; delete them first", users.join(", ")),
+        ));
+    }
+    store.remove_snapshot(id)?;
+    let _ = std::fs::remove_dir_all(snapshot_dir(dirs, id));
+    Ok(())
 }
 
 /// The `smolvm` executable that runs supervisors: `SMOLVM_BIN`, the running program if it is
@@ -233,7 +298,7 @@ impl Sandbox {
         config.validate()?;
         Backend::resolve(config.backend.as_deref())?;
         let store = Store::open(&dirs.data)?;
-        let id = config.vm_id.clone().unwrap_or_else(random_id);
+        let id = config.vm_id.clone().unwrap_or_else(|| random_id("sbx"));
         let paths = SandboxPaths::new(&dirs, &id);
         if paths.ctl.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(Error::validation(
@@ -293,6 +358,10 @@ impl Sandbox {
 
     /// Boot the VM: build or find the image, start the supervisor, wait until the agent answers
     /// and the configured env vars are in place. Bounded by `boot_timeout`.
+    ///
+    /// A sandbox of the default image starts from a warm snapshot of that image booted once
+    /// (cached with it) unless `SMOLVM_WARM=0` or `SMOLVM_VERBOSE_BOOT` asks for a real boot;
+    /// if the warm start fails, it boots cold.
     pub async fn start(&mut self, boot_timeout: Duration, progress: Progress<'_>) -> Result<()> {
         let lock = std::fs::File::create(&self.paths.lock).ctx(|| format!("creating {}", self.paths.lock.display()))?;
         let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
@@ -304,39 +373,142 @@ impl Sandbox {
             }
             return Ok(());
         }
-        let image = {
-            let (config, dirs) = (rec.config.clone(), self.dirs.clone());
-            // Building may take minutes (the kernel, once); keep the runtime free meanwhile.
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-            let build = tokio::task::spawn_blocking(move || {
-                image::resolve(&config, &dirs, &move |line: &str| {
-                    let _ = tx.send(line.to_string());
-                })
-            });
-            while let Some(line) = rx.recv().await {
-                progress(&line);
-            }
-            build.await.map_err(|e| Error::Host(format!("image build task: {e}")))??
-        };
+        let image = resolve_image(&rec.config, &self.dirs, progress).await?;
         let accel = crate::vmm::choose_accel().map_err(Error::Host)?;
-        let spec = BootSpec {
-            image,
-            accel,
-            boot_timeout_ms: boot_timeout.as_millis() as u64,
-            verbose_boot: env_flag("SMOLVM_VERBOSE_BOOT", false),
-        };
-        let status = self.spawn_supervisor(&spec, boot_timeout).await?;
+        let verbose_boot = env_flag("SMOLVM_VERBOSE_BOOT", false);
+        let mut spec = BootSpec { image, accel, boot_timeout_ms: boot_timeout.as_millis() as u64, verbose_boot, restore: None };
+        if crate::warm::eligible(&rec.config) && !verbose_boot && env_flag("SMOLVM_WARM", true) {
+            match crate::warm::template(&self.dirs, &rec.config, &spec, progress).await {
+                Ok(state) => {
+                    spec.restore = Some(RestoreSpec { state: state.clone(), resume: true });
+                    match self.launch(&spec, boot_timeout).await {
+                        Ok(()) => return Ok(()),
+                        Err(e) => {
+                            tracing::warn!("warm start failed, booting cold: {}", e.full_message());
+                            crate::warm::discard(&state);
+                            spec.restore = None;
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("no warm snapshot, booting cold: {}", e.full_message()),
+            }
+        }
+        self.launch(&spec, boot_timeout).await
+    }
+
+    /// Start the supervisor with `spec` and connect to it.
+    pub(crate) async fn launch(&mut self, spec: &BootSpec, boot_timeout: Duration) -> Result<()> {
+        let status = self.spawn_supervisor(spec, boot_timeout).await?;
         if !status.ok {
             let message = status.message.unwrap_or_default();
             return Err(match status.code.as_deref() {
                 Some("timeout") | Some("boot") | Some("guest") | Some("host") if status.console.is_some() => {
                     Error::Boot { id: self.id.clone(), reason: message, console: status.console.unwrap_or_default() }
                 }
+                Some("validation") => Error::validation("snapshot", message),
                 _ => Error::Host(message),
             });
         }
         self.conn = Some(Conn::connect(&self.paths.ctl).await?);
         Ok(())
+    }
+
+    /// Freeze the VM's CPUs; processes keep their state. Commands wait for `resume`.
+    pub async fn pause(&self) -> Result<()> {
+        self.control(Request::Pause, "pause").await
+    }
+
+    pub async fn resume(&self) -> Result<()> {
+        self.control(Request::Resume, "resume").await
+    }
+
+    async fn control(&self, req: Request, what: &str) -> Result<()> {
+        match self.conn()?.call(&req).await? {
+            Reply::Ok => Ok(()),
+            Reply::Error { kind: ErrorKind::Invalid, message } => Err(Error::validation("snapshot_type", message)),
+            other => Err(unexpected(what, other)),
+        }
+    }
+
+    /// Save this sandbox. `full`: memory, devices and disk, so a sandbox started from it goes on
+    /// where this one was; `disk`: the root disk only. `diff` is not offered by the QEMU backend.
+    pub async fn snapshot(&self, snapshot_id: Option<&str>, snapshot_type: &str) -> Result<SnapshotInfo> {
+        let kind = match snapshot_type {
+            "full" => SnapshotKind::Full,
+            "disk" => SnapshotKind::Disk,
+            "diff" => {
+                return Err(Error::validation(
+                    "snapshot_type",
+                    "'diff' snapshots are not supported by the QEMU backend (allowed: full, disk)",
+                ))
+            }
+            other => return Err(Error::validation("snapshot_type", format!("{other:?} is not a snapshot type (allowed: full, disk)"))),
+        };
+        let id = match snapshot_id {
+            Some(id) => {
+                crate::config::validate_vm_id(id).map_err(|_| {
+                    Error::validation("snapshot_id", format!("{id:?} is not allowed: use 1-64 characters of a-z, 0-9, '_' and '-', starting and ending with a letter or digit"))
+                })?;
+                id.to_string()
+            }
+            None => random_id("snap"),
+        };
+        let store = Store::open(&self.dirs.data)?;
+        if store.get_snapshot(&id)?.is_some() {
+            return Err(Error::validation("snapshot_id", format!("snapshot '{id}' already exists")));
+        }
+        let rec = self.record()?;
+        let dir = snapshot_dir(&self.dirs, &id);
+        let _ = std::fs::remove_dir_all(&dir);
+        let req = Request::Snapshot { dir: dir.to_string_lossy().into_owned(), kind };
+        if let Err(e) = self.control(req, "snapshot").await {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        // The variables the guest has now are the snapshot's.
+        let mut config = rec.config.clone();
+        config.vm_id = None;
+        if let Ok(vars) = self.list_env_vars().await {
+            config.env_vars = vars;
+        }
+        if let Err(e) = store.insert_snapshot(&id, &self.id, snapshot_type, &config) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        Ok(SnapshotInfo { snapshot_id: id, vm_id: self.id.clone(), snapshot_type: snapshot_type.to_string(), path: dir })
+    }
+
+    /// Start a new sandbox from a snapshot. `name` defaults to a fresh id; `env_vars`, when
+    /// given, replace the snapshot's variables; `resume: false` leaves it paused.
+    pub async fn from_snapshot_in(dirs: Dirs, snapshot_id: &str, opts: RestoreOptions) -> Result<Sandbox> {
+        let store = Store::open(&dirs.data)?;
+        let snap = store.get_snapshot(snapshot_id)?.ok_or_else(|| Error::SnapshotNotFound(snapshot_id.to_string()))?;
+        let dir = snapshot_dir(&dirs, snapshot_id);
+        let image: crate::image::BootImage = std::fs::read(dir.join("image.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| Error::Host(format!("snapshot '{snapshot_id}' is damaged: {} has no image.json", dir.display())))?;
+        let mut config = snap.config.clone();
+        config.vm_id = opts.name.clone();
+        if let Some(env) = &opts.env_vars {
+            config.env_vars = env.clone();
+        }
+        let mut sb = Sandbox::create_in(dirs.clone(), config, false)?;
+        let result = async {
+            store.set_snapshot_origin(&sb.id, snapshot_id)?;
+            let accel = crate::vmm::choose_accel().map_err(Error::Host)?;
+            let restore = (snap.kind == "full").then(|| RestoreSpec { state: dir.join("state"), resume: opts.resume });
+            let spec = BootSpec { image, accel, boot_timeout_ms: opts.boot_timeout.as_millis() as u64, verbose_boot: false, restore };
+            sb.launch(&spec, opts.boot_timeout).await
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(sb),
+            Err(e) => {
+                let _ = sb.delete().await;
+                Err(e)
+            }
+        }
     }
 
     async fn spawn_supervisor(&self, spec: &BootSpec, boot_timeout: Duration) -> Result<StartStatus> {
@@ -387,6 +559,10 @@ impl Sandbox {
             let _ = child.wait();
         });
         serde_json::from_str(&line).map_err(|e| Error::Host(format!("unreadable supervisor status: {e}")))
+    }
+
+    pub(crate) fn connection(&self) -> Result<&Arc<Conn>> {
+        self.conn()
     }
 
     fn conn(&self) -> Result<&Arc<Conn>> {
@@ -446,6 +622,9 @@ impl Sandbox {
                     stderr.extend_from_slice(&d);
                 }
                 Reply::Exit { timed_out: true, .. } => return Err(timeout_err()),
+                Reply::Error { kind: ErrorKind::Paused, .. } => {
+                    return Err(Error::NotRunning { id: self.id.clone(), state: "paused".into() })
+                }
                 Reply::Exit { code, .. } => {
                     return Ok(CommandResult {
                         exit_code: code,

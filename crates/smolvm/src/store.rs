@@ -90,6 +90,18 @@ pub struct Record {
     pub error: Option<String>,
     /// For an ephemeral sandbox, the process it belongs to: once that is gone, so is the sandbox.
     pub owner: Option<ProcId>,
+    /// The snapshot this sandbox was started from (its disk stands on the snapshot's).
+    pub snapshot: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotRecord {
+    pub id: String,
+    pub vm_id: String,
+    pub kind: String,
+    #[serde(skip)]
+    pub config: VmConfig,
+    pub created_at: i64,
 }
 
 pub struct Store {
@@ -107,7 +119,15 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     vmm_pid INTEGER, vmm_start INTEGER,
     created_at INTEGER NOT NULL,
     error TEXT,
-    owner_pid INTEGER, owner_start INTEGER
+    owner_pid INTEGER, owner_start INTEGER,
+    snapshot TEXT
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    id TEXT PRIMARY KEY,
+    vm_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    config TEXT NOT NULL,
+    created_at INTEGER NOT NULL
 );";
 
 fn now() -> i64 {
@@ -162,11 +182,12 @@ impl Store {
             created_at: r.get(8)?,
             error: r.get(9)?,
             owner: proc_id(r.get(10)?, r.get(11)?),
+            snapshot: r.get(12)?,
         })
     }
 
     const COLUMNS: &'static str =
-        "id, state, config, ephemeral, supervisor_pid, supervisor_start, vmm_pid, vmm_start, created_at, error, owner_pid, owner_start";
+        "id, state, config, ephemeral, supervisor_pid, supervisor_start, vmm_pid, vmm_start, created_at, error, owner_pid, owner_start, snapshot";
 
     pub fn get(&self, id: &str) -> Result<Option<Record>> {
         let sql = format!("SELECT {} FROM sandboxes WHERE id = ?1", Self::COLUMNS);
@@ -205,6 +226,54 @@ impl Store {
     pub fn update_config(&self, id: &str, config: &VmConfig) -> Result<()> {
         let json = serde_json::to_string(config).expect("config serializes");
         self.conn.execute("UPDATE sandboxes SET config=?2 WHERE id=?1", params![id, json])?;
+        Ok(())
+    }
+
+    pub fn set_snapshot_origin(&self, id: &str, snapshot: &str) -> Result<()> {
+        self.conn.execute("UPDATE sandboxes SET snapshot=?2 WHERE id=?1", params![id, snapshot])?;
+        Ok(())
+    }
+
+    pub fn insert_snapshot(&self, id: &str, vm_id: &str, kind: &str, config: &VmConfig) -> Result<()> {
+        let json = serde_json::to_string(config).expect("config serializes");
+        match self.conn.execute(
+            "INSERT INTO snapshots (id, vm_id, kind, config, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![id, vm_id, kind, json, now()],
+        ) {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                Err(Error::validation("snapshot_id", format!("snapshot '{id}' already exists")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn snapshot_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRecord> {
+        let config: String = r.get(3)?;
+        Ok(SnapshotRecord {
+            id: r.get(0)?,
+            vm_id: r.get(1)?,
+            kind: r.get(2)?,
+            config: serde_json::from_str(&config).unwrap_or_default(),
+            created_at: r.get(4)?,
+        })
+    }
+
+    pub fn get_snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>> {
+        Ok(self
+            .conn
+            .query_row("SELECT id, vm_id, kind, config, created_at FROM snapshots WHERE id=?1", [id], Self::snapshot_row)
+            .optional()?)
+    }
+
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>> {
+        let mut stmt = self.conn.prepare("SELECT id, vm_id, kind, config, created_at FROM snapshots ORDER BY created_at, id")?;
+        let rows = stmt.query_map([], Self::snapshot_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    pub fn remove_snapshot(&self, id: &str) -> Result<()> {
+        self.conn.execute("DELETE FROM snapshots WHERE id=?1", [id])?;
         Ok(())
     }
 

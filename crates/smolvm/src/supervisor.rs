@@ -14,10 +14,13 @@ use crate::sandbox::{console_tail, SandboxPaths};
 use crate::store::{ProcId, State, Store};
 use crate::vmm::{qemu, Accel};
 use serde::{Deserialize, Serialize};
+use smolvm_proto::SnapshotKind;
 use smolvm_proto::{self as proto, ErrorKind, Reply, Request};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
@@ -30,6 +33,16 @@ pub struct BootSpec {
     pub accel: Accel,
     pub boot_timeout_ms: u64,
     pub verbose_boot: bool,
+    /// Start from a saved VM state instead of booting.
+    pub restore: Option<RestoreSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreSpec {
+    /// The device and memory state stream written by a `full` snapshot.
+    pub state: PathBuf,
+    /// Run the VM once restored; otherwise it stays paused until resumed.
+    pub resume: bool,
 }
 
 /// The supervisor's one status line.
@@ -41,8 +54,13 @@ pub struct StartStatus {
     pub console: Option<String>,
 }
 
+type Done = oneshot::Sender<std::result::Result<(), (ErrorKind, String)>>;
+
 enum Control {
     Stop { timeout: Duration, done: oneshot::Sender<()> },
+    Pause { done: Done },
+    Resume { done: Done },
+    Snapshot { dir: PathBuf, kind: SnapshotKind, done: Done },
     ClientConnected,
     ClientGone,
 }
@@ -67,6 +85,11 @@ fn report(status: &StartStatus) {
     let _ = out.flush();
 }
 
+fn fail(code: &str, message: String, console: Option<String>) -> i32 {
+    report(&StartStatus { ok: false, code: Some(code.into()), message: Some(message), console });
+    1
+}
+
 /// Replace fd 1 with /dev/null so the starter's pipe closes and later prints go nowhere.
 fn detach_stdout() {
     if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
@@ -74,39 +97,53 @@ fn detach_stdout() {
     }
 }
 
+/// What the guest must be told after every boot or restore, before the first command.
+struct Greeting {
+    hostname: String,
+    env: BTreeMap<String, String>,
+    restored: bool,
+}
+
+async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let mut entropy = vec![0u8; 32];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut entropy));
+    let hello = Request::Hello { version: proto::PROTOCOL_VERSION, unix_time_ns: now, hostname: g.hostname.clone(), entropy };
+    match agent.call(&hello).await? {
+        Reply::Hello { version, .. } if version == proto::PROTOCOL_VERSION => {}
+        Reply::Hello { version, agent_version, .. } => {
+            return Err(Error::Guest(format!(
+                "agent {agent_version} speaks protocol {version}, this host speaks {}",
+                proto::PROTOCOL_VERSION
+            )))
+        }
+        other => return Err(Error::Guest(format!("unexpected reply to hello: {other:?}"))),
+    }
+    // A restored guest carries its snapshot's variables: replace them with this sandbox's own.
+    let needed = !g.env.is_empty() || (g.restored && matches!(agent.call(&Request::EnvList).await?, Reply::Env(v) if !v.is_empty()));
+    if needed {
+        match agent.call(&Request::EnvSet { vars: g.env.clone(), merge: false }).await? {
+            Reply::EnvNames(_) => {}
+            Reply::Error { message, .. } => return Err(Error::Guest(format!("injecting environment variables: {message}"))),
+            other => return Err(Error::Guest(format!("unexpected reply to env set: {other:?}"))),
+        }
+    }
+    Ok(())
+}
+
 async fn supervise(id: &str) -> i32 {
     let dirs = Dirs::from_env();
     let paths = SandboxPaths::new(&dirs, id);
     let spec: BootSpec = match serde_json::from_reader(std::io::stdin().lock()) {
         Ok(s) => s,
-        Err(e) => {
-            report(&StartStatus {
-                ok: false,
-                code: Some("host".into()),
-                message: Some(format!("supervisor got no boot spec: {e}")),
-                console: None,
-            });
-            return 1;
-        }
+        Err(e) => return fail("host", format!("supervisor got no boot spec: {e}"), None),
     };
     let store = match Store::open(&dirs.data) {
         Ok(s) => s,
-        Err(e) => {
-            report(&StartStatus { ok: false, code: Some("host".into()), message: Some(e.full_message()), console: None });
-            return 1;
-        }
+        Err(e) => return fail("host", e.full_message(), None),
     };
-    let record = match store.get(id) {
-        Ok(Some(r)) => r,
-        _ => {
-            report(&StartStatus {
-                ok: false,
-                code: Some("not_found".into()),
-                message: Some(format!("VM '{id}' not found")),
-                console: None,
-            });
-            return 1;
-        }
+    let Ok(Some(record)) = store.get(id) else {
+        return fail("not_found", format!("VM '{id}' not found"), None);
     };
     paths.remove_sockets();
     let _ = std::fs::write(&paths.console, b"");
@@ -118,11 +155,11 @@ async fn supervise(id: &str) -> i32 {
             Ok(overlay) => image.rootfs = Some(overlay),
             Err(e) => {
                 let _ = store.set_state(id, State::Error, Some(&e.full_message()));
-                report(&StartStatus { ok: false, code: Some(e.code().into()), message: Some(e.full_message()), console: None });
-                return 1;
+                return fail(e.code(), e.full_message(), None);
             }
         }
     }
+    let overlay = image.rootfs.clone();
     let launch = qemu::LaunchSpec {
         image,
         vcpus: record.config.vcpu_count,
@@ -134,17 +171,18 @@ async fn supervise(id: &str) -> i32 {
         agent_socket: paths.agent.clone(),
         qmp_socket: paths.qmp.clone(),
         console_log: paths.console.clone(),
+        incoming: spec.restore.is_some(),
     };
-    let booted = boot(&launch, &record.config.env_vars, Duration::from_millis(spec.boot_timeout_ms), &paths).await;
-    let (mut child, agent) = match booted {
+    let greeting = Greeting { hostname: id.to_string(), env: record.config.env_vars.clone(), restored: spec.restore.is_some() };
+    let booted = boot(&launch, &spec, &greeting, &paths).await;
+    let (mut child, mut qmp, agent, mut greeted) = match booted {
         Ok(v) => v,
         Err(e) => {
             paths.remove_sockets();
             let console = console_tail(&paths.console, 30);
             let reason = e.full_message();
             let _ = store.set_state(id, State::Error, Some(&reason));
-            report(&StartStatus { ok: false, code: Some(e.code().into()), message: Some(reason), console: Some(console) });
-            return 1;
+            return fail(e.code(), reason, Some(console));
         }
     };
     let ctl = match UnixListener::bind(&paths.ctl) {
@@ -153,13 +191,7 @@ async fn supervise(id: &str) -> i32 {
             let _ = child.kill().await;
             paths.remove_sockets();
             let _ = store.set_state(id, State::Error, Some("cannot bind the control socket"));
-            report(&StartStatus {
-                ok: false,
-                code: Some("host".into()),
-                message: Some(format!("binding {}: {e}", paths.ctl.display())),
-                console: None,
-            });
-            return 1;
+            return fail("host", format!("binding {}: {e}", paths.ctl.display()), None);
         }
     };
     let _ = std::fs::set_permissions(&paths.ctl, std::fs::Permissions::from_mode(0o600));
@@ -167,6 +199,10 @@ async fn supervise(id: &str) -> i32 {
     let vmm = child.id().and_then(|p| ProcId::of(p as i32));
     if let (Some(me), Some(vmm)) = (me, vmm) {
         let _ = store.set_running(id, me, vmm);
+    }
+    let paused = Arc::new(AtomicBool::new(!greeted));
+    if !greeted {
+        let _ = store.set_state(id, State::Paused, None);
     }
     report(&StartStatus { ok: true, code: None, message: None, console: None });
     detach_stdout();
@@ -180,7 +216,7 @@ async fn supervise(id: &str) -> i32 {
         tokio::select! {
             accepted = ctl.accept() => {
                 if let Ok((stream, _)) = accepted {
-                    tokio::spawn(serve_client(stream, agent.clone(), ctl_tx.clone(), id.to_string()));
+                    tokio::spawn(serve_client(stream, agent.clone(), ctl_tx.clone(), id.to_string(), paused.clone()));
                 }
             }
             status = child.wait() => {
@@ -192,6 +228,38 @@ async fn supervise(id: &str) -> i32 {
                     stop_timeout = timeout;
                     stop_waiter = Some(done);
                     break false;
+                }
+                Some(Control::Pause { done }) => {
+                    let r = qmp.execute("stop").await.map_err(|e| (ErrorKind::Failed, e.full_message()));
+                    if r.is_ok() {
+                        paused.store(true, Ordering::SeqCst);
+                        let _ = store.set_state(id, State::Paused, None);
+                    }
+                    let _ = done.send(r.map(|_| ()));
+                }
+                Some(Control::Resume { done }) => {
+                    let r = async {
+                        qmp.execute("cont").await?;
+                        if !greeted {
+                            greet(&agent, &greeting).await?;
+                            greeted = true;
+                        }
+                        Ok::<_, Error>(())
+                    }
+                    .await
+                    .map_err(|e| (ErrorKind::Failed, e.full_message()));
+                    if r.is_ok() {
+                        paused.store(false, Ordering::SeqCst);
+                        let _ = store.set_state(id, State::Running, None);
+                    }
+                    let _ = done.send(r);
+                }
+                Some(Control::Snapshot { dir, kind, done }) => {
+                    let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, paused.load(Ordering::SeqCst)).await;
+                    if r.is_err() {
+                        let _ = std::fs::remove_dir_all(&dir);
+                    }
+                    let _ = done.send(r);
                 }
                 Some(Control::ClientConnected) => clients += 1,
                 Some(Control::ClientGone) => {
@@ -218,9 +286,9 @@ async fn supervise(id: &str) -> i32 {
         }
         return 1;
     }
-    // Without a disk there is nothing to flush: the VM can go at once.
-    let graceful = spec.image.rootfs.is_some();
-    shutdown(&mut child, &agent, &paths, stop_timeout, graceful).await;
+    // Without a disk there is nothing to flush, and a paused guest cannot flush: go at once.
+    let graceful = overlay.is_some() && !paused.load(Ordering::SeqCst);
+    shutdown(&mut child, &agent, &mut qmp, stop_timeout, graceful).await;
     paths.remove_sockets();
     if record.ephemeral {
         let _ = store.remove(id);
@@ -236,41 +304,40 @@ async fn supervise(id: &str) -> i32 {
     0
 }
 
+/// Start QEMU and bring the guest to the point where commands can run (or, for a restore
+/// that should stay paused, to a loaded but stopped VM). Bounded by the boot timeout; on any
+/// failure the VMM is killed.
 async fn boot(
     launch: &qemu::LaunchSpec,
-    env: &std::collections::BTreeMap<String, String>,
-    timeout: Duration,
+    spec: &BootSpec,
+    greeting: &Greeting,
     paths: &SandboxPaths,
-) -> Result<(tokio::process::Child, Arc<Conn>)> {
+) -> Result<(tokio::process::Child, qemu::Qmp, Arc<Conn>, bool)> {
     let listener = UnixListener::bind(&launch.agent_socket).ctx(|| format!("binding {}", launch.agent_socket.display()))?;
     let mut child = qemu::spawn(launch, &paths.log)?;
     let started = Instant::now();
-    let handshake = async {
+    let timeout = Duration::from_millis(spec.boot_timeout_ms);
+    let work = async {
         let (stream, _) = listener.accept().await.ctx(|| "accepting the agent channel".into())?;
         let agent = Conn::new(stream);
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        match agent.call(&Request::Hello { version: proto::PROTOCOL_VERSION, unix_time_ns: now }).await? {
-            Reply::Hello { version, .. } if version == proto::PROTOCOL_VERSION => {}
-            Reply::Hello { version, agent_version, .. } => {
-                return Err(Error::Guest(format!(
-                    "agent {agent_version} speaks protocol {version}, this host speaks {}",
-                    proto::PROTOCOL_VERSION
-                )))
+        let mut qmp = qemu::Qmp::connect_when_ready(&launch.qmp_socket).await?;
+        let mut greeted = false;
+        if let Some(restore) = &spec.restore {
+            qmp.restore_from(&restore.state).await?;
+            if restore.resume {
+                qmp.execute("cont").await?;
+                greet(&agent, greeting).await?;
+                greeted = true;
             }
-            other => return Err(Error::Guest(format!("unexpected reply to hello: {other:?}"))),
+        } else {
+            greet(&agent, greeting).await?;
+            greeted = true;
         }
-        tracing::info!("agent answered after {:?}", started.elapsed());
-        if !env.is_empty() {
-            match agent.call(&Request::EnvSet { vars: env.clone(), merge: false }).await? {
-                Reply::EnvNames(_) => {}
-                Reply::Error { message, .. } => return Err(Error::Guest(format!("injecting environment variables: {message}"))),
-                other => return Err(Error::Guest(format!("unexpected reply to env set: {other:?}"))),
-            }
-        }
-        Ok::<_, Error>(agent)
+        tracing::info!("ready after {:?}", started.elapsed());
+        Ok::<_, Error>((qmp, agent, greeted))
     };
     let result = tokio::select! {
-        r = tokio::time::timeout(timeout, handshake) => match r {
+        r = tokio::time::timeout(timeout, work) => match r {
             Ok(r) => r,
             Err(_) => Err(Error::Timeout { operation: "boot".into(), seconds: timeout.as_secs_f64() }),
         },
@@ -279,7 +346,7 @@ async fn boot(
     drop(listener);
     let _ = std::fs::remove_file(&launch.agent_socket);
     match result {
-        Ok(agent) => Ok((child, agent)),
+        Ok((qmp, agent, greeted)) => Ok((child, qmp, agent, greeted)),
         Err(e) => {
             let _ = child.kill().await;
             Err(e)
@@ -287,8 +354,49 @@ async fn boot(
     }
 }
 
+/// Save the VM into `dir`. `full`: the device and memory state (QEMU's migration stream; when
+/// it completes QEMU has flushed the disk and stopped the CPUs) plus a copy of the disk overlay;
+/// `disk`: the overlay alone, copied while the CPUs are stopped. The VM runs on afterwards
+/// unless it was paused before.
+async fn snapshot(
+    qmp: &mut qemu::Qmp,
+    overlay: Option<&Path>,
+    image: &BootImage,
+    dir: &Path,
+    kind: SnapshotKind,
+    was_paused: bool,
+) -> std::result::Result<(), (ErrorKind, String)> {
+    let failed = |e: Error| (ErrorKind::Failed, e.full_message());
+    std::fs::create_dir_all(dir).map_err(|e| (ErrorKind::Failed, format!("creating {}: {e}", dir.display())))?;
+    if kind == SnapshotKind::Disk && overlay.is_none() {
+        return Err((ErrorKind::Invalid, "a 'disk' snapshot needs a root disk; this sandbox has none (use 'full')".into()));
+    }
+    let result = async {
+        match kind {
+            SnapshotKind::Full => qmp.save_to(&dir.join("state")).await?,
+            SnapshotKind::Disk if !was_paused => {
+                qmp.execute("stop").await?;
+            }
+            SnapshotKind::Disk => {}
+        }
+        if let Some(o) = overlay {
+            std::fs::copy(o, dir.join("disk.qcow2")).ctx(|| "copying the disk overlay".into())?;
+        }
+        let saved = BootImage { rootfs: overlay.map(|_| dir.join("disk.qcow2")), ..image.clone() };
+        std::fs::write(dir.join("image.json"), serde_json::to_vec(&saved).expect("image serializes"))
+            .ctx(|| "writing image.json".into())?;
+        Ok::<_, Error>(())
+    }
+    .await;
+    // Whatever happened, a VM that ran before runs on.
+    if !was_paused {
+        let _ = qmp.execute("cont").await;
+    }
+    result.map_err(failed)
+}
+
 /// Graceful first (the agent syncs disks and resets the VM), then QMP `quit`, then SIGKILL.
-async fn shutdown(child: &mut tokio::process::Child, agent: &Arc<Conn>, paths: &SandboxPaths, timeout: Duration, graceful: bool) {
+async fn shutdown(child: &mut tokio::process::Child, agent: &Arc<Conn>, qmp: &mut qemu::Qmp, timeout: Duration, graceful: bool) {
     if !graceful {
         let _ = child.kill().await;
         return;
@@ -297,16 +405,14 @@ async fn shutdown(child: &mut tokio::process::Child, agent: &Arc<Conn>, paths: &
     if tokio::time::timeout(timeout, child.wait()).await.is_ok() {
         return;
     }
-    if let Ok(Ok(mut qmp)) = tokio::time::timeout(Duration::from_secs(1), qemu::Qmp::connect(&paths.qmp)).await {
-        let _ = tokio::time::timeout(Duration::from_secs(1), qmp.execute("quit")).await;
-        if tokio::time::timeout(Duration::from_secs(1), child.wait()).await.is_ok() {
-            return;
-        }
+    let _ = tokio::time::timeout(Duration::from_secs(1), qmp.execute("quit")).await;
+    if tokio::time::timeout(Duration::from_secs(1), child.wait()).await.is_ok() {
+        return;
     }
     let _ = child.kill().await;
 }
 
-async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::UnboundedSender<Control>, id: String) {
+async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::UnboundedSender<Control>, id: String, paused: Arc<AtomicBool>) {
     let _ = ctl.send(Control::ClientConnected);
     let (read, write) = stream.into_split();
     let write = Arc::new(tokio::sync::Mutex::new(write));
@@ -327,6 +433,22 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                 let _ = wait.await;
                 send(write.clone(), cid, Reply::Ok).await;
             }
+            Request::Pause | Request::Resume | Request::Snapshot { .. } => {
+                let (done, wait) = oneshot::channel();
+                let msg = match req {
+                    Request::Pause => Control::Pause { done },
+                    Request::Resume => Control::Resume { done },
+                    Request::Snapshot { dir, kind } => Control::Snapshot { dir: PathBuf::from(dir), kind, done },
+                    _ => unreachable!("matched above"),
+                };
+                let _ = ctl.send(msg);
+                let reply = match wait.await {
+                    Ok(Ok(())) => Reply::Ok,
+                    Ok(Err((kind, message))) => Reply::error(kind, message),
+                    Err(_) => Reply::error(ErrorKind::Closed, "the sandbox is going away"),
+                };
+                send(write.clone(), cid, reply).await;
+            }
             Request::Info => {
                 let info = serde_json::json!({ "id": id, "pid": std::process::id(), "protocol": proto::PROTOCOL_VERSION });
                 send(write.clone(), cid, Reply::Info(info.to_string())).await;
@@ -336,6 +458,9 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                 if let Some(aid) = aid {
                     let _ = agent.send_on(aid, &req).await;
                 }
+            }
+            _ if paused.load(Ordering::SeqCst) && !matches!(req, Request::Cancel | Request::Stdin(_) | Request::StdinClose) => {
+                send(write.clone(), cid, Reply::error(ErrorKind::Paused, "the VM is paused; resume it first")).await;
             }
             Request::Hello { .. } => {
                 send(

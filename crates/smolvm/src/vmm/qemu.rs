@@ -24,6 +24,8 @@ pub struct LaunchSpec {
     pub agent_socket: PathBuf,
     pub qmp_socket: PathBuf,
     pub console_log: PathBuf,
+    /// Wait for a saved state over QMP (`-incoming defer`), CPUs stopped (`-S`).
+    pub incoming: bool,
 }
 
 /// The kernel command line. Only settings, never anything from the user's env values.
@@ -71,6 +73,9 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     push(&["-chardev", &format!("socket,id=agent,path={}", spec.agent_socket.display())]);
     push(&["-device", "virtio-serial-device", "-device", &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}")]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", spec.qmp_socket.display())]);
+    if spec.incoming {
+        push(&["-incoming", "defer", "-S"]);
+    }
     if let Some(rootfs) = &spec.image.rootfs {
         let file = rootfs.to_string_lossy().replace(',', ",,");
         let format = if rootfs.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
@@ -133,8 +138,74 @@ impl Qmp {
         serde_json::from_str(&line).map_err(|e| Error::Host(format!("QMP sent invalid JSON: {e}")))
     }
 
+    /// QEMU creates its QMP socket shortly after it starts: retry until it answers.
+    pub async fn connect_when_ready(path: &Path) -> Result<Qmp> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Qmp::connect(path).await {
+                Ok(q) => return Ok(q),
+                Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(2)).await,
+            }
+        }
+    }
+
     pub async fn execute(&mut self, command: &str) -> Result<serde_json::Value> {
-        let msg = serde_json::json!({ "execute": command }).to_string() + "\n";
+        self.execute_args(command, serde_json::Value::Null).await
+    }
+
+    /// Poll `query` until `field` of its answer leaves the given states; returns the final one.
+    async fn wait_while(&mut self, query: &str, field: &str, states: &[&str], bound: std::time::Duration) -> Result<String> {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let v = self.execute(query).await?;
+            let status = v.get(field).and_then(|s| s.as_str()).unwrap_or("").to_string();
+            if !states.contains(&status.as_str()) {
+                return Ok(status);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::Timeout { operation: query.to_string(), seconds: bound.as_secs_f64() });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Write the VM's device and memory state to `file` (QEMU's migration stream). When this
+    /// returns the CPUs are stopped and the disks flushed; `cont` resumes.
+    pub async fn save_to(&mut self, file: &Path) -> Result<()> {
+        let uri = format!("exec:cat > {}", shell_quote(file)?);
+        self.execute_args("migrate", serde_json::json!({ "uri": uri })).await?;
+        let status = self
+            .wait_while(
+                "query-migrate",
+                "status",
+                &["", "setup", "active", "device", "pre-switchover"],
+                std::time::Duration::from_secs(120),
+            )
+            .await?;
+        if status != "completed" {
+            return Err(Error::Host(format!("saving the VM state ended as {status:?}")));
+        }
+        Ok(())
+    }
+
+    /// Load a state written by [`Qmp::save_to`] into a VM started with `incoming`.
+    pub async fn restore_from(&mut self, file: &Path) -> Result<()> {
+        let uri = format!("exec:cat {}", shell_quote(file)?);
+        self.execute_args("migrate-incoming", serde_json::json!({ "uri": uri })).await?;
+        let status = self.wait_while("query-status", "status", &["inmigrate", "prelaunch"], std::time::Duration::from_secs(120)).await?;
+        if status != "paused" {
+            return Err(Error::Host(format!("restoring the VM state ended as {status:?}")));
+        }
+        Ok(())
+    }
+
+    pub async fn execute_args(&mut self, command: &str, args: serde_json::Value) -> Result<serde_json::Value> {
+        let mut msg = serde_json::json!({ "execute": command });
+        if !args.is_null() {
+            msg["arguments"] = args;
+        }
+        let msg = msg.to_string() + "\n";
         self.writer.write_all(msg.as_bytes()).await.ctx(|| "writing to QMP".into())?;
         loop {
             let v = self.read_json().await?;
@@ -147,6 +218,15 @@ impl Qmp {
             return Ok(v.get("return").cloned().unwrap_or_default());
         }
     }
+}
+
+/// QEMU runs `exec:` URIs through /bin/sh; paths are quoted, and ones that cannot be are refused.
+fn shell_quote(path: &Path) -> Result<String> {
+    let s = path.to_str().ok_or_else(|| Error::Host(format!("{} is not valid UTF-8", path.display())))?;
+    if s.contains('\'') || s.contains('\n') {
+        return Err(Error::Host(format!("{s:?}: paths with quotes or newlines cannot hold VM state")));
+    }
+    Ok(format!("'{s}'"))
 }
 
 #[cfg(test)]
@@ -169,6 +249,7 @@ mod tests {
             agent_socket: "/r/agent.sock".into(),
             qmp_socket: "/r/qmp.sock".into(),
             console_log: "/r/console.log".into(),
+            incoming: false,
         }
     }
 

@@ -1,0 +1,146 @@
+//! Pause, resume, snapshots and warm starts, on real VMs.
+
+mod common;
+
+use common::*;
+use smolvm::sandbox::{delete_snapshot, snapshot_dir, RestoreOptions};
+use smolvm::{Error, RunOptions, Sandbox, State, VmConfig};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+fn opts() -> RunOptions {
+    RunOptions { timeout: Duration::from_secs(20), ..Default::default() }
+}
+
+async fn out(sb: &Sandbox, cmd: &str) -> String {
+    sb.run(cmd, &opts()).await.unwrap().stdout
+}
+
+#[tokio::test]
+async fn a_paused_sandbox_keeps_its_processes_and_refuses_commands() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    sb.run("(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done) >/dev/null 2>&1 &", &opts()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sb.pause().await.unwrap();
+    assert_eq!(sb.state().unwrap(), State::Paused);
+    let err = sb.run("true", &opts()).await.unwrap_err();
+    assert_eq!(err.to_string(), format!("VM '{}' is paused; resume it first (smolvm sandbox resume {})", sb.id(), sb.id()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sb.resume().await.unwrap();
+    assert_eq!(sb.state().unwrap(), State::Running);
+    // Frozen for two seconds: the counter moved by at most a tick or two, and it still runs.
+    let a: u32 = out(&sb, "cat /tmp/counter").await.trim().parse().unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let b: u32 = out(&sb, "cat /tmp/counter").await.trim().parse().unwrap();
+    assert!(a >= 3 && a <= 12, "counter {a}");
+    assert!(b > a, "the process did not keep running: {a} then {b}");
+    sb.delete().await.unwrap();
+}
+
+#[tokio::test]
+async fn clones_start_where_the_snapshot_was_and_stay_apart() {
+    let env = env();
+    let rootfs = smolvm::image::default_rootfs(&env.dirs).unwrap();
+    let vars = |k: &str, v: &str| -> BTreeMap<String, String> { [(k.to_string(), v.to_string())].into() };
+    let config = VmConfig { rootfs_path: Some(rootfs), env_vars: vars("FROM_SNAPSHOT", "yes"), ..Default::default() };
+    let src = env.boot(config).await;
+    src.run("echo before > /root/on-disk; echo before > /tmp/in-ram", &opts()).await.unwrap();
+    let snap = src.snapshot(Some("snap1"), "full").await.unwrap();
+    assert_eq!(snap.snapshot_id, "snap1");
+    // The source runs on after the snapshot, and its later writes are not in the snapshot.
+    src.run("echo after > /root/on-disk; echo after > /tmp/in-ram", &opts()).await.unwrap();
+
+    let dirs = env.dirs.clone();
+    let a = Sandbox::from_snapshot_in(dirs.clone(), "snap1", RestoreOptions { name: Some("clone-a".into()), ..Default::default() })
+        .await
+        .unwrap();
+    let b = Sandbox::from_snapshot_in(
+        dirs.clone(),
+        "snap1",
+        RestoreOptions { name: Some("clone-b".into()), env_vars: Some(vars("OWN", "b")), ..Default::default() },
+    )
+    .await
+    .unwrap();
+    for c in [&a, &b] {
+        assert_eq!(out(c, "cat /root/on-disk /tmp/in-ram").await, "before\nbefore\n");
+    }
+    assert_eq!(out(&a, "hostname").await.trim(), "clone-a");
+    // Env: a clone keeps the snapshot's variables unless given its own, which replace them.
+    assert_eq!(out(&a, "echo [$FROM_SNAPSHOT] [$OWN]").await, "[yes] []\n");
+    assert_eq!(out(&b, "echo [$FROM_SNAPSHOT] [$OWN]").await, "[] [b]\n");
+    // Writes in one clone are invisible to the other and to the snapshot.
+    a.run("echo from-a > /root/on-disk; echo from-a > /tmp/in-ram", &opts()).await.unwrap();
+    assert_eq!(out(&b, "cat /root/on-disk /tmp/in-ram").await, "before\nbefore\n");
+    let c = Sandbox::from_snapshot_in(dirs.clone(), "snap1", RestoreOptions::default()).await.unwrap();
+    assert_eq!(out(&c, "cat /root/on-disk /tmp/in-ram").await, "before\nbefore\n");
+    // Clones do not share random state, and their clocks are the host's.
+    let ra = out(&a, "head -c 16 /dev/urandom | od -An -tx1").await;
+    let rb = out(&b, "head -c 16 /dev/urandom | od -An -tx1").await;
+    assert_ne!(ra, rb);
+    for s in [&a, &b] {
+        let guest: i64 = out(s, "date +%s").await.trim().parse().unwrap();
+        let host = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        assert!((guest - host).abs() <= 2, "guest clock {guest}, host {host}");
+    }
+    // A snapshot in use by clones cannot go; once they are gone it can, and leaves nothing.
+    let err = delete_snapshot(&dirs, "snap1").unwrap_err().to_string();
+    assert!(err.contains("snapshot 'snap1' is in use by sandbox(es)") && err.contains("clone-a"), "{err}");
+    for s in [a, b, c, src] {
+        s.delete().await.unwrap();
+    }
+    delete_snapshot(&dirs, "snap1").unwrap();
+    assert!(!snapshot_dir(&dirs, "snap1").exists());
+    assert!(matches!(delete_snapshot(&dirs, "snap1"), Err(Error::SnapshotNotFound(_))));
+    assert!(env.qemu_processes().is_empty());
+    assert!(env.leftover_files().is_empty());
+}
+
+#[tokio::test]
+async fn snapshot_types_and_a_restore_that_stays_paused() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    let err = sb.snapshot(None, "diff").await.unwrap_err().to_string();
+    assert_eq!(err, "invalid snapshot_type: 'diff' snapshots are not supported by the QEMU backend (allowed: full, disk)");
+    let err = sb.snapshot(None, "disk").await.unwrap_err().to_string();
+    assert!(err.contains("a 'disk' snapshot needs a root disk"), "{err}");
+    let err = sb.snapshot(Some("Bad ID"), "full").await.unwrap_err().to_string();
+    assert!(err.starts_with("invalid snapshot_id:"), "{err}");
+    sb.run("echo kept > /tmp/x", &opts()).await.unwrap();
+    let snap = sb.snapshot(None, "full").await.unwrap();
+    assert!(snap.snapshot_id.starts_with("snap-"));
+    let err = sb.snapshot(Some(&snap.snapshot_id), "full").await.unwrap_err().to_string();
+    assert!(err.contains("already exists"), "{err}");
+    let clone = Sandbox::from_snapshot_in(env.dirs.clone(), &snap.snapshot_id, RestoreOptions { resume: false, ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(clone.state().unwrap(), State::Paused);
+    assert!(clone.run("true", &opts()).await.is_err());
+    clone.resume().await.unwrap();
+    assert_eq!(out(&clone, "cat /tmp/x; hostname").await, format!("kept\n{}\n", clone.id()));
+    clone.delete().await.unwrap();
+    sb.delete().await.unwrap();
+    assert!(matches!(
+        Sandbox::from_snapshot_in(env.dirs.clone(), "no-such-snap", RestoreOptions::default()).await,
+        Err(Error::SnapshotNotFound(_))
+    ));
+}
+
+#[test]
+fn smolvm_run_starts_warm_and_cold_on_request() {
+    let env = env();
+    // Warm is the default: each run is its own machine (own hostname) restored from the
+    // image's warm snapshot.
+    let first = env.smolvm(&["run", "hostname; cat /proc/sys/kernel/random/boot_id"]);
+    let second = env.smolvm(&["run", "hostname; cat /proc/sys/kernel/random/boot_id"]);
+    assert!(first.status.success() && second.status.success(), "{}", stderr(&first));
+    assert_ne!(stdout(&first).lines().next(), stdout(&second).lines().next());
+    let warm = std::fs::read_dir(&env.dirs.images).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with("warm-"));
+    assert!(warm, "no warm snapshot in the image cache");
+    let cold = env.cli().args(["run", "--shell", "raw", "echo cold"]).env("SMOLVM_WARM", "0").output().unwrap();
+    assert_eq!(stdout(&cold), "cold\n");
+    // Raw shell, env, exit code: the same contract whether warm or cold.
+    let out = env.smolvm(&["run", "--env", "K=v", "echo $K; exit 4"]);
+    assert_eq!((stdout(&out).as_str(), out.status.code()), ("v\n", Some(4)));
+    assert!(env.qemu_processes().is_empty());
+}

@@ -1,0 +1,87 @@
+//! Warm start: the default image is booted once per VM shape, saved at "agent ready", and
+//! cached with the image. Sandboxes then start by restoring that state (about a third of a cold
+//! boot here) and are made their own on restore: hostname, clock, fresh RNG seed, env vars.
+
+use crate::config::VmConfig;
+use crate::error::{Error, IoContext, Result};
+use crate::image::{self, Progress};
+use crate::sandbox::Sandbox;
+use crate::supervisor::BootSpec;
+use smolvm_proto::{Reply, Request, SnapshotKind};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const WARM_RECIPE: &str = "warm-recipe-1";
+
+/// Only sandboxes of the default image (nothing of their own to boot) start warm.
+pub fn eligible(config: &VmConfig) -> bool {
+    config.kernel_path.is_none() && config.initrd_path.is_none() && config.rootfs_path.is_none() && config.boot_args.is_none()
+}
+
+/// Identity of the QEMU binary: a saved state only loads into the QEMU that wrote it.
+fn qemu_identity() -> String {
+    let path = std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(crate::vmm::qemu::QEMU_BINARY)).find(|p| p.is_file()));
+    let meta = path.as_ref().and_then(|p| std::fs::metadata(p).ok());
+    format!("{path:?}:{:?}:{:?}", meta.as_ref().map(|m| m.len()), meta.and_then(|m| m.modified().ok()))
+}
+
+fn template_dir(config: &VmConfig, spec: &BootSpec, images: &Path) -> PathBuf {
+    let fp = image::fingerprint(&[
+        WARM_RECIPE.as_bytes(),
+        spec.image.kernel.to_string_lossy().as_bytes(),
+        spec.image.initrd.as_deref().unwrap_or(Path::new("")).to_string_lossy().as_bytes(),
+        &config.vcpu_count.to_le_bytes(),
+        &config.memory.to_le_bytes(),
+        format!("{:?}", spec.accel).as_bytes(),
+        qemu_identity().as_bytes(),
+        &smolvm_proto::PROTOCOL_VERSION.to_le_bytes(),
+    ]);
+    images.join(format!("warm-{fp}"))
+}
+
+/// The saved state to restore for this config, made (by one cold boot) if missing.
+pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, progress: Progress<'_>) -> Result<PathBuf> {
+    let dir = template_dir(config, spec, &dirs.images);
+    let state = dir.join("state");
+    if state.is_file() {
+        return Ok(state);
+    }
+    let lock = {
+        let images = dirs.clone();
+        tokio::task::spawn_blocking(move || image::lock_images(&images)).await.map_err(|e| Error::Host(e.to_string()))??
+    };
+    if state.is_file() {
+        return Ok(state);
+    }
+    progress("preparing the warm snapshot of this image (once)");
+    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let shape = VmConfig { vcpu_count: config.vcpu_count, memory: config.memory, ..Default::default() };
+    let mut sb = Sandbox::create_in(dirs.clone(), shape, true)?;
+    let made = async {
+        let cold = BootSpec { restore: None, verbose_boot: false, ..spec.clone() };
+        sb.launch(&cold, Duration::from_millis(spec.boot_timeout_ms)).await?;
+        let conn = sb.connection()?;
+        let req = Request::Snapshot { dir: tmp.to_string_lossy().into_owned(), kind: SnapshotKind::Full };
+        match conn.call(&req).await? {
+            Reply::Ok => Ok(()),
+            other => Err(Error::Host(format!("saving the warm snapshot: {other:?}"))),
+        }
+    }
+    .await;
+    let _ = sb.delete().await;
+    let result = made.and_then(|_| std::fs::rename(&tmp, &dir).ctx(|| format!("installing {}", dir.display())));
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    drop(lock);
+    result.map(|_| state)
+}
+
+/// Forget a template that failed to restore; the next start makes a new one.
+pub fn discard(state: &Path) {
+    if let Some(dir) = state.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
