@@ -33,7 +33,7 @@ async fn a_paused_sandbox_keeps_its_processes_and_refuses_commands() {
     let a: u32 = out(&sb, "cat /tmp/counter").await.trim().parse().unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     let b: u32 = out(&sb, "cat /tmp/counter").await.trim().parse().unwrap();
-    assert!(a >= 3 && a <= 12, "counter {a}");
+    assert!((3..=12).contains(&a), "counter {a}");
     assert!(b > a, "the process did not keep running: {a} then {b}");
     sb.delete().await.unwrap();
 }
