@@ -129,6 +129,22 @@ impl Vm {
         block(py, async move { Sandbox::open_in(Dirs::from_env(), &id).await }).map(Vm::wrap)
     }
 
+    /// Start a new sandbox from a snapshot.
+    #[staticmethod]
+    #[pyo3(signature = (snapshot_id, name=None, env_vars=None, resume=true, boot_timeout=30.0))]
+    fn from_snapshot(
+        py: Python<'_>,
+        snapshot_id: String,
+        name: Option<String>,
+        env_vars: Option<BTreeMap<String, String>>,
+        resume: bool,
+        boot_timeout: f64,
+    ) -> PyResult<Vm> {
+        let boot_timeout = Duration::try_from_secs_f64(boot_timeout).unwrap_or(Duration::ZERO);
+        let opts = smolvm::sandbox::RestoreOptions { name, env_vars, resume, boot_timeout };
+        block(py, async move { Sandbox::from_snapshot_in(Dirs::from_env(), &snapshot_id, opts).await }).map(Vm::wrap)
+    }
+
     #[getter]
     fn id(&self) -> &str {
         &self.id
@@ -160,6 +176,27 @@ impl Vm {
             let sb = guard.as_ref().ok_or_else(|| gone(&id))?;
             let r = sb.run(&command, &opts).await?;
             Ok((r.exit_code, r.stdout, r.stderr))
+        })
+    }
+
+    fn pause(&self, py: Python<'_>) -> PyResult<()> {
+        let (inner, id) = (self.inner.clone(), self.id.clone());
+        block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.pause().await })
+    }
+
+    fn resume(&self, py: Python<'_>) -> PyResult<()> {
+        let (inner, id) = (self.inner.clone(), self.id.clone());
+        block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.resume().await })
+    }
+
+    /// Returns (snapshot_id, vm_id, snapshot_type, path).
+    #[pyo3(signature = (snapshot_id=None, snapshot_type="full".to_string()))]
+    fn snapshot(&self, py: Python<'_>, snapshot_id: Option<String>, snapshot_type: String) -> PyResult<(String, String, String, String)> {
+        let (inner, id) = (self.inner.clone(), self.id.clone());
+        block(py, async move {
+            let guard = inner.read().await;
+            let info = guard.as_ref().ok_or_else(|| gone(&id))?.snapshot(snapshot_id.as_deref(), &snapshot_type).await?;
+            Ok((info.snapshot_id, info.vm_id, info.snapshot_type, info.path.to_string_lossy().into_owned()))
         })
     }
 
@@ -253,6 +290,17 @@ impl Vm {
     }
 }
 
+#[pyfunction]
+fn list_snapshots() -> PyResult<String> {
+    let snaps = smolvm::sandbox::list_snapshots(&Dirs::from_env()).map_err(to_py)?;
+    Ok(serde_json::to_string(&snaps).unwrap_or_default())
+}
+
+#[pyfunction]
+fn delete_snapshot(snapshot_id: &str) -> PyResult<()> {
+    smolvm::sandbox::delete_snapshot(&Dirs::from_env(), snapshot_id).map_err(to_py)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NativeError", m.py().get_type::<NativeError>())?;
@@ -260,6 +308,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(validate_config, m)?)?;
     m.add_function(wrap_pyfunction!(build_image, m)?)?;
     m.add_function(wrap_pyfunction!(list_sandboxes, m)?)?;
+    m.add_function(wrap_pyfunction!(list_snapshots, m)?)?;
+    m.add_function(wrap_pyfunction!(delete_snapshot, m)?)?;
     m.add_class::<Vm>()?;
     Ok(())
 }

@@ -177,3 +177,31 @@ def test_cli_is_installed_with_the_package():
     out = subprocess.run([exe, "run", "echo hello from a microVM"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "hello from a microVM\n"
+
+
+def test_pause_resume_snapshot_and_from_snapshot(no_leftovers):
+    from smolvm.exceptions import SnapshotNotFoundError
+    from smolvm.types import SnapshotInfo
+
+    with SmolVM(vm_id="pysnapsrc", env_vars={"A": "1"}) as vm:
+        vm.run("echo saved > /tmp/f")
+        vm.pause()
+        assert vm.status == VMState.PAUSED
+        with pytest.raises(SmolVMError, match="paused"):
+            vm.run("true")
+        vm.resume()
+        info = vm.snapshot("pysnap")
+        assert info == SnapshotInfo("pysnap", "pysnapsrc", "full", info.path)
+        with pytest.raises(ValidationError, match="diff"):
+            vm.snapshot(snapshot_type="diff")
+        with SmolVM.from_snapshot("pysnap", env_vars={"B": "2"}) as clone:
+            assert clone.status == VMState.RUNNING
+            assert clone.run("cat /tmp/f; echo [$A] [$B]").stdout == "saved\n[] [2]\n"
+        paused = SmolVM.from_snapshot("pysnap", resume_vm=False)
+        assert paused.status == VMState.PAUSED
+        paused.resume()
+        assert paused.run("echo $A").output == "1"
+        paused.delete()
+    smolvm._native.delete_snapshot("pysnap")
+    with pytest.raises(SnapshotNotFoundError):
+        SmolVM.from_snapshot("pysnap")

@@ -453,8 +453,7 @@ impl Sandbox {
             }
             None => random_id("snap"),
         };
-        let store = Store::open(&self.dirs.data)?;
-        if store.get_snapshot(&id)?.is_some() {
+        if Store::open(&self.dirs.data)?.get_snapshot(&id)?.is_some() {
             return Err(Error::validation("snapshot_id", format!("snapshot '{id}' already exists")));
         }
         let rec = self.record()?;
@@ -471,7 +470,7 @@ impl Sandbox {
         if let Ok(vars) = self.list_env_vars().await {
             config.env_vars = vars;
         }
-        if let Err(e) = store.insert_snapshot(&id, &self.id, snapshot_type, &config) {
+        if let Err(e) = Store::open(&self.dirs.data).and_then(|store| store.insert_snapshot(&id, &self.id, snapshot_type, &config)) {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
@@ -481,8 +480,7 @@ impl Sandbox {
     /// Start a new sandbox from a snapshot. `name` defaults to a fresh id; `env_vars`, when
     /// given, replace the snapshot's variables; `resume: false` leaves it paused.
     pub async fn from_snapshot_in(dirs: Dirs, snapshot_id: &str, opts: RestoreOptions) -> Result<Sandbox> {
-        let store = Store::open(&dirs.data)?;
-        let snap = store.get_snapshot(snapshot_id)?.ok_or_else(|| Error::SnapshotNotFound(snapshot_id.to_string()))?;
+        let snap = Store::open(&dirs.data)?.get_snapshot(snapshot_id)?.ok_or_else(|| Error::SnapshotNotFound(snapshot_id.to_string()))?;
         let dir = snapshot_dir(&dirs, snapshot_id);
         let image: crate::image::BootImage = std::fs::read(dir.join("image.json"))
             .ok()
@@ -495,7 +493,7 @@ impl Sandbox {
         }
         let mut sb = Sandbox::create_in(dirs.clone(), config, false)?;
         let result = async {
-            store.set_snapshot_origin(&sb.id, snapshot_id)?;
+            Store::open(&dirs.data)?.set_snapshot_origin(&sb.id, snapshot_id)?;
             let accel = crate::vmm::choose_accel().map_err(Error::Host)?;
             let restore = (snap.kind == "full").then(|| RestoreSpec { state: dir.join("state"), resume: opts.resume });
             let spec = BootSpec { image, accel, boot_timeout_ms: opts.boot_timeout.as_millis() as u64, verbose_boot: false, restore };

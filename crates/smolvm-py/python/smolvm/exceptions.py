@@ -67,6 +67,7 @@ class CommandBlockedError(SmolVMError):
 _BY_CODE = {
     "validation": ValidationError,
     "not_found": VMNotFoundError,
+    "snapshot_not_found": SnapshotNotFoundError,
     "already_exists": VMAlreadyExistsError,
     "image": ImageError,
     "host": HostError,

@@ -56,11 +56,12 @@ class VMInfo:
 
 @dataclass(frozen=True)
 class SnapshotInfo:
-    """Describes a snapshot. Snapshots are not available yet in this build."""
+    """A saved sandbox: ``full`` (memory, devices, disk) or ``disk``."""
 
     snapshot_id: str
     vm_id: str
     snapshot_type: str
+    path: str = ""
 
 
 __all__ = ["VMState", "CommandResult", "VMInfo", "SnapshotInfo"]

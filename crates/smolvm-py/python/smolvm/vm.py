@@ -10,7 +10,7 @@ from . import _native
 from ._errors import call
 from .config import VMConfig
 from .exceptions import CommandBlockedError, CommandExecutionUnavailableError, OperationTimeoutError, SmolVMError, ValidationError
-from .types import CommandResult, VMInfo, VMState
+from .types import CommandResult, SnapshotInfo, VMInfo, VMState
 
 _SHELLS = ("login", "raw")
 
@@ -121,13 +121,43 @@ class SmolVM:
             call(self._native.close)
 
     def pause(self) -> None:
-        raise SmolVMError("pause is not supported by this build yet")
+        """Freeze the VM's CPUs; its processes keep their state."""
+        call(self._require().pause)
 
     def resume(self) -> None:
-        raise SmolVMError("resume is not supported by this build yet")
+        call(self._require().resume)
+
+    def snapshot(self, snapshot_id: Optional[str] = None, snapshot_type: str = "full") -> SnapshotInfo:
+        """Save this sandbox (``full``: memory, devices and disk; ``disk``: the root disk)."""
+        return SnapshotInfo(*call(self._require().snapshot, snapshot_id, snapshot_type))
+
+    @classmethod
+    def from_snapshot(
+        cls,
+        snapshot_id: str,
+        backend: Optional[str] = None,
+        resume: bool = True,
+        *,
+        resume_vm: Optional[bool] = None,
+        vm_id: Optional[str] = None,
+        env_vars: Optional[Mapping[str, str]] = None,
+        boot_timeout: float = 30,
+    ) -> "SmolVM":
+        """Start a new sandbox from a snapshot; it is this object's to delete."""
+        if backend not in (None, "qemu", "auto"):
+            raise ValidationError(f"invalid backend: {backend!r} cannot restore this snapshot (allowed: 'qemu', 'auto')", {"field": "backend"})
+        if resume_vm is not None:
+            resume = resume_vm
+        vm = cls.__new__(cls)
+        env = dict(env_vars) if env_vars is not None else None
+        vm._native = call(_native.Vm.from_snapshot, snapshot_id, vm_id, env, resume, float(boot_timeout))
+        vm._config = VMConfig(vm_id=vm._native.id)
+        vm._owned = True
+        vm.on_pre_run = vm.on_post_run = vm.on_run_error = None
+        return vm
 
     def __enter__(self) -> "SmolVM":
-        if self._native is None or self.status != VMState.RUNNING:
+        if self._native is None or self.status not in (VMState.RUNNING, VMState.PAUSED):
             self.start()
         return self
 
