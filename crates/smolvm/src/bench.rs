@@ -51,6 +51,7 @@ async fn bare_boot(kernel: &std::path::Path, initrd: &std::path::Path, dir: &std
         qmp_socket: dir.join("q.sock"),
         console_log: dir.join("bare-console.log"),
         incoming: false,
+        ram: None,
     };
     let started = Instant::now();
     let mut child = qemu::spawn(&spec, &dir.join("bare.log"))?;

@@ -376,17 +376,19 @@ impl Sandbox {
         let image = resolve_image(&rec.config, &self.dirs, progress).await?;
         let accel = crate::vmm::choose_accel().map_err(Error::Host)?;
         let verbose_boot = env_flag("SMOLVM_VERBOSE_BOOT", false);
-        let mut spec = BootSpec { image, accel, boot_timeout_ms: boot_timeout.as_millis() as u64, verbose_boot, restore: None };
+        let mut spec = BootSpec { image, accel, boot_timeout_ms: boot_timeout.as_millis() as u64, verbose_boot, restore: None, ram: None };
         if crate::warm::eligible(&rec.config) && !verbose_boot && env_flag("SMOLVM_WARM", true) {
             match crate::warm::template(&self.dirs, &rec.config, &spec, progress).await {
                 Ok(state) => {
                     spec.restore = Some(RestoreSpec { state: state.clone(), resume: true });
+                    spec.ram = Some(crate::vmm::qemu::RamFile { path: crate::warm::ram_file(&state), share: false });
                     match self.launch(&spec, boot_timeout).await {
                         Ok(()) => return Ok(()),
                         Err(e) => {
                             tracing::warn!("warm start failed, booting cold: {}", e.full_message());
                             crate::warm::discard(&state);
                             spec.restore = None;
+                            spec.ram = None;
                         }
                     }
                 }
@@ -496,7 +498,8 @@ impl Sandbox {
             Store::open(&dirs.data)?.set_snapshot_origin(&sb.id, snapshot_id)?;
             let accel = crate::vmm::choose_accel().map_err(Error::Host)?;
             let restore = (snap.kind == "full").then(|| RestoreSpec { state: dir.join("state"), resume: opts.resume });
-            let spec = BootSpec { image, accel, boot_timeout_ms: opts.boot_timeout.as_millis() as u64, verbose_boot: false, restore };
+            let spec =
+                BootSpec { image, accel, boot_timeout_ms: opts.boot_timeout.as_millis() as u64, verbose_boot: false, restore, ram: None };
             sb.launch(&spec, opts.boot_timeout).await
         }
         .await;

@@ -35,6 +35,8 @@ pub struct BootSpec {
     pub verbose_boot: bool,
     /// Start from a saved VM state instead of booting.
     pub restore: Option<RestoreSpec>,
+    /// Guest RAM in a file (warm templates and their clones).
+    pub ram: Option<qemu::RamFile>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -172,6 +174,7 @@ async fn supervise(id: &str) -> i32 {
         qmp_socket: paths.qmp.clone(),
         console_log: paths.console.clone(),
         incoming: spec.restore.is_some(),
+        ram: spec.ram.clone(),
     };
     let greeting = Greeting { hostname: id.to_string(), env: record.config.env_vars.clone(), restored: spec.restore.is_some() };
     let booted = boot(&launch, &spec, &greeting, &paths).await;
@@ -255,7 +258,8 @@ async fn supervise(id: &str) -> i32 {
                     let _ = done.send(r);
                 }
                 Some(Control::Snapshot { dir, kind, done }) => {
-                    let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, paused.load(Ordering::SeqCst)).await;
+                    let shared_ram = spec.ram.as_ref().is_some_and(|r| r.share);
+                    let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, paused.load(Ordering::SeqCst), shared_ram).await;
                     if r.is_err() {
                         let _ = std::fs::remove_dir_all(&dir);
                     }
@@ -323,7 +327,7 @@ async fn boot(
         let mut qmp = qemu::Qmp::connect_when_ready(&launch.qmp_socket).await?;
         let mut greeted = false;
         if let Some(restore) = &spec.restore {
-            qmp.restore_from(&restore.state).await?;
+            qmp.restore_from(&restore.state, spec.ram.is_some()).await?;
             if restore.resume {
                 qmp.execute("cont").await?;
                 greet(&agent, greeting).await?;
@@ -365,6 +369,7 @@ async fn snapshot(
     dir: &Path,
     kind: SnapshotKind,
     was_paused: bool,
+    shared_ram: bool,
 ) -> std::result::Result<(), (ErrorKind, String)> {
     let failed = |e: Error| (ErrorKind::Failed, e.full_message());
     std::fs::create_dir_all(dir).map_err(|e| (ErrorKind::Failed, format!("creating {}: {e}", dir.display())))?;
@@ -373,7 +378,7 @@ async fn snapshot(
     }
     let result = async {
         match kind {
-            SnapshotKind::Full => qmp.save_to(&dir.join("state")).await?,
+            SnapshotKind::Full => qmp.save_to(&dir.join("state"), shared_ram).await?,
             SnapshotKind::Disk if !was_paused => {
                 qmp.execute("stop").await?;
             }

@@ -11,7 +11,12 @@ use smolvm_proto::{Reply, Request, SnapshotKind};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const WARM_RECIPE: &str = "warm-recipe-1";
+const WARM_RECIPE: &str = "warm-recipe-2";
+
+/// The template's RAM, beside its saved state.
+pub fn ram_file(state: &Path) -> PathBuf {
+    state.with_file_name("ram")
+}
 
 /// Only sandboxes of the default image (nothing of their own to boot) start warm.
 pub fn eligible(config: &VmConfig) -> bool {
@@ -60,7 +65,10 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
     let shape = VmConfig { vcpu_count: config.vcpu_count, memory: config.memory, ..Default::default() };
     let mut sb = Sandbox::create_in(dirs.clone(), shape, true)?;
     let made = async {
-        let cold = BootSpec { restore: None, verbose_boot: false, ..spec.clone() };
+        // The template's RAM goes to a file that clones will map copy-on-write.
+        std::fs::create_dir_all(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+        let ram = crate::vmm::qemu::RamFile { path: tmp.join("ram"), share: true };
+        let cold = BootSpec { restore: None, verbose_boot: false, ram: Some(ram), ..spec.clone() };
         sb.launch(&cold, Duration::from_millis(spec.boot_timeout_ms)).await?;
         let conn = sb.connection()?;
         let req = Request::Snapshot { dir: tmp.to_string_lossy().into_owned(), kind: SnapshotKind::Full };

@@ -26,6 +26,17 @@ pub struct LaunchSpec {
     pub console_log: PathBuf,
     /// Wait for a saved state over QMP (`-incoming defer`), CPUs stopped (`-S`).
     pub incoming: bool,
+    /// Guest RAM in a file instead of anonymous memory (see [`RamFile`]).
+    pub ram: Option<RamFile>,
+}
+
+/// Guest RAM backed by a file. A warm template runs with `share: true`, so its memory lands
+/// in the file and the saved state can leave RAM out; clones map the same file with
+/// `share: false` (private copy-on-write), so the pages they only read are shared among them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RamFile {
+    pub path: PathBuf,
+    pub share: bool,
 }
 
 /// The kernel command line. Only settings, never anything from the user's env values.
@@ -55,7 +66,14 @@ pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
 pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
-    push(&["-M", "microvm,acpi=off,x-option-roms=off"]);
+    let machine =
+        if spec.ram.is_some() { "microvm,acpi=off,x-option-roms=off,memory-backend=ram" } else { "microvm,acpi=off,x-option-roms=off" };
+    push(&["-M", machine]);
+    if let Some(ram) = &spec.ram {
+        let path = ram.path.to_string_lossy().replace(',', ",,");
+        let share = if ram.share { "on" } else { "off" };
+        push(&["-object", &format!("memory-backend-file,id=ram,size={}M,mem-path={path},share={share}", spec.memory_mib)]);
+    }
     match spec.accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         // x86-64-v2 features so common binaries run; +arat avoids APIC timer stalls in idle.
@@ -172,7 +190,8 @@ impl Qmp {
 
     /// Write the VM's device and memory state to `file` (QEMU's migration stream). When this
     /// returns the CPUs are stopped and the disks flushed; `cont` resumes.
-    pub async fn save_to(&mut self, file: &Path) -> Result<()> {
+    pub async fn save_to(&mut self, file: &Path, ignore_shared: bool) -> Result<()> {
+        self.ignore_shared(ignore_shared).await?;
         let uri = format!("exec:cat > {}", shell_quote(file)?);
         self.execute_args("migrate", serde_json::json!({ "uri": uri })).await?;
         let status = self
@@ -190,12 +209,22 @@ impl Qmp {
     }
 
     /// Load a state written by [`Qmp::save_to`] into a VM started with `incoming`.
-    pub async fn restore_from(&mut self, file: &Path) -> Result<()> {
+    pub async fn restore_from(&mut self, file: &Path, ignore_shared: bool) -> Result<()> {
+        self.ignore_shared(ignore_shared).await?;
         let uri = format!("exec:cat {}", shell_quote(file)?);
         self.execute_args("migrate-incoming", serde_json::json!({ "uri": uri })).await?;
         let status = self.wait_while("query-status", "status", &["inmigrate", "prelaunch"], std::time::Duration::from_secs(120)).await?;
         if status != "paused" {
             return Err(Error::Host(format!("restoring the VM state ended as {status:?}")));
+        }
+        Ok(())
+    }
+
+    /// Leave RAM that lives in a shared file out of the state stream (both ends must agree).
+    async fn ignore_shared(&mut self, on: bool) -> Result<()> {
+        if on {
+            let caps = serde_json::json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] });
+            self.execute_args("migrate-set-capabilities", caps).await?;
         }
         Ok(())
     }
@@ -250,6 +279,7 @@ mod tests {
             qmp_socket: "/r/qmp.sock".into(),
             console_log: "/r/console.log".into(),
             incoming: false,
+            ram: None,
         }
     }
 
