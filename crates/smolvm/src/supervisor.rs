@@ -258,8 +258,7 @@ async fn supervise(id: &str) -> i32 {
                     let _ = done.send(r);
                 }
                 Some(Control::Snapshot { dir, kind, done }) => {
-                    let shared_ram = spec.ram.as_ref().is_some_and(|r| r.share);
-                    let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, paused.load(Ordering::SeqCst), shared_ram).await;
+                    let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, paused.load(Ordering::SeqCst)).await;
                     if r.is_err() {
                         let _ = std::fs::remove_dir_all(&dir);
                     }
@@ -327,7 +326,7 @@ async fn boot(
         let mut qmp = qemu::Qmp::connect_when_ready(&launch.qmp_socket).await?;
         let mut greeted = false;
         if let Some(restore) = &spec.restore {
-            qmp.restore_from(&restore.state, spec.ram.is_some()).await?;
+            qmp.restore_from(&restore.state).await?;
             if restore.resume {
                 qmp.execute("cont").await?;
                 greet(&agent, greeting).await?;
@@ -369,7 +368,6 @@ async fn snapshot(
     dir: &Path,
     kind: SnapshotKind,
     was_paused: bool,
-    shared_ram: bool,
 ) -> std::result::Result<(), (ErrorKind, String)> {
     let failed = |e: Error| (ErrorKind::Failed, e.full_message());
     std::fs::create_dir_all(dir).map_err(|e| (ErrorKind::Failed, format!("creating {}: {e}", dir.display())))?;
@@ -378,7 +376,7 @@ async fn snapshot(
     }
     let result = async {
         match kind {
-            SnapshotKind::Full => qmp.save_to(&dir.join("state"), shared_ram).await?,
+            SnapshotKind::Full => qmp.save_to(&dir.join("state")).await?,
             SnapshotKind::Disk if !was_paused => {
                 qmp.execute("stop").await?;
             }

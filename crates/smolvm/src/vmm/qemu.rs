@@ -66,13 +66,16 @@ pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
 pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
-    let machine =
-        if spec.ram.is_some() { "microvm,acpi=off,x-option-roms=off,memory-backend=ram" } else { "microvm,acpi=off,x-option-roms=off" };
-    push(&["-M", machine]);
-    if let Some(ram) = &spec.ram {
-        let path = ram.path.to_string_lossy().replace(',', ",,");
-        let share = if ram.share { "on" } else { "off" };
-        push(&["-object", &format!("memory-backend-file,id=ram,size={}M,mem-path={path},share={share}", spec.memory_mib)]);
+    // RAM is always an explicit backend named `ram`, file-backed or not, so that the saved
+    // state of any sandbox loads into any other of the same shape.
+    push(&["-M", "microvm,acpi=off,x-option-roms=off,memory-backend=ram"]);
+    match &spec.ram {
+        Some(ram) => {
+            let path = ram.path.to_string_lossy().replace(',', ",,");
+            let share = if ram.share { "on" } else { "off" };
+            push(&["-object", &format!("memory-backend-file,id=ram,size={}M,mem-path={path},share={share}", spec.memory_mib)]);
+        }
+        None => push(&["-object", &format!("memory-backend-ram,id=ram,size={}M", spec.memory_mib)]),
     }
     match spec.accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
@@ -190,8 +193,8 @@ impl Qmp {
 
     /// Write the VM's device and memory state to `file` (QEMU's migration stream). When this
     /// returns the CPUs are stopped and the disks flushed; `cont` resumes.
-    pub async fn save_to(&mut self, file: &Path, ignore_shared: bool) -> Result<()> {
-        self.ignore_shared(ignore_shared).await?;
+    pub async fn save_to(&mut self, file: &Path) -> Result<()> {
+        self.ignore_shared().await?;
         let uri = format!("exec:cat > {}", shell_quote(file)?);
         self.execute_args("migrate", serde_json::json!({ "uri": uri })).await?;
         let status = self
@@ -209,8 +212,8 @@ impl Qmp {
     }
 
     /// Load a state written by [`Qmp::save_to`] into a VM started with `incoming`.
-    pub async fn restore_from(&mut self, file: &Path, ignore_shared: bool) -> Result<()> {
-        self.ignore_shared(ignore_shared).await?;
+    pub async fn restore_from(&mut self, file: &Path) -> Result<()> {
+        self.ignore_shared().await?;
         let uri = format!("exec:cat {}", shell_quote(file)?);
         self.execute_args("migrate-incoming", serde_json::json!({ "uri": uri })).await?;
         let status = self.wait_while("query-status", "status", &["inmigrate", "prelaunch"], std::time::Duration::from_secs(120)).await?;
@@ -220,12 +223,11 @@ impl Qmp {
         Ok(())
     }
 
-    /// Leave RAM that lives in a shared file out of the state stream (both ends must agree).
-    async fn ignore_shared(&mut self, on: bool) -> Result<()> {
-        if on {
-            let caps = serde_json::json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] });
-            self.execute_args("migrate-set-capabilities", caps).await?;
-        }
+    /// Leave RAM that lives in a shared file out of the state stream. Both ends must agree, so
+    /// it is always on: for anonymous or private RAM it changes nothing.
+    async fn ignore_shared(&mut self) -> Result<()> {
+        let caps = serde_json::json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] });
+        self.execute_args("migrate-set-capabilities", caps).await?;
         Ok(())
     }
 
