@@ -67,11 +67,12 @@ async fn bare_boot(kernel: &std::path::Path, initrd: &std::path::Path, dir: &std
     }
 }
 
-fn cold_run(dirs: &Dirs) -> Result<f64> {
+fn cli_run(dirs: &Dirs, warm: bool) -> Result<f64> {
     let bin = smolvm_binary()?;
     let started = Instant::now();
     let out = std::process::Command::new(bin)
         .args(["run", "true"])
+        .env("SMOLVM_WARM", if warm { "1" } else { "0" })
         .env("SMOLVM_DATA_DIR", &dirs.data)
         .env("SMOLVM_IMAGE_DIR", &dirs.images)
         .output()
@@ -109,17 +110,22 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
     let work = tempfile_dir(dirs)?;
     let initrd = poweroff_initrd(&work)?;
 
-    progress(&format!("cold boot: {rounds} interleaved rounds of bare QEMU and `smolvm run true`"));
-    let (mut bare, mut cold) = (Vec::new(), Vec::new());
-    // One unmeasured round warms the page cache for both.
+    progress(&format!("start-up: {rounds} interleaved rounds of bare QEMU, cold and warm `smolvm run true`"));
+    let (mut bare, mut cold, mut warm) = (Vec::new(), Vec::new(), Vec::new());
+    // One unmeasured round warms the page cache (and makes the warm snapshot if missing).
     bare_boot(&img.kernel, &initrd, &work, accel).await?;
-    cold_run(dirs)?;
+    cli_run(dirs, false)?;
+    cli_run(dirs, true)?;
     for _ in 0..rounds {
         bare.push(bare_boot(&img.kernel, &initrd, &work, accel).await?);
-        cold.push(cold_run(dirs)?);
+        cold.push(cli_run(dirs, false)?);
+        warm.push(cli_run(dirs, true)?);
     }
     let bare_p50 = percentile(&mut bare, 0.5);
     let cold_p50 = percentile(&mut cold, 0.5);
+    let warm_p50 = percentile(&mut warm, 0.5);
+    let density = density(dirs, 16, progress).await?;
+    let burst = burst(dirs, 32, progress).await?;
 
     progress("warm sandbox: agent round trips and run(\"true\")");
     let mut sb = Sandbox::create_in(dirs.clone(), VmConfig::default(), true)?;
@@ -162,10 +168,14 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
     let (mut ping, mut run_login, mut run_raw, rss_mib, vmm_rss_mib, idle_cpu) = result?;
 
     let ratio = cold_p50 / bare_p50;
+    let warm_ratio = warm_p50 / cold_p50;
     let data = json!({
         "accel": accel,
         "rounds": rounds,
         "cold": { "bare_qemu_p50_s": bare_p50, "smolvm_run_true_p50_s": cold_p50, "ratio": ratio, "target_ratio": 1.15 },
+        "warm": { "smolvm_run_true_p50_s": warm_p50, "ratio_to_cold": warm_ratio, "target_ratio": 0.4 },
+        "density": { "sandboxes": 16, "pss_mib_per_sandbox": density, "target_mib": 30 },
+        "burst": { "started": 32, "answered": burst.0, "all_answered_s": burst.1 },
         "agent_ping_ms": { "p50": percentile(&mut ping, 0.5), "p99": percentile(&mut ping, 0.99), "target_p50": 1.0 },
         "run_true_login_ms": { "p50": percentile(&mut run_login, 0.5), "p99": percentile(&mut run_login, 0.99), "target_p50": 10.0 },
         "run_true_raw_ms": { "p50": percentile(&mut run_raw, 0.5), "p99": percentile(&mut run_raw, 0.99) },
@@ -175,11 +185,17 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         "| measure ({accel:?}, {rounds} rounds) | result | reference / target |\n|---|---|---|\n\
          | cold `smolvm run true`, p50 | {cold_p50:.3} s | bare QEMU boot to poweroff of the same kernel: {bare_p50:.3} s |\n\
          | cold ratio smolvm / bare | **{ratio:.2}** | target <= 1.15 |\n\
+         | warm `smolvm run true` (restored from the image's snapshot), p50 | {warm_p50:.3} s | cold {cold_p50:.3} s |\n\
+         | warm ratio warm / cold | **{warm_ratio:.2}** | target <= 0.4 |\n\
+         | host PSS per idle warm sandbox, 16 running (QEMU + supervisor) | {density:.1} MiB | target <= 30 MB |\n\
+         | 32 sandboxes started at once | {} answered, all within {:.2} s | all answer |\n\
          | agent round trip (no process) | p50 {:.3} ms, p99 {:.3} ms | target p50 <= 1 ms |\n\
          | warm `run(\"true\")`, login shell | p50 {:.2} ms, p99 {:.2} ms | target p50 <= 10 ms |\n\
          | warm `run(\"true\")`, raw shell | p50 {:.2} ms, p99 {:.2} ms | |\n\
          | idle sandbox host RSS (QEMU + supervisor) | {rss_mib:.1} MiB (QEMU {vmm_rss_mib:.1}) | target <= 110 MB |\n\
          | idle sandbox CPU | {idle_cpu:.2} % of a core | target <= 2 % |\n",
+        burst.0,
+        burst.1,
         data["agent_ping_ms"]["p50"].as_f64().unwrap_or(0.0),
         data["agent_ping_ms"]["p99"].as_f64().unwrap_or(0.0),
         data["run_true_login_ms"]["p50"].as_f64().unwrap_or(0.0),
@@ -188,6 +204,77 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         data["run_true_raw_ms"]["p99"].as_f64().unwrap_or(0.0),
     );
     Ok((data, md))
+}
+
+fn pss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Pss:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+async fn start_many(dirs: &Dirs, n: usize) -> (Vec<Sandbox>, Vec<Error>) {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let dirs = dirs.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut sb = Sandbox::create_in(dirs, VmConfig::default(), true)?;
+            match sb.start(Duration::from_secs(120), &|_| {}).await {
+                Ok(()) => Ok(sb),
+                Err(e) => {
+                    let _ = sb.delete().await;
+                    Err(e)
+                }
+            }
+        }));
+    }
+    let (mut ok, mut failed) = (Vec::new(), Vec::new());
+    for t in tasks {
+        match t.await {
+            Ok(Ok(sb)) => ok.push(sb),
+            Ok(Err(e)) => failed.push(e),
+            Err(e) => failed.push(Error::Host(e.to_string())),
+        }
+    }
+    (ok, failed)
+}
+
+/// PSS per sandbox with `n` idle warm sandboxes running: what each costs when pages are shared.
+async fn density(dirs: &Dirs, n: usize, progress: image::Progress<'_>) -> Result<f64> {
+    progress(&format!("density: {n} warm sandboxes, PSS each"));
+    let (sbs, failed) = start_many(dirs, n).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut total = 0u64;
+    for sb in &sbs {
+        let rec = sb.record()?;
+        total += [rec.supervisor, rec.vmm].into_iter().flatten().map(|p| pss_kib(p.pid)).sum::<u64>();
+    }
+    let count = sbs.len();
+    for sb in sbs {
+        let _ = sb.delete().await;
+    }
+    if let Some(e) = failed.into_iter().next() {
+        return Err(e);
+    }
+    Ok(total as f64 / 1024.0 / count.max(1) as f64)
+}
+
+/// Start `n` sandboxes at once; how many answer a command, and how long until all did.
+async fn burst(dirs: &Dirs, n: usize, progress: image::Progress<'_>) -> Result<(usize, f64)> {
+    progress(&format!("burst: {n} sandboxes started at once"));
+    let started = Instant::now();
+    let (sbs, _failed) = start_many(dirs, n).await;
+    let mut answered = 0;
+    for sb in &sbs {
+        if sb.run("true", &RunOptions::default()).await.is_ok() {
+            answered += 1;
+        }
+    }
+    let took = started.elapsed().as_secs_f64();
+    for sb in sbs {
+        let _ = sb.delete().await;
+    }
+    Ok((answered, took))
 }
 
 fn tempfile_dir(dirs: &Dirs) -> Result<std::path::PathBuf> {

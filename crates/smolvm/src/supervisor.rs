@@ -323,19 +323,23 @@ async fn boot(
     let work = async {
         let (stream, _) = listener.accept().await.ctx(|| "accepting the agent channel".into())?;
         let agent = Conn::new(stream);
-        let mut qmp = qemu::Qmp::connect_when_ready(&launch.qmp_socket).await?;
         let mut greeted = false;
-        if let Some(restore) = &spec.restore {
+        let qmp = if let Some(restore) = &spec.restore {
+            let mut qmp = qemu::Qmp::connect_when_ready(&launch.qmp_socket).await?;
             qmp.restore_from(&restore.state).await?;
             if restore.resume {
                 qmp.execute("cont").await?;
                 greet(&agent, greeting).await?;
                 greeted = true;
             }
+            qmp
         } else {
-            greet(&agent, greeting).await?;
+            // A cold boot needs no QMP until later: greet first, the guest is what we wait for.
+            let (qmp, hello) = tokio::join!(qemu::Qmp::connect_when_ready(&launch.qmp_socket), greet(&agent, greeting));
+            hello?;
             greeted = true;
-        }
+            qmp?
+        };
         tracing::info!("ready after {:?}", started.elapsed());
         Ok::<_, Error>((qmp, agent, greeted))
     };

@@ -56,6 +56,16 @@ impl TestEnv {
     }
 }
 
+/// A test that fails half way must not leave VMs running: their QEMU processes name this
+/// test's data directory; killing them makes their supervisors exit too.
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        for pid in self.qemu_processes() {
+            let _ = std::process::Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        }
+    }
+}
+
 /// Pids whose command line contains both strings.
 pub fn processes_mentioning(a: &str, b: &str) -> Vec<i32> {
     let mut out = Vec::new();
