@@ -8,6 +8,7 @@
 
 mod envfile;
 mod exec;
+mod files;
 mod init;
 mod reaper;
 mod server;

@@ -98,14 +98,29 @@ fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
             Reply::Hello {
                 version: proto::PROTOCOL_VERSION.min(version),
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
-                capabilities: ["ping", "exec", "env", "shutdown"].map(String::from).to_vec(),
+                capabilities: ["ping", "exec", "env", "files", "shutdown"].map(String::from).to_vec(),
             }
         }
         Request::Ping => Reply::Pong,
         Request::Exec(req) => return crate::exec::start(stream, req, w.clone()),
-        Request::Stdin(data) => return crate::exec::stdin(stream, Some(data)),
-        Request::StdinClose => return crate::exec::stdin(stream, None),
-        Request::Cancel => return crate::exec::cancel(stream),
+        Request::Stdin(data) => {
+            if !crate::files::put_data(stream, &data, w) {
+                crate::exec::stdin(stream, Some(data));
+            }
+            return;
+        }
+        Request::StdinClose => {
+            if !crate::files::put_end(stream, w) {
+                crate::exec::stdin(stream, None);
+            }
+            return;
+        }
+        Request::Cancel => {
+            crate::files::put_cancel(stream);
+            return crate::exec::cancel(stream);
+        }
+        Request::FilePut { path, mode, tar } => return crate::files::put_start(stream, path, mode, tar, w),
+        Request::FileGet { path } => return crate::files::get(stream, path, w.clone()),
         Request::EnvList => crate::envfile::list().map(Reply::Env).unwrap_or_else(io_reply),
         Request::EnvSet { vars, merge } => crate::envfile::set(vars, merge).map(Reply::EnvNames).unwrap_or_else(io_reply),
         Request::EnvUnset { keys } => crate::envfile::unset(keys).map(Reply::EnvRemoved).unwrap_or_else(io_reply),

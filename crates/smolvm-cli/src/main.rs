@@ -171,9 +171,20 @@ enum SandboxCmd {
     Pause { name: String },
     /// Thaw a paused sandbox.
     Resume { name: String },
+    /// Copy files and directories in and out.
+    #[command(subcommand)]
+    File(FileCmd),
     /// Save sandboxes and start new ones from what was saved.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
+}
+
+#[derive(Subcommand)]
+enum FileCmd {
+    /// Host SRC (file or directory) to guest DST (absolute; trailing / = into that directory).
+    Upload { name: String, src: PathBuf, dst: String },
+    /// Guest SRC (absolute) to host DST.
+    Download { name: String, src: String, dst: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -557,6 +568,14 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             Ok(Done::text(name.clone(), json!({ "id": name, "state": "running" })))
         }
         SandboxCmd::Snapshot(s) => snapshot_cmd(s, dirs).await,
+        SandboxCmd::File(FileCmd::Upload { name, src, dst }) => {
+            Sandbox::open_in(dirs, &name).await?.upload(&src, &dst).await?;
+            Ok(Done { exit_code: 0, data: json!({ "uploaded": src, "to": dst }), text: None })
+        }
+        SandboxCmd::File(FileCmd::Download { name, src, dst }) => {
+            Sandbox::open_in(dirs, &name).await?.download(&src, &dst).await?;
+            Ok(Done { exit_code: 0, data: json!({ "downloaded": src, "to": dst }), text: None })
+        }
     }
 }
 

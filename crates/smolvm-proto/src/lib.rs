@@ -15,6 +15,7 @@
 //! and the async host share exactly one codec.
 
 pub mod env;
+pub mod paths;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -88,8 +89,23 @@ pub enum Request {
     /// Round trip without a process, for health checks and benchmarks.
     Ping,
     Exec(ExecRequest),
+    /// Input for the stream: a process's stdin, or the bytes of an upload.
     Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// End of that input (the upload is complete).
     StdinClose,
+    /// Receive a file (or, with `tar`, a directory as a tar stream) at the absolute `path`,
+    /// sent as `Stdin` frames and `StdinClose`. Parents are created; the file appears whole
+    /// (temp file, then rename). Answered with `Ok`.
+    FilePut {
+        path: String,
+        mode: u32,
+        tar: bool,
+    },
+    /// Send the file at `path` as `Data` frames, ending with `FileDone`; a directory is sent
+    /// as a tar stream.
+    FileGet {
+        path: String,
+    },
     /// Kill the stream's process group now (client gone, host-side deadline, Ctrl-C).
     Cancel,
     EnvList,
@@ -153,6 +169,14 @@ pub enum Reply {
     Pong,
     Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
     Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A chunk of a downloaded file.
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Terminal reply of a download: the file's mode, its size, and whether `Data` was a tar.
+    FileDone {
+        mode: u32,
+        size: u64,
+        tar: bool,
+    },
     /// Terminal reply of an exec. `code` follows the shell convention: 128+N for signal N.
     Exit {
         code: i32,
@@ -174,7 +198,7 @@ pub enum Reply {
 impl Reply {
     /// Whether this reply closes its stream. Output chunks are the only non-terminal replies.
     pub fn is_terminal(&self) -> bool {
-        !matches!(self, Reply::Stdout(_) | Reply::Stderr(_))
+        !matches!(self, Reply::Stdout(_) | Reply::Stderr(_) | Reply::Data(_))
     }
 
     pub fn error(kind: ErrorKind, message: impl Into<String>) -> Reply {

@@ -179,6 +179,16 @@ impl Vm {
         })
     }
 
+    fn upload(&self, py: Python<'_>, local: std::path::PathBuf, guest: String) -> PyResult<()> {
+        let (inner, id) = (self.inner.clone(), self.id.clone());
+        block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.upload(&local, &guest).await })
+    }
+
+    fn download(&self, py: Python<'_>, guest: String, local: std::path::PathBuf) -> PyResult<()> {
+        let (inner, id) = (self.inner.clone(), self.id.clone());
+        block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.download(&guest, &local).await })
+    }
+
     fn pause(&self, py: Python<'_>) -> PyResult<()> {
         let (inner, id) = (self.inner.clone(), self.id.clone());
         block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.pause().await })

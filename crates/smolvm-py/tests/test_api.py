@@ -205,3 +205,16 @@ def test_pause_resume_snapshot_and_from_snapshot(no_leftovers):
     smolvm._native.delete_snapshot("pysnap")
     with pytest.raises(SnapshotNotFoundError):
         SmolVM.from_snapshot("pysnap")
+
+
+def test_upload_and_download_files(no_leftovers, tmp_path):
+    src = tmp_path / "in.bin"
+    payload = os.urandom(3 * 1024 * 1024)
+    src.write_bytes(payload)
+    with SmolVM() as vm:
+        vm.upload_file(src, "/work/")
+        assert vm.run("stat -c %s /work/in.bin").output == str(len(payload))
+        vm.download_file("/work/in.bin", tmp_path / "out.bin")
+        assert (tmp_path / "out.bin").read_bytes() == payload
+        with pytest.raises(ValidationError, match="absolute"):
+            vm.upload_file(src, "work/in.bin")

@@ -638,6 +638,99 @@ impl Sandbox {
         }
     }
 
+    /// Copy a local file (or directory, as tar) into the guest. `guest` must be absolute; a
+    /// trailing `/` puts it into that directory under its own name; parents are created.
+    pub async fn upload(&self, local: &Path, guest: &str) -> Result<()> {
+        let meta = std::fs::metadata(local).map_err(|_| Error::validation("local_path", format!("{} does not exist", local.display())))?;
+        let name = local.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let target = smolvm_proto::paths::guest_target(guest, &name).map_err(|m| Error::validation("guest_path", m))?;
+        let conn = self.conn()?;
+        let (mode, tar) = (std::os::unix::fs::PermissionsExt::mode(&meta.permissions()), meta.is_dir());
+        let mut stream = conn.open(&Request::FilePut { path: target.clone(), mode, tar }).await?;
+        let send = async {
+            let mut reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if tar {
+                let dir = local.to_path_buf();
+                let bytes = tokio::task::spawn_blocking(move || smolvm_tar::pack(&dir, Vec::new()))
+                    .await
+                    .map_err(|e| Error::Host(e.to_string()))?
+                    .ctx(|| format!("packing {}", local.display()))?;
+                Box::new(std::io::Cursor::new(bytes))
+            } else {
+                Box::new(tokio::fs::File::open(local).await.ctx(|| format!("opening {}", local.display()))?)
+            };
+            let mut buf = vec![0u8; smolvm_proto::CHUNK];
+            loop {
+                let n = tokio::io::AsyncReadExt::read(&mut reader, &mut buf).await.ctx(|| format!("reading {}", local.display()))?;
+                if n == 0 {
+                    break;
+                }
+                stream.send(&Request::Stdin(buf[..n].to_vec())).await?;
+            }
+            stream.send(&Request::StdinClose).await
+        };
+        send.await?;
+        match stream.recv().await {
+            Some(Reply::Ok) => Ok(()),
+            Some(Reply::Error { kind: ErrorKind::Invalid, message }) => Err(Error::validation("guest_path", message)),
+            Some(other) => Err(unexpected("upload", other)),
+            None => Err(Error::Guest("the sandbox went away during the upload".into())),
+        }
+    }
+
+    /// Copy a guest file (or directory, as tar) to the host. Setuid, setgid and sticky bits
+    /// are dropped; a directory's entries are checked before anything is written.
+    pub async fn download(&self, guest: &str, local: &Path) -> Result<()> {
+        let name = Path::new(guest).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        smolvm_proto::paths::guest_target(guest, &name).map_err(|m| Error::validation("guest_path", m))?;
+        let into_dir = local.to_string_lossy().ends_with('/') || local.is_dir();
+        let conn = self.conn()?;
+        let mut stream = conn.open(&Request::FileGet { path: guest.to_string() }).await?;
+        let parent = if into_dir { local.to_path_buf() } else { local.parent().map(Path::to_path_buf).unwrap_or_default() };
+        let parent = if parent.as_os_str().is_empty() { PathBuf::from(".") } else { parent };
+        std::fs::create_dir_all(&parent).ctx(|| format!("creating {}", parent.display()))?;
+        let tmp = parent.join(format!(".smolvm-download-{}-{}", std::process::id(), stream.id));
+        let result = async {
+            let mut file = tokio::fs::File::create(&tmp).await.ctx(|| format!("creating {}", tmp.display()))?;
+            loop {
+                match stream.recv().await {
+                    Some(Reply::Data(d)) => {
+                        tokio::io::AsyncWriteExt::write_all(&mut file, &d).await.ctx(|| format!("writing {}", tmp.display()))?
+                    }
+                    Some(Reply::FileDone { mode, tar, .. }) => {
+                        tokio::io::AsyncWriteExt::flush(&mut file).await.ctx(|| "flushing the download".into())?;
+                        return Ok((mode, tar));
+                    }
+                    Some(Reply::Error { kind: ErrorKind::NotFound, message }) => return Err(Error::validation("guest_path", message)),
+                    Some(other) => return Err(unexpected("download", other)),
+                    None => return Err(Error::Guest("the sandbox went away during the download".into())),
+                }
+            }
+        }
+        .await;
+        let done = match result {
+            Ok((_, true)) => {
+                let dest = if into_dir { local.join(&name) } else { local.to_path_buf() };
+                let (tmp2, dest2) = (tmp.clone(), dest.clone());
+                tokio::task::spawn_blocking(move || {
+                    let mut f = std::fs::File::open(&tmp2)?;
+                    smolvm_tar::unpack_checked(&mut f, &dest2, true)
+                })
+                .await
+                .map_err(|e| Error::Host(e.to_string()))?
+                .map_err(|e| Error::Guest(format!("extracting {guest}: {e}")))
+            }
+            Ok((mode, false)) => {
+                let dest = if into_dir { local.join(&name) } else { local.to_path_buf() };
+                std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode & 0o777))
+                    .and_then(|_| std::fs::rename(&tmp, &dest))
+                    .ctx(|| format!("storing {}", dest.display()))
+            }
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_file(&tmp);
+        done
+    }
+
     /// Agent round trip without a process (health check, benchmarks).
     pub async fn ping(&self) -> Result<()> {
         match self.conn()?.call(&Request::Ping).await? {

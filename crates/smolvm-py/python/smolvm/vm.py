@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -202,6 +203,17 @@ class SmolVM:
 
     def wait_for_ssh(self, timeout: float = 60) -> None:
         raise CommandExecutionUnavailableError("SSH is not available in this build yet; commands run through the guest agent (use wait_for_ready)")
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def upload_file(self, local_path: "os.PathLike[str] | str", guest_path: str) -> None:
+        """Copy a host file or directory into the guest. ``guest_path`` must be absolute; a
+        trailing ``/`` means into that directory under the same name; parents are created."""
+        call(self._require().upload, os.fspath(local_path), guest_path)
+
+    def download_file(self, guest_path: str, local_path: "os.PathLike[str] | str") -> None:
+        """Copy a guest file or directory to the host (setuid/setgid/sticky bits dropped)."""
+        call(self._require().download, guest_path, os.fspath(local_path))
 
     # -- environment variables ---------------------------------------------------------------
 

@@ -1,0 +1,137 @@
+//! File transfer: uploads arrive as input frames into a temp file that is renamed into place
+//! when complete; downloads stream out in chunks. Directories travel as tar.
+
+use crate::server::Writer;
+use smolvm_proto::{ErrorKind, Reply, CHUNK};
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+struct Upload {
+    file: File,
+    tmp: PathBuf,
+    dest: PathBuf,
+    mode: u32,
+    tar: bool,
+}
+
+fn uploads() -> MutexGuard<'static, HashMap<u32, Upload>> {
+    static U: OnceLock<Mutex<HashMap<u32, Upload>>> = OnceLock::new();
+    U.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn io_error(what: &str, e: io::Error) -> Reply {
+    let kind = match e.kind() {
+        io::ErrorKind::NotFound => ErrorKind::NotFound,
+        io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData => ErrorKind::Invalid,
+        _ => ErrorKind::Failed,
+    };
+    Reply::error(kind, format!("{what}: {e}"))
+}
+
+/// Begin an upload. Errors are answered at once; otherwise `Ok` comes after `StdinClose`.
+pub fn put_start(stream: u32, path: String, mode: u32, tar: bool, w: &Writer) {
+    if !path.starts_with('/') {
+        return w.send(stream, &Reply::error(ErrorKind::Invalid, format!("guest path must be absolute: {path:?}")));
+    }
+    let dest = PathBuf::from(&path);
+    let opened = (|| -> io::Result<(File, PathBuf)> {
+        let tmp = if tar {
+            fs::create_dir_all("/run/smolvm")?;
+            PathBuf::from(format!("/run/smolvm/upload-{stream}.tar"))
+        } else {
+            let parent = dest.parent().unwrap_or(Path::new("/"));
+            fs::create_dir_all(parent)?;
+            let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            parent.join(format!(".{name}.smolvm-upload-{stream}"))
+        };
+        let file = fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        Ok((file, tmp))
+    })();
+    match opened {
+        Ok((file, tmp)) => {
+            uploads().insert(stream, Upload { file, tmp, dest, mode, tar });
+        }
+        Err(e) => w.send(stream, &io_error(&format!("receiving {path}"), e)),
+    }
+}
+
+/// Returns false when the stream is not an upload (its input belongs to a process).
+pub fn put_data(stream: u32, data: &[u8], w: &Writer) -> bool {
+    let mut ups = uploads();
+    let Some(up) = ups.get_mut(&stream) else { return false };
+    if let Err(e) = up.file.write_all(data) {
+        let up = ups.remove(&stream).expect("present");
+        let _ = fs::remove_file(&up.tmp);
+        w.send(stream, &io_error("writing the upload", e));
+    }
+    true
+}
+
+pub fn put_end(stream: u32, w: &Writer) -> bool {
+    let Some(mut up) = uploads().remove(&stream) else { return false };
+    let result = if up.tar {
+        let r = smolvm_tar::unpack_checked(&mut up.file, &up.dest, false);
+        let _ = fs::remove_file(&up.tmp);
+        r
+    } else {
+        let r = up.file.set_permissions(fs::Permissions::from_mode(up.mode & 0o7777)).and_then(|_| fs::rename(&up.tmp, &up.dest));
+        if r.is_err() {
+            let _ = fs::remove_file(&up.tmp);
+        }
+        r
+    };
+    w.send(
+        stream,
+        &match result {
+            Ok(()) => Reply::Ok,
+            Err(e) => io_error(&format!("storing {}", up.dest.display()), e),
+        },
+    );
+    true
+}
+
+pub fn put_cancel(stream: u32) {
+    if let Some(up) = uploads().remove(&stream) {
+        let _ = fs::remove_file(&up.tmp);
+    }
+}
+
+/// Stream a file, or a directory as tar, on its own thread.
+pub fn get(stream: u32, path: String, w: Writer) {
+    std::thread::spawn(move || {
+        if !path.starts_with('/') {
+            return w.send(stream, &Reply::error(ErrorKind::Invalid, format!("guest path must be absolute: {path:?}")));
+        }
+        let meta = match fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) => return w.send(stream, &io_error(&format!("reading {path}"), e)),
+        };
+        let mode = meta.permissions().mode() & 0o7777;
+        let sent = if meta.is_dir() {
+            smolvm_tar::pack(Path::new(&path), Vec::new()).and_then(|bytes| send_from(stream, &bytes[..], &w))
+        } else {
+            File::open(&path).and_then(|f| send_from(stream, f, &w))
+        };
+        match sent {
+            Ok(size) => w.send(stream, &Reply::FileDone { mode, size, tar: meta.is_dir() }),
+            Err(e) => w.send(stream, &io_error(&format!("reading {path}"), e)),
+        }
+    });
+}
+
+fn send_from(stream: u32, mut r: impl Read, w: &Writer) -> io::Result<u64> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+        w.send(stream, &Reply::Data(buf[..n].to_vec()));
+    }
+}

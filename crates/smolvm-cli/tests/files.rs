@@ -1,0 +1,122 @@
+//! Moving files and directories in and out, on real VMs.
+
+mod common;
+
+use common::*;
+use smolvm::{RunOptions, VmConfig};
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+fn opts() -> RunOptions {
+    RunOptions { timeout: Duration::from_secs(60), ..Default::default() }
+}
+
+#[tokio::test]
+async fn twenty_megabytes_up_and_down_byte_for_byte() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    let data: Vec<u8> = {
+        let mut f = std::fs::File::open("/dev/urandom").unwrap();
+        let mut v = vec![0u8; 20 * 1024 * 1024];
+        std::io::Read::read_exact(&mut f, &mut v).unwrap();
+        v
+    };
+    let local = env.tmp.path().join("big.bin");
+    std::fs::write(&local, &data).unwrap();
+    std::fs::set_permissions(&local, std::fs::Permissions::from_mode(0o640)).unwrap();
+    sb.upload(&local, "/data/in/").await.unwrap();
+    let r = sb.run("stat -c '%s %a' /data/in/big.bin; ls -a /data/in", &opts()).await.unwrap();
+    assert_eq!(r.stdout, format!("{} 640\n.\n..\nbig.bin\n", data.len()));
+    let back = env.tmp.path().join("out/back.bin");
+    sb.download("/data/in/big.bin", &back).await.unwrap();
+    assert!(std::fs::read(&back).unwrap() == data, "downloaded bytes differ");
+    assert_eq!(std::fs::metadata(&back).unwrap().permissions().mode() & 0o7777, 0o640);
+    // Into an existing directory, same name.
+    sb.download("/data/in/big.bin", &env.tmp.path().join("out")).await.unwrap();
+    assert!(env.tmp.path().join("out/big.bin").exists());
+    assert!(std::fs::read_dir(env.tmp.path().join("out"))
+        .unwrap()
+        .flatten()
+        .all(|e| !e.file_name().to_string_lossy().starts_with(".smolvm")));
+    sb.delete().await.unwrap();
+}
+
+#[tokio::test]
+async fn paths_modes_and_directories() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    let local = env.tmp.path().join("f.txt");
+    std::fs::write(&local, "hi\n").unwrap();
+    let err = sb.upload(&local, "tmp/relative").await.unwrap_err();
+    assert_eq!(err.to_string(), "invalid guest_path: guest path must be absolute: \"tmp/relative\"");
+    let err = sb.download("relative/x", &env.tmp.path().join("x")).await.unwrap_err();
+    assert_eq!(err.to_string(), "invalid guest_path: guest path must be absolute: \"relative/x\"");
+    let err = sb.upload(&env.tmp.path().join("missing"), "/tmp/x").await.unwrap_err();
+    assert!(err.to_string().starts_with("invalid local_path:"), "{err}");
+    let err = sb.download("/no/such/file", &env.tmp.path().join("x")).await.unwrap_err();
+    assert!(err.to_string().contains("/no/such/file"), "{err}");
+
+    // A setuid/setgid file comes back without those bits.
+    sb.run("echo s > /tmp/suid; chmod 6755 /tmp/suid", &opts()).await.unwrap();
+    let got = env.tmp.path().join("suid");
+    sb.download("/tmp/suid", &got).await.unwrap();
+    assert_eq!(std::fs::metadata(&got).unwrap().permissions().mode() & 0o7777, 0o755);
+
+    // Directories both ways, with a link that stays inside.
+    let tree = env.tmp.path().join("tree");
+    std::fs::create_dir_all(tree.join("a/b")).unwrap();
+    std::fs::write(tree.join("a/b/c.txt"), "deep\n").unwrap();
+    std::os::unix::fs::symlink("b/c.txt", tree.join("a/link")).unwrap();
+    sb.upload(&tree, "/srv/tree").await.unwrap();
+    assert_eq!(sb.run("cat /srv/tree/a/b/c.txt /srv/tree/a/link", &opts()).await.unwrap().stdout, "deep\ndeep\n");
+    sb.run("echo new > /srv/tree/a/new.txt", &opts()).await.unwrap();
+    sb.download("/srv/tree", &env.tmp.path().join("copy")).await.unwrap();
+    assert_eq!(std::fs::read_to_string(env.tmp.path().join("copy/a/new.txt")).unwrap(), "new\n");
+    assert_eq!(std::fs::read_link(env.tmp.path().join("copy/a/link")).unwrap(), std::path::Path::new("b/c.txt"));
+    sb.delete().await.unwrap();
+}
+
+#[tokio::test]
+async fn links_that_escape_are_refused_both_ways_and_write_nothing() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    // Guest to host: a guest directory holding links out of itself.
+    for (link, target) in [("esc", "../../../etc"), ("abs", "/etc/passwd")] {
+        sb.run(&format!("rm -rf /tmp/d; mkdir -p /tmp/d; echo x > /tmp/d/ok; ln -s {target} /tmp/d/{link}"), &opts()).await.unwrap();
+        let dest = env.tmp.path().join(format!("dl-{link}"));
+        let err = sb.download("/tmp/d", &dest).await.unwrap_err().to_string();
+        assert!(err.contains("refused tar entry"), "{err}");
+        assert!(!dest.exists(), "something was written for {link}");
+    }
+    // Host to guest: the agent refuses the same, before writing anything.
+    let tree = env.tmp.path().join("up");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("ok"), "x").unwrap();
+    std::os::unix::fs::symlink("../../../../etc/shadow", tree.join("esc")).unwrap();
+    let err = sb.upload(&tree, "/srv/up").await.unwrap_err().to_string();
+    assert!(err.contains("refused tar entry"), "{err}");
+    let r = sb.run("ls /srv/up 2>&1; ls -a /run/smolvm", &opts()).await.unwrap();
+    assert!(r.stdout.contains("No such file"), "{}", r.stdout);
+    assert!(!r.stdout.contains(".tar"), "temp file left: {}", r.stdout);
+    sb.delete().await.unwrap();
+}
+
+#[test]
+fn cli_file_upload_and_download() {
+    let env = env();
+    assert!(env.smolvm(&["sandbox", "create", "--name", "files"]).status.success());
+    let local = env.tmp.path().join("hello.txt");
+    std::fs::write(&local, "hello file\n").unwrap();
+    let out = env.smolvm(&["sandbox", "file", "upload", "files", local.to_str().unwrap(), "/home/"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.smolvm(&["sandbox", "exec", "files", "--", "cat /home/hello.txt"]);
+    assert_eq!(stdout(&out), "hello file\n");
+    let back = env.tmp.path().join("back.txt");
+    let out = env.smolvm(&["sandbox", "file", "download", "files", "/home/hello.txt", back.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), "hello file\n");
+    let out = env.smolvm(&["sandbox", "file", "upload", "files", local.to_str().unwrap(), "home/x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("guest path must be absolute"), "{}", stderr(&out));
+    assert!(env.smolvm(&["sandbox", "delete", "-f", "files"]).status.success());
+}

@@ -1,0 +1,83 @@
+//! Rules for paths that cross the host/guest boundary. Both sides extract tar streams that the
+//! other side made, and the guest is not trusted: an entry must not reach outside the
+//! directory it is extracted into, by its own path or through a link.
+
+/// Guest paths are absolute; a trailing `/` means "into this directory, same file name".
+pub fn guest_target(guest: &str, file_name: &str) -> Result<String, String> {
+    if !guest.starts_with('/') {
+        return Err(format!("guest path must be absolute: {guest:?}"));
+    }
+    if guest.contains('\0') {
+        return Err("guest path contains a NUL byte".into());
+    }
+    Ok(if guest.ends_with('/') { format!("{guest}{file_name}") } else { guest.to_string() })
+}
+
+/// Depth of a relative path after `.` and `..`, or `None` if it climbs above its start.
+fn depth_after(start: usize, rel: &str) -> Option<usize> {
+    let mut depth = start;
+    for part in rel.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => depth = depth.checked_sub(1)?,
+            _ => depth += 1,
+        }
+    }
+    Some(depth)
+}
+
+/// Check one tar entry: its path must be relative without `..`; a symlink's target must be
+/// relative and stay inside the root when resolved from the entry's directory; a hard link's
+/// target is a path in the archive and follows the path rules.
+pub fn check_entry(path: &str, symlink: Option<&str>, hardlink: Option<&str>) -> Result<(), String> {
+    let plain = |p: &str| -> Result<(), String> {
+        if p.is_empty() || p.starts_with('/') {
+            return Err(format!("absolute or empty path {p:?}"));
+        }
+        if p.split('/').any(|c| c == "..") {
+            return Err(format!("path {p:?} contains '..'"));
+        }
+        Ok(())
+    };
+    plain(path)?;
+    if let Some(target) = hardlink {
+        plain(target).map_err(|e| format!("hard link {path:?}: {e}"))?;
+    }
+    if let Some(target) = symlink {
+        if target.starts_with('/') {
+            return Err(format!("symlink {path:?} points to the absolute path {target:?}"));
+        }
+        let parent_depth = depth_after(0, path).unwrap_or(0).saturating_sub(1);
+        if depth_after(parent_depth, target).is_none() {
+            return Err(format!("symlink {path:?} points outside the directory ({target:?})"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_paths() {
+        assert_eq!(guest_target("/tmp/x", "f").unwrap(), "/tmp/x");
+        assert_eq!(guest_target("/tmp/dir/", "f.txt").unwrap(), "/tmp/dir/f.txt");
+        assert_eq!(guest_target("tmp/x", "f").unwrap_err(), "guest path must be absolute: \"tmp/x\"");
+    }
+
+    #[test]
+    fn entries_that_escape_are_refused() {
+        assert!(check_entry("a/b.txt", None, None).is_ok());
+        assert!(check_entry("a/link", Some("../c"), None).is_ok());
+        assert!(check_entry("a/link", Some("b/../../c"), None).is_ok());
+        assert!(check_entry("../x", None, None).is_err());
+        assert!(check_entry("a/../../x", None, None).is_err());
+        assert!(check_entry("/etc/passwd", None, None).is_err());
+        assert!(check_entry("link", Some("/etc"), None).is_err());
+        assert!(check_entry("link", Some(".."), None).is_err());
+        assert!(check_entry("a/link", Some("../../x"), None).is_err());
+        assert!(check_entry("h", None, Some("../x")).is_err());
+        assert!(check_entry("h", None, Some("a/b")).is_ok());
+    }
+}
