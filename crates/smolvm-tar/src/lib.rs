@@ -110,11 +110,13 @@ mod tests {
         assert_eq!(fs::metadata(dest.join("sub/f.txt")).unwrap().permissions().mode() & 0o7777, 0o755);
     }
 
+    type AddEntry = Box<dyn FnOnce(&mut tar::Builder<Vec<u8>>)>;
+
     #[test]
     fn escaping_entries_are_refused_and_nothing_is_written() {
         let t = tempfile::tempdir().unwrap();
         let dest = t.path().join("dest");
-        let cases: Vec<Box<dyn FnOnce(&mut tar::Builder<Vec<u8>>)>> = vec![
+        let cases: Vec<AddEntry> = vec![
             Box::new(|b| {
                 let mut h = header(tar::EntryType::Regular, 3);
                 h.as_gnu_mut().unwrap().name[..4].copy_from_slice(b"../x");
