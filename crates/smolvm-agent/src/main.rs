@@ -10,6 +10,7 @@ mod envfile;
 mod exec;
 mod files;
 mod init;
+mod net;
 mod reaper;
 mod server;
 

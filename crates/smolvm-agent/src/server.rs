@@ -88,7 +88,12 @@ fn host_gone(e: &io::Error) {
 
 fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
     let reply = match req {
-        Request::Hello { version, unix_time_ns, hostname, entropy } => {
+        Request::Hello { version, unix_time_ns, hostname, entropy, net } => {
+            if let Some(cfg) = &net {
+                if let Err(e) = crate::net::configure(cfg) {
+                    crate::log(&format!("network: {e}"));
+                }
+            }
             set_clock(unix_time_ns);
             if !hostname.is_empty() {
                 let _ = nix::unistd::sethostname(&hostname);
@@ -131,9 +136,13 @@ fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
             }
             std::process::exit(0);
         }
-        Request::Stop { .. } | Request::Info | Request::Pause | Request::Resume | Request::Snapshot { .. } => {
-            Reply::error(ErrorKind::Unsupported, "served by the host supervisor, not the agent")
-        }
+        Request::Stop { .. }
+        | Request::Info
+        | Request::Pause
+        | Request::Resume
+        | Request::Snapshot { .. }
+        | Request::Expose { .. }
+        | Request::Unexpose { .. } => Reply::error(ErrorKind::Unsupported, "served by the host supervisor, not the agent"),
     };
     w.send(stream, &reply);
 }

@@ -84,6 +84,21 @@ struct VmArgs {
     /// Seconds to wait for the VM to boot.
     #[arg(long, default_value_t = DEFAULT_BOOT_TIMEOUT.as_secs_f64())]
     boot_timeout: f64,
+    /// nat | user | none (default: nat where root and /dev/net/tun allow, else user).
+    #[arg(long)]
+    network: Option<String>,
+    /// open | off | restricted (default open; --allow-* imply restricted).
+    #[arg(long)]
+    internet: Option<String>,
+    /// Domain (and its subdomains) a restricted sandbox may reach; repeatable.
+    #[arg(long = "allow-domain")]
+    allow_domains: Vec<String>,
+    /// IPv4 network a restricted sandbox may reach (a.b.c.d/n); repeatable.
+    #[arg(long = "allow-cidr")]
+    allow_cidrs: Vec<String>,
+    /// Expose a guest port on 127.0.0.1: [HOST:]GUEST; repeatable.
+    #[arg(short = 'p', long = "publish")]
+    publish: Vec<String>,
 }
 
 #[derive(Args, Clone)]
@@ -97,6 +112,7 @@ struct ExecArgs {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 enum SandboxCmd {
     /// Create a sandbox and start it.
     Create {
@@ -171,12 +187,28 @@ enum SandboxCmd {
     Pause { name: String },
     /// Thaw a paused sandbox.
     Resume { name: String },
+    /// Guest ports reachable on 127.0.0.1.
+    #[command(subcommand)]
+    Port(PortCmd),
     /// Copy files and directories in and out.
     #[command(subcommand)]
     File(FileCmd),
     /// Save sandboxes and start new ones from what was saved.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
+}
+
+#[derive(Subcommand)]
+enum PortCmd {
+    /// Expose [HOST:]GUEST; prints the host port.
+    Expose { name: String, spec: String },
+    /// Stop exposing a guest port.
+    Close { name: String, guest: u16 },
+    List {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -304,7 +336,32 @@ fn vm_config(vm: &VmArgs, name: Option<String>) -> Result<VmConfig, Error> {
         boot_args: vm.boot_args.clone(),
         env_vars: smolvm::env::parse_pairs(&vm.env)?,
         backend: vm.backend.clone(),
+        network: vm.network.clone(),
+        internet_settings: internet_settings(vm),
+        port_forwards: vm.publish.iter().map(|p| parse_publish(p)).collect::<Result<_, _>>()?,
     })
+}
+
+fn internet_settings(vm: &VmArgs) -> Option<smolvm::config::InternetSettings> {
+    let restricted = !vm.allow_domains.is_empty() || !vm.allow_cidrs.is_empty();
+    if vm.internet.is_none() && !restricted {
+        return None;
+    }
+    Some(smolvm::config::InternetSettings {
+        mode: vm.internet.clone().unwrap_or_else(|| "restricted".into()),
+        allowed_domains: vm.allow_domains.clone(),
+        allowed_cidrs: vm.allow_cidrs.clone(),
+    })
+}
+
+/// `[HOST:]GUEST`.
+fn parse_publish(spec: &str) -> Result<smolvm::config::PortForward, Error> {
+    let bad = || Error::validation("publish", format!("{spec:?} is not [HOST:]GUEST with ports 1..=65535"));
+    let port = |s: &str| s.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(bad);
+    match spec.split_once(':') {
+        Some((h, g)) => Ok(smolvm::config::PortForward { guest: port(g)?, host: Some(port(h)?) }),
+        None => Ok(smolvm::config::PortForward { guest: port(spec)?, host: None }),
+    }
 }
 
 fn run_options(exec: &ExecArgs, env: &[String]) -> Result<RunOptions, Error> {
@@ -568,6 +625,21 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             Ok(Done::text(name.clone(), json!({ "id": name, "state": "running" })))
         }
         SandboxCmd::Snapshot(s) => snapshot_cmd(s, dirs).await,
+        SandboxCmd::Port(PortCmd::Expose { name, spec }) => {
+            let p = parse_publish(&spec)?;
+            let host = Sandbox::open_in(dirs, &name).await?.expose_local(p.guest, p.host).await?;
+            Ok(Done::text(host.to_string(), json!({ "guest": p.guest, "host": host })))
+        }
+        SandboxCmd::Port(PortCmd::Close { name, guest }) => {
+            Sandbox::open_in(dirs, &name).await?.unexpose_local(guest).await?;
+            Ok(Done::text(String::new(), json!({ "closed": guest })))
+        }
+        SandboxCmd::Port(PortCmd::List { name, .. }) => {
+            let ports = Sandbox::open_in(dirs, &name).await?.ports()?;
+            let text = ports.iter().map(|(g, h)| format!("127.0.0.1:{h} -> {g}")).collect::<Vec<_>>().join("\n");
+            let data: Vec<_> = ports.iter().map(|(g, h)| json!({ "guest": g, "host": h })).collect();
+            Ok(Done::text(text, Value::Array(data)))
+        }
         SandboxCmd::File(FileCmd::Upload { name, src, dst }) => {
             Sandbox::open_in(dirs, &name).await?.upload(&src, &dst).await?;
             Ok(Done { exit_code: 0, data: json!({ "uploaded": src, "to": dst }), text: None })

@@ -85,6 +85,8 @@ pub enum Request {
         hostname: String,
         #[serde(with = "serde_bytes")]
         entropy: Vec<u8>,
+        /// How to configure the guest's network (eth0); `None` leaves it down.
+        net: Option<NetConfig>,
     },
     /// Round trip without a process, for health checks and benchmarks.
     Ping,
@@ -128,6 +130,15 @@ pub enum Request {
     Pause,
     /// Supervisor-level: thaw it.
     Resume,
+    /// Supervisor-level: forward 127.0.0.1:`host` (0 = any free port) to the guest's port.
+    Expose {
+        guest: u16,
+        host: u16,
+    },
+    /// Supervisor-level: stop forwarding to that guest port.
+    Unexpose {
+        guest: u16,
+    },
     /// Supervisor-level: save the VM into `dir` (`full`: memory, devices and disk; `disk`).
     Snapshot {
         dir: String,
@@ -149,6 +160,15 @@ pub enum ErrorKind {
     Closed,
     /// The VM is paused: nothing runs until it is resumed.
     Paused,
+}
+
+/// The guest's side of its network: address, prefix length, gateway and DNS server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    pub address: [u8; 4],
+    pub prefix: u8,
+    pub gateway: [u8; 4],
+    pub dns: [u8; 4],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,6 +208,8 @@ pub enum Reply {
     /// Removed keys with their old values.
     EnvRemoved(BTreeMap<String, String>),
     Info(String),
+    /// The host port of an exposed guest port.
+    Port(u16),
     Ok,
     Error {
         kind: ErrorKind,

@@ -52,6 +52,7 @@ async fn bare_boot(kernel: &std::path::Path, initrd: &std::path::Path, dir: &std
         console_log: dir.join("bare-console.log"),
         incoming: false,
         ram: None,
+        net: qemu::NetBackend::User { restrict: true, forwards: vec![] },
     };
     let started = Instant::now();
     let mut child = qemu::spawn(&spec, &dir.join("bare.log"))?;

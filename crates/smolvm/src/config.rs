@@ -29,6 +29,38 @@ pub struct VmConfig {
     pub env_vars: BTreeMap<String, String>,
     /// firecracker | qemu | auto; unset means `SMOLVM_BACKEND`, then auto.
     pub backend: Option<String>,
+    /// nat | user | none; unset means nat where this host can (root, /dev/net/tun, nft),
+    /// else user.
+    pub network: Option<String>,
+    pub internet_settings: Option<InternetSettings>,
+    /// Guest ports exposed on 127.0.0.1 when the sandbox starts.
+    pub port_forwards: Vec<PortForward>,
+}
+
+/// What a sandbox may reach outside itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InternetSettings {
+    /// open (default) | off | restricted
+    pub mode: String,
+    /// For `restricted`: names (and their subdomains) the guest may resolve and reach.
+    pub allowed_domains: Vec<String>,
+    /// For `restricted`: IPv4 networks the guest may reach, as `a.b.c.d/n`.
+    pub allowed_cidrs: Vec<String>,
+}
+
+impl Default for InternetSettings {
+    fn default() -> Self {
+        InternetSettings { mode: "open".into(), allowed_domains: vec![], allowed_cidrs: vec![] }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortForward {
+    pub guest: u16,
+    /// 127.0.0.1 port on the host; unset picks a free one.
+    pub host: Option<u16>,
 }
 
 impl Default for VmConfig {
@@ -43,6 +75,9 @@ impl Default for VmConfig {
             boot_args: None,
             env_vars: BTreeMap::new(),
             backend: None,
+            network: None,
+            internet_settings: None,
+            port_forwards: Vec::new(),
         }
     }
 }
@@ -60,6 +95,9 @@ impl std::fmt::Debug for VmConfig {
             .field("boot_args", &self.boot_args)
             .field("env_vars", &self.env_vars.keys().collect::<Vec<_>>())
             .field("backend", &self.backend)
+            .field("network", &self.network)
+            .field("internet_settings", &self.internet_settings)
+            .field("port_forwards", &self.port_forwards)
             .finish()
     }
 }
@@ -121,6 +159,17 @@ impl VmConfig {
             Backend::parse(b)?;
         }
         smolvm_proto::env::validate_vars(&self.env_vars)?;
+        if let Some(n) = &self.network {
+            crate::net::Mode::parse(n)?;
+        }
+        if let Some(i) = &self.internet_settings {
+            crate::net::validate_internet(i, self.network.as_deref())?;
+        }
+        for p in &self.port_forwards {
+            if p.guest == 0 {
+                return Err(Error::validation("port_forwards", "guest port 0 is not a port (allowed 1..=65535)"));
+            }
+        }
         Ok(())
     }
 }

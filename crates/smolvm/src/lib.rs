@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod env;
 pub mod error;
 pub mod image;
+pub mod net;
 pub mod sandbox;
 pub mod store;
 pub mod supervisor;

@@ -221,10 +221,18 @@ fn reap(store: &Store, dirs: &Dirs, rec: Record) -> Result<Option<Record>> {
         }
     };
     let paths = SandboxPaths::new(dirs, &rec.id);
+    // What a dead supervisor left on the host network (its TAP went with QEMU).
+    let net_leftovers = |store: &Store| {
+        if nix::unistd::Uid::effective().is_root() {
+            let _ = crate::net::nft_remove(&crate::net::table_name(&rec.id));
+        }
+        let _ = store.release_network(&rec.id);
+    };
     // An ephemeral sandbox whose owner died goes with it, whatever state it was in.
     if rec.ephemeral && rec.owner.is_some_and(|o| !o.alive()) {
         kill(rec.supervisor);
         kill(rec.vmm);
+        net_leftovers(store);
         store.remove(&rec.id)?;
         paths.remove_all();
         return Ok(None);
@@ -234,6 +242,7 @@ fn reap(store: &Store, dirs: &Dirs, rec: Record) -> Result<Option<Record>> {
         return Ok(Some(rec));
     }
     kill(rec.vmm);
+    net_leftovers(store);
     paths.remove_sockets();
     if rec.ephemeral {
         store.remove(&rec.id)?;
@@ -731,6 +740,32 @@ impl Sandbox {
         done
     }
 
+    /// Forward 127.0.0.1:`host` (a free port when `None`) to the guest's port; returns the host
+    /// port. Recorded in the state store until closed or the sandbox stops.
+    pub async fn expose_local(&self, guest_port: u16, host_port: Option<u16>) -> Result<u16> {
+        if guest_port == 0 {
+            return Err(Error::validation("guest_port", "0 is not a port (allowed 1..=65535)"));
+        }
+        match self.conn()?.call(&Request::Expose { guest: guest_port, host: host_port.unwrap_or(0) }).await? {
+            Reply::Port(p) => Ok(p),
+            Reply::Error { kind: ErrorKind::Invalid, message } => Err(Error::validation("port", message)),
+            other => Err(unexpected("expose", other)),
+        }
+    }
+
+    pub async fn unexpose_local(&self, guest_port: u16) -> Result<()> {
+        match self.conn()?.call(&Request::Unexpose { guest: guest_port }).await? {
+            Reply::Ok => Ok(()),
+            Reply::Error { kind: ErrorKind::NotFound, message } => Err(Error::validation("guest_port", message)),
+            other => Err(unexpected("unexpose", other)),
+        }
+    }
+
+    /// Exposed ports as (guest, host).
+    pub fn ports(&self) -> Result<Vec<(u16, u16)>> {
+        Store::open(&self.dirs.data)?.ports(&self.id)
+    }
+
     /// Agent round trip without a process (health check, benchmarks).
     pub async fn ping(&self) -> Result<()> {
         match self.conn()?.call(&Request::Ping).await? {
@@ -861,6 +896,8 @@ pub fn record_json(rec: &Record, paths: &SandboxPaths) -> serde_json::Value {
         "vmm_pid": rec.vmm.map(|p| p.pid),
         "created_at": rec.created_at,
         "error": rec.error,
+        "network": rec.config.network,
+        "internet_settings": rec.config.internet_settings,
         "console_log": paths.console,
     })
 }

@@ -122,6 +122,16 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     owner_pid INTEGER, owner_start INTEGER,
     snapshot TEXT
 );
+CREATE TABLE IF NOT EXISTS leases (
+    slot INTEGER PRIMARY KEY,
+    sandbox TEXT UNIQUE NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ports (
+    sandbox TEXT NOT NULL,
+    guest INTEGER NOT NULL,
+    host INTEGER NOT NULL,
+    PRIMARY KEY (sandbox, guest)
+);
 CREATE TABLE IF NOT EXISTS snapshots (
     id TEXT PRIMARY KEY,
     vm_id TEXT NOT NULL,
@@ -209,6 +219,16 @@ impl Store {
         Ok(())
     }
 
+    /// Record the supervisor as soon as it runs, so that a crash of the starter during boot
+    /// still lets the next command find and stop it.
+    pub fn set_supervisor(&self, id: &str, supervisor: ProcId) -> Result<()> {
+        self.conn.execute(
+            "UPDATE sandboxes SET supervisor_pid=?2, supervisor_start=?3 WHERE id=?1",
+            params![id, supervisor.pid, supervisor.start as i64],
+        )?;
+        Ok(())
+    }
+
     pub fn set_state(&self, id: &str, state: State, error: Option<&str>) -> Result<()> {
         let clear_pids = !state.is_live();
         self.conn.execute(
@@ -279,7 +299,50 @@ impl Store {
 
     pub fn remove(&self, id: &str) -> Result<()> {
         self.conn.execute("DELETE FROM sandboxes WHERE id=?1", [id])?;
+        self.release_network(id)
+    }
+
+    /// The sandbox's network slot (see `net::Lease`), allocated on first use.
+    pub fn lease(&mut self, id: &str) -> Result<u32> {
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if let Some(slot) = tx.query_row("SELECT slot FROM leases WHERE sandbox=?1", [id], |r| r.get::<_, u32>(0)).optional()? {
+            return Ok(slot);
+        }
+        let used: std::collections::HashSet<u32> = {
+            let mut stmt = tx.prepare("SELECT slot FROM leases")?;
+            let rows = stmt.query_map([], |r| r.get::<_, u32>(0))?.collect::<rusqlite::Result<_>>()?;
+            rows
+        };
+        let slot = (1..=crate::net::MAX_SLOTS)
+            .find(|s| !used.contains(s))
+            .ok_or_else(|| Error::Host("no free sandbox network address left in 172.16.0.0/16".into()))?;
+        tx.execute("INSERT INTO leases (slot, sandbox) VALUES (?1, ?2)", params![slot, id])?;
+        tx.commit()?;
+        Ok(slot)
+    }
+
+    /// Forget the sandbox's network slot and exposed ports.
+    pub fn release_network(&self, id: &str) -> Result<()> {
+        self.conn.execute("DELETE FROM leases WHERE sandbox=?1", [id])?;
+        self.conn.execute("DELETE FROM ports WHERE sandbox=?1", [id])?;
         Ok(())
+    }
+
+    pub fn add_port(&self, id: &str, guest: u16, host: u16) -> Result<()> {
+        self.conn.execute("INSERT OR REPLACE INTO ports (sandbox, guest, host) VALUES (?1, ?2, ?3)", params![id, guest, host])?;
+        Ok(())
+    }
+
+    pub fn remove_port(&self, id: &str, guest: u16) -> Result<()> {
+        self.conn.execute("DELETE FROM ports WHERE sandbox=?1 AND guest=?2", params![id, guest])?;
+        Ok(())
+    }
+
+    /// Exposed ports as (guest, host).
+    pub fn ports(&self, id: &str) -> Result<Vec<(u16, u16)>> {
+        let mut stmt = self.conn.prepare("SELECT guest, host FROM ports WHERE sandbox=?1 ORDER BY guest")?;
+        let rows = stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
     }
 }
 

@@ -18,6 +18,7 @@ use smolvm_proto::SnapshotKind;
 use smolvm_proto::{self as proto, ErrorKind, Reply, Request};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,6 +64,8 @@ enum Control {
     Pause { done: Done },
     Resume { done: Done },
     Snapshot { dir: PathBuf, kind: SnapshotKind, done: Done },
+    Expose { guest: u16, host: u16, done: oneshot::Sender<std::result::Result<u16, (ErrorKind, String)>> },
+    Unexpose { guest: u16, done: Done },
     ClientConnected,
     ClientGone,
 }
@@ -104,13 +107,158 @@ struct Greeting {
     hostname: String,
     env: BTreeMap<String, String>,
     restored: bool,
+    net: Option<proto::NetConfig>,
+}
+
+/// How this sandbox is networked, decided once at start.
+struct NetPlan {
+    mode: crate::net::Mode,
+    lease: Option<crate::net::Lease>,
+    tap: String,
+    table: String,
+    internet: crate::config::InternetSettings,
+    backend: qemu::NetBackend,
+    /// User mode: exposed at launch as (guest, host).
+    user_forwards: Vec<(u16, u16)>,
+}
+
+/// A free port on 127.0.0.1 (for QEMU's hostfwd, which cannot pick one itself).
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").ctx(|| "finding a free port".into())?;
+    Ok(l.local_addr().ctx(|| "finding a free port".into())?.port())
+}
+
+impl NetPlan {
+    fn new(id: &str, config: &crate::config::VmConfig, store: &mut Store) -> Result<NetPlan> {
+        use crate::net::Mode;
+        let mode = Mode::resolve(config.network.as_deref())?;
+        let internet = config.internet_settings.clone().unwrap_or_default();
+        let mut plan = NetPlan {
+            mode,
+            lease: None,
+            tap: crate::net::tap_name(id),
+            table: crate::net::table_name(id),
+            internet,
+            backend: qemu::NetBackend::User { restrict: true, forwards: vec![] },
+            user_forwards: vec![],
+        };
+        match mode {
+            Mode::Nat => {
+                plan.lease = Some(crate::net::Lease(store.lease(id)?));
+                plan.backend = qemu::NetBackend::Tap(plan.tap.clone());
+            }
+            Mode::User => {
+                for p in &config.port_forwards {
+                    let host = match p.host {
+                        Some(h) => h,
+                        None => free_port()?,
+                    };
+                    plan.user_forwards.push((p.guest, host));
+                }
+                let restrict = plan.internet.mode == "off";
+                plan.backend = qemu::NetBackend::User { restrict, forwards: plan.user_forwards.iter().map(|(g, h)| (*h, *g)).collect() };
+            }
+            Mode::None => {}
+        }
+        Ok(plan)
+    }
+
+    fn guest_config(&self) -> Option<proto::NetConfig> {
+        match (self.mode, self.lease) {
+            (crate::net::Mode::Nat, Some(l)) => {
+                Some(proto::NetConfig { address: l.guest().octets(), prefix: 30, gateway: l.host().octets(), dns: l.host().octets() })
+            }
+            (crate::net::Mode::User, _) => {
+                Some(proto::NetConfig { address: [10, 0, 2, 15], prefix: 24, gateway: [10, 0, 2, 2], dns: [10, 0, 2, 3] })
+            }
+            _ => None,
+        }
+    }
+
+    /// Host side of NAT: address the TAP QEMU made, load the sandbox's nftables table.
+    async fn setup_host(&self) -> Result<()> {
+        if let Some(lease) = self.lease {
+            crate::net::setup_tap(&self.tap, lease).await?;
+            let (table, tap, internet) = (self.table.clone(), self.tap.clone(), self.internet.clone());
+            tokio::task::spawn_blocking(move || crate::net::nft_apply(&table, &tap, lease, &internet))
+                .await
+                .map_err(|e| Error::Host(e.to_string()))??;
+        }
+        Ok(())
+    }
+
+    /// Remove everything of this sandbox's network from the host (the TAP goes with QEMU).
+    fn cleanup(&self, store: &Store, id: &str) {
+        if self.lease.is_some() {
+            let _ = crate::net::nft_remove(&self.table);
+        }
+        let _ = store.release_network(id);
+    }
+}
+
+/// Exposed ports of a running sandbox: guest port -> (host port, proxy task for NAT).
+type Exposed = HashMap<u16, (u16, Option<tokio::task::JoinHandle<()>>)>;
+
+async fn expose(
+    plan: &NetPlan,
+    qmp: &mut qemu::Qmp,
+    exposed: &mut Exposed,
+    guest: u16,
+    host: u16,
+) -> std::result::Result<u16, (ErrorKind, String)> {
+    use crate::net::Mode;
+    if let Some((h, _)) = exposed.get(&guest) {
+        return Ok(*h);
+    }
+    let bad = |m: String| (ErrorKind::Invalid, m);
+    match (plan.mode, plan.lease) {
+        (Mode::Nat, Some(lease)) => {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", host))
+                .await
+                .map_err(|e| bad(format!("cannot listen on 127.0.0.1:{host}: {e}")))?;
+            let port = listener.local_addr().map_err(|e| bad(e.to_string()))?.port();
+            let task = tokio::spawn(crate::net::port_proxy(listener, SocketAddr::from((lease.guest(), guest))));
+            exposed.insert(guest, (port, Some(task)));
+            Ok(port)
+        }
+        (Mode::User, _) => {
+            let port = if host == 0 { free_port().map_err(|e| bad(e.full_message()))? } else { host };
+            let cmd = format!("hostfwd_add net0 tcp:127.0.0.1:{port}-:{guest}");
+            let out = qmp
+                .execute_args("human-monitor-command", serde_json::json!({ "command-line": cmd }))
+                .await
+                .map_err(|e| bad(e.full_message()))?;
+            if let Some(msg) = out.as_str().filter(|m| !m.trim().is_empty()) {
+                return Err(bad(format!("cannot expose port {guest}: {}", msg.trim())));
+            }
+            exposed.insert(guest, (port, None));
+            Ok(port)
+        }
+        _ => Err(bad("this sandbox has no network (network 'none')".into())),
+    }
+}
+
+async fn unexpose(plan: &NetPlan, qmp: &mut qemu::Qmp, exposed: &mut Exposed, guest: u16) -> std::result::Result<(), (ErrorKind, String)> {
+    let Some((host, task)) = exposed.remove(&guest) else {
+        return Err((ErrorKind::NotFound, format!("guest port {guest} is not exposed")));
+    };
+    match task {
+        Some(t) => t.abort(),
+        None if plan.mode == crate::net::Mode::User => {
+            let cmd = format!("hostfwd_remove net0 tcp:127.0.0.1:{host}");
+            let _ = qmp.execute_args("human-monitor-command", serde_json::json!({ "command-line": cmd })).await;
+        }
+        None => {}
+    }
+    Ok(())
 }
 
 async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
     let mut entropy = vec![0u8; 32];
     let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut entropy));
-    let hello = Request::Hello { version: proto::PROTOCOL_VERSION, unix_time_ns: now, hostname: g.hostname.clone(), entropy };
+    let hello =
+        Request::Hello { version: proto::PROTOCOL_VERSION, unix_time_ns: now, hostname: g.hostname.clone(), entropy, net: g.net.clone() };
     match agent.call(&hello).await? {
         Reply::Hello { version, .. } if version == proto::PROTOCOL_VERSION => {}
         Reply::Hello { version, agent_version, .. } => {
@@ -140,13 +288,16 @@ async fn supervise(id: &str) -> i32 {
         Ok(s) => s,
         Err(e) => return fail("host", format!("supervisor got no boot spec: {e}"), None),
     };
-    let store = match Store::open(&dirs.data) {
+    let mut store = match Store::open(&dirs.data) {
         Ok(s) => s,
         Err(e) => return fail("host", e.full_message(), None),
     };
     let Ok(Some(record)) = store.get(id) else {
         return fail("not_found", format!("VM '{id}' not found"), None);
     };
+    if let Some(me) = ProcId::of(std::process::id() as i32) {
+        let _ = store.set_supervisor(id, me);
+    }
     paths.remove_sockets();
     let _ = std::fs::write(&paths.console, b"");
     let mut image = spec.image.clone();
@@ -162,6 +313,14 @@ async fn supervise(id: &str) -> i32 {
         }
     }
     let overlay = image.rootfs.clone();
+    let plan = match NetPlan::new(id, &record.config, &mut store) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = store.release_network(id);
+            let _ = store.set_state(id, State::Error, Some(&e.full_message()));
+            return fail(e.code(), e.full_message(), None);
+        }
+    };
     let launch = qemu::LaunchSpec {
         image,
         vcpus: record.config.vcpu_count,
@@ -175,13 +334,20 @@ async fn supervise(id: &str) -> i32 {
         console_log: paths.console.clone(),
         incoming: spec.restore.is_some(),
         ram: spec.ram.clone(),
+        net: plan.backend.clone(),
     };
-    let greeting = Greeting { hostname: id.to_string(), env: record.config.env_vars.clone(), restored: spec.restore.is_some() };
-    let booted = boot(&launch, &spec, &greeting, &paths).await;
+    let greeting = Greeting {
+        hostname: id.to_string(),
+        env: record.config.env_vars.clone(),
+        restored: spec.restore.is_some(),
+        net: plan.guest_config(),
+    };
+    let booted = boot(&launch, &spec, &greeting, &paths, &plan).await;
     let (mut child, mut qmp, agent, mut greeted) = match booted {
         Ok(v) => v,
         Err(e) => {
             paths.remove_sockets();
+            plan.cleanup(&store, id);
             let console = console_tail(&paths.console, 30);
             let reason = e.full_message();
             let _ = store.set_state(id, State::Error, Some(&reason));
@@ -193,6 +359,7 @@ async fn supervise(id: &str) -> i32 {
         Err(e) => {
             let _ = child.kill().await;
             paths.remove_sockets();
+            plan.cleanup(&store, id);
             let _ = store.set_state(id, State::Error, Some("cannot bind the control socket"));
             return fail("host", format!("binding {}: {e}", paths.ctl.display()), None);
         }
@@ -207,12 +374,43 @@ async fn supervise(id: &str) -> i32 {
     if !greeted {
         let _ = store.set_state(id, State::Paused, None);
     }
+    let mut exposed = Exposed::new();
+    let _dns = match plan.lease {
+        Some(lease) if plan.internet.mode != "off" => {
+            let allowed = (plan.internet.mode == "restricted").then(|| plan.internet.allowed_domains.clone());
+            let policy = Arc::new(crate::net::DnsPolicy { allowed, table: plan.table.clone() });
+            Some(tokio::spawn(crate::net::dns_proxy(SocketAddr::from((lease.host(), 53)), crate::net::upstream_dns(), policy)))
+        }
+        _ => None,
+    };
+    for (guest, host) in &plan.user_forwards {
+        exposed.insert(*guest, (*host, None));
+        let _ = store.add_port(id, *guest, *host);
+    }
+    if plan.mode == crate::net::Mode::Nat {
+        for p in &record.config.port_forwards {
+            match expose(&plan, &mut qmp, &mut exposed, p.guest, p.host.unwrap_or(0)).await {
+                Ok(host) => {
+                    let _ = store.add_port(id, p.guest, host);
+                }
+                Err((_, msg)) => {
+                    let _ = child.kill().await;
+                    paths.remove_sockets();
+                    plan.cleanup(&store, id);
+                    let _ = store.set_state(id, State::Error, Some(&msg));
+                    return fail("validation", format!("invalid port_forwards: {msg}"), None);
+                }
+            }
+        }
+    }
     report(&StartStatus { ok: true, code: None, message: None, console: None });
     detach_stdout();
 
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Control>();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let mut clients = 0usize;
+    // An ephemeral sandbox also goes when its owner process does, even if it never connected.
+    let mut owner_check = tokio::time::interval(Duration::from_secs(1));
     let mut stop_waiter: Option<oneshot::Sender<()>> = None;
     let mut stop_timeout = Duration::from_secs(3);
     let exited_by_itself = loop {
@@ -264,6 +462,18 @@ async fn supervise(id: &str) -> i32 {
                     }
                     let _ = done.send(r);
                 }
+                Some(Control::Expose { guest, host, done }) => {
+                    let r = expose(&plan, &mut qmp, &mut exposed, guest, host).await;
+                    if let Ok(h) = r {
+                        let _ = store.add_port(id, guest, h);
+                    }
+                    let _ = done.send(r);
+                }
+                Some(Control::Unexpose { guest, done }) => {
+                    let r = unexpose(&plan, &mut qmp, &mut exposed, guest).await;
+                    let _ = store.remove_port(id, guest);
+                    let _ = done.send(r);
+                }
                 Some(Control::ClientConnected) => clients += 1,
                 Some(Control::ClientGone) => {
                     clients = clients.saturating_sub(1);
@@ -274,6 +484,11 @@ async fn supervise(id: &str) -> i32 {
                 }
                 None => {}
             },
+            _ = owner_check.tick(), if record.ephemeral => {
+                if record.owner.is_some_and(|o| !o.alive()) {
+                    break false;
+                }
+            }
             _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => break false,
         }
     };
@@ -281,6 +496,7 @@ async fn supervise(id: &str) -> i32 {
         let tail = console_tail(&paths.console, 30);
         let msg = format!("the VM exited unexpectedly; last console lines:\n{tail}");
         paths.remove_sockets();
+        plan.cleanup(&store, id);
         if record.ephemeral {
             let _ = store.remove(id);
             paths.remove_all();
@@ -293,6 +509,7 @@ async fn supervise(id: &str) -> i32 {
     let graceful = overlay.is_some() && !paused.load(Ordering::SeqCst);
     shutdown(&mut child, &agent, &mut qmp, stop_timeout, graceful).await;
     paths.remove_sockets();
+    plan.cleanup(&store, id);
     if record.ephemeral {
         let _ = store.remove(id);
         paths.remove_all();
@@ -315,6 +532,7 @@ async fn boot(
     spec: &BootSpec,
     greeting: &Greeting,
     paths: &SandboxPaths,
+    plan: &NetPlan,
 ) -> Result<(tokio::process::Child, qemu::Qmp, Arc<Conn>, bool)> {
     let listener = UnixListener::bind(&launch.agent_socket).ctx(|| format!("binding {}", launch.agent_socket.display()))?;
     let mut child = qemu::spawn(launch, &paths.log)?;
@@ -323,6 +541,8 @@ async fn boot(
     let work = async {
         let (stream, _) = listener.accept().await.ctx(|| "accepting the agent channel".into())?;
         let agent = Conn::new(stream);
+        // QEMU is up, so its TAP exists: finish the host side before the guest configures its own.
+        plan.setup_host().await?;
         let mut greeted = false;
         let qmp = if let Some(restore) = &spec.restore {
             let mut qmp = qemu::Qmp::connect_when_ready(&launch.qmp_socket).await?;
@@ -439,6 +659,26 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                 let _ = ctl.send(Control::Stop { timeout: Duration::from_millis(timeout_ms.max(100)), done });
                 let _ = wait.await;
                 send(write.clone(), cid, Reply::Ok).await;
+            }
+            Request::Expose { guest, host } => {
+                let (done, wait) = oneshot::channel();
+                let _ = ctl.send(Control::Expose { guest, host, done });
+                let reply = match wait.await {
+                    Ok(Ok(port)) => Reply::Port(port),
+                    Ok(Err((kind, message))) => Reply::error(kind, message),
+                    Err(_) => Reply::error(ErrorKind::Closed, "the sandbox is going away"),
+                };
+                send(write.clone(), cid, reply).await;
+            }
+            Request::Unexpose { guest } => {
+                let (done, wait) = oneshot::channel();
+                let _ = ctl.send(Control::Unexpose { guest, done });
+                let reply = match wait.await {
+                    Ok(Ok(())) => Reply::Ok,
+                    Ok(Err((kind, message))) => Reply::error(kind, message),
+                    Err(_) => Reply::error(ErrorKind::Closed, "the sandbox is going away"),
+                };
+                send(write.clone(), cid, reply).await;
             }
             Request::Pause | Request::Resume | Request::Snapshot { .. } => {
                 let (done, wait) = oneshot::channel();

@@ -11,7 +11,7 @@ use smolvm_proto::{Reply, Request, SnapshotKind};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const WARM_RECIPE: &str = "warm-recipe-4";
+const WARM_RECIPE: &str = "warm-recipe-5";
 
 /// The template's RAM, beside its saved state.
 pub fn ram_file(state: &Path) -> PathBuf {
@@ -31,8 +31,17 @@ fn qemu_identity() -> String {
     format!("{path:?}:{:?}:{:?}", meta.as_ref().map(|m| m.len()), meta.and_then(|m| m.modified().ok()))
 }
 
-fn template_dir(config: &VmConfig, spec: &BootSpec, images: &Path) -> PathBuf {
+/// `tap` for NAT sandboxes, `user` for user-mode and network-less ones.
+fn backend_kind(config: &VmConfig) -> Result<&'static str> {
+    Ok(match crate::net::Mode::resolve(config.network.as_deref())? {
+        crate::net::Mode::Nat => "tap",
+        _ => "user",
+    })
+}
+
+fn template_dir(config: &VmConfig, spec: &BootSpec, images: &Path) -> Result<PathBuf> {
     let fp = image::fingerprint(&[
+        backend_kind(config)?.as_bytes(),
         WARM_RECIPE.as_bytes(),
         spec.image.kernel.to_string_lossy().as_bytes(),
         spec.image.initrd.as_deref().unwrap_or(Path::new("")).to_string_lossy().as_bytes(),
@@ -42,12 +51,12 @@ fn template_dir(config: &VmConfig, spec: &BootSpec, images: &Path) -> PathBuf {
         qemu_identity().as_bytes(),
         &smolvm_proto::PROTOCOL_VERSION.to_le_bytes(),
     ]);
-    images.join(format!("warm-{fp}"))
+    Ok(images.join(format!("warm-{fp}")))
 }
 
 /// The saved state to restore for this config, made (by one cold boot) if missing.
 pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, progress: Progress<'_>) -> Result<PathBuf> {
-    let dir = template_dir(config, spec, &dirs.images);
+    let dir = template_dir(config, spec, &dirs.images)?;
     let state = dir.join("state");
     if state.is_file() {
         return Ok(state);
@@ -62,7 +71,18 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
     progress("preparing the warm snapshot of this image (once)");
     let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    let shape = VmConfig { vcpu_count: config.vcpu_count, memory: config.memory, ..Default::default() };
+    // A saved state only loads where the NIC's backend is of the same kind (user networking
+    // carries state of its own, a TAP's offloads shape the device): one template per kind,
+    // cut off from everything while it is made.
+    let network = if backend_kind(config)? == "tap" { "nat" } else { "none" };
+    let internet = crate::config::InternetSettings { mode: "off".into(), ..Default::default() };
+    let shape = VmConfig {
+        vcpu_count: config.vcpu_count,
+        memory: config.memory,
+        network: Some(network.into()),
+        internet_settings: Some(internet),
+        ..Default::default()
+    };
     let mut sb = Sandbox::create_in(dirs.clone(), shape, true)?;
     let made = async {
         // The template's RAM goes to a file that clones will map copy-on-write.

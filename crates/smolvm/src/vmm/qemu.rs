@@ -28,6 +28,17 @@ pub struct LaunchSpec {
     pub incoming: bool,
     /// Guest RAM in a file instead of anonymous memory (see [`RamFile`]).
     pub ram: Option<RamFile>,
+    pub net: NetBackend,
+}
+
+/// What the guest's one NIC is plugged into. Every VM has the same NIC so that any saved
+/// state loads into any VM; only the backend differs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackend {
+    /// A TAP that QEMU creates (and removes when it exits).
+    Tap(String),
+    /// QEMU user networking; `restrict` cuts it off from everything but exposed ports.
+    User { restrict: bool, forwards: Vec<(u16, u16)> },
 }
 
 /// Guest RAM backed by a file. A warm template runs with `share: true`, so its memory lands
@@ -94,6 +105,20 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     push(&["-chardev", &format!("socket,id=agent,path={}", spec.agent_socket.display())]);
     push(&["-device", "virtio-serial-device", "-device", &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}")]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", spec.qmp_socket.display())]);
+    let netdev = match &spec.net {
+        NetBackend::Tap(ifname) => format!("tap,id=net0,ifname={ifname},script=no,downscript=no,vhost=off"),
+        NetBackend::User { restrict, forwards } => {
+            let mut n = String::from("user,id=net0,net=10.0.2.0/24");
+            if *restrict {
+                n.push_str(",restrict=on");
+            }
+            for (host, guest) in forwards {
+                n.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+            }
+            n
+        }
+    };
+    push(&["-netdev", &netdev, "-device", "virtio-net-device,netdev=net0,mac=02:00:00:00:00:02"]);
     if spec.incoming {
         push(&["-incoming", "defer", "-S"]);
     }
@@ -282,6 +307,7 @@ mod tests {
             console_log: "/r/console.log".into(),
             incoming: false,
             ram: None,
+            net: NetBackend::Tap("smvtest".into()),
         }
     }
 

@@ -1,0 +1,308 @@
+#![allow(clippy::await_holding_lock)] // the lock serializes whole tests, each on its own runtime
+//! Networking on real VMs. Every "internet" host is a network namespace this test makes itself
+//! (198.18.0.0/15, the benchmarking range); nothing leaves this machine.
+
+mod common;
+
+use common::*;
+use smolvm::config::{InternetSettings, PortForward};
+use smolvm::{RunOptions, Sandbox, VmConfig};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// These tests look at the host's whole network state (links, nftables): one at a time.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn sh(cmd: &str) -> bool {
+    Command::new("sh").arg("-c").arg(cmd).stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap().success()
+}
+
+/// Two test hosts, each in its own namespace behind a veth, each serving HTTP on port 8080, and
+/// a DNS server (in the first) that knows `allowed.test` and `blocked.test`.
+struct Lab {
+    tag: String,
+    hosts: [String; 2],
+    servers: Vec<Child>,
+}
+
+/// http.server's own server looks its address up in DNS at start (getfqdn), which hangs in a
+/// namespace without DNS: serve through a plain TCPServer instead.
+const HTTP_SERVER: &str = r#"
+import http.server, os, socketserver, sys
+os.chdir(sys.argv[3])
+class Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
+Server((sys.argv[1], int(sys.argv[2])), http.server.SimpleHTTPRequestHandler).serve_forever()
+"#;
+
+const DNS_SERVER: &str = r#"
+import socket, sys
+names = {b"allowed.test": sys.argv[2], b"blocked.test": sys.argv[3]}
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+while True:
+    q, addr = s.recvfrom(512)
+    i, labels = 12, []
+    while q[i]:
+        labels.append(q[i+1:i+1+q[i]]); i += 1 + q[i]
+    qtype = q[i+1:i+3]
+    name = b".".join(labels).lower()
+    ip = names.get(name)
+    known = ip is not None
+    ans = b""
+    if ip and qtype == b"\x00\x01":
+        ans = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + socket.inet_aton(ip)
+    # A known name without a record of the asked type is NOERROR with no answer (NODATA).
+    flags = b"\x81\x80" if known else b"\x81\x83"
+    s.sendto(q[:2] + flags + q[4:6] + (b"\x00\x01" if ans else b"\x00\x00") + b"\x00\x00\x00\x00" + q[12:i+5] + ans, addr)
+"#;
+
+impl Lab {
+    fn new(env: &TestEnv) -> Lab {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = (std::process::id() + 7 * NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)) % 200 + 20;
+        let tag = format!("svn{n}");
+        let hosts = [format!("198.18.{n}.2"), format!("198.18.{n}.6")];
+        let www = env.tmp.path().join("www");
+        std::fs::create_dir_all(&www).unwrap();
+        std::fs::write(www.join("index.html"), "hello from the test internet\n").unwrap();
+        let mut servers = Vec::new();
+        for (i, host) in hosts.iter().enumerate() {
+            let (ns, veth) = (format!("{tag}-{i}"), format!("{tag}h{i}"));
+            let gw = format!("198.18.{n}.{}", 1 + 4 * i);
+            let _ = sh(&format!("ip netns del {ns}"));
+            assert!(sh(&format!(
+                "ip netns add {ns} && ip link add {veth} type veth peer name eth0 netns {ns} && \
+                 ip addr add {gw}/30 dev {veth} && ip link set {veth} up && \
+                 ip -n {ns} addr add {host}/30 dev eth0 && ip -n {ns} link set eth0 up && ip -n {ns} link set lo up && \
+                 ip -n {ns} route add default via {gw}"
+            )));
+            servers.push(
+                Command::new("ip")
+                    .args(["netns", "exec", &ns, "python3", "-c", HTTP_SERVER, host, "8080"])
+                    .arg(&www)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+        }
+        servers.push(
+            Command::new("ip")
+                .args(["netns", "exec", &format!("{tag}-0"), "python3", "-c", DNS_SERVER, &hosts[0], &hosts[0], &hosts[1]])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let lab = Lab { tag, hosts, servers };
+        for h in &lab.hosts {
+            assert!(wait_until(Duration::from_secs(10), || http_ok(&format!("http://{h}:8080/"))), "test host {h} did not come up");
+        }
+        lab
+    }
+
+    fn dns(&self) -> String {
+        format!("{}:53", self.hosts[0])
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        for i in 0..2 {
+            let _ = sh(&format!("ip netns del {}-{i}", self.tag));
+        }
+    }
+}
+
+/// Whether the host can fetch `url` (python3 is on every machine this runs on).
+fn http_ok(url: &str) -> bool {
+    sh(&format!("python3 -c \"import urllib.request as u; u.urlopen('{url}', timeout=2)\""))
+}
+
+/// An HTTP GET from inside the guest, printing the body or FAILED. Busybox's nc and nslookup
+/// are used because Debian's static busybox wget crashes (its static glibc resolver).
+fn fetch(url: &str) -> String {
+    let rest = url.trim_start_matches("http://");
+    let (hostport, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (host, port) = hostport.split_once(':').unwrap_or((hostport, "80"));
+    let resolve = if host.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        format!("ip={host}")
+    } else {
+        format!("ip=$(nslookup {host} 2>/dev/null | sed -n 's/^Address:[[:space:]]*\\([0-9.]*\\)$/\\1/p' | tail -1)")
+    };
+    format!(
+        "{resolve}; out=$(printf 'GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n' | nc -w 3 \"$ip\" {port} 2>/dev/null); \
+         case \"$out\" in *'200 OK'*) printf '%s\n' \"$out\" | sed '1,/^\r$/d';; *) echo FAILED;; esac"
+    )
+}
+
+fn opts() -> RunOptions {
+    RunOptions { timeout: Duration::from_secs(30), ..Default::default() }
+}
+
+fn no_smolvm_network_left() {
+    let links = String::from_utf8_lossy(&Command::new("ip").args(["-o", "link"]).output().unwrap().stdout).into_owned();
+    let tables = String::from_utf8_lossy(&Command::new("nft").args(["list", "tables"]).output().unwrap().stdout).into_owned();
+    for l in links.lines().chain(tables.lines()) {
+        assert!(!l.contains(": smv") && !l.contains("smolvm_"), "left behind: {l}");
+    }
+}
+
+async fn boot_with(env: &TestEnv, internet: Option<InternetSettings>) -> Sandbox {
+    env.boot(VmConfig { internet_settings: internet, ..Default::default() }).await
+}
+
+#[tokio::test]
+async fn open_off_and_restricted_internet() {
+    let _serial = serial();
+    if smolvm::net::nat_available().is_err() {
+        panic!("NAT networking is not available here: {:?}", smolvm::net::nat_available());
+    }
+    let env = env();
+    let lab = Lab::new(&env);
+    std::env::set_var("SMOLVM_DNS_UPSTREAM", lab.dns());
+    let (a, b) = (&lab.hosts[0], &lab.hosts[1]);
+
+    let open = boot_with(&env, None).await;
+    assert_eq!(open.run(&fetch(&format!("http://{a}:8080/")), &opts()).await.unwrap().stdout, "hello from the test internet\n");
+    assert_eq!(open.run(&fetch("http://allowed.test:8080/"), &opts()).await.unwrap().stdout, "hello from the test internet\n");
+
+    let off = boot_with(&env, Some(InternetSettings { mode: "off".into(), ..Default::default() })).await;
+    assert_eq!(off.run(&fetch(&format!("http://{a}:8080/")), &opts()).await.unwrap().stdout, "FAILED\n");
+
+    let cidr = InternetSettings { mode: "restricted".into(), allowed_cidrs: vec![format!("{a}/32")], ..Default::default() };
+    let by_cidr = boot_with(&env, Some(cidr)).await;
+    assert_eq!(by_cidr.run(&fetch(&format!("http://{a}:8080/")), &opts()).await.unwrap().stdout, "hello from the test internet\n");
+    assert_eq!(by_cidr.run(&fetch(&format!("http://{b}:8080/")), &opts()).await.unwrap().stdout, "FAILED\n");
+
+    let names = InternetSettings { mode: "restricted".into(), allowed_domains: vec!["allowed.test".into()], ..Default::default() };
+    let by_name = boot_with(&env, Some(names)).await;
+    // Before resolving, the address is not allowed; resolving the allowed name opens it.
+    assert_eq!(by_name.run(&fetch(&format!("http://{a}:8080/")), &opts()).await.unwrap().stdout, "FAILED\n");
+    let got = by_name.run(&fetch("http://allowed.test:8080/"), &opts()).await.unwrap().stdout;
+    if got != "hello from the test internet\n" {
+        let dbg = by_name.run("nslookup allowed.test 2>&1; cat /etc/resolv.conf", &opts()).await.unwrap().stdout;
+        let set = String::from_utf8_lossy(&Command::new("nft").args(["list", "ruleset"]).output().unwrap().stdout).into_owned();
+        panic!("fetch by name failed: {got:?}\n{dbg}\n{set}");
+    }
+    let blocked = by_name.run("nslookup blocked.test 2>&1; true", &opts()).await.unwrap().stdout;
+    assert!(!blocked.contains(b.as_str()), "{blocked}");
+    assert_eq!(by_name.run(&fetch(&format!("http://{b}:8080/")), &opts()).await.unwrap().stdout, "FAILED\n");
+
+    for s in [open, off, by_cidr, by_name] {
+        s.delete().await.unwrap();
+    }
+    no_smolvm_network_left();
+}
+
+#[tokio::test]
+async fn sandboxes_cannot_reach_each_other_or_the_host_and_exposed_ports_work() {
+    let _serial = serial();
+    let env = env();
+    let one = env.boot(VmConfig { port_forwards: vec![PortForward { guest: 8000, host: None }], ..Default::default() }).await;
+    let two = env.boot(VmConfig::default()).await;
+    // A web server in `one`, reachable from the host through its exposed port only.
+    one.run("mkdir -p /srv && echo served-from-the-guest > /srv/index.html && (httpd -p 8000 -h /srv &)", &opts()).await.unwrap();
+    let (guest, host) = one.ports().unwrap()[0];
+    assert_eq!(guest, 8000);
+    let body = wait_until(Duration::from_secs(10), || {
+        sh(&format!(
+            "python3 -c \"import urllib.request as u; assert b'served-from-the-guest' in u.urlopen('http://127.0.0.1:{host}/').read()\""
+        ))
+    });
+    assert!(body, "the exposed port did not serve the guest's page");
+    // Exposing at runtime, then closing.
+    let extra = one.expose_local(8000, None).await.unwrap();
+    assert_eq!(extra, host, "exposing an exposed port returns the same host port");
+    one.unexpose_local(8000).await.unwrap();
+    assert!(one.ports().unwrap().is_empty());
+    assert!(!http_ok(&format!("http://127.0.0.1:{host}/")));
+    let again = one.expose_local(8000, None).await.unwrap();
+    assert!(http_ok(&format!("http://127.0.0.1:{again}/")));
+
+    // `two` cannot reach `one`, nor a service on the host's own addresses.
+    let one_ip = one.run("ifconfig eth0 | sed -n 's/.*inet addr:\\([0-9.]*\\).*/\\1/p'", &opts()).await.unwrap().output().to_string();
+    assert!(one_ip.starts_with("172.16."), "{one_ip}");
+    assert_eq!(two.run(&fetch(&format!("http://{one_ip}:8000/")), &opts()).await.unwrap().stdout, "FAILED\n");
+    let mut host_server = Command::new("python3")
+        .args(["-c", HTTP_SERVER, "0.0.0.0", "18931", "/tmp"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let gw = two.run("route -n | awk '$1==\"0.0.0.0\"{print $2}'", &opts()).await.unwrap().output().to_string();
+    let mut targets = vec![gw];
+    targets.extend(smolvm::net::host_addresses().into_iter().filter(|a| !a.is_loopback()).map(|a| a.to_string()));
+    for t in targets {
+        assert_eq!(two.run(&fetch(&format!("http://{t}:18931/")), &opts()).await.unwrap().stdout, "FAILED\n", "reached the host at {t}");
+    }
+    let _ = host_server.kill();
+    let _ = host_server.wait();
+    one.delete().await.unwrap();
+    two.delete().await.unwrap();
+    no_smolvm_network_left();
+}
+
+#[test]
+fn nothing_is_left_after_kill_9_and_prune_or_a_failed_start() {
+    let _serial = serial();
+    let env = env();
+    let mut child = env.cli().args(["run", "sleep 300"]).spawn().unwrap();
+    assert!(wait_until(Duration::from_secs(60), || {
+        let out = String::from_utf8_lossy(&Command::new("nft").args(["list", "tables"]).output().unwrap().stdout).into_owned();
+        out.contains("smolvm_") && !env.qemu_processes().is_empty()
+    }));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(env.smolvm(&["sandbox", "prune"]).status.success());
+    assert!(wait_until(Duration::from_secs(5), || env.qemu_processes().is_empty()));
+    no_smolvm_network_left();
+    // A start that fails after the network was set up (a guest that never answers).
+    let mut c = smolvm::cpio::Cpio::default();
+    c.dir("dev", 0o755);
+    c.file("init", 0o755, b"#!/nonexistent\n");
+    let initrd = env.tmp.path().join("broken.cpio");
+    std::fs::write(&initrd, c.finish()).unwrap();
+    let out = env.smolvm(&["run", "--boot-timeout", "4", "--initrd", initrd.to_str().unwrap(), "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    no_smolvm_network_left();
+    let bad = env.smolvm(&["run", "--allow-cidr", "169.254.169.254/32", "true"]);
+    assert!(stderr(&bad).contains("link-local/metadata addresses (169.254.0.0/16), which can never be allowed"), "{}", stderr(&bad));
+    let bad = env.smolvm(&["run", "--network", "bogus", "true"]);
+    assert!(stderr(&bad).contains("invalid network: \"bogus\" is not a network mode (allowed: nat, user, none)"), "{}", stderr(&bad));
+}
+
+#[tokio::test]
+async fn user_mode_networking_and_none() {
+    let _serial = serial();
+    let env = env();
+    let lab = Lab::new(&env);
+    let user = env
+        .boot(VmConfig { network: Some("user".into()), port_forwards: vec![PortForward { guest: 8000, host: None }], ..Default::default() })
+        .await;
+    assert_eq!(
+        user.run(&fetch(&format!("http://{}:8080/", lab.hosts[0])), &opts()).await.unwrap().stdout,
+        "hello from the test internet\n"
+    );
+    user.run("mkdir -p /srv && echo user-mode > /srv/index.html && (httpd -p 8000 -h /srv &)", &opts()).await.unwrap();
+    let (_, host) = user.ports().unwrap()[0];
+    assert!(wait_until(Duration::from_secs(10), || sh(&format!(
+        "python3 -c \"import urllib.request as u; assert b'user-mode' in u.urlopen('http://127.0.0.1:{host}/').read()\""
+    ))));
+    let none = env.boot(VmConfig { network: Some("none".into()), ..Default::default() }).await;
+    assert_eq!(none.run(&fetch(&format!("http://{}:8080/", lab.hosts[0])), &opts()).await.unwrap().stdout, "FAILED\n");
+    assert!(none.expose_local(80, None).await.unwrap_err().to_string().contains("no network"));
+    user.delete().await.unwrap();
+    none.delete().await.unwrap();
+}

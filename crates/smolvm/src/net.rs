@@ -1,0 +1,517 @@
+//! Sandbox networking.
+//!
+//! NAT mode: each sandbox gets a TAP (created by QEMU, so it vanishes with QEMU whatever
+//! happens) on its own /30 from 172.16.0.0/16 (host .1, guest .2), and an nftables table of its
+//! own (`inet smolvm_<hash>`) holding every rule that concerns it: masquerade for its address,
+//! no forwarding to other sandboxes or link-local/metadata addresses, no access to the host
+//! except its DNS proxy, and the internet policy. Removing the table removes all of it, and
+//! smolvm never touches a table it did not create.
+//!
+//! DNS: the supervisor answers on the host side of the TAP and forwards to the host's own
+//! resolver, so it works behind stub resolvers and VPNs. In `restricted` mode it only resolves
+//! allowed names and adds the addresses it hands out to the sandbox's allow set (with the
+//! answer's TTL), so allowed domains keep working when their addresses change: they are
+//! resolved at use, not at setup.
+//!
+//! User mode (no root or no TUN): QEMU's user networking, which cannot filter, so only `open`
+//! and `off` are offered there.
+
+use crate::config::InternetSettings;
+use crate::error::{Error, IoContext, Result};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Nat,
+    User,
+    None,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Result<Mode> {
+        match s {
+            "nat" => Ok(Mode::Nat),
+            "user" => Ok(Mode::User),
+            "none" => Ok(Mode::None),
+            other => Err(Error::validation("network", format!("{other:?} is not a network mode (allowed: nat, user, none)"))),
+        }
+    }
+
+    /// The config's choice, else NAT where this host can do it, else user networking.
+    pub fn resolve(config: Option<&str>) -> Result<Mode> {
+        match config {
+            Some(m) => {
+                let mode = Mode::parse(m)?;
+                if mode == Mode::Nat {
+                    nat_available()
+                        .map_err(|why| Error::validation("network", format!("nat is not available here: {why} (use 'user')")))?;
+                }
+                Ok(mode)
+            }
+            None => Ok(if nat_available().is_ok() { Mode::Nat } else { Mode::User }),
+        }
+    }
+}
+
+/// Why NAT networking cannot work on this host, if it cannot.
+pub fn nat_available() -> std::result::Result<(), String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Err("TAP devices and nftables need root".into());
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Err("/dev/net/tun is missing".into());
+    }
+    if Command::new("nft").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| !s.success()).unwrap_or(true) {
+        return Err("nft (nftables) is not installed".into());
+    }
+    Ok(())
+}
+
+/// An IPv4 network `a.b.c.d/n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> std::result::Result<Cidr, String> {
+        let (a, p) = s.split_once('/').unwrap_or((s, "32"));
+        let addr: Ipv4Addr = a.parse().map_err(|_| format!("{s:?} is not an IPv4 network (a.b.c.d/n; IPv6 is not supported)"))?;
+        let prefix: u8 = p.parse().ok().filter(|p| *p <= 32).ok_or_else(|| format!("{s:?} has a bad prefix length (0..=32)"))?;
+        Ok(Cidr { addr: Ipv4Addr::from(u32::from(addr) & Cidr::mask(prefix)), prefix })
+    }
+
+    fn mask(prefix: u8) -> u32 {
+        if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix as u32)
+        }
+    }
+
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        let p = self.prefix.min(other.prefix);
+        u32::from(self.addr) & Cidr::mask(p) == u32::from(other.addr) & Cidr::mask(p)
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+pub const SANDBOX_NET: Cidr = Cidr { addr: Ipv4Addr::new(172, 16, 0, 0), prefix: 16 };
+const FORBIDDEN: &[(Cidr, &str)] = &[
+    (SANDBOX_NET, "the sandbox network (172.16.0.0/16)"),
+    (Cidr { addr: Ipv4Addr::new(169, 254, 0, 0), prefix: 16 }, "link-local/metadata addresses (169.254.0.0/16)"),
+    (Cidr { addr: Ipv4Addr::new(127, 0, 0, 0), prefix: 8 }, "loopback (127.0.0.0/8)"),
+];
+
+/// The host's own IPv4 addresses (a sandbox may never be allowed to reach them).
+pub fn host_addresses() -> Vec<Ipv4Addr> {
+    nix::ifaddrs::getifaddrs().map(|addrs| addrs.filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip())).collect()).unwrap_or_default()
+}
+
+fn valid_domain(d: &str) -> bool {
+    let d = d.trim_end_matches('.');
+    !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+}
+
+pub fn validate_internet(i: &InternetSettings, network: Option<&str>) -> Result<()> {
+    match i.mode.as_str() {
+        "open" | "off" | "restricted" => {}
+        other => {
+            return Err(Error::validation("internet_settings", format!("mode {other:?} is not allowed (allowed: open, off, restricted)")))
+        }
+    }
+    if i.mode != "restricted" && (!i.allowed_domains.is_empty() || !i.allowed_cidrs.is_empty()) {
+        return Err(Error::validation("internet_settings", "allowed_domains and allowed_cidrs need mode 'restricted'"));
+    }
+    for d in &i.allowed_domains {
+        if !valid_domain(d) {
+            return Err(Error::validation("internet_settings.allowed_domains", format!("{d:?} is not a domain name")));
+        }
+    }
+    let host = host_addresses();
+    for c in &i.allowed_cidrs {
+        let cidr = Cidr::parse(c).map_err(|m| Error::validation("internet_settings.allowed_cidrs", m))?;
+        for (bad, what) in FORBIDDEN {
+            if cidr.overlaps(bad) {
+                return Err(Error::validation(
+                    "internet_settings.allowed_cidrs",
+                    format!("{c} overlaps {what}, which can never be allowed"),
+                ));
+            }
+        }
+        if let Some(h) = host.iter().find(|h| cidr.overlaps(&Cidr { addr: **h, prefix: 32 })) {
+            return Err(Error::validation(
+                "internet_settings.allowed_cidrs",
+                format!("{c} contains this host's own address {h}, which can never be allowed"),
+            ));
+        }
+    }
+    if i.mode == "restricted" && network == Some("user") {
+        return Err(Error::validation("internet_settings", "'restricted' needs network 'nat' (QEMU user networking cannot filter)"));
+    }
+    Ok(())
+}
+
+/// A sandbox's /30: slot N is 172.16.0.0 + 4N; the host side is .1 of it, the guest .2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease(pub u32);
+
+pub const MAX_SLOTS: u32 = (1 << 14) - 1;
+
+impl Lease {
+    pub fn host(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(SANDBOX_NET.addr) + self.0 * 4 + 1)
+    }
+    pub fn guest(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(SANDBOX_NET.addr) + self.0 * 4 + 2)
+    }
+}
+
+pub fn tap_name(id: &str) -> String {
+    format!("smv{}", &crate::image::fingerprint(&[id.as_bytes()])[..10])
+}
+
+pub fn table_name(id: &str) -> String {
+    format!("smolvm_{}", crate::image::fingerprint(&[id.as_bytes()]))
+}
+
+/// The nftables table of one sandbox.
+pub fn ruleset(table: &str, tap: &str, lease: Lease, internet: &InternetSettings) -> String {
+    let (host, guest) = (lease.host(), lease.guest());
+    let mut egress = String::new();
+    match internet.mode.as_str() {
+        "off" => egress.push_str("        drop\n"),
+        "restricted" => egress.push_str("        ip daddr @allow accept\n        drop\n"),
+        _ => egress.push_str("        accept\n"),
+    }
+    let dns = if internet.mode == "off" {
+        String::new()
+    } else {
+        format!("        ip daddr {host} udp dport 53 accept\n        ip daddr {host} tcp dport 53 accept\n")
+    };
+    let cidrs: Vec<String> = internet.allowed_cidrs.iter().filter_map(|c| Cidr::parse(c).ok()).map(|c| c.to_string()).collect();
+    let elements = if cidrs.is_empty() { String::new() } else { format!("        elements = {{ {} }}\n", cidrs.join(", ")) };
+    format!(
+        "table inet {table} {{
+    set allow {{
+        type ipv4_addr
+        flags interval, timeout
+{elements}    }}
+    chain forward {{
+        type filter hook forward priority 0; policy accept;
+        oifname \"{tap}\" ct state established,related accept
+        oifname \"{tap}\" drop
+        iifname \"{tap}\" jump egress
+    }}
+    chain egress {{
+        ip saddr != {guest} drop
+        oifname \"smv*\" drop
+        ip daddr {{ 169.254.0.0/16, 172.16.0.0/16, 127.0.0.0/8 }} drop
+{egress}    }}
+    chain input {{
+        type filter hook input priority 0; policy accept;
+        iifname \"{tap}\" ct state established,related accept
+{dns}        iifname \"{tap}\" drop
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority 100; policy accept;
+        ip saddr {guest} oifname != \"smv*\" masquerade
+    }}
+}}
+"
+    )
+}
+
+fn nft(input: &str, args: &[&str]) -> Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ctx(|| "running nft".into())?;
+    child.stdin.take().expect("piped").write_all(input.as_bytes()).ctx(|| "writing to nft".into())?;
+    let out = child.wait_with_output().ctx(|| "waiting for nft".into())?;
+    if !out.status.success() {
+        return Err(Error::Host(format!("nft {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    Ok(())
+}
+
+pub fn nft_apply(table: &str, tap: &str, lease: Lease, internet: &InternetSettings) -> Result<()> {
+    // Replace a leftover of a crashed run atomically with the new table.
+    let _ = nft_remove(table);
+    nft(&ruleset(table, tap, lease, internet), &["-f", "-"])
+}
+
+/// Remove a sandbox's table; a missing one is not an error.
+pub fn nft_remove(table: &str) -> Result<()> {
+    let out = Command::new("nft").args(["delete", "table", "inet", table]).stderr(Stdio::piped()).output().ctx(|| "running nft".into())?;
+    if !out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("No such file") {
+        return Err(Error::Host(format!("nft delete table {table}: {}", String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    Ok(())
+}
+
+fn nft_allow(table: &str, ips: &[(Ipv4Addr, u32)]) {
+    if ips.is_empty() {
+        return;
+    }
+    let elems: Vec<String> = ips.iter().map(|(ip, ttl)| format!("{ip} timeout {}s", (*ttl).clamp(30, 86400))).collect();
+    let _ = Command::new("nft")
+        .args(["add", "element", "inet", table, "allow", &format!("{{ {} }}", elems.join(", "))])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Give the TAP QEMU created its host address and bring it up (rtnetlink), and let the host
+/// forward.
+pub async fn setup_tap(tap: &str, lease: Lease) -> Result<()> {
+    use futures::TryStreamExt;
+    let (connection, handle, _) = rtnetlink::new_connection().ctx(|| "opening rtnetlink".into())?;
+    let conn_task = tokio::spawn(connection);
+    let result = async {
+        // QEMU opens its chardevs (our agent socket) before its netdevs: the TAP may be a
+        // moment behind.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let index = loop {
+            let mut links = handle.link().get().match_name(tap.to_string()).execute();
+            match links.try_next().await {
+                Ok(Some(link)) => break link.header.index,
+                Ok(None) | Err(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(2)).await,
+                Ok(None) => return Err(Error::Host(format!("{tap} does not exist"))),
+                Err(e) => return Err(Error::Host(format!("finding {tap}: {e}"))),
+            }
+        };
+        handle
+            .address()
+            .add(index, std::net::IpAddr::V4(lease.host()), 30)
+            .execute()
+            .await
+            .map_err(|e| Error::Host(format!("addressing {tap}: {e}")))?;
+        handle.link().set(index).up().execute().await.map_err(|e| Error::Host(format!("bringing {tap} up: {e}")))?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").ctx(|| "enabling IPv4 forwarding".into())?;
+        Ok(())
+    }
+    .await;
+    conn_task.abort();
+    result
+}
+
+/// The host's first nameserver (from /etc/resolv.conf), or `SMOLVM_DNS_UPSTREAM` (ip:port);
+/// the supervisor runs on the host, so a local stub resolver (127.0.0.53) works too.
+pub fn upstream_dns() -> SocketAddr {
+    if let Some(addr) = std::env::var("SMOLVM_DNS_UPSTREAM").ok().and_then(|v| v.parse::<SocketAddr>().ok()) {
+        return addr;
+    }
+    let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let ip = conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+        .next()
+        .unwrap_or(Ipv4Addr::new(127, 0, 0, 53));
+    SocketAddr::from((ip, 53))
+}
+
+/// Which names the guest may resolve, and where learned addresses go.
+pub struct DnsPolicy {
+    pub allowed: Option<Vec<String>>,
+    pub table: String,
+}
+
+impl DnsPolicy {
+    fn permits(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        match &self.allowed {
+            None => true,
+            Some(list) => list.iter().any(|d| {
+                let d = d.trim_end_matches('.').to_ascii_lowercase();
+                name == d || name.ends_with(&format!(".{d}"))
+            }),
+        }
+    }
+}
+
+/// The first question's name of a DNS message, and where the question section ends.
+pub fn dns_question(msg: &[u8]) -> Option<(String, usize)> {
+    if msg.len() < 12 || u16::from_be_bytes([msg[4], msg[5]]) == 0 {
+        return None;
+    }
+    let (name, end) = dns_name(msg, 12)?;
+    Some((name, end + 4))
+}
+
+fn dns_name(msg: &[u8], mut pos: usize) -> Option<(String, usize)> {
+    let mut labels = Vec::new();
+    let mut end = None;
+    for _ in 0..128 {
+        let len = *msg.get(pos)? as usize;
+        if len == 0 {
+            return Some((labels.join("."), end.unwrap_or(pos + 1)));
+        }
+        if len & 0xc0 == 0xc0 {
+            let ptr = ((len & 0x3f) << 8) | *msg.get(pos + 1)? as usize;
+            end.get_or_insert(pos + 2);
+            pos = ptr;
+            continue;
+        }
+        labels.push(String::from_utf8_lossy(msg.get(pos + 1..pos + 1 + len)?).into_owned());
+        pos += 1 + len;
+    }
+    None
+}
+
+/// IPv4 addresses (with TTLs) in the answer section of a DNS response.
+pub fn dns_answers(msg: &[u8]) -> Vec<(Ipv4Addr, u32)> {
+    let mut out = Vec::new();
+    let Some((_, mut pos)) = dns_question(msg) else { return out };
+    let answers = u16::from_be_bytes([msg[6], msg[7]]);
+    for _ in 0..answers {
+        let Some((_, after)) = dns_name(msg, pos) else { break };
+        let Some(rr) = msg.get(after..after + 10) else { break };
+        let (kind, ttl, len) = (
+            u16::from_be_bytes([rr[0], rr[1]]),
+            u32::from_be_bytes([rr[4], rr[5], rr[6], rr[7]]),
+            u16::from_be_bytes([rr[8], rr[9]]) as usize,
+        );
+        if kind == 1 && len == 4 {
+            if let Some(a) = msg.get(after + 10..after + 14) {
+                out.push((Ipv4Addr::new(a[0], a[1], a[2], a[3]), ttl));
+            }
+        }
+        pos = after + 10 + len;
+    }
+    out
+}
+
+/// A REFUSED answer to a query for a name the policy does not allow.
+fn dns_refused(query: &[u8], question_end: usize) -> Vec<u8> {
+    let mut r = query[..question_end.min(query.len())].to_vec();
+    r[2] |= 0x80; // response
+    r[3] = (r[3] & 0xf0) | 5; // REFUSED
+    r[6..12].fill(0);
+    r
+}
+
+/// Answer DNS on `bind` for one sandbox, forwarding what the policy allows to `upstream`.
+/// Queries are answered in the order they came: resolvers such as busybox's send A and AAAA
+/// at once and may drop a reply that overtakes the other.
+pub async fn dns_proxy(bind: SocketAddr, upstream: SocketAddr, policy: Arc<DnsPolicy>) -> Result<()> {
+    let sock = tokio::net::UdpSocket::bind(bind).await.ctx(|| format!("binding DNS on {bind}"))?;
+    let up = tokio::net::UdpSocket::bind("0.0.0.0:0").await.ctx(|| "binding the upstream DNS socket".into())?;
+    let mut buf = vec![0u8; 4096];
+    let mut reply = vec![0u8; 4096];
+    loop {
+        let (n, from) = sock.recv_from(&mut buf).await.ctx(|| "receiving DNS".into())?;
+        let query = &buf[..n];
+        let Some((name, qend)) = dns_question(query) else { continue };
+        if !policy.permits(&name) {
+            let _ = sock.send_to(&dns_refused(query, qend), from).await;
+            continue;
+        }
+        if up.send_to(query, upstream).await.is_err() {
+            continue;
+        }
+        // Wait for the answer to this query (same id); stale answers are skipped.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let answer = loop {
+            match tokio::time::timeout_at(deadline, up.recv_from(&mut reply)).await {
+                Ok(Ok((m, _))) if m >= 2 && reply[..2] == query[..2] => break Some(m),
+                Ok(Ok(_)) => continue,
+                _ => break None,
+            }
+        };
+        let Some(m) = answer else { continue };
+        if policy.allowed.is_some() {
+            // Allow what is handed out before the guest can use it.
+            let ips = dns_answers(&reply[..m]);
+            let table = policy.table.clone();
+            let _ = tokio::task::spawn_blocking(move || nft_allow(&table, &ips)).await;
+        }
+        let _ = sock.send_to(&reply[..m], from).await;
+    }
+}
+
+/// Forward connections to 127.0.0.1:`listener` to the guest's port.
+pub async fn port_proxy(listener: tokio::net::TcpListener, guest: SocketAddr) {
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else { return };
+        tokio::spawn(async move {
+            if let Ok(mut outbound) = tokio::net::TcpStream::connect(guest).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_and_forbidden_ranges() {
+        assert_eq!(Cidr::parse("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert!(Cidr::parse("::1/128").is_err());
+        assert!(Cidr::parse("10.0.0.0/33").is_err());
+        let i = |c: &str| InternetSettings { mode: "restricted".into(), allowed_domains: vec![], allowed_cidrs: vec![c.into()] };
+        let err = validate_internet(&i("169.254.169.254/32"), None).unwrap_err().to_string();
+        assert!(err.contains("link-local/metadata"), "{err}");
+        assert!(validate_internet(&i("172.16.5.0/24"), None).unwrap_err().to_string().contains("sandbox network"));
+        assert!(validate_internet(&i("0.0.0.0/0"), None).is_err());
+        assert!(validate_internet(&i("203.0.113.0/24"), None).is_ok());
+        let bad = InternetSettings { mode: "sometimes".into(), ..Default::default() };
+        assert!(validate_internet(&bad, None).unwrap_err().to_string().contains("allowed: open, off, restricted"));
+        assert!(validate_internet(&i("203.0.113.0/24"), Some("user")).is_err());
+    }
+
+    #[test]
+    fn leases_are_disjoint_slash_30s() {
+        assert_eq!((Lease(1).host(), Lease(1).guest()), (Ipv4Addr::new(172, 16, 0, 5), Ipv4Addr::new(172, 16, 0, 6)));
+        assert_eq!(Lease(MAX_SLOTS).guest(), Ipv4Addr::new(172, 16, 255, 254));
+        assert_eq!(tap_name("a").len(), 13);
+    }
+
+    #[test]
+    fn dns_parsing_and_policy() {
+        // Query for example.com A, and a response with two A records (the second compressed).
+        let q: Vec<u8> = [&[0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0][..], b"\x07example\x03com\x00", &[0, 1, 0, 1]].concat();
+        assert_eq!(dns_question(&q).unwrap(), ("example.com".to_string(), q.len()));
+        let mut r = q.clone();
+        r[2] = 0x81;
+        r[7] = 2;
+        for ip in [[93, 184, 216, 34], [1, 2, 3, 4]] {
+            r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+            r.extend_from_slice(&ip);
+        }
+        assert_eq!(dns_answers(&r), vec![(Ipv4Addr::new(93, 184, 216, 34), 60), (Ipv4Addr::new(1, 2, 3, 4), 60)]);
+        let p = DnsPolicy { allowed: Some(vec!["example.com".into()]), table: String::new() };
+        assert!(p.permits("example.com") && p.permits("api.example.com.") && !p.permits("badexample.com") && !p.permits("evil.com"));
+        let refused = dns_refused(&q, q.len());
+        assert_eq!(refused[3] & 0x0f, 5);
+    }
+
+    #[test]
+    fn ruleset_names_only_its_own_tap() {
+        let rs = ruleset("smolvm_x", "smvabc", Lease(3), &InternetSettings::default());
+        assert!(rs.contains("table inet smolvm_x"));
+        assert!(rs.contains("ip saddr 172.16.0.14 oifname != \"smv*\" masquerade"));
+        assert!(rs.contains("oifname \"smv*\" drop"));
+        let off = ruleset("t", "smvabc", Lease(3), &InternetSettings { mode: "off".into(), ..Default::default() });
+        assert!(!off.contains("dport 53"));
+    }
+}
