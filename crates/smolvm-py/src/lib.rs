@@ -189,6 +189,17 @@ impl Vm {
         block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.download(&guest, &local).await })
     }
 
+    #[pyo3(signature = (guest_port, host_port=None))]
+    fn expose_local(&self, py: Python<'_>, guest_port: u16, host_port: Option<u16>) -> PyResult<u16> {
+        let (inner, id) = (self.inner.clone(), self.id.clone());
+        block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.expose_local(guest_port, host_port).await })
+    }
+
+    fn unexpose_local(&self, py: Python<'_>, guest_port: u16) -> PyResult<()> {
+        let (inner, id) = (self.inner.clone(), self.id.clone());
+        block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.unexpose_local(guest_port).await })
+    }
+
     fn pause(&self, py: Python<'_>) -> PyResult<()> {
         let (inner, id) = (self.inner.clone(), self.id.clone());
         block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.pause().await })

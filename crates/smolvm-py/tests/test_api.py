@@ -218,3 +218,29 @@ def test_upload_and_download_files(no_leftovers, tmp_path):
         assert (tmp_path / "out.bin").read_bytes() == payload
         with pytest.raises(ValidationError, match="absolute"):
             vm.upload_file(src, "work/in.bin")
+
+
+def test_ports_and_internet_settings(no_leftovers):
+    import urllib.request
+
+    from smolvm import InternetSettings
+
+    with pytest.raises(ValidationError, match="169.254"):
+        VMConfig(internet_settings=InternetSettings(mode="restricted", allowed_cidrs=("169.254.169.254/32",)))
+    with pytest.raises(ValidationError, match="network"):
+        VMConfig(network="bogus")
+    with SmolVM(port_forwards=[8000], internet_settings={"mode": "off"}) as vm:
+        vm.run("mkdir -p /srv && echo from-python > /srv/index.html && (httpd -p 8000 -h /srv &)")
+        host_port = vm.expose_local(8000)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert urllib.request.urlopen(f"http://127.0.0.1:{host_port}/", timeout=2).read() == b"from-python\n"
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        vm.unexpose_local(8000)
+        with pytest.raises(ValidationError, match="not exposed"):
+            vm.unexpose_local(8000)

@@ -26,7 +26,7 @@ for _var, _name in (("SMOLVM_BIN", "smolvm"), ("SMOLVM_AGENT_BIN", "smolvm-agent
     if _path and not os.environ.get(_var):
         os.environ[_var] = _path
 
-from .config import VMConfig  # noqa: E402
+from .config import InternetSettings, VMConfig  # noqa: E402
 from .exceptions import (  # noqa: E402
     CommandBlockedError,
     CommandExecutionUnavailableError,
@@ -46,6 +46,7 @@ from .vm import SmolVM  # noqa: E402
 __all__ = [
     "SmolVM",
     "VMConfig",
+    "InternetSettings",
     "CommandResult",
     "VMState",
     "VMInfo",

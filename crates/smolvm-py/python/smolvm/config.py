@@ -14,7 +14,40 @@ from .exceptions import ValidationError
 
 # Fields users know from the documentation that this build cannot honour yet: refusing a
 # value is better than silently ignoring it.
-_NOT_YET = ("disk_size_mib", "port_forwards", "internet_settings", "workspace_mounts", "ssh_public_key")
+_NOT_YET = ("disk_size_mib", "workspace_mounts", "ssh_public_key")
+
+
+@dataclass(frozen=True)
+class InternetSettings:
+    """What a sandbox may reach: ``open`` (default), ``off``, or ``restricted`` to the given
+    domains (and their subdomains) and IPv4 networks."""
+
+    mode: str = "open"
+    allowed_domains: tuple = ()
+    allowed_cidrs: tuple = ()
+
+
+def _internet(value: Any) -> Optional[dict]:
+    if value is None:
+        return None
+    if isinstance(value, InternetSettings):
+        value = dataclasses.asdict(value)
+    if not isinstance(value, dict):
+        raise ValidationError("invalid internet_settings: expected InternetSettings or a dict", {"field": "internet_settings"})
+    return {"mode": value.get("mode", "open"), "allowed_domains": list(value.get("allowed_domains", ())),
+            "allowed_cidrs": list(value.get("allowed_cidrs", ()))}
+
+
+def _port_forward(p: Any) -> dict:
+    """A guest port, ``(host, guest)``, or ``{"guest": g, "host": h}``."""
+    if isinstance(p, int):
+        return {"guest": p, "host": None}
+    if isinstance(p, (tuple, list)) and len(p) == 2:
+        return {"guest": int(p[1]), "host": int(p[0])}
+    if isinstance(p, dict) and "guest" in p:
+        return {"guest": int(p["guest"]), "host": p.get("host")}
+    raise ValidationError(f"invalid port_forwards: {p!r} (use a guest port, (host, guest) or {{'guest': g, 'host': h}})",
+                          {"field": "port_forwards"})
 
 
 @dataclass(frozen=True)
@@ -28,6 +61,7 @@ class VMConfig:
     boot_args: Optional[str] = None
     env_vars: dict = field(default_factory=dict)
     backend: Optional[str] = None
+    network: Optional[str] = None
     disk_size_mib: Optional[int] = None
     port_forwards: Optional[list] = None
     internet_settings: Optional[Any] = None
@@ -51,6 +85,8 @@ class VMConfig:
             for f in dataclasses.fields(self)
             if f.name not in _NOT_YET
         }
+        d["internet_settings"] = _internet(self.internet_settings)
+        d["port_forwards"] = [_port_forward(p) for p in (self.port_forwards or [])]
         return json.dumps(d)
 
     def replace(self, **changes: Any) -> "VMConfig":
@@ -73,4 +109,4 @@ def _init(self, *args: Any, **kwargs: Any) -> None:
 
 VMConfig.__init__ = _init  # type: ignore[method-assign]
 
-__all__ = ["VMConfig"]
+__all__ = ["VMConfig", "InternetSettings"]

@@ -41,8 +41,10 @@ class SmolVM:
         ssh_user: Optional[str] = None,
         ssh_password: Optional[str] = None,
         vcpu_count: Optional[int] = None,
+        network: Optional[str] = None,
+        port_forwards: Optional[Sequence[Any]] = None,
     ) -> None:
-        for name, value in (("mounts", mounts), ("writable_mounts", writable_mounts), ("internet_settings", internet_settings),
+        for name, value in (("mounts", mounts), ("writable_mounts", writable_mounts),
                             ("image", image), ("ssh_user", ssh_user), ("ssh_password", ssh_password), ("disk_size", disk_size)):
             if value:
                 raise ValidationError(f"invalid {name}: not supported by this build yet", {"field": name})
@@ -63,6 +65,12 @@ class SmolVM:
             changes["vcpu_count"] = vcpu_count
         if env_vars is not None:
             changes["env_vars"] = {**config.env_vars, **dict(env_vars)}
+        if internet_settings is not None:
+            changes["internet_settings"] = internet_settings
+        if network is not None:
+            changes["network"] = network
+        if port_forwards is not None:
+            changes["port_forwards"] = list(port_forwards)
         self._config = config.replace(**changes) if changes else config
         self._native: Optional[Any] = None
         self._owned = True
@@ -203,6 +211,15 @@ class SmolVM:
 
     def wait_for_ssh(self, timeout: float = 60) -> None:
         raise CommandExecutionUnavailableError("SSH is not available in this build yet; commands run through the guest agent (use wait_for_ready)")
+
+    # -- ports ---------------------------------------------------------------------------------
+
+    def expose_local(self, guest_port: int, host_port: Optional[int] = None) -> int:
+        """Make the guest's port reachable on 127.0.0.1; returns the host port."""
+        return call(self._require().expose_local, guest_port, host_port)
+
+    def unexpose_local(self, guest_port: int) -> None:
+        call(self._require().unexpose_local, guest_port)
 
     # -- files ---------------------------------------------------------------------------------
 
