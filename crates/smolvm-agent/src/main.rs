@@ -26,7 +26,13 @@ fn main() {
         // /proc is mounted first, so the command line is readable only after this.
         init::setup().unwrap_or_else(|e| {
             log(&format!("init failed: {e}"));
-            init::Cmdline::read()
+            let cmdline = init::Cmdline::read();
+            // Serving from the initramfs instead of the asked-for root disk would run the
+            // user's commands in the wrong filesystem: fail the boot (the host shows this log).
+            if cmdline.get("smolvm.root").is_some() {
+                init::power_off();
+            }
+            cmdline
         })
     } else {
         init::Cmdline::read()

@@ -78,7 +78,7 @@ struct VmArgs {
     /// Extra kernel command-line arguments.
     #[arg(long)]
     boot_args: Option<String>,
-    /// KEY=VALUE, repeatable: variables for login shells in the sandbox.
+    /// KEY=VALUE, or KEY to take the host's value (keeps it off command lines); repeatable.
     #[arg(long = "env", short = 'e')]
     env: Vec<String>,
     /// Seconds to wait for the VM to boot.
@@ -321,6 +321,16 @@ fn secs(s: f64, field: &'static str) -> Result<Duration, Error> {
     Ok(Duration::from_secs_f64(s))
 }
 
+/// One argument is a shell command as written; several are words, quoted so that each stays
+/// one word (`smolvm sandbox exec box -- echo "a b"`).
+fn command_line(words: &[String]) -> String {
+    if words.len() == 1 {
+        words[0].clone()
+    } else {
+        words.iter().map(|w| smolvm::env::quote(w)).collect::<Vec<_>>().join(" ")
+    }
+}
+
 fn progress(line: &str) {
     eprintln!("smolvm: {line}");
 }
@@ -334,12 +344,27 @@ fn vm_config(vm: &VmArgs, name: Option<String>) -> Result<VmConfig, Error> {
         initrd_path: vm.initrd.clone(),
         rootfs_path: vm.rootfs.clone(),
         boot_args: vm.boot_args.clone(),
-        env_vars: smolvm::env::parse_pairs(&vm.env)?,
+        env_vars: env_flags(&vm.env)?,
         backend: vm.backend.clone(),
         network: vm.network.clone(),
         internet_settings: internet_settings(vm),
         port_forwards: vm.publish.iter().map(|p| parse_publish(p)).collect::<Result<_, _>>()?,
     })
+}
+
+/// `--env KEY=VALUE`, or `--env KEY` to pass the host's value of KEY without putting it on
+/// any command line.
+fn env_flags(flags: &[String]) -> Result<std::collections::BTreeMap<String, String>, Error> {
+    flags
+        .iter()
+        .map(|f| match (f.contains('='), std::env::var(f)) {
+            (false, Ok(value)) => {
+                smolvm::env::validate_key(f)?;
+                Ok((f.clone(), value))
+            }
+            _ => smolvm::env::parse_pair(f),
+        })
+        .collect()
 }
 
 fn internet_settings(vm: &VmArgs) -> Option<smolvm::config::InternetSettings> {
@@ -402,7 +427,7 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
                 if smolvm::config::env_flag("SMOLVM_VERBOSE_BOOT", false) {
                     eprint!("{}", std::fs::read_to_string(&sb.paths().console).unwrap_or_default());
                 }
-                run_streamed(&sb, &command.join(" "), &opts).await
+                run_streamed(&sb, &command_line(&command), &opts).await
             }
             .await;
             let _ = sb.delete().await;
@@ -588,7 +613,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
         SandboxCmd::Exec { name, exec, env, command } => {
             let opts = run_options(&exec, &env)?;
             let sb = Sandbox::open_in(dirs, &name).await?;
-            run_streamed(&sb, &command.join(" "), &opts).await
+            run_streamed(&sb, &command_line(&command), &opts).await
         }
         SandboxCmd::Logs { name, tail, follow } => {
             let sb = Sandbox::open_in(dirs, &name).await?;
@@ -719,14 +744,27 @@ fn wants_json(cmd: &Cmd) -> bool {
             SandboxCmd::Snapshot(SnapshotCmd::Create { json, .. } | SnapshotCmd::Restore { json, .. } | SnapshotCmd::List { json }) => {
                 *json
             }
+            SandboxCmd::Port(PortCmd::List { json, .. }) => *json,
             _ => false,
         },
         _ => false,
     }
 }
 
+/// The subcommand path as typed (`sandbox env list`), without its arguments.
 fn command_name() -> String {
-    std::env::args().skip(1).take_while(|a| !a.starts_with('-')).take(3).collect::<Vec<_>>().join(" ")
+    let mut cmd = &Cli::command();
+    let mut words = Vec::new();
+    for arg in std::env::args().skip(1) {
+        match cmd.find_subcommand(&arg) {
+            Some(sub) => {
+                words.push(arg);
+                cmd = sub;
+            }
+            None => break,
+        }
+    }
+    words.join(" ")
 }
 
 fn main() {

@@ -201,6 +201,14 @@ fn cli_env_commands_mask_values_and_reject_bad_pairs() {
     // `smolvm run --env`.
     let out = env.smolvm(&["run", "--env", "GREETING=hello there", "echo $GREETING"]);
     assert_eq!(stdout(&out), "hello there\n");
+    // `--env KEY` takes the host's value, which then appears on no command line.
+    let out = env.cli().args(["run", "--env", "FROM_HOST", "echo $FROM_HOST"]).env("FROM_HOST", "host value").output().unwrap();
+    assert_eq!(stdout(&out), "host value\n");
+    let out = env.cli().args(["run", "--env", "NOT_SET_ANYWHERE", "true"]).env_remove("NOT_SET_ANYWHERE").output().unwrap();
+    assert!(stderr(&out).contains("malformed pair (expected KEY=VALUE)"), "{}", stderr(&out));
+    // Several words are quoted word by word; one argument is a shell command as written.
+    let out = env.smolvm(&["run", "printf", "[%s]", "a b", "$HOME"]);
+    assert_eq!(stdout(&out), "[a b][$HOME]");
 }
 
 #[test]

@@ -26,9 +26,19 @@ fn to_py(e: Error) -> PyErr {
         Error::Timeout { operation, seconds } => serde_json::json!({ "operation": operation, "timeout_seconds": seconds }),
         Error::Validation { field, .. } => serde_json::json!({ "field": field }),
         Error::Boot { console, .. } => serde_json::json!({ "console": console }),
+        Error::Reported { .. } => serde_json::json!({}),
         Error::NotRunning { state, .. } => serde_json::json!({ "state": state }),
         _ => serde_json::json!({}),
     };
+    // A boot that ran out of time is a timeout to Python users (OperationTimeoutError).
+    if let Error::Boot { reason, console, .. } = &e {
+        if let Some(secs) =
+            reason.strip_prefix("Operation 'boot' timed out after ").and_then(|r| r.trim_end_matches('s').parse::<f64>().ok())
+        {
+            let details = serde_json::json!({ "operation": "boot", "timeout_seconds": secs, "console": console });
+            return NativeError::new_err(("timeout", e.to_string(), details.to_string()));
+        }
+    }
     let message = match &e {
         // The documented messages stand alone; others carry their chain of causes.
         Error::Env(_) | Error::Timeout { .. } | Error::NotFound(_) => e.to_string(),

@@ -9,7 +9,7 @@ use std::process::Command;
 pub struct Check {
     pub name: &'static str,
     /// ok | warn | fail: `fail` means sandboxes cannot start; `warn` means they start, slower or
-    /// with less (no KVM, no networking yet).
+    /// with less (no KVM, user networking instead of NAT, no root disks).
     pub status: &'static str,
     pub detail: String,
     pub fix: Option<String>,
@@ -77,6 +77,29 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
     checks.push(match version_of("nft", "--version") {
         Some(v) => check("nftables", "ok", v, None),
         None => check("nftables", "warn", "nft not found: no NAT networking", Some("smolvm setup (apt install nftables)")),
+    });
+    checks.push(match crate::net::nat_available() {
+        Ok(()) => check("network", "ok", "NAT networking (TAP + nftables)", None),
+        Err(why) => check(
+            "network",
+            "warn",
+            format!("user-mode networking only: {why}"),
+            Some("run as root with /dev/net/tun and nftables for NAT, isolation and allow-lists"),
+        ),
+    });
+    checks.push(match version_of("qemu-img", "--version") {
+        Some(v) => check("qemu-img", "ok", v, None),
+        None => check("qemu-img", "warn", "qemu-img not found: no root disks (rootfs_path)", Some("smolvm setup (apt install qemu-utils)")),
+    });
+    checks.push(if std::path::Path::new("/usr/sbin/mkfs.ext4").exists() || std::path::Path::new("/sbin/mkfs.ext4").exists() {
+        check("mkfs.ext4", "ok", "e2fsprogs present", None)
+    } else {
+        check(
+            "mkfs.ext4",
+            "warn",
+            "mkfs.ext4 not found: the default root disk cannot be built",
+            Some("smolvm setup (apt install e2fsprogs)"),
+        )
     });
     checks.push(check("data_dir", "ok", dirs.data.display().to_string(), None));
     checks

@@ -40,6 +40,9 @@ pub enum Error {
     Guest(String),
     #[error("cannot run commands in VM '{0}': its image has no smolvm agent")]
     CommandUnavailable(String),
+    /// An error the supervisor process reported, with its own code and full message.
+    #[error("{message}")]
+    Reported { code: &'static str, message: String },
 }
 
 impl Error {
@@ -61,6 +64,7 @@ impl Error {
             Error::Host(_) | Error::Io { .. } | Error::Store(_) => "host",
             Error::Guest(_) => "guest",
             Error::CommandUnavailable(_) => "command_unavailable",
+            Error::Reported { code, .. } => code,
         }
     }
 

@@ -416,8 +416,16 @@ impl Sandbox {
                 Some("timeout") | Some("boot") | Some("guest") | Some("host") if status.console.is_some() => {
                     Error::Boot { id: self.id.clone(), reason: message, console: status.console.unwrap_or_default() }
                 }
-                Some("validation") => Error::validation("snapshot", message),
-                _ => Error::Host(message),
+                code => {
+                    let code = match code {
+                        Some("validation") => "validation",
+                        Some("image") => "image",
+                        Some("not_found") => "not_found",
+                        Some("timeout") => "timeout",
+                        _ => "host",
+                    };
+                    Error::Reported { code, message }
+                }
             });
         }
         self.conn = Some(Conn::connect(&self.paths.ctl).await?);

@@ -133,6 +133,16 @@ impl NetPlan {
         use crate::net::Mode;
         let mode = Mode::resolve(config.network.as_deref())?;
         let internet = config.internet_settings.clone().unwrap_or_default();
+        // User networking cannot filter: a restriction must never quietly become open.
+        if mode != Mode::Nat && internet.mode == "restricted" {
+            return Err(Error::validation(
+                "internet_settings",
+                format!(
+                    "'restricted' needs NAT networking, which is not available here ({})",
+                    crate::net::nat_available().err().unwrap_or_default()
+                ),
+            ));
+        }
         let mut plan = NetPlan {
             mode,
             lease: None,
