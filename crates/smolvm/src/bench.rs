@@ -148,6 +148,23 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
             sb.run("true", &RunOptions { shell: smolvm_proto::Shell::Raw, ..Default::default() }).await?;
             run_raw.push(t.elapsed().as_secs_f64() * 1000.0);
         }
+        progress("files: 20 MB up and down over the agent, against `cat` of the same file");
+        let blob = work_file(&work, 20 * 1024 * 1024)?;
+        let t = Instant::now();
+        sb.upload(&blob, "/tmp/blob").await?;
+        let up = 20.0 / t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        sb.download("/tmp/blob", &work.join("blob.back")).await?;
+        let down = 20.0 / t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let mut n = 0usize;
+        sb.run_streaming("cat /tmp/blob", &RunOptions::default(), |o| {
+            if let crate::sandbox::Output::Stdout(d) = o {
+                n += d.len();
+            }
+        })
+        .await?;
+        let cat = n as f64 / 1048576.0 / t.elapsed().as_secs_f64();
         progress("idle sandbox: host RSS and CPU over 5 s");
         tokio::time::sleep(Duration::from_secs(2)).await;
         let rec = sb.record()?;
@@ -161,12 +178,13 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         // SAFETY: sysconf only reads a system constant.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         let idle_cpu = (after - before) as f64 / hz / window * 100.0;
-        Ok::<_, Error>((ping, run_login, run_raw, rss_mib, vmm_rss_mib, idle_cpu))
+        Ok::<_, Error>((ping, run_login, run_raw, rss_mib, vmm_rss_mib, idle_cpu, (up, down, cat)))
     }
     .await;
     let _ = sb.delete().await;
     let _ = std::fs::remove_dir_all(&work);
-    let (mut ping, mut run_login, mut run_raw, rss_mib, vmm_rss_mib, idle_cpu) = result?;
+    let (mut ping, mut run_login, mut run_raw, rss_mib, vmm_rss_mib, idle_cpu, (up, down, cat)) = result?;
+    let (nat_ms, user_ms) = network_setup(dirs, rounds, progress).await?;
 
     let ratio = cold_p50 / bare_p50;
     let warm_ratio = warm_p50 / cold_p50;
@@ -177,6 +195,8 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         "warm": { "smolvm_run_true_p50_s": warm_p50, "ratio_to_cold": warm_ratio, "target_ratio": 0.4 },
         "density": { "sandboxes": 16, "pss_mib_per_sandbox": density, "target_mib": 30 },
         "burst": { "started": 32, "answered": burst.0, "all_answered_s": burst.1 },
+        "files_mb_per_s": { "upload": up, "download": down, "cat_reference": cat },
+        "network_start_ms": { "nat_p50": nat_ms, "user_p50": user_ms, "nat_overhead": nat_ms - user_ms },
         "agent_ping_ms": { "p50": percentile(&mut ping, 0.5), "p99": percentile(&mut ping, 0.99), "target_p50": 1.0 },
         "run_true_login_ms": { "p50": percentile(&mut run_login, 0.5), "p99": percentile(&mut run_login, 0.99), "target_p50": 10.0 },
         "run_true_raw_ms": { "p50": percentile(&mut run_raw, 0.5), "p99": percentile(&mut run_raw, 0.99) },
@@ -194,7 +214,9 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
          | warm `run(\"true\")`, login shell | p50 {:.2} ms, p99 {:.2} ms | target p50 <= 10 ms |\n\
          | warm `run(\"true\")`, raw shell | p50 {:.2} ms, p99 {:.2} ms | |\n\
          | idle sandbox host RSS (QEMU + supervisor) | {rss_mib:.1} MiB (QEMU {vmm_rss_mib:.1}) | target <= 110 MB |\n\
-         | idle sandbox CPU | {idle_cpu:.2} % of a core | target <= 2 % |\n",
+         | idle sandbox CPU | {idle_cpu:.2} % of a core | target <= 2 % |\n\
+         | 20 MB upload / download over the agent | {up:.0} / {down:.0} MB/s | `cat` of the same file through the channel: {cat:.0} MB/s |\n\
+         | warm start with NAT networking (TAP, nftables, DNS), p50 | {nat_ms:.0} ms | user-mode networking: {user_ms:.0} ms |\n",
         burst.0,
         burst.1,
         data["agent_ping_ms"]["p50"].as_f64().unwrap_or(0.0),
@@ -276,6 +298,38 @@ async fn burst(dirs: &Dirs, n: usize, progress: image::Progress<'_>) -> Result<(
         let _ = sb.delete().await;
     }
     Ok((answered, took))
+}
+
+fn work_file(dir: &std::path::Path, size: usize) -> Result<std::path::PathBuf> {
+    let mut data = vec![0u8; size];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").ctx(|| "opening /dev/urandom".into())?, &mut data).ctx(|| "reading /dev/urandom".into())?;
+    let path = dir.join("blob");
+    std::fs::write(&path, data).ctx(|| "writing the benchmark file".into())?;
+    Ok(path)
+}
+
+/// Start-to-ready of a warm sandbox with NAT networking and with user networking (p50 ms).
+async fn network_setup(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> Result<(f64, f64)> {
+    if crate::net::nat_available().is_err() {
+        return Ok((f64::NAN, f64::NAN));
+    }
+    progress("network: sandbox start with NAT against user networking");
+    let (mut nat, mut user) = (Vec::new(), Vec::new());
+    for i in 0..rounds + 1 {
+        for (mode, out) in [("nat", &mut nat), ("user", &mut user)] {
+            let config = VmConfig { network: Some(mode.into()), ..Default::default() };
+            let mut sb = Sandbox::create_in(dirs.clone(), config, true)?;
+            let t = Instant::now();
+            let r = sb.start(Duration::from_secs(60), &|_| {}).await;
+            let took = t.elapsed().as_secs_f64() * 1000.0;
+            let _ = sb.delete().await;
+            r?;
+            if i > 0 {
+                out.push(took);
+            }
+        }
+    }
+    Ok((percentile(&mut nat, 0.5), percentile(&mut user, 0.5)))
 }
 
 fn tempfile_dir(dirs: &Dirs) -> Result<std::path::PathBuf> {

@@ -466,7 +466,14 @@ async fn supervise(id: &str) -> i32 {
                     let _ = done.send(r);
                 }
                 Some(Control::Snapshot { dir, kind, done }) => {
-                    let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, paused.load(Ordering::SeqCst)).await;
+                    // With RAM in a shared file the file *is* the saved memory: the VM must not
+                    // run on and change it, so it stays stopped (warm templates are then deleted).
+                    let shared_ram = spec.ram.as_ref().is_some_and(|r| r.share);
+                    let keep_stopped = paused.load(Ordering::SeqCst) || shared_ram;
+                    let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped).await;
+                    if shared_ram && r.is_ok() {
+                        paused.store(true, Ordering::SeqCst);
+                    }
                     if r.is_err() {
                         let _ = std::fs::remove_dir_all(&dir);
                     }

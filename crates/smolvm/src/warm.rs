@@ -11,7 +11,7 @@ use smolvm_proto::{Reply, Request, SnapshotKind};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const WARM_RECIPE: &str = "warm-recipe-5";
+const WARM_RECIPE: &str = "warm-recipe-6";
 
 /// The template's RAM, beside its saved state.
 pub fn ram_file(state: &Path) -> PathBuf {
