@@ -252,3 +252,23 @@ async fn an_ext4_rootfs_becomes_the_root_filesystem() {
     assert!(r.stdout.contains("/dev/vda on / type ext4"), "{r:?}");
     sb.delete().await.unwrap();
 }
+
+#[test]
+fn debian_cloud_kernel_is_the_fallback_and_its_modules_load() {
+    let env = env();
+    // Forced here; it is also what happens where our kernel cannot be built.
+    let out = env
+        .cli()
+        .args(["run", "uname -r; ls /sys/class/virtio-ports; cat /proc/modules | cut -d' ' -f1 | sort | tr '\\n' ' '"])
+        .env("SMOLVM_KERNEL", "debian")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.lines().next().unwrap_or("").ends_with("-cloud-amd64"), "{text}");
+    assert!(text.contains("vport"), "{text}");
+    for m in ["virtio_console", "virtio_mmio", "virtio_blk", "virtio_net"] {
+        assert!(text.contains(m), "module {m} not loaded: {text}");
+    }
+    assert!(stderr(&out).contains("using Debian's prebuilt cloud kernel (SMOLVM_KERNEL=debian)"), "{}", stderr(&out));
+}

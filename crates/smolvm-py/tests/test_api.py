@@ -127,7 +127,9 @@ def test_leaving_the_with_block_by_an_exception_removes_the_sandbox(no_leftovers
 def test_ctrl_c_during_run_is_prompt_and_leaves_no_vmm(tmp_path):
     script = textwrap.dedent(
         """
-        import sys, time
+        import signal, sys, time
+        # A parent that ignores SIGINT (a CI runner in the background) would pass that on.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from smolvm import SmolVM
         with SmolVM(vm_id="pyctrlc") as vm:
             print("ready", flush=True)
@@ -139,11 +141,16 @@ def test_ctrl_c_during_run_is_prompt_and_leaves_no_vmm(tmp_path):
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    time.sleep(1)
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=30)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(1)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        # A `with` sandbox belongs to its process: killing the process must clean it up too.
+        proc.kill()
+        proc.wait()
     assert "interrupted" in rest
     assert time.monotonic() - sent < 10
     assert proc.returncode != 0

@@ -302,7 +302,8 @@ async fn burst(dirs: &Dirs, n: usize, progress: image::Progress<'_>) -> Result<(
 
 fn work_file(dir: &std::path::Path, size: usize) -> Result<std::path::PathBuf> {
     let mut data = vec![0u8; size];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").ctx(|| "opening /dev/urandom".into())?, &mut data).ctx(|| "reading /dev/urandom".into())?;
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").ctx(|| "opening /dev/urandom".into())?, &mut data)
+        .ctx(|| "reading /dev/urandom".into())?;
     let path = dir.join("blob");
     std::fs::write(&path, data).ctx(|| "writing the benchmark file".into())?;
     Ok(path)

@@ -42,15 +42,136 @@ pub fn fingerprint(parts: &[&[u8]]) -> String {
 
 /// The image a config boots: its own kernel/initrd/rootfs where given, ours otherwise.
 pub fn resolve(config: &VmConfig, dirs: &Dirs, progress: Progress) -> Result<BootImage> {
-    let kernel = match &config.kernel_path {
-        Some(k) => k.clone(),
-        None => default_kernel(dirs, progress)?,
+    // Our own kernel where it can be built; else (or with SMOLVM_KERNEL=debian) Debian's
+    // prebuilt cloud kernel, whose virtio drivers are modules the initramfs must carry.
+    let (kernel, modules) = match &config.kernel_path {
+        Some(k) => (k.clone(), Vec::new()),
+        None => match own_kernel_unavailable() {
+            None => (default_kernel(dirs, progress)?, Vec::new()),
+            Some(why) => {
+                progress(&format!("using Debian's prebuilt cloud kernel ({why})"));
+                let (vmlinuz, modroot) = debian_kernel(dirs, progress)?;
+                (vmlinuz, module_set(&modroot, DEBIAN_MODULES)?)
+            }
+        },
     };
     let initrd = match &config.initrd_path {
         Some(i) => i.clone(),
-        None => default_initramfs(dirs, progress)?,
+        None => default_initramfs(dirs, &modules)?,
     };
     Ok(BootImage { kernel, initrd: Some(initrd), rootfs: config.rootfs_path.clone() })
+}
+
+/// Why our own kernel cannot be used here, if it cannot.
+fn own_kernel_unavailable() -> Option<String> {
+    if std::env::var("SMOLVM_KERNEL").is_ok_and(|v| v.eq_ignore_ascii_case("debian")) {
+        return Some("SMOLVM_KERNEL=debian".into());
+    }
+    if kernel_source().is_none() {
+        return Some("no linux-source tarball to build ours from".into());
+    }
+    ["make", "gcc", "flex", "bison", "bc"].iter().find(|t| !on_path(t)).map(|t| format!("`{t}` is missing, so ours cannot be built"))
+}
+
+/// The Debian cloud kernel's drivers the sandbox needs (their dependencies come along).
+const DEBIAN_MODULES: &[&str] = &["virtio_mmio", "virtio_console", "virtio_blk", "virtio_net"];
+
+/// Debian's cloud kernel package, unpacked into the cache (never installed on the host):
+/// returns the kernel image and the directory holding its modules.
+pub fn debian_kernel(dirs: &Dirs, progress: Progress) -> Result<(PathBuf, PathBuf)> {
+    let package = match std::env::var("SMOLVM_DEBIAN_KERNEL_PACKAGE") {
+        Ok(p) => p,
+        Err(_) => {
+            let out = Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]).output().ctx(|| "running apt-cache".into())?;
+            String::from_utf8_lossy(&out.stdout).lines().find_map(|l| l.trim().strip_prefix("Depends: ").map(str::to_string)).ok_or_else(
+                || Error::Image("cannot find Debian's cloud kernel package (apt-cache depends linux-image-cloud-amd64)".into()),
+            )?
+        }
+    };
+    if !package.chars().all(|c| c.is_ascii_alphanumeric() || "-.+".contains(c)) {
+        return Err(Error::Image(format!("{package:?} is not a Debian package name")));
+    }
+    let dir = dirs.images.join(format!("debian-{package}"));
+    let find = |dir: &Path| -> Option<(PathBuf, PathBuf)> {
+        let boot = fs::read_dir(dir.join("boot"))
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))?;
+        let modroot = fs::read_dir(dir.join("lib/modules")).ok()?.flatten().map(|e| e.path()).next()?;
+        Some((boot, modroot))
+    };
+    if let Some(found) = find(&dir) {
+        return Ok(found);
+    }
+    let _lock = lock_images(dirs)?;
+    if let Some(found) = find(&dir) {
+        return Ok(found);
+    }
+    progress(&format!("fetching {package} from Debian's archive (once)"));
+    let tmp = TempDir(dirs.images.join(format!(".debian-kernel-{}", std::process::id())));
+    fs::create_dir_all(&tmp.0).ctx(|| format!("creating {}", tmp.0.display()))?;
+    run_checked(Command::new("apt-get").args(["download", "-q", &package]).current_dir(&tmp.0), "downloading the Debian kernel package")?;
+    let deb = fs::read_dir(&tmp.0)
+        .ctx(|| "reading the download".into())?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .ok_or_else(|| Error::Image("apt-get download left no .deb".into()))?;
+    let unpacked = tmp.0.join("x");
+    run_checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked), "unpacking the Debian kernel package")?;
+    let _ = fs::remove_dir_all(&dir);
+    fs::rename(&unpacked, &dir).ctx(|| format!("installing {}", dir.display()))?;
+    find(&dir).ok_or_else(|| Error::Image(format!("{package} holds no kernel image and modules")))
+}
+
+/// The modules named and everything they depend on (from each module's `depends=` field),
+/// in an order that loads dependencies first: (file name, contents).
+pub fn module_set(modroot: &Path, wanted: &[&str]) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut index = std::collections::HashMap::new();
+    let mut stack = vec![modroot.join("kernel")];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).ctx(|| format!("reading {}", d.display()))?.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Some(name) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ko")) {
+                index.insert(name.replace('-', "_"), p);
+            }
+        }
+    }
+    let mut order: Vec<(String, Vec<u8>)> = Vec::new();
+    fn visit(
+        name: &str,
+        index: &std::collections::HashMap<String, PathBuf>,
+        order: &mut Vec<(String, Vec<u8>)>,
+        depth: usize,
+    ) -> Result<()> {
+        if order.iter().any(|(n, _)| n == &format!("{name}.ko")) || depth > 32 {
+            return Ok(());
+        }
+        // Built into the kernel: nothing to load.
+        let Some(path) = index.get(name) else { return Ok(()) };
+        let data = fs::read(path).ctx(|| format!("reading {}", path.display()))?;
+        let deps = data
+            .windows(8)
+            .position(|w| w == b"depends=")
+            .map(|i| {
+                let rest = &data[i + 8..];
+                let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+                String::from_utf8_lossy(&rest[..end]).into_owned()
+            })
+            .unwrap_or_default();
+        for dep in deps.split(',').filter(|d| !d.is_empty()) {
+            visit(&dep.replace('-', "_"), index, order, depth + 1)?;
+        }
+        order.push((format!("{name}.ko"), data));
+        Ok(())
+    }
+    for w in wanted {
+        visit(w, &index, &mut order, 0)?;
+    }
+    Ok(order)
 }
 
 /// Serialize builders across processes: two CLIs starting at once build once.
@@ -337,7 +458,7 @@ const DIRS: &[&str] = &[
     "mnt",
 ];
 
-pub fn default_initramfs(dirs: &Dirs, _progress: Progress) -> Result<PathBuf> {
+pub fn default_initramfs(dirs: &Dirs, modules: &[(String, Vec<u8>)]) -> Result<PathBuf> {
     let agent_path = agent_binary()?;
     let agent = fs::read(&agent_path).ctx(|| format!("reading {}", agent_path.display()))?;
     let busybox_path = busybox_binary()?;
@@ -345,7 +466,11 @@ pub fn default_initramfs(dirs: &Dirs, _progress: Progress) -> Result<PathBuf> {
     if !is_static(&busybox) {
         return Err(Error::Image(format!("{} is dynamically linked; install busybox-static", busybox_path.display())));
     }
-    let files: Vec<u8> = FILES.iter().flat_map(|(p, m, c)| format!("{p}:{m}:{c}").into_bytes()).collect();
+    let mut files: Vec<u8> = FILES.iter().flat_map(|(p, m, c)| format!("{p}:{m}:{c}").into_bytes()).collect();
+    for (name, data) in modules {
+        files.extend_from_slice(name.as_bytes());
+        files.extend_from_slice(fingerprint(&[data]).as_bytes());
+    }
     let fp = fingerprint(&[INITRAMFS_RECIPE.as_bytes(), &agent, &busybox, &files]);
     let rel = format!("initramfs-{fp}/initramfs.cpio");
     let dir = dirs.images.join(format!("initramfs-{fp}"));
@@ -365,7 +490,7 @@ pub fn default_initramfs(dirs: &Dirs, _progress: Progress) -> Result<PathBuf> {
     }
     let applets = Command::new(&busybox_path).arg("--list-full").output().ctx(|| "listing busybox applets".into())?;
     let applets = String::from_utf8_lossy(&applets.stdout).into_owned();
-    let cpio = initramfs_archive(&agent, &busybox, &applets);
+    let cpio = initramfs_archive(&agent, &busybox, &applets, modules);
     fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(format!(".tmp-{}", std::process::id()));
     let r = fs::write(&tmp, cpio).and_then(|_| fs::rename(&tmp, &path));
@@ -452,7 +577,7 @@ pub fn overlay(base: &Path, overlay: &Path) -> Result<PathBuf> {
 }
 
 /// The initramfs: agent as /init, busybox with a link per applet, a tiny /etc.
-pub fn initramfs_archive(agent: &[u8], busybox: &[u8], applets: &str) -> Vec<u8> {
+pub fn initramfs_archive(agent: &[u8], busybox: &[u8], applets: &str, modules: &[(String, Vec<u8>)]) -> Vec<u8> {
     let mut c = Cpio::default();
     for d in DIRS {
         c.dir(
@@ -476,6 +601,14 @@ pub fn initramfs_archive(agent: &[u8], busybox: &[u8], applets: &str) -> Vec<u8>
     }
     for (path, mode, content) in FILES {
         c.file(path, *mode, content.as_bytes());
+    }
+    // The agent loads these, in this order, before it looks for its channel.
+    if !modules.is_empty() {
+        for (name, data) in modules {
+            c.file(&format!("lib/modules/{name}"), 0o644, data);
+        }
+        let order: String = modules.iter().map(|(n, _)| format!("{n}\n")).collect();
+        c.file("lib/modules/smolvm.order", 0o644, order.as_bytes());
     }
     c.finish()
 }
@@ -501,11 +634,12 @@ mod tests {
 
     #[test]
     fn archive_links_applets_relative_to_busybox() {
-        let bytes = initramfs_archive(b"AGENT", b"BUSYBOX", "bin/sh\nusr/bin/awk\n");
+        let bytes = initramfs_archive(b"AGENT", b"BUSYBOX", "bin/sh\nusr/bin/awk\n", &[("virtio.ko".into(), b"MOD".to_vec())]);
         let text = String::from_utf8_lossy(&bytes);
         assert!(text.contains("usr/bin/awk\0"));
         assert!(text.contains("../../bin/busybox"));
         assert!(text.contains("AGENT"));
         assert!(text.contains("TRAILER!!!"));
+        assert!(text.contains("lib/modules/smolvm.order\0") && text.contains("virtio.ko\n"));
     }
 }

@@ -859,12 +859,7 @@ impl Sandbox {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(vmm.pid), nix::sys::signal::Signal::SIGKILL);
                 }
                 self.paths.remove_sockets();
-                if rec.ephemeral {
-                    store.remove(&self.id)?;
-                    self.paths.remove_all();
-                } else {
-                    store.set_state(&self.id, State::Stopped, None)?;
-                }
+                store.set_state(&self.id, State::Stopped, None)?;
             }
         }
         Ok(())

@@ -313,8 +313,11 @@ impl Store {
             let rows = stmt.query_map([], |r| r.get::<_, u32>(0))?.collect::<rusqlite::Result<_>>()?;
             rows
         };
+        // Slots are per state database, but addresses are per host: also skip any /30 whose host
+        // side is already on an interface (another data directory's sandbox).
+        let on_host = crate::net::host_addresses();
         let slot = (1..=crate::net::MAX_SLOTS)
-            .find(|s| !used.contains(s))
+            .find(|s| !used.contains(s) && !on_host.contains(&crate::net::Lease(*s).host()))
             .ok_or_else(|| Error::Host("no free sandbox network address left in 172.16.0.0/16".into()))?;
         tx.execute("INSERT INTO leases (slot, sandbox) VALUES (?1, ?2)", params![slot, id])?;
         tx.commit()?;

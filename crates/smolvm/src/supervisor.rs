@@ -527,7 +527,9 @@ async fn supervise(id: &str) -> i32 {
     shutdown(&mut child, &agent, &mut qmp, stop_timeout, graceful).await;
     paths.remove_sockets();
     plan.cleanup(&store, id);
-    if record.ephemeral {
+    // An ephemeral sandbox whose owner went away leaves nothing; one stopped on request stays
+    // (stopped) until its owner deletes it or dies.
+    if record.ephemeral && stop_waiter.is_none() {
         let _ = store.remove(id);
         paths.remove_all();
     } else {

@@ -112,8 +112,11 @@ class SmolVM:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self, boot_timeout: float = 30) -> "SmolVM":
+        return self._start(boot_timeout, ephemeral=False)
+
+    def _start(self, boot_timeout: float, ephemeral: bool) -> "SmolVM":
         if self._native is None:
-            self._native = call(_native.Vm.create, self._config._to_json(), False)
+            self._native = call(_native.Vm.create, self._config._to_json(), ephemeral)
         call(self._native.start, float(boot_timeout))
         return self
 
@@ -166,7 +169,11 @@ class SmolVM:
         return vm
 
     def __enter__(self) -> "SmolVM":
-        if self._native is None or self.status not in (VMState.RUNNING, VMState.PAUSED):
+        # A sandbox made for a `with` block belongs to this process: if the process dies
+        # without reaching __exit__ (SIGKILL), the sandbox goes with it.
+        if self._native is None:
+            self._start(30, ephemeral=True)
+        elif self.status not in (VMState.RUNNING, VMState.PAUSED):
             self.start()
         return self
 

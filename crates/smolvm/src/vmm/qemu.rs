@@ -50,6 +50,17 @@ pub struct RamFile {
     pub share: bool,
 }
 
+/// Whether the kernel is an ELF vmlinux (PVH entry) rather than a bzImage; unreadable counts as
+/// ELF (the VMM will say what is wrong with it).
+fn kernel_is_elf(path: &Path) -> bool {
+    std::fs::File::open(path)
+        .and_then(|mut f| {
+            let mut m = [0u8; 4];
+            std::io::Read::read_exact(&mut f, &mut m).map(|_| m)
+        })
+        .map_or(true, |m| &m == b"\x7fELF")
+}
+
 /// The kernel command line. Only settings, never anything from the user's env values.
 pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
     let mut args = vec!["console=ttyS0", "reboot=t", "panic=-1", "noreplace-smp", "pci=off", "cryptomgr.notests"];
@@ -59,7 +70,10 @@ pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
     let mut args: Vec<String> = args.into_iter().map(String::from).collect();
     if spec.accel == Accel::Tcg {
         // TCG has no TSC-deadline timer: skip the APIC timer calibration (lab.md: 0.23 s).
-        args.push("nolapic_timer".into());
+        // Debian's kernel then hangs bringing up a second CPU, so it keeps its APIC timer.
+        if spec.vcpus == 1 || kernel_is_elf(&spec.image.kernel) {
+            args.push("nolapic_timer".into());
+        }
         if let Some(khz) = super::host_tsc_khz() {
             args.push(format!("tsc_early_khz={khz}"));
         }
@@ -79,7 +93,12 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
     // RAM is always an explicit backend named `ram`, file-backed or not, so that the saved
     // state of any sandbox loads into any other of the same shape.
-    push(&["-M", "microvm,acpi=off,x-option-roms=off,memory-backend=ram"]);
+    // An ELF vmlinux (ours) boots through its PVH entry and finds its devices on the command
+    // line, without ACPI; a bzImage (Debian's kernel, whose virtio-mmio driver is a module that
+    // only learns of devices from ACPI) needs the option ROM that loads it, and ACPI.
+    let elf = kernel_is_elf(&spec.image.kernel);
+    let (acpi, roms) = if elf { ("off", "off") } else { ("on", "on") };
+    push(&["-M", &format!("microvm,acpi={acpi},x-option-roms={roms},memory-backend=ram")]);
     match &spec.ram {
         Some(ram) => {
             let path = ram.path.to_string_lossy().replace(',', ",,");
