@@ -53,7 +53,7 @@ test-python: wheel
 	$(VENV)-test/bin/pip install -q --disable-pip-version-check pytest dist/*.whl
 	cd crates/smolvm-py/tests && ../../../$(VENV)-test/bin/python -m pytest -q
 
-bench: build
+bench: build wheel
 	./scripts/bench.sh
 
 clean:
