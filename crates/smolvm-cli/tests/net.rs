@@ -233,6 +233,8 @@ async fn sandboxes_cannot_reach_each_other_or_the_host_and_exposed_ports_work() 
     // `two` cannot reach `one`, nor a service on the host's own addresses.
     let one_ip = one.run("ifconfig eth0 | sed -n 's/.*inet addr:\\([0-9.]*\\).*/\\1/p'", &opts()).await.unwrap().output().to_string();
     assert!(one_ip.starts_with("172.16."), "{one_ip}");
+    let info = one.info().await.unwrap();
+    assert_eq!((info["network_mode"].as_str(), info["guest_ip"].as_str()), (Some("nat"), Some(one_ip.as_str())));
     assert_eq!(two.run(&fetch(&format!("http://{one_ip}:8000/")), &opts()).await.unwrap().stdout, "FAILED\n");
     let mut host_server = Command::new("python3")
         .args(["-c", HTTP_SERVER, "0.0.0.0", "18931", "/tmp"])
@@ -300,6 +302,7 @@ async fn user_mode_networking_and_none() {
     assert!(wait_until(Duration::from_secs(10), || sh(&format!(
         "python3 -c \"import urllib.request as u; assert b'user-mode' in u.urlopen('http://127.0.0.1:{host}/').read()\""
     ))));
+    assert_eq!(user.info().await.unwrap()["network_mode"], "user");
     let none = env.boot(VmConfig { network: Some("none".into()), ..Default::default() }).await;
     assert_eq!(none.run(&fetch(&format!("http://{}:8080/", lab.hosts[0])), &opts()).await.unwrap().stdout, "FAILED\n");
     assert!(none.expose_local(80, None).await.unwrap_err().to_string().contains("no network"));

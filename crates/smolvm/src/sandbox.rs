@@ -900,6 +900,15 @@ pub fn record_json(rec: &Record, paths: &SandboxPaths) -> serde_json::Value {
         "created_at": rec.created_at,
         "error": rec.error,
         "network": rec.config.network,
+        // What it actually got: NAT (with its address) or, without a lease, user/none.
+        "network_mode": match (rec.lease, rec.config.network.as_deref()) {
+            (Some(_), _) => "nat",
+            (None, Some("none")) => "none",
+            (None, Some("nat")) => "nat",
+            (None, _) if rec.state.is_live() => "user",
+            (None, _) => "unset",
+        },
+        "guest_ip": rec.lease.map(|l| crate::net::Lease(l).guest().to_string()),
         "internet_settings": rec.config.internet_settings,
         "console_log": paths.console,
     })

@@ -92,6 +92,8 @@ pub struct Record {
     pub owner: Option<ProcId>,
     /// The snapshot this sandbox was started from (its disk stands on the snapshot's).
     pub snapshot: Option<String>,
+    /// Its NAT network slot while it holds one (see `net::Lease`).
+    pub lease: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -193,11 +195,12 @@ impl Store {
             error: r.get(9)?,
             owner: proc_id(r.get(10)?, r.get(11)?),
             snapshot: r.get(12)?,
+            lease: r.get(13)?,
         })
     }
 
     const COLUMNS: &'static str =
-        "id, state, config, ephemeral, supervisor_pid, supervisor_start, vmm_pid, vmm_start, created_at, error, owner_pid, owner_start, snapshot";
+        "id, state, config, ephemeral, supervisor_pid, supervisor_start, vmm_pid, vmm_start, created_at, error, owner_pid, owner_start, snapshot, (SELECT slot FROM leases WHERE leases.sandbox = sandboxes.id)";
 
     pub fn get(&self, id: &str) -> Result<Option<Record>> {
         let sql = format!("SELECT {} FROM sandboxes WHERE id = ?1", Self::COLUMNS);
