@@ -185,6 +185,10 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
     let _ = std::fs::remove_dir_all(&work);
     let (mut ping, mut run_login, mut run_raw, rss_mib, vmm_rss_mib, idle_cpu, (up, down, cat)) = result?;
     let (nat_ms, user_ms) = network_setup(dirs, rounds, progress).await?;
+    let (nat_mbs, user_mbs) = http_throughput(dirs, &work, progress).await.unwrap_or_else(|e| {
+        progress(&format!("network throughput not measured: {}", e.full_message()));
+        (f64::NAN, f64::NAN)
+    });
 
     let ratio = cold_p50 / bare_p50;
     let warm_ratio = warm_p50 / cold_p50;
@@ -197,6 +201,7 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         "burst": { "started": 32, "answered": burst.0, "all_answered_s": burst.1 },
         "files_mb_per_s": { "upload": up, "download": down, "cat_reference": cat },
         "network_start_ms": { "nat_p50": nat_ms, "user_p50": user_ms, "nat_overhead": nat_ms - user_ms },
+        "http_download_mb_per_s": { "nat": nat_mbs, "user": user_mbs },
         "agent_ping_ms": { "p50": percentile(&mut ping, 0.5), "p99": percentile(&mut ping, 0.99), "target_p50": 1.0 },
         "run_true_login_ms": { "p50": percentile(&mut run_login, 0.5), "p99": percentile(&mut run_login, 0.99), "target_p50": 10.0 },
         "run_true_raw_ms": { "p50": percentile(&mut run_raw, 0.5), "p99": percentile(&mut run_raw, 0.99) },
@@ -216,7 +221,8 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
          | idle sandbox host RSS (QEMU + supervisor) | {rss_mib:.1} MiB (QEMU {vmm_rss_mib:.1}) | target <= 110 MB |\n\
          | idle sandbox CPU | {idle_cpu:.2} % of a core | target <= 2 % |\n\
          | 20 MB upload / download over the agent | {up:.0} / {down:.0} MB/s | `cat` of the same file through the channel: {cat:.0} MB/s |\n\
-         | warm start with NAT networking (TAP, nftables, DNS), p50 | {nat_ms:.0} ms | user-mode networking: {user_ms:.0} ms |\n",
+         | warm start with NAT networking (TAP, nftables, DNS), p50 | {nat_ms:.0} ms | user-mode networking: {user_ms:.0} ms |\n\
+         | guest HTTP download of 20 MB from a host in a network namespace, NAT | {nat_mbs:.0} MB/s | user-mode networking: {user_mbs:.0} MB/s |\n",
         burst.0,
         burst.1,
         data["agent_ping_ms"]["p50"].as_f64().unwrap_or(0.0),
@@ -331,6 +337,79 @@ async fn network_setup(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>
         }
     }
     Ok((percentile(&mut nat, 0.5), percentile(&mut user, 0.5)))
+}
+
+fn sh(cmd: &str) -> bool {
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A test host in its own network namespace serving a 20 MB file; each sandbox downloads it
+/// with busybox nc, once over NAT and once over user networking.
+async fn http_throughput(dirs: &Dirs, work: &std::path::Path, progress: image::Progress<'_>) -> Result<(f64, f64)> {
+    if crate::net::nat_available().is_err() {
+        return Ok((f64::NAN, f64::NAN));
+    }
+    progress("network: 20 MB HTTP download from a test host, NAT against user networking");
+    let www = work.join("www");
+    std::fs::create_dir_all(&www).ctx(|| "creating the web root".into())?;
+    work_file(&www, 20 * 1024 * 1024)?;
+    let ns = format!("svbench{}", std::process::id()); // not "smv*": that prefix means a sandbox TAP
+    let (host, gw) = ("198.19.77.2", "198.19.77.1");
+    let setup = format!(
+        "ip netns add {ns} && ip link add {ns}h type veth peer name eth0 netns {ns} && ip addr add {gw}/30 dev {ns}h && \
+         ip link set {ns}h up && ip -n {ns} addr add {host}/30 dev eth0 && ip -n {ns} link set eth0 up && ip -n {ns} route add default via {gw}"
+    );
+    let cleanup = || {
+        sh(&format!("ip netns del {ns}; ip link del {ns}h"));
+    };
+    if !sh(&setup) {
+        cleanup();
+        return Err(Error::Host("could not set up the benchmark namespace".into()));
+    }
+    let server = "import http.server, os, socketserver, sys\nos.chdir(sys.argv[3])\nclass S(socketserver.ThreadingTCPServer):\n    allow_reuse_address = True\nhttp.server.SimpleHTTPRequestHandler.log_message = lambda *a: None\nS((sys.argv[1], int(sys.argv[2])), http.server.SimpleHTTPRequestHandler).serve_forever()\n";
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns, "python3", "-c", server, host, "8080"])
+        .arg(&www)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ctx(|| "starting the test web server".into())?;
+    let result = async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let mut out = Vec::new();
+        for mode in ["nat", "user"] {
+            let config = VmConfig { network: Some(mode.into()), ..Default::default() };
+            let mut sb = Sandbox::create_in(dirs.clone(), config, true)?;
+            let r = async {
+                sb.start(Duration::from_secs(60), &|_| {}).await?;
+                let cmd = format!("printf 'GET /blob HTTP/1.0\\r\\n\\r\\n' | nc -w 10 {host} 8080 | wc -c");
+                sb.run(&cmd, &RunOptions::default()).await?; // warm the path
+                let t = Instant::now();
+                let r = sb.run(&cmd, &RunOptions::default()).await?;
+                let secs = t.elapsed().as_secs_f64();
+                let bytes: f64 = r.output().parse().unwrap_or(0.0);
+                if bytes < 20.0 * 1048576.0 {
+                    return Err(Error::Host(format!("the {mode} download got {bytes} bytes")));
+                }
+                Ok(bytes / 1048576.0 / secs)
+            }
+            .await;
+            let _ = sb.delete().await;
+            out.push(r?);
+        }
+        Ok::<_, Error>((out[0], out[1]))
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    cleanup();
+    result
 }
 
 fn tempfile_dir(dirs: &Dirs) -> Result<std::path::PathBuf> {
