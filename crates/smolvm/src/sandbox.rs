@@ -222,12 +222,7 @@ fn reap(store: &Store, dirs: &Dirs, rec: Record) -> Result<Option<Record>> {
     };
     let paths = SandboxPaths::new(dirs, &rec.id);
     // What a dead supervisor left on the host network (its TAP went with QEMU).
-    let net_leftovers = |store: &Store| {
-        if nix::unistd::Uid::effective().is_root() {
-            let _ = crate::net::nft_remove(&crate::net::table_name(&rec.id));
-        }
-        let _ = store.release_network(&rec.id);
-    };
+    let net_leftovers = |store: &Store| host_network_leftovers(store, &rec.id);
     // An ephemeral sandbox whose owner died goes with it, whatever state it was in.
     if rec.ephemeral && rec.owner.is_some_and(|o| !o.alive()) {
         kill(rec.supervisor);
@@ -251,6 +246,17 @@ fn reap(store: &Store, dirs: &Dirs, rec: Record) -> Result<Option<Record>> {
     }
     store.set_state(&rec.id, State::Error, Some("the sandbox's supervisor exited unexpectedly"))?;
     store.get(&rec.id)
+}
+
+/// Remove what a sandbox may have left on the host network when its supervisor could not
+/// (killed mid-boot, crashed): its nftables table and its address lease. Its TAP went with QEMU.
+fn host_network_leftovers(store: &Store, id: &str) {
+    // A supervisor that cleaned up released its lease: then there is nothing to look for.
+    let leased = store.get(id).ok().flatten().is_some_and(|r| r.lease.is_some());
+    if leased && crate::net::nat_available().is_ok() {
+        let _ = crate::net::nft_remove(&crate::net::table_name(id));
+    }
+    let _ = store.release_network(id);
 }
 
 /// All sandboxes, with dead ones detected.
@@ -564,6 +570,9 @@ impl Sandbox {
                 let _ = child.kill();
                 let _ = child.wait();
                 self.paths.remove_sockets();
+                if let Ok(store) = Store::open(&self.dirs.data) {
+                    host_network_leftovers(&store, &self.id);
+                }
                 let why = match other {
                     Err(_) => return Err(Error::Timeout { operation: "start".into(), seconds: outer.as_secs_f64() }),
                     _ => "the supervisor exited without a status".to_string(),
@@ -872,6 +881,7 @@ impl Sandbox {
             Err(e) => return Err(e),
         }
         let store = Store::open(&self.dirs.data)?;
+        host_network_leftovers(&store, &self.id);
         store.remove(&self.id)?;
         self.paths.remove_all();
         Ok(())
