@@ -299,6 +299,10 @@ enum ImageCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Remove a cache entry by name (see `image list`).
+    Rm { name: String },
+    /// Remove warm snapshots, build leftovers and all but the newest initramfs and root disk.
+    Prune,
 }
 
 /// A command's outcome: printed as text, or as the `--json` envelope.
@@ -455,6 +459,14 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
                 text.push_str(&format!("\nrootfs  {}", r.display()));
             }
             Ok(Done::text(text, data))
+        }
+        Cmd::Image(ImageCmd::Rm { name }) => {
+            smolvm::image::remove_entry(&dirs, &name)?;
+            Ok(Done::text(name.clone(), json!({ "removed": [name] })))
+        }
+        Cmd::Image(ImageCmd::Prune) => {
+            let removed = smolvm::image::prune(&dirs)?;
+            Ok(Done::text(removed.join("\n"), json!({ "removed": removed })))
         }
         Cmd::Image(ImageCmd::List { .. }) => {
             let mut rows = Vec::new();

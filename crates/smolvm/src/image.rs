@@ -576,6 +576,60 @@ pub fn overlay(base: &Path, overlay: &Path) -> Result<PathBuf> {
     Ok(overlay.to_path_buf())
 }
 
+/// Remove a cache entry by name (as `image list` shows it). Running sandboxes keep what they
+/// have open; later starts rebuild what they need.
+pub fn remove_entry(dirs: &Dirs, name: &str) -> Result<()> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return Err(Error::validation("image", format!("{name:?} is not an entry of the image cache (see `smolvm image list`)")));
+    }
+    let path = dirs.images.join(name);
+    if !path.is_dir() {
+        return Err(Error::validation("image", format!("{name:?} is not an entry of the image cache (see `smolvm image list`)")));
+    }
+    let _lock = lock_images(dirs)?;
+    fs::remove_dir_all(&path).ctx(|| format!("removing {}", path.display()))
+}
+
+/// Remove what can be rebuilt cheaply or is stale: warm snapshots, leftovers of interrupted
+/// builds, all but the two newest initramfs (ours and the Debian kernel's may both be in use)
+/// and all but the newest root disk. Kernels stay (they take minutes to build); remove one by
+/// name if needed.
+pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
+    let _lock = lock_images(dirs)?;
+    let mut entries: Vec<(String, PathBuf, std::time::SystemTime)> = fs::read_dir(&dirs.images)
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    let m = e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+                    (e.file_name().to_string_lossy().into_owned(), e.path(), m)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    entries.sort_by(|a, b| b.2.cmp(&a.2));
+    let mut seen: std::collections::HashMap<String, usize> = Default::default();
+    let mut removed = Vec::new();
+    for (name, path, _) in entries {
+        let kind = name.split('-').next().unwrap_or("").to_string();
+        let keep = match kind.as_str() {
+            "initramfs" => 2,
+            "rootfs" => 1,
+            _ => usize::MAX,
+        };
+        let count = seen.entry(kind).or_default();
+        *count += 1;
+        let stale = name.starts_with(".build-")
+            || name.starts_with(".debian-kernel-")
+            || name.contains(".tmp")
+            || name.starts_with("warm-")
+            || *count > keep;
+        if stale && path.is_dir() && fs::remove_dir_all(&path).is_ok() {
+            removed.push(name);
+        }
+    }
+    Ok(removed)
+}
+
 /// The initramfs: agent as /init, busybox with a link per applet, a tiny /etc.
 pub fn initramfs_archive(agent: &[u8], busybox: &[u8], applets: &str, modules: &[(String, Vec<u8>)]) -> Vec<u8> {
     let mut c = Cpio::default();
@@ -622,6 +676,31 @@ mod tests {
         let frag = "# c\nCONFIG_A=y\nCONFIG_B=n\nCONFIG_C=32\n";
         assert!(missing_options(frag, "CONFIG_A=y\nCONFIG_C=32\n# CONFIG_B is not set\n").is_empty());
         assert_eq!(missing_options(frag, "CONFIG_B=y\nCONFIG_C=32\n"), vec!["CONFIG_A=y", "CONFIG_B=n"]);
+    }
+
+    #[test]
+    fn prune_keeps_kernels_and_the_newest_images() {
+        let t = tempfile::tempdir().unwrap();
+        let dirs = Dirs { data: t.path().into(), images: t.path().join("images") };
+        for (i, name) in
+            ["initramfs-a", "initramfs-b", "initramfs-c", "rootfs-a", "rootfs-b", "kernel-a", "kernel-b", "warm-a", ".build-kernel-1"]
+                .iter()
+                .enumerate()
+        {
+            let p = dirs.images.join(name);
+            fs::create_dir_all(&p).unwrap();
+            let f = fs::File::create(p.join("x")).unwrap();
+            let when = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000 + i as u64);
+            f.set_modified(when).unwrap();
+            fs::File::open(&p).unwrap().set_modified(when).unwrap();
+        }
+        let mut removed = prune(&dirs).unwrap();
+        removed.sort();
+        assert_eq!(removed, [".build-kernel-1", "initramfs-a", "rootfs-a", "warm-a"]);
+        assert!(dirs.images.join("kernel-a").exists() && dirs.images.join("initramfs-c").exists());
+        assert!(remove_entry(&dirs, "../x").is_err());
+        remove_entry(&dirs, "kernel-a").unwrap();
+        assert!(!dirs.images.join("kernel-a").exists());
     }
 
     #[test]
