@@ -335,6 +335,16 @@ fn command_line(words: &[String]) -> String {
     }
 }
 
+/// Bytes a cache entry occupies on disk (sparse files count what they use).
+fn disk_usage(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(path).map(|d| d.flatten().map(|e| disk_usage(&e.path())).sum()).unwrap_or(0),
+        Ok(m) => m.blocks() * 512,
+        Err(_) => 0,
+    }
+}
+
 fn progress(line: &str) {
     eprintln!("smolvm: {line}");
 }
@@ -476,9 +486,7 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
                     if name.starts_with('.') {
                         continue;
                     }
-                    let size: u64 = std::fs::read_dir(e.path())
-                        .map(|d| d.flatten().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum())
-                        .unwrap_or(0);
+                    let size = disk_usage(&e.path());
                     rows.push(json!({ "name": name, "bytes": size, "path": e.path() }));
                 }
             }

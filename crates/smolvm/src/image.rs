@@ -606,7 +606,7 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
                 .collect()
         })
         .unwrap_or_default();
-    entries.sort_by(|a, b| b.2.cmp(&a.2));
+    entries.sort_by_key(|e| std::cmp::Reverse(e.2));
     let mut seen: std::collections::HashMap<String, usize> = Default::default();
     let mut removed = Vec::new();
     for (name, path, _) in entries {
