@@ -27,38 +27,9 @@ for _var, _name in (("SMOLVM_BIN", "smolvm"), ("SMOLVM_AGENT_BIN", "smolvm-agent
         os.environ[_var] = _path
 
 from .config import InternetSettings, VMConfig  # noqa: E402
-from .exceptions import (  # noqa: E402
-    CommandBlockedError,
-    CommandExecutionUnavailableError,
-    HostError,
-    ImageError,
-    NetworkError,
-    OperationTimeoutError,
-    SmolVMError,
-    SnapshotNotFoundError,
-    ValidationError,
-    VMAlreadyExistsError,
-    VMNotFoundError,
-)
+from . import exceptions as _exceptions  # noqa: E402
+from .exceptions import *  # noqa: E402,F401,F403
 from .types import CommandResult, VMInfo, VMState  # noqa: E402
 from .vm import SmolVM  # noqa: E402
 
-__all__ = [
-    "SmolVM",
-    "VMConfig",
-    "InternetSettings",
-    "CommandResult",
-    "VMState",
-    "VMInfo",
-    "SmolVMError",
-    "ValidationError",
-    "VMAlreadyExistsError",
-    "VMNotFoundError",
-    "SnapshotNotFoundError",
-    "NetworkError",
-    "HostError",
-    "ImageError",
-    "OperationTimeoutError",
-    "CommandExecutionUnavailableError",
-    "CommandBlockedError",
-]
+__all__ = ["SmolVM", "VMConfig", "InternetSettings", "CommandResult", "VMState", "VMInfo", *_exceptions.__all__]
