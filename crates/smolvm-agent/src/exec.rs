@@ -66,10 +66,16 @@ fn run(stream: u32, req: ExecRequest, w: Writer) {
         .stdin(if req.stdin { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent; it makes the
-    // child a process-group leader so a timeout can kill the whole group at once.
+    // SAFETY: sigprocmask and setsid are async-signal-safe and touch no memory of the parent.
+    // The agent's threads block the signals its reaper takes; a signal mask survives exec, so
+    // the command gets an empty one back (else daemons such as sshd never see SIGCHLD and
+    // `kill -TERM` does nothing). setsid makes it a process-group leader so that a timeout
+    // can kill the whole group at once.
     unsafe {
-        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+        cmd.pre_exec(|| {
+            crate::reaper::unblock_all()?;
+            nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from)
+        });
     }
     let (exit_tx, exit_rx) = mpsc::channel();
     let mut child = {

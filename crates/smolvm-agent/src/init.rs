@@ -82,6 +82,9 @@ fn switch_root(device: &str) -> io::Result<()> {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     mount_fs(device, "/newroot", "ext4", MsFlags::empty(), None)?;
+    if let Err(e) = grow_root(device, "/newroot") {
+        crate::log(&format!("growing the root filesystem: {e}"));
+    }
     for dir in ["/proc", "/sys", "/dev", "/run"] {
         let target = format!("/newroot{dir}");
         fs::create_dir_all(&target)?;
@@ -92,6 +95,37 @@ fn switch_root(device: &str) -> io::Result<()> {
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(|e| io::Error::other(format!("move root: {e}")))?;
     nix::unistd::chroot(".").map_err(|e| io::Error::other(format!("chroot: {e}")))?;
     std::env::set_current_dir("/")?;
+    Ok(())
+}
+
+nix::ioctl_read!(blk_size_bytes, 0x12, 114, u64);
+nix::ioctl_write_ptr!(ext4_resize, b'f', 16, u64);
+
+/// When the host made the sandbox's disk larger than the image's filesystem (`disk_size_mib`),
+/// grow the filesystem online to fill it. Cheap when there is nothing to do.
+fn grow_root(device: &str, mountpoint: &str) -> io::Result<()> {
+    use std::io::{Read, Seek};
+    use std::os::fd::AsRawFd;
+    let mut dev = fs::File::open(device)?;
+    let mut bytes = 0u64;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid for the call.
+    unsafe { blk_size_bytes(dev.as_raw_fd(), &mut bytes) }.map_err(io::Error::from)?;
+    // The ext4 superblock sits at byte 1024: block count (lo at 4, hi at 0x150 with the 64bit
+    // feature), log2(block size) - 10 at 24, incompat features at 0x60.
+    let mut sb = [0u8; 1024];
+    dev.seek(io::SeekFrom::Start(1024))?;
+    dev.read_exact(&mut sb)?;
+    let le32 = |o: usize| u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]) as u64;
+    let block = 1024u64 << le32(24);
+    let is64 = le32(0x60) & 0x80 != 0;
+    let blocks = le32(4) | if is64 { le32(0x150) << 32 } else { 0 };
+    let wanted = bytes / block;
+    if wanted <= blocks {
+        return Ok(());
+    }
+    let root = fs::File::open(mountpoint)?;
+    // SAFETY: EXT4_IOC_RESIZE_FS reads one u64 (the new block count) through the pointer.
+    unsafe { ext4_resize(root.as_raw_fd(), &wanted) }.map_err(io::Error::from)?;
     Ok(())
 }
 

@@ -75,6 +75,18 @@ struct VmArgs {
     /// An ext4 image to use as the root filesystem.
     #[arg(long)]
     rootfs: Option<PathBuf>,
+    /// A named image: default, alpine-ssh, debian-ssh, or a custom recipe (built on first use).
+    #[arg(long)]
+    image: Option<String>,
+    /// Root disk size in MiB (images with a root disk; grows this sandbox's own copy).
+    #[arg(long = "disk-size")]
+    disk_size: Option<u32>,
+    /// agent (default) | ssh: the channel commands and file transfers take.
+    #[arg(long = "comm-channel")]
+    comm_channel: Option<String>,
+    /// An OpenSSH public key (a line, or a file holding one) allowed to log in as root.
+    #[arg(long = "ssh-key")]
+    ssh_key: Option<String>,
     /// Extra kernel command-line arguments.
     #[arg(long)]
     boot_args: Option<String>,
@@ -171,6 +183,19 @@ enum SandboxCmd {
         env: Vec<String>,
         #[arg(required = true, num_args = 1.., last = true)]
         command: Vec<String>,
+    },
+    /// Log in over SSH (images with an SSH server), or run CMD there; the host key is pinned.
+    #[command(alias = "shell")]
+    Ssh {
+        name: String,
+        #[arg(num_args = 0.., last = true)]
+        command: Vec<String>,
+    },
+    /// Wait until an SSH login into the sandbox works.
+    WaitSsh {
+        name: String,
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
     },
     /// The sandbox's console log.
     Logs {
@@ -286,11 +311,25 @@ enum EnvCmd {
 
 #[derive(Subcommand)]
 enum ImageCmd {
-    /// Build (or find in the cache) the default kernel and initramfs.
+    /// Build (or find in the cache) the default kernel and initramfs, or the named image
+    /// (alpine-ssh, debian-ssh, or a custom recipe given with --base/--package/--file/--size).
     Build {
+        name: Option<String>,
         /// Also build the default ext4 root disk (for `--rootfs` and the Python ImageBuilder).
         #[arg(long)]
         rootfs: bool,
+        /// Custom recipe: debian (apt installs the packages) or busybox (packages unpacked).
+        #[arg(long)]
+        base: Option<String>,
+        /// Custom recipe: a Debian package to add; repeatable.
+        #[arg(long = "package")]
+        packages: Vec<String>,
+        /// Custom recipe: HOST_FILE:/GUEST/PATH to copy in; repeatable.
+        #[arg(long = "file")]
+        files: Vec<String>,
+        /// Custom recipe: root filesystem size in MiB (default 2048).
+        #[arg(long)]
+        size: Option<u32>,
         #[arg(long)]
         json: bool,
     },
@@ -345,6 +384,33 @@ fn disk_usage(path: &std::path::Path) -> u64 {
     }
 }
 
+/// A custom image recipe from `image build NAME --base/--package/--file/--size`.
+fn recipe_from_flags(
+    name: &str,
+    base: Option<String>,
+    packages: Vec<String>,
+    files: &[String],
+    size: Option<u32>,
+) -> Result<smolvm::recipe::Recipe, Error> {
+    let files = files
+        .iter()
+        .map(|f| match f.split_once(':') {
+            Some((src, dest)) if !src.is_empty() => {
+                let source = std::fs::canonicalize(src).map_err(|_| Error::validation("file", format!("{src} is not a readable file")))?;
+                Ok(smolvm::recipe::RecipeFile { source, dest: dest.to_string() })
+            }
+            _ => Err(Error::validation("file", format!("{f:?}: expected HOST_FILE:/GUEST/PATH"))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(smolvm::recipe::Recipe {
+        name: name.to_string(),
+        base: base.unwrap_or_else(|| "debian".into()),
+        packages,
+        files,
+        size_mib: size.unwrap_or(2048),
+    })
+}
+
 fn progress(line: &str) {
     eprintln!("smolvm: {line}");
 }
@@ -363,6 +429,15 @@ fn vm_config(vm: &VmArgs, name: Option<String>) -> Result<VmConfig, Error> {
         network: vm.network.clone(),
         internet_settings: internet_settings(vm),
         port_forwards: vm.publish.iter().map(|p| parse_publish(p)).collect::<Result<_, _>>()?,
+        image: vm.image.clone(),
+        disk_size_mib: vm.disk_size,
+        comm_channel: vm.comm_channel.clone(),
+        ssh_public_key: match &vm.ssh_key {
+            Some(k) if std::path::Path::new(k).is_file() => Some(
+                std::fs::read_to_string(k).map_err(|e| Error::Io { context: format!("reading {k}"), source: e })?.trim().to_string(),
+            ),
+            other => other.clone(),
+        },
     })
 }
 
@@ -448,18 +523,27 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
             result
         }
         Cmd::Sandbox(s) => sandbox_cmd(s, dirs).await,
-        Cmd::Image(ImageCmd::Build { rootfs, .. }) => {
+        Cmd::Image(ImageCmd::Build { name, rootfs, base, packages, files, size, .. }) => {
+            let custom = base.is_some() || !packages.is_empty() || !files.is_empty() || size.is_some();
             let dirs2 = dirs.clone();
-            let img = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+            let (img, built) = tokio::task::spawn_blocking(move || -> Result<_, Error> {
                 let mut img = smolvm::image::resolve(&VmConfig::default(), &dirs2, &progress)?;
                 if rootfs {
                     img.rootfs = Some(smolvm::image::default_rootfs(&dirs2)?);
                 }
-                Ok(img)
+                let built = match name.as_deref() {
+                    None | Some("default") if !custom => None,
+                    None => return Err(Error::validation("name", "a custom recipe needs a name (smolvm image build NAME --base ...)")),
+                    Some(n) => {
+                        let recipe = if custom { recipe_from_flags(n, base, packages, &files, size)? } else { smolvm::recipe::load(&dirs2, n)? };
+                        Some(smolvm::recipe::build(&dirs2, &recipe, &progress)?)
+                    }
+                };
+                Ok((img, built))
             })
             .await
             .map_err(|e| Error::Host(e.to_string()))??;
-            let data = serde_json::to_value(&img).unwrap_or_default();
+            let mut data = serde_json::to_value(&img).unwrap_or_default();
             let mut text = format!(
                 "kernel  {}\ninitrd  {}",
                 img.kernel.display(),
@@ -467,6 +551,12 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
             );
             if let Some(r) = &img.rootfs {
                 text.push_str(&format!("\nrootfs  {}", r.display()));
+            }
+            if let Some(b) = &built {
+                data["image"] = json!(b.name);
+                data["rootfs"] = json!(b.rootfs);
+                data["cached"] = json!(b.cached);
+                text.push_str(&format!("\nimage   {} ({})\nrootfs  {}", b.name, if b.cached { "cached" } else { "built" }, b.rootfs.display()));
             }
             Ok(Done::text(text, data))
         }
@@ -571,6 +661,20 @@ fn setup(yes: bool) -> Result<Done, Error> {
 
 async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
     match cmd {
+        SandboxCmd::Ssh { name, command } => {
+            let sb = Sandbox::open_in(dirs, &name).await?;
+            let ep = sb.ssh_endpoint()?;
+            let remote = (!command.is_empty()).then(|| command_line(&command));
+            let tty = remote.is_none() && std::io::IsTerminal::is_terminal(&std::io::stdin());
+            // Hand the terminal over to ssh: its exit code is ours.
+            let err = std::os::unix::process::CommandExt::exec(&mut ep.ssh(remote.as_deref(), tty));
+            Err(Error::Host(format!("running ssh (openssh-client): {err}")))
+        }
+        SandboxCmd::WaitSsh { name, timeout } => {
+            let sb = Sandbox::open_in(dirs, &name).await?;
+            sb.wait_for_ssh(secs(timeout, "timeout")?).await?;
+            Ok(Done::text("ready", json!({ "ssh": true })))
+        }
         SandboxCmd::Create { name, vm, no_start, .. } => {
             let boot_timeout = secs(vm.boot_timeout, "boot_timeout")?;
             let mut sb = Sandbox::create_in(dirs, vm_config(&vm, name)?, false)?;

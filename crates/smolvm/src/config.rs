@@ -35,6 +35,35 @@ pub struct VmConfig {
     pub internet_settings: Option<InternetSettings>,
     /// Guest ports exposed on 127.0.0.1 when the sandbox starts.
     pub port_forwards: Vec<PortForward>,
+    /// A named image (`default`, `alpine-ssh`, `debian-ssh` or a saved custom recipe); its root
+    /// disk is built on first use. Exclusive with `rootfs_path`.
+    pub image: Option<String>,
+    /// MiB: grows this sandbox's root disk (its own copy-on-write layer; the base never changes).
+    pub disk_size_mib: Option<u32>,
+    /// agent (default; `vsock` is accepted as its synonym) | ssh: how `run` and file transfers
+    /// reach the guest.
+    pub comm_channel: Option<String>,
+    /// An OpenSSH public key allowed to log in as root, beside smolvm's own per-user key.
+    pub ssh_public_key: Option<String>,
+}
+
+pub const DISK_SIZE_RANGE: (u32, u32) = (64, 1024 * 1024);
+
+/// Which channel `run` and file transfers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    Agent,
+    Ssh,
+}
+
+impl Channel {
+    pub fn parse(s: Option<&str>) -> Result<Channel> {
+        match s.map(str::to_ascii_lowercase).as_deref() {
+            None | Some("") | Some("agent") | Some("vsock") => Ok(Channel::Agent),
+            Some("ssh") => Ok(Channel::Ssh),
+            Some(other) => Err(Error::validation("comm_channel", format!("{other:?} is not a channel (allowed: agent, vsock, ssh)"))),
+        }
+    }
 }
 
 /// What a sandbox may reach outside itself.
@@ -78,6 +107,10 @@ impl Default for VmConfig {
             network: None,
             internet_settings: None,
             port_forwards: Vec::new(),
+            image: None,
+            disk_size_mib: None,
+            comm_channel: None,
+            ssh_public_key: None,
         }
     }
 }
@@ -98,15 +131,19 @@ impl std::fmt::Debug for VmConfig {
             .field("network", &self.network)
             .field("internet_settings", &self.internet_settings)
             .field("port_forwards", &self.port_forwards)
+            .field("image", &self.image)
+            .field("disk_size_mib", &self.disk_size_mib)
+            .field("comm_channel", &self.comm_channel)
+            .field("ssh_public_key", &self.ssh_public_key.is_some())
             .finish()
     }
 }
 
-/// `^[a-z0-9][a-z0-9_-]{0,62}[a-z0-9]$` or a single `[a-z0-9]`.
-pub fn validate_vm_id(id: &str) -> Result<()> {
+/// `^[a-z0-9][a-z0-9_-]{0,62}[a-z0-9]$` or a single `[a-z0-9]`: sandbox ids and image names.
+pub fn valid_name(id: &str) -> bool {
     let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
     let inner = |c: char| alnum(c) || c == '_' || c == '-';
-    let ok = match id.len() {
+    match id.len() {
         0 => false,
         1 => id.chars().all(alnum),
         2..=64 => {
@@ -114,7 +151,11 @@ pub fn validate_vm_id(id: &str) -> Result<()> {
             alnum(b[0]) && alnum(b[b.len() - 1]) && b.iter().all(|c| inner(*c))
         }
         _ => false,
-    };
+    }
+}
+
+pub fn validate_vm_id(id: &str) -> Result<()> {
+    let ok = valid_name(id);
     if ok {
         Ok(())
     } else {
@@ -169,6 +210,28 @@ impl VmConfig {
             if p.guest == 0 {
                 return Err(Error::validation("port_forwards", "guest port 0 is not a port (allowed 1..=65535)"));
             }
+        }
+        if let Some(name) = &self.image {
+            crate::recipe::validate_name(name)?;
+            if self.rootfs_path.is_some() && name != "default" {
+                return Err(Error::validation("image", "give either image or rootfs_path, not both"));
+            }
+        }
+        if let Some(size) = self.disk_size_mib {
+            let (lo, hi) = DISK_SIZE_RANGE;
+            if !(lo..=hi).contains(&size) {
+                return Err(Error::validation("disk_size_mib", format!("{size} MiB is out of range (allowed {lo}..={hi} MiB)")));
+            }
+            if self.rootfs_path.is_none() && self.image.as_deref().is_none_or(|i| i == "default") {
+                return Err(Error::validation(
+                    "disk_size_mib",
+                    "the default image runs from memory and has no disk to size; pick an image with a root disk (e.g. debian-ssh) or a rootfs_path",
+                ));
+            }
+        }
+        Channel::parse(self.comm_channel.as_deref())?;
+        if let Some(key) = &self.ssh_public_key {
+            crate::ssh::validate_public_key(key)?;
         }
         Ok(())
     }

@@ -38,6 +38,8 @@ pub enum Error {
     Store(#[from] rusqlite::Error),
     #[error("guest agent: {0}")]
     Guest(String),
+    #[error("ssh: {0}")]
+    Ssh(String),
     #[error("cannot run commands in VM '{0}': its image has no smolvm agent")]
     CommandUnavailable(String),
     /// An error the supervisor process reported, with its own code and full message.
@@ -64,6 +66,7 @@ impl Error {
             Error::Host(_) | Error::Io { .. } | Error::Store(_) => "host",
             Error::Guest(_) => "guest",
             Error::CommandUnavailable(_) => "command_unavailable",
+            Error::Ssh(_) => "ssh",
             Error::Reported { code, .. } => code,
         }
     }

@@ -59,7 +59,11 @@ pub fn resolve(config: &VmConfig, dirs: &Dirs, progress: Progress) -> Result<Boo
         Some(i) => i.clone(),
         None => default_initramfs(dirs, &modules)?,
     };
-    Ok(BootImage { kernel, initrd: Some(initrd), rootfs: config.rootfs_path.clone() })
+    let rootfs = match config.image.as_deref() {
+        None | Some("default") => config.rootfs_path.clone(),
+        Some(name) => Some(crate::recipe::build(dirs, &crate::recipe::load(dirs, name)?, progress)?.rootfs),
+    };
+    Ok(BootImage { kernel, initrd: Some(initrd), rootfs })
 }
 
 /// Why our own kernel cannot be used here, if it cannot.
@@ -261,14 +265,14 @@ fn install_file(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// Removes a build directory on every exit path.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
     }
 }
 
-fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
+pub(crate) fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
     let out = cmd.stdin(Stdio::null()).output().ctx(|| format!("{what}: cannot run {:?}", cmd.get_program()))?;
     if !out.status.success() {
         let tail = String::from_utf8_lossy(&out.stderr)
@@ -372,7 +376,7 @@ pub fn missing_options(fragment: &str, config: &str) -> Vec<String> {
         .collect()
 }
 
-fn on_path(tool: &str) -> bool {
+pub(crate) fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }
 
@@ -426,11 +430,12 @@ unset f
 ";
 
 /// Files of the image besides the agent and busybox, as (path, mode, content).
-const FILES: &[(&str, u32, &str)] = &[
+pub(crate) const FILES: &[(&str, u32, &str)] = &[
     ("etc/profile", 0o644, PROFILE),
     ("etc/passwd", 0o644, "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"),
     ("etc/group", 0o644, "root:x:0:\nnogroup:x:65534:\n"),
     ("etc/hosts", 0o644, "127.0.0.1 localhost\n"),
+    ("etc/shells", 0o644, "/bin/sh\n/bin/ash\n"),
     ("etc/os-release", 0o644, "NAME=smolvm\nID=smolvm\nPRETTY_NAME=\"smolvm minimal (busybox)\"\n"),
 ];
 const DIRS: &[&str] = &[
@@ -509,8 +514,7 @@ const ROOTFS_SIZE: &str = "1G";
 /// An ext4 root filesystem with the same busybox userland as the initramfs, for images that
 /// want a disk (`rootfs_path`). The agent stays in the initramfs and switches into it.
 pub fn default_rootfs(dirs: &Dirs) -> Result<PathBuf> {
-    let busybox_path = busybox_binary()?;
-    let busybox = fs::read(&busybox_path).ctx(|| format!("reading {}", busybox_path.display()))?;
+    let busybox = fs::read(busybox_binary()?).ctx(|| "reading busybox".into())?;
     let files: Vec<u8> = FILES.iter().flat_map(|(p, m, c)| format!("{p}:{m}:{c}").into_bytes()).collect();
     let fp = fingerprint(&[ROOTFS_RECIPE.as_bytes(), &busybox, &files, ROOTFS_SIZE.as_bytes()]);
     let dir = dirs.images.join(format!("rootfs-{fp}"));
@@ -524,55 +528,87 @@ pub fn default_rootfs(dirs: &Dirs) -> Result<PathBuf> {
     }
     let tree = TempDir(dirs.images.join(format!(".build-rootfs-{}", std::process::id())));
     let _ = fs::remove_dir_all(&tree.0);
+    busybox_tree(&tree.0)?;
+    make_ext4(&tree.0, &path, ROOTFS_SIZE)?;
+    Ok(path)
+}
+
+/// The busybox userland (a link per applet) and the minimal /etc, in `tree`.
+pub(crate) fn busybox_tree(tree: &Path) -> Result<()> {
+    let busybox_path = busybox_binary()?;
+    let busybox = fs::read(&busybox_path).ctx(|| format!("reading {}", busybox_path.display()))?;
     let applets = Command::new(&busybox_path).arg("--list-full").output().ctx(|| "listing busybox applets".into())?;
     let io = (|| -> std::io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         for d in DIRS {
-            fs::create_dir_all(tree.0.join(d))?;
+            fs::create_dir_all(tree.join(d))?;
         }
-        fs::set_permissions(tree.0.join("tmp"), fs::Permissions::from_mode(0o1777))?;
-        fs::write(tree.0.join("bin/busybox"), &busybox)?;
-        fs::set_permissions(tree.0.join("bin/busybox"), fs::Permissions::from_mode(0o755))?;
+        fs::set_permissions(tree.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+        fs::write(tree.join("bin/busybox"), &busybox)?;
+        fs::set_permissions(tree.join("bin/busybox"), fs::Permissions::from_mode(0o755))?;
         for applet in String::from_utf8_lossy(&applets.stdout).lines().map(str::trim).filter(|a| !a.is_empty() && *a != "bin/busybox") {
             let depth = applet.matches('/').count();
-            std::os::unix::fs::symlink(format!("{}bin/busybox", "../".repeat(depth)), tree.0.join(applet))?;
+            std::os::unix::fs::symlink(format!("{}bin/busybox", "../".repeat(depth)), tree.join(applet))?;
         }
-        for (p, m, c) in FILES {
-            fs::write(tree.0.join(p), c)?;
-            fs::set_permissions(tree.0.join(p), fs::Permissions::from_mode(*m))?;
-        }
-        fs::create_dir_all(&dir)
+        Ok(())
     })();
     io.ctx(|| "assembling the root filesystem tree".into())?;
+    busybox_etc(tree)
+}
+
+/// (Re)write the minimal /etc of busybox images; it wins over files packages brought.
+pub(crate) fn busybox_etc(tree: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for (p, m, c) in FILES {
+        let path = tree.join(p);
+        let _ = fs::remove_file(&path);
+        fs::write(&path, c).and_then(|_| fs::set_permissions(&path, fs::Permissions::from_mode(*m))).ctx(|| format!("writing /{p}"))?;
+    }
+    Ok(())
+}
+
+/// `tree` as an ext4 image of `size` (sparse) at `path`, written atomically: built beside it
+/// and renamed, so a reader never sees half an image.
+pub(crate) fn make_ext4(tree: &Path, path: &Path, size: &str) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(format!(".tmp-{}.ext4", std::process::id()));
     let made = run_checked(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-L", "smolvm-root", "-E", "root_owner=0:0", "-d"])
-            .arg(&tree.0)
-            .arg(&tmp)
-            .arg(ROOTFS_SIZE),
+        Command::new("mkfs.ext4").args(["-q", "-F", "-L", "smolvm-root", "-E", "root_owner=0:0", "-d"]).arg(tree).arg(&tmp).arg(size),
         "making the ext4 root filesystem (mkfs.ext4 from e2fsprogs)",
     )
-    .and_then(|_| fs::rename(&tmp, &path).ctx(|| format!("installing {}", path.display())));
+    .and_then(|_| fs::rename(&tmp, path).ctx(|| format!("installing {}", path.display())));
     if made.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    made.map(|_| path)
+    made
 }
 
-/// A copy-on-write qcow2 overlay over `base` (created once; reused while it exists).
-pub fn overlay(base: &Path, overlay: &Path) -> Result<PathBuf> {
+/// A copy-on-write qcow2 overlay over `base` (created once; reused while it exists), of
+/// `size_mib` when given and larger than the base: the agent grows the filesystem to fill it.
+pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Result<PathBuf> {
     if overlay.exists() {
+        if let Some(mib) = size_mib {
+            // A sandbox's disk may be grown between starts, never shrunk.
+            let out = Command::new("qemu-img").args(["info", "--output=json"]).arg(overlay).output().ctx(|| "running qemu-img info".into())?;
+            let virtual_size = serde_json::from_slice::<serde_json::Value>(&out.stdout).ok().and_then(|v| v["virtual-size"].as_u64()).unwrap_or(0);
+            if u64::from(mib) << 20 > virtual_size {
+                run_checked(Command::new("qemu-img").args(["resize", "-q"]).arg(overlay).arg(format!("{mib}M")), "growing the root disk")?;
+            }
+        }
         return Ok(overlay.to_path_buf());
     }
     let base = fs::canonicalize(base).ctx(|| format!("resolving {}", base.display()))?;
     let mut magic = [0u8; 4];
     let _ = std::io::Read::read_exact(&mut fs::File::open(&base).ctx(|| format!("opening {}", base.display()))?, &mut magic);
     let format = if &magic == b"QFI\xfb" { "qcow2" } else { "raw" };
-    run_checked(
-        Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", format, "-b"]).arg(&base).arg(overlay),
-        "creating the root disk overlay (qemu-img from qemu-utils)",
-    )?;
+    let base_size = fs::metadata(&base).map(|m| m.len()).unwrap_or(0);
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2", "-F", format, "-b"]).arg(&base).arg(overlay);
+    if let Some(mib) = size_mib.filter(|m| u64::from(*m) << 20 > base_size && format == "raw") {
+        cmd.arg(format!("{mib}M"));
+    }
+    run_checked(&mut cmd, "creating the root disk overlay (qemu-img from qemu-utils)")?;
     Ok(overlay.to_path_buf())
 }
 

@@ -1,7 +1,7 @@
 //! The sandbox handle: create, start, run, env, stop, delete. The same calls work on a sandbox
 //! this process started and on one found by id: both talk to its supervisor's socket.
 
-use crate::config::{env_flag, Backend, Dirs, VmConfig};
+use crate::config::{env_flag, Backend, Channel, Dirs, VmConfig};
 use crate::conn::Conn;
 use crate::error::{Error, IoContext, Result};
 use crate::image::{self, Progress};
@@ -111,6 +111,8 @@ pub struct Sandbox {
     dirs: Dirs,
     paths: SandboxPaths,
     conn: Option<Arc<Conn>>,
+    /// How `run` and file transfers reach the guest (the config's `comm_channel`).
+    channel: Channel,
 }
 
 fn random_id(prefix: &str) -> String {
@@ -333,7 +335,8 @@ impl Sandbox {
             let _ = store.remove(&id);
             return Err(Error::Io { context: format!("creating {}", paths.dir.display()), source: e });
         }
-        Ok(Sandbox { id, dirs, paths, conn: None })
+        let channel = Channel::parse(config.comm_channel.as_deref())?;
+        Ok(Sandbox { id, dirs, paths, conn: None, channel })
     }
 
     /// Find an existing sandbox (`from_id`).
@@ -346,7 +349,8 @@ impl Sandbox {
         let rec = store.get(id)?.ok_or_else(|| Error::NotFound(id.to_string()))?;
         let rec = reap(&store, &dirs, rec)?.ok_or_else(|| Error::NotFound(id.to_string()))?;
         let paths = SandboxPaths::new(&dirs, id);
-        let mut sb = Sandbox { id: rec.id, dirs, paths, conn: None };
+        let channel = Channel::parse(rec.config.comm_channel.as_deref())?;
+        let mut sb = Sandbox { id: rec.id, dirs, paths, conn: None, channel };
         if rec.state.is_live() {
             sb.conn = Some(Conn::connect(&sb.paths.ctl).await?);
         }
@@ -435,7 +439,162 @@ impl Sandbox {
             });
         }
         self.conn = Some(Conn::connect(&self.paths.ctl).await?);
+        let running = spec.restore.as_ref().is_none_or(|r| r.resume);
+        if spec.image.rootfs.is_some() && running {
+            // Images with a root disk may carry an SSH server: bring it up, pinned.
+            if let Err(e) = self.setup_ssh().await {
+                let _ = self.stop(Duration::from_secs(1)).await;
+                return Err(e);
+            }
+        }
         Ok(())
+    }
+
+    /// Install the authorized keys, start the image's SSH server, pin its host key and expose
+    /// its port on the host's loopback. Images without a server are left alone.
+    async fn setup_ssh(&self) -> Result<()> {
+        let dirs = self.dirs.clone();
+        let (_, mut keys) = tokio::task::spawn_blocking(move || crate::ssh::user_key(&dirs)).await.map_err(|e| Error::Host(e.to_string()))??;
+        if let Some(extra) = &self.record()?.config.ssh_public_key {
+            keys.push('\n');
+            keys.push_str(extra.trim());
+        }
+        let opts = RunOptions {
+            shell: Shell::Raw,
+            timeout: Duration::from_secs(60),
+            env: [("SMOLVM_SSH_KEYS".to_string(), keys)].into(),
+            cwd: None,
+        };
+        let r = self.run_agent(crate::ssh::SETUP_SCRIPT, &opts, |_| {}).await?;
+        let known_hosts = self.paths.dir.join("known_hosts");
+        match r.exit_code {
+            0 => {
+                let line = crate::ssh::known_hosts_line(&self.ssh_alias(), &r.stdout)?;
+                std::fs::write(&known_hosts, line).ctx(|| format!("writing {}", known_hosts.display()))?;
+                self.expose_local(22, None).await?;
+                Ok(())
+            }
+            3 => {
+                let _ = std::fs::remove_file(&known_hosts);
+                Ok(())
+            }
+            code => Err(Error::Guest(format!("starting the SSH server failed (exit {code}): {}", r.stderr.trim()))),
+        }
+    }
+
+    fn ssh_alias(&self) -> String {
+        format!("smolvm-{}", self.id)
+    }
+
+    /// How to reach this sandbox over SSH; an error says why it cannot be.
+    pub fn ssh_endpoint(&self) -> Result<crate::ssh::Endpoint> {
+        let rec = self.record()?;
+        if !rec.state.is_live() {
+            return Err(Error::NotRunning { id: self.id.clone(), state: rec.state.to_string() });
+        }
+        let known_hosts = self.paths.dir.join("known_hosts");
+        let port = self.ports()?.into_iter().find(|(g, _)| *g == 22).map(|(_, h)| h);
+        match port {
+            Some(port) if known_hosts.exists() => {
+                let (key, _) = crate::ssh::user_key(&self.dirs)?;
+                Ok(crate::ssh::Endpoint { port, key, known_hosts, alias: self.ssh_alias() })
+            }
+            _ => Err(Error::Ssh(format!(
+                "VM '{}' has no SSH server (its image has none; use an SSH image such as --image debian-ssh or alpine-ssh)",
+                self.id
+            ))),
+        }
+    }
+
+    /// Wait until an SSH login succeeds (a real round trip, not just an open port).
+    pub async fn wait_for_ssh(&self, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = String::new();
+        loop {
+            let ep = self.ssh_endpoint()?;
+            let mut cmd = tokio::process::Command::from(ep.ssh(Some("true"), false));
+            cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
+            match tokio::time::timeout_at(deadline, cmd.output()).await {
+                Ok(Ok(out)) if out.status.success() => return Ok(()),
+                Ok(Ok(out)) => last = String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                Ok(Err(e)) => return Err(Error::Host(format!("running ssh (openssh-client): {e}"))),
+                Err(_) => break,
+            }
+            if tokio::time::Instant::now() + Duration::from_millis(100) >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tracing::debug!("ssh not ready: {last}");
+        Err(Error::Timeout { operation: "wait_for_ssh".into(), seconds: timeout.as_secs_f64() })
+    }
+
+    /// `run` over SSH: the same shell, timeout and result as over the agent.
+    async fn run_ssh(&self, command: &str, opts: &RunOptions, mut on_output: impl FnMut(Output<'_>)) -> Result<CommandResult> {
+        use tokio::io::AsyncReadExt;
+        if !opts.env.is_empty() {
+            return Err(Error::validation("env", "per-command variables need the agent channel (comm_channel=agent); set_env_vars works on both"));
+        }
+        let ep = self.ssh_endpoint()?;
+        let secs = opts.timeout.as_secs_f64().ceil() as u64;
+        let remote = crate::ssh::remote_command(command, opts.shell == Shell::Login, secs, opts.cwd.as_deref());
+        let mut cmd = tokio::process::Command::from(ep.ssh(Some(&remote), false));
+        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
+        let started = tokio::time::Instant::now();
+        let mut child = cmd.spawn().map_err(|e| Error::Host(format!("running ssh (openssh-client): {e}")))?;
+        let (mut out, mut err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let (mut out_open, mut err_open) = (true, true);
+        let (mut b1, mut b2) = (vec![0u8; 65536], vec![0u8; 65536]);
+        let timeout_err = || Error::Timeout { operation: "run".into(), seconds: opts.timeout.as_secs_f64() };
+        let deadline = started + opts.timeout + Duration::from_secs(5);
+        while out_open || err_open {
+            tokio::select! {
+                n = out.read(&mut b1), if out_open => match n {
+                    Ok(0) | Err(_) => out_open = false,
+                    Ok(n) => { on_output(Output::Stdout(&b1[..n])); stdout.extend_from_slice(&b1[..n]); }
+                },
+                n = err.read(&mut b2), if err_open => match n {
+                    Ok(0) | Err(_) => err_open = false,
+                    Ok(n) => { on_output(Output::Stderr(&b2[..n])); stderr.extend_from_slice(&b2[..n]); }
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    let _ = child.kill().await;
+                    return Err(timeout_err());
+                }
+            }
+        }
+        let status = tokio::time::timeout_at(deadline, child.wait()).await.map_err(|_| timeout_err())?.ctx(|| "waiting for ssh".into())?;
+        let code = status.code().unwrap_or(255);
+        let stderr = String::from_utf8_lossy(&stderr).into_owned();
+        if matches!(code, 124 | 137) && started.elapsed() >= opts.timeout {
+            return Err(timeout_err());
+        }
+        if code == 255 && (stderr.starts_with("ssh:") || stderr.contains("Host key verification failed") || stderr.contains("Permission denied")) {
+            return Err(Error::Ssh(stderr.trim().to_string()));
+        }
+        Ok(CommandResult { exit_code: code, stdout: String::from_utf8_lossy(&stdout).into_owned(), stderr })
+    }
+
+    /// Run an sftp batch; its error output, cleaned up, on failure.
+    async fn sftp(&self, batch: String) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let ep = self.ssh_endpoint()?;
+        let mut cmd = tokio::process::Command::from(ep.sftp());
+        cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| Error::Host(format!("running sftp (openssh-client): {e}")))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(batch.as_bytes()).await.ctx(|| "talking to sftp".into())?;
+        }
+        let out = child.wait_with_output().await.ctx(|| "waiting for sftp".into())?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let msg = String::from_utf8_lossy(&out.stderr).lines().filter(|l| !l.starts_with("sftp>")).collect::<Vec<_>>().join("; ");
+        if msg.contains("not found") || msg.contains("No such file") {
+            return Err(Error::validation("guest_path", msg));
+        }
+        Err(Error::Ssh(format!("sftp failed: {msg}")))
     }
 
     /// Freeze the VM's CPUs; processes keep their state. Commands wait for `resume`.
@@ -608,7 +767,7 @@ impl Sandbox {
     }
 
     /// Run a command, handing each piece of output to `on_output` as it arrives.
-    pub async fn run_streaming(&self, command: &str, opts: &RunOptions, mut on_output: impl FnMut(Output<'_>)) -> Result<CommandResult> {
+    pub async fn run_streaming(&self, command: &str, opts: &RunOptions, on_output: impl FnMut(Output<'_>)) -> Result<CommandResult> {
         if command.trim().is_empty() {
             return Err(Error::validation("command", "must not be empty"));
         }
@@ -616,6 +775,16 @@ impl Sandbox {
             return Err(Error::validation("timeout", "must be at least 1 second"));
         }
         smolvm_proto::env::validate_vars(&opts.env)?;
+        match self.channel {
+            Channel::Agent => self.run_agent(command, opts, on_output).await,
+            Channel::Ssh => {
+                self.conn()?;
+                self.run_ssh(command, opts, on_output).await
+            }
+        }
+    }
+
+    async fn run_agent(&self, command: &str, opts: &RunOptions, mut on_output: impl FnMut(Output<'_>)) -> Result<CommandResult> {
         let conn = self.conn()?;
         let req = ExecRequest {
             command: command.to_string(),
@@ -672,6 +841,12 @@ impl Sandbox {
         let target = smolvm_proto::paths::guest_target(guest, &name).map_err(|m| Error::validation("guest_path", m))?;
         let conn = self.conn()?;
         let (mode, tar) = (std::os::unix::fs::PermissionsExt::mode(&meta.permissions()), meta.is_dir());
+        if self.channel == Channel::Ssh && !tar {
+            let parent = Path::new(&target).parent().unwrap_or(Path::new("/"));
+            let q = crate::ssh::sftp_quote;
+            let batch = format!("{}put -p {} {}\n", crate::ssh::sftp_mkdirs(parent), q(&local.to_string_lossy()), q(&target));
+            return self.sftp(batch).await;
+        }
         let mut stream = conn.open(&Request::FilePut { path: target.clone(), mode, tar }).await?;
         let send = async {
             let mut reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if tar {
@@ -710,6 +885,12 @@ impl Sandbox {
         smolvm_proto::paths::guest_target(guest, &name).map_err(|m| Error::validation("guest_path", m))?;
         let into_dir = local.to_string_lossy().ends_with('/') || local.is_dir();
         let conn = self.conn()?;
+        if self.channel == Channel::Ssh && !guest.ends_with('/') {
+            match self.download_sftp(guest, local, into_dir, &name).await {
+                Err(Error::Ssh(m)) if m.contains("non-regular") => {}
+                done => return done,
+            }
+        }
         let mut stream = conn.open(&Request::FileGet { path: guest.to_string() }).await?;
         let parent = if into_dir { local.to_path_buf() } else { local.parent().map(Path::to_path_buf).unwrap_or_default() };
         let parent = if parent.as_os_str().is_empty() { PathBuf::from(".") } else { parent };
@@ -755,6 +936,30 @@ impl Sandbox {
         };
         let _ = std::fs::remove_file(&tmp);
         done
+    }
+
+    /// A file over SFTP; a directory (sftp cannot tell us in advance) falls back to the agent's
+    /// checked tar path.
+    async fn download_sftp(&self, guest: &str, local: &Path, into_dir: bool, name: &str) -> Result<()> {
+        let parent = if into_dir { local.to_path_buf() } else { local.parent().map(Path::to_path_buf).unwrap_or_default() };
+        let parent = if parent.as_os_str().is_empty() { PathBuf::from(".") } else { parent };
+        std::fs::create_dir_all(&parent).ctx(|| format!("creating {}", parent.display()))?;
+        let dest = if into_dir { local.join(name) } else { local.to_path_buf() };
+        let tmp = parent.join(format!(".smolvm-download-{}-sftp", std::process::id()));
+        let q = crate::ssh::sftp_quote;
+        let got = self.sftp(format!("get -p {} {}\n", q(guest), q(&tmp.to_string_lossy()))).await;
+        let result = got.and_then(|_| {
+            let meta = std::fs::symlink_metadata(&tmp).ctx(|| format!("reading {}", tmp.display()))?;
+            let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+            std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode & 0o777))
+                .and_then(|_| std::fs::rename(&tmp, &dest))
+                .ctx(|| format!("storing {}", dest.display()))
+        });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result
     }
 
     /// Forward 127.0.0.1:`host` (a free port when `None`) to the guest's port; returns the host

@@ -20,7 +20,11 @@ pub fn ram_file(state: &Path) -> PathBuf {
 
 /// Only sandboxes of the default image (nothing of their own to boot) start warm.
 pub fn eligible(config: &VmConfig) -> bool {
-    config.kernel_path.is_none() && config.initrd_path.is_none() && config.rootfs_path.is_none() && config.boot_args.is_none()
+    config.kernel_path.is_none()
+        && config.initrd_path.is_none()
+        && config.rootfs_path.is_none()
+        && config.boot_args.is_none()
+        && config.image.as_deref().is_none_or(|i| i == "default")
 }
 
 /// Identity of the QEMU binary: a saved state only loads into the QEMU that wrote it.

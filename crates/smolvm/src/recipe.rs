@@ -1,0 +1,386 @@
+//! Named images with a root disk, built from Debian packages without Docker and without
+//! mounting anything: mmdebstrap unpacks into a directory (in its own user namespace), smolvm
+//! adds its few files, and `mkfs.ext4 -d` turns the tree into a disk image. A built disk is
+//! cached under the fingerprint of its recipe, so the same recipe is built once and any change
+//! (a package, a file's bytes, the size) builds a new one.
+
+use crate::config::{valid_name, Dirs};
+use crate::error::{Error, IoContext, Result};
+use crate::image::{self, fingerprint, lock_images, Progress, TempDir};
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Bump when the way a disk is assembled changes without its recipe changing.
+const DISK_RECIPE: &str = "disk-recipe-1";
+const SUITE: &str = "bookworm";
+pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+
+/// How sshd is set up in Debian images: keys only, one host key made per sandbox at its first
+/// boot (the image carries none, so no two sandboxes share one).
+const SSHD_CONFIG: &str = "\
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+HostKey /etc/ssh/ssh_host_ed25519_key
+UseDNS no
+";
+
+/// What goes into a named image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub name: String,
+    /// `debian`: Debian bookworm (minbase) with `packages` installed by apt, maintainer scripts
+    /// and all. `busybox`: smolvm's busybox userland with `packages` unpacked beside it (their
+    /// maintainer scripts do not run): small, for packages that need no setup.
+    pub base: String,
+    #[serde(default)]
+    pub packages: Vec<String>,
+    #[serde(default)]
+    pub files: Vec<RecipeFile>,
+    /// Size of the root filesystem in MiB (a sparse file: only what is used takes space).
+    pub size_mib: u32,
+}
+
+/// A host file copied into the image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeFile {
+    pub source: PathBuf,
+    /// Absolute path in the image.
+    pub dest: String,
+}
+
+/// The image names smolvm defines itself (custom recipes may not take them).
+pub const BUILTIN: &[&str] = &["default", "alpine-ssh", "debian-ssh"];
+
+/// The built-in recipes with a root disk (`default` has none: it is the initramfs alone).
+pub fn builtin(name: &str) -> Option<Recipe> {
+    let r = |base: &str, packages: &[&str], size_mib| Recipe {
+        name: name.to_string(),
+        base: base.into(),
+        packages: packages.iter().map(|p| p.to_string()).collect(),
+        files: vec![],
+        size_mib,
+    };
+    match name {
+        // Alpine's mirror cannot be reached from every host; the same contract (a small
+        // SSH-capable image) is met from Debian packages: busybox, dropbear and sftp-server.
+        "alpine-ssh" => Some(r("busybox", &["dropbear-bin", "openssh-sftp-server"], 512)),
+        "debian-ssh" => Some(r("debian", &["openssh-server", "python3", "ca-certificates"], 2048)),
+        _ => None,
+    }
+}
+
+pub fn validate_name(name: &str) -> Result<()> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(Error::validation(
+            "image",
+            format!("{name:?} is not an image name: use 1-64 characters of a-z, 0-9, '_' and '-', starting and ending with a letter or digit"),
+        ))
+    }
+}
+
+fn valid_package(p: &str) -> bool {
+    // Debian package names, optionally with an architecture or version suffix apt accepts.
+    !p.is_empty()
+        && p.len() <= 128
+        && p.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.:=~".contains(c))
+}
+
+impl Recipe {
+    pub fn validate(&self) -> Result<()> {
+        validate_name(&self.name)?;
+        if !["debian", "busybox"].contains(&self.base.as_str()) {
+            return Err(Error::validation("base", format!("{:?} is not a base (allowed: debian, busybox)", self.base)));
+        }
+        if let Some(bad) = self.packages.iter().find(|p| !valid_package(p)) {
+            return Err(Error::validation("packages", format!("{bad:?} is not a Debian package name")));
+        }
+        for f in &self.files {
+            if !f.source.is_file() {
+                return Err(Error::validation("files", format!("{} is not a readable file", f.source.display())));
+            }
+            let ok = f.dest.starts_with('/') && !f.dest.ends_with('/') && !f.dest.split('/').any(|c| c == "..");
+            if !ok {
+                return Err(Error::validation("files", format!("{:?}: the image path must be absolute, name a file and hold no '..'", f.dest)));
+            }
+        }
+        if !(64..=1024 * 1024).contains(&self.size_mib) {
+            return Err(Error::validation("size_mib", format!("{} MiB is out of range (allowed 64..=1048576 MiB)", self.size_mib)));
+        }
+        Ok(())
+    }
+
+    /// Everything the disk is made from: the recipe, the bytes and modes of its files, the
+    /// mirror, and for busybox images the busybox binary.
+    fn fingerprint(&self) -> Result<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut parts: Vec<Vec<u8>> = vec![DISK_RECIPE.into(), SUITE.into(), mirror().into(), self.base.clone().into()];
+        let mut packages = self.packages.clone();
+        packages.sort();
+        parts.push(packages.join(",").into());
+        for f in &self.files {
+            let meta = fs::metadata(&f.source).ctx(|| format!("reading {}", f.source.display()))?;
+            parts.push(f.dest.clone().into());
+            parts.push(meta.permissions().mode().to_le_bytes().to_vec());
+            parts.push(fs::read(&f.source).ctx(|| format!("reading {}", f.source.display()))?);
+        }
+        parts.push(self.size_mib.to_le_bytes().to_vec());
+        if self.base == "busybox" {
+            parts.push(fs::read(image::busybox_binary()?).ctx(|| "reading busybox".into())?);
+            parts.push(format!("{:?}", image::FILES).into());
+        } else {
+            parts.push(SSHD_CONFIG.into());
+        }
+        Ok(fingerprint(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>()))
+    }
+}
+
+fn mirror() -> String {
+    std::env::var("SMOLVM_DEBIAN_MIRROR").ok().filter(|m| !m.is_empty()).unwrap_or_else(|| DEFAULT_MIRROR.into())
+}
+
+fn recipes_dir(dirs: &Dirs) -> PathBuf {
+    dirs.images.join("recipes")
+}
+
+/// A built-in recipe or a saved custom one.
+pub fn load(dirs: &Dirs, name: &str) -> Result<Recipe> {
+    validate_name(name)?;
+    if let Some(r) = builtin(name) {
+        return Ok(r);
+    }
+    let path = recipes_dir(dirs).join(format!("{name}.json"));
+    let text = fs::read_to_string(&path).map_err(|_| {
+        Error::validation("image", format!("no image named {name:?} (built in: {}; or build a recipe with `smolvm image build {name} ...`)", BUILTIN.join(", ")))
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::Image(format!("the saved recipe {} is unreadable: {e}", path.display())))
+}
+
+/// Saved custom recipes (built-in ones are not listed here).
+pub fn saved(dirs: &Dirs) -> Vec<Recipe> {
+    let mut out: Vec<Recipe> = fs::read_dir(recipes_dir(dirs))
+        .map(|d| d.flatten().filter_map(|e| serde_json::from_str(&fs::read_to_string(e.path()).ok()?).ok()).collect())
+        .unwrap_or_default();
+    out.sort_by(|a: &Recipe, b| a.name.cmp(&b.name));
+    out
+}
+
+/// A built disk image.
+#[derive(Debug, Clone, Serialize)]
+pub struct Built {
+    pub name: String,
+    pub rootfs: PathBuf,
+    /// Found in the cache: nothing was built.
+    pub cached: bool,
+}
+
+/// Build `recipe` (or find it in the cache) and, for a custom one, save it under its name so
+/// that sandboxes can ask for it by name later.
+pub fn build(dirs: &Dirs, recipe: &Recipe, progress: Progress) -> Result<Built> {
+    recipe.validate()?;
+    let builtin_recipe = builtin(&recipe.name);
+    if BUILTIN.contains(&recipe.name.as_str()) && builtin_recipe.as_ref() != Some(recipe) {
+        return Err(Error::validation("image", format!("{:?} is a built-in image; give a custom recipe another name", recipe.name)));
+    }
+    let fp = recipe.fingerprint()?;
+    let dir = dirs.images.join(format!("disk-{}-{fp}", recipe.name));
+    let path = dir.join("rootfs.ext4");
+    let save = || -> Result<()> {
+        if builtin_recipe.is_none() {
+            let rdir = recipes_dir(dirs);
+            fs::create_dir_all(&rdir).ctx(|| format!("creating {}", rdir.display()))?;
+            let tmp = rdir.join(format!(".{}.json.tmp", recipe.name));
+            fs::write(&tmp, serde_json::to_string_pretty(recipe).unwrap_or_default())
+                .and_then(|_| fs::rename(&tmp, rdir.join(format!("{}.json", recipe.name))))
+                .ctx(|| "saving the recipe".into())?;
+        }
+        Ok(())
+    };
+    if path.exists() {
+        save()?;
+        return Ok(Built { name: recipe.name.clone(), rootfs: path, cached: true });
+    }
+    let _lock = lock_images(dirs)?;
+    if path.exists() {
+        save()?;
+        return Ok(Built { name: recipe.name.clone(), rootfs: path, cached: true });
+    }
+    preflight(recipe)?;
+    progress(&format!("building image {:?} from Debian {SUITE} packages (once; cached by its recipe)", recipe.name));
+    let work = TempDir(dirs.images.join(format!(".build-disk-{}-{}", recipe.name, std::process::id())));
+    let _ = fs::remove_dir_all(&work.0);
+    fs::create_dir_all(&work.0).ctx(|| format!("creating {}", work.0.display()))?;
+    let tree = work.0.join("tree");
+    match recipe.base.as_str() {
+        "debian" => {
+            mmdebstrap(&tree, "minbase", &recipe.packages, progress)?;
+            debian_ssh_setup(&tree)?;
+        }
+        _ => {
+            image::busybox_tree(&tree)?;
+            if !recipe.packages.is_empty() {
+                let unpacked = work.0.join("packages");
+                mmdebstrap(&unpacked, "extract", &recipe.packages, progress)?;
+                // --remove-destination: a busybox applet link at a path a package also ships
+                // is replaced, never written through (which would overwrite busybox itself).
+                image::run_checked(
+                    Command::new("cp").arg("-a").arg("--remove-destination").arg(format!("{}/.", unpacked.display())).arg(&tree),
+                    "merging the packages into the image",
+                )?;
+                image::busybox_etc(&tree)?;
+            }
+            for d in ["root/.ssh", "etc/dropbear", "var/run", "var/log"] {
+                fs::create_dir_all(tree.join(d)).ctx(|| format!("creating /{d}"))?;
+            }
+        }
+    }
+    copy_files(&tree, &recipe.files)?;
+    progress("writing the ext4 root disk");
+    image::make_ext4(&tree, &path, &format!("{}M", recipe.size_mib))?;
+    let _ = fs::write(dir.join("recipe.json"), serde_json::to_string_pretty(recipe).unwrap_or_default());
+    save()?;
+    Ok(Built { name: recipe.name.clone(), rootfs: path, cached: false })
+}
+
+/// What building needs, checked before anything is downloaded.
+fn preflight(recipe: &Recipe) -> Result<()> {
+    if !image::on_path("mmdebstrap") {
+        return Err(Error::Image("building images from Debian packages needs mmdebstrap (apt-get install mmdebstrap)".into()));
+    }
+    if recipe.base == "debian" && !nix::unistd::geteuid().is_root() {
+        // Unpacked as another user, the files would not belong to root in the image.
+        return Err(Error::Image(format!(
+            "building the Debian image {:?} needs root (its files must be owned by root in the image); run as root or pass a prebuilt rootfs_path",
+            recipe.name
+        )));
+    }
+    Ok(())
+}
+
+/// mmdebstrap into `target`, its progress lines passed on. `unshare` mode: it works in its own
+/// user and mount namespace, so the host mounts nothing.
+fn mmdebstrap(target: &Path, variant: &str, packages: &[String], progress: Progress) -> Result<()> {
+    let mut cmd = Command::new("mmdebstrap");
+    cmd.args(["--mode=unshare", &format!("--variant={variant}")]);
+    if !packages.is_empty() {
+        cmd.arg(format!("--include={}", packages.join(",")));
+    }
+    for excluded in ["/usr/share/man/*", "/usr/share/doc/*", "/usr/share/locale/*", "/usr/share/info/*"] {
+        cmd.arg(format!("--dpkgopt=path-exclude={excluded}"));
+    }
+    cmd.arg(SUITE).arg(target).arg(mirror());
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ctx(|| "running mmdebstrap".into())?;
+    let mut tail: std::collections::VecDeque<String> = Default::default();
+    if let Some(err) = child.stderr.take() {
+        for line in std::io::BufReader::new(err).lines().map_while(|l| l.ok()) {
+            if let Some(step) = line.strip_prefix("I: ") {
+                progress(step);
+            }
+            tail.push_back(line);
+            if tail.len() > 15 {
+                tail.pop_front();
+            }
+        }
+    }
+    let status = child.wait().ctx(|| "waiting for mmdebstrap".into())?;
+    if !status.success() {
+        let _ = fs::remove_dir_all(target);
+        return Err(Error::Image(format!("mmdebstrap failed ({status}):\n{}", Vec::from(tail).join("\n"))));
+    }
+    Ok(())
+}
+
+/// Debian images: no host keys in the image (each sandbox makes its own), keys-only root login.
+fn debian_ssh_setup(tree: &Path) -> Result<()> {
+    if let Ok(entries) = fs::read_dir(tree.join("etc/ssh")) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("ssh_host_") {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+    let io = (|| -> std::io::Result<()> {
+        if tree.join("etc/ssh").is_dir() {
+            fs::create_dir_all(tree.join("etc/ssh/sshd_config.d"))?;
+            fs::write(tree.join("etc/ssh/sshd_config.d/smolvm.conf"), SSHD_CONFIG)?;
+        }
+        fs::create_dir_all(tree.join("root/.ssh"))?;
+        fs::write(tree.join("etc/hostname"), "smolvm\n")
+    })();
+    io.ctx(|| "configuring the image".into())
+}
+
+fn copy_files(tree: &Path, files: &[RecipeFile]) -> Result<()> {
+    for f in files {
+        let dest = tree.join(f.dest.trim_start_matches('/'));
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+        }
+        let _ = fs::remove_file(&dest);
+        fs::copy(&f.source, &dest).ctx(|| format!("copying {} to {}", f.source.display(), f.dest))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtins_validate_and_names_are_checked() {
+        for name in ["alpine-ssh", "debian-ssh"] {
+            builtin(name).unwrap().validate().unwrap();
+        }
+        assert!(builtin("default").is_none());
+        assert!(validate_name("My Image").unwrap_err().to_string().starts_with("invalid image:"));
+    }
+
+    #[test]
+    fn bad_recipes_name_the_field() {
+        let base = Recipe { name: "tools".into(), base: "debian".into(), packages: vec![], files: vec![], size_mib: 1024 };
+        let bad = Recipe { base: "alpine".into(), ..base.clone() };
+        assert!(bad.validate().unwrap_err().to_string().contains("allowed: debian, busybox"));
+        let bad = Recipe { packages: vec!["curl; rm -rf /".into()], ..base.clone() };
+        assert!(bad.validate().unwrap_err().to_string().starts_with("invalid packages:"));
+        let bad = Recipe { size_mib: 10, ..base.clone() };
+        assert!(bad.validate().unwrap_err().to_string().starts_with("invalid size_mib:"));
+        let bad = Recipe { files: vec![RecipeFile { source: "/etc/hostname".into(), dest: "etc/x".into() }], ..base.clone() };
+        assert!(bad.validate().unwrap_err().to_string().contains("must be absolute"));
+        let bad = Recipe { files: vec![RecipeFile { source: "/etc/hostname".into(), dest: "/a/../../x".into() }], ..base.clone() };
+        assert!(bad.validate().is_err());
+        base.validate().unwrap();
+    }
+
+    #[test]
+    fn fingerprint_follows_the_recipe_and_file_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("motd");
+        fs::write(&file, "one").unwrap();
+        let r = Recipe {
+            name: "t".into(),
+            base: "debian".into(),
+            packages: vec!["b".into(), "a".into()],
+            files: vec![RecipeFile { source: file.clone(), dest: "/etc/motd".into() }],
+            size_mib: 512,
+        };
+        let fp = r.fingerprint().unwrap();
+        let reordered = Recipe { packages: vec!["a".into(), "b".into()], ..r.clone() };
+        assert_eq!(fp, reordered.fingerprint().unwrap(), "package order does not matter");
+        assert_ne!(fp, Recipe { size_mib: 1024, ..r.clone() }.fingerprint().unwrap());
+        fs::write(&file, "two").unwrap();
+        assert_ne!(fp, r.fingerprint().unwrap(), "a file's bytes are part of the recipe");
+    }
+}

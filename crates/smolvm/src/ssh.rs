@@ -1,0 +1,206 @@
+//! The SSH path into sandboxes whose image has an SSH server (sshd or dropbear).
+//!
+//! The agent stays the trusted channel: at every boot the host asks it to install the
+//! authorized keys, make the sandbox's own host key on first boot, start the server and hand
+//! back the host key's public half. That key is pinned in the sandbox's own known_hosts under an
+//! alias, so a connection to anything else (another sandbox on a reused port, a rogue listener)
+//! fails host key verification instead of being trusted. The guest's port 22 is exposed on a
+//! host loopback port the same way `expose_local` does it, which works in every network mode.
+//!
+//! Clients are OpenSSH's own `ssh` and `sftp`: what users already run, with their full
+//! interactive behaviour, and no SSH implementation of ours to get wrong.
+
+use crate::config::Dirs;
+use crate::error::{Error, IoContext, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Runs in the guest (over the agent, `/bin/sh -c`) at every boot of an image with a root disk.
+/// Exit 3 means the image has no SSH server. Idempotent: a restored snapshot already runs one.
+pub(crate) const SETUP_SCRIPT: &str = r#"set -e
+umask 077
+mkdir -p /root/.ssh
+printf '%s\n' "$SMOLVM_SSH_KEYS" > /root/.ssh/authorized_keys
+running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+if [ -x /usr/sbin/sshd ]; then
+  k=/etc/ssh/ssh_host_ed25519_key
+  [ -s $k ] || ssh-keygen -q -t ed25519 -N '' -f $k >/dev/null
+  mkdir -p /run/sshd && chmod 0755 /run/sshd
+  running /run/sshd.pid || /usr/sbin/sshd
+  cut -d' ' -f1,2 $k.pub
+elif [ -x /usr/sbin/dropbear ]; then
+  k=/etc/dropbear/dropbear_ed25519_host_key
+  mkdir -p /etc/dropbear
+  [ -s $k ] || dropbearkey -t ed25519 -f $k >/dev/null 2>&1
+  running /var/run/dropbear.pid || dropbear -s -r $k -P /var/run/dropbear.pid
+  dropbearkey -y -f $k | grep '^ssh-' | cut -d' ' -f1,2
+else
+  exit 3
+fi
+"#;
+
+/// One line `TYPE BASE64 [COMMENT]`, as in an authorized_keys file.
+pub fn validate_public_key(key: &str) -> Result<()> {
+    let mut words = key.split_whitespace();
+    let ok = matches!((words.next(), words.next()), (Some(t), Some(b))
+        if (t.starts_with("ssh-") || t.starts_with("ecdsa-") || t.starts_with("sk-"))
+            && b.len() >= 16 && b.chars().all(|c| c.is_ascii_alphanumeric() || "+/=".contains(c)))
+        && !key.contains('\n');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::validation("ssh_public_key", "expected one OpenSSH public key line (\"ssh-ed25519 AAAA... [comment]\")"))
+    }
+}
+
+/// smolvm's per-user key pair (ed25519, made on first use, 0600 in the data directory):
+/// returns the private key's path and the public key line.
+pub fn user_key(dirs: &Dirs) -> Result<(PathBuf, String)> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = dirs.data.join("ssh");
+    let key = dir.join("id_ed25519");
+    let public = dir.join("id_ed25519.pub");
+    if !key.exists() || !public.exists() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        // Made under a temporary name and renamed, so concurrent first uses agree on one key.
+        let tmp = dir.join(format!(".id_ed25519.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(tmp.with_extension(format!("{}.pub", std::process::id())));
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "smolvm", "-f"])
+            .arg(&tmp)
+            .output()
+            .ctx(|| "running ssh-keygen (openssh-client)".into())?;
+        if !out.status.success() {
+            return Err(Error::Host(format!("ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        }
+        if !key.exists() {
+            std::fs::rename(format!("{}.pub", tmp.display()), &public).ctx(|| "storing the SSH key".into())?;
+            std::fs::rename(&tmp, &key).ctx(|| "storing the SSH key".into())?;
+        } else {
+            let _ = std::fs::remove_file(format!("{}.pub", tmp.display()));
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    let line = std::fs::read_to_string(&public).ctx(|| format!("reading {}", public.display()))?;
+    Ok((key, line.trim().to_string()))
+}
+
+/// How to reach one sandbox's SSH server.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub port: u16,
+    pub key: PathBuf,
+    pub known_hosts: PathBuf,
+    pub alias: String,
+}
+
+impl Endpoint {
+    /// Options shared by `ssh` and `sftp`: our key only, the pinned host key only, no config
+    /// files of the user's that could change either.
+    fn options(&self) -> Vec<String> {
+        let mut args = vec!["-F".into(), "/dev/null".into(), "-i".into(), self.key.display().to_string()];
+        for o in [
+            "IdentitiesOnly=yes".to_string(),
+            format!("UserKnownHostsFile={}", self.known_hosts.display()),
+            "GlobalKnownHostsFile=/dev/null".into(),
+            "StrictHostKeyChecking=yes".into(),
+            format!("HostKeyAlias={}", self.alias),
+            "LogLevel=ERROR".into(),
+            "ConnectTimeout=10".into(),
+            "ServerAliveInterval=15".into(),
+        ] {
+            args.push("-o".into());
+            args.push(o);
+        }
+        args
+    }
+
+    /// `ssh` to the sandbox as root; `remote` is a shell command line (none: a login shell).
+    pub fn ssh(&self, remote: Option<&str>, tty: bool) -> Command {
+        let mut cmd = Command::new("ssh");
+        cmd.args(self.options()).arg("-p").arg(self.port.to_string());
+        if tty {
+            cmd.arg("-t");
+        } else {
+            cmd.args(["-o", "BatchMode=yes", "-T"]);
+        }
+        cmd.arg("root@127.0.0.1");
+        if let Some(r) = remote {
+            cmd.arg("--").arg(r);
+        }
+        cmd
+    }
+
+    /// `sftp` in batch mode, commands on its standard input.
+    pub fn sftp(&self) -> Command {
+        let mut cmd = Command::new("sftp");
+        cmd.args(self.options()).args(["-o", "BatchMode=yes", "-q", "-b", "-", "-P"]).arg(self.port.to_string()).arg("root@127.0.0.1");
+        cmd
+    }
+}
+
+/// The known_hosts line that pins a sandbox's host key.
+pub fn known_hosts_line(alias: &str, host_key: &str) -> Result<String> {
+    let key = host_key.lines().find(|l| l.starts_with("ssh-")).unwrap_or("").trim();
+    validate_public_key(key).map_err(|_| Error::Guest(format!("the SSH server gave no usable host key ({host_key:?})")))?;
+    Ok(format!("{alias} {key}\n"))
+}
+
+/// The remote command line for `run` over SSH: the same shell as the agent would use, bounded by
+/// coreutils/busybox `timeout` in the guest (coreutils' kills the whole process group).
+pub fn remote_command(command: &str, login: bool, timeout_secs: u64, cwd: Option<&str>) -> String {
+    let shell = if login { r#""${SHELL:-/bin/sh}" -lc"# } else { "/bin/sh -c" };
+    let cd = cwd.map(|d| format!("cd {} && ", crate::env::quote(d))).unwrap_or_default();
+    format!("{cd}exec timeout -k 2 {timeout_secs} {shell} {}", crate::env::quote(command))
+}
+
+/// A path quoted for an sftp batch line.
+pub fn sftp_quote(p: &str) -> String {
+    format!("\"{}\"", p.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// sftp batch lines that create `dir` and its parents (`-`: an existing one is no error).
+pub fn sftp_mkdirs(dir: &Path) -> String {
+    let mut out = String::new();
+    let mut cur = PathBuf::from("/");
+    for c in dir.components().skip(1) {
+        cur.push(c);
+        out.push_str(&format!("-mkdir {}\n", sftp_quote(&cur.to_string_lossy())));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_keys_are_checked() {
+        validate_public_key("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBx4 user@host").unwrap();
+        for bad in ["", "AAAA", "ssh-ed25519", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBx4\nssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAB", "rsa AAAAC3NzaC1lZDI1NTE5"] {
+            let e = validate_public_key(bad).unwrap_err().to_string();
+            assert!(e.starts_with("invalid ssh_public_key:"), "{e}");
+        }
+    }
+
+    #[test]
+    fn known_hosts_pins_under_the_alias() {
+        let l = known_hosts_line("smolvm-box", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBx4\n").unwrap();
+        assert_eq!(l, "smolvm-box ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBx4\n");
+        assert!(known_hosts_line("a", "garbage").is_err());
+    }
+
+    #[test]
+    fn remote_commands_quote_and_bound() {
+        let c = remote_command("echo 'hi' $HOME", true, 7, Some("/tmp/a b"));
+        assert_eq!(c, r#"cd '/tmp/a b' && exec timeout -k 2 7 "${SHELL:-/bin/sh}" -lc 'echo '"'"'hi'"'"' $HOME'"#);
+        assert!(remote_command("true", false, 1, None).starts_with("exec timeout -k 2 1 /bin/sh -c "));
+    }
+
+    #[test]
+    fn sftp_lines() {
+        assert_eq!(sftp_quote(r#"/a "b"\c"#), r#""/a \"b\"\\c""#);
+        assert_eq!(sftp_mkdirs(Path::new("/a/b")), "-mkdir \"/a\"\n-mkdir \"/a/b\"\n");
+    }
+}
