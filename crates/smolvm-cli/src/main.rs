@@ -123,6 +123,14 @@ struct ExecArgs {
     shell: String,
 }
 
+/// `--channel agent|ssh`: overrides the sandbox's comm_channel for one command.
+fn apply_channel(sb: &mut Sandbox, channel: Option<&str>) -> Result<(), Error> {
+    if let Some(c) = channel {
+        sb.set_channel(smolvm::config::Channel::parse(Some(c))?);
+    }
+    Ok(())
+}
+
 #[derive(Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once per process
 enum SandboxCmd {
@@ -181,6 +189,9 @@ enum SandboxCmd {
         exec: ExecArgs,
         #[arg(long = "env", short = 'e')]
         env: Vec<String>,
+        /// agent | ssh: this command's channel (default: the sandbox's comm_channel).
+        #[arg(long)]
+        channel: Option<String>,
         #[arg(required = true, num_args = 1.., last = true)]
         command: Vec<String>,
     },
@@ -239,9 +250,23 @@ enum PortCmd {
 #[derive(Subcommand)]
 enum FileCmd {
     /// Host SRC (file or directory) to guest DST (absolute; trailing / = into that directory).
-    Upload { name: String, src: PathBuf, dst: String },
+    Upload {
+        name: String,
+        src: PathBuf,
+        dst: String,
+        /// agent | ssh (SFTP): default the sandbox's comm_channel.
+        #[arg(long)]
+        channel: Option<String>,
+    },
     /// Guest SRC (absolute) to host DST.
-    Download { name: String, src: String, dst: PathBuf },
+    Download {
+        name: String,
+        src: String,
+        dst: PathBuf,
+        /// agent | ssh (SFTP): default the sandbox's comm_channel.
+        #[arg(long)]
+        channel: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -734,9 +759,10 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             let removed = sandbox::prune(&dirs)?;
             Ok(Done::text(removed.join("\n"), json!({ "removed": removed })))
         }
-        SandboxCmd::Exec { name, exec, env, command } => {
+        SandboxCmd::Exec { name, exec, env, channel, command } => {
             let opts = run_options(&exec, &env)?;
-            let sb = Sandbox::open_in(dirs, &name).await?;
+            let mut sb = Sandbox::open_in(dirs, &name).await?;
+            apply_channel(&mut sb, channel.as_deref())?;
             run_streamed(&sb, &command_line(&command), &opts).await
         }
         SandboxCmd::Logs { name, tail, follow } => {
@@ -789,12 +815,16 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             let data: Vec<_> = ports.iter().map(|(g, h)| json!({ "guest": g, "host": h })).collect();
             Ok(Done::text(text, Value::Array(data)))
         }
-        SandboxCmd::File(FileCmd::Upload { name, src, dst }) => {
-            Sandbox::open_in(dirs, &name).await?.upload(&src, &dst).await?;
+        SandboxCmd::File(FileCmd::Upload { name, src, dst, channel }) => {
+            let mut sb = Sandbox::open_in(dirs, &name).await?;
+            apply_channel(&mut sb, channel.as_deref())?;
+            sb.upload(&src, &dst).await?;
             Ok(Done { exit_code: 0, data: json!({ "uploaded": src, "to": dst }), text: None })
         }
-        SandboxCmd::File(FileCmd::Download { name, src, dst }) => {
-            Sandbox::open_in(dirs, &name).await?.download(&src, &dst).await?;
+        SandboxCmd::File(FileCmd::Download { name, src, dst, channel }) => {
+            let mut sb = Sandbox::open_in(dirs, &name).await?;
+            apply_channel(&mut sb, channel.as_deref())?;
+            sb.download(&src, &dst).await?;
             Ok(Done { exit_code: 0, data: json!({ "downloaded": src, "to": dst }), text: None })
         }
     }

@@ -99,6 +99,28 @@ fn build_image(py: Python<'_>, rootfs: bool) -> PyResult<(String, Option<String>
     })
 }
 
+/// Build (or find cached) a named image's root disk: a built-in name, a saved recipe, or a new
+/// recipe given as JSON. Returns (kernel, rootfs, cached).
+#[pyfunction]
+#[pyo3(signature = (name, recipe_json=None))]
+fn build_named_image(py: Python<'_>, name: String, recipe_json: Option<String>) -> PyResult<(String, String, bool)> {
+    block(py, async move {
+        tokio::task::spawn_blocking(move || {
+            let dirs = Dirs::from_env();
+            let progress = |line: &str| eprintln!("smolvm: {line}");
+            let img = smolvm::image::resolve(&VmConfig::default(), &dirs, &progress)?;
+            let recipe = match recipe_json {
+                Some(j) => serde_json::from_str(&j).map_err(|e| Error::validation("recipe", e.to_string()))?,
+                None => smolvm::recipe::load(&dirs, &name)?,
+            };
+            let built = smolvm::recipe::build(&dirs, &recipe, &progress)?;
+            Ok((img.kernel.to_string_lossy().into_owned(), built.rootfs.to_string_lossy().into_owned(), built.cached))
+        })
+        .await
+        .map_err(|e| Error::Host(e.to_string()))?
+    })
+}
+
 /// Sandboxes as JSON (env keys only, never values).
 #[pyfunction]
 fn list_sandboxes() -> PyResult<String> {
@@ -282,6 +304,17 @@ impl Vm {
         })
     }
 
+    fn wait_for_ssh(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
+        let (inner, id) = (self.inner.clone(), self.id.clone());
+        block(py, async move {
+            if !timeout.is_finite() || timeout <= 0.0 {
+                return Err(Error::validation("timeout", "must be a positive number of seconds"));
+            }
+            let guard = inner.read().await;
+            guard.as_ref().ok_or_else(|| gone(&id))?.wait_for_ssh(std::time::Duration::from_secs_f64(timeout)).await
+        })
+    }
+
     fn can_run_commands(&self, py: Python<'_>) -> PyResult<bool> {
         let inner = self.inner.clone();
         block(py, async move {
@@ -338,6 +371,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(validate_env_key, m)?)?;
     m.add_function(wrap_pyfunction!(validate_config, m)?)?;
     m.add_function(wrap_pyfunction!(build_image, m)?)?;
+    m.add_function(wrap_pyfunction!(build_named_image, m)?)?;
     m.add_function(wrap_pyfunction!(list_sandboxes, m)?)?;
     m.add_function(wrap_pyfunction!(list_snapshots, m)?)?;
     m.add_function(wrap_pyfunction!(delete_snapshot, m)?)?;

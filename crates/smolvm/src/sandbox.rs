@@ -361,6 +361,11 @@ impl Sandbox {
         &self.id
     }
 
+    /// Take another channel than the config's for this handle's commands and transfers.
+    pub fn set_channel(&mut self, channel: Channel) {
+        self.channel = channel;
+    }
+
     pub fn paths(&self) -> &SandboxPaths {
         &self.paths
     }

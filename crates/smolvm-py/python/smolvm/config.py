@@ -14,7 +14,7 @@ from .exceptions import ValidationError
 
 # Fields users know from the documentation that this build cannot honour yet: refusing a
 # value is better than silently ignoring it.
-_NOT_YET = ("disk_size_mib", "workspace_mounts", "ssh_public_key")
+_NOT_YET = ("workspace_mounts",)
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,8 @@ class VMConfig:
     internet_settings: Optional[Any] = None
     workspace_mounts: Optional[list] = None
     ssh_public_key: Optional[str] = None
+    image: Optional[str] = None
+    comm_channel: Optional[str] = None
 
     def __post_init__(self) -> None:
         for name in ("kernel_path", "initrd_path", "rootfs_path"):

@@ -72,6 +72,7 @@ _BY_CODE = {
     "image": ImageError,
     "host": HostError,
     "command_unavailable": CommandExecutionUnavailableError,
+    "ssh": CommandExecutionUnavailableError,
 }
 
 

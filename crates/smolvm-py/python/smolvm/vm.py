@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 from . import _native
 from ._errors import call
 from .config import VMConfig
-from .exceptions import CommandBlockedError, CommandExecutionUnavailableError, OperationTimeoutError, SmolVMError, ValidationError
+from .exceptions import CommandBlockedError, OperationTimeoutError, SmolVMError, ValidationError
 from .types import CommandResult, SnapshotInfo, VMInfo, VMState
 
 _SHELLS = ("login", "raw")
@@ -44,17 +44,23 @@ class SmolVM:
         network: Optional[str] = None,
         port_forwards: Optional[Sequence[Any]] = None,
     ) -> None:
-        for name, value in (("mounts", mounts), ("writable_mounts", writable_mounts),
-                            ("image", image), ("ssh_user", ssh_user), ("ssh_password", ssh_password), ("disk_size", disk_size)):
+        for name, value in (("mounts", mounts), ("writable_mounts", writable_mounts), ("ssh_password", ssh_password)):
             if value:
                 raise ValidationError(f"invalid {name}: not supported by this build yet", {"field": name})
-        if comm_channel not in (None, "vsock", "agent"):
-            raise ValidationError(f"invalid comm_channel: {comm_channel!r} is not available (allowed now: 'vsock', which uses the guest agent)",
-                                  {"field": "comm_channel"})
-        if os not in (None, "linux", "alpine"):
-            raise ValidationError(f"invalid os: {os!r} is not supported by this build yet (allowed: 'linux')", {"field": "os"})
+        if ssh_user not in (None, "root"):
+            raise ValidationError(f"invalid ssh_user: {ssh_user!r} (SSH images log in as root with smolvm's key)", {"field": "ssh_user"})
+        if os not in (None, "linux", "alpine", "debian"):
+            raise ValidationError(f"invalid os: {os!r} (allowed: 'linux', 'alpine', 'debian')", {"field": "os"})
         config = config or VMConfig()
         changes: Dict[str, Any] = {}
+        if image is None and os in ("alpine", "debian"):
+            image = f"{os}-ssh"
+        if image is not None:
+            changes["image"] = image
+        if disk_size is not None:
+            changes["disk_size_mib"] = disk_size
+        if comm_channel is not None:
+            changes["comm_channel"] = comm_channel
         if vm_id is not None:
             changes["vm_id"] = vm_id
         if backend is not None:
@@ -217,7 +223,9 @@ class SmolVM:
             time.sleep(0.05)
 
     def wait_for_ssh(self, timeout: float = 60) -> None:
-        raise CommandExecutionUnavailableError("SSH is not available in this build yet; commands run through the guest agent (use wait_for_ready)")
+        """Wait until an SSH login works (images with an SSH server: ``image="debian-ssh"``,
+        ``"alpine-ssh"``); the sandbox's host key is pinned, never trusted on first sight."""
+        call(self._require().wait_for_ssh, float(timeout))
 
     # -- ports ---------------------------------------------------------------------------------
 
