@@ -60,6 +60,10 @@ async fn a_timed_out_command_is_killed_with_its_whole_group() {
     assert_eq!(r.stdout, "", "processes of the timed-out command remain:\n{}", r.stdout);
     // The sandbox stays usable.
     assert_eq!(sb.run("echo still here", &opts(10)).await.unwrap().output(), "still here");
+    // Commands start with no signals blocked (the agent blocks the ones it reaps with): a TERM
+    // ends a sleep, and daemons see their children exit.
+    let r = sb.run("grep SigBlk /proc/self/status; sleep 100 & kill -TERM $!; wait $!; echo $?", &opts(10)).await.unwrap();
+    assert_eq!(r.stdout, "SigBlk:\t0000000000000000\n143\n");
     sb.delete().await.unwrap();
 }
 

@@ -615,20 +615,40 @@ pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Result<Pat
 /// Remove a cache entry by name (as `image list` shows it). Running sandboxes keep what they
 /// have open; later starts rebuild what they need.
 pub fn remove_entry(dirs: &Dirs, name: &str) -> Result<()> {
+    let not_entry = || Error::validation("image", format!("{name:?} is neither an image name nor an entry of the image cache (see `smolvm image list`)"));
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
-        return Err(Error::validation("image", format!("{name:?} is not an entry of the image cache (see `smolvm image list`)")));
+        return Err(not_entry());
     }
     let path = dirs.images.join(name);
-    if !path.is_dir() {
-        return Err(Error::validation("image", format!("{name:?} is not an entry of the image cache (see `smolvm image list`)")));
-    }
     let _lock = lock_images(dirs)?;
-    fs::remove_dir_all(&path).ctx(|| format!("removing {}", path.display()))
+    if path.is_dir() && name != "recipes" {
+        return fs::remove_dir_all(&path).ctx(|| format!("removing {}", path.display()));
+    }
+    // An image name: its built disks, and its recipe if it is a custom one.
+    let recipe = dirs.images.join("recipes").join(format!("{name}.json"));
+    let disks: Vec<PathBuf> = fs::read_dir(&dirs.images)
+        .map(|d| d.flatten().filter(|e| disk_image_name(&e.file_name().to_string_lossy()) == Some(name)).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    if disks.is_empty() && !recipe.exists() {
+        return Err(not_entry());
+    }
+    for d in disks {
+        fs::remove_dir_all(&d).ctx(|| format!("removing {}", d.display()))?;
+    }
+    let _ = fs::remove_file(&recipe);
+    Ok(())
+}
+
+/// `disk-NAME-FINGERPRINT` (a named image's root disk) -> NAME.
+pub fn disk_image_name(entry: &str) -> Option<&str> {
+    let rest = entry.strip_prefix("disk-")?;
+    let (name, fp) = rest.rsplit_once('-')?;
+    (fp.len() == 16 && fp.chars().all(|c| c.is_ascii_hexdigit())).then_some(name)
 }
 
 /// Remove what can be rebuilt cheaply or is stale: warm snapshots, leftovers of interrupted
 /// builds, all but the two newest initramfs (ours and the Debian kernel's may both be in use)
-/// and all but the newest root disk. Kernels stay (they take minutes to build); remove one by
+/// and all but the newest root disk (of each named image). Kernels stay (they take minutes to build); remove one by
 /// name if needed.
 pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
     let _lock = lock_images(dirs)?;
@@ -646,10 +666,15 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
     let mut seen: std::collections::HashMap<String, usize> = Default::default();
     let mut removed = Vec::new();
     for (name, path, _) in entries {
-        let kind = name.split('-').next().unwrap_or("").to_string();
+        // Each named image keeps its newest disk.
+        let kind = match disk_image_name(&name) {
+            Some(image) => format!("disk-{image}"),
+            None => name.split('-').next().unwrap_or("").to_string(),
+        };
         let keep = match kind.as_str() {
             "initramfs" => 2,
             "rootfs" => 1,
+            k if k.starts_with("disk-") => 1,
             _ => usize::MAX,
         };
         let count = seen.entry(kind).or_default();
@@ -712,6 +737,14 @@ mod tests {
         let frag = "# c\nCONFIG_A=y\nCONFIG_B=n\nCONFIG_C=32\n";
         assert!(missing_options(frag, "CONFIG_A=y\nCONFIG_C=32\n# CONFIG_B is not set\n").is_empty());
         assert_eq!(missing_options(frag, "CONFIG_B=y\nCONFIG_C=32\n"), vec!["CONFIG_A=y", "CONFIG_B=n"]);
+    }
+
+    #[test]
+    fn disk_entries_name_their_image() {
+        assert_eq!(disk_image_name("disk-alpine-ssh-9f71dc38da180dc8"), Some("alpine-ssh"));
+        assert_eq!(disk_image_name("disk-alpine-9f71dc38da180dc8"), Some("alpine"));
+        assert_eq!(disk_image_name("disk-alpine-ssh"), None);
+        assert_eq!(disk_image_name("rootfs-9f71dc38da180dc8"), None);
     }
 
     #[test]

@@ -572,7 +572,9 @@ impl Sandbox {
         let status = tokio::time::timeout_at(deadline, child.wait()).await.map_err(|_| timeout_err())?.ctx(|| "waiting for ssh".into())?;
         let code = status.code().unwrap_or(255);
         let stderr = String::from_utf8_lossy(&stderr).into_owned();
-        if matches!(code, 124 | 137) && started.elapsed() >= opts.timeout {
+        // coreutils' timeout exits 124 (137 after -k); busybox's kills the command, which the
+        // server reports as a signal (ssh exits 255).
+        if matches!(code, 124 | 137 | 255) && started.elapsed() >= opts.timeout {
             return Err(timeout_err());
         }
         if code == 255 && (stderr.starts_with("ssh:") || stderr.contains("Host key verification failed") || stderr.contains("Permission denied")) {

@@ -1,0 +1,152 @@
+//! Named images built from Debian packages, and the SSH channel into them, on real VMs.
+
+mod common;
+
+use common::*;
+use smolvm::config::Channel;
+use smolvm::recipe::{Recipe, RecipeFile};
+use smolvm::{Error, RunOptions, Shell, VmConfig};
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+fn opts() -> RunOptions {
+    RunOptions { timeout: Duration::from_secs(60), ..Default::default() }
+}
+
+fn image(name: &str) -> VmConfig {
+    VmConfig { image: Some(name.into()), ..Default::default() }
+}
+
+#[tokio::test]
+async fn custom_recipe_is_cached_rebuilt_on_change_and_boots_with_a_grown_disk() {
+    let env = env();
+    let name = format!("t-{}", std::process::id());
+    let marker = env.tmp.path().join("marker");
+    std::fs::write(&marker, "first\n").unwrap();
+    let recipe = Recipe {
+        name: name.clone(),
+        base: "busybox".into(),
+        packages: vec![],
+        files: vec![RecipeFile { source: marker.clone(), dest: "/etc/marker".into() }],
+        size_mib: 64,
+    };
+    let quiet = |_: &str| {};
+    let first = smolvm::recipe::build(&env.dirs, &recipe, &quiet).unwrap();
+    assert!(!first.cached, "a new recipe is built");
+    let again = smolvm::recipe::build(&env.dirs, &recipe, &quiet).unwrap();
+    assert!(again.cached, "the same recipe is a cache hit");
+    assert_eq!(first.rootfs, again.rootfs);
+    std::fs::write(&marker, "second\n").unwrap();
+    let changed = smolvm::recipe::build(&env.dirs, &recipe, &quiet).unwrap();
+    assert!(!changed.cached, "a changed file rebuilds");
+    assert_ne!(changed.rootfs, first.rootfs);
+
+    // By name, with the disk grown past the recipe's 64 MiB.
+    let sb = env.boot(VmConfig { disk_size_mib: Some(512), ..image(&name) }).await;
+    let r = sb.run("cat /etc/marker; df -m / | tail -1 | awk '{print $2}'", &opts()).await.unwrap();
+    let mut lines = r.stdout.lines();
+    assert_eq!(lines.next(), Some("second"));
+    let size: u64 = lines.next().unwrap().parse().unwrap();
+    assert!(size > 400, "the root filesystem fills the 512 MiB disk, got {size} MiB");
+    // No SSH server in this image: the error says so and names images that have one.
+    let e = sb.ssh_endpoint().unwrap_err();
+    assert!(matches!(e, Error::Ssh(_)) && e.to_string().contains("debian-ssh"), "{e}");
+    sb.delete().await.unwrap();
+
+    smolvm::image::remove_entry(&env.dirs, &name).unwrap();
+    assert!(smolvm::recipe::load(&env.dirs, &name).is_err(), "the recipe is gone");
+    assert!(!first.rootfs.exists() && !changed.rootfs.exists(), "its disks are gone");
+}
+
+#[tokio::test]
+async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
+    let env = env();
+    let mut sb = env.boot(VmConfig { comm_channel: Some("ssh".into()), ..image("alpine-ssh") }).await;
+    sb.wait_for_ssh(Duration::from_secs(60)).await.unwrap();
+    for (cmd, shell) in [
+        ("echo out; echo err >&2; exit 3", Shell::Login),
+        ("printf 'a b\\n'; echo \"$0\"", Shell::Raw),
+        ("cd /tmp && pwd && echo $HOME", Shell::Login),
+    ] {
+        let o = RunOptions { shell, ..opts() };
+        sb.set_channel(Channel::Ssh);
+        let via_ssh = sb.run(cmd, &o).await.unwrap();
+        sb.set_channel(Channel::Agent);
+        let via_agent = sb.run(cmd, &o).await.unwrap();
+        assert_eq!(via_ssh, via_agent, "{cmd}");
+    }
+    assert_eq!(sb.run("echo out; echo err >&2; exit 3", &opts()).await.unwrap().exit_code, 3);
+
+    sb.set_channel(Channel::Ssh);
+    let o = RunOptions { timeout: Duration::from_secs(1), ..opts() };
+    let e = sb.run("sleep 30", &o).await.unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+
+    // 20 MB over SFTP, both ways.
+    let data: Vec<u8> = {
+        let mut f = std::fs::File::open("/dev/urandom").unwrap();
+        let mut v = vec![0u8; 20 * 1024 * 1024];
+        std::io::Read::read_exact(&mut f, &mut v).unwrap();
+        v
+    };
+    let local = env.tmp.path().join("big.bin");
+    std::fs::write(&local, &data).unwrap();
+    sb.upload(&local, "/data/in/").await.unwrap();
+    sb.set_channel(Channel::Agent);
+    let r = sb.run("sha256sum /data/in/big.bin | cut -d' ' -f1", &opts()).await.unwrap();
+    sb.set_channel(Channel::Ssh);
+    let back = env.tmp.path().join("out/back.bin");
+    sb.download("/data/in/big.bin", &back).await.unwrap();
+    assert!(std::fs::read(&back).unwrap() == data, "downloaded bytes differ");
+    let host_sum = std::process::Command::new("sha256sum").arg(&local).output().unwrap();
+    assert_eq!(r.stdout.trim(), String::from_utf8_lossy(&host_sum.stdout).split(' ').next().unwrap());
+    // Setuid is dropped on the way out; relative guest paths are refused.
+    sb.run("cp /bin/busybox /tmp/su && chmod 4755 /tmp/su", &opts()).await.unwrap();
+    sb.download("/tmp/su", &env.tmp.path().join("su")).await.unwrap();
+    assert_eq!(std::fs::metadata(env.tmp.path().join("su")).unwrap().permissions().mode() & 0o7777, 0o755);
+    let e = sb.upload(&local, "relative/x").await.unwrap_err();
+    assert!(e.to_string().contains("guest_path"), "{e}");
+
+    // The host key is pinned: a different key under the sandbox's alias is refused.
+    let ep = sb.ssh_endpoint().unwrap();
+    let pinned = std::fs::read_to_string(&ep.known_hosts).unwrap();
+    let other = env.tmp.path().join("other");
+    assert!(std::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&other).status().unwrap().success());
+    let other_pub = std::fs::read_to_string(other.with_extension("pub")).unwrap();
+    let forged = format!("{} {}\n", ep.alias, other_pub.split_whitespace().take(2).collect::<Vec<_>>().join(" "));
+    std::fs::write(&ep.known_hosts, forged).unwrap();
+    let e = sb.run("true", &opts()).await.unwrap_err();
+    assert!(matches!(e, Error::Ssh(_)) && e.to_string().contains("Host key verification failed"), "{e}");
+    std::fs::write(&ep.known_hosts, pinned).unwrap();
+    assert!(sb.run("true", &opts()).await.unwrap().ok());
+    sb.delete().await.unwrap();
+    assert!(env.qemu_processes().is_empty());
+}
+
+#[test]
+fn debian_ssh_image_over_the_cli() {
+    let env = env();
+    let out = env.smolvm(&["sandbox", "create", "--name", "deb", "--image", "debian-ssh"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = env.smolvm(&["sandbox", "wait-ssh", "deb", "--timeout", "60"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = env.cli().args(["sandbox", "ssh", "deb", "--", "echo", "via-ssh"]).stdin(std::process::Stdio::null()).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "via-ssh\n", "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success());
+    let out = env.smolvm(&["sandbox", "exec", "deb", "--channel", "ssh", "--", "python3 -c 'print(6*7)'; exit 4"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n");
+    assert_eq!(out.status.code(), Some(4), "the guest's exit code over SSH");
+    // Key-only root login: the image's sshd refuses passwords.
+    let out = env.smolvm(&["sandbox", "exec", "deb", "--", "sshd -T | grep -iE '^(passwordauthentication|permitrootlogin)'"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "permitrootlogin without-password\npasswordauthentication no\n");
+    assert!(env.smolvm(&["sandbox", "delete", "--force", "deb"]).status.success());
+    assert!(env.qemu_processes().is_empty());
+
+    // The default image has no SSH server: a clear error, not a hang.
+    let out = env.smolvm(&["sandbox", "create", "--name", "plain"]);
+    assert!(out.status.success());
+    let out = env.cli().args(["sandbox", "ssh", "plain", "--", "true"]).stdin(std::process::Stdio::null()).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no SSH server"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(env.smolvm(&["sandbox", "delete", "--force", "plain"]).status.success());
+}
