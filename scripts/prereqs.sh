@@ -2,7 +2,7 @@
 # Install what smolvm needs on a Debian/Ubuntu host, skipping what is already there.
 set -euo pipefail
 pkgs=(qemu-system-x86 busybox-static linux-source-6.1 make gcc flex bison bc libelf-dev libssl-dev
-      xz-utils cpio nftables e2fsprogs iproute2 procps python3-venv qemu-utils)
+      xz-utils cpio nftables e2fsprogs iproute2 procps python3-venv qemu-utils mmdebstrap openssh-client)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
