@@ -182,13 +182,15 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
     }
     .await;
     let _ = sb.delete().await;
-    let _ = std::fs::remove_dir_all(&work);
     let (mut ping, mut run_login, mut run_raw, rss_mib, vmm_rss_mib, idle_cpu, (up, down, cat)) = result?;
     let (nat_ms, user_ms) = network_setup(dirs, rounds, progress).await?;
     let (nat_mbs, user_mbs) = http_throughput(dirs, &work, progress).await.unwrap_or_else(|e| {
         progress(&format!("network throughput not measured: {}", e.full_message()));
         (f64::NAN, f64::NAN)
     });
+
+    let ssh = ssh_bench(dirs, &work, progress).await?;
+    let _ = std::fs::remove_dir_all(&work);
 
     let ratio = cold_p50 / bare_p50;
     let warm_ratio = warm_p50 / cold_p50;
@@ -205,6 +207,7 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         "agent_ping_ms": { "p50": percentile(&mut ping, 0.5), "p99": percentile(&mut ping, 0.99), "target_p50": 1.0 },
         "run_true_login_ms": { "p50": percentile(&mut run_login, 0.5), "p99": percentile(&mut run_login, 0.99), "target_p50": 10.0 },
         "run_true_raw_ms": { "p50": percentile(&mut run_raw, 0.5), "p99": percentile(&mut run_raw, 0.99) },
+        "ssh": ssh.json(),
         "idle": { "host_rss_mib": rss_mib, "vmm_rss_mib": vmm_rss_mib, "cpu_percent_of_core": idle_cpu, "target_rss_mib": 110, "target_cpu_percent": 2 },
     });
     let md = format!(
@@ -222,7 +225,7 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
          | idle sandbox CPU | {idle_cpu:.2} % of a core | target <= 2 % |\n\
          | 20 MB upload / download over the agent | {up:.0} / {down:.0} MB/s | `cat` of the same file through the channel: {cat:.0} MB/s |\n\
          | warm start with NAT networking (TAP, nftables, DNS), p50 | {nat_ms:.0} ms | user-mode networking: {user_ms:.0} ms |\n\
-         | guest HTTP download of 20 MB from a host in a network namespace, NAT | {nat_mbs:.0} MB/s | user-mode networking: {user_mbs:.0} MB/s |\n",
+         | guest HTTP download of 20 MB from a host in a network namespace, NAT | {nat_mbs:.0} MB/s | user-mode networking: {user_mbs:.0} MB/s |\n{}",
         burst.0,
         burst.1,
         data["agent_ping_ms"]["p50"].as_f64().unwrap_or(0.0),
@@ -231,6 +234,7 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         data["run_true_login_ms"]["p99"].as_f64().unwrap_or(0.0),
         data["run_true_raw_ms"]["p50"].as_f64().unwrap_or(0.0),
         data["run_true_raw_ms"]["p99"].as_f64().unwrap_or(0.0),
+        ssh.markdown(),
     );
     Ok((data, md))
 }
@@ -416,4 +420,108 @@ fn tempfile_dir(dirs: &Dirs) -> Result<std::path::PathBuf> {
     let d = dirs.data.join(format!("bench-{}", std::process::id()));
     std::fs::create_dir_all(&d).ctx(|| format!("creating {}", d.display()))?;
     Ok(d)
+}
+
+/// SSH images and the SSH channel against the agent, in the same VM.
+struct SshNumbers {
+    builds: Vec<(String, f64, f64)>,
+    ready_s: f64,
+    ssh_ms: f64,
+    agent_ms: f64,
+    sftp_up: f64,
+    sftp_down: f64,
+}
+
+impl SshNumbers {
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "image_build_s": self.builds.iter().map(|(n, first, cached)| json!({"image": n, "first": first, "cached": cached})).collect::<Vec<_>>(),
+            "debian_ssh_create_to_ssh_ready_s": self.ready_s,
+            "run_true_raw_ms": { "ssh_p50": self.ssh_ms, "agent_p50": self.agent_ms, "agent_speedup": self.ssh_ms / self.agent_ms, "target_speedup": 20 },
+            "sftp_mb_per_s": { "upload": self.sftp_up, "download": self.sftp_down },
+        })
+    }
+
+    fn markdown(&self) -> String {
+        let mut md = String::new();
+        for (name, first, cached) in &self.builds {
+            md.push_str(&format!("| image build `{name}`: first / cached | {first:.1} s / {:.1} ms | |\n", cached * 1000.0));
+        }
+        md.push_str(&format!("| `debian-ssh` sandbox: create to first SSH login | {:.2} s | |\n", self.ready_s));
+        md.push_str(&format!(
+            "| `run(\"true\")` over SSH (new connection each) vs agent, same VM, p50 | {:.1} ms vs {:.2} ms: agent **{:.0}x** faster | target >= 20x |\n",
+            self.ssh_ms,
+            self.agent_ms,
+            self.ssh_ms / self.agent_ms
+        ));
+        md.push_str(&format!("| 20 MB upload / download over SFTP | {:.0} / {:.0} MB/s | agent: see above |\n", self.sftp_up, self.sftp_down));
+        md
+    }
+}
+
+async fn ssh_bench(dirs: &Dirs, work: &std::path::Path, progress: image::Progress<'_>) -> Result<SshNumbers> {
+    progress("images: first and cached builds of alpine-ssh and debian-ssh (in a scratch cache)");
+    let scratch = Dirs { data: work.join("ssh-data"), images: work.join("ssh-images") };
+    let mut builds = Vec::new();
+    for name in ["alpine-ssh", "debian-ssh"] {
+        let recipe = crate::recipe::builtin(name).expect("built in");
+        let (d, r) = (scratch.clone(), recipe.clone());
+        let (first, cached) = tokio::task::spawn_blocking(move || -> Result<(f64, f64)> {
+            let t = Instant::now();
+            crate::recipe::build(&d, &r, &|_| {})?;
+            let first = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            crate::recipe::build(&d, &r, &|_| {})?;
+            Ok((first, t.elapsed().as_secs_f64()))
+        })
+        .await
+        .map_err(|e| Error::Host(e.to_string()))??;
+        builds.push((name.to_string(), first, cached));
+    }
+    let _ = std::fs::remove_dir_all(&scratch.images);
+
+    progress("ssh: debian-ssh sandbox, SSH round trips against the agent's, SFTP");
+    let config = VmConfig { image: Some("debian-ssh".into()), ..Default::default() };
+    // Built once outside the measurement.
+    crate::sandbox::resolve_image(&config, dirs, &|_| {}).await?;
+    let t = Instant::now();
+    let mut sb = Sandbox::create_in(dirs.clone(), config, true)?;
+    let result = async {
+        sb.start(Duration::from_secs(120), &|_| {}).await?;
+        sb.wait_for_ssh(Duration::from_secs(60)).await?;
+        let ready_s = t.elapsed().as_secs_f64();
+        let raw = RunOptions { shell: smolvm_proto::Shell::Raw, ..Default::default() };
+        let mut over_ssh = Vec::new();
+        sb.set_channel(crate::config::Channel::Ssh);
+        for _ in 0..20 {
+            let t = Instant::now();
+            sb.run("true", &raw).await?;
+            over_ssh.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        let blob = work_file(work, 20 * 1024 * 1024)?;
+        let t = Instant::now();
+        sb.upload(&blob, "/tmp/blob").await?;
+        let sftp_up = 20.0 / t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        sb.download("/tmp/blob", &work.join("blob.sftp")).await?;
+        let sftp_down = 20.0 / t.elapsed().as_secs_f64();
+        sb.set_channel(crate::config::Channel::Agent);
+        let mut over_agent = Vec::new();
+        for _ in 0..100 {
+            let t = Instant::now();
+            sb.run("true", &raw).await?;
+            over_agent.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        Ok::<_, Error>(SshNumbers {
+            builds,
+            ready_s,
+            ssh_ms: percentile(&mut over_ssh, 0.5),
+            agent_ms: percentile(&mut over_agent, 0.5),
+            sftp_up,
+            sftp_down,
+        })
+    }
+    .await;
+    let _ = sb.delete().await;
+    result
 }
