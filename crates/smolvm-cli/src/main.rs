@@ -458,9 +458,9 @@ fn vm_config(vm: &VmArgs, name: Option<String>) -> Result<VmConfig, Error> {
         disk_size_mib: vm.disk_size,
         comm_channel: vm.comm_channel.clone(),
         ssh_public_key: match &vm.ssh_key {
-            Some(k) if std::path::Path::new(k).is_file() => Some(
-                std::fs::read_to_string(k).map_err(|e| Error::Io { context: format!("reading {k}"), source: e })?.trim().to_string(),
-            ),
+            Some(k) if std::path::Path::new(k).is_file() => {
+                Some(std::fs::read_to_string(k).map_err(|e| Error::Io { context: format!("reading {k}"), source: e })?.trim().to_string())
+            }
             other => other.clone(),
         },
     })
@@ -560,7 +560,8 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
                     None | Some("default") if !custom => None,
                     None => return Err(Error::validation("name", "a custom recipe needs a name (smolvm image build NAME --base ...)")),
                     Some(n) => {
-                        let recipe = if custom { recipe_from_flags(n, base, packages, &files, size)? } else { smolvm::recipe::load(&dirs2, n)? };
+                        let recipe =
+                            if custom { recipe_from_flags(n, base, packages, &files, size)? } else { smolvm::recipe::load(&dirs2, n)? };
                         Some(smolvm::recipe::build(&dirs2, &recipe, &progress)?)
                     }
                 };
@@ -581,7 +582,12 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
                 data["image"] = json!(b.name);
                 data["rootfs"] = json!(b.rootfs);
                 data["cached"] = json!(b.cached);
-                text.push_str(&format!("\nimage   {} ({})\nrootfs  {}", b.name, if b.cached { "cached" } else { "built" }, b.rootfs.display()));
+                text.push_str(&format!(
+                    "\nimage   {} ({})\nrootfs  {}",
+                    b.name,
+                    if b.cached { "cached" } else { "built" },
+                    b.rootfs.display()
+                ));
             }
             Ok(Done::text(text, data))
         }

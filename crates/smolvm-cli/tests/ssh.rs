@@ -136,6 +136,13 @@ fn debian_ssh_image_over_the_cli() {
     let out = env.smolvm(&["sandbox", "exec", "deb", "--channel", "ssh", "--", "python3 -c 'print(6*7)'; exit 4"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n");
     assert_eq!(out.status.code(), Some(4), "the guest's exit code over SSH");
+    // The same command over both channels: the same stdout, stderr and exit code.
+    let cmd = "echo out; echo err >&2; echo $0; exit 3";
+    let via = |ch: &str| env.smolvm(&["sandbox", "exec", "deb", "--channel", ch, "--", cmd]);
+    let (s, a) = (via("ssh"), via("agent"));
+    assert_eq!((s.stdout.clone(), s.stderr.clone(), s.status.code()), (a.stdout.clone(), a.stderr.clone(), a.status.code()));
+    assert_eq!(String::from_utf8_lossy(&s.stdout), "out\n/bin/bash\n");
+    assert_eq!(s.status.code(), Some(3));
     // Key-only root login: the image's sshd refuses passwords.
     let out = env.smolvm(&["sandbox", "exec", "deb", "--", "sshd -T | grep -iE '^(passwordauthentication|permitrootlogin)'"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "permitrootlogin without-password\npasswordauthentication no\n");

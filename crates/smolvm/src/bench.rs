@@ -454,7 +454,10 @@ impl SshNumbers {
             self.agent_ms,
             self.ssh_ms / self.agent_ms
         ));
-        md.push_str(&format!("| 20 MB upload / download over SFTP | {:.0} / {:.0} MB/s | agent: see above |\n", self.sftp_up, self.sftp_down));
+        md.push_str(&format!(
+            "| 20 MB upload / download over SFTP | {:.0} / {:.0} MB/s | agent: see above |\n",
+            self.sftp_up, self.sftp_down
+        ));
         md
     }
 }

@@ -101,6 +101,16 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
             Some("smolvm setup (apt install e2fsprogs)"),
         )
     });
+    checks.push(if crate::image::on_path("mmdebstrap") {
+        check("mmdebstrap", "ok", "named images (alpine-ssh, debian-ssh, recipes) can be built", None)
+    } else {
+        check("mmdebstrap", "warn", "mmdebstrap not found: named images cannot be built", Some("smolvm setup (apt install mmdebstrap)"))
+    });
+    checks.push(if crate::image::on_path("ssh") && crate::image::on_path("sftp") && crate::image::on_path("ssh-keygen") {
+        check("ssh", "ok", "OpenSSH client present (sandbox ssh, comm_channel=ssh)", None)
+    } else {
+        check("ssh", "warn", "ssh/sftp/ssh-keygen not found: no SSH into sandboxes", Some("smolvm setup (apt install openssh-client)"))
+    });
     checks.push(check("data_dir", "ok", dirs.data.display().to_string(), None));
     checks
 }
@@ -122,6 +132,8 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("nftables", "/usr/sbin/nft"),
     ("e2fsprogs", "/usr/sbin/mkfs.ext4"),
     ("qemu-utils", "/usr/bin/qemu-img"),
+    ("mmdebstrap", "/usr/bin/mmdebstrap"),
+    ("openssh-client", "/usr/bin/ssh"),
 ];
 
 pub fn missing_packages() -> Vec<&'static str> {

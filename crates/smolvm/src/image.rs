@@ -590,8 +590,10 @@ pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Result<Pat
     if overlay.exists() {
         if let Some(mib) = size_mib {
             // A sandbox's disk may be grown between starts, never shrunk.
-            let out = Command::new("qemu-img").args(["info", "--output=json"]).arg(overlay).output().ctx(|| "running qemu-img info".into())?;
-            let virtual_size = serde_json::from_slice::<serde_json::Value>(&out.stdout).ok().and_then(|v| v["virtual-size"].as_u64()).unwrap_or(0);
+            let out =
+                Command::new("qemu-img").args(["info", "--output=json"]).arg(overlay).output().ctx(|| "running qemu-img info".into())?;
+            let virtual_size =
+                serde_json::from_slice::<serde_json::Value>(&out.stdout).ok().and_then(|v| v["virtual-size"].as_u64()).unwrap_or(0);
             if u64::from(mib) << 20 > virtual_size {
                 run_checked(Command::new("qemu-img").args(["resize", "-q"]).arg(overlay).arg(format!("{mib}M")), "growing the root disk")?;
             }
@@ -615,7 +617,9 @@ pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Result<Pat
 /// Remove a cache entry by name (as `image list` shows it). Running sandboxes keep what they
 /// have open; later starts rebuild what they need.
 pub fn remove_entry(dirs: &Dirs, name: &str) -> Result<()> {
-    let not_entry = || Error::validation("image", format!("{name:?} is neither an image name nor an entry of the image cache (see `smolvm image list`)"));
+    let not_entry = || {
+        Error::validation("image", format!("{name:?} is neither an image name nor an entry of the image cache (see `smolvm image list`)"))
+    };
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
         return Err(not_entry());
     }

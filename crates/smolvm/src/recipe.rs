@@ -81,7 +81,9 @@ pub fn validate_name(name: &str) -> Result<()> {
     } else {
         Err(Error::validation(
             "image",
-            format!("{name:?} is not an image name: use 1-64 characters of a-z, 0-9, '_' and '-', starting and ending with a letter or digit"),
+            format!(
+                "{name:?} is not an image name: use 1-64 characters of a-z, 0-9, '_' and '-', starting and ending with a letter or digit"
+            ),
         ))
     }
 }
@@ -109,7 +111,10 @@ impl Recipe {
             }
             let ok = f.dest.starts_with('/') && !f.dest.ends_with('/') && !f.dest.split('/').any(|c| c == "..");
             if !ok {
-                return Err(Error::validation("files", format!("{:?}: the image path must be absolute, name a file and hold no '..'", f.dest)));
+                return Err(Error::validation(
+                    "files",
+                    format!("{:?}: the image path must be absolute, name a file and hold no '..'", f.dest),
+                ));
             }
         }
         if !(64..=1024 * 1024).contains(&self.size_mib) {
@@ -159,7 +164,10 @@ pub fn load(dirs: &Dirs, name: &str) -> Result<Recipe> {
     }
     let path = recipes_dir(dirs).join(format!("{name}.json"));
     let text = fs::read_to_string(&path).map_err(|_| {
-        Error::validation("image", format!("no image named {name:?} (built in: {}; or build a recipe with `smolvm image build {name} ...`)", BUILTIN.join(", ")))
+        Error::validation(
+            "image",
+            format!("no image named {name:?} (built in: {}; or build a recipe with `smolvm image build {name} ...`)", BUILTIN.join(", ")),
+        )
     })?;
     serde_json::from_str(&text).map_err(|e| Error::Image(format!("the saved recipe {} is unreadable: {e}", path.display())))
 }
@@ -277,12 +285,7 @@ fn mmdebstrap(target: &Path, variant: &str, packages: &[String], progress: Progr
         cmd.arg(format!("--dpkgopt=path-exclude={excluded}"));
     }
     cmd.arg(SUITE).arg(target).arg(mirror());
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .ctx(|| "running mmdebstrap".into())?;
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().ctx(|| "running mmdebstrap".into())?;
     let mut tail: std::collections::VecDeque<String> = Default::default();
     if let Some(err) = child.stderr.take() {
         for line in std::io::BufReader::new(err).lines().map_while(|l| l.ok()) {

@@ -459,7 +459,8 @@ impl Sandbox {
     /// its port on the host's loopback. Images without a server are left alone.
     async fn setup_ssh(&self) -> Result<()> {
         let dirs = self.dirs.clone();
-        let (_, mut keys) = tokio::task::spawn_blocking(move || crate::ssh::user_key(&dirs)).await.map_err(|e| Error::Host(e.to_string()))??;
+        let (_, mut keys) =
+            tokio::task::spawn_blocking(move || crate::ssh::user_key(&dirs)).await.map_err(|e| Error::Host(e.to_string()))??;
         if let Some(extra) = &self.record()?.config.ssh_public_key {
             keys.push('\n');
             keys.push_str(extra.trim());
@@ -538,7 +539,10 @@ impl Sandbox {
     async fn run_ssh(&self, command: &str, opts: &RunOptions, mut on_output: impl FnMut(Output<'_>)) -> Result<CommandResult> {
         use tokio::io::AsyncReadExt;
         if !opts.env.is_empty() {
-            return Err(Error::validation("env", "per-command variables need the agent channel (comm_channel=agent); set_env_vars works on both"));
+            return Err(Error::validation(
+                "env",
+                "per-command variables need the agent channel (comm_channel=agent); set_env_vars works on both",
+            ));
         }
         let ep = self.ssh_endpoint()?;
         let secs = opts.timeout.as_secs_f64().ceil() as u64;
@@ -577,7 +581,9 @@ impl Sandbox {
         if matches!(code, 124 | 137 | 255) && started.elapsed() >= opts.timeout {
             return Err(timeout_err());
         }
-        if code == 255 && (stderr.starts_with("ssh:") || stderr.contains("Host key verification failed") || stderr.contains("Permission denied")) {
+        if code == 255
+            && (stderr.starts_with("ssh:") || stderr.contains("Host key verification failed") || stderr.contains("Permission denied"))
+        {
             return Err(Error::Ssh(stderr.trim().to_string()));
         }
         Ok(CommandResult { exit_code: code, stdout: String::from_utf8_lossy(&stdout).into_owned(), stderr })

@@ -178,7 +178,13 @@ mod tests {
     #[test]
     fn public_keys_are_checked() {
         validate_public_key("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBx4 user@host").unwrap();
-        for bad in ["", "AAAA", "ssh-ed25519", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBx4\nssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAB", "rsa AAAAC3NzaC1lZDI1NTE5"] {
+        for bad in [
+            "",
+            "AAAA",
+            "ssh-ed25519",
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBx4\nssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAB",
+            "rsa AAAAC3NzaC1lZDI1NTE5",
+        ] {
             let e = validate_public_key(bad).unwrap_err().to_string();
             assert!(e.starts_with("invalid ssh_public_key:"), "{e}");
         }
