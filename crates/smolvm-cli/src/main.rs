@@ -559,11 +559,11 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
                 let built = match name.as_deref() {
                     None | Some("default") if !custom => None,
                     None => return Err(Error::validation("name", "a custom recipe needs a name (smolvm image build NAME --base ...)")),
-                    Some(n) => {
-                        let recipe =
-                            if custom { recipe_from_flags(n, base, packages, &files, size)? } else { smolvm::recipe::load(&dirs2, n)? };
-                        Some(smolvm::recipe::build(&dirs2, &recipe, &progress)?)
-                    }
+                    Some(n) => Some(if custom {
+                        smolvm::recipe::build(&dirs2, &recipe_from_flags(n, base, packages, &files, size)?, &progress)?
+                    } else {
+                        smolvm::recipe::build_named(&dirs2, n, &progress)?
+                    }),
                 };
                 Ok((img, built))
             })

@@ -15,12 +15,7 @@ fn opts() -> RunOptions {
 async fn twenty_megabytes_up_and_down_byte_for_byte() {
     let env = env();
     let sb = env.boot(VmConfig::default()).await;
-    let data: Vec<u8> = {
-        let mut f = std::fs::File::open("/dev/urandom").unwrap();
-        let mut v = vec![0u8; 20 * 1024 * 1024];
-        std::io::Read::read_exact(&mut f, &mut v).unwrap();
-        v
-    };
+    let data = random_bytes(20 * 1024 * 1024);
     let local = env.tmp.path().join("big.bin");
     std::fs::write(&local, &data).unwrap();
     std::fs::set_permissions(&local, std::fs::Permissions::from_mode(0o640)).unwrap();

@@ -83,12 +83,7 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
     assert!(matches!(e, Error::Timeout { .. }), "{e}");
 
     // 20 MB over SFTP, both ways.
-    let data: Vec<u8> = {
-        let mut f = std::fs::File::open("/dev/urandom").unwrap();
-        let mut v = vec![0u8; 20 * 1024 * 1024];
-        std::io::Read::read_exact(&mut f, &mut v).unwrap();
-        v
-    };
+    let data = random_bytes(20 * 1024 * 1024);
     let local = env.tmp.path().join("big.bin");
     std::fs::write(&local, &data).unwrap();
     sb.upload(&local, "/data/in/").await.unwrap();
@@ -106,6 +101,13 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
     assert_eq!(std::fs::metadata(env.tmp.path().join("su")).unwrap().permissions().mode() & 0o7777, 0o755);
     let e = sb.upload(&local, "relative/x").await.unwrap_err();
     assert!(e.to_string().contains("guest_path"), "{e}");
+    // Directories take the agent's checked tar path on the SSH channel too.
+    let tree = env.tmp.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(tree.join("sub/f"), "in a tree").unwrap();
+    sb.upload(&tree, "/data/").await.unwrap();
+    sb.download("/data/tree", &env.tmp.path().join("tree.back")).await.unwrap();
+    assert_eq!(std::fs::read_to_string(env.tmp.path().join("tree.back/sub/f")).unwrap(), "in a tree");
 
     // The host key is pinned: a different key under the sandbox's alias is refused.
     let ep = sb.ssh_endpoint().unwrap();

@@ -109,11 +109,13 @@ fn build_named_image(py: Python<'_>, name: String, recipe_json: Option<String>) 
             let dirs = Dirs::from_env();
             let progress = |line: &str| eprintln!("smolvm: {line}");
             let img = smolvm::image::resolve(&VmConfig::default(), &dirs, &progress)?;
-            let recipe = match recipe_json {
-                Some(j) => serde_json::from_str(&j).map_err(|e| Error::validation("recipe", e.to_string()))?,
-                None => smolvm::recipe::load(&dirs, &name)?,
+            let built = match recipe_json {
+                Some(j) => {
+                    let recipe = serde_json::from_str(&j).map_err(|e| Error::validation("recipe", e.to_string()))?;
+                    smolvm::recipe::build(&dirs, &recipe, &progress)?
+                }
+                None => smolvm::recipe::build_named(&dirs, &name, &progress)?,
             };
-            let built = smolvm::recipe::build(&dirs, &recipe, &progress)?;
             Ok((img.kernel.to_string_lossy().into_owned(), built.rootfs.to_string_lossy().into_owned(), built.cached))
         })
         .await

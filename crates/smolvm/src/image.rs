@@ -61,7 +61,7 @@ pub fn resolve(config: &VmConfig, dirs: &Dirs, progress: Progress) -> Result<Boo
     };
     let rootfs = match config.image.as_deref() {
         None | Some("default") => config.rootfs_path.clone(),
-        Some(name) => Some(crate::recipe::build(dirs, &crate::recipe::load(dirs, name)?, progress)?.rootfs),
+        Some(name) => Some(crate::recipe::build_named(dirs, name, progress)?.rootfs),
     };
     Ok(BootImage { kernel, initrd: Some(initrd), rootfs })
 }
@@ -652,8 +652,8 @@ pub fn disk_image_name(entry: &str) -> Option<&str> {
 
 /// Remove what can be rebuilt cheaply or is stale: warm snapshots, leftovers of interrupted
 /// builds, all but the two newest initramfs (ours and the Debian kernel's may both be in use)
-/// and all but the newest root disk (of each named image). Kernels stay (they take minutes to build); remove one by
-/// name if needed.
+/// and all but the newest root disk (of each named image). Kernels stay (they take minutes to
+/// build); remove one by name if needed.
 pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
     let _lock = lock_images(dirs)?;
     let mut entries: Vec<(String, PathBuf, std::time::SystemTime)> = fs::read_dir(&dirs.images)

@@ -181,6 +181,11 @@ pub fn saved(dirs: &Dirs) -> Vec<Recipe> {
     out
 }
 
+/// A named image's disk (a built-in or saved recipe), built if missing.
+pub fn build_named(dirs: &Dirs, name: &str, progress: Progress) -> Result<Built> {
+    build(dirs, &load(dirs, name)?, progress)
+}
+
 /// A built disk image.
 #[derive(Debug, Clone, Serialize)]
 pub struct Built {

@@ -34,6 +34,8 @@ pub struct SandboxPaths {
     pub console: PathBuf,
     pub log: PathBuf,
     pub lock: PathBuf,
+    /// The sandbox's pinned SSH host key (images with an SSH server).
+    pub known_hosts: PathBuf,
 }
 
 impl SandboxPaths {
@@ -46,6 +48,7 @@ impl SandboxPaths {
             console: dir.join("console.log"),
             log: dir.join("supervisor.log"),
             lock: dir.join("lock"),
+            known_hosts: dir.join("known_hosts"),
             dir,
         }
     }
@@ -472,16 +475,16 @@ impl Sandbox {
             cwd: None,
         };
         let r = self.run_agent(crate::ssh::SETUP_SCRIPT, &opts, |_| {}).await?;
-        let known_hosts = self.paths.dir.join("known_hosts");
+        let known_hosts = &self.paths.known_hosts;
         match r.exit_code {
             0 => {
                 let line = crate::ssh::known_hosts_line(&self.ssh_alias(), &r.stdout)?;
-                std::fs::write(&known_hosts, line).ctx(|| format!("writing {}", known_hosts.display()))?;
+                std::fs::write(known_hosts, line).ctx(|| format!("writing {}", known_hosts.display()))?;
                 self.expose_local(22, None).await?;
                 Ok(())
             }
             3 => {
-                let _ = std::fs::remove_file(&known_hosts);
+                let _ = std::fs::remove_file(known_hosts);
                 Ok(())
             }
             code => Err(Error::Guest(format!("starting the SSH server failed (exit {code}): {}", r.stderr.trim()))),
@@ -498,7 +501,7 @@ impl Sandbox {
         if !rec.state.is_live() {
             return Err(Error::NotRunning { id: self.id.clone(), state: rec.state.to_string() });
         }
-        let known_hosts = self.paths.dir.join("known_hosts");
+        let known_hosts = self.paths.known_hosts.clone();
         let port = self.ports()?.into_iter().find(|(g, _)| *g == 22).map(|(_, h)| h);
         match port {
             Some(port) if known_hosts.exists() => {
@@ -898,16 +901,18 @@ impl Sandbox {
         smolvm_proto::paths::guest_target(guest, &name).map_err(|m| Error::validation("guest_path", m))?;
         let into_dir = local.to_string_lossy().ends_with('/') || local.is_dir();
         let conn = self.conn()?;
+        let parent = if into_dir { local.to_path_buf() } else { local.parent().map(Path::to_path_buf).unwrap_or_default() };
+        let parent = if parent.as_os_str().is_empty() { PathBuf::from(".") } else { parent };
+        let dest = if into_dir { local.join(&name) } else { local.to_path_buf() };
+        std::fs::create_dir_all(&parent).ctx(|| format!("creating {}", parent.display()))?;
         if self.channel == Channel::Ssh && !guest.ends_with('/') {
-            match self.download_sftp(guest, local, into_dir, &name).await {
-                Err(Error::Ssh(m)) if m.contains("non-regular") => {}
+            match self.download_sftp(guest, &parent, &dest).await {
+                // OpenSSH: "not a regular file" (newer) or "non-regular file" (older).
+                Err(Error::Ssh(m)) if m.contains("regular file") => {}
                 done => return done,
             }
         }
         let mut stream = conn.open(&Request::FileGet { path: guest.to_string() }).await?;
-        let parent = if into_dir { local.to_path_buf() } else { local.parent().map(Path::to_path_buf).unwrap_or_default() };
-        let parent = if parent.as_os_str().is_empty() { PathBuf::from(".") } else { parent };
-        std::fs::create_dir_all(&parent).ctx(|| format!("creating {}", parent.display()))?;
         let tmp = parent.join(format!(".smolvm-download-{}-{}", std::process::id(), stream.id));
         let result = async {
             let mut file = tokio::fs::File::create(&tmp).await.ctx(|| format!("creating {}", tmp.display()))?;
@@ -929,7 +934,6 @@ impl Sandbox {
         .await;
         let done = match result {
             Ok((_, true)) => {
-                let dest = if into_dir { local.join(&name) } else { local.to_path_buf() };
                 let (tmp2, dest2) = (tmp.clone(), dest.clone());
                 tokio::task::spawn_blocking(move || {
                     let mut f = std::fs::File::open(&tmp2)?;
@@ -939,12 +943,9 @@ impl Sandbox {
                 .map_err(|e| Error::Host(e.to_string()))?
                 .map_err(|e| Error::Guest(format!("extracting {guest}: {e}")))
             }
-            Ok((mode, false)) => {
-                let dest = if into_dir { local.join(&name) } else { local.to_path_buf() };
-                std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode & 0o777))
-                    .and_then(|_| std::fs::rename(&tmp, &dest))
-                    .ctx(|| format!("storing {}", dest.display()))
-            }
+            Ok((mode, false)) => std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode & 0o777))
+                .and_then(|_| std::fs::rename(&tmp, &dest))
+                .ctx(|| format!("storing {}", dest.display())),
             Err(e) => Err(e),
         };
         let _ = std::fs::remove_file(&tmp);
@@ -953,11 +954,7 @@ impl Sandbox {
 
     /// A file over SFTP; a directory (sftp cannot tell us in advance) falls back to the agent's
     /// checked tar path.
-    async fn download_sftp(&self, guest: &str, local: &Path, into_dir: bool, name: &str) -> Result<()> {
-        let parent = if into_dir { local.to_path_buf() } else { local.parent().map(Path::to_path_buf).unwrap_or_default() };
-        let parent = if parent.as_os_str().is_empty() { PathBuf::from(".") } else { parent };
-        std::fs::create_dir_all(&parent).ctx(|| format!("creating {}", parent.display()))?;
-        let dest = if into_dir { local.join(name) } else { local.to_path_buf() };
+    async fn download_sftp(&self, guest: &str, parent: &Path, dest: &Path) -> Result<()> {
         let tmp = parent.join(format!(".smolvm-download-{}-sftp", std::process::id()));
         let q = crate::ssh::sftp_quote;
         let got = self.sftp(format!("get -p {} {}\n", q(guest), q(&tmp.to_string_lossy()))).await;
@@ -965,7 +962,7 @@ impl Sandbox {
             let meta = std::fs::symlink_metadata(&tmp).ctx(|| format!("reading {}", tmp.display()))?;
             let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
             std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode & 0o777))
-                .and_then(|_| std::fs::rename(&tmp, &dest))
+                .and_then(|_| std::fs::rename(&tmp, dest))
                 .ctx(|| format!("storing {}", dest.display()))
         });
         if result.is_err() {

@@ -19,6 +19,13 @@ pub fn shared_images() -> PathBuf {
     })
 }
 
+/// `n` random bytes (file transfer tests).
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut v).unwrap();
+    v
+}
+
 pub fn env() -> TestEnv {
     let tmp = tempfile::Builder::new().prefix("svt").tempdir_in("/tmp").unwrap();
     let dirs = Dirs { data: tmp.path().join("d"), images: shared_images() };

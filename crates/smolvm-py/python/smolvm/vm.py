@@ -52,31 +52,15 @@ class SmolVM:
         if os not in (None, "linux", "alpine", "debian"):
             raise ValidationError(f"invalid os: {os!r} (allowed: 'linux', 'alpine', 'debian')", {"field": "os"})
         config = config or VMConfig()
-        changes: Dict[str, Any] = {}
         if image is None and os in ("alpine", "debian"):
             image = f"{os}-ssh"
-        if image is not None:
-            changes["image"] = image
-        if disk_size is not None:
-            changes["disk_size_mib"] = disk_size
-        if comm_channel is not None:
-            changes["comm_channel"] = comm_channel
-        if vm_id is not None:
-            changes["vm_id"] = vm_id
-        if backend is not None:
-            changes["backend"] = backend
-        if memory is not None:
-            changes["memory"] = memory
-        if vcpu_count is not None:
-            changes["vcpu_count"] = vcpu_count
-        if env_vars is not None:
-            changes["env_vars"] = {**config.env_vars, **dict(env_vars)}
-        if internet_settings is not None:
-            changes["internet_settings"] = internet_settings
-        if network is not None:
-            changes["network"] = network
-        if port_forwards is not None:
-            changes["port_forwards"] = list(port_forwards)
+        # Keyword arguments override the config's fields of the same meaning.
+        overrides = {"image": image, "disk_size_mib": disk_size, "comm_channel": comm_channel, "vm_id": vm_id,
+                     "backend": backend, "memory": memory, "vcpu_count": vcpu_count,
+                     "internet_settings": internet_settings, "network": network,
+                     "port_forwards": None if port_forwards is None else list(port_forwards),
+                     "env_vars": None if env_vars is None else {**config.env_vars, **dict(env_vars)}}
+        changes: Dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
         self._config = config.replace(**changes) if changes else config
         self._native: Optional[Any] = None
         self._owned = True
