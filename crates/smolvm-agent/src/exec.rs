@@ -38,11 +38,11 @@ pub fn start(stream: u32, req: ExecRequest, w: Writer) {
     std::thread::spawn(move || run(stream, req, w));
 }
 
-fn run(stream: u32, req: ExecRequest, w: Writer) {
-    let shell = login_shell();
+/// The command as every exec runs it: the shell, a clean environment, its own process group.
+fn command(req: &ExecRequest, shell: &str) -> Command {
     let mut cmd = match req.shell {
         Shell::Login => {
-            let mut c = Command::new(&shell);
+            let mut c = Command::new(shell);
             c.arg("-lc").arg(&req.command);
             c
         }
@@ -58,7 +58,7 @@ fn run(stream: u32, req: ExecRequest, w: Writer) {
         .env("HOME", home)
         .env("USER", "root")
         .env("LOGNAME", "root")
-        .env("SHELL", &shell)
+        .env("SHELL", shell)
         .env("LANG", "C.UTF-8")
         .env("TERM", "xterm")
         .envs(&req.env)
@@ -77,19 +77,41 @@ fn run(stream: u32, req: ExecRequest, w: Writer) {
             nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from)
         });
     }
+    cmd
+}
+
+/// Spawn `cmd` and register it with the reaper, which sends its exit code on the receiver.
+fn spawn(cmd: &mut Command) -> std::io::Result<(std::process::Child, mpsc::Receiver<i32>)> {
     let (exit_tx, exit_rx) = mpsc::channel();
-    let mut child = {
-        let mut waiters = crate::reaper::lock();
-        match cmd.spawn() {
-            Ok(child) => {
-                waiters.insert(child.id() as i32, exit_tx);
-                child
-            }
-            Err(e) => {
-                let kind = if e.kind() == std::io::ErrorKind::NotFound { ErrorKind::NotFound } else { ErrorKind::Failed };
-                w.send(stream, &Reply::error(kind, format!("cannot start {shell}: {e}")));
-                return;
-            }
+    let mut waiters = crate::reaper::lock();
+    let child = cmd.spawn()?;
+    waiters.insert(child.id() as i32, exit_tx);
+    Ok((child, exit_rx))
+}
+
+/// Run one login-shell `true` in the background at boot. Under TCG a guest's first
+/// fork, exec and shell start-up cost tens of milliseconds of code translation; done here, on
+/// the spare vCPU while the host is still greeting, the user's first command does not pay it.
+pub fn warm_up() {
+    std::thread::spawn(|| {
+        let req =
+            ExecRequest { command: "true".into(), shell: Shell::Login, env: Default::default(), timeout_ms: 0, stdin: false, cwd: None };
+        let mut cmd = command(&req, &login_shell());
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        if let Ok((_child, exit)) = spawn(&mut cmd) {
+            let _ = exit.recv_timeout(Duration::from_secs(10));
+        }
+    });
+}
+
+fn run(stream: u32, req: ExecRequest, w: Writer) {
+    let shell = login_shell();
+    let (mut child, exit_rx) = match spawn(&mut command(&req, &shell)) {
+        Ok(v) => v,
+        Err(e) => {
+            let kind = if e.kind() == std::io::ErrorKind::NotFound { ErrorKind::NotFound } else { ErrorKind::Failed };
+            w.send(stream, &Reply::error(kind, format!("cannot start {shell}: {e}")));
+            return;
         }
     };
     let pgid = child.id() as i32;

@@ -38,6 +38,10 @@ fn main() {
         init::Cmdline::read()
     };
     reaper::start(pid1);
+    // Only in our own initramfs: a root disk's login scripts are the user's, and may do work.
+    if pid1 && cmdline.get("smolvm.root").is_none() {
+        exec::warm_up();
+    }
     let channel = match server::open_channel(Duration::from_secs(10)) {
         Ok(c) => c,
         Err(e) => {

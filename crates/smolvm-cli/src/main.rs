@@ -47,6 +47,9 @@ enum Cmd {
     Bench {
         #[arg(long, default_value_t = 7)]
         rounds: usize,
+        /// Only the start-up comparison (cold, warm, bare QEMU), printed; nothing is written.
+        #[arg(long)]
+        startup_only: bool,
         /// Directory for latest.json and latest.md.
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
@@ -535,16 +538,21 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
         Cmd::Run { vm, exec, command } => {
             let opts = run_options(&exec, &[])?;
             let boot_timeout = secs(vm.boot_timeout, "boot_timeout")?;
+            tracing::debug!("phase: cli start");
             let mut sb = Sandbox::create_in(dirs, vm_config(&vm, None)?, true)?;
+            tracing::debug!("phase: created");
             let result = async {
                 sb.start(boot_timeout, &progress).await?;
+                tracing::debug!("phase: started");
                 if smolvm::config::env_flag("SMOLVM_VERBOSE_BOOT", false) {
                     eprint!("{}", std::fs::read_to_string(&sb.paths().console).unwrap_or_default());
                 }
                 run_streamed(&sb, &command_line(&command), &opts).await
             }
             .await;
+            tracing::debug!("phase: command done");
             let _ = sb.delete().await;
+            tracing::debug!("phase: deleted");
             result
         }
         Cmd::Sandbox(s) => sandbox_cmd(s, dirs).await,
@@ -629,7 +637,19 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
             Ok(Done { exit_code: i32::from(failed), data: serde_json::to_value(&checks).unwrap_or_default(), text: Some(text) })
         }
         Cmd::Setup { yes } => setup(yes),
-        Cmd::Bench { rounds, out } => {
+        Cmd::Bench { rounds, startup_only: true, .. } => {
+            let s = smolvm::bench::startup(&dirs, rounds.max(1), &progress).await?;
+            let text = format!(
+                "bare QEMU {:.3} s, cold smolvm run {:.3} s (ratio {:.2}), warm {:.3} s (ratio to cold {:.2})",
+                s.bare,
+                s.cold,
+                s.cold / s.bare,
+                s.warm,
+                s.warm / s.cold
+            );
+            Ok(Done::text(text, json!({ "bare_s": s.bare, "cold_s": s.cold, "warm_s": s.warm, "ratio": s.cold / s.bare })))
+        }
+        Cmd::Bench { rounds, out, .. } => {
             let (data, md) = smolvm::bench::run(&dirs, rounds.max(1), &progress).await?;
             std::fs::create_dir_all(&out).map_err(|e| Error::Io { context: format!("creating {}", out.display()), source: e })?;
             let stamp = std::process::Command::new("date")

@@ -100,7 +100,8 @@ fn cpu_ticks(pid: i32) -> u64 {
     f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
 }
 
-pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> Result<(serde_json::Value, String)> {
+/// Cold and warm `smolvm run true` against bare QEMU, interleaved: p50 seconds of each.
+pub async fn startup(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> Result<Startup> {
     let img = {
         let d = dirs.clone();
         tokio::task::spawn_blocking(move || image::resolve(&VmConfig::default(), &d, &|_| {}))
@@ -110,21 +111,36 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
     let accel = vmm::choose_accel().map_err(Error::Host)?;
     let work = tempfile_dir(dirs)?;
     let initrd = poweroff_initrd(&work)?;
-
     progress(&format!("start-up: {rounds} interleaved rounds of bare QEMU, cold and warm `smolvm run true`"));
     let (mut bare, mut cold, mut warm) = (Vec::new(), Vec::new(), Vec::new());
-    // One unmeasured round warms the page cache (and makes the warm snapshot if missing).
-    bare_boot(&img.kernel, &initrd, &work, accel).await?;
-    cli_run(dirs, false)?;
-    cli_run(dirs, true)?;
-    for _ in 0..rounds {
-        bare.push(bare_boot(&img.kernel, &initrd, &work, accel).await?);
-        cold.push(cli_run(dirs, false)?);
-        warm.push(cli_run(dirs, true)?);
+    let result = async {
+        // One unmeasured round warms the page cache (and makes the warm snapshot if missing).
+        bare_boot(&img.kernel, &initrd, &work, accel).await?;
+        cli_run(dirs, false)?;
+        cli_run(dirs, true)?;
+        for _ in 0..rounds {
+            bare.push(bare_boot(&img.kernel, &initrd, &work, accel).await?);
+            cold.push(cli_run(dirs, false)?);
+            warm.push(cli_run(dirs, true)?);
+        }
+        Ok::<_, Error>(())
     }
-    let bare_p50 = percentile(&mut bare, 0.5);
-    let cold_p50 = percentile(&mut cold, 0.5);
-    let warm_p50 = percentile(&mut warm, 0.5);
+    .await;
+    let _ = std::fs::remove_dir_all(&work);
+    result?;
+    Ok(Startup { accel, bare: percentile(&mut bare, 0.5), cold: percentile(&mut cold, 0.5), warm: percentile(&mut warm, 0.5) })
+}
+
+pub struct Startup {
+    pub accel: vmm::Accel,
+    pub bare: f64,
+    pub cold: f64,
+    pub warm: f64,
+}
+
+pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> Result<(serde_json::Value, String)> {
+    let Startup { accel, bare: bare_p50, cold: cold_p50, warm: warm_p50 } = startup(dirs, rounds, progress).await?;
+    let work = tempfile_dir(dirs)?;
     let density = density(dirs, 16, progress).await?;
     let burst = burst(dirs, 32, progress).await?;
 

@@ -463,23 +463,59 @@ const DIRS: &[&str] = &[
     "mnt",
 ];
 
+/// The identity of a file as the filesystem sees it: path, size, inode and change time (which
+/// every write moves and no user call can set back). Same identity, same bytes.
+fn file_identity(path: &Path) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(path).ctx(|| format!("reading {}", path.display()))?;
+    Ok(format!("{}:{}:{}:{}:{}.{}", path.display(), m.len(), m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
+}
+
+/// Fingerprints already computed, by the identities of their inputs: `smolvm run` would
+/// otherwise read and hash megabytes of agent and busybox on every start.
+fn memo_path(dirs: &Dirs, key: &str) -> PathBuf {
+    dirs.images.join("memo").join(key)
+}
+
+fn memo_put(dirs: &Dirs, key: &str, fp: &str) {
+    let path = memo_path(dirs, key);
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let ok = path.parent().is_some_and(|d| fs::create_dir_all(d).is_ok()) && fs::write(&tmp, fp).is_ok() && fs::rename(&tmp, &path).is_ok();
+    if !ok {
+        let _ = fs::remove_file(&tmp);
+    }
+}
+
 pub fn default_initramfs(dirs: &Dirs, modules: &[(String, Vec<u8>)]) -> Result<PathBuf> {
     let agent_path = agent_binary()?;
-    let agent = fs::read(&agent_path).ctx(|| format!("reading {}", agent_path.display()))?;
     let busybox_path = busybox_binary()?;
-    let busybox = fs::read(&busybox_path).ctx(|| format!("reading {}", busybox_path.display()))?;
-    if !is_static(&busybox) {
-        return Err(Error::Image(format!("{} is dynamically linked; install busybox-static", busybox_path.display())));
-    }
     let mut files: Vec<u8> = FILES.iter().flat_map(|(p, m, c)| format!("{p}:{m}:{c}").into_bytes()).collect();
     for (name, data) in modules {
         files.extend_from_slice(name.as_bytes());
         files.extend_from_slice(fingerprint(&[data]).as_bytes());
     }
+    let key = fingerprint(&[
+        INITRAMFS_RECIPE.as_bytes(),
+        &files,
+        file_identity(&agent_path)?.as_bytes(),
+        file_identity(&busybox_path)?.as_bytes(),
+    ]);
+    let location = |fp: &str| (dirs.images.join(format!("initramfs-{fp}")), dirs.images.join(format!("initramfs-{fp}/initramfs.cpio")));
+    if let Ok(fp) = fs::read_to_string(memo_path(dirs, &key)) {
+        let (dir, path) = location(fp.trim());
+        if cached(&path, &dir) {
+            return Ok(path);
+        }
+    }
+    let agent = fs::read(&agent_path).ctx(|| format!("reading {}", agent_path.display()))?;
+    let busybox = fs::read(&busybox_path).ctx(|| format!("reading {}", busybox_path.display()))?;
+    if !is_static(&busybox) {
+        return Err(Error::Image(format!("{} is dynamically linked; install busybox-static", busybox_path.display())));
+    }
     let fp = fingerprint(&[INITRAMFS_RECIPE.as_bytes(), &agent, &busybox, &files]);
     let rel = format!("initramfs-{fp}/initramfs.cpio");
-    let dir = dirs.images.join(format!("initramfs-{fp}"));
-    let path = dirs.images.join(&rel);
+    let (dir, path) = location(&fp);
+    memo_put(dirs, &key, &fp);
     if cached(&path, &dir) {
         return Ok(path);
     }
@@ -687,6 +723,7 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
             || name.starts_with(".debian-kernel-")
             || name.contains(".tmp")
             || name.starts_with("warm-")
+            || name == "memo"
             || *count > keep;
         if stale && path.is_dir() && fs::remove_dir_all(&path).is_ok() {
             removed.push(name);

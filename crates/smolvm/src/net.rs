@@ -186,6 +186,42 @@ pub fn tap_name(id: &str) -> String {
     format!("smv{}", &crate::image::fingerprint(&[id.as_bytes()])[..10])
 }
 
+/// Create the sandbox's TAP and hold it. QEMU gets a duplicate of this descriptor (not the
+/// name), so the device outlives QEMU for as long as the supervisor keeps it: unregistering a
+/// network device waits for several RCU grace periods (~30 ms here), and that wait then happens
+/// after the supervisor has answered a stop, not on `smolvm run`'s path. Whoever dies, the
+/// kernel removes the device with the last descriptor.
+pub fn open_tap(name: &str) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    const TUNSETIFF: libc::c_ulong = 0x400454ca;
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let file = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").ctx(|| "opening /dev/net/tun".into())?;
+        // struct ifreq: the name (IFNAMSIZ = 16 bytes), then the flags as a short.
+        let mut ifr = [0u8; 40];
+        ifr[..name.len().min(15)].copy_from_slice(&name.as_bytes()[..name.len().min(15)]);
+        let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+        ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(file);
+        // SAFETY: TUNSETIFF reads and writes a struct ifreq, for which `ifr` is large enough
+        // (40 bytes) and lives across the call; `fd` is the tun descriptor just opened.
+        let rc = unsafe { libc::ioctl(fd, TUNSETIFF as _, ifr.as_mut_ptr()) };
+        let err = std::io::Error::last_os_error();
+        // SAFETY: `fd` came from into_raw_fd above and nothing else owns it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        if rc == 0 {
+            return Ok(owned);
+        }
+        drop(owned);
+        // A restarted sandbox: its previous supervisor may still be letting go of the device.
+        if err.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        return Err(Error::Host(format!("creating the TAP device {name}: {err}")));
+    }
+}
+
 pub fn table_name(id: &str) -> String {
     format!("smolvm_{}", crate::image::fingerprint(&[id.as_bytes()]))
 }
@@ -255,18 +291,90 @@ fn nft(input: &str, args: &[&str]) -> Result<()> {
 }
 
 pub fn nft_apply(table: &str, tap: &str, lease: Lease, internet: &InternetSettings) -> Result<()> {
-    // Replace a leftover of a crashed run atomically with the new table.
-    let _ = nft_remove(table);
-    nft(&ruleset(table, tap, lease, internet), &["-f", "-"])
+    // One transaction (one nft process, on the boot's critical path) that replaces a leftover
+    // of a crashed run: declaring the table first makes the delete valid when there is none.
+    let script = format!("table inet {table}\ndelete table inet {table}\n{}", ruleset(table, tap, lease, internet));
+    nft(&script, &["-f", "-"])
 }
 
 /// Remove a sandbox's table; a missing one is not an error.
+///
+/// One netlink batch rather than `nft delete table`: this is on the path of every stop (and so
+/// of every `smolvm run`), and the nft process spends most of its ~16 ms waiting in the close
+/// of its netlink socket, for an RCU grace period after the commit. The kernel's answer here
+/// comes once the table is gone; the socket is then closed on a thread of its own.
 pub fn nft_remove(table: &str) -> Result<()> {
-    let out = Command::new("nft").args(["delete", "table", "inet", table]).stderr(Stdio::piped()).output().ctx(|| "running nft".into())?;
-    if !out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("No such file") {
-        return Err(Error::Host(format!("nft delete table {table}: {}", String::from_utf8_lossy(&out.stderr).trim())));
+    use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+    let fail = |what: &str, e: std::io::Error| Error::Host(format!("nftables: {what} while deleting table {table}: {e}"));
+    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(|e| fail("opening netlink", e))?;
+    socket.bind_auto().map_err(|e| fail("binding netlink", e))?;
+    socket.connect(&SocketAddr::new(0, 0)).map_err(|e| fail("connecting netlink", e))?;
+    const DELETE_SEQ: u32 = 2;
+    socket.send(&delete_table_batch(table, DELETE_SEQ), 0).map_err(|e| fail("sending", e))?;
+    let answer = loop {
+        let mut buf = Vec::with_capacity(8192);
+        if let Err(e) = socket.recv(&mut buf, 0) {
+            break Err(fail("receiving", e));
+        }
+        match batch_answer(&buf, DELETE_SEQ) {
+            Some(0) => break Ok(()),
+            Some(errno) if errno == -libc::ENOENT => break Ok(()),
+            Some(errno) => break Err(fail("the kernel refused", std::io::Error::from_raw_os_error(-errno))),
+            None => continue,
+        }
+    };
+    std::thread::spawn(move || drop(socket));
+    answer
+}
+
+/// nfnetlink messages: header, then the nfgenmsg (family, version, big-endian resource id).
+fn nfnl_message(buf: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, family: u8, res_id: u16, attrs: &[u8]) {
+    let len = 16 + 4 + attrs.len();
+    buf.extend_from_slice(&(len as u32).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(&flags.to_ne_bytes());
+    buf.extend_from_slice(&seq.to_ne_bytes());
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+    buf.extend_from_slice(&[family, 0]);
+    buf.extend_from_slice(&res_id.to_be_bytes());
+    buf.extend_from_slice(attrs);
+}
+
+/// A transaction deleting `table` (family inet) whose DELTABLE message asks for an answer.
+fn delete_table_batch(table: &str, seq: u32) -> Vec<u8> {
+    const NFTA_TABLE_NAME: u16 = 1;
+    let mut name = table.as_bytes().to_vec();
+    name.push(0);
+    let mut attr = Vec::new();
+    attr.extend_from_slice(&((4 + name.len()) as u16).to_ne_bytes());
+    attr.extend_from_slice(&NFTA_TABLE_NAME.to_ne_bytes());
+    attr.extend_from_slice(&name);
+    attr.resize(attr.len().div_ceil(4) * 4, 0);
+    let subsys = libc::NFNL_SUBSYS_NFTABLES as u16;
+    let request = libc::NLM_F_REQUEST as u16;
+    let mut buf = Vec::new();
+    nfnl_message(&mut buf, libc::NFNL_MSG_BATCH_BEGIN as u16, request, seq - 1, 0, subsys, &[]);
+    let delete = (subsys << 8) | libc::NFT_MSG_DELTABLE as u16;
+    nfnl_message(&mut buf, delete, request | libc::NLM_F_ACK as u16, seq, libc::NFPROTO_INET as u8, 0, &attr);
+    nfnl_message(&mut buf, libc::NFNL_MSG_BATCH_END as u16, request, seq + 1, 0, subsys, &[]);
+    buf
+}
+
+/// The kernel's answer to message `seq` in a netlink datagram: 0 (done) or a negative errno.
+fn batch_answer(mut data: &[u8], seq: u32) -> Option<i32> {
+    let u32_at = |d: &[u8], i: usize| d.get(i..i + 4).map(|b| u32::from_ne_bytes(b.try_into().expect("4 bytes")));
+    while data.len() >= 16 {
+        let len = u32_at(data, 0)? as usize;
+        let kind = u16::from_ne_bytes([data[4], data[5]]);
+        if len < 16 || len > data.len() {
+            return None;
+        }
+        if kind == libc::NLMSG_ERROR as u16 && u32_at(data, 8)? == seq {
+            return Some(u32_at(data, 16)? as i32);
+        }
+        data = data.get(len.div_ceil(4) * 4..).unwrap_or(&[]);
     }
-    Ok(())
+    None
 }
 
 fn nft_allow(table: &str, ips: &[(Ipv4Addr, u32)]) {
@@ -280,24 +388,17 @@ fn nft_allow(table: &str, ips: &[(Ipv4Addr, u32)]) {
         .status();
 }
 
-/// Give the TAP QEMU created its host address and bring it up (rtnetlink), and let the host
+/// Give the sandbox's TAP its host address and bring it up (rtnetlink), and let the host
 /// forward.
 pub async fn setup_tap(tap: &str, lease: Lease) -> Result<()> {
     use futures::TryStreamExt;
     let (connection, handle, _) = rtnetlink::new_connection().ctx(|| "opening rtnetlink".into())?;
     let conn_task = tokio::spawn(connection);
     let result = async {
-        // QEMU opens its chardevs (our agent socket) before its netdevs: the TAP may be a
-        // moment behind.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let index = loop {
-            let mut links = handle.link().get().match_name(tap.to_string()).execute();
-            match links.try_next().await {
-                Ok(Some(link)) => break link.header.index,
-                Ok(None) | Err(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(2)).await,
-                Ok(None) => return Err(Error::Host(format!("{tap} does not exist"))),
-                Err(e) => return Err(Error::Host(format!("finding {tap}: {e}"))),
-            }
+        let index = match handle.link().get().match_name(tap.to_string()).execute().try_next().await {
+            Ok(Some(link)) => link.header.index,
+            Ok(None) => return Err(Error::Host(format!("{tap} does not exist"))),
+            Err(e) => return Err(Error::Host(format!("finding {tap}: {e}"))),
         };
         handle
             .address()
@@ -505,6 +606,27 @@ mod tests {
         assert!(p.permits("example.com") && p.permits("api.example.com.") && !p.permits("badexample.com") && !p.permits("evil.com"));
         let refused = dns_refused(&q, q.len());
         assert_eq!(refused[3] & 0x0f, 5);
+    }
+
+    #[test]
+    fn delete_batch_is_begin_delete_end_and_answers_are_found_by_sequence() {
+        let b = delete_table_batch("smolvm_ab", 2);
+        // begin (20) + delete (20 + 4 + "smolvm_ab\0" padded to 12) + end (20)
+        assert_eq!(b.len(), 20 + 36 + 20);
+        assert_eq!(u16::from_ne_bytes([b[24], b[25]]), (10 << 8) | 2);
+        assert_eq!(&b[44..53], b"smolvm_ab");
+        // The nlmsgerr's error sits right after the header; this one is for message 2.
+        let mut reply = Vec::new();
+        reply.extend_from_slice(&36u32.to_ne_bytes());
+        reply.extend_from_slice(&(libc::NLMSG_ERROR as u16).to_ne_bytes());
+        reply.extend_from_slice(&[0, 0]);
+        reply.extend_from_slice(&2u32.to_ne_bytes());
+        reply.extend_from_slice(&0u32.to_ne_bytes());
+        reply.extend_from_slice(&(-libc::EPERM).to_ne_bytes());
+        reply.extend_from_slice(&[0; 16]);
+        assert_eq!(batch_answer(&reply, 2), Some(-libc::EPERM));
+        assert_eq!(batch_answer(&reply, 3), None);
+        assert_eq!(batch_answer(&reply[..10], 2), None);
     }
 
     #[test]

@@ -115,6 +115,8 @@ struct NetPlan {
     mode: crate::net::Mode,
     lease: Option<crate::net::Lease>,
     tap: String,
+    /// The TAP, held open (NAT only): see `net::open_tap`.
+    tap_fd: Option<std::os::fd::OwnedFd>,
     table: String,
     internet: crate::config::InternetSettings,
     backend: qemu::NetBackend,
@@ -147,6 +149,7 @@ impl NetPlan {
             mode,
             lease: None,
             tap: crate::net::tap_name(id),
+            tap_fd: None,
             table: crate::net::table_name(id),
             internet,
             backend: qemu::NetBackend::User { restrict: true, forwards: vec![] },
@@ -155,7 +158,9 @@ impl NetPlan {
         match mode {
             Mode::Nat => {
                 plan.lease = Some(crate::net::Lease(store.lease(id)?));
-                plan.backend = qemu::NetBackend::Tap(plan.tap.clone());
+                let fd = crate::net::open_tap(&plan.tap)?;
+                plan.backend = qemu::NetBackend::Tap { fd: std::os::fd::AsRawFd::as_raw_fd(&fd) };
+                plan.tap_fd = Some(fd);
             }
             Mode::User => {
                 for p in &config.port_forwards {
@@ -197,11 +202,23 @@ impl NetPlan {
         Ok(())
     }
 
+    /// `cleanup`, with the table removed while `stopping` (the VM's shutdown) runs: on `smolvm
+    /// run`'s critical path the nft process then costs no time of its own.
+    /// The TAP stays held (the caller closes it once it has answered).
+    async fn cleanup_during(&self, store: &Store, id: &str, stopping: impl std::future::Future<Output = ()>) {
+        let table = self.lease.map(|_| self.table.clone());
+        let nft = tokio::task::spawn_blocking(move || table.map(|t| crate::net::nft_remove(&t)));
+        stopping.await;
+        let _ = nft.await;
+        let _ = store.release_network(id);
+    }
+
     /// Remove everything of this sandbox's network from the host (the TAP goes with QEMU).
-    fn cleanup(&self, store: &Store, id: &str) {
+    fn cleanup(&mut self, store: &Store, id: &str) {
         if self.lease.is_some() {
             let _ = crate::net::nft_remove(&self.table);
         }
+        self.tap_fd = None;
         let _ = store.release_network(id);
     }
 }
@@ -323,7 +340,7 @@ async fn supervise(id: &str) -> i32 {
         }
     }
     let overlay = image.rootfs.clone();
-    let plan = match NetPlan::new(id, &record.config, &mut store) {
+    let mut plan = match NetPlan::new(id, &record.config, &mut store) {
         Ok(p) => p,
         Err(e) => {
             let _ = store.release_network(id);
@@ -352,6 +369,7 @@ async fn supervise(id: &str) -> i32 {
         restored: spec.restore.is_some(),
         net: plan.guest_config(),
     };
+    tracing::debug!("phase: launching qemu");
     let booted = boot(&launch, &spec, &greeting, &paths, &plan).await;
     let (mut child, mut qmp, agent, mut greeted) = match booted {
         Ok(v) => v,
@@ -414,6 +432,7 @@ async fn supervise(id: &str) -> i32 {
         }
     }
     report(&StartStatus { ok: true, code: None, message: None, console: None });
+    tracing::debug!("phase: reported");
     detach_stdout();
 
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Control>();
@@ -524,9 +543,10 @@ async fn supervise(id: &str) -> i32 {
     }
     // Without a disk there is nothing to flush, and a paused guest cannot flush: go at once.
     let graceful = overlay.is_some() && !paused.load(Ordering::SeqCst);
-    shutdown(&mut child, &agent, &mut qmp, stop_timeout, graceful).await;
+    tracing::debug!("phase: stopping");
+    plan.cleanup_during(&store, id, shutdown(&mut child, &agent, &mut qmp, stop_timeout, graceful)).await;
+    tracing::debug!("phase: cleaned up");
     paths.remove_sockets();
-    plan.cleanup(&store, id);
     // An ephemeral sandbox whose owner went away leaves nothing; one stopped on request stays
     // (stopped) until its owner deletes it or dies.
     if record.ephemeral && stop_waiter.is_none() {
@@ -540,6 +560,8 @@ async fn supervise(id: &str) -> i32 {
         // Let the client task write its reply before the process ends.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The slow part of removing the TAP, now that nobody waits for it.
+    drop(plan);
     0
 }
 
@@ -560,8 +582,10 @@ async fn boot(
     let work = async {
         let (stream, _) = listener.accept().await.ctx(|| "accepting the agent channel".into())?;
         let agent = Conn::new(stream);
+        tracing::debug!("phase: agent socket accepted");
         // QEMU is up, so its TAP exists: finish the host side before the guest configures its own.
         plan.setup_host().await?;
+        tracing::debug!("phase: host network ready");
         let mut greeted = false;
         let qmp = if let Some(restore) = &spec.restore {
             let mut qmp = qemu::Qmp::connect_when_ready(&launch.qmp_socket).await?;

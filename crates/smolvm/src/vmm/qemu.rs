@@ -35,8 +35,8 @@ pub struct LaunchSpec {
 /// state loads into any VM; only the backend differs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetBackend {
-    /// A TAP that QEMU creates (and removes when it exits).
-    Tap(String),
+    /// A TAP the supervisor created and holds: QEMU gets this descriptor as its fd 3.
+    Tap { fd: i32 },
     /// QEMU user networking; `restrict` cuts it off from everything but exposed ports.
     User { restrict: bool, forwards: Vec<(u16, u16)> },
 }
@@ -125,7 +125,7 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     push(&["-device", "virtio-serial-device", "-device", &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}")]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", spec.qmp_socket.display())]);
     let netdev = match &spec.net {
-        NetBackend::Tap(ifname) => format!("tap,id=net0,ifname={ifname},script=no,downscript=no,vhost=off"),
+        NetBackend::Tap { .. } => format!("tap,id=net0,fd={TAP_FD},vhost=off"),
         NetBackend::User { restrict, forwards } => {
             let mut n = String::from("user,id=net0,net=10.0.2.0/24");
             if *restrict {
@@ -152,6 +152,9 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
 /// Start QEMU. It dies with the calling thread's process (PDEATHSIG), so a supervisor killed
 /// with SIGKILL leaves no VMM behind. The caller must spawn from a thread that lives as long as
 /// the VM (the supervisor's main thread): PDEATHSIG fires when the spawning *thread* exits.
+/// Where QEMU finds the TAP descriptor it is given.
+const TAP_FD: i32 = 3;
+
 pub fn spawn(spec: &LaunchSpec, log: &Path) -> Result<tokio::process::Child> {
     let stderr = std::fs::OpenOptions::new().create(true).append(true).open(log).ctx(|| format!("opening {}", log.display()))?;
     let mut cmd = tokio::process::Command::new(QEMU_BINARY);
@@ -160,12 +163,24 @@ pub fn spawn(spec: &LaunchSpec, log: &Path) -> Result<tokio::process::Child> {
         .stdout(stderr.try_clone().ctx(|| "dup log".into())?)
         .stderr(stderr)
         .kill_on_drop(true);
-    // SAFETY: prctl(PR_SET_PDEATHSIG) only changes this child's own attributes and is
-    // async-signal-safe; no memory of the parent is touched between fork and exec.
+    let tap = match spec.net {
+        NetBackend::Tap { fd } => Some(fd),
+        NetBackend::User { .. } => None,
+    };
+    // SAFETY: prctl(PR_SET_PDEATHSIG), dup2 and fcntl only change this child's own attributes
+    // and descriptors and are async-signal-safe; no memory of the parent is touched between
+    // fork and exec. The TAP descriptor stays valid: the caller holds it until QEMU is gone.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = tap {
+                // dup2 onto itself would keep close-on-exec set: clear it instead.
+                let rc = if fd == TAP_FD { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, TAP_FD) };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -326,7 +341,7 @@ mod tests {
             console_log: "/r/console.log".into(),
             incoming: false,
             ram: None,
-            net: NetBackend::Tap("smvtest".into()),
+            net: NetBackend::Tap { fd: 7 },
         }
     }
 
