@@ -89,9 +89,10 @@ fn spawn(cmd: &mut Command) -> std::io::Result<(std::process::Child, mpsc::Recei
     Ok((child, exit_rx))
 }
 
-/// Run one login-shell `true` in the background at boot. Under TCG a guest's first
-/// fork, exec and shell start-up cost tens of milliseconds of code translation; done here, on
-/// the spare vCPU while the host is still greeting, the user's first command does not pay it.
+/// Run one login-shell `true` in the background at boot, as soon as /dev exists. Under TCG a
+/// guest's first fork, exec and shell start-up cost tens of milliseconds of code translation;
+/// done here, on the spare vCPU while init and the host's greeting go on, the user's first
+/// command pays less of it. (The reaper, started a moment later, collects its exit.)
 pub fn warm_up() {
     std::thread::spawn(|| {
         let req =
@@ -105,6 +106,7 @@ pub fn warm_up() {
 }
 
 fn run(stream: u32, req: ExecRequest, w: Writer) {
+    crate::net::wait_configured();
     let shell = login_shell();
     let (mut child, exit_rx) = match spawn(&mut command(&req, &shell)) {
         Ok(v) => v,

@@ -34,6 +34,10 @@ pub fn setup() -> io::Result<Cmdline> {
     let cmdline = Cmdline::read();
     mount_fs("sysfs", "/sys", "sysfs", nosuid, None)?;
     mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    // Only in our own initramfs: a root disk's login scripts are the user's, and may do work.
+    if cmdline.get("smolvm.root").is_none() {
+        crate::exec::warm_up();
+    }
     mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
     load_modules();
     if let Some(root) = cmdline.get("smolvm.root") {
@@ -46,7 +50,8 @@ pub fn setup() -> io::Result<Cmdline> {
     let hostname = cmdline.get("smolvm.hostname").unwrap_or("smolvm");
     let _ = nix::unistd::sethostname(hostname);
     let _ = fs::write("/etc/hostname", format!("{hostname}\n"));
-    loopback_up();
+    // Commands wait for it (`net::wait_configured`); the agent does not.
+    crate::net::in_background(loopback_up);
     Ok(cmdline)
 }
 

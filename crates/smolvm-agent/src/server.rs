@@ -89,10 +89,8 @@ fn host_gone(e: &io::Error) {
 fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
     let reply = match req {
         Request::Hello { version, unix_time_ns, hostname, entropy, net } => {
-            if let Some(cfg) = &net {
-                if let Err(e) = crate::net::configure(cfg) {
-                    crate::log(&format!("network: {e}"));
-                }
+            if let Some(cfg) = net {
+                crate::net::configure_in_background(cfg);
             }
             set_clock(unix_time_ns);
             if !hostname.is_empty() {

@@ -538,21 +538,16 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
         Cmd::Run { vm, exec, command } => {
             let opts = run_options(&exec, &[])?;
             let boot_timeout = secs(vm.boot_timeout, "boot_timeout")?;
-            tracing::debug!("phase: cli start");
             let mut sb = Sandbox::create_in(dirs, vm_config(&vm, None)?, true)?;
-            tracing::debug!("phase: created");
             let result = async {
                 sb.start(boot_timeout, &progress).await?;
-                tracing::debug!("phase: started");
                 if smolvm::config::env_flag("SMOLVM_VERBOSE_BOOT", false) {
                     eprint!("{}", std::fs::read_to_string(&sb.paths().console).unwrap_or_default());
                 }
                 run_streamed(&sb, &command_line(&command), &opts).await
             }
             .await;
-            tracing::debug!("phase: command done");
             let _ = sb.delete().await;
-            tracing::debug!("phase: deleted");
             result
         }
         Cmd::Sandbox(s) => sandbox_cmd(s, dirs).await,

@@ -14,6 +14,10 @@ use std::process::{Command, Stdio};
 
 /// The kernel config fragment (applied on top of `allnoconfig`).
 pub const KERNEL_FRAGMENT: &str = include_str!("../../../images/kernel.fragment");
+/// Code added to the kernel source, after `KERNEL_EDIT_ANCHOR` in `KERNEL_EDIT_FILE`.
+pub const KERNEL_EDIT: &str = include_str!("../../../images/lapic_timer_period.c");
+const KERNEL_EDIT_FILE: &str = "arch/x86/kernel/apic/apic.c";
+const KERNEL_EDIT_ANCHOR: &str = "\nunsigned int lapic_timer_period = 0;\n";
 /// Bump when the way an artifact is built changes without its inputs changing.
 const KERNEL_RECIPE: &str = "kernel-recipe-1";
 const INITRAMFS_RECIPE: &str = "initramfs-recipe-1";
@@ -221,7 +225,13 @@ pub fn kernel_source() -> Option<PathBuf> {
 pub fn kernel_fingerprint(source: &Path) -> Result<String> {
     let meta = fs::metadata(source).ctx(|| format!("reading {}", source.display()))?;
     let name = source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(fingerprint(&[KERNEL_RECIPE.as_bytes(), KERNEL_FRAGMENT.as_bytes(), name.as_bytes(), &meta.len().to_le_bytes()]))
+    Ok(fingerprint(&[
+        KERNEL_RECIPE.as_bytes(),
+        KERNEL_FRAGMENT.as_bytes(),
+        KERNEL_EDIT.as_bytes(),
+        name.as_bytes(),
+        &meta.len().to_le_bytes(),
+    ]))
 }
 
 pub fn default_kernel(dirs: &Dirs, progress: Progress) -> Result<PathBuf> {
@@ -289,6 +299,19 @@ pub(crate) fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Our one addition to the kernel: see images/lapic_timer_period.c.
+fn edit_kernel_source(src: &Path) -> Result<()> {
+    let path = src.join(KERNEL_EDIT_FILE);
+    let text = fs::read_to_string(&path).ctx(|| format!("reading {}", path.display()))?;
+    let Some(at) = text.find(KERNEL_EDIT_ANCHOR) else {
+        return Err(Error::Image(format!(
+            "{KERNEL_EDIT_FILE} has no `lapic_timer_period` definition to extend: an unexpected kernel version"
+        )));
+    };
+    let end = at + KERNEL_EDIT_ANCHOR.len();
+    fs::write(&path, format!("{}{KERNEL_EDIT}{}", &text[..end], &text[end..])).ctx(|| format!("writing {}", path.display()))
+}
+
 fn build_kernel(source: &Path, out_dir: &Path, dirs: &Dirs, progress: Progress) -> Result<()> {
     for tool in ["make", "gcc", "flex", "bison", "bc", "tar", "xz"] {
         if !on_path(tool) {
@@ -307,6 +330,7 @@ fn build_kernel(source: &Path, out_dir: &Path, dirs: &Dirs, progress: Progress) 
         .map(|e| e.path())
         .find(|p| p.join("Makefile").is_file())
         .ok_or_else(|| Error::Image("the kernel source archive holds no kernel tree".into()))?;
+    edit_kernel_source(&src)?;
     let fragment = tmp.0.join("smolvm.fragment");
     fs::write(&fragment, KERNEL_FRAGMENT).ctx(|| "writing the config fragment".into())?;
     run_checked(
@@ -396,12 +420,21 @@ pub fn agent_binary() -> Result<PathBuf> {
         {
             let p = dir.join(rel);
             // A dynamically linked build (the workspace's host build) cannot run as /init.
-            if p.is_file() && fs::read(&p).is_ok_and(|b| is_static(&b)) {
+            if p.is_file() && elf_head(&p).is_some_and(|b| is_static(&b)) {
                 return Ok(p);
             }
         }
     }
     Err(Error::Image("the static guest agent binary was not found: build it with `make agent` or set SMOLVM_AGENT_BIN".into()))
+}
+
+/// The first page of a file: enough to see an ELF interpreter path, which linkers place right
+/// after the program headers.
+fn elf_head(path: &Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(4096);
+    fs::File::open(path).ok()?.take(4096).read_to_end(&mut head).ok()?;
+    Some(head)
 }
 
 /// Whether an executable needs no dynamic loader (it has no ELF interpreter path).

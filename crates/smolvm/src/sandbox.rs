@@ -401,7 +401,6 @@ impl Sandbox {
             return Ok(());
         }
         let image = resolve_image(&rec.config, &self.dirs, progress).await?;
-        tracing::debug!("phase: image resolved");
         let accel = crate::vmm::choose_accel().map_err(Error::Host)?;
         let verbose_boot = env_flag("SMOLVM_VERBOSE_BOOT", false);
         let mut spec = BootSpec { image, accel, boot_timeout_ms: boot_timeout.as_millis() as u64, verbose_boot, restore: None, ram: None };
@@ -729,7 +728,6 @@ impl Sandbox {
             // Its own session: a Ctrl-C meant for the caller must not reach the supervisor,
             // which cleans up when the caller's connection goes instead.
             .process_group(0);
-        tracing::debug!("phase: spawning supervisor");
         let mut child = cmd.spawn().ctx(|| format!("starting the supervisor {}", bin.display()))?;
         let mut stdin = child.stdin.take().expect("piped");
         stdin.write_all(serde_json::to_string(spec).expect("spec serializes").as_bytes()).ctx(|| "sending the boot spec".into())?;

@@ -369,7 +369,6 @@ async fn supervise(id: &str) -> i32 {
         restored: spec.restore.is_some(),
         net: plan.guest_config(),
     };
-    tracing::debug!("phase: launching qemu");
     let booted = boot(&launch, &spec, &greeting, &paths, &plan).await;
     let (mut child, mut qmp, agent, mut greeted) = match booted {
         Ok(v) => v,
@@ -577,12 +576,12 @@ async fn boot(
 ) -> Result<(tokio::process::Child, qemu::Qmp, Arc<Conn>, bool)> {
     let listener = UnixListener::bind(&launch.agent_socket).ctx(|| format!("binding {}", launch.agent_socket.display()))?;
     let mut child = qemu::spawn(launch, &paths.log)?;
+    tracing::debug!("phase: qemu spawned");
     let started = Instant::now();
     let timeout = Duration::from_millis(spec.boot_timeout_ms);
     let work = async {
         let (stream, _) = listener.accept().await.ctx(|| "accepting the agent channel".into())?;
         let agent = Conn::new(stream);
-        tracing::debug!("phase: agent socket accepted");
         // QEMU is up, so its TAP exists: finish the host side before the guest configures its own.
         plan.setup_host().await?;
         tracing::debug!("phase: host network ready");

@@ -61,6 +61,16 @@ fn kernel_is_elf(path: &Path) -> bool {
         .map_or(true, |m| &m == b"\x7fELF")
 }
 
+/// A kernel smolvm built (`images/kernel-<fingerprint>/vmlinux`): its tick rate is known and it
+/// takes `lapic_timer_period=`.
+fn is_our_kernel(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| n == "vmlinux")
+        && path.parent().and_then(|d| d.file_name()).is_some_and(|d| d.to_string_lossy().starts_with("kernel-"))
+}
+
+/// CONFIG_HZ of the kernel built from images/kernel.fragment (a test holds them together).
+const OUR_KERNEL_HZ: u64 = 100;
+
 /// The kernel command line. Only settings, never anything from the user's env values.
 pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
     let mut args = vec!["console=ttyS0", "reboot=t", "panic=-1", "noreplace-smp", "pci=off", "cryptomgr.notests"];
@@ -69,13 +79,29 @@ pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
     }
     let mut args: Vec<String> = args.into_iter().map(String::from).collect();
     if spec.accel == Accel::Tcg {
-        // TCG has no TSC-deadline timer: skip the APIC timer calibration (lab.md: 0.23 s).
-        // Debian's kernel then hangs bringing up a second CPU, so it keeps its APIC timer.
-        if spec.vcpus == 1 || kernel_is_elf(&spec.image.kernel) {
+        // TCG has no TSC-deadline timer, so a kernel calibrates its APIC timer (~0.2 s). Ours
+        // is told the rate instead (QEMU's APIC runs at 1 GHz; images/lapic_timer_period.c)
+        // and so keeps a one-shot timer and idles tickless. Another ELF kernel goes without
+        // the APIC timer (periodic ticks); Debian's then hangs bringing up a second CPU, so it
+        // keeps its timer unless it has one CPU.
+        let ours = is_our_kernel(&spec.image.kernel);
+        if ours {
+            args.push(format!("lapic_timer_period={}", 1_000_000_000 / OUR_KERNEL_HZ));
+        } else if spec.vcpus == 1 || kernel_is_elf(&spec.image.kernel) {
             args.push("nolapic_timer".into());
         }
+        // TCG's TSC is the host clock, the same for every vCPU: the kernel's sync check only
+        // sees emulation jitter and falls back to jiffies. The IO-APIC timer always works here,
+        // so its check (~50 ms of waiting for ticks) is skipped too.
+        args.push("tsc=reliable".into());
+        args.push("no_timer_check".into());
         if let Some(khz) = super::host_tsc_khz() {
             args.push(format!("tsc_early_khz={khz}"));
+            // The delay loop from the known TSC rate: else each secondary CPU measures it,
+            // ~150 ms under TCG. Only for our kernel, whose tick rate is known.
+            if ours {
+                args.push(format!("lpj={}", khz * 1000 / OUR_KERNEL_HZ));
+            }
         }
     }
     args.push(format!("smolvm.hostname={}", spec.hostname));
@@ -326,7 +352,7 @@ mod tests {
     fn spec(accel: Accel, rootfs: bool) -> LaunchSpec {
         LaunchSpec {
             image: BootImage {
-                kernel: "/k/vmlinux".into(),
+                kernel: "/i/kernel-0123/vmlinux".into(),
                 initrd: Some("/k/initrd".into()),
                 rootfs: rootfs.then(|| "/d/root,1.ext4".into()),
             },
@@ -354,8 +380,17 @@ mod tests {
         assert!(a.contains("name=smolvm.agent"), "{a}");
         assert!(a.contains("file=/d/root,,1.ext4"), "{a}");
         let k = kernel_cmdline(&spec(Accel::Tcg, true));
-        assert!(k.contains(" quiet") && k.contains("nolapic_timer") && k.contains("smolvm.root=/dev/vda"), "{k}");
+        assert!(k.contains(" quiet") && k.contains("lapic_timer_period=10000000") && k.contains("smolvm.root=/dev/vda"), "{k}");
+        assert!(k.contains("tsc=reliable") && k.contains("no_timer_check") && !k.contains("nolapic_timer"), "{k}");
+        if let Some(khz) = crate::vmm::host_tsc_khz() {
+            assert!(k.contains(&format!("lpj={}", khz * 10)), "{k}");
+        }
         assert!(k.ends_with("foo=bar"), "{k}");
+    }
+
+    #[test]
+    fn our_kernels_tick_rate_is_the_one_lpj_assumes() {
+        assert!(crate::image::KERNEL_FRAGMENT.lines().any(|l| l.trim() == format!("CONFIG_HZ_{OUR_KERNEL_HZ}=y")));
     }
 
     #[test]
@@ -366,6 +401,16 @@ mod tests {
         assert!(a.contains("-accel kvm -cpu host"), "{a}");
         assert!(!a.contains("virtio-blk"), "{a}");
         let k = kernel_cmdline(&s);
-        assert!(!k.contains("quiet") && !k.contains("nolapic_timer") && !k.contains("smolvm.root"), "{k}");
+        assert!(!k.contains("quiet") && !k.contains("lapic") && !k.contains("smolvm.root") && !k.contains("lpj="), "{k}");
+    }
+
+    #[test]
+    fn other_kernels_under_tcg_go_without_the_apic_timer_and_keep_their_delay_loop() {
+        let mut s = spec(Accel::Tcg, false);
+        s.image.kernel = "/home/me/vmlinux".into();
+        let k = kernel_cmdline(&s);
+        assert!(k.contains("nolapic_timer") && !k.contains("lapic_timer_period") && !k.contains("lpj="), "{k}");
+        assert!(is_our_kernel(Path::new("/x/images/kernel-51cf8e692962b6d4/vmlinux")));
+        assert!(!is_our_kernel(Path::new("/x/kernel-1/bzImage")));
     }
 }
