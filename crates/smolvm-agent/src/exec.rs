@@ -1,16 +1,18 @@
 //! Running commands: one process group per exec, output streamed as it comes.
 
 use crate::server::Writer;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use smolvm_proto::{ErrorKind, ExecRequest, Reply, Shell, CHUNK};
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 struct Running {
@@ -80,35 +82,19 @@ fn command(req: &ExecRequest, shell: &str) -> Command {
     cmd
 }
 
-/// Spawn `cmd` and register it with the reaper, which sends its exit code on the receiver.
-fn spawn(cmd: &mut Command) -> std::io::Result<(std::process::Child, mpsc::Receiver<i32>)> {
-    let (exit_tx, exit_rx) = mpsc::channel();
+/// Spawn `cmd` and register it with the reaper, which writes its exit code to the returned pipe.
+fn spawn(cmd: &mut Command) -> std::io::Result<(std::process::Child, File)> {
+    let (exit_read, exit_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
     let mut waiters = crate::reaper::lock();
     let child = cmd.spawn()?;
-    waiters.insert(child.id() as i32, exit_tx);
-    Ok((child, exit_rx))
-}
-
-/// Run one login-shell `true` in the background at boot, as soon as /dev exists. Under TCG a
-/// guest's first fork, exec and shell start-up cost tens of milliseconds of code translation;
-/// done here, on the spare vCPU while init and the host's greeting go on, the user's first
-/// command pays less of it. (The reaper, started a moment later, collects its exit.)
-pub fn warm_up() {
-    std::thread::spawn(|| {
-        let req =
-            ExecRequest { command: "true".into(), shell: Shell::Login, env: Default::default(), timeout_ms: 0, stdin: false, cwd: None };
-        let mut cmd = command(&req, &login_shell());
-        cmd.stdout(Stdio::null()).stderr(Stdio::null());
-        if let Ok((_child, exit)) = spawn(&mut cmd) {
-            let _ = exit.recv_timeout(Duration::from_secs(10));
-        }
-    });
+    waiters.insert(child.id() as i32, File::from(exit_write));
+    Ok((child, File::from(exit_read)))
 }
 
 fn run(stream: u32, req: ExecRequest, w: Writer) {
     crate::net::wait_configured();
     let shell = login_shell();
-    let (mut child, exit_rx) = match spawn(&mut command(&req, &shell)) {
+    let (mut child, exit) = match spawn(&mut command(&req, &shell)) {
         Ok(v) => v,
         Err(e) => {
             let kind = if e.kind() == std::io::ErrorKind::NotFound { ErrorKind::NotFound } else { ErrorKind::Failed };
@@ -129,74 +115,81 @@ fn run(stream: u32, req: ExecRequest, w: Writer) {
         tx
     });
     running().insert(stream, Running { pgid, stdin: stdin_tx });
+    let outputs = [child.stdout.take().map(|p| File::from(OwnedFd::from(p))), child.stderr.take().map(|p| File::from(OwnedFd::from(p)))];
+    let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms));
+    let (code, timed_out) = pump(stream, &w, outputs, exit, timeout, pgid);
+    running().remove(&stream);
+    w.send(stream, &Reply::Exit { code, timed_out });
+}
 
-    let last_output = Arc::new(AtomicU64::new(0));
-    let epoch = Instant::now();
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let pumps = [
-        (child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>), true),
-        (child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>), false),
-    ];
-    for (pipe, is_stdout) in pumps {
-        let Some(mut pipe) = pipe else { continue };
-        let (w, done, last) = (w.clone(), done_tx.clone(), last_output.clone());
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; CHUNK];
-            loop {
+/// Once the command has exited, how long its pipes may stay silent before the exec ends anyway
+/// (background processes that keep them open are not waited for).
+const QUIET: Duration = Duration::from_millis(100);
+
+/// Forward the command's output as it comes, on this one thread (a thread per pipe costs
+/// milliseconds each under TCG), until it has exited and its pipes are closed or quiet. Past
+/// the timeout the whole process group is killed. Returns (exit code, timed out).
+fn pump(stream: u32, w: &Writer, mut outputs: [Option<File>; 2], exit: File, timeout: Option<Duration>, pgid: i32) -> (i32, bool) {
+    let mut deadline = timeout.map(|t| Instant::now() + t);
+    let mut exit = Some(exit);
+    let mut code: Option<i32> = None;
+    let mut timed_out = false;
+    let mut last = Instant::now();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let open = outputs.iter().filter(|o| o.is_some()).count();
+        if code.is_some() && (open == 0 || last.elapsed() >= QUIET) {
+            break;
+        }
+        let wait = match (code, deadline) {
+            (Some(_), _) => Some(QUIET.saturating_sub(last.elapsed())),
+            (None, Some(d)) => Some(d.saturating_duration_since(Instant::now())),
+            (None, None) => None,
+        };
+        // Rounded up: a poll that returns a hair early would spin.
+        let timeout = wait.map_or(PollTimeout::NONE, |d| PollTimeout::from((d.as_millis() + 1).min(60_000) as u16));
+        let mut fds: Vec<PollFd> =
+            outputs.iter().flatten().chain(exit.as_ref()).map(|f| PollFd::new(f.as_fd(), PollFlags::POLLIN)).collect();
+        // An error is EINTR: look again.
+        let ready: Vec<bool> = match poll(&mut fds, timeout) {
+            Ok(_) => fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect(),
+            Err(_) => continue,
+        };
+        let mut at = 0;
+        for (slot, is_stdout) in outputs.iter_mut().zip([true, false]) {
+            let Some(pipe) = slot else { continue };
+            if ready[at] {
                 match pipe.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
+                    Ok(0) | Err(_) => *slot = None,
                     Ok(n) => {
-                        last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                        last = Instant::now();
                         let data = buf[..n].to_vec();
                         w.send(stream, &if is_stdout { Reply::Stdout(data) } else { Reply::Stderr(data) });
                     }
                 }
             }
-            let _ = done.send(());
-        });
-    }
-    drop(done_tx);
-
-    let (code, timed_out) = if req.timeout_ms > 0 {
-        match exit_rx.recv_timeout(Duration::from_millis(req.timeout_ms)) {
-            Ok(code) => (code, false),
-            Err(RecvTimeoutError::Timeout) => {
-                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-                (exit_rx.recv().unwrap_or(128 + 9), true)
-            }
-            Err(RecvTimeoutError::Disconnected) => (128 + 9, false),
+            at += 1;
         }
-    } else {
-        (exit_rx.recv().unwrap_or(128 + 9), false)
-    };
-    if timed_out {
-        // Members that left the group still hold the pipes; the group itself is gone.
-        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-    }
-    drain(&done_rx, &last_output, epoch);
-    running().remove(&stream);
-    w.send(stream, &Reply::Exit { code, timed_out });
-}
-
-/// After the process exits, wait for its output to be read to the end, but not for background
-/// processes that keep the pipes open: stop once the pipes have been quiet for a moment.
-fn drain(done: &mpsc::Receiver<()>, last_output: &AtomicU64, epoch: Instant) {
-    let exited = epoch.elapsed().as_millis() as u64;
-    let quiet = 100;
-    let mut open = 2;
-    while open > 0 {
-        match done.recv_timeout(Duration::from_millis(20)) {
-            Ok(()) => open -= 1,
-            Err(RecvTimeoutError::Disconnected) => return,
-            Err(RecvTimeoutError::Timeout) => {
-                let now = epoch.elapsed().as_millis() as u64;
-                let last = last_output.load(Ordering::Relaxed).max(exited);
-                if now.saturating_sub(last) > quiet {
-                    return;
+        if let Some(pipe) = exit.as_mut() {
+            if ready[at] {
+                let mut bytes = [0u8; 4];
+                // A pipe closed without a code: the child is gone, how is unknown.
+                code = Some(pipe.read_exact(&mut bytes).map_or(128 + 9, |_| i32::from_ne_bytes(bytes)));
+                exit = None;
+                last = Instant::now();
+                if timed_out {
+                    // Members that left the group still hold the pipes; the group itself is gone.
+                    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
                 }
             }
         }
+        if code.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            timed_out = true;
+            deadline = None;
+        }
     }
+    (code.unwrap_or(128 + 9), timed_out)
 }
 
 pub fn stdin(stream: u32, data: Option<Vec<u8>>) {

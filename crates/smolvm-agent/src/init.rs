@@ -34,10 +34,6 @@ pub fn setup() -> io::Result<Cmdline> {
     let cmdline = Cmdline::read();
     mount_fs("sysfs", "/sys", "sysfs", nosuid, None)?;
     mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
-    // Only in our own initramfs: a root disk's login scripts are the user's, and may do work.
-    if cmdline.get("smolvm.root").is_none() {
-        crate::exec::warm_up();
-    }
     mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
     load_modules();
     if let Some(root) = cmdline.get("smolvm.root") {

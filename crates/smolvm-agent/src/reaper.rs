@@ -2,17 +2,20 @@
 //!
 //! As PID 1 the agent inherits every orphan, so it must reap with `waitpid(-1)`; that would steal
 //! the exit status of the commands it runs itself. So all waiting happens here: the exec code
-//! registers each child's pid and receives its status through a channel.
+//! registers each child's pid and receives its status through a pipe, which it can poll along
+//! with the child's output.
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::collections::HashMap;
-use std::sync::mpsc::Sender;
+use std::fs::File;
+use std::io::Write;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-/// Children of running execs: pid -> where to send the exit code.
-type Waiters = HashMap<i32, Sender<i32>>;
+/// Children of running execs: pid -> the pipe their exit code is written to (4 bytes, native
+/// endian; then the pipe closes).
+type Waiters = HashMap<i32, File>;
 
 fn waiters() -> &'static Mutex<Waiters> {
     static W: OnceLock<Mutex<Waiters>> = OnceLock::new();
@@ -66,7 +69,7 @@ fn reap() {
 }
 
 fn deliver(pid: Pid, code: i32) {
-    if let Some(tx) = lock().remove(&pid.as_raw()) {
-        let _ = tx.send(code);
+    if let Some(mut pipe) = lock().remove(&pid.as_raw()) {
+        let _ = pipe.write_all(&code.to_ne_bytes());
     }
 }

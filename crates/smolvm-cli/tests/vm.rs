@@ -64,6 +64,12 @@ async fn a_timed_out_command_is_killed_with_its_whole_group() {
     // ends a sleep, and daemons see their children exit.
     let r = sb.run("grep SigBlk /proc/self/status; sleep 100 & kill -TERM $!; wait $!; echo $?", &opts(10)).await.unwrap();
     assert_eq!(r.stdout, "SigBlk:\t0000000000000000\n143\n");
+    // A background process that keeps the output pipes open is not waited for: the exec ends
+    // once the shell has exited and the pipes are quiet, with everything written before.
+    let r = sb.run("echo a; (sleep 4321 &); echo b >&2", &opts(10)).await.unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_str(), r.stderr.as_str()), (0, "a\n", "b\n"));
+    let r = sb.run("ps -o args | grep -c '^sleep 4321'", &opts(10)).await.unwrap();
+    assert_eq!(r.stdout, "1\n", "the background process should still run");
     sb.delete().await.unwrap();
 }
 
