@@ -1,6 +1,7 @@
 //! Running commands: one process group per exec, output streamed as it comes.
 
 use crate::server::Writer;
+use crate::spawn::Spawned;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -8,9 +9,7 @@ use smolvm_proto::{ErrorKind, ExecRequest, Reply, Shell, CHUNK};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::os::fd::AsFd;
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -40,61 +39,44 @@ pub fn start(stream: u32, req: ExecRequest, w: Writer) {
     std::thread::spawn(move || run(stream, req, w));
 }
 
-/// The command as every exec runs it: the shell, a clean environment, its own process group.
-fn command(req: &ExecRequest, shell: &str) -> Command {
-    let mut cmd = match req.shell {
-        Shell::Login => {
-            let mut c = Command::new(shell);
-            c.arg("-lc").arg(&req.command);
-            c
-        }
-        Shell::Raw => {
-            let mut c = Command::new("/bin/sh");
-            c.arg("-c").arg(&req.command);
-            c
-        }
+/// Start the command as every exec runs it: the shell, a clean environment, its own session
+/// (so a timeout can kill its whole process group), registered with the reaper, which writes its
+/// exit code to the returned pipe.
+fn spawn(req: &ExecRequest, shell: &str) -> std::io::Result<(Spawned, File)> {
+    let (program, flag) = match req.shell {
+        Shell::Login => (shell, "-lc"),
+        Shell::Raw => ("/bin/sh", "-c"),
     };
     let home = if std::path::Path::new("/root").is_dir() { "/root" } else { "/" };
-    cmd.env_clear()
-        .env("PATH", BASE_PATH)
-        .env("HOME", home)
-        .env("USER", "root")
-        .env("LOGNAME", "root")
-        .env("SHELL", shell)
-        .env("LANG", "C.UTF-8")
-        .env("TERM", "xterm")
-        .envs(&req.env)
-        .current_dir(req.cwd.as_deref().unwrap_or(home))
-        .stdin(if req.stdin { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: sigprocmask and setsid are async-signal-safe and touch no memory of the parent.
-    // The agent's threads block the signals its reaper takes; a signal mask survives exec, so
-    // the command gets an empty one back (else daemons such as sshd never see SIGCHLD and
-    // `kill -TERM` does nothing). setsid makes it a process-group leader so that a timeout
-    // can kill the whole group at once.
-    unsafe {
-        cmd.pre_exec(|| {
-            crate::reaper::unblock_all()?;
-            nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from)
-        });
+    let mut env: Vec<String> = [
+        ("PATH", BASE_PATH),
+        ("HOME", home),
+        ("USER", "root"),
+        ("LOGNAME", "root"),
+        ("SHELL", shell),
+        ("LANG", "C.UTF-8"),
+        ("TERM", "xterm"),
+    ]
+    .iter()
+    .map(|(k, v)| format!("{k}={v}"))
+    .collect();
+    for (k, v) in &req.env {
+        // The request's own value wins over a base one of the same name.
+        let prefix = format!("{k}=");
+        env.retain(|e| !e.starts_with(&prefix));
+        env.push(format!("{k}={v}"));
     }
-    cmd
-}
-
-/// Spawn `cmd` and register it with the reaper, which writes its exit code to the returned pipe.
-fn spawn(cmd: &mut Command) -> std::io::Result<(std::process::Child, File)> {
     let (exit_read, exit_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
     let mut waiters = crate::reaper::lock();
-    let child = cmd.spawn()?;
-    waiters.insert(child.id() as i32, File::from(exit_write));
+    let child = crate::spawn::spawn(program, &[flag, &req.command], &env, req.cwd.as_deref().unwrap_or(home), req.stdin)?;
+    waiters.insert(child.pid, File::from(exit_write));
     Ok((child, File::from(exit_read)))
 }
 
 fn run(stream: u32, req: ExecRequest, w: Writer) {
     crate::net::wait_configured();
     let shell = login_shell();
-    let (mut child, exit) = match spawn(&mut command(&req, &shell)) {
+    let (child, exit) = match spawn(&req, &shell) {
         Ok(v) => v,
         Err(e) => {
             let kind = if e.kind() == std::io::ErrorKind::NotFound { ErrorKind::NotFound } else { ErrorKind::Failed };
@@ -102,8 +84,8 @@ fn run(stream: u32, req: ExecRequest, w: Writer) {
             return;
         }
     };
-    let pgid = child.id() as i32;
-    let stdin_tx = child.stdin.take().map(|mut pipe| {
+    let pgid = child.pid;
+    let stdin_tx = child.stdin.map(|mut pipe| {
         let (tx, rx) = mpsc::channel::<Option<Vec<u8>>>();
         std::thread::spawn(move || {
             while let Ok(Some(data)) = rx.recv() {
@@ -115,7 +97,7 @@ fn run(stream: u32, req: ExecRequest, w: Writer) {
         tx
     });
     running().insert(stream, Running { pgid, stdin: stdin_tx });
-    let outputs = [child.stdout.take().map(|p| File::from(OwnedFd::from(p))), child.stderr.take().map(|p| File::from(OwnedFd::from(p)))];
+    let outputs = [Some(child.stdout), Some(child.stderr)];
     let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms));
     let (code, timed_out) = pump(stream, &w, outputs, exit, timeout, pgid);
     running().remove(&stream);

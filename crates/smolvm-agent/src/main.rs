@@ -13,6 +13,7 @@ mod init;
 mod net;
 mod reaper;
 mod server;
+mod spawn;
 
 use std::time::{Duration, Instant};
 

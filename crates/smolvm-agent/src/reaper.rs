@@ -34,11 +34,6 @@ pub fn block_signals() {
     let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&signals()), None);
 }
 
-/// For a child between fork and exec: an empty signal mask (async-signal-safe).
-pub fn unblock_all() -> std::io::Result<()> {
-    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None).map_err(std::io::Error::from)
-}
-
 /// Hold this while spawning and registering a child, so the reaper cannot see the child's exit
 /// before its waiter is in the map.
 pub fn lock() -> MutexGuard<'static, Waiters> {
