@@ -28,6 +28,25 @@ fn cli_run_separates_streams_and_exits_with_the_guest_code() {
     assert_eq!(v["data"], serde_json::json!([]));
 }
 
+#[test]
+fn a_cold_booted_guest_has_the_hosts_time() {
+    let env = env();
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let before = now();
+    // busybox `date` has no %N; a new file's modification time has nanoseconds.
+    let out = env.cli().env("SMOLVM_WARM", "0").args(["run", "touch /tmp/t && stat -c %Y.%y /tmp/t"]).output().unwrap();
+    let after = now();
+    let text = stdout(&out);
+    // "<seconds>.<date> <hh:mm:ss.nnnnnnnnn> <zone>": whole seconds, then the fraction.
+    let secs: f64 = text.split('.').next().unwrap().parse().unwrap_or_else(|_| panic!("{text:?} {}", stderr(&out)));
+    let frac: f64 = format!("0.{}", text.split_whitespace().nth(1).and_then(|t| t.split('.').nth(1)).unwrap()).parse().unwrap();
+    let guest = secs + frac;
+    // The command ran just before `smolvm run` returned (only the teardown follows it). A clock
+    // set from the greeting's timestamp alone lagged by the boot: 0.3-0.5 s here.
+    assert!(guest > before && guest < after + 0.05, "guest {guest:.3}, host {before:.3}..{after:.3}");
+    assert!(after - guest < 0.2, "the guest's clock lags the host's by about {:.3} s", after - guest);
+}
+
 #[tokio::test]
 async fn unicode_and_five_megabytes_of_output_arrive_intact() {
     let env = env();

@@ -286,6 +286,7 @@ async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
     let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut entropy));
     let hello =
         Request::Hello { version: proto::PROTOCOL_VERSION, unix_time_ns: now, hostname: g.hostname.clone(), entropy, net: g.net.clone() };
+    let sent = Instant::now();
     match agent.call(&hello).await? {
         Reply::Hello { version, .. } if version == proto::PROTOCOL_VERSION => {}
         Reply::Hello { version, agent_version, .. } => {
@@ -295,6 +296,17 @@ async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
             )))
         }
         other => return Err(Error::Guest(format!("unexpected reply to hello: {other:?}"))),
+    }
+    // On a cold boot the greeting waits in the channel from QEMU's start until the agent reads
+    // it, a few hundred milliseconds, and the guest's clock would lag by that much. Say the time
+    // again now that the agent reads at once (a greeting with nothing else in it only sets the
+    // clock). Its answer is not waited for: the frame is out, and the agent reads in order.
+    if sent.elapsed() > Duration::from_millis(20) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let clock =
+            Request::Hello { version: proto::PROTOCOL_VERSION, unix_time_ns: now, hostname: String::new(), entropy: Vec::new(), net: None };
+        let mut answer = agent.open(&clock).await?;
+        tokio::spawn(async move { answer.recv().await });
     }
     // A restored guest carries its snapshot's variables: replace them with this sandbox's own.
     let needed = !g.env.is_empty() || (g.restored && matches!(agent.call(&Request::EnvList).await?, Reply::Env(v) if !v.is_empty()));
