@@ -74,7 +74,7 @@ fn spawn(req: &ExecRequest, shell: &str) -> std::io::Result<(Spawned, File)> {
 }
 
 fn run(stream: u32, req: ExecRequest, w: Writer) {
-    crate::net::wait_configured();
+    crate::pending::wait();
     let shell = login_shell();
     let (child, exit) = match spawn(&req, &shell) {
         Ok(v) => v,

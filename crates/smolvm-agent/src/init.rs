@@ -32,7 +32,17 @@ pub fn setup() -> io::Result<Cmdline> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_fs("proc", "/proc", "proc", nosuid, None)?;
     let cmdline = Cmdline::read();
-    mount_fs("sysfs", "/sys", "sysfs", nosuid, None)?;
+    if cmdline.get("smolvm.root").is_some() {
+        mount_fs("sysfs", "/sys", "sysfs", nosuid, None)?;
+    } else {
+        // Nothing on the way to the agent channel needs /sys (commands wait for it); a
+        // switch_root moves it, so there it is mounted first.
+        crate::pending::spawn(move || {
+            if let Err(e) = mount_fs("sysfs", "/sys", "sysfs", nosuid, None) {
+                crate::log(&e.to_string());
+            }
+        });
+    }
     mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
     mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
     load_modules();
@@ -46,8 +56,8 @@ pub fn setup() -> io::Result<Cmdline> {
     let hostname = cmdline.get("smolvm.hostname").unwrap_or("smolvm");
     let _ = nix::unistd::sethostname(hostname);
     let _ = fs::write("/etc/hostname", format!("{hostname}\n"));
-    // Commands wait for it (`net::wait_configured`); the agent does not.
-    crate::net::in_background(loopback_up);
+    // Commands wait for it (`pending::wait`); the agent does not.
+    crate::pending::spawn(loopback_up);
     Ok(cmdline)
 }
 

@@ -11,6 +11,7 @@ mod exec;
 mod files;
 mod init;
 mod net;
+mod pending;
 mod reaper;
 mod server;
 mod spawn;

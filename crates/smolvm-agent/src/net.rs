@@ -42,43 +42,13 @@ fn socket() -> io::Result<OwnedFd> {
 }
 
 /// Bringing the NIC up costs milliseconds (its receive ring is filled): it happens while the
-/// host hears the greeting's answer, and commands wait for it (`wait_configured`).
+/// host hears the greeting's answer, and commands wait for it (`pending::wait`).
 pub fn configure_in_background(cfg: NetConfig) {
-    in_background(move || {
+    crate::pending::spawn(move || {
         if let Err(e) = configure(&cfg) {
             crate::log(&format!("network: {e}"));
         }
     });
-}
-
-/// Run a piece of network set-up on a thread of its own; `wait_configured` waits for it.
-pub fn in_background(work: impl FnOnce() + Send + 'static) {
-    {
-        let (pending, _) = configuring();
-        *pending.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-    }
-    std::thread::spawn(move || {
-        work();
-        let (pending, done) = configuring();
-        *pending.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
-        done.notify_all();
-    });
-}
-
-/// Configurations in progress, and where their end is announced.
-fn configuring() -> &'static (std::sync::Mutex<u32>, std::sync::Condvar) {
-    static C: std::sync::OnceLock<(std::sync::Mutex<u32>, std::sync::Condvar)> = std::sync::OnceLock::new();
-    C.get_or_init(Default::default)
-}
-
-/// Block until no network configuration is in progress, so a command never sees a half-set-up
-/// network.
-pub fn wait_configured() {
-    let (pending, done) = configuring();
-    let mut n = pending.lock().unwrap_or_else(|e| e.into_inner());
-    while *n > 0 {
-        n = done.wait(n).unwrap_or_else(|e| e.into_inner());
-    }
 }
 
 fn configure(cfg: &NetConfig) -> io::Result<()> {
@@ -108,25 +78,4 @@ fn configure(cfg: &NetConfig) -> io::Result<()> {
     }
     let [a, b, c, d] = cfg.dns;
     std::fs::write("/etc/resolv.conf", format!("nameserver {a}.{b}.{c}.{d}\n"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-
-    #[test]
-    fn commands_wait_for_set_up_still_in_progress() {
-        let done = Arc::new(AtomicBool::new(false));
-        let d = done.clone();
-        in_background(move || {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            d.store(true, Ordering::SeqCst);
-        });
-        wait_configured();
-        assert!(done.load(Ordering::SeqCst));
-        // Nothing pending: returns at once.
-        wait_configured();
-    }
 }

@@ -20,11 +20,20 @@ impl Writer {
     }
 }
 
-/// Find the virtio-serial port named `smolvm.agent`. The kernel registers it asynchronously, so
-/// poll for it within a bound.
+/// Where the agent's port appears: the host gives the VM one virtio-serial device whose first
+/// port (1; 0 is kept for a console) is the agent's.
+const AGENT_PORT_DEVICE: &str = "/dev/vport0p1";
+
+/// Open the virtio-serial port named `smolvm.agent`. The kernel registers it asynchronously, so
+/// poll for it within a bound. Its usual device node is tried first: looking it up by name in
+/// /sys takes milliseconds under TCG (and /sys may still be being mounted).
 pub fn open_channel(timeout: Duration) -> io::Result<File> {
     let deadline = Instant::now() + timeout;
     loop {
+        if let Ok(f) = fs::OpenOptions::new().read(true).write(true).open(AGENT_PORT_DEVICE) {
+            return Ok(f);
+        }
+        crate::pending::wait();
         if let Some(dev) = find_port() {
             if let Ok(f) = fs::OpenOptions::new().read(true).write(true).open(&dev) {
                 return Ok(f);

@@ -608,8 +608,29 @@ async fn boot(
             }
             qmp
         } else {
-            // A cold boot needs no QMP until later: greet first, the guest is what we wait for.
-            let (qmp, hello) = tokio::join!(qemu::Qmp::connect_when_ready(&launch.qmp_socket), greet(&agent, greeting));
+            // The greeting waits in QEMU's socket from the start. QEMU moves it into the guest
+            // only when its main loop next wakes after the agent has opened its port, which
+            // under TCG can be 10 ms later; the port's open event says when to wake it (any QMP
+            // command does). Once greeted, the event no longer matters.
+            let answered = tokio::sync::Notify::new();
+            let wake = async {
+                let mut qmp = qemu::Qmp::connect_when_ready(&launch.qmp_socket).await?;
+                tokio::select! {
+                    _ = answered.notified() => {}
+                    opened = qmp.wait_event("VSERPORT_CHANGE") => {
+                        if opened.is_ok() {
+                            let _ = qmp.execute("query-status").await;
+                        }
+                    }
+                }
+                Ok::<_, Error>(qmp)
+            };
+            let hello = async {
+                let r = greet(&agent, greeting).await;
+                answered.notify_one();
+                r
+            };
+            let (qmp, hello) = tokio::join!(wake, hello);
             hello?;
             greeted = true;
             qmp?

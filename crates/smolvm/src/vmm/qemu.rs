@@ -148,7 +148,8 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     push(&["-append", &kernel_cmdline(spec)]);
     push(&["-chardev", &format!("file,id=con,path={}", spec.console_log.display()), "-serial", "chardev:con"]);
     push(&["-chardev", &format!("socket,id=agent,path={}", spec.agent_socket.display())]);
-    push(&["-device", "virtio-serial-device", "-device", &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}")]);
+    // The port's id makes QEMU report the guest opening it (VSERPORT_CHANGE; see supervisor).
+    push(&["-device", "virtio-serial-device", "-device", &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME},id=agentport")]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", spec.qmp_socket.display())]);
     let netdev = match &spec.net {
         NetBackend::Tap { .. } => format!("tap,id=net0,fd={TAP_FD},vhost=off"),
@@ -224,24 +225,49 @@ pub fn spawn(spec: &LaunchSpec, log: &Path) -> Result<tokio::process::Child> {
 pub struct Qmp {
     reader: BufReader<tokio::net::unix::OwnedReadHalf>,
     writer: tokio::net::unix::OwnedWriteHalf,
+    /// The start of a line whose end has not arrived yet (kept across a cancelled read).
+    partial: Vec<u8>,
 }
 
 impl Qmp {
     pub async fn connect(path: &Path) -> Result<Qmp> {
         let s = UnixStream::connect(path).await.ctx(|| format!("connecting to QMP at {}", path.display()))?;
         let (r, w) = s.into_split();
-        let mut q = Qmp { reader: BufReader::new(r), writer: w };
+        let mut q = Qmp { reader: BufReader::new(r), writer: w, partial: Vec::new() };
         q.read_json().await?; // greeting
         q.execute("qmp_capabilities").await?;
         Ok(q)
     }
 
+    /// The next JSON line. Cancel-safe (for `select!`): nothing read is lost if the future is
+    /// dropped; a line cut short waits in `partial` for the next call.
     async fn read_json(&mut self) -> Result<serde_json::Value> {
-        let mut line = String::new();
-        if self.reader.read_line(&mut line).await.ctx(|| "reading from QMP".into())? == 0 {
-            return Err(Error::Host("QMP closed the connection".into()));
+        loop {
+            let buf = self.reader.fill_buf().await.ctx(|| "reading from QMP".into())?;
+            if buf.is_empty() {
+                return Err(Error::Host("QMP closed the connection".into()));
+            }
+            let (take, end) = match buf.iter().position(|b| *b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (buf.len(), false),
+            };
+            self.partial.extend_from_slice(&buf[..take]);
+            self.reader.consume(take);
+            if end {
+                let line = std::mem::take(&mut self.partial);
+                return serde_json::from_slice(&line).map_err(|e| Error::Host(format!("QMP sent invalid JSON: {e}")));
+            }
         }
-        serde_json::from_str(&line).map_err(|e| Error::Host(format!("QMP sent invalid JSON: {e}")))
+    }
+
+    /// Wait for the event `name`, skipping others.
+    pub async fn wait_event(&mut self, name: &str) -> Result<serde_json::Value> {
+        loop {
+            let v = self.read_json().await?;
+            if v.get("event").and_then(|e| e.as_str()) == Some(name) {
+                return Ok(v);
+            }
+        }
     }
 
     /// QEMU creates its QMP socket shortly after it starts: retry until it answers.
@@ -348,6 +374,20 @@ fn shell_quote(path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_line_cut_short_by_a_cancelled_read_is_not_lost() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let (r, w) = ours.into_split();
+        let mut q = Qmp { reader: BufReader::new(r), writer: w, partial: Vec::new() };
+        theirs.write_all(b"{\"event\": \"VSERPORT").await.unwrap();
+        let cut = tokio::time::timeout(std::time::Duration::from_millis(50), q.wait_event("VSERPORT_CHANGE")).await;
+        assert!(cut.is_err(), "nothing complete was sent yet");
+        theirs.write_all(b"_CHANGE\"}\n{\"return\": {}}\n").await.unwrap();
+        let v = q.wait_event("VSERPORT_CHANGE").await.unwrap();
+        assert_eq!(v["event"], "VSERPORT_CHANGE");
+        assert_eq!(q.read_json().await.unwrap()["return"], serde_json::json!({}));
+    }
 
     fn spec(accel: Accel, rootfs: bool) -> LaunchSpec {
         LaunchSpec {
