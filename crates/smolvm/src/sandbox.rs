@@ -407,7 +407,7 @@ impl Sandbox {
         if crate::warm::eligible(&rec.config) && !verbose_boot && env_flag("SMOLVM_WARM", true) {
             match crate::warm::template(&self.dirs, &rec.config, &spec, progress).await {
                 Ok(state) => {
-                    spec.restore = Some(RestoreSpec { state: state.clone(), resume: true });
+                    spec.restore = Some(RestoreSpec { state: state.clone(), resume: true, no_saved_env: true });
                     spec.ram = Some(crate::vmm::qemu::RamFile { path: crate::warm::ram_file(&state), share: false });
                     match self.launch(&spec, boot_timeout).await {
                         Ok(()) => return Ok(()),
@@ -695,7 +695,7 @@ impl Sandbox {
         let result = async {
             Store::open(&dirs.data)?.set_snapshot_origin(&sb.id, snapshot_id)?;
             let accel = crate::vmm::choose_accel().map_err(Error::Host)?;
-            let restore = (snap.kind == "full").then(|| RestoreSpec { state: dir.join("state"), resume: opts.resume });
+            let restore = (snap.kind == "full").then(|| RestoreSpec { state: dir.join("state"), resume: opts.resume, no_saved_env: false });
             let spec =
                 BootSpec { image, accel, boot_timeout_ms: opts.boot_timeout.as_millis() as u64, verbose_boot: false, restore, ram: None };
             sb.launch(&spec, opts.boot_timeout).await
