@@ -90,9 +90,10 @@ pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
         } else if spec.vcpus == 1 || kernel_is_elf(&spec.image.kernel) {
             args.push("nolapic_timer".into());
         }
-        // TCG's TSC is the host clock, the same for every vCPU: the kernel's sync check only
-        // sees emulation jitter and falls back to jiffies. The IO-APIC timer always works here,
-        // so its check (~50 ms of waiting for ticks) is skipped too.
+        // TCG's guest TSC is the host's (invariant, in sync across CPUs on current hosts),
+        // whichever vCPU reads it: the kernel's sync check only sees emulation jitter and falls
+        // back to jiffies. The IO-APIC timer always works here, so its check (~50 ms of waiting
+        // for ticks) is skipped too.
         args.push("tsc=reliable".into());
         args.push("no_timer_check".into());
         if let Some(khz) = super::host_tsc_khz() {
