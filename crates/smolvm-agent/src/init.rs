@@ -5,11 +5,16 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
-/// The kernel command line; smolvm passes its own settings as `smolvm.KEY=VALUE`.
+/// smolvm's settings on the kernel command line, `smolvm_KEY=VALUE`. The kernel hands such
+/// parameters (no dot in the name) to init as its environment, so PID 1 reads them there: the
+/// first read of /proc/cmdline costs milliseconds under TCG. Any other process reads the file.
 pub struct Cmdline(Vec<String>);
 
 impl Cmdline {
     pub fn read() -> Cmdline {
+        if std::process::id() == 1 {
+            return Cmdline(std::env::vars().filter(|(k, _)| k.starts_with("smolvm_")).map(|(k, v)| format!("{k}={v}")).collect());
+        }
         let text = fs::read_to_string("/proc/cmdline").unwrap_or_default();
         Cmdline(text.split_whitespace().map(str::to_string).collect())
     }
@@ -32,32 +37,36 @@ pub fn setup() -> io::Result<Cmdline> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_fs("proc", "/proc", "proc", nosuid, None)?;
     let cmdline = Cmdline::read();
-    if cmdline.get("smolvm.root").is_some() {
+    let root_disk = cmdline.get("smolvm_root").is_some();
+    if root_disk {
         mount_fs("sysfs", "/sys", "sysfs", nosuid, None)?;
     } else {
-        // Nothing on the way to the agent channel needs /sys (commands wait for it); a
-        // switch_root moves it, so there it is mounted first.
+        // Nothing on the way to the agent channel needs /sys or the loopback device (commands
+        // wait for them); a switch_root moves /sys, so there it is mounted first.
         crate::pending::spawn(move || {
             if let Err(e) = mount_fs("sysfs", "/sys", "sysfs", nosuid, None) {
                 crate::log(&e.to_string());
             }
+            loopback_up();
         });
     }
     mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
     mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
     load_modules();
-    if let Some(root) = cmdline.get("smolvm.root") {
+    if let Some(root) = cmdline.get("smolvm_root") {
         switch_root(root)?;
     }
     mount_fs("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("ptmxmode=0666,mode=0620"))?;
     mount_fs("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
     mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
     let _ = std::os::unix::fs::symlink("/proc/self/fd", "/dev/fd");
-    let hostname = cmdline.get("smolvm.hostname").unwrap_or("smolvm");
+    let hostname = cmdline.get("smolvm_hostname").unwrap_or("smolvm");
     let _ = nix::unistd::sethostname(hostname);
     let _ = fs::write("/etc/hostname", format!("{hostname}\n"));
-    // Commands wait for it (`pending::wait`); the agent does not.
-    crate::pending::spawn(loopback_up);
+    if root_disk {
+        // Commands wait for it (`pending::wait`); the agent does not.
+        crate::pending::spawn(loopback_up);
+    }
     Ok(cmdline)
 }
 

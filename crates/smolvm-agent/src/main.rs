@@ -30,13 +30,12 @@ fn main() {
     // exists so that every thread inherits the mask.
     reaper::block_signals();
     let cmdline = if pid1 {
-        // /proc is mounted first, so the command line is readable only after this.
         init::setup().unwrap_or_else(|e| {
             log(&format!("init failed: {e}"));
             let cmdline = init::Cmdline::read();
             // Serving from the initramfs instead of the asked-for root disk would run the
             // user's commands in the wrong filesystem: fail the boot (the host shows this log).
-            if cmdline.get("smolvm.root").is_some() {
+            if cmdline.get("smolvm_root").is_some() {
                 init::power_off();
             }
             cmdline
@@ -55,7 +54,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if cmdline.flag("smolvm.debug") {
+    if cmdline.flag("smolvm_debug") {
         log(&format!("ready after {:?}", started.elapsed()));
     }
     server::serve(channel, pid1);

@@ -105,9 +105,11 @@ pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
             }
         }
     }
-    args.push(format!("smolvm.hostname={}", spec.hostname));
+    // smolvm's own settings have no dot in their names: the kernel then hands them to init as
+    // its environment.
+    args.push(format!("smolvm_hostname={}", spec.hostname));
     if spec.image.rootfs.is_some() {
-        args.push("smolvm.root=/dev/vda".into());
+        args.push("smolvm_root=/dev/vda".into());
     }
     if let Some(extra) = &spec.extra_boot_args {
         args.push(extra.clone());
@@ -421,7 +423,7 @@ mod tests {
         assert!(a.contains("name=smolvm.agent"), "{a}");
         assert!(a.contains("file=/d/root,,1.ext4"), "{a}");
         let k = kernel_cmdline(&spec(Accel::Tcg, true));
-        assert!(k.contains(" quiet") && k.contains("lapic_timer_period=10000000") && k.contains("smolvm.root=/dev/vda"), "{k}");
+        assert!(k.contains(" quiet") && k.contains("lapic_timer_period=10000000") && k.contains("smolvm_root=/dev/vda"), "{k}");
         assert!(k.contains("tsc=reliable") && k.contains("no_timer_check") && !k.contains("nolapic_timer"), "{k}");
         if let Some(khz) = crate::vmm::host_tsc_khz() {
             assert!(k.contains(&format!("lpj={}", khz * 10)), "{k}");
@@ -442,7 +444,7 @@ mod tests {
         assert!(a.contains("-accel kvm -cpu host"), "{a}");
         assert!(!a.contains("virtio-blk"), "{a}");
         let k = kernel_cmdline(&s);
-        assert!(!k.contains("quiet") && !k.contains("lapic") && !k.contains("smolvm.root") && !k.contains("lpj="), "{k}");
+        assert!(!k.contains("quiet") && !k.contains("lapic") && !k.contains("smolvm_root") && !k.contains("lpj="), "{k}");
     }
 
     #[test]
