@@ -45,7 +45,7 @@ enum Cmd {
     },
     /// Measure cold boot, round trips and idle cost against references taken in the same run.
     Bench {
-        #[arg(long, default_value_t = 7)]
+        #[arg(long, default_value_t = 15)]
         rounds: usize,
         /// Only the start-up comparison (cold, warm, bare QEMU), printed; nothing is written.
         #[arg(long)]
