@@ -309,6 +309,10 @@ pub fn nft_remove(table: &str) -> Result<()> {
     let mut socket = Socket::new(NETLINK_NETFILTER).map_err(|e| fail("opening netlink", e))?;
     socket.bind_auto().map_err(|e| fail("binding netlink", e))?;
     socket.connect(&SocketAddr::new(0, 0)).map_err(|e| fail("connecting netlink", e))?;
+    // Bounded like every wait: the kernel answers at once, or something is badly wrong.
+    let bound = nix::sys::time::TimeVal::new(5, 0);
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::ReceiveTimeout, &bound)
+        .map_err(|e| fail("bounding the wait", std::io::Error::from(e)))?;
     const DELETE_SEQ: u32 = 2;
     socket.send(&delete_table_batch(table, DELETE_SEQ), 0).map_err(|e| fail("sending", e))?;
     let answer = loop {

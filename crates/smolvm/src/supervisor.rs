@@ -207,9 +207,9 @@ impl NetPlan {
         Ok(())
     }
 
-    /// `cleanup`, with the table removed while `stopping` (the VM's shutdown) runs: on `smolvm
-    /// run`'s critical path the nft process then costs no time of its own.
-    /// The TAP stays held (the caller closes it once it has answered).
+    /// `cleanup`, with the table removed while `stopping` (the VM's shutdown) runs, so that it
+    /// adds nothing to a stop's (and `smolvm run`'s) time. The TAP stays held: the caller lets
+    /// go of it once it has answered.
     async fn cleanup_during(&self, store: &Store, id: &str, stopping: impl std::future::Future<Output = ()>) {
         let table = self.lease.map(|_| self.table.clone());
         let nft = tokio::task::spawn_blocking(move || table.map(|t| crate::net::nft_remove(&t)));
@@ -218,7 +218,7 @@ impl NetPlan {
         let _ = store.release_network(id);
     }
 
-    /// Remove everything of this sandbox's network from the host (the TAP goes with QEMU).
+    /// Remove everything of this sandbox's network from the host, the TAP included.
     fn cleanup(&mut self, store: &Store, id: &str) {
         if self.lease.is_some() {
             let _ = crate::net::nft_remove(&self.table);
