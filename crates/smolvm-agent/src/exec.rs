@@ -76,6 +76,11 @@ fn spawn(req: &ExecRequest, shell: &str) -> std::io::Result<(Spawned, File)> {
 fn run(stream: u32, req: ExecRequest, w: Writer) {
     crate::pending::wait();
     let shell = login_shell();
+    if let Some(cwd) = req.cwd.as_deref().filter(|d| !std::path::Path::new(d).is_dir()) {
+        // Else the shell's start fails with an error that blames the shell.
+        w.send(stream, &Reply::error(ErrorKind::NotFound, format!("working directory {cwd} does not exist")));
+        return;
+    }
     let (child, exit) = match spawn(&req, &shell) {
         Ok(v) => v,
         Err(e) => {

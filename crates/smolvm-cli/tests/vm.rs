@@ -126,6 +126,11 @@ async fn login_and_raw_shells_and_lifecycle_states() {
     assert_eq!(login.output(), "[yes]");
     let raw = sb.run("echo \"[$FROM_PROFILE]\"", &RunOptions { shell: Shell::Raw, ..opts(10) }).await.unwrap();
     assert_eq!(raw.output(), "[]");
+    // A working directory, and one that does not exist.
+    let r = sb.run("pwd", &RunOptions { cwd: Some("/tmp".into()), ..opts(10) }).await.unwrap();
+    assert_eq!(r.output(), "/tmp");
+    let err = sb.run("pwd", &RunOptions { cwd: Some("/nope".into()), ..opts(10) }).await.unwrap_err();
+    assert!(err.to_string().contains("working directory /nope does not exist"), "{err}");
     let r = sb.run("hostname; nproc; grep MemTotal /proc/meminfo", &opts(10)).await.unwrap();
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert_eq!(lines[0], "life");
