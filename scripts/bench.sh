@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 # The Python API against the Rust one, in the same run, from the wheel just built.
 rm -rf .venv-bench && python3 -m venv .venv-bench
 .venv-bench/bin/pip install -q --disable-pip-version-check dist/smolvm-*.whl
-.venv-bench/bin/python scripts/bench_python.py bench/results
+.venv-bench/bin/python scripts/bench_python.py bench/results ./target/release/smolvm
 python3 - <<'PY'
 import re
 md = open("bench/results/latest.md").read().strip()

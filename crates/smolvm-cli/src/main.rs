@@ -50,6 +50,10 @@ enum Cmd {
         /// Only the start-up comparison (cold, warm, bare QEMU), printed; nothing is written.
         #[arg(long)]
         startup_only: bool,
+        /// Only `run("true")` through the Rust API, ROUNDS times on this running sandbox; prints
+        /// the samples in ms as JSON (the Python comparison interleaves with it).
+        #[arg(long, value_name = "NAME")]
+        run_on: Option<String>,
         /// Directory for latest.json and latest.md.
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
@@ -632,6 +636,10 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
             Ok(Done { exit_code: i32::from(failed), data: serde_json::to_value(&checks).unwrap_or_default(), text: Some(text) })
         }
         Cmd::Setup { yes } => setup(yes),
+        Cmd::Bench { rounds, run_on: Some(name), .. } => {
+            let samples = smolvm::bench::run_true_on(&dirs, &name, rounds.max(1)).await?;
+            Ok(Done::text(serde_json::to_string(&samples).unwrap_or_default(), json!({ "samples_ms": samples })))
+        }
         Cmd::Bench { rounds, startup_only: true, .. } => {
             let s = smolvm::bench::startup(&dirs, rounds.max(1), &progress).await?;
             let text = format!(

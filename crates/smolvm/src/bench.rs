@@ -114,6 +114,18 @@ pub async fn startup(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) 
     Ok(Startup { accel, bare: percentile(&mut bare, 0.5), cold: percentile(&mut cold, 0.5), warm: percentile(&mut warm, 0.5) })
 }
 
+/// `run("true")` on a running sandbox, `rounds` times, through the Rust API: the samples in ms.
+pub async fn run_true_on(dirs: &Dirs, id: &str, rounds: usize) -> Result<Vec<f64>> {
+    let sb = Sandbox::open_in(dirs.clone(), id).await?;
+    let mut samples = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        sb.run("true", &RunOptions::default()).await?;
+        samples.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(samples)
+}
+
 pub struct Startup {
     pub accel: vmm::Accel,
     pub bare: f64,
