@@ -66,7 +66,7 @@ fn spawn(req: &ExecRequest, shell: &str) -> std::io::Result<(Spawned, File)> {
         env.retain(|e| !e.starts_with(&prefix));
         env.push(format!("{k}={v}"));
     }
-    let (exit_read, exit_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
+    let (exit_read, exit_write) = crate::spawn::pipe()?;
     let mut waiters = crate::reaper::lock();
     let child = crate::spawn::spawn(program, &[flag, &req.command], &env, req.cwd.as_deref().unwrap_or(home), req.stdin)?;
     waiters.insert(child.pid, File::from(exit_write));
