@@ -36,13 +36,11 @@ fn login_shell() -> String {
 }
 
 pub fn start(stream: u32, req: ExecRequest, w: Writer) {
-    std::thread::spawn(move || run(stream, req, w));
+    crate::workers::run(Box::new(move || run(stream, req, w)));
 }
 
-/// Start the command as every exec runs it: the shell, a clean environment, its own session
-/// (so a timeout can kill its whole process group), registered with the reaper, which writes its
-/// exit code to the returned pipe.
-fn spawn(req: &ExecRequest, shell: &str) -> std::io::Result<(Spawned, File)> {
+/// What every exec runs: the program, its flag, the environment and the working directory.
+fn invocation<'a>(req: &'a ExecRequest, shell: &'a str) -> (&'a str, &'static str, Vec<String>, &'a str) {
     let (program, flag) = match req.shell {
         Shell::Login => (shell, "-lc"),
         Shell::Raw => ("/bin/sh", "-c"),
@@ -66,11 +64,34 @@ fn spawn(req: &ExecRequest, shell: &str) -> std::io::Result<(Spawned, File)> {
         env.retain(|e| !e.starts_with(&prefix));
         env.push(format!("{k}={v}"));
     }
+    (program, flag, env, req.cwd.as_deref().unwrap_or(home))
+}
+
+/// Start the command as every exec runs it: the shell, a clean environment, its own session
+/// (so a timeout can kill its whole process group), registered with the reaper, which writes its
+/// exit code to the returned pipe.
+fn spawn(req: &ExecRequest, shell: &str) -> std::io::Result<(Spawned, File)> {
+    let (program, flag, env, cwd) = invocation(req, shell);
     let (exit_read, exit_write) = crate::spawn::pipe()?;
     let mut waiters = crate::reaper::lock();
-    let child = crate::spawn::spawn(program, &[flag, &req.command], &env, req.cwd.as_deref().unwrap_or(home), req.stdin)?;
+    let child = crate::spawn::spawn(program, &[flag, &req.command], &env, cwd, req.stdin)?;
     waiters.insert(child.pid, File::from(exit_write));
     Ok((child, File::from(exit_read)))
+}
+
+/// At boot, run what the first command will run (`$SHELL -lc true`) without waiting for it.
+/// Under TCG a guest's first process start, shell start-up and exit cost tens of milliseconds
+/// of code translation; done on the spare vCPU while the agent and the host greet each other,
+/// the user's first command finds that code translated. Only in our own initramfs: a root
+/// disk's login scripts are the user's, and may do anything. Its output goes nowhere and the
+/// reaper collects its exit.
+pub fn warm_up() {
+    let req = ExecRequest { command: "true".into(), shell: Shell::Login, env: Default::default(), timeout_ms: 0, stdin: false, cwd: None };
+    let shell = login_shell();
+    let (program, flag, env, cwd) = invocation(&req, &shell);
+    if let Err(e) = crate::spawn::spawn(program, &[flag, &req.command], &env, cwd, false) {
+        crate::log(&format!("warm-up: {e}"));
+    }
 }
 
 fn run(stream: u32, req: ExecRequest, w: Writer) {

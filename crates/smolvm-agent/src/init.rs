@@ -4,27 +4,37 @@ use nix::mount::{mount, MsFlags};
 use std::fs;
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// smolvm's settings on the kernel command line, `smolvm_KEY=VALUE`. The kernel hands such
 /// parameters (no dot in the name) to init as its environment, so PID 1 reads them there: the
 /// first read of /proc/cmdline costs milliseconds under TCG. Any other process reads the file.
-pub struct Cmdline(Vec<String>);
+pub enum Cmdline {
+    /// PID 1: the settings are its environment variables.
+    Env,
+    Words(Vec<String>),
+}
 
 impl Cmdline {
     pub fn read() -> Cmdline {
         if std::process::id() == 1 {
-            return Cmdline(std::env::vars().filter(|(k, _)| k.starts_with("smolvm_")).map(|(k, v)| format!("{k}={v}")).collect());
+            return Cmdline::Env;
         }
         let text = fs::read_to_string("/proc/cmdline").unwrap_or_default();
-        Cmdline(text.split_whitespace().map(str::to_string).collect())
+        Cmdline::Words(text.split_whitespace().map(str::to_string).collect())
     }
 
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    /// One lookup of one variable: copying the whole environment (`std::env::vars`) costs
+    /// milliseconds of cold code under TCG.
+    pub fn get(&self, key: &str) -> Option<String> {
+        match self {
+            Cmdline::Env => std::env::var(key).ok(),
+            Cmdline::Words(words) => words.iter().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')).map(str::to_string),
+        }
     }
 
     pub fn flag(&self, key: &str) -> bool {
-        self.0.iter().any(|w| w == key) || matches!(self.get(key), Some("1"))
+        matches!(self, Cmdline::Words(w) if w.iter().any(|w| w == key)) || self.get(key).as_deref() == Some("1")
     }
 }
 
@@ -33,39 +43,66 @@ fn mount_fs(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<
     mount(Some(src), target, Some(fstype), flags, data).map_err(|e| io::Error::other(format!("mount {target}: {e}")))
 }
 
+static DEV_MOUNTED: AtomicBool = AtomicBool::new(false);
+
+/// /dev first of all: the agent's channel is a device node, and opening it early lets the host
+/// greet the agent while the rest of the set-up runs.
+pub fn mount_dev() -> io::Result<()> {
+    if !DEV_MOUNTED.load(Ordering::Relaxed) {
+        mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+        DEV_MOUNTED.store(true, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
 pub fn setup() -> io::Result<Cmdline> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    mount_fs("proc", "/proc", "proc", nosuid, None)?;
+    mount_dev()?;
     let cmdline = Cmdline::read();
     let root_disk = cmdline.get("smolvm_root").is_some();
+    let net = cmdline.get("smolvm_net").and_then(|v| smolvm_proto::NetConfig::from_boot_arg(&v));
     if root_disk {
+        mount_fs("proc", "/proc", "proc", nosuid, None)?;
         mount_fs("sysfs", "/sys", "sysfs", nosuid, None)?;
     } else {
-        // Nothing on the way to the agent channel needs /sys or the loopback device (commands
-        // wait for them); a switch_root moves /sys, so there it is mounted first.
+        // Nothing on the way to the agent channel needs the NIC, /proc, /sys or the loopback
+        // device: a thread of its own sets them up while the agent already answers, and
+        // commands wait for it. (A switch_root moves /proc and /sys, so there they come first.)
+        let net = net.clone();
         crate::pending::spawn(move || {
-            if let Err(e) = mount_fs("sysfs", "/sys", "sysfs", nosuid, None) {
-                crate::log(&e.to_string());
+            crate::workers::start(Box::new(crate::exec::warm_up));
+            if let Some(cfg) = net {
+                crate::net::configure_now(cfg);
+            }
+            for (src, target) in [("proc", "/proc"), ("sysfs", "/sys")] {
+                if let Err(e) = mount_fs(src, target, src, nosuid, None) {
+                    crate::log(&e.to_string());
+                }
             }
             loopback_up();
         });
     }
-    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
     mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
     load_modules();
     if let Some(root) = cmdline.get("smolvm_root") {
-        switch_root(root)?;
+        switch_root(&root)?;
     }
     mount_fs("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("ptmxmode=0666,mode=0620"))?;
     mount_fs("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
     mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
     let _ = std::os::unix::fs::symlink("/proc/self/fd", "/dev/fd");
-    let hostname = cmdline.get("smolvm_hostname").unwrap_or("smolvm");
-    let _ = nix::unistd::sethostname(hostname);
+    let hostname = cmdline.get("smolvm_hostname").unwrap_or_else(|| "smolvm".into());
+    let _ = nix::unistd::sethostname(&hostname);
     let _ = fs::write("/etc/hostname", format!("{hostname}\n"));
     if root_disk {
-        // Commands wait for it (`pending::wait`); the agent does not.
-        crate::pending::spawn(loopback_up);
+        // Commands wait for these (`pending::wait`); the agent does not. After the switch, so
+        // that resolv.conf is written into the root disk.
+        crate::pending::spawn(move || {
+            if let Some(cfg) = net {
+                crate::net::configure_now(cfg);
+            }
+            loopback_up();
+        });
     }
     Ok(cmdline)
 }

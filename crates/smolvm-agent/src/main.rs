@@ -15,6 +15,7 @@ mod pending;
 mod reaper;
 mod server;
 mod spawn;
+mod workers;
 
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,9 @@ fn main() {
     // Signals are taken synchronously by the reaper thread; block them before any thread
     // exists so that every thread inherits the mask.
     reaper::block_signals();
+    // The channel opens as early as its device node exists: the host's greeting then travels
+    // while the rest of the set-up runs, and waits in the channel.
+    let early = if pid1 { init::mount_dev().ok().and_then(|_| server::try_open_channel()) } else { None };
     let cmdline = if pid1 {
         init::setup().unwrap_or_else(|e| {
             log(&format!("init failed: {e}"));
@@ -44,7 +48,7 @@ fn main() {
         init::Cmdline::read()
     };
     reaper::start(pid1);
-    let channel = match server::open_channel(Duration::from_secs(10)) {
+    let channel = match early.map(Ok).unwrap_or_else(|| server::open_channel(Duration::from_secs(10))) {
         Ok(c) => c,
         Err(e) => {
             log(&format!("no agent channel: {e}"));

@@ -30,7 +30,7 @@ const AGENT_PORT_DEVICE: &str = "/dev/vport0p1";
 pub fn open_channel(timeout: Duration) -> io::Result<File> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(f) = fs::OpenOptions::new().read(true).write(true).open(AGENT_PORT_DEVICE) {
+        if let Some(f) = try_open_channel() {
             return Ok(f);
         }
         crate::pending::wait();
@@ -44,6 +44,11 @@ pub fn open_channel(timeout: Duration) -> io::Result<File> {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// The port's usual device node, if it is there yet.
+pub fn try_open_channel() -> Option<File> {
+    fs::OpenOptions::new().read(true).write(true).open(AGENT_PORT_DEVICE).ok()
 }
 
 fn find_port() -> Option<PathBuf> {
@@ -98,6 +103,16 @@ fn host_gone(e: &io::Error) {
 fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
     let reply = match req {
         Request::Hello { version, unix_time_ns, hostname, entropy, net } => {
+            // The answer goes first: the host's next request is read only after what follows,
+            // so nothing overtakes it, and the host's round trip overlaps with it.
+            w.send(
+                stream,
+                &Reply::Hello {
+                    version: proto::PROTOCOL_VERSION.min(version),
+                    agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                    capabilities: ["ping", "exec", "env", "files", "shutdown"].map(String::from).to_vec(),
+                },
+            );
             if let Some(cfg) = net {
                 crate::net::configure_in_background(cfg);
             }
@@ -107,11 +122,7 @@ fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
                 let _ = fs::write("/etc/hostname", format!("{hostname}\n"));
             }
             reseed(&entropy);
-            Reply::Hello {
-                version: proto::PROTOCOL_VERSION.min(version),
-                agent_version: env!("CARGO_PKG_VERSION").to_string(),
-                capabilities: ["ping", "exec", "env", "files", "shutdown"].map(String::from).to_vec(),
-            }
+            return;
         }
         Request::Ping => Reply::Pong,
         Request::Exec(req) => return crate::exec::start(stream, req, w.clone()),

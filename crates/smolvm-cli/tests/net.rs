@@ -330,3 +330,25 @@ fn a_sandbox_table_is_deleted_over_netlink_and_a_missing_one_is_no_error() {
     let err = smolvm::net::nft_remove(&"x".repeat(300)).unwrap_err().full_message();
     assert!(err.contains("deleting table xxx"), "{err}");
 }
+
+/// A booted (not restored) sandbox brings eth0 up from `smolvm_net=` on the kernel command line,
+/// before the greeting, and the greeting's identical settings change nothing.
+#[tokio::test]
+async fn a_cold_boot_configures_the_network_from_the_kernel_command_line() {
+    let _serial = serial();
+    let env = env();
+    let lab = Lab::new(&env);
+    // Extra boot arguments rule out the warm snapshot: this sandbox boots.
+    let sb = env.boot(VmConfig { boot_args: Some("smolvm_test=cold".into()), ..Default::default() }).await;
+    let cmdline = sb.run("cat /proc/cmdline", &opts()).await.unwrap().stdout;
+    let net = cmdline.split_whitespace().find_map(|w| w.strip_prefix("smolvm_net=")).unwrap_or_else(|| panic!("no smolvm_net: {cmdline}"));
+    let (addr, rest) = net.split_once(',').unwrap();
+    let (gateway, dns) = rest.split_once(',').unwrap();
+    let shown = sb.run("ip -o -4 addr show eth0; ip route; cat /etc/resolv.conf", &opts()).await.unwrap().stdout;
+    assert!(shown.contains(&format!("inet {addr} ")), "{net}: {shown}");
+    assert!(shown.contains(&format!("default via {gateway} dev eth0")), "{net}: {shown}");
+    assert!(shown.contains(&format!("nameserver {dns}")), "{net}: {shown}");
+    assert_eq!(sb.run(&fetch(&format!("http://{}:8080/", lab.hosts[0])), &opts()).await.unwrap().stdout, "hello from the test internet\n");
+    sb.delete().await.unwrap();
+    no_smolvm_network_left();
+}

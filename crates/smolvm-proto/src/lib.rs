@@ -171,6 +171,35 @@ pub struct NetConfig {
     pub dns: [u8; 4],
 }
 
+impl NetConfig {
+    /// The `smolvm_net=` value on a cold boot's kernel command line: the agent brings the NIC
+    /// up while it boots instead of after the greeting (under TCG that is milliseconds the
+    /// first command would otherwise wait for). `ADDRESS/PREFIX,GATEWAY,DNS`.
+    pub fn to_boot_arg(&self) -> String {
+        let ip = |o: [u8; 4]| format!("{}.{}.{}.{}", o[0], o[1], o[2], o[3]);
+        format!("{}/{},{},{}", ip(self.address), self.prefix, ip(self.gateway), ip(self.dns))
+    }
+
+    pub fn from_boot_arg(value: &str) -> Option<NetConfig> {
+        fn ip(s: &str) -> Option<[u8; 4]> {
+            let mut out = [0u8; 4];
+            let mut parts = s.split('.');
+            for o in &mut out {
+                *o = parts.next()?.parse().ok()?;
+            }
+            parts.next().is_none().then_some(out)
+        }
+        let mut fields = value.split(',');
+        let (address, prefix) = fields.next()?.split_once('/')?;
+        let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32)?;
+        let (gateway, dns) = (ip(fields.next()?)?, ip(fields.next()?)?);
+        if fields.next().is_some() {
+            return None;
+        }
+        Some(NetConfig { address: ip(address)?, prefix, gateway, dns })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SnapshotKind {
     /// Memory, device state and disk: a clone continues where the sandbox was.
@@ -267,6 +296,24 @@ pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<(u32, T), ProtoE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn net_config_survives_the_kernel_command_line() {
+        let cfg = NetConfig { address: [172, 30, 0, 6], prefix: 30, gateway: [172, 30, 0, 5], dns: [172, 30, 0, 5] };
+        assert_eq!(cfg.to_boot_arg(), "172.30.0.6/30,172.30.0.5,172.30.0.5");
+        assert_eq!(NetConfig::from_boot_arg(&cfg.to_boot_arg()), Some(cfg));
+        for bad in [
+            "",
+            "1.2.3.4",
+            "1.2.3.4/33,1.1.1.1,1.1.1.1",
+            "1.2.3/24,1.1.1.1,1.1.1.1",
+            "1.2.3.4/24,1.1.1.1",
+            "1.2.3.4/24,1.1.1.1,1.1.1.1,x",
+            "1.2.3.256/24,1.1.1.1,1.1.1.1",
+        ] {
+            assert_eq!(NetConfig::from_boot_arg(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn frame_round_trip() {

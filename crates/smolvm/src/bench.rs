@@ -29,6 +29,7 @@ async fn bare_boot(image: &BootImage, dir: &std::path::Path, accel: vmm::Accel) 
         memory_mib: crate::config::DEFAULT_MEMORY_MIB,
         accel,
         hostname: "bare".into(),
+        guest_net: None,
         extra_boot_args: Some("smolvm_poweroff=1".into()),
         verbose_boot: false,
         agent_socket: agent.clone(),

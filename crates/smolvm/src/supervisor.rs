@@ -195,14 +195,17 @@ impl NetPlan {
         }
     }
 
-    /// Host side of NAT: address the TAP QEMU made, load the sandbox's nftables table.
+    /// Host side of NAT: load the sandbox's nftables table, then address the TAP and bring it
+    /// up. In that order: the guest may bring its NIC up as soon as it boots (its address is
+    /// on the kernel command line), and a TAP that is down drops whatever it sends until the
+    /// rules are in place.
     async fn setup_host(&self) -> Result<()> {
         if let Some(lease) = self.lease {
-            crate::net::setup_tap(&self.tap, lease).await?;
             let (table, tap, internet) = (self.table.clone(), self.tap.clone(), self.internet.clone());
             tokio::task::spawn_blocking(move || crate::net::nft_apply(&table, &tap, lease, &internet))
                 .await
                 .map_err(|e| Error::Host(e.to_string()))??;
+            crate::net::setup_tap(&self.tap, lease).await?;
         }
         Ok(())
     }
@@ -371,6 +374,7 @@ async fn supervise(id: &str) -> i32 {
         memory_mib: record.config.memory,
         accel: spec.accel,
         hostname: id.to_string(),
+        guest_net: plan.guest_config(),
         extra_boot_args: record.config.boot_args.clone(),
         verbose_boot: spec.verbose_boot,
         agent_socket: paths.agent.clone(),

@@ -18,6 +18,9 @@ pub struct LaunchSpec {
     pub memory_mib: u32,
     pub accel: Accel,
     pub hostname: String,
+    /// The guest's network on the kernel command line (`smolvm_net=`), so that the agent brings
+    /// the NIC up while it boots. A restored guest learns it from the greeting instead.
+    pub guest_net: Option<smolvm_proto::NetConfig>,
     pub extra_boot_args: Option<String>,
     pub verbose_boot: bool,
     /// QEMU connects here (the supervisor listens first, so the guest never waits for a host).
@@ -110,6 +113,9 @@ pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
     args.push(format!("smolvm_hostname={}", spec.hostname));
     if spec.image.rootfs.is_some() {
         args.push("smolvm_root=/dev/vda".into());
+    }
+    if let Some(net) = &spec.guest_net {
+        args.push(format!("smolvm_net={}", net.to_boot_arg()));
     }
     if let Some(extra) = &spec.extra_boot_args {
         args.push(extra.clone());
@@ -403,6 +409,7 @@ mod tests {
             memory_mib: 512,
             accel,
             hostname: "box".into(),
+            guest_net: Some(smolvm_proto::NetConfig { address: [10, 0, 2, 15], prefix: 24, gateway: [10, 0, 2, 2], dns: [10, 0, 2, 3] }),
             extra_boot_args: Some("foo=bar".into()),
             verbose_boot: false,
             agent_socket: "/r/agent.sock".into(),
@@ -428,6 +435,7 @@ mod tests {
         if let Some(khz) = crate::vmm::host_tsc_khz() {
             assert!(k.contains(&format!("lpj={}", khz * 10)), "{k}");
         }
+        assert!(k.contains(" smolvm_net=10.0.2.15/24,10.0.2.2,10.0.2.3 "), "{k}");
         assert!(k.ends_with("foo=bar"), "{k}");
     }
 
