@@ -60,7 +60,9 @@ pub fn setup() -> io::Result<Cmdline> {
     mount_dev()?;
     let cmdline = Cmdline::read();
     let root_disk = cmdline.get("smolvm_root").is_some();
-    let net = cmdline.get("smolvm_net").and_then(|v| smolvm_proto::NetConfig::from_boot_arg(&v));
+    let mut net = cmdline.get("smolvm_net").and_then(|v| smolvm_proto::NetConfig::from_boot_arg(&v));
+    // Before the set-up thread: a kernel with modules gets its NIC driver here.
+    load_modules();
     if root_disk {
         mount_fs("proc", "/proc", "proc", nosuid, None)?;
         mount_fs("sysfs", "/sys", "sysfs", nosuid, None)?;
@@ -68,11 +70,11 @@ pub fn setup() -> io::Result<Cmdline> {
         // Nothing on the way to the agent channel needs the NIC, /proc, /sys or the loopback
         // device: a thread of its own sets them up while the agent already answers, and
         // commands wait for it. (A switch_root moves /proc and /sys, so there they come first.)
-        let net = net.clone();
+        let net = net.take();
         crate::pending::spawn(move || {
             crate::workers::start(Box::new(crate::exec::warm_up));
             if let Some(cfg) = net {
-                crate::net::configure_now(cfg);
+                crate::net::configure_now(&cfg);
             }
             for (src, target) in [("proc", "/proc"), ("sysfs", "/sys")] {
                 if let Err(e) = mount_fs(src, target, src, nosuid, None) {
@@ -83,7 +85,6 @@ pub fn setup() -> io::Result<Cmdline> {
         });
     }
     mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
-    load_modules();
     if let Some(root) = cmdline.get("smolvm_root") {
         switch_root(&root)?;
     }
@@ -99,7 +100,7 @@ pub fn setup() -> io::Result<Cmdline> {
         // that resolv.conf is written into the root disk.
         crate::pending::spawn(move || {
             if let Some(cfg) = net {
-                crate::net::configure_now(cfg);
+                crate::net::configure_now(&cfg);
             }
             loopback_up();
         });

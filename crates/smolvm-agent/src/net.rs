@@ -4,7 +4,6 @@
 use smolvm_proto::NetConfig;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::{Mutex, MutexGuard, OnceLock};
 
 fn sockaddr(ip: [u8; 4]) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
@@ -42,44 +41,17 @@ fn socket() -> io::Result<OwnedFd> {
     socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).map_err(io::Error::from)
 }
 
-/// The configuration applied (or being applied) to eth0. A cold boot's comes from the kernel
-/// command line and the greeting repeats it; a restored guest's greeting brings a new one.
-fn applied() -> MutexGuard<'static, Option<NetConfig>> {
-    static A: OnceLock<Mutex<Option<NetConfig>>> = OnceLock::new();
-    A.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Whether `cfg` still has to be applied; if so it counts as applied from now on.
-fn claim(cfg: &NetConfig) -> bool {
-    let mut applied = applied();
-    if applied.as_ref() == Some(cfg) {
-        return false;
-    }
-    *applied = Some(cfg.clone());
-    true
-}
-
-fn apply(cfg: &NetConfig) {
+/// At boot, from `smolvm_net=` on the kernel command line, on the calling set-up thread.
+pub fn configure_now(cfg: &NetConfig) {
     if let Err(e) = configure(cfg) {
         crate::log(&format!("network: {e}"));
-        // A later greeting may try again.
-        *applied() = None;
     }
 }
 
-/// On the calling thread (a set-up thread at boot).
-pub fn configure_now(cfg: NetConfig) {
-    if claim(&cfg) {
-        apply(&cfg);
-    }
-}
-
-/// Bringing the NIC up costs milliseconds (its receive ring is filled), so it runs on a
-/// thread of its own; commands wait for it (`pending::wait`).
+/// A restored guest's own settings, from the greeting. Bringing the NIC up costs milliseconds,
+/// so it runs on a thread of its own; commands wait for it (`pending::wait`).
 pub fn configure_in_background(cfg: NetConfig) {
-    if claim(&cfg) {
-        crate::pending::spawn(move || apply(&cfg));
-    }
+    crate::pending::spawn(move || configure_now(&cfg));
 }
 
 fn configure(cfg: &NetConfig) -> io::Result<()> {

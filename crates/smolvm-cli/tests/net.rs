@@ -331,8 +331,8 @@ fn a_sandbox_table_is_deleted_over_netlink_and_a_missing_one_is_no_error() {
     assert!(err.contains("deleting table xxx"), "{err}");
 }
 
-/// A booted (not restored) sandbox brings eth0 up from `smolvm_net=` on the kernel command line,
-/// before the greeting, and the greeting's identical settings change nothing.
+/// A booted (not restored) sandbox brings eth0 up from `smolvm_net=` on the kernel command line
+/// (its greeting carries no network settings).
 #[tokio::test]
 async fn a_cold_boot_configures_the_network_from_the_kernel_command_line() {
     let _serial = serial();

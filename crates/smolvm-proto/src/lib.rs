@@ -176,19 +176,12 @@ impl NetConfig {
     /// up while it boots instead of after the greeting (under TCG that is milliseconds the
     /// first command would otherwise wait for). `ADDRESS/PREFIX,GATEWAY,DNS`.
     pub fn to_boot_arg(&self) -> String {
-        let ip = |o: [u8; 4]| format!("{}.{}.{}.{}", o[0], o[1], o[2], o[3]);
+        let ip = std::net::Ipv4Addr::from;
         format!("{}/{},{},{}", ip(self.address), self.prefix, ip(self.gateway), ip(self.dns))
     }
 
     pub fn from_boot_arg(value: &str) -> Option<NetConfig> {
-        fn ip(s: &str) -> Option<[u8; 4]> {
-            let mut out = [0u8; 4];
-            let mut parts = s.split('.');
-            for o in &mut out {
-                *o = parts.next()?.parse().ok()?;
-            }
-            parts.next().is_none().then_some(out)
-        }
+        let ip = |s: &str| s.parse::<std::net::Ipv4Addr>().ok().map(|a| a.octets());
         let mut fields = value.split(',');
         let (address, prefix) = fields.next()?.split_once('/')?;
         let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32)?;

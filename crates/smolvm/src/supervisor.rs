@@ -112,6 +112,7 @@ struct Greeting {
     env: BTreeMap<String, String>,
     /// A restored guest that may carry its snapshot's variables.
     saved_env: bool,
+    /// Only for a restored guest: a booted one has it from its kernel command line.
     net: Option<proto::NetConfig>,
 }
 
@@ -368,13 +369,14 @@ async fn supervise(id: &str) -> i32 {
             return fail(e.code(), e.full_message(), None);
         }
     };
+    let guest_net = plan.guest_config();
     let launch = qemu::LaunchSpec {
         image,
         vcpus: record.config.vcpu_count,
         memory_mib: record.config.memory,
         accel: spec.accel,
         hostname: id.to_string(),
-        guest_net: plan.guest_config(),
+        guest_net: guest_net.clone(),
         extra_boot_args: record.config.boot_args.clone(),
         verbose_boot: spec.verbose_boot,
         agent_socket: paths.agent.clone(),
@@ -388,7 +390,8 @@ async fn supervise(id: &str) -> i32 {
         hostname: id.to_string(),
         env: record.config.env_vars.clone(),
         saved_env: spec.restore.as_ref().is_some_and(|r| !r.no_saved_env),
-        net: plan.guest_config(),
+        // A restored guest still has its snapshot's network settings.
+        net: guest_net.filter(|_| spec.restore.is_some()),
     };
     let booted = boot(&launch, &spec, &greeting, &paths, &plan).await;
     let (mut child, mut qmp, agent, mut greeted) = match booted {
@@ -603,7 +606,8 @@ async fn boot(
     let work = async {
         let (stream, _) = listener.accept().await.ctx(|| "accepting the agent channel".into())?;
         let agent = Conn::new(stream);
-        // QEMU is up, so its TAP exists: finish the host side before the guest configures its own.
+        // Rules first, then the TAP goes up: until then it drops what the guest sends, which
+        // may already have configured its NIC from the kernel command line.
         plan.setup_host().await?;
         tracing::debug!("phase: host network ready");
         let mut greeted = false;
