@@ -234,7 +234,7 @@ fn host_variables_backend_and_verbose_boot() {
 #[test]
 fn use_published_chooses_between_a_ready_image_and_a_local_build() {
     let env = env();
-    // A fresh image cache that already has the kernel, and a "published" source that has the
+    // A fresh image cache that already has the kernel (and busybox), and a "published" source that has the
     // initramfs: with SMOLVM_USE_PUBLISHED on it is taken from there, with 0 it is built here.
     let images = env.tmp.path().join("images");
     let source = env.tmp.path().join("published");
@@ -248,6 +248,14 @@ fn use_published_chooses_between_a_ready_image_and_a_local_build() {
     let idir = initrd.parent().unwrap().strip_prefix(&shared).unwrap().to_path_buf();
     std::fs::create_dir_all(images.join(&kdir)).unwrap();
     std::fs::copy(&kernel, images.join(&kdir).join("vmlinux")).unwrap();
+    // And the musl busybox (its build takes half a minute).
+    for entry in std::fs::read_dir(&shared).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("busybox-") && entry.path().join("busybox").is_file() {
+            std::fs::create_dir_all(images.join(&name)).unwrap();
+            std::fs::copy(entry.path().join("busybox"), images.join(&name).join("busybox")).unwrap();
+        }
+    }
     std::fs::create_dir_all(source.join(&idir)).unwrap();
     std::fs::copy(&initrd, source.join(&idir).join("initramfs.cpio")).unwrap();
     let build = |published: &str| {

@@ -245,7 +245,7 @@ async fn a_kernel_that_never_reaches_the_agent_fails_within_the_bound() {
         c.dir(d, 0o755);
     }
     c.char_dev("dev/console", 0o600, 5, 1);
-    c.file("bin/busybox", 0o755, &std::fs::read(smolvm::image::busybox_binary().unwrap()).unwrap());
+    c.file("bin/busybox", 0o755, &std::fs::read(smolvm::busybox::prebuilt().unwrap()).unwrap());
     c.symlink("bin/sh", "busybox");
     c.file("init", 0o755, b"#!/bin/sh\necho broken-init-was-here\nexec /bin/busybox sleep 1000\n");
     let initrd = env.tmp.path().join("broken.cpio");
@@ -275,7 +275,7 @@ async fn an_ext4_rootfs_becomes_the_root_filesystem() {
     let root = env.tmp.path().join("rootfs");
     std::fs::create_dir_all(root.join("etc")).unwrap();
     std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy(smolvm::image::busybox_binary().unwrap(), root.join("bin/busybox")).unwrap();
+    std::fs::copy(smolvm::busybox::prebuilt().unwrap(), root.join("bin/busybox")).unwrap();
     std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
     std::fs::write(root.join("etc/marker"), "from-the-disk\n").unwrap();
     let image = env.tmp.path().join("root.ext4");

@@ -61,9 +61,19 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
             Some("smolvm setup (apt install linux-source-6.1), or pass kernel_path"),
         ),
     });
-    checks.push(match crate::image::busybox_binary() {
+    checks.push(match crate::busybox::prebuilt() {
         Ok(p) => check("busybox", "ok", p.display().to_string(), None),
         Err(e) => check("busybox", "fail", e.to_string(), Some("smolvm setup (apt install busybox-static)")),
+    });
+    checks.push(if crate::image::on_path("musl-gcc") {
+        check("busybox-musl", "ok", "guests get a musl busybox built from Debian's source (fetched and built on first use)", None)
+    } else {
+        check(
+            "busybox-musl",
+            "warn",
+            "musl-gcc not found: guests get Debian's glibc busybox-static, whose start-up makes a cold guest's first command slower",
+            Some("smolvm setup (apt install musl-tools)"),
+        )
     });
     checks.push(match crate::image::agent_binary() {
         Ok(p) => check("agent", "ok", p.display().to_string(), None),
@@ -119,6 +129,9 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
 pub const PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
     ("busybox-static", "/bin/busybox"),
+    ("musl-tools", "/usr/bin/musl-gcc"),
+    ("patch", "/usr/bin/patch"),
+    ("bzip2", "/bin/bzip2"),
     ("linux-source-6.1", "/usr/src/linux-source-6.1.tar.xz"),
     ("make", "/usr/bin/make"),
     ("gcc", "/usr/bin/gcc"),

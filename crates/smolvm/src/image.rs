@@ -61,7 +61,7 @@ pub fn resolve(config: &VmConfig, dirs: &Dirs, progress: Progress) -> Result<Boo
     };
     let initrd = match &config.initrd_path {
         Some(i) => i.clone(),
-        None => default_initramfs(dirs, &modules)?,
+        None => default_initramfs(dirs, &modules, progress)?,
     };
     let rootfs = match config.image.as_deref() {
         None | Some("default") => config.rootfs_path.clone(),
@@ -438,19 +438,8 @@ fn elf_head(path: &Path) -> Option<Vec<u8>> {
 }
 
 /// Whether an executable needs no dynamic loader (it has no ELF interpreter path).
-fn is_static(elf: &[u8]) -> bool {
+pub(crate) fn is_static(elf: &[u8]) -> bool {
     !elf.windows(12).any(|w| w == b"/lib64/ld-li" || w == b"/lib/ld-musl")
-}
-
-pub fn busybox_binary() -> Result<PathBuf> {
-    let candidates =
-        std::env::var_os("SMOLVM_BUSYBOX").map(PathBuf::from).into_iter().chain(["/bin/busybox", "/usr/bin/busybox"].map(PathBuf::from));
-    for p in candidates {
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    Err(Error::Image("busybox was not found: install busybox-static (`smolvm setup`)".into()))
 }
 
 const PROFILE: &str = "\
@@ -519,9 +508,9 @@ fn memo_put(dirs: &Dirs, key: &str, fp: &str) {
     }
 }
 
-pub fn default_initramfs(dirs: &Dirs, modules: &[(String, Vec<u8>)]) -> Result<PathBuf> {
+pub fn default_initramfs(dirs: &Dirs, modules: &[(String, Vec<u8>)], progress: Progress) -> Result<PathBuf> {
     let agent_path = agent_binary()?;
-    let busybox_path = busybox_binary()?;
+    let busybox_path = crate::busybox::guest(dirs, progress)?;
     let mut files: Vec<u8> = FILES.iter().flat_map(|(p, m, c)| format!("{p}:{m}:{c}").into_bytes()).collect();
     for (name, data) in modules {
         files.extend_from_slice(name.as_bytes());
@@ -583,7 +572,8 @@ const ROOTFS_SIZE: &str = "1G";
 /// An ext4 root filesystem with the same busybox userland as the initramfs, for images that
 /// want a disk (`rootfs_path`). The agent stays in the initramfs and switches into it.
 pub fn default_rootfs(dirs: &Dirs) -> Result<PathBuf> {
-    let busybox = fs::read(busybox_binary()?).ctx(|| "reading busybox".into())?;
+    let busybox_path = crate::busybox::guest(dirs, &|_| {})?;
+    let busybox = fs::read(&busybox_path).ctx(|| "reading busybox".into())?;
     let files: Vec<u8> = FILES.iter().flat_map(|(p, m, c)| format!("{p}:{m}:{c}").into_bytes()).collect();
     let fp = fingerprint(&[ROOTFS_RECIPE.as_bytes(), &busybox, &files, ROOTFS_SIZE.as_bytes()]);
     let dir = dirs.images.join(format!("rootfs-{fp}"));
@@ -597,16 +587,15 @@ pub fn default_rootfs(dirs: &Dirs) -> Result<PathBuf> {
     }
     let tree = TempDir(dirs.images.join(format!(".build-rootfs-{}", std::process::id())));
     let _ = fs::remove_dir_all(&tree.0);
-    busybox_tree(&tree.0)?;
+    busybox_tree(&tree.0, &busybox_path)?;
     make_ext4(&tree.0, &path, ROOTFS_SIZE)?;
     Ok(path)
 }
 
 /// The busybox userland (a link per applet) and the minimal /etc, in `tree`.
-pub(crate) fn busybox_tree(tree: &Path) -> Result<()> {
-    let busybox_path = busybox_binary()?;
-    let busybox = fs::read(&busybox_path).ctx(|| format!("reading {}", busybox_path.display()))?;
-    let applets = Command::new(&busybox_path).arg("--list-full").output().ctx(|| "listing busybox applets".into())?;
+pub(crate) fn busybox_tree(tree: &Path, busybox_path: &Path) -> Result<()> {
+    let busybox = fs::read(busybox_path).ctx(|| format!("reading {}", busybox_path.display()))?;
+    let applets = Command::new(busybox_path).arg("--list-full").output().ctx(|| "listing busybox applets".into())?;
     let io = (|| -> std::io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         for d in DIRS {
@@ -720,8 +709,9 @@ pub fn disk_image_name(entry: &str) -> Option<&str> {
 }
 
 /// Remove what can be rebuilt cheaply or is stale: warm snapshots, leftovers of interrupted
-/// builds, all but the two newest initramfs (ours and the Debian kernel's may both be in use)
-/// and all but the newest root disk (of each named image). Kernels stay (they take minutes to
+/// builds, records of failed busybox builds (so the next start tries again), all but the two
+/// newest initramfs (ours and the Debian kernel's may both be in use) and all but the newest
+/// root disk (of each named image) and busybox build. Kernels stay (they take minutes to
 /// build); remove one by name if needed.
 pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
     let _lock = lock_images(dirs)?;
@@ -746,17 +736,22 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
         };
         let keep = match kind.as_str() {
             "initramfs" => 2,
-            "rootfs" => 1,
+            "rootfs" | "busybox" => 1,
             k if k.starts_with("disk-") => 1,
             _ => usize::MAX,
         };
+        // A record of a failed build is stale and does not take the place of a good build.
+        let failed = path.join(crate::busybox::FAILED).exists();
         let count = seen.entry(kind).or_default();
-        *count += 1;
+        if !failed {
+            *count += 1;
+        }
         let stale = name.starts_with(".build-")
             || name.starts_with(".debian-kernel-")
             || name.contains(".tmp")
             || name.starts_with("warm-")
             || name == "memo"
+            || failed
             || *count > keep;
         if stale && path.is_dir() && fs::remove_dir_all(&path).is_ok() {
             removed.push(name);
@@ -825,10 +820,23 @@ mod tests {
     fn prune_keeps_kernels_and_the_newest_images() {
         let t = tempfile::tempdir().unwrap();
         let dirs = Dirs { data: t.path().into(), images: t.path().join("images") };
-        for (i, name) in
-            ["initramfs-a", "initramfs-b", "initramfs-c", "rootfs-a", "rootfs-b", "kernel-a", "kernel-b", "warm-a", ".build-kernel-1"]
-                .iter()
-                .enumerate()
+        for (i, name) in [
+            "initramfs-a",
+            "initramfs-b",
+            "initramfs-c",
+            "rootfs-a",
+            "rootfs-b",
+            "kernel-a",
+            "kernel-b",
+            "warm-a",
+            ".build-kernel-1",
+            "busybox-a",
+            "busybox-b",
+            "busybox-fetch-failed",
+            "sources",
+        ]
+        .iter()
+        .enumerate()
         {
             let p = dirs.images.join(name);
             fs::create_dir_all(&p).unwrap();
@@ -837,9 +845,12 @@ mod tests {
             f.set_modified(when).unwrap();
             fs::File::open(&p).unwrap().set_modified(when).unwrap();
         }
+        // A record of a failed busybox fetch goes (so the next start tries again).
+        fs::write(dirs.images.join("busybox-fetch-failed").join(crate::busybox::FAILED), "offline").unwrap();
         let mut removed = prune(&dirs).unwrap();
         removed.sort();
-        assert_eq!(removed, [".build-kernel-1", "initramfs-a", "rootfs-a", "warm-a"]);
+        assert_eq!(removed, [".build-kernel-1", "busybox-a", "busybox-fetch-failed", "initramfs-a", "rootfs-a", "warm-a"]);
+        assert!(dirs.images.join("busybox-b").exists() && dirs.images.join("sources").exists());
         assert!(dirs.images.join("kernel-a").exists() && dirs.images.join("initramfs-c").exists());
         assert!(remove_entry(&dirs, "../x").is_err());
         remove_entry(&dirs, "kernel-a").unwrap();

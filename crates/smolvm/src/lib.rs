@@ -2,6 +2,7 @@
 //! Python package are thin layers over it.
 
 pub mod bench;
+pub mod busybox;
 pub mod config;
 pub mod conn;
 pub mod cpio;

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 
 /// Bump when the way a disk is assembled changes without its recipe changing.
 const DISK_RECIPE: &str = "disk-recipe-1";
-const SUITE: &str = "bookworm";
+pub(crate) const SUITE: &str = "bookworm";
 pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 
 /// How sshd is set up in Debian images: keys only, one host key made per sandbox at its first
@@ -124,8 +124,8 @@ impl Recipe {
     }
 
     /// Everything the disk is made from: the recipe, the bytes and modes of its files, the
-    /// mirror, and for busybox images the busybox binary.
-    fn fingerprint(&self) -> Result<String> {
+    /// mirror, and for busybox images the busybox binary (`busybox`).
+    fn fingerprint(&self, busybox: Option<&std::path::Path>) -> Result<String> {
         use std::os::unix::fs::PermissionsExt;
         let mut parts: Vec<Vec<u8>> = vec![DISK_RECIPE.into(), SUITE.into(), mirror().into(), self.base.clone().into()];
         let mut packages = self.packages.clone();
@@ -138,8 +138,8 @@ impl Recipe {
             parts.push(fs::read(&f.source).ctx(|| format!("reading {}", f.source.display()))?);
         }
         parts.push(self.size_mib.to_le_bytes().to_vec());
-        if self.base == "busybox" {
-            parts.push(fs::read(image::busybox_binary()?).ctx(|| "reading busybox".into())?);
+        if let Some(busybox) = busybox.filter(|_| self.base == "busybox") {
+            parts.push(fs::read(busybox).ctx(|| "reading busybox".into())?);
             parts.push(format!("{:?}", image::FILES).into());
         } else {
             parts.push(SSHD_CONFIG.into());
@@ -148,7 +148,7 @@ impl Recipe {
     }
 }
 
-fn mirror() -> String {
+pub(crate) fn mirror() -> String {
     std::env::var("SMOLVM_DEBIAN_MIRROR").ok().filter(|m| !m.is_empty()).unwrap_or_else(|| DEFAULT_MIRROR.into())
 }
 
@@ -203,7 +203,8 @@ pub fn build(dirs: &Dirs, recipe: &Recipe, progress: Progress) -> Result<Built> 
     if BUILTIN.contains(&recipe.name.as_str()) && builtin_recipe.as_ref() != Some(recipe) {
         return Err(Error::validation("image", format!("{:?} is a built-in image; give a custom recipe another name", recipe.name)));
     }
-    let fp = recipe.fingerprint()?;
+    let busybox = if recipe.base == "busybox" { Some(crate::busybox::guest(dirs, progress)?) } else { None };
+    let fp = recipe.fingerprint(busybox.as_deref())?;
     let dir = dirs.images.join(format!("disk-{}-{fp}", recipe.name));
     let path = dir.join("rootfs.ext4");
     let save = || -> Result<()> {
@@ -238,7 +239,7 @@ pub fn build(dirs: &Dirs, recipe: &Recipe, progress: Progress) -> Result<Built> 
             debian_ssh_setup(&tree)?;
         }
         _ => {
-            image::busybox_tree(&tree)?;
+            image::busybox_tree(&tree, busybox.as_deref().expect("resolved for busybox recipes"))?;
             if !recipe.packages.is_empty() {
                 let unpacked = work.0.join("packages");
                 mmdebstrap(&unpacked, "extract", &recipe.packages, progress)?;
@@ -384,11 +385,11 @@ mod tests {
             files: vec![RecipeFile { source: file.clone(), dest: "/etc/motd".into() }],
             size_mib: 512,
         };
-        let fp = r.fingerprint().unwrap();
+        let fp = r.fingerprint(None).unwrap();
         let reordered = Recipe { packages: vec!["a".into(), "b".into()], ..r.clone() };
-        assert_eq!(fp, reordered.fingerprint().unwrap(), "package order does not matter");
-        assert_ne!(fp, Recipe { size_mib: 1024, ..r.clone() }.fingerprint().unwrap());
+        assert_eq!(fp, reordered.fingerprint(None).unwrap(), "package order does not matter");
+        assert_ne!(fp, Recipe { size_mib: 1024, ..r.clone() }.fingerprint(None).unwrap());
         fs::write(&file, "two").unwrap();
-        assert_ne!(fp, r.fingerprint().unwrap(), "a file's bytes are part of the recipe");
+        assert_ne!(fp, r.fingerprint(None).unwrap(), "a file's bytes are part of the recipe");
     }
 }
