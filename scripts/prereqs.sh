@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what smolvm needs on a Debian/Ubuntu host, skipping what is already there.
 set -euo pipefail
-pkgs=(qemu-system-x86 busybox-static musl-tools patch bzip2 linux-source-6.1 make gcc flex bison bc libelf-dev libssl-dev
+pkgs=(qemu-system-x86 busybox-static musl-tools patch bzip2 debian-archive-keyring linux-source-6.1 make gcc flex bison bc libelf-dev libssl-dev
       xz-utils cpio nftables e2fsprogs iproute2 procps python3-venv qemu-utils mmdebstrap openssh-client)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -248,12 +248,17 @@ fn use_published_chooses_between_a_ready_image_and_a_local_build() {
     let idir = initrd.parent().unwrap().strip_prefix(&shared).unwrap().to_path_buf();
     std::fs::create_dir_all(images.join(&kdir)).unwrap();
     std::fs::copy(&kernel, images.join(&kdir).join("vmlinux")).unwrap();
-    // And the musl busybox (its build takes half a minute).
+    // And the musl busybox with its source (a fetch and a build take half a minute).
     for entry in std::fs::read_dir(&shared).unwrap().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("busybox-") && entry.path().join("busybox").is_file() {
+        let file = if name == "sources" { None } else { Some("busybox") };
+        if name == "sources" || (name.starts_with("busybox-") && entry.path().join("busybox").is_file()) {
             std::fs::create_dir_all(images.join(&name)).unwrap();
-            std::fs::copy(entry.path().join("busybox"), images.join(&name).join("busybox")).unwrap();
+            for f in std::fs::read_dir(entry.path()).unwrap().flatten() {
+                if file.is_none_or(|n| f.file_name() == n) {
+                    std::fs::copy(f.path(), images.join(&name).join(f.file_name())).unwrap();
+                }
+            }
         }
     }
     std::fs::create_dir_all(source.join(&idir)).unwrap();

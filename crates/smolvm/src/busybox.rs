@@ -3,12 +3,12 @@
 //! static start-up (IRELATIVE relocations, CPU feature probing, tunables) runs before every
 //! command; under TCG a cold guest translates all of that on the way to its first command.
 //! The musl build starts with a fraction of the code and is 40 % smaller in every guest's RAM.
-//! Measured here, interleaved: cold `smolvm run true` 8-13 ms faster. Where the source or
-//! musl-gcc is missing, or the build fails, Debian's binary serves instead.
+//! Measured here, interleaved: cold `smolvm run true` 8-13 ms faster. Where the source, the
+//! toolchain or the network is missing, or the build fails, Debian's binary serves instead.
 
 use crate::config::Dirs;
 use crate::error::{Error, IoContext, Result};
-use crate::image::{fingerprint, lock_images, missing_options, on_path, run_checked, Progress, TempDir};
+use crate::image::{fingerprint, install_file, lock_images, missing_options, on_path, run_checked, unpack_source, Progress, TempDir};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,34 +16,62 @@ use std::process::Command;
 /// Options changed from busybox's `defconfig`, in the kernel fragment format (`=n` to disable).
 pub const FRAGMENT: &str = include_str!("../../../images/busybox.fragment");
 /// Bump when the way busybox is built changes without its inputs changing.
-const RECIPE: &str = "busybox-recipe-1";
-/// Records a failed build in its cache entry, so that it is not retried on every start.
+const RECIPE: &str = "busybox-recipe-2";
+/// A failed fetch or build leaves this file (holding the error) in its cache entry: retrying
+/// on every start would cost each `smolvm run` the failure again (an offline host waits for
+/// the network each time). `smolvm image prune` removes the record.
 pub(crate) const FAILED: &str = "build-failed";
+/// The cache entry that records a failed fetch (a build's record sits in its own entry).
+const FETCH_FAILED: &str = "busybox-fetch-failed";
+const BUILD_TOOLS: [&str; 6] = ["musl-gcc", "make", "tar", "patch", "bzip2", "xz"];
 
-/// Debian's source package as `apt-get source --download-only busybox` leaves it: the
-/// upstream tarball and, if there, Debian's patches.
+/// Debian's source package: the upstream tarball and Debian's patches to it.
 pub struct Source {
     pub orig: PathBuf,
     pub debian: Option<PathBuf>,
 }
 
-/// Where the source is looked for: `SMOLVM_BUSYBOX_SOURCE` if set, else where `fetch_source`
-/// puts it.
-fn source_dir(dirs: &Dirs) -> PathBuf {
-    std::env::var_os("SMOLVM_BUSYBOX_SOURCE").map(PathBuf::from).unwrap_or_else(|| dirs.images.join("sources"))
+/// Our fetch keeps the package in the image cache; `SMOLVM_BUSYBOX_SOURCE` points at one the
+/// user keeps (for hosts without the network; it is never written to).
+fn source_dir(dirs: &Dirs) -> (PathBuf, bool) {
+    match std::env::var_os("SMOLVM_BUSYBOX_SOURCE") {
+        Some(d) => (PathBuf::from(d), false),
+        None => (dirs.images.join("sources"), true),
+    }
 }
 
 pub fn source(dirs: &Dirs) -> Option<Source> {
-    source_in(&source_dir(dirs))
+    source_in(&source_dir(dirs).0)
 }
 
-/// Download Debian's busybox source package (signed by the archive key, checked by apt) into
-/// the image cache, with a private apt state: nothing of the host's apt configuration changes.
+/// The newest upstream tarball in `dir`, and the newest patch tarball of its version (by
+/// modification time: version strings such as `4+deb12u1` and `4.1` do not sort as text).
+fn source_in(dir: &Path) -> Option<Source> {
+    let mut files: Vec<(String, std::time::SystemTime, PathBuf)> = fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.to_string(), e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    files.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+    let (name, _, orig) = files.iter().rev().find(|(n, _, _)| n.starts_with("busybox_") && n.contains(".orig.tar."))?;
+    let version = name.strip_prefix("busybox_")?.split(".orig.tar.").next()?;
+    let debian = files
+        .iter()
+        .rev()
+        .find(|(n, _, _)| n.starts_with(&format!("busybox_{version}-")) && n.contains(".debian.tar."))
+        .map(|f| f.2.clone());
+    Some(Source { orig: orig.clone(), debian })
+}
+
+/// Download Debian's busybox source package into the image cache. apt checks it against the
+/// archive key; its state is private to this fetch, so the host's apt configuration is neither
+/// needed (no deb-src lines) nor changed. The package appears in the cache in one rename, never
+/// half-written.
 fn fetch_source(dirs: &Dirs, progress: Progress) -> Result<Source> {
-    let dir = source_dir(dirs);
+    let (dir, ours) = source_dir(dirs);
     let keyring = Path::new("/usr/share/keyrings/debian-archive-keyring.gpg");
-    if !on_path("apt-get") || !keyring.is_file() {
-        return Err(Error::Image("fetching the busybox source needs apt-get and debian-archive-keyring".into()));
+    if !ours {
+        return Err(Error::Image(format!("SMOLVM_BUSYBOX_SOURCE={} holds no busybox_*.orig.tar.*", dir.display())));
     }
     progress(&format!("fetching Debian's busybox source package into {}", dir.display()));
     let tmp = TempDir(dirs.images.join(format!(".fetch-busybox-{}", std::process::id())));
@@ -51,53 +79,46 @@ fn fetch_source(dirs: &Dirs, progress: Progress) -> Result<Source> {
     for d in ["lists/partial", "cache/archives/partial", "out"] {
         fs::create_dir_all(tmp.0.join(d)).ctx(|| format!("creating {}", tmp.0.display()))?;
     }
-    // apt drops to its own user to download: let it into the work directory.
-    let _ = fs::set_permissions(&tmp.0, std::os::unix::fs::PermissionsExt::from_mode(0o755));
+    // apt downloads as its own unprivileged user, which must be able to reach the directories.
+    for d in [tmp.0.clone(), tmp.0.join("out")] {
+        let _ = fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o755));
+    }
     let list = tmp.0.join("sources.list");
     let line = format!("deb-src [signed-by={}] {} {} main\n", keyring.display(), crate::recipe::mirror(), crate::recipe::SUITE);
     fs::write(&list, line).ctx(|| "writing the apt source list".into())?;
     let apt = |args: &[&str]| {
         let mut cmd = Command::new("apt-get");
-        cmd.arg("-qq")
-            .arg("-o")
-            .arg(format!("Dir::Etc::SourceList={}", list.display()))
-            .arg("-o")
-            .arg("Dir::Etc::SourceParts=/dev/null")
-            .arg("-o")
-            .arg(format!("Dir::State::Lists={}", tmp.0.join("lists").display()))
-            .arg("-o")
-            .arg(format!("Dir::Cache={}", tmp.0.join("cache").display()))
-            .args(args)
-            .current_dir(tmp.0.join("out"));
+        cmd.arg("-qq");
+        for (key, value) in [
+            ("Dir::Etc::SourceList", list.display().to_string()),
+            ("Dir::Etc::SourceParts", "/dev/null".into()),
+            ("Dir::State::Lists", tmp.0.join("lists").display().to_string()),
+            ("Dir::Cache", tmp.0.join("cache").display().to_string()),
+            // Offline, fail fast: this runs on the way to a first sandbox.
+            ("Acquire::Retries", "0".into()),
+            ("Acquire::http::Timeout", "20".into()),
+        ] {
+            cmd.arg("-o").arg(format!("{key}={value}"));
+        }
+        cmd.args(args).current_dir(tmp.0.join("out"));
         cmd
     };
     run_checked(&mut apt(&["update"]), "apt-get update (busybox source)")?;
+    // apt-get update succeeds even when nothing could be downloaded; say what went wrong.
+    let indexed = fs::read_dir(tmp.0.join("lists"))
+        .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().contains("_Sources")))
+        .unwrap_or(false);
+    if !indexed {
+        return Err(Error::Image(format!("could not download the source index from {} (offline?)", crate::recipe::mirror())));
+    }
     run_checked(&mut apt(&["source", "--download-only", "busybox"]), "apt-get source busybox")?;
-    fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
-    for entry in fs::read_dir(tmp.0.join("out")).ctx(|| "reading the downloaded source".into())?.flatten() {
-        let to = dir.join(entry.file_name());
-        fs::copy(entry.path(), &to).ctx(|| format!("saving {}", to.display()))?;
+    let got = source_in(&tmp.0.join("out"));
+    if got.as_ref().is_none_or(|s| s.debian.is_none()) {
+        return Err(Error::Image("apt-get source busybox left no upstream and Debian tarball".into()));
     }
-    source_in(&dir).ok_or_else(|| Error::Image("apt-get source left no busybox tarball".into()))
-}
-
-fn source_in(dir: &Path) -> Option<Source> {
-    let mut names: Vec<String> = fs::read_dir(dir).ok()?.flatten().filter_map(|e| e.file_name().to_str().map(str::to_string)).collect();
-    names.sort();
-    let orig = names.iter().rev().find(|n| n.starts_with("busybox_") && n.contains(".orig.tar."))?;
-    let version = orig.strip_prefix("busybox_")?.split(".orig.tar.").next()?;
-    let debian = names.iter().rev().find(|n| n.starts_with(&format!("busybox_{version}-")) && n.contains(".debian.tar."));
-    Some(Source { orig: dir.join(orig), debian: debian.map(|d| dir.join(d)) })
-}
-
-fn source_fingerprint(src: &Source) -> Result<String> {
-    let mut parts: Vec<Vec<u8>> = vec![RECIPE.into(), FRAGMENT.into()];
-    for p in std::iter::once(&src.orig).chain(src.debian.as_ref()) {
-        let len = fs::metadata(p).ctx(|| format!("reading {}", p.display()))?.len();
-        parts.push(p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().into());
-        parts.push(len.to_le_bytes().to_vec());
-    }
-    Ok(fingerprint(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>()))
+    let _ = fs::remove_dir_all(&dir);
+    fs::rename(tmp.0.join("out"), &dir).ctx(|| format!("saving the source in {}", dir.display()))?;
+    source_in(&dir).ok_or_else(|| Error::Image(format!("{} lost the busybox source", dir.display())))
 }
 
 /// The busybox that goes into guests: `SMOLVM_BUSYBOX` if set, else our musl build (built
@@ -110,7 +131,10 @@ pub fn guest(dirs: &Dirs, progress: Progress) -> Result<PathBuf> {
         Ok(Some(path)) => Ok(path),
         Ok(None) => prebuilt(),
         Err(e) => {
-            progress(&format!("using Debian's busybox-static: {}", e.full_message()));
+            let why =
+                format!("using Debian's busybox-static: {} (after fixing that, `smolvm image prune` lets it try again)", e.full_message());
+            tracing::info!("{why}");
+            progress(&why);
             prebuilt()
         }
     }
@@ -128,70 +152,88 @@ pub fn prebuilt() -> Result<PathBuf> {
     Err(Error::Image("busybox was not found: install busybox-static (`smolvm setup`)".into()))
 }
 
-/// Our build, if it can be had: `None` without musl-gcc, or after a failed fetch or build of
-/// the same inputs (the error is kept in the cache; `smolvm image prune` clears it).
+/// Why our build cannot be had now without trying (a missing tool or key is not recorded as a
+/// failure: installing it is enough), or the recorded error of an earlier try.
+pub fn unavailable(dirs: &Dirs) -> Option<String> {
+    if let Some(tool) = BUILD_TOOLS.iter().find(|t| !on_path(t)) {
+        return Some(format!("`{tool}` is not installed"));
+    }
+    let recorded = |entry: PathBuf| fs::read_to_string(entry.join(FAILED)).ok();
+    match source(dirs) {
+        Some(src) => recorded(dirs.images.join(format!("busybox-{}", source_fingerprint(&src).ok()?))),
+        None if !on_path("apt-get") => Some("no busybox source, and no apt-get to fetch it".into()),
+        None if !Path::new("/usr/share/keyrings/debian-archive-keyring.gpg").is_file() => {
+            Some("no busybox source, and no debian-archive-keyring to check a fetched one".into())
+        }
+        None => recorded(dirs.images.join(FETCH_FAILED)),
+    }
+}
+
+fn source_fingerprint(src: &Source) -> Result<String> {
+    let mut parts: Vec<Vec<u8>> = vec![RECIPE.into(), FRAGMENT.into()];
+    for p in std::iter::once(&src.orig).chain(src.debian.as_ref()) {
+        let len = fs::metadata(p).ctx(|| format!("reading {}", p.display()))?.len();
+        parts.push(p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().into());
+        parts.push(len.to_le_bytes().to_vec());
+    }
+    Ok(fingerprint(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>()))
+}
+
+/// Our build, or `None` where it cannot be had (see `unavailable`).
 fn own(dirs: &Dirs, progress: Progress) -> Result<Option<PathBuf>> {
-    if !on_path("musl-gcc") {
+    let built = |src: &Source| -> Result<(PathBuf, PathBuf)> {
+        let dir = dirs.images.join(format!("busybox-{}", source_fingerprint(src)?));
+        Ok((dir.join("busybox"), dir))
+    };
+    // The fast path of every start: a finished build.
+    if let Some(src) = source(dirs) {
+        let (bin, _) = built(&src)?;
+        if bin.is_file() {
+            return Ok(Some(bin));
+        }
+    }
+    if unavailable(dirs).is_some() {
+        return Ok(None);
+    }
+    let _lock = lock_images(dirs)?;
+    // Another process may have fetched, built or failed meanwhile.
+    if unavailable(dirs).is_some() {
         return Ok(None);
     }
     let src = match source(dirs) {
         Some(src) => src,
-        None => {
-            // A failed fetch is not retried on every start (offline hosts).
-            let failed = dirs.images.join("busybox-fetch-failed");
-            if failed.exists() {
-                return Ok(None);
-            }
-            let _lock = lock_images(dirs)?;
-            match source(dirs).map(Ok).unwrap_or_else(|| fetch_source(dirs, progress)) {
-                Ok(src) => src,
-                Err(e) => {
-                    let _ = fs::create_dir_all(&failed).and_then(|_| fs::write(failed.join(FAILED), e.full_message()));
-                    return Err(e);
-                }
-            }
-        }
+        None => fetch_source(dirs, progress).inspect_err(|e| record(&dirs.images.join(FETCH_FAILED), e))?,
     };
-    let dir = dirs.images.join(format!("busybox-{}", source_fingerprint(&src)?));
-    let bin = dir.join("busybox");
-    if bin.is_file() {
-        return Ok(Some(bin));
-    }
-    if dir.join(FAILED).exists() {
-        return Ok(None);
-    }
-    let _lock = lock_images(dirs)?;
+    let (bin, dir) = built(&src)?;
     if bin.is_file() {
         return Ok(Some(bin));
     }
     let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
-    match build(&src, &dir, dirs, progress) {
-        Ok(()) => Ok(Some(bin)),
-        Err(e) => {
-            let _ = fs::write(dir.join(FAILED), e.full_message());
-            Err(e)
-        }
-    }
+    build(&src, &bin, dirs, progress).inspect_err(|e| record(&dir, e))?;
+    Ok(Some(bin))
 }
 
-fn build(src: &Source, out: &Path, dirs: &Dirs, progress: Progress) -> Result<()> {
-    for tool in ["make", "tar", "patch", "bzip2", "xz"] {
-        if !on_path(tool) {
-            return Err(Error::Image(format!("building busybox needs `{tool}` (install it with `smolvm setup`)")));
-        }
+fn record(entry: &Path, e: &Error) {
+    let _ = fs::create_dir_all(entry).and_then(|_| fs::write(entry.join(FAILED), e.full_message()));
+}
+
+/// Only the kernel's own headers may come from the host (musl has none of them): a glibc
+/// header must not stand in for one that musl lacks.
+fn kernel_headers(dir: &Path) -> Result<()> {
+    for (name, target) in [
+        ("linux", "/usr/include/linux"),
+        ("asm", "/usr/include/x86_64-linux-gnu/asm"),
+        ("asm-generic", "/usr/include/asm-generic"),
+        ("mtd", "/usr/include/mtd"),
+    ] {
+        std::os::unix::fs::symlink(target, dir.join(name)).ctx(|| format!("linking {target}"))?;
     }
-    let tmp = TempDir(dirs.images.join(format!(".build-busybox-{}", std::process::id())));
-    let _ = fs::remove_dir_all(&tmp.0);
-    fs::create_dir_all(&tmp.0).ctx(|| format!("creating {}", tmp.0.display()))?;
+    Ok(())
+}
+
+fn build(src: &Source, bin: &Path, dirs: &Dirs, progress: Progress) -> Result<()> {
     progress(&format!("building busybox (musl, static) from {} (once; about half a minute)", src.orig.display()));
-    run_checked(Command::new("tar").arg("-xf").arg(&src.orig).arg("-C").arg(&tmp.0), "unpacking the busybox source")?;
-    let tree = fs::read_dir(&tmp.0)
-        .ctx(|| "reading the unpacked source".into())?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.join("Makefile").is_file())
-        .ok_or_else(|| Error::Image("the busybox source archive holds no source tree".into()))?;
+    let (tmp, tree) = unpack_source(dirs, "busybox", &src.orig)?;
     if let Some(debian) = &src.debian {
         // Debian's patches (its fixes, CVEs among them), in its order.
         run_checked(Command::new("tar").arg("-xf").arg(debian).arg("-C").arg(&tree), "unpacking Debian's busybox patches")?;
@@ -209,8 +251,11 @@ fn build(src: &Source, out: &Path, dirs: &Dirs, progress: Progress) -> Result<()
             )?;
         }
     }
-    // No build time in the binary: the same inputs give the same busybox, and so the same
-    // initramfs fingerprint, on every host (published images stay usable).
+    let headers = tmp.0.join("kernel-headers");
+    fs::create_dir_all(&headers).ctx(|| "creating the header directory".into())?;
+    kernel_headers(&headers)?;
+    // No build time in the binary: the same source and toolchain give the same busybox, and so
+    // the same initramfs fingerprint, on every host (published images stay usable).
     run_checked(Command::new("make").arg("-C").arg(&tree).arg("defconfig").env("KCONFIG_NOTIMESTAMP", "1"), "configuring busybox")?;
     let config_path = tree.join(".config");
     let config = fs::read_to_string(&config_path).ctx(|| "reading busybox's .config".into())?;
@@ -224,8 +269,7 @@ fn build(src: &Source, out: &Path, dirs: &Dirs, progress: Progress) -> Result<()
             .arg(&tree)
             .arg(format!("-j{jobs}"))
             .arg("CC=musl-gcc")
-            // musl-gcc sees only musl's headers; some applets need the kernel's (linux/*.h).
-            .arg("EXTRA_CFLAGS=-idirafter /usr/include -idirafter /usr/include/x86_64-linux-gnu")
+            .arg(format!("EXTRA_CFLAGS=-idirafter {}", headers.display()))
             .arg("busybox"),
         "building busybox",
     )?;
@@ -235,18 +279,16 @@ fn build(src: &Source, out: &Path, dirs: &Dirs, progress: Progress) -> Result<()
         return Err(Error::Image(format!("the busybox config did not take: {}", missing.join(", "))));
     }
     let built = tree.join("busybox");
-    let head = fs::read(&built).ctx(|| "reading the built busybox".into())?;
-    if !crate::image::is_static(&head) {
+    if !crate::image::is_static(&fs::read(&built).ctx(|| "reading the built busybox".into())?) {
         return Err(Error::Image("the built busybox is not statically linked".into()));
     }
-    let tmp_bin = out.join(format!(".tmp-{}", std::process::id()));
-    fs::copy(&built, &tmp_bin).and_then(|_| fs::rename(&tmp_bin, out.join("busybox"))).ctx(|| "installing busybox".into())?;
+    install_file(&built, bin)?;
     progress("  busybox ready");
     Ok(())
 }
 
-/// `config` (a `.config`) with the fragment's options set: `CONFIG_X=n` becomes
-/// `# CONFIG_X is not set`, anything else replaces the option's line or is appended.
+/// `config` (a `.config`) with the fragment's options set, replacing the options' lines:
+/// busybox's `make` then resolves the rest without asking (nothing new appears).
 pub fn apply_fragment(config: &str, fragment: &str) -> String {
     let wanted: Vec<(&str, &str)> =
         fragment.lines().map(str::trim).filter(|l| l.starts_with("CONFIG_")).filter_map(|l| l.split_once('=')).collect();
@@ -289,15 +331,20 @@ mod tests {
     }
 
     #[test]
-    fn the_source_is_found_with_its_debian_patches() {
-        let dir = std::env::temp_dir().join(format!("smolvm-bbsrc-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        for name in ["busybox_1.35.0.orig.tar.bz2", "busybox_1.35.0-4+deb12u1.debian.tar.xz", "busybox_1.35.0-4+deb12u1.dsc", "other.tar"] {
-            fs::write(dir.join(name), b"x").unwrap();
-        }
-        let src = source_in(&dir).expect("found");
+    fn the_source_is_found_with_the_newest_debian_patches_of_its_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str, secs: u64| {
+            let f = fs::File::create(dir.path().join(name)).unwrap();
+            f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000 + secs)).unwrap();
+        };
+        assert!(source_in(dir.path()).is_none());
+        at("busybox_1.35.0.orig.tar.bz2", 1);
+        at("busybox_1.35.0-4.1.debian.tar.xz", 2);
+        at("busybox_1.35.0-4+deb12u1.debian.tar.xz", 3);
+        at("busybox_1.36.0-1.debian.tar.xz", 4);
+        at("other.tar", 5);
+        let src = source_in(dir.path()).expect("found");
         assert!(src.orig.ends_with("busybox_1.35.0.orig.tar.bz2"));
-        assert!(src.debian.as_deref().is_some_and(|d| d.ends_with("busybox_1.35.0-4+deb12u1.debian.tar.xz")));
-        let _ = fs::remove_dir_all(&dir);
+        assert!(src.debian.as_deref().is_some_and(|d| d.ends_with("busybox_1.35.0-4+deb12u1.debian.tar.xz")), "{:?}", src.debian);
     }
 }

@@ -65,15 +65,14 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
         Ok(p) => check("busybox", "ok", p.display().to_string(), None),
         Err(e) => check("busybox", "fail", e.to_string(), Some("smolvm setup (apt install busybox-static)")),
     });
-    checks.push(if crate::image::on_path("musl-gcc") {
-        check("busybox-musl", "ok", "guests get a musl busybox built from Debian's source (fetched and built on first use)", None)
-    } else {
-        check(
+    checks.push(match crate::busybox::unavailable(dirs) {
+        None => check("busybox-musl", "ok", "guests get a musl busybox built from Debian's source (fetched and built on first use)", None),
+        Some(why) => check(
             "busybox-musl",
             "warn",
-            "musl-gcc not found: guests get Debian's glibc busybox-static, whose start-up makes a cold guest's first command slower",
-            Some("smolvm setup (apt install musl-tools)"),
-        )
+            format!("guests get Debian's glibc busybox-static, whose start-up makes a cold guest's first command slower: {why}"),
+            Some("smolvm setup, then smolvm image prune"),
+        ),
     });
     checks.push(match crate::image::agent_binary() {
         Ok(p) => check("agent", "ok", p.display().to_string(), None),
@@ -130,6 +129,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
     ("busybox-static", "/bin/busybox"),
     ("musl-tools", "/usr/bin/musl-gcc"),
+    ("debian-archive-keyring", "/usr/share/keyrings/debian-archive-keyring.gpg"),
     ("patch", "/usr/bin/patch"),
     ("bzip2", "/bin/bzip2"),
     ("linux-source-6.1", "/usr/src/linux-source-6.1.tar.xz"),

@@ -262,8 +262,24 @@ pub fn default_kernel(dirs: &Dirs, progress: Progress) -> Result<PathBuf> {
     Ok(vmlinux)
 }
 
+/// Unpack a source archive into a build directory of its own (removed when the returned guard
+/// goes, on every path): the guard and the tree (the directory with a Makefile).
+pub(crate) fn unpack_source(dirs: &Dirs, what: &str, archive: &Path) -> Result<(TempDir, PathBuf)> {
+    let tmp = TempDir(dirs.images.join(format!(".build-{what}-{}", std::process::id())));
+    let _ = fs::remove_dir_all(&tmp.0);
+    fs::create_dir_all(&tmp.0).ctx(|| format!("creating {}", tmp.0.display()))?;
+    run_checked(Command::new("tar").arg("-xf").arg(archive).arg("-C").arg(&tmp.0), &format!("unpacking the {what} source"))?;
+    let tree = fs::read_dir(&tmp.0)
+        .ctx(|| format!("reading the unpacked {what} source"))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("Makefile").is_file())
+        .ok_or_else(|| Error::Image(format!("the {what} source archive {} holds no source tree", archive.display())))?;
+    Ok((tmp, tree))
+}
+
 /// Copy into place atomically: a crash leaves no half-written cache entry.
-fn install_file(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn install_file(from: &Path, to: &Path) -> Result<()> {
     let parent = to.parent().expect("cache entries have a parent");
     fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
     let tmp = parent.join(format!(".tmp-{}", std::process::id()));
@@ -318,18 +334,9 @@ fn build_kernel(source: &Path, out_dir: &Path, dirs: &Dirs, progress: Progress) 
             return Err(Error::Image(format!("building the guest kernel needs `{tool}` (install it with `smolvm setup`)")));
         }
     }
-    let tmp = TempDir(dirs.images.join(format!(".build-kernel-{}", std::process::id())));
-    let _ = fs::remove_dir_all(&tmp.0);
-    fs::create_dir_all(&tmp.0).ctx(|| format!("creating {}", tmp.0.display()))?;
     progress(&format!("building the guest kernel from {} (once; a few minutes)", source.display()));
     progress("  unpacking the source");
-    run_checked(Command::new("tar").arg("-xf").arg(source).arg("-C").arg(&tmp.0), "unpacking the kernel source")?;
-    let src = fs::read_dir(&tmp.0)
-        .ctx(|| "reading the unpacked source".into())?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.join("Makefile").is_file())
-        .ok_or_else(|| Error::Image("the kernel source archive holds no kernel tree".into()))?;
+    let (tmp, src) = unpack_source(dirs, "kernel", source)?;
     edit_kernel_source(&src)?;
     let fragment = tmp.0.join("smolvm.fragment");
     fs::write(&fragment, KERNEL_FRAGMENT).ctx(|| "writing the config fragment".into())?;
@@ -740,8 +747,9 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
             k if k.starts_with("disk-") => 1,
             _ => usize::MAX,
         };
-        // A record of a failed build is stale and does not take the place of a good build.
-        let failed = path.join(crate::busybox::FAILED).exists();
+        // A record of a failed build, or a build a crash left unfinished, is stale and does not
+        // take the place of a good build.
+        let failed = path.join(crate::busybox::FAILED).exists() || (kind == "busybox" && !path.join("busybox").is_file());
         let count = seen.entry(kind).or_default();
         if !failed {
             *count += 1;
@@ -840,7 +848,9 @@ mod tests {
         {
             let p = dirs.images.join(name);
             fs::create_dir_all(&p).unwrap();
-            let f = fs::File::create(p.join("x")).unwrap();
+            // A busybox entry is a finished build when it holds the binary.
+            let f = fs::File::create(p.join(if name.starts_with("busybox-") && *name != "busybox-fetch-failed" { "busybox" } else { "x" }))
+                .unwrap();
             let when = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000 + i as u64);
             f.set_modified(when).unwrap();
             fs::File::open(&p).unwrap().set_modified(when).unwrap();
@@ -851,6 +861,10 @@ mod tests {
         removed.sort();
         assert_eq!(removed, [".build-kernel-1", "busybox-a", "busybox-fetch-failed", "initramfs-a", "rootfs-a", "warm-a"]);
         assert!(dirs.images.join("busybox-b").exists() && dirs.images.join("sources").exists());
+        // A busybox entry a crash left without its binary does not count as the newest build.
+        fs::create_dir_all(dirs.images.join("busybox-c")).unwrap();
+        assert_eq!(prune(&dirs).unwrap(), ["busybox-c"]);
+        assert!(dirs.images.join("busybox-b").exists());
         assert!(dirs.images.join("kernel-a").exists() && dirs.images.join("initramfs-c").exists());
         assert!(remove_entry(&dirs, "../x").is_err());
         remove_entry(&dirs, "kernel-a").unwrap();
