@@ -45,7 +45,9 @@ enum Cmd {
     },
     /// Measure cold boot, round trips and idle cost against references taken in the same run.
     Bench {
-        #[arg(long, default_value_t = 15)]
+        /// Rounds of each start-up measurement. The host's timings drift by ±15 % between
+        /// batches; interleaved rounds cancel the drift, and more of them steady the medians.
+        #[arg(long, default_value_t = 25)]
         rounds: usize,
         /// Only the start-up comparison (cold, warm, bare QEMU), printed; nothing is written.
         #[arg(long)]
