@@ -234,8 +234,9 @@ fn host_variables_backend_and_verbose_boot() {
 #[test]
 fn use_published_chooses_between_a_ready_image_and_a_local_build() {
     let env = env();
-    // A fresh image cache that already has the kernel (and busybox), and a "published" source that has the
-    // initramfs: with SMOLVM_USE_PUBLISHED on it is taken from there, with 0 it is built here.
+    // A fresh image cache that already has the kernel (and busybox), and a "published" source
+    // that has the initramfs: with SMOLVM_USE_PUBLISHED on it is taken from there, with 0 it is
+    // built here.
     let images = env.tmp.path().join("images");
     let source = env.tmp.path().join("published");
     std::fs::create_dir_all(&images).unwrap();
@@ -251,13 +252,10 @@ fn use_published_chooses_between_a_ready_image_and_a_local_build() {
     // And the musl busybox with its source (a fetch and a build take half a minute).
     for entry in std::fs::read_dir(&shared).unwrap().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let file = if name == "sources" { None } else { Some("busybox") };
         if name == "sources" || (name.starts_with("busybox-") && entry.path().join("busybox").is_file()) {
             std::fs::create_dir_all(images.join(&name)).unwrap();
             for f in std::fs::read_dir(entry.path()).unwrap().flatten() {
-                if file.is_none_or(|n| f.file_name() == n) {
-                    std::fs::copy(f.path(), images.join(&name).join(f.file_name())).unwrap();
-                }
+                std::fs::copy(f.path(), images.join(&name).join(f.file_name())).unwrap();
             }
         }
     }
@@ -286,4 +284,49 @@ fn use_published_chooses_between_a_ready_image_and_a_local_build() {
         std::fs::remove_dir_all(images.join(&idir)).unwrap();
         build("1");
     }
+}
+
+/// Where busybox's source cannot be fetched (here: a mirror that refuses connections), images
+/// fall back to Debian's busybox-static, say so once and record it: the next start does not
+/// wait for the network again, `doctor` warns with the reason, and `image prune` clears the
+/// record so that the next build tries again.
+#[test]
+fn an_unfetchable_busybox_source_falls_back_once_until_prune() {
+    let env = env();
+    let images = env.tmp.path().join("offline-images");
+    let shared = shared_images();
+    let built = env.cli().args(["image", "build", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&built.stdout).unwrap();
+    let kernel = std::path::PathBuf::from(v["data"]["kernel"].as_str().unwrap());
+    let kdir = images.join(kernel.parent().unwrap().strip_prefix(&shared).unwrap());
+    std::fs::create_dir_all(&kdir).unwrap();
+    std::fs::copy(&kernel, kdir.join("vmlinux")).unwrap();
+    let smolvm = |args: &[&str]| {
+        let out = env
+            .cli()
+            .args(args)
+            .env("SMOLVM_IMAGE_DIR", &images)
+            .env("SMOLVM_DEBIAN_MIRROR", "http://127.0.0.1:9/debian")
+            .output()
+            .unwrap();
+        assert!(out.status.success() || args[0] == "doctor", "{args:?}: {}", stderr(&out));
+        out
+    };
+    let out = smolvm(&["image", "build"]);
+    let err = stderr(&out);
+    assert!(err.contains("using Debian's busybox-static"), "{err}");
+    assert!(err.contains("could not download the source index from http://127.0.0.1:9/debian"), "{err}");
+    assert!(images.join("busybox-fetch-failed/build-failed").is_file());
+    // The fetch's temporary directory is gone.
+    assert!(std::fs::read_dir(&images).unwrap().flatten().all(|e| !e.file_name().to_string_lossy().starts_with(".fetch-")));
+    let err = stderr(&smolvm(&["image", "build"]));
+    assert!(!err.contains("fetching") && !err.contains("busybox-static"), "tried again: {err}");
+    let doctor: serde_json::Value = serde_json::from_slice(&smolvm(&["doctor", "--json"]).stdout).unwrap();
+    let check = doctor["data"].as_array().unwrap().iter().find(|c| c["name"] == "busybox-musl").expect("a busybox-musl check").clone();
+    assert_eq!(check["status"], "warn", "{check}");
+    assert!(check["detail"].as_str().unwrap().contains("could not download the source index"), "{check}");
+    smolvm(&["image", "prune"]);
+    assert!(!images.join("busybox-fetch-failed").exists());
+    let err = stderr(&smolvm(&["image", "build"]));
+    assert!(err.contains("fetching Debian's busybox source package"), "{err}");
 }

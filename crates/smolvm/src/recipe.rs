@@ -124,7 +124,7 @@ impl Recipe {
     }
 
     /// Everything the disk is made from: the recipe, the bytes and modes of its files, the
-    /// mirror, and for busybox images the busybox binary (`busybox`).
+    /// mirror, and the busybox binary a busybox image is built with (`busybox`, given for those).
     fn fingerprint(&self, busybox: Option<&std::path::Path>) -> Result<String> {
         use std::os::unix::fs::PermissionsExt;
         let mut parts: Vec<Vec<u8>> = vec![DISK_RECIPE.into(), SUITE.into(), mirror().into(), self.base.clone().into()];
@@ -138,7 +138,7 @@ impl Recipe {
             parts.push(fs::read(&f.source).ctx(|| format!("reading {}", f.source.display()))?);
         }
         parts.push(self.size_mib.to_le_bytes().to_vec());
-        if let Some(busybox) = busybox.filter(|_| self.base == "busybox") {
+        if let Some(busybox) = busybox {
             parts.push(fs::read(busybox).ctx(|| "reading busybox".into())?);
             parts.push(format!("{:?}", image::FILES).into());
         } else {

@@ -95,7 +95,7 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
         let cold = BootSpec { restore: None, verbose_boot: false, ram: Some(ram), ..spec.clone() };
         sb.launch(&cold, Duration::from_millis(spec.boot_timeout_ms)).await?;
         // One command first: it waits for the boot's set-up thread (network, /proc, /sys), and
-        // by its end the boot's warm-up shell has exited too. Saved half way, that work would be
+        // the boot's warm-up shell runs alongside it. Saved half way, that work would be
         // finished again in every clone, in memory of its own (measured: +6 MiB PSS each).
         sb.run("true", &crate::sandbox::RunOptions::default()).await?;
         let conn = sb.connection()?;
