@@ -192,14 +192,20 @@ fn bad_input_names_the_field_and_leaves_nothing() {
 #[test]
 fn kill_9_of_smolvm_run_is_cleaned_up_by_the_next_command() {
     let env = env();
-    let mut child = env.cli().args(["run", "sleep 300"]).spawn().unwrap();
-    // Wait until its VM runs the command.
-    let running = wait_until(Duration::from_secs(60), || {
+    let errors = env.tmp.path().join("run-stderr");
+    let mut child = env.cli().args(["run", "sleep 300"]).stderr(std::fs::File::create(&errors).unwrap()).spawn().unwrap();
+    // Wait until its VM runs the command; a run that failed instead says why. The bound is
+    // generous: under the full suite the VM tests share two cores, and the first run of an
+    // image may wait for its warm snapshot to be made.
+    let running = wait_until(Duration::from_secs(120), || {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("smolvm run ended early ({status}): {}", std::fs::read_to_string(&errors).unwrap_or_default());
+        }
         let out = env.smolvm(&["sandbox", "list", "--json"]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         v["data"].as_array().is_some_and(|a| a.iter().any(|s| s["state"] == "running"))
     });
-    assert!(running);
+    assert!(running, "no sandbox reached running within 120 s; smolvm run said: {}", std::fs::read_to_string(&errors).unwrap_or_default());
     assert!(!env.qemu_processes().is_empty());
     std::thread::sleep(Duration::from_millis(500));
     child.kill().unwrap(); // SIGKILL

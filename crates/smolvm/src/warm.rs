@@ -63,6 +63,7 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
     let dir = template_dir(config, spec, &dirs.images)?;
     let state = dir.join("state");
     if state.is_file() {
+        mark_used(&state);
         return Ok(state);
     }
     let lock = {
@@ -111,13 +112,127 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
+    // Still under the image lock: nobody is making a template while old ones go.
+    collect(&dirs.images, &dir);
     drop(lock);
     result.map(|_| state)
+}
+
+/// Templates kept besides the newest: the most recently used. Each new agent, kernel, QEMU
+/// or VM shape makes a template of its own (about 135 MB on disk for 512 MiB of RAM), so
+/// without a bound upgrades alone fill the cache.
+const KEEP: usize = 8;
+
+/// A template's last use is its state file's modification time (nothing rewrites the file).
+fn mark_used(state: &Path) {
+    let _ = std::fs::File::open(state).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+}
+
+/// Remove templates beyond the `KEEP` most recently used, those whose kernel or initramfs is
+/// gone (`image prune`, or a rebuilt image), and the half-made ones of processes that died.
+/// `newest` (just made) always stays. Called under the image lock. A clone running from a
+/// removed template keeps its RAM file open and is not affected.
+fn collect(images: &Path, newest: &Path) {
+    let Ok(entries) = std::fs::read_dir(images) else { return };
+    let mut kept = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("warm-") else { continue };
+        let path = entry.path();
+        if let Some((_, pid)) = rest.split_once(".tmp-") {
+            let alive = pid.parse::<i32>().is_ok_and(|p| crate::store::ProcId::of(p).is_some());
+            if !alive {
+                let _ = std::fs::remove_dir_all(&path);
+            }
+            continue;
+        }
+        if path == newest {
+            continue;
+        }
+        let inputs_present = std::fs::read(path.join("image.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<image::BootImage>(&b).ok())
+            .is_some_and(|img| img.kernel.is_file() && img.initrd.as_deref().is_none_or(Path::is_file));
+        let used = std::fs::metadata(path.join("state")).and_then(|m| m.modified()).ok();
+        match used {
+            Some(used) if inputs_present => kept.push((used, path)),
+            _ => {
+                let _ = std::fs::remove_dir_all(&path);
+            }
+        }
+    }
+    kept.sort_by_key(|(used, _)| std::cmp::Reverse(*used));
+    for (_, path) in kept.into_iter().skip(KEEP) {
+        let _ = std::fs::remove_dir_all(&path);
+    }
 }
 
 /// Forget a template that failed to restore; the next start makes a new one.
 pub fn discard(state: &Path) {
     if let Some(dir) = state.parent() {
         let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    fn template(images: &Path, name: &str, used_secs_ago: u64, inputs: &image::BootImage) -> PathBuf {
+        let dir = images.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("image.json"), serde_json::to_vec(inputs).unwrap()).unwrap();
+        let state = std::fs::File::create(dir.join("state")).unwrap();
+        state.set_modified(SystemTime::now() - Duration::from_secs(used_secs_ago)).unwrap();
+        dir
+    }
+
+    #[test]
+    fn collection_keeps_the_most_recently_used_templates_whose_image_exists() {
+        let tmp = tempfile::tempdir().unwrap();
+        let images = tmp.path();
+        let kernel = images.join("vmlinux");
+        let initrd = images.join("initramfs.cpio");
+        std::fs::write(&kernel, b"k").unwrap();
+        std::fs::write(&initrd, b"i").unwrap();
+        let present = image::BootImage { kernel: kernel.clone(), initrd: Some(initrd.clone()), rootfs: None };
+        let gone = image::BootImage { kernel, initrd: Some(images.join("initramfs-old.cpio")), rootfs: None };
+        // Used 1..=12 hours ago: warm-01 is the most recent.
+        let dirs: Vec<PathBuf> = (1..=12).map(|h| template(images, &format!("warm-{h:02}"), h * 3600, &present)).collect();
+        // The newest stays even though it is the least recently "used" of all.
+        let newest = template(images, "warm-new", 100 * 3600, &present);
+        let orphan = template(images, "warm-orphan", 0, &gone);
+        let no_state = images.join("warm-nostate");
+        std::fs::create_dir_all(&no_state).unwrap();
+        // A half-made template: of a dead process it goes, of a live one (this test) it stays.
+        let dead_tmp = images.join("warm-x.tmp-2147483646");
+        let live_tmp = images.join(format!("warm-y.tmp-{}", std::process::id()));
+        std::fs::create_dir_all(&dead_tmp).unwrap();
+        std::fs::create_dir_all(&live_tmp).unwrap();
+        let other = images.join("initramfs-1234");
+        std::fs::create_dir_all(&other).unwrap();
+
+        collect(images, &newest);
+
+        for (i, d) in dirs.iter().enumerate() {
+            assert_eq!(d.exists(), i < KEEP, "{}", d.display());
+        }
+        assert!(newest.exists());
+        assert!(!orphan.exists(), "a template whose initramfs is gone stays");
+        assert!(!no_state.exists());
+        assert!(!dead_tmp.exists());
+        assert!(live_tmp.exists());
+        assert!(other.exists(), "collection touched something that is not a template");
+    }
+
+    #[test]
+    fn using_a_template_makes_it_recent() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        std::fs::File::create(&state).unwrap().set_modified(SystemTime::now() - Duration::from_secs(86400)).unwrap();
+        mark_used(&state);
+        let age = SystemTime::now().duration_since(std::fs::metadata(&state).unwrap().modified().unwrap()).unwrap();
+        assert!(age < Duration::from_secs(60), "{age:?}");
     }
 }
