@@ -126,6 +126,54 @@ async fn snapshot_types_and_a_restore_that_stays_paused() {
     ));
 }
 
+/// `src` copied to `dir/<its directory's name>/<its name>` (sparse): a private stand-in for a
+/// cache entry that a test may remove (the shared cache's must stay).
+fn private_copy(src: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
+    let at = dir.join(src.parent().unwrap().file_name().unwrap());
+    std::fs::create_dir_all(&at).unwrap();
+    let dst = at.join(src.file_name().unwrap());
+    assert!(std::process::Command::new("cp").arg("--sparse=always").arg(src).arg(&dst).status().unwrap().success());
+    dst
+}
+
+#[tokio::test]
+async fn snapshots_outlive_the_files_they_booted_from() {
+    let env = env();
+    let img = smolvm::image::resolve(&VmConfig::default(), &env.dirs, &|_| {}).unwrap();
+    let boot = env.tmp.path().join("boot");
+    let kernel = private_copy(&img.kernel, &boot);
+    let initrd = private_copy(img.initrd.as_deref().unwrap(), &boot);
+    let rootfs = private_copy(&smolvm::image::default_rootfs(&env.dirs).unwrap(), &boot);
+    let config = VmConfig { kernel_path: Some(kernel), initrd_path: Some(initrd), rootfs_path: Some(rootfs), ..Default::default() };
+    let sb = env.boot(config).await;
+    sb.run("echo one > /root/one; echo ram > /tmp/ram", &opts()).await.unwrap();
+    sb.snapshot(Some("full1"), "full").await.unwrap();
+    sb.snapshot(Some("disk1"), "disk").await.unwrap();
+    sb.delete().await.unwrap();
+    // What `image prune` or `image rm` does to a cache entry.
+    std::fs::remove_dir_all(&boot).unwrap();
+
+    let restore = |name: &str| RestoreOptions { name: Some(name.into()), ..Default::default() };
+    let full = Sandbox::from_snapshot_in(env.dirs.clone(), "full1", restore("from-full")).await.unwrap();
+    assert_eq!(out(&full, "cat /root/one /tmp/ram").await, "one\nram\n");
+    full.delete().await.unwrap();
+    let disk = Sandbox::from_snapshot_in(env.dirs.clone(), "disk1", restore("from-disk")).await.unwrap();
+    assert_eq!(out(&disk, "cat /root/one; ls /tmp").await, "one\n");
+    // A snapshot of a sandbox started from a snapshot does not lean on the first one.
+    disk.run("echo two > /root/two", &opts()).await.unwrap();
+    disk.snapshot(Some("disk2"), "disk").await.unwrap();
+    disk.delete().await.unwrap();
+    delete_snapshot(&env.dirs, "disk1").unwrap();
+    let again = Sandbox::from_snapshot_in(env.dirs.clone(), "disk2", restore("from-disk2")).await.unwrap();
+    assert_eq!(out(&again, "cat /root/one /root/two").await, "one\ntwo\n");
+    again.delete().await.unwrap();
+    for id in ["full1", "disk2"] {
+        delete_snapshot(&env.dirs, id).unwrap();
+    }
+    assert!(env.qemu_processes().is_empty());
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+}
+
 #[test]
 fn smolvm_run_starts_warm_and_cold_on_request() {
     let env = env();

@@ -13,6 +13,7 @@ pub mod image;
 pub mod net;
 pub mod recipe;
 pub mod sandbox;
+pub mod snapshot_files;
 pub mod ssh;
 pub mod store;
 pub mod supervisor;

@@ -657,10 +657,24 @@ impl Sandbox {
             return Err(Error::validation("snapshot_id", format!("snapshot '{id}' already exists")));
         }
         let rec = self.record()?;
+        if kind == SnapshotKind::Disk && rec.state == State::Running {
+            // What the guest wrote may still be in its page cache, which a disk snapshot does
+            // not contain: flush it to the disk first.
+            let opts = RunOptions { timeout: Duration::from_secs(60), shell: Shell::Raw, ..Default::default() };
+            let r = self.run("sync", &opts).await?;
+            if !r.ok() {
+                return Err(Error::Guest(format!("flushing the guest's writes before the disk snapshot: {}", r.stderr.trim())));
+            }
+        }
         let dir = snapshot_dir(&self.dirs, &id);
         let _ = std::fs::remove_dir_all(&dir);
         let req = Request::Snapshot { dir: dir.to_string_lossy().into_owned(), kind };
-        if let Err(e) = self.control(req, "snapshot").await {
+        let saved = async {
+            self.control(req, "snapshot").await?;
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || crate::snapshot_files::detach(&d)).await.map_err(|e| Error::Host(e.to_string()))?
+        };
+        if let Err(e) = saved.await {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
@@ -686,8 +700,19 @@ impl Sandbox {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or_else(|| Error::Host(format!("snapshot '{snapshot_id}' is damaged: {} has no image.json", dir.display())))?;
+        crate::snapshot_files::check(snapshot_id, &image)?;
         let mut config = snap.config.clone();
         config.vm_id = opts.name.clone();
+        // Files the source named itself now live in the snapshot (the originals may be gone).
+        if config.kernel_path.is_some() {
+            config.kernel_path = Some(image.kernel.clone());
+        }
+        if config.initrd_path.is_some() {
+            config.initrd_path = image.initrd.clone();
+        }
+        if config.rootfs_path.is_some() {
+            config.rootfs_path = image.rootfs.clone();
+        }
         if let Some(env) = &opts.env_vars {
             config.env_vars = env.clone();
         }

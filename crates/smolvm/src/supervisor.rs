@@ -599,6 +599,8 @@ async fn boot(
     plan: &NetPlan,
 ) -> Result<(tokio::process::Child, qemu::Qmp, Arc<Conn>, bool)> {
     let listener = UnixListener::bind(&launch.agent_socket).ctx(|| format!("binding {}", launch.agent_socket.display()))?;
+    // The log is the sandbox's across starts: only what this QEMU writes explains this boot.
+    let log_start = std::fs::metadata(&paths.log).map(|m| m.len()).unwrap_or(0);
     let mut child = qemu::spawn(launch, &paths.log)?;
     tracing::debug!("phase: qemu spawned");
     let started = Instant::now();
@@ -656,7 +658,13 @@ async fn boot(
             Ok(r) => r,
             Err(_) => Err(Error::Timeout { operation: "boot".into(), seconds: timeout.as_secs_f64() }),
         },
-        status = child.wait() => Err(Error::Host(format!("the VMM exited during boot ({})", status.map(|s| s.to_string()).unwrap_or_default()))),
+        status = child.wait() => {
+            let status = status.map(|s| s.to_string()).unwrap_or_default();
+            Err(Error::Host(match vmm_complaints(&paths.log, log_start) {
+                Some(said) => format!("the VMM exited during boot ({status}): {said}"),
+                None => format!("the VMM exited during boot ({status})"),
+            }))
+        }
     };
     drop(listener);
     let _ = std::fs::remove_file(&launch.agent_socket);
@@ -667,6 +675,20 @@ async fn boot(
             Err(e)
         }
     }
+}
+
+/// What QEMU wrote to the log from `from` on: its own error lines, which start with its name
+/// ("qemu:" or "qemu-system-x86_64:"), the last few of them. Without them a QEMU that refuses
+/// to start (a missing file, an unusable option) would only say that it exited.
+fn vmm_complaints(log: &Path, from: u64) -> Option<String> {
+    use std::io::{Read, Seek};
+    let mut bytes = Vec::new();
+    let mut f = std::fs::File::open(log).ok()?;
+    f.seek(std::io::SeekFrom::Start(from)).ok()?;
+    f.take(64 * 1024).read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    let said: Vec<&str> = text.lines().map(str::trim).filter(|l| l.starts_with("qemu")).collect();
+    (!said.is_empty()).then(|| said[said.len().saturating_sub(3)..].join("; "))
 }
 
 /// Save the VM into `dir`. `full`: the device and memory state (QEMU's migration stream; when
@@ -842,4 +864,22 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
         let _ = agent.send_on(aid, &Request::Cancel).await;
     }
     let _ = ctl.send(Control::ClientGone);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vmm_error_is_what_this_qemu_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("supervisor.log");
+        std::fs::write(&log, "qemu-system-x86_64: an error of an earlier start\n").unwrap();
+        let from = std::fs::metadata(&log).unwrap().len();
+        assert_eq!(vmm_complaints(&log, from), None);
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        std::io::Write::write_all(&mut f, b"2026-11-29T10:00:00Z  WARN smolvm: unrelated\nqemu: error reading initrd /x: open() failed\n")
+            .unwrap();
+        assert_eq!(vmm_complaints(&log, from).as_deref(), Some("qemu: error reading initrd /x: open() failed"));
+    }
 }
