@@ -196,6 +196,7 @@ enum SandboxCmd {
         name: String,
         #[command(flatten)]
         exec: ExecArgs,
+        /// KEY=VALUE, or KEY to take the host's value (keeps it off command lines); repeatable.
         #[arg(long = "env", short = 'e')]
         env: Vec<String>,
         /// agent | ssh: this command's channel (default: the sandbox's comm_channel).
@@ -299,7 +300,7 @@ enum SnapshotCmd {
         /// Leave the new sandbox paused.
         #[arg(long)]
         no_resume: bool,
-        /// KEY=VALUE, repeatable: replaces the snapshot's variables.
+        /// KEY=VALUE, or KEY to take the host's value; repeatable: replaces the snapshot's variables.
         #[arg(long = "env", short = 'e')]
         env: Vec<String>,
         #[arg(long)]
@@ -318,6 +319,7 @@ enum SnapshotCmd {
 enum EnvCmd {
     Set {
         name: String,
+        /// KEY=VALUE, or KEY to take the host's value (keeps it off command lines).
         #[arg(required = true)]
         pairs: Vec<String>,
         /// Replace all managed variables instead of merging.
@@ -516,7 +518,7 @@ fn run_options(exec: &ExecArgs, env: &[String]) -> Result<RunOptions, Error> {
     Ok(RunOptions {
         timeout: secs(exec.timeout, "timeout")?,
         shell: if exec.shell == "raw" { Shell::Raw } else { Shell::Login },
-        env: smolvm::env::parse_pairs(env)?,
+        env: env_flags(env)?,
         cwd: None,
     })
 }
@@ -869,7 +871,7 @@ async fn snapshot_cmd(cmd: SnapshotCmd, dirs: Dirs) -> Result<Done, Error> {
             Ok(Done::text(info.snapshot_id.clone(), serde_json::to_value(&info).unwrap_or_default()))
         }
         SnapshotCmd::Restore { snapshot_id, name, no_resume, env, .. } => {
-            let env_vars = if env.is_empty() { None } else { Some(smolvm::env::parse_pairs(&env)?) };
+            let env_vars = if env.is_empty() { None } else { Some(env_flags(&env)?) };
             let opts = sandbox::RestoreOptions { name, env_vars, resume: !no_resume, ..Default::default() };
             let sb = Sandbox::from_snapshot_in(dirs, &snapshot_id, opts).await?;
             let info = sb.info().await?;
@@ -893,7 +895,7 @@ async fn snapshot_cmd(cmd: SnapshotCmd, dirs: Dirs) -> Result<Done, Error> {
 async fn env_cmd(cmd: EnvCmd, dirs: Dirs) -> Result<Done, Error> {
     match cmd {
         EnvCmd::Set { name, pairs, replace, .. } => {
-            let vars = smolvm::env::parse_pairs(&pairs)?;
+            let vars = env_flags(&pairs)?;
             let sb = Sandbox::open_in(dirs, &name).await?;
             let names = sb.set_env_vars(&vars, !replace).await?;
             Ok(Done::text(names.join("\n"), json!({ "names": names })))

@@ -178,6 +178,13 @@ fn cli_env_commands_mask_values_and_reject_bad_pairs() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["data"]["removed"], serde_json::json!(["DEBUG"]));
     assert_eq!(v["ok"], true);
+    // A bare KEY takes the host's value here too, keeping it off command lines.
+    let out = env.cli().args(["sandbox", "env", "set", "clienv", "TOKEN"]).env("TOKEN", "from the host").output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out =
+        env.cli().args(["sandbox", "exec", "clienv", "-e", "ONCE", "--", "echo $TOKEN/$ONCE"]).env("ONCE", "just once").output().unwrap();
+    assert_eq!(stdout(&out), "from the host/just once\n");
+    assert!(env.smolvm(&["sandbox", "env", "unset", "clienv", "TOKEN"]).status.success());
 
     for (pair, message) in [
         ("NOEQUALS", "malformed pair (expected KEY=VALUE)"),

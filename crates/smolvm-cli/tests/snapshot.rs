@@ -174,6 +174,24 @@ async fn snapshots_outlive_the_files_they_booted_from() {
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
 }
 
+#[tokio::test]
+async fn a_sandbox_keeps_its_disk_when_the_image_goes() {
+    let env = env();
+    let boot = env.tmp.path().join("cache");
+    let rootfs = private_copy(&smolvm::image::default_rootfs(&env.dirs).unwrap(), &boot);
+    let mut sb = env.boot(VmConfig { vm_id: Some("keeps".into()), rootfs_path: Some(rootfs.clone()), ..Default::default() }).await;
+    sb.run("echo mine > /root/mine", &opts()).await.unwrap();
+    sb.stop(Duration::from_secs(10)).await.unwrap();
+    // `image rm` and a rebuild at the same path with other bytes: the sandbox's disk stands on
+    // the image it was made from, not on whatever now has that name.
+    std::fs::remove_file(&rootfs).unwrap();
+    std::fs::write(&rootfs, vec![0u8; 1 << 20]).unwrap();
+    sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+    assert_eq!(out(&sb, "cat /root/mine").await, "mine\n");
+    sb.delete().await.unwrap();
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+}
+
 #[test]
 fn smolvm_run_starts_warm_and_cold_on_request() {
     let env = env();

@@ -224,6 +224,24 @@ fn kill_9_of_smolvm_run_is_cleaned_up_by_the_next_command() {
     assert!(wait_until(Duration::from_secs(3), no_supervisor), "a supervisor is left");
 }
 
+#[test]
+fn prune_removes_what_an_interrupted_snapshot_left_and_nothing_being_made() {
+    let env = env();
+    // `snapshot create` killed after the supervisor wrote the files, before the record: the
+    // directory says who was making it.
+    let leftover = smolvm::sandbox::snapshot_dir(&env.dirs, "interrupted");
+    std::fs::create_dir_all(&leftover).unwrap();
+    std::fs::write(leftover.join("state"), vec![0u8; 4096]).unwrap();
+    std::fs::write(leftover.join("making"), "2147483646 1").unwrap();
+    // One this test is making right now.
+    let in_progress = smolvm::sandbox::snapshot_dir(&env.dirs, "in-progress");
+    smolvm::snapshot_files::claim(&in_progress, "in-progress", false).unwrap();
+    let out = env.smolvm(&["sandbox", "prune"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!leftover.exists(), "the leftover of an interrupted snapshot stays");
+    assert!(in_progress.exists(), "prune removed a snapshot being made");
+}
+
 #[tokio::test]
 async fn a_killed_supervisor_shows_as_error_and_prune_removes_it() {
     let env = env();

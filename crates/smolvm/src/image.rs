@@ -649,6 +649,23 @@ pub(crate) fn make_ext4(tree: &Path, path: &Path, size: &str) -> Result<()> {
     made
 }
 
+/// Link `src` as `dst`, so that `dst` stays when `src`'s cache entry goes (`image rm`,
+/// `image prune`, a rebuild). Across filesystems (a cache on another disk than the data
+/// directory) small files are copied (`copy`); a disk base stays where it is, and its user keeps
+/// depending on it.
+pub(crate) fn keep_file(src: &Path, dst: &Path, copy: bool) -> Result<PathBuf> {
+    let _ = fs::remove_file(dst);
+    match fs::hard_link(src, dst) {
+        Ok(()) => Ok(dst.to_path_buf()),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) && copy => {
+            fs::copy(src, dst).ctx(|| format!("copying {} to {}", src.display(), dst.display()))?;
+            Ok(dst.to_path_buf())
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => Ok(src.to_path_buf()),
+        Err(e) => Err(Error::Host(format!("linking {} to {}: {e}", src.display(), dst.display()))),
+    }
+}
+
 /// A copy-on-write qcow2 overlay over `base` (created once; reused while it exists), of
 /// `size_mib` when given and larger than the base: the agent grows the filesystem to fill it.
 pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Result<PathBuf> {
@@ -666,6 +683,12 @@ pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Result<Pat
         return Ok(overlay.to_path_buf());
     }
     let base = fs::canonicalize(base).ctx(|| format!("resolving {}", base.display()))?;
+    // The overlay stands on its own link to the base: an image removed from the cache, or
+    // rebuilt at the same path with other bytes, must not change the disk under a sandbox.
+    let base = match overlay.parent() {
+        Some(dir) => keep_file(&base, &dir.join("base"), false)?,
+        None => base,
+    };
     let mut magic = [0u8; 4];
     let _ = std::io::Read::read_exact(&mut fs::File::open(&base).ctx(|| format!("opening {}", base.display()))?, &mut magic);
     let format = if &magic == b"QFI\xfb" { "qcow2" } else { "raw" };

@@ -62,6 +62,22 @@ impl SandboxPaths {
     pub fn remove_all(&self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+
+    /// The lock a start holds until the sandbox runs (or has failed): a delete waits for it,
+    /// and prune (`wait: false`) passes over a sandbox that holds it (`None`). Until it runs,
+    /// a starting sandbox's record does not say so, and its address lease and files are in use.
+    pub fn start_lock(&self, wait: bool) -> Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+        use nix::fcntl::{Flock, FlockArg};
+        // A record whose directory is gone (a delete interrupted half way) still gets a lock.
+        let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir);
+        let file = std::fs::File::create(&self.lock).ctx(|| format!("creating {}", self.lock.display()))?;
+        let how = if wait { FlockArg::LockExclusive } else { FlockArg::LockExclusiveNonblock };
+        match Flock::lock(file, how) {
+            Ok(l) => Ok(Some(l)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) if !wait => Ok(None),
+            Err((_, e)) => Err(Error::Host(format!("locking sandbox: {e}"))),
+        }
+    }
 }
 
 /// The last `n` lines of a console log, for error messages.
@@ -283,7 +299,17 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
     let mut keep = std::collections::HashSet::new();
     for rec in list(dirs)? {
         let paths = SandboxPaths::new(dirs, &rec.id);
+        // A sandbox being started reads as stopped until it runs: leave it alone.
+        let _lock = match paths.start_lock(false)? {
+            Some(l) => l,
+            None => {
+                keep.insert(paths.dir);
+                continue;
+            }
+        };
         if matches!(rec.state, State::Stopped | State::Error) {
+            // A supervisor that was killed (a stop past its bound) left its firewall table.
+            host_network_leftovers(&store, &rec.id);
             store.remove(&rec.id)?;
             paths.remove_all();
             removed.push(rec.id);
@@ -291,15 +317,32 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
             keep.insert(paths.dir);
         }
     }
-    // Directories no record points at: a delete interrupted half way.
+    // Directories no record points at: a delete interrupted half way. One made in the last
+    // minute may belong to a sandbox being created right now, whose record is newer than the
+    // list above.
+    let recorded: std::collections::HashSet<PathBuf> =
+        store.all()?.iter().map(|r| SandboxPaths::new(dirs, &r.id).dir).chain(keep).collect();
     if let Ok(entries) = std::fs::read_dir(dirs.data.join("vms")) {
         for e in entries.flatten() {
-            if !keep.contains(&e.path()) {
+            if !recorded.contains(&e.path()) && older_than_a_minute(&e.path()) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    // Snapshot directories with no record: a `snapshot create` that was interrupted or crashed.
+    let snapshots: std::collections::HashSet<PathBuf> = store.snapshots()?.iter().map(|s| snapshot_dir(dirs, &s.id)).collect();
+    if let Ok(entries) = std::fs::read_dir(dirs.data.join("snapshots")) {
+        for e in entries.flatten() {
+            if !snapshots.contains(&e.path()) && crate::snapshot_files::orphaned(&e.path()) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
     }
     Ok(removed)
+}
+
+fn older_than_a_minute(path: &Path) -> bool {
+    std::fs::metadata(path).and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60))
 }
 
 impl Sandbox {
@@ -390,9 +433,7 @@ impl Sandbox {
     /// (cached with it) unless `SMOLVM_WARM=0` or `SMOLVM_VERBOSE_BOOT` asks for a real boot;
     /// if the warm start fails, it boots cold.
     pub async fn start(&mut self, boot_timeout: Duration, progress: Progress<'_>) -> Result<()> {
-        let lock = std::fs::File::create(&self.paths.lock).ctx(|| format!("creating {}", self.paths.lock.display()))?;
-        let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| Error::Host(format!("locking sandbox: {e}")))?;
+        let _lock = self.paths.start_lock(true)?;
         let rec = self.record()?;
         if rec.state.is_live() {
             if self.conn.is_none() {
@@ -653,7 +694,8 @@ impl Sandbox {
             }
             None => random_id("snap"),
         };
-        if Store::open(&self.dirs.data)?.get_snapshot(&id)?.is_some() {
+        let exists = Store::open(&self.dirs.data)?.get_snapshot(&id)?.is_some();
+        if exists {
             return Err(Error::validation("snapshot_id", format!("snapshot '{id}' already exists")));
         }
         let rec = self.record()?;
@@ -667,7 +709,7 @@ impl Sandbox {
             }
         }
         let dir = snapshot_dir(&self.dirs, &id);
-        let _ = std::fs::remove_dir_all(&dir);
+        crate::snapshot_files::claim(&dir, &id, exists)?;
         let req = Request::Snapshot { dir: dir.to_string_lossy().into_owned(), kind };
         let saved = async {
             self.control(req, "snapshot").await?;
@@ -688,6 +730,7 @@ impl Sandbox {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
+        crate::snapshot_files::made(&dir);
         Ok(SnapshotInfo { snapshot_id: id, vm_id: self.id.clone(), snapshot_type: snapshot_type.to_string(), path: dir })
     }
 
@@ -1107,6 +1150,7 @@ impl Sandbox {
                 if let Some(vmm) = rec.vmm.filter(|p| p.alive()) {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(vmm.pid), nix::sys::signal::Signal::SIGKILL);
                 }
+                host_network_leftovers(&store, &self.id);
                 self.paths.remove_sockets();
                 store.set_state(&self.id, State::Stopped, None)?;
             }
@@ -1116,6 +1160,9 @@ impl Sandbox {
 
     /// Stop if running, then forget the sandbox and remove its files.
     pub async fn delete(mut self) -> Result<()> {
+        // A start in progress (another process) finishes first; what it started is stopped.
+        let paths = self.paths.clone();
+        let _lock = tokio::task::spawn_blocking(move || paths.start_lock(true)).await.map_err(|e| Error::Host(e.to_string()))??;
         match self.stop(DEFAULT_STOP_TIMEOUT).await {
             Ok(()) | Err(Error::NotFound(_)) => {}
             Err(e) => return Err(e),

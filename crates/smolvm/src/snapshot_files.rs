@@ -5,26 +5,10 @@
 //! its `image.json` names those.
 
 use crate::error::{Error, IoContext, Result};
-use crate::image::{run_checked, BootImage};
+use crate::image::{keep_file as keep, run_checked, BootImage};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// Link `src` as `dst`. Across filesystems (a cache on another disk than the data directory)
-/// small files are copied; a disk base (`copy: false`) stays where it is, and the snapshot
-/// keeps depending on it.
-fn keep(src: &Path, dst: &Path, copy: bool) -> Result<PathBuf> {
-    let _ = fs::remove_file(dst);
-    match fs::hard_link(src, dst) {
-        Ok(()) => Ok(dst.to_path_buf()),
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) && copy => {
-            fs::copy(src, dst).ctx(|| format!("copying {} into the snapshot", src.display()))?;
-            Ok(dst.to_path_buf())
-        }
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => Ok(src.to_path_buf()),
-        Err(e) => Err(Error::Host(format!("linking {} into the snapshot: {e}", src.display()))),
-    }
-}
 
 /// `<dir>/boot/<the file's directory>/<its name>`: the names say what the file is, as in the
 /// cache (a kernel smolvm built is known by being `kernel-<fp>/vmlinux`, and boots with
@@ -106,6 +90,57 @@ pub fn detach(dir: &Path) -> Result<()> {
         .ctx(|| "writing the snapshot's image.json".into())
 }
 
+/// Marks a snapshot directory whose snapshot is still being made, with its maker's identity
+/// ("pid start"): `sandbox prune` removes directories with no record unless their maker lives.
+const MAKING: &str = "making";
+
+/// Claim `dir` for a new snapshot: created (0700: a snapshot holds the guest's memory and its
+/// env values) or, when it is only the leftover of a maker that died, taken over. A directory
+/// another process is filling is not touched: two makers of one id cannot delete each other's
+/// files. `exists`: whether a snapshot of this id is recorded.
+pub fn claim(dir: &Path, id: &str, exists: bool) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let parent = dir.parent().expect("snapshot directories have a parent");
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).ctx(|| format!("creating {}", parent.display()))?;
+    let create = || fs::DirBuilder::new().mode(0o700).create(dir);
+    match create() {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && !exists && orphaned(dir) => {
+            fs::remove_dir_all(dir).ctx(|| format!("removing the leftover {}", dir.display()))?;
+            create().ctx(|| format!("creating {}", dir.display()))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let why = if exists { "already exists" } else { "is being made by another process" };
+            return Err(Error::validation("snapshot_id", format!("snapshot '{id}' {why}")));
+        }
+        Err(e) => return Err(Error::Host(format!("creating {}: {e}", dir.display()))),
+    }
+    let me = crate::store::ProcId::of(std::process::id() as i32).map(|p| format!("{} {}", p.pid, p.start)).unwrap_or_default();
+    fs::write(dir.join(MAKING), me).ctx(|| "marking the snapshot as being made".into())
+}
+
+/// The snapshot in `dir` is made and recorded.
+pub fn made(dir: &Path) {
+    let _ = fs::remove_file(dir.join(MAKING));
+}
+
+/// A snapshot directory with no record is a leftover unless its maker still runs. One too new
+/// to carry the mark yet counts as being made.
+pub fn orphaned(dir: &Path) -> bool {
+    match fs::read_to_string(dir.join(MAKING)) {
+        Ok(text) => {
+            let mut it = text.split_whitespace().map(str::parse::<u64>);
+            match (it.next(), it.next()) {
+                (Some(Ok(pid)), Some(Ok(start))) => !(crate::store::ProcId { pid: pid as i32, start }).alive(),
+                _ => true,
+            }
+        }
+        Err(_) => {
+            fs::metadata(dir).and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().unwrap_or_default() > std::time::Duration::from_secs(60))
+        }
+    }
+}
+
 /// A snapshot whose files are gone (one made before snapshots kept their own, whose cache
 /// entry was since removed) cannot boot: say which file, instead of letting QEMU fail.
 pub fn check(snapshot_id: &str, image: &BootImage) -> Result<()> {
@@ -124,6 +159,38 @@ pub fn check(snapshot_id: &str, image: &BootImage) -> Result<()> {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    fn age(dir: &Path) {
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        fs::File::open(dir).unwrap().set_modified(old).unwrap();
+    }
+
+    #[test]
+    fn a_claimed_directory_is_private_and_only_a_dead_makers_is_taken_over() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("snapshots").join("abc");
+        claim(&dir, "s1", false).unwrap();
+        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert!(!orphaned(&dir), "a live maker's directory counts as a leftover");
+        // A second maker of the same id neither waits nor deletes the first one's files.
+        fs::write(dir.join("state"), b"first").unwrap();
+        let err = claim(&dir, "s1", false).unwrap_err().to_string();
+        assert_eq!(err, "invalid snapshot_id: snapshot 's1' is being made by another process");
+        assert_eq!(fs::read(dir.join("state")).unwrap(), b"first");
+        let err = claim(&dir, "s1", true).unwrap_err().to_string();
+        assert_eq!(err, "invalid snapshot_id: snapshot 's1' already exists");
+        // Made: no mark; recent, so not a leftover yet (its record may be in flight); old, it is.
+        made(&dir);
+        assert!(!orphaned(&dir));
+        age(&dir);
+        assert!(orphaned(&dir));
+        // A maker that died: its directory is a leftover, and the next maker takes it over.
+        fs::write(dir.join(MAKING), "2147483646 1").unwrap();
+        assert!(orphaned(&dir));
+        claim(&dir, "s1", false).unwrap();
+        assert!(!dir.join("state").exists());
+    }
 
     #[test]
     fn a_snapshot_keeps_its_kernel_and_initrd_when_the_cache_entry_goes() {
