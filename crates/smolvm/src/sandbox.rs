@@ -452,9 +452,11 @@ impl Sandbox {
                     spec.ram = Some(crate::vmm::qemu::RamFile { path: crate::warm::ram_file(&state), share: false });
                     match self.launch(&spec, boot_timeout).await {
                         Ok(()) => return Ok(()),
+                        // The user's settings, not the template: a cold boot would fail alike.
+                        Err(e @ (Error::Validation { .. } | Error::Reported { code: "validation", .. })) => return Err(e),
                         Err(e) => {
                             tracing::warn!("warm start failed, booting cold: {}", e.full_message());
-                            crate::warm::discard(&state);
+                            crate::warm::discard(&self.dirs, &state);
                             spec.restore = None;
                             spec.ram = None;
                         }

@@ -167,8 +167,10 @@ fn collect(images: &Path, newest: &Path) {
     }
 }
 
-/// Forget a template that failed to restore; the next start makes a new one.
-pub fn discard(state: &Path) {
+/// Forget a template that failed to restore; the next start makes a new one. Under the image
+/// lock, so that it never goes while another start is making it.
+pub fn discard(dirs: &crate::Dirs, state: &Path) {
+    let _lock = image::lock_images(dirs);
     if let Some(dir) = state.parent() {
         let _ = std::fs::remove_dir_all(dir);
     }
