@@ -240,6 +240,27 @@ pub enum Reply {
 }
 
 impl Reply {
+    /// The variant's name, for messages about a reply that was not expected. Never the reply
+    /// itself: env replies carry values (which may be secrets), output chunks the user's data.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Reply::Hello { .. } => "hello",
+            Reply::Pong => "pong",
+            Reply::Stdout(_) => "stdout",
+            Reply::Stderr(_) => "stderr",
+            Reply::Data(_) => "data",
+            Reply::FileDone { .. } => "file done",
+            Reply::Exit { .. } => "exit",
+            Reply::Env(_) => "env",
+            Reply::EnvNames(_) => "env names",
+            Reply::EnvRemoved(_) => "env removed",
+            Reply::Info(_) => "info",
+            Reply::Port(_) => "port",
+            Reply::Ok => "ok",
+            Reply::Error { .. } => "error",
+        }
+    }
+
     /// Whether this reply closes its stream. Output chunks are the only non-terminal replies.
     pub fn is_terminal(&self) -> bool {
         !matches!(self, Reply::Stdout(_) | Reply::Stderr(_) | Reply::Data(_))
@@ -289,6 +310,16 @@ pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<(u32, T), ProtoE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reply_is_described_by_its_kind_never_its_contents() {
+        let secret = "sk-live-0123456789";
+        let env: BTreeMap<String, String> = [("API_KEY".to_string(), secret.to_string())].into();
+        for reply in [Reply::Env(env.clone()), Reply::EnvRemoved(env), Reply::Stdout(secret.into()), Reply::Info(secret.into())] {
+            assert!(!reply.kind().contains(secret) && !reply.kind().is_empty());
+        }
+        assert_eq!(Reply::Env(Default::default()).kind(), "env");
+    }
 
     #[test]
     fn net_config_survives_the_kernel_command_line() {

@@ -1217,6 +1217,6 @@ fn unexpected(what: &str, reply: Reply) -> Error {
     match reply {
         Reply::Error { kind: ErrorKind::Invalid, message } => Error::Guest(format!("{what}: {message}")),
         Reply::Error { message, .. } => Error::Guest(format!("{what}: {message}")),
-        other => Error::Guest(format!("{what}: unexpected reply {other:?}")),
+        other => Error::Guest(format!("{what}: unexpected reply {}", other.kind())),
     }
 }

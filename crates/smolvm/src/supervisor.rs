@@ -304,7 +304,7 @@ async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
                 proto::PROTOCOL_VERSION
             )))
         }
-        other => return Err(Error::Guest(format!("unexpected reply to hello: {other:?}"))),
+        other => return Err(Error::Guest(format!("unexpected reply to hello: {}", other.kind()))),
     }
     // On a cold boot the greeting waits in the channel from QEMU's start until the agent reads
     // it, a few hundred milliseconds, and the guest's clock would lag by that much. Say the time
@@ -323,7 +323,7 @@ async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
         match agent.call(&Request::EnvSet { vars: g.env.clone(), merge: false }).await? {
             Reply::EnvNames(_) => {}
             Reply::Error { message, .. } => return Err(Error::Guest(format!("injecting environment variables: {message}"))),
-            other => return Err(Error::Guest(format!("unexpected reply to env set: {other:?}"))),
+            other => return Err(Error::Guest(format!("unexpected reply to env set: {}", other.kind()))),
         }
     }
     Ok(())

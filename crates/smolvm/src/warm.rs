@@ -103,7 +103,7 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
         let req = Request::Snapshot { dir: tmp.to_string_lossy().into_owned(), kind: SnapshotKind::Full };
         match conn.call(&req).await? {
             Reply::Ok => Ok(()),
-            other => Err(Error::Host(format!("saving the warm snapshot: {other:?}"))),
+            other => Err(Error::Host(format!("saving the warm snapshot: unexpected reply {}", other.kind()))),
         }
     }
     .await;
