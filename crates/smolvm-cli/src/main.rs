@@ -105,6 +105,12 @@ struct VmArgs {
     /// Seconds to wait for the VM to boot.
     #[arg(long, default_value_t = DEFAULT_BOOT_TIMEOUT.as_secs_f64())]
     boot_timeout: f64,
+    /// HOST[:GUEST] directory to share into the sandbox (not supported by this build yet).
+    #[arg(long = "mount")]
+    mounts: Vec<String>,
+    /// Share mounts read-write (not supported by this build yet).
+    #[arg(long = "writable-mounts")]
+    writable_mounts: bool,
     /// nat | user | none (default: nat where root and /dev/net/tun allow, else user).
     #[arg(long)]
     network: Option<String>,
@@ -376,6 +382,8 @@ enum ImageCmd {
     },
     /// Remove a cache entry by name (see `image list`).
     Rm { name: String },
+    /// Download a published image (not supported by this build yet: images are built locally).
+    Pull { name: String },
     /// Remove warm snapshots, build leftovers and all but the newest initramfs and root disk.
     Prune,
 }
@@ -452,6 +460,13 @@ fn progress(line: &str) {
 }
 
 fn vm_config(vm: &VmArgs, name: Option<String>) -> Result<VmConfig, Error> {
+    // As the Python API answers `mounts=`: named in the documented interface, not built yet.
+    if !vm.mounts.is_empty() {
+        return Err(Error::validation("mounts", "not supported by this build yet"));
+    }
+    if vm.writable_mounts {
+        return Err(Error::validation("writable_mounts", "not supported by this build yet"));
+    }
     Ok(VmConfig {
         vm_id: name,
         vcpu_count: vm.cpus,
@@ -606,6 +621,10 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
             smolvm::image::remove_entry(&dirs, &name)?;
             Ok(Done::text(name.clone(), json!({ "removed": [name] })))
         }
+        Cmd::Image(ImageCmd::Pull { .. }) => Err(Error::validation(
+            "image",
+            "`image pull` is not supported by this build yet: images are built on this host (smolvm image build NAME)",
+        )),
         Cmd::Image(ImageCmd::Prune) => {
             let removed = smolvm::image::prune(&dirs)?;
             Ok(Done::text(removed.join("\n"), json!({ "removed": removed })))

@@ -176,6 +176,10 @@ fn bad_input_names_the_field_and_leaves_nothing() {
         (vec!["run", "--backend", "xen", "true"], "backend"),
         (vec!["sandbox", "create", "--name", "Bad_ID!"], "vm_id"),
         (vec!["run", "--kernel", "/nonexistent/vmlinux", "true"], "kernel_path"),
+        // Documented flags that are not built yet say so, instead of being unknown arguments.
+        (vec!["sandbox", "create", "--mount", "/tmp:/mnt"], "mounts"),
+        (vec!["sandbox", "create", "--writable-mounts"], "writable_mounts"),
+        (vec!["image", "pull", "debian-ssh"], "image"),
     ] {
         let out = env.smolvm(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
@@ -333,4 +337,10 @@ fn debian_cloud_kernel_is_the_fallback_and_its_modules_load() {
         assert!(text.contains(m), "module {m} not loaded: {text}");
     }
     assert!(stderr(&out).contains("using Debian's prebuilt cloud kernel (SMOLVM_KERNEL=debian)"), "{}", stderr(&out));
+    // The same kernel named as kernel_path (what `build_image` returns on such a host, and the
+    // documentation's examples pass on) boots with its modules too.
+    let (vmlinuz, _) = smolvm::image::debian_kernel(&env.dirs, &|_| {}).unwrap();
+    let out = env.cli().args(["run", "--kernel", vmlinuz.to_str().unwrap(), "ls /sys/class/virtio-ports"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("vport"), "{}", stdout(&out));
 }

@@ -33,6 +33,10 @@ def test_module_paths_users_import():
     for name in smolvm.exceptions.__all__:
         assert issubclass(getattr(smolvm.exceptions, name), SmolVMError)
     assert isinstance(smolvm.build.SSH_BOOT_ARGS, str)
+    # Each native error code maps to its documented class.
+    from smolvm.exceptions import _from_native
+    assert isinstance(_from_native(Exception("network", "network: nft: failed", "{}")), smolvm.exceptions.NetworkError)
+    assert type(_from_native(Exception("host", "host: x", "{}"))) is smolvm.exceptions.HostError
 
 
 def test_vmconfig_is_frozen_validated_and_rejects_unknown_fields():
@@ -53,11 +57,14 @@ def test_vmconfig_is_frozen_validated_and_rejects_unknown_fields():
         VMConfig(env_vars={"MY-VAR": "1"})
     with pytest.raises(ValidationError, match="backend"):
         SmolVM(backend="xen")
+    # The documentation's Windows example: refused for the OS, not for its password login.
+    with pytest.raises(ValidationError, match=r"^invalid os: 'windows' guests are not supported by this build yet"):
+        SmolVM(os="windows", image="windows-server", ssh_user="smolvm", ssh_password="smolvm")
 
 
 def test_run_errors_state_and_timeout(no_leftovers):
-    vm = SmolVM(memory=256)
-    with pytest.raises(SmolVMError, match="start"):
+    vm = SmolVM(memory=256, vm_id="run-errors")
+    with pytest.raises(SmolVMError, match=r"^VM 'run-errors' is created; start it first \(vm.start\(\)\)$"):
         vm.run("true")
     with vm:
         assert vm.status == VMState.RUNNING

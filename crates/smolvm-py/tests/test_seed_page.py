@@ -1,6 +1,7 @@
 """Every example of the environment-variables page, run as users run it."""
 
 import ast
+import os
 
 
 def test_setting_variables_at_boot(run_script):
@@ -88,33 +89,10 @@ def test_method_reference_examples(run_script):
 
 
 def test_complete_example(run_script):
-    out = run_script(
-        """
-        from smolvm import SmolVM
-
-        def main() -> int:
-            with SmolVM() as vm:
-                print(f"VM started: {vm.vm_id}")
-
-                print("\\n1) Set environment variables")
-                vm.set_env_vars({"APP_MODE": "dev", "DEBUG": "1"})
-                print(vm.list_env_vars())
-
-                print("\\n2) Use env vars in a command")
-                print(vm.run("echo APP_MODE=$APP_MODE DEBUG=$DEBUG").output)
-
-                print("\\n3) Remove one variable")
-                removed = vm.unset_env_vars(["DEBUG"])
-                print(f"Removed: {removed}")
-                print(vm.list_env_vars())
-
-            print("\\nDone.")
-            return 0
-
-        if __name__ == "__main__":
-            raise SystemExit(main())
-        """
-    )
+    # The page's complete example is the repository's examples/env_injection.py.
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples", "env_injection.py")
+    with open(example) as f:
+        out = run_script(f.read())
     lines = out.splitlines()
     assert lines[0].startswith("VM started: sbx-")
     assert lines[1:] == [

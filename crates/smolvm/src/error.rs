@@ -28,6 +28,9 @@ pub enum Error {
     Image(String),
     #[error("host: {0}")]
     Host(String),
+    /// The host side of a sandbox's network: its TAP device, nftables rules, addresses.
+    #[error("network: {0}")]
+    Network(String),
     #[error("{context}")]
     Io {
         context: String,
@@ -64,6 +67,7 @@ impl Error {
             Error::Boot { .. } => "boot",
             Error::Image(_) => "image",
             Error::Host(_) | Error::Io { .. } | Error::Store(_) => "host",
+            Error::Network(_) => "network",
             Error::Guest(_) => "guest",
             Error::CommandUnavailable(_) => "command_unavailable",
             Error::Ssh(_) => "ssh",
@@ -81,6 +85,9 @@ impl Error {
                 Some("retry with SMOLVM_VERBOSE_BOOT=1 to see the guest kernel log; `smolvm doctor` checks the host".into())
             }
             Error::Image(_) => Some("`smolvm setup` installs what image building needs".into()),
+            Error::Network(_) | Error::Reported { code: "network", .. } => {
+                Some("`smolvm doctor` checks TAP devices and nftables; `--network user` needs neither".into())
+            }
             _ => None,
         }
     }
@@ -106,5 +113,21 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for io::Result<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|source| Error::Io { context: context(), source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_network_failures_are_network_errors_with_a_way_out() {
+        let e = Error::Network("creating the TAP device smv1: Operation not permitted".into());
+        assert_eq!((e.code(), e.to_string().as_str()), ("network", "network: creating the TAP device smv1: Operation not permitted"));
+        assert!(e.recovery().unwrap().contains("--network user"));
+        // The same failure reported by a supervisor keeps its code.
+        let r = Error::Reported { code: "network", message: e.to_string() };
+        assert_eq!(r.code(), "network");
+        assert!(r.recovery().is_some());
     }
 }

@@ -49,7 +49,12 @@ pub fn resolve(config: &VmConfig, dirs: &Dirs, progress: Progress) -> Result<Boo
     // Our own kernel where it can be built; else (or with SMOLVM_KERNEL=debian) Debian's
     // prebuilt cloud kernel, whose virtio drivers are modules the initramfs must carry.
     let (kernel, modules) = match &config.kernel_path {
-        Some(k) => (k.clone(), Vec::new()),
+        // Debian's kernel from our cache (what `build_image` hands out where ours cannot be
+        // built) needs its modules as much as when we chose it.
+        Some(k) => match cached_debian_modules(dirs, k) {
+            Some(modroot) => (k.clone(), module_set(&modroot, DEBIAN_MODULES)?),
+            None => (k.clone(), Vec::new()),
+        },
         None => match own_kernel_unavailable() {
             None => (default_kernel(dirs, progress)?, Vec::new()),
             Some(why) => {
@@ -68,6 +73,18 @@ pub fn resolve(config: &VmConfig, dirs: &Dirs, progress: Progress) -> Result<Boo
         Some(name) => Some(crate::recipe::build_named(dirs, name, progress)?.rootfs),
     };
     Ok(BootImage { kernel, initrd: Some(initrd), rootfs })
+}
+
+/// For a kernel that is Debian's, unpacked in our cache (`debian-<package>/boot/vmlinuz-*`),
+/// the directory of its modules.
+fn cached_debian_modules(dirs: &Dirs, kernel: &Path) -> Option<PathBuf> {
+    let package_dir = kernel.parent().filter(|b| b.file_name().is_some_and(|n| n == "boot"))?.parent()?;
+    let in_cache = package_dir.parent().and_then(|d| fs::canonicalize(d).ok()) == fs::canonicalize(&dirs.images).ok();
+    let debian = package_dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with("debian-"));
+    if !(in_cache && debian) {
+        return None;
+    }
+    fs::read_dir(package_dir.join("lib/modules")).ok()?.flatten().map(|e| e.path()).next()
 }
 
 /// Why our own kernel cannot be used here, if it cannot.

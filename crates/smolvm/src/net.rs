@@ -196,7 +196,11 @@ pub fn open_tap(name: &str) -> Result<std::os::fd::OwnedFd> {
     const TUNSETIFF: libc::c_ulong = 0x400454ca;
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     loop {
-        let file = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").ctx(|| "opening /dev/net/tun".into())?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .map_err(|e| Error::Network(format!("opening /dev/net/tun: {e}")))?;
         // struct ifreq: the name (IFNAMSIZ = 16 bytes), then the flags as a short.
         let mut ifr = [0u8; 40];
         ifr[..name.len().min(15)].copy_from_slice(&name.as_bytes()[..name.len().min(15)]);
@@ -218,7 +222,7 @@ pub fn open_tap(name: &str) -> Result<std::os::fd::OwnedFd> {
             std::thread::sleep(Duration::from_millis(5));
             continue;
         }
-        return Err(Error::Host(format!("creating the TAP device {name}: {err}")));
+        return Err(Error::Network(format!("creating the TAP device {name}: {err}")));
     }
 }
 
@@ -281,11 +285,11 @@ fn nft(input: &str, args: &[&str]) -> Result<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .ctx(|| "running nft".into())?;
-    child.stdin.take().expect("piped").write_all(input.as_bytes()).ctx(|| "writing to nft".into())?;
-    let out = child.wait_with_output().ctx(|| "waiting for nft".into())?;
+        .map_err(|e| Error::Network(format!("running nft: {e}")))?;
+    child.stdin.take().expect("piped").write_all(input.as_bytes()).map_err(|e| Error::Network(format!("writing to nft: {e}")))?;
+    let out = child.wait_with_output().map_err(|e| Error::Network(format!("waiting for nft: {e}")))?;
     if !out.status.success() {
-        return Err(Error::Host(format!("nft {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(Error::Network(format!("nft {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
     }
     Ok(())
 }
@@ -305,7 +309,7 @@ pub fn nft_apply(table: &str, tap: &str, lease: Lease, internet: &InternetSettin
 /// comes once the table is gone; the socket is then closed on a thread of its own.
 pub fn nft_remove(table: &str) -> Result<()> {
     use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
-    let fail = |what: &str, e: std::io::Error| Error::Host(format!("nftables: {what} while deleting table {table}: {e}"));
+    let fail = |what: &str, e: std::io::Error| Error::Network(format!("nftables: {what} while deleting table {table}: {e}"));
     let mut socket = Socket::new(NETLINK_NETFILTER).map_err(|e| fail("opening netlink", e))?;
     socket.bind_auto().map_err(|e| fail("binding netlink", e))?;
     socket.connect(&SocketAddr::new(0, 0)).map_err(|e| fail("connecting netlink", e))?;
@@ -396,22 +400,22 @@ fn nft_allow(table: &str, ips: &[(Ipv4Addr, u32)]) {
 /// forward.
 pub async fn setup_tap(tap: &str, lease: Lease) -> Result<()> {
     use futures::TryStreamExt;
-    let (connection, handle, _) = rtnetlink::new_connection().ctx(|| "opening rtnetlink".into())?;
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| Error::Network(format!("opening rtnetlink: {e}")))?;
     let conn_task = tokio::spawn(connection);
     let result = async {
         let index = match handle.link().get().match_name(tap.to_string()).execute().try_next().await {
             Ok(Some(link)) => link.header.index,
-            Ok(None) => return Err(Error::Host(format!("{tap} does not exist"))),
-            Err(e) => return Err(Error::Host(format!("finding {tap}: {e}"))),
+            Ok(None) => return Err(Error::Network(format!("{tap} does not exist"))),
+            Err(e) => return Err(Error::Network(format!("finding {tap}: {e}"))),
         };
         handle
             .address()
             .add(index, std::net::IpAddr::V4(lease.host()), 30)
             .execute()
             .await
-            .map_err(|e| Error::Host(format!("addressing {tap}: {e}")))?;
-        handle.link().set(index).up().execute().await.map_err(|e| Error::Host(format!("bringing {tap} up: {e}")))?;
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").ctx(|| "enabling IPv4 forwarding".into())?;
+            .map_err(|e| Error::Network(format!("addressing {tap}: {e}")))?;
+        handle.link().set(index).up().execute().await.map_err(|e| Error::Network(format!("bringing {tap} up: {e}")))?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|e| Error::Network(format!("enabling IPv4 forwarding: {e}")))?;
         Ok(())
     }
     .await;

@@ -483,6 +483,7 @@ impl Sandbox {
                         Some("image") => "image",
                         Some("not_found") => "not_found",
                         Some("timeout") => "timeout",
+                        Some("network") => "network",
                         _ => "host",
                     };
                     Error::Reported { code, message }

@@ -71,6 +71,7 @@ _BY_CODE = {
     "already_exists": VMAlreadyExistsError,
     "image": ImageError,
     "host": HostError,
+    "network": NetworkError,
     "command_unavailable": CommandExecutionUnavailableError,
     "ssh": CommandExecutionUnavailableError,
 }

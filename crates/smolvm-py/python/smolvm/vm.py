@@ -44,13 +44,17 @@ class SmolVM:
         network: Optional[str] = None,
         port_forwards: Optional[Sequence[Any]] = None,
     ) -> None:
+        # The guest OS first: a Windows guest's other settings (password logins) follow from it.
+        if os == "windows":
+            raise ValidationError("invalid os: 'windows' guests are not supported by this build yet (allowed: 'linux', 'alpine', 'debian')",
+                                  {"field": "os"})
+        if os not in (None, "linux", "alpine", "debian"):
+            raise ValidationError(f"invalid os: {os!r} (allowed: 'linux', 'alpine', 'debian')", {"field": "os"})
         for name, value in (("mounts", mounts), ("writable_mounts", writable_mounts), ("ssh_password", ssh_password)):
             if value:
                 raise ValidationError(f"invalid {name}: not supported by this build yet", {"field": name})
         if ssh_user not in (None, "root"):
             raise ValidationError(f"invalid ssh_user: {ssh_user!r} (SSH images log in as root with smolvm's key)", {"field": "ssh_user"})
-        if os not in (None, "linux", "alpine", "debian"):
-            raise ValidationError(f"invalid os: {os!r} (allowed: 'linux', 'alpine', 'debian')", {"field": "os"})
         config = config or VMConfig()
         if image is None and os in ("alpine", "debian"):
             image = f"{os}-ssh"
@@ -96,7 +100,7 @@ class SmolVM:
 
     def _require(self) -> Any:
         if self._native is None:
-            raise SmolVMError("the sandbox has not been started; call start() first", {"state": "created"})
+            raise SmolVMError(f"VM '{self.vm_id or '(no id yet)'}' is created; start it first (vm.start())", {"state": "created"})
         return self._native
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -76,7 +76,7 @@ const OUR_KERNEL_HZ: u64 = 100;
 
 /// The kernel command line. Only settings, never anything from the user's env values.
 pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
-    let mut args = vec!["console=ttyS0", "reboot=t", "panic=-1", "noreplace-smp", "pci=off", "cryptomgr.notests"];
+    let mut args = vec!["console=ttyS0", "reboot=t", "panic=-1", "noreplace-smp", "pci=off", "cryptomgr.notests", "init=/init"];
     if !spec.verbose_boot {
         args.push("quiet");
     }
@@ -430,7 +430,13 @@ mod tests {
         assert!(a.contains("name=smolvm.agent"), "{a}");
         assert!(a.contains("file=/d/root,,1.ext4"), "{a}");
         let k = kernel_cmdline(&spec(Accel::Tcg, true));
-        assert!(k.contains(" quiet") && k.contains("lapic_timer_period=10000000") && k.contains("smolvm_root=/dev/vda"), "{k}");
+        assert!(
+            k.contains(" quiet")
+                && k.contains(" init=/init ")
+                && k.contains("lapic_timer_period=10000000")
+                && k.contains("smolvm_root=/dev/vda"),
+            "{k}"
+        );
         assert!(k.contains("tsc=reliable") && k.contains("no_timer_check") && !k.contains("nolapic_timer"), "{k}");
         if let Some(khz) = crate::vmm::host_tsc_khz() {
             assert!(k.contains(&format!("lpj={}", khz * 10)), "{k}");
