@@ -126,7 +126,14 @@ fn run(stream: u32, req: ExecRequest, w: Writer) {
     let outputs = [Some(child.stdout), Some(child.stderr)];
     let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms));
     let (code, timed_out) = pump(stream, &w, outputs, exit, timeout, pgid);
-    running().remove(&stream);
+    {
+        // A new host's command may have this stream id by now (a restored snapshot): only
+        // this command's own entry goes.
+        let mut running = running();
+        if running.get(&stream).is_some_and(|r| r.pgid == pgid) {
+            running.remove(&stream);
+        }
+    }
     w.send(stream, &Reply::Exit { code, timed_out });
 }
 
@@ -147,6 +154,12 @@ fn pump(stream: u32, w: &Writer, mut outputs: [Option<File>; 2], exit: File, tim
     loop {
         let open = outputs.iter().filter(|o| o.is_some()).count();
         if code.is_some() && (open == 0 || last.elapsed() >= QUIET) {
+            break;
+        }
+        // The shell is done, but what it left in the background still writes: the timeout
+        // holds for that too (else a chatty background loop would keep the exec open forever).
+        if code.is_some() && deadline.is_some_and(|d| Instant::now() >= d) {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
             break;
         }
         let wait = match (code, deadline) {

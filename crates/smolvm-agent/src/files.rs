@@ -94,6 +94,13 @@ pub fn put_end(stream: u32, w: &Writer) -> bool {
     true
 }
 
+/// Drop every upload in progress, with its temp file.
+pub fn cancel_all() {
+    for (_, up) in uploads().drain() {
+        let _ = fs::remove_file(&up.tmp);
+    }
+}
+
 pub fn put_cancel(stream: u32) {
     if let Some(up) = uploads().remove(&stream) {
         let _ = fs::remove_file(&up.tmp);
@@ -110,6 +117,10 @@ pub fn get(stream: u32, path: String, w: Writer) {
             Ok(m) => m,
             Err(e) => return w.send(stream, &io_error(&format!("reading {path}"), e)),
         };
+        // A device, FIFO or socket has no end to read to (think of /dev/zero).
+        if !meta.is_dir() && !meta.is_file() {
+            return w.send(stream, &Reply::error(ErrorKind::Invalid, format!("{path} is not a regular file or a directory")));
+        }
         let mode = meta.permissions().mode() & 0o7777;
         let sent = if meta.is_dir() {
             smolvm_tar::pack(Path::new(&path), Vec::new()).and_then(|bytes| send_from(stream, &bytes[..], &w))

@@ -52,19 +52,23 @@ pub fn start(pid1: bool) {
     });
 }
 
+/// Reap under the waiters' lock: between a `waitpid` and its delivery a new command could
+/// otherwise be given the reaped pid and take its exit code.
 fn reap() {
+    let mut waiters = lock();
     loop {
         match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) => deliver(pid, code),
-            Ok(WaitStatus::Signaled(pid, sig, _)) => deliver(pid, 128 + sig as i32),
+            Ok(WaitStatus::Exited(pid, code)) => deliver(&mut waiters, pid, code),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => deliver(&mut waiters, pid, 128 + sig as i32),
             Ok(WaitStatus::StillAlive) | Err(_) => return,
             Ok(_) => {}
         }
     }
 }
 
-fn deliver(pid: Pid, code: i32) {
-    if let Some(mut pipe) = lock().remove(&pid.as_raw()) {
+/// The 4 bytes go into an empty pipe: the write never blocks.
+fn deliver(waiters: &mut Waiters, pid: Pid, code: i32) {
+    if let Some(mut pipe) = waiters.remove(&pid.as_raw()) {
         let _ = pipe.write_all(&code.to_ne_bytes());
     }
 }

@@ -4,19 +4,44 @@ use smolvm_proto::{self as proto, ErrorKind, Reply, Request};
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Frames from many threads go out through one writer; a frame is written whole under the lock.
+/// A writer bound to a host session (`for_session`) drops what it sends once another session
+/// has begun: a VM restored from a snapshot greets a new host, whose stream ids start again,
+/// and the output of a command the snapshot caught mid-way must not land on them.
 #[derive(Clone)]
-pub struct Writer(Arc<Mutex<File>>);
+pub struct Writer {
+    out: Arc<Mutex<File>>,
+    session: Option<u64>,
+}
+
+/// The current host session: one per greeting.
+static SESSION: AtomicU64 = AtomicU64::new(0);
 
 impl Writer {
     pub fn send(&self, stream: u32, reply: &Reply) {
         let Ok(bytes) = proto::encode(stream, reply) else { return };
-        let mut f = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        if self.session.is_some_and(|s| s != SESSION.load(Ordering::SeqCst)) {
+            return;
+        }
         // A write fails only when the host has gone; the reader notices that and cleans up.
         let _ = f.write_all(&bytes);
+    }
+
+    /// This writer, for replies that belong to the current host session only.
+    pub fn for_session(&self) -> Writer {
+        Writer { out: self.out.clone(), session: Some(SESSION.load(Ordering::SeqCst)) }
+    }
+
+    /// A new host greeted the agent: what the previous session still sends goes nowhere.
+    /// Under the write lock, so that no frame of the old session follows this point.
+    fn new_session(&self) {
+        let _f = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        SESSION.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -62,7 +87,7 @@ fn find_port() -> Option<PathBuf> {
 }
 
 pub fn serve(channel: File, pid1: bool) -> ! {
-    let writer = Writer(Arc::new(Mutex::new(channel.try_clone().expect("dup channel"))));
+    let writer = Writer { out: Arc::new(Mutex::new(channel.try_clone().expect("dup channel"))), session: None };
     let mut reader = BufReader::with_capacity(256 * 1024, channel);
     let mut body = Vec::new();
     loop {
@@ -103,6 +128,11 @@ fn host_gone(e: &io::Error) {
 fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
     let reply = match req {
         Request::Hello { version, unix_time_ns, hostname, entropy, net } => {
+            // Whatever the previous host started (a restored snapshot's commands and uploads)
+            // has nobody to report to.
+            w.new_session();
+            crate::exec::cancel_all();
+            crate::files::cancel_all();
             // The answer goes first: the host's next request is read only after what follows,
             // so nothing overtakes it, and the host's round trip overlaps with it.
             w.send(
@@ -125,7 +155,7 @@ fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
             return;
         }
         Request::Ping => Reply::Pong,
-        Request::Exec(req) => return crate::exec::start(stream, req, w.clone()),
+        Request::Exec(req) => return crate::exec::start(stream, req, w.for_session()),
         Request::Stdin(data) => {
             if !crate::files::put_data(stream, &data, w) {
                 crate::exec::stdin(stream, Some(data));
@@ -143,7 +173,7 @@ fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
             return crate::exec::cancel(stream);
         }
         Request::FilePut { path, mode, tar } => return crate::files::put_start(stream, path, mode, tar, w),
-        Request::FileGet { path } => return crate::files::get(stream, path, w.clone()),
+        Request::FileGet { path } => return crate::files::get(stream, path, w.for_session()),
         Request::EnvList => crate::envfile::list().map(Reply::Env).unwrap_or_else(io_reply),
         Request::EnvSet { vars, merge } => crate::envfile::set(vars, merge).map(Reply::EnvNames).unwrap_or_else(io_reply),
         Request::EnvUnset { keys } => crate::envfile::unset(keys).map(Reply::EnvRemoved).unwrap_or_else(io_reply),
@@ -204,8 +234,20 @@ fn reseed(entropy: &[u8]) {
 
 /// Kill everything but ourselves, flush disks and power off.
 pub fn shutdown_now() -> ! {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     crate::exec::cancel_all();
     // SIGKILL to -1 reaches every process but PID 1 and the caller.
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), nix::sys::signal::Signal::SIGKILL);
+    // Killed processes hold their files open for writing until they are gone: wait for them
+    // (bounded), so that the sync and the read-only remount find nothing left to write.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match waitpid(nix::unistd::Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Err(nix::errno::Errno::ECHILD) => break,
+            Ok(WaitStatus::StillAlive) | Err(_) if Instant::now() > deadline => break,
+            Ok(WaitStatus::StillAlive) | Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            Ok(_) => {}
+        }
+    }
     crate::init::power_off()
 }

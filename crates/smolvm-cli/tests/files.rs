@@ -50,6 +50,10 @@ async fn paths_modes_and_directories() {
     assert!(err.to_string().starts_with("invalid local_path:"), "{err}");
     let err = sb.download("/no/such/file", &env.tmp.path().join("x")).await.unwrap_err();
     assert!(err.to_string().contains("/no/such/file"), "{err}");
+    // A device has no end to read to.
+    let err = sb.download("/dev/zero", &env.tmp.path().join("zero")).await.unwrap_err();
+    assert!(err.to_string().contains("/dev/zero is not a regular file or a directory"), "{err}");
+    assert!(!env.tmp.path().join("zero").exists());
 
     // A setuid/setgid file comes back without those bits.
     sb.run("echo s > /tmp/suid; chmod 6755 /tmp/suid", &opts()).await.unwrap();

@@ -126,6 +126,39 @@ async fn snapshot_types_and_a_restore_that_stays_paused() {
     ));
 }
 
+#[tokio::test]
+async fn a_clone_does_not_inherit_the_commands_its_snapshot_caught_running() {
+    let env = env();
+    let sb = std::sync::Arc::new(env.boot(VmConfig::default()).await);
+    let busy = {
+        let sb = sb.clone();
+        let opts = RunOptions { timeout: Duration::from_secs(120), ..Default::default() };
+        tokio::spawn(async move { sb.run("sleep 1234; echo OLD", &opts).await })
+    };
+    let mut running = false;
+    for _ in 0..100 {
+        if out(&sb, "ps -o args | grep -c '^sleep 1234' || true").await == "1\n" {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(running, "the command never started");
+    sb.snapshot(Some("caught"), "full").await.unwrap();
+    let clone = Sandbox::from_snapshot_in(env.dirs.clone(), "caught", RestoreOptions::default()).await.unwrap();
+    // Its host never asked for that command: it is gone, and nothing of it reaches the new
+    // host's streams (whose ids start again at 1).
+    assert_eq!(out(&clone, "ps -o args | grep -c '^sleep 1234' || true").await, "0\n");
+    for i in 0..8 {
+        assert_eq!(out(&clone, &format!("echo {i}")).await, format!("{i}\n"));
+    }
+    clone.delete().await.unwrap();
+    busy.abort();
+    let _ = busy.await;
+    std::sync::Arc::try_unwrap(sb).ok().expect("one owner left").delete().await.unwrap();
+    delete_snapshot(&env.dirs, "caught").unwrap();
+}
+
 /// `src` copied to `dir/<its directory's name>/<its name>` (sparse): a private stand-in for a
 /// cache entry that a test may remove (the shared cache's must stay).
 fn private_copy(src: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {

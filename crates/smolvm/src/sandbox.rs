@@ -341,6 +341,14 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
     Ok(removed)
 }
 
+/// A name for a download in progress, beside its destination: unique per download, so that
+/// downloads from several sandboxes into one directory at once never share a file.
+fn download_temp(parent: &Path) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    parent.join(format!(".smolvm-download-{}-{n}", std::process::id()))
+}
+
 fn older_than_a_minute(path: &Path) -> bool {
     std::fs::metadata(path).and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60))
 }
@@ -984,7 +992,7 @@ impl Sandbox {
             }
         }
         let mut stream = conn.open(&Request::FileGet { path: guest.to_string() }).await?;
-        let tmp = parent.join(format!(".smolvm-download-{}-{}", std::process::id(), stream.id));
+        let tmp = download_temp(&parent);
         let result = async {
             let mut file = tokio::fs::File::create(&tmp).await.ctx(|| format!("creating {}", tmp.display()))?;
             loop {
@@ -1026,7 +1034,7 @@ impl Sandbox {
     /// A file over SFTP; a directory (sftp cannot tell us in advance) falls back to the agent's
     /// checked tar path.
     async fn download_sftp(&self, guest: &str, parent: &Path, dest: &Path) -> Result<()> {
-        let tmp = parent.join(format!(".smolvm-download-{}-sftp", std::process::id()));
+        let tmp = download_temp(parent);
         let q = crate::ssh::sftp_quote;
         let got = self.sftp(format!("get -p {} {}\n", q(guest), q(&tmp.to_string_lossy()))).await;
         let result = got.and_then(|_| {
