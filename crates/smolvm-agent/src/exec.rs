@@ -10,13 +10,19 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+/// An exec from the moment its request is read: input and a cancel that arrive before its
+/// process exists (it waits for the boot's set-up, then starts) are kept, not lost.
 struct Running {
-    pgid: i32,
+    /// Which exec this is: a new host session may reuse the stream id.
+    token: u64,
+    /// The process group, once started.
+    pgid: Option<i32>,
     stdin: Option<Sender<Option<Vec<u8>>>>,
+    cancelled: bool,
 }
 
 fn running() -> MutexGuard<'static, HashMap<u32, Running>> {
@@ -36,7 +42,24 @@ fn login_shell() -> String {
 }
 
 pub fn start(stream: u32, req: ExecRequest, w: Writer) {
-    crate::workers::run(Box::new(move || run(stream, req, w)));
+    let (tx, rx) = if req.stdin {
+        let (tx, rx) = mpsc::channel::<Option<Vec<u8>>>();
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let token = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    running().insert(stream, Running { token, pgid: None, stdin: tx, cancelled: false });
+    crate::workers::run(Box::new(move || run(stream, token, req, w, rx)));
+}
+
+/// This exec's entry, unless a new host session replaced it (same stream id) or it is gone.
+fn forget(stream: u32, token: u64) {
+    let mut running = running();
+    if running.get(&stream).is_some_and(|r| r.token == token) {
+        running.remove(&stream);
+    }
 }
 
 /// What every exec runs: the program, its flag, the environment and the working directory.
@@ -94,10 +117,15 @@ pub fn warm_up() {
     }
 }
 
-fn run(stream: u32, req: ExecRequest, w: Writer) {
+fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Receiver<Option<Vec<u8>>>>) {
     crate::pending::wait();
     let shell = login_shell();
+    if running().get(&stream).is_none_or(|r| r.token != token || r.cancelled) {
+        forget(stream, token);
+        return w.send(stream, &Reply::Exit { code: 128 + 9, timed_out: false });
+    }
     if let Some(cwd) = req.cwd.as_deref().filter(|d| !std::path::Path::new(d).is_dir()) {
+        forget(stream, token);
         // Else the shell's start fails with an error that blames the shell.
         w.send(stream, &Reply::error(ErrorKind::NotFound, format!("working directory {cwd} does not exist")));
         return;
@@ -105,14 +133,15 @@ fn run(stream: u32, req: ExecRequest, w: Writer) {
     let (child, exit) = match spawn(&req, &shell) {
         Ok(v) => v,
         Err(e) => {
+            forget(stream, token);
             let kind = if e.kind() == std::io::ErrorKind::NotFound { ErrorKind::NotFound } else { ErrorKind::Failed };
             w.send(stream, &Reply::error(kind, format!("cannot start {shell}: {e}")));
             return;
         }
     };
     let pgid = child.pid;
-    let stdin_tx = child.stdin.map(|mut pipe| {
-        let (tx, rx) = mpsc::channel::<Option<Vec<u8>>>();
+    // Input queued since the request arrived goes in first; the host's close ends it.
+    if let (Some(mut pipe), Some(rx)) = (child.stdin, input) {
         std::thread::spawn(move || {
             while let Ok(Some(data)) = rx.recv() {
                 if pipe.write_all(&data).is_err() {
@@ -120,20 +149,25 @@ fn run(stream: u32, req: ExecRequest, w: Writer) {
                 }
             }
         });
-        tx
-    });
-    running().insert(stream, Running { pgid, stdin: stdin_tx });
+    }
+    match running().get_mut(&stream) {
+        Some(r) if r.token == token => {
+            r.pgid = Some(pgid);
+            if r.cancelled {
+                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            }
+        }
+        // Replaced by a new host session's exec of the same id: this one has nobody to run for.
+        _ => {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+    }
     let outputs = [Some(child.stdout), Some(child.stderr)];
     let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms));
     let (code, timed_out) = pump(stream, &w, outputs, exit, timeout, pgid);
-    {
-        // A new host's command may have this stream id by now (a restored snapshot): only
-        // this command's own entry goes.
-        let mut running = running();
-        if running.get(&stream).is_some_and(|r| r.pgid == pgid) {
-            running.remove(&stream);
-        }
-    }
+    // A new host's command may have this stream id by now (a restored snapshot): only this
+    // command's own entry goes.
+    forget(stream, token);
     w.send(stream, &Reply::Exit { code, timed_out });
 }
 
@@ -227,14 +261,22 @@ pub fn stdin(stream: u32, data: Option<Vec<u8>>) {
     }
 }
 
+fn cancel_one(r: &mut Running) {
+    match r.pgid {
+        Some(pgid) => {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+        // Not started yet: it will not start.
+        None => r.cancelled = true,
+    }
+}
+
 pub fn cancel(stream: u32) {
-    if let Some(r) = running().get(&stream) {
-        let _ = killpg(Pid::from_raw(r.pgid), Signal::SIGKILL);
+    if let Some(r) = running().get_mut(&stream) {
+        cancel_one(r);
     }
 }
 
 pub fn cancel_all() {
-    for r in running().values() {
-        let _ = killpg(Pid::from_raw(r.pgid), Signal::SIGKILL);
-    }
+    running().values_mut().for_each(cancel_one);
 }

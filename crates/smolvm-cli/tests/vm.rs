@@ -97,6 +97,20 @@ async fn a_timed_out_command_is_killed_with_its_whole_group() {
     assert!(r.stdout.starts_with("started\n") || r.stdout.contains("tick\n"), "{:?}", r.stdout);
     let r = sb.run("ps -o args | grep -c '[w]hile :; do echo tick' || true", &opts(10)).await.unwrap();
     assert_eq!(r.stdout, "0\n", "the background loop survived the timeout");
+    // A caller that goes away at once (Ctrl-C) leaves nothing running, even when its cancel
+    // reaches the guest before the command has started.
+    for _ in 0..5 {
+        let _ = tokio::time::timeout(Duration::from_millis(1), sb.run("sleep 1235", &opts(60))).await;
+    }
+    let mut left = String::new();
+    for _ in 0..50 {
+        left = sb.run("ps -o args | grep -c '^sleep 1235' || true", &opts(10)).await.unwrap().stdout;
+        if left == "0\n" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, "0\n", "cancelled commands run on");
     sb.delete().await.unwrap();
 }
 
