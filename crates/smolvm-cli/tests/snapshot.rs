@@ -39,6 +39,25 @@ async fn a_paused_sandbox_keeps_its_processes_and_refuses_commands() {
 }
 
 #[tokio::test]
+async fn a_pause_does_not_count_against_a_commands_timeout() {
+    let env = env();
+    let sb = std::sync::Arc::new(env.boot(VmConfig::default()).await);
+    let task = {
+        let sb = sb.clone();
+        let opts = RunOptions { timeout: Duration::from_secs(2), ..Default::default() };
+        tokio::spawn(async move { sb.run("sleep 1; echo done", &opts).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sb.pause().await.unwrap();
+    // Longer than the timeout and the host's own bound on it (timeout + 5 s), on the host.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    sb.resume().await.unwrap();
+    let r = task.await.unwrap().unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_str()), (0, "done\n"));
+    std::sync::Arc::try_unwrap(sb).ok().expect("one owner left").delete().await.unwrap();
+}
+
+#[tokio::test]
 async fn clones_start_where_the_snapshot_was_and_stay_apart() {
     let env = env();
     let rootfs = smolvm::image::default_rootfs(&env.dirs).unwrap();

@@ -893,11 +893,17 @@ impl Sandbox {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         let timeout_err = || Error::Timeout { operation: "run".into(), seconds: opts.timeout.as_secs_f64() };
         // The agent enforces the timeout; this host-side bound catches a guest that cannot.
-        let deadline = tokio::time::Instant::now() + opts.timeout + Duration::from_secs(5);
+        // The guest's clock stands still while the VM is paused, so a pause moves the bound.
+        let bound = opts.timeout + Duration::from_secs(5);
+        let mut deadline = tokio::time::Instant::now() + bound;
         loop {
             let reply = match tokio::time::timeout_at(deadline, stream.recv()).await {
                 Ok(Some(r)) => r,
                 Ok(None) => return Err(Error::Guest("the sandbox went away while the command ran".into())),
+                Err(_) if self.state().is_ok_and(|s| s == State::Paused) => {
+                    deadline = tokio::time::Instant::now() + bound;
+                    continue;
+                }
                 Err(_) => {
                     let _ = stream.send(&Request::Cancel).await;
                     return Err(timeout_err());
