@@ -114,7 +114,25 @@ const FORBIDDEN: &[(Cidr, &str)] = &[
     (SANDBOX_NET, "the sandbox network (172.16.0.0/16)"),
     (Cidr { addr: Ipv4Addr::new(169, 254, 0, 0), prefix: 16 }, "link-local/metadata addresses (169.254.0.0/16)"),
     (Cidr { addr: Ipv4Addr::new(127, 0, 0, 0), prefix: 8 }, "loopback (127.0.0.0/8)"),
+    (Cidr { addr: Ipv4Addr::new(100, 100, 100, 200), prefix: 32 }, "a cloud metadata service (Alibaba, 100.100.100.200)"),
+    (Cidr { addr: Ipv4Addr::new(168, 63, 129, 16), prefix: 32 }, "a cloud metadata service (Azure WireServer, 168.63.129.16)"),
 ];
+
+/// Ranges a DNS answer never opens in a `restricted` sandbox: private, shared (CGNAT), local,
+/// multicast and reserved addresses, where a public name can point at the host's own network.
+/// An `allow_cidrs` entry is the only way to reach them.
+fn learnable(ip: Ipv4Addr) -> bool {
+    let special = [
+        (Ipv4Addr::new(0, 0, 0, 0), 8),
+        (Ipv4Addr::new(10, 0, 0, 0), 8),
+        (Ipv4Addr::new(100, 64, 0, 0), 10),
+        (Ipv4Addr::new(172, 16, 0, 0), 12),
+        (Ipv4Addr::new(192, 168, 0, 0), 16),
+        (Ipv4Addr::new(224, 0, 0, 0), 3),
+    ];
+    let inside = |addr: Ipv4Addr, prefix: u8| Cidr { addr, prefix }.overlaps(&Cidr { addr: ip, prefix: 32 });
+    !special.iter().any(|(a, p)| inside(*a, *p)) && !FORBIDDEN.iter().any(|(c, _)| c.overlaps(&Cidr { addr: ip, prefix: 32 }))
+}
 
 /// The host's own IPv4 addresses (a sandbox may never be allowed to reach them).
 pub fn host_addresses() -> Vec<Ipv4Addr> {
@@ -182,8 +200,35 @@ impl Lease {
     }
 }
 
-pub fn tap_name(id: &str) -> String {
-    format!("smv{}", &crate::image::fingerprint(&[id.as_bytes()])[..10])
+/// Names on the host are per data directory and sandbox: two data directories may each hold a
+/// sandbox of the same id, and one must never touch the other's device or rules.
+fn host_name_hash(data_dir: &std::path::Path, id: &str) -> String {
+    crate::image::fingerprint(&[data_dir.as_os_str().as_encoded_bytes(), id.as_bytes()])
+}
+
+pub fn tap_name(data_dir: &std::path::Path, id: &str) -> String {
+    format!("smv{}", &host_name_hash(data_dir, id)[..10])
+}
+
+/// Take the TAP down: the tun driver then refuses what QEMU writes, so a guest that is still
+/// running (its stop not done yet) sends nothing anywhere while its rules are removed.
+pub fn tap_down(name: &str) {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsRawFd;
+    let Ok(sock) = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None) else { return };
+    // SAFETY: ifreq is plain old data; zeroed is a valid value for it.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in name.bytes().take(15).enumerate() {
+        req.ifr_name[i] = b as libc::c_char;
+    }
+    // SAFETY: the socket is open; `req` is a valid ifreq naming the device that outlives both
+    // calls, and SIOCGIFFLAGS/SIOCSIFFLAGS read and write only its flags field.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) == 0 {
+            req.ifr_ifru.ifru_flags &= !(libc::IFF_UP as libc::c_short);
+            libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req);
+        }
+    }
 }
 
 /// Create the sandbox's TAP and hold it. QEMU gets a duplicate of this descriptor (not the
@@ -226,8 +271,8 @@ pub fn open_tap(name: &str) -> Result<std::os::fd::OwnedFd> {
     }
 }
 
-pub fn table_name(id: &str) -> String {
-    format!("smolvm_{}", crate::image::fingerprint(&[id.as_bytes()]))
+pub fn table_name(data_dir: &std::path::Path, id: &str) -> String {
+    format!("smolvm_{}", host_name_hash(data_dir, id))
 }
 
 /// The nftables table of one sandbox.
@@ -239,11 +284,9 @@ pub fn ruleset(table: &str, tap: &str, lease: Lease, internet: &InternetSettings
         "restricted" => egress.push_str("        ip daddr @allow accept\n        drop\n"),
         _ => egress.push_str("        accept\n"),
     }
-    let dns = if internet.mode == "off" {
-        String::new()
-    } else {
-        format!("        ip daddr {host} udp dport 53 accept\n        ip daddr {host} tcp dport 53 accept\n")
-    };
+    let dns =
+        if internet.mode == "off" { String::new() } else { format!("        iifname \"{tap}\" ip daddr {host} udp dport 53 accept\n") };
+    let blocked = FORBIDDEN.iter().map(|(c, _)| c.to_string()).collect::<Vec<_>>().join(", ");
     let cidrs: Vec<String> = internet.allowed_cidrs.iter().filter_map(|c| Cidr::parse(c).ok()).map(|c| c.to_string()).collect();
     let elements = if cidrs.is_empty() { String::new() } else { format!("        elements = {{ {} }}\n", cidrs.join(", ")) };
     format!(
@@ -259,12 +302,16 @@ pub fn ruleset(table: &str, tap: &str, lease: Lease, internet: &InternetSettings
         iifname \"{tap}\" jump egress
     }}
     chain egress {{
+        meta nfproto != ipv4 drop
         ip saddr != {guest} drop
+        ct status dnat drop
         oifname \"smv*\" drop
-        ip daddr {{ 169.254.0.0/16, 172.16.0.0/16, 127.0.0.0/8 }} drop
+        ip daddr {{ {blocked} }} drop
 {egress}    }}
     chain input {{
         type filter hook input priority 0; policy accept;
+        iifname \"{tap}\" meta nfproto != ipv4 drop
+        iifname \"{tap}\" ip saddr != {guest} drop
         iifname \"{tap}\" ct state established,related accept
 {dns}        iifname \"{tap}\" drop
     }}
@@ -522,9 +569,17 @@ fn dns_refused(query: &[u8], question_end: usize) -> Vec<u8> {
 /// Answer DNS on `bind` for one sandbox, forwarding what the policy allows to `upstream`.
 /// Queries are answered in the order they came: resolvers such as busybox's send A and AAAA
 /// at once and may drop a reply that overtakes the other.
-pub async fn dns_proxy(bind: SocketAddr, upstream: SocketAddr, policy: Arc<DnsPolicy>) -> Result<()> {
-    let sock = tokio::net::UdpSocket::bind(bind).await.ctx(|| format!("binding DNS on {bind}"))?;
-    let up = tokio::net::UdpSocket::bind("0.0.0.0:0").await.ctx(|| "binding the upstream DNS socket".into())?;
+/// The proxy's sockets, bound before the sandbox is reported up (a proxy that could not bind
+/// must fail the start, not leave the guest without DNS or with someone else's). The upstream
+/// socket is connected: the kernel then takes answers from the upstream's address only.
+pub async fn dns_bind(bind: SocketAddr, upstream: SocketAddr) -> Result<(tokio::net::UdpSocket, tokio::net::UdpSocket)> {
+    let sock = tokio::net::UdpSocket::bind(bind).await.map_err(|e| Error::Network(format!("binding DNS on {bind}: {e}")))?;
+    let up = tokio::net::UdpSocket::bind("0.0.0.0:0").await.map_err(|e| Error::Network(format!("binding the upstream DNS socket: {e}")))?;
+    up.connect(upstream).await.map_err(|e| Error::Network(format!("connecting to the DNS server {upstream}: {e}")))?;
+    Ok((sock, up))
+}
+
+pub async fn dns_proxy(sock: tokio::net::UdpSocket, up: tokio::net::UdpSocket, policy: Arc<DnsPolicy>) -> Result<()> {
     let mut buf = vec![0u8; 4096];
     let mut reply = vec![0u8; 4096];
     loop {
@@ -535,14 +590,14 @@ pub async fn dns_proxy(bind: SocketAddr, upstream: SocketAddr, policy: Arc<DnsPo
             let _ = sock.send_to(&dns_refused(query, qend), from).await;
             continue;
         }
-        if up.send_to(query, upstream).await.is_err() {
+        if up.send(query).await.is_err() {
             continue;
         }
         // Wait for the answer to this query (same id); stale answers are skipped.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         let answer = loop {
-            match tokio::time::timeout_at(deadline, up.recv_from(&mut reply)).await {
-                Ok(Ok((m, _))) if m >= 2 && reply[..2] == query[..2] => break Some(m),
+            match tokio::time::timeout_at(deadline, up.recv(&mut reply)).await {
+                Ok(Ok(m)) if m >= 2 && reply[..2] == query[..2] => break Some(m),
                 Ok(Ok(_)) => continue,
                 _ => break None,
             }
@@ -550,7 +605,7 @@ pub async fn dns_proxy(bind: SocketAddr, upstream: SocketAddr, policy: Arc<DnsPo
         let Some(m) = answer else { continue };
         if policy.allowed.is_some() {
             // Allow what is handed out before the guest can use it.
-            let ips = dns_answers(&reply[..m]);
+            let ips: Vec<_> = dns_answers(&reply[..m]).into_iter().filter(|(ip, _)| learnable(*ip)).collect();
             let table = policy.table.clone();
             let _ = tokio::task::spawn_blocking(move || nft_allow(&table, &ips)).await;
         }
@@ -594,7 +649,12 @@ mod tests {
     fn leases_are_disjoint_slash_30s() {
         assert_eq!((Lease(1).host(), Lease(1).guest()), (Ipv4Addr::new(172, 16, 0, 5), Ipv4Addr::new(172, 16, 0, 6)));
         assert_eq!(Lease(MAX_SLOTS).guest(), Ipv4Addr::new(172, 16, 255, 254));
-        assert_eq!(tap_name("a").len(), 13);
+        let (x, y) = (std::path::Path::new("/data/x"), std::path::Path::new("/data/y"));
+        assert_eq!(tap_name(x, "a").len(), 13);
+        // One id in two data directories: two devices, two tables.
+        assert_ne!(tap_name(x, "a"), tap_name(y, "a"));
+        assert_ne!(table_name(x, "a"), table_name(y, "a"));
+        assert_eq!(table_name(x, "a"), table_name(x, "a"));
     }
 
     #[test]
@@ -614,6 +674,25 @@ mod tests {
         assert!(p.permits("example.com") && p.permits("api.example.com.") && !p.permits("badexample.com") && !p.permits("evil.com"));
         let refused = dns_refused(&q, q.len());
         assert_eq!(refused[3] & 0x0f, 5);
+        // What a public name may resolve to in a restricted sandbox: public addresses only.
+        for ip in ["93.184.216.34", "1.2.3.4"] {
+            assert!(learnable(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "10.0.0.5",
+            "172.31.1.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "127.0.0.1",
+            "169.254.169.254",
+            "172.16.0.6",
+            "224.0.0.1",
+            "0.0.0.0",
+            "100.100.100.200",
+            "168.63.129.16",
+        ] {
+            assert!(!learnable(ip.parse().unwrap()), "{ip}");
+        }
     }
 
     #[test]
@@ -645,5 +724,17 @@ mod tests {
         assert!(rs.contains("oifname \"smv*\" drop"));
         let off = ruleset("t", "smvabc", Lease(3), &InternetSettings { mode: "off".into(), ..Default::default() });
         assert!(!off.contains("dport 53"));
+        // From the guest: IPv4 only, its own source address only, before anything is accepted
+        // (a forged source could otherwise ride another sandbox's connection).
+        let input = &rs[rs.find("chain input").unwrap()..];
+        let first = |rule: &str| input.find(rule).unwrap() < input.find("ct state established").unwrap();
+        assert!(first("iifname \"smvabc\" meta nfproto != ipv4 drop") && first("iifname \"smvabc\" ip saddr != 172.16.0.14 drop"), "{rs}");
+        assert!(
+            rs.contains("        meta nfproto != ipv4 drop\n        ip saddr != 172.16.0.14 drop\n        ct status dnat drop\n"),
+            "{rs}"
+        );
+        // DNS over UDP to its own proxy only; no TCP 53 (the proxy does not serve it).
+        assert!(rs.contains("iifname \"smvabc\" ip daddr 172.16.0.13 udp dport 53 accept") && !rs.contains("tcp dport 53"), "{rs}");
+        assert!(rs.contains("100.100.100.200/32") && rs.contains("168.63.129.16/32") && rs.contains("169.254.0.0/16"), "{rs}");
     }
 }

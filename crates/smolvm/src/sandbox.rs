@@ -275,7 +275,7 @@ fn host_network_leftovers(store: &Store, id: &str) {
     // A supervisor that cleaned up released its lease: then there is nothing to look for.
     let leased = store.get(id).ok().flatten().is_some_and(|r| r.lease.is_some());
     if leased && crate::net::nat_available().is_ok() {
-        let _ = crate::net::nft_remove(&crate::net::table_name(id));
+        let _ = crate::net::nft_remove(&crate::net::table_name(store.data_dir(), id));
     }
     let _ = store.release_network(id);
 }

@@ -154,9 +154,9 @@ impl NetPlan {
         let mut plan = NetPlan {
             mode,
             lease: None,
-            tap: crate::net::tap_name(id),
+            tap: crate::net::tap_name(store.data_dir(), id),
             tap_fd: None,
-            table: crate::net::table_name(id),
+            table: crate::net::table_name(store.data_dir(), id),
             internet,
             backend: qemu::NetBackend::User { restrict: true, forwards: vec![] },
             user_forwards: vec![],
@@ -216,6 +216,11 @@ impl NetPlan {
     /// go of it once it has answered.
     async fn cleanup_during(&self, store: &Store, id: &str, stopping: impl std::future::Future<Output = ()>) {
         let table = self.lease.map(|_| self.table.clone());
+        if table.is_some() {
+            // First, so that a guest still running during a graceful stop is cut off before
+            // its rules go.
+            crate::net::tap_down(&self.tap);
+        }
         let nft = tokio::task::spawn_blocking(move || table.map(|t| crate::net::nft_remove(&t)));
         stopping.await;
         let _ = nft.await;
@@ -430,7 +435,16 @@ async fn supervise(id: &str) -> i32 {
         Some(lease) if plan.internet.mode != "off" => {
             let allowed = (plan.internet.mode == "restricted").then(|| plan.internet.allowed_domains.clone());
             let policy = Arc::new(crate::net::DnsPolicy { allowed, table: plan.table.clone() });
-            Some(tokio::spawn(crate::net::dns_proxy(SocketAddr::from((lease.host(), 53)), crate::net::upstream_dns(), policy)))
+            match crate::net::dns_bind(SocketAddr::from((lease.host(), 53)), crate::net::upstream_dns()).await {
+                Ok((sock, up)) => Some(tokio::spawn(crate::net::dns_proxy(sock, up, policy))),
+                Err(e) => {
+                    let _ = child.kill().await;
+                    paths.remove_sockets();
+                    plan.cleanup(&store, id);
+                    let _ = store.set_state(id, State::Error, Some(&e.full_message()));
+                    return fail(e.code(), e.full_message(), None);
+                }
+            }
         }
         _ => None,
     };
