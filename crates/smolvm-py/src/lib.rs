@@ -57,12 +57,23 @@ fn block<T: Send + 'static>(py: Python<'_>, fut: impl Future<Output = Result<T, 
     let rt = runtime();
     // Polled on this thread (not handed to a worker and waited for: that hop cost a tenth of a
     // millisecond per call), in slices, so that Ctrl-C is noticed between them.
-    let mut fut = std::pin::pin!(fut);
+    let mut fut = Box::pin(fut);
     loop {
         let waited = py.allow_threads(|| rt.block_on(async { tokio::time::timeout(Duration::from_millis(50), &mut fut).await }));
         match waited {
             Ok(result) => return result.map_err(to_py),
-            Err(_) => py.check_signals()?,
+            Err(_) => {
+                if let Err(interrupt) = py.check_signals() {
+                    // Dropped inside the runtime, the future's open requests send their cancel
+                    // (a command is killed in the guest); a moment of driving lets it go out.
+                    {
+                        let _inside = rt.enter();
+                        drop(fut);
+                    }
+                    py.allow_threads(|| rt.block_on(async { tokio::time::sleep(Duration::from_millis(20)).await }));
+                    return Err(interrupt);
+                }
+            }
         }
     }
 }
@@ -268,9 +279,18 @@ impl Vm {
         let inner = self.inner.clone();
         block(py, async move {
             let sb = inner.write().await.take();
-            match sb {
-                Some(sb) => sb.delete().await,
-                None => Ok(()),
+            let Some(sb) = sb else { return Ok(()) };
+            let id = sb.id().to_string();
+            match sb.delete().await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    // Still there: the handle keeps it, so that a second delete tries again
+                    // instead of reporting a sandbox gone that still runs.
+                    if let Ok(again) = Sandbox::open_in(Dirs::from_env(), &id).await {
+                        *inner.write().await = Some(again);
+                    }
+                    Err(e)
+                }
             }
         })
     }

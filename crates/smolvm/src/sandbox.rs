@@ -441,10 +441,14 @@ impl Sandbox {
     /// (cached with it) unless `SMOLVM_WARM=0` or `SMOLVM_VERBOSE_BOOT` asks for a real boot;
     /// if the warm start fails, it boots cold.
     pub async fn start(&mut self, boot_timeout: Duration, progress: Progress<'_>) -> Result<()> {
-        let _lock = self.paths.start_lock(true)?;
+        // Waited for off the runtime: with Python's one shared runtime, a thread blocked here
+        // would stall the thread that holds the lock.
+        let paths = self.paths.clone();
+        let _lock = tokio::task::spawn_blocking(move || paths.start_lock(true)).await.map_err(|e| Error::Host(e.to_string()))??;
         let rec = self.record()?;
         if rec.state.is_live() {
-            if self.conn.is_none() {
+            // A closed connection is a previous supervisor's (another process restarted it).
+            if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
                 self.conn = Some(Conn::connect(&self.paths.ctl).await?);
             }
             return Ok(());
@@ -1156,7 +1160,14 @@ impl Sandbox {
         };
         let req = Request::Stop { timeout_ms: timeout.as_millis() as u64 };
         let bound = timeout + Duration::from_secs(5);
-        let answered = tokio::time::timeout(bound, conn.call(&req)).await;
+        let mut answered = tokio::time::timeout(bound, conn.call(&req)).await;
+        if matches!(answered, Ok(Err(_))) {
+            // The connection failed at once: it may be a previous supervisor's (another process
+            // restarted the sandbox). Ask the current one before using force on it.
+            if let Ok(fresh) = Conn::connect(&self.paths.ctl).await {
+                answered = tokio::time::timeout(bound, fresh.call(&req)).await;
+            }
+        }
         if !matches!(answered, Ok(Ok(Reply::Ok))) {
             // The supervisor did not answer in time: kill it; QEMU dies with it (PDEATHSIG).
             if let Some(sup) = rec.supervisor.filter(|p| p.alive()) {

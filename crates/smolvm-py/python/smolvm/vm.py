@@ -166,7 +166,17 @@ class SmolVM:
         # A sandbox made for a `with` block belongs to this process: if the process dies
         # without reaching __exit__ (SIGKILL), the sandbox goes with it.
         if self._native is None:
-            self._start(30, ephemeral=True)
+            try:
+                self._start(30, ephemeral=True)
+            except BaseException:
+                # __exit__ will not run: a failed or interrupted boot must not leave its
+                # sandbox (or its name) behind.
+                if self._native is not None:
+                    try:
+                        self.delete()
+                    except Exception:
+                        pass
+                raise
         elif self.status not in (VMState.RUNNING, VMState.PAUSED):
             self.start()
         return self
