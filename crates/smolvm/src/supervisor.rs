@@ -497,7 +497,7 @@ async fn supervise(id: &str) -> i32 {
                     break false;
                 }
                 Some(Control::Pause { done }) => {
-                    let r = qmp.execute("stop").await.map_err(|e| (ErrorKind::Failed, e.full_message()));
+                    let r = bounded(qmp.execute("stop"), "pause").await.map_err(|e| (ErrorKind::Failed, e.full_message()));
                     if r.is_ok() {
                         paused.store(true, Ordering::SeqCst);
                         let _ = store.set_state(id, State::Paused, None);
@@ -505,14 +505,17 @@ async fn supervise(id: &str) -> i32 {
                     let _ = done.send(r.map(|_| ()));
                 }
                 Some(Control::Resume { done }) => {
-                    let r = async {
-                        qmp.execute("cont").await?;
-                        if !greeted {
-                            greet(&agent, &greeting).await?;
-                            greeted = true;
-                        }
-                        Ok::<_, Error>(())
-                    }
+                    let r = bounded(
+                        async {
+                            qmp.execute("cont").await?;
+                            if !greeted {
+                                greet(&agent, &greeting).await?;
+                                greeted = true;
+                            }
+                            Ok::<_, Error>(())
+                        },
+                        "resume",
+                    )
                     .await
                     .map_err(|e| (ErrorKind::Failed, e.full_message()));
                     if r.is_ok() {
@@ -689,6 +692,15 @@ async fn boot(
             Err(e)
         }
     }
+}
+
+/// A pause or resume that does not finish (a wedged QEMU monitor or guest agent) must not hold
+/// the supervisor's loop, and with it every stop, for ever.
+async fn bounded<T>(work: impl std::future::Future<Output = Result<T>>, operation: &str) -> Result<T> {
+    const BOUND: Duration = Duration::from_secs(30);
+    tokio::time::timeout(BOUND, work)
+        .await
+        .unwrap_or_else(|_| Err(Error::Timeout { operation: operation.into(), seconds: BOUND.as_secs_f64() }))
 }
 
 /// What QEMU wrote to the log from `from` on: its own error lines, which start with its name
