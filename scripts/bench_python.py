@@ -2,7 +2,8 @@
 
 Run by `make bench` with the freshly built wheel installed in .venv-bench. Batches of Python
 calls alternate with batches of Rust API calls on the same sandbox (`smolvm bench --run-on`),
-so that both see the same host: this host's speed drifts by more than the difference measured.
+in ABBA order, so that both see the same host: this host's speed drifts by more than the
+difference measured.
 """
 
 import json
@@ -23,16 +24,24 @@ def main() -> int:
     with SmolVM() as vm:
         for _ in range(20):
             vm.run("true")
-        for _ in range(BATCHES):
+        def python_batch():
             for _ in range(PER_BATCH):
                 t = time.perf_counter()
                 vm.run("true")
                 py.append((time.perf_counter() - t) * 1000)
+
+        def rust_batch():
             out = subprocess.run(
                 [smolvm_bin, "bench", "--run-on", vm.vm_id, "--rounds", str(PER_BATCH)],
                 capture_output=True, text=True, check=True,
             )
             rust.extend(json.loads(out.stdout))
+
+        # ABBA order: a host that is still settling (the measurements before this one start and
+        # stop dozens of sandboxes) slows whichever side goes first; alternating cancels that.
+        for i in range(BATCHES):
+            for batch in (python_batch, rust_batch) if i % 2 == 0 else (rust_batch, python_batch):
+                batch()
     p50, rust_p50 = statistics.median(py), statistics.median(rust)
     ratio = p50 / rust_p50
     data = json.load(open(results + "/latest.json"))
