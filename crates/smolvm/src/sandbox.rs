@@ -307,6 +307,8 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
                 continue;
             }
         };
+        // Read again under the lock: a start that finished since `list` has made it running.
+        let Some(rec) = store.get(&rec.id)? else { continue };
         if matches!(rec.state, State::Stopped | State::Error) {
             // A supervisor that was killed (a stop past its bound) left its firewall table.
             host_network_leftovers(&store, &rec.id);
