@@ -149,6 +149,15 @@ struct Vm {
     inner: Arc<RwLock<Option<Sandbox>>>,
 }
 
+/// Stop the sandbox through a connection of its own. Commands in flight on a handle hold it
+/// (shared) until they end, so stop and delete, which need it alone, would wait for the
+/// longest of them; stopping the VM is what ends them.
+async fn stop_beside(id: &str, timeout: Duration) {
+    if let Ok(mut other) = Sandbox::open_in(Dirs::from_env(), id).await {
+        let _ = other.stop(timeout).await;
+    }
+}
+
 impl Vm {
     fn wrap(sb: Sandbox) -> Vm {
         Vm { id: sb.id().to_string(), inner: Arc::new(RwLock::new(Some(sb))) }
@@ -269,15 +278,19 @@ impl Vm {
         let inner = self.inner.clone();
         let id = self.id.clone();
         block(py, async move {
+            let timeout = Duration::from_secs_f64(timeout.max(0.1));
+            stop_beside(&id, timeout).await;
             let mut guard = inner.write().await;
             let sb = guard.as_mut().ok_or_else(|| gone(&id))?;
-            sb.stop(Duration::from_secs_f64(timeout.max(0.1))).await
+            sb.stop(timeout).await
         })
     }
 
     fn delete(&self, py: Python<'_>) -> PyResult<()> {
         let inner = self.inner.clone();
+        let own = self.id.clone();
         block(py, async move {
+            stop_beside(&own, smolvm::sandbox::DEFAULT_STOP_TIMEOUT).await;
             let sb = inner.write().await.take();
             let Some(sb) = sb else { return Ok(()) };
             let id = sb.id().to_string();

@@ -190,6 +190,32 @@ def test_a_with_block_whose_start_fails_leaves_nothing(no_leftovers):
         assert vm.run("echo ok").output == "ok"
 
 
+def test_delete_and_stop_do_not_wait_for_commands_in_flight(no_leftovers):
+    import threading
+
+    for action in ("stop", "delete"):
+        vm = SmolVM(vm_id=f"inflight-{action}")
+        vm.start()
+        errors = []
+
+        def worker():
+            try:
+                vm.run("sleep 600", timeout=900)
+            except Exception as e:  # the VM went away under it
+                errors.append(e)
+
+        t = threading.Thread(target=worker)
+        t.start()
+        time.sleep(1)
+        started = time.monotonic()
+        getattr(vm, action)()
+        assert time.monotonic() - started < 20, f"{action} waited for the command"
+        t.join(timeout=20)
+        assert not t.is_alive() and errors, action
+        if action == "stop":
+            vm.delete()
+
+
 def test_gil_is_released_while_commands_run(no_leftovers):
     import threading
 
