@@ -113,7 +113,9 @@ pub fn debian_kernel(dirs: &Dirs, progress: Progress) -> Result<(PathBuf, PathBu
             )?
         }
     };
-    if !package.chars().all(|c| c.is_ascii_alphanumeric() || "-.+".contains(c)) {
+    // Not empty, and not an option to apt (a leading '-').
+    if !package.starts_with(|c: char| c.is_ascii_alphanumeric()) || !package.chars().all(|c| c.is_ascii_alphanumeric() || "-.+".contains(c))
+    {
         return Err(Error::Image(format!("{package:?} is not a Debian package name")));
     }
     let dir = dirs.images.join(format!("debian-{package}"));
@@ -667,18 +669,20 @@ pub(crate) fn make_ext4(tree: &Path, path: &Path, size: &str) -> Result<()> {
 }
 
 /// Link `src` as `dst`, so that `dst` stays when `src`'s cache entry goes (`image rm`,
-/// `image prune`, a rebuild). Across filesystems (a cache on another disk than the data
-/// directory) small files are copied (`copy`); a disk base stays where it is, and its user keeps
-/// depending on it.
-pub(crate) fn keep_file(src: &Path, dst: &Path, copy: bool) -> Result<PathBuf> {
+/// `image prune`, a rebuild at the same path). Across filesystems (a cache on another disk than
+/// the data directory) it is copied instead, sparse: a disk base that stayed in the cache could
+/// be rebuilt with other bytes under a disk that stands on it.
+pub(crate) fn keep_file(src: &Path, dst: &Path) -> Result<PathBuf> {
     let _ = fs::remove_file(dst);
     match fs::hard_link(src, dst) {
         Ok(()) => Ok(dst.to_path_buf()),
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) && copy => {
-            fs::copy(src, dst).ctx(|| format!("copying {} to {}", src.display(), dst.display()))?;
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            run_checked(
+                Command::new("cp").args(["--reflink=auto", "--sparse=always"]).arg(src).arg(dst),
+                &format!("copying {} to {}", src.display(), dst.display()),
+            )?;
             Ok(dst.to_path_buf())
         }
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => Ok(src.to_path_buf()),
         Err(e) => Err(Error::Host(format!("linking {} to {}: {e}", src.display(), dst.display()))),
     }
 }
@@ -703,7 +707,7 @@ pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Result<Pat
     // The overlay stands on its own link to the base: an image removed from the cache, or
     // rebuilt at the same path with other bytes, must not change the disk under a sandbox.
     let base = match overlay.parent() {
-        Some(dir) => keep_file(&base, &dir.join("base"), false)?,
+        Some(dir) => keep_file(&base, &dir.join("base"))?,
         None => base,
     };
     let mut magic = [0u8; 4];
@@ -789,13 +793,17 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
         };
         // A record of a failed build, or a build a crash left unfinished, is stale and does not
         // take the place of a good build.
-        let failed = path.join(crate::busybox::FAILED).exists() || (kind == "busybox" && !path.join("busybox").is_file());
+        let failed = path.join(crate::busybox::FAILED).exists()
+            || (kind == "busybox" && !path.join("busybox").is_file())
+            // A disk whose mkfs failed or was cut short holds no rootfs.ext4.
+            || (kind.starts_with("disk-") && path.is_dir() && !path.join("rootfs.ext4").is_file());
         let count = seen.entry(kind).or_default();
         if !failed {
             *count += 1;
         }
         let stale = name.starts_with(".build-")
             || name.starts_with(".debian-kernel-")
+            || name.starts_with(".fetch-")
             || name.contains(".tmp")
             || name.starts_with("warm-")
             || name == "memo"
@@ -905,10 +913,46 @@ mod tests {
         fs::create_dir_all(dirs.images.join("busybox-c")).unwrap();
         assert_eq!(prune(&dirs).unwrap(), ["busybox-c"]);
         assert!(dirs.images.join("busybox-b").exists());
+        // Likewise a disk whose mkfs failed: the good, older disk of that image stays.
+        let good = dirs.images.join("disk-tools-aaaaaaaaaaaaaaaa");
+        fs::create_dir_all(&good).unwrap();
+        fs::write(good.join("rootfs.ext4"), b"ext4").unwrap();
+        fs::File::open(&good).unwrap().set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(60)).unwrap();
+        fs::create_dir_all(dirs.images.join("disk-tools-bbbbbbbbbbbbbbbb")).unwrap();
+        fs::create_dir_all(dirs.images.join(".fetch-busybox-123")).unwrap();
+        let mut removed = prune(&dirs).unwrap();
+        removed.sort();
+        assert_eq!(removed, [".fetch-busybox-123", "disk-tools-bbbbbbbbbbbbbbbb"]);
+        assert!(good.join("rootfs.ext4").exists());
         assert!(dirs.images.join("kernel-a").exists() && dirs.images.join("initramfs-c").exists());
         assert!(remove_entry(&dirs, "../x").is_err());
         remove_entry(&dirs, "kernel-a").unwrap();
         assert!(!dirs.images.join("kernel-a").exists());
+    }
+
+    #[test]
+    fn a_kept_file_is_a_link_or_across_filesystems_a_sparse_copy() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("base");
+        fs::write(&src, b"same filesystem").unwrap();
+        let linked = keep_file(&src, &t.path().join("link")).unwrap();
+        assert_eq!(fs::metadata(&linked).unwrap().ino(), fs::metadata(&src).unwrap().ino());
+        // /dev/shm is a tmpfs: another filesystem than the temp directory's here.
+        let Ok(shm) = tempfile::tempdir_in("/dev/shm") else { return };
+        if fs::metadata(shm.path()).unwrap().dev() == fs::metadata(t.path()).unwrap().dev() {
+            return;
+        }
+        let disk = shm.path().join("disk");
+        let f = fs::File::create(&disk).unwrap();
+        f.set_len(64 << 20).unwrap();
+        std::io::Write::write_all(&mut &f, b"data at the start").unwrap();
+        let copy = keep_file(&disk, &t.path().join("copy")).unwrap();
+        assert_eq!(copy, t.path().join("copy"));
+        assert_ne!(fs::metadata(&copy).unwrap().dev(), fs::metadata(&disk).unwrap().dev());
+        assert_eq!(fs::metadata(&copy).unwrap().len(), 64 << 20);
+        assert!(fs::metadata(&copy).unwrap().blocks() * 512 < 1 << 20, "the copy is not sparse");
+        assert!(fs::read(&copy).unwrap().starts_with(b"data at the start"));
     }
 
     #[test]

@@ -211,7 +211,8 @@ pub fn build(dirs: &Dirs, recipe: &Recipe, progress: Progress) -> Result<Built> 
         if builtin_recipe.is_none() {
             let rdir = recipes_dir(dirs);
             fs::create_dir_all(&rdir).ctx(|| format!("creating {}", rdir.display()))?;
-            let tmp = rdir.join(format!(".{}.json.tmp", recipe.name));
+            // Per process: two starts of one custom image save it at the same moment.
+            let tmp = rdir.join(format!(".{}.json.tmp-{}", recipe.name, std::process::id()));
             fs::write(&tmp, serde_json::to_string_pretty(recipe).unwrap_or_default())
                 .and_then(|_| fs::rename(&tmp, rdir.join(format!("{}.json", recipe.name))))
                 .ctx(|| "saving the recipe".into())?;
@@ -332,9 +333,41 @@ fn debian_ssh_setup(tree: &Path) -> Result<()> {
     io.ctx(|| "configuring the image".into())
 }
 
+/// `dest` inside `tree`, refusing a way that leaves it: an image's tree holds symbolic links
+/// to absolute paths (Debian's `var/run -> /run`), which the host would follow, as root.
+fn inside_tree(tree: &Path, dest: &str) -> Result<PathBuf> {
+    let rel = Path::new(dest.trim_start_matches('/'));
+    let mut at = tree.to_path_buf();
+    let parents: Vec<_> = rel.parent().map(|p| p.components().collect()).unwrap_or_default();
+    for c in parents {
+        at.push(c);
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(Error::validation(
+                    "file",
+                    format!(
+                        "{dest}: /{} is a symbolic link in the image; give the path it points to",
+                        at.strip_prefix(tree).unwrap_or(&at).display()
+                    ),
+                ))
+            }
+            Ok(m) if !m.is_dir() => {
+                return Err(Error::validation(
+                    "file",
+                    format!("{dest}: /{} is not a directory in the image", at.strip_prefix(tree).unwrap_or(&at).display()),
+                ))
+            }
+            Ok(_) => {}
+            // Missing: made below, with everything after it.
+            Err(_) => break,
+        }
+    }
+    Ok(tree.join(rel))
+}
+
 fn copy_files(tree: &Path, files: &[RecipeFile]) -> Result<()> {
     for f in files {
-        let dest = tree.join(f.dest.trim_start_matches('/'));
+        let dest = inside_tree(tree, &f.dest)?;
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
         }
@@ -347,6 +380,27 @@ fn copy_files(tree: &Path, files: &[RecipeFile]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_never_lands_outside_the_image_tree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tree = tmp.path().join("tree");
+        let outside = tmp.path().join("host-run");
+        fs::create_dir_all(tree.join("var")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("var/run")).unwrap();
+        fs::write(tree.join("etc"), b"a file").unwrap();
+        let err = inside_tree(&tree, "/var/run/app.pid").unwrap_err().to_string();
+        assert!(err.contains("/var/run is a symbolic link in the image"), "{err}");
+        assert!(inside_tree(&tree, "/etc/motd").unwrap_err().to_string().contains("is not a directory"));
+        assert_eq!(inside_tree(&tree, "/srv/new/f").unwrap(), tree.join("srv/new/f"));
+        assert_eq!(inside_tree(&tree, "/var/f").unwrap(), tree.join("var/f"));
+        let src = tmp.path().join("src");
+        fs::write(&src, b"x").unwrap();
+        let files = [RecipeFile { source: src, dest: "/var/run/app.pid".into() }];
+        assert!(copy_files(&tree, &files).is_err());
+        assert!(fs::read_dir(&outside).unwrap().next().is_none(), "a file was written outside the tree");
+    }
 
     #[test]
     fn builtins_validate_and_names_are_checked() {

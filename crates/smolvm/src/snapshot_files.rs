@@ -50,7 +50,7 @@ fn detach_disk(disk: &Path, dir: &Path) -> Result<()> {
     if chain.len() < 2 {
         return Ok(());
     }
-    let base = keep(&bottom.filename, &dir.join("base"), false)?;
+    let base = keep(&bottom.filename, &dir.join("base"))?;
     if chain.len() == 2 {
         if base != bottom.filename {
             // Same contents under another name: only the header's backing path changes.
@@ -77,9 +77,9 @@ pub fn detach(dir: &Path) -> Result<()> {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .ok_or_else(|| Error::Host(format!("the snapshot in {} has no readable image.json", dir.display())))?;
-    image.kernel = keep(&image.kernel, &boot_name(dir, &image.kernel)?, true)?;
+    image.kernel = keep(&image.kernel, &boot_name(dir, &image.kernel)?)?;
     if let Some(initrd) = &image.initrd {
-        image.initrd = Some(keep(initrd, &boot_name(dir, initrd)?, true)?);
+        image.initrd = Some(keep(initrd, &boot_name(dir, initrd)?)?);
     }
     if let Some(disk) = image.rootfs.as_deref().filter(|d| d.starts_with(dir)) {
         detach_disk(disk, dir)?;
