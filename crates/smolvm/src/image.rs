@@ -208,6 +208,11 @@ pub(crate) fn lock_images(dirs: &Dirs) -> Result<nix::fcntl::Flock<fs::File>> {
     nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| Error::Host(format!("locking the image cache: {e}")))
 }
 
+fn mark_published(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+    fs::write(dir.join(PUBLISHED_MARK), "").ctx(|| "marking a published entry".into())
+}
+
 /// A cached entry is usable unless it came from a published source and the user asked for
 /// local builds (`SMOLVM_USE_PUBLISHED=0`).
 fn cached(entry: &Path, marker_dir: &Path) -> bool {
@@ -273,8 +278,10 @@ pub fn default_kernel(dirs: &Dirs, progress: Progress) -> Result<PathBuf> {
     let _ = fs::remove_dir_all(&dir);
     if let Some(ready) = published(&format!("{rel}/vmlinux")) {
         progress(&format!("using the published kernel {}", ready.display()));
+        // The mark first: an entry a crash cut short after it has no kernel and is not used;
+        // one cut short before it would pass for a local build.
+        mark_published(&dir)?;
         install_file(&ready, &vmlinux)?;
-        fs::write(dir.join(PUBLISHED_MARK), "").ctx(|| "marking a published kernel".into())?;
         return Ok(vmlinux);
     }
     build_kernel(&source, &dir, dirs, progress)?;
@@ -573,8 +580,8 @@ pub fn default_initramfs(dirs: &Dirs, modules: &[(String, Vec<u8>)], progress: P
     }
     let _ = fs::remove_dir_all(&dir);
     if let Some(ready) = published(&rel) {
+        mark_published(&dir)?;
         install_file(&ready, &path)?;
-        fs::write(dir.join(PUBLISHED_MARK), "").ctx(|| "marking a published image".into())?;
         return Ok(path);
     }
     let applets = Command::new(&busybox_path).arg("--list-full").output().ctx(|| "listing busybox applets".into())?;
