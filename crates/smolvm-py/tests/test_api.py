@@ -243,6 +243,26 @@ def test_cli_is_installed_with_the_package():
     assert out.stdout == "hello from a microVM\n"
 
 
+def test_a_handle_survives_another_process_restarting_its_sandbox(no_leftovers):
+    exe = os.path.join(os.path.dirname(sys.executable), "smolvm")
+    vm = SmolVM(vm_id="restarted")
+    vm.start()
+    try:
+        for args in (["sandbox", "stop", "restarted"], ["sandbox", "start", "restarted"]):
+            out = subprocess.run([exe, *args], capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, out.stderr
+        # The old connection went with the old supervisor: said plainly, and start() reconnects
+        # to the running sandbox instead of stopping it by force.
+        with pytest.raises(SmolVMError, match="connection to VM 'restarted' was lost"):
+            vm.run("true")
+        vm.start()
+        assert vm.run("echo again").output == "again"
+        vm.stop()
+        assert vm.status == VMState.STOPPED
+    finally:
+        vm.delete()
+
+
 def test_pause_resume_snapshot_and_from_snapshot(no_leftovers):
     from smolvm.exceptions import SnapshotNotFoundError
     from smolvm.types import SnapshotInfo

@@ -92,7 +92,12 @@ impl Conn {
     pub async fn send_on(&self, id: u32, req: &Request) -> Result<()> {
         let bytes = proto::encode(id, req).map_err(|e| Error::Guest(e.to_string()))?;
         let mut w = self.writer.lock().await;
-        w.write_all(&bytes).await.map_err(|e| Error::Io { context: "sending a request".into(), source: e })
+        let sent = w.write_all(&bytes).await;
+        if sent.is_err() {
+            // The other end is gone (the reader may not have noticed yet).
+            self.closed.store(true, Ordering::SeqCst);
+        }
+        sent.map_err(|e| Error::Io { context: "sending a request".into(), source: e })
     }
 
     /// Open a stream with its first request.

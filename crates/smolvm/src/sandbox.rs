@@ -857,6 +857,14 @@ impl Sandbox {
             Some(c) if !c.is_closed() => Ok(c),
             _ => {
                 let state = self.state()?;
+                if state.is_live() {
+                    // Running, but not through this handle's connection (its supervisor was
+                    // restarted by another process, or the connection broke).
+                    return Err(Error::Guest(format!(
+                        "the connection to VM '{}' was lost; start() reconnects (smolvm sandbox start {})",
+                        self.id, self.id
+                    )));
+                }
                 Err(Error::NotRunning { id: self.id.clone(), state: state.to_string() })
             }
         }
@@ -895,7 +903,12 @@ impl Sandbox {
             stdin: false,
             cwd: opts.cwd.clone(),
         };
-        let mut stream = conn.open(&Request::Exec(req)).await?;
+        let mut stream = match conn.open(&Request::Exec(req)).await {
+            Ok(s) => s,
+            // A connection found dead on the way out: say why, as for one known dead.
+            Err(e) if conn.is_closed() => return Err(self.conn().err().unwrap_or(e)),
+            Err(e) => return Err(e),
+        };
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         let timeout_err = || Error::Timeout { operation: "run".into(), seconds: opts.timeout.as_secs_f64() };
         // The agent enforces the timeout; this host-side bound catches a guest that cannot.
