@@ -101,6 +101,14 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
     assert_eq!(std::fs::metadata(env.tmp.path().join("su")).unwrap().permissions().mode() & 0o7777, 0o755);
     let e = sb.upload(&local, "relative/x").await.unwrap_err();
     assert!(e.to_string().contains("guest_path"), "{e}");
+    // A line break in a path would start an sftp batch line of its own, and `!cmd` lines run
+    // on the host: refused, and nothing ran.
+    let pwned = env.tmp.path().join("pwned");
+    let evil = format!("/tmp/a\n!touch {} #/f", pwned.display());
+    for e in [sb.upload(&local, &evil).await.unwrap_err(), sb.download(&evil, &env.tmp.path().join("x")).await.unwrap_err()] {
+        assert!(e.to_string().contains("control character"), "{e}");
+    }
+    assert!(!pwned.exists(), "a command in a path ran on the host");
     // Directories take the agent's checked tar path on the SSH channel too.
     let tree = env.tmp.path().join("tree");
     std::fs::create_dir_all(tree.join("sub")).unwrap();

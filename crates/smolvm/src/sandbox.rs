@@ -964,7 +964,9 @@ impl Sandbox {
         if self.channel == Channel::Ssh && !tar {
             let parent = Path::new(&target).parent().unwrap_or(Path::new("/"));
             let q = crate::ssh::sftp_quote;
-            let batch = format!("{}put -p {} {}\n", crate::ssh::sftp_mkdirs(parent), q(&local.to_string_lossy()), q(&target));
+            // Absolute, so that no local path can start with '-' and read as an option.
+            let local = std::path::absolute(local).ctx(|| format!("resolving {}", local.display()))?;
+            let batch = format!("{}put -p {} {}\n", crate::ssh::sftp_mkdirs(parent)?, q(&local.to_string_lossy())?, q(&target)?);
             return self.sftp(batch).await;
         }
         let mut stream = conn.open(&Request::FilePut { path: target.clone(), mode, tar }).await?;
@@ -1059,9 +1061,9 @@ impl Sandbox {
     /// A file over SFTP; a directory (sftp cannot tell us in advance) falls back to the agent's
     /// checked tar path.
     async fn download_sftp(&self, guest: &str, parent: &Path, dest: &Path) -> Result<()> {
-        let tmp = download_temp(parent);
+        let tmp = std::path::absolute(download_temp(parent)).ctx(|| format!("resolving {}", parent.display()))?;
         let q = crate::ssh::sftp_quote;
-        let got = self.sftp(format!("get -p {} {}\n", q(guest), q(&tmp.to_string_lossy()))).await;
+        let got = self.sftp(format!("get -p {} {}\n", q(guest)?, q(&tmp.to_string_lossy())?)).await;
         let result = got.and_then(|_| {
             let meta = std::fs::symlink_metadata(&tmp).ctx(|| format!("reading {}", tmp.display()))?;
             let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());

@@ -155,20 +155,24 @@ pub fn remote_command(command: &str, login: bool, timeout_secs: u64, cwd: Option
     format!("{cd}exec timeout -k 2 {timeout_secs} {shell} {}", crate::env::quote(command))
 }
 
-/// A path quoted for an sftp batch line.
-pub fn sftp_quote(p: &str) -> String {
-    format!("\"{}\"", p.replace('\\', "\\\\").replace('"', "\\\""))
+/// A path quoted for an sftp batch line. A line break (or any control character) would end the
+/// line and start a command of its own, and sftp runs `!command` lines on the host: refused.
+pub fn sftp_quote(p: &str) -> Result<String> {
+    if p.chars().any(char::is_control) {
+        return Err(Error::validation("path", format!("{p:?} contains a control character, which SFTP transfers cannot carry")));
+    }
+    Ok(format!("\"{}\"", p.replace('\\', "\\\\").replace('"', "\\\"")))
 }
 
 /// sftp batch lines that create `dir` and its parents (`-`: an existing one is no error).
-pub fn sftp_mkdirs(dir: &Path) -> String {
+pub fn sftp_mkdirs(dir: &Path) -> Result<String> {
     let mut out = String::new();
     let mut cur = PathBuf::from("/");
     for c in dir.components().skip(1) {
         cur.push(c);
-        out.push_str(&format!("-mkdir {}\n", sftp_quote(&cur.to_string_lossy())));
+        out.push_str(&format!("-mkdir {}\n", sftp_quote(&cur.to_string_lossy())?));
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -206,7 +210,13 @@ mod tests {
 
     #[test]
     fn sftp_lines() {
-        assert_eq!(sftp_quote(r#"/a "b"\c"#), r#""/a \"b\"\\c""#);
-        assert_eq!(sftp_mkdirs(Path::new("/a/b")), "-mkdir \"/a\"\n-mkdir \"/a/b\"\n");
+        assert_eq!(sftp_quote(r#"/a "b"\c"#).unwrap(), r#""/a \"b\"\\c""#);
+        assert_eq!(sftp_mkdirs(Path::new("/a/b")).unwrap(), "-mkdir \"/a\"\n-mkdir \"/a/b\"\n");
+        // A line break would start a batch line of its own: `!cmd` runs on the host.
+        for bad in ["/tmp/a\n!touch /tmp/pwned #/f", "/tmp/a\rb", "/tmp/\u{7f}"] {
+            let err = sftp_quote(bad).unwrap_err().to_string();
+            assert!(err.contains("control character"), "{err}");
+        }
+        assert!(sftp_mkdirs(Path::new("/a\n!x/b")).is_err());
     }
 }

@@ -431,7 +431,7 @@ async fn supervise(id: &str) -> i32 {
         let _ = store.set_state(id, State::Paused, None);
     }
     let mut exposed = Exposed::new();
-    let _dns = match plan.lease {
+    let mut dns = match plan.lease {
         Some(lease) if plan.internet.mode != "off" => {
             let allowed = (plan.internet.mode == "restricted").then(|| plan.internet.allowed_domains.clone());
             let policy = Arc::new(crate::net::DnsPolicy { allowed, table: plan.table.clone() });
@@ -461,6 +461,7 @@ async fn supervise(id: &str) -> i32 {
                 Err((_, msg)) => {
                     let _ = child.kill().await;
                     paths.remove_sockets();
+                    close_dns(&mut dns).await;
                     plan.cleanup(&store, id);
                     let _ = store.set_state(id, State::Error, Some(&msg));
                     return fail("validation", format!("invalid port_forwards: {msg}"), None);
@@ -572,6 +573,7 @@ async fn supervise(id: &str) -> i32 {
         let tail = console_tail(&paths.console, 30);
         let msg = format!("the VM exited unexpectedly; last console lines:\n{tail}");
         paths.remove_sockets();
+        close_dns(&mut dns).await;
         plan.cleanup(&store, id);
         if record.ephemeral {
             let _ = store.remove(id);
@@ -584,6 +586,7 @@ async fn supervise(id: &str) -> i32 {
     // Without a disk there is nothing to flush, and a paused guest cannot flush: go at once.
     let graceful = overlay.is_some() && !paused.load(Ordering::SeqCst);
     tracing::debug!("phase: stopping");
+    close_dns(&mut dns).await;
     plan.cleanup_during(&store, id, shutdown(&mut child, &agent, &mut qmp, stop_timeout, graceful)).await;
     tracing::debug!("phase: cleaned up");
     paths.remove_sockets();
@@ -691,6 +694,15 @@ async fn boot(
             let _ = child.kill().await;
             Err(e)
         }
+    }
+}
+
+/// Close the DNS proxy's socket before the lease goes: the next sandbox given the same lease
+/// binds its own proxy on the same address at once.
+async fn close_dns(dns: &mut Option<tokio::task::JoinHandle<Result<()>>>) {
+    if let Some(task) = dns.take() {
+        task.abort();
+        let _ = task.await;
     }
 }
 
