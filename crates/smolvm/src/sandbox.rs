@@ -507,10 +507,14 @@ impl Sandbox {
         self.conn = Some(Conn::connect(&self.paths.ctl).await?);
         let running = spec.restore.as_ref().is_none_or(|r| r.resume);
         if spec.image.rootfs.is_some() && running {
-            // Images with a root disk may carry an SSH server: bring it up, pinned.
+            // Images with a root disk may carry an SSH server: bring it up, pinned. A sandbox
+            // whose commands go over SSH needs it; any other still runs over the agent.
             if let Err(e) = self.setup_ssh().await {
-                let _ = self.stop(Duration::from_secs(1)).await;
-                return Err(e);
+                if self.channel == Channel::Ssh {
+                    let _ = self.stop(Duration::from_secs(1)).await;
+                    return Err(e);
+                }
+                tracing::warn!("SSH could not be set up in {}; the agent serves it: {}", self.id, e.full_message());
             }
         }
         Ok(())
