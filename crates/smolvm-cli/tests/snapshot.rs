@@ -6,6 +6,7 @@ use common::*;
 use smolvm::sandbox::{delete_snapshot, snapshot_dir, RestoreOptions};
 use smolvm::{Error, RunOptions, Sandbox, State, VmConfig};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 fn opts() -> RunOptions {
@@ -14,6 +15,20 @@ fn opts() -> RunOptions {
 
 async fn out(sb: &Sandbox, cmd: &str) -> String {
     sb.run(cmd, &opts()).await.unwrap().stdout
+}
+
+/// `cmd` running on its own task while the test goes on with the same sandbox.
+fn in_background(
+    sb: &Arc<Sandbox>,
+    cmd: &'static str,
+    timeout: Duration,
+) -> tokio::task::JoinHandle<smolvm::Result<smolvm::CommandResult>> {
+    let sb = sb.clone();
+    tokio::spawn(async move { sb.run(cmd, &RunOptions { timeout, ..Default::default() }).await })
+}
+
+async fn delete_shared(sb: Arc<Sandbox>) {
+    Arc::try_unwrap(sb).ok().expect("one owner left").delete().await.unwrap();
 }
 
 #[tokio::test]
@@ -41,12 +56,8 @@ async fn a_paused_sandbox_keeps_its_processes_and_refuses_commands() {
 #[tokio::test]
 async fn a_pause_does_not_count_against_a_commands_timeout() {
     let env = env();
-    let sb = std::sync::Arc::new(env.boot(VmConfig::default()).await);
-    let task = {
-        let sb = sb.clone();
-        let opts = RunOptions { timeout: Duration::from_secs(2), ..Default::default() };
-        tokio::spawn(async move { sb.run("sleep 1; echo done", &opts).await })
-    };
+    let sb = Arc::new(env.boot(VmConfig::default()).await);
+    let task = in_background(&sb, "sleep 1; echo done", Duration::from_secs(2));
     tokio::time::sleep(Duration::from_millis(300)).await;
     sb.pause().await.unwrap();
     // Longer than the timeout and the host's own bound on it (timeout + 5 s), on the host.
@@ -54,7 +65,7 @@ async fn a_pause_does_not_count_against_a_commands_timeout() {
     sb.resume().await.unwrap();
     let r = task.await.unwrap().unwrap();
     assert_eq!((r.exit_code, r.stdout.as_str()), (0, "done\n"));
-    std::sync::Arc::try_unwrap(sb).ok().expect("one owner left").delete().await.unwrap();
+    delete_shared(sb).await;
 }
 
 #[tokio::test]
@@ -148,12 +159,8 @@ async fn snapshot_types_and_a_restore_that_stays_paused() {
 #[tokio::test]
 async fn a_clone_does_not_inherit_the_commands_its_snapshot_caught_running() {
     let env = env();
-    let sb = std::sync::Arc::new(env.boot(VmConfig::default()).await);
-    let busy = {
-        let sb = sb.clone();
-        let opts = RunOptions { timeout: Duration::from_secs(120), ..Default::default() };
-        tokio::spawn(async move { sb.run("sleep 1234; echo OLD", &opts).await })
-    };
+    let sb = Arc::new(env.boot(VmConfig::default()).await);
+    let busy = in_background(&sb, "sleep 1234; echo OLD", Duration::from_secs(120));
     let mut running = false;
     for _ in 0..100 {
         if out(&sb, "ps -o args | grep -c '^sleep 1234' || true").await == "1\n" {
@@ -174,7 +181,7 @@ async fn a_clone_does_not_inherit_the_commands_its_snapshot_caught_running() {
     clone.delete().await.unwrap();
     busy.abort();
     let _ = busy.await;
-    std::sync::Arc::try_unwrap(sb).ok().expect("one owner left").delete().await.unwrap();
+    delete_shared(sb).await;
     delete_snapshot(&env.dirs, "caught").unwrap();
 }
 

@@ -261,7 +261,7 @@ fn prune_removes_what_an_interrupted_snapshot_left_and_nothing_being_made() {
     std::fs::write(leftover.join("making"), "2147483646 1").unwrap();
     // One this test is making right now.
     let in_progress = smolvm::sandbox::snapshot_dir(&env.dirs, "in-progress");
-    smolvm::snapshot_files::claim(&in_progress, "in-progress", false).unwrap();
+    smolvm::snapshot_files::claim(&in_progress, "in-progress").unwrap();
     let out = env.smolvm(&["sandbox", "prune"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!leftover.exists(), "the leftover of an interrupted snapshot stays");

@@ -78,6 +78,13 @@ impl SandboxPaths {
             Err((_, e)) => Err(Error::Host(format!("locking sandbox: {e}"))),
         }
     }
+
+    /// `start_lock(true)`, waited for off the async runtime: with Python's one shared runtime,
+    /// a thread blocked on it would stall the thread that holds the lock.
+    async fn wait_start_lock(&self) -> Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+        let paths = self.clone();
+        tokio::task::spawn_blocking(move || paths.start_lock(true)).await.map_err(|e| Error::Host(e.to_string()))?
+    }
 }
 
 /// The last `n` lines of a console log, for error messages.
@@ -351,7 +358,8 @@ fn download_temp(parent: &Path) -> PathBuf {
     parent.join(format!(".smolvm-download-{}-{n}", std::process::id()))
 }
 
-fn older_than_a_minute(path: &Path) -> bool {
+/// A directory a process made over a minute ago: not one whose record is on its way.
+pub(crate) fn older_than_a_minute(path: &Path) -> bool {
     std::fs::metadata(path).and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60))
 }
 
@@ -443,10 +451,7 @@ impl Sandbox {
     /// (cached with it) unless `SMOLVM_WARM=0` or `SMOLVM_VERBOSE_BOOT` asks for a real boot;
     /// if the warm start fails, it boots cold.
     pub async fn start(&mut self, boot_timeout: Duration, progress: Progress<'_>) -> Result<()> {
-        // Waited for off the runtime: with Python's one shared runtime, a thread blocked here
-        // would stall the thread that holds the lock.
-        let paths = self.paths.clone();
-        let _lock = tokio::task::spawn_blocking(move || paths.start_lock(true)).await.map_err(|e| Error::Host(e.to_string()))??;
+        let _lock = self.paths.wait_start_lock().await?;
         let rec = self.record()?;
         if rec.state.is_live() {
             // A closed connection is a previous supervisor's (another process restarted it).
@@ -715,8 +720,7 @@ impl Sandbox {
             }
             None => random_id("snap"),
         };
-        let exists = Store::open(&self.dirs.data)?.get_snapshot(&id)?.is_some();
-        if exists {
+        if Store::open(&self.dirs.data)?.get_snapshot(&id)?.is_some() {
             return Err(Error::validation("snapshot_id", format!("snapshot '{id}' already exists")));
         }
         let rec = self.record()?;
@@ -730,7 +734,7 @@ impl Sandbox {
             }
         }
         let dir = snapshot_dir(&self.dirs, &id);
-        crate::snapshot_files::claim(&dir, &id, exists)?;
+        crate::snapshot_files::claim(&dir, &id)?;
         let req = Request::Snapshot { dir: dir.to_string_lossy().into_owned(), kind };
         let saved = async {
             self.control(req, "snapshot").await?;
@@ -1210,8 +1214,7 @@ impl Sandbox {
     /// Stop if running, then forget the sandbox and remove its files.
     pub async fn delete(mut self) -> Result<()> {
         // A start in progress (another process) finishes first; what it started is stopped.
-        let paths = self.paths.clone();
-        let _lock = tokio::task::spawn_blocking(move || paths.start_lock(true)).await.map_err(|e| Error::Host(e.to_string()))??;
+        let _lock = self.paths.wait_start_lock().await?;
         match self.stop(DEFAULT_STOP_TIMEOUT).await {
             Ok(()) | Err(Error::NotFound(_)) => {}
             Err(e) => return Err(e),

@@ -46,20 +46,15 @@ fn backing_chain(disk: &Path) -> Result<Vec<Layer>> {
 /// snapshot) is flattened into one overlay, so deleting that other snapshot breaks nothing.
 fn detach_disk(disk: &Path, dir: &Path) -> Result<()> {
     let chain = backing_chain(disk)?;
-    let [.., bottom] = chain.as_slice() else { return Ok(()) };
-    if chain.len() < 2 {
-        return Ok(());
-    }
+    // The disk itself, then at least its base.
+    let [_, .., bottom] = chain.as_slice() else { return Ok(()) };
     let base = keep(&bottom.filename, &dir.join("base"))?;
     if chain.len() == 2 {
-        if base != bottom.filename {
-            // Same contents under another name: only the header's backing path changes.
-            run_checked(
-                Command::new("qemu-img").args(["rebase", "-u", "-F", &bottom.format, "-b"]).arg(&base).arg(disk),
-                "pointing the snapshot's disk at its base",
-            )?;
-        }
-        return Ok(());
+        // Same contents under another name: only the header's backing path changes.
+        return run_checked(
+            Command::new("qemu-img").args(["rebase", "-u", "-F", &bottom.format, "-b"]).arg(&base).arg(disk),
+            "pointing the snapshot's disk at its base",
+        );
     }
     // A safe (not -u) rebase writes into the disk what the layers in between hold, so that it
     // reads the same over the base alone. (`convert -B` would not: it skips what the top layer
@@ -97,20 +92,21 @@ const MAKING: &str = "making";
 /// Claim `dir` for a new snapshot: created (0700: a snapshot holds the guest's memory and its
 /// env values) or, when it is only the leftover of a maker that died, taken over. A directory
 /// another process is filling is not touched: two makers of one id cannot delete each other's
-/// files. `exists`: whether a snapshot of this id is recorded.
-pub fn claim(dir: &Path, id: &str, exists: bool) -> Result<()> {
+/// files.
+pub fn claim(dir: &Path, id: &str) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     let parent = dir.parent().expect("snapshot directories have a parent");
     fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).ctx(|| format!("creating {}", parent.display()))?;
     let create = || fs::DirBuilder::new().mode(0o700).create(dir);
     match create() {
         Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && !exists && orphaned(dir) => {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && orphaned(dir) => {
             fs::remove_dir_all(dir).ctx(|| format!("removing the leftover {}", dir.display()))?;
             create().ctx(|| format!("creating {}", dir.display()))?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let why = if exists { "already exists" } else { "is being made by another process" };
+            // Without the mark it is made, and its record on the way.
+            let why = if dir.join(MAKING).exists() { "is being made by another process" } else { "already exists" };
             return Err(Error::validation("snapshot_id", format!("snapshot '{id}' {why}")));
         }
         Err(e) => return Err(Error::Host(format!("creating {}: {e}", dir.display()))),
@@ -135,9 +131,7 @@ pub fn orphaned(dir: &Path) -> bool {
                 _ => true,
             }
         }
-        Err(_) => {
-            fs::metadata(dir).and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().unwrap_or_default() > std::time::Duration::from_secs(60))
-        }
+        Err(_) => crate::sandbox::older_than_a_minute(dir),
     }
 }
 
@@ -170,25 +164,25 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("snapshots").join("abc");
-        claim(&dir, "s1", false).unwrap();
+        claim(&dir, "s1").unwrap();
         assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
         assert!(!orphaned(&dir), "a live maker's directory counts as a leftover");
         // A second maker of the same id neither waits nor deletes the first one's files.
         fs::write(dir.join("state"), b"first").unwrap();
-        let err = claim(&dir, "s1", false).unwrap_err().to_string();
+        let err = claim(&dir, "s1").unwrap_err().to_string();
         assert_eq!(err, "invalid snapshot_id: snapshot 's1' is being made by another process");
         assert_eq!(fs::read(dir.join("state")).unwrap(), b"first");
-        let err = claim(&dir, "s1", true).unwrap_err().to_string();
-        assert_eq!(err, "invalid snapshot_id: snapshot 's1' already exists");
         // Made: no mark; recent, so not a leftover yet (its record may be in flight); old, it is.
         made(&dir);
+        let err = claim(&dir, "s1").unwrap_err().to_string();
+        assert_eq!(err, "invalid snapshot_id: snapshot 's1' already exists");
         assert!(!orphaned(&dir));
         age(&dir);
         assert!(orphaned(&dir));
         // A maker that died: its directory is a leftover, and the next maker takes it over.
         fs::write(dir.join(MAKING), "2147483646 1").unwrap();
         assert!(orphaned(&dir));
-        claim(&dir, "s1", false).unwrap();
+        claim(&dir, "s1").unwrap();
         assert!(!dir.join("state").exists());
     }
 

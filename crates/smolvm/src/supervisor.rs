@@ -438,10 +438,7 @@ async fn supervise(id: &str) -> i32 {
             match crate::net::dns_bind(SocketAddr::from((lease.host(), 53)), crate::net::upstream_dns()).await {
                 Ok((sock, up)) => Some(tokio::spawn(crate::net::dns_proxy(sock, up, policy))),
                 Err(e) => {
-                    let _ = child.kill().await;
-                    paths.remove_sockets();
-                    plan.cleanup(&store, id);
-                    let _ = store.set_state(id, State::Error, Some(&e.full_message()));
+                    abandon(&mut child, &paths, &mut None, &mut plan, &store, id, &e.full_message()).await;
                     return fail(e.code(), e.full_message(), None);
                 }
             }
@@ -459,11 +456,7 @@ async fn supervise(id: &str) -> i32 {
                     let _ = store.add_port(id, p.guest, host);
                 }
                 Err((_, msg)) => {
-                    let _ = child.kill().await;
-                    paths.remove_sockets();
-                    close_dns(&mut dns).await;
-                    plan.cleanup(&store, id);
-                    let _ = store.set_state(id, State::Error, Some(&msg));
+                    abandon(&mut child, &paths, &mut dns, &mut plan, &store, id, &msg).await;
                     return fail("validation", format!("invalid port_forwards: {msg}"), None);
                 }
             }
@@ -695,6 +688,24 @@ async fn boot(
             Err(e)
         }
     }
+}
+
+/// A start that fails once QEMU runs: the VMM, its sockets, the DNS proxy and the host network
+/// go, and the record says why.
+async fn abandon(
+    child: &mut tokio::process::Child,
+    paths: &SandboxPaths,
+    dns: &mut Option<tokio::task::JoinHandle<Result<()>>>,
+    plan: &mut NetPlan,
+    store: &Store,
+    id: &str,
+    why: &str,
+) {
+    let _ = child.kill().await;
+    paths.remove_sockets();
+    close_dns(dns).await;
+    plan.cleanup(store, id);
+    let _ = store.set_state(id, State::Error, Some(why));
 }
 
 /// Close the DNS proxy's socket before the lease goes: the next sandbox given the same lease
