@@ -102,21 +102,6 @@ fn spawn(req: &ExecRequest, shell: &str) -> std::io::Result<(Spawned, File)> {
     Ok((child, File::from(exit_read)))
 }
 
-/// At boot, run what the first command will run (`$SHELL -lc true`) without waiting for it.
-/// Under TCG a guest's first process start, shell start-up and exit cost tens of milliseconds
-/// of code translation; done on the spare vCPU while the agent and the host greet each other,
-/// the user's first command finds that code translated. Only in our own initramfs: a root
-/// disk's login scripts are the user's, and may do anything. Its output goes nowhere and the
-/// reaper collects its exit.
-pub fn warm_up() {
-    let req = ExecRequest { command: "true".into(), shell: Shell::Login, env: Default::default(), timeout_ms: 0, stdin: false, cwd: None };
-    let shell = login_shell();
-    let (program, flag, env, cwd) = invocation(&req, &shell);
-    if let Err(e) = crate::spawn::spawn(program, &[flag, &req.command], &env, cwd, false) {
-        crate::log(&format!("warm-up: {e}"));
-    }
-}
-
 fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Receiver<Option<Vec<u8>>>>) {
     crate::pending::wait();
     let shell = login_shell();

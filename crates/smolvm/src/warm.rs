@@ -95,9 +95,9 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
         let ram = crate::vmm::qemu::RamFile { path: tmp.join("ram"), share: true };
         let cold = BootSpec { restore: None, verbose_boot: false, ram: Some(ram), ..spec.clone() };
         sb.launch(&cold, Duration::from_millis(spec.boot_timeout_ms)).await?;
-        // One command first: it waits for the boot's set-up thread (network, /proc, /sys), and
-        // the boot's warm-up shell runs alongside it. Saved half way, that work would be
-        // finished again in every clone, in memory of its own (measured: +6 MiB PSS each).
+        // One command first: it waits for the boot's set-up thread (network, /proc, /sys) and
+        // starts the first shell. Saved half way, that work would be finished again in every
+        // clone, in memory of its own (measured: +6 MiB PSS each).
         sb.run("true", &crate::sandbox::RunOptions::default()).await?;
         let conn = sb.connection()?;
         let req = Request::Snapshot { dir: tmp.to_string_lossy().into_owned(), kind: SnapshotKind::Full };
