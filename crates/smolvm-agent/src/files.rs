@@ -39,15 +39,12 @@ pub fn put_start(stream: u32, path: String, mode: u32, tar: bool, w: &Writer) {
     }
     let dest = PathBuf::from(&path);
     let opened = (|| -> io::Result<(File, PathBuf)> {
-        let tmp = if tar {
-            fs::create_dir_all("/run/smolvm")?;
-            PathBuf::from(format!("/run/smolvm/upload-{stream}.tar"))
-        } else {
-            let parent = dest.parent().unwrap_or(Path::new("/"));
-            fs::create_dir_all(parent)?;
-            let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            parent.join(format!(".{name}.smolvm-upload-{stream}"))
-        };
+        // Beside the destination, on its filesystem: a file is renamed into place, and an
+        // archive (a directory) needs the destination's room, not RAM's (/run is a tmpfs).
+        let parent = dest.parent().unwrap_or(Path::new("/"));
+        fs::create_dir_all(parent)?;
+        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = parent.join(format!(".{name}.smolvm-upload-{stream}"));
         let file = fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
         Ok((file, tmp))
     })();
@@ -123,7 +120,12 @@ pub fn get(stream: u32, path: String, w: Writer) {
         }
         let mode = meta.permissions().mode() & 0o7777;
         let sent = if meta.is_dir() {
-            smolvm_tar::pack(Path::new(&path), Vec::new()).and_then(|bytes| send_from(stream, &bytes[..], &w))
+            // Streamed as it is packed: the archive of a directory in the guest's RAM (tmpfs, an
+            // initramfs) would need that memory a second time, and PID 1 out of memory ends the VM.
+            smolvm_tar::pack_chunked(Path::new(&path), CHUNK, |chunk| {
+                w.send(stream, &Reply::Data(chunk));
+                Ok(())
+            })
         } else {
             File::open(&path).and_then(|f| send_from(stream, f, &w))
         };

@@ -16,6 +16,41 @@ pub fn pack<W: io::Write>(dir: &Path, out: W) -> io::Result<W> {
     b.into_inner()
 }
 
+/// Pack `dir` as [`pack`] does, handing the archive to `sink` in pieces of `chunk` bytes (the
+/// last may be shorter) as it is made: a tree never has to fit in memory. Returns the size.
+pub fn pack_chunked(dir: &Path, chunk: usize, sink: impl FnMut(Vec<u8>) -> io::Result<()>) -> io::Result<u64> {
+    let mut out = pack(dir, Chunked { buf: Vec::with_capacity(chunk), chunk, sink, total: 0 })?;
+    io::Write::flush(&mut out)?;
+    Ok(out.total)
+}
+
+struct Chunked<F> {
+    buf: Vec<u8>,
+    chunk: usize,
+    sink: F,
+    total: u64,
+}
+
+impl<F: FnMut(Vec<u8>) -> io::Result<()>> io::Write for Chunked<F> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(self.chunk - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == self.chunk {
+            self.flush()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let full = std::mem::replace(&mut self.buf, Vec::with_capacity(self.chunk));
+            self.total += full.len() as u64;
+            (self.sink)(full)?;
+        }
+        Ok(())
+    }
+}
+
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
@@ -92,6 +127,27 @@ mod tests {
         h.set_size(size);
         h.set_mode(0o644);
         h
+    }
+
+    #[test]
+    fn chunked_packing_hands_out_the_same_archive_in_bounded_pieces() {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir_all(t.path().join("a")).unwrap();
+        fs::write(t.path().join("a/big"), vec![7u8; 100_000]).unwrap();
+        fs::write(t.path().join("small"), "x").unwrap();
+        let whole = pack(t.path(), Vec::new()).unwrap();
+        let mut pieces: Vec<Vec<u8>> = Vec::new();
+        let total = pack_chunked(t.path(), 4096, |c| {
+            pieces.push(c);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(total, whole.len() as u64);
+        assert!(pieces.iter().all(|p| !p.is_empty() && p.len() <= 4096));
+        assert_eq!(pieces.concat(), whole);
+        // A sink that fails stops the packing with its error.
+        let err = pack_chunked(t.path(), 4096, |_| Err(io::Error::from(io::ErrorKind::BrokenPipe))).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
     }
 
     #[test]

@@ -979,23 +979,29 @@ impl Sandbox {
         }
         let mut stream = conn.open(&Request::FilePut { path: target.clone(), mode, tar }).await?;
         let send = async {
-            let mut reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if tar {
+            if tar {
+                // Packed as it is sent, a few chunks ahead: a tree never has to fit in memory.
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
                 let dir = local.to_path_buf();
-                let bytes = tokio::task::spawn_blocking(move || smolvm_tar::pack(&dir, Vec::new()))
-                    .await
-                    .map_err(|e| Error::Host(e.to_string()))?
-                    .ctx(|| format!("packing {}", local.display()))?;
-                Box::new(std::io::Cursor::new(bytes))
-            } else {
-                Box::new(tokio::fs::File::open(local).await.ctx(|| format!("opening {}", local.display()))?)
-            };
-            let mut buf = vec![0u8; smolvm_proto::CHUNK];
-            loop {
-                let n = tokio::io::AsyncReadExt::read(&mut reader, &mut buf).await.ctx(|| format!("reading {}", local.display()))?;
-                if n == 0 {
-                    break;
+                let packer = tokio::task::spawn_blocking(move || {
+                    smolvm_tar::pack_chunked(&dir, smolvm_proto::CHUNK, |chunk| {
+                        tx.blocking_send(chunk).map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+                    })
+                });
+                while let Some(chunk) = rx.recv().await {
+                    stream.send(&Request::Stdin(chunk)).await?;
                 }
-                stream.send(&Request::Stdin(buf[..n].to_vec())).await?;
+                packer.await.map_err(|e| Error::Host(e.to_string()))?.ctx(|| format!("packing {}", local.display()))?;
+            } else {
+                let mut file = tokio::fs::File::open(local).await.ctx(|| format!("opening {}", local.display()))?;
+                let mut buf = vec![0u8; smolvm_proto::CHUNK];
+                loop {
+                    let n = tokio::io::AsyncReadExt::read(&mut file, &mut buf).await.ctx(|| format!("reading {}", local.display()))?;
+                    if n == 0 {
+                        break;
+                    }
+                    stream.send(&Request::Stdin(buf[..n].to_vec())).await?;
+                }
             }
             stream.send(&Request::StdinClose).await
         };
