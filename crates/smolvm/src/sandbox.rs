@@ -202,14 +202,16 @@ pub fn delete_snapshot(dirs: &Dirs, id: &str) -> Result<()> {
     if store.get_snapshot(id)?.is_none() {
         return Err(Error::SnapshotNotFound(id.to_string()));
     }
-    let users: Vec<String> = list(dirs)?.into_iter().filter(|r| r.snapshot.as_deref() == Some(id)).map(|r| r.id).collect();
+    // Dead ephemeral sandboxes go first: they do not hold a snapshot.
+    list(dirs)?;
+    // The check and the removal are one statement against restores recording their origin.
+    let users = store.remove_unused_snapshot(id)?;
     if !users.is_empty() {
         return Err(Error::validation(
             "snapshot_id",
             format!("snapshot '{id}' is in use by sandbox(es) {}; delete them first", users.join(", ")),
         ));
     }
-    store.remove_snapshot(id)?;
     let _ = std::fs::remove_dir_all(snapshot_dir(dirs, id));
     Ok(())
 }
@@ -764,10 +766,15 @@ impl Sandbox {
     pub async fn from_snapshot_in(dirs: Dirs, snapshot_id: &str, opts: RestoreOptions) -> Result<Sandbox> {
         let snap = Store::open(&dirs.data)?.get_snapshot(snapshot_id)?.ok_or_else(|| Error::SnapshotNotFound(snapshot_id.to_string()))?;
         let dir = snapshot_dir(&dirs, snapshot_id);
-        let image: crate::image::BootImage = std::fs::read(dir.join("image.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| Error::Host(format!("snapshot '{snapshot_id}' is damaged: {} has no image.json", dir.display())))?;
+        let image: crate::image::BootImage = match std::fs::read(dir.join("image.json")).ok().and_then(|b| serde_json::from_slice(&b).ok())
+        {
+            Some(image) => image,
+            // Deleted meanwhile (the record goes first, then the files).
+            None if Store::open(&dirs.data)?.get_snapshot(snapshot_id)?.is_none() => {
+                return Err(Error::SnapshotNotFound(snapshot_id.to_string()))
+            }
+            None => return Err(Error::Host(format!("snapshot '{snapshot_id}' is damaged: {} has no image.json", dir.display()))),
+        };
         crate::snapshot_files::check(snapshot_id, &image)?;
         let mut config = snap.config.clone();
         config.vm_id = opts.name.clone();
@@ -786,6 +793,7 @@ impl Sandbox {
         }
         let mut sb = Sandbox::create_in(dirs.clone(), config, false)?;
         let result = async {
+            // Fails if the snapshot was deleted since it was read; from here on a delete refuses.
             Store::open(&dirs.data)?.set_snapshot_origin(&sb.id, snapshot_id)?;
             let accel = crate::vmm::choose_accel().map_err(Error::Host)?;
             let restore = (snap.kind == "full").then(|| RestoreSpec { state: dir.join("state"), resume: opts.resume, no_saved_env: false });

@@ -252,9 +252,39 @@ impl Store {
         Ok(())
     }
 
+    /// Record that sandbox `id` stands on `snapshot`, if that snapshot is still recorded. One
+    /// statement, as in `remove_unused_snapshot`: a concurrent delete either sees this sandbox
+    /// and refuses, or removed the snapshot first and this fails.
     pub fn set_snapshot_origin(&self, id: &str, snapshot: &str) -> Result<()> {
-        self.conn.execute("UPDATE sandboxes SET snapshot=?2 WHERE id=?1", params![id, snapshot])?;
+        let n = self.conn.execute(
+            "UPDATE sandboxes SET snapshot=?2 WHERE id=?1 AND EXISTS (SELECT 1 FROM snapshots WHERE id=?2)",
+            params![id, snapshot],
+        )?;
+        if n == 0 {
+            return Err(Error::SnapshotNotFound(snapshot.to_string()));
+        }
         Ok(())
+    }
+
+    /// Remove a snapshot's record unless a sandbox stands on it. Returns those sandboxes; none
+    /// when the record was removed.
+    pub fn remove_unused_snapshot(&self, id: &str) -> Result<Vec<String>> {
+        loop {
+            let n =
+                self.conn.execute("DELETE FROM snapshots WHERE id=?1 AND NOT EXISTS (SELECT 1 FROM sandboxes WHERE snapshot=?1)", [id])?;
+            if n == 1 {
+                return Ok(Vec::new());
+            }
+            if self.get_snapshot(id)?.is_none() {
+                return Err(Error::SnapshotNotFound(id.to_string()));
+            }
+            let mut stmt = self.conn.prepare("SELECT id FROM sandboxes WHERE snapshot=?1 ORDER BY id")?;
+            let users = stmt.query_map([id], |r| r.get(0))?.collect::<rusqlite::Result<Vec<String>>>()?;
+            // Empty: its last user went between the two statements; try again.
+            if !users.is_empty() {
+                return Ok(users);
+            }
+        }
     }
 
     pub fn insert_snapshot(&self, id: &str, vm_id: &str, kind: &str, config: &VmConfig) -> Result<()> {
@@ -293,11 +323,6 @@ impl Store {
         let mut stmt = self.conn.prepare("SELECT id, vm_id, kind, config, created_at FROM snapshots ORDER BY created_at, id")?;
         let rows = stmt.query_map([], Self::snapshot_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
-    }
-
-    pub fn remove_snapshot(&self, id: &str) -> Result<()> {
-        self.conn.execute("DELETE FROM snapshots WHERE id=?1", [id])?;
-        Ok(())
     }
 
     pub fn remove(&self, id: &str) -> Result<()> {
@@ -376,6 +401,29 @@ mod tests {
         assert!(store.get("a").unwrap().is_none());
         let mode = std::fs::metadata(dir.path().join("state.db")).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn a_snapshot_in_use_stays_and_a_deleted_one_cannot_be_stood_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cfg = VmConfig::default();
+        store.insert_snapshot("s", "src", "disk", &cfg).unwrap();
+        store.insert("a", &cfg, None).unwrap();
+        store.insert("b", &cfg, None).unwrap();
+        store.set_snapshot_origin("a", "s").unwrap();
+        store.set_snapshot_origin("b", "s").unwrap();
+        assert_eq!(store.remove_unused_snapshot("s").unwrap(), ["a", "b"]);
+        assert!(store.get_snapshot("s").unwrap().is_some());
+        store.remove("a").unwrap();
+        store.remove("b").unwrap();
+        assert!(store.remove_unused_snapshot("s").unwrap().is_empty());
+        assert!(store.get_snapshot("s").unwrap().is_none());
+        // A restore that read the snapshot before the delete cannot then claim it.
+        store.insert("c", &cfg, None).unwrap();
+        assert!(matches!(store.set_snapshot_origin("c", "s"), Err(Error::SnapshotNotFound(_))));
+        assert!(store.get("c").unwrap().unwrap().snapshot.is_none());
+        assert!(matches!(store.remove_unused_snapshot("s"), Err(Error::SnapshotNotFound(_))));
     }
 
     #[test]
