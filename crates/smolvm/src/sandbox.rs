@@ -244,7 +244,27 @@ pub fn smolvm_binary() -> Result<PathBuf> {
 
 /// If a sandbox's supervisor died (killed, crashed), record that and remove what it left:
 /// a VMM still running, sockets, and for an ephemeral sandbox everything.
-fn reap(store: &Store, dirs: &Dirs, rec: Record) -> Result<Option<Record>> {
+///
+/// That happens under the sandbox's start lock (`held`: the caller has it), from a fresh read:
+/// from a stale record (another process restarted the sandbox since it was read) it would take
+/// the new supervisor's sockets, firewall table and lease. A sandbox being started is passed
+/// over: its start reaps for itself.
+fn reap(store: &Store, dirs: &Dirs, rec: Record, held: bool) -> Result<Option<Record>> {
+    let owner_gone = rec.ephemeral && rec.owner.is_some_and(|o| !o.alive());
+    let supervisor_gone = rec.state.is_live() && !rec.supervisor.is_some_and(|p| p.alive());
+    if held || !(owner_gone || supervisor_gone) {
+        return reap_now(store, dirs, rec);
+    }
+    let Some(_lock) = SandboxPaths::new(dirs, &rec.id).start_lock(false)? else {
+        return Ok(Some(rec));
+    };
+    match store.get(&rec.id)? {
+        Some(fresh) => reap_now(store, dirs, fresh),
+        None => Ok(None),
+    }
+}
+
+fn reap_now(store: &Store, dirs: &Dirs, rec: Record) -> Result<Option<Record>> {
     let kill = |p: Option<ProcId>| {
         if let Some(p) = p.filter(|p| p.alive()) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), nix::sys::signal::Signal::SIGKILL);
@@ -294,7 +314,7 @@ pub fn list(dirs: &Dirs) -> Result<Vec<Record>> {
     let store = Store::open(&dirs.data)?;
     let mut out = Vec::new();
     for rec in store.all()? {
-        if let Some(r) = reap(&store, dirs, rec)? {
+        if let Some(r) = reap(&store, dirs, rec, false)? {
             out.push(r);
         }
     }
@@ -391,7 +411,7 @@ impl Sandbox {
         }
         if let Some(old) = store.get(&id)? {
             // A dead ephemeral sandbox of the same name is reaped, not an obstacle.
-            if reap(&store, &dirs, old)?.is_some() {
+            if reap(&store, &dirs, old, false)?.is_some() {
                 return Err(Error::AlreadyExists(id));
             }
         }
@@ -413,7 +433,7 @@ impl Sandbox {
     pub async fn open_in(dirs: Dirs, id: &str) -> Result<Sandbox> {
         let store = Store::open(&dirs.data)?;
         let rec = store.get(id)?.ok_or_else(|| Error::NotFound(id.to_string()))?;
-        let rec = reap(&store, &dirs, rec)?.ok_or_else(|| Error::NotFound(id.to_string()))?;
+        let rec = reap(&store, &dirs, rec, false)?.ok_or_else(|| Error::NotFound(id.to_string()))?;
         let paths = SandboxPaths::new(&dirs, id);
         let channel = Channel::parse(rec.config.comm_channel.as_deref())?;
         let mut sb = Sandbox { id: rec.id, dirs, paths, conn: None, channel };
@@ -437,9 +457,14 @@ impl Sandbox {
     }
 
     pub fn record(&self) -> Result<Record> {
+        self.record_with(false)
+    }
+
+    /// `held`: this caller holds the sandbox's start lock (see `reap`).
+    fn record_with(&self, held: bool) -> Result<Record> {
         let store = Store::open(&self.dirs.data)?;
         let rec = store.get(&self.id)?.ok_or_else(|| Error::NotFound(self.id.clone()))?;
-        reap(&store, &self.dirs, rec)?.ok_or_else(|| Error::NotFound(self.id.clone()))
+        reap(&store, &self.dirs, rec, held)?.ok_or_else(|| Error::NotFound(self.id.clone()))
     }
 
     pub fn state(&self) -> Result<State> {
@@ -454,7 +479,7 @@ impl Sandbox {
     /// if the warm start fails, it boots cold.
     pub async fn start(&mut self, boot_timeout: Duration, progress: Progress<'_>) -> Result<()> {
         let _lock = self.paths.wait_start_lock().await?;
-        let rec = self.record()?;
+        let rec = self.record_with(true)?;
         if rec.state.is_live() {
             // A closed connection is a previous supervisor's (another process restarted it).
             if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
@@ -1188,7 +1213,11 @@ impl Sandbox {
 
     /// Power the VM off: the agent syncs and resets it; past `timeout` it is killed.
     pub async fn stop(&mut self, timeout: Duration) -> Result<()> {
-        let rec = self.record()?;
+        self.stop_with(timeout, false).await
+    }
+
+    async fn stop_with(&mut self, timeout: Duration, held: bool) -> Result<()> {
+        let rec = self.record_with(held)?;
         if !rec.state.is_live() {
             self.conn = None;
             return Ok(());
@@ -1229,7 +1258,7 @@ impl Sandbox {
     pub async fn delete(mut self) -> Result<()> {
         // A start in progress (another process) finishes first; what it started is stopped.
         let _lock = self.paths.wait_start_lock().await?;
-        match self.stop(DEFAULT_STOP_TIMEOUT).await {
+        match self.stop_with(DEFAULT_STOP_TIMEOUT, true).await {
             Ok(()) | Err(Error::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
@@ -1282,5 +1311,44 @@ fn unexpected(what: &str, reply: Reply) -> Error {
         Reply::Error { kind: ErrorKind::Invalid, message } => Error::Guest(format!("{what}: {message}")),
         Reply::Error { message, .. } => Error::Guest(format!("{what}: {message}")),
         other => Error::Guest(format!("{what}: unexpected reply {}", other.kind())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process that has exited: its identity can no longer be alive.
+    fn dead_process() -> ProcId {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let id = ProcId::of(child.id() as i32).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        id
+    }
+
+    #[test]
+    fn a_dead_supervisor_is_reaped_only_outside_a_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = Dirs { data: tmp.path().join("data"), images: tmp.path().join("images") };
+        let store = Store::open(&dirs.data).unwrap();
+        store.insert("s", &VmConfig::default(), None).unwrap();
+        let gone = dead_process();
+        store.set_running("s", gone, gone).unwrap();
+        let paths = SandboxPaths::new(&dirs, "s");
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        std::fs::write(&paths.ctl, "").unwrap();
+        // Another process is starting it again: what this list read may be stale, and the
+        // socket may be the new supervisor's. Nothing is touched.
+        let start = paths.start_lock(true).unwrap().unwrap();
+        let listed = list(&dirs).unwrap();
+        assert_eq!(listed[0].state, State::Running);
+        assert!(paths.ctl.exists());
+        drop(start);
+        // No start in progress: the dead supervisor is recorded and its leftovers go.
+        let listed = list(&dirs).unwrap();
+        assert_eq!(listed[0].state, State::Error);
+        assert_eq!(listed[0].error.as_deref(), Some("the sandbox's supervisor exited unexpectedly"));
+        assert!(!paths.ctl.exists());
     }
 }
