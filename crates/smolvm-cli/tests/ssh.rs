@@ -52,6 +52,13 @@ async fn custom_recipe_is_cached_rebuilt_on_change_and_boots_with_a_grown_disk()
     let e = sb.ssh_endpoint().unwrap_err();
     assert!(matches!(e, Error::Ssh(_)) && e.to_string().contains("debian-ssh"), "{e}");
     sb.delete().await.unwrap();
+    // By name it stays the disk last built, even once its source file is gone.
+    std::fs::remove_file(&marker).unwrap();
+    let named = smolvm::recipe::build_named(&env.dirs, &name, &quiet).unwrap();
+    assert!(named.cached && named.rootfs == changed.rootfs, "{named:?}");
+    let sb = env.boot(image(&name)).await;
+    assert_eq!(sb.run("cat /etc/marker", &opts()).await.unwrap().stdout, "second\n");
+    sb.delete().await.unwrap();
 
     smolvm::image::remove_entry(&env.dirs, &name).unwrap();
     assert!(smolvm::recipe::load(&env.dirs, &name).is_err(), "the recipe is gone");

@@ -169,21 +169,46 @@ pub fn load(dirs: &Dirs, name: &str) -> Result<Recipe> {
             format!("no image named {name:?} (built in: {}; or build a recipe with `smolvm image build {name} ...`)", BUILTIN.join(", ")),
         )
     })?;
-    serde_json::from_str(&text).map_err(|e| Error::Image(format!("the saved recipe {} is unreadable: {e}", path.display())))
+    parse_saved(&text).map_err(|e| Error::Image(format!("the saved recipe {} is unreadable: {e}", path.display())))
+}
+
+/// A saved recipe: the recipe, and beside it the disk it was last built into (`built`).
+fn parse_saved(text: &str) -> serde_json::Result<Recipe> {
+    let mut value: serde_json::Value = serde_json::from_str(text)?;
+    if let Some(fields) = value.as_object_mut() {
+        fields.remove("built");
+    }
+    serde_json::from_value(value)
 }
 
 /// Saved custom recipes (built-in ones are not listed here).
 pub fn saved(dirs: &Dirs) -> Vec<Recipe> {
     let mut out: Vec<Recipe> = fs::read_dir(recipes_dir(dirs))
-        .map(|d| d.flatten().filter_map(|e| serde_json::from_str(&fs::read_to_string(e.path()).ok()?).ok()).collect())
+        .map(|d| d.flatten().filter_map(|e| parse_saved(&fs::read_to_string(e.path()).ok()?).ok()).collect())
         .unwrap_or_default();
     out.sort_by(|a: &Recipe, b| a.name.cmp(&b.name));
     out
 }
 
-/// A named image's disk (a built-in or saved recipe), built if missing.
+/// A named image's disk (a built-in or saved recipe), built if missing. A custom image by name
+/// is the disk last built under that name: the recipe's `--file` sources may since have moved,
+/// changed or gone (`smolvm image build NAME ...` builds it again from them).
 pub fn build_named(dirs: &Dirs, name: &str, progress: Progress) -> Result<Built> {
-    build(dirs, &load(dirs, name)?, progress)
+    let recipe = load(dirs, name)?;
+    if builtin(name).is_none() {
+        if let Some(rootfs) = last_built(dirs, name).filter(|p| p.exists()) {
+            return Ok(Built { name: name.to_string(), rootfs, cached: true });
+        }
+    }
+    build(dirs, &recipe, progress)
+}
+
+/// The disk a saved recipe was last built into, as its saved file records it.
+fn last_built(dirs: &Dirs, name: &str) -> Option<PathBuf> {
+    let text = fs::read_to_string(recipes_dir(dirs).join(format!("{name}.json"))).ok()?;
+    let built = serde_json::from_str::<serde_json::Value>(&text).ok()?.get("built")?.as_str()?.to_string();
+    // A name, not a path: nothing outside the image cache.
+    (!built.contains('/') && built.starts_with("disk-")).then(|| dirs.images.join(built).join("rootfs.ext4"))
 }
 
 /// A built disk image.
@@ -213,7 +238,9 @@ pub fn build(dirs: &Dirs, recipe: &Recipe, progress: Progress) -> Result<Built> 
             fs::create_dir_all(&rdir).ctx(|| format!("creating {}", rdir.display()))?;
             // Per process: two starts of one custom image save it at the same moment.
             let tmp = rdir.join(format!(".{}.json.tmp-{}", recipe.name, std::process::id()));
-            fs::write(&tmp, serde_json::to_string_pretty(recipe).unwrap_or_default())
+            let mut saved = serde_json::to_value(recipe).unwrap_or_default();
+            saved["built"] = serde_json::Value::String(format!("disk-{}-{fp}", recipe.name));
+            fs::write(&tmp, serde_json::to_string_pretty(&saved).unwrap_or_default())
                 .and_then(|_| fs::rename(&tmp, rdir.join(format!("{}.json", recipe.name))))
                 .ctx(|| "saving the recipe".into())?;
         }
