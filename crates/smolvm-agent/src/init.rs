@@ -83,11 +83,11 @@ pub fn setup() -> io::Result<Cmdline> {
             loopback_up();
         });
     }
-    // Not from the set-up thread, which commands wait for. (A shell started at boot to
-    // translate the first command's code ahead of it competed for the two vCPUs with the
-    // set-up and with the command itself: without it the first command ends 7-10 ms sooner
-    // in the guest, and no later end to end.)
-    crate::workers::start_idle();
+    // The thread the first command runs on, started now (not from the set-up thread, which
+    // commands wait for); in our initramfs it first starts the idle-priority warm-up (which
+    // the host turns off where it would be in the way: `smolvm_warmup=0`).
+    let warm_up = !root_disk && cmdline.get("smolvm_warmup").as_deref() != Some("0");
+    crate::workers::start(if warm_up { Box::new(crate::exec::warm_up) } else { Box::new(|| {}) });
     mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
     if let Some(root) = cmdline.get("smolvm_root") {
         switch_root(&root)?;

@@ -27,9 +27,9 @@ pub fn run(job: Job) {
     std::thread::spawn(move || work(job));
 }
 
-/// At boot: a thread that waits for the first command, so that command does not pay for one.
-pub fn start_idle() {
-    std::thread::spawn(move || work(Box::new(|| {})));
+/// Start a thread that runs `first`, then waits for jobs (boot: the first command finds it).
+pub fn start(first: Job) {
+    std::thread::spawn(move || work(first));
 }
 
 fn work(first: Job) {

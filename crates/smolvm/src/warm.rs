@@ -11,7 +11,7 @@ use smolvm_proto::{Reply, Request, SnapshotKind};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const WARM_RECIPE: &str = "warm-recipe-7";
+const WARM_RECIPE: &str = "warm-recipe-8";
 
 /// The template's RAM, beside its saved state.
 pub fn ram_file(state: &Path) -> PathBuf {
@@ -86,6 +86,9 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
         memory: config.memory,
         network: Some(network.into()),
         internet_settings: Some(internet),
+        // No idle-priority warm-up shell: it could still be half way when the state is saved,
+        // and every clone would then finish it in memory of its own.
+        boot_args: Some("smolvm_warmup=0".into()),
         ..Default::default()
     };
     let mut sb = Sandbox::create_in(dirs.clone(), shape, true)?;
