@@ -14,7 +14,7 @@ import time
 
 from smolvm import SmolVM
 
-BATCHES = 6
+BATCHES = 10
 PER_BATCH = 40
 
 
