@@ -319,9 +319,8 @@ async fn a_kernel_that_never_reaches_the_agent_fails_within_the_bound() {
     assert!(env.leftover_files().is_empty());
 }
 
-#[tokio::test]
-async fn an_ext4_rootfs_becomes_the_root_filesystem() {
-    let env = env();
+/// A 32 MB ext4 root filesystem holding busybox and /etc/marker.
+fn small_root_disk(env: &TestEnv) -> std::path::PathBuf {
     let root = env.tmp.path().join("rootfs");
     std::fs::create_dir_all(root.join("etc")).unwrap();
     std::fs::create_dir_all(root.join("bin")).unwrap();
@@ -331,6 +330,13 @@ async fn an_ext4_rootfs_becomes_the_root_filesystem() {
     let image = env.tmp.path().join("root.ext4");
     let st = std::process::Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&root).arg(&image).arg("32M").status().unwrap();
     assert!(st.success());
+    image
+}
+
+#[tokio::test]
+async fn an_ext4_rootfs_becomes_the_root_filesystem() {
+    let env = env();
+    let image = small_root_disk(&env);
     let sb = env.boot(VmConfig { rootfs_path: Some(image), ..Default::default() }).await;
     let r = sb
         .run("/bin/busybox cat /etc/marker; /bin/busybox mount | /bin/busybox grep ' / '", &RunOptions { shell: Shell::Raw, ..opts(10) })
@@ -365,4 +371,30 @@ fn debian_cloud_kernel_is_the_fallback_and_its_modules_load() {
     let out = env.cli().args(["run", "--kernel", vmlinuz.to_str().unwrap(), "ls /sys/class/virtio-ports"]).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("vport"), "{}", stdout(&out));
+}
+
+/// A start that comes while another process stops the sandbox waits for that stop, then starts
+/// it again: before, it connected to the supervisor on its way out and reported success, and
+/// the sandbox ended stopped.
+#[tokio::test]
+async fn a_start_during_a_stop_waits_for_it_and_starts_again() {
+    let env = env();
+    // A root disk: the stop is graceful (the guest syncs), so it takes a while.
+    let sb = env.boot(VmConfig { rootfs_path: Some(small_root_disk(&env)), ..Default::default() }).await;
+    let id = sb.id().to_string();
+    let mut starter = Sandbox::open_in(env.dirs.clone(), &id).await.unwrap();
+    let mut stopper = Sandbox::open_in(env.dirs.clone(), &id).await.unwrap();
+    let ctl = sb.paths().ctl.clone();
+    let stop = tokio::spawn(async move { stopper.stop(Duration::from_secs(10)).await });
+    let since = Instant::now();
+    while ctl.exists() {
+        assert!(since.elapsed() < Duration::from_secs(10), "the stop never began");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    starter.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+    stop.await.unwrap().unwrap();
+    assert_eq!(starter.state().unwrap(), State::Running);
+    assert_eq!(starter.run("echo again", &opts(10)).await.unwrap().stdout, "again\n");
+    starter.delete().await.unwrap();
+    assert!(env.qemu_processes().is_empty());
 }

@@ -479,7 +479,21 @@ impl Sandbox {
     /// if the warm start fails, it boots cold.
     pub async fn start(&mut self, boot_timeout: Duration, progress: Progress<'_>) -> Result<()> {
         let _lock = self.paths.wait_start_lock().await?;
-        let rec = self.record_with(true)?;
+        let mut rec = self.record_with(true)?;
+        if let Some(sup) = rec.supervisor.filter(|p| rec.state.is_live() && p.alive() && !self.paths.ctl.exists()) {
+            // Its supervisor is taking it down (the control socket goes first): let that
+            // finish, then start it again. Connecting now would reach a sandbox about to stop.
+            let bound = Duration::from_secs(60);
+            let since = std::time::Instant::now();
+            while sup.alive() {
+                if since.elapsed() > bound {
+                    return Err(Error::Timeout { operation: "waiting for the sandbox to stop".into(), seconds: bound.as_secs_f64() });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            self.conn = None;
+            rec = self.record_with(true)?;
+        }
         if rec.state.is_live() {
             // A closed connection is a previous supervisor's (another process restarted it).
             if self.conn.as_ref().is_none_or(|c| c.is_closed()) {

@@ -330,26 +330,34 @@ impl Store {
         self.release_network(id)
     }
 
-    /// The sandbox's network slot (see `net::Lease`), allocated on first use.
-    pub fn lease(&mut self, id: &str) -> Result<u32> {
+    /// The sandbox's network slot (see `net::Lease`), with the host-wide claim on it that
+    /// `claim` makes (`None`: another process holds that slot). Slots are per state database
+    /// but addresses are per host, so a slot is taken only when it is free here, no interface
+    /// of the host has its address, and its claim succeeds: that closes the window between one
+    /// data directory's choice and its TAP getting the address, in which another data
+    /// directory could choose the same. A slot this sandbox kept from an earlier run is
+    /// reused when its claim succeeds.
+    pub fn lease<C>(&mut self, id: &str, mut claim: impl FnMut(u32) -> Option<C>) -> Result<(u32, C)> {
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         if let Some(slot) = tx.query_row("SELECT slot FROM leases WHERE sandbox=?1", [id], |r| r.get::<_, u32>(0)).optional()? {
-            return Ok(slot);
+            if let Some(c) = claim(slot) {
+                return Ok((slot, c));
+            }
+            tx.execute("DELETE FROM leases WHERE sandbox=?1", [id])?;
         }
         let used: std::collections::HashSet<u32> = {
             let mut stmt = tx.prepare("SELECT slot FROM leases")?;
             let rows = stmt.query_map([], |r| r.get::<_, u32>(0))?.collect::<rusqlite::Result<_>>()?;
             rows
         };
-        // Slots are per state database, but addresses are per host: also skip any /30 whose host
-        // side is already on an interface (another data directory's sandbox).
         let on_host = crate::net::host_addresses();
-        let slot = (1..=crate::net::MAX_SLOTS)
-            .find(|s| !used.contains(s) && !on_host.contains(&crate::net::Lease(*s).host()))
+        let (slot, c) = (1..=crate::net::MAX_SLOTS)
+            .filter(|s| !used.contains(s) && !on_host.contains(&crate::net::Lease(*s).host()))
+            .find_map(|s| claim(s).map(|c| (s, c)))
             .ok_or_else(|| Error::Host("no free sandbox network address left in 172.16.0.0/16".into()))?;
         tx.execute("INSERT INTO leases (slot, sandbox) VALUES (?1, ?2)", params![slot, id])?;
         tx.commit()?;
-        Ok(slot)
+        Ok((slot, c))
     }
 
     /// Forget the sandbox's network slot and exposed ports.
@@ -424,6 +432,27 @@ mod tests {
         assert!(matches!(store.set_snapshot_origin("c", "s"), Err(Error::SnapshotNotFound(_))));
         assert!(store.get("c").unwrap().unwrap().snapshot.is_none());
         assert!(matches!(store.remove_unused_snapshot("s"), Err(Error::SnapshotNotFound(_))));
+    }
+
+    #[test]
+    fn a_lease_takes_only_a_slot_whose_claim_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let cfg = VmConfig::default();
+        for id in ["a", "b"] {
+            store.insert(id, &cfg, None).unwrap();
+        }
+        // Slot 1 is held elsewhere on the host (another data directory's supervisor).
+        let (slot, ()) = store.lease("a", |s| (s != 1).then_some(())).unwrap();
+        assert!(slot > 1, "{slot}");
+        let (again, ()) = store.lease("a", |_| Some(())).unwrap();
+        assert_eq!(again, slot, "a claimable slot it kept is reused");
+        // Its kept slot now claimed elsewhere: it moves, and nothing records the old one.
+        let (moved, ()) = store.lease("a", |s| (s != slot && s != 1).then_some(())).unwrap();
+        assert_ne!(moved, slot);
+        let (b, ()) = store.lease("b", |s| (s != 1).then_some(())).unwrap();
+        assert_ne!(b, moved, "slots are unique within a database");
+        assert!(store.lease("b", |_| None::<()>).is_err(), "no claim, no slot");
     }
 
     #[test]

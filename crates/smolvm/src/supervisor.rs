@@ -128,6 +128,8 @@ struct NetPlan {
     backend: qemu::NetBackend,
     /// User mode: exposed at launch as (guest, host).
     user_forwards: Vec<(u16, u16)>,
+    /// NAT: this process's host-wide claim on its slot (see `Store::lease`).
+    _slot_claim: Option<crate::net::SlotClaim>,
 }
 
 /// A free port on 127.0.0.1 (for QEMU's hostfwd, which cannot pick one itself).
@@ -160,10 +162,13 @@ impl NetPlan {
             internet,
             backend: qemu::NetBackend::User { restrict: true, forwards: vec![] },
             user_forwards: vec![],
+            _slot_claim: None,
         };
         match mode {
             Mode::Nat => {
-                plan.lease = Some(crate::net::Lease(store.lease(id)?));
+                let (slot, claim) = store.lease(id, crate::net::claim_slot)?;
+                plan.lease = Some(crate::net::Lease(slot));
+                plan._slot_claim = Some(claim);
                 let fd = crate::net::open_tap(&plan.tap)?;
                 plan.backend = qemu::NetBackend::Tap { fd: std::os::fd::AsRawFd::as_raw_fd(&fd) };
                 plan.tap_fd = Some(fd);
@@ -562,6 +567,10 @@ async fn supervise(id: &str) -> i32 {
             _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => break false,
         }
     };
+    // No new clients from here on: a start that finds the control socket gone while this
+    // process lives knows the sandbox is on its way down, and waits to start it again.
+    drop(ctl);
+    let _ = std::fs::remove_file(&paths.ctl);
     if exited_by_itself {
         let tail = console_tail(&paths.console, 30);
         let msg = format!("the VM exited unexpectedly; last console lines:\n{tail}");
