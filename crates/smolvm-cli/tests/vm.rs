@@ -384,6 +384,7 @@ async fn a_start_during_a_stop_waits_for_it_and_starts_again() {
     let id = sb.id().to_string();
     let mut starter = Sandbox::open_in(env.dirs.clone(), &id).await.unwrap();
     let mut stopper = Sandbox::open_in(env.dirs.clone(), &id).await.unwrap();
+    let mut second_stopper = Sandbox::open_in(env.dirs.clone(), &id).await.unwrap();
     let ctl = sb.paths().ctl.clone();
     let stop = tokio::spawn(async move { stopper.stop(Duration::from_secs(10)).await });
     let since = Instant::now();
@@ -391,7 +392,10 @@ async fn a_start_during_a_stop_waits_for_it_and_starts_again() {
         assert!(since.elapsed() < Duration::from_secs(10), "the stop never began");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    starter.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+    // A second stop meanwhile waits for the first and succeeds; it never stops the new boot.
+    let (second, started) = tokio::join!(second_stopper.stop(Duration::from_secs(10)), starter.start(Duration::from_secs(60), &|_| {}));
+    second.unwrap();
+    started.unwrap();
     stop.await.unwrap().unwrap();
     assert_eq!(starter.state().unwrap(), State::Running);
     assert_eq!(starter.run("echo again", &opts(10)).await.unwrap().stdout, "again\n");

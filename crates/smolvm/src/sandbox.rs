@@ -480,18 +480,8 @@ impl Sandbox {
     pub async fn start(&mut self, boot_timeout: Duration, progress: Progress<'_>) -> Result<()> {
         let _lock = self.paths.wait_start_lock().await?;
         let mut rec = self.record_with(true)?;
-        if let Some(sup) = rec.supervisor.filter(|p| rec.state.is_live() && p.alive() && !self.paths.ctl.exists()) {
-            // Its supervisor is taking it down (the control socket goes first): let that
-            // finish, then start it again. Connecting now would reach a sandbox about to stop.
-            let bound = Duration::from_secs(60);
-            let since = std::time::Instant::now();
-            while sup.alive() {
-                if since.elapsed() > bound {
-                    return Err(Error::Timeout { operation: "waiting for the sandbox to stop".into(), seconds: bound.as_secs_f64() });
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            self.conn = None;
+        if self.stopping(&rec).await? {
+            // Connecting now would reach a sandbox about to stop: start it again instead.
             rec = self.record_with(true)?;
         }
         if rec.state.is_live() {
@@ -1230,9 +1220,27 @@ impl Sandbox {
         self.stop_with(timeout, false).await
     }
 
+    /// Whether another process is taking the sandbox down (its supervisor lives, but has
+    /// removed its control socket, which it does first); if so, wait until it is done.
+    async fn stopping(&mut self, rec: &Record) -> Result<bool> {
+        let Some(sup) = rec.supervisor.filter(|p| rec.state.is_live() && p.alive() && !self.paths.ctl.exists()) else {
+            return Ok(false);
+        };
+        let bound = Duration::from_secs(60);
+        let since = std::time::Instant::now();
+        while sup.alive() {
+            if since.elapsed() > bound {
+                return Err(Error::Timeout { operation: "waiting for the sandbox to stop".into(), seconds: bound.as_secs_f64() });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.conn = None;
+        Ok(true)
+    }
+
     async fn stop_with(&mut self, timeout: Duration, held: bool) -> Result<()> {
         let rec = self.record_with(held)?;
-        if !rec.state.is_live() {
+        if !rec.state.is_live() || self.stopping(&rec).await? {
             self.conn = None;
             return Ok(());
         }
