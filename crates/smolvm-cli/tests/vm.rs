@@ -392,6 +392,10 @@ async fn a_start_during_a_stop_waits_for_it_and_starts_again() {
         assert!(since.elapsed() < Duration::from_secs(10), "the stop never began");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    // A handle opened meanwhile is no error; its commands say the sandbox is going down.
+    let fresh = Sandbox::open_in(env.dirs.clone(), &id).await.unwrap();
+    let e = fresh.run("true", &opts(5)).await.unwrap_err();
+    assert!(matches!(&e, Error::NotRunning { state, .. } if state == "stopping" || state == "stopped"), "{e}");
     // A second stop meanwhile waits for the first and succeeds; it never stops the new boot.
     let (second, started) = tokio::join!(second_stopper.stop(Duration::from_secs(10)), starter.start(Duration::from_secs(60), &|_| {}));
     second.unwrap();

@@ -436,8 +436,10 @@ impl Sandbox {
         let rec = reap(&store, &dirs, rec, false)?.ok_or_else(|| Error::NotFound(id.to_string()))?;
         let paths = SandboxPaths::new(&dirs, id);
         let channel = Channel::parse(rec.config.comm_channel.as_deref())?;
-        let mut sb = Sandbox { id: rec.id, dirs, paths, conn: None, channel };
-        if rec.state.is_live() {
+        let mut sb = Sandbox { id: rec.id.clone(), dirs, paths, conn: None, channel };
+        // One on its way down is found without a connection: its commands say it is stopping,
+        // and start() waits, then boots it again.
+        if rec.state.is_live() && !sb.going_down(&rec) {
             sb.conn = Some(Conn::connect(&sb.paths.ctl).await?);
         }
         Ok(sb)
@@ -901,7 +903,11 @@ impl Sandbox {
         match &self.conn {
             Some(c) if !c.is_closed() => Ok(c),
             _ => {
-                let state = self.state()?;
+                let rec = self.record()?;
+                let state = rec.state;
+                if self.going_down(&rec) {
+                    return Err(Error::NotRunning { id: self.id.clone(), state: "stopping".into() });
+                }
                 if state.is_live() {
                     // Running, but not through this handle's connection (its supervisor was
                     // restarted by another process, or the connection broke).
@@ -1220,10 +1226,15 @@ impl Sandbox {
         self.stop_with(timeout, false).await
     }
 
-    /// Whether another process is taking the sandbox down (its supervisor lives, but has
-    /// removed its control socket, which it does first); if so, wait until it is done.
+    /// Whether the sandbox is on its way down: its supervisor lives, but has removed its
+    /// control socket, which it does first when it stops.
+    fn going_down(&self, rec: &Record) -> bool {
+        rec.state.is_live() && rec.supervisor.is_some_and(|p| p.alive()) && !self.paths.ctl.exists()
+    }
+
+    /// If another process is taking the sandbox down, wait until it is done (true).
     async fn stopping(&mut self, rec: &Record) -> Result<bool> {
-        let Some(sup) = rec.supervisor.filter(|p| rec.state.is_live() && p.alive() && !self.paths.ctl.exists()) else {
+        let Some(sup) = rec.supervisor.filter(|_| self.going_down(rec)) else {
             return Ok(false);
         };
         let bound = Duration::from_secs(60);
