@@ -174,3 +174,35 @@ fn debian_ssh_image_over_the_cli() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no SSH server"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(env.smolvm(&["sandbox", "delete", "--force", "plain"]).status.success());
 }
+
+/// An image whose SSH server cannot be started (here an `sshd` that is no server, and no
+/// `ssh-keygen`) still boots and serves commands over the agent; only a sandbox that asked for
+/// the SSH channel fails its start, and says why.
+#[tokio::test]
+async fn an_image_whose_ssh_server_fails_still_serves_over_the_agent() {
+    let env = env();
+    let name = format!("t-nossh-{}", std::process::id());
+    let fake = env.tmp.path().join("sshd");
+    std::fs::write(&fake, "#!/bin/sh\nexit 1\n").unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let recipe = Recipe {
+        name: name.clone(),
+        base: "busybox".into(),
+        packages: vec![],
+        files: vec![RecipeFile { source: fake, dest: "/usr/sbin/sshd".into() }],
+        size_mib: 64,
+    };
+    smolvm::recipe::build(&env.dirs, &recipe, &|_| {}).unwrap();
+
+    let sb = env.boot(image(&name)).await;
+    assert_eq!(sb.run("echo served", &opts()).await.unwrap().stdout, "served\n");
+    sb.delete().await.unwrap();
+
+    let config = VmConfig { comm_channel: Some("ssh".into()), ..image(&name) };
+    let mut sb = smolvm::Sandbox::create_in(env.dirs.clone(), config, false).unwrap();
+    let e = sb.start(Duration::from_secs(60), &|_| {}).await.unwrap_err();
+    assert!(e.to_string().contains("starting the SSH server failed"), "{e}");
+    sb.delete().await.unwrap();
+    assert!(env.qemu_processes().is_empty());
+    smolvm::image::remove_entry(&env.dirs, &name).unwrap();
+}
