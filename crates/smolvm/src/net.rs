@@ -134,7 +134,6 @@ fn learnable(ip: Ipv4Addr) -> bool {
     !special.iter().any(|(a, p)| inside(*a, *p)) && !FORBIDDEN.iter().any(|(c, _)| c.overlaps(&Cidr { addr: ip, prefix: 32 }))
 }
 
-/// The host's own IPv4 addresses (a sandbox may never be allowed to reach them).
 /// A supervisor's host-wide claim on its network slot, held for as long as it runs (an
 /// exclusive `flock`, which goes with the process however it ends). The claims live in one
 /// directory for the whole host, whatever the data directory.
@@ -142,21 +141,25 @@ pub struct SlotClaim {
     _held: nix::fcntl::Flock<std::fs::File>,
 }
 
-const CLAIMS_DIR: &str = "/run/smolvm/net-slots";
-
-/// Claim `slot` for this process, unless another process holds it (or the claim cannot be
-/// made at all: then no slot can be had, and the caller's allocation fails).
-pub fn claim_slot(slot: u32) -> Option<SlotClaim> {
-    claim_slot_in(std::path::Path::new(CLAIMS_DIR), slot)
+/// The host-wide directory of slot claims, created if missing.
+pub fn claims_dir() -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::path::PathBuf::from("/run/smolvm/net-slots");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&dir)
+        .map_err(|e| Error::Network(format!("creating {}: {e}", dir.display())))?;
+    Ok(dir)
 }
 
-fn claim_slot_in(dir: &std::path::Path, slot: u32) -> Option<SlotClaim> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir).ok()?;
+/// Claim `slot` for this process, unless another process holds it.
+pub fn claim_slot(dir: &std::path::Path, slot: u32) -> Option<SlotClaim> {
     let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(slot.to_string())).ok()?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).ok().map(|held| SlotClaim { _held: held })
 }
 
+/// The host's own IPv4 addresses (a sandbox may never be allowed to reach them).
 pub fn host_addresses() -> Vec<Ipv4Addr> {
     nix::ifaddrs::getifaddrs().map(|addrs| addrs.filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip())).collect()).unwrap_or_default()
 }
@@ -670,12 +673,12 @@ mod tests {
     #[test]
     fn a_slot_claim_excludes_other_claims_until_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let first = claim_slot_in(dir.path(), 7).expect("a free slot can be claimed");
+        let first = claim_slot(dir.path(), 7).expect("a free slot can be claimed");
         // Another claim (another open file, as in another process) is refused.
-        assert!(claim_slot_in(dir.path(), 7).is_none());
-        assert!(claim_slot_in(dir.path(), 8).is_some());
+        assert!(claim_slot(dir.path(), 7).is_none());
+        assert!(claim_slot(dir.path(), 8).is_some());
         drop(first);
-        assert!(claim_slot_in(dir.path(), 7).is_some());
+        assert!(claim_slot(dir.path(), 7).is_some());
     }
 
     #[test]
