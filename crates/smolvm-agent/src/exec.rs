@@ -168,12 +168,12 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
         Some(r) if r.token == token => {
             r.pgid = Some(pgid);
             if r.cancelled {
-                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+                kill_all(pgid);
             }
         }
         // Replaced by a new host session's exec of the same id: this one has nobody to run for.
         _ => {
-            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            kill_all(pgid);
         }
     }
     let outputs = [Some(child.stdout), Some(child.stderr)];
@@ -207,7 +207,7 @@ fn pump(stream: u32, w: &Writer, mut outputs: [Option<File>; 2], exit: File, tim
         // The shell is done, but what it left in the background still writes: the timeout
         // holds for that too (else a chatty background loop would keep the exec open forever).
         if code.is_some() && deadline.is_some_and(|d| Instant::now() >= d) {
-            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            kill_all(pgid);
             break;
         }
         let wait = match (code, deadline) {
@@ -248,17 +248,71 @@ fn pump(stream: u32, w: &Writer, mut outputs: [Option<File>; 2], exit: File, tim
                 last = Instant::now();
                 if timed_out {
                     // Members that left the group still hold the pipes; the group itself is gone.
-                    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+                    kill_all(pgid);
                 }
             }
         }
         if code.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
-            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            kill_all(pgid);
             timed_out = true;
             deadline = None;
         }
     }
     (code.unwrap_or(128 + 9), timed_out)
+}
+
+/// Kill a command: its process group, and every descendant of its shell (`pgid` is the
+/// shell's pid) that left the group (`setsid`, `setpgid`). The tree is frozen before it is
+/// killed: a process that forked after the walk, its parent then killed, would be handed to
+/// PID 1 and lost to the walk. A descendant whose parent had already exited belongs to PID 1
+/// (this agent) and cannot be told apart; without cgroups in the guest kernel it stays.
+fn kill_all(pgid: i32) {
+    use nix::sys::signal::kill;
+    let mut frozen: std::collections::HashSet<i32> = std::collections::HashSet::new();
+    // A few rounds: each catches what forked before the previous round's stop arrived.
+    for _ in 0..3 {
+        let fresh: Vec<i32> = descendants(pgid).into_iter().filter(|p| !frozen.contains(p)).collect();
+        if fresh.is_empty() {
+            break;
+        }
+        for pid in fresh {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
+            frozen.insert(pid);
+        }
+    }
+    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    for pid in frozen {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// `root` and every process below it, from the parent links in /proc; nothing if `root` is no
+/// longer the leader of its own group (it exited, and the pid may be another process's now).
+fn descendants(root: i32) -> Vec<i32> {
+    let mut children: std::collections::HashMap<i32, Vec<i32>> = std::collections::HashMap::new();
+    let mut root_leads = false;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // "pid (comm) state ppid pgrp ...": the name may hold spaces and parentheses.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { continue };
+        let mut fields = rest.split_whitespace().skip(1).map(|f| f.parse::<i32>().ok());
+        let (Some(Some(ppid)), Some(Some(pgrp))) = (fields.next(), fields.next()) else { continue };
+        root_leads |= pid == root && pgrp == root;
+        children.entry(ppid).or_default().push(pid);
+    }
+    if !root_leads {
+        return Vec::new();
+    }
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        if let Some(kids) = children.get(&out[i]) {
+            out.extend(kids.iter().copied().filter(|k| *k != 1));
+        }
+        i += 1;
+    }
+    out
 }
 
 pub fn stdin(stream: u32, data: Option<Vec<u8>>) {
@@ -278,7 +332,7 @@ pub fn stdin(stream: u32, data: Option<Vec<u8>>) {
 fn cancel_one(r: &mut Running) {
     match r.pgid {
         Some(pgid) => {
-            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            kill_all(pgid);
         }
         // Not started yet: it will not start.
         None => r.cancelled = true,

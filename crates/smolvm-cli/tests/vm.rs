@@ -77,6 +77,11 @@ async fn a_timed_out_command_is_killed_with_its_whole_group() {
     assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(10), "{took:?}");
     let r = sb.run("ps -o pid,args | grep 'sleep 123[45]' || true", &opts(10)).await.unwrap();
     assert_eq!(r.stdout, "", "processes of the timed-out command remain:\n{}", r.stdout);
+    // One that left the group (its own session) while its parent still ran goes too.
+    let err = sb.run("setsid sleep 1236 & sleep 1237", &opts(2)).await.unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    let r = sb.run("ps -o pid,args | grep 'sleep 123[67]' || true", &opts(10)).await.unwrap();
+    assert_eq!(r.stdout, "", "processes of the timed-out command remain:\n{}", r.stdout);
     // The sandbox stays usable.
     assert_eq!(sb.run("echo still here", &opts(10)).await.unwrap().output(), "still here");
     // Commands start with no signals blocked (the agent blocks the ones it reaps with): a TERM
