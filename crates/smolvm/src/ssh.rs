@@ -62,7 +62,16 @@ pub fn user_key(dirs: &Dirs) -> Result<(PathBuf, String)> {
     let public = dir.join("id_ed25519.pub");
     if !key.exists() || !public.exists() {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).ctx(|| format!("creating {}", dir.display()))?;
-        // Made under a temporary name and renamed, so concurrent first uses agree on one key.
+        // One maker at a time: two first uses renaming their own pairs into place could leave
+        // one's private key beside the other's public key.
+        let lock = std::fs::File::create(dir.join(".lock")).ctx(|| format!("creating {}", dir.join(".lock").display()))?;
+        let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| Error::Host(format!("locking {}: {e}", dir.display())))?;
+        if key.exists() && public.exists() {
+            let line = std::fs::read_to_string(&public).ctx(|| format!("reading {}", public.display()))?;
+            return Ok((key, line.trim().to_string()));
+        }
+        // Made under a temporary name and renamed: a crash half way leaves no half key.
         let tmp = dir.join(format!(".id_ed25519.{}", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         let _ = std::fs::remove_file(tmp.with_extension(format!("{}.pub", std::process::id())));
@@ -74,13 +83,8 @@ pub fn user_key(dirs: &Dirs) -> Result<(PathBuf, String)> {
         if !out.status.success() {
             return Err(Error::Host(format!("ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
         }
-        if !key.exists() {
-            std::fs::rename(format!("{}.pub", tmp.display()), &public).ctx(|| "storing the SSH key".into())?;
-            std::fs::rename(&tmp, &key).ctx(|| "storing the SSH key".into())?;
-        } else {
-            let _ = std::fs::remove_file(format!("{}.pub", tmp.display()));
-            let _ = std::fs::remove_file(&tmp);
-        }
+        std::fs::rename(format!("{}.pub", tmp.display()), &public).ctx(|| "storing the SSH key".into())?;
+        std::fs::rename(&tmp, &key).ctx(|| "storing the SSH key".into())?;
     }
     let line = std::fs::read_to_string(&public).ctx(|| format!("reading {}", public.display()))?;
     Ok((key, line.trim().to_string()))
@@ -178,6 +182,25 @@ pub fn sftp_mkdirs(dir: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_first_uses_agree_on_one_matching_key_pair() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = Dirs { data: tmp.path().join("data"), images: tmp.path().join("images") };
+        let results: Vec<(PathBuf, String)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..6).map(|_| s.spawn(|| user_key(&dirs).unwrap())).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(results.iter().all(|r| r == &results[0]), "{results:?}");
+        // The private key is the one the public key belongs to.
+        let derived = Command::new("ssh-keygen").arg("-y").arg("-f").arg(&results[0].0).output().unwrap();
+        let derived = String::from_utf8_lossy(&derived.stdout);
+        assert_eq!(derived.split_whitespace().take(2).collect::<Vec<_>>(), results[0].1.split_whitespace().take(2).collect::<Vec<_>>());
+        // No temporary files are left.
+        let names: Vec<String> =
+            std::fs::read_dir(dirs.data.join("ssh")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        assert!(names.iter().all(|n| n == "id_ed25519" || n == "id_ed25519.pub" || n == ".lock"), "{names:?}");
+    }
 
     #[test]
     fn public_keys_are_checked() {
