@@ -606,7 +606,7 @@ impl Sandbox {
         match port {
             Some(port) if known_hosts.exists() => {
                 let (key, _) = crate::ssh::user_key(&self.dirs)?;
-                Ok(crate::ssh::Endpoint { port, key, known_hosts, alias: self.ssh_alias() })
+                crate::ssh::Endpoint { port, key, known_hosts, alias: self.ssh_alias() }.check()
             }
             _ => Err(Error::Ssh(format!(
                 "VM '{}' has no SSH server (its image has none; use an SSH image such as --image debian-ssh or alpine-ssh)",

@@ -99,14 +99,35 @@ pub struct Endpoint {
     pub alias: String,
 }
 
+/// A path as an ssh option value: quoted (a space would split it into two files) and with
+/// `%` doubled (ssh expands `%` tokens in these paths). `Endpoint::check` refuses a path with a
+/// double quote or a control character, which no quoting carries.
+fn config_path(p: &Path) -> String {
+    format!("\"{}\"", p.display().to_string().replace('%', "%%"))
+}
+
 impl Endpoint {
+    /// Refuse paths that cannot be handed to ssh (see `config_path`).
+    pub fn check(self) -> Result<Endpoint> {
+        for p in [&self.key, &self.known_hosts] {
+            let text = p.to_string_lossy();
+            if text.contains('"') || text.chars().any(char::is_control) {
+                return Err(Error::Ssh(format!(
+                    "{} holds a double quote or a control character, which ssh cannot be given; use a data directory without them",
+                    p.display()
+                )));
+            }
+        }
+        Ok(self)
+    }
+
     /// Options shared by `ssh` and `sftp`: our key only, the pinned host key only, no config
     /// files of the user's that could change either.
     fn options(&self) -> Vec<String> {
         let mut args = vec!["-F".into(), "/dev/null".into(), "-i".into(), self.key.display().to_string()];
         for o in [
             "IdentitiesOnly=yes".to_string(),
-            format!("UserKnownHostsFile={}", self.known_hosts.display()),
+            format!("UserKnownHostsFile={}", config_path(&self.known_hosts)),
             "GlobalKnownHostsFile=/dev/null".into(),
             "StrictHostKeyChecking=yes".into(),
             format!("HostKeyAlias={}", self.alias),
@@ -182,6 +203,28 @@ pub fn sftp_mkdirs(dir: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_with_spaces_and_percent_reach_ssh_whole() {
+        let ep = Endpoint {
+            port: 2222,
+            key: "/d a%c/ssh/id_ed25519".into(),
+            known_hosts: "/d a%c/vms/x/known_hosts".into(),
+            alias: "smolvm-x".into(),
+        }
+        .check()
+        .unwrap();
+        // ssh itself reads the options back: one file, the name as given.
+        let out = Command::new("ssh").arg("-G").args(ep.options()).arg("root@127.0.0.1").output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.lines().any(|l| l == "userknownhostsfile /d a%c/vms/x/known_hosts"),
+            "{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bad = Endpoint { known_hosts: "/d\"q/known_hosts".into(), ..ep };
+        assert!(bad.check().is_err());
+    }
 
     #[test]
     fn concurrent_first_uses_agree_on_one_matching_key_pair() {
