@@ -17,19 +17,24 @@ fn image(name: &str) -> VmConfig {
     VmConfig { image: Some(name.into()), ..Default::default() }
 }
 
+/// A 64 MiB busybox image holding one host file.
+fn busybox_with(name: &str, source: std::path::PathBuf, dest: &str) -> Recipe {
+    Recipe {
+        name: name.to_string(),
+        base: "busybox".into(),
+        packages: vec![],
+        files: vec![RecipeFile { source, dest: dest.into() }],
+        size_mib: 64,
+    }
+}
+
 #[tokio::test]
 async fn custom_recipe_is_cached_rebuilt_on_change_and_boots_with_a_grown_disk() {
     let env = env();
     let name = format!("t-{}", std::process::id());
     let marker = env.tmp.path().join("marker");
     std::fs::write(&marker, "first\n").unwrap();
-    let recipe = Recipe {
-        name: name.clone(),
-        base: "busybox".into(),
-        packages: vec![],
-        files: vec![RecipeFile { source: marker.clone(), dest: "/etc/marker".into() }],
-        size_mib: 64,
-    };
+    let recipe = busybox_with(&name, marker.clone(), "/etc/marker");
     let quiet = |_: &str| {};
     let first = smolvm::recipe::build(&env.dirs, &recipe, &quiet).unwrap();
     assert!(!first.cached, "a new recipe is built");
@@ -185,13 +190,7 @@ async fn an_image_whose_ssh_server_fails_still_serves_over_the_agent() {
     let fake = env.tmp.path().join("sshd");
     std::fs::write(&fake, "#!/bin/sh\nexit 1\n").unwrap();
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let recipe = Recipe {
-        name: name.clone(),
-        base: "busybox".into(),
-        packages: vec![],
-        files: vec![RecipeFile { source: fake, dest: "/usr/sbin/sshd".into() }],
-        size_mib: 64,
-    };
+    let recipe = busybox_with(&name, fake, "/usr/sbin/sshd");
     smolvm::recipe::build(&env.dirs, &recipe, &|_| {}).unwrap();
 
     let sb = env.boot(image(&name)).await;

@@ -591,9 +591,6 @@ fn dns_refused(query: &[u8], question_end: usize) -> Vec<u8> {
     r
 }
 
-/// Answer DNS on `bind` for one sandbox, forwarding what the policy allows to `upstream`.
-/// Queries are answered in the order they came: resolvers such as busybox's send A and AAAA
-/// at once and may drop a reply that overtakes the other.
 /// The proxy's sockets, bound before the sandbox is reported up (a proxy that could not bind
 /// must fail the start, not leave the guest without DNS or with someone else's). The upstream
 /// socket is connected: the kernel then takes answers from the upstream's address only.
@@ -604,6 +601,9 @@ pub async fn dns_bind(bind: SocketAddr, upstream: SocketAddr) -> Result<(tokio::
     Ok((sock, up))
 }
 
+/// Answer DNS on `sock` for one sandbox, forwarding what the policy allows upstream (`up`).
+/// Queries are answered in the order they came: resolvers such as busybox's send A and AAAA
+/// at once and may drop a reply that overtakes the other.
 pub async fn dns_proxy(sock: tokio::net::UdpSocket, up: tokio::net::UdpSocket, policy: Arc<DnsPolicy>) -> Result<()> {
     let mut buf = vec![0u8; 4096];
     let mut reply = vec![0u8; 4096];

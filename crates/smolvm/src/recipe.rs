@@ -158,9 +158,14 @@ fn recipes_dir(dirs: &Dirs) -> PathBuf {
 
 /// A built-in recipe or a saved custom one.
 pub fn load(dirs: &Dirs, name: &str) -> Result<Recipe> {
+    load_with_disk(dirs, name).map(|(recipe, _)| recipe)
+}
+
+/// A recipe, and for a saved one the disk it was last built into (see `build_named`).
+fn load_with_disk(dirs: &Dirs, name: &str) -> Result<(Recipe, Option<PathBuf>)> {
     validate_name(name)?;
     if let Some(r) = builtin(name) {
-        return Ok(r);
+        return Ok((r, None));
     }
     let path = recipes_dir(dirs).join(format!("{name}.json"));
     let text = fs::read_to_string(&path).map_err(|_| {
@@ -169,22 +174,24 @@ pub fn load(dirs: &Dirs, name: &str) -> Result<Recipe> {
             format!("no image named {name:?} (built in: {}; or build a recipe with `smolvm image build {name} ...`)", BUILTIN.join(", ")),
         )
     })?;
-    parse_saved(&text).map_err(|e| Error::Image(format!("the saved recipe {} is unreadable: {e}", path.display())))
+    let (recipe, built) =
+        parse_saved(&text).map_err(|e| Error::Image(format!("the saved recipe {} is unreadable: {e}", path.display())))?;
+    // A name, not a path: nothing outside the image cache.
+    let disk = built.filter(|b| !b.contains('/') && b.starts_with("disk-")).map(|b| dirs.images.join(b).join("rootfs.ext4"));
+    Ok((recipe, disk))
 }
 
 /// A saved recipe: the recipe, and beside it the disk it was last built into (`built`).
-fn parse_saved(text: &str) -> serde_json::Result<Recipe> {
+fn parse_saved(text: &str) -> serde_json::Result<(Recipe, Option<String>)> {
     let mut value: serde_json::Value = serde_json::from_str(text)?;
-    if let Some(fields) = value.as_object_mut() {
-        fields.remove("built");
-    }
-    serde_json::from_value(value)
+    let built = value.as_object_mut().and_then(|fields| fields.remove("built")).and_then(|b| b.as_str().map(str::to_string));
+    Ok((serde_json::from_value(value)?, built))
 }
 
 /// Saved custom recipes (built-in ones are not listed here).
 pub fn saved(dirs: &Dirs) -> Vec<Recipe> {
     let mut out: Vec<Recipe> = fs::read_dir(recipes_dir(dirs))
-        .map(|d| d.flatten().filter_map(|e| parse_saved(&fs::read_to_string(e.path()).ok()?).ok()).collect())
+        .map(|d| d.flatten().filter_map(|e| Some(parse_saved(&fs::read_to_string(e.path()).ok()?).ok()?.0)).collect())
         .unwrap_or_default();
     out.sort_by(|a: &Recipe, b| a.name.cmp(&b.name));
     out
@@ -194,21 +201,11 @@ pub fn saved(dirs: &Dirs) -> Vec<Recipe> {
 /// is the disk last built under that name: the recipe's `--file` sources may since have moved,
 /// changed or gone (`smolvm image build NAME ...` builds it again from them).
 pub fn build_named(dirs: &Dirs, name: &str, progress: Progress) -> Result<Built> {
-    let recipe = load(dirs, name)?;
-    if builtin(name).is_none() {
-        if let Some(rootfs) = last_built(dirs, name).filter(|p| p.exists()) {
-            return Ok(Built { name: name.to_string(), rootfs, cached: true });
-        }
+    let (recipe, disk) = load_with_disk(dirs, name)?;
+    if let Some(rootfs) = disk.filter(|p| p.exists()) {
+        return Ok(Built { name: name.to_string(), rootfs, cached: true });
     }
     build(dirs, &recipe, progress)
-}
-
-/// The disk a saved recipe was last built into, as its saved file records it.
-fn last_built(dirs: &Dirs, name: &str) -> Option<PathBuf> {
-    let text = fs::read_to_string(recipes_dir(dirs).join(format!("{name}.json"))).ok()?;
-    let built = serde_json::from_str::<serde_json::Value>(&text).ok()?.get("built")?.as_str()?.to_string();
-    // A name, not a path: nothing outside the image cache.
-    (!built.contains('/') && built.starts_with("disk-")).then(|| dirs.images.join(built).join("rootfs.ext4"))
 }
 
 /// A built disk image.

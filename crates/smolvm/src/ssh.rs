@@ -67,27 +67,31 @@ pub fn user_key(dirs: &Dirs) -> Result<(PathBuf, String)> {
         let lock = std::fs::File::create(dir.join(".lock")).ctx(|| format!("creating {}", dir.join(".lock").display()))?;
         let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, e)| Error::Host(format!("locking {}: {e}", dir.display())))?;
-        if key.exists() && public.exists() {
-            let line = std::fs::read_to_string(&public).ctx(|| format!("reading {}", public.display()))?;
-            return Ok((key, line.trim().to_string()));
+        // Another process may have made it while this one waited.
+        if !key.exists() || !public.exists() {
+            make_key(&dir, &key, &public)?;
         }
-        // Made under a temporary name and renamed: a crash half way leaves no half key.
-        let tmp = dir.join(format!(".id_ed25519.{}", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        let _ = std::fs::remove_file(tmp.with_extension(format!("{}.pub", std::process::id())));
-        let out = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "smolvm", "-f"])
-            .arg(&tmp)
-            .output()
-            .ctx(|| "running ssh-keygen (openssh-client)".into())?;
-        if !out.status.success() {
-            return Err(Error::Host(format!("ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
-        }
-        std::fs::rename(format!("{}.pub", tmp.display()), &public).ctx(|| "storing the SSH key".into())?;
-        std::fs::rename(&tmp, &key).ctx(|| "storing the SSH key".into())?;
     }
     let line = std::fs::read_to_string(&public).ctx(|| format!("reading {}", public.display()))?;
     Ok((key, line.trim().to_string()))
+}
+
+/// Made under a temporary name and renamed: a crash half way leaves no half key.
+fn make_key(dir: &Path, key: &Path, public: &Path) -> Result<()> {
+    let tmp = dir.join(format!(".id_ed25519.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_file(tmp.with_extension(format!("{}.pub", std::process::id())));
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "smolvm", "-f"])
+        .arg(&tmp)
+        .output()
+        .ctx(|| "running ssh-keygen (openssh-client)".into())?;
+    if !out.status.success() {
+        return Err(Error::Host(format!("ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    std::fs::rename(format!("{}.pub", tmp.display()), public).ctx(|| "storing the SSH key".into())?;
+    std::fs::rename(&tmp, key).ctx(|| "storing the SSH key".into())?;
+    Ok(())
 }
 
 /// How to reach one sandbox's SSH server.
