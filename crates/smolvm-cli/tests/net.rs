@@ -248,7 +248,9 @@ async fn sandboxes_cannot_reach_each_other_or_the_host_and_exposed_ports_work() 
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // Listening before the probes, so that their failure is the firewall's doing.
+    let listening = wait_until(Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", 18931)).is_ok());
+    assert!(listening, "the host's test server never listened");
     let gw = two.run("route -n | awk '$1==\"0.0.0.0\"{print $2}'", &opts()).await.unwrap().output().to_string();
     let mut targets = vec![gw];
     targets.extend(smolvm::net::host_addresses().into_iter().filter(|a| !a.is_loopback()).map(|a| a.to_string()));
