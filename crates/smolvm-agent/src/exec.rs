@@ -1,5 +1,6 @@
 //! Running commands: one process group per exec, output streamed as it comes.
 
+use crate::flow::{Room, Window};
 use crate::server::Writer;
 use crate::spawn::Spawned;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -51,7 +52,11 @@ pub fn start(stream: u32, req: ExecRequest, w: Writer) {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let token = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     running().insert(stream, Running { token, pgid: None, stdin: tx, cancelled: false });
-    crate::workers::run(Box::new(move || run(stream, token, req, w, rx)));
+    let window = crate::flow::open(stream);
+    crate::workers::run(Box::new(move || {
+        run(stream, token, req, w, rx, &window);
+        crate::flow::forget(stream, &window);
+    }));
 }
 
 /// This exec's entry, unless a new host session replaced it (same stream id) or it is gone.
@@ -131,7 +136,7 @@ pub fn warm_up() {
     policy(libc::SCHED_OTHER);
 }
 
-fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Receiver<Option<Vec<u8>>>>) {
+fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Receiver<Option<Vec<u8>>>>, window: &Window) {
     crate::pending::wait();
     let shell = login_shell();
     if running().get(&stream).is_none_or(|r| r.token != token || r.cancelled) {
@@ -178,7 +183,7 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
     }
     let outputs = [Some(child.stdout), Some(child.stderr)];
     let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms));
-    let (code, timed_out) = pump(stream, &w, outputs, exit, timeout, pgid);
+    let (code, timed_out) = pump(Output { stream, w: &w, window }, outputs, exit, timeout, pgid);
     // A new host's command may have this stream id by now (a restored snapshot): only this
     // command's own entry goes.
     forget(stream, token);
@@ -189,10 +194,19 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
 /// (background processes that keep them open are not waited for).
 const QUIET: Duration = Duration::from_millis(100);
 
+/// Where a command's output goes: the host's stream, within its window.
+struct Output<'a> {
+    stream: u32,
+    w: &'a Writer,
+    window: &'a Window,
+}
+
 /// Forward the command's output as it comes, on this one thread (a thread per pipe costs
 /// milliseconds each under TCG), until it has exited and its pipes are closed or quiet. Past
-/// the timeout the whole process group is killed. Returns (exit code, timed out).
-fn pump(stream: u32, w: &Writer, mut outputs: [Option<File>; 2], exit: File, timeout: Option<Duration>, pgid: i32) -> (i32, bool) {
+/// the timeout the whole process group is killed. While the host has all the output it may
+/// hold (its window), the pipes are not read: the command blocks on them. Returns (exit code,
+/// timed out).
+fn pump(out: Output, mut outputs: [Option<File>; 2], exit: File, timeout: Option<Duration>, pgid: i32) -> (i32, bool) {
     let mut deadline = timeout.map(|t| Instant::now() + t);
     let mut exit = Some(exit);
     let mut code: Option<i32> = None;
@@ -209,6 +223,22 @@ fn pump(stream: u32, w: &Writer, mut outputs: [Option<File>; 2], exit: File, tim
         if code.is_some() && deadline.is_some_and(|d| Instant::now() >= d) {
             kill_all(pgid);
             break;
+        }
+        if out.window.is_full() {
+            match out.window.take(0, deadline) {
+                // The pipes may have been full all along: quiet counts from now.
+                Room::Open => last = Instant::now(),
+                Room::Closed => {}
+                Room::Deadline => {
+                    kill_all(pgid);
+                    if code.is_some() {
+                        break;
+                    }
+                    timed_out = true;
+                    deadline = None;
+                }
+            }
+            continue;
         }
         let wait = match (code, deadline) {
             (Some(_), _) => Some(QUIET.saturating_sub(last.elapsed())),
@@ -227,13 +257,17 @@ fn pump(stream: u32, w: &Writer, mut outputs: [Option<File>; 2], exit: File, tim
         let mut at = 0;
         for (slot, is_stdout) in outputs.iter_mut().zip([true, false]) {
             let Some(pipe) = slot else { continue };
-            if ready[at] {
+            // A full window (after the other pipe's chunk) waits for the next round.
+            if ready[at] && !out.window.is_full() {
                 match pipe.read(&mut buf) {
                     Ok(0) | Err(_) => *slot = None,
                     Ok(n) => {
                         last = Instant::now();
-                        let data = buf[..n].to_vec();
-                        w.send(stream, &if is_stdout { Reply::Stdout(data) } else { Reply::Stderr(data) });
+                        // Nobody reads any more (a cancel): the output is drained and dropped.
+                        if out.window.take(n, None) == Room::Open {
+                            let data = buf[..n].to_vec();
+                            out.w.send(out.stream, &if is_stdout { Reply::Stdout(data) } else { Reply::Stderr(data) });
+                        }
                     }
                 }
             }
@@ -343,8 +377,10 @@ pub fn cancel(stream: u32) {
     if let Some(r) = running().get_mut(&stream) {
         cancel_one(r);
     }
+    crate::flow::close(stream);
 }
 
 pub fn cancel_all() {
     running().values_mut().for_each(cancel_one);
+    crate::flow::close_all();
 }

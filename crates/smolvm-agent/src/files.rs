@@ -1,6 +1,7 @@
 //! File transfer: uploads arrive as input frames into a temp file that is renamed into place
 //! when complete; downloads stream out in chunks. Directories travel as tar.
 
+use crate::flow::{Room, Window};
 use crate::server::Writer;
 use smolvm_proto::{ErrorKind, Reply, CHUNK};
 use std::collections::HashMap;
@@ -106,37 +107,60 @@ pub fn put_cancel(stream: u32) {
 
 /// Stream a file, or a directory as tar, on its own thread.
 pub fn get(stream: u32, path: String, w: Writer) {
+    let window = crate::flow::open(stream);
     std::thread::spawn(move || {
-        if !path.starts_with('/') {
-            return w.send(stream, &Reply::error(ErrorKind::Invalid, format!("guest path must be absolute: {path:?}")));
-        }
-        let meta = match fs::metadata(&path) {
-            Ok(m) => m,
-            Err(e) => return w.send(stream, &io_error(&format!("reading {path}"), e)),
-        };
-        // A device, FIFO or socket has no end to read to (think of /dev/zero).
-        if !meta.is_dir() && !meta.is_file() {
-            return w.send(stream, &Reply::error(ErrorKind::Invalid, format!("{path} is not a regular file or a directory")));
-        }
-        let mode = meta.permissions().mode() & 0o7777;
-        let sent = if meta.is_dir() {
-            // Streamed as it is packed: the archive of a directory in the guest's RAM (tmpfs, an
-            // initramfs) would need that memory a second time, and PID 1 out of memory ends the VM.
-            smolvm_tar::pack_chunked(Path::new(&path), CHUNK, |chunk| {
-                w.send(stream, &Reply::Data(chunk));
-                Ok(())
-            })
-        } else {
-            File::open(&path).and_then(|f| send_from(stream, f, &w))
-        };
-        match sent {
-            Ok(size) => w.send(stream, &Reply::FileDone { mode, size, tar: meta.is_dir() }),
-            Err(e) => w.send(stream, &io_error(&format!("reading {path}"), e)),
-        }
+        get_on(stream, path, Output { w, window: &window });
+        crate::flow::forget(stream, &window);
     });
 }
 
-fn send_from(stream: u32, mut r: impl Read, w: &Writer) -> io::Result<u64> {
+/// Where a download's bytes go: the host's stream, within its window.
+struct Output<'a> {
+    w: Writer,
+    window: &'a Window,
+}
+
+impl Output<'_> {
+    /// Send one chunk once the host has room for it; an error once nobody reads (a cancel).
+    fn data(&self, stream: u32, chunk: Vec<u8>) -> io::Result<()> {
+        match self.window.take(chunk.len(), None) {
+            Room::Open => {
+                self.w.send(stream, &Reply::Data(chunk));
+                Ok(())
+            }
+            _ => Err(io::Error::other("the download was cancelled")),
+        }
+    }
+}
+
+fn get_on(stream: u32, path: String, out: Output) {
+    let w = &out.w;
+    if !path.starts_with('/') {
+        return w.send(stream, &Reply::error(ErrorKind::Invalid, format!("guest path must be absolute: {path:?}")));
+    }
+    let meta = match fs::metadata(&path) {
+        Ok(m) => m,
+        Err(e) => return w.send(stream, &io_error(&format!("reading {path}"), e)),
+    };
+    // A device, FIFO or socket has no end to read to (think of /dev/zero).
+    if !meta.is_dir() && !meta.is_file() {
+        return w.send(stream, &Reply::error(ErrorKind::Invalid, format!("{path} is not a regular file or a directory")));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    let sent = if meta.is_dir() {
+        // Streamed as it is packed: the archive of a directory in the guest's RAM (tmpfs, an
+        // initramfs) would need that memory a second time, and PID 1 out of memory ends the VM.
+        smolvm_tar::pack_chunked(Path::new(&path), CHUNK, |chunk| out.data(stream, chunk))
+    } else {
+        File::open(&path).and_then(|f| send_from(stream, f, &out))
+    };
+    match sent {
+        Ok(size) => w.send(stream, &Reply::FileDone { mode, size, tar: meta.is_dir() }),
+        Err(e) => w.send(stream, &io_error(&format!("reading {path}"), e)),
+    }
+}
+
+fn send_from(stream: u32, mut r: impl Read, out: &Output) -> io::Result<u64> {
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
     loop {
@@ -145,6 +169,6 @@ fn send_from(stream: u32, mut r: impl Read, w: &Writer) -> io::Result<u64> {
             return Ok(total);
         }
         total += n as u64;
-        w.send(stream, &Reply::Data(buf[..n].to_vec()));
+        out.data(stream, buf[..n].to_vec())?;
     }
 }

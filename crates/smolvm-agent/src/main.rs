@@ -9,6 +9,7 @@
 mod envfile;
 mod exec;
 mod files;
+mod flow;
 mod init;
 mod net;
 mod pending;

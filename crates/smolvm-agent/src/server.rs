@@ -168,6 +168,7 @@ fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
             }
             return;
         }
+        Request::Credit(n) => return crate::flow::credit(stream, n),
         Request::Cancel => {
             crate::files::put_cancel(stream);
             return crate::exec::cancel(stream);

@@ -122,6 +122,34 @@ async fn a_timed_out_command_is_killed_with_its_whole_group() {
 }
 
 #[tokio::test]
+async fn a_reader_that_falls_behind_holds_back_the_guest_not_the_host() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    let supervisor = sb.info().await.unwrap()["supervisor_pid"].as_i64().expect("a supervisor") as i32;
+    let rss_kib = |pid: i32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap()
+    };
+    let before = rss_kib(supervisor);
+    let size = 64 << 20;
+    let (mut first, mut during) = (true, 0);
+    let r = sb
+        .run_streaming(&format!("head -c {size} /dev/zero; echo done >&2"), &opts(120), |_| {
+            if std::mem::take(&mut first) {
+                // Nothing is read for two seconds, while the guest writes as fast as it can.
+                std::thread::sleep(Duration::from_secs(2));
+                during = rss_kib(supervisor);
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!((r.stdout.len(), r.stderr.as_str(), r.exit_code), (size, "done\n", 0));
+    let grew = during.saturating_sub(before);
+    assert!(grew < 16 * 1024, "the supervisor took in {grew} KiB of output its client did not read");
+    sb.delete().await.unwrap();
+}
+
+#[tokio::test]
 async fn sixteen_concurrent_execs_each_get_their_own_output() {
     let env = env();
     let sb = Arc::new(env.boot(VmConfig::default()).await);

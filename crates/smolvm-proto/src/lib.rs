@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 /// Bumped whenever a message changes shape; the host refuses an agent of another version
 /// because postcard is not self-describing and a mismatch would decode as garbage.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Name of the virtio-serial port the agent listens on.
 pub const AGENT_PORT_NAME: &str = "smolvm.agent";
@@ -36,6 +36,16 @@ pub const MAX_FRAME: usize = 4 * 1024 * 1024;
 
 /// Output is cut into chunks of at most this many bytes so that many streams interleave fairly.
 pub const CHUNK: usize = 64 * 1024;
+
+/// How many bytes of output (`Stdout`, `Stderr`, `Data` payloads) a stream may have in flight
+/// before its reader grants more with `Credit`. The sender stops there (a command then blocks on
+/// its full pipe), so a guest that writes faster than its reader takes in (`yes`, a download to a
+/// slow consumer) holds at most this much in the host per stream. A reader that receives more than
+/// this plus one chunk beyond its grants has a misbehaving peer and closes the connection.
+pub const WINDOW: usize = 2 * 1024 * 1024;
+
+/// A reader grants credit in steps of this many consumed bytes (one small frame each).
+pub const CREDIT_STEP: usize = 256 * 1024;
 
 /// Stream id reserved for messages that belong to no stream (never used by requests).
 pub const NO_STREAM: u32 = 0;
@@ -144,6 +154,9 @@ pub enum Request {
         dir: String,
         kind: SnapshotKind,
     },
+    /// The stream's reader has taken this many more bytes of its output: the sender may have
+    /// that many more in flight (see [`WINDOW`]).
+    Credit(u32),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,6 +275,14 @@ impl Reply {
     }
 
     /// Whether this reply closes its stream. Output chunks are the only non-terminal replies.
+    /// The bytes of output this reply carries, which count against the stream's window.
+    pub fn window_bytes(&self) -> usize {
+        match self {
+            Reply::Stdout(d) | Reply::Stderr(d) | Reply::Data(d) => d.len(),
+            _ => 0,
+        }
+    }
+
     pub fn is_terminal(&self) -> bool {
         !matches!(self, Reply::Stdout(_) | Reply::Stderr(_) | Reply::Data(_))
     }

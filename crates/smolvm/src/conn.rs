@@ -5,14 +5,21 @@
 use crate::error::{Error, Result};
 use smolvm_proto::{self as proto, Reply, Request};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
-type Routes = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Reply>>>>;
+type Routes = Arc<Mutex<HashMap<u32, Route>>>;
+
+/// Where one stream's replies go, and how many bytes of its output are held on this side
+/// (received, not yet granted back): the peer may not send more than its window beyond that.
+struct Route {
+    tx: mpsc::UnboundedSender<Reply>,
+    held: Arc<AtomicUsize>,
+}
 
 pub struct Conn {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
@@ -23,10 +30,15 @@ pub struct Conn {
 
 /// One request's replies. Dropping it before its terminal reply cancels the request (an exec's
 /// process group is killed): nobody is left to read what it produces. Late replies are dropped.
+/// Output is granted back (`Credit`) as it is taken, so a peer sends only as fast as this
+/// stream's reader reads (`proto::WINDOW`).
 pub struct Stream {
     pub id: u32,
     conn: Arc<Conn>,
     rx: mpsc::UnboundedReceiver<Reply>,
+    held: Arc<AtomicUsize>,
+    /// Output taken by the reader and not yet granted back.
+    taken: usize,
     done: bool,
 }
 
@@ -64,9 +76,17 @@ impl Conn {
                     break;
                 };
                 let mut routes = routes.lock().unwrap_or_else(|e| e.into_inner());
-                let terminal = reply.is_terminal();
-                if let Some(tx) = routes.get(&id) {
-                    let _ = tx.send(reply);
+                let mut terminal = reply.is_terminal();
+                if let Some(route) = routes.get(&id) {
+                    let n = reply.window_bytes();
+                    if route.held.fetch_add(n, Ordering::SeqCst) + n > proto::WINDOW + proto::CHUNK {
+                        // Only a peer that ignores the protocol gets here (a guest that took over
+                        // the agent's channel): its stream ends rather than fill this process.
+                        tracing::warn!("stream {id} sent beyond its window; ending it");
+                        terminal = true;
+                    } else {
+                        let _ = route.tx.send(reply);
+                    }
                 }
                 if terminal {
                     routes.remove(&id);
@@ -107,8 +127,9 @@ impl Conn {
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
-        self.routes.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
-        let stream = Stream { id, conn: self.clone(), rx, done: false };
+        let held = Arc::new(AtomicUsize::new(0));
+        self.routes.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Route { tx, held: held.clone() });
+        let stream = Stream { id, conn: self.clone(), rx, held, taken: 0, done: false };
         self.send_on(id, req).await?;
         Ok(stream)
     }
@@ -124,6 +145,17 @@ impl Stream {
     pub async fn recv(&mut self) -> Option<Reply> {
         let reply = self.rx.recv().await;
         self.done |= reply.as_ref().is_none_or(Reply::is_terminal);
+        self.taken += reply.as_ref().map_or(0, Reply::window_bytes);
+        if self.taken >= proto::CREDIT_STEP && !self.done {
+            let grant = std::mem::take(&mut self.taken);
+            self.held.fetch_sub(grant, Ordering::SeqCst);
+            // On a task of its own: a caller that gives up on this future (a timeout) must not
+            // cut a frame in half.
+            let (conn, id) = (self.conn.clone(), self.id);
+            tokio::spawn(async move {
+                let _ = conn.send_on(id, &Request::Credit(grant as u32)).await;
+            });
+        }
         reply
     }
 
@@ -143,5 +175,69 @@ impl Drop for Stream {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn request(peer: &mut UnixStream) -> (u32, Request) {
+        let mut body = Vec::new();
+        read_frame(peer, &mut body).await.unwrap().expect("a request");
+        proto::decode(&body).unwrap()
+    }
+
+    async fn send(peer: &mut UnixStream, id: u32, reply: &Reply) {
+        peer.write_all(&proto::encode(id, reply).unwrap()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn output_is_granted_back_as_it_is_taken_and_a_peer_past_its_window_is_cut_off() {
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let conn = Conn::new(ours);
+        let mut s = conn.open(&Request::Ping).await.unwrap();
+        let (id, _) = request(&mut peer).await;
+        let chunk = Reply::Stdout(vec![7u8; proto::CHUNK]);
+        let chunks = proto::WINDOW / proto::CHUNK;
+        for _ in 0..chunks {
+            send(&mut peer, id, &chunk).await;
+        }
+        let mut got = 0;
+        while got < proto::WINDOW {
+            match s.recv().await {
+                Some(Reply::Stdout(d)) => got += d.len(),
+                other => panic!("{other:?}"),
+            }
+        }
+        // What the reader took comes back as credit, in steps.
+        let mut granted = 0;
+        while granted < proto::WINDOW {
+            match request(&mut peer).await {
+                (i, Request::Credit(n)) if i == id => {
+                    assert_eq!(n as usize, proto::CREDIT_STEP);
+                    granted += n as usize;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // A peer that sends on while nothing is taken: past its window and one chunk of slack,
+        // the stream ends; another stream on the connection carries on.
+        let mut other = conn.open(&Request::Ping).await.unwrap();
+        let (other_id, _) = request(&mut peer).await;
+        for _ in 0..chunks + 4 {
+            send(&mut peer, id, &chunk).await;
+        }
+        send(&mut peer, other_id, &Reply::Pong).await;
+        assert_eq!(other.recv().await, Some(Reply::Pong));
+        let mut got = 0;
+        while let Some(reply) = s.recv().await {
+            match reply {
+                Reply::Stdout(d) => got += d.len(),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(got, proto::WINDOW + proto::CHUNK);
+        assert!(!conn.is_closed());
     }
 }

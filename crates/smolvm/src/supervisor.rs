@@ -808,11 +808,15 @@ async fn shutdown(child: &mut tokio::process::Child, agent: &Arc<Conn>, qmp: &mu
     let _ = child.kill().await;
 }
 
+/// A client's open streams: by its stream id, the agent stream it relays and how much output the
+/// client still takes (its window, in bytes).
+type ClientStreams = Arc<Mutex<HashMap<u32, (u32, Arc<tokio::sync::Semaphore>)>>>;
+
 async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::UnboundedSender<Control>, id: String, paused: Arc<AtomicBool>) {
     let _ = ctl.send(Control::ClientConnected);
     let (read, write) = stream.into_split();
     let write = Arc::new(tokio::sync::Mutex::new(write));
-    let open: Arc<Mutex<HashMap<u32, u32>>> = Default::default();
+    let open: ClientStreams = Default::default();
     let mut reader = tokio::io::BufReader::new(read);
     let mut body = Vec::new();
     let send = |w: Arc<tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>>, cid: u32, reply: Reply| async move {
@@ -869,8 +873,13 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                 let info = serde_json::json!({ "id": id, "pid": std::process::id(), "protocol": proto::PROTOCOL_VERSION });
                 send(write.clone(), cid, Reply::Info(info.to_string())).await;
             }
+            Request::Credit(n) => {
+                if let Some((_, window)) = open.lock().unwrap_or_else(|e| e.into_inner()).get(&cid) {
+                    window.add_permits((n as usize).min(proto::WINDOW));
+                }
+            }
             Request::Stdin(_) | Request::StdinClose | Request::Cancel => {
-                let aid = open.lock().unwrap_or_else(|e| e.into_inner()).get(&cid).copied();
+                let aid = open.lock().unwrap_or_else(|e| e.into_inner()).get(&cid).map(|(aid, _)| *aid);
                 if let Some(aid) = aid {
                     let _ = agent.send_on(aid, &req).await;
                 }
@@ -892,13 +901,23 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
             }
             req => match agent.open(&req).await {
                 Ok(mut s) => {
-                    open.lock().unwrap_or_else(|e| e.into_inner()).insert(cid, s.id);
+                    let window = Arc::new(tokio::sync::Semaphore::new(proto::WINDOW));
+                    open.lock().unwrap_or_else(|e| e.into_inner()).insert(cid, (s.id, window.clone()));
                     let (w, open) = (write.clone(), open.clone());
                     tokio::spawn(async move {
                         loop {
                             match s.recv().await {
                                 Some(reply) => {
                                     let terminal = reply.is_terminal();
+                                    // Output goes on as the client grants it; meanwhile this
+                                    // stream stops taking from the agent, which then stops.
+                                    let n = reply.window_bytes() as u32;
+                                    if n > 0 {
+                                        match window.acquire_many(n).await {
+                                            Ok(permits) => permits.forget(),
+                                            Err(_) => break,
+                                        }
+                                    }
                                     send(w.clone(), cid, reply).await;
                                     if terminal {
                                         break;
@@ -918,7 +937,16 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
         }
     }
     // The client is gone: nobody will read the output of what it started.
-    let left: Vec<u32> = open.lock().unwrap_or_else(|e| e.into_inner()).values().copied().collect();
+    // Relays waiting for this client's credit end too.
+    let left: Vec<u32> = open
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .map(|(aid, window)| {
+            window.close();
+            *aid
+        })
+        .collect();
     for aid in left {
         let _ = agent.send_on(aid, &Request::Cancel).await;
     }
