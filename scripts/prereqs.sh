@@ -16,3 +16,9 @@ fi
 if ! rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl; then
   rustup target add x86_64-unknown-linux-musl
 fi
+# The vsock transport's device server (vhost-user), for SMOLVM_AGENT_TRANSPORT=vsock and its
+# tests: QEMU cannot offer vsock without /dev/vhost-vsock otherwise. About 45 s to build once.
+VHOST_VSOCK_VERSION=0.3.0
+if ! "${CARGO_HOME:-$HOME/.cargo}/bin/vhost-device-vsock" --version 2>/dev/null | grep -q " $VHOST_VSOCK_VERSION"; then
+  cargo install --locked --quiet vhost-device-vsock --version "$VHOST_VSOCK_VERSION"
+fi

@@ -31,9 +31,11 @@ fn main() {
     // Signals are taken synchronously by the reaper thread; block them before any thread
     // exists so that every thread inherits the mask.
     reaper::block_signals();
+    // The host says on the kernel command line when it reaches the agent over vsock.
+    let vsock = std::env::var_os("smolvm_channel").is_some_and(|c| c == "vsock");
     // The channel opens as early as its device node exists: the host's greeting then travels
     // while the rest of the set-up runs, and waits in the channel.
-    let early = if pid1 { init::mount_dev().ok().and_then(|_| server::try_open_channel()) } else { None };
+    let early = if pid1 && !vsock { init::mount_dev().ok().and_then(|_| server::try_open_channel()) } else { None };
     let cmdline = if pid1 {
         init::setup().unwrap_or_else(|e| {
             log(&format!("init failed: {e}"));
@@ -49,7 +51,13 @@ fn main() {
         init::Cmdline::read()
     };
     reaper::start(pid1);
-    let channel = match early.map(Ok).unwrap_or_else(|| server::open_channel(Duration::from_secs(10))) {
+    let vsock = vsock || cmdline.get("smolvm_channel").as_deref() == Some("vsock");
+    let opened = if vsock {
+        Ok(server::Channel::Vsock)
+    } else {
+        early.map(Ok).unwrap_or_else(|| server::open_channel(Duration::from_secs(10))).map(server::Channel::Serial)
+    };
+    let channel = match opened {
         Ok(c) => c,
         Err(e) => {
             log(&format!("no agent channel: {e}"));

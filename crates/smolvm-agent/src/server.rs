@@ -86,31 +86,91 @@ fn find_port() -> Option<PathBuf> {
     None
 }
 
-pub fn serve(channel: File, pid1: bool) -> ! {
-    let writer = Writer { out: Arc::new(Mutex::new(channel.try_clone().expect("dup channel"))), session: None };
-    let mut reader = BufReader::with_capacity(256 * 1024, channel);
+/// What the host reaches the agent over.
+pub enum Channel {
+    /// A virtio-serial port: one byte stream for the VM's life. A host that goes away and a new
+    /// one (a restored snapshot) read and write the same port.
+    Serial(File),
+    /// vsock (Firecracker, QEMU with a vsock device): the agent connects to the host's port
+    /// (the host listens from before the VM starts, so nobody polls), and again should the
+    /// connection end.
+    Vsock,
+}
+
+pub fn serve(channel: Channel, pid1: bool) -> ! {
+    match channel {
+        Channel::Serial(port) => {
+            let writer = Writer { out: Arc::new(Mutex::new(port.try_clone().expect("dup channel"))), session: None };
+            let mut reader = BufReader::with_capacity(256 * 1024, port);
+            loop {
+                let e = serve_session(&mut reader, &writer, pid1);
+                host_gone(&e);
+            }
+        }
+        Channel::Vsock => {
+            let mut writer: Option<Writer> = None;
+            loop {
+                let conn = match connect_vsock(Duration::from_secs(10)) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        crate::log(&e.to_string());
+                        continue;
+                    }
+                };
+                let Ok(out) = conn.try_clone() else { continue };
+                // Writers of the previous session keep their handle but write into this one;
+                // their session check drops what they send once this host has greeted.
+                let w = writer
+                    .get_or_insert_with(|| Writer { out: Arc::new(Mutex::new(out.try_clone().expect("dup channel"))), session: None });
+                *w.out.lock().unwrap_or_else(|e| e.into_inner()) = out;
+                let mut reader = BufReader::with_capacity(256 * 1024, conn);
+                let e = serve_session(&mut reader, w, pid1);
+                host_gone(&e);
+            }
+        }
+    }
+}
+
+/// Read and dispatch frames until the channel fails (the host went away): the error.
+fn serve_session(reader: &mut BufReader<File>, writer: &Writer, pid1: bool) -> io::Error {
     let mut body = Vec::new();
     loop {
         let mut header = [0u8; 4];
         if let Err(e) = reader.read_exact(&mut header) {
-            host_gone(&e);
-            continue;
+            return e;
         }
         let len = match proto::frame_len(header) {
             Ok(len) => len,
-            Err(e) => {
-                host_gone(&io::Error::other(e));
-                continue;
-            }
+            Err(e) => return io::Error::other(e),
         };
         body.resize(len, 0);
         if let Err(e) = reader.read_exact(&mut body) {
-            host_gone(&e);
-            continue;
+            return e;
         }
         match proto::decode::<Request>(&body) {
-            Ok((stream, req)) => dispatch(stream, req, &writer, pid1),
+            Ok((stream, req)) => dispatch(stream, req, writer, pid1),
             Err(e) => crate::log(&format!("undecodable request: {e}")),
+        }
+    }
+}
+
+/// Connect to the host's agent port over vsock. The transport registers when its device is
+/// probed, which may still be under way at boot: retry within `timeout`.
+fn connect_vsock(timeout: Duration) -> io::Result<File> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
+    let deadline = Instant::now() + timeout;
+    loop {
+        let attempt = (|| -> nix::Result<std::os::fd::OwnedFd> {
+            let fd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+            connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &VsockAddr::new(libc::VMADDR_CID_HOST, proto::AGENT_VSOCK_PORT))?;
+            Ok(fd)
+        })();
+        match attempt {
+            Ok(fd) => return Ok(File::from(fd)),
+            Err(e) if Instant::now() > deadline => {
+                return Err(io::Error::other(format!("vsock: connecting to the host's port {}: {e}", proto::AGENT_VSOCK_PORT)))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(2)),
         }
     }
 }

@@ -149,6 +149,50 @@ async fn a_reader_that_falls_behind_holds_back_the_guest_not_the_host() {
     sb.delete().await.unwrap();
 }
 
+#[test]
+fn the_agent_serves_over_vsock_where_the_vmm_offers_it() {
+    let env = env();
+    let vsock = |args: &[&str]| env.cli().env("SMOLVM_AGENT_TRANSPORT", "vsock").args(args).output().unwrap();
+    // The streams and the exit code as over virtio-serial; the guest has a vsock device bound
+    // to its driver and no serial port.
+    let probe = "echo out; echo err >&2; ls /sys/bus/virtio/drivers/vmw_vsock_virtio_transport | grep -c virtio; \
+                 ls /dev/vport0p1 2>/dev/null | wc -l; exit 3";
+    let out = vsock(&["run", "--shell", "raw", probe]);
+    assert_eq!((out.status.code(), stdout(&out).as_str(), stderr(&out).as_str()), (Some(3), "out\n1\n0\n", "err\n"));
+    // A sandbox that stays: concurrent commands, 5 MB of output and files both ways.
+    let out = vsock(&["sandbox", "create", "--name", "vs"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let env = &env;
+    std::thread::scope(|s| {
+        let runs: Vec<_> = (0..8)
+            .map(|i| s.spawn(move || env.smolvm(&["sandbox", "exec", "vs", "--", &format!("sleep 0.{}; echo {i}", i % 5)])))
+            .collect();
+        for (i, r) in runs.into_iter().enumerate() {
+            assert_eq!(stdout(&r.join().unwrap()), format!("{i}\n"));
+        }
+    });
+    let big = env.smolvm(&["sandbox", "exec", "vs", "--", "head -c 5000000 /dev/zero"]);
+    assert_eq!(big.stdout.len(), 5_000_000);
+    let src = env.tmp.path().join("up.bin");
+    let data = random_bytes(3 << 20);
+    std::fs::write(&src, &data).unwrap();
+    let back = env.tmp.path().join("down.bin");
+    assert!(env.smolvm(&["sandbox", "file", "upload", "vs", src.to_str().unwrap(), "/tmp/up.bin"]).status.success());
+    assert!(env.smolvm(&["sandbox", "file", "download", "vs", "/tmp/up.bin", back.to_str().unwrap()]).status.success());
+    assert!(std::fs::read(&back).unwrap() == data, "the file came back different");
+    // Its vhost-user device cannot be saved: a snapshot is refused with the reason.
+    let out = env.smolvm(&["sandbox", "snapshot", "create", "vs"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("agent is on vsock cannot be snapshotted"), "{}", stderr(&out));
+    assert_eq!(stdout(&env.smolvm(&["sandbox", "exec", "vs", "--", "echo still"])), "still\n");
+    // Nothing of it stays: VMM, vsock device server, sockets.
+    assert!(env.smolvm(&["sandbox", "delete", "--force", "vs"]).status.success());
+    let data_dir = env.dirs.data.to_string_lossy().into_owned();
+    assert!(wait_until(Duration::from_secs(5), || processes_mentioning("vhost-device-vsock", &data_dir).is_empty()), "vsock server left");
+    assert!(env.qemu_processes().is_empty());
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+}
+
 #[tokio::test]
 async fn sixteen_concurrent_execs_each_get_their_own_output() {
     let env = env();

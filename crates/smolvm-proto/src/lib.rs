@@ -27,7 +27,9 @@ pub const PROTOCOL_VERSION: u32 = 4;
 /// Name of the virtio-serial port the agent listens on.
 pub const AGENT_PORT_NAME: &str = "smolvm.agent";
 
-/// vsock port the agent listens on where the VMM offers vsock (Firecracker).
+/// Where the VMM offers vsock (Firecracker, QEMU with a vsock device): the host port the agent
+/// connects to. On the host it is the Unix socket `<vsock socket>_1024`, Firecracker's and
+/// vhost-device-vsock's convention for connections the guest makes.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// Frames larger than this are a protocol error: it bounds what a confused or hostile guest can

@@ -38,6 +38,7 @@ async fn bare_boot(image: &BootImage, dir: &std::path::Path, accel: vmm::Accel) 
         incoming: false,
         ram: None,
         net: qemu::NetBackend::User { restrict: true, forwards: vec![] },
+        vsock: None,
     };
     let started = Instant::now();
     let mut child = qemu::spawn(&spec, &dir.join("bare.log"))?;

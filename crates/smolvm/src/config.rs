@@ -272,6 +272,25 @@ impl Backend {
 }
 
 /// `1/true/yes/on` (any case) are true, `0/false/no/off` false, anything else the default.
+/// How the host reaches the guest agent under QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// A virtio-serial port on a Unix socket: needs nothing from the host kernel; the default.
+    Serial,
+    /// vsock, through a vhost-user device served by `vhost-device-vsock` (host side as in
+    /// Firecracker: a Unix socket taking `CONNECT <port>`). Such a VM cannot be snapshotted.
+    Vsock,
+}
+
+/// `SMOLVM_AGENT_TRANSPORT`: `serial` (default) or `vsock`.
+pub fn agent_transport() -> Result<Transport> {
+    match std::env::var("SMOLVM_AGENT_TRANSPORT").map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        Err(_) | Ok("") | Ok("serial") => Ok(Transport::Serial),
+        Ok("vsock") => Ok(Transport::Vsock),
+        Ok(other) => Err(Error::validation("SMOLVM_AGENT_TRANSPORT", format!("{other:?} is not a transport (allowed: serial, vsock)"))),
+    }
+}
+
 pub fn env_flag(name: &str, default: bool) -> bool {
     match std::env::var(name).map(|v| v.trim().to_ascii_lowercase()) {
         Ok(v) if ["1", "true", "yes", "on"].contains(&v.as_str()) => true,

@@ -36,6 +36,10 @@ pub struct SandboxPaths {
     pub lock: PathBuf,
     /// The sandbox's pinned SSH host key (images with an SSH server).
     pub known_hosts: PathBuf,
+    /// vsock transport: the vhost-user socket QEMU's vsock device talks to.
+    pub vhost_vsock: PathBuf,
+    /// vsock transport: the host side of the guest's vsock (`<vsock>_<port>` per host port).
+    pub vsock: PathBuf,
 }
 
 impl SandboxPaths {
@@ -49,12 +53,15 @@ impl SandboxPaths {
             log: dir.join("supervisor.log"),
             lock: dir.join("lock"),
             known_hosts: dir.join("known_hosts"),
+            vhost_vsock: dir.join("vhost-vsock.sock"),
+            vsock: dir.join("vsock.sock"),
             dir,
         }
     }
 
     pub fn remove_sockets(&self) {
-        for p in [&self.ctl, &self.agent, &self.qmp] {
+        let agent_vsock = crate::vmm::vsock::port_path(&self.vsock, smolvm_proto::AGENT_VSOCK_PORT);
+        for p in [&self.ctl, &self.agent, &self.qmp, &self.vhost_vsock, &self.vsock, &agent_vsock] {
             let _ = std::fs::remove_file(p);
         }
     }
@@ -496,8 +503,11 @@ impl Sandbox {
         let image = resolve_image(&rec.config, &self.dirs, progress).await?;
         let accel = crate::vmm::choose_accel().map_err(Error::Host)?;
         let verbose_boot = env_flag("SMOLVM_VERBOSE_BOOT", false);
-        let mut spec = BootSpec { image, accel, boot_timeout_ms: boot_timeout.as_millis() as u64, verbose_boot, restore: None, ram: None };
-        if crate::warm::eligible(&rec.config) && !verbose_boot && env_flag("SMOLVM_WARM", true) {
+        let vsock = crate::config::agent_transport()? == crate::config::Transport::Vsock;
+        let mut spec =
+            BootSpec { image, accel, boot_timeout_ms: boot_timeout.as_millis() as u64, verbose_boot, restore: None, ram: None, vsock };
+        // Warm templates are saved VMs, and a VM with a vhost-user device cannot be saved.
+        if crate::warm::eligible(&rec.config) && !verbose_boot && !vsock && env_flag("SMOLVM_WARM", true) {
             match crate::warm::template(&self.dirs, &rec.config, &spec, progress).await {
                 Ok(state) => {
                     spec.restore = Some(RestoreSpec { state: state.clone(), resume: true, no_saved_env: true });
@@ -828,8 +838,15 @@ impl Sandbox {
             Store::open(&dirs.data)?.set_snapshot_origin(&sb.id, snapshot_id)?;
             let accel = crate::vmm::choose_accel().map_err(Error::Host)?;
             let restore = (snap.kind == "full").then(|| RestoreSpec { state: dir.join("state"), resume: opts.resume, no_saved_env: false });
-            let spec =
-                BootSpec { image, accel, boot_timeout_ms: opts.boot_timeout.as_millis() as u64, verbose_boot: false, restore, ram: None };
+            let spec = BootSpec {
+                image,
+                accel,
+                boot_timeout_ms: opts.boot_timeout.as_millis() as u64,
+                verbose_boot: false,
+                restore,
+                ram: None,
+                vsock: false,
+            };
             sb.launch(&spec, opts.boot_timeout).await
         }
         .await;

@@ -38,6 +38,9 @@ pub struct BootSpec {
     pub restore: Option<RestoreSpec>,
     /// Guest RAM in a file (warm templates and their clones).
     pub ram: Option<qemu::RamFile>,
+    /// The agent over vsock (`SMOLVM_AGENT_TRANSPORT=vsock`) instead of virtio-serial.
+    #[serde(default)]
+    pub vsock: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -396,6 +399,7 @@ async fn supervise(id: &str) -> i32 {
         incoming: spec.restore.is_some(),
         ram: spec.ram.clone(),
         net: plan.backend.clone(),
+        vsock: spec.vsock.then(|| paths.vhost_vsock.clone()),
     };
     let greeting = Greeting {
         hostname: id.to_string(),
@@ -405,7 +409,7 @@ async fn supervise(id: &str) -> i32 {
         net: guest_net.filter(|_| spec.restore.is_some()),
     };
     let booted = boot(&launch, &spec, &greeting, &paths, &plan).await;
-    let (mut child, mut qmp, agent, mut greeted) = match booted {
+    let Booted { mut child, mut qmp, agent, mut greeted, mut vsock } = match booted {
         Ok(v) => v,
         Err(e) => {
             paths.remove_sockets();
@@ -420,6 +424,7 @@ async fn supervise(id: &str) -> i32 {
         Ok(l) => l,
         Err(e) => {
             let _ = child.kill().await;
+            stop_vsock(&mut vsock).await;
             paths.remove_sockets();
             plan.cleanup(&store, id);
             let _ = store.set_state(id, State::Error, Some("cannot bind the control socket"));
@@ -444,7 +449,7 @@ async fn supervise(id: &str) -> i32 {
             match crate::net::dns_bind(SocketAddr::from((lease.host(), 53)), crate::net::upstream_dns()).await {
                 Ok((sock, up)) => Some(tokio::spawn(crate::net::dns_proxy(sock, up, policy))),
                 Err(e) => {
-                    abandon(&mut child, &paths, &mut None, &mut plan, &store, id, &e.full_message()).await;
+                    abandon(&mut child, &mut vsock, &paths, &mut None, &mut plan, &store, id, &e.full_message()).await;
                     return fail(e.code(), e.full_message(), None);
                 }
             }
@@ -462,7 +467,7 @@ async fn supervise(id: &str) -> i32 {
                     let _ = store.add_port(id, p.guest, host);
                 }
                 Err((_, msg)) => {
-                    abandon(&mut child, &paths, &mut dns, &mut plan, &store, id, &msg).await;
+                    abandon(&mut child, &mut vsock, &paths, &mut dns, &mut plan, &store, id, &msg).await;
                     return fail("validation", format!("invalid port_forwards: {msg}"), None);
                 }
             }
@@ -524,6 +529,12 @@ async fn supervise(id: &str) -> i32 {
                     }
                     let _ = done.send(r);
                 }
+                Some(Control::Snapshot { done, .. }) if spec.vsock => {
+                    let _ = done.send(Err((
+                        ErrorKind::Unsupported,
+                        "a sandbox whose agent is on vsock cannot be snapshotted (its vhost-user device cannot be saved); start it with SMOLVM_AGENT_TRANSPORT=serial".into(),
+                    )));
+                }
                 Some(Control::Snapshot { dir, kind, done }) => {
                     // With RAM in a shared file the file *is* the saved memory: the VM must not
                     // run on and change it, so it stays stopped (warm templates are then deleted).
@@ -575,6 +586,7 @@ async fn supervise(id: &str) -> i32 {
     if exited_by_itself {
         let tail = console_tail(&paths.console, 30);
         let msg = format!("the VM exited unexpectedly; last console lines:\n{tail}");
+        stop_vsock(&mut vsock).await;
         paths.remove_sockets();
         close_dns(&mut dns).await;
         plan.cleanup(&store, id);
@@ -592,6 +604,7 @@ async fn supervise(id: &str) -> i32 {
     close_dns(&mut dns).await;
     plan.cleanup_during(&store, id, shutdown(&mut child, &agent, &mut qmp, stop_timeout, graceful)).await;
     tracing::debug!("phase: cleaned up");
+    stop_vsock(&mut vsock).await;
     paths.remove_sockets();
     // An ephemeral sandbox whose owner went away leaves nothing; one stopped on request stays
     // (stopped) until its owner deletes it or dies.
@@ -614,16 +627,19 @@ async fn supervise(id: &str) -> i32 {
 /// Start QEMU and bring the guest to the point where commands can run (or, for a restore
 /// that should stay paused, to a loaded but stopped VM). Bounded by the boot timeout; on any
 /// failure the VMM is killed.
-async fn boot(
-    launch: &qemu::LaunchSpec,
-    spec: &BootSpec,
-    greeting: &Greeting,
-    paths: &SandboxPaths,
-    plan: &NetPlan,
-) -> Result<(tokio::process::Child, qemu::Qmp, Arc<Conn>, bool)> {
-    let listener = UnixListener::bind(&launch.agent_socket).ctx(|| format!("binding {}", launch.agent_socket.display()))?;
+async fn boot(launch: &qemu::LaunchSpec, spec: &BootSpec, greeting: &Greeting, paths: &SandboxPaths, plan: &NetPlan) -> Result<Booted> {
     // The log is the sandbox's across starts: only what this QEMU writes explains this boot.
     let log_start = std::fs::metadata(&paths.log).map(|m| m.len()).unwrap_or(0);
+    // QEMU's serial port, or the agent over vsock, connects here.
+    let agent_socket = match launch.vsock {
+        None => launch.agent_socket.clone(),
+        Some(_) => crate::vmm::vsock::port_path(&paths.vsock, proto::AGENT_VSOCK_PORT),
+    };
+    let listener = UnixListener::bind(&agent_socket).ctx(|| format!("binding {}", agent_socket.display()))?;
+    let vsock = match &launch.vsock {
+        None => None,
+        Some(vhost) => Some(crate::vmm::vsock::spawn_daemon(vhost, &paths.vsock, &paths.log).await?),
+    };
     let mut child = qemu::spawn(launch, &paths.log)?;
     tracing::debug!("phase: qemu spawned");
     let started = Instant::now();
@@ -645,6 +661,11 @@ async fn boot(
                 greeted = true;
             }
             qmp
+        } else if vsock.is_some() {
+            // The agent connected: it is reading, nothing to wake.
+            greet(&agent, greeting).await?;
+            greeted = true;
+            qemu::Qmp::connect_when_ready(&launch.qmp_socket).await?
         } else {
             // The greeting waits in QEMU's socket from the start. QEMU moves it into the guest
             // only when its main loop next wakes after the agent has opened its port, which
@@ -690,20 +711,43 @@ async fn boot(
         }
     };
     drop(listener);
-    let _ = std::fs::remove_file(&launch.agent_socket);
+    let _ = std::fs::remove_file(&agent_socket);
     match result {
-        Ok((qmp, agent, greeted)) => Ok((child, qmp, agent, greeted)),
+        Ok((qmp, agent, greeted)) => Ok(Booted { child, qmp, agent, greeted, vsock }),
         Err(e) => {
             let _ = child.kill().await;
+            let mut vsock = vsock;
+            stop_vsock(&mut vsock).await;
             Err(e)
         }
     }
 }
 
+/// End the vsock device's server, and wait for it: once its VMM is gone it makes its sockets
+/// anew for the next one, which must not happen after the sandbox's files are removed.
+async fn stop_vsock(device: &mut Option<tokio::process::Child>) {
+    if let Some(mut d) = device.take() {
+        let _ = d.kill().await;
+    }
+}
+
+/// A VM that has booted (or been restored) as far as `boot` takes it.
+struct Booted {
+    child: tokio::process::Child,
+    qmp: qemu::Qmp,
+    agent: Arc<Conn>,
+    /// The agent has been greeted (a restore that stays paused is not yet).
+    greeted: bool,
+    /// The vsock device's server, when the agent is on vsock: it lives as long as this handle.
+    vsock: Option<tokio::process::Child>,
+}
+
 /// A start that fails once QEMU runs: the VMM, its sockets, the DNS proxy and the host network
 /// go, and the record says why.
+#[allow(clippy::too_many_arguments)]
 async fn abandon(
     child: &mut tokio::process::Child,
+    vsock: &mut Option<tokio::process::Child>,
     paths: &SandboxPaths,
     dns: &mut Option<tokio::task::JoinHandle<Result<()>>>,
     plan: &mut NetPlan,
@@ -712,6 +756,7 @@ async fn abandon(
     why: &str,
 ) {
     let _ = child.kill().await;
+    stop_vsock(vsock).await;
     paths.remove_sockets();
     close_dns(dns).await;
     plan.cleanup(store, id);
@@ -911,7 +956,9 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                                     let terminal = reply.is_terminal();
                                     // Output goes on as the client grants it; meanwhile this
                                     // stream stops taking from the agent, which then stops.
-                                    let n = reply.window_bytes() as u32;
+                                    // (A frame larger than the window, which only a guest
+                                    // that ignores the protocol sends, waits for all of it.)
+                                    let n = reply.window_bytes().min(proto::WINDOW) as u32;
                                     if n > 0 {
                                         match window.acquire_many(n).await {
                                             Ok(permits) => permits.forget(),

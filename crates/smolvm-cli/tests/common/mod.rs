@@ -38,6 +38,7 @@ impl TestEnv {
         c.env("SMOLVM_DATA_DIR", &self.dirs.data)
             .env("SMOLVM_IMAGE_DIR", &self.dirs.images)
             .env_remove("SMOLVM_BACKEND")
+            .env_remove("SMOLVM_AGENT_TRANSPORT")
             .env_remove("SMOLVM_VERBOSE_BOOT");
         c
     }

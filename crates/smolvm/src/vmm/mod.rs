@@ -1,6 +1,7 @@
 //! Virtual machine monitors. Only QEMU is built so far; Firecracker slots in beside it.
 
 pub mod qemu;
+pub mod vsock;
 
 use std::path::Path;
 

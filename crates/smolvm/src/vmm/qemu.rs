@@ -32,6 +32,10 @@ pub struct LaunchSpec {
     /// Guest RAM in a file instead of anonymous memory (see [`RamFile`]).
     pub ram: Option<RamFile>,
     pub net: NetBackend,
+    /// The agent over vsock instead of virtio-serial: the vhost-user socket of the vsock device
+    /// (its server, `vhost-device-vsock`, is already listening there). Guest RAM is then shared
+    /// memory, which a vhost-user device needs.
+    pub vsock: Option<PathBuf>,
 }
 
 /// What the guest's one NIC is plugged into. Every VM has the same NIC so that any saved
@@ -117,6 +121,9 @@ pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
     if let Some(net) = &spec.guest_net {
         args.push(format!("smolvm_net={}", net.to_boot_arg()));
     }
+    if spec.vsock.is_some() {
+        args.push("smolvm_channel=vsock".into());
+    }
     if let Some(extra) = &spec.extra_boot_args {
         args.push(extra.clone());
     }
@@ -140,6 +147,7 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
             let share = if ram.share { "on" } else { "off" };
             push(&["-object", &format!("memory-backend-file,id=ram,size={}M,mem-path={path},share={share}", spec.memory_mib)]);
         }
+        None if spec.vsock.is_some() => push(&["-object", &format!("memory-backend-memfd,id=ram,size={}M,share=on", spec.memory_mib)]),
         None => push(&["-object", &format!("memory-backend-ram,id=ram,size={}M", spec.memory_mib)]),
     }
     match spec.accel {
@@ -156,9 +164,22 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     }
     push(&["-append", &kernel_cmdline(spec)]);
     push(&["-chardev", &format!("file,id=con,path={}", spec.console_log.display()), "-serial", "chardev:con"]);
-    push(&["-chardev", &format!("socket,id=agent,path={}", spec.agent_socket.display())]);
-    // The port's id makes QEMU report the guest opening it (VSERPORT_CHANGE; see supervisor).
-    push(&["-device", "virtio-serial-device", "-device", &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME},id=agentport")]);
+    match &spec.vsock {
+        Some(vhost) => {
+            push(&["-chardev", &format!("socket,id=vsock,path={}", vhost.display()), "-device", "vhost-user-vsock-device,chardev=vsock"])
+        }
+        None => {
+            push(&["-chardev", &format!("socket,id=agent,path={}", spec.agent_socket.display())]);
+            // The port's id makes QEMU report the guest opening it (VSERPORT_CHANGE; see
+            // supervisor).
+            push(&[
+                "-device",
+                "virtio-serial-device",
+                "-device",
+                &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME},id=agentport"),
+            ]);
+        }
+    }
     push(&["-qmp", &format!("unix:{},server=on,wait=off", spec.qmp_socket.display())]);
     let netdev = match &spec.net {
         NetBackend::Tap { .. } => format!("tap,id=net0,fd={TAP_FD},vhost=off"),
@@ -418,7 +439,20 @@ mod tests {
             incoming: false,
             ram: None,
             net: NetBackend::Tap { fd: 7 },
+            vsock: None,
         }
+    }
+
+    #[test]
+    fn the_vsock_transport_replaces_the_serial_port_and_shares_guest_ram() {
+        let mut s = spec(Accel::Tcg, false);
+        s.vsock = Some("/r/vhost-vsock.sock".into());
+        let a = command_line(&s).join(" ");
+        assert!(a.contains("-object memory-backend-memfd,id=ram,size=512M,share=on"), "{a}");
+        assert!(a.contains("-chardev socket,id=vsock,path=/r/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock"), "{a}");
+        assert!(!a.contains("virtserialport") && !a.contains("agent.sock"), "{a}");
+        assert!(kernel_cmdline(&s).contains(" smolvm_channel=vsock"));
+        assert!(!kernel_cmdline(&spec(Accel::Tcg, false)).contains("smolvm_channel"));
     }
 
     #[test]
