@@ -284,10 +284,14 @@ pub enum Transport {
 
 /// `SMOLVM_AGENT_TRANSPORT`: `serial` (default) or `vsock`.
 pub fn agent_transport() -> Result<Transport> {
-    match std::env::var("SMOLVM_AGENT_TRANSPORT").map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-        Err(_) | Ok("") | Ok("serial") => Ok(Transport::Serial),
-        Ok("vsock") => Ok(Transport::Vsock),
-        Ok(other) => Err(Error::validation("SMOLVM_AGENT_TRANSPORT", format!("{other:?} is not a transport (allowed: serial, vsock)"))),
+    parse_transport(std::env::var("SMOLVM_AGENT_TRANSPORT").ok().as_deref())
+}
+
+fn parse_transport(value: Option<&str>) -> Result<Transport> {
+    match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") | Some("serial") => Ok(Transport::Serial),
+        Some("vsock") => Ok(Transport::Vsock),
+        Some(other) => Err(Error::validation("SMOLVM_AGENT_TRANSPORT", format!("{other:?} is not a transport (allowed: serial, vsock)"))),
     }
 }
 
@@ -325,6 +329,18 @@ impl Dirs {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_agent_transport_is_serial_unless_vsock_is_asked_for() {
+        assert_eq!(parse_transport(None).unwrap(), Transport::Serial);
+        assert_eq!(parse_transport(Some(" Serial ")).unwrap(), Transport::Serial);
+        assert_eq!(parse_transport(Some("VSOCK")).unwrap(), Transport::Vsock);
+        assert_eq!(
+            parse_transport(Some("vhost")).unwrap_err().to_string(),
+            "invalid SMOLVM_AGENT_TRANSPORT: \"vhost\" is not a transport (allowed: serial, vsock)"
+        );
+    }
+
     use super::*;
 
     #[test]

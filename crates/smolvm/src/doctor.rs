@@ -78,6 +78,19 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
         Ok(p) => check("agent", "ok", p.display().to_string(), None),
         Err(e) => check("agent", "fail", e.to_string(), Some("make agent")),
     });
+    // Only SMOLVM_AGENT_TRANSPORT=vsock needs the vsock device server.
+    let vsock_wanted = crate::config::agent_transport();
+    checks.push(match (vsock_wanted, crate::vmm::vsock::daemon_binary()) {
+        (Err(e), _) => check("agent-transport", "fail", e.to_string(), Some("set SMOLVM_AGENT_TRANSPORT to serial or vsock")),
+        (Ok(crate::config::Transport::Serial), Ok(p)) => {
+            check("agent-transport", "ok", format!("virtio-serial; vsock available ({})", p.display()), None)
+        }
+        (Ok(crate::config::Transport::Serial), Err(_)) => check("agent-transport", "ok", "virtio-serial", None),
+        (Ok(crate::config::Transport::Vsock), Ok(p)) => check("agent-transport", "ok", format!("vsock through {}", p.display()), None),
+        (Ok(crate::config::Transport::Vsock), Err(e)) => {
+            check("agent-transport", "fail", e.to_string(), Some("make prereqs (cargo install vhost-device-vsock)"))
+        }
+    });
     checks.push(if Path::new("/dev/net/tun").exists() {
         check("tun", "ok", "/dev/net/tun present", None)
     } else {
