@@ -27,6 +27,9 @@ fn signals() -> SigSet {
     set.add(Signal::SIGCHLD);
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
+    // What busybox's `halt` and `poweroff` send to init (`reboot` sends SIGTERM).
+    set.add(Signal::SIGUSR1);
+    set.add(Signal::SIGUSR2);
     set
 }
 
@@ -45,7 +48,7 @@ pub fn start(pid1: bool) {
         let Ok(sig) = signals().wait() else { continue };
         match sig {
             Signal::SIGCHLD => reap(),
-            Signal::SIGTERM | Signal::SIGINT if pid1 => crate::server::shutdown_now(),
+            Signal::SIGTERM | Signal::SIGINT | Signal::SIGUSR1 | Signal::SIGUSR2 if pid1 => crate::server::shutdown_now(),
             Signal::SIGTERM | Signal::SIGINT => std::process::exit(0),
             _ => {}
         }

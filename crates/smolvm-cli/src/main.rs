@@ -136,6 +136,9 @@ struct ExecArgs {
     /// login ($SHELL -lc, sources /etc/profile.d) or raw (/bin/sh -c).
     #[arg(long, default_value = "login", value_parser = ["login", "raw"])]
     shell: String,
+    /// Pass this program's stdin to the command (read to its end first); else it reads nothing.
+    #[arg(short = 'i', long)]
+    stdin: bool,
 }
 
 /// `--channel agent|ssh`: overrides the sandbox's comm_channel for one command.
@@ -535,6 +538,15 @@ fn run_options(exec: &ExecArgs, env: &[String]) -> Result<RunOptions, Error> {
         shell: if exec.shell == "raw" { Shell::Raw } else { Shell::Login },
         env: env_flags(env)?,
         cwd: None,
+        stdin: match exec.stdin {
+            true => {
+                let mut input = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut input)
+                    .map_err(|e| Error::Io { context: "reading stdin".into(), source: e })?;
+                Some(input)
+            }
+            false => None,
+        },
     })
 }
 

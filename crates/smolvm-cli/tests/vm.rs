@@ -194,6 +194,57 @@ fn the_agent_serves_over_vsock_where_the_vmm_offers_it() {
 }
 
 #[tokio::test]
+async fn the_agent_does_pid_1s_duties_and_a_poweroff_inside_stops_the_sandbox() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = env();
+    let mut sb = env.boot(VmConfig { vm_id: Some("pid1".into()), ..Default::default() }).await;
+    // The control socket is its owner's only.
+    assert_eq!(std::fs::metadata(&sb.paths().ctl).unwrap().permissions().mode() & 0o777, 0o600);
+    let r = sb.run("awk '{print $2, $3}' /proc/mounts", &opts(10)).await.unwrap();
+    for m in ["/dev devtmpfs", "/dev/pts devpts", "/dev/shm tmpfs", "/proc proc", "/run tmpfs", "/sys sysfs", "/tmp tmpfs"] {
+        assert!(r.stdout.lines().any(|l| l == m), "{m} is not mounted:\n{}", r.stdout);
+    }
+    // Orphans whose parents are gone at once are PID 1's: it reaps them, none stays a zombie.
+    let zombies = "for i in 1 2 3 4 5 6; do (sleep 0.2 &); done; sleep 1.5; grep -l '^State:.Z' /proc/[0-9]*/status | wc -l";
+    assert_eq!(sb.run(zombies, &opts(10)).await.unwrap().stdout, "0\n");
+    // `poweroff` inside: the guest goes down cleanly and the sandbox is stopped, not failed.
+    let _ = sb.run("poweroff", &opts(10)).await;
+    assert!(wait_until(Duration::from_secs(30), || sb.state().unwrap() == State::Stopped), "state {:?}", sb.state());
+    assert!(sb.info().await.unwrap()["error"].is_null());
+    assert!(wait_until(Duration::from_secs(5), || env.qemu_processes().is_empty()), "QEMU still runs");
+    sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+    assert_eq!(sb.run("echo back", &opts(10)).await.unwrap().output(), "back");
+    sb.delete().await.unwrap();
+}
+
+#[tokio::test]
+async fn stdin_reaches_the_command_from_the_library_and_the_cli() {
+    use std::io::Write;
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    let with = |input: &[u8], timeout| RunOptions { stdin: Some(input.to_vec()), ..opts(timeout) };
+    assert_eq!(sb.run("tr a-z A-Z", &with(b"one\ntwo\n", 20)).await.unwrap().stdout, "ONE\nTWO\n");
+    // Several windows' worth, echoed while it is still being fed.
+    let big: Vec<u8> = (0..5 << 20).map(|i| if i % 64 == 63 { b'\n' } else { b'a' + (i % 26) as u8 }).collect();
+    let r = sb.run("cat", &with(&big, 120)).await.unwrap();
+    assert!(r.stdout.as_bytes() == big.as_slice(), "{} bytes came back of {}", r.stdout.len(), big.len());
+    // Without it a command reads nothing: its stdin ends at once.
+    assert_eq!(sb.run("wc -c", &opts(20)).await.unwrap().output(), "0");
+    // `-i` hands the CLI's own stdin over.
+    let mut child = env
+        .cli()
+        .args(["sandbox", "exec", "-i", sb.id(), "--", "wc -l"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"a\nb\nc\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(stdout(&out), "3\n");
+    sb.delete().await.unwrap();
+}
+
+#[tokio::test]
 async fn sixteen_concurrent_execs_each_get_their_own_output() {
     let env = env();
     let sb = Arc::new(env.boot(VmConfig::default()).await);
@@ -201,8 +252,14 @@ async fn sixteen_concurrent_execs_each_get_their_own_output() {
     for i in 0..16 {
         let sb = sb.clone();
         tasks.push(tokio::spawn(async move {
-            // Interleave: every command is alive while the others run.
-            let cmd = format!("for j in 1 2 3; do echo {i}-$j; sleep 0.2; done; echo err{i} >&2; exit {}", i % 7);
+            // All at once: each first waits until all 16 have started (run one after another,
+            // the first would wait out its timeout), then they interleave their output.
+            let cmd = format!(
+                "mkdir -p /tmp/started; touch /tmp/started/{i}; \
+                 while [ $(ls /tmp/started | wc -l) -lt 16 ]; do sleep 0.05; done; \
+                 for j in 1 2 3; do echo {i}-$j; sleep 0.2; done; echo err{i} >&2; exit {}",
+                i % 7
+            );
             (i, sb.run(&cmd, &opts(60)).await.unwrap())
         }));
     }

@@ -49,6 +49,11 @@ pub const WINDOW: usize = 2 * 1024 * 1024;
 /// A reader grants credit in steps of this many consumed bytes (one small frame each).
 pub const CREDIT_STEP: usize = 256 * 1024;
 
+/// The agent writes `smolvm-agent: <this>` to the console as it powers the VM off on request
+/// (the host's `Shutdown`, or in the guest `poweroff`, `halt`, `reboot`, `kill -TERM 1`). A VM
+/// that exits after it was stopped, not failed: its reset looks like a panic's to the VMM.
+pub const POWER_OFF_MARK: &str = "powering off";
+
 /// Stream id reserved for messages that belong to no stream (never used by requests).
 pub const NO_STREAM: u32 = 0;
 

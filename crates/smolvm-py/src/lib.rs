@@ -221,7 +221,7 @@ impl Vm {
         };
         // An invalid number becomes zero, which the library refuses with its own message.
         let timeout = Duration::try_from_secs_f64(timeout).unwrap_or(Duration::ZERO);
-        let opts = RunOptions { timeout, shell, env: BTreeMap::new(), cwd: None };
+        let opts = RunOptions { timeout, shell, env: BTreeMap::new(), cwd: None, stdin: None };
         let inner = self.inner.clone();
         let id = self.id.clone();
         block(py, async move {

@@ -125,11 +125,13 @@ pub struct RunOptions {
     pub shell: Shell,
     pub env: BTreeMap<String, String>,
     pub cwd: Option<String>,
+    /// What the command reads on stdin, which then ends; `None`: stdin is /dev/null.
+    pub stdin: Option<Vec<u8>>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { timeout: DEFAULT_RUN_TIMEOUT, shell: Shell::Login, env: BTreeMap::new(), cwd: None }
+        RunOptions { timeout: DEFAULT_RUN_TIMEOUT, shell: Shell::Login, env: BTreeMap::new(), cwd: None, stdin: None }
     }
 }
 
@@ -583,6 +585,7 @@ impl Sandbox {
             timeout: Duration::from_secs(60),
             env: [("SMOLVM_SSH_KEYS".to_string(), keys)].into(),
             cwd: None,
+            stdin: None,
         };
         let r = self.run_agent(crate::ssh::SETUP_SCRIPT, &opts, |_| {}).await?;
         let known_hosts = &self.paths.known_hosts;
@@ -661,9 +664,16 @@ impl Sandbox {
         let secs = opts.timeout.as_secs_f64().ceil() as u64;
         let remote = crate::ssh::remote_command(command, opts.shell == Shell::Login, secs, opts.cwd.as_deref());
         let mut cmd = tokio::process::Command::from(ep.ssh(Some(&remote), false));
-        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
+        let input = if opts.stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() };
+        cmd.stdin(input).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
         let started = tokio::time::Instant::now();
         let mut child = cmd.spawn().map_err(|e| Error::Host(format!("running ssh (openssh-client): {e}")))?;
+        if let (Some(mut pipe), Some(data)) = (child.stdin.take(), opts.stdin.clone()) {
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = pipe.write_all(&data).await;
+            });
+        }
         let (mut out, mut err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         let (mut out_open, mut err_open) = (true, true);
@@ -968,7 +978,7 @@ impl Sandbox {
             shell: opts.shell,
             env: opts.env.clone(),
             timeout_ms: opts.timeout.as_millis() as u64,
-            stdin: false,
+            stdin: opts.stdin.is_some(),
             cwd: opts.cwd.clone(),
         };
         let mut stream = match conn.open(&Request::Exec(req)).await {
@@ -977,6 +987,20 @@ impl Sandbox {
             Err(e) if conn.is_closed() => return Err(self.conn().err().unwrap_or(e)),
             Err(e) => return Err(e),
         };
+        if let Some(input) = opts.stdin.clone() {
+            // Fed while the output is read (a command may answer before it has read all), on a
+            // task of its own that is never cut off mid-frame; after the command has ended, the
+            // agent drops what still comes.
+            let (conn, id) = (conn.clone(), stream.id);
+            tokio::spawn(async move {
+                for chunk in input.chunks(smolvm_proto::CHUNK) {
+                    if conn.send_on(id, &Request::Stdin(chunk.to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = conn.send_on(id, &Request::StdinClose).await;
+            });
+        }
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         let timeout_err = || Error::Timeout { operation: "run".into(), seconds: opts.timeout.as_secs_f64() };
         // The agent enforces the timeout; this host-side bound catches a guest that cannot.

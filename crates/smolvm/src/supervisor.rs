@@ -585,6 +585,9 @@ async fn supervise(id: &str) -> i32 {
     let _ = std::fs::remove_file(&paths.ctl);
     if exited_by_itself {
         let tail = console_tail(&paths.console, 30);
+        // Powered off from inside (`poweroff`): stopped, as if asked. Else it crashed.
+        let mark = format!("smolvm-agent: {}", proto::POWER_OFF_MARK);
+        let powered_off = tail.lines().rev().take(5).any(|l| l.trim_end().ends_with(&mark));
         let msg = format!("the VM exited unexpectedly; last console lines:\n{tail}");
         stop_vsock(&mut vsock).await;
         paths.remove_sockets();
@@ -593,10 +596,12 @@ async fn supervise(id: &str) -> i32 {
         if record.ephemeral {
             let _ = store.remove(id);
             paths.remove_all();
+        } else if powered_off {
+            let _ = store.set_state(id, State::Stopped, None);
         } else {
             let _ = store.set_state(id, State::Error, Some(&msg));
         }
-        return 1;
+        return if powered_off { 0 } else { 1 };
     }
     // Without a disk there is nothing to flush, and a paused guest cannot flush: go at once.
     let graceful = overlay.is_some() && !paused.load(Ordering::SeqCst);
