@@ -509,6 +509,36 @@ fn debian_cloud_kernel_is_the_fallback_and_its_modules_load() {
     assert!(stdout(&out).contains("vport"), "{}", stdout(&out));
 }
 
+#[test]
+fn a_kernel_build_that_fails_falls_back_to_debians_and_is_not_retried() {
+    let env = env();
+    // A "source" with no kernel tree in it: our build fails at once. Its own name gives it its
+    // own cache entry.
+    let src = env.tmp.path().join(format!("linux-source-broken-{}.tar.xz", std::process::id()));
+    let tree = env.tmp.path().join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("README"), "not a kernel\n").unwrap();
+    let tar = std::process::Command::new("tar").arg("-cJf").arg(&src).arg("-C").arg(&tree).arg(".").status().unwrap();
+    assert!(tar.success());
+    let mark = shared_images().join(format!("kernel-{}.failed", smolvm::image::kernel_fingerprint(&src).unwrap()));
+    let run = || env.cli().env("SMOLVM_KERNEL_SOURCE", &src).args(["run", "uname -r"]).output().unwrap();
+    let first = run();
+    let recorded = mark.exists();
+    let _ = std::fs::remove_file(&mark);
+    assert!(recorded, "the failed build was not recorded");
+    // Recorded: the next start goes straight to Debian's kernel, and says how to try again.
+    std::fs::write(&mark, "unpacking failed\n").unwrap();
+    let second = run();
+    let _ = std::fs::remove_file(&mark);
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(stdout(&first).trim_end().ends_with("-cloud-amd64"), "{}", stdout(&first));
+    assert!(stderr(&first).contains("using Debian's prebuilt cloud kernel (building ours failed: "), "{}", stderr(&first));
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(stdout(&second).trim_end().ends_with("-cloud-amd64"));
+    let said = stderr(&second);
+    assert!(said.contains("building ours from this source failed: unpacking failed; remove ") && said.contains("to try again"), "{said}");
+}
+
 /// A start that comes while another process stops the sandbox waits for that stop, then starts
 /// it again: before, it connected to the supervisor on its way out and reported success, and
 /// the sandbox ended stopped.

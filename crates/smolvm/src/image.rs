@@ -55,8 +55,18 @@ pub fn resolve(config: &VmConfig, dirs: &Dirs, progress: Progress) -> Result<Boo
             Some(modroot) => (k.clone(), module_set(&modroot, DEBIAN_MODULES)?),
             None => (k.clone(), Vec::new()),
         },
-        None => match own_kernel_unavailable() {
-            None => (default_kernel(dirs, progress)?, Vec::new()),
+        None => match own_kernel_unavailable(dirs) {
+            None => match default_kernel(dirs, progress) {
+                Ok(k) => (k, Vec::new()),
+                // A build that fails (a compiler error, a full disk) falls back too, and is
+                // recorded: the next start does not spend minutes failing again.
+                Err(e) => {
+                    let why = record_kernel_failure(dirs, &e);
+                    progress(&format!("using Debian's prebuilt cloud kernel ({why})"));
+                    let (vmlinuz, modroot) = debian_kernel(dirs, progress)?;
+                    (vmlinuz, module_set(&modroot, DEBIAN_MODULES)?)
+                }
+            },
             Some(why) => {
                 progress(&format!("using Debian's prebuilt cloud kernel ({why})"));
                 let (vmlinuz, modroot) = debian_kernel(dirs, progress)?;
@@ -88,14 +98,36 @@ fn cached_debian_modules(dirs: &Dirs, kernel: &Path) -> Option<PathBuf> {
 }
 
 /// Why our own kernel cannot be used here, if it cannot.
-fn own_kernel_unavailable() -> Option<String> {
+fn own_kernel_unavailable(dirs: &Dirs) -> Option<String> {
     if std::env::var("SMOLVM_KERNEL").is_ok_and(|v| v.eq_ignore_ascii_case("debian")) {
         return Some("SMOLVM_KERNEL=debian".into());
     }
-    if kernel_source().is_none() {
+    let Some(source) = kernel_source() else {
         return Some("no linux-source tarball to build ours from".into());
+    };
+    if let Some(failed) = kernel_failure_mark(dirs, &source) {
+        if let Ok(text) = fs::read_to_string(&failed) {
+            let first = text.lines().next().unwrap_or("").to_string();
+            return Some(format!("building ours from this source failed: {first}; remove {} to try again", failed.display()));
+        }
     }
     ["make", "gcc", "flex", "bison", "bc"].iter().find(|t| !on_path(t)).map(|t| format!("`{t}` is missing, so ours cannot be built"))
+}
+
+/// Where a failed build of our kernel from `source` is recorded (beside the cache entry it
+/// would have made).
+fn kernel_failure_mark(dirs: &Dirs, source: &Path) -> Option<PathBuf> {
+    kernel_fingerprint(source).ok().map(|fp| dirs.images.join(format!("kernel-{fp}.failed")))
+}
+
+/// Record why building our kernel failed; returns the reason as progress shows it.
+fn record_kernel_failure(dirs: &Dirs, e: &Error) -> String {
+    let msg = e.full_message().replace('\n', " ");
+    if let Some(mark) = kernel_source().and_then(|s| kernel_failure_mark(dirs, &s)) {
+        let _ = fs::create_dir_all(&dirs.images);
+        let _ = fs::write(&mark, format!("{msg}\n"));
+    }
+    format!("building ours failed: {msg}")
 }
 
 /// The Debian cloud kernel's drivers the sandbox needs (their dependencies come along).
