@@ -539,6 +539,36 @@ fn a_kernel_build_that_fails_falls_back_to_debians_and_is_not_retried() {
     assert!(said.contains("building ours from this source failed: unpacking failed; remove ") && said.contains("to try again"), "{said}");
 }
 
+#[test]
+fn q35_serves_where_microvm_cannot() {
+    let env = env();
+    let q35 = |args: &[&str]| env.cli().env("SMOLVM_MACHINE", "q35").args(args).output().unwrap();
+    // The devices are on PCI, bound to virtio-pci: the agent's port, the NIC.
+    let out = q35(&["run", "--shell", "raw", "echo out; echo err >&2; ls /sys/bus/pci/drivers/virtio-pci | grep -c '^0000:'; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "err\n");
+    let lines: Vec<String> = stdout(&out).lines().map(String::from).collect();
+    assert_eq!(lines[0], "out");
+    assert!(lines[1].parse::<u32>().unwrap() >= 2, "{lines:?}");
+    // Debian's kernel too: its virtio-pci driver is a module the initramfs carries.
+    let out =
+        env.cli().env("SMOLVM_MACHINE", "q35").env("SMOLVM_KERNEL", "debian").args(["run", "ls /sys/class/virtio-ports"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "vport0p1\n");
+    // A sandbox on q35 runs commands; a snapshot, which restores on microvm, is refused.
+    assert!(q35(&["sandbox", "create", "--name", "pc"]).status.success());
+    assert_eq!(stdout(&env.smolvm(&["sandbox", "exec", "pc", "--", "echo hi"])), "hi\n");
+    let out = env.smolvm(&["sandbox", "snapshot", "create", "pc"]);
+    assert!(stderr(&out).contains("on the q35 machine cannot be snapshotted"), "{}", stderr(&out));
+    assert!(env.smolvm(&["sandbox", "delete", "--force", "pc"]).status.success());
+    let out = env.cli().env("SMOLVM_MACHINE", "pc").args(["run", "true"]).output().unwrap();
+    assert_eq!(
+        stderr(&out).lines().next().unwrap_or(""),
+        "error: invalid SMOLVM_MACHINE: \"pc\" is not a machine (allowed: microvm, q35, auto)"
+    );
+    assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
+}
+
 /// A start that comes while another process stops the sandbox waits for that stop, then starts
 /// it again: before, it connected to the supervisor on its way out and reported success, and
 /// the sandbox ended stopped.

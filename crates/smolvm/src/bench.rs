@@ -39,6 +39,7 @@ async fn bare_boot(image: &BootImage, dir: &std::path::Path, accel: vmm::Accel) 
         ram: None,
         net: qemu::NetBackend::User { restrict: true, forwards: vec![] },
         vsock: None,
+        machine: qemu::choose_machine()?,
     };
     let started = Instant::now();
     let mut child = qemu::spawn(&spec, &dir.join("bare.log"))?;

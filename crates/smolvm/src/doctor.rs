@@ -78,6 +78,16 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
         Ok(p) => check("agent", "ok", p.display().to_string(), None),
         Err(e) => check("agent", "fail", e.to_string(), Some("make agent")),
     });
+    checks.push(match crate::vmm::qemu::choose_machine() {
+        Ok(crate::vmm::qemu::Machine::Microvm) => check("machine", "ok", "microvm", None),
+        Ok(crate::vmm::qemu::Machine::Q35) => check(
+            "machine",
+            "warn",
+            "q35: slower to boot than microvm, and sandboxes cannot be snapshotted",
+            Some("use a QEMU with the microvm machine (7.0 or later), and leave SMOLVM_MACHINE unset"),
+        ),
+        Err(e) => check("machine", "fail", e.to_string(), Some("set SMOLVM_MACHINE to microvm, q35 or auto")),
+    });
     // Only SMOLVM_AGENT_TRANSPORT=vsock needs the vsock device server.
     let vsock_wanted = crate::config::agent_transport();
     checks.push(match (vsock_wanted, crate::vmm::vsock::daemon_binary()) {

@@ -130,8 +130,9 @@ fn record_kernel_failure(dirs: &Dirs, e: &Error) -> String {
     format!("building ours failed: {msg}")
 }
 
-/// The Debian cloud kernel's drivers the sandbox needs (their dependencies come along).
-const DEBIAN_MODULES: &[&str] = &["virtio_mmio", "virtio_console", "virtio_blk", "virtio_net"];
+/// The Debian cloud kernel's drivers the sandbox needs (their dependencies come along):
+/// virtio on mmio (microvm) or PCI (q35).
+const DEBIAN_MODULES: &[&str] = &["virtio_mmio", "virtio_pci", "virtio_console", "virtio_blk", "virtio_net"];
 
 /// Debian's cloud kernel package, unpacked into the cache (never installed on the host):
 /// returns the kernel image and the directory holding its modules.

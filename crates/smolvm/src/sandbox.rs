@@ -506,10 +506,12 @@ impl Sandbox {
         let accel = crate::vmm::choose_accel().map_err(Error::Host)?;
         let verbose_boot = env_flag("SMOLVM_VERBOSE_BOOT", false);
         let vsock = crate::config::agent_transport()? == crate::config::Transport::Vsock;
+        let q35 = crate::vmm::qemu::choose_machine()? == crate::vmm::qemu::Machine::Q35;
         let mut spec =
-            BootSpec { image, accel, boot_timeout_ms: boot_timeout.as_millis() as u64, verbose_boot, restore: None, ram: None, vsock };
-        // Warm templates are saved VMs, and a VM with a vhost-user device cannot be saved.
-        if crate::warm::eligible(&rec.config) && !verbose_boot && !vsock && env_flag("SMOLVM_WARM", true) {
+            BootSpec { image, accel, boot_timeout_ms: boot_timeout.as_millis() as u64, verbose_boot, restore: None, ram: None, vsock, q35 };
+        // Warm templates are saved microvm VMs, and a VM with a vhost-user device cannot be
+        // saved at all.
+        if crate::warm::eligible(&rec.config) && !verbose_boot && !vsock && !q35 && env_flag("SMOLVM_WARM", true) {
             match crate::warm::template(&self.dirs, &rec.config, &spec, progress).await {
                 Ok(state) => {
                     spec.restore = Some(RestoreSpec { state: state.clone(), resume: true, no_saved_env: true });
@@ -855,7 +857,9 @@ impl Sandbox {
                 verbose_boot: false,
                 restore,
                 ram: None,
+                // A saved VM loads only into the same machine and devices it was saved from.
                 vsock: false,
+                q35: false,
             };
             sb.launch(&spec, opts.boot_timeout).await
         }

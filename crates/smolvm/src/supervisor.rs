@@ -41,6 +41,9 @@ pub struct BootSpec {
     /// The agent over vsock (`SMOLVM_AGENT_TRANSPORT=vsock`) instead of virtio-serial.
     #[serde(default)]
     pub vsock: bool,
+    /// The q35 machine (`SMOLVM_MACHINE`, or a QEMU without microvm) instead of microvm.
+    #[serde(default)]
+    pub q35: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -400,6 +403,7 @@ async fn supervise(id: &str) -> i32 {
         ram: spec.ram.clone(),
         net: plan.backend.clone(),
         vsock: spec.vsock.then(|| paths.vhost_vsock.clone()),
+        machine: if spec.q35 { qemu::Machine::Q35 } else { qemu::Machine::Microvm },
     };
     let greeting = Greeting {
         hostname: id.to_string(),
@@ -533,6 +537,12 @@ async fn supervise(id: &str) -> i32 {
                     let _ = done.send(Err((
                         ErrorKind::Unsupported,
                         "a sandbox whose agent is on vsock cannot be snapshotted (its vhost-user device cannot be saved); start it with SMOLVM_AGENT_TRANSPORT=serial".into(),
+                    )));
+                }
+                Some(Control::Snapshot { done, .. }) if spec.q35 => {
+                    let _ = done.send(Err((
+                        ErrorKind::Unsupported,
+                        "a sandbox on the q35 machine cannot be snapshotted (snapshots restore on microvm); start it with SMOLVM_MACHINE=microvm".into(),
                     )));
                 }
                 Some(Control::Snapshot { dir, kind, done }) => {

@@ -39,6 +39,7 @@ impl TestEnv {
             .env("SMOLVM_IMAGE_DIR", &self.dirs.images)
             .env_remove("SMOLVM_BACKEND")
             .env_remove("SMOLVM_AGENT_TRANSPORT")
+            .env_remove("SMOLVM_MACHINE")
             .env_remove("SMOLVM_VERBOSE_BOOT");
         c
     }

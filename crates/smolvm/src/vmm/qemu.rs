@@ -36,6 +36,58 @@ pub struct LaunchSpec {
     /// (its server, `vhost-device-vsock`, is already listening there). Guest RAM is then shared
     /// memory, which a vhost-user device needs.
     pub vsock: Option<PathBuf>,
+    pub machine: Machine,
+}
+
+/// The QEMU machine. `microvm` is the default: no firmware, no PCI, devices on virtio-mmio,
+/// the fastest boot. `q35` (a PC with PCIe, SeaBIOS, ACPI) serves where microvm cannot: a QEMU
+/// built without it, or a guest kernel without virtio-mmio.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Machine {
+    Microvm,
+    Q35,
+}
+
+impl Machine {
+    /// The suffix of the virtio devices' names on this machine's bus.
+    fn bus(self) -> &'static str {
+        match self {
+            Machine::Microvm => "device",
+            Machine::Q35 => "pci",
+        }
+    }
+}
+
+/// `SMOLVM_MACHINE`: `microvm`, `q35`, or `auto` (default): microvm where this QEMU has it.
+pub fn choose_machine() -> Result<Machine> {
+    match std::env::var("SMOLVM_MACHINE").map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        Ok("microvm") => Ok(Machine::Microvm),
+        Ok("q35") => Ok(Machine::Q35),
+        Err(_) | Ok("") | Ok("auto") => Ok(if has_microvm() { Machine::Microvm } else { Machine::Q35 }),
+        Ok(other) => Err(Error::validation("SMOLVM_MACHINE", format!("{other:?} is not a machine (allowed: microvm, q35, auto)"))),
+    }
+}
+
+/// On PCI the NIC would bring its network boot ROM (iPXE), which the firmware then runs: seconds
+/// under TCG, for nothing.
+fn nic_rom(machine: Machine) -> &'static str {
+    match machine {
+        Machine::Microvm => "",
+        Machine::Q35 => ",romfile=",
+    }
+}
+
+/// Whether this QEMU offers `-M microvm` (asked once per process).
+fn has_microvm() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::process::Command::new(QEMU_BINARY)
+            .args(["-M", "help"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("microvm ")))
+            // No QEMU at all fails later, with its own message.
+            .unwrap_or(true)
+    })
 }
 
 /// What the guest's one NIC is plugged into. Every VM has the same NIC so that any saved
@@ -80,7 +132,11 @@ const OUR_KERNEL_HZ: u64 = 100;
 
 /// The kernel command line. Only settings, never anything from the user's env values.
 pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
-    let mut args = vec!["console=ttyS0", "reboot=t", "panic=-1", "noreplace-smp", "pci=off", "cryptomgr.notests", "init=/init"];
+    let mut args = vec!["console=ttyS0", "reboot=t", "panic=-1", "noreplace-smp", "cryptomgr.notests", "init=/init"];
+    // microvm has no PCI bus: probing for one only costs time.
+    if spec.machine == Machine::Microvm {
+        args.push("pci=off");
+    }
     if !spec.verbose_boot {
         args.push("quiet");
     }
@@ -140,7 +196,12 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     // only learns of devices from ACPI) needs the option ROM that loads it, and ACPI.
     let elf = kernel_is_elf(&spec.image.kernel);
     let (acpi, roms) = if elf { ("off", "off") } else { ("on", "on") };
-    push(&["-M", &format!("microvm,acpi={acpi},x-option-roms={roms},memory-backend=ram")]);
+    match spec.machine {
+        Machine::Microvm => push(&["-M", &format!("microvm,acpi={acpi},x-option-roms={roms},memory-backend=ram")]),
+        // Firmware (SeaBIOS) loads the kernel, and the devices sit on PCI.
+        Machine::Q35 => push(&["-M", "q35,memory-backend=ram"]),
+    }
+    let bus = spec.machine.bus();
     match &spec.ram {
         Some(ram) => {
             let path = ram.path.to_string_lossy().replace(',', ",,");
@@ -165,16 +226,19 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     push(&["-append", &kernel_cmdline(spec)]);
     push(&["-chardev", &format!("file,id=con,path={}", spec.console_log.display()), "-serial", "chardev:con"]);
     match &spec.vsock {
-        Some(vhost) => {
-            push(&["-chardev", &format!("socket,id=vsock,path={}", vhost.display()), "-device", "vhost-user-vsock-device,chardev=vsock"])
-        }
+        Some(vhost) => push(&[
+            "-chardev",
+            &format!("socket,id=vsock,path={}", vhost.display()),
+            "-device",
+            &format!("vhost-user-vsock-{bus},chardev=vsock"),
+        ]),
         None => {
             push(&["-chardev", &format!("socket,id=agent,path={}", spec.agent_socket.display())]);
             // The port's id makes QEMU report the guest opening it (VSERPORT_CHANGE; see
             // supervisor).
             push(&[
                 "-device",
-                "virtio-serial-device",
+                &format!("virtio-serial-{bus}"),
                 "-device",
                 &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME},id=agentport"),
             ]);
@@ -194,14 +258,19 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
             n
         }
     };
-    push(&["-netdev", &netdev, "-device", "virtio-net-device,netdev=net0,mac=02:00:00:00:00:02"]);
+    push(&["-netdev", &netdev, "-device", &format!("virtio-net-{bus},netdev=net0,mac=02:00:00:00:00:02{}", nic_rom(spec.machine))]);
     if spec.incoming {
         push(&["-incoming", "defer", "-S"]);
     }
     if let Some(rootfs) = &spec.image.rootfs {
         let file = rootfs.to_string_lossy().replace(',', ",,");
         let format = if rootfs.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
-        push(&["-drive", &format!("if=none,id=root,file={file},format={format},cache=unsafe"), "-device", "virtio-blk-device,drive=root"]);
+        push(&[
+            "-drive",
+            &format!("if=none,id=root,file={file},format={format},cache=unsafe"),
+            "-device",
+            &format!("virtio-blk-{bus},drive=root"),
+        ]);
     }
     a
 }
@@ -440,7 +509,25 @@ mod tests {
             ram: None,
             net: NetBackend::Tap { fd: 7 },
             vsock: None,
+            machine: Machine::Microvm,
         }
+    }
+
+    #[test]
+    fn q35_puts_the_devices_on_pci_and_lets_the_kernel_look_for_it() {
+        let mut s = spec(Accel::Tcg, true);
+        s.machine = Machine::Q35;
+        s.vsock = Some("/r/v.sock".into());
+        let a = command_line(&s).join(" ");
+        assert!(a.contains("-M q35,memory-backend=ram "), "{a}");
+        for d in ["vhost-user-vsock-pci,chardev=vsock", "virtio-net-pci,netdev=net0", "virtio-blk-pci,drive=root"] {
+            assert!(a.contains(d), "{d} missing: {a}");
+        }
+        assert!(!a.contains("-device,") && !a.contains("microvm"), "{a}");
+        assert!(!kernel_cmdline(&s).contains("pci=off"));
+        assert!(kernel_cmdline(&spec(Accel::Tcg, true)).contains("pci=off"));
+        s.vsock = None;
+        assert!(command_line(&s).join(" ").contains("-device virtio-serial-pci -device virtserialport"));
     }
 
     #[test]
