@@ -569,6 +569,69 @@ fn q35_serves_where_microvm_cannot() {
     assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
 }
 
+#[test]
+fn concurrent_cli_processes_share_the_state_safely() {
+    let env = env();
+    let env = &env;
+    // Sixteen processes at once, two of them asking for the same name: exactly one of those wins.
+    let names: Vec<String> = (0..15).map(|i| format!("c{i}")).chain(["c0".to_string()]).collect();
+    let outs: Vec<std::process::Output> = std::thread::scope(|s| {
+        let runs: Vec<_> =
+            names.iter().map(|n| s.spawn(move || env.smolvm(&["sandbox", "create", "--no-start", "--json", "--name", n]))).collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let json: Vec<serde_json::Value> = outs.iter().map(|o| serde_json::from_slice(&o.stdout).expect("json")).collect();
+    let taken = json.iter().filter(|v| v["error"]["code"] == "already_exists").count();
+    assert_eq!(taken, 1, "{json:?}");
+    assert!(json.iter().filter(|v| v["ok"] == true).all(|v| v["data"]["state"] == "created"));
+    let list: serde_json::Value = serde_json::from_slice(&env.smolvm(&["sandbox", "list", "--json"]).stdout).unwrap();
+    let mut listed: Vec<String> = list["data"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
+    listed.sort();
+    let mut want: Vec<String> = (0..15).map(|i| format!("c{i}")).collect();
+    want.sort();
+    assert_eq!(listed, want);
+    assert!(env.smolvm(&["sandbox", "delete", "--all"]).status.success());
+    assert_eq!(stdout(&env.smolvm(&["sandbox", "list"])).lines().count(), 1, "only the header is left");
+}
+
+#[tokio::test]
+async fn a_vmm_that_dies_under_a_live_supervisor_leaves_an_error_with_the_console() {
+    let env = env();
+    let mut sb = env.boot(VmConfig { vm_id: Some("crash".into()), ..Default::default() }).await;
+    let vmm = sb.info().await.unwrap()["vmm_pid"].as_i64().expect("a VMM pid");
+    assert!(std::process::Command::new("kill").args(["-9", &vmm.to_string()]).status().unwrap().success());
+    assert!(wait_until(Duration::from_secs(10), || sb.state().unwrap() == State::Error), "state {:?}", sb.state());
+    let error = sb.info().await.unwrap()["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.starts_with("the VM exited unexpectedly; last console lines:\n"), "{error}");
+    // Its console log is still there to read (a warm start's is short: the restored guest did
+    // not boot).
+    let logs = env.smolvm(&["sandbox", "logs", "crash", "--tail", "3"]);
+    assert!(logs.status.success(), "{}", stderr(&logs));
+    let console = std::fs::read_to_string(&sb.paths().console).unwrap();
+    assert!(stdout(&logs).lines().all(|l| console.contains(l)) && stdout(&logs).lines().count() <= 3, "{}", stdout(&logs));
+    // It starts again from there.
+    sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+    assert_eq!(sb.run("echo again", &opts(10)).await.unwrap().output(), "again");
+    sb.delete().await.unwrap();
+}
+
+#[test]
+fn a_user_kernel_and_initrd_boot_and_the_cli_timeout_holds() {
+    let env = env();
+    // The default image's kernel and initramfs, copied: to smolvm they are the user's files.
+    let img = smolvm::image::resolve(&VmConfig::default(), &env.dirs, &|_| {}).unwrap();
+    let (kernel, initrd) = (env.tmp.path().join("my-vmlinux"), env.tmp.path().join("my-initrd.cpio"));
+    std::fs::copy(&img.kernel, &kernel).unwrap();
+    std::fs::copy(img.initrd.as_ref().unwrap(), &initrd).unwrap();
+    let out = env.smolvm(&["run", "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(), "echo custom"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "custom\n");
+    let out = env.smolvm(&["run", "--timeout", "2", "sleep 30"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("Operation 'run' timed out after 2s"), "{}", stderr(&out));
+    assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
+}
+
 /// A start that comes while another process stops the sandbox waits for that stop, then starts
 /// it again: before, it connected to the supervisor on its way out and reported success, and
 /// the sandbox ended stopped.
