@@ -19,7 +19,7 @@ fn percentile(samples: &mut [f64], p: f64) -> f64 {
 
 /// Bare QEMU: the same kernel, initramfs, machine and devices, but the agent, told so on the
 /// kernel command line, powers the VM off as the first thing it does.
-async fn bare_boot(image: &BootImage, dir: &std::path::Path, accel: vmm::Accel) -> Result<f64> {
+async fn bare_boot(image: &BootImage, dir: &std::path::Path, accel: vmm::Accel, machine: qemu::Machine) -> Result<f64> {
     let agent = dir.join("a.sock");
     let _ = std::fs::remove_file(&agent);
     let listener = tokio::net::UnixListener::bind(&agent).ctx(|| "binding the reference socket".into())?;
@@ -39,7 +39,7 @@ async fn bare_boot(image: &BootImage, dir: &std::path::Path, accel: vmm::Accel) 
         ram: None,
         net: qemu::NetBackend::User { restrict: true, forwards: vec![] },
         vsock: None,
-        machine: qemu::choose_machine()?,
+        machine,
     };
     let started = Instant::now();
     let mut child = qemu::spawn(&spec, &dir.join("bare.log"))?;
@@ -96,16 +96,17 @@ pub async fn startup(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) 
             .map_err(|e| Error::Host(e.to_string()))??
     };
     let accel = vmm::choose_accel().map_err(Error::Host)?;
+    let machine = qemu::choose_machine(dirs)?;
     let work = tempfile_dir(dirs)?;
     progress(&format!("start-up: {rounds} interleaved rounds of bare QEMU, cold and warm `smolvm run true`"));
     let (mut bare, mut cold, mut warm) = (Vec::new(), Vec::new(), Vec::new());
     let result = async {
         // One unmeasured round warms the page cache (and makes the warm snapshot if missing).
-        bare_boot(&img, &work, accel).await?;
+        bare_boot(&img, &work, accel, machine).await?;
         cli_run(dirs, false)?;
         cli_run(dirs, true)?;
         for _ in 0..rounds {
-            bare.push(bare_boot(&img, &work, accel).await?);
+            bare.push(bare_boot(&img, &work, accel, machine).await?);
             cold.push(cli_run(dirs, false)?);
             warm.push(cli_run(dirs, true)?);
         }

@@ -59,11 +59,11 @@ impl Machine {
 }
 
 /// `SMOLVM_MACHINE`: `microvm`, `q35`, or `auto` (default): microvm where this QEMU has it.
-pub fn choose_machine() -> Result<Machine> {
+pub fn choose_machine(dirs: &crate::config::Dirs) -> Result<Machine> {
     match std::env::var("SMOLVM_MACHINE").map(|v| v.trim().to_ascii_lowercase()).as_deref() {
         Ok("microvm") => Ok(Machine::Microvm),
         Ok("q35") => Ok(Machine::Q35),
-        Err(_) | Ok("") | Ok("auto") => Ok(if has_microvm() { Machine::Microvm } else { Machine::Q35 }),
+        Err(_) | Ok("") | Ok("auto") => Ok(if has_microvm(dirs) { Machine::Microvm } else { Machine::Q35 }),
         Ok(other) => Err(Error::validation("SMOLVM_MACHINE", format!("{other:?} is not a machine (allowed: microvm, q35, auto)"))),
     }
 }
@@ -77,17 +77,27 @@ fn nic_rom(machine: Machine) -> &'static str {
     }
 }
 
-/// Whether this QEMU offers `-M microvm` (asked once per process).
-fn has_microvm() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| {
-        std::process::Command::new(QEMU_BINARY)
-            .args(["-M", "help"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("microvm ")))
-            // No QEMU at all fails later, with its own message.
-            .unwrap_or(true)
-    })
+/// Whether this QEMU offers `-M microvm`. Asking it (`-M help`) starts a QEMU, some 20 ms: the
+/// answer is kept in the image cache for this binary (path, size, time), off every later start.
+fn has_microvm(dirs: &crate::config::Dirs) -> bool {
+    let paths = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
+    // No QEMU at all fails later, with its own message.
+    let Some((bin, meta)) = paths.iter().map(|d| d.join(QEMU_BINARY)).find_map(|p| std::fs::metadata(&p).ok().map(|m| (p, m))) else {
+        return true;
+    };
+    let changed = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    let key = crate::image::fingerprint(&[bin.to_string_lossy().as_bytes(), &meta.len().to_le_bytes(), &changed.to_le_bytes()]);
+    let mark = dirs.images.join(format!("qemu-machines-{key}"));
+    if let Ok(known) = std::fs::read_to_string(&mark) {
+        return known.trim() == "microvm";
+    }
+    let Ok(out) = std::process::Command::new(&bin).args(["-M", "help"]).output() else {
+        return true;
+    };
+    let has = String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("microvm "));
+    let _ = std::fs::create_dir_all(&dirs.images);
+    let _ = std::fs::write(&mark, if has { "microvm\n" } else { "q35\n" });
+    has
 }
 
 /// What the guest's one NIC is plugged into. Every VM has the same NIC so that any saved
