@@ -159,13 +159,17 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
         }
     };
     let pgid = child.pid;
-    // Input queued since the request arrived goes in first; the host's close ends it.
+    // Input queued since the request arrived goes in first; the host's close ends it. What the
+    // command has taken is granted back, so the host sends only as fast as it reads (input
+    // waiting here is guest memory).
     if let (Some(mut pipe), Some(rx)) = (child.stdin, input) {
+        let w = w.clone();
         std::thread::spawn(move || {
             while let Ok(Some(data)) = rx.recv() {
                 if pipe.write_all(&data).is_err() {
                     break;
                 }
+                w.send(stream, &Reply::Credit(data.len() as u32));
             }
         });
     }

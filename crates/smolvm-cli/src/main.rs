@@ -136,7 +136,7 @@ struct ExecArgs {
     /// login ($SHELL -lc, sources /etc/profile.d) or raw (/bin/sh -c).
     #[arg(long, default_value = "login", value_parser = ["login", "raw"])]
     shell: String,
-    /// Pass this program's stdin to the command (read to its end first); else it reads nothing.
+    /// Pass this program's stdin to the command as it comes; else the command reads nothing.
     #[arg(short = 'i', long)]
     stdin: bool,
 }
@@ -538,23 +538,17 @@ fn run_options(exec: &ExecArgs, env: &[String]) -> Result<RunOptions, Error> {
         shell: if exec.shell == "raw" { Shell::Raw } else { Shell::Login },
         env: env_flags(env)?,
         cwd: None,
-        stdin: match exec.stdin {
-            true => {
-                let mut input = Vec::new();
-                std::io::Read::read_to_end(&mut std::io::stdin(), &mut input)
-                    .map_err(|e| Error::Io { context: "reading stdin".into(), source: e })?;
-                Some(input)
-            }
-            false => None,
-        },
+        // `-i` streams (`run_streamed`).
+        stdin: None,
     })
 }
 
 /// Runs a command with its output going straight to ours, as it arrives.
-async fn run_streamed(sb: &Sandbox, command: &str, opts: &RunOptions) -> Result<Done, Error> {
+async fn run_streamed(sb: &Sandbox, command: &str, opts: &RunOptions, stdin: bool) -> Result<Done, Error> {
     let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    let input = stdin.then(|| Box::new(tokio::io::stdin()) as smolvm::sandbox::Input);
     let result = sb
-        .run_streaming(command, opts, |o| {
+        .run_with_input(command, opts, input, |o| {
             let _ = match o {
                 Output::Stdout(d) => out.write_all(d).and_then(|_| out.flush()),
                 Output::Stderr(d) => err.write_all(d).and_then(|_| err.flush()),
@@ -579,7 +573,7 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
                 if smolvm::config::env_flag("SMOLVM_VERBOSE_BOOT", false) {
                     eprint!("{}", std::fs::read_to_string(&sb.paths().console).unwrap_or_default());
                 }
-                run_streamed(&sb, &command_line(&command), &opts).await
+                run_streamed(&sb, &command_line(&command), &opts, exec.stdin).await
             }
             .await;
             let _ = sb.delete().await;
@@ -831,7 +825,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             let opts = run_options(&exec, &env)?;
             let mut sb = Sandbox::open_in(dirs, &name).await?;
             apply_channel(&mut sb, channel.as_deref())?;
-            run_streamed(&sb, &command_line(&command), &opts).await
+            run_streamed(&sb, &command_line(&command), &opts, exec.stdin).await
         }
         SandboxCmd::Logs { name, tail, follow } => {
             let sb = Sandbox::open_in(dirs, &name).await?;

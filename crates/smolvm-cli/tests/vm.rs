@@ -230,17 +230,36 @@ async fn stdin_reaches_the_command_from_the_library_and_the_cli() {
     assert!(r.stdout.as_bytes() == big.as_slice(), "{} bytes came back of {}", r.stdout.len(), big.len());
     // Without it a command reads nothing: its stdin ends at once.
     assert_eq!(sb.run("wc -c", &opts(20)).await.unwrap().output(), "0");
-    // `-i` hands the CLI's own stdin over.
+    // Input sent only as fast as the command takes it: 300 MB into a 256 MiB guest whose command
+    // reads nothing for three seconds. Had the agent taken it all in, the guest would be out of
+    // memory.
+    let small = env.boot(VmConfig { memory: 256, ..Default::default() }).await;
+    let flood = Box::new(tokio::io::AsyncReadExt::take(tokio::io::repeat(b'x'), 300 << 20)) as smolvm::sandbox::Input;
+    let r = small.run_with_input("sleep 3; wc -c", &opts(120), Some(flood), |_| {}).await.unwrap();
+    assert_eq!(r.output(), (300u64 << 20).to_string());
+    assert_eq!(small.run("echo alive", &opts(10)).await.unwrap().output(), "alive");
+    small.delete().await.unwrap();
+    // `-i` hands the CLI's own stdin over as it comes: the command answers a line before the
+    // next one is written.
     let mut child = env
         .cli()
-        .args(["sandbox", "exec", "-i", sb.id(), "--", "wc -l"])
+        .args(["sandbox", "exec", "-i", sb.id(), "--", "while read l; do echo \"got $l\"; done"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"a\nb\nc\n").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(stdout(&out), "3\n");
+    let mut input = child.stdin.take().unwrap();
+    let mut output = std::io::BufReader::new(child.stdout.take().unwrap());
+    input.write_all(b"a\n").unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut output, &mut line).unwrap();
+    assert_eq!(line, "got a\n");
+    input.write_all(b"b\n").unwrap();
+    drop(input);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut output, &mut rest).unwrap();
+    assert_eq!(rest, "got b\n");
+    assert!(child.wait().unwrap().success());
     sb.delete().await.unwrap();
 }
 

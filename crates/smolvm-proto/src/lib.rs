@@ -40,7 +40,8 @@ pub const MAX_FRAME: usize = 4 * 1024 * 1024;
 pub const CHUNK: usize = 64 * 1024;
 
 /// How many bytes of output (`Stdout`, `Stderr`, `Data` payloads) a stream may have in flight
-/// before its reader grants more with `Credit`. The sender stops there (a command then blocks on
+/// before its reader grants more with `Credit`; the same holds for a command's input, which the
+/// agent grants back with `Reply::Credit` as the command takes it. The sender stops there (a command then blocks on
 /// its full pipe), so a guest that writes faster than its reader takes in (`yes`, a download to a
 /// slow consumer) holds at most this much in the host per stream. A reader that receives more than
 /// this plus one chunk beyond its grants has a misbehaving peer and closes the connection.
@@ -257,6 +258,9 @@ pub enum Reply {
         kind: ErrorKind,
         message: String,
     },
+    /// The command has taken this many more bytes of the stream's input (`Stdin`): the host may
+    /// have that many more in flight (see [`WINDOW`]). Not terminal.
+    Credit(u32),
 }
 
 impl Reply {
@@ -278,6 +282,7 @@ impl Reply {
             Reply::Port(_) => "port",
             Reply::Ok => "ok",
             Reply::Error { .. } => "error",
+            Reply::Credit(_) => "credit",
         }
     }
 
@@ -291,7 +296,7 @@ impl Reply {
     }
 
     pub fn is_terminal(&self) -> bool {
-        !matches!(self, Reply::Stdout(_) | Reply::Stderr(_) | Reply::Data(_))
+        !matches!(self, Reply::Stdout(_) | Reply::Stderr(_) | Reply::Data(_) | Reply::Credit(_))
     }
 
     pub fn error(kind: ErrorKind, message: impl Into<String>) -> Reply {

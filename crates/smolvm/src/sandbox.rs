@@ -135,6 +135,9 @@ impl Default for RunOptions {
     }
 }
 
+/// What a command reads on stdin as it comes (a pipe, a socket), for `run_with_input`.
+pub type Input = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+
 /// Output as it arrives, for callers that stream it (the CLI).
 pub enum Output<'a> {
     Stdout(&'a [u8]),
@@ -589,7 +592,7 @@ impl Sandbox {
             cwd: None,
             stdin: None,
         };
-        let r = self.run_agent(crate::ssh::SETUP_SCRIPT, &opts, |_| {}).await?;
+        let r = self.run_agent(crate::ssh::SETUP_SCRIPT, &opts, None, |_| {}).await?;
         let known_hosts = &self.paths.known_hosts;
         match r.exit_code {
             0 => {
@@ -654,7 +657,13 @@ impl Sandbox {
     }
 
     /// `run` over SSH: the same shell, timeout and result as over the agent.
-    async fn run_ssh(&self, command: &str, opts: &RunOptions, mut on_output: impl FnMut(Output<'_>)) -> Result<CommandResult> {
+    async fn run_ssh(
+        &self,
+        command: &str,
+        opts: &RunOptions,
+        input: Option<Input>,
+        mut on_output: impl FnMut(Output<'_>),
+    ) -> Result<CommandResult> {
         use tokio::io::AsyncReadExt;
         if !opts.env.is_empty() {
             return Err(Error::validation(
@@ -666,16 +675,17 @@ impl Sandbox {
         let secs = opts.timeout.as_secs_f64().ceil() as u64;
         let remote = crate::ssh::remote_command(command, opts.shell == Shell::Login, secs, opts.cwd.as_deref());
         let mut cmd = tokio::process::Command::from(ep.ssh(Some(&remote), false));
-        let input = if opts.stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() };
-        cmd.stdin(input).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
+        let stdin = if input.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() };
+        cmd.stdin(stdin).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
         let started = tokio::time::Instant::now();
         let mut child = cmd.spawn().map_err(|e| Error::Host(format!("running ssh (openssh-client): {e}")))?;
-        if let (Some(mut pipe), Some(data)) = (child.stdin.take(), opts.stdin.clone()) {
-            tokio::spawn(async move {
-                use tokio::io::AsyncWriteExt;
-                let _ = pipe.write_all(&data).await;
-            });
-        }
+        // ssh's pipe is the window here; the copy ends with the command (its pipe closes).
+        let _feeding = match (child.stdin.take(), input) {
+            (Some(mut pipe), Some(mut input)) => Some(Stopping(tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut input, &mut pipe).await;
+            }))),
+            _ => None,
+        };
         let (mut out, mut err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         let (mut out_open, mut err_open) = (true, true);
@@ -959,6 +969,19 @@ impl Sandbox {
 
     /// Run a command, handing each piece of output to `on_output` as it arrives.
     pub async fn run_streaming(&self, command: &str, opts: &RunOptions, on_output: impl FnMut(Output<'_>)) -> Result<CommandResult> {
+        let input = opts.stdin.clone().map(|bytes| Box::new(std::io::Cursor::new(bytes)) as Input);
+        self.run_with_input(command, opts, input, on_output).await
+    }
+
+    /// `run_streaming` whose stdin is read from `input` as the command goes (instead of
+    /// `RunOptions::stdin`, all at once). Sent only as fast as the command takes it.
+    pub async fn run_with_input(
+        &self,
+        command: &str,
+        opts: &RunOptions,
+        input: Option<Input>,
+        on_output: impl FnMut(Output<'_>),
+    ) -> Result<CommandResult> {
         if command.trim().is_empty() {
             return Err(Error::validation("command", "must not be empty"));
         }
@@ -967,22 +990,28 @@ impl Sandbox {
         }
         smolvm_proto::env::validate_vars(&opts.env)?;
         match self.channel {
-            Channel::Agent => self.run_agent(command, opts, on_output).await,
+            Channel::Agent => self.run_agent(command, opts, input, on_output).await,
             Channel::Ssh => {
                 self.conn()?;
-                self.run_ssh(command, opts, on_output).await
+                self.run_ssh(command, opts, input, on_output).await
             }
         }
     }
 
-    async fn run_agent(&self, command: &str, opts: &RunOptions, mut on_output: impl FnMut(Output<'_>)) -> Result<CommandResult> {
+    async fn run_agent(
+        &self,
+        command: &str,
+        opts: &RunOptions,
+        input: Option<Input>,
+        mut on_output: impl FnMut(Output<'_>),
+    ) -> Result<CommandResult> {
         let conn = self.conn()?;
         let req = ExecRequest {
             command: command.to_string(),
             shell: opts.shell,
             env: opts.env.clone(),
             timeout_ms: opts.timeout.as_millis() as u64,
-            stdin: opts.stdin.is_some(),
+            stdin: input.is_some(),
             cwd: opts.cwd.clone(),
         };
         let mut stream = match conn.open(&Request::Exec(req)).await {
@@ -991,20 +1020,10 @@ impl Sandbox {
             Err(e) if conn.is_closed() => return Err(self.conn().err().unwrap_or(e)),
             Err(e) => return Err(e),
         };
-        if let Some(input) = opts.stdin.clone() {
-            // Fed while the output is read (a command may answer before it has read all), on a
-            // task of its own that is never cut off mid-frame; after the command has ended, the
-            // agent drops what still comes.
-            let (conn, id) = (conn.clone(), stream.id);
-            tokio::spawn(async move {
-                for chunk in input.chunks(smolvm_proto::CHUNK) {
-                    if conn.send_on(id, &Request::Stdin(chunk.to_vec())).await.is_err() {
-                        return;
-                    }
-                }
-                let _ = conn.send_on(id, &Request::StdinClose).await;
-            });
-        }
+        // Input goes while the output is read (a command may answer before it has read all),
+        // within the window the agent grants back as the command takes it.
+        let window = Arc::new(tokio::sync::Semaphore::new(smolvm_proto::WINDOW));
+        let _feeding = input.map(|input| feed(conn.clone(), stream.id, input, window.clone()));
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         let timeout_err = || Error::Timeout { operation: "run".into(), seconds: opts.timeout.as_secs_f64() };
         // The agent enforces the timeout; this host-side bound catches a guest that cannot.
@@ -1033,6 +1052,7 @@ impl Sandbox {
                     on_output(Output::Stderr(&d));
                     stderr.extend_from_slice(&d);
                 }
+                Reply::Credit(n) => window.add_permits((n as usize).min(smolvm_proto::WINDOW)),
                 Reply::Exit { timed_out: true, .. } => return Err(timeout_err()),
                 Reply::Error { kind: ErrorKind::Paused, .. } => {
                     return Err(Error::NotRunning { id: self.id.clone(), state: "paused".into() })
@@ -1382,6 +1402,43 @@ pub fn record_json(rec: &Record, paths: &SandboxPaths) -> serde_json::Value {
         "internet_settings": rec.config.internet_settings,
         "console_log": paths.console,
     })
+}
+
+/// A task that ends with its owner: a command whose stdin is still open when it ends (a
+/// terminal, a pipe that never closes) must not keep reading it.
+struct Stopping(tokio::task::JoinHandle<()>);
+
+impl Drop for Stopping {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Send `input` as the stream's stdin, then close it; at most `window` bytes ahead of what the
+/// command has taken. Stopped between frames when the returned guard goes: an abort can only
+/// land at an await, and no frame is cut in half, because each send runs to its end on a task of
+/// its own.
+fn feed(conn: Arc<crate::conn::Conn>, id: u32, mut input: Input, window: Arc<tokio::sync::Semaphore>) -> Stopping {
+    use tokio::io::AsyncReadExt;
+    Stopping(tokio::spawn(async move {
+        let mut buf = vec![0u8; smolvm_proto::CHUNK];
+        loop {
+            let n = match input.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            match window.acquire_many(n as u32).await {
+                Ok(permits) => permits.forget(),
+                Err(_) => return,
+            }
+            let (conn, frame) = (conn.clone(), Request::Stdin(buf[..n].to_vec()));
+            if tokio::spawn(async move { conn.send_on(id, &frame).await }).await.map_or(true, |r| r.is_err()) {
+                return;
+            }
+        }
+        let conn = conn.clone();
+        let _ = tokio::spawn(async move { conn.send_on(id, &Request::StdinClose).await }).await;
+    }))
 }
 
 fn unexpected(what: &str, reply: Reply) -> Error {
