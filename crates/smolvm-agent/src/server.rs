@@ -110,7 +110,10 @@ pub fn serve(channel: Channel, pid1: bool) -> ! {
         Channel::Vsock => {
             let mut writer: Option<Writer> = None;
             loop {
-                let conn = match connect_vsock(Duration::from_secs(10)) {
+                // At boot the host is there at once: ask often. Later (its connection ended) it
+                // may never come back: ask now and then.
+                let every = Duration::from_millis(if writer.is_none() { 2 } else { 200 });
+                let conn = match connect_vsock(Duration::from_secs(10), every) {
                     Ok(c) => c,
                     Err(e) => {
                         crate::log(&e.to_string());
@@ -155,8 +158,8 @@ fn serve_session(reader: &mut BufReader<File>, writer: &Writer, pid1: bool) -> i
 }
 
 /// Connect to the host's agent port over vsock. The transport registers when its device is
-/// probed, which may still be under way at boot: retry within `timeout`.
-fn connect_vsock(timeout: Duration) -> io::Result<File> {
+/// probed, which may still be under way at boot: retry `every` so often within `timeout`.
+fn connect_vsock(timeout: Duration, every: Duration) -> io::Result<File> {
     use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
     let deadline = Instant::now() + timeout;
     loop {
@@ -170,7 +173,7 @@ fn connect_vsock(timeout: Duration) -> io::Result<File> {
             Err(e) if Instant::now() > deadline => {
                 return Err(io::Error::other(format!("vsock: connecting to the host's port {}: {e}", proto::AGENT_VSOCK_PORT)))
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            Err(_) => std::thread::sleep(every),
         }
     }
 }

@@ -189,6 +189,28 @@ fn the_agent_serves_over_vsock_where_the_vmm_offers_it() {
     assert!(env.smolvm(&["sandbox", "delete", "--force", "vs"]).status.success());
     let data_dir = env.dirs.data.to_string_lossy().into_owned();
     assert!(wait_until(Duration::from_secs(5), || processes_mentioning("vhost-device-vsock", &data_dir).is_empty()), "vsock server left");
+    // Debian's kernel carries vsock as modules; its initramfs loads them.
+    let out = env
+        .cli()
+        .env("SMOLVM_AGENT_TRANSPORT", "vsock")
+        .env("SMOLVM_KERNEL", "debian")
+        .args(["run", "echo debian over vsock"])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&out), "debian over vsock\n", "{}", stderr(&out));
+    // Without its device server the guest has lost its agent: the sandbox fails, and goes.
+    assert!(vsock(&["sandbox", "create", "--name", "vs2"]).status.success());
+    let server = processes_mentioning("vhost-device-vsock", &data_dir);
+    assert_eq!(server.len(), 1);
+    assert!(std::process::Command::new("kill").args(["-9", &server[0].to_string()]).status().unwrap().success());
+    let failed = wait_until(Duration::from_secs(10), || {
+        let v: serde_json::Value = serde_json::from_slice(&env.smolvm(&["sandbox", "info", "vs2", "--json"]).stdout).unwrap_or_default();
+        v["data"]["state"] == "error"
+    });
+    assert!(failed, "the sandbox did not notice its vsock device server was gone");
+    assert!(wait_until(Duration::from_secs(5), || env.qemu_processes().is_empty()), "QEMU left");
+    assert!(env.smolvm(&["sandbox", "delete", "--force", "vs2"]).status.success());
+    assert!(wait_until(Duration::from_secs(5), || processes_mentioning("vhost-device-vsock", &data_dir).is_empty()), "vsock server left");
     assert!(env.qemu_processes().is_empty());
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
 }

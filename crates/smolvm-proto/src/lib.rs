@@ -286,7 +286,6 @@ impl Reply {
         }
     }
 
-    /// Whether this reply closes its stream. Output chunks are the only non-terminal replies.
     /// The bytes of output this reply carries, which count against the stream's window.
     pub fn window_bytes(&self) -> usize {
         match self {
@@ -295,6 +294,7 @@ impl Reply {
         }
     }
 
+    /// Whether this reply closes its stream: all do but output chunks and input credit.
     pub fn is_terminal(&self) -> bool {
         !matches!(self, Reply::Stdout(_) | Reply::Stderr(_) | Reply::Data(_) | Reply::Credit(_))
     }

@@ -67,6 +67,7 @@ impl Conn {
             next: AtomicU32::new(1),
             closed: closed.clone(),
         });
+        let this = Arc::downgrade(&conn);
         tokio::spawn(async move {
             let mut reader = BufReader::with_capacity(256 * 1024, read);
             let mut body = Vec::new();
@@ -81,9 +82,15 @@ impl Conn {
                     let n = reply.window_bytes();
                     if route.held.fetch_add(n, Ordering::SeqCst) + n > proto::WINDOW + proto::CHUNK {
                         // Only a peer that ignores the protocol gets here (a guest that took over
-                        // the agent's channel): its stream ends rather than fill this process.
+                        // the agent's channel): its stream ends rather than fill this process,
+                        // and what runs for it is cancelled (its reader sees the end, not why).
                         tracing::warn!("stream {id} sent beyond its window; ending it");
                         terminal = true;
+                        if let Some(conn) = this.upgrade() {
+                            tokio::spawn(async move {
+                                let _ = conn.send_on(id, &Request::Cancel).await;
+                            });
+                        }
                     } else {
                         let _ = route.tx.send(reply);
                     }

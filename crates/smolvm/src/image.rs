@@ -58,10 +58,10 @@ pub fn resolve(config: &VmConfig, dirs: &Dirs, progress: Progress) -> Result<Boo
         None => match own_kernel_unavailable(dirs) {
             None => match default_kernel(dirs, progress) {
                 Ok(k) => (k, Vec::new()),
-                // A build that fails (a compiler error, a full disk) falls back too, and is
-                // recorded: the next start does not spend minutes failing again.
+                // A build that fails (a compiler error) falls back too; `default_kernel` has
+                // recorded it, so the next start does not spend minutes failing again.
                 Err(e) => {
-                    let why = record_kernel_failure(dirs, &e);
+                    let why = format!("building ours failed: {}", e.full_message().replace('\n', " "));
                     progress(&format!("using Debian's prebuilt cloud kernel ({why})"));
                     let (vmlinuz, modroot) = debian_kernel(dirs, progress)?;
                     (vmlinuz, module_set(&modroot, DEBIAN_MODULES)?)
@@ -120,19 +120,18 @@ fn kernel_failure_mark(dirs: &Dirs, source: &Path) -> Option<PathBuf> {
     kernel_fingerprint(source).ok().map(|fp| dirs.images.join(format!("kernel-{fp}.failed")))
 }
 
-/// Record why building our kernel failed; returns the reason as progress shows it.
-fn record_kernel_failure(dirs: &Dirs, e: &Error) -> String {
-    let msg = e.full_message().replace('\n', " ");
-    if let Some(mark) = kernel_source().and_then(|s| kernel_failure_mark(dirs, &s)) {
+/// Record why building our kernel from `source` failed. Only the build's own failures: a
+/// passing one (the cache's lock, a full disk while installing) must not pin the fallback.
+fn record_kernel_failure(dirs: &Dirs, source: &Path, e: &Error) {
+    if let Some(mark) = kernel_failure_mark(dirs, source) {
         let _ = fs::create_dir_all(&dirs.images);
-        let _ = fs::write(&mark, format!("{msg}\n"));
+        let _ = fs::write(&mark, format!("{}\n", e.full_message().replace('\n', " ")));
     }
-    format!("building ours failed: {msg}")
 }
 
 /// The Debian cloud kernel's drivers the sandbox needs (their dependencies come along):
-/// virtio on mmio (microvm) or PCI (q35).
-const DEBIAN_MODULES: &[&str] = &["virtio_mmio", "virtio_pci", "virtio_console", "virtio_blk", "virtio_net"];
+/// virtio on mmio (microvm) or PCI (q35), and vsock for the agent's vsock transport.
+const DEBIAN_MODULES: &[&str] = &["virtio_mmio", "virtio_pci", "virtio_console", "virtio_blk", "virtio_net", "vmw_vsock_virtio_transport"];
 
 /// Debian's cloud kernel package, unpacked into the cache (never installed on the host):
 /// returns the kernel image and the directory holding its modules.
@@ -317,7 +316,10 @@ pub fn default_kernel(dirs: &Dirs, progress: Progress) -> Result<PathBuf> {
         install_file(&ready, &vmlinux)?;
         return Ok(vmlinux);
     }
-    build_kernel(&source, &dir, dirs, progress)?;
+    if let Err(e) = build_kernel(&source, &dir, dirs, progress) {
+        record_kernel_failure(dirs, &source, &e);
+        return Err(e);
+    }
     Ok(vmlinux)
 }
 

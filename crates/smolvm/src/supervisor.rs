@@ -499,6 +499,11 @@ async fn supervise(id: &str) -> i32 {
                 tracing::warn!("VMM exited: {status:?}");
                 break true;
             }
+            // The guest's vsock device is gone with its server, and the agent with it.
+            status = async { match vsock.as_mut() { Some(d) => d.wait().await, None => std::future::pending().await } } => {
+                tracing::warn!("the vsock device server exited: {status:?}");
+                break true;
+            }
             msg = ctl_rx.recv() => match msg {
                 Some(Control::Stop { timeout, done }) => {
                     stop_timeout = timeout;
@@ -594,6 +599,8 @@ async fn supervise(id: &str) -> i32 {
     drop(ctl);
     let _ = std::fs::remove_file(&paths.ctl);
     if exited_by_itself {
+        // (Already gone, unless it was the vsock device server that went.)
+        let _ = child.kill().await;
         let tail = console_tail(&paths.console, 30);
         // Powered off from inside (`poweroff`): stopped, as if asked. Else it crashed.
         let mark = format!("smolvm-agent: {}", proto::POWER_OFF_MARK);
@@ -939,7 +946,13 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                 }
             }
             Request::Stdin(_) | Request::StdinClose | Request::Cancel => {
-                let aid = open.lock().unwrap_or_else(|e| e.into_inner()).get(&cid).map(|(aid, _)| *aid);
+                let aid = open.lock().unwrap_or_else(|e| e.into_inner()).get(&cid).map(|(aid, window)| {
+                    // A client that cancels reads no more: its relay must not wait for credit.
+                    if matches!(req, Request::Cancel) {
+                        window.close();
+                    }
+                    *aid
+                });
                 if let Some(aid) = aid {
                     let _ = agent.send_on(aid, &req).await;
                 }
@@ -963,7 +976,7 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                 Ok(mut s) => {
                     let window = Arc::new(tokio::sync::Semaphore::new(proto::WINDOW));
                     open.lock().unwrap_or_else(|e| e.into_inner()).insert(cid, (s.id, window.clone()));
-                    let (w, open) = (write.clone(), open.clone());
+                    let (w, open, agent) = (write.clone(), open.clone(), agent.clone());
                     tokio::spawn(async move {
                         loop {
                             match s.recv().await {
@@ -986,7 +999,12 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                                     }
                                 }
                                 None => {
-                                    send(w.clone(), cid, Reply::error(ErrorKind::Closed, "the sandbox's agent went away")).await;
+                                    let why = if agent.is_closed() {
+                                        "the sandbox's agent went away"
+                                    } else {
+                                        "the guest sent more than its window allows; the command was cancelled"
+                                    };
+                                    send(w.clone(), cid, Reply::error(ErrorKind::Closed, why)).await;
                                     break;
                                 }
                             }

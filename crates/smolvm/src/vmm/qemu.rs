@@ -88,15 +88,24 @@ fn has_microvm(dirs: &crate::config::Dirs) -> bool {
     let changed = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
     let key = crate::image::fingerprint(&[bin.to_string_lossy().as_bytes(), &meta.len().to_le_bytes(), &changed.to_le_bytes()]);
     let mark = dirs.images.join(format!("qemu-machines-{key}"));
-    if let Ok(known) = std::fs::read_to_string(&mark) {
-        return known.trim() == "microvm";
+    match std::fs::read_to_string(&mark).as_deref().map(str::trim) {
+        Ok("microvm") => return true,
+        Ok("q35") => return false,
+        // Anything else (a file another process is writing): ask again.
+        _ => {}
     }
-    let Ok(out) = std::process::Command::new(&bin).args(["-M", "help"]).output() else {
-        return true;
+    // A QEMU that fails to answer (killed, out of memory) proves nothing: no record then.
+    let out = match std::process::Command::new(&bin).args(["-M", "help"]).output() {
+        Ok(out) if out.status.success() => out,
+        _ => return true,
     };
     let has = String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("microvm "));
+    // Whole or not at all: written beside, then renamed over.
+    let tmp = dirs.images.join(format!(".qemu-machines-{key}.{}.tmp", std::process::id()));
     let _ = std::fs::create_dir_all(&dirs.images);
-    let _ = std::fs::write(&mark, if has { "microvm\n" } else { "q35\n" });
+    if std::fs::write(&tmp, if has { "microvm\n" } else { "q35\n" }).is_ok() && std::fs::rename(&tmp, &mark).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
     has
 }
 
