@@ -11,8 +11,14 @@ use std::time::Duration;
 /// `SMOLVM_VHOST_VSOCK`, else `vhost-device-vsock` on PATH or in cargo's bin directory (where
 /// `make prereqs` installs it).
 pub fn daemon_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("SMOLVM_VHOST_VSOCK") {
-        return Ok(PathBuf::from(p));
+    if let Some(p) = std::env::var_os("SMOLVM_VHOST_VSOCK").map(PathBuf::from) {
+        if !p.is_file() {
+            return Err(Error::validation(
+                "SMOLVM_VHOST_VSOCK",
+                format!("{} is not a file (a vhost-device-vsock binary is expected)", p.display()),
+            ));
+        }
+        return Ok(p);
     }
     let cargo_bin = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
