@@ -96,7 +96,7 @@ pub async fn startup(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) 
             .map_err(|e| Error::Host(e.to_string()))??
     };
     let accel = vmm::choose_accel().map_err(Error::Host)?;
-    let machine = qemu::choose_machine(dirs)?;
+    let machine = qemu::choose_machine(dirs, Some(&img.kernel))?;
     let work = tempfile_dir(dirs)?;
     progress(&format!("start-up: {rounds} interleaved rounds of bare QEMU, cold and warm `smolvm run true`"));
     let (mut bare, mut cold, mut warm) = (Vec::new(), Vec::new(), Vec::new());

@@ -78,7 +78,7 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
         Ok(p) => check("agent", "ok", p.display().to_string(), None),
         Err(e) => check("agent", "fail", e.to_string(), Some("make agent")),
     });
-    checks.push(match crate::vmm::qemu::choose_machine(dirs) {
+    checks.push(match crate::vmm::qemu::choose_machine(dirs, None) {
         Ok(crate::vmm::qemu::Machine::Microvm) => check("machine", "ok", "microvm", None),
         Ok(crate::vmm::qemu::Machine::Q35) => check(
             "machine",

@@ -509,7 +509,7 @@ impl Sandbox {
         let accel = crate::vmm::choose_accel().map_err(Error::Host)?;
         let verbose_boot = env_flag("SMOLVM_VERBOSE_BOOT", false);
         let vsock = crate::config::agent_transport()? == crate::config::Transport::Vsock;
-        let q35 = crate::vmm::qemu::choose_machine(&self.dirs)? == crate::vmm::qemu::Machine::Q35;
+        let q35 = crate::vmm::qemu::choose_machine(&self.dirs, Some(&image.kernel))? == crate::vmm::qemu::Machine::Q35;
         let mut spec =
             BootSpec { image, accel, boot_timeout_ms: boot_timeout.as_millis() as u64, verbose_boot, restore: None, ram: None, vsock, q35 };
         // Warm templates are saved microvm VMs, and a VM with a vhost-user device cannot be

@@ -58,14 +58,53 @@ impl Machine {
     }
 }
 
-/// `SMOLVM_MACHINE`: `microvm`, `q35`, or `auto` (default): microvm where this QEMU has it.
-pub fn choose_machine(dirs: &crate::config::Dirs) -> Result<Machine> {
+/// `SMOLVM_MACHINE`: `microvm`, `q35`, or `auto` (default): microvm where this QEMU has it and
+/// the guest kernel (`kernel`, when known) can find its devices there.
+pub fn choose_machine(dirs: &crate::config::Dirs, kernel: Option<&Path>) -> Result<Machine> {
     match std::env::var("SMOLVM_MACHINE").map(|v| v.trim().to_ascii_lowercase()).as_deref() {
         Ok("microvm") => Ok(Machine::Microvm),
         Ok("q35") => Ok(Machine::Q35),
-        Err(_) | Ok("") | Ok("auto") => Ok(if has_microvm(dirs) { Machine::Microvm } else { Machine::Q35 }),
+        Err(_) | Ok("") | Ok("auto") => {
+            let mmio = kernel.is_none_or(|k| kernel_has_mmio(dirs, k));
+            Ok(if mmio && has_microvm(dirs) { Machine::Microvm } else { Machine::Q35 })
+        }
         Ok(other) => Err(Error::validation("SMOLVM_MACHINE", format!("{other:?} is not a machine (allowed: microvm, q35, auto)"))),
     }
+}
+
+/// Whether a kernel can find virtio-mmio devices (microvm's only kind). An ELF kernel without
+/// the driver's name in it has no such driver built in; a compressed one (a bzImage) cannot be
+/// looked into and is taken to have it, as Debian's does (as a module). Our own kernel has it.
+/// Asked once per kernel file: the answer is kept in the image cache.
+fn kernel_has_mmio(dirs: &crate::config::Dirs, kernel: &Path) -> bool {
+    if is_our_kernel(kernel) || !kernel_is_elf(kernel) {
+        return true;
+    }
+    let Ok(meta) = std::fs::metadata(kernel) else {
+        // A missing kernel fails later, with its own message.
+        return true;
+    };
+    let changed = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    let key = crate::image::fingerprint(&[kernel.to_string_lossy().as_bytes(), &meta.len().to_le_bytes(), &changed.to_le_bytes()]);
+    let mark = dirs.images.join(format!("kernel-mmio-{key}"));
+    match std::fs::read_to_string(&mark).as_deref().map(str::trim) {
+        Ok("yes") => return true,
+        Ok("no") => return false,
+        _ => {}
+    }
+    let Ok(bytes) = std::fs::read(kernel) else { return true };
+    let has = elf_has_mmio(&bytes);
+    let tmp = dirs.images.join(format!(".kernel-mmio-{key}.{}.tmp", std::process::id()));
+    let _ = std::fs::create_dir_all(&dirs.images);
+    if std::fs::write(&tmp, if has { "yes\n" } else { "no\n" }).is_ok() && std::fs::rename(&tmp, &mark).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    has
+}
+
+/// The virtio-mmio driver registers under this name, so a kernel with it built in carries it.
+fn elf_has_mmio(elf: &[u8]) -> bool {
+    elf.windows(b"virtio-mmio".len()).any(|w| w == b"virtio-mmio")
 }
 
 /// On PCI the NIC would bring its network boot ROM (iPXE), which the firmware then runs: seconds
@@ -530,6 +569,23 @@ mod tests {
             vsock: None,
             machine: Machine::Microvm,
         }
+    }
+
+    #[test]
+    fn a_kernel_without_virtio_mmio_gets_q35() {
+        let dir = tempfile::tempdir().unwrap();
+        let dirs = crate::config::Dirs { data: dir.path().join("d"), images: dir.path().join("i") };
+        let without = dir.path().join("plain-vmlinux");
+        std::fs::write(&without, b"\x7fELF.... virtio-pci only").unwrap();
+        let with = dir.path().join("mmio-vmlinux");
+        std::fs::write(&with, b"\x7fELF.... virtio-mmio: Registering device").unwrap();
+        let bzimage = dir.path().join("bzImage");
+        std::fs::write(&bzimage, b"MZ compressed").unwrap();
+        assert!(!kernel_has_mmio(&dirs, &without));
+        assert!(kernel_has_mmio(&dirs, &with) && kernel_has_mmio(&dirs, &bzimage));
+        // Asked again: the kept answer.
+        assert!(!kernel_has_mmio(&dirs, &without));
+        assert_eq!(std::fs::read_dir(&dirs.images).unwrap().count(), 2, "one answer per ELF kernel");
     }
 
     #[test]
