@@ -337,3 +337,35 @@ fn an_unfetchable_busybox_source_falls_back_once_until_prune() {
     let err = stderr(&smolvm(&["image", "build"]));
     assert!(err.contains("fetching Debian's busybox source package"), "{err}");
 }
+
+#[test]
+fn doctor_reports_each_check_and_fails_on_an_invalid_setting() {
+    let env = env();
+    let doctor = |extra: &[(&str, &str)]| {
+        let mut c = env.cli();
+        for (k, v) in extra {
+            c.env(k, v);
+        }
+        let out = c.args(["doctor", "--json"]).output().unwrap();
+        (out.status.code(), serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap())
+    };
+    let (code, v) = doctor(&[]);
+    let checks = v["data"].as_array().unwrap();
+    let check = |name: &str| checks.iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no {name} check: {v}")).clone();
+    for name in ["accelerator", "qemu", "kernel", "busybox", "agent", "machine", "agent-transport", "tun", "nftables", "data_dir"] {
+        let c = check(name);
+        assert!(["ok", "warn"].contains(&c["status"].as_str().unwrap()), "{c}");
+        assert!(!c["detail"].as_str().unwrap().is_empty(), "{c}");
+    }
+    // KVM here or not, the accelerator check says which and, under TCG, why.
+    let accel = check("accelerator");
+    assert!(accel["detail"] == "KVM" || accel["detail"].as_str().unwrap().starts_with("TCG software emulation: "), "{accel}");
+    assert_eq!(check("machine")["detail"], "microvm");
+    assert_eq!(code, Some(0));
+    // A setting that cannot work fails its check, with the way out, and doctor exits 1.
+    let (code, v) = doctor(&[("SMOLVM_MACHINE", "pc"), ("SMOLVM_ACCEL", "fast")]);
+    assert_eq!(code, Some(1));
+    let failed: Vec<&str> =
+        v["data"].as_array().unwrap().iter().filter(|c| c["status"] == "fail").map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(failed, ["accelerator", "machine"], "{v}");
+}
