@@ -213,7 +213,8 @@ impl Vm {
         })
     }
 
-    fn run(&self, py: Python<'_>, command: String, timeout: f64, shell: &str) -> PyResult<(i32, String, String)> {
+    #[pyo3(signature = (command, timeout, shell, stdin=None))]
+    fn run(&self, py: Python<'_>, command: String, timeout: f64, shell: &str, stdin: Option<Vec<u8>>) -> PyResult<(i32, String, String)> {
         let shell = match shell {
             "login" => Shell::Login,
             "raw" => Shell::Raw,
@@ -221,7 +222,7 @@ impl Vm {
         };
         // An invalid number becomes zero, which the library refuses with its own message.
         let timeout = Duration::try_from_secs_f64(timeout).unwrap_or(Duration::ZERO);
-        let opts = RunOptions { timeout, shell, env: BTreeMap::new(), cwd: None, stdin: None };
+        let opts = RunOptions { timeout, shell, env: BTreeMap::new(), cwd: None, stdin };
         let inner = self.inner.clone();
         let id = self.id.clone();
         block(py, async move {

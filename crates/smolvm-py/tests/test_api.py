@@ -72,6 +72,12 @@ def test_run_errors_state_and_timeout(no_leftovers):
         r = vm.run("echo out; echo err >&2; exit 3")
         assert (r.exit_code, r.stdout, r.stderr, r.ok) == (3, "out\n", "err\n", False)
         assert vm.run("echo '  padded  '").output == "padded"
+        # stdin: bytes as they are, text as UTF-8; without it the command reads nothing.
+        assert vm.run("tr a-z A-Z", stdin=b"one\ntwo\n").stdout == "ONE\nTWO\n"
+        assert vm.run("wc -c", stdin="héllo").output == "6"
+        assert vm.run("wc -c").output == "0"
+        with pytest.raises(ValueError, match="invalid stdin: must be bytes or str"):
+            vm.run("cat", stdin=42)
         with pytest.raises(ValueError):
             vm.run("")
         with pytest.raises(ValueError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import _native
 from ._errors import call
@@ -189,18 +189,28 @@ class SmolVM:
 
     # -- commands ----------------------------------------------------------------------------
 
-    def run(self, command: str, timeout: float = 30, shell: str = "login") -> CommandResult:
-        """Run ``command`` in a fresh process: ``$SHELL -lc`` (login) or ``/bin/sh -c`` (raw)."""
+    def run(
+        self, command: str, timeout: float = 30, shell: str = "login", stdin: Optional[Union[bytes, str]] = None
+    ) -> CommandResult:
+        """Run ``command`` in a fresh process: ``$SHELL -lc`` (login) or ``/bin/sh -c`` (raw).
+
+        ``stdin`` (bytes, or text sent as UTF-8) is what the command reads on its standard input;
+        without it the command reads nothing.
+        """
         if not isinstance(command, str) or not command.strip():
             raise ValidationError("invalid command: must not be empty", {"field": "command"})
         if timeout is None or timeout < 1:
             raise ValidationError("invalid timeout: must be at least 1 second", {"field": "timeout"})
         if shell not in _SHELLS:
             raise ValidationError(f"invalid shell: {shell!r} (allowed: 'login', 'raw')", {"field": "shell"})
+        if isinstance(stdin, str):
+            stdin = stdin.encode()
+        elif stdin is not None and not isinstance(stdin, (bytes, bytearray, memoryview)):
+            raise ValidationError("invalid stdin: must be bytes or str", {"field": "stdin"})
         if self.on_pre_run is not None:
             self.on_pre_run(command)  # may raise CommandBlockedError to veto
         try:
-            code, out, err = call(self._require().run, command, float(timeout), shell)
+            code, out, err = call(self._require().run, command, float(timeout), shell, None if stdin is None else bytes(stdin))
         except BaseException as e:
             if self.on_run_error is not None and not isinstance(e, CommandBlockedError):
                 self.on_run_error(command, e)
