@@ -268,10 +268,8 @@ fn pump(out: Output, mut outputs: [Option<File>; 2], exit: File, timeout: Option
                     Ok(n) => {
                         last = Instant::now();
                         // Nobody reads any more (a cancel): the output is drained and dropped.
-                        if out.window.take(n, None) == Room::Open {
-                            let data = buf[..n].to_vec();
-                            out.w.send(out.stream, &if is_stdout { Reply::Stdout(data) } else { Reply::Stderr(data) });
-                        }
+                        let data = buf[..n].to_vec();
+                        out.window.send(out.w, out.stream, &if is_stdout { Reply::Stdout(data) } else { Reply::Stderr(data) });
                     }
                 }
             }

@@ -1,7 +1,7 @@
 //! File transfer: uploads arrive as input frames into a temp file that is renamed into place
 //! when complete; downloads stream out in chunks. Directories travel as tar.
 
-use crate::flow::{Room, Window};
+use crate::flow::Window;
 use crate::server::Writer;
 use smolvm_proto::{ErrorKind, Reply, CHUNK};
 use std::collections::HashMap;
@@ -109,32 +109,17 @@ pub fn put_cancel(stream: u32) {
 pub fn get(stream: u32, path: String, w: Writer) {
     let window = crate::flow::open(stream);
     std::thread::spawn(move || {
-        get_on(stream, path, Output { w, window: &window });
+        get_on(stream, path, &w, &window);
         crate::flow::forget(stream, &window);
     });
 }
 
-/// Where a download's bytes go: the host's stream, within its window.
-struct Output<'a> {
-    w: Writer,
-    window: &'a Window,
-}
-
-impl Output<'_> {
-    /// Send one chunk once the host has room for it; an error once nobody reads (a cancel).
-    fn data(&self, stream: u32, chunk: Vec<u8>) -> io::Result<()> {
-        match self.window.take(chunk.len(), None) {
-            Room::Open => {
-                self.w.send(stream, &Reply::Data(chunk));
-                Ok(())
-            }
-            _ => Err(io::Error::other("the download was cancelled")),
-        }
-    }
-}
-
-fn get_on(stream: u32, path: String, out: Output) {
-    let w = &out.w;
+fn get_on(stream: u32, path: String, w: &Writer, window: &Window) {
+    // One chunk once the host has room for it; an error once nobody reads (a cancel).
+    let data = |chunk: Vec<u8>| match window.send(w, stream, &Reply::Data(chunk)) {
+        true => Ok(()),
+        false => Err(io::Error::other("the download was cancelled")),
+    };
     if !path.starts_with('/') {
         return w.send(stream, &Reply::error(ErrorKind::Invalid, format!("guest path must be absolute: {path:?}")));
     }
@@ -150,9 +135,9 @@ fn get_on(stream: u32, path: String, out: Output) {
     let sent = if meta.is_dir() {
         // Streamed as it is packed: the archive of a directory in the guest's RAM (tmpfs, an
         // initramfs) would need that memory a second time, and PID 1 out of memory ends the VM.
-        smolvm_tar::pack_chunked(Path::new(&path), CHUNK, |chunk| out.data(stream, chunk))
+        smolvm_tar::pack_chunked(Path::new(&path), CHUNK, data)
     } else {
-        File::open(&path).and_then(|f| send_from(stream, f, &out))
+        File::open(&path).and_then(|f| send_from(f, data))
     };
     match sent {
         Ok(size) => w.send(stream, &Reply::FileDone { mode, size, tar: meta.is_dir() }),
@@ -160,7 +145,7 @@ fn get_on(stream: u32, path: String, out: Output) {
     }
 }
 
-fn send_from(stream: u32, mut r: impl Read, out: &Output) -> io::Result<u64> {
+fn send_from(mut r: impl Read, data: impl Fn(Vec<u8>) -> io::Result<()>) -> io::Result<u64> {
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
     loop {
@@ -169,6 +154,6 @@ fn send_from(stream: u32, mut r: impl Read, out: &Output) -> io::Result<u64> {
             return Ok(total);
         }
         total += n as u64;
-        out.data(stream, buf[..n].to_vec())?;
+        data(buf[..n].to_vec())?;
     }
 }

@@ -4,6 +4,8 @@
 //! A sender that finds its window used up waits; a command then blocks on its full pipe, as it
 //! would on a slow terminal.
 
+use crate::server::Writer;
+use smolvm_proto::Reply;
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
@@ -62,6 +64,16 @@ impl Window {
                 }
             };
         }
+    }
+
+    /// Send an output reply on `stream` once the host has room for it (waiting if need be).
+    /// False, and nothing sent, once nobody reads the stream any more (a cancel).
+    pub fn send(&self, w: &Writer, stream: u32, reply: &Reply) -> bool {
+        if self.take(reply.window_bytes(), None) != Room::Open {
+            return false;
+        }
+        w.send(stream, reply);
+        true
     }
 
     /// Whether the window has no room left now (the sender would wait).

@@ -271,14 +271,13 @@ impl Backend {
     }
 }
 
-/// `1/true/yes/on` (any case) are true, `0/false/no/off` false, anything else the default.
 /// How the host reaches the guest agent under QEMU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     /// A virtio-serial port on a Unix socket: needs nothing from the host kernel; the default.
     Serial,
-    /// vsock, through a vhost-user device served by `vhost-device-vsock` (host side as in
-    /// Firecracker: a Unix socket taking `CONNECT <port>`). Such a VM cannot be snapshotted.
+    /// vsock, through a vhost-user device served by `vhost-device-vsock`; the agent connects to
+    /// the host's `<uds>_1024`, as under Firecracker. Such a VM cannot be snapshotted.
     Vsock,
 }
 
@@ -295,6 +294,7 @@ fn parse_transport(value: Option<&str>) -> Result<Transport> {
     }
 }
 
+/// `1/true/yes/on` (any case) are true, `0/false/no/off` false, anything else the default.
 pub fn env_flag(name: &str, default: bool) -> bool {
     match std::env::var(name).map(|v| v.trim().to_ascii_lowercase()) {
         Ok(v) if ["1", "true", "yes", "on"].contains(&v.as_str()) => true,
@@ -329,6 +329,7 @@ impl Dirs {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn the_agent_transport_is_serial_unless_vsock_is_asked_for() {
@@ -340,8 +341,6 @@ mod tests {
             "invalid SMOLVM_AGENT_TRANSPORT: \"vhost\" is not a transport (allowed: serial, vsock)"
         );
     }
-
-    use super::*;
 
     #[test]
     fn vm_ids() {

@@ -469,7 +469,12 @@ pub fn missing_options(fragment: &str, config: &str) -> Vec<String> {
 }
 
 pub(crate) fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+    find_on_path(tool).is_some()
+}
+
+/// Where `tool` is on PATH, if it is.
+pub(crate) fn find_on_path(tool: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(tool)).find(|p| p.is_file())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -658,11 +658,17 @@ async fn boot(launch: &qemu::LaunchSpec, spec: &BootSpec, greeting: &Greeting, p
         Some(_) => crate::vmm::vsock::port_path(&paths.vsock, proto::AGENT_VSOCK_PORT),
     };
     let listener = UnixListener::bind(&agent_socket).ctx(|| format!("binding {}", agent_socket.display()))?;
-    let vsock = match &launch.vsock {
+    let mut vsock = match &launch.vsock {
         None => None,
         Some(vhost) => Some(crate::vmm::vsock::spawn_daemon(vhost, &paths.vsock, &paths.log).await?),
     };
-    let mut child = qemu::spawn(launch, &paths.log)?;
+    let mut child = match qemu::spawn(launch, &paths.log) {
+        Ok(c) => c,
+        Err(e) => {
+            stop_vsock(&mut vsock).await;
+            return Err(e);
+        }
+    };
     tracing::debug!("phase: qemu spawned");
     let started = Instant::now();
     let timeout = Duration::from_millis(spec.boot_timeout_ms);
@@ -738,7 +744,6 @@ async fn boot(launch: &qemu::LaunchSpec, spec: &BootSpec, greeting: &Greeting, p
         Ok((qmp, agent, greeted)) => Ok(Booted { child, qmp, agent, greeted, vsock }),
         Err(e) => {
             let _ = child.kill().await;
-            let mut vsock = vsock;
             stop_vsock(&mut vsock).await;
             Err(e)
         }

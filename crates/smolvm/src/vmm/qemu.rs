@@ -75,31 +75,36 @@ pub fn choose_machine(dirs: &crate::config::Dirs, kernel: Option<&Path>) -> Resu
 /// Whether a kernel can find virtio-mmio devices (microvm's only kind). An ELF kernel without
 /// the driver's name in it has no such driver built in; a compressed one (a bzImage) cannot be
 /// looked into and is taken to have it, as Debian's does (as a module). Our own kernel has it.
-/// Asked once per kernel file: the answer is kept in the image cache.
 fn kernel_has_mmio(dirs: &crate::config::Dirs, kernel: &Path) -> bool {
     if is_our_kernel(kernel) || !kernel_is_elf(kernel) {
         return true;
     }
-    let Ok(meta) = std::fs::metadata(kernel) else {
-        // A missing kernel fails later, with its own message.
-        return true;
-    };
+    // A kernel that cannot be read fails later, with its own message.
+    remembered(dirs, "kernel-mmio", kernel, || std::fs::read(kernel).ok().map(|elf| elf_has_mmio(&elf))).unwrap_or(true)
+}
+
+/// A yes/no answer about a file (a QEMU binary, a kernel) that takes time to get, kept in the
+/// image cache as `<name>-<key>` for that file's path, size and time: a changed file is asked
+/// again. `None` when the file or the answer cannot be had; nothing is kept then.
+fn remembered(dirs: &crate::config::Dirs, name: &str, file: &Path, ask: impl FnOnce() -> Option<bool>) -> Option<bool> {
+    let meta = std::fs::metadata(file).ok()?;
     let changed = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
-    let key = crate::image::fingerprint(&[kernel.to_string_lossy().as_bytes(), &meta.len().to_le_bytes(), &changed.to_le_bytes()]);
-    let mark = dirs.images.join(format!("kernel-mmio-{key}"));
+    let key = crate::image::fingerprint(&[file.to_string_lossy().as_bytes(), &meta.len().to_le_bytes(), &changed.to_le_bytes()]);
+    let mark = dirs.images.join(format!("{name}-{key}"));
     match std::fs::read_to_string(&mark).as_deref().map(str::trim) {
-        Ok("yes") => return true,
-        Ok("no") => return false,
+        Ok("yes") => return Some(true),
+        Ok("no") => return Some(false),
+        // Anything else (a file another process is writing): ask again.
         _ => {}
     }
-    let Ok(bytes) = std::fs::read(kernel) else { return true };
-    let has = elf_has_mmio(&bytes);
-    let tmp = dirs.images.join(format!(".kernel-mmio-{key}.{}.tmp", std::process::id()));
+    let answer = ask()?;
+    // Whole or not at all: written beside, then renamed over.
+    let tmp = dirs.images.join(format!(".{name}-{key}.{}.tmp", std::process::id()));
     let _ = std::fs::create_dir_all(&dirs.images);
-    if std::fs::write(&tmp, if has { "yes\n" } else { "no\n" }).is_ok() && std::fs::rename(&tmp, &mark).is_err() {
+    if std::fs::write(&tmp, if answer { "yes\n" } else { "no\n" }).is_ok() && std::fs::rename(&tmp, &mark).is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    has
+    Some(answer)
 }
 
 /// The virtio-mmio driver registers under this name, so a kernel with it built in carries it.
@@ -117,35 +122,17 @@ fn nic_rom(machine: Machine) -> &'static str {
 }
 
 /// Whether this QEMU offers `-M microvm`. Asking it (`-M help`) starts a QEMU, some 20 ms: the
-/// answer is kept in the image cache for this binary (path, size, time), off every later start.
+/// answer is remembered for this binary, off every later start. No QEMU at all, or one that
+/// fails to answer (killed, out of memory), fails later with its own message.
 fn has_microvm(dirs: &crate::config::Dirs) -> bool {
-    let paths = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
-    // No QEMU at all fails later, with its own message.
-    let Some((bin, meta)) = paths.iter().map(|d| d.join(QEMU_BINARY)).find_map(|p| std::fs::metadata(&p).ok().map(|m| (p, m))) else {
+    let Some(bin) = crate::image::find_on_path(QEMU_BINARY) else {
         return true;
     };
-    let changed = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
-    let key = crate::image::fingerprint(&[bin.to_string_lossy().as_bytes(), &meta.len().to_le_bytes(), &changed.to_le_bytes()]);
-    let mark = dirs.images.join(format!("qemu-machines-{key}"));
-    match std::fs::read_to_string(&mark).as_deref().map(str::trim) {
-        Ok("microvm") => return true,
-        Ok("q35") => return false,
-        // Anything else (a file another process is writing): ask again.
-        _ => {}
-    }
-    // A QEMU that fails to answer (killed, out of memory) proves nothing: no record then.
-    let out = match std::process::Command::new(&bin).args(["-M", "help"]).output() {
-        Ok(out) if out.status.success() => out,
-        _ => return true,
+    let ask = || {
+        let out = std::process::Command::new(&bin).args(["-M", "help"]).output().ok().filter(|o| o.status.success())?;
+        Some(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("microvm ")))
     };
-    let has = String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("microvm "));
-    // Whole or not at all: written beside, then renamed over.
-    let tmp = dirs.images.join(format!(".qemu-machines-{key}.{}.tmp", std::process::id()));
-    let _ = std::fs::create_dir_all(&dirs.images);
-    if std::fs::write(&tmp, if has { "microvm\n" } else { "q35\n" }).is_ok() && std::fs::rename(&tmp, &mark).is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    has
+    remembered(dirs, "qemu-microvm", &bin, ask).unwrap_or(true)
 }
 
 /// What the guest's one NIC is plugged into. Every VM has the same NIC so that any saved

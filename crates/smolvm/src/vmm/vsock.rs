@@ -20,15 +20,15 @@ pub fn daemon_binary() -> Result<PathBuf> {
         }
         return Ok(p);
     }
-    let cargo_bin = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .map(|d| d.join("bin"));
-    let dirs = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
-    dirs.into_iter()
-        .chain(cargo_bin)
-        .map(|d| d.join("vhost-device-vsock"))
-        .find(|p| p.is_file())
+    let in_cargo_bin = || {
+        std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+            .map(|d| d.join("bin/vhost-device-vsock"))
+            .filter(|p| p.is_file())
+    };
+    crate::image::find_on_path("vhost-device-vsock")
+        .or_else(in_cargo_bin)
         .ok_or_else(|| Error::Host("the vsock transport needs vhost-device-vsock (cargo install vhost-device-vsock)".into()))
 }
 
