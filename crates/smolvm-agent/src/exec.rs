@@ -107,35 +107,6 @@ fn spawn(req: &ExecRequest, shell: &str) -> std::io::Result<(Spawned, File)> {
     Ok((child, File::from(exit_read)))
 }
 
-/// At boot, run what the first command will run (`$SHELL -lc true`) at `SCHED_IDLE`: it gets
-/// only vCPU time that nothing else wants. Under TCG a guest's first process start and shell
-/// start-up cost milliseconds of code translation; what of it happens while a vCPU would idle
-/// (the set-up waits on the NIC, the agent on the host), the first command finds translated.
-/// At normal priority it competed with the set-up and the first command, which then ended
-/// later; at `SCHED_IDLE` the first command ends 3-8 ms sooner, measured in the guest over
-/// four batches of 24 boots. Only in our own initramfs: a root disk's login scripts are the
-/// user's, and may do anything. Its output goes nowhere; the reaper collects its exit.
-pub fn warm_up() {
-    let policy = |p: libc::c_int| {
-        // SAFETY: sched_param is plain old data; zeroed is priority 0, which both policies take.
-        let param: libc::sched_param = unsafe { std::mem::zeroed() };
-        // SAFETY: pid 0 is the calling thread; `param` is valid for the call.
-        unsafe { libc::sched_setscheduler(0, p, &param) == 0 }
-    };
-    // The child that posix_spawn makes on this thread inherits the policy; this thread then
-    // serves commands at the normal one.
-    if !policy(libc::SCHED_IDLE) {
-        return;
-    }
-    let req = ExecRequest { command: "true".into(), shell: Shell::Login, env: Default::default(), timeout_ms: 0, stdin: false, cwd: None };
-    let shell = login_shell();
-    let (program, flag, env, cwd) = invocation(&req, &shell);
-    if let Err(e) = crate::spawn::spawn(program, &[flag, &req.command], &env, cwd, false) {
-        crate::log(&format!("warm-up: {e}"));
-    }
-    policy(libc::SCHED_OTHER);
-}
-
 fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Receiver<Option<Vec<u8>>>>, window: &Window) {
     crate::pending::wait();
     let shell = login_shell();

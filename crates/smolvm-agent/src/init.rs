@@ -55,22 +55,20 @@ pub fn mount_dev() -> io::Result<()> {
     Ok(())
 }
 
-pub fn setup() -> io::Result<Cmdline> {
+/// The first thing PID 1 does: read the settings, load the image's modules and, in our own
+/// initramfs, start the set-up thread (NIC, /proc, /sys, loopback). The NIC costs the most of it
+/// under TCG (its receive buffers are allocated when it comes up) and commands wait for it, so
+/// it starts before anything else (after /dev and the channel it was done ~8 ms later, and the
+/// first command often waited for it).
+pub fn start() -> Cmdline {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    mount_dev()?;
     let cmdline = Cmdline::read();
-    let root_disk = cmdline.get("smolvm_root").is_some();
-    let mut net = cmdline.get("smolvm_net").and_then(|v| smolvm_proto::NetConfig::from_boot_arg(&v));
     // Before the set-up thread: a kernel with modules gets its NIC driver here.
     load_modules();
-    if root_disk {
-        mount_fs("proc", "/proc", "proc", nosuid, None)?;
-        mount_fs("sysfs", "/sys", "sysfs", nosuid, None)?;
-    } else {
-        // Nothing on the way to the agent channel needs the NIC, /proc, /sys or the loopback
-        // device: a thread of its own sets them up while the agent already answers, and
-        // commands wait for it. (A switch_root moves /proc and /sys, so there they come first.)
-        let net = net.take();
+    // A root disk moves /proc and /sys along when it becomes `/`, and its resolv.conf is
+    // written after the switch: there the set-up runs in `setup`.
+    if cmdline.get("smolvm_root").is_none() {
+        let net = cmdline.get("smolvm_net").and_then(|v| smolvm_proto::NetConfig::from_boot_arg(&v));
         crate::pending::spawn(move || {
             if let Some(cfg) = net {
                 crate::net::configure_now(&cfg);
@@ -83,11 +81,22 @@ pub fn setup() -> io::Result<Cmdline> {
             loopback_up();
         });
     }
-    // The thread the first command runs on, started now (not from the set-up thread, which
-    // commands wait for); in our initramfs it first starts the idle-priority warm-up (which
-    // the host turns off where it would be in the way: `smolvm_warmup=0`).
-    let warm_up = !root_disk && cmdline.get("smolvm_warmup").as_deref() != Some("0");
-    crate::workers::start(if warm_up { Box::new(crate::exec::warm_up) } else { Box::new(|| {}) });
+    cmdline
+}
+
+/// The rest of PID 1's set-up, after `start` and the agent channel's early open.
+pub fn setup(cmdline: &Cmdline) -> io::Result<()> {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_dev()?;
+    let root_disk = cmdline.get("smolvm_root").is_some();
+    if root_disk {
+        mount_fs("proc", "/proc", "proc", nosuid, None)?;
+        mount_fs("sysfs", "/sys", "sysfs", nosuid, None)?;
+    }
+    // The thread the first command runs on, started now: not from the set-up thread, which
+    // commands wait for, and not when the command comes, since a new thread costs milliseconds
+    // on a cold guest.
+    crate::workers::start();
     mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
     if let Some(root) = cmdline.get("smolvm_root") {
         switch_root(&root)?;
@@ -102,6 +111,7 @@ pub fn setup() -> io::Result<Cmdline> {
     if root_disk {
         // Commands wait for these (`pending::wait`); the agent does not. After the switch, so
         // that resolv.conf is written into the root disk.
+        let net = cmdline.get("smolvm_net").and_then(|v| smolvm_proto::NetConfig::from_boot_arg(&v));
         crate::pending::spawn(move || {
             if let Some(cfg) = net {
                 crate::net::configure_now(&cfg);
@@ -109,7 +119,7 @@ pub fn setup() -> io::Result<Cmdline> {
             loopback_up();
         });
     }
-    Ok(cmdline)
+    Ok(())
 }
 
 /// Images built for a kernel with modules (Debian's cloud kernel) list them, in load order, in

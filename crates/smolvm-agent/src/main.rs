@@ -33,23 +33,21 @@ fn main() {
     reaper::block_signals();
     // The host says on the kernel command line when it reaches the agent over vsock.
     let vsock = std::env::var_os("smolvm_channel").is_some_and(|c| c == "vsock");
+    // PID 1 starts the set-up thread (the NIC, which commands wait for) before anything else.
+    let cmdline = if pid1 { init::start() } else { init::Cmdline::read() };
     // The channel opens as early as its device node exists: the host's greeting then travels
     // while the rest of the set-up runs, and waits in the channel.
     let early = if pid1 && !vsock { init::mount_dev().ok().and_then(|_| server::try_open_channel()) } else { None };
-    let cmdline = if pid1 {
-        init::setup().unwrap_or_else(|e| {
+    if pid1 {
+        if let Err(e) = init::setup(&cmdline) {
             log(&format!("init failed: {e}"));
-            let cmdline = init::Cmdline::read();
             // Serving from the initramfs instead of the asked-for root disk would run the
             // user's commands in the wrong filesystem: fail the boot (the host shows this log).
             if cmdline.get("smolvm_root").is_some() {
                 init::power_off();
             }
-            cmdline
-        })
-    } else {
-        init::Cmdline::read()
-    };
+        }
+    }
     reaper::start(pid1);
     let vsock = vsock || cmdline.get("smolvm_channel").as_deref() == Some("vsock");
     let opened = if vsock {

@@ -27,9 +27,9 @@ pub fn run(job: Job) {
     std::thread::spawn(move || work(job));
 }
 
-/// Start a thread that runs `first`, then waits for jobs (boot: the first command finds it).
-pub fn start(first: Job) {
-    std::thread::spawn(move || work(first));
+/// Start an idle thread (boot: the first command finds it).
+pub fn start() {
+    std::thread::spawn(|| work(Box::new(|| {})));
 }
 
 fn work(first: Job) {

@@ -86,9 +86,6 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
         memory: config.memory,
         network: Some(network.into()),
         internet_settings: Some(internet),
-        // No idle-priority warm-up shell: it could still be half way when the state is saved,
-        // and every clone would then finish it in memory of its own.
-        boot_args: Some("smolvm_warmup=0".into()),
         ..Default::default()
     };
     let mut sb = Sandbox::create_in(dirs.clone(), shape, true)?;
