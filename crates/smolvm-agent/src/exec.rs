@@ -96,13 +96,13 @@ fn invocation<'a>(req: &'a ExecRequest, shell: &'a str) -> (&'a str, &'static st
 }
 
 /// Start the command as every exec runs it: the shell, a clean environment, its own session
-/// (so a timeout can kill its whole process group), registered with the reaper, which writes its
-/// exit code to the returned pipe.
-fn spawn(req: &ExecRequest, shell: &str) -> std::io::Result<(Spawned, File)> {
+/// and its own cgroup (so a timeout can kill all it started), registered with the reaper, which
+/// writes its exit code to the returned pipe.
+fn spawn(req: &ExecRequest, shell: &str, token: u64, grouped: bool) -> std::io::Result<(Spawned, File)> {
     let (program, flag, env, cwd) = invocation(req, shell);
     let (exit_read, exit_write) = crate::spawn::pipe()?;
     let mut waiters = crate::reaper::lock();
-    let child = crate::spawn::spawn(program, &[flag, &req.command], &env, cwd, req.stdin)?;
+    let child = crate::cgroup::spawn_in(token, grouped, || crate::spawn::spawn(program, &[flag, &req.command], &env, cwd, req.stdin))?;
     waiters.insert(child.pid, File::from(exit_write));
     Ok((child, File::from(exit_read)))
 }
@@ -120,9 +120,11 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
         w.send(stream, &Reply::error(ErrorKind::NotFound, format!("working directory {cwd} does not exist")));
         return;
     }
-    let (child, exit) = match spawn(&req, &shell) {
+    let grouped = crate::cgroup::create(token);
+    let (child, exit) = match spawn(&req, &shell, token, grouped) {
         Ok(v) => v,
         Err(e) => {
+            crate::cgroup::release(token);
             forget(stream, token);
             let kind = if e.kind() == std::io::ErrorKind::NotFound { ErrorKind::NotFound } else { ErrorKind::Failed };
             w.send(stream, &Reply::error(kind, format!("cannot start {shell}: {e}")));
@@ -148,17 +150,18 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
         Some(r) if r.token == token => {
             r.pgid = Some(pgid);
             if r.cancelled {
-                kill_all(pgid);
+                kill_all(pgid, token);
             }
         }
         // Replaced by a new host session's exec of the same id: this one has nobody to run for.
         _ => {
-            kill_all(pgid);
+            kill_all(pgid, token);
         }
     }
     let outputs = [Some(child.stdout), Some(child.stderr)];
     let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms));
-    let (code, timed_out) = pump(Output { stream, w: &w, window }, outputs, exit, timeout, pgid);
+    let (code, timed_out) = pump(Output { stream, w: &w, window }, outputs, exit, timeout, pgid, token);
+    crate::cgroup::release(token);
     // A new host's command may have this stream id by now (a restored snapshot): only this
     // command's own entry goes.
     forget(stream, token);
@@ -181,7 +184,7 @@ struct Output<'a> {
 /// the timeout the whole process group is killed. While the host has all the output it may
 /// hold (its window), the pipes are not read: the command blocks on them. Returns (exit code,
 /// timed out).
-fn pump(out: Output, mut outputs: [Option<File>; 2], exit: File, timeout: Option<Duration>, pgid: i32) -> (i32, bool) {
+fn pump(out: Output, mut outputs: [Option<File>; 2], exit: File, timeout: Option<Duration>, pgid: i32, token: u64) -> (i32, bool) {
     let mut deadline = timeout.map(|t| Instant::now() + t);
     let mut exit = Some(exit);
     let mut code: Option<i32> = None;
@@ -196,7 +199,7 @@ fn pump(out: Output, mut outputs: [Option<File>; 2], exit: File, timeout: Option
         // The shell is done, but what it left in the background still writes: the timeout
         // holds for that too (else a chatty background loop would keep the exec open forever).
         if code.is_some() && deadline.is_some_and(|d| Instant::now() >= d) {
-            kill_all(pgid);
+            kill_all(pgid, token);
             break;
         }
         if out.window.is_full() {
@@ -205,7 +208,7 @@ fn pump(out: Output, mut outputs: [Option<File>; 2], exit: File, timeout: Option
                 Room::Open => last = Instant::now(),
                 Room::Closed => {}
                 Room::Deadline => {
-                    kill_all(pgid);
+                    kill_all(pgid, token);
                     if code.is_some() {
                         break;
                     }
@@ -255,12 +258,12 @@ fn pump(out: Output, mut outputs: [Option<File>; 2], exit: File, timeout: Option
                 last = Instant::now();
                 if timed_out {
                     // Members that left the group still hold the pipes; the group itself is gone.
-                    kill_all(pgid);
+                    kill_all(pgid, token);
                 }
             }
         }
         if code.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
-            kill_all(pgid);
+            kill_all(pgid, token);
             timed_out = true;
             deadline = None;
         }
@@ -272,9 +275,11 @@ fn pump(out: Output, mut outputs: [Option<File>; 2], exit: File, timeout: Option
 /// shell's pid) that left the group (`setsid`, `setpgid`). The tree is frozen before it is
 /// killed: a process that forked after the walk, its parent then killed, would be handed to
 /// PID 1 and lost to the walk. A descendant whose parent had already exited belongs to PID 1
-/// (this agent) and cannot be told apart; without cgroups in the guest kernel it stays.
-fn kill_all(pgid: i32) {
+/// (this agent) and only the command's cgroup finds it (kernels without cgroups: it stays).
+fn kill_all(pgid: i32, token: u64) {
     use nix::sys::signal::kill;
+    // Everything the command started, wherever it went (where the kernel has cgroups).
+    crate::cgroup::kill(token);
     let mut frozen: std::collections::HashSet<i32> = std::collections::HashSet::new();
     // A few rounds: each catches what forked before the previous round's stop arrived.
     for _ in 0..3 {
@@ -339,7 +344,7 @@ pub fn stdin(stream: u32, data: Option<Vec<u8>>) {
 fn cancel_one(r: &mut Running) {
     match r.pgid {
         Some(pgid) => {
-            kill_all(pgid);
+            kill_all(pgid, r.token);
         }
         // Not started yet: it will not start.
         None => r.cancelled = true,

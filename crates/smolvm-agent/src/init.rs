@@ -78,6 +78,7 @@ pub fn start() -> Cmdline {
                     crate::log(&e.to_string());
                 }
             }
+            crate::cgroup::mount();
             loopback_up();
         });
     }
@@ -116,6 +117,7 @@ pub fn setup(cmdline: &Cmdline) -> io::Result<()> {
             if let Some(cfg) = net {
                 crate::net::configure_now(&cfg);
             }
+            crate::cgroup::mount();
             loopback_up();
         });
     }

@@ -6,6 +6,7 @@
 //! threads: it must start in milliseconds and stay small, and a guest has no use for an async
 //! runtime's machinery.
 
+mod cgroup;
 mod envfile;
 mod exec;
 mod files;

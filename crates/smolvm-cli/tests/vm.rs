@@ -82,6 +82,17 @@ async fn a_timed_out_command_is_killed_with_its_whole_group() {
     assert!(matches!(err, Error::Timeout { .. }), "{err}");
     let r = sb.run("ps -o pid,args | grep 'sleep 123[67]' || true", &opts(10)).await.unwrap();
     assert_eq!(r.stdout, "", "processes of the timed-out command remain:\n{}", r.stdout);
+    // A daemon that double-forked (its parent gone, so it belongs to PID 1, in a session of its
+    // own) goes too: the command's cgroup holds it.
+    let err = sb.run("setsid sh -c 'sleep 1238 &'; sleep 1239", &opts(2)).await.unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    let r = sb.run("ps -o pid,ppid,args | grep 'sleep 123[89]' || true", &opts(10)).await.unwrap();
+    assert_eq!(r.stdout, "", "processes of the timed-out command remain:\n{}", r.stdout);
+    // A command that ended normally leaves its background processes running, in its cgroup.
+    let r = sb.run("setsid sh -c 'sleep 1240 &'", &opts(10)).await.unwrap();
+    assert_eq!(r.exit_code, 0);
+    let r = sb.run("cat /proc/$(ps -o pid,args | awk '$2 == \"sleep\" && $3 == 1240 {print $1}')/cgroup", &opts(10)).await.unwrap();
+    assert!(r.stdout.starts_with("0::/smolvm/"), "{:?}", r.stdout);
     // The sandbox stays usable.
     assert_eq!(sb.run("echo still here", &opts(10)).await.unwrap().output(), "still here");
     // Commands start with no signals blocked (the agent blocks the ones it reaps with): a TERM

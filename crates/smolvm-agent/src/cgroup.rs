@@ -1,0 +1,94 @@
+//! A cgroup (v2, no controllers) per command. A process group loses a daemon that double-forked
+//! (its parent exited, so it belongs to PID 1, in a session of its own); a cgroup keeps every
+//! descendant, whatever it does with sessions and groups, so a timeout or a cancel can kill all
+//! of them at once (`cgroup.kill`). Where the kernel has no cgroups, nothing here does anything
+//! and commands are killed by process group and process tree alone.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+const ROOT: &str = "/sys/fs/cgroup";
+const PARENT: &str = "/sys/fs/cgroup/smolvm";
+
+static AVAILABLE: AtomicBool = AtomicBool::new(false);
+
+/// Groups whose command ended while processes it started still ran: removed once empty.
+static LEFT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// At boot, once /sys is mounted.
+pub fn mount() {
+    use nix::mount::{mount, MsFlags};
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    // `favordynmods`: moving a process between groups (each command start) then does not wait
+    // for an RCU grace period, tens of milliseconds at this kernel's 100 Hz, while the shell
+    // runs on and may fork before it is in its group. Forks pay a little instead. Kernels
+    // before 6.0 do not know the option.
+    // Turning it on waits for one grace period, ~30 ms here, on the way to the first command:
+    // an expedited one (for this mount only) takes a fraction of that.
+    const EXPEDITED: &str = "/sys/kernel/rcu_expedited";
+    let expedite = std::fs::write(EXPEDITED, "1").is_ok();
+    let mounted = std::path::Path::new(ROOT).join("cgroup.procs").exists()
+        || (std::fs::create_dir_all(ROOT).is_ok()
+            && ["favordynmods", ""].iter().any(|opts| mount(Some("cgroup2"), ROOT, Some("cgroup2"), flags, Some(*opts)).is_ok()));
+    if expedite {
+        let _ = std::fs::write(EXPEDITED, "0");
+    }
+    // ENODEV: a kernel without cgroups; nothing to say.
+    if mounted && std::fs::create_dir_all(PARENT).is_ok() {
+        AVAILABLE.store(true, Ordering::SeqCst);
+    }
+}
+
+fn path(token: u64) -> PathBuf {
+    PathBuf::from(format!("{PARENT}/{token}"))
+}
+
+/// The command's group, made before it starts; false where there are none.
+pub fn create(token: u64) -> bool {
+    if !AVAILABLE.load(Ordering::SeqCst) {
+        return false;
+    }
+    let mut left = LEFT.lock().unwrap_or_else(|e| e.into_inner());
+    left.retain(|p| std::fs::remove_dir(p).is_err());
+    drop(left);
+    std::fs::create_dir(path(token)).is_ok()
+}
+
+/// Start a command in its group: `spawn` runs with the agent itself in the group, so the
+/// child starts there (`posix_spawn` cannot place it; a child moved after it started could fork
+/// before the move, and under load it did). The agent moves back to the root group before this
+/// returns, and before the command can be killed. Callers hold the spawn lock: one at a time.
+pub fn spawn_in<T>(token: u64, grouped: bool, spawn: impl FnOnce() -> T) -> T {
+    // "0": the writing process, with all its threads.
+    let entered = grouped && std::fs::write(path(token).join("cgroup.procs"), "0").is_ok();
+    let out = spawn();
+    if entered && std::fs::write(format!("{ROOT}/cgroup.procs"), "0").is_err() {
+        crate::log("could not leave a command's cgroup; its timeout kills by process group only");
+    }
+    out
+}
+
+/// Whether the agent is in `token`'s group (it failed to leave it): killing it would kill PID 1.
+fn agent_inside(token: u64) -> bool {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    own.trim_end().ends_with(&format!("/smolvm/{token}"))
+}
+
+/// Kill every process in the command's group.
+pub fn kill(token: u64) {
+    if AVAILABLE.load(Ordering::SeqCst) && !agent_inside(token) {
+        let _ = std::fs::write(path(token).join("cgroup.kill"), "1");
+    }
+}
+
+/// The command has ended: its group goes, now if it is empty, else once it is.
+pub fn release(token: u64) {
+    if !AVAILABLE.load(Ordering::SeqCst) {
+        return;
+    }
+    let p = path(token);
+    if std::fs::remove_dir(&p).is_err() && p.exists() {
+        LEFT.lock().unwrap_or_else(|e| e.into_inner()).push(p);
+    }
+}
