@@ -429,6 +429,8 @@ fn kill_9_of_smolvm_run_is_cleaned_up_by_the_next_command() {
     let out = env.smolvm(&["sandbox", "prune"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(wait_until(Duration::from_secs(2), || env.qemu_processes().is_empty()), "QEMU left running");
+    // Strictly after prune: its supervisor, which saw its owner die, may have removed the
+    // sandbox in the meantime, and the lock prune takes must not bring its directory back.
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
     // Its supervisor finishes on its own (it lets go of the TAP last, off anyone's path).
     let no_supervisor = || {

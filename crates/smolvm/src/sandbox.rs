@@ -70,6 +70,14 @@ impl SandboxPaths {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 
+    /// After `start_lock` found the sandbox gone (its record removed meanwhile, by its own
+    /// supervisor say): the lock made its directory again, and the directory goes again unless
+    /// something else is in it now (a new sandbox of the same name).
+    fn forget_lock(&self) {
+        let _ = std::fs::remove_file(&self.lock);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+
     /// The lock a start holds until the sandbox runs (or has failed): a delete waits for it,
     /// and prune (`wait: false`) passes over a sandbox that holds it (`None`). Until it runs,
     /// a starting sandbox's record does not say so, and its address lease and files are in use.
@@ -272,7 +280,10 @@ fn reap(store: &Store, dirs: &Dirs, rec: Record, held: bool) -> Result<Option<Re
     };
     match store.get(&rec.id)? {
         Some(fresh) => reap_now(store, dirs, fresh),
-        None => Ok(None),
+        None => {
+            SandboxPaths::new(dirs, &rec.id).forget_lock();
+            Ok(None)
+        }
     }
 }
 
@@ -349,7 +360,10 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
             }
         };
         // Read again under the lock: a start that finished since `list` has made it running.
-        let Some(rec) = store.get(&rec.id)? else { continue };
+        let Some(rec) = store.get(&rec.id)? else {
+            paths.forget_lock();
+            continue;
+        };
         if matches!(rec.state, State::Stopped | State::Error) {
             // A supervisor that was killed (a stop past its bound) left its firewall table.
             host_network_leftovers(&store, &rec.id);
@@ -493,7 +507,16 @@ impl Sandbox {
     /// if the warm start fails, it boots cold.
     pub async fn start(&mut self, boot_timeout: Duration, progress: Progress<'_>) -> Result<()> {
         let _lock = self.paths.wait_start_lock().await?;
-        let mut rec = self.record_with(true)?;
+        let mut rec = match self.record_with(true) {
+            Ok(rec) => rec,
+            Err(e) => {
+                // Deleted meanwhile (another process): the lock must not leave a directory.
+                if matches!(e, Error::NotFound(_)) {
+                    self.paths.forget_lock();
+                }
+                return Err(e);
+            }
+        };
         if self.stopping(&rec).await? {
             // Connecting now would reach a sandbox about to stop: start it again instead.
             rec = self.record_with(true)?;
@@ -1460,6 +1483,24 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         id
+    }
+
+    #[test]
+    fn a_lock_taken_for_a_sandbox_that_is_gone_leaves_no_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = Dirs { data: tmp.path().to_path_buf(), images: tmp.path().join("images") };
+        let paths = SandboxPaths::new(&dirs, "gone");
+        let lock = paths.start_lock(false).unwrap().unwrap();
+        assert!(paths.dir.exists(), "the lock makes its directory");
+        paths.forget_lock();
+        drop(lock);
+        assert!(!paths.dir.exists());
+        // A directory with anything else in it is somebody's: it stays.
+        let lock = paths.start_lock(false).unwrap().unwrap();
+        std::fs::write(paths.dir.join("console.log"), "").unwrap();
+        paths.forget_lock();
+        drop(lock);
+        assert!(paths.dir.join("console.log").exists());
     }
 
     #[test]

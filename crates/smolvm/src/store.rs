@@ -150,6 +150,29 @@ fn proc_id(pid: Option<i32>, start: Option<i64>) -> Option<ProcId> {
     Some(ProcId { pid: pid?, start: start? as u64 })
 }
 
+/// WAL mode is a property of the database file, set by whoever opens it first. Switching a new
+/// database to it takes an exclusive lock and, unlike other locks, does not wait in the busy
+/// handler: processes that open a new database at once (the first commands on a host) got
+/// "database is locked". So: only when not yet WAL, and the switch retried for a while.
+fn set_wal(conn: &Connection) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+        if mode.eq_ignore_ascii_case("wal") {
+            return Ok(());
+        }
+        match conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0)) {
+            Ok(m) if m.eq_ignore_ascii_case("wal") => return Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && std::time::Instant::now() < deadline => {}
+            Ok(_) if std::time::Instant::now() < deadline => {}
+            Ok(m) => return Err(Error::Host(format!("the state database stays in journal mode {m}, not WAL"))),
+            Err(e) => return Err(e.into()),
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 impl Store {
     pub fn open(data_dir: &Path) -> Result<Store> {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(data_dir).ctx(|| format!("creating {}", data_dir.display()))?;
@@ -158,7 +181,7 @@ impl Store {
         // The database holds env values: readable by the owner only.
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
         conn.busy_timeout(Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        set_wal(&conn)?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         // Every CLI command opens and closes the database, often as its only user. Closing the
         // last connection would checkpoint (two fsyncs) and delete the WAL, and the next open
@@ -394,6 +417,31 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_database_opened_by_many_at_once_opens_for_all() {
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+            let opens: Vec<_> = (0..8)
+                .map(|i| {
+                    let (path, barrier) = (dir.path().to_path_buf(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        let store = Store::open(&path)?;
+                        store.insert(&format!("vm{i}"), &VmConfig::default(), None)
+                    })
+                })
+                .collect();
+            for open in opens {
+                open.join().unwrap().unwrap();
+            }
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.all().unwrap().len(), 8);
+            let mode: String = store.conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+            assert_eq!(mode, "wal");
+        }
+    }
 
     #[test]
     fn insert_get_update_remove() {
