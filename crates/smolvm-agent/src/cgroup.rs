@@ -13,6 +13,9 @@ const PARENT: &str = "/sys/fs/cgroup/smolvm";
 
 static AVAILABLE: AtomicBool = AtomicBool::new(false);
 
+/// Whether the first command's group (0) was made at boot.
+static PREMADE: AtomicBool = AtomicBool::new(false);
+
 /// Groups whose command ended while processes it started still ran: removed once empty.
 static LEFT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
@@ -37,6 +40,11 @@ pub fn mount() {
     // ENODEV: a kernel without cgroups; nothing to say.
     if mounted && std::fs::create_dir_all(PARENT).is_ok() {
         AVAILABLE.store(true, Ordering::SeqCst);
+        // The first command's group, made now: on a cold guest a mkdir here is milliseconds
+        // off the way to the first command (commands are numbered from 0).
+        if std::fs::create_dir(path(0)).is_ok() {
+            PREMADE.store(true, Ordering::SeqCst);
+        }
     }
 }
 
@@ -48,6 +56,9 @@ fn path(token: u64) -> PathBuf {
 pub fn create(token: u64) -> bool {
     if !AVAILABLE.load(Ordering::SeqCst) {
         return false;
+    }
+    if token == 0 && PREMADE.swap(false, Ordering::SeqCst) {
+        return true;
     }
     let mut left = LEFT.lock().unwrap_or_else(|e| e.into_inner());
     left.retain(|p| std::fs::remove_dir(p).is_err());

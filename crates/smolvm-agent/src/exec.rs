@@ -161,11 +161,12 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
     let outputs = [Some(child.stdout), Some(child.stderr)];
     let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms));
     let (code, timed_out) = pump(Output { stream, w: &w, window }, outputs, exit, timeout, pgid, token);
-    crate::cgroup::release(token);
     // A new host's command may have this stream id by now (a restored snapshot): only this
     // command's own entry goes.
     forget(stream, token);
     w.send(stream, &Reply::Exit { code, timed_out });
+    // After the answer: the host does not wait for the group's removal.
+    crate::cgroup::release(token);
 }
 
 /// Once the command has exited, how long its pipes may stay silent before the exec ends anyway
