@@ -23,12 +23,11 @@ static LEFT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 pub fn mount() {
     use nix::mount::{mount, MsFlags};
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    // `favordynmods`: moving a process between groups (each command start) then does not wait
-    // for an RCU grace period, tens of milliseconds at this kernel's 100 Hz, while the shell
-    // runs on and may fork before it is in its group. Forks pay a little instead. Kernels
-    // before 6.0 do not know the option.
-    // Turning it on waits for one grace period, ~30 ms here, on the way to the first command:
-    // an expedited one (for this mount only) takes a fraction of that.
+    // `favordynmods`: moving a process between groups (twice at each command start) then does
+    // not wait for an RCU grace period, tens of milliseconds at this kernel's 100 Hz; forks pay
+    // a little instead. Kernels before 6.0 do not know the option. Turning it on waits for one
+    // grace period, ~30 ms here, on the way to the first command: an expedited one (asked for
+    // this mount only) takes a fraction of that.
     const EXPEDITED: &str = "/sys/kernel/rcu_expedited";
     let expedite = std::fs::write(EXPEDITED, "1").is_ok();
     let mounted = std::path::Path::new(ROOT).join("cgroup.procs").exists()
