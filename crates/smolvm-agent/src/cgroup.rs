@@ -19,25 +19,35 @@ static PREMADE: AtomicBool = AtomicBool::new(false);
 /// Groups whose command ended while processes it started still ran: removed once empty.
 static LEFT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
-/// At boot, once /sys is mounted.
+/// At boot, once /sys is mounted. Commands are grouped only where the kernel can kill a group
+/// (`cgroup.kill`, 5.14) and the mount has `favordynmods`: without it each move of a process
+/// between groups (two at every command start) waits for an RCU grace period, tens of
+/// milliseconds at this kernel's 100 Hz. Forks pay a little for it instead. Elsewhere commands
+/// are killed by process group and process tree alone.
 pub fn mount() {
     use nix::mount::{mount, MsFlags};
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    // `favordynmods`: moving a process between groups (twice at each command start) then does
-    // not wait for an RCU grace period, tens of milliseconds at this kernel's 100 Hz; forks pay
-    // a little instead. Kernels before 6.0 do not know the option. Turning it on waits for one
-    // grace period, ~30 ms here, on the way to the first command: an expedited one (asked for
-    // this mount only) takes a fraction of that.
-    const EXPEDITED: &str = "/sys/kernel/rcu_expedited";
-    let expedite = std::fs::write(EXPEDITED, "1").is_ok();
-    let mounted = std::path::Path::new(ROOT).join("cgroup.procs").exists()
-        || (std::fs::create_dir_all(ROOT).is_ok()
-            && ["favordynmods", ""].iter().any(|opts| mount(Some("cgroup2"), ROOT, Some("cgroup2"), flags, Some(*opts)).is_ok()));
-    if expedite {
-        let _ = std::fs::write(EXPEDITED, "0");
+    if !std::path::Path::new(ROOT).join("cgroup.procs").exists() {
+        if std::fs::create_dir_all(ROOT).is_err() {
+            return;
+        }
+        // Turning `favordynmods` on waits for one grace period, ~30 ms here, on the way to the
+        // first command: an expedited one (asked for this mount only) takes a fraction of it.
+        const EXPEDITED: &str = "/sys/kernel/rcu_expedited";
+        let before = std::fs::read_to_string(EXPEDITED).ok();
+        let expedite = before.as_deref().is_some_and(|b| b.trim() == "0") && std::fs::write(EXPEDITED, "1").is_ok();
+        // ENODEV: a kernel without cgroups; nothing to say.
+        let _ = mount(Some("cgroup2"), ROOT, Some("cgroup2"), flags, Some("favordynmods"));
+        if expedite {
+            let _ = std::fs::write(EXPEDITED, "0");
+        }
     }
-    // ENODEV: a kernel without cgroups; nothing to say.
-    if mounted && std::fs::create_dir_all(PARENT).is_ok() {
+    let favoured = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with(&format!("cgroup2 {ROOT} ")) && l.contains("favordynmods"));
+    // (`cgroup.kill` is in every group but the root.)
+    if favoured && std::fs::create_dir_all(PARENT).is_ok() && std::path::Path::new(PARENT).join("cgroup.kill").exists() {
         AVAILABLE.store(true, Ordering::SeqCst);
         // The first command's group, made now: on a cold guest a mkdir here is milliseconds
         // off the way to the first command (commands are numbered from 0).
@@ -51,7 +61,8 @@ fn path(token: u64) -> PathBuf {
     PathBuf::from(format!("{PARENT}/{token}"))
 }
 
-/// The command's group, made before it starts; false where there are none.
+/// Make the command's group, before it starts: false where commands are not grouped or the
+/// group could not be made (it then runs without one).
 pub fn create(token: u64) -> bool {
     if !AVAILABLE.load(Ordering::SeqCst) {
         return false;
@@ -60,7 +71,8 @@ pub fn create(token: u64) -> bool {
         return true;
     }
     let mut left = LEFT.lock().unwrap_or_else(|e| e.into_inner());
-    left.retain(|p| std::fs::remove_dir(p).is_err());
+    // Kept: what is still there (busy); gone: removed now, or by someone else.
+    left.retain(|p| std::fs::remove_dir(p).is_err() && p.exists());
     drop(left);
     std::fs::create_dir(path(token)).is_ok()
 }

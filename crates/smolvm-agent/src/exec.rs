@@ -112,10 +112,13 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
     let shell = login_shell();
     if running().get(&stream).is_none_or(|r| r.token != token || r.cancelled) {
         forget(stream, token);
+        // (The first command's group is made at boot.)
+        crate::cgroup::release(token);
         return w.send(stream, &Reply::Exit { code: 128 + 9, timed_out: false });
     }
     if let Some(cwd) = req.cwd.as_deref().filter(|d| !std::path::Path::new(d).is_dir()) {
         forget(stream, token);
+        crate::cgroup::release(token);
         // Else the shell's start fails with an error that blames the shell.
         w.send(stream, &Reply::error(ErrorKind::NotFound, format!("working directory {cwd} does not exist")));
         return;
@@ -182,7 +185,7 @@ struct Output<'a> {
 
 /// Forward the command's output as it comes, on this one thread (a thread per pipe costs
 /// milliseconds each under TCG), until it has exited and its pipes are closed or quiet. Past
-/// the timeout the whole process group is killed. While the host has all the output it may
+/// the timeout everything it started is killed (`kill_all`). While the host has all the output it may
 /// hold (its window), the pipes are not read: the command blocks on them. Returns (exit code,
 /// timed out).
 fn pump(out: Output, mut outputs: [Option<File>; 2], exit: File, timeout: Option<Duration>, pgid: i32, token: u64) -> (i32, bool) {

@@ -56,7 +56,7 @@ pub fn mount_dev() -> io::Result<()> {
 }
 
 /// The first thing PID 1 does: read the settings, load the image's modules and, in our own
-/// initramfs, start the set-up thread (NIC, /proc, /sys, loopback). The NIC costs the most of it
+/// initramfs, start the set-up thread (NIC, /proc, /sys, cgroup2, loopback). The NIC costs the most of it
 /// under TCG (its receive buffers are allocated when it comes up) and commands wait for it, so
 /// it starts before anything else (after /dev and the channel it was done ~8 ms later, and the
 /// first command often waited for it).

@@ -71,11 +71,15 @@ impl SandboxPaths {
     }
 
     /// After `start_lock` found the sandbox gone (its record removed meanwhile, by its own
-    /// supervisor say): the lock made its directory again, and the directory goes again unless
-    /// something else is in it now (a new sandbox of the same name).
-    fn forget_lock(&self) {
-        let _ = std::fs::remove_file(&self.lock);
-        let _ = std::fs::remove_dir(&self.dir);
+    /// supervisor say): the lock made its directory again, and it goes again, with the lock
+    /// file, unless a sandbox of the same name has been created since (its record is back).
+    /// A start of that new sandbox that waits on this lock then locks a file of its own
+    /// (`start_lock` checks that the file it locked is still there).
+    fn forget_lock(&self, store: &Store, id: &str) {
+        if matches!(store.get(id), Ok(None)) {
+            let _ = std::fs::remove_file(&self.lock);
+            let _ = std::fs::remove_dir(&self.dir);
+        }
     }
 
     /// The lock a start holds until the sandbox runs (or has failed): a delete waits for it,
@@ -83,14 +87,23 @@ impl SandboxPaths {
     /// a starting sandbox's record does not say so, and its address lease and files are in use.
     pub fn start_lock(&self, wait: bool) -> Result<Option<nix::fcntl::Flock<std::fs::File>>> {
         use nix::fcntl::{Flock, FlockArg};
-        // A record whose directory is gone (a delete interrupted half way) still gets a lock.
-        let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir);
-        let file = std::fs::File::create(&self.lock).ctx(|| format!("creating {}", self.lock.display()))?;
-        let how = if wait { FlockArg::LockExclusive } else { FlockArg::LockExclusiveNonblock };
-        match Flock::lock(file, how) {
-            Ok(l) => Ok(Some(l)),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) if !wait => Ok(None),
-            Err((_, e)) => Err(Error::Host(format!("locking sandbox: {e}"))),
+        use std::os::unix::fs::MetadataExt;
+        loop {
+            // A record whose directory is gone (a delete interrupted half way) still gets a lock.
+            let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir);
+            let file = std::fs::File::create(&self.lock).ctx(|| format!("creating {}", self.lock.display()))?;
+            let how = if wait { FlockArg::LockExclusive } else { FlockArg::LockExclusiveNonblock };
+            let lock = match Flock::lock(file, how) {
+                Ok(l) => l,
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) if !wait => return Ok(None),
+                Err((_, e)) => return Err(Error::Host(format!("locking sandbox: {e}"))),
+            };
+            // The holder before us may have removed the file (`forget_lock`): a lock on it
+            // locks nothing anyone else can find. Lock the file that is there now instead.
+            let held = lock.metadata().map(|m| m.ino()).ok();
+            if held.is_some() && held == std::fs::metadata(&self.lock).map(|m| m.ino()).ok() {
+                return Ok(Some(lock));
+            }
         }
     }
 
@@ -281,7 +294,7 @@ fn reap(store: &Store, dirs: &Dirs, rec: Record, held: bool) -> Result<Option<Re
     match store.get(&rec.id)? {
         Some(fresh) => reap_now(store, dirs, fresh),
         None => {
-            SandboxPaths::new(dirs, &rec.id).forget_lock();
+            SandboxPaths::new(dirs, &rec.id).forget_lock(store, &rec.id);
             Ok(None)
         }
     }
@@ -361,7 +374,7 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
         };
         // Read again under the lock: a start that finished since `list` has made it running.
         let Some(rec) = store.get(&rec.id)? else {
-            paths.forget_lock();
+            paths.forget_lock(&store, &rec.id);
             continue;
         };
         if matches!(rec.state, State::Stopped | State::Error) {
@@ -512,7 +525,9 @@ impl Sandbox {
             Err(e) => {
                 // Deleted meanwhile (another process): the lock must not leave a directory.
                 if matches!(e, Error::NotFound(_)) {
-                    self.paths.forget_lock();
+                    if let Ok(store) = Store::open(&self.dirs.data) {
+                        self.paths.forget_lock(&store, &self.id);
+                    }
                 }
                 return Err(e);
             }
@@ -1490,17 +1505,41 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dirs = Dirs { data: tmp.path().to_path_buf(), images: tmp.path().join("images") };
         let paths = SandboxPaths::new(&dirs, "gone");
+        let store = Store::open(&dirs.data).unwrap();
         let lock = paths.start_lock(false).unwrap().unwrap();
         assert!(paths.dir.exists(), "the lock makes its directory");
-        paths.forget_lock();
+        paths.forget_lock(&store, "gone");
         drop(lock);
         assert!(!paths.dir.exists());
         // A directory with anything else in it is somebody's: it stays.
         let lock = paths.start_lock(false).unwrap().unwrap();
         std::fs::write(paths.dir.join("console.log"), "").unwrap();
-        paths.forget_lock();
+        paths.forget_lock(&store, "gone");
         drop(lock);
         assert!(paths.dir.join("console.log").exists());
+        // A sandbox of that name made meanwhile keeps its directory and lock.
+        std::fs::remove_file(paths.dir.join("console.log")).unwrap();
+        let lock = paths.start_lock(false).unwrap().unwrap();
+        store.insert("gone", &VmConfig::default(), None).unwrap();
+        paths.forget_lock(&store, "gone");
+        assert!(paths.lock.exists());
+        // A start waiting on a lock whose file its holder then removes locks the file that is
+        // there now, not the removed one.
+        let waiter = {
+            let paths = paths.clone();
+            std::thread::spawn(move || {
+                let l = paths.start_lock(true).unwrap().unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                drop(l);
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        std::fs::remove_file(&paths.lock).unwrap();
+        drop(lock);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(paths.lock.exists(), "the waiter made the file again");
+        assert!(paths.start_lock(false).unwrap().is_none(), "and holds the lock on it");
+        waiter.join().unwrap();
     }
 
     #[test]

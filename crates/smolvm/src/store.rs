@@ -153,7 +153,8 @@ fn proc_id(pid: Option<i32>, start: Option<i64>) -> Option<ProcId> {
 /// WAL mode is a property of the database file, set by whoever opens it first. Switching a new
 /// database to it takes an exclusive lock and, unlike other locks, does not wait in the busy
 /// handler: processes that open a new database at once (the first commands on a host) got
-/// "database is locked". So: only when not yet WAL, and the switch retried for a while.
+/// "database is locked". So the switch is retried while busy, and skipped when already done.
+/// A file system that cannot do WAL (no shared memory) keeps the journal mode it has, as before.
 fn set_wal(conn: &Connection) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -162,11 +163,9 @@ fn set_wal(conn: &Connection) -> Result<()> {
             return Ok(());
         }
         match conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0)) {
-            Ok(m) if m.eq_ignore_ascii_case("wal") => return Ok(()),
+            Ok(_) => return Ok(()),
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::DatabaseBusy && std::time::Instant::now() < deadline => {}
-            Ok(_) if std::time::Instant::now() < deadline => {}
-            Ok(m) => return Err(Error::Host(format!("the state database stays in journal mode {m}, not WAL"))),
             Err(e) => return Err(e.into()),
         }
         std::thread::sleep(Duration::from_millis(5));
