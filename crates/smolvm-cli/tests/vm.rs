@@ -129,6 +129,18 @@ async fn a_timed_out_command_is_killed_with_its_whole_group() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(left, "0\n", "cancelled commands run on");
+    // A caller that goes away once the command has left a daemon behind (forked twice): the
+    // daemon goes with it.
+    let _ = tokio::time::timeout(Duration::from_millis(1500), sb.run("setsid sh -c 'sleep 1241 &'; sleep 1242", &opts(60))).await;
+    let mut left = String::new();
+    for _ in 0..50 {
+        left = sb.run("ps -o args | grep -c '^sleep 124[12]' || true", &opts(10)).await.unwrap().stdout;
+        if left == "0\n" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, "0\n", "a cancelled command's daemon runs on");
     sb.delete().await.unwrap();
 }
 
