@@ -673,16 +673,32 @@ async fn boot(launch: &qemu::LaunchSpec, spec: &BootSpec, greeting: &Greeting, p
     let started = Instant::now();
     let timeout = Duration::from_millis(spec.boot_timeout_ms);
     let work = async {
-        let (stream, _) = listener.accept().await.ctx(|| "accepting the agent channel".into())?;
-        let agent = Conn::new(stream);
-        // Rules first, then the TAP goes up: until then it drops what the guest sends, which
-        // may already have configured its NIC from the kernel command line.
-        plan.setup_host().await?;
-        tracing::debug!("phase: host network ready");
+        // The host's side of NAT (rules first, then the TAP goes up) is made while QEMU starts
+        // and, for a restore, loads the saved state: the guest runs only after both, so it
+        // cannot send into a TAP without rules. The nft process takes ~15 ms, which a warm
+        // start waited for before it even connected to QMP.
+        let host_net = async {
+            plan.setup_host().await?;
+            tracing::debug!("phase: host network ready");
+            Ok::<_, Error>(())
+        };
+        let vmm = async {
+            let (stream, _) = listener.accept().await.ctx(|| "accepting the agent channel".into())?;
+            let restored = match &spec.restore {
+                Some(restore) => {
+                    let mut qmp = qemu::Qmp::connect_when_ready(&launch.qmp_socket).await?;
+                    qmp.restore_from(&restore.state).await?;
+                    Some(qmp)
+                }
+                None => None,
+            };
+            Ok::<_, Error>((Conn::new(stream), restored))
+        };
+        let (host_net, vmm) = tokio::join!(host_net, vmm);
+        host_net?;
+        let (agent, restored) = vmm?;
         let mut greeted = false;
-        let qmp = if let Some(restore) = &spec.restore {
-            let mut qmp = qemu::Qmp::connect_when_ready(&launch.qmp_socket).await?;
-            qmp.restore_from(&restore.state).await?;
+        let qmp = if let (Some(restore), Some(mut qmp)) = (&spec.restore, restored) {
             if restore.resume {
                 qmp.execute("cont").await?;
                 greet(&agent, greeting).await?;
