@@ -674,9 +674,10 @@ async fn boot(launch: &qemu::LaunchSpec, spec: &BootSpec, greeting: &Greeting, p
     let timeout = Duration::from_millis(spec.boot_timeout_ms);
     let work = async {
         // The host's side of NAT (rules first, then the TAP goes up) is made while QEMU starts
-        // and, for a restore, loads the saved state: the guest runs only after both, so it
-        // cannot send into a TAP without rules. The nft process takes ~15 ms, which a warm
-        // start waited for before it even connected to QMP.
+        // and, for a restore, loads the saved state. A restored guest resumes only after both;
+        // a booting one sends nothing that passes before the rules are in place (the TAP is
+        // down until then). The nft process takes ~15 ms, which a warm start waited for before
+        // it even connected to QMP.
         let host_net = async {
             plan.setup_host().await?;
             tracing::debug!("phase: host network ready");
