@@ -399,7 +399,7 @@ async fn supervise(id: &str) -> i32 {
         agent_socket: paths.agent.clone(),
         qmp_socket: paths.qmp.clone(),
         console_log: paths.console.clone(),
-        incoming: spec.restore.is_some(),
+        incoming: spec.restore.as_ref().map(|r| r.state.clone()),
         ram: spec.ram.clone(),
         net: plan.backend.clone(),
         vsock: spec.vsock.then(|| paths.vhost_vsock.clone()),
@@ -686,9 +686,9 @@ async fn boot(launch: &qemu::LaunchSpec, spec: &BootSpec, greeting: &Greeting, p
         let vmm = async {
             let (stream, _) = listener.accept().await.ctx(|| "accepting the agent channel".into())?;
             let restored = match &spec.restore {
-                Some(restore) => {
+                Some(_) => {
                     let mut qmp = qemu::Qmp::connect_when_ready(&launch.qmp_socket).await?;
-                    qmp.restore_from(&restore.state).await?;
+                    qmp.restore_from_launch().await?;
                     Some(qmp)
                 }
                 None => None,

@@ -4,6 +4,7 @@ use super::Accel;
 use crate::error::{Error, IoContext, Result};
 use crate::image::BootImage;
 use smolvm_proto::AGENT_PORT_NAME;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -27,8 +28,10 @@ pub struct LaunchSpec {
     pub agent_socket: PathBuf,
     pub qmp_socket: PathBuf,
     pub console_log: PathBuf,
-    /// Wait for a saved state over QMP (`-incoming defer`), CPUs stopped (`-S`).
-    pub incoming: bool,
+    /// A saved state to load (written by [`Qmp::save_to`]): QEMU waits for it (`-incoming
+    /// defer`, CPUs stopped, `-S`), and gets the file open on a descriptor of its own, which
+    /// [`Qmp::restore_from`] then names.
+    pub incoming: Option<PathBuf>,
     /// Guest RAM in a file instead of anonymous memory (see [`RamFile`]).
     pub ram: Option<RamFile>,
     pub net: NetBackend,
@@ -304,7 +307,7 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
         }
     };
     push(&["-netdev", &netdev, "-device", &format!("virtio-net-{bus},netdev=net0,mac=02:00:00:00:00:02{}", nic_rom(spec.machine))]);
-    if spec.incoming {
+    if spec.incoming.is_some() {
         push(&["-incoming", "defer", "-S"]);
     }
     if let Some(rootfs) = &spec.image.rootfs {
@@ -325,6 +328,10 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
 /// the VM (the supervisor's main thread): PDEATHSIG fires when the spawning *thread* exits.
 /// Where QEMU finds the TAP descriptor it is given.
 const TAP_FD: i32 = 3;
+/// Where QEMU finds the saved state it restores: read from a descriptor it was given, not by
+/// `exec:cat FILE`, for which QEMU forks a shell (copying its page tables, guest RAM mapped)
+/// and the shell a `cat`: milliseconds of every warm start.
+const STATE_FD: i32 = 4;
 
 pub fn spawn(spec: &LaunchSpec, log: &Path) -> Result<tokio::process::Child> {
     let stderr = std::fs::OpenOptions::new().create(true).append(true).open(log).ctx(|| format!("opening {}", log.display()))?;
@@ -338,6 +345,19 @@ pub fn spawn(spec: &LaunchSpec, log: &Path) -> Result<tokio::process::Child> {
         NetBackend::Tap { fd } => Some(fd),
         NetBackend::User { .. } => None,
     };
+    // Open here, at a number above the two QEMU is given (so that placing the TAP cannot
+    // overwrite it); closed in this process once QEMU has its copy.
+    let state = match &spec.incoming {
+        Some(path) => {
+            let file = std::fs::File::open(path).ctx(|| format!("opening the saved state {}", path.display()))?;
+            let fd = nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))
+                .map_err(|e| Error::Host(format!("duplicating the saved state's descriptor: {e}")))?;
+            // SAFETY: fcntl just returned this descriptor, which nothing else owns.
+            Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+        }
+        None => None,
+    };
+    let state_fd = state.as_ref().map(|f| f.as_raw_fd());
     // SAFETY: prctl(PR_SET_PDEATHSIG), dup2 and fcntl only change this child's own attributes
     // and descriptors and are async-signal-safe; no memory of the parent is touched between
     // fork and exec. The TAP descriptor stays valid: the caller holds it until QEMU is gone.
@@ -353,10 +373,18 @@ pub fn spawn(spec: &LaunchSpec, log: &Path) -> Result<tokio::process::Child> {
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            // (Above 10, never one of the two.)
+            if let Some(fd) = state_fd {
+                if libc::dup2(fd, STATE_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
-    cmd.spawn().map_err(|e| {
+    let child = cmd.spawn();
+    drop(state);
+    child.map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             Error::Host(format!("{QEMU_BINARY} is not installed (run `smolvm setup` or apt install qemu-system-x86)"))
         } else {
@@ -466,11 +494,10 @@ impl Qmp {
         Ok(())
     }
 
-    /// Load a state written by [`Qmp::save_to`] into a VM started with `incoming`.
-    pub async fn restore_from(&mut self, file: &Path) -> Result<()> {
+    /// Load the state a VM was started with (`incoming`), written by [`Qmp::save_to`].
+    pub async fn restore_from_launch(&mut self) -> Result<()> {
         self.ignore_shared().await?;
-        let uri = format!("exec:cat {}", shell_quote(file)?);
-        self.execute_args("migrate-incoming", serde_json::json!({ "uri": uri })).await?;
+        self.execute_args("migrate-incoming", serde_json::json!({ "uri": format!("fd:{STATE_FD}") })).await?;
         let status = self.wait_while("query-status", "status", &["inmigrate", "prelaunch"], std::time::Duration::from_secs(120)).await?;
         if status != "paused" {
             return Err(Error::Host(format!("restoring the VM state ended as {status:?}")));
@@ -550,7 +577,7 @@ mod tests {
             agent_socket: "/r/agent.sock".into(),
             qmp_socket: "/r/qmp.sock".into(),
             console_log: "/r/console.log".into(),
-            incoming: false,
+            incoming: None,
             ram: None,
             net: NetBackend::Tap { fd: 7 },
             vsock: None,
