@@ -33,6 +33,11 @@ impl Cmdline {
         }
     }
 
+    /// The guest's network (`smolvm_net=`), if the host gave one.
+    pub fn net(&self) -> Option<smolvm_proto::NetConfig> {
+        self.get("smolvm_net").and_then(|v| smolvm_proto::NetConfig::from_boot_arg(&v))
+    }
+
     pub fn flag(&self, key: &str) -> bool {
         matches!(self, Cmdline::Words(w) if w.iter().any(|w| w == key)) || self.get(key).as_deref() == Some("1")
     }
@@ -68,7 +73,7 @@ pub fn start() -> Cmdline {
     // A root disk moves /proc and /sys along when it becomes `/`, and its resolv.conf is
     // written after the switch: there the set-up runs in `setup`.
     if cmdline.get("smolvm_root").is_none() {
-        let net = cmdline.get("smolvm_net").and_then(|v| smolvm_proto::NetConfig::from_boot_arg(&v));
+        let net = cmdline.net();
         crate::pending::spawn(move || {
             if let Some(cfg) = net {
                 crate::net::configure_now(&cfg);
@@ -112,7 +117,7 @@ pub fn setup(cmdline: &Cmdline) -> io::Result<()> {
     if root_disk {
         // Commands wait for these (`pending::wait`); the agent does not. After the switch, so
         // that resolv.conf is written into the root disk.
-        let net = cmdline.get("smolvm_net").and_then(|v| smolvm_proto::NetConfig::from_boot_arg(&v));
+        let net = cmdline.net();
         crate::pending::spawn(move || {
             if let Some(cfg) = net {
                 crate::net::configure_now(&cfg);

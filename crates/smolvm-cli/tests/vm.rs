@@ -120,28 +120,27 @@ async fn a_timed_out_command_is_killed_with_its_whole_group() {
     for _ in 0..5 {
         let _ = tokio::time::timeout(Duration::from_millis(1), sb.run("sleep 1235", &opts(60))).await;
     }
-    let mut left = String::new();
-    for _ in 0..50 {
-        left = sb.run("ps -o args | grep -c '^sleep 1235' || true", &opts(10)).await.unwrap().stdout;
-        if left == "0\n" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(left, "0\n", "cancelled commands run on");
+    assert_eq!(processes_left(&sb, "^sleep 1235").await, 0, "cancelled commands run on");
     // A caller that goes away once the command has left a daemon behind (forked twice): the
     // daemon goes with it.
     let _ = tokio::time::timeout(Duration::from_millis(1500), sb.run("setsid sh -c 'sleep 1241 &'; sleep 1242", &opts(60))).await;
-    let mut left = String::new();
+    assert_eq!(processes_left(&sb, "^sleep 124[12]").await, 0, "a cancelled command's daemon runs on");
+    sb.delete().await.unwrap();
+}
+
+/// How many guest processes match `pattern` (their command lines), once none do or after 5 s:
+/// a cancel reaches the guest a moment after the caller has gone.
+async fn processes_left(sb: &Sandbox, pattern: &str) -> usize {
+    let mut left = 0;
     for _ in 0..50 {
-        left = sb.run("ps -o args | grep -c '^sleep 124[12]' || true", &opts(10)).await.unwrap().stdout;
-        if left == "0\n" {
+        let out = sb.run(&format!("ps -o args | grep -c '{pattern}' || true"), &opts(10)).await.unwrap().stdout;
+        left = out.trim().parse().unwrap_or_else(|_| panic!("ps said {out:?}"));
+        if left == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(left, "0\n", "a cancelled command's daemon runs on");
-    sb.delete().await.unwrap();
+    left
 }
 
 #[tokio::test]

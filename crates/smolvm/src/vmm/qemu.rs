@@ -30,7 +30,7 @@ pub struct LaunchSpec {
     pub console_log: PathBuf,
     /// A saved state to load (written by [`Qmp::save_to`]): QEMU waits for it (`-incoming
     /// defer`, CPUs stopped, `-S`), and gets the file open on a descriptor of its own, which
-    /// [`Qmp::restore_from`] then names.
+    /// [`Qmp::restore_from_launch`] then names.
     pub incoming: Option<PathBuf>,
     /// Guest RAM in a file instead of anonymous memory (see [`RamFile`]).
     pub ram: Option<RamFile>,
