@@ -27,25 +27,21 @@ static LEFT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 pub fn mount() {
     use nix::mount::{mount, MsFlags};
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    if !std::path::Path::new(ROOT).join("cgroup.procs").exists() {
+    // Mounted here with the option, or already there (then its options are looked up).
+    let favoured = if !std::path::Path::new(ROOT).join("cgroup.procs").exists() {
         if std::fs::create_dir_all(ROOT).is_err() {
             return;
         }
-        // Turning `favordynmods` on waits for one grace period, ~30 ms here, on the way to the
-        // first command: an expedited one (asked for this mount only) takes a fraction of it.
-        const EXPEDITED: &str = "/sys/kernel/rcu_expedited";
-        let before = std::fs::read_to_string(EXPEDITED).ok();
-        let expedite = before.as_deref().is_some_and(|b| b.trim() == "0") && std::fs::write(EXPEDITED, "1").is_ok();
-        // ENODEV: a kernel without cgroups; nothing to say.
-        let _ = mount(Some("cgroup2"), ROOT, Some("cgroup2"), flags, Some("favordynmods"));
-        if expedite {
-            let _ = std::fs::write(EXPEDITED, "0");
-        }
-    }
-    let favoured = std::fs::read_to_string("/proc/self/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.starts_with(&format!("cgroup2 {ROOT} ")) && l.contains("favordynmods"));
+        // Turning `favordynmods` on waits for one RCU grace period: expedited ones (the host
+        // asks for them on the kernel command line) keep that to a fraction of a millisecond.
+        // ENODEV: a kernel without cgroups; EINVAL: one without the option (before 6.0).
+        mount(Some("cgroup2"), ROOT, Some("cgroup2"), flags, Some("favordynmods")).is_ok()
+    } else {
+        std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with(&format!("cgroup2 {ROOT} ")) && l.contains("favordynmods"))
+    };
     // (`cgroup.kill` is in every group but the root.)
     if favoured && std::fs::create_dir_all(PARENT).is_ok() && std::path::Path::new(PARENT).join("cgroup.kill").exists() {
         AVAILABLE.store(true, Ordering::SeqCst);
@@ -77,29 +73,15 @@ pub fn create(token: u64) -> bool {
     std::fs::create_dir(path(token)).is_ok()
 }
 
-/// Start a command in its group: `spawn` runs with the agent itself in the group, so the
-/// child starts there (`posix_spawn` cannot place it; a child moved after it started could fork
-/// before the move, and under load it did). The agent moves back to the root group before this
-/// returns, and before the command can be killed. Callers hold the spawn lock: one at a time.
-pub fn spawn_in<T>(token: u64, grouped: bool, spawn: impl FnOnce() -> T) -> T {
-    // "0": the writing process, with all its threads.
-    let entered = grouped && std::fs::write(path(token).join("cgroup.procs"), "0").is_ok();
-    let out = spawn();
-    if entered && std::fs::write(format!("{ROOT}/cgroup.procs"), "0").is_err() {
-        crate::log("could not leave a command's cgroup; its timeout kills by process group only");
-    }
-    out
-}
-
-/// Whether the agent is in `token`'s group (it failed to leave it): killing it would kill PID 1.
-fn agent_inside(token: u64) -> bool {
-    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    own.trim_end().ends_with(&format!("/smolvm/{token}"))
+/// Where a command's child enters its group (`spawn` writes itself there before the exec): none
+/// where commands are not grouped.
+pub fn procs(token: u64, grouped: bool) -> Option<PathBuf> {
+    grouped.then(|| path(token).join("cgroup.procs"))
 }
 
 /// Kill every process in the command's group.
 pub fn kill(token: u64) {
-    if AVAILABLE.load(Ordering::SeqCst) && !agent_inside(token) {
+    if AVAILABLE.load(Ordering::SeqCst) {
         let _ = std::fs::write(path(token).join("cgroup.kill"), "1");
     }
 }

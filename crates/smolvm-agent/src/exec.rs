@@ -2,7 +2,7 @@
 
 use crate::flow::{Room, Window};
 use crate::server::Writer;
-use crate::spawn::Spawned;
+use crate::spawn::{Pipes, Spawned};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -10,7 +10,7 @@ use smolvm_proto::{ErrorKind, ExecRequest, Reply, Shell, CHUNK};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -97,19 +97,30 @@ fn invocation<'a>(req: &'a ExecRequest, shell: &'a str) -> (&'a str, &'static st
 
 /// Start the command as every exec runs it: the shell, a clean environment, its own session
 /// and its own cgroup (so a timeout can kill all it started), registered with the reaper, which
-/// writes its exit code to the returned pipe.
-fn spawn(req: &ExecRequest, shell: &str, token: u64, grouped: bool) -> std::io::Result<(Spawned, File)> {
+/// writes its exit code to `exit`'s write end, whose read end comes back.
+fn spawn(
+    req: &ExecRequest,
+    shell: &str,
+    token: u64,
+    grouped: bool,
+    pipes: Pipes,
+    exit: (OwnedFd, OwnedFd),
+) -> std::io::Result<(Spawned, File)> {
     let (program, flag, env, cwd) = invocation(req, shell);
-    let (exit_read, exit_write) = crate::spawn::pipe()?;
+    let (exit_read, exit_write) = exit;
     let mut waiters = crate::reaper::lock();
-    let child = crate::cgroup::spawn_in(token, grouped, || crate::spawn::spawn(program, &[flag, &req.command], &env, cwd, req.stdin))?;
+    let cgroup = crate::cgroup::procs(token, grouped);
+    let child = crate::spawn::spawn(program, &[flag, &req.command], &env, cwd, pipes, cgroup.as_deref())?;
     waiters.insert(child.pid, File::from(exit_write));
     Ok((child, File::from(exit_read)))
 }
 
 fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Receiver<Option<Vec<u8>>>>, window: &Window) {
-    crate::pending::wait();
+    // Made while a first command waits for the set-up, which changes none of them. (A pipe
+    // that cannot be made is reported as a failed start below.)
     let shell = login_shell();
+    let pipes = Pipes::new(req.stdin).and_then(|p| Ok((p, crate::spawn::pipe()?)));
+    crate::pending::wait();
     if running().get(&stream).is_none_or(|r| r.token != token || r.cancelled) {
         forget(stream, token);
         // (The first command's group is made at boot.)
@@ -124,7 +135,7 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
         return;
     }
     let grouped = crate::cgroup::create(token);
-    let (child, exit) = match spawn(&req, &shell, token, grouped) {
+    let (child, exit) = match pipes.and_then(|(pipes, exit)| spawn(&req, &shell, token, grouped, pipes, exit)) {
         Ok(v) => v,
         Err(e) => {
             crate::cgroup::release(token);

@@ -111,9 +111,7 @@ pub fn setup(cmdline: &Cmdline) -> io::Result<()> {
     mount_fs("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
     mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
     let _ = std::os::unix::fs::symlink("/proc/self/fd", "/dev/fd");
-    let hostname = cmdline.get("smolvm_hostname").unwrap_or_else(|| "smolvm".into());
-    let _ = nix::unistd::sethostname(&hostname);
-    let _ = fs::write("/etc/hostname", format!("{hostname}\n"));
+    set_hostname(&cmdline.get("smolvm_hostname").unwrap_or_else(|| "smolvm".into()));
     if root_disk {
         // Commands wait for these (`pending::wait`); the agent does not. After the switch, so
         // that resolv.conf is written into the root disk.
@@ -127,6 +125,22 @@ pub fn setup(cmdline: &Cmdline) -> io::Result<()> {
         });
     }
     Ok(())
+}
+
+/// The hostname this agent last set.
+static HOSTNAME: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+/// Set the hostname and /etc/hostname, unless they are set to it already (a cold boot's
+/// greeting repeats the command line's name; the write costs a millisecond on the way to the
+/// first command).
+pub fn set_hostname(name: &str) {
+    let mut current = HOSTNAME.lock().unwrap_or_else(|e| e.into_inner());
+    if *current == name {
+        return;
+    }
+    let _ = nix::unistd::sethostname(name);
+    let _ = fs::write("/etc/hostname", format!("{name}\n"));
+    *current = name.to_string();
 }
 
 /// Images built for a kernel with modules (Debian's cloud kernel) list them, in load order, in

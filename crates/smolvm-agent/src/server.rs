@@ -211,8 +211,7 @@ fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
             }
             set_clock(unix_time_ns);
             if !hostname.is_empty() {
-                let _ = nix::unistd::sethostname(&hostname);
-                let _ = fs::write("/etc/hostname", format!("{hostname}\n"));
+                crate::init::set_hostname(&hostname);
             }
             reseed(&entropy);
             return;

@@ -1,16 +1,15 @@
-//! Starting commands with `posix_spawn`.
+//! Starting commands: a vfork-style clone whose child enters the command's cgroup, sets up its
+//! session, descriptors and signals, and execs.
 //!
-//! `std::process::Command` with a `pre_exec` hook (which the agent needed for the signal mask and
-//! the new session) forks: the agent's page tables are copied, and every page either side then
-//! writes faults once. Under TCG that cost ~2 ms a command (warm `run("true")` 5.6 ms against
-//! 3.4 ms), more on a cold guest. musl's `posix_spawn` shares the agent's memory until the child
-//! execs (vfork-style) and sets the signal mask, signal defaults and session itself, so nothing
-//! runs in the child but the exec.
+//! `std::process::Command` forks: the agent's page tables are copied, and every page either
+//! side then writes faults once. Under TCG that cost ~2 ms a command (warm `run("true")` 5.6 ms
+//! against 3.4 ms), more on a cold guest. Like musl's `posix_spawn`, the child here shares the
+//! agent's memory until it execs; unlike it, the child can put itself into a cgroup first.
 
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr;
 
 /// A started command: its pid and our ends of its pipes.
@@ -25,86 +24,277 @@ fn cstring(s: &str, what: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("the {what} contains a NUL byte")))
 }
 
-fn check(rc: libc::c_int) -> io::Result<()> {
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(rc))
-    }
-}
-
 /// A pipe whose ends do not survive an exec (a spawned command gets only what it is given).
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
 }
 
-struct Actions(libc::posix_spawn_file_actions_t);
+/// A descriptor above stdio: the child moves its pipes onto 0, 1 and 2, which must not clobber
+/// one it has yet to move (PID 1 may run without stdio, and then pipes get the low numbers).
+fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC on an open descriptor returns a new one that we own.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `new` was just returned by fcntl and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
 
-impl Drop for Actions {
-    fn drop(&mut self) {
-        // SAFETY: the value was initialised by posix_spawn_file_actions_init and is destroyed once.
-        unsafe { libc::posix_spawn_file_actions_destroy(&mut self.0) };
+/// A command's standard streams, made before it starts (they need none of the set-up that
+/// commands wait for, so a first command makes them while it waits).
+pub struct Pipes {
+    stdin: Option<(OwnedFd, OwnedFd)>,
+    stdout: (OwnedFd, OwnedFd),
+    stderr: (OwnedFd, OwnedFd),
+}
+
+impl Pipes {
+    /// stdout and stderr, and stdin if `piped_stdin` (else the command reads /dev/null).
+    pub fn new(piped_stdin: bool) -> io::Result<Pipes> {
+        let pair = || -> io::Result<(OwnedFd, OwnedFd)> {
+            let (r, w) = pipe()?;
+            Ok((above_stdio(r)?, above_stdio(w)?))
+        };
+        Ok(Pipes { stdout: pair()?, stderr: pair()?, stdin: if piped_stdin { Some(pair()?) } else { None } })
     }
 }
 
-struct Attr(libc::posix_spawnattr_t);
+/// What the child does between the clone and the exec, all of it prepared by the parent: the
+/// child shares the parent's memory (vfork-style), so it only makes system calls.
+struct ChildPlan {
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    cwd: *const libc::c_char,
+    /// The command's cgroup (its `cgroup.procs`), which the child enters before anything else.
+    cgroup: *const libc::c_char,
+    /// Standard input: a pipe's read end, or -1 for /dev/null.
+    stdin: libc::c_int,
+    stdout: libc::c_int,
+    stderr: libc::c_int,
+    empty_mask: libc::sigset_t,
+    /// The errno of the step that failed, written by the child (the memory is shared; the
+    /// parent reads it once the clone has returned). 0: the exec happened.
+    failed: std::sync::atomic::AtomicI32,
+}
 
-impl Drop for Attr {
-    fn drop(&mut self) {
-        // SAFETY: the value was initialised by posix_spawnattr_init and is destroyed once.
-        unsafe { libc::posix_spawnattr_destroy(&mut self.0) };
+/// Put `fd` at `target` for the exec (dup2 leaves a descriptor that is already there alone,
+/// close-on-exec flag and all).
+///
+/// SAFETY: only system calls on descriptors; callable in the vfork child.
+unsafe fn place(fd: libc::c_int, target: libc::c_int) -> libc::c_int {
+    if fd == target {
+        libc::fcntl(fd, libc::F_SETFD, 0)
+    } else {
+        libc::dup2(fd, target)
+    }
+}
+
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` points at the parent's ChildPlan, alive until the clone returns (which is
+    // after this child has exec'd or exited); every pointer in it is valid for that long. Only
+    // system calls follow: nothing here allocates, locks or unwinds.
+    unsafe {
+        let plan = &*(arg as *const ChildPlan);
+        if !plan.cgroup.is_null() {
+            // Failing that, the command runs outside a group and a timeout kills it by process
+            // group and tree alone.
+            let fd = libc::open(plan.cgroup, libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd >= 0 {
+                libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+            }
+        }
+        let failed = 'steps: {
+            if libc::setsid() < 0 {
+                break 'steps true;
+            }
+            let stdin = if plan.stdin >= 0 { plan.stdin } else { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+            if stdin < 0 || place(stdin, 0) < 0 || place(plan.stdout, 1) < 0 || place(plan.stderr, 2) < 0 {
+                break 'steps true;
+            }
+            if libc::chdir(plan.cwd) < 0 {
+                break 'steps true;
+            }
+            // The Rust runtime ignores SIGPIPE, and ignoring survives an exec.
+            let mut dfl: libc::sigaction = std::mem::zeroed();
+            dfl.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(libc::SIGPIPE, &dfl, ptr::null_mut());
+            libc::sigprocmask(libc::SIG_SETMASK, &plan.empty_mask, ptr::null_mut());
+            libc::execve(plan.program, plan.argv, plan.envp);
+            true
+        };
+        if failed {
+            plan.failed.store((*libc::__errno_location()).max(1), std::sync::atomic::Ordering::SeqCst);
+        }
+        libc::_exit(127)
     }
 }
 
 /// Run `program` (an absolute path) with `args`, exactly the environment `env` ("KEY=value"),
-/// in `cwd`, in a new session (so a timeout can kill its whole process group), with no signal
-/// blocked and SIGPIPE at its default (the Rust runtime ignores it, and ignoring survives exec).
-/// stdout and stderr are pipes; stdin a pipe or /dev/null.
-pub fn spawn(program: &str, args: &[&str], env: &[String], cwd: &str, piped_stdin: bool) -> io::Result<Spawned> {
+/// in `cwd`, in a new session (so a timeout can kill its whole process group) and, given one,
+/// in the cgroup whose `cgroup.procs` is `cgroup`, with no signal blocked and SIGPIPE at its
+/// default. stdout and stderr are pipes; stdin a pipe or /dev/null.
+///
+/// The child shares the agent's memory until it execs, like `posix_spawn`'s (a fork copies the
+/// agent's page tables, and every page either side then faults once: ~2 ms a command under
+/// TCG), and it enters the cgroup itself before the exec, so nothing it starts can be outside.
+/// `posix_spawn` cannot place a child in a cgroup: the agent had to enter the group around it,
+/// moving all its threads there and back, 3-7 ms of the first cold command.
+pub fn spawn(
+    program: &str,
+    args: &[&str],
+    env: &[String],
+    cwd: &str,
+    pipes: Pipes,
+    cgroup: Option<&std::path::Path>,
+) -> io::Result<Spawned> {
     let program_c = cstring(program, "program path")?;
     let argv_c = std::iter::once(program).chain(args.iter().copied()).map(|a| cstring(a, "command")).collect::<io::Result<Vec<_>>>()?;
     let env_c = env.iter().map(|e| cstring(e, "environment")).collect::<io::Result<Vec<_>>>()?;
     let cwd_c = cstring(cwd, "working directory")?;
-    let argv: Vec<*mut libc::c_char> = argv_c.iter().map(|a| a.as_ptr().cast_mut()).chain([ptr::null_mut()]).collect();
-    let envp: Vec<*mut libc::c_char> = env_c.iter().map(|e| e.as_ptr().cast_mut()).chain([ptr::null_mut()]).collect();
+    let cgroup_c = cgroup.map(|p| cstring(&p.to_string_lossy(), "cgroup path")).transpose()?;
+    let argv: Vec<*const libc::c_char> = argv_c.iter().map(|a| a.as_ptr()).chain([ptr::null()]).collect();
+    let envp: Vec<*const libc::c_char> = env_c.iter().map(|e| e.as_ptr()).chain([ptr::null()]).collect();
+    let Pipes { stdin, stdout: (out_r, out_w), stderr: (err_r, err_w) } = pipes;
 
-    let (out_r, out_w) = pipe()?;
-    let (err_r, err_w) = pipe()?;
-    let stdin = if piped_stdin { Some(pipe()?) } else { None };
-
-    // SAFETY (this block): the file actions and attributes are initialised before use and
-    // destroyed by their guards; every pointer passed (paths, argv, envp, sets) points into
-    // values that live until posix_spawn has returned; the descriptors named are open.
+    // SAFETY: sigemptyset/sigfillset initialise the sets they are given.
+    let (empty_mask, all) = unsafe {
+        let mut empty = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        libc::sigemptyset(empty.as_mut_ptr());
+        let mut all = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        libc::sigfillset(all.as_mut_ptr());
+        (empty.assume_init(), all.assume_init())
+    };
+    let plan = ChildPlan {
+        program: program_c.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        cwd: cwd_c.as_ptr(),
+        cgroup: cgroup_c.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
+        stdin: stdin.as_ref().map_or(-1, |(r, _)| r.as_raw_fd()),
+        stdout: out_w.as_raw_fd(),
+        stderr: err_w.as_raw_fd(),
+        empty_mask,
+        failed: std::sync::atomic::AtomicI32::new(0),
+    };
+    // The child's stack; it lives until the clone returns, after the child's exec or exit.
+    let mut stack = vec![0u128; 4096];
+    // SAFETY: the stack grows down from the end of `stack` (16-byte aligned, 64 KiB), which
+    // outlives the child's use of it (CLONE_VFORK: the clone returns once the child has exec'd
+    // or exited); `plan` outlives it likewise. No signal handler may run in the child on the
+    // shared memory: this thread blocks all signals across the clone, and the child sets its
+    // own mask just before the exec.
     let pid = unsafe {
-        let mut actions = std::mem::MaybeUninit::<libc::posix_spawn_file_actions_t>::uninit();
-        check(libc::posix_spawn_file_actions_init(actions.as_mut_ptr()))?;
-        let mut actions = Actions(actions.assume_init());
-        match &stdin {
-            Some((r, _)) => check(libc::posix_spawn_file_actions_adddup2(&mut actions.0, r.as_raw_fd(), 0))?,
-            None => check(libc::posix_spawn_file_actions_addopen(&mut actions.0, 0, c"/dev/null".as_ptr(), libc::O_RDONLY, 0))?,
+        let top = stack.as_mut_ptr().add(stack.len()).cast::<libc::c_void>();
+        let mut old = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, old.as_mut_ptr());
+        let pid =
+            libc::clone(child_main, top, libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD, (&plan as *const ChildPlan).cast_mut().cast());
+        let err = io::Error::last_os_error();
+        libc::pthread_sigmask(libc::SIG_SETMASK, old.as_ptr(), ptr::null_mut());
+        if pid < 0 {
+            return Err(err);
         }
-        check(libc::posix_spawn_file_actions_adddup2(&mut actions.0, out_w.as_raw_fd(), 1))?;
-        check(libc::posix_spawn_file_actions_adddup2(&mut actions.0, err_w.as_raw_fd(), 2))?;
-        check(libc::posix_spawn_file_actions_addchdir_np(&mut actions.0, cwd_c.as_ptr()))?;
-
-        let mut attr = std::mem::MaybeUninit::<libc::posix_spawnattr_t>::uninit();
-        check(libc::posix_spawnattr_init(attr.as_mut_ptr()))?;
-        let mut attr = Attr(attr.assume_init());
-        let mut none = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-        libc::sigemptyset(none.as_mut_ptr());
-        let none = none.assume_init();
-        let mut pipe_sig = none;
-        libc::sigaddset(&mut pipe_sig, libc::SIGPIPE);
-        check(libc::posix_spawnattr_setsigmask(&mut attr.0, &none))?;
-        check(libc::posix_spawnattr_setsigdefault(&mut attr.0, &pipe_sig))?;
-        let flags = libc::POSIX_SPAWN_SETSIGMASK as libc::c_short | libc::POSIX_SPAWN_SETSIGDEF as libc::c_short | libc::POSIX_SPAWN_SETSID;
-        check(libc::posix_spawnattr_setflags(&mut attr.0, flags))?;
-
-        let mut pid: libc::pid_t = 0;
-        check(libc::posix_spawn(&mut pid, program_c.as_ptr(), &actions.0, &attr.0, argv.as_ptr(), envp.as_ptr()))?;
         pid
     };
+    drop(stack);
     // The child's ends close here; ours stay.
     drop((out_w, err_w));
+    let failed = plan.failed.load(std::sync::atomic::Ordering::SeqCst);
+    if failed != 0 {
+        // (The child exited; the reaper collects it.)
+        return Err(io::Error::from_raw_os_error(failed));
+    }
     Ok(Spawned { pid, stdin: stdin.map(|(_, w)| File::from(w)), stdout: File::from(out_r), stderr: File::from(err_r) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::unistd::Pid;
+    use std::io::{Read, Write};
+
+    fn shell(script: &str, env: &[&str], cwd: &str, input: Option<&[u8]>, cgroup: Option<&std::path::Path>) -> (String, String, i32, i32) {
+        let env: Vec<String> = env.iter().map(|e| e.to_string()).collect();
+        let child = spawn("/bin/sh", &["-c", script], &env, cwd, Pipes::new(input.is_some()).unwrap(), cgroup).unwrap();
+        if let (Some(mut pipe), Some(data)) = (child.stdin, input) {
+            pipe.write_all(data).unwrap();
+        }
+        let (mut out, mut err) = (String::new(), String::new());
+        let mut stderr = child.stderr;
+        let reader = std::thread::spawn(move || {
+            let _ = stderr.read_to_string(&mut err);
+            err
+        });
+        let mut stdout = child.stdout;
+        stdout.read_to_string(&mut out).unwrap();
+        let err = reader.join().unwrap();
+        let code = match waitpid(Pid::from_raw(child.pid), None).unwrap() {
+            WaitStatus::Exited(_, code) => code,
+            other => panic!("{other:?}"),
+        };
+        (out, err, code, child.pid)
+    }
+
+    #[test]
+    fn the_command_gets_its_streams_environment_directory_and_exit_code() {
+        let (out, err, code, _) =
+            shell("echo out; echo err >&2; pwd; echo \"$FOO ${HOME-unset}\"; cat; exit 3", &["FOO=bar"], "/tmp", Some(b"in\n"), None);
+        assert_eq!(out, "out\n/tmp\nbar unset\nin\n");
+        assert_eq!(err, "err\n");
+        assert_eq!(code, 3);
+    }
+
+    #[test]
+    fn without_input_the_command_reads_nothing() {
+        let (out, _, code, _) = shell("cat; echo done", &[], "/", None, None);
+        assert_eq!((out.as_str(), code), ("done\n", 0));
+    }
+
+    #[test]
+    fn the_command_leads_its_own_session_with_no_signal_blocked_or_ignored() {
+        // The test harness ignores SIGPIPE (bit 13 of SigIgn); the command must not inherit that.
+        let (out, _, _, pid) =
+            shell("cat /proc/self/stat | cut -d' ' -f6; grep -E '^Sig(Blk|Ign)' /proc/self/status", &[], "/", None, None);
+        let mut lines = out.lines();
+        // (`cat`'s session is the shell's, whose pid is the child's.)
+        assert_eq!(lines.next().unwrap().parse::<i32>().unwrap(), pid);
+        for line in lines {
+            let mask = u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap();
+            assert_eq!(mask & (1 << (libc::SIGPIPE - 1)), 0, "{line}");
+            if line.starts_with("SigBlk") {
+                assert_eq!(mask, 0, "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_child_enters_its_cgroup_before_the_exec() {
+        // A plain file stands in for `cgroup.procs`: the child writes "0" (itself) into it.
+        let dir = std::env::temp_dir().join(format!("smolvm-spawn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let procs = dir.join("cgroup.procs");
+        std::fs::write(&procs, "").unwrap();
+        let (out, _, code, _) = shell("echo ran", &[], "/", None, Some(&procs));
+        assert_eq!((out.as_str(), code), ("ran\n", 0));
+        assert_eq!(std::fs::read_to_string(&procs).unwrap(), "0");
+        // A group that cannot be entered: the command runs all the same.
+        let (out, _, _, _) = shell("echo ran", &[], "/", None, Some(&dir.join("missing/cgroup.procs")));
+        assert_eq!(out, "ran\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_start_is_an_error_with_its_cause() {
+        let no_program = spawn("/nonexistent/sh", &["-c", "true"], &[], "/", Pipes::new(false).unwrap(), None).err().unwrap();
+        assert_eq!(no_program.kind(), io::ErrorKind::NotFound);
+        let no_dir = spawn("/bin/sh", &["-c", "true"], &[], "/nonexistent", Pipes::new(false).unwrap(), None).err().unwrap();
+        assert_eq!(no_dir.kind(), io::ErrorKind::NotFound);
+    }
 }
