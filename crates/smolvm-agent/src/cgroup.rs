@@ -32,10 +32,20 @@ pub fn mount() {
         if std::fs::create_dir_all(ROOT).is_err() {
             return;
         }
-        // Turning `favordynmods` on waits for one RCU grace period: expedited ones (the host
-        // asks for them on the kernel command line) keep that to a fraction of a millisecond.
-        // ENODEV: a kernel without cgroups; EINVAL: one without the option (before 6.0).
-        mount(Some("cgroup2"), ROOT, Some("cgroup2"), flags, Some("favordynmods")).is_ok()
+        // Turning `favordynmods` on waits for one RCU grace period: expedited ones (asked for
+        // on the kernel command line until the first command is answered, `relax_rcu`) keep
+        // that to a fraction of a millisecond.
+        match mount(Some("cgroup2"), ROOT, Some("cgroup2"), flags, Some("favordynmods")) {
+            Ok(()) => true,
+            // A kernel without the option (before 6.0): cgroup2 for the commands' own use,
+            // without a group each.
+            Err(nix::errno::Errno::EINVAL) => {
+                let _ = mount(Some("cgroup2"), ROOT, Some("cgroup2"), flags, None::<&str>);
+                false
+            }
+            // ENODEV: a kernel without cgroups.
+            Err(_) => false,
+        }
     } else {
         std::fs::read_to_string("/proc/self/mounts")
             .unwrap_or_default()
@@ -50,6 +60,21 @@ pub fn mount() {
         if std::fs::create_dir(path(0)).is_ok() {
             PREMADE.store(true, Ordering::SeqCst);
         }
+    }
+}
+
+/// The host asks for expedited RCU grace periods on the kernel command line for the boot's
+/// cgroup2 mount (above). Once the first command has been answered the kernel's default comes
+/// back, unless the user's boot arguments asked for them too (a second setting).
+pub fn relax_rcu() {
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if DONE.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let asked: Vec<&str> = cmdline.split_whitespace().filter_map(|w| w.strip_prefix("rcupdate.rcu_expedited=")).collect();
+    if asked == ["1"] {
+        let _ = std::fs::write("/sys/kernel/rcu_expedited", "0");
     }
 }
 

@@ -179,8 +179,11 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
     // command's own entry goes.
     forget(stream, token);
     w.send(stream, &Reply::Exit { code, timed_out });
-    // After the answer: the host does not wait for the group's removal.
+    // After the answer: the host does not wait for these.
     crate::cgroup::release(token);
+    if token == 0 {
+        crate::cgroup::relax_rcu();
+    }
 }
 
 /// Once the command has exited, how long its pipes may stay silent before the exec ends anyway

@@ -127,20 +127,15 @@ pub fn setup(cmdline: &Cmdline) -> io::Result<()> {
     Ok(())
 }
 
-/// The hostname this agent last set.
-static HOSTNAME: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
-
-/// Set the hostname and /etc/hostname, unless they are set to it already (a cold boot's
-/// greeting repeats the command line's name; the write costs a millisecond on the way to the
-/// first command).
+/// Set the hostname and /etc/hostname, unless the hostname is that already (a cold boot's
+/// greeting repeats the command line's name; the file's write costs a millisecond on the way to
+/// the first command).
 pub fn set_hostname(name: &str) {
-    let mut current = HOSTNAME.lock().unwrap_or_else(|e| e.into_inner());
-    if *current == name {
+    if nix::unistd::gethostname().is_ok_and(|h| h == name) {
         return;
     }
     let _ = nix::unistd::sethostname(name);
     let _ = fs::write("/etc/hostname", format!("{name}\n"));
-    *current = name.to_string();
 }
 
 /// Images built for a kernel with modules (Debian's cloud kernel) list them, in load order, in

@@ -80,6 +80,8 @@ struct ChildPlan {
     /// The errno of the step that failed, written by the child (the memory is shared; the
     /// parent reads it once the clone has returned). 0: the exec happened.
     failed: std::sync::atomic::AtomicI32,
+    /// Likewise, why the child could not enter its cgroup (it runs on without it).
+    cgroup_failed: std::sync::atomic::AtomicI32,
 }
 
 /// Put `fd` at `target` for the exec (dup2 leaves a descriptor that is already there alone,
@@ -104,8 +106,10 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             // Failing that, the command runs outside a group and a timeout kills it by process
             // group and tree alone.
             let fd = libc::open(plan.cgroup, libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                plan.cgroup_failed.store((*libc::__errno_location()).max(1), std::sync::atomic::Ordering::SeqCst);
+            }
             if fd >= 0 {
-                libc::write(fd, b"0".as_ptr().cast(), 1);
                 libc::close(fd);
             }
         }
@@ -120,10 +124,15 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             if libc::chdir(plan.cwd) < 0 {
                 break 'steps true;
             }
-            // The Rust runtime ignores SIGPIPE, and ignoring survives an exec.
+            // The Rust runtime ignores SIGPIPE, and ignoring survives an exec. It also handles
+            // SIGSEGV and SIGBUS (stack overflows): a handler must not run here, in the agent's
+            // memory, once the mask is cleared. (The agent handles no other signal: its reaper
+            // takes them synchronously.)
             let mut dfl: libc::sigaction = std::mem::zeroed();
             dfl.sa_sigaction = libc::SIG_DFL;
-            libc::sigaction(libc::SIGPIPE, &dfl, ptr::null_mut());
+            for sig in [libc::SIGPIPE, libc::SIGSEGV, libc::SIGBUS] {
+                libc::sigaction(sig, &dfl, ptr::null_mut());
+            }
             libc::sigprocmask(libc::SIG_SETMASK, &plan.empty_mask, ptr::null_mut());
             libc::execve(plan.program, plan.argv, plan.envp);
             true
@@ -162,12 +171,13 @@ pub fn spawn(
     let envp: Vec<*const libc::c_char> = env_c.iter().map(|e| e.as_ptr()).chain([ptr::null()]).collect();
     let Pipes { stdin, stdout: (out_r, out_w), stderr: (err_r, err_w) } = pipes;
 
-    // SAFETY: sigemptyset/sigfillset initialise the sets they are given.
+    // SAFETY: sigemptyset initialises the set it is given; a sigset_t is plain bits, and all of
+    // them set blocks every signal (musl's sigfillset leaves out its own internal ones).
     let (empty_mask, all) = unsafe {
         let mut empty = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
         libc::sigemptyset(empty.as_mut_ptr());
         let mut all = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-        libc::sigfillset(all.as_mut_ptr());
+        ptr::write_bytes(all.as_mut_ptr(), 0xff, 1);
         (empty.assume_init(), all.assume_init())
     };
     let plan = ChildPlan {
@@ -181,6 +191,7 @@ pub fn spawn(
         stderr: err_w.as_raw_fd(),
         empty_mask,
         failed: std::sync::atomic::AtomicI32::new(0),
+        cgroup_failed: std::sync::atomic::AtomicI32::new(0),
     };
     // The child's stack; it lives until the clone returns, after the child's exec or exit.
     let mut stack = vec![0u128; 4096];
@@ -205,6 +216,13 @@ pub fn spawn(
     drop(stack);
     // The child's ends close here; ours stay.
     drop((out_w, err_w));
+    let cgroup_failed = plan.cgroup_failed.load(std::sync::atomic::Ordering::SeqCst);
+    if cgroup_failed != 0 {
+        crate::log(&format!(
+            "a command could not enter its cgroup ({}); its timeout kills by process group and tree only",
+            io::Error::from_raw_os_error(cgroup_failed)
+        ));
+    }
     let failed = plan.failed.load(std::sync::atomic::Ordering::SeqCst);
     if failed != 0 {
         // (The child exited; the reaper collects it.)

@@ -732,3 +732,29 @@ async fn a_start_during_a_stop_waits_for_it_and_starts_again() {
     starter.delete().await.unwrap();
     assert!(env.qemu_processes().is_empty());
 }
+
+/// The boot's cgroup2 mount waits for an RCU grace period: guests boot with expedited ones, and
+/// the kernel's default comes back once the first command has been answered, unless the user's
+/// boot arguments asked for them too.
+#[test]
+fn expedited_rcu_lasts_until_the_first_command_is_answered() {
+    let env = env();
+    // Cold boots: the setting comes from this boot's command line, not a snapshot's.
+    let smolvm = |args: &[&str]| env.cli().env("SMOLVM_WARM", "0").args(args).output().unwrap();
+    let first = smolvm(&["run", "cat /sys/kernel/rcu_expedited /proc/self/cgroup"]);
+    assert_eq!(stdout(&first), "1\n0::/smolvm/0\n", "{}", stderr(&first));
+    for (name, boot_args, after) in [("rcu-default", None, "0\n"), ("rcu-user", Some("rcupdate.rcu_expedited=1"), "1\n")] {
+        let mut create = vec!["sandbox", "create", "--name", name];
+        create.extend(boot_args.map(|a| ["--boot-args", a]).into_iter().flatten());
+        let out = smolvm(&create);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(smolvm(&["sandbox", "exec", name, "--", "true"]).status.success());
+        // (The agent sets it after the answer: the next command may come first.)
+        let restored = wait_until(Duration::from_secs(5), || {
+            stdout(&smolvm(&["sandbox", "exec", name, "--", "cat /sys/kernel/rcu_expedited"])) == after
+        });
+        assert!(restored, "{name}: rcu_expedited is not {after:?}");
+        assert!(smolvm(&["sandbox", "delete", "--force", name]).status.success());
+    }
+    assert!(env.qemu_processes().is_empty());
+}

@@ -180,9 +180,10 @@ const OUR_KERNEL_HZ: u64 = 100;
 
 /// The kernel command line. Only settings, never anything from the user's env values.
 pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
-    // Expedited RCU grace periods: with a few vCPUs one is a round of IPIs instead of ticks
-    // of waiting (tens of ms at 100 Hz), and the agent's cgroup mount waits for one on the way
-    // to the first command. A user's `boot_args` come later and win.
+    // Expedited RCU grace periods, until the agent has answered the first command (it then
+    // sets the kernel's default back): one is a round of IPIs instead of ticks of waiting (tens
+    // of ms at 100 Hz), and the agent's cgroup mount waits for one on the way there. A user's
+    // `boot_args` come later and win (and the agent then leaves the setting alone).
     let mut args =
         vec!["console=ttyS0", "reboot=t", "panic=-1", "noreplace-smp", "cryptomgr.notests", "rcupdate.rcu_expedited=1", "init=/init"];
     // microvm has no PCI bus: probing for one only costs time.
