@@ -705,7 +705,7 @@ pub(crate) fn make_ext4(tree: &Path, path: &Path, size: &str) -> Result<()> {
     fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(format!(".tmp-{}.ext4", std::process::id()));
     let made = run_checked(
-        Command::new("mkfs.ext4").args(["-q", "-F", "-L", "smolvm-root", "-E", "root_owner=0:0", "-d"]).arg(tree).arg(&tmp).arg(size),
+        mkfs_ext4().args(["-q", "-F", "-L", "smolvm-root", "-E", "root_owner=0:0", "-d"]).arg(tree).arg(&tmp).arg(size),
         "making the ext4 root filesystem (mkfs.ext4 from e2fsprogs)",
     )
     .and_then(|_| fs::rename(&tmp, path).ctx(|| format!("installing {}", path.display())));
@@ -713,6 +713,24 @@ pub(crate) fn make_ext4(tree: &Path, path: &Path, size: &str) -> Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     made
+}
+
+/// mkfs.ext4, so that the image's files belong to root. `-d` copies each file's owner, and a
+/// tree built by another user is that user's: there it runs in a user namespace where that user
+/// is root (and reads its files as root's). Where user namespaces are off, the files keep the
+/// builder's owner.
+fn mkfs_ext4() -> Command {
+    if nix::unistd::geteuid().is_root() {
+        return Command::new("mkfs.ext4");
+    }
+    let quiet = |c: &mut Command| c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    if quiet(Command::new("unshare").args(["--map-root-user", "true"])).is_ok_and(|s| s.success()) {
+        let mut c = Command::new("unshare");
+        c.args(["--map-root-user", "mkfs.ext4"]);
+        return c;
+    }
+    tracing::warn!("no user namespace for mkfs.ext4: the image's files keep their builder as owner");
+    Command::new("mkfs.ext4")
 }
 
 /// Link `src` as `dst`, so that `dst` stays when `src`'s cache entry goes (`image rm`,
@@ -903,6 +921,43 @@ pub fn initramfs_archive(agent: &[u8], busybox: &[u8], applets: &str, modules: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Run by `an_image_built_by_another_user_belongs_to_root` as that user.
+    #[test]
+    #[ignore = "a helper: runs as another user"]
+    fn make_ext4_as_the_caller() {
+        let dir = PathBuf::from(std::env::var_os("SMOLVM_EXT4_TEST_DIR").expect("run by the test below"));
+        make_ext4(&dir.join("tree"), &dir.join("image.ext4"), "8M").unwrap();
+    }
+
+    #[test]
+    fn an_image_built_by_another_user_belongs_to_root() {
+        // Becoming another user needs root (CI and `make test` run as root).
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: not root");
+            return;
+        }
+        let dir = tempfile::Builder::new().prefix("smolvm-ext4").tempdir_in("/tmp").unwrap();
+        let tree = dir.path().join("tree");
+        fs::create_dir_all(tree.join("bin")).unwrap();
+        fs::write(tree.join("bin/tool"), "x").unwrap();
+        // This test program, where that user can run it (a checkout under /root is not).
+        let me = dir.path().join("tests");
+        fs::copy(std::env::current_exe().unwrap(), &me).unwrap();
+        run_checked(Command::new("chown").args(["-R", "65534:65534"]).arg(dir.path()), "chown").unwrap();
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&me)
+            .args(["--exact", "image::tests::make_ext4_as_the_caller", "--ignored", "--test-threads=1"])
+            .env("SMOLVM_EXT4_TEST_DIR", dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let stat = Command::new("debugfs").args(["-R", "stat /bin/tool"]).arg(dir.path().join("image.ext4")).output().unwrap();
+        let text = String::from_utf8_lossy(&stat.stdout);
+        let owner = text.lines().find(|l| l.contains("User:")).unwrap_or_default().split_whitespace().collect::<Vec<_>>();
+        assert_eq!(owner[..4], ["User:", "0", "Group:", "0"], "{text}");
+    }
 
     #[test]
     fn fragment_check_finds_options_that_did_not_take() {
