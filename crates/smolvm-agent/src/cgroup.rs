@@ -104,11 +104,9 @@ pub fn procs(token: u64, grouped: bool) -> Option<PathBuf> {
     grouped.then(|| path(token).join("cgroup.procs"))
 }
 
-/// Kill every process in the command's group.
-pub fn kill(token: u64) {
-    if AVAILABLE.load(Ordering::SeqCst) {
-        let _ = std::fs::write(path(token).join("cgroup.kill"), "1");
-    }
+/// Kill every process in the command's group: false where that could not be done.
+pub fn kill(token: u64) -> bool {
+    AVAILABLE.load(Ordering::SeqCst) && std::fs::write(path(token).join("cgroup.kill"), "1").is_ok()
 }
 
 /// The command has ended: its group goes, now if it is empty, else once it is.

@@ -22,6 +22,8 @@ struct Running {
     token: u64,
     /// The process group, once started.
     pgid: Option<i32>,
+    /// The shell has exited (and was reaped): its pid, the group's id, may be another's now.
+    exited: bool,
     stdin: Option<Sender<Option<Vec<u8>>>>,
     cancelled: bool,
 }
@@ -51,12 +53,18 @@ pub fn start(stream: u32, req: ExecRequest, w: Writer) {
     };
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let token = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    running().insert(stream, Running { token, pgid: None, stdin: tx, cancelled: false });
+    running().insert(stream, Running { token, pgid: None, exited: false, stdin: tx, cancelled: false });
     let window = crate::flow::open(stream);
-    crate::workers::run(Box::new(move || {
+    let (w2, window2) = (w.clone(), window.clone());
+    let started = crate::workers::run(Box::new(move || {
         run(stream, token, req, w, rx, &window);
         crate::flow::forget(stream, &window);
     }));
+    if let Err(e) = started {
+        forget(stream, token);
+        crate::flow::forget(stream, &window2);
+        w2.send(stream, &Reply::error(ErrorKind::Failed, format!("cannot start the command: no thread for it ({e})")));
+    }
 }
 
 /// This exec's entry, unless a new host session replaced it (same stream id) or it is gone.
@@ -151,7 +159,8 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
     // waiting here is guest memory).
     if let (Some(mut pipe), Some(rx)) = (child.stdin, input) {
         let w = w.clone();
-        std::thread::spawn(move || {
+        // (No thread to be had: the pipe closes, and the command reads the end of its input.)
+        let _ = crate::workers::thread(move || {
             while let Ok(Some(data)) = rx.recv() {
                 if pipe.write_all(&data).is_err() {
                     break;
@@ -164,12 +173,12 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
         Some(r) if r.token == token => {
             r.pgid = Some(pgid);
             if r.cancelled {
-                kill_all(pgid, token);
+                kill_all(pgid, token, false);
             }
         }
         // Replaced by a new host session's exec of the same id: this one has nobody to run for.
         _ => {
-            kill_all(pgid, token);
+            kill_all(pgid, token, false);
         }
     }
     let outputs = [Some(child.stdout), Some(child.stderr)];
@@ -217,7 +226,7 @@ fn pump(out: Output, mut outputs: [Option<File>; 2], exit: File, timeout: Option
         // The shell is done, but what it left in the background still writes: the timeout
         // holds for that too (else a chatty background loop would keep the exec open forever).
         if code.is_some() && deadline.is_some_and(|d| Instant::now() >= d) {
-            kill_all(pgid, token);
+            kill_all(pgid, token, code.is_some());
             break;
         }
         if out.window.is_full() {
@@ -226,7 +235,7 @@ fn pump(out: Output, mut outputs: [Option<File>; 2], exit: File, timeout: Option
                 Room::Open => last = Instant::now(),
                 Room::Closed => {}
                 Room::Deadline => {
-                    kill_all(pgid, token);
+                    kill_all(pgid, token, code.is_some());
                     if code.is_some() {
                         break;
                     }
@@ -258,10 +267,12 @@ fn pump(out: Output, mut outputs: [Option<File>; 2], exit: File, timeout: Option
                 match pipe.read(&mut buf) {
                     Ok(0) | Err(_) => *slot = None,
                     Ok(n) => {
-                        last = Instant::now();
                         // Nobody reads any more (a cancel): the output is drained and dropped.
                         let data = buf[..n].to_vec();
                         out.window.send(out.w, out.stream, &if is_stdout { Reply::Stdout(data) } else { Reply::Stderr(data) });
+                        // Quiet counts from after the send, which can block: else output already
+                        // waiting in the pipe could be left behind.
+                        last = Instant::now();
                     }
                 }
             }
@@ -273,15 +284,18 @@ fn pump(out: Output, mut outputs: [Option<File>; 2], exit: File, timeout: Option
                 // A pipe closed without a code: the child is gone, how is unknown.
                 code = Some(pipe.read_exact(&mut bytes).map_or(128 + 9, |_| i32::from_ne_bytes(bytes)));
                 exit = None;
+                if let Some(r) = running().get_mut(&out.stream).filter(|r| r.token == token) {
+                    r.exited = true;
+                }
                 last = Instant::now();
                 if timed_out {
                     // Members that left the group still hold the pipes; the group itself is gone.
-                    kill_all(pgid, token);
+                    kill_all(pgid, token, code.is_some());
                 }
             }
         }
         if code.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
-            kill_all(pgid, token);
+            kill_all(pgid, token, code.is_some());
             timed_out = true;
             deadline = None;
         }
@@ -294,10 +308,14 @@ fn pump(out: Output, mut outputs: [Option<File>; 2], exit: File, timeout: Option
 /// killed: a process that forked after the walk, its parent then killed, would be handed to
 /// PID 1 and lost to the walk. A descendant whose parent had already exited belongs to PID 1
 /// (this agent) and only the command's cgroup finds it (kernels without cgroups: it stays).
-fn kill_all(pgid: i32, token: u64) {
+fn kill_all(pgid: i32, token: u64, shell_exited: bool) {
     use nix::sys::signal::kill;
-    // Everything the command started, wherever it went (where the kernel has cgroups).
-    crate::cgroup::kill(token);
+    // Everything the command started, wherever it went (where the kernel has cgroups). Once
+    // the shell has exited, that is all: its group may be empty by now and its number another
+    // command's. (Without cgroups the group is still the only handle left.)
+    if crate::cgroup::kill(token) && shell_exited {
+        return;
+    }
     let mut frozen: std::collections::HashSet<i32> = std::collections::HashSet::new();
     // A few rounds: each catches what forked before the previous round's stop arrived.
     for _ in 0..3 {
@@ -362,7 +380,7 @@ pub fn stdin(stream: u32, data: Option<Vec<u8>>) {
 fn cancel_one(r: &mut Running) {
     match r.pgid {
         Some(pgid) => {
-            kill_all(pgid, r.token);
+            kill_all(pgid, r.token, r.exited);
         }
         // Not started yet: it will not start.
         None => r.cancelled = true,

@@ -108,10 +108,15 @@ pub fn put_cancel(stream: u32) {
 /// Stream a file, or a directory as tar, on its own thread.
 pub fn get(stream: u32, path: String, w: Writer) {
     let window = crate::flow::open(stream);
-    std::thread::spawn(move || {
+    let (w2, window2) = (w.clone(), window.clone());
+    let started = crate::workers::thread(move || {
         get_on(stream, path, &w, &window);
         crate::flow::forget(stream, &window);
     });
+    if let Err(e) = started {
+        crate::flow::forget(stream, &window2);
+        w2.send(stream, &Reply::error(ErrorKind::Failed, format!("cannot start the download: no thread for it ({e})")));
+    }
 }
 
 fn get_on(stream: u32, path: String, w: &Writer, window: &Window) {

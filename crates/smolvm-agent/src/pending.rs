@@ -12,12 +12,27 @@ fn state() -> &'static (Mutex<u32>, Condvar) {
 /// Run `work` on a thread of its own.
 pub fn spawn(work: impl FnOnce() + Send + 'static) {
     *state().0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-    std::thread::spawn(move || {
-        work();
+    let finish = || {
         let (pending, done) = state();
         *pending.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
         done.notify_all();
+    };
+    let work = std::sync::Arc::new(Mutex::new(Some(work)));
+    let theirs = work.clone();
+    let take = |w: &Mutex<Option<_>>| w.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let on_thread = crate::workers::thread(move || {
+        if let Some(work) = take(&theirs) {
+            work();
+        }
+        finish();
     });
+    // No thread to be had: the work runs here.
+    if on_thread.is_err() {
+        if let Some(work) = take(&work) {
+            work();
+        }
+        finish();
+    }
 }
 
 /// Block until no set-up is in progress.

@@ -6,8 +6,6 @@
 //! with the child's output.
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
@@ -57,21 +55,30 @@ pub fn start(pid1: bool) {
 
 /// Reap under the waiters' lock: between a `waitpid` and its delivery a new command could
 /// otherwise be given the reaped pid and take its exit code.
+///
+/// The status is decoded here, not by nix: nix knows no real-time signals and fails a child
+/// killed by one (`kill -34 $$`) after the kernel has reaped it, whose exec then never ended.
 fn reap() {
     let mut waiters = lock();
     loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) => deliver(&mut waiters, pid, code),
-            Ok(WaitStatus::Signaled(pid, sig, _)) => deliver(&mut waiters, pid, 128 + sig as i32),
-            Ok(WaitStatus::StillAlive) | Err(_) => return,
-            Ok(_) => {}
+        let mut status: libc::c_int = 0;
+        // SAFETY: waitpid writes the status through a pointer valid for the call.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        // 0: none has exited; -1: no children left.
+        if pid <= 0 {
+            return;
+        }
+        if libc::WIFEXITED(status) {
+            deliver(&mut waiters, pid, libc::WEXITSTATUS(status));
+        } else if libc::WIFSIGNALED(status) {
+            deliver(&mut waiters, pid, 128 + libc::WTERMSIG(status));
         }
     }
 }
 
 /// The 4 bytes go into an empty pipe: the write never blocks.
-fn deliver(waiters: &mut Waiters, pid: Pid, code: i32) {
-    if let Some(mut pipe) = waiters.remove(&pid.as_raw()) {
+fn deliver(waiters: &mut Waiters, pid: i32, code: i32) {
+    if let Some(mut pipe) = waiters.remove(&pid) {
         let _ = pipe.write_all(&code.to_ne_bytes());
     }
 }

@@ -15,21 +15,28 @@ fn idle() -> MutexGuard<'static, Vec<Sender<Job>>> {
     IDLE.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Run `job` on an idle thread, or on a new one if none is idle.
-pub fn run(job: Job) {
+/// Run `job` on an idle thread, or on a new one if none is idle. A thread that cannot be made
+/// (a command used up the guest's threads or memory) is an error for this job alone: the
+/// agent is PID 1, and `std::thread::spawn` would panic and take the VM down with it.
+pub fn run(job: Job) -> std::io::Result<()> {
     let job = match idle().pop() {
         Some(worker) => match worker.send(job) {
-            Ok(()) => return,
+            Ok(()) => return Ok(()),
             Err(mpsc::SendError(job)) => job,
         },
         None => job,
     };
-    std::thread::spawn(move || work(job));
+    thread(move || work(job))
 }
 
-/// Start an idle thread (boot: the first command finds it).
+/// A thread of its own for `f`; an error instead of a panic where none can be made.
+pub fn thread(f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    std::thread::Builder::new().spawn(f).map(|_| ())
+}
+
+/// Start an idle thread (boot: the first command finds it; without it, it makes one).
 pub fn start() {
-    std::thread::spawn(|| work(Box::new(|| {})));
+    let _ = thread(|| work(Box::new(|| {})));
 }
 
 fn work(first: Job) {
@@ -59,13 +66,13 @@ mod tests {
     fn a_finished_thread_takes_the_next_job() {
         let (tx, rx) = mpsc::channel();
         let t = tx.clone();
-        run(Box::new(move || t.send(std::thread::current().id()).unwrap()));
+        run(Box::new(move || t.send(std::thread::current().id()).unwrap())).unwrap();
         let first = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         // Let the thread come back to the idle list.
         while idle().is_empty() {
             std::thread::sleep(Duration::from_millis(1));
         }
-        run(Box::new(move || tx.send(std::thread::current().id()).unwrap()));
+        run(Box::new(move || tx.send(std::thread::current().id()).unwrap())).unwrap();
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), first);
     }
 }

@@ -758,3 +758,16 @@ fn expedited_rcu_lasts_until_the_first_command_is_answered() {
     }
     assert!(env.qemu_processes().is_empty());
 }
+
+/// A shell killed by a signal answers 128 + the signal, real-time signals included (the agent
+/// once lost those: the exec never ended).
+#[tokio::test]
+async fn a_command_killed_by_a_signal_exits_with_128_plus_it() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    for (sig, code) in [(9, 137), (15, 143), (34, 162), (64, 192)] {
+        let r = sb.run(&format!("kill -{sig} $$"), &opts(10)).await.unwrap();
+        assert_eq!(r.exit_code, code, "signal {sig}");
+    }
+    sb.delete().await.unwrap();
+}

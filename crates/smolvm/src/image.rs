@@ -779,13 +779,20 @@ pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Result<Pat
     let _ = std::io::Read::read_exact(&mut fs::File::open(&base).ctx(|| format!("opening {}", base.display()))?, &mut magic);
     let format = if &magic == b"QFI\xfb" { "qcow2" } else { "raw" };
     let base_size = fs::metadata(&base).map(|m| m.len()).unwrap_or(0);
+    // Made beside and renamed over: an overlay left half made (the process killed) would
+    // otherwise count as made, and every later start would fail on it.
+    let tmp = overlay.with_extension(format!("tmp{}", std::process::id()));
     let mut cmd = Command::new("qemu-img");
-    cmd.args(["create", "-q", "-f", "qcow2", "-F", format, "-b"]).arg(&base).arg(overlay);
+    cmd.args(["create", "-q", "-f", "qcow2", "-F", format, "-b"]).arg(&base).arg(&tmp);
     if let Some(mib) = size_mib.filter(|m| u64::from(*m) << 20 > base_size && format == "raw") {
         cmd.arg(format!("{mib}M"));
     }
-    run_checked(&mut cmd, "creating the root disk overlay (qemu-img from qemu-utils)")?;
-    Ok(overlay.to_path_buf())
+    let made = run_checked(&mut cmd, "creating the root disk overlay (qemu-img from qemu-utils)")
+        .and_then(|_| fs::rename(&tmp, overlay).ctx(|| format!("installing {}", overlay.display())));
+    if made.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    made.map(|_| overlay.to_path_buf())
 }
 
 /// Remove a cache entry by name (as `image list` shows it). Running sandboxes keep what they

@@ -109,7 +109,7 @@ impl SandboxPaths {
 
     /// `start_lock(true)`, waited for off the async runtime: with Python's one shared runtime,
     /// a thread blocked on it would stall the thread that holds the lock.
-    async fn wait_start_lock(&self) -> Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    pub(crate) async fn wait_start_lock(&self) -> Result<Option<nix::fcntl::Flock<std::fs::File>>> {
         let paths = self.clone();
         tokio::task::spawn_blocking(move || paths.start_lock(true)).await.map_err(|e| Error::Host(e.to_string()))?
     }
@@ -909,6 +909,8 @@ impl Sandbox {
                 vsock: false,
                 q35: false,
             };
+            // Like any start: a `start` or `delete` of this name meanwhile waits for it.
+            let _lock = sb.paths.wait_start_lock().await?;
             sb.launch(&spec, opts.boot_timeout).await
         }
         .await;
@@ -1378,7 +1380,9 @@ impl Sandbox {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup.pid), nix::sys::signal::Signal::SIGKILL);
             }
             let store = Store::open(&self.dirs.data)?;
-            if let Some(rec) = store.get(&self.id)? {
+            // Only what that supervisor ran: if another process has restarted the sandbox
+            // meanwhile, the record and the host's resources are the new one's.
+            if let Some(rec) = store.get(&self.id)?.filter(|now| now.supervisor == rec.supervisor) {
                 if let Some(vmm) = rec.vmm.filter(|p| p.alive()) {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(vmm.pid), nix::sys::signal::Signal::SIGKILL);
                 }

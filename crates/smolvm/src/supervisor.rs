@@ -136,6 +136,10 @@ struct NetPlan {
     user_forwards: Vec<(u16, u16)>,
     /// NAT: this process's host-wide claim on its slot (see `Store::lease`).
     _slot_claim: Option<crate::net::SlotClaim>,
+    /// True while `nft_apply` runs. It runs on a blocking thread that goes on when a failed
+    /// boot drops its future: `cleanup` waits for it, else the table would be made after its
+    /// removal and stay.
+    applying: std::sync::Arc<(Mutex<bool>, std::sync::Condvar)>,
 }
 
 /// A free port on 127.0.0.1 (for QEMU's hostfwd, which cannot pick one itself).
@@ -169,6 +173,7 @@ impl NetPlan {
             backend: qemu::NetBackend::User { restrict: true, forwards: vec![] },
             user_forwards: vec![],
             _slot_claim: None,
+            applying: Default::default(),
         };
         match mode {
             Mode::Nat => {
@@ -215,9 +220,16 @@ impl NetPlan {
     async fn setup_host(&self) -> Result<()> {
         if let Some(lease) = self.lease {
             let (table, tap, internet) = (self.table.clone(), self.tap.clone(), self.internet.clone());
-            tokio::task::spawn_blocking(move || crate::net::nft_apply(&table, &tap, lease, &internet))
-                .await
-                .map_err(|e| Error::Host(e.to_string()))??;
+            let applying = self.applying.clone();
+            *applying.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            tokio::task::spawn_blocking(move || {
+                let r = crate::net::nft_apply(&table, &tap, lease, &internet);
+                *applying.0.lock().unwrap_or_else(|e| e.into_inner()) = false;
+                applying.1.notify_all();
+                r
+            })
+            .await
+            .map_err(|e| Error::Host(e.to_string()))??;
             crate::net::setup_tap(&self.tap, lease).await?;
         }
         Ok(())
@@ -242,6 +254,9 @@ impl NetPlan {
     /// Remove everything of this sandbox's network from the host, the TAP included.
     fn cleanup(&mut self, store: &Store, id: &str) {
         if self.lease.is_some() {
+            let (busy, done) = &*self.applying;
+            let busy = busy.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = done.wait_timeout_while(busy, Duration::from_secs(10), |b| *b);
             let _ = crate::net::nft_remove(&self.table);
         }
         self.tap_fd = None;
@@ -618,6 +633,9 @@ async fn supervise(id: &str) -> i32 {
         } else {
             let _ = store.set_state(id, State::Error, Some(&msg));
         }
+        if release_queued(&mut ctl_rx) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         return if powered_off { 0 } else { 1 };
     }
     // Without a disk there is nothing to flush, and a paused guest cannot flush: go at once.
@@ -636,14 +654,32 @@ async fn supervise(id: &str) -> i32 {
     } else {
         let _ = store.set_state(id, State::Stopped, None);
     }
+    // Requests queued behind the one that ended the loop (another client's stop, say) are let
+    // go too: a stop's client then hears that the sandbox is down, not a closed connection
+    // (after which it used force on whatever then ran under this name).
+    let mut answered = release_queued(&mut ctl_rx);
     if let Some(done) = stop_waiter {
         let _ = done.send(());
-        // Let the client task write its reply before the process ends.
+        answered = true;
+    }
+    if answered {
+        // Let the client tasks write their replies before the process ends.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The slow part of removing the TAP, now that nobody waits for it.
     drop(plan);
     0
+}
+
+/// Let go of the control requests still queued: each client's task then answers (a stop: done;
+/// anything else: the sandbox is going away). True if there were any.
+fn release_queued(ctl_rx: &mut mpsc::UnboundedReceiver<Control>) -> bool {
+    let mut any = false;
+    while let Ok(msg) = ctl_rx.try_recv() {
+        drop(msg);
+        any = true;
+    }
+    any
 }
 
 /// Start QEMU and bring the guest to the point where commands can run (or, for a restore

@@ -94,7 +94,10 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
         std::fs::create_dir_all(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
         let ram = crate::vmm::qemu::RamFile { path: tmp.join("ram"), share: true };
         let cold = BootSpec { restore: None, verbose_boot: false, ram: Some(ram), ..spec.clone() };
-        sb.launch(&cold, Duration::from_millis(spec.boot_timeout_ms)).await?;
+        {
+            let _lock = sb.paths().wait_start_lock().await?;
+            sb.launch(&cold, Duration::from_millis(spec.boot_timeout_ms)).await?;
+        }
         // One command first: it waits for the boot's set-up thread (network, /proc, /sys) and
         // starts the first shell. Saved half way, that work would be finished again in every
         // clone, in memory of its own (measured: +6 MiB PSS each).
