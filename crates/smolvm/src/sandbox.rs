@@ -251,6 +251,11 @@ pub fn delete_snapshot(dirs: &Dirs, id: &str) -> Result<()> {
 
 /// The `smolvm` executable that runs supervisors: `SMOLVM_BIN`, the running program if it is
 /// `smolvm`, one beside (or above) the running program, else `smolvm` on PATH.
+/// How long a request that starts no process may take (env, ports, pause and resume).
+const CALL_BOUND: Duration = Duration::from_secs(30);
+/// A health check's bound: an agent that answers at all answers in milliseconds.
+const PING_BOUND: Duration = Duration::from_secs(10);
+
 pub fn smolvm_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("SMOLVM_BIN") {
         return Ok(PathBuf::from(p));
@@ -384,6 +389,11 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
             paths.remove_all();
             removed.push(rec.id);
         } else {
+            if rec.state == State::Created {
+                // Not running, and no start under way (the lock is ours): a network it holds is
+                // a boot's whose supervisor and starter both died.
+                host_network_leftovers(&store, &rec.id);
+            }
             keep.insert(paths.dir);
         }
     }
@@ -793,7 +803,9 @@ impl Sandbox {
     }
 
     async fn control(&self, req: Request, what: &str) -> Result<()> {
-        match self.conn()?.call(&req).await? {
+        // A snapshot writes all of guest RAM (and copies the disk); the rest is quick.
+        let bound = if matches!(req, Request::Snapshot { .. }) { Duration::from_secs(660) } else { CALL_BOUND };
+        match self.call_within(&req, what, bound).await? {
             Reply::Ok => Ok(()),
             Reply::Error { kind: ErrorKind::Invalid, message } => Err(Error::validation("snapshot_type", message)),
             other => Err(unexpected(what, other)),
@@ -1246,7 +1258,7 @@ impl Sandbox {
         if guest_port == 0 {
             return Err(Error::validation("guest_port", "0 is not a port (allowed 1..=65535)"));
         }
-        match self.conn()?.call(&Request::Expose { guest: guest_port, host: host_port.unwrap_or(0) }).await? {
+        match self.call_within(&Request::Expose { guest: guest_port, host: host_port.unwrap_or(0) }, "expose", CALL_BOUND).await? {
             Reply::Port(p) => Ok(p),
             Reply::Error { kind: ErrorKind::Invalid, message } => Err(Error::validation("port", message)),
             other => Err(unexpected("expose", other)),
@@ -1254,7 +1266,7 @@ impl Sandbox {
     }
 
     pub async fn unexpose_local(&self, guest_port: u16) -> Result<()> {
-        match self.conn()?.call(&Request::Unexpose { guest: guest_port }).await? {
+        match self.call_within(&Request::Unexpose { guest: guest_port }, "unexpose", CALL_BOUND).await? {
             Reply::Ok => Ok(()),
             Reply::Error { kind: ErrorKind::NotFound, message } => Err(Error::validation("guest_port", message)),
             other => Err(unexpected("unexpose", other)),
@@ -1266,9 +1278,18 @@ impl Sandbox {
         Store::open(&self.dirs.data)?.ports(&self.id)
     }
 
+    /// One request and its answer within `bound`: a stuck agent or supervisor must not hang
+    /// the caller (a health check would never say no).
+    async fn call_within(&self, req: &Request, what: &str, bound: Duration) -> Result<Reply> {
+        let conn = self.conn()?;
+        tokio::time::timeout(bound, conn.call(req))
+            .await
+            .unwrap_or_else(|_| Err(Error::Timeout { operation: what.into(), seconds: bound.as_secs_f64() }))
+    }
+
     /// Agent round trip without a process (health check, benchmarks).
     pub async fn ping(&self) -> Result<()> {
-        match self.conn()?.call(&Request::Ping).await? {
+        match self.call_within(&Request::Ping, "ping", PING_BOUND).await? {
             Reply::Pong => Ok(()),
             other => Err(unexpected("ping", other)),
         }
@@ -1282,7 +1303,7 @@ impl Sandbox {
     /// Set variables for new login shells. Returns the sorted names present afterwards.
     pub async fn set_env_vars(&self, vars: &BTreeMap<String, String>, merge: bool) -> Result<Vec<String>> {
         smolvm_proto::env::validate_vars(vars)?;
-        let names = match self.conn()?.call(&Request::EnvSet { vars: vars.clone(), merge }).await? {
+        let names = match self.call_within(&Request::EnvSet { vars: vars.clone(), merge }, "env set", CALL_BOUND).await? {
             Reply::EnvNames(n) => n,
             other => return Err(unexpected("env set", other)),
         };
@@ -1296,7 +1317,7 @@ impl Sandbox {
         for k in keys {
             smolvm_proto::env::validate_key(k)?;
         }
-        let removed = match self.conn()?.call(&Request::EnvUnset { keys: keys.to_vec() }).await? {
+        let removed = match self.call_within(&Request::EnvUnset { keys: keys.to_vec() }, "env unset", CALL_BOUND).await? {
             Reply::EnvRemoved(r) => r,
             other => return Err(unexpected("env unset", other)),
         };
@@ -1308,7 +1329,7 @@ impl Sandbox {
 
     /// The variables smolvm manages in this sandbox.
     pub async fn list_env_vars(&self) -> Result<BTreeMap<String, String>> {
-        match self.conn()?.call(&Request::EnvList).await? {
+        match self.call_within(&Request::EnvList, "env list", CALL_BOUND).await? {
             Reply::Env(vars) => Ok(vars),
             other => Err(unexpected("env list", other)),
         }

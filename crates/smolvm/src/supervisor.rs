@@ -570,7 +570,7 @@ async fn supervise(id: &str) -> i32 {
                     // run on and change it, so it stays stopped (warm templates are then deleted).
                     let shared_ram = spec.ram.as_ref().is_some_and(|r| r.share);
                     let keep_stopped = paused.load(Ordering::SeqCst) || shared_ram;
-                    let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped).await;
+                    let r = within(SNAPSHOT_BOUND, "snapshot", snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped)).await;
                     if shared_ram && r.is_ok() {
                         paused.store(true, Ordering::SeqCst);
                     }
@@ -580,14 +580,14 @@ async fn supervise(id: &str) -> i32 {
                     let _ = done.send(r);
                 }
                 Some(Control::Expose { guest, host, done }) => {
-                    let r = expose(&plan, &mut qmp, &mut exposed, guest, host).await;
+                    let r = within(CONTROL_BOUND, "expose", expose(&plan, &mut qmp, &mut exposed, guest, host)).await;
                     if let Ok(h) = r {
                         let _ = store.add_port(id, guest, h);
                     }
                     let _ = done.send(r);
                 }
                 Some(Control::Unexpose { guest, done }) => {
-                    let r = unexpose(&plan, &mut qmp, &mut exposed, guest).await;
+                    let r = within(CONTROL_BOUND, "unexpose", unexpose(&plan, &mut qmp, &mut exposed, guest)).await;
                     let _ = store.remove_port(id, guest);
                     let _ = done.send(r);
                 }
@@ -854,6 +854,22 @@ async fn close_dns(dns: &mut Option<tokio::task::JoinHandle<Result<()>>>) {
 
 /// A pause or resume that does not finish (a wedged QEMU monitor or guest agent) must not hold
 /// the supervisor's loop, and with it every stop, for ever.
+/// How long the control loop gives a port's exposure, and a snapshot (QEMU writes all of guest
+/// RAM, and a disk overlay is copied): the loop serves nothing else meanwhile.
+const CONTROL_BOUND: Duration = Duration::from_secs(30);
+const SNAPSHOT_BOUND: Duration = Duration::from_secs(600);
+
+/// A control request's work within `bound`, else a timeout error for its client.
+async fn within<T>(
+    bound: Duration,
+    operation: &str,
+    work: impl std::future::Future<Output = std::result::Result<T, (ErrorKind, String)>>,
+) -> std::result::Result<T, (ErrorKind, String)> {
+    tokio::time::timeout(bound, work).await.unwrap_or_else(|_| {
+        Err((ErrorKind::Failed, Error::Timeout { operation: operation.into(), seconds: bound.as_secs_f64() }.to_string()))
+    })
+}
+
 async fn bounded<T>(work: impl std::future::Future<Output = Result<T>>, operation: &str) -> Result<T> {
     const BOUND: Duration = Duration::from_secs(30);
     tokio::time::timeout(BOUND, work)
@@ -901,7 +917,8 @@ async fn snapshot(
             SnapshotKind::Disk => {}
         }
         if let Some(o) = overlay {
-            std::fs::copy(o, dir.join("disk.qcow2")).ctx(|| "copying the disk overlay".into())?;
+            // Off the runtime's thread: the clients' command relays go on meanwhile.
+            tokio::fs::copy(o, dir.join("disk.qcow2")).await.ctx(|| "copying the disk overlay".into())?;
         }
         let saved = BootImage { rootfs: overlay.map(|_| dir.join("disk.qcow2")), ..image.clone() };
         std::fs::write(dir.join("image.json"), serde_json::to_vec(&saved).expect("image serializes"))
