@@ -251,6 +251,17 @@ pub fn delete_snapshot(dirs: &Dirs, id: &str) -> Result<()> {
 
 /// The `smolvm` executable that runs supervisors: `SMOLVM_BIN`, the running program if it is
 /// `smolvm`, one beside (or above) the running program, else `smolvm` on PATH.
+/// A file transfer that makes no progress for this long has stalled (the agent or the
+/// supervisor is stuck): it ends with a timeout error.
+const TRANSFER_IDLE: Duration = Duration::from_secs(60);
+
+/// One step of a transfer, within `TRANSFER_IDLE`.
+async fn idle<T>(what: &str, step: impl std::future::Future<Output = T>) -> Result<T> {
+    tokio::time::timeout(TRANSFER_IDLE, step)
+        .await
+        .map_err(|_| Error::Timeout { operation: what.into(), seconds: TRANSFER_IDLE.as_secs_f64() })
+}
+
 /// How long a request that starts no process may take (env, ports, pause and resume).
 const CALL_BOUND: Duration = Duration::from_secs(30);
 /// A health check's bound: an agent that answers at all answers in milliseconds.
@@ -1149,7 +1160,7 @@ impl Sandbox {
                     })
                 });
                 while let Some(chunk) = rx.recv().await {
-                    stream.send(&Request::Stdin(chunk)).await?;
+                    idle("upload", stream.send(&Request::Stdin(chunk))).await??;
                 }
                 packer.await.map_err(|e| Error::Host(e.to_string()))?.ctx(|| format!("packing {}", local.display()))?;
             } else {
@@ -1160,13 +1171,13 @@ impl Sandbox {
                     if n == 0 {
                         break;
                     }
-                    stream.send(&Request::Stdin(buf[..n].to_vec())).await?;
+                    idle("upload", stream.send(&Request::Stdin(buf[..n].to_vec()))).await??;
                 }
             }
-            stream.send(&Request::StdinClose).await
+            idle("upload", stream.send(&Request::StdinClose)).await?
         };
         send.await?;
-        match stream.recv().await {
+        match idle("upload", stream.recv()).await? {
             Some(Reply::Ok) => Ok(()),
             Some(Reply::Error { kind: ErrorKind::Invalid, message }) => Err(Error::validation("guest_path", message)),
             Some(other) => Err(unexpected("upload", other)),
@@ -1197,7 +1208,7 @@ impl Sandbox {
         let result = async {
             let mut file = tokio::fs::File::create(&tmp).await.ctx(|| format!("creating {}", tmp.display()))?;
             loop {
-                match stream.recv().await {
+                match idle("download", stream.recv()).await? {
                     Some(Reply::Data(d)) => {
                         tokio::io::AsyncWriteExt::write_all(&mut file, &d).await.ctx(|| format!("writing {}", tmp.display()))?
                     }
