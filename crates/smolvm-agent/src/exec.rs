@@ -24,6 +24,8 @@ struct Running {
     pgid: Option<i32>,
     /// The shell has exited (and was reaped): its pid, the group's id, may be another's now.
     exited: bool,
+    /// The shell entered its cgroup, which then holds everything the command started.
+    in_cgroup: bool,
     stdin: Option<Sender<Option<Vec<u8>>>>,
     cancelled: bool,
 }
@@ -53,7 +55,7 @@ pub fn start(stream: u32, req: ExecRequest, w: Writer) {
     };
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let token = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    running().insert(stream, Running { token, pgid: None, exited: false, stdin: tx, cancelled: false });
+    running().insert(stream, Running { token, pgid: None, exited: false, in_cgroup: false, stdin: tx, cancelled: false });
     let window = crate::flow::open(stream);
     let (w2, window2) = (w.clone(), window.clone());
     let started = crate::workers::run(Box::new(move || {
@@ -64,6 +66,7 @@ pub fn start(stream: u32, req: ExecRequest, w: Writer) {
         forget(stream, token);
         crate::flow::forget(stream, &window2);
         w2.send(stream, &Reply::error(ErrorKind::Failed, format!("cannot start the command: no thread for it ({e})")));
+        answered(token);
     }
 }
 
@@ -131,26 +134,24 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
     crate::pending::wait();
     if running().get(&stream).is_none_or(|r| r.token != token || r.cancelled) {
         forget(stream, token);
+        w.send(stream, &Reply::Exit { code: 128 + 9, timed_out: false });
         // (The first command's group is made at boot.)
-        crate::cgroup::release(token);
-        return w.send(stream, &Reply::Exit { code: 128 + 9, timed_out: false });
+        return answered(token);
     }
     if let Some(cwd) = req.cwd.as_deref().filter(|d| !std::path::Path::new(d).is_dir()) {
         forget(stream, token);
-        crate::cgroup::release(token);
         // Else the shell's start fails with an error that blames the shell.
         w.send(stream, &Reply::error(ErrorKind::NotFound, format!("working directory {cwd} does not exist")));
-        return;
+        return answered(token);
     }
     let grouped = crate::cgroup::create(token);
     let (child, exit) = match pipes.and_then(|(pipes, exit)| spawn(&req, &shell, token, grouped, pipes, exit)) {
         Ok(v) => v,
         Err(e) => {
-            crate::cgroup::release(token);
             forget(stream, token);
             let kind = if e.kind() == std::io::ErrorKind::NotFound { ErrorKind::NotFound } else { ErrorKind::Failed };
             w.send(stream, &Reply::error(kind, format!("cannot start {shell}: {e}")));
-            return;
+            return answered(token);
         }
     };
     let pgid = child.pid;
@@ -172,6 +173,7 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
     match running().get_mut(&stream) {
         Some(r) if r.token == token => {
             r.pgid = Some(pgid);
+            r.in_cgroup = child.in_cgroup;
             if r.cancelled {
                 kill_all(pgid, token, false);
             }
@@ -183,12 +185,17 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
     }
     let outputs = [Some(child.stdout), Some(child.stderr)];
     let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms));
-    let (code, timed_out) = pump(Output { stream, w: &w, window }, outputs, exit, timeout, pgid, token);
+    let (code, timed_out) = pump(Output { stream, w: &w, window }, outputs, exit, timeout, pgid, token, child.in_cgroup);
     // A new host's command may have this stream id by now (a restored snapshot): only this
     // command's own entry goes.
     forget(stream, token);
     w.send(stream, &Reply::Exit { code, timed_out });
-    // After the answer: the host does not wait for these.
+    answered(token);
+}
+
+/// A command has been answered, however it ended: its group goes (now if empty, else once it
+/// is), and after the first command the boot's expedited RCU. The host waits for neither.
+fn answered(token: u64) {
     crate::cgroup::release(token);
     if token == 0 {
         crate::cgroup::relax_rcu();
@@ -211,7 +218,15 @@ struct Output<'a> {
 /// the timeout everything it started is killed (`kill_all`). While the host has all the output it may
 /// hold (its window), the pipes are not read: the command blocks on them. Returns (exit code,
 /// timed out).
-fn pump(out: Output, mut outputs: [Option<File>; 2], exit: File, timeout: Option<Duration>, pgid: i32, token: u64) -> (i32, bool) {
+fn pump(
+    out: Output,
+    mut outputs: [Option<File>; 2],
+    exit: File,
+    timeout: Option<Duration>,
+    pgid: i32,
+    token: u64,
+    in_cgroup: bool,
+) -> (i32, bool) {
     let mut deadline = timeout.map(|t| Instant::now() + t);
     let mut exit = Some(exit);
     let mut code: Option<i32> = None;
@@ -226,7 +241,7 @@ fn pump(out: Output, mut outputs: [Option<File>; 2], exit: File, timeout: Option
         // The shell is done, but what it left in the background still writes: the timeout
         // holds for that too (else a chatty background loop would keep the exec open forever).
         if code.is_some() && deadline.is_some_and(|d| Instant::now() >= d) {
-            kill_all(pgid, token, code.is_some());
+            kill_all(pgid, token, code.is_some() && in_cgroup);
             break;
         }
         if out.window.is_full() {
@@ -235,7 +250,7 @@ fn pump(out: Output, mut outputs: [Option<File>; 2], exit: File, timeout: Option
                 Room::Open => last = Instant::now(),
                 Room::Closed => {}
                 Room::Deadline => {
-                    kill_all(pgid, token, code.is_some());
+                    kill_all(pgid, token, code.is_some() && in_cgroup);
                     if code.is_some() {
                         break;
                     }
@@ -290,12 +305,12 @@ fn pump(out: Output, mut outputs: [Option<File>; 2], exit: File, timeout: Option
                 last = Instant::now();
                 if timed_out {
                     // Members that left the group still hold the pipes; the group itself is gone.
-                    kill_all(pgid, token, code.is_some());
+                    kill_all(pgid, token, code.is_some() && in_cgroup);
                 }
             }
         }
         if code.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
-            kill_all(pgid, token, code.is_some());
+            kill_all(pgid, token, code.is_some() && in_cgroup);
             timed_out = true;
             deadline = None;
         }
@@ -308,12 +323,13 @@ fn pump(out: Output, mut outputs: [Option<File>; 2], exit: File, timeout: Option
 /// killed: a process that forked after the walk, its parent then killed, would be handed to
 /// PID 1 and lost to the walk. A descendant whose parent had already exited belongs to PID 1
 /// (this agent) and only the command's cgroup finds it (kernels without cgroups: it stays).
-fn kill_all(pgid: i32, token: u64, shell_exited: bool) {
+fn kill_all(pgid: i32, token: u64, cgroup_only: bool) {
     use nix::sys::signal::kill;
-    // Everything the command started, wherever it went (where the kernel has cgroups). Once
-    // the shell has exited, that is all: its group may be empty by now and its number another
-    // command's. (Without cgroups the group is still the only handle left.)
-    if crate::cgroup::kill(token) && shell_exited {
+    // Everything the command started, wherever it went (where the kernel has cgroups). Once a
+    // shell that entered its cgroup has exited, that is all (`cgroup_only`): its group may be
+    // empty by now and its number another command's. (Without the cgroup the group is still
+    // the only handle left.)
+    if crate::cgroup::kill(token) && cgroup_only {
         return;
     }
     let mut frozen: std::collections::HashSet<i32> = std::collections::HashSet::new();
@@ -380,7 +396,7 @@ pub fn stdin(stream: u32, data: Option<Vec<u8>>) {
 fn cancel_one(r: &mut Running) {
     match r.pgid {
         Some(pgid) => {
-            kill_all(pgid, r.token, r.exited);
+            kill_all(pgid, r.token, r.exited && r.in_cgroup);
         }
         // Not started yet: it will not start.
         None => r.cancelled = true,

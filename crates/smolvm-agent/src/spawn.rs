@@ -15,6 +15,8 @@ use std::ptr;
 /// A started command: its pid and our ends of its pipes.
 pub struct Spawned {
     pub pid: i32,
+    /// It entered the cgroup it was given (false without one).
+    pub in_cgroup: bool,
     pub stdin: Option<File>,
     pub stdout: File,
     pub stderr: File,
@@ -228,7 +230,8 @@ pub fn spawn(
         // (The child exited; the reaper collects it.)
         return Err(io::Error::from_raw_os_error(failed));
     }
-    Ok(Spawned { pid, stdin: stdin.map(|(_, w)| File::from(w)), stdout: File::from(out_r), stderr: File::from(err_r) })
+    let in_cgroup = cgroup.is_some() && cgroup_failed == 0;
+    Ok(Spawned { pid, in_cgroup, stdin: stdin.map(|(_, w)| File::from(w)), stdout: File::from(out_r), stderr: File::from(err_r) })
 }
 
 #[cfg(test)]

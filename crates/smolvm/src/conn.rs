@@ -119,7 +119,22 @@ impl Conn {
     pub async fn send_on(&self, id: u32, req: &Request) -> Result<()> {
         let bytes = proto::encode(id, req).map_err(|e| Error::Guest(e.to_string()))?;
         let mut w = self.writer.lock().await;
+        // A caller that gives up half way through a frame (a timeout around a send on a full
+        // socket) would leave the peer reading the next frame from the middle of this one: the
+        // connection is shut instead, and every stream on it ends.
+        struct Unfinished(Option<std::os::fd::RawFd>);
+        impl Drop for Unfinished {
+            fn drop(&mut self) {
+                if let Some(fd) = self.0 {
+                    // SAFETY: shutdown on a descriptor the connection still owns (its write half
+                    // is held in the mutex whose guard outlives this); it closes nothing.
+                    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                }
+            }
+        }
+        let mut unfinished = Unfinished(Some(std::os::fd::AsRawFd::as_raw_fd(w.as_ref())));
         let sent = w.write_all(&bytes).await;
+        unfinished.0 = None;
         if sent.is_err() {
             // The other end is gone (the reader may not have noticed yet).
             self.closed.store(true, Ordering::SeqCst);

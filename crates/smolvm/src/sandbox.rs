@@ -249,8 +249,6 @@ pub fn delete_snapshot(dirs: &Dirs, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// The `smolvm` executable that runs supervisors: `SMOLVM_BIN`, the running program if it is
-/// `smolvm`, one beside (or above) the running program, else `smolvm` on PATH.
 /// A file transfer that makes no progress for this long has stalled (the agent or the
 /// supervisor is stuck): it ends with a timeout error.
 const TRANSFER_IDLE: Duration = Duration::from_secs(60);
@@ -267,6 +265,8 @@ const CALL_BOUND: Duration = Duration::from_secs(30);
 /// A health check's bound: an agent that answers at all answers in milliseconds.
 const PING_BOUND: Duration = Duration::from_secs(10);
 
+/// The `smolvm` executable that runs supervisors: `SMOLVM_BIN`, the running program if it is
+/// `smolvm`, one beside (or above) the running program, else `smolvm` on PATH.
 pub fn smolvm_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("SMOLVM_BIN") {
         return Ok(PathBuf::from(p));
@@ -400,11 +400,6 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
             paths.remove_all();
             removed.push(rec.id);
         } else {
-            if rec.state == State::Created {
-                // Not running, and no start under way (the lock is ours): a network it holds is
-                // a boot's whose supervisor and starter both died.
-                host_network_leftovers(&store, &rec.id);
-            }
             keep.insert(paths.dir);
         }
     }

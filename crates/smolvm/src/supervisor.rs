@@ -223,10 +223,16 @@ impl NetPlan {
             let applying = self.applying.clone();
             *applying.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
             tokio::task::spawn_blocking(move || {
-                let r = crate::net::nft_apply(&table, &tap, lease, &internet);
-                *applying.0.lock().unwrap_or_else(|e| e.into_inner()) = false;
-                applying.1.notify_all();
-                r
+                // Cleared however the load ends (a panic too), else a cleanup waits its bound.
+                struct Done(std::sync::Arc<(Mutex<bool>, std::sync::Condvar)>);
+                impl Drop for Done {
+                    fn drop(&mut self) {
+                        *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) = false;
+                        self.0 .1.notify_all();
+                    }
+                }
+                let _done = Done(applying);
+                crate::net::nft_apply(&table, &tap, lease, &internet)
             })
             .await
             .map_err(|e| Error::Host(e.to_string()))??;
@@ -570,7 +576,7 @@ async fn supervise(id: &str) -> i32 {
                     // run on and change it, so it stays stopped (warm templates are then deleted).
                     let shared_ram = spec.ram.as_ref().is_some_and(|r| r.share);
                     let keep_stopped = paused.load(Ordering::SeqCst) || shared_ram;
-                    let r = within(SNAPSHOT_BOUND, "snapshot", snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped)).await;
+                    let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped).await;
                     if shared_ram && r.is_ok() {
                         paused.store(true, Ordering::SeqCst);
                     }
@@ -674,6 +680,8 @@ async fn supervise(id: &str) -> i32 {
 /// Let go of the control requests still queued: each client's task then answers (a stop: done;
 /// anything else: the sandbox is going away). True if there were any.
 fn release_queued(ctl_rx: &mut mpsc::UnboundedReceiver<Control>) -> bool {
+    // Closed first: a request sent after this is refused at once rather than never answered.
+    ctl_rx.close();
     let mut any = false;
     while let Ok(msg) = ctl_rx.try_recv() {
         drop(msg);
@@ -852,11 +860,9 @@ async fn close_dns(dns: &mut Option<tokio::task::JoinHandle<Result<()>>>) {
     }
 }
 
-/// A pause or resume that does not finish (a wedged QEMU monitor or guest agent) must not hold
-/// the supervisor's loop, and with it every stop, for ever.
-/// How long the control loop gives a port's exposure, and a snapshot (QEMU writes all of guest
-/// RAM, and a disk overlay is copied): the loop serves nothing else meanwhile.
+/// How long the control loop gives a port's exposure: it serves nothing else meanwhile.
 const CONTROL_BOUND: Duration = Duration::from_secs(30);
+/// A snapshot's bound (QEMU writes all of guest RAM, and a disk overlay is copied).
 const SNAPSHOT_BOUND: Duration = Duration::from_secs(600);
 
 /// A control request's work within `bound`, else a timeout error for its client.
@@ -870,6 +876,8 @@ async fn within<T>(
     })
 }
 
+/// A pause or resume that does not finish (a wedged QEMU monitor or guest agent) must not hold
+/// the supervisor's loop, and with it every stop, for ever.
 async fn bounded<T>(work: impl std::future::Future<Output = Result<T>>, operation: &str) -> Result<T> {
     const BOUND: Duration = Duration::from_secs(30);
     tokio::time::timeout(BOUND, work)
@@ -908,7 +916,7 @@ async fn snapshot(
     if kind == SnapshotKind::Disk && overlay.is_none() {
         return Err((ErrorKind::Invalid, "a 'disk' snapshot needs a root disk; this sandbox has none (use 'full')".into()));
     }
-    let result = async {
+    let saving = async {
         match kind {
             SnapshotKind::Full => qmp.save_to(&dir.join("state")).await?,
             SnapshotKind::Disk if !was_paused => {
@@ -924,11 +932,18 @@ async fn snapshot(
         std::fs::write(dir.join("image.json"), serde_json::to_vec(&saved).expect("image serializes"))
             .ctx(|| "writing image.json".into())?;
         Ok::<_, Error>(())
-    }
-    .await;
+    };
+    let result = match tokio::time::timeout(SNAPSHOT_BOUND, saving).await {
+        Ok(r) => r,
+        Err(_) => {
+            // A save still under way must not go on writing, nor keep the CPUs stopped.
+            let _ = tokio::time::timeout(Duration::from_secs(5), qmp.execute("migrate_cancel")).await;
+            Err(Error::Timeout { operation: "snapshot".into(), seconds: SNAPSHOT_BOUND.as_secs_f64() })
+        }
+    };
     // Whatever happened, a VM that ran before runs on.
     if !was_paused {
-        let _ = qmp.execute("cont").await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), qmp.execute("cont")).await;
     }
     result.map_err(failed)
 }

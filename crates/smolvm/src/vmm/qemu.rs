@@ -404,13 +404,16 @@ pub struct Qmp {
     writer: tokio::net::unix::OwnedWriteHalf,
     /// The start of a line whose end has not arrived yet (kept across a cancelled read).
     partial: Vec<u8>,
+    /// The id of the next command: a reply carries its command's id, so the answer to one
+    /// that was given up on (a timeout) is never taken for the next one's.
+    next_id: u64,
 }
 
 impl Qmp {
     pub async fn connect(path: &Path) -> Result<Qmp> {
         let s = UnixStream::connect(path).await.ctx(|| format!("connecting to QMP at {}", path.display()))?;
         let (r, w) = s.into_split();
-        let mut q = Qmp { reader: BufReader::new(r), writer: w, partial: Vec::new() };
+        let mut q = Qmp { reader: BufReader::new(r), writer: w, partial: Vec::new(), next_id: 0 };
         q.read_json().await?; // greeting
         q.execute("qmp_capabilities").await?;
         Ok(q)
@@ -519,7 +522,9 @@ impl Qmp {
     }
 
     pub async fn execute_args(&mut self, command: &str, args: serde_json::Value) -> Result<serde_json::Value> {
-        let mut msg = serde_json::json!({ "execute": command });
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut msg = serde_json::json!({ "execute": command, "id": id });
         if !args.is_null() {
             msg["arguments"] = args;
         }
@@ -527,7 +532,8 @@ impl Qmp {
         self.writer.write_all(msg.as_bytes()).await.ctx(|| "writing to QMP".into())?;
         loop {
             let v = self.read_json().await?;
-            if v.get("event").is_some() {
+            // Events, and late answers to commands given up on.
+            if v.get("event").is_some() || v.get("id").and_then(|i| i.as_u64()) != Some(id) {
                 continue;
             }
             if let Some(err) = v.get("error") {
@@ -555,7 +561,7 @@ mod tests {
     async fn a_line_cut_short_by_a_cancelled_read_is_not_lost() {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         let (r, w) = ours.into_split();
-        let mut q = Qmp { reader: BufReader::new(r), writer: w, partial: Vec::new() };
+        let mut q = Qmp { reader: BufReader::new(r), writer: w, partial: Vec::new(), next_id: 0 };
         theirs.write_all(b"{\"event\": \"VSERPORT").await.unwrap();
         let cut = tokio::time::timeout(std::time::Duration::from_millis(50), q.wait_event("VSERPORT_CHANGE")).await;
         assert!(cut.is_err(), "nothing complete was sent yet");
