@@ -771,3 +771,51 @@ async fn a_command_killed_by_a_signal_exits_with_128_plus_it() {
     }
     sb.delete().await.unwrap();
 }
+
+/// A boot whose starter and supervisor are both killed (the agent never answers, so it is
+/// caught mid-boot) leaves a NAT lease and a firewall table: `prune` removes them.
+#[test]
+fn prune_removes_the_network_of_a_boot_killed_half_way() {
+    if smolvm::net::nat_available().is_err() {
+        eprintln!("skipped: no NAT networking here");
+        return;
+    }
+    let env = env();
+    // An initramfs whose /init hangs, never starting an agent.
+    let mut c = smolvm::cpio::Cpio::default();
+    for d in ["bin", "dev"] {
+        c.dir(d, 0o755);
+    }
+    c.char_dev("dev/console", 0o600, 5, 1);
+    c.file("bin/busybox", 0o755, &std::fs::read(smolvm::busybox::prebuilt().unwrap()).unwrap());
+    c.file("init", 0o755, b"#!/bin/busybox sh\nexec /bin/busybox sleep 1000\n");
+    let initrd = env.tmp.path().join("hang.cpio");
+    std::fs::write(&initrd, c.finish()).unwrap();
+    let mut starter = env
+        .cli()
+        .args(["sandbox", "create", "--name", "halfway", "--network", "nat", "--boot-timeout", "60", "--initrd"])
+        .arg(&initrd)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let store = smolvm::store::Store::open(&env.dirs.data).unwrap();
+    let leased = || store.get("halfway").unwrap().is_some_and(|r| r.lease.is_some() && r.supervisor.is_some());
+    assert!(wait_until(Duration::from_secs(20), leased), "the boot never took a lease");
+    let table = smolvm::net::table_name(&env.dirs.data, "halfway");
+    let has_table =
+        || String::from_utf8_lossy(&std::process::Command::new("nft").args(["list", "tables"]).output().unwrap().stdout).contains(&table);
+    assert!(wait_until(Duration::from_secs(20), has_table), "no firewall table {table}");
+    // Both die (QEMU goes with its supervisor).
+    let supervisor = store.get("halfway").unwrap().unwrap().supervisor.unwrap();
+    starter.kill().unwrap();
+    let _ = starter.wait();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(supervisor.pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || !supervisor.alive() && env.qemu_processes().is_empty()));
+    assert!(has_table() && leased());
+    let out = env.smolvm(&["sandbox", "prune"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!has_table(), "prune left the firewall table {table}");
+    assert!(store.get("halfway").unwrap().is_some_and(|r| r.lease.is_none()), "prune left the lease");
+    assert!(env.smolvm(&["sandbox", "delete", "halfway"]).status.success());
+}

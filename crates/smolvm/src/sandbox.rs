@@ -400,6 +400,12 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
             paths.remove_all();
             removed.push(rec.id);
         } else {
+            // Not started, no start under way (the lock is ours) and its supervisor (recorded
+            // as soon as it runs) gone: a network it holds is a boot's whose supervisor and
+            // starter both died.
+            if rec.state == State::Created && !rec.supervisor.is_some_and(|p| p.alive()) {
+                host_network_leftovers(&store, &rec.id);
+            }
             keep.insert(paths.dir);
         }
     }
