@@ -80,6 +80,20 @@ enum Control {
     ClientGone,
 }
 
+impl Control {
+    /// Its client's task has stopped waiting for it (past its bound, behind a long snapshot
+    /// say): it is not carried out late. A stop always is.
+    fn abandoned(&self) -> bool {
+        match self {
+            Control::Pause { done } | Control::Resume { done } | Control::Snapshot { done, .. } | Control::Unexpose { done, .. } => {
+                done.is_closed()
+            }
+            Control::Expose { done, .. } => done.is_closed(),
+            Control::Stop { .. } | Control::ClientConnected | Control::ClientGone => false,
+        }
+    }
+}
+
 /// Entry point of `smolvm __supervise ID`. Returns the process exit code.
 pub fn main(id: &str) -> i32 {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -526,6 +540,7 @@ async fn supervise(id: &str) -> i32 {
                 break true;
             }
             msg = ctl_rx.recv() => match msg {
+                Some(m) if m.abandoned() => {}
                 Some(Control::Stop { timeout, done }) => {
                     stop_timeout = timeout;
                     stop_waiter = Some(done);
@@ -865,6 +880,12 @@ const CONTROL_BOUND: Duration = Duration::from_secs(30);
 /// A snapshot's bound (QEMU writes all of guest RAM, and a disk overlay is copied).
 const SNAPSHOT_BOUND: Duration = Duration::from_secs(600);
 
+/// The answer to a client whose request waited past its bound (behind another one): the
+/// request, if still queued, is then dropped (`Control::abandoned`).
+fn waited_too_long(what: &str, bound: Duration) -> Reply {
+    Reply::error(ErrorKind::Failed, Error::Timeout { operation: what.into(), seconds: bound.as_secs_f64() }.to_string())
+}
+
 /// A control request's work within `bound`, else a timeout error for its client.
 async fn within<T>(
     bound: Duration,
@@ -993,20 +1014,22 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
             Request::Expose { guest, host } => {
                 let (done, wait) = oneshot::channel();
                 let _ = ctl.send(Control::Expose { guest, host, done });
-                let reply = match wait.await {
-                    Ok(Ok(port)) => Reply::Port(port),
-                    Ok(Err((kind, message))) => Reply::error(kind, message),
-                    Err(_) => Reply::error(ErrorKind::Closed, "the sandbox is going away"),
+                let reply = match tokio::time::timeout(CONTROL_BOUND, wait).await {
+                    Ok(Ok(Ok(port))) => Reply::Port(port),
+                    Ok(Ok(Err((kind, message)))) => Reply::error(kind, message),
+                    Ok(Err(_)) => Reply::error(ErrorKind::Closed, "the sandbox is going away"),
+                    Err(_) => waited_too_long("expose", CONTROL_BOUND),
                 };
                 send(write.clone(), cid, reply).await;
             }
             Request::Unexpose { guest } => {
                 let (done, wait) = oneshot::channel();
                 let _ = ctl.send(Control::Unexpose { guest, done });
-                let reply = match wait.await {
-                    Ok(Ok(())) => Reply::Ok,
-                    Ok(Err((kind, message))) => Reply::error(kind, message),
-                    Err(_) => Reply::error(ErrorKind::Closed, "the sandbox is going away"),
+                let reply = match tokio::time::timeout(CONTROL_BOUND, wait).await {
+                    Ok(Ok(Ok(()))) => Reply::Ok,
+                    Ok(Ok(Err((kind, message)))) => Reply::error(kind, message),
+                    Ok(Err(_)) => Reply::error(ErrorKind::Closed, "the sandbox is going away"),
+                    Err(_) => waited_too_long("unexpose", CONTROL_BOUND),
                 };
                 send(write.clone(), cid, reply).await;
             }
@@ -1018,11 +1041,18 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                     Request::Snapshot { dir, kind } => Control::Snapshot { dir: PathBuf::from(dir), kind, done },
                     _ => unreachable!("matched above"),
                 };
+                // A snapshot's own bound, and a little for what waits before it.
+                let (what, bound) = match &msg {
+                    Control::Snapshot { .. } => ("snapshot", SNAPSHOT_BOUND + Duration::from_secs(30)),
+                    Control::Pause { .. } => ("pause", CONTROL_BOUND),
+                    _ => ("resume", CONTROL_BOUND),
+                };
                 let _ = ctl.send(msg);
-                let reply = match wait.await {
-                    Ok(Ok(())) => Reply::Ok,
-                    Ok(Err((kind, message))) => Reply::error(kind, message),
-                    Err(_) => Reply::error(ErrorKind::Closed, "the sandbox is going away"),
+                let reply = match tokio::time::timeout(bound, wait).await {
+                    Ok(Ok(Ok(()))) => Reply::Ok,
+                    Ok(Ok(Err((kind, message)))) => Reply::error(kind, message),
+                    Ok(Err(_)) => Reply::error(ErrorKind::Closed, "the sandbox is going away"),
+                    Err(_) => waited_too_long(what, bound),
                 };
                 send(write.clone(), cid, reply).await;
             }
