@@ -228,6 +228,8 @@ fn pump(
     in_cgroup: bool,
 ) -> (i32, bool) {
     let mut deadline = timeout.map(|t| Instant::now() + t);
+    // Once the shell has exited (`code`), by its cgroup alone where it entered one.
+    let kill = |code: Option<i32>| kill_all(pgid, token, code.is_some() && in_cgroup);
     let mut exit = Some(exit);
     let mut code: Option<i32> = None;
     let mut timed_out = false;
@@ -241,7 +243,7 @@ fn pump(
         // The shell is done, but what it left in the background still writes: the timeout
         // holds for that too (else a chatty background loop would keep the exec open forever).
         if code.is_some() && deadline.is_some_and(|d| Instant::now() >= d) {
-            kill_all(pgid, token, code.is_some() && in_cgroup);
+            kill(code);
             break;
         }
         if out.window.is_full() {
@@ -250,7 +252,7 @@ fn pump(
                 Room::Open => last = Instant::now(),
                 Room::Closed => {}
                 Room::Deadline => {
-                    kill_all(pgid, token, code.is_some() && in_cgroup);
+                    kill(code);
                     if code.is_some() {
                         break;
                     }
@@ -305,12 +307,12 @@ fn pump(
                 last = Instant::now();
                 if timed_out {
                     // Members that left the group still hold the pipes; the group itself is gone.
-                    kill_all(pgid, token, code.is_some() && in_cgroup);
+                    kill(code);
                 }
             }
         }
         if code.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
-            kill_all(pgid, token, code.is_some() && in_cgroup);
+            kill(code);
             timed_out = true;
             deadline = None;
         }

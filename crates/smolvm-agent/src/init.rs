@@ -66,28 +66,36 @@ pub fn mount_dev() -> io::Result<()> {
 /// it starts before anything else (after /dev and the channel it was done ~8 ms later, and the
 /// first command often waited for it).
 pub fn start() -> Cmdline {
-    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     let cmdline = Cmdline::read();
     // Before the set-up thread: a kernel with modules gets its NIC driver here.
     load_modules();
     // A root disk moves /proc and /sys along when it becomes `/`, and its resolv.conf is
     // written after the switch: there the set-up runs in `setup`.
     if cmdline.get("smolvm_root").is_none() {
-        let net = cmdline.net();
-        crate::pending::spawn(move || {
-            if let Some(cfg) = net {
-                crate::net::configure_now(&cfg);
-            }
+        spawn_setup(cmdline.net(), true);
+    }
+    cmdline
+}
+
+/// The set-up that commands wait for (`pending::wait`) and the agent does not, on a thread of
+/// its own: the NIC, /proc and /sys (`proc_sys`: a root disk brings its own along), cgroup2 and
+/// the loopback device.
+fn spawn_setup(net: Option<smolvm_proto::NetConfig>, proc_sys: bool) {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    crate::pending::spawn(move || {
+        if let Some(cfg) = net {
+            crate::net::configure_now(&cfg);
+        }
+        if proc_sys {
             for (src, target) in [("proc", "/proc"), ("sysfs", "/sys")] {
                 if let Err(e) = mount_fs(src, target, src, nosuid, None) {
                     crate::log(&e.to_string());
                 }
             }
-            crate::cgroup::mount();
-            loopback_up();
-        });
-    }
-    cmdline
+        }
+        crate::cgroup::mount();
+        loopback_up();
+    });
 }
 
 /// The rest of PID 1's set-up, after `start` and the agent channel's early open.
@@ -113,16 +121,8 @@ pub fn setup(cmdline: &Cmdline) -> io::Result<()> {
     let _ = std::os::unix::fs::symlink("/proc/self/fd", "/dev/fd");
     set_hostname(&cmdline.get("smolvm_hostname").unwrap_or_else(|| "smolvm".into()));
     if root_disk {
-        // Commands wait for these (`pending::wait`); the agent does not. After the switch, so
-        // that resolv.conf is written into the root disk.
-        let net = cmdline.net();
-        crate::pending::spawn(move || {
-            if let Some(cfg) = net {
-                crate::net::configure_now(&cfg);
-            }
-            crate::cgroup::mount();
-            loopback_up();
-        });
+        // After the switch, so that resolv.conf is written into the root disk.
+        spawn_setup(cmdline.net(), false);
     }
     Ok(())
 }

@@ -149,13 +149,8 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 /// Run `program` (an absolute path) with `args`, exactly the environment `env` ("KEY=value"),
 /// in `cwd`, in a new session (so a timeout can kill its whole process group) and, given one,
 /// in the cgroup whose `cgroup.procs` is `cgroup`, with no signal blocked and SIGPIPE at its
-/// default. stdout and stderr are pipes; stdin a pipe or /dev/null.
-///
-/// The child shares the agent's memory until it execs, like `posix_spawn`'s (a fork copies the
-/// agent's page tables, and every page either side then faults once: ~2 ms a command under
-/// TCG), and it enters the cgroup itself before the exec, so nothing it starts can be outside.
-/// `posix_spawn` cannot place a child in a cgroup: the agent had to enter the group around it,
-/// moving all its threads there and back, 3-7 ms of the first cold command.
+/// default. stdout and stderr are pipes; stdin a pipe or /dev/null. The child enters the
+/// cgroup before the exec, so nothing it starts can be outside.
 pub fn spawn(
     program: &str,
     args: &[&str],

@@ -215,6 +215,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_send_given_up_half_way_shuts_the_connection() {
+        let (ours, _peer) = UnixStream::pair().unwrap();
+        let conn = Conn::new(ours);
+        // The peer reads nothing: a frame larger than the socket's buffers cannot go out whole.
+        let big = Request::Stdin(vec![7u8; 2 << 20]);
+        let cut = tokio::time::timeout(std::time::Duration::from_millis(100), conn.send_on(1, &big)).await;
+        assert!(cut.is_err(), "the send should still be under way");
+        // Half a frame is out: nothing more may follow it on this connection.
+        for _ in 0..200 {
+            if conn.is_closed() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(conn.is_closed());
+        assert!(conn.send_on(2, &Request::Ping).await.is_err());
+    }
+
+    #[tokio::test]
     async fn output_is_granted_back_as_it_is_taken_and_a_peer_past_its_window_is_cut_off() {
         let (ours, mut peer) = UnixStream::pair().unwrap();
         let conn = Conn::new(ours);

@@ -116,6 +116,12 @@ impl<T> IoContext<T> for io::Result<T> {
     }
 }
 
+/// `work`, or a timeout error naming `operation` once `bound` has passed (the work is then
+/// dropped). Every wait on a peer that may be stuck (the agent, the supervisor, QEMU) is one.
+pub(crate) async fn within<T>(operation: &str, bound: std::time::Duration, work: impl std::future::Future<Output = T>) -> Result<T> {
+    tokio::time::timeout(bound, work).await.map_err(|_| Error::Timeout { operation: operation.into(), seconds: bound.as_secs_f64() })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

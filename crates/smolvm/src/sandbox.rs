@@ -3,7 +3,7 @@
 
 use crate::config::{env_flag, Backend, Channel, Dirs, VmConfig};
 use crate::conn::Conn;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{within, Error, IoContext, Result};
 use crate::image::{self, Progress};
 use crate::store::{ProcId, Record, State, Store};
 use crate::supervisor::{BootSpec, RestoreSpec, StartStatus};
@@ -252,13 +252,6 @@ pub fn delete_snapshot(dirs: &Dirs, id: &str) -> Result<()> {
 /// A file transfer that makes no progress for this long has stalled (the agent or the
 /// supervisor is stuck): it ends with a timeout error.
 const TRANSFER_IDLE: Duration = Duration::from_secs(60);
-
-/// One step of a transfer, within `TRANSFER_IDLE`.
-async fn idle<T>(what: &str, step: impl std::future::Future<Output = T>) -> Result<T> {
-    tokio::time::timeout(TRANSFER_IDLE, step)
-        .await
-        .map_err(|_| Error::Timeout { operation: what.into(), seconds: TRANSFER_IDLE.as_secs_f64() })
-}
 
 /// How long a request that starts no process may take (env, ports, pause and resume).
 const CALL_BOUND: Duration = Duration::from_secs(30);
@@ -1161,7 +1154,7 @@ impl Sandbox {
                     })
                 });
                 while let Some(chunk) = rx.recv().await {
-                    idle("upload", stream.send(&Request::Stdin(chunk))).await??;
+                    within("upload", TRANSFER_IDLE, stream.send(&Request::Stdin(chunk))).await??;
                 }
                 packer.await.map_err(|e| Error::Host(e.to_string()))?.ctx(|| format!("packing {}", local.display()))?;
             } else {
@@ -1172,13 +1165,13 @@ impl Sandbox {
                     if n == 0 {
                         break;
                     }
-                    idle("upload", stream.send(&Request::Stdin(buf[..n].to_vec()))).await??;
+                    within("upload", TRANSFER_IDLE, stream.send(&Request::Stdin(buf[..n].to_vec()))).await??;
                 }
             }
-            idle("upload", stream.send(&Request::StdinClose)).await?
+            within("upload", TRANSFER_IDLE, stream.send(&Request::StdinClose)).await?
         };
         send.await?;
-        match idle("upload", stream.recv()).await? {
+        match within("upload", TRANSFER_IDLE, stream.recv()).await? {
             Some(Reply::Ok) => Ok(()),
             Some(Reply::Error { kind: ErrorKind::Invalid, message }) => Err(Error::validation("guest_path", message)),
             Some(other) => Err(unexpected("upload", other)),
@@ -1209,7 +1202,7 @@ impl Sandbox {
         let result = async {
             let mut file = tokio::fs::File::create(&tmp).await.ctx(|| format!("creating {}", tmp.display()))?;
             loop {
-                match idle("download", stream.recv()).await? {
+                match within("download", TRANSFER_IDLE, stream.recv()).await? {
                     Some(Reply::Data(d)) => {
                         tokio::io::AsyncWriteExt::write_all(&mut file, &d).await.ctx(|| format!("writing {}", tmp.display()))?
                     }
@@ -1293,10 +1286,7 @@ impl Sandbox {
     /// One request and its answer within `bound`: a stuck agent or supervisor must not hang
     /// the caller (a health check would never say no).
     async fn call_within(&self, req: &Request, what: &str, bound: Duration) -> Result<Reply> {
-        let conn = self.conn()?;
-        tokio::time::timeout(bound, conn.call(req))
-            .await
-            .unwrap_or_else(|_| Err(Error::Timeout { operation: what.into(), seconds: bound.as_secs_f64() }))
+        within(what, bound, self.conn()?.call(req)).await?
     }
 
     /// Agent round trip without a process (health check, benchmarks).

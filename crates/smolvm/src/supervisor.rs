@@ -8,7 +8,7 @@
 
 use crate::config::Dirs;
 use crate::conn::{read_frame, Conn};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{within, Error, IoContext, Result};
 use crate::image::BootImage;
 use crate::sandbox::{console_tail, SandboxPaths};
 use crate::store::{ProcId, State, Store};
@@ -601,14 +601,14 @@ async fn supervise(id: &str) -> i32 {
                     let _ = done.send(r);
                 }
                 Some(Control::Expose { guest, host, done }) => {
-                    let r = within(CONTROL_BOUND, "expose", expose(&plan, &mut qmp, &mut exposed, guest, host)).await;
+                    let r = control_within(CONTROL_BOUND, "expose", expose(&plan, &mut qmp, &mut exposed, guest, host)).await;
                     if let Ok(h) = r {
                         let _ = store.add_port(id, guest, h);
                     }
                     let _ = done.send(r);
                 }
                 Some(Control::Unexpose { guest, done }) => {
-                    let r = within(CONTROL_BOUND, "unexpose", unexpose(&plan, &mut qmp, &mut exposed, guest)).await;
+                    let r = control_within(CONTROL_BOUND, "unexpose", unexpose(&plan, &mut qmp, &mut exposed, guest)).await;
                     let _ = store.remove_port(id, guest);
                     let _ = done.send(r);
                 }
@@ -875,35 +875,42 @@ async fn close_dns(dns: &mut Option<tokio::task::JoinHandle<Result<()>>>) {
     }
 }
 
-/// How long the control loop gives a port's exposure: it serves nothing else meanwhile.
+/// How long a pause, resume or port's exposure may take, and wait behind others: the control
+/// loop serves nothing else meanwhile.
 const CONTROL_BOUND: Duration = Duration::from_secs(30);
 /// A snapshot's bound (QEMU writes all of guest RAM, and a disk overlay is copied).
 const SNAPSHOT_BOUND: Duration = Duration::from_secs(600);
 
-/// The answer to a client whose request waited past its bound (behind another one): the
-/// request, if still queued, is then dropped (`Control::abandoned`).
-fn waited_too_long(what: &str, bound: Duration) -> Reply {
-    Reply::error(ErrorKind::Failed, Error::Timeout { operation: what.into(), seconds: bound.as_secs_f64() }.to_string())
-}
-
 /// A control request's work within `bound`, else a timeout error for its client.
-async fn within<T>(
+async fn control_within<T>(
     bound: Duration,
     operation: &str,
     work: impl std::future::Future<Output = std::result::Result<T, (ErrorKind, String)>>,
 ) -> std::result::Result<T, (ErrorKind, String)> {
-    tokio::time::timeout(bound, work).await.unwrap_or_else(|_| {
-        Err((ErrorKind::Failed, Error::Timeout { operation: operation.into(), seconds: bound.as_secs_f64() }.to_string()))
-    })
+    within(operation, bound, work).await.unwrap_or_else(|e| Err((ErrorKind::Failed, e.to_string())))
+}
+
+/// A control request's answer for its client, waited for within `bound` (it may queue behind
+/// others): past that the client hears of the timeout, and the request, if still queued, is
+/// dropped (`Control::abandoned`).
+async fn answer<T>(
+    wait: oneshot::Receiver<std::result::Result<T, (ErrorKind, String)>>,
+    operation: &str,
+    bound: Duration,
+    ok: impl FnOnce(T) -> Reply,
+) -> Reply {
+    match within(operation, bound, wait).await {
+        Ok(Ok(Ok(v))) => ok(v),
+        Ok(Ok(Err((kind, message)))) => Reply::error(kind, message),
+        Ok(Err(_)) => Reply::error(ErrorKind::Closed, "the sandbox is going away"),
+        Err(e) => Reply::error(ErrorKind::Failed, e.to_string()),
+    }
 }
 
 /// A pause or resume that does not finish (a wedged QEMU monitor or guest agent) must not hold
 /// the supervisor's loop, and with it every stop, for ever.
 async fn bounded<T>(work: impl std::future::Future<Output = Result<T>>, operation: &str) -> Result<T> {
-    const BOUND: Duration = Duration::from_secs(30);
-    tokio::time::timeout(BOUND, work)
-        .await
-        .unwrap_or_else(|_| Err(Error::Timeout { operation: operation.into(), seconds: BOUND.as_secs_f64() }))
+    within(operation, CONTROL_BOUND, work).await?
 }
 
 /// What QEMU wrote to the log from `from` on: its own error lines, which start with its name
@@ -954,17 +961,17 @@ async fn snapshot(
             .ctx(|| "writing image.json".into())?;
         Ok::<_, Error>(())
     };
-    let result = match tokio::time::timeout(SNAPSHOT_BOUND, saving).await {
+    let result = match within("snapshot", SNAPSHOT_BOUND, saving).await {
         Ok(r) => r,
-        Err(_) => {
+        Err(e) => {
             // A save still under way must not go on writing, nor keep the CPUs stopped.
-            let _ = tokio::time::timeout(Duration::from_secs(5), qmp.execute("migrate_cancel")).await;
-            Err(Error::Timeout { operation: "snapshot".into(), seconds: SNAPSHOT_BOUND.as_secs_f64() })
+            let _ = within("migrate_cancel", Duration::from_secs(5), qmp.execute("migrate_cancel")).await;
+            Err(e)
         }
     };
     // Whatever happened, a VM that ran before runs on.
     if !was_paused {
-        let _ = tokio::time::timeout(Duration::from_secs(5), qmp.execute("cont")).await;
+        let _ = within("cont", Duration::from_secs(5), qmp.execute("cont")).await;
     }
     result.map_err(failed)
 }
@@ -1014,23 +1021,13 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
             Request::Expose { guest, host } => {
                 let (done, wait) = oneshot::channel();
                 let _ = ctl.send(Control::Expose { guest, host, done });
-                let reply = match tokio::time::timeout(CONTROL_BOUND, wait).await {
-                    Ok(Ok(Ok(port))) => Reply::Port(port),
-                    Ok(Ok(Err((kind, message)))) => Reply::error(kind, message),
-                    Ok(Err(_)) => Reply::error(ErrorKind::Closed, "the sandbox is going away"),
-                    Err(_) => waited_too_long("expose", CONTROL_BOUND),
-                };
+                let reply = answer(wait, "expose", CONTROL_BOUND, Reply::Port).await;
                 send(write.clone(), cid, reply).await;
             }
             Request::Unexpose { guest } => {
                 let (done, wait) = oneshot::channel();
                 let _ = ctl.send(Control::Unexpose { guest, done });
-                let reply = match tokio::time::timeout(CONTROL_BOUND, wait).await {
-                    Ok(Ok(Ok(()))) => Reply::Ok,
-                    Ok(Ok(Err((kind, message)))) => Reply::error(kind, message),
-                    Ok(Err(_)) => Reply::error(ErrorKind::Closed, "the sandbox is going away"),
-                    Err(_) => waited_too_long("unexpose", CONTROL_BOUND),
-                };
+                let reply = answer(wait, "unexpose", CONTROL_BOUND, |()| Reply::Ok).await;
                 send(write.clone(), cid, reply).await;
             }
             Request::Pause | Request::Resume | Request::Snapshot { .. } => {
@@ -1048,12 +1045,7 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                     _ => ("resume", CONTROL_BOUND),
                 };
                 let _ = ctl.send(msg);
-                let reply = match tokio::time::timeout(bound, wait).await {
-                    Ok(Ok(Ok(()))) => Reply::Ok,
-                    Ok(Ok(Err((kind, message)))) => Reply::error(kind, message),
-                    Ok(Err(_)) => Reply::error(ErrorKind::Closed, "the sandbox is going away"),
-                    Err(_) => waited_too_long(what, bound),
-                };
+                let reply = answer(wait, what, bound, |()| Reply::Ok).await;
                 send(write.clone(), cid, reply).await;
             }
             Request::Info => {

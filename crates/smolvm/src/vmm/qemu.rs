@@ -558,6 +558,31 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn a_late_answer_is_not_taken_for_the_next_commands() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (r, w) = ours.into_split();
+        let mut q = Qmp { reader: BufReader::new(r), writer: w, partial: Vec::new(), next_id: 0 };
+        let (their_r, mut their_w) = theirs.into_split();
+        let peer = tokio::spawn(async move {
+            let mut lines = BufReader::new(their_r).lines();
+            let first = lines.next_line().await.unwrap().unwrap();
+            let second = lines.next_line().await.unwrap().unwrap();
+            // The first command's answer comes only now, late, before the second's.
+            their_w
+                .write_all(b"{\"return\": {\"late\": true}, \"id\": 1}\r\n{\"return\": {\"status\": \"running\"}, \"id\": 2}\r\n")
+                .await
+                .unwrap();
+            (first, second, their_w)
+        });
+        let given_up = tokio::time::timeout(std::time::Duration::from_millis(50), q.execute("stop")).await;
+        assert!(given_up.is_err());
+        let status = q.execute("query-status").await.unwrap();
+        assert_eq!(status["status"], "running", "{status}");
+        let (first, second, _w) = peer.await.unwrap();
+        assert!(first.contains("\"stop\"") && second.contains("\"query-status\""), "{first} {second}");
+    }
+
+    #[tokio::test]
     async fn a_line_cut_short_by_a_cancelled_read_is_not_lost() {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         let (r, w) = ours.into_split();
