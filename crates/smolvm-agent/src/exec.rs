@@ -11,8 +11,9 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 /// An exec from the moment its request is read: input and a cancel that arrive before its
@@ -158,12 +159,15 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
     // Input queued since the request arrived goes in first; the host's close ends it. What the
     // command has taken is granted back, so the host sends only as fast as it reads (input
     // waiting here is guest memory).
-    if let (Some(mut pipe), Some(rx)) = (child.stdin, input) {
-        let w = w.clone();
+    let ended = Arc::new(AtomicBool::new(false));
+    if let (Some(pipe), Some(rx)) = (child.stdin, input) {
+        let (w, ended) = (w.clone(), ended.clone());
         // (No thread to be had: the pipe closes, and the command reads the end of its input.)
         let _ = crate::workers::thread(move || {
+            // (The command's end, its stdin, stays blocking.)
+            let _ = nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(&pipe), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK));
             while let Ok(Some(data)) = rx.recv() {
-                if pipe.write_all(&data).is_err() {
+                if !feed(&pipe, &data, &ended) {
                     break;
                 }
                 w.send(stream, &Reply::Credit(data.len() as u32));
@@ -186,11 +190,35 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
     let outputs = [Some(child.stdout), Some(child.stderr)];
     let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms));
     let (code, timed_out) = pump(Output { stream, w: &w, window }, outputs, exit, timeout, pgid, token, child.in_cgroup);
+    ended.store(true, Ordering::SeqCst);
     // A new host's command may have this stream id by now (a restored snapshot): only this
     // command's own entry goes.
     forget(stream, token);
     w.send(stream, &Reply::Exit { code, timed_out });
     answered(token);
+}
+
+/// Writes `data` into a command's input: false once nobody reads it, or once the command has
+/// `ended` with the pipe full. A process it left behind may hold the pipe and never read; the
+/// pipe then closes instead of keeping this thread for good.
+fn feed(pipe: &File, data: &[u8], ended: &AtomicBool) -> bool {
+    use std::io::ErrorKind::{Interrupted, WouldBlock};
+    let mut rest = data;
+    while !rest.is_empty() {
+        match (&*pipe).write(rest) {
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == WouldBlock => {
+                if ended.load(Ordering::SeqCst) {
+                    return false;
+                }
+                let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLOUT)];
+                let _ = poll(&mut fds, PollTimeout::from(100u16));
+            }
+            Err(e) if e.kind() == Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// A command has been answered, however it ended: its group goes (now if empty, else once it

@@ -38,10 +38,15 @@ impl Writer {
     }
 
     /// A new host greeted the agent: what the previous session still sends goes nowhere.
-    /// Under the write lock, so that no frame of the old session follows this point.
-    fn new_session(&self) {
-        let _f = self.out.lock().unwrap_or_else(|e| e.into_inner());
+    /// Under the write lock, so that no frame of the old session follows this point; the
+    /// host's sync marker goes out there, after the rest of any frame a snapshot caught half
+    /// written (see `Request::Hello`).
+    fn new_session(&self, sync: Option<&[u8]>) {
+        let mut f = self.out.lock().unwrap_or_else(|e| e.into_inner());
         SESSION.fetch_add(1, Ordering::SeqCst);
+        if let Some(marker) = sync {
+            let _ = f.write_all(marker);
+        }
     }
 }
 
@@ -190,10 +195,10 @@ fn host_gone(e: &io::Error) {
 
 fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
     let reply = match req {
-        Request::Hello { version, unix_time_ns, hostname, entropy, net } => {
+        Request::Hello { version, unix_time_ns, hostname, entropy, net, sync } => {
             // Whatever the previous host started (a restored snapshot's commands and uploads)
             // has nobody to report to.
-            w.new_session();
+            w.new_session(sync.as_ref().map(|m| &m[..]));
             crate::exec::cancel_all();
             crate::files::cancel_all();
             // The answer goes first: the host's next request is read only after what follows,
@@ -316,4 +321,25 @@ pub fn shutdown_now() -> ! {
     // by this line: both end in a reset, which QEMU reports alike.
     crate::log(proto::POWER_OFF_MARK);
     crate::init::power_off()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_session_starts_with_its_marker_and_drops_the_old_sessions_frames() {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        let w = Writer { out: Arc::new(Mutex::new(File::from(write))), session: None };
+        let old = w.for_session();
+        w.new_session(Some(b"0123456789abcdef"));
+        old.send(7, &Reply::Pong);
+        w.send(1, &Reply::Ok);
+        drop((w, old));
+        let mut got = Vec::new();
+        File::from(read).read_to_end(&mut got).unwrap();
+        let mut want = b"0123456789abcdef".to_vec();
+        want.extend(proto::encode(1, &Reply::Ok).unwrap());
+        assert_eq!(got, want);
+    }
 }

@@ -271,3 +271,51 @@ fn smolvm_run_starts_warm_and_cold_on_request() {
     assert_eq!((stdout(&out).as_str(), out.status.code()), ("v\n", Some(4)));
     assert!(env.qemu_processes().is_empty());
 }
+
+/// A snapshot stops the guest wherever it is, here with frames streaming both ways (output and
+/// a download on their way out, an upload on its way in). Each clone must talk to its new host
+/// from the first byte, and the transfers on the source go on.
+#[tokio::test]
+async fn clones_of_snapshots_taken_mid_transfer_talk_to_their_host() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let env = env();
+    let sb = Arc::new(env.boot(VmConfig::default()).await);
+    sb.run("head -c 8388608 /dev/urandom > /tmp/big", &opts()).await.unwrap();
+    let local = env.tmp.path().join("big");
+    std::fs::write(&local, random_bytes(8 << 20)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = |what: u8| {
+        let (sb, stop, local) = (sb.clone(), stop.clone(), local.clone());
+        let back = local.with_extension(format!("back{what}"));
+        tokio::spawn(async move {
+            let mut rounds = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                match what {
+                    0 => sb.download("/tmp/big", &back).await?,
+                    1 => sb.upload(&local, "/tmp/up").await?,
+                    _ => assert_eq!(sb.run("head -c 8388608 /dev/zero", &opts()).await?.stdout.len(), 8 << 20),
+                }
+                rounds += 1;
+            }
+            Ok::<u32, Error>(rounds)
+        })
+    };
+    let traffic = [busy(0), busy(1), busy(2)];
+    for i in 0..4 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let name = format!("midway{i}");
+        sb.snapshot(Some(&name), "full").await.unwrap();
+        let restore = RestoreOptions { boot_timeout: Duration::from_secs(20), ..Default::default() };
+        let clone = Sandbox::from_snapshot_in(env.dirs.clone(), &name, restore).await.unwrap();
+        for j in 0..3 {
+            assert_eq!(out(&clone, &format!("echo {i}.{j}")).await, format!("{i}.{j}\n"), "clone of snapshot {i}");
+        }
+        clone.delete().await.unwrap();
+        delete_snapshot(&env.dirs, &name).unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in traffic {
+        assert!(t.await.unwrap().unwrap() > 0, "no transfer finished during the snapshots");
+    }
+    delete_shared(sb).await;
+}

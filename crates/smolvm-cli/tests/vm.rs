@@ -306,6 +306,21 @@ async fn stdin_reaches_the_command_from_the_library_and_the_cli() {
     std::io::Read::read_to_string(&mut output, &mut rest).unwrap();
     assert_eq!(rest, "got b\n");
     assert!(child.wait().unwrap().success());
+    // A command that ends while a process it left behind holds its input unread: the agent
+    // lets go of the pipe (that process reads its end) instead of waiting on it for good.
+    let holder = "exec 3<&0; sleep 1000 <&3 3<&- & echo $!";
+    let pid = sb.run(holder, &with(&vec![b'x'; 1 << 20], 20)).await.unwrap().output().to_string();
+    let held = format!("p=$(readlink /proc/{pid}/fd/0); ls -l /proc/1/fd | grep -cF \"$p\"; kill {pid}");
+    let mut count = String::new();
+    for _ in 0..50 {
+        count = sb.run(&held.replace("; kill", "; true"), &opts(10)).await.unwrap().output().to_string();
+        if count == "0" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(count, "0", "the agent still holds the input pipe of a command that ended");
+    sb.run(&held, &opts(10)).await.unwrap();
     sb.delete().await.unwrap();
 }
 

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 /// Bumped whenever a message changes shape; the host refuses an agent of another version
 /// because postcard is not self-describing and a mismatch would decode as garbage.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Name of the virtio-serial port the agent listens on.
 pub const AGENT_PORT_NAME: &str = "smolvm.agent";
@@ -105,6 +105,11 @@ pub enum Request {
         entropy: Vec<u8>,
         /// How to configure the guest's network (eth0); `None` leaves it down.
         net: Option<NetConfig>,
+        /// Written raw (outside any frame) just before the answer: the host reads nothing as
+        /// a frame until it has seen these bytes. A guest restored from a snapshot may have
+        /// been half way through writing a frame to its previous host, and sends the rest
+        /// first. The host picks them at random, so no output can contain them.
+        sync: Option<[u8; 16]>,
     },
     /// Round trip without a process, for health checks and benchmarks.
     Ping,

@@ -22,7 +22,7 @@ struct Route {
 }
 
 pub struct Conn {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
     routes: Routes,
     next: AtomicU32,
     closed: Arc<AtomicBool>,
@@ -56,13 +56,64 @@ pub async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R, body: &mut Vec<u8>) 
     Ok(Some(()))
 }
 
+/// Reads up to and including `marker`, dropping what comes before it (the rest of a frame a
+/// restored guest was half way through sending to its previous host: at most one frame). False
+/// if it is not there within that.
+async fn skip_to<R: AsyncReadExt + Unpin>(r: &mut R, marker: &[u8; 16]) -> bool {
+    let mut last = [0u8; 16];
+    for seen in 1..=proto::MAX_FRAME + 4 + marker.len() {
+        let Ok(b) = r.read_u8().await else { return false };
+        last.copy_within(1.., 0);
+        last[15] = b;
+        if seen >= marker.len() && last == *marker {
+            return true;
+        }
+    }
+    false
+}
+
+/// Writes one whole frame. A caller that gives up half way through (a timeout around a send on
+/// a full socket) would leave the peer reading the next frame from the middle of this one: the
+/// connection is shut instead, and every stream on it ends.
+async fn write_frame(w: &mut OwnedWriteHalf, bytes: &[u8]) -> std::io::Result<()> {
+    struct Unfinished(Option<std::os::fd::RawFd>);
+    impl Drop for Unfinished {
+        fn drop(&mut self) {
+            if let Some(fd) = self.0 {
+                // SAFETY: shutdown on a descriptor the connection still owns (its write half
+                // is borrowed for as long as this guard lives); it closes nothing.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
+        }
+    }
+    let mut unfinished = Unfinished(Some(std::os::fd::AsRawFd::as_raw_fd(w.as_ref())));
+    let sent = w.write_all(bytes).await;
+    unfinished.0 = None;
+    sent
+}
+
+/// The connection's writer, held: nothing else is sent until this goes (see [`Conn::hold`]).
+pub struct Held {
+    _writer: tokio::sync::OwnedMutexGuard<OwnedWriteHalf>,
+}
+
 impl Conn {
     pub fn new(stream: UnixStream) -> Arc<Conn> {
+        Conn::start(stream, None)
+    }
+
+    /// A connection to an agent greeted with `Request::Hello { sync: Some(marker) }`: its
+    /// first frame comes after the marker.
+    pub fn new_synced(stream: UnixStream, marker: [u8; 16]) -> Arc<Conn> {
+        Conn::start(stream, Some(marker))
+    }
+
+    fn start(stream: UnixStream, marker: Option<[u8; 16]>) -> Arc<Conn> {
         let (read, write) = stream.into_split();
         let routes: Routes = Default::default();
         let closed = Arc::new(AtomicBool::new(false));
         let conn = Arc::new(Conn {
-            writer: tokio::sync::Mutex::new(write),
+            writer: Arc::new(tokio::sync::Mutex::new(write)),
             routes: routes.clone(),
             next: AtomicU32::new(1),
             closed: closed.clone(),
@@ -71,7 +122,14 @@ impl Conn {
         tokio::spawn(async move {
             let mut reader = BufReader::with_capacity(256 * 1024, read);
             let mut body = Vec::new();
-            while let Ok(Some(())) = read_frame(&mut reader, &mut body).await {
+            let synced = match &marker {
+                Some(m) => skip_to(&mut reader, m).await,
+                None => true,
+            };
+            if !synced {
+                tracing::warn!("the agent's channel never carried the greeting's sync marker; closing it");
+            }
+            while let (true, Ok(Some(()))) = (synced, read_frame(&mut reader, &mut body).await) {
                 let Ok((id, reply)) = proto::decode::<Reply>(&body) else {
                     tracing::warn!("undecodable reply; closing the connection");
                     break;
@@ -118,28 +176,29 @@ impl Conn {
 
     pub async fn send_on(&self, id: u32, req: &Request) -> Result<()> {
         let bytes = proto::encode(id, req).map_err(|e| Error::Guest(e.to_string()))?;
-        let mut w = self.writer.lock().await;
-        // A caller that gives up half way through a frame (a timeout around a send on a full
-        // socket) would leave the peer reading the next frame from the middle of this one: the
-        // connection is shut instead, and every stream on it ends.
-        struct Unfinished(Option<std::os::fd::RawFd>);
-        impl Drop for Unfinished {
-            fn drop(&mut self) {
-                if let Some(fd) = self.0 {
-                    // SAFETY: shutdown on a descriptor the connection still owns (its write half
-                    // is held in the mutex whose guard outlives this); it closes nothing.
-                    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-                }
-            }
-        }
-        let mut unfinished = Unfinished(Some(std::os::fd::AsRawFd::as_raw_fd(w.as_ref())));
-        let sent = w.write_all(&bytes).await;
-        unfinished.0 = None;
+        let sent = write_frame(&mut *self.writer.lock().await, &bytes).await;
         if sent.is_err() {
             // The other end is gone (the reader may not have noticed yet).
             self.closed.store(true, Ordering::SeqCst);
         }
         sent.map_err(|e| Error::Io { context: "sending a request".into(), source: e })
+    }
+
+    /// Holds the writer once the peer has read everything sent before (a `Ping` it answers
+    /// in order), waiting at most `bound` for that. An agent whose VM is stopped while this is
+    /// held (paused, saved) has no frame of ours half read, whose rest a copy restored from the
+    /// snapshot would take from its new host's first bytes.
+    pub async fn hold(self: &Arc<Conn>, bound: std::time::Duration) -> Held {
+        let mut w = self.writer.clone().lock_owned().await;
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.routes.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Route { tx, held: Default::default() });
+        let ping = proto::encode(id, &Request::Ping).expect("a ping encodes");
+        if write_frame(&mut w, &ping).await.is_ok() {
+            let _ = tokio::time::timeout(bound, rx.recv()).await;
+        }
+        self.routes.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        Held { _writer: w }
     }
 
     /// Open a stream with its first request.
@@ -212,6 +271,58 @@ mod tests {
 
     async fn send(peer: &mut UnixStream, id: u32, reply: &Reply) {
         peer.write_all(&proto::encode(id, reply).unwrap()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn what_a_restored_agent_sends_before_the_marker_is_skipped() {
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let marker = *b"\x01sync-markers\xfe\x00\x7f";
+        let conn = Conn::new_synced(ours, marker);
+        let call = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.call(&Request::Ping).await }
+        });
+        let (id, _) = request(&mut peer).await;
+        // The rest of a frame the snapshot caught half written (its middle reads as a length),
+        // a first byte of the marker, then the marker and the answer.
+        let mut tail = vec![0xaa; 300];
+        tail.extend_from_slice(&64u32.to_le_bytes());
+        tail.push(marker[0]);
+        tail.extend_from_slice(&marker);
+        peer.write_all(&tail).await.unwrap();
+        send(&mut peer, id, &Reply::Pong).await;
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), call).await;
+        assert!(matches!(got, Ok(Ok(Ok(Reply::Pong)))), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_hold_waits_until_the_peer_has_read_everything_and_lets_nothing_through() {
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let conn = Conn::new(ours);
+        conn.send_on(5, &Request::Stdin(vec![1; 1000])).await.unwrap();
+        let holding = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.hold(std::time::Duration::from_secs(5)).await }
+        });
+        assert!(matches!(request(&mut peer).await, (5, Request::Stdin(_))));
+        let (ping, req) = request(&mut peer).await;
+        assert_eq!(req, Request::Ping);
+        // Until the peer answers, the hold is not there yet.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!holding.is_finished());
+        send(&mut peer, ping, &Reply::Pong).await;
+        let held = holding.await.unwrap();
+        // While held, another send waits; it goes once the hold is let go.
+        let later = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.send_on(6, &Request::StdinClose).await }
+        });
+        let mut body = Vec::new();
+        let early = tokio::time::timeout(std::time::Duration::from_millis(100), read_frame(&mut peer, &mut body)).await;
+        assert!(early.is_err(), "a frame went out while the writer was held");
+        drop(held);
+        later.await.unwrap().unwrap();
+        assert_eq!(request(&mut peer).await, (6, Request::StdinClose));
     }
 
     #[tokio::test]

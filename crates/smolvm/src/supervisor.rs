@@ -134,6 +134,15 @@ struct Greeting {
     saved_env: bool,
     /// Only for a restored guest: a booted one has it from its kernel command line.
     net: Option<proto::NetConfig>,
+    /// The agent channel's first frame follows these bytes (`Request::Hello`'s `sync`).
+    sync: [u8; 16],
+}
+
+/// From the kernel's CSPRNG: the guest must not be able to guess them.
+fn random<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
+    bytes
 }
 
 /// How this sandbox is networked, decided once at start.
@@ -343,10 +352,14 @@ async fn unexpose(plan: &NetPlan, qmp: &mut qemu::Qmp, exposed: &mut Exposed, gu
 
 async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-    let mut entropy = vec![0u8; 32];
-    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut entropy));
-    let hello =
-        Request::Hello { version: proto::PROTOCOL_VERSION, unix_time_ns: now, hostname: g.hostname.clone(), entropy, net: g.net.clone() };
+    let hello = Request::Hello {
+        version: proto::PROTOCOL_VERSION,
+        unix_time_ns: now,
+        hostname: g.hostname.clone(),
+        entropy: random::<32>().to_vec(),
+        net: g.net.clone(),
+        sync: Some(g.sync),
+    };
     let sent = Instant::now();
     match agent.call(&hello).await? {
         Reply::Hello { version, .. } if version == proto::PROTOCOL_VERSION => {}
@@ -364,8 +377,14 @@ async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
     // clock). Its answer is not waited for: the frame is out, and the agent reads in order.
     if sent.elapsed() > Duration::from_millis(20) {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        let clock =
-            Request::Hello { version: proto::PROTOCOL_VERSION, unix_time_ns: now, hostname: String::new(), entropy: Vec::new(), net: None };
+        let clock = Request::Hello {
+            version: proto::PROTOCOL_VERSION,
+            unix_time_ns: now,
+            hostname: String::new(),
+            entropy: Vec::new(),
+            net: None,
+            sync: None,
+        };
         let mut answer = agent.open(&clock).await?;
         tokio::spawn(async move { answer.recv().await });
     }
@@ -446,6 +465,7 @@ async fn supervise(id: &str) -> i32 {
         saved_env: spec.restore.as_ref().is_some_and(|r| !r.no_saved_env),
         // A restored guest still has its snapshot's network settings.
         net: guest_net.filter(|_| spec.restore.is_some()),
+        sync: random(),
     };
     let booted = boot(&launch, &spec, &greeting, &paths, &plan).await;
     let Booted { mut child, mut qmp, agent, mut greeted, mut vsock } = match booted {
@@ -547,7 +567,11 @@ async fn supervise(id: &str) -> i32 {
                     break false;
                 }
                 Some(Control::Pause { done }) => {
+                    // The guest stops between two of our frames (see `Conn::hold`): a snapshot
+                    // of the paused VM then restores cleanly.
+                    let held = agent.hold(HOLD_BOUND).await;
                     let r = bounded(qmp.execute("stop"), "pause").await.map_err(|e| (ErrorKind::Failed, e.full_message()));
+                    drop(held);
                     if r.is_ok() {
                         paused.store(true, Ordering::SeqCst);
                         let _ = store.set_state(id, State::Paused, None);
@@ -591,7 +615,13 @@ async fn supervise(id: &str) -> i32 {
                     // run on and change it, so it stays stopped (warm templates are then deleted).
                     let shared_ram = spec.ram.as_ref().is_some_and(|r| r.share);
                     let keep_stopped = paused.load(Ordering::SeqCst) || shared_ram;
+                    // As for a pause; a paused VM was stopped that way already.
+                    let held = match paused.load(Ordering::SeqCst) {
+                        false => Some(agent.hold(HOLD_BOUND).await),
+                        true => None,
+                    };
                     let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped).await;
+                    drop(held);
                     if shared_ram && r.is_ok() {
                         paused.store(true, Ordering::SeqCst);
                     }
@@ -752,7 +782,7 @@ async fn boot(launch: &qemu::LaunchSpec, spec: &BootSpec, greeting: &Greeting, p
                 }
                 None => None,
             };
-            Ok::<_, Error>((Conn::new(stream), restored))
+            Ok::<_, Error>((Conn::new_synced(stream, greeting.sync), restored))
         };
         let (host_net, vmm) = tokio::join!(host_net, vmm);
         host_net?;
@@ -880,6 +910,9 @@ async fn close_dns(dns: &mut Option<tokio::task::JoinHandle<Result<()>>>) {
 const CONTROL_BOUND: Duration = Duration::from_secs(30);
 /// A snapshot's bound (QEMU writes all of guest RAM, and a disk overlay is copied).
 const SNAPSHOT_BOUND: Duration = Duration::from_secs(600);
+/// How long a pause or snapshot waits for the agent to read what was sent before it: an agent
+/// that does not answer by then (a wedged guest) is stopped wherever it is.
+const HOLD_BOUND: Duration = Duration::from_secs(5);
 
 /// A control request's work within `bound`, else a timeout error for its client.
 async fn control_within<T>(
