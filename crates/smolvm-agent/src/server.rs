@@ -203,14 +203,7 @@ fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
             crate::files::cancel_all();
             // The answer goes first: the host's next request is read only after what follows,
             // so nothing overtakes it, and the host's round trip overlaps with it.
-            w.send(
-                stream,
-                &Reply::Hello {
-                    version: proto::PROTOCOL_VERSION.min(version),
-                    agent_version: env!("CARGO_PKG_VERSION").to_string(),
-                    capabilities: ["ping", "exec", "env", "files", "shutdown"].map(String::from).to_vec(),
-                },
-            );
+            w.send(stream, &hello(version));
             if let Some(cfg) = net {
                 crate::net::configure_in_background(cfg);
             }
@@ -261,6 +254,14 @@ fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
         | Request::Unexpose { .. } => Reply::error(ErrorKind::Unsupported, "served by the host supervisor, not the agent"),
     };
     w.send(stream, &reply);
+}
+
+fn hello(host_version: u32) -> Reply {
+    Reply::Hello {
+        version: proto::PROTOCOL_VERSION.min(host_version),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        capabilities: ["ping", "exec", "env", "files", "shutdown"].map(String::from).to_vec(),
+    }
 }
 
 fn io_reply(e: io::Error) -> Reply {
@@ -326,6 +327,11 @@ pub fn shutdown_now() -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_answer_to_a_greeting_is_as_long_as_hosts_count_on() {
+        assert!(proto::encode(1, &hello(proto::PROTOCOL_VERSION)).unwrap().len() >= proto::HELLO_MIN_FRAME);
+    }
 
     #[test]
     fn a_new_session_starts_with_its_marker_and_drops_the_old_sessions_frames() {

@@ -290,12 +290,17 @@ async fn clones_of_snapshots_taken_mid_transfer_talk_to_their_host() {
         tokio::spawn(async move {
             let mut rounds = 0u32;
             while !stop.load(Ordering::SeqCst) {
-                match what {
-                    0 => sb.download("/tmp/big", &back).await?,
-                    1 => sb.upload(&local, "/tmp/up").await?,
-                    _ => assert_eq!(sb.run("head -c 8388608 /dev/zero", &opts()).await?.stdout.len(), 8 << 20),
+                let done = match what {
+                    0 => sb.download("/tmp/big", &back).await,
+                    1 => sb.upload(&local, "/tmp/up").await,
+                    _ => sb.run("head -c 8388608 /dev/zero", &opts()).await.map(|r| assert_eq!(r.stdout.len(), 8 << 20)),
+                };
+                match done {
+                    Ok(()) => rounds += 1,
+                    // A transfer that starts while the VM is paused is refused; one under way waits.
+                    Err(e) if e.to_string().contains("paused") => tokio::time::sleep(Duration::from_millis(50)).await,
+                    Err(e) => return Err(e),
                 }
-                rounds += 1;
             }
             Ok::<u32, Error>(rounds)
         })
@@ -313,6 +318,18 @@ async fn clones_of_snapshots_taken_mid_transfer_talk_to_their_host() {
         clone.delete().await.unwrap();
         delete_snapshot(&env.dirs, &name).unwrap();
     }
+    // Paused mid-transfer, on the same connection that carries the transfers: input sent
+    // meanwhile waits, the snapshot of the paused VM restores cleanly, and all goes on after.
+    sb.pause().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sb.snapshot(Some("midway-paused"), "full").await.unwrap();
+    let restore = RestoreOptions { boot_timeout: Duration::from_secs(20), ..Default::default() };
+    let clone = Sandbox::from_snapshot_in(env.dirs.clone(), "midway-paused", restore).await.unwrap();
+    assert_eq!(out(&clone, "echo paused").await, "paused\n");
+    clone.delete().await.unwrap();
+    delete_snapshot(&env.dirs, "midway-paused").unwrap();
+    sb.resume().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::SeqCst);
     for t in traffic {
         assert!(t.await.unwrap().unwrap() > 0, "no transfer finished during the snapshots");

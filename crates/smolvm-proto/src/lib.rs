@@ -55,6 +55,12 @@ pub const CREDIT_STEP: usize = 256 * 1024;
 /// that exits after it was stopped, not failed: its reset looks like a panic's to the VMM.
 pub const POWER_OFF_MARK: &str = "powering off";
 
+/// The agent's answer to a greeting is a frame of at least this many bytes (a test in the agent
+/// holds it to that), as was every older agent's. So after a greeting, a host may read this many
+/// bytes, plus the sync marker's 16, without waiting for more than any agent sends: enough to
+/// tell an agent that sends no marker by its whole answer.
+pub const HELLO_MIN_FRAME: usize = 46;
+
 /// Stream id reserved for messages that belong to no stream (never used by requests).
 pub const NO_STREAM: u32 = 0;
 

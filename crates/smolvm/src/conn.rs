@@ -56,20 +56,66 @@ pub async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R, body: &mut Vec<u8>) 
     Ok(Some(()))
 }
 
-/// Reads up to and including `marker`, dropping what comes before it (the rest of a frame a
-/// restored guest was half way through sending to its previous host: at most one frame). False
-/// if it is not there within that.
-async fn skip_to<R: AsyncReadExt + Unpin>(r: &mut R, marker: &[u8; 16]) -> bool {
+/// How much a restored guest may send before the marker: what its outgoing queue held, the
+/// rest of the frame it was writing, and whole frames of the old session written before the
+/// greeting reached it (each stream's window at most). Past this it is taken to be lost; the
+/// greeting's own time bound usually comes first.
+const BEFORE_MARKER: usize = 64 << 20;
+
+/// What came before the first frame of an agent connection.
+enum Sync {
+    /// The marker: frames follow.
+    Marker,
+    /// An agent older than the marker answered the greeting at once with a whole frame, now in
+    /// the body buffer: its `Hello` names its version, which the greeting then reports.
+    OldAgent,
+    Lost,
+}
+
+/// Reads up to and including `marker`, dropping what comes before it (see `Request::Hello`).
+async fn sync<R: AsyncReadExt + Unpin>(r: &mut R, marker: &[u8; 16], body: &mut Vec<u8>) -> Sync {
     let mut last = [0u8; 16];
-    for seen in 1..=proto::MAX_FRAME + 4 + marker.len() {
-        let Ok(b) = r.read_u8().await else { return false };
+    let mut seen = 0usize;
+    let mut push = |b: u8, seen: &mut usize| {
         last.copy_within(1.., 0);
         last[15] = b;
-        if seen >= marker.len() && last == *marker {
-            return true;
+        *seen += 1;
+        *seen >= marker.len() && last == *marker
+    };
+    // Reading this many bytes cannot wait for more than the agent sends, and holds the whole
+    // answer of an older agent, which sends no marker.
+    const SURELY_THERE: usize = 16 + proto::HELLO_MIN_FRAME;
+    let mut head = [0u8; 4];
+    if r.read_exact(&mut head).await.is_err() {
+        return Sync::Lost;
+    }
+    if let Ok(len) = proto::frame_len(head) {
+        if 4 + len <= SURELY_THERE && head != marker[..4] {
+            body.resize(len, 0);
+            if r.read_exact(body).await.is_err() {
+                return Sync::Lost;
+            }
+            if matches!(proto::decode::<Reply>(body), Ok((_, Reply::Hello { version, .. })) if version != proto::PROTOCOL_VERSION) {
+                return Sync::OldAgent;
+            }
+            for &b in head.iter().chain(body.iter()) {
+                if push(b, &mut seen) {
+                    return Sync::Marker;
+                }
+            }
+        } else if head.iter().any(|&b| push(b, &mut seen)) {
+            return Sync::Marker;
+        }
+    } else if head.iter().any(|&b| push(b, &mut seen)) {
+        return Sync::Marker;
+    }
+    while seen < BEFORE_MARKER {
+        let Ok(b) = r.read_u8().await else { return Sync::Lost };
+        if push(b, &mut seen) {
+            return Sync::Marker;
         }
     }
-    false
+    Sync::Lost
 }
 
 /// Writes one whole frame. A caller that gives up half way through (a timeout around a send on
@@ -122,14 +168,18 @@ impl Conn {
         tokio::spawn(async move {
             let mut reader = BufReader::with_capacity(256 * 1024, read);
             let mut body = Vec::new();
-            let synced = match &marker {
-                Some(m) => skip_to(&mut reader, m).await,
-                None => true,
-            };
-            if !synced {
-                tracing::warn!("the agent's channel never carried the greeting's sync marker; closing it");
+            let (mut synced, mut have_frame) = (true, false);
+            if let Some(m) = &marker {
+                match sync(&mut reader, m, &mut body).await {
+                    Sync::Marker => {}
+                    Sync::OldAgent => have_frame = true,
+                    Sync::Lost => {
+                        tracing::warn!("the agent's channel never carried the greeting's sync marker; closing it");
+                        synced = false;
+                    }
+                }
             }
-            while let (true, Ok(Some(()))) = (synced, read_frame(&mut reader, &mut body).await) {
+            while synced && (std::mem::take(&mut have_frame) || matches!(read_frame(&mut reader, &mut body).await, Ok(Some(())))) {
                 let Ok((id, reply)) = proto::decode::<Reply>(&body) else {
                     tracing::warn!("undecodable reply; closing the connection");
                     break;
@@ -185,20 +235,27 @@ impl Conn {
     }
 
     /// Holds the writer once the peer has read everything sent before (a `Ping` it answers
-    /// in order), waiting at most `bound` for that. An agent whose VM is stopped while this is
-    /// held (paused, saved) has no frame of ours half read, whose rest a copy restored from the
-    /// snapshot would take from its new host's first bytes.
-    pub async fn hold(self: &Arc<Conn>, bound: std::time::Duration) -> Held {
-        let mut w = self.writer.clone().lock_owned().await;
+    /// in order). An agent whose VM is stopped while this is held (paused, saved) has no frame
+    /// of ours half read, whose rest a copy restored from the snapshot would take from its new
+    /// host's first bytes. Within `bound`: `None` if another send holds the writer that long
+    /// (the peer reads nothing); held without that promise if the ping cannot go or is not
+    /// answered in time (a wedged agent).
+    pub async fn hold(self: &Arc<Conn>, bound: std::time::Duration) -> Option<Held> {
+        let deadline = tokio::time::Instant::now() + bound;
+        let mut w = tokio::time::timeout_at(deadline, self.writer.clone().lock_owned()).await.ok()?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::unbounded_channel();
         self.routes.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Route { tx, held: Default::default() });
         let ping = proto::encode(id, &Request::Ping).expect("a ping encodes");
-        if write_frame(&mut w, &ping).await.is_ok() {
-            let _ = tokio::time::timeout(bound, rx.recv()).await;
+        // Only into a socket with room: a ping is far smaller than what that promises, so it
+        // goes whole at once rather than half (which would shut the connection).
+        if tokio::time::timeout_at(deadline, w.as_ref().writable()).await.is_ok_and(|r| r.is_ok())
+            && tokio::time::timeout_at(deadline, write_frame(&mut w, &ping)).await.is_ok_and(|r| r.is_ok())
+        {
+            let _ = tokio::time::timeout_at(deadline, rx.recv()).await;
         }
         self.routes.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-        Held { _writer: w }
+        Some(Held { _writer: w })
     }
 
     /// Open a stream with its first request.
@@ -296,6 +353,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_agent_older_than_the_marker_is_heard_so_its_version_can_be_named() {
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let conn = Conn::new_synced(ours, [9; 16]);
+        let call = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.call(&Request::Ping).await }
+        });
+        let (id, _) = request(&mut peer).await;
+        let old = Reply::Hello {
+            version: 4,
+            agent_version: "0.1.0".into(),
+            capabilities: ["ping", "exec", "env", "files", "shutdown"].map(String::from).to_vec(),
+        };
+        assert!(proto::encode(id, &old).unwrap().len() >= proto::HELLO_MIN_FRAME);
+        send(&mut peer, id, &old).await;
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), call).await;
+        assert!(matches!(got, Ok(Ok(Ok(Reply::Hello { version: 4, .. })))), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_hold_gives_up_on_a_writer_stuck_on_a_peer_that_reads_nothing() {
+        let (ours, _peer) = UnixStream::pair().unwrap();
+        let conn = Conn::new(ours);
+        let stuck = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.send_on(1, &Request::Stdin(vec![7u8; 2 << 20])).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let held = tokio::time::timeout(std::time::Duration::from_secs(5), conn.hold(std::time::Duration::from_millis(200))).await;
+        assert!(matches!(held, Ok(None)), "the hold should give up within its bound");
+        stuck.abort();
+    }
+
+    #[tokio::test]
     async fn a_hold_waits_until_the_peer_has_read_everything_and_lets_nothing_through() {
         let (ours, mut peer) = UnixStream::pair().unwrap();
         let conn = Conn::new(ours);
@@ -311,7 +402,7 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!holding.is_finished());
         send(&mut peer, ping, &Reply::Pong).await;
-        let held = holding.await.unwrap();
+        let held = holding.await.unwrap().expect("held");
         // While held, another send waits; it goes once the hold is let go.
         let later = tokio::spawn({
             let conn = conn.clone();

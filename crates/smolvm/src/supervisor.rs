@@ -138,11 +138,13 @@ struct Greeting {
     sync: [u8; 16],
 }
 
-/// From the kernel's CSPRNG: the guest must not be able to guess them.
-fn random<const N: usize>() -> [u8; N] {
+/// From the kernel's CSPRNG: neither the guest nor what runs in it may guess them.
+fn random<const N: usize>() -> Result<[u8; N]> {
     let mut bytes = [0u8; N];
-    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
-    bytes
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .ctx(|| "reading /dev/urandom".into())?;
+    Ok(bytes)
 }
 
 /// How this sandbox is networked, decided once at start.
@@ -356,7 +358,7 @@ async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
         version: proto::PROTOCOL_VERSION,
         unix_time_ns: now,
         hostname: g.hostname.clone(),
-        entropy: random::<32>().to_vec(),
+        entropy: random::<32>()?.to_vec(),
         net: g.net.clone(),
         sync: Some(g.sync),
     };
@@ -417,6 +419,13 @@ async fn supervise(id: &str) -> i32 {
     if let Some(me) = ProcId::of(std::process::id() as i32) {
         let _ = store.set_supervisor(id, me);
     }
+    let sync = match random() {
+        Ok(marker) => marker,
+        Err(e) => {
+            let _ = store.set_state(id, State::Error, Some(&e.full_message()));
+            return fail(e.code(), e.full_message(), None);
+        }
+    };
     paths.remove_sockets();
     let _ = std::fs::write(&paths.console, b"");
     let mut image = spec.image.clone();
@@ -465,7 +474,7 @@ async fn supervise(id: &str) -> i32 {
         saved_env: spec.restore.as_ref().is_some_and(|r| !r.no_saved_env),
         // A restored guest still has its snapshot's network settings.
         net: guest_net.filter(|_| spec.restore.is_some()),
-        sync: random(),
+        sync,
     };
     let booted = boot(&launch, &spec, &greeting, &paths, &plan).await;
     let Booted { mut child, mut qmp, agent, mut greeted, mut vsock } = match booted {
@@ -543,6 +552,10 @@ async fn supervise(id: &str) -> i32 {
     let mut owner_check = tokio::time::interval(Duration::from_secs(1));
     let mut stop_waiter: Option<oneshot::Sender<()>> = None;
     let mut stop_timeout = Duration::from_secs(3);
+    // While the VM is stopped by a pause (or a snapshot that leaves it so), nothing is sent to
+    // the agent: QEMU would still move it into the stopped guest's memory, and a snapshot taken
+    // then could save half a frame (see `Conn::hold`). Clients' input waits meanwhile.
+    let mut held: Option<crate::conn::Held> = None;
     let exited_by_itself = loop {
         tokio::select! {
             accepted = ctl.accept() => {
@@ -566,14 +579,17 @@ async fn supervise(id: &str) -> i32 {
                     stop_waiter = Some(done);
                     break false;
                 }
+                Some(Control::Pause { done }) if paused.load(Ordering::SeqCst) => {
+                    let _ = done.send(Ok(()));
+                }
                 Some(Control::Pause { done }) => {
-                    // The guest stops between two of our frames (see `Conn::hold`): a snapshot
-                    // of the paused VM then restores cleanly.
-                    let held = agent.hold(HOLD_BOUND).await;
+                    // The guest stops between two of our frames: a snapshot of the paused VM
+                    // then restores cleanly.
+                    let holding = agent.hold(HOLD_BOUND).await;
                     let r = bounded(qmp.execute("stop"), "pause").await.map_err(|e| (ErrorKind::Failed, e.full_message()));
-                    drop(held);
                     if r.is_ok() {
                         paused.store(true, Ordering::SeqCst);
+                        held = holding;
                         let _ = store.set_state(id, State::Paused, None);
                     }
                     let _ = done.send(r.map(|_| ()));
@@ -582,6 +598,7 @@ async fn supervise(id: &str) -> i32 {
                     let r = bounded(
                         async {
                             qmp.execute("cont").await?;
+                            held = None;
                             if !greeted {
                                 greet(&agent, &greeting).await?;
                                 greeted = true;
@@ -615,15 +632,15 @@ async fn supervise(id: &str) -> i32 {
                     // run on and change it, so it stays stopped (warm templates are then deleted).
                     let shared_ram = spec.ram.as_ref().is_some_and(|r| r.share);
                     let keep_stopped = paused.load(Ordering::SeqCst) || shared_ram;
-                    // As for a pause; a paused VM was stopped that way already.
-                    let held = match paused.load(Ordering::SeqCst) {
-                        false => Some(agent.hold(HOLD_BOUND).await),
-                        true => None,
+                    // As for a pause, when RAM is saved (a paused VM was stopped that way).
+                    let holding = match kind == SnapshotKind::Full && !paused.load(Ordering::SeqCst) {
+                        true => agent.hold(HOLD_BOUND).await,
+                        false => None,
                     };
                     let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped).await;
-                    drop(held);
                     if shared_ram && r.is_ok() {
                         paused.store(true, Ordering::SeqCst);
+                        held = held.take().or(holding);
                     }
                     if r.is_err() {
                         let _ = std::fs::remove_dir_all(&dir);
@@ -660,6 +677,8 @@ async fn supervise(id: &str) -> i32 {
             _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => break false,
         }
     };
+    // The shutdown request goes to the agent.
+    drop(held);
     // No new clients from here on: a start that finds the control socket gone while this
     // process lives knows the sandbox is on its way down, and waits to start it again.
     drop(ctl);
@@ -1035,6 +1054,18 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
     let (read, write) = stream.into_split();
     let write = Arc::new(tokio::sync::Mutex::new(write));
     let open: ClientStreams = Default::default();
+    // Input and cancels go to the agent in order on a task of their own: while the agent's
+    // writer is held (a paused VM) they wait there, and this client's next requests (a resume)
+    // are still read. A client sends input only as the agent grants it, so few wait.
+    let (to_agent, mut queued) = mpsc::channel::<(u32, Request)>(256);
+    let forward = tokio::spawn({
+        let agent = agent.clone();
+        async move {
+            while let Some((aid, req)) = queued.recv().await {
+                let _ = agent.send_on(aid, &req).await;
+            }
+        }
+    });
     let mut reader = tokio::io::BufReader::new(read);
     let mut body = Vec::new();
     let send = |w: Arc<tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>>, cid: u32, reply: Reply| async move {
@@ -1099,7 +1130,7 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                     *aid
                 });
                 if let Some(aid) = aid {
-                    let _ = agent.send_on(aid, &req).await;
+                    let _ = to_agent.send((aid, req)).await;
                 }
             }
             _ if paused.load(Ordering::SeqCst) && !matches!(req, Request::Cancel | Request::Stdin(_) | Request::StdinClose) => {
@@ -1173,8 +1204,10 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
         })
         .collect();
     for aid in left {
-        let _ = agent.send_on(aid, &Request::Cancel).await;
+        let _ = to_agent.send((aid, Request::Cancel)).await;
     }
+    // (They go once the writer is free; nothing waits for them.)
+    drop((to_agent, forward));
     let _ = ctl.send(Control::ClientGone);
 }
 
