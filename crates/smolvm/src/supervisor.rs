@@ -583,14 +583,18 @@ async fn supervise(id: &str) -> i32 {
                     let _ = done.send(Ok(()));
                 }
                 Some(Control::Pause { done }) => {
-                    // The guest stops between two of our frames: a snapshot of the paused VM
-                    // then restores cleanly.
+                    // Marked first: a request that got past the mark is then ahead of the hold
+                    // for the agent's writer (the lock is fair), and none waits behind it for
+                    // the whole pause. The guest stops between two of our frames: a snapshot
+                    // of the paused VM then restores cleanly.
+                    paused.store(true, Ordering::SeqCst);
                     let holding = agent.hold(HOLD_BOUND).await;
                     let r = bounded(qmp.execute("stop"), "pause").await.map_err(|e| (ErrorKind::Failed, e.full_message()));
                     if r.is_ok() {
-                        paused.store(true, Ordering::SeqCst);
                         held = holding;
                         let _ = store.set_state(id, State::Paused, None);
+                    } else {
+                        paused.store(false, Ordering::SeqCst);
                     }
                     let _ = done.send(r.map(|_| ()));
                 }
@@ -631,16 +635,26 @@ async fn supervise(id: &str) -> i32 {
                     // With RAM in a shared file the file *is* the saved memory: the VM must not
                     // run on and change it, so it stays stopped (warm templates are then deleted).
                     let shared_ram = spec.ram.as_ref().is_some_and(|r| r.share);
-                    let keep_stopped = paused.load(Ordering::SeqCst) || shared_ram;
-                    // As for a pause, when RAM is saved (a paused VM was stopped that way).
-                    let holding = match kind == SnapshotKind::Full && !paused.load(Ordering::SeqCst) {
+                    let was_paused = paused.load(Ordering::SeqCst);
+                    let keep_stopped = was_paused || shared_ram;
+                    // As for a pause, when RAM is saved (a paused VM was stopped that way), and
+                    // marked paused first when it stays stopped.
+                    if keep_stopped {
+                        paused.store(true, Ordering::SeqCst);
+                    }
+                    let holding = match kind == SnapshotKind::Full && !was_paused {
                         true => agent.hold(HOLD_BOUND).await,
                         false => None,
                     };
                     let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped).await;
-                    if shared_ram && r.is_ok() {
-                        paused.store(true, Ordering::SeqCst);
-                        held = held.take().or(holding);
+                    if shared_ram && !was_paused {
+                        if r.is_ok() {
+                            held = holding;
+                        } else {
+                            // Nothing was saved: the VM runs on as before.
+                            let _ = bounded(qmp.execute("cont"), "resume").await;
+                            paused.store(false, Ordering::SeqCst);
+                        }
                     }
                     if r.is_err() {
                         let _ = std::fs::remove_dir_all(&dir);
