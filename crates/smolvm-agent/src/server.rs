@@ -40,12 +40,16 @@ impl Writer {
     /// A new host greeted the agent: what the previous session still sends goes nowhere.
     /// Under the write lock, so that no frame of the old session follows this point; the
     /// host's sync marker goes out there, after the rest of any frame a snapshot caught half
-    /// written (see `Request::Hello`).
-    fn new_session(&self, sync: Option<&[u8]>) {
+    /// written (see `Request::Hello`). Once per marker: a host that greets again (a resume
+    /// whose first greeting failed) reads frames by then.
+    fn new_session(&self, sync: Option<[u8; 16]>) {
+        static LAST: Mutex<Option<[u8; 16]>> = Mutex::new(None);
         let mut f = self.out.lock().unwrap_or_else(|e| e.into_inner());
         SESSION.fetch_add(1, Ordering::SeqCst);
-        if let Some(marker) = sync {
-            let _ = f.write_all(marker);
+        let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(marker) = sync.filter(|m| *last != Some(*m)) {
+            let _ = f.write_all(&marker);
+            *last = Some(marker);
         }
     }
 }
@@ -198,7 +202,7 @@ fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
         Request::Hello { version, unix_time_ns, hostname, entropy, net, sync } => {
             // Whatever the previous host started (a restored snapshot's commands and uploads)
             // has nobody to report to.
-            w.new_session(sync.as_ref().map(|m| &m[..]));
+            w.new_session(sync);
             crate::exec::cancel_all();
             crate::files::cancel_all();
             // The answer goes first: the host's next request is read only after what follows,
@@ -338,14 +342,18 @@ mod tests {
         let (read, write) = nix::unistd::pipe().unwrap();
         let w = Writer { out: Arc::new(Mutex::new(File::from(write))), session: None };
         let old = w.for_session();
-        w.new_session(Some(b"0123456789abcdef"));
+        w.new_session(Some(*b"0123456789abcdef"));
         old.send(7, &Reply::Pong);
         w.send(1, &Reply::Ok);
+        // The same host greeting again gets no second marker.
+        w.new_session(Some(*b"0123456789abcdef"));
+        w.send(2, &Reply::Ok);
         drop((w, old));
         let mut got = Vec::new();
         File::from(read).read_to_end(&mut got).unwrap();
         let mut want = b"0123456789abcdef".to_vec();
         want.extend(proto::encode(1, &Reply::Ok).unwrap());
+        want.extend(proto::encode(2, &Reply::Ok).unwrap());
         assert_eq!(got, want);
     }
 }

@@ -64,8 +64,8 @@ const BEFORE_MARKER: usize = 64 << 20;
 
 /// What came before the first frame of an agent connection.
 enum Sync {
-    /// The marker: frames follow.
-    Marker,
+    /// The marker, and what was read past it (the start of the frames that follow).
+    Marker(Vec<u8>),
     /// An agent older than the marker answered the greeting at once with a whole frame, now in
     /// the body buffer: its `Hello` names its version, which the greeting then reports.
     OldAgent,
@@ -74,14 +74,6 @@ enum Sync {
 
 /// Reads up to and including `marker`, dropping what comes before it (see `Request::Hello`).
 async fn sync<R: AsyncReadExt + Unpin>(r: &mut R, marker: &[u8; 16], body: &mut Vec<u8>) -> Sync {
-    let mut last = [0u8; 16];
-    let mut seen = 0usize;
-    let mut push = |b: u8, seen: &mut usize| {
-        last.copy_within(1.., 0);
-        last[15] = b;
-        *seen += 1;
-        *seen >= marker.len() && last == *marker
-    };
     // Reading this many bytes cannot wait for more than the agent sends, and holds the whole
     // answer of an older agent, which sends no marker.
     const SURELY_THERE: usize = 16 + proto::HELLO_MIN_FRAME;
@@ -89,8 +81,9 @@ async fn sync<R: AsyncReadExt + Unpin>(r: &mut R, marker: &[u8; 16], body: &mut 
     if r.read_exact(&mut head).await.is_err() {
         return Sync::Lost;
     }
+    let mut prefix = head.to_vec();
     if let Ok(len) = proto::frame_len(head) {
-        if 4 + len <= SURELY_THERE && head != marker[..4] {
+        if 4 + len <= SURELY_THERE {
             body.resize(len, 0);
             if r.read_exact(body).await.is_err() {
                 return Sync::Lost;
@@ -98,21 +91,24 @@ async fn sync<R: AsyncReadExt + Unpin>(r: &mut R, marker: &[u8; 16], body: &mut 
             if matches!(proto::decode::<Reply>(body), Ok((_, Reply::Hello { version, .. })) if version != proto::PROTOCOL_VERSION) {
                 return Sync::OldAgent;
             }
-            for &b in head.iter().chain(body.iter()) {
-                if push(b, &mut seen) {
-                    return Sync::Marker;
-                }
-            }
-        } else if head.iter().any(|&b| push(b, &mut seen)) {
-            return Sync::Marker;
+            prefix.extend_from_slice(body);
         }
-    } else if head.iter().any(|&b| push(b, &mut seen)) {
-        return Sync::Marker;
     }
-    while seen < BEFORE_MARKER {
+    let mut last = [0u8; 16];
+    let mut push = |b: u8, seen: usize| {
+        last.copy_within(1.., 0);
+        last[15] = b;
+        seen >= marker.len() && last == *marker
+    };
+    for (i, &b) in prefix.iter().enumerate() {
+        if push(b, i + 1) {
+            return Sync::Marker(prefix[i + 1..].to_vec());
+        }
+    }
+    for seen in prefix.len() + 1..=BEFORE_MARKER {
         let Ok(b) = r.read_u8().await else { return Sync::Lost };
-        if push(b, &mut seen) {
-            return Sync::Marker;
+        if push(b, seen) {
+            return Sync::Marker(Vec::new());
         }
     }
     Sync::Lost
@@ -168,10 +164,10 @@ impl Conn {
         tokio::spawn(async move {
             let mut reader = BufReader::with_capacity(256 * 1024, read);
             let mut body = Vec::new();
-            let (mut synced, mut have_frame) = (true, false);
+            let (mut synced, mut have_frame, mut past_marker) = (true, false, Vec::new());
             if let Some(m) = &marker {
                 match sync(&mut reader, m, &mut body).await {
-                    Sync::Marker => {}
+                    Sync::Marker(rest) => past_marker = rest,
                     Sync::OldAgent => have_frame = true,
                     Sync::Lost => {
                         tracing::warn!("the agent's channel never carried the greeting's sync marker; closing it");
@@ -179,6 +175,7 @@ impl Conn {
                     }
                 }
             }
+            let mut reader = std::io::Cursor::new(past_marker).chain(reader);
             while synced && (std::mem::take(&mut have_frame) || matches!(read_frame(&mut reader, &mut body).await, Ok(Some(())))) {
                 let Ok((id, reply)) = proto::decode::<Reply>(&body) else {
                     tracing::warn!("undecodable reply; closing the connection");
@@ -247,11 +244,24 @@ impl Conn {
         let (tx, mut rx) = mpsc::unbounded_channel();
         self.routes.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Route { tx, held: Default::default() });
         let ping = proto::encode(id, &Request::Ping).expect("a ping encodes");
-        // Only into a socket with room: a ping is far smaller than what that promises, so it
-        // goes whole at once rather than half (which would shut the connection).
-        if tokio::time::timeout_at(deadline, w.as_ref().writable()).await.is_ok_and(|r| r.is_ok())
-            && tokio::time::timeout_at(deadline, write_frame(&mut w, &ping)).await.is_ok_and(|r| r.is_ok())
-        {
+        // Only when it goes at once, so that giving up (the socket full: the agent reads
+        // nothing) never leaves half a ping, which would shut the connection. A write this small
+        // goes whole or not at all.
+        let tried = tokio::time::timeout_at(deadline, async {
+            loop {
+                w.as_ref().writable().await?;
+                match w.try_write(&ping) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    other => return other,
+                }
+            }
+        });
+        let sent = match tried.await {
+            Ok(Ok(n)) if n == ping.len() => true,
+            Ok(Ok(n)) => write_frame(&mut w, &ping[n..]).await.is_ok(),
+            _ => false,
+        };
+        if sent {
             let _ = tokio::time::timeout_at(deadline, rx.recv()).await;
         }
         self.routes.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
@@ -350,6 +360,28 @@ mod tests {
         send(&mut peer, id, &Reply::Pong).await;
         let got = tokio::time::timeout(std::time::Duration::from_secs(5), call).await;
         assert!(matches!(got, Ok(Ok(Ok(Reply::Pong)))), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_short_tail_that_reads_as_a_small_frame_is_skipped_and_what_follows_kept() {
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let marker = [3u8; 16];
+        let conn = Conn::new_synced(ours, marker);
+        let call = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.call(&Request::Ping).await }
+        });
+        let (id, _) = request(&mut peer).await;
+        // Its first four bytes say 40 more follow: they end inside the answer after the marker.
+        let mut bytes = vec![40, 0, 0, 0, 0xaa, 0xbb];
+        bytes.extend_from_slice(&marker);
+        let capabilities = ["ping", "exec", "env", "files", "shutdown"].map(String::from).to_vec();
+        let answer = Reply::Hello { version: proto::PROTOCOL_VERSION, agent_version: "0.1.0".into(), capabilities };
+        bytes.extend(proto::encode(id, &answer).unwrap());
+        assert!(bytes.len() - 6 >= 16 + proto::HELLO_MIN_FRAME);
+        peer.write_all(&bytes).await.unwrap();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), call).await;
+        assert!(matches!(got, Ok(Ok(Ok(Reply::Hello { .. })))), "{got:?}");
     }
 
     #[tokio::test]

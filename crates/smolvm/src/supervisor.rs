@@ -21,7 +21,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
@@ -599,9 +599,11 @@ async fn supervise(id: &str) -> i32 {
                     let _ = done.send(r.map(|_| ()));
                 }
                 Some(Control::Resume { done }) => {
+                    let mut running = false;
                     let r = bounded(
                         async {
                             qmp.execute("cont").await?;
+                            running = true;
                             held = None;
                             if !greeted {
                                 greet(&agent, &greeting).await?;
@@ -616,6 +618,10 @@ async fn supervise(id: &str) -> i32 {
                     if r.is_ok() {
                         paused.store(false, Ordering::SeqCst);
                         let _ = store.set_state(id, State::Running, None);
+                    } else if running {
+                        // A restored guest whose greeting failed must run no commands: it stops
+                        // again and stays paused (a later resume greets it again).
+                        let _ = bounded(qmp.execute("stop"), "pause").await;
                     }
                     let _ = done.send(r);
                 }
@@ -636,7 +642,7 @@ async fn supervise(id: &str) -> i32 {
                     // run on and change it, so it stays stopped (warm templates are then deleted).
                     let shared_ram = spec.ram.as_ref().is_some_and(|r| r.share);
                     let was_paused = paused.load(Ordering::SeqCst);
-                    let keep_stopped = was_paused || shared_ram;
+                    let keep_stopped = was_paused || (shared_ram && kind == SnapshotKind::Full);
                     // As for a pause, when RAM is saved (a paused VM was stopped that way), and
                     // marked paused first when it stays stopped.
                     if keep_stopped {
@@ -647,7 +653,7 @@ async fn supervise(id: &str) -> i32 {
                         false => None,
                     };
                     let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped).await;
-                    if shared_ram && !was_paused {
+                    if keep_stopped && !was_paused {
                         if r.is_ok() {
                             held = holding;
                         } else {
@@ -1059,6 +1065,11 @@ async fn shutdown(child: &mut tokio::process::Child, agent: &Arc<Conn>, qmp: &mu
     let _ = child.kill().await;
 }
 
+/// What a client's queued input to the agent may add up to (each frame counted at least
+/// `QUEUED_FRAME_COST`): a client that keeps to its grants queues at most a window per stream.
+const QUEUED_LIMIT: usize = 4 * proto::WINDOW;
+const QUEUED_FRAME_COST: usize = 64;
+
 /// A client's open streams: by its stream id, the agent stream it relays and how much output the
 /// client still takes (its window, in bytes).
 type ClientStreams = Arc<Mutex<HashMap<u32, (u32, Arc<tokio::sync::Semaphore>)>>>;
@@ -1070,13 +1081,16 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
     let open: ClientStreams = Default::default();
     // Input and cancels go to the agent in order on a task of their own: while the agent's
     // writer is held (a paused VM) they wait there, and this client's next requests (a resume)
-    // are still read. A client sends input only as the agent grants it, so few wait.
-    let (to_agent, mut queued) = mpsc::channel::<(u32, Request)>(256);
+    // are still read. A client sends input only as the agent grants it; what waits is counted
+    // (small frames at their cost in memory), and a client far past its grants is cut off.
+    let (to_agent, mut queued) = mpsc::unbounded_channel::<(u32, Request, usize)>();
+    let waiting = Arc::new(AtomicUsize::new(0));
     let forward = tokio::spawn({
-        let agent = agent.clone();
+        let (agent, waiting) = (agent.clone(), waiting.clone());
         async move {
-            while let Some((aid, req)) = queued.recv().await {
+            while let Some((aid, req, cost)) = queued.recv().await {
                 let _ = agent.send_on(aid, &req).await;
+                waiting.fetch_sub(cost, Ordering::SeqCst);
             }
         }
     });
@@ -1144,7 +1158,15 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                     *aid
                 });
                 if let Some(aid) = aid {
-                    let _ = to_agent.send((aid, req)).await;
+                    let cost = match &req {
+                        Request::Stdin(d) => d.len().max(QUEUED_FRAME_COST),
+                        _ => QUEUED_FRAME_COST,
+                    };
+                    if waiting.fetch_add(cost, Ordering::SeqCst) + cost > QUEUED_LIMIT {
+                        tracing::warn!("a client sent far more input than it was granted; disconnecting it");
+                        break;
+                    }
+                    let _ = to_agent.send((aid, req, cost));
                 }
             }
             _ if paused.load(Ordering::SeqCst) && !matches!(req, Request::Cancel | Request::Stdin(_) | Request::StdinClose) => {
@@ -1218,7 +1240,7 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
         })
         .collect();
     for aid in left {
-        let _ = to_agent.send((aid, Request::Cancel)).await;
+        let _ = to_agent.send((aid, Request::Cancel, 0));
     }
     // (They go once the writer is free; nothing waits for them.)
     drop((to_agent, forward));
