@@ -61,10 +61,14 @@ pub fn put_start(stream: u32, path: String, mode: u32, tar: bool, w: &Writer) {
 pub fn put_data(stream: u32, data: &[u8], w: &Writer) -> bool {
     let mut ups = uploads();
     let Some(up) = ups.get_mut(&stream) else { return false };
-    if let Err(e) = up.file.write_all(data) {
-        let up = ups.remove(&stream).expect("present");
-        let _ = fs::remove_file(&up.tmp);
-        w.send(stream, &io_error("writing the upload", e));
+    match up.file.write_all(data) {
+        // Stored: the host may send as much more (it holds to its window until granted).
+        Ok(()) => w.send(stream, &Reply::Credit(data.len() as u32)),
+        Err(e) => {
+            let up = ups.remove(&stream).expect("present");
+            let _ = fs::remove_file(&up.tmp);
+            w.send(stream, &io_error("writing the upload", e));
+        }
     }
     true
 }

@@ -56,6 +56,27 @@ async fn a_paused_sandbox_keeps_its_processes_and_refuses_commands() {
 }
 
 #[tokio::test]
+async fn an_upload_waits_out_a_pause_on_the_connection_that_resumes() {
+    let env = env();
+    let sb = Arc::new(env.boot(VmConfig::default()).await);
+    let data = random_bytes(40 << 20);
+    let local = env.tmp.path().join("big");
+    std::fs::write(&local, &data).unwrap();
+    let upload = {
+        let (sb, local) = (sb.clone(), local.clone());
+        tokio::spawn(async move { sb.upload(&local, "/tmp/big").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    sb.pause().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The same client (one connection) resumes while its upload waits.
+    tokio::time::timeout(Duration::from_secs(20), sb.resume()).await.expect("the resume was stuck behind the upload").unwrap();
+    upload.await.unwrap().unwrap();
+    assert_eq!(out(&sb, "wc -c < /tmp/big").await.trim(), (40u32 << 20).to_string());
+    delete_shared(sb).await;
+}
+
+#[tokio::test]
 async fn a_pause_does_not_count_against_a_commands_timeout() {
     let env = env();
     let sb = Arc::new(env.boot(VmConfig::default()).await);

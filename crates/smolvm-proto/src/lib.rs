@@ -40,8 +40,8 @@ pub const MAX_FRAME: usize = 4 * 1024 * 1024;
 pub const CHUNK: usize = 64 * 1024;
 
 /// How many bytes of output (`Stdout`, `Stderr`, `Data` payloads) a stream may have in flight
-/// before its reader grants more with `Credit`; the same holds for a command's input, which the
-/// agent grants back with `Reply::Credit` as the command takes it. The sender stops there (a command then blocks on
+/// before its reader grants more with `Credit`; the same holds for a command's input and an
+/// upload's data, which the agent grants back with `Reply::Credit` as it takes them. The sender stops there (a command then blocks on
 /// its full pipe), so a guest that writes faster than its reader takes in (`yes`, a download to a
 /// slow consumer) holds at most this much in the host per stream. A reader that receives more than
 /// this plus one chunk beyond its grants has a misbehaving peer and closes the connection.

@@ -1143,6 +1143,19 @@ impl Sandbox {
             return self.sftp(batch).await;
         }
         let mut stream = conn.open(&Request::FilePut { path: target.clone(), mode, tar }).await?;
+        // Sent as the agent stores it (it grants back what it has written, as for a command's
+        // input): no more than a window waits in the supervisor or the channel, and a paused
+        // VM's upload waits here, not in a socket that the same client's resume needs.
+        let window = Arc::new(tokio::sync::Semaphore::new(smolvm_proto::WINDOW));
+        let id = stream.id;
+        let put = |chunk: Vec<u8>| {
+            let (conn, window) = (conn.clone(), window.clone());
+            async move {
+                let permits = within("upload", TRANSFER_IDLE, window.acquire_many(chunk.len() as u32)).await?;
+                permits.map_err(|_| Error::Guest("the upload was cut off".into()))?.forget();
+                within("upload", TRANSFER_IDLE, conn.send_on(id, &Request::Stdin(chunk))).await?
+            }
+        };
         let send = async {
             if tar {
                 // Packed as it is sent, a few chunks ahead: a tree never has to fit in memory.
@@ -1154,7 +1167,7 @@ impl Sandbox {
                     })
                 });
                 while let Some(chunk) = rx.recv().await {
-                    within("upload", TRANSFER_IDLE, stream.send(&Request::Stdin(chunk))).await??;
+                    put(chunk).await?;
                 }
                 packer.await.map_err(|e| Error::Host(e.to_string()))?.ctx(|| format!("packing {}", local.display()))?;
             } else {
@@ -1165,17 +1178,27 @@ impl Sandbox {
                     if n == 0 {
                         break;
                     }
-                    within("upload", TRANSFER_IDLE, stream.send(&Request::Stdin(buf[..n].to_vec()))).await??;
+                    put(buf[..n].to_vec()).await?;
                 }
             }
-            within("upload", TRANSFER_IDLE, stream.send(&Request::StdinClose)).await?
+            within("upload", TRANSFER_IDLE, conn.send_on(id, &Request::StdinClose)).await?
         };
-        send.await?;
-        match within("upload", TRANSFER_IDLE, stream.recv()).await? {
-            Some(Reply::Ok) => Ok(()),
-            Some(Reply::Error { kind: ErrorKind::Invalid, message }) => Err(Error::validation("guest_path", message)),
-            Some(other) => Err(unexpected("upload", other)),
-            None => Err(Error::Guest("the sandbox went away during the upload".into())),
+        tokio::pin!(send);
+        let mut sent = false;
+        loop {
+            tokio::select! {
+                done = &mut send, if !sent => {
+                    done?;
+                    sent = true;
+                }
+                reply = within("upload", TRANSFER_IDLE, stream.recv()) => match reply? {
+                    Some(Reply::Credit(n)) => window.add_permits((n as usize).min(smolvm_proto::WINDOW)),
+                    Some(Reply::Ok) if sent => return Ok(()),
+                    Some(Reply::Error { kind: ErrorKind::Invalid, message }) => return Err(Error::validation("guest_path", message)),
+                    Some(other) => return Err(unexpected("upload", other)),
+                    None => return Err(Error::Guest("the sandbox went away during the upload".into())),
+                },
+            }
         }
     }
 

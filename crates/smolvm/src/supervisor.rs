@@ -21,7 +21,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
@@ -1065,9 +1065,9 @@ async fn shutdown(child: &mut tokio::process::Child, agent: &Arc<Conn>, qmp: &mu
     let _ = child.kill().await;
 }
 
-/// What a client's queued input to the agent may add up to (each frame counted at least
-/// `QUEUED_FRAME_COST`): a client that keeps to its grants queues at most a window per stream.
-const QUEUED_LIMIT: usize = 4 * proto::WINDOW;
+/// What a client's input queued for the agent may add up to, each frame counted at least
+/// `QUEUED_FRAME_COST` (its cost in memory).
+const QUEUED_LIMIT: usize = 8 * proto::WINDOW;
 const QUEUED_FRAME_COST: usize = 64;
 
 /// A client's open streams: by its stream id, the agent stream it relays and how much output the
@@ -1081,16 +1081,16 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
     let open: ClientStreams = Default::default();
     // Input and cancels go to the agent in order on a task of their own: while the agent's
     // writer is held (a paused VM) they wait there, and this client's next requests (a resume)
-    // are still read. A client sends input only as the agent grants it; what waits is counted
-    // (small frames at their cost in memory), and a client far past its grants is cut off.
-    let (to_agent, mut queued) = mpsc::unbounded_channel::<(u32, Request, usize)>();
-    let waiting = Arc::new(AtomicUsize::new(0));
+    // are still read, until QUEUED_LIMIT bytes wait. Past that this client's requests wait too
+    // (uploads are not windowed: this is what slows a client down to the guest's pace).
+    let (to_agent, mut queued) = mpsc::unbounded_channel::<(u32, Request, tokio::sync::OwnedSemaphorePermit)>();
+    let budget = Arc::new(tokio::sync::Semaphore::new(QUEUED_LIMIT));
     let forward = tokio::spawn({
-        let (agent, waiting) = (agent.clone(), waiting.clone());
+        let agent = agent.clone();
         async move {
-            while let Some((aid, req, cost)) = queued.recv().await {
+            while let Some((aid, req, permit)) = queued.recv().await {
                 let _ = agent.send_on(aid, &req).await;
-                waiting.fetch_sub(cost, Ordering::SeqCst);
+                drop(permit);
             }
         }
     });
@@ -1159,14 +1159,11 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                 });
                 if let Some(aid) = aid {
                     let cost = match &req {
-                        Request::Stdin(d) => d.len().max(QUEUED_FRAME_COST),
+                        Request::Stdin(d) => d.len().clamp(QUEUED_FRAME_COST, QUEUED_LIMIT),
                         _ => QUEUED_FRAME_COST,
                     };
-                    if waiting.fetch_add(cost, Ordering::SeqCst) + cost > QUEUED_LIMIT {
-                        tracing::warn!("a client sent far more input than it was granted; disconnecting it");
-                        break;
-                    }
-                    let _ = to_agent.send((aid, req, cost));
+                    let Ok(permit) = budget.clone().acquire_many_owned(cost as u32).await else { break };
+                    let _ = to_agent.send((aid, req, permit));
                 }
             }
             _ if paused.load(Ordering::SeqCst) && !matches!(req, Request::Cancel | Request::Stdin(_) | Request::StdinClose) => {
@@ -1240,7 +1237,9 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
         })
         .collect();
     for aid in left {
-        let _ = to_agent.send((aid, Request::Cancel, 0));
+        if let Ok(permit) = budget.clone().acquire_many_owned(0).await {
+            let _ = to_agent.send((aid, Request::Cancel, permit));
+        }
     }
     // (They go once the writer is free; nothing waits for them.)
     drop((to_agent, forward));
