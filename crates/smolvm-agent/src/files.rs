@@ -17,6 +17,8 @@ struct Upload {
     dest: PathBuf,
     mode: u32,
     tar: bool,
+    /// Stored and not yet granted back: grants go in steps, one small frame each.
+    ungranted: usize,
 }
 
 fn uploads() -> MutexGuard<'static, HashMap<u32, Upload>> {
@@ -51,7 +53,7 @@ pub fn put_start(stream: u32, path: String, mode: u32, tar: bool, w: &Writer) {
     })();
     match opened {
         Ok((file, tmp)) => {
-            uploads().insert(stream, Upload { file, tmp, dest, mode, tar });
+            uploads().insert(stream, Upload { file, tmp, dest, mode, tar, ungranted: 0 });
         }
         Err(e) => w.send(stream, &io_error(&format!("receiving {path}"), e)),
     }
@@ -63,7 +65,13 @@ pub fn put_data(stream: u32, data: &[u8], w: &Writer) -> bool {
     let Some(up) = ups.get_mut(&stream) else { return false };
     match up.file.write_all(data) {
         // Stored: the host may send as much more (it holds to its window until granted).
-        Ok(()) => w.send(stream, &Reply::Credit(data.len() as u32)),
+        Ok(()) => {
+            up.ungranted += data.len();
+            if up.ungranted >= smolvm_proto::CREDIT_STEP {
+                w.send(stream, &Reply::Credit(up.ungranted as u32));
+                up.ungranted = 0;
+            }
+        }
         Err(e) => {
             let up = ups.remove(&stream).expect("present");
             let _ = fs::remove_file(&up.tmp);
