@@ -59,7 +59,8 @@ async fn a_paused_sandbox_keeps_its_processes_and_refuses_commands() {
 async fn an_upload_waits_out_a_pause_on_the_connection_that_resumes() {
     let env = env();
     let sb = Arc::new(env.boot(VmConfig::default()).await);
-    let data = random_bytes(40 << 20);
+    // Large enough to be under way for a while (about 150 MB/s here).
+    let data = random_bytes(120 << 20);
     let local = env.tmp.path().join("big");
     std::fs::write(&local, &data).unwrap();
     let upload = {
@@ -68,11 +69,12 @@ async fn an_upload_waits_out_a_pause_on_the_connection_that_resumes() {
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     sb.pause().await.unwrap();
+    assert!(!upload.is_finished(), "the upload ended before the pause: nothing was tested");
     tokio::time::sleep(Duration::from_secs(1)).await;
     // The same client (one connection) resumes while its upload waits.
     tokio::time::timeout(Duration::from_secs(20), sb.resume()).await.expect("the resume was stuck behind the upload").unwrap();
     upload.await.unwrap().unwrap();
-    assert_eq!(out(&sb, "wc -c < /tmp/big").await.trim(), (40u32 << 20).to_string());
+    assert_eq!(out(&sb, "wc -c < /tmp/big").await.trim(), (120u32 << 20).to_string());
     delete_shared(sb).await;
 }
 

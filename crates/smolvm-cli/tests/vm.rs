@@ -324,6 +324,40 @@ async fn stdin_reaches_the_command_from_the_library_and_the_cli() {
     sb.delete().await.unwrap();
 }
 
+/// The supervisor queues a client's input for the agent (a paused VM takes none), so it holds
+/// each client to its window: one that sends past its grants is cut off, and others go on.
+#[tokio::test]
+async fn a_client_that_sends_input_past_its_grants_is_cut_off() {
+    use smolvm_proto::{ExecRequest, Request};
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    let raw = smolvm::conn::Conn::connect(&sb.paths().ctl).await.unwrap();
+    let exec =
+        ExecRequest { command: "sleep 30".into(), shell: Shell::Raw, env: Default::default(), timeout_ms: 30_000, stdin: true, cwd: None };
+    let mut stream = raw.open(&Request::Exec(exec)).await.unwrap();
+    // A command that reads nothing grants back little more than its pipe holds.
+    for _ in 0..(4 * smolvm_proto::WINDOW / smolvm_proto::CHUNK) {
+        if raw.send_on(stream.id, &Request::Stdin(vec![b'x'; smolvm_proto::CHUNK])).await.is_err() {
+            break;
+        }
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match stream.recv().await {
+                None => break,
+                // Its command is cancelled with it.
+                Some(smolvm_proto::Reply::Credit(_) | smolvm_proto::Reply::Exit { code: 137, .. }) => continue,
+                Some(other) => panic!("{other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the client was not cut off");
+    assert!(raw.is_closed());
+    assert_eq!(sb.run("echo still here", &opts(10)).await.unwrap().output(), "still here");
+    sb.delete().await.unwrap();
+}
+
 #[tokio::test]
 async fn sixteen_concurrent_execs_each_get_their_own_output() {
     let env = env();

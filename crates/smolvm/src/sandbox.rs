@@ -1148,12 +1148,22 @@ impl Sandbox {
         // VM's upload waits here, not in a socket that the same client's resume needs.
         let window = Arc::new(tokio::sync::Semaphore::new(smolvm_proto::WINDOW));
         let id = stream.id;
+        // Each frame goes on a task of its own: an upload that ends early (the agent's error,
+        // a timeout) must not drop a frame half written, which would shut the connection and
+        // every other stream on it.
+        let frame = |req: Request| {
+            let conn = conn.clone();
+            async move {
+                let sending = tokio::spawn(async move { conn.send_on(id, &req).await });
+                within("upload", TRANSFER_IDLE, sending).await?.map_err(|e| Error::Host(e.to_string()))?
+            }
+        };
         let put = |chunk: Vec<u8>| {
-            let (conn, window) = (conn.clone(), window.clone());
+            let window = window.clone();
             async move {
                 let permits = within("upload", TRANSFER_IDLE, window.acquire_many(chunk.len() as u32)).await?;
                 permits.map_err(|_| Error::Guest("the upload was cut off".into()))?.forget();
-                within("upload", TRANSFER_IDLE, conn.send_on(id, &Request::Stdin(chunk))).await?
+                frame(Request::Stdin(chunk)).await
             }
         };
         let send = async {
@@ -1181,7 +1191,7 @@ impl Sandbox {
                     put(buf[..n].to_vec()).await?;
                 }
             }
-            within("upload", TRANSFER_IDLE, conn.send_on(id, &Request::StdinClose)).await?
+            frame(Request::StdinClose).await
         };
         tokio::pin!(send);
         let mut sent = false;
@@ -1191,7 +1201,14 @@ impl Sandbox {
                     done?;
                     sent = true;
                 }
-                reply = within("upload", TRANSFER_IDLE, stream.recv()) => match reply? {
+                // While it sends, the sending is what is bounded (a slow local source is not
+                // the agent's silence); then the agent's answer.
+                reply = async {
+                    match sent {
+                        true => within("upload", TRANSFER_IDLE, stream.recv()).await,
+                        false => Ok(stream.recv().await),
+                    }
+                } => match reply? {
                     Some(Reply::Credit(n)) => window.add_permits((n as usize).min(smolvm_proto::WINDOW)),
                     Some(Reply::Ok) if sent => return Ok(()),
                     Some(Reply::Error { kind: ErrorKind::Invalid, message }) => return Err(Error::validation("guest_path", message)),

@@ -1065,14 +1065,18 @@ async fn shutdown(child: &mut tokio::process::Child, agent: &Arc<Conn>, qmp: &mu
     let _ = child.kill().await;
 }
 
-/// What a client's input queued for the agent may add up to, each frame counted at least
-/// `QUEUED_FRAME_COST` (its cost in memory).
-const QUEUED_LIMIT: usize = 8 * proto::WINDOW;
-const QUEUED_FRAME_COST: usize = 64;
-
 /// A client's open streams: by its stream id, the agent stream it relays and how much output the
 /// client still takes (its window, in bytes).
-type ClientStreams = Arc<Mutex<HashMap<u32, (u32, Arc<tokio::sync::Semaphore>)>>>;
+type ClientStreams = Arc<Mutex<HashMap<u32, ClientStream>>>;
+
+/// One client stream relayed to an agent stream.
+struct ClientStream {
+    agent_id: u32,
+    /// Output the client still takes, in bytes (its grants).
+    window: Arc<tokio::sync::Semaphore>,
+    /// Input sent on to the agent and not yet granted back by it.
+    input: Arc<std::sync::atomic::AtomicUsize>,
+}
 
 async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::UnboundedSender<Control>, id: String, paused: Arc<AtomicBool>) {
     let _ = ctl.send(Control::ClientConnected);
@@ -1081,16 +1085,14 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
     let open: ClientStreams = Default::default();
     // Input and cancels go to the agent in order on a task of their own: while the agent's
     // writer is held (a paused VM) they wait there, and this client's next requests (a resume)
-    // are still read, until QUEUED_LIMIT bytes wait. Past that this client's requests wait too
-    // (uploads are not windowed: this is what slows a client down to the guest's pace).
-    let (to_agent, mut queued) = mpsc::unbounded_channel::<(u32, Request, tokio::sync::OwnedSemaphorePermit)>();
-    let budget = Arc::new(tokio::sync::Semaphore::new(QUEUED_LIMIT));
+    // are still read. What waits is bounded by each stream's window: a client sends input only
+    // as the agent grants it back, and one that sends more is cut off.
+    let (to_agent, mut queued) = mpsc::unbounded_channel::<(u32, Request)>();
     let forward = tokio::spawn({
         let agent = agent.clone();
         async move {
-            while let Some((aid, req, permit)) = queued.recv().await {
+            while let Some((aid, req)) = queued.recv().await {
                 let _ = agent.send_on(aid, &req).await;
-                drop(permit);
             }
         }
     });
@@ -1145,25 +1147,26 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                 send(write.clone(), cid, Reply::Info(info.to_string())).await;
             }
             Request::Credit(n) => {
-                if let Some((_, window)) = open.lock().unwrap_or_else(|e| e.into_inner()).get(&cid) {
-                    window.add_permits((n as usize).min(proto::WINDOW));
+                if let Some(s) = open.lock().unwrap_or_else(|e| e.into_inner()).get(&cid) {
+                    s.window.add_permits((n as usize).min(proto::WINDOW));
                 }
             }
             Request::Stdin(_) | Request::StdinClose | Request::Cancel => {
-                let aid = open.lock().unwrap_or_else(|e| e.into_inner()).get(&cid).map(|(aid, window)| {
+                let found = open.lock().unwrap_or_else(|e| e.into_inner()).get(&cid).map(|s| {
                     // A client that cancels reads no more: its relay must not wait for credit.
                     if matches!(req, Request::Cancel) {
-                        window.close();
+                        s.window.close();
                     }
-                    *aid
+                    (s.agent_id, s.input.clone())
                 });
-                if let Some(aid) = aid {
-                    let cost = match &req {
-                        Request::Stdin(d) => d.len().clamp(QUEUED_FRAME_COST, QUEUED_LIMIT),
-                        _ => QUEUED_FRAME_COST,
-                    };
-                    let Ok(permit) = budget.clone().acquire_many_owned(cost as u32).await else { break };
-                    let _ = to_agent.send((aid, req, permit));
+                if let Some((aid, input)) = found {
+                    if let Request::Stdin(d) = &req {
+                        if input.fetch_add(d.len(), Ordering::SeqCst) + d.len() > proto::WINDOW + proto::CHUNK {
+                            tracing::warn!("a client sent more input than it was granted; disconnecting it");
+                            break;
+                        }
+                    }
+                    let _ = to_agent.send((aid, req));
                 }
             }
             _ if paused.load(Ordering::SeqCst) && !matches!(req, Request::Cancel | Request::Stdin(_) | Request::StdinClose) => {
@@ -1184,13 +1187,19 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
             req => match agent.open(&req).await {
                 Ok(mut s) => {
                     let window = Arc::new(tokio::sync::Semaphore::new(proto::WINDOW));
-                    open.lock().unwrap_or_else(|e| e.into_inner()).insert(cid, (s.id, window.clone()));
+                    let input = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                    let stream = ClientStream { agent_id: s.id, window: window.clone(), input: input.clone() };
+                    open.lock().unwrap_or_else(|e| e.into_inner()).insert(cid, stream);
                     let (w, open, agent) = (write.clone(), open.clone(), agent.clone());
                     tokio::spawn(async move {
                         loop {
                             match s.recv().await {
                                 Some(reply) => {
                                     let terminal = reply.is_terminal();
+                                    if let Reply::Credit(n) = &reply {
+                                        let n = *n as usize;
+                                        let _ = input.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| Some(v.saturating_sub(n)));
+                                    }
                                     // Output goes on as the client grants it; meanwhile this
                                     // stream stops taking from the agent, which then stops.
                                     // (A frame larger than the window, which only a guest
@@ -1231,15 +1240,13 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .values()
-        .map(|(aid, window)| {
-            window.close();
-            *aid
+        .map(|s| {
+            s.window.close();
+            s.agent_id
         })
         .collect();
     for aid in left {
-        if let Ok(permit) = budget.clone().acquire_many_owned(0).await {
-            let _ = to_agent.send((aid, Request::Cancel, permit));
-        }
+        let _ = to_agent.send((aid, Request::Cancel));
     }
     // (They go once the writer is free; nothing waits for them.)
     drop((to_agent, forward));
