@@ -270,14 +270,6 @@ impl Conn {
 
     /// Open a stream with its first request.
     pub async fn open(self: &Arc<Conn>, req: &Request) -> Result<Stream> {
-        let stream = self.stream()?;
-        self.send_on(stream.id, req).await?;
-        Ok(stream)
-    }
-
-    /// A new stream whose first request the caller sends (`send_on` with its id), where it
-    /// must keep its place among other frames.
-    pub fn stream(self: &Arc<Conn>) -> Result<Stream> {
         if self.is_closed() {
             return Err(Error::Guest("connection closed".into()));
         }
@@ -285,7 +277,9 @@ impl Conn {
         let (tx, rx) = mpsc::unbounded_channel();
         let held = Arc::new(AtomicUsize::new(0));
         self.routes.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Route { tx, held: held.clone() });
-        Ok(Stream { id, conn: self.clone(), rx, held, taken: 0, done: false })
+        let stream = Stream { id, conn: self.clone(), rx, held, taken: 0, done: false };
+        self.send_on(id, req).await?;
+        Ok(stream)
     }
 
     /// A request whose answer is a single reply.

@@ -1083,11 +1083,10 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
     let (read, write) = stream.into_split();
     let write = Arc::new(tokio::sync::Mutex::new(write));
     let open: ClientStreams = Default::default();
-    // Requests, input and cancels go to the agent in order on a task of their own: while the
-    // agent's writer is held (a paused VM, a snapshot being saved) they wait there, and this
-    // client's next requests (a resume) are still read. What waits is bounded by each stream's
-    // window: a client sends input only as the agent grants it back, and one that sends more
-    // is cut off.
+    // Input and cancels go to the agent in order on a task of their own: while the agent's
+    // writer is held (a paused VM) they wait there, and this client's next requests (a resume)
+    // are still read. What waits is bounded by each stream's window: a client sends input only
+    // as the agent grants it back, and one that sends more is cut off.
     let (to_agent, mut queued) = mpsc::unbounded_channel::<(u32, Request)>();
     let forward = tokio::spawn({
         let agent = agent.clone();
@@ -1185,13 +1184,12 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                 )
                 .await;
             }
-            req => match agent.stream() {
+            req => match agent.open(&req).await {
                 Ok(mut s) => {
                     let window = Arc::new(tokio::sync::Semaphore::new(proto::WINDOW));
                     let input = Arc::new(std::sync::atomic::AtomicUsize::new(0));
                     let stream = ClientStream { agent_id: s.id, window: window.clone(), input: input.clone() };
                     open.lock().unwrap_or_else(|e| e.into_inner()).insert(cid, stream);
-                    let _ = to_agent.send((s.id, req));
                     let (w, open, agent) = (write.clone(), open.clone(), agent.clone());
                     tokio::spawn(async move {
                         loop {
