@@ -231,6 +231,14 @@ impl Conn {
         sent.map_err(|e| Error::Io { context: "sending a request".into(), source: e })
     }
 
+    /// `send_on` on a task of its own: a caller that stops waiting (a timeout, an early end)
+    /// leaves the frame to finish instead of cutting it off half written, which would shut the
+    /// connection and every stream on it.
+    pub async fn send_detached(self: &Arc<Conn>, id: u32, req: Request) -> Result<()> {
+        let conn = self.clone();
+        tokio::spawn(async move { conn.send_on(id, &req).await }).await.map_err(|e| Error::Host(e.to_string()))?
+    }
+
     /// Holds the writer once the peer has read everything sent before (a `Ping` it answers
     /// in order). An agent whose VM is stopped while this is held (paused, saved) has no frame
     /// of ours half read, whose rest a copy restored from the snapshot would take from its new
@@ -340,15 +348,18 @@ mod tests {
         peer.write_all(&proto::encode(id, reply).unwrap()).await.unwrap();
     }
 
+    /// A `Ping` call on its own task, so the test can play the peer meanwhile.
+    fn ping_in_background(conn: &Arc<Conn>) -> tokio::task::JoinHandle<Result<Reply>> {
+        let conn = conn.clone();
+        tokio::spawn(async move { conn.call(&Request::Ping).await })
+    }
+
     #[tokio::test]
     async fn what_a_restored_agent_sends_before_the_marker_is_skipped() {
         let (ours, mut peer) = UnixStream::pair().unwrap();
         let marker = *b"\x01sync-markers\xfe\x00\x7f";
         let conn = Conn::new_synced(ours, marker);
-        let call = tokio::spawn({
-            let conn = conn.clone();
-            async move { conn.call(&Request::Ping).await }
-        });
+        let call = ping_in_background(&conn);
         let (id, _) = request(&mut peer).await;
         // The rest of a frame the snapshot caught half written (its middle reads as a length),
         // a first byte of the marker, then the marker and the answer.
@@ -367,10 +378,7 @@ mod tests {
         let (ours, mut peer) = UnixStream::pair().unwrap();
         let marker = [3u8; 16];
         let conn = Conn::new_synced(ours, marker);
-        let call = tokio::spawn({
-            let conn = conn.clone();
-            async move { conn.call(&Request::Ping).await }
-        });
+        let call = ping_in_background(&conn);
         let (id, _) = request(&mut peer).await;
         // Its first four bytes say 40 more follow: they end inside the answer after the marker.
         let mut bytes = vec![40, 0, 0, 0, 0xaa, 0xbb];
@@ -388,10 +396,7 @@ mod tests {
     async fn an_agent_older_than_the_marker_is_heard_so_its_version_can_be_named() {
         let (ours, mut peer) = UnixStream::pair().unwrap();
         let conn = Conn::new_synced(ours, [9; 16]);
-        let call = tokio::spawn({
-            let conn = conn.clone();
-            async move { conn.call(&Request::Ping).await }
-        });
+        let call = ping_in_background(&conn);
         let (id, _) = request(&mut peer).await;
         let old = Reply::Hello {
             version: 4,

@@ -808,8 +808,12 @@ impl Sandbox {
     }
 
     async fn control(&self, req: Request, what: &str) -> Result<()> {
-        // A snapshot writes all of guest RAM (and copies the disk); the rest is quick.
-        let bound = if matches!(req, Request::Snapshot { .. }) { Duration::from_secs(660) } else { CALL_BOUND };
+        // A snapshot writes all of guest RAM (and copies the disk): the supervisor's bound on it,
+        // and time for what waits before it; the rest is quick.
+        let bound = match req {
+            Request::Snapshot { .. } => crate::supervisor::SNAPSHOT_BOUND + Duration::from_secs(60),
+            _ => CALL_BOUND,
+        };
         match self.call_within(&req, what, bound).await? {
             Reply::Ok => Ok(()),
             Reply::Error { kind: ErrorKind::Invalid, message } => Err(Error::validation("snapshot_type", message)),
@@ -1148,22 +1152,14 @@ impl Sandbox {
         // VM's upload waits here, not in a socket that the same client's resume needs.
         let window = Arc::new(tokio::sync::Semaphore::new(smolvm_proto::WINDOW));
         let id = stream.id;
-        // Each frame goes on a task of its own: an upload that ends early (the agent's error,
-        // a timeout) must not drop a frame half written, which would shut the connection and
-        // every other stream on it.
-        let frame = |req: Request| {
-            let conn = conn.clone();
-            async move {
-                let sending = tokio::spawn(async move { conn.send_on(id, &req).await });
-                within("upload", TRANSFER_IDLE, sending).await?.map_err(|e| Error::Host(e.to_string()))?
-            }
-        };
+        // Each frame goes on a task of its own (an upload may end early: the agent's error).
+        let frame = |req: Request| within("upload", TRANSFER_IDLE, conn.send_detached(id, req));
         let put = |chunk: Vec<u8>| {
             let window = window.clone();
             async move {
                 let permits = within("upload", TRANSFER_IDLE, window.acquire_many(chunk.len() as u32)).await?;
                 permits.map_err(|_| Error::Guest("the upload was cut off".into()))?.forget();
-                frame(Request::Stdin(chunk)).await
+                frame(Request::Stdin(chunk)).await?
             }
         };
         let send = async {
@@ -1191,7 +1187,7 @@ impl Sandbox {
                     put(buf[..n].to_vec()).await?;
                 }
             }
-            frame(Request::StdinClose).await
+            frame(Request::StdinClose).await?
         };
         tokio::pin!(send);
         let mut sent = false;
@@ -1536,13 +1532,11 @@ fn feed(conn: Arc<crate::conn::Conn>, id: u32, mut input: Input, window: Arc<tok
                 Ok(permits) => permits.forget(),
                 Err(_) => return,
             }
-            let (conn, frame) = (conn.clone(), Request::Stdin(buf[..n].to_vec()));
-            if tokio::spawn(async move { conn.send_on(id, &frame).await }).await.map_or(true, |r| r.is_err()) {
+            if conn.send_detached(id, Request::Stdin(buf[..n].to_vec())).await.is_err() {
                 return;
             }
         }
-        let conn = conn.clone();
-        let _ = tokio::spawn(async move { conn.send_on(id, &Request::StdinClose).await }).await;
+        let _ = conn.send_detached(id, Request::StdinClose).await;
     }))
 }
 

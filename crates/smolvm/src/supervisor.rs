@@ -648,10 +648,7 @@ async fn supervise(id: &str) -> i32 {
                     if keep_stopped {
                         paused.store(true, Ordering::SeqCst);
                     }
-                    let holding = match kind == SnapshotKind::Full && !was_paused {
-                        true => agent.hold(HOLD_BOUND).await,
-                        false => None,
-                    };
+                    let holding = if kind == SnapshotKind::Full && !was_paused { agent.hold(HOLD_BOUND).await } else { None };
                     let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped).await;
                     if keep_stopped && !was_paused {
                         if r.is_ok() {
@@ -948,7 +945,7 @@ async fn close_dns(dns: &mut Option<tokio::task::JoinHandle<Result<()>>>) {
 /// loop serves nothing else meanwhile.
 const CONTROL_BOUND: Duration = Duration::from_secs(30);
 /// A snapshot's bound (QEMU writes all of guest RAM, and a disk overlay is copied).
-const SNAPSHOT_BOUND: Duration = Duration::from_secs(600);
+pub(crate) const SNAPSHOT_BOUND: Duration = Duration::from_secs(600);
 /// How long a pause or snapshot waits for the agent to read what was sent before it: an agent
 /// that does not answer by then (a wedged guest) is stopped wherever it is.
 const HOLD_BOUND: Duration = Duration::from_secs(5);
