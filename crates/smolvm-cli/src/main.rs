@@ -52,6 +52,12 @@ enum Cmd {
         /// Only the start-up comparison (cold, warm, bare QEMU), printed; nothing is written.
         #[arg(long)]
         startup_only: bool,
+        /// With --startup-only: this kernel instead of the default image's.
+        #[arg(long, requires = "startup_only")]
+        kernel: Option<PathBuf>,
+        /// With --startup-only: this initramfs instead of the default image's.
+        #[arg(long, requires = "startup_only")]
+        initrd: Option<PathBuf>,
         /// Only `run("true")` through the Rust API, ROUNDS times on this running sandbox; prints
         /// the samples in ms as JSON (the Python comparison interleaves with it).
         #[arg(long, value_name = "NAME")]
@@ -669,10 +675,12 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
             let samples = smolvm::bench::run_true_on(&dirs, &name, rounds.max(1)).await?;
             Ok(Done::text(serde_json::to_string(&samples).unwrap_or_default(), json!({ "samples_ms": samples })))
         }
-        Cmd::Bench { rounds, startup_only: true, .. } => {
-            let s = smolvm::bench::startup(&dirs, rounds.max(1), &progress).await?;
+        Cmd::Bench { rounds, startup_only: true, kernel, initrd, .. } => {
+            let boot = smolvm::bench::BootFiles { kernel, initrd };
+            let s = smolvm::bench::startup(&dirs, &boot, rounds.max(1), &progress).await?;
             let text = format!(
-                "bare QEMU {:.3} s, cold smolvm run {:.3} s (ratio {:.2}; median of the rounds' own ratios {:.2}), warm {:.3} s (ratio to cold {:.2})",
+                "{:?}: bare QEMU {:.3} s, cold smolvm run {:.3} s (ratio {:.2}; median of the rounds' own ratios {:.2}), warm {:.3} s (ratio to cold {:.2})",
+                s.accel,
                 s.bare,
                 s.cold,
                 s.cold / s.bare,
@@ -682,7 +690,7 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
             );
             Ok(Done::text(
                 text,
-                json!({ "bare_s": s.bare, "cold_s": s.cold, "warm_s": s.warm, "ratio": s.cold / s.bare, "paired_ratio": s.paired_ratio }),
+                json!({ "accel": s.accel, "bare_s": s.bare, "cold_s": s.cold, "warm_s": s.warm, "ratio": s.cold / s.bare, "paired_ratio": s.paired_ratio }),
             ))
         }
         Cmd::Bench { rounds, out, .. } => {

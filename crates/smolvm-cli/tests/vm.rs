@@ -47,6 +47,25 @@ fn a_cold_booted_guest_has_the_hosts_time() {
     assert!(after - guest < 0.2, "the guest's clock lags the host's by about {:.3} s", after - guest);
 }
 
+/// Under TCG the guest keeps time by the host's TSC at the rate the host tells it: told a rate
+/// off by some percent, its clock runs that much fast or slow.
+#[tokio::test]
+async fn a_guests_clock_runs_at_the_hosts_rate() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    let uptime = || async {
+        let r = sb.run("cat /proc/uptime", &opts(30)).await.unwrap();
+        (Instant::now(), r.stdout.split_whitespace().next().unwrap().parse::<f64>().unwrap())
+    };
+    let (host0, guest0) = uptime().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (host1, guest1) = uptime().await;
+    let (host, guest) = ((host1 - host0).as_secs_f64(), guest1 - guest0);
+    // /proc/uptime counts in hundredths; a command's round trip is milliseconds.
+    assert!((guest - host).abs() < 0.1, "in {host:.3} s of the host's time the guest counted {guest:.2} s");
+    sb.delete().await.unwrap();
+}
+
 #[tokio::test]
 async fn unicode_and_five_megabytes_of_output_arrive_intact() {
     let env = env();

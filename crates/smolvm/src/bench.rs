@@ -19,7 +19,7 @@ fn percentile(samples: &mut [f64], p: f64) -> f64 {
 
 /// Bare QEMU: the same kernel, initramfs, machine and devices, but the agent, told so on the
 /// kernel command line, powers the VM off as the first thing it does.
-async fn bare_boot(image: &BootImage, dir: &std::path::Path, accel: vmm::Accel, machine: qemu::Machine) -> Result<f64> {
+async fn bare_boot(dirs: &Dirs, image: &BootImage, dir: &std::path::Path, accel: vmm::Accel, machine: qemu::Machine) -> Result<f64> {
     let agent = dir.join("a.sock");
     let _ = std::fs::remove_file(&agent);
     let listener = tokio::net::UnixListener::bind(&agent).ctx(|| "binding the reference socket".into())?;
@@ -40,6 +40,7 @@ async fn bare_boot(image: &BootImage, dir: &std::path::Path, accel: vmm::Accel, 
         net: qemu::NetBackend::User { restrict: true, forwards: vec![] },
         vsock: None,
         machine,
+        tsc_khz: (accel == vmm::Accel::Tcg).then(|| vmm::host_tsc_khz(&dirs.images)).flatten(),
     };
     let started = Instant::now();
     let mut child = qemu::spawn(&spec, &dir.join("bare.log"))?;
@@ -55,11 +56,38 @@ async fn bare_boot(image: &BootImage, dir: &std::path::Path, accel: vmm::Accel, 
     }
 }
 
-fn cli_run(dirs: &Dirs, warm: bool) -> Result<f64> {
+/// The kernel and initramfs to measure with, where not the default image's: a kernel of one's
+/// own, or a prepared image on a host that cannot build ours (how KVM was measured elsewhere).
+#[derive(Debug, Clone, Default)]
+pub struct BootFiles {
+    pub kernel: Option<std::path::PathBuf>,
+    pub initrd: Option<std::path::PathBuf>,
+}
+
+impl BootFiles {
+    fn config(&self) -> VmConfig {
+        VmConfig { kernel_path: self.kernel.clone(), initrd_path: self.initrd.clone(), ..VmConfig::default() }
+    }
+
+    fn cli_args(&self) -> Vec<std::ffi::OsString> {
+        let mut args = Vec::new();
+        for (flag, path) in [("--kernel", &self.kernel), ("--initrd", &self.initrd)] {
+            if let Some(p) = path {
+                args.push(flag.into());
+                args.push(p.clone().into_os_string());
+            }
+        }
+        args
+    }
+}
+
+fn cli_run(dirs: &Dirs, boot: &BootFiles, warm: bool) -> Result<f64> {
     let bin = smolvm_binary()?;
     let started = Instant::now();
     let out = std::process::Command::new(bin)
-        .args(["run", "true"])
+        .arg("run")
+        .args(boot.cli_args())
+        .arg("true")
         .env("SMOLVM_WARM", if warm { "1" } else { "0" })
         .env("SMOLVM_DATA_DIR", &dirs.data)
         .env("SMOLVM_IMAGE_DIR", &dirs.images)
@@ -88,12 +116,10 @@ fn cpu_ticks(pid: i32) -> u64 {
 }
 
 /// Cold and warm `smolvm run true` against bare QEMU, interleaved: p50 seconds of each.
-pub async fn startup(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> Result<Startup> {
+pub async fn startup(dirs: &Dirs, boot: &BootFiles, rounds: usize, progress: image::Progress<'_>) -> Result<Startup> {
     let img = {
-        let d = dirs.clone();
-        tokio::task::spawn_blocking(move || image::resolve(&VmConfig::default(), &d, &|_| {}))
-            .await
-            .map_err(|e| Error::Host(e.to_string()))??
+        let (d, config) = (dirs.clone(), boot.config());
+        tokio::task::spawn_blocking(move || image::resolve(&config, &d, &|_| {})).await.map_err(|e| Error::Host(e.to_string()))??
     };
     let accel = vmm::choose_accel().map_err(Error::Host)?;
     let machine = qemu::choose_machine(dirs, Some(&img.kernel))?;
@@ -102,13 +128,13 @@ pub async fn startup(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) 
     let (mut bare, mut cold, mut warm) = (Vec::new(), Vec::new(), Vec::new());
     let result = async {
         // One unmeasured round warms the page cache (and makes the warm snapshot if missing).
-        bare_boot(&img, &work, accel, machine).await?;
-        cli_run(dirs, false)?;
-        cli_run(dirs, true)?;
+        bare_boot(dirs, &img, &work, accel, machine).await?;
+        cli_run(dirs, boot, false)?;
+        cli_run(dirs, boot, true)?;
         for _ in 0..rounds {
-            bare.push(bare_boot(&img, &work, accel, machine).await?);
-            cold.push(cli_run(dirs, false)?);
-            warm.push(cli_run(dirs, true)?);
+            bare.push(bare_boot(dirs, &img, &work, accel, machine).await?);
+            cold.push(cli_run(dirs, boot, false)?);
+            warm.push(cli_run(dirs, boot, true)?);
         }
         Ok::<_, Error>(())
     }
@@ -148,7 +174,8 @@ pub struct Startup {
 }
 
 pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> Result<(serde_json::Value, String)> {
-    let Startup { accel, bare: bare_p50, cold: cold_p50, warm: warm_p50, paired_ratio } = startup(dirs, rounds, progress).await?;
+    let Startup { accel, bare: bare_p50, cold: cold_p50, warm: warm_p50, paired_ratio } =
+        startup(dirs, &BootFiles::default(), rounds, progress).await?;
     let work = tempfile_dir(dirs)?;
     let density = density(dirs, 16, progress).await?;
     let burst = burst(dirs, 32, progress).await?;

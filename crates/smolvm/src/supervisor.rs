@@ -467,6 +467,7 @@ async fn supervise(id: &str) -> i32 {
         net: plan.backend.clone(),
         vsock: spec.vsock.then(|| paths.vhost_vsock.clone()),
         machine: if spec.q35 { qemu::Machine::Q35 } else { qemu::Machine::Microvm },
+        tsc_khz: (spec.accel == Accel::Tcg).then(|| crate::vmm::host_tsc_khz(&dirs.images)).flatten(),
     };
     let greeting = Greeting {
         hostname: id.to_string(),

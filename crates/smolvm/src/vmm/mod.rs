@@ -43,10 +43,136 @@ pub fn choose_accel() -> Result<Accel, String> {
     }
 }
 
-/// The host's TSC frequency in kHz, from /proc/cpuinfo. microvm has no HPET or PM timer, so a
-/// guest calibrating its clock without this hangs; with it, calibration is skipped.
-pub fn host_tsc_khz() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = info.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
-    Some((mhz * 1000.0) as u64)
+/// The host's TSC rate in kHz, which a TCG guest's TSC runs at (QEMU hands it the host's
+/// counter). microvm has no HPET or PM timer, so a guest calibrating its clock without this
+/// hangs; told it, the guest skips calibration and keeps time by it.
+///
+/// /proc/cpuinfo's "cpu MHz" is only right where the host's cores run at one clock (a VM,
+/// as here): on a host that scales its frequency it is a core's clock of the moment, and a
+/// guest told that would keep time too fast or too slow. So the rate is measured against the
+/// host's clock, once per host boot, and kept in `cache` (the image directory).
+pub fn host_tsc_khz(cache: &Path) -> Option<u64> {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|id| id.trim().to_string());
+    let file = cache.join("host-tsc");
+    if let Some(id) = &boot_id {
+        if let Some(khz) = std::fs::read_to_string(&file).ok().and_then(|kept| kept_tsc_khz(&kept, id)) {
+            return Some(khz);
+        }
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let khz = if invariant_tsc(&cpuinfo) { measure_tsc_khz() } else { None };
+    // Without an invariant TSC there is no one rate to measure: the kernel's figure is the
+    // best there is (and it is not kept, so a later start measures again).
+    let Some(khz) = khz else { return cpuinfo_mhz(&cpuinfo).map(|mhz| (mhz * 1000.0) as u64) };
+    // Kept only with the boot it holds for (a host without a boot id measures at each start).
+    // Written whole or not at all: concurrent starts each write the same figure.
+    if let Some(id) = boot_id {
+        let tmp = cache.join(format!(".host-tsc.{}", std::process::id()));
+        let kept = std::fs::create_dir_all(cache)
+            .and_then(|_| std::fs::write(&tmp, format!("{id} {khz}\n")))
+            .and_then(|_| std::fs::rename(&tmp, &file));
+        if kept.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Some(khz)
+}
+
+/// The rate kept by an earlier start, if it was measured in this boot of the host.
+fn kept_tsc_khz(kept: &str, boot_id: &str) -> Option<u64> {
+    let (id, khz) = kept.trim().split_once(' ')?;
+    (id == boot_id).then(|| khz.parse().ok()).flatten().filter(|k| *k > 0)
+}
+
+/// A TSC that ticks at one rate whatever the cores do (the flags Linux shows for it).
+fn invariant_tsc(cpuinfo: &str) -> bool {
+    cpuinfo.lines().find(|l| l.starts_with("flags")).is_some_and(|flags| {
+        let has = |f: &str| flags.split_whitespace().any(|w| w == f);
+        has("constant_tsc") && has("nonstop_tsc")
+    })
+}
+
+fn cpuinfo_mhz(cpuinfo: &str) -> Option<f64> {
+    cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()
+}
+
+/// The TSC's ticks across 20 ms of the host's monotonic clock. Each end is read between two
+/// clock reads a few microseconds apart (else, preempted there, it is read again), so the rate
+/// is good to a few parts in 10^4 or better: a guest clock off by that drifts seconds a day.
+#[cfg(target_arch = "x86_64")]
+fn measure_tsc_khz() -> Option<u64> {
+    use std::time::{Duration, Instant};
+    let sample = || {
+        for _ in 0..10 {
+            let before = Instant::now();
+            // SAFETY: RDTSC reads a counter and touches no memory; every x86-64 CPU has it.
+            let tsc = unsafe { std::arch::x86_64::_rdtsc() };
+            let after = Instant::now();
+            let spread = after - before;
+            if spread < Duration::from_micros(20) {
+                return Some((before + spread / 2, tsc));
+            }
+        }
+        None
+    };
+    let (t0, c0) = sample()?;
+    std::thread::sleep(Duration::from_millis(20));
+    let (t1, c1) = sample()?;
+    let ns = (t1 - t0).as_nanos() as u64;
+    let khz = c1.checked_sub(c0)?.checked_mul(1_000_000)? / ns.max(1);
+    // A TSC below 100 MHz or above 10 GHz is a measurement gone wrong.
+    (100_000..10_000_000).contains(&khz).then_some(khz)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn measure_tsc_khz() -> Option<u64> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_rate_counts_only_in_the_boot_it_was_measured_in() {
+        assert_eq!(kept_tsc_khz("abc 2596122\n", "abc"), Some(2596122));
+        assert_eq!(kept_tsc_khz("abc 2596122\n", "def"), None);
+        assert_eq!(kept_tsc_khz("abc x", "abc"), None);
+        assert_eq!(kept_tsc_khz("abc 0", "abc"), None);
+        assert_eq!(kept_tsc_khz("", "abc"), None);
+    }
+
+    #[test]
+    fn cpuinfo_is_read_for_the_flags_and_the_clock() {
+        let info = "processor\t: 0\ncpu MHz\t\t: 3792.871\nflags\t\t: fpu tsc constant_tsc nonstop_tsc rdtscp\n";
+        assert!(invariant_tsc(info));
+        assert!(!invariant_tsc("flags\t\t: fpu tsc constant_tsc\n"));
+        assert_eq!(cpuinfo_mhz(info), Some(3792.871));
+        assert_eq!(cpuinfo_mhz("flags : x\n"), None);
+    }
+
+    #[test]
+    fn the_rate_is_measured_once_per_boot_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(khz) = host_tsc_khz(dir.path()) else { return };
+        assert!((100_000..10_000_000).contains(&khz), "{khz}");
+        let file = dir.path().join("host-tsc");
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        if !invariant_tsc(&cpuinfo) {
+            assert!(!file.exists(), "a figure that was not measured is not kept");
+            return;
+        }
+        let kept = std::fs::read_to_string(&file).unwrap();
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+        assert_eq!(kept, format!("{} {khz}\n", boot.trim()));
+        // Kept: a planted figure for this boot is what comes back.
+        std::fs::write(&file, format!("{} 1234567\n", boot.trim())).unwrap();
+        assert_eq!(host_tsc_khz(dir.path()), Some(1234567));
+        // Another boot's figure is measured again, and replaced.
+        std::fs::write(&file, "another-boot 1234567\n").unwrap();
+        let again = host_tsc_khz(dir.path()).unwrap();
+        assert!(again.abs_diff(khz) * 200 < khz, "two measurements within 0.5 %: {khz} {again}");
+        assert!(std::fs::read_to_string(&file).unwrap().ends_with(&format!(" {again}\n")));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+    }
 }
