@@ -29,6 +29,8 @@ struct Running {
     in_cgroup: bool,
     stdin: Option<Sender<Option<Vec<u8>>>>,
     cancelled: bool,
+    /// The terminal's master, for `Resize` (commands run on a terminal).
+    tty: Option<File>,
 }
 
 fn running() -> MutexGuard<'static, HashMap<u32, Running>> {
@@ -56,7 +58,7 @@ pub fn start(stream: u32, req: ExecRequest, w: Writer) {
     };
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let token = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    running().insert(stream, Running { token, pgid: None, exited: false, in_cgroup: false, stdin: tx, cancelled: false });
+    running().insert(stream, Running { token, pgid: None, exited: false, in_cgroup: false, stdin: tx, cancelled: false, tty: None });
     let window = crate::flow::open(stream);
     let (w2, window2) = (w.clone(), window.clone());
     let started = crate::workers::run(Box::new(move || {
@@ -131,7 +133,11 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
     // Made while a first command waits for the set-up, which changes none of them. (A pipe
     // that cannot be made is reported as a failed start below.)
     let shell = login_shell();
-    let pipes = Pipes::new(req.stdin).and_then(|p| Ok((p, crate::spawn::pipe()?)));
+    let pipes = match req.tty {
+        Some(size) => Pipes::tty(size.rows, size.cols),
+        None => Pipes::new(req.stdin),
+    };
+    let pipes = pipes.and_then(|p| Ok((p, crate::spawn::pipe()?)));
     crate::pending::wait();
     if running().get(&stream).is_none_or(|r| r.token != token || r.cancelled) {
         forget(stream, token);
@@ -174,9 +180,12 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
             }
         });
     }
+    // (A terminal's size can change from now on; one that cannot be kept is not resized.)
+    let tty = req.tty.and_then(|_| child.stdout.try_clone().ok());
     match running().get_mut(&stream) {
         Some(r) if r.token == token => {
             r.pgid = Some(pgid);
+            r.tty = tty;
             r.in_cgroup = child.in_cgroup;
             if r.cancelled {
                 kill_all(pgid, token, false);
@@ -187,7 +196,7 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
             kill_all(pgid, token, false);
         }
     }
-    let outputs = [Some(child.stdout), Some(child.stderr)];
+    let outputs = [Some(child.stdout), child.stderr];
     let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms));
     let (code, timed_out) = pump(Output { stream, w: &w, window }, outputs, exit, timeout, pgid, token, child.in_cgroup);
     ended.store(true, Ordering::SeqCst);
@@ -310,6 +319,9 @@ fn pump(
             // A full window (after the other pipe's chunk) waits for the next round.
             if ready[at] && !out.window.is_full() {
                 match pipe.read(&mut buf) {
+                    // (A terminal's master shares its non-blocking flag with the input's writer.)
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => {}
+                    // A terminal's master reads EIO once its slave is closed everywhere.
                     Ok(0) | Err(_) => *slot = None,
                     Ok(n) => {
                         // Nobody reads any more (a cancel): the output is drained and dropped.
@@ -420,6 +432,13 @@ pub fn stdin(stream: u32, data: Option<Vec<u8>>) {
         }
         // Dropping the sender ends the writer thread, which closes the pipe.
         None => r.stdin = None,
+    }
+}
+
+/// The command's terminal has a new size (nothing for a command on pipes).
+pub fn resize(stream: u32, size: smolvm_proto::TtySize) {
+    if let Some(tty) = running().get(&stream).and_then(|r| r.tty.as_ref()) {
+        let _ = crate::spawn::resize(tty, size.rows, size.cols);
     }
 }
 

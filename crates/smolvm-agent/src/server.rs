@@ -233,6 +233,7 @@ fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
             return;
         }
         Request::Credit(n) => return crate::flow::credit(stream, n),
+        Request::Resize(size) => return crate::exec::resize(stream, size),
         Request::Cancel => {
             crate::files::put_cancel(stream);
             return crate::exec::cancel(stream);

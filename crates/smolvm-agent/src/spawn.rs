@@ -12,14 +12,16 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr;
 
-/// A started command: its pid and our ends of its pipes.
+/// A started command: its pid and our ends of its pipes (on a terminal: the terminal's master,
+/// as `stdout` and, a second descriptor of it, as `stdin`).
 pub struct Spawned {
     pub pid: i32,
     /// It entered the cgroup it was given (false without one).
     pub in_cgroup: bool,
     pub stdin: Option<File>,
     pub stdout: File,
-    pub stderr: File,
+    /// None on a terminal, which carries both streams.
+    pub stderr: Option<File>,
 }
 
 fn cstring(s: &str, what: &str) -> io::Result<CString> {
@@ -47,11 +49,14 @@ fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
 }
 
 /// A command's standard streams, made before it starts (they need none of the set-up that
-/// commands wait for, so a first command makes them while it waits).
+/// commands wait for, so a first command makes them while it waits). Each is (read end, write
+/// end); on a terminal every one of them is a descriptor of its master or its slave.
 pub struct Pipes {
     stdin: Option<(OwnedFd, OwnedFd)>,
     stdout: (OwnedFd, OwnedFd),
-    stderr: (OwnedFd, OwnedFd),
+    stderr: Option<(OwnedFd, OwnedFd)>,
+    /// The slave side is a terminal, which becomes the command's controlling terminal.
+    tty: bool,
 }
 
 impl Pipes {
@@ -61,8 +66,46 @@ impl Pipes {
             let (r, w) = pipe()?;
             Ok((above_stdio(r)?, above_stdio(w)?))
         };
-        Ok(Pipes { stdout: pair()?, stderr: pair()?, stdin: if piped_stdin { Some(pair()?) } else { None } })
+        Ok(Pipes { stdout: pair()?, stderr: Some(pair()?), stdin: if piped_stdin { Some(pair()?) } else { None }, tty: false })
     }
+
+    /// A new pseudo-terminal of this size for all three streams. Both sides are opened
+    /// close-on-exec, so no other command started meanwhile inherits either.
+    pub fn tty(rows: u16, cols: u16) -> io::Result<Pipes> {
+        let dup = |fd: &OwnedFd| fd.try_clone().and_then(above_stdio);
+        // SAFETY: open(2) with a NUL-terminated path; the result is checked and then owned.
+        let master = unsafe { libc::open(c"/dev/ptmx".as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+        if master < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `master` was just opened and nothing else owns it.
+        let master = above_stdio(unsafe { OwnedFd::from_raw_fd(master) })?;
+        let unlock: libc::c_int = 0;
+        // SAFETY: TIOCSPTLCK reads one int through the pointer; TIOCGPTPEER opens the slave
+        // with the flags given and returns its new descriptor, which is then owned.
+        let slave = unsafe {
+            if libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let fd = libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            above_stdio(OwnedFd::from_raw_fd(fd))?
+        };
+        resize(&master, rows, cols)?;
+        Ok(Pipes { stdin: Some((dup(&slave)?, dup(&master)?)), stdout: (master, slave), stderr: None, tty: true })
+    }
+}
+
+/// Give the terminal whose master is `master` a new size (its foreground programs get SIGWINCH).
+pub fn resize(master: &impl AsRawFd, rows: u16, cols: u16) -> io::Result<()> {
+    let size = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one winsize through the pointer, valid for the call.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// What the child does between the clone and the exec, all of it prepared by the parent: the
@@ -78,6 +121,8 @@ struct ChildPlan {
     stdin: libc::c_int,
     stdout: libc::c_int,
     stderr: libc::c_int,
+    /// Make the terminal on stdin the new session's controlling terminal.
+    ctty: bool,
     empty_mask: libc::sigset_t,
     /// The errno of the step that failed, written by the child (the memory is shared; the
     /// parent reads it once the clone has returned). 0: the exec happened.
@@ -123,6 +168,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             if stdin < 0 || place(stdin, 0) < 0 || place(plan.stdout, 1) < 0 || place(plan.stderr, 2) < 0 {
                 break 'steps true;
             }
+            if plan.ctty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                break 'steps true;
+            }
             if libc::chdir(plan.cwd) < 0 {
                 break 'steps true;
             }
@@ -166,7 +214,11 @@ pub fn spawn(
     let cgroup_c = cgroup.map(|p| cstring(&p.to_string_lossy(), "cgroup path")).transpose()?;
     let argv: Vec<*const libc::c_char> = argv_c.iter().map(|a| a.as_ptr()).chain([ptr::null()]).collect();
     let envp: Vec<*const libc::c_char> = env_c.iter().map(|e| e.as_ptr()).chain([ptr::null()]).collect();
-    let Pipes { stdin, stdout: (out_r, out_w), stderr: (err_r, err_w) } = pipes;
+    let Pipes { stdin, stdout: (out_r, out_w), stderr, tty } = pipes;
+    let (err_r, err_w) = match stderr {
+        Some((r, w)) => (Some(r), Some(w)),
+        None => (None, None),
+    };
 
     // SAFETY: sigemptyset initialises the set it is given; a sigset_t is plain bits, and all of
     // them set blocks every signal (musl's sigfillset leaves out its own internal ones).
@@ -185,7 +237,8 @@ pub fn spawn(
         cgroup: cgroup_c.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
         stdin: stdin.as_ref().map_or(-1, |(r, _)| r.as_raw_fd()),
         stdout: out_w.as_raw_fd(),
-        stderr: err_w.as_raw_fd(),
+        stderr: err_w.as_ref().map_or(out_w.as_raw_fd(), |w| w.as_raw_fd()),
+        ctty: tty,
         empty_mask,
         failed: std::sync::atomic::AtomicI32::new(0),
         cgroup_failed: std::sync::atomic::AtomicI32::new(0),
@@ -211,8 +264,13 @@ pub fn spawn(
         pid
     };
     drop(stack);
-    // The child's ends close here; ours stay.
+    // The child's ends close here; ours stay. (A terminal's master reads the end of its
+    // output only once every descriptor of its slave is closed.)
     drop((out_w, err_w));
+    let stdin = stdin.map(|(child_end, ours)| {
+        drop(child_end);
+        ours
+    });
     let cgroup_failed = plan.cgroup_failed.load(std::sync::atomic::Ordering::SeqCst);
     if cgroup_failed != 0 {
         crate::log(&format!(
@@ -226,7 +284,7 @@ pub fn spawn(
         return Err(io::Error::from_raw_os_error(failed));
     }
     let in_cgroup = cgroup.is_some() && cgroup_failed == 0;
-    Ok(Spawned { pid, in_cgroup, stdin: stdin.map(|(_, w)| File::from(w)), stdout: File::from(out_r), stderr: File::from(err_r) })
+    Ok(Spawned { pid, in_cgroup, stdin: stdin.map(File::from), stdout: File::from(out_r), stderr: err_r.map(File::from) })
 }
 
 #[cfg(test)]
@@ -243,7 +301,7 @@ mod tests {
             pipe.write_all(data).unwrap();
         }
         let (mut out, mut err) = (String::new(), String::new());
-        let mut stderr = child.stderr;
+        let mut stderr = child.stderr.unwrap();
         let reader = std::thread::spawn(move || {
             let _ = stderr.read_to_string(&mut err);
             err
@@ -304,6 +362,38 @@ mod tests {
         let (out, _, _, _) = shell("echo ran", &[], "/", None, Some(&dir.join("missing/cgroup.procs")));
         assert_eq!(out, "ran\n");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn on_a_terminal_the_command_has_it_as_its_controlling_terminal_at_the_given_size() {
+        let pipes = Pipes::tty(33, 101).unwrap();
+        let script =
+            "tty; stty size; [ -t 0 ] && [ -t 1 ] && [ -t 2 ] && echo all-three; echo err >&2; read line; echo \"got $line\"; exit 4";
+        let child = spawn("/bin/sh", &["-c", script], &[], "/", pipes, None).unwrap();
+        assert!(child.stderr.is_none());
+        let mut input = child.stdin.unwrap();
+        input.write_all(b"hello\n").unwrap();
+        let mut out = Vec::new();
+        let mut master = child.stdout;
+        // The slave's last descriptor closes with the command: the master then reads EIO.
+        let mut buf = [0u8; 4096];
+        loop {
+            match master.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+        let out = String::from_utf8_lossy(&out).replace("\r\n", "\n");
+        let code = match waitpid(Pid::from_raw(child.pid), None).unwrap() {
+            WaitStatus::Exited(_, code) => code,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(code, 4);
+        // (The terminal echoes input as it arrives: before the command's first line here.)
+        assert!(out.lines().any(|l| l.starts_with("/dev/pts/")), "{out}");
+        assert!(out.contains("33 101\n") && out.contains("all-three\n") && out.contains("err\n"), "{out}");
+        // The terminal echoes the input, and the command read it.
+        assert!(out.contains("hello\n") && out.contains("got hello\n"), "{out}");
     }
 
     #[test]

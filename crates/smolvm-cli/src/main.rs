@@ -145,6 +145,10 @@ struct ExecArgs {
     /// Pass this program's stdin to the command as it comes; else the command reads nothing.
     #[arg(short = 'i', long)]
     stdin: bool,
+    /// Run the command on a terminal (for interactive programs); implies -i. Its output comes
+    /// on stdout alone, as a terminal shows it.
+    #[arg(short = 't', long)]
+    tty: bool,
 }
 
 /// `--channel agent|ssh`: overrides the sandbox's comm_channel for one command.
@@ -220,8 +224,17 @@ enum SandboxCmd {
         #[arg(required = true, num_args = 1.., last = true)]
         command: Vec<String>,
     },
+    /// An interactive shell in the sandbox (or CMD on a terminal there), over the agent; over
+    /// SSH for a sandbox whose comm_channel is ssh. Exits with the shell's code.
+    Shell {
+        name: String,
+        /// KEY=VALUE, or KEY to take the host's value (keeps it off command lines); repeatable.
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        #[arg(num_args = 0.., last = true)]
+        command: Vec<String>,
+    },
     /// Log in over SSH (images with an SSH server), or run CMD there; the host key is pinned.
-    #[command(alias = "shell")]
     Ssh {
         name: String,
         #[arg(num_args = 0.., last = true)]
@@ -549,6 +562,84 @@ fn run_options(exec: &ExecArgs, env: &[String]) -> Result<RunOptions, Error> {
     })
 }
 
+/// Runs a command on a terminal in the guest, ours in raw mode meanwhile (where stdin is one):
+/// keys go to the guest as typed, output comes back as the guest's terminal shows it, and each
+/// change of our window's size follows.
+async fn run_on_terminal(sb: &Sandbox, command: &str, opts: &RunOptions) -> Result<Done, Error> {
+    let (tx, resizes) = tokio::sync::mpsc::unbounded_channel();
+    let size = terminal::size();
+    let _raw = terminal::Raw::enter();
+    // SIGWINCH: the window's new size. (Without a signal handler, sizes stay as they began.)
+    let watch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok().map(|mut sig| {
+        tokio::spawn(async move {
+            while sig.recv().await.is_some() {
+                if tx.send(terminal::size()).is_err() {
+                    break;
+                }
+            }
+        })
+    });
+    let mut out = std::io::stdout();
+    let result = sb
+        .run_interactive(command, opts, Box::new(tokio::io::stdin()), smolvm::Terminal { size, resizes }, |o| {
+            let (Output::Stdout(d) | Output::Stderr(d)) = o;
+            let _ = out.write_all(d).and_then(|_| out.flush());
+        })
+        .await;
+    if let Some(w) = watch {
+        w.abort();
+    }
+    let result = result?;
+    Ok(Done { exit_code: result.exit_code, data: json!({ "exit_code": result.exit_code }), text: None })
+}
+
+/// Our own terminal, for `run_on_terminal`.
+mod terminal {
+    use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg, Termios};
+    use std::io::IsTerminal;
+
+    /// The size of the window stdout (else stdin) shows in; 24x80 where neither is a terminal.
+    pub fn size() -> smolvm::TtySize {
+        for fd in [libc::STDOUT_FILENO, libc::STDIN_FILENO] {
+            // SAFETY: winsize is plain old data; TIOCGWINSZ writes one through the pointer.
+            let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+            // SAFETY: as above; the descriptor is only asked, not changed.
+            if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 && ws.ws_col > 0 {
+                return smolvm::TtySize { rows: ws.ws_row, cols: ws.ws_col };
+            }
+        }
+        smolvm::TtySize { rows: 24, cols: 80 }
+    }
+
+    /// stdin in raw mode (keys pass as typed, Ctrl-C included, to the guest's terminal, which
+    /// does the echo and the line editing) until dropped. Nothing where stdin is no terminal.
+    pub struct Raw(Option<Termios>);
+
+    impl Raw {
+        pub fn enter() -> Raw {
+            let stdin = std::io::stdin();
+            if !stdin.is_terminal() {
+                return Raw(None);
+            }
+            let Ok(saved) = tcgetattr(&stdin) else { return Raw(None) };
+            let mut raw = saved.clone();
+            cfmakeraw(&mut raw);
+            if tcsetattr(&stdin, SetArg::TCSANOW, &raw).is_err() {
+                return Raw(None);
+            }
+            Raw(Some(saved))
+        }
+    }
+
+    impl Drop for Raw {
+        fn drop(&mut self) {
+            if let Some(saved) = &self.0 {
+                let _ = tcsetattr(std::io::stdin(), SetArg::TCSANOW, saved);
+            }
+        }
+    }
+}
+
 /// Runs a command with its output going straight to ours, as it arrives.
 async fn run_streamed(sb: &Sandbox, command: &str, opts: &RunOptions, stdin: bool) -> Result<Done, Error> {
     let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
@@ -833,7 +924,24 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             let opts = run_options(&exec, &env)?;
             let mut sb = Sandbox::open_in(dirs, &name).await?;
             apply_channel(&mut sb, channel.as_deref())?;
+            if exec.tty {
+                return run_on_terminal(&sb, &command_line(&command), &opts).await;
+            }
             run_streamed(&sb, &command_line(&command), &opts, exec.stdin).await
+        }
+        SandboxCmd::Shell { name, env, command } => {
+            let sb = Sandbox::open_in(dirs.clone(), &name).await?;
+            if sb.channel() == smolvm::config::Channel::Ssh {
+                return Box::pin(sandbox_cmd(SandboxCmd::Ssh { name, command }, dirs)).await;
+            }
+            // A login shell, as `ssh` would give: the profile's PATH, prompt and variables. No
+            // timeout: it waits for its user.
+            let (shell, command) = match command.is_empty() {
+                true => (Shell::Raw, "exec \"${SHELL:-/bin/sh}\" -l".to_string()),
+                false => (Shell::Login, command_line(&command)),
+            };
+            let opts = RunOptions { timeout: Duration::ZERO, shell, env: env_flags(&env)?, ..Default::default() };
+            run_on_terminal(&sb, &command, &opts).await
         }
         SandboxCmd::Logs { name, tail, follow } => {
             let sb = Sandbox::open_in(dirs, &name).await?;

@@ -351,8 +351,15 @@ async fn a_client_that_sends_input_past_its_grants_is_cut_off() {
     let env = env();
     let sb = env.boot(VmConfig::default()).await;
     let raw = smolvm::conn::Conn::connect(&sb.paths().ctl).await.unwrap();
-    let exec =
-        ExecRequest { command: "sleep 30".into(), shell: Shell::Raw, env: Default::default(), timeout_ms: 30_000, stdin: true, cwd: None };
+    let exec = ExecRequest {
+        command: "sleep 30".into(),
+        shell: Shell::Raw,
+        env: Default::default(),
+        timeout_ms: 30_000,
+        stdin: true,
+        cwd: None,
+        tty: None,
+    };
     let mut stream = raw.open(&Request::Exec(exec)).await.unwrap();
     // A command that reads nothing grants back little more than its pipe holds.
     for _ in 0..(4 * smolvm_proto::WINDOW / smolvm_proto::CHUNK) {

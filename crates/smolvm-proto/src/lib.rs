@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 /// Bumped whenever a message changes shape; the host refuses an agent of another version
 /// because postcard is not self-describing and a mismatch would decode as garbage.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Name of the virtio-serial port the agent listens on.
 pub const AGENT_PORT_NAME: &str = "smolvm.agent";
@@ -95,6 +95,17 @@ pub struct ExecRequest {
     /// When false stdin is /dev/null; when true the host sends `Stdin` frames and `StdinClose`.
     pub stdin: bool,
     pub cwd: Option<String>,
+    /// Run on a terminal of this size instead of pipes (an interactive shell, `exec -t`): the
+    /// command's stdin, stdout and stderr are one pseudo-terminal, whose output comes back as
+    /// `Stdout` (the terminal merges the two streams); `Resize` changes its size.
+    pub tty: Option<TtySize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,6 +187,8 @@ pub enum Request {
     /// The stream's reader has taken this many more bytes of its output: the sender may have
     /// that many more in flight (see [`WINDOW`]).
     Credit(u32),
+    /// The stream's terminal (`ExecRequest::tty`) has a new size; its programs get `SIGWINCH`.
+    Resize(TtySize),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -392,6 +405,7 @@ mod tests {
             timeout_ms: 5,
             stdin: false,
             cwd: None,
+            tty: Some(TtySize { rows: 24, cols: 80 }),
         });
         let bytes = encode(7, &req).unwrap();
         let len = frame_len(bytes[0..4].try_into().unwrap()).unwrap();

@@ -22,7 +22,7 @@ pub mod warm;
 
 pub use config::{Dirs, VmConfig};
 pub use error::{Error, Result};
-pub use sandbox::{CommandResult, Output, RunOptions, Sandbox};
+pub use sandbox::{CommandResult, Output, RunOptions, Sandbox, Terminal};
 pub use smolvm_proto::env::validate_key as validate_env_key;
-pub use smolvm_proto::Shell;
+pub use smolvm_proto::{Shell, TtySize};
 pub use store::State;

@@ -8,7 +8,7 @@ use crate::image::{self, Progress};
 use crate::store::{ProcId, Record, State, Store};
 use crate::supervisor::{BootSpec, RestoreSpec, StartStatus};
 use serde::Serialize;
-use smolvm_proto::{ErrorKind, ExecRequest, Reply, Request, Shell, SnapshotKind};
+use smolvm_proto::{ErrorKind, ExecRequest, Reply, Request, Shell, SnapshotKind, TtySize};
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::os::unix::fs::DirBuilderExt;
@@ -158,6 +158,12 @@ impl Default for RunOptions {
 
 /// What a command reads on stdin as it comes (a pipe, a socket), for `run_with_input`.
 pub type Input = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+
+/// A command's terminal (`run_interactive`): its size at the start, then each new size.
+pub struct Terminal {
+    pub size: TtySize,
+    pub resizes: tokio::sync::mpsc::UnboundedReceiver<TtySize>,
+}
 
 /// Output as it arrives, for callers that stream it (the CLI).
 pub enum Output<'a> {
@@ -504,6 +510,11 @@ impl Sandbox {
     }
 
     /// Take another channel than the config's for this handle's commands and transfers.
+    /// The channel commands take (the sandbox's comm_channel, unless set for this handle).
+    pub fn channel(&self) -> Channel {
+        self.channel
+    }
+
     pub fn set_channel(&mut self, channel: Channel) {
         self.channel = channel;
     }
@@ -645,7 +656,7 @@ impl Sandbox {
             cwd: None,
             stdin: None,
         };
-        let r = self.run_agent(crate::ssh::SETUP_SCRIPT, &opts, None, |_| {}).await?;
+        let r = self.run_agent(crate::ssh::SETUP_SCRIPT, &opts, None, None, |_| {}).await?;
         let known_hosts = &self.paths.known_hosts;
         match r.exit_code {
             0 => {
@@ -1051,11 +1062,45 @@ impl Sandbox {
         }
         smolvm_proto::env::validate_vars(&opts.env)?;
         match self.channel {
-            Channel::Agent => self.run_agent(command, opts, input, on_output).await,
+            Channel::Agent => self.run_agent(command, opts, input, None, on_output).await,
             Channel::Ssh => {
                 self.conn()?;
                 self.run_ssh(command, opts, input, on_output).await
             }
+        }
+    }
+
+    /// Run a command on a terminal of its own, as an interactive shell wants: its stdin, stdout
+    /// and stderr are one pseudo-terminal in the guest, so its output comes as `Stdout` alone
+    /// (with the terminal's line endings and the echo of what was typed). `input` is what is
+    /// typed, raw; each size on `terminal.resizes` is passed on (the guest's programs get
+    /// SIGWINCH). `opts.timeout` of zero means no limit; `opts.stdin` is not used.
+    pub async fn run_interactive(
+        &self,
+        command: &str,
+        opts: &RunOptions,
+        input: Input,
+        terminal: Terminal,
+        on_output: impl FnMut(Output<'_>),
+    ) -> Result<CommandResult> {
+        if command.trim().is_empty() {
+            return Err(Error::validation("command", "must not be empty"));
+        }
+        if !opts.timeout.is_zero() && opts.timeout < Duration::from_secs(1) {
+            return Err(Error::validation("timeout", "must be at least 1 second, or 0 for none"));
+        }
+        for (what, n) in [("rows", terminal.size.rows), ("cols", terminal.size.cols)] {
+            if n == 0 {
+                return Err(Error::validation(if what == "rows" { "rows" } else { "cols" }, "a terminal has at least one"));
+            }
+        }
+        smolvm_proto::env::validate_vars(&opts.env)?;
+        match self.channel {
+            Channel::Agent => self.run_agent(command, opts, Some(input), Some(terminal), on_output).await,
+            Channel::Ssh => Err(Error::validation(
+                "comm_channel",
+                "a terminal is served over the agent; this sandbox uses SSH (log in with `smolvm sandbox ssh`)",
+            )),
         }
     }
 
@@ -1064,9 +1109,14 @@ impl Sandbox {
         command: &str,
         opts: &RunOptions,
         input: Option<Input>,
+        terminal: Option<Terminal>,
         mut on_output: impl FnMut(Output<'_>),
     ) -> Result<CommandResult> {
         let conn = self.conn()?;
+        let (tty, mut resizes) = match terminal {
+            Some(t) => (Some(t.size), Some(t.resizes)),
+            None => (None, None),
+        };
         let req = ExecRequest {
             command: command.to_string(),
             shell: opts.shell,
@@ -1074,6 +1124,7 @@ impl Sandbox {
             timeout_ms: opts.timeout.as_millis() as u64,
             stdin: input.is_some(),
             cwd: opts.cwd.clone(),
+            tty,
         };
         let mut stream = match conn.open(&Request::Exec(req)).await {
             Ok(s) => s,
@@ -1089,12 +1140,29 @@ impl Sandbox {
         let timeout_err = || Error::Timeout { operation: "run".into(), seconds: opts.timeout.as_secs_f64() };
         // The agent enforces the timeout; this host-side bound catches a guest that cannot.
         // The guest's clock stands still while the VM is paused, so a pause moves the bound.
-        let bound = opts.timeout + Duration::from_secs(5);
+        // (No timeout, no bound: an interactive shell waits for its user.)
+        let bound = if opts.timeout.is_zero() { Duration::from_secs(100 * 365 * 86400) } else { opts.timeout + Duration::from_secs(5) };
         let mut deadline = tokio::time::Instant::now() + bound;
         loop {
-            let reply = match tokio::time::timeout_at(deadline, stream.recv()).await {
-                Ok(Some(r)) => r,
-                Ok(None) => return Err(Error::Guest("the sandbox went away while the command ran".into())),
+            let next = async {
+                loop {
+                    match &mut resizes {
+                        Some(sizes) => tokio::select! {
+                            reply = stream.recv() => return Ok(reply),
+                            size = sizes.recv() => match size {
+                                // (Whole, whatever becomes of this future; in order.)
+                                Some(size) => conn.send_detached(stream.id, Request::Resize(size)).await?,
+                                None => resizes = None,
+                            },
+                        },
+                        None => return Ok::<_, Error>(stream.recv().await),
+                    }
+                }
+            };
+            let reply = match tokio::time::timeout_at(deadline, next).await {
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(Some(r))) => r,
+                Ok(Ok(None)) => return Err(Error::Guest("the sandbox went away while the command ran".into())),
                 Err(_) if self.state().is_ok_and(|s| s == State::Paused) => {
                     deadline = tokio::time::Instant::now() + bound;
                     continue;

@@ -1081,7 +1081,7 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
     let (read, write) = stream.into_split();
     let write = Arc::new(tokio::sync::Mutex::new(write));
     let open: ClientStreams = Default::default();
-    // Input and cancels go to the agent in order on a task of their own: while the agent's
+    // Input, cancels and terminal sizes go to the agent in order on a task of their own: while the agent's
     // writer is held (a paused VM) they wait there, and this client's next requests (a resume)
     // are still read. What waits is bounded by each stream's window: a client sends input only
     // as the agent grants it back, and one that sends more is cut off.
@@ -1149,7 +1149,7 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                     s.window.add_permits((n as usize).min(proto::WINDOW));
                 }
             }
-            Request::Stdin(_) | Request::StdinClose | Request::Cancel => {
+            Request::Stdin(_) | Request::StdinClose | Request::Cancel | Request::Resize(_) => {
                 let found = open.lock().unwrap_or_else(|e| e.into_inner()).get(&cid).map(|s| {
                     // A client that cancels reads no more: its relay must not wait for credit.
                     if matches!(req, Request::Cancel) {

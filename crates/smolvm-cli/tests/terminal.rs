@@ -1,0 +1,177 @@
+//! Interactive terminals on real VMs: `run_interactive`, `smolvm sandbox shell` under a real
+//! host terminal, and `exec -t`.
+
+mod common;
+
+use common::*;
+use smolvm::{Error, RunOptions, Shell, Terminal, TtySize, VmConfig};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+/// Polls `screen` until it holds `text` (20 s at most).
+async fn wait_for(screen: &Mutex<String>, text: &str) {
+    for _ in 0..400 {
+        if screen.lock().unwrap().contains(text) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{text:?} never showed; the screen:\n{}", screen.lock().unwrap());
+}
+
+#[tokio::test]
+async fn a_shell_on_a_terminal_follows_its_size_and_takes_ctrl_c() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    let (mut keys, input) = tokio::io::duplex(4096);
+    let (sizes, resizes) = tokio::sync::mpsc::unbounded_channel();
+    let screen = Arc::new(Mutex::new(String::new()));
+    let opts = RunOptions { timeout: Duration::ZERO, shell: Shell::Raw, ..Default::default() };
+    let terminal = Terminal { size: TtySize { rows: 30, cols: 100 }, resizes };
+    let seen = screen.clone();
+    let run = sb.run_interactive("exec /bin/sh -l", &opts, Box::new(input), terminal, move |o| {
+        let (smolvm::Output::Stdout(d) | smolvm::Output::Stderr(d)) = o;
+        seen.lock().unwrap().push_str(&String::from_utf8_lossy(d));
+    });
+    let drive = async {
+        keys.write_all(b"tty; stty size\n").await.unwrap();
+        wait_for(&screen, "\n30 100").await;
+        sizes.send(TtySize { rows: 40, cols: 120 }).unwrap();
+        // The size and the keys travel separately: ask until the new size shows.
+        for _ in 0..20 {
+            keys.write_all(b"stty size\n").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if screen.lock().unwrap().contains("\n40 120") {
+                break;
+            }
+        }
+        wait_for(&screen, "\n40 120").await;
+        // Ctrl-C reaches the foreground command through the guest's terminal, not the shell.
+        keys.write_all(b"sleep 1000\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        keys.write_all(b"\x03").await.unwrap();
+        keys.write_all(b"echo after-$((6*7)); exit 9\n").await.unwrap();
+    };
+    let (result, ()) = tokio::join!(run, drive);
+    let result = result.unwrap();
+    let screen = screen.lock().unwrap().clone();
+    assert_eq!(result.exit_code, 9, "{screen}");
+    assert_eq!(result.stderr, "", "a terminal carries both streams");
+    assert!(screen.contains("/dev/pts/") && screen.contains("after-42"), "{screen}");
+    assert!(screen.contains("\r\n"), "the terminal's line endings: {screen:?}");
+    let left = sb.run("ps -o args | grep -c '^sleep 1000' || true", &RunOptions::default()).await.unwrap();
+    assert_eq!(left.stdout.trim(), "0", "the interrupted command is gone");
+
+    // Bad terminals and timeouts name what is allowed.
+    let bad = |size: TtySize, timeout: Duration| {
+        let sb = &sb;
+        async move {
+            let (_, resizes) = tokio::sync::mpsc::unbounded_channel();
+            let opts = RunOptions { timeout, ..Default::default() };
+            sb.run_interactive("true", &opts, Box::new(tokio::io::empty()), Terminal { size, resizes }, |_| {}).await
+        }
+    };
+    let err = bad(TtySize { rows: 0, cols: 80 }, Duration::ZERO).await.unwrap_err();
+    assert!(matches!(err, Error::Validation { field: "rows", .. }), "{err}");
+    let err = bad(TtySize { rows: 24, cols: 80 }, Duration::from_millis(500)).await.unwrap_err();
+    assert_eq!(err.to_string(), "invalid timeout: must be at least 1 second, or 0 for none");
+    // A timeout holds on a terminal too.
+    let (_, resizes) = tokio::sync::mpsc::unbounded_channel();
+    let opts = RunOptions { timeout: Duration::from_secs(2), ..Default::default() };
+    let size = TtySize { rows: 24, cols: 80 };
+    let err = sb.run_interactive("sleep 100", &opts, Box::new(tokio::io::empty()), Terminal { size, resizes }, |_| {}).await.unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    sb.delete().await.unwrap();
+}
+
+fn set_size(fd: &impl AsRawFd, rows: u16, cols: u16) {
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one winsize through the pointer, valid for the call.
+    assert_eq!(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) }, 0);
+}
+
+#[test]
+fn sandbox_shell_runs_under_a_real_terminal_and_gives_it_back_as_it_was() {
+    let env = env();
+    let created = env.smolvm(&["sandbox", "create", "--name", "term"]);
+    assert!(created.status.success(), "{}", stderr(&created));
+
+    // `exec -t` with no terminal of ours: the guest's terminal all the same.
+    let out = env.cli().args(["sandbox", "exec", "-t", "term", "--", "tty; echo err >&2; exit 4"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("/dev/pts/") && stdout(&out).contains("err\r\n"), "{:?}", stdout(&out));
+
+    // A shell fed from a pipe: typed in, as on a terminal.
+    let mut piped = env
+        .cli()
+        .args(["sandbox", "shell", "term"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    piped.stdin.take().unwrap().write_all(b"echo piped-$((2+3)); exit 6\n").unwrap();
+    let out = piped.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(6), "{}", stdout(&out));
+    assert!(stdout(&out).contains("\r\npiped-5\r\n"), "{:?}", stdout(&out));
+
+    let pty = nix::pty::openpty(None, None).unwrap();
+    set_size(&pty.master, 30, 100);
+    let before = nix::sys::termios::tcgetattr(&pty.slave).unwrap();
+    let fd = |f: &std::os::fd::OwnedFd| std::process::Stdio::from(f.try_clone().unwrap());
+    let mut cmd = env.cli();
+    cmd.args(["sandbox", "shell", "term"]).stdin(fd(&pty.slave)).stdout(fd(&pty.slave)).stderr(fd(&pty.slave));
+    // SAFETY: between fork and exec only async-signal-safe calls: a new session whose
+    // controlling terminal is the pty (stdin), as a login on that terminal would have.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    // (Our copies of the slave go: the master reads its end once the shell's are closed too.)
+    drop(cmd);
+    let screen = Arc::new(Mutex::new(String::new()));
+    let mut master = std::fs::File::from(pty.master.try_clone().unwrap());
+    let reader = {
+        let (screen, mut master) = (screen.clone(), std::fs::File::from(pty.master.try_clone().unwrap()));
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // EIO once the child and we have closed every slave descriptor.
+            while let Ok(n @ 1..) = master.read(&mut buf) {
+                screen.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let shows = |text: &str| wait_until(Duration::from_secs(30), || screen.lock().unwrap().contains(text));
+    // The login shell's prompt (the profile's PS1: host, directory).
+    assert!(shows("term:~# "), "{}", screen.lock().unwrap());
+    // Keys go raw: the guest's terminal echoes them and ends lines with CR LF.
+    master.write_all(b"stty size\r").unwrap();
+    assert!(shows("stty size\r\n30 100\r\n"), "{:?}", screen.lock().unwrap());
+    set_size(&pty.master, 40, 120);
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let _ = master.write_all(b"stty size\r");
+            std::thread::sleep(Duration::from_millis(300));
+            screen.lock().unwrap().contains("\r\n40 120\r\n")
+        }),
+        "the new window size never reached the guest: {:?}",
+        screen.lock().unwrap()
+    );
+    master.write_all(b"exit 5\r").unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(5), "{}", screen.lock().unwrap());
+    let after = nix::sys::termios::tcgetattr(&pty.slave).unwrap();
+    assert_eq!((after.local_flags, after.input_flags, after.output_flags), (before.local_flags, before.input_flags, before.output_flags));
+    drop(pty);
+    let _ = reader.join();
+    assert!(env.smolvm(&["sandbox", "delete", "--force", "term"]).status.success());
+    assert!(env.qemu_processes().is_empty());
+}
