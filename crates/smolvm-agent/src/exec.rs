@@ -31,6 +31,8 @@ struct Running {
     cancelled: bool,
     /// The terminal's master, for `Resize` (commands run on a terminal).
     tty: Option<File>,
+    /// A size that came before the terminal was there, for it to take.
+    resized: Option<smolvm_proto::TtySize>,
 }
 
 fn running() -> MutexGuard<'static, HashMap<u32, Running>> {
@@ -58,7 +60,10 @@ pub fn start(stream: u32, req: ExecRequest, w: Writer) {
     };
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let token = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    running().insert(stream, Running { token, pgid: None, exited: false, in_cgroup: false, stdin: tx, cancelled: false, tty: None });
+    running().insert(
+        stream,
+        Running { token, pgid: None, exited: false, in_cgroup: false, stdin: tx, cancelled: false, tty: None, resized: None },
+    );
     let window = crate::flow::open(stream);
     let (w2, window2) = (w.clone(), window.clone());
     let started = crate::workers::run(Box::new(move || {
@@ -186,6 +191,9 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
         Some(r) if r.token == token => {
             r.pgid = Some(pgid);
             r.tty = tty;
+            if let (Some(tty), Some(size)) = (&r.tty, r.resized.take()) {
+                let _ = crate::spawn::resize(tty, size.rows, size.cols);
+            }
             r.in_cgroup = child.in_cgroup;
             if r.cancelled {
                 kill_all(pgid, token, false);
@@ -198,7 +206,8 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
     }
     let outputs = [Some(child.stdout), child.stderr];
     let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms));
-    let (code, timed_out) = pump(Output { stream, w: &w, window }, outputs, exit, timeout, pgid, token, child.in_cgroup);
+    let (code, timed_out) =
+        pump(Output { stream, w: &w, window, tty: req.tty.is_some() }, outputs, exit, timeout, pgid, token, child.in_cgroup);
     ended.store(true, Ordering::SeqCst);
     // A new host's command may have this stream id by now (a restored snapshot): only this
     // command's own entry goes.
@@ -248,6 +257,9 @@ struct Output<'a> {
     stream: u32,
     w: &'a Writer,
     window: &'a Window,
+    /// The output is a terminal's: once the command has exited, what its background jobs
+    /// write there does not keep the exec open (as a terminal session ends with its shell).
+    tty: bool,
 }
 
 /// Forward the command's output as it comes, on this one thread (a thread per pipe costs
@@ -286,7 +298,8 @@ fn pump(
         if out.window.is_full() {
             match out.window.take(0, deadline) {
                 // The pipes may have been full all along: quiet counts from now.
-                Room::Open => last = Instant::now(),
+                Room::Open if code.is_none() || !out.tty => last = Instant::now(),
+                Room::Open => {}
                 Room::Closed => {}
                 Room::Deadline => {
                     kill(code);
@@ -328,8 +341,12 @@ fn pump(
                         let data = buf[..n].to_vec();
                         out.window.send(out.w, out.stream, &if is_stdout { Reply::Stdout(data) } else { Reply::Stderr(data) });
                         // Quiet counts from after the send, which can block: else output already
-                        // waiting in the pipe could be left behind.
-                        last = Instant::now();
+                        // waiting in the pipe could be left behind. (On a terminal it counts
+                        // from the exit: a background job that keeps writing there would
+                        // otherwise hold an exec without a timeout open for good.)
+                        if code.is_none() || !out.tty {
+                            last = Instant::now();
+                        }
                     }
                 }
             }
@@ -437,8 +454,14 @@ pub fn stdin(stream: u32, data: Option<Vec<u8>>) {
 
 /// The command's terminal has a new size (nothing for a command on pipes).
 pub fn resize(stream: u32, size: smolvm_proto::TtySize) {
-    if let Some(tty) = running().get(&stream).and_then(|r| r.tty.as_ref()) {
-        let _ = crate::spawn::resize(tty, size.rows, size.cols);
+    let mut running = running();
+    let Some(r) = running.get_mut(&stream) else { return };
+    match &r.tty {
+        Some(tty) => {
+            let _ = crate::spawn::resize(tty, size.rows, size.cols);
+        }
+        // Still starting (waiting for the boot's set-up, say): the terminal takes it when made.
+        None => r.resized = Some(size),
     }
 }
 

@@ -136,9 +136,9 @@ struct VmArgs {
 
 #[derive(Args, Clone)]
 struct ExecArgs {
-    /// Seconds before the command's whole process group is killed.
-    #[arg(long, default_value_t = 30.0)]
-    timeout: f64,
+    /// Seconds before the command's whole process group is killed (default 30; with -t, none).
+    #[arg(long)]
+    timeout: Option<f64>,
     /// login ($SHELL -lc, sources /etc/profile.d) or raw (/bin/sh -c).
     #[arg(long, default_value = "login", value_parser = ["login", "raw"])]
     shell: String,
@@ -553,7 +553,12 @@ fn parse_publish(spec: &str) -> Result<smolvm::config::PortForward, Error> {
 
 fn run_options(exec: &ExecArgs, env: &[String]) -> Result<RunOptions, Error> {
     Ok(RunOptions {
-        timeout: secs(exec.timeout, "timeout")?,
+        // A terminal's program waits for its user (an editor, a shell): no default limit.
+        timeout: match exec.timeout {
+            Some(t) => secs(t, "timeout")?,
+            None if exec.tty => Duration::ZERO,
+            None => Duration::from_secs(30),
+        },
         shell: if exec.shell == "raw" { Shell::Raw } else { Shell::Login },
         env: env_flags(env)?,
         cwd: None,
@@ -566,11 +571,11 @@ fn run_options(exec: &ExecArgs, env: &[String]) -> Result<RunOptions, Error> {
 /// keys go to the guest as typed, output comes back as the guest's terminal shows it, and each
 /// change of our window's size follows.
 async fn run_on_terminal(sb: &Sandbox, command: &str, opts: &RunOptions) -> Result<Done, Error> {
+    use tokio::signal::unix::{signal, SignalKind};
     let (tx, resizes) = tokio::sync::mpsc::unbounded_channel();
-    let size = terminal::size();
-    let _raw = terminal::Raw::enter();
-    // SIGWINCH: the window's new size. (Without a signal handler, sizes stay as they began.)
-    let watch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok().map(|mut sig| {
+    // SIGWINCH: the window's new size. Watched before the first size is read, so that no change
+    // falls between the two. (Without a signal handler, sizes stay as they began.)
+    let watch = signal(SignalKind::window_change()).ok().map(|mut sig| {
         tokio::spawn(async move {
             while sig.recv().await.is_some() {
                 if tx.send(terminal::size()).is_err() {
@@ -579,9 +584,28 @@ async fn run_on_terminal(sb: &Sandbox, command: &str, opts: &RunOptions) -> Resu
             }
         })
     });
+    let size = terminal::size();
+    // The guest's programs draw for the terminal this one is (as ssh passes it on).
+    let mut opts = opts.clone();
+    if let Ok(term) = std::env::var("TERM") {
+        opts.env.entry("TERM".into()).or_insert(term);
+    }
+    let _raw = terminal::Raw::enter();
+    // Killed or hung up while raw, the terminal is given back first. (Ending this process ends
+    // the command: the supervisor cancels what a departed client started.)
+    for (kind, code) in [(SignalKind::terminate(), 143), (SignalKind::hangup(), 129)] {
+        if let Ok(mut sig) = signal(kind) {
+            tokio::spawn(async move {
+                if sig.recv().await.is_some() {
+                    terminal::restore();
+                    std::process::exit(code);
+                }
+            });
+        }
+    }
     let mut out = std::io::stdout();
     let result = sb
-        .run_interactive(command, opts, Box::new(tokio::io::stdin()), smolvm::Terminal { size, resizes }, |o| {
+        .run_interactive(command, &opts, Box::new(tokio::io::stdin()), smolvm::Terminal { size, resizes }, |o| {
             let (Output::Stdout(d) | Output::Stderr(d)) = o;
             let _ = out.write_all(d).and_then(|_| out.flush());
         })
@@ -591,6 +615,13 @@ async fn run_on_terminal(sb: &Sandbox, command: &str, opts: &RunOptions) -> Resu
     }
     let result = result?;
     Ok(Done { exit_code: result.exit_code, data: json!({ "exit_code": result.exit_code }), text: None })
+}
+
+/// Hands this process over to ssh into the sandbox: its exit code is ours.
+fn ssh_session(sb: &Sandbox, remote: Option<&str>, tty: bool) -> Result<Done, Error> {
+    let ep = sb.ssh_endpoint()?;
+    let err = std::os::unix::process::CommandExt::exec(&mut ep.ssh(remote, tty));
+    Err(Error::Host(format!("running ssh (openssh-client): {err}")))
 }
 
 /// Our own terminal, for `run_on_terminal`.
@@ -611,31 +642,47 @@ mod terminal {
         smolvm::TtySize { rows: 24, cols: 80 }
     }
 
+    /// The settings to give back, while the terminal is raw.
+    static SAVED: std::sync::Mutex<Option<Termios>> = std::sync::Mutex::new(None);
+
     /// stdin in raw mode (keys pass as typed, Ctrl-C included, to the guest's terminal, which
-    /// does the echo and the line editing) until dropped. Nothing where stdin is no terminal.
-    pub struct Raw(Option<Termios>);
+    /// does the echo and the line editing) until dropped, or until `restore` (signals) or a
+    /// panic (release builds abort, and an abort runs no destructor). Nothing where stdin is
+    /// no terminal.
+    pub struct Raw(());
 
     impl Raw {
         pub fn enter() -> Raw {
             let stdin = std::io::stdin();
             if !stdin.is_terminal() {
-                return Raw(None);
+                return Raw(());
             }
-            let Ok(saved) = tcgetattr(&stdin) else { return Raw(None) };
+            let Ok(saved) = tcgetattr(&stdin) else { return Raw(()) };
             let mut raw = saved.clone();
             cfmakeraw(&mut raw);
+            *SAVED.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+            let hook = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                restore();
+                hook(info);
+            }));
             if tcsetattr(&stdin, SetArg::TCSANOW, &raw).is_err() {
-                return Raw(None);
+                restore();
             }
-            Raw(Some(saved))
+            Raw(())
+        }
+    }
+
+    /// The terminal as it was before `Raw::enter`, if it is raw now.
+    pub fn restore() {
+        if let Some(saved) = SAVED.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = tcsetattr(std::io::stdin(), SetArg::TCSANOW, &saved);
         }
     }
 
     impl Drop for Raw {
         fn drop(&mut self) {
-            if let Some(saved) = &self.0 {
-                let _ = tcsetattr(std::io::stdin(), SetArg::TCSANOW, saved);
-            }
+            restore();
         }
     }
 }
@@ -670,7 +717,10 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
                 if smolvm::config::env_flag("SMOLVM_VERBOSE_BOOT", false) {
                     eprint!("{}", std::fs::read_to_string(&sb.paths().console).unwrap_or_default());
                 }
-                run_streamed(&sb, &command_line(&command), &opts, exec.stdin).await
+                match exec.tty {
+                    true => run_on_terminal(&sb, &command_line(&command), &opts).await,
+                    false => run_streamed(&sb, &command_line(&command), &opts, exec.stdin).await,
+                }
             }
             .await;
             let _ = sb.delete().await;
@@ -849,12 +899,9 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
     match cmd {
         SandboxCmd::Ssh { name, command } => {
             let sb = Sandbox::open_in(dirs, &name).await?;
-            let ep = sb.ssh_endpoint()?;
             let remote = (!command.is_empty()).then(|| command_line(&command));
             let tty = remote.is_none() && std::io::IsTerminal::is_terminal(&std::io::stdin());
-            // Hand the terminal over to ssh: its exit code is ours.
-            let err = std::os::unix::process::CommandExt::exec(&mut ep.ssh(remote.as_deref(), tty));
-            Err(Error::Host(format!("running ssh (openssh-client): {err}")))
+            ssh_session(&sb, remote.as_deref(), tty)
         }
         SandboxCmd::WaitSsh { name, timeout } => {
             let sb = Sandbox::open_in(dirs, &name).await?;
@@ -932,7 +979,15 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
         SandboxCmd::Shell { name, env, command } => {
             let sb = Sandbox::open_in(dirs.clone(), &name).await?;
             if sb.channel() == smolvm::config::Channel::Ssh {
-                return Box::pin(sandbox_cmd(SandboxCmd::Ssh { name, command }, dirs)).await;
+                if !env.is_empty() {
+                    return Err(Error::validation(
+                        "env",
+                        "is not passed over SSH (this sandbox's comm_channel); set it with `smolvm sandbox env set`",
+                    ));
+                }
+                // A terminal over SSH too, where we have one.
+                let remote = (!command.is_empty()).then(|| command_line(&command));
+                return ssh_session(&sb, remote.as_deref(), std::io::IsTerminal::is_terminal(&std::io::stdin()));
             }
             // A login shell, as `ssh` would give: the profile's PATH, prompt and variables. No
             // timeout: it waits for its user.

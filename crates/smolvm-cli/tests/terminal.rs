@@ -51,12 +51,15 @@ async fn a_shell_on_a_terminal_follows_its_size_and_takes_ctrl_c() {
         }
         wait_for(&screen, "\n40 120").await;
         // Ctrl-C reaches the foreground command through the guest's terminal, not the shell.
-        keys.write_all(b"sleep 1000\n").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        // (The marker's quotes keep the echo of the typed line from passing for it.)
+        keys.write_all(b"echo ar''med; sleep 1000\n").await.unwrap();
+        wait_for(&screen, "\narmed").await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
         keys.write_all(b"\x03").await.unwrap();
         keys.write_all(b"echo after-$((6*7)); exit 9\n").await.unwrap();
     };
-    let (result, ()) = tokio::join!(run, drive);
+    // (Bounded: a failure here must not wait for a shell that never ends.)
+    let (result, ()) = tokio::time::timeout(Duration::from_secs(120), async { tokio::join!(run, drive) }).await.expect("the shell ended");
     let result = result.unwrap();
     let screen = screen.lock().unwrap().clone();
     assert_eq!(result.exit_code, 9, "{screen}");
@@ -76,9 +79,24 @@ async fn a_shell_on_a_terminal_follows_its_size_and_takes_ctrl_c() {
         }
     };
     let err = bad(TtySize { rows: 0, cols: 80 }, Duration::ZERO).await.unwrap_err();
-    assert!(matches!(err, Error::Validation { field: "rows", .. }), "{err}");
+    assert_eq!(err.to_string(), "invalid rows: must be at least 1");
     let err = bad(TtySize { rows: 24, cols: 80 }, Duration::from_millis(500)).await.unwrap_err();
     assert_eq!(err.to_string(), "invalid timeout: must be at least 1 second, or 0 for none");
+    // A background job that goes on writing to the terminal does not keep the command open
+    // once its shell has exited (there is no timeout to end it). It ignores the hangup the
+    // kernel sends as the terminal's session leader exits, as `nohup` would have it.
+    let (_, resizes) = tokio::sync::mpsc::unbounded_channel();
+    let opts = RunOptions { timeout: Duration::ZERO, ..Default::default() };
+    let size = TtySize { rows: 24, cols: 80 };
+    let chatty = sb.run_interactive(
+        "trap '' HUP; (while :; do echo x; sleep 0.02; done) & sleep 0.3; exit 2",
+        &opts,
+        Box::new(tokio::io::empty()),
+        Terminal { size, resizes },
+        |_| {},
+    );
+    let r = tokio::time::timeout(Duration::from_secs(60), chatty).await.expect("the command ended with its shell").unwrap();
+    assert_eq!(r.exit_code, 2);
     // A timeout holds on a terminal too.
     let (_, resizes) = tokio::sync::mpsc::unbounded_channel();
     let opts = RunOptions { timeout: Duration::from_secs(2), ..Default::default() };
@@ -86,6 +104,19 @@ async fn a_shell_on_a_terminal_follows_its_size_and_takes_ctrl_c() {
     let err = sb.run_interactive("sleep 100", &opts, Box::new(tokio::io::empty()), Terminal { size, resizes }, |_| {}).await.unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err}");
     sb.delete().await.unwrap();
+}
+
+/// A child's output once it has exited (killed past 60 s, so a failure cannot hang the run).
+fn wait_bounded(mut child: std::process::Child) -> std::process::Output {
+    let pid = child.id() as i32;
+    let ended = wait_until(Duration::from_secs(60), || child.try_wait().unwrap().is_some());
+    if !ended {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(ended, "the command did not end: {:?}", String::from_utf8_lossy(&out.stdout));
+    out
 }
 
 fn set_size(fd: &impl AsRawFd, rows: u16, cols: u16) {
@@ -100,6 +131,9 @@ fn sandbox_shell_runs_under_a_real_terminal_and_gives_it_back_as_it_was() {
     let created = env.smolvm(&["sandbox", "create", "--name", "term"]);
     assert!(created.status.success(), "{}", stderr(&created));
 
+    let out = env.cli().args(["run", "-t", "tty; exit 3"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("/dev/pts/"), "{:?}", stdout(&out));
     // `exec -t` with no terminal of ours: the guest's terminal all the same.
     let out = env.cli().args(["sandbox", "exec", "-t", "term", "--", "tty; echo err >&2; exit 4"]).output().unwrap();
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
@@ -114,7 +148,7 @@ fn sandbox_shell_runs_under_a_real_terminal_and_gives_it_back_as_it_was() {
         .spawn()
         .unwrap();
     piped.stdin.take().unwrap().write_all(b"echo piped-$((2+3)); exit 6\n").unwrap();
-    let out = piped.wait_with_output().unwrap();
+    let out = wait_bounded(piped);
     assert_eq!(out.status.code(), Some(6), "{}", stdout(&out));
     assert!(stdout(&out).contains("\r\npiped-5\r\n"), "{:?}", stdout(&out));
 
@@ -166,6 +200,7 @@ fn sandbox_shell_runs_under_a_real_terminal_and_gives_it_back_as_it_was() {
         screen.lock().unwrap()
     );
     master.write_all(b"exit 5\r").unwrap();
+    assert!(wait_until(Duration::from_secs(60), || child.try_wait().unwrap().is_some()), "the shell did not end");
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(5), "{}", screen.lock().unwrap());
     let after = nix::sys::termios::tcgetattr(&pty.slave).unwrap();

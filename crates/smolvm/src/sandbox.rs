@@ -509,12 +509,12 @@ impl Sandbox {
         &self.id
     }
 
-    /// Take another channel than the config's for this handle's commands and transfers.
     /// The channel commands take (the sandbox's comm_channel, unless set for this handle).
     pub fn channel(&self) -> Channel {
         self.channel
     }
 
+    /// Take another channel than the config's for this handle's commands and transfers.
     pub fn set_channel(&mut self, channel: Channel) {
         self.channel = channel;
     }
@@ -1089,9 +1089,9 @@ impl Sandbox {
         if !opts.timeout.is_zero() && opts.timeout < Duration::from_secs(1) {
             return Err(Error::validation("timeout", "must be at least 1 second, or 0 for none"));
         }
-        for (what, n) in [("rows", terminal.size.rows), ("cols", terminal.size.cols)] {
+        for (field, n) in [("rows", terminal.size.rows), ("cols", terminal.size.cols)] {
             if n == 0 {
-                return Err(Error::validation(if what == "rows" { "rows" } else { "cols" }, "a terminal has at least one"));
+                return Err(Error::validation(field, "must be at least 1"));
             }
         }
         smolvm_proto::env::validate_vars(&opts.env)?;
@@ -1099,7 +1099,7 @@ impl Sandbox {
             Channel::Agent => self.run_agent(command, opts, Some(input), Some(terminal), on_output).await,
             Channel::Ssh => Err(Error::validation(
                 "comm_channel",
-                "a terminal is served over the agent; this sandbox uses SSH (log in with `smolvm sandbox ssh`)",
+                "must be agent for a terminal (over SSH, log in with `smolvm sandbox ssh`, or run with `--channel agent`)",
             )),
         }
     }
