@@ -33,6 +33,11 @@ impl Cmdline {
         }
     }
 
+    /// The host's shared directories (`smolvm_mounts=`; see the host's `SharedDir`).
+    pub fn mounts(&self) -> Vec<SharedDir> {
+        self.get("smolvm_mounts").map(|v| SharedDir::parse_all(&v)).unwrap_or_default()
+    }
+
     /// The guest's network (`smolvm_net=`), if the host gave one.
     pub fn net(&self) -> Option<smolvm_proto::NetConfig> {
         self.get("smolvm_net").and_then(|v| smolvm_proto::NetConfig::from_boot_arg(&v))
@@ -40,6 +45,44 @@ impl Cmdline {
 
     pub fn flag(&self, key: &str) -> bool {
         matches!(self, Cmdline::Words(w) if w.iter().any(|w| w == key)) || self.get(key).as_deref() == Some("1")
+    }
+}
+
+/// A host directory to mount over 9p: its device tag, where, and whether read-only.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SharedDir {
+    tag: String,
+    path: String,
+    readonly: bool,
+}
+
+impl SharedDir {
+    /// `tag:hex path:ro|rw,...`; entries that do not read so are left out (and logged).
+    fn parse_all(arg: &str) -> Vec<SharedDir> {
+        let one = |entry: &str| -> Option<SharedDir> {
+            let mut parts = entry.split(':');
+            let (tag, hex, mode) = (parts.next()?, parts.next()?, parts.next()?);
+            let bytes = (0..hex.len())
+                .step_by(2)
+                .map(|i| hex.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+                .collect::<Option<Vec<u8>>>()?;
+            let path = String::from_utf8(bytes).ok().filter(|p| p.starts_with('/'))?;
+            let readonly = match mode {
+                "ro" => true,
+                "rw" => false,
+                _ => return None,
+            };
+            (parts.next().is_none() && !tag.is_empty()).then(|| SharedDir { tag: tag.to_string(), path, readonly })
+        };
+        arg.split(',')
+            .filter_map(|e| {
+                let m = one(e);
+                if m.is_none() {
+                    crate::log(&format!("ignoring a shared directory the host described as {e:?}"));
+                }
+                m
+            })
+            .collect()
     }
 }
 
@@ -72,7 +115,7 @@ pub fn start() -> Cmdline {
     // A root disk moves /proc and /sys along when it becomes `/`, and its resolv.conf is
     // written after the switch: there the set-up runs in `setup`.
     if cmdline.get("smolvm_root").is_none() {
-        spawn_setup(cmdline.net(), true);
+        spawn_setup(cmdline.net(), true, cmdline.mounts());
     }
     cmdline
 }
@@ -80,9 +123,16 @@ pub fn start() -> Cmdline {
 /// The set-up that commands wait for (`pending::wait`) and the agent does not, on a thread of
 /// its own: the NIC, /proc and /sys (`proc_sys`: a root disk brings its own along), cgroup2 and
 /// the loopback device.
-fn spawn_setup(net: Option<smolvm_proto::NetConfig>, proc_sys: bool) {
+fn spawn_setup(net: Option<smolvm_proto::NetConfig>, proc_sys: bool, mounts: Vec<SharedDir>) {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     crate::pending::spawn(move || {
+        // Commands wait for these: a command that finds its workspace empty would be wrong.
+        for m in &mounts {
+            let flags = if m.readonly { MsFlags::MS_RDONLY } else { MsFlags::empty() };
+            if let Err(e) = mount_fs(&m.tag, &m.path, "9p", flags, Some("trans=virtio,version=9p2000.L,msize=524288")) {
+                crate::log(&format!("sharing {}: {e}", m.tag));
+            }
+        }
         if let Some(cfg) = net {
             crate::net::configure_now(&cfg);
         }
@@ -122,7 +172,7 @@ pub fn setup(cmdline: &Cmdline) -> io::Result<()> {
     set_hostname(&cmdline.get("smolvm_hostname").unwrap_or_else(|| "smolvm".into()));
     if root_disk {
         // After the switch, so that resolv.conf is written into the root disk.
-        spawn_setup(cmdline.net(), false);
+        spawn_setup(cmdline.net(), false, cmdline.mounts());
     }
     Ok(())
 }
@@ -245,4 +295,26 @@ pub fn power_off() -> ! {
     let _ = mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None::<&str>);
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
     std::process::exit(0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_directories_read_as_the_host_writes_them() {
+        // "/workspace/a b" and "/mnt/c", as the host's SharedDir::boot_arg writes them.
+        let got = SharedDir::parse_all("smolvm0:2f776f726b73706163652f612062:ro,smolvm1:2f6d6e742f63:rw");
+        assert_eq!(
+            got,
+            vec![
+                SharedDir { tag: "smolvm0".into(), path: "/workspace/a b".into(), readonly: true },
+                SharedDir { tag: "smolvm1".into(), path: "/mnt/c".into(), readonly: false },
+            ]
+        );
+        // Odd hex, a relative path, an unknown mode, extra fields: left out.
+        for bad in ["smolvm0:2f6:ro", "smolvm0:61:ro", "smolvm0:2f61:rx", "smolvm0:2f61:ro:x", ":2f61:ro"] {
+            assert_eq!(SharedDir::parse_all(bad), vec![], "{bad}");
+        }
+    }
 }

@@ -111,10 +111,11 @@ struct VmArgs {
     /// Seconds to wait for the VM to boot.
     #[arg(long, default_value_t = DEFAULT_BOOT_TIMEOUT.as_secs_f64())]
     boot_timeout: f64,
-    /// HOST[:GUEST] directory to share into the sandbox (not supported by this build yet).
+    /// HOST[:GUEST]: a host directory seen in the sandbox at GUEST (default
+    /// /workspace/<its name>), read-only unless --writable-mounts; repeatable.
     #[arg(long = "mount")]
     mounts: Vec<String>,
-    /// Share mounts read-write (not supported by this build yet).
+    /// Let the sandbox write to its mounts (the host's files change).
     #[arg(long = "writable-mounts")]
     writable_mounts: bool,
     /// nat | user | none (default: nat where root and /dev/net/tun allow, else user).
@@ -482,14 +483,19 @@ fn progress(line: &str) {
 }
 
 fn vm_config(vm: &VmArgs, name: Option<String>) -> Result<VmConfig, Error> {
-    // As the Python API answers `mounts=`: named in the documented interface, not built yet.
-    if !vm.mounts.is_empty() {
-        return Err(Error::validation("mounts", "not supported by this build yet"));
-    }
-    if vm.writable_mounts {
-        return Err(Error::validation("writable_mounts", "not supported by this build yet"));
-    }
+    // A relative host directory is taken from here, as a shell user means it.
+    let mounts = vm
+        .mounts
+        .iter()
+        .map(|m| {
+            let mut m = smolvm::config::Mount::parse(m)?;
+            m.host = std::path::absolute(&m.host).map_err(|e| Error::validation("mounts", format!("{}: {e}", m.host.display())))?;
+            Ok(m)
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
     Ok(VmConfig {
+        workspace_mounts: mounts,
+        writable_mounts: vm.writable_mounts,
         vm_id: name,
         vcpu_count: vm.cpus,
         memory: vm.memory,

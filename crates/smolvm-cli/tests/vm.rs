@@ -474,9 +474,11 @@ fn bad_input_names_the_field_and_leaves_nothing() {
         (vec!["run", "--backend", "xen", "true"], "backend"),
         (vec!["sandbox", "create", "--name", "Bad_ID!"], "vm_id"),
         (vec!["run", "--kernel", "/nonexistent/vmlinux", "true"], "kernel_path"),
-        // Documented flags that are not built yet say so, instead of being unknown arguments.
-        (vec!["sandbox", "create", "--mount", "/tmp:/mnt"], "mounts"),
+        (vec!["sandbox", "create", "--mount", "/nonexistent/dir"], "mounts"),
+        (vec!["sandbox", "create", "--mount", "/tmp:/etc/tmp"], "mounts"),
+        (vec!["sandbox", "create", "--mount", "/tmp:relative"], "mounts"),
         (vec!["sandbox", "create", "--writable-mounts"], "writable_mounts"),
+        // Documented commands that are not built yet say so, instead of being unknown.
         (vec!["image", "pull", "debian-ssh"], "image"),
     ] {
         let out = env.smolvm(&args);

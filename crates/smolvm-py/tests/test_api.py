@@ -334,3 +334,19 @@ def test_ports_and_internet_settings(no_leftovers):
         vm.unexpose_local(8000)
         with pytest.raises(ValidationError, match="not exposed"):
             vm.unexpose_local(8000)
+
+
+def test_mounts_share_host_directories(tmp_path):
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "notes.txt").write_text("from the host\n")
+    with pytest.raises(ValidationError, match=r"^invalid mounts: /nonexistent/dir is not an existing directory"):
+        VMConfig(workspace_mounts=["/nonexistent/dir"])
+    with pytest.raises(ValidationError, match="writable_mounts"):
+        SmolVM(writable_mounts=True)
+    # Read-only by default, at /workspace/<name>; writable when asked, at the given path.
+    with SmolVM(mounts=[tmp_path / "proj"]) as vm:
+        assert vm.run("cat /workspace/proj/notes.txt").output == "from the host"
+        assert not vm.run("echo x > /workspace/proj/new").ok
+    with SmolVM(mounts=[f"{tmp_path / 'proj'}:/mnt/p"], writable_mounts=True) as vm:
+        assert vm.run("echo from-guest > /mnt/p/new && cat /mnt/p/notes.txt").output == "from the host"
+    assert (tmp_path / "proj" / "new").read_text() == "from-guest\n"

@@ -41,6 +41,7 @@ async fn bare_boot(dirs: &Dirs, image: &BootImage, dir: &std::path::Path, accel:
         vsock: None,
         machine,
         tsc_khz: (accel == vmm::Accel::Tcg).then(|| vmm::host_tsc_khz(&dirs.images)).flatten(),
+        mounts: vec![],
     };
     let started = Instant::now();
     let mut child = qemu::spawn(&spec, &dir.join("bare.log"))?;

@@ -45,6 +45,89 @@ pub struct VmConfig {
     pub comm_channel: Option<String>,
     /// An OpenSSH public key allowed to log in as root, beside smolvm's own per-user key.
     pub ssh_public_key: Option<String>,
+    /// Host directories shared into the guest (9p), read-only unless `writable_mounts`.
+    pub workspace_mounts: Vec<Mount>,
+    pub writable_mounts: bool,
+}
+
+/// A host directory seen in the guest at `guest` (default `/workspace/<its name>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mount {
+    pub host: PathBuf,
+    #[serde(default)]
+    pub guest: Option<String>,
+}
+
+/// At most this many mounts per sandbox (one virtio device each).
+pub const MAX_MOUNTS: usize = 8;
+
+/// Guest directories a mount may not cover or sit in: the system's own, and the pseudo
+/// filesystems the agent mounts.
+const RESERVED_GUEST_DIRS: &[&str] = &["/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin", "/sys", "/usr", "/var"];
+
+impl Mount {
+    /// `HOST[:GUEST]`, as the CLI's `--mount` takes it.
+    pub fn parse(spec: &str) -> Result<Mount> {
+        let (host, guest) = match spec.split_once(':') {
+            Some((h, g)) => (h, Some(g.to_string())),
+            None => (spec, None),
+        };
+        if host.is_empty() {
+            return Err(Error::validation("mounts", format!("{spec:?} names no host directory (use HOST[:GUEST])")));
+        }
+        Ok(Mount { host: PathBuf::from(host), guest })
+    }
+
+    /// Where it appears in the guest.
+    pub fn guest_path(&self) -> String {
+        match &self.guest {
+            Some(g) => g.clone(),
+            None => format!("/workspace/{}", self.host.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()),
+        }
+    }
+}
+
+/// Checks each mount: an existing host directory, an absolute, clean guest path outside the
+/// system's directories, no two at one guest path.
+fn validate_mounts(mounts: &[Mount]) -> Result<()> {
+    if mounts.len() > MAX_MOUNTS {
+        return Err(Error::validation("mounts", format!("{} mounts given (allowed at most {MAX_MOUNTS})", mounts.len())));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for m in mounts {
+        if !m.host.is_absolute() || !m.host.is_dir() {
+            return Err(Error::validation(
+                "mounts",
+                format!("{} is not an existing directory given by its absolute path", m.host.display()),
+            ));
+        }
+        if m.host.file_name().is_none() && m.guest.is_none() {
+            return Err(Error::validation("mounts", format!("{} needs a guest path (HOST:GUEST)", m.host.display())));
+        }
+        let guest = m.guest_path();
+        let clean = guest.starts_with('/')
+            && guest.len() > 1
+            && !guest.ends_with('/')
+            && guest.split('/').skip(1).all(|c| !c.is_empty() && c != "." && c != "..")
+            && !guest.chars().any(|c| c.is_control());
+        if !clean {
+            return Err(Error::validation(
+                "mounts",
+                format!("guest path {guest:?} must be absolute, without '.', '..', '//' or a trailing '/'"),
+            ));
+        }
+        if let Some(r) = RESERVED_GUEST_DIRS.iter().find(|r| guest == **r || guest.starts_with(&format!("{r}/"))) {
+            return Err(Error::validation(
+                "mounts",
+                format!("guest path {guest:?} is in {r}, which the guest system needs (use e.g. /workspace or /mnt)"),
+            ));
+        }
+        if !seen.insert(guest.clone()) {
+            return Err(Error::validation("mounts", format!("two mounts at guest path {guest:?}")));
+        }
+    }
+    Ok(())
 }
 
 pub const DISK_SIZE_RANGE: (u32, u32) = (64, 1024 * 1024);
@@ -111,6 +194,8 @@ impl Default for VmConfig {
             disk_size_mib: None,
             comm_channel: None,
             ssh_public_key: None,
+            workspace_mounts: Vec::new(),
+            writable_mounts: false,
         }
     }
 }
@@ -135,6 +220,8 @@ impl std::fmt::Debug for VmConfig {
             .field("disk_size_mib", &self.disk_size_mib)
             .field("comm_channel", &self.comm_channel)
             .field("ssh_public_key", &self.ssh_public_key.is_some())
+            .field("workspace_mounts", &self.workspace_mounts)
+            .field("writable_mounts", &self.writable_mounts)
             .finish()
     }
 }
@@ -232,6 +319,10 @@ impl VmConfig {
         Channel::parse(self.comm_channel.as_deref())?;
         if let Some(key) = &self.ssh_public_key {
             crate::ssh::validate_public_key(key)?;
+        }
+        validate_mounts(&self.workspace_mounts)?;
+        if self.writable_mounts && self.workspace_mounts.is_empty() {
+            return Err(Error::validation("writable_mounts", "there are no mounts to make writable"));
         }
         Ok(())
     }

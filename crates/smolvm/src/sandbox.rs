@@ -859,6 +859,12 @@ impl Sandbox {
             return Err(Error::validation("snapshot_id", format!("snapshot '{id}' already exists")));
         }
         let rec = self.record()?;
+        if kind == SnapshotKind::Full && !rec.config.workspace_mounts.is_empty() {
+            return Err(Error::validation(
+                "snapshot_type",
+                "a sandbox with mounts can only be saved as 'disk' (QEMU cannot save a mounted 9p share's state)",
+            ));
+        }
         if kind == SnapshotKind::Disk && rec.state == State::Running {
             // What the guest wrote may still be in its page cache, which a disk snapshot does
             // not contain: flush it to the disk first.

@@ -468,6 +468,12 @@ async fn supervise(id: &str) -> i32 {
         vsock: spec.vsock.then(|| paths.vhost_vsock.clone()),
         machine: if spec.q35 { qemu::Machine::Q35 } else { qemu::Machine::Microvm },
         tsc_khz: (spec.accel == Accel::Tcg).then(|| crate::vmm::host_tsc_khz(&dirs.images)).flatten(),
+        mounts: record
+            .config
+            .workspace_mounts
+            .iter()
+            .map(|m| qemu::SharedDir { host: m.host.clone(), guest: m.guest_path(), readonly: !record.config.writable_mounts })
+            .collect(),
     };
     let greeting = Greeting {
         hostname: id.to_string(),

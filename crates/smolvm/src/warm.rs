@@ -25,6 +25,9 @@ pub fn eligible(config: &VmConfig) -> bool {
         && config.rootfs_path.is_none()
         && config.boot_args.is_none()
         && config.image.as_deref().is_none_or(|i| i == "default")
+        // A shared directory is a device the template does not have (and 9p state cannot be
+        // saved while mounted).
+        && config.workspace_mounts.is_empty()
 }
 
 /// Identity of the QEMU binary: a saved state only loads into the QEMU that wrote it.

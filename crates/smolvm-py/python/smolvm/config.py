@@ -14,7 +14,7 @@ from .exceptions import ValidationError
 
 # Fields users know from the documentation that this build cannot honour yet: refusing a
 # value is better than silently ignoring it.
-_NOT_YET = ("workspace_mounts",)
+_NOT_YET: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,23 @@ def _internet(value: Any) -> Optional[dict]:
         raise ValidationError("invalid internet_settings: expected InternetSettings or a dict", {"field": "internet_settings"})
     return {"mode": value.get("mode", "open"), "allowed_domains": list(value.get("allowed_domains", ())),
             "allowed_cidrs": list(value.get("allowed_cidrs", ()))}
+
+
+def _mount(m: Any) -> dict:
+    """``"HOST[:GUEST]"``, a path, ``(host, guest)`` or ``{"host": h, "guest": g}``; a relative
+    host path is taken from the current directory, and the guest path defaults to
+    ``/workspace/<the directory's name>``."""
+    if isinstance(m, os.PathLike):
+        m = os.fspath(m)
+    if isinstance(m, str):
+        host, sep, guest = m.partition(":")
+        m = {"host": host, "guest": guest if sep else None}
+    elif isinstance(m, (tuple, list)) and len(m) == 2:
+        m = {"host": os.fspath(m[0]), "guest": m[1]}
+    if not isinstance(m, dict) or not m.get("host"):
+        raise ValidationError(f"invalid mounts: {m!r} (use 'HOST[:GUEST]', (host, guest) or {{'host': h, 'guest': g}})",
+                              {"field": "mounts"})
+    return {"host": os.path.abspath(os.fspath(m["host"])), "guest": m.get("guest")}
 
 
 def _port_forward(p: Any) -> dict:
@@ -66,6 +83,7 @@ class VMConfig:
     port_forwards: Optional[list] = None
     internet_settings: Optional[Any] = None
     workspace_mounts: Optional[list] = None
+    writable_mounts: bool = False
     ssh_public_key: Optional[str] = None
     image: Optional[str] = None
     comm_channel: Optional[str] = None
@@ -89,6 +107,8 @@ class VMConfig:
         }
         d["internet_settings"] = _internet(self.internet_settings)
         d["port_forwards"] = [_port_forward(p) for p in (self.port_forwards or [])]
+        d["workspace_mounts"] = [_mount(m) for m in (self.workspace_mounts or [])]
+        d["writable_mounts"] = bool(self.writable_mounts)
         return json.dumps(d)
 
     def replace(self, **changes: Any) -> "VMConfig":

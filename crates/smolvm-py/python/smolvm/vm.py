@@ -50,9 +50,8 @@ class SmolVM:
                                   {"field": "os"})
         if os not in (None, "linux", "alpine", "debian"):
             raise ValidationError(f"invalid os: {os!r} (allowed: 'linux', 'alpine', 'debian')", {"field": "os"})
-        for name, value in (("mounts", mounts), ("writable_mounts", writable_mounts), ("ssh_password", ssh_password)):
-            if value:
-                raise ValidationError(f"invalid {name}: not supported by this build yet", {"field": name})
+        if ssh_password:
+            raise ValidationError("invalid ssh_password: not supported by this build yet", {"field": "ssh_password"})
         if ssh_user not in (None, "root"):
             raise ValidationError(f"invalid ssh_user: {ssh_user!r} (SSH images log in as root with smolvm's key)", {"field": "ssh_user"})
         config = config or VMConfig()
@@ -63,6 +62,8 @@ class SmolVM:
                      "backend": backend, "memory": memory, "vcpu_count": vcpu_count,
                      "internet_settings": internet_settings, "network": network,
                      "port_forwards": None if port_forwards is None else list(port_forwards),
+                     "workspace_mounts": None if mounts is None else list(mounts),
+                     "writable_mounts": writable_mounts or None,
                      "env_vars": None if env_vars is None else {**config.env_vars, **dict(env_vars)}}
         changes: Dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
         self._config = config.replace(**changes) if changes else config

@@ -42,6 +42,28 @@ pub struct LaunchSpec {
     pub machine: Machine,
     /// The host's TSC rate (`vmm::host_tsc_khz`), which a TCG guest is told.
     pub tsc_khz: Option<u64>,
+    /// Host directories shared into the guest over 9p, in order: the n-th is tag `smolvm<n>`.
+    pub mounts: Vec<SharedDir>,
+}
+
+/// A host directory the guest mounts at `guest` (the agent, from the kernel command line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedDir {
+    pub host: PathBuf,
+    pub guest: String,
+    pub readonly: bool,
+}
+
+impl SharedDir {
+    /// `smolvm_mounts=`: `tag:guest path in hex:ro|rw`, comma-separated (hex: a guest path may
+    /// hold any character but NUL, and the command line splits at spaces).
+    pub fn boot_arg(mounts: &[SharedDir]) -> Option<String> {
+        let each = mounts.iter().enumerate().map(|(i, m)| {
+            let hex: String = m.guest.bytes().map(|b| format!("{b:02x}")).collect();
+            format!("smolvm{i}:{hex}:{}", if m.readonly { "ro" } else { "rw" })
+        });
+        (!mounts.is_empty()).then(|| format!("smolvm_mounts={}", each.collect::<Vec<_>>().join(",")))
+    }
 }
 
 /// The QEMU machine. `microvm` is the default: no firmware, no PCI, devices on virtio-mmio,
@@ -235,6 +257,9 @@ pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
     if spec.vsock.is_some() {
         args.push("smolvm_channel=vsock".into());
     }
+    if let Some(mounts) = SharedDir::boot_arg(&spec.mounts) {
+        args.push(mounts);
+    }
     if let Some(extra) = &spec.extra_boot_args {
         args.push(extra.clone());
     }
@@ -316,6 +341,18 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     push(&["-netdev", &netdev, "-device", &format!("virtio-net-{bus},netdev=net0,mac=02:00:00:00:00:02{}", nic_rom(spec.machine))]);
     if spec.incoming.is_some() {
         push(&["-incoming", "defer", "-S"]);
+    }
+    // QEMU serves each directory as QEMU's user, with the guest's ownership not kept
+    // (`security_model=none`); a read-only one refuses writes itself, whatever the guest does.
+    for (i, m) in spec.mounts.iter().enumerate() {
+        let path = m.host.to_string_lossy().replace(',', ",,");
+        let ro = if m.readonly { ",readonly=on" } else { "" };
+        push(&[
+            "-fsdev",
+            &format!("local,id=fs{i},path={path},security_model=none{ro}"),
+            "-device",
+            &format!("virtio-9p-{bus},fsdev=fs{i},mount_tag=smolvm{i}"),
+        ]);
     }
     if let Some(rootfs) = &spec.image.rootfs {
         let file = rootfs.to_string_lossy().replace(',', ",,");
@@ -621,6 +658,7 @@ mod tests {
             vsock: None,
             machine: Machine::Microvm,
             tsc_khz: Some(2_596_122),
+            mounts: vec![],
         }
     }
 
@@ -690,6 +728,30 @@ mod tests {
         assert!(k.contains(" tsc_early_khz=2596122 lpj=25961220 "), "{k}");
         assert!(k.contains(" smolvm_net=10.0.2.15/24,10.0.2.2,10.0.2.3 "), "{k}");
         assert!(k.ends_with("foo=bar"), "{k}");
+    }
+
+    #[test]
+    fn shared_directories_become_9p_devices_and_a_boot_argument() {
+        let mut s = spec(Accel::Tcg, false);
+        s.mounts = vec![
+            SharedDir { host: "/h/a,b".into(), guest: "/workspace/a b".into(), readonly: true },
+            SharedDir { host: "/h/c".into(), guest: "/mnt/c".into(), readonly: false },
+        ];
+        let a = command_line(&s).join(" ");
+        assert!(
+            a.contains(
+                "-fsdev local,id=fs0,path=/h/a,,b,security_model=none,readonly=on -device virtio-9p-device,fsdev=fs0,mount_tag=smolvm0"
+            ),
+            "{a}"
+        );
+        assert!(
+            a.contains("-fsdev local,id=fs1,path=/h/c,security_model=none -device virtio-9p-device,fsdev=fs1,mount_tag=smolvm1"),
+            "{a}"
+        );
+        let k = kernel_cmdline(&s);
+        assert!(k.contains(" smolvm_mounts=smolvm0:2f776f726b73706163652f612062:ro,smolvm1:2f6d6e742f63:rw"), "{k}");
+        s.mounts.clear();
+        assert!(!kernel_cmdline(&s).contains("smolvm_mounts") && !command_line(&s).join(" ").contains("9p"));
     }
 
     #[test]
