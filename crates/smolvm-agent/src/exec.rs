@@ -144,6 +144,11 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
     };
     let pipes = pipes.and_then(|p| Ok((p, crate::spawn::pipe()?)));
     crate::pending::wait();
+    if let Some(why) = crate::pending::failure() {
+        forget(stream, token);
+        w.send(stream, &Reply::error(ErrorKind::Failed, why));
+        return answered(token);
+    }
     if running().get(&stream).is_none_or(|r| r.token != token || r.cancelled) {
         forget(stream, token);
         w.send(stream, &Reply::Exit { code: 128 + 9, timed_out: false });

@@ -130,7 +130,7 @@ fn spawn_setup(net: Option<smolvm_proto::NetConfig>, proc_sys: bool, mounts: Vec
         for m in &mounts {
             let flags = if m.readonly { MsFlags::MS_RDONLY } else { MsFlags::empty() };
             if let Err(e) = mount_fs(&m.tag, &m.path, "9p", flags, Some("trans=virtio,version=9p2000.L,msize=524288")) {
-                crate::log(&format!("sharing {}: {e}", m.tag));
+                crate::pending::fail(format!("the host directory for {} could not be mounted ({e})", m.path));
             }
         }
         if let Some(cfg) = net {

@@ -35,6 +35,24 @@ pub fn spawn(work: impl FnOnce() + Send + 'static) {
     }
 }
 
+/// Set-up that failed in a way every command must hear of (a host directory the sandbox was
+/// given that could not be mounted): commands then fail with this, instead of running without it.
+fn failures() -> &'static Mutex<Vec<String>> {
+    static F: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    F.get_or_init(Default::default)
+}
+
+pub fn fail(why: String) {
+    crate::log(&why);
+    failures().lock().unwrap_or_else(|e| e.into_inner()).push(why);
+}
+
+/// What `fail` recorded, joined; None when all went well.
+pub fn failure() -> Option<String> {
+    let f = failures().lock().unwrap_or_else(|e| e.into_inner());
+    (!f.is_empty()).then(|| f.join("; "))
+}
+
 /// Block until no set-up is in progress.
 pub fn wait() {
     let (pending, done) = state();

@@ -343,6 +343,16 @@ def test_mounts_share_host_directories(tmp_path):
         VMConfig(workspace_mounts=["/nonexistent/dir"])
     with pytest.raises(ValidationError, match="writable_mounts"):
         SmolVM(writable_mounts=True)
+    with pytest.raises(ValidationError, match=r"^invalid mounts: \{'host': 'x', 'mode': 'rw'\}"):
+        VMConfig(workspace_mounts=[{"host": "x", "mode": "rw"}])
+    # One path alone, resolved when the config is made (a later chdir changes nothing).
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        c = VMConfig(workspace_mounts="proj")
+    finally:
+        os.chdir(cwd)
+    assert c.workspace_mounts == [{"host": str(tmp_path / "proj"), "guest": None}]
     # Read-only by default, at /workspace/<name>; writable when asked, at the given path.
     with SmolVM(mounts=[tmp_path / "proj"]) as vm:
         assert vm.run("cat /workspace/proj/notes.txt").output == "from the host"

@@ -59,12 +59,18 @@ pub struct Mount {
     pub guest: Option<String>,
 }
 
-/// At most this many mounts per sandbox (one virtio device each).
-pub const MAX_MOUNTS: usize = 8;
+/// At most this many mounts per sandbox: each is a virtio device, and microvm has 8 slots, of
+/// which the agent channel, the NIC and a root disk take up to three.
+pub const MAX_MOUNTS: usize = 4;
 
-/// Guest directories a mount may not cover or sit in: the system's own, and the pseudo
-/// filesystems the agent mounts.
-const RESERVED_GUEST_DIRS: &[&str] = &["/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin", "/sys", "/usr", "/var"];
+/// A guest path's longest, in bytes: the paths travel on the kernel command line (2 KiB).
+pub const MAX_GUEST_PATH: usize = 100;
+
+/// Guest directories a mount may not cover or sit in: the system's own, the filesystems the
+/// agent mounts (a share under /tmp would be hidden by its tmpfs), and root's SSH keys (which
+/// the SSH set-up writes). `/root` itself is kept too; directories in it are fine.
+const RESERVED_GUEST_DIRS: &[&str] =
+    &["/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/root/.ssh", "/run", "/sbin", "/sys", "/tmp", "/usr", "/var"];
 
 impl Mount {
     /// `HOST[:GUEST]`, as the CLI's `--mount` takes it.
@@ -89,18 +95,22 @@ impl Mount {
 }
 
 /// Checks each mount: an existing host directory, an absolute, clean guest path outside the
-/// system's directories, no two at one guest path.
+/// system's directories, none inside another.
 fn validate_mounts(mounts: &[Mount]) -> Result<()> {
     if mounts.len() > MAX_MOUNTS {
         return Err(Error::validation("mounts", format!("{} mounts given (allowed at most {MAX_MOUNTS})", mounts.len())));
     }
-    let mut seen = std::collections::BTreeSet::new();
+    let within = |inner: &str, outer: &str| inner == outer || inner.starts_with(&format!("{outer}/"));
+    let mut seen: Vec<String> = Vec::new();
     for m in mounts {
         if !m.host.is_absolute() || !m.host.is_dir() {
             return Err(Error::validation(
                 "mounts",
                 format!("{} is not an existing directory given by its absolute path", m.host.display()),
             ));
+        }
+        if m.host.to_str().is_none() {
+            return Err(Error::validation("mounts", format!("{} is not UTF-8", m.host.display())));
         }
         if m.host.file_name().is_none() && m.guest.is_none() {
             return Err(Error::validation("mounts", format!("{} needs a guest path (HOST:GUEST)", m.host.display())));
@@ -117,15 +127,23 @@ fn validate_mounts(mounts: &[Mount]) -> Result<()> {
                 format!("guest path {guest:?} must be absolute, without '.', '..', '//' or a trailing '/'"),
             ));
         }
-        if let Some(r) = RESERVED_GUEST_DIRS.iter().find(|r| guest == **r || guest.starts_with(&format!("{r}/"))) {
+        if guest.len() > MAX_GUEST_PATH {
+            return Err(Error::validation("mounts", format!("guest path {guest:?} is longer than {MAX_GUEST_PATH} bytes")));
+        }
+        let reserved = RESERVED_GUEST_DIRS.iter().find(|r| within(&guest, r)).or(["/root"].iter().find(|r| guest == **r));
+        if let Some(r) = reserved {
             return Err(Error::validation(
                 "mounts",
                 format!("guest path {guest:?} is in {r}, which the guest system needs (use e.g. /workspace or /mnt)"),
             ));
         }
-        if !seen.insert(guest.clone()) {
-            return Err(Error::validation("mounts", format!("two mounts at guest path {guest:?}")));
+        // One inside another: the outer would hide the inner, or the inner's mount point be
+        // made in the outer's host directory.
+        if let Some(other) = seen.iter().find(|o| within(&guest, o) || within(o, &guest)) {
+            let what = if *other == guest { "two mounts at guest path".to_string() } else { format!("mounts may not nest: {other:?} and") };
+            return Err(Error::validation("mounts", format!("{what} {guest:?}")));
         }
+        seen.push(guest);
     }
     Ok(())
 }
@@ -431,6 +449,40 @@ mod tests {
             parse_transport(Some("vhost")).unwrap_err().to_string(),
             "invalid SMOLVM_AGENT_TRANSPORT: \"vhost\" is not a transport (allowed: serial, vsock)"
         );
+    }
+
+    #[test]
+    fn mounts_are_checked_for_where_they_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let m = |host: &std::path::Path, guest: Option<&str>| Mount { host: host.to_path_buf(), guest: guest.map(String::from) };
+        let check = |mounts: Vec<Mount>| validate_mounts(&mounts).err().map(|e| e.to_string());
+        assert_eq!(check(vec![m(&a, None), m(&b, Some("/mnt/b")), m(&b, Some("/root/b"))]), None);
+        assert_eq!(m(&a, None).guest_path(), "/workspace/a");
+        for (mounts, message) in [
+            (vec![m(&a, None), m(&b, Some("/workspace/a"))], "two mounts at guest path \"/workspace/a\""),
+            (vec![m(&a, Some("/workspace")), m(&b, None)], "mounts may not nest: \"/workspace\" and \"/workspace/b\""),
+            (vec![m(&b, None), m(&a, Some("/workspace"))], "mounts may not nest: \"/workspace/b\" and \"/workspace\""),
+            (vec![m(&a, Some("/tmp/x"))], "guest path \"/tmp/x\" is in /tmp"),
+            (vec![m(&a, Some("/root"))], "guest path \"/root\" is in /root"),
+            (vec![m(&a, Some("/root/.ssh"))], "guest path \"/root/.ssh\" is in /root/.ssh"),
+            (vec![m(&a, Some("/etc"))], "guest path \"/etc\" is in /etc"),
+            (vec![m(&a, Some("/"))], "guest path \"/\" must be absolute"),
+            (vec![m(&a, Some("/mnt/../etc"))], "guest path \"/mnt/../etc\" must be absolute"),
+            (vec![m(&a, Some("/mnt//x"))], "guest path \"/mnt//x\" must be absolute"),
+            (vec![m(&a, Some("mnt"))], "guest path \"mnt\" must be absolute"),
+            (vec![m(&a, Some(&format!("/mnt/{}", "x".repeat(100))))], "is longer than 100 bytes"),
+            (vec![m(&dir.path().join("missing"), None)], "is not an existing directory"),
+            (vec![m(std::path::Path::new("relative"), None)], "is not an existing directory"),
+            ((0..5).map(|i| m(&a, Some(&format!("/mnt/{i}")))).collect(), "5 mounts given (allowed at most 4)"),
+        ] {
+            let got = check(mounts).unwrap_or_default();
+            assert!(got.starts_with("invalid mounts: ") && got.contains(message), "{got:?} lacks {message:?}");
+        }
+        assert_eq!(Mount::parse("/a:/b").unwrap(), m(std::path::Path::new("/a"), Some("/b")));
+        assert!(Mount::parse(":/b").is_err());
     }
 
     #[test]

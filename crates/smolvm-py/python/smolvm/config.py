@@ -39,20 +39,29 @@ def _internet(value: Any) -> Optional[dict]:
 
 
 def _mount(m: Any) -> dict:
-    """``"HOST[:GUEST]"``, a path, ``(host, guest)`` or ``{"host": h, "guest": g}``; a relative
-    host path is taken from the current directory, and the guest path defaults to
-    ``/workspace/<the directory's name>``."""
+    """``"HOST[:GUEST]"``, a path object (the host directory), ``(host, guest)`` or
+    ``{"host": h, "guest": g}``; a relative host path is taken from the current directory, and
+    the guest path defaults to ``/workspace/<the directory's name>``."""
     if isinstance(m, os.PathLike):
-        m = os.fspath(m)
-    if isinstance(m, str):
+        m = {"host": os.fspath(m), "guest": None}
+    elif isinstance(m, str):
         host, sep, guest = m.partition(":")
         m = {"host": host, "guest": guest if sep else None}
     elif isinstance(m, (tuple, list)) and len(m) == 2:
         m = {"host": os.fspath(m[0]), "guest": m[1]}
-    if not isinstance(m, dict) or not m.get("host"):
-        raise ValidationError(f"invalid mounts: {m!r} (use 'HOST[:GUEST]', (host, guest) or {{'host': h, 'guest': g}})",
+    if not isinstance(m, dict) or not m.get("host") or set(m) - {"host", "guest"}:
+        raise ValidationError(f"invalid mounts: {m!r} (use 'HOST[:GUEST]', a path, (host, guest) or {{'host': h, 'guest': g}})",
                               {"field": "mounts"})
     return {"host": os.path.abspath(os.fspath(m["host"])), "guest": m.get("guest")}
+
+
+def _mounts(value: Any) -> list:
+    """One mount or a list of them, each as ``_mount`` takes it."""
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike, dict)):
+        value = [value]
+    return [_mount(m) for m in value]
 
 
 def _port_forward(p: Any) -> dict:
@@ -94,6 +103,9 @@ class VMConfig:
             if value is not None and not isinstance(value, str):
                 object.__setattr__(self, name, os.fspath(value))
         object.__setattr__(self, "env_vars", dict(self.env_vars or {}))
+        # Resolved now: a relative path means the directory current when the config was made.
+        if self.workspace_mounts is not None:
+            object.__setattr__(self, "workspace_mounts", _mounts(self.workspace_mounts))
         for name in _NOT_YET:
             if getattr(self, name):
                 raise ValidationError(f"invalid {name}: not supported by this build yet", {"field": name})
@@ -107,7 +119,7 @@ class VMConfig:
         }
         d["internet_settings"] = _internet(self.internet_settings)
         d["port_forwards"] = [_port_forward(p) for p in (self.port_forwards or [])]
-        d["workspace_mounts"] = [_mount(m) for m in (self.workspace_mounts or [])]
+        d["workspace_mounts"] = self.workspace_mounts or []
         d["writable_mounts"] = bool(self.writable_mounts)
         return json.dumps(d)
 

@@ -62,7 +62,7 @@ class SmolVM:
                      "backend": backend, "memory": memory, "vcpu_count": vcpu_count,
                      "internet_settings": internet_settings, "network": network,
                      "port_forwards": None if port_forwards is None else list(port_forwards),
-                     "workspace_mounts": None if mounts is None else list(mounts),
+                     "workspace_mounts": mounts,
                      "writable_mounts": writable_mounts or None,
                      "env_vars": None if env_vars is None else {**config.env_vars, **dict(env_vars)}}
         changes: Dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}

@@ -342,14 +342,17 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     if spec.incoming.is_some() {
         push(&["-incoming", "defer", "-S"]);
     }
-    // QEMU serves each directory as QEMU's user, with the guest's ownership not kept
-    // (`security_model=none`); a read-only one refuses writes itself, whatever the guest does.
+    // QEMU serves each directory with its own credentials. What the guest creates is a plain
+    // file or directory of QEMU's user (0600, 0700), and the owner, mode and kind the guest
+    // gave it are kept in `user.virtfs.*` attributes (`mapped-xattr`): a guest's setuid file or
+    // device node never becomes one on the host, even where QEMU runs as root. A read-only one
+    // refuses writes itself, whatever the guest does.
     for (i, m) in spec.mounts.iter().enumerate() {
         let path = m.host.to_string_lossy().replace(',', ",,");
         let ro = if m.readonly { ",readonly=on" } else { "" };
         push(&[
             "-fsdev",
-            &format!("local,id=fs{i},path={path},security_model=none{ro}"),
+            &format!("local,id=fs{i},path={path},security_model=mapped-xattr{ro}"),
             "-device",
             &format!("virtio-9p-{bus},fsdev=fs{i},mount_tag=smolvm{i}"),
         ]);
@@ -740,12 +743,12 @@ mod tests {
         let a = command_line(&s).join(" ");
         assert!(
             a.contains(
-                "-fsdev local,id=fs0,path=/h/a,,b,security_model=none,readonly=on -device virtio-9p-device,fsdev=fs0,mount_tag=smolvm0"
+                "-fsdev local,id=fs0,path=/h/a,,b,security_model=mapped-xattr,readonly=on -device virtio-9p-device,fsdev=fs0,mount_tag=smolvm0"
             ),
             "{a}"
         );
         assert!(
-            a.contains("-fsdev local,id=fs1,path=/h/c,security_model=none -device virtio-9p-device,fsdev=fs1,mount_tag=smolvm1"),
+            a.contains("-fsdev local,id=fs1,path=/h/c,security_model=mapped-xattr -device virtio-9p-device,fsdev=fs1,mount_tag=smolvm1"),
             "{a}"
         );
         let k = kernel_cmdline(&s);
