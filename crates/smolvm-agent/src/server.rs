@@ -234,6 +234,10 @@ fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
         }
         Request::Credit(n) => return crate::flow::credit(stream, n),
         Request::Resize(size) => return crate::exec::resize(stream, size),
+        Request::Listening => {
+            let text: String = ["/proc/net/tcp", "/proc/net/tcp6"].iter().filter_map(|p| std::fs::read_to_string(p).ok()).collect();
+            Reply::Ports(proto::listening_ports(&text))
+        }
         Request::Cancel => {
             crate::files::put_cancel(stream);
             return crate::exec::cancel(stream);
@@ -265,7 +269,7 @@ fn hello(host_version: u32) -> Reply {
     Reply::Hello {
         version: proto::PROTOCOL_VERSION.min(host_version),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
-        capabilities: ["ping", "exec", "env", "files", "shutdown"].map(String::from).to_vec(),
+        capabilities: ["ping", "exec", "env", "files", "shutdown", "tty", "ports"].map(String::from).to_vec(),
     }
 }
 

@@ -279,6 +279,15 @@ enum PortCmd {
     Expose { name: String, spec: String },
     /// Stop exposing a guest port.
     Close { name: String, guest: u16 },
+    /// Wait until something in the sandbox listens on each PORT (TCP).
+    Wait {
+        name: String,
+        #[arg(required = true)]
+        ports: Vec<u16>,
+        /// Seconds to wait.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
     List {
         name: String,
         #[arg(long)]
@@ -1048,6 +1057,11 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
         SandboxCmd::Port(PortCmd::Close { name, guest }) => {
             Sandbox::open_in(dirs, &name).await?.unexpose_local(guest).await?;
             Ok(Done::text(String::new(), json!({ "closed": guest })))
+        }
+        SandboxCmd::Port(PortCmd::Wait { name, ports, timeout }) => {
+            let timeout = secs(timeout, "timeout")?;
+            Sandbox::open_in(dirs, &name).await?.wait_for_ports(&ports, timeout).await?;
+            Ok(Done::text(String::new(), json!({ "listening": ports })))
         }
         SandboxCmd::Port(PortCmd::List { name, .. }) => {
             let ports = Sandbox::open_in(dirs, &name).await?.ports()?;

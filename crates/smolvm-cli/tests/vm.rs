@@ -896,3 +896,32 @@ fn prune_removes_the_network_of_a_boot_killed_half_way() {
     assert!(store.get("halfway").unwrap().is_some_and(|r| r.lease.is_none()), "prune left the lease");
     assert!(env.smolvm(&["sandbox", "delete", "halfway"]).status.success());
 }
+
+#[tokio::test]
+async fn waiting_for_ports_sees_a_server_that_starts_in_the_background() {
+    let env = env();
+    let sb = env.boot(VmConfig { network: Some("none".into()), ..Default::default() }).await;
+    // Nothing listens on 8080 yet.
+    let err = sb.wait_for_ports(&[8080], Duration::from_secs(1)).await.unwrap_err();
+    assert_eq!(err.to_string(), "Operation 'wait_for_ports' timed out after 1s");
+    // Servers that listen a while after the command that started them has returned.
+    let r = sb
+        .run("(sleep 1; httpd -p 8080 -h /tmp) >/dev/null 2>&1 & (sleep 2; httpd -p 8081 -h /tmp) >/dev/null 2>&1 &", &opts(10))
+        .await
+        .unwrap();
+    assert!(r.ok(), "{}", r.stderr);
+    assert!(!sb.listening_ports().await.unwrap().contains(&8080));
+    sb.wait_for_ports(&[8080, 8081], Duration::from_secs(30)).await.unwrap();
+    let listening = sb.listening_ports().await.unwrap();
+    assert!(listening.contains(&8080) && listening.contains(&8081), "{listening:?}");
+    let err = sb.wait_for_ports(&[], Duration::from_secs(1)).await.unwrap_err();
+    assert_eq!(err.to_string(), "invalid ports: give at least one port, each 1..=65535");
+    // The CLI's form.
+    let out = env.smolvm(&["sandbox", "port", "wait", sb.id(), "8080", "8081", "--timeout", "5"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // A timeout exits 124, as a command's does.
+    let out = env.smolvm(&["sandbox", "port", "wait", sb.id(), "9", "--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(124));
+    assert!(stderr(&out).contains("Operation 'wait_for_ports' timed out after 1s"), "{}", stderr(&out));
+    sb.delete().await.unwrap();
+}

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 /// Bumped whenever a message changes shape; the host refuses an agent of another version
 /// because postcard is not self-describing and a mismatch would decode as garbage.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Name of the virtio-serial port the agent listens on.
 pub const AGENT_PORT_NAME: &str = "smolvm.agent";
@@ -189,6 +189,9 @@ pub enum Request {
     Credit(u32),
     /// The stream's terminal (`ExecRequest::tty`) has a new size; its programs get `SIGWINCH`.
     Resize(TtySize),
+    /// The TCP ports something in the guest listens on (any address, IPv4 or IPv6): answered
+    /// with `Ports`.
+    Listening,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,6 +288,8 @@ pub enum Reply {
     /// The command has taken this many more bytes of the stream's input (`Stdin`): the host may
     /// have that many more in flight (see [`WINDOW`]). Not terminal.
     Credit(u32),
+    /// TCP ports with a listener (`Listening`), ascending.
+    Ports(Vec<u16>),
 }
 
 impl Reply {
@@ -307,6 +312,7 @@ impl Reply {
             Reply::Ok => "ok",
             Reply::Error { .. } => "error",
             Reply::Credit(_) => "credit",
+            Reply::Ports(_) => "ports",
         }
     }
 
@@ -326,6 +332,24 @@ impl Reply {
     pub fn error(kind: ErrorKind, message: impl Into<String>) -> Reply {
         Reply::Error { kind, message: message.into() }
     }
+}
+
+/// The TCP ports in LISTEN state in Linux's `/proc/net/tcp` or `tcp6` text (both may be
+/// given, one after the other), ascending and each once. Lines that do not read so are skipped.
+pub fn listening_ports(proc_net_tcp: &str) -> Vec<u16> {
+    // "  sl  local_address rem_address   st ...": "0100007F:1F90 00000000:0000 0A" (0A: LISTEN).
+    let mut ports: Vec<u16> = proc_net_tcp
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            let (local, _remote, state) = (fields.next()?, fields.next()?, fields.next()?);
+            let port = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
+            (state == "0A").then_some(port)
+        })
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 /// Encode one frame: header plus postcard payload.
@@ -394,6 +418,23 @@ mod tests {
         ] {
             assert_eq!(NetConfig::from_boot_arg(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn listening_ports_come_from_proc_net_tcp() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1234 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:0035 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1235 1 0000000000000000 100 0 0 10 0
+   2: 0F02000A:C350 0202000A:0050 01 00000000:00000000 00:00000000 00000000     0        0 1236 1 0000000000000000 20 4 0 10 -1
+";
+        let tcp6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue
+   0: 00000000000000000000000000000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000
+   1: 00000000000000000000000000000000:0016 00000000000000000000000000000000:0000 0A 00000000:00000000
+   2: garbage
+";
+        // 8080 on both families once; 53 on loopback; 22 on v6; the connected socket is no listener.
+        assert_eq!(listening_ports(&format!("{tcp}{tcp6}")), vec![22, 53, 8080]);
+        assert_eq!(listening_ports(""), Vec::<u16>::new());
     }
 
     #[test]

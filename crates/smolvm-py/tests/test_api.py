@@ -360,3 +360,13 @@ def test_mounts_share_host_directories(tmp_path):
     with SmolVM(mounts=[f"{tmp_path / 'proj'}:/mnt/p"], writable_mounts=True) as vm:
         assert vm.run("echo from-guest > /mnt/p/new && cat /mnt/p/notes.txt").output == "from the host"
     assert (tmp_path / "proj" / "new").read_text() == "from-guest\n"
+
+
+def test_wait_for_ports_sees_a_server_start():
+    with SmolVM(network="none") as vm:
+        with pytest.raises(OperationTimeoutError, match=r"^Operation 'wait_for_ports' timed out after 1s"):
+            vm.wait_for_ports(8080, timeout=1)
+        assert vm.run("(sleep 1; httpd -p 8080 -h /tmp) >/dev/null 2>&1 &").ok
+        vm.wait_for_ports([8080], timeout=30)
+        with pytest.raises(ValidationError, match="^invalid ports"):
+            vm.wait_for_ports([0])

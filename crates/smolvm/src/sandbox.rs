@@ -1407,6 +1407,43 @@ impl Sandbox {
         }
     }
 
+    /// The TCP ports something in the guest listens on (any address, IPv4 or IPv6), ascending.
+    pub async fn listening_ports(&self) -> Result<Vec<u16>> {
+        match self.channel {
+            Channel::Agent => match self.call_within(&Request::Listening, "listening ports", CALL_BOUND).await? {
+                Reply::Ports(p) => Ok(p),
+                other => Err(unexpected("listening ports", other)),
+            },
+            Channel::Ssh => {
+                let opts = RunOptions { timeout: Duration::from_secs(30), shell: Shell::Raw, ..Default::default() };
+                let r = self.run("cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; true", &opts).await?;
+                Ok(smolvm_proto::listening_ports(&r.stdout))
+            }
+        }
+    }
+
+    /// Wait until something in the guest listens on each of `ports` (TCP, any address): a
+    /// server started in the background is then ready for clients and `expose_local`.
+    pub async fn wait_for_ports(&self, ports: &[u16], timeout: Duration) -> Result<()> {
+        if ports.is_empty() || ports.contains(&0) {
+            return Err(Error::validation("ports", "give at least one port, each 1..=65535"));
+        }
+        if timeout.is_zero() {
+            return Err(Error::validation("timeout", "must be a positive number of seconds"));
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let listening = self.listening_ports().await?;
+            if ports.iter().all(|p| listening.contains(p)) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Timeout { operation: "wait_for_ports".into(), seconds: timeout.as_secs_f64() });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Whether commands can run now: the sandbox is running and its agent answers.
     pub async fn can_run_commands(&self) -> bool {
         self.ping().await.is_ok()

@@ -245,6 +245,14 @@ class SmolVM:
     def unexpose_local(self, guest_port: int) -> None:
         call(self._require().unexpose_local, guest_port)
 
+    def wait_for_ports(self, ports: Union[int, Sequence[int]], timeout: float = 30) -> None:
+        """Wait until something in the guest listens on each port (TCP): a server started in
+        the background is then ready. Raises OperationTimeoutError past ``timeout``."""
+        wanted = [ports] if isinstance(ports, int) else list(ports)
+        if not wanted or any(not isinstance(p, int) or not 0 < p < 65536 for p in wanted):
+            raise ValidationError(f"invalid ports: {ports!r} (give at least one port, each 1..=65535)", {"field": "ports"})
+        call(self._require().wait_for_ports, wanted, float(timeout))
+
     # -- files ---------------------------------------------------------------------------------
 
     def upload_file(self, local_path: "os.PathLike[str] | str", guest_path: str) -> None:
