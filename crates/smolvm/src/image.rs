@@ -834,8 +834,8 @@ pub fn disk_image_name(entry: &str) -> Option<&str> {
 /// Remove what can be rebuilt cheaply or is stale: warm snapshots, leftovers of interrupted
 /// builds, records of failed busybox builds (so the next start tries again), all but the two
 /// newest initramfs (ours and the Debian kernel's may both be in use) and all but the newest
-/// root disk (of each named image) and busybox build. Kernels stay (they take minutes to
-/// build); remove one by name if needed.
+/// root disk (of each named image) and busybox build, and the remembered answers about kernel
+/// and QEMU files. Kernels stay (they take minutes to build); remove one by name if needed.
 pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
     let _lock = lock_images(dirs)?;
     let mut entries: Vec<(String, PathBuf, std::time::SystemTime)> = fs::read_dir(&dirs.images)
@@ -882,6 +882,13 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
             || failed
             || *count > keep;
         if stale && path.is_dir() && fs::remove_dir_all(&path).is_ok() {
+            removed.push(name);
+            continue;
+        }
+        // Remembered answers about files (one per kernel and QEMU binary ever looked at, which
+        // tests make many of) are asked again on demand; a crash's half-written TSC figure goes.
+        let mark = ["kernel-mmio-", "qemu-microvm-", ".host-tsc."].iter().any(|p| name.starts_with(p));
+        if mark && path.is_file() && fs::remove_file(&path).is_ok() {
             removed.push(name);
         }
     }
@@ -1031,9 +1038,27 @@ mod tests {
         }
         // A record of a failed busybox fetch goes (so the next start tries again).
         fs::write(dirs.images.join("busybox-fetch-failed").join(crate::busybox::FAILED), "offline").unwrap();
+        // Remembered answers go; the host's TSC figure stays.
+        for mark in ["kernel-mmio-0123", "qemu-microvm-4567", ".host-tsc.99", "host-tsc"] {
+            fs::write(dirs.images.join(mark), "1").unwrap();
+        }
         let mut removed = prune(&dirs).unwrap();
         removed.sort();
-        assert_eq!(removed, [".build-kernel-1", "busybox-a", "busybox-fetch-failed", "initramfs-a", "rootfs-a", "warm-a"]);
+        assert_eq!(
+            removed,
+            [
+                ".build-kernel-1",
+                ".host-tsc.99",
+                "busybox-a",
+                "busybox-fetch-failed",
+                "initramfs-a",
+                "kernel-mmio-0123",
+                "qemu-microvm-4567",
+                "rootfs-a",
+                "warm-a"
+            ]
+        );
+        assert!(dirs.images.join("host-tsc").is_file());
         assert!(dirs.images.join("busybox-b").exists() && dirs.images.join("sources").exists());
         // A busybox entry a crash left without its binary does not count as the newest build.
         fs::create_dir_all(dirs.images.join("busybox-c")).unwrap();
