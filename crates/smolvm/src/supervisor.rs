@@ -352,6 +352,24 @@ async fn unexpose(plan: &NetPlan, qmp: &mut qemu::Qmp, exposed: &mut Exposed, gu
     Ok(())
 }
 
+/// `greet` a guest that was just restored and set running (`cont`). Its greeting, like a cold
+/// boot's, sits in QEMU's socket until QEMU's main loop next looks at the channel; a restored
+/// guest with nothing else to do may not wake it for a long while (a restore once timed out
+/// after 30 s). So QEMU is asked something, which wakes that loop, every 100 ms until the
+/// answer comes.
+async fn greet_restored(agent: &Arc<Conn>, g: &Greeting, qmp: &mut qemu::Qmp) -> Result<()> {
+    let hello = greet(agent, g);
+    tokio::pin!(hello);
+    loop {
+        tokio::select! {
+            r = &mut hello => return r,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                let _ = qmp.execute("query-status").await;
+            }
+        }
+    }
+}
+
 async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
     let hello = Request::Hello {
@@ -613,7 +631,7 @@ async fn supervise(id: &str) -> i32 {
                             running = true;
                             held = None;
                             if !greeted {
-                                greet(&agent, &greeting).await?;
+                                greet_restored(&agent, &greeting, &mut qmp).await?;
                                 greeted = true;
                             }
                             Ok::<_, Error>(())
@@ -834,7 +852,7 @@ async fn boot(launch: &qemu::LaunchSpec, spec: &BootSpec, greeting: &Greeting, p
         let qmp = if let (Some(restore), Some(mut qmp)) = (&spec.restore, restored) {
             if restore.resume {
                 qmp.execute("cont").await?;
-                greet(&agent, greeting).await?;
+                greet_restored(&agent, greeting, &mut qmp).await?;
                 greeted = true;
             }
             qmp
