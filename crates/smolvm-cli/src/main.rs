@@ -434,10 +434,10 @@ impl Done {
 }
 
 fn secs(s: f64, field: &'static str) -> Result<Duration, Error> {
-    if !s.is_finite() || s <= 0.0 {
-        return Err(Error::validation(field, "must be a positive number of seconds"));
+    match Duration::try_from_secs_f64(s) {
+        Ok(d) if s > 0.0 => Ok(d),
+        _ => Err(Error::validation(field, "must be a positive number of seconds")),
     }
-    Ok(Duration::from_secs_f64(s))
 }
 
 /// One argument is a shell command as written; several are words, quoted so that each stays

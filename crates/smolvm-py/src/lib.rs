@@ -353,11 +353,12 @@ impl Vm {
     fn wait_for_ports(&self, py: Python<'_>, ports: Vec<u16>, timeout: f64) -> PyResult<()> {
         let (inner, id) = (self.inner.clone(), self.id.clone());
         block(py, async move {
-            if !timeout.is_finite() || timeout <= 0.0 {
-                return Err(Error::validation("timeout", "must be a positive number of seconds"));
-            }
+            let timeout = match std::time::Duration::try_from_secs_f64(timeout) {
+                Ok(t) if !t.is_zero() => t,
+                _ => return Err(Error::validation("timeout", "must be a positive number of seconds")),
+            };
             let guard = inner.read().await;
-            guard.as_ref().ok_or_else(|| gone(&id))?.wait_for_ports(&ports, std::time::Duration::from_secs_f64(timeout)).await
+            guard.as_ref().ok_or_else(|| gone(&id))?.wait_for_ports(&ports, timeout).await
         })
     }
 

@@ -368,5 +368,6 @@ def test_wait_for_ports_sees_a_server_start():
             vm.wait_for_ports(8080, timeout=1)
         assert vm.run("(sleep 1; httpd -p 8080 -h /tmp) >/dev/null 2>&1 &").ok
         vm.wait_for_ports([8080], timeout=30)
-        with pytest.raises(ValidationError, match="^invalid ports"):
-            vm.wait_for_ports([0])
+        for bad in ([0], True, [8080, True], 80.0, [], None):
+            with pytest.raises(ValidationError, match="^invalid ports"):
+                vm.wait_for_ports(bad)

@@ -886,9 +886,13 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
             continue;
         }
         // Remembered answers about files (one per kernel and QEMU binary ever looked at, which
-        // tests make many of) are asked again on demand; a crash's half-written TSC figure goes.
-        let mark = ["kernel-mmio-", "qemu-microvm-", ".host-tsc."].iter().any(|p| name.starts_with(p));
-        if mark && path.is_file() && fs::remove_file(&path).is_ok() {
+        // tests make many of) are asked again on demand. Half-written ones (`.NAME.PID.tmp`,
+        // `.host-tsc.PID`) go once their writer is gone.
+        let mark = ["kernel-mmio-", "qemu-microvm-"].iter().any(|p| name.starts_with(p));
+        let writer = name.strip_suffix(".tmp").unwrap_or(&name).rsplit('.').next().and_then(|pid| pid.parse::<u32>().ok());
+        let half_written = [".kernel-mmio-", ".qemu-microvm-", ".host-tsc."].iter().any(|p| name.starts_with(p))
+            && writer.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+        if (mark || half_written) && path.is_file() && fs::remove_file(&path).is_ok() {
             removed.push(name);
         }
     }
@@ -1039,7 +1043,11 @@ mod tests {
         // A record of a failed busybox fetch goes (so the next start tries again).
         fs::write(dirs.images.join("busybox-fetch-failed").join(crate::busybox::FAILED), "offline").unwrap();
         // Remembered answers go; the host's TSC figure stays.
-        for mark in ["kernel-mmio-0123", "qemu-microvm-4567", ".host-tsc.99", "host-tsc"] {
+        // (Pid 999999999 runs nothing; this test's own pid is alive, its file is being written.)
+        let own = format!(".host-tsc.{}", std::process::id());
+        for mark in
+            ["kernel-mmio-0123", "qemu-microvm-4567", ".host-tsc.999999999", ".kernel-mmio-89ab.999999999.tmp", own.as_str(), "host-tsc"]
+        {
             fs::write(dirs.images.join(mark), "1").unwrap();
         }
         let mut removed = prune(&dirs).unwrap();
@@ -1048,7 +1056,8 @@ mod tests {
             removed,
             [
                 ".build-kernel-1",
-                ".host-tsc.99",
+                ".host-tsc.999999999",
+                ".kernel-mmio-89ab.999999999.tmp",
                 "busybox-a",
                 "busybox-fetch-failed",
                 "initramfs-a",
@@ -1058,7 +1067,8 @@ mod tests {
                 "warm-a"
             ]
         );
-        assert!(dirs.images.join("host-tsc").is_file());
+        assert!(dirs.images.join("host-tsc").is_file() && dirs.images.join(&own).is_file());
+        fs::remove_file(dirs.images.join(&own)).unwrap();
         assert!(dirs.images.join("busybox-b").exists() && dirs.images.join("sources").exists());
         // A busybox entry a crash left without its binary does not count as the newest build.
         fs::create_dir_all(dirs.images.join("busybox-c")).unwrap();

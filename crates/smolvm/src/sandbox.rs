@@ -1431,14 +1431,19 @@ impl Sandbox {
         if timeout.is_zero() {
             return Err(Error::validation("timeout", "must be a positive number of seconds"));
         }
-        let deadline = tokio::time::Instant::now() + timeout;
+        let timed_out = || Error::Timeout { operation: "wait_for_ports".into(), seconds: timeout.as_secs_f64() };
+        // (A timeout beyond what a clock can hold waits as good as for ever.)
+        let now = tokio::time::Instant::now();
+        let deadline = now.checked_add(timeout).unwrap_or(now + Duration::from_secs(100 * 365 * 86400));
         loop {
-            let listening = self.listening_ports().await?;
-            if ports.iter().all(|p| listening.contains(p)) {
+            // Each look within the time left: an agent that does not answer ends the wait on
+            // time, as this wait's timeout.
+            let listening = tokio::time::timeout_at(deadline, self.listening_ports()).await.map_err(|_| timed_out())??;
+            if ports.iter().all(|p| listening.binary_search(p).is_ok()) {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(Error::Timeout { operation: "wait_for_ports".into(), seconds: timeout.as_secs_f64() });
+                return Err(timed_out());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -364,7 +364,8 @@ async fn greet_restored(agent: &Arc<Conn>, g: &Greeting, qmp: &mut qemu::Qmp) ->
         tokio::select! {
             r = &mut hello => return r,
             _ = tokio::time::sleep(Duration::from_millis(100)) => {
-                let _ = qmp.execute("query-status").await;
+                // (Bounded: a stuck QMP must not hold up a greeting that has come meanwhile.)
+                let _ = tokio::time::timeout(Duration::from_secs(1), qmp.execute("query-status")).await;
             }
         }
     }

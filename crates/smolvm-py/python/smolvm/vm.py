@@ -248,10 +248,13 @@ class SmolVM:
     def wait_for_ports(self, ports: Union[int, Sequence[int]], timeout: float = 30) -> None:
         """Wait until something in the guest listens on each port (TCP): a server started in
         the background is then ready. Raises OperationTimeoutError past ``timeout``."""
-        wanted = [ports] if isinstance(ports, int) else list(ports)
-        if not wanted or any(not isinstance(p, int) or not 0 < p < 65536 for p in wanted):
-            raise ValidationError(f"invalid ports: {ports!r} (give at least one port, each 1..=65535)", {"field": "ports"})
-        call(self._require().wait_for_ports, wanted, float(timeout))
+        wanted = [ports] if isinstance(ports, int) else list(ports) if isinstance(ports, (list, tuple, set, frozenset)) else []
+        # (bool is an int in Python; True is no port.)
+        bad = next((p for p in wanted if isinstance(p, bool) or not isinstance(p, int) or not 0 < p < 65536), None)
+        if not wanted or bad is not None:
+            what = repr(ports if not wanted else bad)
+            raise ValidationError(f"invalid ports: {what[:80]} (give at least one port, each 1..=65535)", {"field": "ports"})
+        call(self._require().wait_for_ports, sorted(set(wanted)), float(timeout))
 
     # -- files ---------------------------------------------------------------------------------
 
