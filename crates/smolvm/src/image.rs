@@ -573,12 +573,22 @@ fn memo_path(dirs: &Dirs, key: &str) -> PathBuf {
 }
 
 fn memo_put(dirs: &Dirs, key: &str, fp: &str) {
-    let path = memo_path(dirs, key);
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let ok = path.parent().is_some_and(|d| fs::create_dir_all(d).is_ok()) && fs::write(&tmp, fp).is_ok() && fs::rename(&tmp, &path).is_ok();
-    if !ok {
+    let _ = write_whole(&memo_path(dirs, key), fp.as_bytes());
+}
+
+/// Writes a small cache file whole or not at all: into `.NAME.PID.tmp` beside it, then renamed
+/// over it, so that processes writing the same answer at once each leave a complete file, and
+/// a reader never sees half of one. (`prune` removes a temporary file whose writer is gone.)
+pub(crate) fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(std::io::Error::other(format!("{} names no file", path.display())));
+    };
+    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let written = fs::create_dir_all(dir).and_then(|_| fs::write(&tmp, bytes)).and_then(|_| fs::rename(&tmp, path));
+    if written.is_err() {
         let _ = fs::remove_file(&tmp);
     }
+    written
 }
 
 pub fn default_initramfs(dirs: &Dirs, modules: &[(String, Vec<u8>)], progress: Progress) -> Result<PathBuf> {
@@ -886,12 +896,11 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
             continue;
         }
         // Remembered answers about files (one per kernel and QEMU binary ever looked at, which
-        // tests make many of) are asked again on demand. Half-written ones (`.NAME.PID.tmp`,
-        // `.host-tsc.PID`) go once their writer is gone.
-        let mark = ["kernel-mmio-", "qemu-microvm-"].iter().any(|p| name.starts_with(p));
-        let writer = name.strip_suffix(".tmp").unwrap_or(&name).rsplit('.').next().and_then(|pid| pid.parse::<u32>().ok());
-        let half_written = [".kernel-mmio-", ".qemu-microvm-", ".host-tsc."].iter().any(|p| name.starts_with(p))
-            && writer.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+        // tests make many of) are asked again on demand. A `write_whole` that never finished
+        // (`.NAME.PID.tmp`) goes once its writer is gone.
+        let mark = crate::vmm::qemu::REMEMBERED.iter().any(|r| name.starts_with(&format!("{r}-")));
+        let writer = name.strip_suffix(".tmp").and_then(|n| n.rsplit('.').next()).and_then(|pid| pid.parse::<u32>().ok());
+        let half_written = name.starts_with('.') && writer.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
         if (mark || half_written) && path.is_file() && fs::remove_file(&path).is_ok() {
             removed.push(name);
         }
@@ -1044,10 +1053,15 @@ mod tests {
         fs::write(dirs.images.join("busybox-fetch-failed").join(crate::busybox::FAILED), "offline").unwrap();
         // Remembered answers go; the host's TSC figure stays.
         // (Pid 999999999 runs nothing; this test's own pid is alive, its file is being written.)
-        let own = format!(".host-tsc.{}", std::process::id());
-        for mark in
-            ["kernel-mmio-0123", "qemu-microvm-4567", ".host-tsc.999999999", ".kernel-mmio-89ab.999999999.tmp", own.as_str(), "host-tsc"]
-        {
+        let own = format!(".host-tsc.{}.tmp", std::process::id());
+        for mark in [
+            "kernel-mmio-0123",
+            "qemu-microvm-4567",
+            ".host-tsc.999999999.tmp",
+            ".kernel-mmio-89ab.999999999.tmp",
+            own.as_str(),
+            "host-tsc",
+        ] {
             fs::write(dirs.images.join(mark), "1").unwrap();
         }
         let mut removed = prune(&dirs).unwrap();
@@ -1056,7 +1070,7 @@ mod tests {
             removed,
             [
                 ".build-kernel-1",
-                ".host-tsc.999999999",
+                ".host-tsc.999999999.tmp",
                 ".kernel-mmio-89ab.999999999.tmp",
                 "busybox-a",
                 "busybox-fetch-failed",

@@ -156,6 +156,9 @@ impl Default for RunOptions {
     }
 }
 
+/// A wait that has no end in practice, and still fits a clock's deadline.
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 86400);
+
 /// What a command reads on stdin as it comes (a pipe, a socket), for `run_with_input`.
 pub type Input = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
 
@@ -1147,7 +1150,7 @@ impl Sandbox {
         // The agent enforces the timeout; this host-side bound catches a guest that cannot.
         // The guest's clock stands still while the VM is paused, so a pause moves the bound.
         // (No timeout, no bound: an interactive shell waits for its user.)
-        let bound = if opts.timeout.is_zero() { Duration::from_secs(100 * 365 * 86400) } else { opts.timeout + Duration::from_secs(5) };
+        let bound = if opts.timeout.is_zero() { FOREVER } else { opts.timeout + Duration::from_secs(5) };
         let mut deadline = tokio::time::Instant::now() + bound;
         loop {
             let next = async {
@@ -1434,7 +1437,7 @@ impl Sandbox {
         let timed_out = || Error::Timeout { operation: "wait_for_ports".into(), seconds: timeout.as_secs_f64() };
         // (A timeout beyond what a clock can hold waits as good as for ever.)
         let now = tokio::time::Instant::now();
-        let deadline = now.checked_add(timeout).unwrap_or(now + Duration::from_secs(100 * 365 * 86400));
+        let deadline = now.checked_add(timeout).unwrap_or(now + FOREVER);
         loop {
             // Each look within the time left: an agent that does not answer ends the wait on
             // time, as this wait's timeout.

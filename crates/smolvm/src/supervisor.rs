@@ -1106,9 +1106,9 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
     let (read, write) = stream.into_split();
     let write = Arc::new(tokio::sync::Mutex::new(write));
     let open: ClientStreams = Default::default();
-    // Input, cancels and terminal sizes go to the agent in order on a task of their own: while the agent's
-    // writer is held (a paused VM) they wait there, and this client's next requests (a resume)
-    // are still read. What waits is bounded by each stream's window: a client sends input only
+    // Input, cancels and terminal sizes go to the agent in order on a task of their own: while
+    // the agent's writer is held (a paused VM) they wait there, and this client's next requests
+    // (a resume) are still read. What waits is bounded by each stream's window: a client sends input only
     // as the agent grants it back, and one that sends more is cut off.
     let (to_agent, mut queued) = mpsc::unbounded_channel::<(u32, Request)>();
     let forward = tokio::spawn({
@@ -1192,7 +1192,8 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                     let _ = to_agent.send((aid, req));
                 }
             }
-            _ if paused.load(Ordering::SeqCst) && !matches!(req, Request::Cancel | Request::Stdin(_) | Request::StdinClose) => {
+            // (Input, cancels and sizes were taken above: they wait out a pause in the queue.)
+            _ if paused.load(Ordering::SeqCst) => {
                 send(write.clone(), cid, Reply::error(ErrorKind::Paused, "the VM is paused; resume it first")).await;
             }
             Request::Hello { .. } => {

@@ -12,10 +12,6 @@ from . import _native
 from ._errors import call
 from .exceptions import ValidationError
 
-# Fields users know from the documentation that this build cannot honour yet: refusing a
-# value is better than silently ignoring it.
-_NOT_YET: tuple = ()
-
 
 @dataclass(frozen=True)
 class InternetSettings:
@@ -106,17 +102,10 @@ class VMConfig:
         # Resolved now: a relative path means the directory current when the config was made.
         if self.workspace_mounts is not None:
             object.__setattr__(self, "workspace_mounts", _mounts(self.workspace_mounts))
-        for name in _NOT_YET:
-            if getattr(self, name):
-                raise ValidationError(f"invalid {name}: not supported by this build yet", {"field": name})
         call(_native.validate_config, self._to_json())
 
     def _to_json(self) -> str:
-        d = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name not in _NOT_YET
-        }
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["internet_settings"] = _internet(self.internet_settings)
         d["port_forwards"] = [_port_forward(p) for p in (self.port_forwards or [])]
         d["workspace_mounts"] = self.workspace_mounts or []

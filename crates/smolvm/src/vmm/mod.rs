@@ -65,15 +65,8 @@ pub fn host_tsc_khz(cache: &Path) -> Option<u64> {
     // best there is (and it is not kept, so a later start measures again).
     let Some(khz) = khz else { return cpuinfo_mhz(&cpuinfo).map(|mhz| (mhz * 1000.0) as u64) };
     // Kept only with the boot it holds for (a host without a boot id measures at each start).
-    // Written whole or not at all: concurrent starts each write the same figure.
     if let Some(id) = boot_id {
-        let tmp = cache.join(format!(".host-tsc.{}", std::process::id()));
-        let kept = std::fs::create_dir_all(cache)
-            .and_then(|_| std::fs::write(&tmp, format!("{id} {khz}\n")))
-            .and_then(|_| std::fs::rename(&tmp, &file));
-        if kept.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
+        let _ = crate::image::write_whole(&file, format!("{id} {khz}\n").as_bytes());
     }
     Some(khz)
 }

@@ -113,6 +113,9 @@ fn kernel_has_mmio(dirs: &crate::config::Dirs, kernel: &Path) -> bool {
 /// A yes/no answer about a file (a QEMU binary, a kernel) that takes time to get, kept in the
 /// image cache as `<name>-<key>` for that file's path, size and time: a changed file is asked
 /// again. `None` when the file or the answer cannot be had; nothing is kept then.
+/// The names `remembered` keeps answers under (`image prune` removes them: they are asked again).
+pub(crate) const REMEMBERED: [&str; 2] = ["kernel-mmio", "qemu-microvm"];
+
 fn remembered(dirs: &crate::config::Dirs, name: &str, file: &Path, ask: impl FnOnce() -> Option<bool>) -> Option<bool> {
     let meta = std::fs::metadata(file).ok()?;
     let changed = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
@@ -125,12 +128,7 @@ fn remembered(dirs: &crate::config::Dirs, name: &str, file: &Path, ask: impl FnO
         _ => {}
     }
     let answer = ask()?;
-    // Whole or not at all: written beside, then renamed over.
-    let tmp = dirs.images.join(format!(".{name}-{key}.{}.tmp", std::process::id()));
-    let _ = std::fs::create_dir_all(&dirs.images);
-    if std::fs::write(&tmp, if answer { "yes\n" } else { "no\n" }).is_ok() && std::fs::rename(&tmp, &mark).is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
+    let _ = crate::image::write_whole(&mark, if answer { b"yes\n" } else { b"no\n" });
     Some(answer)
 }
 
