@@ -739,6 +739,7 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
                 }
             }
             .await;
+            tracing::debug!("phase: command done");
             let _ = sb.delete().await;
             result
         }

@@ -573,6 +573,7 @@ impl Sandbox {
             return Ok(());
         }
         let image = resolve_image(&rec.config, &self.dirs, progress).await?;
+        tracing::debug!("phase: image resolved");
         let accel = crate::vmm::choose_accel().map_err(Error::Host)?;
         let verbose_boot = env_flag("SMOLVM_VERBOSE_BOOT", false);
         let vsock = crate::config::agent_transport()? == crate::config::Transport::Vsock;
@@ -606,7 +607,9 @@ impl Sandbox {
 
     /// Start the supervisor with `spec` and connect to it.
     pub(crate) async fn launch(&mut self, spec: &BootSpec, boot_timeout: Duration) -> Result<()> {
+        tracing::debug!("phase: starting the supervisor");
         let status = self.spawn_supervisor(spec, boot_timeout).await?;
+        tracing::debug!("phase: supervisor reported");
         if !status.ok {
             let message = status.message.unwrap_or_default();
             return Err(match status.code.as_deref() {
@@ -1576,6 +1579,7 @@ impl Sandbox {
     pub async fn delete(mut self) -> Result<()> {
         // A start in progress (another process) finishes first; what it started is stopped.
         let _lock = self.paths.wait_start_lock().await?;
+        tracing::debug!("phase: deleting");
         match self.stop_with(DEFAULT_STOP_TIMEOUT, true).await {
             Ok(()) | Err(Error::NotFound(_)) => {}
             Err(e) => return Err(e),
@@ -1584,6 +1588,7 @@ impl Sandbox {
         host_network_leftovers(&store, &self.id);
         store.remove(&self.id)?;
         self.paths.remove_all();
+        tracing::debug!("phase: deleted");
         Ok(())
     }
 

@@ -422,6 +422,7 @@ async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
 }
 
 async fn supervise(id: &str) -> i32 {
+    tracing::debug!("phase: supervisor up");
     let dirs = Dirs::from_env();
     let paths = SandboxPaths::new(&dirs, id);
     let spec: BootSpec = match serde_json::from_reader(std::io::stdin().lock()) {
@@ -836,6 +837,7 @@ async fn boot(launch: &qemu::LaunchSpec, spec: &BootSpec, greeting: &Greeting, p
         };
         let vmm = async {
             let (stream, _) = listener.accept().await.ctx(|| "accepting the agent channel".into())?;
+            tracing::debug!("phase: QEMU connected");
             let restored = match &spec.restore {
                 Some(_) => {
                     let mut qmp = qemu::Qmp::connect_when_ready(&launch.qmp_socket).await?;
@@ -882,6 +884,7 @@ async fn boot(launch: &qemu::LaunchSpec, spec: &BootSpec, greeting: &Greeting, p
             };
             let hello = async {
                 let r = greet(&agent, greeting).await;
+                tracing::debug!("phase: agent answered");
                 answered.notify_one();
                 r
             };
@@ -1075,6 +1078,7 @@ async fn snapshot(
 async fn shutdown(child: &mut tokio::process::Child, agent: &Arc<Conn>, qmp: &mut qemu::Qmp, timeout: Duration, graceful: bool) {
     if !graceful {
         let _ = child.kill().await;
+        tracing::debug!("phase: VMM gone");
         return;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), agent.call(&Request::Shutdown)).await;
