@@ -499,7 +499,8 @@ fn vm_config(vm: &VmArgs, name: Option<String>) -> Result<VmConfig, Error> {
         .map(|m| {
             // (Resolved whole: `..` and links, so the sandbox gets the directory named now.)
             let mut m = smolvm::config::Mount::parse(m)?;
-            m.host = std::fs::canonicalize(&m.host).map_err(|e| Error::validation("mounts", format!("{}: {e}", m.host.display())))?;
+            m.host = std::fs::canonicalize(&m.host)
+                .map_err(|e| Error::validation("mounts", format!("{}: {e}{}", m.host.display(), m.colon_hint())))?;
             Ok(m)
         })
         .collect::<Result<Vec<_>, Error>>()?;

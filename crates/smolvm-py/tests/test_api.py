@@ -353,6 +353,13 @@ def test_mounts_share_host_directories(tmp_path):
     finally:
         os.chdir(cwd)
     assert c.workspace_mounts == [{"host": str(tmp_path / "proj"), "guest": None}]
+    # Host paths may hold colons: a guest path is what follows the last ":/".
+    (tmp_path / "a:b").mkdir()
+    c = VMConfig(workspace_mounts=[str(tmp_path / "a:b"), f"{tmp_path / 'a:b'}:/mnt/ab"])
+    assert c.workspace_mounts == [{"host": str(tmp_path / "a:b"), "guest": None},
+                                  {"host": str(tmp_path / "a:b"), "guest": "/mnt/ab"}]
+    with pytest.raises(ValidationError, match=r"is not an existing directory .*\(a guest path is absolute: HOST:/GUEST\)$"):
+        VMConfig(workspace_mounts=[f"{tmp_path / 'proj'}:mnt"])
     # Read-only by default, at /workspace/<name>; writable when asked, at the given path.
     with SmolVM(mounts=[tmp_path / "proj"]) as vm:
         assert vm.run("cat /workspace/proj/notes.txt").output == "from the host"

@@ -73,16 +73,28 @@ const RESERVED_GUEST_DIRS: &[&str] =
     &["/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/root/.ssh", "/run", "/sbin", "/sys", "/tmp", "/usr", "/var"];
 
 impl Mount {
-    /// `HOST[:GUEST]`, as the CLI's `--mount` takes it.
+    /// `HOST[:GUEST]`, as the CLI's `--mount` takes it. A guest path is absolute, so the split
+    /// is at the last `:/`: a host path may hold colons (`/data/a:b`, or `/data/a:/b:/mnt/b`
+    /// with its guest path given).
     pub fn parse(spec: &str) -> Result<Mount> {
-        let (host, guest) = match spec.split_once(':') {
-            Some((h, g)) => (h, Some(g.to_string())),
+        let (host, guest) = match spec.rfind(":/") {
+            Some(i) => (&spec[..i], Some(spec[i + 1..].to_string())),
             None => (spec, None),
         };
         if host.is_empty() {
             return Err(Error::validation("mounts", format!("{spec:?} names no host directory (use HOST[:GUEST])")));
         }
         Ok(Mount { host: PathBuf::from(host), guest })
+    }
+
+    /// For a host directory that is not there: `/a:mnt` reads as one host path, so say how a
+    /// guest path is written.
+    pub fn colon_hint(&self) -> &'static str {
+        if self.guest.is_none() && self.host.to_string_lossy().contains(':') {
+            " (a guest path is absolute: HOST:/GUEST)"
+        } else {
+            ""
+        }
     }
 
     /// Where it appears in the guest.
@@ -106,7 +118,7 @@ fn validate_mounts(mounts: &[Mount]) -> Result<()> {
         if !m.host.is_absolute() || !m.host.is_dir() {
             return Err(Error::validation(
                 "mounts",
-                format!("{} is not an existing directory given by its absolute path", m.host.display()),
+                format!("{} is not an existing directory given by its absolute path{}", m.host.display(), m.colon_hint()),
             ));
         }
         if m.host.to_str().is_none() {
@@ -483,6 +495,17 @@ mod tests {
         }
         assert_eq!(Mount::parse("/a:/b").unwrap(), m(std::path::Path::new("/a"), Some("/b")));
         assert!(Mount::parse(":/b").is_err());
+        // Colons in host paths: the guest path is what follows the last ":/".
+        assert_eq!(Mount::parse("/data/a:b").unwrap(), m(std::path::Path::new("/data/a:b"), None));
+        assert_eq!(Mount::parse("/data/a:/b:/mnt/b").unwrap(), m(std::path::Path::new("/data/a:/b"), Some("/mnt/b")));
+        assert_eq!(Mount::parse("rel:/mnt").unwrap(), m(std::path::Path::new("rel"), Some("/mnt")));
+        let colon = dir.path().join("x:y");
+        std::fs::create_dir_all(&colon).unwrap();
+        let parsed = Mount::parse(colon.to_str().unwrap()).unwrap();
+        assert_eq!(check(vec![parsed.clone()]), None);
+        assert_eq!(parsed.guest_path(), "/workspace/x:y");
+        let got = check(vec![Mount::parse(&format!("{}:mnt", a.display())).unwrap()]).unwrap();
+        assert!(got.ends_with("is not an existing directory given by its absolute path (a guest path is absolute: HOST:/GUEST)"), "{got}");
     }
 
     #[test]

@@ -41,8 +41,9 @@ def _mount(m: Any) -> dict:
     if isinstance(m, os.PathLike):
         m = {"host": os.fspath(m), "guest": None}
     elif isinstance(m, str):
-        host, sep, guest = m.partition(":")
-        m = {"host": host, "guest": guest if sep else None}
+        # A guest path is absolute: the split is at the last ":/", so host paths may hold colons.
+        cut = m.rfind(":/")
+        m = {"host": m[:cut], "guest": m[cut + 1:]} if cut >= 0 else {"host": m, "guest": None}
     elif isinstance(m, (tuple, list)) and len(m) == 2:
         m = {"host": os.fspath(m[0]), "guest": m[1]}
     if not isinstance(m, dict) or not m.get("host") or set(m) - {"host", "guest"}:
