@@ -82,8 +82,15 @@ fn a_writable_mount_takes_the_guests_writes_to_the_host() {
     assert_eq!(sh.permissions().mode() & 0o7777, 0o600, "{:o}", sh.permissions().mode());
     let disk = std::fs::metadata(share.join("disk")).unwrap();
     assert!(disk.file_type().is_file() && !disk.file_type().is_block_device());
-    // A relative host path is taken from the current directory.
-    let out = env.cli().current_dir(env.tmp.path()).args(["run", "--mount", "out", "cat /workspace/out/result.txt"]).output().unwrap();
-    assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "from-guest\n"), "{}", stderr(&out));
+    // A relative host path is taken from the current directory; a host path may hold colons.
+    std::fs::create_dir_all(env.tmp.path().join("run:1")).unwrap();
+    std::fs::write(env.tmp.path().join("run:1/f"), "colon\n").unwrap();
+    let out = env
+        .cli()
+        .current_dir(env.tmp.path())
+        .args(["run", "--mount", "out", "--mount", "run:1", "cat /workspace/out/result.txt /workspace/run:1/f"])
+        .output()
+        .unwrap();
+    assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "from-guest\ncolon\n"), "{}", stderr(&out));
     assert!(env.qemu_processes().is_empty());
 }
