@@ -842,6 +842,7 @@ async fn boot(launch: &qemu::LaunchSpec, spec: &BootSpec, greeting: &Greeting, p
                 Some(_) => {
                     let mut qmp = qemu::Qmp::connect_when_ready(&launch.qmp_socket).await?;
                     qmp.restore_from_launch().await?;
+                    tracing::debug!("phase: state loaded");
                     Some(qmp)
                 }
                 None => None,
@@ -855,7 +856,9 @@ async fn boot(launch: &qemu::LaunchSpec, spec: &BootSpec, greeting: &Greeting, p
         let qmp = if let (Some(restore), Some(mut qmp)) = (&spec.restore, restored) {
             if restore.resume {
                 qmp.execute("cont").await?;
+                tracing::debug!("phase: resumed");
                 greet_restored(&agent, greeting, &mut qmp).await?;
+                tracing::debug!("phase: agent answered");
                 greeted = true;
             }
             qmp
