@@ -341,6 +341,16 @@ enum SnapshotCmd {
         /// KEY=VALUE, or KEY to take the host's value; repeatable: replaces the snapshot's variables.
         #[arg(long = "env", short = 'e')]
         env: Vec<String>,
+        /// HOST[:GUEST]; repeatable: replaces the snapshot's mounts (a 'disk' snapshot's, whose
+        /// host directories may be gone).
+        #[arg(long = "mount", conflicts_with = "no_mounts")]
+        mounts: Vec<String>,
+        /// Restore without the snapshot's mounts.
+        #[arg(long)]
+        no_mounts: bool,
+        /// Let the sandbox write to its mounts.
+        #[arg(long)]
+        writable_mounts: bool,
         #[arg(long)]
         json: bool,
     },
@@ -491,19 +501,22 @@ fn progress(line: &str) {
     eprintln!("smolvm: {line}");
 }
 
-fn vm_config(vm: &VmArgs, name: Option<String>) -> Result<VmConfig, Error> {
-    // A relative host directory is taken from here, as a shell user means it.
-    let mounts = vm
-        .mounts
+/// `--mount` values. A relative host directory is taken from here, as a shell user means it,
+/// and resolved whole (`..` and links), so the sandbox gets the directory named now.
+fn host_mounts(specs: &[String]) -> Result<Vec<smolvm::config::Mount>, Error> {
+    specs
         .iter()
         .map(|m| {
-            // (Resolved whole: `..` and links, so the sandbox gets the directory named now.)
             let mut m = smolvm::config::Mount::parse(m)?;
             m.host = std::fs::canonicalize(&m.host)
                 .map_err(|e| Error::validation("mounts", format!("{}: {e}{}", m.host.display(), m.colon_hint())))?;
             Ok(m)
         })
-        .collect::<Result<Vec<_>, Error>>()?;
+        .collect()
+}
+
+fn vm_config(vm: &VmArgs, name: Option<String>) -> Result<VmConfig, Error> {
+    let mounts = host_mounts(&vm.mounts)?;
     Ok(VmConfig {
         workspace_mounts: mounts,
         writable_mounts: vm.writable_mounts,
@@ -1093,9 +1106,18 @@ async fn snapshot_cmd(cmd: SnapshotCmd, dirs: Dirs) -> Result<Done, Error> {
             let info = sb.snapshot(snapshot_id.as_deref(), &snapshot_type).await?;
             Ok(Done::text(info.snapshot_id.clone(), serde_json::to_value(&info).unwrap_or_default()))
         }
-        SnapshotCmd::Restore { snapshot_id, name, no_resume, env, .. } => {
+        SnapshotCmd::Restore { snapshot_id, name, no_resume, env, mounts, no_mounts, writable_mounts, .. } => {
             let env_vars = if env.is_empty() { None } else { Some(env_flags(&env)?) };
-            let opts = sandbox::RestoreOptions { name, env_vars, resume: !no_resume, ..Default::default() };
+            let replaced = no_mounts || !mounts.is_empty();
+            let opts = sandbox::RestoreOptions {
+                name,
+                env_vars,
+                resume: !no_resume,
+                mounts: if replaced { Some(host_mounts(&mounts)?) } else { None },
+                // New mounts are read-only unless asked; the snapshot's keep their setting.
+                writable_mounts: if writable_mounts || replaced { Some(writable_mounts) } else { None },
+                ..Default::default()
+            };
             let sb = Sandbox::from_snapshot_in(dirs, &snapshot_id, opts).await?;
             let info = sb.info().await?;
             Ok(Done::text(sb.id().to_string(), info))

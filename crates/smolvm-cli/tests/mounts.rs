@@ -4,7 +4,8 @@ mod common;
 
 use common::*;
 use smolvm::config::Mount;
-use smolvm::{RunOptions, VmConfig};
+use smolvm::sandbox::{delete_snapshot, RestoreOptions};
+use smolvm::{RunOptions, Sandbox, VmConfig};
 use std::time::Duration;
 
 fn opts() -> RunOptions {
@@ -93,4 +94,55 @@ fn a_writable_mount_takes_the_guests_writes_to_the_host() {
         .unwrap();
     assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "from-guest\ncolon\n"), "{}", stderr(&out));
     assert!(env.qemu_processes().is_empty());
+}
+
+#[tokio::test]
+async fn a_disk_snapshot_restores_with_other_mounts_or_none() {
+    let env = env();
+    let (old, new) = (env.tmp.path().join("old"), env.tmp.path().join("new"));
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::create_dir_all(&new).unwrap();
+    std::fs::write(new.join("f"), "new\n").unwrap();
+    let rootfs = smolvm::image::default_rootfs(&env.dirs).unwrap();
+    let at = |host: &std::path::Path| vec![Mount { host: host.to_path_buf(), guest: Some("/mnt/w".into()) }];
+    let sb = env.boot(VmConfig { rootfs_path: Some(rootfs), workspace_mounts: at(&old), ..Default::default() }).await;
+    sb.run("echo kept > /root/f", &opts()).await.unwrap();
+    sb.snapshot(Some("with-mount"), "disk").await.unwrap();
+    sb.delete().await.unwrap();
+    std::fs::remove_dir_all(&old).unwrap();
+    let restore = |name: &str, mounts: Option<Vec<Mount>>, writable: Option<bool>| RestoreOptions {
+        name: Some(name.into()),
+        mounts,
+        writable_mounts: writable,
+        ..Default::default()
+    };
+    let dirs = env.dirs.clone();
+    // The snapshot's own host directory is gone: the restore says so.
+    let err = Sandbox::from_snapshot_in(dirs.clone(), "with-mount", restore("r0", None, None)).await.err().expect("refused").to_string();
+    assert!(err.starts_with("invalid mounts: ") && err.contains("is not an existing directory"), "{err}");
+    assert!(err.ends_with("; the snapshot's mounts can be replaced when restoring (--mount, --no-mounts; Python mounts=)"), "{err}");
+    // Another directory in its place, writable when asked.
+    let r1 = Sandbox::from_snapshot_in(dirs.clone(), "with-mount", restore("r1", Some(at(&new)), Some(true))).await.unwrap();
+    let r = r1.run("cat /root/f /mnt/w/f && echo guest > /mnt/w/g", &opts()).await.unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_str()), (0, "kept\nnew\n"), "{}", r.stderr);
+    assert_eq!(std::fs::read_to_string(new.join("g")).unwrap(), "guest\n");
+    r1.delete().await.unwrap();
+    // Or none at all.
+    let r2 = Sandbox::from_snapshot_in(dirs.clone(), "with-mount", restore("r2", Some(vec![]), None)).await.unwrap();
+    let r = r2.run("cat /root/f; mountpoint -q /mnt/w || echo not mounted", &opts()).await.unwrap();
+    assert_eq!(r.stdout, "kept\nnot mounted\n", "{}", r.stderr);
+    // A full snapshot has no mounts and takes none: its devices are saved with it.
+    r2.snapshot(Some("whole"), "full").await.unwrap();
+    let err =
+        Sandbox::from_snapshot_in(dirs.clone(), "whole", restore("r3", Some(at(&new)), None)).await.err().expect("refused").to_string();
+    assert_eq!(
+        err,
+        "invalid mounts: snapshot 'whole' is a full snapshot, which restores without mounts (give them to a 'disk' snapshot's restore)"
+    );
+    r2.delete().await.unwrap();
+    for id in ["whole", "with-mount"] {
+        delete_snapshot(&dirs, id).unwrap();
+    }
+    assert!(env.qemu_processes().is_empty());
+    assert!(smolvm::sandbox::list(&dirs).unwrap().is_empty());
 }

@@ -184,7 +184,8 @@ impl Vm {
 
     /// Start a new sandbox from a snapshot.
     #[staticmethod]
-    #[pyo3(signature = (snapshot_id, name=None, env_vars=None, resume=true, boot_timeout=30.0))]
+    #[pyo3(signature = (snapshot_id, name=None, env_vars=None, resume=true, boot_timeout=30.0, mounts=None, writable_mounts=None))]
+    #[allow(clippy::too_many_arguments)]
     fn from_snapshot(
         py: Python<'_>,
         snapshot_id: String,
@@ -192,9 +193,12 @@ impl Vm {
         env_vars: Option<BTreeMap<String, String>>,
         resume: bool,
         boot_timeout: f64,
+        mounts: Option<Vec<(std::path::PathBuf, Option<String>)>>,
+        writable_mounts: Option<bool>,
     ) -> PyResult<Vm> {
         let boot_timeout = Duration::try_from_secs_f64(boot_timeout).unwrap_or(Duration::ZERO);
-        let opts = smolvm::sandbox::RestoreOptions { name, env_vars, resume, boot_timeout };
+        let mounts = mounts.map(|m| m.into_iter().map(|(host, guest)| smolvm::config::Mount { host, guest }).collect());
+        let opts = smolvm::sandbox::RestoreOptions { name, env_vars, resume, boot_timeout, mounts, writable_mounts };
         block(py, async move { Sandbox::from_snapshot_in(Dirs::from_env(), &snapshot_id, opts).await }).map(Vm::wrap)
     }
 

@@ -269,7 +269,7 @@ def test_a_handle_survives_another_process_restarting_its_sandbox(no_leftovers):
         vm.delete()
 
 
-def test_pause_resume_snapshot_and_from_snapshot(no_leftovers):
+def test_pause_resume_snapshot_and_from_snapshot(no_leftovers, tmp_path):
     from smolvm.exceptions import SnapshotNotFoundError
     from smolvm.types import SnapshotInfo
 
@@ -287,6 +287,11 @@ def test_pause_resume_snapshot_and_from_snapshot(no_leftovers):
         with SmolVM.from_snapshot("pysnap", env_vars={"B": "2"}) as clone:
             assert clone.status == VMState.RUNNING
             assert clone.run("cat /tmp/f; echo [$A] [$B]").stdout == "saved\n[] [2]\n"
+        # Mounts replace a snapshot's only where it boots anew (a 'disk' snapshot).
+        with pytest.raises(ValidationError, match=r"^invalid mounts: snapshot 'pysnap' is a full snapshot, which restores without mounts"):
+            SmolVM.from_snapshot("pysnap", mounts=[str(tmp_path)])
+        with pytest.raises(ValidationError, match=r"^invalid writable_mounts: 'yes' is not a bool"):
+            SmolVM.from_snapshot("pysnap", writable_mounts="yes")
         paused = SmolVM.from_snapshot("pysnap", resume_vm=False)
         assert paused.status == VMState.PAUSED
         paused.resume()

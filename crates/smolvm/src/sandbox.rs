@@ -226,11 +226,17 @@ pub struct RestoreOptions {
     pub env_vars: Option<BTreeMap<String, String>>,
     pub resume: bool,
     pub boot_timeout: Duration,
+    /// Host directories in place of those the snapshot's sandbox had (which may be gone since);
+    /// None keeps them. A disk snapshot's sandbox boots and mounts them anew; a full snapshot
+    /// has none and takes none.
+    pub mounts: Option<Vec<crate::config::Mount>>,
+    /// Whether the mounts are writable; None keeps the snapshot's setting.
+    pub writable_mounts: Option<bool>,
 }
 
 impl Default for RestoreOptions {
     fn default() -> Self {
-        RestoreOptions { name: None, env_vars: None, resume: true, boot_timeout: DEFAULT_BOOT_TIMEOUT }
+        RestoreOptions { name: None, env_vars: None, resume: true, boot_timeout: DEFAULT_BOOT_TIMEOUT, mounts: None, writable_mounts: None }
     }
 }
 
@@ -936,7 +942,27 @@ impl Sandbox {
         if let Some(env) = &opts.env_vars {
             config.env_vars = env.clone();
         }
-        let mut sb = Sandbox::create_in(dirs.clone(), config, false)?;
+        if let Some(mounts) = &opts.mounts {
+            // Saved with the VM, the devices cannot change; 9p devices cannot be saved at all.
+            if snap.kind == "full" && !mounts.is_empty() {
+                return Err(Error::validation(
+                    "mounts",
+                    format!("snapshot '{snapshot_id}' is a full snapshot, which restores without mounts (give them to a 'disk' snapshot's restore)"),
+                ));
+            }
+            config.workspace_mounts = mounts.clone();
+        }
+        if let Some(writable) = opts.writable_mounts {
+            config.writable_mounts = writable;
+        }
+        let mut sb = Sandbox::create_in(dirs.clone(), config, false).map_err(|e| match e {
+            // The snapshot's own host directories, gone since: say how to do without them.
+            Error::Validation { field: "mounts", message } if opts.mounts.is_none() => Error::Validation {
+                field: "mounts",
+                message: format!("{message}; the snapshot's mounts can be replaced when restoring (--mount, --no-mounts; Python mounts=)"),
+            },
+            e => e,
+        })?;
         let result = async {
             // Fails if the snapshot was deleted since it was read; from here on a delete refuses.
             Store::open(&dirs.data)?.set_snapshot_origin(&sb.id, snapshot_id)?;

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import _native
 from ._errors import call
-from .config import VMConfig
+from .config import VMConfig, _mounts
 from .exceptions import CommandBlockedError, OperationTimeoutError, SmolVMError, ValidationError
 from .types import CommandResult, SnapshotInfo, VMInfo, VMState
 
@@ -149,15 +149,24 @@ class SmolVM:
         vm_id: Optional[str] = None,
         env_vars: Optional[Mapping[str, str]] = None,
         boot_timeout: float = 30,
+        mounts: Any = None,
+        writable_mounts: Optional[bool] = None,
     ) -> "SmolVM":
-        """Start a new sandbox from a snapshot; it is this object's to delete."""
+        """Start a new sandbox from a snapshot; it is this object's to delete.
+
+        ``mounts`` (as ``SmolVM(mounts=...)`` takes them; ``[]`` for none) replace the
+        snapshot's: a 'disk' snapshot's host directories may be gone since. ``None`` keeps them,
+        and ``writable_mounts=None`` keeps whether they are writable."""
         if backend not in (None, "qemu", "auto"):
             raise ValidationError(f"invalid backend: {backend!r} cannot restore this snapshot (allowed: 'qemu', 'auto')", {"field": "backend"})
         if resume_vm is not None:
             resume = resume_vm
         vm = cls.__new__(cls)
         env = dict(env_vars) if env_vars is not None else None
-        vm._native = call(_native.Vm.from_snapshot, snapshot_id, vm_id, env, resume, float(boot_timeout))
+        if writable_mounts is not None and not isinstance(writable_mounts, bool):
+            raise ValidationError(f"invalid writable_mounts: {writable_mounts!r} is not a bool", {"field": "writable_mounts"})
+        hosts = None if mounts is None else [(m["host"], m["guest"]) for m in _mounts(mounts)]
+        vm._native = call(_native.Vm.from_snapshot, snapshot_id, vm_id, env, resume, float(boot_timeout), hosts, writable_mounts)
         vm._config = VMConfig(vm_id=vm._native.id)
         vm._owned = True
         vm.on_pre_run = vm.on_post_run = vm.on_run_error = None
