@@ -359,3 +359,45 @@ async fn clones_of_snapshots_taken_mid_transfer_talk_to_their_host() {
     }
     delete_shared(sb).await;
 }
+
+#[test]
+fn a_pause_its_client_gave_up_on_is_not_done_later() {
+    let env = env();
+    // Control requests wait 0.3 s here (SMOLVM_CONTROL_TIMEOUT), in the supervisor too.
+    let cli = || {
+        let mut c = env.cli();
+        c.env("SMOLVM_CONTROL_TIMEOUT", "0.3");
+        c
+    };
+    let ok = |out: std::process::Output| {
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    ok(cli().args(["sandbox", "create", "--name", "busy", "--memory", "2048"]).output().unwrap());
+    // RAM full of data makes the snapshot take seconds (about 3 here), during which the control
+    // loop serves nothing else.
+    let fill = "i=0; while [ $i -lt 300 ]; do cat /bin/busybox; i=$((i+1)); done > /dev/shm/fill";
+    ok(cli().args(["sandbox", "exec", "busy", "--", fill]).output().unwrap());
+    let snapshot = cli().args(["sandbox", "snapshot", "create", "busy", "--snapshot-id", "slow"]).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = cli().args(["sandbox", "pause", "busy"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("'pause' timed out after 0.3s"), "{}", stderr(&out));
+    assert!(snapshot.wait_with_output().unwrap().status.success());
+    // The pause was dropped, not done once the snapshot let it through.
+    assert_eq!(ok(cli().args(["sandbox", "exec", "busy", "--", "echo still running"]).output().unwrap()), "still running\n");
+    let info: serde_json::Value = serde_json::from_str(&ok(cli().args(["sandbox", "info", "busy", "--json"]).output().unwrap())).unwrap();
+    assert_eq!(info["data"]["state"], "running", "{info}");
+    ok(cli().args(["sandbox", "delete", "--force", "busy"]).output().unwrap());
+    ok(cli().args(["sandbox", "snapshot", "delete", "slow"]).output().unwrap());
+    // A value that is not a number of seconds stops a start before anything runs.
+    let out = env.cli().env("SMOLVM_CONTROL_TIMEOUT", "soon").args(["run", "true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("invalid SMOLVM_CONTROL_TIMEOUT: \"soon\" is not a number of seconds (allowed: 0.1 to 3600)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(env.qemu_processes().is_empty());
+    assert!(smolvm::sandbox::list(&env.dirs).unwrap().is_empty());
+}

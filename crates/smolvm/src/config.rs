@@ -415,6 +415,23 @@ fn parse_transport(value: Option<&str>) -> Result<Transport> {
     }
 }
 
+/// How long a pause, resume or port change may take, queued behind others included
+/// (`SMOLVM_CONTROL_TIMEOUT`, seconds): a client that waits longer gets a timeout, and what it
+/// asked for is then not done at all.
+pub fn control_timeout() -> Result<std::time::Duration> {
+    parse_control_timeout(std::env::var("SMOLVM_CONTROL_TIMEOUT").ok().as_deref())
+}
+
+fn parse_control_timeout(value: Option<&str>) -> Result<std::time::Duration> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(std::time::Duration::from_secs(30)),
+        Some(v) => match v.parse::<f64>() {
+            Ok(s) if (0.1..=3600.0).contains(&s) => Ok(std::time::Duration::from_secs_f64(s)),
+            _ => Err(Error::validation("SMOLVM_CONTROL_TIMEOUT", format!("{v:?} is not a number of seconds (allowed: 0.1 to 3600)"))),
+        },
+    }
+}
+
 /// `1/true/yes/on` (any case) are true, `0/false/no/off` false, anything else the default.
 pub fn env_flag(name: &str, default: bool) -> bool {
     match std::env::var(name).map(|v| v.trim().to_ascii_lowercase()) {
@@ -506,6 +523,17 @@ mod tests {
         assert_eq!(parsed.guest_path(), "/workspace/x:y");
         let got = check(vec![Mount::parse(&format!("{}:mnt", a.display())).unwrap()]).unwrap();
         assert!(got.ends_with("is not an existing directory given by its absolute path (a guest path is absolute: HOST:/GUEST)"), "{got}");
+    }
+
+    #[test]
+    fn control_timeouts() {
+        use std::time::Duration;
+        assert_eq!(parse_control_timeout(None).unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_control_timeout(Some(" 2.5 ")).unwrap(), Duration::from_millis(2500));
+        for bad in ["0", "0.05", "3601", "x", "-1", "NaN", "inf"] {
+            let err = parse_control_timeout(Some(bad)).unwrap_err().to_string();
+            assert_eq!(err, format!("invalid SMOLVM_CONTROL_TIMEOUT: {bad:?} is not a number of seconds (allowed: 0.1 to 3600)"));
+        }
     }
 
     #[test]

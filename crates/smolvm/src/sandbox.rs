@@ -613,6 +613,8 @@ impl Sandbox {
 
     /// Start the supervisor with `spec` and connect to it.
     pub(crate) async fn launch(&mut self, spec: &BootSpec, boot_timeout: Duration) -> Result<()> {
+        // The supervisor reads it too: a bad value is the starter's error, not a dead sandbox.
+        crate::config::control_timeout()?;
         tracing::debug!("phase: starting the supervisor");
         let status = self.spawn_supervisor(spec, boot_timeout).await?;
         tracing::debug!("phase: supervisor reported");

@@ -583,13 +583,25 @@ async fn supervise(id: &str) -> i32 {
     // the agent: QEMU would still move it into the stopped guest's memory, and a snapshot taken
     // then could save half a frame (see `Conn::hold`). Clients' input waits meanwhile.
     let mut held: Option<crate::conn::Held> = None;
-    let exited_by_itself = loop {
-        tokio::select! {
-            accepted = ctl.accept() => {
-                if let Ok((stream, _)) = accepted {
-                    tokio::spawn(serve_client(stream, agent.clone(), ctl_tx.clone(), id.to_string(), paused.clone()));
+    // Clients are taken on a task of their own: a long control request (a snapshot writing all
+    // of guest RAM) holds the loop below, and a client that connects meanwhile is still served,
+    // its own control requests' bounds included.
+    let acceptor = tokio::spawn({
+        let (agent, ctl_tx, id, paused) = (agent.clone(), ctl_tx.clone(), id.to_string(), paused.clone());
+        async move {
+            loop {
+                match ctl.accept().await {
+                    Ok((stream, _)) => {
+                        tokio::spawn(serve_client(stream, agent.clone(), ctl_tx.clone(), id.clone(), paused.clone()));
+                    }
+                    // (Out of descriptors, say: no reason to spin.)
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
             }
+        }
+    });
+    let exited_by_itself = loop {
+        tokio::select! {
             status = child.wait() => {
                 tracing::warn!("VMM exited: {status:?}");
                 break true;
@@ -692,14 +704,14 @@ async fn supervise(id: &str) -> i32 {
                     let _ = done.send(r);
                 }
                 Some(Control::Expose { guest, host, done }) => {
-                    let r = control_within(CONTROL_BOUND, "expose", expose(&plan, &mut qmp, &mut exposed, guest, host)).await;
+                    let r = control_within(control_bound(), "expose", expose(&plan, &mut qmp, &mut exposed, guest, host)).await;
                     if let Ok(h) = r {
                         let _ = store.add_port(id, guest, h);
                     }
                     let _ = done.send(r);
                 }
                 Some(Control::Unexpose { guest, done }) => {
-                    let r = control_within(CONTROL_BOUND, "unexpose", unexpose(&plan, &mut qmp, &mut exposed, guest)).await;
+                    let r = control_within(control_bound(), "unexpose", unexpose(&plan, &mut qmp, &mut exposed, guest)).await;
                     let _ = store.remove_port(id, guest);
                     let _ = done.send(r);
                 }
@@ -725,7 +737,8 @@ async fn supervise(id: &str) -> i32 {
     drop(held);
     // No new clients from here on: a start that finds the control socket gone while this
     // process lives knows the sandbox is on its way down, and waits to start it again.
-    drop(ctl);
+    acceptor.abort();
+    let _ = acceptor.await;
     let _ = std::fs::remove_file(&paths.ctl);
     if exited_by_itself {
         // (Already gone, unless it was the vsock device server that went.)
@@ -975,7 +988,11 @@ async fn close_dns(dns: &mut Option<tokio::task::JoinHandle<Result<()>>>) {
 
 /// How long a pause, resume or port's exposure may take, and wait behind others: the control
 /// loop serves nothing else meanwhile.
-const CONTROL_BOUND: Duration = Duration::from_secs(30);
+fn control_bound() -> Duration {
+    static BOUND: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    // (Checked by the starting library already: a bad value never gets here.)
+    *BOUND.get_or_init(|| crate::config::control_timeout().unwrap_or(Duration::from_secs(30)))
+}
 /// A snapshot's bound (QEMU writes all of guest RAM, and a disk overlay is copied).
 pub(crate) const SNAPSHOT_BOUND: Duration = Duration::from_secs(600);
 /// How long a pause or snapshot waits for the agent to read what was sent before it: an agent
@@ -1011,7 +1028,7 @@ async fn answer<T>(
 /// A pause or resume that does not finish (a wedged QEMU monitor or guest agent) must not hold
 /// the supervisor's loop, and with it every stop, for ever.
 async fn bounded<T>(work: impl std::future::Future<Output = Result<T>>, operation: &str) -> Result<T> {
-    within(operation, CONTROL_BOUND, work).await?
+    within(operation, control_bound(), work).await?
 }
 
 /// What QEMU wrote to the log from `from` on: its own error lines, which start with its name
@@ -1145,13 +1162,13 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
             Request::Expose { guest, host } => {
                 let (done, wait) = oneshot::channel();
                 let _ = ctl.send(Control::Expose { guest, host, done });
-                let reply = answer(wait, "expose", CONTROL_BOUND, Reply::Port).await;
+                let reply = answer(wait, "expose", control_bound(), Reply::Port).await;
                 send(write.clone(), cid, reply).await;
             }
             Request::Unexpose { guest } => {
                 let (done, wait) = oneshot::channel();
                 let _ = ctl.send(Control::Unexpose { guest, done });
-                let reply = answer(wait, "unexpose", CONTROL_BOUND, |()| Reply::Ok).await;
+                let reply = answer(wait, "unexpose", control_bound(), |()| Reply::Ok).await;
                 send(write.clone(), cid, reply).await;
             }
             Request::Pause | Request::Resume | Request::Snapshot { .. } => {
@@ -1165,8 +1182,8 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                 // A snapshot's own bound, and a little for what waits before it.
                 let (what, bound) = match &msg {
                     Control::Snapshot { .. } => ("snapshot", SNAPSHOT_BOUND + Duration::from_secs(30)),
-                    Control::Pause { .. } => ("pause", CONTROL_BOUND),
-                    _ => ("resume", CONTROL_BOUND),
+                    Control::Pause { .. } => ("pause", control_bound()),
+                    _ => ("resume", control_bound()),
                 };
                 let _ = ctl.send(msg);
                 let reply = answer(wait, what, bound, |()| Reply::Ok).await;
