@@ -349,7 +349,7 @@ enum SnapshotCmd {
         #[arg(long)]
         no_mounts: bool,
         /// Let the sandbox write to its mounts.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "no_mounts")]
         writable_mounts: bool,
         #[arg(long)]
         json: bool,
@@ -506,8 +506,15 @@ fn progress(line: &str) {
 fn host_mounts(specs: &[String]) -> Result<Vec<smolvm::config::Mount>, Error> {
     specs
         .iter()
-        .map(|m| {
-            let mut m = smolvm::config::Mount::parse(m)?;
+        .map(|spec| {
+            // "/data/a:/b" names a directory and also reads as /data/a at /b: not guessed.
+            if spec.contains(":/") && std::path::Path::new(spec).is_dir() {
+                return Err(Error::validation(
+                    "mounts",
+                    format!("{spec:?} is a directory and also reads as HOST:GUEST; give its guest path ({spec}:/GUEST)"),
+                ));
+            }
+            let mut m = smolvm::config::Mount::parse(spec)?;
             m.host = std::fs::canonicalize(&m.host)
                 .map_err(|e| Error::validation("mounts", format!("{}: {e}{}", m.host.display(), m.colon_hint())))?;
             Ok(m)

@@ -292,6 +292,9 @@ def test_pause_resume_snapshot_and_from_snapshot(no_leftovers, tmp_path):
             SmolVM.from_snapshot("pysnap", mounts=[str(tmp_path)])
         with pytest.raises(ValidationError, match=r"^invalid writable_mounts: 'yes' is not a bool"):
             SmolVM.from_snapshot("pysnap", writable_mounts="yes")
+        for bad in (5, [("/a", 5)], [(5, "/b")], ":/b"):
+            with pytest.raises(ValidationError, match=r"^invalid mounts: "):
+                SmolVM.from_snapshot("pysnap", mounts=bad)
         paused = SmolVM.from_snapshot("pysnap", resume_vm=False)
         assert paused.status == VMState.PAUSED
         paused.resume()

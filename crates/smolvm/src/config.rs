@@ -426,8 +426,8 @@ fn parse_control_timeout(value: Option<&str>) -> Result<std::time::Duration> {
     match value.map(str::trim) {
         None | Some("") => Ok(std::time::Duration::from_secs(30)),
         Some(v) => match v.parse::<f64>() {
-            Ok(s) if (0.1..=3600.0).contains(&s) => Ok(std::time::Duration::from_secs_f64(s)),
-            _ => Err(Error::validation("SMOLVM_CONTROL_TIMEOUT", format!("{v:?} is not a number of seconds (allowed: 0.1 to 3600)"))),
+            Ok(s) if (1.0..=3600.0).contains(&s) => Ok(std::time::Duration::from_secs_f64(s)),
+            _ => Err(Error::validation("SMOLVM_CONTROL_TIMEOUT", format!("{v:?} is not a number of seconds (allowed: 1 to 3600)"))),
         },
     }
 }
@@ -530,9 +530,9 @@ mod tests {
         use std::time::Duration;
         assert_eq!(parse_control_timeout(None).unwrap(), Duration::from_secs(30));
         assert_eq!(parse_control_timeout(Some(" 2.5 ")).unwrap(), Duration::from_millis(2500));
-        for bad in ["0", "0.05", "3601", "x", "-1", "NaN", "inf"] {
+        for bad in ["0", "0.5", "3601", "x", "-1", "NaN", "inf"] {
             let err = parse_control_timeout(Some(bad)).unwrap_err().to_string();
-            assert_eq!(err, format!("invalid SMOLVM_CONTROL_TIMEOUT: {bad:?} is not a number of seconds (allowed: 0.1 to 3600)"));
+            assert_eq!(err, format!("invalid SMOLVM_CONTROL_TIMEOUT: {bad:?} is not a number of seconds (allowed: 1 to 3600)"));
         }
     }
 

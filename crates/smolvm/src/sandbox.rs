@@ -230,7 +230,8 @@ pub struct RestoreOptions {
     /// None keeps them. A disk snapshot's sandbox boots and mounts them anew; a full snapshot
     /// has none and takes none.
     pub mounts: Option<Vec<crate::config::Mount>>,
-    /// Whether the mounts are writable; None keeps the snapshot's setting.
+    /// Whether the mounts are writable. None: read-only for new mounts, the snapshot's setting
+    /// for its own.
     pub writable_mounts: Option<bool>,
 }
 
@@ -268,8 +269,15 @@ pub fn delete_snapshot(dirs: &Dirs, id: &str) -> Result<()> {
 /// supervisor is stuck): it ends with a timeout error.
 const TRANSFER_IDLE: Duration = Duration::from_secs(60);
 
-/// How long a request that starts no process may take (env, ports, pause and resume).
+/// How long a request that starts no process may take (env, listening ports).
 const CALL_BOUND: Duration = Duration::from_secs(30);
+
+/// How long this client waits for a control request (pause, resume, ports): the supervisor's
+/// bound and a margin, so that its timeout answer, and with it the request's dropping, comes
+/// first.
+fn control_wait() -> Result<Duration> {
+    Ok(crate::config::control_timeout()? + Duration::from_secs(5))
+}
 /// A health check's bound: an agent that answers at all answers in milliseconds.
 const PING_BOUND: Duration = Duration::from_secs(10);
 
@@ -554,6 +562,8 @@ impl Sandbox {
     /// (cached with it) unless `SMOLVM_WARM=0` or `SMOLVM_VERBOSE_BOOT` asks for a real boot;
     /// if the warm start fails, it boots cold.
     pub async fn start(&mut self, boot_timeout: Duration, progress: Progress<'_>) -> Result<()> {
+        // The supervisor reads it too: a bad value is the starter's error, not a dead sandbox.
+        crate::config::control_timeout()?;
         let _lock = self.paths.wait_start_lock().await?;
         let mut rec = match self.record_with(true) {
             Ok(rec) => rec,
@@ -613,8 +623,6 @@ impl Sandbox {
 
     /// Start the supervisor with `spec` and connect to it.
     pub(crate) async fn launch(&mut self, spec: &BootSpec, boot_timeout: Duration) -> Result<()> {
-        // The supervisor reads it too: a bad value is the starter's error, not a dead sandbox.
-        crate::config::control_timeout()?;
         tracing::debug!("phase: starting the supervisor");
         let status = self.spawn_supervisor(spec, boot_timeout).await?;
         tracing::debug!("phase: supervisor reported");
@@ -837,7 +845,7 @@ impl Sandbox {
         // and time for what waits before it; the rest is quick.
         let bound = match req {
             Request::Snapshot { .. } => crate::supervisor::SNAPSHOT_BOUND + Duration::from_secs(60),
-            _ => CALL_BOUND,
+            _ => control_wait()?,
         };
         match self.call_within(&req, what, bound).await? {
             Reply::Ok => Ok(()),
@@ -917,6 +925,7 @@ impl Sandbox {
     /// Start a new sandbox from a snapshot. `name` defaults to a fresh id; `env_vars`, when
     /// given, replace the snapshot's variables; `resume: false` leaves it paused.
     pub async fn from_snapshot_in(dirs: Dirs, snapshot_id: &str, opts: RestoreOptions) -> Result<Sandbox> {
+        crate::config::control_timeout()?;
         let snap = Store::open(&dirs.data)?.get_snapshot(snapshot_id)?.ok_or_else(|| Error::SnapshotNotFound(snapshot_id.to_string()))?;
         let dir = snapshot_dir(&dirs, snapshot_id);
         let image: crate::image::BootImage = match std::fs::read(dir.join("image.json")).ok().and_then(|b| serde_json::from_slice(&b).ok())
@@ -944,17 +953,20 @@ impl Sandbox {
         if let Some(env) = &opts.env_vars {
             config.env_vars = env.clone();
         }
-        if let Some(mounts) = &opts.mounts {
-            // Saved with the VM, the devices cannot change; 9p devices cannot be saved at all.
-            if snap.kind == "full" && !mounts.is_empty() {
-                return Err(Error::validation(
-                    "mounts",
-                    format!("snapshot '{snapshot_id}' is a full snapshot, which restores without mounts (give them to a 'disk' snapshot's restore)"),
-                ));
-            }
-            config.workspace_mounts = mounts.clone();
+        // Saved with the VM, the devices cannot change; 9p devices cannot be saved at all.
+        if snap.kind == "full" && (opts.mounts.as_ref().is_some_and(|m| !m.is_empty()) || opts.writable_mounts == Some(true)) {
+            return Err(Error::validation(
+                "mounts",
+                format!(
+                    "snapshot '{snapshot_id}' is a full snapshot, which restores without mounts (give them to a 'disk' snapshot's restore)"
+                ),
+            ));
         }
-        if let Some(writable) = opts.writable_mounts {
+        if let Some(mounts) = &opts.mounts {
+            config.workspace_mounts = mounts.clone();
+            // New directories are read-only unless asked, whatever the old ones were.
+            config.writable_mounts = opts.writable_mounts.unwrap_or(false);
+        } else if let Some(writable) = opts.writable_mounts {
             config.writable_mounts = writable;
         }
         let mut sb = Sandbox::create_in(dirs.clone(), config, false).map_err(|e| match e {
@@ -983,7 +995,12 @@ impl Sandbox {
             };
             // Like any start: a `start` or `delete` of this name meanwhile waits for it.
             let _lock = sb.paths.wait_start_lock().await?;
-            sb.launch(&spec, opts.boot_timeout).await
+            sb.launch(&spec, opts.boot_timeout).await?;
+            // A disk snapshot's sandbox boots; asked not to run on, it is paused once up.
+            if spec.restore.is_none() && !opts.resume {
+                sb.pause().await?;
+            }
+            Ok(())
         }
         .await;
         match result {
@@ -1407,7 +1424,7 @@ impl Sandbox {
         if guest_port == 0 {
             return Err(Error::validation("guest_port", "0 is not a port (allowed 1..=65535)"));
         }
-        match self.call_within(&Request::Expose { guest: guest_port, host: host_port.unwrap_or(0) }, "expose", CALL_BOUND).await? {
+        match self.call_within(&Request::Expose { guest: guest_port, host: host_port.unwrap_or(0) }, "expose", control_wait()?).await? {
             Reply::Port(p) => Ok(p),
             Reply::Error { kind: ErrorKind::Invalid, message } => Err(Error::validation("port", message)),
             other => Err(unexpected("expose", other)),
@@ -1415,7 +1432,7 @@ impl Sandbox {
     }
 
     pub async fn unexpose_local(&self, guest_port: u16) -> Result<()> {
-        match self.call_within(&Request::Unexpose { guest: guest_port }, "unexpose", CALL_BOUND).await? {
+        match self.call_within(&Request::Unexpose { guest: guest_port }, "unexpose", control_wait()?).await? {
             Reply::Ok => Ok(()),
             Reply::Error { kind: ErrorKind::NotFound, message } => Err(Error::validation("guest_port", message)),
             other => Err(unexpected("unexpose", other)),

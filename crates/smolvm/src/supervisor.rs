@@ -628,6 +628,13 @@ async fn supervise(id: &str) -> i32 {
                     // of the paused VM then restores cleanly.
                     paused.store(true, Ordering::SeqCst);
                     let holding = agent.hold(HOLD_BOUND).await;
+                    // A client that gave up while the agent's writer was being held is not
+                    // paused for after all.
+                    if done.is_closed() {
+                        drop(holding);
+                        paused.store(false, Ordering::SeqCst);
+                        continue;
+                    }
                     let r = bounded(qmp.execute("stop"), "pause").await.map_err(|e| (ErrorKind::Failed, e.full_message()));
                     if r.is_ok() {
                         held = holding;

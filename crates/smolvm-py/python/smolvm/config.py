@@ -40,14 +40,16 @@ def _mount(m: Any) -> dict:
     the guest path defaults to ``/workspace/<the directory's name>``."""
     if isinstance(m, os.PathLike):
         m = {"host": os.fspath(m), "guest": None}
-    elif isinstance(m, str):
+    given = m
+    if isinstance(m, str):
         # A guest path is absolute: the split is at the last ":/", so host paths may hold colons.
         cut = m.rfind(":/")
         m = {"host": m[:cut], "guest": m[cut + 1:]} if cut >= 0 else {"host": m, "guest": None}
-    elif isinstance(m, (tuple, list)) and len(m) == 2:
+    elif isinstance(m, (tuple, list)) and len(m) == 2 and isinstance(m[0], (str, os.PathLike)):
         m = {"host": os.fspath(m[0]), "guest": m[1]}
-    if not isinstance(m, dict) or not m.get("host") or set(m) - {"host", "guest"}:
-        raise ValidationError(f"invalid mounts: {m!r} (use 'HOST[:GUEST]', a path, (host, guest) or {{'host': h, 'guest': g}})",
+    if (not isinstance(m, dict) or not m.get("host") or set(m) - {"host", "guest"}
+            or not isinstance(m["host"], (str, os.PathLike)) or not isinstance(m.get("guest"), (str, type(None)))):
+        raise ValidationError(f"invalid mounts: {given!r} (use 'HOST[:GUEST]', a path, (host, guest) or {{'host': h, 'guest': g}})",
                               {"field": "mounts"})
     return {"host": os.path.abspath(os.fspath(m["host"])), "guest": m.get("guest")}
 
@@ -58,6 +60,8 @@ def _mounts(value: Any) -> list:
         return []
     if isinstance(value, (str, os.PathLike, dict)):
         value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValidationError(f"invalid mounts: {value!r} (use a mount or a list of them)", {"field": "mounts"})
     return [_mount(m) for m in value]
 
 

@@ -155,8 +155,9 @@ class SmolVM:
         """Start a new sandbox from a snapshot; it is this object's to delete.
 
         ``mounts`` (as ``SmolVM(mounts=...)`` takes them; ``[]`` for none) replace the
-        snapshot's: a 'disk' snapshot's host directories may be gone since. ``None`` keeps them,
-        and ``writable_mounts=None`` keeps whether they are writable."""
+        snapshot's: a 'disk' snapshot's host directories may be gone since. ``None`` keeps them.
+        New mounts are read-only unless ``writable_mounts=True``; the snapshot's own keep their
+        setting unless it is given."""
         if backend not in (None, "qemu", "auto"):
             raise ValidationError(f"invalid backend: {backend!r} cannot restore this snapshot (allowed: 'qemu', 'auto')", {"field": "backend"})
         if resume_vm is not None:
