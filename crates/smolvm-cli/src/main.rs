@@ -1034,7 +1034,13 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
                 false => (Shell::Login, command_line(&command)),
             };
             let opts = RunOptions { timeout: Duration::ZERO, shell, env: env_flags(&env)?, ..Default::default() };
-            run_on_terminal(&sb, &command, &opts).await
+            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                run_on_terminal(&sb, &command, &opts).await
+            } else {
+                // As `ssh` does without a terminal of ours: the input is a script, whose end ends
+                // the shell, and stdout and stderr stay apart. (`exec -t` forces a terminal.)
+                run_streamed(&sb, &command, &opts, true).await
+            }
         }
         SandboxCmd::Logs { name, tail, follow } => {
             let sb = Sandbox::open_in(dirs, &name).await?;

@@ -139,18 +139,21 @@ fn sandbox_shell_runs_under_a_real_terminal_and_gives_it_back_as_it_was() {
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     assert!(stdout(&out).starts_with("/dev/pts/") && stdout(&out).contains("err\r\n"), "{:?}", stdout(&out));
 
-    // A shell fed from a pipe: typed in, as on a terminal.
+    // A shell fed from a pipe, as `ssh` does it: a login shell reading a script, no terminal,
+    // ended by the end of its input, stderr apart.
     let mut piped = env
         .cli()
         .args(["sandbox", "shell", "term"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    piped.stdin.take().unwrap().write_all(b"echo piped-$((2+3)); exit 6\n").unwrap();
+    piped.stdin.take().unwrap().write_all(b"echo piped-$((2+3)); tty; echo err >&2; false\n").unwrap();
     let out = wait_bounded(piped);
-    assert_eq!(out.status.code(), Some(6), "{}", stdout(&out));
-    assert!(stdout(&out).contains("\r\npiped-5\r\n"), "{:?}", stdout(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "piped-5\nnot a tty\n");
+    assert_eq!(stderr(&out), "err\n");
 
     let pty = nix::pty::openpty(None, None).unwrap();
     set_size(&pty.master, 30, 100);

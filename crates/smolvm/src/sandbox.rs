@@ -777,7 +777,7 @@ impl Sandbox {
         let (mut out_open, mut err_open) = (true, true);
         let (mut b1, mut b2) = (vec![0u8; 65536], vec![0u8; 65536]);
         let timeout_err = || Error::Timeout { operation: "run".into(), seconds: opts.timeout.as_secs_f64() };
-        let deadline = started + opts.timeout + Duration::from_secs(5);
+        let deadline = started + if opts.timeout.is_zero() { FOREVER } else { opts.timeout + Duration::from_secs(5) };
         while out_open || err_open {
             tokio::select! {
                 n = out.read(&mut b1), if out_open => match n {
@@ -1103,7 +1103,8 @@ impl Sandbox {
     }
 
     /// `run_streaming` whose stdin is read from `input` as the command goes (instead of
-    /// `RunOptions::stdin`, all at once). Sent only as fast as the command takes it.
+    /// `RunOptions::stdin`, all at once). Sent only as fast as the command takes it. A timeout
+    /// of zero is none (a shell reading a script for as long as its input lasts).
     pub async fn run_with_input(
         &self,
         command: &str,
@@ -1114,8 +1115,9 @@ impl Sandbox {
         if command.trim().is_empty() {
             return Err(Error::validation("command", "must not be empty"));
         }
-        if opts.timeout < Duration::from_secs(1) {
-            return Err(Error::validation("timeout", "must be at least 1 second"));
+        // (Zero: none, for a shell reading a script as long as its input lasts.)
+        if !opts.timeout.is_zero() && opts.timeout < Duration::from_secs(1) {
+            return Err(Error::validation("timeout", "must be at least 1 second, or 0 for none"));
         }
         smolvm_proto::env::validate_vars(&opts.env)?;
         match self.channel {

@@ -181,7 +181,9 @@ pub fn known_hosts_line(alias: &str, host_key: &str) -> Result<String> {
 pub fn remote_command(command: &str, login: bool, timeout_secs: u64, cwd: Option<&str>) -> String {
     let shell = if login { r#""${SHELL:-/bin/sh}" -lc"# } else { "/bin/sh -c" };
     let cd = cwd.map(|d| format!("cd {} && ", crate::env::quote(d))).unwrap_or_default();
-    format!("{cd}exec timeout -k 2 {timeout_secs} {shell} {}", crate::env::quote(command))
+    // (Zero: no timeout. Not passed on as such: busybox's `timeout 0` is no "none".)
+    let timeout = if timeout_secs == 0 { String::new() } else { format!("timeout -k 2 {timeout_secs} ") };
+    format!("{cd}exec {timeout}{shell} {}", crate::env::quote(command))
 }
 
 /// A path quoted for an sftp batch line. A line break (or any control character) would end the
@@ -276,6 +278,7 @@ mod tests {
         let c = remote_command("echo 'hi' $HOME", true, 7, Some("/tmp/a b"));
         assert_eq!(c, r#"cd '/tmp/a b' && exec timeout -k 2 7 "${SHELL:-/bin/sh}" -lc 'echo '"'"'hi'"'"' $HOME'"#);
         assert!(remote_command("true", false, 1, None).starts_with("exec timeout -k 2 1 /bin/sh -c "));
+        assert!(remote_command("true", false, 0, None).starts_with("exec /bin/sh -c "));
     }
 
     #[test]
