@@ -595,7 +595,10 @@ async fn supervise(id: &str) -> i32 {
                         tokio::spawn(serve_client(stream, agent.clone(), ctl_tx.clone(), id.clone(), paused.clone()));
                     }
                     // (Out of descriptors, say: no reason to spin.)
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    Err(e) => {
+                        tracing::debug!("accepting a client: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                 }
             }
         }
