@@ -401,6 +401,18 @@ fn a_pause_its_client_gave_up_on_is_not_done_later() {
     let info: serde_json::Value = serde_json::from_str(&ok(cli().args(["sandbox", "info", "busy", "--json"]).output().unwrap())).unwrap();
     assert_eq!(info["data"]["state"], "running", "{info}");
     ok(cli().args(["sandbox", "delete", "--force", "busy"]).output().unwrap());
+    // The saved VM loads only under the accelerator it ran under: recorded, and kept to.
+    let accel = smolvm::vmm::choose_accel().unwrap();
+    assert_eq!(std::fs::read_to_string(snapshot_dir(&env.dirs, "slow").join("accel")).unwrap(), accel.name());
+    let other = if accel == smolvm::vmm::Accel::Tcg { "kvm" } else { "tcg" };
+    let out = cli().env("SMOLVM_ACCEL", other).args(["sandbox", "snapshot", "restore", "slow", "--name", "elsewhere"]).output().unwrap();
+    assert_eq!(
+        stderr(&out).trim(),
+        format!(
+            "error: invalid SMOLVM_ACCEL: snapshot 'slow' was saved under {0} and loads only under it (unset SMOLVM_ACCEL or set it to {0})",
+            accel.name()
+        )
+    );
     ok(cli().args(["sandbox", "snapshot", "delete", "slow"]).output().unwrap());
     // A value that is not a number of seconds stops a start before anything runs.
     let out = env.cli().env("SMOLVM_CONTROL_TIMEOUT", "soon").args(["run", "true"]).output().unwrap();

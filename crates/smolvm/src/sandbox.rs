@@ -265,6 +265,38 @@ pub fn delete_snapshot(dirs: &Dirs, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// The accelerator a full snapshot's saved VM loads under: the one it ran under, since QEMU's
+/// microvm has other devices under KVM than under TCG (kvmclock against an RTC) and refuses a
+/// state with the other's. Snapshots from before this was recorded take the host's choice.
+fn restore_accel(dir: &Path, snapshot_id: &str) -> Result<crate::vmm::Accel> {
+    use crate::vmm::Accel;
+    let Ok(saved) = std::fs::read_to_string(dir.join("accel")) else {
+        return crate::vmm::choose_accel().map_err(Error::Host);
+    };
+    let saved = match saved.trim() {
+        "kvm" => Accel::Kvm,
+        "tcg" => Accel::Tcg,
+        other => return Err(Error::Host(format!("snapshot '{snapshot_id}' is damaged: it names no accelerator ({other:?})"))),
+    };
+    let asked = std::env::var("SMOLVM_ACCEL").map(|v| v.trim().to_ascii_lowercase()).unwrap_or_default();
+    if !matches!(asked.as_str(), "" | "auto") && asked != saved.name() {
+        return Err(Error::validation(
+            "SMOLVM_ACCEL",
+            format!(
+                "snapshot '{snapshot_id}' was saved under {} and loads only under it (unset SMOLVM_ACCEL or set it to {})",
+                saved.name(),
+                saved.name()
+            ),
+        ));
+    }
+    match saved {
+        Accel::Tcg => Ok(Accel::Tcg),
+        Accel::Kvm => crate::vmm::kvm_usable().map(|_| Accel::Kvm).map_err(|why| {
+            Error::Host(format!("snapshot '{snapshot_id}' was saved under KVM and loads only under it, which is not usable here: {why}"))
+        }),
+    }
+}
+
 /// A file transfer that makes no progress for this long has stalled (the agent or the
 /// supervisor is stuck): it ends with a timeout error.
 const TRANSFER_IDLE: Duration = Duration::from_secs(60);
@@ -980,7 +1012,10 @@ impl Sandbox {
         let result = async {
             // Fails if the snapshot was deleted since it was read; from here on a delete refuses.
             Store::open(&dirs.data)?.set_snapshot_origin(&sb.id, snapshot_id)?;
-            let accel = crate::vmm::choose_accel().map_err(Error::Host)?;
+            let accel = match snap.kind == "full" {
+                true => restore_accel(&dir, snapshot_id)?,
+                false => crate::vmm::choose_accel().map_err(Error::Host)?,
+            };
             let restore = (snap.kind == "full").then(|| RestoreSpec { state: dir.join("state"), resume: opts.resume, no_saved_env: false });
             let spec = BootSpec {
                 image,

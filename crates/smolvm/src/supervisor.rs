@@ -698,7 +698,7 @@ async fn supervise(id: &str) -> i32 {
                         paused.store(true, Ordering::SeqCst);
                     }
                     let holding = if kind == SnapshotKind::Full && !was_paused { agent.hold(HOLD_BOUND).await } else { None };
-                    let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped).await;
+                    let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped, spec.accel).await;
                     if keep_stopped && !was_paused {
                         if r.is_ok() {
                             held = holding;
@@ -1055,10 +1055,11 @@ fn vmm_complaints(log: &Path, from: u64) -> Option<String> {
     (!said.is_empty()).then(|| said[said.len().saturating_sub(3)..].join("; "))
 }
 
-/// Save the VM into `dir`. `full`: the device and memory state (QEMU's migration stream; when
-/// it completes QEMU has flushed the disk and stopped the CPUs) plus a copy of the disk overlay;
-/// `disk`: the overlay alone, copied while the CPUs are stopped. The VM runs on afterwards
-/// unless it was paused before.
+/// Save the VM into `dir`. `full`: the device and memory state (QEMU's migration stream, written
+/// with the CPUs stopped: a live save never ends while the guest changes memory faster than the
+/// stream's 128 MiB/s, easily done under KVM) plus a copy of the disk overlay; `disk`: the
+/// overlay alone, copied while the CPUs are stopped. The VM runs on afterwards unless it was
+/// paused before.
 async fn snapshot(
     qmp: &mut qemu::Qmp,
     overlay: Option<&Path>,
@@ -1066,6 +1067,7 @@ async fn snapshot(
     dir: &Path,
     kind: SnapshotKind,
     was_paused: bool,
+    accel: Accel,
 ) -> std::result::Result<(), (ErrorKind, String)> {
     let failed = |e: Error| (ErrorKind::Failed, e.full_message());
     std::fs::create_dir_all(dir).map_err(|e| (ErrorKind::Failed, format!("creating {}: {e}", dir.display())))?;
@@ -1074,7 +1076,12 @@ async fn snapshot(
     }
     let saving = async {
         match kind {
-            SnapshotKind::Full => qmp.save_to(&dir.join("state")).await?,
+            SnapshotKind::Full => {
+                if !was_paused {
+                    qmp.execute("stop").await?;
+                }
+                qmp.save_to(&dir.join("state")).await?
+            }
             SnapshotKind::Disk if !was_paused => {
                 qmp.execute("stop").await?;
             }
@@ -1087,6 +1094,10 @@ async fn snapshot(
         let saved = BootImage { rootfs: overlay.map(|_| dir.join("disk.qcow2")), ..image.clone() };
         std::fs::write(dir.join("image.json"), serde_json::to_vec(&saved).expect("image serializes"))
             .ctx(|| "writing image.json".into())?;
+        // A saved VM loads only under the accelerator it ran under (`sandbox::restore_accel`).
+        if kind == SnapshotKind::Full {
+            std::fs::write(dir.join("accel"), accel.name()).ctx(|| "writing the snapshot's accelerator".into())?;
+        }
         Ok::<_, Error>(())
     };
     let result = match within("snapshot", SNAPSHOT_BOUND, saving).await {

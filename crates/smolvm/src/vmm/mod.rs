@@ -12,6 +12,15 @@ pub enum Accel {
     Tcg,
 }
 
+impl Accel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
 /// Whether KVM can run an ordinary guest here, and why not.
 ///
 /// A /dev/kvm backed by nested "PVM" virtualisation (module kvm_pvm, no kvm_intel/kvm_amd)
