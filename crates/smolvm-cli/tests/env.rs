@@ -362,6 +362,11 @@ fn doctor_reports_each_check_and_fails_on_an_invalid_setting() {
     assert!(accel["detail"] == "KVM" || accel["detail"].as_str().unwrap().starts_with("TCG software emulation: "), "{accel}");
     assert_eq!(check("machine")["detail"], "microvm");
     assert_eq!(code, Some(0));
+    // TCG asked for: that is the reason given, and unsetting it the way back.
+    let (_, v) = doctor(&[("SMOLVM_ACCEL", "tcg")]);
+    let accel = v["data"].as_array().unwrap().iter().find(|c| c["name"] == "accelerator").unwrap().clone();
+    assert_eq!(accel["detail"], "TCG software emulation: SMOLVM_ACCEL=tcg", "{accel}");
+    assert!(accel["fix"].as_str().unwrap().contains("unset SMOLVM_ACCEL"), "{accel}");
     // A setting that cannot work fails its check, with the way out, and doctor exits 1.
     let (code, v) = doctor(&[("SMOLVM_MACHINE", "pc"), ("SMOLVM_ACCEL", "fast")]);
     assert_eq!(code, Some(1));

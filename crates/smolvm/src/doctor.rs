@@ -29,13 +29,21 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
     checks.push(match crate::vmm::choose_accel() {
         Ok(crate::vmm::Accel::Kvm) => check("accelerator", "ok", "KVM", None),
         Ok(crate::vmm::Accel::Tcg) => {
-            let why = crate::vmm::kvm_usable().err().unwrap_or_else(|| "SMOLVM_ACCEL=tcg".into());
-            check(
-                "accelerator",
-                "warn",
-                format!("TCG software emulation: {why}"),
-                Some("sandboxes work, slower; on bare metal load kvm_intel or kvm_amd"),
-            )
+            // Asked for, it is the reason, whatever KVM could do.
+            let asked = std::env::var("SMOLVM_ACCEL").is_ok_and(|v| v.trim().eq_ignore_ascii_case("tcg"));
+            let why = match crate::vmm::kvm_usable() {
+                _ if asked => "SMOLVM_ACCEL=tcg".to_string(),
+                Err(why) => why,
+                Ok(()) => "SMOLVM_ACCEL=tcg".to_string(),
+            };
+            let fix = if asked {
+                "sandboxes work, slower; unset SMOLVM_ACCEL to use KVM where it can run a guest"
+            } else if why.contains("kvm group") {
+                "sandboxes work, slower; add yourself to the kvm group (sudo usermod -aG kvm $USER), then log in again"
+            } else {
+                "sandboxes work, slower; on bare metal load kvm_intel or kvm_amd"
+            };
+            check("accelerator", "warn", format!("TCG software emulation: {why}"), Some(fix))
         }
         Err(e) => check("accelerator", "fail", e, Some("set SMOLVM_ACCEL to kvm, tcg or auto")),
     });
