@@ -30,11 +30,10 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
         Ok(crate::vmm::Accel::Kvm) => check("accelerator", "ok", "KVM", None),
         Ok(crate::vmm::Accel::Tcg) => {
             // Asked for, it is the reason, whatever KVM could do.
-            let asked = std::env::var("SMOLVM_ACCEL").is_ok_and(|v| v.trim().eq_ignore_ascii_case("tcg"));
+            let asked = crate::vmm::requested_accel() == Ok(Some(crate::vmm::Accel::Tcg));
             let why = match crate::vmm::kvm_usable() {
-                _ if asked => "SMOLVM_ACCEL=tcg".to_string(),
-                Err(why) => why,
-                Ok(()) => "SMOLVM_ACCEL=tcg".to_string(),
+                Err(why) if !asked => why,
+                _ => "SMOLVM_ACCEL=tcg".to_string(),
             };
             let fix = if asked {
                 "sandboxes work, slower; unset SMOLVM_ACCEL to use KVM where it can run a guest"

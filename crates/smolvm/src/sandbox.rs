@@ -278,8 +278,8 @@ fn restore_accel(dir: &Path, snapshot_id: &str) -> Result<crate::vmm::Accel> {
         "tcg" => Accel::Tcg,
         other => return Err(Error::Host(format!("snapshot '{snapshot_id}' is damaged: it names no accelerator ({other:?})"))),
     };
-    let asked = std::env::var("SMOLVM_ACCEL").map(|v| v.trim().to_ascii_lowercase()).unwrap_or_default();
-    if !matches!(asked.as_str(), "" | "auto") && asked != saved.name() {
+    let asked = crate::vmm::requested_accel().map_err(Error::Host)?;
+    if asked.is_some_and(|a| a != saved) {
         return Err(Error::validation(
             "SMOLVM_ACCEL",
             format!(
@@ -303,6 +303,18 @@ const TRANSFER_IDLE: Duration = Duration::from_secs(60);
 
 /// How long a request that starts no process may take (env, listening ports).
 const CALL_BOUND: Duration = Duration::from_secs(30);
+
+/// What every way of running a command checks first. A timeout of zero is none.
+fn check_run(command: &str, opts: &RunOptions) -> Result<()> {
+    if command.trim().is_empty() {
+        return Err(Error::validation("command", "must not be empty"));
+    }
+    if !opts.timeout.is_zero() && opts.timeout < Duration::from_secs(1) {
+        return Err(Error::validation("timeout", "must be at least 1 second, or 0 for none"));
+    }
+    smolvm_proto::env::validate_vars(&opts.env)?;
+    Ok(())
+}
 
 /// How long this client waits for a control request (pause, resume, ports): the supervisor's
 /// bound and a margin, so that its timeout answer, and with it the request's dropping, comes
@@ -1147,14 +1159,7 @@ impl Sandbox {
         input: Option<Input>,
         on_output: impl FnMut(Output<'_>),
     ) -> Result<CommandResult> {
-        if command.trim().is_empty() {
-            return Err(Error::validation("command", "must not be empty"));
-        }
-        // (Zero: none, for a shell reading a script as long as its input lasts.)
-        if !opts.timeout.is_zero() && opts.timeout < Duration::from_secs(1) {
-            return Err(Error::validation("timeout", "must be at least 1 second, or 0 for none"));
-        }
-        smolvm_proto::env::validate_vars(&opts.env)?;
+        check_run(command, opts)?;
         match self.channel {
             Channel::Agent => self.run_agent(command, opts, input, None, on_output).await,
             Channel::Ssh => {
@@ -1177,18 +1182,12 @@ impl Sandbox {
         terminal: Terminal,
         on_output: impl FnMut(Output<'_>),
     ) -> Result<CommandResult> {
-        if command.trim().is_empty() {
-            return Err(Error::validation("command", "must not be empty"));
-        }
-        if !opts.timeout.is_zero() && opts.timeout < Duration::from_secs(1) {
-            return Err(Error::validation("timeout", "must be at least 1 second, or 0 for none"));
-        }
+        check_run(command, opts)?;
         for (field, n) in [("rows", terminal.size.rows), ("cols", terminal.size.cols)] {
             if n == 0 {
                 return Err(Error::validation(field, "must be at least 1"));
             }
         }
-        smolvm_proto::env::validate_vars(&opts.env)?;
         match self.channel {
             Channel::Agent => self.run_agent(command, opts, Some(input), Some(terminal), on_output).await,
             Channel::Ssh => Err(Error::validation(

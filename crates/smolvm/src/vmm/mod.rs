@@ -44,10 +44,19 @@ pub fn kvm_usable() -> Result<(), String> {
 
 /// `SMOLVM_ACCEL=kvm|tcg|auto` (default auto: KVM where it can run a guest, else TCG).
 pub fn choose_accel() -> Result<Accel, String> {
+    match requested_accel()? {
+        None => Ok(if kvm_usable().is_ok() { Accel::Kvm } else { Accel::Tcg }),
+        Some(Accel::Kvm) => kvm_usable().map(|_| Accel::Kvm).map_err(|why| format!("SMOLVM_ACCEL=kvm but KVM is not usable: {why}")),
+        Some(Accel::Tcg) => Ok(Accel::Tcg),
+    }
+}
+
+/// The accelerator `SMOLVM_ACCEL` asks for; None for `auto` (or unset).
+pub fn requested_accel() -> Result<Option<Accel>, String> {
     match std::env::var("SMOLVM_ACCEL").unwrap_or_default().to_ascii_lowercase().as_str() {
-        "" | "auto" => Ok(if kvm_usable().is_ok() { Accel::Kvm } else { Accel::Tcg }),
-        "kvm" => kvm_usable().map(|_| Accel::Kvm).map_err(|why| format!("SMOLVM_ACCEL=kvm but KVM is not usable: {why}")),
-        "tcg" => Ok(Accel::Tcg),
+        "" | "auto" => Ok(None),
+        "kvm" => Ok(Some(Accel::Kvm)),
+        "tcg" => Ok(Some(Accel::Tcg)),
         other => Err(format!("SMOLVM_ACCEL={other:?} is not allowed (allowed: kvm, tcg, auto)")),
     }
 }
