@@ -30,15 +30,53 @@ pub fn kvm_usable() -> Result<(), String> {
     if !kvm.exists() {
         return Err("/dev/kvm does not exist (no hardware virtualisation, or the kvm module is not loaded)".into());
     }
-    if std::fs::OpenOptions::new().read(true).write(true).open(kvm).is_err() {
+    let Ok(dev) = std::fs::OpenOptions::new().read(true).write(true).open(kvm) else {
         return Err("/dev/kvm cannot be opened for reading and writing (add yourself to the kvm group)".into());
-    }
+    };
     if Path::new("/sys/module/kvm_pvm").exists() {
         return Err("/dev/kvm is nested PVM virtualisation (kvm_pvm), which cannot run a stock guest kernel".into());
     }
     if !Path::new("/sys/module/kvm_intel").exists() && !Path::new("/sys/module/kvm_amd").exists() {
         return Err("neither kvm_intel nor kvm_amd is loaded".into());
     }
+    kvm_creates_vm(&dev)
+}
+
+/// Whether `dev` (an open /dev/kvm) can make a VM with a vCPU, as QEMU will. Where another
+/// hypervisor holds the CPU's virtualisation (VirtualBox, VMware), or the firmware turned it
+/// off after the module loaded, /dev/kvm opens but this fails; QEMU would then fail every
+/// start, where TCG still works.
+fn kvm_creates_vm(dev: &std::fs::File) -> Result<(), String> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // From <linux/kvm.h>: _IO(KVMIO, 0x00), _IO(KVMIO, 0x01) and _IO(KVMIO, 0x41); KVMIO is 0xAE.
+    const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
+    const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
+    const KVM_CREATE_VCPU: libc::c_ulong = 0xAE41;
+    // SAFETY: an ioctl without an argument on a descriptor we own; it touches no memory of ours.
+    let version = unsafe { libc::ioctl(dev.as_raw_fd(), KVM_GET_API_VERSION as _, 0) };
+    if version != 12 {
+        return Err(match version {
+            -1 => format!("/dev/kvm does not answer as KVM ({})", std::io::Error::last_os_error()),
+            v => format!("/dev/kvm speaks KVM API version {v}, not 12"),
+        });
+    }
+    // SAFETY: as above; the argument 0 asks for the default machine type.
+    let vm = unsafe { libc::ioctl(dev.as_raw_fd(), KVM_CREATE_VM as _, 0) };
+    if vm < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!("/dev/kvm cannot create a VM ({e}); another hypervisor may hold the CPU's virtualisation"));
+    }
+    // SAFETY: KVM_CREATE_VM returned a new descriptor that nothing else owns.
+    let vm = unsafe { OwnedFd::from_raw_fd(vm) };
+    // SAFETY: an ioctl on the VM descriptor we own; the argument is the vCPU's id.
+    let vcpu = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_CREATE_VCPU as _, 0) };
+    if vcpu < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!("/dev/kvm cannot create a vCPU ({e}); another hypervisor may hold the CPU's virtualisation"));
+    }
+    // SAFETY: KVM_CREATE_VCPU returned a new descriptor that nothing else owns; dropping it
+    // closes it, before the VM's.
+    drop(unsafe { OwnedFd::from_raw_fd(vcpu) });
     Ok(())
 }
 
@@ -143,6 +181,31 @@ fn measure_tsc_khz() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_that_is_not_kvm_is_not_taken_for_it() {
+        let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").unwrap();
+        let why = kvm_creates_vm(&null).unwrap_err();
+        assert!(why.starts_with("/dev/kvm does not answer as KVM ("), "{why}");
+    }
+
+    /// Where /dev/kvm opens (nested PVM here, real KVM on a workstation), a VM and a vCPU can
+    /// be made and are closed again.
+    #[test]
+    fn kvm_makes_a_vm_where_it_opens() {
+        let Ok(dev) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") else {
+            eprintln!("no /dev/kvm here: the probe is only checked against /dev/null");
+            return;
+        };
+        kvm_creates_vm(&dev).unwrap();
+        let kvm_fds: Vec<_> = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with("anon_inode:kvm-"))
+            .collect();
+        assert!(kvm_fds.is_empty(), "the probe left {kvm_fds:?} open");
+    }
 
     #[test]
     fn a_kept_rate_counts_only_in_the_boot_it_was_measured_in() {
