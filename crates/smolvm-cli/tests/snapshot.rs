@@ -363,10 +363,11 @@ async fn clones_of_snapshots_taken_mid_transfer_talk_to_their_host() {
 #[test]
 fn a_pause_its_client_gave_up_on_is_not_done_later() {
     let env = env();
-    // Control requests wait 1 s here (SMOLVM_CONTROL_TIMEOUT), in the supervisor too.
+    // Control requests wait 1 s here (SMOLVM_CONTROL_TIMEOUT), in the supervisor too, and
+    // snapshots are written at 100 MiB/s (unlimited, 500 MB take about half a second).
     let cli = || {
         let mut c = env.cli();
-        c.env("SMOLVM_CONTROL_TIMEOUT", "1");
+        c.env("SMOLVM_CONTROL_TIMEOUT", "1").env("SMOLVM_SNAPSHOT_BANDWIDTH", "100");
         c
     };
     let ok = |out: std::process::Output| {
@@ -374,8 +375,8 @@ fn a_pause_its_client_gave_up_on_is_not_done_later() {
         stdout(&out)
     };
     ok(cli().args(["sandbox", "create", "--name", "busy", "--memory", "2048"]).output().unwrap());
-    // RAM full of data (500 MB) makes the snapshot take seconds (about 4 under TCG), during
-    // which the control loop serves nothing else.
+    // RAM full of data (500 MB) makes the snapshot take seconds (about 5 at 100 MiB/s),
+    // during which the control loop serves nothing else.
     let fill = "i=0; while [ $i -lt 420 ]; do cat /bin/busybox; i=$((i+1)); done > /dev/shm/fill";
     ok(cli().args(["sandbox", "exec", "busy", "--", fill]).output().unwrap());
     let snapshot = cli().args(["sandbox", "snapshot", "create", "busy", "--snapshot-id", "slow"]).spawn().unwrap();
@@ -419,6 +420,15 @@ fn a_pause_its_client_gave_up_on_is_not_done_later() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("invalid SMOLVM_CONTROL_TIMEOUT: \"soon\" is not a number of seconds (allowed: 1 to 3600)"),
+        "{}",
+        stderr(&out)
+    );
+    let out = env.cli().env("SMOLVM_SNAPSHOT_BANDWIDTH", "fast").args(["run", "true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "invalid SMOLVM_SNAPSHOT_BANDWIDTH: \"fast\" is not a whole number of MiB per second (allowed: 1 to 1048576, or unlimited)"
+        ),
         "{}",
         stderr(&out)
     );

@@ -432,6 +432,27 @@ fn parse_control_timeout(value: Option<&str>) -> Result<std::time::Duration> {
     }
 }
 
+/// `SMOLVM_SNAPSHOT_BANDWIDTH`: the MiB per second a full snapshot's state is written at, so
+/// that saving a big sandbox need not take a shared host's disk from everything else; None is
+/// no limit (the default: the CPUs are stopped while it is written).
+pub fn snapshot_bandwidth() -> Result<Option<u64>> {
+    parse_snapshot_bandwidth(std::env::var("SMOLVM_SNAPSHOT_BANDWIDTH").ok().as_deref())
+}
+
+fn parse_snapshot_bandwidth(value: Option<&str>) -> Result<Option<u64>> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(v) if v.eq_ignore_ascii_case("unlimited") => Ok(None),
+        Some(v) => match v.parse::<u64>() {
+            Ok(mib) if (1..=1_048_576).contains(&mib) => Ok(Some(mib)),
+            _ => Err(Error::validation(
+                "SMOLVM_SNAPSHOT_BANDWIDTH",
+                format!("{v:?} is not a whole number of MiB per second (allowed: 1 to 1048576, or unlimited)"),
+            )),
+        },
+    }
+}
+
 /// `1/true/yes/on` (any case) are true, `0/false/no/off` false, anything else the default.
 pub fn env_flag(name: &str, default: bool) -> bool {
     match std::env::var(name).map(|v| v.trim().to_ascii_lowercase()) {
@@ -533,6 +554,20 @@ mod tests {
         for bad in ["0", "0.5", "3601", "x", "-1", "NaN", "inf"] {
             let err = parse_control_timeout(Some(bad)).unwrap_err().to_string();
             assert_eq!(err, format!("invalid SMOLVM_CONTROL_TIMEOUT: {bad:?} is not a number of seconds (allowed: 1 to 3600)"));
+        }
+    }
+
+    #[test]
+    fn snapshot_bandwidths() {
+        assert_eq!(parse_snapshot_bandwidth(None).unwrap(), None);
+        assert_eq!(parse_snapshot_bandwidth(Some(" Unlimited ")).unwrap(), None);
+        assert_eq!(parse_snapshot_bandwidth(Some("100")).unwrap(), Some(100));
+        for bad in ["0", "1.5", "1048577", "fast", "-1"] {
+            let err = parse_snapshot_bandwidth(Some(bad)).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!("invalid SMOLVM_SNAPSHOT_BANDWIDTH: {bad:?} is not a whole number of MiB per second (allowed: 1 to 1048576, or unlimited)")
+            );
         }
     }
 

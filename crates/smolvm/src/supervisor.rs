@@ -1057,7 +1057,7 @@ fn vmm_complaints(log: &Path, from: u64) -> Option<String> {
 
 /// Save the VM into `dir`. `full`: the device and memory state (QEMU's migration stream, written
 /// with the CPUs stopped: a live save never ends while the guest changes memory faster than the
-/// stream's 128 MiB/s, easily done under KVM) plus a copy of the disk overlay; `disk`: the
+/// stream goes, easily done under KVM) plus a copy of the disk overlay; `disk`: the
 /// overlay alone, copied while the CPUs are stopped. The VM runs on afterwards unless it was
 /// paused before.
 async fn snapshot(
@@ -1080,7 +1080,8 @@ async fn snapshot(
                 if !was_paused {
                     qmp.execute("stop").await?;
                 }
-                qmp.save_to(&dir.join("state")).await?
+                // (Its starter checked the value: a bad one never gets here.)
+                qmp.save_to(&dir.join("state"), crate::config::snapshot_bandwidth().unwrap_or(None)).await?
             }
             SnapshotKind::Disk if !was_paused => {
                 qmp.execute("stop").await?;

@@ -524,8 +524,12 @@ impl Qmp {
 
     /// Write the VM's device and memory state to `file` (QEMU's migration stream). When this
     /// returns the CPUs are stopped and the disks flushed; `cont` resumes.
-    pub async fn save_to(&mut self, file: &Path) -> Result<()> {
+    /// `mib_per_s` caps the stream (None: as fast as the disk takes it).
+    pub async fn save_to(&mut self, file: &Path, mib_per_s: Option<u64>) -> Result<()> {
         self.ignore_shared().await?;
+        // QEMU's default cap (128 MiB/s) is meant for live migration over a network.
+        let bytes_per_s = mib_per_s.map_or(UNLIMITED_SAVE, |mib| mib << 20);
+        self.execute_args("migrate-set-parameters", serde_json::json!({ "max-bandwidth": bytes_per_s })).await?;
         let uri = format!("exec:cat > {}", shell_quote(file)?);
         self.execute_args("migrate", serde_json::json!({ "uri": uri })).await?;
         let status = self
@@ -583,6 +587,9 @@ impl Qmp {
         }
     }
 }
+
+/// Bytes per second: no limit in practice (64 GiB/s).
+const UNLIMITED_SAVE: u64 = 64 << 30;
 
 /// QEMU runs `exec:` URIs through /bin/sh; paths are quoted, and ones that cannot be are refused.
 fn shell_quote(path: &Path) -> Result<String> {
