@@ -289,12 +289,18 @@ fn restore_accel(dir: &Path, snapshot_id: &str) -> Result<crate::vmm::Accel> {
             ),
         ));
     }
-    match saved {
-        Accel::Tcg => Ok(Accel::Tcg),
-        Accel::Kvm => crate::vmm::kvm_usable().map(|_| Accel::Kvm).map_err(|why| {
-            Error::Host(format!("snapshot '{snapshot_id}' was saved under KVM and loads only under it, which is not usable here: {why}"))
-        }),
+    if saved == Accel::Tcg {
+        return Ok(Accel::Tcg);
     }
+    crate::vmm::kvm_usable().map_err(|why| {
+        Error::Host(format!("snapshot '{snapshot_id}' was saved under KVM and loads only under it, which is not usable here: {why}"))
+    })?;
+    // (Snapshots from before the CPU was recorded have no file: QEMU's load is the check.)
+    if let Ok(cpu) = std::fs::read_to_string(dir.join("cpu")) {
+        crate::vmm::cpu_can_resume(&cpu, &crate::vmm::host_cpu_identity())
+            .map_err(|why| Error::Host(format!("snapshot '{snapshot_id}' cannot be resumed on this host: {why}")))?;
+    }
+    Ok(Accel::Kvm)
 }
 
 /// A file transfer that makes no progress for this long has stalled (the agent or the

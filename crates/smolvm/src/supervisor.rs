@@ -1098,6 +1098,10 @@ async fn snapshot(
         // A saved VM loads only under the accelerator it ran under (`sandbox::restore_accel`).
         if kind == SnapshotKind::Full {
             std::fs::write(dir.join("accel"), accel.name()).ctx(|| "writing the snapshot's accelerator".into())?;
+            // A KVM guest saw this host's CPU: it can be resumed only where all its features are.
+            if accel == Accel::Kvm {
+                std::fs::write(dir.join("cpu"), crate::vmm::host_cpu_identity()).ctx(|| "writing the snapshot's CPU".into())?;
+            }
         }
         Ok::<_, Error>(())
     };

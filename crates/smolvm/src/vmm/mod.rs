@@ -80,6 +80,39 @@ fn kvm_creates_vm(dev: &std::fs::File) -> Result<(), String> {
     Ok(())
 }
 
+/// The first CPU's model and flags, and the kernel's release: what a KVM guest's CPU is made of
+/// (it sees `-cpu host`).
+pub fn host_cpu_identity() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let first = cpuinfo.split("\n\n").next().unwrap_or("");
+    let wanted: Vec<&str> = first.lines().filter(|l| l.starts_with("model name") || l.starts_with("flags")).collect();
+    let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    format!("{}\n{release}", wanted.join("\n"))
+}
+
+/// Whether a VM saved under KVM on the CPU `saved` ([`host_cpu_identity`]) can be resumed on
+/// the CPU `here`: its guest may use any feature it saw, so every one must be here too. Another
+/// model or kernel with all of them is fine (a user's snapshot outlives kernel upgrades; a warm
+/// template, only a cache, is keyed on the whole identity instead).
+pub fn cpu_can_resume(saved: &str, here: &str) -> Result<(), String> {
+    let field = |identity: &str, name: &str| -> String {
+        let line = identity.lines().find(|l| l.starts_with(name)).unwrap_or("");
+        line.split_once(':').map(|(_, v)| v.trim().to_string()).unwrap_or_default()
+    };
+    let here_flags = field(here, "flags");
+    let here_flags: std::collections::HashSet<&str> = here_flags.split_whitespace().collect();
+    let missing: Vec<String> = field(saved, "flags").split_whitespace().filter(|f| !here_flags.contains(f)).map(str::to_string).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let shown = if missing.len() > 8 { format!("{} and {} more", missing[..8].join(", "), missing.len() - 8) } else { missing.join(", ") };
+    Err(format!(
+        "it was saved on a CPU ({}) with features this one ({}) lacks: {shown}",
+        field(saved, "model name"),
+        field(here, "model name")
+    ))
+}
+
 /// `SMOLVM_ACCEL=kvm|tcg|auto` (default auto: KVM where it can run a guest, else TCG).
 pub fn choose_accel() -> Result<Accel, String> {
     match requested_accel()? {
@@ -181,6 +214,29 @@ fn measure_tsc_khz() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kvm_guests_cpu_is_this_hosts_model_flags_and_kernel() {
+        let id = host_cpu_identity();
+        assert!(id.contains("flags") && id.lines().count() >= 2, "{id}");
+        assert!(id.ends_with(&nix::sys::utsname::uname().unwrap().release().to_string_lossy().into_owned()), "{id}");
+        assert_eq!(cpu_can_resume(&id, &id), Ok(()));
+    }
+
+    #[test]
+    fn a_kvm_state_goes_on_only_where_every_feature_it_saw_is() {
+        let cpu = |model: &str, flags: &str, kernel: &str| format!("model name\t: {model}\nflags\t\t: {flags}\n{kernel}");
+        let saved = cpu("Xeon A", "fpu sse2 avx2 avx512f", "6.1.0");
+        // Another model or kernel with all of them, and more.
+        assert_eq!(cpu_can_resume(&saved, &cpu("Xeon B", "fpu sse2 avx2 avx512f amx_tile", "6.8.0")), Ok(()));
+        assert_eq!(
+            cpu_can_resume(&saved, &cpu("EPYC C", "fpu sse2 avx2", "6.1.0")).unwrap_err(),
+            "it was saved on a CPU (Xeon A) with features this one (EPYC C) lacks: avx512f"
+        );
+        let many: Vec<String> = (0..10).map(|i| format!("f{i}")).collect();
+        let err = cpu_can_resume(&cpu("X", &many.join(" "), "k"), &cpu("Y", "", "k")).unwrap_err();
+        assert!(err.ends_with("lacks: f0, f1, f2, f3, f4, f5, f6, f7 and 2 more"), "{err}");
+    }
 
     #[test]
     fn a_device_that_is_not_kvm_is_not_taken_for_it() {
