@@ -37,6 +37,8 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
             };
             let fix = if asked {
                 "sandboxes work, slower; unset SMOLVM_ACCEL to use KVM where it can run a guest"
+            } else if why.contains("another hypervisor") {
+                "sandboxes work, slower; quit VirtualBox or VMware (or unload their kernel modules) to free the CPU's virtualisation for KVM"
             } else if why.contains("kvm group") {
                 "sandboxes work, slower; add yourself to the kvm group (sudo usermod -aG kvm $USER), then log in again"
             } else {

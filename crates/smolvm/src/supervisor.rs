@@ -1081,7 +1081,7 @@ async fn snapshot(
                     qmp.execute("stop").await?;
                 }
                 // (Its starter checked the value: a bad one never gets here.)
-                qmp.save_to(&dir.join("state"), crate::config::snapshot_bandwidth().unwrap_or(None)).await?
+                qmp.save_to(&dir.join("state"), crate::config::snapshot_bandwidth().unwrap_or(None), SNAPSHOT_BOUND).await?
             }
             SnapshotKind::Disk if !was_paused => {
                 qmp.execute("stop").await?;

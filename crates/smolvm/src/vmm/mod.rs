@@ -52,8 +52,9 @@ fn kvm_creates_vm(dev: &std::fs::File) -> Result<(), String> {
     const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
     const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
     const KVM_CREATE_VCPU: libc::c_ulong = 0xAE41;
-    // SAFETY: an ioctl without an argument on a descriptor we own; it touches no memory of ours.
-    let version = unsafe { libc::ioctl(dev.as_raw_fd(), KVM_GET_API_VERSION as _, 0) };
+    // SAFETY: an ioctl that takes no pointer, on a descriptor open for the call's length; it
+    // touches no memory of ours.
+    let version = unsafe { libc::ioctl(dev.as_raw_fd(), KVM_GET_API_VERSION as _, 0 as libc::c_ulong) };
     if version != 12 {
         return Err(match version {
             -1 => format!("/dev/kvm does not answer as KVM ({})", std::io::Error::last_os_error()),
@@ -61,7 +62,7 @@ fn kvm_creates_vm(dev: &std::fs::File) -> Result<(), String> {
         });
     }
     // SAFETY: as above; the argument 0 asks for the default machine type.
-    let vm = unsafe { libc::ioctl(dev.as_raw_fd(), KVM_CREATE_VM as _, 0) };
+    let vm = unsafe { libc::ioctl(dev.as_raw_fd(), KVM_CREATE_VM as _, 0 as libc::c_ulong) };
     if vm < 0 {
         let e = std::io::Error::last_os_error();
         return Err(format!("/dev/kvm cannot create a VM ({e}); another hypervisor may hold the CPU's virtualisation"));
@@ -69,7 +70,7 @@ fn kvm_creates_vm(dev: &std::fs::File) -> Result<(), String> {
     // SAFETY: KVM_CREATE_VM returned a new descriptor that nothing else owns.
     let vm = unsafe { OwnedFd::from_raw_fd(vm) };
     // SAFETY: an ioctl on the VM descriptor we own; the argument is the vCPU's id.
-    let vcpu = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_CREATE_VCPU as _, 0) };
+    let vcpu = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_CREATE_VCPU as _, 0 as libc::c_ulong) };
     if vcpu < 0 {
         let e = std::io::Error::last_os_error();
         return Err(format!("/dev/kvm cannot create a vCPU ({e}); another hypervisor may hold the CPU's virtualisation"));
@@ -91,17 +92,24 @@ pub fn host_cpu_identity() -> String {
 }
 
 /// Whether a VM saved under KVM on the CPU `saved` ([`host_cpu_identity`]) can be resumed on
-/// the CPU `here`: its guest may use any feature it saw, so every one must be here too. Another
-/// model or kernel with all of them is fine (a user's snapshot outlives kernel upgrades; a warm
-/// template, only a cache, is keyed on the whole identity instead).
+/// the CPU `here`: its guest may use any instruction set extension it saw, so every one must be
+/// here too. Another model or kernel with all of them is fine (a user's snapshot outlives kernel
+/// upgrades; a warm template, only a cache, is keyed on the whole identity instead). The flags
+/// Linux adds of its own (`pti`, `hypervisor`, `constant_tsc`, mitigations, VMX details) vary
+/// with boot options and say nothing of what a guest can run, so only extensions count. Where
+/// this host's flags cannot be read, QEMU's load is the only check.
 pub fn cpu_can_resume(saved: &str, here: &str) -> Result<(), String> {
     let field = |identity: &str, name: &str| -> String {
         let line = identity.lines().find(|l| l.starts_with(name)).unwrap_or("");
         line.split_once(':').map(|(_, v)| v.trim().to_string()).unwrap_or_default()
     };
     let here_flags = field(here, "flags");
+    if here_flags.is_empty() {
+        return Ok(());
+    }
     let here_flags: std::collections::HashSet<&str> = here_flags.split_whitespace().collect();
-    let missing: Vec<String> = field(saved, "flags").split_whitespace().filter(|f| !here_flags.contains(f)).map(str::to_string).collect();
+    let missing: Vec<String> =
+        field(saved, "flags").split_whitespace().filter(|f| is_isa_extension(f) && !here_flags.contains(f)).map(str::to_string).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -111,6 +119,57 @@ pub fn cpu_can_resume(saved: &str, here: &str) -> Result<(), String> {
         field(saved, "model name"),
         field(here, "model name")
     ))
+}
+
+/// Instruction set extensions among /proc/cpuinfo's flags: what a guest's programs or kernel
+/// may have started using, and fault on where missing.
+fn is_isa_extension(flag: &str) -> bool {
+    const PREFIXES: &[&str] = &[
+        "sse",
+        "ssse3",
+        "pni",
+        "avx",
+        "amx",
+        "fma",
+        "f16c",
+        "aes",
+        "vaes",
+        "pclmulqdq",
+        "vpclmulqdq",
+        "gfni",
+        "sha_ni",
+        "bmi",
+        "adx",
+        "abm",
+        "movbe",
+        "popcnt",
+        "xsave",
+        "rdrand",
+        "rdseed",
+        "rdpid",
+        "rdtscp",
+        "erms",
+        "fsrm",
+        "clflushopt",
+        "clwb",
+        "fsgsbase",
+        "pku",
+        "la57",
+        "pdpe1gb",
+        "cx16",
+        "movdir",
+        "serialize",
+        "waitpkg",
+        "rtm",
+        "hle",
+        "lm",
+        "nx",
+        "x2apic",
+        "smep",
+        "smap",
+        "umip",
+    ];
+    PREFIXES.iter().any(|p| flag.starts_with(p))
 }
 
 /// `SMOLVM_ACCEL=kvm|tcg|auto` (default auto: KVM where it can run a guest, else TCG).
@@ -226,16 +285,18 @@ mod tests {
     #[test]
     fn a_kvm_state_goes_on_only_where_every_feature_it_saw_is() {
         let cpu = |model: &str, flags: &str, kernel: &str| format!("model name\t: {model}\nflags\t\t: {flags}\n{kernel}");
-        let saved = cpu("Xeon A", "fpu sse2 avx2 avx512f", "6.1.0");
-        // Another model or kernel with all of them, and more.
+        let saved = cpu("Xeon A", "fpu sse2 avx2 avx512f hypervisor pti constant_tsc", "6.1.0");
+        // Another model or kernel with all of them, and more; Linux's own flags do not count.
         assert_eq!(cpu_can_resume(&saved, &cpu("Xeon B", "fpu sse2 avx2 avx512f amx_tile", "6.8.0")), Ok(()));
+        // Nothing known of this host's CPU: QEMU's load decides.
+        assert_eq!(cpu_can_resume(&saved, "\n6.1.0"), Ok(()));
         assert_eq!(
             cpu_can_resume(&saved, &cpu("EPYC C", "fpu sse2 avx2", "6.1.0")).unwrap_err(),
             "it was saved on a CPU (Xeon A) with features this one (EPYC C) lacks: avx512f"
         );
-        let many: Vec<String> = (0..10).map(|i| format!("f{i}")).collect();
-        let err = cpu_can_resume(&cpu("X", &many.join(" "), "k"), &cpu("Y", "", "k")).unwrap_err();
-        assert!(err.ends_with("lacks: f0, f1, f2, f3, f4, f5, f6, f7 and 2 more"), "{err}");
+        let many: Vec<String> = (0..10).map(|i| format!("avx512_{i}")).collect();
+        let err = cpu_can_resume(&cpu("X", &many.join(" "), "k"), &cpu("Y", "fpu", "k")).unwrap_err();
+        assert!(err.ends_with("lacks: avx512_0, avx512_1, avx512_2, avx512_3, avx512_4, avx512_5, avx512_6, avx512_7 and 2 more"), "{err}");
     }
 
     #[test]
@@ -245,15 +306,18 @@ mod tests {
         assert!(why.starts_with("/dev/kvm does not answer as KVM ("), "{why}");
     }
 
-    /// Where /dev/kvm opens (nested PVM here, real KVM on a workstation), a VM and a vCPU can
-    /// be made and are closed again.
+    /// Where /dev/kvm opens (nested PVM here, real KVM on a workstation), a VM and a vCPU are
+    /// made and closed again.
     #[test]
     fn kvm_makes_a_vm_where_it_opens() {
         let Ok(dev) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") else {
             eprintln!("no /dev/kvm here: the probe is only checked against /dev/null");
             return;
         };
-        kvm_creates_vm(&dev).unwrap();
+        // Where another hypervisor holds the CPU's virtualisation, the probe says so instead.
+        if let Err(why) = kvm_creates_vm(&dev) {
+            assert!(why.contains("another hypervisor may hold the CPU's virtualisation"), "{why}");
+        }
         let kvm_fds: Vec<_> = std::fs::read_dir("/proc/self/fd")
             .unwrap()
             .flatten()

@@ -524,26 +524,23 @@ impl Qmp {
 
     /// Write the VM's device and memory state to `file` (QEMU's migration stream). When this
     /// returns the CPUs are stopped and the disks flushed; `cont` resumes.
-    /// `mib_per_s` caps the stream (None: as fast as the disk takes it).
-    pub async fn save_to(&mut self, file: &Path, mib_per_s: Option<u64>) -> Result<()> {
+    /// `mib_per_s` caps the stream (None: as fast as the disk takes it). A save that fails or
+    /// takes longer than `bound` is cancelled: it must not go on writing, nor stop the VM again
+    /// when it completes after all.
+    pub async fn save_to(&mut self, file: &Path, mib_per_s: Option<u64>, bound: std::time::Duration) -> Result<()> {
         self.ignore_shared().await?;
         // QEMU's default cap (128 MiB/s) is meant for live migration over a network.
         let bytes_per_s = mib_per_s.map_or(UNLIMITED_SAVE, |mib| mib << 20);
         self.execute_args("migrate-set-parameters", serde_json::json!({ "max-bandwidth": bytes_per_s })).await?;
         let uri = format!("exec:cat > {}", shell_quote(file)?);
         self.execute_args("migrate", serde_json::json!({ "uri": uri })).await?;
-        let status = self
-            .wait_while(
-                "query-migrate",
-                "status",
-                &["", "setup", "active", "device", "pre-switchover"],
-                std::time::Duration::from_secs(120),
-            )
-            .await?;
-        if status != "completed" {
-            return Err(Error::Host(format!("saving the VM state ended as {status:?}")));
-        }
-        Ok(())
+        let failed = match self.wait_while("query-migrate", "status", &["", "setup", "active", "device", "pre-switchover"], bound).await {
+            Ok(status) if status == "completed" => return Ok(()),
+            Ok(status) => Error::Host(format!("saving the VM state ended as {status:?}")),
+            Err(e) => e,
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.execute("migrate_cancel")).await;
+        Err(failed)
     }
 
     /// Load the state a VM was started with (`incoming`), written by [`Qmp::save_to`].
@@ -588,8 +585,8 @@ impl Qmp {
     }
 }
 
-/// Bytes per second: no limit in practice (64 GiB/s).
-const UNLIMITED_SAVE: u64 = 64 << 30;
+/// Bytes per second: no limit in practice (1 TiB/s, the largest cap one can ask for).
+const UNLIMITED_SAVE: u64 = 1 << 40;
 
 /// QEMU runs `exec:` URIs through /bin/sh; paths are quoted, and ones that cannot be are refused.
 fn shell_quote(path: &Path) -> Result<String> {
