@@ -242,6 +242,7 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         (f64::NAN, f64::NAN)
     });
 
+    let snap = snapshot_speed(dirs, &work, progress).await?;
     let ssh = ssh_bench(dirs, &work, progress).await?;
     let _ = std::fs::remove_dir_all(&work);
 
@@ -260,6 +261,7 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         "agent_ping_ms": { "p50": percentile(&mut ping, 0.5), "p99": percentile(&mut ping, 0.99), "target_p50": 1.0 },
         "run_true_login_ms": { "p50": percentile(&mut run_login, 0.5), "p99": percentile(&mut run_login, 0.99), "target_p50": 10.0 },
         "run_true_raw_ms": { "p50": percentile(&mut run_raw, 0.5), "p99": percentile(&mut run_raw, 0.99) },
+        "snapshot": { "state_mb": snap.state_mb, "save_s": snap.save_s, "save_mb_per_s": snap.state_mb / snap.save_s, "file_write_mb_per_s": snap.file_mb_per_s, "restore_to_first_command_s": snap.restore_s },
         "ssh": ssh.json(),
         "idle": { "host_rss_mib": rss_mib, "vmm_rss_mib": vmm_rss_mib, "cpu_percent_of_core": idle_cpu, "target_rss_mib": 110, "target_cpu_percent": 2 },
     });
@@ -279,7 +281,9 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
          | idle sandbox CPU | {idle_cpu:.2} % of a core | target <= 2 % |\n\
          | 20 MB upload / download over the agent | {up:.0} / {down:.0} MB/s | `cat` of the same file through the channel: {cat:.0} MB/s |\n\
          | warm start with NAT networking (TAP, nftables, DNS), p50 | {nat_ms:.0} ms | user-mode networking: {user_ms:.0} ms |\n\
-         | guest HTTP download of 20 MB from a host in a network namespace, NAT | {nat_mbs:.0} MB/s | user-mode networking: {user_mbs:.0} MB/s |\n{}",
+         | guest HTTP download of 20 MB from a host in a network namespace, NAT | {nat_mbs:.0} MB/s | user-mode networking: {user_mbs:.0} MB/s |\n\
+         | full snapshot of a sandbox holding 500 MB in RAM: save ({:.0} MB of state) | {:.2} s, {:.0} MB/s | writing as many bytes to a file in the data directory: {:.0} MB/s |\n\
+         | restore from that snapshot to a first command's answer | {:.2} s | |\n{}",
         burst.0,
         burst.1,
         data["agent_ping_ms"]["p50"].as_f64().unwrap_or(0.0),
@@ -288,9 +292,72 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         data["run_true_login_ms"]["p99"].as_f64().unwrap_or(0.0),
         data["run_true_raw_ms"]["p50"].as_f64().unwrap_or(0.0),
         data["run_true_raw_ms"]["p99"].as_f64().unwrap_or(0.0),
+        snap.state_mb,
+        snap.save_s,
+        snap.state_mb / snap.save_s,
+        snap.file_mb_per_s,
+        snap.restore_s,
         ssh.markdown(),
     );
     Ok((data, md))
+}
+
+struct SnapshotSpeed {
+    state_mb: f64,
+    save_s: f64,
+    file_mb_per_s: f64,
+    restore_s: f64,
+}
+
+/// A full snapshot of a sandbox holding 500 MB of data in RAM: how long the save takes, against
+/// the host writing as many bytes to a file beside it (what a save to disk cannot beat), and
+/// how long a restore takes to answer a command.
+async fn snapshot_speed(dirs: &Dirs, work: &std::path::Path, progress: image::Progress<'_>) -> Result<SnapshotSpeed> {
+    progress("snapshots: a full snapshot of a sandbox holding 500 MB, saved and restored");
+    let id = format!("bench-{}", std::process::id());
+    let blob = work_file(work, 20 * 1024 * 1024)?;
+    let mut sb = Sandbox::create_in(dirs.clone(), VmConfig { memory: 2048, ..VmConfig::default() }, true)?;
+    let result = async {
+        sb.start(Duration::from_secs(60), &|_| {}).await?;
+        sb.upload(&blob, "/tmp/blob").await?;
+        let opts = RunOptions { timeout: Duration::from_secs(300), ..Default::default() };
+        let fill = sb.run("for i in $(seq 25); do cat /tmp/blob; done > /dev/shm/fill && rm /tmp/blob", &opts).await?;
+        if !fill.ok() {
+            return Err(Error::Guest(format!("filling the sandbox's memory: {}", fill.stderr.trim())));
+        }
+        let t = Instant::now();
+        let info = sb.snapshot(Some(&id), "full").await?;
+        let save_s = t.elapsed().as_secs_f64();
+        let state_bytes = std::fs::metadata(info.path.join("state")).ctx(|| "reading the state's size".into())?.len();
+        let t = Instant::now();
+        let restored = Sandbox::from_snapshot_in(dirs.clone(), &id, crate::sandbox::RestoreOptions::default()).await?;
+        let answered = restored.run("true", &RunOptions::default()).await;
+        let restore_s = t.elapsed().as_secs_f64();
+        let _ = restored.delete().await;
+        answered?;
+        // The reference: the same number of bytes written to a file (not synced, as the save's).
+        let reference = work.join("written");
+        let chunk = vec![0x5au8; 8 << 20];
+        let t = Instant::now();
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&reference).ctx(|| "creating the reference file".into())?;
+            let mut left = state_bytes as usize;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                f.write_all(&chunk[..n]).ctx(|| "writing the reference file".into())?;
+                left -= n;
+            }
+        }
+        let file_s = t.elapsed().as_secs_f64();
+        let _ = std::fs::remove_file(&reference);
+        let state_mb = state_bytes as f64 / 1e6;
+        Ok::<_, Error>(SnapshotSpeed { state_mb, save_s, file_mb_per_s: state_mb / file_s, restore_s })
+    }
+    .await;
+    let _ = sb.delete().await;
+    let _ = crate::sandbox::delete_snapshot(dirs, &id);
+    result
 }
 
 fn pss_kib(pid: i32) -> u64 {

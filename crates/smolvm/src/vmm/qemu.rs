@@ -532,8 +532,12 @@ impl Qmp {
         // QEMU's default cap (128 MiB/s) is meant for live migration over a network.
         let bytes_per_s = mib_per_s.map_or(UNLIMITED_SAVE, |mib| mib << 20);
         self.execute_args("migrate-set-parameters", serde_json::json!({ "max-bandwidth": bytes_per_s })).await?;
-        let uri = format!("exec:cat > {}", shell_quote(file)?);
-        self.execute_args("migrate", serde_json::json!({ "uri": uri })).await?;
+        // QEMU writes to a descriptor it is handed (no `exec:cat >`, which forked a shell from
+        // QEMU and passed every byte through a pipe).
+        let out = std::fs::OpenOptions::new().write(true).create_new(true).open(file).ctx(|| format!("creating {}", file.display()))?;
+        self.execute_passing("getfd", serde_json::json!({ "fdname": "state" }), Some(std::os::fd::AsFd::as_fd(&out))).await?;
+        drop(out);
+        self.execute_args("migrate", serde_json::json!({ "uri": "fd:state" })).await?;
         let failed = match self.wait_while("query-migrate", "status", &["", "setup", "active", "device", "pre-switchover"], bound).await {
             Ok(status) if status == "completed" => return Ok(()),
             Ok(status) => Error::Host(format!("saving the VM state ended as {status:?}")),
@@ -563,6 +567,16 @@ impl Qmp {
     }
 
     pub async fn execute_args(&mut self, command: &str, args: serde_json::Value) -> Result<serde_json::Value> {
+        self.execute_passing(command, args, None).await
+    }
+
+    /// `execute_args`, handing QEMU the descriptor `fd` with the command (as `getfd` wants).
+    async fn execute_passing(
+        &mut self,
+        command: &str,
+        args: serde_json::Value,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Result<serde_json::Value> {
         self.next_id += 1;
         let id = self.next_id;
         let mut msg = serde_json::json!({ "execute": command, "id": id });
@@ -570,7 +584,28 @@ impl Qmp {
             msg["arguments"] = args;
         }
         let msg = msg.to_string() + "\n";
-        self.writer.write_all(msg.as_bytes()).await.ctx(|| "writing to QMP".into())?;
+        match fd {
+            None => self.writer.write_all(msg.as_bytes()).await.ctx(|| "writing to QMP".into())?,
+            Some(fd) => {
+                use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+                use std::os::fd::AsRawFd;
+                let stream: &UnixStream = self.writer.as_ref();
+                let fds = [fd.as_raw_fd()];
+                let sent = stream
+                    .async_io(tokio::io::Interest::WRITABLE, || {
+                        let iov = [std::io::IoSlice::new(msg.as_bytes())];
+                        sendmsg::<()>(stream.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)
+                            .map_err(std::io::Error::from)
+                    })
+                    .await
+                    .ctx(|| "writing to QMP".into())?;
+                // A short command on a socket with nothing else in flight goes whole; were it
+                // cut, the rest would be taken without its descriptor.
+                if sent != msg.len() {
+                    return Err(Error::Host(format!("QMP took {sent} of the {} bytes of {command}", msg.len())));
+                }
+            }
+        }
         loop {
             let v = self.read_json().await?;
             // Events, and late answers to commands given up on.
@@ -587,15 +622,6 @@ impl Qmp {
 
 /// Bytes per second: no limit in practice (1 TiB/s, the largest cap one can ask for).
 const UNLIMITED_SAVE: u64 = 1 << 40;
-
-/// QEMU runs `exec:` URIs through /bin/sh; paths are quoted, and ones that cannot be are refused.
-fn shell_quote(path: &Path) -> Result<String> {
-    let s = path.to_str().ok_or_else(|| Error::Host(format!("{} is not valid UTF-8", path.display())))?;
-    if s.contains('\'') || s.contains('\n') {
-        return Err(Error::Host(format!("{s:?}: paths with quotes or newlines cannot hold VM state")));
-    }
-    Ok(format!("'{s}'"))
-}
 
 #[cfg(test)]
 mod tests {
