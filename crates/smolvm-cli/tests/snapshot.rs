@@ -435,3 +435,38 @@ fn a_pause_its_client_gave_up_on_is_not_done_later() {
     assert!(env.qemu_processes().is_empty());
     assert!(smolvm::sandbox::list(&env.dirs).unwrap().is_empty());
 }
+
+/// Unmounts the filesystem it was made for, however the test ends.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A save that cannot be written (here, a full disk) is an error that says why, from QEMU;
+/// the sandbox runs on, and neither the snapshot's files nor its record are left.
+#[tokio::test]
+async fn a_snapshot_that_cannot_be_written_says_why_and_leaves_nothing() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    // About 150 MB of data in the guest's RAM, and 32 MiB of room for snapshots.
+    let fill = sb.run("for i in $(seq 130); do cat /bin/busybox; done > /dev/shm/fill", &opts()).await.unwrap();
+    assert!(fill.ok(), "{}", fill.stderr);
+    let snapshots = env.dirs.data.join("snapshots");
+    std::fs::create_dir_all(&snapshots).unwrap();
+    let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=32m", "tmpfs"]).arg(&snapshots).status().unwrap();
+    assert!(mounted.success(), "mounting a small tmpfs for the snapshots (the test needs root)");
+    let _unmount = Unmount(snapshots.clone());
+    let err = sb.snapshot(Some("cramped"), "full").await.unwrap_err();
+    assert_eq!(err.code(), "host");
+    assert_eq!(err.to_string(), "snapshot failed: saving the VM state failed: Unable to write to file: No space left on device");
+    assert_eq!(std::fs::read_dir(&snapshots).unwrap().count(), 0, "the snapshot's directory was left");
+    assert!(smolvm::sandbox::list_snapshots(&env.dirs).unwrap().is_empty());
+    // Running, not left stopped by the failed save.
+    assert_eq!(sb.state().unwrap(), State::Running);
+    assert_eq!(out(&sb, "echo still running").await, "still running\n");
+    sb.delete().await.unwrap();
+    assert!(env.qemu_processes().is_empty());
+}

@@ -901,6 +901,11 @@ impl Sandbox {
         match self.call_within(&req, what, bound).await? {
             Reply::Ok => Ok(()),
             Reply::Error { kind: ErrorKind::Invalid, message } => Err(Error::validation("snapshot_type", message)),
+            // The supervisor's own failure (QEMU, the host's disk), not the guest agent's.
+            Reply::Error { kind: ErrorKind::Failed, message } => {
+                let why = message.strip_prefix("host: ").unwrap_or(&message);
+                Err(Error::Reported { code: "host", message: format!("{what} failed: {why}") })
+            }
             other => Err(unexpected(what, other)),
         }
     }

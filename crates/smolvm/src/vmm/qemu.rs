@@ -540,7 +540,14 @@ impl Qmp {
         self.execute_args("migrate", serde_json::json!({ "uri": "fd:state" })).await?;
         let failed = match self.wait_while("query-migrate", "status", &["", "setup", "active", "device", "pre-switchover"], bound).await {
             Ok(status) if status == "completed" => return Ok(()),
-            Ok(status) => Error::Host(format!("saving the VM state ended as {status:?}")),
+            Ok(status) => {
+                // QEMU says why (a full disk: "Unable to write to file: No space left on device").
+                let why = self.execute("query-migrate").await.ok().and_then(|v| v.get("error-desc")?.as_str().map(str::to_string));
+                Error::Host(match why {
+                    Some(why) => format!("saving the VM state failed: {why}"),
+                    None => format!("saving the VM state ended as {status:?}"),
+                })
+            }
             Err(e) => e,
         };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.execute("migrate_cancel")).await;
