@@ -328,8 +328,7 @@ async fn snapshot_speed(dirs: &Dirs, work: &std::path::Path, progress: image::Pr
         // Both the save and its reference start with no other writes pending on the host:
         // earlier parts of the bench leave the page cache dirty, and writeback then throttles
         // whoever writes next.
-        // SAFETY: sync takes no arguments and only flushes the kernel's caches.
-        unsafe { libc::sync() };
+        nix::unistd::sync();
         let t = Instant::now();
         let info = sb.snapshot(Some(&id), "full").await?;
         let save_s = t.elapsed().as_secs_f64();
@@ -343,8 +342,7 @@ async fn snapshot_speed(dirs: &Dirs, work: &std::path::Path, progress: image::Pr
         // The reference: the same number of bytes written to a file (not synced, as the save's).
         let reference = work.join("written");
         let chunk = vec![0x5au8; 8 << 20];
-        // SAFETY: as above.
-        unsafe { libc::sync() };
+        nix::unistd::sync();
         let t = Instant::now();
         {
             use std::io::Write;

@@ -901,11 +901,7 @@ impl Sandbox {
         match self.call_within(&req, what, bound).await? {
             Reply::Ok => Ok(()),
             Reply::Error { kind: ErrorKind::Invalid, message } => Err(Error::validation("snapshot_type", message)),
-            // The supervisor's own failure (QEMU, the host's disk), not the guest agent's.
-            Reply::Error { kind: ErrorKind::Failed, message } => {
-                let why = message.strip_prefix("host: ").unwrap_or(&message);
-                Err(Error::Reported { code: "host", message: format!("{what} failed: {why}") })
-            }
+            Reply::Error { kind: ErrorKind::Failed, message } => Err(control_failure(what, &message)),
             other => Err(unexpected(what, other)),
         }
     }
@@ -1758,6 +1754,24 @@ fn feed(conn: Arc<crate::conn::Conn>, id: u32, mut input: Input, window: Arc<tok
     }))
 }
 
+/// A control request's failure as the supervisor put it (an error's text: the reply carries no
+/// code), as the error it was: its bound running out, the guest agent failing (a restored
+/// guest's greeting), or else the host's own trouble (QEMU, the disk).
+fn control_failure(what: &str, message: &str) -> Error {
+    let timeout = message
+        .strip_prefix("Operation '")
+        .and_then(|rest| rest.split_once("' timed out after "))
+        .and_then(|(operation, secs)| Some((operation, secs.strip_suffix('s')?.parse::<f64>().ok()?)));
+    if let Some((operation, seconds)) = timeout {
+        return Error::Timeout { operation: operation.to_string(), seconds };
+    }
+    if let Some(why) = message.strip_prefix("guest agent: ") {
+        return Error::Guest(format!("{what}: {why}"));
+    }
+    let why = message.strip_prefix("host: ").unwrap_or(message);
+    Error::Reported { code: "host", message: format!("{what} failed: {why}") }
+}
+
 fn unexpected(what: &str, reply: Reply) -> Error {
     match reply {
         Reply::Error { kind: ErrorKind::Invalid, message } => Error::Guest(format!("{what}: {message}")),
@@ -1777,6 +1791,17 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         id
+    }
+
+    #[test]
+    fn a_control_failure_keeps_its_kind() {
+        let timeout = control_failure("pause", "Operation 'pause' timed out after 1.5s");
+        assert!(matches!(&timeout, Error::Timeout { operation, seconds } if operation == "pause" && *seconds == 1.5), "{timeout:?}");
+        let guest = control_failure("resume", "guest agent: the greeting failed");
+        assert_eq!((guest.code(), guest.to_string()), ("guest", "guest agent: resume: the greeting failed".to_string()));
+        let host = control_failure("snapshot", "host: saving the VM state failed: Unable to write to file: No space left on device");
+        assert_eq!(host.code(), "host");
+        assert_eq!(host.to_string(), "snapshot failed: saving the VM state failed: Unable to write to file: No space left on device");
     }
 
     #[test]

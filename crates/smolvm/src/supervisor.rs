@@ -1115,7 +1115,10 @@ async fn snapshot(
     };
     // Whatever happened, a VM that ran before runs on.
     if !was_paused {
-        let _ = within("cont", Duration::from_secs(5), qmp.execute("cont")).await;
+        match within("cont", Duration::from_secs(5), qmp.execute("cont")).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) | Err(e) => tracing::warn!("the VM could not be resumed after its snapshot: {}", e.full_message()),
+        }
     }
     result.map_err(failed)
 }

@@ -537,9 +537,17 @@ impl Qmp {
         let out = std::fs::OpenOptions::new().write(true).create_new(true).open(file).ctx(|| format!("creating {}", file.display()))?;
         self.execute_passing("getfd", serde_json::json!({ "fdname": "state" }), Some(std::os::fd::AsFd::as_fd(&out))).await?;
         drop(out);
-        self.execute_args("migrate", serde_json::json!({ "uri": "fd:state" })).await?;
-        let failed = match self.wait_while("query-migrate", "status", &["", "setup", "active", "device", "pre-switchover"], bound).await {
-            Ok(status) if status == "completed" => return Ok(()),
+        if let Err(e) = self.execute_args("migrate", serde_json::json!({ "uri": "fd:state" })).await {
+            // Not taken: QEMU would hold the file open until its next `getfd` or its exit.
+            let _ = self.execute_args("closefd", serde_json::json!({ "fdname": "state" })).await;
+            return Err(e);
+        }
+        let ended = self.wait_while("query-migrate", "status", &["", "setup", "active", "device", "pre-switchover"], bound).await;
+        let failed = match ended {
+            Ok(status) if status == "completed" => {
+                self.settle().await;
+                return Ok(());
+            }
             Ok(status) => {
                 // QEMU says why (a full disk: "Unable to write to file: No space left on device").
                 let why = self.execute("query-migrate").await.ok().and_then(|v| v.get("error-desc")?.as_str().map(str::to_string));
@@ -551,7 +559,15 @@ impl Qmp {
             Err(e) => e,
         };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.execute("migrate_cancel")).await;
+        self.settle().await;
         Err(failed)
+    }
+
+    /// QEMU reports a migration's end a moment before it leaves the `finish-migrate` run state,
+    /// in which `cont` is refused ("Migration is not finalized yet"): a resume after a save must
+    /// wait for that (bounded; the resume's own error then says what is wrong).
+    async fn settle(&mut self) {
+        let _ = self.wait_while("query-status", "status", &["finish-migrate"], std::time::Duration::from_secs(5)).await;
     }
 
     /// Load the state a VM was started with (`incoming`), written by [`Qmp::save_to`].
@@ -606,11 +622,9 @@ impl Qmp {
                     })
                     .await
                     .ctx(|| "writing to QMP".into())?;
-                // A short command on a socket with nothing else in flight goes whole; were it
-                // cut, the rest would be taken without its descriptor.
-                if sent != msg.len() {
-                    return Err(Error::Host(format!("QMP took {sent} of the {} bytes of {command}", msg.len())));
-                }
+                // A short command on an idle socket goes whole; if not, the descriptor went with
+                // the first bytes, and the rest follows.
+                self.writer.write_all(&msg.as_bytes()[sent..]).await.ctx(|| "writing to QMP".into())?;
             }
         }
         loop {
