@@ -261,7 +261,7 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         "agent_ping_ms": { "p50": percentile(&mut ping, 0.5), "p99": percentile(&mut ping, 0.99), "target_p50": 1.0 },
         "run_true_login_ms": { "p50": percentile(&mut run_login, 0.5), "p99": percentile(&mut run_login, 0.99), "target_p50": 10.0 },
         "run_true_raw_ms": { "p50": percentile(&mut run_raw, 0.5), "p99": percentile(&mut run_raw, 0.99) },
-        "snapshot": { "state_mb": snap.state_mb, "save_s": snap.save_s, "save_mb_per_s": snap.state_mb / snap.save_s, "file_write_mb_per_s": snap.file_mb_per_s, "restore_to_first_command_s": snap.restore_s },
+        "snapshot": { "state_mb": snap.state_mb, "save_s": snap.save_s, "save_mb_per_s": snap.state_mb / snap.save_s, "file_write_mb_per_s": snap.file_mb_per_s, "restore_to_first_command_s": snap.restore_s[0], "again_s": snap.restore_s[1] },
         "ssh": ssh.json(),
         "idle": { "host_rss_mib": rss_mib, "vmm_rss_mib": vmm_rss_mib, "cpu_percent_of_core": idle_cpu, "target_rss_mib": 110, "target_cpu_percent": 2 },
     });
@@ -283,7 +283,7 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
          | warm start with NAT networking (TAP, nftables, DNS), p50 | {nat_ms:.0} ms | user-mode networking: {user_ms:.0} ms |\n\
          | guest HTTP download of 20 MB from a host in a network namespace, NAT | {nat_mbs:.0} MB/s | user-mode networking: {user_mbs:.0} MB/s |\n\
          | full snapshot of a sandbox holding 500 MB in RAM: save ({:.0} MB of state, after a `sync`) | {:.2} s, {:.0} MB/s | writing as many bytes to a file in the data directory, after a `sync`: {:.0} MB/s |\n\
-         | restore from that snapshot to a first command's answer | {:.2} s | |\n{}",
+         | restore from that snapshot to a first command's answer: first, then again | {:.2} s, then {:.2} s | |\n{}",
         burst.0,
         burst.1,
         data["agent_ping_ms"]["p50"].as_f64().unwrap_or(0.0),
@@ -296,7 +296,8 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         snap.save_s,
         snap.state_mb / snap.save_s,
         snap.file_mb_per_s,
-        snap.restore_s,
+        snap.restore_s[0],
+        snap.restore_s[1],
         ssh.markdown(),
     );
     Ok((data, md))
@@ -306,7 +307,8 @@ struct SnapshotSpeed {
     state_mb: f64,
     save_s: f64,
     file_mb_per_s: f64,
-    restore_s: f64,
+    /// The first restore and a second one.
+    restore_s: [f64; 2],
 }
 
 /// A full snapshot of a sandbox holding 500 MB of data in RAM: how long the save takes, against
@@ -333,12 +335,17 @@ async fn snapshot_speed(dirs: &Dirs, work: &std::path::Path, progress: image::Pr
         let info = sb.snapshot(Some(&id), "full").await?;
         let save_s = t.elapsed().as_secs_f64();
         let state_bytes = std::fs::metadata(info.path.join("state")).ctx(|| "reading the state's size".into())?.len();
-        let t = Instant::now();
-        let restored = Sandbox::from_snapshot_in(dirs.clone(), &id, crate::sandbox::RestoreOptions::default()).await?;
-        let answered = restored.run("true", &RunOptions::default()).await;
-        let restore_s = t.elapsed().as_secs_f64();
-        let _ = restored.delete().await;
-        answered?;
+        // Twice: the first restore after a while pays for the host's first touch of the memory it
+        // fills (slow on a nested VM such as this host), a second one much less.
+        let mut restore_s = [0.0; 2];
+        for took in &mut restore_s {
+            let t = Instant::now();
+            let restored = Sandbox::from_snapshot_in(dirs.clone(), &id, crate::sandbox::RestoreOptions::default()).await?;
+            let answered = restored.run("true", &RunOptions::default()).await;
+            *took = t.elapsed().as_secs_f64();
+            let _ = restored.delete().await;
+            answered?;
+        }
         // The reference: the same number of bytes written to a file (not synced, as the save's).
         let reference = work.join("written");
         let chunk = vec![0x5au8; 8 << 20];
