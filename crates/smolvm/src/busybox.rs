@@ -180,6 +180,12 @@ fn source_fingerprint(src: &Source) -> Result<String> {
 }
 
 /// Our build, or `None` where it cannot be had (see `unavailable`).
+/// Our musl busybox, where it has been built already (doctor says so).
+pub fn built(dirs: &Dirs) -> Option<PathBuf> {
+    let bin = dirs.images.join(format!("busybox-{}", source_fingerprint(&source(dirs)?).ok()?)).join("busybox");
+    bin.is_file().then_some(bin)
+}
+
 fn own(dirs: &Dirs, progress: Progress) -> Result<Option<PathBuf>> {
     let built = |src: &Source| -> Result<(PathBuf, PathBuf)> {
         let dir = dirs.images.join(format!("busybox-{}", source_fingerprint(src)?));

@@ -74,9 +74,12 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
         Ok(p) => check("busybox", "ok", p.display().to_string(), None),
         Err(e) => check("busybox", "fail", e.to_string(), Some("smolvm setup (apt install busybox-static)")),
     });
-    checks.push(match crate::busybox::unavailable(dirs) {
-        None => check("busybox-musl", "ok", "guests get a musl busybox built from Debian's source (fetched and built on first use)", None),
-        Some(why) => check(
+    checks.push(match (crate::busybox::built(dirs), crate::busybox::unavailable(dirs)) {
+        (Some(bin), _) => check("busybox-musl", "ok", format!("built: {}", bin.display()), None),
+        (None, None) => {
+            check("busybox-musl", "ok", "guests get a musl busybox built from Debian's source (fetched and built on first use)", None)
+        }
+        (None, Some(why)) => check(
             "busybox-musl",
             "warn",
             format!("guests get Debian's glibc busybox-static, whose start-up makes a cold guest's first command slower: {why}"),
