@@ -160,7 +160,7 @@ pub fn unavailable(dirs: &Dirs) -> Option<String> {
     }
     let recorded = |entry: PathBuf| fs::read_to_string(entry.join(FAILED)).ok();
     match source(dirs) {
-        Some(src) => recorded(dirs.images.join(format!("busybox-{}", source_fingerprint(&src).ok()?))),
+        Some(src) => recorded(build_dir(dirs, &src).ok()?),
         None if !on_path("apt-get") => Some("no busybox source, and no apt-get to fetch it".into()),
         None if !Path::new("/usr/share/keyrings/debian-archive-keyring.gpg").is_file() => {
             Some("no busybox source, and no debian-archive-keyring to check a fetched one".into())
@@ -179,24 +179,22 @@ fn source_fingerprint(src: &Source) -> Result<String> {
     Ok(fingerprint(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>()))
 }
 
-/// Our build, or `None` where it cannot be had (see `unavailable`).
+/// Where our busybox is built from `src`: keyed on the source and our recipe.
+fn build_dir(dirs: &Dirs, src: &Source) -> Result<PathBuf> {
+    Ok(dirs.images.join(format!("busybox-{}", source_fingerprint(src)?)))
+}
+
 /// Our musl busybox, where it has been built already (doctor says so).
 pub fn built(dirs: &Dirs) -> Option<PathBuf> {
-    let bin = dirs.images.join(format!("busybox-{}", source_fingerprint(&source(dirs)?).ok()?)).join("busybox");
+    let bin = build_dir(dirs, &source(dirs)?).ok()?.join("busybox");
     bin.is_file().then_some(bin)
 }
 
+/// Our build, or `None` where it cannot be had (see `unavailable`).
 fn own(dirs: &Dirs, progress: Progress) -> Result<Option<PathBuf>> {
-    let built = |src: &Source| -> Result<(PathBuf, PathBuf)> {
-        let dir = dirs.images.join(format!("busybox-{}", source_fingerprint(src)?));
-        Ok((dir.join("busybox"), dir))
-    };
     // The fast path of every start: a finished build.
-    if let Some(src) = source(dirs) {
-        let (bin, _) = built(&src)?;
-        if bin.is_file() {
-            return Ok(Some(bin));
-        }
+    if let Some(bin) = built(dirs) {
+        return Ok(Some(bin));
     }
     if unavailable(dirs).is_some() {
         return Ok(None);
@@ -210,7 +208,8 @@ fn own(dirs: &Dirs, progress: Progress) -> Result<Option<PathBuf>> {
         Some(src) => src,
         None => fetch_source(dirs, progress).inspect_err(|e| record(&dirs.images.join(FETCH_FAILED), e))?,
     };
-    let (bin, dir) = built(&src)?;
+    let dir = build_dir(dirs, &src)?;
+    let bin = dir.join("busybox");
     if bin.is_file() {
         return Ok(Some(bin));
     }

@@ -453,6 +453,14 @@ fn parse_snapshot_bandwidth(value: Option<&str>) -> Result<Option<u64>> {
     }
 }
 
+/// The settings each sandbox's supervisor reads from its environment when it starts, checked by
+/// the starter: a bad value is the starter's error, not a dead sandbox.
+pub fn check_supervisor_settings() -> Result<()> {
+    control_timeout()?;
+    snapshot_bandwidth()?;
+    Ok(())
+}
+
 /// `1/true/yes/on` (any case) are true, `0/false/no/off` false, anything else the default.
 pub fn env_flag(name: &str, default: bool) -> bool {
     match std::env::var(name).map(|v| v.trim().to_ascii_lowercase()) {

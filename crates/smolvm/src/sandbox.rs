@@ -612,9 +612,7 @@ impl Sandbox {
     /// (cached with it) unless `SMOLVM_WARM=0` or `SMOLVM_VERBOSE_BOOT` asks for a real boot;
     /// if the warm start fails, it boots cold.
     pub async fn start(&mut self, boot_timeout: Duration, progress: Progress<'_>) -> Result<()> {
-        // The supervisor reads these too: a bad value is the starter's error, not a dead sandbox.
-        crate::config::control_timeout()?;
-        crate::config::snapshot_bandwidth()?;
+        crate::config::check_supervisor_settings()?;
         let _lock = self.paths.wait_start_lock().await?;
         let mut rec = match self.record_with(true) {
             Ok(rec) => rec,
@@ -977,8 +975,7 @@ impl Sandbox {
     /// Start a new sandbox from a snapshot. `name` defaults to a fresh id; `env_vars`, when
     /// given, replace the snapshot's variables; `resume: false` leaves it paused.
     pub async fn from_snapshot_in(dirs: Dirs, snapshot_id: &str, opts: RestoreOptions) -> Result<Sandbox> {
-        crate::config::control_timeout()?;
-        crate::config::snapshot_bandwidth()?;
+        crate::config::check_supervisor_settings()?;
         let snap = Store::open(&dirs.data)?.get_snapshot(snapshot_id)?.ok_or_else(|| Error::SnapshotNotFound(snapshot_id.to_string()))?;
         let dir = snapshot_dir(&dirs, snapshot_id);
         let image: crate::image::BootImage = match std::fs::read(dir.join("image.json")).ok().and_then(|b| serde_json::from_slice(&b).ok())

@@ -124,52 +124,10 @@ pub fn cpu_can_resume(saved: &str, here: &str) -> Result<(), String> {
 /// Instruction set extensions among /proc/cpuinfo's flags: what a guest's programs or kernel
 /// may have started using, and fault on where missing.
 fn is_isa_extension(flag: &str) -> bool {
-    const PREFIXES: &[&str] = &[
-        "sse",
-        "ssse3",
-        "pni",
-        "avx",
-        "amx",
-        "fma",
-        "f16c",
-        "aes",
-        "vaes",
-        "pclmulqdq",
-        "vpclmulqdq",
-        "gfni",
-        "sha_ni",
-        "bmi",
-        "adx",
-        "abm",
-        "movbe",
-        "popcnt",
-        "xsave",
-        "rdrand",
-        "rdseed",
-        "rdpid",
-        "rdtscp",
-        "erms",
-        "fsrm",
-        "clflushopt",
-        "clwb",
-        "fsgsbase",
-        "pku",
-        "la57",
-        "pdpe1gb",
-        "cx16",
-        "movdir",
-        "serialize",
-        "waitpkg",
-        "rtm",
-        "hle",
-        "lm",
-        "nx",
-        "x2apic",
-        "smep",
-        "smap",
-        "umip",
-    ];
-    PREFIXES.iter().any(|p| flag.starts_with(p))
+    const PREFIXES: &str = "sse ssse3 pni avx amx fma f16c aes vaes pclmulqdq vpclmulqdq gfni sha_ni bmi adx abm movbe \
+        popcnt xsave rdrand rdseed rdpid rdtscp erms fsrm clflushopt clwb fsgsbase pku la57 pdpe1gb cx16 movdir serialize \
+        waitpkg rtm hle lm nx x2apic smep smap umip";
+    PREFIXES.split_whitespace().any(|p| flag.starts_with(p))
 }
 
 /// `SMOLVM_ACCEL=kvm|tcg|auto` (default auto: KVM where it can run a guest, else TCG).
