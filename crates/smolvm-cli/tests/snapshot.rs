@@ -474,3 +474,58 @@ async fn a_snapshot_that_cannot_be_written_says_why_and_leaves_nothing() {
     sb.delete().await.unwrap();
     assert!(env.qemu_processes().is_empty());
 }
+
+/// A restored guest whose agent does not answer the greeting when it is resumed runs no
+/// commands: the resume fails within its bound, and the sandbox stays paused and refuses
+/// commands. A later resume greets it again, and once the agent answers it runs. (The agent
+/// is frozen by the guest's own cgroup freezer, from a command, for 12 s of the guest's time;
+/// the snapshot is taken early in that, and waits out the rest for the guest's variables.)
+#[test]
+fn a_restored_guest_that_does_not_answer_stays_paused_until_it_does() {
+    let env = env();
+    let cli = || {
+        let mut c = env.cli();
+        c.env("SMOLVM_CONTROL_TIMEOUT", "2");
+        c
+    };
+    let ok = |out: std::process::Output| {
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let state = |name: &str| -> String {
+        let info: serde_json::Value = serde_json::from_str(&ok(cli().args(["sandbox", "info", name, "--json"]).output().unwrap())).unwrap();
+        info["data"]["state"].as_str().unwrap_or_default().to_string()
+    };
+    ok(cli().args(["sandbox", "create", "--name", "held"]).output().unwrap());
+    let freeze = "G=/sys/fs/cgroup/held; mkdir $G; echo 1 > $G/cgroup.procs; \
+                  (sleep 12; echo 0 > $G/cgroup.freeze) >/dev/null 2>&1 & echo 1 > $G/cgroup.freeze; echo thawed";
+    // Answered only once the agent thaws.
+    let frozen = cli().args(["sandbox", "exec", "held", "--", freeze]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    ok(cli().args(["sandbox", "snapshot", "create", "held", "--snapshot-id", "frozen"]).output().unwrap());
+    assert_eq!(ok(frozen.wait_with_output().unwrap()), "thawed\n");
+    ok(cli().args(["sandbox", "snapshot", "restore", "frozen", "--name", "clone", "--no-resume"]).output().unwrap());
+    assert_eq!(state("clone"), "paused");
+    let out = cli().args(["sandbox", "resume", "clone"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("Operation 'resume' timed out after 2s"), "{}", stderr(&out));
+    assert_eq!(state("clone"), "paused");
+    let out = cli().args(["sandbox", "exec", "clone", "--", "echo ran"]).output().unwrap();
+    assert!(stderr(&out).contains("VM 'clone' is paused; resume it first"), "{}", stderr(&out));
+    // Each resume lets the guest run for up to the bound; the rest of its 12 s runs out.
+    let mut tries = 1;
+    while !cli().args(["sandbox", "resume", "clone"]).output().unwrap().status.success() {
+        tries += 1;
+        assert!(tries < 12, "the guest never answered");
+        assert_eq!(state("clone"), "paused");
+    }
+    assert_eq!(state("clone"), "running");
+    // Greeted: it has its own name now.
+    assert_eq!(ok(cli().args(["sandbox", "exec", "clone", "--", "hostname"]).output().unwrap()), "clone\n");
+    for name in ["clone", "held"] {
+        ok(cli().args(["sandbox", "delete", "--force", name]).output().unwrap());
+    }
+    ok(cli().args(["sandbox", "snapshot", "delete", "frozen"]).output().unwrap());
+    assert!(env.qemu_processes().is_empty());
+    assert!(env.leftover_files().is_empty());
+}
