@@ -310,6 +310,9 @@ const TRANSFER_IDLE: Duration = Duration::from_secs(60);
 /// How long a request that starts no process may take (env, listening ports).
 const CALL_BOUND: Duration = Duration::from_secs(30);
 
+/// How long a snapshot waits for the guest's variables once its state is saved.
+const SNAPSHOT_ENV_BOUND: Duration = Duration::from_secs(2);
+
 /// What every way of running a command checks first. A timeout of zero is none.
 fn check_run(command: &str, opts: &RunOptions) -> Result<()> {
     if command.trim().is_empty() {
@@ -958,10 +961,12 @@ impl Sandbox {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
-        // The variables the guest has now are the snapshot's.
+        // The variables the guest has now are the snapshot's. The record follows every change
+        // made through smolvm, so a guest that does not answer soon (busy, or saved wedged:
+        // the save does not wait for it) keeps the record's instead of holding this up.
         let mut config = rec.config.clone();
         config.vm_id = None;
-        if let Ok(vars) = self.list_env_vars().await {
+        if let Ok(Ok(vars)) = tokio::time::timeout(SNAPSHOT_ENV_BOUND, self.list_env_vars()).await {
             config.env_vars = vars;
         }
         if let Err(e) = Store::open(&self.dirs.data).and_then(|store| store.insert_snapshot(&id, &self.id, snapshot_type, &config)) {
