@@ -51,6 +51,7 @@ pub fn set(vars: BTreeMap<String, String>, merge: bool) -> io::Result<Vec<String
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let mut current = if merge { read()? } else { BTreeMap::new() };
     current.extend(vars);
+    env::check_total(&current).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     write(&current)?;
     Ok(current.into_keys().collect())
 }

@@ -257,6 +257,10 @@ fn answered(token: u64) {
 /// (background processes that keep them open are not waited for).
 const QUIET: Duration = Duration::from_millis(100);
 
+/// Once a command's timeout has killed it, how long what escaped the kill (a daemon that left
+/// its group, and its cgroup where it had one) may keep its pipes open before the exec ends.
+const AFTER_KILL: Duration = Duration::from_secs(2);
+
 /// Where a command's output goes: the host's stream, within its window.
 struct Output<'a> {
     stream: u32,
@@ -301,18 +305,21 @@ fn pump(
             break;
         }
         if out.window.is_full() {
+            let waiting = Instant::now();
             match out.window.take(0, deadline) {
                 // The pipes may have been full all along: quiet counts from now.
                 Room::Open if code.is_none() || !out.tty => last = Instant::now(),
-                Room::Open => {}
+                // On a terminal quiet counts from the exit, but not while the host took its
+                // time: what the command wrote before it exited still goes.
+                Room::Open => last += waiting.elapsed(),
                 Room::Closed => {}
                 Room::Deadline => {
                     kill(code);
-                    if code.is_some() {
+                    if code.is_some() || timed_out {
                         break;
                     }
                     timed_out = true;
-                    deadline = None;
+                    deadline = Some(Instant::now() + AFTER_KILL);
                 }
             }
             continue;
@@ -375,8 +382,13 @@ fn pump(
         }
         if code.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
             kill(code);
+            if timed_out {
+                // Its shell outlived the kill and AFTER_KILL (a process the kernel cannot stop
+                // at once): the exit code is not waited for either.
+                break;
+            }
             timed_out = true;
-            deadline = None;
+            deadline = Some(Instant::now() + AFTER_KILL);
         }
     }
     (code.unwrap_or(128 + 9), timed_out)

@@ -23,7 +23,17 @@ static SESSION: AtomicU64 = AtomicU64::new(0);
 
 impl Writer {
     pub fn send(&self, stream: u32, reply: &Reply) {
-        let Ok(bytes) = proto::encode(stream, reply) else { return };
+        // A reply that cannot be framed (over MAX_FRAME) is answered with why, so that the
+        // host's request ends instead of waiting for its bound.
+        let bytes = match proto::encode(stream, reply) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                match proto::encode(stream, &Reply::error(ErrorKind::Failed, format!("the {} reply cannot be sent: {e}", reply.kind()))) {
+                    Ok(bytes) => bytes,
+                    Err(_) => return,
+                }
+            }
+        };
         let mut f = self.out.lock().unwrap_or_else(|e| e.into_inner());
         if self.session.is_some_and(|s| s != SESSION.load(Ordering::SeqCst)) {
             return;
@@ -336,6 +346,7 @@ pub fn shutdown_now() -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::OpenOptionsExt;
 
     #[test]
     fn the_answer_to_a_greeting_is_as_long_as_hosts_count_on() {
@@ -360,5 +371,32 @@ mod tests {
         want.extend(proto::encode(1, &Reply::Ok).unwrap());
         want.extend(proto::encode(2, &Reply::Ok).unwrap());
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_reply_too_large_for_a_frame_is_answered_with_why() {
+        let file = tempfile_in_tmp();
+        let w = Writer { out: Arc::new(Mutex::new(file.try_clone().unwrap())), session: None };
+        let env = std::iter::once(("K".to_string(), "v".repeat(proto::MAX_FRAME))).collect();
+        w.send(3, &Reply::Env(env));
+        let mut got = Vec::new();
+        let mut file = file;
+        std::io::Seek::rewind(&mut file).unwrap();
+        file.read_to_end(&mut got).unwrap();
+        let len = proto::frame_len(got[..4].try_into().unwrap()).unwrap();
+        let (stream, reply) = proto::decode::<Reply>(&got[4..4 + len]).unwrap();
+        assert_eq!(stream, 3);
+        match reply {
+            Reply::Error { kind: ErrorKind::Failed, message } => {
+                assert!(message.starts_with("the env reply cannot be sent: frame of "), "{message}");
+                assert!(!message.contains("vvv"));
+            }
+            other => panic!("{}", other.kind()),
+        }
+    }
+
+    /// An unnamed file (O_TMPFILE) in /tmp, gone when closed.
+    fn tempfile_in_tmp() -> File {
+        fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_TMPFILE).open("/tmp").unwrap()
     }
 }

@@ -140,6 +140,41 @@ async fn bad_keys_are_refused_with_the_documented_messages_and_nothing_is_writte
     sb.delete().await.unwrap();
 }
 
+/// A variable may be as long as the kernel hands to a program (128 KiB with its name), and
+/// all of them together 1 MiB: past that every command of a login shell would fail to start.
+/// The guest checks the total after a merge too, and writes nothing then.
+#[tokio::test]
+async fn variables_are_as_large_as_commands_can_take_and_no_larger() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    let big = "v".repeat(120 * 1024);
+    for i in 0..8 {
+        sb.set_env_vars(&vars(&[(&format!("BIG{i}"), &big)]), true).await.unwrap();
+    }
+    // (`env` is a program: it started with all of them.)
+    let r = sb.run("echo ${#BIG0} ${#BIG7}; env | wc -c", &opts()).await.unwrap();
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines[0], "122880 122880", "{}", r.stderr);
+    assert!(lines[1].trim().parse::<usize>().unwrap() > 8 * 122_880, "{}", r.stdout);
+    let before = sb.run("md5sum /etc/profile.d/smolvm_env.sh", &opts()).await.unwrap().stdout;
+    let err = sb.set_env_vars(&vars(&[("BIG8", &big)]), true).await.unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "guest agent: env set: the environment variables would take 1105974 bytes; at most 1048576 are allowed, to leave room for the arguments of the commands they are given to"
+    );
+    assert!(!err.contains("vvvv"), "the value leaked into the message");
+    assert_eq!(sb.run("md5sum /etc/profile.d/smolvm_env.sh", &opts()).await.unwrap().stdout, before);
+    let err = sb.set_env_vars(&vars(&[("HUGE", &"v".repeat(200 * 1024))]), true).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "environment variable 'HUGE' takes 204805 bytes with its name; at most 131071 are allowed (the kernel hands no longer variable to a program it starts)"
+    );
+    // A command's own variables too.
+    let opts = RunOptions { env: vars(&[("HUGE", &"v".repeat(200 * 1024))]), ..opts() };
+    assert!(sb.run("true", &opts).await.unwrap_err().to_string().starts_with("environment variable 'HUGE' takes"));
+    sb.delete().await.unwrap();
+}
+
 #[test]
 fn cli_env_commands_mask_values_and_reject_bad_pairs() {
     let env = env();

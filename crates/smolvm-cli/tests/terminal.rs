@@ -213,3 +213,40 @@ fn sandbox_shell_runs_under_a_real_terminal_and_gives_it_back_as_it_was() {
     assert!(env.smolvm(&["sandbox", "delete", "--force", "term"]).status.success());
     assert!(env.qemu_processes().is_empty());
 }
+
+/// What a command wrote to its terminal before it exited all arrives, however slowly the host
+/// takes it: here the host stops reading for a second at the first output, so the agent's
+/// window to it (2 MiB) fills, and the command exits with its last few KB still in the guest's
+/// terminal. (Where exactly the window fills depends on the terminal's chunks: a few sizes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_command_s_output_all_arrives_to_a_slow_reader() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    for n in [2_101_000, 2_105_000, 2_110_000, 2_120_000, 2_130_000] {
+        let (_, resizes) = tokio::sync::mpsc::unbounded_channel();
+        let opts = RunOptions { timeout: Duration::from_secs(60), shell: Shell::Raw, ..Default::default() };
+        let size = TtySize { rows: 24, cols: 80 };
+        let (mut got, mut paused) = (Vec::new(), false);
+        let r = sb
+            .run_interactive(
+                &format!("head -c {n} /dev/zero | tr '\\0' a; printf END"),
+                &opts,
+                Box::new(tokio::io::empty()),
+                Terminal { size, resizes },
+                |o| {
+                    let (smolvm::Output::Stdout(d) | smolvm::Output::Stderr(d)) = o;
+                    got.extend_from_slice(d);
+                    if !paused {
+                        paused = true;
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.exit_code, 0);
+        let a = got.iter().filter(|&&b| b == b'a').count();
+        assert_eq!((a, got.ends_with(b"END")), (n, true), "{n}: {} bytes arrived", got.len());
+    }
+    sb.delete().await.unwrap();
+}

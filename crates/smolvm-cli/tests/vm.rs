@@ -83,6 +83,25 @@ async fn unicode_and_five_megabytes_of_output_arrive_intact() {
     assert!(env.qemu_processes().is_empty());
 }
 
+/// A process that escaped a timed-out command's kill (its own session, parent gone, moved out
+/// of the command's cgroup) and keeps writing to the command's output does not keep the exec
+/// open: it ends 2 s after the kill, as a timeout.
+#[tokio::test]
+async fn a_timed_out_command_ends_though_an_escaped_writer_holds_its_output() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    let started = Instant::now();
+    let escape = "(setsid sh -c 'echo $$ > /sys/fs/cgroup/cgroup.procs; while :; do echo x; sleep 0.05; done' &); sleep 100";
+    let err = sb.run(escape, &opts(2)).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    // The host's own bound (the timeout and 5 s) would end it at 7 s.
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(6), "{took:?}");
+    // The writer dies of its closed pipe; the sandbox goes on.
+    assert_eq!(sb.run("echo still here", &opts(10)).await.unwrap().output(), "still here");
+    sb.delete().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_timed_out_command_is_killed_with_its_whole_group() {
     let env = env();

@@ -23,6 +23,33 @@ pub enum EnvError {
     NulInValue(String),
     #[error("line {0} of the environment file is not `export KEY=VALUE`")]
     Malformed(usize),
+    /// (Sizes only: the value may be a secret.)
+    #[error("environment variable '{0}' takes {1} bytes with its name; at most {MAX_VAR_BYTES} are allowed (the kernel hands no longer variable to a program it starts)")]
+    TooLong(String, usize),
+    #[error("the environment variables would take {0} bytes; at most {MAX_ENV_BYTES} are allowed, to leave room for the arguments of the commands they are given to")]
+    TooMuch(usize),
+}
+
+/// The longest `KEY=value` the kernel hands to a program it starts (MAX_ARG_STRLEN, 32 pages,
+/// with the NUL): every command of a shell that exports a longer one fails to start.
+pub const MAX_VAR_BYTES: usize = 32 * 4096 - 1;
+
+/// All of the managed variables together. A program's arguments and environment share 2 MiB
+/// by default (a quarter of the 8 MiB stack limit); half is left for the rest.
+pub const MAX_ENV_BYTES: usize = 1024 * 1024;
+
+/// `KEY=value` and its NUL, as a program's environment holds it.
+fn var_bytes(key: &str, value: &str) -> usize {
+    key.len() + 1 + value.len() + 1
+}
+
+/// The whole set fits: checked on what a file will hold after a merge, too.
+pub fn check_total(vars: &BTreeMap<String, String>) -> Result<(), EnvError> {
+    let total: usize = vars.iter().map(|(k, v)| var_bytes(k, v)).sum();
+    if total > MAX_ENV_BYTES {
+        return Err(EnvError::TooMuch(total));
+    }
+    Ok(())
 }
 
 /// Keys must match `[A-Za-z_][A-Za-z0-9_]*`, the portable shell identifier.
@@ -45,8 +72,11 @@ pub fn validate_vars(vars: &BTreeMap<String, String>) -> Result<(), EnvError> {
         if v.contains('\0') {
             return Err(EnvError::NulInValue(k.clone()));
         }
+        if var_bytes(k, v) - 1 > MAX_VAR_BYTES {
+            return Err(EnvError::TooLong(k.clone(), var_bytes(k, v) - 1));
+        }
     }
-    Ok(())
+    check_total(vars)
 }
 
 /// Quote for POSIX sh: always single quotes, an embedded `'` becomes `'"'"'` (as Python's
@@ -219,6 +249,29 @@ mod tests {
         for bad in ["123VAR", "A B", "é", "A=B", "A\n"] {
             assert!(matches!(validate_key(bad), Err(EnvError::InvalidKey(_))), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn variables_fit_what_the_kernel_hands_a_program() {
+        // `K=` and the value: 131071 bytes is the most a variable can be.
+        let most = "s".repeat(MAX_VAR_BYTES - 2);
+        assert_eq!(validate_vars(&map(&[("K", &most)])), Ok(()));
+        let over = format!("{most}s");
+        let err = validate_vars(&map(&[("K", &over)])).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "environment variable 'K' takes 131072 bytes with its name; at most 131071 are allowed (the kernel hands no longer variable to a program it starts)"
+        );
+        // Nine of 120 KB each pass one by one, not together.
+        let big = "v".repeat(120 * 1024);
+        let nine: BTreeMap<String, String> = (0..9).map(|i| (format!("V{i}"), big.clone())).collect();
+        assert!(nine.iter().all(|(k, v)| validate_vars(&map(&[(k, v)])).is_ok()));
+        let err = validate_vars(&nine).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "the environment variables would take 1105956 bytes; at most 1048576 are allowed, to leave room for the arguments of the commands they are given to"
+        );
+        assert!(!err.contains("vvv"));
     }
 
     #[test]
