@@ -276,7 +276,12 @@ enum SandboxCmd {
 #[derive(Subcommand)]
 enum PortCmd {
     /// Expose [HOST:]GUEST; prints the host port.
-    Expose { name: String, spec: String },
+    Expose {
+        name: String,
+        spec: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop exposing a guest port.
     Close { name: String, guest: u16 },
     /// Wait until something in the sandbox listens on each PORT (TCP).
@@ -1079,7 +1084,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             Ok(Done::text(name.clone(), json!({ "id": name, "state": "running" })))
         }
         SandboxCmd::Snapshot(s) => snapshot_cmd(s, dirs).await,
-        SandboxCmd::Port(PortCmd::Expose { name, spec }) => {
+        SandboxCmd::Port(PortCmd::Expose { name, spec, .. }) => {
             let p = parse_publish(&spec)?;
             let host = Sandbox::open_in(dirs, &name).await?.expose_local(p.guest, p.host).await?;
             Ok(Done::text(host.to_string(), json!({ "guest": p.guest, "host": host })))
@@ -1191,11 +1196,28 @@ fn wants_json(cmd: &Cmd) -> bool {
             SandboxCmd::Snapshot(SnapshotCmd::Create { json, .. } | SnapshotCmd::Restore { json, .. } | SnapshotCmd::List { json }) => {
                 *json
             }
-            SandboxCmd::Port(PortCmd::List { json, .. }) => *json,
+            SandboxCmd::Port(PortCmd::List { json, .. } | PortCmd::Expose { json, .. }) => *json,
             _ => false,
         },
         _ => false,
     }
+}
+
+/// Arguments clap cannot parse. Asked for `--json`, the answer is the usual envelope (code
+/// `validation`, exit code 2, clap's message without its hints), so that a program reading it
+/// never gets plain text; else clap's own output. Help and version go out as usual.
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    let informational =
+        matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand);
+    if informational || !std::env::args().skip(1).any(|a| a == "--json") {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let message = text.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
+    let err = json!({ "code": "validation", "message": message });
+    println!("{}", json!({ "ok": false, "command": command_name(), "exit_code": 2, "data": null, "error": err }));
+    std::process::exit(2);
 }
 
 /// The subcommand path as typed (`sandbox env list`), without its arguments.
@@ -1215,7 +1237,10 @@ fn command_name() -> String {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => usage_error(e),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SMOLVM_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)

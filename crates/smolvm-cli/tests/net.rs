@@ -235,6 +235,14 @@ async fn sandboxes_cannot_reach_each_other_or_the_host_and_exposed_ports_work() 
     assert!(!http_ok(&format!("http://127.0.0.1:{host}/")));
     let again = one.expose_local(8000, None).await.unwrap();
     assert!(http_ok(&format!("http://127.0.0.1:{again}/")));
+    // The CLI's form, in JSON: the same port again.
+    let out = env.smolvm(&["sandbox", "port", "expose", one.id(), "8000", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(
+        (v["ok"].as_bool(), v["data"]["guest"].as_u64(), v["data"]["host"].as_u64()),
+        (Some(true), Some(8000), Some(u64::from(again))),
+        "{v}"
+    );
 
     // `two` cannot reach `one`, nor a service on the host's own addresses.
     let one_ip = one.run("ifconfig eth0 | sed -n 's/.*inet addr:\\([0-9.]*\\).*/\\1/p'", &opts()).await.unwrap().output().to_string();

@@ -942,5 +942,32 @@ async fn waiting_for_ports_sees_a_server_that_starts_in_the_background() {
     let out = env.smolvm(&["sandbox", "port", "wait", sb.id(), "9", "--timeout", "1"]);
     assert_eq!(out.status.code(), Some(124));
     assert!(stderr(&out).contains("Operation 'wait_for_ports' timed out after 1s"), "{}", stderr(&out));
+    // Exposing answers in JSON as listing does (here its refusal: this sandbox has no network).
+    let out = env.smolvm(&["sandbox", "port", "expose", sb.id(), "8080", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(
+        (v["ok"].as_bool(), v["command"].as_str(), v["error"]["code"].as_str()),
+        (Some(false), Some("sandbox port expose"), Some("validation")),
+        "{v}"
+    );
+    assert_eq!(v["error"]["message"], "invalid port: this sandbox has no network (network 'none')");
     sb.delete().await.unwrap();
+}
+
+/// Arguments that do not parse, with `--json`: the envelope still, exit code 2.
+#[test]
+fn unparsable_arguments_answer_in_json_when_asked() {
+    let env = env();
+    let out = env.smolvm(&["sandbox", "create", "--json", "--memory", "abc"]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["exit_code"], 2);
+    assert_eq!(v["error"]["code"], "validation");
+    assert_eq!(v["error"]["message"], "invalid value 'abc' for '--memory <MEMORY>': invalid digit found in string");
+    // Without it, clap's own words on stderr.
+    let out = env.smolvm(&["sandbox", "create", "--memory", "abc"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stdout(&out).is_empty() && stderr(&out).starts_with("error: invalid value 'abc'"), "{}", stderr(&out));
+    assert!(env.leftover_files().is_empty());
 }

@@ -164,7 +164,17 @@ impl Vm {
     }
 }
 
+/// A handle without its sandbox: closed by `close()`, after which the sandbox may well run on
+/// (an operation on a closed object is a ValueError in Python, as for a closed file), or the
+/// sandbox is deleted.
 fn gone(id: &str) -> Error {
+    let recorded = smolvm::store::Store::open(&Dirs::from_env().data).and_then(|s| s.get(id)).is_ok_and(|r| r.is_some());
+    if recorded {
+        return Error::validation(
+            "handle",
+            format!("this handle to VM '{id}' is closed; the sandbox runs on, and SmolVM.from_id('{id}') opens it again"),
+        );
+    }
     Error::NotFound(id.to_string())
 }
 

@@ -33,6 +33,8 @@ def test_module_paths_users_import():
     for name in smolvm.exceptions.__all__:
         assert issubclass(getattr(smolvm.exceptions, name), SmolVMError)
     assert isinstance(smolvm.build.SSH_BOOT_ARGS, str)
+    # Safe on every machine: q35's devices sit on PCI.
+    assert "pci=off" not in smolvm.build.SSH_BOOT_ARGS.split()
     # Each native error code maps to its documented class.
     from smolvm.exceptions import _from_native
     assert isinstance(_from_native(Exception("network", "network: nft: failed", "{}")), smolvm.exceptions.NetworkError)
@@ -104,6 +106,10 @@ def test_from_id_and_deleted_sandboxes(no_leftovers):
     other = SmolVM.from_id("pyfromid")
     assert other.run("hostname").output == "pyfromid"
     other.close()
+    # A closed handle says so; the sandbox runs on.
+    with pytest.raises(ValueError, match="this handle to VM 'pyfromid' is closed; the sandbox runs on"):
+        other.run("true")
+    assert owner.status == VMState.RUNNING
     owner.delete()
     with pytest.raises(VMNotFoundError, match="VM 'pyfromid' not found"):
         SmolVM.from_id("pyfromid")

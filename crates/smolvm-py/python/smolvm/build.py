@@ -14,8 +14,10 @@ from . import _native
 from ._errors import call
 
 # Kernel arguments for booting an image with a root disk. smolvm's own boot settings come
-# first; these are appended and repeat the ones an SSH-capable image relies on.
-SSH_BOOT_ARGS = "console=ttyS0 reboot=t panic=-1 pci=off"
+# first; these are appended and repeat the ones an SSH-capable image relies on. Nothing that
+# depends on the machine: `pci=off` (which smolvm gives on microvm itself) would hide q35's
+# devices, the agent's port and the root disk among them.
+SSH_BOOT_ARGS = "console=ttyS0 reboot=t panic=-1"
 
 
 class ImageBuilder:
