@@ -18,6 +18,7 @@
 
 use crate::config::InternetSettings;
 use crate::error::{Error, IoContext, Result};
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -187,8 +188,17 @@ pub fn validate_internet(i: &InternetSettings, network: Option<&str>) -> Result<
         }
     }
     let host = host_addresses();
+    let mut seen: Vec<(&String, Cidr)> = Vec::new();
     for c in &i.allowed_cidrs {
         let cidr = Cidr::parse(c).map_err(|m| Error::validation("internet_settings.allowed_cidrs", m))?;
+        // nftables refuses overlapping intervals in one set: every start would fail.
+        if let Some((other, _)) = seen.iter().find(|(_, o)| o.overlaps(&cidr)) {
+            return Err(Error::validation(
+                "internet_settings.allowed_cidrs",
+                format!("{c} overlaps {other}, also in the list: give each range once"),
+            ));
+        }
+        seen.push((c, cidr));
         for (bad, what) in FORBIDDEN {
             if cidr.overlaps(bad) {
                 return Err(Error::validation(
@@ -306,7 +316,9 @@ pub fn ruleset(table: &str, tap: &str, lease: Lease, internet: &InternetSettings
     let mut egress = String::new();
     match internet.mode.as_str() {
         "off" => egress.push_str("        drop\n"),
-        "restricted" => egress.push_str("        ip daddr @allow accept\n        drop\n"),
+        // A connection made while its address was allowed goes on after the DNS answer that
+        // allowed it expires: a download outlives a short TTL.
+        "restricted" => egress.push_str("        ct state established,related accept\n        ip daddr @allow accept\n        drop\n"),
         _ => egress.push_str("        accept\n"),
     }
     let dns =
@@ -457,11 +469,17 @@ fn batch_answer(mut data: &[u8], seq: u32) -> Option<i32> {
     None
 }
 
-fn nft_allow(table: &str, ips: &[(Ipv4Addr, u32)]) {
-    if ips.is_empty() {
+/// Take `out` out of the allow set (each on its own: one that expired meanwhile fails alone),
+/// then put `add` in.
+fn nft_allow(table: &str, out: &[Ipv4Addr], add: &[(Ipv4Addr, u32)]) {
+    for ip in out {
+        let _ =
+            Command::new("nft").args(["delete", "element", "inet", table, "allow", &format!("{{ {ip} }}")]).stderr(Stdio::null()).status();
+    }
+    if add.is_empty() {
         return;
     }
-    let elems: Vec<String> = ips.iter().map(|(ip, ttl)| format!("{ip} timeout {}s", (*ttl).clamp(30, 86400))).collect();
+    let elems: Vec<String> = add.iter().map(|(ip, ttl)| format!("{ip} timeout {ttl}s")).collect();
     let _ = Command::new("nft")
         .args(["add", "element", "inet", table, "allow", &format!("{{ {} }}", elems.join(", "))])
         .stderr(Stdio::null())
@@ -515,6 +533,46 @@ pub fn upstream_dns() -> SocketAddr {
 pub struct DnsPolicy {
     pub allowed: Option<Vec<String>>,
     pub table: String,
+    /// The allowed CIDRs (their addresses need no learning; nftables would refuse them as
+    /// overlapping).
+    pub cidrs: Vec<Cidr>,
+    /// Addresses put into the set, and until when.
+    pub learned: std::sync::Mutex<HashMap<Ipv4Addr, std::time::Instant>>,
+}
+
+impl DnsPolicy {
+    pub fn new(allowed: Option<Vec<String>>, table: String, cidrs: &[String]) -> DnsPolicy {
+        let cidrs = cidrs.iter().filter_map(|c| Cidr::parse(c).ok()).collect();
+        DnsPolicy { allowed, table, cidrs, learned: Default::default() }
+    }
+}
+
+/// What a DNS answer's addresses do to the set: (those to take out first, those to put in with
+/// their timeouts). An address already in it is taken out and put in again: adding it once more
+/// would keep its old timeout, and it would expire while the guest still holds the new answer.
+/// (One that expired meanwhile is simply not there to take out.) Addresses inside an allowed
+/// CIDR are left alone.
+fn learn(
+    answers: &[(Ipv4Addr, u32)],
+    cidrs: &[Cidr],
+    learned: &mut HashMap<Ipv4Addr, std::time::Instant>,
+    now: std::time::Instant,
+) -> (Vec<Ipv4Addr>, Vec<(Ipv4Addr, u32)>) {
+    let (mut out, mut add) = (Vec::new(), Vec::new());
+    for &(ip, ttl) in answers {
+        if !learnable(ip) || cidrs.iter().any(|c| c.overlaps(&Cidr { addr: ip, prefix: 32 })) || add.iter().any(|(a, _)| *a == ip) {
+            continue;
+        }
+        let ttl = ttl.clamp(30, 86400);
+        // (Counted as there a little past its end: the kernel drops expired elements lazily.)
+        if learned.get(&ip).is_some_and(|until| *until + Duration::from_secs(5) > now) {
+            out.push(ip);
+        }
+        learned.insert(ip, now + Duration::from_secs(u64::from(ttl)));
+        add.push((ip, ttl));
+    }
+    learned.retain(|_, until| *until + Duration::from_secs(5) > now);
+    (out, add)
 }
 
 impl DnsPolicy {
@@ -630,9 +688,13 @@ pub async fn dns_proxy(sock: tokio::net::UdpSocket, up: tokio::net::UdpSocket, p
         let Some(m) = answer else { continue };
         if policy.allowed.is_some() {
             // Allow what is handed out before the guest can use it.
-            let ips: Vec<_> = dns_answers(&reply[..m]).into_iter().filter(|(ip, _)| learnable(*ip)).collect();
+            let answers = dns_answers(&reply[..m]);
+            let (out, add) = {
+                let mut learned = policy.learned.lock().unwrap_or_else(|e| e.into_inner());
+                learn(&answers, &policy.cidrs, &mut learned, std::time::Instant::now())
+            };
             let table = policy.table.clone();
-            let _ = tokio::task::spawn_blocking(move || nft_allow(&table, &ips)).await;
+            let _ = tokio::task::spawn_blocking(move || nft_allow(&table, &out, &add)).await;
         }
         let _ = sock.send_to(&reply[..m], from).await;
     }
@@ -706,7 +768,7 @@ mod tests {
             r.extend_from_slice(&ip);
         }
         assert_eq!(dns_answers(&r), vec![(Ipv4Addr::new(93, 184, 216, 34), 60), (Ipv4Addr::new(1, 2, 3, 4), 60)]);
-        let p = DnsPolicy { allowed: Some(vec!["example.com".into()]), table: String::new() };
+        let p = DnsPolicy::new(Some(vec!["example.com".into()]), String::new(), &[]);
         assert!(p.permits("example.com") && p.permits("api.example.com.") && !p.permits("badexample.com") && !p.permits("evil.com"));
         let refused = dns_refused(&q, q.len());
         assert_eq!(refused[3] & 0x0f, 5);
@@ -772,5 +834,86 @@ mod tests {
         // DNS over UDP to its own proxy only; no TCP 53 (the proxy does not serve it).
         assert!(rs.contains("iifname \"smvabc\" ip daddr 172.16.0.13 udp dport 53 accept") && !rs.contains("tcp dport 53"), "{rs}");
         assert!(rs.contains("100.100.100.200/32") && rs.contains("168.63.129.16/32") && rs.contains("169.254.0.0/16"), "{rs}");
+        // Restricted: connections already made go on; new ones need an allowed address; and
+        // both only past the checks above.
+        let r = InternetSettings { mode: "restricted".into(), ..Default::default() };
+        let rs = ruleset("t", "smvabc", Lease(3), &r);
+        let egress = &rs[rs.find("chain egress").unwrap()..rs.find("chain input").unwrap()];
+        assert!(
+            egress
+                .ends_with("drop\n        ct state established,related accept\n        ip daddr @allow accept\n        drop\n    }\n    "),
+            "{egress}"
+        );
+        // Off: nothing out at all, established or not.
+        let off = ruleset("t", "smvabc", Lease(3), &InternetSettings { mode: "off".into(), ..Default::default() });
+        let egress = &off[off.find("chain egress").unwrap()..off.find("chain input").unwrap()];
+        assert!(!egress.contains("established") && !egress.contains("accept"), "{egress}");
+    }
+
+    #[test]
+    fn overlapping_allowed_cidrs_are_refused() {
+        let i = |c: &[&str]| InternetSettings {
+            mode: "restricted".into(),
+            allowed_domains: vec![],
+            allowed_cidrs: c.iter().map(|c| c.to_string()).collect(),
+        };
+        assert!(validate_internet(&i(&["203.0.113.0/25", "203.0.113.128/25"]), None).is_ok());
+        let err = validate_internet(&i(&["203.0.113.0/24", "203.0.113.128/25"]), None).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid internet_settings.allowed_cidrs: 203.0.113.128/25 overlaps 203.0.113.0/24, also in the list: give each range once"
+        );
+        assert!(validate_internet(&i(&["198.51.100.7/32", "198.51.100.7/32"]), None).is_err());
+    }
+
+    #[test]
+    fn learned_addresses_are_put_in_again_with_their_new_timeout() {
+        let t0 = std::time::Instant::now();
+        let ip = |s: &str| -> Ipv4Addr { s.parse().unwrap() };
+        let cidrs = vec![Cidr::parse("203.0.113.0/24").unwrap()];
+        let mut learned = HashMap::new();
+        // New: put in, with TTLs of at least 30 s; private addresses, those of an allowed
+        // range and a repeat in the same answer are left out.
+        let answers =
+            [(ip("93.184.216.34"), 10), (ip("10.0.0.1"), 60), (ip("203.0.113.9"), 60), (ip("1.2.3.4"), 600), (ip("1.2.3.4"), 600)];
+        let (out, add) = learn(&answers, &cidrs, &mut learned, t0);
+        assert_eq!(out, Vec::<Ipv4Addr>::new());
+        assert_eq!(add, vec![(ip("93.184.216.34"), 30), (ip("1.2.3.4"), 600)]);
+        // Asked again 20 s later: taken out and put in, so that its timeout is the new one.
+        let (out, add) = learn(&[(ip("93.184.216.34"), 300)], &cidrs, &mut learned, t0 + Duration::from_secs(20));
+        assert_eq!((out, add), (vec![ip("93.184.216.34")], vec![(ip("93.184.216.34"), 300)]));
+        // Long after both expired: only put in, and the old ones are forgotten.
+        let later = t0 + Duration::from_secs(1000);
+        let (out, add) = learn(&[(ip("93.184.216.34"), 60)], &cidrs, &mut learned, later);
+        assert_eq!((out, add), (vec![], vec![(ip("93.184.216.34"), 60)]));
+        assert_eq!(learned.len(), 1);
+    }
+
+    /// Against the real nftables: an address learned again gets the new answer's timeout.
+    #[test]
+    fn a_relearned_address_has_its_new_timeout_in_the_kernel() {
+        if !nix::unistd::geteuid().is_root() || nat_available().is_err() {
+            eprintln!("skipped: needs root and nftables");
+            return;
+        }
+        let table = format!("smolvm_test_{}", std::process::id());
+        let r = InternetSettings { mode: "restricted".into(), allowed_cidrs: vec!["203.0.113.0/24".into()], ..Default::default() };
+        nft_apply(&table, "smvtest0", Lease(9), &r).unwrap();
+        let list = || {
+            String::from_utf8_lossy(&Command::new("nft").args(["list", "set", "inet", &table, "allow"]).output().unwrap().stdout)
+                .into_owned()
+        };
+        let policy = DnsPolicy::new(Some(vec![]), table.clone(), &r.allowed_cidrs);
+        let mut learned = policy.learned.lock().unwrap();
+        let ip: Ipv4Addr = "198.51.100.7".parse().unwrap();
+        // An address inside the allowed range would make nft refuse the whole batch.
+        let (out, add) = learn(&[(ip, 40), ("203.0.113.5".parse().unwrap(), 40)], &policy.cidrs, &mut learned, std::time::Instant::now());
+        nft_allow(&table, &out, &add);
+        assert!(list().contains("198.51.100.7 timeout 40s"), "{}", list());
+        let (out, add) = learn(&[(ip, 300)], &policy.cidrs, &mut learned, std::time::Instant::now());
+        nft_allow(&table, &out, &add);
+        let set = list();
+        nft_remove(&table).unwrap();
+        assert!(set.contains("198.51.100.7 timeout 5m"), "{set}");
     }
 }

@@ -540,7 +540,7 @@ async fn supervise(id: &str) -> i32 {
     let mut dns = match plan.lease {
         Some(lease) if plan.internet.mode != "off" => {
             let allowed = (plan.internet.mode == "restricted").then(|| plan.internet.allowed_domains.clone());
-            let policy = Arc::new(crate::net::DnsPolicy { allowed, table: plan.table.clone() });
+            let policy = Arc::new(crate::net::DnsPolicy::new(allowed, plan.table.clone(), &plan.internet.allowed_cidrs));
             match crate::net::dns_bind(SocketAddr::from((lease.host(), 53)), crate::net::upstream_dns()).await {
                 Ok((sock, up)) => Some(tokio::spawn(crate::net::dns_proxy(sock, up, policy))),
                 Err(e) => {
