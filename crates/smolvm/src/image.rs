@@ -316,11 +316,14 @@ pub fn default_kernel(dirs: &Dirs, progress: Progress) -> Result<PathBuf> {
         install_file(&ready, &vmlinux)?;
         return Ok(vmlinux);
     }
-    if let Err(e) = build_kernel(&source, &dir, dirs, progress) {
-        record_kernel_failure(dirs, &source, &e);
-        return Err(e);
+    match build_kernel(&source, &dir, dirs, progress) {
+        Ok(()) => Ok(vmlinux),
+        Err(BuildFailure::Source(e)) => {
+            record_kernel_failure(dirs, &source, &e);
+            Err(e)
+        }
+        Err(BuildFailure::Passing(e)) => Err(e),
     }
-    Ok(vmlinux)
 }
 
 /// Unpack a source archive into a build directory of its own (removed when the returned guard
@@ -389,26 +392,43 @@ fn edit_kernel_source(src: &Path) -> Result<()> {
     fs::write(&path, format!("{}{KERNEL_EDIT}{}", &text[..end], &text[end..])).ctx(|| format!("writing {}", path.display()))
 }
 
-fn build_kernel(source: &Path, out_dir: &Path, dirs: &Dirs, progress: Progress) -> Result<()> {
+/// Why building our kernel failed. `Source`: the build's own failure (a config that does not
+/// take, a compile error), which the same source will repeat, so the fallback is pinned until
+/// the mark is removed. `Passing`: what need not happen next time (a tool missing, a full
+/// disk, `make` killed for memory), so the next start tries again.
+enum BuildFailure {
+    Source(Error),
+    Passing(Error),
+}
+
+/// Whether `make` failing with this exit status and stderr is the source's doing: it exited
+/// with a code (not killed), and not for want of disk or memory.
+fn make_failure_is_the_source(code: Option<i32>, stderr: &str) -> bool {
+    code.is_some() && !["No space left on device", "Cannot allocate memory", "Killed", "out of memory"].iter().any(|m| stderr.contains(m))
+}
+
+fn build_kernel(source: &Path, out_dir: &Path, dirs: &Dirs, progress: Progress) -> std::result::Result<(), BuildFailure> {
+    use BuildFailure::Passing;
     for tool in ["make", "gcc", "flex", "bison", "bc", "tar", "xz"] {
         if !on_path(tool) {
-            return Err(Error::Image(format!("building the guest kernel needs `{tool}` (install it with `smolvm setup`)")));
+            return Err(Passing(Error::Image(format!("building the guest kernel needs `{tool}` (install it with `smolvm setup`)"))));
         }
     }
     progress(&format!("building the guest kernel from {} (once; a few minutes)", source.display()));
     progress("  unpacking the source");
-    let (tmp, src) = unpack_source(dirs, "kernel", source)?;
-    edit_kernel_source(&src)?;
+    let (tmp, src) = unpack_source(dirs, "kernel", source).map_err(Passing)?;
+    edit_kernel_source(&src).map_err(BuildFailure::Source)?;
     let fragment = tmp.0.join("smolvm.fragment");
-    fs::write(&fragment, KERNEL_FRAGMENT).ctx(|| "writing the config fragment".into())?;
+    fs::write(&fragment, KERNEL_FRAGMENT).ctx(|| "writing the config fragment".into()).map_err(Passing)?;
     run_checked(
         Command::new("make").arg("-C").arg(&src).arg("allnoconfig").arg(format!("KCONFIG_ALLCONFIG={}", fragment.display())),
         "configuring the kernel",
-    )?;
-    let config = fs::read_to_string(src.join(".config")).ctx(|| "reading .config".into())?;
+    )
+    .map_err(Passing)?;
+    let config = fs::read_to_string(src.join(".config")).ctx(|| "reading .config".into()).map_err(Passing)?;
     let missing = missing_options(KERNEL_FRAGMENT, &config);
     if !missing.is_empty() {
-        return Err(Error::Image(format!("the kernel config did not take: {}", missing.join(", "))));
+        return Err(BuildFailure::Source(Error::Image(format!("the kernel config did not take: {}", missing.join(", ")))));
     }
     let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut child = Command::new("make")
@@ -420,7 +440,8 @@ fn build_kernel(source: &Path, out_dir: &Path, dirs: &Dirs, progress: Progress) 
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .ctx(|| "running make".into())?;
+        .ctx(|| "running make".into())
+        .map_err(Passing)?;
     // About 860 compile steps with our config; report every tenth of the way.
     let estimate = 860;
     let stdout = child.stdout.take().expect("piped");
@@ -438,14 +459,15 @@ fn build_kernel(source: &Path, out_dir: &Path, dirs: &Dirs, progress: Progress) 
             }
         }
     }
-    let status = child.wait().ctx(|| "waiting for make".into())?;
+    let status = child.wait().ctx(|| "waiting for make".into()).map_err(Passing)?;
     let errs = err_tail.join().unwrap_or_default();
     if !status.success() {
         let tail = errs.iter().rev().take(15).rev().cloned().collect::<Vec<_>>().join("\n");
-        return Err(Error::Image(format!("building the kernel failed ({status}):\n{tail}")));
+        let e = Error::Image(format!("building the kernel failed ({status}):\n{tail}"));
+        return Err(if make_failure_is_the_source(status.code(), &errs.join("\n")) { BuildFailure::Source(e) } else { Passing(e) });
     }
-    install_file(&src.join("vmlinux"), &out_dir.join("vmlinux"))?;
-    fs::write(out_dir.join("config"), &config).ctx(|| "saving the kernel config".into())?;
+    install_file(&src.join("vmlinux"), &out_dir.join("vmlinux")).map_err(Passing)?;
+    fs::write(out_dir.join("config"), &config).ctx(|| "saving the kernel config".into()).map_err(Passing)?;
     progress("  guest kernel ready");
     Ok(())
 }
@@ -948,6 +970,17 @@ pub fn initramfs_archive(agent: &[u8], busybox: &[u8], applets: &str, modules: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_sources_own_build_failures_pin_the_fallback() {
+        // A compile error: the same source fails again.
+        assert!(make_failure_is_the_source(Some(2), "kernel/fork.c:12: error: expected ';'"));
+        // Killed (for memory), or out of disk or memory: maybe not next time.
+        assert!(!make_failure_is_the_source(None, ""));
+        assert!(!make_failure_is_the_source(Some(2), "fatal error: cannot write: No space left on device"));
+        assert!(!make_failure_is_the_source(Some(2), "gcc: fatal error: Killed signal terminated program cc1"));
+        assert!(!make_failure_is_the_source(Some(2), "cc1: out of memory allocating 65536 bytes"));
+    }
 
     /// Run by `an_image_built_by_another_user_belongs_to_root` as that user.
     #[test]
