@@ -64,6 +64,13 @@ fn template_dir(config: &VmConfig, spec: &BootSpec, images: &Path) -> Result<Pat
     if spec.accel == crate::vmm::Accel::Kvm {
         parts.push(crate::vmm::host_cpu_identity().into_bytes());
     }
+    // Under TCG the guest's TSC runs at the host's rate, which its kernel was told at boot
+    // (`tsc_early_khz`) and keeps: a template from a host with another rate would keep time
+    // wrongly. In MHz, so that measuring again after a reboot seldom makes a new one.
+    if spec.accel == crate::vmm::Accel::Tcg {
+        let mhz = crate::vmm::host_tsc_khz(images).map_or(0, |khz| (khz + 500) / 1000);
+        parts.push(mhz.to_le_bytes().to_vec());
+    }
     let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
     let fp = image::fingerprint(&parts);
     Ok(images.join(format!("warm-{fp}")))
@@ -202,6 +209,29 @@ mod tests {
         let state = std::fs::File::create(dir.join("state")).unwrap();
         state.set_modified(SystemTime::now() - Duration::from_secs(used_secs_ago)).unwrap();
         dir
+    }
+
+    #[test]
+    fn a_tcg_template_belongs_to_the_hosts_tsc_rate_in_mhz() {
+        let Ok(boot_id) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else { return };
+        let images = tempfile::tempdir().unwrap();
+        let spec = BootSpec {
+            image: image::BootImage { kernel: "/k".into(), initrd: Some("/i".into()), rootfs: None },
+            accel: crate::vmm::Accel::Tcg,
+            boot_timeout_ms: 30_000,
+            verbose_boot: false,
+            restore: None,
+            ram: None,
+            vsock: false,
+            q35: false,
+        };
+        let with_rate = |khz: u64| {
+            std::fs::write(images.path().join("host-tsc"), format!("{} {khz}\n", boot_id.trim())).unwrap();
+            template_dir(&VmConfig::default(), &spec, images.path()).unwrap()
+        };
+        let here = with_rate(2_596_120);
+        assert_eq!(with_rate(2_596_300), here, "measured again after a reboot: the same MHz");
+        assert_ne!(with_rate(3_000_000), here, "another host's rate");
     }
 
     #[test]
