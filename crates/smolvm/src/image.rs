@@ -407,6 +407,26 @@ fn make_failure_is_the_source(code: Option<i32>, stderr: &str) -> bool {
     code.is_some() && !["No space left on device", "Cannot allocate memory", "Killed", "out of memory"].iter().any(|m| stderr.contains(m))
 }
 
+/// The same for a step run by `run_checked` or `unpack_source` (an archive that `tar` cannot
+/// read or that holds no tree, a config step that fails): their I/O errors pass.
+fn step_failure_is_the_source(e: &Error) -> bool {
+    match e {
+        Error::Image(m) if m.contains("holds no source tree") => true,
+        Error::Image(m) => m.split_once(" failed (exit status").is_some_and(|(_, rest)| make_failure_is_the_source(Some(1), rest)),
+        _ => false,
+    }
+}
+
+impl BuildFailure {
+    fn of_step(e: Error) -> BuildFailure {
+        if step_failure_is_the_source(&e) {
+            BuildFailure::Source(e)
+        } else {
+            BuildFailure::Passing(e)
+        }
+    }
+}
+
 fn build_kernel(source: &Path, out_dir: &Path, dirs: &Dirs, progress: Progress) -> std::result::Result<(), BuildFailure> {
     use BuildFailure::Passing;
     for tool in ["make", "gcc", "flex", "bison", "bc", "tar", "xz"] {
@@ -416,7 +436,7 @@ fn build_kernel(source: &Path, out_dir: &Path, dirs: &Dirs, progress: Progress) 
     }
     progress(&format!("building the guest kernel from {} (once; a few minutes)", source.display()));
     progress("  unpacking the source");
-    let (tmp, src) = unpack_source(dirs, "kernel", source).map_err(Passing)?;
+    let (tmp, src) = unpack_source(dirs, "kernel", source).map_err(BuildFailure::of_step)?;
     edit_kernel_source(&src).map_err(BuildFailure::Source)?;
     let fragment = tmp.0.join("smolvm.fragment");
     fs::write(&fragment, KERNEL_FRAGMENT).ctx(|| "writing the config fragment".into()).map_err(Passing)?;
@@ -424,7 +444,7 @@ fn build_kernel(source: &Path, out_dir: &Path, dirs: &Dirs, progress: Progress) 
         Command::new("make").arg("-C").arg(&src).arg("allnoconfig").arg(format!("KCONFIG_ALLCONFIG={}", fragment.display())),
         "configuring the kernel",
     )
-    .map_err(Passing)?;
+    .map_err(BuildFailure::of_step)?;
     let config = fs::read_to_string(src.join(".config")).ctx(|| "reading .config".into()).map_err(Passing)?;
     let missing = missing_options(KERNEL_FRAGMENT, &config);
     if !missing.is_empty() {
@@ -980,6 +1000,17 @@ mod tests {
         assert!(!make_failure_is_the_source(Some(2), "fatal error: cannot write: No space left on device"));
         assert!(!make_failure_is_the_source(Some(2), "gcc: fatal error: Killed signal terminated program cc1"));
         assert!(!make_failure_is_the_source(Some(2), "cc1: out of memory allocating 65536 bytes"));
+        // Unpacking and configuring: an archive that is not a kernel's is the source's doing,
+        // a full disk is not, nor any other I/O error.
+        assert!(step_failure_is_the_source(&Error::Image("the kernel source archive /x holds no source tree".into())));
+        assert!(step_failure_is_the_source(&Error::Image(
+            "unpacking the kernel source failed (exit status: 2):\nxz: (stdin): File format not recognized".into()
+        )));
+        assert!(!step_failure_is_the_source(&Error::Image(
+            "unpacking the kernel source failed (exit status: 2):\ntar: linux/x.c: Cannot write: No space left on device".into()
+        )));
+        assert!(!step_failure_is_the_source(&Error::Image("unpacking the kernel source failed (signal: 9 (SIGKILL))".into())));
+        assert!(!step_failure_is_the_source(&Error::Io { context: "creating /x".into(), source: std::io::Error::other("no") }));
     }
 
     /// Run by `an_image_built_by_another_user_belongs_to_root` as that user.
