@@ -46,12 +46,23 @@ fn backend_kind(config: &VmConfig) -> Result<&'static str> {
     })
 }
 
+/// A file's size and modification time (cache entries are installed whole, by rename).
+fn file_identity(path: &Path) -> Vec<u8> {
+    let meta = std::fs::metadata(path).ok();
+    let modified = meta.as_ref().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    format!("{}:{}", meta.map_or(0, |m| m.len()), modified.map_or(0, |d| d.as_nanos())).into_bytes()
+}
+
 fn template_dir(config: &VmConfig, spec: &BootSpec, images: &Path) -> Result<PathBuf> {
     let mut parts: Vec<Vec<u8>> = vec![
         backend_kind(config)?.as_bytes().to_vec(),
         WARM_RECIPE.as_bytes().to_vec(),
         spec.image.kernel.to_string_lossy().as_bytes().to_vec(),
         spec.image.initrd.as_deref().unwrap_or(Path::new("")).to_string_lossy().as_bytes().to_vec(),
+        // And which file is there now: a cache entry made again at the same path (a published
+        // kernel replaced by a local build) holds other bytes than the template's RAM.
+        file_identity(&spec.image.kernel),
+        spec.image.initrd.as_deref().map(file_identity).unwrap_or_default(),
         config.vcpu_count.to_le_bytes().to_vec(),
         config.memory.to_le_bytes().to_vec(),
         format!("{:?}", spec.accel).as_bytes().to_vec(),
@@ -232,6 +243,27 @@ mod tests {
         let here = with_rate(2_596_120);
         assert_eq!(with_rate(2_596_300), here, "measured again after a reboot: the same MHz");
         assert_ne!(with_rate(3_000_000), here, "another host's rate");
+    }
+
+    #[test]
+    fn a_kernel_made_again_at_the_same_path_makes_a_new_template() {
+        let images = tempfile::tempdir().unwrap();
+        let kernel = images.path().join("vmlinux");
+        std::fs::write(&kernel, b"one kernel").unwrap();
+        let spec = BootSpec {
+            image: image::BootImage { kernel: kernel.clone(), initrd: None, rootfs: None },
+            accel: crate::vmm::Accel::Kvm,
+            boot_timeout_ms: 30_000,
+            verbose_boot: false,
+            restore: None,
+            ram: None,
+            vsock: false,
+            q35: false,
+        };
+        let before = template_dir(&VmConfig::default(), &spec, images.path()).unwrap();
+        assert_eq!(template_dir(&VmConfig::default(), &spec, images.path()).unwrap(), before);
+        std::fs::write(&kernel, b"another kernel").unwrap();
+        assert_ne!(template_dir(&VmConfig::default(), &spec, images.path()).unwrap(), before);
     }
 
     #[test]
