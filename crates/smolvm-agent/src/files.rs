@@ -82,26 +82,42 @@ pub fn put_data(stream: u32, data: &[u8], w: &Writer) -> bool {
 }
 
 pub fn put_end(stream: u32, w: &Writer) -> bool {
-    let Some(mut up) = uploads().remove(&stream) else { return false };
-    let result = if up.tar {
-        let r = smolvm_tar::unpack_checked(&mut up.file, &up.dest, false);
-        let _ = fs::remove_file(&up.tmp);
-        r
-    } else {
+    let Some(up) = uploads().remove(&stream) else { return false };
+    if up.tar {
+        // A big tree takes a while to extract: on a thread of its own, so that this reader
+        // goes on serving every other stream meanwhile (else their frames, pings and credits
+        // included, wait for it). Without a thread to be had, here.
+        let w = w.for_session();
+        let extract = move || {
+            let mut up = up;
+            let r = smolvm_tar::unpack_checked(&mut up.file, &up.dest, false);
+            let _ = fs::remove_file(&up.tmp);
+            w.send(stream, &stored(r, &up.dest));
+        };
+        let job = std::sync::Arc::new(std::sync::Mutex::new(Some(extract)));
+        let theirs = job.clone();
+        let take = |j: &std::sync::Mutex<Option<_>>| j.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if crate::workers::run(Box::new(move || take(&theirs).into_iter().for_each(|f| f()))).is_err() {
+            take(&job).into_iter().for_each(|f| f());
+        }
+        return true;
+    }
+    let result = {
         let r = up.file.set_permissions(fs::Permissions::from_mode(up.mode & 0o7777)).and_then(|_| fs::rename(&up.tmp, &up.dest));
         if r.is_err() {
             let _ = fs::remove_file(&up.tmp);
         }
         r
     };
-    w.send(
-        stream,
-        &match result {
-            Ok(()) => Reply::Ok,
-            Err(e) => io_error(&format!("storing {}", up.dest.display()), e),
-        },
-    );
+    w.send(stream, &stored(result, &up.dest));
     true
+}
+
+fn stored(result: std::io::Result<()>, dest: &std::path::Path) -> Reply {
+    match result {
+        Ok(()) => Reply::Ok,
+        Err(e) => io_error(&format!("storing {}", dest.display()), e),
+    }
 }
 
 /// Drop every upload in progress, with its temp file.

@@ -35,6 +35,14 @@ def test_module_paths_users_import():
     assert isinstance(smolvm.build.SSH_BOOT_ARGS, str)
     # Safe on every machine: q35's devices sit on PCI.
     assert "pci=off" not in smolvm.build.SSH_BOOT_ARGS.split()
+    # An explicit keyword overrides the config's field; the default leaves it.
+    from smolvm import VMConfig
+    writable = VMConfig(workspace_mounts=["/tmp"], writable_mounts=True)
+    assert SmolVM(writable, writable_mounts=False)._config.writable_mounts is False
+    assert SmolVM(writable)._config.writable_mounts is True
+    assert SmolVM(mounts=["/tmp"], writable_mounts=True)._config.writable_mounts is True
+    import inspect
+    assert inspect.signature(SmolVM).parameters["writable_mounts"].default.__repr__() == "False"
     # Each native error code maps to its documented class.
     from smolvm.exceptions import _from_native
     assert isinstance(_from_native(Exception("network", "network: nft: failed", "{}")), smolvm.exceptions.NetworkError)
@@ -141,6 +149,18 @@ def test_leaving_the_with_block_by_an_exception_removes_the_sandbox(no_leftovers
             raise RuntimeError("boom")
     with pytest.raises(VMNotFoundError):
         SmolVM.from_id("pyraise")
+    # A clean-up that fails too does not hide the block's own error: it is noted on it.
+    with pytest.raises(RuntimeError, match="boom") as raised:
+        with SmolVM(vm_id="pyraise") as vm:
+            really_delete = vm.delete
+
+            def delete_then_fail():
+                really_delete()
+                raise ValueError("the clean-up's own trouble")
+
+            vm.delete = delete_then_fail
+            raise RuntimeError("boom")
+    assert raised.value.__notes__ == ["and cleaning up the sandbox failed too: the clean-up's own trouble"]
 
 
 def test_ctrl_c_during_run_is_prompt_and_leaves_no_vmm(tmp_path):

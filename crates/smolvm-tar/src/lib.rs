@@ -5,7 +5,9 @@
 
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Pack `dir`'s contents (not `dir` itself) into `out`. Links are stored as links.
 pub fn pack<W: io::Write>(dir: &Path, out: W) -> io::Result<W> {
@@ -58,8 +60,66 @@ fn invalid(msg: String) -> io::Error {
 /// Check every entry of the archive in `file`, then extract it into `dest` (created if
 /// missing). Setuid, setgid and sticky bits are dropped when `strip_special` is set.
 pub fn unpack_checked(file: &mut fs::File, dest: &Path, strip_special: bool) -> io::Result<()> {
+    unpack_checked_until(file, dest, strip_special, &AtomicBool::new(false))
+}
+
+/// One entry as the check pass saw it: its path, whether it is a symlink, and the archive path
+/// a link leads to (a symlink's target resolved from its directory, or a hard link's target).
+struct Seen {
+    path: String,
+    symlink: bool,
+    leads_to: Option<String>,
+}
+
+/// `rel` resolved from `dir` by its text (`.` and `..` applied), as the components passed on
+/// the way: each prefix that is walked through as a directory, then the end.
+fn walk(dir: &str, rel: &str) -> (Vec<String>, String) {
+    let mut parts: Vec<&str> = dir.split('/').filter(|c| !c.is_empty()).collect();
+    let mut through = Vec::new();
+    let comps: Vec<&str> = rel.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+    for (i, c) in comps.iter().enumerate() {
+        if *c == ".." {
+            parts.pop();
+        } else {
+            parts.push(c);
+            if i + 1 < comps.len() {
+                through.push(parts.join("/"));
+            }
+        }
+    }
+    (through, parts.join("/"))
+}
+
+/// An archive's own links must not be walked through: `a/up -> ..` then `a/up/x -> ../..`
+/// each look inside by their text, but the second lands two levels above the target. So no
+/// entry's directory, and no link's way to its target, may pass through a symlink of the
+/// archive (pointing at one is fine).
+fn check_links(seen: &[Seen]) -> io::Result<()> {
+    let links: std::collections::HashSet<&str> = seen.iter().filter(|e| e.symlink).map(|e| e.path.as_str()).collect();
+    if links.is_empty() {
+        return Ok(());
+    }
+    for e in seen {
+        let (mut through, _) = walk("", &e.path);
+        if let Some(target) = &e.leads_to {
+            let dir = if e.symlink { e.path.rsplit_once('/').map_or("", |(d, _)| d) } else { "" };
+            through.extend(walk(dir, target).0);
+        }
+        if let Some(l) = through.iter().find(|p| links.contains(p.as_str())) {
+            return Err(invalid(format!("refused tar entry {:?}: it leads through the archive's own symlink {l:?}", e.path)));
+        }
+    }
+    Ok(())
+}
+
+/// As [`unpack_checked`], stopping (as a failure) once `stop` is set, as when whoever waits for
+/// it has gone. A failure, that one included, takes out again what this extraction made:
+/// nothing half-written stays. Directories get their modes at the end, so that one without
+/// write permission for its owner still takes its contents.
+pub fn unpack_checked_until(file: &mut fs::File, dest: &Path, strip_special: bool, stop: &AtomicBool) -> io::Result<()> {
     file.seek(SeekFrom::Start(0))?;
     {
+        let mut seen = Vec::new();
         let mut archive = tar::Archive::new(&mut *file);
         for entry in archive.entries()? {
             let entry = entry?;
@@ -79,23 +139,62 @@ pub fn unpack_checked(file: &mut fs::File, dest: &Path, strip_special: bool) -> 
             if !matches!(kind, tar::EntryType::Regular | tar::EntryType::Directory | tar::EntryType::Symlink | tar::EntryType::Link) {
                 return Err(invalid(format!("refused tar entry {path:?}: only files, directories and links are transferred")));
             }
+            let path = path.trim_end_matches('/').to_string();
+            seen.push(Seen { path, symlink: sym.is_some(), leads_to: sym.or(hard).map(str::to_string) });
         }
+        check_links(&seen)?;
     }
     file.seek(SeekFrom::Start(0))?;
+    let made_dest = !dest.exists();
     fs::create_dir_all(dest)?;
-    let mut archive = tar::Archive::new(&mut *file);
-    archive.set_preserve_permissions(true);
-    archive.set_overwrite(true);
-    for entry in archive.entries()? {
-        let mut entry = entry?;
-        if strip_special {
-            entry.set_mask(0o7000);
+    let mut made = Vec::new();
+    let mut dir_modes = Vec::new();
+    let result = (|| {
+        let mut archive = tar::Archive::new(&mut *file);
+        archive.set_preserve_permissions(true);
+        archive.set_overwrite(true);
+        for entry in archive.entries()? {
+            if stop.load(Ordering::Relaxed) {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "the extraction was stopped"));
+            }
+            let mut entry = entry?;
+            if strip_special {
+                entry.set_mask(0o7000);
+            }
+            let rel = entry.path()?.to_string_lossy().trim_start_matches("./").trim_end_matches('/').to_string();
+            let full = dest.join(&rel);
+            let existed = rel.is_empty() || full.symlink_metadata().is_ok();
+            let dir = entry.header().entry_type() == tar::EntryType::Directory;
+            let mode = entry.header().mode().unwrap_or(0o755) & if strip_special { 0o777 } else { 0o7777 };
+            if !entry.unpack_in(dest)? {
+                return Err(invalid(format!("refused tar entry {rel:?}: it would land outside the target")));
+            }
+            if !existed {
+                made.push(full.clone());
+            }
+            if dir {
+                // Writable by its owner until everything is in.
+                fs::set_permissions(&full, fs::Permissions::from_mode(mode | 0o700))?;
+                dir_modes.push((full, mode));
+            }
         }
-        if !entry.unpack_in(dest)? {
-            return Err(invalid(format!("refused tar entry {:?}: it would land outside the target", entry.path()?)));
+        for (dir, mode) in dir_modes.iter().rev() {
+            fs::set_permissions(dir, fs::Permissions::from_mode(*mode))?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        for (dir, _) in &dir_modes {
+            let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+        }
+        for p in made.iter().rev() {
+            let _ = fs::remove_file(p).or_else(|_| fs::remove_dir(p));
+        }
+        if made_dest {
+            let _ = fs::remove_dir(dest);
         }
     }
-    Ok(())
+    result
 }
 
 /// Read everything into a temp file first, so the whole archive can be checked before any of it
@@ -199,5 +298,90 @@ mod tests {
             assert!(!dest.exists(), "something was written");
             assert!(!t.path().join("x").exists());
         }
+    }
+
+    fn symlink(b: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) {
+        let mut h = header(tar::EntryType::Symlink, 0);
+        b.append_link(&mut h, path, target).unwrap();
+    }
+
+    #[test]
+    fn a_path_through_the_archives_own_link_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let dest = t.path().join("a/b/dest");
+        // Each looks inside by its text; through `a/up` (the target itself) the second would
+        // point two levels above it, and the third at its parent.
+        for second in [("a/up/x", "../.."), ("c", "a/up/.."), ("a/up/f", "")] {
+            let mut f = archive_with(t.path(), |b| {
+                symlink(b, "a/up", "..");
+                if second.1.is_empty() {
+                    let mut h = header(tar::EntryType::Regular, 1);
+                    b.append_data(&mut h, second.0, &b"x"[..]).unwrap();
+                } else {
+                    symlink(b, second.0, second.1);
+                }
+            });
+            let err = unpack_checked(&mut f, &dest, false).unwrap_err().to_string();
+            assert!(err.contains("leads through the archive's own symlink \"a/up\""), "{second:?}: {err}");
+            assert!(!dest.exists(), "something was written");
+        }
+        // Pointing at a link of the archive is fine.
+        let mut f = archive_with(t.path(), |b| {
+            symlink(b, "a/up", "..");
+            symlink(b, "b", "a/up");
+        });
+        unpack_checked(&mut f, &dest, false).unwrap();
+        assert_eq!(fs::read_link(dest.join("b")).unwrap(), Path::new("a/up"));
+    }
+
+    #[test]
+    fn a_read_only_directory_takes_its_contents_and_keeps_its_mode() {
+        let t = tempfile::tempdir().unwrap();
+        let dest = t.path().join("dest");
+        let mut f = archive_with(t.path(), |b| {
+            let mut d = header(tar::EntryType::Directory, 0);
+            d.set_mode(0o555);
+            b.append_data(&mut d, "ro/", &b""[..]).unwrap();
+            let mut h = header(tar::EntryType::Regular, 2);
+            b.append_data(&mut h, "ro/f", &b"in"[..]).unwrap();
+        });
+        unpack_checked(&mut f, &dest, false).unwrap();
+        assert_eq!(fs::read(dest.join("ro/f")).unwrap(), b"in");
+        assert_eq!(fs::metadata(dest.join("ro")).unwrap().permissions().mode() & 0o7777, 0o555);
+    }
+
+    #[test]
+    fn a_failed_or_stopped_extraction_takes_out_what_it_made() {
+        let t = tempfile::tempdir().unwrap();
+        let dest = t.path().join("dest");
+        // Already there: a directory where the archive has a file, which cannot replace it.
+        fs::create_dir_all(dest.join("blocker")).unwrap();
+        fs::write(dest.join("blocker/kept"), "mine").unwrap();
+        let build = |b: &mut tar::Builder<Vec<u8>>| {
+            let mut h = header(tar::EntryType::Regular, 3);
+            b.append_data(&mut h, "new.txt", &b"new"[..]).unwrap();
+            let mut d = header(tar::EntryType::Directory, 0);
+            d.set_mode(0o555);
+            b.append_data(&mut d, "newdir/", &b""[..]).unwrap();
+            let mut h = header(tar::EntryType::Regular, 1);
+            b.append_data(&mut h, "newdir/f", &b"x"[..]).unwrap();
+            let mut h = header(tar::EntryType::Regular, 1);
+            b.append_data(&mut h, "blocker", &b"x"[..]).unwrap();
+        };
+        let mut f = archive_with(t.path(), build);
+        assert!(unpack_checked(&mut f, &dest, false).is_err());
+        let mut left: Vec<String> = fs::read_dir(&dest).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["blocker"]);
+        assert_eq!(fs::read_to_string(dest.join("blocker/kept")).unwrap(), "mine");
+        // Stopped before it began: a target it made is gone too.
+        let fresh = t.path().join("fresh");
+        let mut f = archive_with(t.path(), |b| {
+            let mut h = header(tar::EntryType::Regular, 3);
+            b.append_data(&mut h, "new.txt", &b"new"[..]).unwrap();
+        });
+        let err = unpack_checked_until(&mut f, &fresh, false, &AtomicBool::new(true)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Interrupted);
+        assert!(!fresh.exists());
     }
 }

@@ -510,6 +510,20 @@ fn download_temp(parent: &Path) -> PathBuf {
     parent.join(format!(".smolvm-download-{}-{n}", std::process::id()))
 }
 
+/// A download's temporary file, removed however its future ends (an interrupted Python call
+/// drops it unfinished); `stop` then also ends an extraction still running on its own thread.
+struct DownloadTemp {
+    path: PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for DownloadTemp {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// A directory a process made over a minute ago: not one whose record is on its way.
 pub(crate) fn older_than_a_minute(path: &Path) -> bool {
     std::fs::metadata(path).and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60))
@@ -1365,6 +1379,9 @@ impl Sandbox {
         let mut sent = false;
         loop {
             tokio::select! {
+                // The sending first: the agent's answer can be ready in the same poll as the
+                // end of it (it has the last frame), and must not be taken for an early one.
+                biased;
                 done = &mut send, if !sent => {
                     done?;
                     sent = true;
@@ -1406,9 +1423,17 @@ impl Sandbox {
             }
         }
         let mut stream = conn.open(&Request::FileGet { path: guest.to_string() }).await?;
-        let tmp = download_temp(&parent);
+        let temp = DownloadTemp { path: download_temp(&parent), stop: Default::default() };
+        let tmp = temp.path.clone();
         let result = async {
-            let mut file = tokio::fs::File::create(&tmp).await.ctx(|| format!("creating {}", tmp.display()))?;
+            // New (never a link someone put there), and private until its mode is set.
+            let mut file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .await
+                .ctx(|| format!("creating {}", tmp.display()))?;
             loop {
                 match within("download", TRANSFER_IDLE, stream.recv()).await? {
                     Some(Reply::Data(d)) => {
@@ -1427,21 +1452,29 @@ impl Sandbox {
         .await;
         let done = match result {
             Ok((_, true)) => {
-                let (tmp2, dest2) = (tmp.clone(), dest.clone());
+                let (tmp2, dest2, stop) = (tmp.clone(), dest.clone(), temp.stop.clone());
                 tokio::task::spawn_blocking(move || {
                     let mut f = std::fs::File::open(&tmp2)?;
-                    smolvm_tar::unpack_checked(&mut f, &dest2, true)
+                    smolvm_tar::unpack_checked_until(&mut f, &dest2, true, &stop)
                 })
                 .await
                 .map_err(|e| Error::Host(e.to_string()))?
-                .map_err(|e| Error::Guest(format!("extracting {guest}: {e}")))
+                .map_err(|e| {
+                    // What the guest sent breaks the rules: its doing. Anything else (no room,
+                    // no permission, a file in the way) is this host's.
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        Error::Guest(format!("extracting {guest}: {e}"))
+                    } else {
+                        Error::Io { context: format!("extracting {guest} into {}", dest.display()), source: e }
+                    }
+                })
             }
             Ok((mode, false)) => std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode & 0o777))
                 .and_then(|_| std::fs::rename(&tmp, &dest))
                 .ctx(|| format!("storing {}", dest.display())),
             Err(e) => Err(e),
         };
-        let _ = std::fs::remove_file(&tmp);
+        drop(temp);
         done
     }
 

@@ -16,6 +16,20 @@ from .types import CommandResult, SnapshotInfo, VMInfo, VMState
 _SHELLS = ("login", "raw")
 
 
+class _NotGiven:
+    """A keyword's default that reads as ``False`` but is told apart from an explicit
+    ``False``: an explicit one overrides the config's field, the default leaves it."""
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "False"
+
+
+_FALSE = _NotGiven()
+
+
 class SmolVM:
     """A sandbox: a microVM with its own kernel.
 
@@ -33,7 +47,7 @@ class SmolVM:
         disk_size: Optional[int] = None,
         env_vars: Optional[Mapping[str, str]] = None,
         mounts: Optional[Sequence[Any]] = None,
-        writable_mounts: bool = False,
+        writable_mounts: bool = _FALSE,  # type: ignore[assignment]
         internet_settings: Optional[Any] = None,
         comm_channel: Optional[str] = None,
         os: Optional[str] = None,
@@ -63,7 +77,7 @@ class SmolVM:
                      "internet_settings": internet_settings, "network": network,
                      "port_forwards": None if port_forwards is None else list(port_forwards),
                      "workspace_mounts": mounts,
-                     "writable_mounts": writable_mounts or None,
+                     "writable_mounts": None if writable_mounts is _FALSE else bool(writable_mounts),
                      "env_vars": None if env_vars is None else {**config.env_vars, **dict(env_vars)}}
         changes: Dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
         self._config = config.replace(**changes) if changes else config
@@ -192,11 +206,17 @@ class SmolVM:
             self.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        if self._owned:
-            self.delete()
-        else:
-            self.close()
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if self._owned:
+                self.delete()
+            else:
+                self.close()
+        except Exception as cleanup:
+            if exc is None:
+                raise
+            # The block's own exception is the one to see; the failed clean-up goes with it.
+            exc.add_note(f"and cleaning up the sandbox failed too: {cleanup}")
 
     # -- commands ----------------------------------------------------------------------------
 
