@@ -339,9 +339,11 @@ fn mmdebstrap(target: &Path, variant: &str, packages: &[String], progress: Progr
 
 /// Debian images: no host keys in the image (each sandbox makes its own), keys-only root login.
 fn debian_ssh_setup(tree: &Path) -> Result<()> {
-    if let Ok(entries) = fs::read_dir(tree.join("etc/ssh")) {
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with("ssh_host_") {
+    // sshd's, and dropbear's (its package makes them on install too, should a recipe take it).
+    for (dir, prefix) in [("etc/ssh", "ssh_host_"), ("etc/dropbear", "dropbear_")] {
+        for e in fs::read_dir(tree.join(dir)).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(prefix) && (dir == "etc/ssh" || name.ends_with("_host_key")) {
                 let _ = fs::remove_file(e.path());
             }
         }
@@ -404,6 +406,32 @@ fn copy_files(tree: &Path, files: &[RecipeFile]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_debian_image_keeps_no_host_keys_of_either_server() {
+        let tree = tempfile::tempdir().unwrap();
+        let t = tree.path();
+        for f in [
+            "etc/ssh/ssh_host_ed25519_key",
+            "etc/ssh/ssh_host_ed25519_key.pub",
+            "etc/ssh/ssh_config",
+            "etc/dropbear/dropbear_ed25519_host_key",
+            "etc/dropbear/dropbear_rsa_host_key",
+            "etc/dropbear/run",
+        ] {
+            fs::create_dir_all(t.join(f).parent().unwrap()).unwrap();
+            fs::write(t.join(f), "x").unwrap();
+        }
+        debian_ssh_setup(t).unwrap();
+        let left = |d: &str| {
+            let mut v: Vec<String> =
+                fs::read_dir(t.join(d)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(left("etc/ssh"), ["ssh_config", "sshd_config.d"]);
+        assert_eq!(left("etc/dropbear"), ["run"]);
+    }
 
     #[test]
     fn a_file_never_lands_outside_the_image_tree() {
