@@ -113,6 +113,16 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
     assert_eq!(std::fs::metadata(env.tmp.path().join("su")).unwrap().permissions().mode() & 0o7777, 0o755);
     let e = sb.upload(&local, "relative/x").await.unwrap_err();
     assert!(e.to_string().contains("guest_path"), "{e}");
+    // Into place by rename, as over the agent: a directory in the way is an error, and no
+    // temporary file stays either way.
+    sb.set_channel(Channel::Agent);
+    sb.run("mkdir -p /data/in/taken", &opts()).await.unwrap();
+    sb.set_channel(Channel::Ssh);
+    assert!(sb.upload(&local, "/data/in/taken").await.is_err());
+    sb.set_channel(Channel::Agent);
+    let r = sb.run("ls -A /data/in /data/in/taken", &opts()).await.unwrap();
+    assert_eq!(r.stdout, "/data/in:\nbig.bin\ntaken\n\n/data/in/taken:\n", "{}", r.stderr);
+    sb.set_channel(Channel::Ssh);
     // A line break in a path would start an sftp batch line of its own, and `!cmd` lines run
     // on the host: refused, and nothing ran.
     let pwned = env.tmp.path().join("pwned");

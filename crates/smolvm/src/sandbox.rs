@@ -1329,8 +1329,22 @@ impl Sandbox {
             let q = crate::ssh::sftp_quote;
             // Absolute, so that no local path can start with '-' and read as an option.
             let local = std::path::absolute(local).ctx(|| format!("resolving {}", local.display()))?;
-            let batch = format!("{}put -p {} {}\n", crate::ssh::sftp_mkdirs(parent)?, q(&local.to_string_lossy())?, q(&target)?);
-            return self.sftp(batch).await;
+            // Beside the target, then renamed into place, as the agent does: whole or not at
+            // all, and a directory in the way is an error, not a place to put it into.
+            let tmp = format!("{}/.smolvm-upload-{}", parent.to_string_lossy().trim_end_matches('/'), random_id("sftp"));
+            let batch = format!(
+                "{}put -p {} {}\nrename {} {}\n",
+                crate::ssh::sftp_mkdirs(parent)?,
+                q(&local.to_string_lossy())?,
+                q(&tmp)?,
+                q(&tmp)?,
+                q(&target)?
+            );
+            let done = self.sftp(batch).await;
+            if done.is_err() {
+                let _ = self.sftp(format!("-rm {}\n", q(&tmp)?)).await;
+            }
+            return done;
         }
         let mut stream = conn.open(&Request::FilePut { path: target.clone(), mode, tar }).await?;
         // Sent as the agent stores it (it grants back what it has written, as for a command's
