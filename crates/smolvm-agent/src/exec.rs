@@ -257,6 +257,11 @@ fn answered(token: u64) {
 /// (background processes that keep them open are not waited for).
 const QUIET: Duration = Duration::from_millis(100);
 
+/// On a terminal, once the command has exited, how much waiting for the host to take output
+/// does not count as quiet: the terminal's buffer (what the command wrote before it exited)
+/// gets through to a slow host.
+const HOST_GRACE: Duration = Duration::from_secs(5);
+
 /// Once a command's timeout has killed it, how long what escaped the kill (a daemon that left
 /// its group, and its cgroup where it had one) may keep its pipes open before the exec ends.
 const AFTER_KILL: Duration = Duration::from_secs(2);
@@ -292,6 +297,8 @@ fn pump(
     let mut code: Option<i32> = None;
     let mut timed_out = false;
     let mut last = Instant::now();
+    // Time given back to a terminal's quiet for waiting on the host (see HOST_GRACE).
+    let mut granted = Duration::ZERO;
     let mut buf = vec![0u8; CHUNK];
     loop {
         let open = outputs.iter().filter(|o| o.is_some()).count();
@@ -310,8 +317,13 @@ fn pump(
                 // The pipes may have been full all along: quiet counts from now.
                 Room::Open if code.is_none() || !out.tty => last = Instant::now(),
                 // On a terminal quiet counts from the exit, but not while the host took its
-                // time: what the command wrote before it exited still goes.
-                Room::Open => last += waiting.elapsed(),
+                // time (up to HOST_GRACE in all): what the command wrote before it exited still
+                // goes, and a background job that outpaces a slow host cannot hold it for good.
+                Room::Open => {
+                    let grant = waiting.elapsed().min(HOST_GRACE.saturating_sub(granted));
+                    granted += grant;
+                    last += grant;
+                }
                 Room::Closed => {}
                 Room::Deadline => {
                     kill(code);

@@ -1210,7 +1210,7 @@ fn usage_error(e: clap::Error) -> ! {
     use clap::error::ErrorKind;
     let informational =
         matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand);
-    if informational || !std::env::args().skip(1).any(|a| a == "--json") {
+    if informational || !std::env::args_os().skip(1).any(|a| a == "--json") {
         e.exit();
     }
     let text = e.render().to_string();
@@ -1224,7 +1224,9 @@ fn usage_error(e: clap::Error) -> ! {
 fn command_name() -> String {
     let mut cmd = &Cli::command();
     let mut words = Vec::new();
-    for arg in std::env::args().skip(1) {
+    // (Arguments as given: a path need not be UTF-8.)
+    for arg in std::env::args_os().skip(1) {
+        let arg = arg.to_string_lossy().into_owned();
         match cmd.find_subcommand(&arg) {
             Some(sub) => {
                 words.push(arg);

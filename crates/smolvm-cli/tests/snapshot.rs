@@ -478,7 +478,7 @@ async fn a_snapshot_that_cannot_be_written_says_why_and_leaves_nothing() {
 /// A restored guest whose agent does not answer the greeting when it is resumed runs no
 /// commands: the resume fails within its bound, and the sandbox stays paused and refuses
 /// commands. A later resume greets it again, and once the agent answers it runs. (The agent
-/// is frozen by the guest's own cgroup freezer, from a command, for 12 s of the guest's time;
+/// is frozen by the guest's own cgroup freezer, from a command, for 14 s of the guest's time;
 /// the snapshot is taken early in that.)
 #[test]
 fn a_restored_guest_that_does_not_answer_stays_paused_until_it_does() {
@@ -498,15 +498,16 @@ fn a_restored_guest_that_does_not_answer_stays_paused_until_it_does() {
     };
     ok(cli().args(["sandbox", "create", "--name", "held"]).output().unwrap());
     let freeze = "G=/sys/fs/cgroup/held; mkdir $G; echo 1 > $G/cgroup.procs; \
-                  (sleep 12; echo 0 > $G/cgroup.freeze) >/dev/null 2>&1 & echo 1 > $G/cgroup.freeze; echo thawed";
+                  (sleep 14; echo 0 > $G/cgroup.freeze) >/dev/null 2>&1 & echo 1 > $G/cgroup.freeze; echo thawed";
     // Answered only once the agent thaws.
     let frozen = cli().args(["sandbox", "exec", "held", "--", freeze]).stdout(std::process::Stdio::piped()).spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // (The freeze is the exec's first act; it has long happened by then, on a slow host too.)
+    std::thread::sleep(Duration::from_millis(1500));
     // The save waits 5 s for the agent to answer a ping, then goes ahead; the variables are
     // the record's (the guest's would be asked for 2 s more).
     let started = std::time::Instant::now();
     ok(cli().args(["sandbox", "snapshot", "create", "held", "--snapshot-id", "frozen"]).output().unwrap());
-    assert!(started.elapsed() < Duration::from_secs(10), "the snapshot waited for the frozen agent: {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(11), "the snapshot waited for the frozen agent: {:?}", started.elapsed());
     assert_eq!(ok(frozen.wait_with_output().unwrap()), "thawed\n");
     ok(cli().args(["sandbox", "snapshot", "restore", "frozen", "--name", "clone", "--no-resume"]).output().unwrap());
     assert_eq!(state("clone"), "paused");
@@ -516,11 +517,11 @@ fn a_restored_guest_that_does_not_answer_stays_paused_until_it_does() {
     assert_eq!(state("clone"), "paused");
     let out = cli().args(["sandbox", "exec", "clone", "--", "echo ran"]).output().unwrap();
     assert!(stderr(&out).contains("VM 'clone' is paused; resume it first"), "{}", stderr(&out));
-    // Each resume lets the guest run for up to the bound; the rest of its 12 s runs out.
+    // Each resume lets the guest run for up to the bound; the rest of its 14 s runs out.
     let mut tries = 1;
     while !cli().args(["sandbox", "resume", "clone"]).output().unwrap().status.success() {
         tries += 1;
-        assert!(tries < 12, "the guest never answered");
+        assert!(tries < 14, "the guest never answered");
         assert_eq!(state("clone"), "paused");
     }
     assert_eq!(state("clone"), "running");

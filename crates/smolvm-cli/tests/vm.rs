@@ -96,7 +96,7 @@ async fn a_timed_out_command_ends_though_an_escaped_writer_holds_its_output() {
     let took = started.elapsed();
     assert!(matches!(err, Error::Timeout { .. }), "{err}");
     // The host's own bound (the timeout and 5 s) would end it at 7 s.
-    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(6), "{took:?}");
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_millis(6500), "{took:?}");
     // The writer dies of its closed pipe; the sandbox goes on.
     assert_eq!(sb.run("echo still here", &opts(10)).await.unwrap().output(), "still here");
     sb.delete().await.unwrap();

@@ -95,7 +95,8 @@ fn walk(dir: &str, rel: &str) -> (Vec<String>, String) {
 /// entry's directory, and no link's way to its target, may pass through a symlink of the
 /// archive (pointing at one is fine).
 fn check_links(seen: &[Seen]) -> io::Result<()> {
-    let links: std::collections::HashSet<&str> = seen.iter().filter(|e| e.symlink).map(|e| e.path.as_str()).collect();
+    // Paths as the tar crate takes them: `a/./up` and `a//up` are `a/up`.
+    let links: std::collections::HashSet<String> = seen.iter().filter(|e| e.symlink).map(|e| walk("", &e.path).1).collect();
     if links.is_empty() {
         return Ok(());
     }
@@ -103,7 +104,13 @@ fn check_links(seen: &[Seen]) -> io::Result<()> {
         let (mut through, _) = walk("", &e.path);
         if let Some(target) = &e.leads_to {
             let dir = if e.symlink { e.path.rsplit_once('/').map_or("", |(d, _)| d) } else { "" };
-            through.extend(walk(dir, target).0);
+            let (passed, end) = walk(dir, target);
+            through.extend(passed);
+            // A hard link to one of them would be that link itself, elsewhere: `..` seen from
+            // another directory.
+            if !e.symlink && links.contains(&end) {
+                return Err(invalid(format!("refused tar entry {:?}: a hard link to the archive's own symlink {end:?}", e.path)));
+            }
         }
         if let Some(l) = through.iter().find(|p| links.contains(p.as_str())) {
             return Err(invalid(format!("refused tar entry {:?}: it leads through the archive's own symlink {l:?}", e.path)));
@@ -147,8 +154,11 @@ pub fn unpack_checked_until(file: &mut fs::File, dest: &Path, strip_special: boo
     file.seek(SeekFrom::Start(0))?;
     let made_dest = !dest.exists();
     fs::create_dir_all(dest)?;
-    let mut made = Vec::new();
-    let mut dir_modes = Vec::new();
+    // What this extraction made (to take out again on a failure, deepest last in the list),
+    // and the directories whose modes it sets at the end: (path, mode, mode before, if it was
+    // there already).
+    let mut made: Vec<std::path::PathBuf> = Vec::new();
+    let mut dir_modes: Vec<(std::path::PathBuf, u32, Option<u32>)> = Vec::new();
     let result = (|| {
         let mut archive = tar::Archive::new(&mut *file);
         archive.set_preserve_permissions(true);
@@ -161,34 +171,50 @@ pub fn unpack_checked_until(file: &mut fs::File, dest: &Path, strip_special: boo
             if strip_special {
                 entry.set_mask(0o7000);
             }
-            let rel = entry.path()?.to_string_lossy().trim_start_matches("./").trim_end_matches('/').to_string();
+            let rel = walk("", &entry.path()?.to_string_lossy()).1;
+            // The target itself (`./`): its mode is the caller's, not the archive's.
+            if rel.is_empty() {
+                continue;
+            }
+            // Everything on the way that is not there yet is this extraction's, whether the
+            // entry lands whole or fails half written.
+            let mut missing = Vec::new();
+            let mut at = dest.to_path_buf();
+            for part in rel.split('/') {
+                at.push(part);
+                if at.symlink_metadata().is_err() {
+                    missing.push(at.clone());
+                }
+            }
             let full = dest.join(&rel);
-            let existed = rel.is_empty() || full.symlink_metadata().is_ok();
+            let before = full.symlink_metadata().ok().filter(|m| m.is_dir()).map(|m| m.permissions().mode() & 0o7777);
             let dir = entry.header().entry_type() == tar::EntryType::Directory;
             let mode = entry.header().mode().unwrap_or(0o755) & if strip_special { 0o777 } else { 0o7777 };
-            if !entry.unpack_in(dest)? {
+            let unpacked = entry.unpack_in(dest);
+            made.extend(missing.into_iter().filter(|p| p.symlink_metadata().is_ok()));
+            if !unpacked? {
                 return Err(invalid(format!("refused tar entry {rel:?}: it would land outside the target")));
-            }
-            if !existed {
-                made.push(full.clone());
             }
             if dir {
                 // Writable by its owner until everything is in.
                 fs::set_permissions(&full, fs::Permissions::from_mode(mode | 0o700))?;
-                dir_modes.push((full, mode));
+                dir_modes.push((full, mode, before));
             }
         }
-        for (dir, mode) in dir_modes.iter().rev() {
+        for (dir, mode, _) in dir_modes.iter().rev() {
             fs::set_permissions(dir, fs::Permissions::from_mode(*mode))?;
         }
         Ok(())
     })();
     if result.is_err() {
-        for (dir, _) in &dir_modes {
-            let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
-        }
+        // What was made goes; then directories that were there get their modes back.
         for p in made.iter().rev() {
             let _ = fs::remove_file(p).or_else(|_| fs::remove_dir(p));
+        }
+        for (dir, _, before) in &dir_modes {
+            if let Some(mode) = before {
+                let _ = fs::set_permissions(dir, fs::Permissions::from_mode(*mode));
+            }
         }
         if made_dest {
             let _ = fs::remove_dir(dest);
@@ -325,6 +351,23 @@ mod tests {
             assert!(err.contains("leads through the archive's own symlink \"a/up\""), "{second:?}: {err}");
             assert!(!dest.exists(), "something was written");
         }
+        // However the path is spelled, and by a hard link to the link itself.
+        for (first, second) in [(("a/./up", ".."), ("a/up/x", "../..")), (("a//up", ".."), ("a/up/x", "../.."))] {
+            let mut f = archive_with(t.path(), |b| {
+                symlink(b, first.0, first.1);
+                symlink(b, second.0, second.1);
+            });
+            let err = unpack_checked(&mut f, &dest, false).unwrap_err().to_string();
+            assert!(err.contains("leads through the archive's own symlink \"a/up\""), "{first:?}: {err}");
+        }
+        let mut f = archive_with(t.path(), |b| {
+            symlink(b, "a/up", "..");
+            let mut h = header(tar::EntryType::Link, 0);
+            b.append_link(&mut h, "h", "a/up").unwrap();
+        });
+        let err = unpack_checked(&mut f, &dest, false).unwrap_err().to_string();
+        assert!(err.contains("a hard link to the archive's own symlink \"a/up\""), "{err}");
+        assert!(!dest.exists(), "something was written");
         // Pointing at a link of the archive is fine.
         let mut f = archive_with(t.path(), |b| {
             symlink(b, "a/up", "..");
@@ -348,6 +391,21 @@ mod tests {
         unpack_checked(&mut f, &dest, false).unwrap();
         assert_eq!(fs::read(dest.join("ro/f")).unwrap(), b"in");
         assert_eq!(fs::metadata(dest.join("ro")).unwrap().permissions().mode() & 0o7777, 0o555);
+        // The target keeps its own mode (a sticky /tmp stays sticky), whatever the archive's
+        // `./` says.
+        let shared = t.path().join("shared");
+        fs::create_dir(&shared).unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+        let src = t.path().join("src");
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("f"), "x").unwrap();
+        fs::set_permissions(&src, fs::Permissions::from_mode(0o700)).unwrap();
+        let bytes = pack(&src, Vec::new()).unwrap();
+        fs::write(t.path().join("p.tar"), bytes).unwrap();
+        let mut f = fs::File::open(t.path().join("p.tar")).unwrap();
+        unpack_checked(&mut f, &shared, true).unwrap();
+        assert_eq!(fs::metadata(&shared).unwrap().permissions().mode() & 0o7777, 0o1777);
+        assert_eq!(fs::read_to_string(shared.join("f")).unwrap(), "x");
     }
 
     #[test]

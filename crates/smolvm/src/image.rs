@@ -437,7 +437,8 @@ fn build_kernel(source: &Path, out_dir: &Path, dirs: &Dirs, progress: Progress) 
     progress(&format!("building the guest kernel from {} (once; a few minutes)", source.display()));
     progress("  unpacking the source");
     let (tmp, src) = unpack_source(dirs, "kernel", source).map_err(BuildFailure::of_step)?;
-    edit_kernel_source(&src).map_err(BuildFailure::Source)?;
+    // A source without the place to edit is the source's doing; reading or writing it is not.
+    edit_kernel_source(&src).map_err(|e| if matches!(e, Error::Io { .. }) { Passing(e) } else { BuildFailure::Source(e) })?;
     let fragment = tmp.0.join("smolvm.fragment");
     fs::write(&fragment, KERNEL_FRAGMENT).ctx(|| "writing the config fragment".into()).map_err(Passing)?;
     run_checked(

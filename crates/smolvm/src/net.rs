@@ -18,7 +18,6 @@
 
 use crate::config::InternetSettings;
 use crate::error::{Error, IoContext, Result};
-use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -469,21 +468,24 @@ fn batch_answer(mut data: &[u8], seq: u32) -> Option<i32> {
     None
 }
 
-/// Take `out` out of the allow set (each on its own: one that expired meanwhile fails alone),
-/// then put `add` in.
-fn nft_allow(table: &str, out: &[Ipv4Addr], add: &[(Ipv4Addr, u32)]) {
-    for ip in out {
-        let _ =
-            Command::new("nft").args(["delete", "element", "inet", table, "allow", &format!("{{ {ip} }}")]).stderr(Stdio::null()).status();
-    }
+/// Allow `add` with these timeouts, in one transaction: added (so that each is there), taken
+/// out and added again. An element added again keeps its old timeout on older kernels (Debian
+/// 12's), and would expire while the guest still holds the new answer; taking it out on its own
+/// would fail for one that is not there, and leave a moment without it.
+fn nft_allow(table: &str, add: &[(Ipv4Addr, u32)]) {
     if add.is_empty() {
         return;
     }
-    let elems: Vec<String> = add.iter().map(|(ip, ttl)| format!("{ip} timeout {ttl}s")).collect();
-    let _ = Command::new("nft")
-        .args(["add", "element", "inet", table, "allow", &format!("{{ {} }}", elems.join(", "))])
-        .stderr(Stdio::null())
-        .status();
+    let _ = nft(&allow_script(table, add), &["-f", "-"]);
+}
+
+fn allow_script(table: &str, add: &[(Ipv4Addr, u32)]) -> String {
+    let timed: Vec<String> = add.iter().map(|(ip, ttl)| format!("{ip} timeout {ttl}s")).collect();
+    let plain: Vec<String> = add.iter().map(|(ip, _)| ip.to_string()).collect();
+    let (timed, plain) = (timed.join(", "), plain.join(", "));
+    format!(
+        "add element inet {table} allow {{ {timed} }}\ndelete element inet {table} allow {{ {plain} }}\nadd element inet {table} allow {{ {timed} }}\n"
+    )
 }
 
 /// Give the sandbox's TAP its host address and bring it up (rtnetlink), and let the host
@@ -536,43 +538,26 @@ pub struct DnsPolicy {
     /// The allowed CIDRs (their addresses need no learning; nftables would refuse them as
     /// overlapping).
     pub cidrs: Vec<Cidr>,
-    /// Addresses put into the set, and until when.
-    pub learned: std::sync::Mutex<HashMap<Ipv4Addr, std::time::Instant>>,
 }
 
 impl DnsPolicy {
     pub fn new(allowed: Option<Vec<String>>, table: String, cidrs: &[String]) -> DnsPolicy {
         let cidrs = cidrs.iter().filter_map(|c| Cidr::parse(c).ok()).collect();
-        DnsPolicy { allowed, table, cidrs, learned: Default::default() }
+        DnsPolicy { allowed, table, cidrs }
     }
 }
 
-/// What a DNS answer's addresses do to the set: (those to take out first, those to put in with
-/// their timeouts). An address already in it is taken out and put in again: adding it once more
-/// would keep its old timeout, and it would expire while the guest still holds the new answer.
-/// (One that expired meanwhile is simply not there to take out.) Addresses inside an allowed
-/// CIDR are left alone.
-fn learn(
-    answers: &[(Ipv4Addr, u32)],
-    cidrs: &[Cidr],
-    learned: &mut HashMap<Ipv4Addr, std::time::Instant>,
-    now: std::time::Instant,
-) -> (Vec<Ipv4Addr>, Vec<(Ipv4Addr, u32)>) {
-    let (mut out, mut add) = (Vec::new(), Vec::new());
+/// The addresses of a DNS answer to allow, with their timeouts (at least 30 s, at most a day):
+/// public ones only, once each, and none inside an allowed CIDR (nftables refuses an interval
+/// inside another, and the whole batch with it).
+fn learn(answers: &[(Ipv4Addr, u32)], cidrs: &[Cidr]) -> Vec<(Ipv4Addr, u32)> {
+    let mut add: Vec<(Ipv4Addr, u32)> = Vec::new();
     for &(ip, ttl) in answers {
-        if !learnable(ip) || cidrs.iter().any(|c| c.overlaps(&Cidr { addr: ip, prefix: 32 })) || add.iter().any(|(a, _)| *a == ip) {
-            continue;
+        if learnable(ip) && !cidrs.iter().any(|c| c.overlaps(&Cidr { addr: ip, prefix: 32 })) && !add.iter().any(|(a, _)| *a == ip) {
+            add.push((ip, ttl.clamp(30, 86400)));
         }
-        let ttl = ttl.clamp(30, 86400);
-        // (Counted as there a little past its end: the kernel drops expired elements lazily.)
-        if learned.get(&ip).is_some_and(|until| *until + Duration::from_secs(5) > now) {
-            out.push(ip);
-        }
-        learned.insert(ip, now + Duration::from_secs(u64::from(ttl)));
-        add.push((ip, ttl));
     }
-    learned.retain(|_, until| *until + Duration::from_secs(5) > now);
-    (out, add)
+    add
 }
 
 impl DnsPolicy {
@@ -688,13 +673,9 @@ pub async fn dns_proxy(sock: tokio::net::UdpSocket, up: tokio::net::UdpSocket, p
         let Some(m) = answer else { continue };
         if policy.allowed.is_some() {
             // Allow what is handed out before the guest can use it.
-            let answers = dns_answers(&reply[..m]);
-            let (out, add) = {
-                let mut learned = policy.learned.lock().unwrap_or_else(|e| e.into_inner());
-                learn(&answers, &policy.cidrs, &mut learned, std::time::Instant::now())
-            };
+            let add = learn(&dns_answers(&reply[..m]), &policy.cidrs);
             let table = policy.table.clone();
-            let _ = tokio::task::spawn_blocking(move || nft_allow(&table, &out, &add)).await;
+            let _ = tokio::task::spawn_blocking(move || nft_allow(&table, &add)).await;
         }
         let _ = sock.send_to(&reply[..m], from).await;
     }
@@ -867,26 +848,21 @@ mod tests {
     }
 
     #[test]
-    fn learned_addresses_are_put_in_again_with_their_new_timeout() {
-        let t0 = std::time::Instant::now();
+    fn learned_addresses_and_how_they_are_put_in() {
         let ip = |s: &str| -> Ipv4Addr { s.parse().unwrap() };
         let cidrs = vec![Cidr::parse("203.0.113.0/24").unwrap()];
-        let mut learned = HashMap::new();
-        // New: put in, with TTLs of at least 30 s; private addresses, those of an allowed
-        // range and a repeat in the same answer are left out.
+        // TTLs of at least 30 s; private addresses, those of an allowed range and a repeat in
+        // the same answer are left out.
         let answers =
             [(ip("93.184.216.34"), 10), (ip("10.0.0.1"), 60), (ip("203.0.113.9"), 60), (ip("1.2.3.4"), 600), (ip("1.2.3.4"), 600)];
-        let (out, add) = learn(&answers, &cidrs, &mut learned, t0);
-        assert_eq!(out, Vec::<Ipv4Addr>::new());
+        let add = learn(&answers, &cidrs);
         assert_eq!(add, vec![(ip("93.184.216.34"), 30), (ip("1.2.3.4"), 600)]);
-        // Asked again 20 s later: taken out and put in, so that its timeout is the new one.
-        let (out, add) = learn(&[(ip("93.184.216.34"), 300)], &cidrs, &mut learned, t0 + Duration::from_secs(20));
-        assert_eq!((out, add), (vec![ip("93.184.216.34")], vec![(ip("93.184.216.34"), 300)]));
-        // Long after both expired: only put in, and the old ones are forgotten.
-        let later = t0 + Duration::from_secs(1000);
-        let (out, add) = learn(&[(ip("93.184.216.34"), 60)], &cidrs, &mut learned, later);
-        assert_eq!((out, add), (vec![], vec![(ip("93.184.216.34"), 60)]));
-        assert_eq!(learned.len(), 1);
+        assert_eq!(
+            allow_script("t", &add),
+            "add element inet t allow { 93.184.216.34 timeout 30s, 1.2.3.4 timeout 600s }\n\
+             delete element inet t allow { 93.184.216.34, 1.2.3.4 }\n\
+             add element inet t allow { 93.184.216.34 timeout 30s, 1.2.3.4 timeout 600s }\n"
+        );
     }
 
     /// Against the real nftables: an address learned again gets the new answer's timeout.
@@ -904,14 +880,11 @@ mod tests {
                 .into_owned()
         };
         let policy = DnsPolicy::new(Some(vec![]), table.clone(), &r.allowed_cidrs);
-        let mut learned = policy.learned.lock().unwrap();
         let ip: Ipv4Addr = "198.51.100.7".parse().unwrap();
         // An address inside the allowed range would make nft refuse the whole batch.
-        let (out, add) = learn(&[(ip, 40), ("203.0.113.5".parse().unwrap(), 40)], &policy.cidrs, &mut learned, std::time::Instant::now());
-        nft_allow(&table, &out, &add);
+        nft_allow(&table, &learn(&[(ip, 40), ("203.0.113.5".parse().unwrap(), 40)], &policy.cidrs));
         assert!(list().contains("198.51.100.7 timeout 40s"), "{}", list());
-        let (out, add) = learn(&[(ip, 300)], &policy.cidrs, &mut learned, std::time::Instant::now());
-        nft_allow(&table, &out, &add);
+        nft_allow(&table, &learn(&[(ip, 300)], &policy.cidrs));
         let set = list();
         nft_remove(&table).unwrap();
         assert!(set.contains("198.51.100.7 timeout 5m"), "{set}");

@@ -1409,7 +1409,14 @@ impl Sandbox {
                     }
                 } => match reply? {
                     Some(Reply::Credit(n)) => window.add_permits((n as usize).min(smolvm_proto::WINDOW)),
-                    Some(Reply::Ok) if sent => return Ok(()),
+                    // The agent has the last frame: what is left of the sending (the task that
+                    // wrote it, on another thread) ends now too.
+                    Some(Reply::Ok) => {
+                        if !sent {
+                            (&mut send).await?;
+                        }
+                        return Ok(());
+                    }
                     Some(Reply::Error { kind: ErrorKind::Invalid, message }) => return Err(Error::validation("guest_path", message)),
                     Some(other) => return Err(unexpected("upload", other)),
                     None => return Err(Error::Guest("the sandbox went away during the upload".into())),
@@ -1474,12 +1481,27 @@ impl Sandbox {
                 .await
                 .map_err(|e| Error::Host(e.to_string()))?
                 .map_err(|e| {
-                    // What the guest sent breaks the rules: its doing. Anything else (no room,
-                    // no permission, a file in the way) is this host's.
-                    if e.kind() == std::io::ErrorKind::InvalidData {
-                        Error::Guest(format!("extracting {guest}: {e}"))
-                    } else {
+                    // No room, no permission, something in the way: this host's. Anything else
+                    // (an entry against the rules, an archive the tar crate refuses) is what the
+                    // guest sent.
+                    use std::io::ErrorKind as K;
+                    let host = matches!(
+                        e.kind(),
+                        K::PermissionDenied
+                            | K::StorageFull
+                            | K::QuotaExceeded
+                            | K::ReadOnlyFilesystem
+                            | K::AlreadyExists
+                            | K::IsADirectory
+                            | K::NotADirectory
+                            | K::DirectoryNotEmpty
+                            | K::FileTooLarge
+                            | K::Interrupted
+                    );
+                    if host {
                         Error::Io { context: format!("extracting {guest} into {}", dest.display()), source: e }
+                    } else {
+                        Error::Guest(format!("extracting {guest}: {e}"))
                     }
                 })
             }

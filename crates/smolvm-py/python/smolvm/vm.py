@@ -215,8 +215,15 @@ class SmolVM:
         except Exception as cleanup:
             if exc is None:
                 raise
-            # The block's own exception is the one to see; the failed clean-up goes with it.
-            exc.add_note(f"and cleaning up the sandbox failed too: {cleanup}")
+            # The block's own exception is the one to see; the failed clean-up goes with it
+            # (as a note from Python 3.11, as a warning before).
+            note = f"and cleaning up the sandbox failed too: {cleanup}"
+            if hasattr(exc, "add_note"):
+                exc.add_note(note)
+            else:
+                import warnings
+
+                warnings.warn(note, RuntimeWarning, stacklevel=2)
 
     # -- commands ----------------------------------------------------------------------------
 
