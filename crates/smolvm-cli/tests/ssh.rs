@@ -123,6 +123,25 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
     let r = sb.run("ls -A /data/in /data/in/taken", &opts()).await.unwrap();
     assert_eq!(r.stdout, "/data/in:\nbig.bin\ntaken\n\n/data/in/taken:\n", "{}", r.stderr);
     sb.set_channel(Channel::Ssh);
+    // Given up on mid-way (a dropped future), an upload's temporary name goes too.
+    let bigger = env.tmp.path().join("bigger.bin");
+    std::fs::write(&bigger, random_bytes(80 * 1024 * 1024)).unwrap();
+    let gave_up = tokio::time::timeout(Duration::from_millis(2500), sb.upload(&bigger, "/data/gone/")).await;
+    assert!(gave_up.is_err(), "80 MB went over SFTP within 2.5 s");
+    sb.set_channel(Channel::Agent);
+    // (It was there: the clean-up's own sftp takes a while to connect.)
+    let there = sb.run("ls -A /data/gone", &opts()).await.unwrap().stdout;
+    assert!(there.starts_with(".smolvm-upload-"), "{there:?}");
+    let mut left = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        left = sb.run("ls -A /data/gone 2>/dev/null", &opts()).await.unwrap().stdout;
+        if left.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(left, "", "a temporary upload was left");
+    sb.set_channel(Channel::Ssh);
     // A line break in a path would start an sftp batch line of its own, and `!cmd` lines run
     // on the host: refused, and nothing ran.
     let pwned = env.tmp.path().join("pwned");

@@ -510,6 +510,31 @@ fn download_temp(parent: &Path) -> PathBuf {
     parent.join(format!(".smolvm-download-{}-{n}", std::process::id()))
 }
 
+/// An SFTP upload's temporary name in the guest, taken out by an sftp of its own (on a thread:
+/// nothing can be awaited here) when the upload's future is dropped unfinished.
+struct SftpTemp(Option<(std::process::Command, String)>);
+
+impl Drop for SftpTemp {
+    fn drop(&mut self) {
+        if let Some((mut sftp, batch)) = self.0.take() {
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let child = sftp
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn();
+                if let Ok(mut child) = child {
+                    if let Some(mut stdin) = child.stdin.take() {
+                        let _ = stdin.write_all(batch.as_bytes());
+                    }
+                    let _ = child.wait();
+                }
+            });
+        }
+    }
+}
+
 /// A download's temporary file, removed however its future ends (an interrupted Python call
 /// drops it unfinished); `stop` then also ends an extraction still running on its own thread.
 struct DownloadTemp {
@@ -1340,10 +1365,13 @@ impl Sandbox {
                 q(&tmp)?,
                 q(&target)?
             );
+            let remove = format!("-rm {}\n", q(&tmp)?);
+            let mut guard = SftpTemp(Some((self.ssh_endpoint()?.sftp(), remove.clone())));
             let done = self.sftp(batch).await;
             if done.is_err() {
-                let _ = self.sftp(format!("-rm {}\n", q(&tmp)?)).await;
+                let _ = self.sftp(remove).await;
             }
+            guard.0 = None;
             return done;
         }
         let mut stream = conn.open(&Request::FilePut { path: target.clone(), mode, tar }).await?;
