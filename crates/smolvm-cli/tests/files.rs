@@ -148,14 +148,18 @@ async fn a_directory_larger_than_free_memory_downloads() {
 #[tokio::test]
 async fn an_abandoned_download_leaves_nothing() {
     let env = env();
-    let sb = env.boot(VmConfig::default()).await;
-    let r = sb.run("head -c 60000000 /dev/urandom > /tmp/big && mkdir -p /tmp/tree && for i in $(seq 40); do head -c 1000000 /dev/urandom > /tmp/tree/f$i; done", &opts()).await.unwrap();
+    // Big enough that no host takes either in 150 ms (this one moves about 200 MB/s).
+    let sb = env.boot(VmConfig { memory: 1024, ..Default::default() }).await;
+    let r = sb
+        .run("head -c 150000000 /dev/zero > /tmp/big && mkdir -p /tmp/tree && for i in $(seq 150); do head -c 1000000 /dev/zero > /tmp/tree/f$i; done", &opts())
+        .await
+        .unwrap();
     assert!(r.ok(), "{}", r.stderr);
     let local = env.tmp.path().join("local");
     std::fs::create_dir_all(&local).unwrap();
     for guest in ["/tmp/big", "/tmp/tree"] {
-        let gave_up = tokio::time::timeout(Duration::from_millis(300), sb.download(guest, &local.join("x"))).await;
-        assert!(gave_up.is_err(), "{guest} finished within 300 ms: make it bigger");
+        let gave_up = tokio::time::timeout(Duration::from_millis(150), sb.download(guest, &local.join("x"))).await;
+        assert!(gave_up.is_err(), "{guest} finished within 150 ms: make it bigger");
         // (An extraction still running on its thread notices within an entry.)
         tokio::time::sleep(Duration::from_millis(500)).await;
         let left: Vec<_> = std::fs::read_dir(&local).unwrap().map(|e| e.unwrap().file_name()).collect();
@@ -163,6 +167,6 @@ async fn an_abandoned_download_leaves_nothing() {
     }
     // The sandbox serves the next one whole.
     sb.download("/tmp/tree", &local.join("x")).await.unwrap();
-    assert_eq!(std::fs::read_dir(local.join("x")).unwrap().count(), 40);
+    assert_eq!(std::fs::read_dir(local.join("x")).unwrap().count(), 150);
     sb.delete().await.unwrap();
 }
