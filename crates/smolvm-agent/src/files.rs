@@ -94,12 +94,7 @@ pub fn put_end(stream: u32, w: &Writer) -> bool {
             let _ = fs::remove_file(&up.tmp);
             w.send(stream, &stored(r, &up.dest));
         };
-        let job = std::sync::Arc::new(std::sync::Mutex::new(Some(extract)));
-        let theirs = job.clone();
-        let take = |j: &std::sync::Mutex<Option<_>>| j.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if crate::workers::run(Box::new(move || take(&theirs).into_iter().for_each(|f| f()))).is_err() {
-            take(&job).into_iter().for_each(|f| f());
-        }
+        crate::workers::on_thread_or_here(extract, crate::workers::run);
         return true;
     }
     let result = {

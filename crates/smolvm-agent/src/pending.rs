@@ -17,22 +17,13 @@ pub fn spawn(work: impl FnOnce() + Send + 'static) {
         *pending.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
         done.notify_all();
     };
-    let work = std::sync::Arc::new(Mutex::new(Some(work)));
-    let theirs = work.clone();
-    let take = |w: &Mutex<Option<_>>| w.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let on_thread = crate::workers::thread(move || {
-        if let Some(work) = take(&theirs) {
+    crate::workers::on_thread_or_here(
+        move || {
             work();
-        }
-        finish();
-    });
-    // No thread to be had: the work runs here.
-    if on_thread.is_err() {
-        if let Some(work) = take(&work) {
-            work();
-        }
-        finish();
-    }
+            finish();
+        },
+        crate::workers::thread,
+    );
 }
 
 /// Set-up that failed in a way every command must hear of (a host directory the sandbox was

@@ -29,6 +29,18 @@ pub fn run(job: Job) -> std::io::Result<()> {
     thread(move || work(job))
 }
 
+/// `job` on the thread `start` gives it, or here, on the caller's, where none can be had.
+/// (`start` consumes what it is given even when it fails, so the job waits in a shared slot
+/// that exactly one side empties.)
+pub fn on_thread_or_here(job: impl FnOnce() + Send + 'static, start: impl FnOnce(Job) -> std::io::Result<()>) {
+    let slot = std::sync::Arc::new(Mutex::new(Some(job)));
+    let theirs = slot.clone();
+    let take = |s: &Mutex<Option<_>>| s.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if start(Box::new(move || take(&theirs).into_iter().for_each(|job| job()))).is_err() {
+        take(&slot).into_iter().for_each(|job| job());
+    }
+}
+
 /// A thread of its own for `f`; an error instead of a panic where none can be made.
 pub fn thread(f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
     std::thread::Builder::new().spawn(f).map(|_| ())

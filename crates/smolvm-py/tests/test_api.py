@@ -36,7 +36,6 @@ def test_module_paths_users_import():
     # Safe on every machine: q35's devices sit on PCI.
     assert "pci=off" not in smolvm.build.SSH_BOOT_ARGS.split()
     # An explicit keyword overrides the config's field; the default leaves it.
-    from smolvm import VMConfig
     writable = VMConfig(workspace_mounts=["/tmp"], writable_mounts=True)
     assert SmolVM(writable, writable_mounts=False)._config.writable_mounts is False
     assert SmolVM(writable)._config.writable_mounts is True

@@ -63,7 +63,7 @@ pub fn unpack_checked(file: &mut fs::File, dest: &Path, strip_special: bool) -> 
     unpack_checked_until(file, dest, strip_special, &AtomicBool::new(false))
 }
 
-/// One entry as the check pass saw it: its path, whether it is a symlink, and the archive path
+/// One entry as the check pass saw it: its path (normalized), whether it is a symlink, and the archive path
 /// a link leads to (a symlink's target resolved from its directory, or a hard link's target).
 struct Seen {
     path: String,
@@ -95,8 +95,7 @@ fn walk(dir: &str, rel: &str) -> (Vec<String>, String) {
 /// entry's directory, and no link's way to its target, may pass through a symlink of the
 /// archive (pointing at one is fine).
 fn check_links(seen: &[Seen]) -> io::Result<()> {
-    // Paths as the tar crate takes them: `a/./up` and `a//up` are `a/up`.
-    let links: std::collections::HashSet<String> = seen.iter().filter(|e| e.symlink).map(|e| walk("", &e.path).1).collect();
+    let links: std::collections::HashSet<&str> = seen.iter().filter(|e| e.symlink).map(|e| e.path.as_str()).collect();
     if links.is_empty() {
         return Ok(());
     }
@@ -108,7 +107,7 @@ fn check_links(seen: &[Seen]) -> io::Result<()> {
             through.extend(passed);
             // A hard link to one of them would be that link itself, elsewhere: `..` seen from
             // another directory.
-            if !e.symlink && links.contains(&end) {
+            if !e.symlink && links.contains(end.as_str()) {
                 return Err(invalid(format!("refused tar entry {:?}: a hard link to the archive's own symlink {end:?}", e.path)));
             }
         }
@@ -146,7 +145,8 @@ pub fn unpack_checked_until(file: &mut fs::File, dest: &Path, strip_special: boo
             if !matches!(kind, tar::EntryType::Regular | tar::EntryType::Directory | tar::EntryType::Symlink | tar::EntryType::Link) {
                 return Err(invalid(format!("refused tar entry {path:?}: only files, directories and links are transferred")));
             }
-            let path = path.trim_end_matches('/').to_string();
+            // As the tar crate takes it: `a/./up/` and `a//up` are `a/up`.
+            let path = walk("", path).1;
             seen.push(Seen { path, symlink: sym.is_some(), leads_to: sym.or(hard).map(str::to_string) });
         }
         check_links(&seen)?;

@@ -540,13 +540,6 @@ pub struct DnsPolicy {
     pub cidrs: Vec<Cidr>,
 }
 
-impl DnsPolicy {
-    pub fn new(allowed: Option<Vec<String>>, table: String, cidrs: &[String]) -> DnsPolicy {
-        let cidrs = cidrs.iter().filter_map(|c| Cidr::parse(c).ok()).collect();
-        DnsPolicy { allowed, table, cidrs }
-    }
-}
-
 /// The addresses of a DNS answer to allow, with their timeouts (at least 30 s, at most a day):
 /// public ones only, once each, and none inside an allowed CIDR (nftables refuses an interval
 /// inside another, and the whole batch with it).
@@ -561,6 +554,11 @@ fn learn(answers: &[(Ipv4Addr, u32)], cidrs: &[Cidr]) -> Vec<(Ipv4Addr, u32)> {
 }
 
 impl DnsPolicy {
+    pub fn new(allowed: Option<Vec<String>>, table: String, cidrs: &[String]) -> DnsPolicy {
+        let cidrs = cidrs.iter().filter_map(|c| Cidr::parse(c).ok()).collect();
+        DnsPolicy { allowed, table, cidrs }
+    }
+
     fn permits(&self, name: &str) -> bool {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         match &self.allowed {

@@ -1421,9 +1421,6 @@ impl Sandbox {
         let mut sent = false;
         loop {
             tokio::select! {
-                // The sending first: the agent's answer can be ready in the same poll as the
-                // end of it (it has the last frame), and must not be taken for an early one.
-                biased;
                 done = &mut send, if !sent => {
                     done?;
                     sent = true;

@@ -222,20 +222,25 @@ mod tests {
         dir
     }
 
-    #[test]
-    fn a_tcg_template_belongs_to_the_hosts_tsc_rate_in_mhz() {
-        let Ok(boot_id) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else { return };
-        let images = tempfile::tempdir().unwrap();
-        let spec = BootSpec {
-            image: image::BootImage { kernel: "/k".into(), initrd: Some("/i".into()), rootfs: None },
-            accel: crate::vmm::Accel::Tcg,
+    /// A cold boot of `kernel` (and `initrd`) under `accel`, as far as a template's key goes.
+    fn boot_spec(kernel: PathBuf, initrd: Option<PathBuf>, accel: crate::vmm::Accel) -> BootSpec {
+        BootSpec {
+            image: image::BootImage { kernel, initrd, rootfs: None },
+            accel,
             boot_timeout_ms: 30_000,
             verbose_boot: false,
             restore: None,
             ram: None,
             vsock: false,
             q35: false,
-        };
+        }
+    }
+
+    #[test]
+    fn a_tcg_template_belongs_to_the_hosts_tsc_rate_in_mhz() {
+        let Ok(boot_id) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else { return };
+        let images = tempfile::tempdir().unwrap();
+        let spec = boot_spec("/k".into(), Some("/i".into()), crate::vmm::Accel::Tcg);
         let with_rate = |khz: u64| {
             std::fs::write(images.path().join("host-tsc"), format!("{} {khz}\n", boot_id.trim())).unwrap();
             template_dir(&VmConfig::default(), &spec, images.path()).unwrap()
@@ -250,16 +255,7 @@ mod tests {
         let images = tempfile::tempdir().unwrap();
         let kernel = images.path().join("vmlinux");
         std::fs::write(&kernel, b"one kernel").unwrap();
-        let spec = BootSpec {
-            image: image::BootImage { kernel: kernel.clone(), initrd: None, rootfs: None },
-            accel: crate::vmm::Accel::Kvm,
-            boot_timeout_ms: 30_000,
-            verbose_boot: false,
-            restore: None,
-            ram: None,
-            vsock: false,
-            q35: false,
-        };
+        let spec = boot_spec(kernel.clone(), None, crate::vmm::Accel::Kvm);
         let before = template_dir(&VmConfig::default(), &spec, images.path()).unwrap();
         assert_eq!(template_dir(&VmConfig::default(), &spec, images.path()).unwrap(), before);
         std::fs::write(&kernel, b"another kernel").unwrap();
