@@ -10,7 +10,7 @@ use smolvm_proto::{ErrorKind, ExecRequest, Reply, Shell, CHUNK};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -328,6 +328,11 @@ fn pump(
                 Room::Deadline => {
                     kill(code);
                     if code.is_some() || timed_out {
+                        // Output left because the host did not take it in time is dropped:
+                        // the exec then ends as a timeout, not as a plain exit with its output
+                        // cut short. (With a host that keeps up, what background processes
+                        // still write at the timeout goes unflagged, as above.)
+                        timed_out |= unread(&outputs);
                         break;
                     }
                     timed_out = true;
@@ -404,6 +409,18 @@ fn pump(
         }
     }
     (code.unwrap_or(128 + 9), timed_out)
+}
+
+/// Whether output is still waiting in any of the command's pipes (what ending the exec now
+/// would drop).
+fn unread(outputs: &[Option<File>; 2]) -> bool {
+    outputs.iter().flatten().any(|pipe| {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int, the bytes waiting, through a pointer valid for the
+        // call; the descriptor is an open pipe or terminal master.
+        let rc = unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut n) };
+        rc == 0 && n > 0
+    })
 }
 
 /// Kill a command: its process group, and every descendant of its shell (`pgid` is the
@@ -514,4 +531,45 @@ pub fn cancel(stream: u32) {
 pub fn cancel_all() {
     running().values_mut().for_each(cancel_one);
     crate::flow::close_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    /// A command that has exited with output still in a pipe when its timeout passes, because
+    /// the host took none of it in time (its window stays full): that output is dropped, so the
+    /// exec must end as a timeout.
+    #[test]
+    fn output_left_in_a_pipe_at_the_timeout_makes_it_a_timeout() {
+        let pair = || {
+            let (r, w) = crate::spawn::pipe().unwrap();
+            (File::from(r), File::from(w))
+        };
+        let ((out_r, mut out_w), (err_r, mut err_w), (exit_r, mut exit_w)) = (pair(), pair(), pair());
+        // One chunk of stdout fills the window; stderr's bytes then wait behind it.
+        out_w.write_all(&vec![b'o'; CHUNK]).unwrap();
+        err_w.write_all(b"left behind").unwrap();
+        exit_w.write_all(&0i32.to_ne_bytes()).unwrap();
+        drop((out_w, err_w, exit_w));
+        // The "shell", in a group of its own, for the kill at the timeout.
+        let mut shell = std::process::Command::new("sleep").arg("30").process_group(0).spawn().unwrap();
+        let (window, w) = (Window::new(CHUNK), Writer::to(File::create("/dev/null").unwrap()));
+        let out = Output { stream: 7, w: &w, window: &window, tty: false };
+        let timeout = Duration::from_millis(300);
+        let (code, timed_out) = pump(out, [Some(out_r), Some(err_r)], exit_r, Some(timeout), shell.id() as i32, 7, false);
+        let _ = shell.kill();
+        let _ = shell.wait();
+        assert_eq!((code, timed_out), (0, true));
+
+        // All of it taken in time: a plain exit.
+        let ((out_r, mut out_w), (err_r, err_w), (exit_r, mut exit_w)) = (pair(), pair(), pair());
+        out_w.write_all(b"all of it").unwrap();
+        exit_w.write_all(&3i32.to_ne_bytes()).unwrap();
+        drop((out_w, err_w, exit_w));
+        let window = Window::new(CHUNK);
+        let out = Output { stream: 8, w: &w, window: &window, tty: false };
+        assert_eq!(pump(out, [Some(out_r), Some(err_r)], exit_r, Some(timeout), i32::MAX, 8, false), (3, false));
+    }
 }

@@ -33,7 +33,7 @@ fn windows() -> MutexGuard<'static, HashMap<u32, Arc<Window>>> {
 }
 
 impl Window {
-    fn new(size: usize) -> Window {
+    pub(crate) fn new(size: usize) -> Window {
         Window { state: Mutex::new((size as i64, false)), granted: Condvar::new() }
     }
 

@@ -42,6 +42,12 @@ impl Writer {
         let _ = f.write_all(&bytes);
     }
 
+    /// A writer into `out` (tests).
+    #[cfg(test)]
+    pub fn to(out: File) -> Writer {
+        Writer { out: Arc::new(Mutex::new(out)), session: None }
+    }
+
     /// This writer, for replies that belong to the current host session only.
     pub fn for_session(&self) -> Writer {
         Writer { out: self.out.clone(), session: Some(SESSION.load(Ordering::SeqCst)) }

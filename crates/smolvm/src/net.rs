@@ -236,8 +236,13 @@ impl Lease {
 
 /// Names on the host are per data directory and sandbox: two data directories may each hold a
 /// sandbox of the same id, and one must never touch the other's device or rules.
+/// Names on the host (TAP, nft table) come from the data directory and the sandbox: the
+/// directory as resolved, so that a process that spells it otherwise (`/x/d/`, `/x/./d`, a
+/// symlink) finds what another left behind. One that does not exist is taken as written, less
+/// its `.` components and extra slashes.
 fn host_name_hash(data_dir: &std::path::Path, id: &str) -> String {
-    crate::image::fingerprint(&[data_dir.as_os_str().as_encoded_bytes(), id.as_bytes()])
+    let dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.components().collect());
+    crate::image::fingerprint(&[dir.as_os_str().as_encoded_bytes(), id.as_bytes()])
 }
 
 pub fn tap_name(data_dir: &std::path::Path, id: &str) -> String {
@@ -362,13 +367,22 @@ pub fn ruleset(table: &str, tap: &str, lease: Lease, internet: &InternetSettings
 
 fn nft(input: &str, args: &[&str]) -> Result<()> {
     use std::io::Write;
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| Error::Network(format!("running nft: {e}")))?;
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new("nft");
+    command.args(args).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+    // SAFETY: prctl(PR_SET_PDEATHSIG) changes only the child's own attribute and is
+    // async-signal-safe; nothing of the parent's memory is touched between fork and exec.
+    // It dies with the thread that waits for it: a supervisor killed while nft runs must not
+    // leave an nft that commits its table after the next command has cleaned up (a leak).
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|e| Error::Network(format!("running nft: {e}")))?;
     child.stdin.take().expect("piped").write_all(input.as_bytes()).map_err(|e| Error::Network(format!("writing to nft: {e}")))?;
     let out = child.wait_with_output().map_err(|e| Error::Network(format!("waiting for nft: {e}")))?;
     if !out.status.success() {
@@ -732,6 +746,24 @@ mod tests {
         assert_ne!(tap_name(x, "a"), tap_name(y, "a"));
         assert_ne!(table_name(x, "a"), table_name(y, "a"));
         assert_eq!(table_name(x, "a"), table_name(x, "a"));
+    }
+
+    #[test]
+    fn host_names_follow_the_data_directory_however_it_is_spelled() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("d");
+        std::fs::create_dir(&real).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let spelled = |s: String| table_name(std::path::Path::new(&s), "a");
+        let want = table_name(&real, "a");
+        for other in [format!("{}/", real.display()), format!("{}/./", real.display()), format!("{}//d", tmp.path().display())] {
+            assert_eq!(spelled(other.clone()), want, "{other}");
+        }
+        assert_eq!(table_name(&link, "a"), want);
+        assert_eq!(tap_name(&link, "a"), tap_name(&real, "a"));
+        // One that does not exist: as written, less `.` and extra slashes.
+        assert_eq!(spelled("/nowhere/x/./".into()), spelled("/nowhere//x".into()));
     }
 
     #[test]
