@@ -98,10 +98,9 @@ pub fn create(token: u64) -> bool {
     std::fs::create_dir(path(token)).is_ok()
 }
 
-/// Where a command's child enters its group (`spawn` writes itself there before the exec): none
-/// where commands are not grouped.
-pub fn procs(token: u64, grouped: bool) -> Option<PathBuf> {
-    grouped.then(|| path(token).join("cgroup.procs"))
+/// The group a command's child starts in (`spawn`): none where commands are not grouped.
+pub fn dir(token: u64, grouped: bool) -> Option<PathBuf> {
+    grouped.then(|| path(token))
 }
 
 /// Kill every process in the command's group: false where that could not be done.

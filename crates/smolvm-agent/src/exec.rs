@@ -128,7 +128,7 @@ fn spawn(
     let (program, flag, env, cwd) = invocation(req, shell);
     let (exit_read, exit_write) = exit;
     let mut waiters = crate::reaper::lock();
-    let cgroup = crate::cgroup::procs(token, grouped);
+    let cgroup = crate::cgroup::dir(token, grouped);
     let child = crate::spawn::spawn(program, &[flag, &req.command], &env, cwd, pipes, cgroup.as_deref())?;
     waiters.insert(child.pid, File::from(exit_write));
     Ok((child, File::from(exit_read)))
