@@ -548,16 +548,17 @@ mod tests {
             (File::from(r), File::from(w))
         };
         let ((out_r, mut out_w), (err_r, mut err_w), (exit_r, mut exit_w)) = (pair(), pair(), pair());
-        // One chunk of stdout fills the window; stderr's bytes then wait behind it.
-        out_w.write_all(&vec![b'o'; CHUNK]).unwrap();
+        // stdout's chunk fills the window (of one byte); stderr's bytes then wait behind it.
+        out_w.write_all(b"taken").unwrap();
         err_w.write_all(b"left behind").unwrap();
         exit_w.write_all(&0i32.to_ne_bytes()).unwrap();
         drop((out_w, err_w, exit_w));
         // The "shell", in a group of its own, for the kill at the timeout.
         let mut shell = std::process::Command::new("sleep").arg("30").process_group(0).spawn().unwrap();
-        let (window, w) = (Window::new(CHUNK), Writer::to(File::create("/dev/null").unwrap()));
+        let (window, w) = (Window::new(1), Writer::to(File::create("/dev/null").unwrap()));
         let out = Output { stream: 7, w: &w, window: &window, tty: false };
-        let timeout = Duration::from_millis(300);
+        // (Long enough that the first round, which reads the exit code, comes before it.)
+        let timeout = Duration::from_secs(1);
         let (code, timed_out) = pump(out, [Some(out_r), Some(err_r)], exit_r, Some(timeout), shell.id() as i32, 7, false);
         let _ = shell.kill();
         let _ = shell.wait();

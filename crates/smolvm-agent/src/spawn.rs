@@ -214,12 +214,17 @@ static STARTED_IN_GROUP: std::sync::atomic::AtomicBool = std::sync::atomic::Atom
 /// SAFETY: as for the `clone` in `spawn`: `stack` and `plan` outlive the child's use of them
 /// (CLONE_VFORK returns here only once it has exec'd or exited), and all signals are blocked.
 #[cfg(target_arch = "x86_64")]
-unsafe fn clone3_into(group: libc::c_int, stack: &mut [u128], plan: *const ChildPlan) -> Result<libc::c_int, libc::c_int> {
+unsafe fn clone3_into(
+    group: libc::c_int,
+    stack: *mut u128,
+    stack_bytes: usize,
+    plan: *const ChildPlan,
+) -> Result<libc::c_int, libc::c_int> {
     let mut args: libc::clone_args = std::mem::zeroed();
     args.flags = (libc::CLONE_VM | libc::CLONE_VFORK) as u64 | CLONE_INTO_CGROUP;
     args.exit_signal = libc::SIGCHLD as u64;
-    args.stack = stack.as_mut_ptr() as u64;
-    args.stack_size = std::mem::size_of_val(stack) as u64;
+    args.stack = stack as u64;
+    args.stack_size = stack_bytes as u64;
     args.cgroup = group as u64;
     let ret: i64;
     // The child returns from the system call on its own stack (the kernel points rsp at its
@@ -254,7 +259,7 @@ unsafe fn clone3_into(group: libc::c_int, stack: &mut [u128], plan: *const Child
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn clone3_into(_: libc::c_int, _: &mut [u128], _: *const ChildPlan) -> Result<libc::c_int, libc::c_int> {
+unsafe fn clone3_into(_: libc::c_int, _: *mut u128, _: usize, _: *const ChildPlan) -> Result<libc::c_int, libc::c_int> {
     Err(libc::ENOSYS)
 }
 
@@ -320,11 +325,12 @@ pub fn spawn(
     // shared memory: this thread blocks all signals across the clone, and the child sets its
     // own mask just before the exec.
     let pid = unsafe {
-        let top = stack.as_mut_ptr().add(stack.len()).cast::<libc::c_void>();
+        let base = stack.as_mut_ptr();
+        let top = base.add(stack.len()).cast::<libc::c_void>();
         let mut old = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, old.as_mut_ptr());
         let started = match &group {
-            Some(dir) => match clone3_into(dir.as_raw_fd(), &mut stack, &plan) {
+            Some(dir) => match clone3_into(dir.as_raw_fd(), base, stack.len() * std::mem::size_of::<u128>(), &plan) {
                 Ok(pid) => {
                     #[cfg(test)]
                     STARTED_IN_GROUP.store(true, std::sync::atomic::Ordering::SeqCst);

@@ -234,10 +234,9 @@ impl Lease {
     }
 }
 
-/// Names on the host are per data directory and sandbox: two data directories may each hold a
-/// sandbox of the same id, and one must never touch the other's device or rules.
-/// Names on the host (TAP, nft table) come from the data directory and the sandbox: the
-/// directory as resolved, so that a process that spells it otherwise (`/x/d/`, `/x/./d`, a
+/// Names on the host (TAP, nft table) are per data directory and sandbox: two data directories
+/// may each hold a sandbox of the same id, and one must never touch the other's device or
+/// rules. The directory counts as resolved, so that a process that spells it otherwise (`/x/d/`, `/x/./d`, a
 /// symlink) finds what another left behind. One that does not exist is taken as written, less
 /// its `.` components and extra slashes.
 fn host_name_hash(data_dir: &std::path::Path, id: &str) -> String {
@@ -374,10 +373,16 @@ fn nft(input: &str, args: &[&str]) -> Result<()> {
     // async-signal-safe; nothing of the parent's memory is touched between fork and exec.
     // It dies with the thread that waits for it: a supervisor killed while nft runs must not
     // leave an nft that commits its table after the next command has cleaned up (a leak).
+    // SAFETY (getpid, getppid, _exit): async-signal-safe as well.
+    let parent = unsafe { libc::getpid() };
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // The supervisor died between the fork and the prctl: the signal will not come.
+            if libc::getppid() != parent {
+                libc::_exit(1);
             }
             Ok(())
         });
