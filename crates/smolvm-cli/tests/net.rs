@@ -249,6 +249,12 @@ async fn sandboxes_cannot_reach_each_other_or_the_host_and_exposed_ports_work() 
     assert!(one_ip.starts_with("172.16."), "{one_ip}");
     let info = one.info().await.unwrap();
     assert_eq!((info["network_mode"].as_str(), info["guest_ip"].as_str()), (Some("nat"), Some(one_ip.as_str())));
+    // The host's side is IPv4 only: no IPv6 address on the TAP, so nothing IPv6 into the guest.
+    let tap = smolvm::net::tap_name(&env.dirs.data, one.id());
+    let ipv6 = std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6")).unwrap_or_else(|_| "1\n".into());
+    assert_eq!(ipv6, "1\n", "IPv6 is on on {tap}");
+    let addrs = String::from_utf8_lossy(&Command::new("ip").args(["-6", "addr", "show", "dev", &tap]).output().unwrap().stdout).to_string();
+    assert!(!addrs.contains("inet6"), "{tap} has IPv6 addresses: {addrs}");
     assert_eq!(two.run(&fetch(&format!("http://{one_ip}:8000/")), &opts()).await.unwrap().stdout, "FAILED\n");
     let mut host_server = Command::new("python3")
         .args(["-c", HTTP_SERVER, "0.0.0.0", "18931", "/tmp"])

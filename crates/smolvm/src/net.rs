@@ -525,6 +525,13 @@ pub async fn setup_tap(tap: &str, lease: Lease) -> Result<()> {
             .execute()
             .await
             .map_err(|e| Error::Network(format!("addressing {tap}: {e}")))?;
+        // The sandbox's network is IPv4 only (the guest's IPv6 is dropped on the way in):
+        // without this the host gives the TAP a link-local IPv6 address as it comes up and
+        // sends neighbour and router solicitations and multicast reports into the guest.
+        let ipv6 = format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6");
+        if std::path::Path::new(&ipv6).exists() {
+            std::fs::write(&ipv6, "1").map_err(|e| Error::Network(format!("turning IPv6 off on {tap}: {e}")))?;
+        }
         handle.link().set(index).up().execute().await.map_err(|e| Error::Network(format!("bringing {tap} up: {e}")))?;
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|e| Error::Network(format!("enabling IPv4 forwarding: {e}")))?;
         Ok(())
