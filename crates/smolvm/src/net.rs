@@ -236,9 +236,9 @@ impl Lease {
 
 /// Names on the host (TAP, nft table) are per data directory and sandbox: two data directories
 /// may each hold a sandbox of the same id, and one must never touch the other's device or
-/// rules. The directory counts as resolved, so that a process that spells it otherwise (`/x/d/`, `/x/./d`, a
-/// symlink) finds what another left behind. One that does not exist is taken as written, less
-/// its `.` components and extra slashes.
+/// rules. The directory counts as resolved, so that a process that spells it otherwise
+/// (`/x/d/`, `/x/./d`, a symlink) finds what another left behind. One that does not exist is
+/// taken as written, less its `.` components and extra slashes.
 fn host_name_hash(data_dir: &std::path::Path, id: &str) -> String {
     let dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.components().collect());
     crate::image::fingerprint(&[dir.as_os_str().as_encoded_bytes(), id.as_bytes()])
@@ -369,12 +369,13 @@ fn nft(input: &str, args: &[&str]) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let mut command = Command::new("nft");
     command.args(args).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
-    // SAFETY: prctl(PR_SET_PDEATHSIG) changes only the child's own attribute and is
-    // async-signal-safe; nothing of the parent's memory is touched between fork and exec.
-    // It dies with the thread that waits for it: a supervisor killed while nft runs must not
+    // nft dies with the thread that waits for it: a supervisor killed while nft runs must not
     // leave an nft that commits its table after the next command has cleaned up (a leak).
-    // SAFETY (getpid, getppid, _exit): async-signal-safe as well.
+    // SAFETY: getpid has no preconditions.
     let parent = unsafe { libc::getpid() };
+    // SAFETY: prctl(PR_SET_PDEATHSIG), getppid and _exit change or read only the child's own
+    // state and are async-signal-safe; nothing of the parent's memory is touched between fork
+    // and exec.
     unsafe {
         command.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
