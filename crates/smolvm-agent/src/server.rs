@@ -382,7 +382,7 @@ mod tests {
     #[test]
     fn a_reply_too_large_for_a_frame_is_answered_with_why() {
         let file = tempfile_in_tmp();
-        let w = Writer { out: Arc::new(Mutex::new(file.try_clone().unwrap())), session: None };
+        let w = Writer::to(file.try_clone().unwrap());
         let env = std::iter::once(("K".to_string(), "v".repeat(proto::MAX_FRAME))).collect();
         w.send(3, &Reply::Env(env));
         let mut got = Vec::new();

@@ -72,8 +72,10 @@ pub fn validate_vars(vars: &BTreeMap<String, String>) -> Result<(), EnvError> {
         if v.contains('\0') {
             return Err(EnvError::NulInValue(k.clone()));
         }
-        if var_bytes(k, v) - 1 > MAX_VAR_BYTES {
-            return Err(EnvError::TooLong(k.clone(), var_bytes(k, v) - 1));
+        // (Without its NUL, as MAX_VAR_BYTES counts.)
+        let bytes = var_bytes(k, v) - 1;
+        if bytes > MAX_VAR_BYTES {
+            return Err(EnvError::TooLong(k.clone(), bytes));
         }
     }
     check_total(vars)

@@ -340,10 +340,10 @@ fn mmdebstrap(target: &Path, variant: &str, packages: &[String], progress: Progr
 /// Debian images: no host keys in the image (each sandbox makes its own), keys-only root login.
 fn debian_ssh_setup(tree: &Path) -> Result<()> {
     // sshd's, and dropbear's (its package makes them on install too, should a recipe take it).
-    for (dir, prefix) in [("etc/ssh", "ssh_host_"), ("etc/dropbear", "dropbear_")] {
+    for (dir, prefix, suffix) in [("etc/ssh", "ssh_host_", ""), ("etc/dropbear", "dropbear_", "_host_key")] {
         for e in fs::read_dir(tree.join(dir)).into_iter().flatten().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(prefix) && (dir == "etc/ssh" || name.ends_with("_host_key")) {
+            if name.starts_with(prefix) && name.ends_with(suffix) {
                 let _ = fs::remove_file(e.path());
             }
         }
