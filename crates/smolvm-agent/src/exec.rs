@@ -262,6 +262,11 @@ const QUIET: Duration = Duration::from_millis(100);
 /// gets through to a slow host.
 const HOST_GRACE: Duration = Duration::from_secs(5);
 
+/// While the host takes none of a command's output (its window is full), how often the pump
+/// looks whether the command has exited meanwhile (its last output fitting in the pipe): an
+/// exit in time must not be taken for a timeout at the deadline.
+const EXIT_LOOK: Duration = Duration::from_millis(50);
+
 /// Once a command's timeout has killed it, how long what escaped the kill (a daemon that left
 /// its group, and its cgroup where it had one) may keep its pipes open before the exec ends.
 const AFTER_KILL: Duration = Duration::from_secs(2);
@@ -309,13 +314,31 @@ fn pump(
         // holds for that too (else a chatty background loop would keep the exec open forever).
         if code.is_some() && deadline.is_some_and(|d| Instant::now() >= d) {
             kill(code);
+            // What they wrote until the kill goes too, as far as the host takes it in time;
+            // what it does not is dropped, and the exec is a timeout (as below).
+            timed_out |= !drain(&out, &mut outputs, &mut buf);
             break;
         }
-        if out.window.is_full() {
+        let exit_ready = if out.window.is_full() {
             let waiting = Instant::now();
-            match out.window.take(0, deadline) {
+            // Until the exit is known, the wait is cut into looks at the exit pipe (a wait
+            // without a deadline needs none: the exit is read once the host takes output).
+            let look = match (&exit, deadline) {
+                (Some(_), Some(d)) => Some(d.min(Instant::now() + EXIT_LOOK)),
+                _ => deadline,
+            };
+            match out.window.take(0, look) {
+                Room::Deadline if deadline.is_some_and(|d| Instant::now() < d) => {
+                    if !exit.as_ref().is_some_and(readable) {
+                        continue;
+                    }
+                    true
+                }
                 // The pipes may have been full all along: quiet counts from now.
-                Room::Open if code.is_none() || !out.tty => last = Instant::now(),
+                Room::Open if code.is_none() || !out.tty => {
+                    last = Instant::now();
+                    continue;
+                }
                 // On a terminal quiet counts from the exit, but not while the host took its
                 // time (up to HOST_GRACE in all): what the command wrote before it exited still
                 // goes, and a background job that outpaces a slow host cannot hold it for good.
@@ -323,70 +346,31 @@ fn pump(
                     let grant = waiting.elapsed().min(HOST_GRACE.saturating_sub(granted));
                     granted += grant;
                     last += grant;
+                    continue;
                 }
-                Room::Closed => {}
+                Room::Closed => continue,
                 Room::Deadline => {
                     kill(code);
                     if code.is_some() || timed_out {
                         // Output left because the host did not take it in time is dropped:
                         // the exec then ends as a timeout, not as a plain exit with its output
-                        // cut short. (With a host that keeps up, what background processes
-                        // still write at the timeout goes unflagged, as above.)
+                        // cut short.
                         timed_out |= unread(&outputs);
                         break;
                     }
                     timed_out = true;
                     deadline = Some(Instant::now() + AFTER_KILL);
+                    continue;
                 }
             }
-            continue;
-        }
-        let wait = match (code, deadline) {
-            (Some(_), _) => Some(QUIET.saturating_sub(last.elapsed())),
-            (None, Some(d)) => Some(d.saturating_duration_since(Instant::now())),
-            (None, None) => None,
+        } else {
+            poll_and_send(&out, &mut outputs, exit.as_ref(), code, deadline, &mut last, &mut buf)
         };
-        // Rounded up: a poll that returns a hair early would spin.
-        let timeout = wait.map_or(PollTimeout::NONE, |d| PollTimeout::from((d.as_millis() + 1).min(60_000) as u16));
-        let mut fds: Vec<PollFd> =
-            outputs.iter().flatten().chain(exit.as_ref()).map(|f| PollFd::new(f.as_fd(), PollFlags::POLLIN)).collect();
-        // An error is EINTR: look again.
-        let ready: Vec<bool> = match poll(&mut fds, timeout) {
-            Ok(_) => fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect(),
-            Err(_) => continue,
-        };
-        let mut at = 0;
-        for (slot, is_stdout) in outputs.iter_mut().zip([true, false]) {
-            let Some(pipe) = slot else { continue };
-            // A full window (after the other pipe's chunk) waits for the next round.
-            if ready[at] && !out.window.is_full() {
-                match pipe.read(&mut buf) {
-                    // (A terminal's master shares its non-blocking flag with the input's writer.)
-                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => {}
-                    // A terminal's master reads EIO once its slave is closed everywhere.
-                    Ok(0) | Err(_) => *slot = None,
-                    Ok(n) => {
-                        // Nobody reads any more (a cancel): the output is drained and dropped.
-                        let data = buf[..n].to_vec();
-                        out.window.send(out.w, out.stream, &if is_stdout { Reply::Stdout(data) } else { Reply::Stderr(data) });
-                        // Quiet counts from after the send, which can block: else output already
-                        // waiting in the pipe could be left behind. (On a terminal it counts
-                        // from the exit: a background job that keeps writing there would
-                        // otherwise hold an exec without a timeout open for good.)
-                        if code.is_none() || !out.tty {
-                            last = Instant::now();
-                        }
-                    }
-                }
-            }
-            at += 1;
-        }
-        if let Some(pipe) = exit.as_mut() {
-            if ready[at] {
-                let mut bytes = [0u8; 4];
+        if exit_ready {
+            if let Some(mut pipe) = exit.take() {
                 // A pipe closed without a code: the child is gone, how is unknown.
+                let mut bytes = [0u8; 4];
                 code = Some(pipe.read_exact(&mut bytes).map_or(128 + 9, |_| i32::from_ne_bytes(bytes)));
-                exit = None;
                 if let Some(r) = running().get_mut(&out.stream).filter(|r| r.token == token) {
                     r.exited = true;
                 }
@@ -411,16 +395,112 @@ fn pump(
     (code.unwrap_or(128 + 9), timed_out)
 }
 
+/// One round of the pump while the host has room: wait for output or the exit (until the
+/// quiet or the deadline runs out), and send a chunk from each pipe that has one. Returns
+/// whether the exit pipe is ready.
+fn poll_and_send(
+    out: &Output,
+    outputs: &mut [Option<File>; 2],
+    exit: Option<&File>,
+    code: Option<i32>,
+    deadline: Option<Instant>,
+    last: &mut Instant,
+    buf: &mut [u8],
+) -> bool {
+    let wait = match (code, deadline) {
+        (Some(_), _) => Some(QUIET.saturating_sub(last.elapsed())),
+        (None, Some(d)) => Some(d.saturating_duration_since(Instant::now())),
+        (None, None) => None,
+    };
+    // Rounded up: a poll that returns a hair early would spin.
+    let timeout = wait.map_or(PollTimeout::NONE, |d| PollTimeout::from((d.as_millis() + 1).min(60_000) as u16));
+    let mut fds: Vec<PollFd> = outputs.iter().flatten().chain(exit).map(|f| PollFd::new(f.as_fd(), PollFlags::POLLIN)).collect();
+    // An error is EINTR: look again.
+    let ready: Vec<bool> = match poll(&mut fds, timeout) {
+        Ok(_) => fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect(),
+        Err(_) => return false,
+    };
+    let mut at = 0;
+    for (slot, is_stdout) in outputs.iter_mut().zip([true, false]) {
+        if slot.is_none() {
+            continue;
+        }
+        // A full window (after the other pipe's chunk) waits for the next round.
+        if ready[at] && !out.window.is_full() && send_chunk(out, slot, is_stdout, buf) {
+            // Quiet counts from after the send, which can block: else output already waiting
+            // in the pipe could be left behind. (On a terminal it counts from the exit: a
+            // background job that keeps writing there would otherwise hold an exec without a
+            // timeout open for good.)
+            if code.is_none() || !out.tty {
+                *last = Instant::now();
+            }
+        }
+        at += 1;
+    }
+    exit.is_some() && ready[at]
+}
+
+/// Read one chunk from a pipe that is ready and send it; a pipe at its end is closed (`None`).
+/// True if something was sent.
+fn send_chunk(out: &Output, slot: &mut Option<File>, is_stdout: bool, buf: &mut [u8]) -> bool {
+    let Some(pipe) = slot else { return false };
+    match pipe.read(buf) {
+        // (A terminal's master shares its non-blocking flag with the input's writer.)
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => false,
+        // A terminal's master reads EIO once its slave is closed everywhere.
+        Ok(0) | Err(_) => {
+            *slot = None;
+            false
+        }
+        Ok(n) => {
+            // Nobody reads any more (a cancel): the output is drained and dropped.
+            let data = buf[..n].to_vec();
+            out.window.send(out.w, out.stream, &if is_stdout { Reply::Stdout(data) } else { Reply::Stderr(data) });
+            true
+        }
+    }
+}
+
+/// After the kill at the deadline: send what is still waiting in the pipes while the host has
+/// room for it. True if nothing was left behind. (Bounded: a writer that escaped the kill
+/// could keep a pipe full for good.)
+fn drain(out: &Output, outputs: &mut [Option<File>; 2], buf: &mut [u8]) -> bool {
+    for _ in 0..64 {
+        if out.window.is_full() || !unread(outputs) {
+            break;
+        }
+        for (slot, is_stdout) in outputs.iter_mut().zip([true, false]) {
+            if slot.as_ref().is_some_and(|p| waiting(p) > 0) && !out.window.is_full() {
+                send_chunk(out, slot, is_stdout, buf);
+            }
+        }
+    }
+    !unread(outputs)
+}
+
+/// Whether a read of `pipe` would not block (the exit pipe: the code came, or the child is gone).
+fn readable(pipe: &File) -> bool {
+    let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
+}
+
 /// Whether output is still waiting in any of the command's pipes (what ending the exec now
 /// would drop).
 fn unread(outputs: &[Option<File>; 2]) -> bool {
-    outputs.iter().flatten().any(|pipe| {
-        let mut n: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one int, the bytes waiting, through a pointer valid for the
-        // call; the descriptor is an open pipe or terminal master.
-        let rc = unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut n) };
-        rc == 0 && n > 0
-    })
+    outputs.iter().flatten().any(|pipe| waiting(pipe) > 0)
+}
+
+/// The bytes waiting in a pipe (or terminal master); 0 where that cannot be told.
+fn waiting(pipe: &File) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int, the bytes waiting, through a pointer valid for the call;
+    // the descriptor is an open pipe or terminal master.
+    let rc = unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if rc == 0 {
+        n.max(0) as usize
+    } else {
+        0
+    }
 }
 
 /// Kill a command: its process group, and every descendant of its shell (`pgid` is the
@@ -541,20 +621,49 @@ mod tests {
     /// A command that has exited with output still in a pipe when its timeout passes, because
     /// the host took none of it in time (its window stays full): that output is dropped, so the
     /// exec must end as a timeout.
+    fn pair() -> (File, File) {
+        let (r, w) = crate::spawn::pipe().unwrap();
+        (File::from(r), File::from(w))
+    }
+
+    /// The "shell", in a process group of its own, for the kill at the timeout.
+    fn shell() -> std::process::Child {
+        std::process::Command::new("sleep").arg("30").process_group(0).spawn().unwrap()
+    }
+
+    /// The output chunks written to `file` by a `Writer`: (stdout, stderr).
+    fn sent(mut file: File) -> (Vec<u8>, Vec<u8>) {
+        let mut got = Vec::new();
+        std::io::Seek::rewind(&mut file).unwrap();
+        file.read_to_end(&mut got).unwrap();
+        let (mut stdout, mut stderr, mut at) = (Vec::new(), Vec::new(), 0);
+        while at < got.len() {
+            let len = smolvm_proto::frame_len(got[at..at + 4].try_into().unwrap()).unwrap();
+            match smolvm_proto::decode::<Reply>(&got[at + 4..at + 4 + len]).unwrap().1 {
+                Reply::Stdout(d) => stdout.extend(d),
+                Reply::Stderr(d) => stderr.extend(d),
+                _ => {}
+            }
+            at += 4 + len;
+        }
+        (stdout, stderr)
+    }
+
+    /// An unnamed file (O_TMPFILE) in /tmp, gone when closed.
+    fn tempfile() -> File {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_TMPFILE).open("/tmp").unwrap()
+    }
+
     #[test]
     fn output_left_in_a_pipe_at_the_timeout_makes_it_a_timeout() {
-        let pair = || {
-            let (r, w) = crate::spawn::pipe().unwrap();
-            (File::from(r), File::from(w))
-        };
         let ((out_r, mut out_w), (err_r, mut err_w), (exit_r, mut exit_w)) = (pair(), pair(), pair());
         // stdout's chunk fills the window (of one byte); stderr's bytes then wait behind it.
         out_w.write_all(b"taken").unwrap();
         err_w.write_all(b"left behind").unwrap();
         exit_w.write_all(&0i32.to_ne_bytes()).unwrap();
         drop((out_w, err_w, exit_w));
-        // The "shell", in a group of its own, for the kill at the timeout.
-        let mut shell = std::process::Command::new("sleep").arg("30").process_group(0).spawn().unwrap();
+        let mut shell = shell();
         let (window, w) = (Window::new(1), Writer::to(File::create("/dev/null").unwrap()));
         let out = Output { stream: 7, w: &w, window: &window, tty: false };
         // (Long enough that the first round, which reads the exit code, comes before it.)
@@ -572,5 +681,58 @@ mod tests {
         let window = Window::new(CHUNK);
         let out = Output { stream: 8, w: &w, window: &window, tty: false };
         assert_eq!(pump(out, [Some(out_r), Some(err_r)], exit_r, Some(timeout), i32::MAX, 8, false), (3, false));
+    }
+
+    /// A command that exits while the host takes none of its output (its last output fits in
+    /// the pipe) has exited in time: at the deadline the exec ends with its own exit code, not
+    /// as a killed shell 2 s later.
+    #[test]
+    fn an_exit_while_the_host_takes_nothing_is_seen() {
+        let ((out_r, mut out_w), (err_r, mut err_w), (exit_r, mut exit_w)) = (pair(), pair(), pair());
+        out_w.write_all(b"taken").unwrap();
+        err_w.write_all(b"left behind").unwrap();
+        drop((out_w, err_w));
+        // The exit comes once the pump waits for the host (its window of one byte is full).
+        let exits = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            exit_w.write_all(&5i32.to_ne_bytes()).unwrap();
+        });
+        let mut shell = shell();
+        let (window, w) = (Window::new(1), Writer::to(File::create("/dev/null").unwrap()));
+        let out = Output { stream: 9, w: &w, window: &window, tty: false };
+        let got = pump(out, [Some(out_r), Some(err_r)], exit_r, Some(Duration::from_secs(1)), shell.id() as i32, 9, false);
+        let _ = shell.kill();
+        let _ = shell.wait();
+        exits.join().unwrap();
+        // Its output was dropped (the host took none of it), so it is still a timeout.
+        assert_eq!(got, (5, true));
+    }
+
+    /// A shell that has exited, with a background process still writing at the deadline: what
+    /// was written until the kill reaches the host, all of it, and the exec is a plain exit.
+    #[test]
+    fn output_in_the_pipes_at_the_deadline_is_sent() {
+        let ((out_r, mut out_w), (err_r, err_w), (exit_r, mut exit_w)) = (pair(), pair(), pair());
+        // More than a chunk: one round of the pump leaves the rest in the pipe.
+        // SAFETY: F_SETPIPE_SZ takes an int by value on an open pipe.
+        assert!(unsafe { libc::fcntl(out_w.as_raw_fd(), libc::F_SETPIPE_SZ, 4 * CHUNK as libc::c_int) } >= 0);
+        let written: Vec<u8> = (0..CHUNK + 100).map(|i| (i % 251) as u8).collect();
+        out_w.write_all(&written).unwrap();
+        exit_w.write_all(&0i32.to_ne_bytes()).unwrap();
+        // `out_w` stays open: the background process that still holds the pipe.
+        drop((err_w, exit_w));
+        let mut shell = shell();
+        let file = tempfile();
+        let (window, w) = (Window::new(smolvm_proto::WINDOW), Writer::to(file.try_clone().unwrap()));
+        let out = Output { stream: 10, w: &w, window: &window, tty: false };
+        // A deadline that has passed by the time the exit is read.
+        let got = pump(out, [Some(out_r), Some(err_r)], exit_r, Some(Duration::ZERO), shell.id() as i32, 10, false);
+        let _ = shell.kill();
+        let _ = shell.wait();
+        drop(out_w);
+        assert_eq!(got, (0, false));
+        let (stdout, stderr) = sent(file);
+        assert_eq!(stdout.len(), written.len());
+        assert!(stdout == written && stderr.is_empty());
     }
 }
