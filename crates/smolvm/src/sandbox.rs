@@ -313,10 +313,27 @@ const CALL_BOUND: Duration = Duration::from_secs(30);
 /// How long a snapshot waits for the guest's variables once its state is saved.
 const SNAPSHOT_ENV_BOUND: Duration = Duration::from_secs(2);
 
+/// The longest command: the shell gets it as one argument, and Linux takes at most 32 pages
+/// for one (`MAX_ARG_STRLEN`), its terminating NUL included. Past that the guest could only
+/// say that the shell did not start.
+const MAX_COMMAND: usize = 32 * 4096 - 1;
+
 /// What every way of running a command checks first. A timeout of zero is none.
 fn check_run(command: &str, opts: &RunOptions) -> Result<()> {
     if command.trim().is_empty() {
         return Err(Error::validation("command", "must not be empty"));
+    }
+    if command.contains('\0') {
+        return Err(Error::validation("command", "must not contain a NUL byte"));
+    }
+    if command.len() > MAX_COMMAND {
+        return Err(Error::validation(
+            "command",
+            format!(
+                "{} bytes is too long: at most {MAX_COMMAND} (Linux's limit on one argument); pass a longer script on stdin to `sh -s`",
+                command.len()
+            ),
+        ));
     }
     if !opts.timeout.is_zero() && opts.timeout < Duration::from_secs(1) {
         return Err(Error::validation("timeout", "must be at least 1 second, or 0 for none"));
@@ -1887,6 +1904,19 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         id
+    }
+
+    #[test]
+    fn a_command_the_guest_cannot_start_is_refused_by_name() {
+        let opts = RunOptions::default();
+        assert!(check_run(&"x".repeat(MAX_COMMAND), &opts).is_ok());
+        let long = check_run(&"x".repeat(MAX_COMMAND + 1), &opts).unwrap_err();
+        assert_eq!(
+            long.to_string(),
+            "invalid command: 131072 bytes is too long: at most 131071 (Linux's limit on one argument); pass a longer script on stdin to `sh -s`"
+        );
+        assert_eq!(check_run("echo a\0b", &opts).unwrap_err().to_string(), "invalid command: must not contain a NUL byte");
+        assert_eq!(check_run(" \n", &opts).unwrap_err().to_string(), "invalid command: must not be empty");
     }
 
     #[test]
