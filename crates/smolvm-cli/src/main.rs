@@ -107,7 +107,7 @@ struct VmArgs {
     boot_args: Option<String>,
     /// KEY=VALUE, or KEY to take the host's value (keeps it off command lines); repeatable.
     #[arg(long = "env", short = 'e')]
-    env: Vec<String>,
+    env: Vec<std::ffi::OsString>,
     /// Seconds to wait for the VM to boot.
     #[arg(long, default_value_t = DEFAULT_BOOT_TIMEOUT.as_secs_f64())]
     boot_timeout: f64,
@@ -218,7 +218,7 @@ enum SandboxCmd {
         exec: ExecArgs,
         /// KEY=VALUE, or KEY to take the host's value (keeps it off command lines); repeatable.
         #[arg(long = "env", short = 'e')]
-        env: Vec<String>,
+        env: Vec<std::ffi::OsString>,
         /// agent | ssh: this command's channel (default: the sandbox's comm_channel).
         #[arg(long)]
         channel: Option<String>,
@@ -231,7 +231,7 @@ enum SandboxCmd {
         name: String,
         /// KEY=VALUE, or KEY to take the host's value (keeps it off command lines); repeatable.
         #[arg(long = "env", short = 'e')]
-        env: Vec<String>,
+        env: Vec<std::ffi::OsString>,
         #[arg(num_args = 0.., last = true)]
         command: Vec<String>,
     },
@@ -345,7 +345,7 @@ enum SnapshotCmd {
         no_resume: bool,
         /// KEY=VALUE, or KEY to take the host's value; repeatable: replaces the snapshot's variables.
         #[arg(long = "env", short = 'e')]
-        env: Vec<String>,
+        env: Vec<std::ffi::OsString>,
         /// HOST[:GUEST]; repeatable: replaces the snapshot's mounts (a 'disk' snapshot's, whose
         /// host directories may be gone).
         #[arg(long = "mount", conflicts_with = "no_mounts")]
@@ -374,7 +374,7 @@ enum EnvCmd {
         name: String,
         /// KEY=VALUE, or KEY to take the host's value (keeps it off command lines).
         #[arg(required = true)]
-        pairs: Vec<String>,
+        pairs: Vec<std::ffi::OsString>,
         /// Replace all managed variables instead of merging.
         #[arg(long)]
         replace: bool,
@@ -440,19 +440,19 @@ struct Done {
     exit_code: i32,
     data: Value,
     text: Option<String>,
+    /// What failed of a command that did some of its work (a delete of several sandboxes):
+    /// printed on stderr as errors are; `--json` has them in `data`.
+    errors: Vec<Error>,
 }
 
 impl Done {
     fn text(s: impl Into<String>, data: Value) -> Done {
-        Done { exit_code: 0, data, text: Some(s.into()) }
+        Done { exit_code: 0, data, text: Some(s.into()), errors: Vec::new() }
     }
 }
 
 fn secs(s: f64, field: &'static str) -> Result<Duration, Error> {
-    match Duration::try_from_secs_f64(s) {
-        Ok(d) if s > 0.0 => Ok(d),
-        _ => Err(Error::validation(field, "must be a positive number of seconds")),
-    }
+    smolvm::config::seconds(s, field)
 }
 
 /// One argument is a shell command as written; several are words, quoted so that each stays
@@ -558,15 +558,30 @@ fn vm_config(vm: &VmArgs, name: Option<String>) -> Result<VmConfig, Error> {
 
 /// `--env KEY=VALUE`, or `--env KEY` to pass the host's value of KEY without putting it on
 /// any command line.
-fn env_flags(flags: &[String]) -> Result<std::collections::BTreeMap<String, String>, Error> {
+fn env_flags(flags: &[std::ffi::OsString]) -> Result<std::collections::BTreeMap<String, String>, Error> {
+    use std::os::unix::ffi::OsStrExt;
+    let not_text = |key: &str| Error::validation("env", format!("the value of {key} is not UTF-8 text (variables hold text)"));
     flags
         .iter()
-        .map(|f| match (f.contains('='), std::env::var(f)) {
-            (false, Ok(value)) => {
-                smolvm::env::validate_key(f)?;
-                Ok((f.clone(), value))
+        .map(|f| {
+            let Some(f) = f.to_str() else {
+                // The key is what comes before the first '='; the value is never shown.
+                let bytes = f.as_bytes();
+                let key = bytes.iter().position(|&b| b == b'=').and_then(|i| std::str::from_utf8(&bytes[..i]).ok());
+                return Err(match key.filter(|k| smolvm::env::validate_key(k).is_ok()) {
+                    Some(key) => not_text(key),
+                    None => Error::validation("env", "malformed pair (expected KEY=VALUE)"),
+                });
+            };
+            match (f.contains('='), std::env::var(f)) {
+                (false, Ok(value)) => {
+                    smolvm::env::validate_key(f)?;
+                    Ok((f.to_string(), value))
+                }
+                // (A variable of this host: its name is no secret.)
+                (false, Err(std::env::VarError::NotUnicode(_))) if smolvm::env::validate_key(f).is_ok() => Err(not_text(f)),
+                _ => smolvm::env::parse_pair(f),
             }
-            _ => smolvm::env::parse_pair(f),
         })
         .collect()
 }
@@ -593,10 +608,12 @@ fn parse_publish(spec: &str) -> Result<smolvm::config::PortForward, Error> {
     }
 }
 
-fn run_options(exec: &ExecArgs, env: &[String]) -> Result<RunOptions, Error> {
+fn run_options(exec: &ExecArgs, env: &[std::ffi::OsString]) -> Result<RunOptions, Error> {
     Ok(RunOptions {
         // A terminal's program waits for its user (an editor, a shell): no default limit.
         timeout: match exec.timeout {
+            // (Here 0 is refused as not positive: the library's "or 0 for none" is not offered.)
+            Some(t) if t > 0.0 && t < 1.0 => return Err(Error::validation("timeout", "must be at least 1 second")),
             Some(t) => secs(t, "timeout")?,
             None if exec.tty => Duration::ZERO,
             None => Duration::from_secs(30),
@@ -645,18 +662,70 @@ async fn run_on_terminal(sb: &Sandbox, command: &str, opts: &RunOptions) -> Resu
             });
         }
     }
-    let mut out = std::io::stdout();
-    let result = sb
-        .run_interactive(command, &opts, Box::new(tokio::io::stdin()), smolvm::Terminal { size, resizes }, |o| {
+    let sink = Sink::default();
+    let result = sink
+        .until_failed(sb.run_interactive(command, &opts, Box::new(tokio::io::stdin()), smolvm::Terminal { size, resizes }, |o| {
             let (Output::Stdout(d) | Output::Stderr(d)) = o;
-            let _ = out.write_all(d).and_then(|_| out.flush());
-        })
+            sink.stdout(d);
+        }))
         .await;
     if let Some(w) = watch {
         w.abort();
     }
-    let result = result?;
-    Ok(Done { exit_code: result.exit_code, data: json!({ "exit_code": result.exit_code }), text: None })
+    sink.done(result)
+}
+
+/// Where a command's output goes: ours. Once our stdout takes no more (its reader went away,
+/// as in `smolvm run yes | head -1`, or its disk is full), the command is ended: nothing
+/// would show what it writes, and it would otherwise run on until its timeout.
+#[derive(Default)]
+struct Sink {
+    /// The first write to stdout that failed; what comes after it is dropped.
+    failed: std::cell::RefCell<Option<std::io::Error>>,
+    gone: tokio::sync::Notify,
+}
+
+impl Sink {
+    fn stdout(&self, data: &[u8]) {
+        if self.failed.borrow().is_some() {
+            return;
+        }
+        let mut out = std::io::stdout();
+        if let Err(e) = out.write_all(data).and_then(|_| out.flush()) {
+            *self.failed.borrow_mut() = Some(e);
+            self.gone.notify_one();
+        }
+    }
+
+    /// (Where stderr fails there is nowhere to say so, and stdout may still be read.)
+    fn stderr(&self, data: &[u8]) {
+        let mut err = std::io::stderr();
+        let _ = err.write_all(data).and_then(|_| err.flush());
+    }
+
+    /// The run, unless stdout fails first: then it is dropped, which cancels the command.
+    async fn until_failed<T>(&self, run: impl std::future::Future<Output = Result<T, Error>>) -> Option<Result<T, Error>> {
+        tokio::select! {
+            r = run => Some(r),
+            _ = self.gone.notified() => None,
+        }
+    }
+
+    /// A command's result as this CLI ends with it. A reader that went away ends it as it ends
+    /// a program in a pipeline, by SIGPIPE (exit code 141, no message); any other failed write
+    /// is an error, also where the command finished.
+    fn done(self, result: Option<Result<smolvm::CommandResult, Error>>) -> Result<Done, Error> {
+        match self.failed.into_inner() {
+            Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                Ok(Done { exit_code: 141, data: json!({ "exit_code": 141 }), text: None, errors: Vec::new() })
+            }
+            Some(e) => Err(Error::Io { context: "writing the command's output".into(), source: e }),
+            None => {
+                let result = result.expect("a run ends unless stdout failed")?;
+                Ok(Done { exit_code: result.exit_code, data: json!({ "exit_code": result.exit_code }), text: None, errors: Vec::new() })
+            }
+        }
+    }
 }
 
 /// Hands this process over to ssh into the sandbox: its exit code is ours.
@@ -731,17 +800,15 @@ mod terminal {
 
 /// Runs a command with its output going straight to ours, as it arrives.
 async fn run_streamed(sb: &Sandbox, command: &str, opts: &RunOptions, stdin: bool) -> Result<Done, Error> {
-    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
     let input = stdin.then(|| Box::new(tokio::io::stdin()) as smolvm::sandbox::Input);
-    let result = sb
-        .run_with_input(command, opts, input, |o| {
-            let _ = match o {
-                Output::Stdout(d) => out.write_all(d).and_then(|_| out.flush()),
-                Output::Stderr(d) => err.write_all(d).and_then(|_| err.flush()),
-            };
-        })
-        .await?;
-    Ok(Done { exit_code: result.exit_code, data: json!({ "exit_code": result.exit_code }), text: None })
+    let sink = Sink::default();
+    let result = sink
+        .until_failed(sb.run_with_input(command, opts, input, |o| match o {
+            Output::Stdout(d) => sink.stdout(d),
+            Output::Stderr(d) => sink.stderr(d),
+        }))
+        .await;
+    sink.done(result)
 }
 
 fn state_rank(s: State) -> bool {
@@ -852,7 +919,12 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
                 })
                 .collect::<Vec<_>>()
                 .join("\n");
-            Ok(Done { exit_code: i32::from(failed), data: serde_json::to_value(&checks).unwrap_or_default(), text: Some(text) })
+            Ok(Done {
+                exit_code: i32::from(failed),
+                data: serde_json::to_value(&checks).unwrap_or_default(),
+                text: Some(text),
+                errors: Vec::new(),
+            })
         }
         Cmd::Setup { yes } => setup(yes),
         Cmd::Bench { rounds, run_on: Some(name), .. } => {
@@ -898,7 +970,7 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
         }
         Cmd::Completion { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "smolvm", &mut std::io::stdout());
-            Ok(Done { exit_code: 0, data: Value::Null, text: None })
+            Ok(Done { exit_code: 0, data: Value::Null, text: None, errors: Vec::new() })
         }
         Cmd::Supervise { .. } => unreachable!("handled before the runtime starts"),
     }
@@ -996,17 +1068,33 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             if names.is_empty() {
                 return Err(Error::validation("names", "name at least one sandbox, or pass --all"));
             }
-            let mut deleted = Vec::new();
+            // Each name on its own: one that fails stops neither the others nor the report of
+            // what went.
+            let (mut deleted, mut errors) = (Vec::new(), Vec::new());
+            let one = names.len() == 1;
             for name in names {
-                let sb = Sandbox::open_in(dirs.clone(), &name).await?;
-                let state = sb.state()?;
-                if state.is_live() && !force {
-                    return Err(Error::Host(format!("VM '{name}' is {state}; stop it first or pass --force")));
+                let gone = async {
+                    let sb = Sandbox::open_in(dirs.clone(), &name).await?;
+                    let state = sb.state()?;
+                    if state.is_live() && !force {
+                        return Err(Error::Host(format!("VM '{name}' is {state}; stop it first or pass --force")));
+                    }
+                    sb.delete().await
+                };
+                match gone.await {
+                    Ok(()) => deleted.push(name),
+                    Err(e) if one => return Err(e),
+                    Err(e) => errors.push((name, e)),
                 }
-                sb.delete().await?;
-                deleted.push(name);
             }
-            Ok(Done::text(deleted.join("\n"), json!({ "deleted": deleted })))
+            let failed: Vec<Value> =
+                errors.iter().map(|(name, e)| json!({ "name": name, "code": e.code(), "message": e.full_message() })).collect();
+            let mut done = Done::text(deleted.join("\n"), json!({ "deleted": deleted, "failed": failed }));
+            if !errors.is_empty() {
+                done.exit_code = 1;
+                done.errors = errors.into_iter().map(|(_, e)| e).collect();
+            }
+            Ok(done)
         }
         SandboxCmd::Prune { .. } => {
             let removed = sandbox::prune(&dirs)?;
@@ -1062,7 +1150,14 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             }
             if follow {
                 let mut pos = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                while sb.state()?.is_live() {
+                // Following ends when the sandbox stops, or is deleted meanwhile (its console
+                // went with it): either way the log has ended, which is no error.
+                loop {
+                    match sb.state() {
+                        Ok(state) if state.is_live() => {}
+                        Ok(_) | Err(Error::NotFound(_)) => break,
+                        Err(e) => return Err(e),
+                    }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     let data = std::fs::read(&path).unwrap_or_default();
                     if (data.len() as u64) > pos {
@@ -1072,7 +1167,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
                     }
                 }
             }
-            Ok(Done { exit_code: 0, data: Value::Null, text: None })
+            Ok(Done { exit_code: 0, data: Value::Null, text: None, errors: Vec::new() })
         }
         SandboxCmd::Env(e) => env_cmd(e, dirs).await,
         SandboxCmd::Pause { name } => {
@@ -1108,13 +1203,13 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             let mut sb = Sandbox::open_in(dirs, &name).await?;
             apply_channel(&mut sb, channel.as_deref())?;
             sb.upload(&src, &dst).await?;
-            Ok(Done { exit_code: 0, data: json!({ "uploaded": src, "to": dst }), text: None })
+            Ok(Done { exit_code: 0, data: json!({ "uploaded": src, "to": dst }), text: None, errors: Vec::new() })
         }
         SandboxCmd::File(FileCmd::Download { name, src, dst, channel }) => {
             let mut sb = Sandbox::open_in(dirs, &name).await?;
             apply_channel(&mut sb, channel.as_deref())?;
             sb.download(&src, &dst).await?;
-            Ok(Done { exit_code: 0, data: json!({ "downloaded": src, "to": dst }), text: None })
+            Ok(Done { exit_code: 0, data: json!({ "downloaded": src, "to": dst }), text: None, errors: Vec::new() })
         }
     }
 }
@@ -1214,10 +1309,18 @@ fn usage_error(e: clap::Error) -> ! {
         e.exit();
     }
     let text = e.render().to_string();
-    let message = text.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
+    let message = usage_message(&text);
     let err = json!({ "code": "validation", "message": message });
     println!("{}", json!({ "ok": false, "command": command_name(), "exit_code": 2, "data": null, "error": err }));
     std::process::exit(2);
+}
+
+/// clap's message for `--json`: its first paragraph on one line (a missing argument's name is
+/// on a line of its own), without the usage and hints that follow.
+fn usage_message(text: &str) -> String {
+    let first = text.split("\n\n").next().unwrap_or_default();
+    let words: Vec<&str> = first.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    words.join(" ").trim_start_matches("error: ").to_string()
 }
 
 /// The subcommand path as typed (`sandbox env list`), without its arguments.
@@ -1236,6 +1339,13 @@ fn command_name() -> String {
         }
     }
     words.join(" ")
+}
+
+fn print_error(e: &Error) {
+    eprintln!("error: {}", e.full_message());
+    if let Some(r) = e.recovery() {
+        eprintln!("hint: {r}");
+    }
 }
 
 fn main() {
@@ -1259,12 +1369,22 @@ fn main() {
     let code = match outcome {
         Ok(done) => {
             if json {
+                // Part of the work failed: the envelope's error says what (each is in `data`).
+                let error = done.errors.first().map(|first| {
+                    let messages: Vec<String> = done.errors.iter().map(Error::full_message).collect();
+                    json!({ "code": first.code(), "message": messages.join("; ") })
+                });
                 println!(
                     "{}",
-                    json!({ "ok": done.exit_code == 0, "command": command_name(), "exit_code": done.exit_code, "data": done.data, "error": null })
+                    json!({ "ok": done.exit_code == 0, "command": command_name(), "exit_code": done.exit_code, "data": done.data, "error": error })
                 );
-            } else if let Some(text) = done.text.filter(|t| !t.is_empty()) {
-                println!("{text}");
+            } else {
+                if let Some(text) = done.text.filter(|t| !t.is_empty()) {
+                    println!("{text}");
+                }
+                for e in &done.errors {
+                    print_error(e);
+                }
             }
             done.exit_code
         }
@@ -1277,10 +1397,7 @@ fn main() {
                 }
                 println!("{}", json!({ "ok": false, "command": command_name(), "exit_code": code, "data": null, "error": err }));
             } else {
-                eprintln!("error: {}", e.full_message());
-                if let Some(r) = e.recovery() {
-                    eprintln!("hint: {r}");
-                }
+                print_error(&e);
             }
             code
         }

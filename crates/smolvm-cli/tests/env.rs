@@ -248,6 +248,15 @@ fn cli_env_commands_mask_values_and_reject_bad_pairs() {
     assert_eq!(stdout(&out), "host value\n");
     let out = env.cli().args(["run", "--env", "NOT_SET_ANYWHERE", "true"]).env_remove("NOT_SET_ANYWHERE").output().unwrap();
     assert!(stderr(&out).contains("malformed pair (expected KEY=VALUE)"), "{}", stderr(&out));
+    // Values are text: one that is not UTF-8 is named as such (by its key, never its value).
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let bad = std::ffi::OsStr::from_bytes(b"a\xffb");
+        let out = env.cli().args(["run", "--env", "NOT_TEXT", "true"]).env("NOT_TEXT", bad).output().unwrap();
+        assert_eq!(stderr(&out), "error: invalid env: the value of NOT_TEXT is not UTF-8 text (variables hold text)\n");
+        let out = env.cli().arg("run").arg("--env").arg(std::ffi::OsStr::from_bytes(b"NOT_TEXT=\xff")).arg("true").output().unwrap();
+        assert_eq!(stderr(&out), "error: invalid env: the value of NOT_TEXT is not UTF-8 text (variables hold text)\n");
+    }
     // Several words are quoted word by word; one argument is a shell command as written.
     let out = env.smolvm(&["run", "printf", "[%s]", "a b", "$HOME"]);
     assert_eq!(stdout(&out), "[a b][$HOME]");

@@ -28,6 +28,26 @@ fn cli_run_separates_streams_and_exits_with_the_guest_code() {
     assert_eq!(v["data"], serde_json::json!([]));
 }
 
+/// Once nobody reads `smolvm run`'s output, the command ends (as `yes | head -1` ends `yes`),
+/// instead of running on unseen until its timeout; a stdout that takes nothing more is an error.
+#[test]
+fn a_reader_that_goes_away_ends_the_command() {
+    use std::io::Read;
+    let env = env();
+    let mut child = env.cli().args(["run", "--timeout", "60", "yes"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut first = [0u8; 2];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"y\n");
+    // (The read end is closed as `take`'s handle drops.) A program killed by SIGPIPE: 141.
+    assert_eq!(child.wait().unwrap().code(), Some(141));
+    let full = std::fs::File::create("/dev/full").unwrap();
+    let out = env.cli().args(["run", "--timeout", "60", "seq 1 100000; exit 3"]).stdout(full).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).starts_with("error: writing the command's output: No space left on device"), "{}", stderr(&out));
+    assert!(env.qemu_processes().is_empty());
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+}
+
 #[test]
 fn a_cold_booted_guest_has_the_hosts_time() {
     let env = env();
@@ -443,6 +463,11 @@ async fn login_and_raw_shells_and_lifecycle_states() {
     assert_eq!(login.output(), "[yes]");
     let raw = sb.run("echo \"[$FROM_PROFILE]\"", &RunOptions { shell: Shell::Raw, ..opts(10) }).await.unwrap();
     assert_eq!(raw.output(), "[]");
+    // A command that starts with '-' is a command, not the shell's options, in either shell.
+    for shell in [Shell::Login, Shell::Raw] {
+        let r = sb.run("-n", &RunOptions { shell, ..opts(10) }).await.unwrap();
+        assert_eq!((r.exit_code, r.stderr.as_str()), (127, "/bin/sh: -n: not found\n"));
+    }
     // A working directory, and one that does not exist.
     let r = sb.run("pwd", &RunOptions { cwd: Some("/tmp".into()), ..opts(10) }).await.unwrap();
     assert_eq!(r.output(), "/tmp");
@@ -497,6 +522,9 @@ fn bad_input_names_the_field_and_leaves_nothing() {
         (vec!["sandbox", "create", "--mount", "/tmp:/etc/tmp"], "mounts"),
         (vec!["sandbox", "create", "--mount", "/tmp:relative"], "mounts"),
         (vec!["sandbox", "create", "--writable-mounts"], "writable_mounts"),
+        (vec!["run", "--timeout", "1e19", "true"], "timeout"),
+        (vec!["run", "--timeout", "0.5", "true"], "timeout"),
+        (vec!["sandbox", "create", "--boot-timeout", "inf"], "boot_timeout"),
         // Documented commands that are not built yet say so, instead of being unknown.
         (vec!["image", "pull", "debian-ssh"], "image"),
     ] {
@@ -510,6 +538,24 @@ fn bad_input_names_the_field_and_leaves_nothing() {
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
     let store = smolvm::store::Store::open(&env.dirs.data).unwrap();
     assert!(store.all().unwrap().is_empty());
+}
+
+/// `delete A missing B`: A and B go, each named; the missing one is an error; exit code 1.
+#[test]
+fn a_delete_of_several_goes_on_past_one_that_fails() {
+    let env = env();
+    for name in ["del-a", "del-b"] {
+        let out = env.smolvm(&["sandbox", "create", "--no-start", "--name", name]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+    let out = env.smolvm(&["sandbox", "delete", "del-a", "del-missing", "del-b"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stdout(&out), "del-a\ndel-b\n");
+    assert!(stderr(&out).starts_with("error: VM 'del-missing' not found\n"), "{}", stderr(&out));
+    let list = env.smolvm(&["sandbox", "list", "--all", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(v["data"], serde_json::json!([]));
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
 }
 
 #[test]
@@ -565,6 +611,29 @@ fn prune_removes_what_an_interrupted_snapshot_left_and_nothing_being_made() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!leftover.exists(), "the leftover of an interrupted snapshot stays");
     assert!(in_progress.exists(), "prune removed a snapshot being made");
+}
+
+/// A sandbox deleted (or stopped) under a running command: the command's caller hears why.
+#[tokio::test]
+async fn a_command_whose_sandbox_is_deleted_ends_with_why() {
+    let env = env();
+    let sb = Arc::new(env.boot(VmConfig::default()).await);
+    let running = {
+        let sb = sb.clone();
+        tokio::spawn(async move { sb.run("sleep 30", &opts(60)).await })
+    };
+    let other = Sandbox::open_in(env.dirs.clone(), sb.id()).await.unwrap();
+    // (Once the command runs.)
+    for _ in 0..100 {
+        if other.run("pgrep -x sleep", &opts(10)).await.unwrap().exit_code == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    other.delete().await.unwrap();
+    let err = running.await.unwrap().unwrap_err();
+    assert_eq!(err.to_string(), "guest agent: the sandbox went away while the command ran");
+    assert!(env.qemu_processes().is_empty());
 }
 
 #[tokio::test]
@@ -765,7 +834,9 @@ async fn a_vmm_that_dies_under_a_live_supervisor_leaves_an_error_with_the_consol
     assert!(std::process::Command::new("kill").args(["-9", &vmm.to_string()]).status().unwrap().success());
     assert!(wait_until(Duration::from_secs(10), || sb.state().unwrap() == State::Error), "state {:?}", sb.state());
     let error = sb.info().await.unwrap()["error"].as_str().unwrap_or_default().to_string();
-    assert!(error.starts_with("the VM exited unexpectedly; last console lines:\n"), "{error}");
+    // The console's last lines, where it has any.
+    let lines = error.strip_prefix("the VM exited unexpectedly; last console lines:\n");
+    assert!(lines.is_some_and(|l| !l.trim().is_empty()) || error == "the VM exited unexpectedly; its console is empty", "{error}");
     // Its console log is still there to read (a warm start's is short: the restored guest did
     // not boot).
     let logs = env.smolvm(&["sandbox", "logs", "crash", "--tail", "3"]);
@@ -965,6 +1036,10 @@ fn unparsable_arguments_answer_in_json_when_asked() {
     assert_eq!(v["exit_code"], 2);
     assert_eq!(v["error"]["code"], "validation");
     assert_eq!(v["error"]["message"], "invalid value 'abc' for '--memory <MEMORY>': invalid digit found in string");
+    // A missing argument is named (clap puts it on a line of its own).
+    let out = env.smolvm(&["sandbox", "info", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["message"], "the following required arguments were not provided: <NAME>");
     // Without it, clap's own words on stderr.
     let out = env.smolvm(&["sandbox", "create", "--memory", "abc"]);
     assert_eq!(out.status.code(), Some(2));

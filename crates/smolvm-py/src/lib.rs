@@ -206,7 +206,7 @@ impl Vm {
         mounts: Option<Vec<(std::path::PathBuf, Option<String>)>>,
         writable_mounts: Option<bool>,
     ) -> PyResult<Vm> {
-        let boot_timeout = Duration::try_from_secs_f64(boot_timeout).unwrap_or(Duration::ZERO);
+        let boot_timeout = smolvm::config::seconds(boot_timeout, "boot_timeout").map_err(to_py)?;
         let mounts = mounts.map(|m| m.into_iter().map(|(host, guest)| smolvm::config::Mount { host, guest }).collect());
         let opts = smolvm::sandbox::RestoreOptions { name, env_vars, resume, boot_timeout, mounts, writable_mounts };
         block(py, async move { Sandbox::from_snapshot_in(Dirs::from_env(), &snapshot_id, opts).await }).map(Vm::wrap)
@@ -223,7 +223,7 @@ impl Vm {
         block(py, async move {
             let mut guard = inner.write().await;
             let sb = guard.as_mut().ok_or_else(|| gone(&id))?;
-            sb.start(Duration::from_secs_f64(boot_timeout.max(0.001)), &|line: &str| eprintln!("smolvm: {line}")).await
+            sb.start(smolvm::config::seconds(boot_timeout, "boot_timeout")?, &|line: &str| eprintln!("smolvm: {line}")).await
         })
     }
 
@@ -234,8 +234,8 @@ impl Vm {
             "raw" => Shell::Raw,
             other => return Err(to_py(Error::validation("shell", format!("{other:?} is not a shell (allowed: login, raw)")))),
         };
-        // An invalid number becomes zero, which the library refuses with its own message.
-        let timeout = Duration::try_from_secs_f64(timeout).unwrap_or(Duration::ZERO);
+        // (The Python layer has refused less than a second.)
+        let timeout = smolvm::config::seconds(timeout, "timeout").map_err(to_py)?;
         let opts = RunOptions { timeout, shell, env: BTreeMap::new(), cwd: None, stdin };
         let inner = self.inner.clone();
         let id = self.id.clone();
@@ -293,7 +293,7 @@ impl Vm {
         let inner = self.inner.clone();
         let id = self.id.clone();
         block(py, async move {
-            let timeout = Duration::from_secs_f64(timeout.max(0.1));
+            let timeout = smolvm::config::seconds(timeout.max(0.1), "timeout")?;
             stop_beside(&id, timeout).await;
             let mut guard = inner.write().await;
             let sb = guard.as_mut().ok_or_else(|| gone(&id))?;
@@ -356,21 +356,16 @@ impl Vm {
     fn wait_for_ssh(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
         let (inner, id) = (self.inner.clone(), self.id.clone());
         block(py, async move {
-            if !timeout.is_finite() || timeout <= 0.0 {
-                return Err(Error::validation("timeout", "must be a positive number of seconds"));
-            }
+            let timeout = smolvm::config::seconds(timeout, "timeout")?;
             let guard = inner.read().await;
-            guard.as_ref().ok_or_else(|| gone(&id))?.wait_for_ssh(std::time::Duration::from_secs_f64(timeout)).await
+            guard.as_ref().ok_or_else(|| gone(&id))?.wait_for_ssh(timeout).await
         })
     }
 
     fn wait_for_ports(&self, py: Python<'_>, ports: Vec<u16>, timeout: f64) -> PyResult<()> {
         let (inner, id) = (self.inner.clone(), self.id.clone());
         block(py, async move {
-            let timeout = match std::time::Duration::try_from_secs_f64(timeout) {
-                Ok(t) if !t.is_zero() => t,
-                _ => return Err(Error::validation("timeout", "must be a positive number of seconds")),
-            };
+            let timeout = smolvm::config::seconds(timeout, "timeout")?;
             let guard = inner.read().await;
             guard.as_ref().ok_or_else(|| gone(&id))?.wait_for_ports(&ports, timeout).await
         })

@@ -415,6 +415,29 @@ fn parse_transport(value: Option<&str>) -> Result<Transport> {
     }
 }
 
+/// The longest wait anyone may ask for (a year). Longer ones can only mean "never", and would
+/// overflow the clocks that deadlines are reckoned on.
+pub const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+
+/// A wait given as a number of seconds (a CLI flag, a Python argument): finite, positive and
+/// at most [`MAX_WAIT`], else an error that names `field`.
+pub fn seconds(value: f64, field: &'static str) -> Result<std::time::Duration> {
+    if !(value > 0.0 && value.is_finite()) {
+        return Err(Error::validation(field, "must be a positive number of seconds"));
+    }
+    let d = std::time::Duration::from_secs_f64(value.min(MAX_WAIT.as_secs_f64() + 1.0));
+    check_wait(d, field)?;
+    Ok(d)
+}
+
+/// A wait is at most [`MAX_WAIT`].
+pub fn check_wait(d: std::time::Duration, field: &'static str) -> Result<()> {
+    if d > MAX_WAIT {
+        return Err(Error::validation(field, format!("must be at most {} seconds (a year)", MAX_WAIT.as_secs())));
+    }
+    Ok(())
+}
+
 /// How long a pause, resume or port change may take, queued behind others included
 /// (`SMOLVM_CONTROL_TIMEOUT`, seconds): a client that waits longer gets a timeout, and what it
 /// asked for is then not done at all.
@@ -497,6 +520,21 @@ impl Dirs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wait_is_positive_finite_and_at_most_a_year() {
+        assert_eq!(seconds(1.5, "timeout").unwrap(), std::time::Duration::from_millis(1500));
+        assert_eq!(seconds(31_536_000.0, "timeout").unwrap(), MAX_WAIT);
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert_eq!(seconds(bad, "timeout").unwrap_err().to_string(), "invalid timeout: must be a positive number of seconds");
+        }
+        for huge in [31_536_001.0, 1e19, 1e308] {
+            assert_eq!(
+                seconds(huge, "boot_timeout").unwrap_err().to_string(),
+                "invalid boot_timeout: must be at most 31536000 seconds (a year)"
+            );
+        }
+    }
 
     #[test]
     fn the_agent_transport_is_serial_unless_vsock_is_asked_for() {

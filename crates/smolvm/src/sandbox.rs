@@ -338,6 +338,7 @@ fn check_run(command: &str, opts: &RunOptions) -> Result<()> {
     if !opts.timeout.is_zero() && opts.timeout < Duration::from_secs(1) {
         return Err(Error::validation("timeout", "must be at least 1 second, or 0 for none"));
     }
+    crate::config::check_wait(opts.timeout, "timeout")?;
     smolvm_proto::env::validate_vars(&opts.env)?;
     Ok(())
 }
@@ -671,6 +672,7 @@ impl Sandbox {
     /// (cached with it) unless `SMOLVM_WARM=0` or `SMOLVM_VERBOSE_BOOT` asks for a real boot;
     /// if the warm start fails, it boots cold.
     pub async fn start(&mut self, boot_timeout: Duration, progress: Progress<'_>) -> Result<()> {
+        crate::config::check_wait(boot_timeout, "boot_timeout")?;
         crate::config::check_supervisor_settings()?;
         let _lock = self.paths.wait_start_lock().await?;
         let mut rec = match self.record_with(true) {
@@ -829,6 +831,7 @@ impl Sandbox {
 
     /// Wait until an SSH login succeeds (a real round trip, not just an open port).
     pub async fn wait_for_ssh(&self, timeout: Duration) -> Result<()> {
+        crate::config::check_wait(timeout, "timeout")?;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last = String::new();
         loop {
@@ -1036,6 +1039,7 @@ impl Sandbox {
     /// Start a new sandbox from a snapshot. `name` defaults to a fresh id; `env_vars`, when
     /// given, replace the snapshot's variables; `resume: false` leaves it paused.
     pub async fn from_snapshot_in(dirs: Dirs, snapshot_id: &str, opts: RestoreOptions) -> Result<Sandbox> {
+        crate::config::check_wait(opts.boot_timeout, "boot_timeout")?;
         crate::config::check_supervisor_settings()?;
         let snap = Store::open(&dirs.data)?.get_snapshot(snapshot_id)?.ok_or_else(|| Error::SnapshotNotFound(snapshot_id.to_string()))?;
         let dir = snapshot_dir(&dirs, snapshot_id);
@@ -1322,7 +1326,7 @@ impl Sandbox {
             let reply = match tokio::time::timeout_at(deadline, next).await {
                 Ok(Err(e)) => return Err(e),
                 Ok(Ok(Some(r))) => r,
-                Ok(Ok(None)) => return Err(Error::Guest("the sandbox went away while the command ran".into())),
+                Ok(Ok(None)) => return Err(went_away()),
                 Err(_) if self.state().is_ok_and(|s| s == State::Paused) => {
                     deadline = tokio::time::Instant::now() + bound;
                     continue;
@@ -1346,6 +1350,8 @@ impl Sandbox {
                 Reply::Error { kind: ErrorKind::Paused, .. } => {
                     return Err(Error::NotRunning { id: self.id.clone(), state: "paused".into() })
                 }
+                // Stopped, deleted or powered off meanwhile: as a connection that ends, above.
+                Reply::Error { kind: ErrorKind::Closed, .. } => return Err(went_away()),
                 Reply::Exit { code, .. } => {
                     return Ok(CommandResult {
                         exit_code: code,
@@ -1640,10 +1646,9 @@ impl Sandbox {
         if timeout.is_zero() {
             return Err(Error::validation("timeout", "must be a positive number of seconds"));
         }
+        crate::config::check_wait(timeout, "timeout")?;
         let timed_out = || Error::Timeout { operation: "wait_for_ports".into(), seconds: timeout.as_secs_f64() };
-        // (A timeout beyond what a clock can hold waits as good as for ever.)
-        let now = tokio::time::Instant::now();
-        let deadline = now.checked_add(timeout).unwrap_or(now + FOREVER);
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             // Each look within the time left: an agent that does not answer ends the wait on
             // time, as this wait's timeout.
@@ -1739,6 +1744,7 @@ impl Sandbox {
     }
 
     async fn stop_with(&mut self, timeout: Duration, held: bool) -> Result<()> {
+        crate::config::check_wait(timeout, "timeout")?;
         let rec = self.record_with(held)?;
         if !rec.state.is_live() || self.stopping(&rec).await? {
             self.conn = None;
@@ -1883,6 +1889,11 @@ fn control_failure(what: &str, message: &str) -> Error {
     }
     let why = message.strip_prefix("host: ").unwrap_or(message);
     Error::Reported { code: "host", message: format!("{what} failed: {why}") }
+}
+
+/// A command's sandbox stopped, was deleted or died before the command's end.
+fn went_away() -> Error {
+    Error::Guest("the sandbox went away while the command ran".into())
 }
 
 fn unexpected(what: &str, reply: Reply) -> Error {

@@ -186,7 +186,9 @@ pub fn remote_command(command: &str, login: bool, timeout_secs: u64, cwd: Option
     let cd = cwd.map(|d| format!("cd {} && ", crate::env::quote(d))).unwrap_or_default();
     // (Zero: no timeout. Not passed on as such: busybox's `timeout 0` is no "none".)
     let timeout = if timeout_secs == 0 { String::new() } else { format!("timeout -k 2 {timeout_secs} ") };
-    format!("{cd}exec {timeout}{shell} {}", crate::env::quote(command))
+    // A command that starts with '-' would read as the shell's options: `--` ends them first.
+    let end = if command.starts_with('-') { "-- " } else { "" };
+    format!("{cd}exec {timeout}{shell} {end}{}", crate::env::quote(command))
 }
 
 /// A path quoted for an sftp batch line. A line break (or any control character) would end the
@@ -276,6 +278,12 @@ mod tests {
         let l = known_hosts_line("smolvm-box", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBx4\n").unwrap();
         assert_eq!(l, "smolvm-box ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBx4\n");
         assert!(known_hosts_line("a", "garbage").is_err());
+    }
+
+    #[test]
+    fn a_command_that_starts_with_a_dash_is_not_an_option() {
+        assert_eq!(remote_command("-n", false, 0, None), "exec /bin/sh -c -- '-n'");
+        assert_eq!(remote_command("n", false, 0, None), "exec /bin/sh -c 'n'");
     }
 
     #[test]

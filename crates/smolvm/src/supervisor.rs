@@ -761,7 +761,12 @@ async fn supervise(id: &str) -> i32 {
         // Powered off from inside (`poweroff`): stopped, as if asked. Else it crashed.
         let mark = format!("smolvm-agent: {}", proto::POWER_OFF_MARK);
         let powered_off = tail.lines().rev().take(5).any(|l| l.trim_end().ends_with(&mark));
-        let msg = format!("the VM exited unexpectedly; last console lines:\n{tail}");
+        // (A warm start's console can be empty: its boot was the template's.)
+        let msg = if tail.trim().is_empty() {
+            "the VM exited unexpectedly; its console is empty".to_string()
+        } else {
+            format!("the VM exited unexpectedly; last console lines:\n{tail}")
+        };
         stop_vsock(&mut vsock).await;
         paths.remove_sockets();
         close_dns(&mut dns).await;
@@ -1298,12 +1303,15 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                                     }
                                 }
                                 None => {
-                                    let why = if agent.is_closed() {
-                                        "the sandbox's agent went away"
+                                    let reply = if agent.is_closed() {
+                                        Reply::error(ErrorKind::Closed, "the sandbox's agent went away")
                                     } else {
-                                        "the guest sent more than its window allows; the command was cancelled"
+                                        Reply::error(
+                                            ErrorKind::Failed,
+                                            "the guest sent more than its window allows; the command was cancelled",
+                                        )
                                     };
-                                    send(w.clone(), cid, Reply::error(ErrorKind::Closed, why)).await;
+                                    send(w.clone(), cid, reply).await;
                                     break;
                                 }
                             }
