@@ -1064,10 +1064,11 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             Ok(Done::text(name.clone(), json!({ "id": name, "state": "stopped" })))
         }
         SandboxCmd::Delete { names, all, force } => {
-            let names = if all { sandbox::list(&dirs)?.into_iter().map(|r| r.id).collect() } else { names };
-            if names.is_empty() {
+            if names.is_empty() && !all {
                 return Err(Error::validation("names", "name at least one sandbox, or pass --all"));
             }
+            // (`--all` with none there deletes none, and that is no error.)
+            let names = if all { sandbox::list(&dirs)?.into_iter().map(|r| r.id).collect() } else { names };
             // Each name on its own: one that fails stops neither the others nor the report of
             // what went.
             let (mut deleted, mut errors) = (Vec::new(), Vec::new());

@@ -556,6 +556,30 @@ fn a_delete_of_several_goes_on_past_one_that_fails() {
     let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(v["data"], serde_json::json!([]));
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+    // `--all` with nothing there deletes nothing, and that is no error.
+    let out = env.smolvm(&["sandbox", "delete", "--all", "--force"]);
+    assert_eq!((out.status.code(), stdout(&out)), (Some(0), String::new()), "{}", stderr(&out));
+}
+
+/// A `create` killed while its supervisor boots the sandbox: a `start` then waits for that
+/// boot and connects to it, instead of booting it a second time beside the first (which found
+/// the TAP taken, and left the first supervisor and its VM untracked for good).
+#[test]
+fn a_start_after_a_killed_starter_waits_for_its_boot() {
+    let env = env();
+    let mut create = env.cli().args(["sandbox", "create", "--name", "killedstarter"]).env("SMOLVM_WARM", "0").spawn().unwrap();
+    let supervisors = || processes_mentioning("__supervise", "killedstarter");
+    assert!(wait_until(Duration::from_secs(10), || !supervisors().is_empty()), "no supervisor started");
+    // (A cold boot takes a few hundred milliseconds more: the starter dies during it.)
+    create.kill().unwrap();
+    create.wait().unwrap();
+    let out = env.cli().args(["sandbox", "start", "killedstarter"]).env("SMOLVM_WARM", "0").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&env.smolvm(&["sandbox", "exec", "killedstarter", "--", "echo ok"])), "ok\n");
+    assert_eq!(supervisors().len(), 1);
+    assert!(env.smolvm(&["sandbox", "delete", "--force", "killedstarter"]).status.success());
+    assert!(wait_until(Duration::from_secs(3), || supervisors().is_empty() && env.qemu_processes().is_empty()));
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
 }
 
 #[test]

@@ -78,8 +78,19 @@ fn block<T: Send + 'static>(py: Python<'_>, fut: impl Future<Output = Result<T, 
     }
 }
 
+/// A VMConfig from the Python side's JSON. A value of the wrong type or size is named by its
+/// field (`invalid memory: invalid type: string "512", expected u32`), as other bad input is.
 fn parse_config(json: &str) -> PyResult<VmConfig> {
-    serde_json::from_str(json).map_err(|e| NativeError::new_err(("validation", format!("invalid VMConfig: {e}"), "{}")))
+    serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(json)).map_err(|e| {
+        let path = e.path().to_string();
+        // The field is the path's first step (`port_forwards[0].guest`: port_forwards).
+        let field = path.split(['.', '[']).next().filter(|f| !f.is_empty() && *f != "?").unwrap_or("VMConfig").to_string();
+        let inner = e.into_inner().to_string();
+        // (The JSON's position means nothing to the caller, who wrote no JSON.)
+        let why = inner.rfind(" at line ").map_or(inner.as_str(), |i| &inner[..i]);
+        let details = serde_json::json!({ "field": field }).to_string();
+        NativeError::new_err(("validation", format!("invalid {field}: {why}"), details))
+    })
 }
 
 #[pyfunction]

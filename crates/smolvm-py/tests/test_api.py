@@ -1,6 +1,7 @@
 """The documented Python API beyond the seed page: errors, lifecycle, cleanup."""
 
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -66,6 +67,25 @@ def test_vmconfig_is_frozen_validated_and_rejects_unknown_fields():
         VMConfig(env_vars={"MY-VAR": "1"})
     with pytest.raises(ValidationError, match="backend"):
         SmolVM(backend="xen")
+    # A value of the wrong type or size is named by its field, as a ValidationError.
+    for kwargs, message in [
+        ({"memory": "512"}, 'invalid memory: invalid type: string "512", expected u32'),
+        ({"memory": None}, "invalid memory: invalid type: null, expected u32"),
+        ({"memory": 2**32}, "invalid memory: invalid value: integer `4294967296`, expected u32"),
+        ({"vm_id": 5}, "invalid vm_id: invalid type: integer `5`, expected a string"),
+        ({"port_forwards": [70000]}, "invalid port_forwards: 70000 is not a port (allowed: 1..=65535)"),
+        ({"port_forwards": [("a", "b")]}, "invalid port_forwards: 'b' is not a port (allowed: 1..=65535)"),
+        ({"port_forwards": 80}, "invalid port_forwards: expected a list, got int"),
+        ({"env_vars": {"A": 5}}, "invalid env_vars: the value of A is not a str (it is int)"),
+        ({"env_vars": {"A": "\ud800secret"}}, "invalid env_vars: the value of A is not valid text (it cannot be encoded as UTF-8)"),
+    ]:
+        with pytest.raises(ValidationError) as e:
+            VMConfig(**kwargs)
+        assert (str(e.value), e.value.details.get("field")) == (message, next(iter(kwargs))), kwargs
+        assert "secret" not in repr(e.value.args)
+    for bad in (5, {"memory": 512}):
+        with pytest.raises(ValidationError, match=r"^invalid config: expected a VMConfig"):
+            SmolVM(bad)
     # The documentation's Windows example: refused for the OS, not for its password login.
     with pytest.raises(ValidationError, match=r"^invalid os: 'windows' guests are not supported by this build yet"):
         SmolVM(os="windows", image="windows-server", ssh_user="smolvm", ssh_password="smolvm")
@@ -93,6 +113,27 @@ def test_run_errors_state_and_timeout(no_leftovers):
             vm.run("true", timeout=0)
         with pytest.raises(ValueError):
             vm.run("true", shell="zsh")
+        # Wrong types are ValidationErrors that name the argument, not TypeError or OverflowError.
+        for call, message in [
+            (lambda: vm.run(b"echo hi"), "invalid command: expected a str, got bytes"),
+            (lambda: vm.run("true", timeout="5"), "invalid timeout: str is not a number of seconds"),
+            (lambda: vm.run("true", timeout=True), "invalid timeout: bool is not a number of seconds"),
+            (lambda: vm.run("true", timeout=float("nan")), "invalid timeout: must be a positive number of seconds"),
+            (lambda: vm.run("true", timeout=1e19), "invalid timeout: must be at most 31536000 seconds (a year)"),
+            (lambda: vm.stop(timeout=-1), "invalid timeout: must be a positive number of seconds"),
+            (lambda: vm.wait_for_ready(timeout=float("nan")), "invalid timeout: must be a positive number of seconds"),
+            (lambda: vm.expose_local(70000), "invalid guest_port: 70000 is not a port (allowed: 1..=65535)"),
+            (lambda: vm.expose_local(True), "invalid guest_port: True is not a port (allowed: 1..=65535)"),
+            (lambda: vm.unexpose_local(-1), "invalid guest_port: -1 is not a port (allowed: 1..=65535)"),
+            (lambda: vm.set_env_vars({"A": None}), "invalid env_vars: the value of A is not a str (it is NoneType)"),
+        ]:
+            with pytest.raises(ValidationError) as e:
+                call()
+            assert str(e.value) == message
+        # One name is one variable (a str is not taken letter by letter).
+        vm.set_env_vars({"APP_MODE": "x", "A": "1", "P": "2"})
+        assert vm.unset_env_vars("APP_MODE") == {"APP_MODE": "x"}
+        assert vm.list_env_vars() == {"A": "1", "P": "2"}
         started = time.monotonic()
         with pytest.raises(OperationTimeoutError) as e:
             vm.run("sleep 100", timeout=2)
@@ -220,6 +261,13 @@ def test_a_with_block_whose_start_fails_leaves_nothing(no_leftovers):
     # The name is free again at once (not held by a sandbox in 'error' until this process ends).
     with SmolVM(vm_id="failboot") as vm:
         assert vm.run("echo ok").output == "ok"
+    # So it is after a plain start() that fails: the sandbox it made is gone again.
+    with pytest.raises(ValidationError, match="boot_timeout"):
+        SmolVM(vm_id="failstart").start(boot_timeout=0)
+    with pytest.raises(SmolVMError):
+        SmolVM(vm_id="failstart", image="no-such-image").start()
+    vm = SmolVM(vm_id="failstart").start()
+    vm.delete()
 
 
 def test_delete_and_stop_do_not_wait_for_commands_in_flight(no_leftovers):
@@ -342,6 +390,14 @@ def test_upload_and_download_files(no_leftovers, tmp_path):
         assert (tmp_path / "out.bin").read_bytes() == payload
         with pytest.raises(ValidationError, match="absolute"):
             vm.upload_file(src, "work/in.bin")
+        # A FIFO has no end to read to: refused, not read for ever.
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        with pytest.raises(ValidationError, match=r"^invalid local_path: .*/fifo is not a regular file or a directory$"):
+            vm.upload_file(fifo, "/work/fifo")
+        # A guest path may be a path object too.
+        vm.download_file(pathlib.PurePosixPath("/work/in.bin"), tmp_path / "again.bin")
+        assert (tmp_path / "again.bin").read_bytes() == payload
 
 
 def test_ports_and_internet_settings(no_leftovers):

@@ -115,6 +115,26 @@ impl SandboxPaths {
     }
 }
 
+/// Each socket a sandbox binds must fit a Unix socket address, the longest one included.
+fn check_socket_paths(dirs: &Dirs, sockets: &[&Path]) -> Result<()> {
+    let longest = sockets.iter().map(|p| p.as_os_str().len()).max().unwrap_or(0);
+    if longest <= MAX_SOCKET_PATH {
+        return Ok(());
+    }
+    let room = MAX_SOCKET_PATH.saturating_sub(longest - dirs.data.as_os_str().len());
+    Err(Error::validation(
+        "SMOLVM_DATA_DIR",
+        format!("{} is too long for Unix socket paths (keep it to {room} bytes or fewer)", dirs.data.display()),
+    ))
+}
+
+/// A held start lock (see [`SandboxPaths::start_lock`]).
+pub type StartLock = nix::fcntl::Flock<std::fs::File>;
+
+/// Where a supervisor finds its copy of the start's lock, and the variable that says it has one.
+pub(crate) const START_LOCK_FD: i32 = 3;
+pub(crate) const START_LOCK_ENV: &str = "SMOLVM_START_LOCK_FD";
+
 /// The last `n` lines of a console log, for error messages.
 pub fn console_tail(path: &Path, n: usize) -> String {
     let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
@@ -413,12 +433,17 @@ fn reap_now(store: &Store, dirs: &Dirs, rec: Record) -> Result<Option<Record>> {
     // What a dead supervisor left on the host network (its TAP went with QEMU).
     let net_leftovers = |store: &Store| host_network_leftovers(store, &rec.id);
     // An ephemeral sandbox whose owner died goes with it, whatever state it was in.
+    // (The record's removal or correction is written where it can be: on a full disk it
+    // cannot, and the next command tries again. Meanwhile what is found is shown as it is.)
+    let forget = |store: &Store| match store.remove(&rec.id) {
+        Ok(()) => paths.remove_all(),
+        Err(e) => tracing::warn!("removing the record of {}: {}", rec.id, e.full_message()),
+    };
     if rec.ephemeral && rec.owner.is_some_and(|o| !o.alive()) {
         kill(rec.supervisor);
         kill(rec.vmm);
         net_leftovers(store);
-        store.remove(&rec.id)?;
-        paths.remove_all();
+        forget(store);
         return Ok(None);
     }
     let supervisor_alive = rec.supervisor.is_some_and(|p| p.alive());
@@ -429,11 +454,14 @@ fn reap_now(store: &Store, dirs: &Dirs, rec: Record) -> Result<Option<Record>> {
     net_leftovers(store);
     paths.remove_sockets();
     if rec.ephemeral {
-        store.remove(&rec.id)?;
-        paths.remove_all();
+        forget(store);
         return Ok(None);
     }
-    store.set_state(&rec.id, State::Error, Some("the sandbox's supervisor exited unexpectedly"))?;
+    let why = "the sandbox's supervisor exited unexpectedly";
+    if let Err(e) = store.set_state(&rec.id, State::Error, Some(why)) {
+        tracing::warn!("recording that {} failed: {}", rec.id, e.full_message());
+        return Ok(Some(Record { state: State::Error, error: Some(why.into()), supervisor: None, vmm: None, ..rec }));
+    }
     store.get(&rec.id)
 }
 
@@ -590,12 +618,7 @@ impl Sandbox {
         let store = Store::open(&dirs.data)?;
         let id = config.vm_id.clone().unwrap_or_else(|| random_id("sbx"));
         let paths = SandboxPaths::new(&dirs, &id);
-        if paths.ctl.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(Error::validation(
-                "SMOLVM_DATA_DIR",
-                format!("{} is too long for Unix socket paths (keep it under {} bytes)", dirs.data.display(), MAX_SOCKET_PATH - 40),
-            ));
-        }
+        check_socket_paths(&dirs, &[&paths.ctl, &paths.agent, &paths.qmp])?;
         if let Some(old) = store.get(&id)? {
             // A dead ephemeral sandbox of the same name is reaped, not an obstacle.
             if reap(&store, &dirs, old, false)?.is_some() {
@@ -703,6 +726,10 @@ impl Sandbox {
         let accel = crate::vmm::choose_accel().map_err(Error::Host)?;
         let verbose_boot = env_flag("SMOLVM_VERBOSE_BOOT", false);
         let vsock = crate::config::agent_transport()? == crate::config::Transport::Vsock;
+        if vsock {
+            let agent = crate::vmm::vsock::port_path(&self.paths.vsock, smolvm_proto::AGENT_VSOCK_PORT);
+            check_socket_paths(&self.dirs, &[&self.paths.vhost_vsock, &agent])?;
+        }
         let q35 = crate::vmm::qemu::choose_machine(&self.dirs, Some(&image.kernel))? == crate::vmm::qemu::Machine::Q35;
         let mut spec =
             BootSpec { image, accel, boot_timeout_ms: boot_timeout.as_millis() as u64, verbose_boot, restore: None, ram: None, vsock, q35 };
@@ -713,7 +740,7 @@ impl Sandbox {
                 Ok(state) => {
                     spec.restore = Some(RestoreSpec { state: state.clone(), resume: true, no_saved_env: true });
                     spec.ram = Some(crate::vmm::qemu::RamFile { path: crate::warm::ram_file(&state), share: false });
-                    match self.launch(&spec, boot_timeout).await {
+                    match self.launch(&spec, boot_timeout, _lock.as_ref()).await {
                         Ok(()) => return Ok(()),
                         // The user's settings, not the template: a cold boot would fail alike.
                         Err(e @ (Error::Validation { .. } | Error::Reported { code: "validation", .. })) => return Err(e),
@@ -728,13 +755,14 @@ impl Sandbox {
                 Err(e) => tracing::warn!("no warm snapshot, booting cold: {}", e.full_message()),
             }
         }
-        self.launch(&spec, boot_timeout).await
+        self.launch(&spec, boot_timeout, _lock.as_ref()).await
     }
 
-    /// Start the supervisor with `spec` and connect to it.
-    pub(crate) async fn launch(&mut self, spec: &BootSpec, boot_timeout: Duration) -> Result<()> {
+    /// Start the supervisor with `spec` and connect to it. The start's `lock` is the
+    /// supervisor's too until it has reported (see `spawn_supervisor`).
+    pub(crate) async fn launch(&mut self, spec: &BootSpec, boot_timeout: Duration, lock: Option<&StartLock>) -> Result<()> {
         tracing::debug!("phase: starting the supervisor");
-        let status = self.spawn_supervisor(spec, boot_timeout).await?;
+        let status = self.spawn_supervisor(spec, boot_timeout, lock).await?;
         tracing::debug!("phase: supervisor reported");
         if !status.ok {
             let message = status.message.unwrap_or_default();
@@ -1113,7 +1141,7 @@ impl Sandbox {
             };
             // Like any start: a `start` or `delete` of this name meanwhile waits for it.
             let _lock = sb.paths.wait_start_lock().await?;
-            sb.launch(&spec, opts.boot_timeout).await?;
+            sb.launch(&spec, opts.boot_timeout, _lock.as_ref()).await?;
             // A disk snapshot's sandbox boots; asked not to run on, it is paused once up.
             if spec.restore.is_none() && !opts.resume {
                 sb.pause().await?;
@@ -1130,7 +1158,11 @@ impl Sandbox {
         }
     }
 
-    async fn spawn_supervisor(&self, spec: &BootSpec, boot_timeout: Duration) -> Result<StartStatus> {
+    /// The supervisor gets a copy of the start's lock (as fd [`START_LOCK_FD`]) and keeps it
+    /// until it has reported how its boot went. A starter killed meanwhile so leaves the lock
+    /// held: another start waits for that boot instead of booting the sandbox a second time
+    /// beside it (whose TAP it would find taken, and whose supervisor nothing would then track).
+    async fn spawn_supervisor(&self, spec: &BootSpec, boot_timeout: Duration, lock: Option<&StartLock>) -> Result<StartStatus> {
         let bin = smolvm_binary()?;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -1148,6 +1180,22 @@ impl Sandbox {
             // Its own session: a Ctrl-C meant for the caller must not reach the supervisor,
             // which cleans up when the caller's connection goes instead.
             .process_group(0);
+        if let Some(lock) = lock {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&**lock);
+            cmd.env(START_LOCK_ENV, START_LOCK_FD.to_string());
+            // SAFETY: between fork and exec only dup2 and fcntl run, both async-signal-safe, on
+            // descriptors this process owns (the lock's stays open: `lock` is borrowed for the
+            // call). The copy at START_LOCK_FD is left without close-on-exec for the supervisor.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    let r = if fd == START_LOCK_FD { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, START_LOCK_FD) };
+                    if r < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd.spawn().ctx(|| format!("starting the supervisor {}", bin.display()))?;
         let mut stdin = child.stdin.take().expect("piped");
         stdin.write_all(serde_json::to_string(spec).expect("spec serializes").as_bytes()).ctx(|| "sending the boot spec".into())?;
@@ -1368,6 +1416,10 @@ impl Sandbox {
     /// trailing `/` puts it into that directory under its own name; parents are created.
     pub async fn upload(&self, local: &Path, guest: &str) -> Result<()> {
         let meta = std::fs::metadata(local).map_err(|_| Error::validation("local_path", format!("{} does not exist", local.display())))?;
+        // A FIFO (or a device) would be read until it ends, which it may never do.
+        if !meta.is_file() && !meta.is_dir() {
+            return Err(Error::validation("local_path", format!("{} is not a regular file or a directory", local.display())));
+        }
         let name = local.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let target = smolvm_proto::paths::guest_target(guest, &name).map_err(|m| Error::validation("guest_path", m))?;
         let conn = self.conn()?;
@@ -1915,6 +1967,24 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         id
+    }
+
+    /// A data directory too long for the agent's socket is refused at create, by name and
+    /// with the length that fits; one byte shorter fits.
+    #[test]
+    fn a_data_dir_too_long_for_its_sockets_is_refused() {
+        let at = |len: usize| {
+            let base = format!("/tmp/smolvm-sockpath-{}-", std::process::id());
+            let data = std::path::PathBuf::from(format!("{base}{}", "x".repeat(len - base.len())));
+            let dirs = Dirs { data: data.clone(), images: data.join("images") };
+            let made = Sandbox::create_in(dirs, VmConfig { vm_id: Some("p".into()), ..Default::default() }, false);
+            let _ = std::fs::remove_dir_all(&data);
+            made.map(|_| ()).map_err(|e| e.to_string())
+        };
+        let err = at(76).unwrap_err();
+        assert!(err.starts_with("invalid SMOLVM_DATA_DIR: /tmp/smolvm-sockpath-"), "{err}");
+        assert!(err.ends_with(" is too long for Unix socket paths (keep it to 75 bytes or fewer)"), "{err}");
+        assert_eq!(at(75), Ok(()));
     }
 
     #[test]

@@ -425,8 +425,27 @@ async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
     Ok(())
 }
 
+/// The start's lock, when the starter passed a copy (see `Sandbox::spawn_supervisor`): held
+/// until the boot's outcome is reported, so that a start after a killed starter waits for this
+/// boot. Close-on-exec at once: QEMU and nft must not hold it.
+fn inherited_start_lock() -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let fd = crate::sandbox::START_LOCK_FD;
+    if std::env::var(crate::sandbox::START_LOCK_ENV).ok()? != fd.to_string() {
+        return None;
+    }
+    // SAFETY: F_SETFD on a descriptor number; it fails (EBADF) unless fd 3 is open.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return None;
+    }
+    // SAFETY: fd 3 is open (above) and was placed there for this process by its starter;
+    // nothing else in the supervisor owns it.
+    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
 async fn supervise(id: &str) -> i32 {
     tracing::debug!("phase: supervisor up");
+    let start_lock = inherited_start_lock();
     let dirs = Dirs::from_env();
     let paths = SandboxPaths::new(&dirs, id);
     let spec: BootSpec = match serde_json::from_reader(std::io::stdin().lock()) {
@@ -533,13 +552,21 @@ async fn supervise(id: &str) -> i32 {
     let _ = std::fs::set_permissions(&paths.ctl, std::fs::Permissions::from_mode(0o600));
     let me = ProcId::of(std::process::id() as i32);
     let vmm = child.id().and_then(|p| ProcId::of(p as i32));
-    if let (Some(me), Some(vmm)) = (me, vmm) {
-        let _ = store.set_running(id, me, vmm);
+    // A sandbox its record does not show as running (a full disk under the database) could
+    // not be used, stopped or found by the next command: the boot fails instead.
+    let recorded = match (me, vmm) {
+        (Some(me), Some(vmm)) => store.set_running(id, me, vmm).and_then(|_| match greeted {
+            true => Ok(()),
+            false => store.set_state(id, State::Paused, None),
+        }),
+        _ => Err(Error::Host("the supervisor or QEMU has no process identity".into())),
+    };
+    if let Err(e) = recorded {
+        let msg = format!("recording the sandbox as running: {}", e.full_message());
+        abandon(&mut child, &mut vsock, &paths, &mut None, &mut plan, &store, id, &msg).await;
+        return fail(e.code(), msg, None);
     }
     let paused = Arc::new(AtomicBool::new(!greeted));
-    if !greeted {
-        let _ = store.set_state(id, State::Paused, None);
-    }
     let mut exposed = Exposed::new();
     let mut dns = match plan.lease {
         Some(lease) if plan.internet.mode != "off" => {
@@ -573,6 +600,7 @@ async fn supervise(id: &str) -> i32 {
         }
     }
     report(&StartStatus { ok: true, code: None, message: None, console: None });
+    drop(start_lock);
     tracing::debug!("phase: reported");
     detach_stdout();
 

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import _native
+from . import _args, _native
 from ._errors import call
 from .exceptions import ValidationError
 
@@ -67,12 +67,14 @@ def _mounts(value: Any) -> list:
 
 def _port_forward(p: Any) -> dict:
     """A guest port, ``(host, guest)``, or ``{"guest": g, "host": h}``."""
-    if isinstance(p, int):
-        return {"guest": p, "host": None}
+    port = _args.port
+    if isinstance(p, int) and not isinstance(p, bool):
+        return {"guest": port(p, "port_forwards"), "host": None}
     if isinstance(p, (tuple, list)) and len(p) == 2:
-        return {"guest": int(p[1]), "host": int(p[0])}
-    if isinstance(p, dict) and "guest" in p:
-        return {"guest": int(p["guest"]), "host": p.get("host")}
+        return {"guest": port(p[1], "port_forwards"), "host": port(p[0], "port_forwards")}
+    if isinstance(p, dict) and "guest" in p and set(p) <= {"guest", "host"}:
+        host = p.get("host")
+        return {"guest": port(p["guest"], "port_forwards"), "host": None if host is None else port(host, "port_forwards")}
     raise ValidationError(f"invalid port_forwards: {p!r} (use a guest port, (host, guest) or {{'guest': g, 'host': h}})",
                           {"field": "port_forwards"})
 
@@ -103,7 +105,7 @@ class VMConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 object.__setattr__(self, name, os.fspath(value))
-        object.__setattr__(self, "env_vars", dict(self.env_vars or {}))
+        object.__setattr__(self, "env_vars", _args.env_vars(self.env_vars or {}))
         # Resolved now: a relative path means the directory current when the config was made.
         if self.workspace_mounts is not None:
             object.__setattr__(self, "workspace_mounts", _mounts(self.workspace_mounts))
@@ -112,6 +114,9 @@ class VMConfig:
     def _to_json(self) -> str:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["internet_settings"] = _internet(self.internet_settings)
+        if self.port_forwards is not None and not isinstance(self.port_forwards, (list, tuple)):
+            raise ValidationError(f"invalid port_forwards: expected a list, got {type(self.port_forwards).__name__}",
+                                  {"field": "port_forwards"})
         d["port_forwards"] = [_port_forward(p) for p in (self.port_forwards or [])]
         d["workspace_mounts"] = self.workspace_mounts or []
         d["writable_mounts"] = bool(self.writable_mounts)

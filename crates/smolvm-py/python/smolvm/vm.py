@@ -7,7 +7,7 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
-from . import _native
+from . import _args, _native
 from ._errors import call
 from .config import VMConfig, _mounts
 from .exceptions import CommandBlockedError, OperationTimeoutError, SmolVMError, ValidationError
@@ -68,6 +68,8 @@ class SmolVM:
             raise ValidationError("invalid ssh_password: not supported by this build yet", {"field": "ssh_password"})
         if ssh_user not in (None, "root"):
             raise ValidationError(f"invalid ssh_user: {ssh_user!r} (SSH images log in as root with smolvm's key)", {"field": "ssh_user"})
+        if config is not None and not isinstance(config, VMConfig):
+            raise ValidationError(f"invalid config: expected a VMConfig, got {type(config).__name__}", {"field": "config"})
         config = config or VMConfig()
         if image is None and os in ("alpine", "debian"):
             image = f"{os}-ssh"
@@ -78,7 +80,7 @@ class SmolVM:
                      "port_forwards": None if port_forwards is None else list(port_forwards),
                      "workspace_mounts": mounts,
                      "writable_mounts": None if writable_mounts is _FALSE else bool(writable_mounts),
-                     "env_vars": None if env_vars is None else {**config.env_vars, **dict(env_vars)}}
+                     "env_vars": None if env_vars is None else {**config.env_vars, **_args.env_vars(env_vars)}}
         changes: Dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
         self._config = config.replace(**changes) if changes else config
         self._native: Optional[Any] = None
@@ -124,13 +126,27 @@ class SmolVM:
         return self._start(boot_timeout, ephemeral=False)
 
     def _start(self, boot_timeout: float, ephemeral: bool) -> "SmolVM":
-        if self._native is None:
-            self._native = call(_native.Vm.create, self._config._to_json(), ephemeral)
-        call(self._native.start, float(boot_timeout))
+        boot_timeout = _args.seconds(boot_timeout, "boot_timeout")
+        if self._native is not None:
+            call(self._native.start, boot_timeout)
+            return self
+        self._native = call(_native.Vm.create, self._config._to_json(), ephemeral)
+        try:
+            call(self._native.start, boot_timeout)
+        except BaseException:
+            # Made by this call and never started: a failed start leaves no sandbox (nor its
+            # name) behind, as `smolvm sandbox create` does. The error says what went wrong.
+            try:
+                call(self._native.delete)
+            except Exception:
+                pass
+            self._native = None
+            raise
         return self
 
     def stop(self, timeout: float = 3.0) -> None:
-        call(self._require().stop, float(timeout))
+        """Stop the sandbox: its guest gets ``timeout`` seconds to shut down (0: at once)."""
+        call(self._require().stop, _args.seconds(timeout, "timeout", zero=True))
 
     def delete(self) -> None:
         if self._native is not None:
@@ -177,11 +193,12 @@ class SmolVM:
         if resume_vm is not None:
             resume = resume_vm
         vm = cls.__new__(cls)
-        env = dict(env_vars) if env_vars is not None else None
+        env = _args.env_vars(env_vars) if env_vars is not None else None
+        boot_timeout = _args.seconds(boot_timeout, "boot_timeout")
         if writable_mounts is not None and not isinstance(writable_mounts, bool):
             raise ValidationError(f"invalid writable_mounts: {writable_mounts!r} is not a bool", {"field": "writable_mounts"})
         hosts = None if mounts is None else [(m["host"], m["guest"]) for m in _mounts(mounts)]
-        vm._native = call(_native.Vm.from_snapshot, snapshot_id, vm_id, env, resume, float(boot_timeout), hosts, writable_mounts)
+        vm._native = call(_native.Vm.from_snapshot, snapshot_id, vm_id, env, resume, boot_timeout, hosts, writable_mounts)
         vm._config = VMConfig(vm_id=vm._native.id)
         vm._owned = True
         vm.on_pre_run = vm.on_post_run = vm.on_run_error = None
@@ -235,9 +252,10 @@ class SmolVM:
         ``stdin`` (bytes, or text sent as UTF-8) is what the command reads on its standard input;
         without it the command reads nothing.
         """
-        if not isinstance(command, str) or not command.strip():
+        _args.text(command, "command")
+        if not command.strip():
             raise ValidationError("invalid command: must not be empty", {"field": "command"})
-        if timeout is None or timeout < 1:
+        if timeout is None or _args.seconds(timeout, "timeout") < 1:
             raise ValidationError("invalid timeout: must be at least 1 second", {"field": "timeout"})
         if shell not in _SHELLS:
             raise ValidationError(f"invalid shell: {shell!r} (allowed: 'login', 'raw')", {"field": "shell"})
@@ -262,6 +280,7 @@ class SmolVM:
         return self._native is not None and call(self._native.can_run_commands)
 
     def wait_for_ready(self, timeout: float = 60) -> None:
+        timeout = _args.seconds(timeout, "timeout")
         deadline = time.monotonic() + timeout
         while not self.can_run_commands():
             if time.monotonic() > deadline:
@@ -271,16 +290,17 @@ class SmolVM:
     def wait_for_ssh(self, timeout: float = 60) -> None:
         """Wait until an SSH login works (images with an SSH server: ``image="debian-ssh"``,
         ``"alpine-ssh"``); the sandbox's host key is pinned, never trusted on first sight."""
-        call(self._require().wait_for_ssh, float(timeout))
+        call(self._require().wait_for_ssh, _args.seconds(timeout, "timeout"))
 
     # -- ports ---------------------------------------------------------------------------------
 
     def expose_local(self, guest_port: int, host_port: Optional[int] = None) -> int:
         """Make the guest's port reachable on 127.0.0.1; returns the host port."""
-        return call(self._require().expose_local, guest_port, host_port)
+        host_port = None if host_port is None else _args.port(host_port, "host_port")
+        return call(self._require().expose_local, _args.port(guest_port, "guest_port"), host_port)
 
     def unexpose_local(self, guest_port: int) -> None:
-        call(self._require().unexpose_local, guest_port)
+        call(self._require().unexpose_local, _args.port(guest_port, "guest_port"))
 
     def wait_for_ports(self, ports: Union[int, Sequence[int]], timeout: float = 30) -> None:
         """Wait until something in the guest listens on each port (TCP): a server started in
@@ -291,28 +311,31 @@ class SmolVM:
         if not wanted or bad is not None:
             what = repr(ports if not wanted else bad)
             raise ValidationError(f"invalid ports: {what[:80]} (give at least one port, each 1..=65535)", {"field": "ports"})
-        call(self._require().wait_for_ports, sorted(set(wanted)), float(timeout))
+        call(self._require().wait_for_ports, sorted(set(wanted)), _args.seconds(timeout, "timeout"))
 
     # -- files ---------------------------------------------------------------------------------
 
     def upload_file(self, local_path: "os.PathLike[str] | str", guest_path: str) -> None:
         """Copy a host file or directory into the guest. ``guest_path`` must be absolute; a
         trailing ``/`` means into that directory under the same name; parents are created."""
-        call(self._require().upload, os.fspath(local_path), guest_path)
+        call(self._require().upload, _args.path(local_path, "local_path"), _args.path(guest_path, "guest_path"))
 
     def download_file(self, guest_path: str, local_path: "os.PathLike[str] | str") -> None:
         """Copy a guest file or directory to the host (setuid/setgid/sticky bits dropped)."""
-        call(self._require().download, guest_path, os.fspath(local_path))
+        call(self._require().download, _args.path(guest_path, "guest_path"), _args.path(local_path, "local_path"))
 
     # -- environment variables ---------------------------------------------------------------
 
     def set_env_vars(self, env_vars: Mapping[str, str], *, merge: bool = True) -> List[str]:
         """Set variables for new login shells; returns the sorted names present after."""
-        return call(self._require().set_env_vars, dict(env_vars), merge)
+        return call(self._require().set_env_vars, _args.env_vars(env_vars), merge)
 
-    def unset_env_vars(self, keys: Sequence[str]) -> Dict[str, str]:
-        """Remove variables; returns the removed ones with their previous values."""
-        return call(self._require().unset_env_vars, list(keys))
+    def unset_env_vars(self, keys: Union[str, Sequence[str]]) -> Dict[str, str]:
+        """Remove variables (a name, or a list of them); returns the removed ones with their
+        previous values."""
+        # (A str is a sequence too: of its letters, which are not what was meant.)
+        names = [keys] if isinstance(keys, str) else list(keys)
+        return call(self._require().unset_env_vars, [_args.text(k, "keys") for k in names])
 
     def list_env_vars(self) -> Dict[str, str]:
         """The variables smolvm manages in this sandbox."""

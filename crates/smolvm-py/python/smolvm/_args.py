@@ -1,0 +1,73 @@
+"""Arguments checked before they reach the native module, which would otherwise refuse a wrong
+type with TypeError or OverflowError: bad input is a ValidationError that names the field and
+what is allowed. No check ever shows an environment value."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Dict, Mapping
+
+from .exceptions import ValidationError
+
+# As the library's own bound (smolvm::config::MAX_WAIT): longer waits can only mean "never".
+_MAX_WAIT = 365 * 86_400
+
+
+def _bad(field: str, message: str) -> ValidationError:
+    return ValidationError(f"invalid {field}: {message}", {"field": field})
+
+
+def seconds(value: Any, field: str, *, zero: bool = False) -> float:
+    """A wait in seconds: a number (not a bool), finite, positive (or zero where ``zero``), and
+    at most a year."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(field, f"{type(value).__name__} is not a number of seconds")
+    v = float(value)
+    if math.isnan(v) or math.isinf(v) or v < 0 or (v == 0 and not zero):
+        raise _bad(field, "must be a positive number of seconds")
+    if v > _MAX_WAIT:
+        raise _bad(field, f"must be at most {_MAX_WAIT} seconds (a year)")
+    return v
+
+
+def port(value: Any, field: str) -> int:
+    """A TCP port, 1..65535 (a bool is no port)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise _bad(field, f"{value!r} is not a port (allowed: 1..=65535)")
+    return value
+
+
+def text(value: Any, field: str) -> str:
+    """A string that UTF-8 can carry (a lone surrogate cannot)."""
+    if not isinstance(value, str):
+        raise _bad(field, f"expected a str, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad(field, "is not valid text (it cannot be encoded as UTF-8)") from None
+    return value
+
+
+def path(value: Any, field: str) -> str:
+    """A path: a str or an os.PathLike."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    return text(value, field)
+
+
+def env_vars(value: Any, field: str = "env_vars") -> Dict[str, str]:
+    """Names to values, both text. The message names a variable, never shows its value."""
+    if not isinstance(value, Mapping):
+        raise _bad(field, f"expected a mapping of names to values, got {type(value).__name__}")
+    out = {}
+    for k, v in value.items():
+        text(k, field)
+        if not isinstance(v, str):
+            raise _bad(field, f"the value of {k} is not a str (it is {type(v).__name__})")
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _bad(field, f"the value of {k} is not valid text (it cannot be encoded as UTF-8)") from None
+        out[k] = v
+    return out
