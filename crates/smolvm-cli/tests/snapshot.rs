@@ -295,6 +295,40 @@ fn smolvm_run_starts_warm_and_cold_on_request() {
     assert!(env.qemu_processes().is_empty());
 }
 
+/// A warm start whose supervisor is killed under it falls back to a cold boot, and the
+/// template, which did nothing wrong, stays for the next start.
+#[test]
+fn a_warm_start_killed_under_it_keeps_the_template() {
+    let env = env();
+    // A shape of its own (no other test boots 352 MiB), whose template is told by its RAM file.
+    let shape = ["--memory", "352"];
+    // (Its saved state's inode: a use touches the file's time, a remake makes a new file.)
+    let template = || -> Vec<(std::path::PathBuf, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let dirs = std::fs::read_dir(&env.dirs.images).unwrap().flatten().map(|e| e.path());
+        let ours = dirs.filter(|d| std::fs::metadata(d.join("ram")).is_ok_and(|m| m.len() == 352 << 20) && d.join("state").exists());
+        ours.map(|d| {
+            let made = std::fs::metadata(d.join("state")).unwrap().ino();
+            (d, made)
+        })
+        .collect()
+    };
+    assert!(env.cli().args(["run"]).args(shape).arg("true").status().unwrap().success());
+    let before = template();
+    assert_eq!(before.len(), 1, "{before:?}");
+    let mut create = env.cli().args(["sandbox", "create", "--name", "warmkill"]).args(shape).spawn().unwrap();
+    let supervisors = || processes_mentioning("__supervise", "warmkill");
+    assert!(wait_until(Duration::from_secs(10), || !supervisors().is_empty()), "no supervisor started");
+    for pid in supervisors() {
+        let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    let status = create.wait().unwrap();
+    assert!(status.success(), "the cold boot after the warm one failed");
+    assert_eq!(stdout(&env.smolvm(&["sandbox", "exec", "warmkill", "--", "echo ok"])), "ok\n");
+    assert_eq!(template(), before, "the template was discarded or remade");
+    assert!(env.smolvm(&["sandbox", "delete", "--force", "warmkill"]).status.success());
+}
+
 /// A snapshot stops the guest wherever it is, here with frames streaming both ways (output and
 /// a download on their way out, an upload on its way in). Each clone must talk to its new host
 /// from the first byte, and the transfers on the source go on.

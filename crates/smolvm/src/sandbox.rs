@@ -746,7 +746,13 @@ impl Sandbox {
                         Err(e @ (Error::Validation { .. } | Error::Reported { code: "validation", .. })) => return Err(e),
                         Err(e) => {
                             tracing::warn!("warm start failed, booting cold: {}", e.full_message());
-                            crate::warm::discard(&self.dirs, &state);
+                            // Only a restore that went wrong (it failed with the console's
+                            // lines, or never ended) blames the template, which every later
+                            // start shares. A supervisor killed under the start, or a host
+                            // that could not record or network it, says nothing about it.
+                            if matches!(e, Error::Boot { .. } | Error::Timeout { .. }) {
+                                crate::warm::discard(&self.dirs, &state);
+                            }
                             spec.restore = None;
                             spec.ram = None;
                         }
