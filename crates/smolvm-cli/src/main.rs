@@ -449,6 +449,16 @@ impl Done {
     fn text(s: impl Into<String>, data: Value) -> Done {
         Done { exit_code: 0, data, text: Some(s.into()), errors: Vec::new() }
     }
+
+    /// A command's exit code, and nothing to print.
+    fn exit(code: i32) -> Done {
+        Done { exit_code: code, data: json!({ "exit_code": code }), text: None, errors: Vec::new() }
+    }
+}
+
+/// A line on stdout, where a reader that went away (`| head`) is no reason to panic.
+fn out_line(line: impl std::fmt::Display) {
+    let _ = writeln!(std::io::stdout(), "{line}");
 }
 
 fn secs(s: f64, field: &'static str) -> Result<Duration, Error> {
@@ -716,13 +726,11 @@ impl Sink {
     /// is an error, also where the command finished.
     fn done(self, result: Option<Result<smolvm::CommandResult, Error>>) -> Result<Done, Error> {
         match self.failed.into_inner() {
-            Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-                Ok(Done { exit_code: 141, data: json!({ "exit_code": 141 }), text: None, errors: Vec::new() })
-            }
+            Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(Done::exit(141)),
             Some(e) => Err(Error::Io { context: "writing the command's output".into(), source: e }),
             None => {
                 let result = result.expect("a run ends unless stdout failed")?;
-                Ok(Done { exit_code: result.exit_code, data: json!({ "exit_code": result.exit_code }), text: None, errors: Vec::new() })
+                Ok(Done::exit(result.exit_code))
             }
         }
     }
@@ -1145,9 +1153,11 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
                 Some(n) => sandbox::console_tail(&path, n),
                 None => String::from_utf8_lossy(&std::fs::read(&path).unwrap_or_default()).into_owned(),
             };
-            print!("{text}");
-            if !text.ends_with('\n') && !text.is_empty() {
-                println!();
+            // A reader that went away (`| head`) ends this as it would `cat`: quietly, 141.
+            let emit = |data: &[u8]| std::io::stdout().write_all(data).and_then(|_| std::io::stdout().flush()).is_ok();
+            let newline = !text.ends_with('\n') && !text.is_empty();
+            if !emit(text.as_bytes()) || (newline && !emit(b"\n")) {
+                return Ok(Done::exit(141));
             }
             if follow {
                 let mut pos = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
@@ -1162,8 +1172,9 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     let data = std::fs::read(&path).unwrap_or_default();
                     if (data.len() as u64) > pos {
-                        let _ = std::io::stdout().write_all(&data[pos as usize..]);
-                        let _ = std::io::stdout().flush();
+                        if !emit(&data[pos as usize..]) {
+                            return Ok(Done::exit(141));
+                        }
                         pos = data.len() as u64;
                     }
                 }
@@ -1312,7 +1323,7 @@ fn usage_error(e: clap::Error) -> ! {
     let text = e.render().to_string();
     let message = usage_message(&text);
     let err = json!({ "code": "validation", "message": message });
-    println!("{}", json!({ "ok": false, "command": command_name(), "exit_code": 2, "data": null, "error": err }));
+    out_line(json!({ "ok": false, "command": command_name(), "exit_code": 2, "data": null, "error": err }));
     std::process::exit(2);
 }
 
@@ -1375,13 +1386,12 @@ fn main() {
                     let messages: Vec<String> = done.errors.iter().map(Error::full_message).collect();
                     json!({ "code": first.code(), "message": messages.join("; ") })
                 });
-                println!(
-                    "{}",
-                    json!({ "ok": done.exit_code == 0, "command": command_name(), "exit_code": done.exit_code, "data": done.data, "error": error })
+                out_line(
+                    json!({ "ok": done.exit_code == 0, "command": command_name(), "exit_code": done.exit_code, "data": done.data, "error": error }),
                 );
             } else {
                 if let Some(text) = done.text.filter(|t| !t.is_empty()) {
-                    println!("{text}");
+                    out_line(text);
                 }
                 for e in &done.errors {
                     print_error(e);
@@ -1396,7 +1406,7 @@ fn main() {
                 if let Some(r) = e.recovery() {
                     err["recovery"] = Value::String(r);
                 }
-                println!("{}", json!({ "ok": false, "command": command_name(), "exit_code": code, "data": null, "error": err }));
+                out_line(json!({ "ok": false, "command": command_name(), "exit_code": code, "data": null, "error": err }));
             } else {
                 print_error(&e);
             }

@@ -305,6 +305,40 @@ fn nothing_is_left_after_kill_9_and_prune_or_a_failed_start() {
     assert!(stderr(&bad).contains("link-local/metadata addresses (169.254.0.0/16), which can never be allowed"), "{}", stderr(&bad));
     let bad = env.smolvm(&["run", "--network", "bogus", "true"]);
     assert!(stderr(&bad).contains("invalid network: \"bogus\" is not a network mode (allowed: nat, user, none)"), "{}", stderr(&bad));
+    // What a sandbox without a network cannot have is refused at once, by name.
+    for (args, message) in [
+        (vec!["--network", "none", "-p", "8080:80"], "invalid port_forwards: this sandbox has no network (network 'none')"),
+        (
+            vec!["--network", "none", "--allow-domain", "example.com"],
+            "invalid internet_settings: 'restricted' needs network 'nat' (network 'none' has no network to restrict)",
+        ),
+    ] {
+        let out = env.cli().args(["sandbox", "create", "--no-start"]).args(&args).output().unwrap();
+        assert_eq!((out.status.code(), stderr(&out).lines().next().unwrap_or_default()), (Some(1), format!("error: {message}").as_str()));
+    }
+    let out = env.cli().args(["run", "true"]).env("SMOLVM_DNS_UPSTREAM", "198.51.100.2").output().unwrap();
+    assert!(stderr(&out).starts_with("error: invalid SMOLVM_DNS_UPSTREAM: \"198.51.100.2\" is not an IPv4 address and port"), "{}", stderr(&out));
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+}
+
+/// A sandbox's exposed host port is free once its stop (or delete) returns: another sandbox
+/// or program may take it next.
+#[test]
+fn a_stopped_sandboxs_host_port_is_free_when_the_stop_returns() {
+    let _serial = serial();
+    let env = env();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let publish = format!("{port}:80");
+    let out = env.smolvm(&["sandbox", "create", "--name", "portfree", "-p", &publish]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err(), "the sandbox does not hold its port");
+    for step in [vec!["sandbox", "stop", "portfree"], vec!["sandbox", "start", "portfree"], vec!["sandbox", "delete", "--force", "portfree"]] {
+        let out = env.smolvm(&step);
+        assert!(out.status.success(), "{step:?}: {}", stderr(&out));
+        if step[1] != "start" {
+            assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "{step:?} returned with port {port} still taken");
+        }
+    }
 }
 
 #[tokio::test]

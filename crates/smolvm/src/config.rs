@@ -328,6 +328,9 @@ impl VmConfig {
                 return Err(Error::validation("port_forwards", "guest port 0 is not a port (allowed 1..=65535)"));
             }
         }
+        if !self.port_forwards.is_empty() && self.network.as_deref() == Some("none") {
+            return Err(Error::validation("port_forwards", "this sandbox has no network (network 'none')"));
+        }
         if let Some(name) = &self.image {
             crate::recipe::validate_name(name)?;
             if self.rootfs_path.is_some() && name != "default" {
@@ -481,6 +484,7 @@ fn parse_snapshot_bandwidth(value: Option<&str>) -> Result<Option<u64>> {
 pub fn check_supervisor_settings() -> Result<()> {
     control_timeout()?;
     snapshot_bandwidth()?;
+    crate::net::dns_upstream_setting()?;
     Ok(())
 }
 

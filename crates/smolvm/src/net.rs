@@ -85,7 +85,10 @@ impl Cidr {
     pub fn parse(s: &str) -> std::result::Result<Cidr, String> {
         let (a, p) = s.split_once('/').unwrap_or((s, "32"));
         let addr: Ipv4Addr = a.parse().map_err(|_| format!("{s:?} is not an IPv4 network (a.b.c.d/n; IPv6 is not supported)"))?;
-        let prefix: u8 = p.parse().ok().filter(|p| *p <= 32).ok_or_else(|| format!("{s:?} has a bad prefix length (0..=32)"))?;
+        // Digits only, as written by people (`+8` or `032` parse as numbers, and mean nothing).
+        let digits = !p.is_empty() && p.len() <= 2 && p.bytes().all(|b| b.is_ascii_digit()) && (p == "0" || !p.starts_with('0'));
+        let prefix: u8 =
+            p.parse().ok().filter(|p| *p <= 32 && digits).ok_or_else(|| format!("{s:?} has a bad prefix length (0..=32)"))?;
         Ok(Cidr { addr: Ipv4Addr::from(u32::from(addr) & Cidr::mask(prefix)), prefix })
     }
 
@@ -215,6 +218,9 @@ pub fn validate_internet(i: &InternetSettings, network: Option<&str>) -> Result<
     }
     if i.mode == "restricted" && network == Some("user") {
         return Err(Error::validation("internet_settings", "'restricted' needs network 'nat' (QEMU user networking cannot filter)"));
+    }
+    if i.mode == "restricted" && network == Some("none") {
+        return Err(Error::validation("internet_settings", "'restricted' needs network 'nat' (network 'none' has no network to restrict)"));
     }
     Ok(())
 }
@@ -542,10 +548,26 @@ pub async fn setup_tap(tap: &str, lease: Lease) -> Result<()> {
     result
 }
 
+/// `SMOLVM_DNS_UPSTREAM`, where set: an IPv4 address and a port. Anything else is refused (it
+/// would send a restricted sandbox's names to another resolver than the one meant).
+pub fn dns_upstream_setting() -> Result<Option<SocketAddr>> {
+    parse_dns_upstream(std::env::var("SMOLVM_DNS_UPSTREAM").ok().as_deref())
+}
+
+fn parse_dns_upstream(value: Option<&str>) -> Result<Option<SocketAddr>> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(v) => match v.parse::<SocketAddr>() {
+            Ok(a @ SocketAddr::V4(_)) if a.port() != 0 => Ok(Some(a)),
+            _ => Err(Error::validation("SMOLVM_DNS_UPSTREAM", format!("{v:?} is not an IPv4 address and port (a.b.c.d:53)"))),
+        },
+    }
+}
+
 /// The host's first nameserver (from /etc/resolv.conf), or `SMOLVM_DNS_UPSTREAM` (ip:port);
 /// the supervisor runs on the host, so a local stub resolver (127.0.0.53) works too.
 pub fn upstream_dns() -> SocketAddr {
-    if let Some(addr) = std::env::var("SMOLVM_DNS_UPSTREAM").ok().and_then(|v| v.parse::<SocketAddr>().ok()) {
+    if let Ok(Some(addr)) = dns_upstream_setting() {
         return addr;
     }
     let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
@@ -598,9 +620,11 @@ impl DnsPolicy {
     }
 }
 
-/// The first question's name of a DNS message, and where the question section ends.
+/// The question's name of a DNS message that asks exactly one (as resolvers do), and where
+/// the question section ends. None for any other: a second question would go unvetted, and
+/// the answers to it would be taken for the first's.
 pub fn dns_question(msg: &[u8]) -> Option<(String, usize)> {
-    if msg.len() < 12 || u16::from_be_bytes([msg[4], msg[5]]) == 0 {
+    if msg.len() < 12 || u16::from_be_bytes([msg[4], msg[5]]) != 1 {
         return None;
     }
     let (name, end) = dns_name(msg, 12)?;
@@ -656,6 +680,10 @@ fn dns_refused(query: &[u8], question_end: usize) -> Vec<u8> {
     r[2] |= 0x80; // response
     r[3] = (r[3] & 0xf0) | 5; // REFUSED
     r[6..12].fill(0);
+    if question_end <= 12 {
+        // The header alone: it carries no question either.
+        r[4..6].fill(0);
+    }
     r
 }
 
@@ -678,7 +706,13 @@ pub async fn dns_proxy(sock: tokio::net::UdpSocket, up: tokio::net::UdpSocket, p
     loop {
         let (n, from) = sock.recv_from(&mut buf).await.ctx(|| "receiving DNS".into())?;
         let query = &buf[..n];
-        let Some((name, qend)) = dns_question(query) else { continue };
+        let Some((name, qend)) = dns_question(query) else {
+            // (Refused with the header alone: what it asked is not read.)
+            if query.len() >= 12 {
+                let _ = sock.send_to(&dns_refused(query, 12), from).await;
+            }
+            continue;
+        };
         if !policy.permits(&name) {
             let _ = sock.send_to(&dns_refused(query, qend), from).await;
             continue;
@@ -721,6 +755,26 @@ pub async fn port_proxy(listener: tokio::net::TcpListener, guest: SocketAddr) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_dns_upstream_is_an_ipv4_address_and_port() {
+        assert_eq!(parse_dns_upstream(None).unwrap(), None);
+        assert_eq!(parse_dns_upstream(Some(" ")).unwrap(), None);
+        assert_eq!(parse_dns_upstream(Some("198.51.100.2:53")).unwrap(), Some("198.51.100.2:53".parse().unwrap()));
+        for bad in ["bogus", "198.51.100.2", "198.51.100.2:99999", "198.51.100.2:0", "[::1]:53"] {
+            let e = parse_dns_upstream(Some(bad)).unwrap_err().to_string();
+            assert_eq!(e, format!("invalid SMOLVM_DNS_UPSTREAM: {bad:?} is not an IPv4 address and port (a.b.c.d:53)"));
+        }
+    }
+
+    #[test]
+    fn a_prefix_length_is_written_in_plain_digits() {
+        assert_eq!(Cidr::parse("10.1.0.0/16").unwrap().prefix, 16);
+        assert_eq!(Cidr::parse("0.0.0.0/0").unwrap().prefix, 0);
+        for bad in ["1.2.3.4/+8", "1.2.3.4/032", "1.2.3.4/08", "1.2.3.4/", "1.2.3.4/33"] {
+            assert!(Cidr::parse(bad).unwrap_err().ends_with("has a bad prefix length (0..=32)"), "{bad}");
+        }
+    }
 
     #[test]
     fn cidrs_and_forbidden_ranges() {
@@ -792,6 +846,15 @@ mod tests {
             r.extend_from_slice(&ip);
         }
         assert_eq!(dns_answers(&r), vec![(Ipv4Addr::new(93, 184, 216, 34), 60), (Ipv4Addr::new(1, 2, 3, 4), 60)]);
+        // Two questions, the second unvetted: no question to vet, no answers to learn.
+        let mut two = q.clone();
+        two[5] = 2;
+        two.extend_from_slice(b"\x05other\x04test\x00\x00\x01\x00\x01");
+        assert_eq!(dns_question(&two), None);
+        let mut r2 = r.clone();
+        r2[5] = 2;
+        assert!(dns_answers(&r2).is_empty());
+        assert_eq!(&dns_refused(&two, 12)[..], &[0x12, 0x34, 0x81, 0x05, 0, 0, 0, 0, 0, 0, 0, 0][..]);
         let p = DnsPolicy::new(Some(vec!["example.com".into()]), String::new(), &[]);
         assert!(p.permits("example.com") && p.permits("api.example.com.") && !p.permits("badexample.com") && !p.permits("evil.com"));
         let refused = dns_refused(&q, q.len());

@@ -782,6 +782,9 @@ async fn supervise(id: &str) -> i32 {
     acceptor.abort();
     let _ = acceptor.await;
     let _ = std::fs::remove_file(&paths.ctl);
+    // The host ports it listened on are free before anyone hears that it is down (another
+    // sandbox or program may want one next), not when this process ends.
+    close_ports(&mut exposed).await;
     if exited_by_itself {
         // (Already gone, unless it was the vsock device server that went.)
         let _ = child.kill().await;
@@ -1022,6 +1025,17 @@ async fn abandon(
     close_dns(dns).await;
     plan.cleanup(store, id);
     let _ = store.set_state(id, State::Error, Some(why));
+}
+
+/// Stop listening on the host ports exposed in NAT mode (user mode's are QEMU's, which go
+/// with it). Awaited: the listener is dropped, and its port free, once this returns.
+async fn close_ports(exposed: &mut Exposed) {
+    for (_, (_, task)) in exposed.drain() {
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+    }
 }
 
 /// Close the DNS proxy's socket before the lease goes: the next sandbox given the same lease
