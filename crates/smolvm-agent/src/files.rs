@@ -32,7 +32,18 @@ fn io_error(what: &str, e: io::Error) -> Reply {
         io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData => ErrorKind::Invalid,
         _ => ErrorKind::Failed,
     };
-    Reply::error(kind, format!("{what}: {e}"))
+    // With its causes: an archive's "failed to unpack …" says why only in its source (a full
+    // disk, say).
+    let mut message = format!("{what}: {e}");
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !message.ends_with(&text) {
+            message = format!("{message}: {text}");
+        }
+        cause = c.source();
+    }
+    Reply::error(kind, message)
 }
 
 /// Begin an upload. Errors are answered at once; otherwise `Ok` comes after `StdinClose`.
@@ -183,5 +194,33 @@ fn send_from(mut r: impl Read, data: impl Fn(Vec<u8>) -> io::Result<()>) -> io::
         }
         total += n as u64;
         data(buf[..n].to_vec())?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_names_its_causes() {
+        #[derive(Debug)]
+        struct Unpack(io::Error);
+        impl std::fmt::Display for Unpack {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "failed to unpack `/root/t/a`")
+            }
+        }
+        impl std::error::Error for Unpack {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = io::Error::other(Unpack(io::Error::from_raw_os_error(libc::ENOSPC)));
+        match io_error("storing /root/t", e) {
+            Reply::Error { message, .. } => {
+                assert_eq!(message, "storing /root/t: failed to unpack `/root/t/a`: No space left on device (os error 28)")
+            }
+            other => panic!("{}", other.kind()),
+        }
     }
 }

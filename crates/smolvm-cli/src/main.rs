@@ -531,7 +531,7 @@ fn host_mounts(specs: &[String]) -> Result<Vec<smolvm::config::Mount>, Error> {
             }
             let mut m = smolvm::config::Mount::parse(spec)?;
             m.host = std::fs::canonicalize(&m.host)
-                .map_err(|e| Error::validation("mounts", format!("{}: {e}{}", m.host.display(), m.colon_hint())))?;
+                .map_err(|_| Error::validation("mounts", format!("{} is not an existing directory{}", m.host.display(), m.colon_hint())))?;
             Ok(m)
         })
         .collect()
@@ -571,6 +571,8 @@ fn vm_config(vm: &VmArgs, name: Option<String>) -> Result<VmConfig, Error> {
 fn env_flags(flags: &[std::ffi::OsString]) -> Result<std::collections::BTreeMap<String, String>, Error> {
     use std::os::unix::ffi::OsStrExt;
     let not_text = |key: &str| Error::validation("env", format!("the value of {key} is not UTF-8 text (variables hold text)"));
+    // (What was given is not shown: a value passed without its key would be a secret.)
+    let neither = || Error::validation("env", "expected KEY=VALUE, or the name of a variable set on this host");
     flags
         .iter()
         .map(|f| {
@@ -580,7 +582,7 @@ fn env_flags(flags: &[std::ffi::OsString]) -> Result<std::collections::BTreeMap<
                 let key = bytes.iter().position(|&b| b == b'=').and_then(|i| std::str::from_utf8(&bytes[..i]).ok());
                 return Err(match key.filter(|k| smolvm::env::validate_key(k).is_ok()) {
                     Some(key) => not_text(key),
-                    None => Error::validation("env", "malformed pair (expected KEY=VALUE)"),
+                    None => neither(),
                 });
             };
             match (f.contains('='), std::env::var(f)) {
@@ -590,6 +592,7 @@ fn env_flags(flags: &[std::ffi::OsString]) -> Result<std::collections::BTreeMap<
                 }
                 // (A variable of this host: its name is no secret.)
                 (false, Err(std::env::VarError::NotUnicode(_))) if smolvm::env::validate_key(f).is_ok() => Err(not_text(f)),
+                (false, Err(_)) => Err(neither()),
                 _ => smolvm::env::parse_pair(f),
             }
         })

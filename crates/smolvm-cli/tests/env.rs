@@ -222,7 +222,7 @@ fn cli_env_commands_mask_values_and_reject_bad_pairs() {
     assert!(env.smolvm(&["sandbox", "env", "unset", "clienv", "TOKEN"]).status.success());
 
     for (pair, message) in [
-        ("NOEQUALS", "malformed pair (expected KEY=VALUE)"),
+        ("NOEQUALS", "expected KEY=VALUE, or the name of a variable set on this host"),
         ("=v", "empty key in pair"),
         ("MY-VAR=1", "Invalid environment variable key: 'MY-VAR'"),
     ] {
@@ -247,7 +247,7 @@ fn cli_env_commands_mask_values_and_reject_bad_pairs() {
     let out = env.cli().args(["run", "--env", "FROM_HOST", "echo $FROM_HOST"]).env("FROM_HOST", "host value").output().unwrap();
     assert_eq!(stdout(&out), "host value\n");
     let out = env.cli().args(["run", "--env", "NOT_SET_ANYWHERE", "true"]).env_remove("NOT_SET_ANYWHERE").output().unwrap();
-    assert!(stderr(&out).contains("malformed pair (expected KEY=VALUE)"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("expected KEY=VALUE, or the name of a variable set on this host"), "{}", stderr(&out));
     // Values are text: one that is not UTF-8 is named as such (by its key, never its value).
     {
         use std::os::unix::ffi::OsStrExt;

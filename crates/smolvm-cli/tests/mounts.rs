@@ -18,6 +18,9 @@ async fn a_read_only_mount_shows_the_hosts_files_live_and_refuses_writes() {
     let share = env.tmp.path().join("project");
     std::fs::create_dir_all(share.join("src")).unwrap();
     std::fs::write(share.join("src/main.txt"), "fn main() {}\n").unwrap();
+    // The host's own symbolic links, relative and absolute.
+    std::os::unix::fs::symlink("src/main.txt", share.join("link.txt")).unwrap();
+    std::os::unix::fs::symlink("/etc/os-release", share.join("abs")).unwrap();
     let elsewhere = env.tmp.path().join("data");
     std::fs::create_dir_all(&elsewhere).unwrap();
     std::fs::write(elsewhere.join("a.csv"), "x,y\n").unwrap();
@@ -40,6 +43,12 @@ async fn a_read_only_mount_shows_the_hosts_files_live_and_refuses_writes() {
         "cat /workspace/project/src/main.txt; cat '/mnt/my data/a.csv'; mountpoint -q /srv/c && mountpoint -q /root/d && echo four";
     let r = sb.run(script, &opts()).await.unwrap();
     assert_eq!((r.exit_code, r.stdout.as_str()), (0, "fn main() {}\nx,y\nfour\n"), "{}", r.stderr);
+    // A host symlink is a link in the guest, and resolves there.
+    let r = sb
+        .run("cat /workspace/project/link.txt; readlink /workspace/project/abs; grep -c smolvm /workspace/project/abs", &opts())
+        .await
+        .unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_str()), (0, "fn main() {}\n/etc/os-release\n3\n"), "{}", r.stderr);
     // Read-only, in the guest and (whatever the guest does) in QEMU.
     let r = sb
         .run(

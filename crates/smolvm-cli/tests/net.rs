@@ -317,7 +317,11 @@ fn nothing_is_left_after_kill_9_and_prune_or_a_failed_start() {
         assert_eq!((out.status.code(), stderr(&out).lines().next().unwrap_or_default()), (Some(1), format!("error: {message}").as_str()));
     }
     let out = env.cli().args(["run", "true"]).env("SMOLVM_DNS_UPSTREAM", "198.51.100.2").output().unwrap();
-    assert!(stderr(&out).starts_with("error: invalid SMOLVM_DNS_UPSTREAM: \"198.51.100.2\" is not an IPv4 address and port"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with("error: invalid SMOLVM_DNS_UPSTREAM: \"198.51.100.2\" is not an IPv4 address and port"),
+        "{}",
+        stderr(&out)
+    );
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
 }
 
@@ -332,7 +336,9 @@ fn a_stopped_sandboxs_host_port_is_free_when_the_stop_returns() {
     let out = env.smolvm(&["sandbox", "create", "--name", "portfree", "-p", &publish]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err(), "the sandbox does not hold its port");
-    for step in [vec!["sandbox", "stop", "portfree"], vec!["sandbox", "start", "portfree"], vec!["sandbox", "delete", "--force", "portfree"]] {
+    for step in
+        [vec!["sandbox", "stop", "portfree"], vec!["sandbox", "start", "portfree"], vec!["sandbox", "delete", "--force", "portfree"]]
+    {
         let out = env.smolvm(&step);
         assert!(out.status.success(), "{step:?}: {}", stderr(&out));
         if step[1] != "start" {

@@ -40,8 +40,16 @@ async fn a_paused_sandbox_keeps_its_processes_and_refuses_commands() {
     let before: u32 = out(&sb, "cat /tmp/counter").await.trim().parse().unwrap();
     sb.pause().await.unwrap();
     assert_eq!(sb.state().unwrap(), State::Paused);
+    let paused = format!("VM '{}' is paused; resume it first (smolvm sandbox resume {})", sb.id(), sb.id());
     let err = sb.run("true", &opts()).await.unwrap_err();
-    assert_eq!(err.to_string(), format!("VM '{}' is paused; resume it first (smolvm sandbox resume {})", sb.id(), sb.id()));
+    assert_eq!(err.to_string(), paused);
+    // So are environment changes and file transfers, in the same words.
+    let vars: BTreeMap<String, String> = std::iter::once(("K".to_string(), "v".to_string())).collect();
+    assert_eq!(sb.set_env_vars(&vars, true).await.unwrap_err().to_string(), paused);
+    assert_eq!(sb.list_env_vars().await.unwrap_err().to_string(), paused);
+    let local = env.tmp.path().join("paused.txt");
+    std::fs::write(&local, "x").unwrap();
+    assert_eq!(sb.upload(&local, "/tmp/paused.txt").await.unwrap_err().to_string(), paused);
     tokio::time::sleep(Duration::from_secs(2)).await;
     sb.resume().await.unwrap();
     assert_eq!(sb.state().unwrap(), State::Running);

@@ -87,8 +87,7 @@ impl Cidr {
         let addr: Ipv4Addr = a.parse().map_err(|_| format!("{s:?} is not an IPv4 network (a.b.c.d/n; IPv6 is not supported)"))?;
         // Digits only, as written by people (`+8` or `032` parse as numbers, and mean nothing).
         let digits = !p.is_empty() && p.len() <= 2 && p.bytes().all(|b| b.is_ascii_digit()) && (p == "0" || !p.starts_with('0'));
-        let prefix: u8 =
-            p.parse().ok().filter(|p| *p <= 32 && digits).ok_or_else(|| format!("{s:?} has a bad prefix length (0..=32)"))?;
+        let prefix: u8 = p.parse().ok().filter(|p| *p <= 32 && digits).ok_or_else(|| format!("{s:?} has a bad prefix length (0..=32)"))?;
         Ok(Cidr { addr: Ipv4Addr::from(u32::from(addr) & Cidr::mask(prefix)), prefix })
     }
 

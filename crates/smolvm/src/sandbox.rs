@@ -996,7 +996,7 @@ impl Sandbox {
             Reply::Ok => Ok(()),
             Reply::Error { kind: ErrorKind::Invalid, message } => Err(Error::validation("snapshot_type", message)),
             Reply::Error { kind: ErrorKind::Failed, message } => Err(control_failure(what, &message)),
-            other => Err(unexpected(what, other)),
+            other => Err(self.unexpected(what, other)),
         }
     }
 
@@ -1237,6 +1237,15 @@ impl Sandbox {
         serde_json::from_str(&line).map_err(|e| Error::Host(format!("unreadable supervisor status: {e}")))
     }
 
+    /// A reply that is not the one asked for, as this sandbox's error: one refused because the
+    /// VM is paused says so as everywhere else (`VM 'x' is paused; resume it first`).
+    fn unexpected(&self, what: &str, reply: Reply) -> Error {
+        match reply {
+            Reply::Error { kind: ErrorKind::Paused, .. } => Error::NotRunning { id: self.id.clone(), state: "paused".into() },
+            other => reply_error(what, other),
+        }
+    }
+
     pub(crate) fn connection(&self) -> Result<&Arc<Conn>> {
         self.conn()
     }
@@ -1413,7 +1422,7 @@ impl Sandbox {
                         stderr: String::from_utf8_lossy(&stderr).into_owned(),
                     })
                 }
-                other => return Err(unexpected("exec", other)),
+                other => return Err(self.unexpected("exec", other)),
             }
         }
     }
@@ -1524,7 +1533,7 @@ impl Sandbox {
                         return Ok(());
                     }
                     Some(Reply::Error { kind: ErrorKind::Invalid, message }) => return Err(Error::validation("guest_path", message)),
-                    Some(other) => return Err(unexpected("upload", other)),
+                    Some(other) => return Err(self.unexpected("upload", other)),
                     None => return Err(Error::Guest("the sandbox went away during the upload".into())),
                 },
             }
@@ -1571,7 +1580,7 @@ impl Sandbox {
                         return Ok((mode, tar));
                     }
                     Some(Reply::Error { kind: ErrorKind::NotFound, message }) => return Err(Error::validation("guest_path", message)),
-                    Some(other) => return Err(unexpected("download", other)),
+                    Some(other) => return Err(self.unexpected("download", other)),
                     None => return Err(Error::Guest("the sandbox went away during the download".into())),
                 }
             }
@@ -1649,7 +1658,7 @@ impl Sandbox {
         match self.call_within(&Request::Expose { guest: guest_port, host: host_port.unwrap_or(0) }, "expose", control_wait()?).await? {
             Reply::Port(p) => Ok(p),
             Reply::Error { kind: ErrorKind::Invalid, message } => Err(Error::validation("port", message)),
-            other => Err(unexpected("expose", other)),
+            other => Err(self.unexpected("expose", other)),
         }
     }
 
@@ -1657,7 +1666,7 @@ impl Sandbox {
         match self.call_within(&Request::Unexpose { guest: guest_port }, "unexpose", control_wait()?).await? {
             Reply::Ok => Ok(()),
             Reply::Error { kind: ErrorKind::NotFound, message } => Err(Error::validation("guest_port", message)),
-            other => Err(unexpected("unexpose", other)),
+            other => Err(self.unexpected("unexpose", other)),
         }
     }
 
@@ -1676,7 +1685,7 @@ impl Sandbox {
     pub async fn ping(&self) -> Result<()> {
         match self.call_within(&Request::Ping, "ping", PING_BOUND).await? {
             Reply::Pong => Ok(()),
-            other => Err(unexpected("ping", other)),
+            other => Err(self.unexpected("ping", other)),
         }
     }
 
@@ -1685,7 +1694,7 @@ impl Sandbox {
         match self.channel {
             Channel::Agent => match self.call_within(&Request::Listening, "listening ports", CALL_BOUND).await? {
                 Reply::Ports(p) => Ok(p),
-                other => Err(unexpected("listening ports", other)),
+                other => Err(self.unexpected("listening ports", other)),
             },
             Channel::Ssh => {
                 let opts = RunOptions { timeout: Duration::from_secs(30), shell: Shell::Raw, ..Default::default() };
@@ -1731,7 +1740,7 @@ impl Sandbox {
         smolvm_proto::env::validate_vars(vars)?;
         let names = match self.call_within(&Request::EnvSet { vars: vars.clone(), merge }, "env set", CALL_BOUND).await? {
             Reply::EnvNames(n) => n,
-            other => return Err(unexpected("env set", other)),
+            other => return Err(self.unexpected("env set", other)),
         };
         self.remember_env().await?;
         Ok(names)
@@ -1745,7 +1754,7 @@ impl Sandbox {
         }
         let removed = match self.call_within(&Request::EnvUnset { keys: keys.to_vec() }, "env unset", CALL_BOUND).await? {
             Reply::EnvRemoved(r) => r,
-            other => return Err(unexpected("env unset", other)),
+            other => return Err(self.unexpected("env unset", other)),
         };
         if !removed.is_empty() {
             self.remember_env().await?;
@@ -1757,7 +1766,7 @@ impl Sandbox {
     pub async fn list_env_vars(&self) -> Result<BTreeMap<String, String>> {
         match self.call_within(&Request::EnvList, "env list", CALL_BOUND).await? {
             Reply::Env(vars) => Ok(vars),
-            other => Err(unexpected("env list", other)),
+            other => Err(self.unexpected("env list", other)),
         }
     }
 
@@ -1954,7 +1963,7 @@ fn went_away() -> Error {
     Error::Guest("the sandbox went away while the command ran".into())
 }
 
-fn unexpected(what: &str, reply: Reply) -> Error {
+fn reply_error(what: &str, reply: Reply) -> Error {
     match reply {
         Reply::Error { kind: ErrorKind::Invalid, message } => Error::Guest(format!("{what}: {message}")),
         Reply::Error { message, .. } => Error::Guest(format!("{what}: {message}")),

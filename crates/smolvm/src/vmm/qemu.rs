@@ -340,17 +340,19 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     if spec.incoming.is_some() {
         push(&["-incoming", "defer", "-S"]);
     }
-    // QEMU serves each directory with its own credentials. What the guest creates is a plain
-    // file or directory of QEMU's user (0600, 0700), and the owner, mode and kind the guest
-    // gave it are kept in `user.virtfs.*` attributes (`mapped-xattr`): a guest's setuid file or
-    // device node never becomes one on the host, even where QEMU runs as root. A read-only one
-    // refuses writes itself, whatever the guest does.
+    // QEMU serves each directory with its own credentials. On a writable one, what the guest
+    // creates is a plain file or directory of QEMU's user (0600, 0700), and the owner, mode and
+    // kind the guest gave it are kept in `user.virtfs.*` attributes (`mapped-xattr`): a guest's
+    // setuid file or device node never becomes one on the host, even where QEMU runs as root.
+    // A read-only one refuses writes itself, whatever the guest does, so it shows the host's
+    // files as they are (`none`): mapped-xattr would read a host symlink as a file holding its
+    // target, and fail on it (ELOOP).
     for (i, m) in spec.mounts.iter().enumerate() {
         let path = m.host.to_string_lossy().replace(',', ",,");
-        let ro = if m.readonly { ",readonly=on" } else { "" };
+        let (model, ro) = if m.readonly { ("none", ",readonly=on") } else { ("mapped-xattr", "") };
         push(&[
             "-fsdev",
-            &format!("local,id=fs{i},path={path},security_model=mapped-xattr{ro}"),
+            &format!("local,id=fs{i},path={path},security_model={model}{ro}"),
             "-device",
             &format!("virtio-9p-{bus},fsdev=fs{i},mount_tag=smolvm{i}"),
         ]);
@@ -792,7 +794,7 @@ mod tests {
         let a = command_line(&s).join(" ");
         assert!(
             a.contains(
-                "-fsdev local,id=fs0,path=/h/a,,b,security_model=mapped-xattr,readonly=on -device virtio-9p-device,fsdev=fs0,mount_tag=smolvm0"
+                "-fsdev local,id=fs0,path=/h/a,,b,security_model=none,readonly=on -device virtio-9p-device,fsdev=fs0,mount_tag=smolvm0"
             ),
             "{a}"
         );
