@@ -109,7 +109,7 @@ struct VmArgs {
     #[arg(long = "env", short = 'e')]
     env: Vec<std::ffi::OsString>,
     /// Seconds to wait for the VM to boot.
-    #[arg(long, default_value_t = DEFAULT_BOOT_TIMEOUT.as_secs_f64())]
+    #[arg(long, default_value_t = DEFAULT_BOOT_TIMEOUT.as_secs_f64(), value_parser = seconds_arg, allow_negative_numbers = true)]
     boot_timeout: f64,
     /// HOST[:GUEST]: a host directory seen in the sandbox at GUEST (default
     /// /workspace/<its name>), read-only unless --writable-mounts; repeatable.
@@ -138,7 +138,7 @@ struct VmArgs {
 #[derive(Args, Clone)]
 struct ExecArgs {
     /// Seconds before the command's whole process group is killed (default 30; with -t, none).
-    #[arg(long)]
+    #[arg(long, value_parser = seconds_arg, allow_negative_numbers = true)]
     timeout: Option<f64>,
     /// login ($SHELL -lc, sources /etc/profile.d) or raw (/bin/sh -c).
     #[arg(long, default_value = "login", value_parser = ["login", "raw"])]
@@ -189,13 +189,13 @@ enum SandboxCmd {
     },
     Start {
         name: String,
-        #[arg(long, default_value_t = DEFAULT_BOOT_TIMEOUT.as_secs_f64())]
+        #[arg(long, default_value_t = DEFAULT_BOOT_TIMEOUT.as_secs_f64(), value_parser = seconds_arg, allow_negative_numbers = true)]
         boot_timeout: f64,
     },
     Stop {
         name: String,
         /// Seconds to wait for a clean shutdown before the VM is killed.
-        #[arg(long, default_value_t = DEFAULT_STOP_TIMEOUT.as_secs_f64())]
+        #[arg(long, default_value_t = DEFAULT_STOP_TIMEOUT.as_secs_f64(), value_parser = seconds_arg, allow_negative_numbers = true)]
         timeout: f64,
     },
     Delete {
@@ -244,7 +244,7 @@ enum SandboxCmd {
     /// Wait until an SSH login into the sandbox works.
     WaitSsh {
         name: String,
-        #[arg(long, default_value_t = 60.0)]
+        #[arg(long, default_value_t = 60.0, value_parser = seconds_arg, allow_negative_numbers = true)]
         timeout: f64,
     },
     /// The sandbox's console log.
@@ -290,7 +290,7 @@ enum PortCmd {
         #[arg(required = true)]
         ports: Vec<u16>,
         /// Seconds to wait.
-        #[arg(long, default_value_t = 30.0)]
+        #[arg(long, default_value_t = 30.0, value_parser = seconds_arg, allow_negative_numbers = true)]
         timeout: f64,
     },
     List {
@@ -431,7 +431,7 @@ enum ImageCmd {
     Rm { name: String },
     /// Download a published image (not supported by this build yet: images are built locally).
     Pull { name: String },
-    /// Remove warm snapshots, build leftovers and all but the newest initramfs and root disk.
+    /// Remove warm snapshots, build leftovers and all but the two newest initramfs and the newest root disk.
     Prune,
 }
 
@@ -459,6 +459,11 @@ impl Done {
 /// A line on stdout, where a reader that went away (`| head`) is no reason to panic.
 fn out_line(line: impl std::fmt::Display) {
     let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+/// A number of seconds as clap reads it; the bounds are `secs`'s, which name the field.
+fn seconds_arg(s: &str) -> Result<f64, String> {
+    s.trim().parse::<f64>().map_err(|_| "must be a positive number of seconds".to_string())
 }
 
 fn secs(s: f64, field: &'static str) -> Result<Duration, Error> {
@@ -829,7 +834,9 @@ fn state_rank(s: State) -> bool {
 async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
     match cmd {
         Cmd::Run { vm, exec, command } => {
-            let opts = run_options(&exec, &[])?;
+            // The variables are the sandbox's (login shells read them) and the command's own
+            // too, so that a raw shell sees them as well: `run --shell raw -e MODE=ci 'echo $MODE'`.
+            let opts = run_options(&exec, &vm.env)?;
             let boot_timeout = secs(vm.boot_timeout, "boot_timeout")?;
             let mut sb = Sandbox::create_in(dirs, vm_config(&vm, None)?, true)?;
             let result = async {
@@ -1055,7 +1062,9 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             let data: Vec<Value> = recs.iter().map(|r| sandbox::record_json(r, &sandbox::SandboxPaths::new(&dirs, &r.id))).collect();
             let mut text = format!("{:<24} {:<8} {:>5} {:>7}", "NAME", "STATE", "CPUS", "MEMORY");
             for r in &recs {
-                text.push_str(&format!("\n{:<24} {:<8} {:>5} {:>6}M", r.id, r.state, r.config.vcpu_count, r.config.memory));
+                // (A state is padded as text: `{:<8}` on it directly pads nothing.)
+                let state = r.state.to_string();
+                text.push_str(&format!("\n{:<24} {:<8} {:>5} {:>6}M", r.id, state, r.config.vcpu_count, r.config.memory));
             }
             Ok(Done::text(text, Value::Array(data)))
         }

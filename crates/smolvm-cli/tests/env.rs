@@ -243,6 +243,9 @@ fn cli_env_commands_mask_values_and_reject_bad_pairs() {
     // `smolvm run --env`.
     let out = env.smolvm(&["run", "--env", "GREETING=hello there", "echo $GREETING"]);
     assert_eq!(stdout(&out), "hello there\n");
+    // The command's own variable too: a raw shell (which reads no profile) sees it.
+    let out = env.smolvm(&["run", "--shell", "raw", "--env", "MODE=ci", "echo $MODE"]);
+    assert_eq!(stdout(&out), "ci\n");
     // `--env KEY` takes the host's value, which then appears on no command line.
     let out = env.cli().args(["run", "--env", "FROM_HOST", "echo $FROM_HOST"]).env("FROM_HOST", "host value").output().unwrap();
     assert_eq!(stdout(&out), "host value\n");

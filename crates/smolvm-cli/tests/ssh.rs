@@ -90,6 +90,23 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
     assert_eq!(sb.run("echo out; echo err >&2; exit 3", &opts()).await.unwrap().exit_code, 3);
 
     sb.set_channel(Channel::Ssh);
+    // A signal's exit code is 128+N, as over the agent (the server would report the signal,
+    // and ssh exit 255).
+    assert_eq!(sb.run("kill -9 $$", &opts()).await.unwrap().exit_code, 137);
+    // More commands at once than dropbear takes in their handshake (5 from one address): each
+    // still runs once and gets its own output.
+    let sb = std::sync::Arc::new(sb);
+    let runs: Vec<_> = (0..12)
+        .map(|i| {
+            let sb = sb.clone();
+            tokio::spawn(async move { sb.run(&format!("echo run{i}"), &opts()).await })
+        })
+        .collect();
+    for (i, run) in runs.into_iter().enumerate() {
+        let r = run.await.unwrap().unwrap();
+        assert_eq!((r.exit_code, r.stdout.as_str()), (0, format!("run{i}\n").as_str()), "{}", r.stderr);
+    }
+    let mut sb = std::sync::Arc::try_unwrap(sb).ok().expect("no other handle");
     let o = RunOptions { timeout: Duration::from_secs(1), ..opts() };
     let e = sb.run("sleep 30", &o).await.unwrap_err();
     assert!(matches!(e, Error::Timeout { .. }), "{e}");

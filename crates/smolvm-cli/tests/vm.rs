@@ -1060,6 +1060,12 @@ fn unparsable_arguments_answer_in_json_when_asked() {
     assert_eq!(v["exit_code"], 2);
     assert_eq!(v["error"]["code"], "validation");
     assert_eq!(v["error"]["message"], "invalid value 'abc' for '--memory <MEMORY>': invalid digit found in string");
+    // Seconds that are not a number are the parser's (exit 2); negative ones are ours (exit 1).
+    let out = env.smolvm(&["run", "--timeout", "abc", "true"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).starts_with("error: invalid value 'abc' for '--timeout <TIMEOUT>': must be a positive number of seconds"));
+    let out = env.smolvm(&["sandbox", "create", "--boot-timeout", "-1"]);
+    assert_eq!((out.status.code(), stderr(&out)), (Some(1), "error: invalid boot_timeout: must be a positive number of seconds\n".into()));
     // A missing argument is named (clap puts it on a line of its own).
     let out = env.smolvm(&["sandbox", "info", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -868,6 +868,9 @@ pub fn remove_entry(dirs: &Dirs, name: &str) -> Result<()> {
         .map(|d| d.flatten().filter(|e| disk_image_name(&e.file_name().to_string_lossy()) == Some(name)).map(|e| e.path()).collect())
         .unwrap_or_default();
     if disks.is_empty() && !recipe.exists() {
+        if crate::recipe::BUILTIN.contains(&name) {
+            return Err(Error::validation("image", format!("{name:?} has nothing built in the image cache to remove")));
+        }
         return Err(not_entry());
     }
     for d in disks {
@@ -991,6 +994,18 @@ pub fn initramfs_archive(agent: &[u8], busybox: &[u8], applets: &str, modules: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn removing_what_is_not_in_the_cache_says_which_it_is() {
+        let dir = std::env::temp_dir().join(format!("smolvm-rm-{}", std::process::id()));
+        let dirs = Dirs { data: dir.join("data"), images: dir.join("images") };
+        std::fs::create_dir_all(&dirs.images).unwrap();
+        let built_in = remove_entry(&dirs, "debian-ssh").unwrap_err().to_string();
+        let unknown = remove_entry(&dirs, "nope").unwrap_err().to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(built_in, "invalid image: \"debian-ssh\" has nothing built in the image cache to remove");
+        assert!(unknown.starts_with("invalid image: \"nope\" is neither an image name nor an entry"), "{unknown}");
+    }
 
     #[test]
     fn only_the_sources_own_build_failures_pin_the_fallback() {

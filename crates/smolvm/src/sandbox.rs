@@ -697,7 +697,7 @@ impl Sandbox {
     pub async fn start(&mut self, boot_timeout: Duration, progress: Progress<'_>) -> Result<()> {
         crate::config::check_wait(boot_timeout, "boot_timeout")?;
         crate::config::check_supervisor_settings()?;
-        let _lock = self.paths.wait_start_lock().await?;
+        let lock = self.paths.wait_start_lock().await?;
         let mut rec = match self.record_with(true) {
             Ok(rec) => rec,
             Err(e) => {
@@ -740,7 +740,7 @@ impl Sandbox {
                 Ok(state) => {
                     spec.restore = Some(RestoreSpec { state: state.clone(), resume: true, no_saved_env: true });
                     spec.ram = Some(crate::vmm::qemu::RamFile { path: crate::warm::ram_file(&state), share: false });
-                    match self.launch(&spec, boot_timeout, _lock.as_ref()).await {
+                    match self.launch(&spec, boot_timeout, lock.as_ref()).await {
                         Ok(()) => return Ok(()),
                         // The user's settings, not the template: a cold boot would fail alike.
                         Err(e @ (Error::Validation { .. } | Error::Reported { code: "validation", .. })) => return Err(e),
@@ -761,7 +761,7 @@ impl Sandbox {
                 Err(e) => tracing::warn!("no warm snapshot, booting cold: {}", e.full_message()),
             }
         }
-        self.launch(&spec, boot_timeout, _lock.as_ref()).await
+        self.launch(&spec, boot_timeout, lock.as_ref()).await
     }
 
     /// Start the supervisor with `spec` and connect to it. The start's `lock` is the
@@ -905,54 +905,81 @@ impl Sandbox {
         let ep = self.ssh_endpoint()?;
         let secs = opts.timeout.as_secs_f64().ceil() as u64;
         let remote = crate::ssh::remote_command(command, opts.shell == Shell::Login, secs, opts.cwd.as_deref());
-        let mut cmd = tokio::process::Command::from(ep.ssh(Some(&remote), false));
-        let stdin = if input.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() };
-        cmd.stdin(stdin).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
-        let started = tokio::time::Instant::now();
-        let mut child = cmd.spawn().map_err(|e| Error::Host(format!("running ssh (openssh-client): {e}")))?;
-        // ssh's pipe is the window here; the copy ends with the command (its pipe closes).
-        let _feeding = match (child.stdin.take(), input) {
-            (Some(mut pipe), Some(mut input)) => Some(Stopping(tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut input, &mut pipe).await;
-            }))),
-            _ => None,
-        };
-        let (mut out, mut err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-        let (mut out_open, mut err_open) = (true, true);
-        let (mut b1, mut b2) = (vec![0u8; 65536], vec![0u8; 65536]);
+        // ssh's own messages go to a file of their own, so that they are never taken for the
+        // command's (nor streamed as its stderr).
+        let log = self.paths.dir.join(format!("ssh-{}.log", random_id("run")));
+        let _remove_log = RemoveOnDrop(log.clone());
         let timeout_err = || Error::Timeout { operation: "run".into(), seconds: opts.timeout.as_secs_f64() };
+        let started = tokio::time::Instant::now();
         let deadline = started + if opts.timeout.is_zero() { FOREVER } else { opts.timeout + Duration::from_secs(5) };
-        while out_open || err_open {
-            tokio::select! {
-                n = out.read(&mut b1), if out_open => match n {
-                    Ok(0) | Err(_) => out_open = false,
-                    Ok(n) => { on_output(Output::Stdout(&b1[..n])); stdout.extend_from_slice(&b1[..n]); }
-                },
-                n = err.read(&mut b2), if err_open => match n {
-                    Ok(0) | Err(_) => err_open = false,
-                    Ok(n) => { on_output(Output::Stderr(&b2[..n])); stderr.extend_from_slice(&b2[..n]); }
-                },
-                _ = tokio::time::sleep_until(deadline) => {
-                    let _ = child.kill().await;
-                    return Err(timeout_err());
+        let mut input = input;
+        for attempt in 1.. {
+            let _ = std::fs::remove_file(&log);
+            let mut cmd = tokio::process::Command::from(ep.ssh_logging(Some(&remote), false, Some(&log)));
+            let stdin = if input.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() };
+            cmd.stdin(stdin).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
+            let mut child = cmd.spawn().map_err(|e| Error::Host(format!("running ssh (openssh-client): {e}")))?;
+            // ssh's pipe is the window here; the copy ends with the command (its pipe closes).
+            let _feeding = match (child.stdin.take(), input.take()) {
+                (Some(mut pipe), Some(mut input)) => Some(Stopping(tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut input, &mut pipe).await;
+                }))),
+                _ => None,
+            };
+            let fed = _feeding.is_some();
+            let (mut out, mut err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
+            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            let (mut out_open, mut err_open) = (true, true);
+            let (mut b1, mut b2) = (vec![0u8; 65536], vec![0u8; 65536]);
+            while out_open || err_open {
+                tokio::select! {
+                    n = out.read(&mut b1), if out_open => match n {
+                        Ok(0) | Err(_) => out_open = false,
+                        Ok(n) => { on_output(Output::Stdout(&b1[..n])); stdout.extend_from_slice(&b1[..n]); }
+                    },
+                    n = err.read(&mut b2), if err_open => match n {
+                        Ok(0) | Err(_) => err_open = false,
+                        Ok(n) => { on_output(Output::Stderr(&b2[..n])); stderr.extend_from_slice(&b2[..n]); }
+                    },
+                    _ = tokio::time::sleep_until(deadline) => {
+                        let _ = child.kill().await;
+                        return Err(timeout_err());
+                    }
                 }
             }
+            let status =
+                tokio::time::timeout_at(deadline, child.wait()).await.map_err(|_| timeout_err())?.ctx(|| "waiting for ssh".into())?;
+            let code = status.code().unwrap_or(255);
+            // coreutils' timeout exits 124 (137 after -k); busybox's kills the command, whose
+            // shell then exits 143 (or, killed itself, makes the server report a signal: 255).
+            if matches!(code, 124 | 137 | 143 | 255) && !opts.timeout.is_zero() && started.elapsed() >= opts.timeout {
+                return Err(timeout_err());
+            }
+            if code == 255 {
+                let diagnostics = std::fs::read_to_string(&log).unwrap_or_default();
+                let diagnostics = diagnostics.trim();
+                // The server let go before the session began (too many connections in their
+                // handshake at once: dropbear takes 5 from one address, OpenSSH 10). Nothing
+                // ran: another try is safe, where no input was taken.
+                let not_started = ["kex_exchange_identification", "Connection closed by", "Connection reset by", "Connection refused"]
+                    .iter()
+                    .any(|m| diagnostics.contains(m));
+                if not_started && stdout.is_empty() && stderr.is_empty() && !fed && attempt < 20 {
+                    let pause = Duration::from_millis(20 * attempt.min(10));
+                    if tokio::time::Instant::now() + pause < deadline {
+                        tokio::time::sleep(pause).await;
+                        continue;
+                    }
+                }
+                // ssh's own failure, not the command's exit code.
+                if !diagnostics.is_empty() {
+                    return Err(Error::Ssh(diagnostics.to_string()));
+                }
+            }
+            let stderr = String::from_utf8_lossy(&stderr).into_owned();
+            return Ok(CommandResult { exit_code: code, stdout: String::from_utf8_lossy(&stdout).into_owned(), stderr });
         }
-        let status = tokio::time::timeout_at(deadline, child.wait()).await.map_err(|_| timeout_err())?.ctx(|| "waiting for ssh".into())?;
-        let code = status.code().unwrap_or(255);
-        let stderr = String::from_utf8_lossy(&stderr).into_owned();
-        // coreutils' timeout exits 124 (137 after -k); busybox's kills the command, which the
-        // server reports as a signal (ssh exits 255).
-        if matches!(code, 124 | 137 | 255) && started.elapsed() >= opts.timeout {
-            return Err(timeout_err());
-        }
-        if code == 255
-            && (stderr.starts_with("ssh:") || stderr.contains("Host key verification failed") || stderr.contains("Permission denied"))
-        {
-            return Err(Error::Ssh(stderr.trim().to_string()));
-        }
-        Ok(CommandResult { exit_code: code, stdout: String::from_utf8_lossy(&stdout).into_owned(), stderr })
+        unreachable!("the loop returns")
     }
 
     /// Run an sftp batch; its error output, cleaned up, on failure.
@@ -1146,8 +1173,8 @@ impl Sandbox {
                 q35: false,
             };
             // Like any start: a `start` or `delete` of this name meanwhile waits for it.
-            let _lock = sb.paths.wait_start_lock().await?;
-            sb.launch(&spec, opts.boot_timeout, _lock.as_ref()).await?;
+            let lock = sb.paths.wait_start_lock().await?;
+            sb.launch(&spec, opts.boot_timeout, lock.as_ref()).await?;
             // A disk snapshot's sandbox boots; asked not to run on, it is paused once up.
             if spec.restore.is_none() && !opts.resume {
                 sb.pause().await?;
@@ -1410,9 +1437,6 @@ impl Sandbox {
                 }
                 Reply::Credit(n) => window.add_permits((n as usize).min(smolvm_proto::WINDOW)),
                 Reply::Exit { timed_out: true, .. } => return Err(timeout_err()),
-                Reply::Error { kind: ErrorKind::Paused, .. } => {
-                    return Err(Error::NotRunning { id: self.id.clone(), state: "paused".into() })
-                }
                 // Stopped, deleted or powered off meanwhile: as a connection that ends, above.
                 Reply::Error { kind: ErrorKind::Closed, .. } => return Err(went_away()),
                 Reply::Exit { code, .. } => {
@@ -1956,6 +1980,15 @@ fn control_failure(what: &str, message: &str) -> Error {
     }
     let why = message.strip_prefix("host: ").unwrap_or(message);
     Error::Reported { code: "host", message: format!("{what} failed: {why}") }
+}
+
+/// A file removed when this goes (on every return and error path).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// A command's sandbox stopped, was deleted or died before the command's end.

@@ -150,8 +150,17 @@ impl Endpoint {
 
     /// `ssh` to the sandbox as root; `remote` is a shell command line (none: a login shell).
     pub fn ssh(&self, remote: Option<&str>, tty: bool) -> Command {
+        self.ssh_logging(remote, tty, None)
+    }
+
+    /// `ssh`, its own messages (not the command's) going to `log` where given: a failure of
+    /// ssh's own is then told apart from a command that wrote to stderr and exited 255.
+    pub fn ssh_logging(&self, remote: Option<&str>, tty: bool, log: Option<&Path>) -> Command {
         let mut cmd = Command::new("ssh");
         cmd.args(self.options()).arg("-p").arg(self.port.to_string());
+        if let Some(log) = log {
+            cmd.arg("-E").arg(log);
+        }
         if tty {
             cmd.arg("-t");
         } else {
@@ -188,7 +197,10 @@ pub fn remote_command(command: &str, login: bool, timeout_secs: u64, cwd: Option
     let timeout = if timeout_secs == 0 { String::new() } else { format!("timeout -k 2 {timeout_secs} ") };
     // A command that starts with '-' would read as the shell's options: `--` ends them first.
     let end = if command.starts_with('-') { "-- " } else { "" };
-    format!("{cd}exec {timeout}{shell} {end}{}", crate::env::quote(command))
+    // Not `exec`, and not last (a shell runs its last command in its own place): the server's
+    // shell waits and exits with the command's status, 128+N for a signal, where the server
+    // would report the signal itself (and ssh exit 255).
+    format!("{cd}{timeout}{shell} {end}{}; exit $?", crate::env::quote(command))
 }
 
 /// A path quoted for an sftp batch line. A line break (or any control character) would end the
@@ -282,16 +294,16 @@ mod tests {
 
     #[test]
     fn a_command_that_starts_with_a_dash_is_not_an_option() {
-        assert_eq!(remote_command("-n", false, 0, None), "exec /bin/sh -c -- '-n'");
-        assert_eq!(remote_command("n", false, 0, None), "exec /bin/sh -c 'n'");
+        assert_eq!(remote_command("-n", false, 0, None), "/bin/sh -c -- '-n'; exit $?");
+        assert_eq!(remote_command("n", false, 0, None), "/bin/sh -c 'n'; exit $?");
     }
 
     #[test]
     fn remote_commands_quote_and_bound() {
         let c = remote_command("echo 'hi' $HOME", true, 7, Some("/tmp/a b"));
-        assert_eq!(c, r#"cd '/tmp/a b' && exec timeout -k 2 7 "${SHELL:-/bin/sh}" -lc 'echo '"'"'hi'"'"' $HOME'"#);
-        assert!(remote_command("true", false, 1, None).starts_with("exec timeout -k 2 1 /bin/sh -c "));
-        assert!(remote_command("true", false, 0, None).starts_with("exec /bin/sh -c "));
+        assert_eq!(c, r#"cd '/tmp/a b' && timeout -k 2 7 "${SHELL:-/bin/sh}" -lc 'echo '"'"'hi'"'"' $HOME'; exit $?"#);
+        assert!(remote_command("true", false, 1, None).starts_with("timeout -k 2 1 /bin/sh -c "));
+        assert!(remote_command("true", false, 0, None).starts_with("/bin/sh -c "));
     }
 
     #[test]

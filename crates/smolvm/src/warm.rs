@@ -124,8 +124,8 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
         let ram = crate::vmm::qemu::RamFile { path: tmp.join("ram"), share: true };
         let cold = BootSpec { restore: None, verbose_boot: false, ram: Some(ram), ..spec.clone() };
         {
-            let _lock = sb.paths().wait_start_lock().await?;
-            sb.launch(&cold, Duration::from_millis(spec.boot_timeout_ms), _lock.as_ref()).await?;
+            let start_lock = sb.paths().wait_start_lock().await?;
+            sb.launch(&cold, Duration::from_millis(spec.boot_timeout_ms), start_lock.as_ref()).await?;
         }
         // One command first: it waits for the boot's set-up thread (network, /proc, /sys) and
         // starts the first shell. Saved half way, that work would be finished again in every
