@@ -158,6 +158,19 @@ fn list_sandboxes() -> PyResult<String> {
 struct Vm {
     id: String,
     inner: Arc<RwLock<Option<Sandbox>>>,
+    /// The process that made the handle. A forked child shares its sockets and, with them,
+    /// the parent's registrations in the runtime's epoll set: dropping the handle there would
+    /// take the parent's connection with it. The child leaves it alone (see `Drop`).
+    pid: u32,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if std::process::id() != self.pid {
+            // A forked child's copy: forgotten, not closed (the parent's connection lives on).
+            std::mem::forget(std::mem::replace(&mut self.inner, Arc::new(RwLock::new(None))));
+        }
+    }
 }
 
 /// Stop the sandbox through a connection of its own. Commands in flight on a handle hold it
@@ -171,7 +184,7 @@ async fn stop_beside(id: &str, timeout: Duration) {
 
 impl Vm {
     fn wrap(sb: Sandbox) -> Vm {
-        Vm { id: sb.id().to_string(), inner: Arc::new(RwLock::new(Some(sb))) }
+        Vm { id: sb.id().to_string(), inner: Arc::new(RwLock::new(Some(sb))), pid: std::process::id() }
     }
 }
 
@@ -316,6 +329,14 @@ impl Vm {
         let inner = self.inner.clone();
         let own = self.id.clone();
         block(py, async move {
+            // A closed handle deletes nothing (and stops nothing): as any call on it, an error.
+            // One whose sandbox is gone already has nothing left to do.
+            if inner.read().await.is_none() {
+                return match gone(&own) {
+                    Error::NotFound(_) => Ok(()),
+                    closed => Err(closed),
+                };
+            }
             stop_beside(&own, smolvm::sandbox::DEFAULT_STOP_TIMEOUT).await;
             let sb = inner.write().await.take();
             let Some(sb) = sb else { return Ok(()) };

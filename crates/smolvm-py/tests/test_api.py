@@ -86,6 +86,21 @@ def test_vmconfig_is_frozen_validated_and_rejects_unknown_fields():
     for bad in (5, {"memory": 512}):
         with pytest.raises(ValidationError, match=r"^invalid config: expected a VMConfig"):
             SmolVM(bad)
+    # A str where a list belongs is not taken letter by letter; nor is a typo'd key dropped.
+    for make, message in [
+        (lambda: SmolVM(internet_settings={"mode": "restricted", "allowed_domains": "com"}),
+         "invalid internet_settings: allowed_domains must be a list of str, not str"),
+        (lambda: SmolVM(internet_settings={"mode": "restricted", "allowed_domain": ["a.com"]}),
+         "invalid internet_settings: unknown key(s) 'allowed_domain' (allowed: 'mode', 'allowed_domains', 'allowed_cidrs')"),
+        (lambda: SmolVM(port_forwards="80"), "invalid port_forwards: expected a list, got str"),
+        (lambda: SmolVM(writable_mounts="no", mounts=["/tmp"]), "invalid writable_mounts: 'no' is not a bool"),
+        (lambda: VMConfig(writable_mounts="no"), "invalid writable_mounts: 'no' is not a bool"),
+        (lambda: SmolVM.from_id(123), "invalid vm_id: expected a str, got int"),
+        (lambda: SmolVM.from_snapshot("s", resume="no"), "invalid resume: 'no' is not a bool"),
+    ]:
+        with pytest.raises(ValidationError) as e:
+            make()
+        assert str(e.value) == message
     # The documentation's Windows example: refused for the OS, not for its password login.
     with pytest.raises(ValidationError, match=r"^invalid os: 'windows' guests are not supported by this build yet"):
         SmolVM(os="windows", image="windows-server", ssh_user="smolvm", ssh_password="smolvm")
@@ -157,6 +172,9 @@ def test_from_id_and_deleted_sandboxes(no_leftovers):
     # A closed handle says so; the sandbox runs on.
     with pytest.raises(ValueError, match="this handle to VM 'pyfromid' is closed; the sandbox runs on"):
         other.run("true")
+    # Nor does a closed handle delete (or stop) it.
+    with pytest.raises(ValueError, match="this handle to VM 'pyfromid' is closed"):
+        other.delete()
     assert owner.status == VMState.RUNNING
     owner.delete()
     with pytest.raises(VMNotFoundError, match="VM 'pyfromid' not found"):
@@ -468,3 +486,21 @@ def test_wait_for_ports_sees_a_server_start():
         for bad in ([0], True, [8080, True], 80.0, [], None):
             with pytest.raises(ValidationError, match="^invalid ports"):
                 vm.wait_for_ports(bad)
+
+
+def test_a_forked_child_leaves_the_parents_handle_alone(no_leftovers):
+    import gc
+
+    vm = SmolVM(memory=256).start()
+    try:
+        # A child that drops its copy of the handle (as any child that exits may) must not
+        # take the parent's connection with it.
+        pid = os.fork()
+        if pid == 0:
+            del vm
+            gc.collect()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert vm.run("echo parent").output == "parent"
+    finally:
+        vm.delete()

@@ -609,6 +609,7 @@ async fn supervise(id: &str) -> i32 {
     let mut clients = 0usize;
     // An ephemeral sandbox also goes when its owner process does, even if it never connected.
     let mut owner_check = tokio::time::interval(Duration::from_secs(1));
+    let mut console_check = tokio::time::interval(Duration::from_secs(1));
     let mut stop_waiter: Option<oneshot::Sender<()>> = None;
     let mut stop_timeout = Duration::from_secs(3);
     // While the VM is stopped by a pause (or a snapshot that leaves it so), nothing is sent to
@@ -772,6 +773,7 @@ async fn supervise(id: &str) -> i32 {
                     break false;
                 }
             }
+            _ = console_check.tick() => cap_console(&paths.console),
             _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => break false,
         }
     };
@@ -1025,6 +1027,25 @@ async fn abandon(
     close_dns(dns).await;
     plan.cleanup(store, id);
     let _ = store.set_state(id, State::Error, Some(why));
+}
+
+/// The console log's bound. The serial port is the guest's to write, and a guest that writes to
+/// it without end (`yes > /dev/ttyS0`: 0.5 MB/s under TCG) must not fill the host's disk.
+const CONSOLE_MAX: u64 = 8 << 20;
+
+/// What a console cut down to its bound keeps: its start, the boot's messages.
+const CONSOLE_KEEP: u64 = 1 << 20;
+
+/// Cut the console log down once it passes its bound (looked at every second), saying so in it.
+/// QEMU appends to it, so what it writes next follows the note.
+fn cap_console(path: &std::path::Path) {
+    if std::fs::metadata(path).map_or(true, |m| m.len() <= CONSOLE_MAX) {
+        return;
+    }
+    if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(path) {
+        let _ = f.set_len(CONSOLE_KEEP);
+        let _ = f.write_all(b"\n[smolvm: the console passed 8 MiB; what it wrote after its first MiB, up to here, was dropped]\n");
+    }
 }
 
 /// Stop listening on the host ports exposed in NAT mode (user mode's are QEMU's, which go
@@ -1387,6 +1408,25 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_console_past_its_bound_keeps_its_start_and_says_what_went() {
+        let path = std::env::temp_dir().join(format!("smolvm-console-{}", std::process::id()));
+        let start: Vec<u8> = (0..CONSOLE_KEEP).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &start).unwrap();
+        cap_console(&path);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), CONSOLE_KEEP, "a console within its bound is left as it is");
+        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&vec![b'x'; CONSOLE_MAX as usize]).unwrap();
+        cap_console(&path);
+        // What QEMU (appending) writes next comes after the note.
+        f.write_all(b"next line\n").unwrap();
+        let got = std::fs::read(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(&got[..CONSOLE_KEEP as usize], &start[..]);
+        let rest = String::from_utf8_lossy(&got[CONSOLE_KEEP as usize..]);
+        assert_eq!(rest, "\n[smolvm: the console passed 8 MiB; what it wrote after its first MiB, up to here, was dropped]\nnext line\n");
+    }
 
     #[test]
     fn the_vmm_error_is_what_this_qemu_wrote() {

@@ -30,8 +30,21 @@ def _internet(value: Any) -> Optional[dict]:
         value = dataclasses.asdict(value)
     if not isinstance(value, dict):
         raise ValidationError("invalid internet_settings: expected InternetSettings or a dict", {"field": "internet_settings"})
-    return {"mode": value.get("mode", "open"), "allowed_domains": list(value.get("allowed_domains", ())),
-            "allowed_cidrs": list(value.get("allowed_cidrs", ()))}
+    unknown = sorted(set(value) - {"mode", "allowed_domains", "allowed_cidrs"})
+    if unknown:
+        raise ValidationError(f"invalid internet_settings: unknown key(s) {', '.join(map(repr, unknown))} "
+                              "(allowed: 'mode', 'allowed_domains', 'allowed_cidrs')", {"field": "internet_settings"})
+
+    def names(key: str) -> list:
+        # (A str is a sequence too: of its letters, which are not what was meant.)
+        v = value.get(key, ())
+        if isinstance(v, str) or not isinstance(v, (list, tuple, set, frozenset)):
+            raise ValidationError(f"invalid internet_settings: {key} must be a list of str, not {type(v).__name__}",
+                                  {"field": "internet_settings"})
+        return [_args.text(x, f"internet_settings.{key}") for x in v]
+
+    return {"mode": _args.text(value.get("mode", "open"), "internet_settings.mode"),
+            "allowed_domains": names("allowed_domains"), "allowed_cidrs": names("allowed_cidrs")}
 
 
 def _mount(m: Any) -> dict:
@@ -106,6 +119,8 @@ class VMConfig:
             if value is not None and not isinstance(value, str):
                 object.__setattr__(self, name, os.fspath(value))
         object.__setattr__(self, "env_vars", _args.env_vars(self.env_vars or {}))
+        if not isinstance(self.writable_mounts, bool):
+            raise ValidationError(f"invalid writable_mounts: {self.writable_mounts!r} is not a bool", {"field": "writable_mounts"})
         # Resolved now: a relative path means the directory current when the config was made.
         if self.workspace_mounts is not None:
             object.__setattr__(self, "workspace_mounts", _mounts(self.workspace_mounts))

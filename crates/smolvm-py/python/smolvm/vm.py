@@ -30,6 +30,19 @@ class _NotGiven:
 _FALSE = _NotGiven()
 
 
+def _bool(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValidationError(f"invalid {field}: {value!r} is not a bool", {"field": field})
+    return value
+
+
+def _port_list(value: Any) -> list:
+    # (A str is a sequence too: "80" would be the ports '8' and '0'.)
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ValidationError(f"invalid port_forwards: expected a list, got {type(value).__name__}", {"field": "port_forwards"})
+    return list(value)
+
+
 class SmolVM:
     """A sandbox: a microVM with its own kernel.
 
@@ -77,9 +90,9 @@ class SmolVM:
         overrides = {"image": image, "disk_size_mib": disk_size, "comm_channel": comm_channel, "vm_id": vm_id,
                      "backend": backend, "memory": memory, "vcpu_count": vcpu_count,
                      "internet_settings": internet_settings, "network": network,
-                     "port_forwards": None if port_forwards is None else list(port_forwards),
+                     "port_forwards": None if port_forwards is None else _port_list(port_forwards),
                      "workspace_mounts": mounts,
-                     "writable_mounts": None if writable_mounts is _FALSE else bool(writable_mounts),
+                     "writable_mounts": None if writable_mounts is _FALSE else _bool(writable_mounts, "writable_mounts"),
                      "env_vars": None if env_vars is None else {**config.env_vars, **_args.env_vars(env_vars)}}
         changes: Dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
         self._config = config.replace(**changes) if changes else config
@@ -95,7 +108,7 @@ class SmolVM:
     def from_id(cls, vm_id: str) -> "SmolVM":
         """Reconnect to an existing sandbox. Raises VMNotFoundError if there is none."""
         vm = cls.__new__(cls)
-        vm._native = call(_native.Vm.open, vm_id)
+        vm._native = call(_native.Vm.open, _args.text(vm_id, "vm_id"))
         vm._config = VMConfig(vm_id=vm_id)
         vm._owned = False
         vm.on_pre_run = vm.on_post_run = vm.on_run_error = None
@@ -166,7 +179,8 @@ class SmolVM:
 
     def snapshot(self, snapshot_id: Optional[str] = None, snapshot_type: str = "full") -> SnapshotInfo:
         """Save this sandbox (``full``: memory, devices and disk; ``disk``: the root disk)."""
-        return SnapshotInfo(*call(self._require().snapshot, snapshot_id, snapshot_type))
+        snapshot_id = None if snapshot_id is None else _args.text(snapshot_id, "snapshot_id")
+        return SnapshotInfo(*call(self._require().snapshot, snapshot_id, _args.text(snapshot_type, "snapshot_type")))
 
     @classmethod
     def from_snapshot(
@@ -192,6 +206,9 @@ class SmolVM:
             raise ValidationError(f"invalid backend: {backend!r} cannot restore this snapshot (allowed: 'qemu', 'auto')", {"field": "backend"})
         if resume_vm is not None:
             resume = resume_vm
+        resume = _bool(resume, "resume")
+        snapshot_id = _args.text(snapshot_id, "snapshot_id")
+        vm_id = None if vm_id is None else _args.text(vm_id, "vm_id")
         vm = cls.__new__(cls)
         env = _args.env_vars(env_vars) if env_vars is not None else None
         boot_timeout = _args.seconds(boot_timeout, "boot_timeout")

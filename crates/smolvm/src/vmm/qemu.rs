@@ -302,7 +302,9 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
         push(&["-initrd", &initrd.to_string_lossy()]);
     }
     push(&["-append", &kernel_cmdline(spec)]);
-    push(&["-chardev", &format!("file,id=con,path={}", spec.console_log.display()), "-serial", "chardev:con"]);
+    // Appended to (not written at an offset of QEMU's own): the supervisor cuts a console that
+    // outgrows its bound, and QEMU's next line then goes after the cut.
+    push(&["-chardev", &format!("file,id=con,path={},append=on", spec.console_log.display()), "-serial", "chardev:con"]);
     match &spec.vsock {
         Some(vhost) => push(&[
             "-chardev",
