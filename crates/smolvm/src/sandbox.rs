@@ -913,20 +913,22 @@ impl Sandbox {
         let started = tokio::time::Instant::now();
         let deadline = started + if opts.timeout.is_zero() { FOREVER } else { opts.timeout + Duration::from_secs(5) };
         let mut input = input;
-        for attempt in 1.. {
+        let mut attempt = 0u64;
+        loop {
+            attempt += 1;
             let _ = std::fs::remove_file(&log);
             let mut cmd = tokio::process::Command::from(ep.ssh_logging(Some(&remote), false, Some(&log)));
             let stdin = if input.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() };
             cmd.stdin(stdin).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
             let mut child = cmd.spawn().map_err(|e| Error::Host(format!("running ssh (openssh-client): {e}")))?;
             // ssh's pipe is the window here; the copy ends with the command (its pipe closes).
-            let _feeding = match (child.stdin.take(), input.take()) {
+            let feeding = match (child.stdin.take(), input.take()) {
                 (Some(mut pipe), Some(mut input)) => Some(Stopping(tokio::spawn(async move {
                     let _ = tokio::io::copy(&mut input, &mut pipe).await;
                 }))),
                 _ => None,
             };
-            let fed = _feeding.is_some();
+            let fed = feeding.is_some();
             let (mut out, mut err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
             let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
             let (mut out_open, mut err_open) = (true, true);
@@ -976,10 +978,10 @@ impl Sandbox {
                     return Err(Error::Ssh(diagnostics.to_string()));
                 }
             }
+            drop(feeding);
             let stderr = String::from_utf8_lossy(&stderr).into_owned();
             return Ok(CommandResult { exit_code: code, stdout: String::from_utf8_lossy(&stdout).into_owned(), stderr });
         }
-        unreachable!("the loop returns")
     }
 
     /// Run an sftp batch; its error output, cleaned up, on failure.
