@@ -620,9 +620,6 @@ mod tests {
     use super::*;
     use std::os::unix::process::CommandExt;
 
-    /// A command that has exited with output still in a pipe when its timeout passes, because
-    /// the host took none of it in time (its window stays full): that output is dropped, so the
-    /// exec must end as a timeout.
     fn pair() -> (File, File) {
         let (r, w) = crate::spawn::pipe().unwrap();
         (File::from(r), File::from(w))
@@ -651,12 +648,9 @@ mod tests {
         (stdout, stderr)
     }
 
-    /// An unnamed file (O_TMPFILE) in /tmp, gone when closed.
-    fn tempfile() -> File {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_TMPFILE).open("/tmp").unwrap()
-    }
-
+    /// A command that has exited with output still in a pipe when its timeout passes, because
+    /// the host took none of it in time (its window stays full): that output is dropped, so the
+    /// exec must end as a timeout.
     #[test]
     fn output_left_in_a_pipe_at_the_timeout_makes_it_a_timeout() {
         let ((out_r, mut out_w), (err_r, mut err_w), (exit_r, mut exit_w)) = (pair(), pair(), pair());
@@ -724,7 +718,7 @@ mod tests {
         // `out_w` stays open: the background process that still holds the pipe.
         drop((err_w, exit_w));
         let mut shell = shell();
-        let file = tempfile();
+        let file = crate::server::tests::tempfile_in_tmp();
         let (window, w) = (Window::new(smolvm_proto::WINDOW), Writer::to(file.try_clone().unwrap()));
         let out = Output { stream: 10, w: &w, window: &window, tty: false };
         // A deadline that has passed by the time the exit is read.

@@ -350,7 +350,7 @@ pub fn shutdown_now() -> ! {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::OpenOptionsExt;
 
@@ -402,7 +402,7 @@ mod tests {
     }
 
     /// An unnamed file (O_TMPFILE) in /tmp, gone when closed.
-    fn tempfile_in_tmp() -> File {
+    pub(crate) fn tempfile_in_tmp() -> File {
         fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_TMPFILE).open("/tmp").unwrap()
     }
 }

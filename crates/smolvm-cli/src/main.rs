@@ -2,6 +2,7 @@
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use serde_json::{json, Value};
+use smolvm::config::seconds;
 use smolvm::sandbox::{self, Output, DEFAULT_BOOT_TIMEOUT, DEFAULT_STOP_TIMEOUT};
 use smolvm::{Dirs, Error, RunOptions, Sandbox, Shell, State, VmConfig};
 use std::io::Write;
@@ -461,13 +462,9 @@ fn out_line(line: impl std::fmt::Display) {
     let _ = writeln!(std::io::stdout(), "{line}");
 }
 
-/// A number of seconds as clap reads it; the bounds are `secs`'s, which name the field.
+/// A number of seconds as clap reads it; the bounds are `seconds`'s, which name the field.
 fn seconds_arg(s: &str) -> Result<f64, String> {
     s.trim().parse::<f64>().map_err(|_| "must be a positive number of seconds".to_string())
-}
-
-fn secs(s: f64, field: &'static str) -> Result<Duration, Error> {
-    smolvm::config::seconds(s, field)
 }
 
 /// One argument is a shell command as written; several are words, quoted so that each stays
@@ -632,7 +629,7 @@ fn run_options(exec: &ExecArgs, env: &[std::ffi::OsString]) -> Result<RunOptions
         timeout: match exec.timeout {
             // (Here 0 is refused as not positive: the library's "or 0 for none" is not offered.)
             Some(t) if t > 0.0 && t < 1.0 => return Err(Error::validation("timeout", "must be at least 1 second")),
-            Some(t) => secs(t, "timeout")?,
+            Some(t) => seconds(t, "timeout")?,
             None if exec.tty => Duration::ZERO,
             None => Duration::from_secs(30),
         },
@@ -837,7 +834,7 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
             // The variables are the sandbox's (login shells read them) and the command's own
             // too, so that a raw shell sees them as well: `run --shell raw -e MODE=ci 'echo $MODE'`.
             let opts = run_options(&exec, &vm.env)?;
-            let boot_timeout = secs(vm.boot_timeout, "boot_timeout")?;
+            let boot_timeout = seconds(vm.boot_timeout, "boot_timeout")?;
             let mut sb = Sandbox::create_in(dirs, vm_config(&vm, None)?, true)?;
             let result = async {
                 sb.start(boot_timeout, &progress).await?;
@@ -1040,11 +1037,11 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
         }
         SandboxCmd::WaitSsh { name, timeout } => {
             let sb = Sandbox::open_in(dirs, &name).await?;
-            sb.wait_for_ssh(secs(timeout, "timeout")?).await?;
+            sb.wait_for_ssh(seconds(timeout, "timeout")?).await?;
             Ok(Done::text("ready", json!({ "ssh": true })))
         }
         SandboxCmd::Create { name, vm, no_start, .. } => {
-            let boot_timeout = secs(vm.boot_timeout, "boot_timeout")?;
+            let boot_timeout = seconds(vm.boot_timeout, "boot_timeout")?;
             let mut sb = Sandbox::create_in(dirs, vm_config(&vm, name)?, false)?;
             if !no_start {
                 if let Err(e) = sb.start(boot_timeout, &progress).await {
@@ -1075,12 +1072,12 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
         }
         SandboxCmd::Start { name, boot_timeout } => {
             let mut sb = Sandbox::open_in(dirs, &name).await?;
-            sb.start(secs(boot_timeout, "boot_timeout")?, &progress).await?;
+            sb.start(seconds(boot_timeout, "boot_timeout")?, &progress).await?;
             Ok(Done::text(name.clone(), json!({ "id": name, "state": "running" })))
         }
         SandboxCmd::Stop { name, timeout } => {
             let mut sb = Sandbox::open_in(dirs, &name).await?;
-            sb.stop(secs(timeout, "timeout")?).await?;
+            sb.stop(seconds(timeout, "timeout")?).await?;
             Ok(Done::text(name.clone(), json!({ "id": name, "state": "stopped" })))
         }
         SandboxCmd::Delete { names, all, force } => {
@@ -1213,7 +1210,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             Ok(Done::text(String::new(), json!({ "closed": guest })))
         }
         SandboxCmd::Port(PortCmd::Wait { name, ports, timeout }) => {
-            let timeout = secs(timeout, "timeout")?;
+            let timeout = seconds(timeout, "timeout")?;
             Sandbox::open_in(dirs, &name).await?.wait_for_ports(&ports, timeout).await?;
             Ok(Done::text(String::new(), json!({ "listening": ports })))
         }
