@@ -296,7 +296,7 @@ fn the_agent_serves_over_vsock_where_the_vmm_offers_it() {
 }
 
 #[tokio::test]
-async fn the_agent_does_pid_1s_duties_and_a_poweroff_inside_stops_the_sandbox() {
+async fn the_agent_does_pid_1s_duties_and_a_poweroff_or_halt_inside_stops_the_sandbox() {
     use std::os::unix::fs::PermissionsExt;
     let env = env();
     let mut sb = env.boot(VmConfig { vm_id: Some("pid1".into()), ..Default::default() }).await;
@@ -318,6 +318,18 @@ async fn the_agent_does_pid_1s_duties_and_a_poweroff_inside_stops_the_sandbox() 
     assert!(wait_until(Duration::from_secs(5), || env.qemu_processes().is_empty()), "QEMU still runs");
     sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
     assert_eq!(sb.run("echo back", &opts(10)).await.unwrap().output(), "back");
+    // A command that says nothing for a while is asked after, not taken for a halted guest.
+    assert_eq!(sb.run("sleep 6; echo still", &opts(30)).await.unwrap().output(), "still");
+    // `halt -f` and `poweroff -f` (a halt, without ACPI) stop the CPUs and leave QEMU running:
+    // the sandbox is found stopped, and the command ends long before its bound.
+    for halt in ["halt -f", "poweroff -f"] {
+        let r = sb.run(halt, &opts(300)).await;
+        assert!(matches!(r, Err(smolvm::Error::Guest(_))), "{halt}: {r:?}");
+        assert!(wait_until(Duration::from_secs(30), || sb.state().unwrap() == State::Stopped), "{halt}: state {:?}", sb.state());
+        assert!(wait_until(Duration::from_secs(5), || env.qemu_processes().is_empty()), "{halt}: QEMU still runs");
+        sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+    }
+    assert_eq!(sb.run("echo back again", &opts(10)).await.unwrap().output(), "back again");
     sb.delete().await.unwrap();
 }
 

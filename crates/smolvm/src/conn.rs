@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use smolvm_proto::{self as proto, Reply, Request};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
@@ -26,6 +26,11 @@ pub struct Conn {
     routes: Routes,
     next: AtomicU32,
     closed: Arc<AtomicBool>,
+    /// When the peer last sent a frame (or, if later, when a request began waiting on it after
+    /// none did), in milliseconds after `born`: a peer that stays silent while requests wait
+    /// on it may be gone without closing the channel (a halted guest).
+    heard: Arc<AtomicU64>,
+    born: std::time::Instant,
 }
 
 /// One request's replies. Dropping it before its terminal reply cancels the request (an exec's
@@ -154,11 +159,14 @@ impl Conn {
         let (read, write) = stream.into_split();
         let routes: Routes = Default::default();
         let closed = Arc::new(AtomicBool::new(false));
+        let (heard, born) = (Arc::new(AtomicU64::new(0)), std::time::Instant::now());
         let conn = Arc::new(Conn {
             writer: Arc::new(tokio::sync::Mutex::new(write)),
             routes: routes.clone(),
             next: AtomicU32::new(1),
             closed: closed.clone(),
+            heard: heard.clone(),
+            born,
         });
         let this = Arc::downgrade(&conn);
         tokio::spawn(async move {
@@ -177,6 +185,7 @@ impl Conn {
             }
             let mut reader = std::io::Cursor::new(past_marker).chain(reader);
             while synced && (std::mem::take(&mut have_frame) || matches!(read_frame(&mut reader, &mut body).await, Ok(Some(())))) {
+                heard.store(born.elapsed().as_millis() as u64, Ordering::Relaxed);
                 let Ok((id, reply)) = proto::decode::<Reply>(&body) else {
                     tracing::warn!("undecodable reply; closing the connection");
                     break;
@@ -219,6 +228,16 @@ impl Conn {
 
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
+    }
+
+    /// How long the peer has sent nothing while at least one request waits on it; zero when
+    /// nothing waits (a quiet peer with nothing to say is not a silent one).
+    pub fn silent_for(&self) -> std::time::Duration {
+        if self.routes.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+            return std::time::Duration::ZERO;
+        }
+        let heard = std::time::Duration::from_millis(self.heard.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(heard)
     }
 
     pub async fn send_on(&self, id: u32, req: &Request) -> Result<()> {
@@ -284,7 +303,14 @@ impl Conn {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         let held = Arc::new(AtomicUsize::new(0));
-        self.routes.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Route { tx, held: held.clone() });
+        {
+            let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+            // Waiting starts now: silence before it is not the peer's.
+            if routes.is_empty() {
+                self.heard.store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+            }
+            routes.insert(id, Route { tx, held: held.clone() });
+        }
         let stream = Stream { id, conn: self.clone(), rx, held, taken: 0, done: false };
         self.send_on(id, req).await?;
         Ok(stream)

@@ -94,6 +94,34 @@ impl Control {
     }
 }
 
+/// Why the supervisor's main loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// QEMU (or the vsock device's server) exited by itself.
+    Exited,
+    /// The guest stopped its CPUs for good; QEMU lives on.
+    Halted,
+    /// A stop, a signal, or an ephemeral sandbox's owner going away.
+    Asked,
+}
+
+/// How long the agent may say nothing while something waits on it before the supervisor asks
+/// whether the guest still runs, and how long it then waits for the answer.
+const SILENCE: Duration = Duration::from_secs(2);
+
+/// Whether the guest has stopped its CPUs for good. `halt -f` does that, and so does
+/// `poweroff -f` (without ACPI, which the microvm kernel leaves out, a power-off is a halt);
+/// QEMU then lives on, and all that waits on the agent would wait out its bound. A ping left
+/// unanswered for `SILENCE` while QEMU uses (next to) no CPU tells: a guest that is merely busy
+/// or slow uses CPU all the while it keeps us waiting, and a halted one none (measured here: no
+/// tick in 3 s, where an idle guest took 4).
+async fn guest_halted(agent: Arc<Conn>, vmm: i32) -> bool {
+    let before = crate::vmm::cpu_ticks(vmm);
+    let answered = tokio::time::timeout(SILENCE, agent.call(&Request::Ping)).await;
+    // (A closed channel is the VMM's exit, which the main loop hears of itself.)
+    answered.is_err() && crate::vmm::cpu_ticks(vmm).saturating_sub(before) <= 2
+}
+
 /// Entry point of `smolvm __supervise ID`. Returns the process exit code.
 pub fn main(id: &str) -> i32 {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -610,6 +638,12 @@ async fn supervise(id: &str) -> i32 {
     // An ephemeral sandbox also goes when its owner process does, even if it never connected.
     let mut owner_check = tokio::time::interval(Duration::from_secs(1));
     let mut console_check = tokio::time::interval(Duration::from_secs(1));
+    // Whether a silent guest still runs (see `guest_halted`), asked at most once at a time. A
+    // pause, resume or snapshot meanwhile (`epoch`) voids the answer: a stopped VM is silent too.
+    let mut liveness = tokio::time::interval(Duration::from_secs(1));
+    let mut halt_check: Option<(u64, tokio::task::JoinHandle<bool>)> = None;
+    let mut epoch = 0u64;
+    let vmm_pid = child.id().map(|p| p as i32);
     let mut stop_waiter: Option<oneshot::Sender<()>> = None;
     let mut stop_timeout = Duration::from_secs(3);
     // While the VM is stopped by a pause (or a snapshot that leaves it so), nothing is sent to
@@ -636,28 +670,41 @@ async fn supervise(id: &str) -> i32 {
             }
         }
     });
-    let exited_by_itself = loop {
+    let ended = loop {
         tokio::select! {
             status = child.wait() => {
                 tracing::warn!("VMM exited: {status:?}");
-                break true;
+                break Ended::Exited;
             }
             // The guest's vsock device is gone with its server, and the agent with it.
             status = async { match vsock.as_mut() { Some(d) => d.wait().await, None => std::future::pending().await } } => {
                 tracing::warn!("the vsock device server exited: {status:?}");
-                break true;
+                break Ended::Exited;
+            }
+            _ = liveness.tick(), if halt_check.is_none() && !paused.load(Ordering::SeqCst) => {
+                if let (Some(pid), true) = (vmm_pid, agent.silent_for() >= SILENCE) {
+                    halt_check = Some((epoch, tokio::spawn(guest_halted(agent.clone(), pid))));
+                }
+            }
+            halted = async { match halt_check.as_mut() { Some((_, h)) => h.await.unwrap_or(false), None => std::future::pending().await } } => {
+                let (asked_at, _) = halt_check.take().expect("a check was running");
+                if halted && asked_at == epoch && !paused.load(Ordering::SeqCst) {
+                    tracing::warn!("the guest stopped its CPUs (halt -f, or poweroff -f, which is a halt without ACPI)");
+                    break Ended::Halted;
+                }
             }
             msg = ctl_rx.recv() => match msg {
                 Some(m) if m.abandoned() => {}
                 Some(Control::Stop { timeout, done }) => {
                     stop_timeout = timeout;
                     stop_waiter = Some(done);
-                    break false;
+                    break Ended::Asked;
                 }
                 Some(Control::Pause { done }) if paused.load(Ordering::SeqCst) => {
                     let _ = done.send(Ok(()));
                 }
                 Some(Control::Pause { done }) => {
+                    epoch += 1;
                     // Marked first: a request that got past the mark is then ahead of the hold
                     // for the agent's writer (the lock is fair), and none waits behind it for
                     // the whole pause. The guest stops between two of our frames: a snapshot
@@ -681,6 +728,7 @@ async fn supervise(id: &str) -> i32 {
                     let _ = done.send(r.map(|_| ()));
                 }
                 Some(Control::Resume { done }) => {
+                    epoch += 1;
                     let mut running = false;
                     let r = bounded(
                         async {
@@ -720,6 +768,7 @@ async fn supervise(id: &str) -> i32 {
                     )));
                 }
                 Some(Control::Snapshot { dir, kind, done }) => {
+                    epoch += 1;
                     // With RAM in a shared file the file *is* the saved memory: the VM must not
                     // run on and change it, so it stays stopped (warm templates are then deleted).
                     let shared_ram = spec.ram.as_ref().is_some_and(|r| r.share);
@@ -763,18 +812,18 @@ async fn supervise(id: &str) -> i32 {
                     clients = clients.saturating_sub(1);
                     // An ephemeral sandbox lives as long as its owner's connection.
                     if record.ephemeral && clients == 0 {
-                        break false;
+                        break Ended::Asked;
                     }
                 }
                 None => {}
             },
             _ = owner_check.tick(), if record.ephemeral => {
                 if record.owner.is_some_and(|o| !o.alive()) {
-                    break false;
+                    break Ended::Asked;
                 }
             }
             _ = console_check.tick() => cap_console(&paths.console),
-            _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => break false,
+            _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => break Ended::Asked,
         }
     };
     // The shutdown request goes to the agent.
@@ -787,13 +836,14 @@ async fn supervise(id: &str) -> i32 {
     // The host ports it listened on are free before anyone hears that it is down (another
     // sandbox or program may want one next), not when this process ends.
     close_ports(&mut exposed).await;
-    if exited_by_itself {
-        // (Already gone, unless it was the vsock device server that went.)
+    if ended != Ended::Asked {
+        // (Already gone, unless it was the vsock device server that went, or the guest halted.)
         let _ = child.kill().await;
         let tail = console_tail(&paths.console, 30);
-        // Powered off from inside (`poweroff`): stopped, as if asked. Else it crashed.
+        // Powered off or halted from inside (`poweroff`, `halt -f`): stopped, as if asked.
+        // Else it crashed.
         let mark = format!("smolvm-agent: {}", proto::POWER_OFF_MARK);
-        let powered_off = tail.lines().rev().take(5).any(|l| l.trim_end().ends_with(&mark));
+        let powered_off = ended == Ended::Halted || tail.lines().rev().take(5).any(|l| l.trim_end().ends_with(&mark));
         // (A warm start's console can be empty: its boot was the template's.)
         let msg = if tail.trim().is_empty() {
             "the VM exited unexpectedly; its console is empty".to_string()
