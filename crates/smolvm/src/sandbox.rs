@@ -269,6 +269,14 @@ pub fn list_snapshots(dirs: &Dirs) -> Result<Vec<crate::store::SnapshotRecord>> 
 pub fn delete_snapshot(dirs: &Dirs, id: &str) -> Result<()> {
     let store = Store::open(&dirs.data)?;
     if store.get_snapshot(id)?.is_none() {
+        // Its record comes last, once it is saved: until then its maker owns the directory.
+        let dir = snapshot_dir(dirs, id);
+        if dir.is_dir() && !crate::snapshot_files::orphaned(&dir) {
+            return Err(Error::validation(
+                "snapshot_id",
+                format!("snapshot '{id}' is still being made; delete it once its `snapshot create` has returned"),
+            ));
+        }
         return Err(Error::SnapshotNotFound(id.to_string()));
     }
     // Dead ephemeral sandboxes go first: they do not hold a snapshot.
@@ -2017,6 +2025,21 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         id
+    }
+
+    /// A snapshot whose maker still runs is "being made", not missing; the leftover of a maker
+    /// that died is missing.
+    #[test]
+    fn deleting_a_snapshot_still_being_made_says_so() {
+        let data = tempfile::tempdir().unwrap();
+        let dirs = Dirs { data: data.path().to_path_buf(), images: data.path().join("images") };
+        let dir = snapshot_dir(&dirs, "half");
+        crate::snapshot_files::claim(&dir, "half").unwrap();
+        let err = delete_snapshot(&dirs, "half").unwrap_err().to_string();
+        assert!(err.contains("snapshot 'half' is still being made"), "{err}");
+        let dead = dead_process();
+        std::fs::write(dir.join("making"), format!("{} {}", dead.pid, dead.start)).unwrap();
+        assert!(matches!(delete_snapshot(&dirs, "half"), Err(Error::SnapshotNotFound(_))));
     }
 
     /// A data directory too long for the agent's socket is refused at create, by name and
