@@ -274,7 +274,7 @@ pub fn delete_snapshot(dirs: &Dirs, id: &str) -> Result<()> {
         if dir.is_dir() && !crate::snapshot_files::orphaned(&dir) {
             return Err(Error::validation(
                 "snapshot_id",
-                format!("snapshot '{id}' is still being made; delete it once its `snapshot create` has returned"),
+                format!("snapshot '{id}' is still being made; delete it once the command saving it has returned"),
             ));
         }
         return Err(Error::SnapshotNotFound(id.to_string()));
