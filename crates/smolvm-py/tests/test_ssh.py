@@ -16,6 +16,8 @@ def test_documented_alpine_ssh_recipe_boots_and_answers_over_ssh(no_leftovers):
     kernel, rootfs = builder.build_alpine_ssh()
     assert os.path.isfile(kernel) and os.path.isfile(rootfs)
     assert builder.build_alpine_ssh() == (kernel, rootfs) and builder.last_cached is True
+    # The default image by name is the kernel and initramfs, and says nothing of a disk cache.
+    assert builder.build("default") == builder.build_default() and builder.last_cached is None
     config = VMConfig(kernel_path=kernel, rootfs_path=rootfs, boot_args=SSH_BOOT_ARGS)
     with SmolVM(config, comm_channel="ssh") as vm:
         vm.wait_for_ssh(timeout=60)

@@ -167,6 +167,12 @@ fn load_with_disk(dirs: &Dirs, name: &str) -> Result<(Recipe, Option<PathBuf>)> 
     if let Some(r) = builtin(name) {
         return Ok((r, None));
     }
+    if name == "default" {
+        return Err(Error::validation(
+            "image",
+            "the default image has no root disk to build: it is a kernel and an initramfs (`smolvm image build` makes them)",
+        ));
+    }
     let path = recipes_dir(dirs).join(format!("{name}.json"));
     let text = fs::read_to_string(&path).map_err(|_| {
         Error::validation(
@@ -460,6 +466,10 @@ mod tests {
             builtin(name).unwrap().validate().unwrap();
         }
         assert!(builtin("default").is_none());
+        // The default image is built as a kernel and initramfs, and not as a missing recipe.
+        let dirs = Dirs { data: "/nonexistent".into(), images: "/nonexistent/images".into() };
+        let err = load(&dirs, "default").unwrap_err().to_string();
+        assert!(err.contains("the default image has no root disk to build"), "{err}");
         assert!(validate_name("My Image").unwrap_err().to_string().starts_with("invalid image:"));
     }
 

@@ -29,7 +29,9 @@ class ImageBuilder:
         self.last_cached: Optional[bool] = None
 
     def build_default(self) -> Tuple[str, str]:
-        """The default minimal image: ``(kernel_path, initrd_path)``."""
+        """The default minimal image: ``(kernel_path, initrd_path)``. It has no root disk, and
+        ``last_cached`` is ``None`` after it (it tells of root disks only)."""
+        self.last_cached = None
         kernel, initrd, _ = call(_native.build_image, False)
         return kernel, initrd
 
@@ -74,7 +76,11 @@ class ImageBuilder:
         return self._named(name, recipe)
 
     def build(self, name: str) -> Tuple[str, str]:
-        """A built-in image (``alpine-ssh``, ``debian-ssh``) or a saved custom recipe, by name."""
+        """A built-in image (``alpine-ssh``, ``debian-ssh``) or a saved custom recipe, by name:
+        ``(kernel_path, rootfs_path)``. ``"default"`` is :meth:`build_default`, whose second
+        path is its initramfs."""
+        if name == "default":
+            return self.build_default()
         return self._named(name)
 
 
