@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use smolvm::config::Channel;
 use smolvm::recipe::{Recipe, RecipeFile};
-use smolvm::{Error, RunOptions, Shell, VmConfig};
+use smolvm::{Error, RunOptions, Sandbox, Shell, VmConfig};
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
@@ -185,8 +185,34 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
     std::fs::write(&ep.known_hosts, forged).unwrap();
     let e = sb.run("true", &opts()).await.unwrap_err();
     assert!(matches!(e, Error::Ssh(_)) && e.to_string().contains("Host key verification failed"), "{e}");
-    std::fs::write(&ep.known_hosts, pinned).unwrap();
+    std::fs::write(&ep.known_hosts, pinned.clone()).unwrap();
     assert!(sb.run("true", &opts()).await.unwrap().ok());
+
+    // Clones of a snapshot are sandboxes of their own, with host keys of their own: one resumed
+    // at once, one restored paused and resumed later; SSH works in both.
+    sb.snapshot(Some("keyed"), "full").await.unwrap();
+    let key_of = |sb: &Sandbox| {
+        let line = std::fs::read_to_string(sb.ssh_endpoint().unwrap().known_hosts).unwrap();
+        line.split_whitespace().skip(1).collect::<Vec<_>>().join(" ")
+    };
+    let mut keys = vec![key_of(&sb)];
+    let restore = |resume| smolvm::sandbox::RestoreOptions { resume, ..Default::default() };
+    let mut a = Sandbox::from_snapshot_in(env.dirs.clone(), "keyed", restore(true)).await.unwrap();
+    let mut b = Sandbox::from_snapshot_in(env.dirs.clone(), "keyed", restore(false)).await.unwrap();
+    b.resume().await.unwrap();
+    for clone in [&mut a, &mut b] {
+        clone.set_channel(Channel::Ssh);
+        assert_eq!(clone.run("echo cloned", &opts()).await.unwrap().output(), "cloned");
+        keys.push(key_of(clone));
+    }
+    assert!(keys[0] != keys[1] && keys[0] != keys[2] && keys[1] != keys[2], "shared host keys: {keys:?}");
+    // The source keeps its key, and its SSH server.
+    assert_eq!(key_of(&sb), keys[0]);
+    assert!(sb.run("true", &opts()).await.unwrap().ok());
+    for clone in [a, b] {
+        clone.delete().await.unwrap();
+    }
+    smolvm::sandbox::delete_snapshot(&env.dirs, "keyed").unwrap();
     sb.delete().await.unwrap();
     assert!(env.qemu_processes().is_empty());
 }

@@ -293,6 +293,12 @@ fn check_file(field: &'static str, path: &Option<PathBuf>) -> Result<()> {
 }
 
 impl VmConfig {
+    /// A root disk (a named image's or `rootfs_path`), which may carry an SSH server; the
+    /// default image runs from memory.
+    pub fn has_root_disk(&self) -> bool {
+        self.rootfs_path.is_some() || self.image.as_deref().is_some_and(|i| i != "default")
+    }
+
     pub fn validate(&self) -> Result<()> {
         if let Some(id) = &self.vm_id {
             validate_vm_id(id)?;
@@ -342,7 +348,7 @@ impl VmConfig {
             if !(lo..=hi).contains(&size) {
                 return Err(Error::validation("disk_size_mib", format!("{size} MiB is out of range (allowed {lo}..={hi} MiB)")));
             }
-            if self.rootfs_path.is_none() && self.image.as_deref().is_none_or(|i| i == "default") {
+            if !self.has_root_disk() {
                 return Err(Error::validation(
                     "disk_size_mib",
                     "the default image runs from memory and has no disk to size; pick an image with a root disk (e.g. debian-ssh) or a rootfs_path",

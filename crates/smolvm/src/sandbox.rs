@@ -819,14 +819,17 @@ impl Sandbox {
         let dirs = self.dirs.clone();
         let (_, mut keys) =
             tokio::task::spawn_blocking(move || crate::ssh::user_key(&dirs)).await.map_err(|e| Error::Host(e.to_string()))??;
-        if let Some(extra) = &self.record()?.config.ssh_public_key {
+        let record = self.record()?;
+        if let Some(extra) = &record.config.ssh_public_key {
             keys.push('\n');
             keys.push_str(extra.trim());
         }
+        // This sandbox, as against an earlier one of the same name or a snapshot's source.
+        let owner = format!("{} {}", self.id, record.created_at);
         let opts = RunOptions {
             shell: Shell::Raw,
             timeout: Duration::from_secs(60),
-            env: [("SMOLVM_SSH_KEYS".to_string(), keys)].into(),
+            env: [("SMOLVM_SSH_KEYS".to_string(), keys), ("SMOLVM_SSH_OWNER".to_string(), owner)].into(),
             cwd: None,
             stdin: None,
         };
@@ -1019,7 +1022,16 @@ impl Sandbox {
     }
 
     pub async fn resume(&self) -> Result<()> {
-        self.control(Request::Resume, "resume").await
+        self.control(Request::Resume, "resume").await?;
+        // A sandbox restored paused from a snapshot runs its guest for the first time now: its
+        // SSH server is set up as at a boot (its own host key, pinned; its port exposed). One
+        // that has done so keeps its pinned key through later pauses.
+        if self.record()?.config.has_root_disk() && !self.paths.known_hosts.exists() {
+            if let Err(e) = self.setup_ssh().await {
+                tracing::warn!("SSH could not be set up in {}; the agent serves it: {}", self.id, e.full_message());
+            }
+        }
+        Ok(())
     }
 
     async fn control(&self, req: Request, what: &str) -> Result<()> {

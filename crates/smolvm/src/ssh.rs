@@ -17,22 +17,41 @@ use std::process::Command;
 
 /// Runs in the guest (over the agent, `/bin/sh -c`) at every boot of an image with a root disk.
 /// Exit 3 means the image has no SSH server. Idempotent: a restored snapshot already runs one.
+///
+/// A sandbox makes its host key at its first boot. A clone restored from a snapshot is another
+/// sandbox with its source's disk, key and (from a full snapshot) running server: told apart by
+/// `SMOLVM_SSH_OWNER` against the owner the disk records, it gets a key of its own and the
+/// server restarts with it, so no two sandboxes can pass for each other.
 pub(crate) const SETUP_SCRIPT: &str = r#"set -e
 umask 077
 mkdir -p /root/.ssh
 printf '%s\n' "$SMOLVM_SSH_KEYS" > /root/.ssh/authorized_keys
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+owner=/etc/smolvm-ssh-owner
+# (pid file, host key): another sandbox's key and server go.
+adopt() {
+  [ "$(cat $owner 2>/dev/null)" = "$SMOLVM_SSH_OWNER" ] && return 0
+  if running "$1"; then
+    p=$(cat "$1"); kill "$p" 2>/dev/null || true
+    n=0; while kill -0 "$p" 2>/dev/null && [ $n -lt 100 ]; do sleep 0.05; n=$((n+1)); done
+  fi
+  rm -f "$2" "$2.pub"
+}
 if [ -x /usr/sbin/sshd ]; then
   k=/etc/ssh/ssh_host_ed25519_key
+  adopt /run/sshd.pid $k
   [ -s $k ] || ssh-keygen -q -t ed25519 -N '' -f $k >/dev/null
   mkdir -p /run/sshd && chmod 0755 /run/sshd
   running /run/sshd.pid || /usr/sbin/sshd
+  printf '%s' "$SMOLVM_SSH_OWNER" > $owner
   cut -d' ' -f1,2 $k.pub
 elif [ -x /usr/sbin/dropbear ]; then
   k=/etc/dropbear/dropbear_ed25519_host_key
   mkdir -p /etc/dropbear
+  adopt /var/run/dropbear.pid $k
   [ -s $k ] || dropbearkey -t ed25519 -f $k >/dev/null 2>&1
   running /var/run/dropbear.pid || dropbear -s -r $k -P /var/run/dropbear.pid
+  printf '%s' "$SMOLVM_SSH_OWNER" > $owner
   dropbearkey -y -f $k | grep '^ssh-' | cut -d' ' -f1,2
 else
   exit 3
