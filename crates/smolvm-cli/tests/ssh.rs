@@ -61,13 +61,19 @@ async fn custom_recipe_is_cached_rebuilt_on_change_and_boots_with_a_grown_disk()
     std::fs::remove_file(&marker).unwrap();
     let named = smolvm::recipe::build_named(&env.dirs, &name, &quiet).unwrap();
     assert!(named.cached && named.rootfs == changed.rootfs, "{named:?}");
-    let sb = env.boot(image(&name)).await;
-    assert_eq!(sb.run("cat /etc/marker", &opts()).await.unwrap().stdout, "second\n");
-    sb.delete().await.unwrap();
+    let mut sb = env.boot(image(&name)).await;
+    assert_eq!(sb.run("cat /etc/marker; echo kept > /root/mine", &opts()).await.unwrap().stdout, "second\n");
+    sb.stop(Duration::from_secs(10)).await.unwrap();
 
     smolvm::image::remove_entry(&env.dirs, &name).unwrap();
     assert!(smolvm::recipe::load(&env.dirs, &name).is_err(), "the recipe is gone");
     assert!(!first.rootfs.exists() && !changed.rootfs.exists(), "its disks are gone");
+    // A sandbox that has booted stands on its own link to its disk: it starts again with what
+    // it wrote, and nothing is built for it.
+    sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+    assert_eq!(sb.run("cat /etc/marker /root/mine", &opts()).await.unwrap().stdout, "second\nkept\n");
+    assert!(!changed.rootfs.exists(), "the image was built again");
+    sb.delete().await.unwrap();
 }
 
 #[tokio::test]

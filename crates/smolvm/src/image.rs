@@ -805,6 +805,11 @@ pub(crate) fn keep_file(src: &Path, dst: &Path) -> Result<PathBuf> {
     }
 }
 
+/// Where `overlay` keeps its own link to its base: beside it.
+pub fn overlay_base(overlay: &Path) -> PathBuf {
+    overlay.with_file_name("base")
+}
+
 /// A copy-on-write qcow2 overlay over `base` (created once; reused while it exists), of
 /// `size_mib` when given and larger than the base: the agent grows the filesystem to fill it.
 pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Result<PathBuf> {
@@ -824,10 +829,7 @@ pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Result<Pat
     let base = fs::canonicalize(base).ctx(|| format!("resolving {}", base.display()))?;
     // The overlay stands on its own link to the base: an image removed from the cache, or
     // rebuilt at the same path with other bytes, must not change the disk under a sandbox.
-    let base = match overlay.parent() {
-        Some(dir) => keep_file(&base, &dir.join("base"))?,
-        None => base,
-    };
+    let base = keep_file(&base, &overlay_base(overlay))?;
     let mut magic = [0u8; 4];
     let _ = std::io::Read::read_exact(&mut fs::File::open(&base).ctx(|| format!("opening {}", base.display()))?, &mut magic);
     let format = if &magic == b"QFI\xfb" { "qcow2" } else { "raw" };

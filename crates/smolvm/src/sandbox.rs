@@ -36,6 +36,8 @@ pub struct SandboxPaths {
     pub lock: PathBuf,
     /// The sandbox's pinned SSH host key (images with an SSH server).
     pub known_hosts: PathBuf,
+    /// Its root disk's copy-on-write overlay (images with a root disk; see `image::overlay`).
+    pub overlay: PathBuf,
     /// vsock transport: the vhost-user socket QEMU's vsock device talks to.
     pub vhost_vsock: PathBuf,
     /// vsock transport: the host side of the guest's vsock (`<vsock>_<port>` per host port).
@@ -53,6 +55,7 @@ impl SandboxPaths {
             log: dir.join("supervisor.log"),
             lock: dir.join("lock"),
             known_hosts: dir.join("known_hosts"),
+            overlay: dir.join("rootfs.qcow2"),
             vhost_vsock: dir.join("vhost-vsock.sock"),
             vsock: dir.join("vsock.sock"),
             dir,
@@ -729,7 +732,16 @@ impl Sandbox {
             }
             return Ok(());
         }
-        let image = resolve_image(&rec.config, &self.dirs, progress).await?;
+        // A sandbox that has booted stands on its own disk overlay and its own link to the
+        // overlay's base (see `image::overlay`): its named image need not be in the cache, nor
+        // built again after `image rm`.
+        let mut config = rec.config.clone();
+        let base = image::overlay_base(&self.paths.overlay);
+        if config.image.as_deref().is_some_and(|i| i != "default") && self.paths.overlay.exists() && base.exists() {
+            config.image = None;
+            config.rootfs_path = Some(base);
+        }
+        let image = resolve_image(&config, &self.dirs, progress).await?;
         tracing::debug!("phase: image resolved");
         let accel = crate::vmm::choose_accel().map_err(Error::Host)?;
         let verbose_boot = env_flag("SMOLVM_VERBOSE_BOOT", false);

@@ -503,7 +503,7 @@ async fn supervise(id: &str) -> i32 {
     if let Some(base) = &image.rootfs {
         // The sandbox writes to its own overlay: the base image is shared and never changes,
         // and the overlay keeps the sandbox's changes across stop and start.
-        match crate::image::overlay(base, &paths.dir.join("rootfs.qcow2"), record.config.disk_size_mib) {
+        match crate::image::overlay(base, &paths.overlay, record.config.disk_size_mib) {
             Ok(overlay) => image.rootfs = Some(overlay),
             Err(e) => {
                 let _ = store.set_state(id, State::Error, Some(&e.full_message()));
