@@ -147,6 +147,14 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
+    let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    // utime and stime are fields 14 and 15; `rest` starts at field 3.
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
 /// Cold and warm `smolvm run true` against bare QEMU, interleaved: p50 seconds of each.
 pub async fn startup(dirs: &Dirs, boot: &BootFiles, rounds: usize, progress: image::Progress<'_>) -> Result<Startup> {
     let img = {
@@ -261,10 +269,10 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         let pids: Vec<i32> = [rec.supervisor, rec.vmm].into_iter().flatten().map(|p: ProcId| p.pid).collect();
         let rss_mib = pids.iter().map(|p| rss_kib(*p)).sum::<u64>() as f64 / 1024.0;
         let vmm_rss_mib = rec.vmm.map(|p| rss_kib(p.pid)).unwrap_or(0) as f64 / 1024.0;
-        let before: u64 = pids.iter().map(|p| vmm::cpu_ticks(*p)).sum();
+        let before: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
         let window = 5.0;
         tokio::time::sleep(Duration::from_secs_f64(window)).await;
-        let after: u64 = pids.iter().map(|p| vmm::cpu_ticks(*p)).sum();
+        let after: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
         // SAFETY: sysconf only reads a system constant.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         let idle_cpu = (after - before) as f64 / hz / window * 100.0;

@@ -105,21 +105,18 @@ enum Ended {
     Asked,
 }
 
-/// How long the agent may say nothing while something waits on it before the supervisor asks
-/// whether the guest still runs, and how long it then waits for the answer.
+/// How long the agent may say nothing while something waits on it before the supervisor pings
+/// it, and how long the ping may then go unanswered before QEMU is asked about the vCPUs.
 const SILENCE: Duration = Duration::from_secs(2);
 
-/// Whether the guest has stopped its CPUs for good. `halt -f` does that, and so does
-/// `poweroff -f` (without ACPI, which the microvm kernel leaves out, a power-off is a halt);
-/// QEMU then lives on, and all that waits on the agent would wait out its bound. A ping left
-/// unanswered for `SILENCE` while QEMU uses (next to) no CPU tells: a guest that is merely busy
-/// or slow uses CPU all the while it keeps us waiting, and a halted one none (measured here: no
-/// tick in 3 s, where an idle guest took 4).
-async fn guest_halted(agent: Arc<Conn>, vmm: i32) -> bool {
-    let before = crate::vmm::cpu_ticks(vmm);
-    let answered = tokio::time::timeout(SILENCE, agent.call(&Request::Ping)).await;
+/// Whether the agent leaves a ping unanswered for `SILENCE`: the first sign of a guest that has
+/// stopped its CPUs for good. `halt -f` does that, and so does `poweroff -f` (without ACPI,
+/// which the microvm kernel leaves out, a power-off is a halt); QEMU then lives on, and all that
+/// waits on the agent would wait out its bound. Silence alone proves nothing (a frozen or
+/// swamped agent is silent too): the vCPUs' state decides (`Qmp::cpus_stopped_for_good`).
+async fn ping_unanswered(agent: Arc<Conn>) -> bool {
     // (A closed channel is the VMM's exit, which the main loop hears of itself.)
-    answered.is_err() && crate::vmm::cpu_ticks(vmm).saturating_sub(before) <= 2
+    tokio::time::timeout(SILENCE, agent.call(&Request::Ping)).await.is_err()
 }
 
 /// Entry point of `smolvm __supervise ID`. Returns the process exit code.
@@ -643,7 +640,6 @@ async fn supervise(id: &str) -> i32 {
     let mut liveness = tokio::time::interval(Duration::from_secs(1));
     let mut halt_check: Option<(u64, tokio::task::JoinHandle<bool>)> = None;
     let mut epoch = 0u64;
-    let vmm_pid = child.id().map(|p| p as i32);
     let mut stop_waiter: Option<oneshot::Sender<()>> = None;
     let mut stop_timeout = Duration::from_secs(3);
     // While the VM is stopped by a pause (or a snapshot that leaves it so), nothing is sent to
@@ -682,14 +678,18 @@ async fn supervise(id: &str) -> i32 {
                 break Ended::Exited;
             }
             _ = liveness.tick(), if halt_check.is_none() && !paused.load(Ordering::SeqCst) => {
-                if let (Some(pid), true) = (vmm_pid, agent.silent_for() >= SILENCE) {
-                    halt_check = Some((epoch, tokio::spawn(guest_halted(agent.clone(), pid))));
+                if agent.silent_for() >= SILENCE {
+                    halt_check = Some((epoch, tokio::spawn(ping_unanswered(agent.clone()))));
                 }
             }
-            halted = async { match halt_check.as_mut() { Some((_, h)) => h.await.unwrap_or(false), None => std::future::pending().await } } => {
+            unanswered = async { match halt_check.as_mut() { Some((_, h)) => h.await.unwrap_or(false), None => std::future::pending().await } } => {
                 let (asked_at, _) = halt_check.take().expect("a check was running");
-                if halted && asked_at == epoch && !paused.load(Ordering::SeqCst) {
-                    tracing::warn!("the guest stopped its CPUs (halt -f, or poweroff -f, which is a halt without ACPI)");
+                if unanswered
+                    && asked_at == epoch
+                    && !paused.load(Ordering::SeqCst)
+                    && bounded(qmp.cpus_stopped_for_good(), "asking QEMU about the vCPUs").await.unwrap_or(false)
+                {
+                    tracing::warn!("the guest stopped its CPUs for good (halt -f, or poweroff -f, which is a halt without ACPI)");
                     break Ended::Halted;
                 }
             }

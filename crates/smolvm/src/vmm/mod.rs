@@ -21,15 +21,6 @@ impl Accel {
     }
 }
 
-/// CPU time a process has used, user and system, in clock ticks (10 ms here).
-pub(crate) fn cpu_ticks(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
-    let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
-    // utime and stime are fields 14 and 15; `rest` starts at field 3.
-    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
-}
-
 /// Whether KVM can run an ordinary guest here, and why not.
 ///
 /// A /dev/kvm backed by nested "PVM" virtualisation (module kvm_pvm, no kvm_intel/kvm_amd)

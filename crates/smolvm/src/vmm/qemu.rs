@@ -66,6 +66,20 @@ impl SharedDir {
     }
 }
 
+/// `info registers -a` (x86): true if it shows CPUs and each is halted (`HLT=1`) with its
+/// interrupt flag (bit 9 of `RFL`) clear.
+fn stopped_for_good(info: &str) -> bool {
+    let cpus: Vec<(Option<u64>, bool)> = info
+        .lines()
+        .filter(|l| l.contains("HLT="))
+        .map(|l| {
+            let field = |name: &str| l.split_whitespace().find_map(|w| w.strip_prefix(name));
+            (field("RFL=").and_then(|f| u64::from_str_radix(f, 16).ok()), field("HLT=") == Some("1"))
+        })
+        .collect();
+    !cpus.is_empty() && cpus.iter().all(|(flags, halted)| *halted && flags.is_some_and(|f| f & 0x200 == 0))
+}
+
 /// The QEMU machine. `microvm` is the default: no firmware, no PCI, devices on virtio-mmio,
 /// the fastest boot. `q35` (a PC with PCIe, SeaBIOS, ACPI) serves where microvm cannot: a QEMU
 /// built without it, or a guest kernel without virtio-mmio.
@@ -593,6 +607,15 @@ impl Qmp {
         Ok(())
     }
 
+    /// Whether every vCPU has stopped for good: halted with interrupts off, which only a reset
+    /// ends. Linux's `halt` (and its power-off, where it has no way to cut the power) leaves
+    /// every CPU so; an idle guest halts with interrupts on, and a timer or a device wakes it.
+    /// (QEMU's `HLT` here is KVM's halted state too, read with the registers.)
+    pub async fn cpus_stopped_for_good(&mut self) -> Result<bool> {
+        let info = self.execute_args("human-monitor-command", serde_json::json!({ "command-line": "info registers -a" })).await?;
+        Ok(stopped_for_good(info.as_str().unwrap_or_default()))
+    }
+
     pub async fn execute_args(&mut self, command: &str, args: serde_json::Value) -> Result<serde_json::Value> {
         self.execute_passing(command, args, None).await
     }
@@ -650,6 +673,24 @@ const UNLIMITED_SAVE: u64 = 1 << 40;
 
 #[cfg(test)]
 mod tests {
+    /// From QEMU 7.2 under TCG: the guest after `halt -f`, and one idling.
+    #[test]
+    fn only_cpus_halted_with_interrupts_off_are_stopped_for_good() {
+        let cpu = |rfl: &str, hlt: u8| {
+            format!("CPU#0\nRAX=0000000000000000 RBX=0000000000000000\nRIP=ffffffff8101b3ea RFL={rfl} [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT={hlt}\nES =0000 0000000000000000 00000000 00000000\n")
+        };
+        let both = |a: String, b: String| a + &b;
+        assert!(stopped_for_good(&both(cpu("00000046", 1), cpu("00000046", 1))));
+        // Idle: halted, but a timer or device interrupt wakes it.
+        assert!(!stopped_for_good(&both(cpu("00000246", 1), cpu("00000246", 1))));
+        // One CPU still runs.
+        assert!(!stopped_for_good(&both(cpu("00000046", 1), cpu("00000046", 0))));
+        assert!(!stopped_for_good(&both(cpu("00000046", 1), cpu("00000246", 1))));
+        // Nothing recognisable: not stopped.
+        assert!(!stopped_for_good(""));
+        assert!(!stopped_for_good("CPU#0\nRIP=0 RFL=zz HLT=1\n"));
+    }
+
     use super::*;
 
     #[tokio::test]
