@@ -1095,7 +1095,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
                     let sb = Sandbox::open_in(dirs.clone(), &name).await?;
                     let state = sb.state()?;
                     if state.is_live() && !force {
-                        return Err(Error::Host(format!("VM '{name}' is {state}; stop it first or pass --force")));
+                        return Err(Error::StillLive { id: name.clone(), state: state.to_string() });
                     }
                     sb.delete().await
                 };

@@ -568,6 +568,12 @@ fn a_delete_of_several_goes_on_past_one_that_fails() {
     let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(v["data"], serde_json::json!([]));
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+    // A live one is refused without --force, as a state to change, not a host failure.
+    assert!(env.smolvm(&["sandbox", "create", "--name", "del-live"]).status.success());
+    let out = env.smolvm(&["sandbox", "delete", "del-live"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr(&out), "error: VM 'del-live' is running; stop it first or pass --force\nhint: smolvm sandbox stop del-live\n");
+    assert!(env.smolvm(&["sandbox", "delete", "--force", "del-live"]).status.success());
     // `--all` with nothing there deletes nothing, and that is no error.
     let out = env.smolvm(&["sandbox", "delete", "--all", "--force"]);
     assert_eq!((out.status.code(), stdout(&out)), (Some(0), String::new()), "{}", stderr(&out));

@@ -20,6 +20,9 @@ pub enum Error {
     AlreadyExists(String),
     #[error("VM '{id}' is {state}; {} first (smolvm sandbox {} {id})", if state == "paused" { "resume it" } else { "start it" }, if state == "paused" { "resume" } else { "start" })]
     NotRunning { id: String, state: String },
+    /// Refused because the sandbox still runs (a delete without force).
+    #[error("VM '{id}' is {state}; stop it first or pass --force")]
+    StillLive { id: String, state: String },
     #[error("Operation '{operation}' timed out after {seconds}s")]
     Timeout { operation: String, seconds: f64 },
     #[error("VM '{id}' did not boot: {reason}\n--- last console lines ---\n{console}")]
@@ -63,6 +66,7 @@ impl Error {
             Error::SnapshotNotFound(_) => "snapshot_not_found",
             Error::AlreadyExists(_) => "already_exists",
             Error::NotRunning { .. } => "not_running",
+            Error::StillLive { .. } => "running",
             Error::Timeout { .. } => "timeout",
             Error::Boot { .. } => "boot",
             Error::Image(_) => "image",
@@ -81,6 +85,7 @@ impl Error {
             Error::NotFound(_) => Some("list sandboxes with `smolvm sandbox list --all`".into()),
             Error::NotRunning { id, state } if state == "paused" => Some(format!("smolvm sandbox resume {id}")),
             Error::NotRunning { id, .. } => Some(format!("smolvm sandbox start {id}")),
+            Error::StillLive { id, .. } => Some(format!("smolvm sandbox stop {id}")),
             Error::Boot { .. } => {
                 Some("retry with SMOLVM_VERBOSE_BOOT=1 to see the guest kernel log; `smolvm doctor` checks the host".into())
             }
