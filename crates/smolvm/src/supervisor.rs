@@ -635,7 +635,7 @@ async fn supervise(id: &str) -> i32 {
     // An ephemeral sandbox also goes when its owner process does, even if it never connected.
     let mut owner_check = tokio::time::interval(Duration::from_secs(1));
     let mut console_check = tokio::time::interval(Duration::from_secs(1));
-    // Whether a silent guest still runs (see `guest_halted`), asked at most once at a time. A
+    // Whether a silent guest still runs (see `ping_unanswered`), asked at most once at a time. A
     // pause, resume or snapshot meanwhile (`epoch`) voids the answer: a stopped VM is silent too.
     let mut liveness = tokio::time::interval(Duration::from_secs(1));
     let mut halt_check: Option<(u64, tokio::task::JoinHandle<bool>)> = None;
