@@ -202,10 +202,21 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
         line.split_whitespace().skip(1).collect::<Vec<_>>().join(" ")
     };
     let mut keys = vec![key_of(&sb)];
-    let restore = |resume| smolvm::sandbox::RestoreOptions { resume, ..Default::default() };
+    use smolvm::sandbox::RestoreOptions;
+    let restore = |resume| RestoreOptions { resume, ..Default::default() };
     let mut a = Sandbox::from_snapshot_in(env.dirs.clone(), "keyed", restore(true)).await.unwrap();
-    let mut b = Sandbox::from_snapshot_in(env.dirs.clone(), "keyed", restore(false)).await.unwrap();
+    let mut b = Sandbox::from_snapshot_in(env.dirs.clone(), "keyed", RestoreOptions { name: Some("keyed-b".into()), ..restore(false) })
+        .await
+        .unwrap();
+    // Paused, SSH is refused as any command is, at once (not after ssh's own timeouts).
+    let e = b.ssh_endpoint().unwrap_err();
+    assert!(e.to_string().contains("VM 'keyed-b' is paused; resume it first"), "{e}");
     b.resume().await.unwrap();
+    sb.pause().await.unwrap();
+    sb.set_channel(Channel::Ssh);
+    let e = sb.run("true", &opts()).await.unwrap_err();
+    assert!(matches!(e, Error::NotRunning { .. }) && e.to_string().contains("is paused; resume it first"), "{e}");
+    sb.resume().await.unwrap();
     for clone in [&mut a, &mut b] {
         clone.set_channel(Channel::Ssh);
         assert_eq!(clone.run("echo cloned", &opts()).await.unwrap().output(), "cloned");

@@ -869,7 +869,9 @@ impl Sandbox {
     /// How to reach this sandbox over SSH; an error says why it cannot be.
     pub fn ssh_endpoint(&self) -> Result<crate::ssh::Endpoint> {
         let rec = self.record()?;
-        if !rec.state.is_live() {
+        // A paused guest answers nothing: ssh would wait out its own timeouts, and a clone
+        // restored paused has no pinned key yet either.
+        if rec.state != State::Running {
             return Err(Error::NotRunning { id: self.id.clone(), state: rec.state.to_string() });
         }
         let known_hosts = self.paths.known_hosts.clone();
