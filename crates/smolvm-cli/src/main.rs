@@ -910,7 +910,9 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
         Cmd::Image(ImageCmd::List { .. }) => {
             let mut rows = Vec::new();
             if let Ok(entries) = std::fs::read_dir(&dirs.images) {
-                for e in entries.flatten() {
+                let mut entries: Vec<_> = entries.flatten().collect();
+                entries.sort_by_key(|e| e.file_name());
+                for e in entries {
                     let name = e.file_name().to_string_lossy().into_owned();
                     if name.starts_with('.') {
                         continue;

@@ -338,6 +338,25 @@ fn use_published_chooses_between_a_ready_image_and_a_local_build() {
         std::fs::remove_dir_all(images.join(&idir)).unwrap();
         build("1");
     }
+    // What a builder that died left (an interrupted kernel build: 1.5 GB) goes with the next
+    // build that takes the cache's lock.
+    let dead = {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    };
+    let leftover = images.join(format!(".build-kernel-{dead}"));
+    std::fs::create_dir_all(leftover.join("linux-source-6.1")).unwrap();
+    build("0");
+    assert!(!leftover.exists(), "a dead builder's directory was left");
+    // `image list` is in name order.
+    let out = env.cli().args(["image", "list", "--json"]).env("SMOLVM_IMAGE_DIR", &images).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v["data"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert!(names.len() > 2 && names == sorted, "{names:?}");
 }
 
 /// Where busybox's source cannot be fetched (here: a mirror that refuses connections), images

@@ -233,11 +233,27 @@ pub fn module_set(modroot: &Path, wanted: &[&str]) -> Result<Vec<(String, Vec<u8
     Ok(order)
 }
 
-/// Serialize builders across processes: two CLIs starting at once build once.
+/// Serialize builders across processes: two CLIs starting at once build once. Whoever takes
+/// the lock first removes the build directories of builders that died (an interrupted kernel
+/// build leaves 1.5 GB).
 pub(crate) fn lock_images(dirs: &Dirs) -> Result<nix::fcntl::Flock<fs::File>> {
     fs::create_dir_all(&dirs.images).ctx(|| format!("creating {}", dirs.images.display()))?;
     let f = fs::File::create(dirs.images.join(".lock")).ctx(|| "creating the image lock".into())?;
-    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| Error::Host(format!("locking the image cache: {e}")))
+    let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| Error::Host(format!("locking the image cache: {e}")))?;
+    for entry in fs::read_dir(&dirs.images).into_iter().flatten().flatten() {
+        if dead_builders_dir(&entry.file_name().to_string_lossy()) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+    Ok(lock)
+}
+
+/// `.build-WHAT-PID` (WHAT may hold dashes) whose process is gone. A pid that now names
+/// another process keeps its directory until `image prune`.
+fn dead_builders_dir(name: &str) -> bool {
+    let pid = name.strip_prefix(".build-").and_then(|rest| rest.rsplit_once('-')).and_then(|(_, pid)| pid.parse::<u32>().ok());
+    pid.is_some_and(|pid| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists())
 }
 
 fn mark_published(dir: &Path) -> Result<()> {
@@ -995,6 +1011,21 @@ pub fn initramfs_archive(agent: &[u8], busybox: &[u8], applets: &str, modules: &
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_the_build_directories_of_gone_processes_are_dead() {
+        let mine = format!(".build-kernel-{}", std::process::id());
+        let init = ".build-disk-my-tools-1".to_string();
+        let gone = {
+            let mut c = std::process::Command::new("true").spawn().unwrap();
+            let pid = c.id();
+            c.wait().unwrap();
+            format!(".build-disk-my-tools-{pid}")
+        };
+        assert!(dead_builders_dir(&gone));
+        assert!(!dead_builders_dir(&mine) && !dead_builders_dir(&init));
+        assert!(!dead_builders_dir("kernel-0123456789abcdef") && !dead_builders_dir(".build-kernel") && !dead_builders_dir(".build-x-y"));
+    }
+
     use super::*;
 
     #[test]
