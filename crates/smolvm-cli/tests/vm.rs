@@ -321,14 +321,31 @@ async fn the_agent_does_pid_1s_duties_and_a_poweroff_or_halt_inside_stops_the_sa
     // A command that says nothing for a while is asked after, not taken for a halted guest.
     assert_eq!(sb.run("sleep 6; echo still", &opts(30)).await.unwrap().output(), "still");
     // `halt -f` and `poweroff -f` (a halt, without ACPI) stop the CPUs and leave QEMU running:
-    // the sandbox is found stopped, and the command ends long before its bound.
-    for halt in ["halt -f", "poweroff -f"] {
+    // the sandbox is found stopped, and the command ends long before its bound. `reboot -f`
+    // resets the VM, which is a stop too. The error comes once the state says so.
+    for halt in ["halt -f", "poweroff -f", "reboot -f"] {
         let r = sb.run(halt, &opts(300)).await;
         assert!(matches!(r, Err(smolvm::Error::Guest(_))), "{halt}: {r:?}");
-        assert!(wait_until(Duration::from_secs(30), || sb.state().unwrap() == State::Stopped), "{halt}: state {:?}", sb.state());
+        assert_eq!(sb.state().unwrap(), State::Stopped, "{halt}");
+        assert!(sb.info().await.unwrap()["error"].is_null(), "{halt}");
         assert!(wait_until(Duration::from_secs(5), || env.qemu_processes().is_empty()), "{halt}: QEMU still runs");
         sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
     }
+    // Halted while idle, it cannot be paused or saved (a saved halted guest would restore
+    // halted): refused, and found stopped.
+    sb.run("(sleep 1; halt -f) >/dev/null 2>&1 &", &opts(10)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let e = sb.snapshot(Some("halted"), "full").await.unwrap_err();
+    assert!(e.to_string().contains("stopped its CPUs for good"), "{e}");
+    assert_eq!(sb.state().unwrap(), State::Stopped);
+    assert!(smolvm::sandbox::list_snapshots(&env.dirs).unwrap().is_empty());
+    sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+    sb.run("(sleep 1; halt -f) >/dev/null 2>&1 &", &opts(10)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let e = sb.pause().await.unwrap_err();
+    assert!(e.to_string().contains("stopped its CPUs for good"), "{e}");
+    assert_eq!(sb.state().unwrap(), State::Stopped);
+    sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
     assert_eq!(sb.run("echo back again", &opts(10)).await.unwrap().output(), "back again");
     sb.delete().await.unwrap();
 }

@@ -699,6 +699,18 @@ impl Sandbox {
         Ok(self.record()?.state)
     }
 
+    /// A command's sandbox stopped, was deleted or died before the command's end. Its
+    /// supervisor hears of it at the same moment as the command does, and records it a few
+    /// milliseconds later: the error waits for that (within 3 s), so that what a caller asks
+    /// next (`info`, `start`) finds the sandbox as it now is, not `running`.
+    async fn went_away(&self) -> Error {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while tokio::time::Instant::now() < deadline && self.record().is_ok_and(|r| r.state == State::Running) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Error::Guest("the sandbox went away while the command ran".into())
+    }
+
     /// Boot the VM: build or find the image, start the supervisor, wait until the agent answers
     /// and the configured env vars are in place. Bounded by `boot_timeout`.
     ///
@@ -1452,7 +1464,7 @@ impl Sandbox {
             let reply = match tokio::time::timeout_at(deadline, next).await {
                 Ok(Err(e)) => return Err(e),
                 Ok(Ok(Some(r))) => r,
-                Ok(Ok(None)) => return Err(went_away()),
+                Ok(Ok(None)) => return Err(self.went_away().await),
                 Err(_) if self.state().is_ok_and(|s| s == State::Paused) => {
                     deadline = tokio::time::Instant::now() + bound;
                     continue;
@@ -1474,7 +1486,7 @@ impl Sandbox {
                 Reply::Credit(n) => window.add_permits((n as usize).min(smolvm_proto::WINDOW)),
                 Reply::Exit { timed_out: true, .. } => return Err(timeout_err()),
                 // Stopped, deleted or powered off meanwhile: as a connection that ends, above.
-                Reply::Error { kind: ErrorKind::Closed, .. } => return Err(went_away()),
+                Reply::Error { kind: ErrorKind::Closed, .. } => return Err(self.went_away().await),
                 Reply::Exit { code, .. } => {
                     return Ok(CommandResult {
                         exit_code: code,
@@ -2025,11 +2037,6 @@ impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
-}
-
-/// A command's sandbox stopped, was deleted or died before the command's end.
-fn went_away() -> Error {
-    Error::Guest("the sandbox went away while the command ran".into())
 }
 
 fn reply_error(what: &str, reply: Reply) -> Error {

@@ -119,6 +119,28 @@ async fn ping_unanswered(agent: Arc<Conn>) -> bool {
     tokio::time::timeout(SILENCE, agent.call(&Request::Ping)).await.is_err()
 }
 
+/// What a pause or snapshot of a halted guest is answered; the sandbox is then stopped.
+const HALTED: &str = "the guest has stopped its CPUs for good (halt -f or poweroff -f inside it); the sandbox is now stopped";
+
+async fn halted_for_good(qmp: &mut qemu::Qmp) -> bool {
+    let halted = bounded(qmp.cpus_stopped_for_good(), "asking QEMU about the vCPUs").await.unwrap_or(false);
+    if halted {
+        tracing::warn!("the guest stopped its CPUs for good (halt -f, or poweroff -f, which is a halt without ACPI)");
+    }
+    halted
+}
+
+/// Whether a VM that exited by itself was shut down from inside rather than crashed, from its
+/// console's last lines. The agent marks its own power-off (`poweroff`, `reboot`, SIGTERM to
+/// PID 1); the kernel's `reboot(2)` (`reboot -f`, and the agent's own reset) ends with its
+/// "reboot: Restarting system". A panic resets the VM too (`panic=-1`), but says so first.
+fn shut_down_from_inside(tail: &str) -> bool {
+    let mark = format!("smolvm-agent: {}", proto::POWER_OFF_MARK);
+    let last: Vec<&str> = tail.lines().rev().take(5).map(str::trim_end).collect();
+    !tail.contains("Kernel panic")
+        && last.iter().any(|l| l.ends_with(&mark) || l.ends_with("reboot: Restarting system") || l.ends_with("reboot: Power down"))
+}
+
 /// Entry point of `smolvm __supervise ID`. Returns the process exit code.
 pub fn main(id: &str) -> i32 {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -640,6 +662,9 @@ async fn supervise(id: &str) -> i32 {
     let mut liveness = tokio::time::interval(Duration::from_secs(1));
     let mut halt_check: Option<(u64, tokio::task::JoinHandle<bool>)> = None;
     let mut epoch = 0u64;
+    // A pause or snapshot that found the guest halted: answered once the sandbox is recorded
+    // stopped, so that its client finds it so.
+    let mut refused_as_halted: Option<Done> = None;
     let mut stop_waiter: Option<oneshot::Sender<()>> = None;
     let mut stop_timeout = Duration::from_secs(3);
     // While the VM is stopped by a pause (or a snapshot that leaves it so), nothing is sent to
@@ -687,9 +712,8 @@ async fn supervise(id: &str) -> i32 {
                 if unanswered
                     && asked_at == epoch
                     && !paused.load(Ordering::SeqCst)
-                    && bounded(qmp.cpus_stopped_for_good(), "asking QEMU about the vCPUs").await.unwrap_or(false)
+                    && halted_for_good(&mut qmp).await
                 {
-                    tracing::warn!("the guest stopped its CPUs for good (halt -f, or poweroff -f, which is a halt without ACPI)");
                     break Ended::Halted;
                 }
             }
@@ -705,6 +729,12 @@ async fn supervise(id: &str) -> i32 {
                 }
                 Some(Control::Pause { done }) => {
                     epoch += 1;
+                    // (Else the hold below waits out its bound on an agent that is gone, and
+                    // the pause "succeeds".)
+                    if halted_for_good(&mut qmp).await {
+                        refused_as_halted = Some(done);
+                        break Ended::Halted;
+                    }
                     // Marked first: a request that got past the mark is then ahead of the hold
                     // for the agent's writer (the lock is fair), and none waits behind it for
                     // the whole pause. The guest stops between two of our frames: a snapshot
@@ -769,6 +799,11 @@ async fn supervise(id: &str) -> i32 {
                 }
                 Some(Control::Snapshot { dir, kind, done }) => {
                     epoch += 1;
+                    // A halted guest saved would restore halted: no agent would ever answer.
+                    if halted_for_good(&mut qmp).await {
+                        refused_as_halted = Some(done);
+                        break Ended::Halted;
+                    }
                     // With RAM in a shared file the file *is* the saved memory: the VM must not
                     // run on and change it, so it stays stopped (warm templates are then deleted).
                     let shared_ram = spec.ram.as_ref().is_some_and(|r| r.share);
@@ -840,10 +875,9 @@ async fn supervise(id: &str) -> i32 {
         // (Already gone, unless it was the vsock device server that went, or the guest halted.)
         let _ = child.kill().await;
         let tail = console_tail(&paths.console, 30);
-        // Powered off or halted from inside (`poweroff`, `halt -f`): stopped, as if asked.
-        // Else it crashed.
-        let mark = format!("smolvm-agent: {}", proto::POWER_OFF_MARK);
-        let powered_off = ended == Ended::Halted || tail.lines().rev().take(5).any(|l| l.trim_end().ends_with(&mark));
+        // Powered off, halted or reset from inside (`poweroff`, `halt -f`, `reboot -f`):
+        // stopped, as if asked. Else it crashed.
+        let powered_off = ended == Ended::Halted || shut_down_from_inside(&tail);
         // (A warm start's console can be empty: its boot was the template's.)
         let msg = if tail.trim().is_empty() {
             "the VM exited unexpectedly; its console is empty".to_string()
@@ -862,7 +896,11 @@ async fn supervise(id: &str) -> i32 {
         } else {
             let _ = store.set_state(id, State::Error, Some(&msg));
         }
-        if release_queued(&mut ctl_rx) {
+        let mut answered = release_queued(&mut ctl_rx);
+        if let Some(done) = refused_as_halted {
+            answered |= done.send(Err((ErrorKind::Failed, HALTED.into()))).is_ok();
+        }
+        if answered {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         return if powered_off { 0 } else { 1 };
@@ -1458,6 +1496,17 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reset_from_inside_is_a_shutdown_and_a_panic_is_not() {
+        assert!(shut_down_from_inside("[    0.51] smolvm-agent: powering off\n[    0.52] reboot: Restarting system\n"));
+        assert!(shut_down_from_inside("some output\n[    0.518045] reboot: Restarting system\n"));
+        assert!(!shut_down_from_inside(
+            "[    1.2] Kernel panic - not syncing: System is deadlocked on memory\n[    1.3] reboot: Restarting system\n"
+        ));
+        assert!(!shut_down_from_inside("[    1.2] Out of memory\n"));
+        assert!(!shut_down_from_inside(""));
+    }
 
     #[test]
     fn a_console_past_its_bound_keeps_its_start_and_says_what_went() {
