@@ -105,19 +105,16 @@ enum Ended {
     Asked,
 }
 
-/// How long the agent may say nothing while something waits on it before the supervisor pings
-/// it, and how long the ping may then go unanswered before QEMU is asked about the vCPUs.
-const SILENCE: Duration = Duration::from_secs(2);
-
-/// Whether the agent leaves a ping unanswered for `SILENCE`: the first sign of a guest that has
-/// stopped its CPUs for good. `halt -f` does that, and so does `poweroff -f` (without ACPI,
-/// which the microvm kernel leaves out, a power-off is a halt); QEMU then lives on, and all that
-/// waits on the agent would wait out its bound. Silence alone proves nothing (a frozen or
-/// swamped agent is silent too): the vCPUs' state decides (`Qmp::cpus_stopped_for_good`).
-async fn ping_unanswered(agent: Arc<Conn>) -> bool {
-    // (A closed channel is the VMM's exit, which the main loop hears of itself.)
-    tokio::time::timeout(SILENCE, agent.call(&Request::Ping)).await.is_err()
-}
+/// How often the supervisor asks QEMU whether the guest has stopped its CPUs for good, while
+/// something waits on an agent that has said nothing for as long, and otherwise.
+///
+/// `halt -f` does that, and so does `poweroff -f` (without ACPI, which the microvm kernel
+/// leaves out, a power-off is a halt): QEMU then lives on, and all that waits on the agent would
+/// wait out its bound. The agent's silence alone proves nothing (a frozen or swamped agent is
+/// silent too); the vCPUs' state does (`Qmp::cpus_stopped_for_good`). Asking costs QEMU a
+/// register dump and the guest nothing under TCG.
+const SILENT_LOOK: Duration = Duration::from_secs(2);
+const IDLE_LOOK: Duration = Duration::from_secs(10);
 
 /// What a pause or snapshot of a halted guest is answered; the sandbox is then stopped.
 const HALTED: &str = "the guest has stopped its CPUs for good (halt -f or poweroff -f inside it); the sandbox is now stopped";
@@ -657,11 +654,9 @@ async fn supervise(id: &str) -> i32 {
     // An ephemeral sandbox also goes when its owner process does, even if it never connected.
     let mut owner_check = tokio::time::interval(Duration::from_secs(1));
     let mut console_check = tokio::time::interval(Duration::from_secs(1));
-    // Whether a silent guest still runs (see `ping_unanswered`), asked at most once at a time. A
-    // pause, resume or snapshot meanwhile (`epoch`) voids the answer: a stopped VM is silent too.
+    // Whether the guest still runs (see `SILENT_LOOK`).
     let mut liveness = tokio::time::interval(Duration::from_secs(1));
-    let mut halt_check: Option<(u64, tokio::task::JoinHandle<bool>)> = None;
-    let mut epoch = 0u64;
+    let mut last_look = Instant::now();
     // A pause or snapshot that found the guest halted: answered once the sandbox is recorded
     // stopped, so that its client finds it so.
     let mut refused_as_halted: Option<Done> = None;
@@ -702,19 +697,13 @@ async fn supervise(id: &str) -> i32 {
                 tracing::warn!("the vsock device server exited: {status:?}");
                 break Ended::Exited;
             }
-            _ = liveness.tick(), if halt_check.is_none() && !paused.load(Ordering::SeqCst) => {
-                if agent.silent_for() >= SILENCE {
-                    halt_check = Some((epoch, tokio::spawn(ping_unanswered(agent.clone()))));
-                }
-            }
-            unanswered = async { match halt_check.as_mut() { Some((_, h)) => h.await.unwrap_or(false), None => std::future::pending().await } } => {
-                let (asked_at, _) = halt_check.take().expect("a check was running");
-                if unanswered
-                    && asked_at == epoch
-                    && !paused.load(Ordering::SeqCst)
-                    && halted_for_good(&mut qmp).await
-                {
-                    break Ended::Halted;
+            _ = liveness.tick(), if !paused.load(Ordering::SeqCst) => {
+                let every = if agent.silent_for() >= SILENT_LOOK { SILENT_LOOK } else { IDLE_LOOK };
+                if last_look.elapsed() >= every {
+                    last_look = Instant::now();
+                    if halted_for_good(&mut qmp).await {
+                        break Ended::Halted;
+                    }
                 }
             }
             msg = ctl_rx.recv() => match msg {
@@ -728,7 +717,6 @@ async fn supervise(id: &str) -> i32 {
                     let _ = done.send(Ok(()));
                 }
                 Some(Control::Pause { done }) => {
-                    epoch += 1;
                     // (Else the hold below waits out its bound on an agent that is gone, and
                     // the pause "succeeds".)
                     if halted_for_good(&mut qmp).await {
@@ -758,7 +746,6 @@ async fn supervise(id: &str) -> i32 {
                     let _ = done.send(r.map(|_| ()));
                 }
                 Some(Control::Resume { done }) => {
-                    epoch += 1;
                     let mut running = false;
                     let r = bounded(
                         async {
@@ -798,7 +785,6 @@ async fn supervise(id: &str) -> i32 {
                     )));
                 }
                 Some(Control::Snapshot { dir, kind, done }) => {
-                    epoch += 1;
                     // A halted guest saved would restore halted: no agent would ever answer.
                     if halted_for_good(&mut qmp).await {
                         refused_as_halted = Some(done);
