@@ -701,14 +701,25 @@ impl Sandbox {
 
     /// A command's sandbox stopped, was deleted or died before the command's end. Its
     /// supervisor hears of it at the same moment as the command does, and records it a few
-    /// milliseconds later: the error waits for that (within 3 s), so that what a caller asks
-    /// next (`info`, `start`) finds the sandbox as it now is, not `running`.
+    /// milliseconds later: the error waits for that (within 3 s), so that it can say which, and
+    /// what a caller asks next (`info`, `start`) finds the sandbox as it now is, not `running`.
     async fn went_away(&self) -> Error {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-        while tokio::time::Instant::now() < deadline && self.record().is_ok_and(|r| r.state == State::Running) {
+        let mut now = self.record();
+        // (An ephemeral sandbox's record goes when it stops.)
+        let ephemeral = now.as_ref().is_ok_and(|r| r.ephemeral);
+        while tokio::time::Instant::now() < deadline && now.as_ref().is_ok_and(|r| r.state == State::Running) {
             tokio::time::sleep(Duration::from_millis(10)).await;
+            now = self.record();
         }
-        Error::Guest("the sandbox went away while the command ran".into())
+        let what = match now {
+            Err(Error::NotFound(_)) if ephemeral => "stopped",
+            Err(Error::NotFound(_)) => "was deleted",
+            Ok(r) if r.state == State::Stopped => "stopped",
+            Ok(r) if r.state == State::Error => "failed (`smolvm sandbox info` says why)",
+            _ => "went away",
+        };
+        Error::Guest(format!("the sandbox {what} while the command ran"))
     }
 
     /// Boot the VM: build or find the image, start the supervisor, wait until the agent answers
