@@ -1011,6 +1011,8 @@ pub fn initramfs_archive(agent: &[u8], busybox: &[u8], applets: &str, modules: &
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn only_the_build_directories_of_gone_processes_are_dead() {
         let mine = format!(".build-kernel-{}", std::process::id());
@@ -1025,8 +1027,6 @@ mod tests {
         assert!(!dead_builders_dir(&mine) && !dead_builders_dir(&init));
         assert!(!dead_builders_dir("kernel-0123456789abcdef") && !dead_builders_dir(".build-kernel") && !dead_builders_dir(".build-x-y"));
     }
-
-    use super::*;
 
     #[test]
     fn removing_what_is_not_in_the_cache_says_which_it_is() {

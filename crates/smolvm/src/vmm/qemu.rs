@@ -673,6 +673,8 @@ const UNLIMITED_SAVE: u64 = 1 << 40;
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// From QEMU 7.2 under TCG: the guest after `halt -f`, and one idling.
     #[test]
     fn only_cpus_halted_with_interrupts_off_are_stopped_for_good() {
@@ -690,8 +692,6 @@ mod tests {
         assert!(!stopped_for_good(""));
         assert!(!stopped_for_good("CPU#0\nRIP=0 RFL=zz HLT=1\n"));
     }
-
-    use super::*;
 
     #[tokio::test]
     async fn a_late_answer_is_not_taken_for_the_next_commands() {
