@@ -230,6 +230,10 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
         clone.delete().await.unwrap();
     }
     smolvm::sandbox::delete_snapshot(&env.dirs, "keyed").unwrap();
+    // A guest that goes down under an SSH command is an error that says so, as over the agent,
+    // not ssh's exit code 255.
+    let e = sb.run("poweroff", &opts()).await.unwrap_err();
+    assert!(e.to_string().contains("while the command ran"), "{e}");
     sb.delete().await.unwrap();
     assert!(env.qemu_processes().is_empty());
 }

@@ -504,3 +504,23 @@ def test_a_forked_child_leaves_the_parents_handle_alone(no_leftovers):
         assert vm.run("echo parent").output == "parent"
     finally:
         vm.delete()
+
+
+def test_a_handle_whose_guest_powered_itself_off_says_it_is_stopped(no_leftovers):
+    # The handle's connection is not watched between calls: the first call after the guest
+    # went down used to fail on the dead socket ("Broken pipe") instead of saying why.
+    vm = SmolVM()
+    vm.start()
+    try:
+        vm.run("(sleep 1; poweroff) >/dev/null 2>&1 &")
+        deadline = time.monotonic() + 30
+        while vm.status != VMState.STOPPED and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert vm.status == VMState.STOPPED
+        for call in (vm.pause, lambda: vm.set_env_vars({"A": "1"}), vm.list_env_vars):
+            with pytest.raises(SmolVMError, match="is stopped; start it first"):
+                call()
+        # Never started: nothing to stop.
+        SmolVM().stop()
+    finally:
+        vm.delete()

@@ -1025,6 +1025,11 @@ impl Sandbox {
                 if !diagnostics.is_empty() {
                     return Err(Error::Ssh(diagnostics.to_string()));
                 }
+                // The server went away under the command (ssh says so on the session's
+                // stderr): with its guest, most likely, as over the agent.
+                if String::from_utf8_lossy(&stderr).trim_end().ends_with("closed by remote host.") {
+                    return Err(self.went_away().await);
+                }
             }
             drop(feeding);
             let stderr = String::from_utf8_lossy(&stderr).into_owned();
@@ -1328,6 +1333,8 @@ impl Sandbox {
     fn unexpected(&self, what: &str, reply: Reply) -> Error {
         match reply {
             Reply::Error { kind: ErrorKind::Paused, .. } => Error::NotRunning { id: self.id.clone(), state: "paused".into() },
+            // The supervisor is on its way down (stopped by another handle, or the guest itself).
+            Reply::Error { kind: ErrorKind::Closed, .. } => self.unreachable(),
             other => reply_error(what, other),
         }
     }
@@ -1339,23 +1346,39 @@ impl Sandbox {
     fn conn(&self) -> Result<&Arc<Conn>> {
         match &self.conn {
             Some(c) if !c.is_closed() => Ok(c),
-            _ => {
-                let rec = self.record()?;
-                let state = rec.state;
-                if self.going_down(&rec) {
-                    return Err(Error::NotRunning { id: self.id.clone(), state: "stopping".into() });
-                }
-                if state.is_live() {
-                    // Running, but not through this handle's connection (its supervisor was
-                    // restarted by another process, or the connection broke).
-                    return Err(Error::Guest(format!(
-                        "the connection to VM '{}' was lost; start() reconnects (smolvm sandbox start {})",
-                        self.id, self.id
-                    )));
-                }
-                Err(Error::NotRunning { id: self.id.clone(), state: state.to_string() })
-            }
+            _ => Err(self.unreachable()),
         }
+    }
+
+    /// A request's failure on a connection found closed only by it (a handle's connection is
+    /// not watched between calls): said as for one known closed.
+    fn lost(&self, conn: &Conn, e: Error) -> Error {
+        if conn.is_closed() {
+            self.unreachable()
+        } else {
+            e
+        }
+    }
+
+    /// Why this handle cannot reach its sandbox, as the sandbox's state says: stopped (or
+    /// stopping), not the socket error of a connection whose supervisor has gone.
+    fn unreachable(&self) -> Error {
+        let rec = match self.record() {
+            Ok(rec) => rec,
+            Err(e) => return e,
+        };
+        if self.going_down(&rec) {
+            return Error::NotRunning { id: self.id.clone(), state: "stopping".into() };
+        }
+        if rec.state.is_live() {
+            // Running, but not through this handle's connection (its supervisor was restarted
+            // by another process, or the connection broke).
+            return Error::Guest(format!(
+                "the connection to VM '{}' was lost; start() reconnects (smolvm sandbox start {})",
+                self.id, self.id
+            ));
+        }
+        Error::NotRunning { id: self.id.clone(), state: rec.state.to_string() }
     }
 
     /// Run a command; output is collected.
@@ -1439,12 +1462,7 @@ impl Sandbox {
             cwd: opts.cwd.clone(),
             tty,
         };
-        let mut stream = match conn.open(&Request::Exec(req)).await {
-            Ok(s) => s,
-            // A connection found dead on the way out: say why, as for one known dead.
-            Err(e) if conn.is_closed() => return Err(self.conn().err().unwrap_or(e)),
-            Err(e) => return Err(e),
-        };
+        let mut stream = conn.open(&Request::Exec(req)).await.map_err(|e| self.lost(conn, e))?;
         // Input goes while the output is read (a command may answer before it has read all),
         // within the window the agent grants back as the command takes it.
         let window = Arc::new(tokio::sync::Semaphore::new(smolvm_proto::WINDOW));
@@ -1547,7 +1565,7 @@ impl Sandbox {
             guard.0 = None;
             return done;
         }
-        let mut stream = conn.open(&Request::FilePut { path: target.clone(), mode, tar }).await?;
+        let mut stream = conn.open(&Request::FilePut { path: target.clone(), mode, tar }).await.map_err(|e| self.lost(conn, e))?;
         // Sent as the agent stores it (it grants back what it has written, as for a command's
         // input): no more than a window waits in the supervisor or the channel, and a paused
         // VM's upload waits here, not in a socket that the same client's resume needs.
@@ -1641,7 +1659,7 @@ impl Sandbox {
                 done => return done,
             }
         }
-        let mut stream = conn.open(&Request::FileGet { path: guest.to_string() }).await?;
+        let mut stream = conn.open(&Request::FileGet { path: guest.to_string() }).await.map_err(|e| self.lost(conn, e))?;
         let temp = DownloadTemp { path: download_temp(&parent), stop: Default::default() };
         let tmp = temp.path.clone();
         let result = async {
@@ -1761,7 +1779,8 @@ impl Sandbox {
     /// One request and its answer within `bound`: a stuck agent or supervisor must not hang
     /// the caller (a health check would never say no).
     async fn call_within(&self, req: &Request, what: &str, bound: Duration) -> Result<Reply> {
-        within(what, bound, self.conn()?.call(req)).await?
+        let conn = self.conn()?;
+        within(what, bound, conn.call(req)).await?.map_err(|e| self.lost(conn, e))
     }
 
     /// Agent round trip without a process (health check, benchmarks).

@@ -117,7 +117,7 @@ const SILENT_LOOK: Duration = Duration::from_secs(2);
 const IDLE_LOOK: Duration = Duration::from_secs(10);
 
 /// What a pause or snapshot of a halted guest is answered; the sandbox is then stopped.
-const HALTED: &str = "the guest has stopped its CPUs for good (halt -f or poweroff -f inside it); the sandbox is now stopped";
+const HALTED: &str = "guest agent: the guest has stopped its CPUs for good (halt -f or poweroff -f inside it); the sandbox is now stopped";
 
 async fn halted_for_good(qmp: &mut qemu::Qmp) -> bool {
     let halted = bounded(qmp.cpus_stopped_for_good(), "asking QEMU about the vCPUs").await.unwrap_or(false);

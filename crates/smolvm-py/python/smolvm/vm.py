@@ -158,8 +158,11 @@ class SmolVM:
         return self
 
     def stop(self, timeout: float = 3.0) -> None:
-        """Stop the sandbox: its guest gets ``timeout`` seconds to shut down (0: at once)."""
-        call(self._require().stop, _args.seconds(timeout, "timeout", zero=True))
+        """Stop the sandbox: its guest gets ``timeout`` seconds to shut down (0: at once). One
+        that was never started has nothing to stop."""
+        timeout = _args.seconds(timeout, "timeout", zero=True)
+        if self._native is not None:
+            call(self._native.stop, timeout)
 
     def delete(self) -> None:
         if self._native is not None:
