@@ -28,6 +28,8 @@ fn to_py(e: Error) -> PyErr {
     let details = match &e {
         Error::Timeout { operation, seconds } => serde_json::json!({ "operation": operation, "timeout_seconds": seconds }),
         Error::Validation { field, .. } => serde_json::json!({ "field": field }),
+        // (Keys are checked where variables are given: a config's, or set_env_vars'.)
+        Error::Env(_) => serde_json::json!({ "field": "env_vars" }),
         Error::Boot { console, .. } => serde_json::json!({ "console": console }),
         Error::Reported { .. } => serde_json::json!({}),
         Error::NotRunning { state, .. } => serde_json::json!({ "state": state }),

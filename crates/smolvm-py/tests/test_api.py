@@ -11,6 +11,8 @@ import time
 import pytest
 
 import smolvm
+import smolvm.build
+import smolvm.env
 from smolvm import SmolVM, VMConfig, VMState
 from smolvm.exceptions import (
     CommandBlockedError,
@@ -97,6 +99,14 @@ def test_vmconfig_is_frozen_validated_and_rejects_unknown_fields():
         (lambda: VMConfig(writable_mounts="no"), "invalid writable_mounts: 'no' is not a bool"),
         (lambda: SmolVM.from_id(123), "invalid vm_id: expected a str, got int"),
         (lambda: SmolVM.from_snapshot("s", resume="no"), "invalid resume: 'no' is not a bool"),
+        (lambda: VMConfig(kernel_path=5), "invalid kernel_path: expected a str, got int"),
+        (lambda: smolvm.env.validate_env_key(5), "invalid key: expected a str, got int"),
+        (lambda: smolvm.build.ImageBuilder().build(None), "invalid name: expected a str, got NoneType"),
+        (lambda: smolvm.build.ImageBuilder().build_custom(5), "invalid name: expected a str, got int"),
+        (lambda: smolvm.build.ImageBuilder().build_custom("t", packages=5), "invalid packages: expected a name or a list of names, got int"),
+        (lambda: smolvm.build.ImageBuilder().build_custom("t", files=5), "invalid files: expected a mapping of guest paths to host paths"),
+        (lambda: smolvm.build.ImageBuilder().build_custom("t", size_mib=True), "invalid size_mib: True is not a positive whole number of MiB"),
+        (lambda: smolvm.build.ImageBuilder().build_custom("t", size_mib=-1), "invalid size_mib: -1 is not a positive whole number of MiB"),
     ]:
         with pytest.raises(ValidationError) as e:
             make()
@@ -141,6 +151,9 @@ def test_run_errors_state_and_timeout(no_leftovers):
             (lambda: vm.expose_local(True), "invalid guest_port: True is not a port (allowed: 1..=65535)"),
             (lambda: vm.unexpose_local(-1), "invalid guest_port: -1 is not a port (allowed: 1..=65535)"),
             (lambda: vm.set_env_vars({"A": None}), "invalid env_vars: the value of A is not a str (it is NoneType)"),
+            (lambda: vm.set_env_vars({"A": "1"}, merge="yes"), "invalid merge: expected True or False, got str"),
+            (lambda: vm.unset_env_vars(5), "invalid keys: expected a name or a list of names, got int"),
+            (lambda: vm.unset_env_vars(None), "invalid keys: expected a name or a list of names, got NoneType"),
         ]:
             with pytest.raises(ValidationError) as e:
                 call()
@@ -155,8 +168,9 @@ def test_run_errors_state_and_timeout(no_leftovers):
         assert str(e.value) == "Operation 'run' timed out after 2s"
         assert e.value.operation == "run" and e.value.timeout_seconds == 2
         assert time.monotonic() - started < 10
-        with pytest.raises(ValueError, match="Environment variable key cannot be empty"):
+        with pytest.raises(ValueError, match="Environment variable key cannot be empty") as e:
             vm.set_env_vars({"": "x"})
+        assert e.value.details.get("field") == "env_vars"
         vm.stop()
         assert vm.status == VMState.STOPPED
         with pytest.raises(SmolVMError, match="stopped"):

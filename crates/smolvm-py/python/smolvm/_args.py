@@ -49,6 +49,29 @@ def text(value: Any, field: str) -> str:
     return value
 
 
+def count(value: Any, field: str, unit: str) -> int:
+    """A whole positive number (not a bool) that the library's 32 bits can carry."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**32:
+        raise _bad(field, f"{value!r} is not a positive whole number of {unit}")
+    return value
+
+
+def flag(value: Any, field: str) -> bool:
+    """A bool (not a number that reads as one)."""
+    if not isinstance(value, bool):
+        raise _bad(field, f"expected True or False, got {type(value).__name__}")
+    return value
+
+
+def names(value: Any, field: str) -> list:
+    """A name, or an iterable of names (a str alone is one name, not its letters)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (bytes, Mapping)) or not hasattr(value, "__iter__"):
+        raise _bad(field, f"expected a name or a list of names, got {type(value).__name__}")
+    return [text(v, field) for v in value]
+
+
 def path(value: Any, field: str) -> str:
     """A path: a str or an os.PathLike."""
     if isinstance(value, os.PathLike):

@@ -10,8 +10,9 @@ import json
 import os
 from typing import Iterable, Mapping, Optional, Tuple
 
-from . import _native
+from . import _args, _native
 from ._errors import call
+from .exceptions import ValidationError
 
 # Kernel arguments for booting an image with a root disk. smolvm's own boot settings come
 # first; these are appended and repeat the ones an SSH-capable image relies on. Nothing that
@@ -66,12 +67,15 @@ class ImageBuilder:
         """A named recipe: ``base`` ``"debian"`` (apt installs ``packages``) or ``"busybox"``
         (packages unpacked beside busybox), ``files`` as ``{guest_path: host_path}``. Saved
         under ``name`` so that ``SmolVM(image=name)`` finds it; rebuilt only when it changes."""
+        files = {} if files is None else files
+        if not isinstance(files, Mapping):
+            raise ValidationError("invalid files: expected a mapping of guest paths to host paths", {"field": "files"})
         recipe = {
-            "name": name,
-            "base": base,
-            "packages": list(packages),
-            "files": [{"source": os.path.abspath(os.fspath(src)), "dest": dest} for dest, src in (files or {}).items()],
-            "size_mib": int(size_mib),
+            "name": _args.text(name, "name"),
+            "base": _args.text(base, "base"),
+            "packages": _args.names(packages, "packages"),
+            "files": [{"source": os.path.abspath(_args.path(src, "files")), "dest": _args.text(dest, "files")} for dest, src in files.items()],
+            "size_mib": _args.count(size_mib, "size_mib", "MiB"),
         }
         return self._named(name, recipe)
 
@@ -79,7 +83,7 @@ class ImageBuilder:
         """A built-in image (``alpine-ssh``, ``debian-ssh``) or a saved custom recipe, by name:
         ``(kernel_path, rootfs_path)``. ``"default"`` is :meth:`build_default`, whose second
         path is its initramfs."""
-        if name == "default":
+        if _args.text(name, "name") == "default":
             return self.build_default()
         return self._named(name)
 

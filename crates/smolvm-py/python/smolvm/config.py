@@ -116,8 +116,8 @@ class VMConfig:
     def __post_init__(self) -> None:
         for name in ("kernel_path", "initrd_path", "rootfs_path"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                object.__setattr__(self, name, os.fspath(value))
+            if value is not None:
+                object.__setattr__(self, name, _args.path(value, name))
         object.__setattr__(self, "env_vars", _args.env_vars(self.env_vars or {}))
         if not isinstance(self.writable_mounts, bool):
             raise ValidationError(f"invalid writable_mounts: {self.writable_mounts!r} is not a bool", {"field": "writable_mounts"})

@@ -348,14 +348,12 @@ class SmolVM:
 
     def set_env_vars(self, env_vars: Mapping[str, str], *, merge: bool = True) -> List[str]:
         """Set variables for new login shells; returns the sorted names present after."""
-        return call(self._require().set_env_vars, _args.env_vars(env_vars), merge)
+        return call(self._require().set_env_vars, _args.env_vars(env_vars), _args.flag(merge, "merge"))
 
     def unset_env_vars(self, keys: Union[str, Sequence[str]]) -> Dict[str, str]:
         """Remove variables (a name, or a list of them); returns the removed ones with their
         previous values."""
-        # (A str is a sequence too: of its letters, which are not what was meant.)
-        names = [keys] if isinstance(keys, str) else list(keys)
-        return call(self._require().unset_env_vars, [_args.text(k, "keys") for k in names])
+        return call(self._require().unset_env_vars, _args.names(keys, "keys"))
 
     def list_env_vars(self) -> Dict[str, str]:
         """The variables smolvm manages in this sandbox."""
