@@ -151,7 +151,7 @@ def test_run_errors_state_and_timeout(no_leftovers):
             (lambda: vm.expose_local(True), "invalid guest_port: True is not a port (allowed: 1..=65535)"),
             (lambda: vm.unexpose_local(-1), "invalid guest_port: -1 is not a port (allowed: 1..=65535)"),
             (lambda: vm.set_env_vars({"A": None}), "invalid env_vars: the value of A is not a str (it is NoneType)"),
-            (lambda: vm.set_env_vars({"A": "1"}, merge="yes"), "invalid merge: expected True or False, got str"),
+            (lambda: vm.set_env_vars({"A": "1"}, merge="yes"), "invalid merge: 'yes' is not a bool"),
             (lambda: vm.unset_env_vars(5), "invalid keys: expected a name or a list of names, got int"),
             (lambda: vm.unset_env_vars(None), "invalid keys: expected a name or a list of names, got NoneType"),
         ]:

@@ -1067,8 +1067,10 @@ impl Sandbox {
         self.control(Request::Resume, "resume").await?;
         // A sandbox restored paused from a snapshot runs its guest for the first time now: its
         // SSH server is set up as at a boot (its own host key, pinned; its port exposed). One
-        // that has done so keeps its pinned key through later pauses.
-        if self.record()?.config.has_root_disk() && !self.paths.known_hosts.exists() {
+        // that has done so keeps its pinned key through later pauses; one never restored from
+        // a snapshot was set up at its boot.
+        let rec = self.record()?;
+        if rec.snapshot.is_some() && rec.config.has_root_disk() && !self.paths.known_hosts.exists() {
             if let Err(e) = self.setup_ssh().await {
                 tracing::warn!("SSH could not be set up in {}; the agent serves it: {}", self.id, e.full_message());
             }

@@ -653,9 +653,8 @@ async fn supervise(id: &str) -> i32 {
     let mut clients = 0usize;
     // An ephemeral sandbox also goes when its owner process does, even if it never connected.
     let mut owner_check = tokio::time::interval(Duration::from_secs(1));
-    let mut console_check = tokio::time::interval(Duration::from_secs(1));
-    // Whether the guest still runs (see `SILENT_LOOK`).
-    let mut liveness = tokio::time::interval(Duration::from_secs(1));
+    // Each second: the console's bound, and whether the guest still runs (see `SILENT_LOOK`).
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let mut last_look = Instant::now();
     // A pause or snapshot that found the guest halted: answered once the sandbox is recorded
     // stopped, so that its client finds it so.
@@ -697,9 +696,10 @@ async fn supervise(id: &str) -> i32 {
                 tracing::warn!("the vsock device server exited: {status:?}");
                 break Ended::Exited;
             }
-            _ = liveness.tick(), if !paused.load(Ordering::SeqCst) => {
+            _ = housekeeping.tick() => {
+                cap_console(&paths.console);
                 let every = if agent.silent_for() >= SILENT_LOOK { SILENT_LOOK } else { IDLE_LOOK };
-                if last_look.elapsed() >= every {
+                if !paused.load(Ordering::SeqCst) && last_look.elapsed() >= every {
                     last_look = Instant::now();
                     if halted_for_good(&mut qmp).await {
                         break Ended::Halted;
@@ -843,7 +843,6 @@ async fn supervise(id: &str) -> i32 {
                     break Ended::Asked;
                 }
             }
-            _ = console_check.tick() => cap_console(&paths.console),
             _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => break Ended::Asked,
         }
     };

@@ -57,9 +57,9 @@ def count(value: Any, field: str, unit: str) -> int:
 
 
 def flag(value: Any, field: str) -> bool:
-    """A bool (not a number that reads as one)."""
+    """A bool (not a number or a str that reads as one)."""
     if not isinstance(value, bool):
-        raise _bad(field, f"expected True or False, got {type(value).__name__}")
+        raise _bad(field, f"{value!r} is not a bool")
     return value
 
 

@@ -119,8 +119,7 @@ class VMConfig:
             if value is not None:
                 object.__setattr__(self, name, _args.path(value, name))
         object.__setattr__(self, "env_vars", _args.env_vars(self.env_vars or {}))
-        if not isinstance(self.writable_mounts, bool):
-            raise ValidationError(f"invalid writable_mounts: {self.writable_mounts!r} is not a bool", {"field": "writable_mounts"})
+        _args.flag(self.writable_mounts, "writable_mounts")
         # Resolved now: a relative path means the directory current when the config was made.
         if self.workspace_mounts is not None:
             object.__setattr__(self, "workspace_mounts", _mounts(self.workspace_mounts))

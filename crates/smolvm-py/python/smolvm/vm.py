@@ -30,12 +30,6 @@ class _NotGiven:
 _FALSE = _NotGiven()
 
 
-def _bool(value: Any, field: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValidationError(f"invalid {field}: {value!r} is not a bool", {"field": field})
-    return value
-
-
 def _port_list(value: Any) -> list:
     # (A str is a sequence too: "80" would be the ports '8' and '0'.)
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
@@ -92,7 +86,7 @@ class SmolVM:
                      "internet_settings": internet_settings, "network": network,
                      "port_forwards": None if port_forwards is None else _port_list(port_forwards),
                      "workspace_mounts": mounts,
-                     "writable_mounts": None if writable_mounts is _FALSE else _bool(writable_mounts, "writable_mounts"),
+                     "writable_mounts": None if writable_mounts is _FALSE else _args.flag(writable_mounts, "writable_mounts"),
                      "env_vars": None if env_vars is None else {**config.env_vars, **_args.env_vars(env_vars)}}
         changes: Dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
         self._config = config.replace(**changes) if changes else config
@@ -209,14 +203,14 @@ class SmolVM:
             raise ValidationError(f"invalid backend: {backend!r} cannot restore this snapshot (allowed: 'qemu', 'auto')", {"field": "backend"})
         if resume_vm is not None:
             resume = resume_vm
-        resume = _bool(resume, "resume")
+        resume = _args.flag(resume, "resume")
         snapshot_id = _args.text(snapshot_id, "snapshot_id")
         vm_id = None if vm_id is None else _args.text(vm_id, "vm_id")
         vm = cls.__new__(cls)
         env = _args.env_vars(env_vars) if env_vars is not None else None
         boot_timeout = _args.seconds(boot_timeout, "boot_timeout")
-        if writable_mounts is not None and not isinstance(writable_mounts, bool):
-            raise ValidationError(f"invalid writable_mounts: {writable_mounts!r} is not a bool", {"field": "writable_mounts"})
+        if writable_mounts is not None:
+            _args.flag(writable_mounts, "writable_mounts")
         hosts = None if mounts is None else [(m["host"], m["guest"]) for m in _mounts(mounts)]
         vm._native = call(_native.Vm.from_snapshot, snapshot_id, vm_id, env, resume, boot_timeout, hosts, writable_mounts)
         vm._config = VMConfig(vm_id=vm._native.id)
