@@ -100,6 +100,17 @@ fn validate_env_key(key: &str) -> PyResult<()> {
     smolvm::validate_env_key(key).map_err(|e| to_py(e.into()))
 }
 
+/// A whole-number field's range check before the value meets the config's 32-bit fields. The
+/// value comes as Python wrote it: its ints have no bound.
+#[pyfunction]
+fn check_whole(field: &str, value: &str) -> PyResult<()> {
+    match value.parse::<i128>() {
+        Ok(v) => smolvm::config::check_whole(field, v),
+        Err(_) => Err(smolvm::config::out_of_range(field, &value)),
+    }
+    .map_err(to_py)
+}
+
 #[pyfunction]
 fn validate_config(config_json: &str) -> PyResult<()> {
     parse_config(config_json)?.validate().map_err(to_py)
@@ -396,6 +407,15 @@ impl Vm {
         })
     }
 
+    fn wait_for_ready(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
+        let (inner, id) = (self.inner.clone(), self.id.clone());
+        block(py, async move {
+            let timeout = smolvm::config::seconds(timeout, "timeout")?;
+            let guard = inner.read().await;
+            guard.as_ref().ok_or_else(|| gone(&id))?.wait_for_ready(timeout).await
+        })
+    }
+
     fn wait_for_ports(&self, py: Python<'_>, ports: Vec<u16>, timeout: f64) -> PyResult<()> {
         let (inner, id) = (self.inner.clone(), self.id.clone());
         block(py, async move {
@@ -460,6 +480,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NativeError", m.py().get_type::<NativeError>())?;
     m.add_function(wrap_pyfunction!(validate_env_key, m)?)?;
     m.add_function(wrap_pyfunction!(validate_config, m)?)?;
+    m.add_function(wrap_pyfunction!(check_whole, m)?)?;
     m.add_function(wrap_pyfunction!(build_image, m)?)?;
     m.add_function(wrap_pyfunction!(build_named_image, m)?)?;
     m.add_function(wrap_pyfunction!(list_sandboxes, m)?)?;

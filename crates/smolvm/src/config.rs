@@ -292,6 +292,33 @@ fn check_file(field: &'static str, path: &Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// The range check of a whole-number field, on a value as wide as callers may hand over
+/// (Python's ints are unbounded: `memory=2**70` is out of range, not a type error).
+pub fn check_whole(field: &str, value: i128) -> Result<()> {
+    match whole_field(field) {
+        Some((_, (lo, hi), _)) if (i128::from(lo)..=i128::from(hi)).contains(&value) => Ok(()),
+        _ => Err(out_of_range(field, &value)),
+    }
+}
+
+/// The error for a whole-number field's value outside its range, shown as the caller wrote it
+/// (one too large even for `check_whole`).
+pub fn out_of_range(field: &str, shown: &dyn std::fmt::Display) -> Error {
+    match whole_field(field) {
+        Some((field, (lo, hi), unit)) => Error::validation(field, format!("{shown}{unit} is out of range (allowed {lo}..={hi}{unit})")),
+        None => Error::Host(format!("{field} is not a whole-number field of VmConfig")),
+    }
+}
+
+fn whole_field(field: &str) -> Option<(&'static str, (u32, u32), &'static str)> {
+    match field {
+        "vcpu_count" => Some(("vcpu_count", VCPU_RANGE, "")),
+        "memory" => Some(("memory", MEMORY_RANGE, " MiB")),
+        "disk_size_mib" => Some(("disk_size_mib", DISK_SIZE_RANGE, " MiB")),
+        _ => None,
+    }
+}
+
 impl VmConfig {
     /// A root disk (a named image's or `rootfs_path`), which may carry an SSH server; the
     /// default image runs from memory.
@@ -303,13 +330,8 @@ impl VmConfig {
         if let Some(id) = &self.vm_id {
             validate_vm_id(id)?;
         }
-        let (lo, hi) = VCPU_RANGE;
-        if !(lo..=hi).contains(&self.vcpu_count) {
-            return Err(Error::validation("vcpu_count", format!("{} is out of range (allowed {lo}..={hi})", self.vcpu_count)));
-        }
-        let (lo, hi) = MEMORY_RANGE;
-        if !(lo..=hi).contains(&self.memory) {
-            return Err(Error::validation("memory", format!("{} MiB is out of range (allowed {lo}..={hi} MiB)", self.memory)));
+        for (field, value) in [("vcpu_count", self.vcpu_count), ("memory", self.memory)] {
+            check_whole(field, value.into())?;
         }
         check_file("kernel_path", &self.kernel_path)?;
         check_file("initrd_path", &self.initrd_path)?;
@@ -344,10 +366,7 @@ impl VmConfig {
             }
         }
         if let Some(size) = self.disk_size_mib {
-            let (lo, hi) = DISK_SIZE_RANGE;
-            if !(lo..=hi).contains(&size) {
-                return Err(Error::validation("disk_size_mib", format!("{size} MiB is out of range (allowed {lo}..={hi} MiB)")));
-            }
+            check_whole("disk_size_mib", size.into())?;
             if !self.has_root_disk() {
                 return Err(Error::validation(
                     "disk_size_mib",
@@ -643,7 +662,13 @@ mod tests {
         let c = VmConfig { memory: 64, ..Default::default() };
         assert_eq!(c.validate().unwrap_err().to_string(), "invalid memory: 64 MiB is out of range (allowed 128..=16384 MiB)");
         let c = VmConfig { vcpu_count: 0, ..Default::default() };
-        assert!(c.validate().unwrap_err().to_string().contains("vcpu_count"));
+        assert_eq!(c.validate().unwrap_err().to_string(), "invalid vcpu_count: 0 is out of range (allowed 1..=32)");
+        assert_eq!(
+            check_whole("memory", 1 << 70).unwrap_err().to_string(),
+            "invalid memory: 1180591620717411303424 MiB is out of range (allowed 128..=16384 MiB)"
+        );
+        assert!(check_whole("disk_size_mib", 64).is_ok() && check_whole("disk_size_mib", 63).is_err());
+        assert_eq!(out_of_range("memory", &"1e99").to_string(), "invalid memory: 1e99 MiB is out of range (allowed 128..=16384 MiB)");
         let c = VmConfig { kernel_path: Some("/nonexistent/vmlinux".into()), ..Default::default() };
         assert_eq!(c.validate().unwrap_err().to_string(), "invalid kernel_path: /nonexistent/vmlinux is not a readable file");
         let c = VmConfig { backend: Some("xen".into()), ..Default::default() };

@@ -1793,6 +1793,27 @@ impl Sandbox {
         }
     }
 
+    /// Wait until the agent answers (a handle on a sandbox that is busy or still booting). A
+    /// sandbox that is stopped, paused, failed or gone cannot become ready by waiting, so that
+    /// is said at once instead of after `timeout`.
+    pub async fn wait_for_ready(&self, timeout: Duration) -> Result<()> {
+        crate::config::check_wait(timeout, "timeout")?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, self.ping()).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e @ (Error::NotRunning { .. } | Error::NotFound(_)))) => return Err(e),
+                Ok(Err(e)) => tracing::debug!("not ready: {e}"),
+                Err(_) => {}
+            }
+            if tokio::time::Instant::now() + Duration::from_millis(50) >= deadline {
+                return Err(Error::Timeout { operation: "wait_for_ready".into(), seconds: timeout.as_secs_f64() });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The TCP ports something in the guest listens on (any address, IPv4 or IPv6), ascending.
     pub async fn listening_ports(&self) -> Result<Vec<u16>> {
         match self.channel {
@@ -1964,6 +1985,7 @@ impl Sandbox {
             Ok(()) | Err(Error::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
+        tracing::debug!("phase: stopped");
         let store = Store::open(&self.dirs.data)?;
         host_network_leftovers(&store, &self.id);
         store.remove(&self.id)?;

@@ -313,20 +313,30 @@ impl NetPlan {
     /// `cleanup`, with the table removed while `stopping` (the VM's shutdown) runs, so that it
     /// adds nothing to a stop's (and `smolvm run`'s) time. The TAP stays held: the caller lets
     /// go of it once it has answered.
-    async fn cleanup_during(&self, store: &Store, id: &str, stopping: impl std::future::Future<Output = ()>) {
+    async fn cleanup_during(&self, store: &Store, id: &str, graceful: bool, stopping: impl std::future::Future<Output = ()>) {
         let net = self.lease.map(|_| (self.tap.clone(), self.table.clone()));
-        // The TAP goes down before the rules go, so that a guest still running during a
-        // graceful stop is cut off first. Both beside the stop, not ahead of it: taking a link
-        // down waits for the host kernel (up to 3 ms measured), which a VM being killed need
-        // not wait for.
-        let nft = tokio::task::spawn_blocking(move || {
-            net.map(|(tap, table)| {
-                crate::net::tap_down(&tap);
-                crate::net::nft_remove(&table)
-            })
-        });
-        stopping.await;
-        let _ = nft.await;
+        if graceful {
+            // The TAP goes down before the rules go, so that a guest still running during a
+            // graceful stop is cut off first. Both beside the stop, not ahead of it: taking a
+            // link down waits for the host kernel (up to 3 ms measured).
+            let nft = tokio::task::spawn_blocking(move || {
+                net.map(|(tap, table)| {
+                    crate::net::tap_down(&tap);
+                    crate::net::nft_remove(&table)
+                })
+            });
+            stopping.await;
+            let _ = nft.await;
+        } else {
+            // A VM being killed sends nothing more once the signal is out (`shutdown` does not
+            // wait for QEMU's death): its link is left as it is until the TAP goes, and the
+            // rules go right here, on this thread, without a hand-over that waited for a core
+            // while QEMU's memory was being freed.
+            stopping.await;
+            if let Some((_, table)) = net {
+                let _ = crate::net::nft_remove(&table);
+            }
+        }
         let _ = store.release_network(id);
     }
 
@@ -894,7 +904,12 @@ async fn supervise(id: &str) -> i32 {
     let graceful = overlay.is_some() && !paused.load(Ordering::SeqCst);
     tracing::debug!("phase: stopping");
     close_dns(&mut dns).await;
-    plan.cleanup_during(&store, id, shutdown(&mut child, &agent, &mut qmp, stop_timeout, graceful)).await;
+    plan.cleanup_during(&store, id, graceful, shutdown(&mut child, &agent, &mut qmp, stop_timeout, graceful)).await;
+    if overlay.is_some() {
+        // A disk's QEMU (a paused one is killed) goes before the answer: its lock on the disk
+        // image goes with it, and a start right after must find the image free.
+        let _ = child.wait().await;
+    }
     tracing::debug!("phase: cleaned up");
     stop_vsock(&mut vsock).await;
     paths.remove_sockets();
@@ -918,7 +933,9 @@ async fn supervise(id: &str) -> i32 {
         // Let the client tasks write their replies before the process ends.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // The slow part of removing the TAP, now that nobody waits for it.
+    // The slow parts, now that nobody waits for them: QEMU's death after its SIGKILL, and
+    // removing the TAP.
+    let _ = child.wait().await;
     drop(plan);
     0
 }
@@ -1269,10 +1286,14 @@ async fn snapshot(
 }
 
 /// Graceful first (the agent syncs disks and resets the VM), then QMP `quit`, then SIGKILL.
+///
+/// Without the graceful part, the SIGKILL is not waited for: the VM stops running as it lands,
+/// and the host kernel then spends 4-5 ms freeing QEMU's memory, which nobody need wait for
+/// (`smolvm run` did, after every command). The caller reaps QEMU.
 async fn shutdown(child: &mut tokio::process::Child, agent: &Arc<Conn>, qmp: &mut qemu::Qmp, timeout: Duration, graceful: bool) {
     if !graceful {
-        let _ = child.kill().await;
-        tracing::debug!("phase: VMM gone");
+        let _ = child.start_kill();
+        tracing::debug!("phase: VMM killed");
         return;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), agent.call(&Request::Shutdown)).await;

@@ -8,6 +8,8 @@ import math
 import os
 from typing import Any, Dict, Mapping
 
+from . import _native
+from ._errors import call
 from .exceptions import ValidationError
 
 # As the library's own bound (smolvm::config::MAX_WAIT): longer waits can only mean "never".
@@ -53,6 +55,15 @@ def count(value: Any, field: str, unit: str) -> int:
     """A whole positive number (not a bool) that the library's 32 bits can carry."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**32:
         raise _bad(field, f"{value!r} is not a positive whole number of {unit}")
+    return value
+
+
+def whole(value: Any, field: str) -> int:
+    """A whole number in the field's range (the library's check, which also takes the ints
+    that 32 bits cannot carry)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(field, f"{value!r} is not a whole number")
+    call(_native.check_whole, field, str(value))
     return value
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import _args, _native
 from ._errors import call
 from .config import VMConfig, _mounts
-from .exceptions import CommandBlockedError, OperationTimeoutError, SmolVMError, ValidationError
+from .exceptions import CommandBlockedError, SmolVMError, ValidationError
 from .types import CommandResult, SnapshotInfo, VMInfo, VMState
 
 _SHELLS = ("login", "raw")
@@ -294,12 +293,8 @@ class SmolVM:
         return self._native is not None and call(self._native.can_run_commands)
 
     def wait_for_ready(self, timeout: float = 60) -> None:
-        timeout = _args.seconds(timeout, "timeout")
-        deadline = time.monotonic() + timeout
-        while not self.can_run_commands():
-            if time.monotonic() > deadline:
-                raise OperationTimeoutError("wait_for_ready", timeout)
-            time.sleep(0.05)
+        """Wait until the agent answers; a sandbox that is not running says so at once."""
+        call(self._require().wait_for_ready, _args.seconds(timeout, "timeout"))
 
     def wait_for_ssh(self, timeout: float = 60) -> None:
         """Wait until an SSH login works (images with an SSH server: ``image="debian-ssh"``,
