@@ -56,7 +56,7 @@ pub fn put_start(stream: u32, path: String, mode: u32, tar: bool, w: &Writer) {
         // Beside the destination, on its filesystem: a file is renamed into place, and an
         // archive (a directory) needs the destination's room, not RAM's (/run is a tmpfs).
         let parent = dest.parent().unwrap_or(Path::new("/"));
-        fs::create_dir_all(parent)?;
+        smolvm_proto::paths::make_dirs(parent)?;
         let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tmp = parent.join(format!(".{name}.smolvm-upload-{stream}"));
         let file = fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;

@@ -76,11 +76,11 @@ enum Cmd {
 #[derive(Args, Clone)]
 struct VmArgs {
     /// Memory in MiB (128..=16384).
-    #[arg(long, default_value_t = smolvm::config::DEFAULT_MEMORY_MIB)]
-    memory: u32,
+    #[arg(long, default_value_t = smolvm::config::DEFAULT_MEMORY_MIB.into(), value_parser = whole_arg, allow_negative_numbers = true)]
+    memory: i128,
     /// Virtual CPUs (1..=32).
-    #[arg(long, default_value_t = smolvm::config::DEFAULT_VCPUS)]
-    cpus: u32,
+    #[arg(long, default_value_t = smolvm::config::DEFAULT_VCPUS.into(), value_parser = whole_arg, allow_negative_numbers = true)]
+    cpus: i128,
     /// firecracker | qemu | auto (default: SMOLVM_BACKEND, else auto).
     #[arg(long)]
     backend: Option<String>,
@@ -95,8 +95,8 @@ struct VmArgs {
     #[arg(long)]
     image: Option<String>,
     /// Root disk size in MiB (images with a root disk; grows this sandbox's own copy).
-    #[arg(long = "disk-size")]
-    disk_size: Option<u32>,
+    #[arg(long = "disk-size", value_parser = whole_arg, allow_negative_numbers = true)]
+    disk_size: Option<i128>,
     /// agent (default) | ssh: the channel commands and file transfers take.
     #[arg(long = "comm-channel")]
     comm_channel: Option<String>,
@@ -251,7 +251,7 @@ enum SandboxCmd {
     /// The sandbox's console log.
     Logs {
         name: String,
-        #[arg(long)]
+        #[arg(long, value_parser = lines_arg, allow_negative_numbers = true)]
         tail: Option<usize>,
         #[arg(long, short)]
         follow: bool,
@@ -279,16 +279,21 @@ enum PortCmd {
     /// Expose [HOST:]GUEST; prints the host port.
     Expose {
         name: String,
+        #[arg(allow_negative_numbers = true)]
         spec: String,
         #[arg(long)]
         json: bool,
     },
     /// Stop exposing a guest port.
-    Close { name: String, guest: u16 },
+    Close {
+        name: String,
+        #[arg(value_parser = port_arg, allow_negative_numbers = true)]
+        guest: u16,
+    },
     /// Wait until something in the sandbox listens on each PORT (TCP).
     Wait {
         name: String,
-        #[arg(required = true)]
+        #[arg(required = true, value_parser = port_arg, allow_negative_numbers = true)]
         ports: Vec<u16>,
         /// Seconds to wait.
         #[arg(long, default_value_t = 30.0, value_parser = seconds_arg, allow_negative_numbers = true)]
@@ -463,6 +468,30 @@ fn out_line(line: impl std::fmt::Display) {
 }
 
 /// A number of seconds as clap reads it; the bounds are `seconds`'s, which name the field.
+/// A whole number as written, however large: the library's range check names the field and
+/// its range (clap's own check would say `0..=4294967295` of a `--memory` past 32 bits).
+fn whole_arg(s: &str) -> Result<i128, String> {
+    s.trim().parse::<i128>().map_err(|_| "must be a whole number".to_string())
+}
+
+fn whole(field: &str, v: i128) -> Result<u32, Error> {
+    smolvm::config::check_whole(field, v)?;
+    Ok(v as u32)
+}
+
+/// A TCP port: 1..=65535 (clap's own check for a u16 allows 0 and names no range of ports).
+fn port_arg(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<i128>() {
+        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+        _ => Err("is not a port (allowed: 1..=65535)".to_string()),
+    }
+}
+
+/// A count of lines: 0 or more.
+fn lines_arg(s: &str) -> Result<usize, String> {
+    s.trim().parse::<usize>().map_err(|_| "must be a whole number of lines, 0 or more".to_string())
+}
+
 fn seconds_arg(s: &str) -> Result<f64, String> {
     s.trim().parse::<f64>().map_err(|_| "must be a positive number of seconds".to_string())
 }
@@ -545,8 +574,8 @@ fn vm_config(vm: &VmArgs, name: Option<String>) -> Result<VmConfig, Error> {
         workspace_mounts: mounts,
         writable_mounts: vm.writable_mounts,
         vm_id: name,
-        vcpu_count: vm.cpus,
-        memory: vm.memory,
+        vcpu_count: whole("vcpu_count", vm.cpus)?,
+        memory: whole("memory", vm.memory)?,
         kernel_path: vm.kernel.clone(),
         initrd_path: vm.initrd.clone(),
         rootfs_path: vm.rootfs.clone(),
@@ -557,7 +586,7 @@ fn vm_config(vm: &VmArgs, name: Option<String>) -> Result<VmConfig, Error> {
         internet_settings: internet_settings(vm),
         port_forwards: vm.publish.iter().map(|p| parse_publish(p)).collect::<Result<_, _>>()?,
         image: vm.image.clone(),
-        disk_size_mib: vm.disk_size,
+        disk_size_mib: vm.disk_size.map(|v| whole("disk_size_mib", v)).transpose()?,
         comm_channel: vm.comm_channel.clone(),
         ssh_public_key: match &vm.ssh_key {
             Some(k) if std::path::Path::new(k).is_file() => {
@@ -1046,10 +1075,18 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             let boot_timeout = seconds(vm.boot_timeout, "boot_timeout")?;
             let mut sb = Sandbox::create_in(dirs, vm_config(&vm, name)?, false)?;
             if !no_start {
-                if let Err(e) = sb.start(boot_timeout, &progress).await {
-                    // A sandbox that never started is not worth keeping around.
-                    let _ = sb.delete().await;
-                    return Err(e);
+                let started = unless_interrupted(sb.start(boot_timeout, &progress)).await;
+                if !matches!(started, Some(Ok(()))) {
+                    // A sandbox that never started is not worth keeping around, nor one whose
+                    // start its maker gave up on.
+                    let id = sb.id().to_string();
+                    if unless_interrupted(sb.delete()).await.is_none() {
+                        std::process::exit(130);
+                    }
+                    return Err(match started {
+                        Some(Err(e)) => e,
+                        _ => Error::Interrupted(format!("the sandbox '{id}' was not started, and is removed")),
+                    });
                 }
             }
             let info = sb.info().await?;
@@ -1074,7 +1111,14 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
         }
         SandboxCmd::Start { name, boot_timeout } => {
             let mut sb = Sandbox::open_in(dirs, &name).await?;
-            sb.start(seconds(boot_timeout, "boot_timeout")?, &progress).await?;
+            let boot_timeout = seconds(boot_timeout, "boot_timeout")?;
+            if unless_interrupted(sb.start(boot_timeout, &progress)).await.transpose()?.is_none() {
+                // Left as it was found (a start that went on booting would leave it running).
+                if unless_interrupted(sb.stop(sandbox::DEFAULT_STOP_TIMEOUT)).await.is_none() {
+                    std::process::exit(130);
+                }
+                return Err(Error::Interrupted(format!("the sandbox '{name}' was not started")));
+            }
             Ok(Done::text(name.clone(), json!({ "id": name, "state": "running" })))
         }
         SandboxCmd::Stop { name, timeout } => {
@@ -1301,6 +1345,26 @@ async fn env_cmd(cmd: EnvCmd, dirs: Dirs) -> Result<Done, Error> {
     }
 }
 
+/// `work`, unless Ctrl-C or SIGTERM comes first: then None, `work` dropped (a start's
+/// supervisor boots on; the caller undoes it). A second signal during that undoing ends the
+/// process (the caller passes it here too).
+async fn unless_interrupted<T>(work: impl std::future::Future<Output = T>) -> Option<T> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let signalled = |kind| async move {
+        match signal(kind) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        r = work => Some(r),
+        _ = signalled(SignalKind::interrupt()) => None,
+        _ = signalled(SignalKind::terminate()) => None,
+    }
+}
+
 fn wants_json(cmd: &Cmd) -> bool {
     match cmd {
         Cmd::Doctor { json } => *json,
@@ -1411,7 +1475,12 @@ fn main() {
             done.exit_code
         }
         Err(e) => {
-            let code = if matches!(e, Error::Timeout { .. }) { 124 } else { 1 };
+            let code = match e {
+                Error::Timeout { .. } => 124,
+                // As a shell reports a command that SIGINT ended.
+                Error::Interrupted(_) => 130,
+                _ => 1,
+            };
             if json {
                 let mut err = json!({ "code": e.code(), "message": e.full_message() });
                 if let Some(r) = e.recovery() {

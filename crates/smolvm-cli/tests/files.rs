@@ -54,6 +54,15 @@ async fn paths_modes_and_directories() {
     let err = sb.download("/dev/zero", &env.tmp.path().join("zero")).await.unwrap_err();
     assert!(err.to_string().contains("/dev/zero is not a regular file or a directory"), "{err}");
     assert!(!env.tmp.path().join("zero").exists());
+    // A file where a parent directory would go is named, on either side (it was "File exists").
+    sb.run("touch /tmp/plain", &opts()).await.unwrap();
+    let err = sb.upload(&local, "/tmp/plain/child").await.unwrap_err();
+    assert_eq!(err.to_string(), "invalid guest_path: receiving /tmp/plain/child: /tmp/plain is not a directory");
+    let err = sb.download("/etc/hostname", &local.join("sub/x")).await.unwrap_err();
+    assert_eq!(err.to_string(), format!("invalid local_path: {} is not a directory", local.display()));
+    // A directory that cannot be written to is named, not the download's temporary file.
+    let err = sb.download("/etc/hostname", std::path::Path::new("/proc/1/x")).await.unwrap_err();
+    assert_eq!(err.full_message(), "cannot write into /proc/1: No such file or directory (os error 2)");
 
     // A setuid/setgid file comes back without those bits.
     sb.run("echo s > /tmp/suid; chmod 6755 /tmp/suid", &opts()).await.unwrap();

@@ -230,6 +230,11 @@ async fn sandboxes_cannot_reach_each_other_or_the_host_and_exposed_ports_work() 
     // Exposing at runtime, then closing.
     let extra = one.expose_local(8000, None).await.unwrap();
     assert_eq!(extra, host, "exposing an exposed port returns the same host port");
+    assert_eq!(one.expose_local(8000, Some(host)).await.unwrap(), host);
+    // Another host port for it is refused, not ignored with a success.
+    let other = if host == 65535 { host - 1 } else { host + 1 };
+    let e = one.expose_local(8000, Some(other)).await.unwrap_err().to_string();
+    assert_eq!(e, format!("invalid port: guest port 8000 is already exposed on host port {host}; close it first to expose it on {other}"));
     one.unexpose_local(8000).await.unwrap();
     assert!(one.ports().unwrap().is_empty());
     assert!(!http_ok(&format!("http://127.0.0.1:{host}/")));

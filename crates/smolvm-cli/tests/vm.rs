@@ -4,8 +4,10 @@
 mod common;
 
 use common::*;
+use serde_json::json;
 use smolvm::sandbox::console_tail;
 use smolvm::{Error, RunOptions, Sandbox, Shell, State, VmConfig};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -553,6 +555,9 @@ fn bad_input_names_the_field_and_leaves_nothing() {
     }
     for (args, field) in [
         (vec!["run", "--memory", "64", "true"], "memory"),
+        // Past 32 bits, and below zero: the field's own range, not the type's.
+        (vec!["run", "--memory", "99999999999", "true"], "memory: 99999999999 MiB is out of range (allowed 128..=16384 MiB)"),
+        (vec!["sandbox", "create", "--cpus", "-1"], "vcpu_count: -1 is out of range (allowed 1..=32)"),
         (vec!["run", "--backend", "xen", "true"], "backend"),
         (vec!["sandbox", "create", "--name", "Bad_ID!"], "vm_id"),
         (vec!["run", "--kernel", "/nonexistent/vmlinux", "true"], "kernel_path"),
@@ -568,7 +573,21 @@ fn bad_input_names_the_field_and_leaves_nothing() {
     ] {
         let out = env.smolvm(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
-        assert!(stderr(&out).contains(&format!("invalid {field}:")), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(&format!("invalid {field}")), "{args:?}: {}", stderr(&out));
+    }
+    // What the argument parser refuses (exit code 2) names the argument and what is allowed.
+    for (args, says) in [
+        (
+            vec!["sandbox", "logs", "x", "--tail", "-1"],
+            "invalid value '-1' for '--tail <TAIL>': must be a whole number of lines, 0 or more",
+        ),
+        (vec!["sandbox", "port", "close", "x", "70000"], "invalid value '70000' for '<GUEST>': is not a port (allowed: 1..=65535)"),
+        (vec!["sandbox", "port", "close", "x", "0"], "invalid value '0' for '<GUEST>': is not a port (allowed: 1..=65535)"),
+        (vec!["sandbox", "create", "--cpus", "1.5"], "invalid value '1.5' for '--cpus <CPUS>': must be a whole number"),
+    ] {
+        let out = env.smolvm(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
     }
     let out = env.cli().args(["run", "true"]).env("SMOLVM_BACKEND", "firecracker").output().unwrap();
     assert!(stderr(&out).contains("firecracker is not supported by this build yet"), "{}", stderr(&out));
@@ -1109,7 +1128,7 @@ fn unparsable_arguments_answer_in_json_when_asked() {
     assert_eq!(v["ok"], false);
     assert_eq!(v["exit_code"], 2);
     assert_eq!(v["error"]["code"], "validation");
-    assert_eq!(v["error"]["message"], "invalid value 'abc' for '--memory <MEMORY>': invalid digit found in string");
+    assert_eq!(v["error"]["message"], "invalid value 'abc' for '--memory <MEMORY>': must be a whole number");
     // Seconds that are not a number are the parser's (exit 2); negative ones are ours (exit 1).
     let out = env.smolvm(&["run", "--timeout", "abc", "true"]);
     assert_eq!(out.status.code(), Some(2));
@@ -1125,4 +1144,37 @@ fn unparsable_arguments_answer_in_json_when_asked() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stdout(&out).is_empty() && stderr(&out).starts_with("error: invalid value 'abc'"), "{}", stderr(&out));
     assert!(env.leftover_files().is_empty());
+}
+
+/// Ctrl-C during `sandbox create` (or `start`) used to kill the CLI and leave the VM it was
+/// starting running on its own. Now the start is undone: a created sandbox is removed, an
+/// existing one is stopped again, and the CLI exits 130 with its error (as an envelope with
+/// `--json`).
+#[test]
+fn an_interrupted_create_or_start_leaves_nothing_running() {
+    let env = env();
+    // Interrupts `args` once its VM's QEMU runs (the boot is under way): its output and status.
+    let interrupt = |args: &[&str]| {
+        let child = env.cli().args(args).env("SMOLVM_WARM", "0").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        assert!(wait_until(Duration::from_secs(120), || !env.qemu_processes().is_empty()), "{args:?}: no VM started");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = interrupt(&["sandbox", "create", "--name", "intr", "--json"]);
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((&v["ok"], &v["exit_code"], &v["error"]["code"]), (&json!(false), &json!(130), &json!("interrupted")), "{v}");
+    assert!(env.qemu_processes().is_empty(), "the interrupted create's VM runs on");
+    let list = env.smolvm(&["sandbox", "list", "--all", "--json"]);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&list.stdout).unwrap()["data"], json!([]));
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+
+    assert!(env.smolvm(&["sandbox", "create", "--name", "intr", "--no-start"]).status.success());
+    let out = interrupt(&["sandbox", "start", "intr"]);
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(stderr(&out).contains("interrupted: the sandbox 'intr' was not started"), "{}", stderr(&out));
+    assert!(env.qemu_processes().is_empty(), "the interrupted start's VM runs on");
+    let info = env.smolvm(&["sandbox", "info", "intr", "--json"]);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&info.stdout).unwrap()["data"]["state"], "stopped");
+    assert!(env.smolvm(&["sandbox", "delete", "intr"]).status.success());
 }

@@ -13,6 +13,19 @@ pub fn guest_target(guest: &str, file_name: &str) -> Result<String, String> {
     Ok(if guest.ends_with('/') { format!("{guest}{file_name}") } else { guest.to_string() })
 }
 
+/// `create_dir_all`, saying which part of the path is in the way when one is not a directory
+/// (the call's own error, "File exists", names nothing). Used by both sides for the parents of
+/// a transfer's destination.
+pub fn make_dirs(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        let ancestors: Vec<&std::path::Path> = dir.ancestors().collect();
+        match ancestors.into_iter().rev().find(|a| !a.as_os_str().is_empty() && a.exists() && !a.is_dir()) {
+            Some(file) => std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} is not a directory", file.display())),
+            None => e,
+        }
+    })
+}
+
 /// Depth of a relative path after `.` and `..`, or `None` if it climbs above its start.
 fn depth_after(start: usize, rel: &str) -> Option<usize> {
     let mut depth = start;
@@ -58,6 +71,19 @@ pub fn check_entry(path: &str, symlink: Option<&str>, hardlink: Option<&str>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_in_the_way_of_a_directory_is_named() {
+        let root = std::env::temp_dir().join(format!("smolvm-make-dirs-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("file"), "").unwrap();
+        let e = make_dirs(&root.join("file/sub/deeper")).unwrap_err();
+        assert_eq!(e.to_string(), format!("{} is not a directory", root.join("file").display()));
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        make_dirs(&root.join("dir/sub")).unwrap();
+        assert!(root.join("dir/sub").is_dir());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn guest_paths() {

@@ -264,8 +264,16 @@ impl Vm {
         })
     }
 
-    #[pyo3(signature = (command, timeout, shell, stdin=None))]
-    fn run(&self, py: Python<'_>, command: String, timeout: f64, shell: &str, stdin: Option<Vec<u8>>) -> PyResult<(i32, String, String)> {
+    #[pyo3(signature = (command, timeout, shell, stdin=None, env=None))]
+    fn run(
+        &self,
+        py: Python<'_>,
+        command: String,
+        timeout: f64,
+        shell: &str,
+        stdin: Option<Vec<u8>>,
+        env: Option<BTreeMap<String, String>>,
+    ) -> PyResult<(i32, String, String)> {
         let shell = match shell {
             "login" => Shell::Login,
             "raw" => Shell::Raw,
@@ -273,7 +281,7 @@ impl Vm {
         };
         // (The Python layer has refused less than a second.)
         let timeout = smolvm::config::seconds(timeout, "timeout").map_err(to_py)?;
-        let opts = RunOptions { timeout, shell, env: BTreeMap::new(), cwd: None, stdin };
+        let opts = RunOptions { timeout, shell, env: env.unwrap_or_default(), cwd: None, stdin };
         let inner = self.inner.clone();
         let id = self.id.clone();
         block(py, async move {

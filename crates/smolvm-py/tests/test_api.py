@@ -54,6 +54,9 @@ def test_module_paths_users_import():
 def test_vmconfig_is_frozen_validated_and_rejects_unknown_fields():
     c = VMConfig()
     assert (c.vcpu_count, c.memory, c.env_vars) == (2, 512, {})
+    # Env values are secrets: a repr (tracebacks, logs) shows the names only.
+    shown = repr(VMConfig(env_vars={"API_KEY": "SEKRET"}))
+    assert "SEKRET" not in shown and "env_vars={'API_KEY': '****'}" in shown and shown.startswith("VMConfig(vm_id=None")
     with pytest.raises(Exception):
         c.memory = 1024
     with pytest.raises(ValidationError, match="memory") as e:
@@ -177,6 +180,12 @@ def test_run_errors_state_and_timeout(no_leftovers):
             vm.set_env_vars({"": "x"})
         assert e.value.details.get("field") == "env_vars"
         vm.wait_for_ready(timeout=30)
+        # A command's own variables: for that command, raw shell too, never kept.
+        assert vm.run("echo \"$ONE_OFF\"", env={"ONE_OFF": "x 'y' $z"}, shell="raw").output == "x 'y' $z"
+        assert vm.run("echo ${ONE_OFF:-unset}").output == "unset"
+        assert "ONE_OFF" not in vm.list_env_vars()
+        with pytest.raises(ValueError, match="Invalid environment variable key: 'BAD-KEY'"):
+            vm.run("true", env={"BAD-KEY": "1"})
         vm.stop()
         assert vm.status == VMState.STOPPED
         with pytest.raises(SmolVMError, match="stopped"):

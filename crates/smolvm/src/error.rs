@@ -18,7 +18,7 @@ pub enum Error {
     SnapshotNotFound(String),
     #[error("VM '{0}' already exists")]
     AlreadyExists(String),
-    #[error("VM '{id}' is {state}; {} first (smolvm sandbox {} {id})", if state == "paused" { "resume it" } else { "start it" }, if state == "paused" { "resume" } else { "start" })]
+    #[error("VM '{id}' is {}; {} first (smolvm sandbox {} {id})", if state == "error" { "in the error state" } else { state }, if state == "paused" { "resume it" } else { "start it" }, if state == "paused" { "resume" } else { "start" })]
     NotRunning { id: String, state: String },
     /// Refused because the sandbox still runs (a delete without force).
     #[error("VM '{id}' is {state}; stop it first or pass --force")]
@@ -44,6 +44,9 @@ pub enum Error {
     Store(#[from] rusqlite::Error),
     #[error("guest agent: {0}")]
     Guest(String),
+    /// The caller was interrupted (Ctrl-C, SIGTERM) and undid what it had begun.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
     #[error("ssh: {0}")]
     Ssh(String),
     #[error("cannot run commands in VM '{0}': its image has no smolvm agent")]
@@ -73,6 +76,7 @@ impl Error {
             Error::Host(_) | Error::Io { .. } | Error::Store(_) => "host",
             Error::Network(_) => "network",
             Error::Guest(_) => "guest",
+            Error::Interrupted(_) => "interrupted",
             Error::CommandUnavailable(_) => "command_unavailable",
             Error::Ssh(_) => "ssh",
             Error::Reported { code, .. } => code,
@@ -140,5 +144,15 @@ mod tests {
         let r = Error::Reported { code: "network", message: e.to_string() };
         assert_eq!(r.code(), "network");
         assert!(r.recovery().is_some());
+    }
+
+    #[test]
+    fn not_running_names_the_state_and_what_to_do() {
+        let says = |state: &str| Error::NotRunning { id: "x".into(), state: state.into() }.to_string();
+        assert_eq!(says("stopped"), "VM 'x' is stopped; start it first (smolvm sandbox start x)");
+        assert_eq!(says("paused"), "VM 'x' is paused; resume it first (smolvm sandbox resume x)");
+        assert_eq!(says("error"), "VM 'x' is in the error state; start it first (smolvm sandbox start x)");
+        let e = Error::Interrupted("the sandbox 'x' was not started".into());
+        assert_eq!((e.code(), e.to_string().as_str()), ("interrupted", "interrupted: the sandbox 'x' was not started"));
     }
 }

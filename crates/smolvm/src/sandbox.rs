@@ -88,7 +88,7 @@ impl SandboxPaths {
     /// The lock a start holds until the sandbox runs (or has failed): a delete waits for it,
     /// and prune (`wait: false`) passes over a sandbox that holds it (`None`). Until it runs,
     /// a starting sandbox's record does not say so, and its address lease and files are in use.
-    pub fn start_lock(&self, wait: bool) -> Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    pub fn start_lock(&self, wait: bool) -> Result<Option<StartLock>> {
         use nix::fcntl::{Flock, FlockArg};
         use std::os::unix::fs::MetadataExt;
         loop {
@@ -105,14 +105,14 @@ impl SandboxPaths {
             // locks nothing anyone else can find. Lock the file that is there now instead.
             let held = lock.metadata().map(|m| m.ino()).ok();
             if held.is_some() && held == std::fs::metadata(&self.lock).map(|m| m.ino()).ok() {
-                return Ok(Some(lock));
+                return Ok(Some(StartLock(Some(lock))));
             }
         }
     }
 
     /// `start_lock(true)`, waited for off the async runtime: with Python's one shared runtime,
     /// a thread blocked on it would stall the thread that holds the lock.
-    pub(crate) async fn wait_start_lock(&self) -> Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    pub(crate) async fn wait_start_lock(&self) -> Result<Option<StartLock>> {
         let paths = self.clone();
         tokio::task::spawn_blocking(move || paths.start_lock(true)).await.map_err(|e| Error::Host(e.to_string()))?
     }
@@ -131,8 +131,32 @@ fn check_socket_paths(dirs: &Dirs, sockets: &[&Path]) -> Result<()> {
     ))
 }
 
-/// A held start lock (see [`SandboxPaths::start_lock`]).
-pub type StartLock = nix::fcntl::Flock<std::fs::File>;
+/// A held start lock (see [`SandboxPaths::start_lock`]), let go by closing it, never by
+/// unlocking it (which is what dropping a `Flock` does). A supervisor holds a copy of its
+/// start's lock until its VM runs, and an unlock would free the lock for everyone while that
+/// boot goes on: a start dropped half way (its caller was interrupted) let a delete remove the
+/// record of a VM still booting. Closed, the lock stays held through the supervisor's copy.
+pub struct StartLock(Option<nix::fcntl::Flock<std::fs::File>>);
+
+impl std::ops::Deref for StartLock {
+    type Target = std::fs::File;
+    fn deref(&self) -> &std::fs::File {
+        self.0.as_ref().expect("held until dropped")
+    }
+}
+
+impl Drop for StartLock {
+    fn drop(&mut self) {
+        if let Some(lock) = self.0.take() {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&*lock);
+            // The Flock (and its File) go without their Drop: no unlock, and no second close.
+            std::mem::forget(lock);
+            // SAFETY: `fd` is the descriptor the forgotten File owned; nothing else closes or
+            // uses it after this.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
 
 /// Where a supervisor finds its copy of the start's lock, and the variable that says it has one.
 pub(crate) const START_LOCK_FD: i32 = 3;
@@ -839,7 +863,8 @@ impl Sandbox {
             // whose commands go over SSH needs it; any other still runs over the agent.
             if let Err(e) = self.setup_ssh().await {
                 if self.channel == Channel::Ssh {
-                    let _ = self.stop(Duration::from_secs(1)).await;
+                    // (The start's lock is held: `stop` would wait for it.)
+                    let _ = self.stop_with(Duration::from_secs(1), true).await;
                     return Err(e);
                 }
                 tracing::warn!("SSH could not be set up in {}; the agent serves it: {}", self.id, e.full_message());
@@ -1653,7 +1678,10 @@ impl Sandbox {
         let parent = if into_dir { local.to_path_buf() } else { local.parent().map(Path::to_path_buf).unwrap_or_default() };
         let parent = if parent.as_os_str().is_empty() { PathBuf::from(".") } else { parent };
         let dest = if into_dir { local.join(&name) } else { local.to_path_buf() };
-        std::fs::create_dir_all(&parent).ctx(|| format!("creating {}", parent.display()))?;
+        smolvm_proto::paths::make_dirs(&parent).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidInput => Error::validation("local_path", e.to_string()),
+            _ => Error::Io { context: format!("creating {}", parent.display()), source: e },
+        })?;
         if self.channel == Channel::Ssh && !guest.ends_with('/') {
             match self.download_sftp(guest, &parent, &dest).await {
                 // OpenSSH: "not a regular file" (newer) or "non-regular file" (older).
@@ -1672,7 +1700,8 @@ impl Sandbox {
                 .mode(0o600)
                 .open(&tmp)
                 .await
-                .ctx(|| format!("creating {}", tmp.display()))?;
+                // (Named by its directory: the temporary file's name is ours, not the caller's.)
+                .ctx(|| format!("cannot write into {}", parent.display()))?;
             loop {
                 match within("download", TRANSFER_IDLE, stream.recv()).await? {
                     Some(Reply::Data(d)) => {
@@ -1909,7 +1938,11 @@ impl Sandbox {
 
     /// Power the VM off: the agent syncs and resets it; past `timeout` it is killed.
     pub async fn stop(&mut self, timeout: Duration) -> Result<()> {
-        self.stop_with(timeout, false).await
+        // A start in progress finishes first, and what it started is stopped: a stop must not
+        // return while a VM boots on (another process's start, or this handle's own that its
+        // caller gave up on, such as a Ctrl-C).
+        let _lock = self.paths.wait_start_lock().await?;
+        self.stop_with(timeout, true).await
     }
 
     /// Whether the sandbox is on its way down: its supervisor lives, but has removed its

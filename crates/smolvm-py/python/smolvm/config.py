@@ -128,6 +128,12 @@ class VMConfig:
             object.__setattr__(self, "workspace_mounts", _mounts(self.workspace_mounts))
         call(_native.validate_config, self._to_json())
 
+    def __repr__(self) -> str:
+        # Env values are secrets: a repr ends up in tracebacks, test output and logs.
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["env_vars"] = {k: "****" for k in self.env_vars}
+        return "VMConfig(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
     def _to_json(self) -> str:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["internet_settings"] = _internet(self.internet_settings)

@@ -258,12 +258,19 @@ class SmolVM:
     # -- commands ----------------------------------------------------------------------------
 
     def run(
-        self, command: str, timeout: float = 30, shell: str = "login", stdin: Optional[Union[bytes, str]] = None
+        self,
+        command: str,
+        timeout: float = 30,
+        shell: str = "login",
+        stdin: Optional[Union[bytes, str]] = None,
+        env: Optional[Mapping[str, str]] = None,
     ) -> CommandResult:
         """Run ``command`` in a fresh process: ``$SHELL -lc`` (login) or ``/bin/sh -c`` (raw).
 
         ``stdin`` (bytes, or text sent as UTF-8) is what the command reads on its standard input;
-        without it the command reads nothing.
+        without it the command reads nothing. ``env`` is variables of this command alone, on top
+        of the sandbox's managed ones (which a login shell reads); they are never written to the
+        guest's files.
         """
         _args.text(command, "command")
         if not command.strip():
@@ -276,10 +283,13 @@ class SmolVM:
             stdin = stdin.encode()
         elif stdin is not None and not isinstance(stdin, (bytes, bytearray, memoryview)):
             raise ValidationError("invalid stdin: must be bytes or str", {"field": "stdin"})
+        command_env = None if env is None else _args.env_vars(env, "env")
         if self.on_pre_run is not None:
             self.on_pre_run(command)  # may raise CommandBlockedError to veto
         try:
-            code, out, err = call(self._require().run, command, float(timeout), shell, None if stdin is None else bytes(stdin))
+            code, out, err = call(
+                self._require().run, command, float(timeout), shell, None if stdin is None else bytes(stdin), command_env
+            )
         except BaseException as e:
             if self.on_run_error is not None and not isinstance(e, CommandBlockedError):
                 self.on_run_error(command, e)
