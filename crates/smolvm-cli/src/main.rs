@@ -528,10 +528,10 @@ fn recipe_from_flags(
         .iter()
         .map(|f| match f.split_once(':') {
             Some((src, dest)) if !src.is_empty() => {
-                let source = std::fs::canonicalize(src).map_err(|_| Error::validation("file", format!("{src} is not a readable file")))?;
+                let source = std::fs::canonicalize(src).map_err(|_| Error::validation("files", format!("{src} is not a readable file")))?;
                 Ok(smolvm::recipe::RecipeFile { source, dest: dest.to_string() })
             }
-            _ => Err(Error::validation("file", format!("{f:?}: expected HOST_FILE:/GUEST/PATH"))),
+            _ => Err(Error::validation("files", format!("{f:?}: expected HOST_FILE:/GUEST/PATH"))),
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(smolvm::recipe::Recipe {
@@ -603,7 +603,7 @@ fn env_flags(flags: &[std::ffi::OsString]) -> Result<std::collections::BTreeMap<
     use std::os::unix::ffi::OsStrExt;
     let not_text = |key: &str| Error::validation("env", format!("the value of {key} is not UTF-8 text (variables hold text)"));
     // (What was given is not shown: a value passed without its key would be a secret.)
-    let neither = || Error::validation("env", "expected KEY=VALUE, or the name of a variable set on this host");
+    let neither = || Error::validation("env", "malformed pair (expected KEY=VALUE, or the name of a variable set on this host)");
     flags
         .iter()
         .map(|f| {

@@ -222,7 +222,7 @@ fn cli_env_commands_mask_values_and_reject_bad_pairs() {
     assert!(env.smolvm(&["sandbox", "env", "unset", "clienv", "TOKEN"]).status.success());
 
     for (pair, message) in [
-        ("NOEQUALS", "expected KEY=VALUE, or the name of a variable set on this host"),
+        ("NOEQUALS", "invalid env: malformed pair (expected KEY=VALUE, or the name of a variable set on this host)"),
         ("=v", "empty key in pair"),
         ("MY-VAR=1", "Invalid environment variable key: 'MY-VAR'"),
     ] {

@@ -376,7 +376,7 @@ fn inside_tree(tree: &Path, dest: &str) -> Result<PathBuf> {
         match fs::symlink_metadata(&at) {
             Ok(m) if m.file_type().is_symlink() => {
                 return Err(Error::validation(
-                    "file",
+                    "files",
                     format!(
                         "{dest}: /{} is a symbolic link in the image; give the path it points to",
                         at.strip_prefix(tree).unwrap_or(&at).display()
@@ -385,7 +385,7 @@ fn inside_tree(tree: &Path, dest: &str) -> Result<PathBuf> {
             }
             Ok(m) if !m.is_dir() => {
                 return Err(Error::validation(
-                    "file",
+                    "files",
                     format!("{dest}: /{} is not a directory in the image", at.strip_prefix(tree).unwrap_or(&at).display()),
                 ))
             }

@@ -1748,7 +1748,7 @@ impl Sandbox {
                     if host {
                         Error::Io { context: format!("extracting {guest} into {}", dest.display()), source: e }
                     } else {
-                        Error::Guest(format!("extracting {guest}: {e}"))
+                        Error::Guest(format!("downloading {guest}: {e}"))
                     }
                 })
             }
