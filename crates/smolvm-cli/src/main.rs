@@ -467,7 +467,6 @@ fn out_line(line: impl std::fmt::Display) {
     let _ = writeln!(std::io::stdout(), "{line}");
 }
 
-/// A number of seconds as clap reads it; the bounds are `seconds`'s, which name the field.
 /// A whole number as written, however large: the library's range check names the field and
 /// its range (clap's own check would say `0..=4294967295` of a `--memory` past 32 bits).
 fn whole_arg(s: &str) -> Result<i128, String> {
@@ -492,6 +491,7 @@ fn lines_arg(s: &str) -> Result<usize, String> {
     s.trim().parse::<usize>().map_err(|_| "must be a whole number of lines, 0 or more".to_string())
 }
 
+/// A number of seconds as clap reads it; the bounds are `seconds`'s, which name the field.
 fn seconds_arg(s: &str) -> Result<f64, String> {
     s.trim().parse::<f64>().map_err(|_| "must be a positive number of seconds".to_string())
 }
@@ -1081,7 +1081,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
                     // start its maker gave up on.
                     let id = sb.id().to_string();
                     if unless_interrupted(sb.delete()).await.is_none() {
-                        std::process::exit(130);
+                        return Err(interrupted_twice(&id));
                     }
                     return Err(match started {
                         Some(Err(e)) => e,
@@ -1114,8 +1114,8 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             let boot_timeout = seconds(boot_timeout, "boot_timeout")?;
             if unless_interrupted(sb.start(boot_timeout, &progress)).await.transpose()?.is_none() {
                 // Left as it was found (a start that went on booting would leave it running).
-                if unless_interrupted(sb.stop(sandbox::DEFAULT_STOP_TIMEOUT)).await.is_none() {
-                    std::process::exit(130);
+                if unless_interrupted(sb.stop_after_start(sandbox::DEFAULT_STOP_TIMEOUT)).await.is_none() {
+                    return Err(interrupted_twice(&name));
                 }
                 return Err(Error::Interrupted(format!("the sandbox '{name}' was not started")));
             }
@@ -1347,7 +1347,7 @@ async fn env_cmd(cmd: EnvCmd, dirs: Dirs) -> Result<Done, Error> {
 
 /// `work`, unless Ctrl-C or SIGTERM comes first: then None, `work` dropped (a start's
 /// supervisor boots on; the caller undoes it). A second signal during that undoing ends the
-/// process (the caller passes it here too).
+/// process (the caller passes the undoing here too): whoever presses Ctrl-C twice means it.
 async fn unless_interrupted<T>(work: impl std::future::Future<Output = T>) -> Option<T> {
     use tokio::signal::unix::{signal, SignalKind};
     let signalled = |kind| async move {
@@ -1363,6 +1363,14 @@ async fn unless_interrupted<T>(work: impl std::future::Future<Output = T>) -> Op
         _ = signalled(SignalKind::interrupt()) => None,
         _ = signalled(SignalKind::terminate()) => None,
     }
+}
+
+/// A second signal while an interrupted start was being undone: the command ends now, and says
+/// what it leaves (its boot goes on).
+fn interrupted_twice(id: &str) -> Error {
+    Error::Interrupted(format!(
+        "twice, so the sandbox '{id}' is left as it is, its boot going on (smolvm sandbox delete --force {id} removes it)"
+    ))
 }
 
 fn wants_json(cmd: &Cmd) -> bool {

@@ -81,7 +81,7 @@ fn block<T: Send + 'static>(py: Python<'_>, fut: impl Future<Output = Result<T, 
 }
 
 /// A VMConfig from the Python side's JSON. A value of the wrong type or size is named by its
-/// field (`invalid memory: invalid type: string "512", expected u32`), as other bad input is.
+/// field (``invalid vm_id: invalid type: integer `5`, expected a string``), as other bad input is.
 fn parse_config(json: &str) -> PyResult<VmConfig> {
     serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(json)).map_err(|e| {
         let path = e.path().to_string();

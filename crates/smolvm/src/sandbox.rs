@@ -863,8 +863,7 @@ impl Sandbox {
             // whose commands go over SSH needs it; any other still runs over the agent.
             if let Err(e) = self.setup_ssh().await {
                 if self.channel == Channel::Ssh {
-                    // (The start's lock is held: `stop` would wait for it.)
-                    let _ = self.stop_with(Duration::from_secs(1), true).await;
+                    let _ = self.stop(Duration::from_secs(1)).await;
                     return Err(e);
                 }
                 tracing::warn!("SSH could not be set up in {}; the agent serves it: {}", self.id, e.full_message());
@@ -1938,11 +1937,22 @@ impl Sandbox {
 
     /// Power the VM off: the agent syncs and resets it; past `timeout` it is killed.
     pub async fn stop(&mut self, timeout: Duration) -> Result<()> {
-        // A start in progress finishes first, and what it started is stopped: a stop must not
-        // return while a VM boots on (another process's start, or this handle's own that its
-        // caller gave up on, such as a Ctrl-C).
+        self.stop_with(timeout, false).await
+    }
+
+    /// `stop`, once a start in progress has finished: for a caller that gave up on its own
+    /// start (Ctrl-C), whose supervisor boots on. A plain stop would find nothing running yet
+    /// and return while the VM boots.
+    pub async fn stop_after_start(&mut self, timeout: Duration) -> Result<()> {
         let _lock = self.paths.wait_start_lock().await?;
-        self.stop_with(timeout, true).await
+        let stopped = self.stop_with(timeout, true).await;
+        if matches!(stopped, Err(Error::NotFound(_))) {
+            // The start failed and took the sandbox away: the lock leaves no directory.
+            if let Ok(store) = Store::open(&self.dirs.data) {
+                self.paths.forget_lock(&store, &self.id);
+            }
+        }
+        stopped
     }
 
     /// Whether the sandbox is on its way down: its supervisor lives, but has removed its

@@ -310,9 +310,9 @@ impl NetPlan {
         Ok(())
     }
 
-    /// `cleanup`, with the table removed while `stopping` (the VM's shutdown) runs, so that it
-    /// adds nothing to a stop's (and `smolvm run`'s) time. The TAP stays held: the caller lets
-    /// go of it once it has answered.
+    /// `cleanup`, with the table removed while `stopping` (the VM's graceful shutdown) runs, or
+    /// right after a kill's signal, so that it adds little to a stop's (and `smolvm run`'s)
+    /// time. The TAP stays held: the caller lets go of it once it has answered.
     async fn cleanup_during(&self, store: &Store, id: &str, graceful: bool, stopping: impl std::future::Future<Output = ()>) {
         let net = self.lease.map(|_| (self.tap.clone(), self.table.clone()));
         if graceful {
@@ -330,8 +330,7 @@ impl NetPlan {
         } else {
             // A VM being killed sends nothing more once the signal is out (`shutdown` does not
             // wait for QEMU's death): its link is left as it is until the TAP goes, and the
-            // rules go right here, on this thread, without a hand-over that waited for a core
-            // while QEMU's memory was being freed.
+            // rules go right after the signal.
             stopping.await;
             if let Some((_, table)) = net {
                 let _ = crate::net::nft_remove(&table);
@@ -1297,8 +1296,8 @@ async fn snapshot(
 /// (more for a guest that used more memory) freeing its memory, which nobody need wait for
 /// (`smolvm run` did, after every command). What is waited for is QEMU's main thread letting go
 /// of that memory, which comes first: from then on no process shows QEMU's command line (to
-/// `ps`, `pgrep`, or a check that a stopped sandbox left no VMM), and no vCPU runs. The caller
-/// reaps QEMU, before its answer where QEMU holds what a next start needs.
+/// `ps`, `pgrep`, or a check that a stopped sandbox left no VMM). The caller reaps QEMU, before
+/// its answer where QEMU holds what a next start needs.
 async fn shutdown(child: &mut tokio::process::Child, agent: &Arc<Conn>, qmp: &mut qemu::Qmp, timeout: Duration, graceful: bool) {
     if !graceful {
         let killed = Instant::now();

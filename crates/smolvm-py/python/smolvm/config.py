@@ -120,8 +120,9 @@ class VMConfig:
                 object.__setattr__(self, name, _args.path(value, name))
         object.__setattr__(self, "env_vars", _args.env_vars(self.env_vars or {}))
         for name in ("vcpu_count", "memory", "disk_size_mib"):
-            if getattr(self, name) is not None or name != "disk_size_mib":
-                _args.whole(getattr(self, name), name)
+            value = getattr(self, name)
+            if not (name == "disk_size_mib" and value is None):  # (a disk's size may be unset)
+                _args.whole(value, name)
         _args.flag(self.writable_mounts, "writable_mounts")
         # Resolved now: a relative path means the directory current when the config was made.
         if self.workspace_mounts is not None:
