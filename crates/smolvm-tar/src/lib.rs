@@ -53,6 +53,29 @@ impl<F: FnMut(Vec<u8>) -> io::Result<()>> io::Write for Chunked<F> {
     }
 }
 
+/// Check a local tree before it is packed for the guest, by the rule the guest's extraction
+/// applies to every link (it must stay inside the tree): a refused tree is its owner's to fix,
+/// and is said so before anything is sent, rather than as the guest's refusal of its target.
+pub fn check_tree(dir: &Path) -> io::Result<()> {
+    fn visit(root: &Path, dir: &Path) -> io::Result<()> {
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            let kind = entry.file_type()?;
+            if kind.is_symlink() {
+                let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().into_owned();
+                let target = fs::read_link(&path)?;
+                smolvm_proto::paths::check_entry(&rel, Some(&target.to_string_lossy()), None)
+                    .map_err(|e| invalid(format!("refused tar entry: {e}")))?;
+            } else if kind.is_dir() {
+                visit(root, &path)?;
+            }
+        }
+        Ok(())
+    }
+    visit(dir, dir)
+}
+
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }

@@ -1591,6 +1591,12 @@ impl Sandbox {
             guard.0 = None;
             return done;
         }
+        if tar {
+            smolvm_tar::check_tree(local).map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidData => Error::validation("local_path", format!("{}: {e}", local.display())),
+                _ => Error::Io { context: format!("reading {}", local.display()), source: e },
+            })?;
+        }
         let mut stream = conn.open(&Request::FilePut { path: target.clone(), mode, tar }).await.map_err(|e| self.lost(conn, e))?;
         // Sent as the agent stores it (it grants back what it has written, as for a command's
         // input): no more than a window waits in the supervisor or the channel, and a paused
