@@ -1153,13 +1153,20 @@ fn unparsable_arguments_answer_in_json_when_asked() {
 #[test]
 fn an_interrupted_create_or_start_leaves_nothing_running() {
     let env = env();
-    // Interrupts `args` once its VM's QEMU runs (the boot is under way): its output and status.
-    let interrupt = |args: &[&str]| {
+    // Interrupts `args` `times` times (20 ms apart) once its VM's QEMU runs (the boot is under
+    // way): its output and status.
+    let interrupt_n = |args: &[&str], times: usize| {
         let child = env.cli().args(args).env("SMOLVM_WARM", "0").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         assert!(wait_until(Duration::from_secs(120), || !env.qemu_processes().is_empty()), "{args:?}: no VM started");
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+        for _ in 1..times {
+            std::thread::sleep(Duration::from_millis(20));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        }
         child.wait_with_output().unwrap()
     };
+    let interrupt = |args: &[&str]| interrupt_n(args, 1);
     let out = interrupt(&["sandbox", "create", "--name", "intr", "--json"]);
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -1177,4 +1184,14 @@ fn an_interrupted_create_or_start_leaves_nothing_running() {
     let info = env.smolvm(&["sandbox", "info", "intr", "--json"]);
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&info.stdout).unwrap()["data"]["state"], "stopped");
     assert!(env.smolvm(&["sandbox", "delete", "intr"]).status.success());
+
+    // Twice: the command ends at once, and says what it leaves (it used to exit silently).
+    let out = interrupt_n(&["sandbox", "create", "--name", "twice", "--json"], 2);
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let said = v["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(said.starts_with("interrupted: twice, so the sandbox 'twice' is left as it is"), "{v}");
+    let out = env.smolvm(&["sandbox", "delete", "--force", "twice"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(env.qemu_processes().is_empty());
 }
