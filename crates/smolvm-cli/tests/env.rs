@@ -79,6 +79,15 @@ async fn runtime_set_list_unset_as_documented() {
     let file = sb.run("cat /etc/profile.d/smolvm_env.sh", &opts()).await.unwrap();
     assert_eq!(file.stdout, "# SmolVM environment variables (empty)\n");
     assert_eq!(sb.list_env_vars().await.unwrap(), BTreeMap::new());
+
+    // A file edited by hand, with extra blanks and comments, is still read; the next change
+    // writes it back in the documented format.
+    let edit = "printf '#!/bin/sh\\n# mine\\nexport   EDITED=yes   # by hand\\n' > /etc/profile.d/smolvm_env.sh";
+    assert!(sb.run(edit, &opts()).await.unwrap().ok());
+    assert_eq!(sb.list_env_vars().await.unwrap(), vars(&[("EDITED", "yes")]));
+    sb.set_env_vars(&vars(&[("MORE", "1")]), true).await.unwrap();
+    let file = sb.run("cat /etc/profile.d/smolvm_env.sh", &opts()).await.unwrap();
+    assert_eq!(file.stdout, render(&vars(&[("EDITED", "yes"), ("MORE", "1")])));
     sb.delete().await.unwrap();
 }
 

@@ -143,10 +143,13 @@ pub fn parse(text: &str) -> Result<BTreeMap<String, String>, EnvError> {
         }
         let start_line = line;
         let rest: String = chars[i..chars.len().min(i + 7)].iter().collect();
-        if rest != "export " {
+        if rest != "export " && rest != "export\t" {
             return Err(EnvError::Malformed(start_line));
         }
         i += 7;
+        while i < chars.len() && matches!(chars[i], ' ' | '\t') {
+            i += 1;
+        }
         let key_start = i;
         while i < chars.len() && chars[i] != '=' && chars[i] != '\n' {
             i += 1;
@@ -208,9 +211,14 @@ pub fn parse(text: &str) -> Result<BTreeMap<String, String>, EnvError> {
                     i += 2;
                 }
                 ' ' | '\t' => {
-                    // Trailing blanks end the word; anything after them is not ours.
+                    // Blanks end the word; a comment may follow them, anything else is not ours.
                     while i < chars.len() && matches!(chars[i], ' ' | '\t') {
                         i += 1;
+                    }
+                    if i < chars.len() && chars[i] == '#' {
+                        while i < chars.len() && chars[i] != '\n' {
+                            i += 1;
+                        }
                     }
                     if i < chars.len() && chars[i] != '\n' {
                         return Err(EnvError::Malformed(start_line));
@@ -323,5 +331,15 @@ mod tests {
         assert_eq!(parse("\nexport A='x\n"), Err(EnvError::Malformed(2)));
         assert_eq!(parse("A=1\n"), Err(EnvError::Malformed(1)));
         assert_eq!(parse("export 1A=1\n"), Err(EnvError::Malformed(1)));
+    }
+
+    #[test]
+    fn hand_edits_with_extra_blanks_and_comments_are_read() {
+        let text = "#!/bin/sh\n  # mine\nexport   A='x y'   # why A\nexport\tB=2\n\texport C=3 #\n";
+        assert_eq!(parse(text).unwrap(), map(&[("A", "x y"), ("B", "2"), ("C", "3")]));
+        // A comment needs a blank before it, as in sh: `#` inside a word is the word's.
+        assert_eq!(parse("export A=x#y\n").unwrap(), map(&[("A", "x#y")]));
+        assert_eq!(parse("export A=1 B=2\n"), Err(EnvError::Malformed(1)));
+        assert_eq!(parse("exportA=1\n"), Err(EnvError::Malformed(1)));
     }
 }

@@ -128,6 +128,9 @@ def test_run_errors_state_and_timeout(no_leftovers):
     vm = SmolVM(memory=256, vm_id="run-errors")
     with pytest.raises(SmolVMError, match=r"^VM 'run-errors' is created; start it first \(vm.start\(\)\)$"):
         vm.run("true")
+    assert vm.status == VMState.CREATED
+    info = vm.info
+    assert (info.vm_id, info.status, info.vcpu_count, info.memory, info.env_keys) == ("run-errors", VMState.CREATED, 2, 256, [])
     with vm:
         assert vm.status == VMState.RUNNING
         assert vm.info.status == VMState.RUNNING and vm.info.memory == 256

@@ -274,6 +274,10 @@ pub fn tap_down(name: &str) {
     }
 }
 
+/// How long a start waits for what a sandbox's previous run still holds while its supervisor
+/// exits (its TAP, its address's claim): the stop does not wait for that.
+pub const TAP_HANDOVER: Duration = Duration::from_secs(3);
+
 /// Create the sandbox's TAP and hold it. QEMU gets a duplicate of this descriptor (not the
 /// name), so the device outlives QEMU for as long as the supervisor keeps it: unregistering a
 /// network device waits for several RCU grace periods (~30 ms here), and that wait then happens
@@ -282,7 +286,7 @@ pub fn tap_down(name: &str) {
 pub fn open_tap(name: &str) -> Result<std::os::fd::OwnedFd> {
     use std::os::fd::{FromRawFd, OwnedFd};
     const TUNSETIFF: libc::c_ulong = 0x400454ca;
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let deadline = std::time::Instant::now() + TAP_HANDOVER;
     loop {
         let file = std::fs::OpenOptions::new()
             .read(true)

@@ -128,6 +128,10 @@ CREATE TABLE IF NOT EXISTS leases (
     slot INTEGER PRIMARY KEY,
     sandbox TEXT UNIQUE NOT NULL
 );
+CREATE TABLE IF NOT EXISTS last_slots (
+    sandbox TEXT PRIMARY KEY,
+    slot INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS ports (
     sandbox TEXT NOT NULL,
     guest INTEGER NOT NULL,
@@ -355,7 +359,9 @@ impl Store {
 
     pub fn remove(&self, id: &str) -> Result<()> {
         self.conn.execute("DELETE FROM sandboxes WHERE id=?1", [id])?;
-        self.release_network(id)
+        self.release_network(id)?;
+        self.conn.execute("DELETE FROM last_slots WHERE sandbox=?1", [id])?;
+        Ok(())
     }
 
     /// The sandbox's network slot (see `net::Lease`), with the host-wide claim on it that
@@ -363,16 +369,51 @@ impl Store {
     /// but addresses are per host, so a slot is taken only when it is free here, no interface
     /// of the host has its address, and its claim succeeds: that closes the window between one
     /// data directory's choice and its TAP getting the address, in which another data
-    /// directory could choose the same. A slot this sandbox kept from an earlier run is
-    /// reused when its claim succeeds.
-    pub fn lease<C>(&mut self, id: &str, mut claim: impl FnMut(u32) -> Option<C>) -> Result<(u32, C)> {
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        if let Some(slot) = tx.query_row("SELECT slot FROM leases WHERE sandbox=?1", [id], |r| r.get::<_, u32>(0)).optional()? {
-            if let Some(c) = claim(slot) {
-                return Ok((slot, c));
+    /// directory could choose the same.
+    ///
+    /// A sandbox keeps its address across restarts where it can: the slot of its last run is
+    /// taken again unless another sandbox has it. A stop answers once QEMU is killed, and the
+    /// old supervisor holds the claim (and its TAP the address) until it has reaped QEMU, so a
+    /// start right after a stop waits for them, up to `handover`. Without that wait every
+    /// other restart moved the sandbox to the next slot. (The TAP, named by the sandbox, had
+    /// to be waited for anyway.)
+    pub fn lease<C>(&mut self, id: &str, handover: Duration, mut claim: impl FnMut(u32) -> Option<C>) -> Result<(u32, C)> {
+        let last: Option<u32> = self
+            .conn
+            .query_row(
+                "SELECT slot FROM leases WHERE sandbox=?1 UNION ALL \
+                 SELECT slot FROM last_slots WHERE sandbox=?1 AND slot NOT IN (SELECT slot FROM leases) LIMIT 1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(slot) = last {
+            let deadline = std::time::Instant::now() + handover;
+            let mut held = None;
+            loop {
+                held = held.or_else(|| claim(slot));
+                let address_free = || !crate::net::host_addresses().contains(&crate::net::Lease(slot).host());
+                if held.is_some() && address_free() {
+                    let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                    let taken = tx
+                        .query_row("SELECT 1 FROM leases WHERE slot=?1 AND sandbox<>?2", params![slot, id], |_| Ok(()))
+                        .optional()?
+                        .is_some();
+                    if taken {
+                        break;
+                    }
+                    tx.execute("INSERT OR REPLACE INTO leases (slot, sandbox) VALUES (?1, ?2)", params![slot, id])?;
+                    tx.commit()?;
+                    return Ok((slot, held.take().expect("claimed above")));
+                }
+                if std::time::Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
             }
-            tx.execute("DELETE FROM leases WHERE sandbox=?1", [id])?;
         }
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute("DELETE FROM leases WHERE sandbox=?1", [id])?;
         let used: std::collections::HashSet<u32> = {
             let mut stmt = tx.prepare("SELECT slot FROM leases")?;
             let rows = stmt.query_map([], |r| r.get::<_, u32>(0))?.collect::<rusqlite::Result<_>>()?;
@@ -390,6 +431,7 @@ impl Store {
 
     /// Forget the sandbox's network slot and exposed ports.
     pub fn release_network(&self, id: &str) -> Result<()> {
+        self.conn.execute("INSERT OR REPLACE INTO last_slots (sandbox, slot) SELECT sandbox, slot FROM leases WHERE sandbox=?1", [id])?;
         self.conn.execute("DELETE FROM leases WHERE sandbox=?1", [id])?;
         self.conn.execute("DELETE FROM ports WHERE sandbox=?1", [id])?;
         Ok(())
@@ -488,24 +530,47 @@ mod tests {
     }
 
     #[test]
-    fn a_lease_takes_only_a_slot_whose_claim_succeeds() {
+    fn a_lease_takes_only_a_slot_whose_claim_succeeds_and_keeps_it_across_runs() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).unwrap();
         let cfg = VmConfig::default();
-        for id in ["a", "b"] {
+        for id in ["a", "b", "c"] {
             store.insert(id, &cfg, None).unwrap();
         }
+        let now = Duration::ZERO;
         // Slot 1 is held elsewhere on the host (another data directory's supervisor).
-        let (slot, ()) = store.lease("a", |s| (s != 1).then_some(())).unwrap();
+        let (slot, ()) = store.lease("a", now, |s| (s != 1).then_some(())).unwrap();
         assert!(slot > 1, "{slot}");
-        let (again, ()) = store.lease("a", |_| Some(())).unwrap();
-        assert_eq!(again, slot, "a claimable slot it kept is reused");
-        // Its kept slot now claimed elsewhere: it moves, and nothing records the old one.
-        let (moved, ()) = store.lease("a", |s| (s != slot && s != 1).then_some(())).unwrap();
+        let (again, ()) = store.lease("a", now, |_| Some(())).unwrap();
+        assert_eq!(again, slot, "a claimable slot it holds is reused");
+        // After a stop, its old supervisor still holds the claim for a moment: the next run
+        // waits for it instead of moving.
+        store.release_network("a").unwrap();
+        let mut tries = 0;
+        let (after, ()) = store
+            .lease("a", Duration::from_secs(5), |s| {
+                tries += 1;
+                (s != 1 && tries > 3).then_some(())
+            })
+            .unwrap();
+        assert_eq!(after, slot, "a restart keeps the address");
+        // Its slot claimed elsewhere for longer than the hand-over: it moves.
+        store.release_network("a").unwrap();
+        let (moved, ()) = store.lease("a", Duration::from_millis(20), |s| (s != slot && s != 1).then_some(())).unwrap();
         assert_ne!(moved, slot);
-        let (b, ()) = store.lease("b", |s| (s != 1).then_some(())).unwrap();
+        let (b, ()) = store.lease("b", now, |s| (s != 1).then_some(())).unwrap();
         assert_ne!(b, moved, "slots are unique within a database");
-        assert!(store.lease("b", |_| None::<()>).is_err(), "no claim, no slot");
+        assert!(store.lease("c", now, |_| None::<()>).is_err(), "no claim, no slot");
+        // A stopped sandbox's last slot taken by another sandbox since: it gets a free one.
+        store.release_network("b").unwrap();
+        let (c, ()) = store.lease("c", now, |s| (s != 1).then_some(())).unwrap();
+        assert_eq!(c, b, "the lowest free slot");
+        let (b2, ()) = store.lease("b", Duration::from_secs(5), |s| (s != 1).then_some(())).unwrap();
+        assert!(![1, moved, c].contains(&b2), "{b2}");
+        // Deleting a sandbox forgets its last slot.
+        store.remove("b").unwrap();
+        let n: i64 = store.conn.query_row("SELECT COUNT(*) FROM last_slots WHERE sandbox='b'", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 0);
     }
 
     #[test]

@@ -247,7 +247,7 @@ impl NetPlan {
         match mode {
             Mode::Nat => {
                 let claims = crate::net::claims_dir()?;
-                let (slot, claim) = store.lease(id, |s| crate::net::claim_slot(&claims, s))?;
+                let (slot, claim) = store.lease(id, crate::net::TAP_HANDOVER, |s| crate::net::claim_slot(&claims, s))?;
                 plan.lease = Some(crate::net::Lease(slot));
                 plan._slot_claim = Some(claim);
                 let fd = crate::net::open_tap(&plan.tap)?;

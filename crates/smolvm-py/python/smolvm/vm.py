@@ -119,7 +119,12 @@ class SmolVM:
 
     @property
     def info(self) -> VMInfo:
-        return VMInfo._from_json(json.loads(call(self._require().info)))
+        if self._native is None:
+            # Not started yet: what the config asks for, as `status` says (created).
+            c = self._config
+            return VMInfo._from_json({"id": c.vm_id or "", "state": VMState.CREATED.value, "vcpu_count": c.vcpu_count,
+                                      "memory_mib": c.memory, "env_keys": sorted(c.env_vars)})
+        return VMInfo._from_json(json.loads(call(self._native.info)))
 
     def _require(self) -> Any:
         if self._native is None:
