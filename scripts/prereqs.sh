@@ -3,16 +3,21 @@
 set -euo pipefail
 pkgs=(qemu-system-x86 busybox-static musl-tools patch bzip2 debian-archive-keyring linux-source-6.1 make gcc flex bison bc libelf-dev libssl-dev
       xz-utils cpio nftables e2fsprogs iproute2 procps python3-venv qemu-utils mmdebstrap openssh-client)
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+updated=""
+# Twice: an install can remove a package that conflicts with it (this image's backported
+# qemu-utils goes when Debian 12's qemu-system-x86 comes), and the second pass puts back the
+# version that fits.
+for pass in 1 2; do
+  missing=()
+  for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -gt 0 ] || break
   echo "prereqs: installing ${missing[*]}"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq
+  [ -n "$updated" ] || { $SUDO apt-get update -qq; updated=1; }
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+done
 if ! rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl; then
   rustup target add x86_64-unknown-linux-musl
 fi

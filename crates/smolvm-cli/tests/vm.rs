@@ -991,6 +991,38 @@ async fn a_start_during_a_stop_waits_for_it_and_starts_again() {
     assert_eq!(starter.run("echo again", &opts(10)).await.unwrap().stdout, "again\n");
     starter.delete().await.unwrap();
     assert!(env.qemu_processes().is_empty());
+    // A stop through a handle of a sandbox deleted since leaves nothing behind (it probes the
+    // start lock, which makes the lock's directory).
+    assert!(matches!(second_stopper.stop(Duration::from_secs(1)).await, Err(Error::NotFound(_))));
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+}
+
+/// A stop issued while another process starts the sandbox stops what that start brings up (it
+/// used to return at once, and the VM booted on).
+#[test]
+fn a_stop_during_another_processs_start_stops_what_it_starts() {
+    let env = env();
+    // Cold boots: long enough to be caught half way.
+    let smolvm = |args: &[&str]| env.cli().env("SMOLVM_WARM", "0").args(args).output().unwrap();
+    let state = || {
+        let v: serde_json::Value = serde_json::from_slice(&smolvm(&["sandbox", "info", "racer", "--json"]).stdout).unwrap_or_default();
+        v["data"]["state"].as_str().unwrap_or_default().to_string()
+    };
+    let out = smolvm(&["sandbox", "create", "--name", "racer", "--no-start"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut start = env.cli().env("SMOLVM_WARM", "0").args(["sandbox", "start", "racer"]).spawn().unwrap();
+    assert!(wait_until(Duration::from_secs(30), || !env.qemu_processes().is_empty()), "the start never spawned QEMU");
+    assert_ne!(state(), "running", "the boot was done before the stop could be issued");
+    let out = smolvm(&["sandbox", "stop", "racer"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(start.wait().unwrap().success());
+    assert_eq!(state(), "stopped");
+    assert!(wait_until(Duration::from_secs(5), || env.qemu_processes().is_empty()), "the VM booted on");
+    let out = smolvm(&["sandbox", "delete", "racer"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = smolvm(&["sandbox", "stop", "racer"]);
+    assert_eq!((out.status.code(), stderr(&out).lines().next()), (Some(1), Some("error: VM 'racer' not found")));
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
 }
 
 /// The boot's cgroup2 mount waits for an RCU grace period: guests boot with expedited ones, and

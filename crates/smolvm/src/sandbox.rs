@@ -1942,13 +1942,29 @@ impl Sandbox {
     }
 
     /// Power the VM off: the agent syncs and resets it; past `timeout` it is killed.
+    ///
+    /// A stop issued while another process starts the sandbox (the start lock is held until
+    /// it runs) stops what that start brings up; it used to find nothing running yet and
+    /// return while the VM booted on. A stop issued while another stop is under way waits for
+    /// that one and no more: a start issued after it is not stopped.
     pub async fn stop(&mut self, timeout: Duration) -> Result<()> {
-        self.stop_with(timeout, false).await
+        if self.paths.start_lock(false)?.is_none() {
+            return self.stop_after_start(timeout).await;
+        }
+        let stopped = self.stop_with(timeout, false).await;
+        if matches!(stopped, Err(Error::NotFound(_))) {
+            // Deleted meanwhile: the probe of the lock must not leave a directory.
+            if let Ok(store) = Store::open(&self.dirs.data) {
+                self.paths.forget_lock(&store, &self.id);
+            }
+        }
+        stopped
     }
 
     /// `stop`, once a start in progress has finished: for a caller that gave up on its own
-    /// start (Ctrl-C), whose supervisor boots on. A plain stop would find nothing running yet
-    /// and return while the VM boots.
+    /// start (Ctrl-C), whose supervisor boots on (and for `stop` when another process holds
+    /// the start lock). Without the wait it would find nothing running yet and return while
+    /// the VM boots.
     pub async fn stop_after_start(&mut self, timeout: Duration) -> Result<()> {
         let _lock = self.paths.wait_start_lock().await?;
         let stopped = self.stop_with(timeout, true).await;
