@@ -176,6 +176,7 @@ enum SandboxCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Sandboxes and their state (created, running and paused ones; --all for every one).
     List {
         /// Include stopped and failed sandboxes.
         #[arg(long)]
@@ -183,22 +184,26 @@ enum SandboxCmd {
         #[arg(long)]
         json: bool,
     },
+    /// A sandbox's state, settings, network address and the names of its variables.
     Info {
         name: String,
         #[arg(long)]
         json: bool,
     },
+    /// Boot a created or stopped sandbox (waits for a stop in progress); nothing if it runs.
     Start {
         name: String,
         #[arg(long, default_value_t = DEFAULT_BOOT_TIMEOUT.as_secs_f64(), value_parser = seconds_arg, allow_negative_numbers = true)]
         boot_timeout: f64,
     },
+    /// Power the VM off; its record, config and variables remain for the next start.
     Stop {
         name: String,
         /// Seconds to wait for a clean shutdown before the VM is killed.
         #[arg(long, default_value_t = DEFAULT_STOP_TIMEOUT.as_secs_f64(), value_parser = seconds_arg, allow_negative_numbers = true)]
         timeout: f64,
     },
+    /// Stop if needed, then remove the sandbox and all its files.
     Delete {
         names: Vec<String>,
         #[arg(long)]
