@@ -116,6 +116,16 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
     let o = RunOptions { timeout: Duration::from_secs(1), ..opts() };
     let e = sb.run("sleep 30", &o).await.unwrap_err();
     assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    // Nothing the command started is left either (busybox's `timeout` kills its shell alone).
+    let e = sb.run("sleep 300 & sleep 30", &o).await.unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    assert_eq!(sb.run("ps -o args | grep -c '^sleep 300$'", &opts()).await.unwrap().stdout, "0\n");
+    // Standard input reaches the command there too, and a directory it cannot enter is its error.
+    let fed = RunOptions { stdin: Some(b"one\ntwo\n".to_vec()), ..opts() };
+    assert_eq!(sb.run("tr a-z A-Z", &fed).await.unwrap().stdout, "ONE\nTWO\n");
+    let elsewhere = RunOptions { cwd: Some("/nonexistent".into()), ..opts() };
+    let r = sb.run("echo ran", &elsewhere).await.unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_str()), (2, ""), "{}", r.stderr);
 
     // 20 MB over SFTP, both ways.
     let data = random_bytes(20 * 1024 * 1024);

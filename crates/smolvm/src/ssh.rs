@@ -208,18 +208,33 @@ pub fn known_hosts_line(alias: &str, host_key: &str) -> Result<String> {
 }
 
 /// The remote command line for `run` over SSH: the same shell as the agent would use, bounded by
-/// coreutils/busybox `timeout` in the guest (coreutils' kills the whole process group).
+/// `timeout` in the guest, and on a timeout the command's whole process group killed, as the
+/// agent does.
+///
+/// Busybox's `timeout` (Alpine) kills the command's shell alone, and what it had started in
+/// the background ran on (coreutils' kills its own process group). So the command runs in a
+/// session of its own: `setsid` first (in place, as a background job is no group leader; where
+/// an image has none, the command runs without), then `timeout`, which runs the shell in that
+/// same process. Once it ended by the timeout, the group goes. A background job's standard
+/// input would be /dev/null: it gets the session's through a duplicate.
 pub fn remote_command(command: &str, login: bool, timeout_secs: u64, cwd: Option<&str>) -> String {
     let shell = if login { r#""${SHELL:-/bin/sh}" -lc"# } else { "/bin/sh -c" };
-    let cd = cwd.map(|d| format!("cd {} && ", crate::env::quote(d))).unwrap_or_default();
-    // (Zero: no timeout. Not passed on as such: busybox's `timeout 0` is no "none".)
-    let timeout = if timeout_secs == 0 { String::new() } else { format!("timeout -k 2 {timeout_secs} ") };
+    let cd = cwd.map(|d| format!("cd {} || exit $?; ", crate::env::quote(d))).unwrap_or_default();
     // A command that starts with '-' would read as the shell's options: `--` ends them first.
     let end = if command.starts_with('-') { "-- " } else { "" };
+    let run = format!("{shell} {end}{}", crate::env::quote(command));
     // Not `exec`, and not last (a shell runs its last command in its own place): the server's
     // shell waits and exits with the command's status, 128+N for a signal, where the server
     // would report the signal itself (and ssh exit 255).
-    format!("{cd}{timeout}{shell} {end}{}; exit $?", crate::env::quote(command))
+    if timeout_secs == 0 {
+        // (Zero: no timeout. Not passed on as such: busybox's `timeout 0` is no "none".)
+        return format!("{cd}{run}; exit $?");
+    }
+    let n = timeout_secs;
+    format!(
+        "{cd}t=$(date +%s); exec 3<&0; $(command -v setsid) timeout -k 2 {n} {run} 0<&3 3<&- & p=$!; wait $p 2>/dev/null; s=$?; \
+         if [ $s -ge 124 ] && [ $(($(date +%s) - t)) -ge {n} ]; then kill -KILL -$p; fi 2>/dev/null; exit $s"
+    )
 }
 
 /// A path quoted for an sftp batch line. A line break (or any control character) would end the
@@ -320,9 +335,11 @@ mod tests {
     #[test]
     fn remote_commands_quote_and_bound() {
         let c = remote_command("echo 'hi' $HOME", true, 7, Some("/tmp/a b"));
-        assert_eq!(c, r#"cd '/tmp/a b' && timeout -k 2 7 "${SHELL:-/bin/sh}" -lc 'echo '"'"'hi'"'"' $HOME'; exit $?"#);
-        assert!(remote_command("true", false, 1, None).starts_with("timeout -k 2 1 /bin/sh -c "));
-        assert!(remote_command("true", false, 0, None).starts_with("/bin/sh -c "));
+        assert_eq!(
+            c,
+            r#"cd '/tmp/a b' || exit $?; t=$(date +%s); exec 3<&0; $(command -v setsid) timeout -k 2 7 "${SHELL:-/bin/sh}" -lc 'echo '"'"'hi'"'"' $HOME' 0<&3 3<&- & p=$!; wait $p 2>/dev/null; s=$?; if [ $s -ge 124 ] && [ $(($(date +%s) - t)) -ge 7 ]; then kill -KILL -$p; fi 2>/dev/null; exit $s"#
+        );
+        assert_eq!(remote_command("true", false, 0, Some("/x")), "cd '/x' || exit $?; /bin/sh -c 'true'; exit $?");
     }
 
     #[test]
