@@ -1112,7 +1112,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
         SandboxCmd::Info { name, .. } => {
             let sb = Sandbox::open_in(dirs, &name).await?;
             let info = sb.info().await?;
-            Ok(Done::text(serde_json::to_string_pretty(&info).unwrap_or_default(), info))
+            Ok(Done::text(info_text(&info), info))
         }
         SandboxCmd::Start { name, boot_timeout } => {
             let mut sb = Sandbox::open_in(dirs, &name).await?;
@@ -1507,4 +1507,39 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// `info` for a person: one `key  value` line per field that has a value (`--json` gives all).
+fn info_text(info: &serde_json::Value) -> String {
+    let Some(fields) = info.as_object() else { return info.to_string() };
+    let width = fields.keys().map(|k| k.len()).max().unwrap_or(0);
+    let mut lines = Vec::new();
+    for (key, value) in fields {
+        let shown = match value {
+            serde_json::Value::Null => continue,
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Array(items) if items.iter().all(|i| i.is_string()) => {
+                if items.is_empty() {
+                    continue;
+                }
+                items.iter().filter_map(|i| i.as_str()).collect::<Vec<_>>().join(", ")
+            }
+            other => other.to_string(),
+        };
+        lines.push(format!("{key:<width$}  {shown}"));
+    }
+    lines.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn info_text_shows_fields_with_values_one_per_line() {
+        let info = serde_json::json!({"id": "dev", "state": "running", "error": null, "env_keys": ["A", "B"], "vcpu_count": 2,
+            "internet_settings": {"mode": "off"}, "ports": []});
+        assert_eq!(
+            super::info_text(&info),
+            "env_keys           A, B\nid                 dev\ninternet_settings  {\"mode\":\"off\"}\nstate              running\nvcpu_count         2"
+        );
+    }
 }
