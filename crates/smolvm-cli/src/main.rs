@@ -1290,7 +1290,13 @@ async fn snapshot_cmd(cmd: SnapshotCmd, dirs: Dirs) -> Result<Done, Error> {
     match cmd {
         SnapshotCmd::Create { name, snapshot_id, snapshot_type, .. } => {
             let sb = Sandbox::open_in(dirs, &name).await?;
-            let info = sb.snapshot(snapshot_id.as_deref(), &snapshot_type).await?;
+            // Interrupted, the command ends and with it its connection: the supervisor then
+            // cancels the save and lets the VM run on (it stayed stopped for the whole save).
+            let Some(info) = unless_interrupted(sb.snapshot(snapshot_id.as_deref(), &snapshot_type)).await.transpose()? else {
+                return Err(Error::Interrupted(format!(
+                    "the snapshot of '{name}' was given up: nothing was saved, and the sandbox goes on as before"
+                )));
+            };
             Ok(Done::text(info.snapshot_id.clone(), serde_json::to_value(&info).unwrap_or_default()))
         }
         SnapshotCmd::Restore { snapshot_id, name, no_resume, env, mounts, no_mounts, writable_mounts, .. } => {

@@ -179,10 +179,22 @@ async fn snapshot_types_and_a_restore_that_stays_paused() {
         .unwrap();
     assert_eq!(clone.state().unwrap(), State::Paused);
     assert!(clone.run("true", &opts()).await.is_err());
+    // A paused sandbox is saved as often as asked (QEMU refused a second save after the first).
+    for again in ["paused-1", "paused-2"] {
+        clone.snapshot(Some(again), "full").await.unwrap();
+        assert_eq!(clone.state().unwrap(), State::Paused);
+    }
     clone.resume().await.unwrap();
     assert_eq!(out(&clone, "cat /tmp/x; hostname").await, format!("kept\n{}\n", clone.id()));
     clone.delete().await.unwrap();
     sb.delete().await.unwrap();
+    // The second save restores and runs as the first.
+    let again = Sandbox::from_snapshot_in(env.dirs.clone(), "paused-2", RestoreOptions::default()).await.unwrap();
+    assert_eq!(out(&again, "cat /tmp/x").await, "kept\n");
+    again.delete().await.unwrap();
+    for id in ["paused-1", "paused-2"] {
+        delete_snapshot(&env.dirs, id).unwrap();
+    }
     assert!(matches!(
         Sandbox::from_snapshot_in(env.dirs.clone(), "no-such-snap", RestoreOptions::default()).await,
         Err(Error::SnapshotNotFound(_))
@@ -460,11 +472,36 @@ fn a_pause_its_client_gave_up_on_is_not_done_later() {
     let out = cli().args(["sandbox", "pause", "busy"]).output().unwrap();
     assert!(!out.status.success());
     assert!(stderr(&out).contains("'pause' timed out after 1s"), "{}", stderr(&out));
+    // A port's expose times out the same way: a timeout (exit 124), not the guest's error.
+    let out = cli().args(["sandbox", "port", "expose", "busy", "9998", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!((out.status.code(), v["error"]["code"].as_str()), (Some(124), Some("timeout")), "{v}");
     assert!(snapshot.wait_with_output().unwrap().status.success());
+    let ports: serde_json::Value =
+        serde_json::from_str(&ok(cli().args(["sandbox", "port", "list", "busy", "--json"]).output().unwrap())).unwrap();
+    assert_eq!(ports["data"], serde_json::json!([]), "the expose was done later: {ports}");
     // The pause was dropped, not done once the snapshot let it through.
     assert_eq!(ok(cli().args(["sandbox", "exec", "busy", "--", "echo still running"]).output().unwrap()), "still running\n");
     let info: serde_json::Value = serde_json::from_str(&ok(cli().args(["sandbox", "info", "busy", "--json"]).output().unwrap())).unwrap();
     assert_eq!(info["data"]["state"], "running", "{info}");
+    // Ctrl-C during a save gives it up: it is cancelled, its files go, and the VM, stopped for
+    // the save, runs on (the save went on writing, and the VM stayed stopped, until done).
+    let given_up = cli()
+        .args(["sandbox", "snapshot", "create", "busy", "--snapshot-id", "given-up"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let state = snapshot_dir(&env.dirs, "given-up").join("state");
+    let started = wait_until(Duration::from_secs(30), || state.metadata().is_ok_and(|m| m.len() > 0));
+    assert!(started, "the second snapshot never started");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(given_up.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = given_up.wait_with_output().unwrap();
+    assert_eq!(
+        (out.status.code(), stderr(&out).trim()),
+        (Some(130), "error: interrupted: the snapshot of 'busy' was given up: nothing was saved, and the sandbox goes on as before")
+    );
+    assert!(wait_until(Duration::from_secs(5), || !snapshot_dir(&env.dirs, "given-up").exists()), "the given-up save left its files");
+    assert_eq!(ok(cli().args(["sandbox", "exec", "busy", "--", "echo running on"]).output().unwrap()), "running on\n");
     ok(cli().args(["sandbox", "delete", "--force", "busy"]).output().unwrap());
     // The saved VM loads only under the accelerator it ran under: recorded, and kept to.
     let accel = smolvm::vmm::choose_accel().unwrap();

@@ -1795,6 +1795,8 @@ impl Sandbox {
         match self.call_within(&Request::Expose { guest: guest_port, host: host_port.unwrap_or(0) }, "expose", control_wait()?).await? {
             Reply::Port(p) => Ok(p),
             Reply::Error { kind: ErrorKind::Invalid, message } => Err(Error::validation("port", message)),
+            // The supervisor's own work (QEMU, the host's proxies): its timeouts are timeouts.
+            Reply::Error { kind: ErrorKind::Failed, message } => Err(control_failure("expose", &message)),
             other => Err(self.unexpected("expose", other)),
         }
     }
@@ -1803,6 +1805,7 @@ impl Sandbox {
         match self.call_within(&Request::Unexpose { guest: guest_port }, "unexpose", control_wait()?).await? {
             Reply::Ok => Ok(()),
             Reply::Error { kind: ErrorKind::NotFound, message } => Err(Error::validation("guest_port", message)),
+            Reply::Error { kind: ErrorKind::Failed, message } => Err(control_failure("unexpose", &message)),
             other => Err(self.unexpected("unexpose", other)),
         }
     }

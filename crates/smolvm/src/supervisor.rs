@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -814,7 +814,8 @@ async fn supervise(id: &str) -> i32 {
                         paused.store(true, Ordering::SeqCst);
                     }
                     let holding = if kind == SnapshotKind::Full && !was_paused { agent.hold(HOLD_BOUND).await } else { None };
-                    let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped, spec.accel).await;
+                    let mut done = done;
+                    let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped, spec.accel, done.closed()).await;
                     if keep_stopped && !was_paused {
                         if r.is_ok() {
                             held = holding;
@@ -1235,6 +1236,7 @@ async fn snapshot(
     kind: SnapshotKind,
     was_paused: bool,
     accel: Accel,
+    gave_up: impl std::future::Future<Output = ()>,
 ) -> std::result::Result<(), (ErrorKind, String)> {
     let failed = |e: Error| (ErrorKind::Failed, e.full_message());
     std::fs::create_dir_all(dir).map_err(|e| (ErrorKind::Failed, format!("creating {}: {e}", dir.display())))?;
@@ -1272,11 +1274,18 @@ async fn snapshot(
         }
         Ok::<_, Error>(())
     };
-    let result = match within("snapshot", SNAPSHOT_BOUND, saving).await {
+    // Its client gone (Ctrl-C, killed) gives the save up: nobody waits for it, and the VM must
+    // not stay stopped for it.
+    let ended = tokio::select! {
+        r = within("snapshot", SNAPSHOT_BOUND, saving) => r,
+        () = gave_up => Err(Error::Interrupted("the snapshot's client went away".into())),
+    };
+    let result = match ended {
         Ok(r) => r,
         Err(e) => {
             // A save still under way must not go on writing, nor keep the CPUs stopped.
             let _ = within("migrate_cancel", Duration::from_secs(5), qmp.execute("migrate_cancel")).await;
+            qmp.settle().await;
             Err(e)
         }
     };
@@ -1398,8 +1407,21 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                     _ => ("resume", control_bound()),
                 };
                 let _ = ctl.send(msg);
-                let reply = answer(wait, what, bound, |()| Reply::Ok).await;
-                send(write.clone(), cid, reply).await;
+                let answered = answer(wait, what, bound, |()| Reply::Ok);
+                tokio::pin!(answered);
+                // A client that goes away during a snapshot gives it up (dropping the answer's
+                // receiver tells the save): it is cancelled, and the VM runs on.
+                let reply = tokio::select! {
+                    r = &mut answered => Some(r),
+                    more = reader.fill_buf(), if what == "snapshot" => match more {
+                        Ok(b) if !b.is_empty() => Some(answered.await),
+                        _ => None,
+                    },
+                };
+                match reply {
+                    Some(reply) => send(write.clone(), cid, reply).await,
+                    None => break,
+                }
             }
             Request::Info => {
                 let info = serde_json::json!({ "id": id, "pid": std::process::id(), "protocol": proto::PROTOCOL_VERSION });

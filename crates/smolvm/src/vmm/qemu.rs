@@ -546,6 +546,14 @@ impl Qmp {
     /// takes longer than `bound` is cancelled: it must not go on writing, nor stop the VM again
     /// when it completes after all.
     pub async fn save_to(&mut self, file: &Path, mib_per_s: Option<u64>, bound: std::time::Duration) -> Result<()> {
+        // A VM saved while paused is left in QEMU's `postmigrate` state, from which QEMU
+        // refuses another save ("Can't migrate the vm that was paused due to previous
+        // migration"), and only `cont` leaves it: the CPUs run for the time of two commands.
+        let status = self.execute("query-status").await?;
+        if status.get("status").and_then(|s| s.as_str()) == Some("postmigrate") {
+            self.execute("cont").await?;
+            self.execute("stop").await?;
+        }
         self.ignore_shared().await?;
         // QEMU's default cap (128 MiB/s) is meant for live migration over a network.
         let bytes_per_s = mib_per_s.map_or(UNLIMITED_SAVE, |mib| mib << 20);
@@ -584,7 +592,7 @@ impl Qmp {
     /// QEMU reports a migration's end a moment before it leaves the `finish-migrate` run state,
     /// in which `cont` is refused ("Migration is not finalized yet"): a resume after a save must
     /// wait for that (bounded; the resume's own error then says what is wrong).
-    async fn settle(&mut self) {
+    pub(crate) async fn settle(&mut self) {
         let _ = self.wait_while("query-status", "status", &["finish-migrate"], std::time::Duration::from_secs(5)).await;
     }
 
