@@ -1228,6 +1228,7 @@ fn vmm_complaints(log: &Path, from: u64) -> Option<String> {
 /// stream goes, easily done under KVM) plus a copy of the disk overlay; `disk`: the
 /// overlay alone, copied while the CPUs are stopped. The VM runs on afterwards unless it was
 /// paused before.
+#[allow(clippy::too_many_arguments)] // one call site, each argument a different thing
 async fn snapshot(
     qmp: &mut qemu::Qmp,
     overlay: Option<&Path>,
