@@ -272,6 +272,7 @@ fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
         }
         Request::Stop { .. }
         | Request::Info
+        | Request::StoppedWithin { .. }
         | Request::Pause
         | Request::Resume
         | Request::Snapshot { .. }

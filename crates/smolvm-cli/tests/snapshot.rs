@@ -98,6 +98,16 @@ async fn a_pause_does_not_count_against_a_commands_timeout() {
     sb.resume().await.unwrap();
     let r = task.await.unwrap().unwrap();
     assert_eq!((r.exit_code, r.stdout.as_str()), (0, "done\n"));
+    // A pause that has ended before the host's bound runs out does not count either (only one
+    // under way at that moment did): 1 s in, paused for 7 s, then 3 s more of a 5 s timeout,
+    // ending a second after the host's bound (10 s), which it passed running.
+    let task = in_background(&sb, "sleep 4; echo done again", Duration::from_secs(5));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sb.pause().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    sb.resume().await.unwrap();
+    let r = task.await.unwrap().unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_str()), (0, "done again\n"));
     delete_shared(sb).await;
 }
 

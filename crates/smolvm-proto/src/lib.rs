@@ -166,6 +166,12 @@ pub enum Request {
     },
     /// Supervisor-level: describe the sandbox.
     Info,
+    /// Supervisor-level: for how long the VM's CPUs were stopped (paused, saved) in the last
+    /// `ms` milliseconds, a stop under way included; answered with `Stopped`. The guest's clock
+    /// stood still meanwhile: a host-side bound on a command does not count that time.
+    StoppedWithin {
+        ms: u64,
+    },
     /// Supervisor-level: freeze the VM's CPUs (processes keep their state).
     Pause,
     /// Supervisor-level: thaw it.
@@ -290,6 +296,8 @@ pub enum Reply {
     Credit(u32),
     /// TCP ports with a listener (`Listening`), ascending.
     Ports(Vec<u16>),
+    /// Milliseconds the VM's CPUs were stopped (`StoppedWithin`).
+    Stopped(u64),
 }
 
 impl Reply {
@@ -313,6 +321,7 @@ impl Reply {
             Reply::Error { .. } => "error",
             Reply::Credit(_) => "credit",
             Reply::Ports(_) => "ports",
+            Reply::Stopped(_) => "stopped",
         }
     }
 

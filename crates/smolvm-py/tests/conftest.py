@@ -56,5 +56,5 @@ def qemu_processes():
 def no_leftovers():
     yield
     assert qemu_processes() == []
-    vms = os.path.join(_DATA, "d", "vms")
+    vms = os.path.join(_DATA, "vms")
     assert not os.path.isdir(vms) or os.listdir(vms) == []

@@ -400,6 +400,51 @@ def test_a_handle_survives_another_process_restarting_its_sandbox(no_leftovers):
         vm.delete()
 
 
+def test_ctrl_c_during_a_snapshot_gives_it_up(no_leftovers):
+    script = textwrap.dedent(
+        """
+        import os, signal
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # Slow saves (read by the sandbox's supervisor when it starts): seconds for this guest.
+        os.environ["SMOLVM_SNAPSHOT_BANDWIDTH"] = "20"
+        from smolvm import SmolVM
+        with SmolVM(vm_id="pysnapint") as vm:
+            vm.run("i=0; while [ $i -lt 150 ]; do cat /bin/busybox; i=$((i+1)); done > /dev/shm/fill")
+            print("ready", flush=True)
+            try:
+                vm.snapshot("pygivenup")
+                print("saved", flush=True)
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+            print("after:", vm.run("echo alive").output, flush=True)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    state = None
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        snapshots = os.path.join(os.environ["SMOLVM_DATA_DIR"], "snapshots")
+        for _ in range(300):
+            found = [os.path.join(snapshots, d, "state") for d in os.listdir(snapshots)] if os.path.isdir(snapshots) else []
+            state = next((f for f in found if os.path.exists(f) and os.path.getsize(f) > 0), None)
+            if state:
+                break
+            time.sleep(0.05)
+        assert state, "the save never began"
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    # The save was cancelled and its files removed; the VM ran on; nothing was recorded.
+    assert rest.splitlines() == ["interrupted", "after: alive"], rest
+    assert proc.returncode == 0
+    assert not os.path.exists(os.path.dirname(state))
+    from smolvm.exceptions import SnapshotNotFoundError
+    with pytest.raises(SnapshotNotFoundError):
+        SmolVM.from_snapshot("pygivenup")
+
+
 def test_pause_resume_snapshot_and_from_snapshot(no_leftovers, tmp_path):
     from smolvm.exceptions import SnapshotNotFoundError
     from smolvm.types import SnapshotInfo

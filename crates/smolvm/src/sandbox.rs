@@ -1109,7 +1109,17 @@ impl Sandbox {
             Request::Snapshot { .. } => crate::supervisor::SNAPSHOT_BOUND + Duration::from_secs(60),
             _ => control_wait()?,
         };
-        match self.call_within(&req, what, bound).await? {
+        let reply = if matches!(req, Request::Snapshot { .. }) {
+            // On a connection of its own: a caller that gives the save up (drops this future:
+            // Ctrl-C, in Python too) closes it, and the supervisor then cancels the save and
+            // lets the VM run on. On the shared connection the save would go on, the VM stopped.
+            self.conn()?;
+            let own = Conn::connect(&self.paths.ctl).await.map_err(|_| self.unreachable())?;
+            within(what, bound, own.call(&req)).await?.map_err(|e| self.lost(&own, e))?
+        } else {
+            self.call_within(&req, what, bound).await?
+        };
+        match reply {
             Reply::Ok => Ok(()),
             Reply::Error { kind: ErrorKind::Invalid, message } => Err(Error::validation("snapshot_type", message)),
             Reply::Error { kind: ErrorKind::Failed, message } => Err(control_failure(what, &message)),
@@ -1496,10 +1506,12 @@ impl Sandbox {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         let timeout_err = || Error::Timeout { operation: "run".into(), seconds: opts.timeout.as_secs_f64() };
         // The agent enforces the timeout; this host-side bound catches a guest that cannot.
-        // The guest's clock stands still while the VM is paused, so a pause moves the bound.
+        // The guest's clock stands still while the VM is stopped (paused, saved), so that time
+        // moves the bound: a pause that has ended by then too, not only one under way.
         // (No timeout, no bound: an interactive shell waits for its user.)
         let bound = if opts.timeout.is_zero() { FOREVER } else { opts.timeout + Duration::from_secs(5) };
-        let mut deadline = tokio::time::Instant::now() + bound;
+        let started = tokio::time::Instant::now();
+        let mut deadline = started + bound;
         loop {
             let next = async {
                 loop {
@@ -1520,11 +1532,16 @@ impl Sandbox {
                 Ok(Err(e)) => return Err(e),
                 Ok(Ok(Some(r))) => r,
                 Ok(Ok(None)) => return Err(self.went_away().await),
-                Err(_) if self.state().is_ok_and(|s| s == State::Paused) => {
-                    deadline = tokio::time::Instant::now() + bound;
-                    continue;
-                }
                 Err(_) => {
+                    let extended = match self.stopped_within(conn, started.elapsed()).await {
+                        Some(stopped) => started + bound + stopped,
+                        None if self.state().is_ok_and(|s| s == State::Paused) => tokio::time::Instant::now() + bound,
+                        None => deadline,
+                    };
+                    if extended > tokio::time::Instant::now() {
+                        deadline = extended;
+                        continue;
+                    }
                     let _ = stream.send(&Request::Cancel).await;
                     return Err(timeout_err());
                 }
@@ -1820,6 +1837,16 @@ impl Sandbox {
     async fn call_within(&self, req: &Request, what: &str, bound: Duration) -> Result<Reply> {
         let conn = self.conn()?;
         within(what, bound, conn.call(req)).await?.map_err(|e| self.lost(conn, e))
+    }
+
+    /// How long the VM's CPUs were stopped (paused, saved) in the last `window`, as its
+    /// supervisor saw it; `None` if it cannot say.
+    async fn stopped_within(&self, conn: &Arc<Conn>, window: Duration) -> Option<Duration> {
+        let req = Request::StoppedWithin { ms: window.as_millis() as u64 };
+        match tokio::time::timeout(PING_BOUND, conn.call(&req)).await {
+            Ok(Ok(Reply::Stopped(ms))) => Some(Duration::from_millis(ms)),
+            _ => None,
+        }
     }
 
     /// Agent round trip without a process (health check, benchmarks).

@@ -624,6 +624,10 @@ async fn supervise(id: &str) -> i32 {
         return fail(e.code(), msg, None);
     }
     let paused = Arc::new(AtomicBool::new(!greeted));
+    let stopped: Arc<Mutex<StoppedSpans>> = Default::default();
+    if !greeted {
+        lock(&stopped).begin();
+    }
     let mut exposed = Exposed::new();
     let mut dns = match plan.lease {
         Some(lease) if plan.internet.mode != "off" => {
@@ -682,12 +686,12 @@ async fn supervise(id: &str) -> i32 {
     // of guest RAM) holds the loop below, and a client that connects meanwhile is still served,
     // its own control requests' bounds included.
     let acceptor = tokio::spawn({
-        let (agent, ctl_tx, id, paused) = (agent.clone(), ctl_tx.clone(), id.to_string(), paused.clone());
+        let (agent, ctl_tx, id, paused, stopped) = (agent.clone(), ctl_tx.clone(), id.to_string(), paused.clone(), stopped.clone());
         async move {
             loop {
                 match ctl.accept().await {
                     Ok((stream, _)) => {
-                        tokio::spawn(serve_client(stream, agent.clone(), ctl_tx.clone(), id.clone(), paused.clone()));
+                        tokio::spawn(serve_client(stream, agent.clone(), ctl_tx.clone(), id.clone(), paused.clone(), stopped.clone()));
                     }
                     // (Out of descriptors, say: no reason to spin.)
                     Err(e) => {
@@ -752,6 +756,7 @@ async fn supervise(id: &str) -> i32 {
                     let r = bounded(qmp.execute("stop"), "pause").await.map_err(|e| (ErrorKind::Failed, e.full_message()));
                     if r.is_ok() {
                         held = holding;
+                        lock(&stopped).begin();
                         let _ = store.set_state(id, State::Paused, None);
                     } else {
                         paused.store(false, Ordering::SeqCst);
@@ -777,6 +782,7 @@ async fn supervise(id: &str) -> i32 {
                     .map_err(|e| (ErrorKind::Failed, e.full_message()));
                     if r.is_ok() {
                         paused.store(false, Ordering::SeqCst);
+                        lock(&stopped).end();
                         let _ = store.set_state(id, State::Running, None);
                     } else if running {
                         // A restored guest whose greeting failed must run no commands: it stops
@@ -815,6 +821,12 @@ async fn supervise(id: &str) -> i32 {
                     }
                     let holding = if kind == SnapshotKind::Full && !was_paused { agent.hold(HOLD_BOUND).await } else { None };
                     let mut done = done;
+                    // (A save stops the CPUs, whatever the VM does after it.)
+                    lock(&stopped).begin();
+                    // (What to remove if the save fails: this directory, not one a retry of the
+                    // same id made since its client gave this one up.)
+                    let inode = |d: &Path| std::fs::metadata(d).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
+                    let made = inode(&dir);
                     let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped, spec.accel, done.closed()).await;
                     if keep_stopped && !was_paused {
                         if r.is_ok() {
@@ -825,7 +837,10 @@ async fn supervise(id: &str) -> i32 {
                             paused.store(false, Ordering::SeqCst);
                         }
                     }
-                    if r.is_err() {
+                    if !paused.load(Ordering::SeqCst) {
+                        lock(&stopped).end();
+                    }
+                    if r.is_err() && (made.is_none() || inode(&dir) == made) {
                         let _ = std::fs::remove_dir_all(&dir);
                     }
                     let _ = done.send(r);
@@ -1334,6 +1349,42 @@ async fn shutdown(child: &mut tokio::process::Child, agent: &Arc<Conn>, qmp: &mu
     let _ = child.kill().await;
 }
 
+/// When the VM's CPUs were stopped (pauses, saves), most recent last: the guest's clock stood
+/// still meanwhile, so a host-side bound on a command does not count that time.
+#[derive(Default)]
+struct StoppedSpans(std::collections::VecDeque<(Instant, Option<Instant>)>);
+
+impl StoppedSpans {
+    /// (Spans older than any command's bound may go: the last 256 are kept.)
+    const KEPT: usize = 256;
+
+    fn begin(&mut self) {
+        if !matches!(self.0.back(), Some((_, None))) {
+            self.0.push_back((Instant::now(), None));
+            if self.0.len() > Self::KEPT {
+                self.0.pop_front();
+            }
+        }
+    }
+
+    fn end(&mut self) {
+        if let Some((_, end @ None)) = self.0.back_mut() {
+            *end = Some(Instant::now());
+        }
+    }
+
+    /// How much of the last `window` the CPUs were stopped, a stop under way included.
+    fn within(&self, window: Duration) -> Duration {
+        let now = Instant::now();
+        let from = now.checked_sub(window);
+        self.0.iter().map(|(start, end)| end.unwrap_or(now).saturating_duration_since(from.map_or(*start, |f| (*start).max(f)))).sum()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A client's open streams: by its stream id, the agent stream it relays and how much output the
 /// client still takes (its window, in bytes).
 type ClientStreams = Arc<Mutex<HashMap<u32, ClientStream>>>;
@@ -1347,7 +1398,14 @@ struct ClientStream {
     input: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::UnboundedSender<Control>, id: String, paused: Arc<AtomicBool>) {
+async fn serve_client(
+    stream: UnixStream,
+    agent: Arc<Conn>,
+    ctl: mpsc::UnboundedSender<Control>,
+    id: String,
+    paused: Arc<AtomicBool>,
+    stopped: Arc<Mutex<StoppedSpans>>,
+) {
     let _ = ctl.send(Control::ClientConnected);
     let (read, write) = stream.into_split();
     let write = Arc::new(tokio::sync::Mutex::new(write));
@@ -1423,6 +1481,10 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
                     Some(reply) => send(write.clone(), cid, reply).await,
                     None => break,
                 }
+            }
+            Request::StoppedWithin { ms } => {
+                let within = lock(&stopped).within(Duration::from_millis(ms));
+                send(write.clone(), cid, Reply::Stopped(within.as_millis() as u64)).await;
             }
             Request::Info => {
                 let info = serde_json::json!({ "id": id, "pid": std::process::id(), "protocol": proto::PROTOCOL_VERSION });
@@ -1542,6 +1604,33 @@ async fn serve_client(stream: UnixStream, agent: Arc<Conn>, ctl: mpsc::Unbounded
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stopped_spans_count_only_what_falls_in_the_window() {
+        let mut spans = StoppedSpans::default();
+        assert_eq!(spans.within(Duration::from_secs(60)), Duration::ZERO);
+        let t = Instant::now();
+        spans.0.push_back((t - Duration::from_secs(50), Some(t - Duration::from_secs(40))));
+        spans.0.push_back((t - Duration::from_secs(10), Some(t - Duration::from_secs(5))));
+        let within = |w: u64| spans.within(Duration::from_secs(w)).as_secs_f64().round() as u64;
+        assert_eq!(within(60), 15);
+        assert_eq!(within(45), 10, "a span cut by the window counts in part");
+        assert_eq!(within(8), 3);
+        assert_eq!(within(2), 0);
+        // One under way counts up to now; beginning twice does not open a second.
+        spans.begin();
+        spans.begin();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(spans.within(Duration::from_millis(20)) >= Duration::from_millis(20));
+        spans.end();
+        spans.end();
+        assert_eq!(spans.0.len(), 3);
+        for _ in 0..300 {
+            spans.begin();
+            spans.end();
+        }
+        assert_eq!(spans.0.len(), StoppedSpans::KEPT);
+    }
 
     #[test]
     fn a_reset_from_inside_is_a_shutdown_and_a_panic_is_not() {
