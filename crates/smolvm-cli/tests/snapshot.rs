@@ -344,8 +344,9 @@ fn a_warm_start_killed_under_it_keeps_the_template() {
         .collect()
     };
     assert!(env.cli().args(["run"]).args(shape).arg("true").status().unwrap().success());
+    // (Templates of earlier builds' images may be in the shared cache too: all must stay.)
     let before = template();
-    assert_eq!(before.len(), 1, "{before:?}");
+    assert!(!before.is_empty(), "the warm run made no template");
     let supervisors = || processes_mentioning("__supervise", "warmkill");
     // A warm start takes a tenth of a second: on a busy host the kill can come after it has
     // finished, which tests nothing. Such a try is thrown away (the create then says nothing of

@@ -376,11 +376,16 @@ impl Vm {
         })
     }
 
-    /// Forget the connection without stopping the sandbox.
+    /// Forget the connection without stopping the sandbox. In a forked child the connection
+    /// is the parent's too: forgotten there, not closed (as in `Drop`).
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         let inner = self.inner.clone();
+        let child = std::process::id() != self.pid;
         block(py, async move {
-            inner.write().await.take();
+            let closed = inner.write().await.take();
+            if child {
+                std::mem::forget(closed);
+            }
             Ok(())
         })
     }

@@ -107,6 +107,8 @@ def test_vmconfig_is_frozen_validated_and_rejects_unknown_fields():
         (lambda: VMConfig(writable_mounts="no"), "invalid writable_mounts: 'no' is not a bool"),
         (lambda: SmolVM.from_id(123), "invalid vm_id: expected a str, got int"),
         (lambda: SmolVM.from_snapshot("s", resume="no"), "invalid resume: 'no' is not a bool"),
+        (lambda: SmolVM.from_snapshot("s", resume_vm=1), "invalid resume_vm: 1 is not a bool"),
+        (lambda: SmolVM(ssh_password=""), "invalid ssh_password: not supported by this build yet"),
         (lambda: VMConfig(kernel_path=5), "invalid kernel_path: expected a str, got int"),
         (lambda: smolvm.env.validate_env_key(5), "invalid key: expected a str, got int"),
         (lambda: smolvm.build.ImageBuilder().build(None), "invalid name: expected a str, got NoneType"),
@@ -143,6 +145,8 @@ def test_run_errors_state_and_timeout(no_leftovers):
         assert vm.run("wc -c").output == "0"
         with pytest.raises(ValueError, match="invalid stdin: must be bytes or str"):
             vm.run("cat", stdin=42)
+        with pytest.raises(ValidationError, match=r"^invalid stdin: is not valid text \(it cannot be encoded as UTF-8\)$"):
+            vm.run("cat", stdin="\ud800")
         with pytest.raises(ValueError):
             vm.run("")
         with pytest.raises(ValueError):
@@ -586,8 +590,24 @@ def test_a_forked_child_leaves_the_parents_handle_alone(no_leftovers):
             os._exit(0)
         os.waitpid(pid, 0)
         assert vm.run("echo parent").output == "parent"
+        # Nor one that closes it.
+        pid = os.fork()
+        if pid == 0:
+            vm.close()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert vm.run("echo parent again").output == "parent again"
     finally:
         vm.delete()
+    # close() inside the `with` block that made the sandbox leaves it running: the block's end
+    # deletes it (the sandbox lives as long as that connection).
+    with SmolVM(vm_id="pytied", memory=256) as tied:
+        tied.close()
+        time.sleep(1)
+        assert SmolVM.from_id("pytied").status == VMState.RUNNING
+        assert tied.run("echo still").output == "still"
+    with pytest.raises(VMNotFoundError):
+        SmolVM.from_id("pytied")
 
 
 def test_a_handle_whose_guest_powered_itself_off_says_it_is_stopped(no_leftovers):

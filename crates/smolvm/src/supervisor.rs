@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -1468,18 +1468,32 @@ async fn serve_client(
                 let _ = ctl.send(msg);
                 let answered = answer(wait, what, bound, |()| Reply::Ok);
                 tokio::pin!(answered);
-                // A client that goes away during a snapshot gives it up (dropping the answer's
-                // receiver tells the save): it is cancelled, and the VM runs on.
-                let reply = tokio::select! {
-                    r = &mut answered => Some(r),
-                    more = reader.fill_buf(), if what == "snapshot" => match more {
-                        Ok(b) if !b.is_empty() => Some(answered.await),
-                        _ => None,
-                    },
+                if what != "snapshot" {
+                    let reply = answered.await;
+                    send(write.clone(), cid, reply).await;
+                    continue;
+                }
+                // A snapshot comes on a connection of its own (`Sandbox::control`), on which
+                // its client gives it up by cancelling the request (a dropped call) or by going
+                // away. Dropping the answer's receiver tells the save: it is cancelled, and the
+                // VM runs on. (Nothing else travels on that connection.)
+                let gone = loop {
+                    tokio::select! {
+                        reply = &mut answered => {
+                            send(write.clone(), cid, reply).await;
+                            break false;
+                        }
+                        frame = read_frame(&mut reader, &mut body) => match frame {
+                            Ok(Some(())) => match proto::decode::<Request>(&body) {
+                                Ok((c, Request::Cancel)) if c == cid => break false,
+                                _ => continue,
+                            },
+                            _ => break true,
+                        },
+                    }
                 };
-                match reply {
-                    Some(reply) => send(write.clone(), cid, reply).await,
-                    None => break,
+                if gone {
+                    break;
                 }
             }
             Request::StoppedWithin { ms } => {

@@ -70,7 +70,7 @@ class SmolVM:
                                   {"field": "os"})
         if os not in (None, "linux", "alpine", "debian"):
             raise ValidationError(f"invalid os: {os!r} (allowed: 'linux', 'alpine', 'debian')", {"field": "os"})
-        if ssh_password:
+        if ssh_password is not None:
             raise ValidationError("invalid ssh_password: not supported by this build yet", {"field": "ssh_password"})
         if ssh_user not in (None, "root"):
             raise ValidationError(f"invalid ssh_user: {ssh_user!r} (SSH images log in as root with smolvm's key)", {"field": "ssh_user"})
@@ -91,6 +91,7 @@ class SmolVM:
         self._config = config.replace(**changes) if changes else config
         self._native: Optional[Any] = None
         self._owned = True
+        self._tied = False
         self.on_pre_run: Optional[Callable[[str], None]] = None
         self.on_post_run: Optional[Callable[[str, CommandResult], None]] = None
         self.on_run_error: Optional[Callable[[str, BaseException], None]] = None
@@ -104,6 +105,7 @@ class SmolVM:
         vm._native = call(_native.Vm.open, _args.text(vm_id, "vm_id"))
         vm._config = VMConfig(vm_id=vm_id)
         vm._owned = False
+        vm._tied = False
         vm.on_pre_run = vm.on_post_run = vm.on_run_error = None
         return vm
 
@@ -167,8 +169,12 @@ class SmolVM:
             call(self._native.delete)
 
     def close(self) -> None:
-        """Drop the connection; the sandbox keeps running (see ``from_id``)."""
-        if self._native is not None:
+        """Drop the connection; the sandbox keeps running (see ``from_id``).
+
+        Inside the ``with`` block that made the sandbox this does nothing: the sandbox lives as
+        long as that connection (so that it goes with a killed process), and the block's end
+        deletes it."""
+        if self._native is not None and not self._tied:
             call(self._native.close)
 
     def pause(self) -> None:
@@ -205,9 +211,7 @@ class SmolVM:
         setting unless it is given."""
         if backend not in (None, "qemu", "auto"):
             raise ValidationError(f"invalid backend: {backend!r} cannot restore this snapshot (allowed: 'qemu', 'auto')", {"field": "backend"})
-        if resume_vm is not None:
-            resume = resume_vm
-        resume = _args.flag(resume, "resume")
+        resume = _args.flag(resume, "resume") if resume_vm is None else _args.flag(resume_vm, "resume_vm")
         snapshot_id = _args.text(snapshot_id, "snapshot_id")
         vm_id = None if vm_id is None else _args.text(vm_id, "vm_id")
         vm = cls.__new__(cls)
@@ -219,6 +223,7 @@ class SmolVM:
         vm._native = call(_native.Vm.from_snapshot, snapshot_id, vm_id, env, resume, boot_timeout, hosts, writable_mounts)
         vm._config = VMConfig(vm_id=vm._native.id)
         vm._owned = True
+        vm._tied = False
         vm.on_pre_run = vm.on_post_run = vm.on_run_error = None
         return vm
 
@@ -228,6 +233,7 @@ class SmolVM:
         if self._native is None:
             try:
                 self._start(30, ephemeral=True)
+                self._tied = True
             except BaseException:
                 # __exit__ will not run: a failed or interrupted boot must not leave its
                 # sandbox (or its name) behind.
@@ -285,7 +291,7 @@ class SmolVM:
         if shell not in _SHELLS:
             raise ValidationError(f"invalid shell: {shell!r} (allowed: 'login', 'raw')", {"field": "shell"})
         if isinstance(stdin, str):
-            stdin = stdin.encode()
+            stdin = _args.text(stdin, "stdin").encode()
         elif stdin is not None and not isinstance(stdin, (bytes, bytearray, memoryview)):
             raise ValidationError("invalid stdin: must be bytes or str", {"field": "stdin"})
         command_env = None if env is None else _args.env_vars(env, "env")
