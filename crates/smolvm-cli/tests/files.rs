@@ -46,6 +46,13 @@ async fn paths_modes_and_directories() {
     assert_eq!(err.to_string(), "invalid guest_path: guest path must be absolute: \"tmp/relative\"");
     let err = sb.download("relative/x", &env.tmp.path().join("x")).await.unwrap_err();
     assert_eq!(err.to_string(), "invalid guest_path: guest path must be absolute: \"relative/x\"");
+    for whole in ["/", "/tmp/.."] {
+        let err = sb.download(whole, &env.tmp.path().join("root")).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("invalid guest_path: {whole:?} names no file or directory to download (name one, such as /root)")
+        );
+    }
     let err = sb.upload(&env.tmp.path().join("missing"), "/tmp/x").await.unwrap_err();
     assert!(err.to_string().starts_with("invalid local_path:"), "{err}");
     let err = sb.download("/no/such/file", &env.tmp.path().join("x")).await.unwrap_err();

@@ -1695,6 +1695,13 @@ impl Sandbox {
     pub async fn download(&self, guest: &str, local: &Path) -> Result<()> {
         let name = Path::new(guest).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         smolvm_proto::paths::guest_target(guest, &name).map_err(|m| Error::validation("guest_path", m))?;
+        if name.is_empty() {
+            // ("/" itself: the guest's whole tree, /proc and /sys with it.)
+            return Err(Error::validation(
+                "guest_path",
+                format!("{guest:?} names no file or directory to download (name one, such as /root)"),
+            ));
+        }
         let into_dir = local.to_string_lossy().ends_with('/') || local.is_dir();
         let conn = self.conn()?;
         let parent = if into_dir { local.to_path_buf() } else { local.parent().map(Path::to_path_buf).unwrap_or_default() };
