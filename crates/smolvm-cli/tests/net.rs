@@ -372,6 +372,25 @@ fn a_stopped_sandboxs_host_port_is_free_when_the_stop_returns() {
             }
         }
     }
+    // A host port that is taken is the field's error in both modes (in user mode QEMU's own
+    // failure to listen was a boot error, after a warm and a cold try), and leaves nothing.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    for network in ["nat", "user"] {
+        let publish = format!("{port}:80");
+        let out = env.smolvm(&["sandbox", "create", "--name", "taken", "--network", network, "-p", &publish]);
+        assert_eq!(
+            (out.status.code(), stderr(&out).lines().last().unwrap_or_default()),
+            (
+                Some(1),
+                format!("error: invalid port_forwards: cannot listen on 127.0.0.1:{port}: Address already in use (os error 98)").as_str()
+            ),
+            "{network}"
+        );
+        assert!(!stderr(&out).contains("booting cold"), "{network}: {}", stderr(&out));
+    }
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+    assert!(env.qemu_processes().is_empty());
 }
 
 #[tokio::test]

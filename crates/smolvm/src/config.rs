@@ -351,9 +351,20 @@ impl VmConfig {
         if let Some(i) = &self.internet_settings {
             crate::net::validate_internet(i, self.network.as_deref())?;
         }
-        for p in &self.port_forwards {
+        for (i, p) in self.port_forwards.iter().enumerate() {
             if p.guest == 0 {
                 return Err(Error::validation("port_forwards", "guest port 0 is not a port (allowed 1..=65535)"));
+            }
+            // (User-mode networking would forward both and list one; NAT kept one silently.)
+            let before = &self.port_forwards[..i];
+            if before.iter().any(|q| q.guest == p.guest) {
+                return Err(Error::validation(
+                    "port_forwards",
+                    format!("guest port {} is given twice (forward each guest port once)", p.guest),
+                ));
+            }
+            if let Some(h) = p.host.filter(|h| before.iter().any(|q| q.host == Some(*h))) {
+                return Err(Error::validation("port_forwards", format!("host port {h} is given twice")));
             }
         }
         if !self.port_forwards.is_empty() && self.network.as_deref() == Some("none") {
@@ -562,6 +573,22 @@ mod tests {
                 seconds(huge, "boot_timeout").unwrap_err().to_string(),
                 "invalid boot_timeout: must be at most 31536000 seconds (a year)"
             );
+        }
+    }
+
+    #[test]
+    fn each_guest_and_host_port_is_forwarded_once() {
+        let with = |ports: &[(u16, Option<u16>)]| VmConfig {
+            port_forwards: ports.iter().map(|&(guest, host)| PortForward { guest, host }).collect(),
+            ..Default::default()
+        };
+        assert!(with(&[(8000, None), (8001, Some(19000)), (8002, None)]).validate().is_ok());
+        for (ports, message) in [
+            (vec![(8000, None), (8000, Some(19000))], "guest port 8000 is given twice (forward each guest port once)"),
+            (vec![(8000, None), (8000, None)], "guest port 8000 is given twice (forward each guest port once)"),
+            (vec![(8000, Some(19000)), (8001, Some(19000))], "host port 19000 is given twice"),
+        ] {
+            assert_eq!(with(&ports).validate().unwrap_err().to_string(), format!("invalid port_forwards: {message}"));
         }
     }
 

@@ -130,6 +130,14 @@ fn learnable(ip: Ipv4Addr) -> bool {
         (Ipv4Addr::new(100, 64, 0, 0), 10),
         (Ipv4Addr::new(172, 16, 0, 0), 12),
         (Ipv4Addr::new(192, 168, 0, 0), 16),
+        // IETF protocol assignments, the 6to4 relay and the documentation networks (RFC 6890):
+        // none is a public host's. (The benchmarking range, 198.18.0.0/15, is learnable:
+        // fake-IP resolvers in front of a proxy answer every name from it.)
+        (Ipv4Addr::new(192, 0, 0, 0), 24),
+        (Ipv4Addr::new(192, 0, 2, 0), 24),
+        (Ipv4Addr::new(192, 88, 99, 0), 24),
+        (Ipv4Addr::new(198, 51, 100, 0), 24),
+        (Ipv4Addr::new(203, 0, 113, 0), 24),
         (Ipv4Addr::new(224, 0, 0, 0), 3),
     ];
     let inside = |addr: Ipv4Addr, prefix: u8| Cidr { addr, prefix }.overlaps(&Cidr { addr: ip, prefix: 32 });
@@ -166,11 +174,14 @@ pub fn host_addresses() -> Vec<Ipv4Addr> {
     nix::ifaddrs::getifaddrs().map(|addrs| addrs.filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip())).collect()).unwrap_or_default()
 }
 
+/// A host name, not an address: its last label is no number (`45.0.0.2` and `999.1` are not
+/// names; an address belongs in `allowed_cidrs`).
 fn valid_domain(d: &str) -> bool {
     let d = d.trim_end_matches('.');
     !d.is_empty()
         && d.len() <= 253
         && d.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        && !d.rsplit('.').next().is_some_and(|last| last.chars().all(|c| c.is_ascii_digit()))
 }
 
 pub fn validate_internet(i: &InternetSettings, network: Option<&str>) -> Result<()> {
@@ -185,7 +196,8 @@ pub fn validate_internet(i: &InternetSettings, network: Option<&str>) -> Result<
     }
     for d in &i.allowed_domains {
         if !valid_domain(d) {
-            return Err(Error::validation("internet_settings.allowed_domains", format!("{d:?} is not a domain name")));
+            let why = if d.parse::<Ipv4Addr>().is_ok() { " (an address goes in allowed_cidrs)" } else { "" };
+            return Err(Error::validation("internet_settings.allowed_domains", format!("{d:?} is not a domain name{why}")));
         }
     }
     let host = host_addresses();
@@ -878,8 +890,28 @@ mod tests {
             "0.0.0.0",
             "100.100.100.200",
             "168.63.129.16",
+            "192.0.0.8",
+            "192.88.99.1",
+            "203.0.113.5",
+            "192.0.2.1",
+            "198.51.100.7",
+            "240.0.0.1",
         ] {
             assert!(!learnable(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn allowed_domains_are_names_not_addresses() {
+        let with = |d: &str| InternetSettings { mode: "restricted".into(), allowed_domains: vec![d.into()], ..Default::default() };
+        for ok in ["example.com", "api.example.com.", "a1.b2", "xn--bcher-kva.example", "localhost"] {
+            assert!(validate_internet(&with(ok), None).is_ok(), "{ok}");
+        }
+        for (bad, why) in
+            [("bad_name", ""), ("45.0.0.2", " (an address goes in allowed_cidrs)"), ("999.999.999.999", ""), ("example.123", ""), ("", "")]
+        {
+            let e = validate_internet(&with(bad), None).unwrap_err().to_string();
+            assert_eq!(e, format!("invalid internet_settings.allowed_domains: {bad:?} is not a domain name{why}"));
         }
     }
 
@@ -982,20 +1014,20 @@ mod tests {
             return;
         }
         let table = format!("smolvm_test_{}", std::process::id());
-        let r = InternetSettings { mode: "restricted".into(), allowed_cidrs: vec!["203.0.113.0/24".into()], ..Default::default() };
+        let r = InternetSettings { mode: "restricted".into(), allowed_cidrs: vec!["1.2.3.0/24".into()], ..Default::default() };
         nft_apply(&table, "smvtest0", Lease(9), &r).unwrap();
         let list = || {
             String::from_utf8_lossy(&Command::new("nft").args(["list", "set", "inet", &table, "allow"]).output().unwrap().stdout)
                 .into_owned()
         };
         let policy = DnsPolicy::new(Some(vec![]), table.clone(), &r.allowed_cidrs);
-        let ip: Ipv4Addr = "198.51.100.7".parse().unwrap();
+        let ip: Ipv4Addr = "93.184.216.34".parse().unwrap();
         // An address inside the allowed range would make nft refuse the whole batch.
-        nft_allow(&table, &learn(&[(ip, 40), ("203.0.113.5".parse().unwrap(), 40)], &policy.cidrs));
-        assert!(list().contains("198.51.100.7 timeout 40s"), "{}", list());
+        nft_allow(&table, &learn(&[(ip, 40), ("1.2.3.5".parse().unwrap(), 40)], &policy.cidrs));
+        assert!(list().contains("93.184.216.34 timeout 40s"), "{}", list());
         nft_allow(&table, &learn(&[(ip, 300)], &policy.cidrs));
         let set = list();
         nft_remove(&table).unwrap();
-        assert!(set.contains("198.51.100.7 timeout 5m"), "{set}");
+        assert!(set.contains("93.184.216.34 timeout 5m"), "{set}");
     }
 }

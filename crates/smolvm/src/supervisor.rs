@@ -257,7 +257,14 @@ impl NetPlan {
             Mode::User => {
                 for p in &config.port_forwards {
                     let host = match p.host {
-                        Some(h) => h,
+                        Some(h) => {
+                            // QEMU listens on it itself, and a port taken failed its start as a
+                            // boot error (which also threw the warm template away): said here,
+                            // by the field, as NAT says it.
+                            std::net::TcpListener::bind(("127.0.0.1", h))
+                                .map_err(|e| Error::validation("port_forwards", format!("cannot listen on 127.0.0.1:{h}: {e}")))?;
+                            h
+                        }
                         None => free_port()?,
                     };
                     plan.user_forwards.push((p.guest, host));
