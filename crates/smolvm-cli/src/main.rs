@@ -1274,13 +1274,19 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
         SandboxCmd::File(FileCmd::Upload { name, src, dst, channel }) => {
             let mut sb = Sandbox::open_in(dirs, &name).await?;
             apply_channel(&mut sb, channel.as_deref())?;
-            sb.upload(&src, &dst).await?;
+            // Interrupted, the transfer is given up as a caller that drops it: what it had
+            // written goes again (a signal's default end left the temporary files).
+            if unless_interrupted(sb.upload(&src, &dst)).await.transpose()?.is_none() {
+                return Err(Error::Interrupted(format!("the upload to {dst} was given up, and nothing of it is left")));
+            }
             Ok(Done { exit_code: 0, data: json!({ "uploaded": src, "to": dst }), text: None, errors: Vec::new() })
         }
         SandboxCmd::File(FileCmd::Download { name, src, dst, channel }) => {
             let mut sb = Sandbox::open_in(dirs, &name).await?;
             apply_channel(&mut sb, channel.as_deref())?;
-            sb.download(&src, &dst).await?;
+            if unless_interrupted(sb.download(&src, &dst)).await.transpose()?.is_none() {
+                return Err(Error::Interrupted(format!("the download of {src} was given up, and nothing of it is left")));
+            }
             Ok(Done { exit_code: 0, data: json!({ "downloaded": src, "to": dst }), text: None, errors: Vec::new() })
         }
     }

@@ -134,6 +134,26 @@ fn cli_file_upload_and_download() {
     let out = env.smolvm(&["sandbox", "file", "upload", "files", local.to_str().unwrap(), "home/x"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("guest path must be absolute"), "{}", stderr(&out));
+    // Ctrl-C during a download (a file, then a directory) gives it up: nothing of it is left
+    // on the host (a signal's default end left the temporary file).
+    let made = env.smolvm(&["sandbox", "exec", "files", "--", "head -c 60000000 /dev/zero > /tmp/big; mkdir /tmp/d; cp /tmp/big /tmp/d/"]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    for src in ["/tmp/big", "/tmp/d"] {
+        let into = env.tmp.path().join(format!("into{}", src.replace('/', "-")));
+        std::fs::create_dir_all(&into).unwrap();
+        let download =
+            env.cli().args(["sandbox", "file", "download", "files", src]).arg(&into).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let begun = wait_until(Duration::from_secs(30), || std::fs::read_dir(&into).is_ok_and(|mut d| d.next().is_some()));
+        assert!(begun, "{src}: the download never began");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(download.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+        let out = download.wait_with_output().unwrap();
+        assert_eq!(
+            (out.status.code(), stderr(&out).trim()),
+            (Some(130), format!("error: interrupted: the download of {src} was given up, and nothing of it is left").as_str())
+        );
+        let left: Vec<_> = std::fs::read_dir(&into).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(left.is_empty(), "{src}: {left:?}");
+    }
     assert!(env.smolvm(&["sandbox", "delete", "-f", "files"]).status.success());
 }
 

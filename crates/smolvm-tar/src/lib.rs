@@ -182,6 +182,8 @@ pub fn unpack_checked_until(file: &mut fs::File, dest: &Path, strip_special: boo
     // there already).
     let mut made: Vec<std::path::PathBuf> = Vec::new();
     let mut dir_modes: Vec<(std::path::PathBuf, u32, Option<u32>)> = Vec::new();
+    // Files (and links) the archive replaces, moved aside until it is all in: (where, aside).
+    let mut kept: Vec<(std::path::PathBuf, std::path::PathBuf)> = Vec::new();
     let result = (|| {
         let mut archive = tar::Archive::new(&mut *file);
         archive.set_preserve_permissions(true);
@@ -199,6 +201,13 @@ pub fn unpack_checked_until(file: &mut fs::File, dest: &Path, strip_special: boo
             if rel.is_empty() {
                 continue;
             }
+            let full = dest.join(&rel);
+            let dir = entry.header().entry_type() == tar::EntryType::Directory;
+            if !dir && full.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
+                let aside = full.with_file_name(format!(".smolvm-kept-{}-{}", std::process::id(), kept.len()));
+                fs::rename(&full, &aside)?;
+                kept.push((full.clone(), aside));
+            }
             // Everything on the way that is not there yet is this extraction's, whether the
             // entry lands whole or fails half written.
             let mut missing = Vec::new();
@@ -209,9 +218,7 @@ pub fn unpack_checked_until(file: &mut fs::File, dest: &Path, strip_special: boo
                     missing.push(at.clone());
                 }
             }
-            let full = dest.join(&rel);
             let before = full.symlink_metadata().ok().filter(|m| m.is_dir()).map(|m| m.permissions().mode() & 0o7777);
-            let dir = entry.header().entry_type() == tar::EntryType::Directory;
             let mode = entry.header().mode().unwrap_or(0o755) & if strip_special { 0o777 } else { 0o7777 };
             let unpacked = entry.unpack_in(dest);
             made.extend(missing.into_iter().filter(|p| p.symlink_metadata().is_ok()));
@@ -229,10 +236,18 @@ pub fn unpack_checked_until(file: &mut fs::File, dest: &Path, strip_special: boo
         }
         Ok(())
     })();
-    if result.is_err() {
-        // What was made goes; then directories that were there get their modes back.
+    if result.is_ok() {
+        for (_, aside) in &kept {
+            let _ = fs::remove_file(aside);
+        }
+    } else {
+        // What was made goes, what it replaced comes back; then directories that were there
+        // get their modes back.
         for p in made.iter().rev() {
             let _ = fs::remove_file(p).or_else(|_| fs::remove_dir(p));
+        }
+        for (at, aside) in kept.iter().rev() {
+            let _ = fs::rename(aside, at);
         }
         for (dir, _, before) in &dir_modes {
             if let Some(mode) = before {
@@ -438,9 +453,16 @@ mod tests {
         // Already there: a directory where the archive has a file, which cannot replace it.
         fs::create_dir_all(dest.join("blocker")).unwrap();
         fs::write(dest.join("blocker/kept"), "mine").unwrap();
+        // Already there too: a file and a link the archive replaces before it fails.
+        fs::write(dest.join("old.txt"), "before").unwrap();
+        std::os::unix::fs::symlink("old.txt", dest.join("link")).unwrap();
         let build = |b: &mut tar::Builder<Vec<u8>>| {
             let mut h = header(tar::EntryType::Regular, 3);
             b.append_data(&mut h, "new.txt", &b"new"[..]).unwrap();
+            let mut h = header(tar::EntryType::Regular, 5);
+            b.append_data(&mut h, "old.txt", &b"after"[..]).unwrap();
+            let mut h = header(tar::EntryType::Regular, 1);
+            b.append_data(&mut h, "link", &b"y"[..]).unwrap();
             let mut d = header(tar::EntryType::Directory, 0);
             d.set_mode(0o555);
             b.append_data(&mut d, "newdir/", &b""[..]).unwrap();
@@ -453,8 +475,19 @@ mod tests {
         assert!(unpack_checked(&mut f, &dest, false).is_err());
         let mut left: Vec<String> = fs::read_dir(&dest).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         left.sort();
-        assert_eq!(left, ["blocker"]);
+        assert_eq!(left, ["blocker", "link", "old.txt"]);
         assert_eq!(fs::read_to_string(dest.join("blocker/kept")).unwrap(), "mine");
+        // What it had replaced is back as it was.
+        assert_eq!(fs::read_to_string(dest.join("old.txt")).unwrap(), "before");
+        assert_eq!(fs::read_link(dest.join("link")).unwrap(), Path::new("old.txt"));
+        // Replacing without a failure leaves nothing aside.
+        fs::remove_dir_all(dest.join("blocker")).unwrap();
+        let mut f = archive_with(t.path(), build);
+        unpack_checked(&mut f, &dest, false).unwrap();
+        assert_eq!(fs::read_to_string(dest.join("old.txt")).unwrap(), "after");
+        let mut left: Vec<String> = fs::read_dir(&dest).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["blocker", "link", "new.txt", "newdir", "old.txt"]);
         // Stopped before it began: a target it made is gone too.
         let fresh = t.path().join("fresh");
         let mut f = archive_with(t.path(), |b| {
