@@ -863,7 +863,8 @@ impl Sandbox {
             // whose commands go over SSH needs it; any other still runs over the agent.
             if let Err(e) = self.setup_ssh().await {
                 if self.channel == Channel::Ssh {
-                    let _ = self.stop(Duration::from_secs(1)).await;
+                    // (This start holds the start lock: a plain stop would wait for it.)
+                    let _ = self.stop_with(Duration::from_secs(1), true).await;
                     return Err(e);
                 }
                 tracing::warn!("SSH could not be set up in {}; the agent serves it: {}", self.id, e.full_message());
