@@ -82,10 +82,14 @@ async fn paths_modes_and_directories() {
     std::fs::create_dir_all(tree.join("a/b")).unwrap();
     std::fs::write(tree.join("a/b/c.txt"), "deep\n").unwrap();
     std::os::unix::fs::symlink("b/c.txt", tree.join("a/link")).unwrap();
+    // The top directory keeps its mode where the transfer makes it, as the ones below do.
+    std::fs::set_permissions(&tree, std::fs::Permissions::from_mode(0o750)).unwrap();
     sb.upload(&tree, "/srv/tree").await.unwrap();
     assert_eq!(sb.run("cat /srv/tree/a/b/c.txt /srv/tree/a/link", &opts()).await.unwrap().stdout, "deep\ndeep\n");
-    sb.run("echo new > /srv/tree/a/new.txt", &opts()).await.unwrap();
+    assert_eq!(sb.run("stat -c %a /srv/tree", &opts()).await.unwrap().stdout, "750\n");
+    sb.run("echo new > /srv/tree/a/new.txt; chmod 710 /srv/tree", &opts()).await.unwrap();
     sb.download("/srv/tree", &env.tmp.path().join("copy")).await.unwrap();
+    assert_eq!(std::fs::metadata(env.tmp.path().join("copy")).unwrap().permissions().mode() & 0o7777, 0o710);
     assert_eq!(std::fs::read_to_string(env.tmp.path().join("copy/a/new.txt")).unwrap(), "new\n");
     assert_eq!(std::fs::read_link(env.tmp.path().join("copy/a/link")).unwrap(), std::path::Path::new("b/c.txt"));
     sb.delete().await.unwrap();

@@ -25,11 +25,17 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 }
 
 fn to_py(e: Error) -> PyErr {
+    to_py_with(e, "env_vars")
+}
+
+/// As [`to_py`], naming `env_field` as the field of a bad variable name: the parameter the
+/// caller gave it in (a config's or `set_env_vars`' `env_vars`, `run`'s `env`, `unset_env_vars`'
+/// `keys`).
+fn to_py_with(e: Error, env_field: &str) -> PyErr {
     let details = match &e {
         Error::Timeout { operation, seconds } => serde_json::json!({ "operation": operation, "timeout_seconds": seconds }),
         Error::Validation { field, .. } => serde_json::json!({ "field": field }),
-        // (Keys are checked where variables are given: a config's, or set_env_vars'.)
-        Error::Env(_) => serde_json::json!({ "field": "env_vars" }),
+        Error::Env(_) => serde_json::json!({ "field": env_field }),
         Error::Boot { console, .. } => serde_json::json!({ "console": console }),
         Error::Reported { .. } => serde_json::json!({}),
         Error::NotRunning { state, .. } => serde_json::json!({ "state": state }),
@@ -56,6 +62,15 @@ fn to_py(e: Error) -> PyErr {
 /// short waits so that KeyboardInterrupt arrives promptly. An interrupted future is dropped,
 /// which cancels its request in the guest.
 fn block<T: Send + 'static>(py: Python<'_>, fut: impl Future<Output = Result<T, Error>> + Send + 'static) -> PyResult<T> {
+    block_with(py, "env_vars", fut)
+}
+
+/// As [`block`], with a bad variable name's field named as [`to_py_with`] says.
+fn block_with<T: Send + 'static>(
+    py: Python<'_>,
+    env_field: &'static str,
+    fut: impl Future<Output = Result<T, Error>> + Send + 'static,
+) -> PyResult<T> {
     let rt = runtime();
     // Polled on this thread (not handed to a worker and waited for: that hop cost a tenth of a
     // millisecond per call), in slices, so that Ctrl-C is noticed between them.
@@ -63,7 +78,7 @@ fn block<T: Send + 'static>(py: Python<'_>, fut: impl Future<Output = Result<T, 
     loop {
         let waited = py.allow_threads(|| rt.block_on(async { tokio::time::timeout(Duration::from_millis(50), &mut fut).await }));
         match waited {
-            Ok(result) => return result.map_err(to_py),
+            Ok(result) => return result.map_err(|e| to_py_with(e, env_field)),
             Err(_) => {
                 if let Err(interrupt) = py.check_signals() {
                     // Dropped inside the runtime, the future's open requests send their cancel
@@ -97,7 +112,7 @@ fn parse_config(json: &str) -> PyResult<VmConfig> {
 
 #[pyfunction]
 fn validate_env_key(key: &str) -> PyResult<()> {
-    smolvm::validate_env_key(key).map_err(|e| to_py(e.into()))
+    smolvm::validate_env_key(key).map_err(|e| to_py_with(e.into(), "key"))
 }
 
 /// A whole-number field's range check before the value meets the config's 32-bit fields. The
@@ -284,7 +299,7 @@ impl Vm {
         let opts = RunOptions { timeout, shell, env: env.unwrap_or_default(), cwd: None, stdin };
         let inner = self.inner.clone();
         let id = self.id.clone();
-        block(py, async move {
+        block_with(py, "env", async move {
             let guard = inner.read().await;
             let sb = guard.as_ref().ok_or_else(|| gone(&id))?;
             let r = sb.run(&command, &opts).await?;
@@ -461,7 +476,7 @@ impl Vm {
     fn unset_env_vars(&self, py: Python<'_>, keys: Vec<String>) -> PyResult<BTreeMap<String, String>> {
         let inner = self.inner.clone();
         let id = self.id.clone();
-        block(py, async move {
+        block_with(py, "keys", async move {
             let guard = inner.read().await;
             guard.as_ref().ok_or_else(|| gone(&id))?.unset_env_vars(&keys).await
         })

@@ -191,8 +191,16 @@ def test_run_errors_state_and_timeout(no_leftovers):
         assert vm.run("echo \"$ONE_OFF\"", env={"ONE_OFF": "x 'y' $z"}, shell="raw").output == "x 'y' $z"
         assert vm.run("echo ${ONE_OFF:-unset}").output == "unset"
         assert "ONE_OFF" not in vm.list_env_vars()
-        with pytest.raises(ValueError, match="Invalid environment variable key: 'BAD-KEY'"):
+        with pytest.raises(ValueError, match="Invalid environment variable key: 'BAD-KEY'") as e:
             vm.run("true", env={"BAD-KEY": "1"})
+        # Each names the parameter the bad name came in.
+        assert e.value.details.get("field") == "env"
+        with pytest.raises(ValueError, match="Invalid environment variable key: 'BAD-KEY'") as e:
+            vm.unset_env_vars(["BAD-KEY"])
+        assert e.value.details.get("field") == "keys"
+        with pytest.raises(ValueError, match="Invalid environment variable key: 'BAD-KEY'") as e:
+            smolvm.env.validate_env_key("BAD-KEY")
+        assert e.value.details.get("field") == "key"
         vm.stop()
         assert vm.status == VMState.STOPPED
         with pytest.raises(SmolVMError, match="stopped"):

@@ -197,8 +197,14 @@ pub fn unpack_checked_until(file: &mut fs::File, dest: &Path, strip_special: boo
                 entry.set_mask(0o7000);
             }
             let rel = walk("", &entry.path()?.to_string_lossy()).1;
-            // The target itself (`./`): its mode is the caller's, not the archive's.
+            // The target itself (`./`): a target that was there keeps its own mode (a sticky
+            // /tmp stays sticky); one this extraction made takes the source's, as its contents
+            // do. Set last of all (the list is walked backwards), once it has taken them.
             if rel.is_empty() {
+                if made_dest && entry.header().entry_type() == tar::EntryType::Directory {
+                    let mode = entry.header().mode().unwrap_or(0o755) & if strip_special { 0o777 } else { 0o7777 };
+                    dir_modes.insert(0, (dest.to_path_buf(), mode, None));
+                }
                 continue;
             }
             let full = dest.join(&rel);
@@ -444,6 +450,17 @@ mod tests {
         unpack_checked(&mut f, &shared, true).unwrap();
         assert_eq!(fs::metadata(&shared).unwrap().permissions().mode() & 0o7777, 0o1777);
         assert_eq!(fs::read_to_string(shared.join("f")).unwrap(), "x");
+        // A target the extraction makes takes the source's mode, read-only ones included.
+        let mut f = fs::File::open(t.path().join("p.tar")).unwrap();
+        unpack_checked(&mut f, &t.path().join("new/deep"), true).unwrap();
+        assert_eq!(fs::metadata(t.path().join("new/deep")).unwrap().permissions().mode() & 0o7777, 0o700);
+        fs::set_permissions(&src, fs::Permissions::from_mode(0o555)).unwrap();
+        let bytes = pack(&src, Vec::new()).unwrap();
+        fs::write(t.path().join("ro.tar"), bytes).unwrap();
+        let mut f = fs::File::open(t.path().join("ro.tar")).unwrap();
+        unpack_checked(&mut f, &t.path().join("ro-copy"), true).unwrap();
+        assert_eq!(fs::metadata(t.path().join("ro-copy")).unwrap().permissions().mode() & 0o7777, 0o555);
+        assert_eq!(fs::read_to_string(t.path().join("ro-copy/f")).unwrap(), "x");
     }
 
     #[test]
