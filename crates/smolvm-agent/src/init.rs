@@ -168,7 +168,16 @@ pub fn setup(cmdline: &Cmdline) -> io::Result<()> {
     mount_fs("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("ptmxmode=0666,mode=0620"))?;
     mount_fs("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
     mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
-    let _ = std::os::unix::fs::symlink("/proc/self/fd", "/dev/fd");
+    // As udev and every init make them: without these, `echo x > /dev/stderr` writes a plain
+    // file on devtmpfs, and the output never reaches the caller.
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        let _ = std::os::unix::fs::symlink(target, link);
+    }
     set_hostname(&cmdline.get("smolvm_hostname").unwrap_or_else(|| "smolvm".into()));
     if root_disk {
         // After the switch, so that resolv.conf is written into the root disk.

@@ -867,9 +867,11 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
         Cmd::Run { vm, exec, command } => {
             // The variables are the sandbox's (login shells read them) and the command's own
             // too, so that a raw shell sees them as well: `run --shell raw -e MODE=ci 'echo $MODE'`.
+            tracing::debug!("phase: run");
             let opts = run_options(&exec, &vm.env)?;
             let boot_timeout = seconds(vm.boot_timeout, "boot_timeout")?;
             let mut sb = Sandbox::create_in(dirs, vm_config(&vm, None)?, true)?;
+            tracing::debug!("phase: created");
             let result = async {
                 sb.start(boot_timeout, &progress).await?;
                 if smolvm::config::env_flag("SMOLVM_VERBOSE_BOOT", false) {
@@ -1152,6 +1154,9 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
                 };
                 match gone.await {
                     Ok(()) => deleted.push(name),
+                    // Listed, then deleted by another process (a delete, a prune) before us:
+                    // not ours to report, either way.
+                    Err(Error::NotFound(_)) if all => {}
                     Err(e) if one => return Err(e),
                     Err(e) => errors.push((name, e)),
                 }

@@ -95,6 +95,12 @@ async fn unicode_and_five_megabytes_of_output_arrive_intact() {
     let r = sb.run("printf 'héllo wörld ✓ 日本\\n'", &opts(30)).await.unwrap();
     assert_eq!(r.stdout, "héllo wörld ✓ 日本\n");
     assert!(r.ok());
+    // The standard streams by name, as on any Linux (they were missing: the output went into
+    // plain files under /dev).
+    let r = sb.run("echo out > /dev/stdout; echo err > /dev/stderr; echo both | tee /dev/stderr", &opts(30)).await.unwrap();
+    assert_eq!((r.stdout.as_str(), r.stderr.as_str(), r.exit_code), ("out\nboth\n", "err\nboth\n", 0));
+    let r = sb.run("cat /dev/stdin", &RunOptions { stdin: Some(b"in\n".to_vec()), ..opts(30) }).await.unwrap();
+    assert_eq!(r.stdout, "in\n");
     let r = sb.run("seq 1 800000", &opts(120)).await.unwrap();
     let expected: String = (1..=800000).map(|i| format!("{i}\n")).collect();
     assert!(expected.len() > 5_000_000);
@@ -732,10 +738,26 @@ async fn a_command_whose_sandbox_is_deleted_ends_with_why() {
 #[tokio::test]
 async fn a_killed_supervisor_shows_as_error_and_prune_removes_it() {
     let env = env();
-    let sb = env.boot(VmConfig { vm_id: Some("crash".into()), ..Default::default() }).await;
-    let rec = sb.record().unwrap();
-    let sup = rec.supervisor.unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup.pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    // A command running then hears why it ended, in a named sandbox and in an ephemeral one
+    // (whose record goes at once: it used to read as deleted).
+    for ephemeral in [true, false] {
+        let config = VmConfig { vm_id: Some(if ephemeral { "gone" } else { "crash" }.into()), ..Default::default() };
+        let mut sb = Sandbox::create_in(env.dirs.clone(), config, ephemeral).unwrap();
+        sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+        let sb = Arc::new(sb);
+        let running = {
+            let sb = sb.clone();
+            tokio::spawn(async move { sb.run("sleep 30", &opts(60)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let sup = sb.record().unwrap().supervisor.unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup.pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+        let err = running.await.unwrap().unwrap_err();
+        assert_eq!(err.to_string(), "guest agent: the sandbox failed: its supervisor exited unexpectedly while the command ran");
+        if ephemeral {
+            assert!(matches!(sb.record(), Err(Error::NotFound(_))));
+        }
+    }
     // QEMU follows its supervisor (PDEATHSIG).
     assert!(wait_until(Duration::from_secs(5), || env.qemu_processes().is_empty()));
     let out = env.smolvm(&["sandbox", "list", "--all", "--json"]);
@@ -745,6 +767,39 @@ async fn a_killed_supervisor_shows_as_error_and_prune_removes_it() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["data"]["removed"], serde_json::json!(["crash"]));
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+}
+
+/// However far the boot had got (the agent's channel and QMP close with QEMU, and used to be
+/// named instead), a VMM killed under a boot is the error, with the console.
+#[tokio::test]
+async fn a_vmm_killed_during_boot_is_named_as_the_cause() {
+    let env = env();
+    for delay in [0, 100, 250, 400] {
+        // (A cold boot: a warm start that fails boots again cold.)
+        let config = VmConfig { boot_args: Some("smolvm_test=1".into()), ..Default::default() };
+        let mut sb = Sandbox::create_in(env.dirs.clone(), config, false).unwrap();
+        let data = env.dirs.data.to_string_lossy().into_owned();
+        let killer = std::thread::spawn(move || {
+            let mut vmm = Vec::new();
+            assert!(wait_until(Duration::from_secs(20), || {
+                vmm = processes_mentioning("qemu-system", &data);
+                !vmm.is_empty()
+            }));
+            std::thread::sleep(Duration::from_millis(delay));
+            let _ = std::process::Command::new("kill").args(["-9", &vmm[0].to_string()]).status();
+        });
+        let err = sb.start(Duration::from_secs(30), &|_| {}).await.unwrap_err();
+        killer.join().unwrap();
+        match &err {
+            Error::Boot { reason, .. } => {
+                assert!(reason.starts_with("host: the VMM exited during boot (signal: 9 (SIGKILL))"), "{reason}")
+            }
+            other => panic!("expected a boot error, got {other}"),
+        }
+        assert_eq!(sb.state().unwrap(), State::Error);
+        sb.delete().await.unwrap();
+    }
+    assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
 }
 
 #[tokio::test]
@@ -915,8 +970,25 @@ fn concurrent_cli_processes_share_the_state_safely() {
     let mut want: Vec<String> = (0..15).map(|i| format!("c{i}")).collect();
     want.sort();
     assert_eq!(listed, want);
-    assert!(env.smolvm(&["sandbox", "delete", "--all"]).status.success());
+    // Three deletes of one sandbox at once: one deleted it, the others did not find it.
+    let outs: Vec<std::process::Output> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..3).map(|_| s.spawn(move || env.smolvm(&["sandbox", "delete", "--force", "c0"]))).collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    assert_eq!(outs.iter().filter(|o| o.status.success() && stdout(o).trim() == "c0").count(), 1, "{outs:?}");
+    assert!(outs.iter().filter(|o| !o.status.success()).all(|o| stderr(o).contains("VM 'c0' not found")), "{outs:?}");
+    // Three `delete --all` at once: each sandbox is reported once, and none is an error.
+    let outs: Vec<std::process::Output> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..3).map(|_| s.spawn(move || env.smolvm(&["sandbox", "delete", "--all"]))).collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    assert!(outs.iter().all(|o| o.status.success()), "{outs:?}");
+    let mut deleted: Vec<String> = outs.iter().flat_map(|o| stdout(o).lines().map(str::to_string).collect::<Vec<_>>()).collect();
+    deleted.sort();
+    want.retain(|n| n != "c0");
+    assert_eq!(deleted, want);
     assert_eq!(stdout(&env.smolvm(&["sandbox", "list"])).lines().count(), 1, "only the header is left");
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
 }
 
 #[tokio::test]

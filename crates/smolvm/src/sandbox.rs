@@ -471,7 +471,7 @@ fn reap_now(store: &Store, dirs: &Dirs, rec: Record) -> Result<Option<Record>> {
     // (The record's removal or correction is written where it can be: on a full disk it
     // cannot, and the next command tries again. Meanwhile what is found is shown as it is.)
     let forget = |store: &Store| match store.remove(&rec.id) {
-        Ok(()) => paths.remove_all(),
+        Ok(_) => paths.remove_all(),
         Err(e) => tracing::warn!("removing the record of {}: {}", rec.id, e.full_message()),
     };
     if rec.ephemeral && rec.owner.is_some_and(|o| !o.alive()) {
@@ -729,19 +729,31 @@ impl Sandbox {
     /// what a caller asks next (`info`, `start`) finds the sandbox as it now is, not `running`.
     async fn went_away(&self) -> Error {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-        let mut now = self.record();
-        // (An ephemeral sandbox's record goes when it stops.)
-        let ephemeral = now.as_ref().is_ok_and(|r| r.ephemeral);
-        while tokio::time::Instant::now() < deadline && now.as_ref().is_ok_and(|r| r.state == State::Running) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            now = self.record();
-        }
-        let what = match now {
-            Err(Error::NotFound(_)) if ephemeral => "stopped",
-            Err(Error::NotFound(_)) => "was deleted",
-            Ok(r) if r.state == State::Stopped => "stopped",
-            Ok(r) if r.state == State::Error => "failed (`smolvm sandbox info` says why)",
-            _ => "went away",
+        // Read as it is, not reaped: reaping removes an ephemeral sandbox whose supervisor died,
+        // which would then read as deleted.
+        let raw = || Store::open(&self.dirs.data).and_then(|s| s.get(&self.id));
+        let ephemeral = matches!(raw(), Ok(Some(r)) if r.ephemeral);
+        let what = loop {
+            match raw() {
+                Ok(Some(r)) if r.state == State::Running => {
+                    if !r.supervisor.is_some_and(|p| p.alive()) {
+                        // Recorded now (an error, or an ephemeral sandbox gone), not by the
+                        // next command.
+                        let _ = self.record();
+                        break "failed: its supervisor exited unexpectedly";
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        break "went away";
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                // (An ephemeral sandbox's record goes when it stops.)
+                Ok(None) if ephemeral => break "stopped",
+                Ok(None) => break "was deleted",
+                Ok(Some(r)) if r.state == State::Stopped => break "stopped",
+                Ok(Some(r)) if r.state == State::Error => break "failed (`smolvm sandbox info` says why)",
+                _ => break "went away",
+            }
         };
         Error::Guest(format!("the sandbox {what} while the command ran"))
     }
@@ -756,6 +768,7 @@ impl Sandbox {
         crate::config::check_wait(boot_timeout, "boot_timeout")?;
         crate::config::check_supervisor_settings()?;
         let lock = self.paths.wait_start_lock().await?;
+        tracing::debug!("phase: start lock held");
         let mut rec = match self.record_with(true) {
             Ok(rec) => rec,
             Err(e) => {
@@ -788,6 +801,7 @@ impl Sandbox {
             config.image = None;
             config.rootfs_path = Some(base);
         }
+        tracing::debug!("phase: record read");
         let image = resolve_image(&config, &self.dirs, progress).await?;
         tracing::debug!("phase: image resolved");
         let accel = crate::vmm::choose_accel().map_err(Error::Host)?;
@@ -2083,6 +2097,12 @@ impl Sandbox {
     pub async fn delete(mut self) -> Result<()> {
         // A start in progress (another process) finishes first; what it started is stopped.
         let _lock = self.paths.wait_start_lock().await?;
+        // Another delete (or a prune) that held the lock before us has done it: one of them
+        // says it deleted the sandbox, the others that it is not there.
+        if let Err(e @ Error::NotFound(_)) = self.record_with(true) {
+            self.paths.forget_lock(&Store::open(&self.dirs.data)?, &self.id);
+            return Err(e);
+        }
         tracing::debug!("phase: deleting");
         match self.stop_with(DEFAULT_STOP_TIMEOUT, true).await {
             Ok(()) | Err(Error::NotFound(_)) => {}
@@ -2091,8 +2111,11 @@ impl Sandbox {
         tracing::debug!("phase: stopped");
         let store = Store::open(&self.dirs.data)?;
         host_network_leftovers(&store, &self.id);
-        store.remove(&self.id)?;
+        let removed = store.remove(&self.id)?;
         self.paths.remove_all();
+        if !removed {
+            return Err(Error::NotFound(self.id.clone()));
+        }
         tracing::debug!("phase: deleted");
         Ok(())
     }

@@ -357,11 +357,12 @@ impl Store {
         Ok(rows)
     }
 
-    pub fn remove(&self, id: &str) -> Result<()> {
-        self.conn.execute("DELETE FROM sandboxes WHERE id=?1", [id])?;
+    /// Forget a sandbox; false if its record was already gone.
+    pub fn remove(&self, id: &str) -> Result<bool> {
+        let n = self.conn.execute("DELETE FROM sandboxes WHERE id=?1", [id])?;
         self.release_network(id)?;
         self.conn.execute("DELETE FROM last_slots WHERE sandbox=?1", [id])?;
-        Ok(())
+        Ok(n > 0)
     }
 
     /// The sandbox's network slot (see `net::Lease`), with the host-wide claim on it that
@@ -500,8 +501,10 @@ mod tests {
         assert_eq!((r.state, r.supervisor, r.error.as_deref()), (State::Error, None, Some("boom")));
         // A second connection sees the same rows (as a second CLI process would).
         assert_eq!(Store::open(dir.path()).unwrap().all().unwrap().len(), 1);
-        store.remove("a").unwrap();
+        assert!(store.remove("a").unwrap());
         assert!(store.get("a").unwrap().is_none());
+        // A second remove (another process's delete) finds nothing and says so.
+        assert!(!store.remove("a").unwrap());
         let mode = std::fs::metadata(dir.path().join("state.db")).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
     }

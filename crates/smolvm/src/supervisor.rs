@@ -1082,18 +1082,25 @@ async fn boot(launch: &qemu::LaunchSpec, spec: &BootSpec, greeting: &Greeting, p
         tracing::info!("ready after {:?}", started.elapsed());
         Ok::<_, Error>((qmp, agent, greeted))
     };
+    let exited = |status: std::io::Result<std::process::ExitStatus>| {
+        let status = status.map(|s| s.to_string()).unwrap_or_default();
+        Error::Host(match vmm_complaints(&paths.log, log_start) {
+            Some(said) => format!("the VMM exited during boot ({status}): {said}"),
+            None => format!("the VMM exited during boot ({status})"),
+        })
+    };
     let result = tokio::select! {
         r = tokio::time::timeout(timeout, work) => match r {
+            // The agent's channel or QMP closing first is how a dying VMM often shows: its
+            // exit, if it follows at once, is the cause to report.
+            Ok(Err(e)) => match tokio::time::timeout(Duration::from_millis(200), child.wait()).await {
+                Ok(status) => Err(exited(status)),
+                Err(_) => Err(e),
+            },
             Ok(r) => r,
             Err(_) => Err(Error::Timeout { operation: "boot".into(), seconds: timeout.as_secs_f64() }),
         },
-        status = child.wait() => {
-            let status = status.map(|s| s.to_string()).unwrap_or_default();
-            Err(Error::Host(match vmm_complaints(&paths.log, log_start) {
-                Some(said) => format!("the VMM exited during boot ({status}): {said}"),
-                None => format!("the VMM exited during boot ({status})"),
-            }))
-        }
+        status = child.wait() => Err(exited(status)),
     };
     drop(listener);
     let _ = std::fs::remove_file(&agent_socket);
