@@ -1473,6 +1473,8 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SMOLVM_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
+        // Colours only for a person: a file (a supervisor's log) or a pipe gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let json = wants_json(&cli.command);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");

@@ -242,8 +242,18 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
     smolvm::sandbox::delete_snapshot(&env.dirs, "keyed").unwrap();
     // A guest that goes down under an SSH command is an error that says so, as over the agent,
     // not ssh's exit code 255.
-    let e = sb.run("poweroff", &opts()).await.unwrap_err();
+    // ssh's own "Connection to … closed by remote host." is not passed on as the command's.
+    let mut streamed = Vec::new();
+    let e = sb
+        .run_streaming("echo before >&2; poweroff", &opts(), |o| {
+            if let smolvm::sandbox::Output::Stderr(b) = o {
+                streamed.extend_from_slice(b)
+            }
+        })
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("while the command ran"), "{e}");
+    assert_eq!(String::from_utf8_lossy(&streamed), "before\n");
     sb.delete().await.unwrap();
     assert!(env.qemu_processes().is_empty());
 }

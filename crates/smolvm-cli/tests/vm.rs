@@ -769,6 +769,35 @@ async fn a_killed_supervisor_shows_as_error_and_prune_removes_it() {
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
 }
 
+/// Log lines to a pipe or a file (a supervisor's log) carry no terminal colour codes.
+#[test]
+fn logs_off_a_terminal_are_plain_text() {
+    let env = env();
+    let out = env.cli().args(["run", "true"]).env("SMOLVM_LOG", "debug").output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(text.contains("phase: created") && !text.contains('\x1b'), "{text:?}");
+}
+
+/// A root disk the guest cannot mount fails the start, with the agent's reason in the console
+/// (commands must not run in the initramfs instead).
+#[tokio::test]
+async fn a_root_disk_that_cannot_be_mounted_fails_the_boot_with_why() {
+    let env = env();
+    let junk = env.tmp.path().join("junk.img");
+    std::fs::write(&junk, vec![0u8; 4 << 20]).unwrap();
+    let mut sb = Sandbox::create_in(env.dirs.clone(), VmConfig { rootfs_path: Some(junk), ..Default::default() }, false).unwrap();
+    match sb.start(Duration::from_secs(30), &|_| {}).await.unwrap_err() {
+        Error::Boot { reason, console, .. } => {
+            assert_eq!(reason, "host: the guest powered off during boot");
+            assert!(console.contains("smolvm-agent: init failed"), "{console}");
+        }
+        other => panic!("expected a boot error, got {other}"),
+    }
+    sb.delete().await.unwrap();
+    assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
+}
+
 /// However far the boot had got (the agent's channel and QMP close with QEMU, and used to be
 /// named instead), a VMM killed under a boot is the error, with the console.
 #[tokio::test]
@@ -853,13 +882,22 @@ fn small_root_disk(env: &TestEnv) -> std::path::PathBuf {
 async fn an_ext4_rootfs_becomes_the_root_filesystem() {
     let env = env();
     let image = small_root_disk(&env);
-    let sb = env.boot(VmConfig { rootfs_path: Some(image), ..Default::default() }).await;
+    let sb = env.boot(VmConfig { rootfs_path: Some(image.clone()), ..Default::default() }).await;
     let r = sb
         .run("/bin/busybox cat /etc/marker; /bin/busybox mount | /bin/busybox grep ' / '", &RunOptions { shell: Shell::Raw, ..opts(10) })
         .await
         .unwrap();
     assert!(r.stdout.starts_with("from-the-disk\n"), "{r:?}");
     assert!(r.stdout.contains("/dev/vda on / type ext4"), "{r:?}");
+    sb.delete().await.unwrap();
+    // The same disk as qcow2, grown by disk_size as a raw one is (its size was ignored).
+    let qcow = env.tmp.path().join("root.qcow2");
+    let converted = std::process::Command::new("qemu-img").args(["convert", "-O", "qcow2"]).arg(&image).arg(&qcow).status();
+    assert!(converted.unwrap().success());
+    let sb = env.boot(VmConfig { rootfs_path: Some(qcow), disk_size_mib: Some(128), ..Default::default() }).await;
+    let r = sb.run("/bin/busybox df -m / | /bin/busybox tail -1", &RunOptions { shell: Shell::Raw, ..opts(10) }).await.unwrap();
+    let total: u64 = r.stdout.split_whitespace().nth(1).and_then(|t| t.parse().ok()).unwrap_or_else(|| panic!("{r:?}"));
+    assert!(total > 100, "{r:?}");
     sb.delete().await.unwrap();
 }
 

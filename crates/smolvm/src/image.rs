@@ -832,11 +832,7 @@ pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Result<Pat
     if overlay.exists() {
         if let Some(mib) = size_mib {
             // A sandbox's disk may be grown between starts, never shrunk.
-            let out =
-                Command::new("qemu-img").args(["info", "--output=json"]).arg(overlay).output().ctx(|| "running qemu-img info".into())?;
-            let virtual_size =
-                serde_json::from_slice::<serde_json::Value>(&out.stdout).ok().and_then(|v| v["virtual-size"].as_u64()).unwrap_or(0);
-            if u64::from(mib) << 20 > virtual_size {
+            if u64::from(mib) << 20 > virtual_size(overlay)? {
                 run_checked(Command::new("qemu-img").args(["resize", "-q"]).arg(overlay).arg(format!("{mib}M")), "growing the root disk")?;
             }
         }
@@ -849,13 +845,17 @@ pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Result<Pat
     let mut magic = [0u8; 4];
     let _ = std::io::Read::read_exact(&mut fs::File::open(&base).ctx(|| format!("opening {}", base.display()))?, &mut magic);
     let format = if &magic == b"QFI\xfb" { "qcow2" } else { "raw" };
-    let base_size = fs::metadata(&base).map(|m| m.len()).unwrap_or(0);
+    // (A qcow2 file's own size is not the disk's: its header says that.)
+    let base_size = match format {
+        "qcow2" => virtual_size(&base)?,
+        _ => fs::metadata(&base).map(|m| m.len()).unwrap_or(0),
+    };
     // Made beside and renamed over: an overlay left half made (the process killed) would
     // otherwise count as made, and every later start would fail on it.
     let tmp = overlay.with_extension(format!("tmp{}", std::process::id()));
     let mut cmd = Command::new("qemu-img");
     cmd.args(["create", "-q", "-f", "qcow2", "-F", format, "-b"]).arg(&base).arg(&tmp);
-    if let Some(mib) = size_mib.filter(|m| u64::from(*m) << 20 > base_size && format == "raw") {
+    if let Some(mib) = size_mib.filter(|m| u64::from(*m) << 20 > base_size) {
         cmd.arg(format!("{mib}M"));
     }
     let made = run_checked(&mut cmd, "creating the root disk overlay (qemu-img from qemu-utils)")
@@ -864,6 +864,12 @@ pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Result<Pat
         let _ = fs::remove_file(&tmp);
     }
     made.map(|_| overlay.to_path_buf())
+}
+
+/// The size of the disk an image file holds (for qcow2, not the file's own size).
+fn virtual_size(image: &Path) -> Result<u64> {
+    let out = Command::new("qemu-img").args(["info", "--output=json"]).arg(image).output().ctx(|| "running qemu-img info".into())?;
+    Ok(serde_json::from_slice::<serde_json::Value>(&out.stdout).ok().and_then(|v| v["virtual-size"].as_u64()).unwrap_or(0))
 }
 
 /// Remove a cache entry by name (as `image list` shows it). Running sandboxes keep what they

@@ -403,6 +403,10 @@ fn copy_files(tree: &Path, files: &[RecipeFile]) -> Result<()> {
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
         }
+        // (A link there is replaced, not followed.)
+        if fs::symlink_metadata(&dest).is_ok_and(|m| m.is_dir()) {
+            return Err(Error::validation("files", format!("{}: is a directory in the image; name the file's own path in it", f.dest)));
+        }
         let _ = fs::remove_file(&dest);
         fs::copy(&f.source, &dest).ctx(|| format!("copying {} to {}", f.source.display(), f.dest))?;
     }
@@ -458,6 +462,10 @@ mod tests {
         let files = [RecipeFile { source: src, dest: "/var/run/app.pid".into() }];
         assert!(copy_files(&tree, &files).is_err());
         assert!(fs::read_dir(&outside).unwrap().next().is_none(), "a file was written outside the tree");
+        // A directory of the image where the file would go is the recipe's mistake, named.
+        let files = [RecipeFile { source: tmp.path().join("src"), dest: "/var".into() }];
+        let err = copy_files(&tree, &files).unwrap_err();
+        assert_eq!(err.to_string(), "invalid files: /var: is a directory in the image; name the file's own path in it");
     }
 
     #[test]

@@ -1018,6 +1018,7 @@ impl Sandbox {
             let fed = feeding.is_some();
             let (mut out, mut err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
             let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            let mut session = crate::ssh::SessionStderr::default();
             let (mut out_open, mut err_open) = (true, true);
             let (mut b1, mut b2) = (vec![0u8; 65536], vec![0u8; 65536]);
             while out_open || err_open {
@@ -1028,13 +1029,24 @@ impl Sandbox {
                     },
                     n = err.read(&mut b2), if err_open => match n {
                         Ok(0) | Err(_) => err_open = false,
-                        Ok(n) => { on_output(Output::Stderr(&b2[..n])); stderr.extend_from_slice(&b2[..n]); }
+                        Ok(n) => {
+                            let theirs = session.take(&b2[..n]);
+                            if !theirs.is_empty() {
+                                on_output(Output::Stderr(&theirs));
+                            }
+                            stderr.extend_from_slice(&theirs);
+                        }
                     },
                     _ = tokio::time::sleep_until(deadline) => {
                         let _ = child.kill().await;
                         return Err(timeout_err());
                     }
                 }
+            }
+            let (server_closed, rest) = session.finish();
+            if !rest.is_empty() {
+                on_output(Output::Stderr(&rest));
+                stderr.extend_from_slice(&rest);
             }
             let status =
                 tokio::time::timeout_at(deadline, child.wait()).await.map_err(|_| timeout_err())?.ctx(|| "waiting for ssh".into())?;
@@ -1065,8 +1077,9 @@ impl Sandbox {
                     return Err(Error::Ssh(diagnostics.to_string()));
                 }
                 // The server went away under the command (ssh says so on the session's
-                // stderr): with its guest, most likely, as over the agent.
-                if String::from_utf8_lossy(&stderr).trim_end().ends_with("closed by remote host.") {
+                // stderr, held back from the command's): with its guest, most likely, as over
+                // the agent.
+                if server_closed {
                     return Err(self.went_away().await);
                 }
             }

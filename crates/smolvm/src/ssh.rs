@@ -257,8 +257,75 @@ pub fn sftp_mkdirs(dir: &Path) -> Result<String> {
     Ok(out)
 }
 
+/// What ssh itself writes on the session's stderr when the server goes away under a command
+/// (not to its log: `-E` and `LogLevel` do not reach it).
+const CLOSED_BY_SERVER: &[u8] = b"Connection to 127.0.0.1 closed by remote host.\r\n";
+
+/// A command's stderr over SSH, with ssh's own closing line held back until it is known
+/// whether the stream ends with it, so that it is never passed on as the command's.
+#[derive(Default)]
+pub struct SessionStderr {
+    held: Vec<u8>,
+    /// Whether what was passed on so far ends a line (ssh's line starts one).
+    mid_line: bool,
+}
+
+impl SessionStderr {
+    /// Take `new` bytes; returns those that are surely the command's.
+    pub fn take(&mut self, new: &[u8]) -> Vec<u8> {
+        let mut data = std::mem::take(&mut self.held);
+        data.extend_from_slice(new);
+        let start = if data.ends_with(CLOSED_BY_SERVER) {
+            Some(data.len() - CLOSED_BY_SERVER.len())
+        } else {
+            let line = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            (line < data.len() && CLOSED_BY_SERVER.starts_with(&data[line..])).then_some(line)
+        };
+        if let Some(start) = start.filter(|&i| if i == 0 { !self.mid_line } else { data[i - 1] == b'\n' }) {
+            self.held = data.split_off(start);
+        }
+        if let Some(&last) = data.last() {
+            self.mid_line = last != b'\n';
+        }
+        data
+    }
+
+    /// At the stream's end: whether ssh's closing line ended it (the server went away), and
+    /// what else was still held (the command's).
+    pub fn finish(self) -> (bool, Vec<u8>) {
+        if self.held == CLOSED_BY_SERVER {
+            (true, Vec::new())
+        } else {
+            (false, self.held)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ssh_closing_line_is_held_back_and_only_it() {
+        let feed = |chunks: &[&[u8]]| {
+            let mut s = super::SessionStderr::default();
+            let mut out: Vec<u8> = chunks.iter().flat_map(|c| s.take(c)).collect();
+            let (closed, rest) = s.finish();
+            out.extend(rest);
+            (String::from_utf8(out).unwrap(), closed)
+        };
+        let line = "Connection to 127.0.0.1 closed by remote host.\r\n";
+        assert_eq!(feed(&[b"err\n", line.as_bytes()]), ("err\n".into(), true));
+        // In pieces, across reads.
+        let pieces: Vec<&[u8]> = line.as_bytes().chunks(5).collect();
+        assert_eq!(feed(&[&[b"a\n".as_slice()], pieces.as_slice()].concat()), ("a\n".into(), true));
+        // The same words from the command, followed by more, or not at a line's start, are its.
+        let more = format!("{line}x\n");
+        assert_eq!(feed(&[more.as_bytes()]), (more.clone(), false));
+        let inside = format!("no newline {line}");
+        assert_eq!(feed(&[inside.as_bytes()]), (inside.clone(), false));
+        assert_eq!(feed(&[b"Conn"]), ("Conn".into(), false));
+        assert_eq!(feed(&[b"plain\n", b"Connection to 127"]), ("plain\nConnection to 127".into(), false));
+    }
+
     use super::*;
 
     #[test]

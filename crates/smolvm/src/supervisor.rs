@@ -1083,6 +1083,10 @@ async fn boot(launch: &qemu::LaunchSpec, spec: &BootSpec, greeting: &Greeting, p
         Ok::<_, Error>((qmp, agent, greeted))
     };
     let exited = |status: std::io::Result<std::process::ExitStatus>| {
+        // (The agent powers off when it cannot set the guest up: the console says why.)
+        if status.as_ref().is_ok_and(|s| s.success()) {
+            return Error::Host("the guest powered off during boot".into());
+        }
         let status = status.map(|s| s.to_string()).unwrap_or_default();
         Error::Host(match vmm_complaints(&paths.log, log_start) {
             Some(said) => format!("the VMM exited during boot ({status}): {said}"),
