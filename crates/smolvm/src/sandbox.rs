@@ -2110,12 +2110,6 @@ impl Sandbox {
     pub async fn delete(mut self) -> Result<()> {
         // A start in progress (another process) finishes first; what it started is stopped.
         let _lock = self.paths.wait_start_lock().await?;
-        // Another delete (or a prune) that held the lock before us has done it: one of them
-        // says it deleted the sandbox, the others that it is not there.
-        if let Err(e @ Error::NotFound(_)) = self.record_with(true) {
-            self.paths.forget_lock(&Store::open(&self.dirs.data)?, &self.id);
-            return Err(e);
-        }
         tracing::debug!("phase: deleting");
         match self.stop_with(DEFAULT_STOP_TIMEOUT, true).await {
             Ok(()) | Err(Error::NotFound(_)) => {}
@@ -2126,6 +2120,8 @@ impl Sandbox {
         host_network_leftovers(&store, &self.id);
         let removed = store.remove(&self.id)?;
         self.paths.remove_all();
+        // Another delete (or a prune) that held the lock before us had done it: one of them
+        // says it deleted the sandbox, the others that it is not there.
         if !removed {
             return Err(Error::NotFound(self.id.clone()));
         }

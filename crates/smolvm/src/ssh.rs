@@ -303,10 +303,12 @@ impl SessionStderr {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn ssh_closing_line_is_held_back_and_only_it() {
         let feed = |chunks: &[&[u8]]| {
-            let mut s = super::SessionStderr::default();
+            let mut s = SessionStderr::default();
             let mut out: Vec<u8> = chunks.iter().flat_map(|c| s.take(c)).collect();
             let (closed, rest) = s.finish();
             out.extend(rest);
@@ -325,8 +327,6 @@ mod tests {
         assert_eq!(feed(&[b"Conn"]), ("Conn".into(), false));
         assert_eq!(feed(&[b"plain\n", b"Connection to 127"]), ("plain\nConnection to 127".into(), false));
     }
-
-    use super::*;
 
     #[test]
     fn paths_with_spaces_and_percent_reach_ssh_whole() {
