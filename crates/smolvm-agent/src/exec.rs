@@ -153,7 +153,7 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
     }
     if running().get(&stream).is_none_or(|r| r.token != token || r.cancelled) {
         forget(stream, token);
-        w.send(stream, &Reply::Exit { code: 128 + 9, timed_out: false });
+        w.send(stream, &ended_reply(128 + 9, false));
         // (The first command's group is made at boot.)
         return answered(token);
     }
@@ -219,8 +219,27 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
     // A new host's command may have this stream id by now (a restored snapshot): only this
     // command's own entry goes.
     forget(stream, token);
-    w.send(stream, &Reply::Exit { code, timed_out });
+    w.send(stream, &ended_reply(code, timed_out));
     answered(token);
+}
+
+/// Set once the VM is going down: the commands killed for it did not fail of themselves.
+static SHUTTING_DOWN: AtomicBool = AtomicBool::new(false);
+
+/// How a command's end is told: a command killed because the VM goes down ends with `Closed`,
+/// which the host reports as the sandbox having stopped; an exit code of 137 alone would read
+/// as the command's own doing.
+fn ended_reply(code: i32, timed_out: bool) -> Reply {
+    if code == 128 + 9 && !timed_out && SHUTTING_DOWN.load(Ordering::SeqCst) {
+        return Reply::error(ErrorKind::Closed, "the sandbox is shutting down");
+    }
+    Reply::Exit { code, timed_out }
+}
+
+/// Kill every command because the VM goes down (see `ended_reply`).
+pub fn cancel_all_for_shutdown() {
+    SHUTTING_DOWN.store(true, Ordering::SeqCst);
+    cancel_all();
 }
 
 /// Writes `data` into a command's input: false once nobody reads it, or once the command has

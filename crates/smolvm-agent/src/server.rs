@@ -254,6 +254,10 @@ fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
             let text: String = ["/proc/net/tcp", "/proc/net/tcp6"].iter().filter_map(|p| std::fs::read_to_string(p).ok()).collect();
             Reply::Ports(proto::listening_ports(&text))
         }
+        Request::Clock { unix_time_ns } => {
+            set_clock(unix_time_ns);
+            Reply::Ok
+        }
         Request::Cancel => {
             crate::files::put_cancel(stream);
             return crate::exec::cancel(stream);
@@ -330,7 +334,7 @@ fn reseed(entropy: &[u8]) {
 /// Kill everything but ourselves, flush disks and power off.
 pub fn shutdown_now() -> ! {
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-    crate::exec::cancel_all();
+    crate::exec::cancel_all_for_shutdown();
     // SIGKILL to -1 reaches every process but PID 1 and the caller.
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), nix::sys::signal::Signal::SIGKILL);
     // Killed processes hold their files open for writing until they are gone: wait for them

@@ -60,6 +60,10 @@ async fn a_paused_sandbox_keeps_its_processes_and_refuses_commands() {
     let b: u32 = out(&sb, "cat /tmp/counter").await.trim().parse().unwrap();
     assert!(before >= 1 && a >= before && a - before <= 8, "counter {before} before the pause, {a} after");
     assert!(b > a, "the process did not keep running: {a} then {b}");
+    // The guest's clock, which stood still for the pause's seconds, is the host's again.
+    let guest: i64 = out(&sb, "date +%s").await.trim().parse().unwrap();
+    let host = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((host - guest).abs() <= 1, "guest clock {guest}, host {host}");
     sb.delete().await.unwrap();
 }
 

@@ -63,7 +63,19 @@ async fn custom_recipe_is_cached_rebuilt_on_change_and_boots_with_a_grown_disk()
     assert!(named.cached && named.rootfs == changed.rootfs, "{named:?}");
     let mut sb = env.boot(image(&name)).await;
     assert_eq!(sb.run("cat /etc/marker; echo kept > /root/mine", &opts()).await.unwrap().stdout, "second\n");
+    // A command that a stop cuts off hears so. (With a disk the agent kills it on the way down,
+    // and its exit, 137, was passed on as if the command had failed of itself.)
+    let other = Sandbox::open_in(env.dirs.clone(), sb.id()).await.unwrap();
+    let running = tokio::spawn(async move { other.run("sleep 30", &opts()).await });
+    for _ in 0..100 {
+        if sb.run("pgrep -x sleep", &opts()).await.unwrap().exit_code == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     sb.stop(Duration::from_secs(10)).await.unwrap();
+    let err = running.await.unwrap().unwrap_err();
+    assert_eq!(err.to_string(), "guest agent: the sandbox stopped while the command ran");
 
     smolvm::image::remove_entry(&env.dirs, &name).unwrap();
     assert!(smolvm::recipe::load(&env.dirs, &name).is_err(), "the recipe is gone");

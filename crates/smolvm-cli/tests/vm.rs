@@ -894,11 +894,25 @@ async fn an_ext4_rootfs_becomes_the_root_filesystem() {
     let qcow = env.tmp.path().join("root.qcow2");
     let converted = std::process::Command::new("qemu-img").args(["convert", "-O", "qcow2"]).arg(&image).arg(&qcow).status();
     assert!(converted.unwrap().success());
-    let sb = env.boot(VmConfig { rootfs_path: Some(qcow), disk_size_mib: Some(128), ..Default::default() }).await;
+    let sb = env.boot(VmConfig { rootfs_path: Some(qcow.clone()), disk_size_mib: Some(128), ..Default::default() }).await;
     let r = sb.run("/bin/busybox df -m / | /bin/busybox tail -1", &RunOptions { shell: Shell::Raw, ..opts(10) }).await.unwrap();
     let total: u64 = r.stdout.split_whitespace().nth(1).and_then(|t| t.parse().ok()).unwrap_or_else(|| panic!("{r:?}"));
     assert!(total > 100, "{r:?}");
     sb.delete().await.unwrap();
+    // A disk_size below the image's disk is refused before anything starts (it was ignored).
+    let grown = std::process::Command::new("qemu-img").args(["resize", "-q"]).arg(&qcow).arg("200M").status();
+    assert!(grown.unwrap().success());
+    let mut sb =
+        Sandbox::create_in(env.dirs.clone(), VmConfig { rootfs_path: Some(qcow), disk_size_mib: Some(128), ..Default::default() }, false)
+            .unwrap();
+    let err = sb.start(Duration::from_secs(30), &|_| {}).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid disk_size_mib: 128 MiB is smaller than the disk it would boot (200 MiB): a disk can be grown, never shrunk (allowed: 200 MiB or more, or none to keep its size)"
+    );
+    assert!(env.qemu_processes().is_empty());
+    sb.delete().await.unwrap();
+    assert!(env.leftover_files().is_empty());
 }
 
 #[test]

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 /// Bumped whenever a message changes shape; the host refuses an agent of another version
 /// because postcard is not self-describing and a mismatch would decode as garbage.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Name of the virtio-serial port the agent listens on.
 pub const AGENT_PORT_NAME: &str = "smolvm.agent";
@@ -198,6 +198,12 @@ pub enum Request {
     /// The TCP ports something in the guest listens on (any address, IPv4 or IPv6): answered
     /// with `Ports`.
     Listening,
+    /// Set the guest's clock to the host's (Unix time in ns): its clock stood still while its
+    /// CPUs were stopped (a pause, a save), and a greeting that waited in the channel during a
+    /// boot is that much behind. Answered with `Ok`.
+    Clock {
+        unix_time_ns: u128,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

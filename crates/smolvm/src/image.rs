@@ -826,9 +826,39 @@ pub fn overlay_base(overlay: &Path) -> PathBuf {
     overlay.with_file_name("base")
 }
 
+/// Refuse a `disk_size_mib` below the disk a sandbox would boot: its overlay's size once it has
+/// one, else its base image's. A filesystem cannot be shrunk under a running guest, and a disk
+/// smaller than the one asked for, handed over without a word, would surprise its user later
+/// (a full disk).
+pub fn check_disk_size(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Result<()> {
+    let Some(mib) = size_mib else { return Ok(()) };
+    let have = if overlay.exists() { virtual_size(overlay)? } else { disk_size(base)? };
+    if u64::from(mib) << 20 >= have {
+        return Ok(());
+    }
+    let have_mib = have.div_ceil(1 << 20);
+    Err(Error::validation(
+        "disk_size_mib",
+        format!("{mib} MiB is smaller than the disk it would boot ({have_mib} MiB): a disk can be grown, never shrunk (allowed: {have_mib} MiB or more, or none to keep its size)"),
+    ))
+}
+
+/// The size of the disk an image file holds: a qcow2 file's header says it; a raw file is its
+/// own length.
+fn disk_size(image: &Path) -> Result<u64> {
+    let mut magic = [0u8; 4];
+    let _ = std::io::Read::read_exact(&mut fs::File::open(image).ctx(|| format!("opening {}", image.display()))?, &mut magic);
+    if &magic == b"QFI\xfb" {
+        virtual_size(image)
+    } else {
+        Ok(fs::metadata(image).map(|m| m.len()).unwrap_or(0))
+    }
+}
+
 /// A copy-on-write qcow2 overlay over `base` (created once; reused while it exists), of
 /// `size_mib` when given and larger than the base: the agent grows the filesystem to fill it.
 pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Result<PathBuf> {
+    check_disk_size(base, overlay, size_mib)?;
     if overlay.exists() {
         if let Some(mib) = size_mib {
             // A sandbox's disk may be grown between starts, never shrunk.
@@ -845,11 +875,7 @@ pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Result<Pat
     let mut magic = [0u8; 4];
     let _ = std::io::Read::read_exact(&mut fs::File::open(&base).ctx(|| format!("opening {}", base.display()))?, &mut magic);
     let format = if &magic == b"QFI\xfb" { "qcow2" } else { "raw" };
-    // (A qcow2 file's own size is not the disk's: its header says that.)
-    let base_size = match format {
-        "qcow2" => virtual_size(&base)?,
-        _ => fs::metadata(&base).map(|m| m.len()).unwrap_or(0),
-    };
+    let base_size = disk_size(&base)?;
     // Made beside and renamed over: an overlay left half made (the process killed) would
     // otherwise count as made, and every later start would fail on it.
     let tmp = overlay.with_extension(format!("tmp{}", std::process::id()));

@@ -804,6 +804,9 @@ impl Sandbox {
         tracing::debug!("phase: record read");
         let image = resolve_image(&config, &self.dirs, progress).await?;
         tracing::debug!("phase: image resolved");
+        if let Some(base) = &image.rootfs {
+            image::check_disk_size(base, &self.paths.overlay, rec.config.disk_size_mib)?;
+        }
         let accel = crate::vmm::choose_accel().map_err(Error::Host)?;
         let verbose_boot = env_flag("SMOLVM_VERBOSE_BOOT", false);
         let vsock = crate::config::agent_transport()? == crate::config::Transport::Vsock;

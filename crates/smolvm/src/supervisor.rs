@@ -439,6 +439,15 @@ async fn greet_restored(agent: &Arc<Conn>, g: &Greeting, qmp: &mut qemu::Qmp) ->
     }
 }
 
+/// Set the guest's clock to the host's. The answer is not waited for: the frame is out, and
+/// the agent reads in order, so what is sent next finds the clock set.
+async fn tell_time(agent: &Arc<Conn>) -> Result<()> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let mut answer = agent.open(&Request::Clock { unix_time_ns: now }).await?;
+    tokio::spawn(async move { answer.recv().await });
+    Ok(())
+}
+
 async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
     let hello = Request::Hello {
@@ -462,20 +471,9 @@ async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
     }
     // On a cold boot the greeting waits in the channel from QEMU's start until the agent reads
     // it, a few hundred milliseconds, and the guest's clock would lag by that much. Say the time
-    // again now that the agent reads at once (a greeting with nothing else in it only sets the
-    // clock). Its answer is not waited for: the frame is out, and the agent reads in order.
+    // again now that the agent reads at once.
     if sent.elapsed() > Duration::from_millis(20) {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        let clock = Request::Hello {
-            version: proto::PROTOCOL_VERSION,
-            unix_time_ns: now,
-            hostname: String::new(),
-            entropy: Vec::new(),
-            net: None,
-            sync: None,
-        };
-        let mut answer = agent.open(&clock).await?;
-        tokio::spawn(async move { answer.recv().await });
+        tell_time(agent).await?;
     }
     // A restored guest carries its snapshot's variables: replace them with this sandbox's own.
     let needed = !g.env.is_empty() || (g.saved_env && matches!(agent.call(&Request::EnvList).await?, Reply::Env(v) if !v.is_empty()));
@@ -780,6 +778,9 @@ async fn supervise(id: &str) -> i32 {
                             if !greeted {
                                 greet_restored(&agent, &greeting, &mut qmp).await?;
                                 greeted = true;
+                            } else {
+                                // Its clock stood still while it was paused.
+                                tell_time(&agent).await?;
                             }
                             Ok::<_, Error>(())
                         },
@@ -826,7 +827,7 @@ async fn supervise(id: &str) -> i32 {
                     if keep_stopped {
                         paused.store(true, Ordering::SeqCst);
                     }
-                    let holding = if kind == SnapshotKind::Full && !was_paused { agent.hold(HOLD_BOUND).await } else { None };
+                    let mut holding = if kind == SnapshotKind::Full && !was_paused { agent.hold(HOLD_BOUND).await } else { None };
                     let mut done = done;
                     // (A save stops the CPUs, whatever the VM does after it.)
                     lock(&stopped).begin();
@@ -837,7 +838,7 @@ async fn supervise(id: &str) -> i32 {
                     let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped, spec.accel, done.closed()).await;
                     if keep_stopped && !was_paused {
                         if r.is_ok() {
-                            held = holding;
+                            held = holding.take();
                         } else {
                             // Nothing was saved: the VM runs on as before.
                             let _ = bounded(qmp.execute("cont"), "resume").await;
@@ -846,6 +847,11 @@ async fn supervise(id: &str) -> i32 {
                     }
                     if !paused.load(Ordering::SeqCst) {
                         lock(&stopped).end();
+                        drop(holding);
+                        // Its clock stood still while the save ran.
+                        if let Err(e) = tell_time(&agent).await {
+                            tracing::warn!("setting the guest's clock after the snapshot: {}", e.full_message());
+                        }
                     }
                     if r.is_err() && (made.is_none() || inode(&dir) == made) {
                         let _ = std::fs::remove_dir_all(&dir);
