@@ -669,9 +669,8 @@ fn run_options(exec: &ExecArgs, env: &[std::ffi::OsString]) -> Result<RunOptions
         },
         shell: if exec.shell == "raw" { Shell::Raw } else { Shell::Login },
         env: env_flags(env)?,
-        cwd: None,
-        // `-i` streams (`run_streamed`).
-        stdin: None,
+        // `-i` streams (`run_streamed`), not `stdin`.
+        ..Default::default()
     })
 }
 
@@ -711,6 +710,7 @@ async fn run_on_terminal(sb: &Sandbox, command: &str, opts: &RunOptions) -> Resu
             });
         }
     }
+    let opts = RunOptions { discard_output: true, ..opts };
     let sink = Sink::default();
     let result = sink
         .until_failed(sb.run_interactive(command, &opts, Box::new(tokio::io::stdin()), smolvm::Terminal { size, resizes }, |o| {
@@ -848,9 +848,11 @@ mod terminal {
 /// Runs a command with its output going straight to ours, as it arrives.
 async fn run_streamed(sb: &Sandbox, command: &str, opts: &RunOptions, stdin: bool) -> Result<Done, Error> {
     let input = stdin.then(|| Box::new(tokio::io::stdin()) as smolvm::sandbox::Input);
+    // (Printed as it comes, and only the exit code is used after.)
+    let opts = RunOptions { discard_output: true, ..opts.clone() };
     let sink = Sink::default();
     let result = sink
-        .until_failed(sb.run_with_input(command, opts, input, |o| match o {
+        .until_failed(sb.run_with_input(command, &opts, input, |o| match o {
             Output::Stdout(d) => sink.stdout(d),
             Output::Stderr(d) => sink.stderr(d),
         }))

@@ -1351,3 +1351,25 @@ fn an_interrupted_create_or_start_leaves_nothing_running() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(env.qemu_processes().is_empty());
 }
+
+/// The CLI prints a command's output as it comes and keeps no copy: its memory stays flat
+/// however much a command prints. (It kept all of it, so a guest printing without end filled
+/// the host's memory.)
+#[test]
+fn the_cli_keeps_no_copy_of_the_output_it_streams() {
+    let env = env();
+    let mut child = env.cli().args(["run", "head -c 64000000 /dev/zero"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let counted = std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()).unwrap());
+    let mut peak_kib = 0u64;
+    while child.try_wait().unwrap().is_none() {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+        let hwm = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+        peak_kib = peak_kib.max(hwm.unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(counted.join().unwrap(), 64_000_000);
+    assert!(peak_kib > 0 && peak_kib < 48 * 1024, "the CLI's peak RSS was {peak_kib} KiB for 64 MB of output");
+}

@@ -296,7 +296,7 @@ impl Vm {
         };
         // (The Python layer has refused less than a second.)
         let timeout = smolvm::config::seconds(timeout, "timeout").map_err(to_py)?;
-        let opts = RunOptions { timeout, shell, env: env.unwrap_or_default(), cwd: None, stdin };
+        let opts = RunOptions { timeout, shell, env: env.unwrap_or_default(), cwd: None, stdin, discard_output: false };
         let inner = self.inner.clone();
         let id = self.id.clone();
         block_with(py, "env", async move {

@@ -195,11 +195,15 @@ pub struct RunOptions {
     pub cwd: Option<String>,
     /// What the command reads on stdin, which then ends; `None`: stdin is /dev/null.
     pub stdin: Option<Vec<u8>>,
+    /// Keep no copy of the output: the result's stdout and stderr are empty. For a caller that
+    /// takes the output as it streams by (the CLI), whose memory would otherwise grow with all
+    /// that a command prints, without end for `yes`.
+    pub discard_output: bool,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { timeout: DEFAULT_RUN_TIMEOUT, shell: Shell::Login, env: BTreeMap::new(), cwd: None, stdin: None }
+        RunOptions { timeout: DEFAULT_RUN_TIMEOUT, shell: Shell::Login, env: BTreeMap::new(), cwd: None, stdin: None, discard_output: false }
     }
 }
 
@@ -907,8 +911,7 @@ impl Sandbox {
             shell: Shell::Raw,
             timeout: Duration::from_secs(60),
             env: [("SMOLVM_SSH_KEYS".to_string(), keys), ("SMOLVM_SSH_OWNER".to_string(), owner)].into(),
-            cwd: None,
-            stdin: None,
+            ..Default::default()
         };
         let r = self.run_agent(crate::ssh::SETUP_SCRIPT, &opts, None, None, |_| {}).await?;
         let known_hosts = &self.paths.known_hosts;
@@ -1021,6 +1024,13 @@ impl Sandbox {
             let fed = feeding.is_some();
             let (mut out, mut err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
             let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            let mut any_output = false;
+            let mut keep = |to: &mut Vec<u8>, d: &[u8]| {
+                any_output = true;
+                if !opts.discard_output {
+                    to.extend_from_slice(d);
+                }
+            };
             let mut session = crate::ssh::SessionStderr::default();
             let (mut out_open, mut err_open) = (true, true);
             let (mut b1, mut b2) = (vec![0u8; 65536], vec![0u8; 65536]);
@@ -1028,7 +1038,7 @@ impl Sandbox {
                 tokio::select! {
                     n = out.read(&mut b1), if out_open => match n {
                         Ok(0) | Err(_) => out_open = false,
-                        Ok(n) => { on_output(Output::Stdout(&b1[..n])); stdout.extend_from_slice(&b1[..n]); }
+                        Ok(n) => { on_output(Output::Stdout(&b1[..n])); keep(&mut stdout, &b1[..n]); }
                     },
                     n = err.read(&mut b2), if err_open => match n {
                         Ok(0) | Err(_) => err_open = false,
@@ -1036,8 +1046,8 @@ impl Sandbox {
                             let theirs = session.take(&b2[..n]);
                             if !theirs.is_empty() {
                                 on_output(Output::Stderr(&theirs));
+                                keep(&mut stderr, &theirs);
                             }
-                            stderr.extend_from_slice(&theirs);
                         }
                     },
                     _ = tokio::time::sleep_until(deadline) => {
@@ -1049,7 +1059,7 @@ impl Sandbox {
             let (server_closed, rest) = session.finish();
             if !rest.is_empty() {
                 on_output(Output::Stderr(&rest));
-                stderr.extend_from_slice(&rest);
+                keep(&mut stderr, &rest);
             }
             let status =
                 tokio::time::timeout_at(deadline, child.wait()).await.map_err(|_| timeout_err())?.ctx(|| "waiting for ssh".into())?;
@@ -1068,7 +1078,7 @@ impl Sandbox {
                 let not_started = ["kex_exchange_identification", "Connection closed by", "Connection reset by", "Connection refused"]
                     .iter()
                     .any(|m| diagnostics.contains(m));
-                if not_started && stdout.is_empty() && stderr.is_empty() && !fed && attempt < 20 {
+                if not_started && !any_output && !fed && attempt < 20 {
                     let pause = Duration::from_millis(20 * attempt.min(10));
                     if tokio::time::Instant::now() + pause < deadline {
                         tokio::time::sleep(pause).await;
@@ -1580,11 +1590,15 @@ impl Sandbox {
             match reply {
                 Reply::Stdout(d) => {
                     on_output(Output::Stdout(&d));
-                    stdout.extend_from_slice(&d);
+                    if !opts.discard_output {
+                        stdout.extend_from_slice(&d);
+                    }
                 }
                 Reply::Stderr(d) => {
                     on_output(Output::Stderr(&d));
-                    stderr.extend_from_slice(&d);
+                    if !opts.discard_output {
+                        stderr.extend_from_slice(&d);
+                    }
                 }
                 Reply::Credit(n) => window.add_permits((n as usize).min(smolvm_proto::WINDOW)),
                 Reply::Exit { timed_out: true, .. } => return Err(timeout_err()),
