@@ -116,12 +116,14 @@ fn walk(dir: &str, rel: &str) -> (Vec<String>, String) {
 /// An archive's own links must not be walked through: `a/up -> ..` then `a/up/x -> ../..`
 /// each look inside by their text, but the second lands two levels above the target. So no
 /// entry's directory, and no link's way to its target, may pass through a symlink of the
-/// archive (pointing at one is fine).
-fn check_links(seen: &[Seen]) -> io::Result<()> {
+/// archive (pointing at one is fine), nor through one already in `dest`: an earlier
+/// extraction's `b -> .` would otherwise let `root -> b/b/../..` of a later one lead out.
+fn check_links(seen: &[Seen], dest: &Path) -> io::Result<()> {
     let links: std::collections::HashSet<&str> = seen.iter().filter(|e| e.symlink).map(|e| e.path.as_str()).collect();
-    if links.is_empty() {
-        return Ok(());
-    }
+    let mut on_disk: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+    let mut is_link_on_disk = |p: &str| {
+        *on_disk.entry(p.to_string()).or_insert_with(|| dest.join(p).symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()))
+    };
     for e in seen {
         let (mut through, _) = walk("", &e.path);
         if let Some(target) = &e.leads_to {
@@ -133,9 +135,15 @@ fn check_links(seen: &[Seen]) -> io::Result<()> {
             if !e.symlink && links.contains(end.as_str()) {
                 return Err(invalid(format!("refused tar entry {:?}: a hard link to the archive's own symlink {end:?}", e.path)));
             }
+            if !e.symlink && is_link_on_disk(&end) {
+                return Err(invalid(format!("refused tar entry {:?}: a hard link to {end:?}, a symlink already in the target", e.path)));
+            }
         }
         if let Some(l) = through.iter().find(|p| links.contains(p.as_str())) {
             return Err(invalid(format!("refused tar entry {:?}: it leads through the archive's own symlink {l:?}", e.path)));
+        }
+        if let Some(l) = through.iter().find(|p| !p.is_empty() && is_link_on_disk(p)) {
+            return Err(invalid(format!("refused tar entry {:?}: it leads through {l:?}, a symlink already in the target", e.path)));
         }
     }
     Ok(())
@@ -172,7 +180,7 @@ pub fn unpack_checked_until(file: &mut fs::File, dest: &Path, strip_special: boo
             let path = walk("", path).1;
             seen.push(Seen { path, symlink: sym.is_some(), leads_to: sym.or(hard).map(str::to_string) });
         }
-        check_links(&seen)?;
+        check_links(&seen, dest)?;
     }
     file.seek(SeekFrom::Start(0))?;
     let made_dest = !dest.exists();
@@ -373,6 +381,33 @@ mod tests {
     fn symlink(b: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) {
         let mut h = header(tar::EntryType::Symlink, 0);
         b.append_link(&mut h, path, target).unwrap();
+    }
+
+    #[test]
+    fn a_path_through_a_link_already_in_the_target_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let dest = t.path().join("out");
+        // A first extraction leaves `b -> .`, inside by itself.
+        let mut f = archive_with(t.path(), |b| symlink(b, "b", "."));
+        unpack_checked(&mut f, &dest, false).unwrap();
+        // Through it, a second one's `root` would point at the host's `/`; its files would be
+        // written through it; a hard link would copy it elsewhere.
+        let escape = "b/b/b/b/b/b/../../../../../..";
+        for (entry, kind, what) in
+            [("root", tar::EntryType::Symlink, escape), ("b/x", tar::EntryType::Regular, ""), ("h", tar::EntryType::Link, "b")]
+        {
+            let mut f = archive_with(t.path(), |b| match kind {
+                tar::EntryType::Regular => b.append_data(&mut header(kind, 1), entry, &b"x"[..]).unwrap(),
+                _ => b.append_link(&mut header(kind, 0), entry, what).unwrap(),
+            });
+            let err = unpack_checked(&mut f, &dest, false).unwrap_err().to_string();
+            assert!(err.contains("a symlink already in the target"), "{entry}: {err}");
+            assert_eq!(fs::read_dir(&dest).unwrap().count(), 1, "{entry}: something was written");
+        }
+        // Pointing at it is fine.
+        let mut f = archive_with(t.path(), |b| symlink(b, "c", "b"));
+        unpack_checked(&mut f, &dest, false).unwrap();
+        assert_eq!(fs::read_link(dest.join("c")).unwrap(), Path::new("b"));
     }
 
     #[test]

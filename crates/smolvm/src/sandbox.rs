@@ -203,7 +203,14 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { timeout: DEFAULT_RUN_TIMEOUT, shell: Shell::Login, env: BTreeMap::new(), cwd: None, stdin: None, discard_output: false }
+        RunOptions {
+            timeout: DEFAULT_RUN_TIMEOUT,
+            shell: Shell::Login,
+            env: BTreeMap::new(),
+            cwd: None,
+            stdin: None,
+            discard_output: false,
+        }
     }
 }
 
