@@ -1373,3 +1373,55 @@ fn the_cli_keeps_no_copy_of_the_output_it_streams() {
     assert_eq!(counted.join().unwrap(), 64_000_000);
     assert!(peak_kib > 0 && peak_kib < 48 * 1024, "the CLI's peak RSS was {peak_kib} KiB for 64 MB of output");
 }
+
+/// Takes PID 1's descriptor of the agent's port (`pidfd_getfd`, as root in the guest may) and
+/// writes a frame header no agent would send.
+const CHANNEL_BREAKER: &str = r#"
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void) {
+    int pidfd = syscall(434 /* pidfd_open */, 1, 0), hit = 0;
+    DIR *d = opendir("/proc/1/fd");
+    struct dirent *e;
+    char link[256], path[300];
+    while (pidfd >= 0 && d && (e = readdir(d))) {
+        snprintf(path, sizeof path, "/proc/1/fd/%s", e->d_name);
+        ssize_t n = readlink(path, link, sizeof link - 1);
+        if (n < 0) continue;
+        link[n] = 0;
+        if (!strstr(link, "vport")) continue;
+        int fd = syscall(438 /* pidfd_getfd */, pidfd, atoi(e->d_name), 0);
+        if (fd >= 0 && write(fd, "\xff\xff\xff\x7f", 4) == 4) hit = 1;
+    }
+    return hit ? 0 : 2;
+}
+"#;
+
+/// A guest that breaks its agent's channel (it is root there) leaves a failed sandbox that
+/// says why, with its VM stopped, and starts again. (It stayed `running`, every command
+/// failing after 3 s.)
+#[tokio::test]
+async fn a_guest_that_breaks_the_agents_channel_fails_the_sandbox_with_why() {
+    let env = env();
+    let src = env.tmp.path().join("breaker.c");
+    let bin = env.tmp.path().join("breaker");
+    std::fs::write(&src, CHANNEL_BREAKER).unwrap();
+    let built = std::process::Command::new("musl-gcc").args(["-static", "-O1", "-o"]).arg(&bin).arg(&src).status().unwrap();
+    assert!(built.success(), "musl-gcc (musl-tools) failed");
+    let mut sb = env.boot(VmConfig::default()).await;
+    sb.upload(&bin, "/tmp/breaker").await.unwrap();
+    let err = sb.run("chmod +x /tmp/breaker && /tmp/breaker; sleep 10", &opts(30)).await.unwrap_err();
+    assert_eq!(err.to_string(), "guest agent: the sandbox failed (`smolvm sandbox info` says why) while the command ran");
+    let rec = sb.record().unwrap();
+    assert_eq!(rec.state, State::Error);
+    assert!(rec.error.as_deref().unwrap_or("").starts_with("the guest agent's channel broke while the VM ran"), "{rec:?}");
+    assert!(env.qemu_processes().is_empty(), "the VM runs on");
+    sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+    assert_eq!(sb.run("echo again", &opts(10)).await.unwrap().stdout, "again\n");
+    sb.delete().await.unwrap();
+    assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
+}

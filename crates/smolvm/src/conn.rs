@@ -26,6 +26,8 @@ pub struct Conn {
     routes: Routes,
     next: AtomicU32,
     closed: Arc<AtomicBool>,
+    /// Wakes `closed()` once `closed` is set.
+    gone: Arc<tokio::sync::Notify>,
     /// When the peer last sent a frame (or, if later, when a request began waiting on it after
     /// none did), in milliseconds after `born`: a peer that stays silent while requests wait
     /// on it may be gone without closing the channel (a halted guest).
@@ -159,12 +161,14 @@ impl Conn {
         let (read, write) = stream.into_split();
         let routes: Routes = Default::default();
         let closed = Arc::new(AtomicBool::new(false));
+        let gone = Arc::new(tokio::sync::Notify::new());
         let (heard, born) = (Arc::new(AtomicU64::new(0)), std::time::Instant::now());
         let conn = Arc::new(Conn {
             writer: Arc::new(tokio::sync::Mutex::new(write)),
             routes: routes.clone(),
             next: AtomicU32::new(1),
             closed: closed.clone(),
+            gone: gone.clone(),
             heard: heard.clone(),
             born,
         });
@@ -214,6 +218,7 @@ impl Conn {
                 }
             }
             closed.store(true, Ordering::SeqCst);
+            gone.notify_waiters();
             // Dropping every sender wakes every waiting stream with `None`.
             routes.lock().unwrap_or_else(|e| e.into_inner()).clear();
         });
@@ -228,6 +233,20 @@ impl Conn {
 
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the connection is closed (the peer went, or broke the protocol).
+    pub async fn closed(&self) {
+        loop {
+            let notified = self.gone.notified();
+            tokio::pin!(notified);
+            // (Registered before the flag is read: a close in between still wakes it.)
+            notified.as_mut().enable();
+            if self.is_closed() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// How long the peer has sent nothing while at least one request waits on it; zero when
@@ -246,6 +265,7 @@ impl Conn {
         if sent.is_err() {
             // The other end is gone (the reader may not have noticed yet).
             self.closed.store(true, Ordering::SeqCst);
+            self.gone.notify_waiters();
         }
         sent.map_err(|e| Error::Io { context: "sending a request".into(), source: e })
     }

@@ -103,7 +103,13 @@ enum Ended {
     Halted,
     /// A stop, a signal, or an ephemeral sandbox's owner going away.
     Asked,
+    /// The agent's channel closed while the VM runs on: something in the guest took over or
+    /// broke the agent's port (it is root there), or the agent died. Nothing can reach the
+    /// guest any more, so the VM is stopped and the sandbox failed, with why.
+    AgentLost,
 }
+
+const AGENT_LOST: &str = "the guest agent's channel broke while the VM ran (a process in the guest wrote to the agent's port, or the agent died); the VM was stopped: start the sandbox again";
 
 /// How often the supervisor asks QEMU whether the guest has stopped its CPUs for good, while
 /// something waits on an agent that has said nothing for as long, and otherwise.
@@ -718,6 +724,21 @@ async fn supervise(id: &str) -> i32 {
                 tracing::warn!("the vsock device server exited: {status:?}");
                 break Ended::Exited;
             }
+            () = agent.closed() => {
+                // A guest going down closes the channel a moment before QEMU exits (or, for a
+                // halt, before its CPUs are found stopped): that is not a broken channel.
+                match tokio::time::timeout(Duration::from_secs(1), child.wait()).await {
+                    Ok(status) => {
+                        tracing::warn!("VMM exited: {status:?}");
+                        break Ended::Exited;
+                    }
+                    Err(_) if halted_for_good(&mut qmp).await => break Ended::Halted,
+                    Err(_) => {
+                        tracing::warn!("{AGENT_LOST}");
+                        break Ended::AgentLost;
+                    }
+                }
+            }
             _ = housekeeping.tick() => {
                 cap_console(&paths.console);
                 let every = if agent.silent_for() >= SILENT_LOOK { SILENT_LOOK } else { IDLE_LOOK };
@@ -906,7 +927,9 @@ async fn supervise(id: &str) -> i32 {
         // stopped, as if asked. Else it crashed.
         let powered_off = ended == Ended::Halted || shut_down_from_inside(&tail);
         // (A warm start's console can be empty: its boot was the template's.)
-        let msg = if tail.trim().is_empty() {
+        let msg = if ended == Ended::AgentLost {
+            AGENT_LOST.to_string()
+        } else if tail.trim().is_empty() {
             "the VM exited unexpectedly; its console is empty".to_string()
         } else {
             format!("the VM exited unexpectedly; last console lines:\n{tail}")
