@@ -1237,13 +1237,11 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
                         Err(e) => return Err(e),
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                    let data = std::fs::read(&path).unwrap_or_default();
-                    if (data.len() as u64) > pos {
-                        if !emit(&data[pos as usize..]) {
-                            return Ok(Done::exit(141));
-                        }
-                        pos = data.len() as u64;
+                    let (data, next) = sandbox::console_since(&path, pos);
+                    if !data.is_empty() && !emit(&data) {
+                        return Ok(Done::exit(141));
                     }
+                    pos = next;
                 }
             }
             Ok(Done { exit_code: 0, data: Value::Null, text: None, errors: Vec::new() })

@@ -1047,13 +1047,18 @@ fn concurrent_cli_processes_share_the_state_safely() {
 async fn a_vmm_that_dies_under_a_live_supervisor_leaves_an_error_with_the_console() {
     let env = env();
     let mut sb = env.boot(VmConfig { vm_id: Some("crash".into()), ..Default::default() }).await;
+    // The guest writes the console: what it wrote last is kept, escape sequences shown and not
+    // sent, and a line of any length cut short (it went whole into the state and the terminal).
+    let r = sb.run("printf 'set \\033]0;PWNED\\007 title\\n' > /dev/console; head -c 3000 /dev/zero | tr '\\0' A > /dev/console; echo > /dev/console", &opts(30)).await.unwrap();
+    assert!(r.ok(), "{r:?}");
     let vmm = sb.info().await.unwrap()["vmm_pid"].as_i64().expect("a VMM pid");
     assert!(std::process::Command::new("kill").args(["-9", &vmm.to_string()]).status().unwrap().success());
     assert!(wait_until(Duration::from_secs(10), || sb.state().unwrap() == State::Error), "state {:?}", sb.state());
     let error = sb.info().await.unwrap()["error"].as_str().unwrap_or_default().to_string();
-    // The console's last lines, where it has any.
-    let lines = error.strip_prefix("the VM exited unexpectedly; last console lines:\n");
-    assert!(lines.is_some_and(|l| !l.trim().is_empty()) || error == "the VM exited unexpectedly; its console is empty", "{error}");
+    // The console's last lines.
+    let lines = error.strip_prefix("the VM exited unexpectedly; last console lines:\n").unwrap_or_else(|| panic!("{error}"));
+    assert!(lines.contains("set \\u{1b}]0;PWNED\\u{7} title") && !lines.contains('\u{1b}'), "{lines}");
+    assert!(lines.lines().any(|l| l == format!("{}…", "A".repeat(512))), "{lines}");
     // Its console log is still there to read (a warm start's is short: the restored guest did
     // not boot).
     let logs = env.smolvm(&["sandbox", "logs", "crash", "--tail", "3"]);

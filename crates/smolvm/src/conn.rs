@@ -194,6 +194,12 @@ impl Conn {
                     tracing::warn!("undecodable reply; closing the connection");
                     break;
                 };
+                // An error's words may come from the guest, which chooses them: none of them
+                // may act on a terminal they are printed on.
+                let reply = match reply {
+                    Reply::Error { kind, message } => Reply::Error { kind, message: crate::error::printable(&message, 4096) },
+                    other => other,
+                };
                 let mut routes = routes.lock().unwrap_or_else(|e| e.into_inner());
                 let mut terminal = reply.is_terminal();
                 if let Some(route) = routes.get(&id) {

@@ -156,3 +156,41 @@ mod tests {
         assert_eq!((e.code(), e.to_string().as_str()), ("interrupted", "interrupted: the sandbox 'x' was not started"));
     }
 }
+
+/// `text` made safe to store and to print: control characters other than newlines and tabs
+/// shown escaped (`\u{1b}`), so that no escape sequence reaches a terminal; a carriage return
+/// before a newline dropped (the serial console ends lines so); each line cut to `line_max`
+/// characters. For what the guest wrote (its console, its agent's messages), which it controls.
+pub fn printable(text: &str, line_max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(1 << 16));
+    for (i, line) in text.split('\n').enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        for (n, c) in line.chars().enumerate() {
+            if n == line_max {
+                out.push('…');
+                break;
+            }
+            if c.is_control() && c != '\t' {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod printable_tests {
+    use super::printable;
+
+    #[test]
+    fn escapes_are_shown_not_sent_and_long_lines_are_cut() {
+        assert_eq!(printable("a\u{1b}]0;PWNED\u{7}b\r\nok\tline", 80), "a\\u{1b}]0;PWNED\\u{7}b\nok\tline");
+        assert_eq!(printable(&"A".repeat(10), 4), "AAAA…");
+        assert_eq!(printable("héllo\n\nwörld", 5), "héllo\n\nwörld");
+    }
+}

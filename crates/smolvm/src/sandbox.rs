@@ -169,6 +169,22 @@ pub fn console_tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// What a console gained since `pos`, and where the next read starts (`logs -f`). The
+/// supervisor cuts a console past its bound back to its first MiB, then notes the cut: a file
+/// shorter than `pos` was cut, and all past its first MiB is new.
+pub fn console_since(path: &Path, pos: u64) -> (Vec<u8>, u64) {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else { return (Vec::new(), pos) };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let from = if len < pos { len.min(crate::supervisor::CONSOLE_KEEP) } else { pos };
+    let mut data = Vec::new();
+    if f.seek(SeekFrom::Start(from)).is_err() || f.read_to_end(&mut data).is_err() {
+        return (Vec::new(), pos);
+    }
+    let next = from + data.len() as u64;
+    (data, next)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CommandResult {
     pub exit_code: i32,

@@ -600,7 +600,7 @@ async fn supervise(id: &str) -> i32 {
         Err(e) => {
             paths.remove_sockets();
             plan.cleanup(&store, id);
-            let console = console_tail(&paths.console, 30);
+            let console = crate::error::printable(&console_tail(&paths.console, 30), CONSOLE_LINE_MAX);
             let reason = e.full_message();
             let _ = store.set_state(id, State::Error, Some(&reason));
             return fail(e.code(), reason, Some(console));
@@ -932,7 +932,7 @@ async fn supervise(id: &str) -> i32 {
         } else if tail.trim().is_empty() {
             "the VM exited unexpectedly; its console is empty".to_string()
         } else {
-            format!("the VM exited unexpectedly; last console lines:\n{tail}")
+            format!("the VM exited unexpectedly; last console lines:\n{}", crate::error::printable(&tail, CONSOLE_LINE_MAX))
         };
         stop_vsock(&mut vsock).await;
         paths.remove_sockets();
@@ -1192,7 +1192,10 @@ async fn abandon(
 const CONSOLE_MAX: u64 = 8 << 20;
 
 /// What a console cut down to its bound keeps: its start, the boot's messages.
-const CONSOLE_KEEP: u64 = 1 << 20;
+pub(crate) const CONSOLE_KEEP: u64 = 1 << 20;
+/// How much of each console line an error carries: the guest writes the console, and a line
+/// of megabytes would otherwise go into the state database and onto users' terminals.
+const CONSOLE_LINE_MAX: usize = 512;
 
 /// Cut the console log down once it passes its bound (looked at every second), saying so in it.
 /// QEMU appends to it, so what it writes next follows the note.
@@ -1713,14 +1716,23 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), CONSOLE_KEEP, "a console within its bound is left as it is");
         let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&vec![b'x'; CONSOLE_MAX as usize]).unwrap();
+        // A follower (`logs -f`) has read all of it so far.
+        let (seen, pos) = crate::sandbox::console_since(&path, 0);
+        assert_eq!(seen.len() as u64, pos);
         cap_console(&path);
         // What QEMU (appending) writes next comes after the note.
         f.write_all(b"next line\n").unwrap();
+        let note = "\n[smolvm: the console passed 8 MiB; what it wrote after its first MiB, up to here, was dropped]\n";
+        // The follower goes on from the cut: it was left waiting for the file to grow past
+        // where it had been.
+        let (after, next) = crate::sandbox::console_since(&path, pos);
+        assert_eq!(String::from_utf8_lossy(&after), format!("{note}next line\n"));
+        assert_eq!(crate::sandbox::console_since(&path, next).0, b"");
         let got = std::fs::read(&path).unwrap();
         let _ = std::fs::remove_file(&path);
         assert_eq!(&got[..CONSOLE_KEEP as usize], &start[..]);
         let rest = String::from_utf8_lossy(&got[CONSOLE_KEEP as usize..]);
-        assert_eq!(rest, "\n[smolvm: the console passed 8 MiB; what it wrote after its first MiB, up to here, was dropped]\nnext line\n");
+        assert_eq!(rest, format!("{note}next line\n"));
     }
 
     #[test]
