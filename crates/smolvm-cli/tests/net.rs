@@ -454,3 +454,50 @@ async fn a_cold_boot_configures_the_network_from_the_kernel_command_line() {
     sb.delete().await.unwrap();
     no_smolvm_network_left();
 }
+
+/// Sends one UDP datagram to each of `argv[2]` ports of `argv[1]`, from one socket: each is a
+/// connection of its own to the host's connection tracking.
+const UDP_SPRAY: &str = r#"
+#include <arpa/inet.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+int main(int argc, char **argv) {
+    int s = socket(AF_INET, SOCK_DGRAM, 0), n = argc > 2 ? atoi(argv[2]) : 0, sent = 0;
+    struct sockaddr_in a = { .sin_family = AF_INET };
+    if (s < 0 || argc < 3 || inet_pton(AF_INET, argv[1], &a.sin_addr) != 1) return 2;
+    for (int i = 0; i < n; i++) {
+        a.sin_port = htons(10000 + i);
+        if (sendto(s, "x", 1, 0, (struct sockaddr *)&a, sizeof a) == 1) sent++;
+    }
+    return sent == n ? 0 : 1;
+}
+"#;
+
+/// One sandbox holds at most `CONNECTION_LIMIT` entries of the host's connection tracking table,
+/// which the whole host shares: a guest sending to many ports filled it at 17 000 a second.
+#[tokio::test]
+async fn a_sandbox_cannot_fill_the_hosts_connection_table() {
+    let _serial = serial();
+    let env = env();
+    let lab = Lab::new(&env);
+    let sb = boot_with(&env, None).await;
+    let spray = env.guest_program("spray", UDP_SPRAY);
+    sb.upload(&spray, "/tmp/spray").await.unwrap();
+    let r = sb.run(&format!("chmod +x /tmp/spray && /tmp/spray {} 6000", lab.hosts[1]), &opts()).await.unwrap();
+    assert!(r.ok(), "{r:?}");
+    let guest = sb.info().await.unwrap()["guest_ip"].as_str().unwrap().to_string();
+    let table = std::fs::read_to_string("/proc/net/nf_conntrack").unwrap();
+    let (from, to) = (format!(" src={guest} "), format!(" dst={} ", lab.hosts[1]));
+    let tracked = table.lines().filter(|l| l.contains(" udp ") && l.contains(&from) && l.contains(&to)).count();
+    let limit = smolvm::net::CONNECTION_LIMIT as usize;
+    assert!(tracked > limit - 100 && tracked <= limit, "{tracked} of the sandbox's 6000 datagrams are tracked (limit {limit})");
+    // ARP on its link answers for its gateway only, not for the host's other addresses (the
+    // lab's side of its veth here), which it used to reveal.
+    let gateway = guest.rsplit_once('.').map(|(net, last)| format!("{net}.{}", last.parse::<u8>().unwrap() - 1)).unwrap();
+    let lab_side = lab.hosts[1].rsplit_once('.').map(|(net, _)| format!("{net}.5")).unwrap();
+    let arping = |ip: &str| format!("arping -f -c 2 -w 2 -I eth0 {ip} >/dev/null && echo answered || echo silent");
+    let r = sb.run(&format!("{}; {}", arping(&gateway), arping(&lab_side)), &opts()).await.unwrap();
+    assert_eq!(r.stdout, "answered\nsilent\n", "{r:?}");
+    sb.delete().await.unwrap();
+    no_smolvm_network_left();
+}

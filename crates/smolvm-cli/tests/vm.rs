@@ -1412,11 +1412,7 @@ int main(void) {
 #[tokio::test]
 async fn a_guest_that_breaks_the_agents_channel_fails_the_sandbox_with_why() {
     let env = env();
-    let src = env.tmp.path().join("breaker.c");
-    let bin = env.tmp.path().join("breaker");
-    std::fs::write(&src, CHANNEL_BREAKER).unwrap();
-    let built = std::process::Command::new("musl-gcc").args(["-static", "-O1", "-o"]).arg(&bin).arg(&src).status().unwrap();
-    assert!(built.success(), "musl-gcc (musl-tools) failed");
+    let bin = env.guest_program("breaker", CHANNEL_BREAKER);
     let mut sb = env.boot(VmConfig::default()).await;
     sb.upload(&bin, "/tmp/breaker").await.unwrap();
     let err = sb.run("chmod +x /tmp/breaker && /tmp/breaker; sleep 10", &opts(30)).await.unwrap_err();

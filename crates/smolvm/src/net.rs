@@ -334,6 +334,13 @@ pub fn table_name(data_dir: &std::path::Path, id: &str) -> String {
     format!("smolvm_{}", host_name_hash(data_dir, id))
 }
 
+/// How many connections one sandbox may have open at once through the host, outward and to its
+/// DNS proxy each: every one is an entry in the host's connection tracking table, which all of
+/// the host shares (262144 entries by default), and a guest sending to many ports would fill it
+/// in seconds, after which the host drops new connections of everyone. Past it, new ones are
+/// dropped until some end.
+pub const CONNECTION_LIMIT: u32 = 4096;
+
 /// The nftables table of one sandbox.
 pub fn ruleset(table: &str, tap: &str, lease: Lease, internet: &InternetSettings) -> String {
     let (host, guest) = (lease.host(), lease.guest());
@@ -368,12 +375,14 @@ pub fn ruleset(table: &str, tap: &str, lease: Lease, internet: &InternetSettings
         ct status dnat drop
         oifname \"smv*\" drop
         ip daddr {{ {blocked} }} drop
+        ct state new ct count over {CONNECTION_LIMIT} drop
 {egress}    }}
     chain input {{
         type filter hook input priority 0; policy accept;
         iifname \"{tap}\" meta nfproto != ipv4 drop
         iifname \"{tap}\" ip saddr != {guest} drop
         iifname \"{tap}\" ct state established,related accept
+        iifname \"{tap}\" ct state new ct count over {CONNECTION_LIMIT} drop
 {dns}        iifname \"{tap}\" drop
     }}
     chain postrouting {{
@@ -554,6 +563,11 @@ pub async fn setup_tap(tap: &str, lease: Lease) -> Result<()> {
         if std::path::Path::new(&ipv6).exists() {
             std::fs::write(&ipv6, "1").map_err(|e| Error::Network(format!("turning IPv6 off on {tap}: {e}")))?;
         }
+        // ARP answers on the TAP only for the TAP's own address: by default Linux answers for
+        // any of the host's addresses, which told the guest the host's other addresses and
+        // other sandboxes' gateways.
+        let arp = format!("/proc/sys/net/ipv4/conf/{tap}/arp_ignore");
+        std::fs::write(&arp, "1").map_err(|e| Error::Network(format!("setting {arp}: {e}")))?;
         handle.link().set(index).up().execute().await.map_err(|e| Error::Network(format!("bringing {tap} up: {e}")))?;
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|e| Error::Network(format!("enabling IPv4 forwarding: {e}")))?;
         Ok(())
@@ -956,6 +970,9 @@ mod tests {
         // DNS over UDP to its own proxy only; no TCP 53 (the proxy does not serve it).
         assert!(rs.contains("iifname \"smvabc\" ip daddr 172.16.0.13 udp dport 53 accept") && !rs.contains("tcp dport 53"), "{rs}");
         assert!(rs.contains("100.100.100.200/32") && rs.contains("168.63.129.16/32") && rs.contains("169.254.0.0/16"), "{rs}");
+        // New connections are counted, outward (before any is accepted) and to the host.
+        assert!(rs.contains(" drop\n        ct state new ct count over 4096 drop\n        accept\n"), "{rs}");
+        assert!(rs.contains("iifname \"smvabc\" ct state new ct count over 4096 drop\n        iifname \"smvabc\" ip daddr 172.16.0.13 udp dport 53 accept"), "{rs}");
         // Restricted: connections already made go on; new ones need an allowed address; and
         // both only past the checks above.
         let r = InternetSettings { mode: "restricted".into(), ..Default::default() };

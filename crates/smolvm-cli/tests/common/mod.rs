@@ -33,6 +33,16 @@ pub fn env() -> TestEnv {
 }
 
 impl TestEnv {
+    /// A static program for the guest, built from C with musl-gcc (musl-tools, which the
+    /// prerequisites install): what busybox cannot do, a guest out to misbehave can.
+    pub fn guest_program(&self, name: &str, source: &str) -> PathBuf {
+        let (src, bin) = (self.tmp.path().join(format!("{name}.c")), self.tmp.path().join(name));
+        std::fs::write(&src, source).unwrap();
+        let built = Command::new("musl-gcc").args(["-static", "-O1", "-o"]).arg(&bin).arg(&src).status().unwrap();
+        assert!(built.success(), "musl-gcc (musl-tools) could not build {name}");
+        bin
+    }
+
     pub fn cli(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_smolvm"));
         c.env("SMOLVM_DATA_DIR", &self.dirs.data)
