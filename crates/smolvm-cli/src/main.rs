@@ -1105,11 +1105,13 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             let recs = sandbox::list(&dirs)?;
             let recs: Vec<_> = recs.into_iter().filter(|r| all || state_rank(r.state)).collect();
             let data: Vec<Value> = recs.iter().map(|r| sandbox::record_json(r, &sandbox::SandboxPaths::new(&dirs, &r.id))).collect();
-            let mut text = format!("{:<24} {:<8} {:>5} {:>7}", "NAME", "STATE", "CPUS", "MEMORY");
+            // (Names run to 64 characters: the column is as wide as the longest.)
+            let w = recs.iter().map(|r| r.id.len()).max().unwrap_or(0).max(24);
+            let mut text = format!("{:<w$} {:<8} {:>5} {:>7}", "NAME", "STATE", "CPUS", "MEMORY");
             for r in &recs {
                 // (A state is padded as text: `{:<8}` on it directly pads nothing.)
                 let state = r.state.to_string();
-                text.push_str(&format!("\n{:<24} {:<8} {:>5} {:>6}M", r.id, state, r.config.vcpu_count, r.config.memory));
+                text.push_str(&format!("\n{:<w$} {:<8} {:>5} {:>6}M", r.id, state, r.config.vcpu_count, r.config.memory));
             }
             Ok(Done::text(text, Value::Array(data)))
         }
@@ -1361,10 +1363,34 @@ async fn env_cmd(cmd: EnvCmd, dirs: Dirs) -> Result<Done, Error> {
             let vars = sb.list_env_vars().await?;
             let shown: serde_json::Map<String, Value> =
                 vars.iter().map(|(k, v)| (k.clone(), Value::String(if show_values { v.clone() } else { "****".into() }))).collect();
-            let text = shown.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join("\n");
+            let text = shown.iter().map(|(k, v)| format!("{k}={}", one_line(v.as_str().unwrap_or("")))).collect::<Vec<_>>().join("\n");
             Ok(Done::text(text, Value::Object(shown)))
         }
     }
+}
+
+/// A value as one line of `env list`: as it is, unless it holds a newline or another control
+/// character (which would break the one-variable-a-line layout, or act on the terminal): then
+/// in bash's `$'...'` quoting, which says exactly what it holds.
+fn one_line(value: &str) -> String {
+    if !value.chars().any(char::is_control) {
+        return value.to_string();
+    }
+    let mut out = String::from("$'");
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\'' => out.push_str("\\'"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() && (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
 }
 
 /// `work`, unless Ctrl-C or SIGTERM comes first: then None, `work` dropped (a start's
@@ -1552,6 +1578,12 @@ fn info_text(info: &serde_json::Value) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_listed_value_stays_on_its_line_and_says_what_it_holds() {
+        assert_eq!(super::one_line("plain value, 'quoted' $HOME"), "plain value, 'quoted' $HOME");
+        assert_eq!(super::one_line("line one\nit's\t\\ \u{1b}[31m\u{85}é"), "$'line one\\nit\\'s\\t\\\\ \\x1b[31m\\u0085é'");
+    }
+
     #[test]
     fn info_text_shows_fields_with_values_one_per_line() {
         let info = serde_json::json!({"id": "dev", "state": "running", "error": null, "env_keys": ["A", "B"], "vcpu_count": 2,

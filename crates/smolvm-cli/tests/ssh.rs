@@ -48,6 +48,8 @@ async fn custom_recipe_is_cached_rebuilt_on_change_and_boots_with_a_grown_disk()
 
     // By name, with the disk grown past the recipe's 64 MiB.
     let sb = env.boot(VmConfig { disk_size_mib: Some(512), ..image(&name) }).await;
+    let info = sb.info().await.unwrap();
+    assert_eq!((info["image"].as_str(), info["disk_size_mib"].as_u64()), (Some(name.as_str()), Some(512)), "{info}");
     let r = sb.run("cat /etc/marker; df -m / | tail -1 | awk '{print $2}'", &opts()).await.unwrap();
     let mut lines = r.stdout.lines();
     assert_eq!(lines.next(), Some("second"));

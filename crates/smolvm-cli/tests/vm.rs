@@ -1426,3 +1426,19 @@ async fn a_guest_that_breaks_the_agents_channel_fails_the_sandbox_with_why() {
     sb.delete().await.unwrap();
     assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
 }
+
+/// `list` keeps its columns in line whatever the names' lengths (up to 64 characters).
+#[test]
+fn list_columns_stay_in_line_with_long_names() {
+    let env = env();
+    let long = "l".repeat(64);
+    for name in [long.as_str(), "s"] {
+        let out = env.smolvm(&["sandbox", "create", "--no-start", "--name", name]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let out = env.smolvm(&["sandbox", "list", "--all"]);
+    let text = stdout(&out);
+    let starts: Vec<usize> = text.lines().map(|l| l.find(" STATE").or_else(|| l.find(" created")).expect("a state column")).collect();
+    assert_eq!(starts, vec![64, 64, 64], "{text}");
+    assert!(env.smolvm(&["sandbox", "delete", "--all"]).status.success());
+}

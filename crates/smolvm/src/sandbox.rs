@@ -2186,6 +2186,10 @@ pub fn record_json(rec: &Record, paths: &SandboxPaths) -> serde_json::Value {
         "kernel_path": rec.config.kernel_path,
         "initrd_path": rec.config.initrd_path,
         "rootfs_path": rec.config.rootfs_path,
+        // (A named image's disk is its own copy, made at its first start: `rootfs_path` is
+        // for a disk the user gave.)
+        "image": rec.config.image,
+        "disk_size_mib": rec.config.disk_size_mib,
         "env_keys": rec.config.env_vars.keys().collect::<Vec<_>>(),
         "supervisor_pid": rec.supervisor.map(|p| p.pid),
         "vmm_pid": rec.vmm.map(|p| p.pid),
