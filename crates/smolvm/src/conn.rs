@@ -197,7 +197,9 @@ impl Conn {
                 // An error's words may come from the guest, which chooses them: none of them
                 // may act on a terminal they are printed on.
                 let reply = match reply {
-                    Reply::Error { kind, message } => Reply::Error { kind, message: crate::error::printable(&message, 4096) },
+                    Reply::Error { kind, message } => {
+                        Reply::Error { kind, message: crate::error::printable(&crate::error::cut(&message, 64 * 1024), 4096) }
+                    }
                     other => other,
                 };
                 let mut routes = routes.lock().unwrap_or_else(|e| e.into_inner());

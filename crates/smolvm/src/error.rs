@@ -183,6 +183,18 @@ pub fn printable(text: &str, line_max: usize) -> String {
     out
 }
 
+/// `text` cut to at most `max` bytes, on a character boundary, with `…` where it was cut.
+pub fn cut(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end]).into()
+}
+
 #[cfg(test)]
 mod printable_tests {
     use super::printable;
@@ -192,5 +204,8 @@ mod printable_tests {
         assert_eq!(printable("a\u{1b}]0;PWNED\u{7}b\r\nok\tline", 80), "a\\u{1b}]0;PWNED\\u{7}b\nok\tline");
         assert_eq!(printable(&"A".repeat(10), 4), "AAAA…");
         assert_eq!(printable("héllo\n\nwörld", 5), "héllo\n\nwörld");
+        assert_eq!(super::cut("héllo", 2), "h…");
+        assert_eq!(super::cut("héllo", 3), "hé…");
+        assert_eq!(super::cut("héllo", 6), "héllo");
     }
 }

@@ -454,6 +454,20 @@ async fn tell_time(agent: &Arc<Conn>) -> Result<()> {
     Ok(())
 }
 
+/// `tell_time` on a task of its own, for a guest that has just run on again (a resume, the end
+/// of a save): the supervisor's control loop must not wait on a guest that reads nothing (a
+/// wedged one), and a clock a moment late is no reason to fail what came before.
+fn tell_time_soon(agent: &Arc<Conn>) {
+    let agent = agent.clone();
+    tokio::spawn(async move {
+        match tokio::time::timeout(Duration::from_secs(5), tell_time(&agent)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("setting the guest's clock: {}", e.full_message()),
+            Err(_) => tracing::warn!("setting the guest's clock: the agent took no request for 5 s"),
+        }
+    });
+}
+
 async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
     let hello = Request::Hello {
@@ -727,12 +741,20 @@ async fn supervise(id: &str) -> i32 {
             () = agent.closed() => {
                 // A guest going down closes the channel a moment before QEMU exits (or, for a
                 // halt, before its CPUs are found stopped): that is not a broken channel.
+                // QEMU on its way out closes its sockets first, then takes a while to free the
+                // guest's memory (long for a large guest): only a QEMU that still answers, with
+                // its guest running, has lost its agent.
                 match tokio::time::timeout(Duration::from_secs(1), child.wait()).await {
                     Ok(status) => {
                         tracing::warn!("VMM exited: {status:?}");
                         break Ended::Exited;
                     }
                     Err(_) if halted_for_good(&mut qmp).await => break Ended::Halted,
+                    Err(_) if bounded(qmp.execute("query-status"), "asking QEMU for the VM's state").await.is_err() => {
+                        let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+                        tracing::warn!("VMM exited: {status:?}");
+                        break Ended::Exited;
+                    }
                     Err(_) => {
                         tracing::warn!("{AGENT_LOST}");
                         break Ended::AgentLost;
@@ -801,7 +823,7 @@ async fn supervise(id: &str) -> i32 {
                                 greeted = true;
                             } else {
                                 // Its clock stood still while it was paused.
-                                tell_time(&agent).await?;
+                                tell_time_soon(&agent);
                             }
                             Ok::<_, Error>(())
                         },
@@ -870,9 +892,7 @@ async fn supervise(id: &str) -> i32 {
                         lock(&stopped).end();
                         drop(holding);
                         // Its clock stood still while the save ran.
-                        if let Err(e) = tell_time(&agent).await {
-                            tracing::warn!("setting the guest's clock after the snapshot: {}", e.full_message());
-                        }
+                        tell_time_soon(&agent);
                     }
                     if r.is_err() && (made.is_none() || inode(&dir) == made) {
                         let _ = std::fs::remove_dir_all(&dir);
