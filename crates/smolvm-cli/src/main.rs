@@ -24,7 +24,9 @@ enum Cmd {
         vm: VmArgs,
         #[command(flatten)]
         exec: ExecArgs,
-        #[arg(required = true, num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true)]
+        // (Its first word may not look like an option, so that a mistyped option is an error
+        // rather than the command; `run -- -x` runs `-x`. Later words may: `run ls -la`.)
+        #[arg(required = true, num_args = 1.., trailing_var_arg = true)]
         command: Vec<String>,
     },
     /// Long-lived sandboxes.
@@ -469,7 +471,21 @@ impl Done {
 
 /// A line on stdout, where a reader that went away (`| head`) is no reason to panic.
 fn out_line(line: impl std::fmt::Display) {
-    let _ = writeln!(std::io::stdout(), "{line}");
+    write_out(format!("{line}\n").as_bytes());
+}
+
+/// Our stdout taking what we print, or the process ends as a command's would: quietly with
+/// 141 for a reader that went away (`| head`), else with the error and 1 (`> /dev/full` said
+/// nothing and exited 0).
+fn write_out(bytes: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(bytes).and_then(|_| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        let _ = writeln!(std::io::stderr(), "error: writing the output: {e}");
+        std::process::exit(1);
+    }
 }
 
 /// A whole number as written, however large: the library's range check names the field and
@@ -1024,7 +1040,10 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
             Ok(Done::text(md, data))
         }
         Cmd::Completion { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "smolvm", &mut std::io::stdout());
+            // (Made whole first: clap_complete panics on a write that fails.)
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "smolvm", &mut script);
+            write_out(&script);
             Ok(Done { exit_code: 0, data: Value::Null, text: None, errors: Vec::new() })
         }
         Cmd::Supervise { .. } => unreachable!("handled before the runtime starts"),

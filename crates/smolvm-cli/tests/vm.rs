@@ -271,7 +271,7 @@ fn the_agent_serves_over_vsock_where_the_vmm_offers_it() {
     // Its vhost-user device cannot be saved: a snapshot is refused with the reason.
     let out = env.smolvm(&["sandbox", "snapshot", "create", "vs"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("agent is on vsock cannot be snapshotted"), "{}", stderr(&out));
+    assert!(stderr(&out).starts_with("error: host: a sandbox whose agent is on vsock cannot be snapshotted"), "{}", stderr(&out));
     assert_eq!(stdout(&env.smolvm(&["sandbox", "exec", "vs", "--", "echo still"])), "still\n");
     // Nothing of it stays: VMM, vsock device server, sockets.
     assert!(env.smolvm(&["sandbox", "delete", "--force", "vs"]).status.success());
@@ -590,6 +590,8 @@ fn bad_input_names_the_field_and_leaves_nothing() {
         (vec!["sandbox", "port", "close", "x", "70000"], "invalid value '70000' for '<GUEST>': is not a port (allowed: 1..=65535)"),
         (vec!["sandbox", "port", "close", "x", "0"], "invalid value '0' for '<GUEST>': is not a port (allowed: 1..=65535)"),
         (vec!["sandbox", "create", "--cpus", "1.5"], "invalid value '1.5' for '--cpus <CPUS>': must be a whole number"),
+        // A mistyped option is not taken for the command (it ran, and failed in the guest).
+        (vec!["run", "--nosuchflag", "true"], "unexpected argument '--nosuchflag' found"),
     ] {
         let out = env.smolvm(&args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -796,6 +798,20 @@ async fn a_root_disk_that_cannot_be_mounted_fails_the_boot_with_why() {
     }
     sb.delete().await.unwrap();
     assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
+    // An initramfs that is not one: the kernel finds no init and panics, which resets the VM as
+    // a power-off does; the console tells them apart (it was named a power-off).
+    let junk = env.tmp.path().join("junk.cpio");
+    std::fs::write(&junk, vec![b'x'; 4096]).unwrap();
+    let mut sb = Sandbox::create_in(env.dirs.clone(), VmConfig { initrd_path: Some(junk), ..Default::default() }, false).unwrap();
+    match sb.start(Duration::from_secs(30), &|_| {}).await.unwrap_err() {
+        Error::Boot { reason, console, .. } => {
+            assert_eq!(reason, "host: the guest kernel panicked during boot");
+            assert!(console.contains("Kernel panic"), "{console}");
+        }
+        other => panic!("expected a boot error, got {other}"),
+    }
+    sb.delete().await.unwrap();
+    assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
 }
 
 /// However far the boot had got (the agent's channel and QMP close with QEMU, and used to be
@@ -991,7 +1007,8 @@ fn q35_serves_where_microvm_cannot() {
     assert!(q35(&["sandbox", "create", "--name", "pc"]).status.success());
     assert_eq!(stdout(&env.smolvm(&["sandbox", "exec", "pc", "--", "echo hi"])), "hi\n");
     let out = env.smolvm(&["sandbox", "snapshot", "create", "pc"]);
-    assert!(stderr(&out).contains("on the q35 machine cannot be snapshotted"), "{}", stderr(&out));
+    // (The supervisor's refusal, not the guest's: it was reported as `guest agent: snapshot: …`.)
+    assert!(stderr(&out).starts_with("error: host: a sandbox on the q35 machine cannot be snapshotted"), "{}", stderr(&out));
     assert!(env.smolvm(&["sandbox", "delete", "--force", "pc"]).status.success());
     let out = env.cli().env("SMOLVM_MACHINE", "pc").args(["run", "true"]).output().unwrap();
     assert_eq!(
@@ -1441,4 +1458,20 @@ fn list_columns_stay_in_line_with_long_names() {
     let starts: Vec<usize> = text.lines().map(|l| l.find(" STATE").or_else(|| l.find(" created")).expect("a state column")).collect();
     assert_eq!(starts, vec![64, 64, 64], "{text}");
     assert!(env.smolvm(&["sandbox", "delete", "--all"]).status.success());
+}
+
+/// What the CLI prints goes out, or it says so: a reader that went away ends it as `cat` ends
+/// (141; `completion` panicked), a full disk is an error (it exited 0).
+#[test]
+fn output_that_cannot_be_written_ends_the_cli_as_it_should() {
+    let env = env();
+    let mut child = env.cli().args(["completion", "bash"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(141), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    let full = std::fs::File::create("/dev/full").unwrap();
+    let out = env.cli().args(["sandbox", "list"]).stdout(full).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr(&out), "error: writing the output: No space left on device (os error 28)\n");
 }

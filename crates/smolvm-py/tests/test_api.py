@@ -636,3 +636,28 @@ def test_a_handle_whose_guest_powered_itself_off_says_it_is_stopped(no_leftovers
         SmolVM().stop()
     finally:
         vm.delete()
+
+
+def test_a_with_blocks_end_finds_its_sandbox_gone_without_an_error(no_leftovers):
+    # Its guest powered itself off inside the block (the sandbox goes with it), or another
+    # process deleted it: the block's end used to raise VMNotFoundError from its delete.
+    with SmolVM(memory=256) as vm:
+        vm.run("(sleep 1; poweroff) >/dev/null 2>&1 &")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                vm.status
+            except VMNotFoundError:
+                break
+            time.sleep(0.1)
+        with pytest.raises(VMNotFoundError):
+            vm.run("true")
+    with SmolVM(vm_id="pygone", memory=256) as vm:
+        SmolVM.from_id("pygone").delete()
+    with pytest.raises(VMNotFoundError):
+        SmolVM.from_id("pygone")
+
+
+def test_a_backend_this_build_cannot_run_is_refused_by_the_config():
+    with pytest.raises(ValidationError, match="firecracker is not supported by this build yet"):
+        VMConfig(backend="firecracker")

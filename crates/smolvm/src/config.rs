@@ -342,7 +342,8 @@ impl VmConfig {
             }
         }
         if let Some(b) = &self.backend {
-            Backend::parse(b)?;
+            // (Refused here, not at the start: a backend this build cannot run is bad input.)
+            Backend::resolve(Some(b))?;
         }
         smolvm_proto::env::validate_vars(&self.env_vars)?;
         if let Some(n) = &self.network {

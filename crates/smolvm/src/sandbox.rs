@@ -1187,6 +1187,9 @@ impl Sandbox {
             Reply::Ok => Ok(()),
             Reply::Error { kind: ErrorKind::Invalid, message } => Err(Error::validation("snapshot_type", message)),
             Reply::Error { kind: ErrorKind::Failed, message } => Err(control_failure(what, &message)),
+            // What this host's set-up cannot do for this sandbox (a q35 machine, a vsock device):
+            // the supervisor's refusal, not the guest's.
+            Reply::Error { kind: ErrorKind::Unsupported, message } => Err(Error::Host(message)),
             other => Err(self.unexpected(what, other)),
         }
     }

@@ -1132,8 +1132,13 @@ async fn boot(launch: &qemu::LaunchSpec, spec: &BootSpec, greeting: &Greeting, p
         Ok::<_, Error>((qmp, agent, greeted))
     };
     let exited = |status: std::io::Result<std::process::ExitStatus>| {
-        // (The agent powers off when it cannot set the guest up: the console says why.)
+        // (The agent powers off when it cannot set the guest up: the console says why. A
+        // panicking kernel resets the VM, which QEMU reports alike: its console tells them
+        // apart.)
         if status.as_ref().is_ok_and(|s| s.success()) {
+            if console_tail(&paths.console, 30).contains("Kernel panic") {
+                return Error::Host("the guest kernel panicked during boot".into());
+            }
             return Error::Host("the guest powered off during boot".into());
         }
         let status = status.map(|s| s.to_string()).unwrap_or_default();

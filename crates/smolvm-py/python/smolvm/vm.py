@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 from . import _args, _native
 from ._errors import call
 from .config import VMConfig, _mounts
-from .exceptions import CommandBlockedError, SmolVMError, ValidationError
+from .exceptions import CommandBlockedError, SmolVMError, ValidationError, VMNotFoundError
 from .types import CommandResult, SnapshotInfo, VMInfo, VMState
 
 _SHELLS = ("login", "raw")
@@ -250,7 +250,12 @@ class SmolVM:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
             if self._owned:
-                self.delete()
+                try:
+                    self.delete()
+                except VMNotFoundError:
+                    # Gone already (its guest powered off, or someone deleted it): what the
+                    # block's end was to do is done.
+                    pass
             else:
                 self.close()
         except Exception as cleanup:
