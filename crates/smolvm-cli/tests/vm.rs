@@ -788,30 +788,29 @@ async fn a_root_disk_that_cannot_be_mounted_fails_the_boot_with_why() {
     let env = env();
     let junk = env.tmp.path().join("junk.img");
     std::fs::write(&junk, vec![0u8; 4 << 20]).unwrap();
-    let mut sb = Sandbox::create_in(env.dirs.clone(), VmConfig { rootfs_path: Some(junk), ..Default::default() }, false).unwrap();
-    match sb.start(Duration::from_secs(30), &|_| {}).await.unwrap_err() {
-        Error::Boot { reason, console, .. } => {
-            assert_eq!(reason, "host: the guest powered off during boot");
-            assert!(console.contains("smolvm-agent: init failed"), "{console}");
+    // And an initramfs that is not one: the kernel finds no init and panics, which resets the
+    // VM as a power-off does; the console tells them apart (it was named a power-off).
+    let not_cpio = env.tmp.path().join("junk.cpio");
+    std::fs::write(&not_cpio, vec![b'x'; 4096]).unwrap();
+    for (config, why, console_says) in [
+        (
+            VmConfig { rootfs_path: Some(junk), ..Default::default() },
+            "host: the guest powered off during boot",
+            "smolvm-agent: init failed",
+        ),
+        (VmConfig { initrd_path: Some(not_cpio), ..Default::default() }, "host: the guest kernel panicked during boot", "Kernel panic"),
+    ] {
+        let mut sb = Sandbox::create_in(env.dirs.clone(), config, false).unwrap();
+        match sb.start(Duration::from_secs(30), &|_| {}).await.unwrap_err() {
+            Error::Boot { reason, console, .. } => {
+                assert_eq!(reason, why);
+                assert!(console.contains(console_says), "{console}");
+            }
+            other => panic!("expected a boot error, got {other}"),
         }
-        other => panic!("expected a boot error, got {other}"),
+        sb.delete().await.unwrap();
+        assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
     }
-    sb.delete().await.unwrap();
-    assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
-    // An initramfs that is not one: the kernel finds no init and panics, which resets the VM as
-    // a power-off does; the console tells them apart (it was named a power-off).
-    let junk = env.tmp.path().join("junk.cpio");
-    std::fs::write(&junk, vec![b'x'; 4096]).unwrap();
-    let mut sb = Sandbox::create_in(env.dirs.clone(), VmConfig { initrd_path: Some(junk), ..Default::default() }, false).unwrap();
-    match sb.start(Duration::from_secs(30), &|_| {}).await.unwrap_err() {
-        Error::Boot { reason, console, .. } => {
-            assert_eq!(reason, "host: the guest kernel panicked during boot");
-            assert!(console.contains("Kernel panic"), "{console}");
-        }
-        other => panic!("expected a boot error, got {other}"),
-    }
-    sb.delete().await.unwrap();
-    assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
 }
 
 /// However far the boot had got (the agent's channel and QMP close with QEMU, and used to be

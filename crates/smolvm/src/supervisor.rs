@@ -445,11 +445,15 @@ async fn greet_restored(agent: &Arc<Conn>, g: &Greeting, qmp: &mut qemu::Qmp) ->
     }
 }
 
+/// The host's clock, as the guest's is set from it.
+fn unix_now_ns() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
+}
+
 /// Set the guest's clock to the host's. The answer is not waited for: the frame is out, and
 /// the agent reads in order, so what is sent next finds the clock set.
 async fn tell_time(agent: &Arc<Conn>) -> Result<()> {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-    let mut answer = agent.open(&Request::Clock { unix_time_ns: now }).await?;
+    let mut answer = agent.open(&Request::Clock { unix_time_ns: unix_now_ns() }).await?;
     tokio::spawn(async move { answer.recv().await });
     Ok(())
 }
@@ -469,10 +473,9 @@ fn tell_time_soon(agent: &Arc<Conn>) {
 }
 
 async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
     let hello = Request::Hello {
         version: proto::PROTOCOL_VERSION,
-        unix_time_ns: now,
+        unix_time_ns: unix_now_ns(),
         hostname: g.hostname.clone(),
         entropy: random::<32>()?.to_vec(),
         net: g.net.clone(),
