@@ -170,15 +170,27 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
     let r = sb.run("ls -A /data/in /data/in/taken", &opts()).await.unwrap();
     assert_eq!(r.stdout, "/data/in:\nbig.bin\ntaken\n\n/data/in/taken:\n", "{}", r.stderr);
     sb.set_channel(Channel::Ssh);
-    // Given up on mid-way (a dropped future), an upload's temporary name goes too.
+    // Given up on mid-way (a dropped future), an upload's temporary name goes too. The guest's
+    // sftp-server is stopped once the temporary file is there, so that the upload is caught
+    // mid-way however fast this host moves data.
     let bigger = env.tmp.path().join("bigger.bin");
     std::fs::write(&bigger, random_bytes(80 * 1024 * 1024)).unwrap();
-    let gave_up = tokio::time::timeout(Duration::from_millis(2500), sb.upload(&bigger, "/data/gone/")).await;
-    assert!(gave_up.is_err(), "80 MB went over SFTP within 2.5 s");
-    sb.set_channel(Channel::Agent);
-    // (It was there: the clean-up's own sftp takes a while to connect.)
-    let there = sb.run("ls -A /data/gone", &opts()).await.unwrap().stdout;
+    let watcher = Sandbox::open_in(env.dirs.clone(), sb.id()).await.unwrap();
+    let caught = "ls -A /data/gone 2>/dev/null | grep -q '^.smolvm-upload-' && pkill -STOP sftp-server";
+    let held = async {
+        while watcher.run(caught, &opts()).await.unwrap().exit_code != 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::select! {
+        r = sb.upload(&bigger, "/data/gone/") => panic!("the upload finished before it could be held: {r:?}"),
+        () = held => {}
+    }
+    // (It is there: the clean-up's own sftp takes a while to connect.)
+    let there = watcher.run("ls -A /data/gone", &opts()).await.unwrap().stdout;
     assert!(there.starts_with(".smolvm-upload-"), "{there:?}");
+    assert_eq!(watcher.run("pkill -CONT sftp-server", &opts()).await.unwrap().exit_code, 0);
+    sb.set_channel(Channel::Agent);
     let mut left = String::new();
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(200)).await;

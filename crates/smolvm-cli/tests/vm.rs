@@ -638,13 +638,14 @@ fn a_delete_of_several_goes_on_past_one_that_fails() {
 #[test]
 fn a_start_after_a_killed_starter_waits_for_its_boot() {
     let env = env();
-    let mut create = env.cli().args(["sandbox", "create", "--name", "killedstarter"]).env("SMOLVM_WARM", "0").spawn().unwrap();
+    // (A boot held open: the starter dies during it.)
+    let initrd = env.slow_initrd(3);
+    let mut create = env.cli().args(["sandbox", "create", "--name", "killedstarter", "--initrd"]).arg(&initrd).spawn().unwrap();
     let supervisors = || processes_mentioning("__supervise", "killedstarter");
-    assert!(wait_until(Duration::from_secs(10), || !supervisors().is_empty()), "no supervisor started");
-    // (A cold boot takes a few hundred milliseconds more: the starter dies during it.)
+    assert!(env.init_waits() && supervisors().len() == 1, "no boot under way");
     create.kill().unwrap();
     create.wait().unwrap();
-    let out = env.cli().args(["sandbox", "start", "killedstarter"]).env("SMOLVM_WARM", "0").output().unwrap();
+    let out = env.cli().args(["sandbox", "start", "killedstarter"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&env.smolvm(&["sandbox", "exec", "killedstarter", "--", "echo ok"])), "ok\n");
     assert_eq!(supervisors().len(), 1);
@@ -814,29 +815,40 @@ async fn a_root_disk_that_cannot_be_mounted_fails_the_boot_with_why() {
 }
 
 /// However far the boot had got (the agent's channel and QMP close with QEMU, and used to be
-/// named instead), a VMM killed under a boot is the error, with the console.
+/// named instead), a VMM killed under a boot is the error, with the console. The boot is held
+/// open (`slow_initrd`), so that each kill lands inside it however fast the host boots; the
+/// last kill waits for the kernel's boot to be done.
 #[tokio::test]
 async fn a_vmm_killed_during_boot_is_named_as_the_cause() {
     let env = env();
-    for delay in [0, 100, 250, 400] {
-        // (A cold boot: a warm start that fails boots again cold.)
-        let config = VmConfig { boot_args: Some("smolvm_test=1".into()), ..Default::default() };
+    let initrd = env.slow_initrd(8);
+    for delay in [Some(0), Some(100), Some(250), None] {
+        let config = VmConfig { initrd_path: Some(initrd.clone()), ..Default::default() };
         let mut sb = Sandbox::create_in(env.dirs.clone(), config, false).unwrap();
         let data = env.dirs.data.to_string_lossy().into_owned();
+        let console = sb.paths().console.clone();
         let killer = std::thread::spawn(move || {
             let mut vmm = Vec::new();
             assert!(wait_until(Duration::from_secs(20), || {
                 vmm = processes_mentioning("qemu-system", &data);
                 !vmm.is_empty()
             }));
-            std::thread::sleep(Duration::from_millis(delay));
+            match delay {
+                Some(ms) => std::thread::sleep(Duration::from_millis(ms)),
+                None => assert!(wait_until(Duration::from_secs(20), || {
+                    std::fs::read_to_string(&console).is_ok_and(|c| c.contains(INIT_WAITS))
+                })),
+            }
             let _ = std::process::Command::new("kill").args(["-9", &vmm[0].to_string()]).status();
         });
         let err = sb.start(Duration::from_secs(30), &|_| {}).await.unwrap_err();
         killer.join().unwrap();
         match &err {
-            Error::Boot { reason, .. } => {
-                assert!(reason.starts_with("host: the VMM exited during boot (signal: 9 (SIGKILL))"), "{reason}")
+            Error::Boot { reason, console, .. } => {
+                assert!(reason.starts_with("host: the VMM exited during boot (signal: 9 (SIGKILL))"), "{reason}");
+                if delay.is_none() {
+                    assert!(console.contains(INIT_WAITS), "{console}");
+                }
             }
             other => panic!("expected a boot error, got {other}"),
         }
@@ -1147,16 +1159,17 @@ async fn a_start_during_a_stop_waits_for_it_and_starts_again() {
 #[test]
 fn a_stop_during_another_processs_start_stops_what_it_starts() {
     let env = env();
-    // Cold boots: long enough to be caught half way.
-    let smolvm = |args: &[&str]| env.cli().env("SMOLVM_WARM", "0").args(args).output().unwrap();
+    let smolvm = |args: &[&str]| env.cli().args(args).output().unwrap();
     let state = || {
         let v: serde_json::Value = serde_json::from_slice(&smolvm(&["sandbox", "info", "racer", "--json"]).stdout).unwrap_or_default();
         v["data"]["state"].as_str().unwrap_or_default().to_string()
     };
-    let out = smolvm(&["sandbox", "create", "--name", "racer", "--no-start"]);
+    // A boot held open: caught half way however fast this host boots.
+    let initrd = env.slow_initrd(3);
+    let out = smolvm(&["sandbox", "create", "--name", "racer", "--no-start", "--initrd", &initrd.to_string_lossy()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let mut start = env.cli().env("SMOLVM_WARM", "0").args(["sandbox", "start", "racer"]).spawn().unwrap();
-    assert!(wait_until(Duration::from_secs(30), || !env.qemu_processes().is_empty()), "the start never spawned QEMU");
+    let mut start = env.cli().args(["sandbox", "start", "racer"]).spawn().unwrap();
+    assert!(env.init_waits(), "the start never got its kernel booted");
     assert_ne!(state(), "running", "the boot was done before the stop could be issued");
     let out = smolvm(&["sandbox", "stop", "racer"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -1330,21 +1343,26 @@ fn unparsable_arguments_answer_in_json_when_asked() {
 #[test]
 fn an_interrupted_create_or_start_leaves_nothing_running() {
     let env = env();
-    // Interrupts `args` `times` times (20 ms apart) once its VM's QEMU runs (the boot is under
-    // way): its output and status.
-    let interrupt_n = |args: &[&str], times: usize| {
-        let child = env.cli().args(args).env("SMOLVM_WARM", "0").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        assert!(wait_until(Duration::from_secs(120), || !env.qemu_processes().is_empty()), "{args:?}: no VM started");
+    // Boots held open, so that an interrupt lands in one however fast this host boots.
+    let initrd = env.slow_initrd(8);
+    let initrd = initrd.to_str().unwrap();
+    // Interrupts `args` once its VM's kernel has booted (the boot is under way), and `again`,
+    // again every 5 ms until it ends (the first is being handled by then): its output and
+    // status.
+    let interrupt_n = |args: &[&str], again: bool| {
+        let mut child = env.cli().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        assert!(env.init_waits(), "{args:?}: no boot under way");
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-        for _ in 1..times {
-            std::thread::sleep(Duration::from_millis(20));
+        // (Unreaped, an ended child keeps its pid: no other process gets these signals.)
+        while again && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(5));
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
         }
         child.wait_with_output().unwrap()
     };
-    let interrupt = |args: &[&str]| interrupt_n(args, 1);
-    let out = interrupt(&["sandbox", "create", "--name", "intr", "--json"]);
+    let interrupt = |args: &[&str]| interrupt_n(args, false);
+    let out = interrupt(&["sandbox", "create", "--name", "intr", "--json", "--initrd", initrd]);
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((&v["ok"], &v["exit_code"], &v["error"]["code"]), (&json!(false), &json!(130), &json!("interrupted")), "{v}");
@@ -1353,7 +1371,7 @@ fn an_interrupted_create_or_start_leaves_nothing_running() {
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&list.stdout).unwrap()["data"], json!([]));
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
 
-    assert!(env.smolvm(&["sandbox", "create", "--name", "intr", "--no-start"]).status.success());
+    assert!(env.smolvm(&["sandbox", "create", "--name", "intr", "--no-start", "--initrd", initrd]).status.success());
     let out = interrupt(&["sandbox", "start", "intr"]);
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     assert!(stderr(&out).contains("interrupted: the sandbox 'intr' was not started"), "{}", stderr(&out));
@@ -1363,7 +1381,7 @@ fn an_interrupted_create_or_start_leaves_nothing_running() {
     assert!(env.smolvm(&["sandbox", "delete", "intr"]).status.success());
 
     // Twice: the command ends at once, and says what it leaves (it used to exit silently).
-    let out = interrupt_n(&["sandbox", "create", "--name", "twice", "--json"], 2);
+    let out = interrupt_n(&["sandbox", "create", "--name", "twice", "--json", "--initrd", initrd], true);
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let said = v["error"]["message"].as_str().unwrap_or_default().to_string();

@@ -12,6 +12,9 @@ pub struct TestEnv {
     pub dirs: Dirs,
 }
 
+/// What a [`TestEnv::slow_initrd`]'s `/init` says on the console before it waits.
+pub const INIT_WAITS: &str = "smolvm-test: init waits";
+
 pub fn shared_images() -> PathBuf {
     std::env::var_os("SMOLVM_IMAGE_DIR").map(PathBuf::from).unwrap_or_else(|| {
         let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into());
@@ -41,6 +44,30 @@ impl TestEnv {
         let built = Command::new("musl-gcc").args(["-static", "-O1", "-o"]).arg(&bin).arg(&src).status().unwrap();
         assert!(built.success(), "musl-gcc (musl-tools) could not build {name}");
         bin
+    }
+
+    /// Our initramfs with an `/init` that says [`INIT_WAITS`] and waits `secs` before it hands
+    /// over to the agent (appended: a later archive's file replaces an earlier one's): a boot
+    /// held open, for tests that act during one however fast this host boots.
+    pub fn slow_initrd(&self, secs: u32) -> PathBuf {
+        let ours = smolvm::image::resolve(&VmConfig::default(), &self.dirs, &|_| {}).unwrap().initrd.unwrap();
+        let mut wrapper = smolvm::cpio::Cpio::default();
+        let init = format!("#!/bin/sh\necho {INIT_WAITS}\nsleep {secs}\nexec /smolvm-agent\n");
+        wrapper.file("init", 0o755, init.as_bytes());
+        wrapper.file("smolvm-agent", 0o755, &std::fs::read(smolvm::image::agent_binary().unwrap()).unwrap());
+        let initrd = self.tmp.path().join(format!("slow-{secs}.cpio"));
+        std::fs::write(&initrd, [std::fs::read(ours).unwrap(), wrapper.finish()].concat()).unwrap();
+        initrd
+    }
+
+    /// Whether some sandbox of this test booting a [`TestEnv::slow_initrd`] has got as far as
+    /// its waiting `/init` (its kernel's boot done) within 60 s.
+    pub fn init_waits(&self) -> bool {
+        wait_until(Duration::from_secs(60), || {
+            std::fs::read_dir(self.dirs.data.join("vms")).into_iter().flatten().flatten().any(|vm| {
+                std::fs::read_to_string(vm.path().join("console.log")).is_ok_and(|c| c.contains(INIT_WAITS))
+            })
+        })
     }
 
     pub fn cli(&self) -> Command {
