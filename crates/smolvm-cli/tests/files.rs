@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use nix::sys::signal::Signal;
 use smolvm::{RunOptions, VmConfig};
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
@@ -149,7 +150,11 @@ fn cli_file_upload_and_download() {
             env.cli().args(["sandbox", "file", "download", "files", src]).arg(&into).stderr(std::process::Stdio::piped()).spawn().unwrap();
         let begun = wait_until(Duration::from_secs(30), || std::fs::read_dir(&into).is_ok_and(|mut d| d.next().is_some()));
         assert!(begun, "{src}: the download never began");
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(download.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+        // (The guest held still meanwhile: the download cannot end before the interrupt.)
+        env.signal_vmm(Signal::SIGSTOP);
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(download.id() as i32), Signal::SIGINT).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        env.signal_vmm(Signal::SIGCONT);
         let out = download.wait_with_output().unwrap();
         assert_eq!(
             (out.status.code(), stderr(&out).trim()),
@@ -189,7 +194,6 @@ async fn a_directory_larger_than_free_memory_downloads() {
 #[tokio::test]
 async fn an_abandoned_download_leaves_nothing() {
     let env = env();
-    // Big enough that no host takes either in 150 ms (this one moves about 200 MB/s).
     let sb = env.boot(VmConfig { memory: 1024, ..Default::default() }).await;
     let r = sb
         .run("head -c 150000000 /dev/zero > /tmp/big && mkdir -p /tmp/tree && for i in $(seq 150); do head -c 1000000 /dev/zero > /tmp/tree/f$i; done", &opts())
@@ -199,11 +203,23 @@ async fn an_abandoned_download_leaves_nothing() {
     let local = env.tmp.path().join("local");
     std::fs::create_dir_all(&local).unwrap();
     for guest in ["/tmp/big", "/tmp/tree"] {
-        let gave_up = tokio::time::timeout(Duration::from_millis(150), sb.download(guest, &local.join("x"))).await;
-        assert!(gave_up.is_err(), "{guest} finished within 150 ms: make it bigger");
+        // Given up once under way (something of it on the host), the guest held still from
+        // then on, so that it cannot have ended first however fast this host is.
+        let under_way = async {
+            while std::fs::read_dir(&local).unwrap().next().is_none() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            env.signal_vmm(Signal::SIGSTOP);
+        };
+        let into = local.join("x");
+        tokio::select! {
+            r = sb.download(guest, &into) => panic!("{guest}: the download ended before it was given up: {r:?}"),
+            () = under_way => {}
+        }
         // (An extraction still running on its thread notices within an entry.)
         tokio::time::sleep(Duration::from_millis(500)).await;
         let left: Vec<_> = std::fs::read_dir(&local).unwrap().map(|e| e.unwrap().file_name()).collect();
+        env.signal_vmm(Signal::SIGCONT);
         assert!(left.is_empty(), "{guest} left {left:?}");
     }
     // The sandbox serves the next one whole.

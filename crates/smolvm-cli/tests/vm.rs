@@ -351,15 +351,20 @@ async fn the_agent_does_pid_1s_duties_and_a_poweroff_or_halt_inside_stops_the_sa
         let e = e.to_string();
         assert!(e.contains("stopped its CPUs for good") || e.contains("is stopped"), "{e}");
     };
+    // (Once the kernel has said so on the console, however long the guest took to get there.)
+    let halt_in_background = async |sb: &Sandbox| {
+        let halts = || std::fs::read_to_string(&sb.paths().console).unwrap_or_default().matches("reboot: System halted").count();
+        let before = halts();
+        sb.run("(sleep 1; halt -f) >/dev/null 2>&1 &", &opts(10)).await.unwrap();
+        assert!(wait_until(Duration::from_secs(30), || halts() > before), "the guest never halted");
+    };
     sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
-    sb.run("(sleep 1; halt -f) >/dev/null 2>&1 &", &opts(10)).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    halt_in_background(&sb).await;
     refused(sb.snapshot(Some("halted"), "full").await.unwrap_err());
     assert_eq!(sb.state().unwrap(), State::Stopped);
     assert!(smolvm::sandbox::list_snapshots(&env.dirs).unwrap().is_empty());
     sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
-    sb.run("(sleep 1; halt -f) >/dev/null 2>&1 &", &opts(10)).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    halt_in_background(&sb).await;
     refused(sb.pause().await.unwrap_err());
     assert_eq!(sb.state().unwrap(), State::Stopped);
     sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
@@ -752,7 +757,15 @@ async fn a_killed_supervisor_shows_as_error_and_prune_removes_it() {
             let sb = sb.clone();
             tokio::spawn(async move { sb.run("sleep 30", &opts(60)).await })
         };
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut in_flight = false;
+        for _ in 0..200 {
+            in_flight = sb.run("pgrep -x sleep", &opts(10)).await.unwrap().exit_code == 0;
+            if in_flight {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(in_flight, "the command never ran");
         let sup = sb.record().unwrap().supervisor.unwrap();
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup.pid), nix::sys::signal::Signal::SIGKILL).unwrap();
         let err = running.await.unwrap().unwrap_err();

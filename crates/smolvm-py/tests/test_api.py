@@ -299,7 +299,12 @@ def test_ctrl_c_during_run_is_prompt_and_leaves_no_vmm(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(1)
+        # Interrupted once its command runs in the guest.
+        other = SmolVM.from_id("pyctrlc")
+        deadline = time.monotonic() + 30
+        while other.run("pgrep -x sleep || true").stdout.strip() == "":
+            assert time.monotonic() < deadline, "the command never ran"
+            time.sleep(0.05)
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=30)

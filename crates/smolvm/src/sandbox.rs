@@ -2378,20 +2378,25 @@ mod tests {
         assert!(paths.lock.exists());
         // A start waiting on a lock whose file its holder then removes locks the file that is
         // there now, not the removed one.
+        let (locked, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
         let waiter = {
-            let paths = paths.clone();
+            let (paths, locked, release) = (paths.clone(), locked.0, release.1);
             std::thread::spawn(move || {
                 let l = paths.start_lock(true).unwrap().unwrap();
-                std::thread::sleep(std::time::Duration::from_millis(300));
+                locked.send(()).unwrap();
+                let _ = release.recv();
                 drop(l);
             })
         };
+        // (Time for the waiter to block on the lock; one that came later would find no file
+        // and make it, which this test would not tell apart.)
         std::thread::sleep(std::time::Duration::from_millis(200));
         std::fs::remove_file(&paths.lock).unwrap();
         drop(lock);
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        locked.1.recv_timeout(std::time::Duration::from_secs(30)).expect("the waiter never got the lock");
         assert!(paths.lock.exists(), "the waiter made the file again");
         assert!(paths.start_lock(false).unwrap().is_none(), "and holds the lock on it");
+        release.0.send(()).unwrap();
         waiter.join().unwrap();
     }
 

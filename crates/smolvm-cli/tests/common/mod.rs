@@ -64,9 +64,11 @@ impl TestEnv {
     /// its waiting `/init` (its kernel's boot done) within 60 s.
     pub fn init_waits(&self) -> bool {
         wait_until(Duration::from_secs(60), || {
-            std::fs::read_dir(self.dirs.data.join("vms")).into_iter().flatten().flatten().any(|vm| {
-                std::fs::read_to_string(vm.path().join("console.log")).is_ok_and(|c| c.contains(INIT_WAITS))
-            })
+            std::fs::read_dir(self.dirs.data.join("vms"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|vm| std::fs::read_to_string(vm.path().join("console.log")).is_ok_and(|c| c.contains(INIT_WAITS)))
         })
     }
 
@@ -94,6 +96,14 @@ impl TestEnv {
     /// QEMU processes of this test's sandboxes (their command lines name our data directory).
     pub fn qemu_processes(&self) -> Vec<i32> {
         processes_mentioning("qemu-system", &self.dirs.data.to_string_lossy())
+    }
+
+    /// Stops (SIGSTOP) or continues (SIGCONT) this test's one VM's QEMU: a guest held still
+    /// from outside, so that a transfer can be caught mid-way however fast this host is.
+    pub fn signal_vmm(&self, signal: nix::sys::signal::Signal) {
+        let vmm = self.qemu_processes();
+        assert_eq!(vmm.len(), 1, "one VM");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(vmm[0]), signal).unwrap();
     }
 
     /// Entries left under the per-sandbox directory.
