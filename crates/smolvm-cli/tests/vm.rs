@@ -1015,13 +1015,22 @@ fn a_kernel_build_that_fails_falls_back_to_debians_and_is_not_retried() {
 fn q35_serves_where_microvm_cannot() {
     let env = env();
     let q35 = |args: &[&str]| env.cli().env("SMOLVM_MACHINE", "q35").args(args).output().unwrap();
-    // The devices are on PCI, bound to virtio-pci: the agent's port, the NIC.
-    let out = q35(&["run", "--shell", "raw", "echo out; echo err >&2; ls /sys/bus/pci/drivers/virtio-pci | grep -c '^0000:'; exit 3"]);
+    // The devices are on PCI, bound to virtio-pci: the agent's port, the NIC. The guest has
+    // every CPU it was given (it had one).
+    let out = q35(&[
+        "run",
+        "--cpus",
+        "3",
+        "--shell",
+        "raw",
+        "echo out; echo err >&2; ls /sys/bus/pci/drivers/virtio-pci | grep -c '^0000:'; nproc; exit 3",
+    ]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert_eq!(stderr(&out), "err\n");
     let lines: Vec<String> = stdout(&out).lines().map(String::from).collect();
     assert_eq!(lines[0], "out");
     assert!(lines[1].parse::<u32>().unwrap() >= 2, "{lines:?}");
+    assert_eq!(lines[2], "3");
     // Debian's kernel too: its virtio-pci driver is a module the initramfs carries.
     let out =
         env.cli().env("SMOLVM_MACHINE", "q35").env("SMOLVM_KERNEL", "debian").args(["run", "ls /sys/class/virtio-ports"]).output().unwrap();
@@ -1033,6 +1042,12 @@ fn q35_serves_where_microvm_cannot() {
     let out = env.smolvm(&["sandbox", "snapshot", "create", "pc"]);
     // (The supervisor's refusal, not the guest's: it was reported as `guest agent: snapshot: …`.)
     assert!(stderr(&out).starts_with("error: host: a sandbox on the q35 machine cannot be snapshotted"), "{}", stderr(&out));
+    // `poweroff -f` there is a halt too (our kernel has no ACPI): the sandbox is found stopped
+    // (it stayed running, and every command waited out its bound).
+    let out = env.smolvm(&["sandbox", "exec", "pc", "--timeout", "120", "--", "poweroff -f"]);
+    assert_eq!(stderr(&out), "error: guest agent: the sandbox stopped while the command ran\n");
+    let info = env.smolvm(&["sandbox", "info", "pc", "--json"]);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&info.stdout).unwrap()["data"]["state"], "stopped");
     assert!(env.smolvm(&["sandbox", "delete", "--force", "pc"]).status.success());
     let out = env.cli().env("SMOLVM_MACHINE", "pc").args(["run", "true"]).output().unwrap();
     assert_eq!(

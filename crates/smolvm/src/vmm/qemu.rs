@@ -67,14 +67,17 @@ impl SharedDir {
 }
 
 /// `info registers -a` (x86): true if it shows CPUs and each is halted (`HLT=1`) with its
-/// interrupt flag (bit 9 of `RFL`) clear.
+/// interrupt flag (bit 9 of the flags) clear. A CPU outside 64-bit mode shows its flags as
+/// `EFL`: one the guest never brought up (q35's firmware parks the CPUs our kernel is not told
+/// of in 32-bit mode), which stays halted, as it would after `halt -f`.
 fn stopped_for_good(info: &str) -> bool {
     let cpus: Vec<(Option<u64>, bool)> = info
         .lines()
         .filter(|l| l.contains("HLT="))
         .map(|l| {
             let field = |name: &str| l.split_whitespace().find_map(|w| w.strip_prefix(name));
-            (field("RFL=").and_then(|f| u64::from_str_radix(f, 16).ok()), field("HLT=") == Some("1"))
+            let flags = field("RFL=").or_else(|| field("EFL="));
+            (flags.and_then(|f| u64::from_str_radix(f, 16).ok()), field("HLT=") == Some("1"))
         })
         .collect();
     !cpus.is_empty() && cpus.iter().all(|(flags, halted)| *halted && flags.is_some_and(|f| f & 0x200 == 0))
@@ -309,7 +312,13 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
         Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "qemu64,+arat,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16"]),
     }
     let mem = spec.memory_mib.to_string();
-    let smp = spec.vcpus.to_string();
+    // On q35 the CPUs are one per socket: the firmware's MP table, all that our kernel (without
+    // ACPI) learns its CPUs from, lists a socket's first CPU alone, and QEMU's default puts
+    // them all in one socket, so the guest saw one CPU however many it was given.
+    let smp = match spec.machine {
+        Machine::Q35 => format!("{0},sockets={0},cores=1,threads=1", spec.vcpus),
+        Machine::Microvm => spec.vcpus.to_string(),
+    };
     push(&["-m", &mem, "-smp", &smp, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
     push(&["-kernel", &spec.image.kernel.to_string_lossy()]);
     if let Some(initrd) = &spec.image.initrd {
@@ -696,6 +705,13 @@ mod tests {
         // One CPU still runs.
         assert!(!stopped_for_good(&both(cpu("00000046", 1), cpu("00000046", 0))));
         assert!(!stopped_for_good(&both(cpu("00000046", 1), cpu("00000246", 1))));
+        // q35: the guest halted, and a CPU it never brought up parked by the firmware in
+        // 32-bit mode (halted, interrupts off) or waiting in it with interrupts on.
+        let parked =
+            |efl: &str| format!("CPU#1\nEAX=00000000 EBX=00000000\nEIP=000f7a1c EFL={efl} [-------] CPL=0 II=0 A20=1 SMM=0 HLT=1\n");
+        assert!(stopped_for_good(&both(cpu("00000046", 1), parked("00000002"))));
+        assert!(!stopped_for_good(&both(cpu("00000046", 1), parked("00000202"))));
+        assert!(!stopped_for_good(&both(cpu("00000246", 1), parked("00000002"))));
         // Nothing recognisable: not stopped.
         assert!(!stopped_for_good(""));
         assert!(!stopped_for_good("CPU#0\nRIP=0 RFL=zz HLT=1\n"));
