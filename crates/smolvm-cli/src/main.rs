@@ -369,6 +369,13 @@ enum SnapshotCmd {
         /// Let the sandbox write to its mounts.
         #[arg(long, conflicts_with = "no_mounts")]
         writable_mounts: bool,
+        /// [HOST:]GUEST; repeatable: replaces the snapshot's port forwards (whose fixed host
+        /// ports a running source sandbox holds).
+        #[arg(short = 'p', long = "publish", conflicts_with = "no_publish")]
+        publish: Vec<String>,
+        /// Restore without the snapshot's port forwards.
+        #[arg(long)]
+        no_publish: bool,
         #[arg(long)]
         json: bool,
     },
@@ -1331,9 +1338,10 @@ async fn snapshot_cmd(cmd: SnapshotCmd, dirs: Dirs) -> Result<Done, Error> {
             };
             Ok(Done::text(info.snapshot_id.clone(), serde_json::to_value(&info).unwrap_or_default()))
         }
-        SnapshotCmd::Restore { snapshot_id, name, no_resume, env, mounts, no_mounts, writable_mounts, .. } => {
+        SnapshotCmd::Restore { snapshot_id, name, no_resume, env, mounts, no_mounts, writable_mounts, publish, no_publish, .. } => {
             let env_vars = if env.is_empty() { None } else { Some(env_flags(&env)?) };
             let replaced = no_mounts || !mounts.is_empty();
+            let ports = no_publish || !publish.is_empty();
             let opts = sandbox::RestoreOptions {
                 name,
                 env_vars,
@@ -1341,6 +1349,7 @@ async fn snapshot_cmd(cmd: SnapshotCmd, dirs: Dirs) -> Result<Done, Error> {
                 mounts: if replaced { Some(host_mounts(&mounts)?) } else { None },
                 // New mounts are read-only unless asked; the snapshot's keep their setting.
                 writable_mounts: if writable_mounts || replaced { Some(writable_mounts) } else { None },
+                port_forwards: if ports { Some(publish.iter().map(|p| parse_publish(p)).collect::<Result<_, _>>()?) } else { None },
                 ..Default::default()
             };
             let sb = Sandbox::from_snapshot_in(dirs, &snapshot_id, opts).await?;

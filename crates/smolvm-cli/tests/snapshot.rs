@@ -667,3 +667,51 @@ fn a_restored_guest_that_does_not_answer_stays_paused_until_it_does() {
     assert!(env.qemu_processes().is_empty());
     assert!(env.leftover_files().is_empty());
 }
+
+/// A restore can take other port forwards than its snapshot's (`-p`, `--no-publish`): a fixed
+/// host port that the running source holds is otherwise taken, and the restore fails. A full
+/// snapshot's server, restored running, answers on the new port.
+#[test]
+fn a_restore_takes_new_port_forwards_beside_its_running_source() {
+    let env = env();
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (port, other) = (free(), free());
+    let ok = |args: &[&str]| {
+        let out = env.smolvm(args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    let ports =
+        |name: &str| serde_json::from_str::<serde_json::Value>(&ok(&["sandbox", "port", "list", name, "--json"])).unwrap()["data"].clone();
+    ok(&["sandbox", "create", "--name", "web", "-p", &format!("{port}:8000")]);
+    ok(&["sandbox", "exec", "web", "--", "mkdir -p /srv && echo from-web > /srv/index.html && (httpd -p 8000 -h /srv &)"]);
+    ok(&["sandbox", "snapshot", "create", "web", "--snapshot-id", "webs"]);
+    let out = env.smolvm(&["sandbox", "snapshot", "restore", "webs", "--name", "clash"]);
+    assert_eq!(
+        stderr(&out).lines().last().unwrap_or_default(),
+        format!("error: invalid port_forwards: cannot listen on 127.0.0.1:{port}: Address already in use (os error 98)")
+    );
+    ok(&["sandbox", "snapshot", "restore", "webs", "--name", "moved", "-p", &format!("{other}:8000")]);
+    assert_eq!(ports("moved"), serde_json::json!([{ "guest": 8000, "host": other }]));
+    let fetch = |port: u16| {
+        use std::io::{Read, Write};
+        let mut body = String::new();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+        s.read_to_string(&mut body).ok()?;
+        Some(body)
+    };
+    assert!(wait_until(Duration::from_secs(20), || fetch(other).is_some_and(|b| b.ends_with("from-web\n"))), "{:?}", fetch(other));
+    ok(&["sandbox", "snapshot", "restore", "webs", "--name", "bare", "--no-publish"]);
+    assert_eq!(ports("bare"), serde_json::json!([]));
+    let out = env.smolvm(&["sandbox", "snapshot", "restore", "webs", "--no-publish", "-p", "8000"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = env.smolvm(&["sandbox", "snapshot", "restore", "webs", "--name", "badport", "-p", "0"]);
+    assert!(stderr(&out).contains("invalid publish: \"0\" is not [HOST:]GUEST"), "{}", stderr(&out));
+    for name in ["web", "moved", "bare"] {
+        ok(&["sandbox", "delete", "--force", name]);
+    }
+    ok(&["sandbox", "snapshot", "delete", "webs"]);
+    assert!(env.qemu_processes().is_empty());
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+}

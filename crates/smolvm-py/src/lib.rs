@@ -246,7 +246,7 @@ impl Vm {
 
     /// Start a new sandbox from a snapshot.
     #[staticmethod]
-    #[pyo3(signature = (snapshot_id, name=None, env_vars=None, resume=true, boot_timeout=30.0, mounts=None, writable_mounts=None))]
+    #[pyo3(signature = (snapshot_id, name=None, env_vars=None, resume=true, boot_timeout=30.0, mounts=None, writable_mounts=None, port_forwards=None))]
     #[allow(clippy::too_many_arguments)]
     fn from_snapshot(
         py: Python<'_>,
@@ -257,10 +257,12 @@ impl Vm {
         boot_timeout: f64,
         mounts: Option<Vec<(std::path::PathBuf, Option<String>)>>,
         writable_mounts: Option<bool>,
+        port_forwards: Option<Vec<(u16, Option<u16>)>>,
     ) -> PyResult<Vm> {
         let boot_timeout = smolvm::config::seconds(boot_timeout, "boot_timeout").map_err(to_py)?;
         let mounts = mounts.map(|m| m.into_iter().map(|(host, guest)| smolvm::config::Mount { host, guest }).collect());
-        let opts = smolvm::sandbox::RestoreOptions { name, env_vars, resume, boot_timeout, mounts, writable_mounts };
+        let port_forwards = port_forwards.map(|p| p.into_iter().map(|(guest, host)| smolvm::config::PortForward { guest, host }).collect());
+        let opts = smolvm::sandbox::RestoreOptions { name, env_vars, resume, boot_timeout, mounts, writable_mounts, port_forwards };
         block(py, async move { Sandbox::from_snapshot_in(Dirs::from_env(), &snapshot_id, opts).await }).map(Vm::wrap)
     }
 

@@ -3,6 +3,7 @@
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -488,6 +489,17 @@ def test_pause_resume_snapshot_and_from_snapshot(no_leftovers, tmp_path):
         for bad in (5, [("/a", 5)], [(5, "/b")], ":/b"):
             with pytest.raises(ValidationError, match=r"^invalid mounts: "):
                 SmolVM.from_snapshot("pysnap", mounts=bad)
+        # Port forwards replace the snapshot's (a list, as VMConfig takes them).
+        with pytest.raises(ValidationError, match=r"^invalid port_forwards: expected a list, got int"):
+            SmolVM.from_snapshot("pysnap", port_forwards=8000)
+        free = socket.socket()
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+        free.close()
+        with SmolVM.from_snapshot("pysnap", port_forwards=[(port, 8000)]):
+            with pytest.raises(OSError):
+                socket.create_server(("127.0.0.1", port)).close()
+        socket.create_server(("127.0.0.1", port)).close()
         paused = SmolVM.from_snapshot("pysnap", resume_vm=False)
         assert paused.status == VMState.PAUSED
         paused.resume()

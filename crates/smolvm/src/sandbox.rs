@@ -307,11 +307,23 @@ pub struct RestoreOptions {
     /// Whether the mounts are writable. None: read-only for new mounts, the snapshot's setting
     /// for its own.
     pub writable_mounts: Option<bool>,
+    /// Port forwards in place of the snapshot's; None keeps them. A fixed host port of the
+    /// snapshot is taken while its source sandbox runs: a restore beside it needs others. (The
+    /// guest sees only its own ports, so a full snapshot takes new ones as well as a disk one.)
+    pub port_forwards: Option<Vec<crate::config::PortForward>>,
 }
 
 impl Default for RestoreOptions {
     fn default() -> Self {
-        RestoreOptions { name: None, env_vars: None, resume: true, boot_timeout: DEFAULT_BOOT_TIMEOUT, mounts: None, writable_mounts: None }
+        RestoreOptions {
+            name: None,
+            env_vars: None,
+            resume: true,
+            boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            mounts: None,
+            writable_mounts: None,
+            port_forwards: None,
+        }
     }
 }
 
@@ -1295,6 +1307,9 @@ impl Sandbox {
         }
         if let Some(env) = &opts.env_vars {
             config.env_vars = env.clone();
+        }
+        if let Some(ports) = &opts.port_forwards {
+            config.port_forwards = ports.clone();
         }
         // Saved with the VM, the devices cannot change; 9p devices cannot be saved at all.
         if snap.kind == "full" && (opts.mounts.as_ref().is_some_and(|m| !m.is_empty()) || opts.writable_mounts == Some(true)) {

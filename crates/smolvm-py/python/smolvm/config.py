@@ -92,6 +92,13 @@ def _port_forward(p: Any) -> dict:
                           {"field": "port_forwards"})
 
 
+def _port_forwards(value: Any) -> list:
+    """A list of what ``_port_forward`` takes."""
+    if not isinstance(value, (list, tuple)):
+        raise ValidationError(f"invalid port_forwards: expected a list, got {type(value).__name__}", {"field": "port_forwards"})
+    return [_port_forward(p) for p in value]
+
+
 @dataclass(frozen=True)
 class VMConfig:
     vm_id: Optional[str] = None
@@ -138,10 +145,7 @@ class VMConfig:
     def _to_json(self) -> str:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["internet_settings"] = _internet(self.internet_settings)
-        if self.port_forwards is not None and not isinstance(self.port_forwards, (list, tuple)):
-            raise ValidationError(f"invalid port_forwards: expected a list, got {type(self.port_forwards).__name__}",
-                                  {"field": "port_forwards"})
-        d["port_forwards"] = [_port_forward(p) for p in (self.port_forwards or [])]
+        d["port_forwards"] = _port_forwards(self.port_forwards or [])
         d["workspace_mounts"] = self.workspace_mounts or []
         d["writable_mounts"] = bool(self.writable_mounts)
         return json.dumps(d)

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import _args, _native
 from ._errors import call
-from .config import VMConfig, _mounts
+from .config import VMConfig, _mounts, _port_forwards
 from .exceptions import CommandBlockedError, SmolVMError, ValidationError, VMNotFoundError
 from .types import CommandResult, SnapshotInfo, VMInfo, VMState
 
@@ -202,13 +202,15 @@ class SmolVM:
         boot_timeout: float = 30,
         mounts: Any = None,
         writable_mounts: Optional[bool] = None,
+        port_forwards: Optional[list] = None,
     ) -> "SmolVM":
         """Start a new sandbox from a snapshot; it is this object's to delete.
 
         ``mounts`` (as ``SmolVM(mounts=...)`` takes them; ``[]`` for none) replace the
         snapshot's: a 'disk' snapshot's host directories may be gone since. ``None`` keeps them.
         New mounts are read-only unless ``writable_mounts=True``; the snapshot's own keep their
-        setting unless it is given."""
+        setting unless it is given. ``port_forwards`` (as ``VMConfig`` takes them; ``[]`` for
+        none) replace the snapshot's, whose fixed host ports its running source still holds."""
         if backend not in (None, "qemu", "auto"):
             raise ValidationError(f"invalid backend: {backend!r} cannot restore this snapshot (allowed: 'qemu', 'auto')", {"field": "backend"})
         resume = _args.flag(resume, "resume") if resume_vm is None else _args.flag(resume_vm, "resume_vm")
@@ -220,7 +222,8 @@ class SmolVM:
         if writable_mounts is not None:
             _args.flag(writable_mounts, "writable_mounts")
         hosts = None if mounts is None else [(m["host"], m["guest"]) for m in _mounts(mounts)]
-        vm._native = call(_native.Vm.from_snapshot, snapshot_id, vm_id, env, resume, boot_timeout, hosts, writable_mounts)
+        ports = None if port_forwards is None else [(p["guest"], p["host"]) for p in _port_forwards(port_forwards)]
+        vm._native = call(_native.Vm.from_snapshot, snapshot_id, vm_id, env, resume, boot_timeout, hosts, writable_mounts, ports)
         vm._config = VMConfig(vm_id=vm._native.id)
         vm._owned = True
         vm._tied = False
