@@ -427,7 +427,9 @@ fn doctor_reports_each_check_and_fails_on_an_invalid_setting() {
     let (code, v) = doctor(&[]);
     let checks = v["data"].as_array().unwrap();
     let check = |name: &str| checks.iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no {name} check: {v}")).clone();
-    for name in ["accelerator", "qemu", "kernel", "busybox", "agent", "machine", "agent-transport", "tun", "nftables", "data_dir"] {
+    for name in
+        ["accelerator", "backend", "qemu", "kernel", "busybox", "agent", "machine", "agent-transport", "tun", "nftables", "data_dir"]
+    {
         let c = check(name);
         assert!(["ok", "warn"].contains(&c["status"].as_str().unwrap()), "{c}");
         assert!(!c["detail"].as_str().unwrap().is_empty(), "{c}");
@@ -443,9 +445,31 @@ fn doctor_reports_each_check_and_fails_on_an_invalid_setting() {
     assert_eq!(accel["detail"], "TCG software emulation: SMOLVM_ACCEL=tcg", "{accel}");
     assert!(accel["fix"].as_str().unwrap().contains("unset SMOLVM_ACCEL"), "{accel}");
     // A setting that cannot work fails its check, with the way out, and doctor exits 1.
-    let (code, v) = doctor(&[("SMOLVM_MACHINE", "pc"), ("SMOLVM_ACCEL", "fast")]);
+    let (code, v) =
+        doctor(&[("SMOLVM_MACHINE", "pc"), ("SMOLVM_ACCEL", "fast"), ("SMOLVM_BACKEND", "firecracker"), ("SMOLVM_KERNEL", "bogus")]);
     assert_eq!(code, Some(1));
-    let failed: Vec<&str> =
-        v["data"].as_array().unwrap().iter().filter(|c| c["status"] == "fail").map(|c| c["name"].as_str().unwrap()).collect();
-    assert_eq!(failed, ["accelerator", "machine"], "{v}");
+    let failed: Vec<&serde_json::Value> = v["data"].as_array().unwrap().iter().filter(|c| c["status"] == "fail").collect();
+    assert_eq!(
+        failed.iter().map(|c| c["name"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["accelerator", "backend", "kernel", "machine"],
+        "{v}"
+    );
+    for (c, unset) in failed.iter().zip(["SMOLVM_ACCEL", "SMOLVM_BACKEND", "SMOLVM_KERNEL"]) {
+        assert!(c["fix"].as_str().unwrap().starts_with(&format!("unset {unset}")), "{c}");
+    }
+    // Debian's kernel asked for is the one doctor names; a bad choice fails every start, named.
+    let (_, v) = doctor(&[("SMOLVM_KERNEL", " Debian ")]);
+    let kernel = v["data"].as_array().unwrap().iter().find(|c| c["name"] == "kernel").unwrap().clone();
+    assert!(kernel["detail"].as_str().unwrap().starts_with("Debian's prebuilt cloud kernel"), "{kernel}");
+    for (var, value, said) in [
+        ("SMOLVM_KERNEL", "bogus", "invalid SMOLVM_KERNEL: \"bogus\" is not a kernel choice (allowed: debian, auto)"),
+        ("SMOLVM_BACKEND", "bogus", "invalid SMOLVM_BACKEND: \"bogus\" is not a backend (allowed: firecracker, qemu, auto)"),
+    ] {
+        let out = env.cli().env(var, value).args(["run", "true"]).output().unwrap();
+        assert_eq!((out.status.code(), stderr(&out).lines().next().unwrap_or_default()), (Some(1), format!("error: {said}").as_str()));
+    }
+    // Spaces around a value are no error, as for the other settings.
+    let out = env.cli().env("SMOLVM_ACCEL", " tcg ").env("SMOLVM_BACKEND", " qemu").args(["run", "echo spaced"]).output().unwrap();
+    assert_eq!(stdout(&out), "spaced\n", "{}", stderr(&out));
+    assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
 }

@@ -1520,3 +1520,49 @@ fn output_that_cannot_be_written_ends_the_cli_as_it_should() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(stderr(&out), "error: writing the output: No space left on device (os error 28)\n");
 }
+
+/// A data directory whose path has a comma works (QEMU read the rest of the path as options of
+/// its own, and every start failed), and a relative one is made absolute: its VM's processes
+/// name it in full, and the absolute path finds the sandbox from anywhere.
+#[test]
+fn a_data_directory_with_a_comma_or_given_relative_works() {
+    let env = env();
+    let comma = env.tmp.path().join("a,b");
+    let out = env.cli().env("SMOLVM_DATA_DIR", &comma).args(["run", "echo comma"]).output().unwrap();
+    assert_eq!(stdout(&out), "comma\n", "{}", stderr(&out));
+    let full = env.tmp.path().join("rel");
+    let out =
+        env.cli().current_dir(env.tmp.path()).env("SMOLVM_DATA_DIR", "rel").args(["sandbox", "create", "--name", "r1"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(processes_mentioning("qemu-system", &full.to_string_lossy()).len(), 1);
+    let out = env.cli().env("SMOLVM_DATA_DIR", &full).args(["sandbox", "delete", "--force", "r1"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    for dir in [&comma, &full] {
+        assert!(wait_until(Duration::from_secs(5), || processes_mentioning("qemu-system", &dir.to_string_lossy()).is_empty()));
+    }
+}
+
+/// Settings that cannot boot are refused before anything starts, naming the field: boot
+/// arguments that smolvm sets itself or that would overflow the kernel's command line (cut
+/// silently, it lost the guest's NIC), and a boot bound under a second.
+#[test]
+fn boot_settings_that_cannot_work_are_refused_up_front() {
+    let env = env();
+    let long = "x".repeat(400);
+    for (args, says) in [
+        (
+            vec!["run", "--boot-args", "smolvm_net=10.9.9.2/30,10.9.9.1,10.9.9.1", "true"],
+            "invalid boot_args: smolvm_net is smolvm's own setting",
+        ),
+        (vec!["run", "--boot-args", &long, "true"], "invalid boot_args: 400 bytes is too long (allowed: up to 384;"),
+        (vec!["run", "--boot-timeout", "0.5", "true"], "invalid boot_timeout: must be at least 1 second"),
+        (vec!["sandbox", "create", "--name", "b1", "--boot-timeout", "1e-9"], "invalid boot_timeout: must be at least 1 second"),
+    ] {
+        let out = env.smolvm(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(stderr(&out).starts_with(&format!("error: {says}")), "{args:?}: {}", stderr(&out));
+    }
+    let out = env.smolvm(&["sandbox", "list", "--all", "--json"]);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["data"], serde_json::json!([]));
+    assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
+}

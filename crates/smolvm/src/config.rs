@@ -337,9 +337,7 @@ impl VmConfig {
         check_file("initrd_path", &self.initrd_path)?;
         check_file("rootfs_path", &self.rootfs_path)?;
         if let Some(args) = &self.boot_args {
-            if args.contains('\n') || args.contains('\0') {
-                return Err(Error::validation("boot_args", "must be one line"));
-            }
+            check_boot_args(args)?;
         }
         if let Some(b) = &self.backend {
             // (Refused here, not at the start: a backend this build cannot run is bad input.)
@@ -407,26 +405,32 @@ pub enum Backend {
 
 impl Backend {
     pub fn parse(s: &str) -> Result<Backend> {
-        match s.to_ascii_lowercase().as_str() {
+        Backend::parse_for(s, "backend")
+    }
+
+    fn parse_for(s: &str, field: &'static str) -> Result<Backend> {
+        match s.trim().to_ascii_lowercase().as_str() {
             "qemu" => Ok(Backend::Qemu),
             "firecracker" => Ok(Backend::Firecracker),
             "auto" | "" => Ok(Backend::Auto),
-            other => Err(Error::validation("backend", format!("{other:?} is not a backend (allowed: firecracker, qemu, auto)"))),
+            other => Err(Error::validation(field, format!("{other:?} is not a backend (allowed: firecracker, qemu, auto)"))),
         }
     }
 
     /// Which backend actually runs: the config's choice, else `SMOLVM_BACKEND`, else auto.
-    /// Auto picks what can run here; only QEMU is built so far.
+    /// Auto picks what can run here; only QEMU is built so far. An error names where the
+    /// choice came from (the variable, set once in a shell, is easily forgotten).
     pub fn resolve(config: Option<&str>) -> Result<Backend> {
         let env = std::env::var("SMOLVM_BACKEND").ok();
-        let chosen = match config.or(env.as_deref()) {
-            Some(s) => Backend::parse(s)?,
-            None => Backend::Auto,
+        let (chosen, field) = match (config, env.as_deref()) {
+            (Some(s), _) => (Backend::parse_for(s, "backend")?, "backend"),
+            (None, Some(s)) => (Backend::parse_for(s, "SMOLVM_BACKEND")?, "SMOLVM_BACKEND"),
+            (None, None) => (Backend::Auto, "backend"),
         };
         match chosen {
             Backend::Qemu | Backend::Auto => Ok(Backend::Qemu),
             Backend::Firecracker => {
-                Err(Error::validation("backend", "firecracker is not supported by this build yet (allowed now: qemu, auto)"))
+                Err(Error::validation(field, "firecracker is not supported by this build yet (allowed now: qemu, auto)"))
             }
         }
     }
@@ -478,6 +482,15 @@ pub fn check_wait(d: std::time::Duration, field: &'static str) -> Result<()> {
     Ok(())
 }
 
+/// A boot's bound: one under a second fails every boot (`timed out after 0s`, before QEMU has
+/// printed a line), so it is refused as commands' timeouts are.
+pub fn check_boot_timeout(d: std::time::Duration) -> Result<()> {
+    if d < std::time::Duration::from_secs(1) {
+        return Err(Error::validation("boot_timeout", "must be at least 1 second"));
+    }
+    check_wait(d, "boot_timeout")
+}
+
 /// How long a pause, resume or port change may take, queued behind others included
 /// (`SMOLVM_CONTROL_TIMEOUT`, seconds): a client that waits longer gets a timeout, and what it
 /// asked for is then not done at all.
@@ -493,6 +506,37 @@ fn parse_control_timeout(value: Option<&str>) -> Result<std::time::Duration> {
             _ => Err(Error::validation("SMOLVM_CONTROL_TIMEOUT", format!("{v:?} is not a number of seconds (allowed: 1 to 3600)"))),
         },
     }
+}
+
+/// The most `boot_args` may take of the kernel's command line (2048 bytes on x86): smolvm's
+/// own settings and the devices QEMU adds need the rest. Past the end, the kernel cuts it
+/// silently, and the devices went first (a guest without its NIC, or without its agent's port).
+pub const BOOT_ARGS_MAX: usize = 384;
+
+/// The kernel arguments smolvm sets for its agent: a user's would pass for them (an address
+/// the host's side does not route, a channel the VMM does not offer).
+const OUR_BOOT_ARGS: [&str; 5] = ["smolvm_hostname", "smolvm_root", "smolvm_net", "smolvm_channel", "smolvm_mounts"];
+
+fn check_boot_args(args: &str) -> Result<()> {
+    if args.contains('\n') || args.contains('\0') {
+        return Err(Error::validation("boot_args", "must be one line"));
+    }
+    if args.len() > BOOT_ARGS_MAX {
+        return Err(Error::validation(
+            "boot_args",
+            format!(
+                "{} bytes is too long (allowed: up to {BOOT_ARGS_MAX}; the kernel's command line holds 2048, and smolvm's settings and QEMU's devices need the rest)",
+                args.len()
+            ),
+        ));
+    }
+    if let Some(ours) = args.split_whitespace().map(|w| w.split('=').next().unwrap_or(w)).find(|k| OUR_BOOT_ARGS.contains(k)) {
+        return Err(Error::validation(
+            "boot_args",
+            format!("{ours} is smolvm's own setting, made from the sandbox's config (not allowed: {})", OUR_BOOT_ARGS.join(", ")),
+        ));
+    }
+    Ok(())
 }
 
 /// `SMOLVM_SNAPSHOT_BANDWIDTH`: the MiB per second a full snapshot's state is written at, so
@@ -554,13 +598,32 @@ impl Dirs {
             });
         let images =
             std::env::var_os("SMOLVM_IMAGE_DIR").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| data.join("images"));
-        Dirs { data, images }
+        // A relative path is taken from where the command runs, and made absolute here: the
+        // supervisor, QEMU and the records then name the same files wherever they run, and a
+        // sandbox's processes show its data directory in full (QEMU was given relative paths).
+        let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+        Dirs { data: absolute(data), images: absolute(images) }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn boot_args_are_one_line_short_and_leave_smolvms_settings_alone() {
+        assert!(check_boot_args("quiet loglevel=3 smolvm_debug=1").is_ok());
+        assert!(check_boot_args(&"x".repeat(BOOT_ARGS_MAX)).is_ok());
+        for (bad, why) in [
+            ("a\nb".to_string(), "must be one line".to_string()),
+            ("x".repeat(BOOT_ARGS_MAX + 1), format!("{} bytes is too long (allowed: up to {BOOT_ARGS_MAX};", BOOT_ARGS_MAX + 1)),
+            ("quiet smolvm_net=10.9.9.2/30,10.9.9.1,10.9.9.1".to_string(), "smolvm_net is smolvm's own setting".to_string()),
+            ("smolvm_channel".to_string(), "smolvm_channel is smolvm's own setting".to_string()),
+        ] {
+            let e = check_boot_args(&bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("invalid boot_args: {why}")), "{e}");
+        }
+    }
 
     #[test]
     fn a_wait_is_positive_finite_and_at_most_a_year() {

@@ -46,14 +46,20 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
             };
             check("accelerator", "warn", format!("TCG software emulation: {why}"), Some(fix))
         }
-        Err(e) => check("accelerator", "fail", e, Some("set SMOLVM_ACCEL to kvm, tcg or auto")),
+        Err(e) => check("accelerator", "fail", e, Some("unset SMOLVM_ACCEL (or set it to tcg): auto uses KVM where it can run a guest, else TCG")),
+    });
+    checks.push(match crate::config::Backend::resolve(None) {
+        Ok(_) => check("backend", "ok", "qemu", None),
+        Err(e) => check("backend", "fail", e.to_string(), Some("unset SMOLVM_BACKEND (or set it to qemu or auto)")),
     });
     checks.push(match version_of(crate::vmm::qemu::QEMU_BINARY, "--version") {
         Some(v) => check("qemu", "ok", v, None),
         None => check("qemu", "fail", "qemu-system-x86_64 not found", Some("smolvm setup (apt install qemu-system-x86)")),
     });
-    checks.push(match crate::image::kernel_source() {
-        Some(src) => {
+    checks.push(match (crate::image::debian_kernel_asked(), crate::image::kernel_source()) {
+        (Err(e), _) => check("kernel", "fail", e.to_string(), Some("unset SMOLVM_KERNEL (or set it to debian or auto)")),
+        (Ok(true), _) => check("kernel", "ok", "Debian's prebuilt cloud kernel (SMOLVM_KERNEL=debian), fetched once", None),
+        (Ok(false), Some(src)) => {
             let cached = crate::image::kernel_fingerprint(&src)
                 .ok()
                 .map(|fp| dirs.images.join(format!("kernel-{fp}/vmlinux")))
@@ -63,7 +69,7 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
                 None => check("kernel", "ok", format!("will be built once from {}", src.display()), None),
             }
         }
-        None => check(
+        (Ok(false), None) => check(
             "kernel",
             "fail",
             "no linux-source tarball to build the guest kernel from",

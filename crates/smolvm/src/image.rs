@@ -46,6 +46,7 @@ pub fn fingerprint(parts: &[&[u8]]) -> String {
 
 /// The image a config boots: its own kernel/initrd/rootfs where given, ours otherwise.
 pub fn resolve(config: &VmConfig, dirs: &Dirs, progress: Progress) -> Result<BootImage> {
+    debian_kernel_asked()?;
     // Our own kernel where it can be built; else (or with SMOLVM_KERNEL=debian) Debian's
     // prebuilt cloud kernel, whose virtio drivers are modules the initramfs must carry.
     let (kernel, modules) = match &config.kernel_path {
@@ -97,9 +98,18 @@ fn cached_debian_modules(dirs: &Dirs, kernel: &Path) -> Option<PathBuf> {
     fs::read_dir(package_dir.join("lib/modules")).ok()?.flatten().map(|e| e.path()).next()
 }
 
+/// `SMOLVM_KERNEL`: whether Debian's prebuilt kernel is asked for instead of ours.
+pub fn debian_kernel_asked() -> Result<bool> {
+    match std::env::var("SMOLVM_KERNEL").unwrap_or_default().trim().to_ascii_lowercase().as_str() {
+        "" | "auto" => Ok(false),
+        "debian" => Ok(true),
+        other => Err(Error::validation("SMOLVM_KERNEL", format!("{other:?} is not a kernel choice (allowed: debian, auto)"))),
+    }
+}
+
 /// Why our own kernel cannot be used here, if it cannot.
 fn own_kernel_unavailable(dirs: &Dirs) -> Option<String> {
-    if std::env::var("SMOLVM_KERNEL").is_ok_and(|v| v.eq_ignore_ascii_case("debian")) {
+    if debian_kernel_asked().unwrap_or(false) {
         return Some("SMOLVM_KERNEL=debian".into());
     }
     let Some(source) = kernel_source() else {

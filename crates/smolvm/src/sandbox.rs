@@ -804,7 +804,7 @@ impl Sandbox {
     /// (cached with it) unless `SMOLVM_WARM=0` or `SMOLVM_VERBOSE_BOOT` asks for a real boot;
     /// if the warm start fails, it boots cold.
     pub async fn start(&mut self, boot_timeout: Duration, progress: Progress<'_>) -> Result<()> {
-        crate::config::check_wait(boot_timeout, "boot_timeout")?;
+        crate::config::check_boot_timeout(boot_timeout)?;
         crate::config::check_supervisor_settings()?;
         let lock = self.paths.wait_start_lock().await?;
         tracing::debug!("phase: start lock held");
@@ -1279,7 +1279,7 @@ impl Sandbox {
     /// Start a new sandbox from a snapshot. `name` defaults to a fresh id; `env_vars`, when
     /// given, replace the snapshot's variables; `resume: false` leaves it paused.
     pub async fn from_snapshot_in(dirs: Dirs, snapshot_id: &str, opts: RestoreOptions) -> Result<Sandbox> {
-        crate::config::check_wait(opts.boot_timeout, "boot_timeout")?;
+        crate::config::check_boot_timeout(opts.boot_timeout)?;
         crate::config::check_supervisor_settings()?;
         let snap = Store::open(&dirs.data)?.get_snapshot(snapshot_id)?.ok_or_else(|| Error::SnapshotNotFound(snapshot_id.to_string()))?;
         let dir = snapshot_dir(&dirs, snapshot_id);

@@ -141,7 +141,7 @@ pub fn choose_accel() -> Result<Accel, String> {
 
 /// The accelerator `SMOLVM_ACCEL` asks for; None for `auto` (or unset).
 pub fn requested_accel() -> Result<Option<Accel>, String> {
-    match std::env::var("SMOLVM_ACCEL").unwrap_or_default().to_ascii_lowercase().as_str() {
+    match std::env::var("SMOLVM_ACCEL").unwrap_or_default().trim().to_ascii_lowercase().as_str() {
         "" | "auto" => Ok(None),
         "kvm" => Ok(Some(Accel::Kvm)),
         "tcg" => Ok(Some(Accel::Tcg)),

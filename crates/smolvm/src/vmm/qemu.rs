@@ -299,7 +299,7 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     let bus = spec.machine.bus();
     match &spec.ram {
         Some(ram) => {
-            let path = ram.path.to_string_lossy().replace(',', ",,");
+            let path = opt_path(&ram.path);
             let share = if ram.share { "on" } else { "off" };
             push(&["-object", &format!("memory-backend-file,id=ram,size={}M,mem-path={path},share={share}", spec.memory_mib)]);
         }
@@ -327,16 +327,16 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     push(&["-append", &kernel_cmdline(spec)]);
     // Appended to (not written at an offset of QEMU's own): the supervisor cuts a console that
     // outgrows its bound, and QEMU's next line then goes after the cut.
-    push(&["-chardev", &format!("file,id=con,path={},append=on", spec.console_log.display()), "-serial", "chardev:con"]);
+    push(&["-chardev", &format!("file,id=con,path={},append=on", opt_path(&spec.console_log)), "-serial", "chardev:con"]);
     match &spec.vsock {
         Some(vhost) => push(&[
             "-chardev",
-            &format!("socket,id=vsock,path={}", vhost.display()),
+            &format!("socket,id=vsock,path={}", opt_path(vhost)),
             "-device",
             &format!("vhost-user-vsock-{bus},chardev=vsock"),
         ]),
         None => {
-            push(&["-chardev", &format!("socket,id=agent,path={}", spec.agent_socket.display())]);
+            push(&["-chardev", &format!("socket,id=agent,path={}", opt_path(&spec.agent_socket))]);
             // The port's id makes QEMU report the guest opening it (VSERPORT_CHANGE; see
             // supervisor).
             push(&[
@@ -347,7 +347,7 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
             ]);
         }
     }
-    push(&["-qmp", &format!("unix:{},server=on,wait=off", spec.qmp_socket.display())]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", opt_path(&spec.qmp_socket))]);
     let netdev = match &spec.net {
         NetBackend::Tap { .. } => format!("tap,id=net0,fd={TAP_FD},vhost=off"),
         NetBackend::User { restrict, forwards } => {
@@ -373,7 +373,7 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
     // files as they are (`none`): mapped-xattr would read a host symlink as a file holding its
     // target, and fail on it (ELOOP).
     for (i, m) in spec.mounts.iter().enumerate() {
-        let path = m.host.to_string_lossy().replace(',', ",,");
+        let path = opt_path(&m.host);
         let (model, ro) = if m.readonly { ("none", ",readonly=on") } else { ("mapped-xattr", "") };
         push(&[
             "-fsdev",
@@ -383,7 +383,7 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
         ]);
     }
     if let Some(rootfs) = &spec.image.rootfs {
-        let file = rootfs.to_string_lossy().replace(',', ",,");
+        let file = opt_path(rootfs);
         let format = if rootfs.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
         push(&[
             "-drive",
@@ -393,6 +393,13 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
         ]);
     }
     a
+}
+
+/// A path as the value of a QEMU option (`path=…,` lists): a comma in it is written twice, or
+/// QEMU would read the rest as options of its own (a data directory `/srv/a,b` failed every
+/// start, and a path could add options).
+fn opt_path(path: &Path) -> String {
+    path.to_string_lossy().replace(',', ",,")
 }
 
 /// Start QEMU. It dies with the calling thread's process (PDEATHSIG), so a supervisor killed
@@ -873,6 +880,34 @@ mod tests {
         assert!(k.contains(" smolvm_mounts=smolvm0:2f776f726b73706163652f612062:ro,smolvm1:2f6d6e742f63:rw"), "{k}");
         s.mounts.clear();
         assert!(!kernel_cmdline(&s).contains("smolvm_mounts") && !command_line(&s).join(" ").contains("9p"));
+    }
+
+    /// The longest command line a config can make (every setting at its longest: the most
+    /// mounts at the longest guest paths, the longest boot arguments, a root disk, vsock, a
+    /// 64-character name) leaves room in the kernel's 2048 bytes for what microvm adds:
+    /// one `virtio_mmio.device=…` of at most 40 bytes per device.
+    #[test]
+    fn the_longest_command_line_fits_the_kernels_with_room_for_the_devices() {
+        let mut s = spec(Accel::Tcg, true);
+        s.hostname = "h".repeat(64);
+        s.guest_net = Some(smolvm_proto::NetConfig {
+            address: [172, 16, 255, 254],
+            prefix: 30,
+            gateway: [172, 16, 255, 253],
+            dns: [172, 16, 255, 253],
+        });
+        s.vsock = Some("/r/vhost-vsock.sock".into());
+        s.extra_boot_args = Some("x".repeat(crate::config::BOOT_ARGS_MAX));
+        s.mounts = (0..crate::config::MAX_MOUNTS)
+            .map(|i| SharedDir {
+                host: "/h".into(),
+                guest: format!("/{i}{}", "g".repeat(crate::config::MAX_GUEST_PATH - 2)),
+                readonly: false,
+            })
+            .collect();
+        let devices = 1 + 1 + 1 + 1 + crate::config::MAX_MOUNTS; // serial, net, blk, vsock, 9p
+        let total = kernel_cmdline(&s).len() + 1 + devices * 40;
+        assert!(total < 2048, "{total} bytes");
     }
 
     #[test]
