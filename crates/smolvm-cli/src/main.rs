@@ -1524,8 +1524,19 @@ fn main() {
         Ok(cli) => cli,
         Err(e) => usage_error(e),
     };
+    // A filter that does not parse is said once and replaced by the default, rather than
+    // dropped without a word (or failing a command over its logging).
+    let filter = match tracing_subscriber::EnvFilter::try_from_env("SMOLVM_LOG") {
+        Ok(f) => f,
+        Err(e) => {
+            if std::env::var_os("SMOLVM_LOG").is_some_and(|v| !v.is_empty()) {
+                eprintln!("smolvm: SMOLVM_LOG is not a log filter ({e}); logging warnings only");
+            }
+            "warn".into()
+        }
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SMOLVM_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Colours only for a person: a file (a supervisor's log) or a pipe gets plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

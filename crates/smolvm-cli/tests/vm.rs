@@ -1565,4 +1565,8 @@ fn boot_settings_that_cannot_work_are_refused_up_front() {
     let out = env.smolvm(&["sandbox", "list", "--all", "--json"]);
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["data"], serde_json::json!([]));
     assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
+    // A log filter that does not parse is said, not dropped without a word; the command runs.
+    let out = env.cli().env("SMOLVM_LOG", "smolvm=loud").args(["sandbox", "list"]).output().unwrap();
+    assert!(out.status.success());
+    assert!(stderr(&out).starts_with("smolvm: SMOLVM_LOG is not a log filter ("), "{}", stderr(&out));
 }

@@ -284,12 +284,13 @@ pub fn validate_vm_id(id: &str) -> Result<()> {
 }
 
 fn check_file(field: &'static str, path: &Option<PathBuf>) -> Result<()> {
-    if let Some(p) = path {
-        if !p.is_file() {
-            return Err(Error::validation(field, format!("{} is not a readable file", p.display())));
-        }
+    let Some(p) = path else { return Ok(()) };
+    match std::fs::File::open(p).and_then(|f| f.metadata()) {
+        Ok(m) if m.is_file() && m.len() > 0 => Ok(()),
+        // (QEMU's own words for an empty kernel were "No such file or directory".)
+        Ok(m) if m.is_file() => Err(Error::validation(field, format!("{} is empty", p.display()))),
+        _ => Err(Error::validation(field, format!("{} is not a readable file", p.display()))),
     }
-    Ok(())
 }
 
 /// The range check of a whole-number field, on a value as wide as callers may hand over
@@ -762,6 +763,11 @@ mod tests {
         assert_eq!(out_of_range("memory", &"1e99").to_string(), "invalid memory: 1e99 MiB is out of range (allowed 128..=16384 MiB)");
         let c = VmConfig { kernel_path: Some("/nonexistent/vmlinux".into()), ..Default::default() };
         assert_eq!(c.validate().unwrap_err().to_string(), "invalid kernel_path: /nonexistent/vmlinux is not a readable file");
+        let c = VmConfig { initrd_path: Some("/".into()), ..Default::default() };
+        assert_eq!(c.validate().unwrap_err().to_string(), "invalid initrd_path: / is not a readable file");
+        let empty = tempfile::NamedTempFile::new().unwrap();
+        let c = VmConfig { kernel_path: Some(empty.path().into()), ..Default::default() };
+        assert_eq!(c.validate().unwrap_err().to_string(), format!("invalid kernel_path: {} is empty", empty.path().display()));
         let c = VmConfig { backend: Some("xen".into()), ..Default::default() };
         assert!(c.validate().unwrap_err().to_string().contains("allowed: firecracker, qemu, auto"));
         assert!(VmConfig::default().validate().is_ok());

@@ -25,7 +25,7 @@ pub enum Error {
     StillLive { id: String, state: String },
     #[error("Operation '{operation}' timed out after {seconds}s")]
     Timeout { operation: String, seconds: f64 },
-    #[error("VM '{id}' did not boot: {reason}\n--- last console lines ---\n{console}")]
+    #[error("VM '{id}' did not boot: {reason}{}", console_block(console))]
     Boot { id: String, reason: String, console: String },
     #[error("image: {0}")]
     Image(String),
@@ -131,9 +131,27 @@ pub(crate) async fn within<T>(operation: &str, bound: std::time::Duration, work:
     tokio::time::timeout(bound, work).await.map_err(|_| Error::Timeout { operation: operation.into(), seconds: bound.as_secs_f64() })
 }
 
+/// A boot error's console lines, under their heading; nothing where the guest printed nothing
+/// (an empty heading read as if something had been lost).
+fn console_block(console: &str) -> String {
+    if console.trim().is_empty() {
+        String::new()
+    } else {
+        format!("\n--- last console lines ---\n{console}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_boot_error_shows_console_lines_only_where_there_are_some() {
+        let boot = |console: &str| Error::Boot { id: "b".into(), reason: "host: x".into(), console: console.into() }.to_string();
+        assert_eq!(boot("[ 0.1] hello"), "VM 'b' did not boot: host: x\n--- last console lines ---\n[ 0.1] hello");
+        assert_eq!(boot(""), "VM 'b' did not boot: host: x");
+        assert_eq!(boot("\n"), "VM 'b' did not boot: host: x");
+    }
 
     #[test]
     fn host_network_failures_are_network_errors_with_a_way_out() {
