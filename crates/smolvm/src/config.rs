@@ -337,6 +337,9 @@ impl VmConfig {
         check_file("kernel_path", &self.kernel_path)?;
         check_file("initrd_path", &self.initrd_path)?;
         check_file("rootfs_path", &self.rootfs_path)?;
+        if let Some(rootfs) = &self.rootfs_path {
+            crate::image::check_backing(rootfs)?;
+        }
         if let Some(args) = &self.boot_args {
             check_boot_args(args)?;
         }

@@ -853,6 +853,34 @@ pub fn check_disk_size(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Re
     ))
 }
 
+/// A qcow2 root disk reads through its backing chain, which its header names, as QEMU
+/// (root, here) opens it: a disk of someone else's making could so give the guest any host file
+/// (`-b /etc/shadow`). Every layer must lie in the disk's own directory, as a snapshot's does.
+pub fn check_backing(rootfs: &Path) -> Result<()> {
+    let mut magic = [0u8; 4];
+    let qcow2 = fs::File::open(rootfs).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok() && &magic == b"QFI\xfb";
+    if !qcow2 || !on_path("qemu-img") {
+        return Ok(());
+    }
+    let home = fs::canonicalize(rootfs).ok().and_then(|p| p.parent().map(Path::to_path_buf));
+    let chain = crate::snapshot_files::backing_chain(rootfs).map_err(|e| Error::validation("rootfs_path", e.to_string()))?;
+    for layer in chain.iter().skip(1) {
+        let at = fs::canonicalize(&layer.filename).unwrap_or_else(|_| layer.filename.clone());
+        if at.parent() != home.as_deref() {
+            return Err(Error::validation(
+                "rootfs_path",
+                format!(
+                    "{} is a qcow2 image whose backing file {} lies outside its directory, and a root disk may not reach other host files (`qemu-img convert -O qcow2 {} standalone.qcow2` makes one without)",
+                    rootfs.display(),
+                    layer.filename.display(),
+                    rootfs.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The size of the disk an image file holds: a qcow2 file's header says it; a raw file is its
 /// own length.
 fn disk_size(image: &Path) -> Result<u64> {
@@ -1054,6 +1082,33 @@ pub fn initramfs_archive(agent: &[u8], busybox: &[u8], applets: &str, modules: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_qcow2_root_disk_may_not_reach_files_outside_its_directory() {
+        if !on_path("qemu-img") {
+            eprintln!("skipped: no qemu-img");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let (outside, disks) = (tmp.path().join("outside"), tmp.path().join("disks"));
+        fs::create_dir_all(&outside).unwrap();
+        fs::create_dir_all(&disks).unwrap();
+        fs::write(outside.join("secret"), vec![7u8; 1 << 20]).unwrap();
+        fs::write(disks.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
+        let qcow2 = |backing: &Path, name: &str| {
+            let disk = disks.join(name);
+            run_checked(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(backing).arg(&disk), "test").unwrap();
+            disk
+        };
+        let escaping = qcow2(&outside.join("secret"), "escaping.qcow2");
+        let e = check_backing(&escaping).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("invalid rootfs_path: {} is a qcow2 image whose backing file", escaping.display())), "{e}");
+        let config = VmConfig { rootfs_path: Some(escaping), ..Default::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("lies outside its directory"));
+        // Beside it (as in a snapshot), and a raw disk: fine.
+        assert!(check_backing(&qcow2(&disks.join("base.raw"), "beside.qcow2")).is_ok());
+        assert!(check_backing(&disks.join("base.raw")).is_ok());
+    }
 
     #[test]
     fn only_the_build_directories_of_gone_processes_are_dead() {
