@@ -148,9 +148,13 @@ fn cli_file_upload_and_download() {
         std::fs::create_dir_all(&into).unwrap();
         let download =
             env.cli().args(["sandbox", "file", "download", "files", src]).arg(&into).stderr(std::process::Stdio::piped()).spawn().unwrap();
-        let begun = wait_until(Duration::from_secs(30), || std::fs::read_dir(&into).is_ok_and(|mut d| d.next().is_some()));
-        assert!(begun, "{src}: the download never began");
-        // (The guest held still meanwhile: the download cannot end before the interrupt.)
+        // Once under way (something of it on the host), the guest is held still at once: the
+        // download cannot end before the interrupt.
+        let since = std::time::Instant::now();
+        while std::fs::read_dir(&into).unwrap().next().is_none() {
+            assert!(since.elapsed() < Duration::from_secs(30), "{src}: the download never began");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         env.signal_vmm(Signal::SIGSTOP);
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(download.id() as i32), Signal::SIGINT).unwrap();
         std::thread::sleep(Duration::from_millis(300));

@@ -285,10 +285,15 @@ pub fn validate_vm_id(id: &str) -> Result<()> {
 
 fn check_file(field: &'static str, path: &Option<PathBuf>) -> Result<()> {
     let Some(p) = path else { return Ok(()) };
-    match std::fs::File::open(p).and_then(|f| f.metadata()) {
-        Ok(m) if m.is_file() && m.len() > 0 => Ok(()),
-        // (QEMU's own words for an empty kernel were "No such file or directory".)
-        Ok(m) if m.is_file() => Err(Error::validation(field, format!("{} is empty", p.display()))),
+    // (What it is first: opening a FIFO would wait for a writer.)
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_file() && std::fs::File::open(p).is_ok() => {
+            // (QEMU's own words for an empty kernel were "No such file or directory".)
+            if m.len() == 0 {
+                return Err(Error::validation(field, format!("{} is empty", p.display())));
+            }
+            Ok(())
+        }
         _ => Err(Error::validation(field, format!("{} is not a readable file", p.display()))),
     }
 }
@@ -337,9 +342,6 @@ impl VmConfig {
         check_file("kernel_path", &self.kernel_path)?;
         check_file("initrd_path", &self.initrd_path)?;
         check_file("rootfs_path", &self.rootfs_path)?;
-        if let Some(rootfs) = &self.rootfs_path {
-            crate::image::check_backing(rootfs)?;
-        }
         if let Some(args) = &self.boot_args {
             check_boot_args(args)?;
         }
@@ -521,6 +523,26 @@ pub const BOOT_ARGS_MAX: usize = 384;
 /// the host's side does not route, a channel the VMM does not offer).
 const OUR_BOOT_ARGS: [&str; 5] = ["smolvm_hostname", "smolvm_root", "smolvm_net", "smolvm_channel", "smolvm_mounts"];
 
+/// The names of a kernel command line's parameters, split as the kernel splits it: at spaces
+/// outside double quotes, which are dropped (`"smolvm_net=…"` sets `smolvm_net`, and
+/// `foo="a smolvm_net=b"` sets only `foo`).
+fn boot_arg_keys(args: &str) -> Vec<String> {
+    let (mut keys, mut word, mut quoted) = (Vec::new(), String::new(), false);
+    for c in args.chars().chain(std::iter::once(' ')) {
+        match c {
+            '"' => quoted = !quoted,
+            c if c.is_ascii_whitespace() && !quoted => {
+                if !word.is_empty() {
+                    keys.push(word.split('=').next().unwrap_or_default().to_string());
+                    word.clear();
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    keys
+}
+
 fn check_boot_args(args: &str) -> Result<()> {
     if args.contains('\n') || args.contains('\0') {
         return Err(Error::validation("boot_args", "must be one line"));
@@ -534,7 +556,7 @@ fn check_boot_args(args: &str) -> Result<()> {
             ),
         ));
     }
-    if let Some(ours) = args.split_whitespace().map(|w| w.split('=').next().unwrap_or(w)).find(|k| OUR_BOOT_ARGS.contains(k)) {
+    if let Some(ours) = boot_arg_keys(args).into_iter().find(|k| OUR_BOOT_ARGS.contains(&k.as_str())) {
         return Err(Error::validation(
             "boot_args",
             format!("{ours} is smolvm's own setting, made from the sandbox's config (not allowed: {})", OUR_BOOT_ARGS.join(", ")),
@@ -570,6 +592,7 @@ pub fn check_supervisor_settings() -> Result<()> {
     control_timeout()?;
     snapshot_bandwidth()?;
     crate::net::dns_upstream_setting()?;
+    crate::image::debian_kernel_asked()?;
     Ok(())
 }
 
@@ -617,12 +640,15 @@ mod tests {
     #[test]
     fn boot_args_are_one_line_short_and_leave_smolvms_settings_alone() {
         assert!(check_boot_args("quiet loglevel=3 smolvm_debug=1").is_ok());
+        assert!(check_boot_args("foo=\"a smolvm_net=x\" smolvm_network=1").is_ok());
+        assert_eq!(boot_arg_keys(" a=1  \"b=2 3\" c=\"x y\" d"), ["a", "b", "c", "d"]);
         assert!(check_boot_args(&"x".repeat(BOOT_ARGS_MAX)).is_ok());
         for (bad, why) in [
             ("a\nb".to_string(), "must be one line".to_string()),
             ("x".repeat(BOOT_ARGS_MAX + 1), format!("{} bytes is too long (allowed: up to {BOOT_ARGS_MAX};", BOOT_ARGS_MAX + 1)),
             ("quiet smolvm_net=10.9.9.2/30,10.9.9.1,10.9.9.1".to_string(), "smolvm_net is smolvm's own setting".to_string()),
             ("smolvm_channel".to_string(), "smolvm_channel is smolvm's own setting".to_string()),
+            ("\"smolvm_net=10.9.9.2/30\"".to_string(), "smolvm_net is smolvm's own setting".to_string()),
         ] {
             let e = check_boot_args(&bad).unwrap_err().to_string();
             assert!(e.starts_with(&format!("invalid boot_args: {why}")), "{e}");

@@ -46,7 +46,16 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
             };
             check("accelerator", "warn", format!("TCG software emulation: {why}"), Some(fix))
         }
-        Err(e) => check("accelerator", "fail", e, Some("unset SMOLVM_ACCEL (or set it to tcg): auto uses KVM where it can run a guest, else TCG")),
+        Err(e) => {
+            // KVM asked for and not usable: the way back to TCG, and to KVM for that reason.
+            let for_kvm = match crate::vmm::kvm_usable() {
+                Err(why) if why.contains("kvm group") => "; for KVM, join the kvm group (sudo usermod -aG kvm $USER) and log in again",
+                Err(why) if why.contains("another hypervisor") => "; for KVM, quit VirtualBox or VMware",
+                Err(why) if why.contains("does not exist") || why.contains("is loaded") => "; for KVM, on bare metal load kvm_intel or kvm_amd",
+                _ => "",
+            };
+            check("accelerator", "fail", e, Some(&format!("unset SMOLVM_ACCEL (or set it to tcg): auto uses KVM where it can run a guest, else TCG{for_kvm}")))
+        }
     });
     checks.push(match crate::config::Backend::resolve(None) {
         Ok(_) => check("backend", "ok", "qemu", None),

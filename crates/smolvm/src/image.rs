@@ -853,32 +853,66 @@ pub fn check_disk_size(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Re
     ))
 }
 
-/// A qcow2 root disk reads through its backing chain, which its header names, as QEMU
-/// (root, here) opens it: a disk of someone else's making could so give the guest any host file
-/// (`-b /etc/shadow`). Every layer must lie in the disk's own directory, as a snapshot's does.
-pub fn check_backing(rootfs: &Path) -> Result<()> {
+/// Whether a file is a qcow2 image (by its magic, as smolvm tells QEMU each layer's format).
+fn is_qcow2(path: &Path) -> bool {
     let mut magic = [0u8; 4];
-    let qcow2 = fs::File::open(rootfs).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok() && &magic == b"QFI\xfb";
-    if !qcow2 || !on_path("qemu-img") {
-        return Ok(());
-    }
-    let home = fs::canonicalize(rootfs).ok().and_then(|p| p.parent().map(Path::to_path_buf));
-    let chain = crate::snapshot_files::backing_chain(rootfs).map_err(|e| Error::validation("rootfs_path", e.to_string()))?;
-    for layer in chain.iter().skip(1) {
-        let at = fs::canonicalize(&layer.filename).unwrap_or_else(|_| layer.filename.clone());
-        if at.parent() != home.as_deref() {
+    fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok() && &magic == b"QFI\xfb"
+}
+
+/// A root disk's layers, from `top` down, as QEMU (root, here) would open them. A qcow2
+/// header may name other files, a backing file or an external data file, and QEMU opens
+/// whatever it names: a disk of someone else's making could so hand the guest any host file
+/// (`-b /etc/shadow`). So only the layers smolvm makes itself (a sandbox's overlay, a
+/// snapshot's disk, both in the data directory, which is the host user's alone) may stand on
+/// another; any other qcow2 must stand alone. Each header is read on its own (`qemu-img info`
+/// without following the chain, bounded), never by opening what it names.
+pub fn check_layers(top: &Path, data: &Path) -> Result<()> {
+    let data = fs::canonicalize(data).unwrap_or_else(|_| data.to_path_buf());
+    let ours = |layer: &Path| {
+        let dir = layer.parent().and_then(|d| fs::canonicalize(d).ok());
+        let place = dir.as_deref().and_then(Path::parent);
+        let name = layer.file_name().and_then(|n| n.to_str());
+        (name == Some("rootfs.qcow2") && place == Some(&data.join("vms")))
+            || (name == Some("disk.qcow2") && place == Some(&data.join("snapshots")))
+    };
+    let mut layer = top.to_path_buf();
+    // (A snapshot of a sandbox restored from a snapshot is flattened: chains stay short.)
+    for _ in 0..8 {
+        if !is_qcow2(&layer) || !on_path("qemu-img") {
+            return Ok(());
+        }
+        let out = Command::new("timeout")
+            .args(["10", "qemu-img", "info", "-U", "--output=json"])
+            .arg(&layer)
+            .output()
+            .ctx(|| "running qemu-img info".into())?;
+        if !out.status.success() {
             return Err(Error::validation(
                 "rootfs_path",
-                format!(
-                    "{} is a qcow2 image whose backing file {} lies outside its directory, and a root disk may not reach other host files (`qemu-img convert -O qcow2 {} standalone.qcow2` makes one without)",
-                    rootfs.display(),
-                    layer.filename.display(),
-                    rootfs.display()
-                ),
+                format!("{} cannot be read as a qcow2 image: {}", layer.display(), String::from_utf8_lossy(&out.stderr).trim()),
             ));
         }
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let refuse = |what: &str, named: &str| {
+            Error::validation(
+                "rootfs_path",
+                format!(
+                    "{} is a qcow2 image with {what} ({named}), and a root disk may not reach other host files: give one that stands alone (`qemu-img convert -O qcow2 {} standalone.qcow2` makes one)",
+                    layer.display(),
+                    layer.display()
+                ),
+            )
+        };
+        if let Some(data_file) = info["format-specific"]["data"]["data-file"].as_str() {
+            return Err(refuse("an external data file", data_file));
+        }
+        let Some(backing) = info["full-backing-filename"].as_str().or(info["backing-filename"].as_str()) else { return Ok(()) };
+        if !ours(&layer) {
+            return Err(refuse("a backing file", backing));
+        }
+        layer = PathBuf::from(backing);
     }
-    Ok(())
+    Err(Error::validation("rootfs_path", format!("{}'s chain of backing files is deeper than smolvm makes", top.display())))
 }
 
 /// The size of the disk an image file holds: a qcow2 file's header says it; a raw file is its
@@ -1084,30 +1118,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_qcow2_root_disk_may_not_reach_files_outside_its_directory() {
+    fn only_smolvms_own_layers_of_a_root_disk_stand_on_other_files() {
         if !on_path("qemu-img") {
             eprintln!("skipped: no qemu-img");
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
-        let (outside, disks) = (tmp.path().join("outside"), tmp.path().join("disks"));
-        fs::create_dir_all(&outside).unwrap();
-        fs::create_dir_all(&disks).unwrap();
-        fs::write(outside.join("secret"), vec![7u8; 1 << 20]).unwrap();
+        let (data, disks) = (tmp.path().join("data"), tmp.path().join("disks"));
+        let sandbox = data.join("vms").join("0123");
+        for d in [&disks, &sandbox] {
+            fs::create_dir_all(d).unwrap();
+        }
         fs::write(disks.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
-        let qcow2 = |backing: &Path, name: &str| {
-            let disk = disks.join(name);
-            run_checked(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(backing).arg(&disk), "test").unwrap();
-            disk
+        let qcow2 = |at: &Path, extra: &[&str]| {
+            run_checked(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).args(extra).arg(at).arg("1M"), "test").unwrap();
+            at.to_path_buf()
         };
-        let escaping = qcow2(&outside.join("secret"), "escaping.qcow2");
-        let e = check_backing(&escaping).unwrap_err().to_string();
-        assert!(e.starts_with(&format!("invalid rootfs_path: {} is a qcow2 image whose backing file", escaping.display())), "{e}");
-        let config = VmConfig { rootfs_path: Some(escaping), ..Default::default() };
-        assert!(config.validate().unwrap_err().to_string().contains("lies outside its directory"));
-        // Beside it (as in a snapshot), and a raw disk: fine.
-        assert!(check_backing(&qcow2(&disks.join("base.raw"), "beside.qcow2")).is_ok());
-        assert!(check_backing(&disks.join("base.raw")).is_ok());
+        let base = disks.join("base.raw").to_string_lossy().into_owned();
+        // Made elsewhere: standing alone, fine; on a backing file (beside it or not) or with
+        // an external data file, refused.
+        assert!(check_layers(&qcow2(&disks.join("alone.qcow2"), &[]), &data).is_ok());
+        assert!(check_layers(&disks.join("base.raw"), &data).is_ok());
+        for (name, extra, what) in [
+            ("backed.qcow2", vec!["-F", "raw", "-b", base.as_str()], "a backing file"),
+            ("relative.qcow2", vec!["-F", "raw", "-b", "base.raw"], "a backing file"),
+            ("datafile.qcow2", vec!["-o", &format!("data_file={base},data_file_raw=on")], "an external data file"),
+        ] {
+            let disk = qcow2(&disks.join(name), &extra);
+            let e = check_layers(&disk, &data).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("invalid rootfs_path: {} is a qcow2 image with {what} (", disk.display())), "{e}");
+        }
+        // A sandbox's overlay stands on the disk given; that disk in turn is checked.
+        let overlay = sandbox.join("rootfs.qcow2");
+        qcow2(&overlay, &["-F", "qcow2", "-b", &disks.join("alone.qcow2").to_string_lossy()]);
+        assert!(check_layers(&overlay, &data).is_ok());
+        fs::remove_file(&overlay).unwrap();
+        qcow2(&overlay, &["-F", "qcow2", "-b", &disks.join("backed.qcow2").to_string_lossy()]);
+        assert!(check_layers(&overlay, &data).unwrap_err().to_string().contains("backed.qcow2 is a qcow2 image with a backing file"));
     }
 
     #[test]

@@ -688,6 +688,9 @@ impl Sandbox {
 
     pub fn create_in(dirs: Dirs, config: VmConfig, ephemeral: bool) -> Result<Sandbox> {
         config.validate()?;
+        if let Some(rootfs) = &config.rootfs_path {
+            image::check_layers(rootfs, &dirs.data)?;
+        }
         Backend::resolve(config.backend.as_deref())?;
         let store = Store::open(&dirs.data)?;
         let id = config.vm_id.clone().unwrap_or_else(|| random_id("sbx"));

@@ -560,7 +560,10 @@ async fn supervise(id: &str) -> i32 {
     if let Some(base) = &image.rootfs {
         // The sandbox writes to its own overlay: the base image is shared and never changes,
         // and the overlay keeps the sandbox's changes across stop and start.
-        match crate::image::overlay(base, &paths.overlay, record.config.disk_size_mib) {
+        // Its layers are looked at again at each start: a header can change after `create`.
+        let overlay = crate::image::overlay(base, &paths.overlay, record.config.disk_size_mib)
+            .and_then(|o| crate::image::check_layers(&o, &dirs.data).map(|()| o));
+        match overlay {
             Ok(overlay) => image.rootfs = Some(overlay),
             Err(e) => {
                 let _ = store.set_state(id, State::Error, Some(&e.full_message()));
