@@ -282,7 +282,7 @@ fn host_variables_backend_and_verbose_boot() {
     let out = env.cli().args(["run", "echo ok"]).env("SMOLVM_BACKEND", "auto").output().unwrap();
     assert_eq!(stdout(&out), "ok\n");
     let out = env.cli().args(["run", "true"]).env("SMOLVM_BACKEND", "bogus").output().unwrap();
-    assert!(stderr(&out).contains("invalid backend: \"bogus\""), "{}", stderr(&out));
+    assert!(stderr(&out).contains("invalid SMOLVM_BACKEND: \"bogus\""), "{}", stderr(&out));
     // Quiet by default: the kernel's log is not shown ...
     let out = env.smolvm(&["run", "echo ok"]);
     assert!(!stderr(&out).contains("Linux version"), "{}", stderr(&out));
