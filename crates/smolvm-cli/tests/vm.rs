@@ -1571,6 +1571,26 @@ fn boot_settings_that_cannot_work_are_refused_up_front() {
     let out = env.smolvm(&["sandbox", "list", "--all", "--json"]);
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["data"], serde_json::json!([]));
     assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
+    // A qcow2 root disk that names another host file is refused at create, and one whose
+    // header is changed to name one after `create` is refused at its start.
+    let disk = env.tmp.path().join("disk.qcow2");
+    let qemu_img = |args: &[&str]| assert!(std::process::Command::new("qemu-img").args(args).status().unwrap().success());
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/hostname", &disk.to_string_lossy()]);
+    let out = env.smolvm(&["sandbox", "create", "--name", "q1", "--rootfs", &disk.to_string_lossy()]);
+    assert!(
+        stderr(&out)
+            .starts_with(&format!("error: invalid rootfs_path: {} is a qcow2 image with a backing file (/etc/hostname)", disk.display())),
+        "{}",
+        stderr(&out)
+    );
+    qemu_img(&["rebase", "-q", "-u", "-b", "", &disk.to_string_lossy()]);
+    let out = env.smolvm(&["sandbox", "create", "--name", "q1", "--no-start", "--rootfs", &disk.to_string_lossy()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    qemu_img(&["rebase", "-q", "-u", "-F", "raw", "-b", "/etc/hostname", &disk.to_string_lossy()]);
+    let out = env.smolvm(&["sandbox", "start", "q1"]);
+    assert!(stderr(&out).contains("is a qcow2 image with a backing file (/etc/hostname)"), "{}", stderr(&out));
+    assert!(env.smolvm(&["sandbox", "delete", "--force", "q1"]).status.success());
+    assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
     // A log filter that does not parse is said, not dropped without a word; the command runs.
     let out = env.cli().env("SMOLVM_LOG", "smolvm=loud").args(["sandbox", "list"]).output().unwrap();
     assert!(out.status.success());

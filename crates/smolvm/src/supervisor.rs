@@ -560,9 +560,11 @@ async fn supervise(id: &str) -> i32 {
     if let Some(base) = &image.rootfs {
         // The sandbox writes to its own overlay: the base image is shared and never changes,
         // and the overlay keeps the sandbox's changes across stop and start.
-        // Its layers are looked at again at each start: a header can change after `create`.
-        let overlay = crate::image::overlay(base, &paths.overlay, record.config.disk_size_mib)
-            .and_then(|o| crate::image::check_layers(&o, &dirs.data).map(|()| o));
+        // The disk's layers are looked at again at each start (a header can change after
+        // `create`), before `qemu-img` or QEMU opens what they name. (The overlay, ours, stands
+        // on a link to this same file.)
+        let overlay = crate::image::check_layers(base, &dirs.data)
+            .and_then(|()| crate::image::overlay(base, &paths.overlay, record.config.disk_size_mib));
         match overlay {
             Ok(overlay) => image.rootfs = Some(overlay),
             Err(e) => {
