@@ -110,6 +110,14 @@ impl SandboxPaths {
         }
     }
 
+    /// Whether another process holds the start lock now (a start, a stop, a delete), found
+    /// without making the lock's file or directory, which a delete may have removed.
+    fn start_lock_held(&self) -> bool {
+        use nix::fcntl::{Flock, FlockArg};
+        let Ok(file) = std::fs::File::open(&self.lock) else { return false };
+        matches!(Flock::lock(file, FlockArg::LockExclusiveNonblock), Err((_, nix::errno::Errno::EWOULDBLOCK)))
+    }
+
     /// `start_lock(true)`, waited for off the async runtime: with Python's one shared runtime,
     /// a thread blocked on it would stall the thread that holds the lock.
     pub(crate) async fn wait_start_lock(&self) -> Result<Option<StartLock>> {
@@ -792,6 +800,11 @@ impl Sandbox {
                 // (An ephemeral sandbox's record goes when it stops.)
                 Ok(None) if ephemeral => break "stopped",
                 Ok(None) => break "was deleted",
+                // A delete stops the sandbox, then removes it, holding the start lock all the
+                // while (a stop holds it too): until it lets go, this may yet be a delete.
+                Ok(Some(r)) if r.state == State::Stopped && self.paths.start_lock_held() && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 Ok(Some(r)) if r.state == State::Stopped => break "stopped",
                 Ok(Some(r)) if r.state == State::Error => break "failed (`smolvm sandbox info` says why)",
                 _ => break "went away",
