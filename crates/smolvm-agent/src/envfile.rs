@@ -11,12 +11,26 @@ use std::sync::Mutex;
 /// Env requests may arrive on several streams at once; read-modify-write must not interleave.
 static LOCK: Mutex<()> = Mutex::new(());
 
+/// The most the file can hold as we write it: every value quoted at its worst (`'` becomes
+/// four bytes), with room to spare.
+const FILE_MAX: u64 = 8 * env::MAX_ENV_BYTES as u64;
+
+/// The file as we wrote it, or an error: root in the guest can put anything at its path, and
+/// this runs in PID 1. A FIFO there held the agent's reading for good (open waits for a
+/// writer), and `/dev/zero` or a file of 100 MB ran the guest out of memory.
 fn read() -> io::Result<BTreeMap<String, String>> {
-    match fs::read_to_string(ENV_FILE) {
-        Ok(text) => env::parse(&text).map_err(io::Error::other),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-        Err(e) => Err(e),
+    let file = match fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(ENV_FILE) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(io::Error::new(e.kind(), format!("{ENV_FILE}: {e} (it is not the file smolvm wrote)"))),
+    };
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.len() > FILE_MAX {
+        return Err(io::Error::other(format!("{ENV_FILE} is not the file smolvm wrote (not a regular file of at most {FILE_MAX} bytes)")));
     }
+    let mut text = String::new();
+    io::Read::read_to_string(&mut io::Read::take(file, FILE_MAX), &mut text)?;
+    env::parse(&text).map_err(io::Error::other)
 }
 
 /// Temp file in the same directory (so rename is atomic), not ending in `.sh` (so a login shell

@@ -21,6 +21,16 @@ mod workers;
 
 use std::time::{Duration, Instant};
 
+/// Each command in flight holds a few descriptors in this one process (its pipes, its pidfd):
+/// the kernel's default of 1024 ran out at about 170 commands at once ("No file descriptors
+/// available"). The agent and the commands it starts get 65536, as container runtimes give.
+fn raise_fd_limit() {
+    use nix::sys::resource::{setrlimit, Resource};
+    if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, 65536, 65536) {
+        log(&format!("raising the open-file limit: {e}"));
+    }
+}
+
 fn main() {
     let started = Instant::now();
     let pid1 = std::process::id() == 1;
@@ -32,6 +42,9 @@ fn main() {
     // Signals are taken synchronously by the reaper thread; block them before any thread
     // exists so that every thread inherits the mask.
     reaper::block_signals();
+    if pid1 {
+        raise_fd_limit();
+    }
     // The host says on the kernel command line when it reaches the agent over vsock.
     let vsock = std::env::var_os("smolvm_channel").is_some_and(|c| c == "vsock");
     // PID 1 starts the set-up thread (the NIC, which commands wait for) before anything else.

@@ -572,7 +572,14 @@ fn recipe_from_flags(
 }
 
 fn progress(line: &str) {
-    eprintln!("smolvm: {line}");
+    say(&format!("smolvm: {line}\n"));
+}
+
+/// To stderr, where a failed write has nowhere to be told (`eprint!` panicked on a closed
+/// stderr: `smolvm run 'cmd' 2>&1 | head -1` ended with SIGABRT).
+fn say(text: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(text.as_bytes()).and_then(|_| err.flush());
 }
 
 /// `--mount` values. A relative host directory is taken from here, as a shell user means it,
@@ -769,10 +776,17 @@ impl Sink {
         }
     }
 
-    /// (Where stderr fails there is nowhere to say so, and stdout may still be read.)
+    /// A reader of stderr that went away ends the command as one of stdout does (a program in
+    /// a pipeline gets SIGPIPE either way: `cmd 2>&1 | head -1`); the command ran on to its
+    /// timeout. Other failures there have nowhere to be told, and stdout may still be read.
     fn stderr(&self, data: &[u8]) {
         let mut err = std::io::stderr();
-        let _ = err.write_all(data).and_then(|_| err.flush());
+        if let Err(e) = err.write_all(data).and_then(|_| err.flush()) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe && self.failed.borrow().is_none() {
+                *self.failed.borrow_mut() = Some(e);
+                self.gone.notify_one();
+            }
+        }
     }
 
     /// The run, unless stdout fails first: then it is dropped, which cancels the command.
@@ -900,7 +914,7 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
             let result = async {
                 sb.start(boot_timeout, &progress).await?;
                 if smolvm::config::env_flag("SMOLVM_VERBOSE_BOOT", false) {
-                    eprint!("{}", std::fs::read_to_string(&sb.paths().console).unwrap_or_default());
+                    say(&std::fs::read_to_string(&sb.paths().console).unwrap_or_default());
                 }
                 match exec.tty {
                     true => run_on_terminal(&sb, &command_line(&command), &opts).await,
@@ -1062,9 +1076,9 @@ fn setup(yes: bool) -> Result<Done, Error> {
     if missing.is_empty() {
         return Ok(Done::text("all host packages are installed", json!({ "installed": [] })));
     }
-    eprintln!("smolvm: missing host packages: {}", missing.join(" "));
+    say(&format!("smolvm: missing host packages: {}\n", missing.join(" ")));
     if !yes {
-        eprint!("install them with apt-get? [y/N] ");
+        say("install them with apt-get? [y/N] ");
         let mut answer = String::new();
         let _ = std::io::stdin().read_line(&mut answer);
         if !answer.trim().eq_ignore_ascii_case("y") {
@@ -1358,9 +1372,11 @@ async fn snapshot_cmd(cmd: SnapshotCmd, dirs: Dirs) -> Result<Done, Error> {
         }
         SnapshotCmd::List { .. } => {
             let snaps = sandbox::list_snapshots(&dirs)?;
-            let mut text = format!("{:<24} {:<6} {:<24}", "SNAPSHOT", "TYPE", "FROM");
+            // (Ids run to 64 characters: the column is as wide as the longest, as in `list`.)
+            let w = snaps.iter().map(|s| s.id.len()).max().unwrap_or(0).max(24);
+            let mut text = format!("{:<w$} {:<6} {}", "SNAPSHOT", "TYPE", "FROM");
             for s in &snaps {
-                text.push_str(&format!("\n{:<24} {:<6} {:<24}", s.id, s.kind, s.vm_id));
+                text.push_str(&format!("\n{:<w$} {:<6} {}", s.id, s.kind, s.vm_id));
             }
             Ok(Done::text(text, serde_json::to_value(&snaps).unwrap_or_default()))
         }
@@ -1513,9 +1529,9 @@ fn command_name() -> String {
 }
 
 fn print_error(e: &Error) {
-    eprintln!("error: {}", e.full_message());
+    say(&format!("error: {}\n", e.full_message()));
     if let Some(r) = e.recovery() {
-        eprintln!("hint: {r}");
+        say(&format!("hint: {r}\n"));
     }
 }
 
@@ -1530,7 +1546,7 @@ fn main() {
         Ok(f) => f,
         Err(e) => {
             if std::env::var_os("SMOLVM_LOG").is_some_and(|v| !v.is_empty()) {
-                eprintln!("smolvm: SMOLVM_LOG is not a log filter ({e}); logging warnings only");
+                say(&format!("smolvm: SMOLVM_LOG is not a log filter ({e}); logging warnings only\n"));
             }
             "warn".into()
         }

@@ -184,6 +184,35 @@ async fn variables_are_as_large_as_commands_can_take_and_no_larger() {
     sb.delete().await.unwrap();
 }
 
+/// Root in the guest can put anything where the managed file lies: the agent (PID 1) reads
+/// only a regular file of a size it could have written. A FIFO there held it for good (every
+/// command then timed out), and `/dev/zero` or a file of 100 MB ran the guest out of memory.
+/// Writing it anew puts a real file back.
+#[tokio::test]
+async fn an_env_file_that_is_not_ours_is_an_error_not_a_dead_guest() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    let raw = RunOptions { shell: smolvm::Shell::Raw, ..opts() };
+    for (make, says) in [
+        ("mkfifo", "is not the file smolvm wrote (not a regular file of at most 8388608 bytes)"),
+        ("ln -s /dev/zero", "(it is not the file smolvm wrote)"),
+        ("head -c 9000000 /dev/zero | tr '\\0' '#' >", "is not the file smolvm wrote (not a regular file of at most 8388608 bytes)"),
+    ] {
+        let r = sb.run(&format!("rm -f /etc/profile.d/smolvm_env.sh; {make} /etc/profile.d/smolvm_env.sh"), &raw).await.unwrap();
+        assert_eq!(r.exit_code, 0, "{make}: {}", r.stderr);
+        let e = sb.list_env_vars().await.unwrap_err().to_string();
+        assert!(e.starts_with("guest agent: ") && e.contains(says), "{make}: {e}");
+        assert_eq!(sb.run("echo alive", &raw).await.unwrap().stdout, "alive\n", "{make}");
+        sb.set_env_vars(&vars(&[("BACK", "1")]), false).await.unwrap();
+        assert_eq!(sb.list_env_vars().await.unwrap(), vars(&[("BACK", "1")]));
+    }
+    // Commands in flight hold a few descriptors each in the agent: its limit is not the
+    // kernel's default of 1024 (about 170 commands at once ran out).
+    let limits = sb.run("grep 'open files' /proc/1/limits", &raw).await.unwrap().stdout;
+    assert_eq!(limits.split_whitespace().collect::<Vec<_>>()[3..5], ["65536", "65536"], "{limits}");
+    sb.delete().await.unwrap();
+}
+
 #[test]
 fn cli_env_commands_mask_values_and_reject_bad_pairs() {
     let env = env();

@@ -231,3 +231,41 @@ async fn an_abandoned_download_leaves_nothing() {
     assert_eq!(std::fs::read_dir(local.join("x")).unwrap().count(), 150);
     sb.delete().await.unwrap();
 }
+
+/// A file that changes size while it is uploaded is an error, and nothing of it lands in the
+/// guest (it was put in place torn: neither its old nor its new self). The guest is held still
+/// while the upload sets out, so that the change comes mid-way however fast this host is.
+#[tokio::test]
+async fn a_file_that_changes_while_it_is_uploaded_is_not_put_in_place() {
+    let env = env();
+    let sb = std::sync::Arc::new(env.boot(VmConfig::default()).await);
+    let local = env.tmp.path().join("shrinks");
+    std::fs::write(&local, random_bytes(32 << 20)).unwrap();
+    env.signal_vmm(Signal::SIGSTOP);
+    let upload = {
+        let (sb, local) = (sb.clone(), local.clone());
+        tokio::spawn(async move { sb.upload(&local, "/tmp/shrinks").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::File::create(&local).unwrap(); // truncated to nothing
+    env.signal_vmm(Signal::SIGCONT);
+    let e = upload.await.unwrap().unwrap_err().to_string();
+    assert!(
+        e.starts_with(&format!(
+            "host: {} changed size while it was uploaded (it had 33554432 bytes when the upload began",
+            local.display()
+        )),
+        "{e}"
+    );
+    // (The agent hears of the cancel on its own stream: its temporary file goes soon after.)
+    let mut left = String::new();
+    for _ in 0..100 {
+        left = sb.run("ls -A /tmp", &opts()).await.unwrap().stdout;
+        if !left.contains("smolvm-upload") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!left.contains("shrinks") && !left.contains("smolvm-upload"), "{left}");
+    std::sync::Arc::try_unwrap(sb).ok().expect("one owner").delete().await.unwrap();
+}

@@ -1497,7 +1497,20 @@ fn list_columns_stay_in_line_with_long_names() {
     let text = stdout(&out);
     let starts: Vec<usize> = text.lines().map(|l| l.find(" STATE").or_else(|| l.find(" created")).expect("a state column")).collect();
     assert_eq!(starts, vec![64, 64, 64], "{text}");
-    assert!(env.smolvm(&["sandbox", "delete", "--all"]).status.success());
+    // So do snapshots' (ids run to 64 characters too).
+    assert!(env.smolvm(&["sandbox", "start", "s"]).status.success());
+    for id in [long.as_str(), "short"] {
+        let out = env.smolvm(&["sandbox", "snapshot", "create", "s", "--snapshot-id", id]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let text = stdout(&env.smolvm(&["sandbox", "snapshot", "list"]));
+    let starts: Vec<usize> = text.lines().map(|l| l.find(" TYPE").or_else(|| l.find(" full")).expect("a type column")).collect();
+    assert_eq!(starts, vec![64, 64, 64], "{text}");
+    for id in [long.as_str(), "short"] {
+        assert!(env.smolvm(&["sandbox", "snapshot", "delete", id]).status.success());
+    }
+    assert!(env.smolvm(&["sandbox", "delete", "--all", "--force"]).status.success());
+    assert!(env.qemu_processes().is_empty());
 }
 
 /// What the CLI prints goes out, or it says so: a reader that went away ends it as `cat` ends
@@ -1514,6 +1527,18 @@ fn output_that_cannot_be_written_ends_the_cli_as_it_should() {
     let out = env.cli().args(["sandbox", "list"]).stdout(full).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(stderr(&out), "error: writing the output: No space left on device (os error 28)\n");
+    // A reader of stderr that goes away ends a command as one of stdout does (it ran on to its
+    // timeout, and the CLI then panicked telling of it on the closed stderr).
+    let mut child = env.cli().args(["run", "--timeout", "600", "yes >&2"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    std::io::Read::read_exact(&mut err, &mut [0u8; 2]).unwrap();
+    drop(err);
+    assert_eq!(child.wait().unwrap().code(), Some(141));
+    // An error with nowhere to be told ends the CLI as the error would (1), not by a panic.
+    let mut child = env.cli().args(["sandbox", "info", "nosuch"]).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stderr.take());
+    assert_eq!(child.wait().unwrap().code(), Some(1));
+    assert!(env.qemu_processes().is_empty());
 }
 
 /// A data directory whose path has a comma works (QEMU read the rest of the path as options of

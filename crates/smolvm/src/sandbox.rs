@@ -1749,12 +1749,28 @@ impl Sandbox {
             } else {
                 let mut file = tokio::fs::File::open(local).await.ctx(|| format!("opening {}", local.display()))?;
                 let mut buf = vec![0u8; smolvm_proto::CHUNK];
+                // A file that changes size while it is read arrives as neither its old nor its
+                // new self: given up (the agent drops what it had), not put in place torn.
+                let (size, mut read) = (meta.len(), 0u64);
+                let changed = |read: u64| {
+                    Error::Host(format!(
+                        "{} changed size while it was uploaded (it had {size} bytes when the upload began, and {read} were read): the upload was given up, and nothing of it is in the guest",
+                        local.display()
+                    ))
+                };
                 loop {
                     let n = tokio::io::AsyncReadExt::read(&mut file, &mut buf).await.ctx(|| format!("reading {}", local.display()))?;
                     if n == 0 {
                         break;
                     }
+                    read += n as u64;
+                    if read > size {
+                        return Err(changed(read));
+                    }
                     put(buf[..n].to_vec()).await?;
+                }
+                if read != size {
+                    return Err(changed(read));
                 }
             }
             frame(Request::StdinClose).await?
