@@ -91,10 +91,21 @@ impl SandboxPaths {
     pub fn start_lock(&self, wait: bool) -> Result<Option<StartLock>> {
         use nix::fcntl::{Flock, FlockArg};
         use std::os::unix::fs::MetadataExt;
+        let mut tries = 0;
         loop {
             // A record whose directory is gone (a delete interrupted half way) still gets a lock.
             let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir);
-            let file = std::fs::File::create(&self.lock).ctx(|| format!("creating {}", self.lock.display()))?;
+            let file = match std::fs::File::create(&self.lock) {
+                Ok(f) => f,
+                // A delete in another process removed the directory between the two steps
+                // (`prune` then failed as a whole): once more. Who took the lock of a sandbox
+                // that is gone forgets it (`forget_lock`), as after any delete.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 3 => {
+                    tries += 1;
+                    continue;
+                }
+                Err(e) => return Err(Error::Io { context: format!("creating {}", self.lock.display()), source: e }),
+            };
             let how = if wait { FlockArg::LockExclusive } else { FlockArg::LockExclusiveNonblock };
             let lock = match Flock::lock(file, how) {
                 Ok(l) => l,
