@@ -186,9 +186,8 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
         r = sb.upload(&bigger, "/data/gone/") => panic!("the upload finished before it could be held: {r:?}"),
         () = held => {}
     }
-    // (It is there: the clean-up's own sftp takes a while to connect.)
-    let there = watcher.run("ls -A /data/gone", &opts()).await.unwrap().stdout;
-    assert!(there.starts_with(".smolvm-upload-"), "{there:?}");
+    // (The temporary file was there: `caught` saw it. The clean-up's own sftp, on a session of
+    // its own, may have removed it by now.)
     assert_eq!(watcher.run("pkill -CONT sftp-server", &opts()).await.unwrap().exit_code, 0);
     sb.set_channel(Channel::Agent);
     let mut left = String::new();
