@@ -24,6 +24,17 @@ fn version_of(bin: &str, arg: &str) -> Option<String> {
     String::from_utf8_lossy(&out.stdout).lines().next().map(str::to_string)
 }
 
+/// What would let KVM run here, for the reason `kvm_usable` gave that it cannot.
+fn way_to_kvm(why: &str) -> &'static str {
+    if why.contains("another hypervisor") {
+        "quit VirtualBox or VMware (or unload their kernel modules) to free the CPU's virtualisation for KVM"
+    } else if why.contains("kvm group") {
+        "add yourself to the kvm group (sudo usermod -aG kvm $USER), then log in again"
+    } else {
+        "on bare metal load kvm_intel or kvm_amd"
+    }
+}
+
 pub fn run(dirs: &Dirs) -> Vec<Check> {
     let mut checks = Vec::new();
     checks.push(match crate::vmm::choose_accel() {
@@ -35,26 +46,21 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
                 Err(why) if !asked => why,
                 _ => "SMOLVM_ACCEL=tcg".to_string(),
             };
-            let fix = if asked {
-                "sandboxes work, slower; unset SMOLVM_ACCEL to use KVM where it can run a guest"
-            } else if why.contains("another hypervisor") {
-                "sandboxes work, slower; quit VirtualBox or VMware (or unload their kernel modules) to free the CPU's virtualisation for KVM"
-            } else if why.contains("kvm group") {
-                "sandboxes work, slower; add yourself to the kvm group (sudo usermod -aG kvm $USER), then log in again"
-            } else {
-                "sandboxes work, slower; on bare metal load kvm_intel or kvm_amd"
+            let fix = match asked {
+                true => "sandboxes work, slower; unset SMOLVM_ACCEL to use KVM where it can run a guest".to_string(),
+                false => format!("sandboxes work, slower; {}", way_to_kvm(&why)),
             };
-            check("accelerator", "warn", format!("TCG software emulation: {why}"), Some(fix))
+            check("accelerator", "warn", format!("TCG software emulation: {why}"), Some(&fix))
         }
         Err(e) => {
             // KVM asked for and not usable: the way back to TCG, and to KVM for that reason.
-            let for_kvm = match crate::vmm::kvm_usable() {
-                Err(why) if why.contains("kvm group") => "; for KVM, join the kvm group (sudo usermod -aG kvm $USER) and log in again",
-                Err(why) if why.contains("another hypervisor") => "; for KVM, quit VirtualBox or VMware",
-                Err(why) if why.contains("does not exist") || why.contains("is loaded") => "; for KVM, on bare metal load kvm_intel or kvm_amd",
-                _ => "",
-            };
-            check("accelerator", "fail", e, Some(&format!("unset SMOLVM_ACCEL (or set it to tcg): auto uses KVM where it can run a guest, else TCG{for_kvm}")))
+            let for_kvm = crate::vmm::kvm_usable().err().map(|why| format!("; for KVM, {}", way_to_kvm(&why))).unwrap_or_default();
+            check(
+                "accelerator",
+                "fail",
+                e,
+                Some(&format!("unset SMOLVM_ACCEL (or set it to tcg): auto uses KVM where it can run a guest, else TCG{for_kvm}")),
+            )
         }
     });
     checks.push(match crate::config::Backend::resolve(None) {

@@ -918,9 +918,8 @@ pub fn check_layers(top: &Path, data: &Path) -> Result<()> {
 /// The size of the disk an image file holds: a qcow2 file's header says it; a raw file is its
 /// own length.
 fn disk_size(image: &Path) -> Result<u64> {
-    let mut magic = [0u8; 4];
-    let _ = std::io::Read::read_exact(&mut fs::File::open(image).ctx(|| format!("opening {}", image.display()))?, &mut magic);
-    if &magic == b"QFI\xfb" {
+    fs::File::open(image).ctx(|| format!("opening {}", image.display()))?;
+    if is_qcow2(image) {
         virtual_size(image)
     } else {
         Ok(fs::metadata(image).map(|m| m.len()).unwrap_or(0))
@@ -944,9 +943,8 @@ pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Result<Pat
     // The overlay stands on its own link to the base: an image removed from the cache, or
     // rebuilt at the same path with other bytes, must not change the disk under a sandbox.
     let base = keep_file(&base, &overlay_base(overlay))?;
-    let mut magic = [0u8; 4];
-    let _ = std::io::Read::read_exact(&mut fs::File::open(&base).ctx(|| format!("opening {}", base.display()))?, &mut magic);
-    let format = if &magic == b"QFI\xfb" { "qcow2" } else { "raw" };
+    fs::File::open(&base).ctx(|| format!("opening {}", base.display()))?;
+    let format = if is_qcow2(&base) { "qcow2" } else { "raw" };
     let base_size = disk_size(&base)?;
     // Made beside and renamed over: an overlay left half made (the process killed) would
     // otherwise count as made, and every later start would fail on it.

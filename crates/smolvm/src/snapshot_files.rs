@@ -23,12 +23,12 @@ fn boot_name(dir: &Path, file: &Path) -> Result<PathBuf> {
 
 /// One image of a backing chain, as `qemu-img info --backing-chain` lists them, top first.
 #[derive(serde::Deserialize)]
-pub(crate) struct Layer {
-    pub filename: PathBuf,
-    pub format: String,
+struct Layer {
+    filename: PathBuf,
+    format: String,
 }
 
-pub(crate) fn backing_chain(disk: &Path) -> Result<Vec<Layer>> {
+fn backing_chain(disk: &Path) -> Result<Vec<Layer>> {
     // -U: lower layers may be open in running sandboxes.
     let out = Command::new("qemu-img")
         .args(["info", "-U", "--backing-chain", "--output=json"])
