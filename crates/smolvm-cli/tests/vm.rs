@@ -1285,10 +1285,17 @@ fn prune_removes_the_network_of_a_boot_killed_half_way() {
     let _ = starter.wait();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(supervisor.pid), nix::sys::signal::Signal::SIGKILL).unwrap();
     assert!(wait_until(Duration::from_secs(5), || !supervisor.alive() && env.qemu_processes().is_empty()));
+    // A killed process's other threads may still be on their way out (holding its copy of the
+    // start lock) when its main thread already reads as a zombie; prune rightly passes over a
+    // sandbox whose lock is held. Seen once under the full suite.
+    assert!(wait_until(Duration::from_secs(10), || env.start_lock_free("halfway")), "the dead boot's start lock stayed held");
     assert!(has_table() && leased());
-    let out = env.smolvm(&["sandbox", "prune"]);
+    let out = env.cli().args(["sandbox", "prune"]).env("SMOLVM_LOG", "debug").output().unwrap();
+    if has_table() {
+        let _ = smolvm::net::nft_remove(&table);
+        panic!("prune left the firewall table {table}:\n{}", stderr(&out));
+    }
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(!has_table(), "prune left the firewall table {table}");
     assert!(store.get("halfway").unwrap().is_some_and(|r| r.lease.is_none()), "prune left the lease");
     assert!(env.smolvm(&["sandbox", "delete", "halfway"]).status.success());
 }

@@ -564,7 +564,9 @@ fn host_network_leftovers(store: &Store, id: &str) {
     // A supervisor that cleaned up released its lease: then there is nothing to look for.
     let leased = store.get(id).ok().flatten().is_some_and(|r| r.lease.is_some());
     if leased && crate::net::nat_available().is_ok() {
-        let _ = crate::net::nft_remove(&crate::net::table_name(store.data_dir(), id));
+        if let Err(e) = crate::net::nft_remove(&crate::net::table_name(store.data_dir(), id)) {
+            tracing::warn!("{}", e.full_message());
+        }
     }
     let _ = store.release_network(id);
 }
@@ -592,6 +594,7 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
         let _lock = match paths.start_lock(false)? {
             Some(l) => l,
             None => {
+                tracing::debug!("prune: passing over {}: a start, stop or delete holds its lock", rec.id);
                 keep.insert(paths.dir);
                 continue;
             }

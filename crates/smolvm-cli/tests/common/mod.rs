@@ -98,6 +98,14 @@ impl TestEnv {
         processes_mentioning("qemu-system", &self.dirs.data.to_string_lossy())
     }
 
+    /// Whether no process holds sandbox `id`'s start lock (a start, a stop, a delete, or a
+    /// killed one's threads not yet gone).
+    pub fn start_lock_free(&self, id: &str) -> bool {
+        use nix::fcntl::{Flock, FlockArg};
+        let Ok(file) = std::fs::File::open(smolvm::sandbox::SandboxPaths::new(&self.dirs, id).lock) else { return true };
+        Flock::lock(file, FlockArg::LockExclusiveNonblock).is_ok()
+    }
+
     /// Stops (SIGSTOP) or continues (SIGCONT) this test's one VM's QEMU: a guest held still
     /// from outside, so that a transfer can be caught mid-way however fast this host is.
     pub fn signal_vmm(&self, signal: nix::sys::signal::Signal) {
