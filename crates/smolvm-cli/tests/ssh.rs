@@ -140,6 +140,12 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
     let elsewhere = RunOptions { cwd: Some("/nonexistent".into()), ..opts() };
     let r = sb.run("echo ran", &elsewhere).await.unwrap();
     assert_eq!((r.exit_code, r.stdout.as_str()), (2, ""), "{}", r.stderr);
+    // Output past the limit stops the command there too (it dies writing to the closed
+    // session).
+    let e = sb.run("yes", &RunOptions { max_output: 1000, ..opts() }).await.unwrap_err();
+    assert_eq!(e.to_string(), "the command's stdout passed 1000 bytes, the most `run` keeps; the command was stopped");
+    let gone = "for i in $(seq 50); do pgrep -x yes >/dev/null || { echo gone; exit; }; sleep 0.1; done";
+    assert_eq!(sb.run(gone, &opts()).await.unwrap().stdout, "gone\n");
 
     // 20 MB over SFTP, both ways.
     let data = random_bytes(20 * 1024 * 1024);

@@ -111,6 +111,39 @@ async fn unicode_and_five_megabytes_of_output_arrive_intact() {
     assert!(env.qemu_processes().is_empty());
 }
 
+/// A command that prints without end cannot fill the caller's memory: past `max_output` it is
+/// stopped with its whole group and the call says why, while output up to the limit is kept.
+#[tokio::test]
+async fn output_past_the_limit_stops_the_command_instead_of_filling_the_host() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    let limit = 1 << 20;
+    let within = RunOptions { max_output: limit, ..opts(60) };
+    let r = sb.run(&format!("head -c {limit} /dev/zero | tr '\\0' a"), &within).await.unwrap();
+    assert_eq!((r.stdout.len(), r.exit_code), (limit, 0));
+    let mut streamed = 0;
+    let err = sb
+        .run_streaming("yes smolvm-flood", &within, |o| {
+            if let smolvm::sandbox::Output::Stdout(d) = o {
+                streamed += d.len();
+            }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_string(), "the command's stdout passed 1 MiB, the most `run` keeps; the command was stopped");
+    assert_eq!(err.code(), "output_limit");
+    // A streaming caller was handed all that came, the piece that passed the limit too.
+    assert!(streamed > limit, "{streamed}");
+    assert_eq!(processes_left(&sb, "[y]es smolvm-flood").await, 0, "the command was left running");
+    // stderr has a limit of its own.
+    let err = sb.run("yes smolvm-flood >&2", &RunOptions { max_output: 1000, ..opts(60) }).await.unwrap_err();
+    assert!(err.to_string().starts_with("the command's stderr passed 1000 bytes,"), "{err}");
+    let err = sb.run("true", &RunOptions { max_output: 0, ..opts(10) }).await.unwrap_err();
+    assert_eq!(err.to_string(), "invalid max_output: must be at least 1 byte");
+    assert_eq!(sb.run("echo still here", &opts(10)).await.unwrap().output(), "still here");
+    sb.delete().await.unwrap();
+}
+
 /// A process that escaped a timed-out command's kill (its own session, parent gone, moved out
 /// of the command's cgroup) and keeps writing to the command's output does not keep the exec
 /// open: it ends 2 s after the kill, as a timeout.

@@ -39,6 +39,9 @@ fn to_py_with(e: Error, env_field: &str) -> PyErr {
         Error::Boot { console, .. } => serde_json::json!({ "console": console }),
         Error::Reported { .. } => serde_json::json!({}),
         Error::NotRunning { state, .. } => serde_json::json!({ "state": state }),
+        Error::OutputLimit { stream, limit } => {
+            serde_json::json!({ "code": e.code(), "stream": stream, "max_output": limit, "recovery": e.recovery() })
+        }
         _ => serde_json::json!({}),
     };
     // A boot that ran out of time is a timeout to Python users (OperationTimeoutError).
@@ -281,7 +284,8 @@ impl Vm {
         })
     }
 
-    #[pyo3(signature = (command, timeout, shell, stdin=None, env=None))]
+    #[pyo3(signature = (command, timeout, shell, stdin=None, env=None, max_output=smolvm::sandbox::DEFAULT_MAX_OUTPUT))]
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         py: Python<'_>,
@@ -290,6 +294,7 @@ impl Vm {
         shell: &str,
         stdin: Option<Vec<u8>>,
         env: Option<BTreeMap<String, String>>,
+        max_output: usize,
     ) -> PyResult<(i32, String, String)> {
         let shell = match shell {
             "login" => Shell::Login,
@@ -298,7 +303,7 @@ impl Vm {
         };
         // (The Python layer has refused less than a second.)
         let timeout = smolvm::config::seconds(timeout, "timeout").map_err(to_py)?;
-        let opts = RunOptions { timeout, shell, env: env.unwrap_or_default(), cwd: None, stdin, discard_output: false };
+        let opts = RunOptions { timeout, shell, env: env.unwrap_or_default(), cwd: None, stdin, discard_output: false, max_output };
         let inner = self.inner.clone();
         let id = self.id.clone();
         block_with(py, "env", async move {
@@ -508,6 +513,7 @@ fn delete_snapshot(snapshot_id: &str) -> PyResult<()> {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NativeError", m.py().get_type::<NativeError>())?;
+    m.add("MAX_OUTPUT", smolvm::sandbox::DEFAULT_MAX_OUTPUT)?;
     m.add_function(wrap_pyfunction!(validate_env_key, m)?)?;
     m.add_function(wrap_pyfunction!(validate_config, m)?)?;
     m.add_function(wrap_pyfunction!(check_whole, m)?)?;

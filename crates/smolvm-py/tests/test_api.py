@@ -187,6 +187,20 @@ def test_run_errors_state_and_timeout(no_leftovers):
         with pytest.raises(ValueError, match="Environment variable key cannot be empty") as e:
             vm.set_env_vars({"": "x"})
         assert e.value.details.get("field") == "env_vars"
+        # Output past max_output (64 MiB unless given) stops the command instead of filling
+        # this process's memory.
+        assert smolvm.vm.MAX_OUTPUT == 64 << 20
+        assert len(vm.run("head -c 4096 /dev/zero | tr '\\0' a", max_output=4096).stdout) == 4096
+        with pytest.raises(SmolVMError) as e:
+            vm.run("yes", max_output=100_000)
+        assert str(e.value) == "the command's stdout passed 100000 bytes, the most `run` keeps; the command was stopped"
+        details = e.value.details
+        assert (details["code"], details["stream"], details["max_output"]) == ("output_limit", "stdout", 100_000)
+        assert "download" in details["recovery"]
+        assert vm.run("pgrep -x yes || echo gone").output == "gone"
+        for bad in (0, -1, True, 1.5):
+            with pytest.raises(ValidationError, match=r"^invalid max_output: .* is not a positive whole number of bytes$"):
+                vm.run("true", max_output=bad)
         vm.wait_for_ready(timeout=30)
         # A command's own variables: for that command, raw shell too, never kept.
         assert vm.run("echo \"$ONE_OFF\"", env={"ONE_OFF": "x 'y' $z"}, shell="raw").output == "x 'y' $z"

@@ -51,6 +51,9 @@ pub enum Error {
     Ssh(String),
     #[error("cannot run commands in VM '{0}': its image has no smolvm agent")]
     CommandUnavailable(String),
+    /// A command printed more than `run` keeps (`RunOptions::max_output`); it was stopped.
+    #[error("the command's {stream} passed {}, the most `run` keeps; the command was stopped", size(*limit))]
+    OutputLimit { stream: &'static str, limit: usize },
     /// An error the supervisor process reported, with its own code and full message.
     #[error("{message}")]
     Reported { code: &'static str, message: String },
@@ -79,6 +82,7 @@ impl Error {
             Error::Interrupted(_) => "interrupted",
             Error::CommandUnavailable(_) => "command_unavailable",
             Error::Ssh(_) => "ssh",
+            Error::OutputLimit { .. } => "output_limit",
             Error::Reported { code, .. } => code,
         }
     }
@@ -94,6 +98,10 @@ impl Error {
                 Some("retry with SMOLVM_VERBOSE_BOOT=1 to see the guest kernel log; `smolvm doctor` checks the host".into())
             }
             Error::Image(_) => Some("`smolvm setup` installs what image building needs".into()),
+            Error::OutputLimit { .. } => Some(
+                "write the output to a file in the guest and download it, stream it (the CLI, `run_streaming`), or raise `max_output`"
+                    .into(),
+            ),
             Error::Network(_) | Error::Reported { code: "network", .. } => {
                 Some("`smolvm doctor` checks TAP devices and nftables; `--network user` needs neither".into())
             }
@@ -138,6 +146,15 @@ fn console_block(console: &str) -> String {
         String::new()
     } else {
         format!("\n--- last console lines ---\n{console}")
+    }
+}
+
+/// A byte count as people read it: whole MiB where it is one.
+fn size(n: usize) -> String {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{n} bytes")
     }
 }
 

@@ -19,6 +19,10 @@ use std::time::Duration;
 
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RUN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most of each output stream a `run` keeps by default. A guest's command can print far
+/// faster than anyone reads (`yes`, `cat /dev/urandom`), and a result held whole in the
+/// caller's memory must not let it take all of the host's.
+pub const DEFAULT_MAX_OUTPUT: usize = 64 << 20;
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest Unix socket path the kernel accepts (sun_path is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -234,6 +238,10 @@ pub struct RunOptions {
     /// takes the output as it streams by (the CLI), whose memory would otherwise grow with all
     /// that a command prints, without end for `yes`.
     pub discard_output: bool,
+    /// The most bytes of stdout, and of stderr, the result keeps: a command that prints more
+    /// is stopped (its whole process group) and the call fails with [`Error::OutputLimit`].
+    /// What came so far has been handed to `on_output`. Not used with `discard_output`.
+    pub max_output: usize,
 }
 
 impl Default for RunOptions {
@@ -245,6 +253,7 @@ impl Default for RunOptions {
             cwd: None,
             stdin: None,
             discard_output: false,
+            max_output: DEFAULT_MAX_OUTPUT,
         }
     }
 }
@@ -452,6 +461,9 @@ fn check_run(command: &str, opts: &RunOptions) -> Result<()> {
         return Err(Error::validation("timeout", "must be at least 1 second, or 0 for none"));
     }
     crate::config::check_wait(opts.timeout, "timeout")?;
+    if opts.max_output == 0 {
+        return Err(Error::validation("max_output", "must be at least 1 byte"));
+    }
     smolvm_proto::env::validate_vars(&opts.env)?;
     Ok(())
 }
@@ -642,6 +654,18 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
         }
     }
     Ok(removed)
+}
+
+/// Keep a piece of a command's output for its result, within `opts.max_output`.
+fn keep_output(kept: &mut Vec<u8>, piece: &[u8], opts: &RunOptions, stream: &'static str) -> Result<()> {
+    if opts.discard_output {
+        return Ok(());
+    }
+    if kept.len() + piece.len() > opts.max_output {
+        return Err(Error::OutputLimit { stream, limit: opts.max_output });
+    }
+    kept.extend_from_slice(piece);
+    Ok(())
 }
 
 /// A name for a download in progress, beside its destination: unique per download, so that
@@ -1090,11 +1114,9 @@ impl Sandbox {
             let (mut out, mut err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
             let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
             let mut any_output = false;
-            let mut keep = |to: &mut Vec<u8>, d: &[u8]| {
+            let mut keep = |to: &mut Vec<u8>, d: &[u8], stream: &'static str| {
                 any_output = true;
-                if !opts.discard_output {
-                    to.extend_from_slice(d);
-                }
+                keep_output(to, d, opts, stream)
             };
             let mut session = crate::ssh::SessionStderr::default();
             let (mut out_open, mut err_open) = (true, true);
@@ -1103,7 +1125,13 @@ impl Sandbox {
                 tokio::select! {
                     n = out.read(&mut b1), if out_open => match n {
                         Ok(0) | Err(_) => out_open = false,
-                        Ok(n) => { on_output(Output::Stdout(&b1[..n])); keep(&mut stdout, &b1[..n]); }
+                        Ok(n) => {
+                            on_output(Output::Stdout(&b1[..n]));
+                            if let Err(e) = keep(&mut stdout, &b1[..n], "stdout") {
+                                let _ = child.kill().await;
+                                return Err(e);
+                            }
+                        }
                     },
                     n = err.read(&mut b2), if err_open => match n {
                         Ok(0) | Err(_) => err_open = false,
@@ -1111,7 +1139,10 @@ impl Sandbox {
                             let theirs = session.take(&b2[..n]);
                             if !theirs.is_empty() {
                                 on_output(Output::Stderr(&theirs));
-                                keep(&mut stderr, &theirs);
+                                if let Err(e) = keep(&mut stderr, &theirs, "stderr") {
+                                    let _ = child.kill().await;
+                                    return Err(e);
+                                }
                             }
                         }
                     },
@@ -1124,7 +1155,10 @@ impl Sandbox {
             let (server_closed, rest) = session.finish();
             if !rest.is_empty() {
                 on_output(Output::Stderr(&rest));
-                keep(&mut stderr, &rest);
+                if let Err(e) = keep(&mut stderr, &rest, "stderr") {
+                    let _ = child.kill().await;
+                    return Err(e);
+                }
             }
             let status =
                 tokio::time::timeout_at(deadline, child.wait()).await.map_err(|_| timeout_err())?.ctx(|| "waiting for ssh".into())?;
@@ -1658,19 +1692,23 @@ impl Sandbox {
                     return Err(timeout_err());
                 }
             };
-            match reply {
+            let kept = match &reply {
                 Reply::Stdout(d) => {
-                    on_output(Output::Stdout(&d));
-                    if !opts.discard_output {
-                        stdout.extend_from_slice(&d);
-                    }
+                    on_output(Output::Stdout(d));
+                    keep_output(&mut stdout, d, opts, "stdout")
                 }
                 Reply::Stderr(d) => {
-                    on_output(Output::Stderr(&d));
-                    if !opts.discard_output {
-                        stderr.extend_from_slice(&d);
-                    }
+                    on_output(Output::Stderr(d));
+                    keep_output(&mut stderr, d, opts, "stderr")
                 }
+                _ => Ok(()),
+            };
+            if let Err(e) = kept {
+                let _ = stream.send(&Request::Cancel).await;
+                return Err(e);
+            }
+            match reply {
+                Reply::Stdout(_) | Reply::Stderr(_) => {}
                 Reply::Credit(n) => window.add_permits((n as usize).min(smolvm_proto::WINDOW)),
                 Reply::Exit { timed_out: true, .. } => return Err(timeout_err()),
                 // Stopped, deleted or powered off meanwhile: as a connection that ends, above.

@@ -13,6 +13,8 @@ from .exceptions import CommandBlockedError, SmolVMError, ValidationError, VMNot
 from .types import CommandResult, SnapshotInfo, VMInfo, VMState
 
 _SHELLS = ("login", "raw")
+#: The most bytes of stdout, and of stderr, ``run`` keeps unless told otherwise (64 MiB).
+MAX_OUTPUT: int = _native.MAX_OUTPUT
 
 
 class _NotGiven:
@@ -283,13 +285,16 @@ class SmolVM:
         shell: str = "login",
         stdin: Optional[Union[bytes, str]] = None,
         env: Optional[Mapping[str, str]] = None,
+        max_output: int = MAX_OUTPUT,
     ) -> CommandResult:
         """Run ``command`` in a fresh process: ``$SHELL -lc`` (login) or ``/bin/sh -c`` (raw).
 
         ``stdin`` (bytes, or text sent as UTF-8) is what the command reads on its standard input;
         without it the command reads nothing. ``env`` is variables of this command alone, on top
         of the sandbox's managed ones (which a login shell reads); they are never written to the
-        guest's files.
+        guest's files. ``max_output`` is the most bytes of stdout, and of stderr, the result
+        keeps (64 MiB): a command that prints more is stopped and ``SmolVMError`` says so, so
+        that a runaway command cannot fill this process's memory.
         """
         _args.text(command, "command")
         if not command.strip():
@@ -303,11 +308,18 @@ class SmolVM:
         elif stdin is not None and not isinstance(stdin, (bytes, bytearray, memoryview)):
             raise ValidationError("invalid stdin: must be bytes or str", {"field": "stdin"})
         command_env = None if env is None else _args.env_vars(env, "env")
+        max_output = _args.count(max_output, "max_output", "bytes")
         if self.on_pre_run is not None:
             self.on_pre_run(command)  # may raise CommandBlockedError to veto
         try:
             code, out, err = call(
-                self._require().run, command, float(timeout), shell, None if stdin is None else bytes(stdin), command_env
+                self._require().run,
+                command,
+                float(timeout),
+                shell,
+                None if stdin is None else bytes(stdin),
+                command_env,
+                max_output,
             )
         except BaseException as e:
             if self.on_run_error is not None and not isinstance(e, CommandBlockedError):
