@@ -153,6 +153,10 @@ struct ExecArgs {
     /// on stdout alone, as a terminal shows it.
     #[arg(short = 't', long)]
     tty: bool,
+    /// The command's working directory in the guest, an absolute path (default: the home
+    /// directory, /root).
+    #[arg(short = 'w', long = "cwd", visible_alias = "workdir", value_name = "DIR")]
+    workdir: Option<String>,
 }
 
 /// `--channel agent|ssh`: overrides the sandbox's comm_channel for one command.
@@ -699,6 +703,7 @@ fn run_options(exec: &ExecArgs, env: &[std::ffi::OsString]) -> Result<RunOptions
         },
         shell: if exec.shell == "raw" { Shell::Raw } else { Shell::Login },
         env: env_flags(env)?,
+        cwd: exec.workdir.clone(),
         // `-i` streams (`run_streamed`), not `stdin`.
         ..Default::default()
     })
@@ -908,6 +913,7 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
             // too, so that a raw shell sees them as well: `run --shell raw -e MODE=ci 'echo $MODE'`.
             tracing::debug!("phase: run");
             let opts = run_options(&exec, &vm.env)?;
+            smolvm::sandbox::check_run(&command_line(&command), &opts)?;
             let boot_timeout = seconds(vm.boot_timeout, "boot_timeout")?;
             let mut sb = Sandbox::create_in(dirs, vm_config(&vm, None)?, true)?;
             tracing::debug!("phase: created");

@@ -28,6 +28,14 @@ fn cli_run_separates_streams_and_exits_with_the_guest_code() {
     let list = env.smolvm(&["sandbox", "list", "--all", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(v["data"], serde_json::json!([]));
+    let out = env.smolvm(&["run", "-w", "/etc", "pwd"]);
+    assert_eq!((stdout(&out).as_str(), out.status.code()), ("/etc\n", Some(0)), "{}", stderr(&out));
+    // Bad input is refused before anything boots.
+    let out = env.smolvm(&["run", "--cwd", "etc", "pwd"]);
+    assert_eq!((stderr(&out).as_str(), out.status.code()), ("error: invalid cwd: \"etc\" is not an absolute guest path\n", Some(1)));
+    let out = env.cli().args(["run", " "]).env("SMOLVM_LOG", "debug").output().unwrap();
+    assert!(stderr(&out).ends_with("error: invalid command: must not be empty\n"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("phase: created"), "{}", stderr(&out));
 }
 
 /// Once nobody reads `smolvm run`'s output, the command ends (as `yes | head -1` ends `yes`),
@@ -557,6 +565,18 @@ async fn login_and_raw_shells_and_lifecycle_states() {
     assert_eq!(r.output(), "/tmp");
     let err = sb.run("pwd", &RunOptions { cwd: Some("/nope".into()), ..opts(10) }).await.unwrap_err();
     assert!(err.to_string().contains("working directory /nope does not exist"), "{err}");
+    let err = sb.run("pwd", &RunOptions { cwd: Some("tmp".into()), ..opts(10) }).await.unwrap_err();
+    assert_eq!(err.to_string(), "invalid cwd: \"tmp\" is not an absolute guest path");
+    // The CLI's -w/--cwd (also --workdir), for `exec` and `run`, on a terminal too.
+    for args in
+        [&["sandbox", "exec", "-w", "/etc", "life", "--", "pwd"][..], &["sandbox", "exec", "-t", "--workdir", "/etc", "life", "--", "pwd"]]
+    {
+        let out = env.smolvm(args);
+        assert_eq!((out.status.code(), stdout(&out).trim()), (Some(0), "/etc"), "{args:?}: {}", stderr(&out));
+    }
+    let out = env.smolvm(&["sandbox", "exec", "--cwd", "etc", "life", "--", "pwd"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr(&out), "error: invalid cwd: \"etc\" is not an absolute guest path\n");
     let r = sb.run("hostname; nproc; grep MemTotal /proc/meminfo", &opts(10)).await.unwrap();
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert_eq!(lines[0], "life");

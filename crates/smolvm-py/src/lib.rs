@@ -284,7 +284,7 @@ impl Vm {
         })
     }
 
-    #[pyo3(signature = (command, timeout, shell, stdin=None, env=None, max_output=smolvm::sandbox::DEFAULT_MAX_OUTPUT))]
+    #[pyo3(signature = (command, timeout, shell, stdin=None, env=None, max_output=smolvm::sandbox::DEFAULT_MAX_OUTPUT, cwd=None))]
     #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
@@ -295,6 +295,7 @@ impl Vm {
         stdin: Option<Vec<u8>>,
         env: Option<BTreeMap<String, String>>,
         max_output: usize,
+        cwd: Option<String>,
     ) -> PyResult<(i32, String, String)> {
         let shell = match shell {
             "login" => Shell::Login,
@@ -303,7 +304,7 @@ impl Vm {
         };
         // (The Python layer has refused less than a second.)
         let timeout = smolvm::config::seconds(timeout, "timeout").map_err(to_py)?;
-        let opts = RunOptions { timeout, shell, env: env.unwrap_or_default(), cwd: None, stdin, discard_output: false, max_output };
+        let opts = RunOptions { timeout, shell, env: env.unwrap_or_default(), cwd, stdin, discard_output: false, max_output };
         let inner = self.inner.clone();
         let id = self.id.clone();
         block_with(py, "env", async move {

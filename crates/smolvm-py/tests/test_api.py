@@ -201,6 +201,13 @@ def test_run_errors_state_and_timeout(no_leftovers):
         for bad in (0, -1, True, 1.5):
             with pytest.raises(ValidationError, match=r"^invalid max_output: .* is not a positive whole number of bytes$"):
                 vm.run("true", max_output=bad)
+        # A working directory of the command's own.
+        assert vm.run("pwd", cwd="/tmp").output == "/tmp"
+        assert vm.run("pwd").output == "/root"
+        with pytest.raises(ValidationError, match=r'^invalid cwd: "tmp" is not an absolute guest path$'):
+            vm.run("pwd", cwd="tmp")
+        with pytest.raises(SmolVMError, match="working directory /nonexistent does not exist"):
+            vm.run("pwd", cwd="/nonexistent")
         vm.wait_for_ready(timeout=30)
         # A command's own variables: for that command, raw shell too, never kept.
         assert vm.run("echo \"$ONE_OFF\"", env={"ONE_OFF": "x 'y' $z"}, shell="raw").output == "x 'y' $z"

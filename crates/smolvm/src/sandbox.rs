@@ -440,8 +440,9 @@ const SNAPSHOT_ENV_BOUND: Duration = Duration::from_secs(2);
 /// say that the shell did not start.
 const MAX_COMMAND: usize = 32 * 4096 - 1;
 
-/// What every way of running a command checks first. A timeout of zero is none.
-fn check_run(command: &str, opts: &RunOptions) -> Result<()> {
+/// What every way of running a command checks first. A timeout of zero is none. Public so
+/// that `smolvm run` can refuse bad input before it boots anything.
+pub fn check_run(command: &str, opts: &RunOptions) -> Result<()> {
     if command.trim().is_empty() {
         return Err(Error::validation("command", "must not be empty"));
     }
@@ -461,6 +462,11 @@ fn check_run(command: &str, opts: &RunOptions) -> Result<()> {
         return Err(Error::validation("timeout", "must be at least 1 second, or 0 for none"));
     }
     crate::config::check_wait(opts.timeout, "timeout")?;
+    if let Some(cwd) = &opts.cwd {
+        if !cwd.starts_with('/') || cwd.contains('\0') {
+            return Err(Error::validation("cwd", format!("{cwd:?} is not an absolute guest path")));
+        }
+    }
     if opts.max_output == 0 {
         return Err(Error::validation("max_output", "must be at least 1 byte"));
     }

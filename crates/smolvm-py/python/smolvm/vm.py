@@ -286,13 +286,15 @@ class SmolVM:
         stdin: Optional[Union[bytes, str]] = None,
         env: Optional[Mapping[str, str]] = None,
         max_output: int = MAX_OUTPUT,
+        cwd: Optional[str] = None,
     ) -> CommandResult:
         """Run ``command`` in a fresh process: ``$SHELL -lc`` (login) or ``/bin/sh -c`` (raw).
 
         ``stdin`` (bytes, or text sent as UTF-8) is what the command reads on its standard input;
         without it the command reads nothing. ``env`` is variables of this command alone, on top
         of the sandbox's managed ones (which a login shell reads); they are never written to the
-        guest's files. ``max_output`` is the most bytes of stdout, and of stderr, the result
+        guest's files. ``cwd`` is the command's working directory in the guest (absolute;
+        default: the home directory). ``max_output`` is the most bytes of stdout, and of stderr, the result
         keeps (64 MiB): a command that prints more is stopped and ``SmolVMError`` says so, so
         that a runaway command cannot fill this process's memory.
         """
@@ -309,6 +311,7 @@ class SmolVM:
             raise ValidationError("invalid stdin: must be bytes or str", {"field": "stdin"})
         command_env = None if env is None else _args.env_vars(env, "env")
         max_output = _args.count(max_output, "max_output", "bytes")
+        cwd = None if cwd is None else _args.text(cwd, "cwd")
         if self.on_pre_run is not None:
             self.on_pre_run(command)  # may raise CommandBlockedError to veto
         try:
@@ -320,6 +323,7 @@ class SmolVM:
                 None if stdin is None else bytes(stdin),
                 command_env,
                 max_output,
+                cwd,
             )
         except BaseException as e:
             if self.on_run_error is not None and not isinstance(e, CommandBlockedError):
