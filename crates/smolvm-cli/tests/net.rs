@@ -501,3 +501,60 @@ async fn a_sandbox_cannot_fill_the_hosts_connection_table() {
     sb.delete().await.unwrap();
     no_smolvm_network_left();
 }
+
+/// A user without root (no TAP, no nftables, no /dev/kvm here) still gets sandboxes: over
+/// user-mode networking, with its published ports, state in its own home, and clear refusals
+/// of what needs root. Run as `nobody`, with copies of the binary, kernel and initramfs it can
+/// read.
+#[test]
+fn a_user_without_root_gets_sandboxes_over_user_mode_networking() {
+    if !Command::new("setpriv").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: no setpriv (util-linux) here");
+        return;
+    }
+    let env = env();
+    let img = smolvm::image::resolve(&VmConfig::default(), &env.dirs, &|_| {}).unwrap();
+    let home = tempfile::Builder::new().prefix("svt-user").tempdir_in("/tmp").unwrap();
+    let (bin, kernel, initrd) = (home.path().join("smolvm"), home.path().join("vmlinux"), home.path().join("initrd.cpio"));
+    std::fs::copy(env!("CARGO_BIN_EXE_smolvm"), &bin).unwrap();
+    std::fs::copy(&img.kernel, &kernel).unwrap();
+    std::fs::copy(img.initrd.as_ref().unwrap(), &initrd).unwrap();
+    assert!(Command::new("chown").args(["-R", "65534:65534"]).arg(home.path()).status().unwrap().success());
+    let (kernel, initrd) = (kernel.to_str().unwrap().to_string(), initrd.to_str().unwrap().to_string());
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&bin)
+            .args(args)
+            .env_clear()
+            .env("HOME", home.path())
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .output()
+            .unwrap()
+    };
+    let boot = ["--kernel", kernel.as_str(), "--initrd", initrd.as_str()];
+    let out = as_nobody(&[&["run"][..], &boot, &["id -u; ip -4 addr show eth0 | grep -o 'inet [0-9./]*'"]].concat());
+    assert_eq!((stdout(&out).as_str(), out.status.code()), ("0\ninet 10.0.2.15/24\n", Some(0)), "{}", stderr(&out));
+    let out = as_nobody(&["doctor"]);
+    assert!(stdout(&out).contains("user-mode networking only: TAP devices and nftables need root"), "{}", stdout(&out));
+    let out = as_nobody(&[&["sandbox", "create", "--name", "n", "--network", "nat"][..], &boot].concat());
+    assert_eq!(stderr(&out), "error: invalid network: nat is not available here: TAP devices and nftables need root (use 'user')\n");
+    // A long-lived one, with a published port.
+    let out = as_nobody(&[&["sandbox", "create", "--name", "u", "-p", "8080"][..], &boot].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = as_nobody(&["sandbox", "exec", "u", "--", "mkdir -p /srv && echo from-nobody > /srv/i && (httpd -p 8080 -h /srv &)"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = as_nobody(&["sandbox", "port", "list", "u", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let port = v["data"][0]["host"].as_u64().unwrap_or_else(|| panic!("{v}"));
+    let got = wait_until(Duration::from_secs(10), || http_get(port as u16, "/i").is_some_and(|b| b.contains("from-nobody")));
+    assert!(got, "the published port did not answer");
+    let vmm = processes_mentioning("qemu-system", &home.path().to_string_lossy());
+    assert_eq!(vmm.len(), 1);
+    let owner = std::fs::metadata(format!("/proc/{}", vmm[0])).map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap();
+    assert_eq!(owner, 65534, "QEMU runs as the user");
+    assert!(as_nobody(&["sandbox", "delete", "u", "--force"]).status.success());
+    assert!(wait_until(Duration::from_secs(5), || processes_mentioning("qemu-system", &home.path().to_string_lossy()).is_empty()));
+    let vms = home.path().join(".local/state/smolvm/vms");
+    assert_eq!(std::fs::read_dir(&vms).unwrap().count(), 0, "files left in {}", vms.display());
+}

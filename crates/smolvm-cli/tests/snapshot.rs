@@ -693,14 +693,7 @@ fn a_restore_takes_new_port_forwards_beside_its_running_source() {
     );
     ok(&["sandbox", "snapshot", "restore", "webs", "--name", "moved", "-p", &format!("{other}:8000")]);
     assert_eq!(ports("moved"), serde_json::json!([{ "guest": 8000, "host": other }]));
-    let fetch = |port: u16| {
-        use std::io::{Read, Write};
-        let mut body = String::new();
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-        s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
-        s.read_to_string(&mut body).ok()?;
-        Some(body)
-    };
+    let fetch = |port: u16| http_get(port, "/");
     assert!(wait_until(Duration::from_secs(20), || fetch(other).is_some_and(|b| b.ends_with("from-web\n"))), "{:?}", fetch(other));
     ok(&["sandbox", "snapshot", "restore", "webs", "--name", "bare", "--no-publish"]);
     assert_eq!(ports("bare"), serde_json::json!([]));

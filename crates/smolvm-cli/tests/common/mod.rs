@@ -153,6 +153,17 @@ pub fn stderr(o: &Output) -> String {
 }
 
 /// Poll until `f` holds, within a bound.
+/// An HTTP/1.0 GET of `path` on 127.0.0.1:`port`: the whole response, or `None` if none came.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut body = String::new();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).ok()?;
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
 pub fn wait_until(bound: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = std::time::Instant::now() + bound;
     while std::time::Instant::now() < end {
