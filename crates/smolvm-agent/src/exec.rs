@@ -157,10 +157,16 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
         // (The first command's group is made at boot.)
         return answered(token);
     }
-    if let Some(cwd) = req.cwd.as_deref().filter(|d| !std::path::Path::new(d).is_dir()) {
+    // Else the shell's start fails with an error that blames the shell.
+    let bad_cwd = req.cwd.as_deref().and_then(|cwd| match std::fs::metadata(cwd) {
+        Ok(m) if m.is_dir() => None,
+        Ok(_) => Some(format!("working directory {cwd} is not a directory")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(format!("working directory {cwd} does not exist")),
+        Err(e) => Some(format!("working directory {cwd}: {e}")),
+    });
+    if let Some(why) = bad_cwd {
         forget(stream, token);
-        // Else the shell's start fails with an error that blames the shell.
-        w.send(stream, &Reply::error(ErrorKind::NotFound, format!("working directory {cwd} does not exist")));
+        w.send(stream, &Reply::error(ErrorKind::NotFound, why));
         return answered(token);
     }
     let grouped = crate::cgroup::create(token);

@@ -628,9 +628,14 @@ fn vm_config(vm: &VmArgs, name: Option<String>) -> Result<VmConfig, Error> {
         disk_size_mib: vm.disk_size.map(|v| whole("disk_size_mib", v)).transpose()?,
         comm_channel: vm.comm_channel.clone(),
         ssh_public_key: match &vm.ssh_key {
-            Some(k) if std::path::Path::new(k).is_file() => {
-                Some(std::fs::read_to_string(k).map_err(|e| Error::Io { context: format!("reading {k}"), source: e })?.trim().to_string())
-            }
+            // A key is one line of words ("ssh-ed25519 AAAA… [comment]"); one word is the file
+            // that holds it, whose errors are its own (an unreadable file is no key text).
+            Some(k) if !k.trim().contains(char::is_whitespace) => Some(
+                std::fs::read_to_string(k)
+                    .map_err(|e| Error::Io { context: format!("reading the --ssh-key file {k}"), source: e })?
+                    .trim()
+                    .to_string(),
+            ),
             other => other.clone(),
         },
     })
@@ -1264,9 +1269,10 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
         SandboxCmd::Logs { name, tail, follow } => {
             let sb = Sandbox::open_in(dirs, &name).await?;
             let path = sb.paths().console.clone();
+            let log = sandbox::console_log(&path)?;
             let text = match tail {
-                Some(n) => sandbox::console_tail(&path, n),
-                None => String::from_utf8_lossy(&std::fs::read(&path).unwrap_or_default()).into_owned(),
+                Some(n) => sandbox::last_lines(&log, n),
+                None => log,
             };
             // A reader that went away (`| head`) ends this as it would `cat`: quietly, 141.
             let emit = |data: &[u8]| std::io::stdout().write_all(data).and_then(|_| std::io::stdout().flush()).is_ok();
@@ -1598,6 +1604,8 @@ fn main() {
                 Error::Timeout { .. } => 124,
                 // As a shell reports a command that SIGINT ended.
                 Error::Interrupted(_) => 130,
+                // As shells and `env` say of a command they found but could not run.
+                Error::CannotStart(_) => 126,
                 _ => 1,
             };
             if json {

@@ -521,17 +521,15 @@ fn a_user_without_root_gets_sandboxes_over_user_mode_networking() {
     std::fs::copy(img.initrd.as_ref().unwrap(), &initrd).unwrap();
     assert!(Command::new("chown").args(["-R", "65534:65534"]).arg(home.path()).status().unwrap().success());
     let (kernel, initrd) = (kernel.to_str().unwrap().to_string(), initrd.to_str().unwrap().to_string());
-    let as_nobody = |args: &[&str]| {
-        Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+    let nobody = || {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
             .arg(&bin)
-            .args(args)
             .env_clear()
-            .env("HOME", home.path())
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
-            .output()
-            .unwrap()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin");
+        c
     };
+    let as_nobody = |args: &[&str]| nobody().args(args).env("HOME", home.path()).output().unwrap();
     let boot = ["--kernel", kernel.as_str(), "--initrd", initrd.as_str()];
     let out = as_nobody(&[&["run"][..], &boot, &["id -u; ip -4 addr show eth0 | grep -o 'inet [0-9./]*'"]].concat());
     assert_eq!((stdout(&out).as_str(), out.status.code()), ("0\ninet 10.0.2.15/24\n", Some(0)), "{}", stderr(&out));
@@ -539,6 +537,23 @@ fn a_user_without_root_gets_sandboxes_over_user_mode_networking() {
     assert!(stdout(&out).contains("user-mode networking only: TAP devices and nftables need root"), "{}", stdout(&out));
     let out = as_nobody(&[&["sandbox", "create", "--name", "n", "--network", "nat"][..], &boot].concat());
     assert_eq!(stderr(&out), "error: invalid network: nat is not available here: TAP devices and nftables need root (use 'user')\n");
+    // Without HOME the data directory is under the account's own home, not someone else's.
+    let passwd_home = nix::unistd::User::from_uid(65534.into()).unwrap().map(|u| u.dir).unwrap();
+    let out = nobody().args(["sandbox", "list"]).output().unwrap();
+    assert!(stderr(&out).contains(&format!("{}/.local/state/smolvm", passwd_home.display())), "{}", stderr(&out));
+    // What this user cannot read is named up front, not left to QEMU.
+    let private = home.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let mount = format!("{}:/mnt/p", private.display());
+    let out = as_nobody(&[&["run", "--mount", mount.as_str()][..], &boot, &["true"]].concat());
+    assert_eq!(
+        stderr(&out),
+        format!("error: invalid mounts: {} cannot be read by this user: Permission denied (os error 13)\n", private.display())
+    );
+    let key = format!("{}/key.pub", private.display());
+    let out = as_nobody(&[&["sandbox", "create", "--name", "k", "--ssh-key", key.as_str()][..], &boot].concat());
+    assert!(stderr(&out).starts_with(&format!("error: reading the --ssh-key file {key}: Permission denied")), "{}", stderr(&out));
     // A long-lived one, with a published port.
     let out = as_nobody(&[&["sandbox", "create", "--name", "u", "-p", "8080"][..], &boot].concat());
     assert!(out.status.success(), "{}", stderr(&out));
@@ -557,4 +572,32 @@ fn a_user_without_root_gets_sandboxes_over_user_mode_networking() {
     assert!(wait_until(Duration::from_secs(5), || processes_mentioning("qemu-system", &home.path().to_string_lossy()).is_empty()));
     let vms = home.path().join(".local/state/smolvm/vms");
     assert_eq!(std::fs::read_dir(&vms).unwrap().count(), 0, "files left in {}", vms.display());
+    // Another user's sandbox, in a data directory both can open: said to be out of reach (it
+    // was called "stopping"), and its console log is an error (it printed nothing, exit 0).
+    let shared = tempfile::Builder::new().prefix("svt-shared").tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(shared.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let root_cli = |args: &[&str]| env.cli().env("SMOLVM_DATA_DIR", shared.path()).args(args).output().unwrap();
+    let out = root_cli(&["sandbox", "create", "--name", "theirs", "--network", "none"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // (The database opened to both; root's files stay its own. Again after each root command,
+    // which may make the WAL anew.)
+    let in_shared = |args: &[&str]| {
+        for f in ["state.db", "state.db-wal", "state.db-shm"] {
+            let _ = std::fs::set_permissions(shared.path().join(f), std::os::unix::fs::PermissionsExt::from_mode(0o666));
+        }
+        nobody().env("HOME", home.path()).env("SMOLVM_DATA_DIR", shared.path()).args(args).output().unwrap()
+    };
+    let out = in_shared(&["sandbox", "exec", "theirs", "--", "id"]);
+    assert!(
+        stderr(&out).contains("permission denied (its supervisor runs as another user; use that user, or a data directory of your own)"),
+        "{}",
+        stderr(&out)
+    );
+    let out = in_shared(&["sandbox", "logs", "theirs"]);
+    assert!(stderr(&out).contains("cannot reach the sandbox at"), "{}", stderr(&out));
+    assert!(root_cli(&["sandbox", "stop", "theirs"]).status.success());
+    let out = in_shared(&["sandbox", "logs", "theirs"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).starts_with("error: reading the console log ") && stderr(&out).contains("Permission denied"), "{}", stderr(&out));
+    assert!(root_cli(&["sandbox", "delete", "--force", "theirs"]).status.success());
 }

@@ -564,7 +564,8 @@ async fn login_and_raw_shells_and_lifecycle_states() {
     let r = sb.run("pwd", &RunOptions { cwd: Some("/tmp".into()), ..opts(10) }).await.unwrap();
     assert_eq!(r.output(), "/tmp");
     let err = sb.run("pwd", &RunOptions { cwd: Some("/nope".into()), ..opts(10) }).await.unwrap_err();
-    assert!(err.to_string().contains("working directory /nope does not exist"), "{err}");
+    assert_eq!(err.to_string(), "guest agent: exec: working directory /nope does not exist");
+    assert_eq!(err.code(), "cannot_start");
     let err = sb.run("pwd", &RunOptions { cwd: Some("tmp".into()), ..opts(10) }).await.unwrap_err();
     assert_eq!(err.to_string(), "invalid cwd: \"tmp\" is not an absolute guest path");
     // The CLI's -w/--cwd (also --workdir), for `exec` and `run`, on a terminal too.
@@ -574,6 +575,13 @@ async fn login_and_raw_shells_and_lifecycle_states() {
         let out = env.smolvm(args);
         assert_eq!((out.status.code(), stdout(&out).trim()), (Some(0), "/etc"), "{args:?}: {}", stderr(&out));
     }
+    // A working directory the guest cannot enter: the command never ran, which exits 126 (as
+    // a shell's "cannot execute"), apart from any code of the command's own.
+    let out = env.smolvm(&["sandbox", "exec", "-w", "/etc/passwd", "life", "--", "exit 1"]);
+    assert_eq!(
+        (out.status.code(), stderr(&out).as_str()),
+        (Some(126), "error: guest agent: exec: working directory /etc/passwd is not a directory\n")
+    );
     let out = env.smolvm(&["sandbox", "exec", "--cwd", "etc", "life", "--", "pwd"]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(stderr(&out), "error: invalid cwd: \"etc\" is not an absolute guest path\n");

@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub const DEFAULT_VCPUS: u32 = 2;
 pub const DEFAULT_MEMORY_MIB: u32 = 512;
@@ -123,6 +123,10 @@ fn validate_mounts(mounts: &[Mount]) -> Result<()> {
         }
         if m.host.to_str().is_none() {
             return Err(Error::validation("mounts", format!("{} is not UTF-8", m.host.display())));
+        }
+        // QEMU, which runs as this user, would fail the boot on it with its own words.
+        if let Err(e) = std::fs::read_dir(&m.host) {
+            return Err(Error::validation("mounts", format!("{} cannot be read by this user: {e}", m.host.display())));
         }
         if m.host.file_name().is_none() && m.guest.is_none() {
             return Err(Error::validation("mounts", format!("{} needs a guest path (HOST:GUEST)", m.host.display())));
@@ -613,16 +617,29 @@ pub struct Dirs {
     pub images: PathBuf,
 }
 
+/// The user's home: `HOME` where it is an absolute path, else the account's own (a service
+/// or `env -i` may run smolvm without `HOME`; the data directory must still be this user's,
+/// not a guess such as /root).
+fn home_dir() -> PathBuf {
+    if let Some(home) = std::env::var_os("HOME").map(PathBuf::from).filter(|h| h.is_absolute()) {
+        return home;
+    }
+    nix::unistd::User::from_uid(nix::unistd::Uid::effective())
+        .ok()
+        .flatten()
+        .map(|u| u.dir)
+        .filter(|d| d.is_absolute())
+        .unwrap_or_else(|| PathBuf::from("/"))
+}
+
 impl Dirs {
     pub fn from_env() -> Dirs {
         let data = std::env::var_os("SMOLVM_DATA_DIR")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
-            .or_else(|| std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()).map(|x| Path::new(&x).join("smolvm")))
-            .unwrap_or_else(|| {
-                let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
-                home.join(".local/state/smolvm")
-            });
+            // The XDG base directory rules: a relative XDG_STATE_HOME is not one, and is ignored.
+            .or_else(|| std::env::var_os("XDG_STATE_HOME").map(PathBuf::from).filter(|x| x.is_absolute()).map(|x| x.join("smolvm")))
+            .unwrap_or_else(|| home_dir().join(".local/state/smolvm"));
         let images =
             std::env::var_os("SMOLVM_IMAGE_DIR").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| data.join("images"));
         // A relative path is taken from where the command runs, and made absolute here: the

@@ -234,8 +234,13 @@ impl Conn {
     }
 
     pub async fn connect(path: &std::path::Path) -> Result<Arc<Conn>> {
-        let s =
-            UnixStream::connect(path).await.map_err(|e| Error::Io { context: format!("connecting to {}", path.display()), source: e })?;
+        let s = UnixStream::connect(path).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => Error::Host(format!(
+                "cannot reach the sandbox at {}: permission denied (its supervisor runs as another user; use that user, or a data directory of your own)",
+                path.display()
+            )),
+            _ => Error::Io { context: format!("connecting to {}", path.display()), source: e },
+        })?;
         Ok(Conn::new(s))
     }
 

@@ -51,6 +51,9 @@ pub enum Error {
     Ssh(String),
     #[error("cannot run commands in VM '{0}': its image has no smolvm agent")]
     CommandUnavailable(String),
+    /// The guest could not start the command (its working directory, its shell).
+    #[error("guest agent: exec: {0}")]
+    CannotStart(String),
     /// A command printed more than `run` keeps (`RunOptions::max_output`); it was stopped.
     #[error("the command's {stream} passed {}, the most `run` keeps; the command was stopped", size(*limit))]
     OutputLimit { stream: &'static str, limit: usize },
@@ -83,6 +86,7 @@ impl Error {
             Error::CommandUnavailable(_) => "command_unavailable",
             Error::Ssh(_) => "ssh",
             Error::OutputLimit { .. } => "output_limit",
+            Error::CannotStart(_) => "cannot_start",
             Error::Reported { code, .. } => code,
         }
     }

@@ -188,8 +188,23 @@ pub(crate) const START_LOCK_ENV: &str = "SMOLVM_START_LOCK_FD";
 /// The last `n` lines of a console log, for error messages.
 pub fn console_tail(path: &Path, n: usize) -> String {
     let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    last_lines(&text, n)
+}
+
+/// The last `n` lines of `text`, joined without a final newline.
+pub fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A sandbox's whole console log for `logs`: none yet (never started) is empty; one that
+/// cannot be read (another user's) is an error, not an empty log.
+pub fn console_log(path: &Path) -> Result<String> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(Error::Io { context: format!("reading the console log {}", path.display()), source: e }),
+    }
 }
 
 /// What a console gained since `pos`, and where the next read starts (`logs -f`). The
@@ -1726,6 +1741,9 @@ impl Sandbox {
                         stderr: String::from_utf8_lossy(&stderr).into_owned(),
                     })
                 }
+                // Refused before it started (its working directory, its shell): as a shell
+                // says of a command it cannot run, not as the command's own failure.
+                Reply::Error { kind: ErrorKind::NotFound | ErrorKind::Failed, message } => return Err(Error::CannotStart(message)),
                 other => return Err(self.unexpected("exec", other)),
             }
         }
@@ -2193,7 +2211,10 @@ impl Sandbox {
     /// Whether the sandbox is on its way down: its supervisor lives, but has removed its
     /// control socket, which it does first when it stops.
     fn going_down(&self, rec: &Record) -> bool {
-        rec.state.is_live() && rec.supervisor.is_some_and(|p| p.alive()) && !self.paths.ctl.exists()
+        // Gone for certain, not merely out of sight (another user's 0700 directory): that one
+        // is running, and connecting to it says why it cannot be reached.
+        let ctl_gone = matches!(std::fs::symlink_metadata(&self.paths.ctl), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+        rec.state.is_live() && rec.supervisor.is_some_and(|p| p.alive()) && ctl_gone
     }
 
     /// If another process is taking the sandbox down, wait until it is done (true).
