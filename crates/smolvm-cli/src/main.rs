@@ -1548,6 +1548,7 @@ fn print_error(e: &Error) {
 }
 
 fn main() {
+    smolvm::config::restrict_umask();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => usage_error(e),

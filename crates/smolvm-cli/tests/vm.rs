@@ -1684,3 +1684,43 @@ fn boot_settings_that_cannot_work_are_refused_up_front() {
     assert!(out.status.success());
     assert!(stderr(&out).starts_with("smolvm: SMOLVM_LOG is not a log filter ("), "{}", stderr(&out));
 }
+
+/// Under a umask of 000, what smolvm writes is still not writable by other users: its image
+/// cache holds kernels and figures that later starts trust.
+#[test]
+fn files_smolvm_makes_are_not_writable_by_others_whatever_the_umask() {
+    let env = env();
+    let images = env.tmp.path().join("fresh-images");
+    let out = std::process::Command::new("sh")
+        .args(["-c", "umask 000; \"$0\" sandbox list >/dev/null && exec \"$0\" doctor"])
+        .arg(env!("CARGO_BIN_EXE_smolvm"))
+        .env("SMOLVM_DATA_DIR", &env.dirs.data)
+        .env("SMOLVM_IMAGE_DIR", &images)
+        .output()
+        .unwrap();
+    assert!(stdout(&out).contains("data_dir"), "{}", stderr(&out));
+    let mut seen = 0;
+    for dir in [&images, &env.dirs.data] {
+        for e in walk(dir) {
+            let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::symlink_metadata(&e).unwrap().permissions());
+            assert_eq!(mode & 0o022, 0, "{} is {:o}", e.display(), mode & 0o777);
+            seen += 1;
+        }
+    }
+    assert!(seen >= 5, "smolvm wrote less than it should have: {seen} files");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    if !dir.exists() {
+        return Vec::new();
+    }
+    let mut out = vec![dir.to_path_buf()];
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}

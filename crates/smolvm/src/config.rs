@@ -617,6 +617,16 @@ pub struct Dirs {
     pub images: PathBuf,
 }
 
+/// Adds group and other write to the process's umask. What smolvm makes (the image cache, its
+/// remembered figures, logs, snapshots) must not be writable by other users whatever the
+/// caller's umask (000 made the cache world-writable, and later starts trust what is there).
+/// For smolvm's own processes (the CLI, supervisors); a library caller's umask is its own.
+pub fn restrict_umask() {
+    use nix::sys::stat::{umask, Mode};
+    let old = umask(Mode::from_bits_truncate(0o022));
+    umask(old | Mode::S_IWGRP | Mode::S_IWOTH);
+}
+
 /// The user's home: `HOME` where it is an absolute path, else the account's own (a service
 /// or `env -i` may run smolvm without `HOME`; the data directory must still be this user's,
 /// not a guess such as /root).

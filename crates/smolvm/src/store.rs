@@ -192,6 +192,8 @@ impl Store {
         // grows instead, kept short: an open that finds no other user reads all of it.
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
         conn.pragma_update(None, "wal_autocheckpoint", 64)?;
+        // Deleted rows are overwritten, not left in free space: they held env values.
+        conn.pragma_update(None, "secure_delete", true)?;
         conn.execute_batch(SCHEMA)?;
         Ok(Store { conn, data_dir: data_dir.to_path_buf() })
     }
@@ -279,9 +281,32 @@ impl Store {
     }
 
     pub fn update_config(&self, id: &str, config: &VmConfig) -> Result<()> {
+        let old = self.config_of("sandboxes", id)?;
         let json = serde_json::to_string(config).expect("config serializes");
         self.conn.execute("UPDATE sandboxes SET config=?2 WHERE id=?1", params![id, json])?;
+        self.scrub_if(old.is_some_and(|old| old.env_vars.iter().any(|(k, v)| config.env_vars.get(k) != Some(v))));
         Ok(())
+    }
+
+    /// The config recorded in `table` (sandboxes or snapshots) for `id`.
+    fn config_of(&self, table: &str, id: &str) -> Result<Option<VmConfig>> {
+        let json: Option<String> =
+            self.conn.query_row(&format!("SELECT config FROM {table} WHERE id=?1"), [id], |r| r.get(0)).optional()?;
+        Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+    }
+
+    /// Once env values have left the records (a sandbox or snapshot removed, a variable unset
+    /// or changed), their old copies go from the disk too: secure_delete has zeroed them in the
+    /// pages written since, and a checkpoint that empties the WAL takes the copies the WAL still
+    /// holds. Best effort, and brief: a reader in the way (another process) leaves them to the
+    /// WAL's next reset.
+    fn scrub_if(&self, secrets_gone: bool) {
+        if !secrets_gone {
+            return;
+        }
+        let _ = self.conn.busy_timeout(Duration::from_millis(200));
+        let _ = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        let _ = self.conn.busy_timeout(Duration::from_secs(10));
     }
 
     /// Record that sandbox `id` stands on `snapshot`, if that snapshot is still recorded. One
@@ -302,9 +327,11 @@ impl Store {
     /// when the record was removed.
     pub fn remove_unused_snapshot(&self, id: &str) -> Result<Vec<String>> {
         loop {
+            let old = self.config_of("snapshots", id)?;
             let n =
                 self.conn.execute("DELETE FROM snapshots WHERE id=?1 AND NOT EXISTS (SELECT 1 FROM sandboxes WHERE snapshot=?1)", [id])?;
             if n == 1 {
+                self.scrub_if(old.is_some_and(|c| !c.env_vars.is_empty()));
                 return Ok(Vec::new());
             }
             if self.get_snapshot(id)?.is_none() {
@@ -359,9 +386,11 @@ impl Store {
 
     /// Forget a sandbox; false if its record was already gone.
     pub fn remove(&self, id: &str) -> Result<bool> {
+        let old = self.config_of("sandboxes", id)?;
         let n = self.conn.execute("DELETE FROM sandboxes WHERE id=?1", [id])?;
         self.release_network(id)?;
         self.conn.execute("DELETE FROM last_slots WHERE sandbox=?1", [id])?;
+        self.scrub_if(old.is_some_and(|c| !c.env_vars.is_empty()));
         Ok(n > 0)
     }
 
@@ -507,6 +536,38 @@ mod tests {
         assert!(!store.remove("a").unwrap());
         let mode = std::fs::metadata(dir.path().join("state.db")).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    /// Env values that leave the records leave the database's files too (the WAL kept every
+    /// old copy, and freed pages kept theirs).
+    #[test]
+    fn env_values_that_are_removed_leave_no_copy_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let on_disk = |secret: &str| {
+            ["state.db", "state.db-wal"].iter().any(|f| {
+                let bytes = std::fs::read(dir.path().join(f)).unwrap_or_default();
+                bytes.windows(secret.len()).any(|w| w == secret.as_bytes())
+            })
+        };
+        let with = |pairs: &[(&str, &str)]| VmConfig {
+            env_vars: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        };
+        // A value unset, then one changed; the one still set stays.
+        store.insert("a", &with(&[("TOKEN", "s3cret-unset"), ("KEEP", "s3cret-kept")]), None).unwrap();
+        assert!(on_disk("s3cret-unset"));
+        store.update_config("a", &with(&[("KEEP", "s3cret-kept")])).unwrap();
+        assert!(!on_disk("s3cret-unset"));
+        store.update_config("a", &with(&[("KEEP", "s3cret-changed")])).unwrap();
+        assert!(!on_disk("s3cret-kept") && on_disk("s3cret-changed"));
+        // A snapshot's copy and the sandbox itself.
+        store.insert_snapshot("s", "a", "disk", &with(&[("KEEP", "s3cret-snap")])).unwrap();
+        assert!(on_disk("s3cret-snap"));
+        assert!(store.remove_unused_snapshot("s").unwrap().is_empty());
+        assert!(!on_disk("s3cret-snap"));
+        assert!(store.remove("a").unwrap());
+        assert!(!on_disk("s3cret-changed"));
     }
 
     #[test]

@@ -180,8 +180,12 @@ pub fn host_tsc_khz(cache: &Path) -> Option<u64> {
 /// The rate kept by an earlier start, if it was measured in this boot of the host.
 fn kept_tsc_khz(kept: &str, boot_id: &str) -> Option<u64> {
     let (id, khz) = kept.trim().split_once(' ')?;
-    (id == boot_id).then(|| khz.parse().ok()).flatten().filter(|k| *k > 0)
+    (id == boot_id).then(|| khz.parse().ok()).flatten().filter(|k| TSC_KHZ_RANGE.contains(k))
 }
+
+/// Rates a TSC can have (100 MHz to 20 GHz): a kept figure outside them was not measured
+/// here, and would run the guest's clock at the wrong speed.
+const TSC_KHZ_RANGE: std::ops::RangeInclusive<u64> = 100_000..=20_000_000;
 
 /// A TSC that ticks at one rate whatever the cores do (the flags Linux shows for it).
 fn invariant_tsc(cpuinfo: &str) -> bool {
@@ -291,6 +295,8 @@ mod tests {
         assert_eq!(kept_tsc_khz("abc 2596122\n", "def"), None);
         assert_eq!(kept_tsc_khz("abc x", "abc"), None);
         assert_eq!(kept_tsc_khz("abc 0", "abc"), None);
+        assert_eq!(kept_tsc_khz("abc 1", "abc"), None);
+        assert_eq!(kept_tsc_khz("abc 99999999999", "abc"), None);
         assert_eq!(kept_tsc_khz("", "abc"), None);
     }
 
