@@ -535,6 +535,14 @@ fn a_user_without_root_gets_sandboxes_over_user_mode_networking() {
     assert_eq!((stdout(&out).as_str(), out.status.code()), ("0\ninet 10.0.2.15/24\n", Some(0)), "{}", stderr(&out));
     let out = as_nobody(&["doctor"]);
     assert!(stdout(&out).contains("user-mode networking only: TAP devices and nftables need root"), "{}", stdout(&out));
+    // A /dev/kvm this user may not open is named with why and whose it is.
+    let kvm = std::fs::metadata("/dev/kvm").ok();
+    if kvm.is_some_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o006 == 0)
+        && !std::path::Path::new("/.dockerenv").exists()
+    {
+        let said = "/dev/kvm cannot be opened for reading and writing (Permission denied (os error 13); it belongs to group ";
+        assert!(stdout(&out).contains(said), "{}", stdout(&out));
+    }
     let out = as_nobody(&[&["sandbox", "create", "--name", "n", "--network", "nat"][..], &boot].concat());
     assert_eq!(stderr(&out), "error: invalid network: nat is not available here: TAP devices and nftables need root (use 'user')\n");
     // Without HOME the data directory is under the account's own home, not someone else's.

@@ -26,7 +26,9 @@ fn version_of(bin: &str, arg: &str) -> Option<String> {
 
 /// What would let KVM run here, for the reason `kvm_usable` gave that it cannot.
 fn way_to_kvm(why: &str) -> &'static str {
-    if why.contains("another hypervisor") {
+    if why.contains("container") {
+        "run the container with the host's /dev/kvm (docker run --device /dev/kvm, podman run --device /dev/kvm)"
+    } else if why.contains("another hypervisor") {
         "quit VirtualBox or VMware (or unload their kernel modules) to free the CPU's virtualisation for KVM"
     } else if why.contains("kvm group") {
         "add yourself to the kvm group (sudo usermod -aG kvm $USER), then log in again"

@@ -28,10 +28,24 @@ impl Accel {
 pub fn kvm_usable() -> Result<(), String> {
     let kvm = Path::new("/dev/kvm");
     if !kvm.exists() {
+        if in_container() {
+            return Err("/dev/kvm does not exist in this container (pass the host's device in)".into());
+        }
         return Err("/dev/kvm does not exist (no hardware virtualisation, or the kvm module is not loaded)".into());
     }
-    let Ok(dev) = std::fs::OpenOptions::new().read(true).write(true).open(kvm) else {
-        return Err("/dev/kvm cannot be opened for reading and writing (add yourself to the kvm group)".into());
+    let dev = match std::fs::OpenOptions::new().read(true).write(true).open(kvm) {
+        Ok(dev) => dev,
+        // A container's device cgroup refuses with EPERM, whatever groups the user is in.
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) || in_container() => {
+            return Err(format!("/dev/kvm cannot be opened for reading and writing ({e}; in a container, pass the host's device in)"))
+        }
+        Err(e) => {
+            let group = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(kvm).map_err(|e| e.to_string())?);
+            let name = nix::unistd::Group::from_gid(group.into()).ok().flatten().map_or(group.to_string(), |g| g.name);
+            return Err(format!(
+                "/dev/kvm cannot be opened for reading and writing ({e}; it belongs to group {name}: add yourself to the kvm group)"
+            ));
+        }
     };
     if Path::new("/sys/module/kvm_pvm").exists() {
         return Err("/dev/kvm is nested PVM virtualisation (kvm_pvm), which cannot run a stock guest kernel".into());
@@ -40,6 +54,12 @@ pub fn kvm_usable() -> Result<(), String> {
         return Err("neither kvm_intel nor kvm_amd is loaded".into());
     }
     kvm_creates_vm(&dev)
+}
+
+/// Whether this process runs in a container (Docker, Podman), whose /dev/kvm is what the
+/// container was given, not what the host has.
+fn in_container() -> bool {
+    Path::new("/.dockerenv").exists() || Path::new("/run/.containerenv").exists()
 }
 
 /// Whether `dev` (an open /dev/kvm) can make a VM with a vCPU, as QEMU will. Where another
@@ -86,23 +106,36 @@ fn kvm_creates_vm(dev: &std::fs::File) -> Result<(), String> {
 pub fn host_cpu_identity() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let first = cpuinfo.split("\n\n").next().unwrap_or("");
-    let wanted: Vec<&str> = first.lines().filter(|l| l.starts_with("model name") || l.starts_with("flags")).collect();
+    let wanted: Vec<&str> =
+        first.lines().filter(|l| l.starts_with("vendor_id") || l.starts_with("model name") || l.starts_with("flags")).collect();
     let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
     format!("{}\n{release}", wanted.join("\n"))
 }
 
 /// Whether a VM saved under KVM on the CPU `saved` ([`host_cpu_identity`]) can be resumed on
 /// the CPU `here`: its guest may use any instruction set extension it saw, so every one must be
-/// here too. Another model or kernel with all of them is fine (a user's snapshot outlives kernel
-/// upgrades; a warm template, only a cache, is keyed on the whole identity instead). The flags
-/// Linux adds of its own (`pti`, `hypervisor`, `constant_tsc`, mitigations, VMX details) vary
-/// with boot options and say nothing of what a guest can run, so only extensions count. Where
-/// this host's flags cannot be read, QEMU's load is the only check.
+/// here too, and the CPU must be of the same vendor (a guest kernel patches itself, picks its
+/// errata workarounds and sets MSRs for its vendor's CPUs, and none of that is in the saved
+/// state; QEMU makes no promise for `-cpu host` across hosts). Another model of that vendor or
+/// another kernel with all of them is accepted (a user's snapshot outlives kernel upgrades; a
+/// warm template, only a cache, is keyed on the whole identity instead). The flags Linux adds
+/// of its own (`pti`, `hypervisor`, `constant_tsc`, mitigations, VMX details) vary with boot
+/// options and say nothing of what a guest can run, so only extensions count. Where this
+/// host's flags cannot be read, QEMU's load is the only check.
 pub fn cpu_can_resume(saved: &str, here: &str) -> Result<(), String> {
     let field = |identity: &str, name: &str| -> String {
         let line = identity.lines().find(|l| l.starts_with(name)).unwrap_or("");
         line.split_once(':').map(|(_, v)| v.trim().to_string()).unwrap_or_default()
     };
+    // (Snapshots made before the vendor was recorded have none: only their flags are checked.)
+    let (saved_vendor, here_vendor) = (field(saved, "vendor_id"), field(here, "vendor_id"));
+    if !saved_vendor.is_empty() && !here_vendor.is_empty() && saved_vendor != here_vendor {
+        return Err(format!(
+            "it was saved on a {saved_vendor} CPU ({}) and this one is a {here_vendor} CPU ({})",
+            field(saved, "model name"),
+            field(here, "model name")
+        ));
+    }
     let here_flags = field(here, "flags");
     if here_flags.is_empty() {
         return Ok(());
@@ -126,7 +159,8 @@ pub fn cpu_can_resume(saved: &str, here: &str) -> Result<(), String> {
 fn is_isa_extension(flag: &str) -> bool {
     const PREFIXES: &str = "sse ssse3 pni avx amx fma f16c aes vaes pclmulqdq vpclmulqdq gfni sha_ni bmi adx abm movbe \
         popcnt xsave rdrand rdseed rdpid rdtscp erms fsrm clflushopt clwb fsgsbase pku la57 pdpe1gb cx16 movdir serialize \
-        waitpkg rtm hle lm nx x2apic smep smap umip";
+        waitpkg rtm hle lm nx smep smap umip";
+    // (Not x2apic: KVM gives every guest an x2APIC, whatever the host has.)
     PREFIXES.split_whitespace().any(|p| flag.starts_with(p))
 }
 
@@ -256,6 +290,15 @@ mod tests {
             cpu_can_resume(&saved, &cpu("EPYC C", "fpu sse2 avx2", "6.1.0")).unwrap_err(),
             "it was saved on a CPU (Xeon A) with features this one (EPYC C) lacks: avx512f"
         );
+        // The vendor must match, where both are known; x2apic is KVM's to give, not the host's.
+        let vendor = |v: &str, model: &str, flags: &str| format!("vendor_id\t: {v}\n{}", cpu(model, flags, "6.1.0"));
+        let intel = vendor("GenuineIntel", "Xeon A", "fpu sse2 avx2 x2apic");
+        assert_eq!(
+            cpu_can_resume(&intel, &vendor("AuthenticAMD", "EPYC C", "fpu sse2 avx2 x2apic")).unwrap_err(),
+            "it was saved on a GenuineIntel CPU (Xeon A) and this one is a AuthenticAMD CPU (EPYC C)"
+        );
+        assert_eq!(cpu_can_resume(&intel, &vendor("GenuineIntel", "Core B", "fpu sse2 avx2")), Ok(()));
+        assert_eq!(cpu_can_resume(&intel, &cpu("Unknown", "fpu sse2 avx2", "6.1.0")), Ok(()));
         let many: Vec<String> = (0..10).map(|i| format!("avx512_{i}")).collect();
         let err = cpu_can_resume(&cpu("X", &many.join(" "), "k"), &cpu("Y", "fpu", "k")).unwrap_err();
         assert!(err.ends_with("lacks: avx512_0, avx512_1, avx512_2, avx512_3, avx512_4, avx512_5, avx512_6, avx512_7 and 2 more"), "{err}");

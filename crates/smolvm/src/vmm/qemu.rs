@@ -66,21 +66,27 @@ impl SharedDir {
     }
 }
 
-/// `info registers -a` (x86): true if it shows CPUs and each is halted (`HLT=1`) with its
-/// interrupt flag (bit 9 of the flags) clear. A CPU outside 64-bit mode shows its flags as
-/// `EFL`: one the guest never brought up (q35's firmware parks the CPUs our kernel is not told
-/// of in 32-bit mode), which stays halted, as it would after `halt -f`.
-fn stopped_for_good(info: &str) -> bool {
-    let cpus: Vec<(Option<u64>, bool)> = info
-        .lines()
-        .filter(|l| l.contains("HLT="))
-        .map(|l| {
-            let field = |name: &str| l.split_whitespace().find_map(|w| w.strip_prefix(name));
-            let flags = field("RFL=").or_else(|| field("EFL="));
-            (flags.and_then(|f| u64::from_str_radix(f, 16).ok()), field("HLT=") == Some("1"))
-        })
-        .collect();
-    !cpus.is_empty() && cpus.iter().all(|(flags, halted)| *halted && flags.is_some_and(|f| f & 0x200 == 0))
+/// `info registers -a` (x86): each CPU's instruction pointer if it shows CPUs and every one is
+/// stopped for good, else `None`. Stopped: halted (`HLT=1`) with its interrupt flag (bit 9 of
+/// the flags) clear, or never started at all, still at the reset vector (`fff0`) with
+/// interrupts off: KVM shows a CPU the guest never brought up (`nosmp`, `maxcpus=`) that way,
+/// not halted. A CPU outside 64-bit mode shows its flags as `EFL` and its pointer as `EIP`:
+/// one the guest never brought up (q35's firmware parks the CPUs our kernel is not told of in
+/// 32-bit mode), which stays halted, as it would after `halt -f`.
+pub(crate) fn stopped_for_good(info: &str) -> Option<Vec<u64>> {
+    let hex = |v: Option<&str>| v.and_then(|v| u64::from_str_radix(v, 16).ok());
+    let mut ips = Vec::new();
+    for l in info.lines().filter(|l| l.contains("HLT=")) {
+        let field = |name: &str| l.split_whitespace().find_map(|w| w.strip_prefix(name));
+        let flags = hex(field("RFL=").or_else(|| field("EFL=")))?;
+        let ip = hex(field("RIP=").or_else(|| field("EIP=")))?;
+        let halted = field("HLT=") == Some("1");
+        if flags & 0x200 != 0 || !(halted || ip == 0xfff0) {
+            return None;
+        }
+        ips.push(ip);
+    }
+    (!ips.is_empty()).then_some(ips)
 }
 
 /// The QEMU machine. `microvm` is the default: no firmware, no PCI, devices on virtio-mmio,
@@ -635,9 +641,23 @@ impl Qmp {
     /// ends. Linux's `halt` (and its power-off, where it has no way to cut the power) leaves
     /// every CPU so; an idle guest halts with interrupts on, and a timer or a device wakes it.
     /// (QEMU's `HLT` here is KVM's halted state too, read with the registers.)
+    /// Whether the guest has stopped its CPUs for good ([`stopped_for_good`]), seen twice,
+    /// 150 ms apart, with every CPU where it was. One look could catch each CPU in a short halt
+    /// with interrupts off that ends by itself (under KVM, a paravirtual spinlock's wait), and
+    /// QEMU reads the CPUs one after another, not at one instant.
     pub async fn cpus_stopped_for_good(&mut self) -> Result<bool> {
-        let info = self.execute_args("human-monitor-command", serde_json::json!({ "command-line": "info registers -a" })).await?;
-        Ok(stopped_for_good(info.as_str().unwrap_or_default()))
+        let mut seen = Vec::new();
+        for look in 0..2 {
+            if look > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+            }
+            let info = self.execute_args("human-monitor-command", serde_json::json!({ "command-line": "info registers -a" })).await?;
+            match stopped_for_good(info.as_str().unwrap_or_default()) {
+                Some(ips) => seen.push(ips),
+                None => return Ok(false),
+            }
+        }
+        Ok(seen[0] == seen[1])
     }
 
     pub async fn execute_args(&mut self, command: &str, args: serde_json::Value) -> Result<serde_json::Value> {
@@ -706,22 +726,29 @@ mod tests {
             format!("CPU#0\nRAX=0000000000000000 RBX=0000000000000000\nRIP=ffffffff8101b3ea RFL={rfl} [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT={hlt}\nES =0000 0000000000000000 00000000 00000000\n")
         };
         let both = |a: String, b: String| a + &b;
-        assert!(stopped_for_good(&both(cpu("00000046", 1), cpu("00000046", 1))));
+        let stopped = |info: &str| stopped_for_good(info).is_some();
+        assert_eq!(stopped_for_good(&both(cpu("00000046", 1), cpu("00000046", 1))), Some(vec![0xffffffff8101b3ea; 2]));
         // Idle: halted, but a timer or device interrupt wakes it.
-        assert!(!stopped_for_good(&both(cpu("00000246", 1), cpu("00000246", 1))));
+        assert!(!stopped(&both(cpu("00000246", 1), cpu("00000246", 1))));
         // One CPU still runs.
-        assert!(!stopped_for_good(&both(cpu("00000046", 1), cpu("00000046", 0))));
-        assert!(!stopped_for_good(&both(cpu("00000046", 1), cpu("00000246", 1))));
+        assert!(!stopped(&both(cpu("00000046", 1), cpu("00000046", 0))));
+        assert!(!stopped(&both(cpu("00000046", 1), cpu("00000246", 1))));
         // q35: the guest halted, and a CPU it never brought up parked by the firmware in
         // 32-bit mode (halted, interrupts off) or waiting in it with interrupts on.
         let parked =
             |efl: &str| format!("CPU#1\nEAX=00000000 EBX=00000000\nEIP=000f7a1c EFL={efl} [-------] CPL=0 II=0 A20=1 SMM=0 HLT=1\n");
-        assert!(stopped_for_good(&both(cpu("00000046", 1), parked("00000002"))));
-        assert!(!stopped_for_good(&both(cpu("00000046", 1), parked("00000202"))));
-        assert!(!stopped_for_good(&both(cpu("00000246", 1), parked("00000002"))));
+        assert_eq!(stopped_for_good(&both(cpu("00000046", 1), parked("00000002"))), Some(vec![0xffffffff8101b3ea, 0xf7a1c]));
+        assert!(!stopped(&both(cpu("00000046", 1), parked("00000202"))));
+        assert!(!stopped(&both(cpu("00000246", 1), parked("00000002"))));
+        // KVM (microvm, `nosmp`): a CPU never started shows not halted, at the reset vector.
+        let reset = |hlt: u8, eip: &str| {
+            format!("CPU#1\nEAX=00000000 EBX=00000000\nEIP={eip} EFL=00000002 [-------] CPL=0 II=0 A20=1 SMM=0 HLT={hlt}\nCS =f000 ffff0000 0000ffff 00009b00\n")
+        };
+        assert!(stopped(&both(cpu("00000046", 1), reset(0, "0000fff0"))));
+        assert!(!stopped(&both(cpu("00000046", 1), reset(0, "0000fff4"))));
         // Nothing recognisable: not stopped.
-        assert!(!stopped_for_good(""));
-        assert!(!stopped_for_good("CPU#0\nRIP=0 RFL=zz HLT=1\n"));
+        assert!(!stopped(""));
+        assert!(!stopped("CPU#0\nRIP=0 RFL=zz HLT=1\n"));
     }
 
     #[tokio::test]
