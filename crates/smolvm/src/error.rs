@@ -103,7 +103,7 @@ impl Error {
             }
             Error::Image(_) => Some("`smolvm setup` installs what image building needs".into()),
             Error::OutputLimit { .. } => Some(
-                "write the output to a file in the guest and download it, stream it (the CLI, `run_streaming`), or raise `max_output`"
+                "write the output to a file in the guest and download it, or raise `max_output`; the CLI streams output and keeps no copy"
                     .into(),
             ),
             Error::Network(_) | Error::Reported { code: "network", .. } => {
