@@ -1633,6 +1633,10 @@ fn info_text(info: &serde_json::Value) -> String {
         let shown = match value {
             serde_json::Value::Null => continue,
             serde_json::Value::String(s) => s.clone(),
+            // As `port list` shows them.
+            serde_json::Value::Array(items) if key == "ports" && !items.is_empty() => {
+                items.iter().map(|p| format!("127.0.0.1:{} -> {}", p["host"], p["guest"])).collect::<Vec<_>>().join(", ")
+            }
             serde_json::Value::Array(items) if items.iter().all(|i| i.is_string()) => {
                 if items.is_empty() {
                     continue;
@@ -1662,5 +1666,7 @@ mod tests {
             super::info_text(&info),
             "env_keys           A, B\nid                 dev\ninternet_settings  {\"mode\":\"off\"}\nstate              running\nvcpu_count         2"
         );
+        let info = serde_json::json!({"id": "web", "ports": [{"guest": 8000, "host": 41549}, {"guest": 22, "host": 2222}]});
+        assert_eq!(super::info_text(&info), "id     web\nports  127.0.0.1:41549 -> 8000, 127.0.0.1:2222 -> 22");
     }
 }

@@ -58,6 +58,10 @@ async fn paths_modes_and_directories() {
     assert!(err.to_string().starts_with("invalid local_path:"), "{err}");
     let err = sb.download("/no/such/file", &env.tmp.path().join("x")).await.unwrap_err();
     assert!(err.to_string().contains("/no/such/file"), "{err}");
+    // The directories it would have gone into are not left behind.
+    let err = sb.download("/no/such/file", &env.tmp.path().join("made/a/b/x")).await.unwrap_err();
+    assert!(err.to_string().contains("/no/such/file"), "{err}");
+    assert!(!env.tmp.path().join("made").exists(), "a failed download left the directories made for it");
     // A device has no end to read to.
     let err = sb.download("/dev/zero", &env.tmp.path().join("zero")).await.unwrap_err();
     assert!(err.to_string().contains("/dev/zero is not a regular file or a directory"), "{err}");

@@ -572,6 +572,19 @@ fn a_user_without_root_gets_sandboxes_over_user_mode_networking() {
     let port = v["data"][0]["host"].as_u64().unwrap_or_else(|| panic!("{v}"));
     let got = wait_until(Duration::from_secs(10), || http_get(port as u16, "/i").is_some_and(|b| b.contains("from-nobody")));
     assert!(got, "the published port did not answer");
+    // A host port that is taken is named as such (QEMU's own words said only that the rule
+    // could not be set up).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let spec = format!("{}:9000", taken.local_addr().unwrap().port());
+    let out = as_nobody(&["sandbox", "port", "expose", "u", &spec]);
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "error: invalid port: cannot listen on 127.0.0.1:{}: Address already in use (os error 98)\n",
+            taken.local_addr().unwrap().port()
+        )
+    );
+    drop(taken);
     let vmm = processes_mentioning("qemu-system", &home.path().to_string_lossy());
     assert_eq!(vmm.len(), 1);
     let owner = std::fs::metadata(format!("/proc/{}", vmm[0])).map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap();

@@ -502,8 +502,16 @@ impl Vm {
 
 #[pyfunction]
 fn list_snapshots() -> PyResult<String> {
-    let snaps = smolvm::sandbox::list_snapshots(&Dirs::from_env()).map_err(to_py)?;
-    Ok(serde_json::to_string(&snaps).unwrap_or_default())
+    let dirs = Dirs::from_env();
+    let snaps = smolvm::sandbox::list_snapshots(&dirs).map_err(to_py)?;
+    let v: Vec<_> = snaps
+        .iter()
+        .map(|s| {
+            let path = smolvm::sandbox::snapshot_dir(&dirs, &s.id);
+            serde_json::json!({ "id": s.id, "vm_id": s.vm_id, "kind": s.kind, "created_at": s.created_at, "path": path })
+        })
+        .collect();
+    Ok(serde_json::Value::Array(v).to_string())
 }
 
 #[pyfunction]

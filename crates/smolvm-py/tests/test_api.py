@@ -526,7 +526,11 @@ def test_pause_resume_snapshot_and_from_snapshot(no_leftovers, tmp_path):
         paused.resume()
         assert paused.run("echo $A").output == "1"
         paused.delete()
-    smolvm._native.delete_snapshot("pysnap")
+    assert [s for s in SmolVM.list_snapshots() if s.snapshot_id == "pysnap"] == [info]
+    SmolVM.delete_snapshot("pysnap")
+    assert [s for s in SmolVM.list_snapshots() if s.snapshot_id == "pysnap"] == []
+    with pytest.raises(SnapshotNotFoundError, match="^snapshot 'pysnap' not found$"):
+        SmolVM.delete_snapshot("pysnap")
     with pytest.raises(SnapshotNotFoundError):
         SmolVM.from_snapshot("pysnap")
 
@@ -564,6 +568,8 @@ def test_ports_and_internet_settings(no_leftovers):
     with SmolVM(port_forwards=[8000], internet_settings={"mode": "off"}) as vm:
         vm.run("mkdir -p /srv && echo from-python > /srv/index.html && (httpd -p 8000 -h /srv &)")
         host_port = vm.expose_local(8000)
+        # The host port picked for port_forwards at start is in the sandbox's info.
+        assert vm.info.raw["ports"] == [{"guest": 8000, "host": host_port}]
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -574,6 +580,7 @@ def test_ports_and_internet_settings(no_leftovers):
                     raise
                 time.sleep(0.2)
         vm.unexpose_local(8000)
+        assert vm.info.raw["ports"] == []
         with pytest.raises(ValidationError, match="not exposed"):
             vm.unexpose_local(8000)
 

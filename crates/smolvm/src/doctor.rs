@@ -150,8 +150,10 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
         Err(why) => check(
             "network",
             "warn",
-            format!("user-mode networking only: {why}"),
-            Some("run as root with /dev/net/tun and nftables for NAT, isolation and allow-lists"),
+            // Said here, where the choice is made: in user mode the gateway is this host's
+            // loopback, and so are its services and other sandboxes' exposed ports.
+            format!("user-mode networking only: {why}; sandboxes with internet 'open' reach this host's 127.0.0.1 services as 10.0.2.2"),
+            Some("run as root with /dev/net/tun and nftables for NAT, isolation and allow-lists; or give untrusted code --internet off"),
         ),
     });
     checks.push(match version_of("qemu-img", "--version") {

@@ -722,6 +722,29 @@ impl Drop for SftpTemp {
     }
 }
 
+/// The directories a download makes for its destination, taken out again (those still empty)
+/// unless it succeeds: a download of a path the guest lacks left them on the host.
+struct MadeDirs(Vec<PathBuf>);
+
+impl MadeDirs {
+    /// Those of `dir` and its ancestors that do not exist yet, deepest first.
+    fn before(dir: &Path) -> MadeDirs {
+        MadeDirs(dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).map(Path::to_path_buf).collect())
+    }
+
+    fn keep(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for MadeDirs {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
 /// A download's temporary file, removed however its future ends (an interrupted Python call
 /// drops it unfinished); `stop` then also ends an extraction still running on its own thread.
 struct DownloadTemp {
@@ -1901,6 +1924,7 @@ impl Sandbox {
         let parent = if into_dir { local.to_path_buf() } else { local.parent().map(Path::to_path_buf).unwrap_or_default() };
         let parent = if parent.as_os_str().is_empty() { PathBuf::from(".") } else { parent };
         let dest = if into_dir { local.join(&name) } else { local.to_path_buf() };
+        let made = MadeDirs::before(&parent);
         smolvm_proto::paths::make_dirs(&parent).map_err(|e| match e.kind() {
             std::io::ErrorKind::InvalidInput => Error::validation("local_path", e.to_string()),
             _ => Error::Io { context: format!("creating {}", parent.display()), source: e },
@@ -1909,7 +1933,12 @@ impl Sandbox {
             match self.download_sftp(guest, &parent, &dest).await {
                 // OpenSSH: "not a regular file" (newer) or "non-regular file" (older).
                 Err(Error::Ssh(m)) if m.contains("regular file") => {}
-                done => return done,
+                done => {
+                    if done.is_ok() {
+                        made.keep();
+                    }
+                    return done;
+                }
             }
         }
         let mut stream = conn.open(&Request::FileGet { path: guest.to_string() }).await.map_err(|e| self.lost(conn, e))?;
@@ -1981,6 +2010,9 @@ impl Sandbox {
             Err(e) => Err(e),
         };
         drop(temp);
+        if done.is_ok() {
+            made.keep();
+        }
         done
     }
 
@@ -2298,9 +2330,14 @@ impl Sandbox {
         Ok(())
     }
 
+    /// The record as users see it, and the ports it has exposed now (those of `port_forwards`
+    /// whose host port was picked at start included).
     pub async fn info(&self) -> Result<serde_json::Value> {
         let rec = self.record()?;
-        Ok(record_json(&rec, &self.paths))
+        let mut v = record_json(&rec, &self.paths);
+        let ports = if rec.state.is_live() { self.ports()? } else { Vec::new() };
+        v["ports"] = ports.iter().map(|(g, h)| serde_json::json!({ "guest": g, "host": h })).collect();
+        Ok(v)
     }
 }
 

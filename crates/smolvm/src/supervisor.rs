@@ -395,7 +395,14 @@ async fn expose(
             Ok(port)
         }
         (Mode::User, _) => {
-            let port = if host == 0 { free_port().map_err(|e| bad(e.full_message()))? } else { host };
+            // QEMU's own refusal says only "Could not set up host forwarding rule": a port in
+            // use, or one below 1024 without root, is named here first, as for NAT.
+            let port = if host == 0 {
+                free_port().map_err(|e| bad(e.full_message()))?
+            } else {
+                std::net::TcpListener::bind(("127.0.0.1", host)).map_err(|e| bad(format!("cannot listen on 127.0.0.1:{host}: {e}")))?;
+                host
+            };
             let cmd = format!("hostfwd_add net0 tcp:127.0.0.1:{port}-:{guest}");
             let out = qmp
                 .execute_args("human-monitor-command", serde_json::json!({ "command-line": cmd }))

@@ -191,6 +191,18 @@ class SmolVM:
         snapshot_id = None if snapshot_id is None else _args.text(snapshot_id, "snapshot_id")
         return SnapshotInfo(*call(self._require().snapshot, snapshot_id, _args.text(snapshot_type, "snapshot_type")))
 
+    @staticmethod
+    def list_snapshots() -> List[SnapshotInfo]:
+        """Every saved snapshot, oldest first (they outlive the sandboxes they were taken of)."""
+        return [
+            SnapshotInfo(s["id"], s["vm_id"], s["kind"], s["path"]) for s in json.loads(call(_native.list_snapshots))
+        ]
+
+    @staticmethod
+    def delete_snapshot(snapshot_id: str) -> None:
+        """Delete a snapshot; refused while a sandbox restored from it stands on its disk."""
+        call(_native.delete_snapshot, _args.text(snapshot_id, "snapshot_id"))
+
     @classmethod
     def from_snapshot(
         cls,
