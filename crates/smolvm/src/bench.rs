@@ -256,7 +256,8 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         let down = 20.0 / t.elapsed().as_secs_f64();
         let t = Instant::now();
         let mut n = 0usize;
-        sb.run_streaming("cat /tmp/blob", &RunOptions::default(), |o| {
+        // (Counted as it streams by, as the CLI does: no copy kept.)
+        sb.run_streaming("cat /tmp/blob", &RunOptions { discard_output: true, ..Default::default() }, |o| {
             if let crate::sandbox::Output::Stdout(d) = o {
                 n += d.len();
             }
