@@ -91,6 +91,38 @@ async fn runtime_set_list_unset_as_documented() {
     sb.delete().await.unwrap();
 }
 
+/// A sandbox that is not running keeps its variables in its config: they are set, removed and
+/// listed there, and its next start puts them in place (this was refused: "start it first").
+#[tokio::test]
+async fn variables_of_a_sandbox_not_running_live_in_its_config_until_it_starts() {
+    let env = env();
+    let mut sb = env.boot(VmConfig { env_vars: vars(&[("KEPT", "1"), ("GONE", "2")]), ..Default::default() }).await;
+    sb.stop(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(sb.set_env_vars(&vars(&[("ADDED", "a b")]), true).await.unwrap(), ["ADDED", "GONE", "KEPT"]);
+    assert_eq!(sb.unset_env_vars(&["GONE".into(), "NEVER".into()]).await.unwrap(), vars(&[("GONE", "2")]));
+    assert_eq!(sb.list_env_vars().await.unwrap(), vars(&[("ADDED", "a b"), ("KEPT", "1")]));
+    // The CLI's, on a sandbox never started.
+    let out = env.smolvm(&["sandbox", "create", "--no-start", "--name", "fresh"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&env.smolvm(&["sandbox", "env", "set", "fresh", "X=9"])), "X\n");
+    // Too much in all is refused as at creation, and nothing is kept.
+    let big = "v".repeat(100_000);
+    let many: BTreeMap<String, String> = (0..11).map(|i| (format!("BIG{i}"), big.clone())).collect();
+    let err = sb.set_env_vars(&many, true).await.unwrap_err();
+    assert!(err.to_string().starts_with("the environment variables would take "), "{err}");
+    sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+    assert_eq!(sb.run("echo \"[$ADDED][$KEPT][$GONE]\"", &opts()).await.unwrap().output(), "[a b][1][]");
+    assert_eq!(sb.list_env_vars().await.unwrap(), vars(&[("ADDED", "a b"), ("KEPT", "1")]));
+    assert!(env.smolvm(&["sandbox", "start", "fresh"]).status.success());
+    assert_eq!(stdout(&env.smolvm(&["sandbox", "exec", "fresh", "--", "echo $X"])), "9\n");
+    // A paused one's are its guest's: refused until it resumes.
+    sb.pause().await.unwrap();
+    let err = sb.set_env_vars(&vars(&[("P", "1")]), true).await.unwrap_err();
+    assert!(err.to_string().contains("is paused; resume it first"), "{err}");
+    sb.delete().await.unwrap();
+    assert!(env.smolvm(&["sandbox", "delete", "--force", "fresh"]).status.success());
+}
+
 #[tokio::test]
 async fn hard_values_round_trip_byte_for_byte_and_never_run() {
     let env = env();

@@ -674,9 +674,17 @@ def test_a_handle_whose_guest_powered_itself_off_says_it_is_stopped(no_leftovers
         while vm.status != VMState.STOPPED and time.monotonic() < deadline:
             time.sleep(0.1)
         assert vm.status == VMState.STOPPED
-        for call in (vm.pause, lambda: vm.set_env_vars({"A": "1"}), vm.list_env_vars):
-            with pytest.raises(SmolVMError, match="is stopped; start it first"):
-                call()
+        with pytest.raises(SmolVMError, match="is stopped; start it first"):
+            vm.pause()
+        # Variables of a sandbox that is not running are kept for its next start.
+        assert vm.set_env_vars({"A": "1"}) == ["A"] and vm.list_env_vars() == {"A": "1"}
+        vm.start()
+        assert vm.run("echo $A").output == "1"
+        fresh = SmolVM()
+        assert fresh.set_env_vars({"B": "2", "C": "3"}) == ["B", "C"]
+        assert fresh.unset_env_vars("C") == {"C": "3"} and fresh.list_env_vars() == {"B": "2"}
+        with fresh:
+            assert fresh.run("echo $B$C").output == "2"
         # Never started: nothing to stop.
         SmolVM().stop()
     finally:

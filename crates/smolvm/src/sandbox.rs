@@ -2160,6 +2160,16 @@ impl Sandbox {
     /// Set variables for new login shells. Returns the sorted names present afterwards.
     pub async fn set_env_vars(&self, vars: &BTreeMap<String, String>, merge: bool) -> Result<Vec<String>> {
         smolvm_proto::env::validate_vars(vars)?;
+        if let Some((_lock, store, mut config)) = self.offline_config().await? {
+            if !merge {
+                config.env_vars.clear();
+            }
+            config.env_vars.extend(vars.clone());
+            // (The whole set within the agent's bound, as at creation.)
+            smolvm_proto::env::validate_vars(&config.env_vars)?;
+            store.update_config(&self.id, &config)?;
+            return Ok(config.env_vars.into_keys().collect());
+        }
         let names = match self.call_within(&Request::EnvSet { vars: vars.clone(), merge }, "env set", CALL_BOUND).await? {
             Reply::EnvNames(n) => n,
             other => return Err(self.unexpected("env set", other)),
@@ -2174,6 +2184,13 @@ impl Sandbox {
         for k in keys {
             smolvm_proto::env::validate_key(k)?;
         }
+        if let Some((_lock, store, mut config)) = self.offline_config().await? {
+            let removed: BTreeMap<String, String> = keys.iter().filter_map(|k| config.env_vars.remove_entry(k)).collect();
+            if !removed.is_empty() {
+                store.update_config(&self.id, &config)?;
+            }
+            return Ok(removed);
+        }
         let removed = match self.call_within(&Request::EnvUnset { keys: keys.to_vec() }, "env unset", CALL_BOUND).await? {
             Reply::EnvRemoved(r) => r,
             other => return Err(self.unexpected("env unset", other)),
@@ -2186,9 +2203,29 @@ impl Sandbox {
 
     /// The variables smolvm manages in this sandbox.
     pub async fn list_env_vars(&self) -> Result<BTreeMap<String, String>> {
+        if let Some((_lock, _, config)) = self.offline_config().await? {
+            return Ok(config.env_vars);
+        }
         match self.call_within(&Request::EnvList, "env list", CALL_BOUND).await? {
             Reply::Env(vars) => Ok(vars),
             other => Err(self.unexpected("env list", other)),
+        }
+    }
+
+    /// For a sandbox that is not running (created, stopped, failed), its config, under its
+    /// start lock: its variables live there until a start puts them in the guest, so they are
+    /// set, removed and listed there (a start under way finishes first). `None` for a running
+    /// or paused one, whose guest holds them.
+    async fn offline_config(&self) -> Result<Option<(StartLock, Store, VmConfig)>> {
+        if self.record()?.state.is_live() {
+            return Ok(None);
+        }
+        let lock = self.paths.wait_start_lock().await?;
+        let store = Store::open(&self.dirs.data)?;
+        match store.get(&self.id)? {
+            Some(rec) if rec.state.is_live() => Ok(None),
+            Some(rec) => Ok(lock.map(|l| (l, store, rec.config))),
+            None => Err(Error::NotFound(self.id.clone())),
         }
     }
 

@@ -393,17 +393,33 @@ class SmolVM:
     # -- environment variables ---------------------------------------------------------------
 
     def set_env_vars(self, env_vars: Mapping[str, str], *, merge: bool = True) -> List[str]:
-        """Set variables for new login shells; returns the sorted names present after."""
-        return call(self._require().set_env_vars, _args.env_vars(env_vars), _args.flag(merge, "merge"))
+        """Set variables for new login shells; returns the sorted names present after. On a
+        sandbox that is not running they are kept for its next start."""
+        env_vars, merge = _args.env_vars(env_vars), _args.flag(merge, "merge")
+        if self._native is None:
+            # Not made yet: they become part of the config it will be made with.
+            self._config = self._config.replace(env_vars={**(self._config.env_vars if merge else {}), **env_vars})
+            return sorted(self._config.env_vars)
+        return call(self._native.set_env_vars, env_vars, merge)
 
     def unset_env_vars(self, keys: Union[str, Sequence[str]]) -> Dict[str, str]:
         """Remove variables (a name, or a list of them); returns the removed ones with their
         previous values."""
-        return call(self._require().unset_env_vars, _args.names(keys, "keys"))
+        keys = _args.names(keys, "keys")
+        if self._native is None:
+            for k in keys:
+                call(_native.validate_env_key, k)
+            kept = dict(self._config.env_vars)
+            removed = {k: kept.pop(k) for k in keys if k in kept}
+            self._config = self._config.replace(env_vars=kept)
+            return removed
+        return call(self._native.unset_env_vars, keys)
 
     def list_env_vars(self) -> Dict[str, str]:
         """The variables smolvm manages in this sandbox."""
-        return call(self._require().list_env_vars)
+        if self._native is None:
+            return dict(self._config.env_vars)
+        return call(self._native.list_env_vars)
 
     def __repr__(self) -> str:
         return f"SmolVM(vm_id={self.vm_id!r})"
