@@ -683,6 +683,9 @@ def test_a_handle_whose_guest_powered_itself_off_says_it_is_stopped(no_leftovers
         fresh = SmolVM()
         assert fresh.set_env_vars({"B": "2", "C": "3"}) == ["B", "C"]
         assert fresh.unset_env_vars("C") == {"C": "3"} and fresh.list_env_vars() == {"B": "2"}
+        with pytest.raises(ValidationError, match="Invalid environment variable key: 'BAD-KEY'") as e:
+            fresh.unset_env_vars(["BAD-KEY"])
+        assert e.value.details.get("field") == "keys"
         with fresh:
             assert fresh.run("echo $B$C").output == "2"
         # Never started: nothing to stop.

@@ -408,7 +408,11 @@ class SmolVM:
         keys = _args.names(keys, "keys")
         if self._native is None:
             for k in keys:
-                call(_native.validate_env_key, k)
+                try:
+                    call(_native.validate_env_key, k)
+                except ValidationError as e:
+                    e.details["field"] = "keys"  # the parameter it came in, as when running
+                    raise
             kept = dict(self._config.env_vars)
             removed = {k: kept.pop(k) for k in keys if k in kept}
             self._config = self._config.replace(env_vars=kept)
