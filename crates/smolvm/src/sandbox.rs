@@ -127,7 +127,7 @@ impl SandboxPaths {
 
     /// Whether another process holds the start lock now (a start, a stop, a delete), found
     /// without making the lock's file or directory, which a delete may have removed.
-    fn start_lock_held(&self) -> bool {
+    pub fn start_lock_held(&self) -> bool {
         use nix::fcntl::{Flock, FlockArg};
         let Ok(file) = std::fs::File::open(&self.lock) else { return false };
         matches!(Flock::lock(file, FlockArg::LockExclusiveNonblock), Err((_, nix::errno::Errno::EWOULDBLOCK)))

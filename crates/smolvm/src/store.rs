@@ -154,13 +154,16 @@ fn proc_id(pid: Option<i32>, start: Option<i64>) -> Option<ProcId> {
     Some(ProcId { pid: pid?, start: start? as u64 })
 }
 
+/// How long a statement waits for another process's write to finish.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// WAL mode is a property of the database file, set by whoever opens it first. Switching a new
 /// database to it takes an exclusive lock and, unlike other locks, does not wait in the busy
 /// handler: processes that open a new database at once (the first commands on a host) got
 /// "database is locked". So the switch is retried while busy, and skipped when already done.
 /// A file system that cannot do WAL (no shared memory) keeps the journal mode it has, as before.
 fn set_wal(conn: &Connection) -> Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
     loop {
         let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
         if mode.eq_ignore_ascii_case("wal") {
@@ -183,7 +186,7 @@ impl Store {
         let conn = Connection::open(&path)?;
         // The database holds env values: readable by the owner only.
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         set_wal(&conn)?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         // Every CLI command opens and closes the database, often as its only user. Closing the
@@ -306,7 +309,7 @@ impl Store {
         }
         let _ = self.conn.busy_timeout(Duration::from_millis(200));
         let _ = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
-        let _ = self.conn.busy_timeout(Duration::from_secs(10));
+        let _ = self.conn.busy_timeout(BUSY_TIMEOUT);
     }
 
     /// Record that sandbox `id` stands on `snapshot`, if that snapshot is still recorded. One

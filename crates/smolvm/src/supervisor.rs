@@ -395,14 +395,13 @@ async fn expose(
             Ok(port)
         }
         (Mode::User, _) => {
-            // QEMU's own refusal says only "Could not set up host forwarding rule": a port in
-            // use, or one below 1024 without root, is named here first, as for NAT.
-            let port = if host == 0 {
-                free_port().map_err(|e| bad(e.full_message()))?
-            } else {
-                std::net::TcpListener::bind(("127.0.0.1", host)).map_err(|e| bad(format!("cannot listen on 127.0.0.1:{host}: {e}")))?;
-                host
-            };
+            // A free port, or the one asked for if it is: QEMU's own refusal says only "Could
+            // not set up host forwarding rule" for a port in use, or one below 1024 without
+            // root, which are named here first, as for NAT.
+            let port = std::net::TcpListener::bind(("127.0.0.1", host))
+                .and_then(|l| l.local_addr())
+                .map_err(|e| bad(format!("cannot listen on 127.0.0.1:{host}: {e}")))?
+                .port();
             let cmd = format!("hostfwd_add net0 tcp:127.0.0.1:{port}-:{guest}");
             let out = qmp
                 .execute_args("human-monitor-command", serde_json::json!({ "command-line": cmd }))

@@ -101,9 +101,7 @@ impl TestEnv {
     /// Whether no process holds sandbox `id`'s start lock (a start, a stop, a delete, or a
     /// killed one's threads not yet gone).
     pub fn start_lock_free(&self, id: &str) -> bool {
-        use nix::fcntl::{Flock, FlockArg};
-        let Ok(file) = std::fs::File::open(smolvm::sandbox::SandboxPaths::new(&self.dirs, id).lock) else { return true };
-        Flock::lock(file, FlockArg::LockExclusiveNonblock).is_ok()
+        !smolvm::sandbox::SandboxPaths::new(&self.dirs, id).start_lock_held()
     }
 
     /// Stops (SIGSTOP) or continues (SIGCONT) this test's one VM's QEMU: a guest held still

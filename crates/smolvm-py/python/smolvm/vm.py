@@ -306,9 +306,9 @@ class SmolVM:
         without it the command reads nothing. ``env`` is variables of this command alone, on top
         of the sandbox's managed ones (which a login shell reads); they are never written to the
         guest's files. ``cwd`` is the command's working directory in the guest (absolute;
-        default: the home directory). ``max_output`` is the most bytes of stdout, and of stderr, the result
-        keeps (64 MiB): a command that prints more is stopped and ``SmolVMError`` says so, so
-        that a runaway command cannot fill this process's memory.
+        default: the home directory). ``max_output`` is the most bytes of stdout, and of
+        stderr, the result keeps (64 MiB): a command that prints more is stopped and
+        ``SmolVMError`` says so, so that a runaway command cannot fill this process's memory.
         """
         _args.text(command, "command")
         if not command.strip():

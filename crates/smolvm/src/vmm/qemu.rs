@@ -73,7 +73,7 @@ impl SharedDir {
 /// not halted. A CPU outside 64-bit mode shows its flags as `EFL` and its pointer as `EIP`:
 /// one the guest never brought up (q35's firmware parks the CPUs our kernel is not told of in
 /// 32-bit mode), which stays halted, as it would after `halt -f`.
-pub(crate) fn stopped_for_good(info: &str) -> Option<Vec<u64>> {
+fn stopped_for_good(info: &str) -> Option<Vec<u64>> {
     let hex = |v: Option<&str>| v.and_then(|v| u64::from_str_radix(v, 16).ok());
     let mut ips = Vec::new();
     for l in info.lines().filter(|l| l.contains("HLT=")) {
