@@ -73,6 +73,9 @@ enum Cmd {
     Completion { shell: clap_complete::Shell },
     #[command(name = "__supervise", hide = true)]
     Supervise { id: String },
+    /// A sandbox supervisor's helper in the host's namespaces (NAT without root).
+    #[command(name = "__host-side", hide = true)]
+    HostSide,
 }
 
 #[derive(Args, Clone)]
@@ -1078,7 +1081,7 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
             write_out(&script);
             Ok(Done { exit_code: 0, data: Value::Null, text: None, errors: Vec::new() })
         }
-        Cmd::Supervise { .. } => unreachable!("handled before the runtime starts"),
+        Cmd::Supervise { .. } | Cmd::HostSide => unreachable!("handled before the runtime starts"),
     }
 }
 
@@ -1573,6 +1576,10 @@ fn main() {
     let json = wants_json(&cli.command);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let dirs = Dirs::from_env();
+    if let Cmd::HostSide = &cli.command {
+        drop(rt);
+        std::process::exit(smolvm::rootless::host_side_main());
+    }
     if let Cmd::Supervise { id } = &cli.command {
         // The supervisor builds its own runtime on this (main) thread.
         drop(rt);

@@ -502,39 +502,94 @@ async fn a_sandbox_cannot_fill_the_hosts_connection_table() {
     no_smolvm_network_left();
 }
 
-/// A user without root (no TAP, no nftables, no /dev/kvm here) still gets sandboxes: over
-/// user-mode networking, with its published ports, state in its own home, and clear refusals
-/// of what needs root. Run as `nobody`, with copies of the binary, kernel and initramfs it can
-/// read.
-#[test]
-fn a_user_without_root_gets_sandboxes_over_user_mode_networking() {
-    if !Command::new("setpriv").arg("--version").output().is_ok_and(|o| o.status.success()) {
-        eprintln!("skipped: no setpriv (util-linux) here");
-        return;
+/// Copies of the binary, kernel and initramfs that `nobody` can read, in a home of its own.
+struct Nobody {
+    home: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    kernel: String,
+    initrd: String,
+}
+
+impl Nobody {
+    fn new(env: &TestEnv) -> Option<Nobody> {
+        if !Command::new("setpriv").arg("--version").output().is_ok_and(|o| o.status.success()) {
+            eprintln!("skipped: no setpriv (util-linux) here");
+            return None;
+        }
+        let img = smolvm::image::resolve(&VmConfig::default(), &env.dirs, &|_| {}).unwrap();
+        let home = tempfile::Builder::new().prefix("svt-user").tempdir_in("/tmp").unwrap();
+        let (bin, kernel, initrd) = (home.path().join("smolvm"), home.path().join("vmlinux"), home.path().join("initrd.cpio"));
+        std::fs::copy(env!("CARGO_BIN_EXE_smolvm"), &bin).unwrap();
+        std::fs::copy(&img.kernel, &kernel).unwrap();
+        std::fs::copy(img.initrd.as_ref().unwrap(), &initrd).unwrap();
+        assert!(Command::new("chown").args(["-R", "65534:65534"]).arg(home.path()).status().unwrap().success());
+        let (kernel, initrd) = (kernel.to_str().unwrap().to_string(), initrd.to_str().unwrap().to_string());
+        Some(Nobody { home, bin, kernel, initrd })
     }
-    let env = env();
-    let img = smolvm::image::resolve(&VmConfig::default(), &env.dirs, &|_| {}).unwrap();
-    let home = tempfile::Builder::new().prefix("svt-user").tempdir_in("/tmp").unwrap();
-    let (bin, kernel, initrd) = (home.path().join("smolvm"), home.path().join("vmlinux"), home.path().join("initrd.cpio"));
-    std::fs::copy(env!("CARGO_BIN_EXE_smolvm"), &bin).unwrap();
-    std::fs::copy(&img.kernel, &kernel).unwrap();
-    std::fs::copy(img.initrd.as_ref().unwrap(), &initrd).unwrap();
-    assert!(Command::new("chown").args(["-R", "65534:65534"]).arg(home.path()).status().unwrap().success());
-    let (kernel, initrd) = (kernel.to_str().unwrap().to_string(), initrd.to_str().unwrap().to_string());
-    let nobody = || {
+
+    /// `smolvm` as nobody, with an empty environment but for PATH.
+    fn command(&self) -> Command {
         let mut c = Command::new("setpriv");
         c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .arg(&bin)
+            .arg(&self.bin)
             .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin");
         c
-    };
+    }
+
+    fn boot(&self) -> [&str; 4] {
+        ["--kernel", self.kernel.as_str(), "--initrd", self.initrd.as_str()]
+    }
+
+    /// Processes of this user's sandboxes: QEMU, the helper, slirp4netns.
+    fn processes(&self) -> Vec<i32> {
+        let mut all = processes_mentioning("qemu-system", &self.home.path().to_string_lossy());
+        all.extend(processes_mentioning(&self.bin.to_string_lossy(), "__host-side"));
+        all.extend(
+            processes_mentioning("slirp4netns", "--disable-host-loopback")
+                .into_iter()
+                .filter(|p| std::fs::metadata(format!("/proc/{p}")).is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 65534)),
+        );
+        all
+    }
+}
+
+/// `/dev/net/tun` at the mode Debian and Ubuntu give it (0666) for as long as this lives; this
+/// test host keeps it at 0600, which leaves a user without root on user-mode networking.
+struct TunOpen(u32);
+
+impl TunOpen {
+    fn new() -> TunOpen {
+        use std::os::unix::fs::PermissionsExt;
+        let was = std::fs::metadata("/dev/net/tun").unwrap().permissions().mode() & 0o7777;
+        std::fs::set_permissions("/dev/net/tun", std::fs::Permissions::from_mode(0o666)).unwrap();
+        TunOpen(was)
+    }
+}
+
+impl Drop for TunOpen {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions("/dev/net/tun", std::fs::Permissions::from_mode(self.0));
+    }
+}
+
+/// A user without root who cannot open /dev/net/tun (no TAP; and no /dev/kvm here) still gets
+/// sandboxes: over user-mode networking, with its published ports, state in its own home, and
+/// clear refusals of what needs more.
+#[test]
+fn a_user_without_root_gets_sandboxes_over_user_mode_networking() {
+    let _serial = serial();
+    let env = env();
+    let Some(user) = Nobody::new(&env) else { return };
+    let (home, boot) = (&user.home, user.boot());
+    let nobody = || user.command();
     let as_nobody = |args: &[&str]| nobody().args(args).env("HOME", home.path()).output().unwrap();
-    let boot = ["--kernel", kernel.as_str(), "--initrd", initrd.as_str()];
     let out = as_nobody(&[&["run"][..], &boot, &["id -u; ip -4 addr show eth0 | grep -o 'inet [0-9./]*'"]].concat());
     assert_eq!((stdout(&out).as_str(), out.status.code()), ("0\ninet 10.0.2.15/24\n", Some(0)), "{}", stderr(&out));
     let out = as_nobody(&["doctor"]);
-    assert!(stdout(&out).contains("user-mode networking only: TAP devices and nftables need root"), "{}", stdout(&out));
+    let no_tun = "this user cannot open /dev/net/tun (Permission denied (os error 13); its usual mode is 0666)";
+    assert!(stdout(&out).contains(&format!("user-mode networking only: {no_tun}")), "{}", stdout(&out));
     // A /dev/kvm this user may not open is named with why and whose it is.
     let kvm = std::fs::metadata("/dev/kvm").ok();
     if kvm.is_some_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o006 == 0)
@@ -544,7 +599,7 @@ fn a_user_without_root_gets_sandboxes_over_user_mode_networking() {
         assert!(stdout(&out).contains(said), "{}", stdout(&out));
     }
     let out = as_nobody(&[&["sandbox", "create", "--name", "n", "--network", "nat"][..], &boot].concat());
-    assert_eq!(stderr(&out), "error: invalid network: nat is not available here: TAP devices and nftables need root (use 'user')\n");
+    assert_eq!(stderr(&out), format!("error: invalid network: nat is not available here: {no_tun} (use 'user')\n"));
     // Without HOME the data directory is under the account's own home, not someone else's.
     // (Where the account has a passwd entry, as Debian's nobody does.)
     if let Some(passwd_home) = nix::unistd::User::from_uid(65534.into()).ok().flatten().map(|u| u.dir) {
@@ -627,4 +682,89 @@ fn a_user_without_root_gets_sandboxes_over_user_mode_networking() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).starts_with("error: reading the console log ") && stderr(&out).contains("Permission denied"), "{}", stderr(&out));
     assert!(root_cli(&["sandbox", "delete", "--force", "theirs"]).status.success());
+}
+
+/// A user without root who can open /dev/net/tun (its usual mode) gets NAT: in a user and
+/// network namespace of the sandbox's own, with slirp4netns as its way out. It then has what
+/// root's sandboxes have: no way to the host's loopback or addresses or to metadata services,
+/// allow-lists, exposed ports on the host's 127.0.0.1; and nothing stays when it goes.
+#[test]
+fn a_user_without_root_gets_nat_in_a_namespace_of_its_own() {
+    let _serial = serial();
+    let env = env();
+    if !Command::new("slirp4netns").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: no slirp4netns here");
+        return;
+    }
+    let Some(user) = Nobody::new(&env) else { return };
+    let _tun = TunOpen::new();
+    let lab = Lab::new(&env);
+    let run_as =
+        |args: &[&str]| user.command().env("HOME", user.home.path()).env("SMOLVM_DNS_UPSTREAM", lab.dns()).args(args).output().unwrap();
+    let out = run_as(&["doctor"]);
+    assert!(stdout(&out).contains("NAT networking in a namespace of each sandbox's own"), "{}", stdout(&out));
+    // What the host serves on its loopback and on all its addresses (the lab's gateways are
+    // some of them): each says "reached" to whoever connects.
+    let serve = || {
+        let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let _ = std::io::Write::write_all(&mut &c, b"reached\n");
+            }
+        });
+        port
+    };
+    let port = serve();
+    assert_eq!(std::io::read_to_string(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).unwrap(), "reached\n");
+    // The host's ends of the lab's two links.
+    let net = lab.hosts[0].rsplit_once('.').unwrap().0;
+    let (gw0, gw1) = (format!("{net}.1"), format!("{net}.5"));
+    let reach = |ip: &str| format!("out=$(nc -w 2 {ip} {port} </dev/null 2>/dev/null); echo {ip}:${{out:-shut}}");
+    let script = [
+        "ip -4 addr show eth0 | grep -q 'inet 172\\.16\\.[0-9.]*/30' && echo nat".to_string(),
+        fetch(&format!("http://{}:8080/", lab.hosts[0])),
+        reach("10.0.2.2"),
+        reach(&gw0),
+        reach(&gw1),
+    ]
+    .join("; ");
+    let out = run_as(&[&["run"][..], &user.boot(), &[script.as_str()]].concat());
+    assert_eq!(stdout(&out), format!("nat\nhello from the test internet\n10.0.2.2:shut\n{gw0}:shut\n{gw1}:shut\n"), "{}", stderr(&out));
+    // An allow-list, through the DNS proxy, whose upstream is reached from the host's side.
+    let script = [fetch("http://allowed.test:8080/"), fetch("http://blocked.test:8080/")].join("; ");
+    let out = run_as(&[&["run", "--allow-domain", "allowed.test"][..], &user.boot(), &[script.as_str()]].concat());
+    assert_eq!(stdout(&out), "hello from the test internet\nFAILED\n", "{}", stderr(&out));
+    // A long-lived one: its published and exposed ports are the host's.
+    let out = run_as(&[&["sandbox", "create", "--name", "r", "-p", "8080"][..], &user.boot()].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run_as(&[
+        "sandbox",
+        "exec",
+        "r",
+        "--",
+        "mkdir -p /srv && echo from-a-namespace > /srv/i && (httpd -p 8080 -h /srv &) && (httpd -p 8081 -h /srv &)",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run_as(&["sandbox", "port", "expose", "r", "8081"]);
+    let exposed: u16 = stdout(&out).trim().parse().unwrap_or_else(|_| panic!("{}", stderr(&out)));
+    let out = run_as(&["sandbox", "port", "list", "r", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let published = v["data"].as_array().unwrap().iter().find(|p| p["guest"] == 8080).unwrap()["host"].as_u64().unwrap() as u16;
+    for port in [published, exposed] {
+        let got = wait_until(Duration::from_secs(10), || http_get(port, "/i").is_some_and(|b| b.contains("from-a-namespace")));
+        assert!(got, "host port {port} did not answer");
+    }
+    assert!(user.processes().len() >= 3, "{:?}", user.processes());
+    // Its supervisor killed: QEMU, the helper and slirp4netns all go, and the next command
+    // sees the sandbox as dead.
+    let supervisor = processes_mentioning("__supervise", "r")
+        .into_iter()
+        .find(|p| std::fs::metadata(format!("/proc/{p}")).is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 65534));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(supervisor.expect("its supervisor")), nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || user.processes().is_empty()), "left: {:?}", user.processes());
+    assert!(run_as(&["sandbox", "prune"]).status.success());
+    let vms = user.home.path().join(".local/state/smolvm/vms");
+    assert_eq!(std::fs::read_dir(&vms).unwrap().count(), 0, "files left in {}", vms.display());
+    no_smolvm_network_left();
 }

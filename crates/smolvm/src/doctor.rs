@@ -146,14 +146,18 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
         None => check("nftables", "warn", "nft not found: no NAT networking", Some("smolvm setup (apt install nftables)")),
     });
     checks.push(match crate::net::nat_available() {
-        Ok(()) => check("network", "ok", "NAT networking (TAP + nftables)", None),
+        Ok(()) if nix::unistd::geteuid().is_root() => check("network", "ok", "NAT networking (TAP + nftables)", None),
+        Ok(()) => check("network", "ok", "NAT networking in a namespace of each sandbox's own (slirp4netns, TAP, nftables)", None),
         Err(why) => check(
             "network",
             "warn",
             // Said here, where the choice is made: in user mode the gateway is this host's
             // loopback, and so are its services and other sandboxes' exposed ports.
             format!("user-mode networking only: {why}; sandboxes with internet 'open' reach this host's 127.0.0.1 services as 10.0.2.2"),
-            Some("run as root with /dev/net/tun and nftables for NAT, isolation and allow-lists; or give untrusted code --internet off"),
+            Some(
+                "for NAT, isolation and allow-lists: root, or slirp4netns (smolvm setup) and a /dev/net/tun of mode 0666; \
+                 or give untrusted code --internet off",
+            ),
         ),
     });
     checks.push(match version_of("qemu-img", "--version") {
@@ -207,6 +211,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("qemu-utils", "/usr/bin/qemu-img"),
     ("mmdebstrap", "/usr/bin/mmdebstrap"),
     ("openssh-client", "/usr/bin/ssh"),
+    ("slirp4netns", "/usr/bin/slirp4netns"),
 ];
 
 pub fn missing_packages() -> Vec<&'static str> {

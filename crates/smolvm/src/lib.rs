@@ -12,6 +12,7 @@ pub mod error;
 pub mod image;
 pub mod net;
 pub mod recipe;
+pub mod rootless;
 pub mod sandbox;
 pub mod snapshot_files;
 pub mod ssh;

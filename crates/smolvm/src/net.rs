@@ -58,10 +58,11 @@ impl Mode {
     }
 }
 
-/// Why NAT networking cannot work on this host, if it cannot.
+/// Why NAT networking cannot work on this host for this user, if it cannot: as root on the
+/// host itself, else in a namespace of the sandbox's own (see `rootless`).
 pub fn nat_available() -> std::result::Result<(), String> {
     if !nix::unistd::Uid::effective().is_root() {
-        return Err("TAP devices and nftables need root".into());
+        return crate::rootless::available();
     }
     if !Path::new("/dev/net/tun").exists() {
         return Err("/dev/net/tun is missing".into());
@@ -141,7 +142,7 @@ fn learnable(ip: Ipv4Addr) -> bool {
         (Ipv4Addr::new(224, 0, 0, 0), 3),
     ];
     let inside = |addr: Ipv4Addr, prefix: u8| Cidr { addr, prefix }.overlaps(&Cidr { addr: ip, prefix: 32 });
-    !special.iter().any(|(a, p)| inside(*a, *p)) && !FORBIDDEN.iter().any(|(c, _)| c.overlaps(&Cidr { addr: ip, prefix: 32 }))
+    !special.iter().any(|(a, p)| inside(*a, *p)) && !never_reachable(ip)
 }
 
 /// A supervisor's host-wide claim on its network slot, held for as long as it runs (an
@@ -167,6 +168,11 @@ pub fn claims_dir() -> Result<std::path::PathBuf> {
 pub fn claim_slot(dir: &std::path::Path, slot: u32) -> Option<SlotClaim> {
     let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(slot.to_string())).ok()?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).ok().map(|held| SlotClaim { _held: held })
+}
+
+/// An address a sandbox may never reach, whatever its settings.
+pub fn never_reachable(ip: Ipv4Addr) -> bool {
+    FORBIDDEN.iter().any(|(c, _)| c.overlaps(&Cidr { addr: ip, prefix: 32 }))
 }
 
 /// The host's own IPv4 addresses (a sandbox may never be allowed to reach them).
@@ -342,7 +348,12 @@ pub fn table_name(data_dir: &std::path::Path, id: &str) -> String {
 pub const CONNECTION_LIMIT: u32 = 4096;
 
 /// The nftables table of one sandbox.
-pub fn ruleset(table: &str, tap: &str, lease: Lease, internet: &InternetSettings) -> String {
+///
+/// `rootless`: the sandbox's own namespace (see `rootless`), where the host's addresses are
+/// not the namespace's own and must be named (`also_blocked`), and where connections are
+/// counted in the namespace's own tracking table, not the host's: no limit is needed there,
+/// and none is set (it would need a kernel module a user cannot load).
+pub fn ruleset(table: &str, tap: &str, lease: Lease, internet: &InternetSettings, rootless: Option<&[Cidr]>) -> String {
     let (host, guest) = (lease.host(), lease.guest());
     let mut egress = String::new();
     match internet.mode.as_str() {
@@ -357,6 +368,17 @@ pub fn ruleset(table: &str, tap: &str, lease: Lease, internet: &InternetSettings
     let blocked = FORBIDDEN.iter().map(|(c, _)| c.to_string()).collect::<Vec<_>>().join(", ");
     let cidrs: Vec<String> = internet.allowed_cidrs.iter().filter_map(|c| Cidr::parse(c).ok()).map(|c| c.to_string()).collect();
     let elements = if cidrs.is_empty() { String::new() } else { format!("        elements = {{ {} }}\n", cidrs.join(", ")) };
+    let (host_blocked, limit_out, limit_in) = match rootless {
+        Some(also) => {
+            let also = also.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ");
+            (format!("        ip daddr {{ {also} }} drop\n"), String::new(), String::new())
+        }
+        None => (
+            String::new(),
+            format!("        ct state new ct count over {CONNECTION_LIMIT} drop\n"),
+            format!("        iifname \"{tap}\" ct state new ct count over {CONNECTION_LIMIT} drop\n"),
+        ),
+    };
     format!(
         "table inet {table} {{
     set allow {{
@@ -375,15 +397,13 @@ pub fn ruleset(table: &str, tap: &str, lease: Lease, internet: &InternetSettings
         ct status dnat drop
         oifname \"smv*\" drop
         ip daddr {{ {blocked} }} drop
-        ct state new ct count over {CONNECTION_LIMIT} drop
-{egress}    }}
+{host_blocked}{limit_out}{egress}    }}
     chain input {{
         type filter hook input priority 0; policy accept;
         iifname \"{tap}\" meta nfproto != ipv4 drop
         iifname \"{tap}\" ip saddr != {guest} drop
         iifname \"{tap}\" ct state established,related accept
-        iifname \"{tap}\" ct state new ct count over {CONNECTION_LIMIT} drop
-{dns}        iifname \"{tap}\" drop
+{limit_in}{dns}        iifname \"{tap}\" drop
     }}
     chain postrouting {{
         type nat hook postrouting priority 100; policy accept;
@@ -394,13 +414,10 @@ pub fn ruleset(table: &str, tap: &str, lease: Lease, internet: &InternetSettings
     )
 }
 
-fn nft(input: &str, args: &[&str]) -> Result<()> {
-    use std::io::Write;
+/// The child `command` starts gets SIGKILL when the thread that spawned it exits, and does not
+/// start at all if its parent died before it could ask for that.
+fn die_with_this_thread(command: &mut Command) {
     use std::os::unix::process::CommandExt;
-    let mut command = Command::new("nft");
-    command.args(args).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
-    // nft dies with the thread that waits for it: a supervisor killed while nft runs must not
-    // leave an nft that commits its table after the next command has cleaned up (a leak).
     // SAFETY: getpid has no preconditions.
     let parent = unsafe { libc::getpid() };
     // SAFETY: prctl(PR_SET_PDEATHSIG), getppid and _exit change or read only the child's own
@@ -418,6 +435,15 @@ fn nft(input: &str, args: &[&str]) -> Result<()> {
             Ok(())
         });
     }
+}
+
+fn nft(input: &str, args: &[&str]) -> Result<()> {
+    use std::io::Write;
+    let mut command = Command::new("nft");
+    command.args(args).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+    // nft dies with the thread that waits for it: a supervisor killed while nft runs must not
+    // leave an nft that commits its table after the next command has cleaned up (a leak).
+    die_with_this_thread(&mut command);
     let mut child = command.spawn().map_err(|e| Error::Network(format!("running nft: {e}")))?;
     child.stdin.take().expect("piped").write_all(input.as_bytes()).map_err(|e| Error::Network(format!("writing to nft: {e}")))?;
     let out = child.wait_with_output().map_err(|e| Error::Network(format!("waiting for nft: {e}")))?;
@@ -427,10 +453,10 @@ fn nft(input: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-pub fn nft_apply(table: &str, tap: &str, lease: Lease, internet: &InternetSettings) -> Result<()> {
+pub fn nft_apply(table: &str, tap: &str, lease: Lease, internet: &InternetSettings, rootless: Option<&[Cidr]>) -> Result<()> {
     // One transaction (one nft process, on the boot's critical path) that replaces a leftover
     // of a crashed run: declaring the table first makes the delete valid when there is none.
-    let script = format!("table inet {table}\ndelete table inet {table}\n{}", ruleset(table, tap, lease, internet));
+    let script = format!("table inet {table}\ndelete table inet {table}\n{}", ruleset(table, tap, lease, internet, rootless));
     nft(&script, &["-f", "-"])
 }
 
@@ -719,10 +745,28 @@ fn dns_refused(query: &[u8], question_end: usize) -> Vec<u8> {
 /// The proxy's sockets, bound before the sandbox is reported up (a proxy that could not bind
 /// must fail the start, not leave the guest without DNS or with someone else's). The upstream
 /// socket is connected: the kernel then takes answers from the upstream's address only.
-pub async fn dns_bind(bind: SocketAddr, upstream: SocketAddr) -> Result<(tokio::net::UdpSocket, tokio::net::UdpSocket)> {
+///
+/// `host`: where the sandbox has a namespace of its own, the upstream socket is made in the
+/// host's (a stub resolver on the host's loopback is not the namespace's).
+pub async fn dns_bind(
+    bind: SocketAddr,
+    upstream: SocketAddr,
+    host: Option<&crate::rootless::HostSide>,
+) -> Result<(tokio::net::UdpSocket, tokio::net::UdpSocket)> {
     let sock = tokio::net::UdpSocket::bind(bind).await.map_err(|e| Error::Network(format!("binding DNS on {bind}: {e}")))?;
-    let up = tokio::net::UdpSocket::bind("0.0.0.0:0").await.map_err(|e| Error::Network(format!("binding the upstream DNS socket: {e}")))?;
-    up.connect(upstream).await.map_err(|e| Error::Network(format!("connecting to the DNS server {upstream}: {e}")))?;
+    let up = match host {
+        Some(host) => {
+            let up = host.udp_to(upstream).map_err(|e| Error::Network(format!("connecting to the DNS server {upstream}: {e}")))?;
+            up.set_nonblocking(true).and_then(|()| tokio::net::UdpSocket::from_std(up)).ctx(|| "taking the upstream DNS socket".into())?
+        }
+        None => {
+            let up = tokio::net::UdpSocket::bind("0.0.0.0:0")
+                .await
+                .map_err(|e| Error::Network(format!("binding the upstream DNS socket: {e}")))?;
+            up.connect(upstream).await.map_err(|e| Error::Network(format!("connecting to the DNS server {upstream}: {e}")))?;
+            up
+        }
+    };
     Ok((sock, up))
 }
 
@@ -952,11 +996,11 @@ mod tests {
 
     #[test]
     fn ruleset_names_only_its_own_tap() {
-        let rs = ruleset("smolvm_x", "smvabc", Lease(3), &InternetSettings::default());
+        let rs = ruleset("smolvm_x", "smvabc", Lease(3), &InternetSettings::default(), None);
         assert!(rs.contains("table inet smolvm_x"));
         assert!(rs.contains("ip saddr 172.16.0.14 oifname != \"smv*\" masquerade"));
         assert!(rs.contains("oifname \"smv*\" drop"));
-        let off = ruleset("t", "smvabc", Lease(3), &InternetSettings { mode: "off".into(), ..Default::default() });
+        let off = ruleset("t", "smvabc", Lease(3), &InternetSettings { mode: "off".into(), ..Default::default() }, None);
         assert!(!off.contains("dport 53"));
         // From the guest: IPv4 only, its own source address only, before anything is accepted
         // (a forged source could otherwise ride another sandbox's connection).
@@ -976,7 +1020,7 @@ mod tests {
         // Restricted: connections already made go on; new ones need an allowed address; and
         // both only past the checks above.
         let r = InternetSettings { mode: "restricted".into(), ..Default::default() };
-        let rs = ruleset("t", "smvabc", Lease(3), &r);
+        let rs = ruleset("t", "smvabc", Lease(3), &r, None);
         let egress = &rs[rs.find("chain egress").unwrap()..rs.find("chain input").unwrap()];
         assert!(
             egress
@@ -984,9 +1028,23 @@ mod tests {
             "{egress}"
         );
         // Off: nothing out at all, established or not.
-        let off = ruleset("t", "smvabc", Lease(3), &InternetSettings { mode: "off".into(), ..Default::default() });
+        let off = ruleset("t", "smvabc", Lease(3), &InternetSettings { mode: "off".into(), ..Default::default() }, None);
         let egress = &off[off.find("chain egress").unwrap()..off.find("chain input").unwrap()];
         assert!(!egress.contains("established") && !egress.contains("accept"), "{egress}");
+    }
+
+    #[test]
+    fn a_sandbox_in_its_own_namespace_may_not_reach_the_host_through_its_way_out() {
+        let also = [Cidr::parse("10.0.2.0/24").unwrap(), Cidr::parse("192.168.1.5").unwrap()];
+        let rs = ruleset("t", "smvabc", Lease(3), &InternetSettings::default(), Some(&also));
+        let egress = &rs[rs.find("chain egress").unwrap()..rs.find("chain input").unwrap()];
+        assert!(
+            egress.contains("169.254.0.0/16")
+                && egress.ends_with("drop\n        ip daddr { 10.0.2.0/24, 192.168.1.5/32 } drop\n        accept\n    }\n    "),
+            "{egress}"
+        );
+        // Its connections fill its own namespace's table, not the host's: no count.
+        assert!(!rs.contains("ct count"), "{rs}");
     }
 
     #[test]
@@ -1032,7 +1090,7 @@ mod tests {
         }
         let table = format!("smolvm_test_{}", std::process::id());
         let r = InternetSettings { mode: "restricted".into(), allowed_cidrs: vec!["1.2.3.0/24".into()], ..Default::default() };
-        nft_apply(&table, "smvtest0", Lease(9), &r).unwrap();
+        nft_apply(&table, "smvtest0", Lease(9), &r, None).unwrap();
         let list = || {
             String::from_utf8_lossy(&Command::new("nft").args(["list", "set", "inet", &table, "allow"]).output().unwrap().stdout)
                 .into_owned()

@@ -596,7 +596,8 @@ fn reap_now(store: &Store, dirs: &Dirs, rec: Record) -> Result<Option<Record>> {
 fn host_network_leftovers(store: &Store, id: &str) {
     // A supervisor that cleaned up released its lease: then there is nothing to look for.
     let leased = store.get(id).ok().flatten().is_some_and(|r| r.lease.is_some());
-    if leased && crate::net::nat_available().is_ok() {
+    // (Without root, the table was in the sandbox's own namespace, gone with its processes.)
+    if leased && nix::unistd::geteuid().is_root() && crate::net::nat_available().is_ok() {
         if let Err(e) = crate::net::nft_remove(&crate::net::table_name(store.data_dir(), id)) {
             tracing::warn!("{}", e.full_message());
         }

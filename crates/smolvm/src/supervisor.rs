@@ -209,8 +209,11 @@ struct NetPlan {
     backend: qemu::NetBackend,
     /// User mode: exposed at launch as (guest, host).
     user_forwards: Vec<(u16, u16)>,
-    /// NAT: this process's host-wide claim on its slot (see `Store::lease`).
+    /// NAT: this process's host-wide claim on its slot (see `Store::lease`); none in a
+    /// namespace of its own, where the addresses are its alone.
     _slot_claim: Option<crate::net::SlotClaim>,
+    /// NAT without root: the helper that makes the host's sockets (see `rootless`).
+    host_side: Option<crate::rootless::HostSide>,
     /// True while `nft_apply` runs. It runs on a blocking thread that goes on when a failed
     /// boot drops its future: `cleanup` waits for it, else the table would be made after its
     /// removal and stay.
@@ -226,8 +229,21 @@ fn free_port() -> Result<u16> {
 impl NetPlan {
     fn new(id: &str, config: &crate::config::VmConfig, store: &mut Store) -> Result<NetPlan> {
         use crate::net::Mode;
-        let mode = Mode::resolve(config.network.as_deref())?;
+        let mut mode = Mode::resolve(config.network.as_deref())?;
         let internet = config.internet_settings.clone().unwrap_or_default();
+        let mut host_side = None;
+        if mode == Mode::Nat && !nix::unistd::geteuid().is_root() {
+            match crate::rootless::enter() {
+                Ok(side) => host_side = Some(side),
+                // Asked for by default only, and nothing changed yet: user networking, as on a
+                // host without what NAT needs.
+                Err(e) if !e.entered && config.network.is_none() => {
+                    tracing::warn!("NAT networking without root is not possible here ({}); using user-mode networking", e.message);
+                    mode = Mode::User;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         // User networking cannot filter: a restriction must never quietly become open.
         if mode != Mode::Nat && internet.mode == "restricted" {
             return Err(Error::validation(
@@ -248,14 +264,20 @@ impl NetPlan {
             backend: qemu::NetBackend::User { restrict: true, forwards: vec![] },
             user_forwards: vec![],
             _slot_claim: None,
+            host_side,
             applying: Default::default(),
         };
         match mode {
             Mode::Nat => {
-                let claims = crate::net::claims_dir()?;
-                let (slot, claim) = store.lease(id, crate::net::TAP_HANDOVER, |s| crate::net::claim_slot(&claims, s))?;
+                let (slot, claim) = match plan.host_side {
+                    Some(_) => store.lease(id, crate::net::TAP_HANDOVER, |_| Some(None))?,
+                    None => {
+                        let claims = crate::net::claims_dir()?;
+                        store.lease(id, crate::net::TAP_HANDOVER, |s| crate::net::claim_slot(&claims, s).map(Some))?
+                    }
+                };
                 plan.lease = Some(crate::net::Lease(slot));
-                plan._slot_claim = Some(claim);
+                plan._slot_claim = claim;
                 let fd = crate::net::open_tap(&plan.tap)?;
                 plan.backend = qemu::NetBackend::Tap { fd: std::os::fd::AsRawFd::as_raw_fd(&fd) };
                 plan.tap_fd = Some(fd);
@@ -302,6 +324,7 @@ impl NetPlan {
     async fn setup_host(&self) -> Result<()> {
         if let Some(lease) = self.lease {
             let (table, tap, internet) = (self.table.clone(), self.tap.clone(), self.internet.clone());
+            let rootless = self.host_side.as_ref().map(|h| crate::rootless::blocked(&h.host_addresses));
             let applying = self.applying.clone();
             *applying.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
             tokio::task::spawn_blocking(move || {
@@ -314,7 +337,7 @@ impl NetPlan {
                     }
                 }
                 let _done = Done(applying);
-                crate::net::nft_apply(&table, &tap, lease, &internet)
+                crate::net::nft_apply(&table, &tap, lease, &internet, rootless.as_deref())
             })
             .await
             .map_err(|e| Error::Host(e.to_string()))??;
@@ -386,8 +409,16 @@ async fn expose(
     }
     match (plan.mode, plan.lease) {
         (Mode::Nat, Some(lease)) => {
-            let listener = tokio::net::TcpListener::bind(("127.0.0.1", host))
-                .await
+            let listener = match &plan.host_side {
+                // The host's 127.0.0.1, not the sandbox's namespace's.
+                Some(side) => side.tcp_listener(host),
+                None => std::net::TcpListener::bind(("127.0.0.1", host)),
+            };
+            let listener = listener
+                .and_then(|l| {
+                    l.set_nonblocking(true)?;
+                    tokio::net::TcpListener::from_std(l)
+                })
                 .map_err(|e| bad(format!("cannot listen on 127.0.0.1:{host}: {e}")))?;
             let port = listener.local_addr().map_err(|e| bad(e.to_string()))?.port();
             let task = tokio::spawn(crate::net::port_proxy(listener, SocketAddr::from((lease.guest(), guest))));
@@ -672,7 +703,7 @@ async fn supervise(id: &str) -> i32 {
         Some(lease) if plan.internet.mode != "off" => {
             let allowed = (plan.internet.mode == "restricted").then(|| plan.internet.allowed_domains.clone());
             let policy = Arc::new(crate::net::DnsPolicy::new(allowed, plan.table.clone(), &plan.internet.allowed_cidrs));
-            match crate::net::dns_bind(SocketAddr::from((lease.host(), 53)), crate::net::upstream_dns()).await {
+            match crate::net::dns_bind(SocketAddr::from((lease.host(), 53)), crate::net::upstream_dns(), plan.host_side.as_ref()).await {
                 Ok((sock, up)) => Some(tokio::spawn(crate::net::dns_proxy(sock, up, policy))),
                 Err(e) => {
                     abandon(&mut child, &mut vsock, &paths, &mut None, &mut plan, &store, id, &e.full_message()).await;

@@ -1,0 +1,385 @@
+//! NAT networking for a user without root.
+//!
+//! QEMU's user-mode networking cannot filter: its gateway is the host's loopback, and cloud
+//! metadata addresses are as reachable as the internet. So a supervisor run by a user without
+//! root moves into a user and network namespace of its own, where it is root, and does there
+//! what NAT mode does on the host: a TAP, an nftables table, the DNS proxy. The namespace's way
+//! out is slirp4netns, run in the host's namespaces: it turns what leaves through the
+//! namespace's own TAP (`tap0`) into the user's own sockets, with the host's loopback shut
+//! (`--disable-host-loopback`).
+//!
+//! A few sockets must be the host's, not the namespace's: the listeners of exposed ports
+//! (127.0.0.1 of the host) and the DNS proxy's upstream (a stub resolver on the host's
+//! loopback). A helper process left in the host's namespaces (`smolvm __host-side`) makes them
+//! on request and hands them over, and starts slirp4netns.
+//!
+//! Nothing outlives the supervisor: the namespace goes with its last process (the supervisor
+//! and QEMU), and with it the TAP and the rules; the helper exits when its socket to the
+//! supervisor closes, and slirp4netns when the helper is gone (`--exit-fd`).
+
+use crate::error::Error;
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use std::io::IoSliceMut;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// The name of the namespace's way out, made by slirp4netns.
+const UPLINK: &str = "tap0";
+
+/// slirp4netns's network, seen from the namespace (its gateway .2, its DNS .3, the
+/// namespace's address .100): never a sandbox's destination.
+pub const UPLINK_NET: &str = "10.0.2.0/24";
+
+/// How long slirp4netns may take to set up the namespace's way out.
+const UPLINK_BOUND: Duration = Duration::from_secs(10);
+
+/// Why a user without root cannot have NAT networking here, if they cannot. What only an
+/// attempt can tell (a kernel or an AppArmor policy that gives a new user namespace no
+/// capabilities) is found by `enter`'s trial run.
+pub fn available() -> std::result::Result<(), String> {
+    if !crate::image::on_path("slirp4netns") {
+        return Err("slirp4netns is not installed".into());
+    }
+    if !crate::image::on_path("nft") {
+        return Err("nft (nftables) is not installed".into());
+    }
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun") {
+        return Err(match e.kind() {
+            std::io::ErrorKind::NotFound => "/dev/net/tun is missing".into(),
+            _ => format!("this user cannot open /dev/net/tun ({e}; its usual mode is 0666)"),
+        });
+    }
+    if std::fs::read_to_string("/proc/sys/user/max_user_namespaces").is_ok_and(|n| n.trim() == "0") {
+        return Err("user namespaces are turned off (user.max_user_namespaces is 0)".into());
+    }
+    Ok(())
+}
+
+/// Why `enter` failed, and whether the supervisor had already left the host's namespaces (then
+/// it cannot fall back to user-mode networking: it has no way out any more).
+#[derive(Debug)]
+pub struct EnterError {
+    pub entered: bool,
+    pub message: String,
+}
+
+/// The supervisor's line to its helper in the host's namespaces.
+pub struct HostSide {
+    sock: Mutex<OwnedFd>,
+    /// The host's own IPv4 addresses, seen before leaving: from the namespace they are
+    /// reached through slirp4netns, so the rules must name them.
+    pub host_addresses: Vec<Ipv4Addr>,
+    _helper: std::process::Child,
+}
+
+/// The number of threads of this process: `unshare(CLONE_NEWUSER)` needs it to be one.
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+}
+
+/// Move this process (the supervisor, still single-threaded) into a new user and network
+/// namespace of its own, with slirp4netns as its way out and a helper left behind for the host's
+/// sockets.
+pub fn enter() -> std::result::Result<HostSide, EnterError> {
+    let before = |message: String| EnterError { entered: false, message };
+    if threads() != 1 {
+        return Err(before(format!("the supervisor has {} threads; a user namespace needs one", threads())));
+    }
+    trial().map_err(before)?;
+    let host_addresses = crate::net::host_addresses();
+    let (ours, theirs) = nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        None,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| before(format!("making the helper's socket: {e}")))?;
+    let exe = std::env::current_exe().map_err(|e| before(format!("finding the smolvm binary: {e}")))?;
+    let mut command = std::process::Command::new(exe);
+    // It ends when this process's end of the socket closes, however this process ends (no
+    // death signal: it must outlive this process long enough to reap slirp4netns).
+    command.arg("__host-side").stdin(theirs).stdout(std::process::Stdio::null());
+    let helper = command.spawn().map_err(|e| before(format!("starting the host-side helper: {e}")))?;
+    let side = HostSide { sock: Mutex::new(ours), host_addresses, _helper: helper };
+    let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER | nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| before(format!("making a user and network namespace: {e}")))?;
+    let entered = |message: String| EnterError { entered: true, message };
+    map_ids(uid.as_raw(), gid.as_raw()).map_err(entered)?;
+    let bound = nix::sys::time::TimeVal::new(UPLINK_BOUND.as_secs() as i64 + 5, 0);
+    let _ = nix::sys::socket::setsockopt(&*lock(&side.sock), nix::sys::socket::sockopt::ReceiveTimeout, &bound);
+    side.ask(&format!("uplink {}", std::process::id())).map_err(|e| entered(format!("slirp4netns: {e}")))?;
+    Ok(side)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Be root in the namespace just made: the user's own ids, mapped to 0. (A process whose id is
+/// not 0 there would lose its capabilities at `exec`, and `nft` and QEMU need them.)
+fn map_ids(uid: u32, gid: u32) -> std::result::Result<(), String> {
+    // Without this an unprivileged process may not map its group.
+    match std::fs::write("/proc/self/setgroups", "deny") {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(format!("writing /proc/self/setgroups: {e}")),
+        _ => {}
+    }
+    std::fs::write("/proc/self/uid_map", format!("0 {uid} 1")).map_err(|e| format!("writing /proc/self/uid_map: {e}"))?;
+    std::fs::write("/proc/self/gid_map", format!("0 {gid} 1")).map_err(|e| format!("writing /proc/self/gid_map: {e}"))?;
+    Ok(())
+}
+
+/// Do in a child what `enter` will do, up to a TAP: a host whose policy gives a new user
+/// namespace no capabilities (Ubuntu's AppArmor restriction, a container's seccomp profile)
+/// fails here, before this process has left anything, so that it can still fall back.
+fn trial() -> std::result::Result<(), String> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("making a pipe: {e}"))?;
+    let (uid, gid) = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
+    // SAFETY: the process is single-threaded (checked by `enter`), so the child may run any
+    // code; it ends with `_exit` and touches nothing shared with the parent but the pipe.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(read);
+            let outcome = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER | nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("making a user and network namespace: {e}"))
+                .and_then(|()| map_ids(uid, gid))
+                .and_then(|()| crate::net::open_tap("smvtrial").map(drop).map_err(|e| e.to_string()));
+            let code = match outcome {
+                Ok(()) => 0,
+                Err(message) => {
+                    let _ = nix::unistd::write(&write, message.as_bytes());
+                    1
+                }
+            };
+            // SAFETY: _exit ends the child without running the parent's exit handlers.
+            unsafe { libc::_exit(code) }
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            drop(write);
+            let mut message = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut std::fs::File::from(read), &mut message);
+            match nix::sys::wait::waitpid(child, None) {
+                Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => Ok(()),
+                Ok(status) if message.is_empty() => Err(format!("a trial namespace failed ({status:?})")),
+                Ok(_) => Err(String::from_utf8_lossy(&message).into_owned()),
+                Err(e) => Err(format!("waiting for the trial namespace: {e}")),
+            }
+        }
+        Err(e) => Err(format!("forking the trial namespace: {e}")),
+    }
+}
+
+impl HostSide {
+    /// One request, one answer, which may carry a descriptor.
+    fn ask(&self, request: &str) -> std::result::Result<Option<OwnedFd>, String> {
+        let sock = lock(&self.sock);
+        nix::sys::socket::send(sock.as_raw_fd(), request.as_bytes(), MsgFlags::empty())
+            .map_err(|e| format!("asking the host-side helper: {e}"))?;
+        let mut buf = [0u8; 2048];
+        let mut space = nix::cmsg_space!(RawFd);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+            .map_err(|e| format!("hearing from the host-side helper: {e}"))?;
+        let mut fd = None;
+        for c in msg.cmsgs().map_err(|e| e.to_string())? {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                for raw in fds {
+                    // SAFETY: the kernel just installed this descriptor in this process for this
+                    // message; nothing else owns it.
+                    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                    fd.get_or_insert(owned);
+                }
+            }
+        }
+        let n = msg.bytes;
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        match text.strip_prefix("ok") {
+            Some(_) => Ok(fd),
+            None if n == 0 => Err("the host-side helper is gone".into()),
+            None => Err(text.strip_prefix("error ").unwrap_or(&text).to_string()),
+        }
+    }
+
+    /// A listener on the host's 127.0.0.1:`port` (0: any free port).
+    pub fn tcp_listener(&self, port: u16) -> std::io::Result<std::net::TcpListener> {
+        match self.ask(&format!("tcp {port}")) {
+            Ok(Some(fd)) => Ok(std::net::TcpListener::from(fd)),
+            Ok(None) => Err(std::io::Error::other("the host-side helper sent no socket")),
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+
+    /// A UDP socket of the host's, connected to `to`.
+    pub fn udp_to(&self, to: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+        match self.ask(&format!("udp {to}")) {
+            Ok(Some(fd)) => Ok(std::net::UdpSocket::from(fd)),
+            Ok(None) => Err(std::io::Error::other("the host-side helper sent no socket")),
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+}
+
+/// `smolvm __host-side`: the helper. Its standard input is its socket to the supervisor.
+pub fn host_side_main() -> i32 {
+    // SAFETY: descriptor 0 is the socket the supervisor gave this process as its standard input;
+    // from here on this function alone owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(0) };
+    let mut uplink: Option<(std::process::Child, OwnedFd)> = None;
+    let mut buf = [0u8; 512];
+    loop {
+        let n = match nix::sys::socket::recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let request = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let (reply, fd) = match serve(&request, &mut uplink) {
+            Ok(fd) => ("ok".to_string(), fd),
+            Err(e) => (format!("error {e}"), None),
+        };
+        let iov = [std::io::IoSlice::new(reply.as_bytes())];
+        let raw: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
+        let cmsg = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsg };
+        if sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None).is_err() {
+            break;
+        }
+    }
+    // The supervisor is gone: closing the exit pipe ends slirp4netns.
+    if let Some((mut child, exit)) = uplink {
+        drop(exit);
+        let _ = child.wait();
+    }
+    0
+}
+
+fn serve(request: &str, uplink: &mut Option<(std::process::Child, OwnedFd)>) -> std::result::Result<Option<OwnedFd>, String> {
+    let (what, arg) = request.split_once(' ').unwrap_or((request, ""));
+    match what {
+        "tcp" => {
+            let port: u16 = arg.parse().map_err(|_| format!("bad port {arg:?}"))?;
+            let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)).map_err(|e| e.to_string())?;
+            Ok(Some(l.into()))
+        }
+        "udp" => {
+            let to: SocketAddr = arg.parse().map_err(|_| format!("bad address {arg:?}"))?;
+            let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| format!("binding a UDP socket: {e}"))?;
+            s.connect(to).map_err(|e| format!("connecting to {to}: {e}"))?;
+            Ok(Some(s.into()))
+        }
+        "uplink" if uplink.is_none() => {
+            let pid: u32 = arg.parse().map_err(|_| format!("bad process id {arg:?}"))?;
+            *uplink = Some(start_slirp4netns(pid)?);
+            Ok(None)
+        }
+        _ => Err(format!("unknown request {request:?}")),
+    }
+}
+
+/// Start slirp4netns for the namespaces of process `pid` and wait until it has set up the way
+/// out. It exits when the returned descriptor closes (with this helper, however it ends).
+fn start_slirp4netns(pid: u32) -> std::result::Result<(std::process::Child, OwnedFd), String> {
+    use std::os::unix::process::CommandExt;
+    let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("making a pipe: {e}"));
+    let (ready_r, ready_w) = pipe()?;
+    let (exit_r, exit_w) = pipe()?;
+    let (ready_fd, exit_fd) = (ready_w.as_raw_fd(), exit_r.as_raw_fd());
+    let log = tempfile_log()?;
+    let mut command = std::process::Command::new("slirp4netns");
+    command
+        .args(["--configure", "--mtu=65520", "--disable-host-loopback"])
+        .arg(format!("--ready-fd={ready_fd}"))
+        .arg(format!("--exit-fd={exit_fd}"))
+        .arg(pid.to_string())
+        .arg(UPLINK)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log.try_clone().map_err(|e| e.to_string())?);
+    // SAFETY: fcntl(F_SETFD) only changes the child's own descriptor table and is
+    // async-signal-safe; nothing of the parent's memory is touched between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            for fd in [ready_fd, exit_fd] {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|e| format!("cannot run slirp4netns: {e}"))?;
+    drop(ready_w);
+    drop(exit_r);
+    let said = |mut log: std::fs::File| {
+        let mut text = String::new();
+        let _ = std::io::Seek::rewind(&mut log);
+        let _ = std::io::Read::read_to_string(&mut log, &mut text);
+        crate::error::printable(text.trim(), 500)
+    };
+    let mut poll = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(&ready_r), nix::poll::PollFlags::POLLIN)];
+    let ready = nix::poll::poll(&mut poll, nix::poll::PollTimeout::from(UPLINK_BOUND.as_millis() as u16));
+    let mut byte = [0u8; 1];
+    let got = matches!(ready, Ok(1)) && matches!(nix::unistd::read(ready_r.as_raw_fd(), &mut byte), Ok(1));
+    if !got {
+        let _ = child.kill();
+        let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+        let why = if matches!(ready, Ok(0)) { format!("not ready within {}s", UPLINK_BOUND.as_secs()) } else { status };
+        return Err(format!("{why}: {}", said(log)));
+    }
+    Ok((child, exit_w))
+}
+
+/// A file without a name for slirp4netns's messages, read back only if it fails: nothing to
+/// remove, however this ends.
+fn tempfile_log() -> std::result::Result<std::fs::File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::env::temp_dir();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(&dir)
+        .map_err(|e| format!("making a log file in {}: {e}", dir.display()))
+}
+
+/// What the rules of a sandbox in its own namespace add: the host's addresses (reached through
+/// slirp4netns, not as the namespace's own) and slirp4netns's network. Addresses inside that
+/// network, or already among the ones never reachable, are left out: nftables refuses a set
+/// with overlapping intervals.
+pub fn blocked(host_addresses: &[Ipv4Addr]) -> Vec<crate::net::Cidr> {
+    let uplink = crate::net::Cidr::parse(UPLINK_NET).expect("a valid network");
+    let mut out = vec![uplink];
+    for a in host_addresses {
+        let c = crate::net::Cidr { addr: *a, prefix: 32 };
+        if !out.iter().any(|o| o.overlaps(&c)) && !crate::net::never_reachable(*a) {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl From<EnterError> for Error {
+    fn from(e: EnterError) -> Error {
+        Error::Network(format!("NAT networking without root: {}", e.message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rules_name_the_hosts_addresses_once_and_not_what_is_blocked_anyway() {
+        let addrs = [
+            Ipv4Addr::new(127, 0, 0, 1),
+            Ipv4Addr::new(192, 168, 1, 5),
+            Ipv4Addr::new(192, 168, 1, 5),
+            Ipv4Addr::new(10, 0, 2, 15),
+            Ipv4Addr::new(169, 254, 3, 4),
+        ];
+        let got: Vec<String> = blocked(&addrs).iter().map(|c| c.to_string()).collect();
+        assert_eq!(got, ["10.0.2.0/24", "192.168.1.5/32"]);
+    }
+}
