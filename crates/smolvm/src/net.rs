@@ -13,8 +13,10 @@
 //! answer's TTL), so allowed domains keep working when their addresses change: they are
 //! resolved at use, not at setup.
 //!
-//! User mode (no root or no TUN): QEMU's user networking, which cannot filter, so only `open`
-//! and `off` are offered there.
+//! Without root, all of NAT happens in a namespace of the sandbox's own (see `rootless`).
+//!
+//! User mode (where NAT cannot be had): QEMU's user networking, which cannot filter, so only
+//! `open` and `off` are offered there.
 
 use crate::config::InternetSettings;
 use crate::error::{Error, IoContext, Result};
