@@ -67,7 +67,9 @@ pub struct EnterError {
 
 /// The supervisor's line to its helper in the host's namespaces.
 pub struct HostSide {
-    sock: Mutex<OwnedFd>,
+    /// The socket, and the number of the last request: an answer names its request, so that
+    /// one that came too late is never taken for the next one's.
+    sock: Mutex<(OwnedFd, u64)>,
     /// The host's own IPv4 addresses, seen before leaving: from the namespace they are
     /// reached through slirp4netns, so the rules must name them.
     pub host_addresses: Vec<Ipv4Addr>,
@@ -102,14 +104,16 @@ pub fn enter() -> std::result::Result<HostSide, EnterError> {
     // death signal: it must outlive this process long enough to reap slirp4netns).
     command.arg("__host-side").stdin(theirs).stdout(std::process::Stdio::null());
     let helper = command.spawn().map_err(|e| before(format!("starting the host-side helper: {e}")))?;
-    let side = HostSide { sock: Mutex::new(ours), host_addresses, _helper: helper };
+    // The helper's end goes with `command`: kept here, a dead helper would not read as gone.
+    drop(command);
+    let side = HostSide { sock: Mutex::new((ours, 0)), host_addresses, _helper: helper };
     let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER | nix::sched::CloneFlags::CLONE_NEWNET)
         .map_err(|e| before(format!("making a user and network namespace: {e}")))?;
     let entered = |message: String| EnterError { entered: true, message };
     map_ids(uid.as_raw(), gid.as_raw()).map_err(entered)?;
     let bound = nix::sys::time::TimeVal::new(UPLINK_BOUND.as_secs() as i64 + 5, 0);
-    let _ = nix::sys::socket::setsockopt(&*lock(&side.sock), nix::sys::socket::sockopt::ReceiveTimeout, &bound);
+    let _ = nix::sys::socket::setsockopt(&lock(&side.sock).0, nix::sys::socket::sockopt::ReceiveTimeout, &bound);
     side.ask(&format!("uplink {}", std::process::id())).map_err(|e| entered(format!("slirp4netns: {e}")))?;
     Ok(side)
 }
@@ -174,31 +178,45 @@ fn trial() -> std::result::Result<(), String> {
 impl HostSide {
     /// One request, one answer, which may carry a descriptor.
     fn ask(&self, request: &str) -> std::result::Result<Option<OwnedFd>, String> {
-        let sock = lock(&self.sock);
-        nix::sys::socket::send(sock.as_raw_fd(), request.as_bytes(), MsgFlags::empty())
+        let mut guard = lock(&self.sock);
+        guard.1 += 1;
+        let (sock, seq) = (guard.0.as_raw_fd(), guard.1);
+        nix::sys::socket::send(sock, format!("{seq} {request}").as_bytes(), MsgFlags::empty())
             .map_err(|e| format!("asking the host-side helper: {e}"))?;
-        let mut buf = [0u8; 2048];
-        let mut space = nix::cmsg_space!(RawFd);
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-            .map_err(|e| format!("hearing from the host-side helper: {e}"))?;
-        let mut fd = None;
-        for c in msg.cmsgs().map_err(|e| e.to_string())? {
-            if let ControlMessageOwned::ScmRights(fds) = c {
-                for raw in fds {
-                    // SAFETY: the kernel just installed this descriptor in this process for this
-                    // message; nothing else owns it.
-                    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-                    fd.get_or_insert(owned);
+        loop {
+            let mut buf = [0u8; 2048];
+            let mut space = nix::cmsg_space!(RawFd);
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let msg = match recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(format!("hearing from the host-side helper: {e}")),
+                Ok(m) => m,
+            };
+            let mut fd = None;
+            for c in msg.cmsgs().map_err(|e| e.to_string())? {
+                if let ControlMessageOwned::ScmRights(fds) = c {
+                    for raw in fds {
+                        // SAFETY: the kernel just installed this descriptor in this process for
+                        // this message; nothing else owns it.
+                        let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                        fd.get_or_insert(owned);
+                    }
                 }
             }
-        }
-        let n = msg.bytes;
-        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-        match text.strip_prefix("ok") {
-            Some(_) => Ok(fd),
-            None if n == 0 => Err("the host-side helper is gone".into()),
-            None => Err(text.strip_prefix("error ").unwrap_or(&text).to_string()),
+            let n = msg.bytes;
+            if n == 0 {
+                return Err("the host-side helper is gone".into());
+            }
+            let text = String::from_utf8_lossy(&iov[0][..n]).into_owned();
+            let (of, answer) = text.split_once(' ').unwrap_or((&text, ""));
+            if of != seq.to_string() {
+                // The late answer to an earlier request (its descriptor closes here).
+                continue;
+            }
+            return match answer.strip_prefix("ok") {
+                Some(_) => Ok(fd),
+                None => Err(answer.strip_prefix("error ").unwrap_or(answer).to_string()),
+            };
         }
     }
 
@@ -233,10 +251,11 @@ pub fn host_side_main() -> i32 {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let request = String::from_utf8_lossy(&buf[..n]).into_owned();
-        let (reply, fd) = match serve(&request, &mut uplink) {
-            Ok(fd) => ("ok".to_string(), fd),
-            Err(e) => (format!("error {e}"), None),
+        let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let (seq, request) = message.split_once(' ').unwrap_or(("0", &message));
+        let (reply, fd) = match serve(request, &mut uplink) {
+            Ok(fd) => (format!("{seq} ok"), fd),
+            Err(e) => (format!("{seq} error {e}"), None),
         };
         let iov = [std::io::IoSlice::new(reply.as_bytes())];
         let raw: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
@@ -246,9 +265,15 @@ pub fn host_side_main() -> i32 {
             break;
         }
     }
-    // The supervisor is gone: closing the exit pipe ends slirp4netns.
+    // The supervisor is gone: closing the exit pipe ends slirp4netns, which is then reaped
+    // (killed if it has not gone within its bound).
     if let Some((mut child, exit)) = uplink {
         drop(exit);
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
         let _ = child.wait();
     }
     0
@@ -285,17 +310,20 @@ fn start_slirp4netns(pid: u32) -> std::result::Result<(std::process::Child, Owne
     let (ready_r, ready_w) = pipe()?;
     let (exit_r, exit_w) = pipe()?;
     let (ready_fd, exit_fd) = (ready_w.as_raw_fd(), exit_r.as_raw_fd());
-    let log = tempfile_log()?;
+    // (Where no such file can be made, its words are lost, not the start.)
+    let log = tempfile_log().ok();
+    let out = || log.as_ref().and_then(|l| l.try_clone().ok()).map_or_else(std::process::Stdio::null, std::process::Stdio::from);
     let mut command = std::process::Command::new("slirp4netns");
     command
-        .args(["--configure", "--mtu=65520", "--disable-host-loopback"])
+        // Confined (its own mount namespace, a seccomp filter): it parses what the guest sends.
+        .args(["--configure", "--mtu=65520", "--disable-host-loopback", "--enable-sandbox", "--enable-seccomp"])
         .arg(format!("--ready-fd={ready_fd}"))
         .arg(format!("--exit-fd={exit_fd}"))
         .arg(pid.to_string())
         .arg(UPLINK)
         .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log.try_clone().map_err(|e| e.to_string())?);
+        .stdout(out())
+        .stderr(out());
     // SAFETY: fcntl(F_SETFD) only changes the child's own descriptor table and is
     // async-signal-safe; nothing of the parent's memory is touched between fork and exec.
     unsafe {
@@ -311,10 +339,12 @@ fn start_slirp4netns(pid: u32) -> std::result::Result<(std::process::Child, Owne
     let mut child = command.spawn().map_err(|e| format!("cannot run slirp4netns: {e}"))?;
     drop(ready_w);
     drop(exit_r);
-    let said = |mut log: std::fs::File| {
+    let said = |log: Option<std::fs::File>| {
         let mut text = String::new();
-        let _ = std::io::Seek::rewind(&mut log);
-        let _ = std::io::Read::read_to_string(&mut log, &mut text);
+        if let Some(mut log) = log {
+            let _ = std::io::Seek::rewind(&mut log);
+            let _ = std::io::Read::read_to_string(&mut log, &mut text);
+        }
         crate::error::printable(text.trim(), 500)
     };
     let mut poll = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(&ready_r), nix::poll::PollFlags::POLLIN)];
@@ -332,16 +362,10 @@ fn start_slirp4netns(pid: u32) -> std::result::Result<(std::process::Child, Owne
 
 /// A file without a name for slirp4netns's messages, read back only if it fails: nothing to
 /// remove, however this ends.
-fn tempfile_log() -> std::result::Result<std::fs::File, String> {
+fn tempfile_log() -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = std::env::temp_dir();
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_TMPFILE)
-        .open(&dir)
-        .map_err(|e| format!("making a log file in {}: {e}", dir.display()))
+    std::fs::OpenOptions::new().read(true).write(true).mode(0o600).custom_flags(libc::O_TMPFILE).open(dir)
 }
 
 /// What the rules of a sandbox in its own namespace add: the host's addresses (reached through

@@ -231,7 +231,7 @@ impl NetPlan {
         use crate::net::Mode;
         let mut mode = Mode::resolve(config.network.as_deref())?;
         let internet = config.internet_settings.clone().unwrap_or_default();
-        let mut host_side = None;
+        let (mut host_side, mut no_nat) = (None, None);
         if mode == Mode::Nat && !nix::unistd::geteuid().is_root() {
             match crate::rootless::enter() {
                 Ok(side) => host_side = Some(side),
@@ -240,6 +240,7 @@ impl NetPlan {
                 Err(e) if !e.entered && config.network.is_none() => {
                     tracing::warn!("NAT networking without root is not possible here ({}); using user-mode networking", e.message);
                     mode = Mode::User;
+                    no_nat = Some(e.message);
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -250,7 +251,7 @@ impl NetPlan {
                 "internet_settings",
                 format!(
                     "'restricted' needs NAT networking, which is not available here ({})",
-                    crate::net::nat_available().err().unwrap_or_default()
+                    no_nat.or_else(|| crate::net::nat_available().err()).unwrap_or_default()
                 ),
             ));
         }
