@@ -370,12 +370,15 @@ pub fn ruleset(table: &str, tap: &str, lease: Lease, internet: &InternetSettings
     let blocked = FORBIDDEN.iter().map(|(c, _)| c.to_string()).collect::<Vec<_>>().join(", ");
     let cidrs: Vec<String> = internet.allowed_cidrs.iter().filter_map(|c| Cidr::parse(c).ok()).map(|c| c.to_string()).collect();
     let elements = if cidrs.is_empty() { String::new() } else { format!("        elements = {{ {} }}\n", cidrs.join(", ")) };
-    let (host_blocked, limit_out, limit_in) = match rootless {
-        Some(also) => {
-            let also = also.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ");
-            (format!("        ip daddr {{ {also} }} drop\n"), String::new(), String::new())
-        }
+    let (host_set, host_blocked, limit_out, limit_in) = match rootless {
+        Some(also) => (
+            format!("    set {HOST_SET} {{\n        type ipv4_addr\n        flags interval\n{}    }}\n", set_elements(also)),
+            format!("        ip daddr @{HOST_SET} drop\n"),
+            String::new(),
+            String::new(),
+        ),
         None => (
+            String::new(),
             String::new(),
             format!("        ct state new ct count over {CONNECTION_LIMIT} drop\n"),
             format!("        iifname \"{tap}\" ct state new ct count over {CONNECTION_LIMIT} drop\n"),
@@ -387,7 +390,7 @@ pub fn ruleset(table: &str, tap: &str, lease: Lease, internet: &InternetSettings
         type ipv4_addr
         flags interval, timeout
 {elements}    }}
-    chain forward {{
+{host_set}    chain forward {{
         type filter hook forward priority 0; policy accept;
         oifname \"{tap}\" ct state established,related accept
         oifname \"{tap}\" drop
@@ -453,6 +456,28 @@ fn nft(input: &str, args: &[&str]) -> Result<()> {
         return Err(Error::Network(format!("nft {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
     }
     Ok(())
+}
+
+/// The set of what a sandbox in its own namespace may not reach on the host's side (see
+/// `rootless::blocked`), kept up to date while it runs.
+pub const HOST_SET: &str = "host";
+
+fn set_elements(cidrs: &[Cidr]) -> String {
+    if cidrs.is_empty() {
+        return String::new();
+    }
+    format!("        elements = {{ {} }}\n", cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", "))
+}
+
+/// Replace the elements of a sandbox's `HOST_SET`, in one transaction: the set is never empty
+/// on the way.
+pub fn nft_set_host(table: &str, cidrs: &[Cidr]) -> Result<()> {
+    nft(&host_set_script(table, cidrs), &["-f", "-"])
+}
+
+fn host_set_script(table: &str, cidrs: &[Cidr]) -> String {
+    let list = cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ");
+    format!("flush set inet {table} {HOST_SET}\nadd element inet {table} {HOST_SET} {{ {list} }}\n")
 }
 
 pub fn nft_apply(table: &str, tap: &str, lease: Lease, internet: &InternetSettings, rootless: Option<&[Cidr]>) -> Result<()> {
@@ -1041,10 +1066,13 @@ mod tests {
         let rs = ruleset("t", "smvabc", Lease(3), &InternetSettings::default(), Some(&also));
         let egress = &rs[rs.find("chain egress").unwrap()..rs.find("chain input").unwrap()];
         assert!(
-            egress.contains("169.254.0.0/16")
-                && egress.ends_with("drop\n        ip daddr { 10.0.2.0/24, 192.168.1.5/32 } drop\n        accept\n    }\n    "),
+            egress.contains("169.254.0.0/16") && egress.ends_with("drop\n        ip daddr @host drop\n        accept\n    }\n    "),
             "{egress}"
         );
+        let set =
+            "    set host {\n        type ipv4_addr\n        flags interval\n        elements = { 10.0.2.0/24, 192.168.1.5/32 }\n    }\n";
+        assert!(rs.contains(set), "{rs}");
+        assert_eq!(host_set_script("t", &also), "flush set inet t host\nadd element inet t host { 10.0.2.0/24, 192.168.1.5/32 }\n");
         // Its connections fill its own namespace's table, not the host's: no count.
         assert!(!rs.contains("ct count"), "{rs}");
     }

@@ -176,8 +176,8 @@ fn trial() -> std::result::Result<(), String> {
 }
 
 impl HostSide {
-    /// One request, one answer, which may carry a descriptor.
-    fn ask(&self, request: &str) -> std::result::Result<Option<OwnedFd>, String> {
+    /// One request, one answer (its words after `ok`), which may carry a descriptor.
+    fn ask(&self, request: &str) -> std::result::Result<(String, Option<OwnedFd>), String> {
         let mut guard = lock(&self.sock);
         guard.1 += 1;
         let (sock, seq) = (guard.0.as_raw_fd(), guard.1);
@@ -214,7 +214,7 @@ impl HostSide {
                 continue;
             }
             return match answer.strip_prefix("ok") {
-                Some(_) => Ok(fd),
+                Some(rest) => Ok((rest.trim_start().to_string(), fd)),
                 None => Err(answer.strip_prefix("error ").unwrap_or(answer).to_string()),
             };
         }
@@ -223,17 +223,23 @@ impl HostSide {
     /// A listener on the host's 127.0.0.1:`port` (0: any free port).
     pub fn tcp_listener(&self, port: u16) -> std::io::Result<std::net::TcpListener> {
         match self.ask(&format!("tcp {port}")) {
-            Ok(Some(fd)) => Ok(std::net::TcpListener::from(fd)),
-            Ok(None) => Err(std::io::Error::other("the host-side helper sent no socket")),
+            Ok((_, Some(fd))) => Ok(std::net::TcpListener::from(fd)),
+            Ok((_, None)) => Err(std::io::Error::other("the host-side helper sent no socket")),
             Err(e) => Err(std::io::Error::other(e)),
         }
+    }
+
+    /// The host's own IPv4 addresses now.
+    pub fn addresses(&self) -> std::result::Result<Vec<Ipv4Addr>, String> {
+        let (list, _) = self.ask("addrs")?;
+        list.split(',').filter(|a| !a.is_empty()).map(|a| a.parse().map_err(|_| format!("bad address {a:?}"))).collect()
     }
 
     /// A UDP socket of the host's, connected to `to`.
     pub fn udp_to(&self, to: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
         match self.ask(&format!("udp {to}")) {
-            Ok(Some(fd)) => Ok(std::net::UdpSocket::from(fd)),
-            Ok(None) => Err(std::io::Error::other("the host-side helper sent no socket")),
+            Ok((_, Some(fd))) => Ok(std::net::UdpSocket::from(fd)),
+            Ok((_, None)) => Err(std::io::Error::other("the host-side helper sent no socket")),
             Err(e) => Err(std::io::Error::other(e)),
         }
     }
@@ -254,7 +260,7 @@ pub fn host_side_main() -> i32 {
         let message = String::from_utf8_lossy(&buf[..n]).into_owned();
         let (seq, request) = message.split_once(' ').unwrap_or(("0", &message));
         let (reply, fd) = match serve(request, &mut uplink) {
-            Ok(fd) => (format!("{seq} ok"), fd),
+            Ok((words, fd)) => (format!("{seq} ok {words}"), fd),
             Err(e) => (format!("{seq} error {e}"), None),
         };
         let iov = [std::io::IoSlice::new(reply.as_bytes())];
@@ -279,9 +285,13 @@ pub fn host_side_main() -> i32 {
     0
 }
 
-fn serve(request: &str, uplink: &mut Option<(std::process::Child, OwnedFd)>) -> std::result::Result<Option<OwnedFd>, String> {
+fn serve(request: &str, uplink: &mut Option<(std::process::Child, OwnedFd)>) -> std::result::Result<(String, Option<OwnedFd>), String> {
     let (what, arg) = request.split_once(' ').unwrap_or((request, ""));
-    match what {
+    if what == "addrs" {
+        let list: Vec<String> = crate::net::host_addresses().iter().map(|a| a.to_string()).collect();
+        return Ok((list.join(","), None));
+    }
+    let fd = match what {
         "tcp" => {
             let port: u16 = arg.parse().map_err(|_| format!("bad port {arg:?}"))?;
             let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)).map_err(|e| e.to_string())?;
@@ -299,7 +309,8 @@ fn serve(request: &str, uplink: &mut Option<(std::process::Child, OwnedFd)>) -> 
             Ok(None)
         }
         _ => Err(format!("unknown request {request:?}")),
-    }
+    }?;
+    Ok((String::new(), fd))
 }
 
 /// Start slirp4netns for the namespaces of process `pid` and wait until it has set up the way
@@ -366,6 +377,35 @@ fn tempfile_log() -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = std::env::temp_dir();
     std::fs::OpenOptions::new().read(true).write(true).mode(0o600).custom_flags(libc::O_TMPFILE).open(dir)
+}
+
+/// How often a sandbox in its own namespace looks at the host's addresses again: one the host
+/// gains (a VPN, a new interface) is out of the guest's reach this long after at most.
+pub const ADDRESS_POLL: Duration = Duration::from_millis(500);
+
+/// Keep the rules' list of the host's addresses (`net::HOST_SET`) up to date for as long as
+/// the sandbox runs.
+pub async fn watch_host_addresses(side: std::sync::Arc<HostSide>, table: String) {
+    let mut known = side.host_addresses.clone();
+    known.sort();
+    loop {
+        tokio::time::sleep(ADDRESS_POLL).await;
+        let asking = side.clone();
+        let Ok(Ok(mut now)) = tokio::task::spawn_blocking(move || asking.addresses()).await else { continue };
+        now.sort();
+        now.dedup();
+        if now == known {
+            continue;
+        }
+        let (t, cidrs) = (table.clone(), blocked(&now));
+        match tokio::task::spawn_blocking(move || crate::net::nft_set_host(&t, &cidrs)).await {
+            Ok(Ok(())) => {
+                tracing::debug!("the host's addresses are now {now:?}");
+                known = now;
+            }
+            other => tracing::debug!("updating the host's addresses in {table}: {other:?}"),
+        }
+    }
 }
 
 /// What the rules of a sandbox in its own namespace add: the host's addresses (reached through

@@ -213,7 +213,7 @@ struct NetPlan {
     /// namespace of its own, where the addresses are its alone.
     _slot_claim: Option<crate::net::SlotClaim>,
     /// NAT without root: the helper that makes the host's sockets (see `rootless`).
-    host_side: Option<crate::rootless::HostSide>,
+    host_side: Option<Arc<crate::rootless::HostSide>>,
     /// True while `nft_apply` runs. It runs on a blocking thread that goes on when a failed
     /// boot drops its future: `cleanup` waits for it, else the table would be made after its
     /// removal and stay.
@@ -234,7 +234,7 @@ impl NetPlan {
         let (mut host_side, mut no_nat) = (None, None);
         if mode == Mode::Nat && !nix::unistd::geteuid().is_root() {
             match crate::rootless::enter() {
-                Ok(side) => host_side = Some(side),
+                Ok(side) => host_side = Some(Arc::new(side)),
                 // Asked for by default only, and nothing changed yet: user networking, as on a
                 // host without what NAT needs.
                 Err(e) if !e.entered && config.network.is_none() => {
@@ -700,11 +700,15 @@ async fn supervise(id: &str) -> i32 {
         lock(&stopped).begin();
     }
     let mut exposed = Exposed::new();
+    // (It ends with this process: nothing to close.)
+    if let (Some(side), Some(_)) = (&plan.host_side, plan.lease) {
+        tokio::spawn(crate::rootless::watch_host_addresses(side.clone(), plan.table.clone()));
+    }
     let mut dns = match plan.lease {
         Some(lease) if plan.internet.mode != "off" => {
             let allowed = (plan.internet.mode == "restricted").then(|| plan.internet.allowed_domains.clone());
             let policy = Arc::new(crate::net::DnsPolicy::new(allowed, plan.table.clone(), &plan.internet.allowed_cidrs));
-            match crate::net::dns_bind(SocketAddr::from((lease.host(), 53)), crate::net::upstream_dns(), plan.host_side.as_ref()).await {
+            match crate::net::dns_bind(SocketAddr::from((lease.host(), 53)), crate::net::upstream_dns(), plan.host_side.as_deref()).await {
                 Ok((sock, up)) => Some(tokio::spawn(crate::net::dns_proxy(sock, up, policy))),
                 Err(e) => {
                     abandon(&mut child, &mut vsock, &paths, &mut None, &mut plan, &store, id, &e.full_message()).await;
