@@ -580,7 +580,7 @@ async fn supervise(id: &str) -> i32 {
         Err(e) => return fail("host", e.full_message(), None),
     };
     let Ok(Some(record)) = store.get(id) else {
-        return fail("not_found", format!("VM '{id}' not found"), None);
+        return fail("not_found", format!("VM '{id}' not found: it was deleted while it was starting"), None);
     };
     if let Some(me) = ProcId::of(std::process::id() as i32) {
         let _ = store.set_supervisor(id, me);
