@@ -76,6 +76,9 @@ enum Cmd {
     /// A sandbox supervisor's helper in the host's namespaces (NAT without root).
     #[command(name = "__host-side", hide = true)]
     HostSide,
+    /// Whether this user can have NAT networking here, tried (for `doctor`).
+    #[command(name = "__nat-trial", hide = true)]
+    NatTrial,
 }
 
 #[derive(Args, Clone)]
@@ -1081,7 +1084,7 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
             write_out(&script);
             Ok(Done { exit_code: 0, data: Value::Null, text: None, errors: Vec::new() })
         }
-        Cmd::Supervise { .. } | Cmd::HostSide => unreachable!("handled before the runtime starts"),
+        Cmd::Supervise { .. } | Cmd::HostSide | Cmd::NatTrial => unreachable!("handled before the runtime starts"),
     }
 }
 
@@ -1579,6 +1582,10 @@ fn main() {
     if let Cmd::HostSide = &cli.command {
         drop(rt);
         std::process::exit(smolvm::rootless::host_side_main());
+    }
+    if let Cmd::NatTrial = &cli.command {
+        drop(rt);
+        std::process::exit(smolvm::rootless::trial_main());
     }
     if let Cmd::Supervise { id } = &cli.command {
         // The supervisor builds its own runtime on this (main) thread.

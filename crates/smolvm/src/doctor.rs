@@ -145,7 +145,11 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
         Some(v) => check("nftables", "ok", v, None),
         None => check("nftables", "warn", "nft not found: no NAT networking", Some("smolvm setup (apt install nftables)")),
     });
-    checks.push(match crate::net::nat_available() {
+    // Without root, what only an attempt can tell too (see `rootless::enter`).
+    let nat =
+        crate::net::nat_available()
+            .and_then(|()| if nix::unistd::geteuid().is_root() { Ok(()) } else { crate::rootless::trial_elsewhere() });
+    checks.push(match nat {
         Ok(()) if nix::unistd::geteuid().is_root() => check("network", "ok", "NAT networking (TAP + nftables)", None),
         Ok(()) => check("network", "ok", "NAT networking in a namespace of each sandbox's own (slirp4netns, TAP, nftables)", None),
         Err(why) => check(

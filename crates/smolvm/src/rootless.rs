@@ -135,6 +135,33 @@ fn map_ids(uid: u32, gid: u32) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// `smolvm __nat-trial`: `trial` in a process of its own, for callers that may have threads.
+pub fn trial_main() -> i32 {
+    let outcome = if threads() == 1 { trial() } else { Err(format!("the trial has {} threads; it needs one", threads())) };
+    match outcome {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
+}
+
+/// What `enter`'s trial says on this host for this user, asked of a `smolvm __nat-trial`
+/// (`doctor` runs in processes that have threads, Python's among them).
+pub fn trial_elsewhere() -> std::result::Result<(), String> {
+    let bin = crate::sandbox::smolvm_binary().map_err(|e| e.to_string())?;
+    let out = std::process::Command::new(bin)
+        .arg("__nat-trial")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("running the trial: {e}"))?;
+    match out.status.success() {
+        true => Ok(()),
+        false => Err(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+    }
+}
+
 /// Do in a child what `enter` will do, up to a TAP: a host whose policy gives a new user
 /// namespace no capabilities (Ubuntu's AppArmor restriction, a container's seccomp profile)
 /// fails here, before this process has left anything, so that it can still fall back.
@@ -170,6 +197,15 @@ fn trial() -> std::result::Result<(), String> {
                 Ok(_) => Err(String::from_utf8_lossy(&message).into_owned()),
                 Err(e) => Err(format!("waiting for the trial namespace: {e}")),
             }
+            .map_err(|why| {
+                // Ubuntu's policy: a new user namespace gets no capabilities, whatever it asks.
+                let restricted =
+                    std::fs::read_to_string("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").is_ok_and(|v| v.trim() == "1");
+                match restricted {
+                    true => format!("{why} (kernel.apparmor_restrict_unprivileged_userns is 1)"),
+                    false => why,
+                }
+            })
         }
         Err(e) => Err(format!("forking the trial namespace: {e}")),
     }
