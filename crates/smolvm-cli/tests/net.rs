@@ -755,16 +755,17 @@ fn a_user_without_root_gets_nat_in_a_namespace_of_its_own() {
         let got = wait_until(Duration::from_secs(10), || http_get(port, "/i").is_some_and(|b| b.contains("from-a-namespace")));
         assert!(got, "host port {port} did not answer");
     }
-    // An address the host gains while the sandbox runs is out of its reach too, soon after.
-    let late = format!("{net}.9");
-    struct Address(String);
-    impl Drop for Address {
+    // What the host starts delivering to itself while the sandbox runs is out of its reach
+    // too, soon after: here a whole range routed `local` (AnyIP), on no interface.
+    let (range, late) = (format!("{net}.64/26"), format!("{net}.70"));
+    struct LocalRoute(String);
+    impl Drop for LocalRoute {
         fn drop(&mut self) {
-            sh(&format!("ip addr del {}/32 dev lo", self.0));
+            sh(&format!("ip route del local {} dev lo", self.0));
         }
     }
-    assert!(sh(&format!("ip addr add {late}/32 dev lo")));
-    let _late = Address(late.clone());
+    assert!(sh(&format!("ip route add local {range} dev lo")));
+    let _late = LocalRoute(range.clone());
     assert_eq!(std::io::read_to_string(std::net::TcpStream::connect((late.as_str(), port)).unwrap()).unwrap(), "reached\n");
     std::thread::sleep(Duration::from_millis(1500));
     let out = run_as(&["sandbox", "exec", "r", "--", &reach(&late)]);

@@ -78,7 +78,7 @@ pub fn nat_available() -> std::result::Result<(), String> {
 }
 
 /// An IPv4 network `a.b.c.d/n`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Cidr {
     pub addr: Ipv4Addr,
     pub prefix: u8,

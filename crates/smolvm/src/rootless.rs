@@ -18,12 +18,16 @@
 //! supervisor closes, and slirp4netns when the helper is gone (`--exit-fd`).
 
 use crate::error::Error;
+use crate::net::Cidr;
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use std::io::IoSliceMut;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 use std::time::Duration;
+
+/// What a sandbox whose helper died is told: its network cannot come back without it.
+const HELPER_GONE: &str = "the sandbox's host-side helper (smolvm __host-side) has exited, and its network with it; restart the sandbox";
 
 /// The name of the namespace's way out, made by slirp4netns.
 const UPLINK: &str = "tap0";
@@ -70,9 +74,9 @@ pub struct HostSide {
     /// The socket, and the number of the last request: an answer names its request, so that
     /// one that came too late is never taken for the next one's.
     sock: Mutex<(OwnedFd, u64)>,
-    /// The host's own IPv4 addresses, seen before leaving: from the namespace they are
-    /// reached through slirp4netns, so the rules must name them.
-    pub host_addresses: Vec<Ipv4Addr>,
+    /// What the host delivers to itself (`local_networks`), seen before leaving: from the
+    /// namespace it is reached through slirp4netns, so the rules must name it.
+    pub host_local: Vec<Cidr>,
     _helper: std::process::Child,
 }
 
@@ -90,7 +94,6 @@ pub fn enter() -> std::result::Result<HostSide, EnterError> {
         return Err(before(format!("the supervisor has {} threads; a user namespace needs one", threads())));
     }
     trial().map_err(before)?;
-    let host_addresses = crate::net::host_addresses();
     let (ours, theirs) = nix::sys::socket::socketpair(
         nix::sys::socket::AddressFamily::Unix,
         nix::sys::socket::SockType::SeqPacket,
@@ -106,7 +109,8 @@ pub fn enter() -> std::result::Result<HostSide, EnterError> {
     let helper = command.spawn().map_err(|e| before(format!("starting the host-side helper: {e}")))?;
     // The helper's end goes with `command`: kept here, a dead helper would not read as gone.
     drop(command);
-    let side = HostSide { sock: Mutex::new((ours, 0)), host_addresses, _helper: helper };
+    let mut side = HostSide { sock: Mutex::new((ours, 0)), host_local: vec![], _helper: helper };
+    side.host_local = side.local_networks().map_err(before)?;
     let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER | nix::sched::CloneFlags::CLONE_NEWNET)
         .map_err(|e| before(format!("making a user and network namespace: {e}")))?;
@@ -217,8 +221,10 @@ impl HostSide {
         let mut guard = lock(&self.sock);
         guard.1 += 1;
         let (sock, seq) = (guard.0.as_raw_fd(), guard.1);
-        nix::sys::socket::send(sock, format!("{seq} {request}").as_bytes(), MsgFlags::empty())
-            .map_err(|e| format!("asking the host-side helper: {e}"))?;
+        nix::sys::socket::send(sock, format!("{seq} {request}").as_bytes(), MsgFlags::empty()).map_err(|e| match e {
+            nix::errno::Errno::EPIPE | nix::errno::Errno::ECONNRESET => HELPER_GONE.to_string(),
+            e => format!("asking the host-side helper: {e}"),
+        })?;
         loop {
             let mut buf = [0u8; 2048];
             let mut space = nix::cmsg_space!(RawFd);
@@ -241,7 +247,7 @@ impl HostSide {
             }
             let n = msg.bytes;
             if n == 0 {
-                return Err("the host-side helper is gone".into());
+                return Err(HELPER_GONE.into());
             }
             let text = String::from_utf8_lossy(&iov[0][..n]).into_owned();
             let (of, answer) = text.split_once(' ').unwrap_or((&text, ""));
@@ -265,10 +271,10 @@ impl HostSide {
         }
     }
 
-    /// The host's own IPv4 addresses now.
-    pub fn addresses(&self) -> std::result::Result<Vec<Ipv4Addr>, String> {
-        let (list, _) = self.ask("addrs")?;
-        list.split(',').filter(|a| !a.is_empty()).map(|a| a.parse().map_err(|_| format!("bad address {a:?}"))).collect()
+    /// What the host delivers to itself now (see `local_networks`).
+    pub fn local_networks(&self) -> std::result::Result<Vec<Cidr>, String> {
+        let (list, _) = self.ask("local")?;
+        list.split(',').filter(|a| !a.is_empty()).map(Cidr::parse).collect()
     }
 
     /// A UDP socket of the host's, connected to `to`.
@@ -287,6 +293,7 @@ pub fn host_side_main() -> i32 {
     // from here on this function alone owns it.
     let sock = unsafe { OwnedFd::from_raw_fd(0) };
     let mut uplink: Option<(std::process::Child, OwnedFd)> = None;
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_io().build() else { return 1 };
     let mut buf = [0u8; 512];
     loop {
         let n = match nix::sys::socket::recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
@@ -295,7 +302,7 @@ pub fn host_side_main() -> i32 {
         };
         let message = String::from_utf8_lossy(&buf[..n]).into_owned();
         let (seq, request) = message.split_once(' ').unwrap_or(("0", &message));
-        let (reply, fd) = match serve(request, &mut uplink) {
+        let (reply, fd) = match serve(request, &mut uplink, &rt) {
             Ok((words, fd)) => (format!("{seq} ok {words}"), fd),
             Err(e) => (format!("{seq} error {e}"), None),
         };
@@ -321,10 +328,20 @@ pub fn host_side_main() -> i32 {
     0
 }
 
-fn serve(request: &str, uplink: &mut Option<(std::process::Child, OwnedFd)>) -> std::result::Result<(String, Option<OwnedFd>), String> {
+fn serve(
+    request: &str,
+    uplink: &mut Option<(std::process::Child, OwnedFd)>,
+    rt: &tokio::runtime::Runtime,
+) -> std::result::Result<(String, Option<OwnedFd>), String> {
     let (what, arg) = request.split_once(' ').unwrap_or((request, ""));
-    if what == "addrs" {
-        let list: Vec<String> = crate::net::host_addresses().iter().map(|a| a.to_string()).collect();
+    if what == "local" {
+        // Asked twice a second: a way out that is gone is said here, where it shows.
+        if let Some((child, _)) = uplink {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("slirp4netns has exited ({status}): the sandbox has no way out any more; restart it"));
+            }
+        }
+        let list: Vec<String> = rt.block_on(local_networks())?.iter().map(|c| c.to_string()).collect();
         return Ok((list.join(","), None));
     }
     let fd = match what {
@@ -419,44 +436,87 @@ fn tempfile_log() -> std::io::Result<std::fs::File> {
 /// gains (a VPN, a new interface) is out of the guest's reach this long after at most.
 pub const ADDRESS_POLL: Duration = Duration::from_millis(500);
 
-/// Keep the rules' list of the host's addresses (`net::HOST_SET`) up to date for as long as
-/// the sandbox runs.
+/// Keep the rules' list of what the host delivers to itself (`net::HOST_SET`) up to date for
+/// as long as the sandbox runs, and say in the supervisor's log when its way out is gone.
 pub async fn watch_host_addresses(side: std::sync::Arc<HostSide>, table: String) {
-    let mut known = side.host_addresses.clone();
-    known.sort();
+    let mut known = side.host_local.clone();
+    let mut said = None;
     loop {
         tokio::time::sleep(ADDRESS_POLL).await;
         let asking = side.clone();
-        let Ok(Ok(mut now)) = tokio::task::spawn_blocking(move || asking.addresses()).await else { continue };
-        now.sort();
-        now.dedup();
+        let now = match tokio::task::spawn_blocking(move || asking.local_networks()).await {
+            Ok(Ok(now)) => now,
+            Ok(Err(e)) => {
+                if said.as_ref() != Some(&e) {
+                    tracing::error!("{e}");
+                    said = Some(e);
+                }
+                continue;
+            }
+            Err(_) => continue,
+        };
         if now == known {
             continue;
         }
         let (t, cidrs) = (table.clone(), blocked(&now));
         match tokio::task::spawn_blocking(move || crate::net::nft_set_host(&t, &cidrs)).await {
             Ok(Ok(())) => {
-                tracing::debug!("the host's addresses are now {now:?}");
+                tracing::debug!("the host's local networks are now {now:?}");
                 known = now;
             }
-            other => tracing::debug!("updating the host's addresses in {table}: {other:?}"),
+            other => tracing::debug!("updating the host's local networks in {table}: {other:?}"),
         }
     }
 }
 
-/// What the rules of a sandbox in its own namespace add: the host's addresses (reached through
-/// slirp4netns, not as the namespace's own) and slirp4netns's network. Addresses inside that
-/// network, or already among the ones never reachable, are left out: nftables refuses a set
-/// with overlapping intervals.
-pub fn blocked(host_addresses: &[Ipv4Addr]) -> Vec<crate::net::Cidr> {
-    let uplink = crate::net::Cidr::parse(UPLINK_NET).expect("a valid network");
-    let mut out = vec![uplink];
-    for a in host_addresses {
-        let c = crate::net::Cidr { addr: *a, prefix: 32 };
-        if !out.iter().any(|o| o.overlaps(&c)) && !crate::net::never_reachable(*a) {
+/// Every destination the host's `local` routing table delivers to the host itself: the
+/// addresses of its interfaces, and whole ranges routed `local` (as AnyIP set-ups do), which
+/// a list of interface addresses would miss. Sorted, each once.
+async fn local_networks() -> std::result::Result<Vec<Cidr>, String> {
+    use futures::TryStreamExt;
+    use netlink_packet_route::{route::Nla, RTN_LOCAL, RT_TABLE_LOCAL};
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| format!("opening rtnetlink: {e}"))?;
+    let task = tokio::spawn(connection);
+    let mut routes = handle.route().get(rtnetlink::IpVersion::V4).execute();
+    let mut out = Vec::new();
+    let listed = loop {
+        match routes.try_next().await {
+            Ok(Some(r)) if r.header.table == RT_TABLE_LOCAL && r.header.kind == RTN_LOCAL => {
+                let dst = r.nlas.iter().find_map(|n| match n {
+                    Nla::Destination(b) if b.len() == 4 => Some(Ipv4Addr::new(b[0], b[1], b[2], b[3])),
+                    _ => None,
+                });
+                if let Some(addr) = dst {
+                    out.push(Cidr { addr, prefix: r.header.destination_prefix_length });
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(format!("listing the host's local routes: {e}")),
+        }
+    };
+    task.abort();
+    listed?;
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// What the rules of a sandbox in its own namespace add: what the host delivers to itself
+/// (reached through slirp4netns, not as the namespace's own) and slirp4netns's network. A
+/// network inside a wider one of the list is left out: nftables refuses a set with overlapping
+/// intervals.
+pub fn blocked(host_local: &[Cidr]) -> Vec<Cidr> {
+    let mut all: Vec<Cidr> = host_local.to_vec();
+    all.push(Cidr::parse(UPLINK_NET).expect("a valid network"));
+    all.sort_by_key(|c| (c.prefix, c.addr));
+    let mut out: Vec<Cidr> = Vec::new();
+    for c in all {
+        if !out.iter().any(|o| o.overlaps(&c)) {
             out.push(c);
         }
     }
+    out.sort();
     out
 }
 
@@ -471,15 +531,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_rules_name_the_hosts_addresses_once_and_not_what_is_blocked_anyway() {
-        let addrs = [
-            Ipv4Addr::new(127, 0, 0, 1),
-            Ipv4Addr::new(192, 168, 1, 5),
-            Ipv4Addr::new(192, 168, 1, 5),
-            Ipv4Addr::new(10, 0, 2, 15),
-            Ipv4Addr::new(169, 254, 3, 4),
-        ];
-        let got: Vec<String> = blocked(&addrs).iter().map(|c| c.to_string()).collect();
-        assert_eq!(got, ["10.0.2.0/24", "192.168.1.5/32"]);
+    fn the_rules_name_each_local_network_once_the_widest_first() {
+        let c = |s: &str| Cidr::parse(s).unwrap();
+        let local = [c("127.0.0.0/8"), c("127.0.0.1"), c("192.168.1.5"), c("203.0.113.0/24"), c("203.0.113.7"), c("10.0.2.15")];
+        let got: Vec<String> = blocked(&local).iter().map(|c| c.to_string()).collect();
+        assert_eq!(got, ["10.0.2.0/24", "127.0.0.0/8", "192.168.1.5/32", "203.0.113.0/24"]);
+    }
+
+    /// The host's own addresses and loopback are among what its local table delivers to itself.
+    #[test]
+    fn the_local_table_holds_the_hosts_addresses() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
+        let local = rt.block_on(local_networks()).unwrap();
+        assert!(local.contains(&Cidr::parse("127.0.0.0/8").unwrap()), "{local:?}");
+        for a in crate::net::host_addresses() {
+            assert!(local.iter().any(|c| c.overlaps(&Cidr { addr: a, prefix: 32 })), "{a} not in {local:?}");
+        }
     }
 }

@@ -325,7 +325,7 @@ impl NetPlan {
     async fn setup_host(&self) -> Result<()> {
         if let Some(lease) = self.lease {
             let (table, tap, internet) = (self.table.clone(), self.tap.clone(), self.internet.clone());
-            let rootless = self.host_side.as_ref().map(|h| crate::rootless::blocked(&h.host_addresses));
+            let rootless = self.host_side.as_ref().map(|h| crate::rootless::blocked(&h.host_local));
             let applying = self.applying.clone();
             *applying.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
             tokio::task::spawn_blocking(move || {
