@@ -109,6 +109,9 @@ pub fn enter() -> std::result::Result<HostSide, EnterError> {
     let helper = command.spawn().map_err(|e| before(format!("starting the host-side helper: {e}")))?;
     // The helper's end goes with `command`: kept here, a dead helper would not read as gone.
     drop(command);
+    // Every answer is bounded, the longest (slirp4netns's set-up) included.
+    let bound = nix::sys::time::TimeVal::new(UPLINK_BOUND.as_secs() as i64 + 5, 0);
+    let _ = nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::ReceiveTimeout, &bound);
     let mut side = HostSide { sock: Mutex::new((ours, 0)), host_local: vec![], _helper: helper };
     side.host_local = side.local_networks().map_err(before)?;
     let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
@@ -116,8 +119,6 @@ pub fn enter() -> std::result::Result<HostSide, EnterError> {
         .map_err(|e| before(format!("making a user and network namespace: {e}")))?;
     let entered = |message: String| EnterError { entered: true, message };
     map_ids(uid.as_raw(), gid.as_raw()).map_err(entered)?;
-    let bound = nix::sys::time::TimeVal::new(UPLINK_BOUND.as_secs() as i64 + 5, 0);
-    let _ = nix::sys::socket::setsockopt(&lock(&side.sock).0, nix::sys::socket::sockopt::ReceiveTimeout, &bound);
     side.ask(&format!("uplink {}", std::process::id())).map_err(|e| entered(format!("slirp4netns: {e}")))?;
     Ok(side)
 }
@@ -172,7 +173,7 @@ pub fn trial_elsewhere() -> std::result::Result<(), String> {
 fn trial() -> std::result::Result<(), String> {
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("making a pipe: {e}"))?;
     let (uid, gid) = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
-    // SAFETY: the process is single-threaded (checked by `enter`), so the child may run any
+    // SAFETY: the process is single-threaded (both callers check), so the child may run any
     // code; it ends with `_exit` and touches nothing shared with the parent but the pipe.
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
