@@ -62,7 +62,8 @@ pub fn available() -> std::result::Result<(), String> {
 }
 
 /// Why `enter` failed, and whether the supervisor had already left the host's namespaces (then
-/// it cannot fall back to user-mode networking: it has no way out any more).
+/// it cannot fall back to user-mode networking: it has no way out any more). Only joining the
+/// namespace, the last step, can fail that way.
 #[derive(Debug)]
 pub struct EnterError {
     pub entered: bool,
@@ -87,13 +88,13 @@ fn threads() -> usize {
 
 /// Move this process (the supervisor, still single-threaded) into a new user and network
 /// namespace of its own, with slirp4netns as its way out and a helper left behind for the host's
-/// sockets.
+/// sockets. The namespace is made by a child (`NamespaceHolder`) and joined only once
+/// slirp4netns has set it up: any failure before that leaves this process where it was.
 pub fn enter() -> std::result::Result<HostSide, EnterError> {
     let before = |message: String| EnterError { entered: false, message };
     if threads() != 1 {
         return Err(before(format!("the supervisor has {} threads; a user namespace needs one", threads())));
     }
-    trial().map_err(before)?;
     let (ours, theirs) = nix::sys::socket::socketpair(
         nix::sys::socket::AddressFamily::Unix,
         nix::sys::socket::SockType::SeqPacket,
@@ -114,12 +115,9 @@ pub fn enter() -> std::result::Result<HostSide, EnterError> {
     let _ = nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::ReceiveTimeout, &bound);
     let mut side = HostSide { sock: Mutex::new((ours, 0)), host_local: vec![], _helper: helper };
     side.host_local = side.local_networks().map_err(before)?;
-    let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER | nix::sched::CloneFlags::CLONE_NEWNET)
-        .map_err(|e| before(format!("making a user and network namespace: {e}")))?;
-    let entered = |message: String| EnterError { entered: true, message };
-    map_ids(uid.as_raw(), gid.as_raw()).map_err(entered)?;
-    side.ask(&format!("uplink {}", std::process::id())).map_err(|e| entered(format!("slirp4netns: {e}")))?;
+    let holder = NamespaceHolder::new().map_err(before)?;
+    side.ask(&format!("uplink {}", holder.pid)).map_err(|e| before(format!("slirp4netns: {e}")))?;
+    holder.join().map_err(|message| EnterError { entered: true, message })?;
     Ok(side)
 }
 
@@ -167,52 +165,94 @@ pub fn trial_elsewhere() -> std::result::Result<(), String> {
     }
 }
 
-/// Do in a child what `enter` will do, up to a TAP: a host whose policy gives a new user
-/// namespace no capabilities (Ubuntu's AppArmor restriction, a container's seccomp profile)
-/// fails here, before this process has left anything, so that it can still fall back.
+/// Whether this user can have a namespace with a TAP here: `NamespaceHolder`'s, let go at once.
 fn trial() -> std::result::Result<(), String> {
-    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("making a pipe: {e}"))?;
-    let (uid, gid) = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
-    // SAFETY: the process is single-threaded (both callers check), so the child may run any
-    // code; it ends with `_exit` and touches nothing shared with the parent but the pipe.
-    match unsafe { nix::unistd::fork() } {
-        Ok(nix::unistd::ForkResult::Child) => {
-            drop(read);
-            let outcome = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER | nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| format!("making a user and network namespace: {e}"))
-                .and_then(|()| map_ids(uid, gid))
-                .and_then(|()| crate::net::open_tap("smvtrial").map(drop).map_err(|e| e.to_string()));
-            let code = match outcome {
-                Ok(()) => 0,
-                Err(message) => {
-                    let _ = nix::unistd::write(&write, message.as_bytes());
-                    1
-                }
-            };
-            // SAFETY: _exit ends the child without running the parent's exit handlers.
-            unsafe { libc::_exit(code) }
-        }
-        Ok(nix::unistd::ForkResult::Parent { child }) => {
-            drop(write);
-            let mut message = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut std::fs::File::from(read), &mut message);
-            match nix::sys::wait::waitpid(child, None) {
-                Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => Ok(()),
-                Ok(status) if message.is_empty() => Err(format!("a trial namespace failed ({status:?})")),
-                Ok(_) => Err(String::from_utf8_lossy(&message).into_owned()),
-                Err(e) => Err(format!("waiting for the trial namespace: {e}")),
+    NamespaceHolder::new().map(drop)
+}
+
+/// A child process in a new user and network namespace, where it has made (and dropped) a TAP,
+/// waiting until it is let go. The namespace is made by a child so that this process leaves
+/// the host's namespaces only once all that can fail has worked (slirp4netns included): until
+/// then it has left nothing, and a start can still fall back to user-mode networking.
+struct NamespaceHolder {
+    pid: nix::unistd::Pid,
+    /// Closed to let the child go (this process's death closes it too).
+    release: Option<OwnedFd>,
+}
+
+impl NamespaceHolder {
+    fn new() -> std::result::Result<NamespaceHolder, String> {
+        let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("making a pipe: {e}"));
+        let (status_r, status_w) = pipe()?;
+        let (release_r, release_w) = pipe()?;
+        let (uid, gid) = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
+        // SAFETY: the process is single-threaded (every caller checks), so the child may run
+        // any code; it ends with `_exit` and shares nothing with the parent but the two pipes.
+        match unsafe { nix::unistd::fork() } {
+            Ok(nix::unistd::ForkResult::Child) => {
+                drop((status_r, release_w));
+                let outcome = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER | nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| format!("making a user and network namespace: {e}"))
+                    .and_then(|()| map_ids(uid, gid))
+                    .and_then(|()| crate::net::open_tap("smvtrial").map(drop).map_err(|e| e.to_string()));
+                let code = match outcome {
+                    Ok(()) => {
+                        drop(status_w);
+                        // Held until let go, so that the namespace is there to be joined.
+                        let mut byte = [0u8; 1];
+                        while matches!(nix::unistd::read(release_r.as_raw_fd(), &mut byte), Err(nix::errno::Errno::EINTR) | Ok(1)) {}
+                        0
+                    }
+                    Err(message) => {
+                        let _ = nix::unistd::write(&status_w, message.as_bytes());
+                        1
+                    }
+                };
+                // SAFETY: _exit ends the child without running the parent's exit handlers.
+                unsafe { libc::_exit(code) }
             }
-            .map_err(|why| {
+            Ok(nix::unistd::ForkResult::Parent { child }) => {
+                drop((status_w, release_r));
+                let holder = NamespaceHolder { pid: child, release: Some(release_w) };
+                // The child closes its end once its namespace is ready, or writes why not.
+                let mut message = Vec::new();
+                let _ = std::io::Read::read_to_end(&mut std::fs::File::from(status_r), &mut message);
+                if message.is_empty() && std::path::Path::new(&format!("/proc/{child}/ns/net")).exists() {
+                    return Ok(holder);
+                }
+                drop(holder);
+                let why = match message.is_empty() {
+                    true => "the namespace's process ended before it was ready".to_string(),
+                    false => String::from_utf8_lossy(&message).into_owned(),
+                };
                 // Ubuntu's policy: a new user namespace gets no capabilities, whatever it asks.
                 let restricted =
                     std::fs::read_to_string("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").is_ok_and(|v| v.trim() == "1");
-                match restricted {
+                Err(match restricted {
                     true => format!("{why} (kernel.apparmor_restrict_unprivileged_userns is 1)"),
                     false => why,
-                }
-            })
+                })
+            }
+            Err(e) => Err(format!("forking for a namespace: {e}")),
         }
-        Err(e) => Err(format!("forking the trial namespace: {e}")),
+    }
+
+    /// Move this process (single-threaded) into the child's namespaces, user first: there it
+    /// is root, as the child made it.
+    fn join(&self) -> std::result::Result<(), String> {
+        for (ns, flag) in [("user", nix::sched::CloneFlags::CLONE_NEWUSER), ("net", nix::sched::CloneFlags::CLONE_NEWNET)] {
+            let path = format!("/proc/{}/ns/{ns}", self.pid);
+            let fd = std::fs::File::open(&path).map_err(|e| format!("opening {path}: {e}"))?;
+            nix::sched::setns(fd, flag).map_err(|e| format!("joining the {ns} namespace: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NamespaceHolder {
+    fn drop(&mut self) {
+        self.release = None;
+        let _ = nix::sys::wait::waitpid(self.pid, None);
     }
 }
 
