@@ -703,6 +703,24 @@ fn a_user_without_root_gets_nat_in_a_namespace_of_its_own() {
         |args: &[&str]| user.command().env("HOME", user.home.path()).env("SMOLVM_DNS_UPSTREAM", lab.dns()).args(args).output().unwrap();
     let out = run_as(&["doctor"]);
     assert!(stdout(&out).contains("NAT networking in a namespace of each sandbox's own"), "{}", stdout(&out));
+    // A slirp4netns that fails: a sandbox that did not ask for NAT gets user-mode networking
+    // (the supervisor had not left the host's namespaces yet), one that asked fails and says why.
+    let fake = user.home.path().join("fake");
+    std::fs::create_dir(&fake).unwrap();
+    std::fs::write(fake.join("slirp4netns"), "#!/bin/sh\necho 'cannot do it today' >&2\nexit 1\n").unwrap();
+    std::fs::set_permissions(fake.join("slirp4netns"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("{}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", fake.display());
+    let with_fake = |args: &[&str]| user.command().env("HOME", user.home.path()).env("PATH", &path).args(args).output().unwrap();
+    let out = with_fake(&[&["run"][..], &user.boot(), &["ip -4 addr show eth0 | grep -o 'inet [0-9./]*'"]].concat());
+    assert_eq!(stdout(&out), "inet 10.0.2.15/24\n", "{}", stderr(&out));
+    let out = with_fake(&[&["run", "--network", "nat"][..], &user.boot(), &["true"]].concat());
+    assert_eq!(
+        stderr(&out).lines().next(),
+        Some("error: network: NAT networking without root: slirp4netns: exit status: 1: cannot do it today"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(wait_until(Duration::from_secs(5), || user.processes().is_empty()), "left: {:?}", user.processes());
     // What the host serves on its loopback and on all its addresses (the lab's gateways are
     // some of them): each says "reached" to whoever connects.
     let serve = || {
