@@ -1724,3 +1724,44 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A caller's descriptors stay the caller's: the supervisor, which outlives the command that
+/// started it, keeps none that the caller left open without close-on-exec (a shell's `9>&1`,
+/// make's jobserver). It kept them, and `smolvm sandbox create … 9>&1 | cat` waited for the
+/// sandbox's end.
+#[test]
+fn a_sandbox_keeps_no_descriptor_its_caller_left_open() {
+    use std::os::fd::{AsFd, AsRawFd};
+    use std::os::unix::process::CommandExt;
+    let env = env();
+    // Close-on-exec here, so that no other test's processes get it; the CLI alone gets a copy
+    // at descriptor 9, without.
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let raw = write.as_raw_fd();
+    let mut cmd = env.cli();
+    cmd.args(["sandbox", "create", "--name", "fds", "--network", "none"]);
+    // SAFETY: dup2 is async-signal-safe and touches only the child's descriptor table.
+    unsafe {
+        cmd.pre_exec(move || match libc::dup2(raw, 9) {
+            -1 => Err(std::io::Error::last_os_error()),
+            _ => Ok(()),
+        });
+    }
+    let out = cmd.output().unwrap();
+    drop(write);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Every writer is gone once the CLI has exited: the pipe reads as ended at once.
+    let mut poll = [nix::poll::PollFd::new(read.as_fd(), nix::poll::PollFlags::POLLIN)];
+    let ready = nix::poll::poll(&mut poll, nix::poll::PollTimeout::from(5000u16)).unwrap();
+    let mut byte = [0u8; 1];
+    let ended = ready == 1 && nix::unistd::read(read.as_raw_fd(), &mut byte).unwrap() == 0;
+    let supervisor = processes_mentioning("__supervise", "fds");
+    let held: Vec<String> = supervisor
+        .iter()
+        .flat_map(|p| std::fs::read_dir(format!("/proc/{p}/fd")).into_iter().flatten().flatten())
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|l| l.display().to_string())
+        .collect();
+    assert!(env.smolvm(&["sandbox", "delete", "fds", "--force"]).status.success());
+    assert!(ended, "the caller's pipe is still held: supervisor descriptors {held:?}");
+}

@@ -1504,21 +1504,36 @@ impl Sandbox {
             // Its own session: a Ctrl-C meant for the caller must not reach the supervisor,
             // which cleans up when the caller's connection goes instead.
             .process_group(0);
-        if let Some(lock) = lock {
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&**lock);
+        let lock_fd = lock.map(|lock| std::os::fd::AsRawFd::as_raw_fd(&**lock));
+        if lock_fd.is_some() {
             cmd.env(START_LOCK_ENV, START_LOCK_FD.to_string());
-            // SAFETY: between fork and exec only dup2 and fcntl run, both async-signal-safe, on
-            // descriptors this process owns (the lock's stays open: `lock` is borrowed for the
-            // call). The copy at START_LOCK_FD is left without close-on-exec for the supervisor.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+        }
+        // SAFETY: between fork and exec only close_range, fcntl and dup2 run, all
+        // async-signal-safe, on descriptors of the child's own table (the lock's stays open:
+        // `lock` is borrowed for the call).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                // The supervisor (and QEMU, the helpers after it) outlives this call: it must not
+                // keep what the caller left open without close-on-exec (a pipe of a shell's
+                // `9>&1`, make's jobserver), or whoever waits on those waits for the sandbox.
+                let all_cloexec = libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) == 0;
+                if !all_cloexec {
+                    // Kernels before 5.11.
+                    let max = libc::sysconf(libc::_SC_OPEN_MAX).clamp(1024, 65536) as i32;
+                    for fd in 3..max {
+                        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                    }
+                }
+                // The start lock's copy at START_LOCK_FD is the one descriptor the supervisor
+                // inherits on purpose.
+                if let Some(fd) = lock_fd {
                     let r = if fd == START_LOCK_FD { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, START_LOCK_FD) };
                     if r < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
-                    Ok(())
-                });
-            }
+                }
+                Ok(())
+            });
         }
         let mut child = cmd.spawn().ctx(|| format!("starting the supervisor {}", bin.display()))?;
         let mut stdin = child.stdin.take().expect("piped");
@@ -1545,7 +1560,10 @@ impl Sandbox {
                     _ => "the supervisor exited without a status".to_string(),
                 };
                 let log = console_tail(&self.paths.log, 10);
-                return Err(Error::Host(format!("{why}; its log ends:\n{log}")));
+                return Err(Error::Host(match log.trim().is_empty() {
+                    true => format!("{why}, and its log is empty (was it killed?)"),
+                    false => format!("{why}; its log ends:\n{log}"),
+                }));
             }
         };
         // Reap the supervisor's zombie once it exits; it is not our business otherwise.
