@@ -145,7 +145,7 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
         Some(v) => check("nftables", "ok", v, None),
         None => check("nftables", "warn", "nft not found: no NAT networking", Some("smolvm setup (apt install nftables)")),
     });
-    // Without root, what only an attempt can tell too (see `rootless::enter`).
+    // Without root, what only an attempt can tell too: the whole of it (see `rootless`).
     let nat =
         crate::net::nat_available()
             .and_then(|()| if nix::unistd::geteuid().is_root() { Ok(()) } else { crate::rootless::trial_elsewhere() });

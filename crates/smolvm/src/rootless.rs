@@ -41,7 +41,7 @@ const UPLINK_BOUND: Duration = Duration::from_secs(10);
 
 /// Why a user without root cannot have NAT networking here, if they cannot. What only an
 /// attempt can tell (a kernel or an AppArmor policy that gives a new user namespace no
-/// capabilities) is found by `enter`'s trial run.
+/// capabilities, a slirp4netns that fails) is found by `enter` itself, or `doctor`'s `trial_main`.
 pub fn available() -> std::result::Result<(), String> {
     if !crate::image::on_path("slirp4netns") {
         return Err("slirp4netns is not installed".into());
@@ -138,9 +138,12 @@ fn map_ids(uid: u32, gid: u32) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// `smolvm __nat-trial`: `trial` in a process of its own, for callers that may have threads.
+/// `smolvm __nat-trial`: all of `enter`, and the rules, tried in a process of its own (for
+/// `doctor`, whose callers may have threads): a namespace with a TAP, slirp4netns for it, and
+/// then, joined, a check of a table with what the sandbox's rules use (`nft --check` sends it to
+/// the kernel and commits nothing).
 pub fn trial_main() -> i32 {
-    let outcome = if threads() == 1 { trial() } else { Err(format!("the trial has {} threads; it needs one", threads())) };
+    let outcome = if threads() == 1 { full_trial() } else { Err(format!("the trial has {} threads; it needs one", threads())) };
     match outcome {
         Ok(()) => 0,
         Err(e) => {
@@ -148,6 +151,33 @@ pub fn trial_main() -> i32 {
             1
         }
     }
+}
+
+fn full_trial() -> std::result::Result<(), String> {
+    let holder = NamespaceHolder::new()?;
+    let (mut slirp, exit) = start_slirp4netns(holder.pid.as_raw() as u32).map_err(|e| format!("slirp4netns: {e}"))?;
+    let joined = holder.join();
+    drop(holder);
+    let checked = joined.and_then(|()| {
+        let table = "table inet smolvm_trial {
+    set s { type ipv4_addr; flags interval, timeout; }
+    chain f { type filter hook forward priority 0; policy accept; ct state established,related accept; ip daddr @s accept; }
+    chain p { type nat hook postrouting priority 100; policy accept; ip saddr 172.16.0.2 oifname != \"smv*\" masquerade; }
+}
+";
+        let mut nft = std::process::Command::new("nft");
+        nft.args(["--check", "-f", "-"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null());
+        let mut child = nft.stderr(std::process::Stdio::piped()).spawn().map_err(|e| format!("running nft: {e}"))?;
+        let _ = std::io::Write::write_all(&mut child.stdin.take().expect("piped"), table.as_bytes());
+        let out = child.wait_with_output().map_err(|e| format!("waiting for nft: {e}"))?;
+        match out.status.success() {
+            true => Ok(()),
+            false => Err(format!("nft, in the namespace: {}", String::from_utf8_lossy(&out.stderr).trim())),
+        }
+    });
+    drop(exit);
+    let _ = slirp.wait();
+    checked
 }
 
 /// What `enter`'s trial says on this host for this user, asked of a `smolvm __nat-trial`
@@ -163,11 +193,6 @@ pub fn trial_elsewhere() -> std::result::Result<(), String> {
         true => Ok(()),
         false => Err(String::from_utf8_lossy(&out.stderr).trim().to_string()),
     }
-}
-
-/// Whether this user can have a namespace with a TAP here: `NamespaceHolder`'s, let go at once.
-fn trial() -> std::result::Result<(), String> {
-    NamespaceHolder::new().map(drop)
 }
 
 /// A child process in a new user and network namespace, where it has made (and dropped) a TAP,
