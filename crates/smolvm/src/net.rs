@@ -351,8 +351,8 @@ pub const CONNECTION_LIMIT: u32 = 4096;
 
 /// The nftables table of one sandbox.
 ///
-/// `rootless`: the sandbox's own namespace (see `rootless`), where the host's addresses are
-/// not the namespace's own and must be named (`also_blocked`), and where connections are
+/// `rootless`: the sandbox's own namespace (see `rootless`), where what the host delivers to
+/// itself is not the namespace's own and must be named (the list given), and where connections are
 /// counted in the namespace's own tracking table, not the host's: no limit is needed there,
 /// and none is set (it would need a kernel module a user cannot load).
 pub fn ruleset(table: &str, tap: &str, lease: Lease, internet: &InternetSettings, rootless: Option<&[Cidr]>) -> String {
@@ -368,8 +368,8 @@ pub fn ruleset(table: &str, tap: &str, lease: Lease, internet: &InternetSettings
     let dns =
         if internet.mode == "off" { String::new() } else { format!("        iifname \"{tap}\" ip daddr {host} udp dport 53 accept\n") };
     let blocked = FORBIDDEN.iter().map(|(c, _)| c.to_string()).collect::<Vec<_>>().join(", ");
-    let cidrs: Vec<String> = internet.allowed_cidrs.iter().filter_map(|c| Cidr::parse(c).ok()).map(|c| c.to_string()).collect();
-    let elements = if cidrs.is_empty() { String::new() } else { format!("        elements = {{ {} }}\n", cidrs.join(", ")) };
+    let cidrs: Vec<Cidr> = internet.allowed_cidrs.iter().filter_map(|c| Cidr::parse(c).ok()).collect();
+    let elements = set_elements(&cidrs);
     let (host_set, host_blocked, limit_out, limit_in) = match rootless {
         Some(also) => (
             format!("    set {HOST_SET} {{\n        type ipv4_addr\n        flags interval\n{}    }}\n", set_elements(also)),
@@ -462,11 +462,16 @@ fn nft(input: &str, args: &[&str]) -> Result<()> {
 /// `rootless::blocked`), kept up to date while it runs.
 pub const HOST_SET: &str = "host";
 
+fn cidr_list(cidrs: &[Cidr]) -> String {
+    cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// A set declaration's elements line, or nothing for none (nftables refuses `elements = { }`).
 fn set_elements(cidrs: &[Cidr]) -> String {
-    if cidrs.is_empty() {
-        return String::new();
+    match cidrs.is_empty() {
+        true => String::new(),
+        false => format!("        elements = {{ {} }}\n", cidr_list(cidrs)),
     }
-    format!("        elements = {{ {} }}\n", cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", "))
 }
 
 /// Replace the elements of a sandbox's `HOST_SET`, in one transaction: the set is never empty
@@ -476,8 +481,14 @@ pub fn nft_set_host(table: &str, cidrs: &[Cidr]) -> Result<()> {
 }
 
 fn host_set_script(table: &str, cidrs: &[Cidr]) -> String {
-    let list = cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ");
-    format!("flush set inet {table} {HOST_SET}\nadd element inet {table} {HOST_SET} {{ {list} }}\n")
+    format!("flush set inet {table} {HOST_SET}\nadd element inet {table} {HOST_SET} {{ {} }}\n", cidr_list(cidrs))
+}
+
+/// Whether nftables here takes a sandbox's table as a sandbox in its own namespace would have
+/// it (`restricted`, so its allow set too), without committing anything (`nft --check`).
+pub fn nft_check_rootless(host_local: &[Cidr]) -> Result<()> {
+    let internet = InternetSettings { mode: "restricted".into(), ..Default::default() };
+    nft(&ruleset("smolvm_trial", "smvtrial", Lease(0), &internet, Some(host_local)), &["--check", "-f", "-"])
 }
 
 pub fn nft_apply(table: &str, tap: &str, lease: Lease, internet: &InternetSettings, rootless: Option<&[Cidr]>) -> Result<()> {

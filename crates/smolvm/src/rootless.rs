@@ -78,7 +78,7 @@ pub struct HostSide {
     /// What the host delivers to itself (`local_networks`), seen before leaving: from the
     /// namespace it is reached through slirp4netns, so the rules must name it.
     pub host_local: Vec<Cidr>,
-    _helper: std::process::Child,
+    helper: std::process::Child,
 }
 
 /// The number of threads of this process: `unshare(CLONE_NEWUSER)` needs it to be one.
@@ -113,12 +113,20 @@ pub fn enter() -> std::result::Result<HostSide, EnterError> {
     // Every answer is bounded, the longest (slirp4netns's set-up) included.
     let bound = nix::sys::time::TimeVal::new(UPLINK_BOUND.as_secs() as i64 + 5, 0);
     let _ = nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::ReceiveTimeout, &bound);
-    let mut side = HostSide { sock: Mutex::new((ours, 0)), host_local: vec![], _helper: helper };
-    side.host_local = side.local_networks().map_err(before)?;
-    let holder = NamespaceHolder::new().map_err(before)?;
-    side.ask(&format!("uplink {}", holder.pid)).map_err(|e| before(format!("slirp4netns: {e}")))?;
-    holder.join().map_err(|message| EnterError { entered: true, message })?;
-    Ok(side)
+    let mut side = HostSide { sock: Mutex::new((ours, 0)), host_local: vec![], helper };
+    let joined = (|| {
+        side.host_local = side.local_networks().map_err(before)?;
+        let holder = NamespaceHolder::new().map_err(before)?;
+        side.ask(&format!("uplink {}", holder.pid)).map_err(|e| before(format!("slirp4netns: {e}")))?;
+        holder.join().map_err(|message| EnterError { entered: true, message })
+    })();
+    match joined {
+        Ok(()) => Ok(side),
+        Err(e) => {
+            side.close();
+            Err(e)
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -158,23 +166,8 @@ fn full_trial() -> std::result::Result<(), String> {
     let (mut slirp, exit) = start_slirp4netns(holder.pid.as_raw() as u32).map_err(|e| format!("slirp4netns: {e}"))?;
     let joined = holder.join();
     drop(holder);
-    let checked = joined.and_then(|()| {
-        let table = "table inet smolvm_trial {
-    set s { type ipv4_addr; flags interval, timeout; }
-    chain f { type filter hook forward priority 0; policy accept; ct state established,related accept; ip daddr @s accept; }
-    chain p { type nat hook postrouting priority 100; policy accept; ip saddr 172.16.0.2 oifname != \"smv*\" masquerade; }
-}
-";
-        let mut nft = std::process::Command::new("nft");
-        nft.args(["--check", "-f", "-"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null());
-        let mut child = nft.stderr(std::process::Stdio::piped()).spawn().map_err(|e| format!("running nft: {e}"))?;
-        let _ = std::io::Write::write_all(&mut child.stdin.take().expect("piped"), table.as_bytes());
-        let out = child.wait_with_output().map_err(|e| format!("waiting for nft: {e}"))?;
-        match out.status.success() {
-            true => Ok(()),
-            false => Err(format!("nft, in the namespace: {}", String::from_utf8_lossy(&out.stderr).trim())),
-        }
-    });
+    let checked =
+        joined.and_then(|()| crate::net::nft_check_rootless(&blocked(&[])).map_err(|e| format!("in the namespace: {}", e.full_message())));
     drop(exit);
     let _ = slirp.wait();
     checked
@@ -282,6 +275,15 @@ impl Drop for NamespaceHolder {
 }
 
 impl HostSide {
+    /// Let the helper go and reap it, for a start that falls back to user mode and lives on:
+    /// it would stay a zombie of the supervisor's for the sandbox's life. (It exits at once: it
+    /// has no slirp4netns left to wait for, `start_slirp4netns` having ended a failed one.)
+    fn close(self) {
+        let HostSide { sock, mut helper, .. } = self;
+        drop(sock);
+        let _ = helper.wait();
+    }
+
     /// One request, one answer (its words after `ok`), which may carry a descriptor.
     fn ask(&self, request: &str) -> std::result::Result<(String, Option<OwnedFd>), String> {
         let mut guard = lock(&self.sock);
@@ -363,6 +365,7 @@ pub fn host_side_main() -> i32 {
     let mut buf = [0u8; 512];
     loop {
         let n = match nix::sys::socket::recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Err(nix::errno::Errno::EINTR) => continue,
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
@@ -498,13 +501,13 @@ fn tempfile_log() -> std::io::Result<std::fs::File> {
     std::fs::OpenOptions::new().read(true).write(true).mode(0o600).custom_flags(libc::O_TMPFILE).open(dir)
 }
 
-/// How often a sandbox in its own namespace looks at the host's addresses again: one the host
-/// gains (a VPN, a new interface) is out of the guest's reach this long after at most.
+/// How often a sandbox in its own namespace looks at the host's local routes again: what the
+/// host gains (a VPN, a new interface) is out of the guest's reach about this long after.
 pub const ADDRESS_POLL: Duration = Duration::from_millis(500);
 
 /// Keep the rules' list of what the host delivers to itself (`net::HOST_SET`) up to date for
 /// as long as the sandbox runs, and say in the supervisor's log when its way out is gone.
-pub async fn watch_host_addresses(side: std::sync::Arc<HostSide>, table: String) {
+pub async fn watch_host_local(side: std::sync::Arc<HostSide>, table: String) {
     let mut known = side.host_local.clone();
     let mut said = None;
     loop {

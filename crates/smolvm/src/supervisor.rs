@@ -702,7 +702,7 @@ async fn supervise(id: &str) -> i32 {
     let mut exposed = Exposed::new();
     // (It ends with this process: nothing to close.)
     if let (Some(side), Some(_)) = (&plan.host_side, plan.lease) {
-        tokio::spawn(crate::rootless::watch_host_addresses(side.clone(), plan.table.clone()));
+        tokio::spawn(crate::rootless::watch_host_local(side.clone(), plan.table.clone()));
     }
     let mut dns = match plan.lease {
         Some(lease) if plan.internet.mode != "off" => {
