@@ -218,7 +218,8 @@ enum SandboxCmd {
     /// Stop if needed, then remove the sandbox and all its files.
     Delete {
         names: Vec<String>,
-        #[arg(long)]
+        /// Every sandbox (not with names: a stray `--all` beside one must not delete them all).
+        #[arg(long, conflicts_with = "names")]
         all: bool,
         /// Delete running sandboxes too.
         #[arg(long, short)]
@@ -928,7 +929,7 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
             let boot_timeout = seconds(vm.boot_timeout, "boot_timeout")?;
             let mut sb = Sandbox::create_in(dirs, vm_config(&vm, None)?, true)?;
             tracing::debug!("phase: created");
-            let result = async {
+            let work = async {
                 sb.start(boot_timeout, &progress).await?;
                 if smolvm::config::env_flag("SMOLVM_VERBOSE_BOOT", false) {
                     say(&std::fs::read_to_string(&sb.paths().console).unwrap_or_default());
@@ -937,9 +938,21 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
                     true => run_on_terminal(&sb, &command_line(&command), &opts).await,
                     false => run_streamed(&sb, &command_line(&command), &opts, exec.stdin).await,
                 }
-            }
-            .await;
+            };
+            // Ctrl-C or SIGTERM: the command and its sandbox go, and the exit says so. (On a
+            // terminal, Ctrl-C is the guest's key, and SIGTERM ends this at once; either way
+            // the supervisor removes a sandbox whose owner is gone.)
+            let result = match exec.tty {
+                true => Some(work.await),
+                false => unless_interrupted(work).await,
+            };
             tracing::debug!("phase: command done");
+            let Some(result) = result else {
+                if unless_interrupted(sb.delete()).await.is_none() {
+                    return Err(Error::Interrupted("twice: the command's sandbox is being removed by its supervisor".into()));
+                }
+                return Err(Error::Interrupted("the command was ended, and its sandbox removed".into()));
+            };
             let _ = sb.delete().await;
             result
         }
@@ -1080,12 +1093,24 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
         Cmd::Completion { shell } => {
             // (Made whole first: clap_complete panics on a write that fails.)
             let mut script = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "smolvm", &mut script);
+            clap_complete::generate(shell, &mut completed_command(), "smolvm", &mut script);
             write_out(&script);
             Ok(Done { exit_code: 0, data: Value::Null, text: None, errors: Vec::new() })
         }
         Cmd::Supervise { .. } | Cmd::HostSide | Cmd::NatTrial => unreachable!("handled before the runtime starts"),
     }
+}
+
+/// The command tree that completion offers: without the hidden internal subcommands
+/// (`__supervise` and the like), which clap_complete would list.
+fn completed_command() -> clap::Command {
+    let full = Cli::command();
+    let shown = full.get_subcommands().filter(|s| !s.is_hide_set()).cloned();
+    let mut cmd = clap::Command::new("smolvm").version(env!("CARGO_PKG_VERSION")).subcommands(shown);
+    for arg in full.get_arguments() {
+        cmd = cmd.arg(arg.clone());
+    }
+    cmd
 }
 
 fn setup(yes: bool) -> Result<Done, Error> {
@@ -1161,7 +1186,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
         SandboxCmd::List { all, .. } => {
             let recs = sandbox::list(&dirs)?;
             let recs: Vec<_> = recs.into_iter().filter(|r| all || state_rank(r.state)).collect();
-            let data: Vec<Value> = recs.iter().map(|r| sandbox::record_json(r, &sandbox::SandboxPaths::new(&dirs, &r.id))).collect();
+            let data = sandbox::records_json(&dirs, &recs)?;
             // (Names run to 64 characters: the column is as wide as the longest.)
             let w = recs.iter().map(|r| r.id.len()).max().unwrap_or(0).max(24);
             let mut text = format!("{:<w$} {:<8} {:>5} {:>7}", "NAME", "STATE", "CPUS", "MEMORY");
@@ -1510,7 +1535,7 @@ fn usage_error(e: clap::Error) -> ! {
     use clap::error::ErrorKind;
     let informational =
         matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand);
-    if informational || !std::env::args_os().skip(1).any(|a| a == "--json") {
+    if informational || !asked_for_json() {
         e.exit();
     }
     let text = e.render().to_string();
@@ -1528,14 +1553,28 @@ fn usage_message(text: &str) -> String {
     words.join(" ").trim_start_matches("error: ").to_string()
 }
 
+/// Whether arguments that do not parse asked for the envelope: `--json` among the options of a
+/// subcommand that has it. Not a `--json` of the guest's command (`exec NAME -- cmd --json`) or
+/// one typed to a command without the option (`run CMD --json`): those get clap's text.
+fn asked_for_json() -> bool {
+    let (cmd, _) = typed_command();
+    let has_option = cmd.get_arguments().any(|a| a.get_long() == Some("json"));
+    has_option && std::env::args_os().skip(1).take_while(|a| a != "--").any(|a| a == "--json")
+}
+
 /// The subcommand path as typed (`sandbox env list`), without its arguments.
 fn command_name() -> String {
-    let mut cmd = &Cli::command();
+    typed_command().1
+}
+
+/// The deepest subcommand the arguments name, and its path as typed.
+fn typed_command() -> (clap::Command, String) {
+    let mut cmd = Cli::command();
     let mut words = Vec::new();
     // (Arguments as given: a path need not be UTF-8.)
     for arg in std::env::args_os().skip(1) {
         let arg = arg.to_string_lossy().into_owned();
-        match cmd.find_subcommand(&arg) {
+        match cmd.find_subcommand(&arg).cloned() {
             Some(sub) => {
                 words.push(arg);
                 cmd = sub;
@@ -1543,7 +1582,7 @@ fn command_name() -> String {
             None => break,
         }
     }
-    words.join(" ")
+    (cmd, words.join(" "))
 }
 
 fn print_error(e: &Error) {

@@ -248,6 +248,11 @@ async fn sandboxes_cannot_reach_each_other_or_the_host_and_exposed_ports_work() 
         (Some(true), Some(8000), Some(u64::from(again))),
         "{v}"
     );
+    // `list --json` shows it, as `info` does (it left the ports out).
+    let out = env.smolvm(&["sandbox", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let listed = v["data"].as_array().and_then(|all| all.iter().find(|r| r["id"] == one.id())).cloned().unwrap_or_default();
+    assert_eq!(listed["ports"], serde_json::json!([{"guest": 8000, "host": again}]), "{v}");
 
     // `two` cannot reach `one`, nor a service on the host's own addresses.
     let one_ip = one.run("ifconfig eth0 | sed -n 's/.*inet addr:\\([0-9.]*\\).*/\\1/p'", &opts()).await.unwrap().output().to_string();

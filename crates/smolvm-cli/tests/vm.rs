@@ -1424,6 +1424,22 @@ fn unparsable_arguments_answer_in_json_when_asked() {
     let out = env.smolvm(&["sandbox", "create", "--memory", "abc"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stdout(&out).is_empty() && stderr(&out).starts_with("error: invalid value 'abc'"), "{}", stderr(&out));
+    // A `--json` that belongs to the guest's command, or to a command without the option, asks
+    // for no envelope (it answered one to `run --bogus echo --json`).
+    for args in [&["run", "--bogus", "echo", "--json"][..], &["sandbox", "exec", "x", "--bogus", "--", "echo", "--json"]] {
+        let out = env.smolvm(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(stdout(&out).is_empty() && stderr(&out).starts_with("error: unexpected argument '--bogus'"), "{args:?}: {}", stderr(&out));
+    }
+    // `--all` beside names is refused: a stray one must not delete every sandbox.
+    let out = env.smolvm(&["sandbox", "delete", "--all", "some-name"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).starts_with("error: the argument '--all' cannot be used with '[NAMES]...'"), "{}", stderr(&out));
+    // Completion offers what `--help` shows, not the hidden internal commands.
+    for shell in ["bash", "zsh", "fish"] {
+        let script = stdout(&env.smolvm(&["completion", shell]));
+        assert!(script.contains("sandbox") && !script.contains("__supervise") && !script.contains("__host-side"), "{shell}");
+    }
     assert!(env.leftover_files().is_empty());
 }
 
@@ -1480,6 +1496,27 @@ fn an_interrupted_create_or_start_leaves_nothing_running() {
     let out = env.smolvm(&["sandbox", "delete", "--force", "twice"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(env.qemu_processes().is_empty());
+
+    // `run`: SIGTERM during its boot, Ctrl-C during its command. Each ends with its error and
+    // 130 (they died of the signal, saying nothing), and leaves nothing.
+    let out = {
+        let child = env.cli().args(["run", "--initrd", initrd, "true"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        assert!(env.init_waits(), "no boot under way");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "error: interrupted: the command was ended, and its sandbox removed\n");
+    let mut child = env.cli().args(["run", "echo started; sleep 60"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line).unwrap();
+    assert_eq!(line, "started\n");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "error: interrupted: the command was ended, and its sandbox removed\n");
+    assert!(env.qemu_processes().is_empty());
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
 }
 
 /// The CLI prints a command's output as it comes and keeps no copy: its memory stays flat

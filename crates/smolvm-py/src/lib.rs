@@ -180,7 +180,7 @@ fn build_named_image(py: Python<'_>, name: String, recipe_json: Option<String>) 
 fn list_sandboxes() -> PyResult<String> {
     let dirs = Dirs::from_env();
     let recs = smolvm::sandbox::list(&dirs).map_err(to_py)?;
-    let v: Vec<_> = recs.iter().map(|r| smolvm::sandbox::record_json(r, &smolvm::sandbox::SandboxPaths::new(&dirs, &r.id))).collect();
+    let v = smolvm::sandbox::records_json(&dirs, &recs).map_err(to_py)?;
     Ok(serde_json::Value::Array(v).to_string())
 }
 

@@ -188,7 +188,10 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
     } else {
         check("ssh", "warn", "ssh/sftp/ssh-keygen not found: no SSH into sandboxes", Some("smolvm setup (apt install openssh-client)"))
     });
-    checks.push(check("data_dir", "ok", dirs.data.display().to_string(), None));
+    checks.push(match crate::sandbox::check_data_dir(dirs) {
+        Ok(()) => check("data_dir", "ok", dirs.data.display().to_string(), None),
+        Err(e) => check("data_dir", "fail", e.to_string(), Some("set SMOLVM_DATA_DIR to a shorter path")),
+    });
     checks
 }
 

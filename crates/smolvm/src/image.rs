@@ -18,6 +18,8 @@ pub const KERNEL_FRAGMENT: &str = include_str!("../../../images/kernel.fragment"
 pub const KERNEL_EDIT: &str = include_str!("../../../images/lapic_timer_period.c");
 const KERNEL_EDIT_FILE: &str = "arch/x86/kernel/apic/apic.c";
 const KERNEL_EDIT_ANCHOR: &str = "\nunsigned int lapic_timer_period = 0;\n";
+/// Fixes to the kernel source (unified diffs, applied with `patch -p1`), each with its reason.
+pub const KERNEL_PATCHES: [(&str, &str); 1] = [("9p-pipe-read.patch", include_str!("../../../images/9p-pipe-read.patch"))];
 /// Bump when the way an artifact is built changes without its inputs changing.
 const KERNEL_RECIPE: &str = "kernel-recipe-1";
 const INITRAMFS_RECIPE: &str = "initramfs-recipe-1";
@@ -121,7 +123,10 @@ fn own_kernel_unavailable(dirs: &Dirs) -> Option<String> {
             return Some(format!("building ours from this source failed: {first}; remove {} to try again", failed.display()));
         }
     }
-    ["make", "gcc", "flex", "bison", "bc"].iter().find(|t| !on_path(t)).map(|t| format!("`{t}` is missing, so ours cannot be built"))
+    ["make", "gcc", "flex", "bison", "bc", "patch"]
+        .iter()
+        .find(|t| !on_path(t))
+        .map(|t| format!("`{t}` is missing, so ours cannot be built"))
 }
 
 /// Where a failed build of our kernel from `source` is recorded (beside the cache entry it
@@ -311,6 +316,7 @@ pub fn kernel_fingerprint(source: &Path) -> Result<String> {
         KERNEL_RECIPE.as_bytes(),
         KERNEL_FRAGMENT.as_bytes(),
         KERNEL_EDIT.as_bytes(),
+        KERNEL_PATCHES.iter().map(|(_, diff)| *diff).collect::<String>().as_bytes(),
         name.as_bytes(),
         &meta.len().to_le_bytes(),
     ]))
@@ -415,7 +421,25 @@ fn edit_kernel_source(src: &Path) -> Result<()> {
         )));
     };
     let end = at + KERNEL_EDIT_ANCHOR.len();
-    fs::write(&path, format!("{}{KERNEL_EDIT}{}", &text[..end], &text[end..])).ctx(|| format!("writing {}", path.display()))
+    fs::write(&path, format!("{}{KERNEL_EDIT}{}", &text[..end], &text[end..])).ctx(|| format!("writing {}", path.display()))?;
+    for (name, diff) in KERNEL_PATCHES {
+        let file = src.join(format!(".smolvm-{name}"));
+        fs::write(&file, diff).ctx(|| format!("writing {}", file.display()))?;
+        let out = Command::new("patch")
+            .args(["-p1", "--forward", "--batch", "-d"])
+            .arg(src)
+            .arg("-i")
+            .arg(&file)
+            .stdin(Stdio::null())
+            .output()
+            .ctx(|| "running patch".into())?;
+        if !out.status.success() {
+            // (patch tells why on stdout.)
+            let said = String::from_utf8_lossy(&out.stdout).trim().to_string() + String::from_utf8_lossy(&out.stderr).trim();
+            return Err(Error::Image(format!("{name} does not apply to this kernel source: {said}")));
+        }
+    }
+    Ok(())
 }
 
 /// Why building our kernel failed. `Source`: the build's own failure (a config that does not
@@ -455,7 +479,7 @@ impl BuildFailure {
 
 fn build_kernel(source: &Path, out_dir: &Path, dirs: &Dirs, progress: Progress) -> std::result::Result<(), BuildFailure> {
     use BuildFailure::Passing;
-    for tool in ["make", "gcc", "flex", "bison", "bc", "tar", "xz"] {
+    for tool in ["make", "gcc", "flex", "bison", "bc", "tar", "xz", "patch"] {
         if !on_path(tool) {
             return Err(Passing(Error::Image(format!("building the guest kernel needs `{tool}` (install it with `smolvm setup`)"))));
         }

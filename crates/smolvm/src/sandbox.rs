@@ -141,6 +141,13 @@ impl SandboxPaths {
     }
 }
 
+/// Whether sandboxes can live in this data directory: the sockets every sandbox binds fit a
+/// Unix socket address there (doctor's check; a create makes the same one).
+pub fn check_data_dir(dirs: &Dirs) -> Result<()> {
+    let paths = SandboxPaths::new(dirs, "x");
+    check_socket_paths(dirs, &[&paths.ctl, &paths.agent, &paths.qmp])
+}
+
 /// Each socket a sandbox binds must fit a Unix socket address, the longest one included.
 fn check_socket_paths(dirs: &Dirs, sockets: &[&Path]) -> Result<()> {
     let longest = sockets.iter().map(|p| p.as_os_str().len()).max().unwrap_or(0);
@@ -295,7 +302,9 @@ pub struct Sandbox {
     id: String,
     dirs: Dirs,
     paths: SandboxPaths,
-    conn: Option<Arc<Conn>>,
+    /// The supervisor's connection. A handle whose sandbox another process restarted finds it
+    /// closed, and takes the new supervisor's at its next call.
+    conn: std::sync::Mutex<Option<Arc<Conn>>>,
     /// How `run` and file transfers reach the guest (the config's `comm_channel`).
     channel: Channel,
 }
@@ -783,10 +792,11 @@ impl Sandbox {
             image::check_layers(rootfs, &dirs.data)?;
         }
         Backend::resolve(config.backend.as_deref())?;
-        let store = Store::open(&dirs.data)?;
         let id = config.vm_id.clone().unwrap_or_else(|| random_id("sbx"));
         let paths = SandboxPaths::new(&dirs, &id);
+        // (Before the store: a data directory refused must not be made, database and all.)
         check_socket_paths(&dirs, &[&paths.ctl, &paths.agent, &paths.qmp])?;
+        let store = Store::open(&dirs.data)?;
         if let Some(old) = store.get(&id)? {
             // A dead ephemeral sandbox of the same name is reaped, not an obstacle.
             if reap(&store, &dirs, old, false)?.is_some() {
@@ -800,7 +810,7 @@ impl Sandbox {
             return Err(Error::Io { context: format!("creating {}", paths.dir.display()), source: e });
         }
         let channel = Channel::parse(config.comm_channel.as_deref())?;
-        Ok(Sandbox { id, dirs, paths, conn: None, channel })
+        Ok(Sandbox { id, dirs, paths, conn: Default::default(), channel })
     }
 
     /// Find an existing sandbox (`from_id`).
@@ -814,11 +824,11 @@ impl Sandbox {
         let rec = reap(&store, &dirs, rec, false)?.ok_or_else(|| Error::NotFound(id.to_string()))?;
         let paths = SandboxPaths::new(&dirs, id);
         let channel = Channel::parse(rec.config.comm_channel.as_deref())?;
-        let mut sb = Sandbox { id: rec.id.clone(), dirs, paths, conn: None, channel };
+        let sb = Sandbox { id: rec.id.clone(), dirs, paths, conn: Default::default(), channel };
         // One on its way down is found without a connection: its commands say it is stopping,
         // and start() waits, then boots it again.
         if rec.state.is_live() && !sb.going_down(&rec) {
-            sb.conn = Some(Conn::connect(&sb.paths.ctl).await?);
+            sb.set_conn(Some(Conn::connect(&sb.paths.ctl).await?));
         }
         Ok(sb)
     }
@@ -925,8 +935,8 @@ impl Sandbox {
         }
         if rec.state.is_live() {
             // A closed connection is a previous supervisor's (another process restarted it).
-            if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
-                self.conn = Some(Conn::connect(&self.paths.ctl).await?);
+            if self.open_conn().is_none() {
+                self.set_conn(Some(Conn::connect(&self.paths.ctl).await?));
             }
             return Ok(());
         }
@@ -1011,7 +1021,7 @@ impl Sandbox {
                 }
             });
         }
-        self.conn = Some(Conn::connect(&self.paths.ctl).await?);
+        self.set_conn(Some(Conn::connect(&self.paths.ctl).await?));
         let running = spec.restore.as_ref().is_none_or(|r| r.resume);
         if spec.image.rootfs.is_some() && running {
             // Images with a root disk may carry an SSH server: bring it up, pinned. A sandbox
@@ -1298,7 +1308,7 @@ impl Sandbox {
             // On a connection of its own: a caller that gives the save up (drops this future:
             // Ctrl-C, in Python too) closes it, and the supervisor then cancels the save and
             // lets the VM run on. On the shared connection the save would go on, the VM stopped.
-            self.conn()?;
+            self.conn().await?;
             let own = Conn::connect(&self.paths.ctl).await.map_err(|_| self.unreachable())?;
             within(what, bound, own.call(&req)).await?.map_err(|e| self.lost(&own, e))?
         } else {
@@ -1359,16 +1369,13 @@ impl Sandbox {
         }
         let dir = snapshot_dir(&self.dirs, &id);
         crate::snapshot_files::claim(&dir, &id)?;
+        // Until its record is in, a failed save or one given up (this future dropped: Ctrl-C,
+        // KeyboardInterrupt) takes its files with it.
+        let mut making = crate::snapshot_files::Making::new(&dir);
         let req = Request::Snapshot { dir: dir.to_string_lossy().into_owned(), kind };
-        let saved = async {
-            self.control(req, "snapshot").await?;
-            let d = dir.clone();
-            tokio::task::spawn_blocking(move || crate::snapshot_files::detach(&d)).await.map_err(|e| Error::Host(e.to_string()))?
-        };
-        if let Err(e) = saved.await {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
-        }
+        self.control(req, "snapshot").await?;
+        let d = dir.clone();
+        tokio::task::spawn_blocking(move || crate::snapshot_files::detach(&d)).await.map_err(|e| Error::Host(e.to_string()))??;
         // The variables the guest has now are the snapshot's. The record follows every change
         // made through smolvm, so a guest that does not answer soon (busy, or saved wedged:
         // the save does not wait for it) keeps the record's instead of holding this up.
@@ -1377,11 +1384,8 @@ impl Sandbox {
         if let Ok(Ok(vars)) = tokio::time::timeout(SNAPSHOT_ENV_BOUND, self.list_env_vars()).await {
             config.env_vars = vars;
         }
-        if let Err(e) = Store::open(&self.dirs.data).and_then(|store| store.insert_snapshot(&id, &self.id, snapshot_type, &config)) {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
-        }
-        crate::snapshot_files::made(&dir);
+        Store::open(&self.dirs.data)?.insert_snapshot(&id, &self.id, snapshot_type, &config)?;
+        making.made();
         Ok(SnapshotInfo { snapshot_id: id, vm_id: self.id.clone(), snapshot_type: snapshot_type.to_string(), path: dir })
     }
 
@@ -1584,15 +1588,32 @@ impl Sandbox {
         }
     }
 
-    pub(crate) fn connection(&self) -> Result<&Arc<Conn>> {
-        self.conn()
+    pub(crate) async fn connection(&self) -> Result<Arc<Conn>> {
+        self.conn().await
     }
 
-    fn conn(&self) -> Result<&Arc<Conn>> {
-        match &self.conn {
-            Some(c) if !c.is_closed() => Ok(c),
-            _ => Err(self.unreachable()),
+    fn open_conn(&self) -> Option<Arc<Conn>> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone().filter(|c| !c.is_closed())
+    }
+
+    fn set_conn(&self, conn: Option<Arc<Conn>>) {
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = conn;
+    }
+
+    /// The supervisor's connection; a closed one is replaced by the current supervisor's where
+    /// the sandbox still runs (restarted by another process), so a handle keeps working.
+    async fn conn(&self) -> Result<Arc<Conn>> {
+        if let Some(c) = self.open_conn() {
+            return Ok(c);
         }
+        let rec = self.record()?;
+        if rec.state.is_live() && !self.going_down(&rec) {
+            if let Ok(c) = Conn::connect(&self.paths.ctl).await {
+                self.set_conn(Some(c.clone()));
+                return Ok(c);
+            }
+        }
+        Err(self.unreachable())
     }
 
     /// A request's failure on a connection found closed only by it (a handle's connection is
@@ -1619,8 +1640,8 @@ impl Sandbox {
             // Running, but not through this handle's connection (its supervisor was restarted
             // by another process, or the connection broke).
             return Error::Guest(format!(
-                "the connection to VM '{}' was lost; start() reconnects (smolvm sandbox start {})",
-                self.id, self.id
+                "the connection to VM '{}' was lost (its supervisor does not answer); try again, or restart it (smolvm sandbox stop {} && smolvm sandbox start {})",
+                self.id, self.id, self.id
             ));
         }
         Error::NotRunning { id: self.id.clone(), state: rec.state.to_string() }
@@ -1651,7 +1672,7 @@ impl Sandbox {
         match self.channel {
             Channel::Agent => self.run_agent(command, opts, input, None, on_output).await,
             Channel::Ssh => {
-                self.conn()?;
+                self.conn().await?;
                 self.run_ssh(command, opts, input, on_output).await
             }
         }
@@ -1693,7 +1714,7 @@ impl Sandbox {
         terminal: Option<Terminal>,
         mut on_output: impl FnMut(Output<'_>),
     ) -> Result<CommandResult> {
-        let conn = self.conn()?;
+        let conn = &self.conn().await?;
         let (tty, mut resizes) = match terminal {
             Some(t) => (Some(t.size), Some(t.resizes)),
             None => (None, None),
@@ -1801,7 +1822,7 @@ impl Sandbox {
         }
         let name = local.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let target = smolvm_proto::paths::guest_target(guest, &name).map_err(|m| Error::validation("guest_path", m))?;
-        let conn = self.conn()?;
+        let conn = &self.conn().await?;
         let (mode, tar) = (std::os::unix::fs::PermissionsExt::mode(&meta.permissions()), meta.is_dir());
         if self.channel == Channel::Ssh && !tar {
             let parent = Path::new(&target).parent().unwrap_or(Path::new("/"));
@@ -1939,7 +1960,7 @@ impl Sandbox {
             ));
         }
         let into_dir = local.to_string_lossy().ends_with('/') || local.is_dir();
-        let conn = self.conn()?;
+        let conn = &self.conn().await?;
         let parent = if into_dir { local.to_path_buf() } else { local.parent().map(Path::to_path_buf).unwrap_or_default() };
         let parent = if parent.as_os_str().is_empty() { PathBuf::from(".") } else { parent };
         let dest = if into_dir { local.join(&name) } else { local.to_path_buf() };
@@ -2087,7 +2108,7 @@ impl Sandbox {
     /// One request and its answer within `bound`: a stuck agent or supervisor must not hang
     /// the caller (a health check would never say no).
     async fn call_within(&self, req: &Request, what: &str, bound: Duration) -> Result<Reply> {
-        let conn = self.conn()?;
+        let conn = &self.conn().await?;
         within(what, bound, conn.call(req)).await?.map_err(|e| self.lost(conn, e))
     }
 
@@ -2318,7 +2339,7 @@ impl Sandbox {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.conn = None;
+        self.set_conn(None);
         Ok(true)
     }
 
@@ -2326,12 +2347,13 @@ impl Sandbox {
         crate::config::check_wait(timeout, "timeout")?;
         let rec = self.record_with(held)?;
         if !rec.state.is_live() || self.stopping(&rec).await? {
-            self.conn = None;
+            self.set_conn(None);
             return Ok(());
         }
-        let conn = match self.conn.take() {
-            Some(c) if !c.is_closed() => c,
-            _ => Conn::connect(&self.paths.ctl).await?,
+        let taken = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take().filter(|c| !c.is_closed());
+        let conn = match taken {
+            Some(c) => c,
+            None => Conn::connect(&self.paths.ctl).await?,
         };
         let req = Request::Stop { timeout_ms: timeout.as_millis() as u64 };
         let bound = timeout + Duration::from_secs(5);
@@ -2390,16 +2412,22 @@ impl Sandbox {
     /// whose host port was picked at start included).
     pub async fn info(&self) -> Result<serde_json::Value> {
         let rec = self.record()?;
-        let mut v = record_json(&rec, &self.paths);
-        let ports = if rec.state.is_live() { self.ports()? } else { Vec::new() };
-        v["ports"] = ports.iter().map(|(g, h)| serde_json::json!({ "guest": g, "host": h })).collect();
-        Ok(v)
+        record_json(&rec, &self.paths, &Store::open(&self.dirs.data)?)
     }
 }
 
-/// A record as users see it (`info`, `list --json`): env keys, never values.
-pub fn record_json(rec: &Record, paths: &SandboxPaths) -> serde_json::Value {
-    serde_json::json!({
+/// Records as `list --json` shows them, each as `info` does.
+pub fn records_json(dirs: &Dirs, recs: &[Record]) -> Result<Vec<serde_json::Value>> {
+    let store = Store::open(&dirs.data)?;
+    recs.iter().map(|r| record_json(r, &SandboxPaths::new(dirs, &r.id), &store)).collect()
+}
+
+/// A record as users see it (`info`, `list --json`): env keys, never values; the exposed
+/// ports of a live one.
+fn record_json(rec: &Record, paths: &SandboxPaths, store: &Store) -> Result<serde_json::Value> {
+    let ports = if rec.state.is_live() { store.ports(&rec.id)? } else { Vec::new() };
+    let ports: Vec<_> = ports.iter().map(|(g, h)| serde_json::json!({ "guest": g, "host": h })).collect();
+    Ok(serde_json::json!({
         "id": rec.id,
         "state": rec.state,
         "ephemeral": rec.ephemeral,
@@ -2429,7 +2457,8 @@ pub fn record_json(rec: &Record, paths: &SandboxPaths) -> serde_json::Value {
         "guest_ip": rec.lease.map(|l| crate::net::Lease(l).guest().to_string()),
         "internet_settings": rec.config.internet_settings,
         "console_log": paths.console,
-    })
+        "ports": ports,
+    }))
 }
 
 /// A task that ends with its owner: a command whose stdin is still open when it ends (a
@@ -2539,6 +2568,8 @@ mod tests {
             let data = std::path::PathBuf::from(format!("{base}{}", "x".repeat(len - base.len())));
             let dirs = Dirs { data: data.clone(), images: data.join("images") };
             let made = Sandbox::create_in(dirs, VmConfig { vm_id: Some("p".into()), ..Default::default() }, false);
+            // Refused before anything is made: no directory, no database.
+            assert_eq!(data.exists(), made.is_ok());
             let _ = std::fs::remove_dir_all(&data);
             made.map(|_| ()).map_err(|e| e.to_string())
         };

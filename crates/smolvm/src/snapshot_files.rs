@@ -16,8 +16,14 @@ use std::process::Command;
 fn boot_name(dir: &Path, file: &Path) -> Result<PathBuf> {
     let name = file.file_name().ok_or_else(|| Error::Host(format!("{} is not a file", file.display())))?;
     let parent = file.parent().and_then(Path::file_name).unwrap_or(std::ffi::OsStr::new("files"));
+    // (Not `create_dir_all`: a snapshot given up meanwhile is removed, and must stay so.)
     let at = dir.join("boot").join(parent);
-    fs::create_dir_all(&at).ctx(|| format!("creating {}", at.display()))?;
+    for d in [dir.join("boot"), at.clone()] {
+        match fs::create_dir(&d) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(Error::Host(format!("creating {}: {e}", d.display()))),
+            _ => {}
+        }
+    }
     Ok(at.join(name))
 }
 
@@ -115,9 +121,35 @@ pub fn claim(dir: &Path, id: &str) -> Result<()> {
     fs::write(dir.join(MAKING), me).ctx(|| "marking the snapshot as being made".into())
 }
 
-/// The snapshot in `dir` is made and recorded.
-pub fn made(dir: &Path) {
-    let _ = fs::remove_file(dir.join(MAKING));
+/// A snapshot directory claimed by this process: removed when this goes, unless `made`.
+pub struct Making(Option<PathBuf>);
+
+impl Making {
+    pub fn new(dir: &Path) -> Making {
+        Making(Some(dir.to_path_buf()))
+    }
+
+    /// The snapshot is made and recorded: its files stay.
+    pub fn made(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = fs::remove_file(dir.join(MAKING));
+        }
+    }
+}
+
+impl Drop for Making {
+    fn drop(&mut self) {
+        let Some(dir) = self.0.take() else { return };
+        // A save given up just as it ended may still be writing its last files (the
+        // supervisor's, or `detach` on a blocking thread, which cannot make the directory
+        // again): a few tries outlast them.
+        for _ in 0..5 {
+            match fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => std::thread::sleep(std::time::Duration::from_millis(20)),
+                _ => return,
+            }
+        }
+    }
 }
 
 /// A snapshot directory with no record is a leftover unless its maker still runs. One too new
@@ -173,7 +205,7 @@ mod tests {
         assert_eq!(err, "invalid snapshot_id: snapshot 's1' is being made by another process");
         assert_eq!(fs::read(dir.join("state")).unwrap(), b"first");
         // Made: no mark; recent, so not a leftover yet (its record may be in flight); old, it is.
-        made(&dir);
+        Making::new(&dir).made();
         let err = claim(&dir, "s1").unwrap_err().to_string();
         assert_eq!(err, "invalid snapshot_id: snapshot 's1' already exists");
         assert!(!orphaned(&dir));
@@ -184,6 +216,24 @@ mod tests {
         assert!(orphaned(&dir));
         claim(&dir, "s1").unwrap();
         assert!(!dir.join("state").exists());
+    }
+
+    /// A making given up (its future dropped) takes its directory with it; one made keeps it.
+    #[test]
+    fn a_snapshot_given_up_leaves_no_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("snapshots").join("abc");
+        claim(&dir, "s1").unwrap();
+        fs::write(dir.join("state"), b"saved").unwrap();
+        drop(Making::new(&dir));
+        assert!(!dir.exists());
+        claim(&dir, "s1").unwrap();
+        Making::new(&dir).made();
+        assert!(dir.join("boot").parent().unwrap().exists() && !dir.join(MAKING).exists());
+        // Files for the boot are not put into a directory given up meanwhile.
+        let gone = tmp.path().join("snapshots").join("gone");
+        assert!(boot_name(&gone, Path::new("/x/kernel-1/vmlinux")).is_err());
+        assert!(!gone.exists());
     }
 
     #[test]

@@ -131,7 +131,7 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
         // starts the first shell. Saved half way, that work would be finished again in every
         // clone, in memory of its own (measured: +6 MiB PSS each).
         sb.run("true", &crate::sandbox::RunOptions::default()).await?;
-        let conn = sb.connection()?;
+        let conn = &sb.connection().await?;
         let req = Request::Snapshot { dir: tmp.to_string_lossy().into_owned(), kind: SnapshotKind::Full };
         match conn.call(&req).await? {
             Reply::Ok => Ok(()),
