@@ -33,6 +33,8 @@ pub struct Conn {
     /// on it may be gone without closing the channel (a halted guest).
     heard: Arc<AtomicU64>,
     born: std::time::Instant,
+    /// The socket's descriptor, kept open by `writer` for as long as this lives.
+    fd: std::os::fd::RawFd,
 }
 
 /// One request's replies. Dropping it before its terminal reply cancels the request (an exec's
@@ -158,6 +160,7 @@ impl Conn {
     }
 
     fn start(stream: UnixStream, marker: Option<[u8; 16]>) -> Arc<Conn> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let (read, write) = stream.into_split();
         let routes: Routes = Default::default();
         let closed = Arc::new(AtomicBool::new(false));
@@ -171,6 +174,7 @@ impl Conn {
             gone: gone.clone(),
             heard: heard.clone(),
             born,
+            fd,
         });
         let this = Arc::downgrade(&conn);
         tokio::spawn(async move {
@@ -246,6 +250,22 @@ impl Conn {
 
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Whether the peer has hung up, asked of the socket itself: a runtime that runs only
+    /// during calls (Python's) has its reader notice only when it next runs, and a handle whose
+    /// supervisor was replaced must not send its next request into the old one's socket.
+    pub fn peer_gone(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        if self.is_closed() {
+            return true;
+        }
+        // SAFETY: `fd` is the socket `self.writer` owns, open for as long as `self` lives.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
+        // (A Unix socket whose peer closed polls as hung up.)
+        let mut fds = [PollFd::new(fd, PollFlags::empty())];
+        let hung_up = PollFlags::POLLHUP | PollFlags::POLLERR;
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0 && fds[0].revents().is_some_and(|r| r.intersects(hung_up)))
     }
 
     /// Waits until the connection is closed (the peer went, or broke the protocol).
@@ -411,6 +431,18 @@ mod tests {
     fn ping_in_background(conn: &Arc<Conn>) -> tokio::task::JoinHandle<Result<Reply>> {
         let conn = conn.clone();
         tokio::spawn(async move { conn.call(&Request::Ping).await })
+    }
+
+    /// A peer that hung up is seen at once, before the reader has run (Python's runtime runs
+    /// only during calls): a handle then takes the current supervisor instead of the old one.
+    #[tokio::test]
+    async fn a_peer_that_hung_up_is_seen_without_the_reader() {
+        let (ours, peer) = UnixStream::pair().unwrap();
+        let conn = Conn::new(ours);
+        assert!(!conn.peer_gone());
+        drop(peer);
+        assert!(!conn.is_closed(), "the reader ran: this shows nothing");
+        assert!(conn.peer_gone());
     }
 
     #[tokio::test]

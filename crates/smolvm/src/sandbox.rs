@@ -1593,7 +1593,7 @@ impl Sandbox {
     }
 
     fn open_conn(&self) -> Option<Arc<Conn>> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone().filter(|c| !c.is_closed())
+        self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone().filter(|c| !c.peer_gone())
     }
 
     fn set_conn(&self, conn: Option<Arc<Conn>>) {
