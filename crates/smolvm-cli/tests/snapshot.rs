@@ -327,6 +327,26 @@ async fn a_sandbox_keeps_its_disk_when_the_image_goes() {
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
 }
 
+/// A clone of a named image's sandbox stops and starts again on its own disk (its second
+/// start refused the disk: its link to the snapshot's disk, a layer, was not taken for ours).
+#[tokio::test]
+async fn a_clone_of_a_named_image_starts_again_after_a_stop() {
+    let env = env();
+    let sb = env.boot(VmConfig { image: Some("alpine-ssh".into()), ..Default::default() }).await;
+    sb.run("echo kept > /root/f", &opts()).await.unwrap();
+    sb.snapshot(Some("named"), "disk").await.unwrap();
+    sb.delete().await.unwrap();
+    let mut clone = Sandbox::from_snapshot_in(env.dirs.clone(), "named", RestoreOptions::default()).await.unwrap();
+    clone.run("echo more >> /root/f", &opts()).await.unwrap();
+    clone.stop(Duration::from_secs(10)).await.unwrap();
+    clone.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+    assert_eq!(out(&clone, "cat /root/f").await, "kept\nmore\n");
+    clone.delete().await.unwrap();
+    delete_snapshot(&env.dirs, "named").unwrap();
+    assert!(env.qemu_processes().is_empty());
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+}
+
 #[test]
 fn smolvm_run_starts_warm_and_cold_on_request() {
     let env = env();

@@ -896,7 +896,9 @@ pub fn check_layers(top: &Path, data: &Path) -> Result<()> {
         let dir = layer.parent().and_then(|d| fs::canonicalize(d).ok());
         let place = dir.as_deref().and_then(Path::parent);
         let name = layer.file_name().and_then(|n| n.to_str());
-        (name == Some("rootfs.qcow2") && place == Some(&data.join("vms")))
+        // (A sandbox's `base` is its overlay's link to what it booted from: once booted, a named
+        // image's sandbox starts from it, and for a clone it is its snapshot's disk, a layer.)
+        (matches!(name, Some("rootfs.qcow2" | "base")) && place == Some(&data.join("vms")))
             || (name == Some("disk.qcow2") && place == Some(&data.join("snapshots")))
     };
     let mut layer = top.to_path_buf();
@@ -1177,6 +1179,13 @@ mod tests {
         fs::remove_file(&overlay).unwrap();
         qcow2(&overlay, &["-F", "qcow2", "-b", &disks.join("backed.qcow2").to_string_lossy()]);
         assert!(check_layers(&overlay, &data).unwrap_err().to_string().contains("backed.qcow2 is a qcow2 image with a backing file"));
+        // A clone's link to its snapshot's disk, a layer on the snapshot's base, is ours too (a
+        // clone of a named image failed its second start on it).
+        let snapshot = data.join("snapshots").join("s1");
+        fs::create_dir_all(&snapshot).unwrap();
+        let snap_disk = qcow2(&snapshot.join("disk.qcow2"), &["-F", "qcow2", "-b", &disks.join("alone.qcow2").to_string_lossy()]);
+        fs::hard_link(&snap_disk, sandbox.join("base")).unwrap();
+        assert!(check_layers(&sandbox.join("base"), &data).is_ok());
     }
 
     #[test]
