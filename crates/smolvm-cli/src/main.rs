@@ -1409,7 +1409,21 @@ async fn snapshot_cmd(cmd: SnapshotCmd, dirs: Dirs) -> Result<Done, Error> {
                 port_forwards: if ports { Some(publish.iter().map(|p| parse_publish(p)).collect::<Result<_, _>>()?) } else { None },
                 ..Default::default()
             };
-            let sb = Sandbox::from_snapshot_in(dirs, &snapshot_id, opts).await?;
+            // Interrupted, the sandbox it made (if it got that far) goes, as for `create`.
+            let made = std::sync::Mutex::new(None::<String>);
+            let report = |id: &str| *made.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.to_string());
+            let restored = unless_interrupted(Sandbox::from_snapshot_reporting(dirs.clone(), &snapshot_id, opts, &report)).await;
+            let Some(restored) = restored else {
+                let Some(id) = made.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+                    return Err(Error::Interrupted(format!("the restore of '{snapshot_id}' was given up before it made a sandbox")));
+                };
+                let gone = async { Sandbox::open_in(dirs.clone(), &id).await?.delete().await };
+                if unless_interrupted(gone).await.is_none() {
+                    return Err(interrupted_twice(&id));
+                }
+                return Err(Error::Interrupted(format!("the sandbox '{id}' was not started, and is removed")));
+            };
+            let sb = restored?;
             let info = sb.info().await?;
             Ok(Done::text(sb.id().to_string(), info))
         }

@@ -347,6 +347,42 @@ async fn a_clone_of_a_named_image_starts_again_after_a_stop() {
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
 }
 
+/// Ctrl-C during `snapshot restore`: the restore's sandbox goes, as an interrupted create's
+/// does, and the command says so (it died of the signal, silent, and the sandbox ran on).
+#[test]
+fn an_interrupted_restore_leaves_no_sandbox() {
+    let env = env();
+    // A disk snapshot of a sandbox whose boots are held open: its restore boots the same way.
+    let initrd = env.slow_initrd(3);
+    let rootfs = smolvm::image::default_rootfs(&env.dirs).unwrap();
+    let (initrd, rootfs) = (initrd.to_str().unwrap(), rootfs.to_str().unwrap());
+    let ok = |args: &[&str]| {
+        let out = env.smolvm(args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    };
+    ok(&["sandbox", "create", "--name", "held", "--rootfs", rootfs, "--initrd", initrd]);
+    ok(&["sandbox", "snapshot", "create", "held", "--snapshot-type", "disk", "--snapshot-id", "held-disk"]);
+    ok(&["sandbox", "delete", "--force", "held"]);
+    let mut child = env
+        .cli()
+        .args(["sandbox", "snapshot", "restore", "held-disk", "--name", "again", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(env.init_waits(), "no boot under way");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "interrupted", "{v}");
+    assert_eq!(v["error"]["message"], "interrupted: the sandbox 'again' was not started, and is removed", "{v}");
+    assert!(env.qemu_processes().is_empty(), "the interrupted restore's VM runs on");
+    assert!(smolvm::sandbox::list(&env.dirs).unwrap().is_empty());
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+    delete_snapshot(&env.dirs, "held-disk").unwrap();
+}
+
 #[test]
 fn smolvm_run_starts_warm_and_cold_on_request() {
     let env = env();

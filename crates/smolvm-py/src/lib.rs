@@ -266,7 +266,29 @@ impl Vm {
         let mounts = mounts.map(|m| m.into_iter().map(|(host, guest)| smolvm::config::Mount { host, guest }).collect());
         let port_forwards = port_forwards.map(|p| p.into_iter().map(|(guest, host)| smolvm::config::PortForward { guest, host }).collect());
         let opts = smolvm::sandbox::RestoreOptions { name, env_vars, resume, boot_timeout, mounts, writable_mounts, port_forwards };
-        block(py, async move { Sandbox::from_snapshot_in(Dirs::from_env(), &snapshot_id, opts).await }).map(Vm::wrap)
+        // Ctrl-C drops the restore, whose boot goes on in its supervisor: the sandbox it made
+        // goes before the exception reaches the caller, as for an interrupted start.
+        let made: Arc<std::sync::Mutex<Option<String>>> = Default::default();
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (m, f) = (made.clone(), finished.clone());
+        let restored = block(py, async move {
+            let report = move |id: &str| *m.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.to_string());
+            let r = Sandbox::from_snapshot_reporting(Dirs::from_env(), &snapshot_id, opts, &report).await;
+            f.store(true, std::sync::atomic::Ordering::SeqCst);
+            r
+        });
+        if restored.is_err() && !finished.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Some(id) = made.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                py.allow_threads(|| {
+                    runtime().block_on(async {
+                        if let Ok(sb) = Sandbox::open_in(Dirs::from_env(), &id).await {
+                            let _ = sb.delete().await;
+                        }
+                    })
+                });
+            }
+        }
+        restored.map(Vm::wrap)
     }
 
     #[getter]

@@ -1392,6 +1392,18 @@ impl Sandbox {
     /// Start a new sandbox from a snapshot. `name` defaults to a fresh id; `env_vars`, when
     /// given, replace the snapshot's variables; `resume: false` leaves it paused.
     pub async fn from_snapshot_in(dirs: Dirs, snapshot_id: &str, opts: RestoreOptions) -> Result<Sandbox> {
+        Self::from_snapshot_reporting(dirs, snapshot_id, opts, &|_| {}).await
+    }
+
+    /// `from_snapshot_in`, telling `made` the new sandbox's id once its record is made: a
+    /// caller that gives the restore up (Ctrl-C drops this future, whose boot goes on in its
+    /// supervisor) deletes that sandbox, and only that one, as an interrupted create does.
+    pub async fn from_snapshot_reporting(
+        dirs: Dirs,
+        snapshot_id: &str,
+        opts: RestoreOptions,
+        made: &(dyn Fn(&str) + Sync),
+    ) -> Result<Sandbox> {
         crate::config::check_boot_timeout(opts.boot_timeout)?;
         crate::config::check_supervisor_settings()?;
         let snap = Store::open(&dirs.data)?.get_snapshot(snapshot_id)?.ok_or_else(|| Error::SnapshotNotFound(snapshot_id.to_string()))?;
@@ -1448,6 +1460,7 @@ impl Sandbox {
             },
             e => e,
         })?;
+        made(&sb.id);
         let result = async {
             // Fails if the snapshot was deleted since it was read; from here on a delete refuses.
             Store::open(&dirs.data)?.set_snapshot_origin(&sb.id, snapshot_id)?;
