@@ -166,6 +166,15 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
     assert_eq!(std::fs::metadata(env.tmp.path().join("su")).unwrap().permissions().mode() & 0o7777, 0o755);
     let e = sb.upload(&local, "relative/x").await.unwrap_err();
     assert!(e.to_string().contains("guest_path"), "{e}");
+    // Over SSH as over the agent: the agent's umask (the server had the key's 077, so commands
+    // and SFTP made private files), and an upload keeps setuid (`put -p` dropped it).
+    assert_eq!(sb.run("umask", &opts()).await.unwrap().stdout, "0022\n");
+    let suid = env.tmp.path().join("suid");
+    std::fs::write(&suid, "x").unwrap();
+    std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    sb.upload(&suid, "/data/made/here/suid").await.unwrap();
+    let r = sb.run("stat -c %a /data/made/here /data/made/here/suid", &opts()).await.unwrap();
+    assert_eq!(r.stdout, "755\n4755\n", "{}", r.stderr);
     // Into place by rename, as over the agent: a directory in the way is an error, and no
     // temporary file stays either way.
     sb.set_channel(Channel::Agent);

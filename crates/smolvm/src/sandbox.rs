@@ -707,27 +707,30 @@ fn download_temp(parent: &Path) -> PathBuf {
     parent.join(format!(".smolvm-download-{}-{n}", std::process::id()))
 }
 
-/// An SFTP upload's temporary name in the guest, taken out by an sftp of its own (on a thread:
-/// nothing can be awaited here) when the upload's future is dropped unfinished.
+/// An SFTP upload's temporary name in the guest, taken out by an sftp of its own when the
+/// upload's future is dropped unfinished. Waited for here (nothing can be awaited in a drop),
+/// within a bound: on a thread of its own it was lost when the CLI exited right after Ctrl-C,
+/// and the partial file stayed in the guest.
 struct SftpTemp(Option<(std::process::Command, String)>);
 
 impl Drop for SftpTemp {
     fn drop(&mut self) {
-        if let Some((mut sftp, batch)) = self.0.take() {
-            std::thread::spawn(move || {
-                use std::io::Write;
-                let child = sftp
-                    .stdin(std::process::Stdio::piped())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn();
-                if let Ok(mut child) = child {
-                    if let Some(mut stdin) = child.stdin.take() {
-                        let _ = stdin.write_all(batch.as_bytes());
-                    }
-                    let _ = child.wait();
-                }
-            });
+        use std::io::Write;
+        let Some((mut sftp, batch)) = self.0.take() else { return };
+        let child =
+            sftp.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn();
+        let Ok(mut child) = child else { return };
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(batch.as_bytes());
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while matches!(child.try_wait(), Ok(None)) {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
@@ -1845,10 +1848,14 @@ impl Sandbox {
             // Beside the target, then renamed into place, as the agent does: whole or not at
             // all, and a directory in the way is an error, not a place to put it into.
             let tmp = format!("{}/.smolvm-upload-{}", parent.to_string_lossy().trim_end_matches('/'), random_id("sftp"));
+            // (`put -p` keeps the permission bits only: setuid, setgid and sticky come with
+            // `chmod`, as over the agent.)
             let batch = format!(
-                "{}put -p {} {}\nrename {} {}\n",
+                "{}put -p {} {}\nchmod {:o} {}\nrename {} {}\n",
                 crate::ssh::sftp_mkdirs(parent)?,
                 q(&local.to_string_lossy())?,
+                q(&tmp)?,
+                mode & 0o7777,
                 q(&tmp)?,
                 q(&tmp)?,
                 q(&target)?
@@ -2072,21 +2079,20 @@ impl Sandbox {
     /// A file over SFTP; a directory (sftp cannot tell us in advance) falls back to the agent's
     /// checked tar path.
     async fn download_sftp(&self, guest: &str, parent: &Path, dest: &Path) -> Result<()> {
-        let tmp = std::path::absolute(download_temp(parent)).ctx(|| format!("resolving {}", parent.display()))?;
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        // sftp makes its file with the guest's mode: it goes into a directory of the owner's
+        // alone until it is complete, and the directory goes however this ends (Ctrl-C drops
+        // this future, and the sftp with it).
+        let dir = std::path::absolute(download_temp(parent)).ctx(|| format!("resolving {}", parent.display()))?;
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        let _remove = RemoveDirOnDrop(dir.clone());
+        let tmp = dir.join("file");
         let q = crate::ssh::sftp_quote;
-        let got = self.sftp(format!("get -p {} {}\n", q(guest)?, q(&tmp.to_string_lossy())?)).await;
-        let result = got.and_then(|_| {
-            let meta = std::fs::symlink_metadata(&tmp).ctx(|| format!("reading {}", tmp.display()))?;
-            let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
-            std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode & 0o777))
-                .and_then(|_| std::fs::rename(&tmp, dest))
-                .ctx(|| format!("storing {}", dest.display()))
-        });
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        result
+        self.sftp(format!("get -p {} {}\n", q(guest)?, q(&tmp.to_string_lossy())?)).await?;
+        let meta = std::fs::symlink_metadata(&tmp).ctx(|| format!("reading {}", tmp.display()))?;
+        std::fs::set_permissions(&tmp, PermissionsExt::from_mode(meta.permissions().mode() & 0o777))
+            .and_then(|_| std::fs::rename(&tmp, dest))
+            .ctx(|| format!("storing {}", dest.display()))
     }
 
     /// Forward 127.0.0.1:`host` (a free port when `None`) to the guest's port; returns the host
@@ -2533,6 +2539,14 @@ struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+struct RemoveDirOnDrop(PathBuf);
+
+impl Drop for RemoveDirOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

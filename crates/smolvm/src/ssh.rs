@@ -17,6 +17,8 @@ use std::process::Command;
 
 /// Runs in the guest (over the agent, `/bin/sh -c`) at every boot of an image with a root disk.
 /// Exit 3 means the image has no SSH server. Idempotent: a restored snapshot already runs one.
+/// The keys are made under umask 077; the server starts under the agent's 022, which its
+/// sessions inherit (commands and SFTP over SSH made private files where the agent does not).
 ///
 /// A sandbox makes its host key at its first boot. A clone restored from a snapshot is another
 /// sandbox with its source's disk, key and (from a full snapshot) running server: told apart by
@@ -42,7 +44,7 @@ if [ -x /usr/sbin/sshd ]; then
   adopt /run/sshd.pid $k
   [ -s $k ] || ssh-keygen -q -t ed25519 -N '' -f $k >/dev/null
   mkdir -p /run/sshd && chmod 0755 /run/sshd
-  running /run/sshd.pid || /usr/sbin/sshd
+  running /run/sshd.pid || (umask 022; /usr/sbin/sshd)
   printf '%s' "$SMOLVM_SSH_OWNER" > $owner
   cut -d' ' -f1,2 $k.pub
 elif [ -x /usr/sbin/dropbear ]; then
@@ -50,7 +52,7 @@ elif [ -x /usr/sbin/dropbear ]; then
   mkdir -p /etc/dropbear
   adopt /var/run/dropbear.pid $k
   [ -s $k ] || dropbearkey -t ed25519 -f $k >/dev/null 2>&1
-  running /var/run/dropbear.pid || dropbear -s -r $k -P /var/run/dropbear.pid
+  running /var/run/dropbear.pid || (umask 022; dropbear -s -r $k -P /var/run/dropbear.pid)
   printf '%s' "$SMOLVM_SSH_OWNER" > $owner
   dropbearkey -y -f $k | grep '^ssh-' | cut -d' ' -f1,2
 else
