@@ -665,6 +665,9 @@ fn bad_input_names_the_field_and_leaves_nothing() {
     }
     let out = env.cli().args(["run", "true"]).env("SMOLVM_BACKEND", "firecracker").output().unwrap();
     assert!(stderr(&out).contains("firecracker is not supported by this build yet"), "{}", stderr(&out));
+    // A bad accelerator is bad input, named as such (it was a host error).
+    let out = env.cli().args(["run", "true"]).env("SMOLVM_ACCEL", "bogus").output().unwrap();
+    assert_eq!(stderr(&out), "error: invalid SMOLVM_ACCEL: \"bogus\" is not allowed (allowed: kvm, tcg, auto)\n");
     assert!(env.qemu_processes().is_empty());
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
     let store = smolvm::store::Store::open(&env.dirs.data).unwrap();

@@ -109,6 +109,7 @@ def test_vmconfig_is_frozen_validated_and_rejects_unknown_fields():
         (lambda: SmolVM.from_id(123), "invalid vm_id: expected a str, got int"),
         (lambda: SmolVM.from_snapshot("s", resume="no"), "invalid resume: 'no' is not a bool"),
         (lambda: SmolVM.from_snapshot("s", resume_vm=1), "invalid resume_vm: 1 is not a bool"),
+        (lambda: SmolVM.from_snapshot("s", resume=True, resume_vm=False), "invalid resume_vm: False contradicts resume=True (give one of them)"),
         (lambda: SmolVM(ssh_password=""), "invalid ssh_password: not supported by this build yet"),
         (lambda: VMConfig(kernel_path=5), "invalid kernel_path: expected a str, got int"),
         (lambda: smolvm.env.validate_env_key(5), "invalid key: expected a str, got int"),

@@ -593,6 +593,8 @@ fn parse_snapshot_bandwidth(value: Option<&str>) -> Result<Option<u64>> {
 /// The settings each sandbox's supervisor reads from its environment when it starts, checked by
 /// the starter: a bad value is the starter's error, not a dead sandbox.
 pub fn check_supervisor_settings() -> Result<()> {
+    // Bad input, said as such (it was a host error).
+    crate::vmm::requested_accel().map_err(|m| Error::validation("SMOLVM_ACCEL", m.trim_start_matches("SMOLVM_ACCEL=").to_string()))?;
     control_timeout()?;
     snapshot_bandwidth()?;
     crate::net::dns_upstream_setting()?;

@@ -208,7 +208,7 @@ class SmolVM:
         cls,
         snapshot_id: str,
         backend: Optional[str] = None,
-        resume: bool = True,
+        resume: Optional[bool] = None,
         *,
         resume_vm: Optional[bool] = None,
         vm_id: Optional[str] = None,
@@ -227,7 +227,13 @@ class SmolVM:
         none) replace the snapshot's, whose fixed host ports its running source still holds."""
         if backend not in (None, "qemu", "auto"):
             raise ValidationError(f"invalid backend: {backend!r} cannot restore this snapshot (allowed: 'qemu', 'auto')", {"field": "backend"})
-        resume = _args.flag(resume, "resume") if resume_vm is None else _args.flag(resume_vm, "resume_vm")
+        given = [(name, _args.flag(value, name)) for name, value in (("resume", resume), ("resume_vm", resume_vm)) if value is not None]
+        if len(given) == 2 and given[0][1] != given[1][1]:
+            # Two names for one setting, at odds: neither may silently win.
+            raise ValidationError(
+                f"invalid resume_vm: {resume_vm!r} contradicts resume={resume!r} (give one of them)", {"field": "resume_vm"}
+            )
+        resume = given[-1][1] if given else True
         snapshot_id = _args.text(snapshot_id, "snapshot_id")
         vm_id = None if vm_id is None else _args.text(vm_id, "vm_id")
         vm = cls.__new__(cls)
