@@ -363,7 +363,7 @@ fn an_interrupted_restore_leaves_no_sandbox() {
     ok(&["sandbox", "create", "--name", "held", "--rootfs", rootfs, "--initrd", initrd]);
     ok(&["sandbox", "snapshot", "create", "held", "--snapshot-type", "disk", "--snapshot-id", "held-disk"]);
     ok(&["sandbox", "delete", "--force", "held"]);
-    let mut child = env
+    let child = env
         .cli()
         .args(["sandbox", "snapshot", "restore", "held-disk", "--name", "again", "--json"])
         .stdout(std::process::Stdio::piped())
