@@ -527,19 +527,24 @@ async fn clones_of_snapshots_taken_mid_transfer_talk_to_their_host() {
 #[test]
 fn a_pause_its_client_gave_up_on_is_not_done_later() {
     let env = env();
-    // Control requests wait 1 s here (SMOLVM_CONTROL_TIMEOUT), in the supervisor too, and
-    // snapshots are written at 100 MiB/s (unlimited, 500 MB take about half a second).
+    // Clients give control requests 1 s here (SMOLVM_CONTROL_TIMEOUT; they wait 5 s more for
+    // what is before them), and the supervisor its default, 30 s: a client gives up first. (A
+    // pause it gave up on was done once the supervisor's loop got to it.) Snapshots are
+    // written at 30 MiB/s (unlimited, 500 MB take about half a second).
     let cli = || {
         let mut c = env.cli();
-        c.env("SMOLVM_CONTROL_TIMEOUT", "1").env("SMOLVM_SNAPSHOT_BANDWIDTH", "100");
+        c.env("SMOLVM_CONTROL_TIMEOUT", "1").env("SMOLVM_SNAPSHOT_BANDWIDTH", "30");
         c
     };
     let ok = |out: std::process::Output| {
         assert!(out.status.success(), "{}", stderr(&out));
         stdout(&out)
     };
-    ok(cli().args(["sandbox", "create", "--name", "busy", "--memory", "2048"]).output().unwrap());
-    // RAM full of data (500 MB) makes the snapshot take seconds (about 5 at 100 MiB/s),
+    let create =
+        env.cli().env("SMOLVM_SNAPSHOT_BANDWIDTH", "30").args(["sandbox", "create", "--name", "busy", "--memory", "2048"]).output();
+    ok(create.unwrap());
+    // RAM full of data (500 MB) makes the snapshot take seconds (about 17 at 30 MiB/s: the
+    // pause and the expose below, 6 s each, both wait behind it),
     // during which the control loop serves nothing else.
     let fill = "i=0; while [ $i -lt 420 ]; do cat /bin/busybox; i=$((i+1)); done > /dev/shm/fill";
     ok(cli().args(["sandbox", "exec", "busy", "--", fill]).output().unwrap());
@@ -559,7 +564,7 @@ fn a_pause_its_client_gave_up_on_is_not_done_later() {
     }
     let out = cli().args(["sandbox", "pause", "busy"]).output().unwrap();
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("'pause' timed out after 1s"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("'pause' timed out after 6s"), "{}", stderr(&out));
     // A port's expose times out the same way: a timeout (exit 124), not the guest's error.
     let out = cli().args(["sandbox", "port", "expose", "busy", "9998", "--json"]).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();

@@ -1307,17 +1307,7 @@ impl Sandbox {
             Request::Snapshot { .. } => crate::supervisor::SNAPSHOT_BOUND + Duration::from_secs(60),
             _ => control_wait()?,
         };
-        let reply = if matches!(req, Request::Snapshot { .. }) {
-            // On a connection of its own: a caller that gives the save up (drops this future:
-            // Ctrl-C, in Python too) closes it, and the supervisor then cancels the save and
-            // lets the VM run on. On the shared connection the save would go on, the VM stopped.
-            self.conn().await?;
-            let own = Conn::connect(&self.paths.ctl).await.map_err(|_| self.unreachable())?;
-            within(what, bound, own.call(&req)).await?.map_err(|e| self.lost(&own, e))?
-        } else {
-            self.call_within(&req, what, bound).await?
-        };
-        match reply {
+        match self.call_control(&req, what, bound).await? {
             Reply::Ok => Ok(()),
             Reply::Error { kind: ErrorKind::Invalid, message } => Err(Error::validation("snapshot_type", message)),
             Reply::Error { kind: ErrorKind::Failed, message } => Err(control_failure(what, &message)),
@@ -2101,7 +2091,7 @@ impl Sandbox {
         if guest_port == 0 {
             return Err(Error::validation("guest_port", "0 is not a port (allowed 1..=65535)"));
         }
-        match self.call_within(&Request::Expose { guest: guest_port, host: host_port.unwrap_or(0) }, "expose", control_wait()?).await? {
+        match self.call_control(&Request::Expose { guest: guest_port, host: host_port.unwrap_or(0) }, "expose", control_wait()?).await? {
             Reply::Port(p) => Ok(p),
             Reply::Error { kind: ErrorKind::Invalid, message } => Err(Error::validation("port", message)),
             // The supervisor's own work (QEMU, the host's proxies): its timeouts are timeouts.
@@ -2111,7 +2101,7 @@ impl Sandbox {
     }
 
     pub async fn unexpose_local(&self, guest_port: u16) -> Result<()> {
-        match self.call_within(&Request::Unexpose { guest: guest_port }, "unexpose", control_wait()?).await? {
+        match self.call_control(&Request::Unexpose { guest: guest_port }, "unexpose", control_wait()?).await? {
             Reply::Ok => Ok(()),
             Reply::Error { kind: ErrorKind::NotFound, message } => Err(Error::validation("guest_port", message)),
             Reply::Error { kind: ErrorKind::Failed, message } => Err(control_failure("unexpose", &message)),
@@ -2122,6 +2112,17 @@ impl Sandbox {
     /// Exposed ports as (guest, host).
     pub fn ports(&self) -> Result<Vec<(u16, u16)>> {
         Store::open(&self.dirs.data)?.ports(&self.id)
+    }
+
+    /// A control request (pause, resume, snapshot, a port's exposure) on a connection of its
+    /// own: a caller that gives it up (drops this future: Ctrl-C, in Python too; or past
+    /// `bound`) closes that connection, and the supervisor then drops it if it has not begun
+    /// (one behind a long save was done later), or cancels a save under way and lets the VM run
+    /// on. On the shared connection it would be done, the VM stopped, for nobody.
+    async fn call_control(&self, req: &Request, what: &str, bound: Duration) -> Result<Reply> {
+        self.conn().await?;
+        let own = Conn::connect(&self.paths.ctl).await.map_err(|_| self.unreachable())?;
+        within(what, bound, own.call(req)).await?.map_err(|e| self.lost(&own, e))
     }
 
     /// One request and its answer within `bound`: a stuck agent or supervisor must not hang

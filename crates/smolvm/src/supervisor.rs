@@ -1564,44 +1564,39 @@ async fn serve_client(
                 let _ = wait.await;
                 send(write.clone(), cid, Reply::Ok).await;
             }
-            Request::Expose { guest, host } => {
-                let (done, wait) = oneshot::channel();
-                let _ = ctl.send(Control::Expose { guest, host, done });
-                let reply = answer(wait, "expose", control_bound(), Reply::Port).await;
-                send(write.clone(), cid, reply).await;
-            }
-            Request::Unexpose { guest } => {
-                let (done, wait) = oneshot::channel();
-                let _ = ctl.send(Control::Unexpose { guest, done });
-                let reply = answer(wait, "unexpose", control_bound(), |()| Reply::Ok).await;
-                send(write.clone(), cid, reply).await;
-            }
-            Request::Pause | Request::Resume | Request::Snapshot { .. } => {
-                let (done, wait) = oneshot::channel();
-                let msg = match req {
-                    Request::Pause => Control::Pause { done },
-                    Request::Resume => Control::Resume { done },
-                    Request::Snapshot { dir, kind } => Control::Snapshot { dir: PathBuf::from(dir), kind, done },
-                    _ => unreachable!("matched above"),
-                };
-                // A snapshot's own bound, and a little for what waits before it.
-                let (what, bound) = match &msg {
-                    Control::Snapshot { .. } => ("snapshot", SNAPSHOT_BOUND + Duration::from_secs(30)),
-                    Control::Pause { .. } => ("pause", control_bound()),
-                    _ => ("resume", control_bound()),
+            Request::Expose { .. } | Request::Unexpose { .. } | Request::Pause | Request::Resume | Request::Snapshot { .. } => {
+                // A snapshot's own bound, and a little for what waits before it; the others
+                // wait behind it within theirs.
+                type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>>;
+                let bound = control_bound();
+                let (msg, answered): (Control, Answer) = match req {
+                    Request::Expose { guest, host } => {
+                        let (done, wait) = oneshot::channel();
+                        (Control::Expose { guest, host, done }, Box::pin(answer(wait, "expose", bound, Reply::Port)))
+                    }
+                    other => {
+                        let (done, wait) = oneshot::channel();
+                        let (msg, what, bound) = match other {
+                            Request::Unexpose { guest } => (Control::Unexpose { guest, done }, "unexpose", bound),
+                            Request::Pause => (Control::Pause { done }, "pause", bound),
+                            Request::Resume => (Control::Resume { done }, "resume", bound),
+                            Request::Snapshot { dir, kind } => (
+                                Control::Snapshot { dir: PathBuf::from(dir), kind, done },
+                                "snapshot",
+                                SNAPSHOT_BOUND + Duration::from_secs(30),
+                            ),
+                            _ => unreachable!("matched above"),
+                        };
+                        (msg, Box::pin(answer(wait, what, bound, |()| Reply::Ok)))
+                    }
                 };
                 let _ = ctl.send(msg);
-                let answered = answer(wait, what, bound, |()| Reply::Ok);
-                tokio::pin!(answered);
-                if what != "snapshot" {
-                    let reply = answered.await;
-                    send(write.clone(), cid, reply).await;
-                    continue;
-                }
-                // A snapshot comes on a connection of its own (`Sandbox::control`), on which
-                // its client gives it up by cancelling the request (a dropped call) or by going
-                // away. Dropping the answer's receiver tells the save: it is cancelled, and the
-                // VM runs on. (Nothing else travels on that connection.)
+                let mut answered = answered;
+                // Control requests come on a connection of their own (`Sandbox::call_control`),
+                // on which the client gives one up by cancelling it (a dropped call) or by
+                // going away (past its own bound). Dropping the answer's receiver tells the
+                // control loop: a request not yet begun is dropped, not done later; a save
+                // under way is cancelled, and the VM runs on. (Nothing else travels there.)
                 let gone = loop {
                     tokio::select! {
                         reply = &mut answered => {
