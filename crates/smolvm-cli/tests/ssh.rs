@@ -240,7 +240,15 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
     let forged = format!("{} {}\n", ep.alias, other_pub.split_whitespace().take(2).collect::<Vec<_>>().join(" "));
     std::fs::write(&ep.known_hosts, forged).unwrap();
     let e = sb.run("true", &opts()).await.unwrap_err();
-    assert!(matches!(e, Error::Ssh(_)) && e.to_string().contains("Host key verification failed"), "{e}");
+    let said = "ssh: Host key verification failed. The sandbox's SSH host key is not the one pinned for it";
+    assert!(matches!(e, Error::Ssh(_)) && e.to_string().starts_with(said), "{e}");
+    // The same from SFTP (it said only "Connection closed"), and at once from wait_for_ssh
+    // (it waited out its timeout).
+    let e = sb.upload(&local, "/tmp/refused").await.unwrap_err();
+    assert!(e.to_string().starts_with(said), "{e}");
+    let started = std::time::Instant::now();
+    let e = sb.wait_for_ssh(Duration::from_secs(20)).await.unwrap_err();
+    assert!(e.to_string().starts_with(said) && started.elapsed() < Duration::from_secs(10), "{e}");
     std::fs::write(&ep.known_hosts, pinned.clone()).unwrap();
     assert!(sb.run("true", &opts()).await.unwrap().ok());
 

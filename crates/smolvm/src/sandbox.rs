@@ -1114,7 +1114,12 @@ impl Sandbox {
             cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
             match tokio::time::timeout_at(deadline, cmd.output()).await {
                 Ok(Ok(out)) if out.status.success() => return Ok(()),
-                Ok(Ok(out)) => last = String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                Ok(Ok(out)) => {
+                    last = String::from_utf8_lossy(&out.stderr).trim().to_string();
+                    if let Some(e) = crate::ssh::host_key_failure(&last) {
+                        return Err(e);
+                    }
+                }
                 Ok(Err(e)) => return Err(Error::Host(format!("running ssh (openssh-client): {e}"))),
                 Err(_) => break,
             }
@@ -1243,6 +1248,9 @@ impl Sandbox {
                     }
                 }
                 // ssh's own failure, not the command's exit code.
+                if let Some(e) = crate::ssh::host_key_failure(diagnostics) {
+                    return Err(e);
+                }
                 if !diagnostics.is_empty() {
                     return Err(Error::Ssh(diagnostics.to_string()));
                 }
@@ -1273,7 +1281,11 @@ impl Sandbox {
         if out.status.success() {
             return Ok(());
         }
-        let msg = String::from_utf8_lossy(&out.stderr).lines().filter(|l| !l.starts_with("sftp>")).collect::<Vec<_>>().join("; ");
+        let said = String::from_utf8_lossy(&out.stderr);
+        if let Some(e) = crate::ssh::host_key_failure(&said) {
+            return Err(e);
+        }
+        let msg = said.lines().filter(|l| !l.starts_with("sftp>") && !l.starts_with("Connected to ")).collect::<Vec<_>>().join("; ");
         if msg.contains("not found") || msg.contains("No such file") {
             return Err(Error::validation("guest_path", msg));
         }

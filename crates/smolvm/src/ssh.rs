@@ -197,7 +197,8 @@ impl Endpoint {
     /// `sftp` in batch mode, commands on its standard input.
     pub fn sftp(&self) -> Command {
         let mut cmd = Command::new("sftp");
-        cmd.args(self.options()).args(["-o", "BatchMode=yes", "-q", "-b", "-", "-P"]).arg(self.port.to_string()).arg("root@127.0.0.1");
+        // (Not `-q`: it silences ssh's own errors, a changed host key's among them.)
+        cmd.args(self.options()).args(["-o", "BatchMode=yes", "-b", "-", "-P"]).arg(self.port.to_string()).arg("root@127.0.0.1");
         cmd
     }
 }
@@ -257,6 +258,20 @@ pub fn sftp_mkdirs(dir: &Path) -> Result<String> {
         out.push_str(&format!("-mkdir {}\n", sftp_quote(&cur.to_string_lossy())?));
     }
     Ok(out)
+}
+
+/// ssh's words when the sandbox's host key is not the pinned one (ssh's banner, several lines,
+/// ends with the first). Said as one error, the same for every path in (a command, SFTP,
+/// `wait_for_ssh`, which would otherwise wait out its timeout against a key that never fits).
+pub fn host_key_failure(said: &str) -> Option<Error> {
+    let failed = said.contains("Host key verification failed") || said.contains("HOST IDENTIFICATION HAS CHANGED");
+    failed.then(|| {
+        Error::Ssh(
+            "Host key verification failed. The sandbox's SSH host key is not the one pinned for it (known_hosts in its directory); \
+             nothing was sent to it"
+                .into(),
+        )
+    })
 }
 
 /// What ssh itself writes on the session's stderr when the server goes away under a command
