@@ -1153,7 +1153,10 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
     match cmd {
         SandboxCmd::Ssh { name, command } => {
             let sb = Sandbox::open_in(dirs, &name).await?;
-            let remote = (!command.is_empty()).then(|| command_line(&command));
+            // A command runs in a shell of its own, whose server-side shell exits with its code
+            // (128+N for a signal, as over the agent; the server would report the signal, and
+            // ssh exit 255, which reads as ssh's own failure).
+            let remote = (!command.is_empty()).then(|| smolvm::ssh::remote_command(&command_line(&command), false, 0, None));
             let tty = remote.is_none() && std::io::IsTerminal::is_terminal(&std::io::stdin());
             ssh_session(&sb, remote.as_deref(), tty)
         }

@@ -316,6 +316,9 @@ fn debian_ssh_image_over_the_cli() {
     let out = env.cli().args(["sandbox", "ssh", "deb", "--", "echo", "via-ssh"]).stdin(std::process::Stdio::null()).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "via-ssh\n", "{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success());
+    // A command a signal ends exits 128+N, as over the agent (ssh's 255 read as its own failure).
+    let out = env.cli().args(["sandbox", "ssh", "deb", "--", "kill -9 $$"]).stdin(std::process::Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(137), "{}", String::from_utf8_lossy(&out.stderr));
     let out = env.smolvm(&["sandbox", "exec", "deb", "--channel", "ssh", "--", "python3 -c 'print(6*7)'; exit 4"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n");
     assert_eq!(out.status.code(), Some(4), "the guest's exit code over SSH");
