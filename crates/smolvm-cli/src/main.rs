@@ -1019,7 +1019,7 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
                 entries.sort_by_key(|e| e.file_name());
                 for e in entries {
                     let name = e.file_name().to_string_lossy().into_owned();
-                    if name.starts_with('.') {
+                    if !smolvm::image::listed_entry(&name) {
                         continue;
                     }
                     let size = disk_usage(&e.path());

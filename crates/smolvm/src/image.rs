@@ -994,13 +994,22 @@ fn virtual_size(image: &Path) -> Result<u64> {
     Ok(serde_json::from_slice::<serde_json::Value>(&out.stdout).ok().and_then(|v| v["virtual-size"].as_u64()).unwrap_or(0))
 }
 
+/// Whether a name in the image directory is an entry `image list` shows (and `image rm`
+/// takes): an image artifact, not smolvm's own bookkeeping (remembered answers about kernel
+/// and QEMU files, the host's TSC rate, memos, custom recipes, locks and work in progress).
+pub fn listed_entry(name: &str) -> bool {
+    !(name.starts_with('.')
+        || ["host-tsc", "memo", "recipes"].contains(&name)
+        || crate::vmm::qemu::REMEMBERED.iter().any(|r| name.starts_with(&format!("{r}-"))))
+}
+
 /// Remove a cache entry by name (as `image list` shows it). Running sandboxes keep what they
 /// have open; later starts rebuild what they need.
 pub fn remove_entry(dirs: &Dirs, name: &str) -> Result<()> {
     let not_entry = || {
         Error::validation("image", format!("{name:?} is neither an image name nor an entry of the image cache (see `smolvm image list`)"))
     };
-    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+    if name.is_empty() || name.contains('/') || !listed_entry(name) {
         return Err(not_entry());
     }
     let path = dirs.images.join(name);
@@ -1186,6 +1195,17 @@ mod tests {
         let snap_disk = qcow2(&snapshot.join("disk.qcow2"), &["-F", "qcow2", "-b", &disks.join("alone.qcow2").to_string_lossy()]);
         fs::hard_link(&snap_disk, sandbox.join("base")).unwrap();
         assert!(check_layers(&sandbox.join("base"), &data).is_ok());
+    }
+
+    #[test]
+    fn image_list_shows_artifacts_not_bookkeeping() {
+        for shown in ["kernel-19ff155fe082e117", "initramfs-02f41ec963cbd830", "disk-alpine-ssh-f155d54d3834cf33", "warm-35e64aadcc5ad934"]
+        {
+            assert!(listed_entry(shown), "{shown}");
+        }
+        for hidden in ["host-tsc", "memo", "recipes", "kernel-mmio-05a0543d585e16cc", "qemu-microvm-ff84b8b0f5f63089", ".lock"] {
+            assert!(!listed_entry(hidden), "{hidden}");
+        }
     }
 
     #[test]
