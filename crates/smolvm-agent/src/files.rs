@@ -19,6 +19,24 @@ struct Upload {
     tar: bool,
     /// Stored and not yet granted back: grants go in steps, one small frame each.
     ungranted: usize,
+    /// The parent directories this upload made, deepest first: an upload that fails or is
+    /// given up takes them out again (those still empty), as its temporary file.
+    made: Vec<PathBuf>,
+}
+
+impl Upload {
+    /// Nothing of it stays: its temporary file, and the directories it made for it.
+    fn discard(self) {
+        let _ = fs::remove_file(&self.tmp);
+        remove_made(&self.made);
+    }
+}
+
+/// Those of `made` still empty (deepest first), as a failed upload leaves them.
+fn remove_made(made: &[PathBuf]) {
+    for dir in made {
+        let _ = fs::remove_dir(dir);
+    }
 }
 
 fn uploads() -> MutexGuard<'static, HashMap<u32, Upload>> {
@@ -52,11 +70,12 @@ pub fn put_start(stream: u32, path: String, mode: u32, tar: bool, w: &Writer) {
         return w.send(stream, &Reply::error(ErrorKind::Invalid, format!("guest path must be absolute: {path:?}")));
     }
     let dest = PathBuf::from(&path);
+    // Beside the destination, on its filesystem: a file is renamed into place, and an archive
+    // (a directory) needs the destination's room, not RAM's (/run is a tmpfs).
+    let parent = dest.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let made: Vec<PathBuf> = parent.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).map(Path::to_path_buf).collect();
     let opened = (|| -> io::Result<(File, PathBuf)> {
-        // Beside the destination, on its filesystem: a file is renamed into place, and an
-        // archive (a directory) needs the destination's room, not RAM's (/run is a tmpfs).
-        let parent = dest.parent().unwrap_or(Path::new("/"));
-        smolvm_proto::paths::make_dirs(parent)?;
+        smolvm_proto::paths::make_dirs(&parent)?;
         let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tmp = parent.join(format!(".{name}.smolvm-upload-{stream}"));
         let file = fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
@@ -64,9 +83,12 @@ pub fn put_start(stream: u32, path: String, mode: u32, tar: bool, w: &Writer) {
     })();
     match opened {
         Ok((file, tmp)) => {
-            uploads().insert(stream, Upload { file, tmp, dest, mode, tar, ungranted: 0 });
+            uploads().insert(stream, Upload { file, tmp, dest, mode, tar, ungranted: 0, made });
         }
-        Err(e) => w.send(stream, &io_error(&format!("receiving {path}"), e)),
+        Err(e) => {
+            remove_made(&made);
+            w.send(stream, &io_error(&format!("receiving {path}"), e))
+        }
     }
 }
 
@@ -84,8 +106,7 @@ pub fn put_data(stream: u32, data: &[u8], w: &Writer) -> bool {
             }
         }
         Err(e) => {
-            let up = ups.remove(&stream).expect("present");
-            let _ = fs::remove_file(&up.tmp);
+            ups.remove(&stream).expect("present").discard();
             w.send(stream, &io_error("writing the upload", e));
         }
     }
@@ -103,19 +124,20 @@ pub fn put_end(stream: u32, w: &Writer) -> bool {
             let mut up = up;
             let r = smolvm_tar::unpack_checked(&mut up.file, &up.dest, false);
             let _ = fs::remove_file(&up.tmp);
+            if r.is_err() {
+                remove_made(&up.made);
+            }
             w.send(stream, &stored(r, &up.dest));
         };
         crate::workers::on_thread_or_here(extract, crate::workers::run);
         return true;
     }
-    let result = {
-        let r = up.file.set_permissions(fs::Permissions::from_mode(up.mode & 0o7777)).and_then(|_| fs::rename(&up.tmp, &up.dest));
-        if r.is_err() {
-            let _ = fs::remove_file(&up.tmp);
-        }
-        r
-    };
-    w.send(stream, &stored(result, &up.dest));
+    let result = up.file.set_permissions(fs::Permissions::from_mode(up.mode & 0o7777)).and_then(|_| fs::rename(&up.tmp, &up.dest));
+    let reply = stored(result, &up.dest);
+    if !matches!(reply, Reply::Ok) {
+        up.discard();
+    }
+    w.send(stream, &reply);
     true
 }
 
@@ -129,13 +151,13 @@ fn stored(result: std::io::Result<()>, dest: &std::path::Path) -> Reply {
 /// Drop every upload in progress, with its temp file.
 pub fn cancel_all() {
     for (_, up) in uploads().drain() {
-        let _ = fs::remove_file(&up.tmp);
+        up.discard();
     }
 }
 
 pub fn put_cancel(stream: u32) {
     if let Some(up) = uploads().remove(&stream) {
-        let _ = fs::remove_file(&up.tmp);
+        up.discard();
     }
 }
 

@@ -248,7 +248,7 @@ async fn a_file_that_changes_while_it_is_uploaded_is_not_put_in_place() {
     env.signal_vmm(Signal::SIGSTOP);
     let upload = {
         let (sb, local) = (sb.clone(), local.clone());
-        tokio::spawn(async move { sb.upload(&local, "/tmp/shrinks").await })
+        tokio::spawn(async move { sb.upload(&local, "/tmp/made/by/it/shrinks").await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     std::fs::File::create(&local).unwrap(); // truncated to nothing
@@ -261,15 +261,16 @@ async fn a_file_that_changes_while_it_is_uploaded_is_not_put_in_place() {
         )),
         "{e}"
     );
-    // (The agent hears of the cancel on its own stream: its temporary file goes soon after.)
+    // (The agent hears of the cancel on its own stream: its temporary file goes soon after,
+    // and the directories it made for it, which stayed.)
     let mut left = String::new();
     for _ in 0..100 {
-        left = sb.run("ls -A /tmp", &opts()).await.unwrap().stdout;
-        if !left.contains("smolvm-upload") {
+        left = sb.run("ls -AR /tmp", &opts()).await.unwrap().stdout;
+        if !left.contains("made") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(!left.contains("shrinks") && !left.contains("smolvm-upload"), "{left}");
+    assert!(!left.contains("made") && !left.contains("shrinks") && !left.contains("smolvm-upload"), "{left}");
     std::sync::Arc::try_unwrap(sb).ok().expect("one owner").delete().await.unwrap();
 }
