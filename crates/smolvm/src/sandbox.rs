@@ -1285,7 +1285,15 @@ impl Sandbox {
         if let Some(e) = crate::ssh::host_key_failure(&said) {
             return Err(e);
         }
-        let msg = said.lines().filter(|l| !l.starts_with("sftp>") && !l.starts_with("Connected to ")).collect::<Vec<_>>().join("; ");
+        let lines: Vec<&str> = said.lines().filter(|l| !l.starts_with("sftp>") && !l.starts_with("Connected to ")).collect();
+        // The parents' `-mkdir`s fail where they exist, which is no error: said only when
+        // nothing else is.
+        let others: Vec<&str> = lines.iter().copied().filter(|l| !l.starts_with("remote mkdir")).collect();
+        let msg = if others.is_empty() { lines.join("; ") } else { others.join("; ") };
+        // As the agent says it.
+        if let Some(path) = msg.strip_prefix("File \"").and_then(|m| m.strip_suffix("\" not found.")) {
+            return Err(Error::validation("guest_path", format!("reading {path}: No such file or directory (os error 2)")));
+        }
         if msg.contains("not found") || msg.contains("No such file") {
             return Err(Error::validation("guest_path", msg));
         }
