@@ -26,7 +26,8 @@ def seconds(value: Any, field: str, *, zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(field, f"{type(value).__name__} is not a number of seconds")
     v = float(value)
-    if math.isnan(v) or math.isinf(v) or v < 0 or (v == 0 and not zero):
+    # (Infinity is positive: past the bound below, as in the Rust library.)
+    if math.isnan(v) or v < 0 or (v == 0 and not zero):
         raise _bad(field, "must be a positive number of seconds")
     if v > _MAX_WAIT:
         raise _bad(field, f"must be at most {_MAX_WAIT} seconds (a year)")
