@@ -477,7 +477,7 @@ pub const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(365 * 8
 /// at most [`MAX_WAIT`], else an error that names `field`.
 pub fn seconds(value: f64, field: &'static str) -> Result<std::time::Duration> {
     // (Infinity is positive: past the bound, as a huge number is.)
-    if !(value > 0.0) {
+    if value.is_nan() || value <= 0.0 {
         return Err(Error::validation(field, "must be a positive number of seconds"));
     }
     let d = std::time::Duration::from_secs_f64(value.min(MAX_WAIT.as_secs_f64() + 1.0));
