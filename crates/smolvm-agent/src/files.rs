@@ -32,6 +32,28 @@ impl Upload {
     }
 }
 
+/// `dir` and its missing ancestors, made one by one: those this call made, deepest first (one
+/// another process made meanwhile is not counted, so a failed upload never takes it out).
+fn make_parents(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut made = Vec::new();
+    let mut ancestors: Vec<&Path> = dir.ancestors().filter(|d| !d.as_os_str().is_empty()).collect();
+    ancestors.reverse();
+    for d in ancestors {
+        match fs::create_dir(d) {
+            Ok(()) => made.push(d.to_path_buf()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                made.reverse();
+                remove_made(&made);
+                // (Says which part of the path is in the way.)
+                return Err(smolvm_proto::paths::make_dirs(dir).err().unwrap_or(e));
+            }
+        }
+    }
+    made.reverse();
+    Ok(made)
+}
+
 /// Those of `made` still empty (deepest first), as a failed upload leaves them.
 fn remove_made(made: &[PathBuf]) {
     for dir in made {
@@ -73,22 +95,22 @@ pub fn put_start(stream: u32, path: String, mode: u32, tar: bool, w: &Writer) {
     // Beside the destination, on its filesystem: a file is renamed into place, and an archive
     // (a directory) needs the destination's room, not RAM's (/run is a tmpfs).
     let parent = dest.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let made: Vec<PathBuf> = parent.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).map(Path::to_path_buf).collect();
-    let opened = (|| -> io::Result<(File, PathBuf)> {
-        smolvm_proto::paths::make_dirs(&parent)?;
+    let opened = make_parents(&parent).and_then(|made| {
         let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tmp = parent.join(format!(".{name}.smolvm-upload-{stream}"));
-        let file = fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        Ok((file, tmp))
-    })();
+        match fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).open(&tmp) {
+            Ok(file) => Ok((file, tmp, made)),
+            Err(e) => {
+                remove_made(&made);
+                Err(e)
+            }
+        }
+    });
     match opened {
-        Ok((file, tmp)) => {
+        Ok((file, tmp, made)) => {
             uploads().insert(stream, Upload { file, tmp, dest, mode, tar, ungranted: 0, made });
         }
-        Err(e) => {
-            remove_made(&made);
-            w.send(stream, &io_error(&format!("receiving {path}"), e))
-        }
+        Err(e) => w.send(stream, &io_error(&format!("receiving {path}"), e)),
     }
 }
 

@@ -1421,10 +1421,16 @@ async fn snapshot_cmd(cmd: SnapshotCmd, dirs: Dirs) -> Result<Done, Error> {
                     return Err(Error::Interrupted(format!("the restore of '{snapshot_id}' was given up before it made a sandbox")));
                 };
                 let gone = async { Sandbox::open_in(dirs.clone(), &id).await?.delete().await };
-                if unless_interrupted(gone).await.is_none() {
-                    return Err(interrupted_twice(&id));
-                }
-                return Err(Error::Interrupted(format!("the sandbox '{id}' was not started, and is removed")));
+                return Err(match unless_interrupted(gone).await {
+                    None => interrupted_twice(&id),
+                    Some(Ok(()) | Err(Error::NotFound(_))) => {
+                        Error::Interrupted(format!("the sandbox '{id}' was not started, and is removed"))
+                    }
+                    Some(Err(e)) => Error::Interrupted(format!(
+                        "the sandbox '{id}' was not started, and removing it failed: {} (smolvm sandbox delete --force {id} removes it)",
+                        e.full_message()
+                    )),
+                });
             };
             let sb = restored?;
             let info = sb.info().await?;

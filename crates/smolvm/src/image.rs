@@ -18,8 +18,11 @@ pub const KERNEL_FRAGMENT: &str = include_str!("../../../images/kernel.fragment"
 pub const KERNEL_EDIT: &str = include_str!("../../../images/lapic_timer_period.c");
 const KERNEL_EDIT_FILE: &str = "arch/x86/kernel/apic/apic.c";
 const KERNEL_EDIT_ANCHOR: &str = "\nunsigned int lapic_timer_period = 0;\n";
-/// Fixes to the kernel source (unified diffs, applied with `patch -p1`), each with its reason.
-pub const KERNEL_PATCHES: [(&str, &str); 1] = [("9p-pipe-read.patch", include_str!("../../../images/9p-pipe-read.patch"))];
+/// Fixes to the kernel source (unified diffs, applied with `patch -p1`), each with its reason,
+/// and what a source must have for it to apply: a file and a word in it. (Kernels from 6.5 on
+/// read into pipes without the code this fixes, and lack `iov_iter_is_pipe`.)
+pub const KERNEL_PATCHES: [(&str, &str, (&str, &str)); 1] =
+    [("9p-pipe-read.patch", include_str!("../../../images/9p-pipe-read.patch"), ("include/linux/uio.h", "iov_iter_is_pipe"))];
 /// Bump when the way an artifact is built changes without its inputs changing.
 const KERNEL_RECIPE: &str = "kernel-recipe-1";
 const INITRAMFS_RECIPE: &str = "initramfs-recipe-1";
@@ -316,7 +319,7 @@ pub fn kernel_fingerprint(source: &Path) -> Result<String> {
         KERNEL_RECIPE.as_bytes(),
         KERNEL_FRAGMENT.as_bytes(),
         KERNEL_EDIT.as_bytes(),
-        KERNEL_PATCHES.iter().map(|(_, diff)| *diff).collect::<String>().as_bytes(),
+        KERNEL_PATCHES.iter().map(|(_, diff, _)| *diff).collect::<String>().as_bytes(),
         name.as_bytes(),
         &meta.len().to_le_bytes(),
     ]))
@@ -422,7 +425,10 @@ fn edit_kernel_source(src: &Path) -> Result<()> {
     };
     let end = at + KERNEL_EDIT_ANCHOR.len();
     fs::write(&path, format!("{}{KERNEL_EDIT}{}", &text[..end], &text[end..])).ctx(|| format!("writing {}", path.display()))?;
-    for (name, diff) in KERNEL_PATCHES {
+    for (name, diff, (needs_file, needs_word)) in KERNEL_PATCHES {
+        if !fs::read_to_string(src.join(needs_file)).is_ok_and(|t| t.contains(needs_word)) {
+            continue;
+        }
         let file = src.join(format!(".smolvm-{name}"));
         fs::write(&file, diff).ctx(|| format!("writing {}", file.display()))?;
         let out = Command::new("patch")
@@ -891,14 +897,27 @@ fn is_qcow2(path: &Path) -> bool {
 /// another; any other qcow2 must stand alone. Each header is read on its own (`qemu-img info`
 /// without following the chain, bounded), never by opening what it names.
 pub fn check_layers(top: &Path, data: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
     let data = fs::canonicalize(data).unwrap_or_else(|_| data.to_path_buf());
+    // A sandbox's `base` is its overlay's link to what it booted from: a named image's sandbox
+    // starts from it once booted, and a clone's is its snapshot's disk, a layer of smolvm's.
+    // Only that: a `base` linked to a disk the user gave is the user's file, whose header the
+    // user may have changed since.
+    let a_snapshot_disk = |layer: &Path| {
+        let Ok(meta) = fs::metadata(layer) else { return false };
+        fs::read_dir(data.join("snapshots"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|snap| fs::metadata(snap.path().join("disk.qcow2")).is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino()))
+    };
     let ours = |layer: &Path| {
         let dir = layer.parent().and_then(|d| fs::canonicalize(d).ok());
         let place = dir.as_deref().and_then(Path::parent);
         let name = layer.file_name().and_then(|n| n.to_str());
-        // (A sandbox's `base` is its overlay's link to what it booted from: once booted, a named
-        // image's sandbox starts from it, and for a clone it is its snapshot's disk, a layer.)
-        (matches!(name, Some("rootfs.qcow2" | "base")) && place == Some(&data.join("vms")))
+        let in_vms = place == Some(&data.join("vms"));
+        (name == Some("rootfs.qcow2") && in_vms)
+            || (name == Some("base") && in_vms && a_snapshot_disk(layer))
             || (name == Some("disk.qcow2") && place == Some(&data.join("snapshots")))
     };
     let mut layer = top.to_path_buf();
@@ -1009,12 +1028,13 @@ pub fn remove_entry(dirs: &Dirs, name: &str) -> Result<()> {
     let not_entry = || {
         Error::validation("image", format!("{name:?} is neither an image name nor an entry of the image cache (see `smolvm image list`)"))
     };
-    if name.is_empty() || name.contains('/') || !listed_entry(name) {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
         return Err(not_entry());
     }
     let path = dirs.images.join(name);
     let _lock = lock_images(dirs)?;
-    if path.is_dir() && name != "recipes" {
+    // (smolvm's bookkeeping is no entry; a custom image may still bear its name.)
+    if path.is_dir() && listed_entry(name) {
         return fs::remove_dir_all(&path).ctx(|| format!("removing {}", path.display()));
     }
     // An image name: its built disks, and its recipe if it is a custom one.
@@ -1195,6 +1215,11 @@ mod tests {
         let snap_disk = qcow2(&snapshot.join("disk.qcow2"), &["-F", "qcow2", "-b", &disks.join("alone.qcow2").to_string_lossy()]);
         fs::hard_link(&snap_disk, sandbox.join("base")).unwrap();
         assert!(check_layers(&sandbox.join("base"), &data).is_ok());
+        // A `base` linked to a disk of someone else's making is checked as that disk.
+        let other = data.join("vms").join("4567");
+        fs::create_dir_all(&other).unwrap();
+        fs::hard_link(disks.join("backed.qcow2"), other.join("base")).unwrap();
+        assert!(check_layers(&other.join("base"), &data).unwrap_err().to_string().contains("is a qcow2 image with a backing file"));
     }
 
     #[test]

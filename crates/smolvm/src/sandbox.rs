@@ -1387,8 +1387,7 @@ impl Sandbox {
         let mut making = crate::snapshot_files::Making::new(&dir);
         let req = Request::Snapshot { dir: dir.to_string_lossy().into_owned(), kind };
         self.control(req, "snapshot").await?;
-        let d = dir.clone();
-        tokio::task::spawn_blocking(move || crate::snapshot_files::detach(&d)).await.map_err(|e| Error::Host(e.to_string()))??;
+        making.detach().await?;
         // The variables the guest has now are the snapshot's. The record follows every change
         // made through smolvm, so a guest that does not answer soon (busy, or saved wedged:
         // the save does not wait for it) keeps the record's instead of holding this up.
@@ -1634,9 +1633,15 @@ impl Sandbox {
         }
         let rec = self.record()?;
         if rec.state.is_live() && !self.going_down(&rec) {
-            if let Ok(c) = Conn::connect(&self.paths.ctl).await {
-                self.set_conn(Some(c.clone()));
-                return Ok(c);
+            match Conn::connect(&self.paths.ctl).await {
+                Ok(c) => {
+                    self.set_conn(Some(c.clone()));
+                    return Ok(c);
+                }
+                // Said as it is (a supervisor of another user's); a socket that is gone or
+                // refuses is a supervisor that does not answer.
+                Err(e @ Error::Host(_)) => return Err(e),
+                Err(_) => {}
             }
         }
         Err(self.unreachable())
@@ -2141,7 +2146,11 @@ impl Sandbox {
     /// on. On the shared connection it would be done, the VM stopped, for nobody.
     async fn call_control(&self, req: &Request, what: &str, bound: Duration) -> Result<Reply> {
         self.conn().await?;
-        let own = Conn::connect(&self.paths.ctl).await.map_err(|_| self.unreachable())?;
+        let own = match Conn::connect(&self.paths.ctl).await {
+            Ok(c) => c,
+            Err(e @ Error::Host(_)) => return Err(e),
+            Err(_) => return Err(self.unreachable()),
+        };
         within(what, bound, own.call(req)).await?.map_err(|e| self.lost(&own, e))
     }
 

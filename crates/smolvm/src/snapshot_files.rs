@@ -122,16 +122,45 @@ pub fn claim(dir: &Path, id: &str) -> Result<()> {
 }
 
 /// A snapshot directory claimed by this process: removed when this goes, unless `made`.
-pub struct Making(Option<PathBuf>);
+pub struct Making {
+    dir: Option<PathBuf>,
+    /// Whether `detach` runs on its blocking thread, and whether this was given up meanwhile.
+    busy: std::sync::Arc<std::sync::Mutex<(bool, bool)>>,
+}
 
 impl Making {
     pub fn new(dir: &Path) -> Making {
-        Making(Some(dir.to_path_buf()))
+        Making { dir: Some(dir.to_path_buf()), busy: Default::default() }
+    }
+
+    /// [`detach`] on a blocking thread, which outlives this future if it is dropped (Ctrl-C):
+    /// the thread then removes the directory once it is done. Removed at once, the directory
+    /// would take the thread's last writes after a retry of the same id had made it again.
+    pub async fn detach(&self) -> Result<()> {
+        let Some(dir) = self.dir.clone() else { return Ok(()) };
+        self.on_thread(move || detach(&dir)).await
+    }
+
+    async fn on_thread(&self, work: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
+        let Some(dir) = self.dir.clone() else { return Ok(()) };
+        let busy = self.busy.clone();
+        busy.lock().unwrap_or_else(|e| e.into_inner()).0 = true;
+        tokio::task::spawn_blocking(move || {
+            let r = work();
+            let mut b = busy.lock().unwrap_or_else(|e| e.into_inner());
+            b.0 = false;
+            if b.1 {
+                remove(&dir);
+            }
+            r
+        })
+        .await
+        .map_err(|e| Error::Host(e.to_string()))?
     }
 
     /// The snapshot is made and recorded: its files stay.
     pub fn made(&mut self) {
-        if let Some(dir) = self.0.take() {
+        if let Some(dir) = self.dir.take() {
             let _ = fs::remove_file(dir.join(MAKING));
         }
     }
@@ -139,15 +168,25 @@ impl Making {
 
 impl Drop for Making {
     fn drop(&mut self) {
-        let Some(dir) = self.0.take() else { return };
-        // A save given up just as it ended may still be writing its last files (the
-        // supervisor's, or `detach` on a blocking thread, which cannot make the directory
-        // again): a few tries outlast them.
-        for _ in 0..5 {
-            match fs::remove_dir_all(&dir) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => std::thread::sleep(std::time::Duration::from_millis(20)),
-                _ => return,
-            }
+        let Some(dir) = self.dir.take() else { return };
+        let mut b = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        if b.0 {
+            // `detach` still runs: it removes the directory when done.
+            b.1 = true;
+            return;
+        }
+        drop(b);
+        remove(&dir);
+    }
+}
+
+/// A given-up snapshot's directory. The supervisor's save, cancelled, may still be writing its
+/// last files: a few tries outlast them.
+fn remove(dir: &Path) {
+    for _ in 0..5 {
+        match fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => std::thread::sleep(std::time::Duration::from_millis(20)),
+            _ => return,
         }
     }
 }
@@ -234,6 +273,29 @@ mod tests {
         let gone = tmp.path().join("snapshots").join("gone");
         assert!(boot_name(&gone, Path::new("/x/kernel-1/vmlinux")).is_err());
         assert!(!gone.exists());
+    }
+
+    /// Given up while its files were being linked on a blocking thread: the directory stays
+    /// until that thread is done (a retry of the id would take its last writes), then goes.
+    #[tokio::test]
+    async fn a_snapshot_given_up_while_its_thread_works_goes_once_that_is_done() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("snapshots").join("abc");
+        claim(&dir, "s1").unwrap();
+        let making = Making::new(&dir);
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        tokio::select! {
+            _ = making.on_thread(move || { let _ = wait.recv(); Ok(()) }) => panic!("the work ended before it was let go"),
+            _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+        }
+        drop(making);
+        assert!(dir.exists(), "removed under the thread still writing into it");
+        go.send(()).unwrap();
+        let since = std::time::Instant::now();
+        while dir.exists() && since.elapsed() < std::time::Duration::from_secs(5) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(!dir.exists(), "the thread left the given-up directory");
     }
 
     #[test]
