@@ -39,9 +39,15 @@ fn make_parents(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut ancestors: Vec<&Path> = dir.ancestors().filter(|d| !d.as_os_str().is_empty()).collect();
     ancestors.reverse();
     for d in ancestors {
-        match fs::create_dir(d) {
-            Ok(()) => made.push(d.to_path_buf()),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        let made_here = match fs::create_dir(d) {
+            Ok(()) => Ok(true),
+            // (One there already; a file in the way is an error, said below.)
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => Ok(false),
+            Err(e) => Err(e),
+        };
+        match made_here {
+            Ok(true) => made.push(d.to_path_buf()),
+            Ok(false) => {}
             Err(e) => {
                 made.reverse();
                 remove_made(&made);
