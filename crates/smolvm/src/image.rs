@@ -23,6 +23,8 @@ const KERNEL_EDIT_ANCHOR: &str = "\nunsigned int lapic_timer_period = 0;\n";
 /// read into pipes without the code this fixes, and lack `iov_iter_is_pipe`.)
 pub const KERNEL_PATCHES: [(&str, &str, (&str, &str)); 1] =
     [("9p-pipe-read.patch", include_str!("../../../images/9p-pipe-read.patch"), ("include/linux/uio.h", "iov_iter_is_pipe"))];
+/// What building our kernel runs (checked before it starts, and by doctor).
+const KERNEL_TOOLS: [&str; 8] = ["make", "gcc", "flex", "bison", "bc", "tar", "xz", "patch"];
 /// Bump when the way an artifact is built changes without its inputs changing.
 const KERNEL_RECIPE: &str = "kernel-recipe-1";
 const INITRAMFS_RECIPE: &str = "initramfs-recipe-1";
@@ -126,10 +128,7 @@ fn own_kernel_unavailable(dirs: &Dirs) -> Option<String> {
             return Some(format!("building ours from this source failed: {first}; remove {} to try again", failed.display()));
         }
     }
-    ["make", "gcc", "flex", "bison", "bc", "patch"]
-        .iter()
-        .find(|t| !on_path(t))
-        .map(|t| format!("`{t}` is missing, so ours cannot be built"))
+    KERNEL_TOOLS.iter().find(|t| !on_path(t)).map(|t| format!("`{t}` is missing, so ours cannot be built"))
 }
 
 /// Where a failed build of our kernel from `source` is recorded (beside the cache entry it
@@ -485,7 +484,7 @@ impl BuildFailure {
 
 fn build_kernel(source: &Path, out_dir: &Path, dirs: &Dirs, progress: Progress) -> std::result::Result<(), BuildFailure> {
     use BuildFailure::Passing;
-    for tool in ["make", "gcc", "flex", "bison", "bc", "tar", "xz", "patch"] {
+    for tool in KERNEL_TOOLS {
         if !on_path(tool) {
             return Err(Passing(Error::Image(format!("building the guest kernel needs `{tool}` (install it with `smolvm setup`)"))));
         }

@@ -142,7 +142,8 @@ impl SandboxPaths {
 }
 
 /// Whether sandboxes can live in this data directory: the sockets every sandbox binds fit a
-/// Unix socket address there (doctor's check; a create makes the same one).
+/// Unix socket address there (doctor's check, and a create's). Sandbox directories are named
+/// by a fixed-length hash, so any id stands for all.
 pub fn check_data_dir(dirs: &Dirs) -> Result<()> {
     let paths = SandboxPaths::new(dirs, "x");
     check_socket_paths(dirs, &[&paths.ctl, &paths.agent, &paths.qmp])
@@ -795,10 +796,10 @@ impl Sandbox {
             image::check_layers(rootfs, &dirs.data)?;
         }
         Backend::resolve(config.backend.as_deref())?;
+        // (Before the store: a data directory refused must not be made, database and all.)
+        check_data_dir(&dirs)?;
         let id = config.vm_id.clone().unwrap_or_else(|| random_id("sbx"));
         let paths = SandboxPaths::new(&dirs, &id);
-        // (Before the store: a data directory refused must not be made, database and all.)
-        check_socket_paths(&dirs, &[&paths.ctl, &paths.agent, &paths.qmp])?;
         let store = Store::open(&dirs.data)?;
         if let Some(old) = store.get(&id)? {
             // A dead ephemeral sandbox of the same name is reaped, not an obstacle.
@@ -1632,19 +1633,22 @@ impl Sandbox {
             return Ok(c);
         }
         let rec = self.record()?;
-        if rec.state.is_live() && !self.going_down(&rec) {
-            match Conn::connect(&self.paths.ctl).await {
-                Ok(c) => {
-                    self.set_conn(Some(c.clone()));
-                    return Ok(c);
-                }
-                // Said as it is (a supervisor of another user's); a socket that is gone or
-                // refuses is a supervisor that does not answer.
-                Err(e @ Error::Host(_)) => return Err(e),
-                Err(_) => {}
-            }
+        if !rec.state.is_live() || self.going_down(&rec) {
+            return Err(self.unreachable());
         }
-        Err(self.unreachable())
+        let c = self.connect_supervisor().await?;
+        self.set_conn(Some(c.clone()));
+        Ok(c)
+    }
+
+    /// A new connection to the supervisor. A socket that is gone or refuses is a supervisor
+    /// that does not answer; a refusal by permissions (another user's) is said as it is.
+    async fn connect_supervisor(&self) -> Result<Arc<Conn>> {
+        match Conn::connect(&self.paths.ctl).await {
+            Err(e @ Error::Host(_)) => Err(e),
+            Err(_) => Err(self.unreachable()),
+            ok => ok,
+        }
     }
 
     /// A request's failure on a connection found closed only by it (a handle's connection is
@@ -2146,11 +2150,7 @@ impl Sandbox {
     /// on. On the shared connection it would be done, the VM stopped, for nobody.
     async fn call_control(&self, req: &Request, what: &str, bound: Duration) -> Result<Reply> {
         self.conn().await?;
-        let own = match Conn::connect(&self.paths.ctl).await {
-            Ok(c) => c,
-            Err(e @ Error::Host(_)) => return Err(e),
-            Err(_) => return Err(self.unreachable()),
-        };
+        let own = self.connect_supervisor().await?;
         within(what, bound, own.call(req)).await?.map_err(|e| self.lost(&own, e))
     }
 
