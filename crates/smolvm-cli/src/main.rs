@@ -474,16 +474,18 @@ struct Done {
     /// What failed of a command that did some of its work (a delete of several sandboxes):
     /// printed on stderr as errors are; `--json` has them in `data`.
     errors: Vec<Error>,
+    /// Lines for a person, on stderr and only without `--json` (whose `data` has the same).
+    notes: Vec<String>,
 }
 
 impl Done {
     fn text(s: impl Into<String>, data: Value) -> Done {
-        Done { exit_code: 0, data, text: Some(s.into()), errors: Vec::new() }
+        Done { exit_code: 0, data, text: Some(s.into()), errors: Vec::new(), notes: Vec::new() }
     }
 
     /// A command's exit code, and nothing to print.
     fn exit(code: i32) -> Done {
-        Done { exit_code: code, data: json!({ "exit_code": code }), text: None, errors: Vec::new() }
+        Done { exit_code: code, data: json!({ "exit_code": code }), text: None, errors: Vec::new(), notes: Vec::new() }
     }
 }
 
@@ -1046,6 +1048,7 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
                 data: serde_json::to_value(&checks).unwrap_or_default(),
                 text: Some(text),
                 errors: Vec::new(),
+                notes: Vec::new(),
             })
         }
         Cmd::Setup { yes } => setup(yes),
@@ -1095,7 +1098,7 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut completed_command(), "smolvm", &mut script);
             write_out(&script);
-            Ok(Done { exit_code: 0, data: Value::Null, text: None, errors: Vec::new() })
+            Ok(Done { exit_code: 0, data: Value::Null, text: None, errors: Vec::new(), notes: Vec::new() })
         }
         Cmd::Supervise { .. } | Cmd::HostSide | Cmd::NatTrial => unreachable!("handled before the runtime starts"),
     }
@@ -1260,8 +1263,10 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             Ok(done)
         }
         SandboxCmd::Prune { .. } => {
-            let removed = sandbox::prune(&dirs)?;
-            Ok(Done::text(removed.join("\n"), json!({ "removed": removed })))
+            let pruned = sandbox::prune(&dirs)?;
+            let mut done = Done::text(pruned.removed.join("\n"), json!({ "removed": pruned.removed, "leftovers": pruned.leftovers }));
+            done.notes = pruned.leftovers.iter().map(|p| format!("removed leftover files: {}", p.display())).collect();
+            Ok(done)
         }
         SandboxCmd::Exec { name, exec, env, channel, command } => {
             let opts = run_options(&exec, &env)?;
@@ -1332,7 +1337,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
                     pos = next;
                 }
             }
-            Ok(Done { exit_code: 0, data: Value::Null, text: None, errors: Vec::new() })
+            Ok(Done { exit_code: 0, data: Value::Null, text: None, errors: Vec::new(), notes: Vec::new() })
         }
         SandboxCmd::Env(e) => env_cmd(e, dirs).await,
         SandboxCmd::Pause { name } => {
@@ -1372,7 +1377,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             if unless_interrupted(sb.upload(&src, &dst)).await.transpose()?.is_none() {
                 return Err(Error::Interrupted(format!("the upload to {dst} was given up, and nothing of it is left")));
             }
-            Ok(Done { exit_code: 0, data: json!({ "uploaded": src, "to": dst }), text: None, errors: Vec::new() })
+            Ok(Done { exit_code: 0, data: json!({ "uploaded": src, "to": dst }), text: None, errors: Vec::new(), notes: Vec::new() })
         }
         SandboxCmd::File(FileCmd::Download { name, src, dst, channel }) => {
             let mut sb = Sandbox::open_in(dirs, &name).await?;
@@ -1380,7 +1385,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             if unless_interrupted(sb.download(&src, &dst)).await.transpose()?.is_none() {
                 return Err(Error::Interrupted(format!("the download of {src} was given up, and nothing of it is left")));
             }
-            Ok(Done { exit_code: 0, data: json!({ "downloaded": src, "to": dst }), text: None, errors: Vec::new() })
+            Ok(Done { exit_code: 0, data: json!({ "downloaded": src, "to": dst }), text: None, errors: Vec::new(), notes: Vec::new() })
         }
     }
 }
@@ -1669,6 +1674,9 @@ fn main() {
             } else {
                 if let Some(text) = done.text.filter(|t| !t.is_empty()) {
                     out_line(text);
+                }
+                for note in &done.notes {
+                    eprintln!("{note}");
                 }
                 for e in &done.errors {
                     print_error(e);

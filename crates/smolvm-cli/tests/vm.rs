@@ -772,10 +772,20 @@ fn prune_removes_what_an_interrupted_snapshot_left_and_nothing_being_made() {
     // One this test is making right now.
     let in_progress = smolvm::sandbox::snapshot_dir(&env.dirs, "in-progress");
     smolvm::snapshot_files::claim(&in_progress, "in-progress").unwrap();
-    let out = env.smolvm(&["sandbox", "prune"]);
+    let out = env.smolvm(&["sandbox", "prune", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!leftover.exists(), "the leftover of an interrupted snapshot stays");
     assert!(in_progress.exists(), "prune removed a snapshot being made");
+    // It says what it removed.
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["data"]["leftovers"], serde_json::json!([leftover.to_string_lossy()]), "{v}");
+    assert_eq!(v["data"]["removed"], serde_json::json!([]), "{v}");
+    // Without --json, on stderr: stdout keeps to the ids of removed sandboxes.
+    std::fs::create_dir_all(&leftover).unwrap();
+    std::fs::write(leftover.join("making"), "2147483646 1").unwrap();
+    let out = env.smolvm(&["sandbox", "prune"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("removed leftover files: {}", leftover.display())), "{}", stderr(&out));
 }
 
 /// A sandbox deleted (or stopped) under a running command: the command's caller hears why.

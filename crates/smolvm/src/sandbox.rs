@@ -628,9 +628,18 @@ pub fn list(dirs: &Dirs) -> Result<Vec<Record>> {
 }
 
 /// Remove stopped and failed sandboxes and anything a crashed process left behind.
-pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
+/// What `prune` removed: sandboxes by id, and directories no record pointed at (an interrupted
+/// delete's sandbox directory, an interrupted `snapshot create`'s files).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Pruned {
+    pub removed: Vec<String>,
+    pub leftovers: Vec<PathBuf>,
+}
+
+pub fn prune(dirs: &Dirs) -> Result<Pruned> {
     let store = Store::open(&dirs.data)?;
     let mut removed = Vec::new();
+    let mut leftovers = Vec::new();
     let mut keep = std::collections::HashSet::new();
     for rec in list(dirs)? {
         let paths = SandboxPaths::new(dirs, &rec.id);
@@ -671,8 +680,8 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
         store.all()?.iter().map(|r| SandboxPaths::new(dirs, &r.id).dir).chain(keep).collect();
     if let Ok(entries) = std::fs::read_dir(dirs.data.join("vms")) {
         for e in entries.flatten() {
-            if !recorded.contains(&e.path()) && older_than_a_minute(&e.path()) {
-                let _ = std::fs::remove_dir_all(e.path());
+            if !recorded.contains(&e.path()) && older_than_a_minute(&e.path()) && std::fs::remove_dir_all(e.path()).is_ok() {
+                leftovers.push(e.path());
             }
         }
     }
@@ -680,12 +689,12 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
     let snapshots: std::collections::HashSet<PathBuf> = store.snapshots()?.iter().map(|s| snapshot_dir(dirs, &s.id)).collect();
     if let Ok(entries) = std::fs::read_dir(dirs.data.join("snapshots")) {
         for e in entries.flatten() {
-            if !snapshots.contains(&e.path()) && crate::snapshot_files::orphaned(&e.path()) {
-                let _ = std::fs::remove_dir_all(e.path());
+            if !snapshots.contains(&e.path()) && crate::snapshot_files::orphaned(&e.path()) && std::fs::remove_dir_all(e.path()).is_ok() {
+                leftovers.push(e.path());
             }
         }
     }
-    Ok(removed)
+    Ok(Pruned { removed, leftovers })
 }
 
 /// Keep a piece of a command's output for its result, within `opts.max_output`.
