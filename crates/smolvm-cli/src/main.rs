@@ -926,10 +926,22 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
             // The variables are the sandbox's (login shells read them) and the command's own
             // too, so that a raw shell sees them as well: `run --shell raw -e MODE=ci 'echo $MODE'`.
             tracing::debug!("phase: run");
-            let opts = run_options(&exec, &vm.env)?;
+            let mut opts = run_options(&exec, &vm.env)?;
             smolvm::sandbox::check_run(&command_line(&command), &opts)?;
             let boot_timeout = seconds(vm.boot_timeout, "boot_timeout")?;
-            let mut sb = Sandbox::create_in(dirs, vm_config(&vm, None)?, true)?;
+            let config = vm_config(&vm, None)?;
+            // Over SSH there are no per-command variables: the sandbox's own carry them to a
+            // login shell. Said before anything boots.
+            if !opts.env.is_empty() && smolvm::config::Channel::parse(config.comm_channel.as_deref())? == smolvm::config::Channel::Ssh {
+                if opts.shell == Shell::Raw {
+                    return Err(Error::validation(
+                        "env",
+                        "over SSH (comm_channel=ssh) a raw shell does not read the sandbox's variables: use the login shell (the default) or the agent channel",
+                    ));
+                }
+                opts.env.clear();
+            }
+            let mut sb = Sandbox::create_in(dirs, config, true)?;
             tracing::debug!("phase: created");
             let work = async {
                 sb.start(boot_timeout, &progress).await?;

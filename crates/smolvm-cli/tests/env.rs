@@ -45,7 +45,7 @@ async fn variables_given_at_creation_are_there_before_the_first_command() {
 #[tokio::test]
 async fn runtime_set_list_unset_as_documented() {
     let env = env();
-    let sb = env.boot(VmConfig::default()).await;
+    let mut sb = env.boot(VmConfig::default()).await;
     let names = sb.set_env_vars(&vars(&[("APP_MODE", "dev"), ("DEBUG", "1")]), true).await.unwrap();
     assert_eq!(names, ["APP_MODE", "DEBUG"]);
     assert_eq!(sb.run("echo APP_MODE=$APP_MODE DEBUG=$DEBUG", &opts()).await.unwrap().output(), "APP_MODE=dev DEBUG=1");
@@ -88,6 +88,15 @@ async fn runtime_set_list_unset_as_documented() {
     sb.set_env_vars(&vars(&[("MORE", "1")]), true).await.unwrap();
     let file = sb.run("cat /etc/profile.d/smolvm_env.sh", &opts()).await.unwrap();
     assert_eq!(file.stdout, render(&vars(&[("EDITED", "yes"), ("MORE", "1")])));
+
+    // The file removed by hand, then a variable unset that only the stored set still had: the
+    // next start must not bring it back.
+    assert!(sb.run("rm /etc/profile.d/smolvm_env.sh", &opts()).await.unwrap().ok());
+    assert_eq!(sb.unset_env_vars(&["MORE".into()]).await.unwrap(), BTreeMap::new());
+    sb.stop(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(sb.list_env_vars().await.unwrap(), BTreeMap::new());
+    sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+    assert_eq!(sb.run("echo \"[$MORE]\"", &opts()).await.unwrap().output(), "[]");
     sb.delete().await.unwrap();
 }
 
@@ -198,10 +207,13 @@ async fn variables_are_as_large_as_commands_can_take_and_no_larger() {
     assert_eq!(lines[0], "122880 122880", "{}", r.stderr);
     assert!(lines[1].trim().parse::<usize>().unwrap() > 8 * 122_880, "{}", r.stdout);
     let before = sb.run("md5sum /etc/profile.d/smolvm_env.sh", &opts()).await.unwrap().stdout;
-    let err = sb.set_env_vars(&vars(&[("BIG8", &big)]), true).await.unwrap_err().to_string();
+    // A validation error, as on a sandbox that is not running (it was the agent's "guest" one).
+    let err = sb.set_env_vars(&vars(&[("BIG8", &big)]), true).await.unwrap_err();
+    assert_eq!(err.code(), "validation");
+    let err = err.to_string();
     assert_eq!(
         err,
-        "guest agent: env set: the environment variables would take 1105974 bytes; at most 1048576 are allowed, to leave room for the arguments of the commands they are given to"
+        "the environment variables would take 1105974 bytes; at most 1048576 are allowed, to leave room for the arguments of the commands they are given to"
     );
     assert!(!err.contains("vvvv"), "the value leaked into the message");
     assert_eq!(sb.run("md5sum /etc/profile.d/smolvm_env.sh", &opts()).await.unwrap().stdout, before);

@@ -335,6 +335,14 @@ fn debian_ssh_image_over_the_cli() {
     assert!(env.smolvm(&["sandbox", "delete", "--force", "deb"]).status.success());
     assert!(env.qemu_processes().is_empty());
 
+    // `run -e` over SSH: the sandbox's variables carry it to the login shell (it booted, and
+    // then refused the per-command copy). A raw shell, which reads none, is refused at once.
+    let out = env.smolvm(&["run", "--image", "debian-ssh", "--comm-channel", "ssh", "-e", "X=1", "echo [$X]"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "[1]\n", "{}", String::from_utf8_lossy(&out.stderr));
+    let out = env.smolvm(&["run", "--image", "debian-ssh", "--comm-channel", "ssh", "--shell", "raw", "-e", "X=1", "true"]);
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: invalid env: over SSH"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(env.qemu_processes().is_empty());
+
     // The default image has no SSH server: a clear error, not a hang.
     let out = env.smolvm(&["sandbox", "create", "--name", "plain"]);
     assert!(out.status.success());

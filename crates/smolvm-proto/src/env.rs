@@ -60,9 +60,24 @@ pub fn validate_key(key: &str) -> Result<(), EnvError> {
     };
     let ok_first = first.is_ascii_alphabetic() || first == '_';
     if !ok_first || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Err(EnvError::InvalidKey(key.to_string()));
+        return Err(EnvError::InvalidKey(shown_key(key)));
     }
     Ok(())
+}
+
+/// A bad key as an error shows it: cut at its first `=` (a `KEY=VALUE` passed where a key
+/// goes, to `unset` say, must not put the value, maybe a secret, into the message), and with
+/// control characters escaped (a message reaches a terminal).
+fn shown_key(key: &str) -> String {
+    let (name, cut) = match key.split_once('=') {
+        Some((name, _)) => (name, true),
+        None => (key, false),
+    };
+    let mut shown: String = name.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect();
+    if cut {
+        shown.push_str("=…");
+    }
+    shown
 }
 
 /// Validate a whole batch before any of it is used, so that one bad entry rejects all.
@@ -341,5 +356,15 @@ mod tests {
         assert_eq!(parse("export A=x#y\n").unwrap(), map(&[("A", "x#y")]));
         assert_eq!(parse("export A=1 B=2\n"), Err(EnvError::Malformed(1)));
         assert_eq!(parse("exportA=1\n"), Err(EnvError::Malformed(1)));
+    }
+
+    #[test]
+    fn a_bad_key_is_shown_without_what_follows_its_equals_sign_and_with_control_characters_escaped() {
+        let e = validate_key("API_KEY=sk-live-SECRET").unwrap_err().to_string();
+        assert!(!e.contains("SECRET"), "{e}");
+        assert!(e.starts_with("Invalid environment variable key: 'API_KEY=…'"), "{e}");
+        let e = validate_key("A\u{1b}[31mX").unwrap_err().to_string();
+        assert!(!e.contains('\u{1b}'), "{e}");
+        assert!(e.contains("A\\u{1b}[31mX"), "{e}");
     }
 }

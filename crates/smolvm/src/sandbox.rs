@@ -488,7 +488,10 @@ pub fn check_run(command: &str, opts: &RunOptions) -> Result<()> {
     }
     crate::config::check_wait(opts.timeout, "timeout")?;
     if let Some(cwd) = &opts.cwd {
-        if !cwd.starts_with('/') || cwd.contains('\0') {
+        if cwd.contains('\0') {
+            return Err(Error::validation("cwd", format!("{cwd:?} contains a NUL byte, which no path can hold")));
+        }
+        if !cwd.starts_with('/') {
             return Err(Error::validation("cwd", format!("{cwd:?} is not an absolute guest path")));
         }
     }
@@ -2268,8 +2271,14 @@ impl Sandbox {
             store.update_config(&self.id, &config)?;
             return Ok(config.env_vars.into_keys().collect());
         }
+        // The whole set's bound, checked here as for a stopped sandbox: the same error either
+        // way (the agent checks again, and says the same as a validation error).
+        let mut all = if merge { self.list_env_vars().await? } else { BTreeMap::new() };
+        all.extend(vars.clone());
+        smolvm_proto::env::check_total(&all)?;
         let names = match self.call_within(&Request::EnvSet { vars: vars.clone(), merge }, "env set", CALL_BOUND).await? {
             Reply::EnvNames(n) => n,
+            Reply::Error { kind: ErrorKind::Invalid, message } => return Err(Error::validation("env_vars", message)),
             other => return Err(self.unexpected("env set", other)),
         };
         self.remember_env().await?;
@@ -2293,7 +2302,10 @@ impl Sandbox {
             Reply::EnvRemoved(r) => r,
             other => return Err(self.unexpected("env unset", other)),
         };
-        if !removed.is_empty() {
+        // Also where the guest had none of them (its file edited by hand): the record must not
+        // keep them, or the next start would bring back what was just unset.
+        let recorded = self.record()?.config.env_vars.keys().any(|k| keys.contains(k));
+        if !removed.is_empty() || recorded {
             self.remember_env().await?;
         }
         Ok(removed)
