@@ -156,6 +156,25 @@ fn a_writable_mount_takes_the_guests_writes_to_the_host() {
         .unwrap();
     assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "from-guest\ncolon\n"), "{}", stderr(&out));
     assert!(env.qemu_processes().is_empty());
+
+    // A sandbox whose host directory went since it was made: its start says so before booting
+    // (QEMU failed the boot, and the sandbox was left in `error`).
+    let gone = env.tmp.path().join("gone");
+    std::fs::create_dir_all(&gone).unwrap();
+    let out = env.smolvm(&["sandbox", "create", "--no-start", "--name", "mnt", "--mount", &gone.to_string_lossy()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::remove_dir(&gone).unwrap();
+    let out = env.smolvm(&["sandbox", "start", "mnt"]);
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "error: invalid mounts: {} is not an existing directory given by its absolute path; this sandbox was made with it (delete it, or make the directory again)\n",
+            gone.display()
+        )
+    );
+    let out = env.smolvm(&["sandbox", "info", "mnt", "--json"]);
+    assert!(stdout(&out).contains("\"state\":\"created\""), "{}", stdout(&out));
+    assert!(env.qemu_processes().is_empty());
 }
 
 #[tokio::test]

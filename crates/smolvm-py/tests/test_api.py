@@ -606,6 +606,9 @@ def test_mounts_share_host_directories(tmp_path):
     finally:
         os.chdir(cwd)
     assert c.workspace_mounts == [{"host": str(tmp_path / "proj"), "guest": None}]
+    # Links resolved, as the CLI does: the guest sees the directory's own name.
+    (tmp_path / "link").symlink_to(tmp_path / "proj")
+    assert VMConfig(workspace_mounts=str(tmp_path / "link")).workspace_mounts == [{"host": str(tmp_path / "proj"), "guest": None}]
     # Host paths may hold colons: a guest path is what follows the last ":/".
     (tmp_path / "a:b").mkdir()
     c = VMConfig(workspace_mounts=[str(tmp_path / "a:b"), f"{tmp_path / 'a:b'}:/mnt/ab"])

@@ -68,9 +68,26 @@ pub const MAX_GUEST_PATH: usize = 100;
 
 /// Guest directories a mount may not cover or sit in: the system's own, the filesystems the
 /// agent mounts (a share under /tmp would be hidden by its tmpfs), and root's SSH keys (which
-/// the SSH set-up writes). `/root` itself is kept too; directories in it are fine.
-const RESERVED_GUEST_DIRS: &[&str] =
-    &["/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/root/.ssh", "/run", "/sbin", "/sys", "/tmp", "/usr", "/var"];
+/// the SSH set-up writes). `/root` itself is kept too; directories in it are fine. `/init` and
+/// `/linuxrc` are files of the default image (the agent, busybox), where no directory can be.
+const RESERVED_GUEST_DIRS: &[&str] = &[
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/init",
+    "/lib",
+    "/lib64",
+    "/linuxrc",
+    "/proc",
+    "/root/.ssh",
+    "/run",
+    "/sbin",
+    "/sys",
+    "/tmp",
+    "/usr",
+    "/var",
+];
 
 impl Mount {
     /// `HOST[:GUEST]`, as the CLI's `--mount` takes it. A guest path is absolute, so the split
@@ -108,7 +125,7 @@ impl Mount {
 
 /// Checks each mount: an existing host directory, an absolute, clean guest path outside the
 /// system's directories, none inside another.
-fn validate_mounts(mounts: &[Mount]) -> Result<()> {
+pub(crate) fn validate_mounts(mounts: &[Mount]) -> Result<()> {
     if mounts.len() > MAX_MOUNTS {
         return Err(Error::validation("mounts", format!("{} mounts given (allowed at most {MAX_MOUNTS})", mounts.len())));
     }
@@ -745,6 +762,8 @@ mod tests {
             (vec![m(&a, Some("/root"))], "guest path \"/root\" is in /root"),
             (vec![m(&a, Some("/root/.ssh"))], "guest path \"/root/.ssh\" is in /root/.ssh"),
             (vec![m(&a, Some("/etc"))], "guest path \"/etc\" is in /etc"),
+            (vec![m(&a, Some("/init"))], "guest path \"/init\" is in /init"),
+            (vec![m(&a, Some("/linuxrc"))], "guest path \"/linuxrc\" is in /linuxrc"),
             (vec![m(&a, Some("/"))], "guest path \"/\" must be absolute"),
             (vec![m(&a, Some("/mnt/../etc"))], "guest path \"/mnt/../etc\" must be absolute"),
             (vec![m(&a, Some("/mnt//x"))], "guest path \"/mnt//x\" must be absolute"),

@@ -178,7 +178,15 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
             Some("smolvm setup (apt install e2fsprogs)"),
         )
     });
-    checks.push(if crate::image::on_path("mmdebstrap") {
+    let unprivileged = crate::recipe::unprivileged_build_missing();
+    checks.push(if let (true, Some(missing)) = (crate::image::on_path("mmdebstrap"), &unprivileged) {
+        check(
+            "mmdebstrap",
+            "warn",
+            format!("as this user, images cannot be built from Debian packages: mmdebstrap needs {missing}"),
+            Some("install and set up what it names, or build images as root"),
+        )
+    } else if crate::image::on_path("mmdebstrap") {
         check("mmdebstrap", "ok", "named images (alpine-ssh, debian-ssh, recipes) can be built", None)
     } else {
         check("mmdebstrap", "warn", "mmdebstrap not found: named images cannot be built", Some("smolvm setup (apt install mmdebstrap)"))

@@ -105,7 +105,11 @@ impl Recipe {
         if let Some(bad) = self.packages.iter().find(|p| !valid_package(p)) {
             return Err(Error::validation("packages", format!("{bad:?} is not a Debian package name")));
         }
+        let mut dests = std::collections::HashSet::new();
         for f in &self.files {
+            if !dests.insert(f.dest.trim_end_matches('/')) {
+                return Err(Error::validation("files", format!("two files for {} (give each image path once)", f.dest)));
+            }
             if !f.source.is_file() {
                 return Err(Error::validation("files", format!("{} is not a readable file", f.source.display())));
             }
@@ -131,7 +135,11 @@ impl Recipe {
         let mut packages = self.packages.clone();
         packages.sort();
         parts.push(packages.join(",").into());
-        for f in &self.files {
+        // By image path: files go to paths of their own (`validate`), so their order is no part
+        // of the image.
+        let mut files: Vec<&RecipeFile> = self.files.iter().collect();
+        files.sort_by(|a, b| a.dest.cmp(&b.dest));
+        for f in files {
             let meta = fs::metadata(&f.source).ctx(|| format!("reading {}", f.source.display()))?;
             parts.push(f.dest.clone().into());
             parts.push(meta.permissions().mode().to_le_bytes().to_vec());
@@ -295,10 +303,39 @@ pub fn build(dirs: &Dirs, recipe: &Recipe, progress: Progress) -> Result<Built> 
     Ok(Built { name: recipe.name.clone(), rootfs: path, cached: false })
 }
 
+/// What mmdebstrap's user namespace needs of a user other than root, which has it all: the
+/// helpers that map ids (uidmap) and ranges of ids of its own (/etc/subuid, /etc/subgid).
+/// None when all is there, else what is missing, as a fix.
+pub fn unprivileged_build_missing() -> Option<String> {
+    let uid = nix::unistd::geteuid();
+    if uid.is_root() {
+        return None;
+    }
+    if !image::on_path("newuidmap") || !image::on_path("newgidmap") {
+        return Some("newuidmap and newgidmap (apt-get install uidmap)".into());
+    }
+    let name = nix::unistd::User::from_uid(uid).ok().flatten().map(|u| u.name).unwrap_or_default();
+    let ranged = |file: &str| {
+        std::fs::read_to_string(file).unwrap_or_default().lines().any(|l| {
+            let owner = l.split(':').next().unwrap_or_default();
+            owner == name || owner == uid.to_string()
+        })
+    };
+    if !ranged("/etc/subuid") || !ranged("/etc/subgid") {
+        return Some(format!("a range of ids for user {name:?} in /etc/subuid and /etc/subgid (usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {name})"));
+    }
+    None
+}
+
 /// What building needs, checked before anything is downloaded.
 fn preflight(recipe: &Recipe) -> Result<()> {
     if !image::on_path("mmdebstrap") {
         return Err(Error::Image("building images from Debian packages needs mmdebstrap (apt-get install mmdebstrap)".into()));
+    }
+    if let Some(missing) = unprivileged_build_missing() {
+        return Err(Error::Image(format!(
+            "building images from Debian packages as a user other than root needs {missing}; or build as root"
+        )));
     }
     if recipe.base == "debian" && !nix::unistd::geteuid().is_root() {
         // Unpacked as another user, the files would not belong to root in the image.
@@ -494,6 +531,9 @@ mod tests {
         assert!(bad.validate().unwrap_err().to_string().contains("must be absolute"));
         let bad = Recipe { files: vec![RecipeFile { source: "/etc/hostname".into(), dest: "/a/../../x".into() }], ..base.clone() };
         assert!(bad.validate().is_err());
+        let twice = |dest: &str| RecipeFile { source: "/etc/hostname".into(), dest: dest.into() };
+        let bad = Recipe { files: vec![twice("/etc/motd"), twice("/etc/motd")], ..base.clone() };
+        assert_eq!(bad.validate().unwrap_err().to_string(), "invalid files: two files for /etc/motd (give each image path once)");
         base.validate().unwrap();
     }
 
@@ -512,6 +552,12 @@ mod tests {
         let fp = r.fingerprint(None).unwrap();
         let reordered = Recipe { packages: vec!["a".into(), "b".into()], ..r.clone() };
         assert_eq!(fp, reordered.fingerprint(None).unwrap(), "package order does not matter");
+        let other = dir.path().join("other");
+        fs::write(&other, "x").unwrap();
+        let two = |files: Vec<RecipeFile>| Recipe { files, ..r.clone() }.fingerprint(None).unwrap();
+        let (motd, x) =
+            (RecipeFile { source: file.clone(), dest: "/etc/motd".into() }, RecipeFile { source: other, dest: "/etc/x".into() });
+        assert_eq!(two(vec![motd.clone(), x.clone()]), two(vec![x, motd]), "nor does the order of files");
         assert_ne!(fp, Recipe { size_mib: 1024, ..r.clone() }.fingerprint(None).unwrap());
         fs::write(&file, "two").unwrap();
         assert_ne!(fp, r.fingerprint(None).unwrap(), "a file's bytes are part of the recipe");

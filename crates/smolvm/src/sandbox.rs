@@ -959,6 +959,15 @@ impl Sandbox {
         // A sandbox that has booted stands on its own disk overlay and its own link to the
         // overlay's base (see `image::overlay`): its named image need not be in the cache, nor
         // built again after `image rm`.
+        // Its host directories may have gone since it was made: said as at creation, not by
+        // QEMU failing the boot (which left it in `error`).
+        crate::config::validate_mounts(&rec.config.workspace_mounts).map_err(|e| match e {
+            Error::Validation { field, message } => Error::Validation {
+                field,
+                message: format!("{message}; this sandbox was made with it (delete it, or make the directory again)"),
+            },
+            e => e,
+        })?;
         let mut config = rec.config.clone();
         let base = image::overlay_base(&self.paths.overlay);
         if config.image.as_deref().is_some_and(|i| i != "default") && self.paths.overlay.exists() && base.exists() {
@@ -983,6 +992,7 @@ impl Sandbox {
             BootSpec { image, accel, boot_timeout_ms: boot_timeout.as_millis() as u64, verbose_boot, restore: None, ram: None, vsock, q35 };
         // Warm templates are saved microvm VMs, and a VM with a vhost-user device cannot be
         // saved at all.
+        let mut no_template = None;
         if crate::warm::eligible(&rec.config) && !verbose_boot && !vsock && !q35 && env_flag("SMOLVM_WARM", true) {
             match crate::warm::template(&self.dirs, &rec.config, &spec, progress).await {
                 Ok(state) => {
@@ -1006,10 +1016,16 @@ impl Sandbox {
                         }
                     }
                 }
-                Err(e) => tracing::warn!("no warm snapshot, booting cold: {}", e.full_message()),
+                // Said once the cold boot has worked: where it fails too (a network this user
+                // cannot make), its own error says the same, and the warning said it twice.
+                Err(e) => no_template = Some(e),
             }
         }
-        self.launch(&spec, boot_timeout, lock.as_ref()).await
+        let launched = self.launch(&spec, boot_timeout, lock.as_ref()).await;
+        if let (Ok(()), Some(e)) = (&launched, no_template) {
+            tracing::warn!("no warm snapshot, booted cold: {}", e.full_message());
+        }
+        launched
     }
 
     /// Start the supervisor with `spec` and connect to it. The start's `lock` is the

@@ -64,7 +64,8 @@ def _mount(m: Any) -> dict:
             or not isinstance(m["host"], (str, os.PathLike)) or not isinstance(m.get("guest"), (str, type(None)))):
         raise ValidationError(f"invalid mounts: {given!r} (use 'HOST[:GUEST]', a path, (host, guest) or {{'host': h, 'guest': g}})",
                               {"field": "mounts"})
-    return {"host": os.path.abspath(os.fspath(m["host"])), "guest": m.get("guest")}
+    # Links resolved, as the CLI does: the default guest path is the real directory's name.
+    return {"host": os.path.realpath(os.fspath(m["host"])), "guest": m.get("guest")}
 
 
 def _mounts(value: Any) -> list:
