@@ -335,6 +335,8 @@ fn reseed(entropy: &[u8]) {
 pub fn shutdown_now() -> ! {
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     crate::exec::cancel_all_for_shutdown();
+    // An upload cut off by the stop leaves no temporary file (a root disk would keep it).
+    crate::files::cancel_all();
     // SIGKILL to -1 reaches every process but PID 1 and the caller.
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), nix::sys::signal::Signal::SIGKILL);
     // Killed processes hold their files open for writing until they are gone: wait for them

@@ -1223,6 +1223,10 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
         SandboxCmd::Start { name, boot_timeout } => {
             let mut sb = Sandbox::open_in(dirs, &name).await?;
             let boot_timeout = seconds(boot_timeout, "boot_timeout")?;
+            // A paused one runs already, frozen: `start` would say "running" of it.
+            if sb.state()? == State::Paused {
+                return Err(Error::NotRunning { id: sb.id().to_string(), state: "paused".into() });
+            }
             if unless_interrupted(sb.start(boot_timeout, &progress)).await.transpose()?.is_none() {
                 // Left as it was found (a start that went on booting would leave it running).
                 if unless_interrupted(sb.stop_after_start(sandbox::DEFAULT_STOP_TIMEOUT)).await.is_none() {
@@ -1234,7 +1238,8 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
         }
         SandboxCmd::Stop { name, timeout } => {
             let mut sb = Sandbox::open_in(dirs, &name).await?;
-            sb.stop(seconds(timeout, "timeout")?).await?;
+            // (0: no grace for the guest, as Python's `stop(timeout=0)`.)
+            sb.stop(smolvm::config::seconds_or_zero(timeout, "timeout")?).await?;
             Ok(Done::text(name.clone(), json!({ "id": name, "state": "stopped" })))
         }
         SandboxCmd::Delete { names, all, force } => {

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use nix::sys::signal::Signal;
-use smolvm::{RunOptions, VmConfig};
+use smolvm::{RunOptions, Sandbox, VmConfig};
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
@@ -273,4 +273,36 @@ async fn a_file_that_changes_while_it_is_uploaded_is_not_put_in_place() {
     }
     assert!(!left.contains("made") && !left.contains("shrinks") && !left.contains("smolvm-upload"), "{left}");
     std::sync::Arc::try_unwrap(sb).ok().expect("one owner").delete().await.unwrap();
+}
+
+/// A sandbox stopped under an upload: the caller hears that it stopped (it heard "is stopping;
+/// start it first"), and its root disk keeps no half-written temporary file.
+#[tokio::test]
+async fn an_upload_cut_off_by_a_stop_says_so_and_leaves_no_temporary_file() {
+    let env = env();
+    let rootfs = smolvm::image::default_rootfs(&env.dirs).unwrap();
+    let mut sb = env.boot(VmConfig { rootfs_path: Some(rootfs), ..Default::default() }).await;
+    let local = env.tmp.path().join("big");
+    std::fs::write(&local, vec![7u8; 300 << 20]).unwrap();
+    let other = Sandbox::open_in(env.dirs.clone(), sb.id()).await.unwrap();
+    let upload = sb.upload(&local, "/root/big");
+    let stop_once_under_way = async {
+        // (Once the temporary file is in the guest.)
+        loop {
+            let r = other.run("ls -a /root | grep -c smolvm-upload", &opts()).await.unwrap();
+            if r.stdout.trim() != "0" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut o = Sandbox::open_in(env.dirs.clone(), other.id()).await.unwrap();
+        o.stop(Duration::from_secs(30)).await.unwrap();
+    };
+    let (up, ()) = tokio::join!(upload, stop_once_under_way);
+    let err = up.unwrap_err().to_string();
+    assert_eq!(err, "guest agent: the sandbox stopped during the upload");
+    sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+    let r = sb.run("ls -a /root", &opts()).await.unwrap();
+    assert!(!r.stdout.contains("smolvm-upload") && !r.stdout.contains("big"), "{}", r.stdout);
+    sb.delete().await.unwrap();
 }

@@ -788,6 +788,68 @@ fn prune_removes_what_an_interrupted_snapshot_left_and_nothing_being_made() {
     assert!(stderr(&out).contains(&format!("removed leftover files: {}", leftover.display())), "{}", stderr(&out));
 }
 
+/// `start` of a paused sandbox is refused (it said "running" of a frozen VM), and `stop
+/// --timeout 0` stops at once, as Python's `stop(timeout=0)` does.
+#[test]
+fn start_refuses_a_paused_sandbox_and_stop_takes_no_grace() {
+    let env = env();
+    assert!(env.smolvm(&["sandbox", "create", "--name", "pz"]).status.success());
+    assert!(env.smolvm(&["sandbox", "pause", "pz"]).status.success());
+    let out = env.smolvm(&["sandbox", "start", "pz"]);
+    assert_eq!(stderr(&out).lines().next(), Some("error: VM 'pz' is paused; resume it first (smolvm sandbox resume pz)"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(env.smolvm(&["sandbox", "resume", "pz"]).status.success());
+    let out = env.smolvm(&["sandbox", "stop", "pz", "--timeout", "0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.smolvm(&["sandbox", "stop", "pz", "--timeout", "-1"]);
+    assert_eq!(stderr(&out).lines().next(), Some("error: invalid timeout: must be 0 or a positive number of seconds"));
+    assert!(env.smolvm(&["sandbox", "delete", "pz"]).status.success());
+    assert!(env.qemu_processes().is_empty());
+}
+
+/// A start whose supervisor is killed during the boot fails, and leaves the sandbox in `error`
+/// saying why (it stayed `created`, with the dead supervisor's pid).
+#[tokio::test]
+async fn a_start_whose_supervisor_is_killed_leaves_the_sandbox_in_error() {
+    let env = env();
+    // (Boot arguments of its own: a cold boot, long enough to be caught in.)
+    let mut sb = Sandbox::create_in(env.dirs.clone(), VmConfig { boot_args: Some("y=1".into()), ..Default::default() }, false).unwrap();
+    let id = sb.id().to_string();
+    let kill = async {
+        loop {
+            if let Some(pid) = processes_mentioning("__supervise", &id).first() {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let (started, ()) = tokio::join!(sb.start(Duration::from_secs(60), &|_| {}), kill);
+    let err = started.unwrap_err().to_string();
+    assert!(err.contains("the supervisor exited without a status"), "{err}");
+    let rec = smolvm::sandbox::list(&env.dirs).unwrap().into_iter().find(|r| r.id == id).unwrap();
+    assert_eq!(rec.state, State::Error);
+    assert!(rec.error.as_deref().unwrap_or_default().contains("the supervisor exited without a status"), "{:?}", rec.error);
+    assert!(rec.supervisor.is_none());
+    assert!(wait_until(Duration::from_secs(5), || env.qemu_processes().is_empty()), "its QEMU is left");
+    sb.delete().await.unwrap();
+}
+
+/// A handle whose sandbox another caller stopped: its next command is refused as for any
+/// stopped sandbox ("start it first"), not said to have been cut off ("stopped while the
+/// command ran"), though the supervisor's clean-up still runs after the stop has returned.
+#[tokio::test]
+async fn the_next_command_on_a_sandbox_stopped_elsewhere_says_to_start_it() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    assert!(sb.run("true", &opts(10)).await.unwrap().ok());
+    let mut other = Sandbox::open_in(env.dirs.clone(), sb.id()).await.unwrap();
+    other.stop(Duration::from_secs(10)).await.unwrap();
+    let err = sb.run("true", &opts(10)).await.unwrap_err();
+    assert_eq!(err.to_string(), format!("VM '{}' is stopped; start it first (smolvm sandbox start {})", sb.id(), sb.id()));
+    sb.delete().await.unwrap();
+}
+
 /// A sandbox deleted (or stopped) under a running command: the command's caller hears why.
 #[tokio::test]
 async fn a_command_whose_sandbox_is_deleted_ends_with_why() {

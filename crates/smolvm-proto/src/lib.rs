@@ -55,6 +55,11 @@ pub const CREDIT_STEP: usize = 256 * 1024;
 /// that exits after it was stopped, not failed: its reset looks like a panic's to the VMM.
 pub const POWER_OFF_MARK: &str = "powering off";
 
+/// A supervisor's answer (with `ErrorKind::Closed`) to a request that came after its guest
+/// had gone: the request never reached a running sandbox, so its client says the sandbox is
+/// not running, not that it went away under the request.
+pub const GONE_BEFORE: &str = "the sandbox was no longer running when the request came";
+
 /// The agent's answer to a greeting is a frame of at least this many bytes (a test in the agent
 /// holds it to that), as was every older agent's. So after a greeting, a host may read this many
 /// bytes, plus the sync marker's 16, without waiting for more than any agent sends: enough to

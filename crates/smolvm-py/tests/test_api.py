@@ -163,7 +163,7 @@ def test_run_errors_state_and_timeout(no_leftovers):
             (lambda: vm.run("true", timeout=float("nan")), "invalid timeout: must be a positive number of seconds"),
             (lambda: vm.run("true", timeout=1e19), "invalid timeout: must be at most 31536000 seconds (a year)"),
             (lambda: vm.run("true", timeout=float("inf")), "invalid timeout: must be at most 31536000 seconds (a year)"),
-            (lambda: vm.stop(timeout=-1), "invalid timeout: must be a positive number of seconds"),
+            (lambda: vm.stop(timeout=-1), "invalid timeout: must be 0 or a positive number of seconds"),
             (lambda: vm.wait_for_ready(timeout=float("nan")), "invalid timeout: must be a positive number of seconds"),
             (lambda: vm.expose_local(70000), "invalid guest_port: 70000 is not a port (allowed: 1..=65535)"),
             (lambda: vm.expose_local(True), "invalid guest_port: True is not a port (allowed: 1..=65535)"),

@@ -502,6 +502,19 @@ pub fn seconds(value: f64, field: &'static str) -> Result<std::time::Duration> {
     Ok(d)
 }
 
+/// As `seconds`, where 0 means at once (a stop's grace for its guest).
+pub fn seconds_or_zero(value: f64, field: &'static str) -> Result<std::time::Duration> {
+    if value == 0.0 {
+        return Ok(std::time::Duration::ZERO);
+    }
+    seconds(value, field).map_err(|e| match e {
+        Error::Validation { field, message } if message.ends_with("positive number of seconds") => {
+            Error::validation(field, "must be 0 or a positive number of seconds")
+        }
+        e => e,
+    })
+}
+
 /// A wait is at most [`MAX_WAIT`].
 pub fn check_wait(d: std::time::Duration, field: &'static str) -> Result<()> {
     if d > MAX_WAIT {

@@ -886,7 +886,9 @@ impl Sandbox {
     /// supervisor hears of it at the same moment as the command does, and records it a few
     /// milliseconds later: the error waits for that (within 3 s), so that it can say which, and
     /// what a caller asks next (`info`, `start`) finds the sandbox as it now is, not `running`.
-    async fn went_away(&self) -> Error {
+    /// Why a command or a transfer lost its sandbox (`during`: "while the command ran",
+    /// "during the upload"): stopped, deleted, failed, as its record comes to say.
+    async fn went_away(&self, during: &str) -> Error {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         // Read as it is, not reaped: reaping removes an ephemeral sandbox whose supervisor died,
         // which would then read as deleted.
@@ -919,7 +921,7 @@ impl Sandbox {
                 _ => break "went away",
             }
         };
-        Error::Guest(format!("the sandbox {what} while the command ran"))
+        Error::Guest(format!("the sandbox {what} {during}"))
     }
 
     /// Boot the VM: build or find the image, start the supervisor, wait until the agent answers
@@ -1287,7 +1289,7 @@ impl Sandbox {
                 // stderr, held back from the command's): with its guest, most likely, as over
                 // the agent.
                 if server_closed {
-                    return Err(self.went_away().await);
+                    return Err(self.went_away("while the command ran").await);
                 }
             }
             drop(feeding);
@@ -1613,15 +1615,25 @@ impl Sandbox {
                 if let Ok(store) = Store::open(&self.dirs.data) {
                     host_network_leftovers(&store, &self.id);
                 }
-                let why = match other {
-                    Err(_) => return Err(Error::Timeout { operation: "start".into(), seconds: outer.as_secs_f64() }),
-                    _ => "the supervisor exited without a status".to_string(),
+                let err = match other {
+                    Err(_) => Error::Timeout { operation: "start".into(), seconds: outer.as_secs_f64() },
+                    _ => {
+                        let why = "the supervisor exited without a status";
+                        let log = console_tail(&self.paths.log, 10);
+                        Error::Host(match log.trim().is_empty() {
+                            true => format!("{why}, and its log is empty (was it killed?)"),
+                            false => format!("{why}; its log ends:\n{log}"),
+                        })
+                    }
                 };
-                let log = console_tail(&self.paths.log, 10);
-                return Err(Error::Host(match log.trim().is_empty() {
-                    true => format!("{why}, and its log is empty (was it killed?)"),
-                    false => format!("{why}; its log ends:\n{log}"),
-                }));
+                // A start that failed leaves the sandbox in `error`, saying why, as one whose
+                // supervisor reported its failure does (it stayed `stopped` or `created`).
+                if let Ok(store) = Store::open(&self.dirs.data) {
+                    if store.get(&self.id).ok().flatten().is_some_and(|r| !r.state.is_live()) {
+                        let _ = store.set_state(&self.id, State::Error, Some(&err.to_string()));
+                    }
+                }
+                return Err(err);
             }
         };
         // Reap the supervisor's zombie once it exits; it is not our business otherwise.
@@ -1824,7 +1836,7 @@ impl Sandbox {
             let reply = match tokio::time::timeout_at(deadline, next).await {
                 Ok(Err(e)) => return Err(e),
                 Ok(Ok(Some(r))) => r,
-                Ok(Ok(None)) => return Err(self.went_away().await),
+                Ok(Ok(None)) => return Err(self.went_away("while the command ran").await),
                 Err(_) => {
                     let extended = match self.stopped_within(conn, started.elapsed()).await {
                         Some(stopped) => started + bound + stopped,
@@ -1858,8 +1870,10 @@ impl Sandbox {
                 Reply::Stdout(_) | Reply::Stderr(_) => {}
                 Reply::Credit(n) => window.add_permits((n as usize).min(smolvm_proto::WINDOW)),
                 Reply::Exit { timed_out: true, .. } => return Err(timeout_err()),
+                // Down before the command came: as for any sandbox not running.
+                Reply::Error { kind: ErrorKind::Closed, message } if message == smolvm_proto::GONE_BEFORE => return Err(self.unreachable()),
                 // Stopped, deleted or powered off meanwhile: as a connection that ends, above.
-                Reply::Error { kind: ErrorKind::Closed, .. } => return Err(self.went_away().await),
+                Reply::Error { kind: ErrorKind::Closed, .. } => return Err(self.went_away("while the command ran").await),
                 Reply::Exit { code, .. } => {
                     return Ok(CommandResult {
                         exit_code: code,
@@ -1986,7 +2000,9 @@ impl Sandbox {
         loop {
             tokio::select! {
                 done = &mut send, if !sent => {
-                    done?;
+                    if let Err(e) = done {
+                        return Err(if conn.is_closed() { self.went_away("during the upload").await } else { e });
+                    }
                     sent = true;
                 }
                 // While it sends, the sending is what is bounded (a slow local source is not
@@ -2007,8 +2023,10 @@ impl Sandbox {
                         return Ok(());
                     }
                     Some(Reply::Error { kind: ErrorKind::Invalid, message }) => return Err(Error::validation("guest_path", message)),
+                    // (Its supervisor going down: stopped, deleted, failed.)
+                    Some(Reply::Error { kind: ErrorKind::Closed, message }) if message == smolvm_proto::GONE_BEFORE => return Err(self.unreachable()),
+                    Some(Reply::Error { kind: ErrorKind::Closed, .. }) | None => return Err(self.went_away("during the upload").await),
                     Some(other) => return Err(self.unexpected("upload", other)),
-                    None => return Err(Error::Guest("the sandbox went away during the upload".into())),
                 },
             }
         }
@@ -2071,8 +2089,11 @@ impl Sandbox {
                         return Ok((mode, tar));
                     }
                     Some(Reply::Error { kind: ErrorKind::NotFound, message }) => return Err(Error::validation("guest_path", message)),
+                    Some(Reply::Error { kind: ErrorKind::Closed, message }) if message == smolvm_proto::GONE_BEFORE => {
+                        return Err(self.unreachable())
+                    }
+                    Some(Reply::Error { kind: ErrorKind::Closed, .. }) | None => return Err(self.went_away("during the download").await),
                     Some(other) => return Err(self.unexpected("download", other)),
-                    None => return Err(Error::Guest("the sandbox went away during the download".into())),
                 }
             }
         }

@@ -760,13 +760,21 @@ async fn supervise(id: &str) -> i32 {
     // Clients are taken on a task of their own: a long control request (a snapshot writing all
     // of guest RAM) holds the loop below, and a client that connects meanwhile is still served,
     // its own control requests' bounds included.
+    // The clients' tasks: once the sandbox is recorded down, their connections close (see the
+    // end of the stop), so that a handle finds its connection gone before its next request.
+    let client_tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
     let acceptor = tokio::spawn({
         let (agent, ctl_tx, id, paused, stopped) = (agent.clone(), ctl_tx.clone(), id.to_string(), paused.clone(), stopped.clone());
+        let client_tasks = client_tasks.clone();
         async move {
             loop {
                 match ctl.accept().await {
                     Ok((stream, _)) => {
-                        tokio::spawn(serve_client(stream, agent.clone(), ctl_tx.clone(), id.clone(), paused.clone(), stopped.clone()));
+                        let task =
+                            tokio::spawn(serve_client(stream, agent.clone(), ctl_tx.clone(), id.clone(), paused.clone(), stopped.clone()));
+                        let mut tasks = client_tasks.lock().unwrap_or_else(|e| e.into_inner());
+                        tasks.retain(|t| !t.is_finished());
+                        tasks.push(task.abort_handle());
                     }
                     // (Out of descriptors, say: no reason to spin.)
                     Err(e) => {
@@ -1059,6 +1067,12 @@ async fn supervise(id: &str) -> i32 {
     if answered {
         // Let the client tasks write their replies before the process ends.
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Its clients' connections close now, not when this process ends: a handle that sent its
+    // next command meanwhile heard "the sandbox stopped while the command ran" of a sandbox
+    // already recorded stopped; now it finds the connection gone and the record says why.
+    for task in client_tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        task.abort();
     }
     // The slow parts, now that nobody waits for them: QEMU's death after its SIGKILL, and
     // removing the TAP.
@@ -1663,6 +1677,9 @@ async fn serve_client(
                 )
                 .await;
             }
+            // Its guest gone already (stopped meanwhile by another client, whose stop has
+            // returned while this process still cleans up): said so, see `GONE_BEFORE`.
+            _ if agent.is_closed() => send(write.clone(), cid, Reply::error(ErrorKind::Closed, proto::GONE_BEFORE)).await,
             req => match agent.open(&req).await {
                 Ok(mut s) => {
                     let window = Arc::new(tokio::sync::Semaphore::new(proto::WINDOW));

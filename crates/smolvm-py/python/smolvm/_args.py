@@ -28,7 +28,7 @@ def seconds(value: Any, field: str, *, zero: bool = False) -> float:
     v = float(value)
     # (Infinity is positive: past the bound below, as in the Rust library.)
     if math.isnan(v) or v < 0 or (v == 0 and not zero):
-        raise _bad(field, "must be a positive number of seconds")
+        raise _bad(field, "must be 0 or a positive number of seconds" if zero else "must be a positive number of seconds")
     if v > _MAX_WAIT:
         raise _bad(field, f"must be at most {_MAX_WAIT} seconds (a year)")
     return v
