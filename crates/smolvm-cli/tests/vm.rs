@@ -1433,6 +1433,11 @@ fn prune_removes_the_network_of_a_boot_killed_half_way() {
     }
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(store.get("halfway").unwrap().is_some_and(|r| r.lease.is_none()), "prune left the lease");
+    // Nor its dead supervisor's pid and sockets.
+    assert!(store.get("halfway").unwrap().is_some_and(|r| r.supervisor.is_none() && r.state == State::Created));
+    let dir = smolvm::sandbox::SandboxPaths::new(&env.dirs, "halfway").dir;
+    let socks: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".sock")).collect();
+    assert!(socks.is_empty(), "{socks:?}");
     assert!(env.smolvm(&["sandbox", "delete", "halfway"]).status.success());
 }
 

@@ -672,6 +672,11 @@ pub fn prune(dirs: &Dirs) -> Result<Pruned> {
             // starter both died.
             if rec.state == State::Created && !rec.supervisor.is_some_and(|p| p.alive()) {
                 host_network_leftovers(&store, &rec.id);
+                // Nor the dead supervisor's pid (`info` showed it) and sockets.
+                if rec.supervisor.is_some() {
+                    store.set_state(&rec.id, State::Created, None)?;
+                    paths.remove_sockets();
+                }
             }
             keep.insert(paths.dir);
         }

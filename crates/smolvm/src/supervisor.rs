@@ -763,15 +763,24 @@ async fn supervise(id: &str) -> i32 {
     // The clients' tasks: once the sandbox is recorded down, their connections close (see the
     // end of the stop), so that a handle finds its connection gone before its next request.
     let client_tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
+    // Set once the sandbox is on its way down: requests that come after it are refused as such.
+    let down = Arc::new(AtomicBool::new(false));
     let acceptor = tokio::spawn({
         let (agent, ctl_tx, id, paused, stopped) = (agent.clone(), ctl_tx.clone(), id.to_string(), paused.clone(), stopped.clone());
-        let client_tasks = client_tasks.clone();
+        let (client_tasks, down) = (client_tasks.clone(), down.clone());
         async move {
             loop {
                 match ctl.accept().await {
                     Ok((stream, _)) => {
-                        let task =
-                            tokio::spawn(serve_client(stream, agent.clone(), ctl_tx.clone(), id.clone(), paused.clone(), stopped.clone()));
+                        let client = Client {
+                            agent: agent.clone(),
+                            ctl: ctl_tx.clone(),
+                            id: id.clone(),
+                            paused: paused.clone(),
+                            stopped: stopped.clone(),
+                            down: down.clone(),
+                        };
+                        let task = tokio::spawn(serve_client(stream, client));
                         let mut tasks = client_tasks.lock().unwrap_or_else(|e| e.into_inner());
                         tasks.retain(|t| !t.is_finished());
                         tasks.push(task.abort_handle());
@@ -987,6 +996,7 @@ async fn supervise(id: &str) -> i32 {
             _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => break Ended::Asked,
         }
     };
+    down.store(true, Ordering::SeqCst);
     // The shutdown request goes to the agent.
     drop(held);
     // No new clients from here on: a start that finds the control socket gone while this
@@ -1537,14 +1547,19 @@ struct ClientStream {
     input: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-async fn serve_client(
-    stream: UnixStream,
+/// What a client's task shares with the supervisor.
+struct Client {
     agent: Arc<Conn>,
     ctl: mpsc::UnboundedSender<Control>,
     id: String,
     paused: Arc<AtomicBool>,
     stopped: Arc<Mutex<StoppedSpans>>,
-) {
+    /// The sandbox is on its way down (see `GONE_BEFORE`).
+    down: Arc<AtomicBool>,
+}
+
+async fn serve_client(stream: UnixStream, client: Client) {
+    let Client { agent, ctl, id, paused, stopped, down } = client;
     let _ = ctl.send(Control::ClientConnected);
     let (read, write) = stream.into_split();
     let write = Arc::new(tokio::sync::Mutex::new(write));
@@ -1679,7 +1694,9 @@ async fn serve_client(
             }
             // Its guest gone already (stopped meanwhile by another client, whose stop has
             // returned while this process still cleans up): said so, see `GONE_BEFORE`.
-            _ if agent.is_closed() => send(write.clone(), cid, Reply::error(ErrorKind::Closed, proto::GONE_BEFORE)).await,
+            _ if down.load(Ordering::SeqCst) || agent.is_closed() => {
+                send(write.clone(), cid, Reply::error(ErrorKind::Closed, proto::GONE_BEFORE)).await
+            }
             req => match agent.open(&req).await {
                 Ok(mut s) => {
                     let window = Arc::new(tokio::sync::Semaphore::new(proto::WINDOW));
