@@ -1282,7 +1282,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
         SandboxCmd::Prune { .. } => {
             let pruned = sandbox::prune(&dirs)?;
             let mut done = Done::text(pruned.removed.join("\n"), json!({ "removed": pruned.removed, "leftovers": pruned.leftovers }));
-            done.notes = pruned.leftovers.iter().map(|p| format!("removed leftover files: {}", p.display())).collect();
+            done.notes = pruned.leftovers.iter().map(|p| format!("removed leftover files: {p}")).collect();
             Ok(done)
         }
         SandboxCmd::Exec { name, exec, env, channel, command } => {

@@ -107,17 +107,19 @@ impl Recipe {
         }
         let mut dests = std::collections::HashSet::new();
         for f in &self.files {
-            if !dests.insert(f.dest.trim_end_matches('/')) {
+            if !dests.insert(f.dest.as_str()) {
                 return Err(Error::validation("files", format!("two files for {} (give each image path once)", f.dest)));
             }
             if !f.source.is_file() {
                 return Err(Error::validation("files", format!("{} is not a readable file", f.source.display())));
             }
-            let ok = f.dest.starts_with('/') && !f.dest.ends_with('/') && !f.dest.split('/').any(|c| c == "..");
+            // (No '.' or empty parts either: one path has one spelling, for the check of
+            // duplicates above and the fingerprint's order.)
+            let ok = f.dest.starts_with('/') && f.dest.split('/').skip(1).all(|c| !c.is_empty() && c != "." && c != "..");
             if !ok {
                 return Err(Error::validation(
                     "files",
-                    format!("{:?}: the image path must be absolute, name a file and hold no '..'", f.dest),
+                    format!("{:?}: the image path must be absolute, name a file and hold no '.', '..' or '//'", f.dest),
                 ));
             }
         }
@@ -318,7 +320,7 @@ pub fn unprivileged_build_missing() -> Option<String> {
     let ranged = |file: &str| {
         std::fs::read_to_string(file).unwrap_or_default().lines().any(|l| {
             let owner = l.split(':').next().unwrap_or_default();
-            owner == name || owner == uid.to_string()
+            (!name.is_empty() && owner == name) || owner == uid.to_string()
         })
     };
     if !ranged("/etc/subuid") || !ranged("/etc/subgid") {
@@ -332,7 +334,9 @@ fn preflight(recipe: &Recipe) -> Result<()> {
     if !image::on_path("mmdebstrap") {
         return Err(Error::Image("building images from Debian packages needs mmdebstrap (apt-get install mmdebstrap)".into()));
     }
-    if let Some(missing) = unprivileged_build_missing() {
+    // (Only a busybox recipe's packages are unpacked by mmdebstrap as another user: a Debian
+    // image needs root, said below.)
+    if let Some(missing) = unprivileged_build_missing().filter(|_| recipe.base == "busybox" && !recipe.packages.is_empty()) {
         return Err(Error::Image(format!(
             "building images from Debian packages as a user other than root needs {missing}; or build as root"
         )));
@@ -532,6 +536,10 @@ mod tests {
         let bad = Recipe { files: vec![RecipeFile { source: "/etc/hostname".into(), dest: "/a/../../x".into() }], ..base.clone() };
         assert!(bad.validate().is_err());
         let twice = |dest: &str| RecipeFile { source: "/etc/hostname".into(), dest: dest.into() };
+        for odd in ["/etc//motd", "/etc/./motd", "/etc/motd/"] {
+            let bad = Recipe { files: vec![twice(odd)], ..base.clone() };
+            assert!(bad.validate().unwrap_err().to_string().contains("hold no '.', '..' or '//'"), "{odd}");
+        }
         let bad = Recipe { files: vec![twice("/etc/motd"), twice("/etc/motd")], ..base.clone() };
         assert_eq!(bad.validate().unwrap_err().to_string(), "invalid files: two files for /etc/motd (give each image path once)");
         base.validate().unwrap();

@@ -636,7 +636,8 @@ pub fn list(dirs: &Dirs) -> Result<Vec<Record>> {
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Pruned {
     pub removed: Vec<String>,
-    pub leftovers: Vec<PathBuf>,
+    /// (As text: a name that is not UTF-8 shows its bytes replaced.)
+    pub leftovers: Vec<String>,
 }
 
 pub fn prune(dirs: &Dirs) -> Result<Pruned> {
@@ -689,7 +690,7 @@ pub fn prune(dirs: &Dirs) -> Result<Pruned> {
     if let Ok(entries) = std::fs::read_dir(dirs.data.join("vms")) {
         for e in entries.flatten() {
             if !recorded.contains(&e.path()) && older_than_a_minute(&e.path()) && std::fs::remove_dir_all(e.path()).is_ok() {
-                leftovers.push(e.path());
+                leftovers.push(e.path().to_string_lossy().into_owned());
             }
         }
     }
@@ -698,7 +699,7 @@ pub fn prune(dirs: &Dirs) -> Result<Pruned> {
     if let Ok(entries) = std::fs::read_dir(dirs.data.join("snapshots")) {
         for e in entries.flatten() {
             if !snapshots.contains(&e.path()) && crate::snapshot_files::orphaned(&e.path()) && std::fs::remove_dir_all(e.path()).is_ok() {
-                leftovers.push(e.path());
+                leftovers.push(e.path().to_string_lossy().into_owned());
             }
         }
     }
@@ -891,6 +892,19 @@ impl Sandbox {
     /// supervisor hears of it at the same moment as the command does, and records it a few
     /// milliseconds later: the error waits for that (within 3 s), so that it can say which, and
     /// what a caller asks next (`info`, `start`) finds the sandbox as it now is, not `running`.
+    /// A request refused as come after its sandbox began to go down (`GONE_BEFORE`): said as
+    /// for any sandbox not running, once its record has settled (stopped, or failed: a crash's
+    /// supervisor records it a moment later).
+    async fn down_before(&self) -> Error {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while tokio::time::Instant::now() < deadline
+            && Store::open(&self.dirs.data).and_then(|s| s.get(&self.id)).is_ok_and(|r| r.is_some_and(|r| r.state.is_live()))
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.unreachable()
+    }
+
     /// Why a command or a transfer lost its sandbox (`during`: "while the command ran",
     /// "during the upload"): stopped, deleted, failed, as its record comes to say.
     async fn went_away(&self, during: &str) -> Error {
@@ -969,7 +983,7 @@ impl Sandbox {
         // Its host directories may have gone since it was made: said as at creation, not by
         // QEMU failing the boot (which left it in `error`).
         crate::config::validate_mounts(&rec.config.workspace_mounts).map_err(|e| match e {
-            Error::Validation { field, message } => Error::Validation {
+            Error::Validation { field, message } if message.contains("is not an existing directory") => Error::Validation {
                 field,
                 message: format!("{message}; this sandbox was made with it (delete it, or make the directory again)"),
             },
@@ -1876,7 +1890,9 @@ impl Sandbox {
                 Reply::Credit(n) => window.add_permits((n as usize).min(smolvm_proto::WINDOW)),
                 Reply::Exit { timed_out: true, .. } => return Err(timeout_err()),
                 // Down before the command came: as for any sandbox not running.
-                Reply::Error { kind: ErrorKind::Closed, message } if message == smolvm_proto::GONE_BEFORE => return Err(self.unreachable()),
+                Reply::Error { kind: ErrorKind::Closed, message } if message == smolvm_proto::GONE_BEFORE => {
+                    return Err(self.down_before().await)
+                }
                 // Stopped, deleted or powered off meanwhile: as a connection that ends, above.
                 Reply::Error { kind: ErrorKind::Closed, .. } => return Err(self.went_away("while the command ran").await),
                 Reply::Exit { code, .. } => {
@@ -2029,7 +2045,7 @@ impl Sandbox {
                     }
                     Some(Reply::Error { kind: ErrorKind::Invalid, message }) => return Err(Error::validation("guest_path", message)),
                     // (Its supervisor going down: stopped, deleted, failed.)
-                    Some(Reply::Error { kind: ErrorKind::Closed, message }) if message == smolvm_proto::GONE_BEFORE => return Err(self.unreachable()),
+                    Some(Reply::Error { kind: ErrorKind::Closed, message }) if message == smolvm_proto::GONE_BEFORE => return Err(self.down_before().await),
                     Some(Reply::Error { kind: ErrorKind::Closed, .. }) | None => return Err(self.went_away("during the upload").await),
                     Some(other) => return Err(self.unexpected("upload", other)),
                 },
@@ -2095,7 +2111,7 @@ impl Sandbox {
                     }
                     Some(Reply::Error { kind: ErrorKind::NotFound, message }) => return Err(Error::validation("guest_path", message)),
                     Some(Reply::Error { kind: ErrorKind::Closed, message }) if message == smolvm_proto::GONE_BEFORE => {
-                        return Err(self.unreachable())
+                        return Err(self.down_before().await)
                     }
                     Some(Reply::Error { kind: ErrorKind::Closed, .. }) | None => return Err(self.went_away("during the download").await),
                     Some(other) => return Err(self.unexpected("download", other)),

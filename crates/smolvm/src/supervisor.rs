@@ -760,14 +760,11 @@ async fn supervise(id: &str) -> i32 {
     // Clients are taken on a task of their own: a long control request (a snapshot writing all
     // of guest RAM) holds the loop below, and a client that connects meanwhile is still served,
     // its own control requests' bounds included.
-    // The clients' tasks: once the sandbox is recorded down, their connections close (see the
-    // end of the stop), so that a handle finds its connection gone before its next request.
-    let client_tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
     // Set once the sandbox is on its way down: requests that come after it are refused as such.
     let down = Arc::new(AtomicBool::new(false));
     let acceptor = tokio::spawn({
         let (agent, ctl_tx, id, paused, stopped) = (agent.clone(), ctl_tx.clone(), id.to_string(), paused.clone(), stopped.clone());
-        let (client_tasks, down) = (client_tasks.clone(), down.clone());
+        let down = down.clone();
         async move {
             loop {
                 match ctl.accept().await {
@@ -780,10 +777,7 @@ async fn supervise(id: &str) -> i32 {
                             stopped: stopped.clone(),
                             down: down.clone(),
                         };
-                        let task = tokio::spawn(serve_client(stream, client));
-                        let mut tasks = client_tasks.lock().unwrap_or_else(|e| e.into_inner());
-                        tasks.retain(|t| !t.is_finished());
-                        tasks.push(task.abort_handle());
+                        tokio::spawn(serve_client(stream, client));
                     }
                     // (Out of descriptors, say: no reason to spin.)
                     Err(e) => {
@@ -996,7 +990,6 @@ async fn supervise(id: &str) -> i32 {
             _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => break Ended::Asked,
         }
     };
-    down.store(true, Ordering::SeqCst);
     // The shutdown request goes to the agent.
     drop(held);
     // No new clients from here on: a start that finds the control socket gone while this
@@ -1004,6 +997,8 @@ async fn supervise(id: &str) -> i32 {
     acceptor.abort();
     let _ = acceptor.await;
     let _ = std::fs::remove_file(&paths.ctl);
+    // (After the socket: a client told so finds the sandbox down, not its supervisor silent.)
+    down.store(true, Ordering::SeqCst);
     // The host ports it listened on are free before anyone hears that it is down (another
     // sandbox or program may want one next), not when this process ends.
     close_ports(&mut exposed).await;
@@ -1077,12 +1072,6 @@ async fn supervise(id: &str) -> i32 {
     if answered {
         // Let the client tasks write their replies before the process ends.
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // Its clients' connections close now, not when this process ends: a handle that sent its
-    // next command meanwhile heard "the sandbox stopped while the command ran" of a sandbox
-    // already recorded stopped; now it finds the connection gone and the record says why.
-    for task in client_tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-        task.abort();
     }
     // The slow parts, now that nobody waits for them: QEMU's death after its SIGKILL, and
     // removing the TAP.
@@ -1692,11 +1681,9 @@ async fn serve_client(stream: UnixStream, client: Client) {
                 )
                 .await;
             }
-            // Its guest gone already (stopped meanwhile by another client, whose stop has
+            // On its way down already (stopped meanwhile by another client, whose stop may have
             // returned while this process still cleans up): said so, see `GONE_BEFORE`.
-            _ if down.load(Ordering::SeqCst) || agent.is_closed() => {
-                send(write.clone(), cid, Reply::error(ErrorKind::Closed, proto::GONE_BEFORE)).await
-            }
+            _ if down.load(Ordering::SeqCst) => send(write.clone(), cid, Reply::error(ErrorKind::Closed, proto::GONE_BEFORE)).await,
             req => match agent.open(&req).await {
                 Ok(mut s) => {
                     let window = Arc::new(tokio::sync::Semaphore::new(proto::WINDOW));
