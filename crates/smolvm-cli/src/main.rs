@@ -467,6 +467,7 @@ enum ImageCmd {
 }
 
 /// A command's outcome: printed as text, or as the `--json` envelope.
+#[derive(Default)]
 struct Done {
     exit_code: i32,
     data: Value,
@@ -480,12 +481,12 @@ struct Done {
 
 impl Done {
     fn text(s: impl Into<String>, data: Value) -> Done {
-        Done { exit_code: 0, data, text: Some(s.into()), errors: Vec::new(), notes: Vec::new() }
+        Done { data, text: Some(s.into()), ..Default::default() }
     }
 
     /// A command's exit code, and nothing to print.
     fn exit(code: i32) -> Done {
-        Done { exit_code: code, data: json!({ "exit_code": code }), text: None, errors: Vec::new(), notes: Vec::new() }
+        Done { exit_code: code, data: json!({ "exit_code": code }), text: None, ..Default::default() }
     }
 }
 
@@ -1059,8 +1060,7 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
                 exit_code: i32::from(failed),
                 data: serde_json::to_value(&checks).unwrap_or_default(),
                 text: Some(text),
-                errors: Vec::new(),
-                notes: Vec::new(),
+                ..Default::default()
             })
         }
         Cmd::Setup { yes } => setup(yes),
@@ -1110,7 +1110,7 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut completed_command(), "smolvm", &mut script);
             write_out(&script);
-            Ok(Done { exit_code: 0, data: Value::Null, text: None, errors: Vec::new(), notes: Vec::new() })
+            Ok(Done::default())
         }
         Cmd::Supervise { .. } | Cmd::HostSide | Cmd::NatTrial => unreachable!("handled before the runtime starts"),
     }
@@ -1354,7 +1354,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
                     pos = next;
                 }
             }
-            Ok(Done { exit_code: 0, data: Value::Null, text: None, errors: Vec::new(), notes: Vec::new() })
+            Ok(Done::default())
         }
         SandboxCmd::Env(e) => env_cmd(e, dirs).await,
         SandboxCmd::Pause { name } => {
@@ -1394,7 +1394,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             if unless_interrupted(sb.upload(&src, &dst)).await.transpose()?.is_none() {
                 return Err(Error::Interrupted(format!("the upload to {dst} was given up, and nothing of it is left")));
             }
-            Ok(Done { exit_code: 0, data: json!({ "uploaded": src, "to": dst }), text: None, errors: Vec::new(), notes: Vec::new() })
+            Ok(Done { data: json!({ "uploaded": src, "to": dst }), text: None, ..Default::default() })
         }
         SandboxCmd::File(FileCmd::Download { name, src, dst, channel }) => {
             let mut sb = Sandbox::open_in(dirs, &name).await?;
@@ -1402,7 +1402,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             if unless_interrupted(sb.download(&src, &dst)).await.transpose()?.is_none() {
                 return Err(Error::Interrupted(format!("the download of {src} was given up, and nothing of it is left")));
             }
-            Ok(Done { exit_code: 0, data: json!({ "downloaded": src, "to": dst }), text: None, errors: Vec::new(), notes: Vec::new() })
+            Ok(Done { data: json!({ "downloaded": src, "to": dst }), text: None, ..Default::default() })
         }
     }
 }

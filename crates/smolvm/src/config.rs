@@ -507,12 +507,10 @@ pub fn seconds_or_zero(value: f64, field: &'static str) -> Result<std::time::Dur
     if value == 0.0 {
         return Ok(std::time::Duration::ZERO);
     }
-    seconds(value, field).map_err(|e| match e {
-        Error::Validation { field, message } if message.ends_with("positive number of seconds") => {
-            Error::validation(field, "must be 0 or a positive number of seconds")
-        }
-        e => e,
-    })
+    if value.is_nan() || value < 0.0 {
+        return Err(Error::validation(field, "must be 0 or a positive number of seconds"));
+    }
+    seconds(value, field)
 }
 
 /// A wait is at most [`MAX_WAIT`].

@@ -905,6 +905,15 @@ impl Sandbox {
         self.unreachable()
     }
 
+    /// A request's stream closed by the supervisor (`ErrorKind::Closed`): refused as come after
+    /// the sandbox began to go down, or cut off by its going.
+    async fn closed(&self, message: &str, during: &str) -> Error {
+        match message == smolvm_proto::GONE_BEFORE {
+            true => self.down_before().await,
+            false => self.went_away(during).await,
+        }
+    }
+
     /// Why a command or a transfer lost its sandbox (`during`: "while the command ran",
     /// "during the upload"): stopped, deleted, failed, as its record comes to say.
     async fn went_away(&self, during: &str) -> Error {
@@ -1889,12 +1898,9 @@ impl Sandbox {
                 Reply::Stdout(_) | Reply::Stderr(_) => {}
                 Reply::Credit(n) => window.add_permits((n as usize).min(smolvm_proto::WINDOW)),
                 Reply::Exit { timed_out: true, .. } => return Err(timeout_err()),
-                // Down before the command came: as for any sandbox not running.
-                Reply::Error { kind: ErrorKind::Closed, message } if message == smolvm_proto::GONE_BEFORE => {
-                    return Err(self.down_before().await)
-                }
-                // Stopped, deleted or powered off meanwhile: as a connection that ends, above.
-                Reply::Error { kind: ErrorKind::Closed, .. } => return Err(self.went_away("while the command ran").await),
+                // Down before the command came, or stopped, deleted or powered off meanwhile (as
+                // a connection that ends, above).
+                Reply::Error { kind: ErrorKind::Closed, message } => return Err(self.closed(&message, "while the command ran").await),
                 Reply::Exit { code, .. } => {
                     return Ok(CommandResult {
                         exit_code: code,
@@ -2045,8 +2051,8 @@ impl Sandbox {
                     }
                     Some(Reply::Error { kind: ErrorKind::Invalid, message }) => return Err(Error::validation("guest_path", message)),
                     // (Its supervisor going down: stopped, deleted, failed.)
-                    Some(Reply::Error { kind: ErrorKind::Closed, message }) if message == smolvm_proto::GONE_BEFORE => return Err(self.down_before().await),
-                    Some(Reply::Error { kind: ErrorKind::Closed, .. }) | None => return Err(self.went_away("during the upload").await),
+                    Some(Reply::Error { kind: ErrorKind::Closed, message }) => return Err(self.closed(&message, "during the upload").await),
+                    None => return Err(self.went_away("during the upload").await),
                     Some(other) => return Err(self.unexpected("upload", other)),
                 },
             }
@@ -2110,10 +2116,10 @@ impl Sandbox {
                         return Ok((mode, tar));
                     }
                     Some(Reply::Error { kind: ErrorKind::NotFound, message }) => return Err(Error::validation("guest_path", message)),
-                    Some(Reply::Error { kind: ErrorKind::Closed, message }) if message == smolvm_proto::GONE_BEFORE => {
-                        return Err(self.down_before().await)
+                    Some(Reply::Error { kind: ErrorKind::Closed, message }) => {
+                        return Err(self.closed(&message, "during the download").await)
                     }
-                    Some(Reply::Error { kind: ErrorKind::Closed, .. }) | None => return Err(self.went_away("during the download").await),
+                    None => return Err(self.went_away("during the download").await),
                     Some(other) => return Err(self.unexpected("download", other)),
                 }
             }
