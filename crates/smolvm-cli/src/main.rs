@@ -1223,10 +1223,6 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
         SandboxCmd::Start { name, boot_timeout } => {
             let mut sb = Sandbox::open_in(dirs, &name).await?;
             let boot_timeout = seconds(boot_timeout, "boot_timeout")?;
-            // A paused one runs already, frozen: `start` would say "running" of it.
-            if sb.state()? == State::Paused {
-                return Err(Error::NotRunning { id: sb.id().to_string(), state: "paused".into() });
-            }
             if unless_interrupted(sb.start(boot_timeout, &progress)).await.transpose()?.is_none() {
                 // Left as it was found (a start that went on booting would leave it running).
                 if unless_interrupted(sb.stop_after_start(sandbox::DEFAULT_STOP_TIMEOUT)).await.is_none() {

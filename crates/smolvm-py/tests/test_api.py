@@ -498,6 +498,9 @@ def test_pause_resume_snapshot_and_from_snapshot(no_leftovers, tmp_path):
         assert vm.status == VMState.PAUSED
         with pytest.raises(SmolVMError, match="paused"):
             vm.run("true")
+        # Starting it would say nothing of the pause: refused, as the CLI's start is.
+        with pytest.raises(SmolVMError, match=r"^VM 'pysnapsrc' is paused; resume it first"):
+            vm.start()
         vm.resume()
         info = vm.snapshot("pysnap")
         assert info == SnapshotInfo("pysnap", "pysnapsrc", "full", info.path)

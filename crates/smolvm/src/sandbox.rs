@@ -958,6 +958,9 @@ impl Sandbox {
     /// A sandbox of the default image starts from a warm snapshot of that image booted once
     /// (cached with it) unless `SMOLVM_WARM=0` or `SMOLVM_VERBOSE_BOOT` asks for a real boot;
     /// if the warm start fails, it boots cold.
+    ///
+    /// A running sandbox is left as it is (this handle connects to it); a paused one is refused
+    /// with `NotRunning`, since returning would tell the caller it can run commands.
     pub async fn start(&mut self, boot_timeout: Duration, progress: Progress<'_>) -> Result<()> {
         crate::config::check_boot_timeout(boot_timeout)?;
         crate::config::check_supervisor_settings()?;
@@ -978,6 +981,10 @@ impl Sandbox {
         if self.stopping(&rec).await? {
             // Connecting now would reach a sandbox about to stop: start it again instead.
             rec = self.record_with(true)?;
+        }
+        // A paused one runs already, frozen: a start that returned would say it can run commands.
+        if rec.state == State::Paused {
+            return Err(Error::NotRunning { id: self.id.clone(), state: "paused".into() });
         }
         if rec.state.is_live() {
             // A closed connection is a previous supervisor's (another process restarted it).
