@@ -98,6 +98,10 @@ pub fn put_start(stream: u32, path: String, mode: u32, tar: bool, w: &Writer) {
         return w.send(stream, &Reply::error(ErrorKind::Invalid, format!("guest path must be absolute: {path:?}")));
     }
     let dest = PathBuf::from(&path);
+    // Said before the bytes travel, not by the rename at their end.
+    if !tar && dest.is_dir() {
+        return w.send(stream, &Reply::error(ErrorKind::Invalid, format!("{path} is a directory (end the path with / to upload into it)")));
+    }
     // Beside the destination, on its filesystem: a file is renamed into place, and an archive
     // (a directory) needs the destination's room, not RAM's (/run is a tmpfs).
     let parent = dest.parent().unwrap_or(Path::new("/")).to_path_buf();

@@ -70,6 +70,9 @@ async fn paths_modes_and_directories() {
     sb.run("touch /tmp/plain", &opts()).await.unwrap();
     let err = sb.upload(&local, "/tmp/plain/child").await.unwrap_err();
     assert_eq!(err.to_string(), "invalid guest_path: receiving /tmp/plain/child: /tmp/plain is not a directory");
+    // A file onto a directory: said before the bytes travel (it was the rename's "Is a directory").
+    let err = sb.upload(&local, "/tmp").await.unwrap_err();
+    assert_eq!(err.to_string(), "invalid guest_path: /tmp is a directory (end the path with / to upload into it)");
     let err = sb.download("/etc/hostname", &local.join("sub/x")).await.unwrap_err();
     assert_eq!(err.to_string(), format!("invalid local_path: {} is not a directory", local.display()));
     // A directory that cannot be written to is named, not the download's temporary file.

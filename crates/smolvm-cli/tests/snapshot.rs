@@ -562,14 +562,24 @@ fn a_pause_its_client_gave_up_on_is_not_done_later() {
         assert!(since.elapsed() < Duration::from_secs(30), "the snapshot never started");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A command sent meanwhile waits for the save, however short its own timeout: the VM's
+    // stopped time is not the command's (it timed out once the save ended).
+    let command = cli()
+        .args(["sandbox", "exec", "busy", "--timeout", "1", "--", "echo after the save"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let out = cli().args(["sandbox", "pause", "busy"]).output().unwrap();
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("'pause' timed out after 6s"), "{}", stderr(&out));
+    // (The bound said is the one set, not the one plus the client's margin.)
+    assert!(stderr(&out).contains("'pause' timed out after 1s"), "{}", stderr(&out));
     // A port's expose times out the same way: a timeout (exit 124), not the guest's error.
     let out = cli().args(["sandbox", "port", "expose", "busy", "9998", "--json"]).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     assert_eq!((out.status.code(), v["error"]["code"].as_str()), (Some(124), Some("timeout")), "{v}");
     assert!(snapshot.wait_with_output().unwrap().status.success());
+    let out = command.wait_with_output().unwrap();
+    assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "after the save\n"), "{}", stderr(&out));
     let ports: serde_json::Value =
         serde_json::from_str(&ok(cli().args(["sandbox", "port", "list", "busy", "--json"]).output().unwrap())).unwrap();
     assert_eq!(ports["data"], serde_json::json!([]), "the expose was done later: {ports}");
@@ -595,6 +605,23 @@ fn a_pause_its_client_gave_up_on_is_not_done_later() {
     );
     assert!(wait_until(Duration::from_secs(5), || !snapshot_dir(&env.dirs, "given-up").exists()), "the given-up save left its files");
     assert_eq!(ok(cli().args(["sandbox", "exec", "busy", "--", "echo running on"]).output().unwrap()), "running on\n");
+    // A stop during a save gives the save up and stops the sandbox as always (it waited
+    // behind the save until its client killed the VM, and the sandbox could end in `error`).
+    let cut =
+        cli().args(["sandbox", "snapshot", "create", "busy", "--snapshot-id", "cut"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let state = snapshot_dir(&env.dirs, "cut").join("state");
+    if !wait_until(Duration::from_secs(30), || state.metadata().is_ok_and(|m| m.len() > 0)) {
+        panic!("the third snapshot never started: {}", stderr(&cut.wait_with_output().unwrap()));
+    }
+    ok(cli().args(["sandbox", "stop", "busy"]).output().unwrap());
+    let out = cut.wait_with_output().unwrap();
+    assert_eq!(
+        (out.status.code(), stderr(&out).trim()),
+        (Some(1), "error: snapshot failed: the sandbox was stopped before the snapshot was done")
+    );
+    assert!(!snapshot_dir(&env.dirs, "cut").exists(), "the given-up save left its files");
+    let info: serde_json::Value = serde_json::from_str(&ok(cli().args(["sandbox", "info", "busy", "--json"]).output().unwrap())).unwrap();
+    assert_eq!(info["data"]["state"], "stopped", "{info}");
     ok(cli().args(["sandbox", "delete", "--force", "busy"]).output().unwrap());
     // The saved VM loads only under the accelerator it ran under: recorded, and kept to.
     let accel = smolvm::vmm::choose_accel().unwrap();

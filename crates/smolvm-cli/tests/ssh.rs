@@ -350,6 +350,21 @@ fn debian_ssh_image_over_the_cli() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no SSH server"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(env.smolvm(&["sandbox", "delete", "--force", "plain"]).status.success());
+
+    // Asking for the SSH channel where no server can be: refused before the default image
+    // boots, and once booted for a root disk without one; either way nothing is left running.
+    let out = env.smolvm(&["run", "--comm-channel", "ssh", "true"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).lines().next(),
+        Some("error: invalid comm_channel: ssh needs an image with an SSH server, such as debian-ssh or alpine-ssh; this sandbox's image boots from an initramfs and has none")
+    );
+    let rootfs = smolvm::image::default_rootfs(&env.dirs).unwrap();
+    let out = env.smolvm(&["sandbox", "create", "--name", "nosrv", "--rootfs", rootfs.to_str().unwrap(), "--comm-channel", "ssh"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("VM 'nosrv' has no SSH server"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success());
+    assert!(env.qemu_processes().is_empty());
+    let out = env.smolvm(&["sandbox", "list", "--all"]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("nosrv"), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
 /// An image whose SSH server cannot be started (here an `sshd` that is no server, and no

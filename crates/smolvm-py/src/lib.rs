@@ -54,6 +54,8 @@ fn to_py_with(e: Error, env_field: &str) -> PyErr {
         }
     }
     let message = match &e {
+        // Said with the method that helps, not the CLI's command.
+        Error::NotRunning { id, state } => smolvm::error::not_running(id, state, |verb| format!("vm.{verb}()")),
         // The documented messages stand alone; others carry their chain of causes.
         Error::Env(_) | Error::Timeout { .. } | Error::NotFound(_) => e.to_string(),
         _ => e.full_message(),

@@ -83,7 +83,7 @@ def test_vmconfig_is_frozen_validated_and_rejects_unknown_fields():
         ({"memory": 2**70}, "invalid memory: 1180591620717411303424 MiB is out of range (allowed 128..=16384 MiB)"),
         ({"vcpu_count": -(2**200)}, f"invalid vcpu_count: {-(2**200)} is out of range (allowed 1..=32)"),
         ({"disk_size_mib": 2**64, "image": "debian-ssh"}, "invalid disk_size_mib: 18446744073709551616 MiB is out of range (allowed 64..=1048576 MiB)"),
-        ({"vm_id": 5}, "invalid vm_id: invalid type: integer `5`, expected a string"),
+        ({"vm_id": 5}, "invalid vm_id: expected a str, got int"),
         ({"port_forwards": [70000]}, "invalid port_forwards: 70000 is not a port (allowed: 1..=65535)"),
         ({"port_forwards": [("a", "b")]}, "invalid port_forwards: 'b' is not a port (allowed: 1..=65535)"),
         ({"port_forwards": 80}, "invalid port_forwards: expected a list, got int"),
@@ -227,7 +227,8 @@ def test_run_errors_state_and_timeout(no_leftovers):
         assert e.value.details.get("field") == "key"
         vm.stop()
         assert vm.status == VMState.STOPPED
-        with pytest.raises(SmolVMError, match="stopped"):
+        # The way out is said in Python's terms, not the CLI's.
+        with pytest.raises(SmolVMError, match=r"^VM 'run-errors' is stopped; start it first \(vm.start\(\)\)$"):
             vm.run("true")
         # A stopped sandbox cannot become ready by waiting: said at once, not after the timeout.
         started = time.monotonic()
@@ -236,6 +237,33 @@ def test_run_errors_state_and_timeout(no_leftovers):
         assert time.monotonic() - started < 10
         with pytest.raises(SmolVMError, match="start it first"):
             SmolVM().wait_for_ready(timeout=60)
+
+
+def test_errors_cross_processes_and_say_what_was_wrong(no_leftovers):
+    import pickle
+    from concurrent.futures import ProcessPoolExecutor
+
+    # Pickled whole (a worker of a process pool raises them to its parent).
+    e = pickle.loads(pickle.dumps(OperationTimeoutError("run", 5, {"x": 1})))
+    assert (type(e), str(e), e.operation, e.timeout_seconds, e.details) == (
+        OperationTimeoutError, "Operation 'run' timed out after 5s", "run", 5, {"x": 1})
+    e = pickle.loads(pickle.dumps(VMNotFoundError("VM 'x' not found", {"id": "x"})))
+    assert (type(e), e.message, e.details) == (VMNotFoundError, "VM 'x' not found", {"id": "x"})
+    with ProcessPoolExecutor(1) as pool:
+        with pytest.raises(OperationTimeoutError, match=r"^Operation 'run' timed out after 2s$"):
+            pool.submit(_raise_timeout).result()
+    assert str(CommandBlockedError()) == "the command was blocked by on_pre_run"
+    # A wrong type is said as for every field, not in the decoder's words.
+    for field in ("vm_id", "boot_args", "ssh_public_key", "comm_channel"):
+        with pytest.raises(ValidationError, match=rf"^invalid {field}: expected a str, got int$"):
+            VMConfig(**{field: 5})
+    # Commands over SSH need a server: the default image has none, refused before it boots.
+    with pytest.raises(ValidationError, match=r"^invalid comm_channel: ssh needs an image with an SSH server"):
+        SmolVM(comm_channel="ssh").start()
+
+
+def _raise_timeout():
+    raise OperationTimeoutError("run", 2)
 
 
 def test_from_id_and_deleted_sandboxes(no_leftovers):
@@ -553,6 +581,8 @@ def test_upload_and_download_files(no_leftovers, tmp_path):
         assert (tmp_path / "out.bin").read_bytes() == payload
         with pytest.raises(ValidationError, match="absolute"):
             vm.upload_file(src, "work/in.bin")
+        with pytest.raises(ValidationError, match=r"^invalid guest_path: /work is a directory \(end the path with / to upload into it\)$"):
+            vm.upload_file(src, "/work")
         # A FIFO has no end to read to: refused, not read for ever.
         fifo = tmp_path / "fifo"
         os.mkfifo(fifo)

@@ -611,7 +611,12 @@ fn parse_snapshot_bandwidth(value: Option<&str>) -> Result<Option<u64>> {
         Some(v) if v.eq_ignore_ascii_case("unlimited") => Ok(None),
         Some(v) => match v.parse::<u64>() {
             Ok(mib) if (1..=1_048_576).contains(&mib) => Ok(Some(mib)),
-            _ => Err(Error::validation(
+            // (0 is a whole number: said as out of range, not as no number.)
+            Ok(_) => Err(Error::validation(
+                "SMOLVM_SNAPSHOT_BANDWIDTH",
+                format!("{v:?} MiB per second is out of range (allowed: 1 to 1048576, or unlimited)"),
+            )),
+            Err(_) => Err(Error::validation(
                 "SMOLVM_SNAPSHOT_BANDWIDTH",
                 format!("{v:?} is not a whole number of MiB per second (allowed: 1 to 1048576, or unlimited)"),
             )),
@@ -818,11 +823,18 @@ mod tests {
         assert_eq!(parse_snapshot_bandwidth(None).unwrap(), None);
         assert_eq!(parse_snapshot_bandwidth(Some(" Unlimited ")).unwrap(), None);
         assert_eq!(parse_snapshot_bandwidth(Some("100")).unwrap(), Some(100));
-        for bad in ["0", "1.5", "1048577", "fast", "-1"] {
+        for bad in ["1.5", "fast", "-1"] {
             let err = parse_snapshot_bandwidth(Some(bad)).unwrap_err().to_string();
             assert_eq!(
                 err,
                 format!("invalid SMOLVM_SNAPSHOT_BANDWIDTH: {bad:?} is not a whole number of MiB per second (allowed: 1 to 1048576, or unlimited)")
+            );
+        }
+        for bad in ["0", "1048577"] {
+            let err = parse_snapshot_bandwidth(Some(bad)).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!("invalid SMOLVM_SNAPSHOT_BANDWIDTH: {bad:?} MiB per second is out of range (allowed: 1 to 1048576, or unlimited)")
             );
         }
     }

@@ -18,7 +18,7 @@ pub enum Error {
     SnapshotNotFound(String),
     #[error("VM '{0}' already exists")]
     AlreadyExists(String),
-    #[error("VM '{id}' is {}; {} first (smolvm sandbox {} {id})", if state == "error" { "in the error state" } else { state }, if state == "paused" { "resume it" } else { "start it" }, if state == "paused" { "resume" } else { "start" })]
+    #[error("{}", not_running(id, state, |verb| format!("smolvm sandbox {verb} {id}")))]
     NotRunning { id: String, state: String },
     /// Refused because the sandbox still runs (a delete without force).
     #[error("VM '{id}' is {state}; stop it first or pass --force")]
@@ -60,6 +60,17 @@ pub enum Error {
     /// An error the supervisor process reported, with its own code and full message.
     #[error("{message}")]
     Reported { code: &'static str, message: String },
+}
+
+/// `NotRunning`'s text, with the way to start (or resume) the sandbox in the caller's own
+/// terms: the CLI's command, or Python's method.
+pub fn not_running(id: &str, state: &str, how: impl Fn(&str) -> String) -> String {
+    let (what, verb) = match state {
+        "paused" => ("paused", "resume"),
+        "error" => ("in the error state", "start"),
+        s => (s, "start"),
+    };
+    format!("VM '{id}' is {what}; {verb} it first ({})", how(verb))
 }
 
 impl Error {

@@ -502,12 +502,6 @@ pub fn check_run(command: &str, opts: &RunOptions) -> Result<()> {
     Ok(())
 }
 
-/// How long this client waits for a control request (pause, resume, ports): the supervisor's
-/// bound and a margin, so that its timeout answer, and with it the request's dropping, comes
-/// first.
-fn control_wait() -> Result<Duration> {
-    Ok(crate::config::control_timeout()? + Duration::from_secs(5))
-}
 /// A health check's bound: an agent that answers at all answers in milliseconds.
 const PING_BOUND: Duration = Duration::from_secs(10);
 
@@ -1014,6 +1008,13 @@ impl Sandbox {
         tracing::debug!("phase: record read");
         let image = resolve_image(&config, &self.dirs, progress).await?;
         tracing::debug!("phase: image resolved");
+        // Said before it boots: over SSH every command and transfer would fail.
+        if self.channel == Channel::Ssh && image.rootfs.is_none() {
+            return Err(Error::validation(
+                "comm_channel",
+                "ssh needs an image with an SSH server, such as debian-ssh or alpine-ssh; this sandbox's image boots from an initramfs and has none",
+            ));
+        }
         if let Some(base) = &image.rootfs {
             image::check_disk_size(base, &self.paths.overlay, rec.config.disk_size_mib)?;
         }
@@ -1095,7 +1096,13 @@ impl Sandbox {
         if spec.image.rootfs.is_some() && running {
             // Images with a root disk may carry an SSH server: bring it up, pinned. A sandbox
             // whose commands go over SSH needs it; any other still runs over the agent.
-            if let Err(e) = self.setup_ssh().await {
+            // (A root disk without a server is set up without error: an error here, for
+            // a sandbox whose commands go over SSH.)
+            let setup = self.setup_ssh().await.and_then(|()| match self.channel == Channel::Ssh && !self.paths.known_hosts.exists() {
+                true => Err(self.no_ssh_server()),
+                false => Ok(()),
+            });
+            if let Err(e) = setup {
                 if self.channel == Channel::Ssh {
                     // (This start holds the start lock: a plain stop would wait for it.)
                     let _ = self.stop_with(Duration::from_secs(1), true).await;
@@ -1162,11 +1169,15 @@ impl Sandbox {
                 let (key, _) = crate::ssh::user_key(&self.dirs)?;
                 crate::ssh::Endpoint { port, key, known_hosts, alias: self.ssh_alias() }.check()
             }
-            _ => Err(Error::Ssh(format!(
-                "VM '{}' has no SSH server (its image has none; use an SSH image such as --image debian-ssh or alpine-ssh)",
-                self.id
-            ))),
+            _ => Err(self.no_ssh_server()),
         }
+    }
+
+    fn no_ssh_server(&self) -> Error {
+        Error::Ssh(format!(
+            "VM '{}' has no SSH server (its image has none; use an SSH image such as --image debian-ssh or alpine-ssh)",
+            self.id
+        ))
     }
 
     /// Wait until an SSH login succeeds (a real round trip, not just an open port).
@@ -1389,11 +1400,11 @@ impl Sandbox {
     async fn control(&self, req: Request, what: &str) -> Result<()> {
         // A snapshot writes all of guest RAM (and copies the disk): the supervisor's bound on it,
         // and time for what waits before it; the rest is quick.
-        let bound = match req {
-            Request::Snapshot { .. } => crate::supervisor::SNAPSHOT_BOUND + Duration::from_secs(60),
-            _ => control_wait()?,
+        let reply = match req {
+            Request::Snapshot { .. } => self.call_control(&req, what, crate::supervisor::SNAPSHOT_BOUND + Duration::from_secs(60)).await?,
+            _ => self.call_control_timed(&req, what).await?,
         };
-        match self.call_control(&req, what, bound).await? {
+        match reply {
             Reply::Ok => Ok(()),
             Reply::Error { kind: ErrorKind::Invalid, message } => Err(Error::validation("snapshot_type", message)),
             Reply::Error { kind: ErrorKind::Failed, message } => Err(control_failure(what, &message)),
@@ -1873,7 +1884,7 @@ impl Sandbox {
                 Ok(Ok(Some(r))) => r,
                 Ok(Ok(None)) => return Err(self.went_away("while the command ran").await),
                 Err(_) => {
-                    let extended = match self.stopped_within(conn, started.elapsed()).await {
+                    let extended = match self.stopped_within(started).await {
                         Some(stopped) => started + bound + stopped,
                         None if self.state().is_ok_and(|s| s == State::Paused) => tokio::time::Instant::now() + bound,
                         None => deadline,
@@ -2203,7 +2214,7 @@ impl Sandbox {
         if guest_port == 0 {
             return Err(Error::validation("guest_port", "0 is not a port (allowed 1..=65535)"));
         }
-        match self.call_control(&Request::Expose { guest: guest_port, host: host_port.unwrap_or(0) }, "expose", control_wait()?).await? {
+        match self.call_control_timed(&Request::Expose { guest: guest_port, host: host_port.unwrap_or(0) }, "expose").await? {
             Reply::Port(p) => Ok(p),
             Reply::Error { kind: ErrorKind::Invalid, message } => Err(Error::validation("port", message)),
             // The supervisor's own work (QEMU, the host's proxies): its timeouts are timeouts.
@@ -2213,7 +2224,7 @@ impl Sandbox {
     }
 
     pub async fn unexpose_local(&self, guest_port: u16) -> Result<()> {
-        match self.call_control(&Request::Unexpose { guest: guest_port }, "unexpose", control_wait()?).await? {
+        match self.call_control_timed(&Request::Unexpose { guest: guest_port }, "unexpose").await? {
             Reply::Ok => Ok(()),
             Reply::Error { kind: ErrorKind::NotFound, message } => Err(Error::validation("guest_port", message)),
             Reply::Error { kind: ErrorKind::Failed, message } => Err(control_failure("unexpose", &message)),
@@ -2237,6 +2248,17 @@ impl Sandbox {
         within(what, bound, own.call(req)).await?.map_err(|e| self.lost(&own, e))
     }
 
+    /// A control request (pause, resume, ports) bounded by `SMOLVM_CONTROL_TIMEOUT` plus a
+    /// margin, so that the supervisor's own timeout answer, and with it the request's dropping,
+    /// comes first; a timeout says the configured bound, not the sum.
+    async fn call_control_timed(&self, req: &Request, what: &str) -> Result<Reply> {
+        let said = crate::config::control_timeout()?;
+        self.call_control(req, what, said + Duration::from_secs(5)).await.map_err(|e| match e {
+            Error::Timeout { operation, .. } => Error::Timeout { operation, seconds: said.as_secs_f64() },
+            e => e,
+        })
+    }
+
     /// One request and its answer within `bound`: a stuck agent or supervisor must not hang
     /// the caller (a health check would never say no).
     async fn call_within(&self, req: &Request, what: &str, bound: Duration) -> Result<Reply> {
@@ -2244,11 +2266,15 @@ impl Sandbox {
         within(what, bound, conn.call(req)).await?.map_err(|e| self.lost(conn, e))
     }
 
-    /// How long the VM's CPUs were stopped (paused, saved) in the last `window`, as its
-    /// supervisor saw it; `None` if it cannot say.
-    async fn stopped_within(&self, conn: &Arc<Conn>, window: Duration) -> Option<Duration> {
-        let req = Request::StoppedWithin { ms: window.as_millis() as u64 };
-        match tokio::time::timeout(PING_BOUND, conn.call(&req)).await {
+    /// How long the VM's CPUs were stopped (paused, saved) since `since`, as its supervisor saw
+    /// it; `None` if it cannot say.
+    async fn stopped_within(&self, since: tokio::time::Instant) -> Option<Duration> {
+        // On a connection of its own: the handle's may be held up behind a request that waits
+        // for a save to end (a command's, while the agent's channel is held for the save), and
+        // an answer measured back from then would miss the stop.
+        let own = tokio::time::timeout(PING_BOUND, self.connect_supervisor()).await.ok()?.ok()?;
+        let req = Request::StoppedWithin { ms: since.elapsed().as_millis() as u64 };
+        match tokio::time::timeout(PING_BOUND, own.call(&req)).await {
             Ok(Ok(Reply::Stopped(ms))) => Some(Duration::from_millis(ms)),
             _ => None,
         }
@@ -2324,9 +2350,13 @@ impl Sandbox {
         }
     }
 
-    /// Whether commands can run now: the sandbox is running and its agent answers.
+    /// Whether commands can run now over this handle's channel: the sandbox is running and its
+    /// agent answers, or (comm_channel=ssh) its SSH server is up with its key pinned.
     pub async fn can_run_commands(&self) -> bool {
-        self.ping().await.is_ok()
+        match self.channel {
+            Channel::Agent => self.ping().await.is_ok(),
+            Channel::Ssh => self.ssh_endpoint().is_ok(),
+        }
     }
 
     /// Set variables for new login shells. Returns the sorted names present afterwards.
@@ -2513,8 +2543,11 @@ impl Sandbox {
             }
             let store = Store::open(&self.dirs.data)?;
             // Only what that supervisor ran: if another process has restarted the sandbox
-            // meanwhile, the record and the host's resources are the new one's.
-            if let Some(rec) = store.get(&self.id)?.filter(|now| now.supervisor == rec.supervisor) {
+            // meanwhile, the record and the host's resources are the new one's. (One that found
+            // the killed supervisor first, a `list` say, recorded its death as an error, and
+            // cleared its pid: that is this stop's doing, and the sandbox is stopped.)
+            let ours = |now: &Record| now.supervisor == rec.supervisor || (now.supervisor.is_none() && now.state == State::Error);
+            if let Some(rec) = store.get(&self.id)?.filter(ours) {
                 if let Some(vmm) = rec.vmm.filter(|p| p.alive()) {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(vmm.pid), nix::sys::signal::Signal::SIGKILL);
                 }

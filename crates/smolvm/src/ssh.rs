@@ -51,7 +51,9 @@ elif [ -x /usr/sbin/dropbear ]; then
   k=/etc/dropbear/dropbear_ed25519_host_key
   mkdir -p /etc/dropbear
   adopt /var/run/dropbear.pid $k
-  [ -s $k ] || dropbearkey -t ed25519 -f $k >/dev/null 2>&1
+  # (A key half made (a disk saved mid-keygen) leaves dropbearkey's temporary file, which a
+  # later keygen of the same pid would not replace. Its stderr says why it failed.)
+  [ -s $k ] || { rm -f $k.tmp*; dropbearkey -t ed25519 -f $k >/dev/null; }
   running /var/run/dropbear.pid || (umask 022; dropbear -s -r $k -P /var/run/dropbear.pid)
   printf '%s' "$SMOLVM_SSH_OWNER" > $owner
   dropbearkey -y -f $k | grep '^ssh-' | cut -d' ' -f1,2

@@ -762,9 +762,10 @@ async fn supervise(id: &str) -> i32 {
     // its own control requests' bounds included.
     // Set once the sandbox is on its way down: requests that come after it are refused as such.
     let down = Arc::new(AtomicBool::new(false));
+    let stop_asked = Arc::new(tokio::sync::Notify::new());
     let acceptor = tokio::spawn({
         let (agent, ctl_tx, id, paused, stopped) = (agent.clone(), ctl_tx.clone(), id.to_string(), paused.clone(), stopped.clone());
-        let down = down.clone();
+        let (down, stop_asked) = (down.clone(), stop_asked.clone());
         async move {
             loop {
                 match ctl.accept().await {
@@ -776,6 +777,7 @@ async fn supervise(id: &str) -> i32 {
                             paused: paused.clone(),
                             stopped: stopped.clone(),
                             down: down.clone(),
+                            stop_asked: stop_asked.clone(),
                         };
                         tokio::spawn(serve_client(stream, client));
                     }
@@ -939,7 +941,14 @@ async fn supervise(id: &str) -> i32 {
                     // same id made since its client gave this one up.)
                     let inode = |d: &Path| std::fs::metadata(d).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
                     let made = inode(&dir);
-                    let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped, spec.accel, done.closed()).await;
+                    // Given up when its client goes (Ctrl-C, killed), or for a stop.
+                    let gave_up = async {
+                        tokio::select! {
+                            () = done.closed() => Error::Interrupted("the snapshot's client went away".into()),
+                            () = stop_asked.notified() => Error::Host("the sandbox was stopped before the snapshot was done".into()),
+                        }
+                    };
+                    let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped, spec.accel, gave_up).await;
                     if keep_stopped && !was_paused {
                         if r.is_ok() {
                             held = holding.take();
@@ -1390,7 +1399,7 @@ async fn snapshot(
     kind: SnapshotKind,
     was_paused: bool,
     accel: Accel,
-    gave_up: impl std::future::Future<Output = ()>,
+    gave_up: impl std::future::Future<Output = Error>,
 ) -> std::result::Result<(), (ErrorKind, String)> {
     let failed = |e: Error| (ErrorKind::Failed, e.full_message());
     std::fs::create_dir_all(dir).map_err(|e| (ErrorKind::Failed, format!("creating {}: {e}", dir.display())))?;
@@ -1429,17 +1438,16 @@ async fn snapshot(
         Ok::<_, Error>(())
     };
     // Its client gone (Ctrl-C, killed) gives the save up: nobody waits for it, and the VM must
-    // not stay stopped for it.
+    // not stay stopped for it. So does a stop, which would otherwise wait for it.
     let ended = tokio::select! {
         r = within("snapshot", SNAPSHOT_BOUND, saving) => r,
-        () = gave_up => Err(Error::Interrupted("the snapshot's client went away".into())),
+        e = gave_up => Err(e),
     };
     let result = match ended {
         Ok(r) => r,
         Err(e) => {
             // A save still under way must not go on writing, nor keep the CPUs stopped.
-            let _ = within("migrate_cancel", Duration::from_secs(5), qmp.execute("migrate_cancel")).await;
-            qmp.settle().await;
+            qmp.cancel_save().await;
             Err(e)
         }
     };
@@ -1545,10 +1553,13 @@ struct Client {
     stopped: Arc<Mutex<StoppedSpans>>,
     /// The sandbox is on its way down (see `GONE_BEFORE`).
     down: Arc<AtomicBool>,
+    /// A client asked for a stop: a snapshot under way gives up for it, instead of holding the
+    /// stop (queued behind it) until the stopper's patience ran out and it killed the VM.
+    stop_asked: Arc<tokio::sync::Notify>,
 }
 
 async fn serve_client(stream: UnixStream, client: Client) {
-    let Client { agent, ctl, id, paused, stopped, down } = client;
+    let Client { agent, ctl, id, paused, stopped, down, stop_asked } = client;
     let _ = ctl.send(Control::ClientConnected);
     let (read, write) = stream.into_split();
     let write = Arc::new(tokio::sync::Mutex::new(write));
@@ -1578,6 +1589,7 @@ async fn serve_client(stream: UnixStream, client: Client) {
         match req {
             Request::Stop { timeout_ms } => {
                 let (done, wait) = oneshot::channel();
+                stop_asked.notify_one();
                 let _ = ctl.send(Control::Stop { timeout: Duration::from_millis(timeout_ms.max(100)), done });
                 let _ = wait.await;
                 send(write.clone(), cid, Reply::Ok).await;

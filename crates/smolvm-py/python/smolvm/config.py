@@ -122,6 +122,11 @@ class VMConfig:
     comm_channel: Optional[str] = None
 
     def __post_init__(self) -> None:
+        # (Said as for every other field, not in the native layer's decoder's words.)
+        for name in ("vm_id", "boot_args", "backend", "network", "ssh_public_key", "image", "comm_channel"):
+            value = getattr(self, name)
+            if value is not None:
+                _args.text(value, name)
         for name in ("kernel_path", "initrd_path", "rootfs_path"):
             value = getattr(self, name)
             if value is not None:

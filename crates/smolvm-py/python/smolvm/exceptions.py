@@ -17,6 +17,18 @@ class SmolVMError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self) -> Any:
+        # Pickled by state, not by re-running ``__init__`` with ``args`` (which holds only the
+        # message, and subclasses take other arguments): an error raised in a worker process
+        # (multiprocessing, ProcessPoolExecutor) reaches the parent whole.
+        return (_restore, (type(self), self.args), self.__dict__)
+
+
+def _restore(cls: type, args: tuple) -> "SmolVMError":
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    return err
+
 
 class ValidationError(SmolVMError, ValueError):
     """Bad input; the message names the field and what is allowed. Also a ``ValueError``."""
@@ -62,6 +74,9 @@ class CommandExecutionUnavailableError(SmolVMError):
 
 class CommandBlockedError(SmolVMError):
     """Raise it from an ``on_pre_run`` callback to veto a command."""
+
+    def __init__(self, message: str = "the command was blocked by on_pre_run", details: Optional[dict] = None) -> None:
+        super().__init__(message, details)
 
 
 _BY_CODE = {

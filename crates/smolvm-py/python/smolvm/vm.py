@@ -113,16 +113,22 @@ class SmolVM:
 
     @property
     def vm_id(self) -> Optional[str]:
+        """The sandbox's id: the one given, or the one chosen at the first ``start()``
+        (``None`` until then if none was given)."""
         return self._native.id if self._native is not None else self._config.vm_id
 
     @property
     def status(self) -> VMState:
+        """The sandbox's state now (a ``VMState``, comparable with its string value); ``CREATED``
+        before the first ``start()``."""
         if self._native is None:
             return VMState.CREATED
         return VMState(call(self._native.state))
 
     @property
     def info(self) -> VMInfo:
+        """A ``VMInfo``: id, state, vCPUs, memory (MiB), the managed variables' names and, in
+        ``error``, why."""
         if self._native is None:
             # Not started yet: what the config asks for, as `status` says (created).
             c = self._config
@@ -138,6 +144,9 @@ class SmolVM:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self, boot_timeout: float = 30) -> "SmolVM":
+        """Create the sandbox (the first time) and boot it, waiting at most ``boot_timeout``
+        seconds for its agent; the configured variables are in place when it returns. Returns
+        ``self``. A running sandbox is left as it is; a paused one is refused (``resume()``)."""
         return self._start(boot_timeout, ephemeral=False)
 
     def _start(self, boot_timeout: float, ephemeral: bool) -> "SmolVM":
@@ -167,6 +176,7 @@ class SmolVM:
             call(self._native.stop, timeout)
 
     def delete(self) -> None:
+        """Stop the sandbox if it runs and remove it and all its files (its snapshots stay)."""
         if self._native is not None:
             call(self._native.delete)
 
@@ -184,6 +194,7 @@ class SmolVM:
         call(self._require().pause)
 
     def resume(self) -> None:
+        """Let a paused VM run on, from where it was frozen."""
         call(self._require().resume)
 
     def snapshot(self, snapshot_id: Optional[str] = None, snapshot_type: str = "full") -> SnapshotInfo:
@@ -353,6 +364,8 @@ class SmolVM:
         return result
 
     def can_run_commands(self) -> bool:
+        """Whether ``run`` can work now: the sandbox runs and its agent answers (with
+        ``comm_channel="ssh"``: its SSH server is up, its host key pinned)."""
         return self._native is not None and call(self._native.can_run_commands)
 
     def wait_for_ready(self, timeout: float = 60) -> None:
@@ -372,6 +385,7 @@ class SmolVM:
         return call(self._require().expose_local, _args.port(guest_port, "guest_port"), host_port)
 
     def unexpose_local(self, guest_port: int) -> None:
+        """Close the host port that ``expose_local`` opened for ``guest_port``."""
         call(self._require().unexpose_local, _args.port(guest_port, "guest_port"))
 
     def wait_for_ports(self, ports: Union[int, Sequence[int]], timeout: float = 30) -> None:

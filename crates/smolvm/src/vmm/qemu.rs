@@ -606,9 +606,19 @@ impl Qmp {
             }
             Err(e) => e,
         };
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.execute("migrate_cancel")).await;
-        self.settle().await;
+        self.cancel_save().await;
         Err(failed)
+    }
+
+    /// Stop a save under way, and wait (bounded) until QEMU has let go of it: a migration still
+    /// `cancelling` refuses the next save's settings ("There's a migration process in
+    /// progress"), so a snapshot right after a given-up one failed.
+    pub(crate) async fn cancel_save(&mut self) {
+        let bound = std::time::Duration::from_secs(5);
+        let _ = tokio::time::timeout(bound, self.execute("migrate_cancel")).await;
+        let active = ["setup", "active", "device", "pre-switchover", "cancelling"];
+        let _ = tokio::time::timeout(bound * 2, self.wait_while("query-migrate", "status", &active, bound)).await;
+        self.settle().await;
     }
 
     /// QEMU reports a migration's end a moment before it leaves the `finish-migrate` run state,
