@@ -100,7 +100,7 @@ pub fn put_start(stream: u32, path: String, mode: u32, tar: bool, w: &Writer) {
     let dest = PathBuf::from(&path);
     // Said before the bytes travel, not by the rename at their end.
     if !tar && dest.is_dir() {
-        return w.send(stream, &Reply::error(ErrorKind::Invalid, format!("{path} is a directory (end the path with / to upload into it)")));
+        return w.send(stream, &Reply::error(ErrorKind::Invalid, smolvm_proto::paths::upload_onto_directory(&path)));
     }
     // Beside the destination, on its filesystem: a file is renamed into place, and an archive
     // (a directory) needs the destination's room, not RAM's (/run is a tmpfs).

@@ -180,7 +180,8 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
     sb.set_channel(Channel::Agent);
     sb.run("mkdir -p /data/in/taken", &opts()).await.unwrap();
     sb.set_channel(Channel::Ssh);
-    assert!(sb.upload(&local, "/data/in/taken").await.is_err());
+    let e = sb.upload(&local, "/data/in/taken").await.unwrap_err();
+    assert_eq!(e.to_string(), "invalid guest_path: /data/in/taken is a directory (end the path with / to upload into it)");
     sb.set_channel(Channel::Agent);
     let r = sb.run("ls -A /data/in /data/in/taken", &opts()).await.unwrap();
     assert_eq!(r.stdout, "/data/in:\nbig.bin\ntaken\n\n/data/in/taken:\n", "{}", r.stderr);

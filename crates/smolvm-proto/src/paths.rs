@@ -2,6 +2,12 @@
 //! other side made, and the guest is not trusted: an entry must not reach outside the
 //! directory it is extracted into, by its own path or through a link.
 
+/// A file uploaded onto a directory, which it would not replace: said alike over the agent and
+/// over SFTP (whose own word for it is "Failure").
+pub fn upload_onto_directory(path: &str) -> String {
+    format!("{path} is a directory (end the path with / to upload into it)")
+}
+
 /// Guest paths are absolute; a trailing `/` means "into this directory, same file name".
 pub fn guest_target(guest: &str, file_name: &str) -> Result<String, String> {
     if !guest.starts_with('/') {

@@ -1968,9 +1968,14 @@ impl Sandbox {
             );
             let remove = format!("-rm {}\n", q(&tmp)?);
             let mut guard = SftpTemp(Some((self.ssh_endpoint()?.sftp(), remove.clone())));
-            let done = self.sftp(batch).await;
+            let mut done = self.sftp(batch).await;
             if done.is_err() {
                 let _ = self.sftp(remove).await;
+                // sftp says only "Failure" of a rename onto a directory: one that it can enter
+                // is said as the agent says it.
+                if self.sftp(format!("cd {}\n", q(&target)?)).await.is_ok() {
+                    done = Err(Error::validation("guest_path", smolvm_proto::paths::upload_onto_directory(&target)));
+                }
             }
             guard.0 = None;
             return done;
