@@ -37,6 +37,7 @@ enum Cmd {
     Image(ImageCmd),
     /// What works on this host, and what to do about what does not.
     Doctor {
+        /// Print one JSON envelope: {ok, command, exit_code, data, error}.
         #[arg(long)]
         json: bool,
     },
@@ -89,7 +90,7 @@ struct VmArgs {
     /// Virtual CPUs (1..=32).
     #[arg(long, default_value_t = smolvm::config::DEFAULT_VCPUS.into(), value_parser = whole_arg, allow_negative_numbers = true)]
     cpus: i128,
-    /// firecracker | qemu | auto (default: SMOLVM_BACKEND, else auto).
+    /// qemu | auto (default: SMOLVM_BACKEND, else auto; firecracker is not in this build yet).
     #[arg(long)]
     backend: Option<String>,
     #[arg(long)]
@@ -178,6 +179,8 @@ fn apply_channel(sb: &mut Sandbox, channel: Option<&str>) -> Result<(), Error> {
 enum SandboxCmd {
     /// Create a sandbox and start it.
     Create {
+        /// Its name: lowercase letters, digits, '-' and '_', 1-64 characters, starting and
+        /// ending with a letter or digit (default: a generated one).
         #[arg(long)]
         name: Option<String>,
         #[command(flatten)]
@@ -185,6 +188,7 @@ enum SandboxCmd {
         /// Only record it; start later with `smolvm sandbox start`.
         #[arg(long)]
         no_start: bool,
+        /// Print one JSON envelope: {ok, command, exit_code, data, error}.
         #[arg(long)]
         json: bool,
     },
@@ -193,16 +197,19 @@ enum SandboxCmd {
         /// Include stopped and failed sandboxes.
         #[arg(long)]
         all: bool,
+        /// Print one JSON envelope: {ok, command, exit_code, data, error}.
         #[arg(long)]
         json: bool,
     },
     /// A sandbox's state, settings, network address and the names of its variables.
     Info {
         name: String,
+        /// Print one JSON envelope: {ok, command, exit_code, data, error}.
         #[arg(long)]
         json: bool,
     },
-    /// Boot a created or stopped sandbox (waits for a stop in progress); nothing if it runs.
+    /// Boot a created, stopped or failed sandbox (waits for a stop in progress); nothing if it
+    /// runs; a paused one is refused (resume it).
     Start {
         name: String,
         #[arg(long, default_value_t = DEFAULT_BOOT_TIMEOUT.as_secs_f64(), value_parser = seconds_arg, allow_negative_numbers = true)]
@@ -227,6 +234,7 @@ enum SandboxCmd {
     },
     /// Remove stopped and failed sandboxes and anything crashed processes left behind.
     Prune {
+        /// Print one JSON envelope: {ok, command, exit_code, data, error}.
         #[arg(long)]
         json: bool,
     },
@@ -269,8 +277,10 @@ enum SandboxCmd {
     /// The sandbox's console log.
     Logs {
         name: String,
+        /// Only the last N lines.
         #[arg(long, value_parser = lines_arg, allow_negative_numbers = true)]
         tail: Option<usize>,
+        /// Then print what the guest writes, until the sandbox stops.
         #[arg(long, short)]
         follow: bool,
     },
@@ -299,6 +309,7 @@ enum PortCmd {
         name: String,
         #[arg(allow_negative_numbers = true)]
         spec: String,
+        /// Print one JSON envelope: {ok, command, exit_code, data, error}.
         #[arg(long)]
         json: bool,
     },
@@ -319,6 +330,7 @@ enum PortCmd {
     },
     List {
         name: String,
+        /// Print one JSON envelope: {ok, command, exit_code, data, error}.
         #[arg(long)]
         json: bool,
     },
@@ -356,6 +368,7 @@ enum SnapshotCmd {
         /// full (memory, devices, disk) | disk (root disk only) | diff (not offered by QEMU).
         #[arg(long, default_value = "full")]
         snapshot_type: String,
+        /// Print one JSON envelope: {ok, command, exit_code, data, error}.
         #[arg(long)]
         json: bool,
     },
@@ -387,10 +400,12 @@ enum SnapshotCmd {
         /// Restore without the snapshot's port forwards.
         #[arg(long)]
         no_publish: bool,
+        /// Print one JSON envelope: {ok, command, exit_code, data, error}.
         #[arg(long)]
         json: bool,
     },
     List {
+        /// Print one JSON envelope: {ok, command, exit_code, data, error}.
         #[arg(long)]
         json: bool,
     },
@@ -409,6 +424,7 @@ enum EnvCmd {
         /// Replace all managed variables instead of merging.
         #[arg(long)]
         replace: bool,
+        /// Print one JSON envelope: {ok, command, exit_code, data, error}.
         #[arg(long)]
         json: bool,
     },
@@ -416,6 +432,7 @@ enum EnvCmd {
         name: String,
         #[arg(required = true)]
         keys: Vec<String>,
+        /// Print one JSON envelope: {ok, command, exit_code, data, error}.
         #[arg(long)]
         json: bool,
     },
@@ -424,6 +441,7 @@ enum EnvCmd {
         /// Print values instead of ****.
         #[arg(long)]
         show_values: bool,
+        /// Print one JSON envelope: {ok, command, exit_code, data, error}.
         #[arg(long)]
         json: bool,
     },
@@ -450,11 +468,13 @@ enum ImageCmd {
         /// Custom recipe: root filesystem size in MiB (default 2048).
         #[arg(long)]
         size: Option<u32>,
+        /// Print one JSON envelope: {ok, command, exit_code, data, error}.
         #[arg(long)]
         json: bool,
     },
     /// Cached image artifacts.
     List {
+        /// Print one JSON envelope: {ok, command, exit_code, data, error}.
         #[arg(long)]
         json: bool,
     },
@@ -533,9 +553,10 @@ fn lines_arg(s: &str) -> Result<usize, String> {
     s.trim().parse::<usize>().map_err(|_| "must be a whole number of lines, 0 or more".to_string())
 }
 
-/// A number of seconds as clap reads it; the bounds are `seconds`'s, which name the field.
+/// A number of seconds as clap reads it; the bounds are `seconds`'s, which name the field
+/// (`stop --timeout` takes 0 too, so this says only that it is no number).
 fn seconds_arg(s: &str) -> Result<f64, String> {
-    s.trim().parse::<f64>().map_err(|_| "must be a positive number of seconds".to_string())
+    s.trim().parse::<f64>().map_err(|_| "must be a number of seconds".to_string())
 }
 
 /// One argument is a shell command as written; several are words, quoted so that each stays
@@ -656,18 +677,23 @@ fn vm_config(vm: &VmArgs, name: Option<String>) -> Result<VmConfig, Error> {
 fn env_flags(flags: &[std::ffi::OsString]) -> Result<std::collections::BTreeMap<String, String>, Error> {
     use std::os::unix::ffi::OsStrExt;
     let not_text = |key: &str| Error::validation("env", format!("the value of {key} is not UTF-8 text (variables hold text)"));
-    // (What was given is not shown: a value passed without its key would be a secret.)
-    let neither = || Error::validation("env", "malformed pair (expected KEY=VALUE, or the name of a variable set on this host)");
+    // (What was given is not shown: a value passed without its key would be a secret. Where
+    // there are several, which one is said by its place.)
+    let neither = |i: usize| {
+        let which = if flags.len() > 1 { format!(": pair number {} of {}", i + 1, flags.len()) } else { String::new() };
+        Error::validation("env", format!("malformed pair (expected KEY=VALUE, or the name of a variable set on this host){which}"))
+    };
     flags
         .iter()
-        .map(|f| {
+        .enumerate()
+        .map(|(i, f)| {
             let Some(f) = f.to_str() else {
                 // The key is what comes before the first '='; the value is never shown.
                 let bytes = f.as_bytes();
                 let key = bytes.iter().position(|&b| b == b'=').and_then(|i| std::str::from_utf8(&bytes[..i]).ok());
                 return Err(match key.filter(|k| smolvm::env::validate_key(k).is_ok()) {
                     Some(key) => not_text(key),
-                    None => neither(),
+                    None => neither(i),
                 });
             };
             match (f.contains('='), std::env::var(f)) {
@@ -677,7 +703,7 @@ fn env_flags(flags: &[std::ffi::OsString]) -> Result<std::collections::BTreeMap<
                 }
                 // (A variable of this host: its name is no secret.)
                 (false, Err(std::env::VarError::NotUnicode(_))) if smolvm::env::validate_key(f).is_ok() => Err(not_text(f)),
-                (false, Err(_)) => Err(neither()),
+                (false, Err(_)) => Err(neither(i)),
                 _ => smolvm::env::parse_pair(f),
             }
         })
@@ -1047,19 +1073,29 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
         }
         Cmd::Doctor { .. } => {
             let checks = smolvm::doctor::run(&dirs);
-            let failed = checks.iter().any(|c| c.status == "fail");
+            let failed: Vec<&str> = checks.iter().filter(|c| c.status == "fail").map(|c| c.name).collect();
+            let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
             let text = checks
                 .iter()
                 .map(|c| {
                     let fix = c.fix.as_deref().map(|f| format!("\n      fix: {f}")).unwrap_or_default();
-                    format!("[{:^4}] {:<12} {}{fix}", c.status, c.name, c.detail)
+                    format!("[{:^4}] {:<width$} {}{fix}", c.status, c.name, c.detail)
                 })
                 .collect::<Vec<_>>()
                 .join("\n");
+            // A failed check fails the command, and `--json`'s error says which (each check's
+            // own fix is in `data`).
+            let errors = match failed.is_empty() {
+                true => vec![],
+                false => {
+                    vec![Error::Reported { code: "host", message: format!("failed checks: {} (each says what to do)", failed.join(", ")) }]
+                }
+            };
             Ok(Done {
-                exit_code: i32::from(failed),
+                exit_code: i32::from(!failed.is_empty()),
                 data: serde_json::to_value(&checks).unwrap_or_default(),
                 text: Some(text),
+                errors,
                 ..Default::default()
             })
         }
@@ -1322,32 +1358,42 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             let sb = Sandbox::open_in(dirs, &name).await?;
             let path = sb.paths().console.clone();
             let log = sandbox::console_log(&path)?;
+            // The guest's bytes as it wrote them, whatever the flags (not made UTF-8, nor its
+            // line ends changed). (A reader that went away, `| head`, ends this as it would
+            // `cat`: quietly, 141; any other failure to write is said.)
             let text = match tail {
-                Some(n) => sandbox::last_lines(&log, n),
-                None => log,
+                Some(n) => sandbox::last_lines_of(&log, n),
+                None => &log[..],
             };
-            // A reader that went away (`| head`) ends this as it would `cat`: quietly, 141.
-            let emit = |data: &[u8]| std::io::stdout().write_all(data).and_then(|_| std::io::stdout().flush()).is_ok();
-            let newline = !text.ends_with('\n') && !text.is_empty();
-            if !emit(text.as_bytes()) || (newline && !emit(b"\n")) {
-                return Ok(Done::exit(141));
+            write_out(text);
+            // (A line the guest is still writing ends the output on a line of its own; when
+            // following, its rest follows.)
+            if !follow && !text.ends_with(b"\n") && !text.is_empty() {
+                write_out(b"\n");
             }
             if follow {
-                let mut pos = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                // From what was read: what the guest wrote while it was printed follows.
+                let mut pos = log.len() as u64;
                 // Following ends when the sandbox stops, or is deleted meanwhile (its console
                 // went with it): either way the log has ended, which is no error.
+                // What it wrote before it stopped is read once more, not left behind.
                 loop {
-                    match sb.state() {
-                        Ok(state) if state.is_live() => {}
-                        Ok(_) | Err(Error::NotFound(_)) => break,
+                    let live = match sb.state() {
+                        Ok(state) => state.is_live(),
+                        Err(Error::NotFound(_)) => false,
                         Err(e) => return Err(e),
+                    };
+                    if live {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
                     }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
                     let (data, next) = sandbox::console_since(&path, pos);
-                    if !data.is_empty() && !emit(&data) {
-                        return Ok(Done::exit(141));
+                    if !data.is_empty() {
+                        write_out(&data);
                     }
                     pos = next;
+                    if !live {
+                        break;
+                    }
                 }
             }
             Ok(Done::default())
@@ -1679,7 +1725,11 @@ fn main() {
                 // Part of the work failed: the envelope's error says what (each is in `data`).
                 let error = done.errors.first().map(|first| {
                     let messages: Vec<String> = done.errors.iter().map(Error::full_message).collect();
-                    json!({ "code": first.code(), "message": messages.join("; ") })
+                    let mut e = json!({ "code": first.code(), "message": messages.join("; ") });
+                    if let Some(r) = first.recovery() {
+                        e["recovery"] = json!(r);
+                    }
+                    e
                 });
                 out_line(
                     json!({ "ok": done.exit_code == 0, "command": command_name(), "exit_code": done.exit_code, "data": done.data, "error": error }),

@@ -315,6 +315,12 @@ fn cli_env_commands_mask_values_and_reject_bad_pairs() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["error"]["code"], "validation");
     }
+    // Of several, the one at fault is said by its place (its text could be a secret).
+    let out = env.smolvm(&["sandbox", "env", "set", "clienv", "A=1", "NOT_SET_ON_THIS_HOST", "B=2"]);
+    assert_eq!(
+        stderr(&out).lines().next(),
+        Some("error: invalid env: malformed pair (expected KEY=VALUE, or the name of a variable set on this host): pair number 2 of 3")
+    );
     // A stopped sandbox starts again with the variables it had.
     assert!(env.smolvm(&["sandbox", "stop", "clienv"]).status.success());
     assert!(env.smolvm(&["sandbox", "start", "clienv"]).status.success());
@@ -527,6 +533,9 @@ fn doctor_reports_each_check_and_fails_on_an_invalid_setting() {
         ["accelerator", "backend", "kernel", "machine"],
         "{v}"
     );
+    // The envelope's error names them, as every failed command's does.
+    assert_eq!(v["error"]["code"], "host", "{v}");
+    assert_eq!(v["error"]["message"], "failed checks: accelerator, backend, kernel, machine (each says what to do)", "{v}");
     for (c, unset) in failed.iter().zip(["SMOLVM_ACCEL", "SMOLVM_BACKEND", "SMOLVM_KERNEL"]) {
         assert!(c["fix"].as_str().unwrap().starts_with(&format!("unset {unset}")), "{c}");
     }

@@ -106,6 +106,7 @@ impl Error {
     pub fn recovery(&self) -> Option<String> {
         match self {
             Error::NotFound(_) => Some("list sandboxes with `smolvm sandbox list --all`".into()),
+            Error::SnapshotNotFound(_) => Some("list snapshots with `smolvm sandbox snapshot list`".into()),
             Error::NotRunning { id, state } if state == "paused" => Some(format!("smolvm sandbox resume {id}")),
             Error::NotRunning { id, .. } => Some(format!("smolvm sandbox start {id}")),
             Error::StillLive { id, .. } => Some(format!("smolvm sandbox stop {id}")),

@@ -205,12 +205,30 @@ pub fn last_lines(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The last `n` lines of a log, as its bytes (line ends and all, the last line's included).
+pub fn last_lines_of(bytes: &[u8], n: usize) -> &[u8] {
+    if n == 0 {
+        return &[];
+    }
+    let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let mut seen = 0;
+    for (i, b) in body.iter().enumerate().rev() {
+        if *b == b'\n' {
+            seen += 1;
+            if seen == n {
+                return &bytes[i + 1..];
+            }
+        }
+    }
+    bytes
+}
+
 /// A sandbox's whole console log for `logs`: none yet (never started) is empty; one that
 /// cannot be read (another user's) is an error, not an empty log.
-pub fn console_log(path: &Path) -> Result<String> {
+pub fn console_log(path: &Path) -> Result<Vec<u8>> {
     match std::fs::read(path) {
-        Ok(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(Error::Io { context: format!("reading the console log {}", path.display()), source: e }),
     }
 }
@@ -1175,7 +1193,7 @@ impl Sandbox {
 
     fn no_ssh_server(&self) -> Error {
         Error::Ssh(format!(
-            "VM '{}' has no SSH server (its image has none; use an SSH image such as --image debian-ssh or alpine-ssh)",
+            "VM '{0}' has no SSH server (its image has none; use an SSH image such as --image debian-ssh or alpine-ssh, or the agent's shell: smolvm sandbox shell {0})",
             self.id
         ))
     }
@@ -2721,6 +2739,16 @@ fn reply_error(what: &str, reply: Reply) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_logs_tail_keeps_the_guests_bytes() {
+        let log = b"one\r\ntwo \xff\r\nthree";
+        assert_eq!(last_lines_of(log, 2), b"two \xff\r\nthree");
+        assert_eq!(last_lines_of(b"a\nb\n", 1), b"b\n");
+        assert_eq!(last_lines_of(b"a\nb\n", 5), b"a\nb\n");
+        assert_eq!(last_lines_of(b"a\nb\n", 0), b"");
+        assert_eq!(last_lines_of(b"", 3), b"");
+    }
 
     /// A process that has exited: its identity can no longer be alive.
     fn dead_process() -> ProcId {
