@@ -246,7 +246,7 @@ enum SandboxCmd {
         /// KEY=VALUE, or KEY to take the host's value (keeps it off command lines); repeatable.
         #[arg(long = "env", short = 'e')]
         env: Vec<std::ffi::OsString>,
-        /// agent | ssh: this command's channel (default: the sandbox's comm_channel).
+        /// agent | ssh (vsock: the agent): this command's channel (default: the sandbox's comm_channel).
         #[arg(long)]
         channel: Option<String>,
         #[arg(required = true, num_args = 1.., last = true)]
@@ -343,7 +343,7 @@ enum FileCmd {
         name: String,
         src: PathBuf,
         dst: String,
-        /// agent | ssh (SFTP): default the sandbox's comm_channel.
+        /// agent | ssh (SFTP; vsock: the agent): default the sandbox's comm_channel.
         #[arg(long)]
         channel: Option<String>,
     },
@@ -352,7 +352,7 @@ enum FileCmd {
         name: String,
         src: String,
         dst: PathBuf,
-        /// agent | ssh (SFTP): default the sandbox's comm_channel.
+        /// agent | ssh (SFTP; vsock: the agent): default the sandbox's comm_channel.
         #[arg(long)]
         channel: Option<String>,
     },
@@ -1584,6 +1584,8 @@ async fn unless_interrupted<T>(work: impl std::future::Future<Output = T>) -> Op
         r = work => Some(r),
         _ = signalled(SignalKind::interrupt()) => None,
         _ = signalled(SignalKind::terminate()) => None,
+        // (The terminal or SSH session that ran it closed: as a Ctrl-C.)
+        _ = signalled(SignalKind::hangup()) => None,
     }
 }
 
@@ -1673,8 +1675,10 @@ fn typed_command() -> (clap::Command, String) {
 }
 
 fn print_error(e: &Error) {
-    say(&format!("error: {}\n", e.full_message()));
-    if let Some(r) = e.recovery() {
+    let message = e.full_message();
+    say(&format!("error: {message}\n"));
+    // (Not where the message says it already: `start it first (smolvm sandbox start x)`.)
+    if let Some(r) = e.recovery().filter(|r| !message.contains(r.as_str())) {
         say(&format!("hint: {r}\n"));
     }
 }

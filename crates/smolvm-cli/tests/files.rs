@@ -233,9 +233,20 @@ async fn an_abandoned_download_leaves_nothing() {
         env.signal_vmm(Signal::SIGCONT);
         assert!(left.is_empty(), "{guest} left {left:?}");
     }
+    // What a killed download left (nothing of it ran to clean up) goes with the next one into
+    // that directory; a live process's is left alone.
+    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = dead.id();
+    dead.wait().unwrap();
+    let killed = local.join(format!(".smolvm-download-{dead_pid}-0"));
+    let live = local.join(format!(".smolvm-download-{}-7", std::process::id()));
+    for d in [&killed, &live] {
+        std::fs::create_dir_all(d.join("partial")).unwrap();
+    }
     // The sandbox serves the next one whole.
     sb.download("/tmp/tree", &local.join("x")).await.unwrap();
     assert_eq!(std::fs::read_dir(local.join("x")).unwrap().count(), 150);
+    assert!(!killed.exists() && live.exists());
     sb.delete().await.unwrap();
 }
 

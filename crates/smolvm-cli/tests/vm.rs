@@ -1266,6 +1266,35 @@ fn concurrent_cli_processes_share_the_state_safely() {
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
 }
 
+/// `smolvm run` whose QEMU is killed (the OOM killer, say) says so, not that its sandbox
+/// "stopped" as a guest's power-off would (its record, which said why, went with it).
+#[test]
+fn a_run_whose_vmm_is_killed_says_the_vm_failed() {
+    let env = env();
+    let run = env
+        .cli()
+        .args(["run", "echo up; sleep 30"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut vmm = Vec::new();
+    assert!(wait_until(Duration::from_secs(30), || {
+        vmm = env.qemu_processes();
+        !vmm.is_empty()
+    }));
+    // (Once the command runs: its sandbox is up.)
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(std::process::Command::new("kill").args(["-9", &vmm[0].to_string()]).status().unwrap().success());
+    let out = run.wait_with_output().unwrap();
+    assert_eq!(stdout(&out), "up\n");
+    assert_eq!(out.status.code(), Some(1));
+    let said = "error: guest agent: the sandbox failed while the command ran: the VM exited unexpectedly (QEMU: signal: 9 (SIGKILL))";
+    assert!(stderr(&out).starts_with(said), "{}", stderr(&out));
+    assert!(wait_until(Duration::from_secs(5), || env.leftover_files().is_empty()), "{:?}", env.leftover_files());
+    assert!(stdout(&env.smolvm(&["sandbox", "list", "--all"])).lines().count() <= 1);
+}
+
 #[tokio::test]
 async fn a_vmm_that_dies_under_a_live_supervisor_leaves_an_error_with_the_console() {
     let env = env();
@@ -1279,7 +1308,10 @@ async fn a_vmm_that_dies_under_a_live_supervisor_leaves_an_error_with_the_consol
     assert!(wait_until(Duration::from_secs(10), || sb.state().unwrap() == State::Error), "state {:?}", sb.state());
     let error = sb.info().await.unwrap()["error"].as_str().unwrap_or_default().to_string();
     // The console's last lines.
-    let lines = error.strip_prefix("the VM exited unexpectedly; last console lines:\n").unwrap_or_else(|| panic!("{error}"));
+    // (And how QEMU ended: killed, which the console cannot tell.)
+    let lines = error
+        .strip_prefix("the VM exited unexpectedly (QEMU: signal: 9 (SIGKILL)); last console lines:\n")
+        .unwrap_or_else(|| panic!("{error}"));
     assert!(lines.contains("set \\u{1b}]0;PWNED\\u{7} title") && !lines.contains('\u{1b}'), "{lines}");
     assert!(lines.lines().any(|l| l == format!("{}…", "A".repeat(512))), "{lines}");
     // Its console log is still there to read (a warm start's is short: the restored guest did
@@ -1694,7 +1726,10 @@ async fn a_guest_that_breaks_the_agents_channel_fails_the_sandbox_with_why() {
     let mut sb = env.boot(VmConfig::default()).await;
     sb.upload(&bin, "/tmp/breaker").await.unwrap();
     let err = sb.run("chmod +x /tmp/breaker && /tmp/breaker; sleep 10", &opts(30)).await.unwrap_err();
-    assert_eq!(err.to_string(), "guest agent: the sandbox failed (`smolvm sandbox info` says why) while the command ran");
+    assert_eq!(
+        err.to_string(),
+        "guest agent: the sandbox failed while the command ran: the guest agent's channel broke while the VM ran (a process in the guest wrote to the agent's port, or the agent died); the VM was stopped: start the sandbox again"
+    );
     let rec = sb.record().unwrap();
     assert_eq!(rec.state, State::Error);
     assert!(rec.error.as_deref().unwrap_or("").starts_with("the guest agent's channel broke while the VM ran"), "{rec:?}");

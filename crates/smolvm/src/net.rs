@@ -421,7 +421,7 @@ pub fn ruleset(table: &str, tap: &str, lease: Lease, internet: &InternetSettings
 
 /// The child `command` starts gets SIGKILL when the thread that spawned it exits, and does not
 /// start at all if its parent died before it could ask for that.
-fn die_with_this_thread(command: &mut Command) {
+pub(crate) fn die_with_this_thread(command: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: getpid has no preconditions.
     let parent = unsafe { libc::getpid() };

@@ -735,7 +735,32 @@ fn keep_output(kept: &mut Vec<u8>, piece: &[u8], opts: &RunOptions, stream: &'st
 fn download_temp(parent: &Path) -> PathBuf {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    remove_dead_downloads(parent);
     parent.join(format!(".smolvm-download-{}-{n}", std::process::id()))
+}
+
+/// What a killed download (SIGKILL, a crash: nothing of it ran to clean up) left beside its
+/// destination, reaped by the next download into that directory: ours, and named for a
+/// process that is gone. (A pid taken again since by another process keeps it until that ends.)
+fn remove_dead_downloads(parent: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(".smolvm-download-"))
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(p, _)| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let ours = e.metadata().is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw());
+        let gone = matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH));
+        if ours && gone && pid > 0 {
+            let _ = std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
+        }
+    }
 }
 
 /// An SFTP upload's temporary name in the guest, taken out by an sftp of its own when the
@@ -934,34 +959,42 @@ impl Sandbox {
         // which would then read as deleted.
         let raw = || Store::open(&self.dirs.data).and_then(|s| s.get(&self.id));
         let ephemeral = matches!(raw(), Ok(Some(r)) if r.ephemeral);
-        let what = loop {
+        let said = |what: &str| Error::Guest(format!("the sandbox {what} {during}"));
+        loop {
             match raw() {
                 Ok(Some(r)) if r.state == State::Running => {
                     if !r.supervisor.is_some_and(|p| p.alive()) {
                         // Recorded now (an error, or an ephemeral sandbox gone), not by the
                         // next command.
                         let _ = self.record();
-                        break "failed: its supervisor exited unexpectedly";
+                        return said("failed: its supervisor exited unexpectedly");
                     }
                     if tokio::time::Instant::now() >= deadline {
-                        break "went away";
+                        return said("went away");
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 // (An ephemeral sandbox's record goes when it stops.)
-                Ok(None) if ephemeral => break "stopped",
-                Ok(None) => break "was deleted",
+                Ok(None) if ephemeral => return said("stopped"),
+                Ok(None) => return said("was deleted"),
                 // A delete stops the sandbox, then removes it, holding the start lock all the
                 // while (a stop holds it too): until it lets go, this may yet be a delete.
                 Ok(Some(r)) if r.state == State::Stopped && self.paths.start_lock_held() && tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                Ok(Some(r)) if r.state == State::Stopped => break "stopped",
-                Ok(Some(r)) if r.state == State::Error => break "failed (`smolvm sandbox info` says why)",
-                _ => break "went away",
+                Ok(Some(r)) if r.state == State::Stopped => return said("stopped"),
+                // Why, in its first line (the console's lines follow in `info`).
+                Ok(Some(r)) if r.state == State::Error => {
+                    let why = r.error.as_deref().unwrap_or_default();
+                    let why = why.split("; last console lines").next().unwrap_or_default().trim();
+                    return match why.is_empty() {
+                        true => said("failed (`smolvm sandbox info` says why)"),
+                        false => Error::Guest(format!("the sandbox failed {during}: {why}")),
+                    };
+                }
+                _ => return said("went away"),
             }
-        };
-        Error::Guest(format!("the sandbox {what} {during}"))
+        }
     }
 
     /// Boot the VM: build or find the image, start the supervisor, wait until the agent answers
@@ -1257,7 +1290,11 @@ impl Sandbox {
         loop {
             attempt += 1;
             let _ = std::fs::remove_file(&log);
-            let mut cmd = tokio::process::Command::from(ep.ssh_logging(Some(&remote), false, Some(&log)));
+            let mut ssh = ep.ssh_logging(Some(&remote), false, Some(&log));
+            // A caller killed outright (nothing of it runs to drop the child) takes its ssh along,
+            // which closes the session.
+            crate::net::die_with_this_thread(&mut ssh);
+            let mut cmd = tokio::process::Command::from(ssh);
             let stdin = if input.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() };
             cmd.stdin(stdin).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
             let mut child = cmd.spawn().map_err(|e| Error::Host(format!("running ssh (openssh-client): {e}")))?;
@@ -2268,7 +2305,12 @@ impl Sandbox {
     async fn call_control(&self, req: &Request, what: &str, bound: Duration) -> Result<Reply> {
         self.conn().await?;
         let own = self.connect_supervisor().await?;
-        within(what, bound, own.call(req)).await?.map_err(|e| self.lost(&own, e))
+        match within(what, bound, own.call(req)).await? {
+            // Its supervisor went (stopped, killed) while it worked on this: said as the
+            // record comes to say, not as a supervisor that does not answer.
+            Err(_) if own.is_closed() => Err(self.went_away(&format!("during the {what}")).await),
+            r => r.map_err(|e| self.lost(&own, e)),
+        }
     }
 
     /// A control request (pause, resume, ports) bounded by `SMOLVM_CONTROL_TIMEOUT` plus a
@@ -2295,9 +2337,12 @@ impl Sandbox {
         // On a connection of its own: the handle's may be held up behind a request that waits
         // for a save to end (a command's, while the agent's channel is held for the save), and
         // an answer measured back from then would miss the stop.
-        let own = tokio::time::timeout(PING_BOUND, self.connect_supervisor()).await.ok()?.ok()?;
+        // (Answered by the supervisor's client task at once, whatever its VM does: one that does
+        // not answer in 2 s is stuck, and the command's timeout stands.)
+        let bound = Duration::from_secs(2);
+        let own = tokio::time::timeout(bound, self.connect_supervisor()).await.ok()?.ok()?;
         let req = Request::StoppedWithin { ms: since.elapsed().as_millis() as u64 };
-        match tokio::time::timeout(PING_BOUND, own.call(&req)).await {
+        match tokio::time::timeout(bound, own.call(&req)).await {
             Ok(Ok(Reply::Stopped(ms))) => Some(Duration::from_millis(ms)),
             _ => None,
         }

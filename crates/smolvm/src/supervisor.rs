@@ -790,10 +790,14 @@ async fn supervise(id: &str) -> i32 {
             }
         }
     });
+    // How QEMU ended, where it did by itself: a crash's record says it (killed by a signal,
+    // say, which the console cannot tell).
+    let mut vmm_status: Option<std::process::ExitStatus> = None;
     let ended = loop {
         tokio::select! {
             status = child.wait() => {
                 tracing::warn!("VMM exited: {status:?}");
+                vmm_status = status.ok();
                 break Ended::Exited;
             }
             // The guest's vsock device is gone with its server, and the agent with it.
@@ -810,6 +814,7 @@ async fn supervise(id: &str) -> i32 {
                 match tokio::time::timeout(Duration::from_secs(1), child.wait()).await {
                     Ok(status) => {
                         tracing::warn!("VMM exited: {status:?}");
+                        vmm_status = status.ok();
                         break Ended::Exited;
                     }
                     Err(_) if halted_for_good(&mut qmp).await => break Ended::Halted,
@@ -1019,18 +1024,25 @@ async fn supervise(id: &str) -> i32 {
         // stopped, as if asked. Else it crashed.
         let powered_off = ended == Ended::Halted || shut_down_from_inside(&tail);
         // (A warm start's console can be empty: its boot was the template's.)
+        let how = vmm_status.filter(|s| !s.success()).map(|s| format!(" (QEMU: {s})")).unwrap_or_default();
         let msg = if ended == Ended::AgentLost {
             AGENT_LOST.to_string()
         } else if tail.trim().is_empty() {
-            "the VM exited unexpectedly; its console is empty".to_string()
+            format!("the VM exited unexpectedly{how}; its console is empty")
         } else {
-            format!("the VM exited unexpectedly; last console lines:\n{}", crate::error::printable(&tail, CONSOLE_LINE_MAX))
+            format!("the VM exited unexpectedly{how}; last console lines:\n{}", crate::error::printable(&tail, CONSOLE_LINE_MAX))
         };
         stop_vsock(&mut vsock).await;
         paths.remove_sockets();
         close_dns(&mut dns).await;
         plan.cleanup(&store, id);
         if record.ephemeral {
+            if !powered_off {
+                // Said before it goes: its clients read the record as it settles, and would
+                // find it gone, which reads as stopped.
+                let _ = store.set_state(id, State::Error, Some(&msg));
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
             let _ = store.remove(id);
             paths.remove_all();
         } else if powered_off {
