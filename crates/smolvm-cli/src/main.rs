@@ -1567,7 +1567,7 @@ fn one_line(value: &str) -> String {
     out
 }
 
-/// `work`, unless Ctrl-C or SIGTERM comes first: then None, `work` dropped (a start's
+/// `work`, unless Ctrl-C, SIGTERM or SIGHUP comes first: then None, `work` dropped (a start's
 /// supervisor boots on; the caller undoes it). A second signal during that undoing ends the
 /// process (the caller passes the undoing here too): whoever presses Ctrl-C twice means it.
 async fn unless_interrupted<T>(work: impl std::future::Future<Output = T>) -> Option<T> {
@@ -1580,13 +1580,38 @@ async fn unless_interrupted<T>(work: impl std::future::Future<Output = T>) -> Op
             Err(_) => std::future::pending::<()>().await,
         }
     };
+    // The terminal or SSH session that ran it closed: as a Ctrl-C, once. Not under `nohup`
+    // (whose ignoring of it a handler would undo), and a second hangup (a shell passes one on,
+    // and the kernel sends another as the session ends) must not cut short the undoing of the
+    // first: a handler, once there, keeps it from killing this process.
+    static HUNG_UP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let hangup = async {
+        if hangup_ignored() || HUNG_UP.load(std::sync::atomic::Ordering::SeqCst) {
+            return std::future::pending().await;
+        }
+        signalled(SignalKind::hangup()).await;
+        HUNG_UP.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
     tokio::select! {
         r = work => Some(r),
         _ = signalled(SignalKind::interrupt()) => None,
         _ = signalled(SignalKind::terminate()) => None,
-        // (The terminal or SSH session that ran it closed: as a Ctrl-C.)
-        _ = signalled(SignalKind::hangup()) => None,
+        () = hangup => None,
     }
+}
+
+/// Whether SIGHUP was ignored when this process started (`nohup`), read before any handler of
+/// ours replaced that.
+fn hangup_ignored() -> bool {
+    static IGNORED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *IGNORED.get_or_init(|| {
+        // SAFETY: sigaction with a null new action only reads SIGHUP's disposition into `old`,
+        // a zeroed sigaction owned here.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+        }
+    })
 }
 
 /// A second signal while an interrupted start was being undone: the command ends now, and says
@@ -1722,6 +1747,8 @@ fn main() {
         drop(rt);
         std::process::exit(smolvm::supervisor::main(id));
     }
+    // (Read before a handler of ours can be installed.)
+    hangup_ignored();
     let outcome = rt.block_on(dispatch(cli.command, dirs));
     let code = match outcome {
         Ok(done) => {

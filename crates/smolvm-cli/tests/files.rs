@@ -240,13 +240,19 @@ async fn an_abandoned_download_leaves_nothing() {
     dead.wait().unwrap();
     let killed = local.join(format!(".smolvm-download-{dead_pid}-0"));
     let live = local.join(format!(".smolvm-download-{}-7", std::process::id()));
-    for d in [&killed, &live] {
+    let fresh = local.join(format!(".smolvm-download-{dead_pid}-1"));
+    for d in [&killed, &live, &fresh] {
         std::fs::create_dir_all(d.join("partial")).unwrap();
+    }
+    // (Untouched for a while: one written to moments ago may be another host's, in a shared
+    // directory, whose pid means nothing here.)
+    for d in [&killed, &live] {
+        std::fs::File::open(d).unwrap().set_modified(std::time::SystemTime::now() - Duration::from_secs(3600)).unwrap();
     }
     // The sandbox serves the next one whole.
     sb.download("/tmp/tree", &local.join("x")).await.unwrap();
     assert_eq!(std::fs::read_dir(local.join("x")).unwrap().count(), 150);
-    assert!(!killed.exists() && live.exists());
+    assert!(!killed.exists() && live.exists() && fresh.exists());
     sb.delete().await.unwrap();
 }
 

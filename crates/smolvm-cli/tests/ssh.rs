@@ -110,6 +110,9 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
     assert_eq!(sb.run("echo out; echo err >&2; exit 3", &opts()).await.unwrap().exit_code, 3);
 
     sb.set_channel(Channel::Ssh);
+    // Readiness follows the channel: over SSH, a login that works.
+    sb.wait_for_ready(Duration::from_secs(60)).await.unwrap();
+    assert!(sb.can_run_commands().await);
     // A signal's exit code is 128+N, as over the agent (the server would report the signal,
     // and ssh exit 255).
     assert_eq!(sb.run("kill -9 $$", &opts()).await.unwrap().exit_code, 137);
@@ -350,6 +353,13 @@ fn debian_ssh_image_over_the_cli() {
     let out = env.cli().args(["sandbox", "ssh", "plain", "--", "true"]).stdin(std::process::Stdio::null()).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no SSH server"), "{}", String::from_utf8_lossy(&out.stderr));
+    // A handle switched to SSH there cannot run commands, and waiting does not make it so.
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+        let mut plain = Sandbox::open_in(env.dirs.clone(), "plain").await.unwrap();
+        plain.set_channel(Channel::Ssh);
+        assert!(!plain.can_run_commands().await);
+        assert!(plain.wait_for_ready(Duration::from_secs(30)).await.unwrap_err().to_string().contains("has no SSH server"));
+    });
     assert!(env.smolvm(&["sandbox", "delete", "--force", "plain"]).status.success());
 
     // Asking for the SSH channel where no server can be: refused before the default image

@@ -1271,23 +1271,21 @@ fn concurrent_cli_processes_share_the_state_safely() {
 #[test]
 fn a_run_whose_vmm_is_killed_says_the_vm_failed() {
     let env = env();
-    let run = env
+    let mut run = env
         .cli()
         .args(["run", "echo up; sleep 30"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut vmm = Vec::new();
-    assert!(wait_until(Duration::from_secs(30), || {
-        vmm = env.qemu_processes();
-        !vmm.is_empty()
-    }));
-    // (Once the command runs: its sandbox is up.)
-    std::thread::sleep(Duration::from_secs(1));
+    // Once the command runs (it said so), its VM goes.
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(run.stdout.as_mut().unwrap()), &mut line).unwrap();
+    assert_eq!(line, "up\n");
+    let vmm = env.qemu_processes();
+    assert_eq!(vmm.len(), 1);
     assert!(std::process::Command::new("kill").args(["-9", &vmm[0].to_string()]).status().unwrap().success());
     let out = run.wait_with_output().unwrap();
-    assert_eq!(stdout(&out), "up\n");
     assert_eq!(out.status.code(), Some(1));
     let said = "error: guest agent: the sandbox failed while the command ran: the VM exited unexpectedly (QEMU: signal: 9 (SIGKILL))";
     assert!(stderr(&out).starts_with(said), "{}", stderr(&out));

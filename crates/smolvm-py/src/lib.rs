@@ -100,8 +100,9 @@ fn block_with<T: Send + 'static>(
     }
 }
 
-/// A VMConfig from the Python side's JSON. A value of the wrong type or size is named by its
-/// field (``invalid vm_id: invalid type: integer `5`, expected a string``), as other bad input is.
+/// A VMConfig from the Python side's JSON. A value of the wrong type or size that the Python
+/// side let through is named by its field (``invalid disk_size_mib: invalid type: …``), as
+/// other bad input is.
 fn parse_config(json: &str) -> PyResult<VmConfig> {
     serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(json)).map_err(|e| {
         let path = e.path().to_string();

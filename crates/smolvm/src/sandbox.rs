@@ -608,13 +608,16 @@ fn reap_now(store: &Store, dirs: &Dirs, rec: Record) -> Result<Option<Record>> {
         forget(store);
         return Ok(None);
     }
-    let why = "the sandbox's supervisor exited unexpectedly";
+    let why = SUPERVISOR_GONE;
     if let Err(e) = store.set_state(&rec.id, State::Error, Some(why)) {
         tracing::warn!("recording that {} failed: {}", rec.id, e.full_message());
         return Ok(Some(Record { state: State::Error, error: Some(why.into()), supervisor: None, vmm: None, ..rec }));
     }
     store.get(&rec.id)
 }
+
+/// The reason a sandbox whose supervisor died is recorded with, by whoever finds it first.
+const SUPERVISOR_GONE: &str = "the sandbox's supervisor exited unexpectedly";
 
 /// Remove what a sandbox may have left on the host network when its supervisor could not
 /// (killed mid-boot, crashed): its nftables table and its address lease. Its TAP went with QEMU.
@@ -740,8 +743,10 @@ fn download_temp(parent: &Path) -> PathBuf {
 }
 
 /// What a killed download (SIGKILL, a crash: nothing of it ran to clean up) left beside its
-/// destination, reaped by the next download into that directory: ours, and named for a
-/// process that is gone. (A pid taken again since by another process keeps it until that ends.)
+/// destination, reaped by the next download into that directory: ours, named for a process that
+/// is gone, and untouched for 10 minutes (a pid is this host's: a directory shared with another
+/// host, or with a container, may hold a live download whose pid means nothing here). A pid
+/// taken again since by another process keeps it until that ends.
 fn remove_dead_downloads(parent: &Path) {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(parent) else { return };
@@ -755,7 +760,9 @@ fn remove_dead_downloads(parent: &Path) {
         else {
             continue;
         };
-        let ours = e.metadata().is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw());
+        let stale =
+            |m: &std::fs::Metadata| m.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age > Duration::from_secs(600));
+        let ours = e.metadata().is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw() && stale(&m));
         let gone = matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH));
         if ours && gone && pid > 0 {
             let _ = std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
@@ -983,13 +990,15 @@ impl Sandbox {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 Ok(Some(r)) if r.state == State::Stopped => return said("stopped"),
-                // Why, in its first line (the console's lines follow in `info`).
+                // Why, in its first line (the console's lines follow in `info`); a supervisor
+                // found dead by another process first, as when this one finds it.
                 Ok(Some(r)) if r.state == State::Error => {
                     let why = r.error.as_deref().unwrap_or_default();
-                    let why = why.split("; last console lines").next().unwrap_or_default().trim();
-                    return match why.is_empty() {
-                        true => said("failed (`smolvm sandbox info` says why)"),
-                        false => Error::Guest(format!("the sandbox failed {during}: {why}")),
+                    let why = why.split("; last console lines").next().and_then(|w| w.lines().next()).unwrap_or_default().trim();
+                    return match why {
+                        "" => said("failed (`smolvm sandbox info` says why)"),
+                        SUPERVISOR_GONE => said("failed: its supervisor exited unexpectedly"),
+                        why => Error::Guest(format!("the sandbox failed {during}: {why}")),
                     };
                 }
                 _ => return said("went away"),
@@ -1403,7 +1412,10 @@ impl Sandbox {
     async fn sftp(&self, batch: String) -> Result<()> {
         use tokio::io::AsyncWriteExt;
         let ep = self.ssh_endpoint()?;
-        let mut cmd = tokio::process::Command::from(ep.sftp());
+        let mut sftp = ep.sftp();
+        // (A caller killed outright takes its transfer along: it must not land after it.)
+        crate::net::die_with_this_thread(&mut sftp);
+        let mut cmd = tokio::process::Command::from(sftp);
         cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
         let mut child = cmd.spawn().map_err(|e| Error::Host(format!("running sftp (openssh-client): {e}")))?;
         if let Some(mut stdin) = child.stdin.take() {
@@ -2356,11 +2368,18 @@ impl Sandbox {
         }
     }
 
-    /// Wait until the agent answers (a handle on a sandbox that is busy or still booting). A
-    /// sandbox that is stopped, paused, failed or gone cannot become ready by waiting, so that
-    /// is said at once instead of after `timeout`.
+    /// Wait until the agent answers (a handle on a sandbox that is busy or still booting), or,
+    /// over SSH (comm_channel=ssh), until an SSH login works: until commands can run. A sandbox
+    /// that is stopped, paused, failed or gone cannot become ready by waiting, so that is said
+    /// at once instead of after `timeout`.
     pub async fn wait_for_ready(&self, timeout: Duration) -> Result<()> {
         crate::config::check_wait(timeout, "timeout")?;
+        if self.channel == Channel::Ssh {
+            return self.wait_for_ssh(timeout).await.map_err(|e| match e {
+                Error::Timeout { seconds, .. } => Error::Timeout { operation: "wait_for_ready".into(), seconds },
+                e => e,
+            });
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -2419,7 +2438,8 @@ impl Sandbox {
     }
 
     /// Whether commands can run now over this handle's channel: the sandbox is running and its
-    /// agent answers, or (comm_channel=ssh) its SSH server is up with its key pinned.
+    /// agent answers, or (comm_channel=ssh) its SSH server was set up with its key pinned (no
+    /// connection is made: a login costs a second here; `wait_for_ready` makes one).
     pub async fn can_run_commands(&self) -> bool {
         match self.channel {
             Channel::Agent => self.ping().await.is_ok(),
@@ -2613,8 +2633,12 @@ impl Sandbox {
             // Only what that supervisor ran: if another process has restarted the sandbox
             // meanwhile, the record and the host's resources are the new one's. (One that found
             // the killed supervisor first, a `list` say, recorded its death as an error, and
-            // cleared its pid: that is this stop's doing, and the sandbox is stopped.)
-            let ours = |now: &Record| now.supervisor == rec.supervisor || (now.supervisor.is_none() && now.state == State::Error);
+            // cleared its pid: that is this stop's doing, and the sandbox is stopped. A crash
+            // the supervisor recorded itself keeps its reason.)
+            let ours = |now: &Record| {
+                now.supervisor == rec.supervisor
+                    || (now.supervisor.is_none() && now.state == State::Error && now.error.as_deref() == Some(SUPERVISOR_GONE))
+            };
             if let Some(rec) = store.get(&self.id)?.filter(ours) {
                 if let Some(vmm) = rec.vmm.filter(|p| p.alive()) {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(vmm.pid), nix::sys::signal::Signal::SIGKILL);

@@ -821,6 +821,7 @@ async fn supervise(id: &str) -> i32 {
                     Err(_) if bounded(qmp.execute("query-status"), "asking QEMU for the VM's state").await.is_err() => {
                         let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
                         tracing::warn!("VMM exited: {status:?}");
+                        vmm_status = status.ok().and_then(Result::ok);
                         break Ended::Exited;
                     }
                     Err(_) => {
@@ -1036,18 +1037,15 @@ async fn supervise(id: &str) -> i32 {
         paths.remove_sockets();
         close_dns(&mut dns).await;
         plan.cleanup(&store, id);
-        if record.ephemeral {
-            if !powered_off {
-                // Said before it goes: its clients read the record as it settles, and would
-                // find it gone, which reads as stopped.
-                let _ = store.set_state(id, State::Error, Some(&msg));
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
+        if record.ephemeral && powered_off {
             let _ = store.remove(id);
             paths.remove_all();
         } else if powered_off {
             let _ = store.set_state(id, State::Stopped, None);
         } else {
+            // (An ephemeral one too: it stays, failed, for its owner to read why and then delete,
+            // as `smolvm run` and a `with` block do, or for the reaping of a dead owner's
+            // sandboxes. Removed here, its clients read it as stopped.)
             let _ = store.set_state(id, State::Error, Some(&msg));
         }
         let mut answered = release_queued(&mut ctl_rx);

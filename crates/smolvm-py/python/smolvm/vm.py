@@ -365,7 +365,8 @@ class SmolVM:
 
     def can_run_commands(self) -> bool:
         """Whether ``run`` can work now: the sandbox runs and its agent answers (with
-        ``comm_channel="ssh"``: its SSH server is up, its host key pinned)."""
+        ``comm_channel="ssh"``: its SSH server was set up and its host key pinned; no login is
+        tried, ``wait_for_ready`` does that)."""
         return self._native is not None and call(self._native.can_run_commands)
 
     def wait_for_ready(self, timeout: float = 60) -> None:
