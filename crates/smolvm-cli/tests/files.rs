@@ -79,6 +79,20 @@ async fn paths_modes_and_directories() {
     let err = sb.download("/etc/hostname", std::path::Path::new("/proc/1/x")).await.unwrap_err();
     assert_eq!(err.full_message(), "cannot write into /proc/1: No such file or directory (os error 2)");
 
+    // A sparse file stays sparse on the host (a guest's `truncate -s 100G` filled this disk).
+    sb.run("truncate -s 300M /tmp/sparse; echo end >> /tmp/sparse", &opts()).await.unwrap();
+    let sparse = env.tmp.path().join("sparse");
+    sb.download("/tmp/sparse", &sparse).await.unwrap();
+    let meta = std::fs::metadata(&sparse).unwrap();
+    assert_eq!(meta.len(), (300 << 20) + 4);
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&meta) * 512 < 1 << 20,
+        "{} bytes allocated",
+        std::os::unix::fs::MetadataExt::blocks(&meta) * 512
+    );
+    let tail = std::fs::read(&sparse).unwrap();
+    assert!(tail.ends_with(b"end\n") && tail[..300 << 20].iter().all(|&b| b == 0));
+
     // A setuid/setgid file comes back without those bits.
     sb.run("echo s > /tmp/suid; chmod 6755 /tmp/suid", &opts()).await.unwrap();
     let got = env.tmp.path().join("suid");

@@ -47,6 +47,11 @@ pub const CHUNK: usize = 64 * 1024;
 /// this plus one chunk beyond its grants has a misbehaving peer and closes the connection.
 pub const WINDOW: usize = 2 * 1024 * 1024;
 
+/// The least an output frame counts against its stream's window, however few bytes it carries
+/// (none, say): each frame costs its reader memory of its own, so a stream has at most
+/// `WINDOW / FRAME_COST` frames in flight. Both ends count so.
+pub const FRAME_COST: usize = 64;
+
 /// A reader grants credit in steps of this many consumed bytes (one small frame each).
 pub const CREDIT_STEP: usize = 256 * 1024;
 
@@ -336,10 +341,11 @@ impl Reply {
         }
     }
 
-    /// The bytes of output this reply carries, which count against the stream's window.
+    /// What this reply counts against the stream's window: its output's bytes, and at least
+    /// `FRAME_COST` for an output frame.
     pub fn window_bytes(&self) -> usize {
         match self {
-            Reply::Stdout(d) | Reply::Stderr(d) | Reply::Data(d) => d.len(),
+            Reply::Stdout(d) | Reply::Stderr(d) | Reply::Data(d) => d.len().max(FRAME_COST),
             _ => 0,
         }
     }

@@ -16,10 +16,21 @@ type Routes = Arc<Mutex<HashMap<u32, Route>>>;
 
 /// Where one stream's replies go, and how many bytes of its output are held on this side
 /// (received, not yet granted back): the peer may not send more than its window beyond that.
+/// Nor may it grant back more input than was sent on the stream (`input`: sent, not yet
+/// granted), nor leave more than `MAX_QUEUED` replies waiting for the reader (credits take no
+/// window): else a guest that took over the agent's channel could make this process hold as
+/// much of a client's input, or as many frames, as it liked.
 struct Route {
     tx: mpsc::UnboundedSender<Reply>,
     held: Arc<AtomicUsize>,
+    queued: Arc<AtomicUsize>,
+    input: usize,
 }
+
+/// Replies one stream may have waiting for its reader: output frames count at least
+/// `proto::FRAME_COST` against the window (at most `WINDOW / FRAME_COST` of them), and input
+/// credits, each for input sent, are as many again at most.
+const MAX_QUEUED: usize = 2 * proto::WINDOW / proto::FRAME_COST;
 
 pub struct Conn {
     writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
@@ -46,6 +57,7 @@ pub struct Stream {
     conn: Arc<Conn>,
     rx: mpsc::UnboundedReceiver<Reply>,
     held: Arc<AtomicUsize>,
+    queued: Arc<AtomicUsize>,
     /// Output taken by the reader and not yet granted back.
     taken: usize,
     done: bool,
@@ -208,13 +220,26 @@ impl Conn {
                 };
                 let mut routes = routes.lock().unwrap_or_else(|e| e.into_inner());
                 let mut terminal = reply.is_terminal();
-                if let Some(route) = routes.get(&id) {
+                if let Some(route) = routes.get_mut(&id) {
                     let n = reply.window_bytes();
-                    if route.held.fetch_add(n, Ordering::SeqCst) + n > proto::WINDOW + proto::CHUNK {
+                    let over_window = route.held.fetch_add(n, Ordering::SeqCst) + n > proto::WINDOW + proto::CHUNK;
+                    let over_queue = route.queued.fetch_add(1, Ordering::SeqCst) >= MAX_QUEUED;
+                    // (A grant of input never sent, or of nothing.)
+                    let false_credit = match reply {
+                        Reply::Credit(c) if c == 0 || c as usize > route.input => true,
+                        Reply::Credit(c) => {
+                            route.input -= c as usize;
+                            false
+                        }
+                        _ => false,
+                    };
+                    if over_window || over_queue || false_credit {
                         // Only a peer that ignores the protocol gets here (a guest that took over
                         // the agent's channel): its stream ends rather than fill this process,
                         // and what runs for it is cancelled (its reader sees the end, not why).
-                        tracing::warn!("stream {id} sent beyond its window; ending it");
+                        tracing::warn!(
+                            "stream {id} broke its flow control (sent beyond its window, or granted input it was not sent); ending it"
+                        );
                         terminal = true;
                         if let Some(conn) = this.upgrade() {
                             tokio::spawn(async move {
@@ -294,6 +319,12 @@ impl Conn {
 
     pub async fn send_on(&self, id: u32, req: &Request) -> Result<()> {
         let bytes = proto::encode(id, req).map_err(|e| Error::Guest(e.to_string()))?;
+        // Counted before it goes: the peer's grant for it may come back at once.
+        if let Request::Stdin(d) = req {
+            if let Some(route) = self.routes.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&id) {
+                route.input += d.len();
+            }
+        }
         let sent = write_frame(&mut *self.writer.lock().await, &bytes).await;
         if sent.is_err() {
             // The other end is gone (the reader may not have noticed yet).
@@ -322,7 +353,10 @@ impl Conn {
         let mut w = tokio::time::timeout_at(deadline, self.writer.clone().lock_owned()).await.ok()?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::unbounded_channel();
-        self.routes.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Route { tx, held: Default::default() });
+        self.routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, Route { tx, held: Default::default(), queued: Default::default(), input: 0 });
         let ping = proto::encode(id, &Request::Ping).expect("a ping encodes");
         // Only when it goes at once, so that giving up (the socket full: the agent reads
         // nothing) never leaves half a ping, which would shut the connection. A write this small
@@ -355,16 +389,16 @@ impl Conn {
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
-        let held = Arc::new(AtomicUsize::new(0));
+        let (held, queued) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         {
             let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
             // Waiting starts now: silence before it is not the peer's.
             if routes.is_empty() {
                 self.heard.store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
             }
-            routes.insert(id, Route { tx, held: held.clone() });
+            routes.insert(id, Route { tx, held: held.clone(), queued: queued.clone(), input: 0 });
         }
-        let stream = Stream { id, conn: self.clone(), rx, held, taken: 0, done: false };
+        let stream = Stream { id, conn: self.clone(), rx, held, queued, taken: 0, done: false };
         self.send_on(id, req).await?;
         Ok(stream)
     }
@@ -379,6 +413,9 @@ impl Conn {
 impl Stream {
     pub async fn recv(&mut self) -> Option<Reply> {
         let reply = self.rx.recv().await;
+        if reply.is_some() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+        }
         self.done |= reply.as_ref().is_none_or(Reply::is_terminal);
         self.taken += reply.as_ref().map_or(0, Reply::window_bytes);
         if self.taken >= proto::CREDIT_STEP && !self.done {
@@ -609,6 +646,47 @@ mod tests {
             }
         }
         assert_eq!(got, proto::WINDOW + proto::CHUNK);
+        assert!(!conn.is_closed());
+    }
+
+    /// Frames that carry nothing still count against the window (a flood of them filled the
+    /// supervisor's memory), and a grant of input never sent ends the stream (it let a client's
+    /// input pile up in the supervisor).
+    #[tokio::test]
+    async fn empty_frames_and_false_credit_end_their_stream() {
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let conn = Conn::new(ours);
+        let mut s = conn.open(&Request::Ping).await.unwrap();
+        let (id, _) = request(&mut peer).await;
+        let most = (proto::WINDOW + proto::CHUNK) / proto::FRAME_COST;
+        for _ in 0..most + 10 {
+            send(&mut peer, id, &Reply::Stdout(vec![])).await;
+        }
+        let mut frames = 0;
+        while s.recv().await.is_some() {
+            frames += 1;
+        }
+        assert_eq!(frames, most);
+
+        // Input granted back as it was sent is fine; more than that ends the stream. (The
+        // first stream's grants and cancel come first.)
+        let mut s = conn.open(&Request::Ping).await.unwrap();
+        let id = loop {
+            match request(&mut peer).await {
+                (_, Request::Credit(_) | Request::Cancel) => continue,
+                (id, got) => {
+                    assert_eq!(got, Request::Ping);
+                    break id;
+                }
+            }
+        };
+        s.send(&Request::Stdin(vec![1; 100])).await.unwrap();
+        assert_eq!(request(&mut peer).await, (id, Request::Stdin(vec![1; 100])));
+        send(&mut peer, id, &Reply::Credit(60)).await;
+        assert_eq!(s.recv().await, Some(Reply::Credit(60)));
+        send(&mut peer, id, &Reply::Credit(41)).await;
+        send(&mut peer, id, &Reply::Credit(1)).await;
+        assert_eq!(s.recv().await, None);
         assert!(!conn.is_closed());
     }
 }

@@ -2196,13 +2196,25 @@ impl Sandbox {
                 .await
                 // (Named by its directory: the temporary file's name is ours, not the caller's.)
                 .ctx(|| format!("cannot write into {}", parent.display()))?;
+            // A chunk of zeros becomes a hole, not written: a sparse file (a disk image, or a
+            // guest's `truncate -s 100G`) stays sparse here, instead of filling this disk.
+            let mut size = 0u64;
             loop {
                 match within("download", TRANSFER_IDLE, stream.recv()).await? {
+                    Some(Reply::Data(d)) if d.iter().all(|&b| b == 0) => {
+                        size += d.len() as u64;
+                        tokio::io::AsyncSeekExt::seek(&mut file, std::io::SeekFrom::Start(size))
+                            .await
+                            .ctx(|| format!("writing {}", tmp.display()))?;
+                    }
                     Some(Reply::Data(d)) => {
+                        size += d.len() as u64;
                         tokio::io::AsyncWriteExt::write_all(&mut file, &d).await.ctx(|| format!("writing {}", tmp.display()))?
                     }
                     Some(Reply::FileDone { mode, tar, .. }) => {
                         tokio::io::AsyncWriteExt::flush(&mut file).await.ctx(|| "flushing the download".into())?;
+                        // (A file that ends in a hole has its length only once set.)
+                        file.set_len(size).await.ctx(|| format!("writing {}", tmp.display()))?;
                         return Ok((mode, tar));
                     }
                     Some(Reply::Error { kind: ErrorKind::NotFound, message }) => return Err(Error::validation("guest_path", message)),
