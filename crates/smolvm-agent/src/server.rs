@@ -290,7 +290,7 @@ fn hello(host_version: u32) -> Reply {
     Reply::Hello {
         version: proto::PROTOCOL_VERSION.min(host_version),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
-        capabilities: ["ping", "exec", "env", "files", "shutdown", "tty", "ports"].map(String::from).to_vec(),
+        capabilities: ["ping", "exec", "env", "files", "shutdown", "tty", "ports", proto::CAP_FRAME_COST].map(String::from).to_vec(),
     }
 }
 

@@ -49,8 +49,13 @@ pub const WINDOW: usize = 2 * 1024 * 1024;
 
 /// The least an output frame counts against its stream's window, however few bytes it carries
 /// (none, say): each frame costs its reader memory of its own, so a stream has at most
-/// `WINDOW / FRAME_COST` frames in flight. Both ends count so.
+/// `WINDOW / FRAME_COST` frames in flight. Both ends count so where the agent says it does
+/// (`CAP_FRAME_COST` in its Hello); an older agent, in a snapshot made before, counts the
+/// payload's bytes alone, and its host then does too.
 pub const FRAME_COST: usize = 64;
+
+/// The capability an agent names in its Hello when it counts output by `window_bytes`.
+pub const CAP_FRAME_COST: &str = "frame-cost";
 
 /// A reader grants credit in steps of this many consumed bytes (one small frame each).
 pub const CREDIT_STEP: usize = 256 * 1024;
@@ -346,6 +351,14 @@ impl Reply {
     pub fn window_bytes(&self) -> usize {
         match self {
             Reply::Stdout(d) | Reply::Stderr(d) | Reply::Data(d) => d.len().max(FRAME_COST),
+            _ => 0,
+        }
+    }
+
+    /// The bytes of output this reply carries (what an agent without `CAP_FRAME_COST` counts).
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Reply::Stdout(d) | Reply::Stderr(d) | Reply::Data(d) => d.len(),
             _ => 0,
         }
     }

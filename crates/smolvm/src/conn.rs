@@ -3,7 +3,7 @@
 //! to both the same way.
 
 use crate::error::{Error, Result};
-use smolvm_proto::{self as proto, Reply, Request};
+use smolvm_proto::{self as proto, ErrorKind, Reply, Request};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,20 +17,34 @@ type Routes = Arc<Mutex<HashMap<u32, Route>>>;
 /// Where one stream's replies go, and how many bytes of its output are held on this side
 /// (received, not yet granted back): the peer may not send more than its window beyond that.
 /// Nor may it grant back more input than was sent on the stream (`input`: sent, not yet
-/// granted), nor leave more than `MAX_QUEUED` replies waiting for the reader (credits take no
-/// window): else a guest that took over the agent's channel could make this process hold as
-/// much of a client's input, or as many frames, as it liked.
+/// granted), nor leave more than `MAX_QUEUED` replies waiting for the reader: else a guest that
+/// took over the agent's channel could make this process hold as much of a client's input, or
+/// as many frames, as it liked. Grants of input wait merged (`credit`: one queued `Credit`
+/// stands for all granted since the reader last took one), so they take one place in the queue.
 struct Route {
     tx: mpsc::UnboundedSender<Reply>,
     held: Arc<AtomicUsize>,
     queued: Arc<AtomicUsize>,
+    credit: Arc<AtomicUsize>,
     input: usize,
 }
 
-/// Replies one stream may have waiting for its reader: output frames count at least
-/// `proto::FRAME_COST` against the window (at most `WINDOW / FRAME_COST` of them), and input
-/// credits, each for input sent, are as many again at most.
-const MAX_QUEUED: usize = 2 * proto::WINDOW / proto::FRAME_COST;
+/// What a stream's reader is told when its peer broke the flow control (and the stream ended).
+pub const FLOW_BROKEN: &str =
+    "the guest broke the channel's flow control (output beyond its window, or a grant of input never sent); the request was cancelled";
+
+/// Replies one stream may have waiting for its reader, where output frames count at least
+/// `proto::FRAME_COST` against the window: its output frames, one merged grant and its end.
+const MAX_QUEUED: usize = (proto::WINDOW + proto::CHUNK) / proto::FRAME_COST + 2;
+
+/// What a stream's reply counts against its window: `window_bytes`, or, with an agent that
+/// does not say it counts so (`CAP_FRAME_COST`), the payload's bytes alone.
+fn cost(reply: &Reply, frame_cost: bool) -> usize {
+    match frame_cost {
+        true => reply.window_bytes(),
+        false => reply.payload_len(),
+    }
+}
 
 pub struct Conn {
     writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
@@ -46,6 +60,8 @@ pub struct Conn {
     born: std::time::Instant,
     /// The socket's descriptor, kept open by `writer` for as long as this lives.
     fd: std::os::fd::RawFd,
+    /// Output frames count at least `FRAME_COST` (see `cost`); off for an older agent.
+    frame_cost: Arc<AtomicBool>,
 }
 
 /// One request's replies. Dropping it before its terminal reply cancels the request (an exec's
@@ -58,6 +74,7 @@ pub struct Stream {
     rx: mpsc::UnboundedReceiver<Reply>,
     held: Arc<AtomicUsize>,
     queued: Arc<AtomicUsize>,
+    credit: Arc<AtomicUsize>,
     /// Output taken by the reader and not yet granted back.
     taken: usize,
     done: bool,
@@ -178,6 +195,8 @@ impl Conn {
         let closed = Arc::new(AtomicBool::new(false));
         let gone = Arc::new(tokio::sync::Notify::new());
         let (heard, born) = (Arc::new(AtomicU64::new(0)), std::time::Instant::now());
+        let frame_cost = Arc::new(AtomicBool::new(true));
+        let counting = frame_cost.clone();
         let conn = Arc::new(Conn {
             writer: Arc::new(tokio::sync::Mutex::new(write)),
             routes: routes.clone(),
@@ -187,6 +206,7 @@ impl Conn {
             heard: heard.clone(),
             born,
             fd,
+            frame_cost,
         });
         let this = Arc::downgrade(&conn);
         tokio::spawn(async move {
@@ -221,32 +241,41 @@ impl Conn {
                 let mut routes = routes.lock().unwrap_or_else(|e| e.into_inner());
                 let mut terminal = reply.is_terminal();
                 if let Some(route) = routes.get_mut(&id) {
-                    let n = reply.window_bytes();
+                    let frame_cost = counting.load(Ordering::SeqCst);
+                    let n = cost(&reply, frame_cost);
                     let over_window = route.held.fetch_add(n, Ordering::SeqCst) + n > proto::WINDOW + proto::CHUNK;
-                    let over_queue = route.queued.fetch_add(1, Ordering::SeqCst) >= MAX_QUEUED;
-                    // (A grant of input never sent, or of nothing.)
-                    let false_credit = match reply {
-                        Reply::Credit(c) if c == 0 || c as usize > route.input => true,
+                    // (An older agent's tiny frames are not bounded by count: it may send many.)
+                    let queued = route.queued.load(Ordering::SeqCst);
+                    let over_queue = frame_cost && queued >= MAX_QUEUED;
+                    // A grant of input never sent. (One of nothing, which an agent sends for
+                    // empty input, means nothing.)
+                    let (false_credit, merged) = match reply {
+                        Reply::Credit(0) => (false, true),
+                        Reply::Credit(c) if c as usize > route.input => (true, false),
                         Reply::Credit(c) => {
                             route.input -= c as usize;
-                            false
+                            // Queued only where no grant waits already; the reader takes all.
+                            (false, route.credit.fetch_add(c as usize, Ordering::SeqCst) > 0)
                         }
-                        _ => false,
+                        _ => (false, false),
                     };
                     if over_window || over_queue || false_credit {
                         // Only a peer that ignores the protocol gets here (a guest that took over
                         // the agent's channel): its stream ends rather than fill this process,
-                        // and what runs for it is cancelled (its reader sees the end, not why).
+                        // and what runs for it is cancelled; its reader is told why.
                         tracing::warn!(
                             "stream {id} broke its flow control (sent beyond its window, or granted input it was not sent); ending it"
                         );
                         terminal = true;
+                        route.queued.fetch_add(1, Ordering::SeqCst);
+                        let _ = route.tx.send(Reply::error(ErrorKind::Failed, FLOW_BROKEN));
                         if let Some(conn) = this.upgrade() {
                             tokio::spawn(async move {
                                 let _ = conn.send_on(id, &Request::Cancel).await;
                             });
                         }
-                    } else {
+                    } else if !merged {
+                        route.queued.fetch_add(1, Ordering::SeqCst);
                         let _ = route.tx.send(reply);
                     }
                 }
@@ -271,6 +300,13 @@ impl Conn {
             _ => Error::Io { context: format!("connecting to {}", path.display()), source: e },
         })?;
         Ok(Conn::new(s))
+    }
+
+    /// Count output frames as the peer does: by `window_bytes` (this build's agent says so in its
+    /// Hello, and supervisors and clients of this build do), or by their bytes alone (an older
+    /// agent's, in a snapshot made before).
+    pub fn count_frames(&self, by_cost: bool) {
+        self.frame_cost.store(by_cost, Ordering::SeqCst);
     }
 
     pub fn is_closed(&self) -> bool {
@@ -319,13 +355,16 @@ impl Conn {
 
     pub async fn send_on(&self, id: u32, req: &Request) -> Result<()> {
         let bytes = proto::encode(id, req).map_err(|e| Error::Guest(e.to_string()))?;
-        // Counted before it goes: the peer's grant for it may come back at once.
+        let mut writer = self.writer.lock().await;
+        // Counted once it is sure to go, before it goes: the peer's grant for it may come back
+        // at once.
         if let Request::Stdin(d) = req {
             if let Some(route) = self.routes.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&id) {
                 route.input += d.len();
             }
         }
-        let sent = write_frame(&mut *self.writer.lock().await, &bytes).await;
+        let sent = write_frame(&mut writer, &bytes).await;
+        drop(writer);
         if sent.is_err() {
             // The other end is gone (the reader may not have noticed yet).
             self.closed.store(true, Ordering::SeqCst);
@@ -356,7 +395,7 @@ impl Conn {
         self.routes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Route { tx, held: Default::default(), queued: Default::default(), input: 0 });
+            .insert(id, Route { tx, held: Default::default(), queued: Default::default(), credit: Default::default(), input: 0 });
         let ping = proto::encode(id, &Request::Ping).expect("a ping encodes");
         // Only when it goes at once, so that giving up (the socket full: the agent reads
         // nothing) never leaves half a ping, which would shut the connection. A write this small
@@ -389,16 +428,16 @@ impl Conn {
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
-        let (held, queued) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (held, queued, credit) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         {
             let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
             // Waiting starts now: silence before it is not the peer's.
             if routes.is_empty() {
                 self.heard.store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
             }
-            routes.insert(id, Route { tx, held: held.clone(), queued: queued.clone(), input: 0 });
+            routes.insert(id, Route { tx, held: held.clone(), queued: queued.clone(), credit: credit.clone(), input: 0 });
         }
-        let stream = Stream { id, conn: self.clone(), rx, held, queued, taken: 0, done: false };
+        let stream = Stream { id, conn: self.clone(), rx, held, queued, credit, taken: 0, done: false };
         self.send_on(id, req).await?;
         Ok(stream)
     }
@@ -412,12 +451,22 @@ impl Conn {
 
 impl Stream {
     pub async fn recv(&mut self) -> Option<Reply> {
-        let reply = self.rx.recv().await;
-        if reply.is_some() {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
-        }
+        let reply = loop {
+            let reply = self.rx.recv().await;
+            if reply.is_some() {
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+            }
+            match reply {
+                // The grants merged since the last one taken (none: one taken just before).
+                Some(Reply::Credit(_)) => match self.credit.swap(0, Ordering::SeqCst) {
+                    0 => continue,
+                    n => break Some(Reply::Credit(n.min(u32::MAX as usize) as u32)),
+                },
+                other => break other,
+            }
+        };
         self.done |= reply.as_ref().is_none_or(Reply::is_terminal);
-        self.taken += reply.as_ref().map_or(0, Reply::window_bytes);
+        self.taken += reply.as_ref().map_or(0, |r| cost(r, self.conn.frame_cost.load(Ordering::SeqCst)));
         if self.taken >= proto::CREDIT_STEP && !self.done {
             let grant = std::mem::take(&mut self.taken);
             self.held.fetch_sub(grant, Ordering::SeqCst);
@@ -642,6 +691,8 @@ mod tests {
         while let Some(reply) = s.recv().await {
             match reply {
                 Reply::Stdout(d) => got += d.len(),
+                // (Its reader is told why.)
+                Reply::Error { message, .. } if message == FLOW_BROKEN => {}
                 other => panic!("{other:?}"),
             }
         }
@@ -651,7 +702,8 @@ mod tests {
 
     /// Frames that carry nothing still count against the window (a flood of them filled the
     /// supervisor's memory), and a grant of input never sent ends the stream (it let a client's
-    /// input pile up in the supervisor).
+    /// input pile up in the supervisor); the reader is told why. Grants of nothing mean
+    /// nothing, and grants waiting for the reader are merged.
     #[tokio::test]
     async fn empty_frames_and_false_credit_end_their_stream() {
         let (ours, mut peer) = UnixStream::pair().unwrap();
@@ -663,10 +715,14 @@ mod tests {
             send(&mut peer, id, &Reply::Stdout(vec![])).await;
         }
         let mut frames = 0;
-        while s.recv().await.is_some() {
-            frames += 1;
-        }
+        let end = loop {
+            match s.recv().await {
+                Some(Reply::Stdout(_)) => frames += 1,
+                other => break other,
+            }
+        };
         assert_eq!(frames, most);
+        assert_eq!(end, Some(Reply::error(ErrorKind::Failed, FLOW_BROKEN)));
 
         // Input granted back as it was sent is fine; more than that ends the stream. (The
         // first stream's grants and cancel come first.)
@@ -682,10 +738,15 @@ mod tests {
         };
         s.send(&Request::Stdin(vec![1; 100])).await.unwrap();
         assert_eq!(request(&mut peer).await, (id, Request::Stdin(vec![1; 100])));
-        send(&mut peer, id, &Reply::Credit(60)).await;
+        for c in [0, 10, 0, 50] {
+            send(&mut peer, id, &Reply::Credit(c)).await;
+        }
+        send(&mut peer, id, &Reply::Stdout(b"x".to_vec())).await;
         assert_eq!(s.recv().await, Some(Reply::Credit(60)));
+        assert_eq!(s.recv().await, Some(Reply::Stdout(b"x".to_vec())));
         send(&mut peer, id, &Reply::Credit(41)).await;
         send(&mut peer, id, &Reply::Credit(1)).await;
+        assert_eq!(s.recv().await, Some(Reply::error(ErrorKind::Failed, FLOW_BROKEN)));
         assert_eq!(s.recv().await, None);
         assert!(!conn.is_closed());
     }

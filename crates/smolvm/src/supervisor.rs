@@ -521,7 +521,9 @@ async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
     };
     let sent = Instant::now();
     match agent.call(&hello).await? {
-        Reply::Hello { version, .. } if version == proto::PROTOCOL_VERSION => {}
+        Reply::Hello { version, capabilities, .. } if version == proto::PROTOCOL_VERSION => {
+            agent.count_frames(capabilities.iter().any(|c| c == proto::CAP_FRAME_COST));
+        }
         Reply::Hello { version, agent_version, .. } => {
             return Err(Error::Guest(format!(
                 "agent {agent_version} speaks protocol {version}, this host speaks {}",
@@ -1742,10 +1744,7 @@ async fn serve_client(stream: UnixStream, client: Client) {
                                     let reply = if agent.is_closed() {
                                         Reply::error(ErrorKind::Closed, "the sandbox's agent went away")
                                     } else {
-                                        Reply::error(
-                                            ErrorKind::Failed,
-                                            "the guest sent more than its window allows; the command was cancelled",
-                                        )
+                                        Reply::error(ErrorKind::Failed, crate::conn::FLOW_BROKEN)
                                     };
                                     send(w.clone(), cid, reply).await;
                                     break;
