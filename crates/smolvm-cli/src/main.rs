@@ -506,7 +506,7 @@ impl Done {
 
     /// A command's exit code, and nothing to print.
     fn exit(code: i32) -> Done {
-        Done { exit_code: code, data: json!({ "exit_code": code }), text: None, ..Default::default() }
+        Done { exit_code: code, data: json!({ "exit_code": code }), ..Default::default() }
     }
 }
 
@@ -1436,7 +1436,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             if unless_interrupted(sb.upload(&src, &dst)).await.transpose()?.is_none() {
                 return Err(Error::Interrupted(format!("the upload to {dst} was given up, and nothing of it is left")));
             }
-            Ok(Done { data: json!({ "uploaded": src, "to": dst }), text: None, ..Default::default() })
+            Ok(Done { data: json!({ "uploaded": src, "to": dst }), ..Default::default() })
         }
         SandboxCmd::File(FileCmd::Download { name, src, dst, channel }) => {
             let mut sb = Sandbox::open_in(dirs, &name).await?;
@@ -1444,7 +1444,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             if unless_interrupted(sb.download(&src, &dst)).await.transpose()?.is_none() {
                 return Err(Error::Interrupted(format!("the download of {src} was given up, and nothing of it is left")));
             }
-            Ok(Done { data: json!({ "downloaded": src, "to": dst }), text: None, ..Default::default() })
+            Ok(Done { data: json!({ "downloaded": src, "to": dst }), ..Default::default() })
         }
     }
 }

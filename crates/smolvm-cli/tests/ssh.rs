@@ -292,6 +292,18 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
         clone.delete().await.unwrap();
     }
     smolvm::sandbox::delete_snapshot(&env.dirs, "keyed").unwrap();
+    // A host key half made (a disk saved mid-keygen keeps dropbearkey's temporary file, which
+    // a keygen of the same pid would not replace) does not keep the server down: the next
+    // boot makes the key anew, and its temporary files go.
+    sb.set_channel(Channel::Agent);
+    let half = "k=/etc/dropbear/dropbear_ed25519_host_key; rm -f $k; for i in $(seq 1 500); do : > $k.tmp$i; done; sync";
+    assert!(sb.run(half, &opts()).await.unwrap().ok());
+    sb.stop(Duration::from_secs(3)).await.unwrap();
+    sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+    let left = sb.run("ls /etc/dropbear", &opts()).await.unwrap().stdout;
+    assert!(left.contains("dropbear_ed25519_host_key") && !left.contains(".tmp"), "{left}");
+    sb.set_channel(Channel::Ssh);
+    sb.wait_for_ssh(Duration::from_secs(60)).await.unwrap();
     // A guest that goes down under an SSH command is an error that says so, as over the agent,
     // not ssh's exit code 255.
     // ssh's own "Connection to … closed by remote host." is not passed on as the command's.

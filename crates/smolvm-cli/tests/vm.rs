@@ -1653,6 +1653,45 @@ fn an_interrupted_create_or_start_leaves_nothing_running() {
     };
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     assert_eq!(stderr(&out), "error: interrupted: the command was ended, and its sandbox removed\n");
+    // SIGHUP (its terminal closed) as Ctrl-C, even twice (a shell passes one on, and the kernel
+    // sends another as the session ends): the second does not cut the undoing short.
+    let out = {
+        let child = env
+            .cli()
+            .args(["sandbox", "create", "--name", "hup", "--initrd", initrd])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        assert!(env.init_waits(), "no boot under way");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP);
+        child.wait_with_output().unwrap()
+    };
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(stderr(&out).contains("interrupted: the sandbox 'hup' was not started, and is removed"), "{}", stderr(&out));
+    assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
+    // Under `nohup` (SIGHUP ignored), a hangup is no interrupt: the command runs to its end.
+    let out = {
+        let mut cmd = env.cli();
+        cmd.args(["run", "--initrd", initrd, "echo ran"]).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // SAFETY: only sets this child's own SIGHUP disposition between fork and exec, as
+        // `nohup` does; signal() is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                nix::sys::signal::signal(nix::sys::signal::Signal::SIGHUP, nix::sys::signal::SigHandler::SigIgn)
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        assert!(env.init_waits(), "no boot under way");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGHUP).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "ran\n"), "{}", stderr(&out));
     let mut child = env.cli().args(["run", "echo started; sleep 60"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line).unwrap();

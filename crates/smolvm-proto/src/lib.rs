@@ -44,7 +44,7 @@ pub const CHUNK: usize = 64 * 1024;
 /// upload's data, which the agent grants back with `Reply::Credit` as it takes them. The sender stops there (a command then blocks on
 /// its full pipe), so a guest that writes faster than its reader takes in (`yes`, a download to a
 /// slow consumer) holds at most this much in the host per stream. A reader that receives more than
-/// this plus one chunk beyond its grants has a misbehaving peer and closes the connection.
+/// this plus one chunk beyond its grants has a misbehaving peer and ends that stream.
 pub const WINDOW: usize = 2 * 1024 * 1024;
 
 /// The least an output frame counts against its stream's window, however few bytes it carries

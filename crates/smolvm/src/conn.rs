@@ -29,6 +29,12 @@ struct Route {
     input: usize,
 }
 
+impl Route {
+    fn new(tx: mpsc::UnboundedSender<Reply>) -> Route {
+        Route { tx, held: Default::default(), queued: Default::default(), credit: Default::default(), input: 0 }
+    }
+}
+
 /// What a stream's reader is told when its peer broke the flow control (and the stream ended).
 pub const FLOW_BROKEN: &str =
     "the guest broke the channel's flow control (output beyond its window, or a grant of input never sent); the request was cancelled";
@@ -392,10 +398,7 @@ impl Conn {
         let mut w = tokio::time::timeout_at(deadline, self.writer.clone().lock_owned()).await.ok()?;
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::unbounded_channel();
-        self.routes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Route { tx, held: Default::default(), queued: Default::default(), credit: Default::default(), input: 0 });
+        self.routes.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Route::new(tx));
         let ping = proto::encode(id, &Request::Ping).expect("a ping encodes");
         // Only when it goes at once, so that giving up (the socket full: the agent reads
         // nothing) never leaves half a ping, which would shut the connection. A write this small
@@ -428,14 +431,15 @@ impl Conn {
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
-        let (held, queued, credit) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let route = Route::new(tx);
+        let (held, queued, credit) = (route.held.clone(), route.queued.clone(), route.credit.clone());
         {
             let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
             // Waiting starts now: silence before it is not the peer's.
             if routes.is_empty() {
                 self.heard.store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
             }
-            routes.insert(id, Route { tx, held: held.clone(), queued: queued.clone(), credit: credit.clone(), input: 0 });
+            routes.insert(id, route);
         }
         let stream = Stream { id, conn: self.clone(), rx, held, queued, credit, taken: 0, done: false };
         self.send_on(id, req).await?;

@@ -65,12 +65,18 @@ pub enum Error {
 /// `NotRunning`'s text, with the way to start (or resume) the sandbox in the caller's own
 /// terms: the CLI's command, or Python's method.
 pub fn not_running(id: &str, state: &str, how: impl Fn(&str) -> String) -> String {
-    let (what, verb) = match state {
-        "paused" => ("paused", "resume"),
-        "error" => ("in the error state", "start"),
-        s => (s, "start"),
-    };
+    let what = if state == "error" { "in the error state" } else { state };
+    let verb = way_to_run(state);
     format!("VM '{id}' is {what}; {verb} it first ({})", how(verb))
+}
+
+/// What makes a sandbox in `state` run: resume a paused one, start any other.
+fn way_to_run(state: &str) -> &'static str {
+    if state == "paused" {
+        "resume"
+    } else {
+        "start"
+    }
 }
 
 impl Error {
@@ -107,8 +113,7 @@ impl Error {
         match self {
             Error::NotFound(_) => Some("list sandboxes with `smolvm sandbox list --all`".into()),
             Error::SnapshotNotFound(_) => Some("list snapshots with `smolvm sandbox snapshot list`".into()),
-            Error::NotRunning { id, state } if state == "paused" => Some(format!("smolvm sandbox resume {id}")),
-            Error::NotRunning { id, .. } => Some(format!("smolvm sandbox start {id}")),
+            Error::NotRunning { id, state } => Some(format!("smolvm sandbox {} {id}", way_to_run(state))),
             Error::StillLive { id, .. } => Some(format!("smolvm sandbox stop {id}")),
             Error::Boot { .. } => {
                 Some("retry with SMOLVM_VERBOSE_BOOT=1 to see the guest kernel log; `smolvm doctor` checks the host".into())

@@ -199,10 +199,11 @@ pub fn console_tail(path: &Path, n: usize) -> String {
     last_lines(&text, n)
 }
 
-/// The last `n` lines of `text`, joined without a final newline.
+/// The last `n` lines of `text`, joined without a final newline (nor carriage returns).
 pub fn last_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+    // (Cut just after a newline: still UTF-8.)
+    let tail = std::str::from_utf8(last_lines_of(text.as_bytes(), n)).unwrap_or_default();
+    tail.lines().collect::<Vec<_>>().join("\n")
 }
 
 /// The last `n` lines of a log, as its bytes (line ends and all, the last line's included).
@@ -762,9 +763,9 @@ fn remove_dead_downloads(parent: &Path) {
         };
         let stale =
             |m: &std::fs::Metadata| m.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age > Duration::from_secs(600));
-        let ours = e.metadata().is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw() && stale(&m));
-        let gone = matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH));
-        if ours && gone && pid > 0 {
+        let ours_and_stale = e.metadata().is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw() && stale(&m));
+        let gone = || matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH));
+        if pid > 0 && ours_and_stale && gone() {
             let _ = std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
         }
     }
@@ -932,10 +933,6 @@ impl Sandbox {
         Ok(self.record()?.state)
     }
 
-    /// A command's sandbox stopped, was deleted or died before the command's end. Its
-    /// supervisor hears of it at the same moment as the command does, and records it a few
-    /// milliseconds later: the error waits for that (within 3 s), so that it can say which, and
-    /// what a caller asks next (`info`, `start`) finds the sandbox as it now is, not `running`.
     /// A request refused as come after its sandbox began to go down (`GONE_BEFORE`): said as
     /// for any sandbox not running, once its record has settled (stopped, or failed: a crash's
     /// supervisor records it a moment later).
@@ -959,7 +956,10 @@ impl Sandbox {
     }
 
     /// Why a command or a transfer lost its sandbox (`during`: "while the command ran",
-    /// "during the upload"): stopped, deleted, failed, as its record comes to say.
+    /// "during the upload"): stopped, deleted, failed, as its record comes to say. Its
+    /// supervisor hears of it at the same moment as the request does, and records it a few
+    /// milliseconds later: the error waits for that (within 3 s), so that it can say which, and
+    /// what a caller asks next (`info`, `start`) finds the sandbox as it now is, not `running`.
     async fn went_away(&self, during: &str) -> Error {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         // Read as it is, not reaped: reaping removes an ephemeral sandbox whose supervisor died,
