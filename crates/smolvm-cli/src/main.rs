@@ -318,6 +318,9 @@ enum PortCmd {
         name: String,
         #[arg(value_parser = port_arg, allow_negative_numbers = true)]
         guest: u16,
+        /// Print one JSON envelope: {ok, command, exit_code, data, error}.
+        #[arg(long)]
+        json: bool,
     },
     /// Wait until something in the sandbox listens on each PORT (TCP).
     Wait {
@@ -328,6 +331,7 @@ enum PortCmd {
         #[arg(long, default_value_t = 30.0, value_parser = seconds_arg, allow_negative_numbers = true)]
         timeout: f64,
     },
+    /// Exposed ports: guest port and the host port on 127.0.0.1 it is reachable on.
     List {
         name: String,
         /// Print one JSON envelope: {ok, command, exit_code, data, error}.
@@ -404,18 +408,19 @@ enum SnapshotCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Saved snapshots: id, type (full or disk) and the sandbox each was taken from.
     List {
         /// Print one JSON envelope: {ok, command, exit_code, data, error}.
         #[arg(long)]
         json: bool,
     },
-    Delete {
-        snapshot_id: String,
-    },
+    /// Remove a snapshot and its files; refused while a sandbox restored from it exists.
+    Delete { snapshot_id: String },
 }
 
 #[derive(Subcommand)]
 enum EnvCmd {
+    /// Set variables (merged with those there, or --replace); prints the names present after.
     Set {
         name: String,
         /// KEY=VALUE, or KEY to take the host's value (keeps it off command lines).
@@ -428,6 +433,7 @@ enum EnvCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Remove variables; prints the removed names (missing ones are ignored).
     Unset {
         name: String,
         #[arg(required = true)]
@@ -436,6 +442,7 @@ enum EnvCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The managed variables, values shown as **** unless --show-values.
     List {
         name: String,
         /// Print values instead of ****.
@@ -1413,7 +1420,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             let host = Sandbox::open_in(dirs, &name).await?.expose_local(p.guest, p.host).await?;
             Ok(Done::text(host.to_string(), json!({ "guest": p.guest, "host": host })))
         }
-        SandboxCmd::Port(PortCmd::Close { name, guest }) => {
+        SandboxCmd::Port(PortCmd::Close { name, guest, .. }) => {
             Sandbox::open_in(dirs, &name).await?.unexpose_local(guest).await?;
             Ok(Done::text(String::new(), json!({ "closed": guest })))
         }
@@ -1543,11 +1550,12 @@ async fn env_cmd(cmd: EnvCmd, dirs: Dirs) -> Result<Done, Error> {
     }
 }
 
-/// A value as one line of `env list`: as it is, unless it holds a newline or another control
-/// character (which would break the one-variable-a-line layout, or act on the terminal): then
-/// in bash's `$'...'` quoting, which says exactly what it holds.
+/// A value as one line of `env list`: as it is, unless it holds a newline or another character
+/// that would break the one-variable-a-line layout or act on the terminal (a control character,
+/// a bidirectional override): then in bash's `$'...'` quoting, which says exactly what it holds.
 fn one_line(value: &str) -> String {
-    if !value.chars().any(char::is_control) {
+    use smolvm::error::acts_on_terminal;
+    if !value.chars().any(acts_on_terminal) {
         return value.to_string();
     }
     let mut out = String::from("$'");
@@ -1559,7 +1567,7 @@ fn one_line(value: &str) -> String {
             '\t' => out.push_str("\\t"),
             '\r' => out.push_str("\\r"),
             c if c.is_control() && (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c if acts_on_terminal(c) => out.push_str(&format!("\\u{:04x}", c as u32)),
             c => out.push(c),
         }
     }
@@ -1635,7 +1643,7 @@ fn wants_json(cmd: &Cmd) -> bool {
             SandboxCmd::Snapshot(SnapshotCmd::Create { json, .. } | SnapshotCmd::Restore { json, .. } | SnapshotCmd::List { json }) => {
                 *json
             }
-            SandboxCmd::Port(PortCmd::List { json, .. } | PortCmd::Expose { json, .. }) => *json,
+            SandboxCmd::Port(PortCmd::List { json, .. } | PortCmd::Expose { json, .. } | PortCmd::Close { json, .. }) => *json,
             _ => false,
         },
         _ => false,
@@ -1834,6 +1842,8 @@ mod tests {
     fn a_listed_value_stays_on_its_line_and_says_what_it_holds() {
         assert_eq!(super::one_line("plain value, 'quoted' $HOME"), "plain value, 'quoted' $HOME");
         assert_eq!(super::one_line("line one\nit's\t\\ \u{1b}[31m\u{85}é"), "$'line one\\nit\\'s\\t\\\\ \\x1b[31m\\u0085é'");
+        // Invisible, but they reorder what follows (a value could seem to say another thing).
+        assert_eq!(super::one_line("pay\u{202e}1 01\u{2028}x"), "$'pay\\u202e1 01\\u2028x'");
     }
 
     #[test]

@@ -261,8 +261,22 @@ async fn an_env_file_that_is_not_ours_is_an_error_not_a_dead_guest() {
 fn cli_env_commands_mask_values_and_reject_bad_pairs() {
     let env = env();
     let secret = "sk-live-0123456789abcdef";
-    let out = env.smolvm(&["sandbox", "create", "--name", "clienv", "--env", &format!("OPENAI_API_KEY={secret}"), "--env", "MODE=a=b"]);
+    // A secret of the caller's environment that it does not pass on.
+    let held = "ghp_held-by-the-caller-only";
+    let out = env
+        .cli()
+        .args(["sandbox", "create", "--name", "clienv", "--env", &format!("OPENAI_API_KEY={secret}"), "--env", "MODE=a=b"])
+        .env("CALLERS_TOKEN", held)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
+    // The sandbox's processes (its supervisor, QEMU) outlive the caller: they keep none of its
+    // environment's secrets.
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(vars) = std::fs::read(e.path().join("environ")) {
+            assert!(!String::from_utf8_lossy(&vars).contains(held), "the caller's secret in the environment of {:?}", e.path());
+        }
+    }
     // The secret is nowhere on a host command line (QEMU's, the supervisor's, ours) ...
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {

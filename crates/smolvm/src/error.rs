@@ -213,8 +213,17 @@ mod tests {
     }
 }
 
-/// `text` made safe to store and to print: control characters other than newlines and tabs
-/// shown escaped (`\u{1b}`), so that no escape sequence reaches a terminal; a carriage return
+/// Whether `c` would act on a terminal or on how the text around it reads, rather than show:
+/// control characters, and the invisible ones that reorder or break a line (bidirectional
+/// overrides and isolates, direction marks, the line and paragraph separators). A value can
+/// hide what follows it with one of those as well as with an escape sequence.
+pub fn acts_on_terminal(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `text` made safe to store and to print: characters that act on a terminal
+/// (`acts_on_terminal`) other than newlines and tabs shown escaped (`\u{1b}`), so that no escape sequence reaches a terminal; a carriage return
 /// before a newline dropped (the serial console ends lines so); each line cut to `line_max`
 /// characters. For what the guest wrote (its console, its agent's messages), which it controls.
 pub fn printable(text: &str, line_max: usize) -> String {
@@ -229,7 +238,7 @@ pub fn printable(text: &str, line_max: usize) -> String {
                 out.push('…');
                 break;
             }
-            if c.is_control() && c != '\t' {
+            if acts_on_terminal(c) && c != '\t' {
                 out.extend(c.escape_default());
             } else {
                 out.push(c);
@@ -260,6 +269,7 @@ mod printable_tests {
         assert_eq!(printable("a\u{1b}]0;PWNED\u{7}b\r\nok\tline", 80), "a\\u{1b}]0;PWNED\\u{7}b\nok\tline");
         assert_eq!(printable(&"A".repeat(10), 4), "AAAA…");
         assert_eq!(printable("héllo\n\nwörld", 5), "héllo\n\nwörld");
+        assert_eq!(printable("ok\u{202e}kO\u{2066}", 80), "ok\\u{202e}kO\\u{2066}");
         assert_eq!(super::cut("héllo", 2), "h…");
         assert_eq!(super::cut("héllo", 3), "hé…");
         assert_eq!(super::cut("héllo", 6), "héllo");

@@ -202,10 +202,18 @@ pub fn validate_internet(i: &InternetSettings, network: Option<&str>) -> Result<
     if i.mode != "restricted" && (!i.allowed_domains.is_empty() || !i.allowed_cidrs.is_empty()) {
         return Err(Error::validation("internet_settings", "allowed_domains and allowed_cidrs need mode 'restricted'"));
     }
-    for d in &i.allowed_domains {
+    let same = |d: &str| d.trim_end_matches('.').to_ascii_lowercase();
+    for (n, d) in i.allowed_domains.iter().enumerate() {
         if !valid_domain(d) {
             let why = if d.parse::<Ipv4Addr>().is_ok() { " (an address goes in allowed_cidrs)" } else { "" };
             return Err(Error::validation("internet_settings.allowed_domains", format!("{d:?} is not a domain name{why}")));
+        }
+        // As for ranges below: a list given twice over is more likely a mistake than meant.
+        if let Some(other) = i.allowed_domains[..n].iter().find(|o| same(o) == same(d)) {
+            return Err(Error::validation(
+                "internet_settings.allowed_domains",
+                format!("{d:?} is the same name as {other:?}, also in the list: give each domain once"),
+            ));
         }
     }
     let host = host_addresses();
@@ -1102,6 +1110,21 @@ mod tests {
             "invalid internet_settings.allowed_cidrs: 203.0.113.128/25 overlaps 203.0.113.0/24, also in the list: give each range once"
         );
         assert!(validate_internet(&i(&["198.51.100.7/32", "198.51.100.7/32"]), None).is_err());
+    }
+
+    #[test]
+    fn an_allowed_domain_given_twice_is_refused() {
+        let i = |d: &[&str]| InternetSettings {
+            mode: "restricted".into(),
+            allowed_domains: d.iter().map(|d| d.to_string()).collect(),
+            allowed_cidrs: vec![],
+        };
+        assert!(validate_internet(&i(&["pypi.org", "files.pythonhosted.org"]), None).is_ok());
+        let err = validate_internet(&i(&["pypi.org", "PyPI.org."]), None).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid internet_settings.allowed_domains: \"PyPI.org.\" is the same name as \"pypi.org\", also in the list: give each domain once"
+        );
     }
 
     #[test]

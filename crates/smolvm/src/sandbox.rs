@@ -431,6 +431,16 @@ pub fn delete_snapshot(dirs: &Dirs, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether the supervisor inherits the caller's variable `name`: smolvm's own settings, the
+/// logging filter, and what finding programs (QEMU, nft, ssh), temporary files and the data
+/// directory's default need. Everything else of a caller's environment may be a secret.
+fn supervisor_keeps(name: &std::ffi::OsStr) -> bool {
+    let Some(name) = name.to_str() else { return false };
+    name.starts_with("SMOLVM_")
+        || matches!(name, "PATH" | "HOME" | "USER" | "LOGNAME" | "LANG" | "LC_ALL" | "LC_CTYPE" | "TMPDIR" | "RUST_BACKTRACE")
+        || name.starts_with("XDG_")
+}
+
 /// The accelerator a full snapshot's saved VM loads under: the one it ran under, since QEMU's
 /// microvm has other devices under KVM than under TCG (kvmclock against an RTC) and refuses a
 /// state with the other's. Snapshots from before this was recorded take the host's choice.
@@ -1669,6 +1679,10 @@ impl Sandbox {
         let mut cmd = std::process::Command::new(&bin);
         cmd.arg("__supervise")
             .arg(&self.id)
+            // It lives as long as the sandbox: it keeps only what it reads of the caller's
+            // environment, not the secrets that the caller took from it (`-e KEY`) or holds.
+            .env_clear()
+            .envs(std::env::vars_os().filter(|(name, _)| supervisor_keeps(name)))
             .env("SMOLVM_DATA_DIR", &self.dirs.data)
             .env("SMOLVM_IMAGE_DIR", &self.dirs.images)
             .stdin(std::process::Stdio::piped())
@@ -2474,7 +2488,7 @@ impl Sandbox {
         }
         // The whole set's bound, checked here as for a stopped sandbox: the same error either
         // way (the agent checks again, and says the same as a validation error).
-        let mut all = if merge { self.list_env_vars().await? } else { BTreeMap::new() };
+        let mut all = if merge { self.guest_env("env set").await? } else { BTreeMap::new() };
         all.extend(vars.clone());
         smolvm_proto::env::check_total(&all)?;
         let names = match self.call_within(&Request::EnvSet { vars: vars.clone(), merge }, "env set", CALL_BOUND).await? {
@@ -2517,9 +2531,15 @@ impl Sandbox {
         if let Some((_lock, _, config)) = self.offline_config().await? {
             return Ok(config.env_vars);
         }
-        match self.call_within(&Request::EnvList, "env list", CALL_BOUND).await? {
+        self.guest_env("env list").await
+    }
+
+    /// The guest's managed variables, its errors (a hand-edited file it cannot read) said as
+    /// part of `what`, the request the user made.
+    async fn guest_env(&self, what: &str) -> Result<BTreeMap<String, String>> {
+        match self.call_within(&Request::EnvList, what, CALL_BOUND).await? {
             Reply::Env(vars) => Ok(vars),
-            other => Err(self.unexpected("env list", other)),
+            other => Err(self.unexpected(what, other)),
         }
     }
 
@@ -2727,8 +2747,7 @@ fn record_json(rec: &Record, paths: &SandboxPaths, store: &Store) -> Result<serd
         // What it actually got: NAT (with its address) or, without a lease, user/none.
         "network_mode": match (rec.lease, rec.config.network.as_deref()) {
             (Some(_), _) => "nat",
-            (None, Some("none")) => "none",
-            (None, Some("nat")) => "nat",
+            (None, Some(fixed @ ("none" | "nat" | "user"))) => fixed,
             (None, _) if rec.state.is_live() => "user",
             (None, _) => "unset",
         },
@@ -2829,6 +2848,16 @@ mod tests {
         assert_eq!(last_lines_of(b"a\nb\n", 5), b"a\nb\n");
         assert_eq!(last_lines_of(b"a\nb\n", 0), b"");
         assert_eq!(last_lines_of(b"", 3), b"");
+    }
+
+    #[test]
+    fn the_supervisor_keeps_no_variable_that_is_not_its_own() {
+        for kept in ["SMOLVM_LOG", "SMOLVM_ACCEL", "PATH", "HOME", "XDG_STATE_HOME", "TMPDIR"] {
+            assert!(supervisor_keeps(kept.as_ref()), "{kept}");
+        }
+        for dropped in ["OPENAI_API_KEY", "AWS_SECRET_ACCESS_KEY", "TOKEN", "smolvm_lower", "SSH_AUTH_SOCK"] {
+            assert!(!supervisor_keeps(dropped.as_ref()), "{dropped}");
+        }
     }
 
     /// A process that has exited: its identity can no longer be alive.

@@ -731,8 +731,10 @@ async fn supervise(id: &str) -> i32 {
                     let _ = store.add_port(id, p.guest, host);
                 }
                 Err((_, msg)) => {
+                    // (Recorded as said: `info` names the field too.)
+                    let msg = format!("invalid port_forwards: {msg}");
                     abandon(&mut child, &mut vsock, &paths, &mut dns, &mut plan, &store, id, &msg).await;
-                    return fail("validation", format!("invalid port_forwards: {msg}"), None);
+                    return fail("validation", msg, None);
                 }
             }
         }
