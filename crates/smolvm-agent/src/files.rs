@@ -74,7 +74,8 @@ fn uploads() -> MutexGuard<'static, HashMap<u32, Upload>> {
 
 fn io_error(what: &str, e: io::Error) -> Reply {
     let kind = match e.kind() {
-        io::ErrorKind::NotFound => ErrorKind::NotFound,
+        // (`/a/file/x`: no such path, as for a missing one.)
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => ErrorKind::NotFound,
         io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData => ErrorKind::Invalid,
         _ => ErrorKind::Failed,
     };
@@ -98,9 +99,19 @@ pub fn put_start(stream: u32, path: String, mode: u32, tar: bool, w: &Writer) {
         return w.send(stream, &Reply::error(ErrorKind::Invalid, format!("guest path must be absolute: {path:?}")));
     }
     let dest = PathBuf::from(&path);
-    // Said before the bytes travel, not by the rename at their end.
+    // Said before the bytes travel, not by the rename at their end (or, for a directory onto a
+    // file, as "File exists").
     if !tar && dest.is_dir() {
         return w.send(stream, &Reply::error(ErrorKind::Invalid, smolvm_proto::paths::upload_onto_directory(&path)));
+    }
+    if tar && fs::metadata(&dest).is_ok_and(|m| !m.is_dir()) {
+        return w.send(
+            stream,
+            &Reply::error(
+                ErrorKind::Invalid,
+                format!("{path} exists and is not a directory: a directory is uploaded into a directory or to a new path"),
+            ),
+        );
     }
     // Beside the destination, on its filesystem: a file is renamed into place, and an archive
     // (a directory) needs the destination's room, not RAM's (/run is a tmpfs).

@@ -41,7 +41,7 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Install missing host packages (Debian/Ubuntu).
+    /// Install missing host packages with apt (Debian 12; elsewhere see docs/host-setup.md).
     Setup {
         /// Do not ask before installing.
         #[arg(long, short)]
@@ -489,7 +489,8 @@ enum ImageCmd {
     Rm { name: String },
     /// Download a published image (not supported by this build yet: images are built locally).
     Pull { name: String },
-    /// Remove warm snapshots, build leftovers and all but the two newest initramfs and the newest root disk.
+    /// Remove warm snapshots, build leftovers, failed-build records, cached answers about kernel and
+    /// QEMU files, and all but the two newest initramfs and the newest disk of each image and busybox build.
     Prune,
 }
 
@@ -1225,6 +1226,8 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
         }
         SandboxCmd::Create { name, vm, no_start, .. } => {
             let boot_timeout = seconds(vm.boot_timeout, "boot_timeout")?;
+            // Refused as a start would refuse it, `--no-start` or not: it was asked for.
+            smolvm::config::check_boot_timeout(boot_timeout)?;
             let mut sb = Sandbox::create_in(dirs, vm_config(&vm, name)?, false)?;
             if !no_start {
                 let started = unless_interrupted(sb.start(boot_timeout, &progress)).await;
@@ -1600,13 +1603,22 @@ async fn unless_interrupted<T>(work: impl std::future::Future<Output = T>) -> Op
         signalled(SignalKind::hangup()).await;
         HUNG_UP.store(true, std::sync::atomic::Ordering::SeqCst);
     };
+    let by = |signal: i32| {
+        INTERRUPTED_BY.store(signal, std::sync::atomic::Ordering::SeqCst);
+        None
+    };
     tokio::select! {
         r = work => Some(r),
-        _ = signalled(SignalKind::interrupt()) => None,
-        _ = signalled(SignalKind::terminate()) => None,
-        () = hangup => None,
+        _ = signalled(SignalKind::interrupt()) => by(libc::SIGINT),
+        _ = signalled(SignalKind::terminate()) => by(libc::SIGTERM),
+        () = hangup => by(libc::SIGHUP),
     }
 }
+
+/// The signal that interrupted this command (`unless_interrupted`): it exits with 128 and its
+/// number, as a shell reports a command that the signal ended (130 for Ctrl-C, 143 for
+/// SIGTERM, 129 for SIGHUP).
+static INTERRUPTED_BY: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(libc::SIGINT);
 
 /// Whether SIGHUP was ignored when this process started (`nohup`), read before any handler of
 /// ours replaced that.
@@ -1789,8 +1801,8 @@ fn main() {
         Err(e) => {
             let code = match e {
                 Error::Timeout { .. } => 124,
-                // As a shell reports a command that SIGINT ended.
-                Error::Interrupted(_) => 130,
+                // As a shell reports a command that the signal ended.
+                Error::Interrupted(_) => 128 + INTERRUPTED_BY.load(std::sync::atomic::Ordering::SeqCst),
                 // As shells and `env` say of a command they found but could not run.
                 Error::CannotStart(_) => 126,
                 _ => 1,
@@ -1823,6 +1835,14 @@ fn info_text(info: &serde_json::Value) -> String {
             serde_json::Value::Array(items) if key == "ports" && !items.is_empty() => {
                 items.iter().map(|p| format!("127.0.0.1:{} -> {}", p["host"], p["guest"])).collect::<Vec<_>>().join(", ")
             }
+            serde_json::Value::Array(items) if key == "mounts" && !items.is_empty() => items
+                .iter()
+                .map(|m| {
+                    let mode = if m["writable"] == true { "rw" } else { "ro" };
+                    format!("{} -> {} ({mode})", m["host"].as_str().unwrap_or_default(), m["guest"].as_str().unwrap_or_default())
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
             serde_json::Value::Array(items) if items.iter().all(|i| i.is_string()) => {
                 if items.is_empty() {
                     continue;
@@ -1856,5 +1876,7 @@ mod tests {
         );
         let info = serde_json::json!({"id": "web", "ports": [{"guest": 8000, "host": 41549}, {"guest": 22, "host": 2222}]});
         assert_eq!(super::info_text(&info), "id     web\nports  127.0.0.1:41549 -> 8000, 127.0.0.1:2222 -> 22");
+        let info = serde_json::json!({"id": "m", "mounts": [{"host": "/src", "guest": "/workspace/src", "writable": false}]});
+        assert_eq!(super::info_text(&info), "id      m\nmounts  /src -> /workspace/src (ro)");
     }
 }

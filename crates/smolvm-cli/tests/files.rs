@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use nix::sys::signal::Signal;
 use smolvm::{RunOptions, Sandbox, VmConfig};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::Duration;
 
 fn opts() -> RunOptions {
@@ -64,15 +64,54 @@ async fn paths_modes_and_directories() {
     assert!(!env.tmp.path().join("made").exists(), "a failed download left the directories made for it");
     // A device has no end to read to.
     let err = sb.download("/dev/zero", &env.tmp.path().join("zero")).await.unwrap_err();
-    assert!(err.to_string().contains("/dev/zero is not a regular file or a directory"), "{err}");
+    assert_eq!(err.to_string(), "invalid guest_path: /dev/zero is not a regular file or a directory");
     assert!(!env.tmp.path().join("zero").exists());
+    // Through a file, as for a missing path (it was the agent's "Not a directory").
+    let err = sb.download("/etc/hostname/x", &env.tmp.path().join("x")).await.unwrap_err();
+    assert!(err.to_string().starts_with("invalid guest_path: reading /etc/hostname/x: Not a directory"), "{err}");
+    // On the host, a device or FIFO is not replaced by a regular file (`/dev/null` was), and a
+    // link is written through, as `cp` does.
+    let fifo = env.tmp.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let err = sb.download("/etc/hostname", &fifo).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("invalid local_path: {} is not a regular file or a directory (a download writes one)", fifo.display())
+    );
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    let err = sb.download("/etc/hostname", std::path::Path::new("/dev/null")).await.unwrap_err();
+    assert!(err.to_string().starts_with("invalid local_path: /dev/null is not a regular file"), "{err}");
+    assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+    let (target, link) = (env.tmp.path().join("target.txt"), env.tmp.path().join("link"));
+    std::fs::write(&target, "old\n").unwrap();
+    std::os::unix::fs::symlink("target.txt", &link).unwrap();
+    sb.download("/etc/hostname", &link).await.unwrap();
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), sb.run("cat /etc/hostname", &opts()).await.unwrap().stdout);
+    // A tree holding what cannot travel is refused before anything is sent; a directory onto a
+    // guest file is named as such (it was "File exists").
+    let odd = env.tmp.path().join("odd");
+    std::fs::create_dir(&odd).unwrap();
+    nix::unistd::mkfifo(&odd.join("p"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let err = sb.upload(&odd, "/tmp/odd").await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("invalid local_path: {}: refused tar entry \"p\": only files, directories and links are transferred", odd.display())
+    );
+    std::fs::remove_file(odd.join("p")).unwrap();
+    sb.run("touch /tmp/afile", &opts()).await.unwrap();
+    let err = sb.upload(&odd, "/tmp/afile").await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid guest_path: /tmp/afile exists and is not a directory: a directory is uploaded into a directory or to a new path"
+    );
     // A file where a parent directory would go is named, on either side (it was "File exists").
     sb.run("touch /tmp/plain", &opts()).await.unwrap();
     let err = sb.upload(&local, "/tmp/plain/child").await.unwrap_err();
     assert_eq!(err.to_string(), "invalid guest_path: receiving /tmp/plain/child: /tmp/plain is not a directory");
     // A file onto a directory: said before the bytes travel (it was the rename's "Is a directory").
     let err = sb.upload(&local, "/tmp").await.unwrap_err();
-    assert_eq!(err.to_string(), "invalid guest_path: /tmp is a directory (end the path with / to upload into it)");
+    assert_eq!(err.to_string(), "invalid guest_path: /tmp is a directory; to upload into it, give /tmp/");
     let err = sb.download("/etc/hostname", &local.join("sub/x")).await.unwrap_err();
     assert_eq!(err.to_string(), format!("invalid local_path: {} is not a directory", local.display()));
     // A directory that cannot be written to is named, not the download's temporary file.

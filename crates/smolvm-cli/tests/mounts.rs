@@ -84,6 +84,10 @@ async fn a_read_only_mount_shows_the_hosts_files_live_and_refuses_writes() {
         ..Default::default()
     };
     let sb = env.boot(config).await;
+    // `info` says what is shared, and where.
+    let info = sb.info().await.unwrap();
+    assert_eq!(info["mounts"][0], serde_json::json!({"host": share, "guest": "/workspace/project", "writable": false}));
+    assert_eq!(info["mounts"][1]["guest"], "/mnt/my data");
     // The default guest path is /workspace/<the directory's name>; the first command sees it.
     let script =
         "cat /workspace/project/src/main.txt; cat '/mnt/my data/a.csv'; mountpoint -q /srv/c && mountpoint -q /root/d && echo four";
@@ -118,9 +122,15 @@ async fn a_read_only_mount_shows_the_hosts_files_live_and_refuses_writes() {
     std::fs::copy(&probe, share.join("splice-poll")).unwrap();
     let r = sb.run("cp /workspace/project/splice-poll /tmp/ && /tmp/splice-poll /workspace/project/added.txt 100", &opts()).await.unwrap();
     assert_eq!((r.exit_code, r.stdout.as_str()), (0, "read 600, readable but empty 0\n"), "{}", r.stderr);
-    // Mounted shares cannot be saved whole; a disk snapshot is allowed.
-    let err = sb.snapshot(None, "full").await.unwrap_err();
-    assert!(err.to_string().starts_with("invalid snapshot_type: a sandbox with mounts can only be saved as 'disk'"), "{err}");
+    // Mounted shares cannot be saved whole, and the default image has no disk to save: said as
+    // such either way (each used to point at the other kind).
+    for kind in ["full", "disk"] {
+        let err = sb.snapshot(None, kind).await.unwrap_err().to_string();
+        assert!(
+            err.starts_with("invalid snapshot_type: this sandbox cannot be saved: with mounts only a 'disk' snapshot"),
+            "{kind}: {err}"
+        );
+    }
     sb.delete().await.unwrap();
     assert!(env.qemu_processes().is_empty());
 }

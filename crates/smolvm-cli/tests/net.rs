@@ -248,6 +248,11 @@ async fn sandboxes_cannot_reach_each_other_or_the_host_and_exposed_ports_work() 
         (Some(true), Some(8000), Some(u64::from(again))),
         "{v}"
     );
+    // Closed in JSON too, and again by the library.
+    let out = env.smolvm(&["sandbox", "port", "close", one.id(), "8000", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!((v["ok"].as_bool(), v["data"]["closed"].as_u64()), (Some(true), Some(8000)), "{v}");
+    let again = one.expose_local(8000, Some(again)).await.unwrap();
     // `list --json` shows it, as `info` does (it left the ports out).
     let out = env.smolvm(&["sandbox", "list", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -403,7 +408,7 @@ async fn user_mode_networking_and_none() {
     let _serial = serial();
     let env = env();
     let lab = Lab::new(&env);
-    let user = env
+    let mut user = env
         .boot(VmConfig { network: Some("user".into()), port_forwards: vec![PortForward { guest: 8000, host: None }], ..Default::default() })
         .await;
     assert_eq!(
@@ -415,6 +420,9 @@ async fn user_mode_networking_and_none() {
     assert!(wait_until(Duration::from_secs(10), || sh(&format!(
         "python3 -c \"import urllib.request as u; assert b'user-mode' in u.urlopen('http://127.0.0.1:{host}/').read()\""
     ))));
+    assert_eq!(user.info().await.unwrap()["network_mode"], "user");
+    // Fixed by its config, the mode is said while it is stopped too (it was "unset").
+    user.stop(Duration::from_secs(3)).await.unwrap();
     assert_eq!(user.info().await.unwrap()["network_mode"], "user");
     let none = env.boot(VmConfig { network: Some("none".into()), ..Default::default() }).await;
     assert_eq!(none.run(&fetch(&format!("http://{}:8080/", lab.hosts[0])), &opts()).await.unwrap().stdout, "FAILED\n");

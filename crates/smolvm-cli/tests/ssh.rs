@@ -184,7 +184,7 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
     sb.run("mkdir -p /data/in/taken", &opts()).await.unwrap();
     sb.set_channel(Channel::Ssh);
     let e = sb.upload(&local, "/data/in/taken").await.unwrap_err();
-    assert_eq!(e.to_string(), "invalid guest_path: /data/in/taken is a directory (end the path with / to upload into it)");
+    assert_eq!(e.to_string(), "invalid guest_path: /data/in/taken is a directory; to upload into it, give /data/in/taken/");
     sb.set_channel(Channel::Agent);
     let r = sb.run("ls -A /data/in /data/in/taken", &opts()).await.unwrap();
     assert_eq!(r.stdout, "/data/in:\nbig.bin\ntaken\n\n/data/in/taken:\n", "{}", r.stderr);

@@ -585,10 +585,13 @@ async fn login_and_raw_shells_and_lifecycle_states() {
     let out = env.smolvm(&["sandbox", "exec", "--cwd", "etc", "life", "--", "pwd"]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(stderr(&out), "error: invalid cwd: \"etc\" is not an absolute guest path\n");
-    let r = sb.run("hostname; nproc; grep MemTotal /proc/meminfo", &opts(10)).await.unwrap();
+    let r = sb.run("hostname; nproc; grep MemTotal /proc/meminfo; stat -c %a / /tmp", &opts(10)).await.unwrap();
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert_eq!(lines[0], "life");
     assert_eq!(lines[1], "1");
+    // Only /tmp is everyone's to write in (/ was: the kernel's tmpfs root keeps 1777 unless
+    // the initramfs says otherwise).
+    assert_eq!(lines[3..], ["755", "1777"], "{}", r.stdout);
     // Another process (the CLI) reaches the same sandbox through its supervisor.
     let out = env.smolvm(&["sandbox", "exec", "life", "--", "echo", "via", "cli"]);
     assert_eq!(stdout(&out), "via cli\n");
@@ -668,6 +671,13 @@ fn bad_input_names_the_field_and_leaves_nothing() {
     // A bad accelerator is bad input, named as such (it was a host error).
     let out = env.cli().args(["run", "true"]).env("SMOLVM_ACCEL", "bogus").output().unwrap();
     assert_eq!(stderr(&out), "error: invalid SMOLVM_ACCEL: \"bogus\" is not allowed (allowed: kvm, tcg, auto)\n");
+    // `doctor` says it alike.
+    let out = env.cli().args(["doctor"]).env("SMOLVM_ACCEL", "bogus").output().unwrap();
+    assert!(
+        stdout(&out).contains("[fail] accelerator     invalid SMOLVM_ACCEL: \"bogus\" is not allowed (allowed: kvm, tcg, auto)"),
+        "{}",
+        stdout(&out)
+    );
     assert!(env.qemu_processes().is_empty());
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
     let store = smolvm::store::Store::open(&env.dirs.data).unwrap();
@@ -1644,14 +1654,14 @@ fn an_interrupted_create_or_start_leaves_nothing_running() {
     assert!(env.qemu_processes().is_empty());
 
     // `run`: SIGTERM during its boot, Ctrl-C during its command. Each ends with its error and
-    // 130 (they died of the signal, saying nothing), and leaves nothing.
+    // 128 + the signal (143, 130: as a shell reports one the signal ended), and leaves nothing.
     let out = {
         let child = env.cli().args(["run", "--initrd", initrd, "true"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         assert!(env.init_waits(), "no boot under way");
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
         child.wait_with_output().unwrap()
     };
-    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
     assert_eq!(stderr(&out), "error: interrupted: the command was ended, and its sandbox removed\n");
     // SIGHUP (its terminal closed) as Ctrl-C, even twice (a shell passes one on, and the kernel
     // sends another as the session ends): the second does not cut the undoing short.
@@ -1670,7 +1680,7 @@ fn an_interrupted_create_or_start_leaves_nothing_running() {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP);
         child.wait_with_output().unwrap()
     };
-    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(129), "{}", stderr(&out));
     assert!(stderr(&out).contains("interrupted: the sandbox 'hup' was not started, and is removed"), "{}", stderr(&out));
     assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
     // Under `nohup` (SIGHUP ignored), a hangup is no interrupt: the command runs to its end.
@@ -1876,6 +1886,11 @@ fn boot_settings_that_cannot_work_are_refused_up_front() {
         (vec!["run", "--boot-args", &long, "true"], "invalid boot_args: 400 bytes is too long (allowed: up to 384;"),
         (vec!["run", "--boot-timeout", "0.5", "true"], "invalid boot_timeout: must be at least 1 second"),
         (vec!["sandbox", "create", "--name", "b1", "--boot-timeout", "1e-9"], "invalid boot_timeout: must be at least 1 second"),
+        // Asked for, it is checked without a start too.
+        (
+            vec!["sandbox", "create", "--name", "b2", "--no-start", "--boot-timeout", "0.5"],
+            "invalid boot_timeout: must be at least 1 second",
+        ),
     ] {
         let out = env.smolvm(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");

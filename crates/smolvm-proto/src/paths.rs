@@ -5,7 +5,9 @@
 /// A file uploaded onto a directory, which it would not replace: said alike over the agent and
 /// over SFTP (whose own word for it is "Failure").
 pub fn upload_onto_directory(path: &str) -> String {
-    format!("{path} is a directory (end the path with / to upload into it)")
+    // (The path said, not "end it with /": one that already ends so, "/" itself, named the
+    // directory's own name as the target.)
+    format!("{path} is a directory; to upload into it, give {}/", path.trim_end_matches('/'))
 }
 
 /// Guest paths are absolute; a trailing `/` means "into this directory, same file name".

@@ -581,7 +581,7 @@ def test_upload_and_download_files(no_leftovers, tmp_path):
         assert (tmp_path / "out.bin").read_bytes() == payload
         with pytest.raises(ValidationError, match="absolute"):
             vm.upload_file(src, "work/in.bin")
-        with pytest.raises(ValidationError, match=r"^invalid guest_path: /work is a directory \(end the path with / to upload into it\)$"):
+        with pytest.raises(ValidationError, match=r"^invalid guest_path: /work is a directory; to upload into it, give /work/$"):
             vm.upload_file(src, "/work")
         # A FIFO has no end to read to: refused, not read for ever.
         fifo = tmp_path / "fifo"

@@ -69,6 +69,10 @@ pub fn check_tree(dir: &Path) -> io::Result<()> {
                     .map_err(|e| invalid(format!("refused tar entry: {e}")))?;
             } else if kind.is_dir() {
                 visit(root, &path)?;
+            } else if !kind.is_file() {
+                // (The tar crate cannot pack a socket, and the guest refuses FIFOs and devices.)
+                let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().into_owned();
+                return Err(invalid(format!("refused tar entry {rel:?}: only files, directories and links are transferred")));
             }
         }
         Ok(())
@@ -78,6 +82,30 @@ pub fn check_tree(dir: &Path) -> io::Result<()> {
 
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// A refusal for what the target already holds (a symlink on an entry's way), not for what the
+/// archive holds: the extracting side's own doing, which it reports as such.
+#[derive(Debug)]
+pub struct InTarget(String);
+
+impl std::fmt::Display for InTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InTarget {}
+
+impl InTarget {
+    /// Whether `e` is such a refusal.
+    pub fn is(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|inner| inner.is::<InTarget>())
+    }
+}
+
+fn in_target(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, InTarget(msg))
 }
 
 /// Check every entry of the archive in `file`, then extract it into `dest` (created if
@@ -136,14 +164,14 @@ fn check_links(seen: &[Seen], dest: &Path) -> io::Result<()> {
                 return Err(invalid(format!("refused tar entry {:?}: a hard link to the archive's own symlink {end:?}", e.path)));
             }
             if !e.symlink && is_link_on_disk(&end) {
-                return Err(invalid(format!("refused tar entry {:?}: a hard link to {end:?}, a symlink already in the target", e.path)));
+                return Err(in_target(format!("refused tar entry {:?}: a hard link to {end:?}, a symlink already in the target", e.path)));
             }
         }
         if let Some(l) = through.iter().find(|p| links.contains(p.as_str())) {
             return Err(invalid(format!("refused tar entry {:?}: it leads through the archive's own symlink {l:?}", e.path)));
         }
         if let Some(l) = through.iter().find(|p| !p.is_empty() && is_link_on_disk(p)) {
-            return Err(invalid(format!("refused tar entry {:?}: it leads through {l:?}, a symlink already in the target", e.path)));
+            return Err(in_target(format!("refused tar entry {:?}: it leads through {l:?}, a symlink already in the target", e.path)));
         }
     }
     Ok(())
@@ -384,6 +412,22 @@ mod tests {
     }
 
     #[test]
+    fn a_tree_with_what_cannot_travel_is_refused_before_packing() {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir(t.path().join("d")).unwrap();
+        fs::write(t.path().join("d/f"), "x").unwrap();
+        check_tree(t.path()).unwrap();
+        let fifo = t.path().join("d/p");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let err = check_tree(t.path()).unwrap_err();
+        assert_eq!(err.to_string(), "refused tar entry \"d/p\": only files, directories and links are transferred");
+        assert!(!InTarget::is(&err));
+        fs::remove_file(&fifo).unwrap();
+        let _socket = std::os::unix::net::UnixListener::bind(t.path().join("s")).unwrap();
+        assert!(check_tree(t.path()).unwrap_err().to_string().contains("\"s\": only files"));
+    }
+
+    #[test]
     fn a_path_through_a_link_already_in_the_target_is_refused() {
         let t = tempfile::tempdir().unwrap();
         let dest = t.path().join("out");
@@ -400,8 +444,10 @@ mod tests {
                 tar::EntryType::Regular => b.append_data(&mut header(kind, 1), entry, &b"x"[..]).unwrap(),
                 _ => b.append_link(&mut header(kind, 0), entry, what).unwrap(),
             });
-            let err = unpack_checked(&mut f, &dest, false).unwrap_err().to_string();
-            assert!(err.contains("a symlink already in the target"), "{entry}: {err}");
+            let err = unpack_checked(&mut f, &dest, false).unwrap_err();
+            // The target's doing, not the archive's: the extracting side says it as its own.
+            assert!(InTarget::is(&err), "{entry}: {err}");
+            assert!(err.to_string().contains("a symlink already in the target"), "{entry}: {err}");
             assert_eq!(fs::read_dir(&dest).unwrap().count(), 1, "{entry}: something was written");
         }
         // Pointing at it is fine.

@@ -149,11 +149,18 @@ pub(crate) fn validate_mounts(mounts: &[Mount]) -> Result<()> {
             return Err(Error::validation("mounts", format!("{} needs a guest path (HOST:GUEST)", m.host.display())));
         }
         let guest = m.guest_path();
-        let clean = guest.starts_with('/')
-            && guest.len() > 1
-            && !guest.ends_with('/')
-            && guest.split('/').skip(1).all(|c| !c.is_empty() && c != "." && c != "..")
-            && !guest.chars().any(|c| c.is_control());
+        // Each refusal says the rule it broke.
+        if guest == "/" {
+            return Err(Error::validation(
+                "mounts",
+                "guest path \"/\" is the guest's root, which a mount cannot replace (use e.g. /workspace or /mnt)",
+            ));
+        }
+        if guest.chars().any(|c| c.is_control()) {
+            return Err(Error::validation("mounts", format!("guest path {guest:?} contains a control character")));
+        }
+        let clean =
+            guest.starts_with('/') && !guest.ends_with('/') && guest.split('/').skip(1).all(|c| !c.is_empty() && c != "." && c != "..");
         if !clean {
             return Err(Error::validation(
                 "mounts",
@@ -624,11 +631,15 @@ fn parse_snapshot_bandwidth(value: Option<&str>) -> Result<Option<u64>> {
     }
 }
 
+/// `SMOLVM_ACCEL` as asked (None: auto), a bad value said as bad input, as `doctor` says it too.
+pub fn accel_setting() -> Result<Option<crate::vmm::Accel>> {
+    crate::vmm::requested_accel().map_err(|m| Error::validation("SMOLVM_ACCEL", m.trim_start_matches("SMOLVM_ACCEL=").to_string()))
+}
+
 /// The settings each sandbox's supervisor reads from its environment when it starts, checked by
 /// the starter: a bad value is the starter's error, not a dead sandbox.
 pub fn check_supervisor_settings() -> Result<()> {
-    // Bad input, said as such (it was a host error).
-    crate::vmm::requested_accel().map_err(|m| Error::validation("SMOLVM_ACCEL", m.trim_start_matches("SMOLVM_ACCEL=").to_string()))?;
+    accel_setting()?;
     control_timeout()?;
     snapshot_bandwidth()?;
     crate::net::dns_upstream_setting()?;
@@ -780,7 +791,8 @@ mod tests {
             (vec![m(&a, Some("/etc"))], "guest path \"/etc\" is in /etc"),
             (vec![m(&a, Some("/init"))], "guest path \"/init\" is in /init"),
             (vec![m(&a, Some("/linuxrc"))], "guest path \"/linuxrc\" is in /linuxrc"),
-            (vec![m(&a, Some("/"))], "guest path \"/\" must be absolute"),
+            (vec![m(&a, Some("/"))], "guest path \"/\" is the guest's root, which a mount cannot replace"),
+            (vec![m(&a, Some("/mnt/new\nline"))], "guest path \"/mnt/new\\nline\" contains a control character"),
             (vec![m(&a, Some("/mnt/../etc"))], "guest path \"/mnt/../etc\" must be absolute"),
             (vec![m(&a, Some("/mnt//x"))], "guest path \"/mnt//x\" must be absolute"),
             (vec![m(&a, Some("mnt"))], "guest path \"mnt\" must be absolute"),

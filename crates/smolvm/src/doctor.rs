@@ -55,6 +55,8 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
             check("accelerator", "warn", format!("TCG software emulation: {why}"), Some(&fix))
         }
         Err(e) => {
+            // A value that is none of the allowed ones, as a command would refuse it.
+            let e = crate::config::accel_setting().err().map(|bad| bad.to_string()).unwrap_or(e);
             // KVM asked for and not usable: the way back to TCG, and to KVM for that reason.
             let for_kvm = crate::vmm::kvm_usable().err().map(|why| format!("; for KVM, {}", way_to_kvm(&why))).unwrap_or_default();
             check(

@@ -27,7 +27,7 @@ pub const KERNEL_PATCHES: [(&str, &str, (&str, &str)); 1] =
 const KERNEL_TOOLS: [&str; 8] = ["make", "gcc", "flex", "bison", "bc", "tar", "xz", "patch"];
 /// Bump when the way an artifact is built changes without its inputs changing.
 const KERNEL_RECIPE: &str = "kernel-recipe-1";
-const INITRAMFS_RECIPE: &str = "initramfs-recipe-1";
+const INITRAMFS_RECIPE: &str = "initramfs-recipe-2";
 /// Marks a cache entry that came from a published source rather than a local build.
 const PUBLISHED_MARK: &str = ".published";
 
@@ -1131,6 +1131,8 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
 /// The initramfs: agent as /init, busybox with a link per applet, a tiny /etc.
 pub fn initramfs_archive(agent: &[u8], busybox: &[u8], applets: &str, modules: &[(String, Vec<u8>)]) -> Vec<u8> {
     let mut c = Cpio::default();
+    // `/` itself: else the kernel's tmpfs root keeps its default, 1777 (anyone may write there).
+    c.dir(".", 0o755);
     for d in DIRS {
         c.dir(
             d,
@@ -1479,5 +1481,8 @@ mod tests {
         assert!(text.contains("AGENT"));
         assert!(text.contains("TRAILER!!!"));
         assert!(text.contains("lib/modules/smolvm.order\0") && text.contains("virtio.ko\n"));
+        // The root's own entry comes first, as a directory of mode 0755 (fields: magic, ino, mode).
+        assert_eq!(&bytes[..22], b"07070100000001000041ed");
+        assert_eq!(&bytes[110..112], b".\0");
     }
 }

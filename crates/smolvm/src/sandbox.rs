@@ -746,6 +746,29 @@ fn keep_output(kept: &mut Vec<u8>, piece: &[u8], opts: &RunOptions, stream: &'st
 
 /// A name for a download in progress, beside its destination: unique per download, so that
 /// downloads from several sandboxes into one directory at once never share a file.
+/// Where a download to `dest` goes: through a symbolic link there to what it names (as `cp`
+/// writes), and refused where that is a device, a FIFO or a socket, which the download's rename
+/// would replace with a regular file (`/dev/null` among them).
+fn download_destination(dest: PathBuf) -> Result<PathBuf> {
+    let dest = match std::fs::symlink_metadata(&dest) {
+        Ok(m) if m.file_type().is_symlink() => match std::fs::canonicalize(&dest) {
+            Ok(target) => target,
+            // A dangling link: the file it names is made.
+            Err(_) => {
+                let target = std::fs::read_link(&dest).ctx(|| format!("reading the link {}", dest.display()))?;
+                dest.parent().map(|p| p.join(&target)).unwrap_or(target)
+            }
+        },
+        _ => dest,
+    };
+    match std::fs::metadata(&dest) {
+        Ok(m) if !m.is_file() && !m.is_dir() => {
+            Err(Error::validation("local_path", format!("{} is not a regular file or a directory (a download writes one)", dest.display())))
+        }
+        _ => Ok(dest),
+    }
+}
+
 fn download_temp(parent: &Path) -> PathBuf {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1098,6 +1121,8 @@ impl Sandbox {
         let q35 = crate::vmm::qemu::choose_machine(&self.dirs, Some(&image.kernel))? == crate::vmm::qemu::Machine::Q35;
         let mut spec =
             BootSpec { image, accel, boot_timeout_ms: boot_timeout.as_millis() as u64, verbose_boot, restore: None, ram: None, vsock, q35 };
+        // No program to supervise with: said once, not as a warm start's failure first.
+        smolvm_binary()?;
         // Warm templates are saved microvm VMs, and a VM with a vhost-user device cannot be
         // saved at all.
         let mut no_template = None;
@@ -1519,6 +1544,13 @@ impl Sandbox {
             return Err(Error::validation("snapshot_id", format!("snapshot '{id}' already exists")));
         }
         let rec = self.record()?;
+        if !rec.config.workspace_mounts.is_empty() && !rec.config.has_root_disk() {
+            // Neither kind can be had: say so, not "use the other one" each way round.
+            return Err(Error::validation(
+                "snapshot_type",
+                "this sandbox cannot be saved: with mounts only a 'disk' snapshot can be taken (QEMU cannot save a mounted 9p share's state), and the default image has no root disk; create the sandbox without mounts, or from an image with a root disk (e.g. debian-ssh)",
+            ));
+        }
         if kind == SnapshotKind::Full && !rec.config.workspace_mounts.is_empty() {
             return Err(Error::validation(
                 "snapshot_type",
@@ -2029,7 +2061,7 @@ impl Sandbox {
         let (mode, tar) = (std::os::unix::fs::PermissionsExt::mode(&meta.permissions()), meta.is_dir());
         if self.channel == Channel::Ssh && !tar {
             let parent = Path::new(&target).parent().unwrap_or(Path::new("/"));
-            let q = crate::ssh::sftp_quote;
+            let q = |p: &str| crate::ssh::sftp_quote(p, "guest_path");
             // Absolute, so that no local path can start with '-' and read as an option.
             let local = std::path::absolute(local).ctx(|| format!("resolving {}", local.display()))?;
             // Beside the target, then renamed into place, as the agent does: whole or not at
@@ -2040,7 +2072,7 @@ impl Sandbox {
             let batch = format!(
                 "{}put -p {} {}\nchmod {:o} {}\nrename {} {}\n",
                 crate::ssh::sftp_mkdirs(parent)?,
-                q(&local.to_string_lossy())?,
+                crate::ssh::sftp_quote(&local.to_string_lossy(), "local_path")?,
                 q(&tmp)?,
                 mode & 0o7777,
                 q(&tmp)?,
@@ -2185,6 +2217,10 @@ impl Sandbox {
             std::io::ErrorKind::InvalidInput => Error::validation("local_path", e.to_string()),
             _ => Error::Io { context: format!("creating {}", parent.display()), source: e },
         })?;
+        // Written where a link there points, and in place of nothing but a file or a directory;
+        // the new file is made beside the one it replaces, to be renamed over it.
+        let dest = download_destination(dest)?;
+        let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
         if self.channel == Channel::Ssh && !guest.ends_with('/') {
             match self.download_sftp(guest, &parent, &dest).await {
                 // OpenSSH: "not a regular file" (newer) or "non-regular file" (older).
@@ -2231,7 +2267,10 @@ impl Sandbox {
                         file.set_len(size).await.ctx(|| format!("writing {}", tmp.display()))?;
                         return Ok((mode, tar));
                     }
-                    Some(Reply::Error { kind: ErrorKind::NotFound, message }) => return Err(Error::validation("guest_path", message)),
+                    // Missing, or not a file or a directory (a device, a FIFO).
+                    Some(Reply::Error { kind: ErrorKind::NotFound | ErrorKind::Invalid, message }) => {
+                        return Err(Error::validation("guest_path", message))
+                    }
                     Some(Reply::Error { kind: ErrorKind::Closed, message }) => {
                         return Err(self.closed(&message, "during the download").await)
                     }
@@ -2267,7 +2306,7 @@ impl Sandbox {
                             | K::DirectoryNotEmpty
                             | K::FileTooLarge
                             | K::Interrupted
-                    );
+                    ) || smolvm_tar::InTarget::is(&e);
                     if host {
                         Error::Io { context: format!("extracting {guest} into {}", dest.display()), source: e }
                     } else {
@@ -2299,7 +2338,7 @@ impl Sandbox {
         let _remove = RemoveDirOnDrop(dir.clone());
         let tmp = dir.join("file");
         let q = crate::ssh::sftp_quote;
-        self.sftp(format!("get -p {} {}\n", q(guest)?, q(&tmp.to_string_lossy())?)).await?;
+        self.sftp(format!("get -p {} {}\n", q(guest, "guest_path")?, q(&tmp.to_string_lossy(), "local_path")?)).await?;
         let meta = std::fs::symlink_metadata(&tmp).ctx(|| format!("reading {}", tmp.display()))?;
         std::fs::set_permissions(&tmp, PermissionsExt::from_mode(meta.permissions().mode() & 0o777))
             .and_then(|_| std::fs::rename(&tmp, dest))
@@ -2753,6 +2792,12 @@ fn record_json(rec: &Record, paths: &SandboxPaths, store: &Store) -> Result<serd
         },
         "guest_ip": rec.lease.map(|l| crate::net::Lease(l).guest().to_string()),
         "internet_settings": rec.config.internet_settings,
+        // Host directories are the caller's own paths, no secret: where each is in the guest.
+        "mounts": rec.config.workspace_mounts.iter().map(|m| serde_json::json!({
+            "host": m.host,
+            "guest": m.guest_path(),
+            "writable": rec.config.writable_mounts,
+        })).collect::<Vec<_>>(),
         "console_log": paths.console,
         "ports": ports,
     }))

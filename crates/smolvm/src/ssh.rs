@@ -243,10 +243,11 @@ pub fn remote_command(command: &str, login: bool, timeout_secs: u64, cwd: Option
 }
 
 /// A path quoted for an sftp batch line. A line break (or any control character) would end the
-/// line and start a command of its own, and sftp runs `!command` lines on the host: refused.
-pub fn sftp_quote(p: &str) -> Result<String> {
+/// line and start a command of its own, and sftp runs `!command` lines on the host: refused,
+/// as the caller's `field` (the guest's or the local path).
+pub fn sftp_quote(p: &str, field: &'static str) -> Result<String> {
     if p.chars().any(char::is_control) {
-        return Err(Error::validation("path", format!("{p:?} contains a control character, which SFTP transfers cannot carry")));
+        return Err(Error::validation(field, format!("{p:?} contains a control character, which SFTP transfers cannot carry")));
     }
     Ok(format!("\"{}\"", p.replace('\\', "\\\\").replace('"', "\\\"")))
 }
@@ -257,7 +258,7 @@ pub fn sftp_mkdirs(dir: &Path) -> Result<String> {
     let mut cur = PathBuf::from("/");
     for c in dir.components().skip(1) {
         cur.push(c);
-        out.push_str(&format!("-mkdir {}\n", sftp_quote(&cur.to_string_lossy())?));
+        out.push_str(&format!("-mkdir {}\n", sftp_quote(&cur.to_string_lossy(), "guest_path")?));
     }
     Ok(out)
 }
@@ -430,12 +431,12 @@ mod tests {
 
     #[test]
     fn sftp_lines() {
-        assert_eq!(sftp_quote(r#"/a "b"\c"#).unwrap(), r#""/a \"b\"\\c""#);
+        assert_eq!(sftp_quote(r#"/a "b"\c"#, "guest_path").unwrap(), r#""/a \"b\"\\c""#);
         assert_eq!(sftp_mkdirs(Path::new("/a/b")).unwrap(), "-mkdir \"/a\"\n-mkdir \"/a/b\"\n");
         // A line break would start a batch line of its own: `!cmd` runs on the host.
         for bad in ["/tmp/a\n!touch /tmp/pwned #/f", "/tmp/a\rb", "/tmp/\u{7f}"] {
-            let err = sftp_quote(bad).unwrap_err().to_string();
-            assert!(err.contains("control character"), "{err}");
+            let err = sftp_quote(bad, "local_path").unwrap_err().to_string();
+            assert!(err.starts_with("invalid local_path: ") && err.contains("control character"), "{err}");
         }
         assert!(sftp_mkdirs(Path::new("/a\n!x/b")).is_err());
     }
