@@ -104,7 +104,8 @@ pub fn put_start(stream: u32, path: String, mode: u32, tar: bool, w: &Writer) {
     if !tar && dest.is_dir() {
         return w.send(stream, &Reply::error(ErrorKind::Invalid, smolvm_proto::paths::upload_onto_directory(&path)));
     }
-    if tar && fs::metadata(&dest).is_ok_and(|m| !m.is_dir()) {
+    // (Through a link to a directory is into it; a link to nothing, or a loop, is in the way.)
+    if tar && fs::symlink_metadata(&dest).is_ok() && !fs::metadata(&dest).is_ok_and(|m| m.is_dir()) {
         return w.send(
             stream,
             &Reply::error(

@@ -1212,10 +1212,11 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
     match cmd {
         SandboxCmd::Ssh { name, command } => {
             let sb = Sandbox::open_in(dirs, &name).await?;
-            // A command runs in a shell of its own, whose server-side shell exits with its code
-            // (128+N for a signal, as over the agent; the server would report the signal, and
-            // ssh exit 255, which reads as ssh's own failure).
-            let remote = (!command.is_empty()).then(|| smolvm::ssh::remote_command(&command_line(&command), false, 0, None));
+            // A command runs in a login shell of its own, as `exec` runs one (the sandbox's
+            // variables are in its profile), whose server-side shell exits with its code (128+N
+            // for a signal, as over the agent; the server would report the signal, and ssh exit
+            // 255, which reads as ssh's own failure).
+            let remote = (!command.is_empty()).then(|| smolvm::ssh::remote_command(&command_line(&command), true, 0, None));
             let tty = remote.is_none() && std::io::IsTerminal::is_terminal(&std::io::stdin());
             ssh_session(&sb, remote.as_deref(), tty)
         }
@@ -1839,7 +1840,9 @@ fn info_text(info: &serde_json::Value) -> String {
                 .iter()
                 .map(|m| {
                     let mode = if m["writable"] == true { "rw" } else { "ro" };
-                    format!("{} -> {} ({mode})", m["host"].as_str().unwrap_or_default(), m["guest"].as_str().unwrap_or_default())
+                    // (A directory's name may hold what would act on the terminal.)
+                    let shown = |v: &serde_json::Value| smolvm::error::printable(v.as_str().unwrap_or_default(), usize::MAX);
+                    format!("{} -> {} ({mode})", shown(&m["host"]), shown(&m["guest"]))
                 })
                 .collect::<Vec<_>>()
                 .join(", "),

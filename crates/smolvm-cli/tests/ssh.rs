@@ -332,6 +332,10 @@ fn debian_ssh_image_over_the_cli() {
     let out = env.cli().args(["sandbox", "ssh", "deb", "--", "echo", "via-ssh"]).stdin(std::process::Stdio::null()).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "via-ssh\n", "{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success());
+    // In a login shell, as `exec`: the sandbox's variables are there (they were not).
+    assert!(env.smolvm(&["sandbox", "env", "set", "deb", "FOO=from smolvm"]).status.success());
+    let out = env.cli().args(["sandbox", "ssh", "deb", "--", "echo [$FOO]"]).stdin(std::process::Stdio::null()).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "[from smolvm]\n", "{}", String::from_utf8_lossy(&out.stderr));
     // A command a signal ends exits 128+N, as over the agent (ssh's 255 read as its own failure).
     let out = env.cli().args(["sandbox", "ssh", "deb", "--", "kill -9 $$"]).stdin(std::process::Stdio::null()).output().unwrap();
     assert_eq!(out.status.code(), Some(137), "{}", String::from_utf8_lossy(&out.stderr));

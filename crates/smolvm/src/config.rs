@@ -157,7 +157,10 @@ pub(crate) fn validate_mounts(mounts: &[Mount]) -> Result<()> {
             ));
         }
         if guest.chars().any(|c| c.is_control()) {
-            return Err(Error::validation("mounts", format!("guest path {guest:?} contains a control character")));
+            return Err(Error::validation(
+                "mounts",
+                format!("guest path {guest:?} contains a control character (allowed: printable characters)"),
+            ));
         }
         let clean =
             guest.starts_with('/') && !guest.ends_with('/') && guest.split('/').skip(1).all(|c| !c.is_empty() && c != "." && c != "..");
@@ -326,6 +329,24 @@ fn check_file(field: &'static str, path: &Option<PathBuf>) -> Result<()> {
     }
 }
 
+/// A kernel QEMU can boot is an ELF `vmlinux` (PVH) or a bzImage (`vmlinuz`, its setup header
+/// says "HdrS"). Anything else failed in QEMU with words about something else ("linux kernel
+/// too old to load a ram disk").
+fn check_kernel(path: &std::path::Path) -> Result<()> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(0x206);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(0x206).read_to_end(&mut head))
+        .map_err(|e| Error::validation("kernel_path", format!("{}: {e}", path.display())))?;
+    if head.starts_with(b"\x7fELF") || head.get(0x202..0x206) == Some(b"HdrS".as_slice()) {
+        return Ok(());
+    }
+    Err(Error::validation(
+        "kernel_path",
+        format!("{} is not a Linux kernel (allowed: an ELF vmlinux or a bzImage such as /boot/vmlinuz-*)", path.display()),
+    ))
+}
+
 /// The range check of a whole-number field, on a value as wide as callers may hand over
 /// (Python's ints are unbounded: `memory=2**70` is out of range, not a type error).
 pub fn check_whole(field: &str, value: i128) -> Result<()> {
@@ -368,6 +389,9 @@ impl VmConfig {
             check_whole(field, value.into())?;
         }
         check_file("kernel_path", &self.kernel_path)?;
+        if let Some(k) = &self.kernel_path {
+            check_kernel(k)?;
+        }
         check_file("initrd_path", &self.initrd_path)?;
         check_file("rootfs_path", &self.rootfs_path)?;
         if let Some(args) = &self.boot_args {
@@ -881,6 +905,19 @@ mod tests {
         let empty = tempfile::NamedTempFile::new().unwrap();
         let c = VmConfig { kernel_path: Some(empty.path().into()), ..Default::default() };
         assert_eq!(c.validate().unwrap_err().to_string(), format!("invalid kernel_path: {} is empty", empty.path().display()));
+        // Something else than a kernel is said as such (QEMU spoke of "ram disk" support).
+        let junk = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(junk.path(), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+        let c = VmConfig { kernel_path: Some(junk.path().into()), ..Default::default() };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .ends_with("is not a Linux kernel (allowed: an ELF vmlinux or a bzImage such as /boot/vmlinuz-*)"));
+        let mut bz = vec![0u8; 0x300];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        std::fs::write(junk.path(), &bz).unwrap();
+        assert!(c.validate().is_ok());
         let c = VmConfig { backend: Some("xen".into()), ..Default::default() };
         assert!(c.validate().unwrap_err().to_string().contains("allowed: firecracker, qemu, auto"));
         assert!(VmConfig::default().validate().is_ok());

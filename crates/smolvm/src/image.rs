@@ -631,6 +631,15 @@ pub(crate) const FILES: &[(&str, u32, &str)] = &[
     ("etc/shells", 0o644, "/bin/sh\n/bin/ash\n"),
     ("etc/os-release", 0o644, "NAME=smolvm\nID=smolvm\nPRETTY_NAME=\"smolvm minimal (busybox)\"\n"),
 ];
+/// The directories of `DIRS` whose mode is not 0755: shared scratch space is everyone's (with
+/// the sticky bit), root's home is root's alone. In every image made from them, initramfs or
+/// disk, so that they agree.
+pub(crate) const DIR_MODES: &[(&str, u32)] = &[("tmp", 0o1777), ("var/tmp", 0o1777), ("root", 0o700)];
+
+fn dir_mode(dir: &str) -> u32 {
+    DIR_MODES.iter().find(|(d, _)| *d == dir).map_or(0o755, |(_, m)| *m)
+}
+
 const DIRS: &[&str] = &[
     "bin",
     "sbin",
@@ -756,7 +765,8 @@ pub fn default_rootfs(dirs: &Dirs) -> Result<PathBuf> {
     let busybox_path = crate::busybox::guest(dirs, &|_| {})?;
     let busybox = fs::read(&busybox_path).ctx(|| "reading busybox".into())?;
     let files: Vec<u8> = FILES.iter().flat_map(|(p, m, c)| format!("{p}:{m}:{c}").into_bytes()).collect();
-    let fp = fingerprint(&[ROOTFS_RECIPE.as_bytes(), &busybox, &files, ROOTFS_SIZE.as_bytes()]);
+    let modes = format!("{DIR_MODES:?}");
+    let fp = fingerprint(&[ROOTFS_RECIPE.as_bytes(), &busybox, &files, ROOTFS_SIZE.as_bytes(), modes.as_bytes()]);
     let dir = dirs.images.join(format!("rootfs-{fp}"));
     let path = dir.join("rootfs.ext4");
     if path.exists() {
@@ -781,8 +791,8 @@ pub(crate) fn busybox_tree(tree: &Path, busybox_path: &Path) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         for d in DIRS {
             fs::create_dir_all(tree.join(d))?;
+            fs::set_permissions(tree.join(d), fs::Permissions::from_mode(dir_mode(d)))?;
         }
-        fs::set_permissions(tree.join("tmp"), fs::Permissions::from_mode(0o1777))?;
         fs::write(tree.join("bin/busybox"), &busybox)?;
         fs::set_permissions(tree.join("bin/busybox"), fs::Permissions::from_mode(0o755))?;
         for applet in String::from_utf8_lossy(&applets.stdout).lines().map(str::trim).filter(|a| !a.is_empty() && *a != "bin/busybox") {
@@ -1134,16 +1144,7 @@ pub fn initramfs_archive(agent: &[u8], busybox: &[u8], applets: &str, modules: &
     // `/` itself: else the kernel's tmpfs root keeps its default, 1777 (anyone may write there).
     c.dir(".", 0o755);
     for d in DIRS {
-        c.dir(
-            d,
-            if *d == "tmp" || *d == "var/tmp" {
-                0o1777
-            } else if *d == "root" {
-                0o700
-            } else {
-                0o755
-            },
-        );
+        c.dir(d, dir_mode(d));
     }
     c.char_dev("dev/console", 0o600, 5, 1);
     c.char_dev("dev/null", 0o666, 1, 3);

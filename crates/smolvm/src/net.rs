@@ -202,18 +202,12 @@ pub fn validate_internet(i: &InternetSettings, network: Option<&str>) -> Result<
     if i.mode != "restricted" && (!i.allowed_domains.is_empty() || !i.allowed_cidrs.is_empty()) {
         return Err(Error::validation("internet_settings", "allowed_domains and allowed_cidrs need mode 'restricted'"));
     }
-    let same = |d: &str| d.trim_end_matches('.').to_ascii_lowercase();
-    for (n, d) in i.allowed_domains.iter().enumerate() {
+    // (A name given twice counts once: unlike ranges, which nftables refuses to hold overlapping,
+    // names do no harm twice over, and a saved sandbox's list must still restore.)
+    for d in &i.allowed_domains {
         if !valid_domain(d) {
             let why = if d.parse::<Ipv4Addr>().is_ok() { " (an address goes in allowed_cidrs)" } else { "" };
             return Err(Error::validation("internet_settings.allowed_domains", format!("{d:?} is not a domain name{why}")));
-        }
-        // As for ranges below: a list given twice over is more likely a mistake than meant.
-        if let Some(other) = i.allowed_domains[..n].iter().find(|o| same(o) == same(d)) {
-            return Err(Error::validation(
-                "internet_settings.allowed_domains",
-                format!("{d:?} is the same name as {other:?}, also in the list: give each domain once"),
-            ));
         }
     }
     let host = host_addresses();
@@ -1113,18 +1107,15 @@ mod tests {
     }
 
     #[test]
-    fn an_allowed_domain_given_twice_is_refused() {
+    fn an_allowed_domain_given_twice_counts_once() {
         let i = |d: &[&str]| InternetSettings {
             mode: "restricted".into(),
             allowed_domains: d.iter().map(|d| d.to_string()).collect(),
             allowed_cidrs: vec![],
         };
-        assert!(validate_internet(&i(&["pypi.org", "files.pythonhosted.org"]), None).is_ok());
-        let err = validate_internet(&i(&["pypi.org", "PyPI.org."]), None).unwrap_err().to_string();
-        assert_eq!(
-            err,
-            "invalid internet_settings.allowed_domains: \"PyPI.org.\" is the same name as \"pypi.org\", also in the list: give each domain once"
-        );
+        assert!(validate_internet(&i(&["pypi.org", "PyPI.org.", "pypi.org"]), None).is_ok());
+        let policy = DnsPolicy::new(Some(i(&["pypi.org", "PyPI.org."]).allowed_domains), "t".into(), &[]);
+        assert!(policy.permits("files.pypi.org") && !policy.permits("pypi.org.evil.com"));
     }
 
     #[test]

@@ -151,6 +151,7 @@ impl Recipe {
         if let Some(busybox) = busybox {
             parts.push(fs::read(busybox).ctx(|| "reading busybox".into())?);
             parts.push(format!("{:?}", image::FILES).into());
+            parts.push(format!("{:?}", image::DIR_MODES).into());
         } else {
             parts.push(SSHD_CONFIG.into());
         }
@@ -269,7 +270,12 @@ pub fn build(dirs: &Dirs, recipe: &Recipe, progress: Progress) -> Result<Built> 
         return Ok(Built { name: recipe.name.clone(), rootfs: path, cached: true });
     }
     preflight(recipe)?;
-    progress(&format!("building image {:?} from Debian {SUITE} packages (once; cached by its recipe)", recipe.name));
+    let from = match (recipe.base.as_str(), recipe.packages.is_empty()) {
+        ("debian", _) => format!("Debian {SUITE} packages"),
+        (_, true) => "busybox".to_string(),
+        (_, false) => format!("busybox and Debian {SUITE} packages"),
+    };
+    progress(&format!("building image {:?} from {from} (once; cached by its recipe)", recipe.name));
     let work = TempDir(dirs.images.join(format!(".build-disk-{}-{}", recipe.name, std::process::id())));
     let _ = fs::remove_dir_all(&work.0);
     fs::create_dir_all(&work.0).ctx(|| format!("creating {}", work.0.display()))?;

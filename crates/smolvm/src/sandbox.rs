@@ -437,7 +437,12 @@ pub fn delete_snapshot(dirs: &Dirs, id: &str) -> Result<()> {
 fn supervisor_keeps(name: &std::ffi::OsStr) -> bool {
     let Some(name) = name.to_str() else { return false };
     name.starts_with("SMOLVM_")
-        || matches!(name, "PATH" | "HOME" | "USER" | "LOGNAME" | "LANG" | "LC_ALL" | "LC_CTYPE" | "TMPDIR" | "RUST_BACKTRACE")
+        || matches!(
+            name,
+            "PATH" | "HOME" | "USER" | "LOGNAME" | "LANG" | "LC_ALL" | "LC_CTYPE" | "TMPDIR" | "RUST_BACKTRACE"
+                // Where `vhost-device-vsock` is found (cargo's bin), and QEMU's libraries.
+                | "CARGO_HOME" | "LD_LIBRARY_PATH"
+        )
         || name.starts_with("XDG_")
 }
 
@@ -744,31 +749,34 @@ fn keep_output(kept: &mut Vec<u8>, piece: &[u8], opts: &RunOptions, stream: &'st
     Ok(())
 }
 
-/// A name for a download in progress, beside its destination: unique per download, so that
-/// downloads from several sandboxes into one directory at once never share a file.
-/// Where a download to `dest` goes: through a symbolic link there to what it names (as `cp`
-/// writes), and refused where that is a device, a FIFO or a socket, which the download's rename
-/// would replace with a regular file (`/dev/null` among them).
+/// Where a download to `dest` goes: through symbolic links there to what they name (as `cp`
+/// writes; a dangling one's target is made), and refused where that is a device, a FIFO or a
+/// socket, which the download's rename would replace with a regular file (`/dev/null` among
+/// them), or a link that leads nowhere it can say (a loop).
 fn download_destination(dest: PathBuf) -> Result<PathBuf> {
-    let dest = match std::fs::symlink_metadata(&dest) {
-        Ok(m) if m.file_type().is_symlink() => match std::fs::canonicalize(&dest) {
-            Ok(target) => target,
-            // A dangling link: the file it names is made.
-            Err(_) => {
-                let target = std::fs::read_link(&dest).ctx(|| format!("reading the link {}", dest.display()))?;
-                dest.parent().map(|p| p.join(&target)).unwrap_or(target)
+    let refused = |why: String| Err(Error::validation("local_path", why));
+    let mut at = dest.clone();
+    // As the kernel follows them: at most 40 links.
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = std::fs::read_link(&at).ctx(|| format!("reading the link {}", at.display()))?;
+                at = at.parent().map(|p| p.join(&target)).unwrap_or(target);
             }
-        },
-        _ => dest,
-    };
-    match std::fs::metadata(&dest) {
-        Ok(m) if !m.is_file() && !m.is_dir() => {
-            Err(Error::validation("local_path", format!("{} is not a regular file or a directory (a download writes one)", dest.display())))
+            Ok(m) if !m.is_file() && !m.is_dir() => {
+                return refused(format!("{} is not a regular file or a directory (a download writes one)", at.display()))
+            }
+            Ok(_) => return Ok(at),
+            // Nothing there yet: made by the download.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(at),
+            Err(e) => return Err(Error::Io { context: format!("looking at {}", at.display()), source: e }),
         }
-        _ => Ok(dest),
     }
+    refused(format!("{} is a symbolic link that leads through too many others (a loop?)", dest.display()))
 }
 
+/// A name for a download in progress, beside its destination: unique per download, so that
+/// downloads from several sandboxes into one directory at once never share a file.
 fn download_temp(parent: &Path) -> PathBuf {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1548,7 +1556,7 @@ impl Sandbox {
             // Neither kind can be had: say so, not "use the other one" each way round.
             return Err(Error::validation(
                 "snapshot_type",
-                "this sandbox cannot be saved: with mounts only a 'disk' snapshot can be taken (QEMU cannot save a mounted 9p share's state), and the default image has no root disk; create the sandbox without mounts, or from an image with a root disk (e.g. debian-ssh)",
+                "this sandbox cannot be saved: with mounts only a 'disk' snapshot can be taken (QEMU cannot save a mounted 9p share's state), and it has no root disk; create the sandbox without mounts, or from an image with a root disk (e.g. debian-ssh)",
             ));
         }
         if kind == SnapshotKind::Full && !rec.config.workspace_mounts.is_empty() {
@@ -2896,8 +2904,31 @@ mod tests {
     }
 
     #[test]
+    fn a_download_goes_through_links_and_never_replaces_a_device() {
+        use std::os::unix::fs::symlink;
+        let t = tempfile::tempdir().unwrap();
+        let p = |n: &str| t.path().join(n);
+        std::fs::write(p("file"), "x").unwrap();
+        symlink("file", p("l1")).unwrap();
+        symlink("l1", p("l2")).unwrap();
+        assert_eq!(download_destination(p("l2")).unwrap(), p("file"));
+        // A chain ending nowhere makes its last target, not a file in place of a link.
+        symlink("l4", p("l3")).unwrap();
+        symlink("sub/../missing", p("l4")).unwrap();
+        assert_eq!(download_destination(p("l3")).unwrap(), p("sub/../missing"));
+        assert_eq!(download_destination(p("new")).unwrap(), p("new"));
+        symlink("loop-b", p("loop-a")).unwrap();
+        symlink("loop-a", p("loop-b")).unwrap();
+        let err = download_destination(p("loop-a")).unwrap_err().to_string();
+        assert!(err.starts_with("invalid local_path: ") && err.contains("too many others"), "{err}");
+        symlink("/dev/null", p("null")).unwrap();
+        let err = download_destination(p("null")).unwrap_err().to_string();
+        assert_eq!(err, "invalid local_path: /dev/null is not a regular file or a directory (a download writes one)");
+    }
+
+    #[test]
     fn the_supervisor_keeps_no_variable_that_is_not_its_own() {
-        for kept in ["SMOLVM_LOG", "SMOLVM_ACCEL", "PATH", "HOME", "XDG_STATE_HOME", "TMPDIR"] {
+        for kept in ["SMOLVM_LOG", "SMOLVM_ACCEL", "PATH", "HOME", "XDG_STATE_HOME", "TMPDIR", "CARGO_HOME"] {
             assert!(supervisor_keeps(kept.as_ref()), "{kept}");
         }
         for dropped in ["OPENAI_API_KEY", "AWS_SECRET_ACCESS_KEY", "TOKEN", "smolvm_lower", "SSH_AUTH_SOCK"] {
