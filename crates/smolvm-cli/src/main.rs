@@ -761,7 +761,12 @@ fn run_options(exec: &ExecArgs, env: &[std::ffi::OsString]) -> Result<RunOptions
 /// Runs a command on a terminal in the guest, ours in raw mode meanwhile (where stdin is one):
 /// keys go to the guest as typed, output comes back as the guest's terminal shows it, and each
 /// change of our window's size follows.
-async fn run_on_terminal(sb: &Sandbox, command: &str, opts: &RunOptions) -> Result<Done, Error> {
+/// What an interrupted `run` says: its command and its sandbox are gone.
+const RUN_INTERRUPTED: &str = "the command was ended, and its sandbox removed";
+
+/// Ended by SIGTERM or SIGHUP meanwhile, it says `interrupted: <ended>` as it goes (the
+/// supervisor then ends the command, and an ephemeral sandbox with it).
+async fn run_on_terminal(sb: &Sandbox, command: &str, opts: &RunOptions, ended: &'static str) -> Result<Done, Error> {
     use tokio::signal::unix::{signal, SignalKind};
     let (tx, resizes) = tokio::sync::mpsc::unbounded_channel();
     // SIGWINCH: the window's new size. Watched before the first size is read, so that no change
@@ -789,6 +794,7 @@ async fn run_on_terminal(sb: &Sandbox, command: &str, opts: &RunOptions) -> Resu
             tokio::spawn(async move {
                 if sig.recv().await.is_some() {
                     terminal::restore();
+                    eprintln!("error: interrupted: {ended}");
                     std::process::exit(code);
                 }
             });
@@ -984,7 +990,7 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
                     say(&std::fs::read_to_string(&sb.paths().console).unwrap_or_default());
                 }
                 match exec.tty {
-                    true => run_on_terminal(&sb, &command_line(&command), &opts).await,
+                    true => run_on_terminal(&sb, &command_line(&command), &opts, RUN_INTERRUPTED).await,
                     false => run_streamed(&sb, &command_line(&command), &opts, exec.stdin).await,
                 }
             };
@@ -1000,7 +1006,7 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
                 if unless_interrupted(sb.delete()).await.is_none() {
                     return Err(Error::Interrupted("twice: the command's sandbox is being removed by its supervisor".into()));
                 }
-                return Err(Error::Interrupted("the command was ended, and its sandbox removed".into()));
+                return Err(Error::Interrupted(RUN_INTERRUPTED.into()));
             };
             let _ = sb.delete().await;
             result
@@ -1333,7 +1339,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             let mut sb = Sandbox::open_in(dirs, &name).await?;
             apply_channel(&mut sb, channel.as_deref())?;
             if exec.tty {
-                return run_on_terminal(&sb, &command_line(&command), &opts).await;
+                return run_on_terminal(&sb, &command_line(&command), &opts, "the command was ended").await;
             }
             run_streamed(&sb, &command_line(&command), &opts, exec.stdin).await
         }
@@ -1358,7 +1364,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             };
             let opts = RunOptions { timeout: Duration::ZERO, shell, env: env_flags(&env)?, ..Default::default() };
             if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-                run_on_terminal(&sb, &command, &opts).await
+                run_on_terminal(&sb, &command, &opts, "the shell was ended").await
             } else {
                 // As `ssh` does without a terminal of ours: the input is a script, whose end ends
                 // the shell, and stdout and stderr stay apart. (`exec -t` forces a terminal.)

@@ -138,6 +138,24 @@ fn sandbox_shell_runs_under_a_real_terminal_and_gives_it_back_as_it_was() {
     let out = env.cli().args(["sandbox", "exec", "-t", "term", "--", "tty; echo err >&2; exit 4"]).output().unwrap();
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     assert!(stdout(&out).starts_with("/dev/pts/") && stdout(&out).contains("err\r\n"), "{:?}", stdout(&out));
+    // SIGTERM ends it at once, saying so (it ended without a word), with 128 + 15.
+    let mut child = env
+        .cli()
+        .args(["sandbox", "exec", "-t", "term", "--", "echo started; sleep 60"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line).unwrap();
+    assert_eq!(line, "started\r\n");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = wait_bounded(child);
+    assert_eq!((out.status.code(), stderr(&out).as_str()), (Some(143), "error: interrupted: the command was ended\n"));
+    // (The supervisor ends the command once its client is gone.)
+    let gone = || env.smolvm(&["sandbox", "exec", "term", "--", "pgrep sleep || echo none"]).stdout == b"none\n";
+    assert!(wait_until(Duration::from_secs(10), gone), "the command runs on after its client was ended");
 
     // A shell fed from a pipe, as `ssh` does it: a login shell reading a script, no terminal,
     // ended by the end of its input, stderr apart.

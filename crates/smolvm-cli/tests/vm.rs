@@ -595,6 +595,12 @@ async fn login_and_raw_shells_and_lifecycle_states() {
     // Another process (the CLI) reaches the same sandbox through its supervisor.
     let out = env.smolvm(&["sandbox", "exec", "life", "--", "echo", "via", "cli"]);
     assert_eq!(stdout(&out), "via cli\n");
+    // A hangup (the terminal it was started from closed) does not end the supervisor. (QEMU,
+    // in its process group, takes SIGHUP as a request to quit, as SIGTERM.)
+    let supervisor = sb.info().await.unwrap()["supervisor_pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(supervisor), nix::sys::signal::Signal::SIGHUP).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(sb.run("echo still here", &opts(10)).await.unwrap().stdout, "still here\n");
     sb.stop(Duration::from_secs(5)).await.unwrap();
     assert_eq!(sb.state().unwrap(), State::Stopped);
     assert!(env.qemu_processes().is_empty());

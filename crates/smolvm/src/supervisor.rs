@@ -146,6 +146,13 @@ fn shut_down_from_inside(tail: &str) -> bool {
 
 /// Entry point of `smolvm __supervise ID`. Returns the process exit code.
 pub fn main(id: &str) -> i32 {
+    // It outlives the terminal it was started from: a hangup (the terminal closed, or a stray
+    // `kill -HUP`) must not end the sandbox's supervisor. (QEMU sets its own handler.)
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler; nothing else in
+    // this process has touched SIGHUP yet.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
