@@ -21,9 +21,7 @@ async fn main() -> smolvm::Result<()> {
     assert_eq!(r.output(), "production");
 
     // Returns the sorted names present afterwards.
-    let names = sb
-        .set_env_vars(&BTreeMap::from([("DEBUG".to_string(), "1".to_string())]), true)
-        .await?;
+    let names = sb.set_env_vars(&BTreeMap::from([("DEBUG".to_string(), "1".to_string())]), true).await?;
     assert_eq!(names, ["APP_MODE", "DEBUG"]);
 
     // Stops the VM if it runs, then removes the sandbox and its files.
