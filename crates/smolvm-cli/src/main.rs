@@ -758,14 +758,14 @@ fn run_options(exec: &ExecArgs, env: &[std::ffi::OsString]) -> Result<RunOptions
     })
 }
 
-/// Runs a command on a terminal in the guest, ours in raw mode meanwhile (where stdin is one):
-/// keys go to the guest as typed, output comes back as the guest's terminal shows it, and each
-/// change of our window's size follows.
 /// What an interrupted `run` says: its command and its sandbox are gone.
 const RUN_INTERRUPTED: &str = "the command was ended, and its sandbox removed";
 
-/// Ended by SIGTERM or SIGHUP meanwhile, it says `interrupted: <ended>` as it goes (the
-/// supervisor then ends the command, and an ephemeral sandbox with it).
+/// Runs a command on a terminal in the guest, ours in raw mode meanwhile (where stdin is one):
+/// keys go to the guest as typed, output comes back as the guest's terminal shows it, and each
+/// change of our window's size follows. Ended by SIGTERM or SIGHUP meanwhile, it says
+/// `interrupted: <ended>` as it goes (the supervisor then ends the command, and an ephemeral
+/// sandbox with it).
 async fn run_on_terminal(sb: &Sandbox, command: &str, opts: &RunOptions, ended: &'static str) -> Result<Done, Error> {
     use tokio::signal::unix::{signal, SignalKind};
     let (tx, resizes) = tokio::sync::mpsc::unbounded_channel();
