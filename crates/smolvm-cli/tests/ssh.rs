@@ -219,6 +219,34 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
     }
     assert_eq!(left, "", "a temporary upload was left");
     sb.set_channel(Channel::Ssh);
+    // Killed outright (SIGKILL), an upload removes nothing itself: its temporary file goes with
+    // the next SFTP upload into this sandbox (it stayed for good).
+    let mut killed = env
+        .cli()
+        .args(["sandbox", "file", "upload", "--channel", "ssh", sb.id()])
+        .arg(&bigger)
+        .arg("/data/killed/")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let caught = "ls -A /data/killed 2>/dev/null | grep -q '^.smolvm-upload-' && pkill -STOP sftp-server";
+    let mut held = false;
+    for _ in 0..3000 {
+        if watcher.run(caught, &opts()).await.unwrap().exit_code == 0 {
+            held = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(held, "the killed upload never began");
+    killed.kill().unwrap();
+    let _ = killed.wait();
+    assert_eq!(watcher.run("pkill -CONT sftp-server", &opts()).await.unwrap().exit_code, 0);
+    let temps = "ls -A /data/killed | grep -c '^.smolvm-upload-'";
+    assert_eq!(watcher.run(temps, &opts()).await.unwrap().stdout, "1\n");
+    sb.upload(&local, "/data/other").await.unwrap();
+    assert_eq!(watcher.run(temps, &opts()).await.unwrap().stdout, "0\n", "the killed upload's file is still there");
     // A line break in a path would start an sftp batch line of its own, and `!cmd` lines run
     // on the host: refused, and nothing ran.
     let pwned = env.tmp.path().join("pwned");

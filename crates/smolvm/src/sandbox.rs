@@ -816,6 +816,35 @@ fn remove_dead_downloads(parent: &Path) {
 /// upload's future is dropped unfinished. Waited for here (nothing can be awaited in a drop),
 /// within a bound: on a thread of its own it was lost when the CLI exited right after Ctrl-C,
 /// and the partial file stayed in the guest.
+/// The guest's temporary names of SFTP uploads whose process is gone (killed outright, with
+/// nothing of it left to remove its file), as (record, path); and a record of `tmp` for this
+/// one, `<sandbox dir>/sftp-uploads/<pid>-<start>-<name>`, holding the guest path (best effort:
+/// without it, a killed upload leaves its file as before).
+fn sftp_leftovers(dir: &Path, tmp: &str) -> (Vec<(PathBuf, String)>, Option<PathBuf>) {
+    let notes = dir.join("sftp-uploads");
+    let mut stale = Vec::new();
+    for e in std::fs::read_dir(&notes).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let mut parts = name.splitn(3, '-');
+        let owner = match (parts.next().and_then(|p| p.parse().ok()), parts.next().and_then(|s| s.parse().ok())) {
+            (Some(pid), Some(start)) => crate::store::ProcId { pid, start },
+            _ => continue,
+        };
+        if !owner.alive() {
+            if let Ok(path) = std::fs::read_to_string(e.path()) {
+                stale.push((e.path(), path));
+            }
+        }
+    }
+    let me = crate::store::ProcId::of(std::process::id() as i32);
+    let name = Path::new(tmp).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let note = me.and_then(|me| {
+        let note = notes.join(format!("{}-{}-{name}", me.pid, me.start));
+        std::fs::create_dir_all(&notes).and_then(|()| std::fs::write(&note, tmp)).ok().map(|()| note)
+    });
+    (stale, note)
+}
+
 struct SftpTemp(Option<(std::process::Command, String)>);
 
 impl Drop for SftpTemp {
@@ -2088,8 +2117,19 @@ impl Sandbox {
                 q(&target)?
             );
             let remove = format!("-rm {}\n", q(&tmp)?);
+            // What uploads killed outright (SIGKILL: nothing of theirs ran to remove it) left in
+            // the guest goes in this batch; this one's own temporary name is noted until it is
+            // done with, for the next to find if this one is killed.
+            let (stale, note) = sftp_leftovers(&self.paths.dir, &tmp);
+            let batch = stale.iter().map(|(_, path)| q(path).map(|p| format!("-rm {p}\n"))).collect::<Result<String>>()? + &batch;
             let mut guard = SftpTemp(Some((self.ssh_endpoint()?.sftp(), remove.clone())));
             let mut done = self.sftp(batch).await;
+            for (record, _) in &stale {
+                let _ = std::fs::remove_file(record);
+            }
+            if let Some(note) = &note {
+                let _ = std::fs::remove_file(note);
+            }
             if done.is_err() {
                 let _ = self.sftp(remove).await;
                 // sftp says only "Failure" of a rename onto a directory: one that it can enter
