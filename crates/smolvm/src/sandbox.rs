@@ -2121,14 +2121,15 @@ impl Sandbox {
             // the guest goes in this batch; this one's own temporary name is noted until it is
             // done with, for the next to find if this one is killed.
             let (stale, note) = sftp_leftovers(&self.paths.dir, &tmp);
+            let _note = note.map(RemoveOnDrop);
             let batch = stale.iter().map(|(_, path)| q(path).map(|p| format!("-rm {p}\n"))).collect::<Result<String>>()? + &batch;
             let mut guard = SftpTemp(Some((self.ssh_endpoint()?.sftp(), remove.clone())));
             let mut done = self.sftp(batch).await;
-            for (record, _) in &stale {
-                let _ = std::fs::remove_file(record);
-            }
-            if let Some(note) = &note {
-                let _ = std::fs::remove_file(note);
+            // (Their removal ran first in the batch; a batch that never ran leaves them noted.)
+            if done.is_ok() {
+                for (record, _) in &stale {
+                    let _ = std::fs::remove_file(record);
+                }
             }
             if done.is_err() {
                 let _ = self.sftp(remove).await;
