@@ -26,6 +26,7 @@ enum Cmd {
         exec: ExecArgs,
         // (Its first word may not look like an option, so that a mistyped option is an error
         // rather than the command; `run -- -x` runs `-x`. Later words may: `run ls -la`.)
+        /// The command: one word is a shell command line ('echo hi; ls'), several are words of one.
         #[arg(required = true, num_args = 1.., trailing_var_arg = true)]
         command: Vec<String>,
     },
@@ -71,7 +72,10 @@ enum Cmd {
         out: PathBuf,
     },
     /// Shell completion script.
-    Completion { shell: clap_complete::Shell },
+    Completion {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
     #[command(name = "__supervise", hide = true)]
     Supervise { id: String },
     /// A sandbox supervisor's helper in the host's namespaces (NAT without root).
@@ -93,8 +97,10 @@ struct VmArgs {
     /// qemu | auto (default: SMOLVM_BACKEND, else auto; firecracker is not in this build yet).
     #[arg(long)]
     backend: Option<String>,
+    /// A kernel to boot instead of the default image's (an ELF vmlinux or a bzImage).
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// An initramfs to boot with instead of the default image's.
     #[arg(long)]
     initrd: Option<PathBuf>,
     /// An ext4 image to use as the root filesystem.
@@ -174,6 +180,9 @@ fn apply_channel(sb: &mut Sandbox, channel: Option<&str>) -> Result<(), Error> {
     Ok(())
 }
 
+/// The positional NAME of every `sandbox` subcommand that acts on one.
+const SANDBOX_NAME: &str = "The sandbox's name";
+
 #[derive(Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once per process
 enum SandboxCmd {
@@ -203,6 +212,7 @@ enum SandboxCmd {
     },
     /// A sandbox's state, settings, network address and the names of its variables.
     Info {
+        #[arg(help = SANDBOX_NAME)]
         name: String,
         /// Print one JSON envelope: {ok, command, exit_code, data, error}.
         #[arg(long)]
@@ -211,12 +221,15 @@ enum SandboxCmd {
     /// Boot a created, stopped or failed sandbox (waits for a stop in progress); nothing if it
     /// runs; a paused one is refused (resume it).
     Start {
+        #[arg(help = SANDBOX_NAME)]
         name: String,
+        /// Seconds to wait for the VM to boot.
         #[arg(long, default_value_t = DEFAULT_BOOT_TIMEOUT.as_secs_f64(), value_parser = seconds_arg, allow_negative_numbers = true)]
         boot_timeout: f64,
     },
     /// Power the VM off; its record, config and variables remain for the next start.
     Stop {
+        #[arg(help = SANDBOX_NAME)]
         name: String,
         /// Seconds to wait for a clean shutdown before the VM is killed.
         #[arg(long, default_value_t = DEFAULT_STOP_TIMEOUT.as_secs_f64(), value_parser = seconds_arg, allow_negative_numbers = true)]
@@ -224,6 +237,7 @@ enum SandboxCmd {
     },
     /// Stop if needed, then remove the sandbox and all its files.
     Delete {
+        /// The sandboxes' names.
         names: Vec<String>,
         /// Every sandbox (not with names: a stray `--all` beside one must not delete them all).
         #[arg(long, conflicts_with = "names")]
@@ -240,6 +254,7 @@ enum SandboxCmd {
     },
     /// Run a command in a running sandbox; exits with the command's code.
     Exec {
+        #[arg(help = SANDBOX_NAME)]
         name: String,
         #[command(flatten)]
         exec: ExecArgs,
@@ -249,33 +264,41 @@ enum SandboxCmd {
         /// agent | ssh (vsock: the agent): this command's channel (default: the sandbox's comm_channel).
         #[arg(long)]
         channel: Option<String>,
+        /// The command, after `--`: one word is a shell command line, several are words of one.
         #[arg(required = true, num_args = 1.., last = true)]
         command: Vec<String>,
     },
     /// An interactive shell in the sandbox (or CMD on a terminal there), over the agent; over
     /// SSH for a sandbox whose comm_channel is ssh. Exits with the shell's code.
     Shell {
+        #[arg(help = SANDBOX_NAME)]
         name: String,
         /// KEY=VALUE, or KEY to take the host's value (keeps it off command lines); repeatable.
         #[arg(long = "env", short = 'e')]
         env: Vec<std::ffi::OsString>,
+        /// A command to run on a terminal, after `--`, instead of an interactive shell.
         #[arg(num_args = 0.., last = true)]
         command: Vec<String>,
     },
     /// Log in over SSH (images with an SSH server), or run CMD there; the host key is pinned.
     Ssh {
+        #[arg(help = SANDBOX_NAME)]
         name: String,
+        /// A command to run over SSH, after `--`, instead of logging in.
         #[arg(num_args = 0.., last = true)]
         command: Vec<String>,
     },
     /// Wait until an SSH login into the sandbox works.
     WaitSsh {
+        #[arg(help = SANDBOX_NAME)]
         name: String,
+        /// Seconds to wait.
         #[arg(long, default_value_t = 60.0, value_parser = seconds_arg, allow_negative_numbers = true)]
         timeout: f64,
     },
     /// The sandbox's console log.
     Logs {
+        #[arg(help = SANDBOX_NAME)]
         name: String,
         /// Only the last N lines.
         #[arg(long, value_parser = lines_arg, allow_negative_numbers = true)]
@@ -288,9 +311,15 @@ enum SandboxCmd {
     #[command(subcommand)]
     Env(EnvCmd),
     /// Freeze the sandbox's CPUs; its processes keep their state.
-    Pause { name: String },
+    Pause {
+        #[arg(help = SANDBOX_NAME)]
+        name: String,
+    },
     /// Thaw a paused sandbox.
-    Resume { name: String },
+    Resume {
+        #[arg(help = SANDBOX_NAME)]
+        name: String,
+    },
     /// Guest ports reachable on 127.0.0.1.
     #[command(subcommand)]
     Port(PortCmd),
@@ -306,7 +335,9 @@ enum SandboxCmd {
 enum PortCmd {
     /// Expose [HOST:]GUEST; prints the host port.
     Expose {
+        #[arg(help = SANDBOX_NAME)]
         name: String,
+        /// [HOST:]GUEST: the guest port, and the port on 127.0.0.1 (default: a free one).
         #[arg(allow_negative_numbers = true)]
         spec: String,
         /// Print one JSON envelope: {ok, command, exit_code, data, error}.
@@ -315,7 +346,9 @@ enum PortCmd {
     },
     /// Stop exposing a guest port.
     Close {
+        #[arg(help = SANDBOX_NAME)]
         name: String,
+        /// The guest port.
         #[arg(value_parser = port_arg, allow_negative_numbers = true)]
         guest: u16,
         /// Print one JSON envelope: {ok, command, exit_code, data, error}.
@@ -324,7 +357,9 @@ enum PortCmd {
     },
     /// Wait until something in the sandbox listens on each PORT (TCP).
     Wait {
+        #[arg(help = SANDBOX_NAME)]
         name: String,
+        /// Guest TCP ports.
         #[arg(required = true, value_parser = port_arg, allow_negative_numbers = true)]
         ports: Vec<u16>,
         /// Seconds to wait.
@@ -333,6 +368,7 @@ enum PortCmd {
     },
     /// Exposed ports: guest port and the host port on 127.0.0.1 it is reachable on.
     List {
+        #[arg(help = SANDBOX_NAME)]
         name: String,
         /// Print one JSON envelope: {ok, command, exit_code, data, error}.
         #[arg(long)]
@@ -344,8 +380,11 @@ enum PortCmd {
 enum FileCmd {
     /// Host SRC (file or directory) to guest DST (absolute; trailing / = into that directory).
     Upload {
+        #[arg(help = SANDBOX_NAME)]
         name: String,
+        /// A host file or directory.
         src: PathBuf,
+        /// An absolute guest path; ending in / for into that directory.
         dst: String,
         /// agent | ssh (SFTP; vsock: the agent): default the sandbox's comm_channel.
         #[arg(long)]
@@ -353,8 +392,11 @@ enum FileCmd {
     },
     /// Guest SRC (absolute) to host DST.
     Download {
+        #[arg(help = SANDBOX_NAME)]
         name: String,
+        /// An absolute guest path, a file or a directory.
         src: String,
+        /// A host path; ending in / (or an existing directory) for into that directory.
         dst: PathBuf,
         /// agent | ssh (SFTP; vsock: the agent): default the sandbox's comm_channel.
         #[arg(long)]
@@ -366,7 +408,9 @@ enum FileCmd {
 enum SnapshotCmd {
     /// Save a running sandbox.
     Create {
+        #[arg(help = SANDBOX_NAME)]
         name: String,
+        /// Its id: the same rules as sandbox names (default: snap- and 8 hex digits).
         #[arg(long)]
         snapshot_id: Option<String>,
         /// full (memory, devices, disk) | disk (root disk only) | diff (not offered by QEMU).
@@ -378,7 +422,9 @@ enum SnapshotCmd {
     },
     /// Start a new sandbox from a snapshot.
     Restore {
+        /// The snapshot's id.
         snapshot_id: String,
+        /// The new sandbox's name (default: a generated one).
         #[arg(long)]
         name: Option<String>,
         /// Leave the new sandbox paused.
@@ -415,13 +461,17 @@ enum SnapshotCmd {
         json: bool,
     },
     /// Remove a snapshot and its files; refused while a sandbox restored from it exists.
-    Delete { snapshot_id: String },
+    Delete {
+        /// The snapshot's id.
+        snapshot_id: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum EnvCmd {
     /// Set variables (merged with those there, or --replace); prints the names present after.
     Set {
+        #[arg(help = SANDBOX_NAME)]
         name: String,
         /// KEY=VALUE, or KEY to take the host's value (keeps it off command lines).
         #[arg(required = true)]
@@ -435,7 +485,9 @@ enum EnvCmd {
     },
     /// Remove variables; prints the removed names (missing ones are ignored).
     Unset {
+        #[arg(help = SANDBOX_NAME)]
         name: String,
+        /// The variables' names.
         #[arg(required = true)]
         keys: Vec<String>,
         /// Print one JSON envelope: {ok, command, exit_code, data, error}.
@@ -444,6 +496,7 @@ enum EnvCmd {
     },
     /// The managed variables, values shown as **** unless --show-values.
     List {
+        #[arg(help = SANDBOX_NAME)]
         name: String,
         /// Print values instead of ****.
         #[arg(long)]
@@ -459,6 +512,7 @@ enum ImageCmd {
     /// Build (or find in the cache) the default kernel and initramfs, or the named image
     /// (alpine-ssh, debian-ssh, or a custom recipe given with --base/--package/--file/--size).
     Build {
+        /// alpine-ssh, debian-ssh, or a custom recipe's name (none: the default image).
         name: Option<String>,
         /// Also build the default ext4 root disk (for `--rootfs` and the Python ImageBuilder).
         #[arg(long)]
@@ -486,9 +540,15 @@ enum ImageCmd {
         json: bool,
     },
     /// Remove a cache entry by name (see `image list`).
-    Rm { name: String },
+    Rm {
+        /// The entry's name, as `image list` shows it.
+        name: String,
+    },
     /// Download a published image (not supported by this build yet: images are built locally).
-    Pull { name: String },
+    Pull {
+        /// The image's name.
+        name: String,
+    },
     /// Remove warm snapshots, build leftovers, failed-build records, cached answers about kernel and
     /// QEMU files, and all but the two newest initramfs and the newest disk of each image and busybox build.
     Prune,
@@ -550,10 +610,14 @@ fn whole(field: &str, v: i128) -> Result<u32, Error> {
 
 /// A TCP port: 1..=65535 (clap's own check for a u16 allows 0 and names no range of ports).
 fn port_arg(s: &str) -> Result<u16, String> {
-    match s.trim().parse::<i128>() {
-        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
-        _ => Err("is not a port (allowed: 1..=65535)".to_string()),
-    }
+    plain_port(s).ok_or_else(|| "is not a port (allowed: 1..=65535)".to_string())
+}
+
+/// A port written as plain digits: `+80` and `080` are no ports (nor are they in networking's
+/// prefix lengths), though Rust's parser takes both.
+fn plain_port(s: &str) -> Option<u16> {
+    let digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && !s.starts_with('0');
+    s.parse::<u16>().ok().filter(|_| digits)
 }
 
 /// A count of lines: 0 or more.
@@ -733,7 +797,7 @@ fn internet_settings(vm: &VmArgs) -> Option<smolvm::config::InternetSettings> {
 /// `[HOST:]GUEST`.
 fn parse_publish(spec: &str) -> Result<smolvm::config::PortForward, Error> {
     let bad = || Error::validation("publish", format!("{spec:?} is not [HOST:]GUEST with ports 1..=65535"));
-    let port = |s: &str| s.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(bad);
+    let port = |s: &str| plain_port(s).ok_or_else(bad);
     match spec.split_once(':') {
         Some((h, g)) => Ok(smolvm::config::PortForward { guest: port(g)?, host: Some(port(h)?) }),
         None => Ok(smolvm::config::PortForward { guest: port(spec)?, host: None }),
@@ -1826,6 +1890,8 @@ fn main() {
             code
         }
     };
+    // A snapshot given up while its files were being put in place finishes removing them.
+    // smolvm::snapshot_files::wait_for_given_up(Duration::from_secs(30));
     std::process::exit(code);
 }
 
@@ -1876,6 +1942,20 @@ mod tests {
     }
 
     #[test]
+    fn ports_are_plain_digits_in_range() {
+        for ok in ["1", "80", "65535"] {
+            assert_eq!(super::port_arg(ok), Ok(ok.parse().unwrap()));
+        }
+        for bad in ["0", "65536", "+80", "080", " 80", "-1", "", "8o"] {
+            assert!(super::port_arg(bad).is_err(), "{bad:?}");
+            assert!(super::parse_publish(bad).is_err(), "{bad:?}");
+            assert!(super::parse_publish(&format!("{bad}:80")).is_err(), "{bad:?}");
+        }
+        let p = super::parse_publish("8080:80").unwrap();
+        assert_eq!((p.host, p.guest), (Some(8080), 80));
+    }
+
+    #[test]
     fn info_text_shows_fields_with_values_one_per_line() {
         let info = serde_json::json!({"id": "dev", "state": "running", "error": null, "env_keys": ["A", "B"], "vcpu_count": 2,
             "internet_settings": {"mode": "off"}, "ports": []});
@@ -1887,5 +1967,33 @@ mod tests {
         assert_eq!(super::info_text(&info), "id     web\nports  127.0.0.1:41549 -> 8000, 127.0.0.1:2222 -> 22");
         let info = serde_json::json!({"id": "m", "mounts": [{"host": "/src", "guest": "/workspace/src", "writable": false}]});
         assert_eq!(super::info_text(&info), "id      m\nmounts  /src -> /workspace/src (ro)");
+    }
+}
+
+#[cfg(test)]
+mod help_tests {
+    use clap::CommandFactory;
+
+    /// Every option and positional a user can see says what it is for: `--help` is where a
+    /// user of the CLI looks first, and a bare `--kernel <KERNEL>` says nothing.
+    #[test]
+    fn every_visible_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "smolvm", &mut missing);
+        assert!(missing.is_empty(), "arguments without help:\n{}", missing.join("\n"));
     }
 }

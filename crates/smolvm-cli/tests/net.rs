@@ -235,6 +235,12 @@ async fn sandboxes_cannot_reach_each_other_or_the_host_and_exposed_ports_work() 
     let other = if host == 65535 { host - 1 } else { host + 1 };
     let e = one.expose_local(8000, Some(other)).await.unwrap_err().to_string();
     assert_eq!(e, format!("invalid port: guest port 8000 is already exposed on host port {host}; close it first to expose it on {other}"));
+    // Its host port for another guest port: said as this sandbox's own, not as "in use".
+    let e = one.expose_local(8001, Some(host)).await.unwrap_err().to_string();
+    assert_eq!(
+        e,
+        format!("invalid port: host port {host} already carries this sandbox's guest port 8000; close that first, or pick another")
+    );
     one.unexpose_local(8000).await.unwrap();
     assert!(one.ports().unwrap().is_empty());
     assert!(!http_ok(&format!("http://127.0.0.1:{host}/")));

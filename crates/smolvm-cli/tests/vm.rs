@@ -1424,6 +1424,25 @@ fn a_stop_during_another_processs_start_stops_what_it_starts() {
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
 }
 
+/// A command sent while another process starts the sandbox waits for that start and runs: it
+/// was refused with "is stopped; start it first" while the sandbox was starting.
+#[test]
+fn a_command_during_anothers_start_waits_for_it() {
+    let env = env();
+    let smolvm = |args: &[&str]| env.cli().args(args).output().unwrap();
+    let initrd = env.slow_initrd(2);
+    let out = smolvm(&["sandbox", "create", "--name", "later", "--no-start", "--initrd", &initrd.to_string_lossy()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut start = env.cli().args(["sandbox", "start", "later"]).stdout(Stdio::null()).spawn().unwrap();
+    assert!(env.init_waits(), "the start never got its kernel booted");
+    let out = smolvm(&["sandbox", "exec", "later", "--", "echo", "ran"]);
+    assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "ran\n"), "{}", stderr(&out));
+    assert!(start.wait().unwrap().success());
+    let out = smolvm(&["sandbox", "delete", "--force", "later"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+}
+
 /// The boot's cgroup2 mount waits for an RCU grace period: guests boot with expedited ones, and
 /// the kernel's default comes back once the first command has been answered, unless the user's
 /// boot arguments asked for them too.

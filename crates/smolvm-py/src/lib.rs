@@ -116,6 +116,13 @@ fn parse_config(json: &str) -> PyResult<VmConfig> {
     })
 }
 
+/// Registered with `atexit`: a snapshot given up by Ctrl-C while its files were being put in
+/// place finishes removing them before the interpreter ends (which would kill it half way).
+#[pyfunction]
+fn wait_for_given_up(py: Python<'_>) {
+    py.allow_threads(|| smolvm::snapshot_files::wait_for_given_up(Duration::from_secs(30)));
+}
+
 #[pyfunction]
 fn validate_env_key(key: &str) -> PyResult<()> {
     smolvm::validate_env_key(key).map_err(|e| to_py_with(e.into(), "key"))
@@ -548,6 +555,7 @@ fn delete_snapshot(snapshot_id: &str) -> PyResult<()> {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NativeError", m.py().get_type::<NativeError>())?;
     m.add("MAX_OUTPUT", smolvm::sandbox::DEFAULT_MAX_OUTPUT)?;
+    m.add_function(wrap_pyfunction!(wait_for_given_up, m)?)?;
     m.add_function(wrap_pyfunction!(validate_env_key, m)?)?;
     m.add_function(wrap_pyfunction!(validate_config, m)?)?;
     m.add_function(wrap_pyfunction!(check_whole, m)?)?;

@@ -471,6 +471,20 @@ def test_a_handle_survives_another_process_restarting_its_sandbox(no_leftovers):
         vm.delete()
 
 
+def test_a_with_blocks_sandbox_outlives_other_processes_restarting_and_using_it(no_leftovers):
+    # A `with` block's sandbox goes when its owner does. Other processes' connections (the
+    # CLI's start and exec here) are not the owner's: their end must not take it away.
+    exe = os.path.join(os.path.dirname(sys.executable), "smolvm")
+    with SmolVM() as vm:
+        for args in (["sandbox", "stop", vm.vm_id], ["sandbox", "start", vm.vm_id], ["sandbox", "exec", vm.vm_id, "--", "true"]):
+            out = subprocess.run([exe, *args], capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, out.stderr
+        assert vm.run("echo again").output == "again"
+        vm_id = vm.vm_id
+    with pytest.raises(VMNotFoundError):
+        SmolVM.from_id(vm_id)
+
+
 def test_ctrl_c_during_a_snapshot_gives_it_up(no_leftovers):
     script = textwrap.dedent(
         """

@@ -400,7 +400,11 @@ impl Default for RestoreOptions {
 }
 
 pub fn list_snapshots(dirs: &Dirs) -> Result<Vec<crate::store::SnapshotRecord>> {
-    Store::open(&dirs.data)?.snapshots()
+    let store = Store::open(&dirs.data)?;
+    if let Err(e) = reap_snapshot_leftovers(dirs, &store) {
+        tracing::warn!("removing snapshots' leftovers: {}", e.full_message());
+    }
+    store.snapshots()
 }
 
 /// Delete a snapshot, unless sandboxes started from it still stand on its disk.
@@ -725,16 +729,24 @@ pub fn prune(dirs: &Dirs) -> Result<Pruned> {
             }
         }
     }
-    // Snapshot directories with no record: a `snapshot create` that was interrupted or crashed.
+    leftovers.extend(reap_snapshot_leftovers(dirs, &store)?);
+    Ok(Pruned { removed, leftovers })
+}
+
+/// Snapshot directories with no record whose maker is gone: a `snapshot create` killed, or
+/// interrupted and exiting before its files were removed. Removed by `prune` and by the
+/// snapshot commands, which are where one would look for them. Returns what it removed.
+fn reap_snapshot_leftovers(dirs: &Dirs, store: &Store) -> Result<Vec<String>> {
     let snapshots: std::collections::HashSet<PathBuf> = store.snapshots()?.iter().map(|s| snapshot_dir(dirs, &s.id)).collect();
+    let mut removed = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dirs.data.join("snapshots")) {
         for e in entries.flatten() {
             if !snapshots.contains(&e.path()) && crate::snapshot_files::orphaned(&e.path()) && std::fs::remove_dir_all(e.path()).is_ok() {
-                leftovers.push(e.path().to_string_lossy().into_owned());
+                removed.push(e.path().to_string_lossy().into_owned());
             }
         }
     }
-    Ok(Pruned { removed, leftovers })
+    Ok(removed)
 }
 
 /// Keep a piece of a command's output for its result, within `opts.max_output`.
@@ -1868,7 +1880,13 @@ impl Sandbox {
         if let Some(c) = self.open_conn() {
             return Ok(c);
         }
-        let rec = self.record()?;
+        let mut rec = self.record()?;
+        if !rec.state.is_live() && self.paths.start_lock_held() {
+            // Another process is starting it (or stopping or deleting it): what it comes to is
+            // the answer, not "start it first" while it starts.
+            let _ = tokio::time::timeout(Duration::from_secs(120), self.paths.wait_start_lock()).await;
+            rec = self.record()?;
+        }
         if !rec.state.is_live() || self.going_down(&rec) {
             return Err(self.unreachable());
         }

@@ -145,6 +145,7 @@ impl Making {
         let Some(dir) = self.dir.clone() else { return Ok(()) };
         let busy = self.busy.clone();
         busy.lock().unwrap_or_else(|e| e.into_inner()).0 = true;
+        *IN_FLIGHT.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
         tokio::task::spawn_blocking(move || {
             let r = work();
             let mut b = busy.lock().unwrap_or_else(|e| e.into_inner());
@@ -152,6 +153,9 @@ impl Making {
             if b.1 {
                 remove(&dir);
             }
+            drop(b);
+            *IN_FLIGHT.0.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+            IN_FLIGHT.1.notify_all();
             r
         })
         .await
@@ -178,6 +182,18 @@ impl Drop for Making {
         drop(b);
         remove(&dir);
     }
+}
+
+/// Threads of [`Making::on_thread`] still running, and word when one ends.
+static IN_FLIGHT: (std::sync::Mutex<usize>, std::sync::Condvar) = (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+/// Let given-up snapshots' threads finish removing their files, for at most `bound`. A
+/// process that exits at once (the CLI after Ctrl-C, Python at the end of its script) would
+/// kill them half way, leaving the half-made snapshot (hundreds of MB) until the next command
+/// that reaps leftovers. (Past the bound, that command still does.)
+pub fn wait_for_given_up(bound: std::time::Duration) {
+    let guard = IN_FLIGHT.0.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = IN_FLIGHT.1.wait_timeout_while(guard, bound, |n| *n > 0);
 }
 
 /// A given-up snapshot's directory. The supervisor's save, cancelled, may still be writing its
@@ -223,6 +239,26 @@ pub fn check(snapshot_id: &str, image: &BootImage) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A snapshot given up while its thread puts its files in place: the thread removes them
+    /// once done, and a process about to exit can wait for that.
+    #[tokio::test]
+    async fn a_given_up_snapshots_thread_is_waited_for() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("snap");
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("state"), b"saved").unwrap();
+        let making = Making::new(&dir);
+        let slow = making.on_thread(|| {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            Ok(())
+        });
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(20), slow).await.is_err());
+        drop(making);
+        assert!(dir.exists(), "removed under the thread still writing into it");
+        wait_for_given_up(std::time::Duration::from_secs(10));
+        assert!(!dir.exists(), "the given-up snapshot's files stay");
+    }
     use std::os::unix::fs::MetadataExt;
 
     fn age(dir: &Path) {

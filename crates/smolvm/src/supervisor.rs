@@ -70,14 +70,33 @@ pub struct StartStatus {
 type Done = oneshot::Sender<std::result::Result<(), (ErrorKind, String)>>;
 
 enum Control {
-    Stop { timeout: Duration, done: oneshot::Sender<()> },
-    Pause { done: Done },
-    Resume { done: Done },
-    Snapshot { dir: PathBuf, kind: SnapshotKind, done: Done },
-    Expose { guest: u16, host: u16, done: oneshot::Sender<std::result::Result<u16, (ErrorKind, String)>> },
-    Unexpose { guest: u16, done: Done },
-    ClientConnected,
-    ClientGone,
+    Stop {
+        timeout: Duration,
+        done: oneshot::Sender<()>,
+    },
+    Pause {
+        done: Done,
+    },
+    Resume {
+        done: Done,
+    },
+    Snapshot {
+        dir: PathBuf,
+        kind: SnapshotKind,
+        done: Done,
+    },
+    Expose {
+        guest: u16,
+        host: u16,
+        done: oneshot::Sender<std::result::Result<u16, (ErrorKind, String)>>,
+    },
+    Unexpose {
+        guest: u16,
+        done: Done,
+    },
+    /// A connection of the process an ephemeral sandbox belongs to opened or closed.
+    OwnerConnected,
+    OwnerGone,
 }
 
 impl Control {
@@ -89,7 +108,7 @@ impl Control {
                 done.is_closed()
             }
             Control::Expose { done, .. } => done.is_closed(),
-            Control::Stop { .. } | Control::ClientConnected | Control::ClientGone => false,
+            Control::Stop { .. } | Control::OwnerConnected | Control::OwnerGone => false,
         }
     }
 }
@@ -414,6 +433,9 @@ async fn expose(
             return Err(bad(format!("guest port {guest} is already exposed on host port {h}; close it first to expose it on {host}")));
         }
         return Ok(*h);
+    }
+    if let Some((g, _)) = exposed.iter().find(|(_, (h, _))| host != 0 && *h == host) {
+        return Err(bad(format!("host port {host} already carries this sandbox's guest port {g}; close that first, or pick another")));
     }
     match (plan.mode, plan.lease) {
         (Mode::Nat, Some(lease)) => {
@@ -753,7 +775,9 @@ async fn supervise(id: &str) -> i32 {
 
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Control>();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let mut clients = 0usize;
+    // The owner's open connections. Only they count: another process's (`sandbox start` or
+    // `exec` of a sandbox a Python `with` block made) must not end the sandbox as it goes.
+    let mut owner_connections = 0usize;
     // An ephemeral sandbox also goes when its owner process does, even if it never connected.
     let mut owner_check = tokio::time::interval(Duration::from_secs(1));
     // Each second: the console's bound, and whether the guest still runs (see `SILENT_LOOK`).
@@ -777,11 +801,14 @@ async fn supervise(id: &str) -> i32 {
     let acceptor = tokio::spawn({
         let (agent, ctl_tx, id, paused, stopped) = (agent.clone(), ctl_tx.clone(), id.to_string(), paused.clone(), stopped.clone());
         let (down, stop_asked) = (down.clone(), stop_asked.clone());
+        let owner_pid = record.owner.filter(|_| record.ephemeral).map(|o| o.pid);
         async move {
             loop {
                 match ctl.accept().await {
                     Ok((stream, _)) => {
+                        let owner = owner_pid.is_some() && stream.peer_cred().ok().and_then(|c| c.pid()) == owner_pid;
                         let client = Client {
+                            owner,
                             agent: agent.clone(),
                             ctl: ctl_tx.clone(),
                             id: id.clone(),
@@ -998,11 +1025,11 @@ async fn supervise(id: &str) -> i32 {
                     let _ = store.remove_port(id, guest);
                     let _ = done.send(r);
                 }
-                Some(Control::ClientConnected) => clients += 1,
-                Some(Control::ClientGone) => {
-                    clients = clients.saturating_sub(1);
+                Some(Control::OwnerConnected) => owner_connections += 1,
+                Some(Control::OwnerGone) => {
+                    owner_connections = owner_connections.saturating_sub(1);
                     // An ephemeral sandbox lives as long as its owner's connection.
-                    if record.ephemeral && clients == 0 {
+                    if record.ephemeral && owner_connections == 0 {
                         break Ended::Asked;
                     }
                 }
@@ -1567,6 +1594,8 @@ struct ClientStream {
 
 /// What a client's task shares with the supervisor.
 struct Client {
+    /// The connection is the owner's (of an ephemeral sandbox): its end may end the sandbox.
+    owner: bool,
     agent: Arc<Conn>,
     ctl: mpsc::UnboundedSender<Control>,
     id: String,
@@ -1580,8 +1609,10 @@ struct Client {
 }
 
 async fn serve_client(stream: UnixStream, client: Client) {
-    let Client { agent, ctl, id, paused, stopped, down, stop_asked } = client;
-    let _ = ctl.send(Control::ClientConnected);
+    let Client { owner, agent, ctl, id, paused, stopped, down, stop_asked } = client;
+    if owner {
+        let _ = ctl.send(Control::OwnerConnected);
+    }
     let (read, write) = stream.into_split();
     let write = Arc::new(tokio::sync::Mutex::new(write));
     let open: ClientStreams = Default::default();
@@ -1783,7 +1814,9 @@ async fn serve_client(stream: UnixStream, client: Client) {
     }
     // (They go once the writer is free; nothing waits for them.)
     drop((to_agent, forward));
-    let _ = ctl.send(Control::ClientGone);
+    if owner {
+        let _ = ctl.send(Control::OwnerGone);
+    }
 }
 
 #[cfg(test)]

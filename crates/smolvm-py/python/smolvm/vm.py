@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
@@ -15,6 +16,9 @@ from .types import CommandResult, SnapshotInfo, VMInfo, VMState
 _SHELLS = ("login", "raw")
 #: The most bytes of stdout, and of stderr, ``run`` keeps unless told otherwise (64 MiB).
 MAX_OUTPUT: int = _native.MAX_OUTPUT
+
+# A snapshot given up by Ctrl-C finishes removing its files before the interpreter ends.
+atexit.register(_native.wait_for_given_up)
 
 
 class _NotGiven:
