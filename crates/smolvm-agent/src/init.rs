@@ -161,13 +161,29 @@ pub fn setup(cmdline: &Cmdline) -> io::Result<()> {
     // commands wait for, and not when the command comes, since a new thread costs milliseconds
     // on a cold guest.
     crate::workers::start();
-    mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    // One pool of memory for the guest's scratch space. Each a tmpfs of half the guest's
+    // memory, /run, /tmp, /dev/shm (and the initramfs's own /) were together promised twice
+    // what the guest has: filling two of them (a download into /tmp, another into /root) ran
+    // the kernel out of memory, and it panicked where a write should have said "No space left
+    // on device". In the initramfs they are directories of its own tmpfs; beside a root disk
+    // they share one tmpfs at /run.
+    if root_disk {
+        mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    }
     if let Some(root) = cmdline.get("smolvm_root") {
         switch_root(&root)?;
     }
     mount_fs("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("ptmxmode=0666,mode=0620"))?;
-    mount_fs("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
-    mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    let mut shared = vec![("/run/shm", "/dev/shm")];
+    if root_disk {
+        shared.push(("/run/tmp", "/tmp"));
+    }
+    for (dir, target) in shared {
+        scratch_dir(dir)?;
+        fs::create_dir_all(target)?;
+        mount(Some(dir), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(|e| io::Error::other(format!("mount {target}: {e}")))?;
+    }
     // As udev and every init make them: without these, `echo x > /dev/stderr` writes a plain
     // file on devtmpfs, and the output never reaches the caller.
     for (link, target) in [
@@ -184,6 +200,13 @@ pub fn setup(cmdline: &Cmdline) -> io::Result<()> {
         spawn_setup(cmdline.net(), false, cmdline.mounts());
     }
     Ok(())
+}
+
+/// A directory anyone may write into, as /tmp is (sticky: only its owner removes a file).
+fn scratch_dir(dir: &str) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o1777))
 }
 
 /// Set the hostname and /etc/hostname, unless the hostname is that already (a cold boot's

@@ -119,6 +119,49 @@ async fn unicode_and_five_megabytes_of_output_arrive_intact() {
     assert!(env.qemu_processes().is_empty());
 }
 
+/// A guest kernel set not to restart on a panic (root in the guest may) spins where it
+/// panicked: the sandbox is failed with why and its VM stopped, where it stayed `running` at a
+/// whole host core and every command waited out its timeout.
+#[tokio::test]
+async fn a_guest_kernel_that_panics_and_spins_fails_the_sandbox() {
+    let env = env();
+    let sb = env.boot(VmConfig { memory: 128, ..Default::default() }).await;
+    let cmd = "echo 0 > /proc/sys/kernel/panic; echo 1 > /proc/sys/vm/panic_on_oom; tail /dev/zero";
+    let e = sb.run(cmd, &opts(120)).await.unwrap_err().to_string();
+    assert!(e.contains("the guest kernel panicked (set not to restart, it spun on): the VM was stopped"), "{e}");
+    assert_eq!(sb.state().unwrap(), State::Error);
+    let why = sb.record().unwrap().error.unwrap_or_default();
+    assert!(why.contains("Kernel panic"), "{why}");
+    assert!(wait_until(Duration::from_secs(5), || env.qemu_processes().is_empty()), "the VM spins on");
+    sb.delete().await.unwrap();
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+}
+
+/// The guest's scratch filesystems draw on one pool of memory: filling one leaves the others
+/// full too, and a write says "No space left on device". Each a tmpfs of half the guest's
+/// memory, filling two of them ran the kernel out of memory, and it panicked.
+#[tokio::test]
+async fn filling_the_guests_scratch_space_is_no_space_left_not_a_dead_vm() {
+    let env = env();
+    let rootfs = smolvm::image::default_rootfs(&env.dirs).unwrap();
+    for (config, places) in [
+        (VmConfig { memory: 256, ..Default::default() }, ["/root", "/tmp", "/dev/shm"]),
+        (VmConfig { memory: 256, rootfs_path: Some(rootfs), ..Default::default() }, ["/tmp", "/dev/shm", "/run"]),
+    ] {
+        let sb = env.boot(config).await;
+        let fill: Vec<String> =
+            places.iter().map(|p| format!("dd if=/dev/zero of={p}/fill bs=1M 2>&1 | grep -c 'No space left'")).collect();
+        let r = sb.run(&format!("{}; df /tmp | tail -1", fill.join("; ")), &opts(120)).await.unwrap();
+        let lines: Vec<&str> = r.stdout.lines().collect();
+        assert_eq!(lines[..3], ["1", "1", "1"], "{r:?}");
+        assert!(lines[3].contains("100%"), "df says: {r:?}");
+        // And the sandbox goes on.
+        assert_eq!(sb.run("rm /tmp/fill; echo alive", &opts(30)).await.unwrap().stdout, "alive\n");
+        sb.delete().await.unwrap();
+    }
+    assert!(env.qemu_processes().is_empty());
+}
+
 /// A command that prints without end cannot fill the caller's memory: past `max_output` it is
 /// stopped with its whole group and the call says why, while output up to the limit is kept.
 #[tokio::test]

@@ -122,6 +122,8 @@ enum Ended {
     Halted,
     /// A stop, a signal, or an ephemeral sandbox's owner going away.
     Asked,
+    /// The guest's kernel panicked and does not reset (see [`PANICKED`]); QEMU lives on.
+    Panicked,
     /// The agent's channel closed while the VM runs on: something in the guest took over or
     /// broke the agent's port (it is root there), or the agent died. Nothing can reach the
     /// guest any more, so the VM is stopped and the sandbox failed, with why.
@@ -140,6 +142,29 @@ const AGENT_LOST: &str = "the guest agent's channel broke while the VM ran (a pr
 /// register dump and the guest nothing under TCG.
 const SILENT_LOOK: Duration = Duration::from_secs(2);
 const IDLE_LOOK: Duration = Duration::from_secs(10);
+
+/// A guest kernel that panics resets the VM (`panic=-1`), which ends QEMU, and the sandbox is
+/// failed with the console's lines. But root in the guest may set `kernel.panic` to 0: the
+/// kernel then spins where it panicked, QEMU lives on at a whole core, and every command waited
+/// out its timeout with the sandbox `running`. So the console is read for the panic's last
+/// line whenever the vCPUs are (`SILENT_LOOK`).
+const PANICKED: &str = "the guest kernel panicked (set not to restart, it spun on): the VM was stopped";
+
+/// Whether the console, from `from` on (this boot's part), holds a kernel panic's last line.
+fn panicked_since(console: &std::path::Path, from: u64) -> bool {
+    use std::io::{Read, Seek};
+    let Ok(mut f) = std::fs::File::open(console) else { return false };
+    let len = f.metadata().map_or(0, |m| m.len());
+    let start = from.max(len.saturating_sub(16 << 10));
+    let mut tail = Vec::new();
+    if start >= len || f.seek(std::io::SeekFrom::Start(start)).is_err() || f.read_to_end(&mut tail).is_err() {
+        return false;
+    }
+    tail.windows(PANIC_END.len()).any(|w| w == PANIC_END)
+}
+
+/// The line the kernel ends a panic's report with (`---[ end Kernel panic - not syncing: …`).
+const PANIC_END: &[u8] = b"---[ end Kernel panic";
 
 /// What a pause or snapshot of a halted guest is answered; the sandbox is then stopped.
 const HALTED: &str = "guest agent: the guest has stopped its CPUs for good (halt -f or poweroff -f inside it); the sandbox is now stopped";
@@ -685,6 +710,9 @@ async fn supervise(id: &str) -> i32 {
         net: guest_net.filter(|_| spec.restore.is_some()),
         sync,
     };
+    // What this boot writes to the console (the log is the sandbox's across starts): only that
+    // tells of its panic (`panicked_since`).
+    let mut console_from = std::fs::metadata(&paths.console).map_or(0, |m| m.len());
     let booted = boot(&launch, &spec, &greeting, &paths, &plan).await;
     let Booted { mut child, mut qmp, agent, mut greeted, mut vsock } = match booted {
         Ok(v) => v,
@@ -869,10 +897,17 @@ async fn supervise(id: &str) -> i32 {
                 }
             }
             _ = housekeeping.tick() => {
-                cap_console(&paths.console);
+                if cap_console(&paths.console) {
+                    // (Cut back to its first MiB and a note: what follows is this boot's.)
+                    console_from = console_from.min(CONSOLE_KEEP);
+                }
                 let every = if agent.silent_for() >= SILENT_LOOK { SILENT_LOOK } else { IDLE_LOOK };
                 if !paused.load(Ordering::SeqCst) && last_look.elapsed() >= every {
                     last_look = Instant::now();
+                    if panicked_since(&paths.console, console_from) {
+                        tracing::warn!("{PANICKED}");
+                        break Ended::Panicked;
+                    }
                     if halted_for_good(&mut qmp).await {
                         break Ended::Halted;
                     }
@@ -1066,6 +1101,8 @@ async fn supervise(id: &str) -> i32 {
         let how = vmm_status.filter(|s| !s.success()).map(|s| format!(" (QEMU: {s})")).unwrap_or_default();
         let msg = if ended == Ended::AgentLost {
             AGENT_LOST.to_string()
+        } else if ended == Ended::Panicked {
+            format!("{PANICKED}; last console lines:\n{}", crate::error::printable(&tail, CONSOLE_LINE_MAX))
         } else if tail.trim().is_empty() {
             format!("the VM exited unexpectedly{how}; its console is empty")
         } else {
@@ -1344,14 +1381,17 @@ const CONSOLE_LINE_MAX: usize = 512;
 
 /// Cut the console log down once it passes its bound (looked at every second), saying so in it.
 /// QEMU appends to it, so what it writes next follows the note.
-fn cap_console(path: &std::path::Path) {
+/// Returns whether it cut the log.
+fn cap_console(path: &std::path::Path) -> bool {
     if std::fs::metadata(path).map_or(true, |m| m.len() <= CONSOLE_MAX) {
-        return;
+        return false;
     }
     if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(path) {
         let _ = f.set_len(CONSOLE_KEEP);
         let _ = f.write_all(b"\n[smolvm: the console passed 8 MiB; what it wrote after its first MiB, up to here, was dropped]\n");
+        return true;
     }
+    false
 }
 
 /// Stop listening on the host ports exposed in NAT mode (user mode's are QEMU's, which go
