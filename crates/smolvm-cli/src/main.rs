@@ -1413,11 +1413,12 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
                 if !env.is_empty() {
                     return Err(Error::validation(
                         "env",
-                        "is not passed over SSH (this sandbox's comm_channel); set it with `smolvm sandbox env set`",
+                        "variables given with -e are not passed over SSH (this sandbox's comm_channel); set them with `smolvm sandbox env set`",
                     ));
                 }
-                // A terminal over SSH too, where we have one.
-                let remote = (!command.is_empty()).then(|| command_line(&command));
+                // A terminal over SSH too, where we have one. A command runs in a login shell,
+                // as over the agent (the sandbox's variables are in its profile).
+                let remote = (!command.is_empty()).then(|| smolvm::ssh::remote_command(&command_line(&command), true, 0, None));
                 return ssh_session(&sb, remote.as_deref(), std::io::IsTerminal::is_terminal(&std::io::stdin()));
             }
             // A login shell, as `ssh` would give: the profile's PATH, prompt and variables. No

@@ -110,6 +110,25 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
     assert_eq!(sb.run("echo out; echo err >&2; exit 3", &opts()).await.unwrap().exit_code, 3);
 
     sb.set_channel(Channel::Ssh);
+    // `sandbox shell -- CMD` runs CMD in a login shell over SSH too, as over the agent: the
+    // sandbox's variables are there (they were not).
+    sb.set_env_vars(&std::collections::BTreeMap::from([("FOO".to_string(), "from smolvm".to_string())]), true).await.unwrap();
+    let out = env.cli().args(["sandbox", "shell", sb.id(), "--", "echo [$FOO]"]).stdin(std::process::Stdio::null()).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "[from smolvm]\n", "{}", String::from_utf8_lossy(&out.stderr));
+    // Transfers at once beyond what dropbear takes in their handshake each get through.
+    let local = env.tmp.path().join("small");
+    std::fs::write(&local, b"small\n").unwrap();
+    let sb = std::sync::Arc::new(sb);
+    let ups: Vec<_> = (0..8)
+        .map(|i| {
+            let (sb, local) = (sb.clone(), local.clone());
+            tokio::spawn(async move { sb.upload(&local, &format!("/tmp/up/s{i}")).await })
+        })
+        .collect();
+    for up in ups {
+        up.await.unwrap().unwrap();
+    }
+    let sb = std::sync::Arc::try_unwrap(sb).ok().expect("no other handle");
     // Readiness follows the channel: over SSH, a login that works.
     sb.wait_for_ready(Duration::from_secs(60)).await.unwrap();
     assert!(sb.can_run_commands().await);
@@ -331,6 +350,17 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
     let left = sb.run("ls /etc/dropbear", &opts()).await.unwrap().stdout;
     assert!(left.contains("dropbear_ed25519_host_key") && !left.contains(".tmp"), "{left}");
     sb.set_channel(Channel::Ssh);
+    sb.wait_for_ssh(Duration::from_secs(60)).await.unwrap();
+    // The guest's SSH server killed under a command, with the sandbox running on: said so (it
+    // was "the sandbox went away"), and so are the refusals after it (ssh's raw complaint).
+    let e = sb.run("pkill dropbear; sleep 1", &opts()).await.unwrap_err().to_string();
+    assert!(e.contains("the SSH session closed while the command ran, and the sandbox runs on"), "{e}");
+    let e = sb.run("true", &opts()).await.unwrap_err().to_string();
+    assert!(e.contains("the guest's SSH server does not answer ("), "{e}");
+    let e = sb.upload(&env.tmp.path().join("big.bin"), "/tmp/again.bin").await.unwrap_err().to_string();
+    assert!(e.contains("the guest's SSH server does not answer ("), "{e}");
+    sb.stop(Duration::from_secs(3)).await.unwrap();
+    sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
     sb.wait_for_ssh(Duration::from_secs(60)).await.unwrap();
     // A guest that goes down under an SSH command is an error that says so, as over the agent,
     // not ssh's exit code 255.

@@ -10,7 +10,7 @@ use smolvm::sandbox::RunOptions;
 use smolvm::{Dirs, Error, Sandbox, Shell, VmConfig};
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::RwLock;
 
@@ -19,9 +19,23 @@ create_exception!(_native, NativeError, PyException);
 /// One current-thread runtime, driven by whichever Python thread is inside a call (others wait
 /// on their own futures meanwhile). Replies are then routed on the caller's own thread: with a
 /// worker thread, every reply crossed threads on its way back, a tenth of a millisecond a call.
+///
+/// A forked child gets a runtime of its own: the parent's, copied, has blocking-pool threads on
+/// its books that the child does not have (a transfer's file work waited on them for ever) and
+/// an epoll set it shares with the parent. The parent's is left alone there, never dropped.
 fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime"))
+    static RT: std::sync::Mutex<Option<(u32, &'static tokio::runtime::Runtime)>> = std::sync::Mutex::new(None);
+    let pid = std::process::id();
+    let mut rt = RT.lock().unwrap_or_else(|e| e.into_inner());
+    match *rt {
+        Some((made_in, r)) if made_in == pid => r,
+        _ => {
+            let r: &'static _ =
+                Box::leak(Box::new(tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime")));
+            *rt = Some((pid, r));
+            r
+        }
+    }
 }
 
 fn to_py(e: Error) -> PyErr {
@@ -201,15 +215,26 @@ struct Vm {
     inner: Arc<RwLock<Option<Sandbox>>>,
     /// The process that made the handle. A forked child shares its sockets and, with them,
     /// the parent's registrations in the runtime's epoll set: dropping the handle there would
-    /// take the parent's connection with it. The child leaves it alone (see `Drop`).
+    /// take the parent's connection with it. The child leaves it alone (see `Drop`) and opens
+    /// the sandbox again for itself (`inner`), on its own runtime.
     pid: u32,
+    /// A forked child's own handle to the sandbox, and the child it belongs to.
+    forked: std::sync::Mutex<Option<(u32, Shared)>>,
 }
+
+type Shared = Arc<RwLock<Option<Sandbox>>>;
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        if std::process::id() != self.pid {
+        let pid = std::process::id();
+        if pid != self.pid {
             // A forked child's copy: forgotten, not closed (the parent's connection lives on).
             std::mem::forget(std::mem::replace(&mut self.inner, Arc::new(RwLock::new(None))));
+        }
+        // (Another process's own, made before a second fork, likewise.)
+        let forked = self.forked.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if forked.as_ref().is_some_and(|(p, _)| *p != pid) {
+            std::mem::forget(forked);
         }
     }
 }
@@ -225,7 +250,27 @@ async fn stop_beside(id: &str, timeout: Duration) {
 
 impl Vm {
     fn wrap(sb: Sandbox) -> Vm {
-        Vm { id: sb.id().to_string(), inner: Arc::new(RwLock::new(Some(sb))), pid: std::process::id() }
+        Vm { id: sb.id().to_string(), inner: Arc::new(RwLock::new(Some(sb))), pid: std::process::id(), forked: Default::default() }
+    }
+
+    /// The sandbox as this process reaches it: in a forked child, through a handle of its own,
+    /// opened on first use (one that cannot be opened reads as closed).
+    fn inner(&self) -> Shared {
+        let pid = std::process::id();
+        if pid == self.pid {
+            return self.inner.clone();
+        }
+        let mut forked = self.forked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((p, shared)) = forked.as_ref() {
+            if *p == pid {
+                return shared.clone();
+            }
+        }
+        let opened = runtime().block_on(Sandbox::open_in(Dirs::from_env(), &self.id)).ok();
+        let shared: Shared = Arc::new(RwLock::new(opened));
+        // A grandchild's copy of its parent's own: forgotten, as the first parent's is.
+        std::mem::forget(forked.replace((pid, shared.clone())));
+        shared
     }
 }
 
@@ -307,7 +352,7 @@ impl Vm {
     }
 
     fn start(&self, py: Python<'_>, boot_timeout: f64) -> PyResult<()> {
-        let inner = self.inner.clone();
+        let inner = self.inner();
         let id = self.id.clone();
         block(py, async move {
             let mut guard = inner.write().await;
@@ -337,7 +382,7 @@ impl Vm {
         // (The Python layer has refused less than a second.)
         let timeout = smolvm::config::seconds(timeout, "timeout").map_err(to_py)?;
         let opts = RunOptions { timeout, shell, env: env.unwrap_or_default(), cwd, stdin, discard_output: false, max_output };
-        let inner = self.inner.clone();
+        let inner = self.inner();
         let id = self.id.clone();
         block_with(py, "env", async move {
             let guard = inner.read().await;
@@ -348,40 +393,40 @@ impl Vm {
     }
 
     fn upload(&self, py: Python<'_>, local: std::path::PathBuf, guest: String) -> PyResult<()> {
-        let (inner, id) = (self.inner.clone(), self.id.clone());
+        let (inner, id) = (self.inner(), self.id.clone());
         block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.upload(&local, &guest).await })
     }
 
     fn download(&self, py: Python<'_>, guest: String, local: std::path::PathBuf) -> PyResult<()> {
-        let (inner, id) = (self.inner.clone(), self.id.clone());
+        let (inner, id) = (self.inner(), self.id.clone());
         block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.download(&guest, &local).await })
     }
 
     #[pyo3(signature = (guest_port, host_port=None))]
     fn expose_local(&self, py: Python<'_>, guest_port: u16, host_port: Option<u16>) -> PyResult<u16> {
-        let (inner, id) = (self.inner.clone(), self.id.clone());
+        let (inner, id) = (self.inner(), self.id.clone());
         block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.expose_local(guest_port, host_port).await })
     }
 
     fn unexpose_local(&self, py: Python<'_>, guest_port: u16) -> PyResult<()> {
-        let (inner, id) = (self.inner.clone(), self.id.clone());
+        let (inner, id) = (self.inner(), self.id.clone());
         block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.unexpose_local(guest_port).await })
     }
 
     fn pause(&self, py: Python<'_>) -> PyResult<()> {
-        let (inner, id) = (self.inner.clone(), self.id.clone());
+        let (inner, id) = (self.inner(), self.id.clone());
         block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.pause().await })
     }
 
     fn resume(&self, py: Python<'_>) -> PyResult<()> {
-        let (inner, id) = (self.inner.clone(), self.id.clone());
+        let (inner, id) = (self.inner(), self.id.clone());
         block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.resume().await })
     }
 
     /// Returns (snapshot_id, vm_id, snapshot_type, path).
     #[pyo3(signature = (snapshot_id=None, snapshot_type="full".to_string()))]
     fn snapshot(&self, py: Python<'_>, snapshot_id: Option<String>, snapshot_type: String) -> PyResult<(String, String, String, String)> {
-        let (inner, id) = (self.inner.clone(), self.id.clone());
+        let (inner, id) = (self.inner(), self.id.clone());
         block(py, async move {
             let guard = inner.read().await;
             let info = guard.as_ref().ok_or_else(|| gone(&id))?.snapshot(snapshot_id.as_deref(), &snapshot_type).await?;
@@ -390,7 +435,7 @@ impl Vm {
     }
 
     fn stop(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
-        let inner = self.inner.clone();
+        let inner = self.inner();
         let id = self.id.clone();
         block(py, async move {
             let timeout = smolvm::config::seconds(timeout.max(0.1), "timeout")?;
@@ -402,7 +447,7 @@ impl Vm {
     }
 
     fn delete(&self, py: Python<'_>) -> PyResult<()> {
-        let inner = self.inner.clone();
+        let inner = self.inner();
         let own = self.id.clone();
         block(py, async move {
             // A closed handle deletes nothing (and stops nothing): as any call on it, an error.
@@ -431,22 +476,18 @@ impl Vm {
         })
     }
 
-    /// Forget the connection without stopping the sandbox. In a forked child the connection
-    /// is the parent's too: forgotten there, not closed (as in `Drop`).
+    /// Forget the connection without stopping the sandbox. (In a forked child, the child's
+    /// own: the parent's lives on.)
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let inner = self.inner.clone();
-        let child = std::process::id() != self.pid;
+        let inner = self.inner();
         block(py, async move {
-            let closed = inner.write().await.take();
-            if child {
-                std::mem::forget(closed);
-            }
+            inner.write().await.take();
             Ok(())
         })
     }
 
     fn state(&self, py: Python<'_>) -> PyResult<String> {
-        let inner = self.inner.clone();
+        let inner = self.inner();
         let id = self.id.clone();
         block(py, async move {
             let guard = inner.read().await;
@@ -458,7 +499,7 @@ impl Vm {
     }
 
     fn info(&self, py: Python<'_>) -> PyResult<String> {
-        let inner = self.inner.clone();
+        let inner = self.inner();
         let id = self.id.clone();
         block(py, async move {
             let guard = inner.read().await;
@@ -467,7 +508,7 @@ impl Vm {
     }
 
     fn wait_for_ssh(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
-        let (inner, id) = (self.inner.clone(), self.id.clone());
+        let (inner, id) = (self.inner(), self.id.clone());
         block(py, async move {
             let timeout = smolvm::config::seconds(timeout, "timeout")?;
             let guard = inner.read().await;
@@ -476,7 +517,7 @@ impl Vm {
     }
 
     fn wait_for_ready(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
-        let (inner, id) = (self.inner.clone(), self.id.clone());
+        let (inner, id) = (self.inner(), self.id.clone());
         block(py, async move {
             let timeout = smolvm::config::seconds(timeout, "timeout")?;
             let guard = inner.read().await;
@@ -485,7 +526,7 @@ impl Vm {
     }
 
     fn wait_for_ports(&self, py: Python<'_>, ports: Vec<u16>, timeout: f64) -> PyResult<()> {
-        let (inner, id) = (self.inner.clone(), self.id.clone());
+        let (inner, id) = (self.inner(), self.id.clone());
         block(py, async move {
             let timeout = smolvm::config::seconds(timeout, "timeout")?;
             let guard = inner.read().await;
@@ -494,7 +535,7 @@ impl Vm {
     }
 
     fn can_run_commands(&self, py: Python<'_>) -> PyResult<bool> {
-        let inner = self.inner.clone();
+        let inner = self.inner();
         block(py, async move {
             let guard = inner.read().await;
             Ok(match guard.as_ref() {
@@ -505,7 +546,7 @@ impl Vm {
     }
 
     fn set_env_vars(&self, py: Python<'_>, vars: BTreeMap<String, String>, merge: bool) -> PyResult<Vec<String>> {
-        let inner = self.inner.clone();
+        let inner = self.inner();
         let id = self.id.clone();
         block(py, async move {
             let guard = inner.read().await;
@@ -514,7 +555,7 @@ impl Vm {
     }
 
     fn unset_env_vars(&self, py: Python<'_>, keys: Vec<String>) -> PyResult<BTreeMap<String, String>> {
-        let inner = self.inner.clone();
+        let inner = self.inner();
         let id = self.id.clone();
         block_with(py, "keys", async move {
             let guard = inner.read().await;
@@ -523,7 +564,7 @@ impl Vm {
     }
 
     fn list_env_vars(&self, py: Python<'_>) -> PyResult<BTreeMap<String, String>> {
-        let inner = self.inner.clone();
+        let inner = self.inner();
         let id = self.id.clone();
         block(py, async move {
             let guard = inner.read().await;

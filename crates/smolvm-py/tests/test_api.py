@@ -717,6 +717,39 @@ def test_a_forked_child_leaves_the_parents_handle_alone(no_leftovers):
         SmolVM.from_id("pytied")
 
 
+def test_a_forked_child_transfers_files_and_leaves_the_parents_with_block_alone(no_leftovers, tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("from the host\n")
+    parent = os.getpid()
+    try:
+        with SmolVM(memory=256) as vm:
+            # The parent's transfer first: its file work ran on threads the child does not
+            # have, and the child's transfers waited on them for ever.
+            vm.upload_file(str(src), "/tmp/parent.txt")
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(60)
+                vm.upload_file(str(src), "/tmp/child.txt")
+                vm.download_file("/tmp/child.txt", str(tmp_path / "back.txt"))
+                # Leaving the parent's `with` block (as sys.exit does) is not the end of the
+                # parent's sandbox.
+                raise SystemExit(0 if (tmp_path / "back.txt").read_text() == "from the host\n" else 2)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            assert vm.run("cat /tmp/child.txt").output == "from the host"
+            assert vm.status == VMState.RUNNING
+            vm_id = vm.vm_id
+    except SystemExit as e:
+        if os.getpid() != parent:
+            os._exit(e.code)
+        raise
+    finally:
+        if os.getpid() != parent:
+            os._exit(1)
+    with pytest.raises(VMNotFoundError):
+        SmolVM.from_id(vm_id)
+
+
 def test_a_handle_whose_guest_powered_itself_off_says_it_is_stopped(no_leftovers):
     # The handle's connection is not watched between calls: the first call after the guest
     # went down used to fail on the dead socket ("Broken pipe") instead of saying why.

@@ -749,6 +749,24 @@ fn reap_snapshot_leftovers(dirs: &Dirs, store: &Store) -> Result<Vec<String>> {
     Ok(removed)
 }
 
+/// Whether ssh's (or sftp's) complaint says the server let go before the session began: too
+/// many connections in their handshake at once (dropbear takes 5 from one address, OpenSSH
+/// 10), so nothing ran.
+fn session_never_began(diagnostics: &str) -> bool {
+    ["kex_exchange_identification", "Connection closed by", "Connection reset by", "Connection refused"]
+        .iter()
+        .any(|m| diagnostics.contains(m))
+}
+
+/// A running sandbox whose SSH server keeps refusing sessions (killed in the guest, say):
+/// said so, with the way around it, rather than as ssh's raw complaint.
+fn ssh_unanswered(diagnostics: &str) -> Error {
+    Error::Ssh(format!(
+        "the guest's SSH server does not answer ({}); the sandbox runs on: use the agent (`--channel agent`), or restart the sandbox",
+        diagnostics.lines().find(|l| session_never_began(l)).or(diagnostics.lines().last()).unwrap_or_default()
+    ))
+}
+
 /// Keep a piece of a command's output for its result, within `opts.max_output`.
 fn keep_output(kept: &mut Vec<u8>, piece: &[u8], opts: &RunOptions, stream: &'static str) -> Result<()> {
     if opts.discard_output {
@@ -1459,13 +1477,8 @@ impl Sandbox {
             if code == 255 {
                 let diagnostics = std::fs::read_to_string(&log).unwrap_or_default();
                 let diagnostics = diagnostics.trim();
-                // The server let go before the session began (too many connections in their
-                // handshake at once: dropbear takes 5 from one address, OpenSSH 10). Nothing
-                // ran: another try is safe, where no input was taken.
-                let not_started = ["kex_exchange_identification", "Connection closed by", "Connection reset by", "Connection refused"]
-                    .iter()
-                    .any(|m| diagnostics.contains(m));
-                if not_started && !any_output && !fed && attempt < 20 {
+                // Nothing ran: another try is safe, where no input was taken.
+                if session_never_began(diagnostics) && !any_output && !fed && attempt < 20 {
                     let pause = Duration::from_millis(20 * attempt.min(10));
                     if tokio::time::Instant::now() + pause < deadline {
                         tokio::time::sleep(pause).await;
@@ -1476,14 +1489,23 @@ impl Sandbox {
                 if let Some(e) = crate::ssh::host_key_failure(diagnostics) {
                     return Err(e);
                 }
+                if session_never_began(diagnostics) && self.still_runs() {
+                    return Err(ssh_unanswered(diagnostics));
+                }
                 if !diagnostics.is_empty() {
                     return Err(Error::Ssh(diagnostics.to_string()));
                 }
                 // The server went away under the command (ssh says so on the session's
                 // stderr, held back from the command's): with its guest, most likely, as over
-                // the agent.
+                // the agent. Or the guest's SSH server alone (killed in there): said so.
                 if server_closed {
-                    return Err(self.went_away("while the command ran").await);
+                    let e = self.went_away("while the command ran").await;
+                    if self.still_runs() {
+                        return Err(Error::Ssh(
+                            "the SSH session closed while the command ran, and the sandbox runs on: its SSH server (or the session's shell) went away in the guest".into(),
+                        ));
+                    }
+                    return Err(e);
                 }
             }
             drop(feeding);
@@ -1492,26 +1514,50 @@ impl Sandbox {
         }
     }
 
+    /// Whether the sandbox is recorded running, its supervisor alive.
+    fn still_runs(&self) -> bool {
+        self.record().is_ok_and(|r| r.state == State::Running && r.supervisor.is_some_and(|p| p.alive()))
+    }
+
     /// Run an sftp batch; its error output, cleaned up, on failure.
     async fn sftp(&self, batch: String) -> Result<()> {
         use tokio::io::AsyncWriteExt;
         let ep = self.ssh_endpoint()?;
-        let mut sftp = ep.sftp();
-        // (A caller killed outright takes its transfer along: it must not land after it.)
-        crate::net::die_with_this_thread(&mut sftp);
-        let mut cmd = tokio::process::Command::from(sftp);
-        cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|e| Error::Host(format!("running sftp (openssh-client): {e}")))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(batch.as_bytes()).await.ctx(|| "talking to sftp".into())?;
-        }
-        let out = child.wait_with_output().await.ctx(|| "waiting for sftp".into())?;
+        let mut attempt = 0u32;
+        let out = loop {
+            attempt += 1;
+            let mut sftp = ep.sftp();
+            // (A caller killed outright takes its transfer along: it must not land after it.)
+            crate::net::die_with_this_thread(&mut sftp);
+            let mut cmd = tokio::process::Command::from(sftp);
+            cmd.stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true);
+            let mut child = cmd.spawn().map_err(|e| Error::Host(format!("running sftp (openssh-client): {e}")))?;
+            if let Some(mut stdin) = child.stdin.take() {
+                // (Refused when sftp ended first, before its session: its status says why.)
+                let _ = stdin.write_all(batch.as_bytes()).await;
+            }
+            let out = child.wait_with_output().await.ctx(|| "waiting for sftp".into())?;
+            // As for commands: transfers at once beyond what the server takes in their
+            // handshake were refused, where nothing of the batch had run.
+            let said = String::from_utf8_lossy(&out.stderr);
+            if !out.status.success() && !said.contains("Connected to ") && session_never_began(&said) && attempt < 20 {
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt.min(10)))).await;
+                continue;
+            }
+            break out;
+        };
         if out.status.success() {
             return Ok(());
         }
         let said = String::from_utf8_lossy(&out.stderr);
         if let Some(e) = crate::ssh::host_key_failure(&said) {
             return Err(e);
+        }
+        if !said.contains("Connected to ") && session_never_began(&said) && self.still_runs() {
+            return Err(ssh_unanswered(said.trim()));
         }
         let lines: Vec<&str> = said.lines().filter(|l| !l.starts_with("sftp>") && !l.starts_with("Connected to ")).collect();
         // The parents' `-mkdir`s fail where they exist, which is no error: said only when

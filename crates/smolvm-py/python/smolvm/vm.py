@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+from os import getpid as _getpid  # (`os` is also a parameter's name below)
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import _args, _native
@@ -97,6 +98,7 @@ class SmolVM:
         self._config = config.replace(**changes) if changes else config
         self._native: Optional[Any] = None
         self._owned = True
+        self._made_in = _getpid()
         self._tied = False
         self.on_pre_run: Optional[Callable[[str], None]] = None
         self.on_post_run: Optional[Callable[[str, CommandResult], None]] = None
@@ -111,6 +113,7 @@ class SmolVM:
         vm._native = call(_native.Vm.open, _args.text(vm_id, "vm_id"))
         vm._config = VMConfig(vm_id=vm_id)
         vm._owned = False
+        vm._made_in = _getpid()
         vm._tied = False
         vm.on_pre_run = vm.on_post_run = vm.on_run_error = None
         return vm
@@ -261,6 +264,7 @@ class SmolVM:
         vm._native = call(_native.Vm.from_snapshot, snapshot_id, vm_id, env, resume, boot_timeout, hosts, writable_mounts, ports)
         vm._config = VMConfig(vm_id=vm._native.id)
         vm._owned = True
+        vm._made_in = _getpid()
         vm._tied = False
         vm.on_pre_run = vm.on_post_run = vm.on_run_error = None
         return vm
@@ -287,7 +291,9 @@ class SmolVM:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
-            if self._owned:
+            # A forked child that leaves the block (sys.exit unwinds through it) leaves the
+            # sandbox to the process whose block it is: it deleted the parent's sandbox.
+            if self._owned and _getpid() == self._made_in:
                 try:
                     self.delete()
                 except VMNotFoundError:
