@@ -236,18 +236,19 @@ fn cli_file_upload_and_download() {
 #[tokio::test]
 async fn a_directory_larger_than_free_memory_downloads() {
     let env = env();
-    let sb = env.boot(VmConfig { memory: 256, ..VmConfig::default() }).await;
+    // (88 MB: what fits in /tmp, which shares half the guest's memory with /.)
+    let sb = env.boot(VmConfig { memory: 200, ..VmConfig::default() }).await;
     let r = sb
-        .run("mkdir -p /tmp/big && for i in 1 2 3 4 5 6; do dd if=/dev/zero of=/tmp/big/f$i bs=1M count=20 2>/dev/null || exit 1; done; free -m | awk 'NR==2 {print $4}'", &opts())
+        .run("mkdir -p /tmp/big && for i in 1 2 3 4; do dd if=/dev/zero of=/tmp/big/f$i bs=1M count=22 2>/dev/null || exit 1; done; free -m | awk 'NR==2 {print $4}'", &opts())
         .await
         .unwrap();
     assert_eq!(r.exit_code, 0, "{}", r.stderr);
     let free: u64 = r.stdout.trim().parse().unwrap();
-    assert!(free < 120, "the test needs the directory to be larger than the guest's free memory ({free} MiB free)");
+    assert!(free < 88, "the test needs the directory to be larger than the guest's free memory ({free} MiB free)");
     let local = env.tmp.path().join("big");
     sb.download("/tmp/big", &local).await.unwrap();
-    for i in 1..=6 {
-        assert_eq!(std::fs::metadata(local.join(format!("f{i}"))).unwrap().len(), 20 << 20);
+    for i in 1..=4 {
+        assert_eq!(std::fs::metadata(local.join(format!("f{i}"))).unwrap().len(), 22 << 20);
     }
     assert_eq!(sb.run("echo alive", &opts()).await.unwrap().stdout, "alive\n");
     sb.delete().await.unwrap();
