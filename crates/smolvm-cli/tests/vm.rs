@@ -395,9 +395,12 @@ async fn the_agent_does_pid_1s_duties_and_a_poweroff_or_halt_inside_stops_the_sa
     // The control socket is its owner's only.
     assert_eq!(std::fs::metadata(&sb.paths().ctl).unwrap().permissions().mode() & 0o777, 0o600);
     let r = sb.run("awk '{print $2, $3}' /proc/mounts", &opts(10)).await.unwrap();
-    for m in ["/dev devtmpfs", "/dev/pts devpts", "/dev/shm tmpfs", "/proc proc", "/run tmpfs", "/sys sysfs", "/tmp tmpfs"] {
+    // (/tmp and /run are the initramfs's own directories, and /dev/shm one of them: one pool
+    // of memory for them all.)
+    for m in ["/ rootfs", "/dev devtmpfs", "/dev/pts devpts", "/dev/shm rootfs", "/proc proc", "/sys sysfs"] {
         assert!(r.stdout.lines().any(|l| l == m), "{m} is not mounted:\n{}", r.stdout);
     }
+    assert_eq!(sb.run("stat -c %a /tmp /dev/shm", &opts(10)).await.unwrap().stdout, "1777\n1777\n");
     // Orphans whose parents are gone at once are PID 1's: it reaps them, none stays a zombie.
     // (An exit is reaped a moment after it happens: a loaded host gets a few looks.)
     let zombies = "for i in 1 2 3 4 5 6; do (sleep 0.2 &); done; sleep 1; for t in 1 2 3 4 5 6 7 8 9 10; do \
