@@ -129,6 +129,10 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
         up.await.unwrap().unwrap();
     }
     let sb = std::sync::Arc::try_unwrap(sb).ok().expect("no other handle");
+    // A file in the way of the parents is said of the path asked for (it named our temporary
+    // file), as over the agent.
+    let e = sb.upload(&local, "/tmp/up/s0/child").await.unwrap_err().to_string();
+    assert_eq!(e, "invalid guest_path: receiving /tmp/up/s0/child: /tmp/up/s0 is not a directory (a part of it is a file)");
     // Readiness follows the channel: over SSH, a login that works.
     sb.wait_for_ready(Duration::from_secs(60)).await.unwrap();
     assert!(sb.can_run_commands().await);

@@ -2201,6 +2201,14 @@ impl Sandbox {
                 // is said as the agent says it.
                 if self.sftp(format!("cd {}\n", q(&target)?)).await.is_ok() {
                     done = Err(Error::validation("guest_path", smolvm_proto::paths::upload_onto_directory(&target)));
+                } else if done.as_ref().is_err_and(|e| e.to_string().contains(&tmp)) {
+                    // Its temporary file could not be made: a file stands in the parents' way
+                    // (their `mkdir`s fail quietly). Said of the path asked for, not of our
+                    // temporary name.
+                    done = Err(Error::validation(
+                        "guest_path",
+                        format!("receiving {target}: {} is not a directory (a part of it is a file)", parent.display()),
+                    ));
                 }
             }
             guard.0 = None;
