@@ -371,7 +371,9 @@ async fn ssh_and_agent_give_the_same_results_and_transfer_the_same_bytes() {
     // ssh's own "Connection to … closed by remote host." is not passed on as the command's.
     let mut streamed = Vec::new();
     let e = sb
-        .run_streaming("echo before >&2; poweroff", &opts(), |o| {
+        // (`poweroff` only asks PID 1, and returns: the command waits for the power-off, else
+        // its shell could end first, and its session with an answer.)
+        .run_streaming("echo before >&2; poweroff; sleep 20", &opts(), |o| {
             if let smolvm::sandbox::Output::Stderr(b) = o {
                 streamed.extend_from_slice(b)
             }
