@@ -212,7 +212,7 @@ fn list_sandboxes() -> PyResult<String> {
 #[pyclass(module = "smolvm._native")]
 struct Vm {
     id: String,
-    inner: Arc<RwLock<Option<Sandbox>>>,
+    inner: Shared,
     /// The process that made the handle. A forked child shares its sockets and, with them,
     /// the parent's registrations in the runtime's epoll set: dropping the handle there would
     /// take the parent's connection with it. The child leaves it alone (see `Drop`) and opens

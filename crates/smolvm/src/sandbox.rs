@@ -1524,7 +1524,7 @@ impl Sandbox {
         use tokio::io::AsyncWriteExt;
         let ep = self.ssh_endpoint()?;
         let mut attempt = 0u32;
-        let out = loop {
+        let (out, never_began) = loop {
             attempt += 1;
             let mut sftp = ep.sftp();
             // (A caller killed outright takes its transfer along: it must not land after it.)
@@ -1543,11 +1543,12 @@ impl Sandbox {
             // As for commands: transfers at once beyond what the server takes in their
             // handshake were refused, where nothing of the batch had run.
             let said = String::from_utf8_lossy(&out.stderr);
-            if !out.status.success() && !said.contains("Connected to ") && session_never_began(&said) && attempt < 20 {
+            let never_began = !out.status.success() && !said.contains("Connected to ") && session_never_began(&said);
+            if never_began && attempt < 20 {
                 tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt.min(10)))).await;
                 continue;
             }
-            break out;
+            break (out, never_began);
         };
         if out.status.success() {
             return Ok(());
@@ -1556,7 +1557,7 @@ impl Sandbox {
         if let Some(e) = crate::ssh::host_key_failure(&said) {
             return Err(e);
         }
-        if !said.contains("Connected to ") && session_never_began(&said) && self.still_runs() {
+        if never_began && self.still_runs() {
             return Err(ssh_unanswered(said.trim()));
         }
         let lines: Vec<&str> = said.lines().filter(|l| !l.starts_with("sftp>") && !l.starts_with("Connected to ")).collect();
