@@ -1,18 +1,22 @@
 # smolvm: `make run` prepares everything and boots a first sandbox; `make test` runs all tests.
 CARGO ?= cargo
-MUSL  := x86_64-unknown-linux-musl
-AGENT := target/$(MUSL)/release/smolvm-agent
+# The guest agent's target: musl where rustup has it, else glibc linked statically (where no
+# target can be fetched; prereqs.sh says so). Decided when used, after prereqs has run.
+AGENT_TARGET = $(shell rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl && echo x86_64-unknown-linux-musl || echo x86_64-unknown-linux-gnu)
+AGENT = target/$(AGENT_TARGET)/release/smolvm-agent
 
 .PHONY: run test test-rust test-python prereqs agent build image lint bench wheel venv clean
 
 prereqs:
 	./scripts/prereqs.sh
 
-# The guest agent: a static musl binary (it is /init of the default image). Whole-program LTO
-# (this build only; it targets musl, so the host crates are not rebuilt): 20 % less code, which
-# a cold guest pays for in page faults and TCG translation on the way to its first command.
+# The guest agent: a static binary (it is /init of the default image). Whole-program LTO (this
+# build only; it names its target, so the host crates are not rebuilt): 20 % less code, which a
+# cold guest pays for in page faults and TCG translation on the way to its first command.
 agent:
-	CARGO_PROFILE_RELEASE_LTO=true CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 $(CARGO) build --release -p smolvm-agent --target $(MUSL)
+	CARGO_PROFILE_RELEASE_LTO=true CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
+	  $(if $(findstring gnu,$(AGENT_TARGET)),RUSTFLAGS="-C target-feature=+crt-static") \
+	  $(CARGO) build --release -p smolvm-agent --target $(AGENT_TARGET)
 
 build: agent
 	$(CARGO) build --release -p smolvm-cli

@@ -16,10 +16,17 @@ for pass in 1 2; do
   [ ${#missing[@]} -gt 0 ] || break
   echo "prereqs: installing ${missing[*]}"
   [ -n "$updated" ] || { $SUDO apt-get update -qq; updated=1; }
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 done
-if ! rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl; then
-  rustup target add x86_64-unknown-linux-musl
+# The guest agent is built for musl where rustup can add that target; where it cannot (no
+# toolchain download on this machine), the Makefile builds it for glibc, linked statically.
+if ! command -v rustup >/dev/null; then
+  echo "prereqs: rustup is missing: install Rust with rustup (https://rustup.rs), then run this again" >&2
+  exit 1
+fi
+if ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+  rustup target add x86_64-unknown-linux-musl ||
+    echo "prereqs: the x86_64-unknown-linux-musl Rust target could not be added; the guest agent will be built for glibc, linked statically (a larger binary)" >&2
 fi
 # The vsock transport's device server (vhost-user), for SMOLVM_AGENT_TRANSPORT=vsock and its
 # tests: QEMU cannot offer vsock without /dev/vhost-vsock otherwise. About 45 s to build once.

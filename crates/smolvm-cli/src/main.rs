@@ -1256,7 +1256,8 @@ fn setup(yes: bool) -> Result<Done, Error> {
             return Err(Error::Host("setup cancelled".into()));
         }
     }
-    let sudo: &[&str] = if nix::unistd::Uid::effective().is_root() { &[] } else { &["sudo"] };
+    // (Through `env`: sudo's default `env_reset` drops the variable set on its own process.)
+    let sudo: &[&str] = if nix::unistd::Uid::effective().is_root() { &[] } else { &["sudo", "env", "DEBIAN_FRONTEND=noninteractive"] };
     let run = |args: &[&str]| -> Result<(), Error> {
         let mut all: Vec<&str> = sudo.to_vec();
         all.extend_from_slice(args);

@@ -579,16 +579,17 @@ pub(crate) fn find_on_path(tool: &str) -> Option<PathBuf> {
 // Initramfs
 
 /// The agent binary to put in images: `SMOLVM_AGENT_BIN`, else beside the running executable,
-/// else the musl build of this workspace (found from the executable's location).
+/// else this workspace's static build (found from the executable's location): musl, or glibc
+/// linked statically where the musl target could not be had (see the Makefile).
 pub fn agent_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("SMOLVM_AGENT_BIN") {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe().ctx(|| "locating the running executable".into())?;
+    let builds = ["x86_64-unknown-linux-musl", "x86_64-unknown-linux-gnu"].map(|t| format!("{t}/release/smolvm-agent"));
     for dir in exe.ancestors().skip(1).take(4) {
-        for rel in
-            ["x86_64-unknown-linux-musl/release/smolvm-agent", "target/x86_64-unknown-linux-musl/release/smolvm-agent", "smolvm-agent"]
-        {
+        let places = builds.iter().flat_map(|b| [b.clone(), format!("target/{b}")]).chain(["smolvm-agent".to_string()]);
+        for rel in places {
             let p = dir.join(rel);
             // A dynamically linked build (the workspace's host build) cannot run as /init.
             if p.is_file() && elf_head(&p).is_some_and(|b| is_static(&b)) {
