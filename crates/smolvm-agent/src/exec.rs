@@ -129,8 +129,9 @@ fn spawn(
     let (exit_read, exit_write) = exit;
     let mut waiters = crate::reaper::lock();
     let cgroup = crate::cgroup::dir(token, grouped);
-    // A command that starts with '-' would read as the shell's options: `--` ends them first.
-    let args: &[&str] = if req.command.starts_with('-') { &[flag, "--", &req.command] } else { &[flag, &req.command] };
+    // A command that starts with '-' or '+' would read as the shell's options (`+x` unsets
+    // one): `--` ends them first.
+    let args: &[&str] = if req.command.starts_with(['-', '+']) { &[flag, "--", &req.command] } else { &[flag, &req.command] };
     let child = crate::spawn::spawn(program, args, &env, cwd, pipes, cgroup.as_deref())?;
     waiters.insert(child.pid, File::from(exit_write));
     Ok((child, File::from(exit_read)))

@@ -601,10 +601,14 @@ async fn login_and_raw_shells_and_lifecycle_states() {
     assert_eq!(login.output(), "[yes]");
     let raw = sb.run("echo \"[$FROM_PROFILE]\"", &RunOptions { shell: Shell::Raw, ..opts(10) }).await.unwrap();
     assert_eq!(raw.output(), "[]");
-    // A command that starts with '-' is a command, not the shell's options, in either shell.
+    // A command that starts with '-' or '+' is a command, not the shell's options, in either
+    // shell.
     for shell in [Shell::Login, Shell::Raw] {
-        let r = sb.run("-n", &RunOptions { shell, ..opts(10) }).await.unwrap();
-        assert_eq!((r.exit_code, r.stderr.as_str()), (127, "/bin/sh: -n: not found\n"));
+        for cmd in ["-n", "+x a"] {
+            let r = sb.run(cmd, &RunOptions { shell, ..opts(10) }).await.unwrap();
+            let word = cmd.split(' ').next().unwrap();
+            assert_eq!((r.exit_code, r.stderr.as_str()), (127, format!("/bin/sh: {word}: not found\n").as_str()), "{cmd}");
+        }
     }
     // A working directory, and one that does not exist.
     let r = sb.run("pwd", &RunOptions { cwd: Some("/tmp".into()), ..opts(10) }).await.unwrap();

@@ -31,6 +31,11 @@ pub enum Error {
     Image(String),
     #[error("host: {0}")]
     Host(String),
+    /// The VMM was killed by a signal while it booted: something outside the boot ended it (a
+    /// stop or delete, the OOM killer, a `kill`), so its console says nothing of why, and a
+    /// warm snapshot it was restoring is not to blame.
+    #[error("host: {0}")]
+    VmmKilled(String),
     /// The host side of a sandbox's network: its TAP device, nftables rules, addresses.
     #[error("network: {0}")]
     Network(String),
@@ -96,7 +101,7 @@ impl Error {
             Error::Timeout { .. } => "timeout",
             Error::Boot { .. } => "boot",
             Error::Image(_) => "image",
-            Error::Host(_) | Error::Io { .. } | Error::Store(_) => "host",
+            Error::Host(_) | Error::VmmKilled(_) | Error::Io { .. } | Error::Store(_) => "host",
             Error::Network(_) => "network",
             Error::Guest(_) => "guest",
             Error::Interrupted(_) => "interrupted",

@@ -579,7 +579,7 @@ pub fn smolvm_binary() -> Result<PathBuf> {
 fn reap(store: &Store, dirs: &Dirs, rec: Record, held: bool) -> Result<Option<Record>> {
     let owner_gone = rec.ephemeral && rec.owner.is_some_and(|o| !o.alive());
     let supervisor_gone = rec.state.is_live() && !rec.supervisor.is_some_and(|p| p.alive());
-    if held || !(owner_gone || supervisor_gone) {
+    if held || !(owner_gone || supervisor_gone || start_died(&rec)) {
         return reap_now(store, dirs, rec);
     }
     let Some(_lock) = SandboxPaths::new(dirs, &rec.id).start_lock(false)? else {
@@ -617,6 +617,17 @@ fn reap_now(store: &Store, dirs: &Dirs, rec: Record) -> Result<Option<Record>> {
         forget(store);
         return Ok(None);
     }
+    if start_died(&rec) {
+        kill(rec.vmm);
+        net_leftovers(store);
+        paths.remove_sockets();
+        // The sandbox stays as it was before that start (created or stopped), without the
+        // dead processes' ids.
+        if let Err(e) = store.set_state(&rec.id, rec.state, rec.error.as_deref()) {
+            tracing::warn!("recording what {} left: {}", rec.id, e.full_message());
+        }
+        return store.get(&rec.id);
+    }
     let supervisor_alive = rec.supervisor.is_some_and(|p| p.alive());
     if !rec.state.is_live() || supervisor_alive {
         return Ok(Some(rec));
@@ -634,6 +645,13 @@ fn reap_now(store: &Store, dirs: &Dirs, rec: Record) -> Result<Option<Record>> {
         return Ok(Some(Record { state: State::Error, error: Some(why.into()), supervisor: None, vmm: None, ..rec }));
     }
     store.get(&rec.id)
+}
+
+/// A start whose starter and supervisor were killed before the VM ran (the supervisor is
+/// recorded once spawned; its record still says created or stopped): its address lease,
+/// firewall table and a VMM it had begun are left, which the next command removes.
+fn start_died(rec: &Record) -> bool {
+    !rec.state.is_live() && rec.supervisor.is_some_and(|p| !p.alive())
 }
 
 /// The reason a sandbox whose supervisor died is recorded with, by whoever finds it first.
@@ -994,8 +1012,14 @@ impl Sandbox {
         let sb = Sandbox { id: rec.id.clone(), dirs, paths, conn: Default::default(), channel };
         // One on its way down is found without a connection: its commands say it is stopping,
         // and start() waits, then boots it again.
+        // (A supervisor that died since the record was read leaves the handle unconnected:
+        // what is done with it next finds the sandbox failed, as a later open would.)
         if rec.state.is_live() && !sb.going_down(&rec) {
-            sb.set_conn(Some(Conn::connect(&sb.paths.ctl).await?));
+            match Conn::connect(&sb.paths.ctl).await {
+                Ok(c) => sb.set_conn(Some(c)),
+                Err(e @ Error::Host(_)) => return Err(e),
+                Err(_) => {}
+            }
         }
         Ok(sb)
     }
@@ -1142,10 +1166,23 @@ impl Sandbox {
         }
         if rec.state.is_live() {
             // A closed connection is a previous supervisor's (another process restarted it).
-            if self.open_conn().is_none() {
-                self.set_conn(Some(Conn::connect(&self.paths.ctl).await?));
+            if self.open_conn().is_some() {
+                return Ok(());
             }
-            return Ok(());
+            match self.connect_supervisor().await {
+                Ok(c) => {
+                    self.set_conn(Some(c));
+                    return Ok(());
+                }
+                // Its supervisor died since the record was read: found so by reading it again,
+                // and booted again like any sandbox that is not running.
+                Err(e) => {
+                    rec = self.record_with(true)?;
+                    if rec.state.is_live() {
+                        return Err(e);
+                    }
+                }
+            }
         }
         // A sandbox that has booted stands on its own disk overlay and its own link to the
         // overlay's base (see `image::overlay`): its named image need not be in the cache, nor
@@ -1196,6 +1233,7 @@ impl Sandbox {
         if crate::warm::eligible(&rec.config) && !verbose_boot && !vsock && !q35 && env_flag("SMOLVM_WARM", true) {
             match crate::warm::template(&self.dirs, &rec.config, &spec, progress).await {
                 Ok(state) => {
+                    let picked = crate::warm::picked(&state);
                     spec.restore = Some(RestoreSpec { state: state.clone(), resume: true, no_saved_env: true });
                     spec.ram = Some(crate::vmm::qemu::RamFile { path: crate::warm::ram_file(&state), share: false });
                     match self.launch(&spec, boot_timeout, lock.as_ref()).await {
@@ -1206,10 +1244,10 @@ impl Sandbox {
                             tracing::warn!("warm start failed, booting cold: {}", e.full_message());
                             // Only a restore that went wrong (it failed with the console's
                             // lines, or never ended) blames the template, which every later
-                            // start shares. A supervisor killed under the start, or a host
-                            // that could not record or network it, says nothing about it.
+                            // start shares. A supervisor or VMM killed under the start, or a
+                            // host that could not record or network it, says nothing about it.
                             if matches!(e, Error::Boot { .. } | Error::Timeout { .. }) {
-                                crate::warm::discard(&self.dirs, &state);
+                                crate::warm::discard(&self.dirs, &state, picked);
                             }
                             spec.restore = None;
                             spec.ram = None;
@@ -2804,12 +2842,21 @@ impl Sandbox {
         }
         let taken = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take().filter(|c| !c.is_closed());
         let conn = match taken {
-            Some(c) => c,
-            None => Conn::connect(&self.paths.ctl).await?,
+            Some(c) => Some(c),
+            None => match Conn::connect(&self.paths.ctl).await {
+                Ok(c) => Some(c),
+                Err(e @ Error::Host(_)) => return Err(e),
+                // Gone or refusing: a supervisor that died since the record was read. What it
+                // left is cleaned up below, as for one that does not answer.
+                Err(_) => None,
+            },
         };
         let req = Request::Stop { timeout_ms: timeout.as_millis() as u64 };
         let bound = timeout + Duration::from_secs(5);
-        let mut answered = tokio::time::timeout(bound, conn.call(&req)).await;
+        let mut answered = match &conn {
+            Some(conn) => tokio::time::timeout(bound, conn.call(&req)).await,
+            None => Ok(Err(Error::Host("no supervisor answers".into()))),
+        };
         if matches!(answered, Ok(Err(_))) {
             // The connection failed at once: it may be a previous supervisor's (another process
             // restarted the sandbox). Ask the current one before using force on it.

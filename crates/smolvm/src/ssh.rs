@@ -225,8 +225,8 @@ pub fn known_hosts_line(alias: &str, host_key: &str) -> Result<String> {
 pub fn remote_command(command: &str, login: bool, timeout_secs: u64, cwd: Option<&str>) -> String {
     let shell = if login { r#""${SHELL:-/bin/sh}" -lc"# } else { "/bin/sh -c" };
     let cd = cwd.map(|d| format!("cd {} || exit $?; ", crate::env::quote(d))).unwrap_or_default();
-    // A command that starts with '-' would read as the shell's options: `--` ends them first.
-    let end = if command.starts_with('-') { "-- " } else { "" };
+    // A command that starts with '-' or '+' would read as the shell's options: `--` ends them.
+    let end = if command.starts_with(['-', '+']) { "-- " } else { "" };
     let run = format!("{shell} {end}{}", crate::env::quote(command));
     // Not `exec`, and not last (a shell runs its last command in its own place): the server's
     // shell waits and exits with the command's status, 128+N for a signal, where the server
@@ -416,6 +416,7 @@ mod tests {
     #[test]
     fn a_command_that_starts_with_a_dash_is_not_an_option() {
         assert_eq!(remote_command("-n", false, 0, None), "/bin/sh -c -- '-n'; exit $?");
+        assert_eq!(remote_command("+x", false, 0, None), "/bin/sh -c -- '+x'; exit $?");
         assert_eq!(remote_command("n", false, 0, None), "/bin/sh -c 'n'; exit $?");
     }
 

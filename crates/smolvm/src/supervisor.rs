@@ -719,10 +719,15 @@ async fn supervise(id: &str) -> i32 {
         Err(e) => {
             paths.remove_sockets();
             plan.cleanup(&store, id);
-            let console = crate::error::printable(&console_tail(&paths.console, 30), CONSOLE_LINE_MAX);
+            // (A killed VMM's console tells nothing of why; without it, the starter does not
+            // take this for a boot or a warm snapshot that failed.)
+            let console = match e {
+                Error::VmmKilled(_) => None,
+                _ => Some(crate::error::printable(&console_tail(&paths.console, 30), CONSOLE_LINE_MAX)),
+            };
             let reason = e.full_message();
             let _ = store.set_state(id, State::Error, Some(&reason));
-            return fail(e.code(), reason, Some(console));
+            return fail(e.code(), reason, console);
         }
     };
     let ctl = match UnixListener::bind(&paths.ctl) {
@@ -1297,6 +1302,15 @@ async fn boot(launch: &qemu::LaunchSpec, spec: &BootSpec, greeting: &Greeting, p
                 return Error::Host("the guest kernel panicked during boot".into());
             }
             return Error::Host("the guest powered off during boot".into());
+        }
+        // QEMU ends itself on SIGTERM, SIGINT and SIGHUP (a success, above): only SIGKILL, from
+        // outside, shows here. (A crash is SIGSEGV or SIGABRT: the VMM's own fault.)
+        if let Some(signal) = status.as_ref().ok().and_then(|s| std::os::unix::process::ExitStatusExt::signal(s)) {
+            if signal == libc::SIGKILL {
+                return Error::VmmKilled(
+                    "the VMM was killed (SIGKILL) during boot: not by this start (another command's stop or delete, the OOM killer, or a kill)".into(),
+                );
+            }
         }
         let status = status.map(|s| s.to_string()).unwrap_or_default();
         Error::Host(match vmm_complaints(&paths.log, log_start) {

@@ -199,10 +199,24 @@ fn collect(images: &Path, newest: &Path) {
     }
 }
 
-/// Forget a template that failed to restore; the next start makes a new one. Under the image
-/// lock, so that it never goes while another start is making it.
-pub fn discard(dirs: &crate::Dirs, state: &Path) {
+/// Which saved state a start restores: by the time that restore has failed, another start may
+/// have discarded the template and made it anew, and the new one is not to blame. (Inode and
+/// change time: a file system may give a new file the inode just freed.)
+pub type Picked = Option<(u64, u64, i64, i64)>;
+
+pub fn picked(state: &Path) -> Picked {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(state).ok().map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
+}
+
+/// Forget a template that failed to restore (`picked` says which), if it is still the one in
+/// place; the next start makes a new one. Under the image lock, so that it never goes while
+/// another start is making it.
+pub fn discard(dirs: &crate::Dirs, state: &Path, picked_one: Picked) {
     let _lock = image::lock_images(dirs);
+    if picked_one.is_none() || picked(state) != picked_one {
+        return;
+    }
     if let Some(dir) = state.parent() {
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -248,6 +262,22 @@ mod tests {
         let here = with_rate(2_596_120);
         assert_eq!(with_rate(2_596_300), here, "measured again after a reboot: the same MHz");
         assert_ne!(with_rate(3_000_000), here, "another host's rate");
+    }
+
+    #[test]
+    fn a_failed_restore_discards_only_the_template_it_picked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = crate::Dirs { data: tmp.path().join("data"), images: tmp.path().join("images") };
+        let inputs = image::BootImage { kernel: "/k".into(), initrd: None, rootfs: None };
+        let state = template(&dirs.images, "warm-a", 0, &inputs).join("state");
+        let stale = picked(&state);
+        // Another start discarded it meanwhile and made it anew: that one stays.
+        std::fs::remove_dir_all(state.parent().unwrap()).unwrap();
+        template(&dirs.images, "warm-a", 0, &inputs);
+        discard(&dirs, &state, stale);
+        assert!(state.exists(), "a template made after the failed start's pick was discarded");
+        discard(&dirs, &state, picked(&state));
+        assert!(!state.parent().unwrap().exists(), "the template that failed stayed");
     }
 
     #[test]
