@@ -93,7 +93,7 @@ pub fn create(token: u64) -> bool {
     }
     let mut left = LEFT.lock().unwrap_or_else(|e| e.into_inner());
     // Kept: what is still there (busy); gone: removed now, or by someone else.
-    left.retain(|p| std::fs::remove_dir(p).is_err() && p.exists());
+    left.retain(|p| !remove_tree(p) && p.exists());
     drop(left);
     std::fs::create_dir(path(token)).is_ok()
 }
@@ -114,7 +114,21 @@ pub fn release(token: u64) {
         return;
     }
     let p = path(token);
-    if std::fs::remove_dir(&p).is_err() && p.exists() {
+    if !remove_tree(&p) && p.exists() {
         LEFT.lock().unwrap_or_else(|e| e.into_inner()).push(p);
     }
+}
+
+/// Remove a command's group with any groups the command made inside it (a cgroup directory is
+/// removed only once it holds no group and no process): false while a process is in one.
+fn remove_tree(p: &std::path::Path) -> bool {
+    if std::fs::remove_dir(p).is_ok() {
+        return true;
+    }
+    for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_tree(&e.path());
+        }
+    }
+    std::fs::remove_dir(p).is_ok()
 }

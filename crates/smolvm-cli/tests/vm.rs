@@ -243,6 +243,11 @@ async fn a_timed_out_command_is_killed_with_its_whole_group() {
     assert_eq!(r.exit_code, 0);
     let r = sb.run("cat /proc/$(ps -o pid,args | awk '$2 == \"sleep\" && $3 == 1240 {print $1}')/cgroup", &opts(10)).await.unwrap();
     assert!(r.stdout.starts_with("0::/smolvm/"), "{:?}", r.stdout);
+    // Groups a command made inside its own go with it, once empty (as its own does).
+    let made = "cg=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup); mkdir -p $cg/sub/deeper; echo $cg";
+    let cg = sb.run(made, &opts(10)).await.unwrap().output().to_string();
+    let r = sb.run(&format!("ls -d {cg} 2>&1 || true"), &opts(10)).await.unwrap();
+    assert!(r.stdout.contains("No such file"), "{cg} stayed: {}", r.stdout);
     // The sandbox stays usable.
     assert_eq!(sb.run("echo still here", &opts(10)).await.unwrap().output(), "still here");
     // Commands start with no signals blocked (the agent blocks the ones it reaps with): a TERM
