@@ -67,12 +67,18 @@ pub fn validate_key(key: &str) -> Result<(), EnvError> {
 
 /// A bad key as an error shows it: cut at its first `=` (a `KEY=VALUE` passed where a key
 /// goes, to `unset` say, must not put the value, maybe a secret, into the message), and with
-/// control characters escaped (a message reaches a terminal).
+/// control characters escaped (a message reaches a terminal). What does not look like a name
+/// at all is not shown: a value given without its `KEY=` (a URL with `?a=b`, a token) would
+/// otherwise be split at its own `=` and shown up to it.
 fn shown_key(key: &str) -> String {
     let (name, cut) = match key.split_once('=') {
         Some((name, _)) => (name, true),
         None => (key, false),
     };
+    let name_like = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' ') || c.is_control();
+    if name.chars().count() > 64 || !name.chars().all(name_like) {
+        return "…".into();
+    }
     let mut shown: String = name.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect();
     if cut {
         shown.push_str("=…");
@@ -363,8 +369,14 @@ mod tests {
         let e = validate_key("API_KEY=sk-live-SECRET").unwrap_err().to_string();
         assert!(!e.contains("SECRET"), "{e}");
         assert!(e.starts_with("Invalid environment variable key: 'API_KEY=…'"), "{e}");
-        let e = validate_key("A\u{1b}[31mX").unwrap_err().to_string();
+        let e = validate_key("A\u{1b}X").unwrap_err().to_string();
         assert!(!e.contains('\u{1b}'), "{e}");
-        assert!(e.contains("A\\u{1b}[31mX"), "{e}");
+        assert!(e.contains("A\\u{1b}X"), "{e}");
+        // A value given without its `KEY=`: nothing of it is shown.
+        for value in ["postgres://app:SECRET@db/x?sslmode=require", "sk-live-SECRET+/xyz==", &"SECRET-".repeat(20)] {
+            let e = validate_key(value).unwrap_err().to_string();
+            assert_eq!(e, "Invalid environment variable key: '…'. Keys must match [A-Za-z_][A-Za-z0-9_]*", "{value}");
+        }
+        assert!(validate_key("MY-VAR").unwrap_err().to_string().contains("'MY-VAR'"));
     }
 }

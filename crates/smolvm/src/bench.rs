@@ -11,10 +11,17 @@ use crate::vmm::{self, qemu};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
+/// Linear between the two nearest ranks (an even count's median is its middle pair's mean).
 fn percentile(samples: &mut [f64], p: f64) -> f64 {
     samples.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    let idx = ((samples.len() as f64 - 1.0) * p).round() as usize;
-    samples[idx.min(samples.len() - 1)]
+    let at = (samples.len() as f64 - 1.0) * p;
+    let (low, high) = (at.floor() as usize, (at.ceil() as usize).min(samples.len() - 1));
+    samples[low] + (samples[high] - samples[low]) * (at - low as f64)
+}
+
+/// Bytes in the MB (10^6) of the targets, from kibibytes.
+fn mb(kib: u64) -> f64 {
+    kib as f64 * 1024.0 / 1e6
 }
 
 /// Which kernel command line a bare boot gets.
@@ -121,6 +128,9 @@ impl BootFiles {
     }
 }
 
+/// `smolvm run true`, timed until the CLI exits (what its user waits for), in the data
+/// directory `dirs.data` of the bench's own. Settings that would boot it otherwise than the
+/// reference (a verbose boot, vsock, another machine) are not passed on.
 fn cli_run(dirs: &Dirs, boot: &BootFiles, warm: bool) -> Result<f64> {
     let bin = smolvm_binary()?;
     let started = Instant::now();
@@ -131,20 +141,44 @@ fn cli_run(dirs: &Dirs, boot: &BootFiles, warm: bool) -> Result<f64> {
         .env("SMOLVM_WARM", if warm { "1" } else { "0" })
         .env("SMOLVM_DATA_DIR", &dirs.data)
         .env("SMOLVM_IMAGE_DIR", &dirs.images)
+        .env_remove("SMOLVM_VERBOSE_BOOT")
+        .env_remove("SMOLVM_AGENT_TRANSPORT")
+        .env_remove("SMOLVM_MACHINE")
         .output()
         .ctx(|| "running smolvm run true".into())?;
     let took = started.elapsed().as_secs_f64();
     if !out.status.success() {
         return Err(Error::Host(format!("smolvm run true failed: {}", String::from_utf8_lossy(&out.stderr))));
     }
+    settle(&dirs.data);
     Ok(took)
 }
 
-fn rss_kib(pid: i32) -> u64 {
+/// Wait (at most 5 s) until no process of a `smolvm run` in `data` is left. The CLI exits once
+/// its stop is answered, while the supervisor goes on to wait for QEMU's death and remove the
+/// TAP: that work must not fall on the next sample (a reference boot, say). Found by the data
+/// directory in their environment, which the supervisor and QEMU inherit.
+fn settle(data: &std::path::Path) {
+    let wanted = format!("SMOLVM_DATA_DIR={}", data.display()).into_bytes();
+    let left = || {
+        std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
+            e.file_name().to_string_lossy().parse::<u32>().is_ok()
+                && std::fs::read(e.path().join("environ")).is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == wanted.as_slice()))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while left() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A process's resident memory in KiB; an error where it cannot be read (a process gone
+/// would otherwise count as none).
+fn rss_kib(pid: i32) -> Result<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
-        .unwrap_or(0)
+        .ok_or_else(|| Error::Host(format!("reading the resident memory of process {pid}: it is gone")))
 }
 
 fn cpu_ticks(pid: i32) -> u64 {
@@ -164,26 +198,36 @@ pub async fn startup(dirs: &Dirs, boot: &BootFiles, rounds: usize, progress: ima
     let accel = vmm::choose_accel().map_err(Error::Host)?;
     let machine = qemu::choose_machine(dirs, Some(&img.kernel))?;
     let work = tempfile_dir(dirs)?;
+    let runs = Dirs { data: work.join("data"), images: dirs.images.clone() };
     progress(&format!("start-up: {rounds} interleaved rounds of bare QEMU (two command lines), cold and warm `smolvm run true`"));
     let (mut bare, mut bare_lab, mut cold, mut warm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let result = async {
         // One unmeasured round warms the page cache (and makes the warm snapshot if missing).
         bare_boot(dirs, &img, &work, accel, machine, Cmdline::Smolvm).await?;
         bare_boot(dirs, &img, &work, accel, machine, Cmdline::Lab).await?;
-        cli_run(dirs, boot, false)?;
-        cli_run(dirs, boot, true)?;
-        for _ in 0..rounds {
-            bare.push(bare_boot(dirs, &img, &work, accel, machine, Cmdline::Smolvm).await?);
-            cold.push(cli_run(dirs, boot, false)?);
-            bare_lab.push(bare_boot(dirs, &img, &work, accel, machine, Cmdline::Lab).await?);
-            warm.push(cli_run(dirs, boot, true)?);
+        cli_run(&runs, boot, false)?;
+        cli_run(&runs, boot, true)?;
+        for round in 0..rounds {
+            // Each pair in both orders, round by round: whatever one run leaves the host doing
+            // falls on either side alike.
+            if round % 2 == 0 {
+                bare.push(bare_boot(dirs, &img, &work, accel, machine, Cmdline::Smolvm).await?);
+                cold.push(cli_run(&runs, boot, false)?);
+                bare_lab.push(bare_boot(dirs, &img, &work, accel, machine, Cmdline::Lab).await?);
+                warm.push(cli_run(&runs, boot, true)?);
+            } else {
+                warm.push(cli_run(&runs, boot, true)?);
+                bare_lab.push(bare_boot(dirs, &img, &work, accel, machine, Cmdline::Lab).await?);
+                cold.push(cli_run(&runs, boot, false)?);
+                bare.push(bare_boot(dirs, &img, &work, accel, machine, Cmdline::Smolvm).await?);
+            }
         }
         Ok::<_, Error>(())
     }
     .await;
     let _ = std::fs::remove_dir_all(&work);
     result?;
-    // Each round's cold run against the bare boot just before it: drift between rounds cancels.
+    // Each round's cold run against that round's bare boot: drift between rounds cancels.
     let mut paired: Vec<f64> = cold.iter().zip(&bare).map(|(c, b)| c / b).collect();
     Ok(Startup {
         accel,
@@ -230,6 +274,25 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
     let mut sb = Sandbox::create_in(dirs.clone(), VmConfig::default(), true)?;
     let result = async {
         sb.start(Duration::from_secs(60), &|_| {}).await?;
+        // Idle as started (before anything below fills its memory): what a sandbox waiting for
+        // work holds.
+        progress("idle sandbox: host RSS and CPU over 5 s");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rec = sb.record()?;
+        let pids: Vec<i32> = [rec.supervisor, rec.vmm].into_iter().flatten().map(|p: ProcId| p.pid).collect();
+        if pids.len() != 2 {
+            return Err(Error::Host("the idle sandbox's record names no supervisor or no QEMU".into()));
+        }
+        let rss_kib_total = pids.iter().map(|p| rss_kib(*p)).sum::<Result<u64>>()?;
+        let vmm_rss_kib = rss_kib(pids[1])?;
+        let before: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+        let window = 5.0;
+        tokio::time::sleep(Duration::from_secs_f64(window)).await;
+        let after: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+        // SAFETY: sysconf only reads a system constant.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let idle_cpu = after.saturating_sub(before) as f64 / hz / window * 100.0;
+        let (rss_mb, vmm_rss_mb) = (mb(rss_kib_total), mb(vmm_rss_kib));
         let mut ping = Vec::new();
         for _ in 0..500 {
             let t = Instant::now();
@@ -264,24 +327,11 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         })
         .await?;
         let cat = n as f64 / 1048576.0 / t.elapsed().as_secs_f64();
-        progress("idle sandbox: host RSS and CPU over 5 s");
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let rec = sb.record()?;
-        let pids: Vec<i32> = [rec.supervisor, rec.vmm].into_iter().flatten().map(|p: ProcId| p.pid).collect();
-        let rss_mib = pids.iter().map(|p| rss_kib(*p)).sum::<u64>() as f64 / 1024.0;
-        let vmm_rss_mib = rec.vmm.map(|p| rss_kib(p.pid)).unwrap_or(0) as f64 / 1024.0;
-        let before: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
-        let window = 5.0;
-        tokio::time::sleep(Duration::from_secs_f64(window)).await;
-        let after: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
-        // SAFETY: sysconf only reads a system constant.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        let idle_cpu = (after - before) as f64 / hz / window * 100.0;
-        Ok::<_, Error>((ping, run_login, run_raw, rss_mib, vmm_rss_mib, idle_cpu, (up, down, cat)))
+        Ok::<_, Error>((ping, run_login, run_raw, rss_mb, vmm_rss_mb, idle_cpu, (up, down, cat)))
     }
     .await;
     let _ = sb.delete().await;
-    let (mut ping, mut run_login, mut run_raw, rss_mib, vmm_rss_mib, idle_cpu, (up, down, cat)) = result?;
+    let (mut ping, mut run_login, mut run_raw, rss_mb, vmm_rss_mb, idle_cpu, (up, down, cat)) = result?;
     let (nat_ms, user_ms) = network_setup(dirs, rounds, progress).await?;
     let (nat_mbs, user_mbs) = http_throughput(dirs, &work, progress).await.unwrap_or_else(|e| {
         progress(&format!("network throughput not measured: {}", e.full_message()));
@@ -300,7 +350,7 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         "rounds": rounds,
         "cold": { "bare_qemu_p50_s": bare_p50, "smolvm_run_true_p50_s": cold_p50, "ratio": ratio, "paired_ratio_p50": paired_ratio, "target_ratio": 1.15, "bare_qemu_lab_cmdline_p50_s": bare_lab_p50, "ratio_to_lab_cmdline": lab_ratio },
         "warm": { "smolvm_run_true_p50_s": warm_p50, "ratio_to_cold": warm_ratio, "target_ratio": 0.4 },
-        "density": { "sandboxes": 16, "pss_mib_per_sandbox": density, "target_mib": 30 },
+        "density": { "sandboxes": 16, "pss_mb_per_sandbox": density, "target_mb": 30 },
         "burst": { "started": 32, "answered": burst.0, "all_answered_s": burst.1 },
         "files_mb_per_s": { "upload": up, "download": down, "cat_reference": cat },
         "network_start_ms": { "nat_p50": nat_ms, "user_p50": user_ms, "nat_overhead": nat_ms - user_ms },
@@ -310,7 +360,7 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         "run_true_raw_ms": { "p50": percentile(&mut run_raw, 0.5), "p99": percentile(&mut run_raw, 0.99) },
         "snapshot": { "state_mb": snap.state_mb, "save_s": snap.save_s, "save_mb_per_s": snap.state_mb / snap.save_s, "file_write_mb_per_s": snap.file_mb_per_s, "restore_to_first_command_s": snap.restore_s[0], "again_s": snap.restore_s[1] },
         "ssh": ssh.json(),
-        "idle": { "host_rss_mib": rss_mib, "vmm_rss_mib": vmm_rss_mib, "cpu_percent_of_core": idle_cpu, "target_rss_mib": 110, "target_cpu_percent": 2 },
+        "idle": { "host_rss_mb": rss_mb, "vmm_rss_mb": vmm_rss_mb, "cpu_percent_of_core": idle_cpu, "target_rss_mb": 110, "target_cpu_percent": 2 },
     });
     let md = format!(
         "| measure ({accel:?}, {rounds} rounds) | result | reference / target |\n|---|---|---|\n\
@@ -320,12 +370,12 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
          | cold ratio against bare QEMU with lab.md's kernel command line | {lab_ratio:.2} | that boot, powering off at once: {bare_lab_p50:.3} s |\n\
          | warm `smolvm run true` (restored from the image's snapshot), p50 | {warm_p50:.3} s | cold {cold_p50:.3} s |\n\
          | warm ratio warm / cold | **{warm_ratio:.2}** | target <= 0.4 |\n\
-         | host PSS per idle warm sandbox, 16 running (QEMU + supervisor) | {density:.1} MiB | target <= 30 MB |\n\
+         | host PSS per idle warm sandbox, 16 running (QEMU + supervisor) | {density:.1} MB | target <= 30 MB |\n\
          | 32 sandboxes started at once | {} answered, all within {:.2} s | all answer |\n\
          | agent round trip (no process) | p50 {:.3} ms, p99 {:.3} ms | target p50 <= 1 ms |\n\
          | warm `run(\"true\")`, login shell | p50 {:.2} ms, p99 {:.2} ms | target p50 <= 10 ms |\n\
          | warm `run(\"true\")`, raw shell | p50 {:.2} ms, p99 {:.2} ms | |\n\
-         | idle sandbox host RSS (QEMU + supervisor) | {rss_mib:.1} MiB (QEMU {vmm_rss_mib:.1}) | target <= 110 MB |\n\
+         | idle sandbox host RSS (QEMU + supervisor), just started | {rss_mb:.1} MB (QEMU {vmm_rss_mb:.1}) | target <= 110 MB |\n\
          | idle sandbox CPU | {idle_cpu:.2} % of a core | target <= 2 % |\n\
          | 20 MB upload / download over the agent | {up:.0} / {down:.0} MB/s | `cat` of the same file through the channel: {cat:.0} MB/s |\n\
          | warm start with NAT networking (TAP, nftables, DNS), p50 | {nat_ms:.0} ms | user-mode networking: {user_ms:.0} ms |\n\
@@ -420,11 +470,11 @@ async fn snapshot_speed(dirs: &Dirs, work: &std::path::Path, progress: image::Pr
     result
 }
 
-fn pss_kib(pid: i32) -> u64 {
+fn pss_kib(pid: i32) -> Result<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("Pss:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
-        .unwrap_or(0)
+        .ok_or_else(|| Error::Host(format!("reading the proportional memory of process {pid}: it is gone")))
 }
 
 async fn start_many(dirs: &Dirs, n: usize) -> (Vec<Sandbox>, Vec<Error>) {
@@ -453,16 +503,23 @@ async fn start_many(dirs: &Dirs, n: usize) -> (Vec<Sandbox>, Vec<Error>) {
     (ok, failed)
 }
 
-/// PSS per sandbox with `n` idle warm sandboxes running: what each costs when pages are shared.
+/// PSS per sandbox (MB) with `n` idle warm sandboxes running: what each costs when pages are
+/// shared.
 async fn density(dirs: &Dirs, n: usize, progress: image::Progress<'_>) -> Result<f64> {
     progress(&format!("density: {n} warm sandboxes, PSS each"));
     let (sbs, failed) = start_many(dirs, n).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut total = 0u64;
-    for sb in &sbs {
-        let rec = sb.record()?;
-        total += [rec.supervisor, rec.vmm].into_iter().flatten().map(|p| pss_kib(p.pid)).sum::<u64>();
-    }
+    let measured = (|| {
+        let mut total = 0u64;
+        for sb in &sbs {
+            let rec = sb.record()?;
+            for p in [rec.supervisor, rec.vmm] {
+                let p = p.ok_or_else(|| Error::Host(format!("sandbox {} runs without a supervisor or QEMU on record", sb.id())))?;
+                total += pss_kib(p.pid)?;
+            }
+        }
+        Ok::<_, Error>(total)
+    })();
     let count = sbs.len();
     for sb in sbs {
         let _ = sb.delete().await;
@@ -470,7 +527,7 @@ async fn density(dirs: &Dirs, n: usize, progress: image::Progress<'_>) -> Result
     if let Some(e) = failed.into_iter().next() {
         return Err(e);
     }
-    Ok(total as f64 / 1024.0 / count.max(1) as f64)
+    Ok(mb(measured?) / count.max(1) as f64)
 }
 
 /// Start `n` sandboxes at once; how many answer a command, and how long until all did.
@@ -716,6 +773,16 @@ async fn ssh_bench(dirs: &Dirs, work: &std::path::Path, progress: image::Progres
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percentiles_lie_between_the_nearest_ranks() {
+        assert_eq!(percentile(&mut [4.0, 1.0, 3.0, 2.0], 0.5), 2.5, "an even count's median is its middle pair's mean");
+        assert_eq!(percentile(&mut [3.0, 1.0, 2.0], 0.5), 2.0);
+        assert_eq!(percentile(&mut [7.0], 0.99), 7.0);
+        let mut hundred_and_one: Vec<f64> = (0..=100).rev().map(f64::from).collect();
+        assert_eq!(percentile(&mut hundred_and_one, 0.99), 99.0);
+        assert!((mb(1024) - 1.048576).abs() < 1e-9, "a MiB in MB");
+    }
 
     #[test]
     fn the_lab_reference_changes_only_the_kernel_command_line() {

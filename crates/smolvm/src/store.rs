@@ -179,10 +179,39 @@ fn set_wal(conn: &Connection) -> Result<()> {
     }
 }
 
+/// The database holds env values, maybe secrets: it is used only where no other user can read
+/// or replace it. A data directory made first by another user (somewhere under /tmp, say), or
+/// one that every user may write to (they could put their own `state.db` there), is refused rather
+/// than written into. (Its mode is not changed: it may be a directory such as /tmp itself.)
+fn check_private(dir: &Path, db: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let meta = std::fs::metadata(dir).ctx(|| format!("reading {}", dir.display()))?;
+    let refuse = |why: String| {
+        Err(Error::Host(format!(
+            "the data directory {} {why}: it keeps env values, so smolvm uses only a directory of this user's that not every user can write to (set SMOLVM_DATA_DIR to another)",
+            dir.display()
+        )))
+    };
+    if meta.uid() != me {
+        return refuse(format!("belongs to another user (uid {})", meta.uid()));
+    }
+    // (Group write is left alone: with a group of one's own, as many systems give, it is no
+    // one else's.)
+    if meta.mode() & 0o002 != 0 {
+        return refuse(format!("can be written by every user (mode {:o})", meta.mode() & 0o777));
+    }
+    match std::fs::symlink_metadata(db) {
+        Ok(m) if m.uid() != me || !m.is_file() => refuse(format!("holds a state.db that is not this user's own file (uid {})", m.uid())),
+        _ => Ok(()),
+    }
+}
+
 impl Store {
     pub fn open(data_dir: &Path) -> Result<Store> {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(data_dir).ctx(|| format!("creating {}", data_dir.display()))?;
         let path = data_dir.join("state.db");
+        check_private(data_dir, &path)?;
         let conn = Connection::open(&path)?;
         // The database holds env values: readable by the owner only.
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
