@@ -367,7 +367,7 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
          | cold `smolvm run true`, p50 | {cold_p50:.3} s | bare QEMU boot of the same kernel and initramfs, powering off at once: {bare_p50:.3} s |\n\
          | cold ratio smolvm / bare | **{ratio:.2}** | target <= 1.15 |\n\
          | cold ratio, median of each round's own ratio | {paired_ratio:.2} | the same runs, paired |\n\
-         | cold ratio against bare QEMU with lab.md's kernel command line | {lab_ratio:.2} | that boot, powering off at once: {bare_lab_p50:.3} s |\n\
+         | cold ratio against bare QEMU with lab.md's kernel command line (without smolvm's boot tuning) | {lab_ratio:.2} | that boot, powering off at once: {bare_lab_p50:.3} s |\n\
          | warm `smolvm run true` (restored from the image's snapshot), p50 | {warm_p50:.3} s | cold {cold_p50:.3} s |\n\
          | warm ratio warm / cold | **{warm_ratio:.2}** | target <= 0.4 |\n\
          | host PSS per idle warm sandbox, 16 running (QEMU + supervisor) | {density:.1} MB | target <= 30 MB |\n\
