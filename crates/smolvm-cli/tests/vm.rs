@@ -2084,3 +2084,46 @@ fn a_sandbox_keeps_no_descriptor_its_caller_left_open() {
     assert!(env.smolvm(&["sandbox", "delete", "fds", "--force"]).status.success());
     assert!(ended, "the caller's pipe is still held: supervisor descriptors {held:?}");
 }
+
+/// A supervisor that dies between a command's look at the record and its connection to the
+/// supervisor (the socket then refuses, or is gone) is found as such: `stop` and
+/// `delete --force` clean up after it instead of failing with the socket's error. A live
+/// stand-in on record as the supervisor, with a socket that refuses, holds that moment open.
+#[test]
+fn a_supervisor_gone_before_the_connection_is_cleaned_up_after() {
+    let env = env();
+    for (name, verb) in [("gone1", "stop"), ("gone2", "delete")] {
+        let out = env.smolvm(&["sandbox", "create", "--name", name, "--network", "none"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let store = smolvm::store::Store::open(&env.dirs.data).unwrap();
+        let real = store.get(name).unwrap().unwrap().supervisor.unwrap();
+        let _ = std::process::Command::new("kill").args(["-9", &real.pid.to_string()]).status();
+        assert!(wait_until(Duration::from_secs(5), || !real.alive() && env.qemu_processes().is_empty()));
+        let mut stand_in = std::process::Command::new("sleep").arg("300").spawn().unwrap();
+        let stand = smolvm::store::ProcId::of(stand_in.id() as i32).unwrap();
+        store.set_supervisor(name, stand).unwrap();
+        // Its socket as a dead supervisor leaves it: there, refusing. (Without it, the
+        // supervisor would read as one on its way down, which commands wait for.)
+        let ctl = smolvm::sandbox::SandboxPaths::new(&env.dirs, name).ctl;
+        let _ = std::fs::remove_file(&ctl);
+        drop(std::os::unix::net::UnixListener::bind(&ctl).unwrap());
+        let out = match verb {
+            "stop" => env.smolvm(&["sandbox", "stop", name]),
+            _ => env.smolvm(&["sandbox", "delete", "--force", name]),
+        };
+        assert!(out.status.success(), "{verb}: {}", stderr(&out));
+        assert!(
+            wait_until(Duration::from_secs(5), || stand_in.try_wait().unwrap().is_some()),
+            "{verb} left the supervisor on record running"
+        );
+        match verb {
+            "stop" => {
+                let rec = store.get(name).unwrap().unwrap();
+                assert!(!rec.state.is_live() && rec.supervisor.is_none(), "{:?} {:?}", rec.state, rec.supervisor);
+                assert!(env.smolvm(&["sandbox", "delete", name]).status.success());
+            }
+            _ => assert!(store.get(name).unwrap().is_none(), "delete --force left the record"),
+        }
+    }
+    assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+}
