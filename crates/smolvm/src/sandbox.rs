@@ -1015,11 +1015,7 @@ impl Sandbox {
         // (A supervisor that died since the record was read leaves the handle unconnected:
         // what is done with it next finds the sandbox failed, as a later open would.)
         if rec.state.is_live() && !sb.going_down(&rec) {
-            match Conn::connect(&sb.paths.ctl).await {
-                Ok(c) => sb.set_conn(Some(c)),
-                Err(e @ Error::Host(_)) => return Err(e),
-                Err(_) => {}
-            }
+            sb.set_conn(sb.try_connect().await?);
         }
         Ok(sb)
     }
@@ -1980,14 +1976,21 @@ impl Sandbox {
         Ok(c)
     }
 
-    /// A new connection to the supervisor. A socket that is gone or refuses is a supervisor
-    /// that does not answer; a refusal by permissions (another user's) is said as it is.
-    async fn connect_supervisor(&self) -> Result<Arc<Conn>> {
+    /// A new connection to the supervisor, where one answers: none where its socket is gone or
+    /// refuses (a supervisor that died since the record was read); a refusal by permissions
+    /// (another user's) is said as it is.
+    async fn try_connect(&self) -> Result<Option<Arc<Conn>>> {
         match Conn::connect(&self.paths.ctl).await {
+            Ok(c) => Ok(Some(c)),
             Err(e @ Error::Host(_)) => Err(e),
-            Err(_) => Err(self.unreachable()),
-            ok => ok,
+            Err(_) => Ok(None),
         }
+    }
+
+    /// A new connection to the supervisor; one that does not answer is said as the sandbox's
+    /// state says (see `unreachable`).
+    async fn connect_supervisor(&self) -> Result<Arc<Conn>> {
+        self.try_connect().await?.ok_or_else(|| self.unreachable())
     }
 
     /// A request's failure on a connection found closed only by it (a handle's connection is
@@ -2841,15 +2844,11 @@ impl Sandbox {
             return Ok(());
         }
         let taken = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take().filter(|c| !c.is_closed());
+        // (None: a supervisor that died since the record was read. What it left is cleaned up
+        // below, as for one that does not answer.)
         let conn = match taken {
             Some(c) => Some(c),
-            None => match Conn::connect(&self.paths.ctl).await {
-                Ok(c) => Some(c),
-                Err(e @ Error::Host(_)) => return Err(e),
-                // Gone or refusing: a supervisor that died since the record was read. What it
-                // left is cleaned up below, as for one that does not answer.
-                Err(_) => None,
-            },
+            None => self.try_connect().await?,
         };
         let req = Request::Stop { timeout_ms: timeout.as_millis() as u64 };
         let bound = timeout + Duration::from_secs(5);

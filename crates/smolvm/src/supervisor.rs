@@ -1305,12 +1305,11 @@ async fn boot(launch: &qemu::LaunchSpec, spec: &BootSpec, greeting: &Greeting, p
         }
         // QEMU ends itself on SIGTERM, SIGINT and SIGHUP (a success, above): only SIGKILL, from
         // outside, shows here. (A crash is SIGSEGV or SIGABRT: the VMM's own fault.)
-        if let Some(signal) = status.as_ref().ok().and_then(std::os::unix::process::ExitStatusExt::signal) {
-            if signal == libc::SIGKILL {
-                return Error::VmmKilled(
-                    "the VMM was killed (SIGKILL) during boot: not by this start (another command's stop or delete, the OOM killer, or a kill)".into(),
-                );
-            }
+        if status.as_ref().ok().and_then(std::os::unix::process::ExitStatusExt::signal) == Some(libc::SIGKILL) {
+            return Error::VmmKilled(
+                "the VMM was killed (SIGKILL) during boot: not by this start (another command's stop or delete, the OOM killer, or a kill)"
+                    .into(),
+            );
         }
         let status = status.map(|s| s.to_string()).unwrap_or_default();
         Error::Host(match vmm_complaints(&paths.log, log_start) {
