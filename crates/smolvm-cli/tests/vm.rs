@@ -38,6 +38,40 @@ fn cli_run_separates_streams_and_exits_with_the_guest_code() {
     assert!(!stderr(&out).contains("phase: created"), "{}", stderr(&out));
 }
 
+/// Most tests' `smolvm run`s start from the warm snapshot; a cold boot's first command works
+/// the same: streams, exit code, input, a large output, the timeout, variables, and nothing is
+/// left behind.
+#[test]
+fn a_cold_runs_command_works_as_a_warm_ones() {
+    use std::io::Write;
+    let env = env();
+    let cold = |args: &[&str], input: &[u8]| {
+        let mut child = env
+            .cli()
+            .env("SMOLVM_WARM", "0")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = cold(&["run", "echo out; echo err >&2; exit 3"], b"");
+    assert_eq!((stdout(&out).as_str(), stderr(&out).as_str(), out.status.code()), ("out\n", "err\n", Some(3)));
+    let out = cold(&["run", "-i", "wc -c; echo héllo ✓"], b"12345");
+    assert_eq!((stdout(&out).as_str(), out.status.code()), ("5\nhéllo ✓\n", Some(0)), "{}", stderr(&out));
+    let out = cold(&["run", "head -c 5000000 /dev/zero | tr '\\0' x"], b"");
+    assert!(out.stdout.len() == 5_000_000 && out.stdout.iter().all(|b| *b == b'x'), "{} bytes", out.stdout.len());
+    let out = cold(&["run", "-e", "MODE=ci", "echo $MODE"], b"");
+    assert_eq!(stdout(&out), "ci\n", "{}", stderr(&out));
+    let out = cold(&["run", "--timeout", "2", "sleep 30"], b"");
+    assert!(stderr(&out).contains("Operation 'run' timed out after 2s"), "{}", stderr(&out));
+    assert!(env.qemu_processes().is_empty());
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+}
+
 /// Once nobody reads `smolvm run`'s output, the command ends (as `yes | head -1` ends `yes`),
 /// instead of running on unseen until its timeout; a stdout that takes nothing more is an error.
 #[test]
