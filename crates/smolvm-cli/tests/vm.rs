@@ -1439,6 +1439,21 @@ fn a_user_kernel_and_initrd_boot_and_the_cli_timeout_holds() {
     let out = env.smolvm(&["run", "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(), "echo custom"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "custom\n");
+    // Given relative to where the sandbox is made, and started again from elsewhere: its record
+    // holds them absolute.
+    let create = env
+        .cli()
+        .current_dir(env.tmp.path())
+        .args(["sandbox", "create", "--name", "rel", "--no-start", "--kernel", "my-vmlinux", "--initrd", "./my-initrd.cpio"])
+        .output()
+        .unwrap();
+    assert!(create.status.success(), "{}", stderr(&create));
+    let info: serde_json::Value = serde_json::from_slice(&env.smolvm(&["sandbox", "info", "rel", "--json"]).stdout).unwrap();
+    assert_eq!((&info["data"]["kernel_path"], &info["data"]["initrd_path"]), (&json!(kernel), &json!(initrd)), "{info}");
+    let start = env.cli().current_dir("/").args(["sandbox", "start", "rel"]).output().unwrap();
+    assert!(start.status.success(), "{}", stderr(&start));
+    assert_eq!(stdout(&env.smolvm(&["sandbox", "exec", "rel", "--", "echo", "relative"])), "relative\n");
+    assert!(env.smolvm(&["sandbox", "delete", "--force", "rel"]).status.success());
     let out = env.smolvm(&["run", "--timeout", "2", "sleep 30"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("Operation 'run' timed out after 2s"), "{}", stderr(&out));

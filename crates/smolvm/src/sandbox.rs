@@ -971,7 +971,14 @@ impl Sandbox {
         Self::create_in(Dirs::from_env(), config, true)
     }
 
-    pub fn create_in(dirs: Dirs, config: VmConfig, ephemeral: bool) -> Result<Sandbox> {
+    pub fn create_in(dirs: Dirs, mut config: VmConfig, ephemeral: bool) -> Result<Sandbox> {
+        // Taken from where this process runs: kept as given, a relative path would be taken
+        // from wherever a later start or snapshot runs.
+        for path in [&mut config.kernel_path, &mut config.initrd_path, &mut config.rootfs_path].into_iter().flatten() {
+            if let Ok(absolute) = std::path::absolute(&*path) {
+                *path = absolute;
+            }
+        }
         config.validate()?;
         if let Some(rootfs) = &config.rootfs_path {
             image::check_layers(rootfs, &dirs.data)?;
