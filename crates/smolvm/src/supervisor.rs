@@ -233,6 +233,8 @@ struct Greeting {
     env: BTreeMap<String, String>,
     /// A restored guest that may carry its snapshot's variables.
     saved_env: bool,
+    /// The guest was restored from a saved state (a warm start, a snapshot's restore).
+    restored: bool,
     /// Only for a restored guest: a booted one has it from its kernel command line.
     net: Option<proto::NetConfig>,
     /// The agent channel's first frame follows these bytes (`Request::Hello`'s `sync`).
@@ -589,7 +591,7 @@ async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
     // On a cold boot the greeting waits in the channel from QEMU's start until the agent reads
     // it, a few hundred milliseconds, and the guest's clock would lag by that much. Say the time
     // again now that the agent reads at once.
-    if sent.elapsed() > Duration::from_millis(20) {
+    if !g.restored && sent.elapsed() > Duration::from_millis(20) {
         tell_time(agent).await?;
     }
     // A restored guest carries its snapshot's variables: replace them with this sandbox's own.
@@ -600,6 +602,15 @@ async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
             Reply::Error { message, .. } => return Err(Error::Guest(format!("injecting environment variables: {message}"))),
             other => return Err(Error::Guest(format!("unexpected reply to env set: {}", other.kind()))),
         }
+    }
+    // A restored guest runs all its code for the first time again (TCG keeps none across a
+    // snapshot): what the agent does after answering the greeting (its network, hostname,
+    // entropy, the clock itself) takes it tens of milliseconds, and the time it was told is
+    // that much behind once set, for good (50-65 ms here). Once a ping has come back, the agent
+    // reads at once: the time said then is off by a one-way trip.
+    if g.restored {
+        agent.call(&Request::Ping).await?;
+        tell_time(agent).await?;
     }
     Ok(())
 }
@@ -706,6 +717,7 @@ async fn supervise(id: &str) -> i32 {
         hostname: id.to_string(),
         env: record.config.env_vars.clone(),
         saved_env: spec.restore.as_ref().is_some_and(|r| !r.no_saved_env),
+        restored: spec.restore.is_some(),
         // A restored guest still has its snapshot's network settings.
         net: guest_net.filter(|_| spec.restore.is_some()),
         sync,
