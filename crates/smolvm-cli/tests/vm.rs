@@ -92,19 +92,27 @@ fn a_reader_that_goes_away_ends_the_command() {
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
 }
 
+/// The guest's time to the nanosecond: busybox `date` has no %N; a new file's modification
+/// time has nanoseconds.
+const GUEST_TIME: &str = "touch /tmp/t && stat -c %Y.%y /tmp/t";
+
+/// `GUEST_TIME`'s output, "<seconds>.<date> <hh:mm:ss.nnnnnnnnn> <zone>", as Unix seconds: the
+/// whole seconds, then the fraction.
+fn guest_time(out: &std::process::Output) -> f64 {
+    let text = stdout(out);
+    let secs: f64 = text.split('.').next().unwrap().parse().unwrap_or_else(|_| panic!("{text:?} {}", stderr(out)));
+    let frac: f64 = format!("0.{}", text.split_whitespace().nth(1).and_then(|t| t.split('.').nth(1)).unwrap()).parse().unwrap();
+    secs + frac
+}
+
 #[test]
 fn a_cold_booted_guest_has_the_hosts_time() {
     let env = env();
     let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     let before = now();
-    // busybox `date` has no %N; a new file's modification time has nanoseconds.
-    let out = env.cli().env("SMOLVM_WARM", "0").args(["run", "touch /tmp/t && stat -c %Y.%y /tmp/t"]).output().unwrap();
+    let out = env.cli().env("SMOLVM_WARM", "0").args(["run", GUEST_TIME]).output().unwrap();
     let after = now();
-    let text = stdout(&out);
-    // "<seconds>.<date> <hh:mm:ss.nnnnnnnnn> <zone>": whole seconds, then the fraction.
-    let secs: f64 = text.split('.').next().unwrap().parse().unwrap_or_else(|_| panic!("{text:?} {}", stderr(&out)));
-    let frac: f64 = format!("0.{}", text.split_whitespace().nth(1).and_then(|t| t.split('.').nth(1)).unwrap()).parse().unwrap();
-    let guest = secs + frac;
+    let guest = guest_time(&out);
     // The command ran just before `smolvm run` returned (only the teardown follows it). A clock
     // set from the greeting's timestamp alone lagged by the boot: 0.3-0.5 s here.
     assert!(guest > before && guest < after + 0.05, "guest {guest:.3}, host {before:.3}..{after:.3}");
@@ -122,12 +130,9 @@ fn a_warm_started_guest_has_the_hosts_time() {
     assert!(out.status.success(), "{}", stderr(&out));
     for _ in 0..3 {
         let before = now();
-        let out = env.smolvm(&["sandbox", "exec", "clock", "--", "sh", "-c", "touch /tmp/t && stat -c %Y.%y /tmp/t"]);
+        let out = env.smolvm(&["sandbox", "exec", "clock", "--", "sh", "-c", GUEST_TIME]);
         let after = now();
-        let text = stdout(&out);
-        let secs: f64 = text.split('.').next().unwrap().parse().unwrap_or_else(|_| panic!("{text:?} {}", stderr(&out)));
-        let frac: f64 = format!("0.{}", text.split_whitespace().nth(1).and_then(|t| t.split('.').nth(1)).unwrap()).parse().unwrap();
-        let guest = secs + frac;
+        let guest = guest_time(&out);
         assert!(guest > before && guest < after, "guest {guest:.3}, host {before:.3}..{after:.3}");
     }
     assert!(env.smolvm(&["sandbox", "delete", "--force", "clock"]).status.success());
