@@ -827,7 +827,7 @@ const RUN_INTERRUPTED: &str = "the command was ended, and its sandbox removed";
 
 /// Runs a command on a terminal in the guest, ours in raw mode meanwhile (where stdin is one):
 /// keys go to the guest as typed, output comes back as the guest's terminal shows it, and each
-/// change of our window's size follows. Ended by SIGTERM or SIGHUP meanwhile, it says
+/// change of our window's size follows. Ended by a signal meanwhile (SIGTERM, SIGHUP, SIGINT or SIGQUIT), it says
 /// `interrupted: <ended>` as it goes (the supervisor then ends the command, and an ephemeral
 /// sandbox with it).
 async fn run_on_terminal(sb: &Sandbox, command: &str, opts: &RunOptions, ended: &'static str) -> Result<Done, Error> {
@@ -851,10 +851,13 @@ async fn run_on_terminal(sb: &Sandbox, command: &str, opts: &RunOptions, ended: 
         opts.env.entry("TERM".into()).or_insert(term);
     }
     let _raw = terminal::Raw::enter();
-    // Killed or hung up while raw, the terminal is given back first. (Ending this process ends
-    // the command: the supervisor cancels what a departed client started.)
-    for (kind, code) in [(SignalKind::terminate(), 143), (SignalKind::hangup(), 129)] {
-        if let Ok(mut sig) = signal(kind) {
+    // Killed or hung up while raw, the terminal is given back first: a signal's default action
+    // would leave it raw, without echo. (Ending this process ends the command: the supervisor
+    // cancels what a departed client started.) Keys typed raw raise no signal here; these come
+    // from `kill`. One ignored when this process started stays ignored.
+    let ends = [(libc::SIGTERM, 143), (libc::SIGHUP, 129), (libc::SIGINT, 130), (libc::SIGQUIT, 131)];
+    for (number, code) in ends.into_iter().filter(|(n, _)| !ignored_at_start(*n)) {
+        if let Ok(mut sig) = signal(SignalKind::from_raw(number)) {
             tokio::spawn(async move {
                 if sig.recv().await.is_some() {
                     terminal::restore();
@@ -1670,7 +1673,7 @@ async fn unless_interrupted<T>(work: impl std::future::Future<Output = T>) -> Op
     // first: a handler, once there, keeps it from killing this process.
     static HUNG_UP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let hangup = async {
-        if hangup_ignored() || HUNG_UP.load(std::sync::atomic::Ordering::SeqCst) {
+        if ignored_at_start(libc::SIGHUP) || HUNG_UP.load(std::sync::atomic::Ordering::SeqCst) {
             return std::future::pending().await;
         }
         signalled(SignalKind::hangup()).await;
@@ -1680,9 +1683,17 @@ async fn unless_interrupted<T>(work: impl std::future::Future<Output = T>) -> Op
         INTERRUPTED_BY.store(signal, std::sync::atomic::Ordering::SeqCst);
         None
     };
+    // Ignored from the start, as a shell script's `&` jobs have it (so that a Ctrl-C at the
+    // terminal reaches only the script), Ctrl-C stays ignored.
+    let interrupt = async {
+        if ignored_at_start(libc::SIGINT) {
+            return std::future::pending().await;
+        }
+        signalled(SignalKind::interrupt()).await;
+    };
     tokio::select! {
         r = work => Some(r),
-        _ = signalled(SignalKind::interrupt()) => by(libc::SIGINT),
+        () = interrupt => by(libc::SIGINT),
         _ = signalled(SignalKind::terminate()) => by(libc::SIGTERM),
         () = hangup => by(libc::SIGHUP),
     }
@@ -1693,18 +1704,29 @@ async fn unless_interrupted<T>(work: impl std::future::Future<Output = T>) -> Op
 /// SIGTERM, 129 for SIGHUP).
 static INTERRUPTED_BY: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(libc::SIGINT);
 
-/// Whether SIGHUP was ignored when this process started (`nohup`), read before any handler of
-/// ours replaced that.
-fn hangup_ignored() -> bool {
-    static IGNORED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *IGNORED.get_or_init(|| {
-        // SAFETY: sigaction with a null new action only reads SIGHUP's disposition into `old`,
-        // a zeroed sigaction owned here.
-        unsafe {
-            let mut old: libc::sigaction = std::mem::zeroed();
-            libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
-        }
-    })
+/// The signals this process may take a handler for and whose being ignored it honours.
+const HONOURED_IGNORES: [libc::c_int; 3] = [libc::SIGHUP, libc::SIGINT, libc::SIGQUIT];
+
+/// Whether `signal` (one of `HONOURED_IGNORES`) was ignored when this process started
+/// (`nohup` ignores SIGHUP; a shell script starts its `&` jobs with SIGINT and SIGQUIT
+/// ignored), read before any handler of ours replaced that. Such a signal stays ignored.
+fn ignored_at_start(signal: libc::c_int) -> bool {
+    static IGNORED: std::sync::OnceLock<Vec<libc::c_int>> = std::sync::OnceLock::new();
+    IGNORED
+        .get_or_init(|| {
+            HONOURED_IGNORES
+                .into_iter()
+                .filter(|&s| {
+                    // SAFETY: sigaction with a null new action only reads the signal's
+                    // disposition into `old`, a zeroed sigaction owned here.
+                    unsafe {
+                        let mut old: libc::sigaction = std::mem::zeroed();
+                        libc::sigaction(s, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+                    }
+                })
+                .collect()
+        })
+        .contains(&signal)
 }
 
 /// A second signal while an interrupted start was being undone: the command ends now, and says
@@ -1841,7 +1863,7 @@ fn main() {
         std::process::exit(smolvm::supervisor::main(id));
     }
     // (Read before a handler of ours can be installed.)
-    hangup_ignored();
+    ignored_at_start(libc::SIGHUP);
     let outcome = rt.block_on(dispatch(cli.command, dirs));
     let code = match outcome {
         Ok(done) => {

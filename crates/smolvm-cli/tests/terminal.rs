@@ -228,6 +228,49 @@ fn sandbox_shell_runs_under_a_real_terminal_and_gives_it_back_as_it_was() {
     assert_eq!((after.local_flags, after.input_flags, after.output_flags), (before.local_flags, before.input_flags, before.output_flags));
     drop(pty);
     let _ = reader.join();
+
+    // A signal from `kill` while the terminal is raw (SIGINT; keys typed raw raise none): the
+    // terminal is given back before smolvm goes, and the exit says which signal. (SIGINT and
+    // SIGQUIT ended it at once, the terminal left raw, without echo.)
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let before = nix::sys::termios::tcgetattr(&pty.slave).unwrap();
+    let mut cmd = env.cli();
+    cmd.args(["sandbox", "exec", "-t", "term", "--", "echo started; sleep 60"])
+        .stdin(fd(&pty.slave))
+        .stdout(fd(&pty.slave))
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: as above, a new session on the pty.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    drop(cmd);
+    let screen = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let (screen, mut master) = (screen.clone(), std::fs::File::from(pty.master.try_clone().unwrap()));
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = master.read(&mut buf) {
+                screen.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    assert!(wait_until(Duration::from_secs(30), || screen.lock().unwrap().contains("started")), "{}", screen.lock().unwrap());
+    let raw = nix::sys::termios::tcgetattr(&pty.slave).unwrap();
+    assert!(!raw.local_flags.contains(nix::sys::termios::LocalFlags::ECHO), "the terminal is raw meanwhile");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = wait_bounded(child);
+    assert_eq!((out.status.code(), stderr(&out).as_str()), (Some(130), "error: interrupted: the command was ended\n"));
+    let after = nix::sys::termios::tcgetattr(&pty.slave).unwrap();
+    assert_eq!((after.local_flags, after.input_flags, after.output_flags), (before.local_flags, before.input_flags, before.output_flags));
+    drop(pty);
+    let _ = reader.join();
     assert!(env.smolvm(&["sandbox", "delete", "--force", "term"]).status.success());
     assert!(env.qemu_processes().is_empty());
 }

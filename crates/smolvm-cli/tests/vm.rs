@@ -1839,24 +1839,25 @@ fn an_interrupted_create_or_start_leaves_nothing_running() {
     assert!(stderr(&out).contains("interrupted: the sandbox 'hup' was not started, and is removed"), "{}", stderr(&out));
     assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
     // Under `nohup` (SIGHUP ignored), a hangup is no interrupt: the command runs to its end.
-    let out = {
+    // Nor is Ctrl-C where SIGINT was ignored from the start, as in a shell script's `&` job
+    // (the interrupt ended it).
+    use nix::sys::signal::Signal;
+    for signal in [Signal::SIGHUP, Signal::SIGINT] {
         let mut cmd = env.cli();
         cmd.args(["run", "--initrd", initrd, "echo ran"]).stdout(Stdio::piped()).stderr(Stdio::piped());
-        // SAFETY: only sets this child's own SIGHUP disposition between fork and exec, as
-        // `nohup` does; signal() is async-signal-safe.
+        // SAFETY: only sets this child's own disposition of the signal between fork and exec,
+        // as `nohup` does; signal() is async-signal-safe.
         unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                nix::sys::signal::signal(nix::sys::signal::Signal::SIGHUP, nix::sys::signal::SigHandler::SigIgn)
-                    .map(|_| ())
-                    .map_err(std::io::Error::from)
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigIgn).map(|_| ()).map_err(std::io::Error::from)
             });
         }
         let child = cmd.spawn().unwrap();
         assert!(env.init_waits(), "no boot under way");
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGHUP).unwrap();
-        child.wait_with_output().unwrap()
-    };
-    assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "ran\n"), "{}", stderr(&out));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "ran\n"), "{signal}: {}", stderr(&out));
+    }
     let mut child = env.cli().args(["run", "echo started; sleep 60"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line).unwrap();
