@@ -1048,6 +1048,36 @@ async fn a_killed_supervisor_shows_as_error_and_prune_removes_it() {
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
 }
 
+/// A sandbox whose record went while it ran (its state database lost or replaced): prune ends
+/// its supervisor, which takes its VM and network down, and then removes its files. (It removed
+/// the files alone: the VM, its TAP and its firewall table ran on, with nothing to reach them.)
+#[tokio::test]
+async fn prune_ends_a_running_sandbox_that_no_record_names() {
+    let env = env();
+    let config = VmConfig { vm_id: Some("unnamed".into()), ..Default::default() };
+    let mut sb = Sandbox::create_in(env.dirs.clone(), config, false).unwrap();
+    sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+    let dir = sb.paths().dir.clone();
+    drop(sb);
+    let table = smolvm::net::table_name(&env.dirs.data, "unnamed");
+    let has_table =
+        || String::from_utf8_lossy(&std::process::Command::new("nft").args(["list", "tables"]).output().unwrap().stdout).contains(&table);
+    assert_eq!(has_table(), smolvm::net::nat_available().is_ok());
+    assert!(smolvm::store::Store::open(&env.dirs.data).unwrap().remove("unnamed").unwrap());
+    // Made in the last minute, it may be a sandbox being created: left alone.
+    let out = env.smolvm(&["sandbox", "prune", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["data"]["leftovers"], json!([]), "{v}");
+    assert_eq!(env.qemu_processes().len(), 1);
+    let long_ago = std::time::SystemTime::now() - Duration::from_secs(120);
+    std::fs::File::open(&dir).unwrap().set_modified(long_ago).unwrap();
+    let out = env.smolvm(&["sandbox", "prune", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["data"]["leftovers"], json!([dir.to_string_lossy()]), "{v}");
+    assert!(wait_until(Duration::from_secs(5), || env.qemu_processes().is_empty()), "its VM runs on");
+    assert!(!dir.exists() && !has_table());
+}
+
 /// Log lines to a pipe or a file (a supervisor's log) carry no terminal colour codes.
 #[test]
 fn logs_off_a_terminal_are_plain_text() {

@@ -48,11 +48,14 @@ pub struct SandboxPaths {
     pub vsock: PathBuf,
 }
 
+/// The supervisor's control socket, in the sandbox's directory.
+const CTL_SOCKET: &str = "ctl.sock";
+
 impl SandboxPaths {
     pub fn new(dirs: &Dirs, id: &str) -> SandboxPaths {
         let dir = dirs.data.join("vms").join(image::fingerprint(&[id.as_bytes()]));
         SandboxPaths {
-            ctl: dir.join("ctl.sock"),
+            ctl: dir.join(CTL_SOCKET),
             agent: dir.join("agent.sock"),
             qmp: dir.join("qmp.sock"),
             console: dir.join("console.log"),
@@ -742,13 +745,49 @@ pub fn prune(dirs: &Dirs) -> Result<Pruned> {
         store.all()?.iter().map(|r| SandboxPaths::new(dirs, &r.id).dir).chain(keep).collect();
     if let Ok(entries) = std::fs::read_dir(dirs.data.join("vms")) {
         for e in entries.flatten() {
-            if !recorded.contains(&e.path()) && older_than_a_minute(&e.path()) && std::fs::remove_dir_all(e.path()).is_ok() {
-                leftovers.push(e.path().to_string_lossy().into_owned());
+            let path = e.path();
+            if !recorded.contains(&path)
+                && older_than_a_minute(&path)
+                && end_unrecorded_supervisor(&path)
+                && std::fs::remove_dir_all(&path).is_ok()
+            {
+                leftovers.push(path.to_string_lossy().into_owned());
             }
         }
     }
     leftovers.extend(reap_snapshot_leftovers(dirs, &store)?);
     Ok(Pruned { removed, leftovers })
+}
+
+/// The process serving the control socket in sandbox directory `dir`, if one does (the peer
+/// of a connection to it).
+fn serving_supervisor(dir: &Path) -> Option<nix::unistd::Pid> {
+    let stream = std::os::unix::net::UnixStream::connect(dir.join(CTL_SOCKET)).ok()?;
+    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials).ok()?;
+    Some(nix::unistd::Pid::from_raw(peer.pid()))
+}
+
+/// A supervisor still serving a sandbox directory that no record names (the state database was
+/// lost or replaced while it ran) is told to end: else its VM, TAP and firewall table would run
+/// on with no command able to reach them, and removing its files (as prune did) hid them. On
+/// SIGTERM it stops its VM and takes its network down, as for a stop. Whether none serves the
+/// directory now.
+fn end_unrecorded_supervisor(dir: &Path) -> bool {
+    let Some(pid) = serving_supervisor(dir) else { return true };
+    let Some(process) = ProcId::of(pid.as_raw()) else { return serving_supervisor(dir).is_none() };
+    tracing::warn!("prune: ending supervisor {pid} of {}, a sandbox no record names", dir.display());
+    if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_err() {
+        return serving_supervisor(dir).is_none();
+    }
+    // (Its stop has a graceful bound of a few seconds, then a kill.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while process.alive() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
 }
 
 /// Snapshot directories with no record whose maker is gone: a `snapshot create` killed, or
