@@ -1847,7 +1847,14 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let json = wants_json(&cli.command);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    // (Out of file descriptors, say, under a tiny `ulimit -n`: said, not a panic.)
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting smolvm: {e}");
+            std::process::exit(1);
+        }
+    };
     let dirs = Dirs::from_env();
     if let Cmd::HostSide = &cli.command {
         drop(rt);

@@ -553,6 +553,18 @@ fn doctor_reports_each_check_and_fails_on_an_invalid_setting() {
     for (c, unset) in failed.iter().zip(["SMOLVM_ACCEL", "SMOLVM_BACKEND", "SMOLVM_KERNEL"]) {
         assert!(c["fix"].as_str().unwrap().starts_with(&format!("unset {unset}")), "{c}");
     }
+    // A data directory on a read-only mount fails its check, saying so (it passed, and every
+    // command then failed).
+    let ro = env.tmp.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "ro,size=1M", "tmpfs"]).arg(&ro).status().unwrap();
+    assert!(mounted.success());
+    let (code, v) = doctor(&[("SMOLVM_DATA_DIR", ro.join("data").to_str().unwrap())]);
+    assert!(std::process::Command::new("umount").arg(&ro).status().unwrap().success());
+    let data_dir = v["data"].as_array().unwrap().iter().find(|c| c["name"] == "data_dir").unwrap().clone();
+    assert_eq!(code, Some(1));
+    assert_eq!(data_dir["status"], "fail", "{data_dir}");
+    assert!(data_dir["detail"].as_str().unwrap().ends_with("cannot be written: Read-only file system (os error 30)"), "{data_dir}");
     // Debian's kernel asked for is the one doctor names; a bad choice fails every start, named.
     let (_, v) = doctor(&[("SMOLVM_KERNEL", " Debian ")]);
     let kernel = v["data"].as_array().unwrap().iter().find(|c| c["name"] == "kernel").unwrap().clone();

@@ -199,10 +199,27 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
         check("ssh", "warn", "ssh/sftp/ssh-keygen not found: no SSH into sandboxes", Some("smolvm setup (apt install openssh-client)"))
     });
     checks.push(match crate::sandbox::check_data_dir(dirs) {
-        Ok(()) => check("data_dir", "ok", dirs.data.display().to_string(), None),
         Err(e) => check("data_dir", "fail", e.to_string(), Some("set SMOLVM_DATA_DIR to a shorter path")),
+        Ok(()) => match writable(&dirs.data) {
+            Ok(()) => check("data_dir", "ok", dirs.data.display().to_string(), None),
+            Err(e) => check(
+                "data_dir",
+                "fail",
+                format!("{} cannot be written: {e}", dirs.data.display()),
+                Some("set SMOLVM_DATA_DIR to a directory this user can write"),
+            ),
+        },
     });
     checks
+}
+
+/// Whether a file can be made in `dir`, or where it would be made if missing (a read-only
+/// mount passed the path checks alone, and every command then failed). Nothing stays behind.
+fn writable(dir: &std::path::Path) -> std::io::Result<()> {
+    let existing = dir.ancestors().find(|d| d.exists()).unwrap_or(dir);
+    let probe = existing.join(format!(".smolvm-doctor-{}", std::process::id()));
+    std::fs::OpenOptions::new().write(true).create_new(true).open(&probe)?;
+    std::fs::remove_file(&probe)
 }
 
 /// Debian packages the host needs, by the command that shows each is there.

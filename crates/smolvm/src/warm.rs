@@ -33,7 +33,10 @@ pub fn eligible(config: &VmConfig) -> bool {
 /// Identity of the QEMU binary: a saved state only loads into the QEMU that wrote it.
 fn qemu_identity() -> String {
     let path = std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(crate::vmm::qemu::QEMU_BINARY)).find(|p| p.is_file()));
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(crate::vmm::qemu::QEMU_BINARY)).find(|p| p.is_file()))
+        // One binary by whichever name: /bin is /usr/bin on merged-/usr hosts, and a PATH
+        // through the other made a second template of the same QEMU.
+        .map(|p| std::fs::canonicalize(&p).unwrap_or(p));
     let meta = path.as_ref().and_then(|p| std::fs::metadata(p).ok());
     format!("{path:?}:{:?}:{:?}", meta.as_ref().map(|m| m.len()), meta.and_then(|m| m.modified().ok()))
 }
