@@ -822,6 +822,23 @@ fn run_options(exec: &ExecArgs, env: &[std::ffi::OsString]) -> Result<RunOptions
     })
 }
 
+/// stderr for log lines, whose failed writes are dropped. tracing reports a failed write with
+/// `eprintln!`, which panics where stderr fails too: a supervisor, whose stderr is its log
+/// file, died at its first log line once the data directory's disk was full, and its VM with it.
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 /// What an interrupted `run` says: its command and its sandbox are gone.
 const RUN_INTERRUPTED: &str = "the command was ended, and its sandbox removed";
 
@@ -1842,7 +1859,7 @@ fn main() {
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogWriter)
         // Colours only for a person: a file (a supervisor's log) or a pipe gets plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

@@ -1078,6 +1078,68 @@ async fn prune_ends_a_running_sandbox_that_no_record_names() {
     assert!(!dir.exists() && !has_table());
 }
 
+/// The host's disk under the data directory fills while the guest writes to its own disk:
+/// QEMU pauses the VM (losing nothing), and the sandbox says why and how on, instead of every
+/// command timing out with the sandbox read as running. Its supervisor lives on (its first log
+/// line on the full disk killed it, and its VM with it); freed space and a resume let the
+/// write finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_host_disk_pauses_the_sandbox_and_says_so() {
+    let env = env();
+    // The data directory on a small disk of its own, unmounted however the test ends.
+    struct Mounted(std::path::PathBuf);
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            for pid in processes_mentioning("qemu-system", &self.0.to_string_lossy()) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    std::fs::create_dir_all(&env.dirs.data).unwrap();
+    let mount =
+        std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=700M,mode=0700", "tmpfs"]).arg(&env.dirs.data).status();
+    assert!(mount.unwrap().success());
+    let _mounted = Mounted(env.dirs.data.clone());
+    let sb = Arc::new(env.boot(VmConfig { image: Some("alpine-ssh".into()), ..Default::default() }).await);
+    // All but 10 MiB of it taken.
+    let filler = env.dirs.data.join("filler");
+    let free_mib = nix::sys::statvfs::statvfs(&env.dirs.data).map(|v| (v.blocks_available() * v.fragment_size()) >> 20).unwrap();
+    let filled = std::process::Command::new("fallocate").arg("-l").arg(format!("{}M", free_mib - 10)).arg(&filler).status();
+    assert!(filled.unwrap().success());
+    let writer = {
+        let sb = sb.clone();
+        tokio::spawn(async move {
+            sb.run("dd if=/dev/urandom of=/root/big bs=1M count=30 2>/dev/null && sync && echo synced", &opts(300)).await
+        })
+    };
+    // (A probe caught by the pause waits it out: it is given up and another sent.)
+    let mut said = None;
+    for _ in 0..60 {
+        match tokio::time::timeout(Duration::from_secs(5), sb.run("true", &opts(10))).await {
+            Ok(Err(e)) => {
+                said = Some(e);
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+    let said = said.expect("the sandbox never said it was paused").to_string();
+    let dir = sb.paths().dir.display().to_string();
+    assert_eq!(
+        said,
+        format!("host: the host's disk is full: a write to this sandbox's disk (under {dir}) found no space left, so QEMU paused the VM, losing nothing; free space there, then resume it (smolvm sandbox resume {})", sb.id())
+    );
+    std::fs::remove_file(&filler).unwrap();
+    sb.resume().await.unwrap();
+    let wrote = tokio::time::timeout(Duration::from_secs(120), writer).await.expect("the write finished").unwrap().unwrap();
+    assert_eq!((wrote.exit_code, wrote.stdout.as_str()), (0, "synced\n"), "{}", wrote.stderr);
+    let size = sb.run("wc -c < /root/big", &opts(30)).await.unwrap();
+    assert_eq!(size.stdout.trim(), "31457280");
+    Arc::into_inner(sb).unwrap().delete().await.unwrap();
+}
+
 /// Log lines to a pipe or a file (a supervisor's log) carry no terminal colour codes.
 #[test]
 fn logs_off_a_terminal_are_plain_text() {

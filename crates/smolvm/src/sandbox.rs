@@ -1982,6 +1982,8 @@ impl Sandbox {
     /// VM is paused says so as everywhere else (`VM 'x' is paused; resume it first`).
     fn unexpected(&self, what: &str, reply: Reply) -> Error {
         match reply {
+            // Paused by QEMU itself (the host's disk full): the supervisor says why.
+            Reply::Error { kind: ErrorKind::Paused, message } if message != crate::supervisor::PAUSED => Error::Host(message),
             Reply::Error { kind: ErrorKind::Paused, .. } => Error::NotRunning { id: self.id.clone(), state: "paused".into() },
             // The supervisor is on its way down (stopped by another handle, or the guest itself).
             Reply::Error { kind: ErrorKind::Closed, .. } => self.unreachable(),

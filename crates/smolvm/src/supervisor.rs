@@ -169,6 +169,26 @@ const PANIC_END: &[u8] = b"---[ end Kernel panic";
 /// What a pause or snapshot of a halted guest is answered; the sandbox is then stopped.
 const HALTED: &str = "guest agent: the guest has stopped its CPUs for good (halt -f or poweroff -f inside it); the sandbox is now stopped";
 
+/// What a client asking for anything but a resume hears while the VM is paused.
+pub const PAUSED: &str = "the VM is paused; resume it first";
+
+/// Whether QEMU has paused the VM itself because a write to its disk found the host's disk
+/// full (`werror=enospc`, QEMU's default): the guest saw no error, and a resume retries the
+/// write. Nothing else said so: the sandbox read as running, and each command waited out its
+/// timeout.
+async fn stopped_for_space(qmp: &mut qemu::Qmp) -> bool {
+    bounded(qmp.execute("query-status"), "asking QEMU for the VM's state").await.is_ok_and(|v| v["status"] == "io-error")
+}
+
+/// Why a VM `stopped_for_space` is paused, and the way on.
+fn out_of_space(disk: &Path, id: &str) -> String {
+    let dir = disk.parent().unwrap_or(disk);
+    format!(
+        "the host's disk is full: a write to this sandbox's disk (under {}) found no space left, so QEMU paused the VM, losing nothing; free space there, then resume it (smolvm sandbox resume {id})",
+        dir.display()
+    )
+}
+
 async fn halted_for_good(qmp: &mut qemu::Qmp) -> bool {
     let halted = bounded(qmp.cpus_stopped_for_good(), "asking QEMU about the vCPUs").await.unwrap_or(false);
     if halted {
@@ -771,6 +791,8 @@ async fn supervise(id: &str) -> i32 {
         return fail(e.code(), msg, None);
     }
     let paused = Arc::new(AtomicBool::new(!greeted));
+    // Why the VM is paused when QEMU paused it itself (`stopped_for_space`), not a client.
+    let pause_reason: Arc<Mutex<Option<String>>> = Default::default();
     let stopped: Arc<Mutex<StoppedSpans>> = Default::default();
     if !greeted {
         lock(&stopped).begin();
@@ -845,6 +867,7 @@ async fn supervise(id: &str) -> i32 {
     let stop_asked = Arc::new(tokio::sync::Notify::new());
     let acceptor = tokio::spawn({
         let (agent, ctl_tx, id, paused, stopped) = (agent.clone(), ctl_tx.clone(), id.to_string(), paused.clone(), stopped.clone());
+        let pause_reason = pause_reason.clone();
         let (down, stop_asked) = (down.clone(), stop_asked.clone());
         let owner_pid = record.owner.filter(|_| record.ephemeral).map(|o| o.pid);
         async move {
@@ -858,6 +881,7 @@ async fn supervise(id: &str) -> i32 {
                             ctl: ctl_tx.clone(),
                             id: id.clone(),
                             paused: paused.clone(),
+                            pause_reason: pause_reason.clone(),
                             stopped: stopped.clone(),
                             down: down.clone(),
                             stop_asked: stop_asked.clone(),
@@ -924,6 +948,21 @@ async fn supervise(id: &str) -> i32 {
                     if panicked_since(&paths.console, console_from) {
                         tracing::warn!("{PANICKED}");
                         break Ended::Panicked;
+                    }
+                    if let Some(disk) = overlay.as_deref() {
+                        if stopped_for_space(&mut qmp).await {
+                            let reason = out_of_space(disk, id);
+                            tracing::warn!("{reason}");
+                            paused.store(true, Ordering::SeqCst);
+                            lock(&stopped).begin();
+                            *lock(&pause_reason) = Some(reason.clone());
+                            // (The database may be on the full disk too: the clients hear why
+                            // from this process either way.)
+                            if let Err(e) = store.set_state(id, State::Paused, Some(&reason)) {
+                                tracing::warn!("recording the pause: {}", e.full_message());
+                            }
+                            continue;
+                        }
                     }
                     if halted_for_good(&mut qmp).await {
                         break Ended::Halted;
@@ -992,6 +1031,7 @@ async fn supervise(id: &str) -> i32 {
                     .map_err(|e| (ErrorKind::Failed, e.full_message()));
                     if r.is_ok() {
                         paused.store(false, Ordering::SeqCst);
+                        *lock(&pause_reason) = None;
                         lock(&stopped).end();
                         let _ = store.set_state(id, State::Running, None);
                     } else if running {
@@ -1665,6 +1705,7 @@ struct Client {
     ctl: mpsc::UnboundedSender<Control>,
     id: String,
     paused: Arc<AtomicBool>,
+    pause_reason: Arc<Mutex<Option<String>>>,
     stopped: Arc<Mutex<StoppedSpans>>,
     /// The sandbox is on its way down (see `GONE_BEFORE`).
     down: Arc<AtomicBool>,
@@ -1674,7 +1715,7 @@ struct Client {
 }
 
 async fn serve_client(stream: UnixStream, client: Client) {
-    let Client { owner, agent, ctl, id, paused, stopped, down, stop_asked } = client;
+    let Client { owner, agent, ctl, id, paused, pause_reason, stopped, down, stop_asked } = client;
     if owner {
         let _ = ctl.send(Control::OwnerConnected);
     }
@@ -1796,7 +1837,8 @@ async fn serve_client(stream: UnixStream, client: Client) {
             }
             // (Input, cancels and sizes were taken above: they wait out a pause in the queue.)
             _ if paused.load(Ordering::SeqCst) => {
-                send(write.clone(), cid, Reply::error(ErrorKind::Paused, "the VM is paused; resume it first")).await;
+                let why = lock(&pause_reason).clone().unwrap_or_else(|| PAUSED.into());
+                send(write.clone(), cid, Reply::error(ErrorKind::Paused, why)).await;
             }
             Request::Hello { .. } => {
                 send(
