@@ -1137,7 +1137,16 @@ async fn a_full_host_disk_pauses_the_sandbox_and_says_so() {
     assert_eq!((wrote.exit_code, wrote.stdout.as_str()), (0, "synced\n"), "{}", wrote.stderr);
     let size = sb.run("wc -c < /root/big", &opts(30)).await.unwrap();
     assert_eq!(size.stdout.trim(), "31457280");
+    // A delete on a disk full to the last block: the sandbox's files go first, and free what
+    // the database needs to forget it (it failed on the record, and left them all).
+    let free_kib = nix::sys::statvfs::statvfs(&env.dirs.data).map(|v| (v.blocks_available() * v.fragment_size()) >> 10).unwrap();
+    let filled = std::process::Command::new("fallocate").arg("-l").arg(format!("{free_kib}K")).arg(&filler).status();
+    assert!(filled.unwrap().success());
+    let dir = sb.paths().dir.clone();
     Arc::into_inner(sb).unwrap().delete().await.unwrap();
+    assert!(!dir.exists());
+    let out = env.smolvm(&["sandbox", "list", "--all", "--json"]);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["data"], json!([]), "{}", stderr(&out));
 }
 
 /// Log lines to a pipe or a file (a supervisor's log) carry no terminal colour codes.

@@ -128,11 +128,28 @@ impl Error {
                 "write the output to a file in the guest and download it, or raise `max_output`; the CLI streams output and keeps no copy"
                     .into(),
             ),
+            Error::Store(e) => match e.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::DiskFull) => {
+                    Some("free space on the disk that holds the data directory (SMOLVM_DATA_DIR); deleting sandboxes frees theirs".into())
+                }
+                Some(rusqlite::ErrorCode::ReadOnly) => {
+                    Some("the data directory cannot be written: set SMOLVM_DATA_DIR to a directory this user can write".into())
+                }
+                Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => Some(
+                    "the state database (state.db in the data directory, SMOLVM_DATA_DIR) is damaged: move it aside to start afresh, then `smolvm sandbox prune` ends sandboxes it no longer names".into(),
+                ),
+                _ => None,
+            },
             Error::Network(_) | Error::Reported { code: "network", .. } => {
                 Some("`smolvm doctor` checks TAP devices and nftables; `--network user` needs neither".into())
             }
             _ => None,
         }
+    }
+
+    /// Whether the state database found its disk full.
+    pub fn disk_full(&self) -> bool {
+        matches!(self, Error::Store(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull))
     }
 
     /// The message with its chain of causes, for printing.
@@ -205,6 +222,20 @@ mod tests {
         let r = Error::Reported { code: "network", message: e.to_string() };
         assert_eq!(r.code(), "network");
         assert!(r.recovery().is_some());
+    }
+
+    #[test]
+    fn state_database_failures_say_what_to_do_by_their_cause() {
+        let sqlite = |code: i32| Error::Store(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None));
+        let full = sqlite(rusqlite::ffi::SQLITE_FULL);
+        assert!(full.disk_full() && full.recovery().unwrap().starts_with("free space on the disk that holds the data directory"));
+        assert!(sqlite(rusqlite::ffi::SQLITE_READONLY)
+            .recovery()
+            .unwrap()
+            .contains("set SMOLVM_DATA_DIR to a directory this user can write"));
+        assert!(sqlite(rusqlite::ffi::SQLITE_NOTADB).recovery().unwrap().contains("is damaged: move it aside"));
+        let busy = sqlite(rusqlite::ffi::SQLITE_BUSY);
+        assert!(!busy.disk_full() && busy.recovery().is_none());
     }
 
     #[test]

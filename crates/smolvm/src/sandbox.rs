@@ -2945,13 +2945,19 @@ impl Sandbox {
         tracing::debug!("phase: deleting");
         match self.stop_with(DEFAULT_STOP_TIMEOUT, true).await {
             Ok(()) | Err(Error::NotFound(_)) => {}
+            // The VM is stopped by then; only its record could not say so. The files go next,
+            // and their space is what the database may need.
+            Err(e) if e.disk_full() => tracing::warn!("recording {} as stopped: {}", self.id, e.full_message()),
             Err(e) => return Err(e),
         }
         tracing::debug!("phase: stopped");
         let store = Store::open(&self.dirs.data)?;
         host_network_leftovers(&store, &self.id);
-        let removed = store.remove(&self.id)?;
+        // Files first: on a full disk they free what the database needs to forget the sandbox
+        // (a delete failed on the record and left all of them). A record without its files is
+        // deleted again as any other.
         self.paths.remove_all();
+        let removed = store.remove(&self.id)?;
         // Another delete (or a prune) that held the lock before us had done it: one of them
         // says it deleted the sandbox, the others that it is not there.
         if !removed {
