@@ -120,6 +120,10 @@ impl Error {
             Error::SnapshotNotFound(_) => Some("list snapshots with `smolvm sandbox snapshot list`".into()),
             Error::NotRunning { id, state } => Some(format!("smolvm sandbox {} {id}", way_to_run(state))),
             Error::StillLive { id, .. } => Some(format!("smolvm sandbox stop {id}")),
+            // The host failed it before any guest ran (QEMU missing, say): no kernel log to see.
+            Error::Boot { reason, console, .. } if reason.starts_with("host: ") && console.trim().is_empty() => {
+                Some("`smolvm doctor` checks the host".into())
+            }
             Error::Boot { .. } => {
                 Some("retry with SMOLVM_VERBOSE_BOOT=1 to see the guest kernel log; `smolvm doctor` checks the host".into())
             }
@@ -211,6 +215,13 @@ mod tests {
         assert_eq!(boot("[ 0.1] hello"), "VM 'b' did not boot: host: x\n--- last console lines ---\n[ 0.1] hello");
         assert_eq!(boot(""), "VM 'b' did not boot: host: x");
         assert_eq!(boot("\n"), "VM 'b' did not boot: host: x");
+        // The host's own failure has no kernel log to look at.
+        let hint = |reason: &str, console: &str| {
+            Error::Boot { id: "b".into(), reason: reason.into(), console: console.into() }.recovery().unwrap()
+        };
+        assert_eq!(hint("host: qemu-system-x86_64 is not installed", ""), "`smolvm doctor` checks the host");
+        assert!(hint("host: x", "[ 0.1] hello").starts_with("retry with SMOLVM_VERBOSE_BOOT=1"));
+        assert!(hint("the agent never answered", "").starts_with("retry with SMOLVM_VERBOSE_BOOT=1"));
     }
 
     #[test]
