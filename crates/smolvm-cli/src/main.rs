@@ -867,7 +867,6 @@ async fn run_on_terminal(sb: &Sandbox, command: &str, opts: &RunOptions, ended: 
     if let Ok(term) = std::env::var("TERM") {
         opts.env.entry("TERM".into()).or_insert(term);
     }
-    let _raw = terminal::Raw::enter();
     // Killed or hung up while raw, the terminal is given back first: a signal's default action
     // would leave it raw, without echo. (Ending this process ends the command: the supervisor
     // cancels what a departed client started.) Keys typed raw raise no signal here; these come
@@ -884,6 +883,8 @@ async fn run_on_terminal(sb: &Sandbox, command: &str, opts: &RunOptions, ended: 
             });
         }
     }
+    // (Raw only once the handlers are there: a signal between the two left it raw.)
+    let _raw = terminal::Raw::enter();
     let opts = RunOptions { discard_output: true, ..opts };
     let sink = Sink::default();
     let result = sink

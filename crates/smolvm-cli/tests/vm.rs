@@ -1131,6 +1131,17 @@ async fn a_full_host_disk_pauses_the_sandbox_and_says_so() {
         said,
         format!("host: the host's disk is full: a write to this sandbox's disk (under {dir}) found no space left, so QEMU paused the VM, losing nothing; free space there, then resume it (smolvm sandbox resume {})", sb.id())
     );
+    // With the disk still full, a resume is no resume (QEMU pauses the VM again at once), and
+    // a snapshot of a guest stopped wherever it was is refused.
+    let err = sb.resume().await.unwrap_err().to_string();
+    assert!(err.contains("still no space: the host's disk is full"), "{err}");
+    // (Room for the snapshot's own bookkeeping, so that the supervisor is asked.)
+    std::fs::remove_file(&filler).unwrap();
+    let free_mib = nix::sys::statvfs::statvfs(&env.dirs.data).map(|v| (v.blocks_available() * v.fragment_size()) >> 20).unwrap();
+    let filled = std::process::Command::new("fallocate").arg("-l").arg(format!("{}M", free_mib - 2)).arg(&filler).status();
+    assert!(filled.unwrap().success());
+    let err = sb.snapshot(None, "full").await.unwrap_err().to_string();
+    assert!(err.contains("not while QEMU holds the VM paused"), "{err}");
     std::fs::remove_file(&filler).unwrap();
     sb.resume().await.unwrap();
     let wrote = tokio::time::timeout(Duration::from_secs(120), writer).await.expect("the write finished").unwrap().unwrap();

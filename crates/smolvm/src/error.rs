@@ -140,7 +140,7 @@ impl Error {
                     Some("the data directory cannot be written: set SMOLVM_DATA_DIR to a directory this user can write".into())
                 }
                 Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => Some(
-                    "the state database (state.db in the data directory, SMOLVM_DATA_DIR) is damaged: move it aside to start afresh, then `smolvm sandbox prune` ends sandboxes it no longer names".into(),
+                    "the state database (state.db in the data directory, SMOLVM_DATA_DIR) is damaged: moved aside, smolvm starts afresh, and knows none of the sandboxes it named (`smolvm sandbox prune` then ends those still running and removes all their files, disks included)".into(),
                 ),
                 _ => None,
             },

@@ -80,6 +80,16 @@ impl SandboxPaths {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 
+    /// Everything but the start lock, which a caller holds.
+    fn remove_all_but_lock(&self) {
+        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path != self.lock {
+                let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            }
+        }
+    }
+
     /// After `start_lock` found the sandbox gone (its record removed meanwhile, by its own
     /// supervisor say): the lock made its directory again, and it goes again, with the lock
     /// file, unless a sandbox of the same name has been created since (its record is back).
@@ -764,7 +774,10 @@ pub fn prune(dirs: &Dirs) -> Result<Pruned> {
 fn serving_supervisor(dir: &Path) -> Option<nix::unistd::Pid> {
     let stream = std::os::unix::net::UnixStream::connect(dir.join(CTL_SOCKET)).ok()?;
     let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials).ok()?;
-    Some(nix::unistd::Pid::from_raw(peer.pid()))
+    // Only a supervisor of this user's is ended for it.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", peer.pid())).ok()?;
+    let supervisor = cmdline.split(|b| *b == 0).any(|arg| arg == b"__supervise");
+    (supervisor && peer.uid() == nix::unistd::geteuid().as_raw()).then(|| nix::unistd::Pid::from_raw(peer.pid()))
 }
 
 /// A supervisor still serving a sandbox directory that no record names (the state database was
@@ -2945,19 +2958,26 @@ impl Sandbox {
         tracing::debug!("phase: deleting");
         match self.stop_with(DEFAULT_STOP_TIMEOUT, true).await {
             Ok(()) | Err(Error::NotFound(_)) => {}
-            // The VM is stopped by then; only its record could not say so. The files go next,
-            // and their space is what the database may need.
-            Err(e) if e.disk_full() => tracing::warn!("recording {} as stopped: {}", self.id, e.full_message()),
+            // Stopped, and only its record could not say so (the disk is full): the delete
+            // goes on, as nothing of it runs.
+            Err(e) if e.disk_full() && self.nothing_runs() => {
+                tracing::warn!("recording {} as stopped: {}", self.id, e.full_message())
+            }
             Err(e) => return Err(e),
         }
         tracing::debug!("phase: stopped");
         let store = Store::open(&self.dirs.data)?;
         host_network_leftovers(&store, &self.id);
-        // Files first: on a full disk they free what the database needs to forget the sandbox
-        // (a delete failed on the record and left all of them). A record without its files is
-        // deleted again as any other.
+        let removed = match store.remove(&self.id) {
+            // Its files free what the database needs to forget it (a delete failed so and left
+            // them all). The start lock stays, held: a start waiting on it finds no record.
+            Err(e) if e.disk_full() => {
+                self.paths.remove_all_but_lock();
+                store.remove(&self.id)?
+            }
+            r => r?,
+        };
         self.paths.remove_all();
-        let removed = store.remove(&self.id)?;
         // Another delete (or a prune) that held the lock before us had done it: one of them
         // says it deleted the sandbox, the others that it is not there.
         if !removed {
@@ -2965,6 +2985,14 @@ impl Sandbox {
         }
         tracing::debug!("phase: deleted");
         Ok(())
+    }
+
+    /// Whether neither the sandbox's recorded supervisor nor its VMM runs (a record that
+    /// cannot be read counts as something running).
+    fn nothing_runs(&self) -> bool {
+        let rec = Store::open(&self.dirs.data).and_then(|s| s.get(&self.id));
+        matches!(rec, Ok(None))
+            || matches!(rec, Ok(Some(r)) if !r.supervisor.is_some_and(|p| p.alive()) && !r.vmm.is_some_and(|p| p.alive()))
     }
 
     /// The record as users see it, and the ports it has exposed now (those of `port_forwards`

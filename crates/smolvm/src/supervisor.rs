@@ -953,8 +953,9 @@ async fn supervise(id: &str) -> i32 {
                         if stopped_for_space(&mut qmp).await {
                             let reason = out_of_space(disk, id);
                             tracing::warn!("{reason}");
+                            // (Not a stopped span: those move the deadlines of the commands
+                            // under way, which must still end, at their timeouts.)
                             paused.store(true, Ordering::SeqCst);
-                            lock(&stopped).begin();
                             *lock(&pause_reason) = Some(reason.clone());
                             // (The database may be on the full disk too: the clients hear why
                             // from this process either way.)
@@ -1010,6 +1011,7 @@ async fn supervise(id: &str) -> i32 {
                     let _ = done.send(r.map(|_| ()));
                 }
                 Some(Control::Resume { done }) => {
+                    let for_space = lock(&pause_reason).is_some();
                     let mut running = false;
                     let r = bounded(
                         async {
@@ -1029,6 +1031,16 @@ async fn supervise(id: &str) -> i32 {
                     )
                     .await
                     .map_err(|e| (ErrorKind::Failed, e.full_message()));
+                    // Paused for want of space, the VM retries its write when it runs and, with
+                    // the disk still full, QEMU pauses it again at once: that is no resume.
+                    if r.is_ok() && for_space {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        if stopped_for_space(&mut qmp).await {
+                            let reason = lock(&pause_reason).clone().unwrap_or_default();
+                            let _ = done.send(Err((ErrorKind::Failed, format!("still no space: {reason}"))));
+                            continue;
+                        }
+                    }
                     if r.is_ok() {
                         paused.store(false, Ordering::SeqCst);
                         *lock(&pause_reason) = None;
@@ -1040,6 +1052,13 @@ async fn supervise(id: &str) -> i32 {
                         let _ = bounded(qmp.execute("stop"), "pause").await;
                     }
                     let _ = done.send(r);
+                }
+                // QEMU stopped the guest wherever it was, maybe within a frame of its channel's:
+                // saved so, it would restore with a broken channel (a pause waits for a frame's
+                // end first).
+                Some(Control::Snapshot { done, .. }) if lock(&pause_reason).is_some() => {
+                    let reason = lock(&pause_reason).clone().unwrap_or_default();
+                    let _ = done.send(Err((ErrorKind::Failed, format!("not while QEMU holds the VM paused: {reason}"))));
                 }
                 Some(Control::Snapshot { done, .. }) if spec.vsock => {
                     let _ = done.send(Err((
