@@ -244,7 +244,7 @@ mod tests {
             .recovery()
             .unwrap()
             .contains("set SMOLVM_DATA_DIR to a directory this user can write"));
-        assert!(sqlite(rusqlite::ffi::SQLITE_NOTADB).recovery().unwrap().contains("is damaged: move it aside"));
+        assert!(sqlite(rusqlite::ffi::SQLITE_NOTADB).recovery().unwrap().contains("is damaged: moved aside, smolvm starts afresh"));
         let busy = sqlite(rusqlite::ffi::SQLITE_BUSY);
         assert!(!busy.disk_full() && busy.recovery().is_none());
     }
