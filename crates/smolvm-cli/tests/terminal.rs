@@ -119,6 +119,37 @@ fn wait_bounded(mut child: std::process::Child) -> std::process::Output {
     out
 }
 
+/// `cmd` started in a session of its own whose controlling terminal is its stdin (a pty), as a
+/// login on that terminal would have. `cmd` goes: our copies of the pty's slave with it, so
+/// that the master reads its end once the child's are closed too.
+fn spawn_in_session(mut cmd: std::process::Command) -> std::process::Child {
+    // SAFETY: between fork and exec only async-signal-safe calls: setsid, and the ioctl that
+    // makes stdin the controlling terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap()
+}
+
+/// What the pty shows, gathered from its master on a thread until EIO (the child and we have
+/// closed every slave descriptor).
+fn read_screen(master: &std::os::fd::OwnedFd) -> (Arc<Mutex<String>>, std::thread::JoinHandle<()>) {
+    let screen = Arc::new(Mutex::new(String::new()));
+    let (shown, mut master) = (screen.clone(), std::fs::File::from(master.try_clone().unwrap()));
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = master.read(&mut buf) {
+            shown.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    (screen, reader)
+}
+
 fn set_size(fd: &impl AsRawFd, rows: u16, cols: u16) {
     let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
     // SAFETY: TIOCSWINSZ reads one winsize through the pointer, valid for the call.
@@ -179,31 +210,9 @@ fn sandbox_shell_runs_under_a_real_terminal_and_gives_it_back_as_it_was() {
     let fd = |f: &std::os::fd::OwnedFd| std::process::Stdio::from(f.try_clone().unwrap());
     let mut cmd = env.cli();
     cmd.args(["sandbox", "shell", "term"]).stdin(fd(&pty.slave)).stdout(fd(&pty.slave)).stderr(fd(&pty.slave));
-    // SAFETY: between fork and exec only async-signal-safe calls: a new session whose
-    // controlling terminal is the pty (stdin), as a login on that terminal would have.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
-    // (Our copies of the slave go: the master reads its end once the shell's are closed too.)
-    drop(cmd);
-    let screen = Arc::new(Mutex::new(String::new()));
+    let mut child = spawn_in_session(cmd);
     let mut master = std::fs::File::from(pty.master.try_clone().unwrap());
-    let reader = {
-        let (screen, mut master) = (screen.clone(), std::fs::File::from(pty.master.try_clone().unwrap()));
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            // EIO once the child and we have closed every slave descriptor.
-            while let Ok(n @ 1..) = master.read(&mut buf) {
-                screen.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        })
-    };
+    let (screen, reader) = read_screen(&pty.master);
     let shows = |text: &str| wait_until(Duration::from_secs(30), || screen.lock().unwrap().contains(text));
     // The login shell's prompt (the profile's PS1: host, directory).
     assert!(shows("term:~# "), "{}", screen.lock().unwrap());
@@ -239,27 +248,8 @@ fn sandbox_shell_runs_under_a_real_terminal_and_gives_it_back_as_it_was() {
         .stdin(fd(&pty.slave))
         .stdout(fd(&pty.slave))
         .stderr(std::process::Stdio::piped());
-    // SAFETY: as above, a new session on the pty.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().unwrap();
-    drop(cmd);
-    let screen = Arc::new(Mutex::new(String::new()));
-    let reader = {
-        let (screen, mut master) = (screen.clone(), std::fs::File::from(pty.master.try_clone().unwrap()));
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = master.read(&mut buf) {
-                screen.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        })
-    };
+    let child = spawn_in_session(cmd);
+    let (screen, reader) = read_screen(&pty.master);
     assert!(wait_until(Duration::from_secs(30), || screen.lock().unwrap().contains("started")), "{}", screen.lock().unwrap());
     let raw = nix::sys::termios::tcgetattr(&pty.slave).unwrap();
     assert!(!raw.local_flags.contains(nix::sys::termios::LocalFlags::ECHO), "the terminal is raw meanwhile");
