@@ -235,7 +235,7 @@ enum SandboxCmd {
         #[arg(long, default_value_t = DEFAULT_STOP_TIMEOUT.as_secs_f64(), value_parser = seconds_arg, allow_negative_numbers = true)]
         timeout: f64,
     },
-    /// Stop if needed, then remove the sandbox and all its files.
+    /// Remove stopped sandboxes and all their files (a running one with --force: it is stopped first).
     Delete {
         /// The sandboxes' names.
         names: Vec<String>,
@@ -753,7 +753,7 @@ fn env_flags(flags: &[std::ffi::OsString]) -> Result<std::collections::BTreeMap<
     // there are several, which one is said by its place.)
     let neither = |i: usize| {
         let which = if flags.len() > 1 { format!(": pair number {} of {}", i + 1, flags.len()) } else { String::new() };
-        Error::validation("env", format!("malformed pair (expected KEY=VALUE, or the name of a variable set on this host){which}"))
+        Error::validation("env", format!("malformed pair (expected KEY=VALUE){which}; a KEY alone must name a variable set on this host"))
     };
     flags
         .iter()
@@ -1630,6 +1630,10 @@ async fn env_cmd(cmd: EnvCmd, dirs: Dirs) -> Result<Done, Error> {
             Ok(Done::text(names.join("\n"), json!({ "names": names })))
         }
         EnvCmd::Unset { name, keys, .. } => {
+            // Keys first, as `env set` checks its pairs: a bad key is the error, wherever it goes.
+            for k in &keys {
+                smolvm::env::validate_key(k)?;
+            }
             let sb = Sandbox::open_in(dirs, &name).await?;
             let removed = sb.unset_env_vars(&keys).await?;
             // Values are secrets: report which keys went, not what they held.

@@ -282,8 +282,15 @@ async fn an_abandoned_download_leaves_nothing() {
             () = under_way => {}
         }
         // (An extraction still running on its thread notices within an entry.)
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let left: Vec<_> = std::fs::read_dir(&local).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let listed = || std::fs::read_dir(&local).unwrap().map(|e| e.unwrap().file_name()).collect::<Vec<_>>();
+        let mut left = listed();
+        for _ in 0..200 {
+            if left.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            left = listed();
+        }
         env.signal_vmm(Signal::SIGCONT);
         assert!(left.is_empty(), "{guest} left {left:?}");
     }

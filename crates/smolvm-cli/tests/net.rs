@@ -153,13 +153,15 @@ fn opts() -> RunOptions {
 /// Rules go before a stop or delete returns; a TAP goes a moment later, when the exiting
 /// supervisor lets go of it (the kernel takes tens of milliseconds to unregister a device).
 fn no_smolvm_network_left() {
-    let tables = String::from_utf8_lossy(&Command::new("nft").args(["list", "tables"]).output().unwrap().stdout).into_owned();
-    for l in tables.lines() {
+    let tables = Command::new("nft").args(["list", "tables"]).output().unwrap();
+    assert!(tables.status.success(), "nft list tables: {}", stderr(&tables));
+    for l in String::from_utf8_lossy(&tables.stdout).lines() {
         assert!(!l.contains("smolvm_"), "left behind: {l}");
     }
     let taps = || {
-        let links = String::from_utf8_lossy(&Command::new("ip").args(["-o", "link"]).output().unwrap().stdout).into_owned();
-        links.lines().filter(|l| l.contains(": smv")).map(str::to_string).collect::<Vec<_>>()
+        let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+        assert!(links.status.success(), "ip -o link: {}", stderr(&links));
+        String::from_utf8_lossy(&links.stdout).lines().filter(|l| l.contains(": smv")).map(str::to_string).collect::<Vec<_>>()
     };
     assert!(wait_until(Duration::from_secs(3), || taps().is_empty()), "left behind: {:?}", taps());
 }
@@ -176,7 +178,16 @@ async fn open_off_and_restricted_internet() {
     }
     let env = env();
     let lab = Lab::new(&env);
+    // (The supervisors this test's library calls start read it; taken away however it ends, so
+    // that no later test resolves through a lab that is gone.)
+    struct Upstream;
+    impl Drop for Upstream {
+        fn drop(&mut self) {
+            std::env::remove_var("SMOLVM_DNS_UPSTREAM");
+        }
+    }
     std::env::set_var("SMOLVM_DNS_UPSTREAM", lab.dns());
+    let _upstream = Upstream;
     let (a, b) = (&lab.hosts[0], &lab.hosts[1]);
 
     let open = boot_with(&env, None).await;
@@ -272,28 +283,38 @@ async fn sandboxes_cannot_reach_each_other_or_the_host_and_exposed_ports_work() 
     assert_eq!((info["network_mode"].as_str(), info["guest_ip"].as_str()), (Some("nat"), Some(one_ip.as_str())));
     // The host's side is IPv4 only: no IPv6 address on the TAP, so nothing IPv6 into the guest.
     let tap = smolvm::net::tap_name(&env.dirs.data, one.id());
-    let ipv6 = std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6")).unwrap_or_else(|_| "1\n".into());
+    assert!(std::path::Path::new("/sys/class/net").join(&tap).exists(), "no TAP {tap}");
+    let ipv6 = std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6")).unwrap();
     assert_eq!(ipv6, "1\n", "IPv6 is on on {tap}");
-    let addrs = String::from_utf8_lossy(&Command::new("ip").args(["-6", "addr", "show", "dev", &tap]).output().unwrap().stdout).to_string();
-    assert!(!addrs.contains("inet6"), "{tap} has IPv6 addresses: {addrs}");
+    let addrs = Command::new("ip").args(["-6", "addr", "show", "dev", &tap]).output().unwrap();
+    assert!(addrs.status.success(), "ip -6 addr show dev {tap}: {}", stderr(&addrs));
+    assert!(!stdout(&addrs).contains("inet6"), "{tap} has IPv6 addresses: {}", stdout(&addrs));
     assert_eq!(two.run(&fetch(&format!("http://{one_ip}:8000/")), &opts()).await.unwrap().stdout, "FAILED\n");
-    let mut host_server = Command::new("python3")
-        .args(["-c", HTTP_SERVER, "0.0.0.0", "18931", "/tmp"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Listening before the probes, so that their failure is the firewall's doing.
-    let listening = wait_until(Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", 18931)).is_ok());
-    assert!(listening, "the host's test server never listened");
+    let port = free_port();
+    let served = env.tmp.path().join("served");
+    std::fs::create_dir(&served).unwrap();
+    let mut host_server = KillOnDrop(
+        Command::new("python3")
+            .args(["-c", HTTP_SERVER, "0.0.0.0", &port.to_string()])
+            .arg(&served)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Listening before the probes, so that their failure is the firewall's doing (and ours,
+    // not some other process's that took the port first).
+    let listening = wait_until(Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() || host_server.0.try_wait().unwrap().is_some()
+    });
+    assert!(listening && host_server.0.try_wait().unwrap().is_none(), "the host's test server never listened on {port}");
     let gw = two.run("route -n | awk '$1==\"0.0.0.0\"{print $2}'", &opts()).await.unwrap().output().to_string();
     let mut targets = vec![gw];
     targets.extend(smolvm::net::host_addresses().into_iter().filter(|a| !a.is_loopback()).map(|a| a.to_string()));
     for t in targets {
-        assert_eq!(two.run(&fetch(&format!("http://{t}:18931/")), &opts()).await.unwrap().stdout, "FAILED\n", "reached the host at {t}");
+        assert_eq!(two.run(&fetch(&format!("http://{t}:{port}/")), &opts()).await.unwrap().stdout, "FAILED\n", "reached the host at {t}");
     }
-    let _ = host_server.kill();
-    let _ = host_server.wait();
+    drop(host_server);
     one.delete().await.unwrap();
     two.delete().await.unwrap();
     no_smolvm_network_left();
@@ -441,6 +462,7 @@ async fn user_mode_networking_and_none() {
 fn a_sandbox_table_is_deleted_over_netlink_and_a_missing_one_is_no_error() {
     let _serial = serial();
     let table = format!("smolvm_test{}", std::process::id());
+    let _drop_table = DropTable(table.clone());
     assert!(sh(&format!("nft add table inet {table} && nft add chain inet {table} c")));
     let listed = || String::from_utf8_lossy(&Command::new("nft").args(["list", "tables"]).output().unwrap().stdout).contains(&table);
     assert!(listed());
@@ -530,11 +552,8 @@ struct Nobody {
 }
 
 impl Nobody {
-    fn new(env: &TestEnv) -> Option<Nobody> {
-        if !Command::new("setpriv").arg("--version").output().is_ok_and(|o| o.status.success()) {
-            eprintln!("skipped: no setpriv (util-linux) here");
-            return None;
-        }
+    fn new(env: &TestEnv) -> Nobody {
+        assert!(Command::new("setpriv").arg("--version").output().is_ok_and(|o| o.status.success()), "no setpriv (util-linux) here");
         let img = smolvm::image::resolve(&VmConfig::default(), &env.dirs, &|_| {}).unwrap();
         let home = tempfile::Builder::new().prefix("svt-user").tempdir_in("/tmp").unwrap();
         let (bin, kernel, initrd) = (home.path().join("smolvm"), home.path().join("vmlinux"), home.path().join("initrd.cpio"));
@@ -543,7 +562,7 @@ impl Nobody {
         std::fs::copy(img.initrd.as_ref().unwrap(), &initrd).unwrap();
         assert!(Command::new("chown").args(["-R", "65534:65534"]).arg(home.path()).status().unwrap().success());
         let (kernel, initrd) = (kernel.to_str().unwrap().to_string(), initrd.to_str().unwrap().to_string());
-        Some(Nobody { home, bin, kernel, initrd })
+        Nobody { home, bin, kernel, initrd }
     }
 
     /// `smolvm` as nobody, with an empty environment but for PATH.
@@ -570,6 +589,15 @@ impl Nobody {
                 .filter(|p| std::fs::metadata(format!("/proc/{p}")).is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 65534)),
         );
         all
+    }
+}
+
+/// A test that fails half way must not leave this user's VMs and helpers running.
+impl Drop for Nobody {
+    fn drop(&mut self) {
+        for pid in self.processes() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
     }
 }
 
@@ -600,7 +628,7 @@ impl Drop for TunOpen {
 fn a_user_without_root_gets_sandboxes_over_user_mode_networking() {
     let _serial = serial();
     let env = env();
-    let Some(user) = Nobody::new(&env) else { return };
+    let user = Nobody::new(&env);
     let (home, boot) = (&user.home, user.boot());
     let nobody = || user.command();
     let as_nobody = |args: &[&str]| nobody().args(args).env("HOME", home.path()).output().unwrap();
@@ -700,11 +728,9 @@ fn a_user_without_root_gets_sandboxes_over_user_mode_networking() {
 fn a_user_without_root_gets_nat_in_a_namespace_of_its_own() {
     let _serial = serial();
     let env = env();
-    if !Command::new("slirp4netns").arg("--version").output().is_ok_and(|o| o.status.success()) {
-        eprintln!("skipped: no slirp4netns here");
-        return;
-    }
-    let Some(user) = Nobody::new(&env) else { return };
+    // (The prerequisites install slirp4netns.)
+    assert!(Command::new("slirp4netns").arg("--version").output().is_ok_and(|o| o.status.success()), "no slirp4netns here");
+    let user = Nobody::new(&env);
     let _tun = TunOpen::new();
     let lab = Lab::new(&env);
     let run_as =
@@ -793,9 +819,8 @@ fn a_user_without_root_gets_nat_in_a_namespace_of_its_own() {
     assert!(sh(&format!("ip route add local {range} dev lo")));
     let _late = LocalRoute(range.clone());
     assert_eq!(std::io::read_to_string(std::net::TcpStream::connect((late.as_str(), port)).unwrap()).unwrap(), "reached\n");
-    std::thread::sleep(Duration::from_millis(1500));
-    let out = run_as(&["sandbox", "exec", "r", "--", &reach(&late)]);
-    assert_eq!(stdout(&out), format!("{late}:shut\n"), "{}", stderr(&out));
+    let shut = || stdout(&run_as(&["sandbox", "exec", "r", "--", &reach(&late)])) == format!("{late}:shut\n");
+    assert!(wait_until(Duration::from_secs(20), shut), "the sandbox still reaches {late}");
     assert!(user.processes().len() >= 3, "{:?}", user.processes());
     // Its supervisor killed: QEMU, the helper and slirp4netns all go, and the next command
     // sees the sandbox as dead.

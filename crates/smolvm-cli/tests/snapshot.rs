@@ -112,7 +112,10 @@ async fn a_pause_does_not_count_against_a_commands_timeout() {
     let env = env();
     let sb = Arc::new(env.boot(VmConfig::default()).await);
     let task = in_background(&sb, "sleep 1; echo done", Duration::from_secs(2));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Paused once the command runs (else it would be refused as paused).
+    while out(&sb, "pgrep -x sleep || true").await.is_empty() {
+        assert!(!task.is_finished(), "the command ended before it was seen running");
+    }
     sb.pause().await.unwrap();
     // Longer than the timeout and the host's own bound on it (timeout + 5 s), on the host.
     tokio::time::sleep(Duration::from_secs(8)).await;
@@ -720,15 +723,6 @@ fn a_pause_its_client_gave_up_on_is_not_done_later() {
     assert!(smolvm::sandbox::list(&env.dirs).unwrap().is_empty());
 }
 
-/// Unmounts the filesystem it was made for, however the test ends.
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// A save that cannot be written (here, a full disk) is an error that says why, from QEMU;
 /// the sandbox runs on, and neither the snapshot's files nor its record are left.
 #[tokio::test]
@@ -782,11 +776,15 @@ fn a_restored_guest_that_does_not_answer_stays_paused_until_it_does() {
     };
     ok(cli().args(["sandbox", "create", "--name", "held"]).output().unwrap());
     let freeze = "G=/sys/fs/cgroup/held; mkdir $G; echo 1 > $G/cgroup.procs; \
-                  (sleep 14; echo 0 > $G/cgroup.freeze) >/dev/null 2>&1 & echo 1 > $G/cgroup.freeze; echo thawed";
+                  (sleep 14; echo 0 > $G/cgroup.freeze) >/dev/null 2>&1 & echo smolvm-test: freezing > /dev/console; \
+                  echo 1 > $G/cgroup.freeze; echo thawed";
     // Answered only once the agent thaws.
     let frozen = cli().args(["sandbox", "exec", "held", "--", freeze]).stdout(std::process::Stdio::piped()).spawn().unwrap();
-    // (The freeze is the exec's first act; it has long happened by then, on a slow host too.)
-    std::thread::sleep(Duration::from_millis(1500));
+    // The freeze follows its mark on the console at once.
+    let console = smolvm::sandbox::SandboxPaths::new(&env.dirs, "held").console;
+    let marked = || std::fs::read_to_string(&console).is_ok_and(|c| c.contains("smolvm-test: freezing"));
+    assert!(wait_until(Duration::from_secs(30), marked), "the guest never got to its freeze");
+    std::thread::sleep(Duration::from_millis(200));
     // The save waits 5 s for the agent to answer a ping, then goes ahead; the variables are
     // the record's (the guest's would be asked for 2 s more).
     let started = std::time::Instant::now();
@@ -825,8 +823,11 @@ fn a_restored_guest_that_does_not_answer_stays_paused_until_it_does() {
 #[test]
 fn a_restore_takes_new_port_forwards_beside_its_running_source() {
     let env = env();
-    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let (port, other) = (free(), free());
+    // Both held while the second is picked, so that they differ.
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a, b) = (free(), free());
+    let (port, other) = (a.local_addr().unwrap().port(), b.local_addr().unwrap().port());
+    drop((a, b));
     let ok = |args: &[&str]| {
         let out = env.smolvm(args);
         assert!(out.status.success(), "{args:?}: {}", stderr(&out));

@@ -28,10 +28,21 @@ fn busybox_with(name: &str, source: std::path::PathBuf, dest: &str) -> Recipe {
     }
 }
 
+/// A test's image in the shared cache, removed however the test ends (each is 64 MiB or more).
+struct ImageEntry<'a>(&'a TestEnv, String);
+
+impl Drop for ImageEntry<'_> {
+    fn drop(&mut self) {
+        // (Gone already where the test got to its own removal: then this is an error, ignored.)
+        let _ = smolvm::image::remove_entry(&self.0.dirs, &self.1);
+    }
+}
+
 #[tokio::test]
 async fn custom_recipe_is_cached_rebuilt_on_change_and_boots_with_a_grown_disk() {
     let env = env();
     let name = format!("t-{}", std::process::id());
+    let _entry = ImageEntry(&env, name.clone());
     let marker = env.tmp.path().join("marker");
     std::fs::write(&marker, "first\n").unwrap();
     let recipe = busybox_with(&name, marker.clone(), "/etc/marker");
@@ -465,6 +476,7 @@ fn debian_ssh_image_over_the_cli() {
 async fn an_image_whose_ssh_server_fails_still_serves_over_the_agent() {
     let env = env();
     let name = format!("t-nossh-{}", std::process::id());
+    let _entry = ImageEntry(&env, name.clone());
     let fake = env.tmp.path().join("sshd");
     std::fs::write(&fake, "#!/bin/sh\nexit 1\n").unwrap();
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();

@@ -1,9 +1,11 @@
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 
 import pytest
 
@@ -15,7 +17,27 @@ for var in ("SMOLVM_BACKEND", "SMOLVM_VERBOSE_BOOT", "SMOLVM_BIN", "SMOLVM_AGENT
     os.environ.pop(var, None)
 
 
+def _kill_leftovers():
+    """Kill what a failed test left running (its supervisors exit with their QEMU) and remove
+    its files, so that the next test starts clean and blame stays with the test that leaked."""
+    for pid in qemu_processes():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while qemu_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for entry in os.listdir(_DATA):
+        path = os.path.join(_DATA, entry)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+
+
 def pytest_sessionfinish(session, exitstatus):
+    _kill_leftovers()
     shutil.rmtree(_DATA, ignore_errors=True)
 
 
@@ -55,6 +77,10 @@ def qemu_processes():
 @pytest.fixture
 def no_leftovers():
     yield
-    assert qemu_processes() == []
+    running = qemu_processes()
     vms = os.path.join(_DATA, "vms")
-    assert not os.path.isdir(vms) or os.listdir(vms) == []
+    files = os.listdir(vms) if os.path.isdir(vms) else []
+    if running or files:
+        _kill_leftovers()
+    assert running == [], "VMs left running"
+    assert files == [], "sandbox files left behind"

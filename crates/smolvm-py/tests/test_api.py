@@ -1,5 +1,6 @@
 """The documented Python API beyond the seed page: errors, lifecycle, cleanup."""
 
+import dataclasses
 import os
 import pathlib
 import signal
@@ -58,7 +59,7 @@ def test_vmconfig_is_frozen_validated_and_rejects_unknown_fields():
     # Env values are secrets: a repr (tracebacks, logs) shows the names only.
     shown = repr(VMConfig(env_vars={"API_KEY": "SEKRET"}))
     assert "SEKRET" not in shown and "env_vars={'API_KEY': '****'}" in shown and shown.startswith("VMConfig(vm_id=None")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.memory = 1024
     with pytest.raises(ValidationError, match="memory") as e:
         VMConfig(memory=64)
@@ -412,7 +413,11 @@ def test_delete_and_stop_do_not_wait_for_commands_in_flight(no_leftovers):
 
         t = threading.Thread(target=worker)
         t.start()
-        time.sleep(1)
+        # Once the command runs in the guest: else the stop would merely come first.
+        deadline = time.monotonic() + 30
+        while vm.run("pgrep -x sleep || true").stdout.strip() == "":
+            assert time.monotonic() < deadline, "the command never ran"
+            time.sleep(0.05)
         started = time.monotonic()
         getattr(vm, action)()
         assert time.monotonic() - started < 20, f"{action} waited for the command"

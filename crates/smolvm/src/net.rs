@@ -1144,6 +1144,15 @@ mod tests {
             return;
         }
         let table = format!("smolvm_test_{}", std::process::id());
+        // Removed however the test ends: a table left behind fails every later check that no
+        // sandbox's rules remain.
+        struct Removed<'a>(&'a str);
+        impl Drop for Removed<'_> {
+            fn drop(&mut self) {
+                let _ = nft_remove(self.0);
+            }
+        }
+        let _removed = Removed(&table);
         let r = InternetSettings { mode: "restricted".into(), allowed_cidrs: vec!["1.2.3.0/24".into()], ..Default::default() };
         nft_apply(&table, "smvtest0", Lease(9), &r, None).unwrap();
         let list = || {
@@ -1157,7 +1166,7 @@ mod tests {
         assert!(list().contains("93.184.216.34 timeout 40s"), "{}", list());
         nft_allow(&table, &learn(&[(ip, 300)], &policy.cidrs));
         let set = list();
-        nft_remove(&table).unwrap();
         assert!(set.contains("93.184.216.34 timeout 5m"), "{set}");
+        nft_remove(&table).unwrap();
     }
 }

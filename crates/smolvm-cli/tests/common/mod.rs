@@ -118,11 +118,12 @@ impl TestEnv {
     }
 }
 
-/// A test that fails half way must not leave VMs running: their QEMU processes name this
-/// test's data directory; killing them makes their supervisors exit too.
+/// A test that fails half way must not leave VMs running: their QEMU processes name a path
+/// under this test's temporary directory (its data directory, or another one it made there);
+/// killing them makes their supervisors exit too.
 impl Drop for TestEnv {
     fn drop(&mut self) {
-        for pid in self.qemu_processes() {
+        for pid in processes_mentioning("qemu-system", &self.tmp.path().to_string_lossy()) {
             let _ = std::process::Command::new("kill").arg("-9").arg(pid.to_string()).status();
         }
     }
@@ -150,7 +151,6 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Poll until `f` holds, within a bound.
 /// An HTTP/1.0 GET of `path` on 127.0.0.1:`port`: the whole response, or `None` if none came.
 pub fn http_get(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
@@ -162,6 +162,7 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     Some(body)
 }
 
+/// Poll until `f` holds, within a bound.
 pub fn wait_until(bound: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = std::time::Instant::now() + bound;
     while std::time::Instant::now() < end {
@@ -171,4 +172,50 @@ pub fn wait_until(bound: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     f()
+}
+
+/// A helper process of the test's own (a server it probes), killed however the test ends.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Unmounts the filesystem it was made for, however the test ends.
+pub struct Unmount(pub PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Deletes an nftables table (family inet) however the test ends: one left behind would fail
+/// every later check that no sandbox's rules remain.
+pub struct DropTable(pub String);
+
+impl Drop for DropTable {
+    fn drop(&mut self) {
+        let listed = Command::new("nft").args(["list", "table", "inet", &self.0]).output();
+        if listed.is_ok_and(|o| o.status.success()) {
+            let _ = Command::new("nft").args(["delete", "table", "inet", &self.0]).status();
+        }
+    }
+}
+
+/// Whether nftables lists a table of this name (nft itself must work: a failing `nft` is no
+/// proof that a table is gone).
+pub fn nft_has_table(name: &str) -> bool {
+    let out = Command::new("nft").args(["list", "tables"]).output().unwrap();
+    assert!(out.status.success(), "nft list tables: {}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).lines().any(|l| l.split_whitespace().last() == Some(name))
+}
+
+/// A TCP port no one listens on now (the listener is dropped: a moment later it could be taken,
+/// which a test's own server, started next, would find out).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap().local_addr().unwrap().port()
 }
