@@ -80,6 +80,18 @@ impl TestEnv {
             .env_remove("SMOLVM_AGENT_TRANSPORT")
             .env_remove("SMOLVM_MACHINE")
             .env_remove("SMOLVM_VERBOSE_BOOT");
+        // As from a terminal: the signals smolvm honours as ignored (HUP, INT, QUIT) at their
+        // defaults, whatever this test run inherited (a background job starts with SIGINT and
+        // SIGQUIT ignored, `nohup` with SIGHUP). A test that wants one ignored says so after.
+        // SAFETY: between fork and exec, only signal(), which is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut c, || {
+                for s in [nix::sys::signal::Signal::SIGHUP, nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGQUIT] {
+                    nix::sys::signal::signal(s, nix::sys::signal::SigHandler::SigDfl).map_err(std::io::Error::from)?;
+                }
+                Ok(())
+            });
+        }
         c
     }
 
