@@ -283,14 +283,8 @@ async fn an_abandoned_download_leaves_nothing() {
         }
         // (An extraction still running on its thread notices within an entry.)
         let listed = || std::fs::read_dir(&local).unwrap().map(|e| e.unwrap().file_name()).collect::<Vec<_>>();
-        let mut left = listed();
-        for _ in 0..200 {
-            if left.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            left = listed();
-        }
+        eventually(Duration::from_secs(10), || async { listed().is_empty() }).await;
+        let left = listed();
         env.signal_vmm(Signal::SIGCONT);
         assert!(left.is_empty(), "{guest} left {left:?}");
     }

@@ -283,7 +283,7 @@ async fn sandboxes_cannot_reach_each_other_or_the_host_and_exposed_ports_work() 
     assert_eq!((info["network_mode"].as_str(), info["guest_ip"].as_str()), (Some("nat"), Some(one_ip.as_str())));
     // The host's side is IPv4 only: no IPv6 address on the TAP, so nothing IPv6 into the guest.
     let tap = smolvm::net::tap_name(&env.dirs.data, one.id());
-    assert!(std::path::Path::new("/sys/class/net").join(&tap).exists(), "no TAP {tap}");
+    assert!(link_exists(&tap), "no TAP {tap}");
     let ipv6 = std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6")).unwrap();
     assert_eq!(ipv6, "1\n", "IPv6 is on on {tap}");
     let addrs = Command::new("ip").args(["-6", "addr", "show", "dev", &tap]).output().unwrap();
@@ -464,7 +464,7 @@ fn a_sandbox_table_is_deleted_over_netlink_and_a_missing_one_is_no_error() {
     let table = format!("smolvm_test{}", std::process::id());
     let _drop_table = DropTable(table.clone());
     assert!(sh(&format!("nft add table inet {table} && nft add chain inet {table} c")));
-    let listed = || String::from_utf8_lossy(&Command::new("nft").args(["list", "tables"]).output().unwrap().stdout).contains(&table);
+    let listed = || nft_has_table(&table);
     assert!(listed());
     smolvm::net::nft_remove(&table).unwrap();
     assert!(!listed(), "the table is still there once nft_remove returned");

@@ -55,14 +55,8 @@ async fn a_shell_on_a_terminal_follows_its_size_and_takes_ctrl_c() {
         keys.write_all(b"echo ar''med; sleep 1000\n").await.unwrap();
         wait_for(&screen, "\narmed").await;
         // Once `sleep` runs: a ^C before it would go to the shell and tell nothing.
-        let sleeping = || async { sb.run("ps -o args | grep -c '^sleep 1000' || true", &RunOptions::default()).await.unwrap().stdout };
-        for _ in 0..100 {
-            if sleeping().await.trim() == "1" {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert_eq!(sleeping().await.trim(), "1", "the command to interrupt never ran");
+        let sleeping = || async { !sb.run("pgrep -x sleep || true", &RunOptions::default()).await.unwrap().stdout.is_empty() };
+        assert!(eventually(Duration::from_secs(10), sleeping).await, "the command to interrupt never ran");
         keys.write_all(b"\x03").await.unwrap();
         keys.write_all(b"echo after-$((6*7)); exit 9\n").await.unwrap();
     };

@@ -211,10 +211,8 @@ pub struct DropTable(pub String);
 
 impl Drop for DropTable {
     fn drop(&mut self) {
-        let listed = Command::new("nft").args(["list", "table", "inet", &self.0]).output();
-        if listed.is_ok_and(|o| o.status.success()) {
-            let _ = Command::new("nft").args(["delete", "table", "inet", &self.0]).status();
-        }
+        // (A table already gone is no error to it.)
+        let _ = smolvm::net::nft_remove(&self.0);
     }
 }
 
@@ -224,6 +222,23 @@ pub fn nft_has_table(name: &str) -> bool {
     let out = Command::new("nft").args(["list", "tables"]).output().unwrap();
     assert!(out.status.success(), "nft list tables: {}", stderr(&out));
     String::from_utf8_lossy(&out.stdout).lines().any(|l| l.split_whitespace().last() == Some(name))
+}
+
+/// Whether the host has a network device of this name (a sandbox's TAP).
+pub fn link_exists(name: &str) -> bool {
+    std::path::Path::new("/sys/class/net").join(name).exists()
+}
+
+/// Poll until `f` holds, within a bound, for checks that ask a sandbox (async).
+pub async fn eventually<F: std::future::Future<Output = bool>>(bound: Duration, mut f: impl FnMut() -> F) -> bool {
+    let end = tokio::time::Instant::now() + bound;
+    while tokio::time::Instant::now() < end {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f().await
 }
 
 /// A TCP port no one listens on now (the listener is dropped: a moment later it could be taken,
