@@ -1424,10 +1424,15 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             let opts = run_options(&exec, &env)?;
             let mut sb = Sandbox::open_in(dirs, &name).await?;
             apply_channel(&mut sb, channel.as_deref())?;
-            if exec.tty {
-                return run_on_terminal(&sb, &command_line(&command), &opts, "the command was ended").await;
-            }
-            run_streamed(&sb, &command_line(&command), &opts, exec.stdin).await
+            let ran = match exec.tty {
+                true => run_on_terminal(&sb, &command_line(&command), &opts, "the command was ended").await,
+                false => run_streamed(&sb, &command_line(&command), &opts, exec.stdin).await,
+            };
+            // The library's operation is `run`; here the user typed `exec`.
+            ran.map_err(|e| match e {
+                Error::Timeout { operation, seconds } if operation == "run" => Error::Timeout { operation: "exec".into(), seconds },
+                e => e,
+            })
         }
         SandboxCmd::Shell { name, env, command } => {
             let sb = Sandbox::open_in(dirs.clone(), &name).await?;

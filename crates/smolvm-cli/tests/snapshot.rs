@@ -426,14 +426,13 @@ fn an_interrupted_restore_leaves_no_sandbox() {
     ok(&["sandbox", "create", "--name", "held", "--rootfs", rootfs, "--initrd", initrd]);
     ok(&["sandbox", "snapshot", "create", "held", "--snapshot-type", "disk", "--snapshot-id", "held-disk"]);
     ok(&["sandbox", "delete", "--force", "held"]);
-    let child = env
-        .cli()
-        .args(["sandbox", "snapshot", "restore", "held-disk", "--name", "again", "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert!(env.init_waits(), "no boot under way");
+    let child = env.spawn_booting(
+        env.cli()
+            .args(["sandbox", "snapshot", "restore", "held-disk", "--name", "again", "--json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+        "no boot under way",
+    );
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));

@@ -872,9 +872,10 @@ fn a_start_after_a_killed_starter_waits_for_its_boot() {
     let env = env();
     // (A boot held open: the starter dies during it.)
     let initrd = env.slow_initrd(3);
-    let mut create = env.cli().args(["sandbox", "create", "--name", "killedstarter", "--initrd"]).arg(&initrd).spawn().unwrap();
+    let mut create =
+        env.spawn_booting(env.cli().args(["sandbox", "create", "--name", "killedstarter", "--initrd"]).arg(&initrd), "no boot under way");
     let supervisors = || processes_mentioning("__supervise", "killedstarter");
-    assert!(env.init_waits() && supervisors().len() == 1, "no boot under way");
+    assert_eq!(supervisors().len(), 1, "no boot under way");
     create.kill().unwrap();
     create.wait().unwrap();
     let out = env.cli().args(["sandbox", "start", "killedstarter"]).output().unwrap();
@@ -1192,6 +1193,44 @@ async fn a_full_host_disk_pauses_the_sandbox_and_says_so() {
     assert!(!dir.exists());
     let out = env.smolvm(&["sandbox", "list", "--all", "--json"]);
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["data"], json!([]), "{}", stderr(&out));
+}
+
+/// A stop whose record cannot be written (the database's disk full) fails and says why; it
+/// exited 0 and left the sandbox recorded as running. Its VM is gone either way, and once there
+/// is room the sandbox reads as down.
+#[test]
+fn a_stop_that_cannot_be_recorded_fails() {
+    let env = env();
+    std::fs::create_dir_all(&env.dirs.data).unwrap();
+    let mount = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=32M,mode=0700", "tmpfs"]).arg(&env.dirs.data).status();
+    assert!(mount.unwrap().success());
+    let _unmount = Unmount(env.dirs.data.clone());
+    assert!(env.smolvm(&["sandbox", "create", "--name", "full"]).status.success());
+    // A variable set and unset empties the database's write-ahead log (see `Store::scrub_if`),
+    // so that the stop's record needs new blocks.
+    assert!(env.smolvm(&["sandbox", "env", "set", "full", "A=1"]).status.success());
+    assert!(env.smolvm(&["sandbox", "env", "unset", "full", "A"]).status.success());
+    let wal = env.dirs.data.join("state.db-wal");
+    assert_eq!(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0), 0, "the log was not emptied");
+    let filler = env.dirs.data.join("filler");
+    let free_kib = nix::sys::statvfs::statvfs(&env.dirs.data).map(|v| (v.blocks_available() * v.fragment_size()) >> 10).unwrap();
+    let filled = std::process::Command::new("fallocate").arg("-l").arg(format!("{free_kib}K")).arg(&filler).status();
+    assert!(filled.unwrap().success());
+    let out = env.smolvm(&["sandbox", "stop", "full"]);
+    assert!(!out.status.success(), "a stop that was not recorded exited 0");
+    let err = stderr(&out);
+    assert!(err.contains("database or disk is full"), "{err}");
+    assert!(wait_until(Duration::from_secs(10), || env.qemu_processes().is_empty()), "its VM runs on");
+    std::fs::remove_file(&filler).unwrap();
+    let out = env.smolvm(&["sandbox", "list", "--all", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let state = v["data"][0]["state"].as_str().unwrap_or_default().to_string();
+    assert!(state == "stopped" || state == "error", "{v}");
+    // Started again, it stops as any other.
+    assert!(env.smolvm(&["sandbox", "start", "full"]).status.success());
+    let out = env.smolvm(&["sandbox", "stop", "full"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(env.qemu_processes().is_empty());
 }
 
 /// Log lines to a pipe or a file (a supervisor's log) carry no terminal colour codes.
@@ -1635,6 +1674,10 @@ fn a_user_kernel_and_initrd_boot_and_the_cli_timeout_holds() {
     let start = env.cli().current_dir("/").args(["sandbox", "start", "rel"]).output().unwrap();
     assert!(start.status.success(), "{}", stderr(&start));
     assert_eq!(stdout(&env.smolvm(&["sandbox", "exec", "rel", "--", "echo", "relative"])), "relative\n");
+    // A timeout names the operation as the user typed it.
+    let out = env.smolvm(&["sandbox", "exec", "rel", "--timeout", "1", "--", "sleep 30"]);
+    assert_eq!(out.status.code(), Some(124));
+    assert!(stderr(&out).contains("Operation 'exec' timed out after 1s"), "{}", stderr(&out));
     assert!(env.smolvm(&["sandbox", "delete", "--force", "rel"]).status.success());
     let out = env.smolvm(&["run", "--timeout", "2", "sleep 30"]);
     assert!(!out.status.success());
@@ -1694,8 +1737,7 @@ fn a_stop_during_another_processs_start_stops_what_it_starts() {
     let initrd = env.slow_initrd(3);
     let out = smolvm(&["sandbox", "create", "--name", "racer", "--no-start", "--initrd", &initrd.to_string_lossy()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let mut start = env.cli().args(["sandbox", "start", "racer"]).spawn().unwrap();
-    assert!(env.init_waits(), "the start never got its kernel booted");
+    let mut start = env.spawn_booting(env.cli().args(["sandbox", "start", "racer"]), "the start never got its kernel booted");
     assert_ne!(state(), "running", "the boot was done before the stop could be issued");
     let out = smolvm(&["sandbox", "stop", "racer"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -1718,8 +1760,8 @@ fn a_command_during_anothers_start_waits_for_it() {
     let initrd = env.slow_initrd(2);
     let out = smolvm(&["sandbox", "create", "--name", "later", "--no-start", "--initrd", &initrd.to_string_lossy()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let mut start = env.cli().args(["sandbox", "start", "later"]).stdout(Stdio::null()).spawn().unwrap();
-    assert!(env.init_waits(), "the start never got its kernel booted");
+    let mut start =
+        env.spawn_booting(env.cli().args(["sandbox", "start", "later"]).stdout(Stdio::null()), "the start never got its kernel booted");
     let out = smolvm(&["sandbox", "exec", "later", "--", "echo", "ran"]);
     assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "ran\n"), "{}", stderr(&out));
     assert!(start.wait().unwrap().success());
@@ -1917,8 +1959,8 @@ fn an_interrupted_create_or_start_leaves_nothing_running() {
     // again every 5 ms until it ends (the first is being handled by then): its output and
     // status.
     let interrupt_n = |args: &[&str], again: bool| {
-        let mut child = env.cli().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        assert!(env.init_waits(), "{args:?}: no boot under way");
+        let mut child =
+            env.spawn_booting(env.cli().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()), &format!("{args:?}: no boot under way"));
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
         // (Unreaped, an ended child keeps its pid: no other process gets these signals.)
@@ -1960,8 +2002,10 @@ fn an_interrupted_create_or_start_leaves_nothing_running() {
     // `run`: SIGTERM during its boot, Ctrl-C during its command. Each ends with its error and
     // 128 + the signal (143, 130: as a shell reports one the signal ended), and leaves nothing.
     let out = {
-        let child = env.cli().args(["run", "--initrd", initrd, "true"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        assert!(env.init_waits(), "no boot under way");
+        let child = env.spawn_booting(
+            env.cli().args(["run", "--initrd", initrd, "true"]).stdout(Stdio::piped()).stderr(Stdio::piped()),
+            "no boot under way",
+        );
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
         child.wait_with_output().unwrap()
     };
@@ -1970,14 +2014,10 @@ fn an_interrupted_create_or_start_leaves_nothing_running() {
     // SIGHUP (its terminal closed) as Ctrl-C, even twice (a shell passes one on, and the kernel
     // sends another as the session ends): the second does not cut the undoing short.
     let out = {
-        let child = env
-            .cli()
-            .args(["sandbox", "create", "--name", "hup", "--initrd", initrd])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        assert!(env.init_waits(), "no boot under way");
+        let child = env.spawn_booting(
+            env.cli().args(["sandbox", "create", "--name", "hup", "--initrd", initrd]).stdout(Stdio::piped()).stderr(Stdio::piped()),
+            "no boot under way",
+        );
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
         std::thread::sleep(Duration::from_millis(20));
@@ -2001,8 +2041,7 @@ fn an_interrupted_create_or_start_leaves_nothing_running() {
                 nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigIgn).map(|_| ()).map_err(std::io::Error::from)
             });
         }
-        let child = cmd.spawn().unwrap();
-        assert!(env.init_waits(), "no boot under way");
+        let child = env.spawn_booting(&mut cmd, "no boot under way");
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
         let out = child.wait_with_output().unwrap();
         assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "ran\n"), "{signal}: {}", stderr(&out));

@@ -72,7 +72,7 @@ type Done = oneshot::Sender<std::result::Result<(), (ErrorKind, String)>>;
 enum Control {
     Stop {
         timeout: Duration,
-        done: oneshot::Sender<()>,
+        done: Done,
     },
     Pause {
         done: Done,
@@ -853,7 +853,7 @@ async fn supervise(id: &str) -> i32 {
     // A pause or snapshot that found the guest halted: answered once the sandbox is recorded
     // stopped, so that its client finds it so.
     let mut refused_as_halted: Option<Done> = None;
-    let mut stop_waiter: Option<oneshot::Sender<()>> = None;
+    let mut stop_waiter: Option<Done> = None;
     let mut stop_timeout = Duration::from_secs(3);
     // While the VM is stopped by a pause (or a snapshot that leaves it so), nothing is sent to
     // the agent: QEMU would still move it into the stopped guest's memory, and a snapshot taken
@@ -1225,18 +1225,21 @@ async fn supervise(id: &str) -> i32 {
     paths.remove_sockets();
     // An ephemeral sandbox whose owner went away leaves nothing; one stopped on request stays
     // (stopped) until its owner deletes it or dies.
-    if record.ephemeral && stop_waiter.is_none() {
+    // A stop whose record could not be written (the database's disk full) is not reported as
+    // done: its client says why, and the next command finds the sandbox's supervisor gone.
+    let recorded = if record.ephemeral && stop_waiter.is_none() {
         let _ = store.remove(id);
         paths.remove_all();
+        Ok(())
     } else {
-        let _ = store.set_state(id, State::Stopped, None);
-    }
+        store.set_state(id, State::Stopped, None).map_err(|e| (ErrorKind::Failed, format!("recording the stop: {}", e.full_message())))
+    };
     // Requests queued behind the one that ended the loop (another client's stop, say) are let
     // go too: a stop's client then hears that the sandbox is down, not a closed connection
     // (after which it used force on whatever then ran under this name).
     let mut answered = release_queued(&mut ctl_rx);
     if let Some(done) = stop_waiter {
-        let _ = done.send(());
+        let _ = done.send(recorded);
         answered = true;
     }
     if answered {
@@ -1768,8 +1771,12 @@ async fn serve_client(stream: UnixStream, client: Client) {
                 let (done, wait) = oneshot::channel();
                 stop_asked.notify_one();
                 let _ = ctl.send(Control::Stop { timeout: Duration::from_millis(timeout_ms.max(100)), done });
-                let _ = wait.await;
-                send(write.clone(), cid, Reply::Ok).await;
+                let reply = match wait.await {
+                    Ok(Err((kind, message))) => Reply::error(kind, message),
+                    // (Dropped unanswered: let go behind another stop, the sandbox is down.)
+                    Ok(Ok(())) | Err(_) => Reply::Ok,
+                };
+                send(write.clone(), cid, reply).await;
             }
             Request::Expose { .. } | Request::Unexpose { .. } | Request::Pause | Request::Resume | Request::Snapshot { .. } => {
                 // A snapshot's own bound, and a little for what waits before it; the others

@@ -3,8 +3,9 @@
 #![allow(dead_code)]
 
 use smolvm::{Dirs, Sandbox, VmConfig};
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 use std::time::Duration;
 
 pub struct TestEnv {
@@ -60,16 +61,27 @@ impl TestEnv {
         initrd
     }
 
-    /// Whether some sandbox of this test booting a [`TestEnv::slow_initrd`] has got as far as
-    /// its waiting `/init` (its kernel's boot done) within 60 s.
-    pub fn init_waits(&self) -> bool {
-        wait_until(Duration::from_secs(60), || {
+    /// Spawns `cmd`, which boots a [`TestEnv::slow_initrd`], and returns once that boot has got
+    /// as far as its waiting `/init` (its kernel's boot done); panics with `what` if it has not
+    /// within 60 s. Only a boot since the spawn counts: the consoles' waits are counted before
+    /// it, so that another sandbox's boot (or this one's earlier) is not taken for it.
+    pub fn spawn_booting(&self, cmd: &mut Command, what: &str) -> Child {
+        let waits = || -> HashMap<PathBuf, usize> {
             std::fs::read_dir(self.dirs.data.join("vms"))
                 .into_iter()
                 .flatten()
                 .flatten()
-                .any(|vm| std::fs::read_to_string(vm.path().join("console.log")).is_ok_and(|c| c.contains(INIT_WAITS)))
-        })
+                .map(|vm| {
+                    let console = std::fs::read_to_string(vm.path().join("console.log")).unwrap_or_default();
+                    (vm.path(), console.matches(INIT_WAITS).count())
+                })
+                .collect()
+        };
+        let before = waits();
+        let child = cmd.spawn().unwrap();
+        let booted = wait_until(Duration::from_secs(60), || waits().into_iter().any(|(vm, n)| n > before.get(&vm).copied().unwrap_or(0)));
+        assert!(booted, "{what}");
+        child
     }
 
     pub fn cli(&self) -> Command {
