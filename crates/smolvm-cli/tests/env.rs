@@ -257,6 +257,9 @@ async fn an_env_file_that_is_not_ours_is_an_error_not_a_dead_guest() {
         let e = sb.list_env_vars().await.unwrap_err().to_string();
         assert!(e.starts_with("guest agent: ") && e.contains(says), "{make}: {e}");
         assert_eq!(sb.run("echo alive", &raw).await.unwrap().stdout, "alive\n", "{make}");
+        // A login shell skips what is not a regular file there (a FIFO held it until its timeout).
+        let login = sb.run("echo alive", &opts()).await;
+        assert_eq!(login.map(|r| r.stdout).map_err(|e| e.to_string()), Ok("alive\n".to_string()), "{make}");
         sb.set_env_vars(&vars(&[("BACK", "1")]), false).await.unwrap();
         assert_eq!(sb.list_env_vars().await.unwrap(), vars(&[("BACK", "1")]));
     }

@@ -614,11 +614,12 @@ pub(crate) fn is_static(elf: &[u8]) -> bool {
     !elf.windows(12).any(|w| w == b"/lib64/ld-li" || w == b"/lib/ld-musl")
 }
 
+/// Regular files only: a FIFO put there (root in the guest can) would hold every login shell.
 const PROFILE: &str = "\
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PS1='\\h:\\w\\$ '
 for f in /etc/profile.d/*.sh; do
-  [ -r \"$f\" ] && . \"$f\"
+  [ -f \"$f\" ] && [ -r \"$f\" ] && . \"$f\"
 done
 unset f
 ";
