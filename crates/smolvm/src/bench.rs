@@ -36,8 +36,14 @@ enum Cmdline {
     Lab,
 }
 
-/// lab.md's command line for the reference boot that powers off at once.
-fn lab_cmdline(tsc_khz: Option<u64>) -> String {
+/// lab.md's command line for the reference boot that powers off at once. Its timer settings
+/// were TCG's work-arounds: under KVM (no TSC rate is given there) the guest keeps its LAPIC
+/// timer, which KVM emulates in the host kernel, where `nolapic_timer` would leave it ticking
+/// on QEMU's emulated PIT.
+fn lab_cmdline(tsc_khz: Option<u64>, accel: vmm::Accel) -> String {
+    if accel == vmm::Accel::Kvm {
+        return "quiet reboot=t smolvm_poweroff=1".into();
+    }
     let tsc = tsc_khz.map(|k| format!(" tsc_early_khz={k}")).unwrap_or_default();
     format!("quiet{tsc} nolapic_timer reboot=t smolvm_poweroff=1")
 }
@@ -84,7 +90,7 @@ async fn bare_boot(
     };
     let mut args = qemu::command_line(&spec);
     if cmdline == Cmdline::Lab {
-        replace_cmdline(&mut args, lab_cmdline(spec.tsc_khz));
+        replace_cmdline(&mut args, lab_cmdline(spec.tsc_khz, accel));
     }
     let log = std::fs::File::create(dir.join("bare.log")).ctx(|| "creating the reference's log".into())?;
     let mut command = tokio::process::Command::new(qemu::QEMU_BINARY);
@@ -787,12 +793,14 @@ mod tests {
     #[test]
     fn the_lab_reference_changes_only_the_kernel_command_line() {
         let mut args: Vec<String> = ["-kernel", "k", "-append", "console=ttyS0 quiet", "-initrd", "i"].map(String::from).to_vec();
-        replace_cmdline(&mut args, lab_cmdline(Some(2_596_120)));
+        replace_cmdline(&mut args, lab_cmdline(Some(2_596_120), vmm::Accel::Tcg));
         assert_eq!(
             args,
             ["-kernel", "k", "-append", "quiet tsc_early_khz=2596120 nolapic_timer reboot=t smolvm_poweroff=1", "-initrd", "i"]
         );
         // Without a known TSC rate the kernel calibrates it itself.
-        assert_eq!(lab_cmdline(None), "quiet nolapic_timer reboot=t smolvm_poweroff=1");
+        assert_eq!(lab_cmdline(None, vmm::Accel::Tcg), "quiet nolapic_timer reboot=t smolvm_poweroff=1");
+        // TCG's timer work-arounds stay off a KVM guest.
+        assert_eq!(lab_cmdline(None, vmm::Accel::Kvm), "quiet reboot=t smolvm_poweroff=1");
     }
 }

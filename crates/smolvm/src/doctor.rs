@@ -25,15 +25,20 @@ fn version_of(bin: &str, arg: &str) -> Option<String> {
 }
 
 /// What would let KVM run here, for the reason `kvm_usable` gave that it cannot.
-fn way_to_kvm(why: &str) -> &'static str {
-    if why.contains("container") {
-        "run the container with the host's /dev/kvm (docker run --device /dev/kvm, podman run --device /dev/kvm)"
+fn way_to_kvm(why: &str) -> String {
+    // (The group's advice first: it may name a container too.)
+    if let Some(group) = why.split("add yourself to group ").nth(1) {
+        let group: String = group.chars().take_while(|c| !matches!(c, ',' | ')')).collect();
+        let container = if why.contains("--group-add") { format!(" (in a container, --group-add {group})") } else { String::new() };
+        format!("sudo usermod -aG {group} $USER, then log in again{container}")
+    } else if why.contains("udev rule") {
+        "give /dev/kvm to group kvm with mode 0660 (a udev rule), join group kvm (sudo usermod -aG kvm $USER), then log in again".into()
+    } else if why.contains("container") {
+        "run the container with the host's /dev/kvm (docker run --device /dev/kvm, podman run --device /dev/kvm)".into()
     } else if why.contains("another hypervisor") {
-        "quit VirtualBox or VMware (or unload their kernel modules) to free the CPU's virtualisation for KVM"
-    } else if why.contains("kvm group") {
-        "add yourself to the kvm group (sudo usermod -aG kvm $USER), then log in again"
+        "quit VirtualBox or VMware (or unload their kernel modules) to free the CPU's virtualisation for KVM".into()
     } else {
-        "on bare metal load kvm_intel or kvm_amd"
+        "on bare metal, turn on virtualisation (VT-x or AMD-V) in the firmware and load kvm_intel or kvm_amd".into()
     }
 }
 
@@ -250,4 +255,32 @@ pub const PACKAGES: &[(&str, &str)] = &[
 
 pub fn missing_packages() -> Vec<&'static str> {
     PACKAGES.iter().filter(|(_, path)| !Path::new(path).exists()).map(|(p, _)| *p).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each reason `kvm_usable` gives gets the fix for it, not the container's for a group's.
+    #[test]
+    fn each_reason_kvm_is_not_used_gets_its_own_fix() {
+        let denied = "/dev/kvm cannot be opened for reading and writing (Permission denied (os error 13); ";
+        assert_eq!(
+            way_to_kvm(&format!("{denied}it belongs to group kvm: add yourself to group kvm)")),
+            "sudo usermod -aG kvm $USER, then log in again"
+        );
+        assert_eq!(
+            way_to_kvm(&format!(
+                "{denied}it belongs to group kvm: add yourself to group kvm, and in a container give it that group too (--group-add))"
+            )),
+            "sudo usermod -aG kvm $USER, then log in again (in a container, --group-add kvm)"
+        );
+        assert!(way_to_kvm(&format!(
+            "{denied}it belongs to group root with mode 600: make it group kvm's with mode 0660 (a udev rule, …)"
+        ))
+        .starts_with("give /dev/kvm to group kvm with mode 0660 (a udev rule)"));
+        assert!(way_to_kvm("/dev/kvm does not exist in this container (pass the host's device in)").starts_with("run the container with"));
+        assert!(way_to_kvm("/dev/kvm is nested PVM virtualisation (kvm_pvm), which cannot run a stock guest kernel")
+            .contains("in the firmware and load kvm_intel or kvm_amd"));
+    }
 }

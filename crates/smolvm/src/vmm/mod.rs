@@ -35,17 +35,13 @@ pub fn kvm_usable() -> Result<(), String> {
     }
     let dev = match std::fs::OpenOptions::new().read(true).write(true).open(kvm) {
         Ok(dev) => dev,
-        // A container's device cgroup refuses with EPERM, whatever groups the user is in.
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) || in_container() => {
+        // A container's device cgroup refuses with EPERM, whatever groups the user is in. EACCES
+        // is the device's own permissions, in a container too (passed in, but the user is not
+        // in its group).
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
             return Err(format!("/dev/kvm cannot be opened for reading and writing ({e}; in a container, pass the host's device in)"))
         }
-        Err(e) => {
-            let group = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(kvm).map_err(|e| e.to_string())?);
-            let name = nix::unistd::Group::from_gid(group.into()).ok().flatten().map_or(group.to_string(), |g| g.name);
-            return Err(format!(
-                "/dev/kvm cannot be opened for reading and writing ({e}; it belongs to group {name}: add yourself to the kvm group)"
-            ));
-        }
+        Err(e) => return Err(format!("/dev/kvm cannot be opened for reading and writing ({e}; {})", kvm_access(kvm))),
     };
     if Path::new("/sys/module/kvm_pvm").exists() {
         return Err("/dev/kvm is nested PVM virtualisation (kvm_pvm), which cannot run a stock guest kernel".into());
@@ -54,6 +50,26 @@ pub fn kvm_usable() -> Result<(), String> {
         return Err("neither kvm_intel nor kvm_amd is loaded".into());
     }
     kvm_creates_vm(&dev)
+}
+
+/// What gives this user /dev/kvm, from its owner group and mode: joining its group where the
+/// group may read and write it, else a udev rule (a device of root's alone is no group's).
+fn kvm_access(kvm: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(kvm) else {
+        return "its permissions cannot be read".into();
+    };
+    let gid = meta.gid();
+    let name = nix::unistd::Group::from_gid(gid.into()).ok().flatten().map_or(gid.to_string(), |g| g.name);
+    let in_container = if in_container() { ", and in a container give it that group too (--group-add)" } else { "" };
+    if gid != 0 && meta.mode() & 0o060 == 0o060 {
+        format!("it belongs to group {name}: add yourself to group {name}{in_container}")
+    } else {
+        format!(
+            "it belongs to group {name} with mode {:o}: make it group kvm's with mode 0660 (a udev rule, KERNEL==\"kvm\", GROUP=\"kvm\", MODE=\"0660\"), then add yourself to group kvm",
+            meta.mode() & 0o777
+        )
+    }
 }
 
 /// Whether this process runs in a container (Docker, Podman), whose /dev/kvm is what the
@@ -159,7 +175,7 @@ pub fn cpu_can_resume(saved: &str, here: &str) -> Result<(), String> {
 fn is_isa_extension(flag: &str) -> bool {
     const PREFIXES: &str = "sse ssse3 pni avx amx fma f16c aes vaes pclmulqdq vpclmulqdq gfni sha_ni bmi adx abm movbe \
         popcnt xsave rdrand rdseed rdpid rdtscp erms fsrm clflushopt clwb fsgsbase pku la57 pdpe1gb cx16 movdir serialize \
-        waitpkg rtm hle lm nx smep smap umip";
+        waitpkg rtm hle lm nx smep smap umip pcid invpcid";
     // (Not x2apic: KVM gives every guest an x2APIC, whatever the host has.)
     PREFIXES.split_whitespace().any(|p| flag.starts_with(p))
 }
@@ -302,6 +318,38 @@ mod tests {
         let many: Vec<String> = (0..10).map(|i| format!("avx512_{i}")).collect();
         let err = cpu_can_resume(&cpu("X", &many.join(" "), "k"), &cpu("Y", "fpu", "k")).unwrap_err();
         assert!(err.ends_with("lacks: avx512_0, avx512_1, avx512_2, avx512_3, avx512_4, avx512_5, avx512_6, avx512_7 and 2 more"), "{err}");
+    }
+
+    /// A device its group may use says to join that group; one of root's alone (or no group's)
+    /// says how to give it a group first.
+    #[test]
+    fn a_kvm_device_that_will_not_open_says_which_group_gives_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("kvm");
+        std::fs::write(&dev, "").unwrap();
+        // (Made by root here, the file is group root's; as another user, of that user's group.)
+        std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let said = kvm_access(&dev);
+        assert!(said.contains("with mode 600: make it group kvm's with mode 0660 (a udev rule"), "{said}");
+        if nix::unistd::getegid().as_raw() == 0 {
+            std::os::unix::fs::chown(&dev, None, Some(65534)).unwrap();
+        }
+        std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o660)).unwrap();
+        let gid = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(&dev).unwrap());
+        let name = nix::unistd::Group::from_gid(gid.into()).unwrap().map_or(gid.to_string(), |g| g.name);
+        let said = kvm_access(&dev);
+        assert!(said.starts_with(&format!("it belongs to group {name}: add yourself to group {name}")), "{said}");
+        assert_eq!(kvm_access(&dir.path().join("none")), "its permissions cannot be read");
+    }
+
+    /// PCID is an ISA extension to a saved guest: its kernel set CR4.PCIDE, which KVM refuses on
+    /// a CPU without it.
+    #[test]
+    fn a_guest_that_saw_pcid_does_not_resume_without_it() {
+        let cpu = |flags: &str| format!("model name\t: M\nflags\t\t: {flags}\n");
+        let err = cpu_can_resume(&cpu("fpu pcid invpcid sse2"), &cpu("fpu sse2")).unwrap_err();
+        assert!(err.ends_with("lacks: pcid, invpcid"), "{err}");
     }
 
     #[test]
