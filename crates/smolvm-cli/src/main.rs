@@ -872,15 +872,16 @@ async fn run_on_terminal(sb: &Sandbox, command: &str, opts: &RunOptions, ended: 
     // cancels what a departed client started.) Keys typed raw raise no signal here; these come
     // from `kill`. One ignored when this process started stays ignored.
     let ends = [(libc::SIGTERM, 143), (libc::SIGHUP, 129), (libc::SIGINT, 130), (libc::SIGQUIT, 131)];
+    let mut handlers = Vec::new();
     for (number, code) in ends.into_iter().filter(|(n, _)| !ignored_at_start(*n)) {
         if let Ok(mut sig) = signal(SignalKind::from_raw(number)) {
-            tokio::spawn(async move {
+            handlers.push(tokio::spawn(async move {
                 if sig.recv().await.is_some() {
                     terminal::restore();
                     eprintln!("error: interrupted: {ended}");
                     std::process::exit(code);
                 }
-            });
+            }));
         }
     }
     // (Raw only once the handlers are there: a signal between the two left it raw.)
@@ -895,6 +896,12 @@ async fn run_on_terminal(sb: &Sandbox, command: &str, opts: &RunOptions, ended: 
         .await;
     if let Some(w) = watch {
         w.abort();
+    }
+    // The command has ended: a signal during what follows (`run` removing its sandbox) neither
+    // says it ended the command nor replaces its exit code. (It stays caught, as `run`'s are
+    // without a terminal, and the bounded teardown finishes.)
+    for h in handlers {
+        h.abort();
     }
     sink.done(result)
 }
