@@ -462,6 +462,19 @@ fn smolvm_run_starts_warm_and_cold_on_request() {
     let out = env.smolvm(&["run", "--env", "K=v", "echo $K; exit 4"]);
     assert_eq!((stdout(&out).as_str(), out.status.code()), ("v\n", Some(4)));
     assert!(env.qemu_processes().is_empty());
+    // A warm start's QEMU takes no huge pages (its guest RAM, in a file, gets none, and TCG's
+    // code buffer would hold whole ones it half uses); a cold boot's keeps them for its RAM.
+    assert!(env.smolvm(&["sandbox", "create", "--name", "warmth"]).status.success());
+    let cold = env.cli().args(["sandbox", "create", "--name", "coldness"]).env("SMOLVM_WARM", "0").output().unwrap();
+    assert!(cold.status.success(), "{}", stderr(&cold));
+    let huge_pages = |name: &str| {
+        let qemu = processes_mentioning("qemu-system", &format!("smolvm_hostname={name} "));
+        assert_eq!(qemu.len(), 1, "{name}");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", qemu[0])).unwrap();
+        status.lines().find_map(|l| l.strip_prefix("THP_enabled:")).map(|v| v.trim().to_string())
+    };
+    assert_eq!((huge_pages("warmth").as_deref(), huge_pages("coldness").as_deref()), (Some("0"), Some("1")));
+    assert!(env.smolvm(&["sandbox", "delete", "--force", "warmth", "coldness"]).status.success());
 }
 
 /// A warm start whose supervisor, or whose QEMU, is killed under it falls back to a cold boot,
