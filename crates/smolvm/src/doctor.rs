@@ -26,13 +26,14 @@ fn version_of(bin: &str, arg: &str) -> Option<String> {
 
 /// What would let KVM run here, for the reason `kvm_usable` gave that it cannot.
 fn way_to_kvm(why: &str) -> String {
-    // (The group's advice first: it may name a container too.)
-    if let Some(group) = why.split("add yourself to group ").nth(1) {
+    // (The udev rule's first, as it ends with joining the group; the group's before the
+    // container's, as it may name a container too.)
+    if why.contains("udev rule") {
+        "give /dev/kvm to group kvm with mode 0660 (a udev rule), join group kvm (sudo usermod -aG kvm $USER), then log in again".into()
+    } else if let Some(group) = why.split("add yourself to group ").nth(1) {
         let group: String = group.chars().take_while(|c| !matches!(c, ',' | ')')).collect();
         let container = if why.contains("--group-add") { format!(" (in a container, --group-add {group})") } else { String::new() };
         format!("sudo usermod -aG {group} $USER, then log in again{container}")
-    } else if why.contains("udev rule") {
-        "give /dev/kvm to group kvm with mode 0660 (a udev rule), join group kvm (sudo usermod -aG kvm $USER), then log in again".into()
     } else if why.contains("container") {
         "run the container with the host's /dev/kvm (docker run --device /dev/kvm, podman run --device /dev/kvm)".into()
     } else if why.contains("another hypervisor") {
@@ -264,21 +265,31 @@ mod tests {
     /// Each reason `kvm_usable` gives gets the fix for it, not the container's for a group's.
     #[test]
     fn each_reason_kvm_is_not_used_gets_its_own_fix() {
-        let denied = "/dev/kvm cannot be opened for reading and writing (Permission denied (os error 13); ";
+        use std::os::unix::fs::PermissionsExt;
+        // The reasons as `kvm_access` words them, for a device of root's alone and one of a
+        // group's.
+        let denied =
+            |advice: String| format!("/dev/kvm cannot be opened for reading and writing (Permission denied (os error 13); {advice})");
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("kvm");
+        std::fs::write(&dev, "").unwrap();
+        std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(way_to_kvm(&denied(crate::vmm::kvm_access(&dev))).starts_with("give /dev/kvm to group kvm with mode 0660 (a udev rule)"));
+        if nix::unistd::getegid().as_raw() == 0 {
+            std::os::unix::fs::chown(&dev, None, Some(65534)).unwrap();
+        }
+        std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o660)).unwrap();
+        let gid = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(&dev).unwrap());
+        let group = nix::unistd::Group::from_gid(gid.into()).unwrap().map_or(gid.to_string(), |g| g.name);
+        let fix = way_to_kvm(&denied(crate::vmm::kvm_access(&dev)));
+        assert!(fix.starts_with(&format!("sudo usermod -aG {group} $USER, then log in again")), "{fix}");
+        // In a container (as `kvm_access` says there), the group goes to the container too.
         assert_eq!(
-            way_to_kvm(&format!("{denied}it belongs to group kvm: add yourself to group kvm)")),
-            "sudo usermod -aG kvm $USER, then log in again"
+            way_to_kvm(&denied(format!(
+                "it belongs to group {group}: add yourself to group {group}, and in a container give it that group too (--group-add)"
+            ))),
+            format!("sudo usermod -aG {group} $USER, then log in again (in a container, --group-add {group})")
         );
-        assert_eq!(
-            way_to_kvm(&format!(
-                "{denied}it belongs to group kvm: add yourself to group kvm, and in a container give it that group too (--group-add))"
-            )),
-            "sudo usermod -aG kvm $USER, then log in again (in a container, --group-add kvm)"
-        );
-        assert!(way_to_kvm(&format!(
-            "{denied}it belongs to group root with mode 600: make it group kvm's with mode 0660 (a udev rule, …)"
-        ))
-        .starts_with("give /dev/kvm to group kvm with mode 0660 (a udev rule)"));
         assert!(way_to_kvm("/dev/kvm does not exist in this container (pass the host's device in)").starts_with("run the container with"));
         assert!(way_to_kvm("/dev/kvm is nested PVM virtualisation (kvm_pvm), which cannot run a stock guest kernel")
             .contains("in the firmware and load kvm_intel or kvm_amd"));

@@ -2924,6 +2924,25 @@ impl Sandbox {
                 answered = tokio::time::timeout(bound, fresh.call(&req)).await;
             }
         }
+        if let Ok(Ok(Reply::Error { kind: ErrorKind::Failed, .. })) = &answered {
+            // The VM is down, but its supervisor could not record that (the database's disk
+            // full). It is on its way out, removing the TAP: not killed, waited for. The stop
+            // is then recorded here, or fails with why it cannot be (`disk_full`, for `delete`).
+            if let Some(sup) = rec.supervisor {
+                let since = std::time::Instant::now();
+                while sup.alive() && since.elapsed() < Duration::from_secs(10) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            self.set_conn(None);
+            let store = Store::open(&self.dirs.data)?;
+            if store.get(&self.id)?.is_some_and(|now| now.supervisor == rec.supervisor) {
+                host_network_leftovers(&store, &self.id);
+                self.paths.remove_sockets();
+                store.set_state(&self.id, State::Stopped, None)?;
+            }
+            return Ok(());
+        }
         if !matches!(answered, Ok(Ok(Reply::Ok))) {
             // The supervisor did not answer in time: kill it; QEMU dies with it (PDEATHSIG).
             if let Some(sup) = rec.supervisor.filter(|p| p.alive()) {

@@ -1226,7 +1226,7 @@ async fn supervise(id: &str) -> i32 {
     // An ephemeral sandbox whose owner went away leaves nothing; one stopped on request stays
     // (stopped) until its owner deletes it or dies.
     // A stop whose record could not be written (the database's disk full) is not reported as
-    // done: its client says why, and the next command finds the sandbox's supervisor gone.
+    // done: its client, told so, records it once this process is gone, or says why it cannot.
     let recorded = if record.ephemeral && stop_waiter.is_none() {
         let _ = store.remove(id);
         paths.remove_all();

@@ -78,9 +78,13 @@ impl TestEnv {
                 .collect()
         };
         let before = waits();
-        let child = cmd.spawn().unwrap();
+        let mut child = cmd.spawn().unwrap();
         let booted = wait_until(Duration::from_secs(60), || waits().into_iter().any(|(vm, n)| n > before.get(&vm).copied().unwrap_or(0)));
-        assert!(booted, "{what}");
+        if !booted {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}");
+        }
         child
     }
 

@@ -446,8 +446,8 @@ pub fn spawn(spec: &LaunchSpec, log: &Path) -> Result<tokio::process::Child> {
     // Guest RAM in a file (a warm start) gets no huge pages anyway, and the one thing that
     // would is TCG's buffer of translated code, which QEMU asks to have them: it then holds
     // whole 2 MB pages of which it uses part, 3 MB more per idle sandbox (PSS 27.4 against
-    // 24.0 MB; warm starts as fast). Guest RAM of its own (a cold boot) keeps them: they
-    // make the boot 30 ms faster.
+    // 24.0 MB; warm starts as fast). A cold boot's anonymous guest RAM keeps them: they make
+    // the boot 30 ms faster.
     let no_huge_pages = spec.ram.is_some();
     // SAFETY: prctl (PR_SET_PDEATHSIG, PR_SET_THP_DISABLE), dup2 and fcntl only change this child's own attributes
     // and descriptors and are async-signal-safe; no memory of the parent is touched between
