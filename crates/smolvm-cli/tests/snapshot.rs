@@ -208,6 +208,20 @@ async fn snapshot_types_and_a_restore_that_stays_paused() {
     assert!(snap.snapshot_id.starts_with("snap-"));
     let err = sb.snapshot(Some(&snap.snapshot_id), "full").await.unwrap_err().to_string();
     assert!(err.contains("already exists"), "{err}");
+    // Under TCG the guest keeps time by the host's TSC: a snapshot taken where it ran at another
+    // rate is refused, not restored with a clock running fast or slow (and leaves nothing).
+    if smolvm::vmm::choose_accel() == Ok(smolvm::vmm::Accel::Tcg) {
+        let rate = snapshot_dir(&env.dirs, &snap.snapshot_id).join("tsc-khz");
+        let khz: u64 = std::fs::read_to_string(&rate).unwrap().trim().parse().unwrap();
+        std::fs::write(&rate, (khz * 2).to_string()).unwrap();
+        let restored = Sandbox::from_snapshot_in(env.dirs.clone(), &snap.snapshot_id, RestoreOptions::default()).await;
+        std::fs::write(&rate, khz.to_string()).unwrap();
+        let Err(err) = restored else { panic!("restored where the TSC runs at half the rate") };
+        let err = err.to_string();
+        assert!(err.contains("cannot be resumed on this host: it was saved under TCG on a host whose TSC runs at"), "{err}");
+        assert!(err.ends_with("its clock would run at 50 % of real time"), "{err}");
+        assert_eq!(smolvm::sandbox::list(&env.dirs).unwrap().len(), 1, "the refused restore left a sandbox");
+    }
     let clone = Sandbox::from_snapshot_in(env.dirs.clone(), &snap.snapshot_id, RestoreOptions { resume: false, ..Default::default() })
         .await
         .unwrap();

@@ -466,7 +466,7 @@ fn supervisor_keeps(name: &std::ffi::OsStr) -> bool {
 /// The accelerator a full snapshot's saved VM loads under: the one it ran under, since QEMU's
 /// microvm has other devices under KVM than under TCG (kvmclock against an RTC) and refuses a
 /// state with the other's. Snapshots from before this was recorded take the host's choice.
-fn restore_accel(dir: &Path, snapshot_id: &str) -> Result<crate::vmm::Accel> {
+fn restore_accel(dirs: &Dirs, dir: &Path, snapshot_id: &str) -> Result<crate::vmm::Accel> {
     use crate::vmm::Accel;
     let Ok(saved) = std::fs::read_to_string(dir.join("accel")) else {
         return crate::vmm::choose_accel().map_err(Error::Host);
@@ -488,6 +488,12 @@ fn restore_accel(dir: &Path, snapshot_id: &str) -> Result<crate::vmm::Accel> {
         ));
     }
     if saved == Accel::Tcg {
+        // The guest keeps time by this host's TSC at the rate it was told at boot: restored
+        // where the TSC runs at another rate, its clock would run fast or slow for good.
+        let here = crate::vmm::host_tsc_khz(&dirs.images);
+        if let Some(why) = std::fs::read_to_string(dir.join("tsc-khz")).ok().and_then(|s| tsc_mismatch(s.trim().parse().ok()?, here?)) {
+            return Err(Error::Host(format!("snapshot '{snapshot_id}' cannot be resumed on this host: {why}")));
+        }
         return Ok(Accel::Tcg);
     }
     crate::vmm::kvm_usable().map_err(|why| {
@@ -499,6 +505,20 @@ fn restore_accel(dir: &Path, snapshot_id: &str) -> Result<crate::vmm::Accel> {
             .map_err(|why| Error::Host(format!("snapshot '{snapshot_id}' cannot be resumed on this host: {why}")))?;
     }
     Ok(Accel::Kvm)
+}
+
+/// Why a TCG guest saved where the TSC ran at `saved` kHz cannot keep time where it runs at
+/// `here`: rates more than 0.5 % apart (one host measures its own within 0.01 %).
+fn tsc_mismatch(saved: u64, here: u64) -> Option<String> {
+    let ratio = here as f64 / saved as f64;
+    ((ratio - 1.0).abs() > 0.005).then(|| {
+        format!(
+            "it was saved under TCG on a host whose TSC runs at {:.1} MHz, and this one's runs at {:.1} MHz: its clock would run at {:.0} % of real time",
+            saved as f64 / 1000.0,
+            here as f64 / 1000.0,
+            ratio * 100.0
+        )
+    })
 }
 
 /// A file transfer that makes no progress for this long has stalled (the agent or the
@@ -1852,7 +1872,7 @@ impl Sandbox {
             // Fails if the snapshot was deleted since it was read; from here on a delete refuses.
             Store::open(&dirs.data)?.set_snapshot_origin(&sb.id, snapshot_id)?;
             let accel = match snap.kind == "full" {
-                true => restore_accel(&dir, snapshot_id)?,
+                true => restore_accel(&dirs, &dir, snapshot_id)?,
                 false => crate::vmm::choose_accel().map_err(Error::Host)?,
             };
             let restore = (snap.kind == "full").then(|| RestoreSpec { state: dir.join("state"), resume: opts.resume, no_saved_env: false });
@@ -3152,6 +3172,17 @@ fn reply_error(what: &str, reply: Reply) -> Error {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_tcg_guest_resumes_only_where_the_tsc_runs_at_its_rate() {
+        assert_eq!(tsc_mismatch(2_596_085, 2_596_120), None);
+        assert_eq!(tsc_mismatch(2_600_000, 2_612_000), None);
+        assert_eq!(
+            tsc_mismatch(2_600_000, 2_000_000).as_deref(),
+            Some("it was saved under TCG on a host whose TSC runs at 2600.0 MHz, and this one's runs at 2000.0 MHz: its clock would run at 77 % of real time")
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -1103,7 +1103,7 @@ async fn supervise(id: &str) -> i32 {
                             () = stop_asked.notified() => Error::Host("the sandbox was stopped before the snapshot was done".into()),
                         }
                     };
-                    let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped, spec.accel, gave_up).await;
+                    let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped, spec.accel, launch.tsc_khz, gave_up).await;
                     if keep_stopped && !was_paused {
                         if r.is_ok() {
                             held = holding.take();
@@ -1574,6 +1574,7 @@ async fn snapshot(
     kind: SnapshotKind,
     was_paused: bool,
     accel: Accel,
+    tsc_khz: Option<u64>,
     gave_up: impl std::future::Future<Output = Error>,
 ) -> std::result::Result<(), (ErrorKind, String)> {
     let failed = |e: Error| (ErrorKind::Failed, e.full_message());
@@ -1608,6 +1609,11 @@ async fn snapshot(
             // A KVM guest saw this host's CPU: it can be resumed only where all its features are.
             if accel == Accel::Kvm {
                 std::fs::write(dir.join("cpu"), crate::vmm::host_cpu_identity()).ctx(|| "writing the snapshot's CPU".into())?;
+            }
+            // A TCG guest's clock runs on this host's TSC at the rate it was told at boot (here,
+            // or where it came from, which had this rate to be restored here).
+            if let Some(khz) = tsc_khz {
+                std::fs::write(dir.join("tsc-khz"), khz.to_string()).ctx(|| "writing the snapshot's TSC rate".into())?;
             }
         }
         Ok::<_, Error>(())
