@@ -490,7 +490,7 @@ fn restore_accel(dirs: &Dirs, dir: &Path, snapshot_id: &str) -> Result<crate::vm
     if saved == Accel::Tcg {
         // The guest keeps time by this host's TSC at the rate it was told at boot: restored
         // where the TSC runs at another rate, its clock would run fast or slow for good.
-        let here = crate::vmm::host_tsc_khz(&dirs.images);
+        let here = crate::vmm::host_tsc_is_invariant().then(|| crate::vmm::host_tsc_khz(&dirs.images)).flatten();
         if let Some(why) = std::fs::read_to_string(dir.join("tsc-khz")).ok().and_then(|s| tsc_mismatch(s.trim().parse().ok()?, here?)) {
             return Err(Error::Host(format!("snapshot '{snapshot_id}' cannot be resumed on this host: {why}")));
         }

@@ -1612,7 +1612,7 @@ async fn snapshot(
             }
             // A TCG guest's clock runs on this host's TSC at the rate it was told at boot (here,
             // or where it came from, which had this rate to be restored here).
-            if let Some(khz) = tsc_khz {
+            if let Some(khz) = tsc_khz.filter(|_| crate::vmm::host_tsc_is_invariant()) {
                 std::fs::write(dir.join("tsc-khz"), khz.to_string()).ctx(|| "writing the snapshot's TSC rate".into())?;
             }
         }
