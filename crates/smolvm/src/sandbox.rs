@@ -3172,6 +3172,7 @@ fn reply_error(what: &str, reply: Reply) -> Error {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn a_tcg_guest_resumes_only_where_the_tsc_runs_at_its_rate() {
@@ -3182,8 +3183,6 @@ mod tests {
             Some("it was saved under TCG on a host whose TSC runs at 2600.0 MHz, and this one's runs at 2000.0 MHz: its clock would run at 77 % of real time")
         );
     }
-
-    use super::*;
 
     #[test]
     fn a_logs_tail_keeps_the_guests_bytes() {

@@ -242,13 +242,13 @@ fn kept_tsc_khz(kept: &str, boot_id: &str) -> Option<u64> {
 /// here, and would run the guest's clock at the wrong speed.
 const TSC_KHZ_RANGE: std::ops::RangeInclusive<u64> = 100_000..=20_000_000;
 
-/// A TSC that ticks at one rate whatever the cores do (the flags Linux shows for it).
 /// Whether this host's TSC ticks at one measured rate (see [`host_tsc_khz`]): only then is a
 /// rate worth comparing with another host's (one read from `cpu MHz` moves with the clock).
 pub fn host_tsc_is_invariant() -> bool {
     invariant_tsc(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default())
 }
 
+/// A TSC that ticks at one rate whatever the cores do (the flags Linux shows for it).
 fn invariant_tsc(cpuinfo: &str) -> bool {
     cpuinfo.lines().find(|l| l.starts_with("flags")).is_some_and(|flags| {
         let has = |f: &str| flags.split_whitespace().any(|w| w == f);
