@@ -265,22 +265,14 @@ mod tests {
     /// Each reason `kvm_usable` gives gets the fix for it, not the container's for a group's.
     #[test]
     fn each_reason_kvm_is_not_used_gets_its_own_fix() {
-        use std::os::unix::fs::PermissionsExt;
         // The reasons as `kvm_access` words them, for a device of root's alone and one of a
         // group's.
         let denied =
             |advice: String| format!("/dev/kvm cannot be opened for reading and writing (Permission denied (os error 13); {advice})");
         let dir = tempfile::tempdir().unwrap();
-        let dev = dir.path().join("kvm");
-        std::fs::write(&dev, "").unwrap();
-        std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let (dev, _) = crate::vmm::fake_kvm_device(dir.path(), 0o600);
         assert!(way_to_kvm(&denied(crate::vmm::kvm_access(&dev))).starts_with("give /dev/kvm to group kvm with mode 0660 (a udev rule)"));
-        if nix::unistd::getegid().as_raw() == 0 {
-            std::os::unix::fs::chown(&dev, None, Some(65534)).unwrap();
-        }
-        std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o660)).unwrap();
-        let gid = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(&dev).unwrap());
-        let group = nix::unistd::Group::from_gid(gid.into()).unwrap().map_or(gid.to_string(), |g| g.name);
+        let (dev, group) = crate::vmm::fake_kvm_device(dir.path(), 0o660);
         let fix = way_to_kvm(&denied(crate::vmm::kvm_access(&dev)));
         assert!(fix.starts_with(&format!("sudo usermod -aG {group} $USER, then log in again")), "{fix}");
         // In a container (as `kvm_access` says there), the group goes to the container too.

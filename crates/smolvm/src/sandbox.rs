@@ -823,6 +823,19 @@ fn end_unrecorded_supervisor(dir: &Path) -> bool {
     true
 }
 
+/// Whether `process` is gone within `bound`, looked for every 20 ms (a supervisor on its way
+/// out has no socket to say when it is done).
+async fn exited_within(process: ProcId, bound: Duration) -> bool {
+    let since = std::time::Instant::now();
+    while process.alive() {
+        if since.elapsed() > bound {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
 /// Snapshot directories with no record whose maker is gone: a `snapshot create` killed, or
 /// interrupted and exiting before its files were removed. Removed by `prune` and by the
 /// snapshot commands, which are where one would look for them. Returns what it removed.
@@ -2906,12 +2919,8 @@ impl Sandbox {
             return Ok(false);
         };
         let bound = Duration::from_secs(60);
-        let since = std::time::Instant::now();
-        while sup.alive() {
-            if since.elapsed() > bound {
-                return Err(Error::Timeout { operation: "waiting for the sandbox to stop".into(), seconds: bound.as_secs_f64() });
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if !exited_within(sup, bound).await {
+            return Err(Error::Timeout { operation: "waiting for the sandbox to stop".into(), seconds: bound.as_secs_f64() });
         }
         self.set_conn(None);
         Ok(true)
@@ -2949,10 +2958,7 @@ impl Sandbox {
             // full). It is on its way out, removing the TAP: not killed, waited for. The stop
             // is then recorded here, or fails with why it cannot be (`disk_full`, for `delete`).
             if let Some(sup) = rec.supervisor {
-                let since = std::time::Instant::now();
-                while sup.alive() && since.elapsed() < Duration::from_secs(10) {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+                exited_within(sup, Duration::from_secs(10)).await;
             }
             self.set_conn(None);
             let store = Store::open(&self.dirs.data)?;

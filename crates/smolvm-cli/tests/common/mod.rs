@@ -213,6 +213,16 @@ impl Drop for KillOnDrop {
 }
 
 /// Unmounts the filesystem it was made for, however the test ends.
+/// Whether process `pid` may take transparent huge pages (`THP_enabled` in its status); `None`
+/// where the host kernel has none, or is older than 5.0 and does not say.
+pub fn takes_huge_pages(pid: i32) -> Option<bool> {
+    if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+        return None;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("THP_enabled:")).map(|v| v.trim() == "1")
+}
+
 pub struct Unmount(pub PathBuf);
 
 impl Drop for Unmount {

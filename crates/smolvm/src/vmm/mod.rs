@@ -75,6 +75,22 @@ pub(crate) fn kvm_access(kvm: &Path) -> String {
     }
 }
 
+/// A stand-in for /dev/kvm in `dir` with `mode`, given a group other than root's where its
+/// group may use it and this process can (as root): its path and its group's name.
+#[cfg(test)]
+pub(crate) fn fake_kvm_device(dir: &Path, mode: u32) -> (std::path::PathBuf, String) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dev = dir.join("kvm");
+    std::fs::write(&dev, "").unwrap();
+    if mode & 0o060 != 0 && nix::unistd::getegid().as_raw() == 0 {
+        std::os::unix::fs::chown(&dev, None, Some(65534)).unwrap();
+    }
+    std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(mode)).unwrap();
+    let gid = std::fs::metadata(&dev).unwrap().gid();
+    let name = nix::unistd::Group::from_gid(gid.into()).unwrap().map_or(gid.to_string(), |g| g.name);
+    (dev, name)
+}
+
 /// Whether this process runs in a container (Docker, Podman), whose /dev/kvm is what the
 /// container was given, not what the host has.
 fn in_container() -> bool {
@@ -335,20 +351,12 @@ mod tests {
     /// says how to give it a group first.
     #[test]
     fn a_kvm_device_that_will_not_open_says_which_group_gives_it() {
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let dev = dir.path().join("kvm");
-        std::fs::write(&dev, "").unwrap();
         // (Made by root here, the file is group root's; as another user, of that user's group.)
-        std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let (dev, _) = fake_kvm_device(dir.path(), 0o600);
         let said = kvm_access(&dev);
         assert!(said.contains("with mode 600: make it group kvm's with mode 0660 (a udev rule"), "{said}");
-        if nix::unistd::getegid().as_raw() == 0 {
-            std::os::unix::fs::chown(&dev, None, Some(65534)).unwrap();
-        }
-        std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o660)).unwrap();
-        let gid = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(&dev).unwrap());
-        let name = nix::unistd::Group::from_gid(gid.into()).unwrap().map_or(gid.to_string(), |g| g.name);
+        let (dev, name) = fake_kvm_device(dir.path(), 0o660);
         let said = kvm_access(&dev);
         assert!(said.starts_with(&format!("it belongs to group {name}: add yourself to group {name}")), "{said}");
         assert_eq!(kvm_access(&dir.path().join("none")), "its permissions cannot be read");

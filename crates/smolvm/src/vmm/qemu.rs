@@ -452,9 +452,9 @@ pub fn spawn(spec: &LaunchSpec, log: &Path) -> Result<tokio::process::Child> {
     // whole 2 MB pages for it costs more than they save (alpine-ssh created in 0.52 s
     // without against 0.58 s with, RSS 137 against 147 MB).
     let no_huge_pages = spec.ram.is_some() || (spec.accel == Accel::Tcg && spec.image.rootfs.is_some());
-    // SAFETY: prctl (PR_SET_PDEATHSIG, PR_SET_THP_DISABLE), dup2 and fcntl only change this child's own attributes
-    // and descriptors and are async-signal-safe; no memory of the parent is touched between
-    // fork and exec. The TAP descriptor stays valid: the caller holds it until QEMU is gone.
+    // SAFETY: prctl (PR_SET_PDEATHSIG, PR_SET_THP_DISABLE), dup2 and fcntl only change this
+    // child's own attributes and descriptors and are async-signal-safe; no memory of the parent
+    // is touched between fork and exec. The TAP descriptor stays valid: the caller holds it until QEMU is gone.
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
