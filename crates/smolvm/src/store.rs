@@ -146,6 +146,55 @@ CREATE TABLE IF NOT EXISTS snapshots (
     created_at INTEGER NOT NULL
 );";
 
+/// The layout of state.db that this build reads and writes, kept in SQLite's `user_version`.
+/// A later smolvm that changes the layout raises it and migrates older files on open. An older
+/// smolvm refuses a newer file instead of misreading it: read with this build's types, a newer
+/// sandbox record would fail to parse, and writing it back would lose its settings and env values.
+/// The records' settings (`VmConfig` as JSON) are part of the layout: a field added to them
+/// raises it too (the test `the_settings_json_is_part_of_the_layout` holds the two together).
+/// (Files from before the version was kept have version 0 and this layout.)
+const SCHEMA_VERSION: i64 = 1;
+
+/// Tables made, or the database refused, by the layout version it records.
+fn check_schema(conn: &Connection, path: &Path) -> Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(Error::Host(format!(
+            "the state database {} was written by a newer smolvm (layout {version}; this smolvm reads layout {SCHEMA_VERSION} and older): run that smolvm, or set SMOLVM_DATA_DIR to another directory",
+            path.display()
+        )));
+    }
+    if version < SCHEMA_VERSION {
+        // One write transaction, so that processes opening a new database at once each wait for
+        // the first instead of finding its tables half made.
+        conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"))?;
+    }
+    Ok(())
+}
+
+/// A sandbox or snapshot record whose settings no longer parse (a damaged file: a newer layout
+/// is refused on open). An error naming the record, rather than default settings that the next
+/// write would store over the real ones. The parser's own message is left out: it can quote
+/// the values it met, env values among them.
+#[derive(Debug)]
+struct UnreadableConfig(String);
+
+impl std::fmt::Display for UnreadableConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the settings recorded for '{}' do not parse", self.0)
+    }
+}
+
+impl std::error::Error for UnreadableConfig {}
+
+fn parse_config(r: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<VmConfig> {
+    let json: String = r.get(column)?;
+    serde_json::from_str(&json).map_err(|_| {
+        let id = r.get::<_, String>(0).unwrap_or_default();
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(UnreadableConfig(id)))
+    })
+}
+
 fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
@@ -226,7 +275,7 @@ impl Store {
         conn.pragma_update(None, "wal_autocheckpoint", 64)?;
         // Deleted rows are overwritten, not left in free space: they held env values.
         conn.pragma_update(None, "secure_delete", true)?;
-        conn.execute_batch(SCHEMA)?;
+        check_schema(&conn, &path)?;
         Ok(Store { conn, data_dir: data_dir.to_path_buf() })
     }
 
@@ -249,11 +298,10 @@ impl Store {
     }
 
     fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
-        let config: String = r.get(2)?;
         Ok(Record {
             id: r.get(0)?,
             state: State::parse(&r.get::<_, String>(1)?),
-            config: serde_json::from_str(&config).unwrap_or_default(),
+            config: parse_config(r, 2)?,
             ephemeral: r.get(3)?,
             supervisor: proc_id(r.get(4)?, r.get(5)?),
             vmm: proc_id(r.get(6)?, r.get(7)?),
@@ -393,14 +441,7 @@ impl Store {
     }
 
     fn snapshot_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRecord> {
-        let config: String = r.get(3)?;
-        Ok(SnapshotRecord {
-            id: r.get(0)?,
-            vm_id: r.get(1)?,
-            kind: r.get(2)?,
-            config: serde_json::from_str(&config).unwrap_or_default(),
-            created_at: r.get(4)?,
-        })
+        Ok(SnapshotRecord { id: r.get(0)?, vm_id: r.get(1)?, kind: r.get(2)?, config: parse_config(r, 3)?, created_at: r.get(4)? })
     }
 
     pub fn get_snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>> {
@@ -544,6 +585,86 @@ mod tests {
             let mode: String = store.conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
             assert_eq!(mode, "wal");
         }
+    }
+
+    /// A database from before the layout was versioned is this layout, and opens as it did; a
+    /// layout from a newer smolvm is refused with what to do; settings that no longer parse are
+    /// an error naming the sandbox, never defaults that a write would store over the real ones.
+    #[test]
+    fn the_databases_layout_is_versioned() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state.db");
+        {
+            let old = Connection::open(&db).unwrap();
+            old.execute_batch(SCHEMA).unwrap();
+            old.execute("INSERT INTO sandboxes (id, state, config, created_at) VALUES ('old', 'stopped', '{\"memory\":300}', 0)", [])
+                .unwrap();
+        }
+        let version = |store: &Store| store.conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(version(&store), SCHEMA_VERSION);
+        assert_eq!(store.get("old").unwrap().unwrap().config.memory, 300);
+
+        store.conn.execute("UPDATE sandboxes SET config='{\"memory\":300,\"from_the_future\":\"s3cret\"}'", []).unwrap();
+        let e = store.get("old").unwrap_err().full_message();
+        assert!(e.contains("the settings recorded for 'old' do not parse") && !e.contains("s3cret"), "{e}");
+        assert!(store.all().is_err());
+
+        store.conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        let e = Store::open(dir.path()).err().unwrap().to_string();
+        assert!(e.contains(&format!("written by a newer smolvm (layout {}", SCHEMA_VERSION + 1)) && e.contains("SMOLVM_DATA_DIR"), "{e}");
+    }
+
+    /// Every settings field, spelled out (no `..`): a field added to `VmConfig` or the types it
+    /// holds stops this from compiling, and a renamed one fails it. Either changes what older
+    /// builds can read: raise SCHEMA_VERSION, migrate the records, then update the list.
+    #[test]
+    fn the_settings_json_is_part_of_the_layout() {
+        use crate::config::{InternetSettings, Mount, PortForward};
+        let config = VmConfig {
+            vm_id: Some("a".into()),
+            vcpu_count: 1,
+            memory: 256,
+            kernel_path: Some("k".into()),
+            initrd_path: Some("i".into()),
+            rootfs_path: Some("r".into()),
+            boot_args: Some("b".into()),
+            env_vars: [("K".to_string(), "v".to_string())].into(),
+            backend: Some("qemu".into()),
+            network: Some("nat".into()),
+            internet_settings: Some(InternetSettings { mode: "open".into(), allowed_domains: vec![], allowed_cidrs: vec![] }),
+            port_forwards: vec![PortForward { guest: 80, host: Some(8080) }],
+            image: Some("default".into()),
+            disk_size_mib: Some(1024),
+            comm_channel: Some("agent".into()),
+            ssh_public_key: Some("ssh-ed25519 AAAA".into()),
+            workspace_mounts: vec![Mount { host: "/h".into(), guest: Some("/g".into()) }],
+            writable_mounts: false,
+        };
+        fn keys(v: &serde_json::Value, at: &str, out: &mut Vec<String>) {
+            match v {
+                // Variables' names are the user's, not the layout's.
+                serde_json::Value::Object(_) if at == "env_vars" => {}
+                serde_json::Value::Object(m) => {
+                    for (k, v) in m {
+                        let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+                        keys(v, &path, out);
+                        out.push(path);
+                    }
+                }
+                serde_json::Value::Array(items) => items.iter().for_each(|v| keys(v, &format!("{at}[]"), out)),
+                _ => {}
+            }
+        }
+        let mut found = vec![];
+        keys(&serde_json::to_value(&config).unwrap(), "", &mut found);
+        found.sort();
+        let layout_1 = "backend boot_args comm_channel disk_size_mib env_vars image initrd_path internet_settings \
+            internet_settings.allowed_cidrs internet_settings.allowed_domains internet_settings.mode kernel_path memory network \
+            port_forwards port_forwards[].guest port_forwards[].host rootfs_path ssh_public_key vcpu_count vm_id workspace_mounts \
+            workspace_mounts[].guest workspace_mounts[].host writable_mounts";
+        assert_eq!(SCHEMA_VERSION, 1, "the list below is layout 1's");
+        assert_eq!(found.join(" "), layout_1.split_whitespace().collect::<Vec<_>>().join(" "));
     }
 
     #[test]
