@@ -624,7 +624,7 @@ async fn a_client_that_sends_input_past_its_grants_is_cut_off() {
     use smolvm_proto::{ExecRequest, Request};
     let env = env();
     let sb = env.boot(VmConfig::default()).await;
-    let raw = smolvm::conn::Conn::connect(&sb.paths().ctl).await.unwrap();
+    let raw = smolvm::conn::Conn::connect(&sb.paths().ctl, sb.id()).await.unwrap();
     let exec = ExecRequest {
         command: "sleep 30".into(),
         shell: Shell::Raw,
@@ -1077,6 +1077,64 @@ async fn a_killed_supervisor_shows_as_error_and_prune_removes_it() {
     let out = env.smolvm(&["sandbox", "prune", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["data"]["removed"], serde_json::json!(["crash"]));
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+}
+
+/// A sandbox outlives an upgrade of smolvm, and its supervisor keeps the build that started
+/// it. A client of another build (here: a socket that answers with another protocol's
+/// preamble, in the supervisor's place) sends it nothing: exec says why and what to do, and
+/// stop asks the real supervisor by SIGTERM, which powers the guest off cleanly: a file the
+/// guest had not synced is on its disk at the next start (a killed VM loses it).
+#[tokio::test]
+async fn a_supervisor_of_another_build_is_sent_no_request_and_stops_by_signal() {
+    let env = env();
+    let ok = |args: &[&str]| {
+        let out = env.smolvm(args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(&["sandbox", "create", "--name", "older", "--image", "alpine-ssh"]);
+    ok(&["sandbox", "exec", "older", "--", "sh", "-c", "echo kept > /root/unsynced"]);
+    let ctl = Sandbox::open_in(env.dirs.clone(), "older").await.unwrap().paths().ctl.clone();
+    let real = ctl.with_extension("real");
+    std::fs::rename(&ctl, &real).unwrap();
+    let other = smolvm_proto::PROTOCOL_VERSION + 1;
+    let listener = std::os::unix::net::UnixListener::bind(&ctl).unwrap();
+    let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+    std::thread::spawn({
+        let sent = sent.clone();
+        move || {
+            for mut client in listener.incoming().flatten() {
+                let mut preamble = smolvm_proto::SUPERVISOR_MAGIC.to_vec();
+                preamble.extend_from_slice(&other.to_le_bytes());
+                let _ = std::io::Write::write_all(&mut client, &preamble);
+                let _ = client.set_read_timeout(Some(Duration::from_millis(300)));
+                let mut got = vec![];
+                let _ = std::io::Read::read_to_end(&mut client, &mut got);
+                sent.lock().unwrap().extend(got);
+            }
+        }
+    });
+    let out = env.smolvm(&["sandbox", "exec", "older", "--", "rm", "/root/unsynced"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "VM 'older' runs under a supervisor of another smolvm build (protocol {other}; this smolvm speaks {})",
+            smolvm_proto::PROTOCOL_VERSION
+        )) && err.contains("smolvm sandbox stop older"),
+        "{err}"
+    );
+    assert!(sent.lock().unwrap().is_empty(), "a request went to the other build's supervisor");
+    let sup = smolvm::store::Store::open(&env.dirs.data).unwrap().get("older").unwrap().unwrap().supervisor.unwrap();
+    ok(&["sandbox", "stop", "older"]);
+    assert!(!sup.alive() && env.qemu_processes().is_empty());
+    let rec = smolvm::store::Store::open(&env.dirs.data).unwrap().get("older").unwrap().unwrap();
+    assert_eq!((rec.state, rec.error), (State::Stopped, None));
+    let _ = std::fs::remove_file(&real);
+    ok(&["sandbox", "start", "older"]);
+    assert_eq!(ok(&["sandbox", "exec", "older", "--", "cat", "/root/unsynced"]), "kept\n");
+    ok(&["sandbox", "delete", "--force", "older"]);
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
 }
 

@@ -24,6 +24,26 @@ use std::collections::BTreeMap;
 /// because postcard is not self-describing and a mismatch would decode as garbage.
 pub const PROTOCOL_VERSION: u32 = 9;
 
+/// What a supervisor writes first on every client connection, before any frame: these four
+/// bytes, then its `PROTOCOL_VERSION` (u32, little-endian). A sandbox can outlive an upgrade of
+/// smolvm, and its supervisor keeps running the build that started it; a client of another
+/// build learns so before it sends a request the two would encode differently (a request read
+/// as another one). This never changes, whatever the version.
+pub const SUPERVISOR_MAGIC: [u8; 4] = *b"smvS";
+
+/// The preamble of [`SUPERVISOR_MAGIC`], for this build.
+pub fn supervisor_preamble() -> [u8; 8] {
+    let mut p = [0u8; 8];
+    p[..4].copy_from_slice(&SUPERVISOR_MAGIC);
+    p[4..].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    p
+}
+
+/// The protocol version a supervisor's preamble names; `None` for bytes that are no preamble.
+pub fn preamble_version(p: [u8; 8]) -> Option<u32> {
+    (p[..4] == SUPERVISOR_MAGIC).then(|| u32::from_le_bytes([p[4], p[5], p[6], p[7]]))
+}
+
 /// Name of the virtio-serial port the agent listens on.
 pub const AGENT_PORT_NAME: &str = "smolvm.agent";
 

@@ -7,6 +7,7 @@ use smolvm_proto::{self as proto, ErrorKind, Reply, Request};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
@@ -115,6 +116,10 @@ enum Sync {
     OldAgent,
     Lost,
 }
+
+/// How long a client waits for a supervisor's preamble: it is written on accept, by a task that
+/// nothing else holds.
+const PREAMBLE_BOUND: Duration = Duration::from_secs(10);
 
 /// Reads up to and including `marker`, dropping what comes before it (see `Request::Hello`).
 async fn sync<R: AsyncReadExt + Unpin>(r: &mut R, marker: &[u8; 16], body: &mut Vec<u8>) -> Sync {
@@ -297,15 +302,33 @@ impl Conn {
         conn
     }
 
-    pub async fn connect(path: &std::path::Path) -> Result<Arc<Conn>> {
-        let s = UnixStream::connect(path).await.map_err(|e| match e.kind() {
+    /// A client's connection to the supervisor of sandbox `id`, once its preamble says it
+    /// speaks this build's protocol (see `proto::SUPERVISOR_MAGIC`).
+    pub async fn connect(path: &std::path::Path, id: &str) -> Result<Arc<Conn>> {
+        let mut s = UnixStream::connect(path).await.map_err(|e| match e.kind() {
             std::io::ErrorKind::PermissionDenied => Error::Host(format!(
                 "cannot reach the sandbox at {}: permission denied (its supervisor runs as another user; use that user, or a data directory of your own)",
                 path.display()
             )),
             _ => Error::Io { context: format!("connecting to {}", path.display()), source: e },
         })?;
-        Ok(Conn::new(s))
+        // The supervisor writes it as it accepts; one that does not within the bound is as
+        // good as gone.
+        let mut preamble = [0u8; 8];
+        let read = tokio::time::timeout(PREAMBLE_BOUND, s.read_exact(&mut preamble)).await;
+        let lost = |why: String| Error::Io {
+            context: format!("connecting to {}", path.display()),
+            source: std::io::Error::new(std::io::ErrorKind::ConnectionAborted, why),
+        };
+        match read {
+            Ok(Ok(_)) => match proto::preamble_version(preamble) {
+                Some(v) if v == proto::PROTOCOL_VERSION => Ok(Conn::new(s)),
+                Some(theirs) => Err(Error::OtherBuild { id: id.to_string(), theirs }),
+                None => Err(lost("the socket's server is no smolvm supervisor".into())),
+            },
+            Ok(Err(e)) => Err(lost(format!("the supervisor closed the connection ({e})"))),
+            Err(_) => Err(lost(format!("no answer within {} s", PREAMBLE_BOUND.as_secs()))),
+        }
     }
 
     /// Count output frames as the peer does: by `window_bytes` (this build's agent says so in its
@@ -506,6 +529,40 @@ impl Drop for Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client learns the supervisor's protocol before it sends anything; a socket whose
+    /// server says no preamble, or another build's, gets no request.
+    #[tokio::test]
+    async fn a_client_reads_the_supervisors_protocol_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let mut other = proto::supervisor_preamble();
+        other[4..].copy_from_slice(&(proto::PROTOCOL_VERSION + 1).to_le_bytes());
+        let serve = tokio::spawn(async move {
+            let mut heard = vec![];
+            for answer in [proto::supervisor_preamble().to_vec(), other.to_vec(), b"HTTP/1.1".to_vec(), vec![]] {
+                let (mut s, _) = listener.accept().await.unwrap();
+                s.write_all(&answer).await.unwrap();
+                s.shutdown().await.unwrap();
+                let mut got = vec![];
+                let _ = s.read_to_end(&mut got).await;
+                heard.push(got);
+            }
+            heard
+        });
+        let conn = Conn::connect(&path, "a").await.unwrap();
+        drop(conn);
+        let e = Conn::connect(&path, "a").await.err().unwrap();
+        assert!(matches!(e, Error::OtherBuild { ref id, theirs } if id == "a" && theirs == proto::PROTOCOL_VERSION + 1), "{e}");
+        assert!(e.recovery().unwrap().contains("smolvm sandbox stop a"));
+        let e = Conn::connect(&path, "a").await.err().unwrap();
+        assert!(e.full_message().contains("no smolvm supervisor"), "{}", e.full_message());
+        let e = Conn::connect(&path, "a").await.err().unwrap();
+        assert!(e.full_message().contains("the supervisor closed the connection"), "{}", e.full_message());
+        let heard = serve.await.unwrap();
+        assert!(heard.iter().all(Vec::is_empty), "{heard:?}");
+    }
 
     async fn request(peer: &mut UnixStream) -> (u32, Request) {
         let mut body = Vec::new();

@@ -36,6 +36,13 @@ pub enum Error {
     /// warm snapshot it was restoring is not to blame.
     #[error("host: {0}")]
     VmmKilled(String),
+    /// The sandbox's supervisor runs another smolvm build (smolvm was upgraded, or downgraded,
+    /// while the sandbox ran): the two would misread each other's requests, so none are sent.
+    #[error(
+        "VM '{id}' runs under a supervisor of another smolvm build (protocol {theirs}; this smolvm speaks {})",
+        smolvm_proto::PROTOCOL_VERSION
+    )]
+    OtherBuild { id: String, theirs: u32 },
     /// The host side of a sandbox's network: its TAP device, nftables rules, addresses.
     #[error("network: {0}")]
     Network(String),
@@ -101,7 +108,7 @@ impl Error {
             Error::Timeout { .. } => "timeout",
             Error::Boot { .. } => "boot",
             Error::Image(_) => "image",
-            Error::Host(_) | Error::VmmKilled(_) | Error::Io { .. } | Error::Store(_) => "host",
+            Error::Host(_) | Error::VmmKilled(_) | Error::Io { .. } | Error::Store(_) | Error::OtherBuild { .. } => "host",
             Error::Network(_) => "network",
             Error::Guest(_) => "guest",
             Error::Interrupted(_) => "interrupted",
@@ -120,6 +127,9 @@ impl Error {
             Error::SnapshotNotFound(_) => Some("list snapshots with `smolvm sandbox snapshot list`".into()),
             Error::NotRunning { id, state } => Some(format!("smolvm sandbox {} {id}", way_to_run(state))),
             Error::StillLive { id, .. } => Some(format!("smolvm sandbox stop {id}")),
+            Error::OtherBuild { id, .. } => Some(format!(
+                "`smolvm sandbox stop {id}` stops it (its supervisor is asked by signal), and a start then runs it under this build"
+            )),
             // The host failed it before any guest ran (QEMU missing, say): no kernel log to see.
             Error::Boot { reason, console, .. } if reason.starts_with("host: ") && console.trim().is_empty() => {
                 Some("`smolvm doctor` checks the host".into())

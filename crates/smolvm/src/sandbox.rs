@@ -1106,8 +1106,14 @@ impl Sandbox {
         // and start() waits, then boots it again.
         // (A supervisor that died since the record was read leaves the handle unconnected:
         // what is done with it next finds the sandbox failed, as a later open would.)
+        // (One of another build is left unconnected too: stop and delete can still end it, and
+        // what needs its connection says why there is none.)
         if rec.state.is_live() && !sb.going_down(&rec) {
-            sb.set_conn(sb.try_connect().await?);
+            match sb.try_connect().await {
+                Ok(conn) => sb.set_conn(conn),
+                Err(Error::OtherBuild { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(sb)
     }
@@ -1379,7 +1385,7 @@ impl Sandbox {
                 }
             });
         }
-        self.set_conn(Some(Conn::connect(&self.paths.ctl).await?));
+        self.set_conn(Some(Conn::connect(&self.paths.ctl, &self.id).await?));
         let running = spec.restore.as_ref().is_none_or(|r| r.resume);
         if spec.image.rootfs.is_some() && running {
             // Images with a root disk may carry an SSH server: bring it up, pinned. A sandbox
@@ -2074,9 +2080,9 @@ impl Sandbox {
     /// refuses (a supervisor that died since the record was read); a refusal by permissions
     /// (another user's) is said as it is.
     async fn try_connect(&self) -> Result<Option<Arc<Conn>>> {
-        match Conn::connect(&self.paths.ctl).await {
+        match Conn::connect(&self.paths.ctl, &self.id).await {
             Ok(c) => Ok(Some(c)),
-            Err(e @ Error::Host(_)) => Err(e),
+            Err(e @ (Error::Host(_) | Error::OtherBuild { .. })) => Err(e),
             Err(_) => Ok(None),
         }
     }
@@ -2936,12 +2942,24 @@ impl Sandbox {
         let taken = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take().filter(|c| !c.is_closed());
         // (None: a supervisor that died since the record was read. What it left is cleaned up
         // below, as for one that does not answer.)
-        let conn = match taken {
-            Some(c) => Some(c),
-            None => self.try_connect().await?,
-        };
         let req = Request::Stop { timeout_ms: timeout.as_millis() as u64 };
         let bound = timeout + Duration::from_secs(5);
+        let conn = match taken {
+            Some(c) => Some(c),
+            None => match self.try_connect().await {
+                // Another build's supervisor, which cannot be sent a request, is asked by
+                // SIGTERM, which it takes as a stop (it powers the guest off, tears down and
+                // records it); if it is not gone within the bound it is killed below.
+                Err(Error::OtherBuild { .. }) => {
+                    if let Some(sup) = rec.supervisor.filter(|p| p.alive()) {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup.pid), nix::sys::signal::Signal::SIGTERM);
+                        exited_within(sup, bound).await;
+                    }
+                    None
+                }
+                r => r?,
+            },
+        };
         let mut answered = match &conn {
             Some(conn) => tokio::time::timeout(bound, conn.call(&req)).await,
             None => Ok(Err(Error::Host("no supervisor answers".into()))),
@@ -2949,7 +2967,7 @@ impl Sandbox {
         if matches!(answered, Ok(Err(_))) {
             // The connection failed at once: it may be a previous supervisor's (another process
             // restarted the sandbox). Ask the current one before using force on it.
-            if let Ok(fresh) = Conn::connect(&self.paths.ctl).await {
+            if let Ok(fresh) = Conn::connect(&self.paths.ctl, &self.id).await {
                 answered = tokio::time::timeout(bound, fresh.call(&req)).await;
             }
         }

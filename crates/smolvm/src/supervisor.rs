@@ -1742,10 +1742,14 @@ struct Client {
     stop_asked: Arc<tokio::sync::Notify>,
 }
 
-async fn serve_client(stream: UnixStream, client: Client) {
+async fn serve_client(mut stream: UnixStream, client: Client) {
     let Client { owner, agent, ctl, id, paused, pause_reason, stopped, down, stop_asked } = client;
     if owner {
         let _ = ctl.send(Control::OwnerConnected);
+    }
+    // Which protocol this process speaks, before anything else (see `proto::SUPERVISOR_MAGIC`).
+    if stream.write_all(&proto::supervisor_preamble()).await.is_err() {
+        return;
     }
     let (read, write) = stream.into_split();
     let write = Arc::new(tokio::sync::Mutex::new(write));
