@@ -117,9 +117,10 @@ enum Sync {
     Lost,
 }
 
-/// How long a client waits for a supervisor's preamble: it is written on accept, by a task that
-/// nothing else holds.
-const PREAMBLE_BOUND: Duration = Duration::from_secs(10);
+/// How long a client waits for a supervisor's preamble. It is written on accept, on the
+/// supervisor's one runtime thread, which a write to the state database can hold for up to its
+/// busy timeout (10 s) while another process writes: longer than that.
+const PREAMBLE_BOUND: Duration = Duration::from_secs(15);
 
 /// Reads up to and including `marker`, dropping what comes before it (see `Request::Hello`).
 async fn sync<R: AsyncReadExt + Unpin>(r: &mut R, marker: &[u8; 16], body: &mut Vec<u8>) -> Sync {

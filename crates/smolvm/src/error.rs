@@ -43,6 +43,13 @@ pub enum Error {
         smolvm_proto::PROTOCOL_VERSION
     )]
     OtherBuild { id: String, theirs: u32 },
+    /// The `smolvm` binary that supervises sandboxes (`SMOLVM_BIN`, or the one found) is
+    /// another build than this library: what it started is stopped again.
+    #[error(
+        "host: the smolvm binary that supervises sandboxes ({path}) is another build (protocol {theirs}; this smolvm speaks {})",
+        smolvm_proto::PROTOCOL_VERSION
+    )]
+    OtherBinary { path: String, theirs: u32 },
     /// The host side of a sandbox's network: its TAP device, nftables rules, addresses.
     #[error("network: {0}")]
     Network(String),
@@ -108,7 +115,12 @@ impl Error {
             Error::Timeout { .. } => "timeout",
             Error::Boot { .. } => "boot",
             Error::Image(_) => "image",
-            Error::Host(_) | Error::VmmKilled(_) | Error::Io { .. } | Error::Store(_) | Error::OtherBuild { .. } => "host",
+            Error::Host(_)
+            | Error::VmmKilled(_)
+            | Error::Io { .. }
+            | Error::Store(_)
+            | Error::OtherBuild { .. }
+            | Error::OtherBinary { .. } => "host",
             Error::Network(_) => "network",
             Error::Guest(_) => "guest",
             Error::Interrupted(_) => "interrupted",
@@ -127,6 +139,9 @@ impl Error {
             Error::SnapshotNotFound(_) => Some("list snapshots with `smolvm sandbox snapshot list`".into()),
             Error::NotRunning { id, state } => Some(format!("smolvm sandbox {} {id}", way_to_run(state))),
             Error::StillLive { id, .. } => Some(format!("smolvm sandbox stop {id}")),
+            Error::OtherBinary { .. } => {
+                Some("set SMOLVM_BIN to this build's `smolvm` binary, or install one version of smolvm (CLI and Python package)".into())
+            }
             Error::OtherBuild { id, .. } => Some(format!(
                 "`smolvm sandbox stop {id}` stops it (its supervisor is asked by signal), and a start then runs it under this build"
             )),

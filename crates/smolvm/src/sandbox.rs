@@ -1250,6 +1250,7 @@ impl Sandbox {
                 return Err(e);
             }
         };
+        rec.usable()?;
         if self.stopping(&rec).await? {
             // Connecting now would reach a sandbox about to stop: start it again instead.
             rec = self.record_with(true)?;
@@ -1333,7 +1334,9 @@ impl Sandbox {
                     match self.launch(&spec, boot_timeout, lock.as_ref()).await {
                         Ok(()) => return Ok(()),
                         // The user's settings, not the template: a cold boot would fail alike.
+                        // (Or a supervisor binary of another build: a cold boot's would be too.)
                         Err(e @ (Error::Validation { .. } | Error::Reported { code: "validation", .. })) => return Err(e),
+                        Err(e @ Error::OtherBinary { .. }) => return Err(e),
                         Err(e) => {
                             tracing::warn!("warm start failed, booting cold: {}", e.full_message());
                             // Only a restore that went wrong (it failed with the console's
@@ -1385,7 +1388,21 @@ impl Sandbox {
                 }
             });
         }
-        self.set_conn(Some(Conn::connect(&self.paths.ctl, &self.id).await?));
+        match Conn::connect(&self.paths.ctl, &self.id).await {
+            Ok(conn) => self.set_conn(Some(conn)),
+            Err(e) => {
+                // Booted, but not to be used from here: what was started is stopped again (by
+                // signal, for another build's supervisor), not left running unreachable.
+                let _ = self.stop_with(Duration::from_secs(1), true).await;
+                return Err(match e {
+                    // The binary that supervises sandboxes is another build than this library.
+                    Error::OtherBuild { theirs, .. } => {
+                        Error::OtherBinary { path: smolvm_binary().map(|p| p.display().to_string()).unwrap_or_default(), theirs }
+                    }
+                    e => e,
+                });
+            }
+        }
         let running = spec.restore.as_ref().is_none_or(|r| r.resume);
         if spec.image.rootfs.is_some() && running {
             // Images with a root disk may carry an SSH server: bring it up, pinned. A sandbox
@@ -1772,6 +1789,7 @@ impl Sandbox {
             return Err(Error::validation("snapshot_id", format!("snapshot '{id}' already exists")));
         }
         let rec = self.record()?;
+        rec.usable()?;
         if !rec.config.workspace_mounts.is_empty() && !rec.config.has_root_disk() {
             // Neither kind can be had: say so, not "use the other one" each way round.
             return Err(Error::validation(
@@ -1833,6 +1851,7 @@ impl Sandbox {
         crate::config::check_boot_timeout(opts.boot_timeout)?;
         crate::config::check_supervisor_settings()?;
         let snap = Store::open(&dirs.data)?.get_snapshot(snapshot_id)?.ok_or_else(|| Error::SnapshotNotFound(snapshot_id.to_string()))?;
+        snap.usable()?;
         let dir = snapshot_dir(&dirs, snapshot_id);
         let image: crate::image::BootImage = match std::fs::read(dir.join("image.json")).ok().and_then(|b| serde_json::from_slice(&b).ok())
         {

@@ -94,6 +94,25 @@ pub struct Record {
     pub snapshot: Option<String>,
     /// Its NAT network slot while it holds one (see `net::Lease`).
     pub lease: Option<u32>,
+    /// Its recorded settings do not parse (see `parse_config`): `config` is the default, so
+    /// nothing may start it, save it or write its settings back; it can be stopped and deleted.
+    pub damaged: bool,
+}
+
+impl Record {
+    /// An error for what would use a damaged record's settings.
+    pub fn usable(&self) -> Result<()> {
+        match self.damaged {
+            false => Ok(()),
+            true => Err(damaged(&self.id, "sandbox", &format!("smolvm sandbox delete --force {}", self.id))),
+        }
+    }
+}
+
+fn damaged(id: &str, what: &str, remedy: &str) -> Error {
+    Error::Host(format!(
+        "the settings recorded for {what} '{id}' in the state database do not parse (the file was damaged; other records are unaffected): `{remedy}` removes it"
+    ))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -104,6 +123,18 @@ pub struct SnapshotRecord {
     #[serde(skip)]
     pub config: VmConfig,
     pub created_at: i64,
+    /// As `Record::damaged`: it cannot be restored, only deleted.
+    #[serde(skip)]
+    pub damaged: bool,
+}
+
+impl SnapshotRecord {
+    pub fn usable(&self) -> Result<()> {
+        match self.damaged {
+            false => Ok(()),
+            true => Err(damaged(&self.id, "snapshot", &format!("smolvm sandbox snapshot delete {}", self.id))),
+        }
+    }
 }
 
 pub struct Store {
@@ -156,42 +187,42 @@ CREATE TABLE IF NOT EXISTS snapshots (
 const SCHEMA_VERSION: i64 = 1;
 
 /// Tables made, or the database refused, by the layout version it records.
-fn check_schema(conn: &Connection, path: &Path) -> Result<()> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if version > SCHEMA_VERSION {
-        return Err(Error::Host(format!(
-            "the state database {} was written by a newer smolvm (layout {version}; this smolvm reads layout {SCHEMA_VERSION} and older): run that smolvm, or set SMOLVM_DATA_DIR to another directory",
+fn check_schema(conn: &mut Connection, path: &Path) -> Result<()> {
+    let version = |conn: &Connection| conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0));
+    let newer = |v: i64| {
+        Error::Host(format!(
+            "the state database {} was written by a newer smolvm (layout {v}; this smolvm reads layout {SCHEMA_VERSION} and older): run that smolvm, or set SMOLVM_DATA_DIR to another directory",
             path.display()
-        )));
+        ))
+    };
+    match version(conn)? {
+        SCHEMA_VERSION => return Ok(()),
+        v if v > SCHEMA_VERSION => return Err(newer(v)),
+        _ => {}
     }
-    if version < SCHEMA_VERSION {
-        // One write transaction, so that processes opening a new database at once each wait for
-        // the first instead of finding its tables half made.
-        conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"))?;
+    // One write transaction, so that processes opening a new database at once each wait for the
+    // first instead of finding its tables half made; the version is read again inside it, as
+    // another smolvm may have moved it on meanwhile.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    match version(&tx)? {
+        v if v > SCHEMA_VERSION => return Err(newer(v)),
+        SCHEMA_VERSION => {}
+        _ => tx.execute_batch(&format!("{SCHEMA} PRAGMA user_version = {SCHEMA_VERSION};"))?,
     }
+    tx.commit()?;
     Ok(())
 }
 
-/// A sandbox or snapshot record whose settings no longer parse (a damaged file: a newer layout
-/// is refused on open). An error naming the record, rather than default settings that the next
-/// write would store over the real ones. The parser's own message is left out: it can quote
-/// the values it met, env values among them.
-#[derive(Debug)]
-struct UnreadableConfig(String);
-
-impl std::fmt::Display for UnreadableConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the settings recorded for '{}' do not parse", self.0)
-    }
-}
-
-impl std::error::Error for UnreadableConfig {}
-
-fn parse_config(r: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<VmConfig> {
+/// A sandbox's or snapshot's settings as recorded, and whether they failed to parse (a damaged
+/// file: a newer layout is refused on open). Such a record still lists, stops and deletes; its
+/// settings are the default, which `usable` and `update_config` keep from being booted or
+/// stored over the real ones. The parser's message is not kept: it can quote the values it met,
+/// env values among them.
+fn parse_config(r: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<(VmConfig, bool)> {
     let json: String = r.get(column)?;
-    serde_json::from_str(&json).map_err(|_| {
-        let id = r.get::<_, String>(0).unwrap_or_default();
-        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(UnreadableConfig(id)))
+    Ok(match serde_json::from_str(&json) {
+        Ok(config) => (config, false),
+        Err(_) => (VmConfig::default(), true),
     })
 }
 
@@ -261,7 +292,7 @@ impl Store {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(data_dir).ctx(|| format!("creating {}", data_dir.display()))?;
         let path = data_dir.join("state.db");
         check_private(data_dir, &path)?;
-        let conn = Connection::open(&path)?;
+        let mut conn = Connection::open(&path)?;
         // The database holds env values: readable by the owner only.
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
         conn.busy_timeout(BUSY_TIMEOUT)?;
@@ -275,7 +306,7 @@ impl Store {
         conn.pragma_update(None, "wal_autocheckpoint", 64)?;
         // Deleted rows are overwritten, not left in free space: they held env values.
         conn.pragma_update(None, "secure_delete", true)?;
-        check_schema(&conn, &path)?;
+        check_schema(&mut conn, &path)?;
         Ok(Store { conn, data_dir: data_dir.to_path_buf() })
     }
 
@@ -298,15 +329,21 @@ impl Store {
     }
 
     fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+        let (config, damaged) = parse_config(r, 2)?;
         Ok(Record {
             id: r.get(0)?,
             state: State::parse(&r.get::<_, String>(1)?),
-            config: parse_config(r, 2)?,
+            config,
+            damaged,
             ephemeral: r.get(3)?,
             supervisor: proc_id(r.get(4)?, r.get(5)?),
             vmm: proc_id(r.get(6)?, r.get(7)?),
             created_at: r.get(8)?,
-            error: r.get(9)?,
+            // (What `list` and `info` show, whose settings are then not the real ones.)
+            error: match damaged {
+                true => Some("its settings in the state database do not parse (the file was damaged): delete it".into()),
+                false => r.get(9)?,
+            },
             owner: proc_id(r.get(10)?, r.get(11)?),
             snapshot: r.get(12)?,
             lease: r.get(13)?,
@@ -361,6 +398,10 @@ impl Store {
     }
 
     pub fn update_config(&self, id: &str, config: &VmConfig) -> Result<()> {
+        // Never over settings that did not parse: they are the real ones, the caller's are not.
+        if self.get(id)?.is_some_and(|r| r.damaged) {
+            return Err(damaged(id, "sandbox", &format!("smolvm sandbox delete --force {id}")));
+        }
         let old = self.config_of("sandboxes", id)?;
         let json = serde_json::to_string(config).expect("config serializes");
         self.conn.execute("UPDATE sandboxes SET config=?2 WHERE id=?1", params![id, json])?;
@@ -441,7 +482,8 @@ impl Store {
     }
 
     fn snapshot_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRecord> {
-        Ok(SnapshotRecord { id: r.get(0)?, vm_id: r.get(1)?, kind: r.get(2)?, config: parse_config(r, 3)?, created_at: r.get(4)? })
+        let (config, damaged) = parse_config(r, 3)?;
+        Ok(SnapshotRecord { id: r.get(0)?, vm_id: r.get(1)?, kind: r.get(2)?, config, created_at: r.get(4)?, damaged })
     }
 
     pub fn get_snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>> {
@@ -588,8 +630,8 @@ mod tests {
     }
 
     /// A database from before the layout was versioned is this layout, and opens as it did; a
-    /// layout from a newer smolvm is refused with what to do; settings that no longer parse are
-    /// an error naming the sandbox, never defaults that a write would store over the real ones.
+    /// layout from a newer smolvm is refused with what to do; a record whose settings no longer
+    /// parse still lists, but nothing boots its default settings or stores them over the real ones.
     #[test]
     fn the_databases_layout_is_versioned() {
         let dir = tempfile::tempdir().unwrap();
@@ -606,9 +648,14 @@ mod tests {
         assert_eq!(store.get("old").unwrap().unwrap().config.memory, 300);
 
         store.conn.execute("UPDATE sandboxes SET config='{\"memory\":300,\"from_the_future\":\"s3cret\"}'", []).unwrap();
-        let e = store.get("old").unwrap_err().full_message();
-        assert!(e.contains("the settings recorded for 'old' do not parse") && !e.contains("s3cret"), "{e}");
-        assert!(store.all().is_err());
+        let rec = store.get("old").unwrap().unwrap();
+        assert!(rec.damaged && store.all().unwrap()[0].damaged);
+        let e = rec.usable().unwrap_err().to_string();
+        assert!(e.contains("the settings recorded for sandbox 'old' in the state database do not parse") && !e.contains("s3cret"), "{e}");
+        assert!(e.contains("smolvm sandbox delete --force old"), "{e}");
+        assert!(store.update_config("old", &VmConfig::default()).is_err());
+        let json: String = store.conn.query_row("SELECT config FROM sandboxes", [], |r| r.get(0)).unwrap();
+        assert!(json.contains("from_the_future"), "the damaged settings were written over");
 
         store.conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
         let e = Store::open(dir.path()).err().unwrap().to_string();

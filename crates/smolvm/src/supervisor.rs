@@ -1744,12 +1744,13 @@ struct Client {
 
 async fn serve_client(mut stream: UnixStream, client: Client) {
     let Client { owner, agent, ctl, id, paused, pause_reason, stopped, down, stop_asked } = client;
-    if owner {
-        let _ = ctl.send(Control::OwnerConnected);
-    }
     // Which protocol this process speaks, before anything else (see `proto::SUPERVISOR_MAGIC`).
+    // (Before the owner is counted: a client gone already is not counted, nor then missed.)
     if stream.write_all(&proto::supervisor_preamble()).await.is_err() {
         return;
+    }
+    if owner {
+        let _ = ctl.send(Control::OwnerConnected);
     }
     let (read, write) = stream.into_split();
     let write = Arc::new(tokio::sync::Mutex::new(write));
