@@ -381,7 +381,7 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
          | agent round trip (no process) | p50 {:.3} ms, p99 {:.3} ms | target p50 <= 1 ms |\n\
          | warm `run(\"true\")`, login shell | p50 {:.2} ms, p99 {:.2} ms | target p50 <= 10 ms |\n\
          | warm `run(\"true\")`, raw shell | p50 {:.2} ms, p99 {:.2} ms | |\n\
-         | idle sandbox host RSS (QEMU + supervisor), just started | {rss_mb:.1} MB (QEMU {vmm_rss_mb:.1}) | target <= 110 MB |\n\
+         | idle sandbox host RSS (QEMU + supervisor), just started warm | {rss_mb:.1} MB (QEMU {vmm_rss_mb:.1}) | target <= 110 MB |\n\
          | idle sandbox CPU | {idle_cpu:.2} % of a core | target <= 2 % |\n\
          | 20 MB upload / download over the agent | {up:.0} / {down:.0} MB/s | `cat` of the same file through the channel: {cat:.0} MB/s |\n\
          | warm start with NAT networking (TAP, nftables, DNS), p50 | {nat_ms:.0} ms | user-mode networking: {user_ms:.0} ms |\n\
