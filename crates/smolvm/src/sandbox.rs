@@ -823,6 +823,16 @@ fn end_unrecorded_supervisor(dir: &Path) -> bool {
     true
 }
 
+/// Another build's supervisor, which cannot be sent a request, is asked to stop by SIGTERM: it
+/// takes that as a stop (it powers the guest off, tears down and records it). Waited for within
+/// `bound`; one still there after it is killed by the caller.
+async fn end_by_signal(rec: &Record, bound: Duration) {
+    if let Some(sup) = rec.supervisor.filter(|p| p.alive()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup.pid), nix::sys::signal::Signal::SIGTERM);
+        exited_within(sup, bound).await;
+    }
+}
+
 /// Whether `process` is gone within `bound`, looked for every 20 ms (a supervisor on its way
 /// out has no socket to say when it is done).
 async fn exited_within(process: ProcId, bound: Duration) -> bool {
@@ -1250,7 +1260,6 @@ impl Sandbox {
                 return Err(e);
             }
         };
-        rec.usable()?;
         if self.stopping(&rec).await? {
             // Connecting now would reach a sandbox about to stop: start it again instead.
             rec = self.record_with(true)?;
@@ -1279,6 +1288,8 @@ impl Sandbox {
                 }
             }
         }
+        // (One running is connected to above; one to boot needs its own settings.)
+        rec.usable()?;
         // A sandbox that has booted stands on its own disk overlay and its own link to the
         // overlay's base (see `image::overlay`): its named image need not be in the cache, nor
         // built again after `image rm`.
@@ -1351,6 +1362,8 @@ impl Sandbox {
                         }
                     }
                 }
+                // (A supervisor binary of another build fails a cold boot alike.)
+                Err(e @ Error::OtherBinary { .. }) => return Err(e),
                 // Said once the cold boot has worked: where it fails too (a network this user
                 // cannot make), its own error says the same, and the warning said it twice.
                 Err(e) => no_template = Some(e),
@@ -1392,8 +1405,12 @@ impl Sandbox {
             Ok(conn) => self.set_conn(Some(conn)),
             Err(e) => {
                 // Booted, but not to be used from here: what was started is stopped again (by
-                // signal, for another build's supervisor), not left running unreachable.
-                let _ = self.stop_with(Duration::from_secs(1), true).await;
+                // signal, for another build's supervisor), not left running unreachable. (Not
+                // over a connection the handle kept from before: that one is not this boot's.)
+                self.set_conn(None);
+                if let Err(stop) = self.stop_with(Duration::from_secs(1), true).await {
+                    tracing::warn!("stopping {} after its failed connection: {}", self.id, stop.full_message());
+                }
                 return Err(match e {
                     // The binary that supervises sandboxes is another build than this library.
                     Error::OtherBuild { theirs, .. } => {
@@ -2869,14 +2886,20 @@ impl Sandbox {
     /// set, removed and listed there (a start under way finishes first). `None` for a running
     /// or paused one, whose guest holds them.
     async fn offline_config(&self) -> Result<Option<(StartLock, Store, VmConfig)>> {
-        if self.record()?.state.is_live() {
+        let rec = self.record()?;
+        // (Also before a running one's guest is changed: its record must follow.)
+        rec.usable()?;
+        if rec.state.is_live() {
             return Ok(None);
         }
         let lock = self.paths.wait_start_lock().await?;
         let store = Store::open(&self.dirs.data)?;
         match store.get(&self.id)? {
             Some(rec) if rec.state.is_live() => Ok(None),
-            Some(rec) => Ok(lock.map(|l| (l, store, rec.config))),
+            Some(rec) => {
+                rec.usable()?;
+                Ok(lock.map(|l| (l, store, rec.config)))
+            }
             None => Err(Error::NotFound(self.id.clone())),
         }
     }
@@ -2970,10 +2993,7 @@ impl Sandbox {
                 // SIGTERM, which it takes as a stop (it powers the guest off, tears down and
                 // records it); if it is not gone within the bound it is killed below.
                 Err(Error::OtherBuild { .. }) => {
-                    if let Some(sup) = rec.supervisor.filter(|p| p.alive()) {
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup.pid), nix::sys::signal::Signal::SIGTERM);
-                        exited_within(sup, bound).await;
-                    }
+                    end_by_signal(&rec, bound).await;
                     None
                 }
                 r => r?,
@@ -2986,8 +3006,10 @@ impl Sandbox {
         if matches!(answered, Ok(Err(_))) {
             // The connection failed at once: it may be a previous supervisor's (another process
             // restarted the sandbox). Ask the current one before using force on it.
-            if let Ok(fresh) = Conn::connect(&self.paths.ctl, &self.id).await {
-                answered = tokio::time::timeout(bound, fresh.call(&req)).await;
+            match Conn::connect(&self.paths.ctl, &self.id).await {
+                Ok(fresh) => answered = tokio::time::timeout(bound, fresh.call(&req)).await,
+                Err(Error::OtherBuild { .. }) => end_by_signal(&rec, bound).await,
+                Err(_) => {}
             }
         }
         if let Ok(Ok(Reply::Error { kind: ErrorKind::Failed, .. })) = &answered {
@@ -3113,7 +3135,12 @@ fn record_json(rec: &Record, paths: &SandboxPaths, store: &Store) -> Result<serd
         "supervisor_pid": rec.supervisor.map(|p| p.pid),
         "vmm_pid": rec.vmm.map(|p| p.pid),
         "created_at": rec.created_at,
-        "error": rec.error,
+        // (Its settings above are then the defaults, not its own: see `Record::damaged`.)
+        "error": match rec.damaged {
+            true => Some("its settings in the state database do not parse (the file was damaged): delete it".to_string()),
+            false => rec.error.clone(),
+        },
+        "damaged": rec.damaged,
         "network": rec.config.network,
         // What it actually got: NAT (with its address) or, without a lease, user/none.
         "network_mode": match (rec.lease, rec.config.network.as_deref()) {

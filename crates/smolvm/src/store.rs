@@ -339,11 +339,7 @@ impl Store {
             supervisor: proc_id(r.get(4)?, r.get(5)?),
             vmm: proc_id(r.get(6)?, r.get(7)?),
             created_at: r.get(8)?,
-            // (What `list` and `info` show, whose settings are then not the real ones.)
-            error: match damaged {
-                true => Some("its settings in the state database do not parse (the file was damaged): delete it".into()),
-                false => r.get(9)?,
-            },
+            error: r.get(9)?,
             owner: proc_id(r.get(10)?, r.get(11)?),
             snapshot: r.get(12)?,
             lease: r.get(13)?,
@@ -416,6 +412,14 @@ impl Store {
         Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
     }
 
+    /// Whether the record of `id` in `table` may hold env values: it has some, or its settings
+    /// do not parse (a damaged record, whose values cannot be seen but may be there).
+    fn may_hold_secrets(&self, table: &str, id: &str) -> Result<bool> {
+        let json: Option<String> =
+            self.conn.query_row(&format!("SELECT config FROM {table} WHERE id=?1"), [id], |r| r.get(0)).optional()?;
+        Ok(json.is_some_and(|j| serde_json::from_str::<VmConfig>(&j).map_or(true, |c| !c.env_vars.is_empty())))
+    }
+
     /// Once env values have left the records (a sandbox or snapshot removed, a variable unset
     /// or changed), their old copies go from the disk too: secure_delete has zeroed them in the
     /// pages written since, and a checkpoint that empties the WAL takes the copies the WAL still
@@ -448,11 +452,11 @@ impl Store {
     /// when the record was removed.
     pub fn remove_unused_snapshot(&self, id: &str) -> Result<Vec<String>> {
         loop {
-            let old = self.config_of("snapshots", id)?;
+            let secrets = self.may_hold_secrets("snapshots", id)?;
             let n =
                 self.conn.execute("DELETE FROM snapshots WHERE id=?1 AND NOT EXISTS (SELECT 1 FROM sandboxes WHERE snapshot=?1)", [id])?;
             if n == 1 {
-                self.scrub_if(old.is_some_and(|c| !c.env_vars.is_empty()));
+                self.scrub_if(secrets);
                 return Ok(Vec::new());
             }
             if self.get_snapshot(id)?.is_none() {
@@ -501,11 +505,11 @@ impl Store {
 
     /// Forget a sandbox; false if its record was already gone.
     pub fn remove(&self, id: &str) -> Result<bool> {
-        let old = self.config_of("sandboxes", id)?;
+        let secrets = self.may_hold_secrets("sandboxes", id)?;
         let n = self.conn.execute("DELETE FROM sandboxes WHERE id=?1", [id])?;
         self.release_network(id)?;
         self.conn.execute("DELETE FROM last_slots WHERE sandbox=?1", [id])?;
-        self.scrub_if(old.is_some_and(|c| !c.env_vars.is_empty()));
+        self.scrub_if(secrets);
         Ok(n > 0)
     }
 
@@ -656,6 +660,13 @@ mod tests {
         assert!(store.update_config("old", &VmConfig::default()).is_err());
         let json: String = store.conn.query_row("SELECT config FROM sandboxes", [], |r| r.get(0)).unwrap();
         assert!(json.contains("from_the_future"), "the damaged settings were written over");
+        // Its values cannot be read, so its removal takes every copy of the record off the disk.
+        assert!(store.remove("old").unwrap());
+        for f in ["state.db", "state.db-wal"] {
+            let bytes = std::fs::read(dir.path().join(f)).unwrap_or_default();
+            assert!(!bytes.windows(6).any(|w| w == b"s3cret"), "{f} kept a damaged record's value");
+        }
+        store.insert("old", &VmConfig::default(), None).unwrap();
 
         store.conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
         let e = Store::open(dir.path()).err().unwrap().to_string();

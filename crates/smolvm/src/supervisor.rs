@@ -669,6 +669,9 @@ async fn supervise(id: &str) -> i32 {
     let Ok(Some(record)) = store.get(id) else {
         return fail("not_found", format!("VM '{id}' not found: it was deleted while it was starting"), None);
     };
+    if let Err(e) = record.usable() {
+        return fail("host", e.to_string(), None);
+    }
     if let Some(me) = ProcId::of(std::process::id() as i32) {
         let _ = store.set_supervisor(id, me);
     }
