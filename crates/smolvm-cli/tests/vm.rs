@@ -1138,6 +1138,40 @@ async fn a_supervisor_of_another_build_is_sent_no_request_and_stops_by_signal() 
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
 }
 
+/// A record whose settings no longer parse (a damaged state.db; made here directly, with no
+/// VM) lists as damaged; nothing uses its default settings in place of its own (env list and
+/// unset, start) or says its values; `delete --force` removes it, and every copy of its values.
+#[test]
+fn a_damaged_record_lists_is_not_used_and_deletes() {
+    let env = env();
+    let config = VmConfig { env_vars: [("TOKEN".to_string(), "s3cret-damaged".to_string())].into(), ..Default::default() };
+    smolvm::store::Store::open(&env.dirs.data).unwrap().insert("dmg", &config, None).unwrap();
+    let db = rusqlite::Connection::open(env.dirs.data.join("state.db")).unwrap();
+    db.execute("UPDATE sandboxes SET config = replace(config, '\"memory\"', '\"memoryX\"')", []).unwrap();
+    drop(db);
+    let out = env.smolvm(&["sandbox", "list", "--all", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((&v["data"][0]["id"], &v["data"][0]["damaged"]), (&json!("dmg"), &json!(true)), "{v}");
+    for args in [
+        &["sandbox", "env", "list", "dmg", "--show-values"][..],
+        &["sandbox", "env", "unset", "dmg", "TOKEN"],
+        &["sandbox", "start", "dmg"],
+    ] {
+        let out = env.smolvm(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("the settings recorded for sandbox 'dmg' in the state database do not parse"), "{args:?}: {err}");
+        assert!(!err.contains("s3cret") && !String::from_utf8_lossy(&out.stdout).contains("s3cret"), "{args:?}");
+    }
+    assert!(env.qemu_processes().is_empty());
+    assert!(env.smolvm(&["sandbox", "delete", "--force", "dmg"]).status.success());
+    for f in ["state.db", "state.db-wal"] {
+        let bytes = std::fs::read(env.dirs.data.join(f)).unwrap_or_default();
+        assert!(!bytes.windows(6).any(|w| w == b"s3cret"), "{f} kept the damaged record's value");
+    }
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+}
+
 /// A sandbox whose record went while it ran (its state database lost or replaced): prune ends
 /// its supervisor, which takes its VM and network down, and then removes its files. (It removed
 /// the files alone: the VM, its TAP and its firewall table ran on, with nothing to reach them.)

@@ -439,23 +439,22 @@ async fn snapshot_speed(dirs: &Dirs, work: &std::path::Path, progress: image::Pr
         // Both the save and its reference start with no other writes pending on the host:
         // earlier parts of the bench leave the page cache dirty, and writeback then throttles
         // whoever writes next.
-        let mut save_s = [0.0; 2];
-        let mut info = None;
-        for (i, took) in save_s.iter_mut().enumerate() {
-            nix::unistd::sync();
-            let t = Instant::now();
-            let id = if i == 0 { id.clone() } else { format!("{id}-again") };
-            let saved = sb.snapshot(Some(&id), "full").await;
-            *took = t.elapsed().as_secs_f64();
-            match i {
-                0 => info = Some(saved?),
-                _ => {
-                    let _ = crate::sandbox::delete_snapshot(dirs, &id);
-                    saved?;
-                }
+        let save = |id: String| {
+            let sb = &sb;
+            async move {
+                nix::unistd::sync();
+                let t = Instant::now();
+                let saved = sb.snapshot(Some(&id), "full").await;
+                (t.elapsed().as_secs_f64(), saved)
             }
-        }
-        let info = info.expect("the first save ran");
+        };
+        let (first_s, info) = save(id.clone()).await;
+        let info = info?;
+        let again = format!("{id}-again");
+        let (again_s, saved) = save(again.clone()).await;
+        let _ = crate::sandbox::delete_snapshot(dirs, &again);
+        saved?;
+        let save_s = [first_s, again_s];
         let state_bytes = std::fs::metadata(info.path.join("state")).ctx(|| "reading the state's size".into())?.len();
         // Twice: the first restore after a while pays for the host's first touch of the memory it
         // fills (slow on a nested VM such as this host), a second one much less.

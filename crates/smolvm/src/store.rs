@@ -102,17 +102,22 @@ pub struct Record {
 impl Record {
     /// An error for what would use a damaged record's settings.
     pub fn usable(&self) -> Result<()> {
-        match self.damaged {
-            false => Ok(()),
-            true => Err(damaged(&self.id, "sandbox", &format!("smolvm sandbox delete --force {}", self.id))),
-        }
+        usable(self.damaged, "sandbox", &self.id)
     }
 }
 
-fn damaged(id: &str, what: &str, remedy: &str) -> Error {
-    Error::Host(format!(
+/// The error for a damaged record (see `Record::damaged`) of a `what` (sandbox or snapshot).
+fn usable(damaged: bool, what: &str, id: &str) -> Result<()> {
+    if !damaged {
+        return Ok(());
+    }
+    let remedy = match what {
+        "snapshot" => format!("smolvm sandbox snapshot delete {id}"),
+        _ => format!("smolvm sandbox delete --force {id}"),
+    };
+    Err(Error::Host(format!(
         "the settings recorded for {what} '{id}' in the state database do not parse (the file was damaged; other records are unaffected): `{remedy}` removes it"
-    ))
+    )))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -130,10 +135,7 @@ pub struct SnapshotRecord {
 
 impl SnapshotRecord {
     pub fn usable(&self) -> Result<()> {
-        match self.damaged {
-            false => Ok(()),
-            true => Err(damaged(&self.id, "snapshot", &format!("smolvm sandbox snapshot delete {}", self.id))),
-        }
+        usable(self.damaged, "snapshot", &self.id)
     }
 }
 
@@ -395,29 +397,27 @@ impl Store {
 
     pub fn update_config(&self, id: &str, config: &VmConfig) -> Result<()> {
         // Never over settings that did not parse: they are the real ones, the caller's are not.
-        if self.get(id)?.is_some_and(|r| r.damaged) {
-            return Err(damaged(id, "sandbox", &format!("smolvm sandbox delete --force {id}")));
-        }
         let old = self.config_of("sandboxes", id)?;
+        usable(matches!(old, Some(None)), "sandbox", id)?;
+        let old = old.flatten();
         let json = serde_json::to_string(config).expect("config serializes");
         self.conn.execute("UPDATE sandboxes SET config=?2 WHERE id=?1", params![id, json])?;
         self.scrub_if(old.is_some_and(|old| old.env_vars.iter().any(|(k, v)| config.env_vars.get(k) != Some(v))));
         Ok(())
     }
 
-    /// The config recorded in `table` (sandboxes or snapshots) for `id`.
-    fn config_of(&self, table: &str, id: &str) -> Result<Option<VmConfig>> {
+    /// The config recorded in `table` (sandboxes or snapshots) for `id`: `None` without a
+    /// record, `Some(None)` for settings that do not parse (a damaged record).
+    fn config_of(&self, table: &str, id: &str) -> Result<Option<Option<VmConfig>>> {
         let json: Option<String> =
             self.conn.query_row(&format!("SELECT config FROM {table} WHERE id=?1"), [id], |r| r.get(0)).optional()?;
-        Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+        Ok(json.map(|j| serde_json::from_str(&j).ok()))
     }
 
     /// Whether the record of `id` in `table` may hold env values: it has some, or its settings
     /// do not parse (a damaged record, whose values cannot be seen but may be there).
     fn may_hold_secrets(&self, table: &str, id: &str) -> Result<bool> {
-        let json: Option<String> =
-            self.conn.query_row(&format!("SELECT config FROM {table} WHERE id=?1"), [id], |r| r.get(0)).optional()?;
-        Ok(json.is_some_and(|j| serde_json::from_str::<VmConfig>(&j).map_or(true, |c| !c.env_vars.is_empty())))
+        Ok(self.config_of(table, id)?.is_some_and(|c| c.is_none_or(|c| !c.env_vars.is_empty())))
     }
 
     /// Once env values have left the records (a sandbox or snapshot removed, a variable unset
