@@ -95,6 +95,9 @@ fn io_error(what: &str, e: io::Error) -> Reply {
 
 /// Begin an upload. Errors are answered at once; otherwise `Ok` comes after `StdinClose`.
 pub fn put_start(stream: u32, path: String, mode: u32, tar: bool, w: &Writer) {
+    // After the set-up, as commands: a file sent to a host directory's mount point before the
+    // mount would land under it, out of sight.
+    crate::pending::wait();
     if !path.starts_with('/') {
         return w.send(stream, &Reply::error(ErrorKind::Invalid, format!("guest path must be absolute: {path:?}")));
     }
@@ -220,6 +223,7 @@ pub fn get(stream: u32, path: String, w: Writer) {
 }
 
 fn get_on(stream: u32, path: String, w: &Writer, window: &Window) {
+    crate::pending::wait();
     // One chunk once the host has room for it; an error once nobody reads (a cancel).
     let data = |chunk: Vec<u8>| match window.send(w, stream, &Reply::Data(chunk)) {
         true => Ok(()),

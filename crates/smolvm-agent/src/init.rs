@@ -1,6 +1,7 @@
 //! PID 1 duties for minimal images.
 
 use nix::mount::{mount, MsFlags};
+use smolvm_proto::Share;
 use std::fs;
 use std::io;
 use std::path::Path;
@@ -34,7 +35,7 @@ impl Cmdline {
     }
 
     /// The host's shared directories (`smolvm_mounts=`; see the host's `SharedDir`).
-    pub fn mounts(&self) -> Vec<SharedDir> {
+    pub fn mounts(&self) -> Vec<Share> {
         self.get("smolvm_mounts").map(|v| SharedDir::parse_all(&v)).unwrap_or_default()
     }
 
@@ -48,18 +49,13 @@ impl Cmdline {
     }
 }
 
-/// A host directory to mount over 9p: its device tag, where, and whether read-only.
-#[derive(Debug, PartialEq, Eq)]
-pub struct SharedDir {
-    tag: String,
-    path: String,
-    readonly: bool,
-}
+/// The host's `smolvm_mounts=` (see its `SharedDir::boot_arg`).
+struct SharedDir;
 
 impl SharedDir {
     /// `tag:hex path:ro|rw,...`; entries that do not read so are left out (and logged).
-    fn parse_all(arg: &str) -> Vec<SharedDir> {
-        let one = |entry: &str| -> Option<SharedDir> {
+    fn parse_all(arg: &str) -> Vec<Share> {
+        let one = |entry: &str| -> Option<Share> {
             let mut parts = entry.split(':');
             let (tag, hex, mode) = (parts.next()?, parts.next()?, parts.next()?);
             let bytes = (0..hex.len())
@@ -72,7 +68,7 @@ impl SharedDir {
                 "rw" => false,
                 _ => return None,
             };
-            (parts.next().is_none() && !tag.is_empty()).then(|| SharedDir { tag: tag.to_string(), path, readonly })
+            (parts.next().is_none() && !tag.is_empty()).then(|| Share { tag: tag.to_string(), path, readonly })
         };
         arg.split(',')
             .filter_map(|e| {
@@ -123,16 +119,11 @@ pub fn start() -> Cmdline {
 /// The set-up that commands wait for (`pending::wait`) and the agent does not, on a thread of
 /// its own: the NIC, /proc and /sys (`proc_sys`: a root disk brings its own along), cgroup2 and
 /// the loopback device.
-fn spawn_setup(net: Option<smolvm_proto::NetConfig>, proc_sys: bool, mounts: Vec<SharedDir>) {
+fn spawn_setup(net: Option<smolvm_proto::NetConfig>, proc_sys: bool, mounts: Vec<Share>) {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     crate::pending::spawn(move || {
         // Commands wait for these: a command that finds its workspace empty would be wrong.
-        for m in &mounts {
-            let flags = if m.readonly { MsFlags::MS_RDONLY } else { MsFlags::empty() };
-            if let Err(e) = mount_fs(&m.tag, &m.path, "9p", flags, Some("trans=virtio,version=9p2000.L,msize=524288")) {
-                crate::pending::fail(format!("the host directory for {} could not be mounted ({e})", m.path));
-            }
-        }
+        mount_shares(&mounts);
         if let Some(cfg) = net {
             crate::net::configure_now(&cfg);
         }
@@ -146,6 +137,29 @@ fn spawn_setup(net: Option<smolvm_proto::NetConfig>, proc_sys: bool, mounts: Vec
         crate::cgroup::mount();
         loopback_up();
     });
+}
+
+/// Mount the host's shared directories, each tag once in the agent's life (a host may greet a
+/// restored guest twice). One that fails is recorded, and every command then fails with why.
+fn mount_shares(mounts: &[Share]) {
+    static MOUNTED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    for m in mounts {
+        let mut mounted = MOUNTED.lock().unwrap_or_else(|e| e.into_inner());
+        if mounted.contains(&m.tag) {
+            continue;
+        }
+        let flags = if m.readonly { MsFlags::MS_RDONLY } else { MsFlags::empty() };
+        match mount_fs(&m.tag, &m.path, "9p", flags, Some("trans=virtio,version=9p2000.L,msize=524288")) {
+            Ok(()) => mounted.push(m.tag.clone()),
+            Err(e) => crate::pending::fail(format!("the host directory for {} could not be mounted ({e})", m.path)),
+        }
+    }
+}
+
+/// A restored guest's shares (`Request::Hello`'s `mounts`), mounted on a thread of their own
+/// that commands wait for, as a booted guest's are.
+pub fn mount_in_background(mounts: Vec<Share>) {
+    crate::pending::spawn(move || mount_shares(&mounts));
 }
 
 /// The rest of PID 1's set-up, after `start` and the agent channel's early open.
@@ -340,8 +354,8 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                SharedDir { tag: "smolvm0".into(), path: "/workspace/a b".into(), readonly: true },
-                SharedDir { tag: "smolvm1".into(), path: "/mnt/c".into(), readonly: false },
+                Share { tag: "smolvm0".into(), path: "/workspace/a b".into(), readonly: true },
+                Share { tag: "smolvm1".into(), path: "/mnt/c".into(), readonly: false },
             ]
         );
         // Odd hex, a relative path, an unknown mode, extra fields: left out.

@@ -215,7 +215,7 @@ fn host_gone(e: &io::Error) {
 
 fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
     let reply = match req {
-        Request::Hello { version, unix_time_ns, hostname, entropy, net, sync } => {
+        Request::Hello { version, unix_time_ns, hostname, entropy, net, sync, mounts } => {
             // Whatever the previous host started (a restored snapshot's commands and uploads)
             // has nobody to report to.
             w.new_session(sync);
@@ -226,6 +226,9 @@ fn dispatch(stream: u32, req: Request, w: &Writer, pid1: bool) {
             w.send(stream, &hello(version));
             if let Some(cfg) = net {
                 crate::net::configure_in_background(cfg);
+            }
+            if !mounts.is_empty() {
+                crate::init::mount_in_background(mounts);
             }
             set_clock(unix_time_ns);
             if !hostname.is_empty() {

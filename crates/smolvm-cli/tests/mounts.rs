@@ -58,6 +58,13 @@ int main(int argc, char **argv) {
 }
 "#;
 
+/// Whether sandbox `id`'s QEMU was started to load a saved state (a warm start).
+fn started_warm(id: &str) -> bool {
+    let qemu = processes_mentioning("qemu-system", &format!("smolvm_hostname={id} "));
+    assert_eq!(qemu.len(), 1, "{id}");
+    std::fs::read(format!("/proc/{}/cmdline", qemu[0])).unwrap().split(|b| *b == 0).any(|arg| arg == b"-incoming")
+}
+
 #[tokio::test]
 async fn a_read_only_mount_shows_the_hosts_files_live_and_refuses_writes() {
     let env = env();
@@ -84,6 +91,14 @@ async fn a_read_only_mount_shows_the_hosts_files_live_and_refuses_writes() {
         ..Default::default()
     };
     let sb = env.boot(config).await;
+    // Started warm, as a sandbox without mounts is: restored from a template with four shares
+    // that were never mounted in it.
+    assert!(started_warm(sb.id()), "a sandbox with mounts booted cold");
+    // A file transfer before any command waits for the mounts, as commands do: it reads the
+    // host's file, not an empty mount point.
+    let got = env.tmp.path().join("got.txt");
+    sb.download("/workspace/project/src/main.txt", &got).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&got).unwrap(), "fn main() {}\n");
     // `info` says what is shared, and where.
     let info = sb.info().await.unwrap();
     assert_eq!(info["mounts"][0], serde_json::json!({"host": share, "guest": "/workspace/project", "writable": false}));
@@ -158,13 +173,22 @@ fn a_writable_mount_takes_the_guests_writes_to_the_host() {
     // A relative host path is taken from the current directory; a host path may hold colons.
     std::fs::create_dir_all(env.tmp.path().join("run:1")).unwrap();
     std::fs::write(env.tmp.path().join("run:1/f"), "colon\n").unwrap();
+    // (Booted cold: mounts work the same either way.)
     let out = env
         .cli()
         .current_dir(env.tmp.path())
-        .args(["run", "--mount", "out", "--mount", "run:1", "cat /workspace/out/result.txt /workspace/run:1/f"])
+        .env("SMOLVM_WARM", "0")
+        .args([
+            "run",
+            "--mount",
+            "out",
+            "--mount",
+            "run:1",
+            "cat /workspace/out/result.txt /workspace/run:1/f; grep -c ' 9p ' /proc/mounts",
+        ])
         .output()
         .unwrap();
-    assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "from-guest\ncolon\n"), "{}", stderr(&out));
+    assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "from-guest\ncolon\n2\n"), "{}", stderr(&out));
     assert!(env.qemu_processes().is_empty());
 
     // A sandbox whose host directory went since it was made: its start says so before booting

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 /// Bumped whenever a message changes shape; the host refuses an agent of another version
 /// because postcard is not self-describing and a mismatch would decode as garbage.
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// What a supervisor writes first on every client connection, before any frame: these four
 /// bytes, then its `PROTOCOL_VERSION` (u32, little-endian). A sandbox can outlive an upgrade of
@@ -162,6 +162,10 @@ pub enum Request {
         /// been half way through writing a frame to its previous host, and sends the rest
         /// first. The host picks them at random, so no output can contain them.
         sync: Option<[u8; 16]>,
+        /// Host directories to mount now: a guest restored from a warm template, which has
+        /// their devices but was saved before anything was mounted (a mounted 9p share cannot
+        /// be saved). A booted guest has them from its kernel command line instead.
+        mounts: Vec<Share>,
     },
     /// Round trip without a process, for health checks and benchmarks.
     Ping,
@@ -286,6 +290,14 @@ impl NetConfig {
         }
         Some(NetConfig { address: ip(address)?, prefix, gateway, dns })
     }
+}
+
+/// A host directory the guest mounts over 9p: its device's tag, where, and whether read-only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    pub tag: String,
+    pub path: String,
+    pub readonly: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

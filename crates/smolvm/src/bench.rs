@@ -87,6 +87,7 @@ async fn bare_boot(
         machine,
         tsc_khz: (accel == vmm::Accel::Tcg).then(|| vmm::host_tsc_khz(&dirs.images)).flatten(),
         mounts: vec![],
+        mount_at_boot: true,
     };
     let mut args = qemu::command_line(&spec);
     if cmdline == Cmdline::Lab {

@@ -1329,8 +1329,17 @@ impl Sandbox {
             check_socket_paths(&self.dirs, &[&self.paths.vhost_vsock, &agent])?;
         }
         let q35 = crate::vmm::qemu::choose_machine(&self.dirs, Some(&image.kernel))? == crate::vmm::qemu::Machine::Q35;
-        let mut spec =
-            BootSpec { image, accel, boot_timeout_ms: boot_timeout.as_millis() as u64, verbose_boot, restore: None, ram: None, vsock, q35 };
+        let mut spec = BootSpec {
+            image,
+            accel,
+            boot_timeout_ms: boot_timeout.as_millis() as u64,
+            verbose_boot,
+            restore: None,
+            ram: None,
+            vsock,
+            q35,
+            unmounted_shares: false,
+        };
         // No program to supervise with: said once, not as a warm start's failure first.
         smolvm_binary()?;
         // Warm templates are saved microvm VMs, and a VM with a vhost-user device cannot be
@@ -1941,6 +1950,7 @@ impl Sandbox {
                 // A saved VM loads only into the same machine and devices it was saved from.
                 vsock: false,
                 q35: false,
+                unmounted_shares: false,
             };
             // Like any start: a `start` or `delete` of this name meanwhile waits for it.
             let lock = sb.paths.wait_start_lock().await?;

@@ -44,6 +44,10 @@ pub struct BootSpec {
     /// The q35 machine (`SMOLVM_MACHINE`, or a QEMU without microvm) instead of microvm.
     #[serde(default)]
     pub q35: bool,
+    /// The sandbox's shares are devices only, mounted by nothing: a warm template's boot
+    /// (see `LaunchSpec::mount_at_boot`).
+    #[serde(default)]
+    pub unmounted_shares: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -259,6 +263,9 @@ struct Greeting {
     net: Option<proto::NetConfig>,
     /// The agent channel's first frame follows these bytes (`Request::Hello`'s `sync`).
     sync: [u8; 16],
+    /// Only for a restored guest (a warm start): a booted one mounts its shares from its
+    /// kernel command line.
+    mounts: Vec<proto::Share>,
 }
 
 /// From the kernel's CSPRNG: neither the guest nor what runs in it may guess them.
@@ -594,6 +601,7 @@ async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
         entropy: random::<32>()?.to_vec(),
         net: g.net.clone(),
         sync: Some(g.sync),
+        mounts: g.mounts.clone(),
     };
     let sent = Instant::now();
     match agent.call(&hello).await? {
@@ -735,6 +743,7 @@ async fn supervise(id: &str) -> i32 {
             .iter()
             .map(|m| qemu::SharedDir { host: m.host.clone(), guest: m.guest_path(), readonly: !record.config.writable_mounts })
             .collect(),
+        mount_at_boot: !spec.unmounted_shares,
     };
     let greeting = Greeting {
         hostname: id.to_string(),
@@ -744,6 +753,7 @@ async fn supervise(id: &str) -> i32 {
         // A restored guest still has its snapshot's network settings.
         net: guest_net.filter(|_| spec.restore.is_some()),
         sync,
+        mounts: if spec.restore.is_some() { qemu::SharedDir::shares(&launch.mounts) } else { Vec::new() },
     };
     // What this boot writes to the console (the log is the sandbox's across starts): only that
     // tells of its panic (`panicked_since`).

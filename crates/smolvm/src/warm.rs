@@ -18,16 +18,15 @@ pub fn ram_file(state: &Path) -> PathBuf {
     state.with_file_name("ram")
 }
 
-/// Only sandboxes of the default image (nothing of their own to boot) start warm.
+/// Only sandboxes of the default image (nothing of their own to boot) start warm. Those with
+/// mounts too: their template has as many 9p devices, saved before anything was mounted (a
+/// mounted share cannot be saved), and the clone mounts its own directories once restored.
 pub fn eligible(config: &VmConfig) -> bool {
     config.kernel_path.is_none()
         && config.initrd_path.is_none()
         && config.rootfs_path.is_none()
         && config.boot_args.is_none()
         && config.image.as_deref().is_none_or(|i| i == "default")
-        // A shared directory is a device the template does not have (and 9p state cannot be
-        // saved while mounted).
-        && config.workspace_mounts.is_empty()
 }
 
 /// Identity of the QEMU binary: a saved state only loads into the QEMU that wrote it.
@@ -68,6 +67,8 @@ fn template_dir(config: &VmConfig, spec: &BootSpec, images: &Path) -> Result<Pat
         spec.image.initrd.as_deref().map(file_identity).unwrap_or_default(),
         config.vcpu_count.to_le_bytes().to_vec(),
         config.memory.to_le_bytes().to_vec(),
+        // A saved VM loads only where it finds the same devices.
+        config.workspace_mounts.len().to_le_bytes().to_vec(),
         format!("{:?}", spec.accel).as_bytes().to_vec(),
         qemu_identity().as_bytes().to_vec(),
         smolvm_proto::PROTOCOL_VERSION.to_le_bytes().to_vec(),
@@ -113,19 +114,31 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
     // cut off from everything while it is made.
     let network = if backend_kind(config)? == "tap" { "nat" } else { "none" };
     let internet = crate::config::InternetSettings { mode: "off".into(), ..Default::default() };
+    // As many shares as the sandbox has, of an empty directory: devices only, never mounted.
+    let empty = tmp.join("share");
+    std::fs::create_dir_all(&empty).ctx(|| format!("creating {}", empty.display()))?;
+    let placeholders = (0..config.workspace_mounts.len())
+        .map(|i| crate::config::Mount { host: empty.clone(), guest: Some(format!("/mnt/smolvm-share{i}")) })
+        .collect();
     let shape = VmConfig {
         vcpu_count: config.vcpu_count,
         memory: config.memory,
         network: Some(network.into()),
         internet_settings: Some(internet),
+        workspace_mounts: placeholders,
         ..Default::default()
     };
-    let mut sb = Sandbox::create_in(dirs.clone(), shape, true)?;
+    let mut sb = match Sandbox::create_in(dirs.clone(), shape, true) {
+        Ok(sb) => sb,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
     let made = async {
         // The template's RAM goes to a file that clones will map copy-on-write.
-        std::fs::create_dir_all(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
         let ram = crate::vmm::qemu::RamFile { path: tmp.join("ram"), share: true };
-        let cold = BootSpec { restore: None, verbose_boot: false, ram: Some(ram), ..spec.clone() };
+        let cold = BootSpec { restore: None, verbose_boot: false, ram: Some(ram), unmounted_shares: true, ..spec.clone() };
         {
             let start_lock = sb.paths().wait_start_lock().await?;
             sb.launch(&cold, Duration::from_millis(spec.boot_timeout_ms), start_lock.as_ref()).await?;
@@ -250,6 +263,7 @@ mod tests {
             ram: None,
             vsock: false,
             q35: false,
+            unmounted_shares: false,
         }
     }
 

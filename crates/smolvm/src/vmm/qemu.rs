@@ -44,6 +44,10 @@ pub struct LaunchSpec {
     pub tsc_khz: Option<u64>,
     /// Host directories shared into the guest over 9p, in order: the n-th is tag `smolvm<n>`.
     pub mounts: Vec<SharedDir>,
+    /// Whether the kernel command line tells the agent to mount them as it boots. A warm
+    /// template's boot has the devices but mounts nothing (a mounted share cannot be saved);
+    /// its clones are told after their restore (`Request::Hello`'s `mounts`).
+    pub mount_at_boot: bool,
 }
 
 /// A host directory the guest mounts at `guest` (the agent, from the kernel command line).
@@ -63,6 +67,12 @@ impl SharedDir {
             format!("smolvm{i}:{hex}:{}", if m.readonly { "ro" } else { "rw" })
         });
         (!mounts.is_empty()).then(|| format!("smolvm_mounts={}", each.collect::<Vec<_>>().join(",")))
+    }
+
+    /// What a restored guest is told to mount (tags as on the command line).
+    pub fn shares(mounts: &[SharedDir]) -> Vec<smolvm_proto::Share> {
+        let each = mounts.iter().enumerate();
+        each.map(|(i, m)| smolvm_proto::Share { tag: format!("smolvm{i}"), path: m.guest.clone(), readonly: m.readonly }).collect()
     }
 }
 
@@ -278,7 +288,7 @@ pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
     if spec.vsock.is_some() {
         args.push("smolvm_channel=vsock".into());
     }
-    if let Some(mounts) = SharedDir::boot_arg(&spec.mounts) {
+    if let Some(mounts) = SharedDir::boot_arg(&spec.mounts).filter(|_| spec.mount_at_boot) {
         args.push(mounts);
     }
     if let Some(extra) = &spec.extra_boot_args {
@@ -836,6 +846,7 @@ mod tests {
             machine: Machine::Microvm,
             tsc_khz: Some(2_596_122),
             mounts: vec![],
+            mount_at_boot: true,
         }
     }
 
@@ -927,6 +938,23 @@ mod tests {
         );
         let k = kernel_cmdline(&s);
         assert!(k.contains(" smolvm_mounts=smolvm0:2f776f726b73706163652f612062:ro,smolvm1:2f6d6e742f63:rw"), "{k}");
+        // A warm template's boot: the same devices, nothing mounted; its clones are told so.
+        s.mount_at_boot = false;
+        assert!(!kernel_cmdline(&s).contains("smolvm_mounts"));
+        let devices = |line: &str| {
+            line.split(" -").filter(|a| a.starts_with("fsdev") || a.starts_with("device virtio-9p")).collect::<Vec<_>>().join(" ")
+        };
+        assert_eq!(devices(&command_line(&s).join(" ")), devices(&a));
+        assert_eq!(devices(&a).matches("virtio-9p").count(), 2);
+        let told = SharedDir::shares(&s.mounts);
+        assert_eq!(
+            told,
+            vec![
+                smolvm_proto::Share { tag: "smolvm0".into(), path: "/workspace/a b".into(), readonly: true },
+                smolvm_proto::Share { tag: "smolvm1".into(), path: "/mnt/c".into(), readonly: false },
+            ]
+        );
+        s.mount_at_boot = true;
         s.mounts.clear();
         assert!(!kernel_cmdline(&s).contains("smolvm_mounts") && !command_line(&s).join(" ").contains("9p"));
     }
