@@ -340,6 +340,7 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
     let _ = sb.delete().await;
     let (mut ping, mut run_login, mut run_raw, rss_mb, vmm_rss_mb, idle_cpu, (up, down, cat)) = result?;
     let (nat_ms, user_ms) = network_setup(dirs, rounds, progress).await?;
+    let (mount_ms, no_mount_ms) = mount_start(dirs, &work, rounds, progress).await?;
     let (nat_mbs, user_mbs) = http_throughput(dirs, &work, progress).await.unwrap_or_else(|e| {
         progress(&format!("network throughput not measured: {}", e.full_message()));
         (f64::NAN, f64::NAN)
@@ -361,6 +362,7 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         "burst": { "started": 32, "answered": burst.0, "all_answered_s": burst.1 },
         "files_mb_per_s": { "upload": up, "download": down, "cat_reference": cat },
         "network_start_ms": { "nat_p50": nat_ms, "user_p50": user_ms, "nat_overhead": nat_ms - user_ms },
+        "mount_start_ms": { "with_p50": mount_ms, "without_p50": no_mount_ms },
         "http_download_mb_per_s": { "nat": nat_mbs, "user": user_mbs },
         "agent_ping_ms": { "p50": percentile(&mut ping, 0.5), "p99": percentile(&mut ping, 0.99), "target_p50": 1.0 },
         "run_true_login_ms": { "p50": percentile(&mut run_login, 0.5), "p99": percentile(&mut run_login, 0.99), "target_p50": 10.0 },
@@ -386,6 +388,7 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
          | idle sandbox CPU | {idle_cpu:.2} % of a core | target <= 2 % |\n\
          | 20 MB upload / download over the agent | {up:.0} / {down:.0} MB/s | `cat` of the same file through the channel: {cat:.0} MB/s |\n\
          | warm start with NAT networking (TAP, nftables, DNS), p50 | {nat_ms:.0} ms | user-mode networking: {user_ms:.0} ms |\n\
+         | warm start with a read-only mount (9p), p50 | {mount_ms:.0} ms | without: {no_mount_ms:.0} ms (user-mode networking) |\n\
          | guest HTTP download of 20 MB from a host in a network namespace, NAT | {nat_mbs:.0} MB/s | user-mode networking: {user_mbs:.0} MB/s |\n\
          | full snapshot of a sandbox holding 500 MB in RAM (2 GiB, started warm): save ({:.0} MB of state, after a `sync`), first, then again | {:.2} s ({:.0} MB/s), then {:.2} s ({:.0} MB/s) | writing as many bytes to a file in the data directory, after a `sync`: {:.0} MB/s |\n\
          | restore from that snapshot to a first command's answer: first, then again | {:.2} s, then {:.2} s | |\n{}",
@@ -587,22 +590,39 @@ async fn network_setup(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>
         return Ok((f64::NAN, f64::NAN));
     }
     progress("network: sandbox start with NAT against user networking");
-    let (mut nat, mut user) = (Vec::new(), Vec::new());
+    let config = |mode: &str| VmConfig { network: Some(mode.into()), ..Default::default() };
+    let p50 = start_p50(dirs, rounds, &[config("nat"), config("user")]).await?;
+    Ok((p50[0], p50[1]))
+}
+
+/// Start-to-ready of a warm sandbox with a read-only mount of `share` and without (user
+/// networking, p50 ms): a sandbox with mounts starts warm too.
+async fn mount_start(dirs: &Dirs, share: &std::path::Path, rounds: usize, progress: image::Progress<'_>) -> Result<(f64, f64)> {
+    progress("mounts: sandbox start with a mount against without");
+    let without = VmConfig { network: Some("user".into()), ..Default::default() };
+    let with = VmConfig { workspace_mounts: vec![crate::config::Mount { host: share.to_path_buf(), guest: None }], ..without.clone() };
+    let p50 = start_p50(dirs, rounds, &[with, without]).await?;
+    Ok((p50[0], p50[1]))
+}
+
+/// Start-to-ready (p50 ms) of each config, interleaved, after one unmeasured round (which
+/// makes a warm template if missing).
+async fn start_p50(dirs: &Dirs, rounds: usize, configs: &[VmConfig]) -> Result<Vec<f64>> {
+    let mut took: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     for i in 0..rounds + 1 {
-        for (mode, out) in [("nat", &mut nat), ("user", &mut user)] {
-            let config = VmConfig { network: Some(mode.into()), ..Default::default() };
-            let mut sb = Sandbox::create_in(dirs.clone(), config, true)?;
+        for (config, out) in configs.iter().zip(took.iter_mut()) {
+            let mut sb = Sandbox::create_in(dirs.clone(), config.clone(), true)?;
             let t = Instant::now();
             let r = sb.start(Duration::from_secs(60), &|_| {}).await;
-            let took = t.elapsed().as_secs_f64() * 1000.0;
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
             let _ = sb.delete().await;
             r?;
             if i > 0 {
-                out.push(took);
+                out.push(ms);
             }
         }
     }
-    Ok((percentile(&mut nat, 0.5), percentile(&mut user, 0.5)))
+    Ok(took.iter_mut().map(|t| percentile(t, 0.5)).collect())
 }
 
 fn sh(cmd: &str) -> bool {
