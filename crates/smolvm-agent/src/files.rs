@@ -93,11 +93,22 @@ fn io_error(what: &str, e: io::Error) -> Reply {
     Reply::error(kind, message)
 }
 
+/// Waits for the set-up, and says why it failed (a host directory that could not be mounted):
+/// a transfer then fails with that, as a command does, instead of using the bare mount point.
+fn set_up_failed() -> Option<String> {
+    crate::pending::wait();
+    crate::pending::failure()
+}
+
 /// Begin an upload. Errors are answered at once; otherwise `Ok` comes after `StdinClose`.
 pub fn put_start(stream: u32, path: String, mode: u32, tar: bool, w: &Writer) {
     // After the set-up, as commands: a file sent to a host directory's mount point before the
-    // mount would land under it, out of sight.
-    crate::pending::wait();
+    // mount would land under it, out of sight. (On the reading thread, so other streams' frames
+    // wait too: the set-up is the boot's or a greeting's, milliseconds, and none of it reads
+    // the channel.)
+    if let Some(why) = set_up_failed() {
+        return w.send(stream, &Reply::error(ErrorKind::Failed, why));
+    }
     if !path.starts_with('/') {
         return w.send(stream, &Reply::error(ErrorKind::Invalid, format!("guest path must be absolute: {path:?}")));
     }
@@ -223,7 +234,9 @@ pub fn get(stream: u32, path: String, w: Writer) {
 }
 
 fn get_on(stream: u32, path: String, w: &Writer, window: &Window) {
-    crate::pending::wait();
+    if let Some(why) = set_up_failed() {
+        return w.send(stream, &Reply::error(ErrorKind::Failed, why));
+    }
     // One chunk once the host has room for it; an error once nobody reads (a cancel).
     let data = |chunk: Vec<u8>| match window.send(w, stream, &Reply::Data(chunk)) {
         true => Ok(()),

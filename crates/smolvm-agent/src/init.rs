@@ -139,19 +139,20 @@ fn spawn_setup(net: Option<smolvm_proto::NetConfig>, proc_sys: bool, mounts: Vec
     });
 }
 
-/// Mount the host's shared directories, each tag once in the agent's life (a host may greet a
-/// restored guest twice). One that fails is recorded, and every command then fails with why.
+/// Mount the host's shared directories, each tag tried once in the agent's life (a host may
+/// greet a restored guest twice). One that fails is recorded for good, and every command then
+/// fails with why.
 fn mount_shares(mounts: &[Share]) {
-    static MOUNTED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    static TRIED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     for m in mounts {
-        let mut mounted = MOUNTED.lock().unwrap_or_else(|e| e.into_inner());
-        if mounted.contains(&m.tag) {
+        let mut tried = TRIED.lock().unwrap_or_else(|e| e.into_inner());
+        if tried.contains(&m.tag) {
             continue;
         }
+        tried.push(m.tag.clone());
         let flags = if m.readonly { MsFlags::MS_RDONLY } else { MsFlags::empty() };
-        match mount_fs(&m.tag, &m.path, "9p", flags, Some("trans=virtio,version=9p2000.L,msize=524288")) {
-            Ok(()) => mounted.push(m.tag.clone()),
-            Err(e) => crate::pending::fail(format!("the host directory for {} could not be mounted ({e})", m.path)),
+        if let Err(e) = mount_fs(&m.tag, &m.path, "9p", flags, Some("trans=virtio,version=9p2000.L,msize=524288")) {
+            crate::pending::fail(format!("the host directory for {} could not be mounted ({e})", m.path));
         }
     }
 }

@@ -1281,20 +1281,33 @@ async fn a_full_host_disk_pauses_the_sandbox_and_says_so() {
     assert_eq!(size.stdout.trim(), "31457280");
     // A delete on a disk full to the last block: the sandbox's files go first, and free what
     // the database needs to forget it (it failed on the record, and left them all).
-    // (Tried again where the running sandbox's logs took a block between the reading of the
-    // free space and the filling of it.)
-    let filled = (0..5).any(|i| {
-        let free_kib = nix::sys::statvfs::statvfs(&env.dirs.data).map(|v| (v.blocks_available() * v.fragment_size()) >> 10).unwrap();
-        let mut fill = std::process::Command::new("fallocate");
-        fill.arg("-l").arg(format!("{free_kib}K")).arg(filler.with_extension(i.to_string()));
-        free_kib == 0 || fill.status().unwrap().success()
-    });
-    assert!(filled, "the disk could not be filled");
+    fill_up(&filler);
     let dir = sb.paths().dir.clone();
     Arc::into_inner(sb).unwrap().delete().await.unwrap();
     assert!(!dir.exists());
     let out = env.smolvm(&["sandbox", "list", "--all", "--json"]);
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["data"], json!([]), "{}", stderr(&out));
+}
+
+/// Fill the filesystem `filler` is on to its last block with one file there or beside it (its
+/// path returned). Tried again where a running sandbox took a block between the reading of the
+/// free space and the filling of it.
+fn fill_up(filler: &std::path::Path) -> std::path::PathBuf {
+    let dir = filler.parent().unwrap();
+    for i in 0..5 {
+        let free_kib = nix::sys::statvfs::statvfs(dir).map(|v| (v.blocks_available() * v.fragment_size()) >> 10).unwrap();
+        let file = filler.with_extension(i.to_string());
+        if free_kib == 0 {
+            std::fs::File::create(&file).unwrap_or_else(|_| panic!("{} cannot be made", file.display()));
+            return file;
+        }
+        let made = std::process::Command::new("fallocate").arg("-l").arg(format!("{free_kib}K")).arg(&file).status();
+        if made.unwrap().success() {
+            return file;
+        }
+        let _ = std::fs::remove_file(&file);
+    }
+    panic!("{} could not be filled", dir.display());
 }
 
 /// A stop whose record cannot be written (the database's disk full) fails and says why; it
@@ -1314,10 +1327,7 @@ fn a_stop_that_cannot_be_recorded_fails() {
     assert!(env.smolvm(&["sandbox", "env", "unset", "full", "A"]).status.success());
     let wal = env.dirs.data.join("state.db-wal");
     assert_eq!(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0), 0, "the log was not emptied");
-    let filler = env.dirs.data.join("filler");
-    let free_kib = nix::sys::statvfs::statvfs(&env.dirs.data).map(|v| (v.blocks_available() * v.fragment_size()) >> 10).unwrap();
-    let filled = std::process::Command::new("fallocate").arg("-l").arg(format!("{free_kib}K")).arg(&filler).status();
-    assert!(filled.unwrap().success());
+    let filler = fill_up(&env.dirs.data.join("filler"));
     let out = env.smolvm(&["sandbox", "stop", "full"]);
     assert!(!out.status.success(), "a stop that was not recorded exited 0");
     let err = stderr(&out);

@@ -1094,8 +1094,14 @@ async fn supervise(id: &str) -> i32 {
                     // With RAM in a shared file the file *is* the saved memory: the VM must not
                     // run on and change it, so it stays stopped (warm templates are then deleted).
                     let shared_ram = spec.ram.as_ref().is_some_and(|r| r.share);
-                    if let Some(ram) = spec.ram.as_ref().filter(|_| kind == SnapshotKind::Full) {
-                        read_through(&ram.path).await;
+                    let mut done = done;
+                    // (A template's shared RAM file is not in the stream at all: `x-ignore-shared`.)
+                    if let Some(ram) = spec.ram.as_ref().filter(|r| !r.share && kind == SnapshotKind::Full) {
+                        tokio::select! {
+                            () = read_through(&ram.path) => {}
+                            // (The save below then sees it gone at once, and is given up.)
+                            () = done.closed() => {}
+                        }
                     }
                     let was_paused = paused.load(Ordering::SeqCst);
                     let keep_stopped = was_paused || (shared_ram && kind == SnapshotKind::Full);
@@ -1105,7 +1111,6 @@ async fn supervise(id: &str) -> i32 {
                         paused.store(true, Ordering::SeqCst);
                     }
                     let mut holding = if kind == SnapshotKind::Full && !was_paused { agent.hold(HOLD_BOUND).await } else { None };
-                    let mut done = done;
                     // (A save stops the CPUs, whatever the VM does after it.)
                     lock(&stopped).begin();
                     // (What to remove if the save fails: this directory, not one a retry of the

@@ -116,7 +116,10 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
     let internet = crate::config::InternetSettings { mode: "off".into(), ..Default::default() };
     // As many shares as the sandbox has, of an empty directory: devices only, never mounted.
     let empty = tmp.join("share");
-    std::fs::create_dir_all(&empty).ctx(|| format!("creating {}", empty.display()))?;
+    if let Err(e) = std::fs::create_dir_all(&empty) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(Error::Io { context: format!("creating {}", empty.display()), source: e });
+    }
     let placeholders = (0..config.workspace_mounts.len())
         .map(|i| crate::config::Mount { host: empty.clone(), guest: Some(format!("/mnt/smolvm-share{i}")) })
         .collect();
@@ -156,6 +159,8 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
     }
     .await;
     let _ = sb.delete().await;
+    // (Its QEMU is gone: the placeholder is not the template's.)
+    let _ = std::fs::remove_dir(&empty);
     let result = made.and_then(|_| std::fs::rename(&tmp, &dir).ctx(|| format!("installing {}", dir.display())));
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
