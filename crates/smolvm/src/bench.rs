@@ -416,8 +416,8 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
 struct SnapshotSpeed {
     state_mb: f64,
     /// The first save, and a second one: a sandbox started warm maps its memory from the
-    /// template's file, whose untouched parts the first save reads through first (see
-    /// docs/snapshots.md).
+    /// template's file, and the first save reads the parts the guest never touched, which the
+    /// host's page cache fills with zeros then (see docs/snapshots.md).
     save_s: [f64; 2],
     file_mb_per_s: f64,
     /// The first restore and a second one.

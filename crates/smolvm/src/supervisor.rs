@@ -1095,14 +1095,6 @@ async fn supervise(id: &str) -> i32 {
                     // run on and change it, so it stays stopped (warm templates are then deleted).
                     let shared_ram = spec.ram.as_ref().is_some_and(|r| r.share);
                     let mut done = done;
-                    // (A template's shared RAM file is not in the stream at all: `x-ignore-shared`.)
-                    if let Some(ram) = spec.ram.as_ref().filter(|r| !r.share && kind == SnapshotKind::Full) {
-                        tokio::select! {
-                            () = read_through(&ram.path) => {}
-                            // (The save below then sees it gone at once, and is given up.)
-                            () = done.closed() => {}
-                        }
-                    }
                     let was_paused = paused.load(Ordering::SeqCst);
                     let keep_stopped = was_paused || (shared_ram && kind == SnapshotKind::Full);
                     // As for a pause, when RAM is saved (a paused VM was stopped that way), and
@@ -1579,26 +1571,6 @@ fn vmm_complaints(log: &Path, from: u64) -> Option<String> {
     let text = String::from_utf8_lossy(&bytes);
     let said: Vec<&str> = text.lines().map(str::trim).filter(|l| l.starts_with("qemu")).collect();
     (!said.is_empty()).then(|| said[said.len().saturating_sub(3)..].join("; "))
-}
-
-/// Read a RAM file through once, before a save, while the VM still runs. A warm-started VM's
-/// memory is its template's file mapped private, and the pages it never touched are holes in
-/// that file. QEMU's save reads every page through the mapping, which for holes not yet in the
-/// host's page cache was slow: the first save of a 2 GiB sandbox holding 500 MB took 5.7 s, the
-/// next 0.5 s. Large reads of the file cache those pages first (0.46 s), and the save then
-/// took 0.47 s. A read that fails only leaves the save slower.
-async fn read_through(path: &Path) {
-    let path = path.to_path_buf();
-    let read = tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut file = std::fs::File::open(&path)?;
-        let mut buf = vec![0u8; 1 << 20];
-        while file.read(&mut buf)? > 0 {}
-        Ok::<_, std::io::Error>(())
-    });
-    if let Ok(Err(e)) = read.await {
-        tracing::debug!("reading the RAM file through before a save: {e}");
-    }
 }
 
 /// Save the VM into `dir`. `full`: the device and memory state (QEMU's migration stream, written
