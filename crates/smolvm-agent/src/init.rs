@@ -36,7 +36,7 @@ impl Cmdline {
 
     /// The host's shared directories (`smolvm_mounts=`; see the host's `SharedDir`).
     pub fn mounts(&self) -> Vec<Share> {
-        self.get("smolvm_mounts").map(|v| SharedDir::parse_all(&v)).unwrap_or_default()
+        self.get("smolvm_mounts").map(|v| parse_shares(&v)).unwrap_or_default()
     }
 
     /// The guest's network (`smolvm_net=`), if the host gave one.
@@ -49,37 +49,33 @@ impl Cmdline {
     }
 }
 
-/// The host's `smolvm_mounts=` (see its `SharedDir::boot_arg`).
-struct SharedDir;
-
-impl SharedDir {
-    /// `tag:hex path:ro|rw,...`; entries that do not read so are left out (and logged).
-    fn parse_all(arg: &str) -> Vec<Share> {
-        let one = |entry: &str| -> Option<Share> {
-            let mut parts = entry.split(':');
-            let (tag, hex, mode) = (parts.next()?, parts.next()?, parts.next()?);
-            let bytes = (0..hex.len())
-                .step_by(2)
-                .map(|i| hex.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-                .collect::<Option<Vec<u8>>>()?;
-            let path = String::from_utf8(bytes).ok().filter(|p| p.starts_with('/'))?;
-            let readonly = match mode {
-                "ro" => true,
-                "rw" => false,
-                _ => return None,
-            };
-            (parts.next().is_none() && !tag.is_empty()).then(|| Share { tag: tag.to_string(), path, readonly })
+/// The host's `smolvm_mounts=` (see its `SharedDir::boot_arg`): `tag:hex path:ro|rw,...`;
+/// entries that do not read so are left out (and logged).
+fn parse_shares(arg: &str) -> Vec<Share> {
+    let one = |entry: &str| -> Option<Share> {
+        let mut parts = entry.split(':');
+        let (tag, hex, mode) = (parts.next()?, parts.next()?, parts.next()?);
+        let bytes = (0..hex.len())
+            .step_by(2)
+            .map(|i| hex.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .collect::<Option<Vec<u8>>>()?;
+        let path = String::from_utf8(bytes).ok().filter(|p| p.starts_with('/'))?;
+        let readonly = match mode {
+            "ro" => true,
+            "rw" => false,
+            _ => return None,
         };
-        arg.split(',')
-            .filter_map(|e| {
-                let m = one(e);
-                if m.is_none() {
-                    crate::log(&format!("ignoring a shared directory the host described as {e:?}"));
-                }
-                m
-            })
-            .collect()
-    }
+        (parts.next().is_none() && !tag.is_empty()).then(|| Share { tag: tag.to_string(), path, readonly })
+    };
+    arg.split(',')
+        .filter_map(|e| {
+            let m = one(e);
+            if m.is_none() {
+                crate::log(&format!("ignoring a shared directory the host described as {e:?}"));
+            }
+            m
+        })
+        .collect()
 }
 
 fn mount_fs(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> io::Result<()> {
@@ -351,7 +347,7 @@ mod tests {
     #[test]
     fn shared_directories_read_as_the_host_writes_them() {
         // "/workspace/a b" and "/mnt/c", as the host's SharedDir::boot_arg writes them.
-        let got = SharedDir::parse_all("smolvm0:2f776f726b73706163652f612062:ro,smolvm1:2f6d6e742f63:rw");
+        let got = parse_shares("smolvm0:2f776f726b73706163652f612062:ro,smolvm1:2f6d6e742f63:rw");
         assert_eq!(
             got,
             vec![
@@ -361,7 +357,7 @@ mod tests {
         );
         // Odd hex, a relative path, an unknown mode, extra fields: left out.
         for bad in ["smolvm0:2f6:ro", "smolvm0:61:ro", "smolvm0:2f61:rx", "smolvm0:2f61:ro:x", ":2f61:ro"] {
-            assert_eq!(SharedDir::parse_all(bad), vec![], "{bad}");
+            assert_eq!(parse_shares(bad), vec![], "{bad}");
         }
     }
 }

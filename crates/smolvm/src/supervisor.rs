@@ -1094,7 +1094,6 @@ async fn supervise(id: &str) -> i32 {
                     // With RAM in a shared file the file *is* the saved memory: the VM must not
                     // run on and change it, so it stays stopped (warm templates are then deleted).
                     let shared_ram = spec.ram.as_ref().is_some_and(|r| r.share);
-                    let mut done = done;
                     let was_paused = paused.load(Ordering::SeqCst);
                     let keep_stopped = was_paused || (shared_ram && kind == SnapshotKind::Full);
                     // As for a pause, when RAM is saved (a paused VM was stopped that way), and
@@ -1103,6 +1102,7 @@ async fn supervise(id: &str) -> i32 {
                         paused.store(true, Ordering::SeqCst);
                     }
                     let mut holding = if kind == SnapshotKind::Full && !was_paused { agent.hold(HOLD_BOUND).await } else { None };
+                    let mut done = done;
                     // (A save stops the CPUs, whatever the VM does after it.)
                     lock(&stopped).begin();
                     // (What to remove if the save fails: this directory, not one a retry of the

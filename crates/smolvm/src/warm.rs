@@ -116,10 +116,6 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
     let internet = crate::config::InternetSettings { mode: "off".into(), ..Default::default() };
     // As many shares as the sandbox has, of an empty directory: devices only, never mounted.
     let empty = tmp.join("share");
-    if let Err(e) = std::fs::create_dir_all(&empty) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(Error::Io { context: format!("creating {}", empty.display()), source: e });
-    }
     let placeholders = (0..config.workspace_mounts.len())
         .map(|i| crate::config::Mount { host: empty.clone(), guest: Some(format!("/mnt/smolvm-share{i}")) })
         .collect();
@@ -131,7 +127,8 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
         workspace_mounts: placeholders,
         ..Default::default()
     };
-    let mut sb = match Sandbox::create_in(dirs.clone(), shape, true) {
+    let made = std::fs::create_dir_all(&empty).ctx(|| format!("creating {}", empty.display()));
+    let mut sb = match made.and_then(|_| Sandbox::create_in(dirs.clone(), shape, true)) {
         Ok(sb) => sb,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);

@@ -62,14 +62,14 @@ impl SharedDir {
     /// `smolvm_mounts=`: `tag:guest path in hex:ro|rw`, comma-separated (hex: a guest path may
     /// hold any character but NUL, and the command line splits at spaces).
     pub fn boot_arg(mounts: &[SharedDir]) -> Option<String> {
-        let each = mounts.iter().enumerate().map(|(i, m)| {
-            let hex: String = m.guest.bytes().map(|b| format!("{b:02x}")).collect();
-            format!("smolvm{i}:{hex}:{}", if m.readonly { "ro" } else { "rw" })
+        let each = SharedDir::shares(mounts).into_iter().map(|s| {
+            let hex: String = s.path.bytes().map(|b| format!("{b:02x}")).collect();
+            format!("{}:{hex}:{}", s.tag, if s.readonly { "ro" } else { "rw" })
         });
         (!mounts.is_empty()).then(|| format!("smolvm_mounts={}", each.collect::<Vec<_>>().join(",")))
     }
 
-    /// What a restored guest is told to mount (tags as on the command line).
+    /// What the guest mounts: a booted one from `boot_arg`, a restored one from its greeting.
     pub fn shares(mounts: &[SharedDir]) -> Vec<smolvm_proto::Share> {
         let each = mounts.iter().enumerate();
         each.map(|(i, m)| smolvm_proto::Share { tag: format!("smolvm{i}"), path: m.guest.clone(), readonly: m.readonly }).collect()
