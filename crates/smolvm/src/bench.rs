@@ -88,6 +88,7 @@ async fn bare_boot(
         tsc_khz: (accel == vmm::Accel::Tcg).then(|| vmm::host_tsc_khz(&dirs.images)).flatten(),
         mounts: vec![],
         mount_at_boot: true,
+        balloon: true,
     };
     let mut args = qemu::command_line(&spec);
     if cmdline == Cmdline::Lab {

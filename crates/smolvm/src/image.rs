@@ -147,8 +147,10 @@ fn record_kernel_failure(dirs: &Dirs, source: &Path, e: &Error) {
 }
 
 /// The Debian cloud kernel's drivers the sandbox needs (their dependencies come along):
-/// virtio on mmio (microvm) or PCI (q35), and vsock for the agent's vsock transport.
-const DEBIAN_MODULES: &[&str] = &["virtio_mmio", "virtio_pci", "virtio_console", "virtio_blk", "virtio_net", "vmw_vsock_virtio_transport"];
+/// virtio on mmio (microvm) or PCI (q35), vsock for the agent's vsock transport, and the
+/// balloon, whose free page reporting hands freed guest memory back.
+const DEBIAN_MODULES: &[&str] =
+    &["virtio_mmio", "virtio_pci", "virtio_console", "virtio_blk", "virtio_net", "vmw_vsock_virtio_transport", "virtio_balloon"];
 
 /// Debian's cloud kernel package, unpacked into the cache (never installed on the host):
 /// returns the kernel image and the directory holding its modules.

@@ -1339,6 +1339,7 @@ impl Sandbox {
             vsock,
             q35,
             unmounted_shares: false,
+            no_balloon: false,
         };
         // No program to supervise with: said once, not as a warm start's failure first.
         smolvm_binary()?;
@@ -1951,6 +1952,7 @@ impl Sandbox {
                 vsock: false,
                 q35: false,
                 unmounted_shares: false,
+                no_balloon: snap.kind == "full" && !dir.join(crate::supervisor::BALLOON_MARK).exists(),
             };
             // Like any start: a `start` or `delete` of this name meanwhile waits for it.
             let lock = sb.paths.wait_start_lock().await?;

@@ -48,6 +48,10 @@ pub struct BootSpec {
     /// (see `LaunchSpec::mount_at_boot`).
     #[serde(default)]
     pub unmounted_shares: bool,
+    /// No balloon device (`LaunchSpec::balloon`): to load a state saved by a build that had
+    /// none.
+    #[serde(default)]
+    pub no_balloon: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -744,6 +748,7 @@ async fn supervise(id: &str) -> i32 {
             .map(|m| qemu::SharedDir { host: m.host.clone(), guest: m.guest_path(), readonly: !record.config.writable_mounts })
             .collect(),
         mount_at_boot: !spec.unmounted_shares,
+        balloon: !spec.no_balloon,
     };
     let greeting = Greeting {
         hostname: id.to_string(),
@@ -1116,7 +1121,7 @@ async fn supervise(id: &str) -> i32 {
                             () = stop_asked.notified() => Error::Host("the sandbox was stopped before the snapshot was done".into()),
                         }
                     };
-                    let r = snapshot(&mut qmp, overlay.as_deref(), &spec.image, &dir, kind, keep_stopped, spec.accel, launch.tsc_khz, gave_up).await;
+                    let r = snapshot(&mut qmp, overlay.as_deref(), &launch, &dir, kind, keep_stopped, gave_up).await;
                     if keep_stopped && !was_paused {
                         if r.is_ok() {
                             held = holding.take();
@@ -1573,21 +1578,21 @@ fn vmm_complaints(log: &Path, from: u64) -> Option<String> {
     (!said.is_empty()).then(|| said[said.len().saturating_sub(3)..].join("; "))
 }
 
+/// In a full snapshot's directory: the saved VM has a balloon device.
+pub(crate) const BALLOON_MARK: &str = "balloon";
+
 /// Save the VM into `dir`. `full`: the device and memory state (QEMU's migration stream, written
 /// with the CPUs stopped: a live save never ends while the guest changes memory faster than the
 /// stream goes, easily done under KVM) plus a copy of the disk overlay; `disk`: the
 /// overlay alone, copied while the CPUs are stopped. The VM runs on afterwards unless it was
 /// paused before.
-#[allow(clippy::too_many_arguments)] // one call site, each argument a different thing
 async fn snapshot(
     qmp: &mut qemu::Qmp,
     overlay: Option<&Path>,
-    image: &BootImage,
+    launch: &qemu::LaunchSpec,
     dir: &Path,
     kind: SnapshotKind,
     was_paused: bool,
-    accel: Accel,
-    tsc_khz: Option<u64>,
     gave_up: impl std::future::Future<Output = Error>,
 ) -> std::result::Result<(), (ErrorKind, String)> {
     let failed = |e: Error| (ErrorKind::Failed, e.full_message());
@@ -1613,20 +1618,24 @@ async fn snapshot(
             // Off the runtime's thread: the clients' command relays go on meanwhile.
             tokio::fs::copy(o, dir.join("disk.qcow2")).await.ctx(|| "copying the disk overlay".into())?;
         }
-        let saved = BootImage { rootfs: overlay.map(|_| dir.join("disk.qcow2")), ..image.clone() };
+        let saved = BootImage { rootfs: overlay.map(|_| dir.join("disk.qcow2")), ..launch.image.clone() };
         std::fs::write(dir.join("image.json"), serde_json::to_vec(&saved).expect("image serializes"))
             .ctx(|| "writing image.json".into())?;
         // A saved VM loads only under the accelerator it ran under (`sandbox::restore_accel`).
         if kind == SnapshotKind::Full {
-            std::fs::write(dir.join("accel"), accel.name()).ctx(|| "writing the snapshot's accelerator".into())?;
+            std::fs::write(dir.join("accel"), launch.accel.name()).ctx(|| "writing the snapshot's accelerator".into())?;
             // A KVM guest saw this host's CPU: it can be resumed only where all its features are.
-            if accel == Accel::Kvm {
+            if launch.accel == Accel::Kvm {
                 std::fs::write(dir.join("cpu"), crate::vmm::host_cpu_identity()).ctx(|| "writing the snapshot's CPU".into())?;
             }
             // A TCG guest's clock runs on this host's TSC at the rate it was told at boot (here,
             // or where it came from, which had this rate to be restored here).
-            if let Some(khz) = tsc_khz.filter(|_| crate::vmm::host_tsc_is_invariant()) {
+            if let Some(khz) = launch.tsc_khz.filter(|_| crate::vmm::host_tsc_is_invariant()) {
                 std::fs::write(dir.join("tsc-khz"), khz.to_string()).ctx(|| "writing the snapshot's TSC rate".into())?;
+            }
+            // Its devices: states saved before the balloon came have none (`BootSpec::no_balloon`).
+            if launch.balloon {
+                std::fs::write(dir.join(BALLOON_MARK), "").ctx(|| "writing the snapshot's device list".into())?;
             }
         }
         Ok::<_, Error>(())

@@ -11,7 +11,7 @@ use smolvm_proto::{Reply, Request, SnapshotKind};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const WARM_RECIPE: &str = "warm-recipe-8";
+const WARM_RECIPE: &str = "warm-recipe-9";
 
 /// The template's RAM, beside its saved state.
 pub fn ram_file(state: &Path) -> PathBuf {
@@ -266,6 +266,7 @@ mod tests {
             vsock: false,
             q35: false,
             unmounted_shares: false,
+            no_balloon: false,
         }
     }
 

@@ -48,6 +48,10 @@ pub struct LaunchSpec {
     /// template's boot has the devices but mounts nothing (a mounted share cannot be saved);
     /// its clones are told after their restore (`Request::Hello`'s `mounts`).
     pub mount_at_boot: bool,
+    /// A virtio-balloon device, never inflated: it is there for free page reporting, by which
+    /// the guest hands the memory it frees back to the host. Off only to load a state saved by
+    /// an earlier build, which had none (a saved VM loads only into the same devices).
+    pub balloon: bool,
 }
 
 /// A host directory the guest mounts at `guest` (the agent, from the kernel command line).
@@ -407,6 +411,14 @@ pub fn command_line(spec: &LaunchSpec) -> Vec<String> {
             "-device",
             &format!("virtio-blk-{bus},drive=root"),
         ]);
+    }
+    // Last, so that the devices before it keep their places. Reporting only over anonymous
+    // memory (or vsock's memfd): QEMU 7.2 discards a file-backed page by punching a hole in the
+    // file, which for a warm clone (a private map of its template's RAM) is the template that
+    // every clone shares. A template and its clones get the device alike, without reporting.
+    if spec.balloon {
+        let reporting = if spec.ram.is_none() { ",free-page-reporting=on" } else { "" };
+        push(&["-device", &format!("virtio-balloon-{bus}{reporting}")]);
     }
     a
 }
@@ -847,7 +859,29 @@ mod tests {
             tsc_khz: Some(2_596_122),
             mounts: vec![],
             mount_at_boot: true,
+            balloon: true,
         }
+    }
+
+    #[test]
+    fn free_page_reporting_only_over_memory_of_its_own() {
+        let line = |s: &LaunchSpec| command_line(s).join(" ");
+        let mut s = spec(Accel::Tcg, false);
+        assert!(line(&s).ends_with(" -device virtio-balloon-device,free-page-reporting=on"), "{}", line(&s));
+        s.vsock = Some("/r/v.sock".into());
+        assert!(line(&s).ends_with(" -device virtio-balloon-device,free-page-reporting=on"), "memfd: holes free it");
+        s.vsock = None;
+        // A warm template and its clones: the same device, never reporting into the shared file.
+        for share in [true, false] {
+            s.ram = Some(RamFile { path: "/i/warm/ram".into(), share });
+            let a = line(&s);
+            assert!(a.ends_with(" -device virtio-balloon-device") && !a.contains("free-page-reporting"), "{a}");
+        }
+        s.ram = None;
+        s.machine = Machine::Q35;
+        assert!(line(&s).ends_with(" -device virtio-balloon-pci,free-page-reporting=on"), "{}", line(&s));
+        s.balloon = false;
+        assert!(!line(&s).contains("balloon"), "a state saved without one loads without one");
     }
 
     #[test]
@@ -982,7 +1016,7 @@ mod tests {
                 readonly: false,
             })
             .collect();
-        let devices = 1 + 1 + 1 + 1 + crate::config::MAX_MOUNTS; // serial, net, blk, vsock, 9p
+        let devices = 1 + 1 + 1 + 1 + 1 + crate::config::MAX_MOUNTS; // serial, net, blk, vsock, balloon, 9p
         let total = kernel_cmdline(&s).len() + 1 + devices * 40;
         assert!(total < 2048, "{total} bytes");
     }
