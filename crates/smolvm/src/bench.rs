@@ -347,6 +347,7 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         (f64::NAN, f64::NAN)
     });
 
+    let [freed, kept] = memory_return(dirs, progress).await?;
     let snap = snapshot_speed(dirs, &work, progress).await?;
     let ssh = ssh_bench(dirs, &work, progress).await?;
     let _ = std::fs::remove_dir_all(&work);
@@ -370,6 +371,7 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         "run_true_raw_ms": { "p50": percentile(&mut run_raw, 0.5), "p99": percentile(&mut run_raw, 0.99) },
         "snapshot": { "state_mb": snap.state_mb, "save_s": snap.save_s[0], "save_mb_per_s": snap.state_mb / snap.save_s[0], "save_again_s": snap.save_s[1], "save_again_mb_per_s": snap.state_mb / snap.save_s[1], "file_write_mb_per_s": snap.file_mb_per_s, "restore_to_first_command_s": snap.restore_s[0], "again_s": snap.restore_s[1] },
         "ssh": ssh.json(),
+        "memory_return_qemu_rss_mb": { "cold_booted": { "idle": freed[0], "filled": freed[1], "freed": freed[2] }, "warm_started": { "idle": kept[0], "filled": kept[1], "freed": kept[2] } },
         "idle": { "host_rss_mb": rss_mb, "vmm_rss_mb": vmm_rss_mb, "cpu_percent_of_core": idle_cpu, "target_rss_mb": 110, "target_cpu_percent": 2 },
     });
     let md = format!(
@@ -387,6 +389,7 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
          | warm `run(\"true\")`, raw shell | p50 {:.2} ms, p99 {:.2} ms | |\n\
          | idle sandbox host RSS (QEMU + supervisor), just started warm | {rss_mb:.1} MB (QEMU {vmm_rss_mb:.1}) | target <= 110 MB |\n\
          | idle sandbox CPU | {idle_cpu:.2} % of a core | target <= 2 % |\n\
+         | QEMU RSS of a cold-booted sandbox: idle, with 200 MB in `/tmp`, 3 s after their `rm` (free page reporting) | {:.0}, {:.0}, **{:.0}** MB | a warm-started one, which cannot report: {:.0}, {:.0}, {:.0} MB |\n\
          | 20 MB upload / download over the agent | {up:.0} / {down:.0} MB/s | `cat` of the same file through the channel: {cat:.0} MB/s |\n\
          | warm start with NAT networking (TAP, nftables, DNS), p50 | {nat_ms:.0} ms | user-mode networking: {user_ms:.0} ms |\n\
          | warm start with a read-only mount (9p) to a first command's answer, p50 | {mount_ms:.0} ms | without: {no_mount_ms:.0} ms (user-mode networking) |\n\
@@ -401,6 +404,12 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         data["run_true_login_ms"]["p99"].as_f64().unwrap_or(0.0),
         data["run_true_raw_ms"]["p50"].as_f64().unwrap_or(0.0),
         data["run_true_raw_ms"]["p99"].as_f64().unwrap_or(0.0),
+        freed[0],
+        freed[1],
+        freed[2],
+        kept[0],
+        kept[1],
+        kept[2],
         snap.state_mb,
         snap.save_s[0],
         snap.state_mb / snap.save_s[0],
@@ -412,6 +421,54 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         ssh.markdown(),
     );
     Ok((data, md))
+}
+
+/// QEMU's RSS in MB: idle (2 s after the start), with 200 MB written to the guest's `/tmp`, and
+/// 3 s after their `rm`; for a cold-booted sandbox, whose guest reports the memory it frees,
+/// and for a warm-started one, whose guest cannot (docs/architecture.md).
+async fn memory_return(dirs: &Dirs, progress: image::Progress<'_>) -> Result<[[f64; 3]; 2]> {
+    progress("memory: 200 MB filled and freed in a cold-booted sandbox (free page reporting) and a warm-started one");
+    let bin = smolvm_binary()?;
+    let mut rss = [[0.0; 3]; 2];
+    for (row, warm) in [false, true].into_iter().enumerate() {
+        let name = format!("bench-mem-{}-{row}", std::process::id());
+        // By the CLI: only its environment chooses a cold boot for the default image.
+        let made = std::process::Command::new(&bin)
+            .args(["sandbox", "create", "--name", &name])
+            .env("SMOLVM_WARM", if warm { "1" } else { "0" })
+            .env("SMOLVM_DATA_DIR", &dirs.data)
+            .env("SMOLVM_IMAGE_DIR", &dirs.images)
+            .output()
+            .ctx(|| "running smolvm sandbox create".into())?;
+        if !made.status.success() {
+            return Err(Error::Host(format!("creating {name}: {}", String::from_utf8_lossy(&made.stderr).trim())));
+        }
+        let sb = Sandbox::open_in(dirs.clone(), &name).await?;
+        let measured = async {
+            let vmm = sb.record()?.vmm.ok_or_else(|| Error::Host(format!("sandbox {name} runs without QEMU on record")))?.pid;
+            let run = |cmd: &'static str| {
+                let sb = &sb;
+                async move {
+                    let r = sb.run(cmd, &RunOptions::default()).await?;
+                    match r.ok() {
+                        true => Ok(()),
+                        false => Err(Error::Guest(format!("{cmd}: {}", r.stderr.trim()))),
+                    }
+                }
+            };
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let idle = rss_kib(vmm)?;
+            run("dd if=/dev/zero of=/tmp/fill bs=1M count=200 2>/dev/null").await?;
+            let full = rss_kib(vmm)?;
+            run("rm /tmp/fill").await?;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Ok::<_, Error>([idle, full, rss_kib(vmm)?].map(mb))
+        }
+        .await;
+        let _ = sb.delete().await;
+        rss[row] = measured?;
+    }
+    Ok(rss)
 }
 
 struct SnapshotSpeed {
