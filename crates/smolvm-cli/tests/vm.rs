@@ -443,7 +443,7 @@ fn memory_the_guest_frees_goes_back_to_the_host() {
     let full = rss_kib();
     assert!(full > before + 150 * 1024, "200 MB written into the guest's tmpfs took {} KiB of host memory", full - before);
     exec("rm /tmp/fill");
-    // The guest reports freed memory two seconds after the frees, in 2 MB blocks.
+    // The guest reports freed memory two seconds after the frees, in 4 MB blocks (our kernel's).
     let back = wait_until(Duration::from_secs(30), || rss_kib() + 150 * 1024 < full);
     assert!(back, "the host still holds {} KiB of the guest's freed memory ({} KiB before the fill)", rss_kib(), before);
     assert!(env.smolvm(&["sandbox", "delete", "--force", "freed"]).status.success());

@@ -60,7 +60,7 @@ pub struct Mount {
 }
 
 /// At most this many mounts per sandbox: each is a virtio device, and microvm has 8 slots, of
-/// which the agent channel, the NIC and a root disk take up to three.
+/// which the agent channel, the NIC, a root disk and the balloon take up to four.
 pub const MAX_MOUNTS: usize = 4;
 
 /// A guest path's longest, in bytes: the paths travel on the kernel command line (2 KiB).

@@ -1019,6 +1019,14 @@ mod tests {
         let devices = 1 + 1 + 1 + 1 + 1 + crate::config::MAX_MOUNTS; // serial, net, blk, vsock, balloon, 9p
         let total = kernel_cmdline(&s).len() + 1 + devices * 40;
         assert!(total < 2048, "{total} bytes");
+        // And microvm has 8 virtio-mmio transports, one per device, whichever the agent's channel.
+        for vsock in [true, false] {
+            s.vsock = vsock.then(|| "/r/vhost-vsock.sock".into());
+            let line = command_line(&s);
+            let transports =
+                line.iter().filter(|a| !a.starts_with('-') && a.split(',').next().is_some_and(|d| d.ends_with("-device"))).count();
+            assert_eq!(transports, 8, "{line:?}");
+        }
     }
 
     #[test]
