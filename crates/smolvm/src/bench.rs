@@ -389,7 +389,7 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
          | warm `run(\"true\")`, raw shell | p50 {:.2} ms, p99 {:.2} ms | |\n\
          | idle sandbox host RSS (QEMU + supervisor), just started warm | {rss_mb:.1} MB (QEMU {vmm_rss_mb:.1}) | target <= 110 MB |\n\
          | idle sandbox CPU | {idle_cpu:.2} % of a core | target <= 2 % |\n\
-         | QEMU RSS of a cold-booted sandbox: idle, with 200 MB in `/tmp`, 3 s after their `rm` (free page reporting) | {:.0}, {:.0}, **{:.0}** MB | a warm-started one, which cannot report: {:.0}, {:.0}, {:.0} MB |\n\
+         | QEMU RSS of a cold-booted sandbox: idle, with 200 MB in `/tmp`, after their `rm` (free page reporting; 3-10 s, until it stops falling) | {:.0}, {:.0}, **{:.0}** MB | a warm-started one, which cannot report: {:.0}, {:.0}, {:.0} MB |\n\
          | 20 MB upload / download over the agent | {up:.0} / {down:.0} MB/s | `cat` of the same file through the channel: {cat:.0} MB/s |\n\
          | warm start with NAT networking (TAP, nftables, DNS), p50 | {nat_ms:.0} ms | user-mode networking: {user_ms:.0} ms |\n\
          | warm start with a read-only mount (9p) to a first command's answer, p50 | {mount_ms:.0} ms | without: {no_mount_ms:.0} ms (user-mode networking) |\n\
