@@ -62,7 +62,7 @@ int main(int argc, char **argv) {
 fn started_warm(id: &str) -> bool {
     let qemu = processes_mentioning("qemu-system", &format!("smolvm_hostname={id} "));
     assert_eq!(qemu.len(), 1, "{id}");
-    std::fs::read(format!("/proc/{}/cmdline", qemu[0])).unwrap().split(|b| *b == 0).any(|arg| arg == b"-incoming")
+    smolvm::vmm::qemu::loads_saved_state(qemu[0])
 }
 
 #[tokio::test]

@@ -395,10 +395,6 @@ async fn a_reader_that_falls_behind_holds_back_the_guest_not_the_host() {
     let env = env();
     let sb = env.boot(VmConfig::default()).await;
     let supervisor = sb.info().await.unwrap()["supervisor_pid"].as_i64().expect("a supervisor") as i32;
-    let rss_kib = |pid: i32| -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap()
-    };
     let before = rss_kib(supervisor);
     let size = 64 << 20;
     let (mut first, mut during) = (true, 0);
@@ -428,10 +424,7 @@ fn memory_the_guest_frees_goes_back_to_the_host() {
     assert!(out.status.success(), "{}", stderr(&out));
     let qemu = env.qemu_processes();
     assert_eq!(qemu.len(), 1);
-    let rss_kib = || -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", qemu[0])).unwrap();
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap()
-    };
+    let rss_kib = || rss_kib(qemu[0]);
     let exec = |cmd: &str| {
         let out = env.smolvm(&["sandbox", "exec", "freed", "--", cmd]);
         assert!(out.status.success(), "{cmd}: {}", stderr(&out));

@@ -434,13 +434,17 @@ async fn memory_return(dirs: &Dirs, progress: image::Progress<'_>) -> Result<[[f
     for (row, warm) in [false, true].into_iter().enumerate() {
         let name = format!("bench-mem-{}-{row}", std::process::id());
         // By the CLI: only its environment chooses a cold boot for the default image.
-        let made = std::process::Command::new(&bin)
-            .args(["sandbox", "create", "--name", &name])
-            .env("SMOLVM_WARM", if warm { "1" } else { "0" })
-            .env("SMOLVM_DATA_DIR", &dirs.data)
-            .env("SMOLVM_IMAGE_DIR", &dirs.images)
-            .output()
-            .ctx(|| "running smolvm sandbox create".into())?;
+        let sandbox = |verb: &[&str]| {
+            std::process::Command::new(&bin)
+                .arg("sandbox")
+                .args(verb)
+                .arg(&name)
+                .env("SMOLVM_WARM", if warm { "1" } else { "0" })
+                .env("SMOLVM_DATA_DIR", &dirs.data)
+                .env("SMOLVM_IMAGE_DIR", &dirs.images)
+                .output()
+        };
+        let made = sandbox(&["create", "--name"]).ctx(|| "running smolvm sandbox create".into())?;
         if !made.status.success() {
             return Err(Error::Host(format!("creating {name}: {}", String::from_utf8_lossy(&made.stderr).trim())));
         }
@@ -448,8 +452,7 @@ async fn memory_return(dirs: &Dirs, progress: image::Progress<'_>) -> Result<[[f
             let sb = Sandbox::open_in(dirs.clone(), &name).await?;
             let vmm = sb.record()?.vmm.ok_or_else(|| Error::Host(format!("sandbox {name} runs without QEMU on record")))?.pid;
             // A warm start that fell back to a cold boot would report, and say nothing of warm ones.
-            let restored = std::fs::read(format!("/proc/{vmm}/cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"-incoming"));
-            if restored != warm {
+            if qemu::loads_saved_state(vmm) != warm {
                 return Err(Error::Host(format!("sandbox {name} was not started {}", if warm { "warm" } else { "cold" })));
             }
             let run = |cmd: &'static str| {
@@ -482,11 +485,7 @@ async fn memory_return(dirs: &Dirs, progress: image::Progress<'_>) -> Result<[[f
         }
         .await;
         // By name, whatever failed: the sandbox is this bench's.
-        let _ = std::process::Command::new(&bin)
-            .args(["sandbox", "delete", "--force", &name])
-            .env("SMOLVM_DATA_DIR", &dirs.data)
-            .env("SMOLVM_IMAGE_DIR", &dirs.images)
-            .output();
+        let _ = sandbox(&["delete", "--force"]);
         rss[row] = measured?;
     }
     Ok(rss)

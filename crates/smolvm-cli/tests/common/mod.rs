@@ -213,6 +213,12 @@ impl Drop for KillOnDrop {
 }
 
 /// Unmounts the filesystem it was made for, however the test ends.
+/// Process `pid`'s resident memory in KiB (`VmRSS` in its status).
+pub fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap()
+}
+
 /// Whether process `pid` may take transparent huge pages (`THP_enabled` in its status); `None`
 /// where the host kernel has none, or is older than 5.0 and does not say.
 pub fn takes_huge_pages(pid: i32) -> Option<bool> {

@@ -440,6 +440,12 @@ const TAP_FD: i32 = 3;
 /// and the shell a `cat`: milliseconds of every warm start.
 const STATE_FD: i32 = 4;
 
+/// Whether QEMU process `pid` was started to load a saved state (`-incoming`): a warm start,
+/// or a restore, rather than a boot.
+pub fn loads_saved_state(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"-incoming"))
+}
+
 pub fn spawn(spec: &LaunchSpec, log: &Path) -> Result<tokio::process::Child> {
     let stderr = std::fs::OpenOptions::new().create(true).append(true).open(log).ctx(|| format!("opening {}", log.display()))?;
     let mut cmd = tokio::process::Command::new(QEMU_BINARY);
