@@ -58,13 +58,6 @@ int main(int argc, char **argv) {
 }
 "#;
 
-/// Whether sandbox `id`'s QEMU was started to load a saved state (a warm start).
-fn started_warm(id: &str) -> bool {
-    let qemu = processes_mentioning("qemu-system", &format!("smolvm_hostname={id} "));
-    assert_eq!(qemu.len(), 1, "{id}");
-    smolvm::vmm::qemu::loads_saved_state(qemu[0])
-}
-
 #[tokio::test]
 async fn a_read_only_mount_shows_the_hosts_files_live_and_refuses_writes() {
     let env = env();

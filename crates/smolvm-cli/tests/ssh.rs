@@ -469,6 +469,47 @@ fn debian_ssh_image_over_the_cli() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("nosrv"), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
+/// Sandboxes of an image with a root disk start warm, as the default image's do: restored from
+/// a template saved with the image's disk mounted, each on a copy of that disk of its own, with
+/// its own name, SSH host key and server. A second start boots cold from the sandbox's own
+/// disk; so does a first one with a disk of another size than the image's.
+#[tokio::test]
+async fn root_disk_sandboxes_start_warm_each_on_a_disk_of_its_own() {
+    let env = env();
+    let mut a = env.boot(image("alpine-ssh")).await;
+    let mut b = env.boot(image("alpine-ssh")).await;
+    assert!(started_warm(a.id()) && started_warm(b.id()), "an alpine-ssh sandbox booted cold");
+    let r = a.run("echo mine > /root/f && sync && hostname", &opts()).await.unwrap();
+    assert_eq!(r.stdout, format!("{}\n", a.id()), "{}", r.stderr);
+    let r = b.run("hostname; cat /root/f", &opts()).await.unwrap();
+    assert_eq!(r.stdout, format!("{}\n", b.id()));
+    assert!(r.stderr.contains("/root/f"), "the other clone's file: {}", r.stderr);
+    // Each its own host key, pinned, and a server that answers with it.
+    let key = |sb: &Sandbox| std::fs::read_to_string(&sb.paths().known_hosts).unwrap().split_whitespace().last().unwrap().to_string();
+    assert_ne!(key(&a), key(&b));
+    b.set_channel(Channel::Ssh);
+    assert_eq!(b.run("echo over-ssh", &opts()).await.unwrap().stdout, "over-ssh\n");
+
+    // Stopped and started again: from its own disk, cold, with what it wrote.
+    a.stop(Duration::from_secs(10)).await.unwrap();
+    a.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+    assert!(!started_warm(a.id()), "a restart restored the template over the sandbox's own disk");
+    assert_eq!(a.run("cat /root/f", &opts()).await.unwrap().stdout, "mine\n");
+    a.set_channel(Channel::Ssh);
+    assert_eq!(a.run("echo again", &opts()).await.unwrap().stdout, "again\n");
+
+    // A grown disk is news to a guest that booted with the image's: cold, and grown.
+    let c = env.boot(VmConfig { disk_size_mib: Some(1024), ..image("alpine-ssh") }).await;
+    assert!(!started_warm(c.id()), "a sandbox with a grown disk started warm");
+    let r = c.run("df -m / | tail -1 | awk '{print $2}'", &opts()).await.unwrap();
+    assert!(r.stdout.trim().parse::<u32>().unwrap() > 900, "{}", r.stdout);
+    for sb in [a, b, c] {
+        sb.delete().await.unwrap();
+    }
+    assert!(env.qemu_processes().is_empty());
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+}
+
 /// An image whose SSH server cannot be started (here an `sshd` that is no server, and no
 /// `ssh-keygen`) still boots and serves commands over the agent; only a sandbox that asked for
 /// the SSH channel fails its start, and says why.

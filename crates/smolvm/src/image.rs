@@ -986,7 +986,10 @@ fn disk_size(image: &Path) -> Result<u64> {
 
 /// A copy-on-write qcow2 overlay over `base` (created once; reused while it exists), of
 /// `size_mib` when given and larger than the base: the agent grows the filesystem to fill it.
-pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Result<PathBuf> {
+/// A warm clone's overlay starts as a copy of its template's (`from`, an overlay over the same
+/// base), whose writes the saved guest's page cache and ext4 journal already hold: over an
+/// empty one, the restored guest would read a disk older than it remembers.
+pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>, from: Option<&Path>) -> Result<PathBuf> {
     check_disk_size(base, overlay, size_mib)?;
     if overlay.exists() {
         if let Some(mib) = size_mib {
@@ -1007,13 +1010,25 @@ pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>) -> Result<Pat
     // Made beside and renamed over: an overlay left half made (the process killed) would
     // otherwise count as made, and every later start would fail on it.
     let tmp = overlay.with_extension(format!("tmp{}", std::process::id()));
-    let mut cmd = Command::new("qemu-img");
-    cmd.args(["create", "-q", "-f", "qcow2", "-F", format, "-b"]).arg(&base).arg(&tmp);
-    if let Some(mib) = size_mib.filter(|m| u64::from(*m) << 20 > base_size) {
-        cmd.arg(format!("{mib}M"));
-    }
-    let made = run_checked(&mut cmd, "creating the root disk overlay (qemu-img from qemu-utils)")
-        .and_then(|_| fs::rename(&tmp, overlay).ctx(|| format!("installing {}", overlay.display())));
+    let made = match from {
+        // The template's own base was a link like this one (since removed with the template's
+        // sandbox): only the header's backing path changes, nothing is read through it.
+        Some(from) => fs::copy(from, &tmp).ctx(|| format!("copying {}", from.display())).and_then(|_| {
+            run_checked(
+                Command::new("qemu-img").args(["rebase", "-u", "-F", format, "-b"]).arg(&base).arg(&tmp),
+                "pointing the warm start's disk at its base (qemu-img from qemu-utils)",
+            )
+        }),
+        None => {
+            let mut cmd = Command::new("qemu-img");
+            cmd.args(["create", "-q", "-f", "qcow2", "-F", format, "-b"]).arg(&base).arg(&tmp);
+            if let Some(mib) = size_mib.filter(|m| u64::from(*m) << 20 > base_size) {
+                cmd.arg(format!("{mib}M"));
+            }
+            run_checked(&mut cmd, "creating the root disk overlay (qemu-img from qemu-utils)")
+        }
+    };
+    let made = made.and_then(|_| fs::rename(&tmp, overlay).ctx(|| format!("installing {}", overlay.display())));
     if made.is_err() {
         let _ = fs::remove_file(&tmp);
     }
@@ -1065,6 +1080,8 @@ pub fn remove_entry(dirs: &Dirs, name: &str) -> Result<()> {
         fs::remove_dir_all(&d).ctx(|| format!("removing {}", d.display()))?;
     }
     let _ = fs::remove_file(&recipe);
+    // And the warm snapshots of those disks, which nothing can start from any more.
+    crate::warm::collect(&dirs.images, None);
     Ok(())
 }
 

@@ -1340,18 +1340,23 @@ impl Sandbox {
             q35,
             unmounted_shares: false,
             no_balloon: false,
+            warm_disk: None,
         };
         // No program to supervise with: said once, not as a warm start's failure first.
         smolvm_binary()?;
         // Warm templates are saved microvm VMs, and a VM with a vhost-user device cannot be
         // saved at all.
         let mut no_template = None;
-        if crate::warm::eligible(&rec.config) && !verbose_boot && !vsock && !q35 && env_flag("SMOLVM_WARM", true) {
-            match crate::warm::template(&self.dirs, &rec.config, &spec, progress).await {
+        // (`config`, not the record's: a root disk's sandbox that has booted before starts from
+        // its own overlay, which a template knows nothing of, and boots cold.)
+        let first_disk = spec.image.rootfs.is_none() || !self.paths.overlay.exists();
+        if crate::warm::eligible(&config) && first_disk && !verbose_boot && !vsock && !q35 && env_flag("SMOLVM_WARM", true) {
+            match crate::warm::template(&self.dirs, &config, &spec, progress).await {
                 Ok(state) => {
                     let picked = crate::warm::picked(&state);
                     spec.restore = Some(RestoreSpec { state: state.clone(), resume: true, no_saved_env: true });
                     spec.ram = Some(crate::vmm::qemu::RamFile { path: crate::warm::ram_file(&state), share: false });
+                    spec.warm_disk = spec.image.rootfs.as_ref().map(|_| crate::warm::disk_file(&state));
                     match self.launch(&spec, boot_timeout, lock.as_ref()).await {
                         Ok(()) => return Ok(()),
                         // The user's settings, not the template: a cold boot would fail alike.
@@ -1369,6 +1374,11 @@ impl Sandbox {
                             }
                             spec.restore = None;
                             spec.ram = None;
+                            // The template's disk, copied for the restore, is not a disk to
+                            // boot cold from: the cold boot makes a fresh overlay.
+                            if spec.warm_disk.take().is_some() {
+                                let _ = std::fs::remove_file(&self.paths.overlay);
+                            }
                         }
                     }
                 }
@@ -1431,7 +1441,9 @@ impl Sandbox {
             }
         }
         let running = spec.restore.as_ref().is_none_or(|r| r.resume);
-        if spec.image.rootfs.is_some() && running {
+        // Not in a warm template's boot (its shares unmounted): each clone sets up its own
+        // server and host key, and a template's would only be stopped again in every clone.
+        if spec.image.rootfs.is_some() && running && !spec.unmounted_shares {
             // Images with a root disk may carry an SSH server: bring it up, pinned. A sandbox
             // whose commands go over SSH needs it; any other still runs over the agent.
             // (A root disk without a server is set up without error: an error here, for
@@ -1953,6 +1965,7 @@ impl Sandbox {
                 q35: false,
                 unmounted_shares: false,
                 no_balloon: snap.kind == "full" && !dir.join(crate::supervisor::BALLOON_MARK).exists(),
+                warm_disk: None,
             };
             // Like any start: a `start` or `delete` of this name meanwhile waits for it.
             let lock = sb.paths.wait_start_lock().await?;

@@ -52,6 +52,10 @@ pub struct BootSpec {
     /// none.
     #[serde(default)]
     pub no_balloon: bool,
+    /// A warm clone of an image with a root disk: its template's disk, which the clone's
+    /// overlay starts as a copy of (`image::overlay`).
+    #[serde(default)]
+    pub warm_disk: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -704,7 +708,7 @@ async fn supervise(id: &str) -> i32 {
         // `create`), before `qemu-img` or QEMU opens what they name. (The overlay, ours, stands
         // on a link to this same file.)
         let overlay = crate::image::check_layers(base, &dirs.data)
-            .and_then(|()| crate::image::overlay(base, &paths.overlay, record.config.disk_size_mib));
+            .and_then(|()| crate::image::overlay(base, &paths.overlay, record.config.disk_size_mib, spec.warm_disk.as_deref()));
         match overlay {
             Ok(overlay) => image.rootfs = Some(overlay),
             Err(e) => {

@@ -18,15 +18,23 @@ pub fn ram_file(state: &Path) -> PathBuf {
     state.with_file_name("ram")
 }
 
-/// Only sandboxes of the default image (nothing of their own to boot) start warm. Those with
-/// mounts too: their template has as many 9p devices, saved before anything was mounted (a
-/// mounted share cannot be saved), and the clone mounts its own directories once restored.
+/// The template's root disk (images with one): its overlay as the save left it.
+pub fn disk_file(state: &Path) -> PathBuf {
+    state.with_file_name("disk.qcow2")
+}
+
+/// Sandboxes of a cached image (the default one or a named one, nothing of their own to boot)
+/// start warm. Those with mounts too: their template has as many 9p devices, saved before
+/// anything was mounted (a mounted share cannot be saved), and the clone mounts its own
+/// directories once restored. A root disk of another size than the image's would be news to a
+/// guest that booted with the template's (and its filesystem is grown at boot), so such a
+/// sandbox boots cold.
 pub fn eligible(config: &VmConfig) -> bool {
     config.kernel_path.is_none()
         && config.initrd_path.is_none()
         && config.rootfs_path.is_none()
         && config.boot_args.is_none()
-        && config.image.as_deref().is_none_or(|i| i == "default")
+        && (config.disk_size_mib.is_none() || !config.has_root_disk())
 }
 
 /// Identity of the QEMU binary: a saved state only loads into the QEMU that wrote it.
@@ -73,6 +81,11 @@ fn template_dir(config: &VmConfig, spec: &BootSpec, images: &Path) -> Result<Pat
         qemu_identity().as_bytes().to_vec(),
         smolvm_proto::PROTOCOL_VERSION.to_le_bytes().to_vec(),
     ];
+    // The disk a clone's overlay will stand on is the one the template's guest has mounted.
+    if let Some(rootfs) = &spec.image.rootfs {
+        parts.push(rootfs.to_string_lossy().as_bytes().to_vec());
+        parts.push(file_identity(rootfs));
+    }
     // Under KVM the guest sees this host's CPU (`-cpu host`): a state saved on another CPU, or
     // under a kernel that offers other features, may not load, or may crash the guest later.
     // (TCG's CPU model is fixed.)
@@ -120,6 +133,7 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
         .map(|i| crate::config::Mount { host: empty.clone(), guest: Some(format!("/mnt/smolvm-share{i}")) })
         .collect();
     let shape = VmConfig {
+        image: config.image.clone(),
         vcpu_count: config.vcpu_count,
         memory: config.memory,
         network: Some(network.into()),
@@ -150,9 +164,17 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
         let conn = &sb.connection().await?;
         let req = Request::Snapshot { dir: tmp.to_string_lossy().into_owned(), kind: SnapshotKind::Full };
         match conn.call(&req).await? {
-            Reply::Ok => Ok(()),
-            other => Err(Error::Host(format!("saving the warm snapshot: unexpected reply {}", other.kind()))),
+            Reply::Ok => {}
+            other => return Err(Error::Host(format!("saving the warm snapshot: unexpected reply {}", other.kind()))),
         }
+        // The save named its copy of the disk as the image's root disk; the image's own is
+        // what `collect` must find still there, and what clones stand on (`disk_file` is the
+        // copy's place by convention).
+        if spec.image.rootfs.is_some() {
+            std::fs::write(tmp.join("image.json"), serde_json::to_vec(&spec.image).expect("image serializes"))
+                .ctx(|| "writing the warm snapshot's image.json".into())?;
+        }
+        Ok(())
     }
     .await;
     let _ = sb.delete().await;
@@ -163,7 +185,7 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
         let _ = std::fs::remove_dir_all(&tmp);
     }
     // Still under the image lock: nobody is making a template while old ones go.
-    collect(&dirs.images, &dir);
+    collect(&dirs.images, Some(&dir));
     drop(lock);
     result.map(|_| state)
 }
@@ -181,8 +203,8 @@ fn mark_used(state: &Path) {
 /// Remove templates beyond the `KEEP` most recently used, those whose kernel or initramfs is
 /// gone (`image prune`, or a rebuilt image), and the half-made ones of processes that died.
 /// `newest` (just made) always stays. Called under the image lock. A clone running from a
-/// removed template keeps its RAM file open and is not affected.
-fn collect(images: &Path, newest: &Path) {
+/// removed template keeps its RAM file open and is not affected (nor its disk: a copy).
+pub(crate) fn collect(images: &Path, newest: Option<&Path>) {
     let Ok(entries) = std::fs::read_dir(images) else { return };
     let mut kept = Vec::new();
     for entry in entries.flatten() {
@@ -196,13 +218,15 @@ fn collect(images: &Path, newest: &Path) {
             }
             continue;
         }
-        if path == newest {
+        if Some(path.as_path()) == newest {
             continue;
         }
         let inputs_present = std::fs::read(path.join("image.json"))
             .ok()
             .and_then(|b| serde_json::from_slice::<image::BootImage>(&b).ok())
-            .is_some_and(|img| img.kernel.is_file() && img.initrd.as_deref().is_none_or(Path::is_file));
+            .is_some_and(|img| {
+                img.kernel.is_file() && img.initrd.as_deref().is_none_or(Path::is_file) && img.rootfs.as_deref().is_none_or(Path::is_file)
+            });
         let used = std::fs::metadata(path.join("state")).and_then(|m| m.modified()).ok();
         match used {
             Some(used) if inputs_present => kept.push((used, path)),
@@ -267,6 +291,7 @@ mod tests {
             q35: false,
             unmounted_shares: false,
             no_balloon: false,
+            warm_disk: None,
         }
     }
 
@@ -313,20 +338,57 @@ mod tests {
     }
 
     #[test]
+    fn a_root_disk_made_again_at_the_same_path_makes_a_new_template() {
+        let images = tempfile::tempdir().unwrap();
+        let disk = images.path().join("rootfs.ext4");
+        std::fs::write(&disk, b"one disk").unwrap();
+        let mut spec = boot_spec("/k".into(), None, crate::vmm::Accel::Kvm);
+        let without = template_dir(&VmConfig::default(), &spec, images.path()).unwrap();
+        spec.image.rootfs = Some(disk.clone());
+        let config = VmConfig { image: Some("alpine-ssh".into()), ..Default::default() };
+        let before = template_dir(&config, &spec, images.path()).unwrap();
+        assert_ne!(before, without);
+        assert_eq!(template_dir(&config, &spec, images.path()).unwrap(), before);
+        std::fs::write(&disk, b"another disk, longer").unwrap();
+        assert_ne!(template_dir(&config, &spec, images.path()).unwrap(), before);
+    }
+
+    #[test]
+    fn which_sandboxes_start_warm() {
+        let named = |name: &str| VmConfig { image: Some(name.into()), ..Default::default() };
+        assert!(eligible(&VmConfig::default()));
+        assert!(eligible(&named("default")));
+        assert!(eligible(&named("alpine-ssh")), "a named image with a root disk");
+        // A disk of another size than the one the template's guest booted with.
+        assert!(!eligible(&VmConfig { disk_size_mib: Some(2048), ..named("alpine-ssh") }));
+        // (The default image has no disk for the size to change.)
+        assert!(eligible(&VmConfig { disk_size_mib: Some(2048), ..Default::default() }));
+        // Anything of the user's own to boot, or a restarted disk's sandbox (its own overlay).
+        assert!(!eligible(&VmConfig { rootfs_path: Some("/d.ext4".into()), ..Default::default() }));
+        assert!(!eligible(&VmConfig { kernel_path: Some("/k".into()), ..Default::default() }));
+        assert!(!eligible(&VmConfig { initrd_path: Some("/i".into()), ..Default::default() }));
+        assert!(!eligible(&VmConfig { boot_args: Some("x=1".into()), ..Default::default() }));
+    }
+
+    #[test]
     fn collection_keeps_the_most_recently_used_templates_whose_image_exists() {
         let tmp = tempfile::tempdir().unwrap();
         let images = tmp.path();
         let kernel = images.join("vmlinux");
         let initrd = images.join("initramfs.cpio");
+        let disk = images.join("rootfs.ext4");
         std::fs::write(&kernel, b"k").unwrap();
         std::fs::write(&initrd, b"i").unwrap();
-        let present = image::BootImage { kernel: kernel.clone(), initrd: Some(initrd.clone()), rootfs: None };
-        let gone = image::BootImage { kernel, initrd: Some(images.join("initramfs-old.cpio")), rootfs: None };
+        std::fs::write(&disk, b"d").unwrap();
+        let present = image::BootImage { kernel: kernel.clone(), initrd: Some(initrd.clone()), rootfs: Some(disk) };
+        let gone = image::BootImage { kernel: kernel.clone(), initrd: Some(images.join("initramfs-old.cpio")), rootfs: None };
+        let disk_gone = image::BootImage { kernel, initrd: Some(initrd), rootfs: Some(images.join("rootfs-old.ext4")) };
         // Used 1..=12 hours ago: warm-01 is the most recent.
         let dirs: Vec<PathBuf> = (1..=12).map(|h| template(images, &format!("warm-{h:02}"), h * 3600, &present)).collect();
         // The newest stays even though it is the least recently "used" of all.
         let newest = template(images, "warm-new", 100 * 3600, &present);
         let orphan = template(images, "warm-orphan", 0, &gone);
+        let disk_orphan = template(images, "warm-disk-orphan", 0, &disk_gone);
         let no_state = images.join("warm-nostate");
         std::fs::create_dir_all(&no_state).unwrap();
         // A half-made template: of a dead process it goes, of a live one (this test) it stays.
@@ -337,13 +399,14 @@ mod tests {
         let other = images.join("initramfs-1234");
         std::fs::create_dir_all(&other).unwrap();
 
-        collect(images, &newest);
+        collect(images, Some(&newest));
 
         for (i, d) in dirs.iter().enumerate() {
             assert_eq!(d.exists(), i < KEEP, "{}", d.display());
         }
         assert!(newest.exists());
         assert!(!orphan.exists(), "a template whose initramfs is gone stays");
+        assert!(!disk_orphan.exists(), "a template whose root disk is gone stays");
         assert!(!no_state.exists());
         assert!(!dead_tmp.exists());
         assert!(live_tmp.exists());

@@ -171,6 +171,13 @@ pub fn processes_mentioning(a: &str, b: &str) -> Vec<i32> {
     out
 }
 
+/// Whether sandbox `id`'s QEMU was started to load a saved state (a warm start).
+pub fn started_warm(id: &str) -> bool {
+    let qemu = processes_mentioning("qemu-system", &format!("smolvm_hostname={id} "));
+    assert_eq!(qemu.len(), 1, "{id}");
+    smolvm::vmm::qemu::loads_saved_state(qemu[0])
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
