@@ -1063,7 +1063,10 @@ pub fn remove_entry(dirs: &Dirs, name: &str) -> Result<()> {
     let _lock = lock_images(dirs)?;
     // (smolvm's bookkeeping is no entry; a custom image may still bear its name.)
     if path.is_dir() && listed_entry(name) {
-        return fs::remove_dir_all(&path).ctx(|| format!("removing {}", path.display()));
+        fs::remove_dir_all(&path).ctx(|| format!("removing {}", path.display()))?;
+        // Warm templates booted from it too: nothing can start from them any more.
+        crate::warm::collect(&dirs.images, None);
+        return Ok(());
     }
     // An image name: its built disks, and its recipe if it is a custom one.
     let recipe = dirs.images.join("recipes").join(format!("{name}.json"));
@@ -1080,7 +1083,6 @@ pub fn remove_entry(dirs: &Dirs, name: &str) -> Result<()> {
         fs::remove_dir_all(&d).ctx(|| format!("removing {}", d.display()))?;
     }
     let _ = fs::remove_file(&recipe);
-    // And the warm snapshots of those disks, which nothing can start from any more.
     crate::warm::collect(&dirs.images, None);
     Ok(())
 }
@@ -1459,6 +1461,30 @@ mod tests {
         assert!(remove_entry(&dirs, "../x").is_err());
         remove_entry(&dirs, "kernel-a").unwrap();
         assert!(!dirs.images.join("kernel-a").exists());
+    }
+
+    #[test]
+    fn removing_an_image_removes_the_warm_templates_of_its_disks() {
+        let t = tempfile::tempdir().unwrap();
+        let dirs = Dirs { data: t.path().join("data"), images: t.path().join("images") };
+        let disk = dirs.images.join("disk-tools-aaaaaaaaaaaaaaaa");
+        fs::create_dir_all(&disk).unwrap();
+        fs::write(disk.join("rootfs.ext4"), b"ext4").unwrap();
+        let kernel = dirs.images.join("vmlinux");
+        fs::write(&kernel, b"k").unwrap();
+        let template = |name: &str, rootfs: Option<PathBuf>| {
+            let dir = dirs.images.join(name);
+            fs::create_dir_all(&dir).unwrap();
+            let image = BootImage { kernel: kernel.clone(), initrd: None, rootfs };
+            fs::write(dir.join("image.json"), serde_json::to_vec(&image).unwrap()).unwrap();
+            fs::write(dir.join("state"), b"").unwrap();
+            dir
+        };
+        let of_disk = template("warm-1111111111111111", Some(disk.join("rootfs.ext4")));
+        let without = template("warm-2222222222222222", None);
+        remove_entry(&dirs, "tools").unwrap();
+        assert!(!disk.exists() && !of_disk.exists());
+        assert!(without.exists(), "a template of no removed file went");
     }
 
     #[test]
