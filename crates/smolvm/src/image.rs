@@ -988,9 +988,14 @@ fn disk_size(image: &Path) -> Result<u64> {
 /// `size_mib` when given and larger than the base: the agent grows the filesystem to fill it.
 /// A warm clone's overlay starts as a copy of its template's (`from`, an overlay over the same
 /// base), whose writes the saved guest's page cache and ext4 journal already hold: over an
-/// empty one, the restored guest would read a disk older than it remembers.
+/// empty one, the restored guest would read a disk older than it remembers. Only a new
+/// overlay can so start.
 pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>, from: Option<&Path>) -> Result<PathBuf> {
     check_disk_size(base, overlay, size_mib)?;
+    if from.is_some() && overlay.exists() {
+        // The template's guest would find another disk than the one it remembers.
+        return Err(Error::Host(format!("a warm start needs a fresh disk, and {} exists", overlay.display())));
+    }
     if overlay.exists() {
         if let Some(mib) = size_mib {
             // A sandbox's disk may be grown between starts, never shrunk.

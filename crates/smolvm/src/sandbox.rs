@@ -1237,9 +1237,10 @@ impl Sandbox {
     /// Boot the VM: build or find the image, start the supervisor, wait until the agent answers
     /// and the configured env vars are in place. Bounded by `boot_timeout`.
     ///
-    /// A sandbox of the default image starts from a warm snapshot of that image booted once
-    /// (cached with it) unless `SMOLVM_WARM=0` or `SMOLVM_VERBOSE_BOOT` asks for a real boot;
-    /// if the warm start fails, it boots cold.
+    /// A sandbox of a cached image (the default one, or a named one with a root disk at its
+    /// first start) starts from a warm snapshot of that image booted once (cached with it)
+    /// unless `SMOLVM_WARM=0` or `SMOLVM_VERBOSE_BOOT` asks for a real boot; if the warm start
+    /// fails, it boots cold.
     ///
     /// A running sandbox is left as it is (this handle connects to it); a paused one is refused
     /// with `NotRunning`, since returning would tell the caller it can run commands.
@@ -1357,8 +1358,18 @@ impl Sandbox {
                     spec.restore = Some(RestoreSpec { state: state.clone(), resume: true, no_saved_env: true });
                     spec.ram = Some(crate::vmm::qemu::RamFile { path: crate::warm::ram_file(&state), share: false });
                     spec.warm_disk = spec.image.rootfs.as_ref().map(|_| crate::warm::disk_file(&state));
-                    match self.launch(&spec, boot_timeout, lock.as_ref()).await {
-                        Ok(()) => return Ok(()),
+                    let launched = self.launch_vm(&spec, boot_timeout, lock.as_ref()).await;
+                    // The template's disk, copied for the restore, is no disk to boot from
+                    // cold, nor to start again from: the cold boot, or the next start, makes a
+                    // fresh overlay. (It was made by this start: a disk's sandbox starts warm
+                    // only without an overlay, and the start lock is held.)
+                    if launched.is_err() && spec.warm_disk.take().is_some() {
+                        let _ = std::fs::remove_file(&self.paths.overlay);
+                    }
+                    match launched {
+                        // Its SSH server's failure is the image's, not the template's: a cold
+                        // boot would fail alike.
+                        Ok(()) => return self.serve_ssh(&spec).await,
                         // The user's settings, not the template: a cold boot would fail alike.
                         // (Or a supervisor binary of another build: a cold boot's would be too.)
                         Err(e @ (Error::Validation { .. } | Error::Reported { code: "validation", .. })) => return Err(e),
@@ -1374,11 +1385,6 @@ impl Sandbox {
                             }
                             spec.restore = None;
                             spec.ram = None;
-                            // The template's disk, copied for the restore, is not a disk to
-                            // boot cold from: the cold boot makes a fresh overlay.
-                            if spec.warm_disk.take().is_some() {
-                                let _ = std::fs::remove_file(&self.paths.overlay);
-                            }
                         }
                     }
                 }
@@ -1396,9 +1402,16 @@ impl Sandbox {
         launched
     }
 
-    /// Start the supervisor with `spec` and connect to it. The start's `lock` is the
-    /// supervisor's too until it has reported (see `spawn_supervisor`).
+    /// Start the supervisor with `spec`, connect to it, and set up the image's SSH server. The
+    /// start's `lock` is the supervisor's too until it has reported (see `spawn_supervisor`).
     pub(crate) async fn launch(&mut self, spec: &BootSpec, boot_timeout: Duration, lock: Option<&StartLock>) -> Result<()> {
+        self.launch_vm(spec, boot_timeout, lock).await?;
+        self.serve_ssh(spec).await
+    }
+
+    /// The VM's part of `launch`: what a warm template's boot does (its clones set up their
+    /// own SSH server and host key), and what a warm start's fallback to a cold boot judges.
+    pub(crate) async fn launch_vm(&mut self, spec: &BootSpec, boot_timeout: Duration, lock: Option<&StartLock>) -> Result<()> {
         tracing::debug!("phase: starting the supervisor");
         let status = self.spawn_supervisor(spec, boot_timeout, lock).await?;
         tracing::debug!("phase: supervisor reported");
@@ -1440,10 +1453,13 @@ impl Sandbox {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// The SSH part of `launch`, once the VM runs.
+    async fn serve_ssh(&mut self, spec: &BootSpec) -> Result<()> {
         let running = spec.restore.as_ref().is_none_or(|r| r.resume);
-        // Not in a warm template's boot (its shares unmounted): each clone sets up its own
-        // server and host key, and a template's would only be stopped again in every clone.
-        if spec.image.rootfs.is_some() && running && !spec.unmounted_shares {
+        if spec.image.rootfs.is_some() && running {
             // Images with a root disk may carry an SSH server: bring it up, pinned. A sandbox
             // whose commands go over SSH needs it; any other still runs over the agent.
             // (A root disk without a server is set up without error: an error here, for

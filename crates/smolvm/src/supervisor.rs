@@ -773,6 +773,11 @@ async fn supervise(id: &str) -> i32 {
         Err(e) => {
             paths.remove_sockets();
             plan.cleanup(&store, id);
+            // A failed warm start's disk is the template's: no disk to start again from, even
+            // where no starter is left to remove it (see `Sandbox::start`).
+            if spec.warm_disk.is_some() {
+                let _ = std::fs::remove_file(&paths.overlay);
+            }
             // (A killed VMM's console tells nothing of why; without it, the starter does not
             // take this for a boot or a warm snapshot that failed.)
             let console = match e {

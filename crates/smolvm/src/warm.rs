@@ -1,6 +1,7 @@
-//! Warm start: the default image is booted once per VM shape, saved at "agent ready", and
-//! cached with the image. Sandboxes then start by restoring that state (about a third of a cold
-//! boot here) and are made their own on restore: hostname, clock, fresh RNG seed, env vars.
+//! Warm start: a cached image (the default one, or a named one with its root disk) is booted
+//! once per VM shape, saved at "agent ready", and cached with the image. Sandboxes then start
+//! by restoring that state (about a third of a cold boot here) and are made their own on
+//! restore: hostname, clock, fresh RNG seed, env vars, a disk and SSH host key of their own.
 
 use crate::config::VmConfig;
 use crate::error::{Error, IoContext, Result};
@@ -155,7 +156,7 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
         let cold = BootSpec { restore: None, verbose_boot: false, ram: Some(ram), unmounted_shares: true, ..spec.clone() };
         {
             let start_lock = sb.paths().wait_start_lock().await?;
-            sb.launch(&cold, Duration::from_millis(spec.boot_timeout_ms), start_lock.as_ref()).await?;
+            sb.launch_vm(&cold, Duration::from_millis(spec.boot_timeout_ms), start_lock.as_ref()).await?;
         }
         // One command first: it waits for the boot's set-up thread (network, /proc, /sys) and
         // starts the first shell. Saved half way, that work would be finished again in every
@@ -200,8 +201,8 @@ fn mark_used(state: &Path) {
     let _ = std::fs::File::open(state).and_then(|f| f.set_modified(std::time::SystemTime::now()));
 }
 
-/// Remove templates beyond the `KEEP` most recently used, those whose kernel or initramfs is
-/// gone (`image prune`, or a rebuilt image), and the half-made ones of processes that died.
+/// Remove templates beyond the `KEEP` most recently used, those whose kernel, initramfs or
+/// root disk is gone (`image prune` or `image rm`, or a rebuilt image), and the half-made ones of processes that died.
 /// `newest` (just made) always stays. Called under the image lock. A clone running from a
 /// removed template keeps its RAM file open and is not affected (nor its disk: a copy).
 pub(crate) fn collect(images: &Path, newest: Option<&Path>) {
