@@ -801,6 +801,8 @@ struct DiskCreate {
 /// Each is checked to have started as asked: a warm start that fell back to a cold boot
 /// would be timed as warm.
 async fn disk_create(dirs: &Dirs, image: &str, rounds: usize) -> Result<DiskCreate> {
+    // (At least one measured round: a median of none is none.)
+    let rounds = rounds.max(1);
     let bin = smolvm_binary()?;
     let mut took = [Vec::new(), Vec::new()];
     let mut rss = [0.0; 2];
@@ -940,6 +942,10 @@ async fn ssh_bench(dirs: &Dirs, work: &std::path::Path, progress: image::Progres
     let mut sb = Sandbox::create_in(dirs.clone(), config, true)?;
     let result = async {
         sb.start(Duration::from_secs(120), &|_| {}).await?;
+        let vmm = sb.record()?.vmm.ok_or_else(|| Error::Host("the debian-ssh sandbox runs without QEMU on record".into()))?.pid;
+        if !qemu::loads_saved_state(vmm) {
+            return Err(Error::Host("the debian-ssh sandbox was not started warm (SMOLVM_WARM=0?)".into()));
+        }
         sb.wait_for_ssh(Duration::from_secs(60)).await?;
         let ready_s = t.elapsed().as_secs_f64();
         let raw = RunOptions { shell: smolvm_proto::Shell::Raw, ..Default::default() };
