@@ -472,7 +472,7 @@ fn debian_ssh_image_over_the_cli() {
 /// Sandboxes of an image with a root disk start warm, as the default image's do: restored from
 /// a template saved with the image's disk mounted, each on a copy of that disk of its own, with
 /// its own name, SSH host key and server. A second start boots cold from the sandbox's own
-/// disk; so does a first one with a disk of another size than the image's.
+/// disk. A grown disk has a template of its own, whose guest grew its filesystem.
 #[tokio::test]
 async fn root_disk_sandboxes_start_warm_each_on_a_disk_of_its_own() {
     let env = env();
@@ -498,12 +498,20 @@ async fn root_disk_sandboxes_start_warm_each_on_a_disk_of_its_own() {
     a.set_channel(Channel::Ssh);
     assert_eq!(a.run("echo again", &opts()).await.unwrap().stdout, "again\n");
 
-    // A grown disk is news to a guest that booted with the image's: cold, and grown.
-    let c = env.boot(VmConfig { disk_size_mib: Some(1024), ..image("alpine-ssh") }).await;
-    assert!(!started_warm(c.id()), "a sandbox with a grown disk started warm");
-    let r = c.run("df -m / | tail -1 | awk '{print $2}'", &opts()).await.unwrap();
-    assert!(r.stdout.trim().parse::<u32>().unwrap() > 900, "{}", r.stdout);
-    for sb in [a, b, c] {
+    // A grown disk: warm from a template of that size (made by the first such start), and
+    // grown; the image's own size is still the other template's.
+    let grown = || VmConfig { disk_size_mib: Some(1024), ..image("alpine-ssh") };
+    let c = env.boot(grown()).await;
+    let d = env.boot(grown()).await;
+    assert!(started_warm(c.id()) && started_warm(d.id()), "a sandbox with a grown disk booted cold");
+    for sb in [&c, &d] {
+        let r = sb.run("df -m / | tail -1 | awk '{print $2}'", &opts()).await.unwrap();
+        assert!(r.stdout.trim().parse::<u32>().unwrap() > 900, "{}", r.stdout);
+    }
+    let e = env.boot(image("alpine-ssh")).await;
+    let r = e.run("df -m / | tail -1 | awk '{print $2}'", &opts()).await.unwrap();
+    assert!(r.stdout.trim().parse::<u32>().unwrap() < 900, "{}", r.stdout);
+    for sb in [a, b, c, d, e] {
         sb.delete().await.unwrap();
     }
     assert!(env.qemu_processes().is_empty());

@@ -27,15 +27,10 @@ pub fn disk_file(state: &Path) -> PathBuf {
 /// Sandboxes of a cached image (the default one or a named one, nothing of their own to boot)
 /// start warm. Those with mounts too: their template has as many 9p devices, saved before
 /// anything was mounted (a mounted share cannot be saved), and the clone mounts its own
-/// directories once restored. A root disk of another size than the image's would be news to a
-/// guest that booted with the template's (and its filesystem is grown at boot), so such a
-/// sandbox boots cold.
+/// directories once restored. A root disk grown past the image's (`disk_size_mib`) has a
+/// template of its own, whose guest grew its filesystem at boot.
 pub fn eligible(config: &VmConfig) -> bool {
-    config.kernel_path.is_none()
-        && config.initrd_path.is_none()
-        && config.rootfs_path.is_none()
-        && config.boot_args.is_none()
-        && (config.disk_size_mib.is_none() || !config.has_root_disk())
+    config.kernel_path.is_none() && config.initrd_path.is_none() && config.rootfs_path.is_none() && config.boot_args.is_none()
 }
 
 /// Identity of the QEMU binary: a saved state only loads into the QEMU that wrote it.
@@ -82,10 +77,14 @@ fn template_dir(config: &VmConfig, spec: &BootSpec, images: &Path) -> Result<Pat
         qemu_identity().as_bytes().to_vec(),
         smolvm_proto::PROTOCOL_VERSION.to_le_bytes().to_vec(),
     ];
-    // The disk a clone's overlay will stand on is the one the template's guest has mounted.
+    // The disk a clone's overlay will stand on is the one the template's guest has mounted,
+    // at the size it saw.
     if let Some(rootfs) = &spec.image.rootfs {
         parts.push(rootfs.to_string_lossy().as_bytes().to_vec());
         parts.push(file_identity(rootfs));
+        if let Some(mib) = config.disk_size_mib {
+            parts.push(format!("disk {mib} MiB").into_bytes());
+        }
     }
     // Under KVM the guest sees this host's CPU (`-cpu host`): a state saved on another CPU, or
     // under a kernel that offers other features, may not load, or may crash the guest later.
@@ -135,6 +134,7 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
         .collect();
     let shape = VmConfig {
         image: config.image.clone(),
+        disk_size_mib: config.disk_size_mib,
         vcpu_count: config.vcpu_count,
         memory: config.memory,
         network: Some(network.into()),
@@ -350,6 +350,9 @@ mod tests {
         let before = template_dir(&config, &spec, images.path()).unwrap();
         assert_ne!(before, without);
         assert_eq!(template_dir(&config, &spec, images.path()).unwrap(), before);
+        // A grown disk is another guest's: it grew its filesystem at boot.
+        let grown = VmConfig { disk_size_mib: Some(2048), ..config.clone() };
+        assert_ne!(template_dir(&grown, &spec, images.path()).unwrap(), before);
         std::fs::write(&disk, b"another disk, longer").unwrap();
         assert_ne!(template_dir(&config, &spec, images.path()).unwrap(), before);
     }
@@ -360,10 +363,7 @@ mod tests {
         assert!(eligible(&VmConfig::default()));
         assert!(eligible(&named("default")));
         assert!(eligible(&named("alpine-ssh")), "a named image with a root disk");
-        // A disk of another size than the one the template's guest booted with.
-        assert!(!eligible(&VmConfig { disk_size_mib: Some(2048), ..named("alpine-ssh") }));
-        // (The default image has no disk for the size to change.)
-        assert!(eligible(&VmConfig { disk_size_mib: Some(2048), ..Default::default() }));
+        assert!(eligible(&VmConfig { disk_size_mib: Some(2048), ..named("alpine-ssh") }), "a grown disk");
         // Anything of the user's own to boot, or a restarted disk's sandbox (its own overlay).
         assert!(!eligible(&VmConfig { rootfs_path: Some("/d.ext4".into()), ..Default::default() }));
         assert!(!eligible(&VmConfig { kernel_path: Some("/k".into()), ..Default::default() }));
