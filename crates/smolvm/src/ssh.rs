@@ -54,7 +54,7 @@ if [ -x /usr/sbin/sshd ]; then
   [ -d /run/sshd ] || mkdir -m 0755 /run/sshd
   running /run/sshd.pid || (umask 022; exec /usr/sbin/sshd)
   printf '%s' "$SMOLVM_SSH_OWNER" > $owner
-  read -r t b rest < $k.pub || true
+  { read -r t b rest || [ -n "$b" ]; } < $k.pub
   printf '%s %s\n' "$t" "$b"
 elif [ -x /usr/sbin/dropbear ]; then
   k=/etc/dropbear/dropbear_ed25519_host_key
