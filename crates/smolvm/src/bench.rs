@@ -423,38 +423,47 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
     Ok((data, md))
 }
 
+/// `smolvm sandbox VERB NAME EXTRA...` by the CLI in `dirs`: only its environment chooses a
+/// cold boot (`SMOLVM_WARM=0`) for a sandbox that would start warm.
+fn cli_sandbox(dirs: &Dirs, warm: bool, verb: &[&str], name: &str, extra: &[&str]) -> Result<std::process::Output> {
+    std::process::Command::new(smolvm_binary()?)
+        .arg("sandbox")
+        .args(verb)
+        .arg(name)
+        .args(extra)
+        .env("SMOLVM_WARM", if warm { "1" } else { "0" })
+        .env("SMOLVM_DATA_DIR", &dirs.data)
+        .env("SMOLVM_IMAGE_DIR", &dirs.images)
+        .output()
+        .ctx(|| format!("running smolvm sandbox {}", verb[0]))
+}
+
+/// The pid of `sb`'s QEMU, once checked that it started warm or cold as asked: a warm start
+/// that fell back to a cold boot would be measured as a warm one.
+fn vmm_started(sb: &Sandbox, warm: bool) -> Result<i32> {
+    let vmm = sb.record()?.vmm.ok_or_else(|| Error::Host(format!("sandbox {} runs without QEMU on record", sb.id())))?.pid;
+    match qemu::loads_saved_state(vmm) == warm {
+        true => Ok(vmm),
+        false => Err(Error::Host(format!("sandbox {} was not started {}", sb.id(), if warm { "warm" } else { "cold" }))),
+    }
+}
+
 /// QEMU's RSS in MB: idle (2 s after the start), with 200 MB written to the guest's `/tmp`, and
 /// once it has stopped falling after their `rm` (3 to 10 s); for a cold-booted sandbox, whose
 /// guest reports the memory it frees, and for a warm-started one, whose guest cannot
 /// (docs/architecture.md).
 async fn memory_return(dirs: &Dirs, progress: image::Progress<'_>) -> Result<[[f64; 3]; 2]> {
     progress("memory: 200 MB filled and freed in a cold-booted sandbox (free page reporting) and a warm-started one");
-    let bin = smolvm_binary()?;
     let mut rss = [[0.0; 3]; 2];
     for (row, warm) in [false, true].into_iter().enumerate() {
         let name = format!("bench-mem-{}-{row}", std::process::id());
-        // By the CLI: only its environment chooses a cold boot for the default image.
-        let sandbox = |verb: &[&str]| {
-            std::process::Command::new(&bin)
-                .arg("sandbox")
-                .args(verb)
-                .arg(&name)
-                .env("SMOLVM_WARM", if warm { "1" } else { "0" })
-                .env("SMOLVM_DATA_DIR", &dirs.data)
-                .env("SMOLVM_IMAGE_DIR", &dirs.images)
-                .output()
-        };
-        let made = sandbox(&["create", "--name"]).ctx(|| "running smolvm sandbox create".into())?;
+        let made = cli_sandbox(dirs, warm, &["create", "--name"], &name, &[])?;
         if !made.status.success() {
             return Err(Error::Host(format!("creating {name}: {}", String::from_utf8_lossy(&made.stderr).trim())));
         }
         let measured = async {
             let sb = Sandbox::open_in(dirs.clone(), &name).await?;
-            let vmm = sb.record()?.vmm.ok_or_else(|| Error::Host(format!("sandbox {name} runs without QEMU on record")))?.pid;
-            // A warm start that fell back to a cold boot would report, and say nothing of warm ones.
-            if qemu::loads_saved_state(vmm) != warm {
-                return Err(Error::Host(format!("sandbox {name} was not started {}", if warm { "warm" } else { "cold" })));
-            }
+            let vmm = vmm_started(&sb, warm)?;
             let run = |cmd: &'static str| {
                 let sb = &sb;
                 async move {
@@ -485,7 +494,7 @@ async fn memory_return(dirs: &Dirs, progress: image::Progress<'_>) -> Result<[[f
         }
         .await;
         // By name, whatever failed: the sandbox is this bench's.
-        let _ = sandbox(&["delete", "--force"]);
+        let _ = cli_sandbox(dirs, warm, &["delete", "--force"], &name, &[]);
         rss[row] = measured?;
     }
     Ok(rss)
@@ -803,7 +812,6 @@ struct DiskCreate {
 async fn disk_create(dirs: &Dirs, image: &str, rounds: usize) -> Result<DiskCreate> {
     // (At least one measured round: a median of none is none.)
     let rounds = rounds.max(1);
-    let bin = smolvm_binary()?;
     let mut took = [Vec::new(), Vec::new()];
     let mut rss = [0.0; 2];
     for i in 0..rounds + 1 {
@@ -812,29 +820,15 @@ async fn disk_create(dirs: &Dirs, image: &str, rounds: usize) -> Result<DiskCrea
                 continue;
             }
             let name = format!("bench-disk-{}-{col}", std::process::id());
-            let sandbox = |verb: &[&str], extra: &[&str]| {
-                std::process::Command::new(&bin)
-                    .arg("sandbox")
-                    .args(verb)
-                    .arg(&name)
-                    .args(extra)
-                    .env("SMOLVM_WARM", if warm { "1" } else { "0" })
-                    .env("SMOLVM_DATA_DIR", &dirs.data)
-                    .env("SMOLVM_IMAGE_DIR", &dirs.images)
-                    .output()
-            };
             let t = Instant::now();
-            let made = sandbox(&["create", "--name"], &["--image", image]).ctx(|| "running smolvm sandbox create".into())?;
+            let made = cli_sandbox(dirs, warm, &["create", "--name"], &name, &["--image", image])?;
             let secs = t.elapsed().as_secs_f64();
             let measured = async {
                 if !made.status.success() {
                     return Err(Error::Host(format!("creating {name}: {}", String::from_utf8_lossy(&made.stderr).trim())));
                 }
                 let sb = Sandbox::open_in(dirs.clone(), &name).await?;
-                let vmm = sb.record()?.vmm.ok_or_else(|| Error::Host(format!("sandbox {name} runs without QEMU on record")))?.pid;
-                if qemu::loads_saved_state(vmm) != warm {
-                    return Err(Error::Host(format!("sandbox {name} was not started {}", if warm { "warm" } else { "cold" })));
-                }
+                let vmm = vmm_started(&sb, warm)?;
                 if i == rounds {
                     tokio::time::sleep(Duration::from_secs(2)).await;
                     rss[col] = mb(rss_kib(vmm)?);
@@ -843,7 +837,7 @@ async fn disk_create(dirs: &Dirs, image: &str, rounds: usize) -> Result<DiskCrea
             }
             .await;
             // By name, whatever failed: the sandbox is this bench's.
-            let _ = sandbox(&["delete", "--force"], &[]);
+            let _ = cli_sandbox(dirs, warm, &["delete", "--force"], &name, &[]);
             measured?;
             if i > 0 {
                 took[col].push(secs);
@@ -942,10 +936,7 @@ async fn ssh_bench(dirs: &Dirs, work: &std::path::Path, progress: image::Progres
     let mut sb = Sandbox::create_in(dirs.clone(), config, true)?;
     let result = async {
         sb.start(Duration::from_secs(120), &|_| {}).await?;
-        let vmm = sb.record()?.vmm.ok_or_else(|| Error::Host("the debian-ssh sandbox runs without QEMU on record".into()))?.pid;
-        if !qemu::loads_saved_state(vmm) {
-            return Err(Error::Host("the debian-ssh sandbox was not started warm (SMOLVM_WARM=0?)".into()));
-        }
+        vmm_started(&sb, true)?;
         sb.wait_for_ssh(Duration::from_secs(60)).await?;
         let ready_s = t.elapsed().as_secs_f64();
         let raw = RunOptions { shell: smolvm_proto::Shell::Raw, ..Default::default() };

@@ -168,14 +168,10 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
             Reply::Ok => {}
             other => return Err(Error::Host(format!("saving the warm snapshot: unexpected reply {}", other.kind()))),
         }
-        // The save named its copy of the disk as the image's root disk; the image's own is
-        // what `collect` must find still there, and what clones stand on (`disk_file` is the
-        // copy's place by convention).
-        if spec.image.rootfs.is_some() {
-            std::fs::write(tmp.join("image.json"), serde_json::to_vec(&spec.image).expect("image serializes"))
-                .ctx(|| "writing the warm snapshot's image.json".into())?;
-        }
-        Ok(())
+        // The template's inputs, for `collect` to find still there: the save names its copy of
+        // a root disk (`disk_file`) where the image's own disk is what clones stand on.
+        std::fs::write(tmp.join("image.json"), serde_json::to_vec(&spec.image).expect("image serializes"))
+            .ctx(|| "writing the warm snapshot's image.json".into())
     }
     .await;
     let _ = sb.delete().await;
@@ -202,7 +198,8 @@ fn mark_used(state: &Path) {
 }
 
 /// Remove templates beyond the `KEEP` most recently used, those whose kernel, initramfs or
-/// root disk is gone (`image prune` or `image rm`, or a rebuilt image), and the half-made ones of processes that died.
+/// root disk is gone (`image prune` or `image rm`, or a rebuilt image), and the half-made ones
+/// of processes that died.
 /// `newest` (just made) always stays. Called under the image lock. A clone running from a
 /// removed template keeps its RAM file open and is not affected (nor its disk: a copy).
 pub(crate) fn collect(images: &Path, newest: Option<&Path>) {
