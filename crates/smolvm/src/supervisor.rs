@@ -651,6 +651,23 @@ async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
     Ok(())
 }
 
+/// A saved state's directory is never written once made, but it can be removed and made
+/// anew (a warm template discarded by another start and rebuilt, a snapshot deleted and
+/// taken again by the same name). If that happened while this start took its disk, state
+/// and RAM from it, they may come from two different saves: a guest whose page cache does
+/// not match its disk. Such a start fails (a warm start then boots cold) instead of running.
+fn same_restore_source(state: &Path, before: crate::warm::Picked) -> Result<()> {
+    let dir = restore_dir(state);
+    if before.is_some() && crate::warm::picked(&dir) == before {
+        return Ok(());
+    }
+    Err(Error::Host(format!("{} was removed or replaced while this sandbox was restored from it", dir.display())))
+}
+
+fn restore_dir(state: &Path) -> PathBuf {
+    state.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
 /// The start's lock, when the starter passed a copy (see `Sandbox::spawn_supervisor`): held
 /// until the boot's outcome is reported, so that a start after a killed starter waits for this
 /// boot. Close-on-exec at once: QEMU and nft must not hold it.
@@ -700,6 +717,9 @@ async fn supervise(id: &str) -> i32 {
     };
     paths.remove_sockets();
     let _ = std::fs::write(&paths.console, b"");
+    // Which saved state this start restores: read before anything is taken from it (the
+    // template's disk, the state, its RAM), checked again once QEMU has loaded it (`boot`).
+    let restore_source = spec.restore.as_ref().and_then(|r| crate::warm::picked(&restore_dir(&r.state)));
     let mut image = spec.image.clone();
     if let Some(base) = &image.rootfs {
         // The sandbox writes to its own overlay: the base image is shared and never changes,
@@ -767,7 +787,7 @@ async fn supervise(id: &str) -> i32 {
     // What this boot writes to the console (the log is the sandbox's across starts): only that
     // tells of its panic (`panicked_since`).
     let mut console_from = std::fs::metadata(&paths.console).map_or(0, |m| m.len());
-    let booted = boot(&launch, &spec, &greeting, &paths, &plan).await;
+    let booted = boot(&launch, &spec, &greeting, &paths, &plan, restore_source).await;
     let Booted { mut child, mut qmp, agent, mut greeted, mut vsock } = match booted {
         Ok(v) => v,
         Err(e) => {
@@ -1296,7 +1316,14 @@ fn release_queued(ctl_rx: &mut mpsc::UnboundedReceiver<Control>) -> bool {
 /// Start QEMU and bring the guest to the point where commands can run (or, for a restore
 /// that should stay paused, to a loaded but stopped VM). Bounded by the boot timeout; on any
 /// failure the VMM is killed.
-async fn boot(launch: &qemu::LaunchSpec, spec: &BootSpec, greeting: &Greeting, paths: &SandboxPaths, plan: &NetPlan) -> Result<Booted> {
+async fn boot(
+    launch: &qemu::LaunchSpec,
+    spec: &BootSpec,
+    greeting: &Greeting,
+    paths: &SandboxPaths,
+    plan: &NetPlan,
+    restore_source: crate::warm::Picked,
+) -> Result<Booted> {
     // The log is the sandbox's across starts: only what this QEMU writes explains this boot.
     let log_start = std::fs::metadata(&paths.log).map(|m| m.len()).unwrap_or(0);
     // QEMU's serial port, or the agent over vsock, connects here.
@@ -1334,10 +1361,11 @@ async fn boot(launch: &qemu::LaunchSpec, spec: &BootSpec, greeting: &Greeting, p
             let (stream, _) = listener.accept().await.ctx(|| "accepting the agent channel".into())?;
             tracing::debug!("phase: QEMU connected");
             let restored = match &spec.restore {
-                Some(_) => {
+                Some(restore) => {
                     let mut qmp = qemu::Qmp::connect_when_ready(&launch.qmp_socket).await?;
                     qmp.restore_from_launch().await?;
                     tracing::debug!("phase: state loaded");
+                    same_restore_source(&restore.state, restore_source)?;
                     Some(qmp)
                 }
                 None => None,
@@ -1997,6 +2025,32 @@ async fn serve_client(mut stream: UnixStream, client: Client) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restore_fails_when_its_saved_state_was_made_anew_meanwhile() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("warm-x");
+        let make = || {
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::write(dir.join("state"), b"saved").unwrap();
+            std::fs::write(dir.join("ram"), b"ram").unwrap();
+        };
+        make();
+        let state = dir.join("state");
+        let before = crate::warm::picked(&restore_dir(&state));
+        assert!(before.is_some());
+        // Another start marking the template used changes nothing of it.
+        std::fs::File::open(&state).unwrap().set_modified(std::time::SystemTime::now()).unwrap();
+        same_restore_source(&state, before).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+        make();
+        let e = same_restore_source(&state, before).unwrap_err().to_string();
+        assert!(e.contains("warm-x was removed or replaced"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(same_restore_source(&state, before).is_err(), "a removed one fails too");
+        assert!(same_restore_source(&state, None).is_err(), "and one that was gone before");
+    }
 
     #[test]
     fn stopped_spans_count_only_what_falls_in_the_window() {
