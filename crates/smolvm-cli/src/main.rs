@@ -1349,7 +1349,16 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
         }
         SandboxCmd::List { all, .. } => {
             let recs = sandbox::list(&dirs)?;
+            let listed = recs.len();
             let recs: Vec<_> = recs.into_iter().filter(|r| all || state_rank(r.state)).collect();
+            // A sandbox found dead (its VMM or supervisor killed) is `error` from then on: said,
+            // so that it does not just vanish from the list.
+            let hidden = listed - recs.len();
+            let notes = match hidden {
+                0 => Vec::new(),
+                1 => vec!["(1 stopped or failed sandbox not shown: `smolvm sandbox list --all` lists it)".to_string()],
+                n => vec![format!("({n} stopped or failed sandboxes not shown: `smolvm sandbox list --all` lists them)")],
+            };
             let data = sandbox::records_json(&dirs, &recs)?;
             // (Names run to 64 characters: the column is as wide as the longest.)
             let w = recs.iter().map(|r| r.id.len()).max().unwrap_or(0).max(24);
@@ -1359,7 +1368,7 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
                 let state = r.state.to_string();
                 text.push_str(&format!("\n{:<w$} {:<8} {:>5} {:>6}M", r.id, state, r.config.vcpu_count, r.config.memory));
             }
-            Ok(Done::text(text, Value::Array(data)))
+            Ok(Done { notes, ..Done::text(text, Value::Array(data)) })
         }
         SandboxCmd::Info { name, .. } => {
             let sb = Sandbox::open_in(dirs, &name).await?;

@@ -1098,6 +1098,13 @@ async fn a_killed_supervisor_shows_as_error_and_prune_removes_it() {
     let out = env.smolvm(&["sandbox", "list", "--all", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["data"][0]["state"], "error");
+    // Without `--all` it is not listed, and the list says so.
+    let out = env.smolvm(&["sandbox", "list"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1, "only the header");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "(1 stopped or failed sandbox not shown: `smolvm sandbox list --all` lists it)"
+    );
     let out = env.smolvm(&["sandbox", "prune", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["data"]["removed"], serde_json::json!(["crash"]));
