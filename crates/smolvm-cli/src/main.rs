@@ -1352,7 +1352,8 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
             let listed = recs.len();
             let recs: Vec<_> = recs.into_iter().filter(|r| all || state_rank(r.state)).collect();
             // A sandbox found dead (its VMM or supervisor killed) is `error` from then on: said,
-            // so that it does not just vanish from the list.
+            // so that it does not just vanish from the list. (`--json` keeps its array: `--all`
+            // has them.)
             let hidden = listed - recs.len();
             let notes = match hidden {
                 0 => Vec::new(),
@@ -1965,7 +1966,7 @@ fn main() {
         }
     };
     // A snapshot given up while its files were being put in place finishes removing them.
-    // smolvm::snapshot_files::wait_for_given_up(Duration::from_secs(30));
+    smolvm::snapshot_files::wait_for_given_up(Duration::from_secs(30));
     std::process::exit(code);
 }
 
