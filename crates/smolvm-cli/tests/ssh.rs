@@ -497,6 +497,22 @@ async fn root_disk_sandboxes_start_warm_each_on_a_disk_of_its_own() {
     assert_eq!(a.run("cat /root/f", &opts()).await.unwrap().stdout, "mine\n");
     a.set_channel(Channel::Ssh);
     assert_eq!(a.run("echo again", &opts()).await.unwrap().stdout, "again\n");
+    a.set_channel(Channel::Agent);
+    // A started sandbox's disk is its own: no mark of a warm start's copy is left on it.
+    let overlay = a.paths().overlay.clone();
+    assert!(!smolvm::image::warm_disk_marker(&overlay).exists() && !smolvm::image::warm_disk_marker(&b.paths().overlay).exists());
+    // What a warm start whose starter and supervisor were both killed leaves (its copy of the
+    // template's disk, still marked as such, and a half-made overlay): no disk to boot from.
+    // The next start removes them and starts warm, on a fresh disk.
+    a.stop(Duration::from_secs(10)).await.unwrap();
+    std::fs::write(smolvm::image::warm_disk_marker(&overlay), b"").unwrap();
+    let half_made = overlay.with_extension("tmp999999");
+    std::fs::write(&half_made, b"half").unwrap();
+    a.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+    assert!(started_warm(a.id()), "the unfinished warm start's disk was booted");
+    let r = a.run("cat /root/f", &opts()).await.unwrap();
+    assert!(r.stdout.is_empty() && r.stderr.contains("/root/f"), "{r:?}");
+    assert!(!half_made.exists() && !smolvm::image::warm_disk_marker(&overlay).exists());
 
     // A grown disk: warm from a template of that size (made by the first such start), and
     // grown; the image's own size is still the other template's.

@@ -2534,3 +2534,34 @@ fn a_supervisor_gone_before_the_connection_is_cleaned_up_after() {
     }
     assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty(), "{:?}", env.leftover_files());
 }
+
+/// A start given up while it makes a warm template (Python's Ctrl-C drops the start and the
+/// process goes on): the template's throwaway sandbox goes too, and its half-made template.
+#[tokio::test]
+async fn a_start_given_up_while_its_warm_template_is_made_leaves_nothing_running() {
+    let env = env();
+    // A shape of its own, so that this start makes its template (and, given up, never does).
+    let config = VmConfig { memory: 136, ..Default::default() };
+    let mut sb = Sandbox::create_in(env.dirs.clone(), config, false).unwrap();
+    {
+        let start = sb.start(Duration::from_secs(60), &|_| {});
+        tokio::pin!(start);
+        let template_boots = async {
+            while env.qemu_processes().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::select! {
+            r = &mut start => panic!("the start ended before its template's VM was seen: {r:?}"),
+            () = template_boots => {}
+        }
+    }
+    let half_made = || {
+        let suffix = format!(".tmp-{}", std::process::id());
+        std::fs::read_dir(&env.dirs.images).unwrap().flatten().any(|e| e.file_name().to_string_lossy().ends_with(&suffix))
+    };
+    let gone = wait_until(Duration::from_secs(60), || env.qemu_processes().is_empty() && !half_made());
+    assert!(gone, "left running: {:?}; half-made template: {}", env.qemu_processes(), half_made());
+    sb.delete().await.unwrap();
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+}

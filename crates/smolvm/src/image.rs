@@ -996,6 +996,19 @@ pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>, from: Option<
         // The template's guest would find another disk than the one it remembers.
         return Err(Error::Host(format!("a warm start needs a fresh disk, and {} exists", overlay.display())));
     }
+    // Half-made overlays of a start whose process was killed (the start lock is held: no
+    // other start is making one).
+    if let (Some(dir), Some(name)) = (overlay.parent(), overlay.file_stem().and_then(|n| n.to_str())) {
+        let prefix = format!("{name}.tmp");
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+    if from.is_some() {
+        fs::write(warm_disk_marker(overlay), b"").ctx(|| format!("marking {} as a warm start's", overlay.display()))?;
+    }
     if overlay.exists() {
         if let Some(mib) = size_mib {
             // A sandbox's disk may be grown between starts, never shrunk.
@@ -1038,6 +1051,29 @@ pub fn overlay(base: &Path, overlay: &Path, size_mib: Option<u32>, from: Option<
         let _ = fs::remove_file(&tmp);
     }
     made.map(|_| overlay.to_path_buf())
+}
+
+/// Beside a sandbox's overlay while it is still its warm start's copy of the template's disk:
+/// removed once the sandbox runs (see `supervisor`). A start that finds it finds a disk of a
+/// warm start that never finished (its starter and supervisor killed), holding the template's
+/// writes of a boot that never ran here: no disk to boot from (`drop_unfinished_warm_disk`).
+pub fn warm_disk_marker(overlay: &Path) -> PathBuf {
+    overlay.with_extension("warm")
+}
+
+/// Remove a warm start's copy of the template's disk, and its marker.
+pub fn remove_warm_disk(overlay: &Path) {
+    let _ = fs::remove_file(overlay);
+    let _ = fs::remove_file(warm_disk_marker(overlay));
+}
+
+/// Before a start: the disk of a warm start that never finished goes, so that this start is a
+/// first one (and starts warm) again. Under the start lock.
+pub fn drop_unfinished_warm_disk(overlay: &Path) {
+    if warm_disk_marker(overlay).exists() {
+        tracing::debug!("removing {}: a warm start's disk copy whose start never finished", overlay.display());
+        remove_warm_disk(overlay);
+    }
 }
 
 /// The size of the disk an image file holds (for qcow2, not the file's own size).

@@ -1303,6 +1303,7 @@ impl Sandbox {
             },
             e => e,
         })?;
+        image::drop_unfinished_warm_disk(&self.paths.overlay);
         let mut config = rec.config.clone();
         let base = image::overlay_base(&self.paths.overlay);
         if config.image.as_deref().is_some_and(|i| i != "default") && self.paths.overlay.exists() && base.exists() {
@@ -1364,7 +1365,7 @@ impl Sandbox {
                     // fresh overlay. (It was made by this start: a disk's sandbox starts warm
                     // only without an overlay, and the start lock is held.)
                     if launched.is_err() && spec.warm_disk.take().is_some() {
-                        let _ = std::fs::remove_file(&self.paths.overlay);
+                        image::remove_warm_disk(&self.paths.overlay);
                     }
                     match launched {
                         // Its SSH server's failure is the image's, not the template's: a cold

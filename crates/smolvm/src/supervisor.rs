@@ -657,15 +657,11 @@ async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
 /// and RAM from it, they may come from two different saves: a guest whose page cache does
 /// not match its disk. Such a start fails (a warm start then boots cold) instead of running.
 fn same_restore_source(state: &Path, before: crate::warm::Picked) -> Result<()> {
-    let dir = restore_dir(state);
-    if before.is_some() && crate::warm::picked(&dir) == before {
+    if before.is_some() && crate::warm::picked(state) == before {
         return Ok(());
     }
+    let dir = state.parent().unwrap_or(Path::new("."));
     Err(Error::Host(format!("{} was removed or replaced while this sandbox was restored from it", dir.display())))
-}
-
-fn restore_dir(state: &Path) -> PathBuf {
-    state.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
 /// The start's lock, when the starter passed a copy (see `Sandbox::spawn_supervisor`): held
@@ -719,7 +715,7 @@ async fn supervise(id: &str) -> i32 {
     let _ = std::fs::write(&paths.console, b"");
     // Which saved state this start restores: read before anything is taken from it (the
     // template's disk, the state, its RAM), checked again once QEMU has loaded it (`boot`).
-    let restore_source = spec.restore.as_ref().and_then(|r| crate::warm::picked(&restore_dir(&r.state)));
+    let restore_source = spec.restore.as_ref().and_then(|r| crate::warm::picked(&r.state));
     let mut image = spec.image.clone();
     if let Some(base) = &image.rootfs {
         // The sandbox writes to its own overlay: the base image is shared and never changes,
@@ -796,7 +792,7 @@ async fn supervise(id: &str) -> i32 {
             // A failed warm start's disk is the template's: no disk to start again from, even
             // where no starter is left to remove it (see `Sandbox::start`).
             if spec.warm_disk.is_some() {
-                let _ = std::fs::remove_file(&paths.overlay);
+                crate::image::remove_warm_disk(&paths.overlay);
             }
             // (A killed VMM's console tells nothing of why; without it, the starter does not
             // take this for a boot or a warm snapshot that failed.)
@@ -881,6 +877,11 @@ async fn supervise(id: &str) -> i32 {
                 }
             }
         }
+    }
+    // The disk is this sandbox's from now on: its guest runs commands. (Before the report: a
+    // start that finds the marker removes the disk, and a command may have written to it.)
+    if spec.warm_disk.is_some() {
+        let _ = std::fs::remove_file(crate::image::warm_disk_marker(&paths.overlay));
     }
     report(&StartStatus { ok: true, code: None, message: None, console: None });
     drop(start_lock);
@@ -2037,7 +2038,7 @@ mod tests {
         };
         make();
         let state = dir.join("state");
-        let before = crate::warm::picked(&restore_dir(&state));
+        let before = crate::warm::picked(&state);
         assert!(before.is_some());
         // Another start marking the template used changes nothing of it.
         std::fs::File::open(&state).unwrap().set_modified(std::time::SystemTime::now()).unwrap();

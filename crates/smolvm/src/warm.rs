@@ -150,6 +150,7 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
             return Err(e);
         }
     };
+    let mut throwaway = Throwaway { dirs: dirs.clone(), id: sb.id().to_string(), tmp: tmp.clone(), done: false };
     let made = async {
         // The template's RAM goes to a file that clones will map copy-on-write.
         let ram = crate::vmm::qemu::RamFile { path: tmp.join("ram"), share: true };
@@ -174,6 +175,7 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
             .ctx(|| "writing the warm snapshot's image.json".into())
     }
     .await;
+    throwaway.done = true;
     let _ = sb.delete().await;
     // (Its QEMU is gone: the placeholder is not the template's.)
     let _ = std::fs::remove_dir(&empty);
@@ -185,6 +187,40 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
     collect(&dirs.images, Some(&dir));
     drop(lock);
     result.map(|_| state)
+}
+
+/// The sandbox a template is made from, while `template` may be given up half way: Python's
+/// Ctrl-C drops a start's future and goes on, and the sandbox, its owner still alive, would
+/// boot and run (with its half-made template's RAM) until the process ends. (The CLI's Ctrl-C
+/// ends the process, and the supervisor of an ephemeral sandbox follows its owner.)
+struct Throwaway {
+    dirs: crate::Dirs,
+    id: String,
+    tmp: PathBuf,
+    done: bool,
+}
+
+impl Drop for Throwaway {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (dirs, id, tmp) = (self.dirs.clone(), std::mem::take(&mut self.id), std::mem::take(&mut self.tmp));
+        // On a thread of its own: a delete waits for the boot under way to report.
+        std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                rt.block_on(async {
+                    if let Ok(sb) = Sandbox::open_in(dirs.clone(), &id).await {
+                        let _ = sb.delete().await;
+                    }
+                });
+            }
+            // Under the image lock: a start of the same shape by this process since then uses
+            // the same directory, and holds the lock until it has renamed its own away.
+            let _lock = image::lock_images(&dirs);
+            let _ = std::fs::remove_dir_all(&tmp);
+        });
+    }
 }
 
 /// Templates kept besides the newest: the most recently used. Each new agent, kernel, QEMU
@@ -240,13 +276,16 @@ pub(crate) fn collect(images: &Path, newest: Option<&Path>) {
 }
 
 /// Which saved state a start restores: by the time that restore has failed, another start may
-/// have discarded the template and made it anew, and the new one is not to blame. (Inode and
-/// change time: a file system may give a new file the inode just freed.)
+/// have discarded the template and made it anew, and the new one is not to blame. That is the
+/// directory holding the state, whose files are never written once it is in place (inode and
+/// change time: a file system may give a new directory the inode just freed). Not the state
+/// file's own: another start marking it used (`mark_used`) changes its change time.
 pub type Picked = Option<(u64, u64, i64, i64)>;
 
 pub fn picked(state: &Path) -> Picked {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(state).ok().map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
+    let dir = state.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
 /// Forget a template that failed to restore (`picked` says which), if it is still the one in
@@ -314,6 +353,9 @@ mod tests {
         let inputs = image::BootImage { kernel: "/k".into(), initrd: None, rootfs: None };
         let state = template(&dirs.images, "warm-a", 0, &inputs).join("state");
         let stale = picked(&state);
+        // Another start marking it used changes nothing of which it is.
+        mark_used(&state);
+        assert_eq!(picked(&state), stale);
         // Another start discarded it meanwhile and made it anew: that one stays.
         std::fs::remove_dir_all(state.parent().unwrap()).unwrap();
         template(&dirs.images, "warm-a", 0, &inputs);
