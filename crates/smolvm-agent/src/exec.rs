@@ -220,8 +220,15 @@ fn run(stream: u32, token: u64, req: ExecRequest, w: Writer, input: Option<Recei
     }
     let outputs = [Some(child.stdout), child.stderr];
     let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms));
-    let (code, timed_out) =
-        pump(Output { stream, w: &w, window, tty: req.tty.is_some() }, outputs, exit, timeout, pgid, token, child.in_cgroup);
+    let (code, timed_out) = pump(
+        Output { stream, w: &w, window, tty: req.tty.is_some(), owed: Default::default() },
+        outputs,
+        exit,
+        timeout,
+        pgid,
+        token,
+        child.in_cgroup,
+    );
     ended.store(true, Ordering::SeqCst);
     // A new host's command may have this stream id by now (a restored snapshot): only this
     // command's own entry goes.
@@ -307,6 +314,11 @@ struct Output<'a> {
     /// The output is a terminal's: once the command has exited, what its background jobs
     /// write there does not keep the exec open (as a terminal session ends with its shell).
     tty: bool,
+    /// On a terminal, what was waiting on it when the command exited and has not been sent
+    /// yet: the command's own output, which quiet must not cut off however slowly the host
+    /// takes it (sends count against it, whoever wrote them: a background job cannot hold the
+    /// exec open by it).
+    owed: std::cell::Cell<usize>,
 }
 
 /// Forward the command's output as it comes, on this one thread (a thread per pipe costs
@@ -335,7 +347,7 @@ fn pump(
     let mut buf = vec![0u8; CHUNK];
     loop {
         let open = outputs.iter().filter(|o| o.is_some()).count();
-        if code.is_some() && (open == 0 || last.elapsed() >= QUIET) {
+        if code.is_some() && (open == 0 || (last.elapsed() >= QUIET && out.owed.get() == 0)) {
             break;
         }
         // The shell is done, but what it left in the background still writes: the timeout
@@ -399,6 +411,9 @@ fn pump(
                 // A pipe closed without a code: the child is gone, how is unknown.
                 let mut bytes = [0u8; 4];
                 code = Some(pipe.read_exact(&mut bytes).map_or(128 + 9, |_| i32::from_ne_bytes(bytes)));
+                if out.tty {
+                    out.owed.set(outputs.iter().flatten().map(waiting).sum());
+                }
                 if let Some(r) = running().get_mut(&out.stream).filter(|r| r.token == token) {
                     r.exited = true;
                 }
@@ -481,6 +496,7 @@ fn send_chunk(out: &Output, slot: &mut Option<File>, is_stdout: bool, buf: &mut 
             false
         }
         Ok(n) => {
+            out.owed.set(out.owed.get().saturating_sub(n));
             // Nobody reads any more (a cancel): the output is drained and dropped.
             let data = buf[..n].to_vec();
             out.window.send(out.w, out.stream, &if is_stdout { Reply::Stdout(data) } else { Reply::Stderr(data) });
@@ -687,7 +703,7 @@ mod tests {
         drop((out_w, err_w, exit_w));
         let mut shell = shell();
         let (window, w) = (Window::new(1), Writer::to(File::create("/dev/null").unwrap()));
-        let out = Output { stream: 7, w: &w, window: &window, tty: false };
+        let out = Output { stream: 7, w: &w, window: &window, tty: false, owed: Default::default() };
         // (Long enough that the first round, which reads the exit code, comes before it.)
         let timeout = Duration::from_secs(1);
         let (code, timed_out) = pump(out, [Some(out_r), Some(err_r)], exit_r, Some(timeout), shell.id() as i32, 7, false);
@@ -701,7 +717,7 @@ mod tests {
         exit_w.write_all(&3i32.to_ne_bytes()).unwrap();
         drop((out_w, err_w, exit_w));
         let window = Window::new(CHUNK);
-        let out = Output { stream: 8, w: &w, window: &window, tty: false };
+        let out = Output { stream: 8, w: &w, window: &window, tty: false, owed: Default::default() };
         assert_eq!(pump(out, [Some(out_r), Some(err_r)], exit_r, Some(timeout), i32::MAX, 8, false), (3, false));
     }
 
@@ -721,13 +737,53 @@ mod tests {
         });
         let mut shell = shell();
         let (window, w) = (Window::new(1), Writer::to(File::create("/dev/null").unwrap()));
-        let out = Output { stream: 9, w: &w, window: &window, tty: false };
+        let out = Output { stream: 9, w: &w, window: &window, tty: false, owed: Default::default() };
         let got = pump(out, [Some(out_r), Some(err_r)], exit_r, Some(Duration::from_secs(1)), shell.id() as i32, 9, false);
         let _ = shell.kill();
         let _ = shell.wait();
         exits.join().unwrap();
         // Its output was dropped (the host took none of it), so it is still a timeout.
         assert_eq!(got, (5, true));
+    }
+
+    /// On a terminal, what the command wrote before it exited reaches the host however slowly
+    /// the host takes it (each chunk here takes longer than the quiet that ends a terminal's
+    /// exec), while a background job keeps the terminal open.
+    #[test]
+    fn a_terminals_output_at_the_exit_is_all_sent_to_a_slow_host() {
+        let ((out_r, mut out_w), (err_r, err_w), (exit_r, mut exit_w)) = (pair(), pair(), pair());
+        // SAFETY: F_SETPIPE_SZ takes an int by value on an open pipe.
+        assert!(unsafe { libc::fcntl(out_w.as_raw_fd(), libc::F_SETPIPE_SZ, 4 * CHUNK as libc::c_int) } >= 0);
+        let written: Vec<u8> = (0..3 * CHUNK).map(|i| (i % 251) as u8).collect();
+        out_w.write_all(&written).unwrap();
+        exit_w.write_all(&0i32.to_ne_bytes()).unwrap();
+        // `out_w` stays open: a background job that still holds the terminal.
+        drop((err_w, exit_w));
+        // The host: 4 KB every 10 ms, so that a chunk takes about 160 ms to go.
+        let (host_r, host_w) = pair();
+        // SAFETY: as above.
+        assert!(unsafe { libc::fcntl(host_w.as_raw_fd(), libc::F_SETPIPE_SZ, 4096 as libc::c_int) } >= 0);
+        let host = std::thread::spawn(move || {
+            let (mut host_r, mut got, mut buf) = (host_r, Vec::new(), vec![0u8; 4096]);
+            loop {
+                std::thread::sleep(Duration::from_millis(10));
+                match host_r.read(&mut buf) {
+                    Ok(0) | Err(_) => break got,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+        let (window, w) = (Window::new(smolvm_proto::WINDOW), Writer::to(host_w));
+        let out = Output { stream: 11, w: &w, window: &window, tty: true, owed: Default::default() };
+        let got = pump(out, [Some(out_r), Some(err_r)], exit_r, None, i32::MAX, 11, false);
+        drop(w);
+        drop(out_w);
+        assert_eq!(got, (0, false));
+        let file = crate::server::tests::tempfile_in_tmp();
+        (&file).write_all(&host.join().unwrap()).unwrap();
+        let (stdout, _) = sent(file);
+        assert_eq!(stdout.len(), written.len(), "the terminal's output was cut off");
+        assert!(stdout == written);
     }
 
     /// A shell that has exited, with a background process still writing at the deadline: what
@@ -746,7 +802,7 @@ mod tests {
         let mut shell = shell();
         let file = crate::server::tests::tempfile_in_tmp();
         let (window, w) = (Window::new(smolvm_proto::WINDOW), Writer::to(file.try_clone().unwrap()));
-        let out = Output { stream: 10, w: &w, window: &window, tty: false };
+        let out = Output { stream: 10, w: &w, window: &window, tty: false, owed: Default::default() };
         // A deadline that has passed by the time the exit is read.
         let got = pump(out, [Some(out_r), Some(err_r)], exit_r, Some(Duration::ZERO), shell.id() as i32, 10, false);
         let _ = shell.kill();
