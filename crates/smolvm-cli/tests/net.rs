@@ -334,6 +334,16 @@ fn nothing_is_left_after_kill_9_and_prune_or_a_failed_start() {
     assert!(env.smolvm(&["sandbox", "prune"]).status.success());
     assert!(wait_until(Duration::from_secs(5), || env.qemu_processes().is_empty()));
     no_smolvm_network_left();
+    // A named sandbox's supervisor killed leaves its firewall table, which a prune run with
+    // cron's PATH (no /usr/sbin, so no `nft` to find) removes all the same.
+    let name = format!("k9-{}", std::process::id());
+    assert!(env.smolvm(&["sandbox", "create", "--name", &name]).status.success());
+    let supervisor = processes_mentioning("__supervise", &name).into_iter().next().expect("its supervisor");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(supervisor), nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || env.qemu_processes().is_empty()));
+    let out = env.cli().args(["sandbox", "prune"]).env("PATH", "/usr/bin:/bin").output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    no_smolvm_network_left();
     // A start that fails after the network was set up (a guest that never answers).
     let mut c = smolvm::cpio::Cpio::default();
     c.dir("dev", 0o755);

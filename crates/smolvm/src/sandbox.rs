@@ -610,10 +610,15 @@ pub fn smolvm_binary() -> Result<PathBuf> {
 /// the new supervisor's sockets, firewall table and lease. A sandbox being started is passed
 /// over: its start reaps for itself.
 fn reap(store: &Store, dirs: &Dirs, rec: Record, held: bool) -> Result<Option<Record>> {
+    if held {
+        return reap_now(store, dirs, rec);
+    }
     let owner_gone = rec.ephemeral && rec.owner.is_some_and(|o| !o.alive());
     let supervisor_gone = rec.state.is_live() && !rec.supervisor.is_some_and(|p| p.alive());
-    if held || !(owner_gone || supervisor_gone || start_died(&rec)) {
-        return reap_now(store, dirs, rec);
+    // Nothing dead: shown as read. (Not looked at again without the lock: a stop that ended
+    // since would read as a supervisor that died, from the record that still says running.)
+    if !(owner_gone || supervisor_gone || start_died(&rec)) {
+        return Ok(Some(rec));
     }
     let Some(_lock) = SandboxPaths::new(dirs, &rec.id).start_lock(false)? else {
         return Ok(Some(rec));
@@ -692,16 +697,31 @@ const SUPERVISOR_GONE: &str = "the sandbox's supervisor exited unexpectedly";
 
 /// Remove what a sandbox may have left on the host network when its supervisor could not
 /// (killed mid-boot, crashed): its nftables table and its address lease. Its TAP went with QEMU.
+/// The lease is the only trace of the table: it goes only once the table has (else the next
+/// command tries again).
 fn host_network_leftovers(store: &Store, id: &str) {
     // A supervisor that cleaned up released its lease: then there is nothing to look for.
     let leased = store.get(id).ok().flatten().is_some_and(|r| r.lease.is_some());
-    // (Without root, the table was in the sandbox's own namespace, gone with its processes.)
-    if leased && nix::unistd::geteuid().is_root() && crate::net::nat_available().is_ok() {
-        if let Err(e) = crate::net::nft_remove(&crate::net::table_name(store.data_dir(), id)) {
-            tracing::warn!("{}", e.full_message());
-        }
+    if leased && !remove_table(store, id) {
+        return;
     }
     let _ = store.release_network(id);
+}
+
+/// Remove sandbox `id`'s nftables table, if it has one. Whether none is left. Over netlink:
+/// no `nft` on PATH needed (cron's PATH has no /usr/sbin). (Without root, the table was in
+/// the sandbox's own namespace, gone with its processes.)
+fn remove_table(store: &Store, id: &str) -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    match crate::net::nft_remove(&crate::net::table_name(store.data_dir(), id)) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("{}", e.full_message());
+            false
+        }
+    }
 }
 
 /// All sandboxes, with dead ones detected.
@@ -776,13 +796,29 @@ pub fn prune(dirs: &Dirs) -> Result<Pruned> {
     if let Ok(entries) = std::fs::read_dir(dirs.data.join("vms")) {
         for e in entries.flatten() {
             let path = e.path();
-            if !recorded.contains(&path)
-                && older_than_a_minute(&path)
-                && end_unrecorded_supervisor(&path)
-                && std::fs::remove_dir_all(&path).is_ok()
-            {
+            if recorded.contains(&path) || !older_than_a_minute(&path) {
+                continue;
+            }
+            // Under its start lock, with no record naming it by then: a sandbox of that name
+            // created since the list above (whose directory this is again) and being started
+            // holds the lock, or has its record.
+            let lock = std::fs::File::open(path.join("lock"))
+                .ok()
+                .and_then(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).ok());
+            let named = || store.all().map(|all| all.iter().any(|r| SandboxPaths::new(dirs, &r.id).dir == path)).unwrap_or(true);
+            if path.join("lock").exists() && lock.is_none() || named() {
+                continue;
+            }
+            if end_unrecorded_supervisor(&path) && std::fs::remove_dir_all(&path).is_ok() {
                 leftovers.push(path.to_string_lossy().into_owned());
             }
+        }
+    }
+    // Leases and ports of sandboxes no record names (a delete cut off half way by an older
+    // build), with any firewall table: else their address would never be handed out again.
+    for id in store.unrecorded_network()? {
+        if remove_table(&store, &id) {
+            store.forget_network(&id)?;
         }
     }
     leftovers.extend(reap_snapshot_leftovers(dirs, &store)?);

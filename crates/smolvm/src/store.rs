@@ -503,14 +503,42 @@ impl Store {
         Ok(rows)
     }
 
-    /// Forget a sandbox; false if its record was already gone.
+    /// Forget a sandbox; false if its record was already gone. One transaction: a lease left
+    /// without its record (a busy database, a full disk, a kill between the steps) would hold
+    /// its address for good.
     pub fn remove(&self, id: &str) -> Result<bool> {
         let secrets = self.may_hold_secrets("sandboxes", id)?;
-        let n = self.conn.execute("DELETE FROM sandboxes WHERE id=?1", [id])?;
-        self.release_network(id)?;
-        self.conn.execute("DELETE FROM last_slots WHERE sandbox=?1", [id])?;
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate)?;
+        let n = tx.execute("DELETE FROM sandboxes WHERE id=?1", [id])?;
+        Self::forget_network_in(&tx, id)?;
+        tx.commit()?;
         self.scrub_if(secrets);
         Ok(n > 0)
+    }
+
+    /// Sandboxes that hold a lease or a port but have no record (see `remove`).
+    pub fn unrecorded_network(&self) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT sandbox FROM leases WHERE sandbox NOT IN (SELECT id FROM sandboxes) UNION \
+             SELECT sandbox FROM ports WHERE sandbox NOT IN (SELECT id FROM sandboxes)",
+        )?;
+        let rows = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<Vec<String>>>()?;
+        Ok(rows)
+    }
+
+    /// Forget everything of a sandbox's network: its lease, ports and last slot.
+    pub fn forget_network(&self, id: &str) -> Result<()> {
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate)?;
+        Self::forget_network_in(&tx, id)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn forget_network_in(tx: &rusqlite::Transaction, id: &str) -> Result<()> {
+        tx.execute("DELETE FROM leases WHERE sandbox=?1", [id])?;
+        tx.execute("DELETE FROM ports WHERE sandbox=?1", [id])?;
+        tx.execute("DELETE FROM last_slots WHERE sandbox=?1", [id])?;
+        Ok(())
     }
 
     /// The sandbox's network slot (see `net::Lease`), with the host-wide claim on it that
@@ -580,9 +608,11 @@ impl Store {
 
     /// Forget the sandbox's network slot and exposed ports.
     pub fn release_network(&self, id: &str) -> Result<()> {
-        self.conn.execute("INSERT OR REPLACE INTO last_slots (sandbox, slot) SELECT sandbox, slot FROM leases WHERE sandbox=?1", [id])?;
-        self.conn.execute("DELETE FROM leases WHERE sandbox=?1", [id])?;
-        self.conn.execute("DELETE FROM ports WHERE sandbox=?1", [id])?;
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute("INSERT OR REPLACE INTO last_slots (sandbox, slot) SELECT sandbox, slot FROM leases WHERE sandbox=?1", [id])?;
+        tx.execute("DELETE FROM leases WHERE sandbox=?1", [id])?;
+        tx.execute("DELETE FROM ports WHERE sandbox=?1", [id])?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -846,6 +876,22 @@ mod tests {
         store.remove("b").unwrap();
         let n: i64 = store.conn.query_row("SELECT COUNT(*) FROM last_slots WHERE sandbox='b'", [], |r| r.get(0)).unwrap();
         assert_eq!(n, 0);
+        // And its lease and ports, with its record: none is left without one.
+        store.add_port("c", 80, 8080).unwrap();
+        assert!(store.unrecorded_network().unwrap().is_empty());
+        store.remove("c").unwrap();
+        assert!(store.unrecorded_network().unwrap().is_empty());
+        // Rows a delete cut off half way left (an older build's) are found, and forgotten.
+        store.conn.execute("INSERT INTO leases (slot, sandbox) VALUES (77, 'gone')", []).unwrap();
+        store.conn.execute("INSERT INTO ports (sandbox, guest, host) VALUES ('gone2', 22, 2222)", []).unwrap();
+        let mut orphans = store.unrecorded_network().unwrap();
+        orphans.sort();
+        assert_eq!(orphans, ["gone", "gone2"]);
+        for id in orphans {
+            store.forget_network(&id).unwrap();
+        }
+        assert!(store.unrecorded_network().unwrap().is_empty());
+        assert!(store.lease("a", now, |_| Some(())).is_ok());
     }
 
     #[test]
