@@ -74,7 +74,8 @@ fn fetch_source(dirs: &Dirs, progress: Progress) -> Result<Source> {
         return Err(Error::Image(format!("SMOLVM_BUSYBOX_SOURCE={} holds no busybox_*.orig.tar.*", dir.display())));
     }
     progress(&format!("fetching Debian's busybox source package into {}", dir.display()));
-    let tmp = TempDir(dirs.images.join(format!(".fetch-busybox-{}", std::process::id())));
+    // (`.build-`: the next command that takes the image lock removes it if this process dies.)
+    let tmp = TempDir(dirs.images.join(format!(".build-fetch-busybox-{}", std::process::id())));
     let _ = fs::remove_dir_all(&tmp.0);
     for d in ["lists/partial", "cache/archives/partial", "out"] {
         fs::create_dir_all(tmp.0.join(d)).ctx(|| format!("creating {}", tmp.0.display()))?;

@@ -187,7 +187,8 @@ pub fn debian_kernel(dirs: &Dirs, progress: Progress) -> Result<(PathBuf, PathBu
         return Ok(found);
     }
     progress(&format!("fetching {package} from Debian's archive (once)"));
-    let tmp = TempDir(dirs.images.join(format!(".debian-kernel-{}", std::process::id())));
+    // (`.build-`: the next command that takes the image lock removes it if this process dies.)
+    let tmp = TempDir(dirs.images.join(format!(".build-debian-kernel-{}", std::process::id())));
     fs::create_dir_all(&tmp.0).ctx(|| format!("creating {}", tmp.0.display()))?;
     run_checked(Command::new("apt-get").args(["download", "-q", &package]).current_dir(&tmp.0), "downloading the Debian kernel package")?;
     let deb = fs::read_dir(&tmp.0)
@@ -706,6 +707,8 @@ pub fn default_initramfs(dirs: &Dirs, modules: &[(String, Vec<u8>)], progress: P
     let agent_path = agent_binary()?;
     let busybox_path = crate::busybox::guest(dirs, progress)?;
     let mut files: Vec<u8> = FILES.iter().flat_map(|(p, m, c)| format!("{p}:{m}:{c}").into_bytes()).collect();
+    // The directories it lays out, and their modes.
+    files.extend_from_slice(format!("{DIRS:?}{DIR_MODES:?}").as_bytes());
     for (name, data) in modules {
         files.extend_from_slice(name.as_bytes());
         files.extend_from_slice(fingerprint(&[data]).as_bytes());
@@ -752,7 +755,8 @@ pub fn default_initramfs(dirs: &Dirs, modules: &[(String, Vec<u8>)], progress: P
     let tmp = dir.join(format!(".tmp-{}", std::process::id()));
     let r = fs::write(&tmp, cpio).and_then(|_| fs::rename(&tmp, &path));
     if r.is_err() {
-        let _ = fs::remove_file(&tmp);
+        // No entry without its file: it would take a place `image prune` keeps.
+        let _ = fs::remove_dir_all(&dir);
     }
     r.ctx(|| format!("writing {}", path.display()))?;
     Ok(path)
@@ -769,7 +773,7 @@ pub fn default_rootfs(dirs: &Dirs) -> Result<PathBuf> {
     let busybox_path = crate::busybox::guest(dirs, &|_| {})?;
     let busybox = fs::read(&busybox_path).ctx(|| "reading busybox".into())?;
     let files: Vec<u8> = FILES.iter().flat_map(|(p, m, c)| format!("{p}:{m}:{c}").into_bytes()).collect();
-    let modes = format!("{DIR_MODES:?}");
+    let modes = format!("{DIRS:?}{DIR_MODES:?}");
     let fp = fingerprint(&[ROOTFS_RECIPE.as_bytes(), &busybox, &files, ROOTFS_SIZE.as_bytes(), modes.as_bytes()]);
     let dir = dirs.images.join(format!("rootfs-{fp}"));
     let path = dir.join("rootfs.ext4");
@@ -780,10 +784,13 @@ pub fn default_rootfs(dirs: &Dirs) -> Result<PathBuf> {
     if path.exists() {
         return Ok(path);
     }
-    let tree = TempDir(dirs.images.join(format!(".build-rootfs-{}", std::process::id())));
-    let _ = fs::remove_dir_all(&tree.0);
-    busybox_tree(&tree.0, &busybox_path)?;
-    make_ext4(&tree.0, &path, ROOTFS_SIZE)?;
+    let work = TempDir(dirs.images.join(format!(".build-rootfs-{}", std::process::id())));
+    let _ = fs::remove_dir_all(&work.0);
+    // (An entry without its file: a build before this one's, cut off.)
+    let _ = fs::remove_dir_all(&dir);
+    let tree = work.0.join("tree");
+    busybox_tree(&tree, &busybox_path)?;
+    make_ext4(&tree, &path, ROOTFS_SIZE)?;
     Ok(path)
 }
 
@@ -822,14 +829,17 @@ pub(crate) fn busybox_etc(tree: &Path) -> Result<()> {
 
 /// `tree` as an ext4 image of `size` (sparse) at `path`, written atomically: built beside it
 /// and renamed, so a reader never sees half an image.
+/// The file is made beside `tree`, in its build directory (which a later command removes if
+/// this process dies), and the cache entry's directory only once it is whole: a cut-off or
+/// failed mkfs leaves no entry that looks built, nor its half-made file inside one.
 pub(crate) fn make_ext4(tree: &Path, path: &Path, size: &str) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(".tmp-{}.ext4", std::process::id()));
+    let tmp = tree.with_extension("ext4");
     let made = run_checked(
         mkfs_ext4().args(["-q", "-F", "-L", "smolvm-root", "-E", "root_owner=0:0", "-d"]).arg(tree).arg(&tmp).arg(size),
         "making the ext4 root filesystem (mkfs.ext4 from e2fsprogs)",
     )
+    .and_then(|_| fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display())))
     .and_then(|_| fs::rename(&tmp, path).ctx(|| format!("installing {}", path.display())));
     if made.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -1103,6 +1113,12 @@ pub fn remove_entry(dirs: &Dirs, name: &str) -> Result<()> {
     let path = dirs.images.join(name);
     let _lock = lock_images(dirs)?;
     // (smolvm's bookkeeping is no entry; a custom image may still bear its name.)
+    // (A plain file listed is a failed kernel build's record: removed, the kernel is built
+    // again instead of Debian's being used.)
+    if path.is_file() && listed_entry(name) {
+        fs::remove_file(&path).ctx(|| format!("removing {}", path.display()))?;
+        return Ok(());
+    }
     if path.is_dir() && listed_entry(name) {
         fs::remove_dir_all(&path).ctx(|| format!("removing {}", path.display()))?;
         // Warm templates booted from it too: nothing can start from them any more.
@@ -1171,8 +1187,10 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
         // take the place of a good build.
         let failed = path.join(crate::busybox::FAILED).exists()
             || (kind == "busybox" && !path.join("busybox").is_file())
-            // A disk whose mkfs failed or was cut short holds no rootfs.ext4.
-            || (kind.starts_with("disk-") && path.is_dir() && !path.join("rootfs.ext4").is_file());
+            // A disk whose mkfs failed or was cut short holds no rootfs.ext4 (nor a root file
+            // system or an initramfs their file).
+            || ((kind.starts_with("disk-") || kind == "rootfs") && path.is_dir() && !path.join("rootfs.ext4").is_file())
+            || (kind == "initramfs" && path.is_dir() && !path.join("initramfs.cpio").is_file());
         let count = seen.entry(kind).or_default();
         if !failed {
             *count += 1;
@@ -1190,16 +1208,28 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
             continue;
         }
         // Remembered answers about files (one per kernel and QEMU binary ever looked at, which
-        // tests make many of) are asked again on demand. A `write_whole` that never finished
-        // (`.NAME.PID.tmp`) goes once its writer is gone.
+        // tests make many of) are asked again on demand, and half-written files go.
         let mark = crate::vmm::qemu::REMEMBERED.iter().any(|r| name.starts_with(&format!("{r}-")));
-        let writer = name.strip_suffix(".tmp").and_then(|n| n.rsplit('.').next()).and_then(|pid| pid.parse::<u32>().ok());
-        let half_written = name.starts_with('.') && writer.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
-        if (mark || half_written) && path.is_file() && fs::remove_file(&path).is_ok() {
+        // A failed kernel build's record (`kernel-FP.failed`): the build is tried again.
+        let failed_build = name.ends_with(".failed");
+        if (mark || half_written(&name) || failed_build) && path.is_file() && fs::remove_file(&path).is_ok() {
             removed.push(name);
         }
     }
+    // Custom recipes saved half way.
+    for e in fs::read_dir(dirs.images.join("recipes")).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if half_written(&name) && fs::remove_file(e.path()).is_ok() {
+            removed.push(format!("recipes/{name}"));
+        }
+    }
     Ok(removed)
+}
+
+/// A `write_whole` that never finished (`.NAME.PID.tmp`) whose writer is gone.
+fn half_written(name: &str) -> bool {
+    let writer = name.strip_suffix(".tmp").and_then(|n| n.rsplit('.').next()).and_then(|pid| pid.parse::<u32>().ok());
+    name.starts_with('.') && writer.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// The initramfs: agent as /init, busybox with a link per applet, a tiny /etc.
@@ -1441,9 +1471,14 @@ mod tests {
         {
             let p = dirs.images.join(name);
             fs::create_dir_all(&p).unwrap();
-            // A busybox entry is a finished build when it holds the binary.
-            let f = fs::File::create(p.join(if name.starts_with("busybox-") && *name != "busybox-fetch-failed" { "busybox" } else { "x" }))
-                .unwrap();
+            // An entry is a finished build when it holds its file.
+            let file = match name.split('-').next() {
+                Some("busybox") if *name != "busybox-fetch-failed" => "busybox",
+                Some("initramfs") => "initramfs.cpio",
+                Some("rootfs") => "rootfs.ext4",
+                _ => "x",
+            };
+            let f = fs::File::create(p.join(file)).unwrap();
             let when = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000 + i as u64);
             f.set_modified(when).unwrap();
             fs::File::open(&p).unwrap().set_modified(when).unwrap();
@@ -1502,6 +1537,26 @@ mod tests {
         assert!(remove_entry(&dirs, "../x").is_err());
         remove_entry(&dirs, "kernel-a").unwrap();
         assert!(!dirs.images.join("kernel-a").exists());
+        // Entries without their file (a build cut off or failed) do not count as the newest;
+        // a failed kernel build's record, a half-saved recipe of a dead process and a Debian
+        // kernel's download cut off go.
+        fs::create_dir_all(dirs.images.join("rootfs-d")).unwrap();
+        fs::create_dir_all(dirs.images.join("initramfs-d")).unwrap();
+        fs::write(dirs.images.join("kernel-b.failed"), b"").unwrap();
+        fs::create_dir_all(dirs.images.join("recipes")).unwrap();
+        fs::write(dirs.images.join("recipes/.mine.json.999999999.tmp"), b"{").unwrap();
+        fs::write(dirs.images.join("recipes/mine.json"), b"{}").unwrap();
+        fs::create_dir_all(dirs.images.join(".build-debian-kernel-999999999")).unwrap();
+        let mut removed = prune(&dirs).unwrap();
+        removed.sort();
+        assert_eq!(removed, ["initramfs-d", "kernel-b.failed", "recipes/.mine.json.999999999.tmp", "rootfs-d"]);
+        // (A dead process's build directory goes as soon as the image lock is taken.)
+        assert!(!dirs.images.join(".build-debian-kernel-999999999").exists());
+        assert!(dirs.images.join("initramfs-c").exists() && dirs.images.join("recipes/mine.json").exists());
+        // `image list` shows such a record, and `image rm` takes it.
+        fs::write(dirs.images.join("kernel-c.failed"), b"").unwrap();
+        remove_entry(&dirs, "kernel-c.failed").unwrap();
+        assert!(!dirs.images.join("kernel-c.failed").exists());
     }
 
     #[test]

@@ -248,15 +248,16 @@ pub fn build(dirs: &Dirs, recipe: &Recipe, progress: Progress) -> Result<Built> 
     let path = dir.join("rootfs.ext4");
     let save = || -> Result<()> {
         if builtin_recipe.is_none() {
-            let rdir = recipes_dir(dirs);
-            fs::create_dir_all(&rdir).ctx(|| format!("creating {}", rdir.display()))?;
-            // Per process: two starts of one custom image save it at the same moment.
-            let tmp = rdir.join(format!(".{}.json.tmp-{}", recipe.name, std::process::id()));
             let mut saved = serde_json::to_value(recipe).unwrap_or_default();
             saved["built"] = serde_json::Value::String(format!("disk-{}-{fp}", recipe.name));
-            fs::write(&tmp, serde_json::to_string_pretty(&saved).unwrap_or_default())
-                .and_then(|_| fs::rename(&tmp, rdir.join(format!("{}.json", recipe.name))))
-                .ctx(|| "saving the recipe".into())?;
+            // One at a time in this process: its threads would share one temporary name.
+            static SAVING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _one = SAVING.lock().unwrap_or_else(|e| e.into_inner());
+            image::write_whole(
+                &recipes_dir(dirs).join(format!("{}.json", recipe.name)),
+                serde_json::to_string_pretty(&saved).unwrap_or_default().as_bytes(),
+            )
+            .ctx(|| "saving the recipe".into())?;
         }
         Ok(())
     };

@@ -175,8 +175,8 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
             .ctx(|| "writing the warm snapshot's image.json".into())
     }
     .await;
-    throwaway.done = true;
     let _ = sb.delete().await;
+    throwaway.done = true;
     // (Its QEMU is gone: the placeholder is not the template's.)
     let _ = std::fs::remove_dir(&empty);
     let result = made.and_then(|_| std::fs::rename(&tmp, &dir).ctx(|| format!("installing {}", dir.display())));
