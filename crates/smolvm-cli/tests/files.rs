@@ -381,3 +381,29 @@ async fn an_upload_cut_off_by_a_stop_says_so_and_leaves_no_temporary_file() {
     assert!(!r.stdout.contains("smolvm-upload") && !r.stdout.contains("big"), "{}", r.stdout);
     sb.delete().await.unwrap();
 }
+
+/// Uploads whose client is killed half way leave nothing in the supervisor. The agent answers
+/// a cancelled upload with nothing, and the supervisor's relay of it waited for a last reply
+/// for the VM's lifetime, holding the client's socket (until `accept` ran out of descriptors).
+#[tokio::test]
+async fn uploads_whose_client_is_killed_leave_nothing_in_the_supervisor() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    let supervisor = sb.record().unwrap().supervisor.unwrap().pid;
+    let fds = || std::fs::read_dir(format!("/proc/{supervisor}/fd")).unwrap().count();
+    let before = fds();
+    let local = env.tmp.path().join("big");
+    std::fs::File::create(&local).unwrap().set_len(200_000_000).unwrap();
+    for _ in 0..3 {
+        let mut cli = env.cli().args(["sandbox", "file", "upload", sb.id(), local.to_str().unwrap(), "/tmp/big"]).spawn().unwrap();
+        assert!(wait_until(Duration::from_secs(10), || fds() > before), "the upload never connected");
+        // Under way (200 MB take over a second here), then given up.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        cli.kill().unwrap();
+        assert!(cli.wait().unwrap().code().is_none(), "the upload ended before it was killed");
+    }
+    assert!(wait_until(Duration::from_secs(10), || fds() == before), "the supervisor holds {} descriptors, {before} before", fds());
+    let r = sb.run("ls /tmp; echo served", &opts()).await.unwrap();
+    assert_eq!(r.stdout, "served\n", "{r:?}");
+    sb.delete().await.unwrap();
+}

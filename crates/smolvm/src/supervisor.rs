@@ -1783,6 +1783,11 @@ struct ClientStream {
     window: Arc<tokio::sync::Semaphore>,
     /// Input sent on to the agent and not yet granted back by it.
     input: Arc<std::sync::atomic::AtomicUsize>,
+    /// The client cancelled it or went away: its relay ends at once. (The agent answers a
+    /// cancelled upload with nothing, and a guest whose agent stopped answering says nothing
+    /// at all: a relay that waited for a last reply kept its task, route and the client's
+    /// socket for the VM's lifetime.)
+    given_up: Arc<tokio::sync::Notify>,
 }
 
 /// What a client's task shares with the supervisor.
@@ -1916,9 +1921,11 @@ async fn serve_client(mut stream: UnixStream, client: Client) {
             }
             Request::Stdin(_) | Request::StdinClose | Request::Cancel | Request::Resize(_) => {
                 let found = open.lock().unwrap_or_else(|e| e.into_inner()).get(&cid).map(|s| {
-                    // A client that cancels reads no more: its relay must not wait for credit.
+                    // A client that cancels reads no more: its relay must not wait for credit, nor
+                    // for the agent's last reply.
                     if matches!(req, Request::Cancel) {
                         s.window.close();
+                        s.given_up.notify_one();
                     }
                     (s.agent_id, s.input.clone())
                 });
@@ -1956,12 +1963,18 @@ async fn serve_client(mut stream: UnixStream, client: Client) {
                 Ok(mut s) => {
                     let window = Arc::new(tokio::sync::Semaphore::new(proto::WINDOW));
                     let input = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-                    let stream = ClientStream { agent_id: s.id, window: window.clone(), input: input.clone() };
+                    let given_up = Arc::new(tokio::sync::Notify::new());
+                    let stream = ClientStream { agent_id: s.id, window: window.clone(), input: input.clone(), given_up: given_up.clone() };
                     open.lock().unwrap_or_else(|e| e.into_inner()).insert(cid, stream);
                     let (w, open, agent) = (write.clone(), open.clone(), agent.clone());
                     tokio::spawn(async move {
                         loop {
-                            match s.recv().await {
+                            let next = tokio::select! {
+                                next = s.recv() => next,
+                                // (Dropping `s` cancels it in the guest.)
+                                () = given_up.notified() => break,
+                            };
+                            match next {
                                 Some(reply) => {
                                     let terminal = reply.is_terminal();
                                     if let Reply::Credit(n) = &reply {
@@ -2010,6 +2023,7 @@ async fn serve_client(mut stream: UnixStream, client: Client) {
         .values()
         .map(|s| {
             s.window.close();
+            s.given_up.notify_one();
             s.agent_id
         })
         .collect();
