@@ -59,7 +59,7 @@ test-python: wheel
 	$(VENV)-test/bin/pip install -q --disable-pip-version-check pytest dist/*.whl
 	cd crates/smolvm-py/tests && ../../../$(VENV)-test/bin/python -m pytest -q
 
-bench: build wheel
+bench: prereqs build wheel
 	./scripts/bench.sh
 
 clean:

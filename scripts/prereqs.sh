@@ -2,7 +2,7 @@
 # Install what smolvm needs on a Debian/Ubuntu host, skipping what is already there.
 set -euo pipefail
 pkgs=(qemu-system-x86 busybox-static musl-tools patch bzip2 debian-archive-keyring linux-source-6.1 make gcc flex bison bc libelf-dev libssl-dev
-      xz-utils cpio nftables e2fsprogs iproute2 procps python3-venv qemu-utils mmdebstrap openssh-client slirp4netns)
+      xz-utils cpio nftables e2fsprogs iproute2 procps python3-venv python3-dev qemu-utils mmdebstrap openssh-client slirp4netns)
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 updated=""
 # Twice: an install can remove a package that conflicts with it (this image's backported
@@ -28,6 +28,10 @@ if ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
   rustup target add x86_64-unknown-linux-musl ||
     echo "prereqs: the x86_64-unknown-linux-musl Rust target could not be added; the guest agent will be built for glibc, linked statically (a larger binary)" >&2
 fi
+# `make lint` (part of `make test`): a toolchain of rustup's minimal profile has neither.
+for c in rustfmt clippy; do
+  rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
+done
 # The vsock transport's device server (vhost-user), for SMOLVM_AGENT_TRANSPORT=vsock and its
 # tests: QEMU cannot offer vsock without /dev/vhost-vsock otherwise. About 45 s to build once.
 VHOST_VSOCK_VERSION=0.3.0

@@ -228,7 +228,23 @@ pub fn set_hostname(name: &str) {
         return;
     }
     let _ = nix::unistd::sethostname(name);
-    let _ = fs::write("/etc/hostname", format!("{name}\n"));
+    let _ = replace_file("/etc/hostname", format!("{name}\n").as_bytes());
+}
+
+/// Write a small system file whole, as a new file renamed over the old: never through what is
+/// there. Root in the guest may have left a FIFO at the path, whose open would hold PID 1 (or
+/// the set-up every command waits for) for good, or a link.
+pub fn replace_file(path: &str, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = format!("{path}.smolvm-new");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o644).custom_flags(libc::O_NOFOLLOW).open(&tmp)?;
+    let written = f.write_all(data).and_then(|()| fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Images built for a kernel with modules (Debian's cloud kernel) list them, in load order, in

@@ -89,7 +89,20 @@ fn main() {
 /// came from the host's env requests: those may be secrets.
 pub fn log(msg: &str) {
     use std::io::Write;
-    if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open("/dev/console") {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    // The console device only, opened without waiting: a FIFO that root in the guest put there
+    // would hold the thread that logs. Written to blocking (a line cut short by a busy serial
+    // port could be the power-off mark the host looks for).
+    let console = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open("/dev/console")
+        .ok()
+        .filter(|f| f.metadata().is_ok_and(|m| m.file_type().is_char_device()))
+        .filter(|f| {
+            nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(f), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty())).is_ok()
+        });
+    if let Some(mut f) = console {
         let _ = writeln!(f, "smolvm-agent: {msg}");
     } else {
         eprintln!("smolvm-agent: {msg}");

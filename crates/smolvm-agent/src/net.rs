@@ -55,6 +55,9 @@ pub fn configure_in_background(cfg: NetConfig) {
 }
 
 fn configure(cfg: &NetConfig) -> io::Result<()> {
+    if cfg.prefix > 32 {
+        return Err(io::Error::other(format!("a /{} network prefix (0 to 32)", cfg.prefix)));
+    }
     let sock = socket()?;
     let fd = sock.as_raw_fd();
     let mask = if cfg.prefix == 0 { 0 } else { u32::MAX << (32 - cfg.prefix as u32) };
@@ -80,5 +83,5 @@ fn configure(cfg: &NetConfig) -> io::Result<()> {
         check(libc::ioctl(fd, libc::SIOCADDRT as _, &route), "adding the default route")?;
     }
     let [a, b, c, d] = cfg.dns;
-    std::fs::write("/etc/resolv.conf", format!("nameserver {a}.{b}.{c}.{d}\n"))
+    crate::init::replace_file("/etc/resolv.conf", format!("nameserver {a}.{b}.{c}.{d}\n").as_bytes())
 }

@@ -560,3 +560,22 @@ async fn an_image_whose_ssh_server_fails_still_serves_over_the_agent() {
     assert!(env.qemu_processes().is_empty());
     smolvm::image::remove_entry(&env.dirs, &name).unwrap();
 }
+
+/// Root in the guest may leave FIFOs where PID 1 writes at boot (/etc/hostname, and
+/// /etc/resolv.conf on the set-up every command waits for): the next boot replaces them
+/// instead of waiting on them for good.
+#[tokio::test]
+async fn fifos_left_where_the_agent_writes_do_not_hold_the_next_boot() {
+    let env = env();
+    let mut sb = env.boot(image("alpine-ssh")).await;
+    let r = sb
+        .run("rm -f /etc/hostname /etc/resolv.conf && mkfifo /etc/hostname /etc/resolv.conf && echo other > /proc/sys/kernel/hostname && sync", &opts())
+        .await
+        .unwrap();
+    assert!(r.ok(), "{r:?}");
+    sb.stop(Duration::from_secs(10)).await.unwrap();
+    sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+    let r = sb.run("cat /etc/hostname; grep -c nameserver /etc/resolv.conf; [ -f /etc/resolv.conf ] && echo file", &opts()).await.unwrap();
+    assert_eq!(r.stdout, format!("{}\n1\nfile\n", sb.id()), "{r:?}");
+    sb.delete().await.unwrap();
+}
