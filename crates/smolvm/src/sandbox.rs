@@ -436,6 +436,10 @@ pub fn delete_snapshot(dirs: &Dirs, id: &str) -> Result<()> {
     }
     // Dead ephemeral sandboxes go first: they do not hold a snapshot.
     list(dirs)?;
+    // The record and the files go under the claim lock: a snapshot of the same id made in
+    // between would find a directory with no record, take it over, and lose it to this removal.
+    let dir = snapshot_dir(dirs, id);
+    let _claims = dir.parent().map(crate::snapshot_files::lock).transpose()?;
     // The check and the removal are one statement against restores recording their origin.
     let users = store.remove_unused_snapshot(id)?;
     if !users.is_empty() {
@@ -444,7 +448,7 @@ pub fn delete_snapshot(dirs: &Dirs, id: &str) -> Result<()> {
             format!("snapshot '{id}' is in use by sandbox(es) {}; delete them first", users.join(", ")),
         ));
     }
-    let _ = std::fs::remove_dir_all(snapshot_dir(dirs, id));
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
@@ -886,11 +890,21 @@ async fn exited_within(process: ProcId, bound: Duration) -> bool {
 /// interrupted and exiting before its files were removed. Removed by `prune` and by the
 /// snapshot commands, which are where one would look for them. Returns what it removed.
 fn reap_snapshot_leftovers(dirs: &Dirs, store: &Store) -> Result<Vec<String>> {
+    let parent = dirs.data.join("snapshots");
+    if !parent.is_dir() {
+        return Ok(Vec::new());
+    }
+    let _claims = crate::snapshot_files::lock(&parent)?;
     let snapshots: std::collections::HashSet<PathBuf> = store.snapshots()?.iter().map(|s| snapshot_dir(dirs, &s.id)).collect();
     let mut removed = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dirs.data.join("snapshots")) {
+    if let Ok(entries) = std::fs::read_dir(&parent) {
         for e in entries.flatten() {
-            if !snapshots.contains(&e.path()) && crate::snapshot_files::orphaned(&e.path()) && std::fs::remove_dir_all(e.path()).is_ok() {
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if is_dir
+                && !snapshots.contains(&e.path())
+                && crate::snapshot_files::orphaned(&e.path())
+                && std::fs::remove_dir_all(e.path()).is_ok()
+            {
                 removed.push(e.path().to_string_lossy().into_owned());
             }
         }

@@ -103,6 +103,7 @@ pub fn claim(dir: &Path, id: &str) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     let parent = dir.parent().expect("snapshot directories have a parent");
     fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).ctx(|| format!("creating {}", parent.display()))?;
+    let _claiming = lock(parent)?;
     let create = || fs::DirBuilder::new().mode(0o700).create(dir);
     match create() {
         Ok(()) => {}
@@ -118,7 +119,18 @@ pub fn claim(dir: &Path, id: &str) -> Result<()> {
         Err(e) => return Err(Error::Host(format!("creating {}: {e}", dir.display()))),
     }
     let me = crate::store::ProcId::of(std::process::id() as i32).map(|p| format!("{} {}", p.pid, p.start)).unwrap_or_default();
-    fs::write(dir.join(MAKING), me).ctx(|| "marking the snapshot as being made".into())
+    // Whole or not at all: a reader outside the lock (`orphaned`) must never find it half written.
+    crate::image::write_whole(&dir.join(MAKING), me.as_bytes()).ctx(|| "marking the snapshot as being made".into())
+}
+
+/// Held while a snapshot directory is claimed, taken over, reaped or deleted: between one
+/// process's look at a directory (whose maker is gone, whose record went) and its removal,
+/// another's new snapshot of that id must not be made there, to be removed with it.
+pub fn lock(snapshots: &Path) -> Result<nix::fcntl::Flock<fs::File>> {
+    // Beside the directory, not in it: every entry there is a snapshot's.
+    let path = snapshots.with_extension("lock");
+    let f = fs::File::create(&path).ctx(|| format!("creating {}", path.display()))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| Error::Host(format!("locking the snapshots: {e}")))
 }
 
 /// A snapshot directory claimed by this process: removed when this goes, unless `made`.
@@ -210,15 +222,17 @@ fn remove(dir: &Path) {
 /// A snapshot directory with no record is a leftover unless its maker still runs. One too new
 /// to carry the mark yet counts as being made.
 pub fn orphaned(dir: &Path) -> bool {
-    match fs::read_to_string(dir.join(MAKING)) {
-        Ok(text) => {
-            let mut it = text.split_whitespace().map(str::parse::<u64>);
-            match (it.next(), it.next()) {
-                (Some(Ok(pid)), Some(Ok(start))) => !(crate::store::ProcId { pid: pid as i32, start }).alive(),
-                _ => true,
-            }
+    let maker = fs::read_to_string(dir.join(MAKING)).ok().and_then(|text| {
+        let mut it = text.split_whitespace().map(str::parse::<u64>);
+        match (it.next(), it.next()) {
+            (Some(Ok(pid)), Some(Ok(start))) => Some(crate::store::ProcId { pid: pid as i32, start }),
+            _ => None,
         }
-        Err(_) => crate::sandbox::older_than_a_minute(dir),
+    });
+    match maker {
+        Some(maker) => !maker.alive(),
+        // (A mark that cannot be read is taken for none.)
+        None => crate::sandbox::older_than_a_minute(dir),
     }
 }
 
@@ -291,6 +305,30 @@ mod tests {
         assert!(orphaned(&dir));
         claim(&dir, "s1").unwrap();
         assert!(!dir.join("state").exists());
+        // A mark that cannot be read (cut short) is no dead maker's: new, it is being made.
+        fs::write(dir.join(MAKING), "").unwrap();
+        assert!(!orphaned(&dir));
+    }
+
+    /// Makers of one id at once, some finding a dead maker's leftover: one of them has it,
+    /// and its mark, and every other one is told so.
+    #[test]
+    fn of_makers_of_one_id_at_once_one_has_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("snapshots").join("abc");
+        for round in 0..20 {
+            if round % 2 == 1 {
+                fs::create_dir_all(&dir).unwrap();
+                fs::write(dir.join(MAKING), "2147483646 1").unwrap();
+            }
+            let won: usize = std::thread::scope(|s| {
+                let makers: Vec<_> = (0..6).map(|_| s.spawn(|| claim(&dir, "s1").is_ok())).collect();
+                makers.into_iter().map(|m| usize::from(m.join().unwrap())).sum()
+            });
+            assert_eq!(won, 1, "round {round}");
+            assert!(!orphaned(&dir), "round {round}: the winner's mark is not there");
+            fs::remove_dir_all(&dir).unwrap();
+        }
     }
 
     /// A making given up (its future dropped) takes its directory with it; one made keeps it.

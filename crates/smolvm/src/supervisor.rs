@@ -1634,7 +1634,11 @@ async fn snapshot(
     gave_up: impl std::future::Future<Output = Error>,
 ) -> std::result::Result<(), (ErrorKind, String)> {
     let failed = |e: Error| (ErrorKind::Failed, e.full_message());
-    std::fs::create_dir_all(dir).map_err(|e| (ErrorKind::Failed, format!("creating {}: {e}", dir.display())))?;
+    // Made by the client (its claim on the id): gone, the client gave up, and a save made
+    // there now would be nobody's.
+    if !dir.is_dir() {
+        return Err((ErrorKind::Failed, format!("{} is gone: the snapshot was given up", dir.display())));
+    }
     if kind == SnapshotKind::Disk && overlay.is_none() {
         return Err((ErrorKind::Invalid, "a 'disk' snapshot needs a root disk; this sandbox has none (use 'full')".into()));
     }
