@@ -71,7 +71,8 @@ async fn a_read_only_mount_shows_the_hosts_files_live_and_refuses_writes() {
     std::fs::create_dir_all(&elsewhere).unwrap();
     std::fs::write(elsewhere.join("a.csv"), "x,y\n").unwrap();
     // As many as a sandbox may have: each is a device of its own.
-    let (third, fourth) = (env.tmp.path().join("c"), env.tmp.path().join("d"));
+    // (Not `d`: that is the test's data directory, which no mount may hold.)
+    let (third, fourth) = (env.tmp.path().join("c"), env.tmp.path().join("e"));
     std::fs::create_dir_all(&third).unwrap();
     std::fs::create_dir_all(&fourth).unwrap();
     let config = VmConfig {
@@ -201,6 +202,21 @@ fn a_writable_mount_takes_the_guests_writes_to_the_host() {
     );
     let out = env.smolvm(&["sandbox", "info", "mnt", "--json"]);
     assert!(stdout(&out).contains("\"state\":\"created\""), "{}", stdout(&out));
+    assert!(env.qemu_processes().is_empty());
+
+    // A directory that holds smolvm's data directory (here the test's, as `$HOME` holds the
+    // default one) would hand the guest the SSH key of every sandbox: refused, before any boot.
+    let holder = env.tmp.path();
+    let out = env.smolvm(&["sandbox", "create", "--name", "home", "--mount", &format!("{}:/mnt/h", holder.display())]);
+    let key_dir = std::fs::canonicalize(&env.dirs.data).unwrap().join("ssh");
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "error: invalid mounts: {} holds smolvm's SSH key ({}), which logs in to every SSH sandbox: mount a directory that does not hold it (or set SMOLVM_DATA_DIR elsewhere)\n",
+            holder.display(),
+            key_dir.display()
+        )
+    );
     assert!(env.qemu_processes().is_empty());
 }
 

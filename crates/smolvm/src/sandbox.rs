@@ -728,6 +728,35 @@ fn remove_table(store: &Store, id: &str) -> bool {
     }
 }
 
+/// A mount holding smolvm's SSH key (`$HOME` holds the data directory by default) would hand
+/// the guest the key that logs in to every other SSH sandbox of this user, whose servers
+/// listen on host ports a guest with user-mode networking reaches.
+fn mounts_keep_the_ssh_key_out(dirs: &Dirs, mounts: &[crate::config::Mount]) -> Result<()> {
+    let key_dir = dirs.data.join("ssh");
+    // (Where it does not exist yet: where it will be, by its existing ancestor's real path.)
+    let real = |p: &Path| -> PathBuf {
+        let known = p.ancestors().find_map(|a| std::fs::canonicalize(a).ok().map(|c| (a.to_path_buf(), c)));
+        match known {
+            Some((a, c)) => c.join(p.strip_prefix(&a).unwrap_or(Path::new(""))),
+            None => p.to_path_buf(),
+        }
+    };
+    let key_dir = real(&key_dir);
+    for m in mounts {
+        if key_dir.starts_with(real(&m.host)) {
+            return Err(Error::validation(
+                "mounts",
+                format!(
+                    "{} holds smolvm's SSH key ({}), which logs in to every SSH sandbox: mount a directory that does not hold it (or set SMOLVM_DATA_DIR elsewhere)",
+                    m.host.display(),
+                    key_dir.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// All sandboxes, with dead ones detected.
 pub fn list(dirs: &Dirs) -> Result<Vec<Record>> {
     let store = Store::open(&dirs.data)?;
@@ -1353,6 +1382,7 @@ impl Sandbox {
             },
             e => e,
         })?;
+        mounts_keep_the_ssh_key_out(&self.dirs, &rec.config.workspace_mounts)?;
         image::drop_unfinished_warm_disk(&self.paths.overlay);
         let mut config = rec.config.clone();
         let base = image::overlay_base(&self.paths.overlay);
