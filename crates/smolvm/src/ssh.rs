@@ -114,19 +114,32 @@ pub fn user_key(dirs: &Dirs) -> Result<(PathBuf, String)> {
 /// Made under a temporary name and renamed: a crash half way leaves no half key.
 fn make_key(dir: &Path, key: &Path, public: &Path) -> Result<()> {
     let tmp = dir.join(format!(".id_ed25519.{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let _ = std::fs::remove_file(tmp.with_extension(format!("{}.pub", std::process::id())));
-    let out = Command::new("ssh-keygen")
+    let tmp_public = PathBuf::from(format!("{}.pub", tmp.display()));
+    let clear = || {
+        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(&tmp_public);
+    };
+    // (Also what another process, since gone, left: this runs under the key's lock.)
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(".id_ed25519.") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let made = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-C", "smolvm", "-f"])
         .arg(&tmp)
         .output()
-        .ctx(|| "running ssh-keygen (openssh-client)".into())?;
-    if !out.status.success() {
-        return Err(Error::Host(format!("ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        .ctx(|| "running ssh-keygen (openssh-client)".into())
+        .and_then(|out| match out.status.success() {
+            true => Ok(()),
+            false => Err(Error::Host(format!("ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr).trim()))),
+        })
+        .and_then(|()| std::fs::rename(&tmp_public, public).ctx(|| "storing the SSH key".into()))
+        .and_then(|()| std::fs::rename(&tmp, key).ctx(|| "storing the SSH key".into()));
+    if made.is_err() {
+        clear();
     }
-    std::fs::rename(format!("{}.pub", tmp.display()), public).ctx(|| "storing the SSH key".into())?;
-    std::fs::rename(&tmp, key).ctx(|| "storing the SSH key".into())?;
-    Ok(())
+    made
 }
 
 /// How to reach one sandbox's SSH server.
