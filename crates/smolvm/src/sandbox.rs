@@ -2033,6 +2033,8 @@ impl Sandbox {
         } else if let Some(writable) = opts.writable_mounts {
             config.writable_mounts = writable;
         }
+        // (Checked here as at a start, which a restore does not go through.)
+        mounts_keep_the_ssh_key_out(&dirs, &config.workspace_mounts)?;
         let mut sb = Sandbox::create_in(dirs.clone(), config, false).map_err(|e| match e {
             // The snapshot's own host directories, gone since: say how to do without them.
             Error::Validation { field: "mounts", message } if opts.mounts.is_none() => Error::Validation {

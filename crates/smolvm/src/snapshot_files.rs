@@ -211,6 +211,9 @@ pub fn wait_for_given_up(bound: std::time::Duration) {
 /// A given-up snapshot's directory. The supervisor's save, cancelled, may still be writing its
 /// last files: a few tries outlast them.
 fn remove(dir: &Path) {
+    // (Under the claim lock: a maker of the same id that found this directory half removed,
+    // its mark gone, must not make its own there meanwhile, to lose it to the last `rmdir`.)
+    let _claims = dir.parent().map(lock);
     for _ in 0..5 {
         match fs::remove_dir_all(dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => std::thread::sleep(std::time::Duration::from_millis(20)),
