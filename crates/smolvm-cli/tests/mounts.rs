@@ -245,6 +245,15 @@ async fn a_disk_snapshot_restores_with_other_mounts_or_none() {
     let err = Sandbox::from_snapshot_in(dirs.clone(), "with-mount", restore("r0", None, None)).await.err().expect("refused").to_string();
     assert!(err.starts_with("invalid mounts: ") && err.contains("is not an existing directory"), "{err}");
     assert!(err.ends_with("; the snapshot's mounts can be replaced when restoring (--mount, --no-mounts; Python mounts=)"), "{err}");
+    // Nor, in its place, a directory that holds smolvm's SSH key (a restore is no start, and
+    // is checked on its own).
+    let err = Sandbox::from_snapshot_in(dirs.clone(), "with-mount", restore("rk", Some(at(env.tmp.path())), None))
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.starts_with(&format!("invalid mounts: {} holds smolvm's SSH key", env.tmp.path().display())), "{err}");
+    assert!(env.qemu_processes().is_empty());
     // Another directory in its place, writable when asked.
     let r1 = Sandbox::from_snapshot_in(dirs.clone(), "with-mount", restore("r1", Some(at(&new)), Some(true))).await.unwrap();
     let r = r1.run("cat /root/f /mnt/w/f && echo guest > /mnt/w/g", &opts()).await.unwrap();
