@@ -9,7 +9,9 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 struct Upload {
     file: File,
@@ -71,6 +73,15 @@ fn uploads() -> MutexGuard<'static, HashMap<u32, Upload>> {
     static U: OnceLock<Mutex<HashMap<u32, Upload>>> = OnceLock::new();
     U.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Directory uploads being extracted, by stream: set to stop one.
+fn extracting() -> MutexGuard<'static, HashMap<u32, Arc<AtomicBool>>> {
+    static E: OnceLock<Mutex<HashMap<u32, Arc<AtomicBool>>>> = OnceLock::new();
+    E.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How often an extraction under way says so (the host gives up after 60 s of silence).
+const GOING_ON: Duration = Duration::from_secs(5);
 
 fn io_error(what: &str, e: io::Error) -> Reply {
     let kind = match e.kind() {
@@ -134,7 +145,16 @@ pub fn put_start(stream: u32, path: String, mode: u32, tar: bool, w: &Writer) {
     let opened = make_parents(&parent).and_then(|made| {
         let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tmp = parent.join(format!(".{name}.smolvm-upload-{stream}"));
-        match fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).open(&tmp) {
+        // A new file, never through what is there: a guest user may have put a link to
+        // /etc/shadow at this (predictable) name. What is there is an earlier upload's
+        // leftover or such a link, and goes (a link itself, not its target).
+        let create =
+            || fs::OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp);
+        let created = create().or_else(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => fs::remove_file(&tmp).and_then(|()| create()),
+            _ => Err(e),
+        });
+        match created {
             Ok(file) => Ok((file, tmp, made)),
             Err(e) => {
                 remove_made(&made);
@@ -178,9 +198,22 @@ pub fn put_end(stream: u32, w: &Writer) -> bool {
         // goes on serving every other stream meanwhile (else their frames, pings and credits
         // included, wait for it). Without a thread to be had, here.
         let w = w.for_session();
+        let stop = Arc::new(AtomicBool::new(false));
+        extracting().insert(stream, stop.clone());
         let extract = move || {
             let mut up = up;
-            let r = smolvm_tar::unpack_checked(&mut up.file, &up.dest, false);
+            // The host waits for the answer only so long without a word: a big tree on a slow
+            // disk takes longer, so it hears (an empty grant) every few seconds that this goes
+            // on. A given-up upload (`put_cancel`) stops, and takes out what it made.
+            let mut said = Instant::now();
+            let mut going_on = || {
+                if said.elapsed() >= GOING_ON {
+                    w.send(stream, &Reply::Credit(0));
+                    said = Instant::now();
+                }
+            };
+            let r = smolvm_tar::unpack_checked_watched(&mut up.file, &up.dest, false, &stop, &mut going_on);
+            extracting().remove(&stream);
             let _ = fs::remove_file(&up.tmp);
             if r.is_err() {
                 remove_made(&up.made);
@@ -216,6 +249,9 @@ pub fn cancel_all() {
 pub fn put_cancel(stream: u32) {
     if let Some(up) = uploads().remove(&stream) {
         up.discard();
+    }
+    if let Some(stop) = extracting().get(&stream) {
+        stop.store(true, Ordering::Relaxed);
     }
 }
 

@@ -596,3 +596,21 @@ fn doctor_reports_each_check_and_fails_on_an_invalid_setting() {
     assert_eq!(stdout(&out), "spaced\n", "{}", stderr(&out));
     assert!(env.qemu_processes().is_empty() && env.leftover_files().is_empty());
 }
+
+/// A root disk keeps the guest's env file from one run to the next: a variable unset while the
+/// sandbox was stopped must not come back from that file at its next start.
+#[tokio::test]
+async fn variables_unset_while_stopped_do_not_come_back_from_a_root_disk() {
+    let env = env();
+    let rootfs = smolvm::image::default_rootfs(&env.dirs).unwrap();
+    let config = VmConfig { rootfs_path: Some(rootfs), env_vars: vars(&[("API_KEY", "s3cret")]), ..Default::default() };
+    let mut sb = env.boot(config).await;
+    assert_eq!(sb.run("echo \"[$API_KEY]\"", &opts()).await.unwrap().output(), "[s3cret]");
+    sb.stop(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(sb.unset_env_vars(&["API_KEY".into()]).await.unwrap(), vars(&[("API_KEY", "s3cret")]));
+    sb.start(Duration::from_secs(60), &|_| {}).await.unwrap();
+    let seen = sb.run("echo \"[$API_KEY]\"; cat /etc/profile.d/smolvm_env.sh 2>/dev/null | grep -c s3cret", &opts()).await.unwrap();
+    assert_eq!(seen.stdout, "[]\n0\n");
+    assert_eq!(sb.list_env_vars().await.unwrap(), BTreeMap::new());
+    sb.delete().await.unwrap();
+}

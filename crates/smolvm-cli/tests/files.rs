@@ -407,3 +407,21 @@ async fn uploads_whose_client_is_killed_leave_nothing_in_the_supervisor() {
     assert_eq!(r.stdout, "served\n", "{r:?}");
     sb.delete().await.unwrap();
 }
+
+/// An upload's temporary file has a name anyone in the guest can guess: a link a guest user put
+/// there must not be written through (the agent writes as root).
+#[tokio::test]
+async fn an_upload_never_writes_through_a_link_at_its_temporary_name() {
+    let env = env();
+    let sb = env.boot(VmConfig::default()).await;
+    let plant = "echo original > /root/victim && chmod 600 /root/victim && \
+                 for i in $(seq 0 400); do ln -s /root/victim /tmp/.x.smolvm-upload-$i; done";
+    assert!(sb.run(plant, &opts()).await.unwrap().ok());
+    let local = env.tmp.path().join("x");
+    std::fs::write(&local, "uploaded\n").unwrap();
+    std::fs::set_permissions(&local, std::fs::Permissions::from_mode(0o644)).unwrap();
+    sb.upload(&local, "/tmp/x").await.unwrap();
+    let r = sb.run("cat /root/victim; stat -c %a /root/victim; cat /tmp/x", &opts()).await.unwrap();
+    assert_eq!(r.stdout, "original\n600\nuploaded\n");
+    sb.delete().await.unwrap();
+}

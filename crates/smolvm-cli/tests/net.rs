@@ -252,7 +252,17 @@ async fn sandboxes_cannot_reach_each_other_or_the_host_and_exposed_ports_work() 
         e,
         format!("invalid port: host port {host} already carries this sandbox's guest port 8000; close that first, or pick another")
     );
+    // A connection open when its port closes is cut with it: a closed port carries nothing.
+    // (httpd waits for the rest of the request for a minute.)
+    let mut open = std::net::TcpStream::connect(("127.0.0.1", host)).unwrap();
+    std::io::Write::write_all(&mut open, b"GET / HTTP/1.0\r\n").unwrap();
     one.unexpose_local(8000).await.unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let cut = match std::io::Read::read(&mut open, &mut [0u8; 64]) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    };
+    assert!(cut, "a connection through the closed port went on");
     assert!(one.ports().unwrap().is_empty());
     assert!(!http_ok(&format!("http://127.0.0.1:{host}/")));
     let again = one.expose_local(8000, None).await.unwrap();

@@ -95,6 +95,11 @@ def test_vmconfig_is_frozen_validated_and_rejects_unknown_fields():
             VMConfig(**kwargs)
         assert (str(e.value), e.value.details.get("field")) == (message, next(iter(kwargs))), kwargs
         assert "secret" not in repr(e.value.args)
+    # A value put where its name goes, beside a bad value: neither shows.
+    for value in (5, "\ud800"):
+        with pytest.raises(ValidationError) as e:
+            VMConfig(env_vars={"sk/secret+token=": value})
+        assert "secret" not in str(e.value) and "secret" not in repr(e.value.args), e.value
     for bad in (5, {"memory": 512}):
         with pytest.raises(ValidationError, match=r"^invalid config: expected a VMConfig"):
             SmolVM(bad)

@@ -62,11 +62,12 @@ pub fn check_tree(dir: &Path) -> io::Result<()> {
             let entry = entry?;
             let path = entry.path();
             let kind = entry.file_type()?;
+            utf8_name(path.strip_prefix(root).unwrap_or(&path).as_os_str().as_encoded_bytes(), "name")?;
             if kind.is_symlink() {
                 let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().into_owned();
                 let target = fs::read_link(&path)?;
-                smolvm_proto::paths::check_entry(&rel, Some(&target.to_string_lossy()), None)
-                    .map_err(|e| invalid(format!("refused tar entry: {e}")))?;
+                let target = utf8_name(target.as_os_str().as_encoded_bytes(), "link target")?;
+                smolvm_proto::paths::check_entry(&rel, Some(&target), None).map_err(|e| invalid(format!("refused tar entry: {e}")))?;
             } else if kind.is_dir() {
                 visit(root, &path)?;
             } else if !kind.is_file() {
@@ -113,6 +114,50 @@ fn in_target(msg: String) -> io::Error {
 pub fn unpack_checked(file: &mut fs::File, dest: &Path, strip_special: bool) -> io::Result<()> {
     unpack_checked_until(file, dest, strip_special, &AtomicBool::new(false))
 }
+
+/// The most an archive may hold: entries, and bytes of one long name or extended header. The
+/// checks keep every entry's path in memory, and the tar crate reads an extension whole, by the
+/// size its header says: an untrusted archive must not make the extracting side allocate
+/// without bound.
+pub const MAX_ENTRIES: u64 = 1_000_000;
+pub const MAX_EXTENSION: u64 = 64 * 1024;
+
+/// Refuse an archive past [`MAX_ENTRIES`] or with an extension header past [`MAX_EXTENSION`],
+/// reading headers only (no extension's contents, no file's data).
+fn check_sizes(file: &mut fs::File) -> io::Result<()> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut archive = tar::Archive::new(&mut *file);
+    let mut count = 0u64;
+    for entry in archive.entries_with_seek()?.raw(true) {
+        let entry = entry?;
+        count += 1;
+        if count > MAX_ENTRIES {
+            return Err(invalid(format!("refused archive: more than {MAX_ENTRIES} entries")));
+        }
+        let kind = entry.header().entry_type();
+        let size = entry.header().entry_size()?;
+        if (kind.is_gnu_longname() || kind.is_gnu_longlink() || kind.is_pax_local_extensions() || kind.is_pax_global_extensions())
+            && size > MAX_EXTENSION
+        {
+            return Err(invalid(format!("refused archive: an extended header of {size} bytes (at most {MAX_EXTENSION})")));
+        }
+    }
+    Ok(())
+}
+
+/// Entry names are checked and compared as text; a name that is not UTF-8 would be checked as
+/// one text (with U+FFFD) and written as other bytes, passing the checks of what is on disk.
+fn utf8_name(bytes: &[u8], what: &str) -> io::Result<String> {
+    std::str::from_utf8(bytes).map(str::to_string).map_err(|_| {
+        invalid(format!(
+            "refused tar entry {:?}: its {what} is not UTF-8 (only UTF-8 names are transferred)",
+            String::from_utf8_lossy(bytes)
+        ))
+    })
+}
+
+/// Names for what an extraction moves aside, unique across this process's extractions.
+static KEPT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// One entry as the check pass saw it: its path (normalized), whether it is a symlink, and the archive path
 /// a link leads to (a symlink's target resolved from its directory, or a hard link's target).
@@ -182,18 +227,35 @@ fn check_links(seen: &[Seen], dest: &Path) -> io::Result<()> {
 /// nothing half-written stays. Directories get their modes at the end, so that one without
 /// write permission for its owner still takes its contents.
 pub fn unpack_checked_until(file: &mut fs::File, dest: &Path, strip_special: bool, stop: &AtomicBool) -> io::Result<()> {
+    unpack_checked_watched(file, dest, strip_special, stop, &mut || {})
+}
+
+/// As [`unpack_checked_until`], calling `on_entry` for each entry of each pass: a big tree
+/// takes a while, and whoever waits for it can be told that it goes on.
+pub fn unpack_checked_watched(
+    file: &mut fs::File,
+    dest: &Path,
+    strip_special: bool,
+    stop: &AtomicBool,
+    on_entry: &mut dyn FnMut(),
+) -> io::Result<()> {
+    check_sizes(file)?;
     file.seek(SeekFrom::Start(0))?;
     {
         let mut seen = Vec::new();
         let mut archive = tar::Archive::new(&mut *file);
         for entry in archive.entries()? {
             let entry = entry?;
-            let path = entry.path()?.to_string_lossy().into_owned();
+            on_entry();
+            if stop.load(Ordering::Relaxed) {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "the extraction was stopped"));
+            }
+            let path = utf8_name(&entry.path_bytes(), "name")?;
             let path = path.trim_start_matches("./");
             if path.is_empty() || path == "." {
                 continue;
             }
-            let link = entry.link_name()?.map(|l| l.to_string_lossy().into_owned());
+            let link = entry.link_name_bytes().map(|l| utf8_name(&l, "link target")).transpose()?;
             let kind = entry.header().entry_type();
             let (sym, hard) = match kind {
                 tar::EntryType::Symlink => (link.as_deref(), None),
@@ -225,6 +287,7 @@ pub fn unpack_checked_until(file: &mut fs::File, dest: &Path, strip_special: boo
         archive.set_preserve_permissions(true);
         archive.set_overwrite(true);
         for entry in archive.entries()? {
+            on_entry();
             if stop.load(Ordering::Relaxed) {
                 return Err(io::Error::new(io::ErrorKind::Interrupted, "the extraction was stopped"));
             }
@@ -246,7 +309,9 @@ pub fn unpack_checked_until(file: &mut fs::File, dest: &Path, strip_special: boo
             let full = dest.join(&rel);
             let dir = entry.header().entry_type() == tar::EntryType::Directory;
             if !dir && full.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
-                let aside = full.with_file_name(format!(".smolvm-kept-{}-{}", std::process::id(), kept.len()));
+                // (Unique in this process: extractions into the same directory may run at once.)
+                let n = KEPT.fetch_add(1, Ordering::Relaxed);
+                let aside = full.with_file_name(format!(".smolvm-kept-{}-{n}", std::process::id()));
                 fs::rename(&full, &aside)?;
                 kept.push((full.clone(), aside));
             }
@@ -273,16 +338,17 @@ pub fn unpack_checked_until(file: &mut fs::File, dest: &Path, strip_special: boo
                 dir_modes.push((full, mode, before));
             }
         }
+        // Before the directories get their modes: one without write permission would keep
+        // what was moved aside in it.
+        for (_, aside) in kept.drain(..) {
+            let _ = fs::remove_file(aside);
+        }
         for (dir, mode, _) in dir_modes.iter().rev() {
             fs::set_permissions(dir, fs::Permissions::from_mode(*mode))?;
         }
         Ok(())
     })();
-    if result.is_ok() {
-        for (_, aside) in &kept {
-            let _ = fs::remove_file(aside);
-        }
-    } else {
+    if result.is_err() {
         // What was made goes, what it replaced comes back; then directories that were there
         // get their modes back.
         for p in made.iter().rev() {
@@ -406,7 +472,7 @@ mod tests {
         }
     }
 
-    fn symlink(b: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) {
+    fn symlink(b: &mut tar::Builder<Vec<u8>>, path: impl AsRef<Path>, target: impl AsRef<Path>) {
         let mut h = header(tar::EntryType::Symlink, 0);
         b.append_link(&mut h, path, target).unwrap();
     }
@@ -500,6 +566,51 @@ mod tests {
         });
         unpack_checked(&mut f, &dest, false).unwrap();
         assert_eq!(fs::read_link(dest.join("b")).unwrap(), Path::new("a/up"));
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_are_refused_and_nothing_is_written() {
+        use std::os::unix::ffi::OsStrExt;
+        let t = tempfile::tempdir().unwrap();
+        let dest = t.path().join("out");
+        let odd = std::ffi::OsStr::from_bytes(b"b\xff");
+        // Checked as text with U+FFFD, written as these bytes: a link `b\xff -> .` already in
+        // the target would not be seen on the way of `root -> b\xff/b\xff/../..`.
+        for archive in [
+            archive_with(t.path(), |b| symlink(b, odd, ".")),
+            archive_with(t.path(), |b| symlink(b, "root", std::ffi::OsStr::from_bytes(b"b\xff/b\xff/../.."))),
+            archive_with(t.path(), |b| b.append_data(&mut header(tar::EntryType::Regular, 1), odd, &b"x"[..]).unwrap()),
+        ] {
+            let mut f = archive;
+            let err = unpack_checked(&mut f, &dest, false).unwrap_err().to_string();
+            assert!(err.contains("is not UTF-8 (only UTF-8 names are transferred)"), "{err}");
+            assert!(!dest.exists(), "something was written");
+        }
+        // And a local tree with one is refused before it is packed.
+        let src = t.path().join("src");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join(odd), "x").unwrap();
+        assert!(check_tree(&src).unwrap_err().to_string().contains("its name is not UTF-8"));
+    }
+
+    #[test]
+    fn an_oversized_extended_header_is_refused_before_it_is_read() {
+        use std::io::Write;
+        let t = tempfile::tempdir().unwrap();
+        // A GNU long name of 1 GiB: the tar crate would read it whole into memory. (A sparse
+        // file: it takes no disk.)
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_path("././@LongLink").unwrap();
+        h.set_size(1 << 30);
+        h.set_cksum();
+        let p = t.path().join("long.tar");
+        let mut f = fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
+        f.write_all(h.as_bytes()).unwrap();
+        f.set_len(512 + (1 << 30) + 1024).unwrap();
+        let err = unpack_checked(&mut f, &t.path().join("out"), false).unwrap_err().to_string();
+        assert_eq!(err, format!("refused archive: an extended header of {} bytes (at most {MAX_EXTENSION})", 1u64 << 30));
+        assert!(!t.path().join("out").exists());
     }
 
     #[test]

@@ -412,6 +412,11 @@ impl VmConfig {
             if p.guest == 0 {
                 return Err(Error::validation("port_forwards", "guest port 0 is not a port (allowed 1..=65535)"));
             }
+            // (Bound as asked, port 0 is one the kernel picks, which user-mode networking
+            // would then forward unknown to anyone.)
+            if p.host == Some(0) {
+                return Err(Error::validation("port_forwards", "host port 0 is not a port (allowed 1..=65535, or none for a free one)"));
+            }
             // (User-mode networking would forward both and list one; NAT kept one silently.)
             let before = &self.port_forwards[..i];
             if before.iter().any(|q| q.guest == p.guest) {
@@ -779,6 +784,7 @@ mod tests {
             (vec![(8000, None), (8000, Some(19000))], "guest port 8000 is given twice (forward each guest port once)"),
             (vec![(8000, None), (8000, None)], "guest port 8000 is given twice (forward each guest port once)"),
             (vec![(8000, Some(19000)), (8001, Some(19000))], "host port 19000 is given twice"),
+            (vec![(8000, Some(0))], "host port 0 is not a port (allowed 1..=65535, or none for a free one)"),
         ] {
             assert_eq!(with(&ports).validate().unwrap_err().to_string(), format!("invalid port_forwards: {message}"));
         }

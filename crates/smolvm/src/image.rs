@@ -141,7 +141,7 @@ fn kernel_failure_mark(dirs: &Dirs, source: &Path) -> Option<PathBuf> {
 /// passing one (the cache's lock, a full disk while installing) must not pin the fallback.
 fn record_kernel_failure(dirs: &Dirs, source: &Path, e: &Error) {
     if let Some(mark) = kernel_failure_mark(dirs, source) {
-        let _ = fs::create_dir_all(&dirs.images);
+        let _ = make_images_dir(dirs);
         let _ = fs::write(&mark, format!("{}\n", e.full_message().replace('\n', " ")));
     }
 }
@@ -253,11 +253,22 @@ pub fn module_set(modroot: &Path, wanted: &[&str]) -> Result<Vec<(String, Vec<u8
     Ok(order)
 }
 
+/// The image cache, made if missing. It lies in the data directory by default, which is then
+/// made first as the state's store makes it (0700: it keeps env values), whichever of the two
+/// a fresh machine's first command needs first (an image build, say).
+fn make_images_dir(dirs: &Dirs) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dirs.images.starts_with(&dirs.data) {
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dirs.data)?;
+    }
+    fs::create_dir_all(&dirs.images)
+}
+
 /// Serialize builders across processes: two CLIs starting at once build once. Whoever takes
 /// the lock first removes the build directories of builders that died (an interrupted kernel
 /// build leaves 1.5 GB).
 pub(crate) fn lock_images(dirs: &Dirs) -> Result<nix::fcntl::Flock<fs::File>> {
-    fs::create_dir_all(&dirs.images).ctx(|| format!("creating {}", dirs.images.display()))?;
+    make_images_dir(dirs).ctx(|| format!("creating {}", dirs.images.display()))?;
     let f = fs::File::create(dirs.images.join(".lock")).ctx(|| "creating the image lock".into())?;
     let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| Error::Host(format!("locking the image cache: {e}")))?;
@@ -685,6 +696,7 @@ fn memo_path(dirs: &Dirs, key: &str) -> PathBuf {
 }
 
 fn memo_put(dirs: &Dirs, key: &str, fp: &str) {
+    let _ = make_images_dir(dirs);
     let _ = write_whole(&memo_path(dirs, key), fp.as_bytes());
 }
 
@@ -1342,6 +1354,20 @@ mod tests {
         assert!(dead_builders_dir(&gone));
         assert!(!dead_builders_dir(&mine) && !dead_builders_dir(&init));
         assert!(!dead_builders_dir("kernel-0123456789abcdef") && !dead_builders_dir(".build-kernel") && !dead_builders_dir(".build-x-y"));
+    }
+
+    #[test]
+    fn an_image_cache_made_first_makes_the_data_directory_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("state/smolvm");
+        let dirs = Dirs { data: data.clone(), images: data.join("images") };
+        drop(lock_images(&dirs).unwrap());
+        assert_eq!(fs::metadata(&data).unwrap().permissions().mode() & 0o777, 0o700);
+        // An image directory elsewhere leaves the data directory alone.
+        let apart = Dirs { data: dir.path().join("d2"), images: dir.path().join("images2") };
+        drop(lock_images(&apart).unwrap());
+        assert!(!apart.data.exists());
     }
 
     #[test]

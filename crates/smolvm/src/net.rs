@@ -168,7 +168,11 @@ pub fn claims_dir() -> Result<std::path::PathBuf> {
 
 /// Claim `slot` for this process, unless another process holds it.
 pub fn claim_slot(dir: &std::path::Path, slot: u32) -> Option<SlotClaim> {
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(slot.to_string())).ok()?;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    // Root's alone: `flock` needs only a descriptor, and any user who could open the file
+    // could hold a slot from its sandbox (or every slot from every sandbox).
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(dir.join(slot.to_string())).ok()?;
+    let _ = file.set_permissions(std::fs::Permissions::from_mode(0o600));
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).ok().map(|held| SlotClaim { _held: held })
 }
 
@@ -391,6 +395,7 @@ pub fn ruleset(table: &str, tap: &str, lease: Lease, internet: &InternetSettings
     set allow {{
         type ipv4_addr
         flags interval, timeout
+        size {ALLOW_MAX}
 {elements}    }}
 {host_set}    chain forward {{
         type filter hook forward priority 0; policy accept;
@@ -853,15 +858,36 @@ pub async fn dns_proxy(sock: tokio::net::UdpSocket, up: tokio::net::UdpSocket, p
     }
 }
 
+/// The most addresses a sandbox's allow set holds. Each name the guest looks up adds its
+/// answers (for their TTL): a guest asking for endless names of a wildcard domain it is allowed
+/// must not grow the host kernel's memory without bound. A full set takes no more: the guest
+/// then cannot reach new addresses until old ones expire (it fails closed).
+const ALLOW_MAX: u32 = 65_536;
+
 /// Forward connections to 127.0.0.1:`listener` to the guest's port.
+///
+/// The connections are this task's own: a port closed (this task aborted) cuts those still
+/// open, as a closed port should. A failed accept (out of descriptors, say) is waited out: the
+/// port stays listed, so it must stay served.
 pub async fn port_proxy(listener: tokio::net::TcpListener, guest: SocketAddr) {
+    let mut connections = tokio::task::JoinSet::new();
     loop {
-        let Ok((mut inbound, _)) = listener.accept().await else { return };
-        tokio::spawn(async move {
-            if let Ok(mut outbound) = tokio::net::TcpStream::connect(guest).await {
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-            }
-        });
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((mut inbound, _)) => {
+                    connections.spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(guest).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("accepting a connection for guest port {}: {e}", guest.port());
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
     }
 }
 

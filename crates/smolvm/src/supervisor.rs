@@ -263,7 +263,8 @@ fn detach_stdout() {
 struct Greeting {
     hostname: String,
     env: BTreeMap<String, String>,
-    /// A restored guest that may carry its snapshot's variables.
+    /// A guest that may carry variables of an earlier run: restored from a snapshot, or booted
+    /// from its own root disk.
     saved_env: bool,
     /// The guest was restored from a saved state (a warm start, a snapshot's restore).
     restored: bool,
@@ -630,7 +631,8 @@ async fn greet(agent: &Arc<Conn>, g: &Greeting) -> Result<()> {
     if !g.restored && sent.elapsed() > Duration::from_millis(20) {
         tell_time(agent).await?;
     }
-    // A restored guest carries its snapshot's variables: replace them with this sandbox's own.
+    // A restored guest carries its snapshot's variables, a root disk those of its last run:
+    // replace them with this sandbox's own.
     let needed = !g.env.is_empty() || (g.saved_env && matches!(agent.call(&Request::EnvList).await?, Reply::Env(v) if !v.is_empty()));
     if needed {
         match agent.call(&Request::EnvSet { vars: g.env.clone(), merge: false }).await? {
@@ -775,7 +777,9 @@ async fn supervise(id: &str) -> i32 {
     let greeting = Greeting {
         hostname: id.to_string(),
         env: record.config.env_vars.clone(),
-        saved_env: spec.restore.as_ref().is_some_and(|r| !r.no_saved_env),
+        // A root disk keeps the file of its last run: variables unset or removed while the
+        // sandbox was stopped must not come back from it.
+        saved_env: spec.restore.as_ref().map_or(overlay.is_some(), |r| !r.no_saved_env),
         restored: spec.restore.is_some(),
         // A restored guest still has its snapshot's network settings.
         net: guest_net.filter(|_| spec.restore.is_some()),
