@@ -789,7 +789,10 @@ fn bad_input_names_the_field_and_leaves_nothing() {
     let env = env();
     let cases: Vec<(VmConfig, &str)> = vec![
         (VmConfig { memory: 64, ..Default::default() }, "invalid memory: 64 MiB is out of range (allowed 128..=16384 MiB)"),
-        (VmConfig { vm_id: Some("Bad_ID!".into()), ..Default::default() }, "invalid vm_id:"),
+        (
+            VmConfig { vm_id: Some("Bad_ID!".into()), ..Default::default() },
+            "invalid vm_id: \"Bad_ID!\" is not allowed: use 1-64 characters of a-z, 0-9, '_' and '-', starting and ending with a letter or digit",
+        ),
         (
             VmConfig { kernel_path: Some("/nonexistent/vmlinux".into()), ..Default::default() },
             "invalid kernel_path: /nonexistent/vmlinux is not a readable file",
@@ -799,6 +802,10 @@ fn bad_input_names_the_field_and_leaves_nothing() {
             "invalid backend: \"xen\" is not a backend (allowed: firecracker, qemu, auto)",
         ),
         (VmConfig { vcpu_count: 64, ..Default::default() }, "invalid vcpu_count: 64 is out of range (allowed 1..=32)"),
+        (
+            VmConfig { image: Some("no-such-image".into()), ..Default::default() },
+            "invalid image: no image named \"no-such-image\" (built in: default, alpine-ssh, debian-ssh;",
+        ),
     ];
     for (config, message) in cases {
         let err = Sandbox::create_in(env.dirs.clone(), config, false).err().expect("must fail");
@@ -806,13 +813,16 @@ fn bad_input_names_the_field_and_leaves_nothing() {
         assert_eq!(err.code(), "validation");
     }
     for (args, field) in [
-        (vec!["run", "--memory", "64", "true"], "memory"),
+        (vec!["run", "--memory", "64", "true"], "memory: 64 MiB is out of range (allowed 128..=16384 MiB)"),
         // Past 32 bits, and below zero: the field's own range, not the type's.
         (vec!["run", "--memory", "99999999999", "true"], "memory: 99999999999 MiB is out of range (allowed 128..=16384 MiB)"),
         (vec!["sandbox", "create", "--cpus", "-1"], "vcpu_count: -1 is out of range (allowed 1..=32)"),
-        (vec!["run", "--backend", "xen", "true"], "backend"),
-        (vec!["sandbox", "create", "--name", "Bad_ID!"], "vm_id"),
-        (vec!["run", "--kernel", "/nonexistent/vmlinux", "true"], "kernel_path"),
+        (vec!["run", "--backend", "xen", "true"], "backend: \"xen\" is not a backend (allowed: firecracker, qemu, auto)"),
+        (
+            vec!["sandbox", "create", "--name", "Bad_ID!"],
+            "vm_id: \"Bad_ID!\" is not allowed: use 1-64 characters of a-z, 0-9, '_' and '-', starting and ending with a letter or digit",
+        ),
+        (vec!["run", "--kernel", "/nonexistent/vmlinux", "true"], "kernel_path: /nonexistent/vmlinux is not a readable file"),
         (vec!["sandbox", "create", "--mount", "/nonexistent/dir"], "mounts"),
         (vec!["sandbox", "create", "--mount", "/tmp:/etc/tmp"], "mounts"),
         (vec!["sandbox", "create", "--mount", "/tmp:relative"], "mounts"),

@@ -64,12 +64,16 @@ def test_vmconfig_is_frozen_validated_and_rejects_unknown_fields():
     with pytest.raises(ValidationError, match="memory") as e:
         VMConfig(memory=64)
     assert str(e.value) == "invalid memory: 64 MiB is out of range (allowed 128..=16384 MiB)"
-    with pytest.raises(ValidationError, match="vm_id"):
+    with pytest.raises(ValidationError, match="vm_id") as e:
         VMConfig(vm_id="Bad_ID!")
+    assert str(e.value) == (
+        "invalid vm_id: \"Bad_ID!\" is not allowed: use 1-64 characters of a-z, 0-9, '_' and '-', starting and ending with a letter or digit"
+    )
     with pytest.raises(ValidationError, match="memroy"):
         VMConfig(memroy=1)
-    with pytest.raises(ValidationError, match="kernel_path"):
+    with pytest.raises(ValidationError, match="kernel_path") as e:
         VMConfig(kernel_path="/nonexistent/vmlinux")
+    assert str(e.value) == "invalid kernel_path: /nonexistent/vmlinux is not a readable file"
     with pytest.raises(ValueError, match=r"^Invalid environment variable key: 'MY-VAR'"):
         VMConfig(env_vars={"MY-VAR": "1"})
     with pytest.raises(ValidationError, match="backend"):

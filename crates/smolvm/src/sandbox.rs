@@ -1145,7 +1145,18 @@ impl Sandbox {
         Self::create_in(Dirs::from_env(), config, true)
     }
 
-    pub fn create_in(dirs: Dirs, mut config: VmConfig, ephemeral: bool) -> Result<Sandbox> {
+    pub fn create_in(dirs: Dirs, config: VmConfig, ephemeral: bool) -> Result<Sandbox> {
+        // An image that does not exist is said now, not at the start (after minutes of
+        // building a kernel it would never boot). (Not for a restore: the snapshot holds its
+        // disk, whatever became of the recipe.)
+        if let Some(name) = config.image.as_deref().filter(|n| *n != "default") {
+            config.validate()?;
+            crate::recipe::load(&dirs, name)?;
+        }
+        Self::make(dirs, config, ephemeral)
+    }
+
+    fn make(dirs: Dirs, mut config: VmConfig, ephemeral: bool) -> Result<Sandbox> {
         // Taken from where this process runs: kept as given, a relative path would be taken
         // from wherever a later start or snapshot runs.
         for path in [&mut config.kernel_path, &mut config.initrd_path, &mut config.rootfs_path].into_iter().flatten() {
@@ -2035,7 +2046,7 @@ impl Sandbox {
         }
         // (Checked here as at a start, which a restore does not go through.)
         mounts_keep_the_ssh_key_out(&dirs, &config.workspace_mounts)?;
-        let mut sb = Sandbox::create_in(dirs.clone(), config, false).map_err(|e| match e {
+        let mut sb = Sandbox::make(dirs.clone(), config, false).map_err(|e| match e {
             // The snapshot's own host directories, gone since: say how to do without them.
             Error::Validation { field: "mounts", message } if opts.mounts.is_none() => Error::Validation {
                 field: "mounts",
