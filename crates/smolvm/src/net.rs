@@ -181,6 +181,47 @@ pub fn never_reachable(ip: Ipv4Addr) -> bool {
     FORBIDDEN.iter().any(|(c, _)| c.overlaps(&Cidr { addr: ip, prefix: 32 }))
 }
 
+/// The networks the host reaches other than through a sandbox's TAP: its routes (the main
+/// table, less the default route) and its interfaces' networks. A slot whose /30 lies in one
+/// would take over part of it: a route more specific than the host's LAN sends the host's
+/// traffic for those addresses to the guest, and a guest address that is the host's own gets
+/// no network at all.
+pub fn host_networks() -> Vec<Cidr> {
+    let mut nets = routes_from(&std::fs::read_to_string("/proc/net/route").unwrap_or_default());
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs.filter(|a| !a.interface_name.starts_with("smv")) {
+            let (Some(ip), Some(mask)) = (a.address.and_then(|x| x.as_sockaddr_in().map(|s| s.ip())), a.netmask) else { continue };
+            let Some(mask) = mask.as_sockaddr_in().map(|m| u32::from(m.ip())) else { continue };
+            nets.push(Cidr { addr: Ipv4Addr::from(u32::from(ip) & mask), prefix: mask.leading_ones() as u8 });
+        }
+    }
+    nets
+}
+
+/// `/proc/net/route`'s routes, less the default one and those through sandboxes' TAPs.
+/// (Addresses and masks are in the kernel's byte order, printed as hex.)
+fn routes_from(table: &str) -> Vec<Cidr> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (iface, dest, mask) = (f.first()?, f.get(1)?, f.get(7)?);
+            let dest = u32::from_str_radix(dest, 16).ok()?.swap_bytes();
+            let mask = u32::from_str_radix(mask, 16).ok()?.swap_bytes();
+            (!iface.starts_with("smv") && mask != 0).then(|| Cidr { addr: Ipv4Addr::from(dest & mask), prefix: mask.leading_ones() as u8 })
+        })
+        .collect()
+}
+
+impl Lease {
+    /// Whether this slot's /30 lies in one of `nets` (see [`host_networks`]).
+    pub fn clashes(&self, nets: &[Cidr]) -> bool {
+        let mine = Cidr { addr: Ipv4Addr::from(u32::from(self.host()) & !3), prefix: 30 };
+        nets.iter().any(|n| n.overlaps(&mine))
+    }
+}
+
 /// The host's own IPv4 addresses (a sandbox may never be allowed to reach them).
 pub fn host_addresses() -> Vec<Ipv4Addr> {
     nix::ifaddrs::getifaddrs().map(|addrs| addrs.filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip())).collect()).unwrap_or_default()
@@ -894,6 +935,20 @@ pub async fn port_proxy(listener: tokio::net::TcpListener, guest: SocketAddr) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_inside_the_hosts_own_networks_are_known() {
+        // A LAN on 172.16.0.0/24 (the host at .100), a sandbox's TAP, and the default route.
+        let table = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n\
+                     eth0\t00000000\t010010AC\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                     eth0\t000010AC\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                     smv0123456789\t040110AC\t00000000\t0001\t0\t0\t0\tFCFFFFFF\t0\t0\t0\n";
+        let nets = routes_from(table);
+        assert_eq!(nets, [Cidr { addr: "172.16.0.0".parse().unwrap(), prefix: 24 }]);
+        // Slots 1..=63 lie in 172.16.0.0/24; slot 64 (172.16.1.0/30) does not.
+        assert!(Lease(1).clashes(&nets) && Lease(63).clashes(&nets));
+        assert!(!Lease(64).clashes(&nets) && !Lease(200).clashes(&[]));
+    }
 
     #[test]
     fn the_dns_upstream_is_an_ipv4_address_and_port() {

@@ -571,7 +571,10 @@ impl Store {
             let mut held = None;
             loop {
                 held = held.or_else(|| claim(slot));
-                let address_free = || !crate::net::host_addresses().contains(&crate::net::Lease(slot).host());
+                let address_free = || {
+                    !crate::net::host_addresses().contains(&crate::net::Lease(slot).host())
+                        && !crate::net::Lease(slot).clashes(&crate::net::host_networks())
+                };
                 if held.is_some() && address_free() {
                     let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                     let taken = tx
@@ -598,9 +601,9 @@ impl Store {
             let rows = stmt.query_map([], |r| r.get::<_, u32>(0))?.collect::<rusqlite::Result<_>>()?;
             rows
         };
-        let on_host = crate::net::host_addresses();
+        let (on_host, nets) = (crate::net::host_addresses(), crate::net::host_networks());
         let (slot, c) = (1..=crate::net::MAX_SLOTS)
-            .filter(|s| !used.contains(s) && !on_host.contains(&crate::net::Lease(*s).host()))
+            .filter(|s| !used.contains(s) && !on_host.contains(&crate::net::Lease(*s).host()) && !crate::net::Lease(*s).clashes(&nets))
             .find_map(|s| claim(s).map(|c| (s, c)))
             .ok_or_else(|| Error::Host("no free sandbox network address left in 172.16.0.0/16".into()))?;
         tx.execute("INSERT INTO leases (slot, sandbox) VALUES (?1, ?2)", params![slot, id])?;
