@@ -24,6 +24,21 @@ fn version_of(bin: &str, arg: &str) -> Option<String> {
     String::from_utf8_lossy(&out.stdout).lines().next().map(str::to_string)
 }
 
+/// The tables (`family name`) of `nft list ruleset` other than smolvm's whose forward hook
+/// drops by default.
+fn forward_droppers(ruleset: &str) -> Vec<String> {
+    let mut table = String::new();
+    let mut found = Vec::new();
+    for line in ruleset.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("table ") {
+            table = rest.trim_end_matches('{').trim().to_string();
+        } else if line.contains("hook forward") && line.contains("policy drop") && !table.contains(" smolvm_") && !found.contains(&table) {
+            found.push(table.clone());
+        }
+    }
+    found
+}
+
 /// What would let KVM run here, for the reason `kvm_usable` gave that it cannot.
 fn way_to_kvm(why: &str) -> String {
     // (The udev rule's first, as it ends with joining the group; the group's before the
@@ -172,6 +187,27 @@ pub fn run(dirs: &Dirs) -> Vec<Check> {
             ),
         ),
     });
+    // Another firewall that drops forwarded packets (Docker's and ufw's defaults) drops a NAT
+    // sandbox's too: in nftables a drop in any table is final, whatever smolvm's accepts.
+    if nix::unistd::geteuid().is_root() && crate::image::on_path("nft") {
+        let ruleset = Command::new("nft").args(["list", "ruleset"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        checks.push(match forward_droppers(&ruleset.unwrap_or_default()).as_slice() {
+            [] => check("forwarding", "ok", "no other firewall drops forwarded packets", None),
+            tables => check(
+                "forwarding",
+                "warn",
+                format!(
+                    "nftables table(s) {} drop forwarded packets by default: NAT sandboxes with internet 'open' or 'restricted' get no internet",
+                    tables.join(", ")
+                ),
+                Some(
+                    "let smolvm's devices through that firewall: for Docker, iptables -I DOCKER-USER -i smv+ -j ACCEPT and \
+                     iptables -I DOCKER-USER -o smv+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT; for ufw, \
+                     ufw route allow in on smv+ and ufw route allow out on smv+",
+                ),
+            ),
+        });
+    }
     checks.push(match version_of("qemu-img", "--version") {
         Some(v) => check("qemu-img", "ok", v, None),
         None => check("qemu-img", "warn", "qemu-img not found: no root disks (rootfs_path)", Some("smolvm setup (apt install qemu-utils)")),
@@ -260,6 +296,29 @@ pub fn missing_packages() -> Vec<&'static str> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn firewalls_that_drop_forwarded_packets_are_named() {
+        let ruleset = "table ip filter {
+	chain FORWARD {
+		type filter hook forward priority filter; policy drop;
+		counter packets 0 bytes 0 jump DOCKER-USER
+	}
+}
+table inet smolvm_0123456789 {
+	chain forward {
+		type filter hook forward priority filter; policy drop;
+	}
+}
+table inet mine {
+	chain fw {
+		type filter hook forward priority filter; policy accept;
+	}
+}
+";
+        assert_eq!(forward_droppers(ruleset), ["ip filter"]);
+        assert!(forward_droppers("").is_empty());
+    }
+
     use super::*;
 
     /// Each reason `kvm_usable` gives gets the fix for it, not the container's for a group's.
