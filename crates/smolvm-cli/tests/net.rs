@@ -467,6 +467,12 @@ async fn user_mode_networking_and_none() {
     assert!(wait_until(Duration::from_secs(10), || sh(&format!(
         "python3 -c \"import urllib.request as u; assert b'user-mode' in u.urlopen('http://127.0.0.1:{host}/').read()\""
     ))));
+    // Closed, QEMU forwards it no more; exposed again, it does.
+    user.unexpose_local(8000).await.unwrap();
+    assert!(user.ports().unwrap().is_empty());
+    assert!(!http_ok(&format!("http://127.0.0.1:{host}/")));
+    let again = user.expose_local(8000, None).await.unwrap();
+    assert!(http_ok(&format!("http://127.0.0.1:{again}/")));
     assert_eq!(user.info().await.unwrap()["network_mode"], "user");
     // Fixed by its config, the mode is said while it is stopped too (it was "unset").
     user.stop(Duration::from_secs(3)).await.unwrap();

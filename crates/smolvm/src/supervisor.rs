@@ -548,8 +548,16 @@ async fn unexpose(plan: &NetPlan, qmp: &mut qemu::Qmp, exposed: &mut Exposed, gu
     match task {
         Some(t) => t.abort(),
         None if plan.mode == crate::net::Mode::User => {
+            // QEMU says "host forwarding rule for tcp:… removed" (or "not found"): a port it
+            // still forwards stays listed, as what it is.
             let cmd = format!("hostfwd_remove net0 tcp:127.0.0.1:{host}");
-            let _ = qmp.execute_args("human-monitor-command", serde_json::json!({ "command-line": cmd })).await;
+            let said = qmp.execute_args("human-monitor-command", serde_json::json!({ "command-line": cmd })).await;
+            let said = said.map(|v| v.as_str().unwrap_or_default().trim().to_string()).map_err(|e| e.full_message());
+            if !said.as_ref().is_ok_and(|s| s.ends_with("removed")) {
+                exposed.insert(guest, (host, None));
+                let why = said.unwrap_or_else(|e| e);
+                return Err((ErrorKind::Failed, format!("cannot close port {guest} (host port {host}): {why}")));
+            }
         }
         None => {}
     }
