@@ -579,3 +579,37 @@ async fn fifos_left_where_the_agent_writes_do_not_hold_the_next_boot() {
     assert_eq!(r.stdout, format!("{}\n1\nfile\n", sb.id()), "{r:?}");
     sb.delete().await.unwrap();
 }
+
+/// An SFTP transfer that falls silent (here its server is stopped mid-way, as a guest file on a
+/// stuck mount would hold it) ends as a timeout after a minute without progress, as the
+/// agent's transfers do: SSH's keepalives, which the guest's sshd still answers, never end it.
+#[tokio::test]
+async fn a_stalled_sftp_transfer_ends_as_a_timeout() {
+    let env = env();
+    let sb = env.boot(VmConfig { comm_channel: Some("ssh".into()), ..image("alpine-ssh") }).await;
+    sb.wait_for_ssh(Duration::from_secs(60)).await.unwrap();
+    let mut watcher = Sandbox::open_in(env.dirs.clone(), sb.id()).await.unwrap();
+    watcher.set_channel(Channel::Agent);
+    let big = env.tmp.path().join("big.bin");
+    std::fs::write(&big, random_bytes(80 * 1024 * 1024)).unwrap();
+    let caught = "ls -A /data/held 2>/dev/null | grep -q '^.smolvm-upload-' && pkill -STOP sftp-server";
+    let hold = async {
+        while watcher.run(caught, &opts()).await.unwrap().exit_code != 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    {
+        let upload = sb.upload(&big, "/data/held/");
+        tokio::pin!(upload);
+        tokio::select! {
+            r = &mut upload => panic!("the upload finished before it could be held: {r:?}"),
+            () = hold => {}
+        }
+        let started = std::time::Instant::now();
+        let e = tokio::time::timeout(Duration::from_secs(300), upload).await.expect("the stalled upload never ended").unwrap_err();
+        assert!(matches!(e, Error::Timeout { .. }), "{e}");
+        assert!(started.elapsed() >= Duration::from_secs(50), "ended after {:?}: {e}", started.elapsed());
+    }
+    assert_eq!(watcher.run("pkill -CONT sftp-server; echo ok", &opts()).await.unwrap().stdout, "ok\n");
+    sb.delete().await.unwrap();
+}

@@ -1067,6 +1067,49 @@ fn sftp_leftovers(dir: &Path, tmp: &str) -> (Vec<(PathBuf, String)>, Option<Path
     (stale, note)
 }
 
+/// An sftp's exit and what it said, as `wait_with_output` gives them, unless it falls quiet:
+/// a transfer is bounded by its silence as the agent's are ([`TRANSFER_IDLE`]). Its SSH
+/// keepalives find a dead connection, not a server that hangs (a guest file on a stuck mount,
+/// a stopped sftp-server), so the bound watches what moves through the sftp process itself.
+async fn sftp_output(mut child: tokio::process::Child) -> Result<std::process::Output> {
+    use tokio::io::AsyncReadExt;
+    let stderr = child.stderr.take();
+    let said = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        if let Some(mut e) = stderr {
+            let _ = e.read_to_end(&mut buf).await;
+        }
+        buf
+    });
+    // Bytes it has read and written, pipes to its ssh included.
+    let moved = |pid: Option<u32>| -> Option<u64> {
+        let io = std::fs::read_to_string(format!("/proc/{}/io", pid?)).ok()?;
+        Some(
+            io.lines()
+                .filter(|l| l.starts_with("rchar:") || l.starts_with("wchar:"))
+                .filter_map(|l| l[6..].trim().parse::<u64>().ok())
+                .sum(),
+        )
+    };
+    let pid = child.id();
+    let (mut last, mut quiet_since) = (moved(pid), std::time::Instant::now());
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status.ctx(|| "waiting for sftp".into())?,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {
+                let now = moved(pid);
+                if now != last {
+                    (last, quiet_since) = (now, std::time::Instant::now());
+                } else if quiet_since.elapsed() >= TRANSFER_IDLE {
+                    let _ = child.kill().await;
+                    return Err(Error::Timeout { operation: "sftp transfer".into(), seconds: TRANSFER_IDLE.as_secs_f64() });
+                }
+            }
+        }
+    };
+    Ok(std::process::Output { status, stdout: Vec::new(), stderr: said.await.unwrap_or_default() })
+}
+
 struct SftpTemp(Option<(std::process::Command, String)>);
 
 impl Drop for SftpTemp {
@@ -1835,7 +1878,7 @@ impl Sandbox {
                 // (Refused when sftp ended first, before its session: its status says why.)
                 let _ = stdin.write_all(batch.as_bytes()).await;
             }
-            let out = child.wait_with_output().await.ctx(|| "waiting for sftp".into())?;
+            let out = sftp_output(child).await?;
             // As for commands: transfers at once beyond what the server takes in their
             // handshake were refused, where nothing of the batch had run.
             let said = String::from_utf8_lossy(&out.stderr);
