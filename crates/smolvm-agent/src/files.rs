@@ -203,12 +203,12 @@ pub fn put_end(stream: u32, w: &Writer) -> bool {
         let extract = move || {
             let mut up = up;
             // The host waits for the answer only so long without a word: a big tree on a slow
-            // disk takes longer, so it hears (an empty grant) every few seconds that this goes
-            // on. A given-up upload (`put_cancel`) stops, and takes out what it made.
+            // disk takes longer, so it hears every few seconds that this goes on. A given-up
+            // upload (`put_cancel`) stops, and takes out what it made.
             let mut said = Instant::now();
             let mut going_on = || {
                 if said.elapsed() >= GOING_ON {
-                    w.send(stream, &Reply::Credit(0));
+                    w.send(stream, &Reply::GoingOn);
                     said = Instant::now();
                 }
             };

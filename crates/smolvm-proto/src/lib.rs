@@ -351,6 +351,10 @@ pub enum Reply {
     Ports(Vec<u16>),
     /// Milliseconds the VM's CPUs were stopped (`StoppedWithin`).
     Stopped(u64),
+    /// The request is still being worked on, and its answer comes later (a big directory's
+    /// extraction, said every few seconds: the host bounds a transfer by its silence). Not
+    /// terminal.
+    GoingOn,
 }
 
 impl Reply {
@@ -375,6 +379,7 @@ impl Reply {
             Reply::Credit(_) => "credit",
             Reply::Ports(_) => "ports",
             Reply::Stopped(_) => "stopped",
+            Reply::GoingOn => "going on",
         }
     }
 
@@ -395,9 +400,10 @@ impl Reply {
         }
     }
 
-    /// Whether this reply closes its stream: all do but output chunks and input credit.
+    /// Whether this reply closes its stream: all do but output chunks, input credit and word
+    /// that the work goes on.
     pub fn is_terminal(&self) -> bool {
-        !matches!(self, Reply::Stdout(_) | Reply::Stderr(_) | Reply::Data(_) | Reply::Credit(_))
+        !matches!(self, Reply::Stdout(_) | Reply::Stderr(_) | Reply::Data(_) | Reply::Credit(_) | Reply::GoingOn)
     }
 
     pub fn error(kind: ErrorKind, message: impl Into<String>) -> Reply {

@@ -57,9 +57,13 @@ impl<F: FnMut(Vec<u8>) -> io::Result<()>> io::Write for Chunked<F> {
 /// applies to every link (it must stay inside the tree): a refused tree is its owner's to fix,
 /// and is said so before anything is sent, rather than as the guest's refusal of its target.
 pub fn check_tree(dir: &Path) -> io::Result<()> {
-    fn visit(root: &Path, dir: &Path) -> io::Result<()> {
+    fn visit(root: &Path, dir: &Path, count: &mut u64) -> io::Result<()> {
         for entry in fs::read_dir(dir)? {
             let entry = entry?;
+            *count += 1;
+            if *count > MAX_ENTRIES {
+                return Err(invalid(format!("refused archive: more than {MAX_ENTRIES} entries")));
+            }
             let path = entry.path();
             let kind = entry.file_type()?;
             utf8_name(path.strip_prefix(root).unwrap_or(&path).as_os_str().as_encoded_bytes(), "name")?;
@@ -69,7 +73,7 @@ pub fn check_tree(dir: &Path) -> io::Result<()> {
                 let target = utf8_name(target.as_os_str().as_encoded_bytes(), "link target")?;
                 smolvm_proto::paths::check_entry(&rel, Some(&target), None).map_err(|e| invalid(format!("refused tar entry: {e}")))?;
             } else if kind.is_dir() {
-                visit(root, &path)?;
+                visit(root, &path, count)?;
             } else if !kind.is_file() {
                 // (The tar crate cannot pack a socket, and the guest refuses FIFOs and devices.)
                 let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().into_owned();
@@ -78,7 +82,7 @@ pub fn check_tree(dir: &Path) -> io::Result<()> {
         }
         Ok(())
     }
-    visit(dir, dir)
+    visit(dir, dir, &mut 0)
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -123,23 +127,39 @@ pub const MAX_ENTRIES: u64 = 1_000_000;
 pub const MAX_EXTENSION: u64 = 64 * 1024;
 
 /// Refuse an archive past [`MAX_ENTRIES`] or with an extension header past [`MAX_EXTENSION`],
-/// reading headers only (no extension's contents, no file's data).
+/// reading headers only (no file's data). The checks and the extraction then read the same
+/// headers: a PAX `size` record (which moves where the next header is, as the extraction reads
+/// it but this walk would not) and sparse files are refused. smolvm's packer makes neither.
 fn check_sizes(file: &mut fs::File) -> io::Result<()> {
     file.seek(SeekFrom::Start(0))?;
     let mut archive = tar::Archive::new(&mut *file);
     let mut count = 0u64;
     for entry in archive.entries_with_seek()?.raw(true) {
-        let entry = entry?;
-        count += 1;
-        if count > MAX_ENTRIES {
-            return Err(invalid(format!("refused archive: more than {MAX_ENTRIES} entries")));
-        }
+        let mut entry = entry?;
         let kind = entry.header().entry_type();
         let size = entry.header().entry_size()?;
-        if (kind.is_gnu_longname() || kind.is_gnu_longlink() || kind.is_pax_local_extensions() || kind.is_pax_global_extensions())
-            && size > MAX_EXTENSION
-        {
+        let pax = kind.is_pax_local_extensions() || kind.is_pax_global_extensions();
+        let extension = pax || kind.is_gnu_longname() || kind.is_gnu_longlink();
+        if extension && size > MAX_EXTENSION {
             return Err(invalid(format!("refused archive: an extended header of {size} bytes (at most {MAX_EXTENSION})")));
+        }
+        if kind.is_gnu_sparse() {
+            return Err(invalid("refused archive: a sparse file entry (not transferred)".into()));
+        }
+        if pax {
+            for record in entry.pax_extensions()?.into_iter().flatten() {
+                let key = record?.key_bytes().to_vec();
+                if key == b"size" || key.starts_with(b"GNU.sparse") {
+                    let key = String::from_utf8_lossy(&key);
+                    return Err(invalid(format!("refused archive: an extended header sets {key:?} (not transferred)")));
+                }
+            }
+        }
+        if !extension {
+            count += 1;
+            if count > MAX_ENTRIES {
+                return Err(invalid(format!("refused archive: more than {MAX_ENTRIES} entries")));
+            }
         }
     }
     Ok(())
@@ -154,6 +174,17 @@ fn utf8_name(bytes: &[u8], what: &str) -> io::Result<String> {
             String::from_utf8_lossy(bytes)
         ))
     })
+}
+
+/// Remove `path` from a directory its owner cannot write, giving the owner write permission for
+/// that and taking it back after.
+fn remove_in_read_only_dir(path: &Path) {
+    let Some(dir) = path.parent() else { return };
+    let Ok(mode) = fs::metadata(dir).map(|m| m.permissions().mode()) else { return };
+    if fs::set_permissions(dir, fs::Permissions::from_mode(mode | 0o200)).is_ok() {
+        let _ = fs::remove_file(path);
+        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(mode));
+    }
 }
 
 /// Names for what an extraction moves aside, unique across this process's extractions.
@@ -338,17 +369,20 @@ pub fn unpack_checked_watched(
                 dir_modes.push((full, mode, before));
             }
         }
-        // Before the directories get their modes: one without write permission would keep
-        // what was moved aside in it.
-        for (_, aside) in kept.drain(..) {
-            let _ = fs::remove_file(aside);
-        }
         for (dir, mode, _) in dir_modes.iter().rev() {
             fs::set_permissions(dir, fs::Permissions::from_mode(*mode))?;
         }
         Ok(())
     })();
-    if result.is_err() {
+    if result.is_ok() {
+        // (Last, so that a failure before still has them to put back. A directory just made
+        // read-only keeps what was moved aside in it from one not root: opened for this.)
+        for (_, aside) in &kept {
+            if fs::remove_file(aside).is_err() {
+                remove_in_read_only_dir(aside);
+            }
+        }
+    } else {
         // What was made goes, what it replaced comes back; then directories that were there
         // get their modes back.
         for p in made.iter().rev() {
@@ -611,6 +645,31 @@ mod tests {
         let err = unpack_checked(&mut f, &t.path().join("out"), false).unwrap_err().to_string();
         assert_eq!(err, format!("refused archive: an extended header of {} bytes (at most {MAX_EXTENSION})", 1u64 << 30));
         assert!(!t.path().join("out").exists());
+    }
+
+    #[test]
+    fn a_pax_size_record_or_a_sparse_entry_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let dest = t.path().join("out");
+        // A PAX `size` moves where the next header is as the extraction reads it, not as the
+        // walk that bounds the archive does.
+        let mut f = archive_with(t.path(), |b| {
+            let record = b"12 size=100\n";
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(tar::EntryType::XHeader);
+            h.set_path("pax").unwrap();
+            h.set_size(record.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append(&h, &record[..]).unwrap();
+            b.append_data(&mut header(tar::EntryType::Regular, 1), "f", &b"x"[..]).unwrap();
+        });
+        let err = unpack_checked(&mut f, &dest, false).unwrap_err().to_string();
+        assert_eq!(err, "refused archive: an extended header sets \"size\" (not transferred)");
+        let mut f = archive_with(t.path(), |b| b.append_data(&mut header(tar::EntryType::GNUSparse, 0), "s", &b""[..]).unwrap());
+        let err = unpack_checked(&mut f, &dest, false).unwrap_err().to_string();
+        assert_eq!(err, "refused archive: a sparse file entry (not transferred)");
+        assert!(!dest.exists());
     }
 
     #[test]

@@ -215,10 +215,12 @@ fn routes_from(table: &str) -> Vec<Cidr> {
 }
 
 impl Lease {
-    /// Whether this slot's /30 lies in one of `nets` (see [`host_networks`]).
+    /// Whether this slot's /30 lies in one of `nets` (see [`host_networks`]). A network that
+    /// holds the whole sandbox network (a VPN's `0.0.0.0/1`, a `172.16.0.0/12` LAN) does not
+    /// count: no slot could avoid it, and none did before.
     pub fn clashes(&self, nets: &[Cidr]) -> bool {
         let mine = Cidr { addr: Ipv4Addr::from(u32::from(self.host()) & !3), prefix: 30 };
-        nets.iter().any(|n| n.overlaps(&mine))
+        nets.iter().filter(|n| n.prefix > SANDBOX_NET.prefix).any(|n| n.overlaps(&mine))
     }
 }
 
@@ -948,6 +950,14 @@ mod tests {
         // Slots 1..=63 lie in 172.16.0.0/24; slot 64 (172.16.1.0/30) does not.
         assert!(Lease(1).clashes(&nets) && Lease(63).clashes(&nets));
         assert!(!Lease(64).clashes(&nets) && !Lease(200).clashes(&[]));
+        // What holds the whole sandbox network, no slot can avoid: it counts for none.
+        let broad = routes_from(
+            "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n\
+             tun0\t00000000\t00000000\t0001\t0\t0\t0\t00000080\t0\t0\t0\n\
+             eth1\t000010AC\t00000000\t0001\t0\t0\t0\t0000F0FF\t0\t0\t0\n",
+        );
+        assert_eq!(broad.iter().map(|c| c.prefix).collect::<Vec<_>>(), [1, 12]);
+        assert!(!Lease(1).clashes(&broad));
     }
 
     #[test]

@@ -1092,22 +1092,36 @@ async fn sftp_output(mut child: tokio::process::Child) -> Result<std::process::O
         )
     };
     let pid = child.id();
+    // sftp leads a process group of its own (see `Sandbox::sftp`), its ssh in it: given up
+    // (a timeout, or this future dropped by Ctrl-C), both go. Its ssh alone would wait for
+    // good on a server that never closes the channel.
+    let _group = pid.map(KillGroup);
     let (mut last, mut quiet_since) = (moved(pid), std::time::Instant::now());
     let status = loop {
         tokio::select! {
             status = child.wait() => break status.ctx(|| "waiting for sftp".into())?,
             () = tokio::time::sleep(Duration::from_secs(1)) => {
                 let now = moved(pid);
-                if now != last {
+                // (Where the counts cannot be read, there is no telling silence: no bound.)
+                if now != last || now.is_none() {
                     (last, quiet_since) = (now, std::time::Instant::now());
                 } else if quiet_since.elapsed() >= TRANSFER_IDLE {
-                    let _ = child.kill().await;
                     return Err(Error::Timeout { operation: "sftp transfer".into(), seconds: TRANSFER_IDLE.as_secs_f64() });
                 }
             }
         }
     };
     Ok(std::process::Output { status, stdout: Vec::new(), stderr: said.await.unwrap_or_default() })
+}
+
+/// SIGKILL to the process group led by this pid, when dropped. (Also after the leader has been
+/// reaped: what it started may still run, and the group keeps its id while one member does.)
+struct KillGroup(u32);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.0 as i32), nix::sys::signal::Signal::SIGKILL);
+    }
 }
 
 struct SftpTemp(Option<(std::process::Command, String)>);
@@ -1868,6 +1882,7 @@ impl Sandbox {
             let mut sftp = ep.sftp();
             // (A caller killed outright takes its transfer along: it must not land after it.)
             crate::net::die_with_this_thread(&mut sftp);
+            std::os::unix::process::CommandExt::process_group(&mut sftp, 0);
             let mut cmd = tokio::process::Command::from(sftp);
             cmd.stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::null())
@@ -2654,6 +2669,8 @@ impl Sandbox {
                     }
                 } => match reply? {
                     Some(Reply::Credit(n)) => window.add_permits((n as usize).min(smolvm_proto::WINDOW)),
+                    // A big directory still being extracted: its silence bound starts again.
+                    Some(Reply::GoingOn) => {}
                     // The agent has the last frame: what is left of the sending (the task that
                     // wrote it, on another thread) ends now too.
                     Some(Reply::Ok) => {

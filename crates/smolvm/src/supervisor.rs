@@ -542,24 +542,22 @@ async fn expose(
 }
 
 async fn unexpose(plan: &NetPlan, qmp: &mut qemu::Qmp, exposed: &mut Exposed, guest: u16) -> std::result::Result<(), (ErrorKind, String)> {
-    let Some((host, task)) = exposed.remove(&guest) else {
+    let Some(&(host, _)) = exposed.get(&guest) else {
         return Err((ErrorKind::NotFound, format!("guest port {guest} is not exposed")));
     };
-    match task {
-        Some(t) => t.abort(),
-        None if plan.mode == crate::net::Mode::User => {
-            // QEMU says "host forwarding rule for tcp:… removed" (or "not found"): a port it
-            // still forwards stays listed, as what it is.
-            let cmd = format!("hostfwd_remove net0 tcp:127.0.0.1:{host}");
-            let said = qmp.execute_args("human-monitor-command", serde_json::json!({ "command-line": cmd })).await;
-            let said = said.map(|v| v.as_str().unwrap_or_default().trim().to_string()).map_err(|e| e.full_message());
-            if !said.as_ref().is_ok_and(|s| s.ends_with("removed")) {
-                exposed.insert(guest, (host, None));
-                let why = said.unwrap_or_else(|e| e);
-                return Err((ErrorKind::Failed, format!("cannot close port {guest} (host port {host}): {why}")));
-            }
+    if exposed.get(&guest).is_some_and(|(_, task)| task.is_none()) && plan.mode == crate::net::Mode::User {
+        // QEMU says "host forwarding rule for tcp:… removed" (or "not found"): a port it
+        // still forwards stays listed, as what it is (here and in the store).
+        let cmd = format!("hostfwd_remove net0 tcp:127.0.0.1:{host}");
+        let said = qmp.execute_args("human-monitor-command", serde_json::json!({ "command-line": cmd })).await;
+        let said = said.map(|v| v.as_str().unwrap_or_default().trim().to_string()).map_err(|e| e.full_message());
+        if !said.as_ref().is_ok_and(|s| s.ends_with("removed")) {
+            let why = said.unwrap_or_else(|e| e);
+            return Err((ErrorKind::Failed, format!("cannot close port {guest} (host port {host}): {why}")));
         }
-        None => {}
+    }
+    if let Some((_, Some(task))) = exposed.remove(&guest) {
+        task.abort();
     }
     Ok(())
 }
@@ -1195,7 +1193,10 @@ async fn supervise(id: &str) -> i32 {
                 }
                 Some(Control::Unexpose { guest, done }) => {
                     let r = control_within(control_bound(), "unexpose", unexpose(&plan, &mut qmp, &mut exposed, guest)).await;
-                    let _ = store.remove_port(id, guest);
+                    // (Listed as long as it is served: a close that failed leaves it.)
+                    if r.is_ok() || r.as_ref().is_err_and(|(kind, _)| *kind == ErrorKind::NotFound) {
+                        let _ = store.remove_port(id, guest);
+                    }
                     let _ = done.send(r);
                 }
                 Some(Control::OwnerConnected) => owner_connections += 1,

@@ -100,7 +100,11 @@ def env_vars(value: Any, field: str = "env_vars") -> Dict[str, str]:
         text(k, field)
         # The name first: the messages below show it, and one that is no name may be a secret
         # put there by mistake (the native check shows no such key).
-        call(_native.validate_env_key, k)
+        try:
+            call(_native.validate_env_key, k)
+        except ValidationError as e:
+            e.details["field"] = field
+            raise
         if not isinstance(v, str):
             raise _bad(field, f"the value of {k} is not a str (it is {type(v).__name__})")
         try:
