@@ -102,8 +102,16 @@ async fn bare_boot(
     let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
     let took = started.elapsed().as_secs_f64();
     drop(listener);
+    // A reference that did not boot (a QEMU that refused its arguments, a kernel that
+    // panicked and, with `panic=-1`, reset at once) is no sample.
+    let panicked = || std::fs::read_to_string(dir.join("bare-console.log")).is_ok_and(|c| c.contains("Kernel panic"));
     match status {
-        Ok(Ok(_)) => Ok(took),
+        Ok(Ok(s)) if s.success() && !panicked() => Ok(took),
+        Ok(Ok(s)) => {
+            let said: String = ["bare.log", "bare-console.log"].iter().filter_map(|f| std::fs::read_to_string(dir.join(f)).ok()).collect();
+            let tail: Vec<&str> = said.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
+            Err(Error::Host(format!("the reference VM failed ({s}): {}", tail.join(" | "))))
+        }
         _ => {
             let _ = child.kill().await;
             Err(Error::Host("the reference VM did not power off within 60 s".into()))
@@ -136,9 +144,13 @@ impl BootFiles {
     }
 }
 
+/// Megabytes (10^6 bytes, as every figure here) in the 20 MiB file the transfers move.
+const BLOB_MB: f64 = 20.0 * 1048576.0 / 1e6;
+
 /// `smolvm run true`, timed until the CLI exits (what its user waits for), in the data
 /// directory `dirs.data` of the bench's own. Settings that would boot it otherwise than the
-/// reference (a verbose boot, vsock, another machine) are not passed on.
+/// reference (a verbose boot, vsock) are not passed on; `SMOLVM_MACHINE` is, as the reference
+/// takes it too. A warm run that booted cold after all is an error, not a warm sample.
 fn cli_run(dirs: &Dirs, boot: &BootFiles, warm: bool) -> Result<f64> {
     let bin = smolvm_binary()?;
     let started = Instant::now();
@@ -151,12 +163,14 @@ fn cli_run(dirs: &Dirs, boot: &BootFiles, warm: bool) -> Result<f64> {
         .env("SMOLVM_IMAGE_DIR", &dirs.images)
         .env_remove("SMOLVM_VERBOSE_BOOT")
         .env_remove("SMOLVM_AGENT_TRANSPORT")
-        .env_remove("SMOLVM_MACHINE")
         .output()
         .ctx(|| "running smolvm run true".into())?;
     let took = started.elapsed().as_secs_f64();
     if !out.status.success() {
         return Err(Error::Host(format!("smolvm run true failed: {}", String::from_utf8_lossy(&out.stderr))));
+    }
+    if warm && String::from_utf8_lossy(&out.stderr).contains("warm start failed, booting cold") {
+        return Err(Error::Host(format!("a warm `smolvm run true` booted cold: {}", String::from_utf8_lossy(&out.stderr).trim())));
     }
     settle(&dirs.data);
     Ok(took)
@@ -321,10 +335,10 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
         let blob = work_file(&work, 20 * 1024 * 1024)?;
         let t = Instant::now();
         sb.upload(&blob, "/tmp/blob").await?;
-        let up = 20.0 / t.elapsed().as_secs_f64();
+        let up = BLOB_MB / t.elapsed().as_secs_f64();
         let t = Instant::now();
         sb.download("/tmp/blob", &work.join("blob.back")).await?;
-        let down = 20.0 / t.elapsed().as_secs_f64();
+        let down = BLOB_MB / t.elapsed().as_secs_f64();
         let t = Instant::now();
         let mut n = 0usize;
         // (Counted as it streams by, as the CLI does: no copy kept.)
@@ -334,7 +348,7 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
             }
         })
         .await?;
-        let cat = n as f64 / 1048576.0 / t.elapsed().as_secs_f64();
+        let cat = n as f64 / 1e6 / t.elapsed().as_secs_f64();
         Ok::<_, Error>((ping, run_login, run_raw, rss_mb, vmm_rss_mb, idle_cpu, (up, down, cat)))
     }
     .await;
@@ -390,10 +404,10 @@ pub async fn run(dirs: &Dirs, rounds: usize, progress: image::Progress<'_>) -> R
          | idle sandbox host RSS (QEMU + supervisor), just started warm | {rss_mb:.1} MB (QEMU {vmm_rss_mb:.1}) | target <= 110 MB |\n\
          | idle sandbox CPU | {idle_cpu:.2} % of a core | target <= 2 % |\n\
          | QEMU RSS of a cold-booted sandbox: idle, with 200 MB in `/tmp`, after their `rm` (free page reporting; 3-10 s, until it stops falling) | {:.0}, {:.0}, **{:.0}** MB | a warm-started one, which cannot report: {:.0}, {:.0}, {:.0} MB |\n\
-         | 20 MB upload / download over the agent | {up:.0} / {down:.0} MB/s | `cat` of the same file through the channel: {cat:.0} MB/s |\n\
+         | 20 MiB upload / download over the agent | {up:.0} / {down:.0} MB/s | `cat` of the same file through the channel: {cat:.0} MB/s |\n\
          | warm start with NAT networking (TAP, nftables, DNS), p50 | {nat_ms:.0} ms | user-mode networking: {user_ms:.0} ms |\n\
          | warm start with a read-only mount (9p) to a first command's answer, p50 | {mount_ms:.0} ms | without: {no_mount_ms:.0} ms (user-mode networking) |\n\
-         | guest HTTP download of 20 MB from a host in a network namespace, NAT | {nat_mbs:.0} MB/s | user-mode networking: {user_mbs:.0} MB/s |\n\
+         | guest HTTP download of 20 MiB from a host in a network namespace, NAT | {nat_mbs:.0} MB/s | user-mode networking: {user_mbs:.0} MB/s |\n\
          | full snapshot of a sandbox holding 500 MB in RAM (2 GiB, started warm): save ({:.0} MB of state, after a `sync`), first, then again | {:.2} s ({:.0} MB/s), then {:.2} s ({:.0} MB/s) | writing as many bytes to a file in the data directory, after a `sync`: {:.0} MB/s |\n\
          | restore from that snapshot to a first command's answer: first, then again | {:.2} s, then {:.2} s | |\n{}",
         burst.0,
@@ -774,7 +788,7 @@ async fn http_throughput(dirs: &Dirs, work: &std::path::Path, progress: image::P
                 if bytes < 20.0 * 1048576.0 {
                     return Err(Error::Host(format!("the {mode} download got {bytes} bytes")));
                 }
-                Ok(bytes / 1048576.0 / secs)
+                Ok(bytes / 1e6 / secs)
             }
             .await;
             let _ = sb.delete().await;
@@ -889,7 +903,7 @@ impl SshNumbers {
             self.ssh_ms / self.agent_ms
         ));
         md.push_str(&format!(
-            "| 20 MB upload / download over SFTP | {:.0} / {:.0} MB/s | agent: see above |\n",
+            "| 20 MiB upload / download over SFTP | {:.0} / {:.0} MB/s | agent: see above |\n",
             self.sftp_up, self.sftp_down
         ));
         md
@@ -950,10 +964,10 @@ async fn ssh_bench(dirs: &Dirs, work: &std::path::Path, progress: image::Progres
         let blob = work_file(work, 20 * 1024 * 1024)?;
         let t = Instant::now();
         sb.upload(&blob, "/tmp/blob").await?;
-        let sftp_up = 20.0 / t.elapsed().as_secs_f64();
+        let sftp_up = BLOB_MB / t.elapsed().as_secs_f64();
         let t = Instant::now();
         sb.download("/tmp/blob", &work.join("blob.sftp")).await?;
-        let sftp_down = 20.0 / t.elapsed().as_secs_f64();
+        let sftp_down = BLOB_MB / t.elapsed().as_secs_f64();
         sb.set_channel(crate::config::Channel::Agent);
         let mut over_agent = Vec::new();
         for _ in 0..100 {
