@@ -288,11 +288,41 @@ fn switch_root(device: &str) -> io::Result<()> {
         mount(Some(dir), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>)
             .map_err(|e| io::Error::other(format!("move {dir}: {e}")))?;
     }
+    free_initramfs();
     std::env::set_current_dir("/newroot")?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(|e| io::Error::other(format!("move root: {e}")))?;
     nix::unistd::chroot(".").map_err(|e| io::Error::other(format!("chroot: {e}")))?;
     std::env::set_current_dir("/")?;
     Ok(())
+}
+
+/// Remove the initramfs's files before the root disk is moved over them: hidden under it for
+/// good, they would hold guest memory for the VM's life (2 MB; more with a kernel's modules),
+/// as busybox's `switch_root` also knows. Only the initramfs's own: nothing on another
+/// filesystem (the root disk at /newroot, and what was moved there). The agent runs on from its
+/// unlinked binary.
+fn free_initramfs() {
+    use std::os::unix::fs::MetadataExt;
+    fn clear(dir: &Path, dev: u64) {
+        let Ok(entries) = fs::read_dir(dir) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match fs::symlink_metadata(&path) {
+                Ok(m) if m.dev() != dev => {}
+                Ok(m) if m.is_dir() => {
+                    clear(&path, dev);
+                    let _ = fs::remove_dir(&path);
+                }
+                Ok(_) => {
+                    let _ = fs::remove_file(&path);
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    if let Ok(root) = fs::symlink_metadata("/") {
+        clear(Path::new("/"), root.dev());
+    }
 }
 
 nix::ioctl_read!(blk_size_bytes, 0x12, 114, u64);
