@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Bump when the way a disk is assembled changes without its recipe changing.
-const DISK_RECIPE: &str = "disk-recipe-1";
+const DISK_RECIPE: &str = "disk-recipe-2";
 pub(crate) const SUITE: &str = "bookworm";
 pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 
@@ -162,6 +162,24 @@ impl Recipe {
 pub(crate) fn mirror() -> String {
     std::env::var("SMOLVM_DEBIAN_MIRROR").ok().filter(|m| !m.is_empty()).unwrap_or_else(|| DEFAULT_MIRROR.into())
 }
+
+/// What mmdebstrap installs from (and writes into the image's sources.list): Debian's
+/// archive with its updates and security suites. Given a mirror, mmdebstrap adds neither: an
+/// image would get point-release packages only, and `apt upgrade` in it no security fixes. A
+/// mirror of one's own (`SMOLVM_DEBIAN_MIRROR`) is used alone, as given.
+fn apt_sources() -> Vec<String> {
+    match std::env::var("SMOLVM_DEBIAN_MIRROR").ok().filter(|m| !m.is_empty()) {
+        Some(own) => vec![own],
+        None => vec![
+            format!("deb {DEFAULT_MIRROR} {SUITE} main"),
+            format!("deb {DEFAULT_MIRROR} {SUITE}-updates main"),
+            format!("deb {DEFAULT_SECURITY_MIRROR} {SUITE}-security main"),
+        ],
+    }
+}
+
+/// Where Debian publishes its security updates.
+const DEFAULT_SECURITY_MIRROR: &str = "http://deb.debian.org/debian-security";
 
 fn recipes_dir(dirs: &Dirs) -> PathBuf {
     dirs.images.join("recipes")
@@ -369,7 +387,7 @@ fn mmdebstrap(target: &Path, variant: &str, packages: &[String], progress: Progr
     for excluded in ["/usr/share/man/*", "/usr/share/doc/*", "/usr/share/locale/*", "/usr/share/info/*"] {
         cmd.arg(format!("--dpkgopt=path-exclude={excluded}"));
     }
-    cmd.arg(SUITE).arg(target).arg(mirror());
+    cmd.arg(SUITE).arg(target).args(apt_sources());
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().ctx(|| "running mmdebstrap".into())?;
     let mut tail: std::collections::VecDeque<String> = Default::default();
     if let Some(err) = child.stderr.take() {
