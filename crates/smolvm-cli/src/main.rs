@@ -1108,18 +1108,29 @@ async fn dispatch(cmd: Cmd, dirs: Dirs) -> Result<Done, Error> {
             let custom = base.is_some() || !packages.is_empty() || !files.is_empty() || size.is_some();
             let dirs2 = dirs.clone();
             let (img, built) = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+                // The recipe first: a bad one (or a name with none) is said before minutes of
+                // building the kernel.
+                let recipe = match name.as_deref() {
+                    None | Some("default") if !custom => None,
+                    None => return Err(Error::validation("name", "a custom recipe needs a name (smolvm image build NAME --base ...)")),
+                    Some(n) if custom => {
+                        let recipe = recipe_from_flags(n, base, packages, &files, size)?;
+                        recipe.validate()?;
+                        Some((n.to_string(), Some(recipe)))
+                    }
+                    Some(n) => {
+                        smolvm::recipe::load(&dirs2, n)?;
+                        Some((n.to_string(), None))
+                    }
+                };
                 let mut img = smolvm::image::resolve(&VmConfig::default(), &dirs2, &progress)?;
                 if rootfs {
                     img.rootfs = Some(smolvm::image::default_rootfs(&dirs2)?);
                 }
-                let built = match name.as_deref() {
-                    None | Some("default") if !custom => None,
-                    None => return Err(Error::validation("name", "a custom recipe needs a name (smolvm image build NAME --base ...)")),
-                    Some(n) => Some(if custom {
-                        smolvm::recipe::build(&dirs2, &recipe_from_flags(n, base, packages, &files, size)?, &progress)?
-                    } else {
-                        smolvm::recipe::build_named(&dirs2, n, &progress)?
-                    }),
+                let built = match recipe {
+                    None => None,
+                    Some((_, Some(recipe))) => Some(smolvm::recipe::build(&dirs2, &recipe, &progress)?),
+                    Some((n, None)) => Some(smolvm::recipe::build_named(&dirs2, &n, &progress)?),
                 };
                 Ok((img, built))
             })
@@ -1336,7 +1347,15 @@ async fn sandbox_cmd(cmd: SandboxCmd, dirs: Dirs) -> Result<Done, Error> {
                     // start its maker gave up on.
                     let id = sb.id().to_string();
                     if unless_interrupted(sb.delete()).await.is_none() {
-                        return Err(interrupted_twice(&id));
+                        return Err(match started {
+                            // Interrupted once, while removing what a failed start left: the
+                            // failure is what to say, and how to finish the removal.
+                            Some(Err(e)) => Error::Interrupted(format!(
+                                "while the sandbox '{id}' that failed to start was removed ({}); `smolvm sandbox delete --force {id}` removes it",
+                                e.full_message()
+                            )),
+                            _ => interrupted_twice(&id),
+                        });
                     }
                     return Err(match started {
                         Some(Err(e)) => e,
@@ -1946,7 +1965,8 @@ fn main() {
         }
         Err(e) => {
             let code = match e {
-                Error::Timeout { .. } => 124,
+                // (A start that ran past its bound is smolvm's failure, not the command's time.)
+                Error::Timeout { ref operation, .. } if operation != "start" => 124,
                 // As a shell reports a command that the signal ended.
                 Error::Interrupted(_) => 128 + INTERRUPTED_BY.load(std::sync::atomic::Ordering::SeqCst),
                 // As shells and `env` say of a command they found but could not run.
