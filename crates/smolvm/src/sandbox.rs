@@ -1203,17 +1203,12 @@ impl Sandbox {
     }
 
     pub fn create_in(dirs: Dirs, config: VmConfig, ephemeral: bool) -> Result<Sandbox> {
-        // An image that does not exist is said now, not at the start (after minutes of
-        // building a kernel it would never boot). (Not for a restore: the snapshot holds its
-        // disk, whatever became of the recipe.)
-        if let Some(name) = config.image.as_deref().filter(|n| *n != "default") {
-            config.validate()?;
-            crate::recipe::load(&dirs, name)?;
-        }
-        Self::make(dirs, config, ephemeral)
+        Self::make(dirs, config, ephemeral, true)
     }
 
-    fn make(dirs: Dirs, mut config: VmConfig, ephemeral: bool) -> Result<Sandbox> {
+    /// `image_must_exist`: not for a restore, whose snapshot holds its disk whatever became of
+    /// the recipe.
+    fn make(dirs: Dirs, mut config: VmConfig, ephemeral: bool, image_must_exist: bool) -> Result<Sandbox> {
         // Taken from where this process runs: kept as given, a relative path would be taken
         // from wherever a later start or snapshot runs.
         for path in [&mut config.kernel_path, &mut config.initrd_path, &mut config.rootfs_path].into_iter().flatten() {
@@ -1224,6 +1219,11 @@ impl Sandbox {
         config.validate()?;
         if let Some(rootfs) = &config.rootfs_path {
             image::check_layers(rootfs, &dirs.data)?;
+        }
+        // An image that does not exist is said now, not at the start (after minutes of
+        // building a kernel it would never boot).
+        if let Some(name) = config.image.as_deref().filter(|n| image_must_exist && *n != "default") {
+            crate::recipe::load(&dirs, name)?;
         }
         Backend::resolve(config.backend.as_deref())?;
         // (Before the store: a data directory refused must not be made, database and all.)
@@ -2104,7 +2104,7 @@ impl Sandbox {
         }
         // (Checked here as at a start, which a restore does not go through.)
         mounts_keep_the_ssh_key_out(&dirs, &config.workspace_mounts)?;
-        let mut sb = Sandbox::make(dirs.clone(), config, false).map_err(|e| match e {
+        let mut sb = Sandbox::make(dirs.clone(), config, false, false).map_err(|e| match e {
             // The snapshot's own host directories, gone since: say how to do without them.
             Error::Validation { field: "mounts", message } if opts.mounts.is_none() => Error::Validation {
                 field: "mounts",

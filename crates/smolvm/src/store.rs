@@ -569,12 +569,12 @@ impl Store {
         if let Some(slot) = last {
             let deadline = std::time::Instant::now() + handover;
             let mut held = None;
+            // (The host's own networks, read once: what the wait is for is the old TAP's
+            // address, which these leave out.)
+            let clashes = crate::net::Lease(slot).clashes(&crate::net::host_networks());
             loop {
                 held = held.or_else(|| claim(slot));
-                let address_free = || {
-                    !crate::net::host_addresses().contains(&crate::net::Lease(slot).host())
-                        && !crate::net::Lease(slot).clashes(&crate::net::host_networks())
-                };
+                let address_free = || !clashes && !crate::net::host_addresses().contains(&crate::net::Lease(slot).host());
                 if held.is_some() && address_free() {
                     let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                     let taken = tx
@@ -588,7 +588,8 @@ impl Store {
                     tx.commit()?;
                     return Ok((slot, held.take().expect("claimed above")));
                 }
-                if std::time::Instant::now() >= deadline {
+                // (A slot in one of the host's networks stays so: no use waiting for it.)
+                if clashes || std::time::Instant::now() >= deadline {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(2));

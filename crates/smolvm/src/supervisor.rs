@@ -542,10 +542,10 @@ async fn expose(
 }
 
 async fn unexpose(plan: &NetPlan, qmp: &mut qemu::Qmp, exposed: &mut Exposed, guest: u16) -> std::result::Result<(), (ErrorKind, String)> {
-    let Some(&(host, _)) = exposed.get(&guest) else {
+    let Some((host, forwarded_by_qemu)) = exposed.get(&guest).map(|(host, task)| (*host, task.is_none())) else {
         return Err((ErrorKind::NotFound, format!("guest port {guest} is not exposed")));
     };
-    if exposed.get(&guest).is_some_and(|(_, task)| task.is_none()) && plan.mode == crate::net::Mode::User {
+    if forwarded_by_qemu && plan.mode == crate::net::Mode::User {
         // QEMU says "host forwarding rule for tcp:… removed" (or "not found"): a port it
         // still forwards stays listed, as what it is (here and in the store).
         let cmd = format!("hostfwd_remove net0 tcp:127.0.0.1:{host}");
