@@ -3,10 +3,12 @@
 import dataclasses
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -818,3 +820,50 @@ def test_a_with_blocks_end_finds_its_sandbox_gone_without_an_error(no_leftovers)
 def test_a_backend_this_build_cannot_run_is_refused_by_the_config():
     with pytest.raises(ValidationError, match="firecracker is not supported by this build yet"):
         VMConfig(backend="firecracker")
+
+
+def test_a_callers_umask_leaves_the_image_cache_closed_to_others(tmp_path, run_script):
+    # The library builds in the caller's process, under its umask; 000 made the cache's entries
+    # writable by every user, and later starts trust what is there (kernels, disks, recipes).
+    # A fresh cache, given the kernel and busybox (minutes of building otherwise).
+    shared = pathlib.Path(os.environ["SMOLVM_IMAGE_DIR"])
+    kernel, _ = smolvm.build.ImageBuilder().build_default()
+    images = tmp_path / "images"
+    kdir = images / pathlib.Path(kernel).parent.relative_to(shared)
+    kdir.mkdir(parents=True)
+    shutil.copy(kernel, kdir / "vmlinux")
+    for entry in shared.iterdir():
+        if entry.name == "sources" or (entry.name.startswith("busybox-") and (entry / "busybox").is_file()):
+            shutil.copytree(entry, images / entry.name)
+    motd = tmp_path / "motd"
+    motd.write_text("hi\n")
+    # (Short: it holds sockets.)
+    data = tempfile.mkdtemp(prefix="svu", dir="/tmp")
+    run_script(
+        f"""
+        import os
+        os.umask(0)
+        from smolvm.build import ImageBuilder
+        b = ImageBuilder()
+        b.build_default()
+        b.build_custom("umask-tools", base="busybox", files={{"/etc/motd": {str(motd)!r}}}, size_mib=64)
+        from smolvm import SmolVM
+        with SmolVM() as vm:
+            assert vm.run("cat /proc/self/status >/dev/null").exit_code == 0
+        """,
+        env={"SMOLVM_IMAGE_DIR": str(images), "SMOLVM_DATA_DIR": data},
+    )
+    seen = []
+    for root, dirs, files in [*os.walk(images), *os.walk(data)]:
+        for name in [root] + [os.path.join(root, n) for n in dirs + files]:
+            mode = os.lstat(name).st_mode
+            assert mode & 0o022 == 0, f"{name} is {oct(mode & 0o777)}"
+            seen.append(name)
+    shutil.rmtree(data)
+    assert any(n.endswith("initramfs.cpio") for n in seen) and any(n.endswith("rootfs.ext4") for n in seen), seen
+    assert any(os.path.basename(n).startswith("warm-") for n in seen), seen
+    # Inside the disk too: its root and the directories the recipe adds.
+    disk = next(images.glob("disk-umask-tools-*/rootfs.ext4"))
+    for guest, mode in [("/", "0755"), ("/root/.ssh", "0700"), ("/var/log", "0755")]:
+        stat = subprocess.run(["debugfs", "-R", f"stat {guest}", str(disk)], capture_output=True, text=True).stdout
+        assert f"Mode:  {mode}" in stat, f"{guest}: {stat}"

@@ -220,7 +220,7 @@ fn own(dirs: &Dirs, progress: Progress) -> Result<Option<PathBuf>> {
 }
 
 fn record(entry: &Path, e: &Error) {
-    let _ = fs::create_dir_all(entry).and_then(|_| fs::write(entry.join(FAILED), e.full_message()));
+    let _ = crate::image::make_dir(entry).and_then(|_| crate::image::write_file(&entry.join(FAILED), e.full_message().as_bytes()));
 }
 
 /// Only the kernel's own headers may come from the host (musl has none of them): a glibc

@@ -147,7 +147,7 @@ fn kernel_failure_mark(dirs: &Dirs, source: &Path) -> Option<PathBuf> {
 fn record_kernel_failure(dirs: &Dirs, source: &Path, e: &Error) {
     if let Some(mark) = kernel_failure_mark(dirs, source) {
         let _ = make_images_dir(dirs);
-        let _ = fs::write(&mark, format!("{}\n", e.full_message().replace('\n', " ")));
+        let _ = write_file(&mark, format!("{}\n", e.full_message().replace('\n', " ")).as_bytes());
     }
 }
 
@@ -205,6 +205,7 @@ pub fn debian_kernel(dirs: &Dirs, progress: Progress) -> Result<(PathBuf, PathBu
     let unpacked = tmp.0.join("x");
     run_checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked), "unpacking the Debian kernel package")?;
     let _ = fs::remove_dir_all(&dir);
+    seal(&unpacked).ctx(|| format!("setting the modes of {}", unpacked.display()))?;
     fs::rename(&unpacked, &dir).ctx(|| format!("installing {}", dir.display()))?;
     find(&dir).ok_or_else(|| Error::Image(format!("{package} holds no kernel image and modules")))
 }
@@ -266,7 +267,7 @@ fn make_images_dir(dirs: &Dirs) -> std::io::Result<()> {
     if dirs.images.starts_with(&dirs.data) {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&dirs.data)?;
     }
-    fs::create_dir_all(&dirs.images)
+    make_dir(&dirs.images)
 }
 
 /// Serialize builders across processes: two CLIs starting at once build once. Whoever takes
@@ -274,7 +275,11 @@ fn make_images_dir(dirs: &Dirs) -> std::io::Result<()> {
 /// build leaves 1.5 GB).
 pub(crate) fn lock_images(dirs: &Dirs) -> Result<nix::fcntl::Flock<fs::File>> {
     make_images_dir(dirs).ctx(|| format!("creating {}", dirs.images.display()))?;
-    let f = fs::File::create(dirs.images.join(".lock")).ctx(|| "creating the image lock".into())?;
+    let f = {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o644).open(dirs.images.join(".lock"))
+    }
+    .ctx(|| "creating the image lock".into())?;
     let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| Error::Host(format!("locking the image cache: {e}")))?;
     for entry in fs::read_dir(&dirs.images).into_iter().flatten().flatten() {
@@ -293,8 +298,8 @@ fn dead_builders_dir(name: &str) -> bool {
 }
 
 fn mark_published(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
-    fs::write(dir.join(PUBLISHED_MARK), "").ctx(|| "marking a published entry".into())
+    make_dir(dir).ctx(|| format!("creating {}", dir.display()))?;
+    write_file(&dir.join(PUBLISHED_MARK), b"").ctx(|| "marking a published entry".into())
 }
 
 /// A cached entry is usable unless it came from a published source and the user asked for
@@ -398,9 +403,10 @@ pub(crate) fn unpack_source(dirs: &Dirs, what: &str, archive: &Path) -> Result<(
 /// Copy into place atomically: a crash leaves no half-written cache entry.
 pub(crate) fn install_file(from: &Path, to: &Path) -> Result<()> {
     let parent = to.parent().expect("cache entries have a parent");
-    fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+    make_dir(parent).ctx(|| format!("creating {}", parent.display()))?;
     let tmp = parent.join(format!(".tmp-{}", std::process::id()));
-    let r = fs::copy(from, &tmp).and_then(|_| fs::rename(&tmp, to));
+    // (A copy takes its source's mode: a build's output, made under the caller's umask.)
+    let r = fs::copy(from, &tmp).and_then(|_| seal(&tmp)).and_then(|_| fs::rename(&tmp, to));
     if r.is_err() {
         let _ = fs::remove_file(&tmp);
     }
@@ -562,7 +568,7 @@ fn build_kernel(source: &Path, out_dir: &Path, dirs: &Dirs, progress: Progress) 
         return Err(if make_failure_is_the_source(status.code(), &errs.join("\n")) { BuildFailure::Source(e) } else { Passing(e) });
     }
     install_file(&src.join("vmlinux"), &out_dir.join("vmlinux")).map_err(Passing)?;
-    fs::write(out_dir.join("config"), &config).ctx(|| "saving the kernel config".into()).map_err(Passing)?;
+    write_file(&out_dir.join("config"), config.as_bytes()).ctx(|| "saving the kernel config".into()).map_err(Passing)?;
     progress("  guest kernel ready");
     Ok(())
 }
@@ -705,6 +711,42 @@ fn memo_put(dirs: &Dirs, key: &str, fp: &str) {
     let _ = write_whole(&memo_path(dirs, key), fp.as_bytes());
 }
 
+/// A cache directory (and its parents), 0755 whatever the umask. The library runs in its
+/// caller's process, whose umask may be 000 (Python's can be), and later starts trust what the
+/// cache holds: kernels, disks, recipes, remembered answers.
+pub(crate) fn make_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().recursive(true).mode(0o755).create(path)
+}
+
+/// A new cache file, 0644 whatever the umask (see `make_dir`).
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(path)?.write_all(bytes)
+}
+
+/// Takes group and other write from everything under `path` (links aside): for what other
+/// programs made under the caller's umask (`make`, `dpkg-deb`, `mkfs`, a supervisor's
+/// snapshot) before it enters the cache. Symbolic links are not followed.
+pub(crate) fn seal(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::symlink_metadata(path)?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o022 != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7755))?;
+    }
+    if meta.is_dir() {
+        for entry in fs::read_dir(path)? {
+            seal(&entry?.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes a small cache file whole or not at all: into `.NAME.PID.tmp` beside it, then renamed
 /// over it, so that processes writing the same answer at once each leave a complete file, and
 /// a reader never sees half of one. (`prune` removes a temporary file whose writer is gone.)
@@ -713,7 +755,7 @@ pub(crate) fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         return Err(std::io::Error::other(format!("{} names no file", path.display())));
     };
     let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
-    let written = fs::create_dir_all(dir).and_then(|_| fs::write(&tmp, bytes)).and_then(|_| fs::rename(&tmp, path));
+    let written = make_dir(dir).and_then(|_| write_file(&tmp, bytes)).and_then(|_| fs::rename(&tmp, path));
     if written.is_err() {
         let _ = fs::remove_file(&tmp);
     }
@@ -768,9 +810,9 @@ pub fn default_initramfs(dirs: &Dirs, modules: &[(String, Vec<u8>)], progress: P
     let applets = Command::new(&busybox_path).arg("--list-full").output().ctx(|| "listing busybox applets".into())?;
     let applets = String::from_utf8_lossy(&applets.stdout).into_owned();
     let cpio = initramfs_archive(&agent, &busybox, &applets, modules);
-    fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+    make_dir(&dir).ctx(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(format!(".tmp-{}", std::process::id()));
-    let r = fs::write(&tmp, cpio).and_then(|_| fs::rename(&tmp, &path));
+    let r = write_file(&tmp, &cpio).and_then(|_| fs::rename(&tmp, &path));
     if r.is_err() {
         // No entry without its file: it would take a place `image prune` keeps.
         let _ = fs::remove_dir_all(&dir);
@@ -817,6 +859,9 @@ pub(crate) fn busybox_tree(tree: &Path, busybox_path: &Path) -> Result<()> {
     let applets = Command::new(busybox_path).arg("--list-full").output().ctx(|| "listing busybox applets".into())?;
     let io = (|| -> std::io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
+        // `/` too, whatever the umask: mkfs gives the disk's root the tree's mode.
+        make_dir(tree)?;
+        fs::set_permissions(tree, fs::Permissions::from_mode(0o755))?;
         for d in DIRS {
             fs::create_dir_all(tree.join(d))?;
             fs::set_permissions(tree.join(d), fs::Permissions::from_mode(dir_mode(d)))?;
@@ -856,7 +901,7 @@ pub(crate) fn make_ext4(tree: &Path, path: &Path, size: &str) -> Result<()> {
         mkfs_ext4().args(["-q", "-F", "-L", "smolvm-root", "-E", "root_owner=0:0", "-d"]).arg(tree).arg(&tmp).arg(size),
         "making the ext4 root filesystem (mkfs.ext4 from e2fsprogs)",
     )
-    .and_then(|_| fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display())))
+    .and_then(|_| seal(&tmp).and_then(|_| make_dir(dir)).ctx(|| format!("creating {}", dir.display())))
     .and_then(|_| fs::rename(&tmp, path).ctx(|| format!("installing {}", path.display())));
     if made.is_err() {
         let _ = fs::remove_file(&tmp);

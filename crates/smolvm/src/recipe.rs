@@ -318,14 +318,14 @@ pub fn build(dirs: &Dirs, recipe: &Recipe, progress: Progress) -> Result<Built> 
                 image::busybox_etc(&tree)?;
             }
             for d in ["root/.ssh", "etc/dropbear", "var/run", "var/log"] {
-                fs::create_dir_all(tree.join(d)).ctx(|| format!("creating /{d}"))?;
+                guest_dir(&tree, d).ctx(|| format!("creating /{d}"))?;
             }
         }
     }
     copy_files(&tree, &recipe.files)?;
     progress("writing the ext4 root disk");
     image::make_ext4(&tree, &path, &format!("{}M", recipe.size_mib))?;
-    let _ = fs::write(dir.join("recipe.json"), serde_json::to_string_pretty(recipe).unwrap_or_default());
+    let _ = image::write_file(&dir.join("recipe.json"), serde_json::to_string_pretty(recipe).unwrap_or_default().as_bytes());
     save()?;
     Ok(Built { name: recipe.name.clone(), rootfs: path, cached: false })
 }
@@ -409,6 +409,17 @@ fn mmdebstrap(target: &Path, variant: &str, packages: &[String], progress: Progr
     Ok(())
 }
 
+/// A directory of the guest's tree, made with its parents whatever the builder's umask: root's
+/// `.ssh` is root's alone, the rest 0755.
+fn guest_dir(tree: &Path, dir: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    image::make_dir(&tree.join(dir))?;
+    if dir == "root/.ssh" {
+        fs::set_permissions(tree.join(dir), fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 /// Debian images: no host keys in the image (each sandbox makes its own), keys-only root login.
 fn debian_ssh_setup(tree: &Path) -> Result<()> {
     // sshd's, and dropbear's (its package makes them on install too, should a recipe take it).
@@ -422,11 +433,12 @@ fn debian_ssh_setup(tree: &Path) -> Result<()> {
     }
     let io = (|| -> std::io::Result<()> {
         if tree.join("etc/ssh").is_dir() {
-            fs::create_dir_all(tree.join("etc/ssh/sshd_config.d"))?;
-            fs::write(tree.join("etc/ssh/sshd_config.d/smolvm.conf"), SSHD_CONFIG)?;
+            image::make_dir(&tree.join("etc/ssh/sshd_config.d"))?;
+            image::write_file(&tree.join("etc/ssh/sshd_config.d/smolvm.conf"), SSHD_CONFIG.as_bytes())?;
         }
-        fs::create_dir_all(tree.join("root/.ssh"))?;
-        fs::write(tree.join("etc/hostname"), "smolvm\n")
+        guest_dir(tree, "root/.ssh")?;
+        let _ = fs::remove_file(tree.join("etc/hostname"));
+        image::write_file(&tree.join("etc/hostname"), b"smolvm\n")
     })();
     io.ctx(|| "configuring the image".into())
 }
@@ -467,7 +479,7 @@ fn copy_files(tree: &Path, files: &[RecipeFile]) -> Result<()> {
     for f in files {
         let dest = inside_tree(tree, &f.dest)?;
         if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+            image::make_dir(parent).ctx(|| format!("creating {}", parent.display()))?;
         }
         // (A link there is replaced, not followed.)
         if fs::symlink_metadata(&dest).is_ok_and(|m| m.is_dir()) {

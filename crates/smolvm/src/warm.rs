@@ -142,7 +142,7 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
         workspace_mounts: placeholders,
         ..Default::default()
     };
-    let made = std::fs::create_dir_all(&empty).ctx(|| format!("creating {}", empty.display()));
+    let made = image::make_dir(&empty).ctx(|| format!("creating {}", empty.display()));
     let mut sb = match made.and_then(|_| Sandbox::create_in(dirs.clone(), shape, true)) {
         Ok(sb) => sb,
         Err(e) => {
@@ -179,7 +179,9 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
     throwaway.done = true;
     // (Its QEMU is gone: the placeholder is not the template's.)
     let _ = std::fs::remove_dir(&empty);
-    let result = made.and_then(|_| std::fs::rename(&tmp, &dir).ctx(|| format!("installing {}", dir.display())));
+    let result = made
+        .and_then(|_| image::seal(&tmp).ctx(|| format!("setting the modes of {}", tmp.display())))
+        .and_then(|_| std::fs::rename(&tmp, &dir).ctx(|| format!("installing {}", dir.display())));
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
