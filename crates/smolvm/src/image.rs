@@ -1174,7 +1174,21 @@ pub fn remove_entry(dirs: &Dirs, name: &str) -> Result<()> {
     }
     let path = dirs.images.join(name);
     let _lock = lock_images(dirs)?;
-    // (smolvm's bookkeeping is no entry; a custom image may still bear its name.)
+    // An image name first: a custom image may bear the name of a cache entry (`sources`,
+    // `debian-tools` beside Debian's kernel package `debian-…`), and the user means the image.
+    let recipe = dirs.images.join("recipes").join(format!("{name}.json"));
+    let disks: Vec<PathBuf> = fs::read_dir(&dirs.images)
+        .map(|d| d.flatten().filter(|e| disk_image_name(&e.file_name().to_string_lossy()) == Some(name)).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    if !disks.is_empty() || recipe.exists() {
+        for d in disks {
+            fs::remove_dir_all(&d).ctx(|| format!("removing {}", d.display()))?;
+        }
+        let _ = fs::remove_file(&recipe);
+        crate::warm::collect(&dirs.images, None);
+        return Ok(());
+    }
+    // (smolvm's bookkeeping is no entry.)
     // (A plain file listed is a failed kernel build's record: removed, the kernel is built
     // again instead of Debian's being used.)
     if path.is_file() && listed_entry(name) {
@@ -1187,23 +1201,10 @@ pub fn remove_entry(dirs: &Dirs, name: &str) -> Result<()> {
         crate::warm::collect(&dirs.images, None);
         return Ok(());
     }
-    // An image name: its built disks, and its recipe if it is a custom one.
-    let recipe = dirs.images.join("recipes").join(format!("{name}.json"));
-    let disks: Vec<PathBuf> = fs::read_dir(&dirs.images)
-        .map(|d| d.flatten().filter(|e| disk_image_name(&e.file_name().to_string_lossy()) == Some(name)).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    if disks.is_empty() && !recipe.exists() {
-        if crate::recipe::BUILTIN.contains(&name) {
-            return Err(Error::validation("image", format!("{name:?} has nothing built in the image cache to remove")));
-        }
-        return Err(not_entry());
+    if crate::recipe::BUILTIN.contains(&name) {
+        return Err(Error::validation("image", format!("{name:?} has nothing built in the image cache to remove")));
     }
-    for d in disks {
-        fs::remove_dir_all(&d).ctx(|| format!("removing {}", d.display()))?;
-    }
-    let _ = fs::remove_file(&recipe);
-    crate::warm::collect(&dirs.images, None);
-    Ok(())
+    Err(not_entry())
 }
 
 /// `disk-NAME-FINGERPRINT` (a named image's root disk) -> NAME.
@@ -1217,7 +1218,8 @@ pub fn disk_image_name(entry: &str) -> Option<&str> {
 /// builds, records of failed busybox builds (so the next start tries again), all but the two
 /// newest initramfs (ours and the Debian kernel's may both be in use) and all but the newest
 /// root disk (of each named image) and busybox build, and the remembered answers about kernel
-/// and QEMU files. Kernels stay (they take minutes to build); remove one by name if needed.
+/// and QEMU files. Kernels stay (they take minutes to build); remove one by name if needed. A
+/// disk that a saved recipe names stays too.
 pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
     let _lock = lock_images(dirs)?;
     let mut entries: Vec<(String, PathBuf, std::time::SystemTime)> = fs::read_dir(&dirs.images)
@@ -1231,6 +1233,9 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
         })
         .unwrap_or_default();
     entries.sort_by_key(|e| std::cmp::Reverse(e.2));
+    // The disk a saved recipe names is that image, newest or not: a recipe built again as it
+    // was before finds its older disk and names it.
+    let named = crate::recipe::named_disks(dirs);
     let mut seen: std::collections::HashMap<String, usize> = Default::default();
     let mut removed = Vec::new();
     for (name, path, _) in entries {
@@ -1264,7 +1269,7 @@ pub fn prune(dirs: &Dirs) -> Result<Vec<String>> {
             || name.starts_with("warm-")
             || name == "memo"
             || failed
-            || *count > keep;
+            || (*count > keep && !named.contains(&name));
         if stale && path.is_dir() && fs::remove_dir_all(&path).is_ok() {
             removed.push(name);
             continue;
@@ -1606,6 +1611,18 @@ mod tests {
         removed.sort();
         assert_eq!(removed, [".fetch-busybox-123", "disk-tools-bbbbbbbbbbbbbbbb"]);
         assert!(good.join("rootfs.ext4").exists());
+        // The disk a saved recipe names stays, however old: that recipe was built again as it
+        // was, after another version of it.
+        let newer = dirs.images.join("disk-tools-cccccccccccccccc");
+        fs::create_dir_all(&newer).unwrap();
+        fs::write(newer.join("rootfs.ext4"), b"ext4").unwrap();
+        fs::create_dir_all(dirs.images.join("recipes")).unwrap();
+        let saved = r#"{"name":"tools","base":"busybox","packages":[],"files":[],"size_mib":64,"built":"disk-tools-aaaaaaaaaaaaaaaa"}"#;
+        fs::write(dirs.images.join("recipes/tools.json"), saved).unwrap();
+        assert_eq!(prune(&dirs).unwrap(), Vec::<String>::new());
+        assert!(good.join("rootfs.ext4").exists() && newer.exists());
+        fs::remove_file(dirs.images.join("recipes/tools.json")).unwrap();
+        assert_eq!(prune(&dirs).unwrap(), ["disk-tools-aaaaaaaaaaaaaaaa"]);
         assert!(dirs.images.join("kernel-a").exists() && dirs.images.join("initramfs-c").exists());
         assert!(remove_entry(&dirs, "../x").is_err());
         remove_entry(&dirs, "kernel-a").unwrap();
@@ -1630,6 +1647,32 @@ mod tests {
         fs::write(dirs.images.join("kernel-c.failed"), b"").unwrap();
         remove_entry(&dirs, "kernel-c.failed").unwrap();
         assert!(!dirs.images.join("kernel-c.failed").exists());
+    }
+
+    #[test]
+    fn removing_an_image_named_like_a_cache_entry_removes_the_image() {
+        let t = tempfile::tempdir().unwrap();
+        let dirs = Dirs { data: t.path().join("data"), images: t.path().join("images") };
+        // Busybox's source, and a custom image called `sources`.
+        fs::create_dir_all(dirs.images.join("sources")).unwrap();
+        fs::write(dirs.images.join("sources/busybox_1.35.0.orig.tar.bz2"), b"src").unwrap();
+        let disk = dirs.images.join("disk-sources-aaaaaaaaaaaaaaaa");
+        fs::create_dir_all(&disk).unwrap();
+        fs::write(disk.join("rootfs.ext4"), b"ext4").unwrap();
+        fs::create_dir_all(dirs.images.join("recipes")).unwrap();
+        fs::write(dirs.images.join("recipes/sources.json"), b"{}").unwrap();
+        remove_entry(&dirs, "sources").unwrap();
+        assert!(!disk.exists() && !dirs.images.join("recipes/sources.json").exists());
+        assert!(dirs.images.join("sources/busybox_1.35.0.orig.tar.bz2").exists(), "the cache entry went instead");
+        // Once the image is gone, the name is the entry's.
+        remove_entry(&dirs, "sources").unwrap();
+        assert!(!dirs.images.join("sources").exists());
+        let err = remove_entry(&dirs, "sources").unwrap_err().to_string();
+        assert!(err.contains("is neither an image name nor an entry of the image cache"), "{err}");
+        assert_eq!(
+            remove_entry(&dirs, "debian-ssh").unwrap_err().to_string(),
+            "invalid image: \"debian-ssh\" has nothing built in the image cache to remove"
+        );
     }
 
     #[test]

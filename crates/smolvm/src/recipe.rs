@@ -223,6 +223,13 @@ fn parse_saved(text: &str) -> serde_json::Result<(Recipe, Option<String>)> {
     Ok((serde_json::from_value(value)?, built))
 }
 
+/// The disks saved recipes name (`disk-NAME-FP`), which `image prune` keeps.
+pub(crate) fn named_disks(dirs: &Dirs) -> std::collections::HashSet<String> {
+    fs::read_dir(recipes_dir(dirs))
+        .map(|d| d.flatten().filter_map(|e| parse_saved(&fs::read_to_string(e.path()).ok()?).ok()?.1).collect())
+        .unwrap_or_default()
+}
+
 /// Saved custom recipes (built-in ones are not listed here).
 pub fn saved(dirs: &Dirs) -> Vec<Recipe> {
     let mut out: Vec<Recipe> = fs::read_dir(recipes_dir(dirs))
@@ -323,6 +330,7 @@ pub fn build(dirs: &Dirs, recipe: &Recipe, progress: Progress) -> Result<Built> 
         }
     }
     copy_files(&tree, &recipe.files)?;
+    unchanged_since(recipe, busybox.as_deref(), &fp)?;
     progress("writing the ext4 root disk");
     image::make_ext4(&tree, &path, &format!("{}M", recipe.size_mib))?;
     let _ = image::write_file(&dir.join("recipe.json"), serde_json::to_string_pretty(recipe).unwrap_or_default().as_bytes());
@@ -475,6 +483,19 @@ fn inside_tree(tree: &Path, dest: &str) -> Result<PathBuf> {
     Ok(tree.join(rel))
 }
 
+/// The recipe's files as the build found them (their bytes and modes are part of its
+/// fingerprint): one edited while the image was built would be cached under the fingerprint of
+/// what it was before, and found again for that older content.
+fn unchanged_since(recipe: &Recipe, busybox: Option<&Path>, fp: &str) -> Result<()> {
+    if recipe.fingerprint(busybox)? != fp {
+        return Err(Error::Image(format!(
+            "a file of image {:?} changed while it was being built; nothing was cached (build it again)",
+            recipe.name
+        )));
+    }
+    Ok(())
+}
+
 fn copy_files(tree: &Path, files: &[RecipeFile]) -> Result<()> {
     for f in files {
         let dest = inside_tree(tree, &f.dest)?;
@@ -604,7 +625,11 @@ mod tests {
             (RecipeFile { source: file.clone(), dest: "/etc/motd".into() }, RecipeFile { source: other, dest: "/etc/x".into() });
         assert_eq!(two(vec![motd.clone(), x.clone()]), two(vec![x, motd]), "nor does the order of files");
         assert_ne!(fp, Recipe { size_mib: 1024, ..r.clone() }.fingerprint(None).unwrap());
+        assert!(unchanged_since(&r, None, &fp).is_ok());
         fs::write(&file, "two").unwrap();
         assert_ne!(fp, r.fingerprint(None).unwrap(), "a file's bytes are part of the recipe");
+        // Edited after the build took its fingerprint: nothing is cached under the old one.
+        let err = unchanged_since(&r, None, &fp).unwrap_err().to_string();
+        assert_eq!(err, "image: a file of image \"t\" changed while it was being built; nothing was cached (build it again)");
     }
 }
