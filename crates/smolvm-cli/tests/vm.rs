@@ -2575,3 +2575,40 @@ async fn a_start_given_up_while_its_warm_template_is_made_leaves_nothing_running
     sb.delete().await.unwrap();
     assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
 }
+
+/// Terminal sizes sent while the sandbox is paused wait in the supervisor for the agent: a
+/// client that floods them is cut off at a bound, as one that sends input past its window is,
+/// where the queue grew for as long as it sent. The sandbox goes on.
+#[test]
+fn a_client_flooding_terminal_sizes_while_paused_is_cut_off() {
+    use smolvm_proto::{self as proto, ExecRequest, Request, Shell, TtySize};
+    use std::io::{Read, Write};
+    let env = env();
+    assert!(env.smolvm(&["sandbox", "create", "--name", "rz", "--network", "none"]).status.success());
+    let ctl = smolvm::sandbox::SandboxPaths::new(&env.dirs, "rz").ctl;
+    let mut s = std::os::unix::net::UnixStream::connect(&ctl).unwrap();
+    let mut preamble = [0u8; 8];
+    s.read_exact(&mut preamble).unwrap();
+    let tty = Some(TtySize { rows: 24, cols: 80 });
+    let exec =
+        ExecRequest { command: "sleep 60".into(), shell: Shell::Raw, env: Default::default(), timeout_ms: 0, stdin: true, cwd: None, tty };
+    s.write_all(&proto::encode(1, &Request::Exec(exec)).unwrap()).unwrap();
+    assert!(env.smolvm(&["sandbox", "pause", "rz"]).status.success());
+    let resize = proto::encode(1, &Request::Resize(TtySize { rows: 30, cols: 100 })).unwrap();
+    // (Refused part way once the supervisor has hung up.)
+    let _ = s.write_all(&resize.repeat(5000));
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    let cut = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(e) => break e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    };
+    assert!(cut, "the supervisor kept a client queueing terminal sizes without end");
+    assert!(env.smolvm(&["sandbox", "resume", "rz"]).status.success());
+    assert_eq!(stdout(&env.smolvm(&["sandbox", "exec", "rz", "--", "echo", "on"])), "on\n");
+    assert!(env.smolvm(&["sandbox", "delete", "--force", "rz"]).status.success());
+    assert!(env.qemu_processes().is_empty());
+}

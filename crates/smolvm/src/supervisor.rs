@@ -1584,6 +1584,10 @@ pub(crate) const SNAPSHOT_BOUND: Duration = Duration::from_secs(600);
 /// How long a pause or snapshot waits for the agent to read what was sent before it: an agent
 /// that does not answer by then (a wedged guest) is stopped wherever it is.
 const HOLD_BOUND: Duration = Duration::from_secs(5);
+/// Cancels, ends of input and terminal sizes one client may have waiting for the agent (a
+/// paused VM's): far more than a terminal's resizes during any pause, and a bound on what a
+/// client that floods them makes this process keep.
+const QUEUED_CONTROLS: usize = 1024;
 
 /// A control request's work within `bound`, else a timeout error for its client.
 async fn control_within<T>(
@@ -1842,13 +1846,19 @@ async fn serve_client(mut stream: UnixStream, client: Client) {
     // Input, cancels and terminal sizes go to the agent in order on a task of their own: while
     // the agent's writer is held (a paused VM) they wait there, and this client's next requests
     // (a resume) are still read. What waits is bounded by each stream's window: a client sends input only
-    // as the agent grants it back, and one that sends more is cut off.
+    // as the agent grants it back, and one that sends more is cut off. Cancels, ends of input
+    // and terminal sizes carry no bytes to grant: a client with more than `QUEUED_CONTROLS` of
+    // them waiting is cut off too.
     let (to_agent, mut queued) = mpsc::unbounded_channel::<(u32, Request)>();
+    let controls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let forward = tokio::spawn({
-        let agent = agent.clone();
+        let (agent, controls) = (agent.clone(), controls.clone());
         async move {
             while let Some((aid, req)) = queued.recv().await {
                 let _ = agent.send_on(aid, &req).await;
+                if !matches!(req, Request::Stdin(_)) {
+                    controls.fetch_sub(1, Ordering::SeqCst);
+                }
             }
         }
     });
@@ -1954,6 +1964,9 @@ async fn serve_client(mut stream: UnixStream, client: Client) {
                             tracing::warn!("a client sent more input than it was granted; disconnecting it");
                             break;
                         }
+                    } else if controls.fetch_add(1, Ordering::SeqCst) >= QUEUED_CONTROLS {
+                        tracing::warn!("a client queued more than {QUEUED_CONTROLS} cancels and terminal sizes; disconnecting it");
+                        break;
                     }
                     let _ = to_agent.send((aid, req));
                 }
