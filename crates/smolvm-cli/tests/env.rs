@@ -614,3 +614,31 @@ async fn variables_unset_while_stopped_do_not_come_back_from_a_root_disk() {
     assert_eq!(sb.list_env_vars().await.unwrap(), BTreeMap::new());
     sb.delete().await.unwrap();
 }
+
+/// Changes to a running sandbox's variables from many processes at once all stick. Each
+/// changed the guest, then wrote the guest's whole set to the record: a change made between
+/// another's two steps was overwritten there (an unset variable came back at the next start).
+/// They now take the sandbox's lock, one at a time, as changes to a stopped one do.
+#[test]
+fn concurrent_changes_to_a_running_sandboxs_variables_all_reach_its_record() {
+    let env = env();
+    assert!(env.smolvm(&["sandbox", "create", "--name", "many", "--network", "none", "--env", "GONE=1"]).status.success());
+    let mut children: Vec<std::process::Child> =
+        (0..8).map(|i| env.cli().args(["sandbox", "env", "set", "many", &format!("K{i}={i}")]).spawn().unwrap()).collect();
+    children.push(env.cli().args(["sandbox", "env", "unset", "many", "GONE"]).spawn().unwrap());
+    for mut c in children {
+        assert!(c.wait().unwrap().success());
+    }
+    // A change waits for whoever holds the lock.
+    let held = smolvm::sandbox::SandboxPaths::new(&env.dirs, "many").start_lock(true).unwrap().unwrap();
+    let mut late = env.cli().args(["sandbox", "env", "set", "many", "K8=8"]).stdout(std::process::Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(late.try_wait().unwrap().is_none(), "a change did not wait for the sandbox's lock");
+    drop(held);
+    assert!(late.wait().unwrap().success());
+    assert!(env.smolvm(&["sandbox", "stop", "many"]).status.success());
+    // Stopped: the record's set.
+    let out = stdout(&env.smolvm(&["sandbox", "env", "list", "many"]));
+    assert_eq!(out, (0..9).map(|i| format!("K{i}=****\n")).collect::<String>());
+    assert!(env.smolvm(&["sandbox", "delete", "many"]).status.success());
+}

@@ -175,6 +175,12 @@ fn check_socket_paths(dirs: &Dirs, sockets: &[&Path]) -> Result<()> {
     ))
 }
 
+/// See [`Sandbox::env_home`].
+enum EnvHome {
+    Config(StartLock, Store, Box<VmConfig>),
+    Guest(Option<StartLock>),
+}
+
 /// A held start lock (see [`SandboxPaths::start_lock`]), let go by closing it, never by
 /// unlocking it (which is what dropping a `Flock` does). A supervisor holds a copy of its
 /// start's lock until its VM runs, and an unlock would free the lock for everyone while that
@@ -3009,16 +3015,19 @@ impl Sandbox {
     /// Set variables for new login shells. Returns the sorted names present afterwards.
     pub async fn set_env_vars(&self, vars: &BTreeMap<String, String>, merge: bool) -> Result<Vec<String>> {
         smolvm_proto::env::validate_vars(vars)?;
-        if let Some((_lock, store, mut config)) = self.offline_config().await? {
-            if !merge {
-                config.env_vars.clear();
+        let _held = match self.env_home().await? {
+            EnvHome::Guest(lock) => lock,
+            EnvHome::Config(_lock, store, mut config) => {
+                if !merge {
+                    config.env_vars.clear();
+                }
+                config.env_vars.extend(vars.clone());
+                // (The whole set within the agent's bound, as at creation.)
+                smolvm_proto::env::validate_vars(&config.env_vars)?;
+                store.update_config(&self.id, &config)?;
+                return Ok(config.env_vars.into_keys().collect());
             }
-            config.env_vars.extend(vars.clone());
-            // (The whole set within the agent's bound, as at creation.)
-            smolvm_proto::env::validate_vars(&config.env_vars)?;
-            store.update_config(&self.id, &config)?;
-            return Ok(config.env_vars.into_keys().collect());
-        }
+        };
         // The whole set's bound, checked here as for a stopped sandbox: the same error either
         // way (the agent checks again, and says the same as a validation error).
         let mut all = if merge { self.guest_env("env set").await? } else { BTreeMap::new() };
@@ -3039,13 +3048,16 @@ impl Sandbox {
         for k in keys {
             smolvm_proto::env::validate_key(k)?;
         }
-        if let Some((_lock, store, mut config)) = self.offline_config().await? {
-            let removed: BTreeMap<String, String> = keys.iter().filter_map(|k| config.env_vars.remove_entry(k)).collect();
-            if !removed.is_empty() {
-                store.update_config(&self.id, &config)?;
+        let _held = match self.env_home().await? {
+            EnvHome::Guest(lock) => lock,
+            EnvHome::Config(_lock, store, mut config) => {
+                let removed: BTreeMap<String, String> = keys.iter().filter_map(|k| config.env_vars.remove_entry(k)).collect();
+                if !removed.is_empty() {
+                    store.update_config(&self.id, &config)?;
+                }
+                return Ok(removed);
             }
-            return Ok(removed);
-        }
+        };
         let removed = match self.call_within(&Request::EnvUnset { keys: keys.to_vec() }, "env unset", CALL_BOUND).await? {
             Reply::EnvRemoved(r) => r,
             other => return Err(self.unexpected("env unset", other)),
@@ -3061,10 +3073,10 @@ impl Sandbox {
 
     /// The variables smolvm manages in this sandbox.
     pub async fn list_env_vars(&self) -> Result<BTreeMap<String, String>> {
-        if let Some((_lock, _, config)) = self.offline_config().await? {
-            return Ok(config.env_vars);
+        match self.env_home().await? {
+            EnvHome::Config(_lock, _, config) => Ok(config.env_vars),
+            EnvHome::Guest(_lock) => self.guest_env("env list").await,
         }
-        self.guest_env("env list").await
     }
 
     /// The guest's managed variables, its errors (a hand-edited file it cannot read) said as
@@ -3076,33 +3088,33 @@ impl Sandbox {
         }
     }
 
-    /// For a sandbox that is not running (created, stopped, failed), its config, under its
-    /// start lock: its variables live there until a start puts them in the guest, so they are
-    /// set, removed and listed there (a start under way finishes first). `None` for a running
-    /// or paused one, whose guest holds them.
-    async fn offline_config(&self) -> Result<Option<(StartLock, Store, VmConfig)>> {
-        let rec = self.record()?;
+    /// Where the sandbox's variables live, under its start lock, held through the change: the
+    /// config of a sandbox that is not running (created, stopped, failed), until a start puts
+    /// them in the guest (a start under way finishes first); the guest of a running or paused
+    /// one, whose record then follows it (`remember_env`). Changes of two processes do not
+    /// interleave there (one's unset came back with the other's set), and a stop waits.
+    async fn env_home(&self) -> Result<EnvHome> {
         // (Also before a running one's guest is changed: its record must follow.)
-        rec.usable()?;
-        if rec.state.is_live() {
-            return Ok(None);
-        }
+        self.record()?.usable()?;
         let lock = self.paths.wait_start_lock().await?;
         let store = Store::open(&self.dirs.data)?;
         match store.get(&self.id)? {
-            Some(rec) if rec.state.is_live() => Ok(None),
+            Some(rec) if rec.state.is_live() => Ok(EnvHome::Guest(lock)),
             Some(rec) => {
                 rec.usable()?;
-                Ok(lock.map(|l| (l, store, rec.config)))
+                Ok(match lock {
+                    Some(l) => EnvHome::Config(l, store, Box::new(rec.config)),
+                    None => EnvHome::Guest(None),
+                })
             }
             None => Err(Error::NotFound(self.id.clone())),
         }
     }
 
     /// Keep the stored config in step with the guest, so a stopped sandbox starts again with
-    /// the variables it had.
+    /// the variables it had. (Under the start lock `env_home` took: the guest is still there.)
     async fn remember_env(&self) -> Result<()> {
-        let vars = self.list_env_vars().await?;
+        let vars = self.guest_env("env list").await?;
         let store = Store::open(&self.dirs.data)?;
         if let Some(mut rec) = store.get(&self.id)? {
             rec.config.env_vars = vars;

@@ -306,6 +306,9 @@ impl Store {
         // grows instead, kept short: an open that finds no other user reads all of it.
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
         conn.pragma_update(None, "wal_autocheckpoint", 64)?;
+        // A WAL written from its start again (after a checkpoint) is cut to what that write
+        // wrote: else the frames past it, old copies of env values among them, stay in the file.
+        conn.pragma_update(None, "journal_size_limit", 0)?;
         // Deleted rows are overwritten, not left in free space: they held env values.
         conn.pragma_update(None, "secure_delete", true)?;
         check_schema(&mut conn, &path)?;
@@ -815,6 +818,22 @@ mod tests {
         assert!(!on_disk("s3cret-snap"));
         assert!(store.remove("a").unwrap());
         assert!(!on_disk("s3cret-changed"));
+        // A reader in the way (another process) keeps the WAL from being emptied then; its next
+        // reset takes the old copies. The WAL is written from its start again then, and frames
+        // past the new ones stayed in the file, which kept its size.
+        for i in 0..12 {
+            store.insert(&format!("filler{i}"), &VmConfig::default(), None).unwrap();
+        }
+        store.insert("r", &with(&[("TOKEN", "s3cret-read")]), None).unwrap();
+        let reader = Connection::open(dir.path().join("state.db")).unwrap();
+        reader.execute_batch("BEGIN; SELECT count(*) FROM sandboxes;").unwrap();
+        store.update_config("r", &VmConfig::default()).unwrap();
+        assert!(on_disk("s3cret-read"), "(the reader held the WAL: this case is not being tested)");
+        reader.execute_batch("COMMIT").unwrap();
+        // Any process's checkpoint, then any write: the WAL's reset.
+        reader.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())).unwrap();
+        store.set_state("filler0", State::Stopped, None).unwrap();
+        assert!(!on_disk("s3cret-read"), "the WAL kept an unset value past its reset");
     }
 
     #[test]
