@@ -1536,7 +1536,10 @@ impl Sandbox {
                             // start shares. A supervisor or VMM killed under the start, or a
                             // host that could not record or network it, says nothing about it.
                             if matches!(e, Error::Boot { .. } | Error::Timeout { .. }) {
-                                crate::warm::discard(&self.dirs, &state, picked);
+                                // (Off the runtime: it waits for the image lock, which a
+                                // template's cold boot in another process holds.)
+                                let (dirs, state) = (self.dirs.clone(), state.clone());
+                                let _ = tokio::task::spawn_blocking(move || crate::warm::discard(&dirs, &state, picked)).await;
                             }
                             spec.restore = None;
                             spec.ram = None;

@@ -175,8 +175,8 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
             .ctx(|| "writing the warm snapshot's image.json".into())
     }
     .await;
-    let _ = sb.delete().await;
-    throwaway.done = true;
+    // (A delete that failed is tried again by the guard, on a thread of its own.)
+    throwaway.done = sb.delete().await.is_ok();
     // (Its QEMU is gone: the placeholder is not the template's.)
     let _ = std::fs::remove_dir(&empty);
     let result = made
@@ -294,7 +294,7 @@ pub fn picked(state: &Path) -> Picked {
 /// place; the next start makes a new one. Under the image lock, so that it never goes while
 /// another start is making it.
 pub fn discard(dirs: &crate::Dirs, state: &Path, picked_one: Picked) {
-    let _lock = image::lock_images(dirs);
+    let Ok(_lock) = image::lock_images(dirs) else { return };
     if picked_one.is_none() || picked(state) != picked_one {
         return;
     }
