@@ -1209,12 +1209,12 @@ impl Sandbox {
     }
 
     pub fn create_in(dirs: Dirs, config: VmConfig, ephemeral: bool) -> Result<Sandbox> {
-        Self::make(dirs, config, ephemeral, true)
+        Self::make(dirs, config, ephemeral, None)
     }
 
-    /// `image_must_exist`: not for a restore, whose snapshot holds its disk whatever became of
-    /// the recipe.
-    fn make(dirs: Dirs, mut config: VmConfig, ephemeral: bool, image_must_exist: bool) -> Result<Sandbox> {
+    /// `snapshot`: a restore's, which the record names; its image need not exist any more (the
+    /// snapshot holds its disk whatever became of the recipe).
+    fn make(dirs: Dirs, mut config: VmConfig, ephemeral: bool, snapshot: Option<&str>) -> Result<Sandbox> {
         // Taken from where this process runs: kept as given, a relative path would be taken
         // from wherever a later start or snapshot runs.
         for path in [&mut config.kernel_path, &mut config.initrd_path, &mut config.rootfs_path].into_iter().flatten() {
@@ -1228,7 +1228,7 @@ impl Sandbox {
         }
         // An image that does not exist is said now, not at the start (after minutes of
         // building a kernel it would never boot).
-        if let Some(name) = config.image.as_deref().filter(|n| image_must_exist && *n != "default") {
+        if let Some(name) = config.image.as_deref().filter(|n| snapshot.is_none() && *n != "default") {
             crate::recipe::load(&dirs, name)?;
         }
         Backend::resolve(config.backend.as_deref())?;
@@ -1244,7 +1244,7 @@ impl Sandbox {
             }
         }
         let owner = if ephemeral { ProcId::of(std::process::id() as i32) } else { None };
-        store.insert(&id, &config, owner)?;
+        store.insert_from(&id, &config, owner, snapshot)?;
         if let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&paths.dir) {
             let _ = store.remove(&id);
             return Err(Error::Io { context: format!("creating {}", paths.dir.display()), source: e });
@@ -2113,7 +2113,8 @@ impl Sandbox {
         }
         // (Checked here as at a start, which a restore does not go through.)
         mounts_keep_the_ssh_key_out(&dirs, &config.workspace_mounts)?;
-        let mut sb = Sandbox::make(dirs.clone(), config, false, false).map_err(|e| match e {
+        // Fails if the snapshot was deleted since it was read; from here on a delete refuses.
+        let mut sb = Sandbox::make(dirs.clone(), config, false, Some(snapshot_id)).map_err(|e| match e {
             // The snapshot's own host directories, gone since: say how to do without them.
             Error::Validation { field: "mounts", message } if opts.mounts.is_none() => Error::Validation {
                 field: "mounts",
@@ -2123,8 +2124,6 @@ impl Sandbox {
         })?;
         made(&sb.id);
         let result = async {
-            // Fails if the snapshot was deleted since it was read; from here on a delete refuses.
-            Store::open(&dirs.data)?.set_snapshot_origin(&sb.id, snapshot_id)?;
             let accel = match snap.kind == "full" {
                 true => restore_accel(&dirs, &dir, snapshot_id)?,
                 false => crate::vmm::choose_accel().map_err(Error::Host)?,

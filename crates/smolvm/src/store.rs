@@ -320,11 +320,22 @@ impl Store {
     }
 
     pub fn insert(&self, id: &str, config: &VmConfig, owner: Option<ProcId>) -> Result<()> {
+        self.insert_from(id, config, owner, None)
+    }
+
+    /// `insert`, of a sandbox that stands on `snapshot` (a restore's), if that snapshot is still
+    /// recorded: one statement, so that no record stands on a snapshot's files without saying
+    /// so (a restore killed in between left one, and `snapshot delete` then took its files), and
+    /// a concurrent delete either sees this sandbox and refuses, or removed the snapshot first
+    /// and this fails.
+    pub fn insert_from(&self, id: &str, config: &VmConfig, owner: Option<ProcId>, snapshot: Option<&str>) -> Result<()> {
         let json = serde_json::to_string(config).expect("config serializes");
         match self.conn.execute(
-            "INSERT INTO sandboxes (id, state, config, ephemeral, created_at, owner_pid, owner_start) VALUES (?1, 'created', ?2, ?3, ?4, ?5, ?6)",
-            params![id, json, owner.is_some(), now(), owner.map(|o| o.pid), owner.map(|o| o.start as i64)],
+            "INSERT INTO sandboxes (id, state, config, ephemeral, created_at, owner_pid, owner_start, snapshot) \
+             SELECT ?1, 'created', ?2, ?3, ?4, ?5, ?6, ?7 WHERE ?7 IS NULL OR EXISTS (SELECT 1 FROM snapshots WHERE id=?7)",
+            params![id, json, owner.is_some(), now(), owner.map(|o| o.pid), owner.map(|o| o.start as i64), snapshot],
         ) {
+            Ok(0) => Err(Error::SnapshotNotFound(snapshot.unwrap_or_default().to_string())),
             Ok(_) => Ok(()),
             Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
                 Err(Error::AlreadyExists(id.to_string()))
@@ -435,20 +446,6 @@ impl Store {
         let _ = self.conn.busy_timeout(Duration::from_millis(200));
         let _ = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
         let _ = self.conn.busy_timeout(BUSY_TIMEOUT);
-    }
-
-    /// Record that sandbox `id` stands on `snapshot`, if that snapshot is still recorded. One
-    /// statement, as in `remove_unused_snapshot`: a concurrent delete either sees this sandbox
-    /// and refuses, or removed the snapshot first and this fails.
-    pub fn set_snapshot_origin(&self, id: &str, snapshot: &str) -> Result<()> {
-        let n = self.conn.execute(
-            "UPDATE sandboxes SET snapshot=?2 WHERE id=?1 AND EXISTS (SELECT 1 FROM snapshots WHERE id=?2)",
-            params![id, snapshot],
-        )?;
-        if n == 0 {
-            return Err(Error::SnapshotNotFound(snapshot.to_string()));
-        }
-        Ok(())
     }
 
     /// Remove a snapshot's record unless a sandbox stands on it. Returns those sandboxes; none
@@ -842,10 +839,8 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let cfg = VmConfig::default();
         store.insert_snapshot("s", "src", "disk", &cfg).unwrap();
-        store.insert("a", &cfg, None).unwrap();
-        store.insert("b", &cfg, None).unwrap();
-        store.set_snapshot_origin("a", "s").unwrap();
-        store.set_snapshot_origin("b", "s").unwrap();
+        store.insert_from("a", &cfg, None, Some("s")).unwrap();
+        store.insert_from("b", &cfg, None, Some("s")).unwrap();
         assert_eq!(store.remove_unused_snapshot("s").unwrap(), ["a", "b"]);
         assert!(store.get_snapshot("s").unwrap().is_some());
         store.remove("a").unwrap();
@@ -853,9 +848,8 @@ mod tests {
         assert!(store.remove_unused_snapshot("s").unwrap().is_empty());
         assert!(store.get_snapshot("s").unwrap().is_none());
         // A restore that read the snapshot before the delete cannot then claim it.
-        store.insert("c", &cfg, None).unwrap();
-        assert!(matches!(store.set_snapshot_origin("c", "s"), Err(Error::SnapshotNotFound(_))));
-        assert!(store.get("c").unwrap().unwrap().snapshot.is_none());
+        assert!(matches!(store.insert_from("c", &cfg, None, Some("s")), Err(Error::SnapshotNotFound(_))));
+        assert!(store.get("c").unwrap().is_none());
         assert!(matches!(store.remove_unused_snapshot("s"), Err(Error::SnapshotNotFound(_))));
     }
 
