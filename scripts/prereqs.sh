@@ -2,7 +2,8 @@
 # Install what smolvm needs on a Debian/Ubuntu host, skipping what is already there.
 set -euo pipefail
 pkgs=(qemu-system-x86 busybox-static musl-tools patch bzip2 debian-archive-keyring linux-source-6.1 make gcc flex bison bc libelf-dev libssl-dev
-      xz-utils cpio nftables e2fsprogs iproute2 procps python3-venv python3-dev qemu-utils mmdebstrap openssh-client slirp4netns)
+      xz-utils cpio nftables e2fsprogs iproute2 procps python3-venv python3-dev qemu-utils mmdebstrap openssh-client slirp4netns
+      ca-certificates perl)
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 updated=""
 # Twice: an install can remove a package that conflicts with it (this image's backported
