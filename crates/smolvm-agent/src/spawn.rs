@@ -56,7 +56,7 @@ fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
 /// end); on a terminal every one of them is a descriptor of its master or its slave.
 pub struct Pipes {
     stdin: Option<(OwnedFd, OwnedFd)>,
-    stdout: (OwnedFd, OwnedFd),
+    pub(crate) stdout: (OwnedFd, OwnedFd),
     stderr: Option<(OwnedFd, OwnedFd)>,
     /// The slave side is a terminal, which becomes the command's controlling terminal.
     tty: bool,
