@@ -720,6 +720,31 @@ fn a_pause_its_client_gave_up_on_is_not_done_later() {
     assert!(!snapshot_dir(&env.dirs, "cut").exists(), "the given-up save left its files");
     let info: serde_json::Value = serde_json::from_str(&ok(cli().args(["sandbox", "info", "busy", "--json"]).output().unwrap())).unwrap();
     assert_eq!(info["data"]["state"], "stopped", "{info}");
+    // So does a SIGTERM to its supervisor (another command ending it: a stop that got no
+    // answer, prune): it waited for the save to end before it stopped the sandbox.
+    ok(cli().args(["sandbox", "start", "busy"]).output().unwrap());
+    ok(cli().args(["sandbox", "exec", "busy", "--", fill]).output().unwrap());
+    let termed = cli()
+        .args(["sandbox", "snapshot", "create", "busy", "--snapshot-id", "termed"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let state = snapshot_dir(&env.dirs, "termed").join("state");
+    assert!(wait_until(Duration::from_secs(30), || state.metadata().is_ok_and(|m| m.len() > 0)), "the fourth snapshot never started");
+    let supervisor = processes_mentioning("__supervise", "busy");
+    assert_eq!(supervisor.len(), 1, "{supervisor:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(supervisor[0]), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out = termed.wait_with_output().unwrap();
+    assert_eq!(
+        (out.status.code(), stderr(&out).trim()),
+        (Some(1), "error: snapshot failed: the sandbox was stopped before the snapshot was done")
+    );
+    // (The save alone takes about 17 s.)
+    let gone = wait_until(Duration::from_secs(8), || !std::path::Path::new(&format!("/proc/{}", supervisor[0])).exists());
+    assert!(gone, "the supervisor finished the save before it stopped");
+    assert!(!snapshot_dir(&env.dirs, "termed").exists(), "the given-up save left its files");
+    let info: serde_json::Value = serde_json::from_str(&ok(cli().args(["sandbox", "info", "busy", "--json"]).output().unwrap())).unwrap();
+    assert_eq!(info["data"]["state"], "stopped", "{info}");
     ok(cli().args(["sandbox", "delete", "--force", "busy"]).output().unwrap());
     // The saved VM loads only under the accelerator it ran under: recorded, and kept to.
     let accel = smolvm::vmm::choose_accel().unwrap();

@@ -1156,11 +1156,25 @@ async fn supervise(id: &str) -> i32 {
                     // same id made since its client gave this one up.)
                     let inode = |d: &Path| std::fs::metadata(d).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
                     let made = inode(&dir);
-                    // Given up when its client goes (Ctrl-C, killed), or for a stop.
+                    // Given up when its client goes (Ctrl-C, killed), or for a stop: a client's, or
+                    // SIGTERM (another command ending this process, which then stops the sandbox).
+                    let termed = std::cell::Cell::new(false);
                     let gave_up = async {
+                        let term = async {
+                            match sigterm.as_mut() {
+                                Some(s) => {
+                                    s.recv().await;
+                                }
+                                None => std::future::pending().await,
+                            }
+                        };
                         tokio::select! {
                             () = done.closed() => Error::Interrupted("the snapshot's client went away".into()),
                             () = stop_asked.notified() => Error::Host("the sandbox was stopped before the snapshot was done".into()),
+                            () = term => {
+                                termed.set(true);
+                                Error::Host("the sandbox was stopped before the snapshot was done".into())
+                            }
                         }
                     };
                     let r = snapshot(&mut qmp, overlay.as_deref(), &launch, &dir, kind, keep_stopped, gave_up).await;
@@ -1183,6 +1197,9 @@ async fn supervise(id: &str) -> i32 {
                         let _ = std::fs::remove_dir_all(&dir);
                     }
                     let _ = done.send(r);
+                    if termed.get() {
+                        break Ended::Asked;
+                    }
                 }
                 Some(Control::Expose { guest, host, done }) => {
                     let r = control_within(control_bound(), "expose", expose(&plan, &mut qmp, &mut exposed, guest, host)).await;
