@@ -102,10 +102,12 @@ fn block_with<T: Send + 'static>(
                 if let Err(interrupt) = py.check_signals() {
                     // Dropped inside the runtime, the future's open requests send their cancel
                     // (a command is killed in the guest); a moment of driving lets it go out.
-                    {
+                    // Without the GIL: what it leaves to undo may take a while (a half-made
+                    // snapshot's files, an SFTP upload's temporary file).
+                    py.allow_threads(|| {
                         let _inside = rt.enter();
                         drop(fut);
-                    }
+                    });
                     py.allow_threads(|| rt.block_on(async { tokio::time::sleep(Duration::from_millis(20)).await }));
                     return Err(interrupt);
                 }
@@ -200,12 +202,17 @@ fn build_named_image(py: Python<'_>, name: String, recipe_json: Option<String>) 
 }
 
 /// Sandboxes as JSON (env keys only, never values).
+/// (Without the GIL, as all that follows: listing reaps what dead processes left, disks
+/// included, and the state database may make it wait.)
 #[pyfunction]
-fn list_sandboxes() -> PyResult<String> {
-    let dirs = Dirs::from_env();
-    let recs = smolvm::sandbox::list(&dirs).map_err(to_py)?;
-    let v = smolvm::sandbox::records_json(&dirs, &recs).map_err(to_py)?;
-    Ok(serde_json::Value::Array(v).to_string())
+fn list_sandboxes(py: Python<'_>) -> PyResult<String> {
+    py.allow_threads(|| {
+        let dirs = Dirs::from_env();
+        let recs = smolvm::sandbox::list(&dirs)?;
+        let v = smolvm::sandbox::records_json(&dirs, &recs)?;
+        Ok(serde_json::Value::Array(v).to_string())
+    })
+    .map_err(to_py)
 }
 
 /// One sandbox. Commands share it (read lock); lifecycle changes take it alone.
@@ -292,9 +299,9 @@ fn gone(id: &str) -> Error {
 impl Vm {
     /// Record a sandbox. `ephemeral`: it dies with this process.
     #[staticmethod]
-    fn create(config_json: &str, ephemeral: bool) -> PyResult<Vm> {
+    fn create(py: Python<'_>, config_json: &str, ephemeral: bool) -> PyResult<Vm> {
         let config = parse_config(config_json)?;
-        Sandbox::create_in(Dirs::from_env(), config, ephemeral).map(Vm::wrap).map_err(to_py)
+        py.allow_threads(|| Sandbox::create_in(Dirs::from_env(), config, ephemeral)).map(Vm::wrap).map_err(to_py)
     }
 
     #[staticmethod]
@@ -574,9 +581,9 @@ impl Vm {
 }
 
 #[pyfunction]
-fn list_snapshots() -> PyResult<String> {
+fn list_snapshots(py: Python<'_>) -> PyResult<String> {
     let dirs = Dirs::from_env();
-    let snaps = smolvm::sandbox::list_snapshots(&dirs).map_err(to_py)?;
+    let snaps = py.allow_threads(|| smolvm::sandbox::list_snapshots(&dirs)).map_err(to_py)?;
     let v: Vec<_> = snaps
         .iter()
         .map(|s| {
@@ -588,8 +595,8 @@ fn list_snapshots() -> PyResult<String> {
 }
 
 #[pyfunction]
-fn delete_snapshot(snapshot_id: &str) -> PyResult<()> {
-    smolvm::sandbox::delete_snapshot(&Dirs::from_env(), snapshot_id).map_err(to_py)
+fn delete_snapshot(py: Python<'_>, snapshot_id: &str) -> PyResult<()> {
+    py.allow_threads(|| smolvm::sandbox::delete_snapshot(&Dirs::from_env(), snapshot_id)).map_err(to_py)
 }
 
 #[pymodule]

@@ -1,6 +1,7 @@
 """The documented Python API beyond the seed page: errors, lifecycle, cleanup."""
 
 import dataclasses
+import json
 import os
 import pathlib
 import shutil
@@ -867,3 +868,28 @@ def test_a_callers_umask_leaves_the_image_cache_closed_to_others(tmp_path, run_s
     for guest, mode in [("/", "0755"), ("/root/.ssh", "0700"), ("/var/log", "0755")]:
         stat = subprocess.run(["debugfs", "-R", f"stat {guest}", str(disk)], capture_output=True, text=True).stdout
         assert f"Mode:  {mode}" in stat, f"{guest}: {stat}"
+
+
+def test_threads_starting_one_new_handle_make_one_sandbox(no_leftovers):
+    # Making the sandbox lets other threads run (it may wait on the state database): two that
+    # started the same new handle at once each made one, and the first ran on unreachable.
+    import threading
+
+    from smolvm import _native
+
+    def ids():
+        return {s["id"] for s in json.loads(_native.list_sandboxes())}
+
+    before = ids()
+    vm = SmolVM(memory=256)
+    threads = [threading.Thread(target=vm.start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert ids() - before == {vm.vm_id}
+        assert vm.run("echo one").output == "one"
+    finally:
+        vm.delete()
+    assert ids() == before

@@ -25,7 +25,10 @@ def seconds(value: Any, field: str, *, zero: bool = False) -> float:
     at most a year."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(field, f"{type(value).__name__} is not a number of seconds")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int past a float's range: as far out as infinity
+        v = math.inf if value > 0 else -math.inf
     # (Infinity is positive: past the bound below, as in the Rust library.)
     if math.isnan(v) or v < 0 or (v == 0 and not zero):
         raise _bad(field, "must be 0 or a positive number of seconds" if zero else "must be a positive number of seconds")
@@ -64,7 +67,11 @@ def whole(value: Any, field: str) -> int:
     that 32 bits cannot carry)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise _bad(field, f"{value!r} is not a whole number")
-    call(_native.check_whole, field, str(value))
+    try:
+        shown = str(value)
+    except ValueError:  # more digits than Python writes out (sys.get_int_max_str_digits)
+        raise _bad(field, "a number of thousands of digits is out of range") from None
+    call(_native.check_whole, field, shown)
     return value
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import threading
 from os import getpid as _getpid  # (`os` is also a parameter's name below)
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -158,21 +159,27 @@ class SmolVM:
 
     def _start(self, boot_timeout: float, ephemeral: bool) -> "SmolVM":
         boot_timeout = _args.seconds(boot_timeout, "boot_timeout")
-        if self._native is not None:
-            call(self._native.start, boot_timeout)
-            return self
-        self._native = call(_native.Vm.create, self._config._to_json(), ephemeral)
-        try:
-            call(self._native.start, boot_timeout)
-        except BaseException:
-            # Made by this call and never started: a failed start leaves no sandbox (nor its
-            # name) behind, as `smolvm sandbox create` does. The error says what went wrong.
-            try:
-                call(self._native.delete)
-            except Exception:
-                pass
-            self._native = None
-            raise
+        if self._native is None:
+            # One thread makes the sandbox: two starting a new handle at once made two, and the
+            # first, its handle overwritten, ran on unreachable. (The lock is the handle's own:
+            # other handles start in parallel.)
+            with self.__dict__.setdefault("_making", threading.Lock()):
+                if self._native is None:
+                    native = call(_native.Vm.create, self._config._to_json(), ephemeral)
+                    try:
+                        call(native.start, boot_timeout)
+                    except BaseException:
+                        # Made by this call and never started: a failed start leaves no sandbox
+                        # (nor its name) behind, as `smolvm sandbox create` does. The error says
+                        # what went wrong.
+                        try:
+                            call(native.delete)
+                        except Exception:
+                            pass
+                        raise
+                    self._native = native
+                    return self
+        call(self._native.start, boot_timeout)
         return self
 
     def stop(self, timeout: float = 3.0) -> None:
