@@ -261,23 +261,29 @@ impl Vm {
     }
 
     /// The sandbox as this process reaches it: in a forked child, through a handle of its own,
-    /// opened on first use (one that cannot be opened reads as closed).
-    fn inner(&self) -> Shared {
+    /// opened on first use. One that cannot be opened says why, and the next use tries again.
+    fn inner(&self, py: Python<'_>) -> PyResult<Shared> {
         let pid = std::process::id();
         if pid == self.pid {
-            return self.inner.clone();
+            return Ok(self.inner.clone());
         }
+        let mine = |forked: &Option<(u32, Shared)>| forked.as_ref().filter(|(p, _)| *p == pid).map(|(_, shared)| shared.clone());
+        if let Some(shared) = mine(&self.forked.lock().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(shared);
+        }
+        // (Not under the lock: the open lets go of the GIL, which another thread waiting for
+        // the lock would hold.)
+        let id = self.id.clone();
+        let opened = block(py, async move { Sandbox::open_in(Dirs::from_env(), &id).await })?;
         let mut forked = self.forked.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((p, shared)) = forked.as_ref() {
-            if *p == pid {
-                return shared.clone();
-            }
+        // Another thread of this process opened it meanwhile: theirs.
+        if let Some(shared) = mine(&forked) {
+            return Ok(shared);
         }
-        let opened = runtime().block_on(Sandbox::open_in(Dirs::from_env(), &self.id)).ok();
-        let shared: Shared = Arc::new(RwLock::new(opened));
+        let shared: Shared = Arc::new(RwLock::new(Some(opened)));
         // A grandchild's copy of its parent's own: forgotten, as the first parent's is.
         std::mem::forget(forked.replace((pid, shared.clone())));
-        shared
+        Ok(shared)
     }
 }
 
@@ -359,7 +365,7 @@ impl Vm {
     }
 
     fn start(&self, py: Python<'_>, boot_timeout: f64) -> PyResult<()> {
-        let inner = self.inner();
+        let inner = self.inner(py)?;
         let id = self.id.clone();
         block(py, async move {
             let mut guard = inner.write().await;
@@ -389,7 +395,7 @@ impl Vm {
         // (The Python layer has refused less than a second.)
         let timeout = smolvm::config::seconds(timeout, "timeout").map_err(to_py)?;
         let opts = RunOptions { timeout, shell, env: env.unwrap_or_default(), cwd, stdin, discard_output: false, max_output };
-        let inner = self.inner();
+        let inner = self.inner(py)?;
         let id = self.id.clone();
         block_with(py, "env", async move {
             let guard = inner.read().await;
@@ -400,40 +406,40 @@ impl Vm {
     }
 
     fn upload(&self, py: Python<'_>, local: std::path::PathBuf, guest: String) -> PyResult<()> {
-        let (inner, id) = (self.inner(), self.id.clone());
+        let (inner, id) = (self.inner(py)?, self.id.clone());
         block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.upload(&local, &guest).await })
     }
 
     fn download(&self, py: Python<'_>, guest: String, local: std::path::PathBuf) -> PyResult<()> {
-        let (inner, id) = (self.inner(), self.id.clone());
+        let (inner, id) = (self.inner(py)?, self.id.clone());
         block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.download(&guest, &local).await })
     }
 
     #[pyo3(signature = (guest_port, host_port=None))]
     fn expose_local(&self, py: Python<'_>, guest_port: u16, host_port: Option<u16>) -> PyResult<u16> {
-        let (inner, id) = (self.inner(), self.id.clone());
+        let (inner, id) = (self.inner(py)?, self.id.clone());
         block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.expose_local(guest_port, host_port).await })
     }
 
     fn unexpose_local(&self, py: Python<'_>, guest_port: u16) -> PyResult<()> {
-        let (inner, id) = (self.inner(), self.id.clone());
+        let (inner, id) = (self.inner(py)?, self.id.clone());
         block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.unexpose_local(guest_port).await })
     }
 
     fn pause(&self, py: Python<'_>) -> PyResult<()> {
-        let (inner, id) = (self.inner(), self.id.clone());
+        let (inner, id) = (self.inner(py)?, self.id.clone());
         block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.pause().await })
     }
 
     fn resume(&self, py: Python<'_>) -> PyResult<()> {
-        let (inner, id) = (self.inner(), self.id.clone());
+        let (inner, id) = (self.inner(py)?, self.id.clone());
         block(py, async move { inner.read().await.as_ref().ok_or_else(|| gone(&id))?.resume().await })
     }
 
     /// Returns (snapshot_id, vm_id, snapshot_type, path).
     #[pyo3(signature = (snapshot_id=None, snapshot_type="full".to_string()))]
     fn snapshot(&self, py: Python<'_>, snapshot_id: Option<String>, snapshot_type: String) -> PyResult<(String, String, String, String)> {
-        let (inner, id) = (self.inner(), self.id.clone());
+        let (inner, id) = (self.inner(py)?, self.id.clone());
         block(py, async move {
             let guard = inner.read().await;
             let info = guard.as_ref().ok_or_else(|| gone(&id))?.snapshot(snapshot_id.as_deref(), &snapshot_type).await?;
@@ -442,7 +448,7 @@ impl Vm {
     }
 
     fn stop(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
-        let inner = self.inner();
+        let inner = self.inner(py)?;
         let id = self.id.clone();
         block(py, async move {
             let timeout = smolvm::config::seconds(timeout.max(0.1), "timeout")?;
@@ -454,7 +460,7 @@ impl Vm {
     }
 
     fn delete(&self, py: Python<'_>) -> PyResult<()> {
-        let inner = self.inner();
+        let inner = self.inner(py)?;
         let own = self.id.clone();
         block(py, async move {
             // A closed handle deletes nothing (and stops nothing): as any call on it, an error.
@@ -486,7 +492,7 @@ impl Vm {
     /// Forget the connection without stopping the sandbox. (In a forked child, the child's
     /// own: the parent's lives on.)
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let inner = self.inner();
+        let inner = self.inner(py)?;
         block(py, async move {
             inner.write().await.take();
             Ok(())
@@ -494,7 +500,7 @@ impl Vm {
     }
 
     fn state(&self, py: Python<'_>) -> PyResult<String> {
-        let inner = self.inner();
+        let inner = self.inner(py)?;
         let id = self.id.clone();
         block(py, async move {
             let guard = inner.read().await;
@@ -506,7 +512,7 @@ impl Vm {
     }
 
     fn info(&self, py: Python<'_>) -> PyResult<String> {
-        let inner = self.inner();
+        let inner = self.inner(py)?;
         let id = self.id.clone();
         block(py, async move {
             let guard = inner.read().await;
@@ -515,7 +521,7 @@ impl Vm {
     }
 
     fn wait_for_ssh(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
-        let (inner, id) = (self.inner(), self.id.clone());
+        let (inner, id) = (self.inner(py)?, self.id.clone());
         block(py, async move {
             let timeout = smolvm::config::seconds(timeout, "timeout")?;
             let guard = inner.read().await;
@@ -524,7 +530,7 @@ impl Vm {
     }
 
     fn wait_for_ready(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
-        let (inner, id) = (self.inner(), self.id.clone());
+        let (inner, id) = (self.inner(py)?, self.id.clone());
         block(py, async move {
             let timeout = smolvm::config::seconds(timeout, "timeout")?;
             let guard = inner.read().await;
@@ -533,7 +539,7 @@ impl Vm {
     }
 
     fn wait_for_ports(&self, py: Python<'_>, ports: Vec<u16>, timeout: f64) -> PyResult<()> {
-        let (inner, id) = (self.inner(), self.id.clone());
+        let (inner, id) = (self.inner(py)?, self.id.clone());
         block(py, async move {
             let timeout = smolvm::config::seconds(timeout, "timeout")?;
             let guard = inner.read().await;
@@ -542,7 +548,7 @@ impl Vm {
     }
 
     fn can_run_commands(&self, py: Python<'_>) -> PyResult<bool> {
-        let inner = self.inner();
+        let inner = self.inner(py)?;
         block(py, async move {
             let guard = inner.read().await;
             Ok(match guard.as_ref() {
@@ -553,7 +559,7 @@ impl Vm {
     }
 
     fn set_env_vars(&self, py: Python<'_>, vars: BTreeMap<String, String>, merge: bool) -> PyResult<Vec<String>> {
-        let inner = self.inner();
+        let inner = self.inner(py)?;
         let id = self.id.clone();
         block(py, async move {
             let guard = inner.read().await;
@@ -562,7 +568,7 @@ impl Vm {
     }
 
     fn unset_env_vars(&self, py: Python<'_>, keys: Vec<String>) -> PyResult<BTreeMap<String, String>> {
-        let inner = self.inner();
+        let inner = self.inner(py)?;
         let id = self.id.clone();
         block_with(py, "keys", async move {
             let guard = inner.read().await;
@@ -571,7 +577,7 @@ impl Vm {
     }
 
     fn list_env_vars(&self, py: Python<'_>) -> PyResult<BTreeMap<String, String>> {
-        let inner = self.inner();
+        let inner = self.inner(py)?;
         let id = self.id.clone();
         block(py, async move {
             let guard = inner.read().await;
