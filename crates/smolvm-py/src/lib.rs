@@ -368,9 +368,15 @@ impl Vm {
         let inner = self.inner(py)?;
         let id = self.id.clone();
         block(py, async move {
+            let timeout = smolvm::config::seconds(boot_timeout, "boot_timeout")?;
+            // Up already: said beside the commands in flight, not after them (they hold the
+            // handle shared; a start takes it alone).
+            if inner.read().await.as_ref().is_some_and(|sb| sb.is_up()) {
+                return Ok(());
+            }
             let mut guard = inner.write().await;
             let sb = guard.as_mut().ok_or_else(|| gone(&id))?;
-            sb.start(smolvm::config::seconds(boot_timeout, "boot_timeout")?, &|line: &str| eprintln!("smolvm: {line}")).await
+            sb.start(timeout, &|line: &str| eprintln!("smolvm: {line}")).await
         })
     }
 

@@ -893,3 +893,17 @@ def test_threads_starting_one_new_handle_make_one_sandbox(no_leftovers):
     finally:
         vm.delete()
     assert ids() == before
+
+
+def test_start_of_a_running_sandbox_does_not_wait_for_its_commands(no_leftovers):
+    # A start takes the handle alone; one that had nothing to do waited for every command in
+    # flight on other threads to end first.
+    import threading
+
+    with SmolVM(memory=256) as vm:
+        running = threading.Thread(target=vm.run, args=("sleep 4",))
+        running.start()
+        time.sleep(0.5)
+        vm.start()
+        assert running.is_alive(), "the start waited for the command"
+        running.join()

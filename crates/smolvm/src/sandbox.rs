@@ -1397,6 +1397,13 @@ impl Sandbox {
     ///
     /// A running sandbox is left as it is (this handle connects to it); a paused one is refused
     /// with `NotRunning`, since returning would tell the caller it can run commands.
+    /// Whether `start` would find nothing to do: the sandbox runs, not on its way down, and
+    /// this handle is connected to it. Asked without `&mut`, so that a caller sharing the
+    /// handle (Python's) need not wait for the commands in flight to say so.
+    pub fn is_up(&self) -> bool {
+        self.open_conn().is_some() && self.record().is_ok_and(|rec| rec.state == State::Running && !self.going_down(&rec))
+    }
+
     pub async fn start(&mut self, boot_timeout: Duration, progress: Progress<'_>) -> Result<()> {
         crate::config::check_boot_timeout(boot_timeout)?;
         crate::config::check_supervisor_settings()?;
