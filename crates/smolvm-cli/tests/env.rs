@@ -618,7 +618,7 @@ async fn variables_unset_while_stopped_do_not_come_back_from_a_root_disk() {
 /// Changes to a running sandbox's variables from many processes at once all stick. Each
 /// changed the guest, then wrote the guest's whole set to the record: a change made between
 /// another's two steps was overwritten there (an unset variable came back at the next start).
-/// They now take the sandbox's lock, one at a time, as changes to a stopped one do.
+/// They now take the sandbox's env lock, one at a time.
 #[test]
 fn concurrent_changes_to_a_running_sandboxs_variables_all_reach_its_record() {
     let env = env();
@@ -630,7 +630,8 @@ fn concurrent_changes_to_a_running_sandboxs_variables_all_reach_its_record() {
         assert!(c.wait().unwrap().success());
     }
     // A change waits for whoever holds the lock.
-    let held = smolvm::sandbox::SandboxPaths::new(&env.dirs, "many").start_lock(true).unwrap().unwrap();
+    let lock = std::fs::File::open(smolvm::sandbox::SandboxPaths::new(&env.dirs, "many").env_lock).unwrap();
+    let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
     let mut late = env.cli().args(["sandbox", "env", "set", "many", "K8=8"]).stdout(std::process::Stdio::null()).spawn().unwrap();
     std::thread::sleep(Duration::from_secs(1));
     assert!(late.try_wait().unwrap().is_none(), "a change did not wait for the sandbox's lock");

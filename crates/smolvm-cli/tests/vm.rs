@@ -2590,13 +2590,30 @@ fn a_client_flooding_terminal_sizes_while_paused_is_cut_off() {
     let mut preamble = [0u8; 8];
     s.read_exact(&mut preamble).unwrap();
     let tty = Some(TtySize { rows: 24, cols: 80 });
-    let exec =
-        ExecRequest { command: "sleep 60".into(), shell: Shell::Raw, env: Default::default(), timeout_ms: 0, stdin: true, cwd: None, tty };
+    let exec = ExecRequest {
+        command: "echo started; sleep 60".into(),
+        shell: Shell::Raw,
+        env: Default::default(),
+        timeout_ms: 0,
+        stdin: true,
+        cwd: None,
+        tty,
+    };
     s.write_all(&proto::encode(1, &Request::Exec(exec)).unwrap()).unwrap();
+    // Started (its output comes) before the pause: a pause first would refuse it.
+    loop {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).unwrap();
+        let mut body = vec![0u8; proto::frame_len(len).unwrap()];
+        s.read_exact(&mut body).unwrap();
+        if matches!(proto::decode::<proto::Reply>(&body).unwrap().1, proto::Reply::Stdout(_)) {
+            break;
+        }
+    }
     assert!(env.smolvm(&["sandbox", "pause", "rz"]).status.success());
     let resize = proto::encode(1, &Request::Resize(TtySize { rows: 30, cols: 100 })).unwrap();
     // (Refused part way once the supervisor has hung up.)
-    let _ = s.write_all(&resize.repeat(5000));
+    let _ = s.write_all(&resize.repeat(70_000));
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut buf = vec![0u8; 1 << 16];
     let cut = loop {

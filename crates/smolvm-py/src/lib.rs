@@ -369,6 +369,9 @@ impl Vm {
         let id = self.id.clone();
         block(py, async move {
             let timeout = smolvm::config::seconds(boot_timeout, "boot_timeout")?;
+            // (Said of a bad setting whether or not there is anything to do, as `start` does.)
+            smolvm::config::check_boot_timeout(timeout)?;
+            smolvm::config::check_supervisor_settings()?;
             // Up already: said beside the commands in flight, not after them (they hold the
             // handle shared; a start takes it alone).
             if inner.read().await.as_ref().is_some_and(|sb| sb.is_up()) {
@@ -498,7 +501,8 @@ impl Vm {
     /// Forget the connection without stopping the sandbox. (In a forked child, the child's
     /// own: the parent's lives on.)
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let inner = self.inner(py)?;
+        // (A forked child's handle to a sandbox it cannot open has nothing to close.)
+        let Ok(inner) = self.inner(py) else { return Ok(()) };
         block(py, async move {
             inner.write().await.take();
             Ok(())

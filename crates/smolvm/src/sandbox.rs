@@ -40,6 +40,8 @@ pub struct SandboxPaths {
     pub lock: PathBuf,
     /// The sandbox's pinned SSH host key (images with an SSH server).
     pub known_hosts: PathBuf,
+    /// Serializes changes to a running sandbox's variables (see `Sandbox::env_home`).
+    pub env_lock: PathBuf,
     /// Its root disk's copy-on-write overlay (images with a root disk; see `image::overlay`).
     pub overlay: PathBuf,
     /// vsock transport: the vhost-user socket QEMU's vsock device talks to.
@@ -62,6 +64,7 @@ impl SandboxPaths {
             log: dir.join("supervisor.log"),
             lock: dir.join("lock"),
             known_hosts: dir.join("known_hosts"),
+            env_lock: dir.join("env.lock"),
             overlay: dir.join("rootfs.qcow2"),
             vhost_vsock: dir.join("vhost-vsock.sock"),
             vsock: dir.join("vsock.sock"),
@@ -178,7 +181,7 @@ fn check_socket_paths(dirs: &Dirs, sockets: &[&Path]) -> Result<()> {
 /// See [`Sandbox::env_home`].
 enum EnvHome {
     Config(StartLock, Store, Box<VmConfig>),
-    Guest(Option<StartLock>),
+    Guest(nix::fcntl::Flock<std::fs::File>),
 }
 
 /// A held start lock (see [`SandboxPaths::start_lock`]), let go by closing it, never by
@@ -3097,27 +3100,55 @@ impl Sandbox {
         }
     }
 
-    /// Where the sandbox's variables live, under its start lock, held through the change: the
-    /// config of a sandbox that is not running (created, stopped, failed), until a start puts
-    /// them in the guest (a start under way finishes first); the guest of a running or paused
-    /// one, whose record then follows it (`remember_env`). Changes of two processes do not
-    /// interleave there (one's unset came back with the other's set), and a stop waits.
+    /// Where the sandbox's variables live: the config of a sandbox that is not running
+    /// (created, stopped, failed), under its start lock, until a start puts them in the guest
+    /// (a start under way finishes first); the guest of a running or paused one, whose record
+    /// then follows it (`remember_env`), under the sandbox's env lock, held through the change:
+    /// changes of two processes do not interleave there (one's unset came back with the
+    /// other's set). (Not the start lock: a stop need not wait for a guest that is slow to
+    /// answer, and this handle's reconnection may take that lock.)
     async fn env_home(&self) -> Result<EnvHome> {
         // (Also before a running one's guest is changed: its record must follow.)
-        self.record()?.usable()?;
+        let rec = self.record()?;
+        rec.usable()?;
+        if rec.state.is_live() {
+            return Ok(EnvHome::Guest(self.env_lock().await?));
+        }
         let lock = self.paths.wait_start_lock().await?;
         let store = Store::open(&self.dirs.data)?;
         match store.get(&self.id)? {
-            Some(rec) if rec.state.is_live() => Ok(EnvHome::Guest(lock)),
+            Some(rec) if rec.state.is_live() => {
+                drop(lock);
+                Ok(EnvHome::Guest(self.env_lock().await?))
+            }
             Some(rec) => {
                 rec.usable()?;
-                Ok(match lock {
-                    Some(l) => EnvHome::Config(l, store, Box::new(rec.config)),
-                    None => EnvHome::Guest(None),
-                })
+                match lock {
+                    Some(l) => Ok(EnvHome::Config(l, store, Box::new(rec.config))),
+                    None => Ok(EnvHome::Guest(self.env_lock().await?)),
+                }
             }
             None => Err(Error::NotFound(self.id.clone())),
         }
+    }
+
+    /// The env lock (see `env_home`), waited for off the async runtime. A sandbox deleted
+    /// meanwhile has no directory to hold it: not found.
+    async fn env_lock(&self) -> Result<nix::fcntl::Flock<std::fs::File>> {
+        let (path, id) = (self.paths.env_lock.clone(), self.id.clone());
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::OpenOptionsExt;
+            let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(&path).map_err(|e| match e
+                .kind()
+            {
+                std::io::ErrorKind::NotFound => Error::NotFound(id),
+                _ => Error::Io { context: format!("creating {}", path.display()), source: e },
+            })?;
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, e)| Error::Host(format!("locking sandbox env: {e}")))
+        })
+        .await
+        .map_err(|e| Error::Host(e.to_string()))?
     }
 
     /// Keep the stored config in step with the guest, so a stopped sandbox starts again with

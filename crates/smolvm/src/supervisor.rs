@@ -1602,9 +1602,10 @@ pub(crate) const SNAPSHOT_BOUND: Duration = Duration::from_secs(600);
 /// that does not answer by then (a wedged guest) is stopped wherever it is.
 const HOLD_BOUND: Duration = Duration::from_secs(5);
 /// Cancels, ends of input and terminal sizes one client may have waiting for the agent (a
-/// paused VM's): far more than a terminal's resizes during any pause, and a bound on what a
+/// paused VM's, or one whose channel a long save holds): more than a terminal dragged about for
+/// the whole of a 600 s save sends (one size per SIGWINCH), and a bound (a few MB) on what a
 /// client that floods them makes this process keep.
-const QUEUED_CONTROLS: usize = 1024;
+const QUEUED_CONTROLS: usize = 65536;
 
 /// A control request's work within `bound`, else a timeout error for its client.
 async fn control_within<T>(

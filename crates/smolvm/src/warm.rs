@@ -175,8 +175,11 @@ pub async fn template(dirs: &crate::Dirs, config: &VmConfig, spec: &BootSpec, pr
             .ctx(|| "writing the warm snapshot's image.json".into())
     }
     .await;
-    // (A delete that failed is tried again by the guard, on a thread of its own.)
-    throwaway.done = sb.delete().await.is_ok();
+    // (A delete that failed is tried again by the guard, on a thread of its own; the template
+    // is not installed, its QEMU perhaps still writing the RAM file.)
+    let deleted = sb.delete().await;
+    throwaway.done = deleted.is_ok();
+    let made = made.and(deleted);
     // (Its QEMU is gone: the placeholder is not the template's.)
     let _ = std::fs::remove_dir(&empty);
     let result = made

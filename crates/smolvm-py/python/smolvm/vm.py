@@ -159,27 +159,30 @@ class SmolVM:
 
     def _start(self, boot_timeout: float, ephemeral: bool) -> "SmolVM":
         boot_timeout = _args.seconds(boot_timeout, "boot_timeout")
+        made = False
         if self._native is None:
             # One thread makes the sandbox: two starting a new handle at once made two, and the
-            # first, its handle overwritten, ran on unreachable. (The lock is the handle's own:
-            # other handles start in parallel.)
+            # first, its handle overwritten, ran on unreachable. (The lock is the handle's own,
+            # and held only while the record is made: other threads see the sandbox, and can
+            # stop or delete it, while it boots.)
             with self.__dict__.setdefault("_making", threading.Lock()):
                 if self._native is None:
-                    native = call(_native.Vm.create, self._config._to_json(), ephemeral)
-                    try:
-                        call(native.start, boot_timeout)
-                    except BaseException:
-                        # Made by this call and never started: a failed start leaves no sandbox
-                        # (nor its name) behind, as `smolvm sandbox create` does. The error says
-                        # what went wrong.
-                        try:
-                            call(native.delete)
-                        except Exception:
-                            pass
-                        raise
-                    self._native = native
-                    return self
-        call(self._native.start, boot_timeout)
+                    self._native = call(_native.Vm.create, self._config._to_json(), ephemeral)
+                    made = True
+        native = self._native
+        try:
+            call(native.start, boot_timeout)
+        except BaseException:
+            if made:
+                # Made by this call and never started: a failed start leaves no sandbox (nor
+                # its name) behind, as `smolvm sandbox create` does. The error says what went
+                # wrong.
+                try:
+                    call(native.delete)
+                except Exception:
+                    pass
+                self._native = None
+            raise
         return self
 
     def stop(self, timeout: float = 3.0) -> None:
