@@ -643,3 +643,27 @@ fn concurrent_changes_to_a_running_sandboxs_variables_all_reach_its_record() {
     assert_eq!(out, (0..9).map(|i| format!("K{i}=****\n")).collect::<String>());
     assert!(env.smolvm(&["sandbox", "delete", "many"]).status.success());
 }
+
+/// A build whose process dies takes the programs it runs with it: killed (`kill -9`, a Python
+/// program that exits after a Ctrl-C), it left the kernel source's unpacking, then its `make`,
+/// running for minutes into a directory the next build removes.
+#[test]
+fn a_build_whose_process_dies_takes_its_programs_with_it() {
+    let env = env();
+    let images = env.tmp.path().join("killed-images");
+    let mut build = env
+        .cli()
+        .args(["image", "build"])
+        .env("SMOLVM_IMAGE_DIR", &images)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let dir = images.join(format!(".build-kernel-{}", build.id()));
+    let dir = dir.to_string_lossy().into_owned();
+    let unpacking = wait_until(Duration::from_secs(30), || !processes_mentioning("tar", &dir).is_empty());
+    assert!(unpacking, "the kernel build never started unpacking its source");
+    build.kill().unwrap();
+    build.wait().unwrap();
+    let gone = wait_until(Duration::from_secs(5), || processes_mentioning("tar", &dir).is_empty());
+    assert!(gone, "the build's tar ran on after it: {:?}", processes_mentioning("tar", &dir));
+}

@@ -421,7 +421,11 @@ impl Drop for TempDir {
     }
 }
 
+/// Run a build step to its end. It dies with the thread that waits for it, and so with this
+/// process: killed (or a Python program that exits after a Ctrl-C), it left a kernel's
+/// unpacking or compile running for minutes into a directory the next build removes.
 pub(crate) fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
+    crate::net::die_with_this_thread(cmd);
     let out = cmd.stdin(Stdio::null()).output().ctx(|| format!("{what}: cannot run {:?}", cmd.get_program()))?;
     if !out.status.success() {
         let tail = String::from_utf8_lossy(&out.stderr)
@@ -532,7 +536,10 @@ fn build_kernel(source: &Path, out_dir: &Path, dirs: &Dirs, progress: Progress) 
         return Err(BuildFailure::Source(Error::Image(format!("the kernel config did not take: {}", missing.join(", ")))));
     }
     let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let mut child = Command::new("make")
+    let mut make = Command::new("make");
+    // (As `run_checked`'s.)
+    crate::net::die_with_this_thread(&mut make);
+    let mut child = make
         .arg("-C")
         .arg(&src)
         .arg(format!("-j{jobs}"))

@@ -396,6 +396,8 @@ fn mmdebstrap(target: &Path, variant: &str, packages: &[String], progress: Progr
         cmd.arg(format!("--dpkgopt=path-exclude={excluded}"));
     }
     cmd.arg(SUITE).arg(target).args(apt_sources());
+    // (As `run_checked`'s.)
+    crate::net::die_with_this_thread(&mut cmd);
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().ctx(|| "running mmdebstrap".into())?;
     let mut tail: std::collections::VecDeque<String> = Default::default();
     if let Some(err) = child.stderr.take() {
