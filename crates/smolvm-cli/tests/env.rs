@@ -651,13 +651,8 @@ fn concurrent_changes_to_a_running_sandboxs_variables_all_reach_its_record() {
 fn a_build_whose_process_dies_takes_its_programs_with_it() {
     let env = env();
     let images = env.tmp.path().join("killed-images");
-    let mut build = env
-        .cli()
-        .args(["image", "build"])
-        .env("SMOLVM_IMAGE_DIR", &images)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut build =
+        env.cli().args(["image", "build"]).env("SMOLVM_IMAGE_DIR", &images).stderr(std::process::Stdio::null()).spawn().unwrap();
     let dir = images.join(format!(".build-kernel-{}", build.id()));
     let dir = dir.to_string_lossy().into_owned();
     let unpacking = wait_until(Duration::from_secs(30), || !processes_mentioning("tar", &dir).is_empty());
