@@ -2629,3 +2629,29 @@ fn a_client_flooding_terminal_sizes_while_paused_is_cut_off() {
     assert!(env.smolvm(&["sandbox", "delete", "--force", "rz"]).status.success());
     assert!(env.qemu_processes().is_empty());
 }
+
+/// A SIGTERM to a supervisor while its VM boots (how prune ends a supervisor no record names,
+/// and a stop one that does not answer): the VM and its network go down at once (the starter,
+/// told the boot failed, takes up what the supervisor left), and the failed create leaves no
+/// sandbox.
+#[test]
+fn a_supervisor_told_to_stop_during_its_boot_leaves_nothing() {
+    let env = env();
+    let initrd = env.slow_initrd(20);
+    let create =
+        env.spawn_booting(env.cli().args(["sandbox", "create", "--name", "termboot", "--initrd"]).arg(&initrd), "no boot under way");
+    let table = smolvm::net::table_name(&env.dirs.data, "termboot");
+    let _drop_table = DropTable(table.clone());
+    let tap = smolvm::net::tap_name(&env.dirs.data, "termboot");
+    assert!(nft_has_table(&table) && link_exists(&tap), "a NAT sandbox has its firewall table {table} and TAP {tap}");
+    let supervisor = processes_mentioning("__supervise", "termboot");
+    assert_eq!(supervisor.len(), 1, "{supervisor:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(supervisor[0]), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out = create.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    // Without another command's help.
+    let down = wait_until(Duration::from_secs(5), || !nft_has_table(&table) && !link_exists(&tap) && env.qemu_processes().is_empty());
+    assert!(down, "table {}, TAP {}, QEMU {:?}", nft_has_table(&table), link_exists(&tap), env.qemu_processes());
+    assert!(smolvm::store::Store::open(&env.dirs.data).unwrap().get("termboot").unwrap().is_none());
+    assert!(env.leftover_files().is_empty(), "{:?}", env.leftover_files());
+}
