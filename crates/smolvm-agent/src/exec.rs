@@ -768,13 +768,23 @@ mod tests {
         // `out_w` stays open: a background job that still holds the terminal.
         drop((err_w, exit_w));
         // The host: 4 KB every 10 ms, so that a chunk takes about 160 ms to go.
+        let (got, stdout) = pump_terminal_to_slow_host([Some(out_r), Some(err_r)], exit_r, Duration::from_millis(10));
+        drop(out_w);
+        assert_eq!(got, (0, false));
+        assert_eq!(stdout.len(), written.len(), "the terminal's output was cut off");
+        assert!(stdout == written);
+    }
+
+    /// `pump` of a terminal's output to a host that takes 4 KB `every` so often (its pipe holds
+    /// 4 KB): the pump's result, and the stdout the host got.
+    fn pump_terminal_to_slow_host(outputs: [Option<File>; 2], exit: File, every: Duration) -> ((i32, bool), Vec<u8>) {
         let (host_r, host_w) = pair();
-        // SAFETY: as above.
+        // SAFETY: F_SETPIPE_SZ takes an int by value on an open pipe.
         assert!(unsafe { libc::fcntl(host_w.as_raw_fd(), libc::F_SETPIPE_SZ, 4096 as libc::c_int) } >= 0);
         let host = std::thread::spawn(move || {
             let (mut host_r, mut got, mut buf) = (host_r, Vec::new(), vec![0u8; 4096]);
             loop {
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(every);
                 match host_r.read(&mut buf) {
                     Ok(0) | Err(_) => break got,
                     Ok(n) => got.extend_from_slice(&buf[..n]),
@@ -783,15 +793,11 @@ mod tests {
         });
         let (window, w) = (Window::new(smolvm_proto::WINDOW), Writer::to(host_w));
         let out = Output { stream: 11, w: &w, window: &window, tty: true, owed: Default::default() };
-        let got = pump(out, [Some(out_r), Some(err_r)], exit_r, None, i32::MAX, 11, false);
+        let got = pump(out, outputs, exit, None, i32::MAX, 11, false);
         drop(w);
-        drop(out_w);
-        assert_eq!(got, (0, false));
         let file = crate::server::tests::tempfile_in_tmp();
         (&file).write_all(&host.join().unwrap()).unwrap();
-        let (stdout, _) = sent(file);
-        assert_eq!(stdout.len(), written.len(), "the terminal's output was cut off");
-        assert!(stdout == written);
+        (got, sent(file).0)
     }
 
     /// On a real terminal, FIONREAD counts only what its line discipline holds (4 KB): at the
@@ -815,29 +821,9 @@ mod tests {
                 slave
             }
         });
-        let (host_r, host_w) = pair();
-        // SAFETY: F_SETPIPE_SZ takes an int by value on an open pipe.
-        assert!(unsafe { libc::fcntl(host_w.as_raw_fd(), libc::F_SETPIPE_SZ, 4096 as libc::c_int) } >= 0);
-        let host = std::thread::spawn(move || {
-            let (mut host_r, mut got, mut buf) = (host_r, Vec::new(), vec![0u8; 4096]);
-            loop {
-                std::thread::sleep(Duration::from_millis(150));
-                match host_r.read(&mut buf) {
-                    Ok(0) | Err(_) => break got,
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                }
-            }
-        });
-        let (window, w) = (Window::new(smolvm_proto::WINDOW), Writer::to(host_w));
-        let out = Output { stream: 12, w: &w, window: &window, tty: true, owed: Default::default() };
-        let got = pump(out, [Some(master), Some(err_r)], exit_r, None, i32::MAX, 12, false);
-        drop(w);
-        let slave = command.join().unwrap();
-        drop(slave);
+        let (got, stdout) = pump_terminal_to_slow_host([Some(master), Some(err_r)], exit_r, Duration::from_millis(150));
+        drop(command.join().unwrap());
         assert_eq!(got, (0, false));
-        let file = crate::server::tests::tempfile_in_tmp();
-        (&file).write_all(&host.join().unwrap()).unwrap();
-        let (stdout, _) = sent(file);
         assert_eq!(stdout.len(), written.len(), "the terminal's output was cut off");
         assert!(stdout == written);
     }

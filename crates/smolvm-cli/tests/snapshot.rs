@@ -705,44 +705,44 @@ fn a_pause_its_client_gave_up_on_is_not_done_later() {
     assert_eq!(ok(cli().args(["sandbox", "exec", "busy", "--", "echo running on"]).output().unwrap()), "running on\n");
     // A stop during a save gives the save up and stops the sandbox as always (it waited
     // behind the save until its client killed the VM, and the sandbox could end in `error`).
-    let cut =
-        cli().args(["sandbox", "snapshot", "create", "busy", "--snapshot-id", "cut"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let state = snapshot_dir(&env.dirs, "cut").join("state");
-    if !wait_until(Duration::from_secs(30), || state.metadata().is_ok_and(|m| m.len() > 0)) {
-        panic!("the third snapshot never started: {}", stderr(&cut.wait_with_output().unwrap()));
-    }
+    // A save under way, and then its end, given up for the stop.
+    let saving = |id: &str| {
+        let save = cli()
+            .args(["sandbox", "snapshot", "create", "busy", "--snapshot-id", id])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let state = snapshot_dir(&env.dirs, id).join("state");
+        if !wait_until(Duration::from_secs(30), || state.metadata().is_ok_and(|m| m.len() > 0)) {
+            panic!("snapshot {id} never started: {}", stderr(&save.wait_with_output().unwrap()));
+        }
+        save
+    };
+    let given_up_for_a_stop = |save: std::process::Child, id: &str| {
+        let out = save.wait_with_output().unwrap();
+        assert_eq!(
+            (out.status.code(), stderr(&out).trim()),
+            (Some(1), "error: snapshot failed: the sandbox was stopped before the snapshot was done")
+        );
+        assert!(!snapshot_dir(&env.dirs, id).exists(), "the given-up save {id} left its files");
+    };
+    let cut = saving("cut");
     ok(cli().args(["sandbox", "stop", "busy"]).output().unwrap());
-    let out = cut.wait_with_output().unwrap();
-    assert_eq!(
-        (out.status.code(), stderr(&out).trim()),
-        (Some(1), "error: snapshot failed: the sandbox was stopped before the snapshot was done")
-    );
-    assert!(!snapshot_dir(&env.dirs, "cut").exists(), "the given-up save left its files");
+    given_up_for_a_stop(cut, "cut");
     let info: serde_json::Value = serde_json::from_str(&ok(cli().args(["sandbox", "info", "busy", "--json"]).output().unwrap())).unwrap();
     assert_eq!(info["data"]["state"], "stopped", "{info}");
     // So does a SIGTERM to its supervisor (another command ending it: a stop that got no
     // answer, prune): it waited for the save to end before it stopped the sandbox.
     ok(cli().args(["sandbox", "start", "busy"]).output().unwrap());
     ok(cli().args(["sandbox", "exec", "busy", "--", fill]).output().unwrap());
-    let termed = cli()
-        .args(["sandbox", "snapshot", "create", "busy", "--snapshot-id", "termed"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let state = snapshot_dir(&env.dirs, "termed").join("state");
-    assert!(wait_until(Duration::from_secs(30), || state.metadata().is_ok_and(|m| m.len() > 0)), "the fourth snapshot never started");
+    let termed = saving("termed");
     let supervisor = processes_mentioning("__supervise", "busy");
     assert_eq!(supervisor.len(), 1, "{supervisor:?}");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(supervisor[0]), nix::sys::signal::Signal::SIGTERM).unwrap();
-    let out = termed.wait_with_output().unwrap();
-    assert_eq!(
-        (out.status.code(), stderr(&out).trim()),
-        (Some(1), "error: snapshot failed: the sandbox was stopped before the snapshot was done")
-    );
+    given_up_for_a_stop(termed, "termed");
     // (The save alone takes about 17 s.)
     let gone = wait_until(Duration::from_secs(8), || !std::path::Path::new(&format!("/proc/{}", supervisor[0])).exists());
     assert!(gone, "the supervisor finished the save before it stopped");
-    assert!(!snapshot_dir(&env.dirs, "termed").exists(), "the given-up save left its files");
     let info: serde_json::Value = serde_json::from_str(&ok(cli().args(["sandbox", "info", "busy", "--json"]).output().unwrap())).unwrap();
     assert_eq!(info["data"]["state"], "stopped", "{info}");
     ok(cli().args(["sandbox", "delete", "--force", "busy"]).output().unwrap());

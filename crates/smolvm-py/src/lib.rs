@@ -369,13 +369,12 @@ impl Vm {
         let id = self.id.clone();
         block(py, async move {
             let timeout = smolvm::config::seconds(boot_timeout, "boot_timeout")?;
-            // (Said of a bad setting whether or not there is anything to do, as `start` does.)
-            smolvm::config::check_boot_timeout(timeout)?;
-            smolvm::config::check_supervisor_settings()?;
             // Up already: said beside the commands in flight, not after them (they hold the
-            // handle shared; a start takes it alone).
+            // handle shared; a start takes it alone). A bad setting is said either way, as
+            // `start` says it.
             if inner.read().await.as_ref().is_some_and(|sb| sb.is_up()) {
-                return Ok(());
+                smolvm::config::check_boot_timeout(timeout)?;
+                return smolvm::config::check_supervisor_settings();
             }
             let mut guard = inner.write().await;
             let sb = guard.as_mut().ok_or_else(|| gone(&id))?;

@@ -447,6 +447,7 @@ fn debian_ssh_setup(tree: &Path) -> Result<()> {
             image::write_file(&tree.join("etc/ssh/sshd_config.d/smolvm.conf"), SSHD_CONFIG.as_bytes())?;
         }
         guest_dir(tree, "root/.ssh")?;
+        // (A link there is replaced, not written through.)
         let _ = fs::remove_file(tree.join("etc/hostname"));
         image::write_file(&tree.join("etc/hostname"), b"smolvm\n")
     })();

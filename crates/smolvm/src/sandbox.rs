@@ -3152,7 +3152,8 @@ impl Sandbox {
     }
 
     /// Keep the stored config in step with the guest, so a stopped sandbox starts again with
-    /// the variables it had. (Under the start lock `env_home` took: the guest is still there.)
+    /// the variables it had. (Under the env lock `env_home` took. Asked of the guest alone: one
+    /// stopped meanwhile fails this, rather than its record's old set being written back.)
     async fn remember_env(&self) -> Result<()> {
         let vars = self.guest_env("env list").await?;
         let store = Store::open(&self.dirs.data)?;

@@ -1160,18 +1160,10 @@ async fn supervise(id: &str) -> i32 {
                     // SIGTERM (another command ending this process, which then stops the sandbox).
                     let termed = std::cell::Cell::new(false);
                     let gave_up = async {
-                        let term = async {
-                            match sigterm.as_mut() {
-                                Some(s) => {
-                                    s.recv().await;
-                                }
-                                None => std::future::pending().await,
-                            }
-                        };
                         tokio::select! {
                             () = done.closed() => Error::Interrupted("the snapshot's client went away".into()),
                             () = stop_asked.notified() => Error::Host("the sandbox was stopped before the snapshot was done".into()),
-                            () = term => {
+                            () = terminated(&mut sigterm) => {
                                 termed.set(true);
                                 Error::Host("the sandbox was stopped before the snapshot was done".into())
                             }
@@ -1231,7 +1223,7 @@ async fn supervise(id: &str) -> i32 {
                     break Ended::Asked;
                 }
             }
-            _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => break Ended::Asked,
+            () = terminated(&mut sigterm) => break Ended::Asked,
         }
     };
     // The shutdown request goes to the agent.
@@ -1601,6 +1593,16 @@ pub(crate) const SNAPSHOT_BOUND: Duration = Duration::from_secs(600);
 /// How long a pause or snapshot waits for the agent to read what was sent before it: an agent
 /// that does not answer by then (a wedged guest) is stopped wherever it is.
 const HOLD_BOUND: Duration = Duration::from_secs(5);
+/// Once a SIGTERM comes (never, without its handler).
+async fn terminated(sigterm: &mut Option<tokio::signal::unix::Signal>) {
+    match sigterm.as_mut() {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// Cancels, ends of input and terminal sizes one client may have waiting for the agent (a
 /// paused VM's, or one whose channel a long save holds): more than a terminal dragged about for
 /// the whole of a 600 s save sends (one size per SIGWINCH), and a bound (a few MB) on what a
