@@ -391,6 +391,20 @@ pub fn table_name(data_dir: &std::path::Path, id: &str) -> String {
     format!("smolvm_{}", host_name_hash(data_dir, id))
 }
 
+/// What a sandbox's table says of itself (its nftables comment): the name alone is a hash, and
+/// whoever finds one on a host (`nft list ruleset`) should be told whose it is. At most 128
+/// characters (nft's bound), of those nft takes in a quoted string.
+pub fn table_comment(data_dir: &std::path::Path, id: &str) -> String {
+    let clean =
+        |s: &str| s.chars().map(|c| if (c.is_ascii_graphic() && c != '"' && c != '\\') || c == ' ' { c } else { '?' }).collect::<String>();
+    let (id, dir) = (clean(id), clean(&data_dir.to_string_lossy()));
+    let head = format!("smolvm sandbox {id} in ");
+    let room = 128usize.saturating_sub(head.len());
+    let dir = if dir.len() <= room { dir } else { format!("...{}", &dir[dir.len() - room.saturating_sub(3)..]) };
+    let comment = head + &dir;
+    comment[..comment.len().min(128)].to_string()
+}
+
 /// How many connections one sandbox may have open at once through the host, outward and to its
 /// DNS proxy each: every one is an entry in the host's connection tracking table, which all of
 /// the host shares (262144 entries by default), and a guest sending to many ports would fill it
@@ -404,7 +418,7 @@ pub const CONNECTION_LIMIT: u32 = 4096;
 /// itself is not the namespace's own and must be named (the list given), and where connections are
 /// counted in the namespace's own tracking table, not the host's: no limit is needed there,
 /// and none is set (it would need a kernel module a user cannot load).
-pub fn ruleset(table: &str, tap: &str, lease: Lease, internet: &InternetSettings, rootless: Option<&[Cidr]>) -> String {
+pub fn ruleset(table: &str, owner: &str, tap: &str, lease: Lease, internet: &InternetSettings, rootless: Option<&[Cidr]>) -> String {
     let (host, guest) = (lease.host(), lease.guest());
     let mut egress = String::new();
     match internet.mode.as_str() {
@@ -435,6 +449,7 @@ pub fn ruleset(table: &str, tap: &str, lease: Lease, internet: &InternetSettings
     };
     format!(
         "table inet {table} {{
+    comment \"{owner}\"
     set allow {{
         type ipv4_addr
         flags interval, timeout
@@ -538,13 +553,13 @@ fn host_set_script(table: &str, cidrs: &[Cidr]) -> String {
 /// it (`restricted`, so its allow set too), without committing anything (`nft --check`).
 pub fn nft_check_rootless(host_local: &[Cidr]) -> Result<()> {
     let internet = InternetSettings { mode: "restricted".into(), ..Default::default() };
-    nft(&ruleset("smolvm_trial", "smvtrial", Lease(0), &internet, Some(host_local)), &["--check", "-f", "-"])
+    nft(&ruleset("smolvm_trial", "trial", "smvtrial", Lease(0), &internet, Some(host_local)), &["--check", "-f", "-"])
 }
 
-pub fn nft_apply(table: &str, tap: &str, lease: Lease, internet: &InternetSettings, rootless: Option<&[Cidr]>) -> Result<()> {
+pub fn nft_apply(table: &str, owner: &str, tap: &str, lease: Lease, internet: &InternetSettings, rootless: Option<&[Cidr]>) -> Result<()> {
     // One transaction (one nft process, on the boot's critical path) that replaces a leftover
     // of a crashed run: declaring the table first makes the delete valid when there is none.
-    let script = format!("table inet {table}\ndelete table inet {table}\n{}", ruleset(table, tap, lease, internet, rootless));
+    let script = format!("table inet {table}\ndelete table inet {table}\n{}", ruleset(table, owner, tap, lease, internet, rootless));
     nft(&script, &["-f", "-"])
 }
 
@@ -1126,12 +1141,24 @@ mod tests {
     }
 
     #[test]
+    fn a_tables_comment_names_its_sandbox_within_nfts_bound_and_quoting() {
+        assert_eq!(table_comment(std::path::Path::new("/tmp/d"), "web"), "smolvm sandbox web in /tmp/d");
+        assert!(ruleset("t", "smolvm sandbox web in /tmp/d", "smvabc", Lease(3), &InternetSettings::default(), None)
+            .starts_with("table inet t {\n    comment \"smolvm sandbox web in /tmp/d\"\n"));
+        // Quotes and backslashes would end nft's string or escape in it; a long path keeps its end.
+        assert_eq!(table_comment(std::path::Path::new("/a\"b\\c\u{e9}"), "x"), "smolvm sandbox x in /a?b?c?");
+        let long = table_comment(&std::path::Path::new("/").join("d".repeat(200)).join("tail"), "x");
+        assert_eq!(long.len(), 128);
+        assert!(long.starts_with("smolvm sandbox x in ...") && long.ends_with("d/tail"), "{long}");
+    }
+
+    #[test]
     fn ruleset_names_only_its_own_tap() {
-        let rs = ruleset("smolvm_x", "smvabc", Lease(3), &InternetSettings::default(), None);
+        let rs = ruleset("smolvm_x", "x", "smvabc", Lease(3), &InternetSettings::default(), None);
         assert!(rs.contains("table inet smolvm_x"));
         assert!(rs.contains("ip saddr 172.16.0.14 oifname != \"smv*\" masquerade"));
         assert!(rs.contains("oifname \"smv*\" drop"));
-        let off = ruleset("t", "smvabc", Lease(3), &InternetSettings { mode: "off".into(), ..Default::default() }, None);
+        let off = ruleset("t", "t", "smvabc", Lease(3), &InternetSettings { mode: "off".into(), ..Default::default() }, None);
         assert!(!off.contains("dport 53"));
         // From the guest: IPv4 only, its own source address only, before anything is accepted
         // (a forged source could otherwise ride another sandbox's connection).
@@ -1151,7 +1178,7 @@ mod tests {
         // Restricted: connections already made go on; new ones need an allowed address; and
         // both only past the checks above.
         let r = InternetSettings { mode: "restricted".into(), ..Default::default() };
-        let rs = ruleset("t", "smvabc", Lease(3), &r, None);
+        let rs = ruleset("t", "t", "smvabc", Lease(3), &r, None);
         let egress = &rs[rs.find("chain egress").unwrap()..rs.find("chain input").unwrap()];
         assert!(
             egress
@@ -1159,7 +1186,7 @@ mod tests {
             "{egress}"
         );
         // Off: nothing out at all, established or not.
-        let off = ruleset("t", "smvabc", Lease(3), &InternetSettings { mode: "off".into(), ..Default::default() }, None);
+        let off = ruleset("t", "t", "smvabc", Lease(3), &InternetSettings { mode: "off".into(), ..Default::default() }, None);
         let egress = &off[off.find("chain egress").unwrap()..off.find("chain input").unwrap()];
         assert!(!egress.contains("established") && !egress.contains("accept"), "{egress}");
     }
@@ -1167,7 +1194,7 @@ mod tests {
     #[test]
     fn a_sandbox_in_its_own_namespace_may_not_reach_the_host_through_its_way_out() {
         let also = [Cidr::parse("10.0.2.0/24").unwrap(), Cidr::parse("192.168.1.5").unwrap()];
-        let rs = ruleset("t", "smvabc", Lease(3), &InternetSettings::default(), Some(&also));
+        let rs = ruleset("t", "t", "smvabc", Lease(3), &InternetSettings::default(), Some(&also));
         let egress = &rs[rs.find("chain egress").unwrap()..rs.find("chain input").unwrap()];
         assert!(
             egress.contains("169.254.0.0/16") && egress.ends_with("drop\n        ip daddr @host drop\n        accept\n    }\n    "),
@@ -1244,7 +1271,7 @@ mod tests {
         }
         let _removed = Removed(&table);
         let r = InternetSettings { mode: "restricted".into(), allowed_cidrs: vec!["1.2.3.0/24".into()], ..Default::default() };
-        nft_apply(&table, "smvtest0", Lease(9), &r, None).unwrap();
+        nft_apply(&table, "test", "smvtest0", Lease(9), &r, None).unwrap();
         let list = || {
             String::from_utf8_lossy(&Command::new("nft").args(["list", "set", "inet", &table, "allow"]).output().unwrap().stdout)
                 .into_owned()

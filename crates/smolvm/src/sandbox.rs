@@ -646,9 +646,15 @@ fn reap(store: &Store, dirs: &Dirs, rec: Record, held: bool) -> Result<Option<Re
 }
 
 fn reap_now(store: &Store, dirs: &Dirs, rec: Record) -> Result<Option<Record>> {
+    // Waited for (a moment: a SIGKILL is not refused): a supervisor still dying could yet see
+    // its nft commit a table after the one found here was removed.
     let kill = |p: Option<ProcId>| {
         if let Some(p) = p.filter(|p| p.alive()) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), nix::sys::signal::Signal::SIGKILL);
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while p.alive() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
         }
     };
     let paths = SandboxPaths::new(dirs, &rec.id);
@@ -3278,8 +3284,11 @@ impl Sandbox {
         }
         if !matches!(answered, Ok(Ok(Reply::Ok))) {
             // The supervisor did not answer in time: kill it; QEMU dies with it (PDEATHSIG).
+            // Its end is waited for: still dying, its nft could yet commit the table after the
+            // removal below.
             if let Some(sup) = rec.supervisor.filter(|p| p.alive()) {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup.pid), nix::sys::signal::Signal::SIGKILL);
+                exited_within(sup, Duration::from_secs(2)).await;
             }
             let store = Store::open(&self.dirs.data)?;
             // Only what that supervisor ran: if another process has restarted the sandbox

@@ -164,19 +164,50 @@ const PANICKED: &str = "the guest kernel panicked (set not to restart, it spun o
 
 /// Whether the console, from `from` on (this boot's part), holds a kernel panic's last line.
 fn panicked_since(console: &std::path::Path, from: u64) -> bool {
+    console_since(console, from).windows(PANIC_END.len()).any(|w| w == PANIC_END)
+}
+
+/// The console from `from` on, at most its last 16 KiB.
+fn console_since(console: &std::path::Path, from: u64) -> Vec<u8> {
     use std::io::{Read, Seek};
-    let Ok(mut f) = std::fs::File::open(console) else { return false };
+    let Ok(mut f) = std::fs::File::open(console) else { return Vec::new() };
     let len = f.metadata().map_or(0, |m| m.len());
     let start = from.max(len.saturating_sub(16 << 10));
     let mut tail = Vec::new();
     if start >= len || f.seek(std::io::SeekFrom::Start(start)).is_err() || f.read_to_end(&mut tail).is_err() {
-        return false;
+        return Vec::new();
     }
-    tail.windows(PANIC_END.len()).any(|w| w == PANIC_END)
+    tail
 }
 
 /// The line the kernel ends a panic's report with (`---[ end Kernel panic - not syncing: …`).
 const PANIC_END: &[u8] = b"---[ end Kernel panic";
+
+/// What the kernel says on its way to a halt (`halt -f`, and `poweroff -f` without ACPI),
+/// before it stops the CPUs.
+const HALTING: [&[u8]; 2] = [b"reboot: System halted", b"reboot: Power down"];
+
+/// Whether the guest has stopped its CPUs for good, or is about to: a halt its kernel has
+/// announced on the console is waited for (up to `HOLD_BOUND`), since a pause or snapshot taken
+/// in between would hold a guest that halts the moment it runs again. (A guest that merely
+/// prints those words delays the pause or snapshot by that bound, nothing more.)
+async fn halted_or_halting(qmp: &mut qemu::Qmp, console: &Path, from: u64) -> bool {
+    if halted_for_good(qmp).await {
+        return true;
+    }
+    let tail = console_since(console, from);
+    if !HALTING.iter().any(|m| tail.windows(m.len()).any(|w| w == *m)) {
+        return false;
+    }
+    let deadline = Instant::now() + HOLD_BOUND;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if halted_for_good(qmp).await {
+            return true;
+        }
+    }
+    false
+}
 
 /// What a pause or snapshot of a halted guest is answered; the sandbox is then stopped.
 const HALTED: &str = "guest agent: the guest has stopped its CPUs for good (halt -f or poweroff -f inside it); the sandbox is now stopped";
@@ -294,6 +325,8 @@ struct NetPlan {
     /// The TAP, held open (NAT only): see `net::open_tap`.
     tap_fd: Option<std::os::fd::OwnedFd>,
     table: String,
+    /// The table's comment: whose it is (`net::table_comment`).
+    owner: String,
     internet: crate::config::InternetSettings,
     backend: qemu::NetBackend,
     /// User mode: exposed at launch as (guest, host).
@@ -350,6 +383,7 @@ impl NetPlan {
             tap: crate::net::tap_name(store.data_dir(), id),
             tap_fd: None,
             table: crate::net::table_name(store.data_dir(), id),
+            owner: crate::net::table_comment(store.data_dir(), id),
             internet,
             backend: qemu::NetBackend::User { restrict: true, forwards: vec![] },
             user_forwards: vec![],
@@ -413,7 +447,7 @@ impl NetPlan {
     /// rules are in place.
     async fn setup_host(&self) -> Result<()> {
         if let Some(lease) = self.lease {
-            let (table, tap, internet) = (self.table.clone(), self.tap.clone(), self.internet.clone());
+            let (table, owner, tap, internet) = (self.table.clone(), self.owner.clone(), self.tap.clone(), self.internet.clone());
             let rootless = self.host_side.as_ref().map(|h| crate::rootless::blocked(&h.host_local));
             let applying = self.applying.clone();
             *applying.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
@@ -427,7 +461,7 @@ impl NetPlan {
                     }
                 }
                 let _done = Done(applying);
-                crate::net::nft_apply(&table, &tap, lease, &internet, rootless.as_deref())
+                crate::net::nft_apply(&table, &owner, &tap, lease, &internet, rootless.as_deref())
             })
             .await
             .map_err(|e| Error::Host(e.to_string()))??;
@@ -452,17 +486,15 @@ impl NetPlan {
                 })
             });
             stopping.await;
-            let _ = nft.await;
+            let removed = nft.await.unwrap_or_else(|e| Some(Err(Error::Host(e.to_string()))));
+            release_unless_left(store, id, removed);
         } else {
             // A VM being killed sends nothing more once the signal is out (`shutdown` does not
             // wait for QEMU's death): its link is left as it is until the TAP goes, and the
             // rules go right after the signal.
             stopping.await;
-            if let Some((_, table)) = net {
-                let _ = crate::net::nft_remove(&table);
-            }
+            release_unless_left(store, id, net.map(|(_, table)| crate::net::nft_remove(&table)));
         }
-        let _ = store.release_network(id);
     }
 
     /// Remove everything of this sandbox's network from the host, the TAP included.
@@ -471,11 +503,24 @@ impl NetPlan {
             let (busy, done) = &*self.applying;
             let busy = busy.lock().unwrap_or_else(|e| e.into_inner());
             let _ = done.wait_timeout_while(busy, Duration::from_secs(10), |b| *b);
-            let _ = crate::net::nft_remove(&self.table);
+            release_unless_left(store, id, Some(crate::net::nft_remove(&self.table)));
         }
         self.tap_fd = None;
-        let _ = store.release_network(id);
+        if self.lease.is_none() {
+            let _ = store.release_network(id);
+        }
     }
+}
+
+/// Forget the sandbox's network slot unless its table could not be removed (`removed`, `None`
+/// where it had none): the lease is what tells the next command (a start, a delete, a prune)
+/// that a table is left to remove.
+fn release_unless_left(store: &Store, id: &str, removed: Option<Result<()>>) {
+    if let Some(Err(e)) = removed {
+        tracing::warn!("{} (left for the next command on this sandbox, or a prune)", e.full_message());
+        return;
+    }
+    let _ = store.release_network(id);
 }
 
 /// Exposed ports of a running sandbox: guest port -> (host port, proxy task for NAT).
@@ -1043,7 +1088,7 @@ async fn supervise(id: &str) -> i32 {
                 Some(Control::Pause { done }) => {
                     // (Else the hold below waits out its bound on an agent that is gone, and
                     // the pause "succeeds".)
-                    if halted_for_good(&mut qmp).await {
+                    if halted_or_halting(&mut qmp, &paths.console, console_from).await {
                         refused_as_halted = Some(done);
                         break Ended::Halted;
                     }
@@ -1134,7 +1179,7 @@ async fn supervise(id: &str) -> i32 {
                 }
                 Some(Control::Snapshot { dir, kind, done }) => {
                     // A halted guest saved would restore halted: no agent would ever answer.
-                    if halted_for_good(&mut qmp).await {
+                    if halted_or_halting(&mut qmp, &paths.console, console_from).await {
                         refused_as_halted = Some(done);
                         break Ended::Halted;
                     }

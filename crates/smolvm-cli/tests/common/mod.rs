@@ -154,7 +154,38 @@ impl Drop for TestEnv {
         for pid in processes_mentioning("qemu-system", &self.tmp.path().to_string_lossy()) {
             let _ = std::process::Command::new("kill").arg("-9").arg(pid.to_string()).status();
         }
+        // Nor firewall tables (each says whose it is): one left would fail a later test's check
+        // that no sandbox's rules remain, far from its cause. Those of sandboxes still running
+        // go once their supervisors find their VMs killed.
+        let ours = format!(" in {}\"", self.dirs.data.display());
+        let left = || smolvm_tables().into_iter().filter(|t| t.contains(&ours)).collect::<Vec<_>>();
+        if wait_until(Duration::from_secs(10), || left().is_empty()) {
+            return;
+        }
+        let left = left();
+        for t in &left {
+            let _ = smolvm::net::nft_remove(t.split_whitespace().next().unwrap_or_default());
+        }
+        if !std::thread::panicking() {
+            panic!("left behind: {left:?}");
+        }
     }
+}
+
+/// smolvm's nftables tables on this host, each as its name and its comment (whose it is).
+pub fn smolvm_tables() -> Vec<String> {
+    let list = |args: &[&str]| Command::new("nft").args(args).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    let tables = list(&["list", "tables"]).unwrap_or_default();
+    tables
+        .lines()
+        .filter_map(|l| l.strip_prefix("table inet "))
+        .filter(|t| t.starts_with("smolvm_"))
+        .map(|t| {
+            let rules = list(&["list", "table", "inet", t]).unwrap_or_default();
+            let comment = rules.lines().find_map(|l| l.trim().strip_prefix("comment ")).unwrap_or("(no comment)").to_string();
+            format!("{t} {comment}")
+        })
+        .collect()
 }
 
 /// Pids whose command line contains both strings.
