@@ -397,10 +397,14 @@ async fn uploads_whose_client_is_killed_leave_nothing_in_the_supervisor() {
     for _ in 0..3 {
         let mut cli = env.cli().args(["sandbox", "file", "upload", sb.id(), local.to_str().unwrap(), "/tmp/big"]).spawn().unwrap();
         assert!(wait_until(Duration::from_secs(10), || fds() > before), "the upload never connected");
-        // Under way (200 MB take over a second here), then given up.
+        // Under way, then given up: held still meanwhile (the VM's QEMU stopped), so that it
+        // cannot end first however fast this host moves 200 MB.
+        env.signal_vmm(nix::sys::signal::Signal::SIGSTOP);
         tokio::time::sleep(Duration::from_millis(150)).await;
         cli.kill().unwrap();
-        assert!(cli.wait().unwrap().code().is_none(), "the upload ended before it was killed");
+        let killed = cli.wait().unwrap().code().is_none();
+        env.signal_vmm(nix::sys::signal::Signal::SIGCONT);
+        assert!(killed, "the upload ended before it was killed");
     }
     assert!(wait_until(Duration::from_secs(10), || fds() == before), "the supervisor holds {} descriptors, {before} before", fds());
     let r = sb.run("ls /tmp; echo served", &opts()).await.unwrap();

@@ -467,15 +467,31 @@ fn an_interrupted_restore_leaves_no_sandbox() {
 fn smolvm_run_starts_warm_and_cold_on_request() {
     let env = env();
     // Warm is the default: each run is its own machine (own hostname) restored from the
-    // image's warm snapshot.
-    let first = env.smolvm(&["run", "hostname; cat /proc/sys/kernel/random/boot_id"]);
-    let second = env.smolvm(&["run", "hostname; cat /proc/sys/kernel/random/boot_id"]);
-    assert!(first.status.success() && second.status.success(), "{}", stderr(&first));
-    assert_ne!(stdout(&first).lines().next(), stdout(&second).lines().next());
-    let warm = std::fs::read_dir(&env.dirs.images).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with("warm-"));
-    assert!(warm, "no warm snapshot in the image cache");
-    let cold = env.cli().args(["run", "--shell", "raw", "echo cold"]).env("SMOLVM_WARM", "0").output().unwrap();
-    assert_eq!(stdout(&cold), "cold\n");
+    // image's warm snapshot; SMOLVM_WARM=0 boots. Looked at while the run's command sleeps.
+    let run = |warm: Option<&str>| {
+        let mut cli = env.cli();
+        match warm {
+            Some(w) => cli.env("SMOLVM_WARM", w),
+            None => cli.env_remove("SMOLVM_WARM"),
+        };
+        let mut child = cli
+            .args(["run", "--shell", "raw", "hostname; sleep 2"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut name = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut name).unwrap();
+        let restored = started_warm(name.trim());
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        (name, restored)
+    };
+    let (first, second) = (run(None), run(None));
+    assert!(first.1 && second.1, "the default run booted cold");
+    assert_ne!(first.0, second.0);
+    let cold = run(Some("0"));
+    assert!(!cold.1, "SMOLVM_WARM=0 restored the warm snapshot");
     // Raw shell, env, exit code: the same contract whether warm or cold.
     let out = env.smolvm(&["run", "--env", "K=v", "echo $K; exit 4"]);
     assert_eq!((stdout(&out).as_str(), out.status.code()), ("v\n", Some(4)));

@@ -108,23 +108,13 @@ fn parse_guest_time(text: &str, stderr: &str) -> f64 {
     secs + frac
 }
 
+/// A cold-booted guest is told the time once its agent reads at once: the greeting waits in
+/// the channel through the boot (its timestamp alone left the clock 0.3-0.5 s behind), and a
+/// time sent right after it waited out the agent's first-run work (network, hostname, entropy).
 #[test]
 fn a_cold_booted_guest_has_the_hosts_time() {
     let env = env();
-    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
-    let before = now();
-    let mut run =
-        env.cli().env("SMOLVM_WARM", "0").args(["run", GUEST_TIME]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    // The guest's time is compared with the host's when its line arrives, not when `smolvm
-    // run` ends: the teardown in between is no part of the guest's clock.
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(run.stdout.take().unwrap()), &mut line).unwrap();
-    let arrived = now();
-    let out = run.wait_with_output().unwrap();
-    let guest = parse_guest_time(&line, &stderr(&out));
-    assert!(guest > before && guest < arrived, "guest {guest:.3}, host {before:.3}..{arrived:.3}");
-    // A clock set from the greeting's timestamp alone lagged by the boot: 0.3-0.5 s here.
-    assert!(arrived - guest < 0.25, "the guest's clock lags the host's by about {:.3} s", arrived - guest);
+    clock_follows_the_hosts(&env, "cold-clock", &[("SMOLVM_WARM", "0")]);
 }
 
 /// A warm start's guest is told the time once it reads at once: told it with the greeting, it
@@ -133,20 +123,27 @@ fn a_cold_booted_guest_has_the_hosts_time() {
 #[test]
 fn a_warm_started_guest_has_the_hosts_time() {
     let env = env();
+    clock_follows_the_hosts(&env, "warm-clock", &[]);
+}
+
+/// Creates sandbox `name` (with `vars` set for its start) and reads its clock three times
+/// against the host's, read before and after each exec.
+fn clock_follows_the_hosts(env: &TestEnv, name: &str, vars: &[(&str, &str)]) {
     let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
-    let out = env.smolvm(&["sandbox", "create", "--name", "clock"]);
+    let out = env.cli().args(["sandbox", "create", "--name", name]).envs(vars.iter().copied()).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(started_warm(name), vars.is_empty(), "{vars:?}");
     for _ in 0..3 {
         let before = now();
-        let out = env.smolvm(&["sandbox", "exec", "clock", "--", "sh", "-c", GUEST_TIME]);
+        let out = env.smolvm(&["sandbox", "exec", name, "--", "sh", "-c", GUEST_TIME]);
         let after = now();
         let guest = guest_time(&out);
         // The time told is late by its one-way trip, some milliseconds, more on a host busy
-        // with other VMs (3 ms past `before` was seen under the full suite): 20 ms of room,
-        // well short of the 50-65 ms lag this guards against.
-        assert!(guest > before - 0.02 && guest < after, "guest {guest:.3}, host {before:.3}..{after:.3}");
+        // with other VMs (3 ms past `before` was seen under the full suite): 40 ms of room,
+        // short of the 50-65 ms lag this guards against.
+        assert!(guest > before - 0.04 && guest < after, "{vars:?}: guest {guest:.3}, host {before:.3}..{after:.3}");
     }
-    assert!(env.smolvm(&["sandbox", "delete", "--force", "clock"]).status.success());
+    assert!(env.smolvm(&["sandbox", "delete", "--force", name]).status.success());
 }
 
 /// Under TCG the guest keeps time by the host's TSC at the rate the host tells it: told a rate
@@ -2024,10 +2021,11 @@ async fn waiting_for_ports_sees_a_server_that_starts_in_the_background() {
     assert_eq!(err.to_string(), "Operation 'wait_for_ports' timed out after 1s");
     // Servers that listen a while after the command that started them has returned.
     let r = sb
-        .run("(sleep 1; httpd -p 8080 -h /tmp) >/dev/null 2>&1 & (sleep 2; httpd -p 8081 -h /tmp) >/dev/null 2>&1 &", &opts(10))
+        .run("(sleep 3; httpd -p 8080 -h /tmp) >/dev/null 2>&1 & (sleep 4; httpd -p 8081 -h /tmp) >/dev/null 2>&1 &", &opts(10))
         .await
         .unwrap();
     assert!(r.ok(), "{}", r.stderr);
+    // (Seconds of room: a guest's clock runs on while a busy host gives its vCPU no time.)
     assert!(!sb.listening_ports().await.unwrap().contains(&8080));
     sb.wait_for_ports(&[8080, 8081], Duration::from_secs(30)).await.unwrap();
     let listening = sb.listening_ports().await.unwrap();
