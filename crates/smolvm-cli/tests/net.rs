@@ -625,20 +625,21 @@ impl Drop for Nobody {
     }
 }
 
-/// `/dev/net/tun` at the mode Debian and Ubuntu give it (0666) for as long as this lives; this
-/// test host keeps it at 0600, which leaves a user without root on user-mode networking.
-struct TunOpen(u32);
+/// `/dev/net/tun` at a mode of the test's for as long as this lives: 0666 as Debian and Ubuntu
+/// give it, or 0600 as this test host keeps it (which leaves a user without root on user-mode
+/// networking), whichever host the suite runs on.
+struct TunMode(u32);
 
-impl TunOpen {
-    fn new() -> TunOpen {
+impl TunMode {
+    fn set(mode: u32) -> TunMode {
         use std::os::unix::fs::PermissionsExt;
         let was = std::fs::metadata("/dev/net/tun").unwrap().permissions().mode() & 0o7777;
-        std::fs::set_permissions("/dev/net/tun", std::fs::Permissions::from_mode(0o666)).unwrap();
-        TunOpen(was)
+        std::fs::set_permissions("/dev/net/tun", std::fs::Permissions::from_mode(mode)).unwrap();
+        TunMode(was)
     }
 }
 
-impl Drop for TunOpen {
+impl Drop for TunMode {
     fn drop(&mut self) {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions("/dev/net/tun", std::fs::Permissions::from_mode(self.0));
@@ -651,6 +652,7 @@ impl Drop for TunOpen {
 #[test]
 fn a_user_without_root_gets_sandboxes_over_user_mode_networking() {
     let _serial = serial();
+    let _tun = TunMode::set(0o600);
     let env = env();
     let user = Nobody::new(&env);
     let (home, boot) = (&user.home, user.boot());
@@ -755,7 +757,7 @@ fn a_user_without_root_gets_nat_in_a_namespace_of_its_own() {
     // (The prerequisites install slirp4netns.)
     assert!(Command::new("slirp4netns").arg("--version").output().is_ok_and(|o| o.status.success()), "no slirp4netns here");
     let user = Nobody::new(&env);
-    let _tun = TunOpen::new();
+    let _tun = TunMode::set(0o666);
     let lab = Lab::new(&env);
     let run_as =
         |args: &[&str]| user.command().env("HOME", user.home.path()).env("SMOLVM_DNS_UPSTREAM", lab.dns()).args(args).output().unwrap();
