@@ -333,9 +333,9 @@ fn nothing_is_left_after_kill_9_and_prune_or_a_failed_start() {
     let _serial = serial();
     let env = env();
     let mut child = env.cli().args(["run", "sleep 300"]).spawn().unwrap();
+    let ours = format!(" in {}\"", env.dirs.data.display());
     assert!(wait_until(Duration::from_secs(60), || {
-        let out = String::from_utf8_lossy(&Command::new("nft").args(["list", "tables"]).output().unwrap().stdout).into_owned();
-        out.contains("smolvm_") && !env.qemu_processes().is_empty()
+        smolvm_tables().iter().any(|t| t.contains(&ours)) && !env.qemu_processes().is_empty()
     }));
     child.kill().unwrap();
     child.wait().unwrap();

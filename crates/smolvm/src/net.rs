@@ -515,13 +515,34 @@ fn nft(input: &str, args: &[&str]) -> Result<()> {
     // leave an nft that commits its table after the next command has cleaned up (a leak).
     die_with_this_thread(&mut command);
     let mut child = command.spawn().map_err(|e| Error::Network(format!("running nft: {e}")))?;
-    child.stdin.take().expect("piped").write_all(input.as_bytes()).map_err(|e| Error::Network(format!("writing to nft: {e}")))?;
-    let out = child.wait_with_output().map_err(|e| Error::Network(format!("waiting for nft: {e}")))?;
-    if !out.status.success() {
-        return Err(Error::Network(format!("nft {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
+    let written = child.stdin.take().expect("piped").write_all(input.as_bytes());
+    // Bounded, as every wait: a supervisor's clean-up waits for its table's load to end
+    // (`NFT_BOUND` and a little more) before it removes the table, which must then be the last
+    // word on it. nft's stderr is small; its pipe does not fill before it exits.
+    let deadline = std::time::Instant::now() + NFT_BOUND;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(1)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Network(format!("nft {} did not finish within {}s", args.join(" "), NFT_BOUND.as_secs())));
+            }
+            Err(e) => return Err(Error::Network(format!("waiting for nft: {e}"))),
+        }
+    };
+    let mut stderr = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut stderr);
+    if !status.success() {
+        return Err(Error::Network(format!("nft {}: {}", args.join(" "), stderr.trim())));
     }
-    Ok(())
+    written.map_err(|e| Error::Network(format!("writing to nft: {e}")))
 }
+
+/// How long one nft run may take (~15 ms here; loading nftables' modules the first time, on a
+/// busy host, takes longer).
+pub const NFT_BOUND: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// The set of what a sandbox in its own namespace may not reach on the host's side (see
 /// `rootless::blocked`), kept up to date while it runs.
@@ -583,8 +604,12 @@ pub fn nft_remove(table: &str) -> Result<()> {
     socket.send(&delete_table_batch(table, DELETE_SEQ), 0).map_err(|e| fail("sending", e))?;
     let answer = loop {
         let mut buf = Vec::with_capacity(8192);
-        if let Err(e) = socket.recv(&mut buf, 0) {
-            break Err(fail("receiving", e));
+        match socket.recv(&mut buf, 0) {
+            // (With a receive timeout set, a signal's handler interrupts the wait whatever
+            // SA_RESTART says: the supervisor has handlers.)
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => break Err(fail("receiving", e)),
+            Ok(_) => {}
         }
         match batch_answer(&buf, DELETE_SEQ) {
             Some(0) => break Ok(()),

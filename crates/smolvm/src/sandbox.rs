@@ -719,8 +719,10 @@ const SUPERVISOR_GONE: &str = "the sandbox's supervisor exited unexpectedly";
 /// The lease is the only trace of the table: it goes only once the table has (else the next
 /// command tries again).
 fn host_network_leftovers(store: &Store, id: &str) {
-    // A supervisor that cleaned up released its lease: then there is nothing to look for.
-    let leased = store.get(id).ok().flatten().is_some_and(|r| r.lease.is_some());
+    // A supervisor that cleaned up released its lease: then there is nothing to look for. (Asked
+    // of the leases, not the record: an ephemeral sandbox's supervisor that could not remove
+    // its table removed the record and kept the lease.)
+    let leased = store.leased(id).unwrap_or(true);
     if leased && !remove_table(store, id) {
         return;
     }

@@ -518,6 +518,11 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// Whether sandbox `id` holds a network slot, with or without a record (see `remove`).
+    pub fn leased(&self, id: &str) -> Result<bool> {
+        Ok(self.conn.query_row("SELECT 1 FROM leases WHERE sandbox=?1", [id], |_| Ok(())).optional()?.is_some())
+    }
+
     /// Sandboxes that hold a lease or a port but have no record (see `remove`).
     pub fn unrecorded_network(&self) -> Result<Vec<String>> {
         let mut stmt = self.conn.prepare(

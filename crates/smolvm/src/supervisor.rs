@@ -502,8 +502,15 @@ impl NetPlan {
         if self.lease.is_some() {
             let (busy, done) = &*self.applying;
             let busy = busy.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = done.wait_timeout_while(busy, Duration::from_secs(10), |b| *b);
-            release_unless_left(store, id, Some(crate::net::nft_remove(&self.table)));
+            let (busy, _) =
+                done.wait_timeout_while(busy, crate::net::NFT_BOUND + Duration::from_secs(5), |b| *b).unwrap_or_else(|e| e.into_inner());
+            let removed = if *busy {
+                // (Its nft is killed at its own bound: this is past anything it could do.)
+                Err(Error::Network(format!("nftables: the load of table {} did not end", self.table)))
+            } else {
+                crate::net::nft_remove(&self.table)
+            };
+            release_unless_left(store, id, Some(removed));
         }
         self.tap_fd = None;
         if self.lease.is_none() {

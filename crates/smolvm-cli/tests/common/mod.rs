@@ -154,36 +154,59 @@ impl Drop for TestEnv {
         for pid in processes_mentioning("qemu-system", &self.tmp.path().to_string_lossy()) {
             let _ = std::process::Command::new("kill").arg("-9").arg(pid.to_string()).status();
         }
+        // Their supervisors, finding their VMs killed, clean up and go: waited for, so that
+        // what they leave is theirs and is seen here (the data directory, which holds the
+        // traces a later command would clean up after, goes with this).
+        let data = self.dirs.data.clone();
+        let supervisors = || supervisors_of(&data);
+        if !wait_until(Duration::from_secs(20), || supervisors().is_empty()) {
+            for pid in supervisors() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
         // Nor firewall tables (each says whose it is): one left would fail a later test's check
-        // that no sandbox's rules remain, far from its cause. Those of sandboxes still running
-        // go once their supervisors find their VMs killed.
+        // that no sandbox's rules remain, far from its cause. (A test failing already says
+        // what went wrong: a panic here would abort the run.)
+        if std::thread::panicking() {
+            return;
+        }
         let ours = format!(" in {}\"", self.dirs.data.display());
         let left = || smolvm_tables().into_iter().filter(|t| t.contains(&ours)).collect::<Vec<_>>();
-        if wait_until(Duration::from_secs(10), || left().is_empty()) {
+        if wait_until(Duration::from_secs(2), || left().is_empty()) {
             return;
         }
         let left = left();
         for t in &left {
             let _ = smolvm::net::nft_remove(t.split_whitespace().next().unwrap_or_default());
         }
-        if !std::thread::panicking() {
-            panic!("left behind: {left:?}");
-        }
+        panic!("left behind: {left:?}");
     }
+}
+
+/// Supervisors of sandboxes in data directory `data` (given them in their environment).
+pub fn supervisors_of(data: &std::path::Path) -> Vec<i32> {
+    let mut var = b"SMOLVM_DATA_DIR=".to_vec();
+    var.extend_from_slice(data.as_os_str().as_encoded_bytes());
+    processes_mentioning("__supervise", "")
+        .into_iter()
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == var)))
+        .collect()
 }
 
 /// smolvm's nftables tables on this host, each as its name and its comment (whose it is).
 pub fn smolvm_tables() -> Vec<String> {
-    let list = |args: &[&str]| Command::new("nft").args(args).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
-    let tables = list(&["list", "tables"]).unwrap_or_default();
-    tables
+    let tables = Command::new("nft").args(["list", "tables"]).output().unwrap();
+    assert!(tables.status.success(), "nft list tables: {}", stderr(&tables));
+    String::from_utf8_lossy(&tables.stdout)
         .lines()
         .filter_map(|l| l.strip_prefix("table inet "))
         .filter(|t| t.starts_with("smolvm_"))
-        .map(|t| {
-            let rules = list(&["list", "table", "inet", t]).unwrap_or_default();
-            let comment = rules.lines().find_map(|l| l.trim().strip_prefix("comment ")).unwrap_or("(no comment)").to_string();
-            format!("{t} {comment}")
+        .filter_map(|t| {
+            // (One removed since the list is not there.)
+            let rules = Command::new("nft").args(["list", "table", "inet", t]).output().unwrap();
+            let rules = rules.status.success().then(|| String::from_utf8_lossy(&rules.stdout).into_owned())?;
+            let comment = rules.lines().find_map(|l| l.trim().strip_prefix("comment ")).unwrap_or("(no comment)");
+            Some(format!("{t} {comment}"))
         })
         .collect()
 }
