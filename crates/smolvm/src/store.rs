@@ -907,7 +907,10 @@ mod tests {
         assert!(store.unrecorded_network().unwrap().is_empty());
         store.remove("c").unwrap();
         assert_eq!(store.unrecorded_network().unwrap(), ["c"]);
+        // Known held without a record too: the leftovers of its dead supervisor are looked up so.
+        assert!(store.leased("c").unwrap() && store.get("c").unwrap().is_none());
         store.forget_network("c").unwrap();
+        assert!(!store.leased("c").unwrap());
         assert!(store.unrecorded_network().unwrap().is_empty());
         // Rows a delete cut off half way left (an older build's) are found, and forgotten.
         store.conn.execute("INSERT INTO leases (slot, sandbox) VALUES (77, 'gone')", []).unwrap();

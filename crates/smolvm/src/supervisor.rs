@@ -799,7 +799,11 @@ async fn supervise(id: &str) -> i32 {
     let mut plan = match NetPlan::new(id, &record.config, &mut store) {
         Ok(p) => p,
         Err(e) => {
-            let _ = store.release_network(id);
+            // A lease held before this start (kept by a run whose table could not be removed)
+            // goes only with that table.
+            let table = (nix::unistd::geteuid().is_root() && store.leased(id).unwrap_or(true))
+                .then(|| crate::net::nft_remove(&crate::net::table_name(store.data_dir(), id)));
+            release_unless_left(&store, id, table);
             let _ = store.set_state(id, State::Error, Some(&e.full_message()));
             return fail(e.code(), e.full_message(), None);
         }
