@@ -397,7 +397,9 @@ pub fn table_name(data_dir: &std::path::Path, id: &str) -> String {
 pub fn table_comment(data_dir: &std::path::Path, id: &str) -> String {
     let clean =
         |s: &str| s.chars().map(|c| if (c.is_ascii_graphic() && c != '"' && c != '\\') || c == ' ' { c } else { '?' }).collect::<String>();
-    let (id, dir) = (clean(id), clean(&data_dir.to_string_lossy()));
+    // (As resolved, like the name: the directory itself, not the alias it was reached by.)
+    let resolved = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.components().collect());
+    let (id, dir) = (clean(id), clean(&resolved.to_string_lossy()));
     let head = format!("smolvm sandbox {id} in ");
     let room = 128usize.saturating_sub(head.len());
     let dir = if dir.len() <= room { dir } else { format!("...{}", &dir[dir.len() - room.saturating_sub(3)..]) };
@@ -447,10 +449,10 @@ pub fn ruleset(table: &str, owner: &str, tap: &str, lease: Lease, internet: &Int
             format!("        iifname \"{tap}\" ct state new ct count over {CONNECTION_LIMIT} drop\n"),
         ),
     };
+    let comment = if owner.is_empty() { String::new() } else { format!("    comment \"{owner}\"\n") };
     format!(
         "table inet {table} {{
-    comment \"{owner}\"
-    set allow {{
+{comment}    set allow {{
         type ipv4_addr
         flags interval, timeout
         size {ALLOW_MAX}
@@ -515,10 +517,17 @@ fn nft(input: &str, args: &[&str]) -> Result<()> {
     // leave an nft that commits its table after the next command has cleaned up (a leak).
     die_with_this_thread(&mut command);
     let mut child = command.spawn().map_err(|e| Error::Network(format!("running nft: {e}")))?;
-    let written = child.stdin.take().expect("piped").write_all(input.as_bytes());
-    // Bounded, as every wait: a supervisor's clean-up waits for its table's load to end
-    // (`NFT_BOUND` and a little more) before it removes the table, which must then be the last
-    // word on it. nft's stderr is small; its pipe does not fill before it exits.
+    // Fed and read beside the wait, which is bounded, as every wait: a supervisor's clean-up
+    // waits for its table's load to end (`NFT_BOUND` and a little more) before it removes the
+    // table, which must then be the last word on it. (A kill ends both threads' pipes.)
+    let (mut stdin, mut stderr) = (child.stdin.take().expect("piped"), child.stderr.take().expect("piped"));
+    let input = input.to_string();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
     let deadline = std::time::Instant::now() + NFT_BOUND;
     let status = loop {
         match child.try_wait() {
@@ -532,8 +541,8 @@ fn nft(input: &str, args: &[&str]) -> Result<()> {
             Err(e) => return Err(Error::Network(format!("waiting for nft: {e}"))),
         }
     };
-    let mut stderr = String::new();
-    let _ = std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut stderr);
+    let stderr = reader.join().unwrap_or_default();
+    let written = writer.join().unwrap_or_else(|_| Err(std::io::Error::other("the writer panicked")));
     if !status.success() {
         return Err(Error::Network(format!("nft {}: {}", args.join(" "), stderr.trim())));
     }
@@ -574,14 +583,19 @@ fn host_set_script(table: &str, cidrs: &[Cidr]) -> String {
 /// it (`restricted`, so its allow set too), without committing anything (`nft --check`).
 pub fn nft_check_rootless(host_local: &[Cidr]) -> Result<()> {
     let internet = InternetSettings { mode: "restricted".into(), ..Default::default() };
-    nft(&ruleset("smolvm_trial", "trial", "smvtrial", Lease(0), &internet, Some(host_local)), &["--check", "-f", "-"])
+    nft(&ruleset("smolvm_trial", "", "smvtrial", Lease(0), &internet, Some(host_local)), &["--check", "-f", "-"])
 }
 
 pub fn nft_apply(table: &str, owner: &str, tap: &str, lease: Lease, internet: &InternetSettings, rootless: Option<&[Cidr]>) -> Result<()> {
     // One transaction (one nft process, on the boot's critical path) that replaces a leftover
     // of a crashed run: declaring the table first makes the delete valid when there is none.
-    let script = format!("table inet {table}\ndelete table inet {table}\n{}", ruleset(table, owner, tap, lease, internet, rootless));
-    nft(&script, &["-f", "-"])
+    let script =
+        |owner| format!("table inet {table}\ndelete table inet {table}\n{}", ruleset(table, owner, tap, lease, internet, rootless));
+    match nft(&script(owner), &["-f", "-"]) {
+        // An nft older than 0.9.7 (2020) knows no table comments: the table goes without.
+        Err(e) if !owner.is_empty() && e.to_string().contains("comment") => nft(&script(""), &["-f", "-"]),
+        r => r,
+    }
 }
 
 /// Remove a sandbox's table; a missing one is not an error.
@@ -1170,6 +1184,12 @@ mod tests {
         assert_eq!(table_comment(std::path::Path::new("/tmp/d"), "web"), "smolvm sandbox web in /tmp/d");
         assert!(ruleset("t", "smolvm sandbox web in /tmp/d", "smvabc", Lease(3), &InternetSettings::default(), None)
             .starts_with("table inet t {\n    comment \"smolvm sandbox web in /tmp/d\"\n"));
+        assert!(!ruleset("t", "", "smvabc", Lease(3), &InternetSettings::default(), None).contains("comment"));
+        // The directory as resolved, as in the table's name.
+        let tmp = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(tmp.path(), tmp.path().join("alias")).unwrap();
+        let real = std::fs::canonicalize(tmp.path()).unwrap();
+        assert_eq!(table_comment(&tmp.path().join("alias").join("."), "x"), format!("smolvm sandbox x in {}", real.display()));
         // Quotes and backslashes would end nft's string or escape in it; a long path keeps its end.
         assert_eq!(table_comment(std::path::Path::new("/a\"b\\c\u{e9}"), "x"), "smolvm sandbox x in /a?b?c?");
         let long = table_comment(&std::path::Path::new("/").join("d".repeat(200)).join("tail"), "x");

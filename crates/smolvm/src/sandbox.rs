@@ -646,13 +646,18 @@ fn reap(store: &Store, dirs: &Dirs, rec: Record, held: bool) -> Result<Option<Re
 }
 
 fn reap_now(store: &Store, dirs: &Dirs, rec: Record) -> Result<Option<Record>> {
-    // Waited for (a moment: a SIGKILL is not refused): a supervisor still dying could yet see
-    // its nft commit a table after the one found here was removed.
     let kill = |p: Option<ProcId>| {
         if let Some(p) = p.filter(|p| p.alive()) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    };
+    // A supervisor's end is waited for (a moment: a SIGKILL is not refused): still dying, its
+    // nft could yet commit a table after the one found here was removed.
+    let end_supervisor = |p: Option<ProcId>| {
+        kill(p);
+        if let Some(p) = p {
             let deadline = std::time::Instant::now() + Duration::from_secs(2);
-            while p.alive() && std::time::Instant::now() < deadline {
+            while !p.gone() && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(2));
             }
         }
@@ -668,13 +673,14 @@ fn reap_now(store: &Store, dirs: &Dirs, rec: Record) -> Result<Option<Record>> {
         Err(e) => tracing::warn!("removing the record of {}: {}", rec.id, e.full_message()),
     };
     if rec.ephemeral && rec.owner.is_some_and(|o| !o.alive()) {
-        kill(rec.supervisor);
+        end_supervisor(rec.supervisor);
         kill(rec.vmm);
         net_leftovers(store);
         forget(store);
         return Ok(None);
     }
     if start_died(&rec) {
+        end_supervisor(rec.supervisor);
         kill(rec.vmm);
         net_leftovers(store);
         paths.remove_sockets();
@@ -689,6 +695,7 @@ fn reap_now(store: &Store, dirs: &Dirs, rec: Record) -> Result<Option<Record>> {
     if !rec.state.is_live() || supervisor_alive {
         return Ok(Some(rec));
     }
+    end_supervisor(rec.supervisor);
     kill(rec.vmm);
     net_leftovers(store);
     paths.remove_sockets();
@@ -3290,7 +3297,10 @@ impl Sandbox {
             // removal below.
             if let Some(sup) = rec.supervisor.filter(|p| p.alive()) {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup.pid), nix::sys::signal::Signal::SIGKILL);
-                exited_within(sup, Duration::from_secs(2)).await;
+                let deadline = std::time::Instant::now() + Duration::from_secs(2);
+                while !sup.gone() && std::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
             }
             let store = Store::open(&self.dirs.data)?;
             // Only what that supervisor ran: if another process has restarted the sandbox

@@ -76,6 +76,25 @@ impl ProcId {
     pub fn alive(&self) -> bool {
         ProcId::of(self.pid) == Some(*self)
     }
+
+    /// Whether every thread of the process has exited. Its main thread shows as a zombie as soon
+    /// as it exits, while the others may still be exiting (and a child that dies with one of
+    /// them, by PR_SET_PDEATHSIG, has not been told yet): `alive` is false by then.
+    pub fn gone(&self) -> bool {
+        let dir = format!("/proc/{}", self.pid);
+        let Ok(tasks) = std::fs::read_dir(format!("{dir}/task")) else { return true };
+        // (Another process by now, under a recycled pid: this one is gone.)
+        let start = std::fs::read_to_string(format!("{dir}/stat"))
+            .ok()
+            .and_then(|stat| stat.get(stat.rfind(')')? + 2..)?.split_whitespace().nth(19)?.parse::<u64>().ok());
+        if start != Some(self.start) {
+            return true;
+        }
+        tasks.flatten().all(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            stat.rfind(')').and_then(|i| stat.get(i + 2..i + 3)).is_none_or(|state| state == "Z" || state == "X")
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -624,6 +643,12 @@ impl Store {
         tx.execute("DELETE FROM leases WHERE sandbox=?1", [id])?;
         tx.execute("DELETE FROM ports WHERE sandbox=?1", [id])?;
         tx.commit()?;
+        Ok(())
+    }
+
+    /// Forget the sandbox's exposed ports alone (its lease kept, as the trace of a table).
+    pub fn forget_ports(&self, id: &str) -> Result<()> {
+        self.conn.execute("DELETE FROM ports WHERE sandbox=?1", [id])?;
         Ok(())
     }
 

@@ -205,6 +205,10 @@ async fn halted_or_halting(qmp: &mut qemu::Qmp, console: &Path, from: u64) -> bo
         if halted_for_good(qmp).await {
             return true;
         }
+        // A power-off's QEMU exits instead (ACPI, on q35): no halt is coming.
+        if bounded(qmp.execute("query-status"), "asking QEMU for the VM's state").await.is_err() {
+            return false;
+        }
     }
     false
 }
@@ -377,6 +381,13 @@ impl NetPlan {
                 ),
             ));
         }
+        // A lease an earlier NAT run kept (its table could not be removed) goes here, with its
+        // table, where this run takes none; a NAT run takes it over, and its load replaces the
+        // table.
+        if mode != Mode::Nat && nix::unistd::geteuid().is_root() && store.leased(id)? {
+            let removed = crate::net::nft_remove(&crate::net::table_name(store.data_dir(), id));
+            release_unless_left(store, id, Some(removed));
+        }
         let mut plan = NetPlan {
             mode,
             lease: None,
@@ -525,6 +536,7 @@ impl NetPlan {
 fn release_unless_left(store: &Store, id: &str, removed: Option<Result<()>>) {
     if let Some(Err(e)) = removed {
         tracing::warn!("{} (left for the next command on this sandbox, or a prune)", e.full_message());
+        let _ = store.forget_ports(id);
         return;
     }
     let _ = store.release_network(id);
@@ -1327,7 +1339,7 @@ async fn supervise(id: &str) -> i32 {
             // sandboxes. Removed here, its clients read it as stopped.)
             let _ = store.set_state(id, State::Error, Some(&msg));
         }
-        let mut answered = release_queued(&mut ctl_rx);
+        let mut answered = release_queued(&mut ctl_rx, None);
         if let Some(done) = refused_as_halted {
             answered |= done.send(Err((ErrorKind::Failed, HALTED.into()))).is_ok();
         }
@@ -1365,7 +1377,7 @@ async fn supervise(id: &str) -> i32 {
     // Requests queued behind the one that ended the loop (another client's stop, say) are let
     // go too: a stop's client then hears that the sandbox is down, not a closed connection
     // (after which it used force on whatever then ran under this name).
-    let mut answered = release_queued(&mut ctl_rx);
+    let mut answered = release_queued(&mut ctl_rx, Some(&recorded));
     if let Some(done) = stop_waiter {
         let _ = done.send(recorded);
         answered = true;
@@ -1381,14 +1393,20 @@ async fn supervise(id: &str) -> i32 {
     0
 }
 
-/// Let go of the control requests still queued: each client's task then answers (a stop: done;
-/// anything else: the sandbox is going away). True if there were any.
-fn release_queued(ctl_rx: &mut mpsc::UnboundedReceiver<Control>) -> bool {
+/// Let go of the control requests still queued: each client's task then answers (a stop: done,
+/// or `stopped` where the stop that ended the loop has an outcome to share, such as its record's
+/// failed write; anything else: the sandbox is going away). True if there were any.
+fn release_queued(ctl_rx: &mut mpsc::UnboundedReceiver<Control>, stopped: Option<&std::result::Result<(), (ErrorKind, String)>>) -> bool {
     // Closed first: a request sent after this is refused at once rather than never answered.
     ctl_rx.close();
     let mut any = false;
     while let Ok(msg) = ctl_rx.try_recv() {
-        drop(msg);
+        match (msg, stopped) {
+            (Control::Stop { done, .. }, Some(outcome)) => {
+                let _ = done.send(outcome.clone());
+            }
+            (msg, _) => drop(msg),
+        }
         any = true;
     }
     any
