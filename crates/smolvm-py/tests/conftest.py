@@ -74,6 +74,23 @@ def qemu_processes():
     return out
 
 
+def our_tables():
+    """nftables tables of this session's sandboxes: each table's comment names its sandbox and
+    data directory (as resolved)."""
+    try:
+        rules = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    ours, table = [], None
+    mark = f' in {os.path.realpath(_DATA)}"'
+    for line in rules.splitlines():
+        if line.startswith("table inet "):
+            table = line.split()[2]
+        elif table and line.strip().startswith("comment ") and line.strip().endswith(mark):
+            ours.append(table)
+    return ours
+
+
 @pytest.fixture
 def no_leftovers():
     yield
@@ -82,5 +99,14 @@ def no_leftovers():
     files = os.listdir(vms) if os.path.isdir(vms) else []
     if running or files:
         _kill_leftovers()
+    # A table goes before a stop or delete returns; those of sandboxes left running go once
+    # their supervisors find their VMs killed.
+    deadline = time.monotonic() + 10
+    while our_tables() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    tables = our_tables()
+    for table in tables:
+        subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)
     assert running == [], "VMs left running"
     assert files == [], "sandbox files left behind"
+    assert tables == [], "firewall tables left behind"
