@@ -314,8 +314,13 @@ impl Lease {
 /// (`/x/d/`, `/x/./d`, a symlink) finds what another left behind. One that does not exist is
 /// taken as written, less its `.` components and extra slashes.
 fn host_name_hash(data_dir: &std::path::Path, id: &str) -> String {
-    let dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.components().collect());
-    crate::image::fingerprint(&[dir.as_os_str().as_encoded_bytes(), id.as_bytes()])
+    crate::image::fingerprint(&[resolved(data_dir).as_os_str().as_encoded_bytes(), id.as_bytes()])
+}
+
+/// The data directory as resolved (`/x/./d` and a link to it are `/x/d`), or as written where
+/// it cannot be.
+fn resolved(data_dir: &std::path::Path) -> std::path::PathBuf {
+    std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.components().collect())
 }
 
 pub fn tap_name(data_dir: &std::path::Path, id: &str) -> String {
@@ -398,8 +403,7 @@ pub fn table_comment(data_dir: &std::path::Path, id: &str) -> String {
     let clean =
         |s: &str| s.chars().map(|c| if (c.is_ascii_graphic() && c != '"' && c != '\\') || c == ' ' { c } else { '?' }).collect::<String>();
     // (As resolved, like the name: the directory itself, not the alias it was reached by.)
-    let resolved = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.components().collect());
-    let (id, dir) = (clean(id), clean(&resolved.to_string_lossy()));
+    let (id, dir) = (clean(id), clean(&resolved(data_dir).to_string_lossy()));
     let head = format!("smolvm sandbox {id} in ");
     let room = 128usize.saturating_sub(head.len());
     let dir = if dir.len() <= room { dir } else { format!("...{}", &dir[dir.len() - room.saturating_sub(3)..]) };

@@ -722,15 +722,17 @@ fn start_died(rec: &Record) -> bool {
 const SUPERVISOR_GONE: &str = "the sandbox's supervisor exited unexpectedly";
 
 /// Remove what a sandbox may have left on the host network when its supervisor could not
-/// (killed mid-boot, crashed): its nftables table and its address lease. Its TAP went with QEMU.
-/// The lease is the only trace of the table: it goes only once the table has (else the next
-/// command tries again).
-fn host_network_leftovers(store: &Store, id: &str) {
+/// (killed mid-boot, crashed, or refused the table's removal): its nftables table and its
+/// address lease. Its TAP went with QEMU. The lease is the only trace of the table: it goes only
+/// once the table has (else the next command tries again); the ports, which nothing serves, go
+/// either way.
+pub(crate) fn host_network_leftovers(store: &Store, id: &str) {
     // A supervisor that cleaned up released its lease: then there is nothing to look for. (Asked
     // of the leases, not the record: an ephemeral sandbox's supervisor that could not remove
     // its table removed the record and kept the lease.)
     let leased = store.leased(id).unwrap_or(true);
     if leased && !remove_table(store, id) {
+        let _ = store.forget_ports(id);
         return;
     }
     let _ = store.release_network(id);
@@ -930,7 +932,7 @@ async fn end_by_signal(rec: &Record, bound: Duration) {
 /// out has no socket to say when it is done).
 async fn exited_within(process: ProcId, bound: Duration) -> bool {
     let since = std::time::Instant::now();
-    while process.alive() {
+    while !process.gone() {
         if since.elapsed() > bound {
             return false;
         }
@@ -3297,10 +3299,7 @@ impl Sandbox {
             // removal below.
             if let Some(sup) = rec.supervisor.filter(|p| p.alive()) {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup.pid), nix::sys::signal::Signal::SIGKILL);
-                let deadline = std::time::Instant::now() + Duration::from_secs(2);
-                while !sup.gone() && std::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
+                exited_within(sup, Duration::from_secs(2)).await;
             }
             let store = Store::open(&self.dirs.data)?;
             // Only what that supervisor ran: if another process has restarted the sandbox

@@ -384,9 +384,8 @@ impl NetPlan {
         // A lease an earlier NAT run kept (its table could not be removed) goes here, with its
         // table, where this run takes none; a NAT run takes it over, and its load replaces the
         // table.
-        if mode != Mode::Nat && nix::unistd::geteuid().is_root() && store.leased(id)? {
-            let removed = crate::net::nft_remove(&crate::net::table_name(store.data_dir(), id));
-            release_unless_left(store, id, Some(removed));
+        if mode != Mode::Nat {
+            crate::sandbox::host_network_leftovers(store, id);
         }
         let mut plan = NetPlan {
             mode,
@@ -813,9 +812,7 @@ async fn supervise(id: &str) -> i32 {
         Err(e) => {
             // A lease held before this start (kept by a run whose table could not be removed)
             // goes only with that table.
-            let table = (nix::unistd::geteuid().is_root() && store.leased(id).unwrap_or(true))
-                .then(|| crate::net::nft_remove(&crate::net::table_name(store.data_dir(), id)));
-            release_unless_left(&store, id, table);
+            crate::sandbox::host_network_leftovers(&store, id);
             let _ = store.set_state(id, State::Error, Some(&e.full_message()));
             return fail(e.code(), e.full_message(), None);
         }

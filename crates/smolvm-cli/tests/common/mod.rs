@@ -140,6 +140,13 @@ impl TestEnv {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(vmm[0]), signal).unwrap();
     }
 
+    /// The firewall tables of this test's sandboxes (their comments name its data directory), as
+    /// [`smolvm_tables`] gives them.
+    pub fn own_tables(&self) -> Vec<String> {
+        let ours = format!(" in {}\"", self.dirs.data.display());
+        smolvm_tables().into_iter().filter(|t| t.contains(&ours)).collect()
+    }
+
     /// Entries left under the per-sandbox directory.
     pub fn leftover_files(&self) -> Vec<PathBuf> {
         std::fs::read_dir(self.dirs.data.join("vms")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
@@ -170,12 +177,10 @@ impl Drop for TestEnv {
         if std::thread::panicking() {
             return;
         }
-        let ours = format!(" in {}\"", self.dirs.data.display());
-        let left = || smolvm_tables().into_iter().filter(|t| t.contains(&ours)).collect::<Vec<_>>();
-        if wait_until(Duration::from_secs(2), || left().is_empty()) {
+        if wait_until(Duration::from_secs(2), || self.own_tables().is_empty()) {
             return;
         }
-        let left = left();
+        let left = self.own_tables();
         for t in &left {
             let _ = smolvm::net::nft_remove(t.split_whitespace().next().unwrap_or_default());
         }
